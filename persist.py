@@ -1,0 +1,992 @@
+# persist.py - results that survive crashes.
+#
+# Copyright (c) 2026 the persist authors
+#
+# Permission is hereby granted, free of charge, to any person obtaining a copy of this software
+# and associated documentation files (the "Software"), to deal in the Software without
+# restriction, including without limitation the rights to use, copy, modify, merge, publish,
+# distribute, sublicense, and/or sell copies of the Software, and to permit persons to whom the
+# Software is furnished to do so, subject to the following conditions: the above copyright
+# notice and this permission notice shall be included in all copies or substantial portions of
+# the Software. THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+# IMPLIED. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR
+# OTHER LIABILITY ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE. (MIT License)
+"""Results that survive crashes: a persistent memoize, atomic files, finished-stage markers.
+
+Copy this file into your project (keep the licence notice above), or put it on your path.
+
+    import persist
+
+    @persist.memoize                    # each result is on disk when the call returns;
+    def featurize(record_id): ...       # a rerun after a crash computes only what is missing
+
+    with persist.open("results.db") as db:    # shelve.open, safe for many processes
+        db["model"] = model
+
+    persist.atomic_write("report.json", text)  # the old content or the new, never half
+
+    with persist.done_dir("work/split") as d:  # d / "DONE" appears only if the block ends well
+        persist.atomic_write(d / "part-0.json", text)
+    persist.is_done("work/split")              # True: a rerun can skip this stage
+
+Caches hold pickles, and loading a pickle runs code: only use caches from places you trust.
+"""
+
+__version__ = "0.1.0"
+__all__ = [
+    "memoize", "open", "atomic_write", "atomic_open", "done_dir", "is_done",
+    "PersistError", "PersistWarning",
+]
+
+import codecs
+import collections
+import collections.abc
+import contextlib
+import errno
+import functools
+import hashlib
+import inspect
+import io
+import os
+import pathlib
+import pickle
+import shelve
+import sqlite3
+import stat
+import sys
+import threading
+import time
+import warnings
+import weakref
+
+# -- constants and messages
+
+_TEXT_MODES = {"w": "w", "wt": "w", "x": "x", "xt": "x"}
+_BINARY_MODES = {"wb": "w", "xb": "x"}
+_MODES_ACCEPTED = "'w', 'wb', 'x' or 'xb'"
+_FLAGS = {"r": "ro", "w": "rw", "c": "rwc", "n": "rwc"}
+_PROTOCOL = 5                    # every CPython 3.8+ reads it
+_INLINE_LIMIT = 1 << 18          # larger pickled values live in files of their own
+_BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
+_APPLICATION_ID = 0x70727374     # "prst" in the SQLite header: this file is a persist cache
+_FORMAT = 1                      # PRAGMA user_version: the layout described in _SCHEMA
+_SCHEMA = (
+    # Dict is the table of CPython's dbm.sqlite3, with the time each value was stored.
+    # A value of b'' means the pickle is in DIR/FILE.values/sha256(key).
+    "CREATE TABLE IF NOT EXISTS Dict (key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL,"
+    " stored REAL NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS Info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
+)
+_GET = "SELECT value, stored FROM Dict WHERE key = ?"
+_PUT = "REPLACE INTO Dict (key, value, stored) VALUES (?, ?, ?)"
+_DELETE = "DELETE FROM Dict WHERE key = ?"
+_CONTAINS = "SELECT 1 FROM Dict WHERE key = ?"
+_KEYS = "SELECT key FROM Dict"
+_COUNT = "SELECT count(*) FROM Dict"
+_CLEAR = "DELETE FROM Dict"
+_INFO = "SELECT name, value FROM Info"
+_SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
+
+_NOT_A_CACHE = "{path} is not a persist cache ({why}); delete it to start over"
+_NEWER = ("{path} was written by a newer persist (format {found}; this persist.py reads "
+          "format {ours}); use a newer persist.py, or delete the file to start over")
+_BUSY_DIR = ("{path} is being filled by another done_dir() right now (in this or another "
+             "process); let that one finish, or give each stage its own directory")
+
+# -- the error and warning classes
+
+
+class PersistError(OSError):
+    """A file persist was asked to use is not what it should be (not a cache, or corrupt)."""
+
+
+class PersistWarning(UserWarning):
+    """persist could not do what it does in the background; your result is still returned."""
+
+
+# -- platform differences, settled once
+
+_O_TEMP = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+           | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+           | getattr(os, "O_NOINHERIT", 0))
+_CAN_FSYNC_DIR = hasattr(os, "O_DIRECTORY")   # POSIX: a directory can be opened and fsynced
+try:
+    import fcntl as _fcntl                    # POSIX: done_dir() locks its directory
+except ImportError:                           # Windows: concurrent done_dir() is not detected
+    _fcntl = None
+
+
+def _link_no_clobber(src, dst):
+    """Rename src to dst, failing with FileExistsError if dst exists, even if it just appeared."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:               # no hard links on this filesystem (FAT, some FUSE mounts)
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst) from None
+        os.rename(src, dst)
+    else:
+        os.unlink(src)
+
+
+_rename_no_clobber = os.rename if os.name == "nt" else _link_no_clobber  # nt never replaces
+
+# -- private helpers: files
+
+
+def _fsync_dir(directory):
+    """Make a rename or unlink in directory durable, where the platform allows it."""
+    if not _CAN_FSYNC_DIR:
+        return
+    # best effort: some network and FUSE filesystems refuse to fsync a directory (EINVAL)
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _create_temp(target, shown):
+    """Create .NAME.RANDOM.tmp beside target, exclusively, never through a link; 0o666 & ~umask."""
+    directory, name = os.path.split(target)
+    for _ in range(100):
+        temp = os.path.join(directory, ".%s.%s.tmp" % (name[:60], os.urandom(4).hex()))
+        try:
+            return temp, os.open(temp, _O_TEMP, 0o666)   # the kernel applies the umask
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory (its directory "
+                                    "does not exist; create it first)", shown) from None
+    raise FileExistsError(errno.EEXIST, "no free temporary file name beside it", shown)
+
+
+@contextlib.contextmanager
+def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=None):
+    """atomic_open(); follow=False replaces a symbolic link at path instead of its target."""
+    if mode in _BINARY_MODES:
+        if encoding is not None or errors is not None or newline is not None:
+            raise ValueError("atomic_open() mode %r is binary: it takes no encoding, errors "
+                             "or newline" % mode)
+        kind = _BINARY_MODES[mode]
+    elif mode in _TEXT_MODES:
+        encoding = "utf-8" if encoding is None else encoding
+        codecs.lookup(encoding)     # an unknown encoding fails now, before any file exists
+        kind = _TEXT_MODES[mode]
+    else:
+        raise ValueError("atomic_open() mode must be %s, not %r" % (_MODES_ACCEPTED, mode))
+    target = os.fsdecode(os.fspath(path))
+    if kind == "x" and os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+    if follow and os.path.islink(target):
+        target = os.path.realpath(target)   # as open(path, "w"): the link's target is written
+    if os.path.isdir(target):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    temp, fd = _create_temp(target, path)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(temp, stat.S_IMODE(os.stat(target).st_mode))   # keep the old file's bits
+        with io.open(fd, "wb" if encoding is None else "w", encoding=encoding, errors=errors,
+                     newline=newline) as file:
+            yield file
+            file.flush()
+            if sync:
+                os.fsync(fd)
+        if kind == "x":
+            try:
+                _rename_no_clobber(temp, target)
+            except FileExistsError:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
+        else:
+            os.replace(temp, target)
+    except BaseException:
+        # best effort: the temporary file may be gone already; the original error matters
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    if sync:
+        _fsync_dir(os.path.dirname(target) or os.curdir)
+
+
+class _Spill:
+    """A file for pickle.dump: bytes in memory up to a limit, then the rest into a file."""
+
+    def __init__(self, open_file):
+        self._open_file = open_file
+        self._chunks = []
+        self._size = 0
+        self.file = None
+
+    def write(self, data):
+        if self.file is None:
+            self._size += memoryview(data).nbytes
+            if self._size <= _INLINE_LIMIT:
+                self._chunks.append(bytes(data))
+                return
+            self.file = self._open_file()
+            self.file.writelines(self._chunks)
+            self._chunks = None
+        self.file.write(data)
+
+    def getvalue(self):
+        return b"" if self.file is not None else b"".join(self._chunks)
+
+
+def _remove_files_in(directory):
+    """Remove the plain files in directory (not the directory); a missing one is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(directory):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+
+# -- private helpers: the store
+
+_STORES = weakref.WeakSet()      # open stores, for _after_fork
+_ABANDONED = []                  # connections inherited over fork(): never used, never closed
+
+
+def _after_fork():
+    """In a forked child: fresh locks, and each store reconnects on its next use."""
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.Lock()
+    for store in list(_STORES):
+        store._lock = threading.Lock()
+        if store._conn is not None:
+            _ABANDONED.append(store._conn)
+            store._conn = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def _header(conn):
+    """(application_id, whether the database is empty) of an SQLite connection."""
+    app, = conn.execute("PRAGMA application_id").fetchone()
+    return app, app == 0 and not conn.execute("SELECT 1 FROM sqlite_master").fetchone()
+
+
+class _Store(collections.abc.MutableMapping):
+    """bytes -> bytes in one SQLite file in WAL mode; every assignment commits when it returns.
+
+    Large values live as files in FILE.values/. One connection per process, behind a lock.
+    """
+
+    __eq__ = object.__eq__        # a store is itself, not its contents
+    __hash__ = object.__hash__
+
+    def __init__(self, filename, flag="c"):
+        if flag not in _FLAGS:
+            raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
+        self.path = os.path.abspath(os.fsdecode(os.fspath(filename)))
+        self._values = self.path + ".values"
+        self._flag = flag
+        self._lock = threading.Lock()
+        self._conn = None
+        with self._lock:
+            self._connect()
+        _STORES.add(self)
+        if flag == "n":
+            self.clear()
+
+    def _error(self, exc):
+        """Turn an sqlite3 error into ours, naming the file."""
+        if isinstance(exc, sqlite3.OperationalError):
+            text = str(exc)
+            if "readonly" in text:
+                return PermissionError(errno.EACCES, "cannot write the cache (%s)" % text,
+                                       self.path)
+            if "full" in text:
+                return OSError(errno.ENOSPC, "cannot write the cache (%s)" % text, self.path)
+            return OSError(errno.EIO, "cache file error (%s)" % text, self.path)
+        return PersistError(_NOT_A_CACHE.format(path=self.path, why=exc))
+
+    def _connect(self):
+        if self._flag in "rw" and not os.path.exists(self.path):
+            raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
+                                    "to create it)", self.path)
+        uri = pathlib.Path(self.path).as_uri() + "?mode=" + _FLAGS[self._flag]
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        try:
+            self._check(conn)
+            conn.execute("PRAGMA synchronous=NORMAL")   # WAL: a commit survives a crash
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._error(exc) from None
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _check(self, conn):
+        """Check the header says persist; give a new, empty file the schema."""
+        conn.execute("BEGIN")           # one snapshot, while another process may create it
+        try:
+            app, empty = _header(conn)
+        finally:
+            conn.execute("ROLLBACK")
+        if empty and self._flag != "r":
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                app, empty = _header(conn)
+                if empty:
+                    conn.execute("PRAGMA application_id=%d" % _APPLICATION_ID)
+                    conn.execute("PRAGMA user_version=%d" % _FORMAT)
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                    app = _APPLICATION_ID
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        if app != _APPLICATION_ID:
+            why = "an empty file" if empty else "an SQLite database of another program"
+            raise PersistError(_NOT_A_CACHE.format(path=self.path, why=why))
+        found, = conn.execute("PRAGMA user_version").fetchone()
+        if found > _FORMAT:
+            raise PersistError(_NEWER.format(path=self.path, found=found, ours=_FORMAT))
+
+    def _query(self, sql, params=()):
+        with self._lock:
+            conn = self._conn or self._connect()
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        with self._lock:
+            conn = self._conn or self._connect()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
+
+    def _side(self, key):
+        return os.path.join(self._values, hashlib.sha256(key).hexdigest())
+
+    def _open_side(self, key):
+        os.makedirs(self._values, exist_ok=True)
+        return _atomic_open(self._side(key), "wb", sync=False, follow=False)
+
+    # The raw mapping: bytes keys, pickled bytes values.
+
+    def __getitem__(self, key):
+        row = self.lookup(key)
+        if row is None:
+            raise KeyError(key)
+        if row[0]:
+            return row[0]
+        with io.open(self._side(key), "rb") as file:
+            return file.read()
+
+    def __setitem__(self, key, blob):
+        if len(blob) > _INLINE_LIMIT:
+            with self._open_side(key) as file:
+                file.write(blob)
+            blob = b""
+        self._put(key, blob)
+
+    def __delitem__(self, key):
+        if not self.delete(key):
+            raise KeyError(key)
+
+    def __contains__(self, key):
+        return bool(self._query(_CONTAINS, (key,)))
+
+    def __iter__(self):
+        return iter([key for key, in self._query(_KEYS)])
+
+    def __len__(self):
+        return self._query(_COUNT)[0][0]
+
+    def _put(self, key, blob):
+        self._query(_PUT, (key, blob, time.time()))
+        if blob and os.path.isdir(self._values):    # a large value this replaced
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._side(key))
+
+    # What the shelf and memoize use: pickling straight to and from disk.
+
+    def lookup(self, key):
+        """(value, stored) for key, or None."""
+        rows = self._query(_GET, (key,))
+        return rows[0] if rows else None
+
+    def load(self, key, blob):
+        """Unpickle a value that lookup() returned."""
+        if blob:
+            return pickle.loads(blob)
+        with io.open(self._side(key), "rb") as file:
+            return pickle.load(file)
+
+    def dump(self, key, value, protocol):
+        """Pickle value under key; a large pickle goes to its file without a copy in memory."""
+        with contextlib.ExitStack() as stack:
+            spill = _Spill(lambda: stack.enter_context(self._open_side(key)))
+            pickle.dump(value, spill, protocol)
+        self._put(key, spill.getvalue())
+
+    def delete(self, key):
+        """Remove key; return whether it was there."""
+        with self._transaction() as conn:
+            gone = conn.execute(_DELETE, (key,)).rowcount > 0
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._side(key))
+        return gone
+
+    def clear(self):
+        self._query(_CLEAR)
+        _remove_files_in(self._values)
+        self.vacuum()
+
+    def vacuum(self):
+        # best effort: another process may be using the file; its free pages are reused anyway
+        with contextlib.suppress(OSError):
+            self._query("VACUUM")
+
+    def info(self):
+        return dict(self._query(_INFO))
+
+    def claim(self, function, version):
+        """Mark this cache as function's at version; results of another version are dropped."""
+        want = {"function": function, "version": version}
+        if self.info() == want:
+            return
+        with self._transaction() as conn:
+            old = dict(conn.execute(_INFO).fetchall())
+            stale = "version" in old and old["version"] != version
+            if stale:
+                conn.execute(_CLEAR)
+            conn.executemany(_SET_INFO, want.items())
+        if stale:
+            _remove_files_in(self._values)
+            self.vacuum()
+
+    def close(self):
+        _STORES.discard(self)
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def sync(self):
+        """Every assignment is committed already."""
+
+
+class _Shelf(shelve.Shelf):
+    """shelve.Shelf on a _Store: values are pickled straight to and from the file."""
+
+    def __getitem__(self, key):
+        store = self.dict
+        if not isinstance(store, _Store):   # closed: let Shelf raise its ValueError
+            return super().__getitem__(key)
+        raw = key.encode(self.keyencoding)
+        row = store.lookup(raw)
+        if row is None:
+            raise KeyError(key)
+        return store.load(raw, row[0])
+
+    def __setitem__(self, key, value):
+        if not isinstance(self.dict, _Store):
+            return super().__setitem__(key, value)
+        self.dict.dump(key.encode(self.keyencoding), value, self._protocol)
+
+    @property
+    def path(self):
+        """The cache file's absolute path."""
+        return self.dict.path
+
+
+# -- private helpers: memoize
+
+_MISSING = object()
+_OPEN_LOCK = threading.Lock()   # one thread at a time opens a memoized function's cache
+_CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path")
+
+
+def _canonical(obj):
+    """persistent_id for key pickling: dicts and sets by content, whatever their order."""
+    kind = type(obj)
+    if kind is dict:
+        return ("persist.dict", sorted(_digest((k, v)) for k, v in obj.items()))
+    if kind is set or kind is frozenset:
+        return ("persist." + kind.__name__, sorted(_digest(item) for item in obj))
+    return None
+
+
+class _KeyPickler(pickle.Pickler):
+    """Pickles for keys: no memo (equal values, equal bytes), dicts and sets by content."""
+
+    def persistent_id(self, obj):
+        return _canonical(obj)
+
+
+class _HashFile:
+    """A file for pickle.dump that feeds a hash: large buffers are hashed in place, not copied."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, hasher):
+        self.write = hasher.update
+
+
+def _digest(obj):
+    """sha256 of obj's pickle, with no memo (equal values, equal bytes) and dicts canonical."""
+    hasher = hashlib.sha256()
+    pickler = _KeyPickler(_HashFile(hasher), _PROTOCOL)
+    pickler.fast = True        # no memo: a repeated object is written again, a cycle raises
+    pickler.dump(obj)
+    return hasher.digest()
+
+
+def _binder(func, ignore):
+    """A fast bind(args, kwargs) -> tuple of the values that make the key, defaults applied."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):     # some builtins have no signature: key on the call
+        if ignore:
+            raise TypeError("memoize(ignore=...) needs a function with a signature; "
+                            "%r has none" % (func,)) from None
+        return lambda args, kwargs: (args, kwargs)
+    params = list(sig.parameters.values())
+    names = [p.name for p in params]
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
+    for name in ignore:
+        if name not in names and not takes_kwargs:
+            raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
+                            % (name, func.__qualname__, sig))
+    keep = [i for i, name in enumerate(names) if name not in ignore]
+
+    def bind_slowly(args, kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = []
+        for param in params:
+            value = bound.arguments[param.name]
+            if param.kind is param.VAR_KEYWORD and ignore:
+                value = {k: v for k, v in value.items() if k not in ignore}
+            if param.name not in ignore:
+                values.append(value)
+        return tuple(values)
+
+    if not all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params):
+        return bind_slowly
+    count = len(params)
+    required = sum(p.default is p.empty for p in params)
+    defaults = tuple(p.default for p in params)
+
+    def bind(args, kwargs):
+        if kwargs or not required <= len(args) <= count:
+            return bind_slowly(args, kwargs)
+        values = args + defaults[len(args):] if len(args) < count else args
+        return tuple([values[i] for i in keep]) if ignore else values
+
+    return bind
+
+
+def _unkeyable(func, bind, args, kwargs, exc):
+    """The TypeError for an argument that cannot be part of a key, naming the parameter."""
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+        named = list(bound.arguments.items())
+    except (TypeError, ValueError):
+        named = []
+    for name, value in named:
+        try:
+            _digest(value)
+        except Exception as inner:
+            return TypeError("%s(): argument %r cannot be part of a cache key (%s: %s); leave "
+                             "it out with memoize(ignore=[%r]) or pass memoize(key=...)"
+                             % (func.__qualname__, name, type(inner).__name__, inner, name))
+    return TypeError("%s(): the arguments cannot be made into a cache key (%s: %s); pass "
+                     "memoize(key=...)" % (func.__qualname__, type(exc).__name__, exc))
+
+
+def _identity(func):
+    """module.qualname; for a script run as __main__, its file name (or -m name) as module."""
+    module = getattr(func, "__module__", None) or "__main__"
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if spec is not None and spec.name != "__main__":
+            module = spec.name
+        else:
+            filename = getattr(getattr(func, "__code__", None), "co_filename", "")
+            stem = os.path.splitext(os.path.basename(filename))[0]
+            if stem.isidentifier():
+                module = stem
+    return "%s.%s" % (module, getattr(func, "__qualname__", func.__name__))
+
+
+def _file_name(identity):
+    """A file name for the cache of identity, safe on every platform."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in identity)
+    if safe != identity:     # keep names that differ only in unsafe characters apart
+        safe += "-" + hashlib.sha256(identity.encode()).hexdigest()[:8]
+    return safe + ".db"
+
+
+def _default_dir(func):
+    """.persist beside the file that defines func, else in the current directory."""
+    filename = getattr(getattr(func, "__code__", None), "co_filename", "")
+    if filename and os.path.isfile(filename):
+        return os.path.join(os.path.dirname(os.path.abspath(filename)), ".persist")
+    return os.path.join(os.getcwd(), ".persist")
+
+
+def _make_cache_dir(directory):
+    """Create directory with a .gitignore of '*', so a cache never lands in a commit."""
+    if os.path.isdir(directory):
+        return
+    os.makedirs(directory, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        with _atomic_open(os.path.join(directory, ".gitignore"), "x", sync=False,
+                          follow=False) as file:
+            file.write("# persist's cache: never commit it\n*\n")
+
+
+def _seconds(expire):
+    if expire is None:
+        return None
+    seconds = expire.total_seconds() if hasattr(expire, "total_seconds") else expire
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise TypeError("Expected memoize(expire=...) to be a positive number of seconds or "
+                        "a timedelta, not %r" % (expire,))
+    return float(seconds)
+
+
+def _warn(message):
+    warnings.warn(message, PersistWarning, stacklevel=4)
+
+
+class _Memo:
+    """The cache behind one memoized function: opened on first use, counters for this process."""
+
+    def __init__(self, func, cache_dir, name, version, expire):
+        self.func = func
+        self.identity = name or _identity(func)
+        self.version = repr(version)
+        self.expire = expire
+        self.cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
+        self.default_dir = _default_dir(func)
+        self.hits = self.misses = 0
+        self.store = None
+        self.broken = False       # the cache could not be opened: run uncached, warned once
+        self._path = None
+
+    @property
+    def path(self):
+        if self._path is None:
+            directory = self.cache_dir or os.environ.get("PERSIST_DIR") or self.default_dir
+            self._path = os.path.join(os.path.abspath(directory), _file_name(self.identity))
+        return self._path
+
+    def open(self, create=True):
+        with _OPEN_LOCK:
+            if self.store is None and not self.broken:
+                if not create and not os.path.exists(self.path):
+                    return None
+                try:
+                    _make_cache_dir(os.path.dirname(self.path))
+                    store = _Store(self.path, "c")
+                    store.claim(self.identity, self.version)
+                except PersistError:
+                    raise
+                except OSError as exc:
+                    self.broken = True
+                    _warn("cannot use the cache of %s() at %s (%s); its results are computed "
+                          "but not stored" % (self.func.__qualname__, self.path, exc))
+                    return None
+                self.store = store
+            return self.store
+
+    def get(self, key):
+        """The cached result for key, or _MISSING."""
+        store = self.open() if self.store is None else self.store
+        row = None
+        if store is not None:
+            try:
+                row = store.lookup(key)
+            except PersistError:
+                raise
+            except OSError as exc:
+                _warn("cannot read the cache of %s() (%s); computing the result"
+                      % (self.func.__qualname__, exc))
+        if row is not None and (self.expire is None or time.time() - row[1] < self.expire):
+            try:
+                value = store.load(key, row[0])
+            except Exception as exc:
+                _warn("a cached result of %s() in %s cannot be loaded (%s: %s); computing it "
+                      "again" % (self.func.__qualname__, self.path, type(exc).__name__, exc))
+            else:
+                self.hits += 1
+                return value
+        self.misses += 1
+        return _MISSING
+
+    def put(self, key, value):
+        store = self.store
+        if store is None:
+            return
+        try:
+            store.dump(key, value, _PROTOCOL)
+        except OSError as exc:
+            _warn("cannot store a result of %s() in %s (%s); it is returned but not cached"
+                  % (self.func.__qualname__, self.path, exc))
+        except Exception as exc:
+            _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
+                  % (self.func.__qualname__, type(exc).__name__, exc))
+
+
+def _memoize(func, cache_dir, name, version, expire, ignore, key):
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError("memoize cannot cache %s(): it is a generator function, and a "
+                        "generator is consumed as it runs; memoize a function that returns "
+                        "a list instead" % func.__qualname__)
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    ignore = frozenset(ignore)
+    if key is not None and not callable(key):
+        raise TypeError("Expected memoize(key=...) to be a callable, not %r" % (key,))
+    memo = _Memo(func, cache_dir, name, version, _seconds(expire))
+    bind = _binder(func, ignore) if key is None else (lambda args, kwargs: key(*args, **kwargs))
+    salt = memo.version
+
+    def key_of(args, kwargs):
+        material = bind(args, kwargs)      # a wrong call raises here, as calling func would
+        try:
+            return _digest((salt, material)).hex().encode()
+        except Exception as exc:
+            raise _unkeyable(func, bind, args, kwargs, exc) from None
+
+    if inspect.iscoroutinefunction(func):
+        async def wrapper(*args, **kwargs):
+            k = key_of(args, kwargs)
+            result = memo.get(k)
+            if result is _MISSING:
+                result = await func(*args, **kwargs)
+                memo.put(k, result)
+            return result
+    else:
+        def wrapper(*args, **kwargs):
+            k = key_of(args, kwargs)
+            result = memo.get(k)
+            if result is _MISSING:
+                result = func(*args, **kwargs)
+                memo.put(k, result)
+            return result
+
+    def cache_info():
+        """hits and misses in this process; entries and path of the cache on disk."""
+        store = memo.open(create=False)
+        return _CacheInfo(memo.hits, memo.misses, 0 if store is None else len(store), memo.path)
+
+    def cache_clear():
+        """Remove every stored result of this function."""
+        store = memo.open(create=False)
+        if store is not None:
+            store.clear()
+        memo.hits = memo.misses = 0
+
+    def cache_delete(*args, **kwargs):
+        """Remove the result stored for these arguments; return whether there was one."""
+        store = memo.open(create=False)
+        return store is not None and store.delete(key_of(args, kwargs))
+
+    functools.update_wrapper(wrapper, func)
+    wrapper.cache_info = cache_info
+    wrapper.cache_clear = cache_clear
+    wrapper.cache_delete = cache_delete
+    return wrapper
+
+
+# -- the public API
+
+
+def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, ignore=(),
+            key=None):
+    """Keep each result of func on disk, so that a rerun computes only what is missing.
+
+    Use it bare, @memoize, or with options, @memoize(version=2). Each result is committed
+    before the call returns: a crash, even kill -9, loses nothing that was returned. Many
+    threads and processes may share one cache. Exceptions are never cached.
+
+    cache_dir: where the cache lives; else $PERSIST_DIR; else .persist beside the file that
+        defines func (or in the current directory, for the REPL and notebooks).
+    name: the cache's name; else module.qualname of func.
+    version: change it when results computed before are wrong; they are all dropped. Editing
+        the function does not drop anything, by design.
+    expire: seconds (or a timedelta) after which a result is computed again.
+    ignore: names of parameters left out of the key, such as 'self' or 'verbose'.
+    key: a callable taking func's arguments and returning what to key on instead.
+
+    Equal arguments give the same key in every process: defaults are applied, dict and set
+    order do not matter, types do (1 and 1.0 differ). The wrapper has cache_info(),
+    cache_clear() and cache_delete(*args, **kwargs). Caches are pickles: trust them as code.
+    """
+    options = (cache_dir, name, version, expire, ignore, key)
+    if func is None:
+        return lambda f: memoize(f, cache_dir=cache_dir, name=name, version=version,
+                                 expire=expire, ignore=ignore, key=key)
+    if not callable(func):
+        raise TypeError("Expected a function to decorate, not %r: use @memoize or "
+                        "@memoize(option=...)" % (func,))
+    return _memoize(func, *options)
+
+
+def open(filename, flag="c", protocol=None):
+    """Open a persistent dictionary: shelve.open, safe for many processes and for crashes.
+
+    Keys are str, values anything picklable. Every assignment is committed when it returns;
+    many threads and processes may use one file at once. flag is 'r' (read only), 'w' (read
+    and write an existing file), 'c' (create it if needed) or 'n' (start empty). writeback is
+    not offered: assign a changed value back to store it. Use it as a context manager, or
+    call close(). The file is SQLite: sqlite3 FILE 'SELECT key, stored FROM Dict' lists it.
+    """
+    return _Shelf(_Store(filename, flag), protocol)
+
+
+def atomic_write(path, data, *, sync=True, encoding=None, errors=None, newline=None):
+    """Replace the file at path with data, atomically: readers see the old file or the new.
+
+    data is str (written as text, utf-8 unless encoding says otherwise) or bytes-like. See
+    atomic_open() for what is guaranteed and for the options.
+    """
+    if isinstance(data, str):
+        mode = "w"
+    else:
+        try:
+            memoryview(data)
+        except TypeError:
+            raise TypeError("Expected str or a bytes-like object as atomic_write() data, "
+                            "not %s" % type(data).__name__) from None
+        mode = "wb"
+    with _atomic_open(path, mode, sync, True, encoding, errors, newline) as file:
+        file.write(data)
+
+
+def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newline=None):
+    """Open a file for writing that replaces path only when the with-block ends without error.
+
+    with atomic_open("out.json") as f: json.dump(obj, f)
+
+    mode is "w" or "wb", or "x" or "xb" to fail with FileExistsError if path exists (checked
+    before the block runs and again, without a race, at the end). Text is utf-8 unless
+    encoding says otherwise; errors and newline are as for open(). The data goes to a
+    temporary .NAME.RANDOM.tmp beside path, is flushed and fsynced, renamed over path, and
+    the directory is fsynced: at every instant path holds the old content or the new, even
+    if the process is killed. sync=False skips the fsyncs (faster; a power cut may then lose
+    the new content, never mix it). On any exception the temporary file is removed and path
+    is untouched. A new file gets the permissions open() would give it; a replaced one keeps
+    its own. A symbolic link at path is followed, as open() does. Windows: replacing a file
+    that another process holds open can fail with PermissionError.
+    """
+    return _atomic_open(path, mode, sync, True, encoding, errors, newline)
+
+
+def _marker_record(directory, marker):
+    """The marker's text: when the stage finished, and the files and bytes it left."""
+    files = size = 0
+    pending = [(os.fspath(directory), marker)]
+    while pending:
+        folder, skip = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((entry.path, None))
+                elif entry.name != skip:
+                    files += 1
+                    size += entry.stat(follow_symlinks=False).st_size
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return '{"finished": "%s", "files": %d, "bytes": %d}\n' % (finished, files, size)
+
+
+@contextlib.contextmanager
+def _dir_lock(directory):
+    """Hold an exclusive lock on directory, or fail at once if someone else holds it."""
+    if _fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PersistError(errno.EBUSY, _BUSY_DIR.format(path=directory),
+                               os.fspath(directory)) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _empty(directory):
+    """Remove everything in directory, not following symbolic links."""
+    import shutil
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+@contextlib.contextmanager
+def done_dir(path, *, marker="DONE", clean=False):
+    """A directory that gets its marker file only when the with-block finishes without error.
+
+    with done_dir("work/features") as d: ...   # d is the directory, a pathlib.Path
+
+    On entry the directory and its parents are created, and an old marker is removed (and
+    the removal made durable) before the block runs; clean=True also empties it. Files
+    already there stay, so a stage can resume. On success the directory is fsynced and the
+    marker written last, atomically: one line of JSON with "finished" (UTC), "files" and
+    "bytes" (what the directory held), for people; is_done() needs only that it exists. On
+    any exception there is no marker and the files stay. marker="_SUCCESS" suits Hadoop and
+    Spark. A second done_dir() on the same directory at the same time raises PersistError
+    (POSIX). Files written with atomic_write() are durable; files written with open()
+    survive a crash of the process but maybe not a power cut.
+    """
+    if not isinstance(marker, str) or marker in ("", ".", "..") or "/" in marker or \
+            os.sep in marker or (os.altsep and os.altsep in marker):
+        raise ValueError("done_dir() marker must be a plain file name, not %r" % (marker,))
+    directory = pathlib.Path(os.fsdecode(os.fspath(path)))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory (done_dir() needs a "
+                                 "directory; move the file away)", path)
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = os.path.join(directory, marker)
+    with _dir_lock(directory):
+        if os.path.lexists(stamp):
+            os.unlink(stamp)
+            _fsync_dir(directory)
+        if clean:
+            _empty(directory)
+            _fsync_dir(directory)
+        yield directory
+        record = _marker_record(directory, marker)
+        _fsync_dir(directory)
+        with _atomic_open(stamp, "w", True, False) as file:
+            file.write(record)
+
+
+def is_done(path, *, marker="DONE"):
+    """True when the directory at path holds marker as a regular file (any content)."""
+    try:
+        return stat.S_ISREG(os.lstat(os.path.join(os.fsdecode(os.fspath(path)), marker)).st_mode)
+    except (OSError, ValueError):
+        return False

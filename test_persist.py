@@ -1,0 +1,1213 @@
+"""Tests for persist: python -m unittest (nothing to install).
+
+PERSIST_TEST_LARGE=1 also runs the tests that write more than a gigabyte.
+"""
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import errno
+import json
+import multiprocessing
+import os
+import pathlib
+import pickle
+import random
+import re
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import unittest
+import warnings
+from unittest import mock
+
+import persist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+POSIX = os.name == "posix"
+LARGE = os.environ.get("PERSIST_TEST_LARGE") == "1"
+
+
+def child_env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_python(code, cwd=None, check=True, **env):
+    """Run code in a fresh interpreter that can import persist; return its stdout."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
+                          env=child_env(**env), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+    if check and done.returncode != 0:
+        raise AssertionError("child failed (%d):\n%s" % (done.returncode, done.stderr))
+    return done.stdout
+
+
+def start_python(code, cwd=None, **env):
+    """Start code in a fresh interpreter; stdout is a pipe, one line per event; stdin waits."""
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
+                            env=child_env(**env), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, universal_newlines=True)
+
+
+def stop(child):
+    child.kill()
+    child.wait()
+    child.stdin.close()
+    child.stdout.close()
+
+
+def temp_files(directory):
+    return sorted(name for _, _, names in os.walk(directory) for name in names
+                  if name.endswith(".tmp"))
+
+
+class TempDirTest(unittest.TestCase):
+    """Each test gets its own directory, and leaves no temporary file in it."""
+
+    def setUp(self):
+        holder = __import__("tempfile").TemporaryDirectory()
+        self.addCleanup(holder.cleanup)
+        self.dir = os.path.realpath(holder.name)
+        self.path = pathlib.Path(self.dir)
+
+    def assertNoTemp(self, directory=None):
+        self.assertEqual(temp_files(directory or self.dir), [])
+
+
+class Boom(Exception):
+    pass
+
+
+# -- the module
+
+
+class TestModule(unittest.TestCase):
+    def test_all_is_the_public_names(self):
+        public = {name for name in vars(persist) if not name.startswith("_")
+                  and not isinstance(getattr(persist, name), type(persist))}
+        self.assertEqual(set(persist.__all__), public)
+
+    def test_version_and_licence(self):
+        self.assertEqual(persist.__version__, "0.1.0")
+        with open(persist.__file__, encoding="utf-8") as file:
+            self.assertIn("MIT License", file.read(2000))
+
+
+# -- atomic_write and atomic_open
+
+
+class TestAtomicWrite(TempDirTest):
+    def test_text_and_bytes(self):
+        target = self.path / "out.txt"
+        persist.atomic_write(target, "héllo\n")
+        self.assertEqual(target.read_bytes(), "héllo\n".encode("utf-8"))
+        for data in (b"\x00\xff", bytearray(b"ab"), memoryview(b"cd")):
+            persist.atomic_write(target, data)
+            self.assertEqual(target.read_bytes(), bytes(data))
+        self.assertNoTemp()
+
+    def test_text_options(self):
+        target = self.path / "out.txt"
+        persist.atomic_write(target, "é\n", encoding="latin-1", newline="\r\n")
+        self.assertEqual(target.read_bytes(), b"\xe9\r\n")
+        with self.assertRaises(UnicodeEncodeError):
+            persist.atomic_write(target, "€", encoding="latin-1")
+        persist.atomic_write(target, "€", encoding="latin-1", errors="replace")
+        self.assertEqual(target.read_bytes(), b"?")
+        with self.assertRaises(LookupError):
+            persist.atomic_write(target, "x", encoding="no-such-codec")
+        self.assertNoTemp()
+
+    def test_path_types(self):
+        for path in (os.path.join(self.dir, "a"), os.fsencode(os.path.join(self.dir, "b")),
+                     self.path / "c"):
+            persist.atomic_write(path, "x")
+            self.assertEqual(open(path, "rb").read(), b"x")
+
+    def test_wrong_data(self):
+        with self.assertRaisesRegex(TypeError, "Expected str or a bytes-like.*int"):
+            persist.atomic_write(self.path / "x", 5)
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_atomic_open_modes(self):
+        target = self.path / "out.json"
+        with persist.atomic_open(target) as file:
+            json.dump({"a": 1}, file)
+        self.assertEqual(json.loads(target.read_text()), {"a": 1})
+        with persist.atomic_open(target, "wb") as file:
+            file.write(b"raw")
+        self.assertEqual(target.read_bytes(), b"raw")
+        with persist.atomic_open(self.path / "new", "xb") as file:
+            file.write(b"x")
+        self.assertEqual((self.path / "new").read_bytes(), b"x")
+        self.assertNoTemp()
+
+
+class TestAtomicTemporaryFile(TempDirTest):
+    def test_lives_beside_target_with_a_telling_name(self):
+        target = self.path / "report.json"
+        with persist.atomic_open(target) as file:
+            file.write("x")
+            names = os.listdir(self.dir)
+            self.assertFalse(target.exists())
+        self.assertEqual(len(names), 1)
+        self.assertRegex(names[0], r"^\.report\.json\.[0-9a-f]+\.tmp$")
+        self.assertEqual(os.listdir(self.dir), ["report.json"])
+
+    @unittest.skipUnless(hasattr(os, "symlink") and POSIX, "needs symbolic links")
+    def test_planted_symlink_at_temporary_name_is_not_followed(self):
+        victim = self.path / "victim"
+        victim.write_text("precious")
+        names = iter([b"\x00" * 4, b"\x01" * 4])
+        os.symlink(victim, self.path / ".out.00000000.tmp")
+        with mock.patch("os.urandom", lambda n: next(names)):
+            persist.atomic_write(self.path / "out", "new")
+        self.assertEqual(victim.read_text(), "precious")
+        self.assertEqual((self.path / "out").read_text(), "new")
+
+    def test_sync_false_skips_fsync_and_default_fsyncs(self):
+        with mock.patch("os.fsync") as fsync:
+            persist.atomic_write(self.path / "a", "x", sync=False)
+        self.assertEqual(fsync.call_count, 0)
+        with mock.patch("os.fsync") as fsync:
+            persist.atomic_write(self.path / "a", "y")
+        self.assertGreaterEqual(fsync.call_count, 1)
+        self.assertEqual((self.path / "a").read_text(), "y")
+
+    @unittest.skipUnless(POSIX, "directory fsync is POSIX")
+    def test_directory_fsync_refused_is_not_an_error(self):
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            real_fsync(fd)
+
+        with mock.patch("os.fsync", fsync):
+            persist.atomic_write(self.path / "a", "x")
+        self.assertEqual((self.path / "a").read_text(), "x")
+        self.assertNoTemp()
+
+
+@unittest.skipUnless(POSIX, "POSIX permission bits")
+class TestAtomicPermissions(TempDirTest):
+    def setUp(self):
+        super().setUp()
+        old = os.umask(0o027)
+        self.addCleanup(os.umask, old)
+
+    def test_new_file_gets_open_permissions(self):
+        persist.atomic_write(self.path / "new", "x")
+        with open(self.path / "plain", "w"):
+            pass
+        self.assertEqual(stat.S_IMODE(os.stat(self.path / "new").st_mode), 0o640)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path / "new").st_mode),
+                         stat.S_IMODE(os.stat(self.path / "plain").st_mode))
+
+    def test_replaced_file_keeps_its_bits(self):
+        target = self.path / "old"
+        target.write_text("old")
+        os.chmod(target, 0o604)
+        persist.atomic_write(target, "new")
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o604)
+        self.assertEqual(target.read_text(), "new")
+
+
+@unittest.skipUnless(hasattr(os, "symlink") and POSIX, "needs symbolic links")
+class TestAtomicSymlinkTarget(TempDirTest):
+    def test_link_target_gets_content_and_link_stays(self):
+        real = self.path / "real.txt"
+        real.write_text("old")
+        link = self.path / "link.txt"
+        os.symlink("real.txt", link)
+        persist.atomic_write(link, "new")
+        self.assertTrue(link.is_symlink())
+        self.assertEqual(real.read_text(), "new")
+        self.assertNoTemp()
+
+    def test_dangling_link_creates_its_target(self):
+        link = self.path / "link.txt"
+        os.symlink("missing.txt", link)
+        persist.atomic_write(link, "new")
+        self.assertTrue(link.is_symlink())
+        self.assertEqual((self.path / "missing.txt").read_text(), "new")
+
+
+class TestAtomicFailureInBlock(TempDirTest):
+    def check(self, error):
+        target = self.path / "out"
+        target.write_text("old")
+        with self.assertRaises(error) as caught:
+            with persist.atomic_open(target) as file:
+                file.write("half")
+                raise error("inside")
+        self.assertEqual(str(caught.exception), "inside")
+        self.assertEqual(target.read_text(), "old")
+        self.assertNoTemp()
+        self.assertEqual(os.listdir(self.dir), ["out"])
+
+    def test_exception(self):
+        self.check(Boom)
+
+    def test_keyboard_interrupt(self):
+        self.check(KeyboardInterrupt)
+
+    def test_new_target_never_appears(self):
+        with self.assertRaises(Boom):
+            with persist.atomic_open(self.path / "new", "wb") as file:
+                file.write(b"x")
+                raise Boom
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_failure_while_committing_leaves_old_content(self):
+        target = self.path / "out"
+        target.write_text("old")
+        with mock.patch("os.replace", side_effect=OSError(errno.EIO, "I/O error")):
+            with self.assertRaises(OSError):
+                persist.atomic_write(target, "new")
+        self.assertEqual(target.read_text(), "old")
+        self.assertNoTemp()
+
+
+class TestAtomicExclusive(TempDirTest):
+    def test_existing_target_fails_before_block(self):
+        target = self.path / "out"
+        target.write_text("old")
+        ran = []
+        with self.assertRaises(FileExistsError) as caught:
+            with persist.atomic_open(target, "x"):
+                ran.append(1)
+        self.assertEqual(ran, [])
+        self.assertEqual(caught.exception.filename, target)
+        self.assertEqual(target.read_text(), "old")
+
+    def test_file_that_appears_meanwhile_is_not_clobbered(self):
+        target = self.path / "out"
+        with self.assertRaises(FileExistsError):
+            with persist.atomic_open(target, "xb") as file:
+                file.write(b"mine")
+                target.write_bytes(b"theirs")
+        self.assertEqual(target.read_bytes(), b"theirs")
+        self.assertNoTemp()
+
+
+class TestAtomicBadInput(TempDirTest):
+    def test_missing_parent(self):
+        target = self.path / "no" / "such" / "file"
+        with self.assertRaises(FileNotFoundError) as caught:
+            persist.atomic_write(target, "x")
+        self.assertEqual(caught.exception.filename, target)
+        self.assertIn("create it first", str(caught.exception))
+
+    def test_directory_target(self):
+        with self.assertRaises(IsADirectoryError) as caught:
+            persist.atomic_write(self.path, "x")
+        self.assertEqual(caught.exception.filename, self.path)
+        self.assertNoTemp()
+
+    def test_unknown_mode(self):
+        for mode in ("a", "r", "w+", "rb"):
+            with self.assertRaisesRegex(ValueError, re.escape("'w', 'wb', 'x' or 'xb', not %r" % mode)):
+                with persist.atomic_open(self.path / "x", mode):
+                    pass
+        with self.assertRaisesRegex(ValueError, "binary"):
+            with persist.atomic_open(self.path / "x", "wb", encoding="utf-8"):
+                pass
+        self.assertEqual(os.listdir(self.dir), [])
+
+
+@unittest.skipUnless(POSIX, "SIGKILL")
+class TestAtomicKilled(TempDirTest):
+    def test_target_is_whole_after_every_kill(self):
+        target = self.path / "target"
+        contents = [bytes([65 + i]) * (256 * 1024 + i) for i in range(4)]
+        target.write_bytes(contents[0])
+        code = """
+            import sys, persist
+            contents = [bytes([65 + i]) * (256 * 1024 + i) for i in range(4)]
+            print("ready", flush=True)
+            i = 0
+            while True:
+                i += 1
+                persist.atomic_write(sys.argv[1] if len(sys.argv) > 1 else %r,
+                                     contents[i %% 4], sync=i %% 2 == 0)
+        """ % str(target)
+        rng = random.Random(7)
+        for _ in range(25):
+            child = start_python(code)
+            self.assertEqual(child.stdout.readline(), "ready\n")
+            threading.Event().wait(rng.uniform(0, 0.05))
+            stop(child)
+            self.assertIn(target.read_bytes(), contents)
+        for name in temp_files(self.dir):      # what a SIGKILL can leave: telling names only
+            self.assertRegex(name, r"^\.target\.[0-9a-f]+\.tmp$")
+
+
+class TestAtomicConcurrentWriters(TempDirTest):
+    def test_four_processes_one_target(self):
+        target = self.path / "target"
+        code = """
+            import sys, persist
+            me = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+            for i in range(60):
+                persist.atomic_write(%r, (str(me) * 100000), sync=False)
+        """ % str(target)
+        children = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(n)],
+                                     env=child_env()) for n in range(4)]
+        seen = set()
+        while any(child.poll() is None for child in children):
+            with contextlib.suppress(FileNotFoundError):
+                data = target.read_text()
+                self.assertEqual(len(data), 100000)
+                self.assertEqual(len(set(data)), 1)
+                seen.add(data[0])
+        self.assertEqual([child.wait() for child in children], [0, 0, 0, 0])
+        self.assertEqual(len(target.read_text()), 100000)
+        self.assertNoTemp()
+
+
+# -- persist.open
+
+
+class TestOpenAsMapping(TempDirTest):
+    def test_dict_operations(self):
+        path = self.path / "data.db"
+        with persist.open(path) as db:
+            db["a"] = [1, 2]
+            db["none"] = None
+            db["a"] = {"replaced": True}
+            self.assertEqual(db["a"], {"replaced": True})
+            self.assertIsNone(db["none"])
+            self.assertEqual(sorted(db), ["a", "none"])
+            self.assertEqual(len(db), 2)
+            self.assertIn("a", db)
+            self.assertNotIn("b", db)
+            self.assertEqual(db.get("b", 7), 7)
+            del db["none"]
+            with self.assertRaises(KeyError):
+                db["none"]
+            with self.assertRaises(KeyError):
+                del db["none"]
+        with persist.open(str(path), "r") as db:
+            self.assertEqual(dict(db), {"a": {"replaced": True}})
+        with persist.open(os.fsencode(path), "n") as db:
+            self.assertEqual(len(db), 0)
+
+    def test_closed_shelf(self):
+        db = persist.open(self.path / "data.db")
+        db["a"] = 1
+        db.close()
+        with self.assertRaises(ValueError):
+            db["a"]
+        with self.assertRaises(ValueError):
+            db["a"] = 2
+
+    def test_each_assignment_is_committed(self):
+        path = self.path / "data.db"
+        db = persist.open(path)
+        db["a"] = 1
+        out = run_python("import persist; print(persist.open(%r, 'r')['a'])" % str(path))
+        self.assertEqual(out, "1\n")
+        db.close()
+
+    def test_flags(self):
+        path = self.path / "data.db"
+        with self.assertRaises(FileNotFoundError):
+            persist.open(path, "r")
+        with self.assertRaises(FileNotFoundError):
+            persist.open(path, "w")
+        self.assertFalse(path.exists())
+        with self.assertRaisesRegex(ValueError, "flag"):
+            persist.open(path, "q")
+        with persist.open(path) as db:
+            db["k"] = "v"
+        with persist.open(path, "w") as db:
+            db["k2"] = "v2"
+        with persist.open(path, "r") as db:
+            self.assertEqual(db["k2"], "v2")
+            with self.assertRaises(OSError) as caught:
+                db["k3"] = 1
+            self.assertIn(str(path), str(caught.exception))
+
+    def test_writeback_is_not_offered(self):
+        with self.assertRaises(TypeError):
+            persist.open(self.path / "x.db", writeback=True)
+
+    def test_protocol(self):
+        with persist.open(self.path / "x.db", protocol=2) as db:
+            db["a"] = ("tuple", 1)
+            self.assertEqual(db["a"], ("tuple", 1))
+
+    def test_large_values(self):
+        path = self.path / "data.db"
+        big = os.urandom(3 << 20)
+        with persist.open(path) as db:
+            db["big"] = big
+            db["small"] = b"s"
+        with persist.open(path) as db:
+            self.assertEqual(db["big"], big)
+            db["big"] = b"now small"
+            self.assertEqual(db["big"], b"now small")
+            self.assertEqual(os.listdir(str(path) + ".values"), [])
+            db["big"] = big
+            del db["big"]
+            self.assertEqual(os.listdir(str(path) + ".values"), [])
+        self.assertNoTemp()
+
+    def test_schema_is_plain_sqlite(self):
+        path = self.path / "data.db"
+        with persist.open(path) as db:
+            db["a"] = 1
+        conn = sqlite3.connect(str(path))
+        rows = conn.execute("SELECT key, value, stored FROM Dict").fetchall()
+        conn.close()
+        self.assertEqual(rows[0][0], b"a")
+        self.assertEqual(pickle.loads(rows[0][1]), 1)
+
+
+class TestOpenConcurrentProcesses(TempDirTest):
+    def test_four_processes_keep_every_key(self):
+        path = str(self.path / "shared.db")
+        code = """
+            import sys, persist
+            me = sys.argv[1]
+            for i in range(200):
+                with persist.open(%r) as s:
+                    s["%%s-%%d" %% (me, i)] = i
+        """ % path
+        children = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(n)],
+                                     env=child_env(), stderr=subprocess.PIPE)
+                    for n in range(4)]
+        errors = [child.communicate()[1] for child in children]
+        self.assertEqual([child.returncode for child in children], [0] * 4, errors)
+        with persist.open(path, "r") as db:
+            self.assertEqual(len(db), 800)
+            self.assertEqual(db["3-199"], 199)
+
+
+class TestNotACache(TempDirTest):
+    def check_refused(self, path, pattern):
+        before = path.read_bytes()
+        with self.assertRaises(persist.PersistError) as caught:
+            persist.open(path)
+        self.assertIn(str(path), str(caught.exception))
+        self.assertRegex(str(caught.exception), pattern)
+        self.assertEqual(path.read_bytes(), before)
+
+    def test_garbage_file(self):
+        path = self.path / "cache.db"
+        path.write_bytes(b"this is not sqlite at all, just some text\n" * 100)
+        self.check_refused(path, "not a persist cache.*delete it to start over")
+
+    def test_other_sqlite_database(self):
+        path = self.path / "cache.db"
+        conn = sqlite3.connect(str(path))
+        conn.execute("CREATE TABLE users (name TEXT)")
+        conn.commit()
+        conn.close()
+        self.check_refused(path, "another program.*delete it")
+
+    def test_newer_format(self):
+        path = self.path / "cache.db"
+        persist.open(path).close()
+        conn = sqlite3.connect(str(path))
+        conn.execute("PRAGMA user_version=99")
+        conn.close()
+        self.check_refused(path, "newer persist.*format 99")
+
+
+# -- memoize
+
+
+@persist.memoize
+def cube(x):
+    return x ** 3
+
+
+class MemoTest(TempDirTest):
+    """A memoized function whose cache lives in this test's directory."""
+
+    def memo(self, func=None, **options):
+        options.setdefault("cache_dir", self.dir)
+        calls = []
+
+        def recorded(*args, **kwargs):
+            calls.append((args, kwargs))
+            return func(*args, **kwargs)
+
+        if func is None:
+            return lambda f: self.memo(f, **options)
+        functools_wraps(func, recorded)
+        wrapper = persist.memoize(**options)(recorded)
+        wrapper.calls = calls
+        return wrapper
+
+
+def functools_wraps(func, wrapper):
+    import functools
+    functools.update_wrapper(wrapper, func)
+
+
+class TestMemoizeForms(MemoTest):
+    def test_bare_and_called(self):
+        env = {"PERSIST_DIR": self.dir}
+        with mock.patch.dict(os.environ, env):
+            @persist.memoize
+            def bare(x):
+                """Doc."""
+                return [x]
+
+            @persist.memoize()
+            def called(x):
+                return (x,)
+
+            self.assertEqual(bare(1), [1])
+            self.assertEqual(bare(1), [1])
+            self.assertEqual(called(2), (2,))
+        self.assertEqual(bare.__name__, "bare")
+        self.assertEqual(bare.__doc__, "Doc.")
+        self.assertTrue(callable(bare.__wrapped__))
+        self.assertEqual(bare.cache_info().hits, 1)
+
+    def test_wrong_use(self):
+        for wrong in (5, "dir", None.__class__):
+            if callable(wrong):
+                continue
+            with self.assertRaisesRegex(TypeError, "^Expected"):
+                persist.memoize(wrong)
+        with self.assertRaisesRegex(TypeError, "^Expected"):
+            persist.memoize(expire="soon")(lambda: 1)
+        with self.assertRaisesRegex(TypeError, "^Expected"):
+            persist.memoize(key=3)(lambda: 1)
+
+    def test_generator_refused(self):
+        def gen():
+            yield 1
+
+        async def agen():
+            yield 1
+
+        for func in (gen, agen):
+            with self.assertRaisesRegex(TypeError, "generator"):
+                persist.memoize(cache_dir=self.dir)(func)
+
+    def test_async(self):
+        runs = []
+
+        @persist.memoize(cache_dir=self.dir)
+        async def fetch(x):
+            runs.append(x)
+            await asyncio.sleep(0)
+            return {"x": x}
+
+        self.assertEqual(asyncio.run(fetch(1)), {"x": 1})
+        self.assertEqual(asyncio.run(fetch(1)), {"x": 1})
+        self.assertEqual(runs, [1])
+
+    def test_pickles_by_reference(self):
+        self.assertIs(pickle.loads(pickle.dumps(cube)), cube)
+
+    def test_process_pool_workers(self):
+        with mock.patch.dict(os.environ, {"PERSIST_DIR": self.dir}):
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
+                self.assertEqual(list(pool.map(cube, range(10))), [x ** 3 for x in range(10)])
+            with persist.open(os.path.join(self.dir, "test_persist.cube.db"), "r") as db:
+                self.assertEqual(len(db), 10)
+
+
+class TestMemoizeLocation(TempDirTest):
+    SCRIPT = """
+        import persist, sys
+        calls = 0
+        @persist.memoize
+        def work(x):
+            global calls
+            calls += 1
+            return x + 1
+        if __name__ == "__main__":
+            print(sum(work(i) for i in range(20)), calls)
+    """
+
+    def write_script(self, name="job.py"):
+        project = self.path / "project"
+        project.mkdir(exist_ok=True)
+        (project / name).write_text(textwrap.dedent(self.SCRIPT))
+        return project / name
+
+    def test_beside_the_source_file_from_any_directory(self):
+        script = self.write_script()
+        elsewhere = self.path / "elsewhere"
+        elsewhere.mkdir()
+        first = subprocess.run([sys.executable, str(script)], cwd=str(elsewhere),
+                               env=child_env(PYTHONHASHSEED=1), stdout=subprocess.PIPE,
+                               universal_newlines=True, check=True).stdout
+        self.assertEqual(first, "210 20\n")
+        self.assertEqual(os.listdir(elsewhere), [])
+        cache = script.parent / ".persist"
+        self.assertEqual((cache / ".gitignore").read_text().splitlines()[-1], "*")
+        self.assertTrue((cache / "job.work.db").exists())
+        second = subprocess.run([sys.executable, "job.py"], cwd=str(script.parent),
+                                env=child_env(PYTHONHASHSEED=2), stdout=subprocess.PIPE,
+                                universal_newlines=True, check=True).stdout
+        self.assertEqual(second, "210 0\n")
+
+    def test_script_run_or_imported_shares_its_cache(self):
+        script = self.write_script()
+        subprocess.run([sys.executable, str(script)], env=child_env(), check=True,
+                       stdout=subprocess.PIPE)
+        out = run_python("import job; print(sum(job.work(i) for i in range(20)), job.calls)",
+                         cwd=str(script.parent))
+        self.assertEqual(out, "210 0\n")
+
+    def test_persist_dir_and_cache_dir(self):
+        script = self.write_script()
+        chosen = self.path / "chosen"
+        subprocess.run([sys.executable, str(script)], env=child_env(PERSIST_DIR=chosen),
+                       check=True, stdout=subprocess.PIPE)
+        self.assertTrue((chosen / "job.work.db").exists())
+        self.assertFalse((script.parent / ".persist").exists())
+
+        @persist.memoize(cache_dir=self.path / "explicit", name="my-cache")
+        def f(x):
+            return x
+
+        with mock.patch.dict(os.environ, {"PERSIST_DIR": str(chosen)}):
+            f(1)
+            self.assertEqual(f.cache_info().path, str(self.path / "explicit" / "my-cache.db"))
+
+    def test_no_source_file_uses_current_directory(self):
+        out = run_python("""
+            import persist
+            ns = {}
+            exec(compile("def f(x):\\n    return x * 2\\n", "<cell 1>", "exec"), ns)
+            f = persist.memoize(ns["f"])
+            print(f(2), f.cache_info().path)
+        """, cwd=self.dir)
+        self.assertEqual(out.split()[0], "4")
+        self.assertEqual(os.path.dirname(out.split()[1]), os.path.join(self.dir, ".persist"))
+
+    def test_nothing_written_before_first_call(self):
+        @persist.memoize(cache_dir=self.path / "c")
+        def f(x):
+            return x
+
+        self.assertEqual(f.cache_info().entries, 0)
+        self.assertFalse((self.path / "c").exists())
+
+
+class TestMemoizeKeys(MemoTest):
+    def test_defaults_and_keywords_are_one_entry(self):
+        f = self.memo(lambda x=5, y=1: x * y)
+        self.assertEqual([f(5), f(x=5), f(), f(5, 1), f(y=1)], [5] * 5)
+        self.assertEqual(len(f.calls), 1)
+
+    def test_every_kind_of_parameter(self):
+        def g(a, /, b, *args, c, d=4, **kw):
+            return (a, b, args, c, d, sorted(kw.items()))
+
+        f = self.memo(g)
+        self.assertEqual(f(1, 2, c=3), (1, 2, (), 3, 4, []))
+        self.assertEqual(f(1, b=2, c=3, d=4), (1, 2, (), 3, 4, []))
+        f(1, 2, 9, c=3, z=1, y=2)
+        f(1, 2, 9, c=3, y=2, z=1)
+        self.assertEqual(len(f.calls), 2)
+        with self.assertRaises(TypeError):
+            f(1)
+
+    def test_dict_and_set_order_do_not_matter(self):
+        f = self.memo(lambda d: len(d))
+        f({"a": 1, "b": {"x", "y", "z"}})
+        f({"b": {"z", "y", "x"}, "a": 1})
+        f(frozenset(["p", "q"]))
+        f(frozenset(["q", "p"]))
+        self.assertEqual(len(f.calls), 2)
+
+    def test_types_matter(self):
+        f = self.memo(lambda x: x)
+        for value in (1, 1.0, True, "1", b"1", (1,), [1]):
+            f(value)
+        self.assertEqual(len(f.calls), 7)
+        self.assertIs(f(True), True)
+        self.assertEqual(type(f(1.0)), float)
+
+    def test_equal_values_not_identity(self):
+        f = self.memo(lambda a, b: a + b)
+        word = "ab"
+        f(word, word)
+        f("".join(["a", "b"]), "ab")
+        self.assertEqual(len(f.calls), 1)
+
+    def test_same_key_in_every_process_and_hash_seed(self):
+        code = """
+            import persist, sys
+            @persist.memoize(cache_dir=sys.argv[1], name="seeded")
+            def f(s, d):
+                print("computed", flush=True)
+                return len(s)
+            f({"alpha", "beta", "gamma", "delta"}, {"k1": {"x", "y"}, "k2": 2.5})
+        """
+        outs = [subprocess.run([sys.executable, "-c", textwrap.dedent(code), self.dir],
+                               env=child_env(PYTHONHASHSEED=seed), stdout=subprocess.PIPE,
+                               universal_newlines=True, check=True).stdout
+                for seed in (1, 2, 3, 4)]
+        self.assertEqual(outs, ["computed\n", "", "", ""])
+
+    def test_large_arguments(self):
+        f = self.memo(lambda data, arr: len(data))
+        data = os.urandom(8 << 20)
+        self.assertEqual(f(data, OutOfBand(b"x" * 100)), 8 << 20)
+        self.assertEqual(f(bytes(data), OutOfBand(b"x" * 100)), 8 << 20)
+        f(data, OutOfBand(b"y" * 100))
+        self.assertEqual(len(f.calls), 2)
+
+    @unittest.skipUnless(__import__("importlib").util.find_spec("numpy"), "numpy not installed")
+    def test_numpy_arrays(self):
+        import numpy
+        f = self.memo(lambda a: float(a.sum()))
+        f(numpy.arange(1000))
+        f(numpy.arange(1000))
+        f(numpy.arange(1000.0))
+        self.assertEqual(len(f.calls), 2)
+
+    def test_unkeyable_argument_names_the_parameter(self):
+        f = self.memo(lambda data, lock: 1)
+        with self.assertRaisesRegex(TypeError, r"argument 'lock'.*ignore"):
+            f([1, 2], threading.Lock())
+        self.assertEqual(f.calls, [])
+
+    def test_recursive_argument(self):
+        f = self.memo(lambda x: 1)
+        loop = []
+        loop.append(loop)
+        with self.assertRaisesRegex(TypeError, "argument 'x'"):
+            f(loop)
+        cycle = {}
+        cycle["self"] = cycle
+        with self.assertRaisesRegex(TypeError, "argument 'x'"):
+            f(cycle)
+        self.assertEqual(f.calls, [])
+
+    def test_ignore(self):
+        f = self.memo(lambda x, verbose=False, log=None: x, ignore=("verbose", "log"))
+        f(1)
+        f(1, verbose=True, log=threading.Lock())
+        f(1, True)
+        self.assertEqual(len(f.calls), 1)
+        with self.assertRaisesRegex(TypeError, "'nope'.*not a parameter"):
+            self.memo(lambda x: x, ignore=["nope"])
+
+    def test_ignore_self_on_method(self):
+        directory = self.dir
+        runs = []
+
+        class Model:
+            @persist.memoize(cache_dir=directory, ignore="self")
+            def predict(self, x):
+                runs.append(x)
+                return x * 2
+
+        self.assertEqual(Model().predict(2), 4)
+        self.assertEqual(Model().predict(2), 4)
+        self.assertEqual(runs, [2])
+
+    def test_key_callable(self):
+        f = self.memo(lambda path, mtime: path, key=lambda path, mtime: path)
+        f("a", 1)
+        f("a", 2)
+        self.assertEqual(len(f.calls), 1)
+
+
+class OutOfBand:
+    """Pickles its data as a PickleBuffer, as numpy arrays do."""
+
+    def __init__(self, data):
+        self.data = bytearray(data)
+
+    def __reduce_ex__(self, protocol):
+        return OutOfBand, (pickle.PickleBuffer(self.data),)
+
+
+class Renamed:
+    pass
+
+
+class TestMemoizeResults(MemoTest):
+    def test_none_is_a_result(self):
+        f = self.memo(lambda x: None)
+        self.assertIsNone(f(1))
+        self.assertIsNone(f(1))
+        self.assertEqual(len(f.calls), 1)
+
+    def test_exceptions_are_not_cached(self):
+        f = self.memo(lambda x: 1 / x)
+        for _ in range(2):
+            with self.assertRaises(ZeroDivisionError):
+                f(0)
+        self.assertEqual(len(f.calls), 2)
+        self.assertEqual(f.cache_info().entries, 0)
+
+    def test_unpicklable_result_is_returned_with_warning(self):
+        lock = threading.Lock()
+        f = self.memo(lambda x: lock)
+        with self.assertWarnsRegex(persist.PersistWarning, "cannot be pickled"):
+            self.assertIs(f(1), lock)
+        self.assertEqual(f.cache_info().entries, 0)
+        self.assertNoTemp()
+
+    def test_large_result(self):
+        big = os.urandom(5 << 20)
+        f = self.memo(lambda x: [big, x])
+        self.assertEqual(f(1), [big, 1])
+        self.assertEqual(f(1), [big, 1])
+        self.assertEqual(len(f.calls), 1)
+        self.assertNoTemp()
+
+    @unittest.skipUnless(LARGE, "set PERSIST_TEST_LARGE=1 (CI does) to store a 1.1 GB result")
+    def test_result_over_a_gigabyte(self):
+        size = 1_100_000_000
+        f = self.memo(lambda n: b"\x07" * n)
+        first = f(size)
+        del first
+        second = f(size)
+        self.assertEqual(len(second), size)
+        self.assertEqual(second[-1:], b"\x07")
+        self.assertEqual(len(f.calls), 1)
+
+    def test_version_bump_drops_old_results(self):
+        f1 = self.memo(lambda x: x, name="job", version=1)
+        for i in range(50):
+            f1(i)
+        f2 = self.memo(lambda x: -x, name="job", version=2)
+        self.assertEqual(f2(3), -3)
+        self.assertEqual(f2.cache_info().entries, 1)
+        f2b = self.memo(lambda x: -x, name="job", version=2)
+        self.assertEqual(f2b(3), -3)
+        self.assertEqual(len(f2b.calls), 0)
+
+    def test_editing_the_code_keeps_results(self):
+        f = self.memo(lambda x: x + 1, name="job")
+        f(1)
+        edited = self.memo(lambda x: x + 100, name="job")
+        self.assertEqual(edited(1), 2)
+        self.assertEqual(edited.calls, [])
+
+    def test_expire(self):
+        f = self.memo(lambda x: x, expire=datetime.timedelta(hours=1))
+        now = 1_000_000_000.0
+        with mock.patch("time.time", return_value=now):
+            f(1)
+        with mock.patch("time.time", return_value=now + 3599):
+            f(1)
+        self.assertEqual(len(f.calls), 1)
+        with mock.patch("time.time", return_value=now + 3601):
+            f(1)
+        self.assertEqual(len(f.calls), 2)
+
+    def test_cache_info_clear_delete(self):
+        f = self.memo(lambda x: x)
+        f(1), f(1), f(2)
+        info = f.cache_info()
+        self.assertEqual((info.hits, info.misses, info.entries), (1, 2, 2))
+        self.assertEqual(os.path.dirname(info.path), self.dir)
+        self.assertTrue(f.cache_delete(1))
+        self.assertFalse(f.cache_delete(1))
+        self.assertEqual(f.cache_info().entries, 1)
+        f.cache_clear()
+        self.assertEqual(f.cache_info().entries, 0)
+        f(2)
+        self.assertEqual(len(f.calls), 3)
+
+    def test_unloadable_entry_is_recomputed(self):
+        global Renamed
+        original = Renamed
+        f = self.memo(lambda x: Renamed())
+        f(1)
+        del Renamed
+        try:
+            g = self.memo(lambda x: "fresh", name=f.cache_info().path.rsplit(os.sep, 1)[1][:-3])
+            with self.assertWarnsRegex(persist.PersistWarning, "cannot be loaded"):
+                self.assertEqual(g(1), "fresh")
+            self.assertEqual(g(1), "fresh")
+            self.assertEqual(len(g.calls), 1)
+        finally:
+            Renamed = original
+
+    def test_garbage_cache_file_is_an_error_and_kept(self):
+        path = self.path / "job.db"
+        path.write_bytes(b"garbage" * 1000)
+        f = self.memo(lambda x: x, name="job")
+        with self.assertRaisesRegex(persist.PersistError, "job.db.*delete it"):
+            f(1)
+        self.assertEqual(f.calls, [])
+        self.assertEqual(path.read_bytes(), b"garbage" * 1000)
+
+
+@unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX users")
+class TestMemoizeReadOnlyCache(TempDirTest):
+    def test_unwritable_directory_runs_uncached_with_warning(self):
+        if os.getuid() == 0:
+            os.chmod(self.dir, 0o777)
+        cache = self.path / "cache"
+        cache.mkdir()
+        os.chmod(cache, 0o555)
+        code = """
+            import os, pathlib, sys, warnings, persist
+            pathlib.Path("/").as_uri()     # import what persist needs before losing /root
+            if os.getuid() == 0:
+                os.setgid(65534); os.setuid(65534)
+            @persist.memoize(cache_dir=%r)
+            def f(x):
+                return x * 3
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                print(f(2), f(2))
+            print(caught[0].category.__name__, "cannot use the cache" in str(caught[0].message))
+        """ % str(cache)
+        self.assertEqual(run_python(code), "6 6\nPersistWarning True\n")
+
+
+class TestMemoizeManyProcesses(TempDirTest):
+    def test_eight_processes_overlapping_keys(self):
+        code = """
+            import sys, persist
+            @persist.memoize(cache_dir=%r, name="shared")
+            def f(x):
+                return [x] * 10
+            me = int(sys.argv[1])
+            for i in range(me * 20, me * 20 + 100):
+                assert f(i) == [i] * 10
+        """ % self.dir
+        children = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(n)],
+                                     env=child_env(), stderr=subprocess.PIPE)
+                    for n in range(8)]
+        errors = [child.communicate()[1] for child in children]
+        self.assertEqual([child.returncode for child in children], [0] * 8, errors)
+        self.assertEqual([e for e in errors if e], [])
+        with persist.open(os.path.join(self.dir, "shared.db"), "r") as db:
+            self.assertEqual(len(db), 7 * 20 + 100)
+
+    def test_sixteen_threads(self):
+        runs = []
+
+        @persist.memoize(cache_dir=self.dir)
+        def f(x):
+            runs.append(x)
+            return x * 2
+
+        barrier = threading.Barrier(16)
+        failures = []
+
+        def hammer():
+            barrier.wait()
+            try:
+                for i in range(200):
+                    assert f(i % 50) == (i % 50) * 2
+            except Exception as exc:      # reported below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=hammer) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(failures, [])
+        self.assertEqual(f.cache_info().entries, 50)
+
+    @unittest.skipUnless("fork" in multiprocessing.get_all_start_methods(), "needs fork")
+    def test_fork_after_use(self):
+        out = run_python("""
+            import multiprocessing, persist, sys
+            @persist.memoize(cache_dir=%r)
+            def f(x):
+                return x + 1
+            f(0)
+            with multiprocessing.get_context("fork").Pool(3) as pool:
+                print(sum(pool.map(f, range(30))))
+            print(f(5), f.cache_info().entries)
+        """ % self.dir)
+        self.assertEqual(out, "465\n6 30\n")
+
+
+@unittest.skipUnless(POSIX, "SIGKILL")
+class TestMemoizeKilled(TempDirTest):
+    def test_every_reported_result_survives_kill_9(self):
+        code = """
+            import sys, persist
+            @persist.memoize(cache_dir=%r, name="killed")
+            def f(x):
+                return {"x": x, "pad": "p" * (x %% 7) * 1000}
+            start = int(sys.argv[1])
+            for i in range(start, start + 100000):
+                f(i)
+                print(i, flush=True)
+        """ % self.dir
+        reported = set()
+        rng = random.Random(3)
+        for round_ in range(12):
+            child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code),
+                                      str(round_ * 1000)], env=child_env(),
+                                     stdout=subprocess.PIPE, universal_newlines=True)
+            for _ in range(rng.randint(1, 150)):
+                reported.add(int(child.stdout.readline()))
+            child.kill()
+            child.wait()
+            reported.update(int(line) for line in child.stdout.read().split())
+            child.stdout.close()
+        runs = []
+
+        @persist.memoize(cache_dir=self.dir, name="killed")
+        def f(x):
+            runs.append(x)
+
+        for i in sorted(reported):
+            self.assertEqual(f(i)["x"], i)
+        self.assertEqual(runs, [])
+
+
+# -- done_dir and is_done
+
+
+class TestDoneDir(TempDirTest):
+    def test_marker_written_last(self):
+        out = self.path / "work" / "features"
+        self.assertFalse(persist.is_done(out))
+        with persist.done_dir(out) as d:
+            self.assertIsInstance(d, pathlib.Path)
+            self.assertTrue(d.is_dir())
+            (d / "a.json").write_text("12345")
+            persist.atomic_write(d / "b.json", "67")
+            self.assertFalse(persist.is_done(out))
+        self.assertTrue(persist.is_done(out))
+        record = json.loads((out / "DONE").read_text())
+        self.assertEqual((record["files"], record["bytes"]), (2, 7))
+        self.assertTrue(record["finished"].endswith("Z"))
+        self.assertNoTemp()
+
+    def test_exception_leaves_no_marker_and_keeps_files(self):
+        out = self.path / "out"
+        for error in (Boom, KeyboardInterrupt):
+            with self.assertRaises(error):
+                with persist.done_dir(out) as d:
+                    (d / "partial").write_text("x")
+                    raise error()
+            self.assertFalse(persist.is_done(out))
+            self.assertEqual(os.listdir(out), ["partial"])
+
+    def test_redo_removes_old_marker_first(self):
+        out = self.path / "out"
+        with persist.done_dir(out) as d:
+            (d / "a").write_text("old")
+        with self.assertRaises(Boom):
+            with persist.done_dir(out) as d:
+                self.assertFalse(persist.is_done(out))
+                self.assertEqual(os.listdir(d), ["a"])
+                raise Boom
+        self.assertFalse(persist.is_done(out))
+
+    def test_clean(self):
+        out = self.path / "out"
+        (out / "sub").mkdir(parents=True)
+        (out / "sub" / "x").write_text("x")
+        (out / "y").write_text("y")
+        with persist.done_dir(out, clean=True) as d:
+            self.assertEqual(os.listdir(d), [])
+
+    def test_hadoop_marker(self):
+        out = self.path / "out"
+        with persist.done_dir(out, marker="_SUCCESS"):
+            pass
+        self.assertTrue((out / "_SUCCESS").is_file())
+        self.assertTrue(persist.is_done(out, marker="_SUCCESS"))
+        self.assertFalse(persist.is_done(out))
+
+    def test_path_is_a_file(self):
+        path = self.path / "file"
+        path.write_text("x")
+        with self.assertRaises(NotADirectoryError) as caught:
+            with persist.done_dir(path):
+                pass
+        self.assertEqual(caught.exception.filename, path)
+
+    def test_bad_marker(self):
+        for marker in ("", "a/b", "..", 5):
+            with self.assertRaisesRegex(ValueError, "marker"):
+                with persist.done_dir(self.path / "x", marker=marker):
+                    pass
+
+    @unittest.skipUnless(hasattr(os, "symlink") and POSIX, "needs symbolic links")
+    def test_planted_symlink_at_marker(self):
+        victim = self.path / "victim"
+        victim.write_text("precious")
+        out = self.path / "out"
+        out.mkdir()
+        os.symlink(victim, out / "DONE")
+        with persist.done_dir(out) as d:
+            self.assertFalse((d / "DONE").exists())
+            os.symlink(victim, d / "DONE")
+        self.assertEqual(victim.read_text(), "precious")
+        self.assertFalse((out / "DONE").is_symlink())
+        self.assertTrue(persist.is_done(out))
+
+
+@unittest.skipUnless(POSIX, "locks and SIGKILL")
+class TestDoneDirProcesses(TempDirTest):
+    def test_second_entrant_gets_a_clear_error(self):
+        out = self.path / "out"
+        child = start_python("""
+            import sys, persist
+            with persist.done_dir(%r):
+                print("inside", flush=True)
+                sys.stdin.readline()
+        """ % str(out))
+        self.assertEqual(child.stdout.readline(), "inside\n")
+        with self.assertRaisesRegex(persist.PersistError, "another done_dir"):
+            with persist.done_dir(out):
+                pass
+        stop(child)
+        with persist.done_dir(out):      # a killed holder leaves no stale lock
+            pass
+        self.assertTrue(persist.is_done(out))
+
+    def test_killed_inside_block_leaves_no_marker(self):
+        out = self.path / "out"
+        with persist.done_dir(out):
+            pass
+        child = start_python("""
+            import persist, sys
+            with persist.done_dir(%r) as d:
+                (d / "part").write_text("x")
+                print("inside", flush=True)
+                sys.stdin.readline()
+        """ % str(out))
+        self.assertEqual(child.stdout.readline(), "inside\n")
+        child.send_signal(signal.SIGKILL)
+        stop(child)
+        self.assertFalse(persist.is_done(out))
+        self.assertEqual(os.listdir(out), ["part"])
+
+
+class TestIsDone(TempDirTest):
+    def test_foreign_marker_counts(self):
+        (self.path / "DONE").touch()
+        self.assertTrue(persist.is_done(self.dir))
+        self.assertTrue(persist.is_done(os.fsencode(self.dir)))
+
+    def test_missing_or_file(self):
+        self.assertFalse(persist.is_done(self.path / "missing"))
+        (self.path / "file").write_text("x")
+        self.assertFalse(persist.is_done(self.path / "file"))
+        (self.path / "DONE").mkdir()
+        self.assertFalse(persist.is_done(self.path))
+
+
+if __name__ == "__main__":
+    unittest.main()
