@@ -64,7 +64,7 @@ import weakref
 _TEXT_MODES = {"w": "w", "wt": "w", "x": "x", "xt": "x"}
 _BINARY_MODES = {"wb": "w", "xb": "x"}
 _MODES_ACCEPTED = "'w', 'wb', 'x' or 'xb'"
-_FLAGS = {"r": "ro", "w": "rw", "c": "rwc", "n": "rwc"}
+_FLAGS = {"r": "ro", "w": "rw", "c": "rw", "n": "rw"}   # SQLite open modes, once it exists
 _PROTOCOL = 5                    # every CPython 3.8+ reads it
 _INLINE_LIMIT = 1 << 18          # larger pickled values live in files of their own
 _BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
@@ -90,6 +90,10 @@ _SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
 _NOT_A_CACHE = "{path} is not a persist cache ({why}); delete it to start over"
 _NEWER = ("{path} was written by a newer persist (format {found}; this persist.py reads "
           "format {ours}); use a newer persist.py, or delete the file to start over")
+_LINK = ("a symbolic link where persist keeps its own file (it may have been planted); "
+         "persist does not follow it: remove it")
+_WORLD_WRITABLE = ("every user may write it, and loading a pickle that someone planted there "
+                   "runs their code; make it private (chmod o-w) or use another place")
 _BUSY_DIR = ("{path} is being filled by another done_dir() right now (in this or another "
              "process); let that one finish, or give each stage its own directory")
 
@@ -109,6 +113,7 @@ class PersistWarning(UserWarning):
 _O_TEMP = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
            | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
            | getattr(os, "O_NOINHERIT", 0))
+_CHECK_WORLD_WRITABLE = os.name == "posix"   # the mode bits mean the same everywhere there
 _CAN_FSYNC_DIR = hasattr(os, "O_DIRECTORY")   # POSIX: a directory can be opened and fsynced
 try:
     import fcntl as _fcntl                    # POSIX: done_dir() locks its directory
@@ -265,8 +270,9 @@ if hasattr(os, "register_at_fork"):
 
 def _header(conn):
     """(application_id, whether the database is empty) of an SQLite connection."""
-    app, = conn.execute("PRAGMA application_id").fetchone()
-    return app, app == 0 and not conn.execute("SELECT 1 FROM sqlite_master").fetchone()
+    # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
+    (app,), = conn.execute("PRAGMA application_id").fetchall()
+    return app, app == 0 and not conn.execute("SELECT 1 FROM sqlite_master").fetchall()
 
 
 class _Store(collections.abc.MutableMapping):
@@ -305,55 +311,79 @@ class _Store(collections.abc.MutableMapping):
         return PersistError(_NOT_A_CACHE.format(path=self.path, why=exc))
 
     def _connect(self):
-        if self._flag in "rw" and not os.path.exists(self.path):
-            raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
-                                    "to create it)", self.path)
-        uri = pathlib.Path(self.path).as_uri() + "?mode=" + _FLAGS[self._flag]
+        self._check_path()
         try:
-            conn = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT, isolation_level=None,
-                                   check_same_thread=False)
+            if self._flag in "cn" and not os.path.exists(self.path):
+                self._create()
+            conn = self._open(_FLAGS[self._flag])
+        except sqlite3.OperationalError as exc:
+            # SQLite reads a WAL file in a directory it may not write (no -shm file can be
+            # made) only as immutable: nobody but root can be changing it there.
+            if not os.path.isfile(self.path) or os.access(os.path.dirname(self.path), os.W_OK):
+                raise self._error(exc) from None
+            try:
+                conn = self._open("ro&immutable=1")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
         except sqlite3.Error as exc:
             raise self._error(exc) from None
-        try:
-            self._check(conn)
-            conn.execute("PRAGMA synchronous=NORMAL")   # WAL: a commit survives a crash
-        except sqlite3.Error as exc:
-            conn.close()
-            raise self._error(exc) from None
-        except BaseException:
-            conn.close()
-            raise
         self._conn = conn
         return conn
 
-    def _check(self, conn):
-        """Check the header says persist; give a new, empty file the schema."""
-        conn.execute("BEGIN")           # one snapshot, while another process may create it
+    def _open(self, mode):
+        conn = sqlite3.connect(pathlib.Path(self.path).as_uri() + "?mode=" + mode, uri=True,
+                               timeout=_BUSY_TIMEOUT, isolation_level=None,
+                               check_same_thread=False)
         try:
-            app, empty = _header(conn)
-        finally:
-            conn.execute("ROLLBACK")
-        if empty and self._flag != "r":
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                app, empty = _header(conn)
-                if empty:
-                    conn.execute("PRAGMA application_id=%d" % _APPLICATION_ID)
-                    conn.execute("PRAGMA user_version=%d" % _FORMAT)
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
-                    app = _APPLICATION_ID
-                conn.execute("COMMIT")
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+            self._check(conn)
+            conn.execute("PRAGMA synchronous=NORMAL")   # WAL: a commit survives a crash
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_path(self):
+        """Refuse a cache others could plant code in, or that would write through a link."""
+        if self._flag in "rw" and not os.path.exists(self.path):
+            raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
+                                    "to create it)", self.path)
+        for name in (self.path, self.path + "-wal", self.path + "-shm", self._values):
+            if os.path.islink(name):
+                raise PersistError(errno.ELOOP, _LINK, name)
+        for name in (os.path.dirname(self.path), self.path) if _CHECK_WORLD_WRITABLE else ():
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(name).st_mode & stat.S_IWOTH:
+                    raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+
+    def _check(self, conn):
+        """Check the header: a persist cache, of a format this code reads."""
+        app, empty = _header(conn)
         if app != _APPLICATION_ID:
             why = "an empty file" if empty else "an SQLite database of another program"
             raise PersistError(_NOT_A_CACHE.format(path=self.path, why=why))
-        found, = conn.execute("PRAGMA user_version").fetchone()
+        (found,), = conn.execute("PRAGMA user_version").fetchall()
         if found > _FORMAT:
             raise PersistError(_NEWER.format(path=self.path, found=found, ours=_FORMAT))
+
+    def _create(self):
+        """Make a new cache beside path and link it into place: nobody sees it half made."""
+        temp, fd = _create_temp(self.path, self.path)
+        os.close(fd)
+        try:
+            conn = sqlite3.connect(temp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL").fetchall()
+                conn.execute("PRAGMA application_id=%d" % _APPLICATION_ID)
+                conn.execute("PRAGMA user_version=%d" % _FORMAT)
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+            finally:
+                conn.close()
+            with contextlib.suppress(FileExistsError):   # another process made it first
+                _rename_no_clobber(temp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
 
     def _query(self, sql, params=()):
         with self._lock:
@@ -478,6 +508,12 @@ class _Store(collections.abc.MutableMapping):
         if stale:
             _remove_files_in(self._values)
             self.vacuum()
+
+    def __del__(self):
+        # best effort: a store dropped without close() closes its connection (not one that
+        # fork() left behind: _after_fork took it away)
+        with contextlib.suppress(Exception):
+            self.close()
 
     def close(self):
         _STORES.discard(self)
@@ -672,7 +708,11 @@ def _seconds(expire):
 
 
 def _warn(message):
-    warnings.warn(message, PersistWarning, stacklevel=4)
+    """Warn at the user's line: the first caller outside this file."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, PersistWarning, stacklevel=level)
 
 
 class _Memo:
@@ -705,7 +745,13 @@ class _Memo:
                 try:
                     _make_cache_dir(os.path.dirname(self.path))
                     store = _Store(self.path, "c")
-                    store.claim(self.identity, self.version)
+                    try:
+                        store.claim(self.identity, self.version)
+                    except PermissionError:      # a read-only cache still serves its results
+                        if store.info().get("version") != self.version:
+                            raise
+                        _warn("the cache of %s() at %s is read-only; new results are not "
+                              "stored" % (self.func.__qualname__, self.path))
                 except PersistError:
                     raise
                 except OSError as exc:

@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import datetime
 import errno
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -130,7 +131,7 @@ class TestAtomicWrite(TempDirTest):
         for path in (os.path.join(self.dir, "a"), os.fsencode(os.path.join(self.dir, "b")),
                      self.path / "c"):
             persist.atomic_write(path, "x")
-            self.assertEqual(open(path, "rb").read(), b"x")
+            self.assertEqual(pathlib.Path(os.fsdecode(path)).read_bytes(), b"x")
 
     def test_wrong_data(self):
         with self.assertRaisesRegex(TypeError, "Expected str or a bytes-like.*int"):
@@ -617,11 +618,12 @@ class TestMemoizeForms(MemoTest):
 
     def test_process_pool_workers(self):
         with mock.patch.dict(os.environ, {"PERSIST_DIR": self.dir}):
-            context = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
+            with concurrent.futures.ProcessPoolExecutor(2) as pool:
                 self.assertEqual(list(pool.map(cube, range(10))), [x ** 3 for x in range(10)])
+            with multiprocessing.get_context("spawn").Pool(2) as pool:
+                self.assertEqual(pool.map(cube, range(5, 15)), [x ** 3 for x in range(5, 15)])
             with persist.open(os.path.join(self.dir, "test_persist.cube.db"), "r") as db:
-                self.assertEqual(len(db), 10)
+                self.assertEqual(len(db), 15)
 
 
 class TestMemoizeLocation(TempDirTest):
@@ -769,7 +771,7 @@ class TestMemoizeKeys(MemoTest):
         f(data, OutOfBand(b"y" * 100))
         self.assertEqual(len(f.calls), 2)
 
-    @unittest.skipUnless(__import__("importlib").util.find_spec("numpy"), "numpy not installed")
+    @unittest.skipUnless(importlib.util.find_spec("numpy"), "numpy not installed")
     def test_numpy_arrays(self):
         import numpy
         f = self.memo(lambda a: float(a.sum()))
@@ -954,8 +956,7 @@ class TestMemoizeResults(MemoTest):
 @unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX users")
 class TestMemoizeReadOnlyCache(TempDirTest):
     def test_unwritable_directory_runs_uncached_with_warning(self):
-        if os.getuid() == 0:
-            os.chmod(self.dir, 0o777)
+        os.chmod(self.dir, 0o755)
         cache = self.path / "cache"
         cache.mkdir()
         os.chmod(cache, 0o555)
@@ -1070,6 +1071,346 @@ class TestMemoizeKilled(TempDirTest):
 
         for i in sorted(reported):
             self.assertEqual(f(i)["x"], i)
+        self.assertEqual(runs, [])
+
+
+# -- hardening: faults, hostile inputs
+
+
+def drop_privileges():
+    """Code for a child: become nobody if root, so permission bits apply."""
+    return """
+        import os, pathlib, persist
+        pathlib.Path("/").as_uri()      # import what persist needs before losing /root
+        if os.getuid() == 0:
+            os.setgid(65534)
+            os.setuid(65534)
+    """
+
+
+@unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX users")
+class TestReadOnlyCache(TempDirTest):
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.dir, 0o755)
+        self.cache = self.path / "cache"
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="f")
+            def f(x):
+                return x * 3
+            for i in range(5):
+                f(i)
+            with persist.open(%r) as db:
+                db["a"] = 1
+        """ % (str(self.cache), str(self.cache / "shelf.db")))
+
+    CHILD = """
+        import warnings, persist
+        calls = []
+        @persist.memoize(cache_dir=%r, name="f")
+        def f(x):
+            calls.append(x)
+            return x * 3
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            print([f(i) for i in range(7)], calls)
+        print(sorted({w.category.__name__ for w in caught}))
+        with persist.open(%r, "r") as db:
+            print(dict(db))
+    """
+
+    def check(self):
+        code = textwrap.dedent(drop_privileges()) + textwrap.dedent(
+            self.CHILD % (str(self.cache), str(self.cache / "shelf.db")))
+        out = run_python(code).splitlines()
+        self.assertEqual(out, ["[0, 3, 6, 9, 12, 15, 18] [5, 6]", "['PersistWarning']",
+                               "{'a': 1}"])
+
+    def test_read_only_directory(self):
+        os.chmod(self.cache, 0o555)
+        self.check()
+
+    def test_read_only_files_in_a_writable_directory(self):
+        os.chown(self.cache, 65534, 65534)
+        for name in os.listdir(self.cache):
+            os.chmod(self.cache / name, 0o444)
+        self.check()
+
+
+@unittest.skipUnless(POSIX and hasattr(signal, "SIGXFSZ"), "RLIMIT_FSIZE")
+class TestDiskFull(TempDirTest):
+    def test_file_size_limit_then_space_returns(self):
+        code = """
+            import os, resource, signal, sys, warnings, persist
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            cache, out = sys.argv[1], sys.argv[2]
+            @persist.memoize(cache_dir=cache, name="full")
+            def f(x):
+                return str(x) * (x * 5000)
+            for i in range(1, 6):
+                f(i)
+            persist.atomic_write(os.path.join(out, "target"), "old")
+            limit = max(os.path.getsize(os.path.join(cache, n)) for n in os.listdir(cache))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit + 4096, resource.RLIM_INFINITY))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for i in range(1, 60):
+                    assert f(i) == str(i) * (i * 5000)
+            print(len(caught) > 0, all(w.category is persist.PersistWarning for w in caught))
+            try:
+                persist.atomic_write(os.path.join(out, "target"), "x" * (1 << 20))
+            except OSError as exc:
+                print("atomic_write", exc.errno == __import__("errno").EFBIG)
+            try:
+                with persist.done_dir(os.path.join(out, "stage")) as d:
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+            except OSError as exc:
+                print("done_dir", type(exc).__name__)
+        """
+        out_dir = self.path / "out"
+        out_dir.mkdir()
+        cache = self.path / "cache"
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(cache),
+                               str(out_dir)], env=child_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+        self.assertEqual(done.stdout, "True True\natomic_write True\ndone_dir OSError\n",
+                         done.stderr)
+        self.assertEqual((out_dir / "target").read_text(), "old")
+        self.assertFalse(persist.is_done(out_dir / "stage"))
+        self.assertNoTemp()
+        runs = []
+
+        @persist.memoize(cache_dir=cache, name="full")
+        def f(x):
+            runs.append(x)
+            return str(x) * (x * 5000)
+
+        for i in range(1, 60):
+            self.assertEqual(f(i), str(i) * (i * 5000))
+        self.assertNotIn(1, runs)
+        self.assertLess(len(runs), 59)
+        for i in range(1, 60):
+            f(i)
+        self.assertEqual(f.cache_info().entries, 59)
+        conn = sqlite3.connect(str(cache / "full.db"))
+        self.assertEqual(conn.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
+        conn.close()
+
+
+class TestDamagedCacheFile(TempDirTest):
+    def make(self):
+        path = self.path / "cache.db"
+        with persist.open(path) as db:
+            for i in range(2000):
+                db[str(i)] = "value %d" % i * 20
+        return path
+
+    def check_refused(self, path):
+        before = path.read_bytes()
+        with self.assertRaisesRegex(persist.PersistError, re.escape(str(path)) +
+                                    ".*delete it to start over"):
+            with persist.open(path) as db:
+                dict(db)
+        self.assertEqual(path.read_bytes(), before)
+
+    def test_truncated_to_half(self):
+        path = self.make()
+        with open(path, "r+b") as file:
+            file.truncate(path.stat().st_size // 2)
+        self.check_refused(path)
+
+    def test_truncated_header(self):
+        path = self.make()
+        with open(path, "r+b") as file:
+            file.truncate(50)
+        self.check_refused(path)
+
+
+@unittest.skipUnless(POSIX and hasattr(os, "symlink"), "POSIX links and modes")
+class TestHostileDirectory(TempDirTest):
+    def test_planted_links_at_cache_names_are_refused(self):
+        victim = self.path / "victim"
+        victim.write_bytes(b"")
+        for suffix in ("", "-wal", "-shm", ".values"):
+            cache = self.path / ("c" + suffix)
+            cache.mkdir()
+            os.symlink(victim, cache / ("f.db" + suffix))
+
+            @persist.memoize(cache_dir=cache, name="f")
+            def f(x):
+                return x
+
+            with self.assertRaisesRegex(persist.PersistError, "symbolic link"):
+                f(1)
+            with self.assertRaisesRegex(persist.PersistError, "symbolic link"):
+                persist.open(cache / "f.db")
+        self.assertEqual(victim.read_bytes(), b"")
+
+    def test_world_writable_directory_or_file_is_refused(self):
+        shared = self.path / "shared"
+        shared.mkdir()
+        os.chmod(shared, 0o777)
+        with self.assertRaisesRegex(persist.PersistError, "every user may write"):
+            persist.open(shared / "x.db")
+        os.chmod(shared, 0o755)
+        persist.open(shared / "x.db").close()
+        os.chmod(shared / "x.db", 0o666)
+        with self.assertRaisesRegex(persist.PersistError, "every user may write"):
+            persist.open(shared / "x.db")
+
+    def test_created_files_follow_the_umask(self):
+        old = os.umask(0o077)
+        self.addCleanup(os.umask, old)
+
+        @persist.memoize(cache_dir=self.path / "cache")
+        def f(x):
+            return os.urandom(x)
+
+        f(10)
+        f(1 << 20)
+        with persist.open(self.path / "cache" / "s.db") as db:
+            db["k"] = 1
+            for root, dirs, files in os.walk(self.path / "cache"):
+                for name in dirs + files:
+                    mode = stat.S_IMODE(os.lstat(os.path.join(root, name)).st_mode)
+                    self.assertEqual(mode & 0o077, 0, name)
+
+
+class KeyWithSet:
+    """An argument whose pickle holds a set: its order differs with PYTHONHASHSEED."""
+
+    def __init__(self, tags):
+        self.tags = set(tags)
+        self.meta = {"b": 1, "a": 2}
+
+
+class TestHostileArguments(MemoTest):
+    def test_deeply_nested(self):
+        f = self.memo(lambda x: 1)
+        deep = []
+        for _ in range(100000):
+            deep = [deep]
+        with self.assertRaisesRegex(TypeError, "argument 'x'"):
+            f(deep)
+        nested = {}
+        for _ in range(10000):
+            nested = {"k": nested}
+        with self.assertRaisesRegex(TypeError, "argument 'x'"):
+            f(nested)
+        self.assertEqual(f.calls, [])
+        self.assertEqual(f([[[1]]]), 1)
+
+    def test_object_holding_a_set_has_one_key_in_every_process(self):
+        code = """
+            import sys, persist, test_persist
+            @persist.memoize(cache_dir=sys.argv[1], name="sets")
+            def f(obj):
+                print("computed", flush=True)
+            f(test_persist.KeyWithSet(["alpha", "beta", "gamma", "delta", "epsilon"]))
+        """
+        outs = [subprocess.run([sys.executable, "-c", textwrap.dedent(code), self.dir],
+                               env=child_env(PYTHONHASHSEED=seed), stdout=subprocess.PIPE,
+                               universal_newlines=True, check=True).stdout
+                for seed in (1, 2, 3, 4, 5)]
+        self.assertEqual(outs, ["computed\n", "", "", "", ""])
+
+
+class TestShelfThreads(TempDirTest):
+    def test_sixteen_threads_one_shelf(self):
+        barrier = threading.Barrier(16)
+        failures = []
+        with persist.open(self.path / "s.db") as db:
+            def hammer(me):
+                barrier.wait()
+                try:
+                    for i in range(100):
+                        db["%d-%d" % (me, i)] = i
+                        db["shared"] = me
+                        assert db["%d-%d" % (me, i)] == i
+                        assert db["shared"] in range(16)
+                except Exception as exc:      # reported below
+                    failures.append(exc)
+
+            threads = [threading.Thread(target=hammer, args=(n,)) for n in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            self.assertEqual(failures, [])
+            self.assertEqual(len(db), 1601)
+
+
+TORTURE_SECONDS = float(os.environ.get("PERSIST_TORTURE_SECONDS", "4"))
+
+
+@unittest.skipUnless(POSIX, "SIGKILL")
+class TestTorture(TempDirTest):
+    """8 processes share one cache while writers are killed at random moments.
+
+    python test_persist.py --torture [SECONDS] runs it for minutes; CI runs a short version.
+    """
+
+    WORKER = """
+        import sys, persist
+        @persist.memoize(cache_dir=sys.argv[1], name="torture")
+        def f(x):
+            return {"x": x, "blob": bytes([x % 251]) * ((x % 5) * 100000)}
+        start = int(sys.argv[2])
+        for i in range(start, start + 400):
+            value = f(i % 3000)
+            assert value["x"] == i % 3000
+            print(i % 3000, flush=True)
+    """
+
+    def test_killed_writers_lose_nothing_reported(self):
+        rng = random.Random()
+        reported, lock = set(), threading.Lock()
+        deadline = __import__("time").monotonic() + TORTURE_SECONDS
+
+        def spawn():
+            child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.WORKER),
+                                      self.dir, str(rng.randrange(3000))], env=child_env(),
+                                     stdout=subprocess.PIPE, universal_newlines=True)
+
+            def collect():
+                for line in child.stdout:
+                    with lock:
+                        reported.add(int(line))
+
+            reader = threading.Thread(target=collect)
+            reader.start()
+            return child, reader
+
+        workers = [spawn() for _ in range(8)]
+        kills = 0
+        while __import__("time").monotonic() < deadline:
+            threading.Event().wait(rng.uniform(0, 0.2))
+            n = rng.randrange(8)
+            child, reader = workers[n]
+            child.kill()
+            child.wait()
+            reader.join()
+            child.stdout.close()
+            kills += 1
+            workers[n] = spawn()
+        for child, reader in workers:
+            child.kill()
+            child.wait()
+            reader.join()
+            child.stdout.close()
+        self.assertGreater(kills, 0)
+        self.assertGreater(len(reported), 0)
+        runs = []
+
+        @persist.memoize(cache_dir=self.dir, name="torture")
+        def f(x):
+            runs.append(x)
+
+        for x in sorted(reported):
+            value = f(x)
+            self.assertEqual(value["x"], x)
+            self.assertEqual(value["blob"], bytes([x % 251]) * ((x % 5) * 100000))
         self.assertEqual(runs, [])
 
 
@@ -1210,4 +1551,10 @@ class TestIsDone(TempDirTest):
 
 
 if __name__ == "__main__":
+    if "--torture" in sys.argv:        # python test_persist.py --torture [SECONDS]
+        at = sys.argv.index("--torture")
+        seconds = sys.argv[at + 1] if len(sys.argv) > at + 1 else "300"
+        os.environ["PERSIST_TORTURE_SECONDS"] = seconds
+        TORTURE_SECONDS = float(seconds)
+        sys.argv[at:] = ["TestTorture"]
     unittest.main()
