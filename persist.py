@@ -44,20 +44,17 @@ import collections.abc
 import contextlib
 import errno
 import functools
-import hashlib
-import inspect
 import io
 import os
-import pathlib
-import pickle
-import shelve
-import sqlite3
 import stat
 import sys
 import threading
 import time
 import warnings
 import weakref
+
+# Imported by _load() on first use: together they cost more than the rest of persist.
+hashlib = inspect = pathlib = pickle = shelve = sqlite3 = None
 
 # -- constants and messages
 
@@ -73,21 +70,27 @@ _FORMAT = 1                      # PRAGMA user_version: the layout described in 
 _SCHEMA = (
     # Dict is the table of CPython's dbm.sqlite3, with the time each value was stored.
     # A value of b'' means the pickle is in DIR/FILE.values/sha256(key).
+    # args is a short, readable form of a memoized call's arguments, for people.
     "CREATE TABLE IF NOT EXISTS Dict (key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL,"
-    " stored REAL NOT NULL) WITHOUT ROWID",
+    " stored REAL NOT NULL, args TEXT) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS Info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
 )
 _GET = "SELECT value, stored FROM Dict WHERE key = ?"
-_PUT = "REPLACE INTO Dict (key, value, stored) VALUES (?, ?, ?)"
+_PUT = "REPLACE INTO Dict (key, value, stored, args) VALUES (?, ?, ?, ?)"
 _DELETE = "DELETE FROM Dict WHERE key = ?"
 _CONTAINS = "SELECT 1 FROM Dict WHERE key = ?"
 _KEYS = "SELECT key FROM Dict"
 _COUNT = "SELECT count(*) FROM Dict"
 _CLEAR = "DELETE FROM Dict"
 _INFO = "SELECT name, value FROM Info"
+_OLD = "SELECT key, length(value) FROM Dict WHERE stored < ?"
+_PRUNE = "DELETE FROM Dict WHERE stored < ?"
+_ENTRIES = "SELECT key, args, stored, length(value) FROM Dict ORDER BY stored"
+_SUMMARY = "SELECT count(*), min(stored), max(stored) FROM Dict"
 _SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
 
-_NOT_A_CACHE = "{path} is not a persist cache ({why}); delete it to start over"
+_NOT_A_CACHE = ("{path} is not a persist cache ({why}); if it holds nothing you need, delete "
+                "it to start over, or use another file name")
 _NEWER = ("{path} was written by a newer persist (format {found}; this persist.py reads "
           "format {ours}); use a newer persist.py, or delete the file to start over")
 _LINK = ("a symbolic link where persist keeps its own file (it may have been planted); "
@@ -101,7 +104,7 @@ _BUSY_DIR = ("{path} is being filled by another done_dir() right now (in this or
 
 
 class PersistError(OSError):
-    """A file persist was asked to use is not what it should be (not a cache, or corrupt)."""
+    """A path persist was given is not safe to use: not a cache, corrupt, planted, or busy."""
 
 
 class PersistWarning(UserWarning):
@@ -191,10 +194,10 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     temp, fd = _create_temp(target, path)
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(temp, stat.S_IMODE(os.stat(target).st_mode))   # keep the old file's bits
         with io.open(fd, "wb" if encoding is None else "w", encoding=encoding, errors=errors,
                      newline=newline) as file:
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(temp, stat.S_IMODE(os.stat(target).st_mode))   # keep the old bits
             yield file
             file.flush()
             if sync:
@@ -239,6 +242,13 @@ class _Spill:
         return b"" if self.file is not None else b"".join(self._chunks)
 
 
+def _size(path):
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
 def _remove_files_in(directory):
     """Remove the plain files in directory (not the directory); a missing one is fine."""
     with contextlib.suppress(FileNotFoundError):
@@ -267,6 +277,24 @@ def _after_fork():
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
+_LOG = _SHORT = _KeyPickler = _Shelf = None
+
+
+def _load():
+    """Import what the store and memoize need, and make the classes that build on it."""
+    global hashlib, inspect, pathlib, pickle, shelve, sqlite3
+    global _LOG, _SHORT, _KeyPickler, _Shelf
+    if _Shelf is not None:
+        return
+    import hashlib, inspect, logging, pathlib, pickle, reprlib, shelve, sqlite3  # noqa: E401
+    _LOG = logging.getLogger("persist")      # DEBUG: a line per hit, miss and store
+    _SHORT = reprlib.Repr()                  # arguments shortened for 'persist show'
+    _SHORT.maxstring = _SHORT.maxother = 40
+    # Pickles for keys: no memo (equal values, equal bytes), dicts and sets by content.
+    _KeyPickler = type("_KeyPickler", (pickle.Pickler,),
+                       {"persistent_id": lambda self, obj: _canonical(obj)})
+    _Shelf = type("_Shelf", (_ShelfMethods, shelve.Shelf), {})
+
 
 def _header(conn):
     """(application_id, whether the database is empty) of an SQLite connection."""
@@ -285,10 +313,12 @@ class _Store(collections.abc.MutableMapping):
     __hash__ = object.__hash__
 
     def __init__(self, filename, flag="c"):
+        _load()
         if flag not in _FLAGS:
             raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
         self.path = os.path.abspath(os.fsdecode(os.fspath(filename)))
         self._values = self.path + ".values"
+        self._had_values = os.path.isdir(self._values)   # else no large value to replace
         self._flag = flag
         self._lock = threading.Lock()
         self._conn = None
@@ -337,6 +367,7 @@ class _Store(collections.abc.MutableMapping):
         try:
             self._check(conn)
             conn.execute("PRAGMA synchronous=NORMAL")   # WAL: a commit survives a crash
+            conn.execute("PRAGMA wal_autocheckpoint=10000")   # fewer checkpoint fsyncs
         except BaseException:
             conn.close()
             raise
@@ -413,6 +444,7 @@ class _Store(collections.abc.MutableMapping):
 
     def _open_side(self, key):
         os.makedirs(self._values, exist_ok=True)
+        self._had_values = True
         return _atomic_open(self._side(key), "wb", sync=False, follow=False)
 
     # The raw mapping: bytes keys, pickled bytes values.
@@ -431,7 +463,7 @@ class _Store(collections.abc.MutableMapping):
             with self._open_side(key) as file:
                 file.write(blob)
             blob = b""
-        self._put(key, blob)
+        self._put(key, blob, None)
 
     def __delitem__(self, key):
         if not self.delete(key):
@@ -446,9 +478,9 @@ class _Store(collections.abc.MutableMapping):
     def __len__(self):
         return self._query(_COUNT)[0][0]
 
-    def _put(self, key, blob):
-        self._query(_PUT, (key, blob, time.time()))
-        if blob and os.path.isdir(self._values):    # a large value this replaced
+    def _put(self, key, blob, args):
+        self._query(_PUT, (key, blob, time.time(), args))
+        if blob and self._had_values:    # remove a large value that this one replaced
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._side(key))
 
@@ -466,12 +498,12 @@ class _Store(collections.abc.MutableMapping):
         with io.open(self._side(key), "rb") as file:
             return pickle.load(file)
 
-    def dump(self, key, value, protocol):
+    def dump(self, key, value, protocol, args=None):
         """Pickle value under key; a large pickle goes to its file without a copy in memory."""
         with contextlib.ExitStack() as stack:
             spill = _Spill(lambda: stack.enter_context(self._open_side(key)))
             pickle.dump(value, spill, protocol)
-        self._put(key, spill.getvalue())
+        self._put(key, spill.getvalue(), args)
 
     def delete(self, key):
         """Remove key; return whether it was there."""
@@ -494,9 +526,32 @@ class _Store(collections.abc.MutableMapping):
     def info(self):
         return dict(self._query(_INFO))
 
-    def claim(self, function, version):
+    def prune(self, before):
+        """Remove the entries stored before the Unix time before; return how many went."""
+        with self._transaction() as conn:
+            rows = conn.execute(_OLD, (before,)).fetchall()
+            conn.execute(_PRUNE, (before,))
+        for key, size in rows:
+            if not size:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._side(key))
+        return len(rows)
+
+    def entries(self):
+        """(key, args, stored, size) of every entry, oldest first."""
+        rows = self._query(_ENTRIES)
+        return [(key, args, stored, size or _size(self._side(key)))
+                for key, args, stored, size in rows]
+
+    def disk_usage(self):
+        names = [self.path, self.path + "-wal", self.path + "-shm"]
+        with contextlib.suppress(FileNotFoundError):
+            names += [entry.path for entry in os.scandir(self._values)]
+        return sum(_size(name) for name in names)
+
+    def claim(self, function, version, expire):
         """Mark this cache as function's at version; results of another version are dropped."""
-        want = {"function": function, "version": version}
+        want = {"function": function, "version": version, "expire": repr(expire)}
         if self.info() == want:
             return
         with self._transaction() as conn:
@@ -526,8 +581,8 @@ class _Store(collections.abc.MutableMapping):
         """Every assignment is committed already."""
 
 
-class _Shelf(shelve.Shelf):
-    """shelve.Shelf on a _Store: values are pickled straight to and from the file."""
+class _ShelfMethods:
+    """Mixed into shelve.Shelf by _load(): values are pickled straight to and from the file."""
 
     def __getitem__(self, key):
         store = self.dict
@@ -553,25 +608,20 @@ class _Shelf(shelve.Shelf):
 # -- private helpers: memoize
 
 _MISSING = object()
+_DEBUG = 10                     # logging.DEBUG, without importing logging
+_ATOMS = {int, float, str, bytes, bool, type(None)}   # their repr() is exact and stable
 _OPEN_LOCK = threading.Lock()   # one thread at a time opens a memoized function's cache
 _CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path")
 
 
 def _canonical(obj):
-    """persistent_id for key pickling: dicts and sets by content, whatever their order."""
+    """What keys pickle for dicts and sets: their content, whatever their order."""
     kind = type(obj)
     if kind is dict:
         return ("persist.dict", sorted(_digest((k, v)) for k, v in obj.items()))
     if kind is set or kind is frozenset:
         return ("persist." + kind.__name__, sorted(_digest(item) for item in obj))
     return None
-
-
-class _KeyPickler(pickle.Pickler):
-    """Pickles for keys: no memo (equal values, equal bytes), dicts and sets by content."""
-
-    def persistent_id(self, obj):
-        return _canonical(obj)
 
 
 class _HashFile:
@@ -592,6 +642,19 @@ def _digest(obj):
     return hasher.digest()
 
 
+def _key(salt, material):
+    """The hex key of a call: sha256 over repr() for a few small plain values, else a pickle."""
+    if type(material) is tuple and len(material) < 8:
+        for value in material:
+            kind = type(value)
+            if kind not in _ATOMS or (kind is str or kind is bytes) and len(value) > 256:
+                break
+        else:    # the repr of these types is exact and never starts as a pickle does
+            return hashlib.sha256(repr((salt, material)).encode("utf-8", "surrogatepass")
+                                  ).hexdigest().encode()
+    return _digest((salt, material)).hex().encode()
+
+
 def _binder(func, ignore):
     """A fast bind(args, kwargs) -> tuple of the values that make the key, defaults applied."""
     try:
@@ -607,7 +670,7 @@ def _binder(func, ignore):
     for name in ignore:
         if name not in names and not takes_kwargs:
             raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
-                            % (name, func.__qualname__, sig))
+                            % (name, _identity(func), sig))
     keep = [i for i, name in enumerate(names) if name not in ignore]
 
     def bind_slowly(args, kwargs):
@@ -637,8 +700,9 @@ def _binder(func, ignore):
     return bind
 
 
-def _unkeyable(func, bind, args, kwargs, exc):
+def _unkeyable(func, args, kwargs, exc):
     """The TypeError for an argument that cannot be part of a key, naming the parameter."""
+    label = _identity(func)
     try:
         bound = inspect.signature(func).bind(*args, **kwargs)
         named = list(bound.arguments.items())
@@ -650,9 +714,9 @@ def _unkeyable(func, bind, args, kwargs, exc):
         except Exception as inner:
             return TypeError("%s(): argument %r cannot be part of a cache key (%s: %s); leave "
                              "it out with memoize(ignore=[%r]) or pass memoize(key=...)"
-                             % (func.__qualname__, name, type(inner).__name__, inner, name))
+                             % (label, name, type(inner).__name__, inner, name))
     return TypeError("%s(): the arguments cannot be made into a cache key (%s: %s); pass "
-                     "memoize(key=...)" % (func.__qualname__, type(exc).__name__, exc))
+                     "memoize(key=...)" % (label, type(exc).__name__, exc))
 
 
 def _identity(func):
@@ -667,7 +731,8 @@ def _identity(func):
             stem = os.path.splitext(os.path.basename(filename))[0]
             if stem.isidentifier():
                 module = stem
-    return "%s.%s" % (module, getattr(func, "__qualname__", func.__name__))
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__   # or a partial
+    return "%s.%s" % (module, name)
 
 
 def _file_name(identity):
@@ -705,6 +770,19 @@ def _seconds(expire):
         raise TypeError("Expected memoize(expire=...) to be a positive number of seconds or "
                         "a timedelta, not %r" % (expire,))
     return float(seconds)
+
+
+def _short_repr(call):
+    """f's arguments as '(1, 'a', key=2)', shortened for people."""
+    shorten = _SHORT
+    args, kwargs = call
+    try:
+        parts = [shorten.repr(a) for a in args]
+        parts += ["%s=%s" % (k, shorten.repr(v)) for k, v in kwargs.items()]
+    except Exception:           # a repr that fails must not cost the result
+        return None
+    text = "(%s)" % ", ".join(parts)
+    return text if len(text) <= 200 else text[:199] + "\u2026"
 
 
 def _warn(message):
@@ -746,18 +824,18 @@ class _Memo:
                     _make_cache_dir(os.path.dirname(self.path))
                     store = _Store(self.path, "c")
                     try:
-                        store.claim(self.identity, self.version)
+                        store.claim(self.identity, self.version, self.expire)
                     except PermissionError:      # a read-only cache still serves its results
                         if store.info().get("version") != self.version:
                             raise
                         _warn("the cache of %s() at %s is read-only; new results are not "
-                              "stored" % (self.func.__qualname__, self.path))
+                              "stored" % (self.identity, self.path))
                 except PersistError:
                     raise
                 except OSError as exc:
                     self.broken = True
                     _warn("cannot use the cache of %s() at %s (%s); its results are computed "
-                          "but not stored" % (self.func.__qualname__, self.path, exc))
+                          "but not stored" % (self.identity, self.path, exc))
                     return None
                 self.store = store
             return self.store
@@ -765,42 +843,49 @@ class _Memo:
     def get(self, key):
         """The cached result for key, or _MISSING."""
         store = self.open() if self.store is None else self.store
-        row = None
+        rows = None
         if store is not None:
             try:
-                row = store.lookup(key)
+                rows = store._query(_GET, (key,))
             except PersistError:
                 raise
             except OSError as exc:
                 _warn("cannot read the cache of %s() (%s); computing the result"
-                      % (self.func.__qualname__, exc))
-        if row is not None and (self.expire is None or time.time() - row[1] < self.expire):
+                      % (self.identity, exc))
+        if rows and (self.expire is None or time.time() - rows[0][1] < self.expire):
             try:
-                value = store.load(key, row[0])
+                value = store.load(key, rows[0][0])
             except Exception as exc:
                 _warn("a cached result of %s() in %s cannot be loaded (%s: %s); computing it "
-                      "again" % (self.func.__qualname__, self.path, type(exc).__name__, exc))
+                      "again" % (self.identity, self.path, type(exc).__name__, exc))
             else:
                 self.hits += 1
+                if _LOG.isEnabledFor(_DEBUG):
+                    _LOG.debug("%s: hit %s", self.identity, key[:12].decode())
                 return value
         self.misses += 1
+        if _LOG.isEnabledFor(_DEBUG):
+            _LOG.debug("%s: miss %s", self.identity, key[:12].decode())
         return _MISSING
 
-    def put(self, key, value):
+    def put(self, key, value, args):
         store = self.store
         if store is None:
             return
         try:
-            store.dump(key, value, _PROTOCOL)
+            store.dump(key, value, _PROTOCOL, _short_repr(args))
+            if _LOG.isEnabledFor(_DEBUG):
+                _LOG.debug("%s: stored %s", self.identity, key[:12].decode())
         except OSError as exc:
             _warn("cannot store a result of %s() in %s (%s); it is returned but not cached"
-                  % (self.func.__qualname__, self.path, exc))
+                  % (self.identity, self.path, exc))
         except Exception as exc:
             _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
-                  % (self.func.__qualname__, type(exc).__name__, exc))
+                  % (self.identity, type(exc).__name__, exc))
 
 
 def _memoize(func, cache_dir, name, version, expire, ignore, key):
+    _load()
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
         raise TypeError("memoize cannot cache %s(): it is a generator function, and a "
                         "generator is consumed as it runs; memoize a function that returns "
@@ -817,9 +902,9 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
     def key_of(args, kwargs):
         material = bind(args, kwargs)      # a wrong call raises here, as calling func would
         try:
-            return _digest((salt, material)).hex().encode()
+            return _key(salt, material)
         except Exception as exc:
-            raise _unkeyable(func, bind, args, kwargs, exc) from None
+            raise _unkeyable(func, args, kwargs, exc) from None
 
     if inspect.iscoroutinefunction(func):
         async def wrapper(*args, **kwargs):
@@ -827,7 +912,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
             result = memo.get(k)
             if result is _MISSING:
                 result = await func(*args, **kwargs)
-                memo.put(k, result)
+                memo.put(k, result, (args, kwargs))
             return result
     else:
         def wrapper(*args, **kwargs):
@@ -835,7 +920,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
             result = memo.get(k)
             if result is _MISSING:
                 result = func(*args, **kwargs)
-                memo.put(k, result)
+                memo.put(k, result, (args, kwargs))
             return result
 
     def cache_info():
@@ -905,7 +990,8 @@ def open(filename, flag="c", protocol=None):
     not offered: assign a changed value back to store it. Use it as a context manager, or
     call close(). The file is SQLite: sqlite3 FILE 'SELECT key, stored FROM Dict' lists it.
     """
-    return _Shelf(_Store(filename, flag), protocol)
+    store = _Store(filename, flag)
+    return _Shelf(store, protocol)
 
 
 def atomic_write(path, data, *, sync=True, encoding=None, errors=None, newline=None):
@@ -1010,6 +1096,7 @@ def done_dir(path, *, marker="DONE", clean=False):
     if not isinstance(marker, str) or marker in ("", ".", "..") or "/" in marker or \
             os.sep in marker or (os.altsep and os.altsep in marker):
         raise ValueError("done_dir() marker must be a plain file name, not %r" % (marker,))
+    import pathlib
     directory = pathlib.Path(os.fsdecode(os.fspath(path)))
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory (done_dir() needs a "
@@ -1036,3 +1123,166 @@ def is_done(path, *, marker="DONE"):
         return stat.S_ISREG(os.lstat(os.path.join(os.fsdecode(os.fspath(path)), marker)).st_mode)
     except (OSError, ValueError):
         return False
+
+
+# -- the command line: python persist.py COMMAND, or python -m persist COMMAND
+
+
+def _when(stamp):
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
+
+
+def _bytes(size):
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (size, unit)
+        size /= 1024
+
+
+def _age(seconds):
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return "%d%s" % (seconds // length, unit)
+    return "%ds" % seconds
+
+
+def _duration(text):
+    """'90', '90s', '15m', '12h', '7d' or '2w' as seconds; argparse calls it."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        return float(number) * units[unit]
+    except ValueError:
+        raise ValueError("not a duration: %r (try 90s, 15m, 12h, 7d or 2w)" % text) from None
+
+
+def _default_cache_dir():
+    return os.environ.get("PERSIST_DIR") or ".persist"
+
+
+def _open_cache(name, flag="w"):
+    """A cache by path, or by function name in the default cache directory."""
+    path = name
+    if not os.path.exists(path) and os.sep not in name:
+        path = os.path.join(_default_cache_dir(), _file_name(name))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(errno.ENOENT, "No such cache (give the path of a .db file, "
+                                "or see 'persist ls')", name)
+    return _Store(path, flag)
+
+
+def _cli_ls(options):
+    directory = options.dir or _default_cache_dir()
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, "No such directory", directory)
+    print("%-40s %8s %10s  %-16s  %-16s" % ("CACHE", "ENTRIES", "SIZE", "OLDEST", "NEWEST"))
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.endswith(".values"))
+        for name in sorted(files):
+            if not name.endswith(".db"):
+                continue
+            try:
+                store = _Store(os.path.join(root, name), "r")
+            except OSError:          # not a persist cache: not ours to list
+                continue
+            try:
+                (count, oldest, newest), = store._query(_SUMMARY)
+                label = store.info().get("function") or name
+                print("%-40s %8d %10s  %-16s  %-16s" % (label, count, _bytes(store.disk_usage()),
+                                                       _when(oldest), _when(newest)))
+            finally:
+                store.close()
+
+
+def _cli_show(options):
+    store = _open_cache(options.cache, "r")
+    try:
+        now = time.time()
+        print("%6s %10s  %s" % ("AGE", "SIZE", "ARGUMENTS (or KEY)"))
+        for key, args, stored, size in store.entries():
+            shown = args if args is not None else key.decode("utf-8", "replace")
+            print("%6s %10s  %s" % (_age(now - stored), _bytes(size), shown))
+    finally:
+        store.close()
+
+
+def _cli_clear(options):
+    store = _open_cache(options.cache)
+    try:
+        count = len(store)
+        store.clear()
+        print("removed %d entries from %s" % (count, store.path))
+    finally:
+        store.close()
+
+
+def _cli_prune(options):
+    store = _open_cache(options.cache)
+    try:
+        if options.older_than is not None:
+            age = options.older_than
+        else:
+            expire = store.info().get("expire", "None")
+            if expire == "None":
+                print("%s has no expire=; nothing has expired" % store.path)
+                return 0
+            age = float(expire)
+        print("removed %d entries from %s" % (store.prune(time.time() - age), store.path))
+    finally:
+        store.close()
+
+
+def _cli_status(options):
+    unfinished = 0
+    for path in options.paths:
+        if is_done(path, marker=options.marker):
+            with io.open(os.path.join(path, options.marker), encoding="utf-8",
+                         errors="replace") as file:
+                print("%s: finished %s" % (path, file.read().strip()))
+        else:
+            unfinished += 1
+            state = "not finished" if os.path.isdir(path) else "missing"
+            print("%s: %s" % (path, state))
+    return 1 if unfinished else 0
+
+
+def _main(argv=None):
+    """python persist.py COMMAND: look after caches and done_dir() stages."""
+    import argparse
+    _load()
+    parser = argparse.ArgumentParser(prog="persist", description="Look after persist's caches "
+                                     "and done_dir() stages.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    ls = commands.add_parser("ls", help="list the caches under a directory")
+    ls.add_argument("dir", nargs="?", help="default: $PERSIST_DIR, else ./.persist")
+    ls.set_defaults(run=_cli_ls)
+    show = commands.add_parser("show", help="list a cache's entries: age, size, arguments")
+    clear = commands.add_parser("clear", help="remove every entry of a cache")
+    prune = commands.add_parser("prune", help="remove a cache's old entries")
+    for command, run in ((show, _cli_show), (clear, _cli_clear), (prune, _cli_prune)):
+        command.add_argument("cache", help="a cache file, or a function's name as in 'ls'")
+        command.set_defaults(run=run)
+    which = prune.add_mutually_exclusive_group(required=True)
+    which.add_argument("--expired", action="store_true", help="older than the function's "
+                       "expire=")
+    which.add_argument("--older-than", type=_duration, metavar="AGE",
+                       help="older than AGE: 90s, 15m, 12h, 7d or 2w")
+    status = commands.add_parser("status", help="say whether done_dir() stages finished; "
+                                 "exit 1 if any did not")
+    status.add_argument("paths", nargs="+", metavar="PATH")
+    status.add_argument("--marker", default="DONE", help="the marker's name (default DONE)")
+    status.set_defaults(run=_cli_status)
+    options = parser.parse_args(argv)
+    try:
+        return options.run(options) or 0
+    except BrokenPipeError:          # persist show CACHE | head
+        sys.stdout = None
+        return 0
+    except OSError as exc:
+        print("persist: error: %s" % exc, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -962,7 +962,8 @@ class TestMemoizeReadOnlyCache(TempDirTest):
         os.chmod(cache, 0o555)
         code = """
             import os, pathlib, sys, warnings, persist
-            pathlib.Path("/").as_uri()     # import what persist needs before losing /root
+            import hashlib, inspect, logging, pickle, reprlib, shelve, sqlite3  # before /root goes
+            pathlib.Path("/").as_uri()
             if os.getuid() == 0:
                 os.setgid(65534); os.setuid(65534)
             @persist.memoize(cache_dir=%r)
@@ -1081,7 +1082,8 @@ def drop_privileges():
     """Code for a child: become nobody if root, so permission bits apply."""
     return """
         import os, pathlib, persist
-        pathlib.Path("/").as_uri()      # import what persist needs before losing /root
+        import hashlib, inspect, logging, pickle, reprlib, shelve, sqlite3  # before losing /root
+        pathlib.Path("/").as_uri()
         if os.getuid() == 0:
             os.setgid(65534)
             os.setuid(65534)
@@ -1454,6 +1456,24 @@ class TestDoneDir(TempDirTest):
                 raise Boom
         self.assertFalse(persist.is_done(out))
 
+    @unittest.skipUnless(POSIX, "directory fsync is POSIX")
+    def test_old_marker_removal_is_durable_before_the_block(self):
+        out = self.path / "out"
+        with persist.done_dir(out):
+            pass
+        synced = []
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), persist.is_done(out)))
+            real_fsync(fd)
+
+        with mock.patch("os.fsync", fsync):
+            with persist.done_dir(out):
+                self.assertEqual(synced, [(True, False)])
+        self.assertTrue(persist.is_done(out))
+        self.assertIn((True, False), synced[1:])     # the directory, before the marker
+
     def test_clean(self):
         out = self.path / "out"
         (out / "sub").mkdir(parents=True)
@@ -1548,6 +1568,188 @@ class TestIsDone(TempDirTest):
         self.assertFalse(persist.is_done(self.path / "file"))
         (self.path / "DONE").mkdir()
         self.assertFalse(persist.is_done(self.path))
+
+
+# -- the user's first hour: logging, the command line, the example, the README
+
+
+def run_command(args, cwd=None, **env):
+    return subprocess.run([sys.executable] + args, cwd=cwd, env=child_env(**env),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=600)
+
+
+class TestLogging(MemoTest):
+    def test_debug_lines_for_hits_misses_and_stores(self):
+        f = self.memo(lambda x: x)
+        with self.assertLogs("persist", "DEBUG") as logs:
+            f(1)
+            f(1)
+        kinds = [line.split(": ")[-1].split()[0] for line in logs.output]
+        self.assertEqual(kinds, ["miss", "stored", "hit"])
+
+    def test_silent_at_default_levels(self):
+        import logging
+        self.assertFalse(logging.getLogger("persist").isEnabledFor(logging.INFO - 1))
+
+
+class TestCommandLine(TempDirTest):
+    def setUp(self):
+        super().setUp()
+        self.cache = self.path / "cache"
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="jobs.fetch", expire=3600)
+            def fetch(url, retries=3):
+                return "page " * 1000
+            for i in range(5):
+                fetch("https://example.org/%%d" %% i)
+            fetch("https://example.org/big", retries=1) if False else None
+        """ % str(self.cache))
+
+    def persist_cli(self, *args, **env):
+        return run_command([os.path.join(HERE, "persist.py")] + list(args), cwd=self.dir, **env)
+
+    def test_help_on_every_command(self):
+        for command in ([], ["ls"], ["show"], ["clear"], ["prune"], ["status"]):
+            done = self.persist_cli(*(command + ["--help"]))
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("usage: persist", done.stdout)
+        done = run_command(["-m", "persist", "--help"], cwd=self.dir)
+        self.assertEqual(done.returncode, 0)
+
+    def test_ls(self):
+        for done in (self.persist_cli("ls", str(self.cache)),
+                     self.persist_cli("ls", PERSIST_DIR=self.cache)):
+            self.assertEqual(done.returncode, 0, done.stderr)
+            lines = done.stdout.splitlines()
+            self.assertEqual(lines[0].split()[:3], ["CACHE", "ENTRIES", "SIZE"])
+            self.assertEqual(lines[1].split()[:2], ["jobs.fetch", "5"])
+        os.rename(self.cache, self.path / ".persist")
+        self.assertIn("jobs.fetch", self.persist_cli("ls").stdout)
+
+    def test_show(self):
+        done = self.persist_cli("show", str(self.cache / "jobs.fetch.db"))
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertEqual(len(lines), 6)
+        self.assertIn("('https://example.org/0')", lines[1])
+        self.assertIn("KB", lines[1])
+        self.assertEqual(self.persist_cli("show", "jobs.fetch", PERSIST_DIR=self.cache).stdout,
+                         done.stdout)
+
+    def test_clear_and_prune(self):
+        db = str(self.cache / "jobs.fetch.db")
+        done = self.persist_cli("prune", db, "--expired")
+        self.assertEqual(done.stdout.split()[:2], ["removed", "0"])
+        done = self.persist_cli("prune", db, "--older-than", "7d")
+        self.assertEqual(done.stdout.split()[:2], ["removed", "0"])
+        done = self.persist_cli("prune", db, "--older-than", "0s")
+        self.assertEqual(done.stdout.split()[:2], ["removed", "5"], done.stderr)
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="jobs.fetch", expire=3600)
+            def fetch(url, retries=3):
+                return 1
+            fetch("a")
+        """ % str(self.cache))
+        done = self.persist_cli("clear", db)
+        self.assertEqual(done.stdout.split()[:2], ["removed", "1"], done.stderr)
+        with persist.open(db, "r") as shelf:
+            self.assertEqual(len(shelf), 0)
+        self.assertNotEqual(self.persist_cli("prune", db).returncode, 0)
+
+    def test_not_a_cache(self):
+        (self.path / "notes.txt").write_text("my notes")
+        for command in ("show", "clear", "prune"):
+            extra = ["--expired"] if command == "prune" else []
+            done = self.persist_cli(command, "notes.txt", *extra)
+            self.assertEqual(done.returncode, 1)
+            self.assertIn("notes.txt is not a persist cache", done.stderr)
+            self.assertNotIn("Traceback", done.stderr)
+        done = self.persist_cli("show", "nothing-here")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("No such cache", done.stderr)
+        self.assertEqual((self.path / "notes.txt").read_text(), "my notes")
+
+    def test_status(self):
+        finished, unfinished = self.path / "a", self.path / "b"
+        with persist.done_dir(finished) as d:
+            (d / "x").write_text("12")
+        unfinished.mkdir()
+        done = self.persist_cli("status", str(finished))
+        self.assertEqual(done.returncode, 0)
+        self.assertIn('finished {"finished"', done.stdout)
+        self.assertIn('"files": 1', done.stdout)
+        done = self.persist_cli("status", str(finished), str(unfinished), "missing")
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual([line.split(": ", 1)[1][:12] for line in done.stdout.splitlines()],
+                         ["finished {\"f", "not finished", "missing"])
+
+
+class TestExamplePipeline(TempDirTest):
+    def pipeline(self, *args):
+        return run_command([os.path.join(HERE, "examples", "pipeline.py"), "--work",
+                            str(self.path / "work"), "--records", "900", "--slow", "0"]
+                           + list(args), PERSIST_DIR=self.path / "cache")
+
+    def test_crash_then_resume(self):
+        crashed = self.pipeline("--fail-on-bad")
+        self.assertEqual(crashed.returncode, 1)
+        self.assertIn("ValueError", crashed.stderr)
+        self.assertIn("crashed on record 399", crashed.stdout)
+        self.assertFalse((self.path / "work" / "report.json").exists())
+        self.assertTrue(persist.is_done(self.path / "work" / "records"))
+        fixed = self.pipeline("--fix")
+        self.assertEqual(fixed.returncode, 0, fixed.stderr)
+        self.assertIn("split:     already done", fixed.stdout)
+        self.assertIn("transform: reused 399, computed 501", fixed.stdout)
+        report = json.loads((self.path / "work" / "report.json").read_text())
+        self.assertEqual((report["records"], report["malformed_skipped"]), (900, 0))
+        again = self.pipeline()
+        self.assertIn("transform: reused 900, computed 0", again.stdout)
+
+    def test_without_the_flag_skips_malformed_records(self):
+        done = self.pipeline()
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("computed 900", done.stdout)
+        self.assertIn("skipped 2 malformed records", done.stdout)
+        self.assertNoTemp()
+
+
+class TestReadme(TempDirTest):
+    """Every code block in README.md runs."""
+
+    def blocks(self, language):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+            return re.findall(r"```%s\n(.*?)```" % language, file.read(), re.S)
+
+    def test_python_blocks_run(self):
+        blocks = self.blocks("python")
+        self.assertGreaterEqual(len(blocks), 4)
+        for number, block in enumerate(blocks):
+            script = self.path / ("block%d.py" % number)
+            script.write_text(block)
+            done = run_command([str(script)], cwd=self.dir)
+            self.assertEqual(done.returncode, 0, "README block %d:\n%s\n%s"
+                             % (number, block, done.stderr))
+
+    def test_shell_blocks_run(self):
+        import shutil
+        shutil.copy(os.path.join(HERE, "persist.py"), self.dir)
+        shutil.copytree(os.path.join(HERE, "examples"), str(self.path / "examples"),
+                        ignore=shutil.ignore_patterns("work", ".persist", "__pycache__"))
+        commands = [line for block in self.blocks("sh") for line in block.splitlines()
+                    if line.strip() and not line.startswith("#")]
+        self.assertTrue(any("pipeline.py" in line for line in commands))
+        for line in commands:
+            command = line.split("#")[0].split()
+            if "unittest" in command or ".ci/run" in command:
+                continue               # the suite itself: it is running now
+            self.assertEqual(command[0], "python", line)
+            done = run_command(command[1:], cwd=self.dir)
+            expected = 1 if "--fail-on-bad" in command else 0
+            self.assertEqual(done.returncode, expected, "%s\n%s" % (line, done.stderr))
 
 
 if __name__ == "__main__":

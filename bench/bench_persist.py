@@ -1,0 +1,416 @@
+"""Benchmark persist against diskcache, joblib.Memory, plain shelve and bare SQLite.
+
+    pip install -r bench/requirements.txt    # the peers; persist itself needs nothing
+    python bench/bench_persist.py            # the full run: a few minutes
+    python bench/bench_persist.py --quick    # small sizes, seconds: .ci/run runs this
+
+Every figure comes from one run: the contenders' rounds are interleaved and each cell is the
+median over the rounds, so a noisy, shared machine moves them together and the ratios hold.
+Rows of peers that are not installed are left out. The full run exits 1 if a target is missed.
+"""
+
+import argparse
+import hashlib
+import os
+import pickle
+import platform
+import shelve
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import tracemalloc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import persist  # noqa: E402
+
+try:
+    import diskcache
+except ImportError:
+    diskcache = None
+try:
+    import joblib
+except ImportError:
+    joblib = None
+
+ROWS = []          # (measure, persist, other, ratio, target, met)
+
+
+def row(measure, mine, other, target=None, met=None, ratio=None):
+    if ratio is None and mine and other:
+        ratio = other / mine
+    ROWS.append((measure, mine, other, ratio, target, met))
+
+
+def median_rounds(contenders, rounds):
+    """{name: median seconds per call}, the contenders' rounds interleaved."""
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, measure in contenders.items():
+            times[name].append(measure())
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def per_call(func, keys):
+    started = time.perf_counter()
+    for key in keys:
+        func(key)
+    return (time.perf_counter() - started) / len(keys)
+
+
+def small_result(x):
+    return {"x": x, "label": "item-%d" % x}
+
+
+# -- the contenders for one memoized function
+
+
+def make_persist(directory):
+    return persist.memoize(cache_dir=directory, name="bench")(small_result)
+
+
+def make_diskcache(directory):
+    return diskcache.Cache(directory).memoize()(small_result)
+
+
+def make_joblib(directory):
+    return joblib.Memory(directory, verbose=0).cache(small_result)
+
+
+def make_shelve(directory):
+    """The naive pattern: open the shelf around every call."""
+    path = os.path.join(directory, "shelf")
+
+    def cached(x):
+        with shelve.open(path) as shelf:
+            key = repr(x)
+            if key in shelf:
+                return shelf[key]
+            value = shelf[key] = small_result(x)
+            return value
+    return cached
+
+
+def make_floor(directory):
+    """The storage floor: persist's key derivation, one SQLite point lookup, one pickle."""
+    conn = sqlite3.connect(os.path.join(directory, "floor.db"), isolation_level=None,
+                           check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS t (key BLOB PRIMARY KEY, value BLOB) WITHOUT ROWID")
+    salt = repr(None)
+
+    def cached(x):
+        key = persist._key(salt, (x,))
+        rows = conn.execute("SELECT value FROM t WHERE key = ?", (key,)).fetchall()
+        if rows:
+            return pickle.loads(rows[0][0])
+        value = small_result(x)
+        conn.execute("INSERT INTO t VALUES (?, ?)", (key, pickle.dumps(value, 5)))
+        return value
+    return cached
+
+
+MAKERS = {"persist": make_persist, "floor": make_floor, "diskcache": make_diskcache,
+          "joblib": make_joblib, "shelve": make_shelve}
+
+
+def available(names):
+    return [n for n in names if not (n == "diskcache" and diskcache is None)
+            and not (n == "joblib" and joblib is None)]
+
+
+def bench_hit_miss(root, entries, rounds, names):
+    """Per-call time of a hit in a cache of `entries`, and of a miss (beyond the function)."""
+    funcs = {}
+    for name in available(names):
+        directory = os.path.join(root, "%s-%d" % (name, entries))
+        os.makedirs(directory)
+        funcs[name] = MAKERS[name](directory)
+        fill = entries if name in ("persist", "floor", "diskcache") else min(entries, 2000)
+        for i in range(fill):
+            funcs[name](i)
+    sample = {name: [i * 7919 % (entries if name in ("persist", "floor", "diskcache")
+                                 else min(entries, 2000)) for i in range(500)]
+              for name in funcs}
+    slow = {"joblib": 50, "shelve": 20}
+    hits = median_rounds({name: (lambda f=f, n=name: per_call(f, sample[n][:slow.get(n, 500)]))
+                          for name, f in funcs.items()}, rounds)
+    counter = [10 ** 9]
+
+    def fresh(count):
+        counter[0] += count
+        return range(counter[0], counter[0] + count)
+
+    misses = median_rounds({name: (lambda f=f, n=name: per_call(f, fresh(slow.get(n, 300))))
+                            for name, f in funcs.items()}, rounds)
+    bare = statistics.median(per_call(small_result, range(10000)) for _ in range(5))
+    misses = {name: max(value - bare, 1e-9) for name, value in misses.items()}
+    return hits, misses
+
+
+def bench_processes(root, processes, calls):
+    """Wall time for `processes` processes, each storing and then reading `calls` keys."""
+    code = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, %r)
+        import bench_persist as b
+        name, directory, me, calls = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        f = b.MAKERS[name](directory)
+        keys = range(me * calls // 2, me * calls // 2 + calls)
+        for k in keys:
+            assert f(k) == b.small_result(k)
+        for k in keys:
+            assert f(k) == b.small_result(k)
+    """ % HERE)
+    results = {}
+    for name in available(["persist", "diskcache"]):
+        directory = os.path.join(root, "procs-" + name)
+        os.makedirs(directory)
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+        started = time.perf_counter()
+        children = [subprocess.Popen([sys.executable, "-c", code, name, directory, str(n),
+                                      str(calls)], env=env, stderr=subprocess.PIPE)
+                    for n in range(processes)]
+        errors = sum(bool(child.communicate()[1]) or child.returncode != 0
+                     for child in children)
+        wall = time.perf_counter() - started
+        results[name] = (processes * calls * 2 / wall, errors)
+    return results
+
+
+def bench_key(size, rounds):
+    data = os.urandom(size)
+    directory = tempfile.mkdtemp()
+    f = persist.memoize(cache_dir=directory, name="key")(len)
+    f(b"")
+    times = median_rounds({"persist": lambda: per_call(f.cache_delete, [data]),
+                           "sha256": lambda: per_call(lambda d: hashlib.sha256(d).digest(),
+                                                      [data])}, rounds)
+    tracemalloc.start()
+    f.cache_delete(data)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return times, peak
+
+
+def bench_big_result(root, size, rounds):
+    """Store then load a result of `size` bytes, against plain file I/O of the same bytes.
+
+    Each round runs in a fresh process (plain files, then persist, alternating), so that
+    tracemalloc's peak, taken after the value exists, shows any copy persist makes.
+    """
+    code = textwrap.dedent("""
+        import os, sys, time, tracemalloc
+        sys.path.insert(0, %r)
+        import persist
+        size, directory, which = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+        value = os.urandom(1 << 20) * (size >> 20)
+        def phase():            # the traced peak since the last phase, which restarts it
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            tracemalloc.start()
+            return peak
+        path = os.path.join(directory, "plain")
+        f = persist.memoize(cache_dir=directory, name="big")(lambda n: value)
+        f.cache_clear()         # what an earlier round stored
+        tracemalloc.start()     # after the value exists: the store phase adds its copies
+        started = time.perf_counter()
+        if which == "plain":
+            with open(path, "wb") as file:
+                file.write(value)
+        else:
+            f(size)
+        stored = phase()
+        del value               # the load phase holds only what it reads back
+        if which == "plain":
+            with open(path, "rb") as file:
+                back = file.read()
+        else:
+            back = f(size)
+            assert f.cache_info().hits == 1
+        took = time.perf_counter() - started
+        loaded = phase()
+        assert len(back) == size
+        if os.path.exists(path):
+            os.unlink(path)
+        print(took, max(size + stored, loaded) / size)
+    """ % os.path.dirname(HERE))
+
+    def run(which):
+        out = subprocess.run([sys.executable, "-c", code, str(size), root, which], check=True,
+                             stdout=subprocess.PIPE, universal_newlines=True).stdout
+        return [float(x) for x in out.split()]
+
+    results = {"plain": [], "persist": []}
+    for _ in range(rounds):
+        for which in results:
+            results[which].append(run(which))
+    return {which: (statistics.median(r[0] for r in runs), max(r[1] for r in runs))
+            for which, runs in results.items()}
+
+
+def import_time(module):
+    """Cumulative import time in a fresh interpreter, with bytecode cached as users have it."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import " + module],
+                         stderr=subprocess.PIPE, universal_newlines=True, env=env).stderr
+    for line in reversed(out.splitlines()):
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) == 3 and parts[2] == module:
+            return int(parts[1]) / 1e6
+    raise RuntimeError("no import time for %s" % module)
+
+
+def bench_atomic(root, size, rounds):
+    data = os.urandom(size)
+    path = os.path.join(root, "atomic-%d" % size)
+
+    def plain():
+        started = time.perf_counter()
+        with open(path, "wb") as file:
+            file.write(data)
+        return time.perf_counter() - started
+
+    def atomic(sync):
+        started = time.perf_counter()
+        persist.atomic_write(path, data, sync=sync)
+        return time.perf_counter() - started
+
+    return median_rounds({"plain": plain, "sync": lambda: atomic(True),
+                          "nosync": lambda: atomic(False)}, rounds)
+
+
+def bench_done_dir(root, files, rounds):
+    payload = b"x" * 200
+    counter = [0]
+
+    def fill(directory):
+        for i in range(files):
+            with open(os.path.join(directory, "%d.json" % i), "wb") as file:
+                file.write(payload)
+
+    def plain():
+        counter[0] += 1
+        directory = os.path.join(root, "plain-%d" % counter[0])
+        started = time.perf_counter()
+        os.makedirs(directory)
+        fill(directory)
+        return time.perf_counter() - started
+
+    def marked():
+        counter[0] += 1
+        started = time.perf_counter()
+        with persist.done_dir(os.path.join(root, "done-%d" % counter[0])) as directory:
+            fill(directory)
+        return time.perf_counter() - started
+
+    return median_rounds({"plain": plain, "done_dir": marked}, rounds)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    quick = parser.parse_args().quick
+    sizes = [1000, 10000] if quick else [10000, 100000, 1000000]
+    rounds = 3 if quick else 7
+    root = tempfile.mkdtemp(prefix="persist-bench-")
+    print("persist %s benchmark, %s, Python %s on %s, %d cores%s\n" % (
+        persist.__version__, time.strftime("%Y-%m-%d"), platform.python_version(),
+        platform.machine(), os.cpu_count(), " (quick)" if quick else ""))
+
+    hits, misses = bench_hit_miss(root, sizes[0], rounds,
+                                  ["persist", "floor", "diskcache", "joblib", "shelve"])
+    n = "%dk" % (sizes[0] // 1000)
+    for name in available(["diskcache", "joblib", "shelve"]):
+        target = ">= 3x" if name == "diskcache" else None
+        met = hits[name] / hits["persist"] >= 3 if target else None
+        row("hit, %s entries: vs %s" % (n, name), hits["persist"], hits[name], target, met)
+    row("hit, %s entries: vs bare SQLite floor" % n, hits["persist"], hits["floor"],
+        ">= 1/1.5", hits["persist"] <= 1.5 * hits["floor"])
+    for name in available(["diskcache", "joblib", "shelve"]):
+        target = ">= 3x" if name == "diskcache" else None
+        met = misses[name] / misses["persist"] >= 3 if target else None
+        row("miss overhead, %s: vs %s" % (n, name), misses["persist"], misses[name], target,
+            met)
+    row("miss overhead, %s: vs bare SQLite floor" % n, misses["persist"], misses["floor"])
+
+    first = hits["persist"]
+    for entries in sizes[1:]:
+        more, more_misses = bench_hit_miss(root, entries, rounds, ["persist", "diskcache"])
+        label = "%dk" % (entries // 1000)
+        row("hit, %s vs %s entries: persist's growth" % (label, n), more["persist"], first,
+            "<= 1.5x (this ratio)", more["persist"] <= 1.5 * first, more["persist"] / first)
+        if diskcache:
+            row("hit, %s entries: vs diskcache" % label, more["persist"], more["diskcache"],
+                ">= 3x", more["diskcache"] >= 3 * more["persist"])
+            row("miss overhead, %s: vs diskcache" % label, more_misses["persist"],
+                more_misses["diskcache"], ">= 3x",
+                more_misses["diskcache"] >= 3 * more_misses["persist"])
+
+    procs = bench_processes(root, 8, 500 if quick else 5000)
+    if "diskcache" in procs:
+        mine, theirs = procs["persist"][0], procs["diskcache"][0]
+        row("8 processes, time per call: vs diskcache (errors %d/%d)" % (procs["persist"][1],
+            procs["diskcache"][1]), 1 / mine, 1 / theirs, ">= 1x, 0 errors",
+            mine >= theirs and procs["persist"][1] == 0)
+    else:
+        row("8 processes: s per call (errors %d)" % procs["persist"][1],
+            1 / procs["persist"][0], None, "0 errors", procs["persist"][1] == 0)
+
+    size = (10 if quick else 100) << 20
+    key_times, peak = bench_key(size, rounds)
+    row("key of a %d MB argument: vs sha256 (peak %.1f MB)" % (size >> 20, peak / 1e6),
+        key_times["persist"], key_times["sha256"], ">= 1/1.5, no copy",
+        key_times["persist"] <= 1.5 * key_times["sha256"] and peak < size / 10)
+
+    big = (64 if quick else 1024) << 20
+    big_times = bench_big_result(root, big, 3)
+    (mine, peak), (plain, plain_peak) = big_times["persist"], big_times["plain"]
+    row("%d MB result store+load: vs plain files (peak %.2fx, plain %.2fx)" % (
+        big >> 20, peak, plain_peak), mine, plain, ">= 1/1.5, peak <= 1.3x",
+        mine <= 1.5 * plain and peak <= 1.3)
+
+    for module in ("persist", "diskcache"):
+        with __import__("contextlib").suppress(RuntimeError):
+            import_time(module)               # writes __pycache__, as a first import does
+    imports = median_rounds({"persist": lambda: import_time("persist")} if not diskcache else
+                            {"persist": lambda: import_time("persist"),
+                             "diskcache": lambda: import_time("diskcache")}, 5)
+    row("import: vs diskcache", imports["persist"], imports.get("diskcache"), ">= 3x",
+        imports.get("diskcache", 3 * imports["persist"]) >= 3 * imports["persist"])
+
+    for size in (1024, 10 << 20):
+        times = bench_atomic(root, size, rounds if size < 1 << 20 else 3)
+        for mode in ("sync", "nosync"):
+            row("atomic_write %s, sync=%s: vs plain open().write()" % (
+                "1 KB" if size == 1024 else "10 MB", mode == "sync"), times[mode],
+                times["plain"])
+
+    files = 2000 if quick else 10000
+    times = bench_done_dir(root, files, rounds if quick else 9)
+    row("done_dir around %d files: vs plain writes" % files, times["done_dir"],
+        times["plain"], ">= 1/1.1", times["done_dir"] <= 1.1 * times["plain"])
+
+    print("%-62s %11s %11s %8s  %-22s %s" % ("measure", "persist", "other", "ratio",
+                                             "target (other/persist)", ""))
+    missed = 0
+    for measure, mine, other, ratio, target, met in ROWS:
+        verdict = "" if met is None else ("ok" if met else "MISSED")
+        missed += met is False
+        print("%-62s %9.2fus %9s %8s  %-22s %s" % (
+            measure, mine * 1e6, "-" if other is None else "%.2fus" % (other * 1e6),
+            "-" if ratio is None else "%.2fx" % ratio, target or "", verdict))
+    print("\nratio = other / persist: above 1, persist is faster.")
+    import shutil
+    shutil.rmtree(root, ignore_errors=True)
+    return 1 if missed and not quick else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
