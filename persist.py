@@ -65,6 +65,7 @@ _FLAGS = {"r": "ro", "w": "rw", "c": "rw", "n": "rw"}   # SQLite open modes, onc
 _PROTOCOL = 5                    # every CPython 3.8+ reads it
 _INLINE_LIMIT = 1 << 18          # larger pickled values live in files of their own
 _BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
+_SNAPSHOT = 0.1                  # seconds memoize's lookups may share one read transaction
 _APPLICATION_ID = 0x70727374     # "prst" in the SQLite header: this file is a persist cache
 _FORMAT = 1                      # PRAGMA user_version: the layout described in _SCHEMA
 _SCHEMA = (
@@ -277,6 +278,24 @@ def _after_fork():
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
+_REAPER = None                   # the thread that ends memoize's read snapshots
+
+
+def _reap():
+    """End each store's read snapshot once it is old: an idle process that still held one
+    would keep SQLite from restarting its write-ahead log, which would then grow."""
+    while True:
+        time.sleep(_SNAPSHOT)
+        for store in list(_STORES):
+            store.end_snapshot(time.monotonic())
+
+
+def _start_reaper():
+    global _REAPER
+    if _REAPER is None or not _REAPER.is_alive():     # after fork() it is not
+        _REAPER = threading.Thread(target=_reap, name="persist-snapshots", daemon=True)
+        _REAPER.start()
+
 _LOG = _SHORT = _KeyPickler = _Shelf = None
 
 
@@ -322,6 +341,7 @@ class _Store(collections.abc.MutableMapping):
         self._flag = flag
         self._lock = threading.Lock()
         self._conn = None
+        self._snapshot_ends = 0.0
         with self._lock:
             self._connect()
         _STORES.add(self)
@@ -420,15 +440,52 @@ class _Store(collections.abc.MutableMapping):
         with self._lock:
             conn = self._conn or self._connect()
             try:
+                if conn.in_transaction:          # a snapshot of recent(): see the latest
+                    conn.execute("COMMIT")
                 return conn.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise self._error(exc) from None
+
+    def recent(self, key):
+        """lookup() for memoize, from a snapshot at most _SNAPSHOT seconds old.
+
+        Every SQLite read transaction takes and drops file locks: half the cost of a hit.
+        Sharing one for a moment is safe for memoize, whose stored results stay right: at
+        worst a result that another process stored in that moment is computed again.
+        """
+        with self._lock:
+            conn = self._conn or self._connect()
+            try:
+                now = time.monotonic()
+                if now > self._snapshot_ends or not conn.in_transaction:
+                    if conn.in_transaction:
+                        conn.execute("COMMIT")
+                    conn.execute("BEGIN")
+                    self._snapshot_ends = now + _SNAPSHOT
+                    _start_reaper()
+                return conn.execute(_GET, (key,)).fetchall()
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
+
+    def end_snapshot(self, now):
+        """End recent()'s snapshot if it is old, unless the store is busy (then it is in use)."""
+        if now > self._snapshot_ends > 0 and self._lock.acquire(blocking=False):
+            try:
+                if self._conn is not None and self._conn.in_transaction:
+                    # best effort: a failure here only delays the end of a read
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("COMMIT")
+                self._snapshot_ends = 0.0
+            finally:
+                self._lock.release()
 
     @contextlib.contextmanager
     def _transaction(self):
         with self._lock:
             conn = self._conn or self._connect()
             try:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -846,7 +903,7 @@ class _Memo:
         rows = None
         if store is not None:
             try:
-                rows = store._query(_GET, (key,))
+                rows = store.recent(key)
             except PersistError:
                 raise
             except OSError as exc:

@@ -977,6 +977,28 @@ class TestMemoizeReadOnlyCache(TempDirTest):
         self.assertEqual(run_python(code), "6 6\nPersistWarning True\n")
 
 
+class TestIdleProcessHoldsNothingBack(MemoTest):
+    def test_checkpoint_is_not_held_back_by_an_idle_reader(self):
+        f = self.memo(lambda x: x, name="idle")
+        f(1)
+        self.assertEqual(f(1), 1)          # a hit: read through a short-lived snapshot
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="idle")
+            def f(x):
+                return x
+            for i in range(300):
+                f(i)
+        """ % self.dir)
+        threading.Event().wait(0.5)        # idle, longer than persist keeps a snapshot
+        conn = sqlite3.connect(os.path.join(self.dir, "idle.db"), timeout=0)
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        conn.close()
+        self.assertEqual(busy, 0)
+        self.assertEqual(f(299), 299)      # and the other process's results are hits
+        self.assertEqual(len(f.calls), 1)
+
+
 class TestMemoizeManyProcesses(TempDirTest):
     def test_eight_processes_overlapping_keys(self):
         code = """
