@@ -388,6 +388,7 @@ class _Store(collections.abc.MutableMapping):
             self._check(conn)
             conn.execute("PRAGMA synchronous=NORMAL")   # WAL: a commit survives a crash
             conn.execute("PRAGMA wal_autocheckpoint=10000")   # fewer checkpoint fsyncs
+            conn.execute("PRAGMA cache_size=-32768")   # up to 32 MB of pages, as used
         except BaseException:
             conn.close()
             raise
@@ -633,9 +634,6 @@ class _Store(collections.abc.MutableMapping):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-
-    def sync(self):
-        """Every assignment is committed already."""
 
 
 class _ShelfMethods:
@@ -1242,51 +1240,39 @@ def _cli_ls(options):
                 store = _Store(os.path.join(root, name), "r")
             except OSError:          # not a persist cache: not ours to list
                 continue
-            try:
+            with contextlib.closing(store):
                 (count, oldest, newest), = store._query(_SUMMARY)
                 label = store.info().get("function") or name
                 print("%-40s %8d %10s  %-16s  %-16s" % (label, count, _bytes(store.disk_usage()),
                                                        _when(oldest), _when(newest)))
-            finally:
-                store.close()
 
 
 def _cli_show(options):
-    store = _open_cache(options.cache, "r")
-    try:
+    with contextlib.closing(_open_cache(options.cache, "r")) as store:
         now = time.time()
         print("%6s %10s  %s" % ("AGE", "SIZE", "ARGUMENTS (or KEY)"))
         for key, args, stored, size in store.entries():
             shown = args if args is not None else key.decode("utf-8", "replace")
             print("%6s %10s  %s" % (_age(now - stored), _bytes(size), shown))
-    finally:
-        store.close()
 
 
 def _cli_clear(options):
-    store = _open_cache(options.cache)
-    try:
+    with contextlib.closing(_open_cache(options.cache)) as store:
         count = len(store)
         store.clear()
         print("removed %d entries from %s" % (count, store.path))
-    finally:
-        store.close()
 
 
 def _cli_prune(options):
-    store = _open_cache(options.cache)
-    try:
-        if options.older_than is not None:
-            age = options.older_than
-        else:
+    with contextlib.closing(_open_cache(options.cache)) as store:
+        age = options.older_than
+        if age is None:
             expire = store.info().get("expire", "None")
             if expire == "None":
                 print("%s has no expire=; nothing has expired" % store.path)
                 return 0
             age = float(expire)
         print("removed %d entries from %s" % (store.prune(time.time() - age), store.path))
-    finally:
-        store.close()
 
 
 def _cli_status(options):

@@ -82,6 +82,18 @@ class TempDirTest(unittest.TestCase):
     def assertNoTemp(self, directory=None):
         self.assertEqual(temp_files(directory or self.dir), [])
 
+    def assertAllHits(self, name, keys, expected):
+        """Each key is a hit in the cache `name` here, with the value expected(key)."""
+        runs = []
+
+        @persist.memoize(cache_dir=self.dir, name=name)
+        def f(x):
+            runs.append(x)
+
+        for key in sorted(keys):
+            self.assertEqual(f(key), expected(key))
+        self.assertEqual(runs, [])
+
 
 class Boom(Exception):
     pass
@@ -771,6 +783,19 @@ class TestMemoizeKeys(MemoTest):
         f(data, OutOfBand(b"y" * 100))
         self.assertEqual(len(f.calls), 2)
 
+    def test_large_argument_is_hashed_in_place(self):
+        import tracemalloc
+        f = self.memo(lambda data: 1)
+        data = os.urandom(32 << 20)
+        f(b"")
+        tracemalloc.start()
+        try:
+            self.assertFalse(f.cache_delete(data))      # derives the key, nothing else
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 1 << 20)
+
     @unittest.skipUnless(importlib.util.find_spec("numpy"), "numpy not installed")
     def test_numpy_arrays(self):
         import numpy
@@ -1086,15 +1111,7 @@ class TestMemoizeKilled(TempDirTest):
             child.wait()
             reported.update(int(line) for line in child.stdout.read().split())
             child.stdout.close()
-        runs = []
-
-        @persist.memoize(cache_dir=self.dir, name="killed")
-        def f(x):
-            runs.append(x)
-
-        for i in sorted(reported):
-            self.assertEqual(f(i)["x"], i)
-        self.assertEqual(runs, [])
+        self.assertAllHits("killed", reported, lambda x: {"x": x, "pad": "p" * (x % 7) * 1000})
 
 
 # -- hardening: faults, hostile inputs
@@ -1425,17 +1442,8 @@ class TestTorture(TempDirTest):
             child.stdout.close()
         self.assertGreater(kills, 0)
         self.assertGreater(len(reported), 0)
-        runs = []
-
-        @persist.memoize(cache_dir=self.dir, name="torture")
-        def f(x):
-            runs.append(x)
-
-        for x in sorted(reported):
-            value = f(x)
-            self.assertEqual(value["x"], x)
-            self.assertEqual(value["blob"], bytes([x % 251]) * ((x % 5) * 100000))
-        self.assertEqual(runs, [])
+        self.assertAllHits("torture", reported,
+                           lambda x: {"x": x, "blob": bytes([x % 251]) * ((x % 5) * 100000)})
 
 
 # -- done_dir and is_done

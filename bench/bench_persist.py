@@ -218,6 +218,8 @@ def bench_big_result(root, size, rounds):
         path = os.path.join(directory, "plain")
         f = persist.memoize(cache_dir=directory, name="big")(lambda n: value)
         f.cache_clear()         # what an earlier round stored
+        if hasattr(os, "sync"):
+            os.sync()           # earlier rounds' writeback must not land in this one
         tracemalloc.start()     # after the value exists: the store phase adds its copies
         started = time.perf_counter()
         if which == "plain":
