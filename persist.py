@@ -1002,6 +1002,54 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
     return wrapper
 
 
+# -- private helpers: done_dir
+
+
+def _marker_record(directory, marker):
+    """The marker's text: when the stage finished, and the files and bytes it left."""
+    files = size = 0
+    pending = [(os.fspath(directory), marker)]
+    while pending:
+        folder, skip = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((entry.path, None))
+                elif entry.name != skip:
+                    files += 1
+                    size += entry.stat(follow_symlinks=False).st_size
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return '{"finished": "%s", "files": %d, "bytes": %d}\n' % (finished, files, size)
+
+
+@contextlib.contextmanager
+def _dir_lock(directory):
+    """Hold an exclusive lock on directory, or fail at once if someone else holds it."""
+    if _fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PersistError(errno.EBUSY, _BUSY_DIR.format(path=directory),
+                               os.fspath(directory)) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _empty(directory):
+    """Remove everything in directory, not following symbolic links."""
+    import shutil
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
 # -- the public API
 
 
@@ -1085,51 +1133,6 @@ def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newlin
     that another process holds open can fail with PermissionError.
     """
     return _atomic_open(path, mode, sync, True, encoding, errors, newline)
-
-
-def _marker_record(directory, marker):
-    """The marker's text: when the stage finished, and the files and bytes it left."""
-    files = size = 0
-    pending = [(os.fspath(directory), marker)]
-    while pending:
-        folder, skip = pending.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append((entry.path, None))
-                elif entry.name != skip:
-                    files += 1
-                    size += entry.stat(follow_symlinks=False).st_size
-    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return '{"finished": "%s", "files": %d, "bytes": %d}\n' % (finished, files, size)
-
-
-@contextlib.contextmanager
-def _dir_lock(directory):
-    """Hold an exclusive lock on directory, or fail at once if someone else holds it."""
-    if _fcntl is None:
-        yield
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        try:
-            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PersistError(errno.EBUSY, _BUSY_DIR.format(path=directory),
-                               os.fspath(directory)) from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _empty(directory):
-    """Remove everything in directory, not following symbolic links."""
-    import shutil
-    for entry in os.scandir(directory):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
 
 
 @contextlib.contextmanager
