@@ -783,6 +783,7 @@ class TestMemoizeKeys(MemoTest):
         f(data, OutOfBand(b"y" * 100))
         self.assertEqual(len(f.calls), 2)
 
+    @unittest.skipUnless(importlib.util.find_spec("_tracemalloc"), "needs tracemalloc")
     def test_large_argument_is_hashed_in_place(self):
         import tracemalloc
         f = self.memo(lambda data: 1)
@@ -1442,6 +1443,9 @@ class TestTorture(TempDirTest):
             child.stdout.close()
         self.assertGreater(kills, 0)
         self.assertGreater(len(reported), 0)
+        if "PERSIST_TORTURE_SECONDS" in os.environ:
+            print("\ntorture: %.0f s, %d writers killed, %d results reported and checked"
+                  % (TORTURE_SECONDS, kills, len(reported)), file=sys.stderr)
         self.assertAllHits("torture", reported,
                            lambda x: {"x": x, "blob": bytes([x % 251]) * ((x % 5) * 100000)})
 
