@@ -172,20 +172,24 @@ def _create_temp(target, shown):
     raise FileExistsError(errno.EEXIST, "no free temporary file name beside it", shown)
 
 
-@contextlib.contextmanager
-def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=None):
-    """atomic_open(); follow=False replaces a symbolic link at path instead of its target."""
+def _mode(mode, encoding, errors, newline):
+    """("w" or "x", the encoding or None for binary) for atomic_open()'s arguments."""
     if mode in _BINARY_MODES:
         if encoding is not None or errors is not None or newline is not None:
             raise ValueError("atomic_open() mode %r is binary: it takes no encoding, errors "
                              "or newline" % mode)
-        kind = _BINARY_MODES[mode]
-    elif mode in _TEXT_MODES:
+        return _BINARY_MODES[mode], None
+    if mode in _TEXT_MODES:
         encoding = "utf-8" if encoding is None else encoding
         codecs.lookup(encoding)     # an unknown encoding fails now, before any file exists
-        kind = _TEXT_MODES[mode]
-    else:
-        raise ValueError("atomic_open() mode must be %s, not %r" % (_MODES_ACCEPTED, mode))
+        return _TEXT_MODES[mode], encoding
+    raise ValueError("atomic_open() mode must be %s, not %r" % (_MODES_ACCEPTED, mode))
+
+
+@contextlib.contextmanager
+def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=None):
+    """atomic_open(); follow=False replaces a symbolic link at path instead of its target."""
+    kind, encoding = _mode(mode, encoding, errors, newline)
     target = os.fsdecode(os.fspath(path))
     if kind == "x" and os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
@@ -787,6 +791,8 @@ def _identity(func):
             if stem.isidentifier():
                 module = stem
     name = getattr(func, "__qualname__", None) or type(func).__qualname__   # or a partial
+    if "<lambda>" in name:       # two lambdas in one scope share a qualname: add the line
+        name += "-%d" % getattr(getattr(func, "__code__", None), "co_firstlineno", 0)
     return "%s.%s" % (module, name)
 
 
@@ -1132,10 +1138,10 @@ def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newlin
     its own. A symbolic link at path is followed, as open() does. Windows: replacing a file
     that another process holds open can fail with PermissionError.
     """
+    _mode(mode, encoding, errors, newline)      # wrong arguments fail here, as open()'s do
     return _atomic_open(path, mode, sync, True, encoding, errors, newline)
 
 
-@contextlib.contextmanager
 def done_dir(path, *, marker="DONE", clean=False):
     """A directory that gets its marker file only when the with-block finishes without error.
 
@@ -1159,6 +1165,12 @@ def done_dir(path, *, marker="DONE", clean=False):
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory (done_dir() needs a "
                                  "directory; move the file away)", path)
+    return _done_dir(directory, marker, clean)
+
+
+@contextlib.contextmanager
+def _done_dir(directory, marker, clean):
+    """done_dir() once its arguments are checked: the work happens on entry and exit."""
     directory.mkdir(parents=True, exist_ok=True)
     stamp = os.path.join(directory, marker)
     with _dir_lock(directory):

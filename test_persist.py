@@ -334,6 +334,8 @@ class TestAtomicBadInput(TempDirTest):
         with self.assertRaisesRegex(ValueError, "binary"):
             with persist.atomic_open(self.path / "x", "wb", encoding="utf-8"):
                 pass
+        with self.assertRaises(ValueError):        # at the call, as open() fails
+            persist.atomic_open(self.path / "x", "a")
         self.assertEqual(os.listdir(self.dir), [])
 
 
@@ -920,6 +922,12 @@ class TestMemoizeResults(MemoTest):
         f2b = self.memo(lambda x: -x, name="job", version=2)
         self.assertEqual(f2b(3), -3)
         self.assertEqual(len(f2b.calls), 0)
+
+    def test_two_lambdas_in_one_scope_keep_apart(self):
+        double = persist.memoize(cache_dir=self.dir)(lambda x: 2 * x)
+        triple = persist.memoize(cache_dir=self.dir)(lambda x: 3 * x)
+        self.assertEqual((double(5), triple(5)), (10, 15))
+        self.assertNotEqual(double.cache_info().path, triple.cache_info().path)
 
     def test_editing_the_code_keeps_results(self):
         f = self.memo(lambda x: x + 1, name="job")
@@ -1531,6 +1539,8 @@ class TestDoneDir(TempDirTest):
             with persist.done_dir(path):
                 pass
         self.assertEqual(caught.exception.filename, path)
+        with self.assertRaises(NotADirectoryError):     # at the call already
+            persist.done_dir(path)
 
     def test_bad_marker(self):
         for marker in ("", "a/b", "..", 5):
