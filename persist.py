@@ -820,7 +820,7 @@ def _make_cache_dir(directory):
     with contextlib.suppress(FileExistsError):
         with _atomic_open(os.path.join(directory, ".gitignore"), "x", sync=False,
                           follow=False) as file:
-            file.write("# persist's cache: never commit it\n*\n")
+            file.write("*\n")
 
 
 def _seconds(expire):
