@@ -96,8 +96,9 @@ _NEWER = ("{path} was written by a newer persist (format {found}; this persist.p
           "format {ours}); use a newer persist.py, or delete the file to start over")
 _LINK = ("a symbolic link where persist keeps its own file (it may have been planted); "
          "persist does not follow it: remove it")
-_WORLD_WRITABLE = ("every user may write it, and loading a pickle that someone planted there "
-                   "runs their code; make it private (chmod o-w) or use another place")
+_WORLD_WRITABLE = ("every user may write it (or, in a shared directory such as /tmp, another "
+                   "user owns it), and loading a pickle that someone planted there runs their "
+                   "code; make it private (chmod o-w), or use another place")
 _BUSY_DIR = ("{path} is being filled by another done_dir() right now (in this or another "
              "process); let that one finish, or give each stage its own directory")
 
@@ -403,12 +404,21 @@ class _Store(collections.abc.MutableMapping):
         if self._flag in "rw" and not os.path.exists(self.path):
             raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
                                     "to create it)", self.path)
-        for name in (self.path, self.path + "-wal", self.path + "-shm", self._values):
+        names = (self.path, self.path + "-wal", self.path + "-shm", self._values)
+        for name in names:
             if os.path.islink(name):
                 raise PersistError(errno.ELOOP, _LINK, name)
-        for name in (os.path.dirname(self.path), self.path) if _CHECK_WORLD_WRITABLE else ():
+        if not _CHECK_WORLD_WRITABLE:
+            return
+        directory = os.path.dirname(self.path)
+        shared = os.stat(directory).st_mode
+        if shared & stat.S_IWOTH and not shared & stat.S_ISVTX:
+            raise PersistError(errno.EPERM, _WORLD_WRITABLE, directory)
+        for name in names:      # in a sticky directory (/tmp), only files we own are safe
             with contextlib.suppress(FileNotFoundError):
-                if os.stat(name).st_mode & stat.S_IWOTH:
+                info = os.lstat(name)
+                if info.st_mode & stat.S_IWOTH or shared & stat.S_IWOTH and \
+                        info.st_uid not in (0, os.getuid()):
                     raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
 
     def _check(self, conn):

@@ -1309,6 +1309,20 @@ class TestHostileDirectory(TempDirTest):
         with self.assertRaisesRegex(persist.PersistError, "every user may write"):
             persist.open(shared / "x.db")
 
+    def test_sticky_shared_directory_takes_only_our_own_files(self):
+        shared = self.path / "tmp"
+        shared.mkdir()
+        os.chmod(shared, 0o1777)           # as /tmp: anyone may add files, none replace ours
+        with persist.open(shared / "mine.db") as db:
+            db["k"] = 1
+        with persist.open(shared / "mine.db", "r") as db:
+            self.assertEqual(db["k"], 1)
+        if os.getuid() == 0:                               # chown needs root
+            persist.open(shared / "theirs.db").close()
+            os.chown(shared / "theirs.db", 65534, 65534)   # as if planted by another user
+            with self.assertRaisesRegex(persist.PersistError, "another user owns it"):
+                persist.open(shared / "theirs.db")
+
     def test_created_files_follow_the_umask(self):
         old = os.umask(0o077)
         self.addCleanup(os.umask, old)
