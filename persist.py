@@ -301,6 +301,7 @@ def _start_reaper():
         _REAPER = threading.Thread(target=_reap, name="persist-snapshots", daemon=True)
         _REAPER.start()
 
+
 _LOG = _SHORT = _KeyPickler = _Shelf = None
 
 
@@ -318,13 +319,6 @@ def _load():
     _KeyPickler = type("_KeyPickler", (pickle.Pickler,),
                        {"persistent_id": lambda self, obj: _canonical(obj)})
     _Shelf = type("_Shelf", (_ShelfMethods, shelve.Shelf), {})
-
-
-def _header(conn):
-    """(application_id, whether the database is empty) of an SQLite connection."""
-    # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
-    (app,), = conn.execute("PRAGMA application_id").fetchall()
-    return app, app == 0 and not conn.execute("SELECT 1 FROM sqlite_master").fetchall()
 
 
 class _Store(collections.abc.MutableMapping):
@@ -404,27 +398,30 @@ class _Store(collections.abc.MutableMapping):
         if self._flag in "rw" and not os.path.exists(self.path):
             raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
                                     "to create it)", self.path)
-        names = (self.path, self.path + "-wal", self.path + "-shm", self._values)
-        for name in names:
-            if os.path.islink(name):
-                raise PersistError(errno.ELOOP, _LINK, name)
-        if not _CHECK_WORLD_WRITABLE:
-            return
-        directory = os.path.dirname(self.path)
-        shared = os.stat(directory).st_mode
-        if shared & stat.S_IWOTH and not shared & stat.S_ISVTX:
-            raise PersistError(errno.EPERM, _WORLD_WRITABLE, directory)
-        for name in names:      # in a sticky directory (/tmp), only files we own are safe
-            with contextlib.suppress(FileNotFoundError):
+        shared = 0
+        if _CHECK_WORLD_WRITABLE:
+            directory = os.path.dirname(self.path)
+            shared = os.stat(directory).st_mode & (stat.S_IWOTH | stat.S_ISVTX)
+            if shared == stat.S_IWOTH:
+                raise PersistError(errno.EPERM, _WORLD_WRITABLE, directory)
+        for name in (self.path, self.path + "-wal", self.path + "-shm", self._values):
+            try:
                 info = os.lstat(name)
-                if info.st_mode & stat.S_IWOTH or shared & stat.S_IWOTH and \
-                        info.st_uid not in (0, os.getuid()):
-                    raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                raise PersistError(errno.ELOOP, _LINK, name)
+            # in a sticky shared directory (/tmp) only files we own are safe
+            foreign = shared & stat.S_IWOTH and info.st_uid not in (0, os.getuid())
+            if _CHECK_WORLD_WRITABLE and (info.st_mode & stat.S_IWOTH or foreign):
+                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
 
     def _check(self, conn):
         """Check the header: a persist cache, of a format this code reads."""
-        app, empty = _header(conn)
+        # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
+        (app,), = conn.execute("PRAGMA application_id").fetchall()
         if app != _APPLICATION_ID:
+            empty = not conn.execute("SELECT 1 FROM sqlite_master").fetchall()
             why = "an empty file" if empty else "an SQLite database of another program"
             raise PersistError(_NOT_A_CACHE.format(path=self.path, why=why))
         (found,), = conn.execute("PRAGMA user_version").fetchall()
@@ -451,13 +448,17 @@ class _Store(collections.abc.MutableMapping):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
 
+    def _latest(self):
+        """The connection, seeing the latest state: recent()'s snapshot ended. Hold the lock."""
+        conn = self._conn or self._connect()
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+        return conn
+
     def _query(self, sql, params=()):
         with self._lock:
-            conn = self._conn or self._connect()
             try:
-                if conn.in_transaction:          # a snapshot of recent(): see the latest
-                    conn.execute("COMMIT")
-                return conn.execute(sql, params).fetchall()
+                return self._latest().execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise self._error(exc) from None
 
@@ -497,10 +498,8 @@ class _Store(collections.abc.MutableMapping):
     @contextlib.contextmanager
     def _transaction(self):
         with self._lock:
-            conn = self._conn or self._connect()
             try:
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
+                conn = self._latest()
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -513,6 +512,10 @@ class _Store(collections.abc.MutableMapping):
 
     def _side(self, key):
         return os.path.join(self._values, hashlib.sha256(key).hexdigest())
+
+    def _drop_side(self, key):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._side(key))
 
     def _open_side(self, key):
         os.makedirs(self._values, exist_ok=True)
@@ -553,8 +556,7 @@ class _Store(collections.abc.MutableMapping):
     def _put(self, key, blob, args):
         self._query(_PUT, (key, blob, time.time(), args))
         if blob and self._had_values:    # remove a large value that this one replaced
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._side(key))
+            self._drop_side(key)
 
     # What the shelf and memoize use: pickling straight to and from disk.
 
@@ -581,16 +583,16 @@ class _Store(collections.abc.MutableMapping):
         """Remove key; return whether it was there."""
         with self._transaction() as conn:
             gone = conn.execute(_DELETE, (key,)).rowcount > 0
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._side(key))
+        self._drop_side(key)
         return gone
 
     def clear(self):
         self._query(_CLEAR)
-        _remove_files_in(self._values)
-        self.vacuum()
+        self._reclaim()
 
-    def vacuum(self):
+    def _reclaim(self):
+        """After every entry went: remove the large values' files and shrink the file."""
+        _remove_files_in(self._values)
         # best effort: another process may be using the file; its free pages are reused anyway
         with contextlib.suppress(OSError):
             self._query("VACUUM")
@@ -605,8 +607,7 @@ class _Store(collections.abc.MutableMapping):
             conn.execute(_PRUNE, (before,))
         for key, size in rows:
             if not size:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._side(key))
+                self._drop_side(key)
         return len(rows)
 
     def entries(self):
@@ -633,8 +634,7 @@ class _Store(collections.abc.MutableMapping):
                 conn.execute(_CLEAR)
             conn.executemany(_SET_INFO, want.items())
         if stale:
-            _remove_files_in(self._values)
-            self.vacuum()
+            self._reclaim()
 
     def __del__(self):
         # best effort: a store dropped without close() closes its connection (not one that

@@ -328,7 +328,8 @@ class TestAtomicBadInput(TempDirTest):
 
     def test_unknown_mode(self):
         for mode in ("a", "r", "w+", "rb"):
-            with self.assertRaisesRegex(ValueError, re.escape("'w', 'wb', 'x' or 'xb', not %r" % mode)):
+            accepted = re.escape("'w', 'wb', 'x' or 'xb', not %r" % mode)
+            with self.assertRaisesRegex(ValueError, accepted):
                 with persist.atomic_open(self.path / "x", mode):
                     pass
         with self.assertRaisesRegex(ValueError, "binary"):
