@@ -67,9 +67,11 @@ _INLINE_LIMIT = 1 << 18          # larger pickled values live in files of their 
 _BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
 _SNAPSHOT = 0.1                  # seconds memoize's lookups may share one read transaction
 _APPLICATION_ID = 0x70727374     # "prst" in the SQLite header: this file is a persist cache
-_FORMAT = 1                      # PRAGMA user_version: the layout described in _SCHEMA
+_FORMAT = 2                      # PRAGMA user_version: the layout described in _SCHEMA
+_HEX_KEYS = 1                    # the format whose memoize keys are hex digests, not raw ones
 _SCHEMA = (
     # Dict is the table of CPython's dbm.sqlite3, with the time each value was stored.
+    # memoize's keys are 32-byte SHA-256 digests (hex in format 1, which is still read).
     # A value of b'' means the pickle is in DIR/FILE.values/sha256(key).
     # args is a short, readable form of a memoized call's arguments, for people.
     "CREATE TABLE IF NOT EXISTS Dict (key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL,"
@@ -427,6 +429,7 @@ class _Store(collections.abc.MutableMapping):
         (found,), = conn.execute("PRAGMA user_version").fetchall()
         if found > _FORMAT:
             raise PersistError(_NEWER.format(path=self.path, found=found, ours=_FORMAT))
+        self.format = found
 
     def _create(self):
         """Make a new cache beside path and link it into place: nobody sees it half made."""
@@ -712,7 +715,7 @@ def _digest(obj):
 
 
 def _key(salt, material):
-    """The hex key of a call: sha256 over repr() for a few small plain values, else a pickle."""
+    """The key of a call: sha256 over repr() for a few small plain values, else a pickle."""
     if type(material) is tuple and len(material) < 8:
         for value in material:
             kind = type(value)
@@ -720,8 +723,8 @@ def _key(salt, material):
                 break
         else:    # the repr of these types is exact and never starts as a pickle does
             return hashlib.sha256(repr((salt, material)).encode("utf-8", "surrogatepass")
-                                  ).hexdigest().encode()
-    return _digest((salt, material)).hex().encode()
+                                  ).digest()
+    return _digest((salt, material))
 
 
 def _binder(func, ignore):
@@ -876,6 +879,7 @@ class _Memo:
         self.default_dir = _default_dir(func)
         self.hits = self.misses = 0
         self.store = None
+        self.hex_keys = False     # a cache made by persist 0.1 keys on hex digests
         self.broken = False       # the cache could not be opened: run uncached, warned once
         self._path = None
 
@@ -908,14 +912,20 @@ class _Memo:
                     _warn("cannot use the cache of %s() at %s (%s); its results are computed "
                           "but not stored" % (self.identity, self.path, exc))
                     return None
+                self.hex_keys = store.format == _HEX_KEYS
                 self.store = store
             return self.store
 
-    def get(self, key):
-        """The cached result for key, or _MISSING."""
+    def stored_key(self, digest):
+        """The key under which the cache holds the call whose key is digest."""
+        return digest.hex().encode() if self.hex_keys else digest
+
+    def get(self, digest):
+        """The cached result for the call whose key is digest, or _MISSING."""
         store = self.open() if self.store is None else self.store
         rows = None
         if store is not None:
+            key = self.stored_key(digest)
             try:
                 rows = store.recent(key)
             except PersistError:
@@ -932,21 +942,21 @@ class _Memo:
             else:
                 self.hits += 1
                 if _LOG.isEnabledFor(_DEBUG):
-                    _LOG.debug("%s: hit %s", self.identity, key[:12].decode())
+                    _LOG.debug("%s: hit %s", self.identity, digest[:6].hex())
                 return value
         self.misses += 1
         if _LOG.isEnabledFor(_DEBUG):
-            _LOG.debug("%s: miss %s", self.identity, key[:12].decode())
+            _LOG.debug("%s: miss %s", self.identity, digest[:6].hex())
         return _MISSING
 
-    def put(self, key, value, args):
+    def put(self, digest, value, args):
         store = self.store
         if store is None:
             return
         try:
-            store.dump(key, value, _PROTOCOL, _short_repr(args))
+            store.dump(self.stored_key(digest), value, _PROTOCOL, _short_repr(args))
             if _LOG.isEnabledFor(_DEBUG):
-                _LOG.debug("%s: stored %s", self.identity, key[:12].decode())
+                _LOG.debug("%s: stored %s", self.identity, digest[:6].hex())
         except OSError as exc:
             _warn("cannot store a result of %s() in %s (%s); it is returned but not cached"
                   % (self.identity, self.path, exc))
@@ -1009,7 +1019,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
     def cache_delete(*args, **kwargs):
         """Remove the result stored for these arguments; return whether there was one."""
         store = memo.open(create=False)
-        return store is not None and store.delete(key_of(args, kwargs))
+        return store is not None and store.delete(memo.stored_key(key_of(args, kwargs)))
 
     functools.update_wrapper(wrapper, func)
     wrapper.cache_info = cache_info
@@ -1277,8 +1287,12 @@ def _cli_show(options):
         now = time.time()
         print("%6s %10s  %s" % ("AGE", "SIZE", "ARGUMENTS (or KEY)"))
         for key, args, stored, size in store.entries():
-            shown = args if args is not None else key.decode("utf-8", "replace")
-            print("%6s %10s  %s" % (_age(now - stored), _bytes(size), shown))
+            if args is None:              # a shelf's key, else memoize's digest
+                try:
+                    args = key.decode("utf-8")
+                except UnicodeDecodeError:
+                    args = key.hex()
+            print("%6s %10s  %s" % (_age(now - stored), _bytes(size), args))
 
 
 def _cli_clear(options):

@@ -988,6 +988,41 @@ class TestMemoizeResults(MemoTest):
         self.assertEqual(path.read_bytes(), b"garbage" * 1000)
 
 
+
+class TestCacheOfAnEarlierFormat(MemoTest):
+    """persist 0.1 (format 1) keyed memoize results on hex digests; they stay hits."""
+
+    def make_format_1(self, f):
+        conn = sqlite3.connect(f.cache_info().path, isolation_level=None)
+        conn.execute("UPDATE Dict SET key = CAST(lower(hex(key)) AS BLOB)")
+        conn.execute("PRAGMA user_version=1")
+        conn.close()
+
+    def test_new_cache_keys_on_raw_digests(self):
+        f = self.memo(lambda x: x * 2, name="job")
+        f(1)
+        conn = sqlite3.connect(f.cache_info().path)
+        (version,), = conn.execute("PRAGMA user_version").fetchall()
+        keys = [key for key, in conn.execute("SELECT key FROM Dict")]
+        conn.close()
+        self.assertEqual(version, 2)
+        self.assertEqual([len(key) for key in keys], [32])
+
+    def test_format_1_results_are_hits_and_new_ones_join_them(self):
+        f = self.memo(lambda x: x * 2, name="job")
+        f(1), f(2)
+        self.make_format_1(f)
+        g = self.memo(lambda x: x * 2, name="job")
+        self.assertEqual((g(1), g(2), g(3)), (2, 4, 6))
+        self.assertEqual(len(g.calls), 1)
+        self.assertTrue(g.cache_delete(2))
+        h = self.memo(lambda x: x * 2, name="job")
+        self.assertEqual((h(1), h(2), h(3)), (2, 4, 6))
+        self.assertEqual(len(h.calls), 1)
+        conn = sqlite3.connect(h.cache_info().path)
+        self.assertEqual({len(key) for key, in conn.execute("SELECT key FROM Dict")}, {64})
+        conn.close()
+
 @unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX users")
 class TestMemoizeReadOnlyCache(TempDirTest):
     def test_unwritable_directory_runs_uncached_with_warning(self):
