@@ -486,6 +486,21 @@ class _Store(collections.abc.MutableMapping):
             except sqlite3.Error as exc:
                 raise self._error(exc) from None
 
+    @staticmethod
+    def _put_in_snapshot(conn, row):
+        """Store row in recent()'s snapshot, so that a miss is one transaction from lookup to
+        store and takes SQLite's locks once. False if another process wrote since the
+        snapshot began (SQLite then refuses, and the caller writes in a transaction of its own).
+        """
+        try:
+            conn.execute(_PUT, row)
+            conn.execute("COMMIT")
+            return True
+        except sqlite3.OperationalError:     # SQLITE_BUSY: the snapshot is not the latest
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return False
+
     def end_snapshot(self, now):
         """End recent()'s snapshot if it is old, unless the store is busy (then it is in use)."""
         if now > self._snapshot_ends > 0 and self._lock.acquire(blocking=False):
@@ -557,7 +572,14 @@ class _Store(collections.abc.MutableMapping):
         return self._query(_COUNT)[0][0]
 
     def _put(self, key, blob, args):
-        self._query(_PUT, (key, blob, time.time(), args))
+        row = (key, blob, time.time(), args)
+        with self._lock:
+            try:
+                conn = self._conn or self._connect()
+                if not (conn.in_transaction and self._put_in_snapshot(conn, row)):
+                    conn.execute(_PUT, row)
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
         if blob and self._had_values:    # remove a large value that this one replaced
             self._drop_side(key)
 

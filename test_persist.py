@@ -1069,6 +1069,26 @@ class TestIdleProcessHoldsNothingBack(MemoTest):
         self.assertEqual(len(f.calls), 1)
 
 
+class TestWriteBetweenLookupAndStore(MemoTest):
+    """Another writer commits while the function runs: both results are kept."""
+
+    def test_result_stored_after_another_write(self):
+        def work(x):
+            if x == 1:     # a second connection writes between this call's lookup and store
+                with persist.open(path, "w") as other:
+                    other["from another writer"] = "kept"
+            return x * 10
+
+        f = self.memo(work, name="job")
+        path = f.cache_info().path
+        f(0)
+        self.assertEqual(f(1), 10)
+        self.assertAllHits("job", [0, 1], lambda x: x * 10)
+        with persist.open(path, "r") as db:
+            self.assertEqual(db["from another writer"], "kept")
+            self.assertEqual(len(db), 3)
+
+
 class TestMemoizeManyProcesses(TempDirTest):
     def test_eight_processes_overlapping_keys(self):
         code = """
