@@ -379,6 +379,7 @@ class _Store(collections.abc.MutableMapping):
         except sqlite3.Error as exc:
             raise self._error(exc) from None
         self._conn = conn
+        self._cursor = conn.cursor()     # recent()'s: one cursor, not one a lookup
         return conn
 
     def _open(self, mode):
@@ -482,7 +483,7 @@ class _Store(collections.abc.MutableMapping):
                     conn.execute("BEGIN")
                     self._snapshot_ends = now + _SNAPSHOT
                     _start_reaper()
-                return conn.execute(_GET, (key,)).fetchall()
+                return self._cursor.execute(_GET, (key,)).fetchall()
             except sqlite3.Error as exc:
                 raise self._error(exc) from None
 
