@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import datetime
 import errno
+import hashlib
 import importlib.util
 import json
 import multiprocessing
@@ -1007,6 +1008,19 @@ class TestCacheOfAnEarlierFormat(MemoTest):
         conn.close()
         self.assertEqual(version, 2)
         self.assertEqual([len(key) for key in keys], [32])
+
+    def test_key_written_by_persist_0_1_is_a_hit(self):
+        f = self.memo(lambda x: "computed", name="job")
+        f(2)
+        self.make_format_1(f)
+        old_key = hashlib.sha256(repr(("None", (1,))).encode()).hexdigest().encode()
+        conn = sqlite3.connect(f.cache_info().path, isolation_level=None)
+        conn.execute("INSERT INTO Dict VALUES (?, ?, 0, '(1)')",
+                     (old_key, pickle.dumps("stored by 0.1")))
+        conn.close()
+        g = self.memo(lambda x: "computed", name="job")
+        self.assertEqual((g(1), g(2)), ("stored by 0.1", "computed"))
+        self.assertEqual(g.calls, [])
 
     def test_format_1_results_are_hits_and_new_ones_join_them(self):
         f = self.memo(lambda x: x * 2, name="job")
