@@ -1561,6 +1561,23 @@ class TestDoneDir(TempDirTest):
         self.assertTrue(record["finished"].endswith("Z"))
         self.assertNoTemp()
 
+    def test_record_counts_subdirectories_and_not_through_links(self):
+        outside = self.path / "outside"
+        outside.mkdir()
+        (outside / "big").write_bytes(b"x" * 1000)
+        out = self.path / "out"
+        with persist.done_dir(out) as d:
+            (d / "a").write_text("12345")
+            (d / "sub" / "deeper").mkdir(parents=True)
+            (d / "sub" / "b").write_text("678")
+            (d / "sub" / "DONE").write_text("9")          # only the top marker is left out
+            (d / "sub" / "deeper" / "c").write_text("10")
+            if POSIX:
+                os.symlink(str(outside), str(d / "link"))  # counted as a link, not followed
+        record = json.loads((out / "DONE").read_text())
+        links = [os.lstat(str(out / "link")).st_size] if POSIX else []
+        self.assertEqual((record["files"], record["bytes"]), (4 + len(links), 11 + sum(links)))
+
     def test_exception_leaves_no_marker_and_keeps_files(self):
         out = self.path / "out"
         for error in (Boom, KeyboardInterrupt):
