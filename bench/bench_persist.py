@@ -15,6 +15,7 @@ import os
 import pickle
 import platform
 import shelve
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -187,9 +188,9 @@ def bench_processes(root, processes, calls):
     return results
 
 
-def bench_key(size, rounds):
+def bench_key(root, size, rounds):
     data = os.urandom(size)
-    directory = tempfile.mkdtemp()
+    directory = os.path.join(root, "key")
     f = persist.memoize(cache_dir=directory, name="key")(len)
     f(b"")
     times = median_rounds({"persist": lambda: per_call(f.cache_delete, [data]),
@@ -293,8 +294,10 @@ def bench_atomic(root, size, rounds):
 
 
 def bench_done_dir(root, files, rounds):
+    """A stage writing `files` small files, plainly and inside done_dir; each round's
+    directory is removed afterwards (untimed), so the filesystem does not fill up."""
     payload = b"x" * 200
-    counter = [0]
+    directory = os.path.join(root, "stage")
 
     def fill(directory):
         for i in range(files):
@@ -302,30 +305,38 @@ def bench_done_dir(root, files, rounds):
                 file.write(payload)
 
     def plain():
-        counter[0] += 1
-        directory = os.path.join(root, "plain-%d" % counter[0])
         started = time.perf_counter()
         os.makedirs(directory)
         fill(directory)
-        return time.perf_counter() - started
+        took = time.perf_counter() - started
+        shutil.rmtree(directory)
+        return took
 
     def marked():
-        counter[0] += 1
         started = time.perf_counter()
-        with persist.done_dir(os.path.join(root, "done-%d" % counter[0])) as directory:
-            fill(directory)
-        return time.perf_counter() - started
+        with persist.done_dir(directory) as stage:
+            fill(stage)
+        took = time.perf_counter() - started
+        shutil.rmtree(directory)
+        return took
 
     return median_rounds({"plain": plain, "done_dir": marked}, rounds)
 
 
 def main():
+    root = tempfile.mkdtemp(prefix="persist-bench-")
+    try:
+        return run(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(root):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
     quick = parser.parse_args().quick
     sizes = [1000, 10000] if quick else [10000, 100000, 1000000]
     rounds = 4 if quick else 10    # a multiple of 2 and of 5 contenders: each leads equally often
-    root = tempfile.mkdtemp(prefix="persist-bench-")
     print("persist %s benchmark, %s, Python %s on %s, %d cores%s\n" % (
         persist.__version__, time.strftime("%Y-%m-%d"), platform.python_version(),
         platform.machine(), os.cpu_count(), " (quick)" if quick else ""))
@@ -379,7 +390,7 @@ def main():
             1 / procs["persist"][0], None, "0 errors", procs["persist"][1] == 0)
 
     size = (10 if quick else 100) << 20
-    key_times, peak = bench_key(size, rounds)
+    key_times, peak = bench_key(root, size, rounds)
     row("key of a %d MB argument: vs sha256 (peak %.1f MB)" % (size >> 20, peak / 1e6),
         key_times["persist"], key_times["sha256"], ">= 1/1.5, no copy",
         key_times["persist"] <= 1.5 * key_times["sha256"] and peak < size / 10)
@@ -408,7 +419,7 @@ def main():
                 times["plain"])
 
     files = 2000 if quick else 10000
-    times = bench_done_dir(root, files, rounds if quick else 9)
+    times = bench_done_dir(root, files, rounds)
     row("done_dir around %d files: vs plain writes" % files, times["done_dir"],
         times["plain"], ">= 1/1.1", times["done_dir"] <= 1.1 * times["plain"])
 
@@ -422,8 +433,6 @@ def main():
             measure, mine * 1e6, "-" if other is None else "%.2fus" % (other * 1e6),
             "-" if ratio is None else "%.2fx" % ratio, target or "", verdict))
     print("\nratio = other / persist: above 1, persist is faster.")
-    import shutil
-    shutil.rmtree(root, ignore_errors=True)
     return 1 if missed and not quick else 0
 
 
