@@ -1037,6 +1037,7 @@ class TestCacheOfAnEarlierFormat(MemoTest):
         self.assertEqual({len(key) for key, in conn.execute("SELECT key FROM Dict")}, {64})
         conn.close()
 
+
 @unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX users")
 class TestMemoizeReadOnlyCache(TempDirTest):
     def test_unwritable_directory_runs_uncached_with_warning(self):

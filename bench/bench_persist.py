@@ -299,9 +299,9 @@ def bench_done_dir(root, files, rounds):
     payload = b"x" * 200
     directory = os.path.join(root, "stage")
 
-    def fill(directory):
+    def fill(folder):
         for i in range(files):
-            with open(os.path.join(directory, "%d.json" % i), "wb") as file:
+            with open(os.path.join(folder, "%d.json" % i), "wb") as file:
                 file.write(payload)
 
     def plain():
