@@ -128,6 +128,7 @@ try:
     import fcntl as _fcntl                    # POSIX: done_dir() locks its directory
 except ImportError:                           # Windows: concurrent done_dir() is not detected
     _fcntl = None
+_FULLFSYNC = getattr(_fcntl, "F_FULLFSYNC", None)   # macOS: fsync() stops at the drive's cache
 
 
 def _link_no_clobber(src, dst):
@@ -149,6 +150,17 @@ _rename_no_clobber = os.rename if os.name == "nt" else _link_no_clobber  # nt ne
 # -- private helpers: files
 
 
+def _fsync(fd):
+    """Flush fd to stable storage; on macOS with F_FULLFSYNC, out of the drive's cache too."""
+    if _FULLFSYNC is not None:
+        try:
+            _fcntl.fcntl(fd, _FULLFSYNC)
+            return
+        except OSError:           # not every filesystem has it (SMB, some FUSE): fsync then
+            pass
+    os.fsync(fd)
+
+
 def _fsync_dir(directory):
     """Make a rename or unlink in directory durable, where the platform allows it."""
     if not _CAN_FSYNC_DIR:
@@ -157,7 +169,7 @@ def _fsync_dir(directory):
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(fd)
+            _fsync(fd)
         finally:
             os.close(fd)
 
@@ -211,7 +223,7 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
             yield file
             file.flush()
             if sync:
-                os.fsync(fd)
+                _fsync(fd)
         if kind == "x":
             try:
                 _rename_no_clobber(temp, target)
@@ -392,6 +404,7 @@ class _Store(collections.abc.MutableMapping):
             self._check(conn)
             conn.execute("PRAGMA synchronous=NORMAL")   # WAL: a commit survives a crash
             conn.execute("PRAGMA wal_autocheckpoint=2500")   # 40 MB: fewer checkpoint fsyncs
+            conn.execute("PRAGMA checkpoint_fullfsync=ON")   # macOS: past the drive's cache
             conn.execute("PRAGMA cache_size=-32768")   # up to 32 MB of pages, as used
         except BaseException:
             conn.close()

@@ -32,6 +32,7 @@ import persist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 POSIX = os.name == "posix"
+PLAIN_FSYNC = mock.patch.object(persist, "_FULLFSYNC", None)   # as where there is no F_FULLFSYNC
 LARGE = os.environ.get("PERSIST_TEST_LARGE") == "1"
 
 
@@ -187,6 +188,7 @@ class TestAtomicTemporaryFile(TempDirTest):
         self.assertEqual(victim.read_text(), "precious")
         self.assertEqual((self.path / "out").read_text(), "new")
 
+    @PLAIN_FSYNC
     def test_sync_false_skips_fsync_and_default_fsyncs(self):
         with mock.patch("os.fsync") as fsync:
             persist.atomic_write(self.path / "a", "x", sync=False)
@@ -197,6 +199,7 @@ class TestAtomicTemporaryFile(TempDirTest):
         self.assertEqual((self.path / "a").read_text(), "y")
 
     @unittest.skipUnless(POSIX, "directory fsync is POSIX")
+    @PLAIN_FSYNC
     def test_directory_fsync_refused_is_not_an_error(self):
         real_fsync = os.fsync
 
@@ -209,6 +212,62 @@ class TestAtomicTemporaryFile(TempDirTest):
             persist.atomic_write(self.path / "a", "x")
         self.assertEqual((self.path / "a").read_text(), "x")
         self.assertNoTemp()
+
+
+class TestFullFsyncWhereThePlatformHasIt(TempDirTest):
+    """macOS: fsync() leaves data in the drive's cache, so F_FULLFSYNC is used where it exists."""
+
+    F_FULLFSYNC = 51
+
+    def sync_with(self, fcntl_call, write):
+        fake = mock.MagicMock(fcntl=mock.Mock(side_effect=fcntl_call))
+        with mock.patch.object(persist, "_FULLFSYNC", self.F_FULLFSYNC), \
+                mock.patch.object(persist, "_fcntl", fake), mock.patch("os.fsync") as fsync:
+            write()
+        return fake.fcntl.call_args_list, fsync.call_args_list
+
+    def test_atomic_write_full_syncs_the_file_and_the_directory(self):
+        synced = []
+
+        def fcntl(fd, command):
+            self.assertEqual(command, self.F_FULLFSYNC)
+            synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+
+        _, fsyncs = self.sync_with(fcntl, lambda: persist.atomic_write(self.path / "a", "x"))
+        self.assertEqual(synced, [False, True] if POSIX else [False])   # data, then rename
+        self.assertEqual(fsyncs, [])
+        self.assertEqual((self.path / "a").read_text(), "x")
+
+    def test_sync_false_full_syncs_nothing(self):
+        calls, fsyncs = self.sync_with(
+            None, lambda: persist.atomic_write(self.path / "a", "x", sync=False))
+        self.assertEqual((calls, fsyncs), ([], []))
+
+    def test_a_filesystem_without_it_gets_fsync(self):
+        def fcntl(fd, command):
+            raise OSError(errno.ENOTSUP, "Operation not supported")
+
+        calls, fsyncs = self.sync_with(fcntl, lambda: persist.atomic_write(self.path / "a", "x"))
+        self.assertEqual(len(calls), len(fsyncs))    # each refused full sync fell back
+        self.assertGreaterEqual(len(fsyncs), 1)
+        self.assertEqual((self.path / "a").read_text(), "x")
+        self.assertNoTemp()
+
+    def test_done_dir_marker_is_full_synced(self):
+        def stage():
+            with persist.done_dir(self.path / "out") as d:
+                (d / "part").write_text("x")
+
+        calls, fsyncs = self.sync_with(lambda fd, command: None, stage)
+        self.assertGreaterEqual(len(calls), 3 if POSIX else 1)   # directory, marker, rename
+        self.assertEqual(fsyncs, [])
+        self.assertTrue(persist.is_done(self.path / "out"))
+
+    def test_cache_checkpoints_full_sync(self):
+        with persist.open(self.path / "db") as db:
+            db["k"] = 1
+            (on,), = db.dict._conn.execute("PRAGMA checkpoint_fullfsync").fetchall()
+        self.assertEqual(on, 1)
 
 
 @unittest.skipUnless(POSIX, "POSIX permission bits")
@@ -1601,6 +1660,7 @@ class TestDoneDir(TempDirTest):
         self.assertFalse(persist.is_done(out))
 
     @unittest.skipUnless(POSIX, "directory fsync is POSIX")
+    @PLAIN_FSYNC
     def test_old_marker_removal_is_durable_before_the_block(self):
         out = self.path / "out"
         with persist.done_dir(out):
