@@ -211,8 +211,9 @@ def bench_key(root, argument, rounds):
 def bench_big_result(root, size, rounds):
     """Store then load a result of `size` bytes, against plain file I/O of the same bytes.
 
-    Each round runs in a fresh process (plain files, then persist, alternating), so that
-    tracemalloc's peak, taken after the value exists, shows any copy persist makes.
+    Each round runs in a fresh process, so that tracemalloc's peak, taken after the value
+    exists, shows any copy persist makes. Six rounds: a fresh process's first touch of 2 GB
+    made single rounds here differ by 2x.
     """
     code = textwrap.dedent("""
         import os, sys, time, tracemalloc
@@ -227,7 +228,6 @@ def bench_big_result(root, size, rounds):
             return peak
         path = os.path.join(directory, "plain")
         f = persist.memoize(cache_dir=directory, name="big")(lambda n: value)
-        f.cache_clear()         # what an earlier round stored
         if hasattr(os, "sync"):
             os.sync()           # earlier rounds' writeback must not land in this one
         tracemalloc.start()     # after the value exists: the store phase adds its copies
@@ -248,8 +248,10 @@ def bench_big_result(root, size, rounds):
         took = time.perf_counter() - started
         loaded = phase()
         assert len(back) == size
-        if os.path.exists(path):
+        if which == "plain":    # both remove their gigabyte after the timing, alike
             os.unlink(path)
+        else:
+            f.cache_clear()
         print(took, max(size + stored, loaded) / size)
     """ % os.path.dirname(HERE))
 
@@ -259,8 +261,9 @@ def bench_big_result(root, size, rounds):
         return [float(x) for x in out.split()]
 
     results = {"plain": [], "persist": []}
-    for _ in range(rounds):
-        for which in results:
+    order = list(results)
+    for turn in range(rounds):          # the order alternates, as in median_rounds()
+        for which in order[turn % 2:] + order[:turn % 2]:
             results[which].append(run(which))
     return {which: (statistics.median(r[0] for r in runs), max(r[1] for r in runs))
             for which, runs in results.items()}
@@ -442,7 +445,7 @@ def run(root):
 
     # Last: the disk's writeback of these gigabytes slows what runs after it.
     big = (64 if quick else 1024) << 20
-    big_times = bench_big_result(root, big, 3)
+    big_times = bench_big_result(root, big, 6)
     (mine, peak), (plain, plain_peak) = big_times["persist"], big_times["plain"]
     row("%d MB result store+load: vs plain files (peak %.2fx, plain %.2fx)" % (
         big >> 20, peak, plain_peak), mine, plain, ">= 1/1.5, peak <= 1.3x",
