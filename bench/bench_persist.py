@@ -11,6 +11,7 @@ Rows of peers that are not installed are left out. The full run exits 1 if a tar
 
 import argparse
 import hashlib
+import itertools
 import os
 import pickle
 import platform
@@ -311,7 +312,7 @@ def bench_done_dir(root, files, rounds):
     after removing 10,000 took 20 times longer.
     """
     payload = b"x" * 200
-    own, made = [], iter(range(10 ** 9))
+    own, made = [], itertools.count()
 
     def fill(folder):
         for i in range(files):
