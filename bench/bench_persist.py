@@ -261,13 +261,15 @@ def bench_big_result(root, size, rounds):
                              stdout=subprocess.PIPE, universal_newlines=True).stdout
         return [float(x) for x in out.split()]
 
-    results = {"plain": [], "persist": []}
-    order = list(results)
-    for turn in range(rounds):          # the order alternates, as in median_rounds()
-        for which in order[turn % 2:] + order[:turn % 2]:
-            results[which].append(run(which))
-    return {which: (statistics.median(r[0] for r in runs), max(r[1] for r in runs))
-            for which, runs in results.items()}
+    peaks = {"plain": [], "persist": []}
+
+    def measure(which):
+        took, peak = run(which)
+        peaks[which].append(peak)
+        return took
+
+    times = median_rounds({which: (lambda w=which: measure(w)) for which in peaks}, rounds)
+    return {which: (times[which], max(peaks[which])) for which in peaks}
 
 
 def import_time(module):
