@@ -39,21 +39,26 @@ __all__ = [
 ]
 
 import _thread
+import atexit
 import codecs
 import collections
 import collections.abc
 import contextlib
 import errno
 import functools
+import hashlib
 import io
 import os
+import pickle
+import shelve
+import sqlite3
 import stat
 import sys
 import time
 import weakref
 
-# Imported by _load() on first use: together they cost more than the rest of persist.
-hashlib = inspect = pathlib = pickle = shelve = sqlite3 = threading = None
+# Imported by _load() on first use: only memoize's decoration needs them.
+inspect = None
 
 # -- constants and messages
 
@@ -62,40 +67,66 @@ _BINARY_MODES = {"wb": "w", "xb": "x"}
 _MODES_ACCEPTED = "'w', 'wb', 'x' or 'xb'"
 _FLAGS = {"r": "ro", "w": "rw", "c": "rw", "n": "rw"}   # SQLite open modes, once it exists
 _PROTOCOL = 5                    # every CPython 3.8+ reads it
-_INLINE_LIMIT = 1 << 18          # larger pickled values live in files of their own
-_PAGE_SIZE = 16384               # at a million entries, hits and misses ~10% faster than 4 KB
+_INLINE_LIMIT = 1 << 18          # larger pickles live in value files of their own
 _BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
-_SNAPSHOT = 0.1                  # seconds memoize's lookups may share one read transaction
+_ASIDE_TIMEOUT = 2.0             # the same for a signal handler's own connection
+_SWEEP_AGE = 3600.0              # without file locks (Windows), value files younger are kept
 _APPLICATION_ID = 0x70727374     # "prst" in the SQLite header: this file is a persist cache
-_FORMAT = 2                      # PRAGMA user_version: the layout described in _SCHEMA
-_HEX_KEYS = 1                    # the format whose memoize keys are hex digests, not raw ones
-_SCHEMA = (
-    # Dict is the table of CPython's dbm.sqlite3, with the time each value was stored.
-    # memoize's keys are 32-byte SHA-256 digests (hex in format 1, which is still read).
-    # A value of b'' means the pickle is in DIR/FILE.values/sha256(key).
-    # args is a short, readable form of a memoized call's arguments, for people.
-    "CREATE TABLE IF NOT EXISTS Dict (key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL,"
-    " stored REAL NOT NULL, args TEXT) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS Info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
+_FORMAT = 3                      # PRAGMA user_version: the layout made by _CREATE
+_CREATE = (
+    "PRAGMA page_size=16384",    # at a million entries, hits and misses ~10% faster than 4 KB
+    "PRAGMA auto_vacuum=INCREMENTAL",    # so that clear() and prune() can give space back
+    "PRAGMA application_id=%d" % _APPLICATION_ID,
+    "PRAGMA user_version=%d" % _FORMAT,
+    # Dict is the table of CPython's dbm.sqlite3, with what memoize records beside each value.
+    # key: a shelf's key in UTF-8, or memoize's 32-byte SHA-256 of the call's arguments.
+    # value: the pickle; b'' when it is in the value file FILE.values/<file>.
+    # stored: Unix time; seconds: how long the call took; version: memoize's version= (repr);
+    # args: a short form of a memoized call's arguments, for people.
+    "CREATE TABLE Dict (key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL, file TEXT,"
+    " stored REAL NOT NULL, seconds REAL, version TEXT, args TEXT) WITHOUT ROWID",
+    "CREATE INDEX DictFile ON Dict (file) WHERE file IS NOT NULL",
+    # Info: memoize's function, version (the latest to open it), expire and source.
+    "CREATE TABLE Info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
+    # Failures: the calls of a memoized function that raised, until one succeeds.
+    "CREATE TABLE Failures (key BLOB PRIMARY KEY NOT NULL, args TEXT, type TEXT NOT NULL,"
+    " message TEXT NOT NULL, traceback TEXT NOT NULL, count INTEGER NOT NULL,"
+    " first REAL NOT NULL, last REAL NOT NULL, seconds REAL, version TEXT) WITHOUT ROWID",
 )
-_GET = "SELECT value, stored FROM Dict WHERE key = ?"
-_PUT = "REPLACE INTO Dict (key, value, stored, args) VALUES (?, ?, ?, ?)"
+_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",   # readers and a writer at once; the first to open converts
+    "PRAGMA synchronous=NORMAL",    # WAL: a commit survives a crash, maybe not a power cut
+    "PRAGMA checkpoint_fullfsync=ON",   # macOS: past the drive's cache
+    "PRAGMA cache_size=-32768",  # up to 32 MB of pages, as used
+    "PRAGMA journal_size_limit=%d" % (8 << 20),   # the log shrinks back after a checkpoint
+)
+_GET = "SELECT value, file, stored, seconds FROM Dict WHERE key = ?"
+_FILE = "SELECT file FROM Dict WHERE key = ?"
+_PUT = ("REPLACE INTO Dict (key, value, file, stored, seconds, version, args)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)")
 _DELETE = "DELETE FROM Dict WHERE key = ?"
+_DELETE_ROW = "DELETE FROM Dict WHERE key = ? AND value = ? AND file IS ? AND stored = ?"
 _CONTAINS = "SELECT 1 FROM Dict WHERE key = ?"
 _KEYS = "SELECT key FROM Dict"
 _COUNT = "SELECT count(*) FROM Dict"
 _CLEAR = "DELETE FROM Dict"
+_FILES = "SELECT file FROM Dict WHERE file IS NOT NULL"
+_NAMED = "SELECT file FROM Dict WHERE file IN (%s)"
+_FORGET_FAILURE = "DELETE FROM Failures WHERE key = ?"
 _INFO = "SELECT name, value FROM Info"
-_OLD = "SELECT key, length(value) FROM Dict WHERE stored < ?"
-_PRUNE = "DELETE FROM Dict WHERE stored < ?"
-_ENTRIES = "SELECT key, args, stored, length(value) FROM Dict ORDER BY stored"
-_SUMMARY = "SELECT count(*), min(stored), max(stored) FROM Dict"
 _SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
+_ENTRIES = ("SELECT key, args, stored, length(value), file, seconds, version FROM Dict"
+            " ORDER BY stored")
+_SUMMARY = "SELECT count(*), min(stored), max(stored) FROM Dict"
+_MISSING = object()              # "no such entry", where None is a value
 
-_NOT_A_CACHE = ("{path} is not a persist cache ({why}); if it holds nothing you need, delete "
-                "it to start over, or use another file name")
-_NEWER = ("{path} was written by a newer persist (format {found}; this persist.py reads "
-          "format {ours}); use a newer persist.py, or delete the file to start over")
+_NOT_A_CACHE = ("not a persist cache ({why}); if it holds nothing you need, delete it to "
+                "start over, or use another file name")
+_NEWER = ("written by a newer persist (format {found}; this persist.py reads format {ours}); "
+          "use a newer persist.py")
+_OLDER = ("written by an older persist (format {found}; this persist.py reads format {ours}), "
+          "whose keys this one does not compute: move the file away (its results are computed "
+          "again), or keep using the persist.py that wrote it")
 _LINK = ("a symbolic link where persist keeps its own file (it may have been planted); "
          "persist does not follow it: remove it")
 _WORLD_WRITABLE = ("every user may write it (or, in a shared directory such as /tmp, another "
@@ -109,6 +140,11 @@ _BUSY_DIR = ("{path} is being filled by another done_dir() right now (in this or
 
 class PersistError(OSError):
     """A path persist was given is not safe to use: not a cache, corrupt, planted, or busy."""
+
+    def __str__(self):
+        if self.filename is None or self.strerror is None:
+            return super().__str__()
+        return "%s: %s" % (os.fsdecode(self.filename), self.strerror)
 
 
 class PersistWarning(UserWarning):
@@ -279,141 +315,364 @@ def _remove_files_in(directory):
                 os.unlink(entry.path)
 
 
-# -- private helpers: the store
+# -- the store: one SQLite file per cache, with large pickles in files beside it
+#
+# _Connection  one process's connection to the file: a lock, fork() and signals, errors
+# _Values      the files of pickles too large for a row, each one named by its row
+# _Store       what the shelf and memoize do: get, put, delete, iterate, count, clear, prune
+# _Shelf       shelve.Shelf over a _Store
 
-_STORES = weakref.WeakSet()      # open stores, for _after_fork
-_ABANDONED = []                  # connections inherited over fork(): never used, never closed
-
-
-def _after_fork():
-    """In a forked child: fresh locks, and each store reconnects on its next use."""
-    global _OPEN_LOCK
-    _OPEN_LOCK = _thread.allocate_lock()
-    for store in list(_STORES):
-        store._lock = _thread.allocate_lock()
-        if store._conn is not None:
-            _ABANDONED.append(store._conn)
-            store._conn = None
+_CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
+_FORKING = []                      # the ones _before_fork() holds, for the parent to release
+_ABANDONED = []                    # connections a racing thread opened during fork(): never
+                                   # used or closed in the child (closing would unlock the parent's)
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork)
-
-_REAPER = None                   # the thread that ends memoize's read snapshots
-
-
-def _reap():
-    """End each store's read snapshot once it is old: an idle process that still held one
-    would keep SQLite from restarting its write-ahead log, which would then grow."""
-    while True:
-        time.sleep(_SNAPSHOT)
-        for store in list(_STORES):
-            store.end_snapshot(time.monotonic())
+def _fetch(conn, sql, params=()):
+    # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
+    return conn.execute(sql, params).fetchall()
 
 
-def _start_reaper():
-    global _REAPER
-    if _REAPER is None or not _REAPER.is_alive():     # after fork() it is not
-        _REAPER = threading.Thread(target=_reap, name="persist-snapshots", daemon=True)
-        _REAPER.start()
+def _uri(path, mode):
+    """A file: URI for sqlite3.connect(uri=True); pathlib's as_uri() costs an import."""
+    path = path.replace(os.sep, "/")
+    if not path.startswith("/"):           # Windows: C:/dir -> /C:/dir
+        path = "/" + path
+    for char, code in (("%", "%25"), ("?", "%3f"), ("#", "%23")):
+        path = path.replace(char, code)
+    return "file://%s?mode=%s" % (path, mode)
 
 
-_LOG = _SHORT = _KeyPickler = _Shelf = None
+class _Connection:
+    """One process's SQLite connection to one cache file, used under a lock.
 
-
-def _load():
-    """Import what the store and memoize need, and make the classes that build on it."""
-    global hashlib, inspect, pathlib, pickle, shelve, sqlite3, threading
-    global _LOG, _SHORT, _KeyPickler, _Shelf
-    if _Shelf is not None:
-        return
-    import hashlib, inspect, logging, pathlib, pickle, reprlib, shelve, sqlite3, threading  # noqa
-    _LOG = logging.getLogger("persist")      # DEBUG: a line per hit, miss and store
-    _SHORT = reprlib.Repr()                  # arguments shortened for 'persist show'
-    _SHORT.maxstring = _SHORT.maxother = 40
-    # Pickles for keys: no memo (equal values, equal bytes), dicts and sets by content.
-    _KeyPickler = type("_KeyPickler", (pickle.Pickler,),
-                       {"persistent_id": lambda self, obj: _canonical(obj)})
-    _Shelf = type("_Shelf", (_ShelfMethods, shelve.Shelf), {})
-
-
-class _Store(collections.abc.MutableMapping):
-    """bytes -> bytes in one SQLite file in WAL mode; every assignment commits when it returns.
-
-    Large values live as files in FILE.values/. One connection per process, behind a lock.
+    It is opened on first use and held only for the length of one SQL step or transaction, never
+    while user code runs. fork() closes it first (a child must not inherit SQLite's locks; see
+    the SQLite documentation, howtocorrupt.html 2.6), and parent and child reopen it on their
+    next use. A signal handler that uses the cache while its thread is in here gets a connection
+    of its own, so it neither deadlocks nor disturbs the transaction it interrupted.
     """
 
-    __eq__ = object.__eq__        # a store is itself, not its contents
-    __hash__ = object.__hash__
-
-    def __init__(self, filename, flag="c"):
-        _load()
-        if flag not in _FLAGS:
-            raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
-        self.path = os.path.abspath(os.fsdecode(os.fspath(filename)))
-        self._values = self.path + ".values"
-        self._had_values = os.path.isdir(self._values)   # else no large value to replace
-        self._flag = flag
-        self._lock = _thread.allocate_lock()
+    def __init__(self, path, mode):
+        self.path = path
+        self.mode = mode                  # "ro" or "rw"
+        self._lock = _thread.RLock()
+        self._depth = 0                   # > 0 while this thread is inside run()
         self._conn = None
-        self._snapshot_ends = 0.0
-        with self._lock:
-            self._connect()
-        _STORES.add(self)
-        if flag == "n":
-            self.clear()
+        _CONNECTIONS.add(self)
 
-    def _error(self, exc):
-        """Turn an sqlite3 error into ours, naming the file."""
-        if isinstance(exc, sqlite3.OperationalError):
-            text = str(exc)
-            if "readonly" in text:
-                return PermissionError(errno.EACCES, "cannot write the cache (%s)" % text,
-                                       self.path)
-            if "full" in text:
-                return OSError(errno.ENOSPC, "cannot write the cache (%s)" % text, self.path)
-            return OSError(errno.EIO, "cache file error (%s)" % text, self.path)
-        return PersistError(_NOT_A_CACHE.format(path=self.path, why=exc))
+    def run(self, work, *args):
+        """work(connection, *args) under the lock; sqlite3's errors become persist's."""
+        with self._lock:
+            if self._depth:               # a signal handler interrupted this thread in here
+                return self._run_aside(work, args)
+            self._depth += 1
+            try:
+                conn = self._conn or self._connect()
+                if conn.in_transaction:   # left open by a call that an exception interrupted
+                    conn.execute("ROLLBACK")
+                return work(conn, *args)
+            except sqlite3.Error as exc:
+                raise self.error(exc) from None
+            finally:
+                self._depth -= 1
+
+    def transaction(self, work, *args):
+        """run() work inside BEGIN IMMEDIATE ... COMMIT: all of it is stored, or none."""
+        return self.run(_transaction, work, args)
+
+    def _run_aside(self, work, args):
+        conn = None
+        try:
+            conn = self._open(self.mode, _ASIDE_TIMEOUT)
+            return work(conn, *args)
+        except sqlite3.Error as exc:
+            raise self.error(exc) from None
+        finally:
+            if conn is not None:
+                conn.close()
 
     def _connect(self):
-        self._check_path()
         try:
-            if self._flag in "cn" and not os.path.exists(self.path):
-                self._create()
-            conn = self._open(_FLAGS[self._flag])
-        except sqlite3.OperationalError as exc:
-            # SQLite reads a WAL file in a directory it may not write (no -shm file can be
-            # made) only as immutable: nobody but root can be changing it there.
-            if not os.path.isfile(self.path) or os.access(os.path.dirname(self.path), os.W_OK):
-                raise self._error(exc) from None
-            try:
-                conn = self._open("ro&immutable=1")
-            except sqlite3.Error as exc:
-                raise self._error(exc) from None
-        except sqlite3.Error as exc:
-            raise self._error(exc) from None
-        self._conn = conn
-        self._cursor = conn.cursor()     # recent()'s: one cursor, not one a lookup
+            self._conn = self._open(self.mode, _BUSY_TIMEOUT)
+        except sqlite3.OperationalError:
+            # SQLite reads a cache in WAL mode only if it can make a -shm file beside it
+            if os.access(os.path.dirname(self.path), os.W_OK) or not os.path.isfile(self.path):
+                raise
+            self._conn = self._open_read_only()
+        return self._conn
+
+    def _open_read_only(self):
+        """A connection to a cache in a directory we may not write: there, nobody but root
+        can change it. Without a -wal file it is read as immutable; with one (left by a
+        crash) from a private copy, as SQLite cannot read that log without a -shm file."""
+        if _size(self.path + "-wal") == 0:
+            return self._open("ro&immutable=1", _BUSY_TIMEOUT)
+        import shutil
+        import tempfile
+        copy = tempfile.mkdtemp(prefix="persist-")
+        try:
+            target = os.path.join(copy, "copy.db")
+            shutil.copyfile(self.path, target)
+            shutil.copyfile(self.path + "-wal", target + "-wal")
+            conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only=ON")
+            self._check(conn)
+        except BaseException:
+            shutil.rmtree(copy, ignore_errors=True)
+            raise
+        weakref.finalize(conn, shutil.rmtree, copy, True)
         return conn
 
-    def _open(self, mode):
-        conn = sqlite3.connect(pathlib.Path(self.path).as_uri() + "?mode=" + mode, uri=True,
-                               timeout=_BUSY_TIMEOUT, isolation_level=None,
-                               check_same_thread=False)
+    def _open(self, mode, timeout):
+        conn = sqlite3.connect(_uri(self.path, mode), uri=True, timeout=timeout,
+                               isolation_level=None, check_same_thread=False)
         try:
             self._check(conn)
-            conn.execute("PRAGMA synchronous=NORMAL")   # WAL: a commit survives a crash
-            conn.execute("PRAGMA wal_autocheckpoint=2500")   # 40 MB: fewer checkpoint fsyncs
-            conn.execute("PRAGMA checkpoint_fullfsync=ON")   # macOS: past the drive's cache
-            conn.execute("PRAGMA cache_size=-32768")   # up to 32 MB of pages, as used
+            for pragma in _PRAGMAS if mode == "rw" else _PRAGMAS[1:]:
+                conn.execute(pragma).fetchall()
         except BaseException:
             conn.close()
             raise
         return conn
 
+    def _check(self, conn):
+        """Refuse a file that is not a persist cache of this format."""
+        (app,), = _fetch(conn, "PRAGMA application_id")
+        (found,), = _fetch(conn, "PRAGMA user_version")
+        if app != _APPLICATION_ID:
+            empty = not _fetch(conn, "SELECT 1 FROM sqlite_master")
+            why = "an empty file" if empty else "an SQLite database of another program"
+            raise PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), self.path)
+        if found != _FORMAT:
+            message = _NEWER if found > _FORMAT else _OLDER
+            raise PersistError(errno.EINVAL, message.format(found=found, ours=_FORMAT),
+                               self.path)
+
+    def error(self, exc):
+        """The one place that turns an sqlite3 error into persist's, naming the file."""
+        text = str(exc)
+        if isinstance(exc, sqlite3.OperationalError):
+            if "readonly" in text or "read-only" in text:
+                return PermissionError(errno.EACCES, "cannot write the cache (%s)" % text,
+                                       self.path)
+            if "full" in text:
+                return OSError(errno.ENOSPC, "cannot write the cache (%s)" % text, self.path)
+            if "locked" in text or "busy" in text:
+                return OSError(errno.EBUSY, "the cache stayed locked by another process "
+                               "(%s)" % text, self.path)
+            if "unable to open" in text:
+                return OSError(errno.EIO, "cannot open the cache (%s)" % text, self.path)
+            return OSError(errno.EIO, "cache file error (%s)" % text, self.path)
+        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=text), self.path)
+
+    def close(self):
+        with self._lock:
+            _CONNECTIONS.discard(self)
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def _transaction(conn, work, args):
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn, *args)
+        conn.execute("COMMIT")
+    except BaseException:
+        # best effort: the error that got us here matters more than one from the rollback
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _before_fork():
+    """Close every connection, each under its lock, so no thread is inside one at fork()."""
+    while True:           # a thread may open another while we hold the first ones
+        new = [conn for conn in list(_CONNECTIONS) if conn not in _FORKING]
+        if not new:
+            return
+        for conn in new:
+            conn._lock.acquire()
+            _FORKING.append(conn)
+            if conn._conn is not None:
+                conn._conn.close()
+                conn._conn = None
+
+
+def _after_fork_in_parent():
+    for conn in _FORKING:
+        conn._lock.release()
+    del _FORKING[:]
+
+
+def _after_fork_in_child():
+    global _OPEN_LOCK
+    _OPEN_LOCK = _thread.allocate_lock()
+    del _FORKING[:]
+    for conn in list(_CONNECTIONS):
+        conn._lock = _thread.RLock()      # whoever held the old one is not in this process
+        conn._depth = 0
+        if conn._conn is not None:        # opened by another thread while fork() was under way
+            _ABANDONED.append(conn._conn)
+            conn._conn = None
+
+
+def _close_all():
+    """At exit: close every connection, so the last one out removes the -wal and -shm files."""
+    for conn in list(_CONNECTIONS):
+        # best effort: at exit, a connection another thread is using stays as it is
+        with contextlib.suppress(Exception):
+            if conn._lock.acquire(blocking=False):
+                try:
+                    conn.close()
+                finally:
+                    conn._lock.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
+atexit.register(_close_all)
+
+
+class _Values:
+    """The pickles too large for a row: one file each in FILE.values/, under a random name that
+    its row records.
+
+    A file is created and locked before the transaction that names it, and removed only after
+    the commit that stopped naming it. A file that no row names and no process holds (left by a
+    killed process) is removed by sweep(), which the next process to open the cache runs.
+    """
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def path(self, name):
+        return os.path.join(self.directory, name)
+
+    def create(self):
+        """A new value file, locked against sweep() until closed: (name, binary file)."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.directory)
+        while True:
+            name = os.urandom(16).hex()
+            fd = os.open(self.path(name), _O_TEMP, 0o666)
+            try:
+                if _fcntl is not None:
+                    _fcntl.flock(fd, _fcntl.LOCK_EX)
+                    if os.fstat(fd).st_nlink == 0:    # swept before we locked it: again
+                        os.close(fd)
+                        continue
+                return name, io.open(fd, "wb")
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                raise
+
+    def remove(self, names):
+        for name in names:
+            # best effort: a file already gone is what we wanted; on Windows one that a
+            # reader holds open stays, and a later sweep() removes it
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                os.unlink(self.path(name))
+
+    def sweep(self, named):
+        """Remove the files that named(names) leaves out and that nobody is writing."""
+        try:
+            names = os.listdir(self.directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        unnamed = set(names) - named(names)
+        for name in unnamed:
+            path = self.path(name)
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
+                continue
+            try:
+                if _fcntl is not None:
+                    try:
+                        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                    except OSError:                 # a live writer holds it
+                        continue
+                elif time.time() - os.fstat(fd).st_mtime < _SWEEP_AGE:
+                    continue                        # no locks: leave young files alone
+                if name not in named([name]):       # its writer committed meanwhile?
+                    os.unlink(path)
+            except OSError:
+                pass            # best effort: what is left now is swept next time
+            finally:
+                os.close(fd)
+
+
+class _Spill:
+    """A file for pickle.dump(): bytes in memory up to _INLINE_LIMIT, past it a value file."""
+
+    def __init__(self, values):
+        self._values = values
+        self._chunks = []
+        self._size = 0
+        self.name = self.file = None
+
+    def write(self, data):
+        if self.file is None:
+            self._size += memoryview(data).nbytes
+            if self._size <= _INLINE_LIMIT:
+                self._chunks.append(bytes(data))
+                return
+            self.name, self.file = self._values.create()
+            self.file.writelines(self._chunks)
+            self._chunks = None
+        self.file.write(data)
+
+    def inline(self):
+        """The pickle, or b'' when it went to the value file."""
+        if self.file is not None:
+            self.file.flush()
+            return b""
+        return b"".join(self._chunks)
+
+    def discard(self):
+        if self.name is not None:
+            self._values.remove([self.name])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+class _Store:
+    """A cache file: keys (bytes) to pickled values, with what memoize records beside them.
+
+    Every write is one transaction, committed when the method returns. Reads take no lock
+    that outlives them. The interface is small, so that another backend could replace it.
+    """
+
+    def __init__(self, filename, flag="c"):
+        if flag not in _FLAGS:
+            raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
+        self.path = os.path.abspath(os.fsdecode(os.fspath(filename)))
+        self.flag = flag
+        self.values = _Values(self.path + ".values")
+        self._check_path()
+        if flag in "cn" and not os.path.exists(self.path):
+            self._create()
+        self.conn = _Connection(self.path, _FLAGS[flag])
+        try:
+            self.conn.run(_fetch, "SELECT 1")     # open now: a bad file fails here
+        except BaseException:
+            self.conn.close()
+            raise
+        if flag == "n":
+            self.clear()
+        elif flag != "r":
+            self.sweep()
+
     def _check_path(self):
         """Refuse a cache others could plant code in, or that would write through a link."""
-        if self._flag in "rw" and not os.path.exists(self.path):
+        if self.flag in "rw" and not os.path.exists(self.path):
             raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
                                     "to create it)", self.path)
         shared = 0
@@ -422,7 +681,7 @@ class _Store(collections.abc.MutableMapping):
             shared = os.stat(directory).st_mode & (stat.S_IWOTH | stat.S_ISVTX)
             if shared == stat.S_IWOTH:
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, directory)
-        for name in (self.path, self.path + "-wal", self.path + "-shm", self._values):
+        for name in (self.path, self.path + "-wal", self.path + "-shm", self.values.directory):
             try:
                 info = os.lstat(name)
             except FileNotFoundError:
@@ -434,298 +693,332 @@ class _Store(collections.abc.MutableMapping):
             if _CHECK_WORLD_WRITABLE and (info.st_mode & stat.S_IWOTH or foreign):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
 
-    def _check(self, conn):
-        """Check the header: a persist cache, of a format this code reads."""
-        # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
-        (app,), = conn.execute("PRAGMA application_id").fetchall()
-        if app != _APPLICATION_ID:
-            empty = not conn.execute("SELECT 1 FROM sqlite_master").fetchall()
-            why = "an empty file" if empty else "an SQLite database of another program"
-            raise PersistError(_NOT_A_CACHE.format(path=self.path, why=why))
-        (found,), = conn.execute("PRAGMA user_version").fetchall()
-        if found > _FORMAT:
-            raise PersistError(_NEWER.format(path=self.path, found=found, ours=_FORMAT))
-        self.format = found
-
     def _create(self):
-        """Make a new cache beside path and link it into place: nobody sees it half made."""
+        """Make a new cache beside path and link it into place: nobody sees it half made.
+
+        It is made in rollback mode and linked while an exclusive lock on it is held; only then
+        are the -wal and -shm files of a cache deleted without them removed. Otherwise SQLite
+        would replay that old log into the new file, and deleted results would come back.
+        Nobody can open the new file before they are gone: opening waits for the lock.
+        """
         temp, fd = _create_temp(self.path, self.path)
         os.close(fd)
+        conn = None
         try:
             conn = sqlite3.connect(temp, isolation_level=None)
+            for statement in _CREATE:
+                conn.execute(statement)
+            conn.execute("BEGIN EXCLUSIVE")
             try:
-                conn.execute("PRAGMA page_size=%d" % _PAGE_SIZE)
-                conn.execute("PRAGMA journal_mode=WAL").fetchall()
-                conn.execute("PRAGMA application_id=%d" % _APPLICATION_ID)
-                conn.execute("PRAGMA user_version=%d" % _FORMAT)
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-            finally:
-                conn.close()
-            with contextlib.suppress(FileExistsError):   # another process made it first
                 _rename_no_clobber(temp, self.path)
+            except FileExistsError:      # another process made it first: theirs is as good
+                pass
+            else:
+                for stale in (self.path + "-wal", self.path + "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(stale)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise OSError(errno.EIO, "cannot create the cache (%s)" % exc, self.path) from None
         finally:
+            if conn is not None:
+                conn.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
 
-    def _latest(self):
-        """The connection, seeing the latest state: recent()'s snapshot ended. Hold the lock."""
-        conn = self._conn or self._connect()
-        if conn.in_transaction:
-            conn.execute("COMMIT")
-        return conn
+    # Reading
 
-    def _query(self, sql, params=()):
-        with self._lock:
-            try:
-                return self._latest().execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise self._error(exc) from None
-
-    def recent(self, key):
-        """lookup() for memoize, from a snapshot at most _SNAPSHOT seconds old.
-
-        Every SQLite read transaction takes and drops file locks: half the cost of a hit.
-        Sharing one for a moment is safe for memoize, whose stored results stay right: at
-        worst a result that another process stored in that moment is computed again.
-        """
-        self._lock.acquire()      # not "with": this is every hit's path, and it costs less
-        try:
-            conn = self._conn or self._connect()
-            try:
-                now = time.monotonic()
-                if now > self._snapshot_ends or not conn.in_transaction:
-                    if conn.in_transaction:
-                        conn.execute("COMMIT")
-                    conn.execute("BEGIN")
-                    self._snapshot_ends = now + _SNAPSHOT
-                    _start_reaper()
-                return self._cursor.execute(_GET, (key,)).fetchall()
-            except sqlite3.Error as exc:
-                raise self._error(exc) from None
-        finally:
-            self._lock.release()
-
-    @staticmethod
-    def _put_in_snapshot(conn, row):
-        """Store row in recent()'s snapshot, so that a miss is one transaction from lookup to
-        store and takes SQLite's locks once. False if another process wrote since the
-        snapshot began (SQLite then refuses, and the caller writes in a transaction of its own).
-        """
-        try:
-            conn.execute(_PUT, row)
-            conn.execute("COMMIT")
-            return True
-        except sqlite3.OperationalError:     # SQLITE_BUSY: the snapshot is not the latest
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            return False
-
-    def end_snapshot(self, now):
-        """End recent()'s snapshot if it is old, unless the store is busy (then it is in use)."""
-        if now > self._snapshot_ends > 0 and self._lock.acquire(blocking=False):
-            try:
-                if self._conn is not None and self._conn.in_transaction:
-                    # best effort: a failure here only delays the end of a read
-                    with contextlib.suppress(sqlite3.Error):
-                        self._conn.execute("COMMIT")
-                self._snapshot_ends = 0.0
-            finally:
-                self._lock.release()
-
-    @contextlib.contextmanager
-    def _transaction(self):
-        with self._lock:
-            try:
-                conn = self._latest()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                    conn.execute("COMMIT")
-                finally:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-            except sqlite3.Error as exc:
-                raise self._error(exc) from None
-
-    def _side(self, key):
-        return os.path.join(self._values, hashlib.sha256(key).hexdigest())
-
-    def _drop_side(self, key):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._side(key))
-
-    def _open_side(self, key):
-        os.makedirs(self._values, exist_ok=True)
-        self._had_values = True
-        return _atomic_open(self._side(key), "wb", sync=False, follow=False)
-
-    # The raw mapping: bytes keys, pickled bytes values.
-
-    def __getitem__(self, key):
-        row = self.lookup(key)
-        if row is None:
-            raise KeyError(key)
-        if row[0]:
-            return row[0]
-        with io.open(self._side(key), "rb") as file:
-            return file.read()
-
-    def __setitem__(self, key, blob):
-        if len(blob) > _INLINE_LIMIT:
-            with self._open_side(key) as file:
-                file.write(blob)
-            blob = b""
-        self._put(key, blob, None)
-
-    def __delitem__(self, key):
-        if not self.delete(key):
-            raise KeyError(key)
-
-    def __contains__(self, key):
-        return bool(self._query(_CONTAINS, (key,)))
-
-    def __iter__(self):
-        return iter([key for key, in self._query(_KEYS)])
-
-    def __len__(self):
-        return self._query(_COUNT)[0][0]
-
-    def _put(self, key, blob, args):
-        row = (key, blob, time.time(), args)
-        with self._lock:
-            try:
-                conn = self._conn or self._connect()
-                if not (conn.in_transaction and self._put_in_snapshot(conn, row)):
-                    conn.execute(_PUT, row)
-            except sqlite3.Error as exc:
-                raise self._error(exc) from None
-        if blob and self._had_values:    # remove a large value that this one replaced
-            self._drop_side(key)
-
-    # What the shelf and memoize use: pickling straight to and from disk.
-
-    def lookup(self, key):
-        """(value, stored) for key, or None."""
-        rows = self._query(_GET, (key,))
+    def get(self, key):
+        """(pickle or b'', value file name or None, stored, seconds) for key, or None."""
+        rows = self.conn.run(_fetch, _GET, (key,))
         return rows[0] if rows else None
 
-    def load(self, key, blob):
-        """Unpickle a value that lookup() returned."""
-        if blob:
-            return pickle.loads(blob)
-        with io.open(self._side(key), "rb") as file:
+    def load(self, row):
+        """Unpickle the value of a row from get(); FileNotFoundError if a writer replaced it
+        (and removed its file) since: get() it again."""
+        if row[1] is None:
+            return pickle.loads(row[0])
+        with io.open(self.values.path(row[1]), "rb") as file:
             return pickle.load(file)
 
-    def dump(self, key, value, protocol, args=None):
-        """Pickle value under key; a large pickle goes to its file without a copy in memory."""
-        with contextlib.ExitStack() as stack:
-            spill = _Spill(lambda: stack.enter_context(self._open_side(key)))
-            pickle.dump(value, spill, protocol)
-        self._put(key, spill.getvalue(), args)
+    def keys(self):
+        return [key for key, in self.conn.run(_fetch, _KEYS)]
 
-    def delete(self, key):
-        """Remove key; return whether it was there."""
-        with self._transaction() as conn:
-            gone = conn.execute(_DELETE, (key,)).rowcount > 0
-        self._drop_side(key)
-        return gone
+    def __len__(self):
+        return self.conn.run(_fetch, _COUNT)[0][0]
 
-    def clear(self):
-        self._query(_CLEAR)
-        self._reclaim()
-
-    def _reclaim(self):
-        """After every entry went: remove the large values' files and shrink the file."""
-        _remove_files_in(self._values)
-        # best effort: another process may be using the file; its free pages are reused anyway
-        with contextlib.suppress(OSError):
-            self._query("VACUUM")
+    def __contains__(self, key):
+        return bool(self.conn.run(_fetch, _CONTAINS, (key,)))
 
     def info(self):
-        return dict(self._query(_INFO))
-
-    def prune(self, before):
-        """Remove the entries stored before the Unix time before; return how many went."""
-        with self._transaction() as conn:
-            rows = conn.execute(_OLD, (before,)).fetchall()
-            conn.execute(_PRUNE, (before,))
-        for key, size in rows:
-            if not size:
-                self._drop_side(key)
-        return len(rows)
+        return dict(self.conn.run(_fetch, _INFO))
 
     def entries(self):
-        """(key, args, stored, size) of every entry, oldest first."""
-        rows = self._query(_ENTRIES)
-        return [(key, args, stored, size or _size(self._side(key)))
-                for key, args, stored, size in rows]
+        """(key, args, stored, size, seconds, version) of every entry, oldest first."""
+        rows = self.conn.run(_fetch, _ENTRIES)
+        return [(key, args, stored, _size(self.values.path(file)) if file else size, seconds,
+                 version) for key, args, stored, size, file, seconds, version in rows]
+
+    def summary(self):
+        """(entries, oldest, newest, stale entries, their bytes): stale entries are those of
+        another version than the latest to open the cache."""
+        (count, oldest, newest), = self.conn.run(_fetch, _SUMMARY)
+        version = self.info().get("version")
+        stale = self.prune(version=version, dry_run=True) if version else (0, 0)
+        return (count, oldest, newest) + stale
 
     def disk_usage(self):
         names = [self.path, self.path + "-wal", self.path + "-shm"]
-        with contextlib.suppress(FileNotFoundError):
-            names += [entry.path for entry in os.scandir(self._values)]
+        with contextlib.suppress(OSError):
+            names += [self.values.path(name) for name in os.listdir(self.values.directory)]
         return sum(_size(name) for name in names)
 
-    def claim(self, function, version, expire):
-        """Mark this cache as function's at version; results of another version are dropped."""
-        want = {"function": function, "version": version, "expire": repr(expire)}
-        if self.info() == want:
-            return
-        with self._transaction() as conn:
-            old = dict(conn.execute(_INFO).fetchall())
-            stale = "version" in old and old["version"] != version
-            if stale:
-                conn.execute(_CLEAR)
-            conn.executemany(_SET_INFO, want.items())
-        if stale:
-            self._reclaim()
+    # Writing
 
-    def __del__(self):
-        # best effort: a store dropped without close() closes its connection (not one that
-        # fork() left behind: _after_fork took it away)
-        with contextlib.suppress(Exception):
-            self.close()
+    def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None):
+        """Pickle value under key, with what memoize records; a large pickle goes to a value
+        file as it is made, with no copy in memory."""
+        spill = _Spill(self.values)
+        try:
+            pickle.dump(value, spill, protocol)
+            row = (key, spill.inline(), spill.name, time.time(), seconds, version, args)
+            old = self.conn.transaction(_replace, row)
+        except BaseException:
+            spill.discard()
+            raise
+        finally:
+            spill.close()
+        if old:
+            self.values.remove([old])
+
+    def delete(self, key):
+        """Remove key; return whether it was there."""
+        found = self.conn.transaction(_delete, key)
+        if found and found[0]:
+            self.values.remove([found[0]])
+        return bool(found)
+
+    def delete_row(self, key, row):
+        """Remove key if it still holds the row that get() returned; return whether it did."""
+        gone = self.conn.transaction(_delete_row, key, row)
+        if gone and row[1]:
+            self.values.remove([row[1]])
+        return gone
+
+    def set_info(self, info):
+        self.conn.transaction(lambda conn: conn.executemany(_SET_INFO, info.items()))
+
+    def clear(self):
+        """Remove every entry (and failure record); return how many entries there were."""
+        count, names = self.conn.transaction(_clear)
+        self.values.remove(names)
+        self._give_back()
+        return count
+
+    def prune(self, before=None, version=None, dry_run=False):
+        """Remove the entries stored before the Unix time before, or of another version than
+        version; return (entries, bytes) removed, or that would be with dry_run."""
+        where, params = [], []
+        if before is not None:
+            where.append("stored < ?")
+            params.append(before)
+        if version is not None:
+            where.append("version IS NOT ?")
+            params.append(version)
+        if not where:
+            raise ValueError("prune() needs before= or version=")
+        where = " OR ".join(where)
+        rows = self.conn.run(_fetch, "SELECT length(value), file FROM Dict WHERE " + where,
+                             params)
+        size = sum(_size(self.values.path(file)) if file else length for length, file in rows)
+        if dry_run:
+            return len(rows), size
+        names = self.conn.transaction(_prune, where, params)
+        self.values.remove(names)
+        self._give_back()
+        return len(rows), size
+
+    def sweep(self):
+        """Remove value files that a killed process left; give back space a killed prune kept."""
+        def named(names):
+            found = set()
+            for start in range(0, len(names), 500):     # SQLite's limit on parameters
+                part = names[start:start + 500]
+                found.update(name for name, in self.conn.run(
+                    _fetch, _NAMED % ",".join("?" * len(part)), part))
+            return found
+        self.values.sweep(named)
+        (free,), = self.conn.run(_fetch, "PRAGMA freelist_count")
+        (total,), = self.conn.run(_fetch, "PRAGMA page_count")
+        if free * 4 > total and free > 64:      # a killed prune() or clear() kept them
+            self._give_back()
+
+    def _give_back(self):
+        """Return free pages to the filesystem, and shorten the log."""
+        # best effort: another process may hold a read lock; its pages are reused anyway
+        with contextlib.suppress(OSError):
+            self.conn.run(_fetch, "PRAGMA incremental_vacuum")
+            self.conn.run(_fetch, "PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self):
-        _STORES.discard(self)
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self.conn.close()
 
 
-class _ShelfMethods:
-    """Mixed into shelve.Shelf by _load(): values are pickled straight to and from the file."""
+def _replace(conn, row):
+    old = _fetch(conn, _FILE, (row[0],))
+    conn.execute(_PUT, row)
+    conn.execute(_FORGET_FAILURE, (row[0],))
+    return old[0][0] if old else None
 
-    def __getitem__(self, key):
-        store = self.dict
-        if not isinstance(store, _Store):   # closed: let Shelf raise its ValueError
-            return super().__getitem__(key)
-        raw = key.encode(self.keyencoding)
-        row = store.lookup(raw)
-        if row is None:
-            raise KeyError(key)
-        return store.load(raw, row[0])
 
-    def __setitem__(self, key, value):
-        if not isinstance(self.dict, _Store):
-            return super().__setitem__(key, value)
-        self.dict.dump(key.encode(self.keyencoding), value, self._protocol)
+def _delete(conn, key):
+    old = _fetch(conn, _FILE, (key,))
+    conn.execute(_DELETE, (key,))
+    return old[0] if old else None
+
+
+def _delete_row(conn, key, row):
+    return conn.execute(_DELETE_ROW, (key, row[0], row[1], row[2])).rowcount > 0
+
+
+def _clear(conn):
+    names = [name for name, in _fetch(conn, _FILES)]
+    count = conn.execute(_CLEAR).rowcount
+    conn.execute("DELETE FROM Failures")
+    return count, names
+
+
+def _prune(conn, where, params):
+    names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
+                                            "AND (%s)" % where, params)]
+    conn.execute("DELETE FROM Dict WHERE " + where, params)
+    return names
+
+
+class _Shelf(shelve.Shelf):
+    """shelve.Shelf over a _Store: values are pickled straight to and from the file, and every
+    method is one step that another process's writes cannot break in the middle of."""
+
+    def __init__(self, store, protocol=None):
+        super().__init__(store, protocol)
 
     @property
     def path(self):
         """The cache file's absolute path."""
         return self.dict.path
 
+    def __getitem__(self, key):
+        store = self._store()
+        raw = key.encode(self.keyencoding)
+        for _ in range(100):
+            row = store.get(raw)
+            if row is None:
+                raise KeyError(key)
+            try:
+                return store.load(row)
+            except FileNotFoundError:     # replaced or deleted since get(): read it again
+                continue
+        raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
+                           store.values.path(row[1]))
+
+    def __setitem__(self, key, value):
+        self._store().put(key.encode(self.keyencoding), value, self._protocol)
+
+    def __delitem__(self, key):
+        if not self._store().delete(key.encode(self.keyencoding)):
+            raise KeyError(key)
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def pop(self, key, default=_MISSING):
+        store = self._store()
+        raw = key.encode(self.keyencoding)
+        while True:
+            row = store.get(raw)
+            if row is None:
+                if default is _MISSING:
+                    raise KeyError(key)
+                return default
+            try:
+                value = store.load(row)
+            except FileNotFoundError:
+                continue
+            if store.delete_row(raw, row):  # else another process changed it: again
+                return value
+
+    def popitem(self):
+        for key in self:
+            try:
+                return key, self.pop(key)
+            except KeyError:              # deleted by another process meanwhile
+                continue
+        raise KeyError("popitem(): the shelf is empty")
+
+    def setdefault(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            self[key] = default
+            return default
+
+    def items(self):
+        return _ItemsView(self)
+
+    def values(self):
+        return _ValuesView(self)
+
+    def clear(self):
+        self._store().clear()
+
+    def _store(self):
+        store = self.dict
+        if not isinstance(store, _Store):
+            raise ValueError("invalid operation on closed shelf")
+        return store
+
+
+class _ItemsView(collections.abc.ItemsView):
+    def __iter__(self):
+        for key in self._mapping:
+            try:
+                yield key, self._mapping[key]
+            except KeyError:               # deleted by another process meanwhile
+                continue
+
+
+class _ValuesView(collections.abc.ValuesView):
+    def __iter__(self):
+        for key, value in _ItemsView(self._mapping):
+            yield value
+
 
 # -- private helpers: memoize
 
-_MISSING = object()
+_SHORT = _KeyPickler = None
+
+
+def _load():
+    """Import what decorating a function needs: inspect alone costs as much as all of persist."""
+    global inspect, _SHORT, _KeyPickler
+    if _KeyPickler is not None:
+        return
+    import inspect, reprlib   # noqa: E401
+    _SHORT = reprlib.Repr()                  # arguments shortened for 'persist show'
+    _SHORT.maxstring = _SHORT.maxother = 40
+    # Pickles for keys: no memo (equal values, equal bytes), dicts and sets by content.
+    _KeyPickler = type("_KeyPickler", (pickle.Pickler,),
+                       {"persistent_id": lambda self, obj: _canonical(obj)})
+
+
 _DEBUG = 10                     # logging.DEBUG, without importing logging
+_LOG = None                     # the 'persist' logger, once logging is imported
 _ATOMS = {int, float, str, bytes, bool, type(None)}   # their repr() is exact and stable
 _OPEN_LOCK = _thread.allocate_lock()   # one thread at a time opens a memoized function's cache
-_CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path")
+_CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path unstored")
 
 
 def _canonical(obj):
@@ -921,20 +1214,51 @@ def _warn(message):
     warnings.warn(message, PersistWarning, stacklevel=level)
 
 
-class _Memo:
-    """The cache behind one memoized function: opened on first use, counters for this process."""
+def _debug(message, *args):
+    """A DEBUG line on the 'persist' logger, once the program uses logging at all."""
+    global _LOG
+    if _LOG is None:
+        if "logging" not in sys.modules:    # not imported: nobody can have asked for it
+            return
+        _LOG = sys.modules["logging"].getLogger("persist")
+    if _LOG.isEnabledFor(_DEBUG):
+        _LOG.debug(message, *args)
 
-    def __init__(self, func, cache_dir, name, version, expire):
+
+def _advice(exc):
+    """What to do about an OSError that keeps a cache from being used."""
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or code == getattr(errno, "EDQUOT", None):
+        return "free some disk space"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ("make the cache writable, or set cache_dir= or $PERSIST_DIR to a directory "
+                "you may write")
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        return "a file is in the way of the cache directory: move it, or set cache_dir= or " \
+               "$PERSIST_DIR to a directory"
+    return "fix the cause, or set cache_dir= or $PERSIST_DIR to another directory"
+
+
+class _Memo:
+    """The cache behind one memoized function: opened on first use, counters for this process.
+
+    When the cache cannot be used, results are still returned (the cache fails open): it warns
+    once, saying why and what to do, and counts the results it could not store. With strict
+    (memoize(strict=True) or PERSIST_STRICT=1) it raises instead.
+    """
+
+    def __init__(self, func, cache_dir, name, version, expire, strict):
         self.func = func
         self.identity = name or _identity(func)
         self.version = repr(version)
         self.expire = expire
+        self.strict = strict
         self.cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
         self.default_dir = _default_dir(func)
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.unstored = 0
         self.store = None
-        self.hex_keys = False     # a cache made by persist 0.1 keys on hex digests
-        self.broken = False       # the cache could not be opened: run uncached, warned once
+        self.broken = None        # the error that keeps the cache from being opened
+        self.warned = False       # one warning per function is enough
         self._path = None
 
     @property
@@ -944,83 +1268,82 @@ class _Memo:
             self._path = os.path.join(os.path.abspath(directory), _file_name(self.identity))
         return self._path
 
+    def trouble(self, doing, exc):
+        """A cache error while doing something: raise it (strict), or warn once and go on."""
+        if self.strict or isinstance(exc, PersistError) or \
+                os.environ.get("PERSIST_STRICT", "") not in ("", "0"):
+            raise exc
+        if not self.warned:
+            self.warned = True
+            _warn("%s() is running without its cache: cannot %s %s (%s); %s. Results are "
+                  "returned but not stored (cache_info().unstored counts them); "
+                  "memoize(strict=True) or PERSIST_STRICT=1 raises instead"
+                  % (self.identity, doing, self.path, exc, _advice(exc)))
+
     def open(self, create=True):
         with _OPEN_LOCK:
-            if self.store is None and not self.broken:
+            if self.store is None and self.broken is None:
                 if not create and not os.path.exists(self.path):
                     return None
                 try:
                     _make_cache_dir(os.path.dirname(self.path))
                     store = _Store(self.path, "c")
+                    want = {"function": self.identity, "version": self.version,
+                            "expire": repr(self.expire)}
                     try:
-                        store.claim(self.identity, self.version, self.expire)
+                        if store.info() != want:    # never drops results: see prune()
+                            store.set_info(want)
                     except PermissionError:      # a read-only cache still serves its results
-                        if store.info().get("version") != self.version:
-                            raise
-                        _warn("the cache of %s() at %s is read-only; new results are not "
-                              "stored" % (self.identity, self.path))
-                except PersistError:
-                    raise
+                        pass
                 except OSError as exc:
-                    self.broken = True
-                    _warn("cannot use the cache of %s() at %s (%s); its results are computed "
-                          "but not stored" % (self.identity, self.path, exc))
+                    self.broken = exc
+                    self.trouble("open its cache file", exc)
                     return None
-                self.hex_keys = store.format == _HEX_KEYS
                 self.store = store
             return self.store
 
-    def stored_key(self, digest):
-        """The key under which the cache holds the call whose key is digest."""
-        return digest.hex().encode() if self.hex_keys else digest
-
-    def get(self, digest):
-        """The cached result for the call whose key is digest, or _MISSING."""
-        store = self.open() if self.store is None else self.store
-        rows = None
+    def get(self, key):
+        """The cached result for the call whose key is key, or _MISSING."""
+        store = self.store or self.open()
         if store is not None:
-            key = self.stored_key(digest) if self.hex_keys else digest
             try:
-                rows = store.recent(key)
-            except PersistError:
-                raise
+                row = store.get(key)
+                if row is not None and (self.expire is None or
+                                        time.time() - row[2] < self.expire):
+                    # load(), without a call when the pickle is in the row
+                    value = pickle.loads(row[0]) if row[1] is None else store.load(row)
+                    self.hits += 1
+                    _debug("%s: hit %s", self.identity, key[:6].hex())
+                    return value
+            except FileNotFoundError:    # replaced since get(): computed again, stored anew
+                pass
             except OSError as exc:
-                _warn("cannot read the cache of %s() (%s); computing the result"
-                      % (self.identity, exc))
-        if rows and (self.expire is None or time.time() - rows[0][1] < self.expire):
-            try:
-                blob = rows[0][0]        # load(), without a call when the pickle is inline
-                value = pickle.loads(blob) if blob else store.load(key, blob)
+                self.trouble("read", exc)
             except Exception as exc:
                 _warn("a cached result of %s() in %s cannot be loaded (%s: %s); computing it "
                       "again" % (self.identity, self.path, type(exc).__name__, exc))
-            else:
-                self.hits += 1
-                if _LOG.isEnabledFor(_DEBUG):
-                    _LOG.debug("%s: hit %s", self.identity, digest[:6].hex())
-                return value
         self.misses += 1
-        if _LOG.isEnabledFor(_DEBUG):
-            _LOG.debug("%s: miss %s", self.identity, digest[:6].hex())
+        _debug("%s: miss %s", self.identity, key[:6].hex())
         return _MISSING
 
-    def put(self, digest, value, args):
+    def put(self, key, value, args, seconds):
         store = self.store
         if store is None:
+            self.unstored += 1
             return
         try:
-            store.dump(self.stored_key(digest), value, _PROTOCOL, _short_repr(args))
-            if _LOG.isEnabledFor(_DEBUG):
-                _LOG.debug("%s: stored %s", self.identity, digest[:6].hex())
+            store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args))
+            _debug("%s: stored %s", self.identity, key[:6].hex())
         except OSError as exc:
-            _warn("cannot store a result of %s() in %s (%s); it is returned but not cached"
-                  % (self.identity, self.path, exc))
+            self.unstored += 1
+            self.trouble("store a result in", exc)
         except Exception as exc:
+            self.unstored += 1
             _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
                   % (self.identity, type(exc).__name__, exc))
 
 
-def _memoize(func, cache_dir, name, version, expire, ignore, key):
+def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     _load()
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
         raise TypeError("memoize cannot cache %s(): it is a generator function, and a "
@@ -1031,7 +1354,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
     ignore = frozenset(ignore)
     if key is not None and not callable(key):
         raise TypeError("Expected memoize(key=...) to be a callable, not %r" % (key,))
-    memo = _Memo(func, cache_dir, name, version, _seconds(expire))
+    memo = _Memo(func, cache_dir, name, version, _seconds(expire), strict)
     bind = _binder(func, ignore) if key is None else (lambda args, kwargs: key(*args, **kwargs))
     key_from = _keyer(memo.version)
 
@@ -1047,22 +1370,26 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
             k = key_of(args, kwargs)
             result = memo.get(k)
             if result is _MISSING:
+                start = time.perf_counter()
                 result = await func(*args, **kwargs)
-                memo.put(k, result, (args, kwargs))
+                memo.put(k, result, (args, kwargs), time.perf_counter() - start)
             return result
     else:
         def wrapper(*args, **kwargs):
             k = key_of(args, kwargs)
             result = memo.get(k)
             if result is _MISSING:
+                start = time.perf_counter()
                 result = func(*args, **kwargs)
-                memo.put(k, result, (args, kwargs))
+                memo.put(k, result, (args, kwargs), time.perf_counter() - start)
             return result
 
     def cache_info():
-        """hits and misses in this process; entries and path of the cache on disk."""
+        """hits and misses in this process; entries and path of the cache on disk; unstored:
+        results this process could not store."""
         store = memo.open(create=False)
-        return _CacheInfo(memo.hits, memo.misses, 0 if store is None else len(store), memo.path)
+        return _CacheInfo(memo.hits, memo.misses, 0 if store is None else len(store), memo.path,
+                          memo.unstored)
 
     def cache_clear():
         """Remove every stored result of this function."""
@@ -1074,12 +1401,22 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
     def cache_delete(*args, **kwargs):
         """Remove the result stored for these arguments; return whether there was one."""
         store = memo.open(create=False)
-        return store is not None and store.delete(memo.stored_key(key_of(args, kwargs)))
+        return store is not None and store.delete(key_of(args, kwargs))
+
+    def cache_prune(*, stale=True, expired=True):
+        """Remove results of other version=s (stale) and results older than expire=;
+        return how many went."""
+        store = memo.open(create=False)
+        if store is None or not (stale or memo.expire is not None and expired):
+            return 0
+        before = time.time() - memo.expire if expired and memo.expire is not None else None
+        return store.prune(before, memo.version if stale else None)[0]
 
     functools.update_wrapper(wrapper, func)
     wrapper.cache_info = cache_info
     wrapper.cache_clear = cache_clear
     wrapper.cache_delete = cache_delete
+    wrapper.cache_prune = cache_prune
     return wrapper
 
 
@@ -1150,7 +1487,7 @@ def _empty(directory):
 
 
 def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, ignore=(),
-            key=None):
+            key=None, strict=False):
     """Keep each result of func on disk, so that a rerun computes only what is missing.
 
     Use it bare, @memoize, or with options, @memoize(version=2). Each result is committed
@@ -1160,20 +1497,24 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
     cache_dir: where the cache lives; else $PERSIST_DIR; else .persist beside the file that
         defines func (or in the current directory, for the REPL and notebooks).
     name: the cache's name; else module.qualname of func.
-    version: change it when results computed before are wrong; they are all dropped. Editing
-        the function does not drop anything, by design.
+    version: change it when results computed before are wrong. Results of other versions are
+        misses, kept on disk until cache_prune() or 'persist prune --stale' removes them, so
+        switching back reuses them. Editing the function keeps every result, by design.
     expire: seconds (or a timedelta) after which a result is computed again.
     ignore: names of parameters left out of the key, such as 'self' or 'verbose'.
     key: a callable taking func's arguments and returning what to key on instead.
+    strict: raise when the cache cannot be used (read-only, disk full) instead of warning once
+        and returning results unstored; PERSIST_STRICT=1 sets it for every function.
 
     Equal arguments give the same key in every process: defaults are applied, dict and set
     order do not matter, types do (1 and 1.0 differ). The wrapper has cache_info(),
-    cache_clear() and cache_delete(*args, **kwargs). Caches are pickles: trust them as code.
+    cache_clear(), cache_delete(*args, **kwargs) and cache_prune(). Caches are pickles:
+    trust them as code.
     """
-    options = (cache_dir, name, version, expire, ignore, key)
+    options = (cache_dir, name, version, expire, ignore, key, strict)
     if func is None:
         return lambda f: memoize(f, cache_dir=cache_dir, name=name, version=version,
-                                 expire=expire, ignore=ignore, key=key)
+                                 expire=expire, ignore=ignore, key=key, strict=strict)
     if not callable(func):
         raise TypeError("Expected a function to decorate, not %r: use @memoize or "
                         "@memoize(option=...)" % (func,))
@@ -1335,7 +1676,8 @@ def _cli_ls(options):
     directory = options.dir or _default_cache_dir()
     if not os.path.isdir(directory):
         raise FileNotFoundError(errno.ENOENT, "No such directory", directory)
-    print("%-40s %8s %10s  %-16s  %-16s" % ("CACHE", "ENTRIES", "SIZE", "OLDEST", "NEWEST"))
+    print("%-40s %8s %10s  %-16s  %-16s  %s" % ("CACHE", "ENTRIES", "SIZE", "OLDEST", "NEWEST",
+                                                "STALE"))
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.endswith(".values"))
         for name in sorted(files):
@@ -1346,17 +1688,18 @@ def _cli_ls(options):
             except OSError:          # not a persist cache: not ours to list
                 continue
             with contextlib.closing(store):
-                (count, oldest, newest), = store._query(_SUMMARY)
+                count, oldest, newest, stale, stale_size = store.summary()
                 label = store.info().get("function") or name
-                print("%-40s %8d %10s  %-16s  %-16s" % (label, count, _bytes(store.disk_usage()),
-                                                       _when(oldest), _when(newest)))
+                print("%-40s %8d %10s  %-16s  %-16s  %s" % (
+                    label, count, _bytes(store.disk_usage()), _when(oldest), _when(newest),
+                    "%d stale (%s)" % (stale, _bytes(stale_size)) if stale else ""))
 
 
 def _cli_show(options):
     with contextlib.closing(_open_cache(options.cache, "r")) as store:
         now = time.time()
         print("%6s %10s  %s" % ("AGE", "SIZE", "ARGUMENTS (or KEY)"))
-        for key, args, stored, size in store.entries():
+        for key, args, stored, size, seconds, version in store.entries():
             if args is None:              # a shelf's key, else memoize's digest
                 try:
                     args = key.decode("utf-8")
@@ -1374,14 +1717,22 @@ def _cli_clear(options):
 
 def _cli_prune(options):
     with contextlib.closing(_open_cache(options.cache)) as store:
-        age = options.older_than
-        if age is None:
-            expire = store.info().get("expire", "None")
-            if expire == "None":
-                print("%s has no expire=; nothing has expired" % store.path)
+        info = store.info()
+        if options.stale:
+            if "version" not in info:
+                print("%s has no version=; nothing is stale" % store.path)
                 return 0
-            age = float(expire)
-        print("removed %d entries from %s" % (store.prune(time.time() - age), store.path))
+            count, size = store.prune(version=info["version"])
+        else:
+            age = options.older_than
+            if age is None:
+                expire = info.get("expire", "None")
+                if expire == "None":
+                    print("%s has no expire=; nothing has expired" % store.path)
+                    return 0
+                age = float(expire)
+            count, size = store.prune(before=time.time() - age)
+        print("removed %d entries (%s) from %s" % (count, _bytes(size), store.path))
 
 
 def _cli_status(options):
@@ -1418,6 +1769,8 @@ def _main(argv=None):
     which = prune.add_mutually_exclusive_group(required=True)
     which.add_argument("--expired", action="store_true", help="older than the function's "
                        "expire=")
+    which.add_argument("--stale", action="store_true", help="stored by another version= than "
+                       "the latest")
     which.add_argument("--older-than", type=_duration, metavar="AGE",
                        help="older than AGE: 90s, 15m, 12h, 7d or 2w")
     status = commands.add_parser("status", help="say whether done_dir() stages finished; "

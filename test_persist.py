@@ -266,7 +266,7 @@ class TestFullFsyncWhereThePlatformHasIt(TempDirTest):
     def test_cache_checkpoints_full_sync(self):
         with persist.open(self.path / "db") as db:
             db["k"] = 1
-            (on,), = db.dict._conn.execute("PRAGMA checkpoint_fullfsync").fetchall()
+            (on,), = db.dict.conn.run(lambda conn: conn.execute("PRAGMA checkpoint_fullfsync").fetchall())
         self.assertEqual(on, 1)
 
 
@@ -973,13 +973,13 @@ class TestMemoizeResults(MemoTest):
         self.assertEqual(second[-1:], b"\x07")
         self.assertEqual(len(f.calls), 1)
 
-    def test_version_bump_drops_old_results(self):
+    def test_version_bump_makes_old_results_misses(self):
         f1 = self.memo(lambda x: x, name="job", version=1)
         for i in range(50):
             f1(i)
         f2 = self.memo(lambda x: -x, name="job", version=2)
         self.assertEqual(f2(3), -3)
-        self.assertEqual(f2.cache_info().entries, 1)
+        self.assertEqual(f2.cache_info().entries, 51)      # version 1's are kept
         f2b = self.memo(lambda x: -x, name="job", version=2)
         self.assertEqual(f2b(3), -3)
         self.assertEqual(len(f2b.calls), 0)
@@ -1050,51 +1050,23 @@ class TestMemoizeResults(MemoTest):
 
 
 class TestCacheOfAnEarlierFormat(MemoTest):
-    """persist 0.1 (format 1) keyed memoize results on hex digests; they stay hits."""
+    """A cache of an earlier layout is refused, named, and kept: never emptied or rewritten."""
 
-    def make_format_1(self, f):
-        conn = sqlite3.connect(f.cache_info().path, isolation_level=None)
-        conn.execute("UPDATE Dict SET key = CAST(lower(hex(key)) AS BLOB)")
-        conn.execute("PRAGMA user_version=1")
-        conn.close()
-
-    def test_new_cache_keys_on_raw_digests(self):
+    def test_older_format_is_refused_and_kept(self):
         f = self.memo(lambda x: x * 2, name="job")
         f(1)
-        conn = sqlite3.connect(f.cache_info().path)
-        (version,), = conn.execute("PRAGMA user_version").fetchall()
-        keys = [key for key, in conn.execute("SELECT key FROM Dict")]
+        path = f.cache_info().path
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA user_version=2")
         conn.close()
-        self.assertEqual(version, 2)
-        self.assertEqual([len(key) for key in keys], [32])
-
-    def test_key_written_by_persist_0_1_is_a_hit(self):
-        f = self.memo(lambda x: "computed", name="job")
-        f(2)
-        self.make_format_1(f)
-        old_key = hashlib.sha256(repr(("None", (1,))).encode()).hexdigest().encode()
-        conn = sqlite3.connect(f.cache_info().path, isolation_level=None)
-        conn.execute("INSERT INTO Dict VALUES (?, ?, 0, '(1)')",
-                     (old_key, pickle.dumps("stored by 0.1")))
-        conn.close()
-        g = self.memo(lambda x: "computed", name="job")
-        self.assertEqual((g(1), g(2)), ("stored by 0.1", "computed"))
-        self.assertEqual(g.calls, [])
-
-    def test_format_1_results_are_hits_and_new_ones_join_them(self):
-        f = self.memo(lambda x: x * 2, name="job")
-        f(1), f(2)
-        self.make_format_1(f)
+        before = pathlib.Path(path).read_bytes()
         g = self.memo(lambda x: x * 2, name="job")
-        self.assertEqual((g(1), g(2), g(3)), (2, 4, 6))
-        self.assertEqual(len(g.calls), 1)
-        self.assertTrue(g.cache_delete(2))
-        h = self.memo(lambda x: x * 2, name="job")
-        self.assertEqual((h(1), h(2), h(3)), (2, 4, 6))
-        self.assertEqual(len(h.calls), 1)
-        conn = sqlite3.connect(h.cache_info().path)
-        self.assertEqual({len(key) for key, in conn.execute("SELECT key FROM Dict")}, {64})
-        conn.close()
+        with self.assertRaisesRegex(persist.PersistError, re.escape(path) + ".*older persist "
+                                    r"\(format 2.*move the file away"):
+            g(1)
+        with self.assertRaisesRegex(persist.PersistError, "older persist"):
+            persist.open(path)
+        self.assertEqual(pathlib.Path(path).read_bytes(), before)
 
 
 @unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX users")
@@ -1116,7 +1088,7 @@ class TestMemoizeReadOnlyCache(TempDirTest):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 print(f(2), f(2))
-            print(caught[0].category.__name__, "cannot use the cache" in str(caught[0].message))
+            print(caught[0].category.__name__, "running without its cache" in str(caught[0].message))
         """ % str(cache)
         self.assertEqual(run_python(code), "6 6\nPersistWarning True\n")
 
@@ -1871,7 +1843,7 @@ class TestCommandLine(TempDirTest):
             extra = ["--expired"] if command == "prune" else []
             done = self.persist_cli(command, "notes.txt", *extra)
             self.assertEqual(done.returncode, 1)
-            self.assertIn("notes.txt is not a persist cache", done.stderr)
+            self.assertIn("notes.txt: not a persist cache", done.stderr)
             self.assertNotIn("Traceback", done.stderr)
         done = self.persist_cli("show", "nothing-here")
         self.assertEqual(done.returncode, 1)
