@@ -70,6 +70,7 @@ _PROTOCOL = 5                    # every CPython 3.8+ reads it
 _INLINE_LIMIT = 1 << 18          # larger pickles live in value files of their own
 _BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
 _ASIDE_TIMEOUT = 2.0             # the same for a signal handler's own connection
+_LOG_LIMIT = 16 << 20            # a log larger than this is restarted (see _restart_log)
 _SWEEP_AGE = 3600.0              # without file locks (Windows), value files younger are kept
 _APPLICATION_ID = 0x70727374     # "prst" in the SQLite header: this file is a persist cache
 _FORMAT = 3                      # PRAGMA user_version: the layout made by _CREATE
@@ -359,6 +360,7 @@ class _Connection:
         self._lock = _thread.RLock()
         self._depth = 0                   # > 0 while this thread is inside run()
         self._conn = None
+        self._copy = None                 # the private copy _open_read_only() made, if any
         _CONNECTIONS.add(self)
 
     def run(self, work, *args):
@@ -382,10 +384,18 @@ class _Connection:
         return self.run(_transaction, work, args)
 
     def _run_aside(self, work, args):
+        # A write waiting for the lock that the interrupted transaction holds would wait
+        # for ever: then it fails at once ("database is locked"), and memoize goes on.
+        interrupted = self._conn is not None and self._conn.in_transaction
         conn = None
         try:
-            conn = self._open(self.mode, _ASIDE_TIMEOUT)
+            conn = self._open(self.mode, 0.0 if interrupted else _ASIDE_TIMEOUT)
             return work(conn, *args)
+        except sqlite3.OperationalError as exc:
+            if interrupted and "locked" in str(exc):
+                raise OSError(errno.EBUSY, "a signal handler cannot write to the cache while "
+                              "the code it interrupted is writing to it", self.path) from None
+            raise self.error(exc) from None
         except sqlite3.Error as exc:
             raise self.error(exc) from None
         finally:
@@ -421,7 +431,7 @@ class _Connection:
         except BaseException:
             shutil.rmtree(copy, ignore_errors=True)
             raise
-        weakref.finalize(conn, shutil.rmtree, copy, True)
+        self._copy = copy
         return conn
 
     def _open(self, mode, timeout):
@@ -472,6 +482,10 @@ class _Connection:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+            if self._copy is not None:
+                import shutil
+                shutil.rmtree(self._copy, ignore_errors=True)
+                self._copy = None
 
 
 def _transaction(conn, work, args):
@@ -509,7 +523,7 @@ def _after_fork_in_parent():
 
 def _after_fork_in_child():
     global _OPEN_LOCK
-    _OPEN_LOCK = _thread.allocate_lock()
+    _OPEN_LOCK = _thread.RLock()
     del _FORKING[:]
     for conn in list(_CONNECTIONS):
         conn._lock = _thread.RLock()      # whoever held the old one is not in this process
@@ -656,6 +670,7 @@ class _Store:
         self.path = os.path.abspath(os.fsdecode(os.fspath(filename)))
         self.flag = flag
         self.values = _Values(self.path + ".values")
+        self._puts = 0                  # put() restarts the log every so often
         self._check_path()
         if flag in "cn" and not os.path.exists(self.path):
             self._create()
@@ -790,6 +805,22 @@ class _Store:
             spill.close()
         if old:
             self.values.remove([old])
+        self._puts += 1
+        if self._puts % 32 == 0 and _size(self.path + "-wal") > _LOG_LIMIT:
+            self._restart_log()
+
+    def _restart_log(self):
+        """Copy the log into the file and start it over. SQLite's own checkpoints never catch
+        up while other processes keep committing, and the log would grow without end."""
+        def restart(conn):
+            conn.execute("PRAGMA busy_timeout=%d" % (_ASIDE_TIMEOUT * 1000))
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                conn.execute("PRAGMA busy_timeout=%d" % (_BUSY_TIMEOUT * 1000))
+        # best effort: a reader that stays longer than _ASIDE_TIMEOUT defers it to next time
+        with contextlib.suppress(OSError):
+            self.conn.run(restart)
 
     def delete(self, key):
         """Remove key; return whether it was there."""
@@ -857,7 +888,8 @@ class _Store:
         """Return free pages to the filesystem, and shorten the log."""
         # best effort: another process may hold a read lock; its pages are reused anyway
         with contextlib.suppress(OSError):
-            self.conn.run(_fetch, "PRAGMA incremental_vacuum")
+            # executescript() steps it to the end; execute() would free a single page
+            self.conn.run(lambda conn: conn.executescript("PRAGMA incremental_vacuum"))
             self.conn.run(_fetch, "PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self):
@@ -1017,7 +1049,7 @@ def _load():
 _DEBUG = 10                     # logging.DEBUG, without importing logging
 _LOG = None                     # the 'persist' logger, once logging is imported
 _ATOMS = {int, float, str, bytes, bool, type(None)}   # their repr() is exact and stable
-_OPEN_LOCK = _thread.allocate_lock()   # one thread at a time opens a memoized function's cache
+_OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
 _CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path unstored")
 
 
@@ -1268,17 +1300,17 @@ class _Memo:
             self._path = os.path.join(os.path.abspath(directory), _file_name(self.identity))
         return self._path
 
-    def trouble(self, doing, exc):
-        """A cache error while doing something: raise it (strict), or warn once and go on."""
+    def trouble(self, what, exc):
+        """A cache error: raise it (strict), or warn once, saying what to do, and go on."""
         if self.strict or isinstance(exc, PersistError) or \
                 os.environ.get("PERSIST_STRICT", "") not in ("", "0"):
             raise exc
         if not self.warned:
             self.warned = True
-            _warn("%s() is running without its cache: cannot %s %s (%s); %s. Results are "
-                  "returned but not stored (cache_info().unstored counts them); "
-                  "memoize(strict=True) or PERSIST_STRICT=1 raises instead"
-                  % (self.identity, doing, self.path, exc, _advice(exc)))
+            _warn("%s() %s %s (%s); %s. Results are returned; those not stored are counted "
+                  "in cache_info().unstored, without more warnings; memoize(strict=True) or "
+                  "PERSIST_STRICT=1 raises instead" % (self.identity, what, self.path, exc,
+                                                       _advice(exc)))
 
     def open(self, create=True):
         with _OPEN_LOCK:
@@ -1297,7 +1329,7 @@ class _Memo:
                         pass
                 except OSError as exc:
                     self.broken = exc
-                    self.trouble("open its cache file", exc)
+                    self.trouble("is running without its cache: cannot open", exc)
                     return None
                 self.store = store
             return self.store
@@ -1318,7 +1350,7 @@ class _Memo:
             except FileNotFoundError:    # replaced since get(): computed again, stored anew
                 pass
             except OSError as exc:
-                self.trouble("read", exc)
+                self.trouble("computes a result again: cannot read", exc)
             except Exception as exc:
                 _warn("a cached result of %s() in %s cannot be loaded (%s: %s); computing it "
                       "again" % (self.identity, self.path, type(exc).__name__, exc))
@@ -1336,7 +1368,7 @@ class _Memo:
             _debug("%s: stored %s", self.identity, key[:6].hex())
         except OSError as exc:
             self.unstored += 1
-            self.trouble("store a result in", exc)
+            self.trouble("could not store a result in", exc)
         except Exception as exc:
             self.unstored += 1
             _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"

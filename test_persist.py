@@ -43,11 +43,11 @@ def child_env(**extra):
     return env
 
 
-def run_python(code, cwd=None, check=True, **env):
+def run_python(code, cwd=None, check=True, timeout=300, **env):
     """Run code in a fresh interpreter that can import persist; return its stdout."""
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
                           env=child_env(**env), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError("child failed (%d):\n%s" % (done.returncode, done.stderr))
     return done.stdout
@@ -1505,6 +1505,417 @@ class TestShelfThreads(TempDirTest):
                 thread.join()
             self.assertEqual(failures, [])
             self.assertEqual(len(db), 1601)
+
+
+# -- the store under stress: races, fork, signals, kill -9
+
+
+def value_files(cache):
+    """(names of the files in cache's .values directory, names its rows record)."""
+    directory = str(cache) + ".values"
+    on_disk = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+    conn = sqlite3.connect(str(cache))
+    try:
+        named = {name for name, in conn.execute("SELECT file FROM Dict WHERE file IS NOT NULL")}
+    finally:
+        conn.close()
+    return on_disk, named
+
+
+class TestOneKeyTwoWriters(TempDirTest):
+    """Two processes rewrite one key, one with a large value and one with a small one, while a
+    third reads it: every read succeeds, and no value file is left without its row."""
+
+    WRITER = """
+        import sys, persist
+        with persist.open(sys.argv[1]) as db:
+            value = b"L" * 300000 if sys.argv[2] == "large" else b"s"
+            for i in range(300):
+                db["k"] = (sys.argv[2], i, value)
+    """
+    READER = """
+        import sys, persist
+        with persist.open(sys.argv[1]) as db:
+            seen = set()
+            while len(seen) < 2 or sys.stdin.readable() and False:
+                kind, i, value = db["k"]
+                assert value == (b"L" * 300000 if kind == "large" else b"s"), kind
+                seen.add(kind)
+                if db.get("stop"):
+                    break
+            print(sorted(seen))
+    """
+
+    def test_no_read_fails_and_no_file_is_orphaned(self):
+        cache = self.path / "shelf.db"
+        with persist.open(cache) as db:
+            db["k"] = ("small", -1, b"s")
+        writers = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.WRITER),
+                                     str(cache), kind], env=child_env())
+                   for kind in ("large", "small")]
+        reader = subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.READER),
+                                   str(cache)], env=child_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, universal_newlines=True)
+        for writer in writers:
+            self.assertEqual(writer.wait(timeout=120), 0)
+        with persist.open(cache) as db:
+            db["stop"] = True
+        out, err = reader.communicate(timeout=120)
+        self.assertEqual(reader.returncode, 0, err)
+        with persist.open(cache) as db:
+            self.assertIn(db["k"][0], ("large", "small"))
+        on_disk, named = value_files(cache)
+        self.assertEqual(on_disk, named)
+        self.assertLessEqual(len(on_disk), 1)
+
+
+class TestReadersRaceDeleters(TempDirTest):
+    """get(), items(), values(), pop() and `in` while another process deletes and re-adds."""
+
+    CHURN = """
+        import sys, persist
+        with persist.open(sys.argv[1]) as db:
+            print("ready", flush=True)
+            for i in range(400):
+                for k in ("a", "b", "c"):
+                    db[k] = b"x" * (300000 if i % 2 else 10)
+                for k in ("a", "b", "c"):
+                    db.pop(k, None)
+    """
+
+    def test_no_key_error_from_a_vanishing_key(self):
+        cache = self.path / "shelf.db"
+        persist.open(cache).close()
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.CHURN),
+                                  str(cache)], env=child_env(), stdout=subprocess.PIPE,
+                                 universal_newlines=True)
+        self.addCleanup(child.stdout.close)
+        child.stdout.readline()
+        with persist.open(cache) as db:
+            while child.poll() is None:
+                for k in ("a", "b", "c"):
+                    self.assertIn(db.get(k, None), (None, b"x" * 10, b"x" * 300000))
+                    self.assertIn(db.pop(k, None), (None, b"x" * 10, b"x" * 300000))
+                for k, v in db.items():
+                    self.assertIn(v, (b"x" * 10, b"x" * 300000))
+                for v in db.values():
+                    self.assertIn(v, (b"x" * 10, b"x" * 300000))
+        self.assertEqual(child.wait(), 0)
+        on_disk, named = value_files(cache)
+        self.assertEqual(on_disk, named)
+
+
+class TestLogStaysBounded(TempDirTest):
+    """Processes calling a slow memoized function do not make the write-ahead log grow
+    without bound, and a normal exit leaves no log behind."""
+
+    WORKER = """
+        import sys, time, persist
+        @persist.memoize(cache_dir=sys.argv[1], name="slow")
+        def f(x):
+            time.sleep(0.002)
+            return {"x": x, "pad": "p" * 2000}
+        start, deadline = int(sys.argv[2]), time.monotonic() + 2.5
+        i = 0
+        while time.monotonic() < deadline:
+            f(start + i)
+            f(i % 50)
+            i += 1
+    """
+
+    def test_log_bounded_while_running_and_gone_after(self):
+        workers = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.WORKER),
+                                     self.dir, str(n * 1000000)], env=child_env())
+                   for n in range(4)]
+        wal = self.path / "slow.db-wal"
+        largest = 0
+        while any(worker.poll() is None for worker in workers):
+            with contextlib.suppress(FileNotFoundError):
+                largest = max(largest, wal.stat().st_size)
+            threading.Event().wait(0.01)
+        self.assertEqual([worker.wait() for worker in workers], [0, 0, 0, 0])
+        self.assertLess(largest, 40 << 20)
+        self.assertFalse(wal.exists())
+        self.assertFalse((self.path / "slow.db-shm").exists())
+
+
+class TestDiskFootprint(TempDirTest):
+    def test_a_normal_run_leaves_little_more_than_its_data(self):
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="small")
+            def f(x):
+                return {"id": x, "value": x * 1.5}
+            for i in range(5000):
+                f(i)
+        """ % self.dir)
+        names = sorted(os.listdir(self.dir))
+        self.assertEqual(names, ["small.db"])
+        size = (self.path / "small.db").stat().st_size
+        payload = 5000 * (32 + len(pickle.dumps({"id": 4999, "value": 4999 * 1.5}, 5)))
+        self.assertLess(size, 3 * payload)
+
+
+@unittest.skipUnless(hasattr(os, "fork"), "fork")
+class TestFork(TempDirTest):
+    def test_parent_closes_its_shelf_while_children_write(self):
+        out = run_python("""
+            import os, sys, persist
+            path = %r
+            db = persist.open(path)
+            db["parent"] = 0
+            children = []
+            for n in range(6):
+                r, w = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    os.close(r)
+                    with persist.open(path) as mine:
+                        os.write(w, b"x")
+                        for i in range(100):
+                            mine["%%d-%%d" %% (n, i)] = i
+                    os._exit(0)
+                os.close(w)
+                os.read(r, 1)
+                os.close(r)
+                children.append(pid)
+            db.close()
+            print(all(os.waitpid(pid, 0)[1] == 0 for pid in children))
+        """ % str(self.path / "shelf.db"))
+        self.assertEqual(out, "True\n")
+        with persist.open(self.path / "shelf.db", "r") as db:
+            self.assertEqual(len(db), 601)
+
+    def test_fork_while_another_thread_stores(self):
+        out = run_python("""
+            import os, sys, threading, persist
+            db = persist.open(%r)
+            stop = threading.Event()
+            def store():
+                i = 0
+                while not stop.is_set():
+                    db["t%%d" %% (i %% 50)] = b"v" * (i %% 3 * 200000)
+                    i += 1
+            thread = threading.Thread(target=store)
+            thread.start()
+            pids = []
+            for n in range(20):
+                pid = os.fork()
+                if pid == 0:
+                    import signal
+                    signal.alarm(20)          # a hang fails the test instead of blocking it
+                    db["child%%d" %% n] = n
+                    os._exit(0 if db["child%%d" %% n] == n else 1)
+                pids.append(pid)
+            codes = [os.waitpid(pid, 0)[1] for pid in pids]
+            stop.set()
+            thread.join()
+            print(codes == [0] * 20, sum(key.startswith("child") for key in db))
+        """ % str(self.path / "shelf.db"))
+        self.assertEqual(out, "True 20\n")
+        on_disk, named = value_files(self.path / "shelf.db")
+        self.assertEqual(on_disk, named)
+
+
+@unittest.skipUnless(hasattr(signal, "setitimer"), "setitimer")
+class TestInterrupts(TempDirTest):
+    def test_keyboard_interrupt_anywhere_leaves_no_lock_held(self):
+        out = run_python("""
+            import signal, sys, persist
+            @persist.memoize(cache_dir=%r)
+            def f(x):
+                return x * 2
+            def interrupt(signum, frame):
+                # only inside persist, so that the loop below always catches it
+                while frame is not None:
+                    if frame.f_code.co_filename == persist.__file__:
+                        raise KeyboardInterrupt
+                    frame = frame.f_back
+            signal.signal(signal.SIGALRM, interrupt)
+            interrupts = 0
+            for i in range(3000):
+                signal.setitimer(signal.ITIMER_REAL, 0.00001 * (i %% 37 + 1))
+                try:
+                    f(i %% 200)
+                    f.cache_info()
+                except KeyboardInterrupt:
+                    interrupts += 1
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(20)              # a leaked lock would hang here
+            print(interrupts > 100, f(7), f(1000), f.cache_info().entries <= 201)
+        """ % self.dir)
+        self.assertEqual(out, "True 14 2000 True\n")
+
+    def test_signal_handler_may_use_the_cache(self):
+        out = run_python("""
+            import signal, persist
+            @persist.memoize(cache_dir=%r)
+            def f(x):
+                return x * 2
+            seen, busy = [], []
+            def progress(signum, frame):
+                if not busy:              # the handler itself is not interrupted by the next
+                    busy.append(1)
+                    seen.append((f.cache_info().entries, f(-1), f(-len(seen) - 2)))
+                    busy.pop()
+            signal.signal(signal.SIGALRM, progress)
+            signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+            for i in range(3000):
+                f(i %% 300)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            print(len(seen) > 10, all(a == -2 and b == -2 * (n + 2)
+                                      for n, (_, a, b) in enumerate(seen)))
+        """ % self.dir, timeout=60)
+        self.assertEqual(out, "True True\n")
+
+
+@unittest.skipUnless(POSIX, "SIGKILL")
+class TestKilledLeavesNothingForGood(TempDirTest):
+    def test_killed_while_writing_a_large_value(self):
+        cache = self.path / "big.db"
+        child = start_python("""
+            import sys, persist
+            class Slow:
+                def __reduce__(self):
+                    print("writing", flush=True)
+                    sys.stdin.readline()           # killed here, half written
+                    return (bytes, (10,))
+            with persist.open(%r) as db:
+                db["k"] = [b"x" * 1000000, Slow()]
+        """ % str(cache))
+        self.assertEqual(child.stdout.readline(), "writing\n")
+        on_disk, named = value_files(cache)
+        self.assertEqual((len(on_disk), named), (1, set()))   # the partial file
+        stop(child)
+        with persist.open(cache) as db:                      # a normal use sweeps it
+            db["other"] = 1
+        self.assertEqual(value_files(cache), (set(), set()))
+
+    def test_killed_during_prune_gives_space_back_later(self):
+        cache = self.path / "c.db"
+        with persist.open(cache) as db:
+            for i in range(300):
+                db[str(i)] = b"v" * 10000
+        conn = sqlite3.connect(str(cache))
+        conn.execute("DELETE FROM Dict")       # what a prune killed before vacuuming leaves
+        conn.commit()
+        conn.close()
+        full = cache.stat().st_size
+        persist.open(cache).close()
+        self.assertLess(cache.stat().st_size, full / 4)
+
+
+class TestDeletedCacheStaysDeleted(TempDirTest):
+    def test_a_log_left_beside_a_deleted_cache_is_not_replayed(self):
+        cache = self.path / "c.db"
+        child = start_python("""
+            import sys, persist
+            db = persist.open(%r)
+            db["old"] = "deleted result"
+            print("stored", flush=True)
+            sys.stdin.readline()
+        """ % str(cache))
+        self.assertEqual(child.stdout.readline(), "stored\n")
+        self.assertTrue(pathlib.Path(str(cache) + "-wal").exists())
+        shutil_copy = (cache.read_bytes(), pathlib.Path(str(cache) + "-wal").read_bytes())
+        stop(child)
+        # the user deletes NAME.db only; its -wal stays
+        cache.unlink()
+        pathlib.Path(str(cache) + "-wal").write_bytes(shutil_copy[1])
+        with persist.open(cache) as db:
+            self.assertEqual(list(db), [])
+
+
+@unittest.skipUnless(POSIX and hasattr(os, "setuid") and os.getuid() == 0, "root drops to nobody")
+class TestReadOnlyCacheAfterACrash(TempDirTest):
+    def test_results_in_a_surviving_log_are_served(self):
+        os.chmod(self.dir, 0o755)
+        cache = self.path / "cache"
+        cache.mkdir()
+        child = start_python("""
+            import sys, persist
+            @persist.memoize(cache_dir=%r, name="job")
+            def f(x):
+                return x * 10
+            print(f(1), f(2), flush=True)
+            sys.stdin.readline()
+        """ % str(cache))
+        self.assertEqual(child.stdout.readline(), "10 20\n")
+        stop(child)                           # killed: its -wal holds the results
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(cache / "job.db-shm"))
+        self.assertTrue((cache / "job.db-wal").exists())
+        os.chmod(cache, 0o555)
+        self.addCleanup(os.chmod, cache, 0o755)
+        out = run_python("""
+            import os, warnings, persist
+            import inspect, reprlib, tempfile, shutil    # before /root goes
+            os.setgid(65534); os.setuid(65534)
+            @persist.memoize(cache_dir=%r, name="job")
+            def f(x):
+                raise AssertionError("computed, not served")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                print(f(1), f(2))
+            with persist.open(%r, "r") as db:
+                print(len(db))
+        """ % (str(cache), str(cache / "job.db")))
+        self.assertEqual(out, "10 20\n2\n")
+
+
+class TestShelfClear(TempDirTest):
+    def test_clear_does_not_load_values(self):
+        cache = self.path / "c.db"
+        run_python("""
+            import persist
+            class Gone:
+                pass
+            with persist.open(%r) as db:
+                for i in range(50):
+                    db[str(i)] = Gone()
+                db["big"] = b"b" * 400000
+        """ % str(cache))
+        with persist.open(cache) as db:
+            with mock.patch("pickle.loads", side_effect=AssertionError("loaded")):
+                db.clear()
+            self.assertEqual(len(db), 0)
+        self.assertEqual(value_files(cache), (set(), set()))
+
+
+class TestCacheUnusable(TempDirTest):
+    """When the cache cannot be used, results are still returned; it says so once, with
+    what to do, counts what was not stored, and strict=True raises instead."""
+
+    def setUp(self):
+        super().setUp()
+        self.blocker = self.path / "not-a-dir"
+        self.blocker.write_text("a file where the cache directory should be")
+
+    def test_warns_once_with_the_cause_and_counts(self):
+        f = persist.memoize(cache_dir=self.blocker)(lambda x: x + 1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.assertEqual([f(i) for i in range(5)], [1, 2, 3, 4, 5])
+        self.assertEqual(len(caught), 1)
+        message = str(caught[0].message)
+        self.assertIn(str(self.blocker), message)
+        self.assertIn("a file is in the way", message)
+        self.assertIn("strict=True", message)
+        self.assertEqual(f.cache_info().unstored, 5)
+
+    def test_strict_raises_before_computing(self):
+        runs = []
+        f = persist.memoize(cache_dir=self.blocker, strict=True)(lambda x: runs.append(x))
+        with self.assertRaises(OSError):
+            f(1)
+        self.assertEqual(runs, [])
+
+    def test_environment_variable_makes_every_function_strict(self):
+        f = persist.memoize(cache_dir=self.blocker)(lambda x: x)
+        with mock.patch.dict(os.environ, {"PERSIST_STRICT": "1"}):
+            with self.assertRaises(OSError):
+                f(1)
 
 
 TORTURE_SECONDS = float(os.environ.get("PERSIST_TORTURE_SECONDS", "4"))
