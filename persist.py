@@ -852,28 +852,29 @@ def _write_list(value, w):
     w.active.discard(id(value))
 
 
-def _unordered(items, w, *parts):
-    """The digests of items, each written on its own, in sorted order: the same for any order."""
+def _write_unordered(tag, items, w, *parts):
+    """tag, then the digests of items, each written on its own, in sorted order: the same
+    for any order of the items."""
     digests = []
     for item in items:
         sub = _KeyWriter(hashlib.sha256(), w.active)
         for part in parts:
             _write(part(item), sub)
-        digests.append(sub.digest().hex())
+        digests.append(sub.digest())
     digests.sort()
-    return "%x:%s" % (len(digests), "".join(digests))
+    w.text.append("%s%x:" % (tag, len(digests)))
+    w.buffer(b"".join(digests))
 
 
 def _write_dict(value, w):
     _enter(value, w)
-    w.text += ("{", _unordered(value.items(), w, _first, _second))
+    _write_unordered("{", value.items(), w, _first, _second)
     w.active.discard(id(value))
 
 
 def _write_set(value, w):
     _enter(value, w)
-    w.text += ("S" if isinstance(value, set) else "Z",
-               _unordered(value, w, _same))
+    _write_unordered("S" if isinstance(value, set) else "Z", value, w, _same)
     w.active.discard(id(value))
 
 
@@ -912,19 +913,28 @@ def _write_reference(value, w):
         raise TypeError("%r has no name that imports it (a lambda, or a function or class "
                         "defined inside a function)" % (value,))
     w.text.append("G")
-    _write((_module_name(module), name), w)
+    _write((_module_name(module, name, value), name), w)
 
 
-def _module_name(module):
-    """module, less the parts numpy 2 renamed (numpy.core is numpy._core, numpy.ma.core's
-    classes say numpy.ma): one name for numpy 1 and 2."""
+def _module_name(module, qualname, value):
+    """The module that value (named qualname in module) is imported from, one name for all
+    versions: a private module's public parent where it has value (pathlib._local, 3.13's
+    home of Path, is pathlib), and numpy.core, numpy 2's numpy._core, as neither."""
+    while "." in module and module.rpartition(".")[2].startswith("_"):
+        parent = sys.modules.get(module.rpartition(".")[0])
+        target = parent
+        for part in qualname.split("."):
+            target = getattr(target, part, None)
+        if target is not value:
+            break
+        module = parent.__name__
     if module.startswith("numpy."):
         module = ".".join(part for part in module.split(".") if part not in ("core", "_core"))
     return module
 
 
 def _type_name(kind):
-    return "%s:%s" % (_module_name(kind.__module__), kind.__qualname__)
+    return "%s:%s" % (_module_name(kind.__module__, kind.__qualname__, kind), kind.__qualname__)
 
 
 def _write_reduced(value, w):
@@ -946,7 +956,7 @@ def _write_reduced(value, w):
     if rv[4] is None:                                      # dictitems
         w.text.append("N")
     else:
-        w.text += ("{", _unordered(rv[4], w, _first, _second))
+        _write_unordered("{", rv[4], w, _first, _second)
     _write(rv[5], w)                                       # state setter
     w.active.discard(id(value))
 
