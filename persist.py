@@ -912,6 +912,11 @@ def _write_reference(value, w):
     if not isinstance(module, str) or not isinstance(name, str) or "<" in name:
         raise TypeError("%r has no name that imports it (a lambda, or a function or class "
                         "defined inside a function)" % (value,))
+    target = sys.modules.get(module)
+    for part in name.split("."):
+        target = getattr(target, part, None)
+    if target is not value:          # as pickle checks: made at run time, or redefined since
+        raise TypeError("%r is not what %s.%s names now" % (value, module, name))
     w.text.append("G")
     _write((_module_name(module, name, value), name), w)
 
@@ -934,6 +939,12 @@ def _module_name(module, qualname, value):
 
 
 def _type_name(kind):
+    """module:qualname of a class whose instances are keyed; refused for a class made inside
+    a function, as pickle refuses it: two such classes share a name but not what they do."""
+    if "<" in kind.__qualname__:
+        raise TypeError("%s is defined inside a function (its instances cannot be told from "
+                        "those of another class of that name); define it at module level"
+                        % kind.__qualname__)
     return "%s:%s" % (_module_name(kind.__module__, kind.__qualname__, kind), kind.__qualname__)
 
 
