@@ -1195,6 +1195,7 @@ _BY_NAME = {
 for _names in list(_BY_NAME):
     _BY_NAME["_py" + _names[0], _names[1]] = _BY_NAME[_names]     # _pydatetime, _pydecimal
 _BY_NAME["zoneinfo._zoneinfo", "ZoneInfo"] = _write_zoneinfo
+_BY_NAME["builtins", "PickleBuffer"] = _write_picklebuffer     # PyPy's
 _SUBCLASSED = [(base, _write_subclass(base)) for base in
                (dict, list, tuple, frozenset, set, str, bytes, bytearray, int, float, complex)]
 _FUNCTION_TYPES = (type(_write), type(len))
@@ -1418,6 +1419,8 @@ def _short_repr(call):
 
 class _ShortReprMethods:
     """For reprlib.Repr: bounded work for what it leaves to repr() or sorts in full."""
+
+    fillvalue = "..."           # an attribute of Repr itself from 3.11 on
 
     def repr1(self, x, level):
         # A repr of many lines (a DataFrame's) on one; each part cut to maxother as reprlib does.
