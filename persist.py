@@ -945,7 +945,8 @@ def _type_name(kind):
         raise TypeError("%s is defined inside a function (its instances cannot be told from "
                         "those of another class of that name); define it at module level"
                         % kind.__qualname__)
-    return "%s:%s" % (_module_name(kind.__module__, kind.__qualname__, kind), kind.__qualname__)
+    module = _module_name(kind.__module__ or "", kind.__qualname__, kind)
+    return "%s:%s" % (module, kind.__qualname__)
 
 
 def _write_reduced(value, w):
@@ -1078,8 +1079,10 @@ def _write_array(value, w, tag="A"):
             _write_array(value[name], w)
         return
     if dtype.kind not in _RAW_KINDS:     # objects, or numpy 2's variable-width strings
+        _enter(value, w)                 # an object array may hold itself
         w.text.append(tag)
         _write((dtype.kind, value.shape, value.ravel().tolist()), w)
+        w.active.discard(id(value))
         return
     little = dtype.newbyteorder("<")
     if dtype != little:                  # big-endian data: a copy in the one order we hash
@@ -1203,7 +1206,7 @@ _FUNCTION_TYPES = (type(_write), type(len))
 
 def _writer_for(kind):
     """The writer for values of kind, a type with no entry in _WRITERS."""
-    module = kind.__module__
+    module = kind.__module__ or ""
     writer = _BY_NAME.get((module, kind.__qualname__))
     if writer is not None:
         _WRITERS[kind] = writer          # standard types only: the table stays small
