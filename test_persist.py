@@ -1868,13 +1868,15 @@ class TestKeysOfEqualValues(MemoTest):
         decimal = __import__("decimal")
         self.assertEntries([[value] for value in [
             0.0, -0.0, 1, 1.0, True, MyInt(1), Colour.RED, [1, 2], (1, 2), Point(1, 2),
-            decimal.Decimal("1.0"), decimal.Decimal("1.00"), __import__("fractions").Fraction(1, 2),
+            decimal.Decimal("1.0"), decimal.Decimal("1.00"),
+            __import__("fractions").Fraction(1, 2),
             0.5, b"ab", bytearray(b"ab"), "ab",
             collections.OrderedDict([("a", 1), ("b", 2)]),
             collections.OrderedDict([("b", 2), ("a", 1)]),
             {"a": 1, "b": 2}, collections.defaultdict(int, {"a": 1, "b": 2}),
             pathlib.PurePosixPath("a"), pathlib.PureWindowsPath("a"),
-            datetime.datetime(2024, 1, 1), datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc),
+            datetime.datetime(2024, 1, 1),
+            datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc),
             datetime.date(2024, 1, 1), frozenset({1}), {1},
         ]])
 
