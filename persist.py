@@ -44,12 +44,14 @@ import codecs
 import collections
 import collections.abc
 import contextlib
+import copyreg
 import errno
 import functools
 import hashlib
 import io
 import os
 import pickle
+import reprlib
 import shelve
 import sqlite3
 import stat
@@ -1030,77 +1032,571 @@ class _ValuesView(collections.abc.ValuesView):
 
 # -- private helpers: memoize
 
-_SHORT = _KeyPickler = None
-
-
 def _load():
-    """Import what decorating a function needs: inspect alone costs as much as all of persist."""
-    global inspect, _SHORT, _KeyPickler
-    if _KeyPickler is not None:
-        return
-    import inspect, reprlib   # noqa: E401
-    _SHORT = reprlib.Repr()                  # arguments shortened for 'persist show'
-    _SHORT.maxstring = _SHORT.maxother = 40
-    # Pickles for keys: no memo (equal values, equal bytes), dicts and sets by content.
-    _KeyPickler = type("_KeyPickler", (pickle.Pickler,),
-                       {"persistent_id": lambda self, obj: _canonical(obj)})
+    """Import inspect, which memoize's decoration needs: it costs as much as all of persist."""
+    global inspect
+    if inspect is None:
+        import inspect
 
 
 _DEBUG = 10                     # logging.DEBUG, without importing logging
 _LOG = None                     # the 'persist' logger, once logging is imported
-_ATOMS = {int, float, str, bytes, bool, type(None)}   # their repr() is exact and stable
 _OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
 _CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path unstored")
 
+# Keys.  A key is SHA-256 over an encoding of the call that this file defines, never over
+# repr() or pickle, whose output changes between Python and library versions (Path pickles
+# differently from 3.13 on, repr() escapes by the Unicode database, numpy 2 pickles arrays
+# through other functions). Every value starts with a tag and says where it ends, so two
+# different values never make the same stream. Numbers are written in hex, which has no
+# int-to-str digit limit; text is UTF-8 (surrogatepass); bytes and arrays are hashed in
+# place. Equal values of one type make one key; different types make different keys
+# (f(1), f(1.0) and f(True); a list and a tuple; a subclass and its base). Decisions:
+#   -0.0 keeps its sign (1 / x, copysign and atan2 tell it from 0.0); every float NaN is one
+#     key; numpy data is keyed by its bytes, so there both hold only bit for bit.
+#   dict, set and frozenset ignore order; OrderedDict keeps it, as its == does.
+#   Decimal('1.0') and Decimal('1.00') differ: str(), quantize() and the context tell them apart.
+# Changing the encoding changes _KEY_FORMAT, which starts every key, and the digests pinned
+# in test_persist.py's TestKeyFormat.
+_KEY_FORMAT = "persist key 1\n"
+_LONG = 1 << 16                 # a str longer than this is encoded to UTF-8 in slices
+_BLOCK = 1 << 22                # a non-contiguous array is copied and hashed a block at a time
+_RAW_KINDS = frozenset("biufcmMSUV")   # numpy dtype kinds whose bytes are their values
 
-def _canonical(obj):
-    """What keys pickle for dicts and sets: their content, whatever their order."""
-    kind = type(obj)
-    if kind is dict:
-        return ("persist.dict", sorted(_digest((k, v)) for k, v in obj.items()))
-    if kind is set or kind is frozenset:
-        return ("persist." + kind.__name__, sorted(_digest(item) for item in obj))
-    return None
+
+class _KeyWriter:
+    """A SHA-256 being fed the encoding of some values.
+
+    Short tokens gather in a list of str and are hashed as UTF-8 in one call; buffers (bytes,
+    arrays) are hashed in place, after the text written before them.
+    """
+
+    __slots__ = ("hasher", "text", "active")
+
+    def __init__(self, hasher, active):
+        self.hasher = hasher
+        self.text = []
+        self.active = active          # ids of the containers being written: a cycle shows
+
+    def flush(self):
+        if self.text:
+            self.hasher.update("".join(self.text).encode("utf-8", "surrogatepass"))
+            self.text = []
+
+    def buffer(self, data):
+        self.flush()
+        self.hasher.update(data)
+
+    def digest(self):
+        self.flush()
+        return self.hasher.digest()
 
 
-class _HashFile:
-    """A file for pickle.dump that feeds a hash: large buffers are hashed in place, not copied."""
+def _write(value, w):
+    """Write value's canonical encoding into the _KeyWriter w."""
+    kind = type(value)
+    if kind is str:
+        _write_str(value, w)
+    elif kind is int:
+        w.text.append("i%x;" % value)
+    elif kind is tuple:
+        _write_tuple(value, w)
+    elif value is None:
+        w.text.append("N")
+    elif kind is bool:
+        w.text.append("T" if value else "F")
+    elif kind is float:
+        w.text.append(_float_text(value))
+    else:
+        writer = _WRITERS.get(kind)
+        if writer is None:
+            writer = _writer_for(kind)
+        writer(value, w)
 
-    __slots__ = ("write",)
 
-    def __init__(self, hasher):
-        self.write = hasher.update
+def _write_str(value, w):
+    if len(value) <= _LONG:
+        w.text += ("s%x:" % len(value), value)    # length in code points: no escaping
+        return
+    w.text.append("s%x:" % len(value))
+    w.flush()
+    update = w.hasher.update
+    for start in range(0, len(value), _LONG):    # a slice's UTF-8 at a time: the same bytes
+        update(value[start:start + _LONG].encode("utf-8", "surrogatepass"))
 
 
-def _digest(obj):
-    """sha256 of obj's pickle, with no memo (equal values, equal bytes) and dicts canonical."""
-    hasher = hashlib.sha256()
-    pickler = _KeyPickler(_HashFile(hasher), _PROTOCOL)
-    pickler.fast = True        # no memo: a repeated object is written again, a cycle raises
-    pickler.dump(obj)
-    return hasher.digest()
+def _write_int(value, w):
+    w.text.append("i%x;" % value)
+
+
+def _write_float(value, w):
+    w.text.append(_float_text(value))
+
+
+def _write_tuple(value, w):
+    w.text.append("(")     # no cycle check: a cycle always passes through a mutable container
+    for item in value:
+        _write(item, w)
+    w.text.append(")")
+
+
+def _float_text(x):
+    return "f%s;" % x.hex() if x == x else "fnan;"    # hex is exact, and keeps -0.0's sign
+
+
+def _write_bytes(value, w, tag="b"):
+    w.text.append("%s%x:" % (tag, len(value)))
+    w.buffer(value)
+
+
+def _write_memoryview(value, w):
+    w.text.append("m")
+    _write((value.format, value.shape), w)
+    w.text.append("b%x:" % value.nbytes)
+    w.buffer(value if value.c_contiguous else value.tobytes())
+
+
+def _enter(value, w):
+    """Mark the container value as being written; refuse it if it already is (a cycle)."""
+    if id(value) in w.active:
+        raise ValueError("a %s that contains itself cannot be keyed" % type(value).__name__)
+    w.active.add(id(value))
+
+
+def _write_list(value, w):
+    _enter(value, w)
+    w.text.append("[")
+    for item in value:
+        _write(item, w)
+    w.text.append("]")
+    w.active.discard(id(value))
+
+
+def _write_unordered(tag, items, w, *parts):
+    """tag, then the digests of items, each written on its own, in sorted order: the same
+    for any order of the items."""
+    digests = []
+    for item in items:
+        sub = _KeyWriter(hashlib.sha256(), w.active)
+        for part in parts:
+            _write(part(item), sub)
+        digests.append(sub.digest())
+    digests.sort()
+    w.text.append("%s%x:" % (tag, len(digests)))
+    w.buffer(b"".join(digests))
+
+
+def _write_dict(value, w):
+    _enter(value, w)
+    _write_unordered("{", value.items(), w, _first, _second)
+    w.active.discard(id(value))
+
+
+def _write_set(value, w):
+    _enter(value, w)
+    _write_unordered("S" if isinstance(value, set) else "Z", value, w, _same)
+    w.active.discard(id(value))
+
+
+def _first(pair):
+    return pair[0]
+
+
+def _second(pair):
+    return pair[1]
+
+
+def _same(item):
+    return item
+
+
+def _write_complex(value, w):
+    w.text.append("c%s%s" % (_float_text(value.real), _float_text(value.imag)))
+
+
+def _write_named(name, payload, w):
+    """A value of a type with an encoding of its own: the type's fixed name, then payload."""
+    w.text += ("@s%x:" % len(name), name)
+    _write(payload, w)
+
+
+def _write_type(kind, w):
+    name = _type_name(kind)
+    w.text += ("@s%x:" % len(name), name)
+
+
+def _write_reference(value, w):
+    """A function or class by the name that imports it, as pickle does."""
+    module = getattr(value, "__module__", None)
+    name = getattr(value, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(name, str) or "<" in name:
+        raise TypeError("%r has no name that imports it (a lambda, or a function or class "
+                        "defined inside a function)" % (value,))
+    target = sys.modules.get(module)
+    for part in name.split("."):
+        target = getattr(target, part, None)
+    if target is not value:          # as pickle checks: made at run time, or redefined since
+        raise TypeError("%r is not what %s.%s names now" % (value, module, name))
+    w.text.append("G")
+    _write((_module_name(module, name, value), name), w)
+
+
+def _module_name(module, qualname, value):
+    """The module that value (named qualname in module) is imported from, one name for all
+    versions: a private module's public parent where it has value (pathlib._local, 3.13's
+    home of Path, is pathlib), and numpy.core, numpy 2's numpy._core, as neither."""
+    while "." in module and module.rpartition(".")[2].startswith("_"):
+        parent = sys.modules.get(module.rpartition(".")[0])
+        target = parent
+        for part in qualname.split("."):
+            target = getattr(target, part, None)
+        if target is not value:
+            break
+        module = parent.__name__
+    if module.startswith("numpy."):
+        module = ".".join(part for part in module.split(".") if part not in ("core", "_core"))
+    return module
+
+
+def _type_name(kind):
+    """module:qualname of a class whose instances are keyed; refused for a class made inside
+    a function, as pickle refuses it: two such classes share a name but not what they do."""
+    if "<" in kind.__qualname__:
+        raise TypeError("%s is defined inside a function (its instances cannot be told from "
+                        "those of another class of that name); define it at module level"
+                        % kind.__qualname__)
+    module = _module_name(kind.__module__ or "", kind.__qualname__, kind)
+    return "%s:%s" % (module, kind.__qualname__)
+
+
+def _write_reduced(value, w):
+    """Any other object: its type, then what pickle's __reduce_ex__(4) says it is made of.
+
+    Its parts are written with this encoder, so an object that holds a dict or a set keys by
+    their content, and in every process.
+    """
+    kind = type(value)
+    reduce = copyreg.dispatch_table.get(kind)
+    rv = reduce(value) if reduce is not None else value.__reduce_ex__(4)
+    if isinstance(rv, str):          # a module-level singleton, by name
+        _write_named("global", (getattr(value, "__module__", None) or kind.__module__, rv), w)
+        return
+    _enter(value, w)
+    rv = tuple(rv) + (None,) * (6 - len(rv))
+    _write_named(_type_name(kind), rv[:3], w)
+    _write(None if rv[3] is None else list(rv[3]), w)    # listitems
+    if rv[4] is None:                                      # dictitems
+        w.text.append("N")
+    else:
+        _write_unordered("{", rv[4], w, _first, _second)
+    _write(rv[5], w)                                       # state setter
+    w.active.discard(id(value))
+
+
+def _write_subclass(base):
+    """The writer for subclasses of base: the type, base's encoding, then the instance dict."""
+    base_writer = _WRITERS[base]
+
+    def write(value, w):
+        _write_type(type(value), w)
+        base_writer(value, w)
+        _write(getattr(value, "__dict__", None) or {}, w)
+
+    return write
+
+
+def _write_ordered(value, w):
+    _enter(value, w)
+    _write_named(_type_name(type(value)) if type(value) is not collections.OrderedDict
+                 else "collections.OrderedDict", [tuple(pair) for pair in value.items()], w)
+    _write(getattr(value, "__dict__", None) or {}, w)
+    w.active.discard(id(value))
+
+
+def _write_defaultdict(value, w):
+    name = ("collections.defaultdict" if type(value) is collections.defaultdict
+            else _type_name(type(value)))
+    _write_named(name, value.default_factory, w)    # defaultdict(list) and (int) differ
+    _write_dict(value, w)
+    _write(getattr(value, "__dict__", None) or {}, w)
+
+
+def _write_datetime(value, w):
+    _write_named("datetime.datetime", (value.year, value.month, value.day, value.hour,
+                                       value.minute, value.second, value.microsecond,
+                                       value.fold, value.tzinfo), w)
+
+
+def _write_date(value, w):
+    _write_named("datetime.date", (value.year, value.month, value.day), w)
+
+
+def _write_time(value, w):
+    _write_named("datetime.time", (value.hour, value.minute, value.second, value.microsecond,
+                                   value.fold, value.tzinfo), w)
+
+
+def _write_timedelta(value, w):
+    _write_named("datetime.timedelta", (value.days, value.seconds, value.microseconds), w)
+
+
+def _write_timezone(value, w):
+    _write_named("datetime.timezone", (value.utcoffset(None), value.tzname(None)), w)
+
+
+def _write_zoneinfo(value, w):
+    if value.key is None:
+        raise TypeError("a ZoneInfo made from a file has no key; pass one made by name")
+    _write_named("zoneinfo.ZoneInfo", value.key, w)
+
+
+def _write_decimal(value, w):
+    sign, digits, exponent = value.as_tuple()     # exponent: an int, or 'n', 'N', 'F'
+    _write_named("decimal.Decimal", (sign, tuple(digits), exponent), w)
+
+
+def _write_fraction(value, w):
+    _write_named("fractions.Fraction", (value.numerator, value.denominator), w)
+
+
+def _write_uuid(value, w):
+    _write_named("uuid.UUID", value.int, w)
+
+
+def _write_picklebuffer(value, w):
+    _write_named("pickle.PickleBuffer", None, w)
+    _write_memoryview(memoryview(value), w)
+
+
+def _write_path(value, w):
+    kind = type(value)
+    standard = getattr(sys.modules["pathlib"], kind.__name__, None) is kind    # 3.13 moved them to pathlib._local
+    _write_named("pathlib." + kind.__name__ if standard else _type_name(kind),
+                  value.as_posix(), w)
+    if not standard:
+        _write(getattr(value, "__dict__", None) or {}, w)
+
+
+def _write_enum(value, w):
+    # A Flag by value: a combination's name changed in 3.11. Any other member by name.
+    flag = isinstance(value, sys.modules["enum"].Flag)
+    _write_named(_type_name(type(value)), value._value_ if flag else value._name_, w)
+
+
+def _write_dataclass(value, w):
+    fields = sys.modules["dataclasses"].fields(value)
+    _write_named(_type_name(type(value)),
+                 tuple((field.name, getattr(value, field.name)) for field in fields), w)
+
+
+def _write_array(value, w, tag="A"):
+    """A numpy array by dtype (little-endian), shape and values in C order, whatever its layout."""
+    dtype = value.dtype
+    if dtype.names is not None:          # structured: field by field, skipping padding bytes
+        w.text.append(tag)
+        _write(("V", dtype.names, value.shape), w)
+        for name in dtype.names:
+            _write_array(value[name], w)
+        return
+    if dtype.kind not in _RAW_KINDS:     # objects, or numpy 2's variable-width strings
+        _enter(value, w)                 # an object array may hold itself
+        w.text.append(tag)
+        _write((dtype.kind, value.shape, value.ravel().tolist()), w)
+        w.active.discard(id(value))
+        return
+    little = dtype.newbyteorder("<")
+    if dtype != little:                  # big-endian data: a copy in the one order we hash
+        value = value.astype(little)
+    w.text.append(tag)
+    _write((little.str, value.shape), w)
+    w.text.append("b%x:" % value.nbytes)
+    if not value.nbytes:
+        return
+    if value.flags.c_contiguous:
+        w.buffer(value.reshape(-1).view("u1"))     # in place: no copy
+    else:
+        _write_blocks(value, w)
+
+
+def _write_blocks(value, w):
+    """Hash a non-contiguous array's bytes in C order, copying a block of rows at a time."""
+    if value.ndim == 0 or value.nbytes <= _BLOCK:
+        w.buffer(value.copy(order="C").reshape(-1).view("u1"))
+        return
+    row = value.nbytes // len(value)
+    if row > _BLOCK:
+        for index in range(len(value)):
+            _write_blocks(value[index], w)
+        return
+    step = _BLOCK // row
+    for start in range(0, len(value), step):
+        w.buffer(value[start:start + step].copy(order="C").reshape(-1).view("u1"))
+
+
+def _write_numpy(value, w):
+    """numpy values, known by their classes' names: numpy is never imported here."""
+    names = {c.__name__ for c in type(value).__mro__ if c.__module__ == "numpy"}
+    if "ndarray" in names:
+        if type(value).__name__ != "ndarray" or type(value).__module__ != "numpy":
+            base = next(c for c in type(value).__mro__
+                        if c.__module__ == "numpy" and c.__name__ == "ndarray")
+            _write_type(type(value), w)
+            _write_array(value.view(base), w)
+            if hasattr(value, "mask") and hasattr(value, "fill_value"):    # numpy.ma
+                _write((value.mask, value.fill_value), w)
+            return
+        _write_array(value, w)
+    elif "generic" in names:             # a scalar: as a 0-d array, by dtype, not class name
+        _write_array(value.__array__(), w, "a")
+    elif "dtype" in names:
+        little = value.newbyteorder("<") if value.kind in _RAW_KINDS else value
+        _write_named("numpy.dtype", little.descr if little.names else little.str, w)
+    elif "ufunc" in names:
+        w.text.append("G")
+        _write(copyreg.dispatch_table[type(value)](value)[1], w)    # (module, name)
+    else:
+        _write_reduced(value, w)
+
+
+def _write_pandas(value, w):
+    """pandas objects, without importing pandas: labels, dtypes and values as numpy arrays."""
+    names = {c.__name__ for c in type(value).__mro__ if c.__module__.split(".")[0] == "pandas"}
+    if "DataFrame" in names:
+        _write_named("pandas.DataFrame", type(value).__qualname__, w)
+        _write_pandas(value.columns, w)
+        _write_pandas(value.index, w)
+        for position in range(value.shape[1]):
+            _write_pandas_values(value.iloc[:, position], w)
+    elif "Series" in names:
+        _write_named("pandas.Series", (type(value).__qualname__, value.name), w)
+        _write_pandas(value.index, w)
+        _write_pandas_values(value, w)
+    elif "Index" in names:
+        _write_named("pandas.Index", (type(value).__qualname__, list(value.names)), w)
+        _write_pandas_values(value, w)
+    else:
+        _write_reduced(value, w)
+
+
+def _write_pandas_values(value, w):
+    dtype = value.dtype
+    _write(str(dtype), w)
+    if hasattr(dtype, "categories"):     # categorical: the categories and their order count
+        _write_pandas(dtype.categories, w)
+        _write(bool(dtype.ordered), w)
+    _write_array(value.to_numpy(), w)
+
+
+_WRITERS = {
+    bytes: _write_bytes,
+    bytearray: lambda value, w: _write_bytes(value, w, "y"),
+    memoryview: _write_memoryview,
+    list: _write_list,
+    dict: _write_dict,
+    set: _write_set,
+    frozenset: _write_set,
+    complex: _write_complex,
+    str: _write_str, int: _write_int, float: _write_float, tuple: _write_tuple,
+}
+
+# Standard library types by the names their modules give them (C or pure Python, any
+# version); each is written under one fixed name.
+_BY_NAME = {
+    ("collections", "OrderedDict"): _write_ordered,
+    ("collections", "defaultdict"): _write_defaultdict,
+    ("datetime", "datetime"): _write_datetime,
+    ("datetime", "date"): _write_date,
+    ("datetime", "time"): _write_time,
+    ("datetime", "timedelta"): _write_timedelta,
+    ("datetime", "timezone"): _write_timezone,
+    ("zoneinfo", "ZoneInfo"): _write_zoneinfo,
+    ("decimal", "Decimal"): _write_decimal,
+    ("fractions", "Fraction"): _write_fraction,
+    ("uuid", "UUID"): _write_uuid,
+    ("pickle", "PickleBuffer"): _write_picklebuffer,
+}
+for _names in list(_BY_NAME):
+    _BY_NAME["_py" + _names[0], _names[1]] = _BY_NAME[_names]     # _pydatetime, _pydecimal
+_BY_NAME["zoneinfo._zoneinfo", "ZoneInfo"] = _write_zoneinfo
+_BY_NAME["builtins", "PickleBuffer"] = _write_picklebuffer     # PyPy's
+_SUBCLASSED = [(base, _write_subclass(base)) for base in
+               (dict, list, tuple, frozenset, set, str, bytes, bytearray, int, float, complex)]
+_FUNCTION_TYPES = (type(_write), type(len))
+
+
+def _writer_for(kind):
+    """The writer for values of kind, a type with no entry in _WRITERS."""
+    module = kind.__module__ or ""
+    writer = _BY_NAME.get((module, kind.__qualname__))
+    if writer is not None:
+        _WRITERS[kind] = writer          # standard types only: the table stays small
+        return writer
+    if module == "numpy" or module.startswith("numpy."):
+        return _write_numpy
+    if module == "pandas" or module.startswith("pandas."):
+        return _write_pandas
+    enum = sys.modules.get("enum")
+    if enum is not None and issubclass(kind, enum.Enum):
+        return _write_enum
+    if hasattr(kind, "__dataclass_fields__") and not issubclass(kind, type):
+        return _write_dataclass
+    pathlib = sys.modules.get("pathlib")       # not imported: no path can exist
+    if pathlib is not None and issubclass(kind, pathlib.PurePath):
+        return _write_path
+    if issubclass(kind, collections.OrderedDict):
+        return _write_ordered
+    if issubclass(kind, collections.defaultdict):
+        return _write_defaultdict
+    for base, writer in _SUBCLASSED:
+        if issubclass(kind, base):
+            return writer
+    if issubclass(kind, type):
+        return _write_reference
+    if issubclass(kind, _FUNCTION_TYPES):
+        return _write_function
+    for base in kind.__mro__:            # a numpy array subclass defined elsewhere
+        if base.__module__ == "numpy" and base.__name__ == "ndarray":
+            return _write_numpy
+    return _write_reduced
+
+
+def _write_function(value, w):
+    owner = getattr(value, "__self__", None)
+    if owner is None or type(owner) is type(sys):    # a function, or a module's builtin
+        _write_reference(value, w)
+    else:                                            # a bound builtin method: its object too
+        _write_reduced(value, w)
 
 
 def _keyer(salt):
-    """key(material) -> the 32-byte key of a call, for a cache whose salt is the str salt.
-
-    sha256 over repr((salt, material)) for a few small plain values, else over a pickle. The
-    repr is hashed in three parts, its start made once: the same digest, 20% sooner.
-    """
-    start = ("(%r, " % (salt,)).encode("utf-8", "surrogatepass")
+    """key(material) -> the 32-byte key of a call, for a cache whose salt is the str salt."""
+    start = hashlib.sha256(("%ss%x:%s" % (_KEY_FORMAT, len(salt), salt))
+                           .encode("utf-8", "surrogatepass"))
 
     def key(material):
-        if type(material) is tuple and len(material) < 8:
+        if type(material) is tuple:
+            # The hit path's usual call, a few numbers and short strs: the text that _write
+            # makes, without a call per value.
+            text = "("
             for value in material:
                 kind = type(value)
-                if kind not in _ATOMS or (kind is str or kind is bytes) and len(value) > 256:
+                if kind is int:
+                    text += "i%x;" % value
+                elif kind is str and len(value) <= _LONG:
+                    text += "s%x:%s" % (len(value), value)
+                elif kind is float:
+                    text += _float_text(value)
+                elif value is None:
+                    text += "N"
+                else:
                     break
-            else:    # the repr of these types is exact and never starts as a pickle does
-                hasher = hashlib.sha256(start)
-                hasher.update(repr(material).encode("utf-8", "surrogatepass"))
-                hasher.update(b")")
+            else:
+                hasher = start.copy()
+                hasher.update((text + ")").encode("utf-8", "surrogatepass"))
                 return hasher.digest()
-        return _digest((salt, material))
+        writer = _KeyWriter(start.copy(), set())
+        _write(material, writer)
+        return writer.digest()
 
     return key
 
@@ -1151,7 +1647,13 @@ def _binder(func, ignore):
 
 
 def _unkeyable(func, args, kwargs, exc):
-    """The TypeError for an argument that cannot be part of a key, naming the parameter."""
+    """The TypeError for an argument that cannot be part of a key, naming the parameter.
+
+    A RecursionError is returned as it is: nesting too deep to key, or the function's own
+    recursion reaching the limit, is not a problem that ignore= or key= would solve.
+    """
+    if isinstance(exc, RecursionError):
+        return exc
     label = _identity(func)
     try:
         bound = inspect.signature(func).bind(*args, **kwargs)
@@ -1160,7 +1662,9 @@ def _unkeyable(func, args, kwargs, exc):
         named = []
     for name, value in named:
         try:
-            _digest(value)
+            _write(value, _KeyWriter(hashlib.sha256(), set()))
+        except RecursionError:
+            raise
         except Exception as inner:
             return TypeError("%s(): argument %r cannot be part of a cache key (%s: %s); leave "
                              "it out with memoize(ignore=[%r]) or pass memoize(key=...)"
@@ -1225,7 +1729,7 @@ def _seconds(expire):
 
 
 def _short_repr(call):
-    """f's arguments as '(1, 'a', key=2)', shortened for people."""
+    """f's arguments as '(1, 'a', key=2)', shortened for people, on one line."""
     shorten = _SHORT
     args, kwargs = call
     try:
@@ -1235,6 +1739,54 @@ def _short_repr(call):
         return None
     text = "(%s)" % ", ".join(parts)
     return text if len(text) <= 200 else text[:199] + "\u2026"
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib.Repr with bounded work for what it leaves to repr() or sorts in full."""
+
+    fillvalue = "..."           # an attribute of Repr itself from 3.11 on
+
+    def repr1(self, x, level):
+        # A repr of many lines (a DataFrame's) on one; each part cut to maxother as reprlib does.
+        text = super().repr1(x, level)
+        return " ".join(text.split()) if "\n" in text else text
+
+    def repr_bytes(self, x, level):     # reprlib would repr() all of it, then cut
+        if len(x) <= self.maxstring:
+            return repr(x)
+        i = max(0, (self.maxstring - 3) // 2)
+        j = max(0, self.maxstring - 3 - i)
+        text = repr(x[:i] + x[len(x) - j:])
+        return text[:i] + self.fillvalue + text[len(text) - j:]
+
+    repr_bytearray = repr_bytes
+
+    def repr_int(self, x, level):       # repr() of a huge int is slow, past 4300 digits refused
+        if x.bit_length() > 4096:
+            return "<int of about %d digits>" % int(x.bit_length() * 0.30103 + 1)
+        return super().repr_int(x, level)
+
+    def repr_dict(self, x, level):      # reprlib sorts every key first
+        return super().repr_dict(x, level) if len(x) <= 100 else self._first_items(x, level)
+
+    def repr_set(self, x, level):
+        return super().repr_set(x, level) if len(x) <= 100 else self._first_items(x, level)
+
+    repr_frozenset = repr_set
+
+    def _first_items(self, x, level):
+        """The first few items in x's own order: sorting a large one is not worth its time."""
+        import itertools
+        if isinstance(x, dict):
+            inner = ", ".join("%s: %s" % (self.repr1(k, level - 1), self.repr1(v, level - 1))
+                              for k, v in itertools.islice(x.items(), 4))
+            return "{%s, %s}" % (inner, self.fillvalue)
+        inner = ", ".join(self.repr1(item, level - 1) for item in itertools.islice(x, 6))
+        return ("{%s, %s}" if type(x) is set else "frozenset({%s, %s})") % (inner, self.fillvalue)
+
+
+_SHORT = _ShortRepr()            # arguments shortened for people ('persist show')
+_SHORT.maxstring = _SHORT.maxother = 40
 
 
 def _warn(message):
