@@ -761,6 +761,9 @@ class _Store:
     def keys(self):
         return [key for key, in self.conn.run(_fetch, _KEYS)]
 
+    def __bool__(self):           # a store is there, however many entries: no query for that
+        return True
+
     def __len__(self):
         return self.conn.run(_fetch, _COUNT)[0][0]
 
@@ -1888,7 +1891,7 @@ class _Memo:
 
     def get(self, key):
         """The cached result for the call whose key is key, or _MISSING."""
-        store = self.store or self.open()
+        store = self.store if self.store is not None else self.open()
         if store is not None:
             try:
                 row = store.get(key)
