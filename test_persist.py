@@ -1052,6 +1052,47 @@ class TestMemoizeResults(MemoTest):
 
 
 
+class TestVersionSwitch(MemoTest):
+    """Opening a cache with another version= never deletes results: they are misses, reported
+    as stale, and removed only on request."""
+
+    def test_v1_v2_v1_reuses_v1(self):
+        v1 = self.memo(lambda x: ("v1", x), name="job", version=1)
+        for i in range(20):
+            v1(i)
+        v2 = self.memo(lambda x: ("v2", x), name="job", version=2)
+        self.assertEqual(v2.cache_info().entries, 20)      # just looking deletes nothing
+        self.assertEqual(v2(3), ("v2", 3))
+        again = self.memo(lambda x: ("recomputed", x), name="job", version=1)
+        self.assertEqual([again(i) for i in range(20)], [("v1", i) for i in range(20)])
+        self.assertEqual(again.calls, [])
+
+    def test_stale_results_are_listed_and_pruned_on_request(self):
+        v1 = self.memo(lambda x: x, name="job", version=1)
+        for i in range(30):
+            v1(i)
+        v2 = self.memo(lambda x: -x, name="job", version=2)
+        v2(1)
+        path = v2.cache_info().path
+        done = run_command([os.path.join(HERE, "persist.py"), "ls", self.dir])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, r"job .* 30 stale \(")
+        done = run_command([os.path.join(HERE, "persist.py"), "prune", path, "--stale"])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("removed 30 entries", done.stdout)
+        self.assertEqual(v2.cache_info().entries, 1)
+        self.assertEqual(v2(1), -1)
+        self.assertEqual(len(v2.calls), 1)
+
+    def test_cache_prune_removes_other_versions(self):
+        v1 = self.memo(lambda x: x, name="job", version="a")
+        v1(1), v1(2)
+        v2 = self.memo(lambda x: x, name="job", version="b")
+        v2(1)
+        self.assertEqual(v2.cache_prune(), 2)
+        self.assertEqual(v2.cache_info().entries, 1)
+
+
 class TestCacheOfAnEarlierFormat(MemoTest):
     """A cache of an earlier layout is refused, named, and kept: never emptied or rewritten."""
 
