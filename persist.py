@@ -185,6 +185,7 @@ def _link_no_clobber(src, dst):
 
 
 _rename_no_clobber = os.rename if os.name == "nt" else _link_no_clobber  # nt never replaces
+_RENAME_OPEN_FILES = os.name != "nt"     # Windows renames and removes no file that is open
 
 # -- private helpers: files
 
@@ -279,43 +280,11 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
         _fsync_dir(os.path.dirname(target) or os.curdir)
 
 
-class _Spill:
-    """A file for pickle.dump: bytes in memory up to a limit, then the rest into a file."""
-
-    def __init__(self, open_file):
-        self._open_file = open_file
-        self._chunks = []
-        self._size = 0
-        self.file = None
-
-    def write(self, data):
-        if self.file is None:
-            self._size += memoryview(data).nbytes
-            if self._size <= _INLINE_LIMIT:
-                self._chunks.append(bytes(data))
-                return
-            self.file = self._open_file()
-            self.file.writelines(self._chunks)
-            self._chunks = None
-        self.file.write(data)
-
-    def getvalue(self):
-        return b"" if self.file is not None else b"".join(self._chunks)
-
-
 def _size(path):
     try:
         return os.stat(path).st_size
     except OSError:
         return 0
-
-
-def _remove_files_in(directory):
-    """Remove the plain files in directory (not the directory); a missing one is fine."""
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(directory):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
 
 
 # -- the store: one SQLite file per cache, with large pickles in files beside it
@@ -600,25 +569,24 @@ class _Values:
             names = os.listdir(self.directory)
         except (FileNotFoundError, NotADirectoryError):
             return
-        unnamed = set(names) - named(names)
-        for name in unnamed:
+        for name in set(names) - named(names):
             path = self.path(name)
+            # best effort, each step: what is left now is swept next time
+            if _fcntl is None:        # no locks, but open files cannot be removed (Windows)
+                with contextlib.suppress(OSError):
+                    if time.time() - os.stat(path).st_mtime > _SWEEP_AGE:
+                        os.unlink(path)
+                continue
             try:
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             except OSError:
                 continue
             try:
-                if _fcntl is not None:
-                    try:
-                        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-                    except OSError:                 # a live writer holds it
-                        continue
-                elif time.time() - os.fstat(fd).st_mtime < _SWEEP_AGE:
-                    continue                        # no locks: leave young files alone
-                if name not in named([name]):       # its writer committed meanwhile?
+                _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)     # else a writer holds it
+                if name not in named([name]):       # its writer may have committed meanwhile
                     os.unlink(path)
             except OSError:
-                pass            # best effort: what is left now is swept next time
+                pass
             finally:
                 os.close(fd)
 
@@ -725,16 +693,19 @@ class _Store:
             conn = sqlite3.connect(temp, isolation_level=None)
             for statement in _CREATE:
                 conn.execute(statement)
-            conn.execute("BEGIN EXCLUSIVE")
-            try:
-                _rename_no_clobber(temp, self.path)
-            except FileExistsError:      # another process made it first: theirs is as good
-                pass
+            if _RENAME_OPEN_FILES:
+                conn.execute("BEGIN EXCLUSIVE")
+                with contextlib.suppress(FileExistsError):   # another process was first
+                    _rename_no_clobber(temp, self.path)
+                    self._remove_stale_companions()
+                conn.execute("COMMIT")
             else:
-                for stale in (self.path + "-wal", self.path + "-shm"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(stale)
-            conn.execute("COMMIT")
+                # Windows renames no open file, and removes no log that a process has open
+                conn.close()
+                if not os.path.exists(self.path):
+                    self._remove_stale_companions()
+                with contextlib.suppress(FileExistsError):
+                    _rename_no_clobber(temp, self.path)
         except sqlite3.Error as exc:
             raise OSError(errno.EIO, "cannot create the cache (%s)" % exc, self.path) from None
         finally:
@@ -742,6 +713,12 @@ class _Store:
                 conn.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
+
+    def _remove_stale_companions(self):
+        for stale in (self.path + "-wal", self.path + "-shm"):
+            # best effort: on Windows one in use cannot go, and then it is not stale
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                os.unlink(stale)
 
     # Reading
 

@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import enum
 import errno
-import hashlib
 import importlib.util
 import json
 import multiprocessing
