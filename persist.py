@@ -50,6 +50,7 @@ import os
 import stat
 import sys
 import time
+import types
 import weakref
 
 # Imported by _load() on first use: together they cost more than the rest of persist.
@@ -670,7 +671,8 @@ class _Store(collections.abc.MutableMapping):
     def claim(self, function, version, expire):
         """Mark this cache as function's at version; results of another version are dropped."""
         want = {"function": function, "version": version, "expire": repr(expire)}
-        if self.info() == want:
+        info = self.info()
+        if all(info.get(name) == value for name, value in want.items()):
             return
         with self._transaction() as conn:
             old = dict(conn.execute(_INFO).fetchall())
@@ -724,6 +726,10 @@ class _ShelfMethods:
 _MISSING = object()
 _DEBUG = 10                     # logging.DEBUG, without importing logging
 _ATOMS = {int, float, str, bytes, bool, type(None)}   # their repr() is exact and stable
+_EXACT = {int, str, bytes, bool, type(None)}   # for these, == is equality of keys
+_MAIN_NAMES = ("__main__", "__mp_main__")      # a script; __mp_main__ in spawned workers
+_NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
+_UNBOUND = object()            # a memoized function not bound to an instance
 _OPEN_LOCK = _thread.allocate_lock()   # one thread at a time opens a memoized function's cache
 _CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path")
 
@@ -780,8 +786,39 @@ def _keyer(salt):
     return key
 
 
-def _binder(func, ignore):
-    """A fast bind(args, kwargs) -> tuple of the values that make the key, defaults applied."""
+def _at_default(value, default, digest):
+    """Whether value keys as default does: then the call leaves it out of its key."""
+    if value is default:
+        return True
+    kind = type(value)
+    if kind is not type(default):
+        return False
+    if kind in _EXACT:
+        return value == default
+    if kind is float:            # -0.0 is not 0.0, and a nan is its default nan
+        return value.hex() == default.hex()
+    if digest is None:           # a default that cannot be keyed is left out only as itself
+        return False
+    try:
+        return _digest(value) == digest
+    except RecursionError:
+        raise
+    except Exception:            # the key derivation reports it, naming the parameter
+        return False
+
+
+def _binder(func, ignore, label):
+    """A fast bind(args, kwargs) -> the values that make the key of a call.
+
+    The values of the parameters without a default come first, in order; then the name and
+    value of each other parameter that the call does not leave at its default. So f(5),
+    f(x=5) and f() with x=5 are one key, and adding a parameter with a default keeps the
+    keys of every call that does not pass it. Plain positional calls take a shortcut.
+    """
+    for name in ignore:
+        if not isinstance(name, str):
+            raise TypeError("Expected memoize(ignore=...) to hold parameter names, not %r"
+                            % (name,))
     try:
         sig = inspect.signature(func)
     except (TypeError, ValueError):     # some builtins have no signature: key on the call
@@ -791,36 +828,66 @@ def _binder(func, ignore):
         return lambda args, kwargs: (args, kwargs)
     params = list(sig.parameters.values())
     names = [p.name for p in params]
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
     for name in ignore:
-        if name not in names and not takes_kwargs:
+        if name not in names:     # **kwargs does not catch it: a misspelt name must not pass
             raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
-                            % (name, _identity(func), sig))
-    keep = [i for i, name in enumerate(names) if name not in ignore]
+                            % (name, label, sig))
+    empty = inspect.Parameter.empty
+    kept = []                     # (name, kind, default, the default's digest or None)
+    for p in params:
+        if p.name in ignore:
+            continue
+        digest = None
+        if p.default is not empty:
+            with contextlib.suppress(Exception):   # best effort: compared by identity then
+                digest = _digest(p.default)
+        kept.append((p.name, p.kind, p.default, digest))
 
     def bind_slowly(args, kwargs):
-        bound = sig.bind(*args, **kwargs)
-        bound.apply_defaults()
-        values = []
-        for param in params:
-            value = bound.arguments[param.name]
-            if param.kind is param.VAR_KEYWORD and ignore:
-                value = {k: v for k, v in value.items() if k not in ignore}
-            if param.name not in ignore:
+        try:
+            arguments = sig.bind(*args, **kwargs).arguments
+        except TypeError as exc:
+            raise TypeError("%s(): %s" % (label, exc)) from None
+        values, named = [], []
+        for name, kind, default, digest in kept:
+            if name not in arguments:          # left at its default, or no *args / **kwargs
+                continue
+            value = arguments[name]
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    named += ("*" + name, value)
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                for key in sorted(value):
+                    named += (key, value[key])
+            elif default is empty:
                 values.append(value)
-        return tuple(values)
+            elif not _at_default(value, default, digest):
+                named += (name, value)
+        return tuple(values + named)
 
     if not all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params):
         return bind_slowly
     count = len(params)
-    required = sum(p.default is p.empty for p in params)
-    defaults = tuple(p.default for p in params)
+    required = sum(p.default is empty for p in params)     # they come first
+    keep = [i for i in range(required) if names[i] not in ignore]
+    digests = {name: digest for name, _, _, digest in kept}
+    optional = [(None if names[i] in ignore else names[i], params[i].default,
+                 digests.get(names[i])) for i in range(required, count)]
+    plain = not ignore
 
     def bind(args, kwargs):
-        if kwargs or not required <= len(args) <= count:
+        given = len(args)
+        if kwargs or not required <= given <= count:
             return bind_slowly(args, kwargs)
-        values = args + defaults[len(args):] if len(args) < count else args
-        return tuple([values[i] for i in keep]) if ignore else values
+        if given == required and plain:       # the hot path: the arguments are the material
+            return args
+        values = [args[i] for i in keep]
+        for i in range(required, given):
+            name, default, digest = optional[i - required]
+            value = args[i]
+            if name is not None and not _at_default(value, default, digest):
+                values += (name, value)
+        return tuple(values)
 
     return bind
 
@@ -844,38 +911,234 @@ def _unkeyable(func, args, kwargs, exc):
                      "memoize(key=...)" % (label, type(exc).__name__, exc))
 
 
-def _identity(func):
-    """module.qualname; for a script run as __main__, its file name (or -m name) as module."""
-    module = getattr(func, "__module__", None) or "__main__"
-    if module == "__main__":
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        if spec is not None and spec.name != "__main__":
-            module = spec.name
+def _innermost(func):
+    """What func runs in the end: the function inside partials and bound methods."""
+    while True:
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif isinstance(func, types.MethodType):
+            func = func.__func__
         else:
-            filename = getattr(getattr(func, "__code__", None), "co_filename", "")
-            stem = os.path.splitext(os.path.basename(filename))[0]
-            if stem.isidentifier():
-                module = stem
-    name = getattr(func, "__qualname__", None) or type(func).__qualname__   # or a partial
-    if "<lambda>" in name:       # two lambdas in one scope share a qualname: add the line
-        name += "-%d" % getattr(getattr(func, "__code__", None), "co_firstlineno", 0)
+            return func
+
+
+def _module_name(func):
+    """func's module; for a script, its file name (or -m name), as run, imported or spawned.
+
+    multiprocessing's spawn and forkserver workers run the script as __mp_main__: the same
+    name keeps python job.py, import job and its workers on one cache.
+    """
+    module = getattr(func, "__module__", None) or "__main__"
+    if module in _MAIN_NAMES:
+        spec = getattr(sys.modules.get(module), "__spec__", None)
+        if spec is not None and spec.name not in _MAIN_NAMES:
+            return spec.name
+        filename = getattr(getattr(func, "__code__", None), "co_filename", "")
+        stem = os.path.splitext(os.path.basename(filename))[0]
+        if stem.isidentifier():
+            return stem
+        return "__main__"
+    return module
+
+
+def _source_file(func):
+    """The file that defines func, or None: the REPL, a notebook, exec(), a builtin."""
+    inner = _innermost(func)
+    code = getattr(inner, "__code__", None)
+    if code is not None:
+        filename = code.co_filename
+    else:                         # a class or a callable instance: its module's file
+        module = sys.modules.get(getattr(inner, "__module__", None) or "")
+        filename = getattr(module, "__file__", None)
+    return filename if filename and os.path.isfile(filename) else None
+
+
+def _code_text(code):
+    """What a code object computes, as bytes: it differs between Python versions."""
+    parts = [code.co_code, repr((code.co_names, code.co_varnames, code.co_freevars,
+                                 code.co_cellvars, code.co_argcount, code.co_kwonlyargcount,
+                                 code.co_flags)).encode("utf-8", "surrogatepass")]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            parts.append(_code_text(const))
+        else:
+            parts.append(repr(const).encode("utf-8", "surrogatepass"))
+    return b"\0".join(parts)
+
+
+def _code_tag(func):
+    """Eight hex digits that stand for func's code: its source text where linecache has it
+    (files, IPython and Jupyter cells), else its compiled code. Not its line number, so
+    lines added above it change nothing."""
+    import textwrap
+    try:
+        text = textwrap.dedent(inspect.getsource(func)).strip()
+    except Exception:             # no source (python -c, exec, the REPL): use the code
+        text = None
+    material = b"" if text is None else text.encode("utf-8", "surrogatepass")
+    if text is None or text.count("lambda") > 1:   # two lambdas on one line: keep them apart
+        material += _code_text(func.__code__)
+    return hashlib.sha256(material).hexdigest()[:8]
+
+
+def _identity(func):
+    """module.qualname of what func runs; a lambda, or a function with no source file (a
+    notebook, the REPL), also gets a tag of its code, so that two of one name differ."""
+    inner = _innermost(func)
+    module = _module_name(inner)
+    name = getattr(inner, "__qualname__", None) or type(inner).__qualname__
+    code = getattr(inner, "__code__", None)
+    if isinstance(code, types.CodeType) and (
+            "<lambda>" in name or not os.path.isfile(code.co_filename)):
+        name += "-" + _code_tag(inner)
     return "%s.%s" % (module, name)
 
 
+class _Unkeyable(Exception):
+    """Something a function carries cannot be part of a key (a lock, a connection)."""
+
+
+def _value_text(value, seen):
+    """A str that stands for value, a thing a function carries, in its key's salt."""
+    if isinstance(value, types.ModuleType):
+        return "module " + value.__name__
+    if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
+        return "class %s.%s" % (value.__module__, value.__qualname__)
+    if isinstance(value, _Memoized):
+        return "memoized %s %s" % (value._memo.identity, value._salt)
+    if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
+        return _callable_text(value, seen)
+    try:
+        return "value " + _digest(value).hex()
+    except RecursionError:
+        raise
+    except Exception as exc:
+        raise _Unkeyable("a %s (%s: %s)" % (type(value).__qualname__, type(exc).__name__,
+                                             exc)) from None
+
+
+def _carried_defaults(func):
+    """(name, default) of func's parameters with a default."""
+    code = func.__code__
+    positional = code.co_varnames[:code.co_argcount]
+    pairs = list(zip(positional[len(positional) - len(func.__defaults__ or ()):],
+                     func.__defaults__ or ()))
+    return pairs + sorted((func.__kwdefaults__ or {}).items())
+
+
+def _callable_text(func, seen, top=False):
+    """What func computes with besides its arguments, as a str for the key's salt; a
+    callable it holds is named and described in turn. _Unkeyable names what cannot be.
+
+    The top level leaves out func's own name (it names the cache file already)."""
+    if id(func) in seen:          # functions that call each other
+        return "again " + _identity(func)
+    seen.add(id(func))
+    if isinstance(func, functools.partial):
+        args = ", ".join(_value_text(arg, seen) for arg in func.args)
+        keywords = ", ".join("%s=%s" % (k, _value_text(v, seen))
+                             for k, v in sorted(func.keywords.items()))
+        return "partial(%s; %s; %s)" % (_callable_text(func.func, seen), args, keywords)
+    if isinstance(func, types.MethodType):
+        return "method(%s; self=%s)" % (_callable_text(func.__func__, seen, top),
+                                        _value_text(func.__self__, seen))
+    if not isinstance(func, types.FunctionType):
+        if isinstance(func, type) or isinstance(getattr(func, "__self__", None),
+                                                types.ModuleType):
+            return "" if top else _value_text(func, seen)   # a class, a builtin function
+        return "instance " + _value_text(func, seen)         # its state: a callable's pickle
+    parts = [] if top else [_identity(func)]
+    for name, cell in zip(func.__code__.co_freevars, func.__closure__ or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:        # not assigned yet: the function itself, being decorated
+            continue
+        try:
+            parts.append("%s=%s" % (name, _value_text(value, seen)))
+        except _Unkeyable as exc:
+            raise _Unkeyable("%s, held in %r" % (exc, name) if str(exc).startswith("'")
+                             else "%r, %s" % (name, exc)) from None
+    # Defaults are evaluated each time the outer function runs, or are code that no source
+    # file holds; elsewhere they are code, which is not keyed (README: Keys).
+    if "<locals>" in func.__qualname__ or _source_file(func) is None:
+        for name, value in _carried_defaults(func):
+            try:
+                parts.append("%s:=%s" % (name, _value_text(value, seen)))
+            except _Unkeyable as exc:
+                raise _Unkeyable("the default of %r, %s" % (name, exc)) from None
+    return "(%s)" % "; ".join(parts) if parts or not top else ""
+
+
+def _salt(func, version, key):
+    """The salt of func's keys: its version, and what it carries besides its arguments
+    (closure cells, a partial's arguments, a bound method's self, a callable's state)."""
+    try:
+        carried = _callable_text(func, set(), top=True)
+    except _Unkeyable as exc:
+        if key is not None:      # memoize(key=...) takes on what cannot be keyed
+            return version
+        label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
+        raise TypeError(
+            "memoize cannot key %s(): besides its arguments it computes with %s, which "
+            "cannot be part of a cache key, so its results could differ under one key. "
+            "Pass memoize(name=...) to share one cache whatever that holds, or "
+            "memoize(key=...) to give the key yourself, or make it an argument (and "
+            "memoize(ignore=...) it)" % (label, exc)) from None
+    if not carried:
+        return version            # plain functions keep the keys they always had
+    return "%s %s" % (version, hashlib.sha256(
+        carried.encode("utf-8", "surrogatepass")).hexdigest())
+
+
 def _file_name(identity):
-    """A file name for the cache of identity, safe on every platform."""
+    """A file name for the cache of identity, safe on every platform.
+
+    Names that differ only in case (Process and process) would be one file on macOS and
+    Windows, and very long ones are refused by filesystems (255 bytes, and SQLite adds
+    -wal to it): each of those gets a digest of the whole identity instead."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in identity)
-    if safe != identity:     # keep names that differ only in unsafe characters apart
-        safe += "-" + hashlib.sha256(identity.encode()).hexdigest()[:8]
+    if len(safe.encode("utf-8")) > _NAME_LIMIT:
+        safe = safe[:_NAME_LIMIT // 4]          # a letter takes up to 4 bytes in UTF-8
+    if safe != identity or not safe.isascii() or safe != safe.lower():
+        safe += "-" + hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return safe + ".db"
 
 
 def _default_dir(func):
     """.persist beside the file that defines func, else in the current directory."""
-    filename = getattr(getattr(func, "__code__", None), "co_filename", "")
-    if filename and os.path.isfile(filename):
+    filename = _source_file(func)
+    if filename is not None:
         return os.path.join(os.path.dirname(os.path.abspath(filename)), ".persist")
     return os.path.join(os.getcwd(), ".persist")
+
+
+def _check_source(store, memo):
+    """Refuse a cache that a function of another file filled under the same name.
+
+    Two projects with one PERSIST_DIR may each have a job.py with a load(): their caches
+    have one name. The file that defines the function is recorded in the cache's Info
+    table; a cache recorded for a file that still exists elsewhere is refused. One whose
+    file is gone (the project moved) is adopted. A cache beside its source file is not
+    checked: a copied project brings its own cache along.
+    """
+    source = getattr(memo, "source", None)
+    if source is None or os.path.dirname(memo.path) == memo.default_dir:
+        return
+    recorded = store.info().get("source")
+    if recorded == source:
+        return
+    if recorded is not None and os.path.exists(recorded):
+        store.close()
+        raise PersistError(errno.EEXIST, (
+            "this cache holds the results of %s() defined in %s, which still exists, but this "
+            "%s() is defined in %s: two projects share one cache directory. Give one of them "
+            "memoize(cache_dir=...) or unset PERSIST_DIR; if both files are the same code, "
+            "pass memoize(name=%r) to share the cache"
+            % (memo.identity, recorded, memo.identity, source, memo.identity)), memo.path)
+    # best effort: a read-only cache is still used, it just keeps its old record
+    with contextlib.suppress(OSError):
+        with store._transaction() as conn:
+            conn.execute(_SET_INFO, ("source", source))
 
 
 def _make_cache_dir(directory):
@@ -959,6 +1222,7 @@ class _Memo:
                             raise
                         _warn("the cache of %s() at %s is read-only; new results are not "
                               "stored" % (self.identity, self.path))
+                    _check_source(store, self)
                 except PersistError:
                     raise
                 except OSError as exc:
@@ -1020,29 +1284,124 @@ class _Memo:
                   % (self.identity, type(exc).__name__, exc))
 
 
+def _key_error(func, args, kwargs, exc):
+    """The error for a call whose key could not be made: exc itself if the stack was full
+    (a deep recursion of the caller's, which must pass unchanged), else a TypeError that
+    names the argument (one nested too deep is one of them)."""
+    if isinstance(exc, RecursionError):
+        depth, frame = 0, sys._getframe(1)
+        while frame is not None:
+            depth, frame = depth + 1, frame.f_back
+        if depth > sys.getrecursionlimit() - 50:
+            return exc
+    return _unkeyable(func, args, kwargs, exc)
+
+
+class _Memoized:
+    """What memoize returns: func through its cache.
+
+    In a class it binds as a function does, so that instance.method(x) and
+    instance.method.cache_delete(x) both pass the instance. It pickles by reference, as a
+    function does, so multiprocessing can send it to workers.
+    """
+
+    __slots__ = ("_memo", "_bind", "_key", "_func", "_salt", "_self", "__wrapped__",
+                 "__dict__", "__weakref__")
+
+    def __call__(self, *args, **kwargs):
+        if self._self is not _UNBOUND:
+            args = (self._self,) + args
+        material = self._bind(args, kwargs)   # a wrong call raises here, naming the function
+        try:
+            key = self._key(material)
+        except Exception as exc:
+            raise _key_error(self._func, args, kwargs, exc) from None
+        memo = self._memo
+        result = memo.get(key)
+        if result is _MISSING:
+            result = self._func(*args, **kwargs)
+            memo.put(key, result, (args, kwargs))
+        return result
+
+    def __get__(self, instance, owner=None):
+        if instance is None or self._self is not _UNBOUND:
+            return self
+        bound = object.__new__(_Memoized)
+        bound._memo, bound._bind, bound._key = self._memo, self._bind, self._key
+        bound._func, bound._salt, bound._self = self._func, self._salt, instance
+        bound.__wrapped__ = types.MethodType(self._func, instance)   # its signature has no self
+        bound.__dict__ = self.__dict__       # __name__, __doc__ and the rest, shared
+        return bound
+
+    def __reduce__(self):
+        if self._self is not _UNBOUND:
+            return getattr, (self._self, self.__name__)
+        return self.__qualname__             # a global name: pickle finds it and checks it
+
+    def __repr__(self):
+        name = getattr(self, "__qualname__", None) or repr(self._func)
+        if self._self is not _UNBOUND:
+            return "<bound memoized %s of %r>" % (name, self._self)
+        return "<memoized %s>" % name
+
+    def _key_of(self, args, kwargs):
+        if self._self is not _UNBOUND:
+            args = (self._self,) + args
+        material = self._bind(args, kwargs)
+        try:
+            return self._key(material)
+        except Exception as exc:
+            raise _key_error(self._func, args, kwargs, exc) from None
+
+    def cache_info(self):
+        """hits and misses in this process; entries and path of the cache on disk."""
+        memo = self._memo
+        store = memo.open(create=False)
+        return _CacheInfo(memo.hits, memo.misses, 0 if store is None else len(store), memo.path)
+
+    def cache_clear(self):
+        """Remove every stored result of this function."""
+        memo = self._memo
+        store = memo.open(create=False)
+        if store is not None:
+            store.clear()
+        memo.hits = memo.misses = 0
+
+    def cache_delete(self, *args, **kwargs):
+        """Remove the result stored for these arguments; return whether there was one."""
+        key = self._key_of(args, kwargs)
+        store = self._memo.open(create=False)
+        return store is not None and store.delete(self._memo.stored_key(key))
+
+
 def _memoize(func, cache_dir, name, version, expire, ignore, key):
     _load()
+    label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
         raise TypeError("memoize cannot cache %s(): it is a generator function, and a "
                         "generator is consumed as it runs; memoize a function that returns "
-                        "a list instead" % func.__qualname__)
+                        "a list instead" % label)
     if isinstance(ignore, str):
         ignore = (ignore,)
     ignore = frozenset(ignore)
     if key is not None and not callable(key):
         raise TypeError("Expected memoize(key=...) to be a callable, not %r" % (key,))
     memo = _Memo(func, cache_dir, name, version, _seconds(expire))
-    bind = _binder(func, ignore) if key is None else (lambda args, kwargs: key(*args, **kwargs))
-    key_from = _keyer(memo.version)
-
-    def key_of(args, kwargs):
-        material = bind(args, kwargs)      # a wrong call raises here, as calling func would
-        try:
-            return key_from(material)
-        except Exception as exc:
-            raise _unkeyable(func, args, kwargs, exc) from None
+    memo.source = None if name else _source_file(func)    # for _check_source()
+    # memoize(name=...) names what the cache holds: what func carries is the caller's word
+    salt = memo.version if name else _salt(func, memo.version, key)
+    bind = _binder(func, ignore, label) if key is None else (
+        lambda args, kwargs: key(*args, **kwargs))
+    key_from = _keyer(salt)
 
     if inspect.iscoroutinefunction(func):
+        def key_of(args, kwargs):
+            material = bind(args, kwargs)
+            try:
+                return key_from(material)
+            except Exception as exc:
+                raise _key_error(func, args, kwargs, exc) from None
+
         async def wrapper(*args, **kwargs):
             k = key_of(args, kwargs)
             result = memo.get(k)
@@ -1050,36 +1409,24 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
                 result = await func(*args, **kwargs)
                 memo.put(k, result, (args, kwargs))
             return result
-    else:
-        def wrapper(*args, **kwargs):
-            k = key_of(args, kwargs)
-            result = memo.get(k)
-            if result is _MISSING:
-                result = func(*args, **kwargs)
-                memo.put(k, result, (args, kwargs))
-            return result
 
-    def cache_info():
-        """hits and misses in this process; entries and path of the cache on disk."""
-        store = memo.open(create=False)
-        return _CacheInfo(memo.hits, memo.misses, 0 if store is None else len(store), memo.path)
+        def cache_delete(*args, **kwargs):
+            """Remove the result stored for these arguments; return whether there was one."""
+            store = memo.open(create=False)
+            return store is not None and store.delete(memo.stored_key(key_of(args, kwargs)))
 
-    def cache_clear():
-        """Remove every stored result of this function."""
-        store = memo.open(create=False)
-        if store is not None:
-            store.clear()
-        memo.hits = memo.misses = 0
+        shared = object.__new__(_Memoized)   # cache_info and cache_clear, as for the others
+        shared._memo = memo
+        functools.update_wrapper(wrapper, func)
+        wrapper.cache_info = shared.cache_info
+        wrapper.cache_clear = shared.cache_clear
+        wrapper.cache_delete = cache_delete
+        return wrapper
 
-    def cache_delete(*args, **kwargs):
-        """Remove the result stored for these arguments; return whether there was one."""
-        store = memo.open(create=False)
-        return store is not None and store.delete(memo.stored_key(key_of(args, kwargs)))
-
+    wrapper = object.__new__(_Memoized)
+    wrapper._memo, wrapper._bind, wrapper._key = memo, bind, key_from
+    wrapper._func, wrapper._salt, wrapper._self = func, salt, _UNBOUND
     functools.update_wrapper(wrapper, func)
-    wrapper.cache_info = cache_info
-    wrapper.cache_clear = cache_clear
-    wrapper.cache_delete = cache_delete
     return wrapper
 
 
