@@ -729,7 +729,6 @@ _ATOMS = {int, float, str, bytes, bool, type(None)}   # their repr() is exact an
 _EXACT = {int, str, bytes, bool, type(None)}   # for these, == is equality of keys
 _MAIN_NAMES = ("__main__", "__mp_main__")      # a script; __mp_main__ in spawned workers
 _NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
-_UNBOUND = object()            # a memoized function not bound to an instance
 _OPEN_LOCK = _thread.allocate_lock()   # one thread at a time opens a memoized function's cache
 _CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path")
 
@@ -871,9 +870,10 @@ def _binder(func, ignore, label):
     required = sum(p.default is empty for p in params)     # they come first
     keep = [i for i in range(required) if names[i] not in ignore]
     digests = {name: digest for name, _, _, digest in kept}
-    optional = [(None if names[i] in ignore else names[i], params[i].default,
-                 digests.get(names[i])) for i in range(required, count)]
+    defaults = tuple(p.default for p in params)
+    labels = tuple(None if name in ignore else name for name in names)
     plain = not ignore
+    exact = _EXACT
 
     def bind(args, kwargs):
         given = len(args)
@@ -881,13 +881,19 @@ def _binder(func, ignore, label):
             return bind_slowly(args, kwargs)
         if given == required and plain:       # the hot path: the arguments are the material
             return args
-        values = [args[i] for i in keep]
+        named = ()
         for i in range(required, given):
-            name, default, digest = optional[i - required]
-            value = args[i]
-            if name is not None and not _at_default(value, default, digest):
-                values += (name, value)
-        return tuple(values)
+            value, default = args[i], defaults[i]
+            if value is default or labels[i] is None:
+                continue
+            kind = type(value)
+            if kind is not type(default) or not (
+                    value == default if kind in exact
+                    else _at_default(value, default, digests[labels[i]])):
+                named += (labels[i], value)
+        if plain:
+            return args[:required] + named
+        return tuple([args[i] for i in keep]) + named
 
     return bind
 
@@ -1305,53 +1311,64 @@ class _Memoized:
     function does, so multiprocessing can send it to workers.
     """
 
-    __slots__ = ("_memo", "_bind", "_key", "_func", "_salt", "_self", "__wrapped__",
-                 "__dict__", "__weakref__")
+    __slots__ = ("_state", "_salt", "_self", "__dict__", "__weakref__")
 
     def __call__(self, *args, **kwargs):
-        if self._self is not _UNBOUND:
+        memo, bind, key_from, func = self._state
+        if self._self is not None:
             args = (self._self,) + args
-        material = self._bind(args, kwargs)   # a wrong call raises here, naming the function
+        material = bind(args, kwargs)        # a wrong call raises here, naming the function
         try:
-            key = self._key(material)
+            key = key_from(material)
         except Exception as exc:
-            raise _key_error(self._func, args, kwargs, exc) from None
-        memo = self._memo
+            raise _key_error(func, args, kwargs, exc) from None
         result = memo.get(key)
         if result is _MISSING:
-            result = self._func(*args, **kwargs)
+            result = func(*args, **kwargs)
             memo.put(key, result, (args, kwargs))
         return result
 
     def __get__(self, instance, owner=None):
-        if instance is None or self._self is not _UNBOUND:
+        if instance is None or self._self is not None:
             return self
         bound = object.__new__(_Memoized)
-        bound._memo, bound._bind, bound._key = self._memo, self._bind, self._key
-        bound._func, bound._salt, bound._self = self._func, self._salt, instance
-        bound.__wrapped__ = types.MethodType(self._func, instance)   # its signature has no self
+        bound._state, bound._salt, bound._self = self._state, self._salt, instance
         bound.__dict__ = self.__dict__       # __name__, __doc__ and the rest, shared
         return bound
 
+    @property
+    def __wrapped__(self):
+        func = self._state[3]
+        return func if self._self is None else types.MethodType(func, self._self)
+
+    @__wrapped__.setter
+    def __wrapped__(self, func):             # functools.update_wrapper sets it: it is _state's
+        pass
+
+    @property
+    def _memo(self):
+        return self._state[0]
+
     def __reduce__(self):
-        if self._self is not _UNBOUND:
+        if self._self is not None:
             return getattr, (self._self, self.__name__)
         return self.__qualname__             # a global name: pickle finds it and checks it
 
     def __repr__(self):
-        name = getattr(self, "__qualname__", None) or repr(self._func)
-        if self._self is not _UNBOUND:
+        name = getattr(self, "__qualname__", None) or repr(self._state[3])
+        if self._self is not None:
             return "<bound memoized %s of %r>" % (name, self._self)
         return "<memoized %s>" % name
 
     def _key_of(self, args, kwargs):
-        if self._self is not _UNBOUND:
+        memo, bind, key_from, func = self._state
+        if self._self is not None:
             args = (self._self,) + args
-        material = self._bind(args, kwargs)
+        material = bind(args, kwargs)
         try:
-            return self._key(material)
+            return key_from(material)
         except Exception as exc:
-            raise _key_error(self._func, args, kwargs, exc) from None
+            raise _key_error(func, args, kwargs, exc) from None
 
     def cache_info(self):
         """hits and misses in this process; entries and path of the cache on disk."""
@@ -1416,7 +1433,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
             return store is not None and store.delete(memo.stored_key(key_of(args, kwargs)))
 
         shared = object.__new__(_Memoized)   # cache_info and cache_clear, as for the others
-        shared._memo = memo
+        shared._state, shared._self = (memo, bind, key_from, func), None
         functools.update_wrapper(wrapper, func)
         wrapper.cache_info = shared.cache_info
         wrapper.cache_clear = shared.cache_clear
@@ -1424,8 +1441,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
         return wrapper
 
     wrapper = object.__new__(_Memoized)
-    wrapper._memo, wrapper._bind, wrapper._key = memo, bind, key_from
-    wrapper._func, wrapper._salt, wrapper._self = func, salt, _UNBOUND
+    wrapper._state, wrapper._salt, wrapper._self = (memo, bind, key_from, func), salt, None
     functools.update_wrapper(wrapper, func)
     return wrapper
 
@@ -1506,21 +1522,33 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
 
     cache_dir: where the cache lives; else $PERSIST_DIR; else .persist beside the file that
         defines func (or in the current directory, for the REPL and notebooks).
-    name: the cache's name; else module.qualname of func.
+    name: the cache's name; else module.qualname of func (a lambda, or a function with no
+        source file, adds a tag of its code). A name is your word that every function
+        memoized under it computes the same: what they carry is then not checked.
     version: change it when results computed before are wrong; they are all dropped. Editing
         the function does not drop anything, by design.
     expire: seconds (or a timedelta) after which a result is computed again.
-    ignore: names of parameters left out of the key, such as 'self' or 'verbose'.
+    ignore: names of parameters left out of the key, such as 'verbose'; ignoring 'self'
+        shares results between all instances.
     key: a callable taking func's arguments and returning what to key on instead.
 
-    Equal arguments give the same key in every process: defaults are applied, dict and set
-    order do not matter, types do (1 and 1.0 differ). The wrapper has cache_info(),
-    cache_clear() and cache_delete(*args, **kwargs). Caches are pickles: trust them as code.
+    Equal arguments give the same key in every process: a parameter left at its default is
+    left out (adding one with a default keeps old results), dict and set order do not
+    matter, types do (1 and 1.0 differ). What func carries besides its arguments (closure
+    cells, a partial's arguments, a bound method's self, a callable object's state) is part
+    of the key; if it cannot be, memoize raises TypeError. The wrapper has cache_info(),
+    cache_clear() and cache_delete(*args, **kwargs), and binds in a class as a function
+    does. Caches are pickles: trust them as code.
     """
     options = (cache_dir, name, version, expire, ignore, key)
     if func is None:
         return lambda f: memoize(f, cache_dir=cache_dir, name=name, version=version,
                                  expire=expire, ignore=ignore, key=key)
+    if isinstance(func, (staticmethod, classmethod)):
+        kind = type(func).__name__
+        raise TypeError("memoize cannot decorate the %s %s: put @%s above @memoize, so "
+                        "that memoize sees the function itself"
+                        % (kind, getattr(func.__func__, "__qualname__", func.__func__), kind))
     if not callable(func):
         raise TypeError("Expected a function to decorate, not %r: use @memoize or "
                         "@memoize(option=...)" % (func,))
