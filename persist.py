@@ -1010,8 +1010,11 @@ def _value_text(value, seen):
         return "module " + value.__name__
     if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
         return "class %s.%s" % (value.__module__, value.__qualname__)
-    if isinstance(value, _Memoized):
-        return "memoized %s %s" % (value._memo.identity, value._salt)
+    handle = value
+    if isinstance(value, types.FunctionType):    # memoize's wrapper holds no plain values
+        handle = getattr(getattr(value, "cache_info", None), "__self__", None)
+    if isinstance(handle, _Memoized):            # a memoized function: its cache says it all
+        return "memoized %s %s" % (handle._memo.identity, handle._salt)
     if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
         return _callable_text(value, seen)
     try:
@@ -1293,20 +1296,25 @@ class _Memo:
 def _key_error(func, args, kwargs, exc):
     """The error for a call whose key could not be made: exc itself if the stack was full
     (a deep recursion of the caller's, which must pass unchanged), else a TypeError that
-    names the argument (one nested too deep is one of them)."""
+    names the argument (one nested too deep is one of them).
+
+    Best effort: a caller deeper than a quarter of the recursion limit is taken to have
+    filled the stack (before Python 3.12 the limit also counts C calls, so a recursion
+    through memoize can fail at a third of it in Python frames)."""
     if isinstance(exc, RecursionError):
         depth, frame = 0, sys._getframe(1)
         while frame is not None:
             depth, frame = depth + 1, frame.f_back
-        if depth > sys.getrecursionlimit() - 50:
+        if depth > sys.getrecursionlimit() // 4:
             return exc
     return _unkeyable(func, args, kwargs, exc)
 
 
 class _Memoized:
-    """What memoize returns: func through its cache.
+    """func through its cache: what memoize returns for a method, and what holds the
+    cache_info(), cache_clear() and cache_delete() of every memoized function.
 
-    In a class it binds as a function does, so that instance.method(x) and
+    It binds as a function does, so that instance.method(x) and
     instance.method.cache_delete(x) both pass the instance. It pickles by reference, as a
     function does, so multiprocessing can send it to workers.
     """
@@ -1411,39 +1419,49 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
         lambda args, kwargs: key(*args, **kwargs))
     key_from = _keyer(salt)
 
-    if inspect.iscoroutinefunction(func):
-        def key_of(args, kwargs):
-            material = bind(args, kwargs)
-            try:
-                return key_from(material)
-            except Exception as exc:
-                raise _key_error(func, args, kwargs, exc) from None
+    handle = object.__new__(_Memoized)
+    handle._state, handle._salt, handle._self = (memo, bind, key_from, func), salt, None
+    if _in_class_body(func) and not inspect.iscoroutinefunction(func):
+        functools.update_wrapper(handle, func)     # a method: it binds to its instance
+        return handle
 
+    # Elsewhere a function is the wrapper: each level of a recursion then costs the stack
+    # two frames, as a plain function costs one, where an object's __call__ costs three
+    # before Python 3.12.
+    key_of = handle._key_of
+    if inspect.iscoroutinefunction(func):
         async def wrapper(*args, **kwargs):
-            k = key_of(args, kwargs)
-            result = memo.get(k)
+            key = key_of(args, kwargs)
+            result = memo.get(key)
             if result is _MISSING:
                 result = await func(*args, **kwargs)
-                memo.put(k, result, (args, kwargs))
+                memo.put(key, result, (args, kwargs))
+            return result
+    else:
+        def wrapper(*args, **kwargs):
+            material = bind(args, kwargs)    # a wrong call raises here, naming the function
+            try:
+                key = key_from(material)
+            except Exception as exc:
+                raise _key_error(func, args, kwargs, exc) from None
+            result = memo.get(key)
+            if result is _MISSING:
+                result = func(*args, **kwargs)
+                memo.put(key, result, (args, kwargs))
             return result
 
-        def cache_delete(*args, **kwargs):
-            """Remove the result stored for these arguments; return whether there was one."""
-            store = memo.open(create=False)
-            return store is not None and store.delete(memo.stored_key(key_of(args, kwargs)))
-
-        shared = object.__new__(_Memoized)   # cache_info and cache_clear, as for the others
-        shared._state, shared._self = (memo, bind, key_from, func), None
-        functools.update_wrapper(wrapper, func)
-        wrapper.cache_info = shared.cache_info
-        wrapper.cache_clear = shared.cache_clear
-        wrapper.cache_delete = cache_delete
-        return wrapper
-
-    wrapper = object.__new__(_Memoized)
-    wrapper._state, wrapper._salt, wrapper._self = (memo, bind, key_from, func), salt, None
     functools.update_wrapper(wrapper, func)
+    wrapper.cache_info = handle.cache_info
+    wrapper.cache_clear = handle.cache_clear
+    wrapper.cache_delete = handle.cache_delete
     return wrapper
+
+
+def _in_class_body(func):
+    """Whether func was defined in a class body: then memoize's wrapper must bind to an
+    instance as func would, and a descriptor is the wrapper."""
+    parts = getattr(func, "__qualname__", "").split(".")
+    return isinstance(func, types.FunctionType) and len(parts) > 1 and parts[-2] != "<locals>"
 
 
 # -- private helpers: done_dir
