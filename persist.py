@@ -976,11 +976,14 @@ def _code_tag(func):
     """Eight hex digits that stand for func's code: its source text where linecache has it
     (files, IPython and Jupyter cells), else its compiled code. Not its line number, so
     lines added above it change nothing."""
-    import textwrap
     try:
-        text = textwrap.dedent(inspect.getsource(func)).strip()
+        lines = inspect.getsource(func).splitlines()
     except Exception:             # no source (python -c, exec, the REPL): use the code
         text = None
+    else:                         # its indentation is where it stands, not what it does
+        indent = min((len(line) - len(line.lstrip()) for line in lines if line.strip()),
+                     default=0)
+        text = "\n".join(line[indent:].rstrip() for line in lines).strip()
     material = b"" if text is None else text.encode("utf-8", "surrogatepass")
     if text is None or text.count("lambda") > 1:   # two lambdas on one line: keep them apart
         material += _code_text(func.__code__)
