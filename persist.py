@@ -956,7 +956,7 @@ def _source_file(func):
     else:                         # a class or a callable instance: its module's file
         module = sys.modules.get(getattr(inner, "__module__", None) or "")
         filename = getattr(module, "__file__", None)
-    return filename if filename and os.path.isfile(filename) else None
+    return os.path.abspath(filename) if filename and os.path.isfile(filename) else None
 
 
 def _code_text(code):
@@ -1007,28 +1007,6 @@ class _Unkeyable(Exception):
     """Something a function carries cannot be part of a key (a lock, a connection)."""
 
 
-def _value_text(value, seen):
-    """A str that stands for value, a thing a function carries, in its key's salt."""
-    if isinstance(value, types.ModuleType):
-        return "module " + value.__name__
-    if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
-        return "class %s.%s" % (value.__module__, value.__qualname__)
-    handle = value
-    if isinstance(value, types.FunctionType):    # memoize's wrapper holds no plain values
-        handle = getattr(getattr(value, "cache_info", None), "__self__", None)
-    if isinstance(handle, _Memoized):            # a memoized function: its cache says it all
-        return "memoized %s %s" % (handle._memo.identity, handle._salt)
-    if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
-        return _callable_text(value, seen)
-    try:
-        return "value " + _digest(value).hex()
-    except RecursionError:
-        raise
-    except Exception as exc:
-        raise _Unkeyable("a %s (%s: %s)" % (type(value).__qualname__, type(exc).__name__,
-                                             exc)) from None
-
-
 def _carried_defaults(func):
     """(name, default) of func's parameters with a default."""
     code = func.__code__
@@ -1038,57 +1016,92 @@ def _carried_defaults(func):
     return pairs + sorted((func.__kwdefaults__ or {}).items())
 
 
-def _callable_text(func, seen, top=False):
-    """What func computes with besides its arguments, as a str for the key's salt; a
-    callable it holds is named and described in turn. _Unkeyable names what cannot be.
+class _Carried:
+    """What a callable computes with besides its arguments, as text for its keys' salt.
 
-    The top level leaves out func's own name (it names the cache file already)."""
-    if id(func) in seen:          # functions that call each other
-        return "again " + _identity(func)
-    seen.add(id(func))
-    if isinstance(func, functools.partial):
-        args = ", ".join(_value_text(arg, seen) for arg in func.args)
-        keywords = ", ".join("%s=%s" % (k, _value_text(v, seen))
-                             for k, v in sorted(func.keywords.items()))
-        return "partial(%s; %s; %s)" % (_callable_text(func.func, seen), args, keywords)
-    if isinstance(func, types.MethodType):
-        return "method(%s; self=%s)" % (_callable_text(func.__func__, seen, top),
-                                        _value_text(func.__self__, seen))
-    if not isinstance(func, types.FunctionType):
-        if isinstance(func, type) or isinstance(getattr(func, "__self__", None),
-                                                types.ModuleType):
-            return "" if top else _value_text(func, seen)   # a class, a builtin function
-        return "instance " + _value_text(func, seen)         # its state: a callable's pickle
-    parts = [] if top else [_identity(func)]
-    for name, cell in zip(func.__code__.co_freevars, func.__closure__ or ()):
+    Values (closure cells, a partial's arguments, a bound method's self, a callable
+    object's state) are digested as arguments are; modules and classes are named, as
+    globals are; functions are named and described in turn. A value that cannot be keyed
+    raises _Unkeyable, naming it, unless memoize(key=...) took that on (lenient).
+    """
+
+    def __init__(self, lenient, ignore):
+        self.seen = set()
+        self.lenient = lenient
+        self.ignore = ignore          # parameters of the memoized function left out
+
+    def value(self, value):
+        if isinstance(value, types.ModuleType):
+            return "module " + value.__name__
+        if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
+            return "class %s.%s" % (value.__module__, value.__qualname__)
+        handle = value
+        if isinstance(value, types.FunctionType):    # memoize's wrapper: its cache says all
+            handle = getattr(getattr(value, "cache_info", None), "__self__", None)
+        if isinstance(handle, _Memoized):
+            return "memoized %s %s" % (handle._memo.identity, handle._salt)
+        if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
+            return self.callable(value)
         try:
-            value = cell.cell_contents
-        except ValueError:        # not assigned yet: the function itself, being decorated
-            continue
+            return "value " + _digest(value).hex()
+        except RecursionError:
+            raise
+        except Exception as exc:
+            if self.lenient:
+                return "unkeyable"
+            raise _Unkeyable("a %s (%s: %s)" % (type(value).__qualname__,
+                                                 type(exc).__name__, exc)) from None
+
+    def held(self, name, value, where=None):
+        """value's text, or _Unkeyable saying where (else name) it was held."""
         try:
-            parts.append("%s=%s" % (name, _value_text(value, seen)))
+            return "%s=%s" % (name, self.value(value))
         except _Unkeyable as exc:
-            raise _Unkeyable("%s, held in %r" % (exc, name) if str(exc).startswith("'")
-                             else "%r, %s" % (name, exc)) from None
-    # Defaults are evaluated each time the outer function runs, or are code that no source
-    # file holds; elsewhere they are code, which is not keyed (README: Keys).
-    if "<locals>" in func.__qualname__ or _source_file(func) is None:
-        for name, value in _carried_defaults(func):
+            where = where or repr(name)
+            raise _Unkeyable("%s, held in %s" % (exc, where) if str(exc).startswith("'")
+                             else "%s, %s" % (where, exc)) from None
+
+    def callable(self, func, top=False):
+        """func's text; the top level leaves out its name (the cache file has it)."""
+        if id(func) in self.seen:     # functions that call each other
+            return "again " + _identity(func)
+        self.seen.add(id(func))
+        if isinstance(func, functools.partial):
+            return "partial(%s; %s)" % (self.callable(func.func), "; ".join(
+                [self.held(i, arg, "the partial's argument %d" % i)
+                 for i, arg in enumerate(func.args)] +
+                [self.held(k, v, "the partial's argument %r" % k)
+                 for k, v in sorted(func.keywords.items())]))
+        if isinstance(func, types.MethodType):
+            return "method(%s; %s)" % (self.callable(func.__func__, top),
+                                       self.held("self", func.__self__, "self"))
+        if not isinstance(func, types.FunctionType):
+            if isinstance(func, type) or isinstance(getattr(func, "__self__", None),
+                                                    types.ModuleType):
+                return "" if top else self.value(func)     # a class, a builtin function
+            return self.held("instance", func, "the callable object")   # its pickle
+        parts = [] if top else [_identity(func)]
+        for name, cell in zip(func.__code__.co_freevars, func.__closure__ or ()):
             try:
-                parts.append("%s:=%s" % (name, _value_text(value, seen)))
-            except _Unkeyable as exc:
-                raise _Unkeyable("the default of %r, %s" % (name, exc)) from None
-    return "(%s)" % "; ".join(parts) if parts or not top else ""
+                value = cell.cell_contents
+            except ValueError:        # not assigned yet: the function itself, being decorated
+                continue
+            parts.append(self.held(name, value))
+        # Defaults are evaluated each time an outer function runs, or are code that no
+        # source file holds; elsewhere they are code, which is not keyed (README: Keys).
+        if "<locals>" in func.__qualname__ or _source_file(func) is None:
+            for name, value in _carried_defaults(func):
+                if not (top and name in self.ignore):
+                    parts.append(self.held(name, value, "the default of %r" % name))
+        return "(%s)" % "; ".join(parts) if parts or not top else ""
 
 
-def _salt(func, version, key):
+def _salt(func, version, key, ignore):
     """The salt of func's keys: its version, and what it carries besides its arguments
     (closure cells, a partial's arguments, a bound method's self, a callable's state)."""
     try:
-        carried = _callable_text(func, set(), top=True)
+        carried = _Carried(key is not None, ignore).callable(func, top=True)
     except _Unkeyable as exc:
-        if key is not None:      # memoize(key=...) takes on what cannot be keyed
-            return version
         label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
         raise TypeError(
             "memoize cannot key %s(): besides its arguments it computes with %s, which "
@@ -1110,7 +1123,7 @@ def _file_name(identity):
     -wal to it): each of those gets a digest of the whole identity instead."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in identity)
     if len(safe.encode("utf-8")) > _NAME_LIMIT:
-        safe = safe[:_NAME_LIMIT // 4]          # a letter takes up to 4 bytes in UTF-8
+        safe = safe.encode("utf-8")[:_NAME_LIMIT].decode("utf-8", "ignore")
     if safe != identity or not safe.isascii() or safe != safe.lower():
         safe += "-" + hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return safe + ".db"
@@ -1139,7 +1152,8 @@ def _check_source(store, memo):
     recorded = store.info().get("source")
     if recorded == source:
         return
-    if recorded is not None and os.path.exists(recorded):
+    if recorded is not None and os.path.exists(recorded) and not os.path.samefile(recorded,
+                                                                                   source):
         store.close()
         raise PersistError(errno.EEXIST, (
             "this cache holds the results of %s() defined in %s, which still exists, but this "
@@ -1417,7 +1431,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
     memo = _Memo(func, cache_dir, name, version, _seconds(expire))
     memo.source = None if name else _source_file(func)    # for _check_source()
     # memoize(name=...) names what the cache holds: what func carries is the caller's word
-    salt = memo.version if name else _salt(func, memo.version, key)
+    salt = memo.version if name else _salt(func, memo.version, key, ignore)
     bind = _binder(func, ignore, label) if key is None else (
         lambda args, kwargs: key(*args, **kwargs))
     key_from = _keyer(salt)
