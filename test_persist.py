@@ -1506,6 +1506,44 @@ class TestSpawnedWorkersShareTheScriptsCache(TempDirTest):
         self.check("forkserver")
 
 
+class TestResultClassesOfAScript(TempDirTest):
+    """README: results of a class defined in the script itself load only in the mode that
+    stored them; the fix it gives, a module for the class, loads in both."""
+
+    SCRIPT = """
+        import persist, sys
+        from features import Features
+        runs = 0
+
+        @persist.memoize
+        def featurize(x):
+            global runs
+            runs += 1
+            return Features(x)
+
+        if __name__ == "__main__":
+            print(isinstance(featurize(1), Features), runs)
+    """
+
+    def test_class_in_a_module_loads_run_or_imported(self):
+        (self.path / "features.py").write_text(textwrap.dedent("""
+            class Features:
+                def __init__(self, x):
+                    self.x = x
+        """))
+        (self.path / "job.py").write_text(textwrap.dedent(self.SCRIPT))
+        run = subprocess.run([sys.executable, "job.py"], cwd=self.dir, env=child_env(),
+                             stdout=subprocess.PIPE, universal_newlines=True, check=True)
+        self.assertEqual(run.stdout, "True 1\n")
+        out = run_python("import job, features; f = job.featurize(1); "
+                         "print(isinstance(f, features.Features), f.x, job.runs)", cwd=self.dir)
+        self.assertEqual(out, "True 1 0\n")
+        run = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('job.py', "
+                              "run_name='__main__')"], cwd=self.dir, env=child_env(),
+                             stdout=subprocess.PIPE, universal_newlines=True, check=True)
+        self.assertEqual(run.stdout, "True 0\n")
+
+
 class TestAddingAParameter(MemoTest):
     def test_a_new_parameter_with_a_default_keeps_old_results(self):
         old = self.memo(lambda x: x * 2, name="job")
