@@ -1152,8 +1152,19 @@ def _check_source(store, memo):
     recorded = store.info().get("source")
     if recorded == source:
         return
-    if recorded is not None and os.path.exists(recorded) and not os.path.samefile(recorded,
-                                                                                   source):
+
+    def another(recorded):
+        return (recorded is not None and os.path.exists(recorded)
+                and not os.path.samefile(recorded, source))
+
+    try:      # read again and record in one transaction: two projects may start at once
+        with store._transaction() as conn:
+            recorded = dict(conn.execute(_INFO).fetchall()).get("source")
+            if not another(recorded):
+                conn.execute(_SET_INFO, ("source", source))
+    except OSError:     # best effort: a read-only cache is still used and keeps its record
+        pass
+    if another(recorded):
         store.close()
         raise PersistError(errno.EEXIST, (
             "this cache holds the results of %s() defined in %s, which still exists, but this "
@@ -1161,10 +1172,6 @@ def _check_source(store, memo):
             "memoize(cache_dir=...) or unset PERSIST_DIR; if both files are the same code, "
             "pass memoize(name=%r) to share the cache"
             % (memo.identity, recorded, memo.identity, source, memo.identity)), memo.path)
-    # best effort: a read-only cache is still used, it just keeps its old record
-    with contextlib.suppress(OSError):
-        with store._transaction() as conn:
-            conn.execute(_SET_INFO, ("source", source))
 
 
 def _make_cache_dir(directory):
