@@ -873,14 +873,20 @@ def _binder(func, ignore, label):
     defaults = tuple(p.default for p in params)
     labels = tuple(None if name in ignore else name for name in names)
     plain = not ignore
+    run = keep[0] if keep and keep == list(range(keep[0], required)) else None
+    if not keep:
+        run = required
     exact = _EXACT
 
     def bind(args, kwargs):
         given = len(args)
         if kwargs or not required <= given <= count:
             return bind_slowly(args, kwargs)
-        if given == required and plain:       # the hot path: the arguments are the material
-            return args
+        if given == required:                  # the hot path: no parameter with a default
+            if plain:
+                return args
+            if run is not None:               # ignore='self' and the like
+                return args[run:]
         named = ()
         for i in range(required, given):
             value, default = args[i], defaults[i]
@@ -893,6 +899,8 @@ def _binder(func, ignore, label):
                 named += (labels[i], value)
         if plain:
             return args[:required] + named
+        if run is not None:                   # ignore='self' and the like: a slice
+            return args[run:required] + named
         return tuple([args[i] for i in keep]) + named
 
     return bind
