@@ -1457,9 +1457,9 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
         functools.update_wrapper(handle, func)     # a method: it binds to its instance
         return handle
 
-    # Elsewhere a function is the wrapper: each level of a recursion then costs the stack
-    # two frames, as a plain function costs one, where an object's __call__ costs three
-    # before Python 3.12.
+    # Elsewhere a function is the wrapper: each level of a recursion then takes two frames
+    # of the stack, the wrapper's and func's, where an object's __call__ would take three
+    # before Python 3.12 (the limit counts the C call between them too).
     key_of = handle._key_of
     if inspect.iscoroutinefunction(func):
         async def wrapper(*args, **kwargs):
