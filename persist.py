@@ -57,6 +57,7 @@ import sqlite3
 import stat
 import sys
 import time
+import types
 import weakref
 
 # Imported by _load() on first use: only memoize's decoration needs them.
@@ -1021,6 +1022,9 @@ def _load():
 
 _DEBUG = 10                     # logging.DEBUG, without importing logging
 _LOG = None                     # the 'persist' logger, once logging is imported
+_EXACT = {int, str, bytes, bool, type(None)}   # for these, == is equality of keys
+_MAIN_NAMES = ("__main__", "__mp_main__")      # a script; __mp_main__ in spawned workers
+_NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
 _OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
 _CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path unstored")
 
@@ -1070,6 +1074,13 @@ class _KeyWriter:
     def digest(self):
         self.flush()
         return self.hasher.digest()
+
+
+def _digest(value):
+    """The SHA-256 of value's canonical encoding: equal values, equal digests."""
+    w = _KeyWriter(hashlib.sha256(), set())
+    _write(value, w)
+    return w.digest()
 
 
 def _write(value, w):
@@ -1581,8 +1592,39 @@ def _keyer(salt):
     return key
 
 
-def _binder(func, ignore):
-    """A fast bind(args, kwargs) -> tuple of the values that make the key, defaults applied."""
+def _at_default(value, default, digest):
+    """Whether value keys as default does: then the call leaves it out of its key."""
+    if value is default:
+        return True
+    kind = type(value)
+    if kind is not type(default):
+        return False
+    if kind in _EXACT:
+        return value == default
+    if kind is float:            # -0.0 is not 0.0, and a nan is its default nan
+        return value.hex() == default.hex()
+    if digest is None:           # a default that cannot be keyed is left out only as itself
+        return False
+    try:
+        return _digest(value) == digest
+    except RecursionError:
+        raise
+    except Exception:            # the key derivation reports it, naming the parameter
+        return False
+
+
+def _binder(func, ignore, label):
+    """A fast bind(args, kwargs) -> the values that make the key of a call.
+
+    The values of the parameters without a default come first, in order; then the name and
+    value of each other parameter that the call does not leave at its default. So f(5),
+    f(x=5) and f() with x=5 are one key, and adding a parameter with a default keeps the
+    keys of every call that does not pass it. Plain positional calls take a shortcut.
+    """
+    for name in ignore:
+        if not isinstance(name, str):
+            raise TypeError("Expected memoize(ignore=...) to hold parameter names, not %r"
+                            % (name,))
     try:
         sig = inspect.signature(func)
     except (TypeError, ValueError):     # some builtins have no signature: key on the call
@@ -1592,36 +1634,81 @@ def _binder(func, ignore):
         return lambda args, kwargs: (args, kwargs)
     params = list(sig.parameters.values())
     names = [p.name for p in params]
-    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
     for name in ignore:
-        if name not in names and not takes_kwargs:
+        if name not in names:     # **kwargs does not catch it: a misspelt name must not pass
             raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
-                            % (name, _identity(func), sig))
-    keep = [i for i, name in enumerate(names) if name not in ignore]
+                            % (name, label, sig))
+    empty = inspect.Parameter.empty
+    kept = []                     # (name, kind, default, the default's digest or None)
+    for p in params:
+        if p.name in ignore:
+            continue
+        digest = None
+        if p.default is not empty:
+            with contextlib.suppress(Exception):   # best effort: compared by identity then
+                digest = _digest(p.default)
+        kept.append((p.name, p.kind, p.default, digest))
 
     def bind_slowly(args, kwargs):
-        bound = sig.bind(*args, **kwargs)
-        bound.apply_defaults()
-        values = []
-        for param in params:
-            value = bound.arguments[param.name]
-            if param.kind is param.VAR_KEYWORD and ignore:
-                value = {k: v for k, v in value.items() if k not in ignore}
-            if param.name not in ignore:
+        try:
+            arguments = sig.bind(*args, **kwargs).arguments
+        except TypeError as exc:
+            raise TypeError("%s(): %s" % (label, exc)) from None
+        values, named = [], []
+        for name, kind, default, digest in kept:
+            if name not in arguments:          # left at its default, or no *args / **kwargs
+                continue
+            value = arguments[name]
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    named += ("*" + name, value)
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                for key in sorted(value):
+                    named += (key, value[key])
+            elif default is empty:
                 values.append(value)
-        return tuple(values)
+            elif not _at_default(value, default, digest):
+                named += (name, value)
+        return tuple(values + named)
 
     if not all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params):
         return bind_slowly
     count = len(params)
-    required = sum(p.default is p.empty for p in params)
+    required = sum(p.default is empty for p in params)     # they come first
+    keep = [i for i in range(required) if names[i] not in ignore]
+    digests = {name: digest for name, _, _, digest in kept}
     defaults = tuple(p.default for p in params)
+    labels = tuple(None if name in ignore else name for name in names)
+    plain = not ignore
+    run = keep[0] if keep and keep == list(range(keep[0], required)) else None
+    if not keep:
+        run = required
+    exact = _EXACT
 
     def bind(args, kwargs):
-        if kwargs or not required <= len(args) <= count:
+        given = len(args)
+        if kwargs or not required <= given <= count:
             return bind_slowly(args, kwargs)
-        values = args + defaults[len(args):] if len(args) < count else args
-        return tuple([values[i] for i in keep]) if ignore else values
+        if given == required:                  # the hot path: no parameter with a default
+            if plain:
+                return args
+            if run is not None:               # ignore='self' and the like
+                return args[run:]
+        named = ()
+        for i in range(required, given):
+            value, default = args[i], defaults[i]
+            if value is default or labels[i] is None:
+                continue
+            kind = type(value)
+            if kind is not type(default) or not (
+                    value == default if kind in exact
+                    else _at_default(value, default, digests[labels[i]])):
+                named += (labels[i], value)
+        if plain:
+            return args[:required] + named
+        if run is not None:                   # ignore='self' and the like: a slice
+            return args[run:required] + named
+        return tuple([args[i] for i in keep]) + named
 
     return bind
 
@@ -1642,7 +1729,7 @@ def _unkeyable(func, args, kwargs, exc):
         named = []
     for name, value in named:
         try:
-            _write(value, _KeyWriter(hashlib.sha256(), set()))
+            _digest(value)
         except RecursionError:
             raise
         except Exception as inner:
@@ -1653,38 +1740,264 @@ def _unkeyable(func, args, kwargs, exc):
                      "memoize(key=...)" % (label, type(exc).__name__, exc))
 
 
-def _identity(func):
-    """module.qualname; for a script run as __main__, its file name (or -m name) as module."""
-    module = getattr(func, "__module__", None) or "__main__"
-    if module == "__main__":
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        if spec is not None and spec.name != "__main__":
-            module = spec.name
+def _innermost(func):
+    """What func runs in the end: the function inside partials and bound methods."""
+    while True:
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif isinstance(func, types.MethodType):
+            func = func.__func__
         else:
-            filename = getattr(getattr(func, "__code__", None), "co_filename", "")
-            stem = os.path.splitext(os.path.basename(filename))[0]
-            if stem.isidentifier():
-                module = stem
-    name = getattr(func, "__qualname__", None) or type(func).__qualname__   # or a partial
-    if "<lambda>" in name:       # two lambdas in one scope share a qualname: add the line
-        name += "-%d" % getattr(getattr(func, "__code__", None), "co_firstlineno", 0)
+            return func
+
+
+def _func_module(func):
+    """func's module; for a script, its file name (or -m name), as run, imported or spawned.
+
+    multiprocessing's spawn and forkserver workers run the script as __mp_main__: the same
+    name keeps python job.py, import job and its workers on one cache.
+    """
+    module = getattr(func, "__module__", None) or "__main__"
+    if module in _MAIN_NAMES:
+        spec = getattr(sys.modules.get(module), "__spec__", None)
+        if spec is not None and spec.name not in _MAIN_NAMES:
+            return spec.name
+        filename = getattr(getattr(func, "__code__", None), "co_filename", "")
+        stem = os.path.splitext(os.path.basename(filename))[0]
+        if stem.isidentifier():
+            return stem
+        return "__main__"
+    return module
+
+
+def _source_file(func):
+    """The file that defines func, or None: the REPL, a notebook, exec(), a builtin."""
+    inner = _innermost(func)
+    code = getattr(inner, "__code__", None)
+    if code is not None:
+        filename = code.co_filename
+    else:                         # a class or a callable instance: its module's file
+        module = sys.modules.get(getattr(inner, "__module__", None) or "")
+        filename = getattr(module, "__file__", None)
+    return os.path.abspath(filename) if filename and os.path.isfile(filename) else None
+
+
+def _code_text(code):
+    """What a code object computes, as bytes: it differs between Python versions."""
+    parts = [code.co_code, repr((code.co_names, code.co_varnames, code.co_freevars,
+                                 code.co_cellvars, code.co_argcount, code.co_kwonlyargcount,
+                                 code.co_flags)).encode("utf-8", "surrogatepass")]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            parts.append(_code_text(const))
+        else:
+            parts.append(repr(const).encode("utf-8", "surrogatepass"))
+    return b"\0".join(parts)
+
+
+def _code_tag(func):
+    """Eight hex digits that stand for func's code: its source text where linecache has it
+    (files, IPython and Jupyter cells), else its compiled code. Not its line number, so
+    lines added above it change nothing."""
+    try:
+        lines = inspect.getsource(func).splitlines()
+    except Exception:             # no source (python -c, exec, the REPL): use the code
+        text = None
+    else:                         # its indentation is where it stands, not what it does
+        indent = min((len(line) - len(line.lstrip()) for line in lines if line.strip()),
+                     default=0)
+        text = "\n".join(line[indent:].rstrip() for line in lines).strip()
+    material = b"" if text is None else text.encode("utf-8", "surrogatepass")
+    if text is None or text.count("lambda") > 1:   # two lambdas on one line: keep them apart
+        material += _code_text(func.__code__)
+    return hashlib.sha256(material).hexdigest()[:8]
+
+
+def _identity(func):
+    """module.qualname of what func runs; a lambda, or a function with no source file (a
+    notebook, the REPL), also gets a tag of its code, so that two of one name differ."""
+    inner = _innermost(func)
+    module = _func_module(inner)
+    name = getattr(inner, "__qualname__", None) or type(inner).__qualname__
+    code = getattr(inner, "__code__", None)
+    if isinstance(code, types.CodeType) and (
+            "<lambda>" in name or not os.path.isfile(code.co_filename)):
+        name += "-" + _code_tag(inner)
     return "%s.%s" % (module, name)
 
 
+class _Unkeyable(Exception):
+    """Something a function carries cannot be part of a key (a lock, a connection)."""
+
+
+def _carried_defaults(func):
+    """(name, default) of func's parameters with a default."""
+    code = func.__code__
+    positional = code.co_varnames[:code.co_argcount]
+    pairs = list(zip(positional[len(positional) - len(func.__defaults__ or ()):],
+                     func.__defaults__ or ()))
+    return pairs + sorted((func.__kwdefaults__ or {}).items())
+
+
+class _Carried:
+    """What a callable computes with besides its arguments, as text for its keys' salt.
+
+    Values (closure cells, a partial's arguments, a bound method's self, a callable
+    object's state) are digested as arguments are; modules and classes are named, as
+    globals are; functions are named and described in turn. A value that cannot be keyed
+    raises _Unkeyable, naming it, unless memoize(key=...) took that on (lenient).
+    """
+
+    def __init__(self, lenient, ignore):
+        self.seen = set()
+        self.lenient = lenient
+        self.ignore = ignore          # parameters of the memoized function left out
+
+    def value(self, value):
+        if isinstance(value, types.ModuleType):
+            return "module " + value.__name__
+        if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
+            return "class %s.%s" % (value.__module__, value.__qualname__)
+        handle = value
+        if isinstance(value, types.FunctionType):    # memoize's wrapper: its cache says all
+            handle = getattr(getattr(value, "cache_info", None), "__self__", None)
+        if isinstance(handle, _Memoized):
+            return "memoized %s %s" % (handle._memo.identity, handle._salt)
+        if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
+            return self.callable(value)
+        try:
+            return "value " + _digest(value).hex()
+        except RecursionError:
+            raise
+        except Exception as exc:
+            if self.lenient:
+                return "unkeyable"
+            raise _Unkeyable("a %s (%s: %s)" % (type(value).__qualname__,
+                                                 type(exc).__name__, exc)) from None
+
+    def held(self, name, value, where=None):
+        """value's text, or _Unkeyable saying where (else name) it was held."""
+        try:
+            return "%s=%s" % (name, self.value(value))
+        except _Unkeyable as exc:
+            where = where or repr(name)
+            raise _Unkeyable("%s, held in %s" % (exc, where) if str(exc).startswith("'")
+                             else "%s, %s" % (where, exc)) from None
+
+    def callable(self, func, top=False):
+        """func's text; the top level leaves out its name (the cache file has it)."""
+        if id(func) in self.seen:     # functions that call each other
+            return "again " + _identity(func)
+        self.seen.add(id(func))
+        if isinstance(func, functools.partial):
+            return "partial(%s; %s)" % (self.callable(func.func), "; ".join(
+                [self.held(i, arg, "the partial's argument %d" % i)
+                 for i, arg in enumerate(func.args)] +
+                [self.held(k, v, "the partial's argument %r" % k)
+                 for k, v in sorted(func.keywords.items())]))
+        if isinstance(func, types.MethodType):
+            return "method(%s; %s)" % (self.callable(func.__func__, top),
+                                       self.held("self", func.__self__, "self"))
+        if not isinstance(func, types.FunctionType):
+            if isinstance(func, type) or isinstance(getattr(func, "__self__", None),
+                                                    types.ModuleType):
+                return "" if top else self.value(func)     # a class, a builtin function
+            return self.held("instance", func, "the callable object")   # its pickle
+        parts = [] if top else [_identity(func)]
+        for name, cell in zip(func.__code__.co_freevars, func.__closure__ or ()):
+            try:
+                value = cell.cell_contents
+            except ValueError:        # not assigned yet: the function itself, being decorated
+                continue
+            parts.append(self.held(name, value))
+        # Defaults are evaluated each time an outer function runs, or are code that no
+        # source file holds; elsewhere they are code, which is not keyed (README: Keys).
+        if "<locals>" in func.__qualname__ or _source_file(func) is None:
+            for name, value in _carried_defaults(func):
+                if not (top and name in self.ignore):
+                    parts.append(self.held(name, value, "the default of %r" % name))
+        return "(%s)" % "; ".join(parts) if parts or not top else ""
+
+
+def _salt(func, version, key, ignore):
+    """The salt of func's keys: its version, and what it carries besides its arguments
+    (closure cells, a partial's arguments, a bound method's self, a callable's state)."""
+    try:
+        carried = _Carried(key is not None, ignore).callable(func, top=True)
+    except _Unkeyable as exc:
+        label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
+        raise TypeError(
+            "memoize cannot key %s(): besides its arguments it computes with %s, which "
+            "cannot be part of a cache key, so its results could differ under one key. "
+            "Pass memoize(name=...) to share one cache whatever that holds, or "
+            "memoize(key=...) to give the key yourself, or make it an argument (and "
+            "memoize(ignore=...) it)" % (label, exc)) from None
+    if not carried:
+        return version            # plain functions keep the keys they always had
+    return "%s %s" % (version, hashlib.sha256(
+        carried.encode("utf-8", "surrogatepass")).hexdigest())
+
+
 def _file_name(identity):
-    """A file name for the cache of identity, safe on every platform."""
+    """A file name for the cache of identity, safe on every platform.
+
+    Names that differ only in case (Process and process) would be one file on macOS and
+    Windows, and very long ones are refused by filesystems (255 bytes, and SQLite adds
+    -wal to it): each of those gets a digest of the whole identity instead."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in identity)
-    if safe != identity:     # keep names that differ only in unsafe characters apart
-        safe += "-" + hashlib.sha256(identity.encode()).hexdigest()[:8]
+    if len(safe.encode("utf-8")) > _NAME_LIMIT:
+        safe = safe.encode("utf-8")[:_NAME_LIMIT].decode("utf-8", "ignore")
+    if safe != identity or not safe.isascii() or safe != safe.lower():
+        safe += "-" + hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return safe + ".db"
 
 
 def _default_dir(func):
     """.persist beside the file that defines func, else in the current directory."""
-    filename = getattr(getattr(func, "__code__", None), "co_filename", "")
-    if filename and os.path.isfile(filename):
+    filename = _source_file(func)
+    if filename is not None:
         return os.path.join(os.path.dirname(os.path.abspath(filename)), ".persist")
     return os.path.join(os.getcwd(), ".persist")
+
+
+def _check_source(store, memo):
+    """Refuse a cache that a function of another file filled under the same name.
+
+    Two projects with one PERSIST_DIR may each have a job.py with a load(): their caches
+    have one name. The file that defines the function is recorded in the cache's Info
+    table; a cache recorded for a file that still exists elsewhere is refused. One whose
+    file is gone (the project moved) is adopted. A cache beside its source file is not
+    checked: a copied project brings its own cache along.
+    """
+    source = getattr(memo, "source", None)
+    if source is None or os.path.dirname(memo.path) == memo.default_dir:
+        return
+    recorded = store.info().get("source")
+    if recorded == source:
+        return
+
+    def another(recorded):
+        return (recorded is not None and os.path.exists(recorded)
+                and not os.path.samefile(recorded, source))
+
+    def record(conn):      # read again and record in one transaction: two may start at once
+        recorded = dict(conn.execute(_INFO).fetchall()).get("source")
+        if not another(recorded):
+            conn.execute(_SET_INFO, ("source", source))
+        return recorded
+
+    try:
+        recorded = store.conn.transaction(record)
+    except OSError:     # best effort: a read-only cache is still used and keeps its record
+        pass
+    if another(recorded):
+        store.close()
+        raise PersistError(errno.EEXIST, (
+            "this cache holds the results of %s() defined in %s, which still exists, but this "
+            "%s() is defined in %s: two projects share one cache directory. Give one of them "
+            "memoize(cache_dir=...) or unset PERSIST_DIR; if both files are the same code, "
+            "pass memoize(name=%r) to share the cache"
+            % (memo.identity, recorded, memo.identity, source, memo.identity)), memo.path)
 
 
 def _make_cache_dir(directory):
@@ -1855,10 +2168,14 @@ class _Memo:
                     want = {"function": self.identity, "version": self.version,
                             "expire": repr(self.expire)}
                     try:
-                        if store.info() != want:    # never drops results: see prune()
+                        info = store.info()      # never drops results: see prune()
+                        if any(info.get(name) != value for name, value in want.items()):
                             store.set_info(want)
                     except PermissionError:      # a read-only cache still serves its results
                         pass
+                    _check_source(store, self)
+                except PersistError:             # not safe to use: every call says so
+                    raise
                 except OSError as exc:
                     self.broken = exc
                     self.trouble("is running without its cache: cannot open", exc)
@@ -1907,81 +2224,191 @@ class _Memo:
                   % (self.identity, type(exc).__name__, exc))
 
 
-def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
-    _load()
-    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
-        raise TypeError("memoize cannot cache %s(): it is a generator function, and a "
-                        "generator is consumed as it runs; memoize a function that returns "
-                        "a list instead" % func.__qualname__)
-    if isinstance(ignore, str):
-        ignore = (ignore,)
-    ignore = frozenset(ignore)
-    if key is not None and not callable(key):
-        raise TypeError("Expected memoize(key=...) to be a callable, not %r" % (key,))
-    memo = _Memo(func, cache_dir, name, version, _seconds(expire), strict)
-    bind = _binder(func, ignore) if key is None else (lambda args, kwargs: key(*args, **kwargs))
-    key_from = _keyer(memo.version)
+def _key_error(func, args, kwargs, exc):
+    """The error for a call whose key could not be made: exc itself if the stack was full
+    (a deep recursion of the caller's, which must pass unchanged), else a TypeError that
+    names the argument (one nested too deep is one of them).
 
-    def key_of(args, kwargs):
-        material = bind(args, kwargs)      # a wrong call raises here, as calling func would
+    Best effort: a caller deeper than a quarter of the recursion limit is taken to have
+    filled the stack (before Python 3.12 the limit also counts C calls, so a recursion
+    through memoize can fail at a third of it in Python frames)."""
+    if isinstance(exc, RecursionError):
+        depth, frame = 0, sys._getframe(1)
+        while frame is not None:
+            depth, frame = depth + 1, frame.f_back
+        if depth > sys.getrecursionlimit() // 4:
+            return exc
+    return _unkeyable(func, args, kwargs, exc)
+
+
+class _Memoized:
+    """func through its cache: what memoize returns for a method, and what holds the
+    cache_info(), cache_clear() and cache_delete() of every memoized function.
+
+    It binds as a function does, so that instance.method(x) and
+    instance.method.cache_delete(x) both pass the instance. It pickles by reference, as a
+    function does, so multiprocessing can send it to workers.
+    """
+
+    __slots__ = ("_state", "_salt", "_self", "__dict__", "__weakref__")
+
+    def __call__(self, *args, **kwargs):
+        memo, bind, key_from, func = self._state
+        if self._self is not None:
+            args = (self._self,) + args
+        material = bind(args, kwargs)        # a wrong call raises here, naming the function
+        try:
+            key = key_from(material)
+        except Exception as exc:
+            raise _key_error(func, args, kwargs, exc) from None
+        result = memo.get(key)
+        if result is _MISSING:
+            start = time.perf_counter()
+            result = func(*args, **kwargs)
+            memo.put(key, result, (args, kwargs), time.perf_counter() - start)
+        return result
+
+    def __get__(self, instance, owner=None):
+        if instance is None or self._self is not None:
+            return self
+        bound = object.__new__(_Memoized)
+        bound._state, bound._salt, bound._self = self._state, self._salt, instance
+        bound.__dict__ = self.__dict__       # __name__, __doc__ and the rest, shared
+        return bound
+
+    @property
+    def __wrapped__(self):
+        func = self._state[3]
+        return func if self._self is None else types.MethodType(func, self._self)
+
+    @__wrapped__.setter
+    def __wrapped__(self, func):             # functools.update_wrapper sets it: it is _state's
+        pass
+
+    @property
+    def _memo(self):
+        return self._state[0]
+
+    def __reduce__(self):
+        if self._self is not None:
+            return getattr, (self._self, self.__name__)
+        return self.__qualname__             # a global name: pickle finds it and checks it
+
+    def __repr__(self):
+        name = getattr(self, "__qualname__", None) or repr(self._state[3])
+        if self._self is not None:
+            return "<bound memoized %s of %r>" % (name, self._self)
+        return "<memoized %s>" % name
+
+    def _key_of(self, args, kwargs):
+        memo, bind, key_from, func = self._state
+        if self._self is not None:
+            args = (self._self,) + args
+        material = bind(args, kwargs)
         try:
             return key_from(material)
         except Exception as exc:
-            raise _unkeyable(func, args, kwargs, exc) from None
+            raise _key_error(func, args, kwargs, exc) from None
 
-    if inspect.iscoroutinefunction(func):
-        async def wrapper(*args, **kwargs):
-            k = key_of(args, kwargs)
-            result = memo.get(k)
-            if result is _MISSING:
-                start = time.perf_counter()
-                result = await func(*args, **kwargs)
-                memo.put(k, result, (args, kwargs), time.perf_counter() - start)
-            return result
-    else:
-        def wrapper(*args, **kwargs):
-            k = key_of(args, kwargs)
-            result = memo.get(k)
-            if result is _MISSING:
-                start = time.perf_counter()
-                result = func(*args, **kwargs)
-                memo.put(k, result, (args, kwargs), time.perf_counter() - start)
-            return result
-
-    def cache_info():
+    def cache_info(self):
         """hits and misses in this process; entries and path of the cache on disk; unstored:
         results this process could not store."""
+        memo = self._memo
         store = memo.open(create=False)
         return _CacheInfo(memo.hits, memo.misses, 0 if store is None else len(store), memo.path,
                           memo.unstored)
 
-    def cache_clear():
+    def cache_clear(self):
         """Remove every stored result of this function."""
+        memo = self._memo
         store = memo.open(create=False)
         if store is not None:
             store.clear()
         memo.hits = memo.misses = 0
 
-    def cache_delete(*args, **kwargs):
+    def cache_delete(self, *args, **kwargs):
         """Remove the result stored for these arguments; return whether there was one."""
-        store = memo.open(create=False)
-        return store is not None and store.delete(key_of(args, kwargs))
+        key = self._key_of(args, kwargs)
+        store = self._memo.open(create=False)
+        return store is not None and store.delete(key)
 
-    def cache_prune(*, stale=True, expired=True):
-        """Remove results of other version=s (stale) and results older than expire=;
-        return how many went."""
+    def cache_prune(self, *, stale=True, expired=True):
+        """Remove results of other version=s (stale) and results older than expire=; return
+        how many went."""
+        memo = self._memo
         store = memo.open(create=False)
         if store is None or not (stale or memo.expire is not None and expired):
             return 0
         before = time.time() - memo.expire if expired and memo.expire is not None else None
         return store.prune(before, memo.version if stale else None)[0]
 
+
+def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
+    _load()
+    label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        raise TypeError("memoize cannot cache %s(): it is a generator function, and a "
+                        "generator is consumed as it runs; memoize a function that returns "
+                        "a list instead" % label)
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    ignore = frozenset(ignore)
+    if key is not None and not callable(key):
+        raise TypeError("Expected memoize(key=...) to be a callable, not %r" % (key,))
+    memo = _Memo(func, cache_dir, name, version, _seconds(expire), strict)
+    memo.source = None if name else _source_file(func)    # for _check_source()
+    # memoize(name=...) names what the cache holds: what func carries is the caller's word
+    salt = memo.version if name else _salt(func, memo.version, key, ignore)
+    bind = _binder(func, ignore, label) if key is None else (
+        lambda args, kwargs: key(*args, **kwargs))
+    key_from = _keyer(salt)
+
+    handle = object.__new__(_Memoized)
+    handle._state, handle._salt, handle._self = (memo, bind, key_from, func), salt, None
+    if _in_class_body(func) and not inspect.iscoroutinefunction(func):
+        functools.update_wrapper(handle, func)     # a method: it binds to its instance
+        return handle
+
+    # Elsewhere a function is the wrapper: each level of a recursion then takes two frames
+    # of the stack, the wrapper's and func's, where an object's __call__ would take three
+    # before Python 3.12 (the limit counts the C call between them too).
+    key_of = handle._key_of
+    if inspect.iscoroutinefunction(func):
+        async def wrapper(*args, **kwargs):
+            key = key_of(args, kwargs)
+            result = memo.get(key)
+            if result is _MISSING:
+                start = time.perf_counter()
+                result = await func(*args, **kwargs)
+                memo.put(key, result, (args, kwargs), time.perf_counter() - start)
+            return result
+    else:
+        def wrapper(*args, **kwargs):
+            material = bind(args, kwargs)    # a wrong call raises here, naming the function
+            try:
+                key = key_from(material)
+            except Exception as exc:
+                raise _key_error(func, args, kwargs, exc) from None
+            result = memo.get(key)
+            if result is _MISSING:
+                start = time.perf_counter()
+                result = func(*args, **kwargs)
+                memo.put(key, result, (args, kwargs), time.perf_counter() - start)
+            return result
+
     functools.update_wrapper(wrapper, func)
-    wrapper.cache_info = cache_info
-    wrapper.cache_clear = cache_clear
-    wrapper.cache_delete = cache_delete
-    wrapper.cache_prune = cache_prune
+    wrapper.cache_info = handle.cache_info
+    wrapper.cache_clear = handle.cache_clear
+    wrapper.cache_delete = handle.cache_delete
+    wrapper.cache_prune = handle.cache_prune
     return wrapper
+
+
+def _in_class_body(func):
+    """Whether func was defined in a class body: then memoize's wrapper must bind to an
+    instance as func would, and a descriptor is the wrapper."""
+    parts = getattr(func, "__qualname__", "").split(".")
+    return isinstance(func, types.FunctionType) and len(parts) > 1 and parts[-2] != "<locals>"
 
 
 # -- private helpers: done_dir
@@ -2060,25 +2487,36 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
 
     cache_dir: where the cache lives; else $PERSIST_DIR; else .persist beside the file that
         defines func (or in the current directory, for the REPL and notebooks).
-    name: the cache's name; else module.qualname of func.
+    name: the cache's name; else module.qualname of func (a lambda, or a function with no
+        source file, adds a tag of its code). A name is your word that every function
+        memoized under it computes the same: what they carry is then not checked.
     version: change it when results computed before are wrong. Results of other versions are
         misses, kept on disk until cache_prune() or 'persist prune --stale' removes them, so
         switching back reuses them. Editing the function keeps every result, by design.
     expire: seconds (or a timedelta) after which a result is computed again.
-    ignore: names of parameters left out of the key, such as 'self' or 'verbose'.
+    ignore: names of parameters left out of the key, such as 'verbose'; ignoring 'self'
+        shares results between all instances.
     key: a callable taking func's arguments and returning what to key on instead.
     strict: raise when the cache cannot be used (read-only, disk full) instead of warning once
         and returning results unstored; PERSIST_STRICT=1 sets it for every function.
 
-    Equal arguments give the same key in every process: defaults are applied, dict and set
-    order do not matter, types do (1 and 1.0 differ). The wrapper has cache_info(),
-    cache_clear(), cache_delete(*args, **kwargs) and cache_prune(). Caches are pickles:
-    trust them as code.
+    Equal arguments give the same key in every process: a parameter left at its default is
+    left out (adding one with a default keeps old results), dict and set order do not
+    matter, types do (1 and 1.0 differ). What func carries besides its arguments (closure
+    cells, a partial's arguments, a bound method's self, a callable object's state) is part
+    of the key; if it cannot be, memoize raises TypeError. The wrapper has cache_info(),
+    cache_clear(), cache_delete(*args, **kwargs) and cache_prune(), and binds in a class as
+    a function does. Caches are pickles: trust them as code.
     """
     options = (cache_dir, name, version, expire, ignore, key, strict)
     if func is None:
         return lambda f: memoize(f, cache_dir=cache_dir, name=name, version=version,
                                  expire=expire, ignore=ignore, key=key, strict=strict)
+    if isinstance(func, (staticmethod, classmethod)):
+        kind = type(func).__name__
+        raise TypeError("memoize cannot decorate the %s %s: put @%s above @memoize, so "
+                        "that memoize sees the function itself"
+                        % (kind, getattr(func.__func__, "__qualname__", func.__func__), kind))
     if not callable(func):
         raise TypeError("Expected a function to decorate, not %r: use @memoize or "
                         "@memoize(option=...)" % (func,))

@@ -11,8 +11,11 @@ import dataclasses
 import datetime
 import enum
 import errno
+import functools
 import importlib.util
+import inspect
 import json
+import linecache
 import multiprocessing
 import os
 import pathlib
@@ -950,7 +953,7 @@ class TestMemoizeResults(MemoTest):
 
     def test_unpicklable_result_is_returned_with_warning(self):
         lock = threading.Lock()
-        f = self.memo(lambda x: lock)
+        f = self.memo(lambda x: lock, name="lock")     # name=: it closes over a lock
         with self.assertWarnsRegex(persist.PersistWarning, "cannot be pickled"):
             self.assertIs(f(1), lock)
         self.assertEqual(f.cache_info().entries, 0)
@@ -1028,11 +1031,11 @@ class TestMemoizeResults(MemoTest):
     def test_unloadable_entry_is_recomputed(self):
         global Renamed
         original = Renamed
-        f = self.memo(lambda x: Renamed())
+        f = self.memo(lambda x: Renamed(), name="renamed")
         f(1)
         del Renamed
         try:
-            g = self.memo(lambda x: "fresh", name=f.cache_info().path.rsplit(os.sep, 1)[1][:-3])
+            g = self.memo(lambda x: "fresh", name="renamed")
             with self.assertWarnsRegex(persist.PersistWarning, "cannot be loaded"):
                 self.assertEqual(g(1), "fresh")
             self.assertEqual(g(1), "fresh")
@@ -1266,6 +1269,393 @@ class TestMemoizeKilled(TempDirTest):
             reported.update(int(line) for line in child.stdout.read().split())
             child.stdout.close()
         self.assertAllHits("killed", reported, lambda x: {"x": x, "pad": "p" * (x % 7) * 1000})
+
+
+# -- memoize: what names a cache, and what its keys hold besides the arguments
+
+
+class Scale:
+    """A callable object whose state decides its results."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def __call__(self, x):
+        return x * self.k
+
+    def apply(self, x):
+        return x * self.k
+
+
+class Model:
+    def __init__(self, k):
+        self.k = k
+
+    def __eq__(self, other):
+        return type(other) is Model and other.k == self.k
+
+    @persist.memoize
+    def predict(self, x):
+        return x * self.k
+
+
+def make_scale(k):
+    @persist.memoize
+    def scale(x):
+        return x * k
+    return scale
+
+
+class TestWhatACallableCarries(TempDirTest):
+    def setUp(self):
+        super().setUp()
+        patcher = mock.patch.dict(os.environ, {"PERSIST_DIR": self.dir})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_closures_over_values_keep_apart(self):
+        two, three = make_scale(2), make_scale(3)
+        self.assertEqual((two(10), three(10)), (20, 30))
+        self.assertEqual(make_scale(2)(10), 20)
+        self.assertEqual(two.cache_info().hits, 0)
+        self.assertEqual(two.cache_info().entries, 2)     # one cache, one key each
+
+    def test_closure_over_a_helper_that_closes_over_a_value(self):
+        def make(k):
+            def helper(x):
+                return x + k
+
+            @persist.memoize
+            def shifted(x):
+                return helper(x) * 10
+            return shifted
+
+        self.assertEqual((make(1)(1), make(2)(1)), (20, 30))
+
+    def test_closure_over_a_module_or_a_function_by_name(self):
+        def make():
+            @persist.memoize
+            def joined(parts):
+                return os.path.join(*parts) + textwrap.dedent(" x")
+            return joined
+
+        self.assertEqual(make()(("a", "b")), os.path.join("a", "b") + "x")
+        self.assertEqual(make().cache_info().entries, 1)
+
+    def test_default_evaluated_in_an_outer_function_keeps_apart(self):
+        def make(k):
+            @persist.memoize
+            def scale(x, k=k):
+                return x * k
+            return scale
+
+        self.assertEqual((make(2)(10), make(3)(10)), (20, 30))
+
+    def test_unkeyable_closure_is_refused_with_advice(self):
+        lock = threading.Lock()
+
+        def locked(x):
+            with lock:
+                return x
+
+        with self.assertRaisesRegex(TypeError, r"locked\(\).*'lock'.*name=.*key="):
+            persist.memoize(locked)
+        self.assertEqual(persist.memoize(name="locked")(locked)(1), 1)
+        self.assertEqual(persist.memoize(key=lambda x: x)(locked)(2), 2)
+
+    def test_partials_keep_apart(self):
+        square = persist.memoize(functools.partial(pow, exp=2))
+        cube_ = persist.memoize(functools.partial(pow, exp=3))
+        self.assertEqual((square(5), cube_(5)), (25, 125))
+        self.assertEqual(persist.memoize(functools.partial(pow, 2))(5), 32)
+        self.assertEqual(persist.memoize(functools.partial(pow, 3))(5), 243)
+
+    def test_callable_instances_and_bound_methods_keep_apart(self):
+        self.assertEqual((persist.memoize(Scale(2))(10), persist.memoize(Scale(3))(10)),
+                         (20, 30))
+        self.assertEqual((persist.memoize(Scale(2).apply)(10),
+                          persist.memoize(Scale(3).apply)(10)), (20, 30))
+
+    def test_lambdas_of_two_cells_or_evals_on_line_one_keep_apart(self):
+        double = persist.memoize(eval("lambda x: x * 2"))
+        triple = persist.memoize(eval("lambda x: x * 3"))
+        self.assertEqual((double(5), triple(5)), (10, 15))
+        for cell, source in (("<cell 1>", "f = lambda x: x * 2\n"),
+                             ("<cell 2>", "f = lambda x: x * 3\n")):
+            linecache.cache[cell] = (len(source), None, [source], cell)
+            self.addCleanup(linecache.cache.pop, cell, None)
+        ns1, ns2 = {}, {}
+        exec(compile(linecache.cache["<cell 1>"][2][0], "<cell 1>", "exec"), ns1)
+        exec(compile(linecache.cache["<cell 2>"][2][0], "<cell 2>", "exec"), ns2)
+        self.assertEqual((persist.memoize(ns1["f"])(5), persist.memoize(ns2["f"])(5)), (10, 15))
+
+
+class TestLambdaInAFile(TempDirTest):
+    def test_lines_added_above_keep_the_cache(self):
+        module = self.path / "lambdas.py"
+        code = "import persist\nscale = persist.memoize(lambda x: print('computed') or x * 2)\n"
+        module.write_text(code)
+        run = "import lambdas; print(lambdas.scale(4))"
+        self.assertEqual(run_python(run, cwd=self.dir), "computed\n8\n")
+        module.write_text("# a comment\n\n" + code)
+        self.assertEqual(run_python(run, cwd=self.dir), "8\n")
+        module.write_text(code.replace("x * 2", "x * 3"))
+        self.assertEqual(run_python(run, cwd=self.dir), "computed\n12\n")
+
+
+class TestNotebookFunctions(TempDirTest):
+    CELL = "import persist\n@persist.memoize\ndef f(x):\n    return x * %d\n"
+
+    def run_cell(self, cell, factor):
+        """Run a cell as IPython does: its source in linecache, no file on disk."""
+        source = self.CELL % factor
+        linecache.cache[cell] = (len(source), None, source.splitlines(True), cell)
+        self.addCleanup(linecache.cache.pop, cell, None)
+        namespace = {"__name__": "__main__"}
+        exec(compile(source, cell, "exec"), namespace)
+        return namespace["f"]
+
+    def test_two_notebooks_in_one_directory_keep_apart(self):
+        with mock.patch.dict(os.environ, {"PERSIST_DIR": self.dir}):
+            first = self.run_cell("/tmp/ipykernel_1/11.py", 2)
+            second = self.run_cell("/tmp/ipykernel_2/11.py", 3)
+            self.assertEqual((first(5), second(5)), (10, 15))
+            again = self.run_cell("/tmp/ipykernel_3/12.py", 2)    # the same code, rerun
+            self.assertEqual(again(5), 10)
+            self.assertEqual(again.cache_info().hits, 1)
+
+    def test_python_c_functions_of_one_name_keep_apart(self):
+        code = "import persist\n@persist.memoize\ndef f(x):\n    return x * %d\nprint(f(5))"
+        self.assertEqual(run_python(code % 2, cwd=self.dir), "10\n")
+        self.assertEqual(run_python(code % 3, cwd=self.dir), "15\n")
+
+
+class TestProjectsSharingAPersistDir(TempDirTest):
+    JOB = "import persist\n@persist.memoize\ndef load():\n    return %r\nprint(load())\n"
+
+    def project(self, name, value):
+        folder = self.path / name
+        folder.mkdir()
+        (folder / "job.py").write_text(self.JOB % value)
+        return folder / "job.py"
+
+    def run_job(self, script):
+        return subprocess.run([sys.executable, str(script)], env=child_env(
+            PERSIST_DIR=self.path / "shared"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True)
+
+    def test_second_project_is_refused_and_a_moved_one_adopted(self):
+        first = self.project("one", "first")
+        second = self.project("two", "second")
+        self.assertEqual(self.run_job(first).stdout, "first\n")
+        refused = self.run_job(second)
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertIn("PersistError", refused.stderr)
+        self.assertIn(str(first), refused.stderr)
+        self.assertIn("name=", refused.stderr)
+        self.assertNotIn("first", refused.stdout)
+        os.rename(first.parent, self.path / "moved")
+        moved = self.run_job(self.path / "moved" / "job.py")
+        self.assertEqual(moved.stdout, "first\n")
+
+
+class TestCacheFileNames(TempDirTest):
+    def test_names_differing_only_in_case_get_two_files(self):
+        names = []
+        for name in ("job.Process", "job.process", "JOB.PROCESS"):
+            f = persist.memoize(cache_dir=self.dir, name=name)(lambda x: x)
+            f(1)
+            names.append(os.path.basename(f.cache_info().path).lower())
+        self.assertEqual(len(set(names)), 3)
+        self.assertEqual(len([n for n in os.listdir(self.dir) if n.endswith(".db")]), 3)
+
+    def test_very_long_name_is_shortened_and_cached(self):
+        for length in (248, 300, 2000):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                f = persist.memoize(cache_dir=self.dir, name="n" * length)(lambda x: [x])
+                self.assertEqual(f(1), [1])
+                self.assertEqual(f(1), [1])
+            info = f.cache_info()
+            self.assertEqual((info.hits, info.entries), (1, 1))
+            self.assertLess(len(os.path.basename(info.path)), 200)
+        self.assertEqual(len([n for n in os.listdir(self.dir) if n.endswith(".db")]), 3)
+
+
+class TestSpawnedWorkersShareTheScriptsCache(TempDirTest):
+    SCRIPT = """
+        import multiprocessing, os, sys
+        import persist
+
+        @persist.memoize
+        def square(x):
+            return x * x
+
+        if __name__ == "__main__":
+            if sys.argv[1] != "serial":
+                with multiprocessing.get_context(sys.argv[1]).Pool(2) as pool:
+                    assert pool.map(square, range(6)) == [x * x for x in range(6)]
+            print([square(x) for x in range(6)] == [x * x for x in range(6)],
+                  square.cache_info().hits, sorted(os.listdir(os.path.dirname(
+                      square.cache_info().path))))
+    """
+
+    def check(self, method):
+        if method not in multiprocessing.get_all_start_methods():
+            self.skipTest("no %s start method here" % method)
+        (self.path / "job.py").write_text(textwrap.dedent(self.SCRIPT))
+        out = subprocess.run([sys.executable, "job.py", method], cwd=self.dir,
+                             env=child_env(), stdout=subprocess.PIPE, check=True,
+                             universal_newlines=True).stdout
+        self.assertEqual(out.split(" ", 2)[:2], ["True", "6"])     # the workers' results
+        self.assertEqual([n for n in os.listdir(self.path / ".persist") if n.endswith(".db")],
+                         ["job.square.db"])
+        out = run_python("import job; print([job.square(x) for x in range(6)], "
+                         "job.square.cache_info().hits)", cwd=self.dir)
+        self.assertEqual(out, "[0, 1, 4, 9, 16, 25] 6\n")
+
+    def test_spawn(self):
+        self.check("spawn")
+
+    def test_forkserver(self):
+        self.check("forkserver")
+
+
+class TestResultClassesOfAScript(TempDirTest):
+    """README: results of a class defined in the script itself load only in the mode that
+    stored them; the fix it gives, a module for the class, loads in both."""
+
+    SCRIPT = """
+        import persist, sys
+        from features import Features
+        runs = 0
+
+        @persist.memoize
+        def featurize(x):
+            global runs
+            runs += 1
+            return Features(x)
+
+        if __name__ == "__main__":
+            print(isinstance(featurize(1), Features), runs)
+    """
+
+    def test_class_in_a_module_loads_run_or_imported(self):
+        (self.path / "features.py").write_text(textwrap.dedent("""
+            class Features:
+                def __init__(self, x):
+                    self.x = x
+        """))
+        (self.path / "job.py").write_text(textwrap.dedent(self.SCRIPT))
+        run = subprocess.run([sys.executable, "job.py"], cwd=self.dir, env=child_env(),
+                             stdout=subprocess.PIPE, universal_newlines=True, check=True)
+        self.assertEqual(run.stdout, "True 1\n")
+        out = run_python("import job, features; f = job.featurize(1); "
+                         "print(isinstance(f, features.Features), f.x, job.runs)", cwd=self.dir)
+        self.assertEqual(out, "True 1 0\n")
+        run = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('job.py', "
+                              "run_name='__main__')"], cwd=self.dir, env=child_env(),
+                             stdout=subprocess.PIPE, universal_newlines=True, check=True)
+        self.assertEqual(run.stdout, "True 0\n")
+
+
+class TestAddingAParameter(MemoTest):
+    def test_a_new_parameter_with_a_default_keeps_old_results(self):
+        old = self.memo(lambda x: x * 2, name="job")
+        self.assertEqual((old(5), old(6)), (10, 12))
+
+        def new(x, strict=False, *, scale=1):
+            return x * 2 * scale
+
+        f = self.memo(new, name="job")
+        self.assertEqual([f(5), f(x=5), f(5, False), f(5, strict=False), f(6, scale=1)],
+                         [10, 10, 10, 10, 12])
+        self.assertEqual(f.calls, [])
+        self.assertEqual(f(5, scale=3), 30)
+        self.assertEqual(f(5, True), 10)
+        self.assertEqual(len(f.calls), 2)
+
+    def test_default_call_and_passed_default_are_one_entry(self):
+        f = self.memo(lambda x=5, y=0.0: x + y)
+        self.assertEqual([f(5), f(x=5), f(), f(5, 0.0), f(y=0.0)], [5.0] * 5)
+        self.assertEqual(len(f.calls), 1)
+        f(5, -0.0)          # -0.0 is not the default 0.0
+        f(5, 0)             # nor is 0: types matter
+        f(5.0)
+        self.assertEqual(len(f.calls), 4)
+
+
+class TestSmallerDefects(MemoTest):
+    def test_recursion_error_passes_unchanged(self):
+        @persist.memoize(cache_dir=self.dir)
+        def down(n, options):
+            return 0 if n == 0 else down(n - 1, options) + 1
+
+        self.assertEqual(down(50, {"deep": True}), 50)
+        limit = sys.getrecursionlimit()
+        self.addCleanup(sys.setrecursionlimit, limit)
+        for extra in range(0, 40, 3):     # the limit falls inside the key's derivation, or not
+            sys.setrecursionlimit(limit + extra)
+            with self.assertRaises(RecursionError):
+                down(10 ** 6, {"deep": True})
+
+    def test_cache_delete_from_an_instance(self):
+        runs = []
+
+        class Counter:
+            def __init__(self, k):
+                self.k = k
+
+            @persist.memoize(cache_dir=self.dir, ignore="self")
+            def method(self, x):
+                runs.append(x)
+                return x
+
+        c = Counter(1)
+        self.assertEqual(c.method(10), 10)
+        self.assertTrue(c.method.cache_delete(10))
+        self.assertFalse(c.method.cache_delete(10))
+        self.assertEqual(c.method(10), 10)
+        self.assertEqual(runs, [10, 10])
+        self.assertEqual(c.method.cache_info().entries, 1)
+        self.assertTrue(Counter.method.cache_delete(c, 10))
+        self.assertEqual(c.method.__name__, "method")
+        self.assertEqual(list(inspect.signature(c.method).parameters), ["x"])
+
+    def test_methods_pickle_by_reference(self):
+        self.assertIs(pickle.loads(pickle.dumps(Model.predict)), Model.predict)
+        bound = pickle.loads(pickle.dumps(Model(3).predict))
+        self.assertEqual(bound.__wrapped__.__self__, Model(3))
+
+    def test_above_staticmethod_or_classmethod_says_how_to_order(self):
+        for kind in (staticmethod, classmethod):
+            with self.assertRaisesRegex(TypeError, r"%s.*helper.*@%s above @memoize"
+                                        % (kind.__name__, kind.__name__)):
+                class Holder:
+                    @persist.memoize
+                    @kind
+                    def helper(x):
+                        return x
+
+        class Right:
+            @staticmethod
+            @persist.memoize(cache_dir=self.dir)
+            def helper(x):
+                return x + 1
+
+        self.assertEqual((Right.helper(1), Right().helper(1)), (2, 2))
+
+    def test_wrong_arguments_name_the_function(self):
+        f = persist.memoize(cache_dir=self.dir)(cube.__wrapped__)
+        for args, kwargs in (((), {}), ((1, 2), {}), ((1,), {"y": 2})):
+            with self.assertRaisesRegex(TypeError, r"^cube\(\): "):
+                f(*args, **kwargs)
+
+    def test_ignore_checked_even_with_kwargs(self):
+        with self.assertRaisesRegex(TypeError, "'verbos'.*not a parameter"):
+            self.memo(lambda x, **kwargs: x, ignore=["verbos"])
+        with self.assertRaisesRegex(TypeError, "parameter names, not 3"):
+            self.memo(lambda x: x, ignore=["x", 3])
 
 
 # -- hardening: faults, hostile inputs
