@@ -1024,6 +1024,8 @@ _DEBUG = 10                     # logging.DEBUG, without importing logging
 _LOG = None                     # the 'persist' logger, once logging is imported
 _EXACT = {int, str, bytes, bool, type(None)}   # for these, == is equality of keys
 _MAIN_NAMES = ("__main__", "__mp_main__")      # a script; __mp_main__ in spawned workers
+_CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08    # code flags: *args, **kwargs (as inspect's)
+_CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 _NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
 _OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
 _CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path unstored")
@@ -1613,45 +1615,77 @@ def _at_default(value, default, digest):
         return False
 
 
+def _parameters(func):
+    """[(name, kind, default)] of func's parameters, as inspect.signature() gives them (kind
+    0 to 4 as inspect.Parameter's kinds, default _MISSING for none). A plain function's are
+    read off its code, without importing inspect, which costs as much as all of persist."""
+    code = getattr(func, "__code__", None)
+    if type(func) is not types.FunctionType or hasattr(func, "__wrapped__") or \
+            hasattr(func, "__signature__") or code is None:
+        _load()
+        return [(p.name, int(p.kind), _MISSING if p.default is p.empty else p.default)
+                for p in inspect.signature(func).parameters.values()]
+    names = code.co_varnames
+    positional, only = code.co_argcount, code.co_posonlyargcount
+    defaults = func.__defaults__ or ()
+    keyword_defaults = func.__kwdefaults__ or {}
+    first_default = positional - len(defaults)
+    params = [(names[i], 0 if i < only else 1,
+               defaults[i - first_default] if i >= first_default else _MISSING)
+              for i in range(positional)]
+    at = positional + code.co_kwonlyargcount
+    if code.co_flags & _CO_VARARGS:
+        params.append((names[at], 2, _MISSING))
+        at += 1
+    params += [(name, 3, keyword_defaults.get(name, _MISSING))
+               for name in names[positional:positional + code.co_kwonlyargcount]]
+    if code.co_flags & _CO_VARKEYWORDS:
+        params.append((names[at], 4, _MISSING))
+    return params
+
+
 def _binder(func, ignore, label):
     """A fast bind(args, kwargs) -> the values that make the key of a call.
 
     The values of the parameters without a default come first, in order; then the name and
     value of each other parameter that the call does not leave at its default. So f(5),
     f(x=5) and f() with x=5 are one key, and adding a parameter with a default keeps the
-    keys of every call that does not pass it. Plain positional calls take a shortcut.
+    keys of every call that does not pass it. Plain calls take a shortcut.
     """
     for name in ignore:
         if not isinstance(name, str):
             raise TypeError("Expected memoize(ignore=...) to hold parameter names, not %r"
                             % (name,))
     try:
-        sig = inspect.signature(func)
+        params = _parameters(func)
     except (TypeError, ValueError):     # some builtins have no signature: key on the call
         if ignore:
             raise TypeError("memoize(ignore=...) needs a function with a signature; "
                             "%r has none" % (func,)) from None
         return lambda args, kwargs: (args, kwargs)
-    params = list(sig.parameters.values())
-    names = [p.name for p in params]
+    names = [name for name, _, _ in params]
     for name in ignore:
         if name not in names:     # **kwargs does not catch it: a misspelt name must not pass
+            _load()
             raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
-                            % (name, label, sig))
-    empty = inspect.Parameter.empty
+                            % (name, label, inspect.signature(func)))
     kept = []                     # (name, kind, default, the default's digest or None)
-    for p in params:
-        if p.name in ignore:
+    for name, kind, default in params:
+        if name in ignore:
             continue
         digest = None
-        if p.default is not empty:
+        if default is not _MISSING:
             with contextlib.suppress(Exception):   # best effort: compared by identity then
-                digest = _digest(p.default)
-        kept.append((p.name, p.kind, p.default, digest))
+                digest = _digest(default)
+        kept.append((name, kind, default, digest))
+    signature = []                # inspect's, made on first need: a call bind() cannot take
 
     def bind_slowly(args, kwargs):
+        if not signature:
+            _load()
+            signature.append(inspect.signature(func))
         try:
-            arguments = sig.bind(*args, **kwargs).arguments
+            arguments = signature[0].bind(*args, **kwargs).arguments
         except TypeError as exc:
             raise TypeError("%s(): %s" % (label, exc)) from None
         values, named = [], []
@@ -1659,26 +1693,27 @@ def _binder(func, ignore, label):
             if name not in arguments:          # left at its default, or no *args / **kwargs
                 continue
             value = arguments[name]
-            if kind is inspect.Parameter.VAR_POSITIONAL:
+            if kind == 2:                      # *args
                 if value:
                     named += ("*" + name, value)
-            elif kind is inspect.Parameter.VAR_KEYWORD:
+            elif kind == 4:                    # **kwargs
                 for key in sorted(value):
                     named += (key, value[key])
-            elif default is empty:
+            elif default is _MISSING:
                 values.append(value)
             elif not _at_default(value, default, digest):
                 named += (name, value)
         return tuple(values + named)
 
-    if not all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params):
+    if not all(kind == 1 for _, kind, _ in params):     # all positional-or-keyword
         return bind_slowly
     count = len(params)
-    required = sum(p.default is empty for p in params)     # they come first
+    required = sum(default is _MISSING for _, _, default in params)     # they come first
     keep = [i for i in range(required) if names[i] not in ignore]
     digests = {name: digest for name, _, _, digest in kept}
-    defaults = tuple(p.default for p in params)
+    defaults = tuple(default for _, _, default in params)
     labels = tuple(None if name in ignore else name for name in names)
+    position = {name: i for i, name in enumerate(names)}
     plain = not ignore
     run = keep[0] if keep and keep == list(range(keep[0], required)) else None
     if not keep:
@@ -1687,7 +1722,19 @@ def _binder(func, ignore, label):
 
     def bind(args, kwargs):
         given = len(args)
-        if kwargs or not required <= given <= count:
+        if kwargs:                 # f(x=5): place the keywords, then as if positional
+            if given > count:
+                return bind_slowly(args, kwargs)
+            full = list(args) + list(defaults[given:])
+            for name, value in kwargs.items():
+                i = position.get(name)
+                if i is None or i < given:      # unknown, or given twice: its error
+                    return bind_slowly(args, kwargs)
+                full[i] = value
+            if any(value is _MISSING for value in full[:required]):   # its error
+                return bind_slowly(args, kwargs)
+            args, given = tuple(full), count
+        elif not required <= given <= count:
             return bind_slowly(args, kwargs)
         if given == required:                  # the hot path: no parameter with a default
             if plain:
@@ -2343,10 +2390,24 @@ class _Memoized:
         return store.prune(before, memo.version if stale else None)[0]
 
 
+def _code_flags(func):
+    """The flags of func's code, through partials and bound methods, as inspect reads them
+    for isgeneratorfunction() and the like (without importing it)."""
+    while True:
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif isinstance(func, types.MethodType):
+            func = func.__func__
+        else:
+            break
+    return func.__code__.co_flags if isinstance(func, types.FunctionType) else 0
+
+
 def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
-    _load()
     label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
-    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+    flags = _code_flags(func)
+    coroutine = bool(flags & _CO_COROUTINE)
+    if flags & (_CO_GENERATOR | _CO_ASYNC_GENERATOR):
         raise TypeError("memoize cannot cache %s(): it is a generator function, and a "
                         "generator is consumed as it runs; memoize a function that returns "
                         "a list instead" % label)
@@ -2365,7 +2426,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
 
     handle = object.__new__(_Memoized)
     handle._state, handle._salt, handle._self = (memo, bind, key_from, func), salt, None
-    if _in_class_body(func) and not inspect.iscoroutinefunction(func):
+    if _in_class_body(func) and not coroutine:
         functools.update_wrapper(handle, func)     # a method: it binds to its instance
         return handle
 
@@ -2373,7 +2434,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     # of the stack, the wrapper's and func's, where an object's __call__ would take three
     # before Python 3.12 (the limit counts the C call between them too).
     key_of = handle._key_of
-    if inspect.iscoroutinefunction(func):
+    if coroutine:
         async def wrapper(*args, **kwargs):
             key = key_of(args, kwargs)
             result = memo.get(key)
