@@ -294,6 +294,142 @@ class TestAtomicPermissions(TempDirTest):
         self.assertEqual(target.read_text(), "new")
 
 
+ROOT = POSIX and hasattr(os, "geteuid") and os.geteuid() == 0
+NOBODY = 65534                 # the uid and gid tests act as when they drop root
+
+
+@unittest.skipUnless(ROOT, "root, to give files to another user")
+class TestAtomicKeepsOwnerAsRoot(TempDirTest):
+    def test_replaced_file_keeps_owner_group_and_mode(self):
+        target = self.path / "theirs.txt"
+        target.write_text("old")
+        os.chown(target, NOBODY, NOBODY)
+        os.chmod(target, 0o600)               # its owner alone may read it
+        persist.atomic_write(target, "new")
+        with persist.atomic_open(target, "wb") as file:
+            file.write(b"newer")
+        info = os.stat(target)
+        self.assertEqual((info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)),
+                         (NOBODY, NOBODY, 0o600))
+        self.assertEqual(target.read_bytes(), b"newer")
+
+    def test_setgid_bit_survives_the_chown(self):
+        target = self.path / "tool"
+        target.write_text("old")
+        os.chown(target, NOBODY, NOBODY)
+        os.chmod(target, 0o2755)              # chown clears it: it must be set again after
+        persist.atomic_write(target, "new")
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o2755)
+
+
+@unittest.skipUnless(ROOT and hasattr(os, "setgroups"), "root, to act as a group member")
+class TestAtomicKeepsGroupAsMember(TempDirTest):
+    TEAM = 54321                              # a group nobody is made a member of
+
+    def test_group_member_keeps_the_group(self):
+        os.chmod(self.dir, 0o755)
+        team = self.path / "team"
+        team.mkdir()
+        os.chmod(team, 0o777)                 # not setgid: new files get the writer's group
+        target = team / "plan.txt"
+        target.write_text("old")
+        os.chown(target, 0, self.TEAM)
+        os.chmod(target, 0o664)
+        run_python("""
+            import os, persist
+            os.setgroups([%d])
+            os.setgid(%d)
+            os.setuid(%d)
+            persist.atomic_write(%r, "new")
+        """ % (self.TEAM, NOBODY, NOBODY, str(target)))
+        info = os.stat(target)
+        # root's ownership cannot be kept by nobody (documented); the group can
+        self.assertEqual((info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)),
+                         (NOBODY, self.TEAM, 0o664))
+        self.assertEqual(target.read_text(), "new")
+        self.assertNoTemp()
+
+
+@unittest.skipUnless(POSIX, "FIFOs, sockets and device nodes")
+class TestAtomicRefusesWhatIsNotAFile(TempDirTest):
+    def check_refused(self, target, kind):
+        with self.assertRaisesRegex(persist.PersistError, kind) as caught:
+            persist.atomic_write(target, "x")
+        self.assertEqual(caught.exception.filename, target)
+        self.assertEqual(caught.exception.errno, errno.EINVAL)
+        with self.assertRaisesRegex(persist.PersistError, kind):
+            with persist.atomic_open(target, "wb"):
+                self.fail("the block ran")
+        self.assertNoTemp()
+
+    def test_fifo(self):
+        fifo = self.path / "fifo"
+        os.mkfifo(fifo)
+        self.check_refused(fifo, "a FIFO, not a regular file")
+        self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
+
+    def test_link_to_a_fifo(self):
+        os.mkfifo(self.path / "fifo")
+        os.symlink("fifo", self.path / "link")
+        self.check_refused(self.path / "link", "a FIFO")
+        self.assertTrue(stat.S_ISFIFO(os.lstat(self.path / "fifo").st_mode))
+        self.assertTrue(os.path.islink(self.path / "link"))
+
+    def test_socket(self):
+        import socket
+        path = os.path.join(self.dir, "sock")
+        if len(path) > 100:
+            self.skipTest("path too long for a Unix socket")
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(path)
+            self.check_refused(path, "a socket")
+            self.assertTrue(stat.S_ISSOCK(os.lstat(path).st_mode))
+
+    def test_device_node(self):
+        node = self.path / "null"
+        try:
+            os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))   # as /dev/null
+        except (OSError, AttributeError) as exc:
+            self.skipTest("cannot make a device node here: %s" % exc)
+        self.check_refused(node, "a character device")
+        self.assertTrue(stat.S_ISCHR(os.lstat(node).st_mode))
+
+    def test_fifo_put_in_place_during_the_block(self):
+        target = self.path / "out"
+        target.write_text("old")
+        with self.assertRaisesRegex(persist.PersistError, "a FIFO"):
+            with persist.atomic_open(target) as file:
+                file.write("new")
+                os.unlink(target)
+                os.mkfifo(target)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(target).st_mode))
+        self.assertNoTemp()
+
+
+class TestAtomicRelativePathAndChdir(TempDirTest):
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(os.chdir, os.getcwd())
+        (self.path / "a").mkdir()
+        (self.path / "b").mkdir()
+
+    def check(self, mode):
+        os.chdir(self.path / "a")
+        with persist.atomic_open("out.txt", mode) as file:
+            os.chdir(self.path / "b")
+            file.write("new")
+        self.assertEqual((self.path / "a" / "out.txt").read_text(), "new")
+        self.assertEqual(os.listdir(self.path / "b"), [])
+        self.assertNoTemp()
+
+    def test_commit_goes_to_the_path_given_at_entry(self):
+        self.check("w")
+        self.check("w")                       # replacing, too
+
+    def test_exclusive_mode(self):
+        self.check("x")
+
+
 @unittest.skipUnless(hasattr(os, "symlink") and POSIX, "needs symbolic links")
 class TestAtomicSymlinkTarget(TempDirTest):
     def test_link_target_gets_content_and_link_stays(self):
