@@ -363,19 +363,20 @@ def _check_private(directory, what):
     if not _CHECK_WORLD_WRITABLE:
         return
     trusted = (0, os.geteuid())
-    path = os.path.abspath(directory)
-    seen = set()
-    while path not in seen:
+    pending, seen = [os.path.abspath(directory)], set()
+    while pending:
+        path = pending.pop()
+        if path in seen:                   # a link back up the path, or a loop of links
+            continue
         seen.add(path)
         info = os.lstat(path)
-        parent = os.path.dirname(path)
         if info.st_uid not in trusted:
             raise PersistError(errno.EPERM, _NOT_OURS.format(what=what, uid=info.st_uid), path)
         if stat.S_ISLNK(info.st_mode):
-            _check_private(os.path.realpath(path), what)
+            pending.append(os.path.realpath(path))
         elif info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
             raise PersistError(errno.EPERM, _SWAPPABLE.format(what=what), path)
-        path = parent
+        pending.append(os.path.dirname(path))
 
 
 # -- private helpers: the store
