@@ -1185,12 +1185,17 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key):
 # -- private helpers: done_dir
 
 
+class _NotDurable(Exception):
+    """An fsync failed in _sync_tree(): (errno, strerror, name), past its except OSError."""
+
+
 def _start_writeback(name, dir_fd):
     """Ask Linux to start writing the file's dirty pages to disk, without waiting."""
     # This is an optimization only; it's ok if it fails. Started for every file before the
-    # first fsync, the writes and their block allocations share a few journal commits, and
-    # 10,000 fsyncs take half the time or less. The price: pages already on disk leave the
-    # page cache (os has no sync_file_range(), which would start the writes and only that).
+    # first fsync, the writes and their block allocations share a few journal commits: with
+    # the threads of _sync_files, 10,000 fsyncs took 0.5 s here instead of 0.7 s. The price:
+    # pages already on disk leave the page cache (os has no sync_file_range(), which would
+    # start the writes and do only that).
     with contextlib.suppress(OSError):
         fd = os.open(name, _O_SYNC_FILE, dir_fd=dir_fd)
         try:
@@ -1219,15 +1224,11 @@ def _sync_file(name, dir_fd):
         os.close(fd)
 
 
-class _NotDurable(Exception):
-    """An fsync failed in _sync_tree(): (errno, strerror, name), past its except OSError."""
-
-
 def _sync_files(names, dir_fd):
     """Fsync the files names (relative to dir_fd, if given): (files, bytes, files not synced).
 
     Several threads fsync at once, because the drive's cache flushes that concurrent fsyncs
-    ask for are merged: for 10,000 small files, 0.5 s instead of 3 s on a busy disk here.
+    ask for are merged: for 3,000 small files, 0.18 s instead of 3.2 s on a busy disk here.
     """
     if _START_WRITEBACK is not None:
         for name in names:
