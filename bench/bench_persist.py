@@ -374,8 +374,8 @@ def bench_atomic(root, size, rounds):
 
 def bench_done_dir(root, files, rounds):
     """A stage writing `files` small files, plainly and inside done_dir: the medians of both
-    totals, and of done_dir's own time (entering, and leaving with the marker), which is
-    the marker's overhead without the noise of two fills.
+    totals, and of done_dir's own time (entering, and leaving: fsyncing every file, then
+    the marker), which is the price of durability without the noise of two fills.
 
     Every round fills a new directory and nothing is removed until the run ends: ext4
     without a journal skips inodes freed in the last minutes, and creating files right
@@ -525,10 +525,11 @@ def run(root):
 
     files = 2000 if quick else 10000
     times = bench_done_dir(root, files, rounds)
-    row("done_dir, %d files (%.0f us each): own time vs the writes" % (
-        files, times["plain"] / files * 1e6), times["own"],
-        times["plain"], "<= 10% (this ratio)", times["own"] <= 0.1 * times["plain"],
-        times["own"] / times["plain"])
+    # done_dir's own time includes fsyncing every file before the marker (its durability
+    # rule), which plain writes leave to the kernel's writeback: no target to meet here.
+    row("done_dir, %d files (%.0f us each): own time, fsyncing them all, vs the writes" % (
+        files, times["plain"] / files * 1e6), times["own"], times["plain"],
+        ratio=times["own"] / times["plain"])
     row("done_dir, %d files: whole stage vs plain writes" % files, times["done_dir"],
         times["plain"])
 
