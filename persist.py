@@ -440,16 +440,38 @@ class _Connection:
         with self._lock:
             if self._depth:               # a signal handler interrupted this thread in here
                 return self._run_aside(work, args)
-            self._depth += 1
+            self._depth = 1
             try:
-                conn = self._conn or self._connect()
-                if conn.in_transaction:   # left open by a call that an exception interrupted
+                conn = self._conn
+                if conn is None:
+                    conn = self._connect()
+                elif conn.in_transaction:   # left open by a call an exception interrupted
                     conn.execute("ROLLBACK")
                 return work(conn, *args)
             except sqlite3.Error as exc:
                 raise self.error(exc) from None
             finally:
-                self._depth -= 1
+                self._depth = 0
+
+    def query(self, sql, params=()):
+        """The rows of one statement: run(_fetch, sql, params), a little faster (every
+        hit's path)."""
+        with self._lock:
+            if self._depth:
+                return self._run_aside(_fetch, (sql, params))
+            self._depth = 1
+            try:
+                conn = self._conn
+                if conn is None:
+                    conn = self._connect()
+                elif conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self.error(exc) from None
+            finally:
+                self._depth = 0
 
     def transaction(self, work, *args):
         """run() work inside BEGIN IMMEDIATE ... COMMIT: all of it is stored, or none."""
@@ -824,7 +846,7 @@ class _Store:
 
     def get(self, key):
         """(pickle or b'', value file name or None, stored, seconds) for key, or None."""
-        rows = self.conn.run(_fetch, _GET, (key,))
+        rows = self.conn.query(_GET, (key,))
         return rows[0] if rows else None
 
     def load(self, row):
@@ -2237,15 +2259,16 @@ def _warn(message):
     warnings.warn(message, PersistWarning, stacklevel=level)
 
 
-def _debug(message, *args):
-    """A DEBUG line on the 'persist' logger, once the program uses logging at all."""
+def _debug(event, identity, key):
+    """'identity: event key' at DEBUG on the 'persist' logger, once the program uses logging
+    at all (the key shortened to 12 hex digits)."""
     global _LOG
     if _LOG is None:
         if "logging" not in sys.modules:    # not imported: nobody can have asked for it
             return
         _LOG = sys.modules["logging"].getLogger("persist")
     if _LOG.isEnabledFor(_DEBUG):
-        _LOG.debug(message, *args)
+        _LOG.debug("%s: %s %s", identity, event, key[:6].hex())
 
 
 def _advice(exc):
@@ -2340,7 +2363,8 @@ class _Memo:
                     # load(), without a call when the pickle is in the row
                     value = pickle.loads(row[0]) if row[1] is None else store.load(row)
                     self.hits += 1
-                    _debug("%s: hit %s", self.identity, key[:6].hex())
+                    if _LOG is not None or "logging" in sys.modules:
+                        _debug("hit", self.identity, key)
                     return value
             except FileNotFoundError:    # replaced since get(): computed again, stored anew
                 pass
@@ -2350,7 +2374,7 @@ class _Memo:
                 _warn("a cached result of %s() in %s cannot be loaded (%s: %s); computing it "
                       "again" % (self.identity, self.path, type(exc).__name__, exc))
         self.misses += 1
-        _debug("%s: miss %s", self.identity, key[:6].hex())
+        _debug("miss", self.identity, key)
         return _MISSING
 
     def put(self, key, value, args, seconds):
@@ -2360,7 +2384,7 @@ class _Memo:
             return
         try:
             store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args))
-            _debug("%s: stored %s", self.identity, key[:6].hex())
+            _debug("stored", self.identity, key)
         except OSError as exc:
             self.unstored += 1
             self.trouble("could not store a result in", exc)
