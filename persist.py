@@ -103,6 +103,9 @@ _PRAGMAS = (
     "PRAGMA checkpoint_fullfsync=ON",   # macOS: past the drive's cache
     "PRAGMA cache_size=-32768",  # up to 32 MB of pages, as used
     "PRAGMA journal_size_limit=%d" % (8 << 20),   # the log shrinks back after a checkpoint
+    # SQLite's own checkpoints never restart the log while other processes keep committing,
+    # and they make ours (see _Store._restart_log) fail: they are a safety net only.
+    "PRAGMA wal_autocheckpoint=%d" % (4 * _LOG_LIMIT // 16384),
 )
 _GET = "SELECT value, file, stored, seconds FROM Dict WHERE key = ?"
 _FILE = "SELECT file FROM Dict WHERE key = ?"
