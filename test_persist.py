@@ -1916,29 +1916,30 @@ class TestCommandLine(TempDirTest):
 
 
 class TestExamplePipeline(TempDirTest):
-    def pipeline(self, *args):
+    def pipeline(self, *args, records=900):
         return run_command([os.path.join(HERE, "examples", "pipeline.py"), "--work",
-                            str(self.path / "work"), "--records", "900", "--slow", "0"]
+                            str(self.path / "work"), "--records", str(records), "--slow", "0"]
                            + list(args), PERSIST_DIR=self.path / "cache")
 
     def test_crash_then_resume(self):
-        crashed = self.pipeline("--fail-on-bad")
+        # 500 records reach past the first malformed one (399), with 400 fewer files to write.
+        crashed = self.pipeline("--fail-on-bad", records=500)
         self.assertEqual(crashed.returncode, 1)
         self.assertIn("ValueError", crashed.stderr)
         self.assertIn("crashed on record 399", crashed.stdout)
         self.assertFalse((self.path / "work" / "report.json").exists())
         self.assertTrue(persist.is_done(self.path / "work" / "records"))
-        fixed = self.pipeline("--fix")
+        fixed = self.pipeline("--fix", records=500)
         self.assertEqual(fixed.returncode, 0, fixed.stderr)
         self.assertIn("split:     already done", fixed.stdout)
-        self.assertIn("transform: reused 399, computed 501", fixed.stdout)
+        self.assertIn("transform: reused 399, computed 101", fixed.stdout)
         report = json.loads((self.path / "work" / "report.json").read_text())
-        self.assertEqual((report["records"], report["malformed_skipped"]), (900, 0))
-        again = self.pipeline()
-        self.assertIn("transform: reused 900, computed 0", again.stdout)
+        self.assertEqual((report["records"], report["malformed_skipped"]), (500, 0))
+        again = self.pipeline(records=500)
+        self.assertIn("transform: reused 500, computed 0", again.stdout)
 
     def test_without_the_flag_skips_malformed_records(self):
-        done = self.pipeline()
+        done = self.pipeline()             # 900 records: two malformed ones, 399 and 799
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertIn("computed 900", done.stdout)
         self.assertIn("skipped 2 malformed records", done.stdout)
