@@ -1486,14 +1486,6 @@ class TestHostileDirectory(TempDirTest):
                     self.assertEqual(mode & 0o077, 0, name)
 
 
-class KeyWithSet:
-    """An argument whose pickle holds a set: its order differs with PYTHONHASHSEED."""
-
-    def __init__(self, tags):
-        self.tags = set(tags)
-        self.meta = {"b": 1, "a": 2}
-
-
 class TestHostileArguments(MemoTest):
     def test_deeply_nested(self):
         f = self.memo(lambda x: 1)
@@ -1511,14 +1503,27 @@ class TestHostileArguments(MemoTest):
         self.assertEqual(f([[[1]]]), 1)
 
     def test_object_holding_a_set_has_one_key_in_every_process(self):
+        # The argument's class lives in a small module of its own: importing test_persist in
+        # each child took longer than the rest of the test.
+        (self.path / "lib").mkdir()
+        (self.path / "lib" / "tagged.py").write_text(textwrap.dedent("""
+            class KeyWithSet:
+                # An argument whose pickle holds a set: its order differs with PYTHONHASHSEED.
+                def __init__(self, tags):
+                    self.tags = set(tags)
+                    self.meta = {"b": 1, "a": 2}
+        """))
         code = """
-            import sys, persist, test_persist
+            import sys, persist
+            sys.path.insert(0, sys.argv[2])
+            from tagged import KeyWithSet
             @persist.memoize(cache_dir=sys.argv[1], name="sets")
             def f(obj):
                 print("computed", flush=True)
-            f(test_persist.KeyWithSet(["alpha", "beta", "gamma", "delta", "epsilon"]))
+            f(KeyWithSet(["alpha", "beta", "gamma", "delta", "epsilon"]))
         """
-        outs = [subprocess.run([sys.executable, "-c", textwrap.dedent(code), self.dir],
+        outs = [subprocess.run([sys.executable, "-c", textwrap.dedent(code), self.dir,
+                                str(self.path / "lib")],
                                env=child_env(PYTHONHASHSEED=seed), stdout=subprocess.PIPE,
                                universal_newlines=True, check=True).stdout
                 for seed in (1, 2, 3, 4, 5)]
