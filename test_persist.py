@@ -977,7 +977,8 @@ class TestMemoizeResults(MemoTest):
         self.assertEqual(len(f.calls), 1)
         self.assertNoTemp()
 
-    @unittest.skipUnless(LARGE, "set PERSIST_TEST_LARGE=1 (CI does) to store a 1.1 GB result")
+    @unittest.skipUnless(LARGE, "set PERSIST_TEST_LARGE=1 to store a 1.1 GB result "
+                                "(.ci/run does, on the newest CPython)")
     def test_result_over_a_gigabyte(self):
         size = 1_100_000_000
         f = self.memo(lambda n: b"\x07" * n)
