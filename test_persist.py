@@ -1828,9 +1828,13 @@ class TestLogging(MemoTest):
 
 
 class TestCommandLine(TempDirTest):
-    def setUp(self):
-        super().setUp()
-        self.cache = self.path / "cache"
+    @classmethod
+    def setUpClass(cls):
+        # One child fills the cache once for the class, and each test gets a copy of it: a
+        # child per test cost more than most of the tests.
+        holder = __import__("tempfile").TemporaryDirectory()
+        cls.addClassCleanup(holder.cleanup)
+        cls.filled = os.path.join(holder.name, "cache")
         run_python("""
             import persist
             @persist.memoize(cache_dir=%r, name="jobs.fetch", expire=3600)
@@ -1839,7 +1843,13 @@ class TestCommandLine(TempDirTest):
             for i in range(5):
                 fetch("https://example.org/%%d" %% i)
             fetch("https://example.org/big", retries=1) if False else None
-        """ % str(self.cache))
+        """ % cls.filled)
+
+    def setUp(self):
+        import shutil
+        super().setUp()
+        self.cache = self.path / "cache"
+        shutil.copytree(self.filled, str(self.cache))
 
     def persist_cli(self, *args, **env):
         return run_command([os.path.join(HERE, "persist.py")] + list(args), cwd=self.dir, **env)
