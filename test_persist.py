@@ -1855,12 +1855,15 @@ class TestCommandLine(TempDirTest):
         return run_command([os.path.join(HERE, "persist.py")] + list(args), cwd=self.dir, **env)
 
     def test_help_on_every_command(self):
-        for command in ([], ["ls"], ["show"], ["clear"], ["prune"], ["status"]):
-            done = self.persist_cli(*(command + ["--help"]))
-            self.assertEqual(done.returncode, 0, done.stderr)
-            self.assertIn("usage: persist", done.stdout)
-        done = run_command(["-m", "persist", "--help"], cwd=self.dir)
-        self.assertEqual(done.returncode, 0)
+        # Seven interpreters, started together rather than one after another.
+        script = os.path.join(HERE, "persist.py")
+        runs = [[script] + command + ["--help"]
+                for command in ([], ["ls"], ["show"], ["clear"], ["prune"], ["status"])]
+        runs.append(["-m", "persist", "--help"])
+        with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+            for args, done in zip(runs, pool.map(lambda a: run_command(a, cwd=self.dir), runs)):
+                self.assertEqual(done.returncode, 0, "%s\n%s" % (args, done.stderr))
+                self.assertIn("usage: persist", done.stdout)
 
     def test_ls(self):
         for done in (self.persist_cli("ls", str(self.cache)),
