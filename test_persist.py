@@ -1983,8 +1983,8 @@ class TestReadme(TempDirTest):
                              % (number, block, done.stderr))
 
     # The README runs the example at full size (3,000 records, 2 ms each), which takes seconds
-    # per command; here each pipeline command gets these options appended, a data set just big
-    # enough for the crash on record 399 that the README describes. TestExamplePipeline checks
+    # per command; here each pipeline command gets these options appended: a data set small,
+    # but past the crash on record 399 that the README describes. TestExamplePipeline checks
     # the counts.
     SMALL_PIPELINE = ["--records", "500", "--slow", "0"]
 
