@@ -1150,10 +1150,16 @@ class TestIdleProcessHoldsNothingBack(MemoTest):
             for i in range(300):
                 f(i)
         """ % self.dir)
-        threading.Event().wait(0.5)        # idle, longer than persist keeps a snapshot
-        conn = sqlite3.connect(os.path.join(self.dir, "idle.db"), timeout=0)
-        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        conn.close()
+        # Idle for at most 0.5 s, longer than persist keeps a snapshot: the checkpoint is tried
+        # every 20 ms and must succeed by then (a fixed 0.5 s sleep was most of the test).
+        deadline = __import__("time").monotonic() + 0.5
+        while True:
+            conn = sqlite3.connect(os.path.join(self.dir, "idle.db"), timeout=0)
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            conn.close()
+            if busy == 0 or __import__("time").monotonic() > deadline:
+                break
+            threading.Event().wait(0.02)
         self.assertEqual(busy, 0)
         self.assertEqual(f(299), 299)      # and the other process's results are hits
         self.assertEqual(len(f.calls), 1)
