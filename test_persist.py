@@ -3190,6 +3190,11 @@ class TestTorture(TempDirTest):
                   % (TORTURE_SECONDS, kills, len(reported)), file=sys.stderr)
         self.assertAllHits("torture", reported,
                            lambda x: {"x": x, "blob": bytes([x % 251]) * ((x % 5) * 100000)})
+        # assertAllHits opened the cache as a normal run would: what the killed writers left
+        # half written is gone, and every value file belongs to a row
+        on_disk, named = value_files(self.path / "torture.db")
+        self.assertEqual(on_disk, named)
+        self.assertNoTemp()
 
 
 # -- done_dir and is_done
