@@ -360,19 +360,6 @@ def _size(path):
         return 0
 
 
-# -- the store: one SQLite file per cache, with large pickles in files beside it
-#
-# _Connection  one process's connection to the file: a lock, fork() and signals, errors
-# _Values      the files of pickles too large for a row, each one named by its row
-# _Store       what the shelf and memoize do: get, put, delete, iterate, count, clear, prune
-# _Shelf       shelve.Shelf over a _Store
-
-_CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
-_FORKING = []                      # the ones _before_fork() holds, for the parent to release
-_ABANDONED = []                    # connections a racing thread opened during fork(): never
-                                   # used or closed in the child (closing would unlock the parent's)
-
-
 def _check_private(directory, what):
     """Refuse directory unless only we and root can change what it holds, and its parents.
 
@@ -402,6 +389,19 @@ def _check_private(directory, what):
         elif info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
             raise PersistError(errno.EPERM, _SWAPPABLE.format(what=what), path)
         pending.append(os.path.dirname(path))
+
+
+# -- the store: one SQLite file per cache, with large pickles in files beside it
+#
+# _Connection  one process's connection to the file: a lock, fork() and signals, errors
+# _Values      the files of pickles too large for a row, each one named by its row
+# _Store       what the shelf and memoize do: get, put, delete, iterate, count, clear, prune
+# _Shelf       shelve.Shelf over a _Store
+
+_CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
+_FORKING = []                      # the ones _before_fork() holds, for the parent to release
+_ABANDONED = []                    # connections a racing thread opened during fork(): never
+                                   # used or closed in the child (closing would unlock the parent's)
 
 
 def _fetch(conn, sql, params=()):
