@@ -1148,6 +1148,7 @@ _DEBUG = 10                     # logging.DEBUG, without importing logging
 _LOG = None                     # the 'persist' logger, once logging is imported
 _EXACT = {int, str, bytes, bool, type(None)}   # for these, == is equality of keys
 _MAIN_NAMES = ("__main__", "__mp_main__")      # a script; __mp_main__ in spawned workers
+_SHARED_PSEUDO_FILES = {"<string>", "<stdin>", "<console>", "<input>"}   # not one source
 _CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08    # code flags: *args, **kwargs (as inspect's)
 _CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 _NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
@@ -1893,6 +1894,7 @@ def _unkeyable(func, args, kwargs, exc):
     if isinstance(exc, RecursionError):
         return exc
     label = _identity(func)
+    _load()
     try:
         bound = inspect.signature(func).bind(*args, **kwargs)
         named = list(bound.arguments.items())
@@ -1945,8 +1947,8 @@ def _source_file(func):
     """The file that defines func, or None: the REPL, a notebook, exec(), a builtin."""
     inner = _innermost(func)
     code = getattr(inner, "__code__", None)
-    if code is not None:
-        filename = code.co_filename
+    if code is not None:          # PyPy's builtins have a __code__ with no file
+        filename = getattr(code, "co_filename", None)
     else:                         # a class or a callable instance: its module's file
         module = sys.modules.get(getattr(inner, "__module__", None) or "")
         filename = getattr(module, "__file__", None)
@@ -1969,8 +1971,15 @@ def _code_text(code):
 def _code_tag(func):
     """Eight hex digits that stand for func's code: its source text where linecache has it
     (files, IPython and Jupyter cells), else its compiled code. Not its line number, so
-    lines added above it change nothing."""
+    lines added above it change nothing.
+
+    Code compiled from a string (exec, eval, python -c) says its file is <string>, and
+    linecache may hold another source under that name (3.13 keeps python -c's): there
+    only the compiled code is trusted."""
+    _load()
     try:
+        if func.__code__.co_filename in _SHARED_PSEUDO_FILES:
+            raise OSError("no source of its own")
         lines = inspect.getsource(func).splitlines()
     except Exception:             # no source (python -c, exec, the REPL): use the code
         text = None

@@ -1207,6 +1207,21 @@ class TestMemoizeResults(MemoTest):
 
 
 
+class TestMessagesInAFreshProcess(TempDirTest):
+    """What decoration imports lazily (inspect) is there when an error message needs it."""
+
+    def test_unkeyable_argument_is_named(self):
+        out = run_python("""
+            import threading, persist
+            f = persist.memoize(cache_dir=%r)(lambda x, lock: 1)
+            try:
+                f(1, threading.Lock())
+            except TypeError as exc:
+                print(exc)
+        """ % self.dir)
+        self.assertIn("argument 'lock' cannot be part of a cache key", out)
+
+
 class TestVersionSwitch(MemoTest):
     """Opening a cache with another version= never deletes results: they are misses, reported
     as stale, and removed only on request."""
@@ -2925,9 +2940,11 @@ class TestInterrupts(TempDirTest):
             @persist.memoize(cache_dir=%r)
             def f(x):
                 return x * 2
+            armed = [True]
             def interrupt(signum, frame):
-                # only inside persist, so that the loop below always catches it
-                while frame is not None:
+                # only inside persist, so that the loop below always catches it (and not
+                # late: PyPy may run a handler after the timer is off)
+                while armed[0] and frame is not None:
                     if frame.f_code.co_filename == persist.__file__:
                         raise KeyboardInterrupt
                     frame = frame.f_back
@@ -2941,6 +2958,7 @@ class TestInterrupts(TempDirTest):
                 except KeyboardInterrupt:
                     interrupts += 1
             signal.setitimer(signal.ITIMER_REAL, 0)
+            armed[0] = False
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
             signal.alarm(20)              # a leaked lock would hang here
             print(interrupts > 100, f(7), f(1000), f.cache_info().entries <= 201)
