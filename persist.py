@@ -1688,8 +1688,10 @@ def _write_function(value, w):
 
 def _keyer(salt):
     """key(material) -> the 32-byte key of a call, for a cache whose salt is the str salt."""
-    start = hashlib.sha256(("%ss%x:%s" % (_KEY_FORMAT, len(salt), salt))
-                           .encode("utf-8", "surrogatepass"))
+    # Each key starts a hash of its own: copying one made in advance is no faster, and on
+    # PyPy a hash object is locked while copied, so a signal handler keying a call while the
+    # code it interrupted copies it would wait for ever.
+    start = ("%ss%x:%s" % (_KEY_FORMAT, len(salt), salt)).encode("utf-8", "surrogatepass")
 
     def key(material):
         if type(material) is tuple:
@@ -1709,10 +1711,10 @@ def _keyer(salt):
                 else:
                     break
             else:
-                hasher = start.copy()
+                hasher = hashlib.sha256(start)
                 hasher.update((text + ")").encode("utf-8", "surrogatepass"))
                 return hasher.digest()
-        writer = _KeyWriter(start.copy(), set())
+        writer = _KeyWriter(hashlib.sha256(start), set())
         _write(material, writer)
         return writer.digest()
 
