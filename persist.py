@@ -2408,23 +2408,6 @@ class _Memo:
                   % (self.identity, type(exc).__name__, exc))
 
 
-def _key_error(func, args, kwargs, exc):
-    """The error for a call whose key could not be made: exc itself if the stack was full
-    (a deep recursion of the caller's, which must pass unchanged), else a TypeError that
-    names the argument (one nested too deep is one of them).
-
-    Best effort: a caller deeper than a quarter of the recursion limit is taken to have
-    filled the stack (before Python 3.12 the limit also counts C calls, so a recursion
-    through memoize can fail at a third of it in Python frames)."""
-    if isinstance(exc, RecursionError):
-        depth, frame = 0, sys._getframe(1)
-        while frame is not None:
-            depth, frame = depth + 1, frame.f_back
-        if depth > sys.getrecursionlimit() // 4:
-            return exc
-    return _unkeyable(func, args, kwargs, exc)
-
-
 class _Memoized:
     """func through its cache: what memoize returns for a method, and what holds the
     cache_info(), cache_clear() and cache_delete() of every memoized function.
@@ -2443,8 +2426,10 @@ class _Memoized:
         material = bind(args, kwargs)        # a wrong call raises here, naming the function
         try:
             key = key_from(material)
+        except RecursionError:               # too deep to key, or the caller's own recursion
+            raise
         except Exception as exc:
-            raise _key_error(func, args, kwargs, exc) from None
+            raise _unkeyable(func, args, kwargs, exc) from None
         result = memo.get(key)
         if result is _MISSING:
             start = time.perf_counter()
@@ -2491,8 +2476,10 @@ class _Memoized:
         material = bind(args, kwargs)
         try:
             return key_from(material)
+        except RecursionError:               # too deep to key, or the caller's own recursion
+            raise
         except Exception as exc:
-            raise _key_error(func, args, kwargs, exc) from None
+            raise _unkeyable(func, args, kwargs, exc) from None
 
     def cache_info(self):
         """hits and misses in this process; entries and path of the cache on disk; unstored:
@@ -2585,8 +2572,10 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
             material = bind(args, kwargs)    # a wrong call raises here, naming the function
             try:
                 key = key_from(material)
+            except RecursionError:           # passes unchanged, in as few frames as can be
+                raise
             except Exception as exc:
-                raise _key_error(func, args, kwargs, exc) from None
+                raise _unkeyable(func, args, kwargs, exc) from None
             result = memo.get(key)
             if result is _MISSING:
                 start = time.perf_counter()
