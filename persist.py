@@ -238,13 +238,27 @@ def _create_temp(target, shown):
     directory, name = os.path.split(target)
     for _ in range(100):
         temp = os.path.join(directory, ".%s.%s.tmp" % (name[:60], os.urandom(4).hex()))
+        # A signal handler's exception (Ctrl-C, an alarm) is raised as a call returns to
+        # Python code: called from Python, os.open() would raise it after creating the file,
+        # its descriptor lost, whenever the signal came during the open() system call (a
+        # wide window: one Ctrl-C in two, measured). Called by list.extend(), from C, its
+        # descriptor is stored before that exception is raised, so both can be undone.
+        opened = []
         try:
-            return temp, os.open(temp, _O_TEMP, 0o666)   # the kernel applies the umask
+            opened.extend(map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask applies
         except FileExistsError:
             continue
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory (its directory "
                                     "does not exist; create it first)", shown) from None
+        except BaseException:
+            if opened:             # created, then interrupted: an OSError creates nothing
+                os.close(opened[0])
+                # best effort: the exception that interrupted us is what matters
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+            raise
+        return temp, opened[0]
     raise FileExistsError(errno.EEXIST, "no free temporary file name beside it", shown)
 
 

@@ -492,6 +492,38 @@ class TestAtomicFailureInBlock(TempDirTest):
         self.assertNoTemp()
 
 
+@unittest.skipUnless(hasattr(signal, "setitimer") and sys.version_info >= (3, 11),
+                     "interval timers; before 3.11 the interpreter also takes signals on "
+                     "instructions between the creation and the try, a window too narrow to "
+                     "close there")
+class TestAtomicCtrlCWhileCreatingTemp(TempDirTest):
+    """A Ctrl-C that lands during the open() of the temporary file leaves nothing behind."""
+
+    def test_no_stray_file_nor_descriptor(self):
+        out = run_python("""
+            import os, random, signal, persist
+            target = os.path.join(%r, "out")
+            signal.signal(signal.SIGALRM, signal.default_int_handler)
+            before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+            interrupted = 0
+            for i in range(400):
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, random.uniform(1e-6, 2e-4))
+                    try:
+                        persist.atomic_write(target, "x" * 100, sync=False)
+                    finally:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                except KeyboardInterrupt:
+                    interrupted += 1
+            after = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+            print(interrupted, after - before)
+        """ % self.dir)
+        interrupted, leaked = map(int, out.split())
+        self.assertGreater(interrupted, 0)       # else the test tested nothing
+        self.assertEqual(leaked, 0)
+        self.assertNoTemp()
+
+
 class TestAtomicExclusive(TempDirTest):
     def test_existing_target_fails_before_block(self):
         target = self.path / "out"
