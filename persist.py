@@ -304,6 +304,35 @@ def _existing(target, shown, follow):
     return info
 
 
+def _follow(target, shown):
+    """Where the symbolic link at target leads, resolved a link at a time, as open() does.
+
+    Only the last component is resolved here; the kernel resolves the others when the
+    temporary file is created, with its own checks. A link that another user planted in a
+    sticky directory that every user may write (/tmp) is refused, as open() refuses it
+    under Linux's fs.protected_symlinks (on by default): os.path.realpath() would follow
+    it, and as root replace whatever file that user chose, /etc/passwd included.
+    """
+    for _ in range(40):                    # the kernel's limit on links in one lookup
+        try:
+            info = os.lstat(target)
+        except FileNotFoundError:
+            return target
+        if not stat.S_ISLNK(info.st_mode):
+            return target
+        directory = os.path.dirname(target)
+        if _CHECK_WORLD_WRITABLE:
+            shared = os.stat(directory)
+            if (shared.st_mode & stat.S_IWOTH and shared.st_mode & stat.S_ISVTX
+                    and info.st_uid not in (os.geteuid(), shared.st_uid)):
+                raise PermissionError(errno.EACCES, (
+                    "a symbolic link that user %d made in %s, a directory every user may "
+                    "write: following it would replace a file of their choosing; remove the "
+                    "link, or write elsewhere" % (info.st_uid, directory)), shown)
+        target = os.path.join(directory, os.readlink(target))
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), shown)
+
+
 def _keep_owner_and_mode(fd, temp, old):
     """Give the new file at temp (open as fd) the owner, group and mode of the old one.
 
@@ -334,8 +363,8 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
         target = os.path.join(os.getcwd(), target)
     if kind == "x" and os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
-    if follow and os.path.islink(target):
-        target = os.path.realpath(target)   # as open(path, "w"): the link's target is written
+    if follow:
+        target = _follow(target, path)      # as open(path, "w"): the link's target is written
     old = _existing(target, path, follow)
     temp, fd = _create_temp(target, path)
     try:
@@ -2858,7 +2887,8 @@ def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newlin
     both; a member of the file's group keeps the group; anyone else (POSIX), and everyone on
     Windows, makes the new file their own. It is a new file: hard links to the old one, ACLs
     and extended attributes are not carried over. A symbolic link at path is followed, as
-    open() does. A device, FIFO or socket at path (or at the end of the link) is refused
+    open() does; one that another user made in a sticky directory every user may write
+    (/tmp) is refused with PermissionError, as Linux's open() refuses it. A device, FIFO or socket at path (or at the end of the link) is refused
     with PersistError, never replaced. Windows: replacing a file that another process holds
     open can fail with PermissionError.
     """

@@ -456,6 +456,42 @@ class TestAtomicSymlinkTarget(TempDirTest):
         self.assertEqual((self.path / "missing.txt").read_text(), "new")
 
 
+@unittest.skipUnless(ROOT, "root, to plant a link as another user")
+class TestAtomicLinkPlantedInSharedDirectory(TempDirTest):
+    """A link another user planted in a sticky world-writable directory is not followed."""
+
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.dir, 0o755)                 # nobody may reach the shared directory
+        self.shared = self.path / "tmp"
+        self.shared.mkdir()
+        os.chmod(self.shared, 0o1777)             # as /tmp
+        self.victim = self.path / "passwd"
+        self.victim.write_text("root:x:0:0\n")
+
+    def test_link_of_another_user_is_refused(self):
+        report = self.shared / "report.txt"
+        run_python("""
+            import os
+            os.setgid(%d)
+            os.setuid(%d)
+            os.symlink(%r, %r)
+        """ % (NOBODY, NOBODY, str(self.victim), str(report)))
+        with self.assertRaises(PermissionError) as caught:
+            persist.atomic_write(report, "the nightly report\n")
+        self.assertEqual(caught.exception.filename, report)
+        self.assertIn("user %d" % NOBODY, caught.exception.strerror)
+        self.assertEqual(self.victim.read_text(), "root:x:0:0\n")
+        self.assertNoTemp()
+
+    def test_own_link_is_followed(self):
+        link = self.shared / "mine.txt"
+        os.symlink(self.victim, link)
+        persist.atomic_write(link, "new")
+        self.assertTrue(link.is_symlink())
+        self.assertEqual(self.victim.read_text(), "new")
+
+
 class TestAtomicFailureInBlock(TempDirTest):
     def check(self, error):
         target = self.path / "out"
