@@ -2899,7 +2899,7 @@ def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newlin
 def done_dir(path, *, marker="DONE", clean=False):
     """A directory that gets its marker file only when the with-block finishes without error.
 
-    with done_dir("work/features") as d: ...   # d is the directory, a pathlib.Path
+    with done_dir("work/features") as d: ...   # d is the directory, an absolute pathlib.Path
 
     On entry the directory and its parents are created, and an old marker is removed (and
     the removal made durable) before the block runs; clean=True also empties it. Files
@@ -2943,7 +2943,7 @@ def _done_dir(directory, marker, clean):
         if clean:
             _empty(where)
             _fsync_dir(where)
-        yield directory
+        yield where                        # absolute: files written through it follow
         record = _marker_record(where, marker)
         for path in made:                  # their entries too, or a power cut may drop them
             _fsync_dir(path.parent)

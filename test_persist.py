@@ -3400,6 +3400,16 @@ class TestDoneDirRelativePathAndChdir(TempDirTest):
         self.assertTrue(persist.is_done(self.path / "stage"))
         self.assertEqual(os.listdir(self.path / "elsewhere"), [])
 
+    def test_files_written_through_d_after_chdir_land_with_the_marker(self):
+        self.addCleanup(os.chdir, os.getcwd())
+        (self.path / "elsewhere").mkdir()
+        os.chdir(self.dir)
+        with persist.done_dir("stage") as d:
+            os.chdir(self.path / "elsewhere")
+            (d / "a").write_text("1")          # d was relative: this went to elsewhere/stage
+        self.assertEqual(sorted(os.listdir(self.path / "stage")), ["DONE", "a"])
+        self.assertEqual(os.listdir(self.path / "elsewhere"), [])
+
 
 class TestDoneDirDurability(TempDirTest):
     """Every file in the directory is fsynced before the marker is written."""
