@@ -168,6 +168,7 @@ _O_TEMP = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
            | getattr(os, "O_NOINHERIT", 0))
 _CHECK_WORLD_WRITABLE = os.name == "posix"   # the mode bits mean the same everywhere there
 _CAN_CHOWN = hasattr(os, "fchown")            # POSIX: a replaced file's owner can be kept
+_CHMOD_FD = os.chmod in os.supports_fd         # POSIX: fchmod()
 _CAN_FSYNC_DIR = hasattr(os, "O_DIRECTORY")   # POSIX: a directory can be opened and fsynced
 _SCANDIR_FD = os.scandir in os.supports_fd and os.open in os.supports_dir_fd   # POSIX
 _O_SUBDIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
@@ -349,7 +350,9 @@ def _keep_owner_and_mode(fd, temp, old):
                 # best effort: not root; the group, if we are in it
                 with contextlib.suppress(PermissionError):
                     os.fchown(fd, -1, old.st_gid)
-    os.chmod(temp, stat.S_IMODE(old.st_mode))
+    # By descriptor where possible: in a directory others may write, the name temp could be
+    # a link to /etc/shadow by now, and chmod() would follow it.
+    os.chmod(fd if _CHMOD_FD else temp, stat.S_IMODE(old.st_mode))
 
 
 @contextlib.contextmanager

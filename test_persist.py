@@ -328,6 +328,33 @@ class TestAtomicKeepsOwnerAsRoot(TempDirTest):
         self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o2755)
 
 
+@unittest.skipUnless(ROOT, "root, to give files to another user")
+class TestAtomicTempSwappedForALink(TempDirTest):
+    """In a directory others may write, the temporary file's name may become a link."""
+
+    def test_mode_is_not_set_through_the_link(self):
+        victim = self.path / "shadow"
+        victim.write_text("secret")
+        os.chmod(victim, 0o600)
+        team = self.path / "team"
+        team.mkdir()
+        target = team / "theirs"
+        target.write_text("old")
+        os.chown(target, NOBODY, NOBODY)
+        os.chmod(target, 0o666)
+        real_fchown = os.fchown
+
+        def swap_then_fchown(fd, uid, gid):     # what a member of the team could do meanwhile
+            temp, = [name for name in os.listdir(team) if name.endswith(".tmp")]
+            os.unlink(team / temp)
+            os.symlink(victim, team / temp)
+            return real_fchown(fd, uid, gid)
+
+        with mock.patch("os.fchown", swap_then_fchown):
+            persist.atomic_write(target, "new")
+        self.assertEqual(stat.S_IMODE(os.stat(victim).st_mode), 0o600)
+
+
 @unittest.skipUnless(ROOT and hasattr(os, "setgroups"), "root, to act as a group member")
 class TestAtomicKeepsGroupAsMember(TempDirTest):
     TEAM = 54321                              # a group nobody is made a member of
