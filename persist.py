@@ -2196,6 +2196,13 @@ def _make_cache_dir(directory):
     """Create directory with a .gitignore of '*', so a cache never lands in a commit."""
     if os.path.isdir(directory):
         return
+    # Checked before anything is made: a cache refused in another user's directory (root in a
+    # container, in a mounted project) must not leave a root-owned directory there, which
+    # would break that user's own cache for good.
+    existing = directory
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    _check_private(existing, "the cache's directory")
     os.makedirs(directory, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         with _atomic_open(os.path.join(directory, ".gitignore"), "x", sync=False,

@@ -355,6 +355,25 @@ class TestAtomicTempSwappedForALink(TempDirTest):
         self.assertEqual(stat.S_IMODE(os.stat(victim).st_mode), 0o600)
 
 
+@unittest.skipUnless(ROOT, "root, to give a directory to another user")
+class TestRefusedCacheLeavesNothing(TempDirTest):
+    """Root refused in a project another user owns (a mounted directory) creates nothing there."""
+
+    def test_no_cache_directory_is_made(self):
+        project = self.path / "app"
+        project.mkdir()
+        os.chown(project, NOBODY, NOBODY)
+
+        @persist.memoize(cache_dir=project / ".persist", name="f")
+        def f(x):
+            return x
+
+        with self.assertRaisesRegex(persist.PersistError, "owned by user %d" % NOBODY) as caught:
+            f(1)
+        self.assertEqual(caught.exception.filename, str(project))
+        self.assertEqual(os.listdir(project), [])   # else its owner's own runs cannot cache
+
+
 @unittest.skipUnless(ROOT and hasattr(os, "setgroups"), "root, to act as a group member")
 class TestAtomicKeepsGroupAsMember(TempDirTest):
     TEAM = 54321                              # a group nobody is made a member of
