@@ -142,7 +142,7 @@ _NOT_OURS = ("owned by user {uid}, who could put pickles of their own in {what},
 _SWAPPABLE = ("every user may write this directory, on the way to {what}: anyone could "
               "replace what lies in it, with pickles that run their code; chmod o-w it (or "
               "+t, as /tmp), or use another place")
-_BUSY_DIR = ("{path} is being filled by another done_dir() right now (in this or another "
+_BUSY_DIR = ("being filled by another done_dir() right now (in this or another "
              "process); let that one finish, or give each stage its own directory")
 
 # -- the error and warning classes
@@ -2779,7 +2779,7 @@ def _dir_lock(directory):
         try:
             _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
         except BlockingIOError:
-            raise PersistError(errno.EBUSY, _BUSY_DIR.format(path=directory),
+            raise PersistError(errno.EBUSY, _BUSY_DIR,
                                os.fspath(directory)) from None
         yield
     finally:

@@ -3435,6 +3435,18 @@ class TestDoneDirWhileFilesComeAndGo(TempDirTest):
         self.finish_while_removing(self.path / "out" / "scratch", shutil.rmtree)
 
 
+@unittest.skipUnless(POSIX, "done_dir() detects a second one on POSIX")
+class TestDoneDirBusyMessage(TempDirTest):
+    def test_message_names_the_directory_once(self):
+        with persist.done_dir(self.path / "stage") as d:
+            with self.assertRaises(persist.PersistError) as caught:
+                with persist.done_dir(d):
+                    pass
+        message = str(caught.exception)
+        self.assertEqual(message.count(str(d)), 1, message)
+        self.assertIn("another done_dir()", message)
+
+
 class TestDoneDirRelativePathAndChdir(TempDirTest):
     def test_marker_goes_to_the_directory_given_at_entry(self):
         self.addCleanup(os.chdir, os.getcwd())
