@@ -145,7 +145,7 @@ _NOT_OURS = ("owned by user {uid}, who could put pickles of their own in {what},
 _SWAPPABLE = ("every user may write this directory, on the way to {what}: anyone could "
               "replace what lies in it, with pickles that run their code; chmod o-w it (or "
               "+t, as /tmp), or use another place")
-_BUSY_DIR = ("{path} is being filled by another done_dir() right now (in this or another "
+_BUSY_DIR = ("being filled by another done_dir() right now (in this or another "
              "process); let that one finish, or give each stage its own directory")
 
 # -- the error and warning classes
@@ -171,6 +171,7 @@ _O_TEMP = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
            | getattr(os, "O_NOINHERIT", 0))
 _CHECK_WORLD_WRITABLE = os.name == "posix"   # the mode bits mean the same everywhere there
 _CAN_CHOWN = hasattr(os, "fchown")            # POSIX: a replaced file's owner can be kept
+_CHMOD_FD = os.chmod in os.supports_fd         # POSIX: fchmod()
 _CAN_FSYNC_DIR = hasattr(os, "O_DIRECTORY")   # POSIX: a directory can be opened and fsynced
 _SCANDIR_FD = os.scandir in os.supports_fd and os.open in os.supports_dir_fd   # POSIX
 _O_SUBDIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
@@ -241,13 +242,27 @@ def _create_temp(target, shown):
     directory, name = os.path.split(target)
     for _ in range(100):
         temp = os.path.join(directory, ".%s.%s.tmp" % (name[:60], os.urandom(4).hex()))
+        # A signal handler's exception (Ctrl-C, an alarm) is raised as a call returns to
+        # Python code: called from Python, os.open() would raise it after creating the file,
+        # its descriptor lost, whenever the signal came during the open() system call (a
+        # wide window: one Ctrl-C in two, measured). Called by list.extend(), from C, its
+        # descriptor is stored before that exception is raised, so both can be undone.
+        opened = []
         try:
-            return temp, os.open(temp, _O_TEMP, 0o666)   # the kernel applies the umask
+            opened.extend(map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask applies
         except FileExistsError:
             continue
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory (its directory "
                                     "does not exist; create it first)", shown) from None
+        except BaseException:
+            if opened:             # created, then interrupted: an OSError creates nothing
+                os.close(opened[0])
+                # best effort: the exception that interrupted us is what matters
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+            raise
+        return temp, opened[0]
     raise FileExistsError(errno.EEXIST, "no free temporary file name beside it", shown)
 
 
@@ -293,6 +308,35 @@ def _existing(target, shown, follow):
     return info
 
 
+def _follow(target, shown):
+    """Where the symbolic link at target leads, resolved a link at a time, as open() does.
+
+    Only the last component is resolved here; the kernel resolves the others when the
+    temporary file is created, with its own checks. A link that another user planted in a
+    sticky directory that every user may write (/tmp) is refused, as open() refuses it
+    under Linux's fs.protected_symlinks (on by default): os.path.realpath() would follow
+    it, and as root replace whatever file that user chose, /etc/passwd included.
+    """
+    for _ in range(40):                    # the kernel's limit on links in one lookup
+        try:
+            info = os.lstat(target)
+        except FileNotFoundError:
+            return target
+        if not stat.S_ISLNK(info.st_mode):
+            return target
+        directory = os.path.dirname(target)
+        if _CHECK_WORLD_WRITABLE:
+            shared = os.stat(directory)
+            if (shared.st_mode & stat.S_IWOTH and shared.st_mode & stat.S_ISVTX
+                    and info.st_uid not in (os.geteuid(), shared.st_uid)):
+                raise PermissionError(errno.EACCES, (
+                    "a symbolic link that user %d made in %s, a directory every user may "
+                    "write: following it would replace a file of their choosing; remove the "
+                    "link, or write elsewhere" % (info.st_uid, directory)), shown)
+        target = os.path.join(directory, os.readlink(target))
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), shown)
+
+
 def _keep_owner_and_mode(fd, temp, old):
     """Give the new file at temp (open as fd) the owner, group and mode of the old one.
 
@@ -309,7 +353,9 @@ def _keep_owner_and_mode(fd, temp, old):
                 # best effort: not root; the group, if we are in it
                 with contextlib.suppress(PermissionError):
                     os.fchown(fd, -1, old.st_gid)
-    os.chmod(temp, stat.S_IMODE(old.st_mode))
+    # By descriptor where possible: in a directory others may write, the name temp could be
+    # a link to /etc/shadow by now, and chmod() would follow it.
+    os.chmod(fd if _CHMOD_FD else temp, stat.S_IMODE(old.st_mode))
 
 
 @contextlib.contextmanager
@@ -323,8 +369,8 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
         target = os.path.join(os.getcwd(), target)
     if kind == "x" and os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
-    if follow and os.path.islink(target):
-        target = os.path.realpath(target)   # as open(path, "w"): the link's target is written
+    if follow:
+        target = _follow(target, path)      # as open(path, "w"): the link's target is written
     old = _existing(target, path, follow)
     temp, fd = _create_temp(target, path)
     try:
@@ -2186,6 +2232,13 @@ def _make_cache_dir(directory):
     """Create directory with a .gitignore of '*', so a cache never lands in a commit."""
     if os.path.isdir(directory):
         return
+    # Checked before anything is made: a cache refused in another user's directory (root in a
+    # container, in a mounted project) must not leave a root-owned directory there, which
+    # would break that user's own cache for good.
+    existing = directory
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    _check_private(existing, "the cache's directory")
     os.makedirs(directory, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         with _atomic_open(os.path.join(directory, ".gitignore"), "x", sync=False,
@@ -2753,7 +2806,7 @@ def _dir_lock(directory):
         try:
             _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
         except BlockingIOError:
-            raise PersistError(errno.EBUSY, _BUSY_DIR.format(path=directory),
+            raise PersistError(errno.EBUSY, _BUSY_DIR,
                                os.fspath(directory)) from None
         yield
     finally:
@@ -2871,7 +2924,8 @@ def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newlin
     both; a member of the file's group keeps the group; anyone else (POSIX), and everyone on
     Windows, makes the new file their own. It is a new file: hard links to the old one, ACLs
     and extended attributes are not carried over. A symbolic link at path is followed, as
-    open() does. A device, FIFO or socket at path (or at the end of the link) is refused
+    open() does; one that another user made in a sticky directory every user may write
+    (/tmp) is refused with PermissionError, as Linux's open() refuses it. A device, FIFO or socket at path (or at the end of the link) is refused
     with PersistError, never replaced. Windows: replacing a file that another process holds
     open can fail with PermissionError.
     """
@@ -2882,7 +2936,7 @@ def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newlin
 def done_dir(path, *, marker="DONE", clean=False):
     """A directory that gets its marker file only when the with-block finishes without error.
 
-    with done_dir("work/features") as d: ...   # d is the directory, a pathlib.Path
+    with done_dir("work/features") as d: ...   # d is the directory, an absolute pathlib.Path
 
     On entry the directory and its parents are created, and an old marker is removed (and
     the removal made durable) before the block runs; clean=True also empties it. Files
@@ -2926,7 +2980,7 @@ def _done_dir(directory, marker, clean):
         if clean:
             _empty(where)
             _fsync_dir(where)
-        yield directory
+        yield where                        # absolute: files written through it follow
         record = _marker_record(where, marker)
         for path in made:                  # their entries too, or a power cut may drop them
             _fsync_dir(path.parent)

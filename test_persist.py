@@ -328,6 +328,52 @@ class TestAtomicKeepsOwnerAsRoot(TempDirTest):
         self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o2755)
 
 
+@unittest.skipUnless(ROOT, "root, to give files to another user")
+class TestAtomicTempSwappedForALink(TempDirTest):
+    """In a directory others may write, the temporary file's name may become a link."""
+
+    def test_mode_is_not_set_through_the_link(self):
+        victim = self.path / "shadow"
+        victim.write_text("secret")
+        os.chmod(victim, 0o600)
+        team = self.path / "team"
+        team.mkdir()
+        target = team / "theirs"
+        target.write_text("old")
+        os.chown(target, NOBODY, NOBODY)
+        os.chmod(target, 0o666)
+        real_fchown = os.fchown
+
+        def swap_then_fchown(fd, uid, gid):     # what a member of the team could do meanwhile
+            temp, = [name for name in os.listdir(team) if name.endswith(".tmp")]
+            os.unlink(team / temp)
+            os.symlink(victim, team / temp)
+            return real_fchown(fd, uid, gid)
+
+        with mock.patch("os.fchown", swap_then_fchown):
+            persist.atomic_write(target, "new")
+        self.assertEqual(stat.S_IMODE(os.stat(victim).st_mode), 0o600)
+
+
+@unittest.skipUnless(ROOT, "root, to give a directory to another user")
+class TestRefusedCacheLeavesNothing(TempDirTest):
+    """Root refused in a project another user owns (a mounted directory) creates nothing there."""
+
+    def test_no_cache_directory_is_made(self):
+        project = self.path / "app"
+        project.mkdir()
+        os.chown(project, NOBODY, NOBODY)
+
+        @persist.memoize(cache_dir=project / ".persist", name="f")
+        def f(x):
+            return x
+
+        with self.assertRaisesRegex(persist.PersistError, "owned by user %d" % NOBODY) as caught:
+            f(1)
+        self.assertEqual(caught.exception.filename, str(project))
+        self.assertEqual(os.listdir(project), [])   # else its owner's own runs cannot cache
+
+
 @unittest.skipUnless(ROOT and hasattr(os, "setgroups"), "root, to act as a group member")
 class TestAtomicKeepsGroupAsMember(TempDirTest):
     TEAM = 54321                              # a group nobody is made a member of
@@ -456,6 +502,42 @@ class TestAtomicSymlinkTarget(TempDirTest):
         self.assertEqual((self.path / "missing.txt").read_text(), "new")
 
 
+@unittest.skipUnless(ROOT, "root, to plant a link as another user")
+class TestAtomicLinkPlantedInSharedDirectory(TempDirTest):
+    """A link another user planted in a sticky world-writable directory is not followed."""
+
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.dir, 0o755)                 # nobody may reach the shared directory
+        self.shared = self.path / "tmp"
+        self.shared.mkdir()
+        os.chmod(self.shared, 0o1777)             # as /tmp
+        self.victim = self.path / "passwd"
+        self.victim.write_text("root:x:0:0\n")
+
+    def test_link_of_another_user_is_refused(self):
+        report = self.shared / "report.txt"
+        run_python("""
+            import os
+            os.setgid(%d)
+            os.setuid(%d)
+            os.symlink(%r, %r)
+        """ % (NOBODY, NOBODY, str(self.victim), str(report)))
+        with self.assertRaises(PermissionError) as caught:
+            persist.atomic_write(report, "the nightly report\n")
+        self.assertEqual(caught.exception.filename, report)
+        self.assertIn("user %d" % NOBODY, caught.exception.strerror)
+        self.assertEqual(self.victim.read_text(), "root:x:0:0\n")
+        self.assertNoTemp()
+
+    def test_own_link_is_followed(self):
+        link = self.shared / "mine.txt"
+        os.symlink(self.victim, link)
+        persist.atomic_write(link, "new")
+        self.assertTrue(link.is_symlink())
+        self.assertEqual(self.victim.read_text(), "new")
+
+
 class TestAtomicFailureInBlock(TempDirTest):
     def check(self, error):
         target = self.path / "out"
@@ -489,6 +571,38 @@ class TestAtomicFailureInBlock(TempDirTest):
             with self.assertRaises(OSError):
                 persist.atomic_write(target, "new")
         self.assertEqual(target.read_text(), "old")
+        self.assertNoTemp()
+
+
+@unittest.skipUnless(hasattr(signal, "setitimer") and sys.version_info >= (3, 11),
+                     "interval timers; before 3.11 the interpreter also takes signals on "
+                     "instructions between the creation and the try, a window too narrow to "
+                     "close there")
+class TestAtomicCtrlCWhileCreatingTemp(TempDirTest):
+    """A Ctrl-C that lands during the open() of the temporary file leaves nothing behind."""
+
+    def test_no_stray_file_nor_descriptor(self):
+        out = run_python("""
+            import os, random, signal, persist
+            target = os.path.join(%r, "out")
+            signal.signal(signal.SIGALRM, signal.default_int_handler)
+            before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+            interrupted = 0
+            for i in range(400):
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, random.uniform(1e-6, 2e-4))
+                    try:
+                        persist.atomic_write(target, "x" * 100, sync=False)
+                    finally:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                except KeyboardInterrupt:
+                    interrupted += 1
+            after = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+            print(interrupted, after - before)
+        """ % self.dir)
+        interrupted, leaked = map(int, out.split())
+        self.assertGreater(interrupted, 0)       # else the test tested nothing
+        self.assertEqual(leaked, 0)
         self.assertNoTemp()
 
 
@@ -3385,6 +3499,18 @@ class TestDoneDirWhileFilesComeAndGo(TempDirTest):
         self.finish_while_removing(self.path / "out" / "scratch", shutil.rmtree)
 
 
+@unittest.skipUnless(POSIX, "done_dir() detects a second one on POSIX")
+class TestDoneDirBusyMessage(TempDirTest):
+    def test_message_names_the_directory_once(self):
+        with persist.done_dir(self.path / "stage") as d:
+            with self.assertRaises(persist.PersistError) as caught:
+                with persist.done_dir(d):
+                    pass
+        message = str(caught.exception)
+        self.assertEqual(message.count(str(d)), 1, message)
+        self.assertIn("another done_dir()", message)
+
+
 class TestDoneDirRelativePathAndChdir(TempDirTest):
     def test_marker_goes_to_the_directory_given_at_entry(self):
         self.addCleanup(os.chdir, os.getcwd())
@@ -3394,6 +3520,16 @@ class TestDoneDirRelativePathAndChdir(TempDirTest):
             (d / "a").write_text("1")
             os.chdir(self.path / "elsewhere")
         self.assertTrue(persist.is_done(self.path / "stage"))
+        self.assertEqual(os.listdir(self.path / "elsewhere"), [])
+
+    def test_files_written_through_d_after_chdir_land_with_the_marker(self):
+        self.addCleanup(os.chdir, os.getcwd())
+        (self.path / "elsewhere").mkdir()
+        os.chdir(self.dir)
+        with persist.done_dir("stage") as d:
+            os.chdir(self.path / "elsewhere")
+            (d / "a").write_text("1")          # d was relative: this went to elsewhere/stage
+        self.assertEqual(sorted(os.listdir(self.path / "stage")), ["DONE", "a"])
         self.assertEqual(os.listdir(self.path / "elsewhere"), [])
 
 
