@@ -305,7 +305,18 @@ def _existing(target, shown, follow):
         raise PersistError(errno.EINVAL, "%s, not a regular file: atomic_write() and "
                            "atomic_open() replace only regular files; write to it with "
                            "open(), or give another path" % _kind(info.st_mode), shown)
+    if stat.S_ISREG(info.st_mode) and not _may_write(target):
+        # open(path, "w") would refuse: a read-only file stays, as it would
+        raise PermissionError(errno.EACCES, "Permission denied (the file is read-only to "
+                              "you; make it writable first if you mean to replace it)", shown)
     return info
+
+
+def _may_write(path):
+    """Whether open(path, "w") would be allowed, by the permissions of whoever runs us."""
+    if os.access in os.supports_effective_ids:
+        return os.access(path, os.W_OK, effective_ids=True)
+    return os.access(path, os.W_OK)
 
 
 def _follow(target, shown):
@@ -713,6 +724,14 @@ class _Values:
         """A new value file, locked against sweep() until closed: (name, binary file)."""
         with contextlib.suppress(FileExistsError):
             os.mkdir(self.directory)
+        # Checked at each use, not only when the cache was opened: in a shared directory
+        # such as /tmp another user may make it meanwhile, then swap our pickles for theirs.
+        info = os.lstat(self.directory)
+        if not stat.S_ISDIR(info.st_mode):
+            raise PersistError(errno.ELOOP, _LINK, self.directory)
+        if _CHECK_WORLD_WRITABLE and (info.st_uid not in (0, os.geteuid()) or
+                                      info.st_mode & stat.S_IWOTH):
+            raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.directory)
         while True:
             name = os.urandom(16).hex()
             fd = os.open(self.path(name), _O_TEMP, 0o666)
