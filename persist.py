@@ -971,7 +971,11 @@ class _Store:
             row = (key, spill.inline(), spill.name, time.time(), seconds, version, args)
             old = self.conn.transaction(_replace, row)
         except BaseException:
-            spill.discard()
+            # A signal (Ctrl-C) that arrives while COMMIT runs is raised just after it: the
+            # row may name the file already. Remove it only if no row does; if even that
+            # check fails, the file stays for sweep().
+            if spill.name is not None and not self._named([spill.name]):
+                spill.discard()
             raise
         finally:
             spill.close()
@@ -1041,16 +1045,18 @@ class _Store:
         self._give_back()
         return len(rows), size
 
+    def _named(self, names):
+        """The value file names among names that a row names."""
+        found = set()
+        for start in range(0, len(names), 500):     # SQLite's limit on parameters
+            part = names[start:start + 500]
+            found.update(name for name, in self.conn.run(
+                _fetch, _NAMED % ",".join("?" * len(part)), part))
+        return found
+
     def sweep(self):
         """Remove value files that a killed process left; give back space a killed prune kept."""
-        def named(names):
-            found = set()
-            for start in range(0, len(names), 500):     # SQLite's limit on parameters
-                part = names[start:start + 500]
-                found.update(name for name, in self.conn.run(
-                    _fetch, _NAMED % ",".join("?" * len(part)), part))
-            return found
-        self.values.sweep(named)
+        self.values.sweep(self._named)
         (free,), = self.conn.run(_fetch, "PRAGMA freelist_count")
         (total,), = self.conn.run(_fetch, "PRAGMA page_count")
         if free * 4 > total and free > 64:      # a killed prune() or clear() kept them

@@ -3102,6 +3102,46 @@ class TestInterrupts(TempDirTest):
         self.assertEqual(out, "True True\n")
 
 
+class TestInterruptJustAfterCommit(TempDirTest):
+    """Ctrl-C that arrives while COMMIT runs is raised as COMMIT returns: the stored row
+    must keep its value file."""
+
+    def test_large_value_stays_readable(self):
+        cache = self.path / "shelf.db"
+        real = persist._transaction
+
+        def commit_then_interrupt(conn, work, args):
+            result = real(conn, work, args)
+            raise KeyboardInterrupt           # as from a signal handler, after COMMIT
+        big = b"x" * (persist._INLINE_LIMIT + 1)
+        with persist.open(cache) as db:
+            persist._transaction = commit_then_interrupt
+            try:
+                with self.assertRaises(KeyboardInterrupt):
+                    db["k"] = big
+            finally:
+                persist._transaction = real
+            self.assertEqual(db["k"], big)
+        on_disk, named = value_files(cache)
+        self.assertEqual((len(on_disk), on_disk), (1, named))
+
+    def test_value_that_was_not_stored_leaves_no_file(self):
+        cache = self.path / "shelf.db"
+        real = persist._transaction
+
+        def interrupt(conn, work, args):
+            raise KeyboardInterrupt           # before BEGIN: nothing is stored
+        with persist.open(cache) as db:
+            persist._transaction = interrupt
+            try:
+                with self.assertRaises(KeyboardInterrupt):
+                    db["k"] = b"x" * (persist._INLINE_LIMIT + 1)
+            finally:
+                persist._transaction = real
+            self.assertNotIn("k", db)
+        self.assertEqual(value_files(cache), (set(), set()))
+
+
 @unittest.skipUnless(POSIX, "SIGKILL")
 class TestKilledLeavesNothingForGood(TempDirTest):
     def test_killed_while_writing_a_large_value(self):
