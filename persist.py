@@ -488,11 +488,13 @@ class _Connection:
 
     def __init__(self, path, mode):
         self.path = path
-        self.mode = mode                  # "ro" or "rw"
+        self.mode = mode                  # "ro", "rw", or "query" (rw, where only reads run)
         self._lock = _thread.RLock()
-        self._depth = 0                   # > 0 while this thread is inside run()
+        self._depth = 0                   # 1 while this thread is inside run()
         self._conn = None
+        self._frozen = None               # see _open_read_only()
         self._copy = None                 # the private copy _open_read_only() made, if any
+        self._unusable = None             # why a forked child may not use it (see fork)
         _CONNECTIONS.add(self)
 
     def run(self, work, *args):
@@ -502,40 +504,47 @@ class _Connection:
                 return self._run_aside(work, args)
             self._depth = 1
             try:
-                conn = self._conn
-                if conn is None:
-                    conn = self._connect()
-                elif conn.in_transaction:   # left open by a call an exception interrupted
-                    conn.execute("ROLLBACK")
+                conn = self._ready()
+                if self._frozen is not None:
+                    return self._run_frozen(work, args)
                 return work(conn, *args)
             except sqlite3.Error as exc:
-                raise self.error(exc) from None
+                raise _sqlite_error(exc, self.path) from None
             finally:
                 self._depth = 0
 
     def query(self, sql, params=()):
-        """The rows of one statement: run(_fetch, sql, params), a little faster (every
+        """The rows of one statement: run(_fetch, sql, params), without a call (every
         hit's path)."""
         with self._lock:
             if self._depth:
                 return self._run_aside(_fetch, (sql, params))
             self._depth = 1
             try:
-                conn = self._conn
-                if conn is None:
-                    conn = self._connect()
-                elif conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                conn = self._ready()
+                if self._frozen is not None:
+                    return self._run_frozen(_fetch, (sql, params))
                 # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
                 return conn.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
-                raise self.error(exc) from None
+                raise _sqlite_error(exc, self.path) from None
             finally:
                 self._depth = 0
 
     def transaction(self, work, *args):
         """run() work inside BEGIN IMMEDIATE ... COMMIT: all of it is stored, or none."""
         return self.run(_transaction, work, args)
+
+    def _ready(self):
+        """The connection, opened if need be, with no transaction left open."""
+        conn = self._conn
+        if conn is None:
+            if self._unusable:
+                raise OSError(errno.EBUSY, self._unusable, self.path)
+            conn = self._connect()
+        elif conn.in_transaction:         # left open by a call an exception interrupted
+            conn.execute("ROLLBACK")
+        return conn
 
     def _run_aside(self, work, args):
         # A write waiting for the lock that the interrupted transaction holds would wait
@@ -547,11 +556,12 @@ class _Connection:
             return work(conn, *args)
         except sqlite3.OperationalError as exc:
             if interrupted and "locked" in str(exc):
-                raise OSError(errno.EBUSY, "a signal handler cannot write to the cache while "
-                              "the code it interrupted is writing to it", self.path) from None
-            raise self.error(exc) from None
+                raise _HandlerBusy(errno.EBUSY, "a signal handler cannot write to the cache "
+                                   "while the code it interrupted is writing to it",
+                                   self.path) from None
+            raise _sqlite_error(exc, self.path) from None
         except sqlite3.Error as exc:
-            raise self.error(exc) from None
+            raise _sqlite_error(exc, self.path) from None
         finally:
             if conn is not None:
                 conn.close()
@@ -567,11 +577,27 @@ class _Connection:
         return self._conn
 
     def _open_read_only(self):
-        """A connection to a cache in a directory we may not write: there, nobody but root
-        can change it. Without a -wal file it is read as immutable; with one (left by a
-        crash) from a private copy, as SQLite cannot read that log without a -shm file."""
-        if _size(self.path + "-wal") == 0:
-            return self._open("ro&immutable=1", _BUSY_TIMEOUT)
+        """A connection to a cache in a directory we may not write, where SQLite cannot make
+        the -shm file it needs: the file read as immutable, or, when a -wal file is there
+        (left by a crash, or its owner is writing), a private copy of both.
+
+        Either is right only while nobody writes the cache, so _run_frozen() compares the
+        files before and after each use, and opens it again when they changed.
+        """
+        for _ in range(20):
+            before = self._file_state()
+            if before[3] == 0:            # no log: the file alone
+                conn = self._open("ro&immutable=1", _BUSY_TIMEOUT)
+            else:
+                conn = self._open_copy()
+            if self._file_state() == before:
+                self._frozen = before
+                return conn
+            conn.close()
+            self._drop_copy()
+        raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
+
+    def _open_copy(self):
         import shutil
         import tempfile
         copy = tempfile.mkdtemp(prefix="persist-")
@@ -588,13 +614,34 @@ class _Connection:
         self._copy = copy
         return conn
 
+    def _file_state(self):
+        """What changes when someone writes the cache: the file (inode, size, time), its log."""
+        info = os.stat(self.path)
+        return info.st_ino, info.st_size, info.st_mtime_ns, _size(self.path + "-wal")
+
+    def _run_frozen(self, work, args):
+        for _ in range(20):
+            if self._file_state() != self._frozen:      # written since: read it anew
+                self._close_conn()
+                conn = self._connect()
+                if self._frozen is None:                # now it can be read as usual
+                    return work(conn, *args)
+                continue
+            result = work(self._conn, *args)
+            if self._file_state() == self._frozen:
+                return result
+        raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
+
     def _open(self, mode, timeout):
-        conn = sqlite3.connect(_uri(self.path, mode), uri=True, timeout=timeout,
+        uri_mode = "rw" if mode == "query" else mode
+        conn = sqlite3.connect(_uri(self.path, uri_mode), uri=True, timeout=timeout,
                                isolation_level=None, check_same_thread=False)
         try:
             self._check(conn)
-            for pragma in _PRAGMAS if mode == "rw" else _PRAGMAS[1:]:
+            for pragma in _PRAGMAS if uri_mode == "rw" else _PRAGMAS[1:]:
                 conn.execute(pragma).fetchall()
+            if mode == "query":           # only reads, yet closed as a writer: no -wal left
+                conn.execute("PRAGMA query_only=ON")
         except BaseException:
             conn.close()
             raise
@@ -613,33 +660,47 @@ class _Connection:
             raise PersistError(errno.EINVAL, message.format(found=found, ours=_FORMAT),
                                self.path)
 
-    def error(self, exc):
-        """The one place that turns an sqlite3 error into persist's, naming the file."""
-        text = str(exc)
-        if isinstance(exc, sqlite3.OperationalError):
-            if "readonly" in text or "read-only" in text:
-                return PermissionError(errno.EACCES, "cannot write the cache (%s)" % text,
-                                       self.path)
-            if "full" in text:
-                return OSError(errno.ENOSPC, "cannot write the cache (%s)" % text, self.path)
-            if "locked" in text or "busy" in text:
-                return OSError(errno.EBUSY, "the cache stayed locked by another process "
-                               "(%s)" % text, self.path)
-            if "unable to open" in text:
-                return OSError(errno.EIO, "cannot open the cache (%s)" % text, self.path)
-            return OSError(errno.EIO, "cache file error (%s)" % text, self.path)
-        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=text), self.path)
+    def _close_conn(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._frozen = None
+        self._drop_copy()
+
+    def _drop_copy(self):
+        if self._copy is not None:
+            import shutil
+            shutil.rmtree(self._copy, ignore_errors=True)
+            self._copy = None
 
     def close(self):
         with self._lock:
             _CONNECTIONS.discard(self)
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-            if self._copy is not None:
-                import shutil
-                shutil.rmtree(self._copy, ignore_errors=True)
-                self._copy = None
+            self._close_conn()
+
+
+class _HandlerBusy(OSError):
+    """A signal handler's write that would wait for the transaction it interrupted."""
+
+
+def _sqlite_error(exc, path):
+    """The one place that turns an sqlite3 error into persist's, naming the file."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError):
+        if "readonly" in text or "read-only" in text:
+            return PermissionError(errno.EACCES, "cannot write the cache (%s)" % text, path)
+        if "full" in text:
+            return OSError(errno.ENOSPC, "cannot write the cache (%s)" % text, path)
+        if "locked" in text or "busy" in text:
+            return OSError(errno.EBUSY, "the cache stayed locked by another process (%s)"
+                           % text, path)
+        if "unable to open" in text:
+            return OSError(errno.EIO, "cannot open the cache (%s)" % text, path)
+        return OSError(errno.EIO, "cache file error (%s)" % text, path)
+    if isinstance(exc, sqlite3.DatabaseError) and (
+            "not a database" in text or "malformed" in text or "encrypted" in text):
+        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=text), path)
+    return OSError(errno.EIO, "cache file error (%s: %s)" % (type(exc).__name__, text), path)
 
 
 def _transaction(conn, work, args):
@@ -664,13 +725,21 @@ def _before_fork():
         for conn in new:
             conn._lock.acquire()
             _FORKING.append(conn)
-            if conn._conn is not None:
-                conn._conn.close()
-                conn._conn = None
+            if conn._depth:
+                # Our own thread is inside it: a signal handler forks. The connection
+                # stays open for the code it interrupted; the child may not use this cache
+                # if a transaction was open (SQLite's records there say it is locked).
+                if conn._conn is not None and conn._conn.in_transaction:
+                    conn._unusable = ("this process was forked (from a signal handler) "
+                                      "while its parent was writing this cache: use it in "
+                                      "the parent, or fork elsewhere")
+            else:
+                conn._close_conn()
 
 
 def _after_fork_in_parent():
     for conn in _FORKING:
+        conn._unusable = None
         conn._lock.release()
     del _FORKING[:]
 
@@ -682,8 +751,9 @@ def _after_fork_in_child():
     for conn in list(_CONNECTIONS):
         conn._lock = _thread.RLock()      # whoever held the old one is not in this process
         conn._depth = 0
-        if conn._conn is not None:        # opened by another thread while fork() was under way
-            _ABANDONED.append(conn._conn)
+        conn._frozen = conn._copy = None  # a private copy is the parent's to remove
+        if conn._conn is not None:        # opened by another thread while fork() was under
+            _ABANDONED.append(conn._conn)  # way, or in use by the code a handler interrupted
             conn._conn = None
 
 
@@ -835,7 +905,10 @@ class _Store:
         self._check_path()
         if flag in "cn" and not os.path.exists(self.path):
             self._create()
-        self.conn = _Connection(self.path, _FLAGS[flag])
+        mode = _FLAGS[flag]
+        if mode == "ro" and _may_write(self.path) and _may_write(os.path.dirname(self.path)):
+            mode = "query"      # reads only, but closes as a writer: no -wal or -shm left
+        self.conn = _Connection(self.path, mode)
         try:
             self.conn.run(_fetch, "SELECT 1")     # open now: a bad file fails here
         except BaseException:
@@ -876,7 +949,12 @@ class _Store:
         would replay that old log into the new file, and deleted results would come back.
         Nobody can open the new file before they are gone: opening waits for the lock.
         """
-        temp, fd = _create_temp(self.path, self.path)
+        directory = os.path.dirname(self.path)
+        try:
+            temp, fd = _create_temp(self.path, self.path)
+        except PermissionError:
+            raise PermissionError(errno.EACCES, "cannot create the cache: its directory is "
+                                  "not writable", directory) from None
         os.close(fd)
         conn = None
         try:
@@ -897,7 +975,7 @@ class _Store:
                 with contextlib.suppress(FileExistsError):
                     _rename_no_clobber(temp, self.path)
         except sqlite3.Error as exc:
-            raise OSError(errno.EIO, "cannot create the cache (%s)" % exc, self.path) from None
+            raise _sqlite_error(exc, self.path) from None
         finally:
             if conn is not None:
                 conn.close()
@@ -1055,8 +1133,18 @@ class _Store:
         return found
 
     def sweep(self):
-        """Remove value files that a killed process left; give back space a killed prune kept."""
+        """Remove value files and new caches that a killed process left half made, and give
+        back the space a killed prune() kept."""
         self.values.sweep(self._named)
+        directory, name = os.path.split(self.path)
+        prefix = "." + name[:60] + "."          # _create_temp()'s, and their -journal files
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(directory):
+                # best effort; a creation takes milliseconds, so an old one is abandoned
+                if entry.name.startswith(prefix) and ".tmp" in entry.name:
+                    with contextlib.suppress(OSError):
+                        if time.time() - entry.stat(follow_symlinks=False).st_mtime > 60:
+                            os.unlink(entry.path)
         (free,), = self.conn.run(_fetch, "PRAGMA freelist_count")
         (total,), = self.conn.run(_fetch, "PRAGMA page_count")
         if free * 4 > total and free > 64:      # a killed prune() or clear() kept them
@@ -1115,7 +1203,7 @@ class _Shelf(shelve.Shelf):
     @property
     def path(self):
         """The cache file's absolute path."""
-        return self.dict.path
+        return self._store().path
 
     def __getitem__(self, key):
         store = self._store()
@@ -2477,6 +2565,8 @@ class _Memo:
         try:
             store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args))
             _debug("stored", self.identity, key)
+        except _HandlerBusy:          # a call in a signal handler: this once, nothing to fix
+            self.unstored += 1
         except OSError as exc:
             self.unstored += 1
             self.trouble("could not store a result in", exc)
@@ -2897,7 +2987,7 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
     return _memoize(func, *options)
 
 
-def open(filename, flag="c", protocol=None):
+def open(filename, flag="c", protocol=None, writeback=False):
     """Open a persistent dictionary: shelve.open, safe for many processes and for crashes.
 
     Keys are str, values anything picklable. Every assignment is committed when it returns;
@@ -2906,6 +2996,9 @@ def open(filename, flag="c", protocol=None):
     not offered: assign a changed value back to store it. Use it as a context manager, or
     call close(). The file is SQLite: sqlite3 FILE 'SELECT key, stored FROM Dict' lists it.
     """
+    if writeback:
+        raise ValueError("persist.open() offers no writeback: a changed value is stored when "
+                         "you assign it back (db[key] = value); drop writeback=True")
     store = _Store(filename, flag)
     return _Shelf(store, protocol)
 

@@ -785,8 +785,12 @@ class TestOpenAsMapping(TempDirTest):
             self.assertIn(str(path), str(caught.exception))
 
     def test_writeback_is_not_offered(self):
-        with self.assertRaises(TypeError):
+        with self.assertRaisesRegex(ValueError, "assign it back"):
             persist.open(self.path / "x.db", writeback=True)
+        with persist.open(self.path / "x.db", writeback=False) as db:   # as shelve.open takes
+            db["k"] = 1
+        with self.assertRaises(ValueError):
+            db.path
 
     def test_protocol(self):
         with persist.open(self.path / "x.db", protocol=2) as db:
@@ -3234,6 +3238,136 @@ class TestReadOnlyCacheAfterACrash(TempDirTest):
                 print(len(db))
         """ % (str(cache), str(cache / "job.db")))
         self.assertEqual(out, "10 20\n2\n")
+
+
+@unittest.skipUnless(POSIX and hasattr(os, "setuid") and os.getuid() == 0, "root drops to nobody")
+class TestReaderWhoCannotWriteWhileTheOwnerWrites(TempDirTest):
+    """A reader in a directory it may not write reads the file as immutable: never a value of
+    another key, never 'not a persist cache', while the owner writes, deletes, shrinks."""
+
+    def test_values_are_right_or_missing(self):
+        os.chmod(self.dir, 0o755)
+        path = str(self.path / "c.db")
+        with persist.open(path) as db:
+            for i in range(50):
+                db["k%d" % i] = ("k%d" % i, 0, b"v" * (i % 3 * 150000))
+        # The reader opens first, while there is no -wal: SQLite can then only read the file
+        # as immutable. Then the owner writes.
+        reader = start_python("""
+            import os, sys, time, persist
+            import inspect, reprlib, tempfile, shutil
+            os.setgid(65534); os.setuid(65534)
+            wrong = reads = errors = 0
+            with persist.open(%r, "r") as db:
+                db.get("k0")
+                print("reading", flush=True)
+                deadline = time.monotonic() + 2
+                while time.monotonic() < deadline:
+                    for i in range(50):
+                        key = "k%%d" %% i
+                        try:
+                            value = db.get(key)
+                        except OSError as exc:      # busy for long: allowed, counted
+                            errors += 1
+                            continue
+                        reads += 1
+                        if value is not None and value[0] != key:
+                            wrong += 1
+            print(wrong, reads > 0, errors, flush=True)
+        """ % path)
+        self.assertEqual(reader.stdout.readline(), "reading\n")
+        run_python("""
+            import persist
+            with persist.open(%r) as db:
+                for n in range(1, 30):
+                    for i in range(50):
+                        key = "k%%d" %% i
+                        if (i + n) %% 7 == 0:
+                            db.pop(key, None)
+                        else:
+                            db[key] = (key, n, b"v" * ((i + n) %% 3 * 150000))
+                    db.dict._give_back()
+        """ % path)
+        out = reader.stdout.readline()
+        reader.stdin.close()
+        reader.wait()
+        reader.stdout.close()
+        self.assertEqual(out, "0 True 0\n")
+
+
+@unittest.skipUnless(hasattr(os, "fork") and hasattr(signal, "setitimer"), "fork, setitimer")
+class TestForkInASignalHandler(TempDirTest):
+    def test_parent_goes_on_and_the_child_never_hangs(self):
+        out = run_python("""
+            import os, signal, persist
+            @persist.memoize(cache_dir=%r)
+            def f(x):
+                return x * 2
+            children = []
+            def fork(signum, frame):
+                pid = os.fork()
+                if pid == 0:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    signal.alarm(10)            # a hang fails the test instead of blocking it
+                    try:
+                        f(-1)
+                    except OSError as exc:      # forked while the parent was writing
+                        os._exit(0 if "forked" in str(exc) else 2)
+                    os._exit(0)
+                children.append(pid)
+            signal.signal(signal.SIGALRM, fork)
+            signal.setitimer(signal.ITIMER_REAL, 0.003, 0.003)
+            for i in range(2000):
+                assert f(i %% 400) == i %% 400 * 2
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            codes = [os.waitpid(pid, 0)[1] for pid in children]
+            print(len(children) > 5, codes == [0] * len(children))
+        """ % self.dir, timeout=120)
+        self.assertEqual(out, "True True\n")
+
+
+class TestReadOnlyOpenLeavesNoLog(TempDirTest):
+    def test_flag_r_closes_as_a_writer_would(self):
+        path = self.path / "c.db"
+        with persist.open(path) as db:
+            db["k"] = 1
+        with persist.open(path, "r") as db:
+            self.assertEqual(db["k"], 1)
+            with self.assertRaises(PermissionError):
+                db["k"] = 2
+        self.assertEqual(sorted(os.listdir(self.dir)), ["c.db"])
+
+
+class TestCreationLeftHalfMade(TempDirTest):
+    def test_temporary_files_of_a_killed_creator_go_at_the_next_open(self):
+        path = self.path / "c.db"
+        persist.open(path).close()
+        stale = [self.path / ".c.db.0123abcd.tmp", self.path / ".c.db.0123abcd.tmp-journal"]
+        young = self.path / ".c.db.89abcdef.tmp"
+        for name in stale + [young]:
+            name.write_bytes(b"x")
+        for name in stale:
+            os.utime(name, (0, 0))              # made long ago
+        persist.open(path).close()
+        self.assertEqual(sorted(os.listdir(self.dir)), [".c.db.89abcdef.tmp", "c.db"])
+        young.unlink()
+
+
+@unittest.skipUnless(POSIX and hasattr(os, "setuid") and os.getuid() == 0, "root drops to nobody")
+class TestCreateInAReadOnlyDirectory(TempDirTest):
+    def test_the_message_names_the_directory(self):
+        os.chmod(self.dir, 0o755)
+        out = run_python("""
+            import os, persist
+            import inspect, reprlib, tempfile, shutil
+            os.setgid(65534); os.setuid(65534)
+            try:
+                persist.open(%r)
+            except PermissionError as exc:
+                print(exc.filename, "not writable" in str(exc))
+        """ % str(self.path / "c.db"))
+        self.assertEqual(out, "%s True\n" % self.dir)
+
 
 
 class TestShelfClear(TempDirTest):
