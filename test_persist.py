@@ -3308,7 +3308,7 @@ class TestForkInASignalHandler(TempDirTest):
                 pid = os.fork()
                 if pid == 0:
                     signal.setitimer(signal.ITIMER_REAL, 0)
-                    signal.alarm(10)            # a hang fails the test instead of blocking it
+                    signal.alarm(60)            # a hang fails the test instead of blocking it
                     try:
                         f(-1)
                     except OSError as exc:      # forked while the parent was writing
@@ -3316,7 +3316,7 @@ class TestForkInASignalHandler(TempDirTest):
                     os._exit(0)
                 children.append(pid)
             signal.signal(signal.SIGALRM, fork)
-            signal.setitimer(signal.ITIMER_REAL, 0.003, 0.003)
+            signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
             for i in range(2000):
                 assert f(i %% 400) == i %% 400 * 2
             signal.setitimer(signal.ITIMER_REAL, 0)
