@@ -3268,6 +3268,7 @@ def _problem(path, exc):
 def _cli_ls(options):
     directory = options.dir or _default_cache_dir()
     if os.path.isfile(directory):         # one cache, as 'show' takes it
+        _Store(directory, "r").close()     # else its error, as 'show' gives it
         paths, directory = [directory], os.path.dirname(directory) or os.curdir
     elif os.path.isdir(directory):
         paths = _caches_under(directory)
@@ -3283,7 +3284,7 @@ def _cli_ls(options):
                 count, oldest, newest, stale, stale_size = store.summary()
                 label = store.info().get("function") or os.path.basename(path)[:-3]
                 print(row % (label, count, _bytes(store.disk_usage()), _when(oldest),
-                             _when(newest), "%d (%s)" % (stale, _bytes(stale_size))
+                             _when(newest), "%d stale (%s)" % (stale, _bytes(stale_size))
                              if stale else "", where))
         except OSError as exc:            # what makes memoized calls raise: listed, marked
             print(row % ("(%s)" % _problem(path, exc), "-", _bytes(_size(path)), "-", "-",

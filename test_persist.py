@@ -3513,7 +3513,8 @@ class TestCommandLine(TempDirTest):
         self.assertEqual(done.stdout.split()[:2], ["removed", "0"])
         done = self.persist_cli("prune", db, "--older-than", "7d")
         self.assertEqual(done.stdout.split()[:2], ["removed", "0"])
-        done = self.persist_cli("prune", db, "--older-than", "0s")
+        backdate(db, 2 * 86400)
+        done = self.persist_cli("prune", db, "--older-than", "1d")
         self.assertEqual(done.stdout.split()[:2], ["removed", "5"], done.stderr)
         run_python("""
             import persist
@@ -3554,6 +3555,274 @@ class TestCommandLine(TempDirTest):
         self.assertEqual(done.returncode, 1)
         self.assertEqual([line.split(": ", 1)[1][:12] for line in done.stdout.splitlines()],
                          ["finished {\"f", "not finished", "missing"])
+
+
+def backdate(cache_file, seconds):
+    """Make every entry of a cache look stored seconds earlier, as time would."""
+    conn = sqlite3.connect(str(cache_file))
+    with conn:
+        conn.execute("UPDATE Dict SET stored = stored - ?", (seconds,))
+    conn.close()
+
+
+class CommandLineTest(TempDirTest):
+    """A cache of five entries, jobs.fetch, in DIR/cache; the command line run as a user would."""
+
+    def setUp(self):
+        super().setUp()
+        self.cache = self.path / "cache"
+        self.db = self.cache / "jobs.fetch.db"
+        self.fill(self.cache)
+
+    def fill(self, directory, count=5, size=1000):
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="jobs.fetch")
+            def fetch(url):
+                return "p" * %d
+            for i in range(%d):
+                fetch("https://example.org/%%d" %% i)
+        """ % (str(directory), size, count))
+
+    def cli(self, *args, **env):
+        return run_command([os.path.join(HERE, "persist.py")] + [str(a) for a in args],
+                           cwd=self.dir, **env)
+
+    def entries(self):
+        with persist.open(self.db, "r") as shelf:
+            return len(shelf)
+
+    def assertOneLineError(self, done, *words):
+        self.assertNotEqual(done.returncode, 0, done.stdout)
+        self.assertNotIn("Traceback", done.stderr)
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+        for word in words:
+            self.assertIn(word, done.stderr)
+
+
+class TestCommandLineAges(CommandLineTest):
+    def test_negative_nan_infinite_and_zero_ages_are_refused(self):
+        for age in ("-1d", "nan", "inf", "-inf", "0s", "1e400"):
+            done = self.cli("prune", self.db, "--older-than=" + age)
+            self.assertEqual(done.returncode, 2, age)
+            self.assertIn("positive and finite, not %r" % age, done.stderr)
+            self.assertEqual(self.entries(), 5)
+
+    def test_the_written_out_message_shows(self):
+        done = self.cli("prune", self.db, "--older-than", "5x")
+        self.assertIn("not an age: '5x' (try 90s", done.stderr)
+        self.assertNotIn("invalid", done.stderr)
+
+    def test_a_positive_age_still_prunes(self):
+        backdate(self.db, 2 * 86400)
+        done = self.cli("prune", self.db, "--older-than", "1d")
+        self.assertEqual(done.stdout.split()[:2], ["removed", "5"], done.stderr)
+        self.assertEqual(self.entries(), 0)
+
+
+class TestCommandLineDryRun(CommandLineTest):
+    def test_prune_dry_run_counts_and_keeps(self):
+        backdate(self.db, 3 * 86400)
+        done = self.cli("prune", self.db, "--older-than", "2d", "--dry-run")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, r"^would remove 5 entries \(\d.* KB\) from ")
+        self.assertEqual(self.entries(), 5)
+        done = self.cli("prune", self.db, "--older-than", "4d", "--dry-run")
+        self.assertRegex(done.stdout, r"^would remove 0 entries \(0 B\)")
+
+    def test_clear_dry_run_counts_and_keeps(self):
+        done = self.cli("clear", self.db, "--dry-run")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, r"^would remove 5 entries \(\d.* KB\) from ")
+        self.assertEqual(self.entries(), 5)
+
+
+class TestCommandLineGivesSpaceBack(CommandLineTest):
+    def test_prune_and_clear_shrink_the_file(self):
+        self.fill(self.cache, count=3000, size=200)
+        full = os.path.getsize(self.db)
+        backdate(self.db, 2 * 86400)
+        with persist.open(self.db) as shelf:      # five new entries
+            for i in range(5):
+                shelf[str(i)] = i
+        done = self.cli("prune", self.db, "--older-than", "1d")
+        self.assertEqual(done.stdout.split()[:2], ["removed", "3000"], done.stderr)
+        self.assertLess(os.path.getsize(self.db), full / 4)
+        self.assertFalse(os.path.exists(str(self.db) + "-wal"))
+        done = self.cli("clear", self.db)
+        self.assertEqual(done.stdout.split()[:2], ["removed", "5"], done.stderr)
+        self.assertEqual(self.entries(), 0)
+
+
+class TestCommandLineListsBrokenFiles(CommandLineTest):
+    def test_each_is_listed_with_its_reason(self):
+        (self.cache / "notes.db").write_text("my notes, not a database")
+        (self.cache / "empty.db").write_bytes(b"")
+        conn = sqlite3.connect(str(self.cache / "other.db"))
+        conn.execute("CREATE TABLE t (x)")
+        conn.commit()
+        conn.close()
+        with open(str(self.db), "rb") as file:
+            (self.cache / "cut.db").write_bytes(file.read(20000))
+        done = self.cli("ls", self.cache)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        rows = {line.split()[-1]: line for line in done.stdout.splitlines()[1:]}
+        self.assertEqual(sorted(rows), ["cut.db", "empty.db", "jobs.fetch.db", "notes.db",
+                                        "other.db"])
+        self.assertTrue(rows["jobs.fetch.db"].startswith("jobs.fetch "))
+        self.assertTrue(rows["notes.db"].startswith("(not SQLite) "))
+        self.assertTrue(rows["empty.db"].startswith("(empty file) "))
+        self.assertTrue(rows["other.db"].startswith("(foreign SQLite) "))
+        self.assertTrue(rows["cut.db"].startswith("(corrupt) "), rows["cut.db"])
+
+
+class TestCommandLineWhere(CommandLineTest):
+    def setUp(self):
+        super().setUp()
+        self.tree = self.path / "examples"
+        for part in ("a", "b"):
+            self.fill(self.tree / part / ".persist", count=2)
+
+    def test_ls_shows_where_each_cache_is(self):
+        done = self.cli("ls", self.tree)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        rows = [line.split() for line in done.stdout.splitlines()[1:]]
+        self.assertEqual([(row[0], row[-1]) for row in rows], [
+            ("jobs.fetch", os.path.join("a", ".persist", "jobs.fetch.db")),
+            ("jobs.fetch", os.path.join("b", ".persist", "jobs.fetch.db"))])
+
+    def test_show_takes_what_ls_printed(self):
+        where = self.cli("ls", self.tree).stdout.splitlines()[2].split()[-1]
+        done = self.cli("show", "--dir", self.tree, where)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(len(done.stdout.splitlines()), 3)
+        self.assertEqual(self.cli("show", os.path.join("examples", where)).stdout, done.stdout)
+        # the default directory: ls prints the file name, which show takes
+        os.rename(str(self.cache), str(self.path / ".persist"))
+        where = self.cli("ls").stdout.splitlines()[1].split()[-1]
+        self.assertEqual(len(self.cli("show", where).stdout.splitlines()), 6)
+        self.assertEqual(len(self.cli("show", "jobs.fetch").stdout.splitlines()), 6)
+
+    def test_dir_on_every_command_that_takes_a_name(self):
+        done = self.cli("show", "jobs.fetch", "--dir", self.cache)
+        self.assertEqual(len(done.stdout.splitlines()), 6, done.stderr)
+        done = self.cli("prune", "jobs.fetch", "--dir", self.cache, "--older-than", "1d")
+        self.assertEqual(done.stdout.split()[:2], ["removed", "0"], done.stderr)
+        done = self.cli("clear", "jobs.fetch", "--dir", self.cache)
+        self.assertEqual(done.stdout.split()[:2], ["removed", "5"], done.stderr)
+
+    def test_a_name_of_many_caches_is_refused_with_their_paths(self):
+        done = self.cli("show", "--dir", self.tree, "jobs.fetch")
+        self.assertOneLineError(done, "2 caches of that name",
+                                os.path.join("a", ".persist", "jobs.fetch.db"))
+
+
+class Thing:
+    """No __repr__: its repr has its address, which changes from run to run."""
+
+
+class Lines:
+    def __repr__(self):
+        return "Lines\n  one\n  two"
+
+    def __reduce__(self):
+        return Lines, ()
+
+
+class TestCommandLineShow(CommandLineTest):
+    def test_limit(self):
+        done = self.cli("show", self.db, "--limit", "2")
+        lines = done.stdout.splitlines()
+        self.assertEqual(len(lines), 4, done.stderr)
+        self.assertIn("/0')", lines[1])
+        self.assertEqual(lines[3], "... 3 more, of 5 entries (--limit 0 shows all)")
+        self.assertEqual(len(self.cli("show", self.db, "--limit", "0").stdout.splitlines()), 6)
+        self.assertEqual(len(self.cli("show", self.db).stdout.splitlines()), 6)   # a pipe
+        done = self.cli("show", self.db, "--limit", "-1")
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("not a number of entries: '-1'", done.stderr)
+
+    @unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+    def test_a_terminal_gets_a_screenful(self):
+        self.fill(self.cache, count=80, size=10)
+        master, slave = os.openpty()
+        self.addCleanup(os.close, master)
+        with open(os.devnull) as null:
+            child = subprocess.Popen([sys.executable, os.path.join(HERE, "persist.py"), "show",
+                                      str(self.db)], stdin=null, stdout=slave,
+                                     env=child_env())
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:          # Linux: EIO once the child has closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        child.wait()
+        lines = out.decode().splitlines()
+        self.assertEqual(len(lines), 52)
+        self.assertEqual(lines[-1], "... 30 more, of 80 entries (--limit 0 shows all)")
+
+    def test_one_line_per_entry_and_no_addresses_and_no_ignored_parameters(self):
+        code = """
+            import persist, sys
+            sys.path.insert(0, %r)
+            from test_persist import Thing, Lines
+            @persist.memoize(cache_dir=%r, name="fit", ignore=("log",))
+            def fit(data, log, scale=1):
+                return 1
+            fit(Thing(), "LOG-A")
+            fit(Lines(), "LOG-B", scale=2)
+        """ % (HERE, str(self.cache))
+        run_python(code)
+        run_python(code)              # other addresses, the same keys
+        with persist.open(self.cache / "shelf.db") as shelf:
+            shelf["two\nlines"] = 1
+        done = self.cli("show", self.cache / "fit.db")
+        lines = done.stdout.splitlines()
+        self.assertEqual(len(lines), 3, done.stdout)
+        self.assertIn("(<test_persist.Thing object>)", lines[1])
+        self.assertIn("(Lines one two, scale=2)", lines[2])
+        self.assertNotIn("LOG", done.stdout)
+        self.assertNotIn("0x", done.stdout)
+        done = self.cli("show", self.cache / "shelf.db")
+        self.assertEqual(len(done.stdout.splitlines()), 2, done.stdout)
+        self.assertIn("two lines", done.stdout)
+
+
+class TestCommandLineErrors(CommandLineTest):
+    def test_not_a_cache(self):
+        (self.path / "notes.txt").write_text("my notes")
+        for args in (["show"], ["clear"], ["prune", "--expired"], ["ls"],
+                     ["clear", "--dry-run"]):
+            done = self.cli(*(args[:1] + ["notes.txt"] + args[1:]))
+            self.assertOneLineError(done, "notes.txt: not a persist cache")
+        self.assertEqual((self.path / "notes.txt").read_text(), "my notes")
+        self.assertOneLineError(self.cli("show", "nothing-here"), "No such cache")
+        self.assertOneLineError(self.cli("ls", "nowhere"), "nowhere: No such directory")
+        self.assertOneLineError(self.cli("show", self.cache), "a directory, not a cache")
+
+    def test_a_cache_it_cannot_read(self):
+        with open(str(self.db), "rb") as file:
+            (self.cache / "cut.db").write_bytes(file.read(20000))
+        for args in (["show"], ["clear"], ["prune", "--older-than", "1d"],
+                     ["prune", "--stale", "--dry-run"]):
+            done = self.cli(*(args[:1] + [self.cache / "cut.db"] + args[1:]))
+            self.assertOneLineError(done, "cut.db: ")
+
+    @unittest.skipIf(POSIX and os.geteuid() == 0, "root may write any file")
+    def test_a_read_only_cache_it_was_asked_to_change(self):
+        os.chmod(str(self.db), 0o444)
+        self.addCleanup(os.chmod, str(self.db), 0o644)
+        for args in (["clear"], ["prune", "--older-than", "1d"]):
+            done = self.cli(*(args[:1] + [self.db] + args[1:]))
+            self.assertOneLineError(done, "jobs.fetch.db: ")
+        self.assertEqual(self.entries(), 5)
+        done = self.cli("clear", self.db, "--dry-run")
+        self.assertEqual(done.returncode, 0, done.stderr)
 
 
 class TestExamplePipeline(TempDirTest):
