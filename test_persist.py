@@ -22,6 +22,7 @@ import pathlib
 import pickle
 import random
 import re
+import shelve
 import signal
 import sqlite3
 import stat
@@ -3823,6 +3824,170 @@ class TestCommandLineErrors(CommandLineTest):
         self.assertEqual(self.entries(), 5)
         done = self.cli("clear", self.db, "--dry-run")
         self.assertEqual(done.returncode, 0, done.stderr)
+
+
+def dbm_module(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def shelve_file(path, module, items):
+    """A file as shelve.open(path) makes it with the dbm module given."""
+    with shelve.Shelf(module.open(str(path), "c")) as shelf:
+        shelf.update(items)
+
+
+def handmade_dbm_sqlite3(path, items):
+    """A dbm.sqlite3 file (Python 3.13's default for shelve), made here for any Python."""
+    conn = sqlite3.connect(str(path))
+    conn.execute("CREATE TABLE IF NOT EXISTS Dict (key BLOB UNIQUE NOT NULL, "
+                 "value BLOB NOT NULL)")
+    conn.execute("PRAGMA journal_mode = wal")
+    with conn:
+        conn.executemany("REPLACE INTO Dict (key, value) VALUES (CAST(? AS BLOB), "
+                         "CAST(? AS BLOB))", [(key.encode(), pickle.dumps(value, 3))
+                                              for key, value in items.items()])
+    conn.close()
+
+
+ITEMS = {"a": [1, 2], "caf\u00e9": {"big": "x" * 300000}, "n": None}
+
+
+def content(path):
+    """What a file holds: its bytes; a dbm.sqlite3 file's rows (opening it may change its
+    header, and persist sets its journal mode back to DELETE before reading it whole)."""
+    with open(str(path), "rb") as file:
+        data = file.read()
+    if not data.startswith(b"SQLite format 3\0"):
+        return data
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        return conn.execute("SELECT key, value FROM Dict ORDER BY key").fetchall()
+    finally:
+        conn.close()
+
+
+class ShelveFileTest(TempDirTest):
+    def originals(self):
+        return {name: content(self.path / name) for name in os.listdir(self.dir)}
+
+    def check_copied(self, name, kind, kept):
+        before = self.originals()
+        with self.assertWarns(persist.PersistWarning) as caught:
+            shelf = persist.open(self.path / name)
+        message = str(caught.warning)
+        self.assertIn("was a %s shelve file; its 3 entries are now in a persist store" % kind,
+                      message)
+        self.assertNotIn("delete", message)
+        with shelf:
+            self.assertEqual(dict(shelf), ITEMS)
+            shelf["new"] = 1
+        for original, held in before.items():       # kept, every entry
+            self.assertEqual(content(self.path / (kept or original)), held)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with persist.open(self.path / name, "r") as shelf:     # a store now
+                self.assertEqual(len(shelf), 4)
+        self.assertNoTemp()
+        return message
+
+
+class TestOpenOverDbmDumb(ShelveFileTest):
+    def test_its_entries_are_copied_and_the_files_kept(self):
+        shelve_file(self.path / "plain_shelf", dbm_module("dbm.dumb"), ITEMS)
+        message = self.check_copied("plain_shelf", "dbm.dumb", None)
+        self.assertIn("original files are kept, unchanged, beside it", message)
+        with shelve.Shelf(dbm_module("dbm.dumb").open(str(self.path / "plain_shelf"),
+                                                      "r")) as old:
+            self.assertEqual(dict(old), ITEMS)
+
+    def test_read_only_says_how(self):
+        shelve_file(self.path / "plain_shelf", dbm_module("dbm.dumb"), ITEMS)
+        before = self.originals()
+        with self.assertRaises(persist.PersistError) as caught:
+            persist.open(self.path / "plain_shelf", "r")
+        self.assertIn("dbm.dumb shelve file, not yet a persist store; open it once with "
+                      "persist.open(", str(caught.exception))
+        self.assertNotIn("delete", str(caught.exception))
+        self.assertEqual(self.originals(), before)
+
+    def test_a_failed_copy_leaves_the_original_and_no_store(self):
+        shelve_file(self.path / "plain_shelf", dbm_module("dbm.dumb"), ITEMS)
+        before = self.originals()
+        with mock.patch.object(persist, "_rename_no_clobber",
+                               side_effect=OSError(errno.EIO, "injected")):
+            with self.assertRaises(OSError):
+                persist.open(self.path / "plain_shelf")
+        self.assertEqual(self.originals(), before)
+        self.check_copied("plain_shelf", "dbm.dumb", None)
+
+
+@unittest.skipUnless(dbm_module("dbm.gnu") or dbm_module("dbm.ndbm"),
+                     "this Python has neither dbm.gnu nor dbm.ndbm")
+class TestOpenOverGnuOrNdbm(ShelveFileTest):
+    def test_its_entries_are_copied_and_the_original_kept(self):
+        for kind in ("dbm.gnu", "dbm.ndbm"):
+            module = dbm_module(kind)
+            if module is None:
+                continue
+            with self.subTest(kind):
+                shelve_file(self.path / kind, module, ITEMS)
+                same_name = os.path.exists(str(self.path / kind))
+                self.check_copied(kind, kind, kind + ".before-persist" if same_name else None)
+
+
+class TestOpenOverDbmSqlite3(ShelveFileTest):
+    def test_its_entries_are_copied_and_the_original_kept(self):
+        handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
+        message = self.check_copied("plain_shelf", "dbm.sqlite3",
+                                    "plain_shelf.before-persist")
+        self.assertIn("the original is kept as %s" % (self.path / "plain_shelf.before-persist"),
+                      message)
+        self.assertEqual(sorted(name for name in os.listdir(self.dir)
+                                if not name.endswith(("-wal", "-shm"))),
+                         ["plain_shelf", "plain_shelf.before-persist"])
+
+    @unittest.skipUnless(dbm_module("dbm.sqlite3"), "Python 3.13's dbm.sqlite3")
+    def test_a_real_one(self):
+        with shelve.Shelf(dbm_module("dbm.sqlite3").open(str(self.path / "plain_shelf"),
+                                                         "c")) as shelf:
+            shelf.update(ITEMS)
+        self.check_copied("plain_shelf", "dbm.sqlite3", "plain_shelf.before-persist")
+        with shelve.Shelf(dbm_module("dbm.sqlite3").open(
+                str(self.path / "plain_shelf.before-persist"), "r")) as old:
+            self.assertEqual(dict(old), ITEMS)
+
+    def test_one_open_elsewhere_is_left_alone(self):
+        handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
+        other = sqlite3.connect(str(self.path / "plain_shelf"))
+        other.execute("BEGIN IMMEDIATE")        # a writer, mid-transaction
+        try:
+            with self.assertRaises(persist.PersistError) as caught:
+                persist.open(self.path / "plain_shelf")
+        finally:
+            other.rollback()
+            other.close()
+        self.assertIn("another program has open", str(caught.exception))
+        self.assertNotIn("delete", str(caught.exception))
+        self.assertNoTemp()
+        self.check_copied("plain_shelf", "dbm.sqlite3", "plain_shelf.before-persist")
+
+    def test_a_crash_after_the_original_was_kept_aside(self):
+        handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
+        with mock.patch.object(os, "replace", side_effect=OSError(errno.EIO, "injected")):
+            with self.assertRaises(OSError):
+                persist.open(self.path / "plain_shelf")
+        self.assertTrue(os.path.samefile(str(self.path / "plain_shelf"),
+                                         str(self.path / "plain_shelf.before-persist")))
+        os.unlink(str(self.path / "plain_shelf.before-persist"))
+        self.check_copied("plain_shelf", "dbm.sqlite3", "plain_shelf.before-persist")
+
+    def test_ls_marks_it(self):
+        handmade_dbm_sqlite3(self.path / "old.db", ITEMS)
+        done = run_command([os.path.join(HERE, "persist.py"), "ls", self.dir])
+        self.assertEqual(done.stdout.splitlines()[1].split()[:2], ["(shelve", "file)"])
 
 
 class TestExamplePipeline(TempDirTest):
