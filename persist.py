@@ -2884,9 +2884,9 @@ def _copy_rows(conn, items, stored):
     return _fetch(conn, _COUNT)[0][0]
 
 
-def _from_shelve(path, kind):
-    """Copy the entries of the shelve file at path into a persist store at path; keep the
-    original; return what happened, for a warning."""
+def _from_shelve(path, kind, copy=True):
+    """Copy the entries of the shelve file at path into a persist store at path (without
+    copy, an empty one); keep the original; return what happened, for a warning."""
     directory = os.path.dirname(path)
     temp, fd = _create_temp(path, path)
     os.close(fd)
@@ -2894,8 +2894,10 @@ def _from_shelve(path, kind):
     try:
         store = _Store(temp, "c")
         try:
-            with _shelve_items(path, kind) as items:
-                count = store.conn.transaction(_copy_rows, items, time.time())
+            count = 0
+            with _shelve_items(path, kind) as items:     # a dbm.sqlite3 file is whole then
+                if copy:
+                    count = store.conn.transaction(_copy_rows, items, time.time())
         finally:
             store.close()                  # the last connection out empties the log into it
         fd = os.open(temp, os.O_RDWR | getattr(os, "O_BINARY", 0))
@@ -2922,6 +2924,9 @@ def _from_shelve(path, kind):
             with contextlib.suppress(OSError):
                 os.unlink(name)
         raise
+    if not copy:
+        return ("persist.open(%r, 'n'): it was a %s shelve file; a new, empty persist store "
+                "has its name, and %s" % (path, kind, where))
     return ("persist.open(%r): it was a %s shelve file; its %d entries are now in a persist "
             "store of that name, and %s" % (path, kind, count, where))
 
@@ -2961,6 +2966,8 @@ def _open_shelve_file(path, flag):
     _check_private(os.path.dirname(path), "the shelf's directory")
     if flag == "r":
         raise PersistError(errno.EINVAL, _SHELVE_READ_ONLY.format(kind=kind, path=path), path)
+    if flag == "n" and kind in ("dbm.dumb", "dbm.ndbm"):
+        return                             # its files have other names: they stay as they are
     # One process at a time, and then only if nobody did it meanwhile.
     lock = None
     if _fcntl is not None:
@@ -2970,7 +2977,7 @@ def _open_shelve_file(path, flag):
             _fcntl.flock(lock, _fcntl.LOCK_EX)
             kind = _shelve_kind(path)
         if kind is not None:
-            _warn(_from_shelve(path, kind))
+            _warn(_from_shelve(path, kind, copy=flag != "n"))
     finally:
         if lock is not None:
             os.close(lock)

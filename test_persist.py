@@ -3984,6 +3984,15 @@ class TestOpenOverDbmSqlite3(ShelveFileTest):
         os.unlink(str(self.path / "plain_shelf.before-persist"))
         self.check_copied("plain_shelf", "dbm.sqlite3", "plain_shelf.before-persist")
 
+    def test_flag_n_starts_empty_and_keeps_the_original(self):
+        handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
+        before = content(self.path / "plain_shelf")
+        with self.assertWarns(persist.PersistWarning) as caught:
+            with persist.open(self.path / "plain_shelf", "n") as shelf:
+                self.assertEqual(len(shelf), 0)
+        self.assertIn("a new, empty persist store has its name", str(caught.warning))
+        self.assertEqual(content(self.path / "plain_shelf.before-persist"), before)
+
     def test_ls_marks_it(self):
         handmade_dbm_sqlite3(self.path / "old.db", ITEMS)
         done = run_command([os.path.join(HERE, "persist.py"), "ls", self.dir])
