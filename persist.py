@@ -3299,12 +3299,12 @@ def _cli_ls(options):
 
 
 def _one_line(text):
-    """text on one line, however many its repr() spans, with no address in it."""
+    """text on one line, however many lines it spans."""
     if not text.isprintable():
         text = " ".join(text.split())
         if not text.isprintable():
             text = repr(text)[1:-1]
-    return _without_addresses(text)
+    return text
 
 
 def _cli_show(options):
@@ -3321,6 +3321,8 @@ def _cli_show(options):
                 args = key.decode("utf-8")
             except UnicodeDecodeError:
                 args = key.hex()
+        else:                         # stored by an older persist, with addresses in it
+            args = _without_addresses(args)
         print("%6s %10s  %s" % (_age(now - stored), _bytes(size), _one_line(args)))
     if limit and len(entries) > limit:
         print("... %d more, of %d entries (--limit 0 shows all)" % (len(entries) - limit,

@@ -3576,14 +3576,12 @@ class CommandLineTest(TempDirTest):
         self.fill(self.cache)
 
     def fill(self, directory, count=5, size=1000):
-        run_python("""
-            import persist
-            @persist.memoize(cache_dir=%r, name="jobs.fetch")
-            def fetch(url):
-                return "p" * %d
-            for i in range(%d):
-                fetch("https://example.org/%%d" %% i)
-        """ % (str(directory), size, count))
+        @persist.memoize(cache_dir=directory, name="jobs.fetch")
+        def fetch(url):
+            return "p" * size
+
+        for i in range(count):
+            fetch("https://example.org/%d" % i)
 
     def cli(self, *args, **env):
         return run_command([os.path.join(HERE, "persist.py")] + [str(a) for a in args],
@@ -3781,7 +3779,7 @@ class TestCommandLineShow(CommandLineTest):
         run_python(code)
         run_python(code)              # other addresses, the same keys
         with persist.open(self.cache / "shelf.db") as shelf:
-            shelf["two\nlines"] = 1
+            shelf["two\nlines at 0xbeef"] = 1      # a key, as it is: no repr
         done = self.cli("show", self.cache / "fit.db")
         lines = done.stdout.splitlines()
         self.assertEqual(len(lines), 3, done.stdout)
@@ -3791,7 +3789,7 @@ class TestCommandLineShow(CommandLineTest):
         self.assertNotIn("0x", done.stdout)
         done = self.cli("show", self.cache / "shelf.db")
         self.assertEqual(len(done.stdout.splitlines()), 2, done.stdout)
-        self.assertIn("two lines", done.stdout)
+        self.assertIn("two lines at 0xbeef", done.stdout)
 
 
 class TestCommandLineErrors(CommandLineTest):
