@@ -2888,6 +2888,8 @@ def _from_shelve(path, kind, copy=True):
     """Copy the entries of the shelve file at path into a persist store at path (without
     copy, an empty one); keep the original; return what happened, for a warning."""
     directory = os.path.dirname(path)
+    same_name = kind in ("dbm.gnu", "dbm.sqlite3")      # the original has the store's name
+    original = os.stat(path) if same_name else None
     temp, fd = _create_temp(path, path)
     os.close(fd)
     os.unlink(temp)                        # _Store makes it, as a store, under this name
@@ -2905,13 +2907,19 @@ def _from_shelve(path, kind, copy=True):
             _fsync(fd)
         finally:
             os.close(fd)
-        if kind in ("dbm.gnu", "dbm.sqlite3"):     # the original has the store's name
+        if same_name:
             for log in (path + "-wal", path + "-shm"):
                 if os.path.lexists(log):    # SQLite would read it as the new file's
                     raise PersistError(errno.EBUSY, "the shelve file is in use by another "
                                        "program (it has a %s file); close it there, then "
                                        "open it again" % log[-4:], path)
             kept = _keep_aside(path)
+            # another process may have copied it meanwhile (one without the lock, see
+            # _open_shelve_file), and its store must not be replaced
+            if not _same_file(os.stat(kept), original) or \
+                    not _same_file(os.stat(path), original):
+                raise FileExistsError(errno.EEXIST, "copied by another process meanwhile",
+                                      path)
             os.replace(temp, path)
             where = "the original is kept as %s" % kept
         else:
@@ -2931,6 +2939,10 @@ def _from_shelve(path, kind, copy=True):
             "store of that name, and %s" % (path, kind, count, where))
 
 
+def _same_file(info, other):
+    return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
+
+
 def _keep_aside(path):
     """A second name for the file at path, durable before path is replaced: a hard link,
     or where there are none a copy."""
@@ -2946,10 +2958,20 @@ def _keep_aside(path):
             if os.path.lexists(kept):
                 continue
             import shutil
-            with io.open(path, "rb") as source, io.open(kept, "xb") as copy:
-                shutil.copyfileobj(source, copy)
-                copy.flush()
-                _fsync(copy.fileno())
+            temp, fd = _create_temp(kept, path)
+            try:
+                with io.open(path, "rb") as source, io.open(fd, "wb") as copy:
+                    shutil.copyfileobj(source, copy)
+                    copy.flush()
+                    _fsync(copy.fileno())
+                _rename_no_clobber(temp, kept)   # whole, or not under that name at all
+            except FileExistsError:
+                os.unlink(temp)
+                continue
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                raise
         _fsync_dir(os.path.dirname(path))
         return kept
     raise FileExistsError(errno.EEXIST, "no free name to keep the original under",
@@ -2968,16 +2990,30 @@ def _open_shelve_file(path, flag):
         raise PersistError(errno.EINVAL, _SHELVE_READ_ONLY.format(kind=kind, path=path), path)
     if flag == "n" and kind in ("dbm.dumb", "dbm.ndbm"):
         return                             # its files have other names: they stay as they are
-    # One process at a time, and then only if nobody did it meanwhile.
+    # One process at a time, and then only if nobody did it meanwhile. The lock is the
+    # directory's, which done_dir() also takes: where it is taken, never wait for it (this
+    # very process may hold it); _from_shelve() then checks that nobody else got there first.
     lock = None
     if _fcntl is not None:
         lock = os.open(os.path.dirname(path), os.O_RDONLY)
     try:
         if lock is not None:
-            _fcntl.flock(lock, _fcntl.LOCK_EX)
+            deadline = time.monotonic() + _ASIDE_TIMEOUT
+            while True:
+                try:
+                    _fcntl.flock(lock, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.01)
             kind = _shelve_kind(path)
         if kind is not None:
-            _warn(_from_shelve(path, kind, copy=flag != "n"))
+            try:
+                _warn(_from_shelve(path, kind, copy=flag != "n"))
+            except FileExistsError:
+                if _shelve_kind(path) is not None:     # not another process's store: a fault
+                    raise
     finally:
         if lock is not None:
             os.close(lock)

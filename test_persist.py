@@ -3912,6 +3912,13 @@ class TestOpenOverDbmDumb(ShelveFileTest):
         self.assertNotIn("delete", str(caught.exception))
         self.assertEqual(self.originals(), before)
 
+    def test_inside_a_done_dir_of_this_process(self):
+        with persist.done_dir(self.path / "stage") as stage:
+            shelve_file(stage / "plain_shelf", dbm_module("dbm.dumb"), ITEMS)
+            with self.assertWarns(persist.PersistWarning):
+                with persist.open(stage / "plain_shelf") as shelf:
+                    self.assertEqual(dict(shelf), ITEMS)
+
     def test_a_failed_copy_leaves_the_original_and_no_store(self):
         shelve_file(self.path / "plain_shelf", dbm_module("dbm.dumb"), ITEMS)
         before = self.originals()
@@ -3991,6 +3998,30 @@ class TestOpenOverDbmSqlite3(ShelveFileTest):
                 self.assertEqual(len(shelf), 0)
         self.assertIn("a new, empty persist store has its name", str(caught.warning))
         self.assertEqual(content(self.path / "plain_shelf.before-persist"), before)
+
+    def test_two_processes_at_once(self):
+        handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
+        code = textwrap.dedent("""
+            import sys, warnings, persist
+            sys.stdin.readline()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with persist.open(sys.argv[1]) as shelf:
+                    shelf[sys.argv[2]] = 1
+            print(len(caught))
+        """)
+        children = [subprocess.Popen([sys.executable, "-c", code, str(self.path / "plain_shelf"),
+                                      name], env=child_env(), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, universal_newlines=True)
+                    for name in ("x", "y")]
+        for child in children:            # both go at once
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        outs = [child.communicate()[0] for child in children]
+        self.assertEqual(sorted(int(out) for out in outs), [0, 1])
+        with persist.open(self.path / "plain_shelf", "r") as shelf:
+            self.assertEqual(sorted(shelf), sorted(list(ITEMS) + ["x", "y"]))
+        self.assertNoTemp()
 
     def test_ls_marks_it(self):
         handmade_dbm_sqlite3(self.path / "old.db", ITEMS)
