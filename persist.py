@@ -2913,11 +2913,10 @@ def _from_shelve(path, kind, copy=True):
                     raise PersistError(errno.EBUSY, "the shelve file is in use by another "
                                        "program (it has a %s file); close it there, then "
                                        "open it again" % log[-4:], path)
-            kept = _keep_aside(path)
             # another process may have copied it meanwhile (one without the lock, see
             # _open_shelve_file), and its store must not be replaced
-            if not _same_file(os.stat(kept), original) or \
-                    not _same_file(os.stat(path), original):
+            kept = _keep_aside(path, original)
+            if not _same_file(os.stat(path), original):
                 raise FileExistsError(errno.EEXIST, "copied by another process meanwhile",
                                       path)
             os.replace(temp, path)
@@ -2943,15 +2942,17 @@ def _same_file(info, other):
     return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
 
 
-def _keep_aside(path):
+def _keep_aside(path, original):
     """A second name for the file at path, durable before path is replaced: a hard link,
-    or where there are none a copy."""
+    or where there are none a copy. original: os.stat() of the file as it was read; if path
+    is another file now (another process copied it meanwhile), FileExistsError."""
+    moved = FileExistsError(errno.EEXIST, "copied by another process meanwhile", path)
     for number in range(1, 100):
         kept = path + _SHELVE_KEPT + ("" if number == 1 else "-%d" % number)
         try:
             os.link(path, kept)
         except FileExistsError:
-            if os.path.samefile(path, kept):   # a migration that stopped half way
+            if _same_file(os.stat(kept), original):   # a copy that stopped half way
                 return kept
             continue
         except OSError:                   # no hard links on this filesystem: a copy
@@ -2961,17 +2962,22 @@ def _keep_aside(path):
             temp, fd = _create_temp(kept, path)
             try:
                 with io.open(path, "rb") as source, io.open(fd, "wb") as copy:
+                    if not _same_file(os.fstat(source.fileno()), original):
+                        raise moved
                     shutil.copyfileobj(source, copy)
                     copy.flush()
                     _fsync(copy.fileno())
                 _rename_no_clobber(temp, kept)   # whole, or not under that name at all
-            except FileExistsError:
-                os.unlink(temp)
-                continue
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(OSError):
                     os.unlink(temp)
+                if isinstance(exc, FileExistsError) and exc is not moved:
+                    continue
                 raise
+        else:
+            if not _same_file(os.stat(kept), original):
+                os.unlink(kept)           # our link, to the other process's store
+                raise moved
         _fsync_dir(os.path.dirname(path))
         return kept
     raise FileExistsError(errno.EEXIST, "no free name to keep the original under",
