@@ -3288,7 +3288,16 @@ def _find_cache(name, directory=None):
 
 def _open_cache(name, flag="w", directory=None):
     """A cache by path, or by function name in the cache directory (--dir)."""
-    return _Store(_find_cache(name, directory), flag)
+    path = _find_cache(name, directory)
+    try:
+        return _Store(path, flag)
+    except PersistError:
+        kind = _shelve_kind(path)
+        if kind is None:
+            raise
+    # a file of the user's: say what it is and how persist takes it, never to delete it
+    raise PersistError(errno.EINVAL, "a %s shelve file, not a persist cache; persist.open(%r) "
+                       "copies its entries into one, keeping it" % (kind, path), path)
 
 
 def _problem(path, exc):

@@ -4027,6 +4027,11 @@ class TestOpenOverDbmSqlite3(ShelveFileTest):
         handmade_dbm_sqlite3(self.path / "old.db", ITEMS)
         done = run_command([os.path.join(HERE, "persist.py"), "ls", self.dir])
         self.assertEqual(done.stdout.splitlines()[1].split()[:2], ["(shelve", "file)"])
+        done = run_command([os.path.join(HERE, "persist.py"), "show", self.path / "old.db"])
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("old.db: a dbm.sqlite3 shelve file, not a persist cache; persist.open(",
+                      done.stderr)
+        self.assertNotIn("delete", done.stderr)
 
 
 class TestExamplePipeline(TempDirTest):
