@@ -3082,6 +3082,10 @@ def open(filename, flag="c", protocol=None):
     and write an existing file), 'c' (create it if needed) or 'n' (start empty). writeback is
     not offered: assign a changed value back to store it. Use it as a context manager, or
     call close(). The file is SQLite: sqlite3 FILE 'SELECT key, stored FROM Dict' lists it.
+
+    Where shelve.open(filename) made a file (dbm.dumb, dbm.gnu, dbm.ndbm or dbm.sqlite3), its
+    entries are copied into a new store of that name, with a PersistWarning; the original is
+    kept (as filename.before-persist when it had that very name). Flag 'r' refuses instead.
     """
     path = os.path.abspath(os.fsdecode(os.fspath(filename)))
     _open_shelve_file(path, flag)
