@@ -3696,7 +3696,9 @@ class TestCommandLineWhere(CommandLineTest):
         done = self.cli("show", "--dir", self.tree, where)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(len(done.stdout.splitlines()), 3)
-        self.assertEqual(self.cli("show", os.path.join("examples", where)).stdout, done.stdout)
+        again = self.cli("show", os.path.join("examples", where)).stdout
+        self.assertEqual([line.split()[1:] for line in again.splitlines()],   # without the age
+                         [line.split()[1:] for line in done.stdout.splitlines()])
         # the default directory: ls prints the file name, which show takes
         os.rename(str(self.cache), str(self.path / ".persist"))
         where = self.cli("ls").stdout.splitlines()[1].split()[-1]
@@ -3843,7 +3845,7 @@ def handmade_dbm_sqlite3(path, items):
     conn = sqlite3.connect(str(path))
     conn.execute("CREATE TABLE IF NOT EXISTS Dict (key BLOB UNIQUE NOT NULL, "
                  "value BLOB NOT NULL)")
-    conn.execute("PRAGMA journal_mode = wal")
+    conn.execute("PRAGMA journal_mode = wal").fetchall()   # PyPy: a statement left open
     with conn:
         conn.executemany("REPLACE INTO Dict (key, value) VALUES (CAST(? AS BLOB), "
                          "CAST(? AS BLOB))", [(key.encode(), pickle.dumps(value, 3))
