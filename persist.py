@@ -2382,10 +2382,46 @@ def _short_repr(call):
     return text if len(text) <= 200 else text[:199] + "\u2026"
 
 
+def _leave_out(call, names, ignore, rest):
+    """call's (args, kwargs) without the parameters in ignore, so that 'persist show' does
+    not list what the key left out; names: the positional parameters; rest: ignore names
+    the *args parameter."""
+    args, kwargs = call
+    args = tuple(value for i, value in enumerate(args)
+                 if not (names[i] in ignore if i < len(names) else rest))
+    return args, {name: value for name, value in kwargs.items() if name not in ignore}
+
+
+def _without_addresses(text):
+    """repr() text without the ' at 0x7f...' of default reprs: the address differs from call
+    to call where the key does not, and would make one argument look like many."""
+    start = text.find(" at 0x")
+    while start >= 0:
+        end = start + 6
+        while end < len(text) and text[end] in "0123456789abcdefABCDEF":
+            end += 1
+        if end > start + 6:
+            text = text[:start] + text[end:]
+        start = text.find(" at 0x", start + 1)
+    return text
+
+
 class _ShortRepr(reprlib.Repr):
     """reprlib.Repr with bounded work for what it leaves to repr() or sorts in full."""
 
     fillvalue = "..."           # an attribute of Repr itself from 3.11 on
+
+    def repr_instance(self, x, level):
+        # as reprlib's, with the address left out before the cut, which could keep part of it
+        try:
+            text = _without_addresses(repr(x))
+        except Exception:
+            return "<%s instance>" % type(x).__name__
+        if len(text) > self.maxother:
+            i = max(0, (self.maxother - 3) // 2)
+            j = max(0, self.maxother - 3 - i)
+            text = text[:i] + self.fillvalue + text[len(text) - j:]
+        return text
 
     def repr1(self, x, level):
         # A repr of many lines (a DataFrame's) on one; each part cut to maxother as reprlib does.
@@ -2472,6 +2508,8 @@ class _Memo:
     once, saying why and what to do, and counts the results it could not store. With strict
     (memoize(strict=True) or PERSIST_STRICT=1) it raises instead.
     """
+
+    leave_out = None              # (positional names, ignore, *args ignored) for _leave_out
 
     def __init__(self, func, cache_dir, name, version, expire, strict):
         self.func = func
@@ -2563,6 +2601,8 @@ class _Memo:
             self.unstored += 1
             return
         try:
+            if self.leave_out is not None:
+                args = _leave_out(args, *self.leave_out)
             store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args))
             _debug("stored", self.identity, key)
         except _HandlerBusy:          # a call in a signal handler: this once, nothing to fix
@@ -2714,6 +2754,10 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     salt = memo.version if name else _salt(func, memo.version, key, ignore)
     bind = _binder(func, ignore, label) if key is None else (
         lambda args, kwargs: key(*args, **kwargs))
+    if ignore and key is None:    # _binder() has checked the names against the signature
+        params = _parameters(func)
+        memo.leave_out = ([name for name, kind, _ in params if kind in (0, 1)], ignore,
+                          any(kind == 2 and name in ignore for name, kind, _ in params))
     key_from = _keyer(salt)
 
     handle = object.__new__(_Memoized)
@@ -2938,6 +2982,244 @@ def _empty(directory):
             os.unlink(entry.path)
 
 
+# -- private helpers: persist.open over a file that shelve made
+#
+# shelve.open(name) leaves NAME.dat and NAME.dir (dbm.dumb), NAME.db or NAME.pag and NAME.dir
+# (dbm.ndbm), or NAME itself (dbm.gnu, and dbm.sqlite3 from Python 3.13 on). persist.open(name)
+# copies such a file's entries into a new persist store at NAME, keeping the original: the
+# copy is made in full and made durable before it takes the name; the original is kept where
+# it was, or, when it had that very name, under NAME.before-persist.
+
+_SHELVE_HEAD = b"SQLite format 3\0"
+_SHELVE_KEPT = ".before-persist"
+_SHELVE_READ_ONLY = ("a {kind} shelve file, not yet a persist store; open it once with "
+                     "persist.open({path!r}, 'w'), which copies its entries into one and "
+                     "keeps the original")
+
+
+def _shelve_kind(path):
+    """The dbm module that made the shelve file at path ('dbm.dumb', ...), or None."""
+    if os.path.isfile(path):
+        try:
+            with io.open(path, "rb") as file:
+                head = file.read(100)
+        except OSError:
+            return None
+        if head[:16] == _SHELVE_HEAD:
+            if int.from_bytes(head[68:72], "big") == _APPLICATION_ID:
+                return None
+            return "dbm.sqlite3" if _is_dbm_sqlite3(path) else None
+    elif not any(os.path.isfile(path + ext) for ext in (".dat", ".db", ".pag")):
+        return None                        # the usual case, settled without importing dbm
+    import dbm
+    kind = dbm.whichdb(path)
+    if kind in ("dbm.dumb", "dbm.ndbm") and os.path.lexists(path):
+        return None                        # NAME is something else: not for us to replace
+    return kind or None
+
+
+def _is_dbm_sqlite3(path):
+    """Whether path is an SQLite file with the one table of dbm.sqlite3 (Python 3.13)."""
+    try:
+        conn = sqlite3.connect(_uri(os.path.abspath(path), "ro"), uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        tables = _fetch(conn, "SELECT name FROM sqlite_master WHERE type = 'table'")
+        columns = [row[1] for row in _fetch(conn, "PRAGMA table_info(Dict)")]
+        return tables == [("Dict",)] and columns == ["key", "value"]
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def _shelve_items(path, kind):
+    """An iterator of the (key, pickle) pairs of the shelve file at path, as stored."""
+    if kind == "dbm.sqlite3":              # read here: Python before 3.13 has no dbm.sqlite3
+        busy = PersistError(errno.EBUSY, "a dbm.sqlite3 shelve file that another program "
+                            "has open; close it there, then open it again", path)
+        try:
+            conn = sqlite3.connect(_uri(path, "rw"), uri=True, isolation_level=None,
+                                   timeout=_ASIDE_TIMEOUT)
+            try:
+                # Out of WAL mode first, which needs the only connection to it: then the file
+                # holds all of it, and leaves no -wal file that SQLite would replay into the
+                # store that takes its name.
+                (mode,), = _fetch(conn, "PRAGMA journal_mode=DELETE")
+                if mode.lower() == "wal":
+                    raise busy
+                rows = conn.execute("SELECT key, value FROM Dict")
+                yield ((bytes(key) if isinstance(key, (bytes, memoryview)) else
+                        str(key).encode("utf-8"), bytes(value)) for key, value in rows)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise busy from None
+            raise OSError(errno.EIO, "cannot read the shelve file (%s)" % exc, path) from None
+        return
+    import dbm
+    try:
+        db = dbm.open(path, "r")
+    except ImportError:
+        raise PersistError(errno.EINVAL, "a %s shelve file, which this Python cannot read "
+                           "(it has no %s); open it once with a Python that has, to copy "
+                           "its entries into a persist store" % (kind, kind), path) from None
+    try:
+        yield ((key, db[key]) for key in db.keys())
+    finally:
+        db.close()
+
+
+def _copy_rows(conn, items, stored):
+    conn.executemany(_PUT, ((key, value, None, stored, None, None, None)
+                            for key, value in items))
+    return _fetch(conn, _COUNT)[0][0]
+
+
+def _from_shelve(path, kind, copy=True):
+    """Copy the entries of the shelve file at path into a persist store at path (without
+    copy, an empty one); keep the original; return what happened, for a warning."""
+    directory = os.path.dirname(path)
+    same_name = kind in ("dbm.gnu", "dbm.sqlite3")      # the original has the store's name
+    original = os.stat(path) if same_name else None
+    temp, fd = _create_temp(path, path)
+    os.close(fd)
+    os.unlink(temp)                        # _Store makes it, as a store, under this name
+    try:
+        store = _Store(temp, "c")
+        try:
+            count = 0
+            with _shelve_items(path, kind) as items:     # a dbm.sqlite3 file is whole then
+                if copy:
+                    count = store.conn.transaction(_copy_rows, items, time.time())
+        finally:
+            store.close()                  # the last connection out empties the log into it
+        fd = os.open(temp, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        try:
+            _fsync(fd)
+        finally:
+            os.close(fd)
+        if same_name:
+            for log in (path + "-wal", path + "-shm"):
+                if os.path.lexists(log):    # SQLite would read it as the new file's
+                    raise PersistError(errno.EBUSY, "the shelve file is in use by another "
+                                       "program (it has a %s file); close it there, then "
+                                       "open it again" % log[-4:], path)
+            # another process may have copied it meanwhile (one without the lock, see
+            # _open_shelve_file), and its store must not be replaced
+            kept = _keep_aside(path, original)
+            if not _same_file(os.stat(path), original):
+                raise FileExistsError(errno.EEXIST, "copied by another process meanwhile",
+                                      path)
+            os.replace(temp, path)
+            where = "the original is kept as %s" % kept
+        else:
+            _rename_no_clobber(temp, path)
+            where = "the original files are kept, unchanged, beside it"
+        _fsync_dir(directory)
+    except BaseException:
+        # best effort: the copy is ours to remove; the original was never changed
+        for name in (temp, temp + "-wal", temp + "-shm"):
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+        raise
+    if not copy:
+        return ("persist.open(%r, 'n'): it was a %s shelve file; a new, empty persist store "
+                "has its name, and %s" % (path, kind, where))
+    return ("persist.open(%r): it was a %s shelve file; its %d entries are now in a persist "
+            "store of that name, and %s" % (path, kind, count, where))
+
+
+def _same_file(info, other):
+    return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
+
+
+def _keep_aside(path, original):
+    """A second name for the file at path, durable before path is replaced: a hard link,
+    or where there are none a copy. original: os.stat() of the file as it was read; if path
+    is another file now (another process copied it meanwhile), FileExistsError."""
+    moved = FileExistsError(errno.EEXIST, "copied by another process meanwhile", path)
+    for number in range(1, 100):
+        kept = path + _SHELVE_KEPT + ("" if number == 1 else "-%d" % number)
+        try:
+            os.link(path, kept)
+        except FileExistsError:
+            if _same_file(os.stat(kept), original):   # a copy that stopped half way
+                return kept
+            continue
+        except OSError:                   # no hard links on this filesystem: a copy
+            if os.path.lexists(kept):
+                continue
+            import shutil
+            temp, fd = _create_temp(kept, path)
+            try:
+                with io.open(path, "rb") as source, io.open(fd, "wb") as copy:
+                    if not _same_file(os.fstat(source.fileno()), original):
+                        raise moved
+                    shutil.copyfileobj(source, copy)
+                    copy.flush()
+                    _fsync(copy.fileno())
+                _rename_no_clobber(temp, kept)   # whole, or not under that name at all
+            except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                if isinstance(exc, FileExistsError) and exc is not moved:
+                    continue
+                raise
+        else:
+            if not _same_file(os.stat(kept), original):
+                os.unlink(kept)           # our link, to the other process's store
+                raise moved
+        _fsync_dir(os.path.dirname(path))
+        return kept
+    raise FileExistsError(errno.EEXIST, "no free name to keep the original under",
+                          path + _SHELVE_KEPT)
+
+
+def _open_shelve_file(path, flag):
+    """Before persist.open(path, flag) opens a store: move a shelve file's entries into one."""
+    if os.path.islink(path):               # _Store refuses it, saying why
+        return
+    kind = _shelve_kind(path)
+    if kind is None:
+        return
+    _check_private(os.path.dirname(path), "the shelf's directory")
+    if flag == "r":
+        raise PersistError(errno.EINVAL, _SHELVE_READ_ONLY.format(kind=kind, path=path), path)
+    if flag == "n" and kind in ("dbm.dumb", "dbm.ndbm"):
+        return                             # its files have other names: they stay as they are
+    # One process at a time, and then only if nobody did it meanwhile. The lock is the
+    # directory's, which done_dir() also takes: where it is taken, never wait for it (this
+    # very process may hold it); _from_shelve() then checks that nobody else got there first.
+    lock = None
+    if _fcntl is not None:
+        lock = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        if lock is not None:
+            deadline = time.monotonic() + _ASIDE_TIMEOUT
+            while True:
+                try:
+                    _fcntl.flock(lock, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.01)
+            kind = _shelve_kind(path)
+        if kind is not None:
+            try:
+                _warn(_from_shelve(path, kind, copy=flag != "n"))
+            except FileExistsError:
+                if _shelve_kind(path) is not None:     # not another process's store: a fault
+                    raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
 # -- the public API
 
 
@@ -2995,11 +3277,17 @@ def open(filename, flag="c", protocol=None, writeback=False):
     and write an existing file), 'c' (create it if needed) or 'n' (start empty). writeback is
     not offered: assign a changed value back to store it. Use it as a context manager, or
     call close(). The file is SQLite: sqlite3 FILE 'SELECT key, stored FROM Dict' lists it.
+
+    Where shelve.open(filename) made a file (dbm.dumb, dbm.gnu, dbm.ndbm or dbm.sqlite3), its
+    entries are copied into a new store of that name, with a PersistWarning; the original is
+    kept (as filename.before-persist when it had that very name). Flag 'r' refuses instead.
     """
     if writeback:
         raise ValueError("persist.open() offers no writeback: a changed value is stored when "
                          "you assign it back (db[key] = value); drop writeback=True")
-    store = _Store(filename, flag)
+    path = os.path.abspath(os.fsdecode(os.fspath(filename)))
+    _open_shelve_file(path, flag)
+    store = _Store(path, flag)
     return _Shelf(store, protocol)
 
 
@@ -3137,81 +3425,186 @@ def _age(seconds):
 
 
 def _duration(text):
-    """'90', '90s', '15m', '12h', '7d' or '2w' as seconds; argparse calls it."""
+    """'90', '90s', '15m', '12h', '7d' or '2w' as seconds, positive and finite; argparse calls
+    it, and shows the message of an ArgumentTypeError (of a ValueError, only the type's name)."""
+    import argparse
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
     try:
-        return float(number) * units[unit]
+        seconds = float(number) * units[unit]
     except ValueError:
-        raise ValueError("not a duration: %r (try 90s, 15m, 12h, 7d or 2w)" % text) from None
+        raise argparse.ArgumentTypeError("not an age: %r (try 90s, 15m, 12h, 7d or 2w)"
+                                         % text) from None
+    if not 0 < seconds < float("inf"):     # -1d would select every entry; nan compares false
+        raise argparse.ArgumentTypeError("an age must be positive and finite, not %r (try "
+                                         "90s, 15m, 12h, 7d or 2w)" % text)
+    return seconds
+
+
+def _limit(text):
+    """show --limit: a count of entries, 0 for all of them."""
+    import argparse
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError("not a number of entries: %r (0 shows all)" % text)
+    return count
 
 
 def _default_cache_dir():
     return os.environ.get("PERSIST_DIR") or ".persist"
 
 
-def _open_cache(name, flag="w"):
-    """A cache by path, or by function name in the default cache directory."""
-    path = name
-    if not os.path.exists(path) and os.sep not in name:
-        path = os.path.join(_default_cache_dir(), _file_name(name))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(errno.ENOENT, "No such cache (give the path of a .db file, "
-                                "or see 'persist ls')", name)
-    return _Store(path, flag)
+def _caches_under(directory):
+    """The .db files under directory, as os.walk finds them, without the value directories."""
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.endswith(".values"))
+        for name in sorted(files):
+            if name.endswith(".db"):
+                yield os.path.join(root, name)
+
+
+def _find_cache(name, directory=None):
+    """The file of a cache given on the command line: a path, as given or as 'persist ls'
+    printed it (relative to the cache directory), or a function's name as 'ls' lists it."""
+    directory = directory or _default_cache_dir()
+    for path in (name, os.path.join(directory, name)):
+        if os.path.isfile(path):
+            return path
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "a directory, not a cache (list its caches "
+                                    "with 'persist ls %s')" % path, path)
+    if os.path.isdir(directory):          # a function's name: its file, wherever below
+        wanted = _file_name(name)
+        found = [path for path in _caches_under(directory) if os.path.basename(path) == wanted]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise PersistError(errno.EINVAL, "%d caches of that name under %s (%s); give one "
+                               "of these paths" % (len(found), directory, ", ".join(
+                                   os.path.relpath(path, directory) for path in found)), name)
+    raise FileNotFoundError(errno.ENOENT, "No such cache in %s (give the path of a .db file, "
+                            "or --dir; see 'persist ls')" % directory, name)
+
+
+def _open_cache(name, flag="w", directory=None):
+    """A cache by path, or by function name in the cache directory (--dir)."""
+    path = _find_cache(name, directory)
+    try:
+        return _Store(path, flag)
+    except PersistError:
+        kind = _shelve_kind(path)
+        if kind is None:
+            raise
+    # a file of the user's: say what it is and how persist takes it, never to delete it
+    raise PersistError(errno.EINVAL, "a %s shelve file, not a persist cache; persist.open(%r) "
+                       "copies its entries into one, keeping it" % (kind, path), path)
+
+
+def _problem(path, exc):
+    """Why the .db file at path is not a cache persist can list, in a word or two."""
+    text = str(exc)
+    if isinstance(exc, PermissionError) or not os.access(path, os.R_OK):
+        return "unreadable"
+    for needle, word in (("newer persist", "newer format"), ("older persist", "older format"),
+                         ("an empty file", "empty file"), ("symbolic link", "symlink"),
+                         ("every user may", "unsafe"), ("owned by user", "unsafe"),
+                         ("locked", "locked")):
+        if needle in text:
+            return word
+    if _shelve_kind(path) is not None:
+        return "shelve file"
+    if "another program" in text:
+        return "foreign SQLite"
+    try:
+        with io.open(path, "rb") as file:
+            sqlite = file.read(16) == b"SQLite format 3\0"
+    except OSError:
+        return "unreadable"
+    return "corrupt" if sqlite else "not SQLite"
 
 
 def _cli_ls(options):
     directory = options.dir or _default_cache_dir()
-    if not os.path.isdir(directory):
+    if os.path.isfile(directory):         # one cache, as 'show' takes it
+        _Store(directory, "r").close()     # else its error, as 'show' gives it
+        paths, directory = [directory], os.path.dirname(directory) or os.curdir
+    elif os.path.isdir(directory):
+        paths = _caches_under(directory)
+    else:
         raise FileNotFoundError(errno.ENOENT, "No such directory", directory)
-    print("%-40s %8s %10s  %-16s  %-16s  %s" % ("CACHE", "ENTRIES", "SIZE", "OLDEST", "NEWEST",
-                                                "STALE"))
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.endswith(".values"))
-        for name in sorted(files):
-            if not name.endswith(".db"):
-                continue
-            try:
-                store = _Store(os.path.join(root, name), "r")
-            except OSError:          # not a persist cache: not ours to list
-                continue
-            with contextlib.closing(store):
+    row = "%-32s %8s %10s  %-16s  %-16s  %-18s  %s"
+    print(row % ("CACHE", "ENTRIES", "SIZE", "OLDEST", "NEWEST", "STALE", "WHERE"))
+    for path in paths:
+        # where it is, as 'show --dir DIR' takes it: the same name may be in many folders
+        where = os.path.relpath(path, directory)
+        try:
+            with contextlib.closing(_Store(path, "r")) as store:
                 count, oldest, newest, stale, stale_size = store.summary()
-                label = store.info().get("function") or name
-                print("%-40s %8d %10s  %-16s  %-16s  %s" % (
-                    label, count, _bytes(store.disk_usage()), _when(oldest), _when(newest),
-                    "%d stale (%s)" % (stale, _bytes(stale_size)) if stale else ""))
+                label = store.info().get("function") or os.path.basename(path)[:-3]
+                print(row % (label, count, _bytes(store.disk_usage()), _when(oldest),
+                             _when(newest), "%d stale (%s)" % (stale, _bytes(stale_size))
+                             if stale else "", where))
+        except OSError as exc:            # what makes memoized calls raise: listed, marked
+            print(row % ("(%s)" % _problem(path, exc), "-", _bytes(_size(path)), "-", "-",
+                         "", where))
+
+
+def _one_line(text):
+    """text on one line, however many lines it spans."""
+    if not text.isprintable():
+        text = " ".join(text.split())
+        if not text.isprintable():
+            text = repr(text)[1:-1]
+    return text
 
 
 def _cli_show(options):
-    with contextlib.closing(_open_cache(options.cache, "r")) as store:
-        now = time.time()
-        print("%6s %10s  %s" % ("AGE", "SIZE", "ARGUMENTS (or KEY)"))
-        for key, args, stored, size, seconds, version in store.entries():
-            if args is None:              # a shelf's key, else memoize's digest
-                try:
-                    args = key.decode("utf-8")
-                except UnicodeDecodeError:
-                    args = key.hex()
-            print("%6s %10s  %s" % (_age(now - stored), _bytes(size), args))
+    limit = options.limit
+    if limit is None:                     # a terminal shows a screenful; a pipe gets all
+        limit = 50 if sys.stdout.isatty() else 0
+    with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
+        entries = store.entries()
+    now = time.time()
+    print("%6s %10s  %s" % ("AGE", "SIZE", "ARGUMENTS (or KEY)"))
+    for key, args, stored, size, seconds, version in entries[:limit or None]:
+        if args is None:              # a shelf's key, else memoize's digest
+            try:
+                args = key.decode("utf-8")
+            except UnicodeDecodeError:
+                args = key.hex()
+        else:                         # stored by an older persist, with addresses in it
+            args = _without_addresses(args)
+        print("%6s %10s  %s" % (_age(now - stored), _bytes(size), _one_line(args)))
+    if limit and len(entries) > limit:
+        print("... %d more, of %d entries (--limit 0 shows all)" % (len(entries) - limit,
+                                                                     len(entries)))
 
 
 def _cli_clear(options):
-    with contextlib.closing(_open_cache(options.cache)) as store:
-        count = len(store)
-        store.clear()
-        print("removed %d entries from %s" % (count, store.path))
+    if options.dry_run:
+        with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
+            count, size = store.prune(before=float("inf"), dry_run=True)
+            print("would remove %d entries (%s) from %s" % (count, _bytes(size), store.path))
+        return
+    with contextlib.closing(_open_cache(options.cache, "w", options.dir)) as store:
+        before = store.disk_usage()
+        count = store.clear()
+        print("removed %d entries from %s; %s given back" % (
+            count, store.path, _bytes(max(0, before - store.disk_usage()))))
 
 
 def _cli_prune(options):
-    with contextlib.closing(_open_cache(options.cache)) as store:
+    flag = "r" if options.dry_run else "w"
+    with contextlib.closing(_open_cache(options.cache, flag, options.dir)) as store:
         info = store.info()
         if options.stale:
             if "version" not in info:
                 print("%s has no version=; nothing is stale" % store.path)
                 return 0
-            count, size = store.prune(version=info["version"])
+            which = {"version": info["version"]}
         else:
             age = options.older_than
             if age is None:
@@ -3220,8 +3613,15 @@ def _cli_prune(options):
                     print("%s has no expire=; nothing has expired" % store.path)
                     return 0
                 age = float(expire)
-            count, size = store.prune(before=time.time() - age)
-        print("removed %d entries (%s) from %s" % (count, _bytes(size), store.path))
+            which = {"before": time.time() - age}
+        if options.dry_run:
+            count, size = store.prune(dry_run=True, **which)
+            print("would remove %d entries (%s) from %s" % (count, _bytes(size), store.path))
+            return 0
+        before = store.disk_usage()
+        count, size = store.prune(**which)
+        print("removed %d entries (%s) from %s; %s given back" % (
+            count, _bytes(size), store.path, _bytes(max(0, before - store.disk_usage()))))
 
 
 def _cli_status(options):
@@ -3238,6 +3638,14 @@ def _cli_status(options):
     return 1 if unfinished else 0
 
 
+def _error_text(exc):
+    """An error as one line: the path first, then what is wrong with it."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = "%s: %s" % (os.fsdecode(exc.filename), exc.strerror)
+    return " ".join(text.split())
+
+
 def _main(argv=None):
     """python persist.py COMMAND: look after caches and done_dir() stages."""
     import argparse
@@ -3250,11 +3658,19 @@ def _main(argv=None):
     ls.add_argument("dir", nargs="?", help="default: $PERSIST_DIR, else ./.persist")
     ls.set_defaults(run=_cli_ls)
     show = commands.add_parser("show", help="list a cache's entries: age, size, arguments")
+    show.add_argument("--limit", type=_limit, metavar="N", help="show the first N entries "
+                      "(default: 50 on a terminal, else all; 0: all)")
     clear = commands.add_parser("clear", help="remove every entry of a cache")
     prune = commands.add_parser("prune", help="remove a cache's old entries")
     for command, run in ((show, _cli_show), (clear, _cli_clear), (prune, _cli_prune)):
-        command.add_argument("cache", help="a cache file, or a function's name as in 'ls'")
+        command.add_argument("cache", help="a cache file, or a function's name or a path as "
+                             "'ls' shows them")
+        command.add_argument("--dir", help="where to look for it (default: $PERSIST_DIR, "
+                             "else ./.persist)")
         command.set_defaults(run=run)
+    for command in (clear, prune):
+        command.add_argument("--dry-run", action="store_true", help="say how many entries "
+                             "and bytes would go, and change nothing")
     which = prune.add_mutually_exclusive_group(required=True)
     which.add_argument("--expired", action="store_true", help="older than the function's "
                        "expire=")
@@ -3273,8 +3689,8 @@ def _main(argv=None):
     except BrokenPipeError:          # persist show CACHE | head
         sys.stdout = None
         return 0
-    except OSError as exc:
-        print("persist: error: %s" % exc, file=sys.stderr)
+    except (OSError, sqlite3.Error) as exc:
+        print("persist: error: %s" % _error_text(exc), file=sys.stderr)
         return 1
 
 

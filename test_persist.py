@@ -22,6 +22,7 @@ import pathlib
 import pickle
 import random
 import re
+import shelve
 import signal
 import sqlite3
 import stat
@@ -3115,7 +3116,7 @@ class TestInterruptJustAfterCommit(TempDirTest):
         real = persist._transaction
 
         def commit_then_interrupt(conn, work, args):
-            result = real(conn, work, args)
+            real(conn, work, args)
             raise KeyboardInterrupt           # as from a signal handler, after COMMIT
         big = b"x" * (persist._INLINE_LIMIT + 1)
         with persist.open(cache) as db:
@@ -3902,7 +3903,8 @@ class TestCommandLine(TempDirTest):
         self.assertEqual(done.stdout.split()[:2], ["removed", "0"])
         done = self.persist_cli("prune", db, "--older-than", "7d")
         self.assertEqual(done.stdout.split()[:2], ["removed", "0"])
-        done = self.persist_cli("prune", db, "--older-than", "0s")
+        backdate(db, 2 * 86400)
+        done = self.persist_cli("prune", db, "--older-than", "1d")
         self.assertEqual(done.stdout.split()[:2], ["removed", "5"], done.stderr)
         run_python("""
             import persist
@@ -3943,6 +3945,484 @@ class TestCommandLine(TempDirTest):
         self.assertEqual(done.returncode, 1)
         self.assertEqual([line.split(": ", 1)[1][:12] for line in done.stdout.splitlines()],
                          ["finished {\"f", "not finished", "missing"])
+
+
+def backdate(cache_file, seconds):
+    """Make every entry of a cache look stored seconds earlier, as time would."""
+    conn = sqlite3.connect(str(cache_file))
+    with conn:
+        conn.execute("UPDATE Dict SET stored = stored - ?", (seconds,))
+    conn.close()
+
+
+class CommandLineTest(TempDirTest):
+    """A cache of five entries, jobs.fetch, in DIR/cache; the command line run as a user would."""
+
+    def setUp(self):
+        super().setUp()
+        self.cache = self.path / "cache"
+        self.db = self.cache / "jobs.fetch.db"
+        self.fill(self.cache)
+
+    def fill(self, directory, count=5, size=1000):
+        @persist.memoize(cache_dir=directory, name="jobs.fetch")
+        def fetch(url):
+            return "p" * size
+
+        for i in range(count):
+            fetch("https://example.org/%d" % i)
+
+    def cli(self, *args, **env):
+        return run_command([os.path.join(HERE, "persist.py")] + [str(a) for a in args],
+                           cwd=self.dir, **env)
+
+    def entries(self):
+        with persist.open(self.db, "r") as shelf:
+            return len(shelf)
+
+    def assertOneLineError(self, done, *words):
+        self.assertNotEqual(done.returncode, 0, done.stdout)
+        self.assertNotIn("Traceback", done.stderr)
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+        for word in words:
+            self.assertIn(word, done.stderr)
+
+
+class TestCommandLineAges(CommandLineTest):
+    def test_negative_nan_infinite_and_zero_ages_are_refused(self):
+        for age in ("-1d", "nan", "inf", "-inf", "0s", "1e400"):
+            done = self.cli("prune", self.db, "--older-than=" + age)
+            self.assertEqual(done.returncode, 2, age)
+            self.assertIn("positive and finite, not %r" % age, done.stderr)
+            self.assertEqual(self.entries(), 5)
+
+    def test_the_written_out_message_shows(self):
+        done = self.cli("prune", self.db, "--older-than", "5x")
+        self.assertIn("not an age: '5x' (try 90s", done.stderr)
+        self.assertNotIn("invalid", done.stderr)
+
+    def test_a_positive_age_still_prunes(self):
+        backdate(self.db, 2 * 86400)
+        done = self.cli("prune", self.db, "--older-than", "1d")
+        self.assertEqual(done.stdout.split()[:2], ["removed", "5"], done.stderr)
+        self.assertEqual(self.entries(), 0)
+
+
+class TestCommandLineDryRun(CommandLineTest):
+    def test_prune_dry_run_counts_and_keeps(self):
+        backdate(self.db, 3 * 86400)
+        done = self.cli("prune", self.db, "--older-than", "2d", "--dry-run")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, r"^would remove 5 entries \(\d.* KB\) from ")
+        self.assertEqual(self.entries(), 5)
+        done = self.cli("prune", self.db, "--older-than", "4d", "--dry-run")
+        self.assertRegex(done.stdout, r"^would remove 0 entries \(0 B\)")
+
+    def test_clear_dry_run_counts_and_keeps(self):
+        done = self.cli("clear", self.db, "--dry-run")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, r"^would remove 5 entries \(\d.* KB\) from ")
+        self.assertEqual(self.entries(), 5)
+
+
+class TestCommandLineGivesSpaceBack(CommandLineTest):
+    def test_prune_and_clear_shrink_the_file(self):
+        self.fill(self.cache, count=3000, size=200)
+        full = os.path.getsize(self.db)
+        backdate(self.db, 2 * 86400)
+        with persist.open(self.db) as shelf:      # five new entries
+            for i in range(5):
+                shelf[str(i)] = i
+        done = self.cli("prune", self.db, "--older-than", "1d")
+        self.assertEqual(done.stdout.split()[:2], ["removed", "3000"], done.stderr)
+        wal = str(self.db) + "-wal"             # a connection this process still holds keeps it
+        left = os.path.getsize(self.db) + (os.path.getsize(wal) if os.path.exists(wal) else 0)
+        self.assertLess(left, full / 4)
+        done = self.cli("clear", self.db)
+        self.assertEqual(done.stdout.split()[:2], ["removed", "5"], done.stderr)
+        self.assertEqual(self.entries(), 0)
+
+
+class TestCommandLineListsBrokenFiles(CommandLineTest):
+    def test_each_is_listed_with_its_reason(self):
+        (self.cache / "notes.db").write_text("my notes, not a database")
+        (self.cache / "empty.db").write_bytes(b"")
+        conn = sqlite3.connect(str(self.cache / "other.db"))
+        conn.execute("CREATE TABLE t (x)")
+        conn.commit()
+        conn.close()
+        with open(str(self.db), "rb") as file:
+            (self.cache / "cut.db").write_bytes(file.read(20000))
+        done = self.cli("ls", self.cache)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        rows = {line.split()[-1]: line for line in done.stdout.splitlines()[1:]}
+        self.assertEqual(sorted(rows), ["cut.db", "empty.db", "jobs.fetch.db", "notes.db",
+                                        "other.db"])
+        self.assertTrue(rows["jobs.fetch.db"].startswith("jobs.fetch "))
+        self.assertTrue(rows["notes.db"].startswith("(not SQLite) "))
+        self.assertTrue(rows["empty.db"].startswith("(empty file) "))
+        self.assertTrue(rows["other.db"].startswith("(foreign SQLite) "))
+        self.assertTrue(rows["cut.db"].startswith("(corrupt) "), rows["cut.db"])
+
+
+class TestCommandLineWhere(CommandLineTest):
+    def setUp(self):
+        super().setUp()
+        self.tree = self.path / "examples"
+        for part in ("a", "b"):
+            self.fill(self.tree / part / ".persist", count=2)
+
+    def test_ls_shows_where_each_cache_is(self):
+        done = self.cli("ls", self.tree)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        rows = [line.split() for line in done.stdout.splitlines()[1:]]
+        self.assertEqual([(row[0], row[-1]) for row in rows], [
+            ("jobs.fetch", os.path.join("a", ".persist", "jobs.fetch.db")),
+            ("jobs.fetch", os.path.join("b", ".persist", "jobs.fetch.db"))])
+
+    def test_show_takes_what_ls_printed(self):
+        where = self.cli("ls", self.tree).stdout.splitlines()[2].split()[-1]
+        done = self.cli("show", "--dir", self.tree, where)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(len(done.stdout.splitlines()), 3)
+        again = self.cli("show", os.path.join("examples", where)).stdout
+        self.assertEqual([line.split()[1:] for line in again.splitlines()],   # without the age
+                         [line.split()[1:] for line in done.stdout.splitlines()])
+        # the default directory: ls prints the file name, which show takes
+        os.rename(str(self.cache), str(self.path / ".persist"))
+        where = self.cli("ls").stdout.splitlines()[1].split()[-1]
+        self.assertEqual(len(self.cli("show", where).stdout.splitlines()), 6)
+        self.assertEqual(len(self.cli("show", "jobs.fetch").stdout.splitlines()), 6)
+
+    def test_dir_on_every_command_that_takes_a_name(self):
+        done = self.cli("show", "jobs.fetch", "--dir", self.cache)
+        self.assertEqual(len(done.stdout.splitlines()), 6, done.stderr)
+        done = self.cli("prune", "jobs.fetch", "--dir", self.cache, "--older-than", "1d")
+        self.assertEqual(done.stdout.split()[:2], ["removed", "0"], done.stderr)
+        done = self.cli("clear", "jobs.fetch", "--dir", self.cache)
+        self.assertEqual(done.stdout.split()[:2], ["removed", "5"], done.stderr)
+
+    def test_a_name_of_many_caches_is_refused_with_their_paths(self):
+        done = self.cli("show", "--dir", self.tree, "jobs.fetch")
+        self.assertOneLineError(done, "2 caches of that name",
+                                os.path.join("a", ".persist", "jobs.fetch.db"))
+
+
+class Thing:
+    """No __repr__: its repr has its address, which changes from run to run."""
+
+
+class Lines:
+    def __repr__(self):
+        return "Lines\n  one\n  two"
+
+    def __reduce__(self):
+        return Lines, ()
+
+
+class TestCommandLineShow(CommandLineTest):
+    def test_limit(self):
+        done = self.cli("show", self.db, "--limit", "2")
+        lines = done.stdout.splitlines()
+        self.assertEqual(len(lines), 4, done.stderr)
+        self.assertIn("/0')", lines[1])
+        self.assertEqual(lines[3], "... 3 more, of 5 entries (--limit 0 shows all)")
+        self.assertEqual(len(self.cli("show", self.db, "--limit", "0").stdout.splitlines()), 6)
+        self.assertEqual(len(self.cli("show", self.db).stdout.splitlines()), 6)   # a pipe
+        done = self.cli("show", self.db, "--limit", "-1")
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("not a number of entries: '-1'", done.stderr)
+
+    @unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+    def test_a_terminal_gets_a_screenful(self):
+        self.fill(self.cache, count=80, size=10)
+        master, slave = os.openpty()
+        self.addCleanup(os.close, master)
+        with open(os.devnull) as null:
+            child = subprocess.Popen([sys.executable, os.path.join(HERE, "persist.py"), "show",
+                                      str(self.db)], stdin=null, stdout=slave,
+                                     env=child_env())
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:          # Linux: EIO once the child has closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        child.wait()
+        lines = out.decode().splitlines()
+        self.assertEqual(len(lines), 52)
+        self.assertEqual(lines[-1], "... 30 more, of 80 entries (--limit 0 shows all)")
+
+    def test_one_line_per_entry_and_no_addresses_and_no_ignored_parameters(self):
+        code = """
+            import persist, sys
+            sys.path.insert(0, %r)
+            from test_persist import Thing, Lines
+            @persist.memoize(cache_dir=%r, name="fit", ignore=("log",))
+            def fit(data, log, scale=1):
+                return 1
+            fit(Thing(), "LOG-A")
+            fit(Lines(), "LOG-B", scale=2)
+        """ % (HERE, str(self.cache))
+        run_python(code)
+        run_python(code)              # other addresses, the same keys
+        with persist.open(self.cache / "shelf.db") as shelf:
+            shelf["two\nlines at 0xbeef"] = 1      # a key, as it is: no repr
+        done = self.cli("show", self.cache / "fit.db")
+        lines = done.stdout.splitlines()
+        self.assertEqual(len(lines), 3, done.stdout)
+        self.assertIn("(<test_persist.Thing object>)", lines[1])
+        self.assertIn("(Lines one two, scale=2)", lines[2])
+        self.assertNotIn("LOG", done.stdout)
+        self.assertNotIn("0x", done.stdout)
+        done = self.cli("show", self.cache / "shelf.db")
+        self.assertEqual(len(done.stdout.splitlines()), 2, done.stdout)
+        self.assertIn("two lines at 0xbeef", done.stdout)
+
+
+class TestCommandLineErrors(CommandLineTest):
+    def test_not_a_cache(self):
+        (self.path / "notes.txt").write_text("my notes")
+        for args in (["show"], ["clear"], ["prune", "--expired"], ["ls"],
+                     ["clear", "--dry-run"]):
+            done = self.cli(*(args[:1] + ["notes.txt"] + args[1:]))
+            self.assertOneLineError(done, "notes.txt: not a persist cache")
+        self.assertEqual((self.path / "notes.txt").read_text(), "my notes")
+        self.assertOneLineError(self.cli("show", "nothing-here"), "No such cache")
+        self.assertOneLineError(self.cli("ls", "nowhere"), "nowhere: No such directory")
+        self.assertOneLineError(self.cli("show", self.cache), "a directory, not a cache")
+
+    def test_a_cache_it_cannot_read(self):
+        with open(str(self.db), "rb") as file:
+            (self.cache / "cut.db").write_bytes(file.read(20000))
+        for args in (["show"], ["clear"], ["prune", "--older-than", "1d"],
+                     ["prune", "--stale", "--dry-run"]):
+            done = self.cli(*(args[:1] + [self.cache / "cut.db"] + args[1:]))
+            self.assertOneLineError(done, "cut.db: ")
+
+    @unittest.skipIf(POSIX and os.geteuid() == 0, "root may write any file")
+    def test_a_read_only_cache_it_was_asked_to_change(self):
+        os.chmod(str(self.db), 0o444)
+        self.addCleanup(os.chmod, str(self.db), 0o644)
+        for args in (["clear"], ["prune", "--older-than", "1d"]):
+            done = self.cli(*(args[:1] + [self.db] + args[1:]))
+            self.assertOneLineError(done, "jobs.fetch.db: ")
+        self.assertEqual(self.entries(), 5)
+        done = self.cli("clear", self.db, "--dry-run")
+        self.assertEqual(done.returncode, 0, done.stderr)
+
+
+def dbm_module(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def shelve_file(path, module, items):
+    """A file as shelve.open(path) makes it with the dbm module given."""
+    with shelve.Shelf(module.open(str(path), "c")) as shelf:
+        shelf.update(items)
+
+
+def handmade_dbm_sqlite3(path, items):
+    """A dbm.sqlite3 file (Python 3.13's default for shelve), made here for any Python."""
+    conn = sqlite3.connect(str(path))
+    conn.execute("CREATE TABLE IF NOT EXISTS Dict (key BLOB UNIQUE NOT NULL, "
+                 "value BLOB NOT NULL)")
+    conn.execute("PRAGMA journal_mode = wal").fetchall()   # PyPy: a statement left open
+    with conn:
+        conn.executemany("REPLACE INTO Dict (key, value) VALUES (CAST(? AS BLOB), "
+                         "CAST(? AS BLOB))", [(key.encode(), pickle.dumps(value, 3))
+                                              for key, value in items.items()])
+    conn.close()
+
+
+ITEMS = {"a": [1, 2], "caf\u00e9": {"big": "x" * 300000}, "n": None}
+
+
+def content(path):
+    """What a file holds: its bytes; a dbm.sqlite3 file's rows (opening it may change its
+    header, and persist sets its journal mode back to DELETE before reading it whole)."""
+    with open(str(path), "rb") as file:
+        data = file.read()
+    if not data.startswith(b"SQLite format 3\0"):
+        return data
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        return conn.execute("SELECT key, value FROM Dict ORDER BY key").fetchall()
+    finally:
+        conn.close()
+
+
+class ShelveFileTest(TempDirTest):
+    def originals(self):
+        return {name: content(self.path / name) for name in os.listdir(self.dir)}
+
+    def check_copied(self, name, kind, kept):
+        before = self.originals()
+        with self.assertWarns(persist.PersistWarning) as caught:
+            shelf = persist.open(self.path / name)
+        message = str(caught.warning)
+        self.assertIn("was a %s shelve file; its 3 entries are now in a persist store" % kind,
+                      message)
+        self.assertNotIn("delete", message)
+        with shelf:
+            self.assertEqual(dict(shelf), ITEMS)
+            shelf["new"] = 1
+        for original, held in before.items():       # kept, every entry
+            self.assertEqual(content(self.path / (kept or original)), held)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with persist.open(self.path / name, "r") as shelf:     # a store now
+                self.assertEqual(len(shelf), 4)
+        self.assertNoTemp()
+        return message
+
+
+class TestOpenOverDbmDumb(ShelveFileTest):
+    def test_its_entries_are_copied_and_the_files_kept(self):
+        shelve_file(self.path / "plain_shelf", dbm_module("dbm.dumb"), ITEMS)
+        message = self.check_copied("plain_shelf", "dbm.dumb", None)
+        self.assertIn("original files are kept, unchanged, beside it", message)
+        with shelve.Shelf(dbm_module("dbm.dumb").open(str(self.path / "plain_shelf"),
+                                                      "r")) as old:
+            self.assertEqual(dict(old), ITEMS)
+
+    def test_read_only_says_how(self):
+        shelve_file(self.path / "plain_shelf", dbm_module("dbm.dumb"), ITEMS)
+        before = self.originals()
+        with self.assertRaises(persist.PersistError) as caught:
+            persist.open(self.path / "plain_shelf", "r")
+        self.assertIn("dbm.dumb shelve file, not yet a persist store; open it once with "
+                      "persist.open(", str(caught.exception))
+        self.assertNotIn("delete", str(caught.exception))
+        self.assertEqual(self.originals(), before)
+
+    def test_inside_a_done_dir_of_this_process(self):
+        with persist.done_dir(self.path / "stage") as stage:
+            shelve_file(stage / "plain_shelf", dbm_module("dbm.dumb"), ITEMS)
+            with self.assertWarns(persist.PersistWarning):
+                with persist.open(stage / "plain_shelf") as shelf:
+                    self.assertEqual(dict(shelf), ITEMS)
+
+    def test_a_failed_copy_leaves_the_original_and_no_store(self):
+        shelve_file(self.path / "plain_shelf", dbm_module("dbm.dumb"), ITEMS)
+        before = self.originals()
+        with mock.patch.object(persist, "_rename_no_clobber",
+                               side_effect=OSError(errno.EIO, "injected")):
+            with self.assertRaises(OSError):
+                persist.open(self.path / "plain_shelf")
+        self.assertEqual(self.originals(), before)
+        self.check_copied("plain_shelf", "dbm.dumb", None)
+
+
+@unittest.skipUnless(dbm_module("dbm.gnu") or dbm_module("dbm.ndbm"),
+                     "this Python has neither dbm.gnu nor dbm.ndbm")
+class TestOpenOverGnuOrNdbm(ShelveFileTest):
+    def test_its_entries_are_copied_and_the_original_kept(self):
+        for kind in ("dbm.gnu", "dbm.ndbm"):
+            module = dbm_module(kind)
+            if module is None:
+                continue
+            with self.subTest(kind):
+                shelve_file(self.path / kind, module, ITEMS)
+                same_name = os.path.exists(str(self.path / kind))
+                self.check_copied(kind, kind, kind + ".before-persist" if same_name else None)
+
+
+class TestOpenOverDbmSqlite3(ShelveFileTest):
+    def test_its_entries_are_copied_and_the_original_kept(self):
+        handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
+        message = self.check_copied("plain_shelf", "dbm.sqlite3",
+                                    "plain_shelf.before-persist")
+        self.assertIn("the original is kept as %s" % (self.path / "plain_shelf.before-persist"),
+                      message)
+        self.assertEqual(sorted(name for name in os.listdir(self.dir)
+                                if not name.endswith(("-wal", "-shm"))),
+                         ["plain_shelf", "plain_shelf.before-persist"])
+
+    @unittest.skipUnless(dbm_module("dbm.sqlite3"), "Python 3.13's dbm.sqlite3")
+    def test_a_real_one(self):
+        with shelve.Shelf(dbm_module("dbm.sqlite3").open(str(self.path / "plain_shelf"),
+                                                         "c")) as shelf:
+            shelf.update(ITEMS)
+        self.check_copied("plain_shelf", "dbm.sqlite3", "plain_shelf.before-persist")
+        with shelve.Shelf(dbm_module("dbm.sqlite3").open(
+                str(self.path / "plain_shelf.before-persist"), "r")) as old:
+            self.assertEqual(dict(old), ITEMS)
+
+    def test_one_open_elsewhere_is_left_alone(self):
+        handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
+        other = sqlite3.connect(str(self.path / "plain_shelf"))
+        other.execute("BEGIN IMMEDIATE")        # a writer, mid-transaction
+        try:
+            with self.assertRaises(persist.PersistError) as caught:
+                persist.open(self.path / "plain_shelf")
+        finally:
+            other.rollback()
+            other.close()
+        self.assertIn("another program has open", str(caught.exception))
+        self.assertNotIn("delete", str(caught.exception))
+        self.assertNoTemp()
+        self.check_copied("plain_shelf", "dbm.sqlite3", "plain_shelf.before-persist")
+
+    def test_a_crash_after_the_original_was_kept_aside(self):
+        handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
+        with mock.patch.object(os, "replace", side_effect=OSError(errno.EIO, "injected")):
+            with self.assertRaises(OSError):
+                persist.open(self.path / "plain_shelf")
+        self.assertTrue(os.path.samefile(str(self.path / "plain_shelf"),
+                                         str(self.path / "plain_shelf.before-persist")))
+        os.unlink(str(self.path / "plain_shelf.before-persist"))
+        self.check_copied("plain_shelf", "dbm.sqlite3", "plain_shelf.before-persist")
+
+    def test_flag_n_starts_empty_and_keeps_the_original(self):
+        handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
+        before = content(self.path / "plain_shelf")
+        with self.assertWarns(persist.PersistWarning) as caught:
+            with persist.open(self.path / "plain_shelf", "n") as shelf:
+                self.assertEqual(len(shelf), 0)
+        self.assertIn("a new, empty persist store has its name", str(caught.warning))
+        self.assertEqual(content(self.path / "plain_shelf.before-persist"), before)
+
+    def test_two_processes_at_once(self):
+        handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
+        code = textwrap.dedent("""
+            import sys, warnings, persist
+            sys.stdin.readline()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with persist.open(sys.argv[1]) as shelf:
+                    shelf[sys.argv[2]] = 1
+            print(len(caught))
+        """)
+        children = [subprocess.Popen([sys.executable, "-c", code, str(self.path / "plain_shelf"),
+                                      name], env=child_env(), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, universal_newlines=True)
+                    for name in ("x", "y")]
+        for child in children:            # both go at once
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        outs = [child.communicate()[0] for child in children]
+        self.assertEqual(sorted(int(out) for out in outs), [0, 1])
+        with persist.open(self.path / "plain_shelf", "r") as shelf:
+            self.assertEqual(sorted(shelf), sorted(list(ITEMS) + ["x", "y"]))
+        self.assertNoTemp()
+
+    def test_ls_marks_it(self):
+        handmade_dbm_sqlite3(self.path / "old.db", ITEMS)
+        done = run_command([os.path.join(HERE, "persist.py"), "ls", self.dir])
+        self.assertEqual(done.stdout.splitlines()[1].split()[:2], ["(shelve", "file)"])
+        done = run_command([os.path.join(HERE, "persist.py"), "show", self.path / "old.db"])
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("old.db: a dbm.sqlite3 shelve file, not a persist cache; persist.open(",
+                      done.stderr)
+        self.assertNotIn("delete", done.stderr)
 
 
 class TestExamplePipeline(TempDirTest):
