@@ -3664,6 +3664,67 @@ class TestExamplePipeline(TempDirTest):
         self.assertNoTemp()
 
 
+class TestInstallWithPip(TempDirTest):
+    """pip builds a wheel of the repository that installs the module persist and nothing else,
+    and a fresh virtual environment imports it from there and memoizes with it.
+
+    Building needs the backend that pyproject.toml names (flit_core). Without build isolation
+    pip takes it from this interpreter, so the test fetches nothing: where it is not installed
+    the test is skipped (.ci/run installs it from .ci/requirements.txt)."""
+
+    def setUp(self):
+        super().setUp()
+        for module, why in (("pip", "pip"), ("venv", "venv"),
+                            ("flit_core", "the build backend flit_core (pip install -r "
+                                          ".ci/requirements.txt)")):
+            if importlib.util.find_spec(module) is None:
+                self.skipTest("%s is not installed in this interpreter" % why)
+        version = run_command(["-m", "pip", "--version"]).stdout.split()[1]
+        if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < (22, 3):
+            self.skipTest("pip %s has no --python (22.3 and newer)" % version)
+
+    def pip(self, *args):
+        done = run_command(["-m", "pip", "--disable-pip-version-check", "--no-input",
+                            "--no-cache-dir"] + list(args), cwd=self.dir)
+        self.assertEqual(done.returncode, 0, done.stderr)
+
+    def test_wheel_installs_one_module(self):
+        import zipfile
+        self.pip("wheel", "--no-deps", "--no-build-isolation", "-w", "wheels", HERE)
+        (wheel,) = os.listdir(os.path.join(self.dir, "wheels"))
+        self.assertEqual(wheel, "persist_results-%s-py3-none-any.whl" % persist.__version__)
+        wheel = os.path.join(self.dir, "wheels", wheel)
+        with zipfile.ZipFile(wheel) as archive:
+            names = archive.namelist()
+            metadata = archive.read("persist_results-%s.dist-info/METADATA"
+                                    % persist.__version__).decode("utf-8")
+        self.assertEqual([name for name in names if ".dist-info/" not in name], ["persist.py"])
+        self.assertIn("\nVersion: %s\n" % persist.__version__, metadata)
+        self.assertIn("\nRequires-Python: >=3.8\n", metadata)
+
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "venv"], cwd=self.dir,
+                       check=True)
+        venv = os.path.join(self.dir, "venv")
+        python = os.path.join(venv, "Scripts" if os.name == "nt" else "bin", "python")
+        self.pip("--python", python, "install", "--no-deps", "--no-index", wheel)
+        # -I: neither this directory nor PYTHONPATH (the repository) is on sys.path.
+        done = subprocess.run([python, "-I", "-c", textwrap.dedent("""
+            import os, persist
+            print(os.path.realpath(persist.__file__))
+            @persist.memoize(cache_dir="cache", name="square")
+            def square(x):
+                print("computed")
+                return x * x
+            print(square(12), square(12), square.cache_info().hits)
+            """)], cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        where, computed, results = done.stdout.splitlines()
+        self.assertTrue(where.startswith(os.path.realpath(venv) + os.sep), where)
+        self.assertEqual((computed, results), ("computed", "144 144 1"))
+        self.assertTrue(os.path.exists(os.path.join(self.dir, "cache", "square.db")))
+
+
 class TestReadme(TempDirTest):
     """Every code block in README.md runs."""
 
