@@ -2456,11 +2456,12 @@ def _explain(memo, key, key_for):
     path = memo.path
     try:
         store = memo.open(create=False)
-    except OSError as exc:                 # strict=True, or a cache of another project
-        store, memo.broken = None, memo.broken or exc
-    if memo.broken is not None:
+        broken = memo.broken
+    except OSError as exc:                 # strict=True, or not safe to use: calls raise it
+        store, broken = None, exc
+    if broken is not None:
         return _Explanation("cannot open", path, "miss: the cache %s cannot be opened (%s)"
-                            % (path, memo.broken), error=str(memo.broken))
+                            % (path, broken), error=str(broken))
     if store is None:
         return _Explanation("no entry", path, "miss: no entry; the cache %s does not exist "
                             "yet" % path)
