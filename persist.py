@@ -2450,6 +2450,24 @@ def _stored_when(stored, seconds=None):
     return text + ", computed in under 1 ms"
 
 
+def _other_code_caches(memo):
+    """The caches beside memo's of the same function with other code: a function with no
+    source file (a notebook, the REPL) or a lambda has a tag of its code in its cache's name
+    (see _identity), so each edit starts a new cache."""
+    identity = memo.identity
+    stem, _, tag = identity.rpartition("-")
+    if not stem or _file_name(identity) != identity + ".db" or identity != _identity(memo.func):
+        return []                          # no tag, a name=, or a name with a digest added
+    mine = os.path.basename(memo.path)
+    try:
+        names = os.listdir(os.path.dirname(memo.path))
+    except OSError:
+        return []
+    return sorted(name for name in names
+                  if name != mine and name.startswith(stem + "-") and name.endswith(".db")
+                  and len(name) == len(mine))
+
+
 def _explain(memo, key, key_for):
     """An _Explanation of what a call whose key is key would do now; key_for(salt) keys the
     same call under another salt. Nothing is counted and nothing is stored."""
@@ -2463,8 +2481,14 @@ def _explain(memo, key, key_for):
         return _Explanation("cannot open", path, "miss: the cache %s cannot be opened (%s)"
                             % (path, broken), error=str(broken))
     if store is None:
-        return _Explanation("no entry", path, "miss: no entry; the cache %s does not exist "
-                            "yet" % path)
+        text = "miss: no entry; the cache %s does not exist yet" % path
+        others = _other_code_caches(memo)
+        if others:
+            text += ("; beside it, %s %s of this function with other code: a function with "
+                     "no source file is cached by its code (memoize(name=...) keeps results "
+                     "while you edit it)" % (", ".join(others), "is one" if len(others) == 1
+                                             else "are caches"))
+        return _Explanation("no entry", path, text)
     try:
         for _ in range(2):                 # a writer may replace the entry while we load it
             row = store.get(key)

@@ -1304,6 +1304,41 @@ class TestExplainNoEntry(ExplainTest):
                         % re.escape(os.path.basename(f.cache_info().path)))
 
 
+class TestExplainEditedInANotebook(ExplainTest):
+    def cell(self, source):
+        """Run source as a notebook or REPL cell whose function has no source file."""
+        namespace = {"__name__": "notebook", "persist": persist, "cache": self.dir}
+        exec(textwrap.dedent(source), namespace)
+        return namespace["f"]
+
+    def test_names_the_caches_of_earlier_code(self):
+        first = self.cell("""
+            @persist.memoize(cache_dir=cache)
+            def f(x):
+                return x + 1
+            """)
+        first(1)
+        edited = self.cell("""
+            @persist.memoize(cache_dir=cache)
+            def f(x):
+                return x + 2
+            """)
+        explanation = edited.explain(1)
+        self.assertMiss(explanation, "no entry", r"no entry; the cache .* does not exist yet; "
+                        r"beside it, %s is one of this function with other code: .*name=" %
+                        re.escape(os.path.basename(first.cache_info().path)))
+        self.assertFalse(os.path.exists(edited.cache_info().path))
+
+    def test_same_code_again_finds_its_cache(self):
+        source = """
+            @persist.memoize(cache_dir=cache)
+            def f(x):
+                return x + 1
+            """
+        self.cell(source)(1)
+        self.assertTrue(self.cell(source).explain(1).hit)
+
+
 class TestExplainExpired(ExplainTest):
     def test_expired_says_when_and_expire(self):
         f = self.memo(lambda x: x, expire=60)
