@@ -2513,7 +2513,10 @@ def _explain(memo, key, key_for):
                                     seconds=seconds, version=memo.version, error=error)
             return _Explanation("hit", path, "hit: " + _stored_when(stored, seconds),
                                 stored=stored, seconds=seconds, version=memo.version)
-        failed = store.conn.query(_FAILED, (key,))
+        try:
+            failed = store.conn.query(_FAILED, (key,))
+        except OSError:                    # best effort: an early cache has no Failures table
+            failed = None
         if failed:
             (count, last, kind, message), = failed
             error = "%s: %s" % (kind, message)

@@ -1402,6 +1402,12 @@ class TestExplainFailedBefore(ExplainTest):
         self.assertEqual((explanation.failures, explanation.error), (3, "KeyError: 'id'"))
         self.assertEqual(f.explain(2).reason, "no entry")
 
+    def test_cache_without_a_failures_table(self):
+        f = self.memo(lambda x: x)
+        f(1)
+        self.sql(f, "DROP TABLE Failures")
+        self.assertEqual(f.explain(2).reason, "no entry")
+
 
 class TestExplainCannotOpen(ExplainTest):
     def test_says_why(self):
