@@ -2455,7 +2455,7 @@ def _other_code_caches(memo):
     source file (a notebook, the REPL) or a lambda has a tag of its code in its cache's name
     (see _identity), so each edit starts a new cache."""
     identity = memo.identity
-    stem, _, tag = identity.rpartition("-")
+    stem = identity.rpartition("-")[0]
     if not stem or _file_name(identity) != identity + ".db" or identity != _identity(memo.func):
         return []                          # no tag, a name=, or a name with a digest added
     mine = os.path.basename(memo.path)
