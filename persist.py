@@ -125,6 +125,9 @@ _SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
 _ENTRIES = ("SELECT key, args, stored, length(value), file, seconds, version FROM Dict"
             " ORDER BY stored")
 _SUMMARY = "SELECT count(*), min(stored), max(stored) FROM Dict"
+_VERSIONS = "SELECT DISTINCT version FROM Dict WHERE version IS NOT ?"
+_STORED = "SELECT stored, version FROM Dict WHERE key = ?"
+_FAILED = "SELECT count, last, type, message FROM Failures WHERE key = ?"
 _MISSING = object()              # "no such entry", where None is a value
 
 _NOT_A_CACHE = ("not a persist cache ({why}); if it holds nothing you need, delete it to "
@@ -2616,6 +2619,139 @@ class _Memo:
                   % (self.identity, type(exc).__name__, exc))
 
 
+class _Explanation:
+    """What explain() found: str() says it in a line; the attributes say it to programs.
+
+    hit: whether a call would return a stored result; reason: "hit", "no entry", "expired",
+    "another version", "cannot load", "failed before" or "cannot open"; path: the cache;
+    stored and seconds: when the entry was stored (Unix time) and how long its call took;
+    version: the version= that stored it (as its repr); error: why it cannot be loaded or
+    opened, or the last failure; failures: how often the call failed since it last succeeded.
+    """
+
+    __slots__ = ("hit", "reason", "path", "stored", "seconds", "version", "error", "failures",
+                 "_text")
+
+    def __init__(self, reason, path, text, stored=None, seconds=None, version=None,
+                 error=None, failures=0):
+        self.hit = reason == "hit"
+        self.reason, self.path, self._text = reason, path, text
+        self.stored, self.seconds, self.version = stored, seconds, version
+        self.error, self.failures = error, failures
+
+    def __str__(self):
+        return self._text
+
+    def __repr__(self):
+        return "<explanation %s: %s>" % (self.reason, self._text)
+
+
+def _stored_when(stored, seconds=None):
+    """'stored 2026-11-26 11:52 (3m ago), computed in 1.5 s' (the last part where known)."""
+    text = "stored %s (%s ago)" % (_when(stored), _age(max(0.0, time.time() - stored)))
+    if seconds is None:
+        return text
+    if seconds >= 1:
+        return text + ", computed in %.1f s" % seconds
+    if seconds >= 0.001:
+        return text + ", computed in %d ms" % (seconds * 1000)
+    return text + ", computed in under 1 ms"
+
+
+def _other_code_caches(memo):
+    """The caches beside memo's of the same function with other code: a function with no
+    source file (a notebook, the REPL) or a lambda has a tag of its code in its cache's name
+    (see _identity), so each edit starts a new cache."""
+    identity = memo.identity
+    stem = identity.rpartition("-")[0]
+    if not stem or _file_name(identity) != identity + ".db" or identity != _identity(memo.func):
+        return []                          # no tag, a name=, or a name with a digest added
+    mine = os.path.basename(memo.path)
+    try:
+        names = os.listdir(os.path.dirname(memo.path))
+    except OSError:
+        return []
+    return sorted(name for name in names
+                  if name != mine and name.startswith(stem + "-") and name.endswith(".db")
+                  and len(name) == len(mine))
+
+
+def _explain(memo, key, key_for):
+    """An _Explanation of what a call whose key is key would do now; key_for(salt) keys the
+    same call under another salt. Nothing is counted and nothing is stored."""
+    path = memo.path
+    try:
+        store = memo.open(create=False)
+        broken = memo.broken
+    except OSError as exc:                 # strict=True, or not safe to use: calls raise it
+        store, broken = None, exc
+    if broken is not None:
+        return _Explanation("cannot open", path, "miss: the cache %s cannot be opened (%s)"
+                            % (path, broken), error=str(broken))
+    if store is None:
+        text = "miss: no entry; the cache %s does not exist yet" % path
+        others = _other_code_caches(memo)
+        if others:
+            text += ("; beside it, %s %s of this function with other code: a function with "
+                     "no source file is cached by its code (memoize(name=...) keeps results "
+                     "while you edit it)" % (", ".join(others), "is one" if len(others) == 1
+                                             else "are caches"))
+        return _Explanation("no entry", path, text)
+    try:
+        for _ in range(2):                 # a writer may replace the entry while we load it
+            row = store.get(key)
+            if row is None:
+                break
+            stored, seconds = row[2], row[3]
+            if memo.expire is not None and time.time() - stored >= memo.expire:
+                return _Explanation("expired", path, "miss: expired; %s, and expire=%g s"
+                                    % (_stored_when(stored), memo.expire),
+                                    stored=stored, seconds=seconds, version=memo.version)
+            try:
+                store.load(row)
+            except FileNotFoundError:      # replaced since get(): look again
+                continue
+            except OSError:
+                raise
+            except Exception as exc:
+                error = "%s: %s" % (type(exc).__name__, exc)
+                return _Explanation("cannot load", path, "miss: the entry (%s) cannot be "
+                                    "loaded (%s); a call computes it again"
+                                    % (_stored_when(stored, seconds), error), stored=stored,
+                                    seconds=seconds, version=memo.version, error=error)
+            return _Explanation("hit", path, "hit: " + _stored_when(stored, seconds),
+                                stored=stored, seconds=seconds, version=memo.version)
+        try:
+            failed = store.conn.query(_FAILED, (key,))
+        except OSError:                    # best effort: an early cache has no Failures table
+            failed = None
+        if failed:
+            (count, last, kind, message), = failed
+            error = "%s: %s" % (kind, message)
+            return _Explanation("failed before", path, "miss: no entry; the call failed %d "
+                                "time%s, last %s ago (%s)"
+                                % (count, "" if count == 1 else "s",
+                                   _age(max(0.0, time.time() - last)), error),
+                                error=error, failures=count)
+        # Keys are salted with the version: the same call under each other version that
+        # stored something here. The salt is the version, then what func carries.
+        carried = memo.salt[len(memo.version):]
+        for version, in store.conn.query(_VERSIONS, (memo.version,)):
+            if version is None:            # a row that memoize did not store
+                continue
+            rows = store.conn.query(_STORED, (key_for(version + carried),))
+            if rows:
+                (stored, version), = rows
+                return _Explanation("another version", path, "miss: no entry for version=%s, "
+                                    "and the version is part of the key; version=%s has one, "
+                                    "%s" % (memo.version, version, _stored_when(stored)),
+                                    stored=stored, version=version)
+    except OSError as exc:
+        return _Explanation("cannot open", path, "miss: the cache %s cannot be read (%s)"
+                            % (path, exc), error=str(exc))
+    return _Explanation("no entry", path, "miss: no entry in %s" % path)
+
+
 class _Memoized:
     """func through its cache: what memoize returns for a method, and what holds the
     cache_info(), cache_clear() and cache_delete() of every memoized function.
@@ -2689,6 +2825,21 @@ class _Memoized:
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
 
+    def explain(self, *args, **kwargs):
+        """Say whether a call with these arguments would be a hit, or why it would miss,
+        without calling the function. A hit is loaded, to be sure that it can be."""
+        memo, bind, key_from, func = self._state
+        if self._self is not None:
+            args = (self._self,) + args
+        material = bind(args, kwargs)        # a wrong call raises here, as the call would
+        try:
+            key = key_from(material)
+        except RecursionError:
+            raise
+        except Exception as exc:
+            raise _unkeyable(func, args, kwargs, exc) from None
+        return _explain(memo, key, lambda salt: _keyer(salt)(material))
+
     def cache_info(self):
         """hits and misses in this process; entries and path of the cache on disk; unstored:
         results this process could not store."""
@@ -2752,6 +2903,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     memo.source = None if name else _source_file(func)    # for _check_source()
     # memoize(name=...) names what the cache holds: what func carries is the caller's word
     salt = memo.version if name else _salt(func, memo.version, key, ignore)
+    memo.salt = salt                                      # for explain()
     bind = _binder(func, ignore, label) if key is None else (
         lambda args, kwargs: key(*args, **kwargs))
     if ignore and key is None:    # _binder() has checked the names against the signature
@@ -2800,6 +2952,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     wrapper.cache_clear = handle.cache_clear
     wrapper.cache_delete = handle.cache_delete
     wrapper.cache_prune = handle.cache_prune
+    wrapper.explain = handle.explain
     return wrapper
 
 

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import unittest
 import warnings
 from unittest import mock
@@ -1324,6 +1325,238 @@ class TestMemoizeResults(MemoTest):
         self.assertEqual(f.calls, [])
         self.assertEqual(path.read_bytes(), b"garbage" * 1000)
 
+
+
+def refuse_to_load():
+    raise ValueError("refused to load")
+
+
+class LoadsNever:
+    """Pickles fine; loading its pickle raises."""
+
+    def __reduce__(self):
+        return refuse_to_load, ()
+
+
+class ExplainTest(MemoTest):
+    def sql(self, func, statement, params=()):
+        """Run statement on func's cache file, as another tool could."""
+        conn = sqlite3.connect(func.cache_info().path)
+        try:
+            with conn:
+                return conn.execute(statement, params).fetchall()
+        finally:
+            conn.close()
+
+    def assertMiss(self, explanation, reason, pattern):
+        self.assertFalse(explanation.hit, str(explanation))
+        self.assertEqual(explanation.reason, reason, str(explanation))
+        self.assertRegex(str(explanation), "^miss: " + pattern)
+
+
+class TestExplainHit(ExplainTest):
+    def test_hit_says_when_and_how_long_without_calling(self):
+        f = self.memo(lambda x: x + 1)
+        before = time.time()
+        f(1)
+        info = f.cache_info()
+        explanation = f.explain(1)
+        self.assertTrue(explanation.hit)
+        self.assertEqual(explanation.reason, "hit")
+        self.assertRegex(str(explanation), r"^hit: stored \d{4}-\d\d-\d\d \d\d:\d\d \(\d+s ago\), "
+                                           r"computed in under 1 ms$")
+        self.assertGreaterEqual(explanation.stored, before - 1)
+        self.assertGreaterEqual(explanation.seconds, 0)
+        self.assertEqual(explanation.path, info.path)
+        self.assertEqual(len(f.calls), 1)                       # explain() never calls f
+        self.assertEqual(f.cache_info()[:2], info[:2])          # nor counts hits or misses
+
+    def test_arguments_bind_as_for_the_call(self):
+        f = self.memo(lambda x, y=2: x * y)
+        f(3)
+        self.assertTrue(f.explain(x=3).hit)
+        self.assertTrue(f.explain(3, y=2).hit)
+        self.assertFalse(f.explain(3, 4).hit)
+        with self.assertRaisesRegex(TypeError, "<lambda>"):
+            f.explain(1, 2, 3)
+        with self.assertRaisesRegex(TypeError, "cannot"):
+            f.explain(threading.Lock())
+
+    def test_method_and_async_function(self):
+        test = self
+
+        class Model:
+            @persist.memoize(cache_dir=test.dir, ignore=("self",))
+            def predict(self, x):
+                return x * 10
+
+        @persist.memoize(cache_dir=self.dir)
+        async def fetch(x):
+            return x
+
+        model = Model()
+        self.assertFalse(model.predict.explain(1).hit)
+        model.predict(1)
+        self.assertTrue(model.predict.explain(1).hit)
+        self.assertFalse(fetch.explain(1).hit)
+        asyncio.run(fetch(1))
+        self.assertTrue(fetch.explain(1).hit)
+
+    def test_seconds_of_a_slow_call(self):
+        f = self.memo(lambda x: x)
+        f(1)
+        self.sql(f, "UPDATE Dict SET seconds = 75.25")
+        self.assertRegex(str(f.explain(1)), r", computed in 75.2 s$")
+        self.assertEqual(f.explain(1).seconds, 75.25)
+
+
+class TestExplainNoEntry(ExplainTest):
+    def test_no_cache_yet(self):
+        f = self.memo(lambda x: x)
+        self.assertMiss(f.explain(1), "no entry", r"no entry; the cache .* does not exist yet$")
+        self.assertFalse(os.path.exists(f.cache_info().path))   # looking creates nothing
+
+    def test_other_arguments(self):
+        f = self.memo(lambda x: x)
+        f(1)
+        self.assertMiss(f.explain(2), "no entry", "no entry in .*%s$"
+                        % re.escape(os.path.basename(f.cache_info().path)))
+
+
+class TestExplainEditedInANotebook(ExplainTest):
+    def cell(self, source):
+        """Run source as a notebook or REPL cell whose function has no source file."""
+        namespace = {"__name__": "notebook", "persist": persist, "cache": self.dir}
+        exec(textwrap.dedent(source), namespace)
+        return namespace["f"]
+
+    def test_names_the_caches_of_earlier_code(self):
+        first = self.cell("""
+            @persist.memoize(cache_dir=cache)
+            def f(x):
+                return x + 1
+            """)
+        first(1)
+        edited = self.cell("""
+            @persist.memoize(cache_dir=cache)
+            def f(x):
+                return x + 2
+            """)
+        explanation = edited.explain(1)
+        self.assertMiss(explanation, "no entry", r"no entry; the cache .* does not exist yet; "
+                        r"beside it, %s is one of this function with other code: .*name=" %
+                        re.escape(os.path.basename(first.cache_info().path)))
+        self.assertFalse(os.path.exists(edited.cache_info().path))
+
+    def test_same_code_again_finds_its_cache(self):
+        source = """
+            @persist.memoize(cache_dir=cache)
+            def f(x):
+                return x + 1
+            """
+        self.cell(source)(1)
+        self.assertTrue(self.cell(source).explain(1).hit)
+
+
+class TestExplainExpired(ExplainTest):
+    def test_expired_says_when_and_expire(self):
+        f = self.memo(lambda x: x, expire=60)
+        f(1)
+        self.assertTrue(f.explain(1).hit)
+        self.sql(f, "UPDATE Dict SET stored = stored - 7200")
+        explanation = f.explain(1)
+        self.assertMiss(explanation, "expired", r"expired; stored .* \(2h ago\), .* expire=60 s$")
+        self.assertLess(explanation.stored, time.time() - 7000)
+
+
+class TestExplainAnotherVersion(ExplainTest):
+    def test_names_the_version_that_stored_it(self):
+        v1 = self.memo(lambda x: x, name="job", version=1)
+        v1(5)
+        v2 = self.memo(lambda x: x, name="job", version="two")
+        explanation = v2.explain(5)
+        self.assertMiss(explanation, "another version", r"no entry for version='two', and the "
+                        r"version is part of the key; version=1 has one, stored ")
+        self.assertEqual(explanation.version, "1")
+        self.assertMiss(v2.explain(6), "no entry", "no entry in ")
+        v2(5)
+        self.assertTrue(v2.explain(5).hit)
+
+    def test_function_that_carries_values(self):
+        # Its keys are salted with its version and what its closure holds.
+        def make(k, version):
+            @persist.memoize(cache_dir=self.dir, version=version)
+            def scale(x):
+                return x * k
+            return scale
+
+        make(3, version=1)(2)
+        self.assertEqual(make(3, version=2).explain(2).reason, "another version")
+        self.assertEqual(make(4, version=2).explain(2).reason, "no entry")
+
+
+class TestExplainCannotLoad(ExplainTest):
+    def test_names_the_error(self):
+        f = self.memo(lambda x: LoadsNever())
+        f(1)
+        explanation = f.explain(1)
+        self.assertMiss(explanation, "cannot load", r"the entry \(stored .*\) cannot be loaded "
+                        r"\(ValueError: refused to load\); a call computes it again$")
+        self.assertEqual(explanation.error, "ValueError: refused to load")
+
+
+class TestExplainFailedBefore(ExplainTest):
+    def test_count_and_last_error(self):
+        # The Failures table as the failure ledger fills it, for the key of f(1).
+        f = self.memo(lambda x: x)
+        f(1)
+        (key,), = self.sql(f, "SELECT key FROM Dict")
+        now = time.time()
+        self.sql(f, "DELETE FROM Dict")
+        self.sql(f, "INSERT INTO Failures VALUES (?, '(1)', 'KeyError', ?, 'Trace', 3, ?, ?,"
+                    " 0.5, 'None')", (key, "'id'", now - 600, now - 120))
+        explanation = f.explain(1)
+        self.assertMiss(explanation, "failed before", r"no entry; the call failed 3 times, "
+                        r"last 2m ago \(KeyError: 'id'\)$")
+        self.assertEqual((explanation.failures, explanation.error), (3, "KeyError: 'id'"))
+        self.assertEqual(f.explain(2).reason, "no entry")
+
+    def test_cache_without_a_failures_table(self):
+        f = self.memo(lambda x: x)
+        f(1)
+        self.sql(f, "DROP TABLE Failures")
+        self.assertEqual(f.explain(2).reason, "no entry")
+
+
+class TestExplainCannotOpen(ExplainTest):
+    def test_says_why(self):
+        f = self.memo(lambda x: x)
+        os.makedirs(f.cache_info().path)                    # a directory where the file goes
+        with self.assertWarns(persist.PersistWarning):      # as the call would
+            explanation = f.explain(1)
+        self.assertMiss(explanation, "cannot open", r"the cache .* cannot be opened \(")
+        self.assertTrue(explanation.error)
+        self.assertEqual(f(1), 1)                           # the call still works, uncached
+        self.assertEqual(f.cache_info().unstored, 1)
+
+    def test_strict_explains_instead_of_raising(self):
+        f = self.memo(lambda x: x, cache_dir=self.path / "cache", strict=True)
+        os.mkdir(self.path / "cache")
+        (self.path / "cache" / os.path.basename(f.cache_info().path)).write_bytes(b"x" * 4096)
+        explanation = f.explain(1)
+        self.assertMiss(explanation, "cannot open", "the cache .* cannot be opened "
+                        r"\(.*not a persist cache")
+        with self.assertRaisesRegex(persist.PersistError, "not a persist cache"):
+            f(1)                                            # explain() changed nothing
+
+    def test_file_that_is_not_a_cache(self):
+        f = self.memo(lambda x: x)
+        os.makedirs(os.path.dirname(f.cache_info().path), exist_ok=True)
+        with open(f.cache_info().path, "wb") as file:
+            file.write(b"garbage" * 1000)
+        self.assertEqual(f.explain(1).reason, "cannot open")
+        with self.assertRaisesRegex(persist.PersistError, "not a persist cache"):
+            f(1)
 
 
 class TestMessagesInAFreshProcess(TempDirTest):
@@ -4454,6 +4687,67 @@ class TestExamplePipeline(TempDirTest):
         self.assertIn("computed 900", done.stdout)
         self.assertIn("skipped 2 malformed records", done.stdout)
         self.assertNoTemp()
+
+
+class TestInstallWithPip(TempDirTest):
+    """pip builds a wheel of the repository that installs the module persist and nothing else,
+    and a fresh virtual environment imports it from there and memoizes with it.
+
+    Building needs the backend that pyproject.toml names (flit_core). Without build isolation
+    pip takes it from this interpreter, so the test fetches nothing: where it is not installed
+    the test is skipped (.ci/run installs it from .ci/requirements.txt)."""
+
+    def setUp(self):
+        super().setUp()
+        for module, why in (("pip", "pip"), ("venv", "venv"),
+                            ("flit_core", "the build backend flit_core (pip install -r "
+                                          ".ci/requirements.txt)")):
+            if importlib.util.find_spec(module) is None:
+                self.skipTest("%s is not installed in this interpreter" % why)
+        version = run_command(["-m", "pip", "--version"]).stdout.split()[1]
+        if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < (22, 3):
+            self.skipTest("pip %s has no --python (22.3 and newer)" % version)
+
+    def pip(self, *args):
+        done = run_command(["-m", "pip", "--disable-pip-version-check", "--no-input",
+                            "--no-cache-dir"] + list(args), cwd=self.dir)
+        self.assertEqual(done.returncode, 0, done.stderr)
+
+    def test_wheel_installs_one_module(self):
+        import zipfile
+        self.pip("wheel", "--no-deps", "--no-build-isolation", "-w", "wheels", HERE)
+        (wheel,) = os.listdir(os.path.join(self.dir, "wheels"))
+        self.assertEqual(wheel, "persist_results-%s-py3-none-any.whl" % persist.__version__)
+        wheel = os.path.join(self.dir, "wheels", wheel)
+        with zipfile.ZipFile(wheel) as archive:
+            names = archive.namelist()
+            metadata = archive.read("persist_results-%s.dist-info/METADATA"
+                                    % persist.__version__).decode("utf-8")
+        self.assertEqual([name for name in names if ".dist-info/" not in name], ["persist.py"])
+        self.assertIn("\nVersion: %s\n" % persist.__version__, metadata)
+        self.assertIn("\nRequires-Python: >=3.8\n", metadata)
+
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "venv"], cwd=self.dir,
+                       check=True)
+        venv = os.path.join(self.dir, "venv")
+        python = os.path.join(venv, "Scripts" if os.name == "nt" else "bin", "python")
+        self.pip("--python", python, "install", "--no-deps", "--no-index", wheel)
+        # -I: neither this directory nor PYTHONPATH (the repository) is on sys.path.
+        done = subprocess.run([python, "-I", "-c", textwrap.dedent("""
+            import os, persist
+            print(os.path.realpath(persist.__file__))
+            @persist.memoize(cache_dir="cache", name="square")
+            def square(x):
+                print("computed")
+                return x * x
+            print(square(12), square(12), square.cache_info().hits)
+            """)], cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        where, computed, results = done.stdout.splitlines()
+        self.assertTrue(where.startswith(os.path.realpath(venv) + os.sep), where)
+        self.assertEqual((computed, results), ("computed", "144 144 1"))
+        self.assertTrue(os.path.exists(os.path.join(self.dir, "cache", "square.db")))
 
 
 class TestReadme(TempDirTest):
