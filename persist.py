@@ -122,6 +122,14 @@ _SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
 _ENTRIES = ("SELECT key, args, stored, length(value), file, seconds, version FROM Dict"
             " ORDER BY stored")
 _SUMMARY = "SELECT count(*), min(stored), max(stored) FROM Dict"
+_TALLY = ("SELECT (SELECT count(*) FROM Dict), (SELECT total(seconds) FROM Dict),"
+          " (SELECT count(*) FROM Failures)")
+_FAILED_BEFORE = "SELECT count, first FROM Failures WHERE key = ?"
+_STORED_SINCE = "SELECT 1 FROM Dict WHERE key = ? AND stored >= ?"
+_RECORD_FAILURE = ("REPLACE INTO Failures (key, args, type, message, traceback, count, first,"
+                   " last, seconds, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_FAILURES = ("SELECT args, type, message, count, first, last, seconds, version, traceback"
+             " FROM Failures ORDER BY last")
 _MISSING = object()              # "no such entry", where None is a value
 
 _NOT_A_CACHE = ("not a persist cache ({why}); if it holds nothing you need, delete it to "
@@ -864,6 +872,15 @@ class _Store:
         stale = self.prune(version=version, dry_run=True) if version else (0, 0)
         return (count, oldest, newest) + stale
 
+    def tally(self):
+        """(entries, seconds their calls took in all, failure records), in one query."""
+        return self.conn.run(_fetch, _TALLY)[0]
+
+    def failures(self):
+        """(args, type, message, count, first, last, seconds, version, traceback) of each
+        failure record, the latest failure last."""
+        return self.conn.run(_fetch, _FAILURES)
+
     def disk_usage(self):
         names = [self.path, self.path + "-wal", self.path + "-shm"]
         with contextlib.suppress(OSError):
@@ -917,6 +934,12 @@ class _Store:
         if gone and row[1]:
             self.values.remove([row[1]])
         return gone
+
+    def record_failure(self, key, started, failure):
+        """Record that the call keyed key, started at the Unix time started, raised: failure is
+        (args, type, message, traceback, seconds, version). Nothing is recorded if a result
+        for key was stored since the call started (another process succeeded meanwhile)."""
+        self.conn.transaction(_record_failure, key, started, failure)
 
     def set_info(self, info):
         self.conn.transaction(lambda conn: conn.executemany(_SET_INFO, info.items()))
@@ -983,6 +1006,17 @@ def _replace(conn, row):
     conn.execute(_PUT, row)
     conn.execute(_FORGET_FAILURE, (row[0],))
     return old[0][0] if old else None
+
+
+def _record_failure(conn, key, started, failure):
+    if _fetch(conn, _STORED_SINCE, (key, started)):
+        return
+    args, kind, message, text, seconds, version = failure
+    old = _fetch(conn, _FAILED_BEFORE, (key,))
+    now = time.time()
+    count, first = (old[0][0] + 1, old[0][1]) if old else (1, now)
+    conn.execute(_RECORD_FAILURE, (key, args, kind, message, text, count, first, now, seconds,
+                                   version))
 
 
 def _delete(conn, key):
@@ -1127,7 +1161,13 @@ _CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08    # code flags: *args, **kwargs (as i
 _CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 _NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
 _OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
-_CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path unstored")
+_HANDLES = weakref.WeakKeyDictionary()   # memoize's function wrappers: their _Memoized
+_CacheInfo = collections.namedtuple("CacheInfo",
+                                    "hits misses entries path unstored failures seconds saved")
+_Failure = collections.namedtuple("Failure", "args type message count first last seconds "
+                                             "version traceback")
+_MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded
+_TRACEBACK_LIMIT = 1 << 16     # and of its traceback: the end, where the error is
 
 # Keys.  A key is SHA-256 over an encoding of the call that this file defines, never over
 # repr() or pickle, whose output changes between Python and library versions (Path pickles
@@ -2279,6 +2319,7 @@ class _Memo:
         self.cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
         self.default_dir = _default_dir(func)
         self.hits = self.misses = self.unstored = 0
+        self.saved = 0.0          # seconds of computing that this process's hits saved
         self.store = None
         self.broken = None        # the error that keeps the cache from being opened
         self.warned = False       # one warning per function is enough
@@ -2340,6 +2381,7 @@ class _Memo:
                     # load(), without a call when the pickle is in the row
                     value = pickle.loads(row[0]) if row[1] is None else store.load(row)
                     self.hits += 1
+                    self.saved += row[3] or 0.0
                     _debug("%s: hit %s", self.identity, key[:6].hex())
                     return value
             except FileNotFoundError:    # replaced since get(): computed again, stored anew
@@ -2368,6 +2410,39 @@ class _Memo:
             self.unstored += 1
             _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
                   % (self.identity, type(exc).__name__, exc))
+
+    def fail(self, key, call, exc, seconds):
+        """Record in the cache's failure ledger that the call keyed key raised exc. It never
+        raises: the caller is about to re-raise exc, and that is the error that matters."""
+        store = self.store
+        if store is None:
+            return
+        try:
+            record = _failure_record(call, exc, seconds, self.version)
+            store.record_failure(key, time.time() - seconds, record)
+            _debug("%s: failed %s (%s)", self.identity, key[:6].hex(), record[1])
+        except Exception as trouble:
+            # best effort: a cache that cannot take the record (read-only, full) warns once,
+            # and even strict=True lets the user's exception through rather than this one
+            with contextlib.suppress(Exception):
+                self.trouble("could not record a failed call in", trouble)
+
+
+def _failure_record(call, exc, seconds, version):
+    """(args, type, message, traceback, seconds, version): what the ledger keeps of a call."""
+    import traceback
+    kind = type(exc)
+    module = getattr(kind, "__module__", None)
+    name = kind.__qualname__ if module in (None, "builtins") else \
+        "%s.%s" % (module, kind.__qualname__)
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() of the exception failed>"
+    if len(message) > _MESSAGE_LIMIT:
+        message = message[:_MESSAGE_LIMIT - 1] + "\u2026"
+    text = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
+    return (_short_repr(call), name, message, text[-_TRACEBACK_LIMIT:], seconds, version)
 
 
 def _key_error(func, args, kwargs, exc):
@@ -2410,9 +2485,31 @@ class _Memoized:
         result = memo.get(key)
         if result is _MISSING:
             start = time.perf_counter()
-            result = func(*args, **kwargs)
+            try:
+                result = func(*args, **kwargs)
+            except Exception as exc:
+                memo.fail(key, (args, kwargs), exc, time.perf_counter() - start)
+                raise
             memo.put(key, result, (args, kwargs), time.perf_counter() - start)
         return result
+
+    def _call(self, args, kwargs):
+        """(result, whether it came from the cache): a call for persist.map, which counts."""
+        memo, bind, key_from, func = self._state
+        key = self._key_of(args, kwargs)
+        if self._self is not None:
+            args = (self._self,) + args
+        result = memo.get(key)
+        if result is not _MISSING:
+            return result, True
+        start = time.perf_counter()
+        try:
+            result = func(*args, **kwargs)
+        except Exception as exc:
+            memo.fail(key, (args, kwargs), exc, time.perf_counter() - start)
+            raise
+        memo.put(key, result, (args, kwargs), time.perf_counter() - start)
+        return result, False
 
     def __get__(self, instance, owner=None):
         if instance is None or self._self is not None:
@@ -2458,19 +2555,30 @@ class _Memoized:
 
     def cache_info(self):
         """hits and misses in this process; entries and path of the cache on disk; unstored:
-        results this process could not store."""
+        results this process could not store; failures: calls on record as failed (see
+        failures()); seconds: how long the stored results took to compute, in all; saved: how
+        long the results this process reused took to compute."""
         memo = self._memo
         store = memo.open(create=False)
-        return _CacheInfo(memo.hits, memo.misses, 0 if store is None else len(store), memo.path,
-                          memo.unstored)
+        entries, seconds, failures = (0, 0.0, 0) if store is None else store.tally()
+        return _CacheInfo(memo.hits, memo.misses, entries, memo.path, memo.unstored, failures,
+                          seconds, memo.saved)
+
+    def failures(self):
+        """The calls that raised and have not succeeded since, the latest failure last: named
+        tuples of args (short form), type and message of the exception, count (of failures),
+        first and last (Unix times), seconds (the last call's), version and traceback."""
+        store = self._memo.open(create=False)
+        return [] if store is None else [_Failure(*row) for row in store.failures()]
 
     def cache_clear(self):
-        """Remove every stored result of this function."""
+        """Remove every stored result of this function, and its failure records."""
         memo = self._memo
         store = memo.open(create=False)
         if store is not None:
             store.clear()
         memo.hits = memo.misses = 0
+        memo.saved = 0.0
 
     def cache_delete(self, *args, **kwargs):
         """Remove the result stored for these arguments; return whether there was one."""
@@ -2539,7 +2647,11 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
             result = memo.get(key)
             if result is _MISSING:
                 start = time.perf_counter()
-                result = await func(*args, **kwargs)
+                try:
+                    result = await func(*args, **kwargs)
+                except Exception as exc:
+                    memo.fail(key, (args, kwargs), exc, time.perf_counter() - start)
+                    raise
                 memo.put(key, result, (args, kwargs), time.perf_counter() - start)
             return result
     else:
@@ -2552,7 +2664,11 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
             result = memo.get(key)
             if result is _MISSING:
                 start = time.perf_counter()
-                result = func(*args, **kwargs)
+                try:
+                    result = func(*args, **kwargs)
+                except Exception as exc:
+                    memo.fail(key, (args, kwargs), exc, time.perf_counter() - start)
+                    raise
                 memo.put(key, result, (args, kwargs), time.perf_counter() - start)
             return result
 
@@ -2561,6 +2677,8 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     wrapper.cache_clear = handle.cache_clear
     wrapper.cache_delete = handle.cache_delete
     wrapper.cache_prune = handle.cache_prune
+    wrapper.failures = handle.failures
+    _HANDLES[wrapper] = handle           # persist.map calls through it, to count hits
     return wrapper
 
 
