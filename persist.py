@@ -34,8 +34,8 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 
 __version__ = "0.1.0"
 __all__ = [
-    "memoize", "open", "atomic_write", "atomic_open", "done_dir", "is_done",
-    "PersistError", "PersistWarning",
+    "memoize", "map", "open", "atomic_write", "atomic_open", "done_dir", "is_done",
+    "PersistError", "PersistWarning", "Failures",
 ]
 
 import _thread
@@ -49,6 +49,7 @@ import errno
 import functools
 import hashlib
 import io
+import itertools
 import os
 import pickle
 import reprlib
@@ -167,6 +168,19 @@ class PersistError(OSError):
 
 class PersistWarning(UserWarning):
     """persist could not do what it does in the background; your result is still returned."""
+
+
+class Failures(Exception):
+    """persist.map() tried every item, and some failed.
+
+    failures: (item, exception) pairs, in the order of the input. results: one entry per
+    input item, in order: its result, or the exception where it failed.
+    """
+
+    def __init__(self, message, failures=(), results=()):
+        super().__init__(message)
+        self.failures = list(failures)
+        self.results = list(results)
 
 
 # -- platform differences, settled once
@@ -2255,7 +2269,6 @@ class _ShortRepr(reprlib.Repr):
 
     def _first_items(self, x, level):
         """The first few items in x's own order: sorting a large one is not worth its time."""
-        import itertools
         if isinstance(x, dict):
             inner = ", ".join("%s: %s" % (self.repr1(k, level - 1), self.repr1(v, level - 1))
                               for k, v in itertools.islice(x.items(), 4))
@@ -2689,6 +2702,302 @@ def _in_class_body(func):
     return isinstance(func, types.FunctionType) and len(parts) > 1 and parts[-2] != "<locals>"
 
 
+# -- private helpers: persist.map
+
+_PROGRESS_AFTER = 2.0     # seconds before the progress line appears: quick runs stay quiet
+_PROGRESS_EVERY = 0.2     # seconds between its updates
+_SHOWN_ITEMS = 3          # inputs the summary of Failures names per kind of error
+
+
+def _handle_of(func):
+    """(the _Memoized behind func, leading arguments, keywords) when func is a memoized
+    function, method or a functools.partial of one; else None."""
+    args, kwargs = (), {}
+    if isinstance(func, functools.partial):
+        args, kwargs, func = func.args, func.keywords, func.func
+    if isinstance(func, _Memoized):
+        return func, args, kwargs
+    try:
+        handle = _HANDLES.get(func)
+    except TypeError:                 # unhashable, or no weak reference: not ours
+        return None
+    return None if handle is None else (handle, args, kwargs)
+
+
+def _run(func, item, portable):
+    """func(item) where it runs (this process, or a worker): (result, whether the cache had
+    it). An exception propagates; one bound for another process is made picklable first."""
+    try:
+        found = _handle_of(func)
+        if found is None:
+            return func(item), False
+        handle, args, kwargs = found
+        return handle._call(args + (item,), kwargs)
+    except Exception as exc:
+        if not portable:
+            raise
+        sent = _portable(exc)
+        if sent is exc:
+            raise
+        raise sent from None
+
+
+class _WorkerError(Exception):
+    """An exception that a worker raised but could not send back: its type and message."""
+
+
+def _portable(exc):
+    """exc if it survives pickling both ways, else a _WorkerError that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(exc, _PROTOCOL))
+        return exc
+    except Exception as why:
+        try:
+            message = str(exc)
+        except Exception:
+            message = "<str() of the exception failed>"
+        return _WorkerError("%s: %s (the worker could not send this exception back: %s: %s)"
+                            % (_type_label(type(exc)), message, type(why).__name__, why))
+
+
+def _type_label(kind):
+    module = getattr(kind, "__module__", None)
+    return kind.__qualname__ if module in (None, "builtins") else \
+        "%s.%s" % (module, kind.__qualname__)
+
+
+def _worker_start():
+    """Each worker of persist.map's own pool ignores Ctrl-C: the parent stops them all, at
+    once and without a traceback from each."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool):
+    """End a ProcessPoolExecutor's workers now, whatever they are running."""
+    # best effort, through a private attribute: without it, shutdown() waits for the calls
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.terminate()
+    pool.shutdown(wait=True)
+
+
+def _took(seconds):
+    """A duration for people: 4.2s, 3m12s, 2h41m."""
+    if seconds < 60:
+        return "%.1fs" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(int(seconds), 60)
+    return "%dh%02dm" % divmod(int(seconds) // 60, 60)
+
+
+def _n(number):
+    return format(number, ",")
+
+
+class _Run:
+    """One persist.map(): the results, the counts, the progress line and the summary."""
+
+    def __init__(self, func, items, found, progress):
+        self.func, self.items, self.found = func, items, found
+        inner = func.func if isinstance(func, functools.partial) else func
+        self.label = getattr(inner, "__name__", None) or type(inner).__name__
+        self.results = [None] * len(items)
+        self.failures = []              # (index, exception)
+        self.reused = self.computed = 0
+        self.start = time.perf_counter()
+        self.bar = None                 # a tqdm-like object from the progress= factory
+        self.line = 0                   # characters of the progress line now on stderr
+        self.tick = None                # perf_counter() time of the next progress update
+        self.loud = progress is True    # the summary goes to stderr even if not a terminal
+        if progress is None:
+            isatty = getattr(sys.stderr, "isatty", None)
+            self.loud = bool(isatty and isatty())
+            if self.loud:
+                self.tick = self.start + _PROGRESS_AFTER
+        elif progress is True:
+            self.tick = self.start
+        elif callable(progress):
+            self.bar = progress(total=len(items), desc=self.label, unit="item")
+            self.tick = self.start
+        elif progress is not False:
+            raise TypeError("Expected persist.map(progress=...) to be None, True, False or a "
+                            "factory such as tqdm.tqdm, not %r" % (progress,))
+        self.counted = 0                # items the bar was told about
+
+    @property
+    def done(self):
+        return self.reused + self.computed + len(self.failures)
+
+    def succeeded(self, index, value, hit):
+        self.results[index] = value
+        if hit:
+            self.reused += 1
+        else:
+            self.computed += 1
+
+    def failed(self, index, exc):
+        self.results[index] = exc
+        self.failures.append((index, exc))
+
+    def update(self, now):
+        """Show progress, at most every _PROGRESS_EVERY seconds."""
+        self.tick = now + _PROGRESS_EVERY
+        done, total = self.done, len(self.items)
+        counts = "%s reused, %s computed, %s failed" % (
+            _n(self.reused), _n(self.computed), _n(len(self.failures)))
+        if self.bar is not None:
+            self.bar.update(done - self.counted)
+            self.counted = done
+            postfix = getattr(self.bar, "set_postfix_str", None)
+            if postfix is not None:
+                postfix(counts)
+            return
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = ", %s left" % _took((total - done) / rate) if rate and done < total else ""
+        text = "%s: %s/%s items: %s, %.1f/s%s" % (self.label, _n(done), _n(total), counts,
+                                                   rate, left)
+        self.show(text)
+
+    def show(self, text):
+        # best effort: a closed or broken stderr costs the progress line, never the results
+        with contextlib.suppress(Exception):
+            sys.stderr.write("\r" + text + " " * max(0, self.line - len(text)))
+            sys.stderr.flush()
+            self.line = len(text)
+
+    def serial(self, keep_going):
+        func, found, run = self.func, self.found, self
+        if found is not None:
+            call, args, kwargs = found[0]._call, found[1], found[2]
+        for index, item in enumerate(self.items):
+            try:
+                if found is None:
+                    value, hit = func(item), False
+                else:
+                    value, hit = call(args + (item,), kwargs)
+            except Exception as exc:
+                run.failed(index, exc)
+                if not keep_going:
+                    raise
+            else:
+                run.results[index] = value
+                if hit:
+                    run.reused += 1
+                else:
+                    run.computed += 1
+            if run.tick is not None:
+                now = time.perf_counter()
+                if now >= run.tick:
+                    run.update(now)
+
+    def parallel(self, executor, width, keep_going, portable, pool=None):
+        """Run the items on executor, at most width at a time beyond those running (a
+        million items are not a million futures); pool: our own, to stop on Ctrl-C."""
+        import concurrent.futures
+        wait, first = concurrent.futures.wait, concurrent.futures.FIRST_COMPLETED
+        window = 2 * width if keep_going else width
+        pending = {}                    # future: index
+        todo = iter(enumerate(self.items))
+        error = None                    # keep_going=False: the first failure
+        try:
+            for index, item in itertools.islice(todo, window):
+                pending[executor.submit(_run, self.func, item, portable)] = index
+            while pending:
+                finished, _ = wait(pending, _PROGRESS_EVERY, first)
+                for future in finished:
+                    index = pending.pop(future)
+                    try:
+                        value, hit = future.result()
+                    except concurrent.futures.BrokenExecutor:
+                        raise           # a worker died: not this item's failure to record
+                    except Exception as exc:
+                        self.failed(index, exc)
+                        if not keep_going and error is None:
+                            error = exc
+                            for other in list(pending):     # what has not started never will
+                                if other.cancel():
+                                    del pending[other]
+                            todo = iter(())
+                    else:
+                        self.succeeded(index, value, hit)
+                for index, item in itertools.islice(todo, len(finished)):
+                    pending[executor.submit(_run, self.func, item, portable)] = index
+                if self.tick is not None:
+                    now = time.perf_counter()
+                    if now >= self.tick:
+                        self.update(now)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            if pool is not None:
+                _stop_workers(pool)
+            raise
+        if error is not None:
+            raise error
+
+    def summary(self):
+        """One line: what was reused, computed and failed, and where to see the failures."""
+        total = len(self.items)
+        parts = []
+        if self.found is not None:
+            parts.append("%s reused" % _n(self.reused))
+        parts.append("%s computed" % _n(self.computed))
+        kinds = collections.Counter(_type_label(type(exc)) for _, exc in self.failures)
+        failed = "%s failed" % _n(len(self.failures))
+        if kinds:
+            failed += " (%s)" % ", ".join("%s x%s" % (kind, _n(count))
+                                          for kind, count in kinds.most_common())
+        parts.append(failed)
+        done = self.done
+        items = "%s items" % _n(total) if done == total else \
+            "%s of %s items" % (_n(done), _n(total))
+        line = "%s: %s: %s in %s" % (self.label, items, ", ".join(parts),
+                                      _took(time.perf_counter() - self.start))
+        if self.failures:
+            line += "; see %s" % ("%s.failures()" % self.label if self.found is not None
+                                  else "the .failures of the persist.Failures raised")
+        return line
+
+    def finish(self):
+        """Clear the progress line, close the bar, and give the summary line."""
+        if self.bar is not None:
+            with contextlib.suppress(Exception):
+                self.bar.update(self.done - self.counted)
+                self.bar.close()
+        elif self.line:
+            with contextlib.suppress(Exception):
+                sys.stderr.write("\r%s\r" % (" " * self.line))
+        line = self.summary()
+        import logging
+        log = logging.getLogger("persist")
+        log.info("%s", line)
+        if self.loud and not (log.isEnabledFor(logging.INFO) and log.hasHandlers()):
+            with contextlib.suppress(Exception):
+                print(line, file=sys.stderr)
+
+    def error(self):
+        """The Failures to raise when items failed and map kept going past them."""
+        self.failures.sort(key=_first)         # workers finish out of order
+        kinds = collections.OrderedDict()
+        for index, exc in self.failures:
+            kinds.setdefault(_type_label(type(exc)), []).append(index)
+        parts = []
+        for kind, indexes in sorted(kinds.items(), key=lambda pair: -len(pair[1])):
+            shown = ", ".join(_SHORT.repr(self.items[i]) for i in indexes[:_SHOWN_ITEMS])
+            more = ", ..." if len(indexes) > _SHOWN_ITEMS else ""
+            parts.append("%s x%s (%s%s)" % (kind, _n(len(indexes)), shown, more))
+        where = "this exception's .failures"
+        if self.found is not None:
+            where += ", %s.failures(), or 'python persist.py failures %s'" % (
+                self.label, self.found[0]._memo.path)
+        message = "%s of %s items failed: %s; every other item was tried; see %s" % (
+            _n(len(self.failures)), _n(len(self.items)), ", ".join(parts), where)
+        return Failures(message, [(self.items[i], exc) for i, exc in self.failures],
+                        self.results)
+
+
 # -- private helpers: done_dir
 
 
@@ -2908,6 +3217,69 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
         raise TypeError("Expected a function to decorate, not %r: use @memoize or "
                         "@memoize(option=...)" % (func,))
     return _memoize(func, *options)
+
+
+def map(func, items, *, workers=None, executor=None, keep_going=True, progress=None):
+    """func(item) for every item, as a list in input order, going on past items that fail.
+
+    results = persist.map(transform, records)              # every record is tried
+    results = persist.map(transform, records, workers=8)   # in 8 processes
+
+    keep_going=True: a failing item does not stop the others; once every item was tried, if
+    any failed, Failures is raised, naming them (its .failures and .results hold them all).
+    keep_going=False raises the first failure, as a plain loop would; with workers, no item
+    starts after it, and those running finish (and are stored).
+
+    func may be any callable. A memoized one (or a functools.partial of one) stores each
+    result as it comes and records each failure (see its failures()): a rerun computes only
+    what is missing or failed, and the summary tells reused results from computed ones.
+    KeyboardInterrupt and SystemExit are not failures: they stop the run.
+
+    workers=N runs the calls in N processes (concurrent.futures.ProcessPoolExecutor), which
+    store into the shared cache: func must pickle (a module-level function does; run the
+    map under if __name__ == "__main__" in a script). executor= takes any
+    concurrent.futures.Executor instead (a thread pool, or Dask's client.get_executor()).
+    Ctrl-C stops persist.map's own workers at once; whatever finished before stays stored.
+
+    progress: None shows a line on stderr that updates in place, when stderr is a terminal
+    and the run takes more than about two seconds; True shows it from the start, wherever
+    stderr goes; False shows none; a factory with tqdm's interface (progress=tqdm.tqdm)
+    gets the counts instead. At the end one summary line goes to the 'persist' logger at
+    INFO, and to stderr when the progress line would.
+    """
+    if not callable(func):
+        raise TypeError("Expected a callable as persist.map()'s func, not %r" % (func,))
+    if workers is not None and executor is not None:
+        raise ValueError("persist.map() takes workers= or executor=, not both")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or
+                                workers < 1):
+        raise ValueError("persist.map(workers=...) must be a whole number of processes, 1 or "
+                         "more, not %r" % (workers,))
+    found = _handle_of(func)
+    if found is not None and _code_flags(found[0]._state[3]) & _CO_COROUTINE:
+        raise TypeError("persist.map() calls func(item) and takes the result, but %s is an "
+                        "async def function: map a plain function over the items, or gather "
+                        "the coroutines with asyncio" % (found[0].__qualname__,))
+    items = list(items)
+    run = _Run(func, items, found, progress)
+    try:
+        if executor is not None:
+            import concurrent.futures
+            width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
+            threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+            run.parallel(executor, width, keep_going, portable=not threads)
+        elif workers is not None:
+            import concurrent.futures
+            pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_worker_start)
+            run.parallel(pool, workers, keep_going, True, pool)
+            pool.shutdown(wait=True)
+        else:
+            run.serial(keep_going)
+    finally:
+        run.finish()
+    if run.failures:
+        raise run.error()
+    return run.results
 
 
 def open(filename, flag="c", protocol=None):
