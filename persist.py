@@ -3456,8 +3456,8 @@ def _cli_ls(options):
     directory = options.dir or _default_cache_dir()
     if not os.path.isdir(directory):
         raise FileNotFoundError(errno.ENOENT, "No such directory", directory)
-    print("%-40s %8s %10s  %-16s  %-16s  %s" % ("CACHE", "ENTRIES", "SIZE", "OLDEST", "NEWEST",
-                                                "STALE"))
+    print("%-40s %8s %7s %10s %8s  %-16s  %-16s  %s" % (
+        "CACHE", "ENTRIES", "FAILED", "SIZE", "TOOK", "OLDEST", "NEWEST", "STALE"))
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.endswith(".values"))
         for name in sorted(files):
@@ -3469,9 +3469,11 @@ def _cli_ls(options):
                 continue
             with contextlib.closing(store):
                 count, oldest, newest, stale, stale_size = store.summary()
+                _, took, failed = store.tally()     # TOOK: what computing them took
                 label = store.info().get("function") or name
-                print("%-40s %8d %10s  %-16s  %-16s  %s" % (
-                    label, count, _bytes(store.disk_usage()), _when(oldest), _when(newest),
+                print("%-40s %8d %7d %10s %8s  %-16s  %-16s  %s" % (
+                    label, count, failed, _bytes(store.disk_usage()), _took(took),
+                    _when(oldest), _when(newest),
                     "%d stale (%s)" % (stale, _bytes(stale_size)) if stale else ""))
 
 
@@ -3515,6 +3517,37 @@ def _cli_prune(options):
         print("removed %d entries (%s) from %s" % (count, _bytes(size), store.path))
 
 
+def _cli_failures(options):
+    with contextlib.closing(_open_cache(options.cache, "r")) as store:
+        rows = store.failures()
+        label = store.info().get("function") or store.path
+        if not rows:
+            print("%s: no failed calls on record" % label)
+            return 0
+        groups = collections.OrderedDict()        # (type, message): rows, the latest last
+        for row in rows:
+            groups.setdefault(row[1:3], []).append(row)
+        print("%s: %d failed call%s, not succeeded since (%s)" % (
+            label, len(rows), "" if len(rows) == 1 else "s", store.path))
+        for (kind, message), group in sorted(groups.items(), key=lambda pair: -len(pair[1])):
+            print("\n%s: %s" % (kind, message))
+            times = sum(row[3] for row in group)
+            print("  %s, %d failure%s in all, the last at %s" % (
+                "1 call" if len(group) == 1 else "%d calls" % len(group), times,
+                "" if times == 1 else "s", _when(group[-1][5])))
+            if options.traceback:
+                for args, _, _, count, first, last, seconds, version, text in group:
+                    print("\n  %s: failed %d times, first %s, last %s, after %s" % (
+                        args, count, _when(first), _when(last), _took(seconds or 0.0)))
+                    print("    " + text.rstrip("\n").replace("\n", "\n    "))
+            else:
+                shown = [row[0] or "?" for row in group[:options.limit]]
+                more = len(group) - len(shown)
+                print("  " + ", ".join(shown) + (", and %d more" % more if more > 0 else ""))
+        if not options.traceback:
+            print("\n(--traceback shows each call's traceback)")
+
+
 def _cli_status(options):
     unfinished = 0
     for path in options.paths:
@@ -3543,7 +3576,14 @@ def _main(argv=None):
     show = commands.add_parser("show", help="list a cache's entries: age, size, arguments")
     clear = commands.add_parser("clear", help="remove every entry of a cache")
     prune = commands.add_parser("prune", help="remove a cache's old entries")
-    for command, run in ((show, _cli_show), (clear, _cli_clear), (prune, _cli_prune)):
+    failures = commands.add_parser("failures", help="list a cache's failed calls, grouped by "
+                                   "exception")
+    failures.add_argument("--traceback", action="store_true", help="show each failed call "
+                          "with its traceback")
+    failures.add_argument("--limit", type=int, default=5, metavar="N", help="arguments shown "
+                          "per exception (default 5)")
+    for command, run in ((show, _cli_show), (clear, _cli_clear), (prune, _cli_prune),
+                         (failures, _cli_failures)):
         command.add_argument("cache", help="a cache file, or a function's name as in 'ls'")
         command.set_defaults(run=run)
     which = prune.add_mutually_exclusive_group(required=True)
