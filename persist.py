@@ -2506,8 +2506,9 @@ class _Memoized:
             memo.put(key, result, (args, kwargs), time.perf_counter() - start)
         return result
 
-    def _call(self, args, kwargs):
-        """(result, whether it came from the cache): a call for persist.map, which counts."""
+    def _call(self, args, kwargs, failing=None):
+        """(result, whether it came from the cache): a call for persist.map, which counts;
+        failing() is called as soon as func raises, before the failure is recorded."""
         memo, bind, key_from, func = self._state
         key = self._key_of(args, kwargs)
         if self._self is not None:
@@ -2519,7 +2520,10 @@ class _Memoized:
         try:
             result = func(*args, **kwargs)
         except Exception as exc:
-            memo.fail(key, (args, kwargs), exc, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            if failing is not None:
+                failing()
+            memo.fail(key, (args, kwargs), exc, seconds)
             raise
         memo.put(key, result, (args, kwargs), time.perf_counter() - start)
         return result, False
@@ -2724,16 +2728,29 @@ def _handle_of(func):
     return None if handle is None else (handle, args, kwargs)
 
 
-def _run(func, item, portable):
+class _NotStarted:
+    """What _run returns for an item it did not start: another had failed (keep_going=False)."""
+
+
+_STOP = None      # in persist.map's own workers, with keep_going=False: set by a failure
+
+
+def _run(func, item, portable, stop=None):
     """func(item) where it runs (this process, or a worker): (result, whether the cache had
-    it). An exception propagates; one bound for another process is made picklable first."""
+    it). An exception propagates; one bound for another process is made picklable first.
+    stop: an Event that a failure sets, and after which no item starts (keep_going=False)."""
+    stop = stop or _STOP
+    if stop is not None and stop.is_set():
+        return _NotStarted, False
     try:
         found = _handle_of(func)
         if found is None:
             return func(item), False
         handle, args, kwargs = found
-        return handle._call(args + (item,), kwargs)
+        return handle._call(args + (item,), kwargs, None if stop is None else stop.set)
     except Exception as exc:
+        if stop is not None:
+            stop.set()
         if not portable:
             raise
         sent = _portable(exc)
@@ -2766,9 +2783,11 @@ def _type_label(kind):
         "%s.%s" % (module, kind.__qualname__)
 
 
-def _worker_start():
+def _worker_start(stop):
     """Each worker of persist.map's own pool ignores Ctrl-C: the parent stops them all, at
-    once and without a traceback from each."""
+    once and without a traceback from each. stop: see _run."""
+    global _STOP
+    _STOP = stop
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -2892,9 +2911,10 @@ class _Run:
                 if now >= run.tick:
                     run.update(now)
 
-    def parallel(self, executor, width, keep_going, portable, pool=None):
+    def parallel(self, executor, width, keep_going, portable, pool=None, stop=None):
         """Run the items on executor, at most width at a time beyond those running (a
-        million items are not a million futures); pool: our own, to stop on Ctrl-C."""
+        million items are not a million futures); pool: our own, to stop on Ctrl-C; stop:
+        an Event for _run, passed with each item (threads) or held by each worker (pool)."""
         import concurrent.futures
         wait, first = concurrent.futures.wait, concurrent.futures.FIRST_COMPLETED
         window = 2 * width if keep_going else width
@@ -2903,7 +2923,7 @@ class _Run:
         error = None                    # keep_going=False: the first failure
         try:
             for index, item in itertools.islice(todo, window):
-                pending[executor.submit(_run, self.func, item, portable)] = index
+                pending[executor.submit(_run, self.func, item, portable, stop)] = index
             while pending:
                 finished, _ = wait(pending, _PROGRESS_EVERY, first)
                 for future in finished:
@@ -2921,9 +2941,10 @@ class _Run:
                                     del pending[other]
                             todo = iter(())
                     else:
-                        self.succeeded(index, value, hit)
+                        if value is not _NotStarted:
+                            self.succeeded(index, value, hit)
                 for index, item in itertools.islice(todo, len(finished)):
-                    pending[executor.submit(_run, self.func, item, portable)] = index
+                    pending[executor.submit(_run, self.func, item, portable, stop)] = index
                 if self.tick is not None:
                     now = time.perf_counter()
                     if now >= self.tick:
@@ -3259,7 +3280,7 @@ def map(func, items, *, workers=None, executor=None, keep_going=True, progress=N
     if found is not None and _code_flags(found[0]._state[3]) & _CO_COROUTINE:
         raise TypeError("persist.map() calls func(item) and takes the result, but %s is an "
                         "async def function: map a plain function over the items, or gather "
-                        "the coroutines with asyncio" % (found[0].__qualname__,))
+                        "the coroutines with asyncio" % (found[0]._state[3].__qualname__,))
     items = list(items)
     run = _Run(func, items, found, progress)
     try:
@@ -3267,10 +3288,18 @@ def map(func, items, *, workers=None, executor=None, keep_going=True, progress=N
             import concurrent.futures
             width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
             threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
-            run.parallel(executor, width, keep_going, portable=not threads)
+            # threads share an Event; other executors' workers learn of a failure only
+            # from here, when its result arrives
+            import threading
+            stop = threading.Event() if threads and not keep_going else None
+            run.parallel(executor, width, keep_going, not threads, None, stop)
         elif workers is not None:
             import concurrent.futures
-            pool = concurrent.futures.ProcessPoolExecutor(workers, initializer=_worker_start)
+            import multiprocessing
+            context = multiprocessing.get_context()
+            stop = None if keep_going else context.Event()
+            pool = concurrent.futures.ProcessPoolExecutor(
+                workers, context, initializer=_worker_start, initargs=(stop,))
             run.parallel(pool, workers, keep_going, True, pool)
             pool.shutdown(wait=True)
         else:
