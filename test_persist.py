@@ -3816,7 +3816,7 @@ class TestMapInterrupted(TempDirTest):
             @persist.memoize(cache_dir=os.environ["CACHE"], name="slow")
             def slow(x):
                 if x >= 4:
-                    os.write(1, b"started %d\n" % os.getpid())   # one write: no interleaving
+                    os.write(1, b"started %d\\n" % os.getpid())   # one write: no interleaving
                     time.sleep(600)
                 return x
 
