@@ -2711,6 +2711,8 @@ def _in_class_body(func):
 _PROGRESS_AFTER = 2.0     # seconds before the progress line appears: quick runs stay quiet
 _PROGRESS_EVERY = 0.2     # seconds between its updates
 _SHOWN_ITEMS = 3          # inputs the summary of Failures names per kind of error
+_BATCH_SECONDS = 0.05     # persist.map sends workers items in batches of about this long
+_BATCH_LIMIT = 1000       # items, at most, in one batch
 
 
 def _handle_of(func):
@@ -2728,35 +2730,49 @@ def _handle_of(func):
     return None if handle is None else (handle, args, kwargs)
 
 
-class _NotStarted:
-    """What _run returns for an item it did not start: another had failed (keep_going=False)."""
-
-
 _STOP = None      # in persist.map's own workers, with keep_going=False: set by a failure
 
 
-def _run(func, item, portable, stop=None):
-    """func(item) where it runs (this process, or a worker): (result, whether the cache had
-    it). An exception propagates; one bound for another process is made picklable first.
-    stop: an Event that a failure sets, and after which no item starts (keep_going=False)."""
+def _run(func, items, portable, stop=None):
+    """func(item) for a batch of items where they run (this process, or a worker): a list of
+    (True, result, whether the cache had it), (False, exception, traceback text or None) or
+    (None, None, None) for an item not started, and the seconds the batch took. portable:
+    exceptions go to another process, so each is made picklable and its traceback sent as
+    text. stop: an Event that a failure sets, after which no item starts (keep_going=False)."""
     stop = stop or _STOP
-    if stop is not None and stop.is_set():
-        return _NotStarted, False
-    try:
-        found = _handle_of(func)
-        if found is None:
-            return func(item), False
-        handle, args, kwargs = found
-        return handle._call(args + (item,), kwargs, None if stop is None else stop.set)
-    except Exception as exc:
-        if stop is not None:
-            stop.set()
-        if not portable:
-            raise
-        sent = _portable(exc)
-        if sent is exc:
-            raise
-        raise sent from None
+    found = _handle_of(func)
+    if found is not None:
+        call, args, kwargs = found[0]._call, found[1], found[2]
+        failing = None if stop is None else stop.set
+    outcomes = []
+    start = time.perf_counter()
+    for item in items:
+        if stop is not None and stop.is_set():
+            outcomes.append((None, None, None))
+            continue
+        try:
+            if found is None:
+                outcomes.append((True, func(item), False))
+            else:
+                value, hit = call(args + (item,), kwargs, failing)
+                outcomes.append((True, value, hit))
+        except Exception as exc:
+            if stop is not None:
+                stop.set()
+            text = None
+            if portable:
+                import traceback
+                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                exc = _portable(exc)
+            outcomes.append((False, exc, text))
+    return outcomes, time.perf_counter() - start
+
+
+class _WorkerTraceback(Exception):
+    """The traceback of an exception raised in a worker, as text: the __cause__ it gets."""
+
+    def __str__(self):
+        return "\n\n" + self.args[0]
 
 
 class _WorkerError(Exception):
@@ -2912,39 +2928,65 @@ class _Run:
                     run.update(now)
 
     def parallel(self, executor, width, keep_going, portable, pool=None, stop=None):
-        """Run the items on executor, at most width at a time beyond those running (a
-        million items are not a million futures); pool: our own, to stop on Ctrl-C; stop:
-        an Event for _run, passed with each item (threads) or held by each worker (pool)."""
+        """Run the items on executor in batches sized to take about _BATCH_SECONDS each (one
+        item at first; quick items travel many to a message), with at most two batches per
+        worker waiting, so that a million items are not a million futures. pool: our own, to
+        stop on Ctrl-C; stop: an Event for _run, passed with each batch (threads) or held by
+        each worker (pool)."""
         import concurrent.futures
         wait, first = concurrent.futures.wait, concurrent.futures.FIRST_COMPLETED
         window = 2 * width if keep_going else width
-        pending = {}                    # future: index
-        todo = iter(enumerate(self.items))
+        pending = {}                    # future: the indexes of its batch
+        todo = iter(range(len(self.items)))
+        alone = collections.deque()     # indexes to send one at a time (see below)
+        size, left = 1, len(self.items)
         error = None                    # keep_going=False: the first failure
+
+        def submit(count):
+            nonlocal left
+            for _ in range(count):
+                batch = [alone.popleft()] if alone else list(itertools.islice(todo, size))
+                if not batch:
+                    return
+                left -= len(batch)
+                future = executor.submit(_run, self.func, [self.items[i] for i in batch],
+                                         portable, stop)
+                pending[future] = batch
+
         try:
-            for index, item in itertools.islice(todo, window):
-                pending[executor.submit(_run, self.func, item, portable, stop)] = index
+            submit(window)
             while pending:
                 finished, _ = wait(pending, _PROGRESS_EVERY, first)
                 for future in finished:
-                    index = pending.pop(future)
+                    batch = pending.pop(future)
                     try:
-                        value, hit = future.result()
+                        outcomes, seconds = future.result()
                     except concurrent.futures.BrokenExecutor:
-                        raise           # a worker died: not this item's failure to record
+                        raise           # a worker died: not these items' failure to record
                     except Exception as exc:
-                        self.failed(index, exc)
-                        if not keep_going and error is None:
-                            error = exc
-                            for other in list(pending):     # what has not started never will
-                                if other.cancel():
-                                    del pending[other]
-                            todo = iter(())
-                    else:
-                        if value is not _NotStarted:
-                            self.succeeded(index, value, hit)
-                for index, item in itertools.islice(todo, len(finished)):
-                    pending[executor.submit(_run, self.func, item, portable, stop)] = index
+                        if len(batch) > 1:      # a result that could not travel: find it
+                            alone.extend(batch)
+                            left += len(batch)
+                            continue
+                        outcomes, seconds = [(False, exc, None)], 0.0
+                    for index, (ok, value, extra) in zip(batch, outcomes):
+                        if ok:
+                            self.succeeded(index, value, extra)
+                        elif ok is False:
+                            if extra is not None:
+                                value.__cause__ = _WorkerTraceback(extra)
+                            self.failed(index, value)
+                            if not keep_going and error is None:
+                                error = value
+                    if seconds > 0:
+                        size = max(1, min(int(_BATCH_SECONDS * len(outcomes) / seconds),
+                                          left // (2 * width) or 1, _BATCH_LIMIT))
+                if error is not None:
+                    for other in list(pending):     # what has not started never will
+                        if other.cancel():
+                            del pending[other]
+                else:
+                    submit(len(finished))
                 if self.tick is not None:
                     now = time.perf_counter()
                     if now >= self.tick:

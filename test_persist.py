@@ -4029,17 +4029,28 @@ class TestExamplePipeline(TempDirTest):
         fixed = self.pipeline("--fix")
         self.assertEqual(fixed.returncode, 0, fixed.stderr)
         self.assertIn("split:     already done", fixed.stdout)
-        self.assertIn("transform: reused 399, computed 501", fixed.stdout)
+        self.assertIn("transform: 900 items: 399 reused, 501 computed, 0 failed in ",
+                      fixed.stderr)
         report = json.loads((self.path / "work" / "report.json").read_text())
         self.assertEqual((report["records"], report["malformed_skipped"]), (900, 0))
         again = self.pipeline()
-        self.assertIn("transform: reused 900, computed 0", again.stdout)
+        self.assertIn("transform: 900 items: 900 reused, 0 computed, 0 failed", again.stderr)
 
-    def test_without_the_flag_skips_malformed_records(self):
-        done = self.pipeline()
+    def test_keeps_going_past_malformed_records_then_computes_only_those(self):
+        done = self.pipeline("--workers", "2")
         self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn("computed 900", done.stdout)
-        self.assertIn("skipped 2 malformed records", done.stdout)
+        self.assertIn("transform: 900 items: 0 reused, 898 computed, 2 failed (ValueError x2) "
+                      "in ", done.stderr)
+        self.assertIn("; see transform.failures()", done.stderr)
+        self.assertIn("skipped 2 malformed records: 399, 799", done.stdout)
+        report = json.loads((self.path / "work" / "report.json").read_text())
+        self.assertEqual((report["records"], report["malformed_skipped"]), (898, 2))
+        listed = run_command([os.path.join(HERE, "persist.py"), "failures",
+                              "pipeline.transform"], PERSIST_DIR=self.path / "cache")
+        self.assertIn("pipeline.transform: 2 failed calls", listed.stdout)
+        self.assertIn("'id': 399", listed.stdout)
+        fixed = self.pipeline("--fix")
+        self.assertIn("transform: 900 items: 898 reused, 2 computed, 0 failed", fixed.stderr)
         self.assertNoTemp()
 
 
@@ -4069,13 +4080,20 @@ class TestReadme(TempDirTest):
                     if line.strip() and not line.startswith("#")]
         self.assertTrue(any("pipeline.py" in line for line in commands))
         for line in commands:
-            command = line.split("#")[0].split()
+            command, _, comment = line.partition("#")
+            command = command.split()
             if "unittest" in command or ".ci/run" in command:
                 continue               # the suite itself: it is running now
             self.assertEqual(command[0], "python", line)
+            if command[1].endswith("pipeline.py"):
+                command += ["--slow", "0"]     # the README's 3,000 records, without the wait
             done = run_command(command[1:], cwd=self.dir)
             expected = 1 if "--fail-on-bad" in command else 0
             self.assertEqual(done.returncode, expected, "%s\n%s" % (line, done.stderr))
+            # the numbers the README shows are those the command prints, in this order
+            for count in re.findall(r"\d[\d,]* (?:items|reused|computed|failed)", comment):
+                self.assertRegex(done.stdout + done.stderr, r"(?<![\d,])" + count,
+                                 "%s\n%s%s" % (line, done.stdout, done.stderr))
 
 
 if __name__ == "__main__":
