@@ -20,6 +20,9 @@ Copy this file into your project (keep the licence notice above), or put it on y
     @persist.memoize                    # each result is on disk when the call returns;
     def featurize(record_id): ...       # a rerun after a crash computes only what is missing
 
+    rows = persist.map(featurize, ids, workers=4)  # every id tried, in 4 processes; those that
+                                                   # failed are raised together, and recorded
+
     with persist.open("results.db") as db:    # shelve.open, safe for many processes
         db["model"] = model
 
@@ -3242,7 +3245,8 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
 
     Use it bare, @memoize, or with options, @memoize(version=2). Each result is committed
     before the call returns: a crash, even kill -9, loses nothing that was returned. Many
-    threads and processes may share one cache. Exceptions are never cached.
+    threads and processes may share one cache. Exceptions are never cached; a call that
+    raised is recorded, until it succeeds, in the cache's failure ledger (see failures()).
 
     cache_dir: where the cache lives; else $PERSIST_DIR; else .persist beside the file that
         defines func (or in the current directory, for the REPL and notebooks).
@@ -3264,8 +3268,8 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
     matter, types do (1 and 1.0 differ). What func carries besides its arguments (closure
     cells, a partial's arguments, a bound method's self, a callable object's state) is part
     of the key; if it cannot be, memoize raises TypeError. The wrapper has cache_info(),
-    cache_clear(), cache_delete(*args, **kwargs) and cache_prune(), and binds in a class as
-    a function does. Caches are pickles: trust them as code.
+    failures(), cache_clear(), cache_delete(*args, **kwargs) and cache_prune(), and binds
+    in a class as a function does. Caches are pickles: trust them as code.
     """
     options = (cache_dir, name, version, expire, ignore, key, strict)
     if func is None:
