@@ -3531,8 +3531,8 @@ def _cli_ls(options):
     directory = options.dir or _default_cache_dir()
     if not os.path.isdir(directory):
         raise FileNotFoundError(errno.ENOENT, "No such directory", directory)
-    print("%-40s %8s %7s %10s %8s  %-16s  %-16s  %s" % (
-        "CACHE", "ENTRIES", "FAILED", "SIZE", "TOOK", "OLDEST", "NEWEST", "STALE"))
+    print("%-40s %8s %10s %7s %8s  %-16s  %-16s  %s" % (
+        "CACHE", "ENTRIES", "SIZE", "FAILED", "TOOK", "OLDEST", "NEWEST", "STALE"))
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.endswith(".values"))
         for name in sorted(files):
@@ -3546,8 +3546,8 @@ def _cli_ls(options):
                 count, oldest, newest, stale, stale_size = store.summary()
                 _, took, failed = store.tally()     # TOOK: what computing them took
                 label = store.info().get("function") or name
-                print("%-40s %8d %7d %10s %8s  %-16s  %-16s  %s" % (
-                    label, count, failed, _bytes(store.disk_usage()), _took(took),
+                print("%-40s %8d %10s %7d %8s  %-16s  %-16s  %s" % (
+                    label, count, _bytes(store.disk_usage()), failed, _took(took),
                     _when(oldest), _when(newest),
                     "%d stale (%s)" % (stale, _bytes(stale_size)) if stale else ""))
 

@@ -3712,6 +3712,19 @@ class TestMap(MemoTest):
         with self.assertRaisesRegex(TypeError, "async def"):
             persist.map(later, [1])
 
+    def test_interrupts_stop_the_run(self):
+        seen = []
+
+        def g(x):
+            seen.append(x)
+            if x == 1:
+                raise SystemExit(2)
+            return x
+
+        with self.assertRaises(SystemExit):
+            persist.map(self.memo(g), [0, 1, 2], progress=False)
+        self.assertEqual(seen, [0, 1])
+
     def test_progress_line_and_factory(self):
         class Bar:
             made = []
@@ -3787,7 +3800,13 @@ if __name__ == "__main__":
 """
 
 
+# PyPy 7.3.11's ProcessPoolExecutor calls a method it renamed, whenever it may start workers
+# on demand (every start method but fork): it cannot run a single call there.
+SPAWN_POOL_BROKEN = not hasattr(concurrent.futures.ProcessPoolExecutor, "_adjust_process_count")
+
+
 class TestMapWorkers(TempDirTest):
+    @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
     def test_workers_store_results_and_send_back_failures(self):
         script = self.path / "job.py"
         script.write_text(WORKERS_SCRIPT)
@@ -3892,8 +3911,8 @@ class TestFailuresCommand(TempDirTest):
         self.assertIn("KeyError: 'empty'", done.stdout)
         done = run_command(cli + ["ls", str(cache)])
         header, row = done.stdout.splitlines()
-        self.assertEqual(header.split()[:5], ["CACHE", "ENTRIES", "FAILED", "SIZE", "TOOK"])
-        self.assertEqual(row.split()[:3], ["jobs.parse", "2", "8"])
+        self.assertEqual(header.split()[:5], ["CACHE", "ENTRIES", "SIZE", "FAILED", "TOOK"])
+        self.assertEqual(row.split()[:2] + row.split()[4:5], ["jobs.parse", "2", "8"])
 
 
 # -- the user's first hour: logging, the command line, the example, the README
