@@ -2436,7 +2436,6 @@ class _Memo:
         try:
             record = _failure_record(call, exc, seconds, self.version)
             store.record_failure(key, time.time() - seconds, record)
-            _debug("%s: failed %s (%s)", self.identity, key[:6].hex(), record[1])
         except Exception as trouble:
             # best effort: a cache that cannot take the record (read-only, full) warns once,
             # and even strict=True lets the user's exception through rather than this one
