@@ -3326,13 +3326,23 @@ def map(func, items, *, workers=None, executor=None, keep_going=True, progress=N
         raise TypeError("persist.map() calls func(item) and takes the result, but %s is an "
                         "async def function: map a plain function over the items, or gather "
                         "the coroutines with asyncio" % (found[0]._state[3].__qualname__,))
+    threads = False
+    if executor is not None:
+        import concurrent.futures
+        threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+    if workers is not None or executor is not None and not threads:
+        try:
+            pickle.dumps(func, _PROTOCOL)
+        except Exception as exc:
+            raise TypeError("persist.map() sends func to other processes, and %r cannot be "
+                            "pickled (%s: %s): define it at the top level of a module, or use "
+                            "a thread pool (executor=)" % (func, type(exc).__name__, exc)) \
+                from None
     items = list(items)
     run = _Run(func, items, found, progress)
     try:
         if executor is not None:
-            import concurrent.futures
             width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
-            threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
             # threads share an Event; other executors' workers learn of a failure only
             # from here, when its result arrives
             import threading

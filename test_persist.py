@@ -3704,6 +3704,8 @@ class TestMap(MemoTest):
             persist.map(None, [])
         with self.assertRaises(TypeError):
             persist.map(int, [], progress="yes")
+        with self.assertRaisesRegex(TypeError, "cannot be pickled .*define it at the top"):
+            persist.map(lambda x: x, [1], workers=2)
 
         @persist.memoize(cache_dir=self.dir)
         async def later(x):
