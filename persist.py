@@ -3355,8 +3355,10 @@ def map(func, items, *, workers=None, executor=None, keep_going=True, progress=N
             stop = None if keep_going else context.Event()
             pool = concurrent.futures.ProcessPoolExecutor(
                 workers, context, initializer=_worker_start, initargs=(stop,))
-            run.parallel(pool, workers, keep_going, True, pool)
-            pool.shutdown(wait=True)
+            try:
+                run.parallel(pool, workers, keep_going, True, pool)
+            finally:
+                pool.shutdown(wait=True)    # after _stop_workers() too: it does nothing then
         else:
             run.serial(keep_going)
     finally:
