@@ -20,6 +20,9 @@ Copy this file into your project (keep the licence notice above), or put it on y
     @persist.memoize                    # each result is on disk when the call returns;
     def featurize(record_id): ...       # a rerun after a crash computes only what is missing
 
+    rows = persist.map(featurize, ids, workers=4)  # every id tried, in 4 processes; those that
+                                                   # failed are raised together, and recorded
+
     with persist.open("results.db") as db:    # shelve.open, safe for many processes
         db["model"] = model
 
@@ -34,12 +37,13 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 
 __version__ = "0.1.0"
 __all__ = [
-    "memoize", "open", "atomic_write", "atomic_open", "done_dir", "is_done",
-    "PersistError", "PersistWarning",
+    "memoize", "map", "open", "atomic_write", "atomic_open", "done_dir", "is_done",
+    "PersistError", "PersistWarning", "Failures",
 ]
 
 import _thread
 import atexit
+import builtins
 import codecs
 import collections
 import collections.abc
@@ -49,6 +53,7 @@ import errno
 import functools
 import hashlib
 import io
+import itertools
 import os
 import pickle
 import reprlib
@@ -128,6 +133,14 @@ _SUMMARY = "SELECT count(*), min(stored), max(stored) FROM Dict"
 _VERSIONS = "SELECT DISTINCT version FROM Dict WHERE version IS NOT ?"
 _STORED = "SELECT stored, version FROM Dict WHERE key = ?"
 _FAILED = "SELECT count, last, type, message FROM Failures WHERE key = ?"
+_TALLY = ("SELECT (SELECT count(*) FROM Dict), (SELECT total(seconds) FROM Dict),"
+          " (SELECT count(*) FROM Failures)")
+_FAILED_BEFORE = "SELECT count, first FROM Failures WHERE key = ?"
+_STORED_SINCE = "SELECT 1 FROM Dict WHERE key = ? AND stored >= ?"
+_RECORD_FAILURE = ("REPLACE INTO Failures (key, args, type, message, traceback, count, first,"
+                   " last, seconds, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_FAILURES = ("SELECT args, type, message, count, first, last, seconds, version, traceback"
+             " FROM Failures ORDER BY last")
 _MISSING = object()              # "no such entry", where None is a value
 
 _NOT_A_CACHE = ("not a persist cache ({why}); if it holds nothing you need, delete it to "
@@ -165,6 +178,19 @@ class PersistError(OSError):
 
 class PersistWarning(UserWarning):
     """persist could not do what it does in the background; your result is still returned."""
+
+
+class Failures(Exception):
+    """persist.map() tried every item, and some failed.
+
+    failures: (item, exception) pairs, in the order of the input. results: one entry per
+    input item, in order: its result, or the exception where it failed.
+    """
+
+    def __init__(self, message, failures=(), results=()):
+        super().__init__(message)
+        self.failures = list(failures)
+        self.results = list(results)
 
 
 # -- platform differences, settled once
@@ -252,7 +278,7 @@ def _create_temp(target, shown):
         # descriptor is stored before that exception is raised, so both can be undone.
         opened = []
         try:
-            opened.extend(map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask applies
+            opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask
         except FileExistsError:
             continue
         except FileNotFoundError:
@@ -1035,6 +1061,15 @@ class _Store:
         stale = self.prune(version=version, dry_run=True) if version else (0, 0)
         return (count, oldest, newest) + stale
 
+    def tally(self):
+        """(entries, seconds their calls took in all, failure records), in one query."""
+        return self.conn.run(_fetch, _TALLY)[0]
+
+    def failures(self):
+        """(args, type, message, count, first, last, seconds, version, traceback) of each
+        failure record, the latest failure last."""
+        return self.conn.run(_fetch, _FAILURES)
+
     def disk_usage(self):
         names = [self.path, self.path + "-wal", self.path + "-shm"]
         with contextlib.suppress(OSError):
@@ -1092,6 +1127,12 @@ class _Store:
         if gone and row[1]:
             self.values.remove([row[1]])
         return gone
+
+    def record_failure(self, key, started, failure):
+        """Record that the call keyed key, started at the Unix time started, raised: failure is
+        (args, type, message, traceback, seconds, version). Nothing is recorded if a result
+        for key was stored since the call started (another process succeeded meanwhile)."""
+        self.conn.transaction(_record_failure, key, started, failure)
 
     def set_info(self, info):
         self.conn.transaction(lambda conn: conn.executemany(_SET_INFO, info.items()))
@@ -1170,6 +1211,17 @@ def _replace(conn, row):
     conn.execute(_PUT, row)
     conn.execute(_FORGET_FAILURE, (row[0],))
     return old[0][0] if old else None
+
+
+def _record_failure(conn, key, started, failure):
+    if _fetch(conn, _STORED_SINCE, (key, started)):
+        return
+    args, kind, message, text, seconds, version = failure
+    old = _fetch(conn, _FAILED_BEFORE, (key,))
+    now = time.time()
+    count, first = (old[0][0] + 1, old[0][1]) if old else (1, now)
+    conn.execute(_RECORD_FAILURE, (key, args, kind, message, text, count, first, now, seconds,
+                                   version))
 
 
 def _delete(conn, key):
@@ -1315,7 +1367,13 @@ _CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08    # code flags: *args, **kwargs (as i
 _CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 _NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
 _OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
-_CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path unstored")
+_HANDLES = weakref.WeakKeyDictionary()   # memoize's function wrappers: their _Memoized
+_CacheInfo = collections.namedtuple("CacheInfo",
+                                    "hits misses entries path unstored failures seconds saved")
+_Failure = collections.namedtuple("Failure", "args type message count first last seconds "
+                                             "version traceback")
+_MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded
+_TRACEBACK_LIMIT = 1 << 16     # and of its traceback: the end, where the error is
 
 # Keys.  A key is SHA-256 over an encoding of the call that this file defines, never over
 # repr() or pickle, whose output changes between Python and library versions (Path pickles
@@ -2456,7 +2514,6 @@ class _ShortRepr(reprlib.Repr):
 
     def _first_items(self, x, level):
         """The first few items in x's own order: sorting a large one is not worth its time."""
-        import itertools
         if isinstance(x, dict):
             inner = ", ".join("%s: %s" % (self.repr1(k, level - 1), self.repr1(v, level - 1))
                               for k, v in itertools.islice(x.items(), 4))
@@ -2523,6 +2580,7 @@ class _Memo:
         self.cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
         self.default_dir = _default_dir(func)
         self.hits = self.misses = self.unstored = 0
+        self.saved = 0.0          # seconds of computing that this process's hits saved
         self.store = None
         self.broken = None        # the error that keeps the cache from being opened
         self.warned = False       # one warning per function is enough
@@ -2584,6 +2642,7 @@ class _Memo:
                     # load(), without a call when the pickle is in the row
                     value = pickle.loads(row[0]) if row[1] is None else store.load(row)
                     self.hits += 1
+                    self.saved += row[3] or 0.0
                     if _LOG is not None or "logging" in sys.modules:
                         _debug("hit", self.identity, key)
                     return value
@@ -2617,6 +2676,38 @@ class _Memo:
             self.unstored += 1
             _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
                   % (self.identity, type(exc).__name__, exc))
+
+    def fail(self, key, call, exc, seconds):
+        """Record in the cache's failure ledger that the call keyed key raised exc. It never
+        raises: the caller is about to re-raise exc, and that is the error that matters."""
+        store = self.store
+        if store is None:
+            return
+        try:
+            record = _failure_record(call, exc, seconds, self.version)
+            store.record_failure(key, time.time() - seconds, record)
+        except Exception as trouble:
+            # best effort: a cache that cannot take the record (read-only, full) warns once,
+            # and even strict=True lets the user's exception through rather than this one
+            with contextlib.suppress(Exception):
+                self.trouble("could not record a failed call in", trouble)
+
+
+def _failure_record(call, exc, seconds, version):
+    """(args, type, message, traceback, seconds, version): what the ledger keeps of a call."""
+    import traceback
+    kind = type(exc)
+    module = getattr(kind, "__module__", None)
+    name = kind.__qualname__ if module in (None, "builtins") else \
+        "%s.%s" % (module, kind.__qualname__)
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() of the exception failed>"
+    if len(message) > _MESSAGE_LIMIT:
+        message = message[:_MESSAGE_LIMIT - 1] + "\u2026"
+    text = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
+    return (_short_repr(call), name, message, text[-_TRACEBACK_LIMIT:], seconds, version)
 
 
 class _Explanation:
@@ -2777,9 +2868,35 @@ class _Memoized:
         result = memo.get(key)
         if result is _MISSING:
             start = time.perf_counter()
-            result = func(*args, **kwargs)
+            try:
+                result = func(*args, **kwargs)
+            except Exception as exc:
+                memo.fail(key, (args, kwargs), exc, time.perf_counter() - start)
+                raise
             memo.put(key, result, (args, kwargs), time.perf_counter() - start)
         return result
+
+    def _call(self, args, kwargs, failing=None):
+        """(result, whether it came from the cache): a call for persist.map, which counts;
+        failing() is called as soon as func raises, before the failure is recorded."""
+        memo, bind, key_from, func = self._state
+        key = self._key_of(args, kwargs)
+        if self._self is not None:
+            args = (self._self,) + args
+        result = memo.get(key)
+        if result is not _MISSING:
+            return result, True
+        start = time.perf_counter()
+        try:
+            result = func(*args, **kwargs)
+        except Exception as exc:
+            seconds = time.perf_counter() - start
+            if failing is not None:
+                failing()
+            memo.fail(key, (args, kwargs), exc, seconds)
+            raise
+        memo.put(key, result, (args, kwargs), time.perf_counter() - start)
+        return result, False
 
     def __get__(self, instance, owner=None):
         if instance is None or self._self is not None:
@@ -2842,19 +2959,30 @@ class _Memoized:
 
     def cache_info(self):
         """hits and misses in this process; entries and path of the cache on disk; unstored:
-        results this process could not store."""
+        results this process could not store; failures: calls on record as failed (see
+        failures()); seconds: how long the stored results took to compute, in all; saved: how
+        long the results this process reused took to compute."""
         memo = self._memo
         store = memo.open(create=False)
-        return _CacheInfo(memo.hits, memo.misses, 0 if store is None else len(store), memo.path,
-                          memo.unstored)
+        entries, seconds, failures = (0, 0.0, 0) if store is None else store.tally()
+        return _CacheInfo(memo.hits, memo.misses, entries, memo.path, memo.unstored, failures,
+                          seconds, memo.saved)
+
+    def failures(self):
+        """The calls that raised and have not succeeded since, the latest failure last: named
+        tuples of args (short form), type and message of the exception, count (of failures),
+        first and last (Unix times), seconds (the last call's), version and traceback."""
+        store = self._memo.open(create=False)
+        return [] if store is None else [_Failure(*row) for row in store.failures()]
 
     def cache_clear(self):
-        """Remove every stored result of this function."""
+        """Remove every stored result of this function, and its failure records."""
         memo = self._memo
         store = memo.open(create=False)
         if store is not None:
             store.clear()
         memo.hits = memo.misses = 0
+        memo.saved = 0.0
 
     def cache_delete(self, *args, **kwargs):
         """Remove the result stored for these arguments; return whether there was one."""
@@ -2928,7 +3056,11 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
             result = memo.get(key)
             if result is _MISSING:
                 start = time.perf_counter()
-                result = await func(*args, **kwargs)
+                try:
+                    result = await func(*args, **kwargs)
+                except Exception as exc:
+                    memo.fail(key, (args, kwargs), exc, time.perf_counter() - start)
+                    raise
                 memo.put(key, result, (args, kwargs), time.perf_counter() - start)
             return result
     else:
@@ -2943,7 +3075,11 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
             result = memo.get(key)
             if result is _MISSING:
                 start = time.perf_counter()
-                result = func(*args, **kwargs)
+                try:
+                    result = func(*args, **kwargs)
+                except Exception as exc:
+                    memo.fail(key, (args, kwargs), exc, time.perf_counter() - start)
+                    raise
                 memo.put(key, result, (args, kwargs), time.perf_counter() - start)
             return result
 
@@ -2953,6 +3089,8 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     wrapper.cache_delete = handle.cache_delete
     wrapper.cache_prune = handle.cache_prune
     wrapper.explain = handle.explain
+    wrapper.failures = handle.failures
+    _HANDLES[wrapper] = handle           # persist.map calls through it, to count hits
     return wrapper
 
 
@@ -2961,6 +3099,361 @@ def _in_class_body(func):
     instance as func would, and a descriptor is the wrapper."""
     parts = getattr(func, "__qualname__", "").split(".")
     return isinstance(func, types.FunctionType) and len(parts) > 1 and parts[-2] != "<locals>"
+
+
+# -- private helpers: persist.map
+
+_PROGRESS_AFTER = 2.0     # seconds before the progress line appears: quick runs stay quiet
+_PROGRESS_EVERY = 0.2     # seconds between its updates
+_SHOWN_ITEMS = 3          # inputs the summary of Failures names per kind of error
+_BATCH_SECONDS = 0.05     # persist.map sends workers items in batches of about this long
+_BATCH_LIMIT = 1000       # items, at most, in one batch
+
+
+def _handle_of(func):
+    """(the _Memoized behind func, leading arguments, keywords) when func is a memoized
+    function, method or a functools.partial of one; else None."""
+    args, kwargs = (), {}
+    if isinstance(func, functools.partial):
+        args, kwargs, func = func.args, func.keywords, func.func
+    if isinstance(func, _Memoized):
+        return func, args, kwargs
+    try:
+        handle = _HANDLES.get(func)
+    except TypeError:                 # unhashable, or no weak reference: not ours
+        return None
+    return None if handle is None else (handle, args, kwargs)
+
+
+_STOP = None      # in persist.map's own workers, with keep_going=False: set by a failure
+
+
+def _run(func, items, portable, stop=None):
+    """func(item) for a batch of items where they run (this process, or a worker): a list of
+    (True, result, whether the cache had it), (False, exception, traceback text or None) or
+    (None, None, None) for an item not started, and the seconds the batch took. portable:
+    exceptions go to another process, so each is made picklable and its traceback sent as
+    text. stop: an Event that a failure sets, after which no item starts (keep_going=False)."""
+    stop = stop or _STOP
+    found = _handle_of(func)
+    if found is not None:
+        call, args, kwargs = found[0]._call, found[1], found[2]
+        failing = None if stop is None else stop.set
+    outcomes = []
+    start = time.perf_counter()
+    for item in items:
+        if stop is not None and stop.is_set():
+            outcomes.append((None, None, None))
+            continue
+        try:
+            if found is None:
+                outcomes.append((True, func(item), False))
+            else:
+                value, hit = call(args + (item,), kwargs, failing)
+                outcomes.append((True, value, hit))
+        except Exception as exc:
+            if stop is not None:
+                stop.set()
+            text = None
+            if portable:
+                import traceback
+                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                exc = _portable(exc)
+            outcomes.append((False, exc, text))
+    return outcomes, time.perf_counter() - start
+
+
+class _WorkerTraceback(Exception):
+    """The traceback of an exception raised in a worker, as text: the __cause__ it gets."""
+
+    def __str__(self):
+        return "\n\n" + self.args[0]
+
+
+class _WorkerError(Exception):
+    """An exception that a worker raised but could not send back: its type and message."""
+
+
+def _portable(exc):
+    """exc if it survives pickling both ways, else a _WorkerError that says what it was."""
+    try:
+        pickle.loads(pickle.dumps(exc, _PROTOCOL))
+        return exc
+    except Exception as why:
+        try:
+            message = str(exc)
+        except Exception:
+            message = "<str() of the exception failed>"
+        return _WorkerError("%s: %s (the worker could not send this exception back: %s: %s)"
+                            % (_type_label(type(exc)), message, type(why).__name__, why))
+
+
+def _type_label(kind):
+    module = getattr(kind, "__module__", None)
+    return kind.__qualname__ if module in (None, "builtins") else \
+        "%s.%s" % (module, kind.__qualname__)
+
+
+def _worker_start(stop):
+    """Each worker of persist.map's own pool ignores Ctrl-C: the parent stops them all, at
+    once and without a traceback from each. stop: see _run."""
+    global _STOP
+    _STOP = stop
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool):
+    """End a ProcessPoolExecutor's workers now, whatever they are running."""
+    # best effort, through a private attribute: without it, shutdown() waits for the calls
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            process.terminate()
+    pool.shutdown(wait=True)
+
+
+def _took(seconds):
+    """A duration for people: 4.2s, 3m12s, 2h41m."""
+    if seconds < 60:
+        return "%.1fs" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(int(seconds), 60)
+    return "%dh%02dm" % divmod(int(seconds) // 60, 60)
+
+
+def _n(number):
+    return format(number, ",")
+
+
+class _Run:
+    """One persist.map(): the results, the counts, the progress line and the summary."""
+
+    def __init__(self, func, items, found, progress):
+        self.func, self.items, self.found = func, items, found
+        inner = func.func if isinstance(func, functools.partial) else func
+        self.label = getattr(inner, "__name__", None) or type(inner).__name__
+        self.results = [None] * len(items)
+        self.failures = []              # (index, exception)
+        self.reused = self.computed = 0
+        self.start = time.perf_counter()
+        self.bar = None                 # a tqdm-like object from the progress= factory
+        self.line = 0                   # characters of the progress line now on stderr
+        self.tick = None                # perf_counter() time of the next progress update
+        self.loud = progress is True    # the summary goes to stderr even if not a terminal
+        if progress is None:
+            isatty = getattr(sys.stderr, "isatty", None)
+            self.loud = bool(isatty and isatty())
+            if self.loud:
+                self.tick = self.start + _PROGRESS_AFTER
+        elif progress is True:
+            self.tick = self.start
+        elif callable(progress):
+            self.bar = progress(total=len(items), desc=self.label, unit="item")
+            self.tick = self.start
+        elif progress is not False:
+            raise TypeError("Expected persist.map(progress=...) to be None, True, False or a "
+                            "factory such as tqdm.tqdm, not %r" % (progress,))
+        self.counted = 0                # items the bar was told about
+
+    @property
+    def done(self):
+        return self.reused + self.computed + len(self.failures)
+
+    def succeeded(self, index, value, hit):
+        self.results[index] = value
+        if hit:
+            self.reused += 1
+        else:
+            self.computed += 1
+
+    def failed(self, index, exc):
+        self.results[index] = exc
+        self.failures.append((index, exc))
+
+    def update(self, now):
+        """Show progress, at most every _PROGRESS_EVERY seconds."""
+        self.tick = now + _PROGRESS_EVERY
+        done, total = self.done, len(self.items)
+        counts = "%s reused, %s computed, %s failed" % (
+            _n(self.reused), _n(self.computed), _n(len(self.failures)))
+        if self.bar is not None:
+            self.bar.update(done - self.counted)
+            self.counted = done
+            postfix = getattr(self.bar, "set_postfix_str", None)
+            if postfix is not None:
+                postfix(counts)
+            return
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = ", %s left" % _took((total - done) / rate) if rate and done < total else ""
+        text = "%s: %s/%s items: %s, %.1f/s%s" % (self.label, _n(done), _n(total), counts,
+                                                   rate, left)
+        self.show(text)
+
+    def show(self, text):
+        # best effort: a closed or broken stderr costs the progress line, never the results
+        with contextlib.suppress(Exception):
+            sys.stderr.write("\r" + text + " " * max(0, self.line - len(text)))
+            sys.stderr.flush()
+            self.line = len(text)
+
+    def serial(self, keep_going):
+        func, found, run = self.func, self.found, self
+        if found is not None:
+            call, args, kwargs = found[0]._call, found[1], found[2]
+        for index, item in enumerate(self.items):
+            try:
+                if found is None:
+                    value, hit = func(item), False
+                else:
+                    value, hit = call(args + (item,), kwargs)
+            except Exception as exc:
+                run.failed(index, exc)
+                if not keep_going:
+                    raise
+            else:
+                run.results[index] = value
+                if hit:
+                    run.reused += 1
+                else:
+                    run.computed += 1
+            if run.tick is not None:
+                now = time.perf_counter()
+                if now >= run.tick:
+                    run.update(now)
+
+    def parallel(self, executor, width, keep_going, portable, pool=None, stop=None):
+        """Run the items on executor in batches sized to take about _BATCH_SECONDS each (one
+        item at first; quick items travel many to a message), with at most two batches per
+        worker waiting, so that a million items are not a million futures. pool: our own, to
+        stop on Ctrl-C; stop: an Event for _run, passed with each batch (threads) or held by
+        each worker (pool)."""
+        import concurrent.futures
+        wait, first = concurrent.futures.wait, concurrent.futures.FIRST_COMPLETED
+        window = 2 * width if keep_going else width
+        pending = {}                    # future: the indexes of its batch
+        todo = iter(range(len(self.items)))
+        alone = collections.deque()     # indexes to send one at a time (see below)
+        size, left = 1, len(self.items)
+        error = None                    # keep_going=False: the first failure
+
+        def submit(count):
+            nonlocal left
+            for _ in range(count):
+                batch = [alone.popleft()] if alone else list(itertools.islice(todo, size))
+                if not batch:
+                    return
+                left -= len(batch)
+                future = executor.submit(_run, self.func, [self.items[i] for i in batch],
+                                         portable, stop)
+                pending[future] = batch
+
+        try:
+            submit(window)
+            while pending:
+                finished, _ = wait(pending, _PROGRESS_EVERY, first)
+                for future in finished:
+                    batch = pending.pop(future)
+                    try:
+                        outcomes, seconds = future.result()
+                    except concurrent.futures.BrokenExecutor:
+                        raise           # a worker died: not these items' failure to record
+                    except Exception as exc:
+                        if len(batch) > 1:      # a result that could not travel: find it
+                            alone.extend(batch)
+                            left += len(batch)
+                            continue
+                        outcomes, seconds = [(False, exc, None)], 0.0
+                    for index, (ok, value, extra) in zip(batch, outcomes):
+                        if ok:
+                            self.succeeded(index, value, extra)
+                        elif ok is False:
+                            if extra is not None:
+                                value.__cause__ = _WorkerTraceback(extra)
+                            self.failed(index, value)
+                            if not keep_going and error is None:
+                                error = value
+                    if seconds > 0:
+                        size = max(1, min(int(_BATCH_SECONDS * len(outcomes) / seconds),
+                                          left // (2 * width) or 1, _BATCH_LIMIT))
+                if error is not None:
+                    for other in list(pending):     # what has not started never will
+                        if other.cancel():
+                            del pending[other]
+                else:
+                    submit(len(finished))
+                if self.tick is not None:
+                    now = time.perf_counter()
+                    if now >= self.tick:
+                        self.update(now)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            if pool is not None:
+                _stop_workers(pool)
+            raise
+        if error is not None:
+            raise error
+
+    def summary(self):
+        """One line: what was reused, computed and failed, and where to see the failures."""
+        total = len(self.items)
+        parts = []
+        if self.found is not None:
+            parts.append("%s reused" % _n(self.reused))
+        parts.append("%s computed" % _n(self.computed))
+        kinds = collections.Counter(_type_label(type(exc)) for _, exc in self.failures)
+        failed = "%s failed" % _n(len(self.failures))
+        if kinds:
+            failed += " (%s)" % ", ".join("%s x%s" % (kind, _n(count))
+                                          for kind, count in kinds.most_common())
+        parts.append(failed)
+        done = self.done
+        items = "%s items" % _n(total) if done == total else \
+            "%s of %s items" % (_n(done), _n(total))
+        line = "%s: %s: %s in %s" % (self.label, items, ", ".join(parts),
+                                      _took(time.perf_counter() - self.start))
+        if self.failures:
+            line += "; see %s" % ("%s.failures()" % self.label if self.found is not None
+                                  else "the .failures of the persist.Failures raised")
+        return line
+
+    def finish(self):
+        """Clear the progress line, close the bar, and give the summary line."""
+        if self.bar is not None:
+            with contextlib.suppress(Exception):
+                self.bar.update(self.done - self.counted)
+                self.bar.close()
+        elif self.line:
+            with contextlib.suppress(Exception):
+                sys.stderr.write("\r%s\r" % (" " * self.line))
+        line = self.summary()
+        import logging
+        log = logging.getLogger("persist")
+        log.info("%s", line)
+        if self.loud and not (log.isEnabledFor(logging.INFO) and log.hasHandlers()):
+            with contextlib.suppress(Exception):
+                print(line, file=sys.stderr)
+
+    def error(self):
+        """The Failures to raise when items failed and map kept going past them."""
+        self.failures.sort(key=_first)         # workers finish out of order
+        kinds = collections.OrderedDict()
+        for index, exc in self.failures:
+            kinds.setdefault(_type_label(type(exc)), []).append(index)
+        parts = []
+        for kind, indexes in sorted(kinds.items(), key=lambda pair: -len(pair[1])):
+            shown = ", ".join(_SHORT.repr(self.items[i]) for i in indexes[:_SHOWN_ITEMS])
+            more = ", ..." if len(indexes) > _SHOWN_ITEMS else ""
+            parts.append("%s x%s (%s%s)" % (kind, _n(len(indexes)), shown, more))
+        where = "this exception's .failures"
+        if self.found is not None:
+            where += ", %s.failures(), or 'python persist.py failures %s'" % (
+                self.label, self.found[0]._memo.path)
+        message = "%s of %s items failed: %s; every other item was tried; see %s" % (
+            _n(len(self.failures)), _n(len(self.items)), ", ".join(parts), where)
+        return Failures(message, [(self.items[i], exc) for i, exc in self.failures],
+                        self.results)
 
 
 # -- private helpers: done_dir
@@ -3382,7 +3875,8 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
 
     Use it bare, @memoize, or with options, @memoize(version=2). Each result is committed
     before the call returns: a crash, even kill -9, loses nothing that was returned. Many
-    threads and processes may share one cache. Exceptions are never cached.
+    threads and processes may share one cache. Exceptions are never cached; a call that
+    raised is recorded, until it succeeds, in the cache's failure ledger (see failures()).
 
     cache_dir: where the cache lives; else $PERSIST_DIR; else .persist beside the file that
         defines func (or in the current directory, for the REPL and notebooks).
@@ -3404,8 +3898,8 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
     matter, types do (1 and 1.0 differ). What func carries besides its arguments (closure
     cells, a partial's arguments, a bound method's self, a callable object's state) is part
     of the key; if it cannot be, memoize raises TypeError. The wrapper has cache_info(),
-    cache_clear(), cache_delete(*args, **kwargs) and cache_prune(), and binds in a class as
-    a function does. Caches are pickles: trust them as code.
+    failures(), cache_clear(), cache_delete(*args, **kwargs) and cache_prune(), and binds
+    in a class as a function does. Caches are pickles: trust them as code.
     """
     options = (cache_dir, name, version, expire, ignore, key, strict)
     if func is None:
@@ -3420,6 +3914,89 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
         raise TypeError("Expected a function to decorate, not %r: use @memoize or "
                         "@memoize(option=...)" % (func,))
     return _memoize(func, *options)
+
+
+def map(func, items, *, workers=None, executor=None, keep_going=True, progress=None):
+    """func(item) for every item, as a list in input order, going on past items that fail.
+
+    results = persist.map(transform, records)              # every record is tried
+    results = persist.map(transform, records, workers=8)   # in 8 processes
+
+    keep_going=True: a failing item does not stop the others; once every item was tried, if
+    any failed, Failures is raised, naming them (its .failures and .results hold them all).
+    keep_going=False raises the first failure, as a plain loop would; with workers, no item
+    starts after it, and those running finish (and are stored).
+
+    func may be any callable. A memoized one (or a functools.partial of one) stores each
+    result as it comes and records each failure (see its failures()): a rerun computes only
+    what is missing or failed, and the summary tells reused results from computed ones.
+    KeyboardInterrupt and SystemExit are not failures: they stop the run.
+
+    workers=N runs the calls in N processes (concurrent.futures.ProcessPoolExecutor), which
+    store into the shared cache: func must pickle (a module-level function does; run the
+    map under if __name__ == "__main__" in a script). executor= takes any
+    concurrent.futures.Executor instead (a thread pool, or Dask's client.get_executor()).
+    Ctrl-C stops persist.map's own workers at once; whatever finished before stays stored.
+
+    progress: None shows a line on stderr that updates in place, when stderr is a terminal
+    and the run takes more than about two seconds; True shows it from the start, wherever
+    stderr goes; False shows none; a factory with tqdm's interface (progress=tqdm.tqdm)
+    gets the counts instead. At the end one summary line goes to the 'persist' logger at
+    INFO, and to stderr when the progress line would.
+    """
+    if not callable(func):
+        raise TypeError("Expected a callable as persist.map()'s func, not %r" % (func,))
+    if workers is not None and executor is not None:
+        raise ValueError("persist.map() takes workers= or executor=, not both")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or
+                                workers < 1):
+        raise ValueError("persist.map(workers=...) must be a whole number of processes, 1 or "
+                         "more, not %r" % (workers,))
+    found = _handle_of(func)
+    if found is not None and _code_flags(found[0]._state[3]) & _CO_COROUTINE:
+        raise TypeError("persist.map() calls func(item) and takes the result, but %s is an "
+                        "async def function: map a plain function over the items, or gather "
+                        "the coroutines with asyncio" % (found[0]._state[3].__qualname__,))
+    threads = False
+    if executor is not None:
+        import concurrent.futures
+        threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+    if workers is not None or executor is not None and not threads:
+        try:
+            pickle.dumps(func, _PROTOCOL)
+        except Exception as exc:
+            raise TypeError("persist.map() sends func to other processes, and %r cannot be "
+                            "pickled (%s: %s): define it at the top level of a module, or use "
+                            "a thread pool (executor=)" % (func, type(exc).__name__, exc)) \
+                from None
+    items = list(items)
+    run = _Run(func, items, found, progress)
+    try:
+        if executor is not None:
+            width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
+            # threads share an Event; other executors' workers learn of a failure only
+            # from here, when its result arrives
+            import threading
+            stop = threading.Event() if threads and not keep_going else None
+            run.parallel(executor, width, keep_going, not threads, None, stop)
+        elif workers is not None:
+            import concurrent.futures
+            import multiprocessing
+            context = multiprocessing.get_context()
+            stop = None if keep_going else context.Event()
+            pool = concurrent.futures.ProcessPoolExecutor(
+                workers, context, initializer=_worker_start, initargs=(stop,))
+            try:
+                run.parallel(pool, workers, keep_going, True, pool)
+            finally:
+                pool.shutdown(wait=True)    # after _stop_workers() too: it does nothing then
+        else:
+            run.serial(keep_going)
+    finally:
+        run.finish()
+    if run.failures:
+        raise run.error()
+    return run.results
 
 
 def open(filename, flag="c", protocol=None, writeback=False):
@@ -3688,21 +4265,23 @@ def _cli_ls(options):
         paths = _caches_under(directory)
     else:
         raise FileNotFoundError(errno.ENOENT, "No such directory", directory)
-    row = "%-32s %8s %10s  %-16s  %-16s  %-18s  %s"
-    print(row % ("CACHE", "ENTRIES", "SIZE", "OLDEST", "NEWEST", "STALE", "WHERE"))
+    row = "%-32s %8s %10s %7s %8s  %-16s  %-16s  %-18s  %s"
+    print(row % ("CACHE", "ENTRIES", "SIZE", "FAILED", "TOOK", "OLDEST", "NEWEST", "STALE",
+                 "WHERE"))
     for path in paths:
         # where it is, as 'show --dir DIR' takes it: the same name may be in many folders
         where = os.path.relpath(path, directory)
         try:
             with contextlib.closing(_Store(path, "r")) as store:
                 count, oldest, newest, stale, stale_size = store.summary()
+                _, took, failed = store.tally()     # TOOK: what computing them took
                 label = store.info().get("function") or os.path.basename(path)[:-3]
-                print(row % (label, count, _bytes(store.disk_usage()), _when(oldest),
-                             _when(newest), "%d stale (%s)" % (stale, _bytes(stale_size))
-                             if stale else "", where))
+                print(row % (label, count, _bytes(store.disk_usage()), failed, _took(took),
+                             _when(oldest), _when(newest), "%d stale (%s)"
+                             % (stale, _bytes(stale_size)) if stale else "", where))
         except OSError as exc:            # what makes memoized calls raise: listed, marked
             print(row % ("(%s)" % _problem(path, exc), "-", _bytes(_size(path)), "-", "-",
-                         "", where))
+                         "-", "-", "", where))
 
 
 def _one_line(text):
@@ -3777,6 +4356,37 @@ def _cli_prune(options):
             count, _bytes(size), store.path, _bytes(max(0, before - store.disk_usage()))))
 
 
+def _cli_failures(options):
+    with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
+        rows = store.failures()
+        label = store.info().get("function") or store.path
+        if not rows:
+            print("%s: no failed calls on record" % label)
+            return 0
+        groups = collections.OrderedDict()        # (type, message): rows, the latest last
+        for row in rows:
+            groups.setdefault(row[1:3], []).append(row)
+        print("%s: %d failed call%s, not succeeded since (%s)" % (
+            label, len(rows), "" if len(rows) == 1 else "s", store.path))
+        for (kind, message), group in sorted(groups.items(), key=lambda pair: -len(pair[1])):
+            print("\n%s: %s" % (kind, message))
+            times = sum(row[3] for row in group)
+            print("  %s, %d failure%s in all, the last at %s" % (
+                "1 call" if len(group) == 1 else "%d calls" % len(group), times,
+                "" if times == 1 else "s", _when(group[-1][5])))
+            if options.traceback:
+                for args, _, _, count, first, last, seconds, version, text in group:
+                    print("\n  %s: failed %d times, first %s, last %s, after %s" % (
+                        args, count, _when(first), _when(last), _took(seconds or 0.0)))
+                    print("    " + text.rstrip("\n").replace("\n", "\n    "))
+            else:
+                shown = [row[0] or "?" for row in group[:options.limit]]
+                more = len(group) - len(shown)
+                print("  " + ", ".join(shown) + (", and %d more" % more if more > 0 else ""))
+        if not options.traceback:
+            print("\n(--traceback shows each call's traceback)")
+
+
 def _cli_status(options):
     unfinished = 0
     for path in options.paths:
@@ -3815,7 +4425,14 @@ def _main(argv=None):
                       "(default: 50 on a terminal, else all; 0: all)")
     clear = commands.add_parser("clear", help="remove every entry of a cache")
     prune = commands.add_parser("prune", help="remove a cache's old entries")
-    for command, run in ((show, _cli_show), (clear, _cli_clear), (prune, _cli_prune)):
+    failures = commands.add_parser("failures", help="list a cache's failed calls, grouped by "
+                                   "exception")
+    failures.add_argument("--traceback", action="store_true", help="show each failed call "
+                          "with its traceback")
+    failures.add_argument("--limit", type=int, default=5, metavar="N", help="arguments shown "
+                          "per exception (default 5)")
+    for command, run in ((show, _cli_show), (clear, _cli_clear), (prune, _cli_prune),
+                         (failures, _cli_failures)):
         command.add_argument("cache", help="a cache file, or a function's name or a path as "
                              "'ls' shows them")
         command.add_argument("--dir", help="where to look for it (default: $PERSIST_DIR, "

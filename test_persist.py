@@ -14,6 +14,7 @@ import errno
 import functools
 import importlib.util
 import inspect
+import io
 import json
 import linecache
 import multiprocessing
@@ -4047,6 +4048,483 @@ class TestIsDone(TempDirTest):
         self.assertFalse(persist.is_done(self.path))
 
 
+# -- the failure ledger and persist.map
+
+
+class Malformed(ValueError):
+    pass
+
+
+class NeedsTwo(Exception):
+    """An exception that pickles but cannot be unpickled: its __init__ wants two arguments."""
+
+    def __init__(self, a, b):
+        super().__init__("%s/%s" % (a, b))
+
+
+def parse(text):
+    if text.startswith("?"):
+        raise Malformed("malformed: %r" % text)
+    return int(text)
+
+
+class TestFailureLedger(MemoTest):
+    def test_a_failed_call_is_recorded_and_raised_unchanged(self):
+        f = self.memo(parse)
+        raised = []
+        for attempt in range(2):
+            try:
+                f("?x")
+            except Malformed as exc:
+                raised.append(exc)
+        self.assertEqual(len(f.calls), 2)               # a failure is never a cached result
+        self.assertIsInstance(raised[0], Malformed)
+        self.assertIsNot(raised[0], raised[1])
+        self.assertEqual(f("12"), 12)
+        record, = f.failures()
+        self.assertEqual(record.args, "('?x')")
+        self.assertEqual(record.type, "test_persist.Malformed")
+        self.assertEqual(record.message, "malformed: '?x'")
+        self.assertEqual(record.count, 2)
+        self.assertLessEqual(record.first, record.last)
+        self.assertGreaterEqual(record.seconds, 0)
+        self.assertIn("in parse", record.traceback)
+        self.assertTrue(record.traceback.rstrip().endswith("Malformed: malformed: '?x'"))
+        info = f.cache_info()
+        self.assertEqual(info[:4], (0, 3, 1, info.path))
+        self.assertEqual((info.failures, info.unstored), (1, 0))
+
+    def test_newest_last_and_a_success_removes_the_record(self):
+        broken = {"?a", "?b"}
+
+        def g(text):
+            if text in broken:
+                raise KeyError(text)
+            return text
+
+        f = self.memo(g)
+        for text in ("?a", "?b", "?a"):
+            with self.assertRaises(KeyError):
+                f(text)
+        self.assertEqual([(r.args, r.count) for r in f.failures()], [("('?b')", 1),
+                                                                     ("('?a')", 2)])
+        broken.discard("?a")
+        self.assertEqual(f("?a"), "?a")
+        self.assertEqual([r.args for r in f.failures()], ["('?b')"])
+        f.cache_clear()
+        self.assertEqual((f.failures(), f.cache_info().failures), ([], 0))
+
+    def test_interrupts_are_not_failures(self):
+        def g(x):
+            raise KeyboardInterrupt if x else SystemExit(3)
+
+        f = self.memo(g)
+        with self.assertRaises(KeyboardInterrupt):
+            f(1)
+        with self.assertRaises(SystemExit):
+            f(0)
+        self.assertEqual(f.failures(), [])
+
+    def test_methods_and_coroutines_record_failures_too(self):
+        class Parser:
+            @persist.memoize(cache_dir=self.dir, ignore=["self"])
+            def parse(self, text):
+                return parse(text)
+
+        @persist.memoize(cache_dir=self.dir)
+        async def parse_later(text):
+            return parse(text)
+
+        with self.assertRaises(Malformed):
+            Parser().parse("?m")
+        with self.assertRaises(Malformed):
+            asyncio.run(parse_later("?c"))
+        self.assertEqual(Parser.parse.failures()[0].args[-5:], "'?m')")
+        self.assertEqual(len(Parser().parse.failures()), 1)
+        self.assertEqual(parse_later.failures()[0].args, "('?c')")
+
+    def test_compute_time_held_and_saved(self):
+        f = self.memo(lambda x: sum(range(20000)) + x)
+        for x in range(5):
+            f(x)
+        info = f.cache_info()
+        self.assertGreater(info.seconds, 0)
+        self.assertEqual(info.saved, 0)
+        for x in range(5):
+            f(x)
+        again = f.cache_info()
+        self.assertAlmostEqual(again.saved, info.seconds, places=6)
+        self.assertEqual(again._fields[:5], ("hits", "misses", "entries", "path", "unstored"))
+
+
+class TestFailureLedgerOnAReadOnlyCache(TempDirTest):
+    def test_the_users_exception_still_propagates(self):
+        os.chmod(self.dir, 0o755)
+        cache = self.path / "cache"
+        code = """
+            import os, sys, warnings, persist
+            import hashlib, logging, pickle, reprlib, shelve, sqlite3, traceback
+            cache, strict = sys.argv[1], sys.argv[2] == "strict"
+            @persist.memoize(cache_dir=cache, name="ro", strict=strict)
+            def f(x):
+                if x < 0:
+                    raise ValueError("negative")
+                return x
+            if sys.argv[3] == "fill":
+                f(1)
+                sys.exit()
+            os.chmod(cache, 0o555)
+            if os.getuid() == 0:
+                os.setgid(65534); os.setuid(65534)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                print(f(1))
+                for x in (-1, -2):
+                    try:
+                        f(x)
+                    except ValueError as exc:
+                        print(exc)
+            print(len(caught), [str(w.message)[:25] for w in caught])
+        """
+        script = self.path / "ro.py"
+        script.write_text(textwrap.dedent(code))
+        self.assertEqual(run_command([str(script), str(cache), "lenient", "fill"]).returncode, 0)
+        done = run_command([str(script), str(cache), "lenient", "use"])
+        self.assertEqual(done.stdout, "1\nnegative\nnegative\n1 ['ro() could not record a f']\n",
+                         done.stderr)
+        done = run_command([str(script), str(cache), "strict", "use"])
+        self.assertEqual(done.stdout, "1\nnegative\nnegative\n0 []\n", done.stderr)
+
+
+class TestFailureLedgerKilled(TempDirTest):
+    def test_sigkill_mid_call_leaves_no_failure_record(self):
+        child = start_python("""
+            import sys, persist
+            @persist.memoize(cache_dir=%r, name="killed")
+            def f(x):
+                if x == 2:
+                    print("inside", flush=True)
+                    sys.stdin.readline()
+                    raise ValueError("never reached")
+                return x
+            f(1)
+            f(2)
+        """ % self.dir)
+        self.assertEqual(child.stdout.readline(), "inside\n")
+        stop(child)
+
+        @persist.memoize(cache_dir=self.dir, name="killed")
+        def f(x):
+            return x
+
+        self.assertEqual(f.failures(), [])
+        self.assertEqual(f.cache_info().entries, 1)
+
+
+class TestMap(MemoTest):
+    def test_every_item_tried_and_failures_raised_together(self):
+        f = self.memo(parse)
+        items = ["1", "?2", "3", "?4", "5", "?6", "?7"]
+        with self.assertRaises(persist.Failures) as caught:
+            persist.map(f, items, progress=False)
+        error = caught.exception
+        self.assertIsInstance(error, Exception)
+        self.assertEqual([item for item, exc in error.failures], ["?2", "?4", "?6", "?7"])
+        self.assertTrue(all(isinstance(exc, Malformed) for _, exc in error.failures))
+        self.assertEqual(error.results[::2], [1, 3, 5, error.failures[3][1]])
+        self.assertIs(error.results[1], error.failures[0][1])
+        message = str(error)
+        self.assertIn("4 of 7 items failed: test_persist.Malformed x4 ('?2', '?4', '?6', ...)",
+                      message)
+        self.assertIn("parse.failures()", message)
+        self.assertIn("python persist.py failures ", message)
+        self.assertEqual(len(f.failures()), 4)
+
+    def test_a_rerun_computes_only_what_failed(self):
+        broken = {"?2", "?4"}
+
+        def g(text):
+            if text in broken:
+                raise ValueError(text)
+            return text.lstrip("?")
+
+        f = self.memo(g)
+        items = ["1", "?2", "3", "?4"]
+        with self.assertRaises(persist.Failures):
+            persist.map(f, items, progress=False)
+        broken.clear()
+        f.calls.clear()
+        with self.assertLogs("persist", "INFO") as logs:
+            self.assertEqual(persist.map(f, items, progress=False), ["1", "2", "3", "4"])
+        self.assertEqual(f.calls, [(("?2",), {}), (("?4",), {})])
+        self.assertEqual(f.failures(), [])
+        self.assertRegex(logs.output[-1], r"^INFO:persist:g: 4 items: 2 reused, 2 computed, "
+                                          r"0 failed in \d+\.\ds$")
+
+    def test_summary_line(self):
+        def g(x):
+            if x % 4 == 1:
+                raise ValueError(x)
+            if x == 2:
+                raise KeyError(x)
+            return x
+
+        f = self.memo(g)
+        f(0)
+        with self.assertLogs("persist", "INFO") as logs, self.assertRaises(persist.Failures):
+            persist.map(f, range(10), progress=False)
+        self.assertRegex(logs.output[-1], r"^INFO:persist:g: 10 items: 1 reused, 5 computed, "
+                                          r"4 failed \(ValueError x3, KeyError x1\) in "
+                                          r"\d+\.\ds; see g.failures\(\)$")
+        with self.assertLogs("persist", "INFO") as logs, self.assertRaises(persist.Failures):
+            persist.map(g, range(3), progress=False)             # not memoized
+        self.assertRegex(logs.output[-1], r"g: 3 items: 1 computed, 2 failed \(ValueError x1, "
+                                          r"KeyError x1\) in \d+\.\ds; see the .failures")
+
+    def test_keep_going_false_stops_at_the_first_failure(self):
+        f = self.memo(parse)
+        with self.assertRaises(Malformed) as caught:
+            persist.map(f, ["1", "?2", "3"], keep_going=False, progress=False)
+        self.assertEqual(str(caught.exception), "malformed: '?2'")
+        self.assertEqual(f.calls, [(("1",), {}), (("?2",), {})])
+
+    def test_a_plain_function_a_partial_and_a_thread_pool(self):
+        self.assertEqual(persist.map(int, ["1", "2"], progress=False), [1, 2])
+        self.assertEqual(persist.map(str.upper, [], progress=False), [])
+        f = self.memo(lambda text, base=10: int(text, base))
+        self.assertEqual(f("10", base=2), 2)
+        with self.assertLogs("persist", "INFO") as logs:
+            self.assertEqual(persist.map(functools.partial(f, base=2), ["10", "11"],
+                                         progress=False), [2, 3])
+        self.assertIn("1 reused, 1 computed", logs.output[-1])
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            with self.assertRaises(persist.Failures) as caught:
+                persist.map(f, ["7", "x", "9"] * 5, executor=pool, progress=False)
+        self.assertEqual(caught.exception.results[:3], [7, caught.exception.failures[0][1], 9])
+        self.assertEqual([item for item, _ in caught.exception.failures], ["x"] * 5)
+
+    def test_bad_arguments(self):
+        for kwargs in ({"workers": 0}, {"workers": 1.5}, {"workers": True},
+                       {"workers": 2, "executor": object()}):
+            with self.assertRaises(ValueError):
+                persist.map(int, [], **kwargs)
+        with self.assertRaises(TypeError):
+            persist.map(None, [])
+        with self.assertRaises(TypeError):
+            persist.map(int, [], progress="yes")
+        with self.assertRaisesRegex(TypeError, "cannot be pickled .*define it at the top"):
+            persist.map(lambda x: x, [1], workers=2)
+
+        @persist.memoize(cache_dir=self.dir)
+        async def later(x):
+            return x
+
+        with self.assertRaisesRegex(TypeError, "async def"):
+            persist.map(later, [1])
+
+    def test_interrupts_stop_the_run(self):
+        seen = []
+
+        def g(x):
+            seen.append(x)
+            if x == 1:
+                raise SystemExit(2)
+            return x
+
+        with self.assertRaises(SystemExit):
+            persist.map(self.memo(g), [0, 1, 2], progress=False)
+        self.assertEqual(seen, [0, 1])
+
+    def test_progress_line_and_factory(self):
+        class Bar:
+            made = []
+
+            def __init__(self, total, desc, unit):
+                self.made.append(self)
+                self.args, self.count, self.postfix, self.closed = (total, desc, unit), 0, [], 0
+
+            def update(self, n):
+                self.count += n
+
+            def set_postfix_str(self, text):
+                self.postfix.append(text)
+
+            def close(self):
+                self.closed += 1
+
+        f = self.memo(parse)
+        with self.assertRaises(persist.Failures):
+            persist.map(f, ["1", "?2", "3"], progress=Bar)
+        bar, = Bar.made
+        self.assertEqual((bar.args, bar.count, bar.closed), ((3, "parse", "item"), 3, 1))
+        self.assertEqual(bar.postfix[0], "0 reused, 1 computed, 0 failed")
+        for progress, shown in ((True, True), (None, False), (False, False)):
+            err = io.StringIO()                     # not a terminal
+            with contextlib.redirect_stderr(err):
+                persist.map(f, ["1", "3"], progress=progress)
+            text = err.getvalue()
+            self.assertEqual("\rparse: 1/2 items: 1 reused, 0 computed, 0 failed, " in text,
+                             shown, text)
+            self.assertEqual(text.endswith("parse: 2 items: 2 reused, 0 computed, 0 failed in "
+                                           "0.0s\n"), shown, text)
+
+
+WORKERS_SCRIPT = """
+import multiprocessing, os, sys, time
+import persist
+
+@persist.memoize(cache_dir=os.environ["CACHE"])
+def parse(text):
+    if text.startswith("?"):
+        raise ValueError("malformed %r" % text)
+    if text == "lock":
+        import threading
+        raise Unpicklable(threading.Lock())
+    if text == "two":
+        raise NeedsTwo(1, 2)
+    return int(text), os.getpid()
+
+class Unpicklable(Exception):
+    pass
+
+class NeedsTwo(Exception):
+    def __init__(self, a, b):
+        super().__init__("%s/%s" % (a, b))
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1])
+    items = [str(i) for i in range(40)] + ["?1", "?2", "lock", "two"]
+    try:
+        persist.map(parse, items, workers=2, progress=False)
+    except persist.Failures as exc:
+        pids = {result[1] for result in exc.results if isinstance(result, tuple)}
+        print(os.getpid() in pids, 1 <= len(pids) <= 2)
+        print(sorted("%s %s" % (item, type(error).__name__) for item, error in exc.failures))
+        print(parse.cache_info().entries, len(parse.failures()))
+    print(sum(parse(str(i))[0] for i in range(40)), parse.cache_info()[:2])
+    try:
+        persist.map(parse, ["1", "?x"] + [str(i) for i in range(100, 200)], workers=2,
+                    keep_going=False, progress=False)
+    except ValueError as exc:
+        print(exc, parse.cache_info().entries <= 42)   # none starts after the failure
+"""
+
+
+# PyPy 7.3.11's ProcessPoolExecutor calls a method it renamed, whenever it may start workers
+# on demand (every start method but fork): it cannot run a single call there.
+SPAWN_POOL_BROKEN = not hasattr(concurrent.futures.ProcessPoolExecutor, "_adjust_process_count")
+
+
+class TestMapWorkers(TempDirTest):
+    @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
+    def test_workers_store_results_and_send_back_failures(self):
+        script = self.path / "job.py"
+        script.write_text(WORKERS_SCRIPT)
+        # spawn: the method that re-imports the script; the Ctrl-C test runs the default
+        for method in ["spawn"]:
+            cache = self.path / method
+            done = run_command([str(script), method], CACHE=cache)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            lines = done.stdout.splitlines()
+            self.assertEqual(lines[0], "False True")          # workers, not this process
+            self.assertEqual(lines[1], "['?1 ValueError', '?2 ValueError', 'lock _WorkerError', "
+                                       "'two _WorkerError']")
+            self.assertEqual(lines[2], "40 4")                # the workers stored them all
+            self.assertEqual(lines[3], "780 (40, 0)")         # hits here
+            self.assertEqual(lines[4], "malformed '?x' True")
+
+
+class TestMapInterrupted(TempDirTest):
+    @unittest.skipUnless(POSIX, "SIGINT to a child")
+    def test_ctrl_c_stops_workers_and_keeps_what_finished(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, sys, time
+            import persist
+
+            @persist.memoize(cache_dir=os.environ["CACHE"], name="slow")
+            def slow(x):
+                if x >= 4:
+                    os.write(1, b"started %d\\n" % os.getpid())   # one write: no interleaving
+                    time.sleep(600)
+                return x
+
+            if __name__ == "__main__":
+                try:
+                    persist.map(slow, range(10), workers=2, progress=False)
+                except KeyboardInterrupt:
+                    print("interrupted", flush=True)
+                    raise
+        """))
+        child = subprocess.Popen([sys.executable, str(script)], env=child_env(CACHE=self.dir),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 universal_newlines=True)
+        self.addCleanup(child.stderr.close)
+        self.addCleanup(child.stdout.close)
+        workers = [int(child.stdout.readline().split()[1]) for _ in range(2)]
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            for pid in workers:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            self.fail("persist.map did not stop on Ctrl-C")
+        self.assertEqual(child.stdout.read(), "interrupted\n")
+        self.assertIn("KeyboardInterrupt", child.stderr.read())
+        for pid in workers:
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
+        self.assertAllHits("slow", range(4), lambda x: x)
+
+        @persist.memoize(cache_dir=self.dir, name="slow")
+        def slow(x):
+            return x
+
+        self.assertEqual((slow.failures(), slow.cache_info().entries), ([], 4))
+
+
+class TestFailuresCommand(TempDirTest):
+    def test_failures_and_ls(self):
+        cache = self.path / "cache"
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="jobs.parse")
+            def parse(text):
+                if text.startswith("?"):
+                    raise ValueError("malformed")
+                if text == "":
+                    raise KeyError("empty")
+                return int(text)
+            for text in ["1", "?a", "?b", "", "2", "?a", "?c", "?d", "?e", "?f", "?g"]:
+                try:
+                    parse(text)
+                except Exception:
+                    pass
+        """ % str(cache))
+        cli = [os.path.join(HERE, "persist.py")]
+        done = run_command(cli + ["failures", str(cache / "jobs.parse.db")])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertEqual(lines[0].split(" (")[0], "jobs.parse: 8 failed calls, not succeeded "
+                                                  "since")
+        self.assertEqual(lines[2], "ValueError: malformed")
+        self.assertEqual(lines[3].split(", the last")[0], "  7 calls, 8 failures in all")
+        self.assertEqual(lines[4], "  ('?b'), ('?a'), ('?c'), ('?d'), ('?e'), and 2 more")
+        self.assertEqual(lines[6], "KeyError: 'empty'")
+        self.assertEqual(lines[8], "  ('')")
+        done = run_command(cli + ["failures", "--traceback", "jobs.parse"], PERSIST_DIR=cache)
+        self.assertEqual(done.stdout.count("Traceback (most recent call last)"), 8)
+        self.assertIn("  ('?a'): failed 2 times", done.stdout)
+        self.assertIn("KeyError: 'empty'", done.stdout)
+        done = run_command(cli + ["ls", str(cache)])
+        header, row = done.stdout.splitlines()
+        self.assertEqual(header.split()[:5], ["CACHE", "ENTRIES", "SIZE", "FAILED", "TOOK"])
+        self.assertEqual(row.split()[:2] + row.split()[4:5], ["jobs.parse", "2", "8"])
+
+
 # -- the user's first hour: logging, the command line, the example, the README
 
 
@@ -4675,17 +5153,28 @@ class TestExamplePipeline(TempDirTest):
         fixed = self.pipeline("--fix", records=500)
         self.assertEqual(fixed.returncode, 0, fixed.stderr)
         self.assertIn("split:     already done", fixed.stdout)
-        self.assertIn("transform: reused 399, computed 101", fixed.stdout)
+        self.assertIn("transform: 500 items: 399 reused, 101 computed, 0 failed in ",
+                      fixed.stderr)
         report = json.loads((self.path / "work" / "report.json").read_text())
         self.assertEqual((report["records"], report["malformed_skipped"]), (500, 0))
         again = self.pipeline(records=500)
-        self.assertIn("transform: reused 500, computed 0", again.stdout)
+        self.assertIn("transform: 500 items: 500 reused, 0 computed, 0 failed", again.stderr)
 
-    def test_without_the_flag_skips_malformed_records(self):
-        done = self.pipeline()             # 900 records: two malformed ones, 399 and 799
+    def test_keeps_going_past_malformed_records_then_computes_only_those(self):
+        done = self.pipeline("--workers", "2")
         self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn("computed 900", done.stdout)
-        self.assertIn("skipped 2 malformed records", done.stdout)
+        self.assertIn("transform: 900 items: 0 reused, 898 computed, 2 failed (ValueError x2) "
+                      "in ", done.stderr)
+        self.assertIn("; see transform.failures()", done.stderr)
+        self.assertIn("skipped 2 malformed records: 399, 799", done.stdout)
+        report = json.loads((self.path / "work" / "report.json").read_text())
+        self.assertEqual((report["records"], report["malformed_skipped"]), (898, 2))
+        listed = run_command([os.path.join(HERE, "persist.py"), "failures",
+                              "pipeline.transform"], PERSIST_DIR=self.path / "cache")
+        self.assertIn("pipeline.transform: 2 failed calls", listed.stdout)
+        self.assertIn("'id': 399", listed.stdout)
+        fixed = self.pipeline("--fix")
+        self.assertIn("transform: 900 items: 898 reused, 2 computed, 0 failed", fixed.stderr)
         self.assertNoTemp()
 
 
@@ -4767,12 +5256,6 @@ class TestReadme(TempDirTest):
             self.assertEqual(done.returncode, 0, "README block %d:\n%s\n%s"
                              % (number, block, done.stderr))
 
-    # The README runs the example at full size (3,000 records, 2 ms each), which takes seconds
-    # per command; here each pipeline command gets these options appended: a data set small,
-    # but past the crash on record 399 that the README describes. TestExamplePipeline checks
-    # the counts.
-    SMALL_PIPELINE = ["--records", "500", "--slow", "0"]
-
     def test_shell_blocks_run(self):
         import shutil
         shutil.copy(os.path.join(HERE, "persist.py"), self.dir)
@@ -4782,17 +5265,20 @@ class TestReadme(TempDirTest):
                     if line.strip() and not line.startswith("#")]
         self.assertTrue(any("pipeline.py" in line for line in commands))
         for line in commands:
-            command = line.split("#")[0].split()
+            command, _, comment = line.partition("#")
+            command = command.split()
             if "unittest" in command or ".ci/run" in command:
                 continue               # the suite itself: it is running now
             self.assertEqual(command[0], "python", line)
             if command[1].endswith("pipeline.py"):
-                command += self.SMALL_PIPELINE
+                command += ["--slow", "0"]     # the README's 3,000 records, without the wait
             done = run_command(command[1:], cwd=self.dir)
             expected = 1 if "--fail-on-bad" in command else 0
             self.assertEqual(done.returncode, expected, "%s\n%s" % (line, done.stderr))
-            if "--fail-on-bad" in command:
-                self.assertIn("crashed on record 399", done.stdout)
+            # the numbers the README shows are those the command prints, in this order
+            for count in re.findall(r"\d[\d,]* (?:items|reused|computed|failed)", comment):
+                self.assertRegex(done.stdout + done.stderr, r"(?<![\d,])" + count,
+                                 "%s\n%s%s" % (line, done.stdout, done.stderr))
 
 
 if __name__ == "__main__":

@@ -412,6 +412,85 @@ def bench_done_dir(root, files, rounds):
     return times
 
 
+def bench_map_overhead(root, count, rounds):
+    """persist.map over `count` hits of a memoized function, against a plain for loop."""
+    directory = os.path.join(root, "map")
+    os.makedirs(directory)
+    f = make_persist(directory)
+    items = list(range(count))
+    for i in items:
+        f(i)
+
+    def loop():
+        started = time.perf_counter()
+        for i in items:
+            f(i)
+        return time.perf_counter() - started
+
+    def mapped():
+        started = time.perf_counter()
+        persist.map(f, items, progress=False)
+        return time.perf_counter() - started
+
+    return median_rounds({"loop": loop, "map": mapped}, rounds)
+
+
+WORKERS_JOB = """
+import os, sys, time
+sys.path.insert(0, %r)
+import persist
+
+def burn(i):
+    total = 0
+    for k in range(int(os.environ["BURN"])):
+        total += (i * k) %% 7
+    return total
+
+@persist.memoize(cache_dir=os.environ["CACHE"])
+def burned(i):
+    return burn(i)
+
+if __name__ == "__main__":
+    mode, items = sys.argv[1], range(int(sys.argv[2]))
+    started = time.perf_counter()
+    if mode == "serial":
+        persist.map(burned, items, progress=False)
+    elif mode == "workers":
+        persist.map(burned, items, workers=2, progress=False)
+    else:
+        import joblib
+        cached = joblib.Memory(os.environ["CACHE"], verbose=0).cache(burn)
+        joblib.Parallel(n_jobs=2)(joblib.delayed(cached)(i) for i in items)
+    print(time.perf_counter() - started)
+"""
+
+
+def bench_workers(root, count, rounds):
+    """Seconds for `count` CPU-bound items of about 10 ms, each run in a fresh cache: serial
+    persist.map, persist.map(workers=2), and joblib.Parallel(n_jobs=2) over joblib.Memory.
+    Each run is a process of its own, the pools' start-up included."""
+    script = os.path.join(root, "workers_job.py")
+    with open(script, "w") as file:
+        file.write(WORKERS_JOB % os.path.dirname(HERE))
+    probe = 200000                  # calibrate: the loop count that takes about 10 ms here
+    started = time.perf_counter()
+    total = 0
+    for k in range(probe):
+        total += (3 * k) % 7
+    burn = int(probe * 0.010 / (time.perf_counter() - started))
+    runs = [0]
+
+    def measure(mode):
+        runs[0] += 1
+        env = dict(os.environ, BURN=str(burn), CACHE=os.path.join(root, "w%d" % runs[0]))
+        out = subprocess.run([sys.executable, script, mode, str(count)], env=env,
+                             stdout=subprocess.PIPE, check=True).stdout
+        return float(out)
+
+    modes = ["serial", "workers"] + (["joblib"] if joblib is not None else [])
+    return median_rounds({mode: (lambda m=mode: measure(m)) for mode in modes}, rounds)
+
+
 def main():
     root = tempfile.mkdtemp(prefix="persist-bench-")
     try:
@@ -522,6 +601,20 @@ def run(root):
             row("atomic_write %s, sync=%s: vs plain open().write()" % (
                 "1 KB" if size == 1024 else "10 MB", mode == "sync"), times[mode],
                 times["plain"])
+
+    count = 1000 if quick else 10000
+    mapped = bench_map_overhead(root, count, rounds)
+    row("persist.map, %d hits, serial: vs a for loop over the memoized function" % count,
+        mapped["map"] / count, mapped["loop"] / count, ">= 1/2", mapped["map"] <= 2 *
+        mapped["loop"])
+    count = 40 if quick else 300
+    parallel = bench_workers(root, count, 2 if quick else 5)
+    row("persist.map, %d items of ~10 ms: workers=2 vs serial" % count, parallel["workers"],
+        parallel["serial"], ">= 1.7x", parallel["serial"] >= 1.7 * parallel["workers"],
+        unit="ms")
+    if "joblib" in parallel:
+        row("the same: vs joblib.Parallel(n_jobs=2) over joblib.Memory", parallel["workers"],
+            parallel["joblib"], ">= 1x", parallel["joblib"] >= parallel["workers"], unit="ms")
 
     files = 2000 if quick else 10000
     times = bench_done_dir(root, files, rounds)

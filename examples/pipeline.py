@@ -1,10 +1,14 @@
-"""A three-stage pipeline that crashes on bad data, and resumes where it stopped.
+"""A three-stage pipeline that goes on past bad records, and reruns only those.
 
-    python examples/pipeline.py --fail-on-bad   # dies on the first malformed record
-    python examples/pipeline.py --fix           # reuses every result, computes the rest
+    python examples/pipeline.py --workers 2     # every record tried; the malformed ones fail
+    python persist.py failures examples/.persist/pipeline.transform.db   # which, and why
+    python examples/pipeline.py --fix           # reuses every result, computes the failed
+
+    python examples/pipeline.py --fail-on-bad   # the old way: dies on the first bad record
 
 split:     raw.csv -> one JSON file per record, in a done_dir (skipped once finished)
-transform: a slow @persist.memoize function per record (results kept across crashes)
+transform: a slow @persist.memoize function per record, run by persist.map (results kept
+           across crashes, failures recorded, the summary line logged)
 report:    report.json, written with atomic_write
 
 The data (a few thousand weather readings, a few of them malformed) is generated on the
@@ -13,7 +17,9 @@ $PERSIST_DIR. Inspect them with: python persist.py ls examples/.persist
 """
 
 import argparse
+import functools
 import json
+import logging
 import os
 import pathlib
 import random
@@ -48,9 +54,9 @@ def parse_temperature(text, fix):
     return float(text)                      # ValueError on a malformed reading
 
 
-@persist.memoize(ignore=["fix"])            # fixing the parser keeps every result computed
-def transform(record, fix=False):
-    time.sleep(SLOW)
+@persist.memoize(ignore=["fix", "slow"])    # fixing the parser keeps every result computed
+def transform(record, fix=False, slow=SLOW):
+    time.sleep(slow)
     celsius = parse_temperature(record["temperature"], fix)
     return {
         "id": record["id"],
@@ -76,20 +82,25 @@ def split(raw, out):
     return "%d files" % written
 
 
-def run_transform(records, fail_on_bad, fix):
-    """Stage 2: the slow part. Results come from the cache when they were computed before."""
-    results, bad = [], []
-    for path in sorted(records.glob("*.json")):
-        record = json.loads(path.read_text())
-        try:
-            results.append(transform(record, fix=fix))
-        except ValueError:
-            if fail_on_bad:
-                info = transform.cache_info()
+def run_transform(records, fail_on_bad, fix, workers):
+    """Stage 2: the slow part. Results come from the cache when they were computed before;
+    persist.map tries every record and logs one summary line."""
+    records = [json.loads(path.read_text()) for path in sorted(records.glob("*.json"))]
+    if fail_on_bad:                         # a plain loop, as most pipelines are written
+        for done, record in enumerate(records):
+            try:
+                transform(record, fix=fix, slow=SLOW)
+            except ValueError:
                 print("transform: crashed on record %d (%r) after %d results"
-                      % (record["id"], record["temperature"], info.hits + info.misses - 1))
+                      % (record["id"], record["temperature"], done))
                 raise
-            bad.append(record["id"])
+    try:
+        results = persist.map(functools.partial(transform, fix=fix, slow=SLOW), records,
+                              workers=workers)
+        bad = []
+    except persist.Failures as failures:
+        results = [r for r in failures.results if not isinstance(r, Exception)]
+        bad = [record["id"] for record, _ in failures.failures]
     return results, bad
 
 
@@ -116,7 +127,9 @@ def main(argv=None):
                         help="crash on the first malformed record, as real pipelines do")
     parser.add_argument("--fix", action="store_true", help="parse malformed records too")
     parser.add_argument("--slow", type=float, default=0.002, help="seconds of work per record")
+    parser.add_argument("--workers", type=int, help="processes for the transform stage")
     options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")   # persist.map's summary
     global SLOW
     SLOW = options.slow
     work = pathlib.Path(options.work)
@@ -128,14 +141,13 @@ def main(argv=None):
     started = time.perf_counter()
     print("split:     %s (%.2f s)" % (split(raw, work / "records"),
                                       time.perf_counter() - started))
-    started = time.perf_counter()
-    results, bad = run_transform(work / "records", options.fail_on_bad, options.fix)
-    info = transform.cache_info()
-    print("transform: reused %s, computed %s (%.2f s)"
-          % (format(info.hits, ","), format(info.misses, ","), time.perf_counter() - started))
+    sys.stdout.flush()                      # before the summary line, which goes to stderr
+    results, bad = run_transform(work / "records", options.fail_on_bad, options.fix,
+                                 options.workers)
     if bad:
-        print("transform: skipped %d malformed records (rerun with --fix to parse them)"
-              % len(bad))
+        print("transform: skipped %d malformed records: %s (see them with: python persist.py "
+              "failures %s; rerun with --fix to parse them)"
+              % (len(bad), ", ".join(map(str, bad)), transform.cache_info().path))
     started = time.perf_counter()
     summary = report(results, bad, work / "report.json")
     print("report:    %d records -> %s (%.2f s)" % (summary["records"], work / "report.json",
