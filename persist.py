@@ -1868,6 +1868,7 @@ def _unkeyable(func, args, kwargs, exc):
     if isinstance(exc, RecursionError):
         return exc
     label = _identity(func)
+    _load()
     try:
         bound = inspect.signature(func).bind(*args, **kwargs)
         named = list(bound.arguments.items())
@@ -1945,6 +1946,7 @@ def _code_tag(func):
     """Eight hex digits that stand for func's code: its source text where linecache has it
     (files, IPython and Jupyter cells), else its compiled code. Not its line number, so
     lines added above it change nothing."""
+    _load()       # else the tag would depend on whether some other memoize needed inspect
     try:
         lines = inspect.getsource(func).splitlines()
     except Exception:             # no source (python -c, exec, the REPL): use the code

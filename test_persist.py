@@ -1540,6 +1540,37 @@ class TestLambdaInAFile(TempDirTest):
         self.assertEqual(run_python(run, cwd=self.dir), "computed\n12\n")
 
 
+class TestLambdaTagWhateverCameBefore(TempDirTest):
+    def test_a_lambdas_cache_does_not_depend_on_an_earlier_memoize(self):
+        # The tag of a lambda is of its source line; it must not fall back to the compiled
+        # code (another name) in a process where nothing had needed inspect yet.
+        (self.path / "lambdas.py").write_text(
+            "import functools, sys, persist\n"
+            "if sys.argv[1:] == ['partial']:\n"
+            "    persist.memoize(functools.partial(pow, 2), cache_dir=sys.argv[0] + '.d')\n"
+            "scale = persist.memoize(lambda x: x * 2)\n"
+            "print(scale.cache_info().path)\n")
+        names = {subprocess.run([sys.executable, "lambdas.py"] + extra, cwd=self.dir,
+                                env=child_env(), stdout=subprocess.PIPE, check=True,
+                                universal_newlines=True).stdout for extra in ([], ["partial"])}
+        self.assertEqual(len(names), 1, names)
+
+
+class TestUnkeyableArgumentFirstThingInAProcess(TempDirTest):
+    def test_the_error_names_the_parameter(self):
+        out = run_python("""
+            import sys, threading, persist
+            @persist.memoize(cache_dir=sys.argv[1] if len(sys.argv) > 1 else ".")
+            def f(x, lock):
+                return x
+            try:
+                f(1, threading.Lock())
+            except TypeError as exc:
+                print(exc)
+        """, cwd=self.dir)
+        self.assertIn("argument 'lock' cannot be part of a cache key", out)
+
+
 class TestNotebookFunctions(TempDirTest):
     CELL = "import persist\n@persist.memoize\ndef f(x):\n    return x * %d\n"
 
