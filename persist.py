@@ -1336,7 +1336,10 @@ def _write_reference(value, w):
 def _module_name(module, qualname, value):
     """The module that value (named qualname in module) is imported from, one name for all
     versions: a private module's public parent where it has value (pathlib._local, 3.13's
-    home of Path, is pathlib), and numpy.core, numpy 2's numpy._core, as neither."""
+    home of Path, is pathlib), and numpy.core, numpy 2's numpy._core, as neither. A script's
+    classes and functions are under its name, as run, imported or spawned."""
+    if module in _MAIN_NAMES:
+        return _script_name(module, "")
     while "." in module and module.rpartition(".")[2].startswith("_"):
         parent = sys.modules.get(module.rpartition(".")[0])
         target = parent
@@ -1899,22 +1902,36 @@ def _innermost(func):
 
 
 def _func_module(func):
-    """func's module; for a script, its file name (or -m name), as run, imported or spawned.
-
-    multiprocessing's spawn and forkserver workers run the script as __mp_main__: the same
-    name keeps python job.py, import job and its workers on one cache.
-    """
+    """func's module; for a script, its file name (or -m name), as run, imported or spawned."""
     module = getattr(func, "__module__", None) or "__main__"
     if module in _MAIN_NAMES:
-        spec = getattr(sys.modules.get(module), "__spec__", None)
-        if spec is not None and spec.name not in _MAIN_NAMES:
-            return spec.name
-        filename = getattr(getattr(func, "__code__", None), "co_filename", "")
-        stem = os.path.splitext(os.path.basename(filename))[0]
-        if stem.isidentifier():
-            return stem
-        return "__main__"
+        return _script_name(module, getattr(getattr(func, "__code__", None), "co_filename", ""))
     return module
+
+
+def _script_name(module, filename):
+    """The name of the script that runs as module (__main__, or __mp_main__ in the workers
+    that multiprocessing's spawn and forkserver start): the name python -m ran it by, else
+    its file's name; __main__ where it has no file (python -c, the REPL, exec).
+
+    The same name keeps python job.py, import job and its workers on one cache. The -m name
+    only if the spec is the script's own: under python -m cProfile job.py (or pdb, or
+    trace) __main__'s spec is the tool's, which two scripts share. Any file name, even one
+    that is not an identifier (01-prepare.py): each script keeps its own caches.
+    """
+    main = sys.modules.get(module)
+    filename = filename or getattr(main, "__file__", None) or ""
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in _MAIN_NAMES and (
+            not filename or not spec.origin or _same_path(spec.origin, filename)):
+        return spec.name
+    if filename and os.path.isfile(filename):
+        return os.path.splitext(os.path.basename(filename))[0]
+    return "__main__"
+
+
+def _same_path(first, second):
+    return os.path.normcase(os.path.abspath(first)) == os.path.normcase(os.path.abspath(second))
 
 
 def _source_file(func):
@@ -2005,7 +2022,7 @@ class _Carried:
         if isinstance(value, types.ModuleType):
             return "module " + value.__name__
         if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
-            return "class %s.%s" % (value.__module__, value.__qualname__)
+            return "class %s.%s" % (_func_module(value), value.__qualname__)
         handle = value
         if isinstance(value, types.FunctionType):    # memoize's wrapper: its cache says all
             handle = getattr(getattr(value, "cache_info", None), "__self__", None)

@@ -1689,6 +1689,76 @@ class TestSpawnedWorkersShareTheScriptsCache(TempDirTest):
         self.check("forkserver")
 
 
+class TestScriptsWhoseNamesAreNotIdentifiers(TempDirTest):
+    def test_two_such_scripts_in_one_directory_keep_apart(self):
+        # 01-prepare.py and 02-train.py were both __main__.load: one cache, one's results.
+        for name, word in (("01-prepare.py", "prepare"), ("02-train.py", "train")):
+            (self.path / name).write_text("import persist\n@persist.memoize\ndef load(x):\n"
+                                          "    return %r\nprint(load(1))\n" % word)
+        outs = [subprocess.run([sys.executable, name], cwd=self.dir, env=child_env(),
+                               stdout=subprocess.PIPE, check=True,
+                               universal_newlines=True).stdout
+                for name in ("01-prepare.py", "02-train.py")]
+        self.assertEqual(outs, ["prepare\n", "train\n"])
+
+
+class TestScriptsRunUnderAProfiler(TempDirTest):
+    def test_python_m_cprofile_keeps_the_scripts_own_cache(self):
+        # Under python -m cProfile, __main__'s spec is cProfile's: two scripts shared it.
+        for word in ("prep", "train"):
+            (self.path / (word + ".py")).write_text(
+                "import persist\n@persist.memoize\ndef load(x):\n    return %r\n"
+                "print(load(1), load.cache_info().path)\n" % word)
+        outs = [subprocess.run([sys.executable] + tool + [word + ".py"], cwd=self.dir,
+                               env=child_env(), stdout=subprocess.PIPE, check=True,
+                               universal_newlines=True).stdout.split()
+                for tool in ([], ["-m", "cProfile", "-o", os.devnull])
+                for word in ("prep", "train")]
+        self.assertEqual([out[0] for out in outs], ["prep", "train"] * 2)
+        self.assertEqual(outs[0][1], outs[2][1])      # profiled or not: one cache
+        self.assertEqual(outs[1][1], outs[3][1])
+
+
+class TestScriptClassesAsArgumentsInSpawnedWorkers(TempDirTest):
+    SCRIPT = """
+        import dataclasses, enum, multiprocessing, sys
+        import persist
+
+        @dataclasses.dataclass(frozen=True)
+        class Config:
+            n: int
+
+        class Mode(enum.Enum):
+            FAST = 1
+
+        @persist.memoize
+        def work(config, mode, kind):
+            return config.n
+
+        def run(_):
+            work(Config(1), Mode.FAST, Config)
+            return work.cache_info().hits
+
+        if __name__ == "__main__":
+            if sys.argv[1] == "serial":
+                print(run(0))
+            else:
+                with multiprocessing.get_context(sys.argv[1]).Pool(1) as pool:
+                    print(pool.map(run, [0])[0])
+    """
+
+    def test_serial_spawned_and_imported_share_keys(self):
+        if "spawn" not in multiprocessing.get_all_start_methods():
+            self.skipTest("no spawn start method here")
+        (self.path / "job.py").write_text(textwrap.dedent(self.SCRIPT))
+        hits = [subprocess.run([sys.executable, "job.py", how], cwd=self.dir, env=child_env(),
+                               stdout=subprocess.PIPE, check=True,
+                               universal_newlines=True).stdout
+                for how in ("serial", "spawn")]
+        hits.append(run_python("import job; print(job.run(0))", cwd=self.dir))
+        self.assertEqual(hits, ["0\n", "1\n", "1\n"])
+
+
 class TestResultClassesOfAScript(TempDirTest):
     """README: results of a class defined in the script itself load only in the mode that
     stored them; the fix it gives, a module for the class, loads in both."""
