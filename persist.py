@@ -1891,14 +1891,21 @@ def _unkeyable(func, args, kwargs, exc):
 
 
 def _innermost(func):
-    """What func runs in the end: the function inside partials and bound methods."""
-    while True:
+    """What func runs in the end: the function inside partials, bound methods and
+    decorators that set __wrapped__ (functools.wraps does), whose file and name are the
+    function's own: a decorator's module is shared by every project that uses it."""
+    seen = set()
+    while id(func) not in seen:
+        seen.add(id(func))
         if isinstance(func, functools.partial):
             func = func.func
         elif isinstance(func, types.MethodType):
             func = func.__func__
+        elif callable(getattr(func, "__wrapped__", None)):
+            func = func.__wrapped__
         else:
-            return func
+            break
+    return func
 
 
 def _func_module(func):

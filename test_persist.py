@@ -1759,6 +1759,27 @@ class TestScriptClassesAsArgumentsInSpawnedWorkers(TempDirTest):
         self.assertEqual(hits, ["0\n", "1\n", "1\n"])
 
 
+class TestFunctionsUnderAnotherModulesDecorator(TempDirTest):
+    def test_two_projects_using_one_decorator_library_keep_apart(self):
+        # functools.wraps' wrapper has the decorator's file: both caches lived beside it.
+        lib = self.path / "lib"
+        lib.mkdir()
+        (lib / "timing.py").write_text(
+            "import functools\ndef timed(func):\n    @functools.wraps(func)\n"
+            "    def wrapper(*args, **kwargs):\n        return func(*args, **kwargs)\n"
+            "    return wrapper\n")
+        outs = []
+        for project in ("a", "b"):
+            (self.path / project).mkdir()
+            (self.path / project / "job.py").write_text(
+                "import persist, timing\n@persist.memoize\n@timing.timed\ndef load(x):\n"
+                "    return %r\nprint(load(1))\n" % project)
+            outs.append(run_python("import job", cwd=str(self.path / project),
+                                   PYTHONPATH=os.pathsep.join([HERE, str(lib)])))
+        self.assertEqual(outs, ["a\n", "b\n"])
+        self.assertFalse((lib / ".persist").exists())
+
+
 class TestResultClassesOfAScript(TempDirTest):
     """README: results of a class defined in the script itself load only in the mode that
     stored them; the fix it gives, a module for the class, loads in both."""
