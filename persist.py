@@ -1962,8 +1962,19 @@ def _code_text(code):
         if isinstance(const, types.CodeType):
             parts.append(_code_text(const))
         else:
-            parts.append(repr(const).encode("utf-8", "surrogatepass"))
+            parts.append(_const_text(const).encode("utf-8", "surrogatepass"))
     return b"\0".join(parts)
+
+
+def _const_text(const):
+    """repr() of a code object's constant, but a frozenset's items sorted: its repr lists
+    them in hash order, which PYTHONHASHSEED changes for str (x in {'a', 'b'} compiles to
+    one), so the function's cache would be another in every process."""
+    if isinstance(const, frozenset):
+        return "frozenset({%s})" % ", ".join(sorted(_const_text(item) for item in const))
+    if isinstance(const, tuple) and any(isinstance(item, (frozenset, tuple)) for item in const):
+        return "(%s)" % "".join(_const_text(item) + ", " for item in const)
+    return repr(const)
 
 
 def _code_tag(func):

@@ -1571,6 +1571,22 @@ class TestUnkeyableArgumentFirstThingInAProcess(TempDirTest):
         self.assertIn("argument 'lock' cannot be part of a cache key", out)
 
 
+class TestFunctionsWithoutSourceUnderAnyHashSeed(TempDirTest):
+    def test_a_set_literal_in_exec_code_keeps_one_cache(self):
+        # python -c, exec and the REPL tag a function by its compiled code, whose frozenset
+        # constants list their items in hash order.
+        code = """
+            import sys, persist
+            exec("def member(x):\\n    return x in {'alpha', 'beta', 'gamma', 'delta'}\\n")
+            print(persist.memoize(member, cache_dir=sys.argv[1]).cache_info().path)
+        """
+        paths = {subprocess.run([sys.executable, "-c", textwrap.dedent(code), self.dir],
+                                env=child_env(PYTHONHASHSEED=seed), stdout=subprocess.PIPE,
+                                check=True, universal_newlines=True).stdout
+                 for seed in range(1, 5)}
+        self.assertEqual(len(paths), 1, paths)
+
+
 class TestNotebookFunctions(TempDirTest):
     CELL = "import persist\n@persist.memoize\ndef f(x):\n    return x * %d\n"
 
