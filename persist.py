@@ -1146,7 +1146,9 @@ _CacheInfo = collections.namedtuple("CacheInfo", "hits misses entries path unsto
 _KEY_FORMAT = "persist key 1\n"
 _LONG = 1 << 16                 # a str longer than this is encoded to UTF-8 in slices
 _BLOCK = 1 << 22                # a non-contiguous array is copied and hashed a block at a time
-_RAW_KINDS = frozenset("biufcmMSUV")   # numpy dtype kinds whose bytes are their values
+_RAW_KINDS = frozenset("biufcmMSUV")
+_SINGLETON_TYPES = ((type(None), "NoneType"), (type(NotImplemented), "NotImplementedType"),
+                    (type(...), "ellipsis"))   # numpy dtype kinds whose bytes are their values
 
 
 class _KeyWriter:
@@ -1319,6 +1321,11 @@ def _write_type(kind, w):
 
 def _write_reference(value, w):
     """A function or class by the name that imports it, as pickle does."""
+    for kind, kind_name in _SINGLETON_TYPES:    # not in builtins before 3.10: as pickle does
+        if value is kind:
+            w.text.append("G")
+            _write(("builtins", kind_name), w)
+            return
     module = getattr(value, "__module__", None)
     name = getattr(value, "__qualname__", None)
     if not isinstance(module, str) or not isinstance(name, str) or "<" in name:
@@ -2041,12 +2048,9 @@ class _Carried:
             return "module " + value.__name__
         if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
             return "class %s.%s" % (_func_module(value), value.__qualname__)
-        handle = value
-        if isinstance(value, types.FunctionType):    # memoize's wrapper: its cache says all
-            handle = getattr(getattr(value, "cache_info", None), "__self__", None)
-        if isinstance(handle, _Memoized):
-            return "memoized %s %s" % (handle._memo.identity, handle._salt)
-        if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
+        if isinstance(value, (types.FunctionType, functools.partial, types.MethodType,
+                              _Memoized)):
+            return self.callable(value)
             return self.callable(value)
         try:
             return "value " + _digest(value).hex()
@@ -2069,6 +2073,11 @@ class _Carried:
 
     def callable(self, func, top=False):
         """func's text; the top level leaves out its name (the cache file has it)."""
+        handle = func
+        if isinstance(func, types.FunctionType):     # memoize's wrapper: its cache says all
+            handle = getattr(getattr(func, "cache_info", None), "__self__", None)
+        if isinstance(handle, _Memoized):
+            return "memoized %s %s" % (handle._memo.identity, handle._salt)
         if id(func) in self.seen:     # functions that call each other
             return "again " + _identity(func)
         self.seen.add(id(func))

@@ -2749,6 +2749,24 @@ class RaisesRecursion:
         raise RecursionError("raised inside")
 
 
+class TestTypesThatBuiltinsDoesNotName(MemoTest):
+    def test_none_type_as_an_argument(self):
+        # (str, type(None)) as allowed types: builtins.NoneType exists only from 3.10 on.
+        f = self.memo(lambda kinds: len(kinds))
+        self.assertEqual(f((str, type(None))), 2)
+        self.assertEqual(f((str, type(None))), 2)
+        self.assertEqual(f((str, type(...))), 2)
+        self.assertEqual(len(f.calls), 2)
+
+
+class TestPartialOfAMemoizedFunction(MemoTest):
+    def test_each_partial_keys_its_own_arguments(self):
+        inner = self.memo(lambda a, b: a - b)
+        first = persist.memoize(functools.partial(inner, 10), cache_dir=self.dir)
+        second = persist.memoize(functools.partial(inner, 20), cache_dir=self.dir)
+        self.assertEqual((first(1), second(1)), (9, 19))
+
+
 class TestHostileArguments(MemoTest):
     def test_deeply_nested_raises_recursion_error_unchanged(self):
         f = self.memo(lambda x: 1)
