@@ -2042,6 +2042,7 @@ class _Carried:
         self.seen = set()
         self.lenient = lenient
         self.ignore = ignore          # parameters of the memoized function left out
+        self.decorated = None         # its name: its own cell is empty while it is decorated
 
     def value(self, value):
         if isinstance(value, types.ModuleType):
@@ -2081,6 +2082,8 @@ class _Carried:
         if id(func) in self.seen:     # functions that call each other
             return "again " + _identity(func)
         self.seen.add(id(func))
+        if top:
+            self.decorated = getattr(_innermost(func), "__name__", None)
         if isinstance(func, functools.partial):
             return "partial(%s; %s)" % (self.callable(func.func), "; ".join(
                 [self.held(i, arg, "the partial's argument %d" % i)
@@ -2099,8 +2102,12 @@ class _Carried:
         for name, cell in zip(func.__code__.co_freevars, func.__closure__ or ()):
             try:
                 value = cell.cell_contents
-            except ValueError:        # not assigned yet: the function itself, being decorated
-                continue
+            except ValueError:        # not assigned yet
+                if name == self.decorated or self.lenient:    # the function, being decorated
+                    continue
+                # Anything else would be left out of the key, whatever it is assigned later
+                raise _Unkeyable("%r, not assigned yet when memoize runs (assign it "
+                                 "before the function is decorated)" % name) from None
             parts.append(self.held(name, value))
         # Defaults are evaluated each time an outer function runs, or are code that no
         # source file holds; elsewhere they are code, which is not keyed (README: Keys).

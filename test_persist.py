@@ -2767,6 +2767,31 @@ class TestPartialOfAMemoizedFunction(MemoTest):
         self.assertEqual((first(1), second(1)), (9, 19))
 
 
+class TestClosureCellAssignedAfterDecoration(TempDirTest):
+    def test_refused_when_decorated(self):
+        # helper's cell was skipped as empty: make(2) and make(3) shared one cache.
+        def make(k):
+            @persist.memoize(cache_dir=self.dir)
+            def scale(x):
+                return helper(x)
+
+            def helper(x):
+                return x * k
+            return scale
+
+        with self.assertRaisesRegex(TypeError, "'helper', not assigned yet"):
+            make(2)
+
+    def test_its_own_name_is_no_trouble(self):
+        def make(k):
+            @persist.memoize(cache_dir=self.dir)
+            def count(n):
+                return 0 if n == 0 else count(n - 1) + k
+            return count
+
+        self.assertEqual((make(2)(3), make(3)(3)), (6, 9))
+
+
 class TestHostileArguments(MemoTest):
     def test_deeply_nested_raises_recursion_error_unchanged(self):
         f = self.memo(lambda x: 1)
