@@ -1952,7 +1952,7 @@ def _source_file(func):
     """The file that defines func, or None: the REPL, a notebook, exec(), a builtin."""
     inner = _innermost(func)
     code = getattr(inner, "__code__", None)
-    if code is not None:
+    if isinstance(code, types.CodeType):     # PyPy's builtins have a code without a file
         filename = code.co_filename
     else:                         # a class or a callable instance: its module's file
         module = sys.modules.get(getattr(inner, "__module__", None) or "")
