@@ -1392,7 +1392,9 @@ _TRACEBACK_LIMIT = 1 << 16     # and of its traceback: the end, where the error 
 _KEY_FORMAT = "persist key 1\n"
 _LONG = 1 << 16                 # a str longer than this is encoded to UTF-8 in slices
 _BLOCK = 1 << 22                # a non-contiguous array is copied and hashed a block at a time
-_RAW_KINDS = frozenset("biufcmMSUV")   # numpy dtype kinds whose bytes are their values
+_RAW_KINDS = frozenset("biufcmMSUV")
+_SINGLETON_TYPES = ((type(None), "NoneType"), (type(NotImplemented), "NotImplementedType"),
+                    (type(...), "ellipsis"))   # numpy dtype kinds whose bytes are their values
 
 
 class _KeyWriter:
@@ -1565,6 +1567,11 @@ def _write_type(kind, w):
 
 def _write_reference(value, w):
     """A function or class by the name that imports it, as pickle does."""
+    for kind, kind_name in _SINGLETON_TYPES:    # not in builtins before 3.10: as pickle does
+        if value is kind:
+            w.text.append("G")
+            _write(("builtins", kind_name), w)
+            return
     module = getattr(value, "__module__", None)
     name = getattr(value, "__qualname__", None)
     if not isinstance(module, str) or not isinstance(name, str) or "<" in name:
@@ -1582,7 +1589,10 @@ def _write_reference(value, w):
 def _module_name(module, qualname, value):
     """The module that value (named qualname in module) is imported from, one name for all
     versions: a private module's public parent where it has value (pathlib._local, 3.13's
-    home of Path, is pathlib), and numpy.core, numpy 2's numpy._core, as neither."""
+    home of Path, is pathlib), and numpy.core, numpy 2's numpy._core, as neither. A script's
+    classes and functions are under its name, as run, imported or spawned."""
+    if module in _MAIN_NAMES:
+        return _script_name(module, "")
     while "." in module and module.rpartition(".")[2].startswith("_"):
         parent = sys.modules.get(module.rpartition(".")[0])
         target = parent
@@ -2136,41 +2146,62 @@ def _unkeyable(func, args, kwargs, exc):
 
 
 def _innermost(func):
-    """What func runs in the end: the function inside partials and bound methods."""
-    while True:
+    """What func runs in the end: the function inside partials, bound methods and
+    decorators that set __wrapped__ (functools.wraps does), whose file and name are the
+    function's own: a decorator's module is shared by every project that uses it."""
+    seen = set()
+    while id(func) not in seen:
+        seen.add(id(func))
         if isinstance(func, functools.partial):
             func = func.func
         elif isinstance(func, types.MethodType):
             func = func.__func__
+        elif callable(getattr(func, "__wrapped__", None)):
+            func = func.__wrapped__
         else:
-            return func
+            break
+    return func
 
 
 def _func_module(func):
-    """func's module; for a script, its file name (or -m name), as run, imported or spawned.
-
-    multiprocessing's spawn and forkserver workers run the script as __mp_main__: the same
-    name keeps python job.py, import job and its workers on one cache.
-    """
+    """func's module; for a script, its file name (or -m name), as run, imported or spawned."""
     module = getattr(func, "__module__", None) or "__main__"
     if module in _MAIN_NAMES:
-        spec = getattr(sys.modules.get(module), "__spec__", None)
-        if spec is not None and spec.name not in _MAIN_NAMES:
-            return spec.name
-        filename = getattr(getattr(func, "__code__", None), "co_filename", "")
-        stem = os.path.splitext(os.path.basename(filename))[0]
-        if stem.isidentifier():
-            return stem
-        return "__main__"
+        return _script_name(module, getattr(getattr(func, "__code__", None), "co_filename", ""))
     return module
+
+
+def _script_name(module, filename):
+    """The name of the script that runs as module (__main__, or __mp_main__ in the workers
+    that multiprocessing's spawn and forkserver start): the name python -m ran it by, else
+    its file's name; __main__ where it has no file (python -c, the REPL, exec).
+
+    The same name keeps python job.py, import job and its workers on one cache. The -m name
+    only if the spec is the script's own: under python -m cProfile job.py (or pdb, or
+    trace) __main__'s spec is the tool's, which two scripts share. Any file name, even one
+    that is not an identifier (01-prepare.py): each script keeps its own caches.
+    """
+    main = sys.modules.get(module)
+    filename = filename or getattr(main, "__file__", None) or ""
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in _MAIN_NAMES and (
+            not filename or not spec.origin or _same_path(spec.origin, filename)):
+        return spec.name
+    if filename and os.path.isfile(filename):
+        return os.path.splitext(os.path.basename(filename))[0]
+    return "__main__"
+
+
+def _same_path(first, second):
+    return os.path.normcase(os.path.abspath(first)) == os.path.normcase(os.path.abspath(second))
 
 
 def _source_file(func):
     """The file that defines func, or None: the REPL, a notebook, exec(), a builtin."""
     inner = _innermost(func)
     code = getattr(inner, "__code__", None)
-    if code is not None:          # PyPy's builtins have a __code__ with no file
-        filename = getattr(code, "co_filename", None)
+    if isinstance(code, types.CodeType):     # PyPy's builtins have a code without a file
+        filename = code.co_filename
     else:                         # a class or a callable instance: its module's file
         module = sys.modules.get(getattr(inner, "__module__", None) or "")
         filename = getattr(module, "__file__", None)
@@ -2186,8 +2217,19 @@ def _code_text(code):
         if isinstance(const, types.CodeType):
             parts.append(_code_text(const))
         else:
-            parts.append(repr(const).encode("utf-8", "surrogatepass"))
+            parts.append(_const_text(const).encode("utf-8", "surrogatepass"))
     return b"\0".join(parts)
+
+
+def _const_text(const):
+    """repr() of a code object's constant, but a frozenset's items sorted: its repr lists
+    them in hash order, which PYTHONHASHSEED changes for str (x in {'a', 'b'} compiles to
+    one), so the function's cache would be another in every process."""
+    if isinstance(const, frozenset):
+        return "frozenset({%s})" % ", ".join(sorted(_const_text(item) for item in const))
+    if isinstance(const, tuple) and any(isinstance(item, (frozenset, tuple)) for item in const):
+        return "(%s)" % "".join(_const_text(item) + ", " for item in const)
+    return repr(const)
 
 
 def _code_tag(func):
@@ -2254,18 +2296,16 @@ class _Carried:
         self.seen = set()
         self.lenient = lenient
         self.ignore = ignore          # parameters of the memoized function left out
+        self.decorated = None         # its name: its own cell is empty while it is decorated
 
     def value(self, value):
         if isinstance(value, types.ModuleType):
             return "module " + value.__name__
         if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
-            return "class %s.%s" % (value.__module__, value.__qualname__)
-        handle = value
-        if isinstance(value, types.FunctionType):    # memoize's wrapper: its cache says all
-            handle = getattr(getattr(value, "cache_info", None), "__self__", None)
-        if isinstance(handle, _Memoized):
-            return "memoized %s %s" % (handle._memo.identity, handle._salt)
-        if isinstance(value, (types.FunctionType, functools.partial, types.MethodType)):
+            return "class %s.%s" % (_func_module(value), value.__qualname__)
+        if isinstance(value, (types.FunctionType, functools.partial, types.MethodType,
+                              _Memoized)):
+            return self.callable(value)
             return self.callable(value)
         try:
             return "value " + _digest(value).hex()
@@ -2288,9 +2328,16 @@ class _Carried:
 
     def callable(self, func, top=False):
         """func's text; the top level leaves out its name (the cache file has it)."""
+        handle = func
+        if isinstance(func, types.FunctionType):     # memoize's wrapper: its cache says all
+            handle = getattr(getattr(func, "cache_info", None), "__self__", None)
+        if isinstance(handle, _Memoized):
+            return "memoized %s %s" % (handle._memo.identity, handle._salt)
         if id(func) in self.seen:     # functions that call each other
             return "again " + _identity(func)
         self.seen.add(id(func))
+        if top:
+            self.decorated = getattr(_innermost(func), "__name__", None)
         if isinstance(func, functools.partial):
             return "partial(%s; %s)" % (self.callable(func.func), "; ".join(
                 [self.held(i, arg, "the partial's argument %d" % i)
@@ -2309,8 +2356,12 @@ class _Carried:
         for name, cell in zip(func.__code__.co_freevars, func.__closure__ or ()):
             try:
                 value = cell.cell_contents
-            except ValueError:        # not assigned yet: the function itself, being decorated
-                continue
+            except ValueError:        # not assigned yet
+                if name == self.decorated or self.lenient:    # the function, being decorated
+                    continue
+                # Anything else would be left out of the key, whatever it is assigned later
+                raise _Unkeyable("%r, not assigned yet when memoize runs (assign it "
+                                 "before the function is decorated)" % name) from None
             parts.append(self.held(name, value))
         # Defaults are evaluated each time an outer function runs, or are code that no
         # source file holds; elsewhere they are code, which is not keyed (README: Keys).

@@ -1930,6 +1930,53 @@ class TestLambdaInAFile(TempDirTest):
         self.assertEqual(run_python(run, cwd=self.dir), "computed\n12\n")
 
 
+class TestLambdaTagWhateverCameBefore(TempDirTest):
+    def test_a_lambdas_cache_does_not_depend_on_an_earlier_memoize(self):
+        # The tag of a lambda is of its source line; it must not fall back to the compiled
+        # code (another name) in a process where nothing had needed inspect yet.
+        (self.path / "lambdas.py").write_text(
+            "import functools, sys, persist\n"
+            "if sys.argv[1:] == ['partial']:\n"
+            "    persist.memoize(functools.partial(pow, 2), cache_dir=sys.argv[0] + '.d')\n"
+            "scale = persist.memoize(lambda x: x * 2)\n"
+            "print(scale.cache_info().path)\n")
+        names = {subprocess.run([sys.executable, "lambdas.py"] + extra, cwd=self.dir,
+                                env=child_env(), stdout=subprocess.PIPE, check=True,
+                                universal_newlines=True).stdout for extra in ([], ["partial"])}
+        self.assertEqual(len(names), 1, names)
+
+
+class TestUnkeyableArgumentFirstThingInAProcess(TempDirTest):
+    def test_the_error_names_the_parameter(self):
+        out = run_python("""
+            import sys, threading, persist
+            @persist.memoize(cache_dir=sys.argv[1] if len(sys.argv) > 1 else ".")
+            def f(x, lock):
+                return x
+            try:
+                f(1, threading.Lock())
+            except TypeError as exc:
+                print(exc)
+        """, cwd=self.dir)
+        self.assertIn("argument 'lock' cannot be part of a cache key", out)
+
+
+class TestFunctionsWithoutSourceUnderAnyHashSeed(TempDirTest):
+    def test_a_set_literal_in_exec_code_keeps_one_cache(self):
+        # python -c, exec and the REPL tag a function by its compiled code, whose frozenset
+        # constants list their items in hash order.
+        code = """
+            import sys, persist
+            exec("def member(x):\\n    return x in {'alpha', 'beta', 'gamma', 'delta'}\\n")
+            print(persist.memoize(member, cache_dir=sys.argv[1]).cache_info().path)
+        """
+        paths = {subprocess.run([sys.executable, "-c", textwrap.dedent(code), self.dir],
+                                env=child_env(PYTHONHASHSEED=seed), stdout=subprocess.PIPE,
+                                check=True, universal_newlines=True).stdout
+                 for seed in range(1, 5)}
+        self.assertEqual(len(paths), 1, paths)
+
+
 class TestNotebookFunctions(TempDirTest):
     CELL = "import persist\n@persist.memoize\ndef f(x):\n    return x * %d\n"
 
@@ -2046,6 +2093,97 @@ class TestSpawnedWorkersShareTheScriptsCache(TempDirTest):
 
     def test_forkserver(self):
         self.check("forkserver")
+
+
+class TestScriptsWhoseNamesAreNotIdentifiers(TempDirTest):
+    def test_two_such_scripts_in_one_directory_keep_apart(self):
+        # 01-prepare.py and 02-train.py were both __main__.load: one cache, one's results.
+        for name, word in (("01-prepare.py", "prepare"), ("02-train.py", "train")):
+            (self.path / name).write_text("import persist\n@persist.memoize\ndef load(x):\n"
+                                          "    return %r\nprint(load(1))\n" % word)
+        outs = [subprocess.run([sys.executable, name], cwd=self.dir, env=child_env(),
+                               stdout=subprocess.PIPE, check=True,
+                               universal_newlines=True).stdout
+                for name in ("01-prepare.py", "02-train.py")]
+        self.assertEqual(outs, ["prepare\n", "train\n"])
+
+
+class TestScriptsRunUnderAProfiler(TempDirTest):
+    def test_python_m_cprofile_keeps_the_scripts_own_cache(self):
+        # Under python -m cProfile, __main__'s spec is cProfile's: two scripts shared it.
+        for word in ("prep", "train"):
+            (self.path / (word + ".py")).write_text(
+                "import persist\n@persist.memoize\ndef load(x):\n    return %r\n"
+                "print(load(1), load.cache_info().path)\n" % word)
+        outs = [subprocess.run([sys.executable] + tool + [word + ".py"], cwd=self.dir,
+                               env=child_env(), stdout=subprocess.PIPE, check=True,
+                               universal_newlines=True).stdout.split()
+                for tool in ([], ["-m", "cProfile", "-o", os.devnull])
+                for word in ("prep", "train")]
+        self.assertEqual([out[0] for out in outs], ["prep", "train"] * 2)
+        self.assertEqual(outs[0][1], outs[2][1])      # profiled or not: one cache
+        self.assertEqual(outs[1][1], outs[3][1])
+
+
+class TestScriptClassesAsArgumentsInSpawnedWorkers(TempDirTest):
+    SCRIPT = """
+        import dataclasses, enum, multiprocessing, sys
+        import persist
+
+        @dataclasses.dataclass(frozen=True)
+        class Config:
+            n: int
+
+        class Mode(enum.Enum):
+            FAST = 1
+
+        @persist.memoize
+        def work(config, mode, kind):
+            return config.n
+
+        def run(_):
+            work(Config(1), Mode.FAST, Config)
+            return work.cache_info().hits
+
+        if __name__ == "__main__":
+            if sys.argv[1] == "serial":
+                print(run(0))
+            else:
+                with multiprocessing.get_context(sys.argv[1]).Pool(1) as pool:
+                    print(pool.map(run, [0])[0])
+    """
+
+    def test_serial_spawned_and_imported_share_keys(self):
+        if "spawn" not in multiprocessing.get_all_start_methods():
+            self.skipTest("no spawn start method here")
+        (self.path / "job.py").write_text(textwrap.dedent(self.SCRIPT))
+        hits = [subprocess.run([sys.executable, "job.py", how], cwd=self.dir, env=child_env(),
+                               stdout=subprocess.PIPE, check=True,
+                               universal_newlines=True).stdout
+                for how in ("serial", "spawn")]
+        hits.append(run_python("import job; print(job.run(0))", cwd=self.dir))
+        self.assertEqual(hits, ["0\n", "1\n", "1\n"])
+
+
+class TestFunctionsUnderAnotherModulesDecorator(TempDirTest):
+    def test_two_projects_using_one_decorator_library_keep_apart(self):
+        # functools.wraps' wrapper has the decorator's file: both caches lived beside it.
+        lib = self.path / "lib"
+        lib.mkdir()
+        (lib / "timing.py").write_text(
+            "import functools\ndef timed(func):\n    @functools.wraps(func)\n"
+            "    def wrapper(*args, **kwargs):\n        return func(*args, **kwargs)\n"
+            "    return wrapper\n")
+        outs = []
+        for project in ("a", "b"):
+            (self.path / project).mkdir()
+            (self.path / project / "job.py").write_text(
+                "import persist, timing\n@persist.memoize\n@timing.timed\ndef load(x):\n"
+                "    return %r\nprint(load(1))\n" % project)
+            outs.append(run_python("import job", cwd=str(self.path / project),
+                                   PYTHONPATH=os.pathsep.join([HERE, str(lib)])))
+        self.assertEqual(outs, ["a\n", "b\n"])
+        self.assertFalse((lib / ".persist").exists())
 
 
 class TestResultClassesOfAScript(TempDirTest):
@@ -2999,6 +3137,49 @@ class RaisesRecursion:
 
     def __reduce_ex__(self, protocol):
         raise RecursionError("raised inside")
+
+
+class TestTypesThatBuiltinsDoesNotName(MemoTest):
+    def test_none_type_as_an_argument(self):
+        # (str, type(None)) as allowed types: builtins.NoneType exists only from 3.10 on.
+        f = self.memo(lambda kinds: len(kinds))
+        self.assertEqual(f((str, type(None))), 2)
+        self.assertEqual(f((str, type(None))), 2)
+        self.assertEqual(f((str, type(...))), 2)
+        self.assertEqual(len(f.calls), 2)
+
+
+class TestPartialOfAMemoizedFunction(MemoTest):
+    def test_each_partial_keys_its_own_arguments(self):
+        inner = self.memo(lambda a, b: a - b)
+        first = persist.memoize(functools.partial(inner, 10), cache_dir=self.dir)
+        second = persist.memoize(functools.partial(inner, 20), cache_dir=self.dir)
+        self.assertEqual((first(1), second(1)), (9, 19))
+
+
+class TestClosureCellAssignedAfterDecoration(TempDirTest):
+    def test_refused_when_decorated(self):
+        # helper's cell was skipped as empty: make(2) and make(3) shared one cache.
+        def make(k):
+            @persist.memoize(cache_dir=self.dir)
+            def scale(x):
+                return helper(x)
+
+            def helper(x):
+                return x * k
+            return scale
+
+        with self.assertRaisesRegex(TypeError, "'helper', not assigned yet"):
+            make(2)
+
+    def test_its_own_name_is_no_trouble(self):
+        def make(k):
+            @persist.memoize(cache_dir=self.dir)
+            def count(n):
+                return 0 if n == 0 else count(n - 1) + k
+            return count
+
+        self.assertEqual((make(2)(3), make(3)(3)), (6, 9))
 
 
 class TestHostileArguments(MemoTest):
