@@ -2699,6 +2699,8 @@ class _Memo:
                     return value
             except FileNotFoundError:    # replaced since get(): computed again, stored anew
                 pass
+            except RecursionError:       # a deep recursion of the caller's: as it is
+                raise
             except OSError as exc:
                 self.trouble("computes a result again: cannot read", exc)
             except Exception as exc:
@@ -2723,6 +2725,8 @@ class _Memo:
         except OSError as exc:
             self.unstored += 1
             self.trouble("could not store a result in", exc)
+        except RecursionError:           # a deep recursion of the caller's: as it is
+            raise
         except Exception as exc:
             self.unstored += 1
             _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
