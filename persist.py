@@ -1373,6 +1373,7 @@ _CacheInfo = collections.namedtuple("CacheInfo",
 _Failure = collections.namedtuple("Failure", "args type message count first last seconds "
                                              "version traceback")
 _MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded
+_FRAMES = 50                   # a failure's traceback keeps its innermost frames
 _TRACEBACK_LIMIT = 1 << 16     # and of its traceback: the end, where the error is
 
 # Keys.  A key is SHA-256 over an encoding of the call that this file defines, never over
@@ -2736,7 +2737,9 @@ class _Memo:
         """Record in the cache's failure ledger that the call keyed key raised exc. It never
         raises: the caller is about to re-raise exc, and that is the error that matters."""
         store = self.store
-        if store is None:
+        # A recursion too deep passes through every level of a memoized recursion: a record
+        # at each would take a transaction and a traceback a frame, with the stack full.
+        if store is None or isinstance(exc, RecursionError):
             return
         try:
             record = _failure_record(call, exc, seconds, self.version)
@@ -2761,7 +2764,8 @@ def _failure_record(call, exc, seconds, version):
         message = "<str() of the exception failed>"
     if len(message) > _MESSAGE_LIMIT:
         message = message[:_MESSAGE_LIMIT - 1] + "\u2026"
-    text = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
+    # the innermost frames, where the error is: formatting them all costs as much as they are
+    text = "".join(traceback.format_exception(kind, exc, exc.__traceback__, limit=-_FRAMES))
     return (_short_repr(call), name, message, text[-_TRACEBACK_LIMIT:], seconds, version)
 
 
