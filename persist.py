@@ -2303,6 +2303,10 @@ class _Carried:
         if isinstance(value, types.ModuleType):
             return "module " + value.__name__
         if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
+            if "<locals>" in value.__qualname__:
+                # made each time a function runs: one name, whatever it holds then
+                raise _Unkeyable("the class %s, defined inside a function (its name does not "
+                                 "say what it holds)" % value.__qualname__)
             return "class %s.%s" % (_func_module(value), value.__qualname__)
         if isinstance(value, (types.FunctionType, functools.partial, types.MethodType,
                               _Memoized)):
@@ -2354,6 +2358,10 @@ class _Carried:
                 return "" if top else self.value(func)     # a class, a builtin function
             return self.held("instance", func, "the callable object")   # its pickle
         parts = [] if top else [_identity(func)]
+        if not top and "<locals>" in func.__qualname__:
+            # one of several a function may define under one name (if ... def helper):
+            # its code tells them apart (a change of Python makes these keys new)
+            parts.append("code " + hashlib.sha256(_code_text(func.__code__)).hexdigest())
         for name, cell in zip(func.__code__.co_freevars, func.__closure__ or ()):
             try:
                 value = cell.cell_contents
@@ -2371,6 +2379,32 @@ class _Carried:
                 if not (top and name in self.ignore):
                     parts.append(self.held(name, value, "the default of %r" % name))
         return "(%s)" % "; ".join(parts) if parts or not top else ""
+
+
+_DEFAULTS = {}                   # (identity, salt) -> digest of the defaults memoized under it
+
+
+def _check_defaults(func, identity, salt):
+    """Refuse a second function of one name whose defaults differ (for k in (2, 3): def
+    scale(x, k=k)): a call left at its default keys without it, so they would share results.
+    Defaults that the salt holds already (nested and no-source functions) are fine."""
+    inner = _innermost(func)
+    if not isinstance(inner, types.FunctionType) or "<locals>" in inner.__qualname__ or \
+            _source_file(inner) is None:
+        return
+    try:
+        digest = _digest(tuple(_carried_defaults(inner)))
+    except RecursionError:
+        raise
+    except Exception:             # defaults that cannot be keyed: compared by identity
+        digest = tuple(id(value) for _, value in _carried_defaults(inner))
+    if _DEFAULTS.setdefault((identity, salt), digest) != digest:
+        raise TypeError(
+            "memoize: %s() is memoized a second time in this process, with other defaults "
+            "(%s): calls left at their default would share one cache. Pass memoize(name=...) "
+            "to give each its own, or make the value an argument"
+            % (inner.__qualname__, ", ".join("%s=%r" % pair
+                                             for pair in _carried_defaults(inner))))
 
 
 def _salt(func, version, key, ignore):
@@ -3091,6 +3125,8 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     # memoize(name=...) names what the cache holds: what func carries is the caller's word
     salt = memo.version if name else _salt(func, memo.version, key, ignore)
     memo.salt = salt                                      # for explain()
+    if not name:
+        _check_defaults(func, memo.identity, salt)
     bind = _binder(func, ignore, label) if key is None else (
         lambda args, kwargs: key(*args, **kwargs))
     if ignore and key is None:    # _binder() has checked the names against the signature

@@ -1575,6 +1575,60 @@ class TestMessagesInAFreshProcess(TempDirTest):
         self.assertIn("argument 'lock' cannot be part of a cache key", out)
 
 
+class TestOneNameManyDefinitions(TempDirTest):
+    """Functions that one name stands for several times over must not share results."""
+
+    def test_loop_with_defaults_at_module_level_is_refused(self):
+        (self.path / "job.py").write_text(textwrap.dedent("""
+            import persist
+            for k in (2, 3):
+                @persist.memoize
+                def scale(x, k=k):
+                    return x * k
+        """))
+        done = run_command(["job.py"], cwd=self.dir)
+        self.assertNotEqual(done.returncode, 0)
+        self.assertRegex(done.stderr, "TypeError: .*scale.*other defaults.*name=")
+
+    def test_inside_a_function_the_defaults_are_keyed(self):
+        scales = []
+        for k in (2, 3):
+            @persist.memoize(cache_dir=self.dir)
+            def scale(x, k=k):
+                return x * k
+            scales.append(scale)
+        self.assertEqual([f(10) for f in scales], [20, 30])
+
+    def test_helpers_of_one_name_chosen_inside_a_factory_keep_apart(self):
+        def make_op(kind):
+            if kind == "add":
+                def helper(x):
+                    return x + 1
+            else:
+                def helper(x):
+                    return x - 1
+
+            @persist.memoize(cache_dir=self.dir)
+            def op(x):
+                return helper(x) * 10
+            return op
+
+        self.assertEqual((make_op("add")(10), make_op("sub")(10)), (110, 90))
+
+    def test_class_made_inside_a_factory_is_refused(self):
+        def make(k):
+            class Scaler:
+                factor = k
+
+            @persist.memoize(cache_dir=self.dir)
+            def f(x):
+                return x * Scaler.factor
+            return f
+
+        with self.assertRaisesRegex(TypeError, "Scaler.*defined inside a function"):
+            make(2)
+
+
 class TestVersionSwitch(MemoTest):
     """Opening a cache with another version= never deletes results: they are misses, reported
     as stale, and removed only on request."""
