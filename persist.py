@@ -3616,13 +3616,27 @@ def _sync_files(names, dir_fd):
     if len(names) < 2 * _SYNC_THREADS:
         sync(names)
     else:
-        import threading
-        threads = [threading.Thread(target=sync, args=(names[i::_SYNC_THREADS],))
-                   for i in range(_SYNC_THREADS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        # Threads of _thread, not threading: a Ctrl-C that lands inside Thread.start() leaves
+        # a thread half started, which the interpreter then waits for at exit, for ever.
+        # These each do their part and say so; interrupted, the caller stops waiting, and
+        # they finish on their own (a closed dir_fd only makes their fsyncs fail).
+        finished = _thread.allocate_lock()
+        counting = _thread.allocate_lock()
+        running = [_SYNC_THREADS]
+        finished.acquire()
+
+        def part(i):
+            try:
+                sync(names[i::_SYNC_THREADS])
+            finally:
+                with counting:
+                    running[0] -= 1
+                    if not running[0]:
+                        finished.release()
+
+        for i in range(_SYNC_THREADS):
+            _thread.start_new_thread(part, (i,))
+        finished.acquire()                 # a signal interrupts it, as any wait
     files = size = unsynced = 0
     for result in results:
         if isinstance(result, _NotDurable):

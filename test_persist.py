@@ -4269,6 +4269,32 @@ class TestDoneDirProcesses(TempDirTest):
         self.assertEqual(os.listdir(out), ["part"])
 
 
+@unittest.skipUnless(hasattr(signal, "setitimer"), "setitimer")
+class TestDoneDirInterrupted(TempDirTest):
+    def test_ctrl_c_while_syncing_never_hangs_the_exit(self):
+        done = run_command(["-c", textwrap.dedent("""
+            import os, random, signal, sys, persist
+            def interrupt(signum, frame):
+                raise KeyboardInterrupt
+            signal.signal(signal.SIGALRM, interrupt)
+            interrupted = 0
+            for n in range(60):
+                stage = os.path.join(sys.argv[1], "s%d" % n)
+                try:
+                    with persist.done_dir(stage) as d:
+                        for i in range(40):        # past the count where threads sync
+                            with open(os.path.join(d, "f%d" % i), "w") as f:
+                                f.write("x")
+                        signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0001, 0.003))
+                except KeyboardInterrupt:
+                    interrupted += 1
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            print(interrupted > 0)
+        """), self.dir], timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)     # it exited: no thread hangs
+        self.assertEqual(done.stdout, "True\n")
+
+
 class TestIsDone(TempDirTest):
     def test_foreign_marker_counts(self):
         (self.path / "DONE").touch()
@@ -4763,10 +4789,10 @@ class TestFailuresCommand(TempDirTest):
 # -- the user's first hour: logging, the command line, the example, the README
 
 
-def run_command(args, cwd=None, **env):
+def run_command(args, cwd=None, timeout=600, **env):
     return subprocess.run([sys.executable] + args, cwd=cwd, env=child_env(**env),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=600)
+                          universal_newlines=True, timeout=timeout)
 
 
 class TestLogging(MemoTest):
