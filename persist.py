@@ -485,7 +485,7 @@ def _check_private(directory, what):
 # _Shelf       shelve.Shelf over a _Store
 
 _CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
-_FORKING = []                      # the ones _before_fork() holds, for the parent to release
+_FORKING = []                      # per fork under way, what its _before_fork() holds
 _ABANDONED = []                    # connections a racing thread opened during fork(): never
                                    # used or closed in the child (closing would unlock the parent's)
 
@@ -746,14 +746,19 @@ def _transaction(conn, work, args):
 
 
 def _before_fork():
-    """Close every connection, each under its lock, so no thread is inside one at fork()."""
+    """Close every connection, each under its lock, so no thread is inside one at fork().
+
+    A signal handler may fork while this runs, or while the parent's half runs: each fork
+    takes (RLocks: again) and gives back exactly the locks on its own list, pushed here as a
+    whole and popped as a whole, so nested forks keep the counts even."""
+    held = []
     while True:           # a thread may open another while we hold the first ones
-        new = [conn for conn in list(_CONNECTIONS) if conn not in _FORKING]
+        new = [conn for conn in list(_CONNECTIONS) if conn not in held]
         if not new:
-            return
+            break
         for conn in new:
             conn._lock.acquire()
-            _FORKING.append(conn)
+            held.append(conn)
             if conn._depth:
                 # Our own thread is inside it: a signal handler forks. The connection
                 # stays open for the code it interrupted; the child may not use this cache
@@ -764,13 +769,14 @@ def _before_fork():
                                       "the parent, or fork elsewhere")
             else:
                 conn._close_conn()
+    _FORKING.append(held)
 
 
 def _after_fork_in_parent():
-    for conn in _FORKING:
+    held = _FORKING.pop() if _FORKING else ()
+    for conn in held:
         conn._unusable = None
         conn._lock.release()
-    del _FORKING[:]
 
 
 def _after_fork_in_child():

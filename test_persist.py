@@ -3437,7 +3437,7 @@ class TestLogStaysBounded(TempDirTest):
                 largest = max(largest, wal.stat().st_size)
             threading.Event().wait(0.01)
         self.assertEqual([worker.wait() for worker in workers], [0, 0, 0, 0])
-        self.assertLess(largest, 40 << 20)
+        self.assertLess(largest, 64 << 20)   # without restarts: 240 MB in this time, quiet
         self.assertFalse(wal.exists())
         self.assertFalse((self.path / "slow.db-shm").exists())
 
