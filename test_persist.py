@@ -3777,7 +3777,7 @@ class TestForkInASignalHandler(TempDirTest):
             def fork(signum, frame):
                 pid = os.fork()
                 if pid == 0:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    signal.signal(signal.SIGALRM, signal.SIG_DFL)
                     signal.alarm(60)            # a hang fails the test instead of blocking it
                     try:
                         f(-1)
@@ -3785,11 +3785,13 @@ class TestForkInASignalHandler(TempDirTest):
                         os._exit(0 if "forked" in str(exc) else 2)
                     os._exit(0)
                 children.append(pid)
+                signal.setitimer(signal.ITIMER_REAL, 0.005)   # the next, once this one is done
             signal.signal(signal.SIGALRM, fork)
-            signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+            signal.setitimer(signal.ITIMER_REAL, 0.005)
             for i in range(2000):
                 assert f(i %% 400) == i %% 400 * 2
             signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_IGN)
             codes = [os.waitpid(pid, 0)[1] for pid in children]
             print(len(children) > 5, codes == [0] * len(children))
         """ % self.dir, timeout=120)
