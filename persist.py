@@ -1656,8 +1656,25 @@ def _write_subclass(base):
         _write_type(type(value), w)
         base_writer(value, w)
         _write(getattr(value, "__dict__", None) or {}, w)
+        slots = _slot_values(value)
+        if slots:                     # state in __slots__ too (none: the keys stay as they were)
+            _write(slots, w)
 
     return write
+
+
+def _slot_values(value):
+    """{name: value} of what value holds in the __slots__ of its classes (set ones only)."""
+    found = {}
+    for kind in type(value).__mro__:
+        slots = kind.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and name not in found:
+                if name.startswith("__") and not name.endswith("__"):   # name-mangled
+                    name = "_%s%s" % (kind.__name__.lstrip("_"), name)
+                with contextlib.suppress(AttributeError):
+                    found[name] = getattr(value, name)
+    return found
 
 
 def _write_ordered(value, w):
@@ -2062,7 +2079,8 @@ def _binder(func, ignore, label):
                     named += ("*" + name, value)
             elif kind == 4:                    # **kwargs
                 for key in sorted(value):
-                    named += (key, value[key])
+                    # f(**{"*args": ...}) must not key as the *args of another call
+                    named += ("*" + key if key.startswith("*") else key, value[key])
             elif default is _MISSING:
                 values.append(value)
             elif not _at_default(value, default, digest):

@@ -1629,6 +1629,26 @@ class TestOneNameManyDefinitions(TempDirTest):
             make(2)
 
 
+class SlottedDict(dict):
+    __slots__ = ("tag",)
+
+    def __init__(self, tag):
+        super().__init__()
+        self.tag = tag
+
+
+class TestKeysOfWhatHidesItsState(MemoTest):
+    def test_slots_of_a_subclass_are_keyed(self):
+        f = self.memo(lambda x: x.tag)
+        self.assertEqual((f(SlottedDict("a")), f(SlottedDict("b"))), ("a", "b"))
+
+    def test_a_keyword_named_like_star_args_is_not_star_args(self):
+        def g(*args, **kwargs):
+            return args, kwargs
+        f = self.memo(g)
+        self.assertEqual((f(1), f(**{"*args": (1,)})), (((1,), {}), ((), {"*args": (1,)})))
+
+
 class TestVersionSwitch(MemoTest):
     """Opening a cache with another version= never deletes results: they are misses, reported
     as stale, and removed only on request."""
