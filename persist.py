@@ -79,6 +79,7 @@ _INLINE_LIMIT = 1 << 18          # larger pickles live in value files of their o
 _BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
 _ASIDE_TIMEOUT = 2.0             # the same for a signal handler's own connection
 _LOG_LIMIT = 16 << 20            # a log larger than this is restarted (see _restart_log)
+_FROZEN_TRIES = 100              # reads of a file its owner keeps writing, before EBUSY
 _SWEEP_AGE = 3600.0              # without file locks (Windows), value files younger are kept
 _APPLICATION_ID = 0x70727374     # "prst" in the SQLite header: this file is a persist cache
 _FORMAT = 3                      # PRAGMA user_version: the layout made by _CREATE
@@ -486,6 +487,8 @@ def _check_private(directory, what):
 
 _CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
 _FORKING = []                      # per fork under way, what its _before_fork() holds
+_WRITING_AT_FORK = set()           # caches a signal handler forked in the middle of using
+_CREATING = set()                  # caches _Store._create() is making in this process
 _ABANDONED = []                    # connections a racing thread opened during fork(): never
                                    # used or closed in the child (closing would unlock the parent's)
 
@@ -523,7 +526,6 @@ class _Connection:
         self._conn = None
         self._frozen = None               # see _open_read_only()
         self._copy = None                 # the private copy _open_read_only() made, if any
-        self._unusable = None             # why a forked child may not use it (see fork)
         _CONNECTIONS.add(self)
 
     def run(self, work, *args):
@@ -568,8 +570,10 @@ class _Connection:
         """The connection, opened if need be, with no transaction left open."""
         conn = self._conn
         if conn is None:
-            if self._unusable:
-                raise OSError(errno.EBUSY, self._unusable, self.path)
+            if self.path in _WRITING_AT_FORK:
+                raise OSError(errno.EBUSY, "this process was forked (from a signal handler) "
+                              "while its parent was using this cache: use it in the "
+                              "parent, or fork elsewhere", self.path)
             conn = self._connect()
         elif conn.in_transaction:         # left open by a call an exception interrupted
             conn.execute("ROLLBACK")
@@ -613,7 +617,9 @@ class _Connection:
         Either is right only while nobody writes the cache, so _run_frozen() compares the
         files before and after each use, and opens it again when they changed.
         """
-        for _ in range(20):
+        for attempt in range(_FROZEN_TRIES):
+            if attempt:
+                time.sleep(0.005)         # the owner is writing: give it a moment
             before = self._file_state()
             if before[3] == 0:            # no log: the file alone
                 conn = self._open("ro&immutable=1", _BUSY_TIMEOUT)
@@ -649,7 +655,9 @@ class _Connection:
         return info.st_ino, info.st_size, info.st_mtime_ns, _size(self.path + "-wal")
 
     def _run_frozen(self, work, args):
-        for _ in range(20):
+        for attempt in range(_FROZEN_TRIES):
+            if attempt:
+                time.sleep(0.005)         # the owner is writing: give it a moment
             if self._file_state() != self._frozen:      # written since: read it anew
                 self._close_conn()
                 conn = self._connect()
@@ -760,22 +768,22 @@ def _before_fork():
             conn._lock.acquire()
             held.append(conn)
             if conn._depth:
-                # Our own thread is inside it: a signal handler forks. The connection
-                # stays open for the code it interrupted; the child may not use this cache
-                # if a transaction was open (SQLite's records there say it is locked).
-                if conn._conn is not None and conn._conn.in_transaction:
-                    conn._unusable = ("this process was forked (from a signal handler) "
-                                      "while its parent was writing this cache: use it in "
-                                      "the parent, or fork elsewhere")
+                # Our own thread is inside it: a signal handler forks. The connection (maybe
+                # one being opened) stays for the code it interrupted; the child may not use
+                # this cache file: its SQLite would take the locks of that connection as
+                # held by one of its own, and wait for them for ever.
+                _WRITING_AT_FORK.add(conn.path)
             else:
                 conn._close_conn()
+    _WRITING_AT_FORK.update(_CREATING)       # a new cache is being made: the same
     _FORKING.append(held)
 
 
 def _after_fork_in_parent():
     held = _FORKING.pop() if _FORKING else ()
+    if not _FORKING:
+        _WRITING_AT_FORK.clear()
     for conn in held:
-        conn._unusable = None
         conn._lock.release()
 
 
@@ -992,6 +1000,7 @@ class _Store:
                                   "not writable", directory) from None
         os.close(fd)
         conn = None
+        _CREATING.add(self.path)
         try:
             conn = sqlite3.connect(temp, isolation_level=None)
             for statement in _CREATE:
@@ -1014,6 +1023,7 @@ class _Store:
         finally:
             if conn is not None:
                 conn.close()
+            _CREATING.discard(self.path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
 

@@ -3757,13 +3757,15 @@ class TestReaderWhoCannotWriteWhileTheOwnerWrites(TempDirTest):
                         key = "k%%d" %% i
                         try:
                             value = db.get(key)
-                        except OSError as exc:      # busy for long: allowed, counted
+                        except OSError as exc:      # the owner kept writing: honest, counted
+                            if "kept changing" not in str(exc):
+                                raise
                             errors += 1
                             continue
                         reads += 1
                         if value is not None and value[0] != key:
                             wrong += 1
-            print(wrong, reads > 0, errors, flush=True)
+            print(wrong, reads > 0, errors < reads / 100, flush=True)
         """ % path)
         self.assertEqual(reader.stdout.readline(), "reading\n")
         run_python("""
@@ -3782,7 +3784,7 @@ class TestReaderWhoCannotWriteWhileTheOwnerWrites(TempDirTest):
         reader.stdin.close()
         reader.wait()
         reader.stdout.close()
-        self.assertEqual(out, "0 True 0\n")
+        self.assertEqual(out, "0 True True\n")
 
 
 @unittest.skipUnless(hasattr(os, "fork") and hasattr(signal, "setitimer"), "fork, setitimer")
@@ -3813,9 +3815,9 @@ class TestForkInASignalHandler(TempDirTest):
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, signal.SIG_IGN)
             codes = [os.waitpid(pid, 0)[1] for pid in children]
-            print(len(children) > 5, codes == [0] * len(children))
+            print(len(children) > 5, sorted(set(codes)))
         """ % self.dir, timeout=120)
-        self.assertEqual(out, "True True\n")
+        self.assertEqual(out, "True [0]\n")
 
 
 class TestReadOnlyOpenLeavesNoLog(TempDirTest):
