@@ -144,8 +144,8 @@ _FAILURES = ("SELECT args, type, message, count, first, last, seconds, version, 
              " FROM Failures ORDER BY last")
 _MISSING = object()              # "no such entry", where None is a value
 
-_NOT_A_CACHE = ("not a persist cache ({why}); if it holds nothing you need, delete it to "
-                "start over, or use another file name")
+_NOT_A_CACHE = ("not a persist cache ({why}); persist leaves it as it is: give persist "
+                "another file name (cache_dir=, name= or the path you open)")
 _NEWER = ("written by a newer persist (format {found}; this persist.py reads format {ours}); "
           "use a newer persist.py")
 _OLDER = ("written by an older persist (format {found}; this persist.py reads format {ours}), "
@@ -3485,8 +3485,15 @@ class _Run:
                     batch = pending.pop(future)
                     try:
                         outcomes, seconds = future.result()
-                    except concurrent.futures.BrokenExecutor:
-                        raise           # a worker died: not these items' failure to record
+                    except concurrent.futures.BrokenExecutor as exc:
+                        # a worker died (killed, out of memory, a crash in C): not these
+                        # items' failure to record, and the pool can run nothing more
+                        raise RuntimeError(
+                            "persist.map: a worker process died (killed, out of memory, or a "
+                            "crash in C code), and the pool can run no more items; the %d "
+                            "results finished before are kept (a memoized function's are "
+                            "stored): run again to compute the rest"
+                            % (self.reused + self.computed)) from exc
                     except Exception as exc:
                         if len(batch) > 1:      # a result that could not travel: find it
                             alone.extend(batch)

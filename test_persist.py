@@ -859,7 +859,7 @@ class TestNotACache(TempDirTest):
     def test_garbage_file(self):
         path = self.path / "cache.db"
         path.write_bytes(b"this is not sqlite at all, just some text\n" * 100)
-        self.check_refused(path, "not a persist cache.*delete it to start over")
+        self.check_refused(path, "not a persist cache.*another file name")
 
     def test_other_sqlite_database(self):
         path = self.path / "cache.db"
@@ -867,7 +867,7 @@ class TestNotACache(TempDirTest):
         conn.execute("CREATE TABLE users (name TEXT)")
         conn.commit()
         conn.close()
-        self.check_refused(path, "another program.*delete it")
+        self.check_refused(path, "another program.*another file name")
 
     def test_newer_format(self):
         path = self.path / "cache.db"
@@ -1321,7 +1321,7 @@ class TestMemoizeResults(MemoTest):
         path = self.path / "job.db"
         path.write_bytes(b"garbage" * 1000)
         f = self.memo(lambda x: x, name="job")
-        with self.assertRaisesRegex(persist.PersistError, "job.db.*delete it"):
+        with self.assertRaisesRegex(persist.PersistError, "job.db.*another file name"):
             f(1)
         self.assertEqual(f.calls, [])
         self.assertEqual(path.read_bytes(), b"garbage" * 1000)
@@ -1647,6 +1647,31 @@ class TestKeysOfWhatHidesItsState(MemoTest):
             return args, kwargs
         f = self.memo(g)
         self.assertEqual((f(1), f(**{"*args": (1,)})), (((1,), {}), ((), {"*args": (1,)})))
+
+
+@unittest.skipUnless(POSIX, "SIGKILL")
+class TestMapWorkerKilled(TempDirTest):
+    def test_a_dead_worker_gets_a_clear_error_and_finished_results_stay(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, signal, sys, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def work(x):
+                if x == 5:
+                    os.kill(os.getpid(), signal.SIGKILL)     # out of memory, say
+                return x * 2
+            if __name__ == "__main__":
+                try:
+                    persist.map(work, range(12), workers=2, progress=False)
+                except RuntimeError as exc:
+                    print(exc)
+                print(work.cache_info().entries > 0)
+        """))
+        done = run_command([str(script), self.dir], timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("a worker process died", done.stdout)
+        self.assertIn("run again", done.stdout)
+        self.assertTrue(done.stdout.endswith("True\n"))
 
 
 class TestVersionSwitch(MemoTest):
@@ -2533,7 +2558,7 @@ class TestDamagedCacheFile(TempDirTest):
     def check_refused(self, path):
         before = path.read_bytes()
         with self.assertRaisesRegex(persist.PersistError, re.escape(str(path)) +
-                                    ".*delete it to start over"):
+                                    ".*another file name"):
             with persist.open(path) as db:
                 dict(db)
         self.assertEqual(path.read_bytes(), before)
