@@ -526,23 +526,26 @@ class _Connection:
         self._conn = None
         self._frozen = None               # see _open_read_only()
         self._copy = None                 # the private copy _open_read_only() made, if any
+        self._snapshots = False           # read only through _open_read_only() from now on
         _CONNECTIONS.add(self)
 
     def run(self, work, *args):
         """work(connection, *args) under the lock; sqlite3's errors become persist's."""
-        with self._lock:
-            if self._depth:               # a signal handler interrupted this thread in here
-                return self._run_aside(work, args)
-            self._depth = 1
-            try:
-                conn = self._ready()
-                if self._frozen is not None:
-                    return self._run_frozen(work, args)
-                return work(conn, *args)
-            except sqlite3.Error as exc:
-                raise _sqlite_error(exc, self.path) from None
-            finally:
-                self._depth = 0
+        for retry in (True, False):
+            with self._lock:
+                if self._depth:           # a signal handler interrupted this thread in here
+                    return self._run_aside(work, args)
+                self._depth = 1
+                try:
+                    conn = self._ready()
+                    if self._frozen is not None:
+                        return self._run_frozen(work, args)
+                    return work(conn, *args)
+                except sqlite3.Error as exc:
+                    if not (retry and self._lost_its_log(exc)):
+                        raise _sqlite_error(exc, self.path) from None
+                finally:
+                    self._depth = 0
 
     def query(self, sql, params=()):
         """The rows of one statement: run(_fetch, sql, params), without a call (every
@@ -558,9 +561,21 @@ class _Connection:
                 # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
                 return conn.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
-                raise _sqlite_error(exc, self.path) from None
+                if not self._lost_its_log(exc):
+                    raise _sqlite_error(exc, self.path) from None
             finally:
                 self._depth = 0
+        return self.run(_fetch, sql, params)       # once more, on a connection made anew
+
+    def _lost_its_log(self, exc):
+        """Whether a reader in a directory it may not write saw the cache's last writer go,
+        taking the -wal and -shm files that SQLite cannot make again there: then it closes,
+        and the next use reads the file as _open_read_only() does."""
+        if self.mode != "ro" or "readonly" not in str(exc) or self._conn is None:
+            return False
+        self._close_conn()
+        self._snapshots = True            # SQLite's own way failed here once: not again
+        return True
 
     def transaction(self, work, *args):
         """run() work inside BEGIN IMMEDIATE ... COMMIT: all of it is stored, or none."""
@@ -600,6 +615,9 @@ class _Connection:
                 conn.close()
 
     def _connect(self):
+        if self._snapshots:
+            self._conn = self._open_read_only()
+            return self._conn
         try:
             self._conn = self._open(self.mode, _BUSY_TIMEOUT)
         except sqlite3.OperationalError:

@@ -3812,6 +3812,43 @@ class TestReaderWhoCannotWriteWhileTheOwnerWrites(TempDirTest):
         self.assertEqual(out, "0 True True\n")
 
 
+    def test_reader_goes_on_after_the_writer_restarted_the_log_and_left(self):
+        os.chmod(self.dir, 0o755)
+        path = str(self.path / "c.db")
+        owner = start_python("""
+            import sys, persist
+            db = persist.open(%r)
+            db["k"] = "v"
+            print("open", flush=True)
+            sys.stdin.readline()
+            for i in range(200):
+                db["k%%d" %% i] = b"x" * 20000
+            db.dict._give_back()        # the log restarted under the reader
+            db.close()
+            print("closed", flush=True)
+            sys.stdin.readline()
+        """ % path)
+        self.assertEqual(owner.stdout.readline(), "open\n")
+        reader = start_python("""
+            import os, sys, persist
+            import inspect, reprlib, tempfile, shutil
+            os.setgid(65534); os.setuid(65534)
+            db = persist.open(%r, "r")
+            print(db["k"], flush=True)      # through the owner's -shm
+            sys.stdin.readline()
+            print(db["k"], flush=True)      # they are gone now
+        """ % path)
+        self.assertEqual(reader.stdout.readline(), "v\n")
+        owner.stdin.write("\n")
+        owner.stdin.flush()
+        self.assertEqual(owner.stdout.readline(), "closed\n")
+        reader.stdin.write("\n")
+        reader.stdin.flush()
+        self.assertEqual(reader.stdout.readline(), "v\n")
+        for child in (owner, reader):
+            stop(child)
+
+
 @unittest.skipUnless(hasattr(os, "fork") and hasattr(signal, "setitimer"), "fork, setitimer")
 class TestForkInASignalHandler(TempDirTest):
     def test_parent_goes_on_and_the_child_never_hangs(self):
