@@ -693,7 +693,9 @@ class _Connection:
                                isolation_level=None, check_same_thread=False)
         try:
             self._check(conn)
-            for pragma in _PRAGMAS if uri_mode == "rw" else _PRAGMAS[1:]:
+            if uri_mode == "rw":
+                _to_wal(conn, timeout)
+            for pragma in _PRAGMAS[1:]:
                 conn.execute(pragma).fetchall()
             if mode == "query":           # only reads, yet closed as a writer: no -wal left
                 conn.execute("PRAGMA query_only=ON")
@@ -732,6 +734,21 @@ class _Connection:
         with self._lock:
             _CONNECTIONS.discard(self)
             self._close_conn()
+
+
+def _to_wal(conn, timeout):
+    """PRAGMA journal_mode=WAL: the first process to open a new cache converts it. Two that
+    convert at once deadlock, and SQLite then fails one at once ("database is locked")
+    instead of waiting: it tries again, as the busy timeout would have."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute(_PRAGMAS[0]).fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 class _HandlerBusy(OSError):
