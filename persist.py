@@ -1303,9 +1303,6 @@ class _Shelf(shelve.Shelf):
     """shelve.Shelf over a _Store: values are pickled straight to and from the file, and every
     method is one step that another process's writes cannot break in the middle of."""
 
-    def __init__(self, store, protocol=None):
-        super().__init__(store, protocol)
-
     @property
     def path(self):
         """The cache file's absolute path."""
