@@ -498,6 +498,20 @@ def _fetch(conn, sql, params=()):
     return conn.execute(sql, params).fetchall()
 
 
+def _close(conn):
+    """Close an sqlite3 connection, even one a signal interrupted.
+
+    On PyPy, a statement whose preparation Ctrl-C interrupted is never finalized, and
+    close() then fails for good. So the transaction is ended first: such a connection holds
+    no lock while it waits for the process's exit to close it.
+    """
+    with contextlib.suppress(sqlite3.Error):
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    with contextlib.suppress(sqlite3.Error):
+        conn.close()
+
+
 def _uri(path, mode):
     """A file: URI for sqlite3.connect(uri=True); pathlib's as_uri() costs an import."""
     path = path.replace(os.sep, "/")
@@ -612,7 +626,7 @@ class _Connection:
             raise _sqlite_error(exc, self.path) from None
         finally:
             if conn is not None:
-                conn.close()
+                _close(conn)
 
     def _connect(self):
         if self._snapshots:
@@ -646,7 +660,7 @@ class _Connection:
             if self._file_state() == before:
                 self._frozen = before
                 return conn
-            conn.close()
+            _close(conn)
             self._drop_copy()
         raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
 
@@ -700,7 +714,7 @@ class _Connection:
             if mode == "query":           # only reads, yet closed as a writer: no -wal left
                 conn.execute("PRAGMA query_only=ON")
         except BaseException:
-            conn.close()
+            _close(conn)
             raise
         return conn
 
@@ -719,7 +733,7 @@ class _Connection:
 
     def _close_conn(self):
         if self._conn is not None:
-            self._conn.close()
+            _close(self._conn)
             self._conn = None
         self._frozen = None
         self._drop_copy()
@@ -842,7 +856,7 @@ def _close_all():
         with contextlib.suppress(Exception):
             if conn._lock.acquire(blocking=False):
                 try:
-                    conn.close()
+                    _close(conn)
                 finally:
                     conn._lock.release()
 
@@ -1048,7 +1062,7 @@ class _Store:
                 conn.execute("COMMIT")
             else:
                 # Windows renames no open file, and removes no log that a process has open
-                conn.close()
+                _close(conn)
                 if not os.path.exists(self.path):
                     self._remove_stale_companions()
                 with contextlib.suppress(FileExistsError):
@@ -1057,7 +1071,7 @@ class _Store:
             raise _sqlite_error(exc, self.path) from None
         finally:
             if conn is not None:
-                conn.close()
+                _close(conn)
             _CREATING.discard(self.path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
@@ -3859,7 +3873,7 @@ def _is_dbm_sqlite3(path):
     except sqlite3.Error:
         return False
     finally:
-        conn.close()
+        _close(conn)
 
 
 @contextlib.contextmanager
@@ -3882,7 +3896,7 @@ def _shelve_items(path, kind):
                 yield ((bytes(key) if isinstance(key, (bytes, memoryview)) else
                         str(key).encode("utf-8"), bytes(value)) for key, value in rows)
             finally:
-                conn.close()
+                _close(conn)
         except sqlite3.Error as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise busy from None

@@ -3565,6 +3565,45 @@ class TestFork(TempDirTest):
         self.assertEqual(on_disk, named)
 
 
+@unittest.skipUnless(hasattr(signal, "alarm"), "signal.alarm")
+class TestInterruptAtEachCall(TempDirTest):
+    """Ctrl-C raised at each function call in turn inside persist (and, on PyPy, inside its
+    pure-Python sqlite3, where an interrupted statement can never be finalized and close()
+    failed) while a cache is made and used: the interrupt propagates, no lock stays held."""
+
+    def test_interrupt_at_each_call(self):
+        out = run_python("""
+            import os, signal, sys, persist
+            watched = (persist.__file__, getattr(sys.modules.get("_sqlite3"), "__file__", "?"))
+            calls = [0, 0]
+            def tracer(frame, event, arg):
+                if event == "call" and frame.f_code.co_filename in watched:
+                    calls[0] += 1
+                    if calls[0] == calls[1]:
+                        raise KeyboardInterrupt
+                return None
+            interrupted = 0
+            for n in range(1, 150):
+                @persist.memoize(cache_dir=os.path.join(%r, str(n)))
+                def f(x):
+                    return x * 2
+                calls[:] = [0, n]
+                sys.settrace(tracer)
+                try:
+                    f(1), f(1), f(2), f.cache_info()
+                except KeyboardInterrupt:
+                    interrupted += 1
+                finally:
+                    sys.settrace(None)
+                signal.alarm(20)          # a lock left held would hang here
+                if (f(1), f(3), f(1)) != (2, 6, 2) or f.cache_info().entries < 2:
+                    print("wrong after an interrupt at call", n, f.cache_info())
+                signal.alarm(0)
+            print(interrupted > 40)
+        """ % self.dir, timeout=120)
+        self.assertEqual(out, "True\n")
+
+
 @unittest.skipUnless(hasattr(signal, "setitimer"), "setitimer")
 class TestInterrupts(TempDirTest):
     def test_keyboard_interrupt_anywhere_leaves_no_lock_held(self):
