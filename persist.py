@@ -267,8 +267,14 @@ def _fsync_dir(directory):
             os.close(fd)
 
 
+_UNFINISHED = {}     # _create_temp()'s files not yet renamed or removed: name -> (pid, dev, ino)
+
+
 def _create_temp(target, shown):
-    """Create .NAME.RANDOM.tmp beside target, exclusively, never through a link; 0o666 & ~umask."""
+    """Create .NAME.RANDOM.tmp beside target, exclusively, never through a link; 0o666 & ~umask.
+
+    The caller renames or removes it, then takes it off _UNFINISHED; if it never can (see
+    _remove_unfinished), the process's exit removes it."""
     directory, name = os.path.split(target)
     for _ in range(100):
         temp = os.path.join(directory, ".%s.%s.tmp" % (name[:60], os.urandom(4).hex()))
@@ -280,6 +286,8 @@ def _create_temp(target, shown):
         opened = []
         try:
             opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask
+            info = os.fstat(opened[0])
+            _UNFINISHED[temp] = (os.getpid(), info.st_dev, info.st_ino)
         except FileExistsError:
             continue
         except FileNotFoundError:
@@ -287,6 +295,7 @@ def _create_temp(target, shown):
                                     "does not exist; create it first)", shown) from None
         except BaseException:
             if opened:             # created, then interrupted: an OSError creates nothing
+                _UNFINISHED.pop(temp, None)
                 os.close(opened[0])
                 # best effort: the exception that interrupted us is what matters
                 with contextlib.suppress(OSError):
@@ -294,6 +303,27 @@ def _create_temp(target, shown):
             raise
         return temp, opened[0]
     raise FileExistsError(errno.EEXIST, "no free temporary file name beside it", shown)
+
+
+def _remove_unfinished():
+    """At exit: remove the temporary files this process made and never renamed or removed.
+
+    A Ctrl-C can land where no try covers it: as _create_temp() returns, or as a with
+    statement enters atomic_open() (its generator then waits at its yield, and PyPy never
+    finalizes it). A file is removed only if it is still the one made here: not a parent's
+    (after fork), nor a new file under a name that ours was renamed from.
+    """
+    pid = os.getpid()
+    for name, (owner, device, inode) in list(_UNFINISHED.items()):
+        if owner == pid:
+            # best effort: at exit, whatever stops this stops nothing else
+            with contextlib.suppress(OSError):
+                info = os.lstat(name)
+                if (info.st_dev, info.st_ino) == (device, inode):
+                    os.unlink(name)
+
+
+atexit.register(_remove_unfinished)
 
 
 def _mode(mode, encoding, errors, newline):
@@ -413,13 +443,26 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
     if follow:
         target = _follow(target, path)      # as open(path, "w"): the link's target is written
     old = _existing(target, path, follow)
+    owner = os.getpid()
     temp, fd = _create_temp(target, path)
     try:
         with io.open(fd, "wb" if encoding is None else "w", encoding=encoding, errors=errors,
                      newline=newline) as file:
             if old is not None and stat.S_ISREG(old.st_mode):
                 _keep_owner_and_mode(fd, temp, old)
-            yield file
+            try:
+                yield file
+            finally:
+                if os.getpid() != owner:
+                    # A child forked in the block: what it flushes (its copy of the parent's
+                    # buffer too) must not reach the parent's file, nor may it commit or remove it.
+                    null = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(null, fd)
+                    os.close(null)
+            if os.getpid() != owner:
+                raise RuntimeError("atomic_open(%r): this process was forked inside the block, "
+                                   "and the file is its parent's to finish: write it in the "
+                                   "parent, or open it anew in the child" % (path,))
             file.flush()
             if sync:
                 _fsync(fd)
@@ -432,10 +475,13 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
             _existing(target, path, follow)     # again: a FIFO may have appeared meanwhile
             os.replace(temp, target)
     except BaseException:
-        # best effort: the temporary file may be gone already; the original error matters
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
+        if os.getpid() == owner:
+            # best effort: the temporary file may be gone already; the original error matters
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            _UNFINISHED.pop(temp, None)
         raise
+    _UNFINISHED.pop(temp, None)
     if sync:
         _fsync_dir(os.path.dirname(target))
 
@@ -1075,6 +1121,7 @@ class _Store:
             _CREATING.discard(self.path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
+            _UNFINISHED.pop(temp, None)
 
     def _remove_stale_companions(self):
         for stale in (self.path + "-wal", self.path + "-shm"):
@@ -3930,6 +3977,7 @@ def _from_shelve(path, kind, copy=True):
     temp, fd = _create_temp(path, path)
     os.close(fd)
     os.unlink(temp)                        # _Store makes it, as a store, under this name
+    _UNFINISHED.pop(temp, None)
     try:
         store = _Store(temp, "c")
         try:
@@ -4008,9 +4056,11 @@ def _keep_aside(path, original):
             except BaseException as exc:
                 with contextlib.suppress(OSError):
                     os.unlink(temp)
+                _UNFINISHED.pop(temp, None)
                 if isinstance(exc, FileExistsError) and exc is not moved:
                     continue
                 raise
+            _UNFINISHED.pop(temp, None)
         else:
             if not _same_file(os.stat(kept), original):
                 os.unlink(kept)           # our link, to the other process's store
@@ -4312,7 +4362,11 @@ def _done_dir(directory, marker, clean):
         if clean:
             _empty(where)
             _fsync_dir(where)
+        owner = os.getpid()
         yield where                        # absolute: files written through it follow
+        if os.getpid() != owner:
+            raise RuntimeError("done_dir(%r): this process was forked inside the block, and "
+                               "only its parent finishes the stage" % (os.fspath(where),))
         record = _marker_record(where, marker)
         for path in made:                  # their entries too, or a power cut may drop them
             _fsync_dir(path.parent)

@@ -609,6 +609,107 @@ class TestAtomicCtrlCWhileCreatingTemp(TempDirTest):
         self.assertNoTemp()
 
 
+class TestAtomicInterruptedAtEachStep(TempDirTest):
+    """Ctrl-C raised at each step of atomic_write() and atomic_open() in turn, some where no
+    try can cover them (as the temporary file's name is returned, as a with statement
+    enters): the target is whole at every step, and no temporary file outlives the process."""
+
+    def test_no_temporary_file_outlives_the_process(self):
+        out = run_python("""
+            import contextlib, os, sys, persist
+            target = os.path.join(%r, "out")
+            persist.atomic_write(target, "0000")
+            watched = (persist.__file__, contextlib.__file__)
+            calls = [0, 0]
+            def tracer(frame, event, arg):
+                if frame.f_code.co_filename not in watched:
+                    return None
+                calls[0] += 1
+                if calls[0] == calls[1]:
+                    raise KeyboardInterrupt
+                return tracer
+            def write_with_atomic_open(data):
+                with persist.atomic_open(target) as file:
+                    file.write(data)
+            whole = True
+            for write in (persist.atomic_write, write_with_atomic_open):
+                for n in range(1, 1000):
+                    calls[:] = [0, n]
+                    sys.settrace(tracer)
+                    try:
+                        write(target, "%%04d" %% n) if write is persist.atomic_write \
+                            else write("%%04d" %% n)
+                    except KeyboardInterrupt:
+                        pass
+                    finally:
+                        sys.settrace(None)
+                    with open(target) as file:
+                        whole = whole and len(file.read()) == 4
+                    if calls[0] < n:          # nothing left to interrupt
+                        break
+            print(whole, n > 50)
+        """ % self.dir)
+        self.assertEqual(out, "True True\n")
+        self.assertNoTemp()
+
+
+
+@unittest.skipUnless(hasattr(os, "fork"), "fork")
+class TestForkedInsideABlock(TempDirTest):
+    """A child forked inside an atomic_open() block, its copy of the parent's unflushed
+    buffer with it: whether it leaves the block by an exception or normally, the parent's
+    file gets nothing from it, and only the parent commits. Inside done_dir(): only the
+    parent finishes the stage."""
+
+    def test_child_leaves_the_parents_file_alone(self):
+        out = run_python("""
+            import os, persist
+            target = os.path.join(%r, "out")
+            for how in ("exception", "normally"):
+                child = False
+                try:
+                    with persist.atomic_open(target) as file:
+                        file.write("parent's, " + how)       # in the buffer at fork
+                        pid = os.fork()
+                        child = pid == 0
+                        if child and how == "exception":
+                            raise ValueError("the child's error")
+                        if not child:
+                            _, status = os.waitpid(pid, 0)
+                except BaseException as exc:
+                    if child:
+                        forked = isinstance(exc, RuntimeError) and "forked" in str(exc)
+                        os._exit(1 if isinstance(exc, ValueError) else 2 if forked else 3)
+                    raise
+                if child:
+                    os._exit(4)
+                with open(target) as file:
+                    print(file.read(), status >> 8)
+        """ % self.dir)
+        self.assertEqual(out, "parent's, exception 1\nparent's, normally 2\n")
+        self.assertNoTemp()
+
+    def test_child_leaving_a_done_dir_writes_no_marker(self):
+        out = run_python("""
+            import os, persist
+            stage = os.path.join(%r, "stage")
+            child = False
+            try:
+                with persist.done_dir(stage):
+                    pid = os.fork()
+                    child = pid == 0
+                    if not child:
+                        _, status = os.waitpid(pid, 0)
+                        print(persist.is_done(stage), status >> 8)
+            except RuntimeError as exc:
+                os._exit(2 if child and "forked" in str(exc) else 3)
+            if child:
+                os._exit(4)
+            print(persist.is_done(stage))
+        """ % self.dir)
+        self.assertEqual(out, "False 2\nTrue\n")
+
+
 class TestAtomicExclusive(TempDirTest):
     def test_existing_target_fails_before_block(self):
         target = self.path / "out"
