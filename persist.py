@@ -902,7 +902,7 @@ def _close_all():
         with contextlib.suppress(Exception):
             if conn._lock.acquire(blocking=False):
                 try:
-                    _close(conn)
+                    conn.close()
                 finally:
                     conn._lock.release()
 
