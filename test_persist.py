@@ -44,6 +44,23 @@ PLAIN_FSYNC = mock.patch.object(persist, "_FULLFSYNC", None)   # as where there 
 LARGE = os.environ.get("PERSIST_TEST_LARGE") == "1"
 
 
+def setUpModule():
+    """Children compile persist.py once in a run, into a directory of the run's own: hundreds
+    start, and where PYTHONDONTWRITEBYTECODE is set (some CI images set it) each would
+    compile its thousands of lines again, a third of the suite's time."""
+    global BYTECODE, SAVED_ENVIRON
+    BYTECODE = __import__("tempfile").mkdtemp(prefix="persist-test-bytecode-")
+    SAVED_ENVIRON = dict(os.environ)
+    os.environ["PYTHONPYCACHEPREFIX"] = BYTECODE
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
+def tearDownModule():
+    os.environ.clear()
+    os.environ.update(SAVED_ENVIRON)
+    __import__("shutil").rmtree(BYTECODE, ignore_errors=True)
+
+
 def child_env(**extra):
     env = dict(os.environ)
     env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
