@@ -1814,10 +1814,10 @@ class TestVersionSwitch(MemoTest):
         v2 = self.memo(lambda x: -x, name="job", version=2)
         v2(1)
         path = v2.cache_info().path
-        done = run_command([os.path.join(HERE, "persist.py"), "ls", self.dir])
+        done = run_command(CLI + ["ls", self.dir])
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertRegex(done.stdout, r"job .* 30 stale \(")
-        done = run_command([os.path.join(HERE, "persist.py"), "prune", path, "--stale"])
+        done = run_command(CLI + ["prune", path, "--stale"])
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertIn("removed 30 entries", done.stdout)
         self.assertEqual(v2.cache_info().entries, 1)
@@ -5008,7 +5008,7 @@ class TestFailuresCommand(TempDirTest):
                 except Exception:
                     pass
         """ % str(cache))
-        cli = [os.path.join(HERE, "persist.py")]
+        cli = CLI
         done = run_command(cli + ["failures", str(cache / "jobs.parse.db")])
         self.assertEqual(done.returncode, 0, done.stderr)
         lines = done.stdout.splitlines()
@@ -5030,6 +5030,11 @@ class TestFailuresCommand(TempDirTest):
 
 
 # -- the user's first hour: logging, the command line, the example, the README
+
+
+# The command line, as `python -m persist`: run as a module, its bytecode is compiled once in a
+# run; as a script (`python persist.py`, which TestCommandLine's help test runs too), each time.
+CLI = ["-m", "persist"]
 
 
 def run_command(args, cwd=None, timeout=600, **env):
@@ -5077,7 +5082,7 @@ class TestCommandLine(TempDirTest):
         shutil.copytree(self.filled, str(self.cache))
 
     def persist_cli(self, *args, **env):
-        return run_command([os.path.join(HERE, "persist.py")] + list(args), cwd=self.dir, **env)
+        return run_command(CLI + list(args), cwd=self.dir, **env)
 
     def test_help_on_every_command(self):
         # Seven interpreters, started together rather than one after another.
@@ -5188,7 +5193,7 @@ class CommandLineTest(TempDirTest):
             fetch("https://example.org/%d" % i)
 
     def cli(self, *args, **env):
-        return run_command([os.path.join(HERE, "persist.py")] + [str(a) for a in args],
+        return run_command(CLI + [str(a) for a in args],
                            cwd=self.dir, **env)
 
     def entries(self):
@@ -5354,9 +5359,8 @@ class TestCommandLineShow(CommandLineTest):
         master, slave = os.openpty()
         self.addCleanup(os.close, master)
         with open(os.devnull) as null:
-            child = subprocess.Popen([sys.executable, os.path.join(HERE, "persist.py"), "show",
-                                      str(self.db)], stdin=null, stdout=slave,
-                                     env=child_env())
+            child = subprocess.Popen([sys.executable] + CLI + ["show", str(self.db)],
+                                     stdin=null, stdout=slave, env=child_env())
         os.close(slave)
         out = b""
         while True:
@@ -5631,9 +5635,9 @@ class TestOpenOverDbmSqlite3(ShelveFileTest):
 
     def test_ls_marks_it(self):
         handmade_dbm_sqlite3(self.path / "old.db", ITEMS)
-        done = run_command([os.path.join(HERE, "persist.py"), "ls", self.dir])
+        done = run_command(CLI + ["ls", self.dir])
         self.assertEqual(done.stdout.splitlines()[1].split()[:2], ["(shelve", "file)"])
-        done = run_command([os.path.join(HERE, "persist.py"), "show", self.path / "old.db"])
+        done = run_command(CLI + ["show", self.path / "old.db"])
         self.assertEqual(done.returncode, 1)
         self.assertIn("old.db: a dbm.sqlite3 shelve file, not a persist cache; persist.open(",
                       done.stderr)
@@ -5673,7 +5677,7 @@ class TestExamplePipeline(TempDirTest):
         self.assertIn("skipped 2 malformed records: 399, 799", done.stdout)
         report = json.loads((self.path / "work" / "report.json").read_text())
         self.assertEqual((report["records"], report["malformed_skipped"]), (898, 2))
-        listed = run_command([os.path.join(HERE, "persist.py"), "failures",
+        listed = run_command(CLI + ["failures",
                               "pipeline.transform"], PERSIST_DIR=self.path / "cache")
         self.assertIn("pipeline.transform: 2 failed calls", listed.stdout)
         self.assertIn("'id': 399", listed.stdout)
