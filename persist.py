@@ -856,7 +856,7 @@ def _close_all():
         with contextlib.suppress(Exception):
             if conn._lock.acquire(blocking=False):
                 try:
-                    _close(conn)
+                    conn.close()          # a _Connection: _close() takes sqlite3's own
                 finally:
                     conn._lock.release()
 

@@ -5667,6 +5667,26 @@ class TestReadme(TempDirTest):
                                  "%s\n%s%s" % (line, done.stdout, done.stderr))
 
 
+# -- What other projects' test suites check (shelve, dbm.sqlite3, lru_cache, atomicwrites,
+# joblib.Memory, diskcache), in persist's terms
+
+class TestExitClosesEveryCache(TempDirTest):
+    def test_no_log_is_left_by_a_process_that_never_closed(self):
+        # PyPy frees nothing at exit: only persist's own exit handler closes its connections
+        run_python("""
+            import persist
+            db = persist.open("shelf.db")
+            db["k"] = 1
+
+            @persist.memoize(cache_dir=".")
+            def f(x):
+                return x
+
+            f(1)
+        """, cwd=self.dir)
+        self.assertEqual(sorted(name for name in os.listdir(self.dir)
+                                if name.endswith(("-wal", "-shm"))), [])
+
 if __name__ == "__main__":
     if "--torture" in sys.argv:        # python test_persist.py --torture [SECONDS]
         at = sys.argv.index("--torture")
