@@ -404,6 +404,8 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
     """atomic_open(); follow=False replaces a symbolic link at path instead of its target."""
     kind, encoding = _mode(mode, encoding, errors, newline)
     target = os.fsdecode(os.fspath(path))
+    if not target:                          # not the current directory: open("") fails so
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     # Resolved once, here: an os.chdir() in the block must not move the commit elsewhere.
     # Not os.path.abspath(), which would drop "link/.." where open() follows the link.
     if not os.path.isabs(target):
@@ -415,14 +417,21 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
     old = _existing(target, path, follow)
     temp, fd = _create_temp(target, path)
     try:
-        with io.open(fd, "wb" if encoding is None else "w", encoding=encoding, errors=errors,
-                     newline=newline) as file:
-            if old is not None and stat.S_ISREG(old.st_mode):
-                _keep_owner_and_mode(fd, temp, old)
-            yield file
-            file.flush()
+        # closefd=False: a block may close the file itself (libraries that write to a file
+        # object often do), and the descriptor must outlive it for the fsync
+        try:
+            with io.open(fd, "wb" if encoding is None else "w", encoding=encoding,
+                         errors=errors, newline=newline, closefd=False) as file:
+                # its name is the path, as open()'s is, not the descriptor: code that
+                # guesses a format from the extension (an image's) reads it
+                (file.buffer.raw if encoding else file.raw).name = os.fspath(path)
+                if old is not None and stat.S_ISREG(old.st_mode):
+                    _keep_owner_and_mode(fd, temp, old)
+                yield file
             if sync:
                 _fsync(fd)
+        finally:
+            os.close(fd)
         if kind == "x":
             try:
                 _rename_no_clobber(temp, target)
@@ -4246,7 +4255,8 @@ def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newlin
     encoding says otherwise; errors and newline are as for open(). The data goes to a
     temporary .NAME.RANDOM.tmp beside path, is flushed and fsynced, renamed over path, and
     the directory is fsynced: at every instant path holds the old content or the new, even
-    if the process is killed. sync=False skips the fsyncs (faster; a power cut may then lose
+    if the process is killed. The file's name is path, as open()'s is; the block may close
+    it (the content is still committed). sync=False skips the fsyncs (faster; a power cut may then lose
     the new content, never mix it). On any exception the temporary file is removed and path
     is untouched. A relative path is resolved once, on entry: an os.chdir() in the block
     does not move the file.

@@ -5687,6 +5687,54 @@ class TestExitClosesEveryCache(TempDirTest):
         self.assertEqual(sorted(name for name in os.listdir(self.dir)
                                 if name.endswith(("-wal", "-shm"))), [])
 
+class TestAtomicFileClosedInTheBlock(TempDirTest):
+    def test_a_library_that_closes_what_it_wrote_still_commits(self):
+        target = self.path / "out.txt"
+        target.write_text("old")
+        for mode, data in (("w", "new"), ("wb", b"newer"), ("x", "x")):
+            if mode == "x":
+                target = self.path / "fresh.txt"
+            with persist.atomic_open(target, mode) as file:
+                file.write(data)
+                file.close()
+            self.assertEqual(target.read_bytes(),
+                             data.encode() if isinstance(data, str) else data)
+        self.assertNoTemp()
+
+    def test_closed_then_failed_leaves_the_old_file(self):
+        target = self.path / "out.txt"
+        target.write_text("old")
+        with self.assertRaises(Boom):
+            with persist.atomic_open(target) as file:
+                file.write("new")
+                file.close()
+                raise Boom()
+        self.assertEqual(target.read_text(), "old")
+        self.assertNoTemp()
+
+
+class TestAtomicFileName(TempDirTest):
+    def test_name_is_the_path_given_as_open_would_name_it(self):
+        # code that picks a format by the extension reads file.name
+        for path, mode in ((self.path / "plot.png", "wb"), (os.path.join(self.dir, "a.csv"), "w"),
+                           (os.fsencode(os.path.join(self.dir, "b.bin")), "xb")):
+            with persist.atomic_open(path, mode) as file:
+                self.assertEqual(file.name, os.fspath(path))
+                self.assertIn(repr(os.fspath(path)), repr(file))
+        self.assertNoTemp()
+
+
+class TestAtomicEmptyPath(TempDirTest):
+    def test_empty_path_fails_as_open_does(self):
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.dir)
+        for call in (lambda: persist.atomic_write("", "x"),
+                     lambda: persist.atomic_open("", "w").__enter__()):
+            with self.assertRaises(FileNotFoundError) as caught:
+                call()
+            self.assertEqual(caught.exception.filename, "")
+        self.assertEqual(os.listdir(self.dir), [])
+
 if __name__ == "__main__":
     if "--torture" in sys.argv:        # python test_persist.py --torture [SECONDS]
         at = sys.argv.index("--torture")
