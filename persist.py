@@ -2752,7 +2752,7 @@ class _Memo:
         self.version = repr(version)
         self.expire = expire
         self.strict = strict
-        self.cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
+        self.cache_dir = None if cache_dir is None else os.path.abspath(os.fsdecode(cache_dir))
         self.default_dir = _default_dir(func)
         self.hits = self.misses = self.unstored = 0
         self.saved = 0.0          # seconds of computing that this process's hits saved
@@ -3157,6 +3157,11 @@ class _Memoized:
         store = self._memo.open(create=False)
         return [] if store is None else [_Failure(*row) for row in store.failures()]
 
+    def cache_parameters(self):
+        """The options memoize was given, as a new dict (lru_cache's has maxsize and typed):
+        memoize(**f.cache_parameters()) memoizes another function the same way."""
+        return dict(self._memo.parameters)
+
     def cache_clear(self):
         """Remove every stored result of this function, and its failure records."""
         memo = self._memo
@@ -3210,6 +3215,8 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     if key is not None and not callable(key):
         raise TypeError("Expected memoize(key=...) to be a callable, not %r" % (key,))
     memo = _Memo(func, cache_dir, name, version, _seconds(expire), strict)
+    memo.parameters = {"cache_dir": cache_dir, "name": name, "version": version,   # as given
+                       "expire": expire, "ignore": ignore, "key": key, "strict": strict}
     memo.source = None if name else _source_file(func)    # for _check_source()
     # memoize(name=...) names what the cache holds: what func carries is the caller's word
     salt = memo.version if name else _salt(func, memo.version, key, ignore)
@@ -3270,6 +3277,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     functools.update_wrapper(wrapper, func)
     wrapper.cache_info = handle.cache_info
     wrapper.cache_clear = handle.cache_clear
+    wrapper.cache_parameters = handle.cache_parameters
     wrapper.cache_delete = handle.cache_delete
     wrapper.cache_prune = handle.cache_prune
     wrapper.explain = handle.explain
@@ -4103,7 +4111,8 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
     matter, types do (1 and 1.0 differ). What func carries besides its arguments (closure
     cells, a partial's arguments, a bound method's self, a callable object's state) is part
     of the key; if it cannot be, memoize raises TypeError. The wrapper has cache_info(),
-    failures(), cache_clear(), cache_delete(*args, **kwargs) and cache_prune(), and binds
+    failures(), cache_clear(), cache_delete(*args, **kwargs), cache_prune() and
+    cache_parameters() (the options, as a dict), and binds
     in a class as a function does. Caches are pickles: trust them as code.
     """
     options = (cache_dir, name, version, expire, ignore, key, strict)

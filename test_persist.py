@@ -5735,6 +5735,41 @@ class TestAtomicEmptyPath(TempDirTest):
             self.assertEqual(caught.exception.filename, "")
         self.assertEqual(os.listdir(self.dir), [])
 
+class TestCacheParameters(MemoTest):
+    def test_the_options_given_as_lru_cache_gives_maxsize_and_typed(self):
+        @persist.memoize(cache_dir=self.path, version=2, expire=60, ignore=["verbose"])
+        def f(x, verbose=False):
+            return x
+
+        expected = {"cache_dir": self.path, "name": None, "version": 2, "expire": 60,
+                    "ignore": frozenset(["verbose"]), "key": None, "strict": False}
+        self.assertEqual(f.cache_parameters(), expected)
+        f.cache_parameters()["version"] = 3          # a new dict each time, as lru_cache's
+        self.assertEqual(f.cache_parameters(), expected)
+
+        @persist.memoize(**f.cache_parameters())
+        def g(x, verbose=False):
+            return -x
+
+        self.assertEqual(g.cache_parameters(), expected)
+
+    def test_a_method_has_them_too(self):
+        class Model:
+            @persist.memoize(cache_dir=self.dir, name="predict")
+            def predict(self, x):
+                return x
+
+        self.assertEqual(Model.predict.cache_parameters()["name"], "predict")
+        self.assertEqual(Model().predict.cache_parameters(), Model.predict.cache_parameters())
+
+
+class TestCacheDirAsBytes(MemoTest):
+    def test_bytes_cache_dir_as_for_every_other_path(self):
+        f = self.memo(lambda x: x * 2, cache_dir=os.fsencode(self.dir))
+        self.assertEqual((f(2), f(2)), (4, 4))
+        self.assertEqual(len(f.calls), 1)
+        self.assertEqual(os.path.dirname(f.cache_info().path), self.dir)
+
 if __name__ == "__main__":
     if "--torture" in sys.argv:        # python test_persist.py --torture [SECONDS]
         at = sys.argv.index("--torture")
