@@ -1037,6 +1037,8 @@ class _Store:
                 continue
             if stat.S_ISLNK(info.st_mode):
                 raise PersistError(errno.ELOOP, _LINK, name)
+            if name == self.path and stat.S_ISDIR(info.st_mode):    # SQLite: "unable to open"
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
             # in a sticky shared directory (/tmp) only files we own are safe
             foreign = shared & stat.S_IWOTH and info.st_uid not in (0, os.getuid())
             if _CHECK_WORLD_WRITABLE and (info.st_mode & stat.S_IWOTH or foreign):
@@ -1333,7 +1335,7 @@ class _Shelf(shelve.Shelf):
 
     def __getitem__(self, key):
         store = self._store()
-        raw = key.encode(self.keyencoding)
+        raw = self._raw(key)
         for _ in range(100):
             row = store.get(raw)
             if row is None:
@@ -1346,10 +1348,10 @@ class _Shelf(shelve.Shelf):
                            store.values.path(row[1]))
 
     def __setitem__(self, key, value):
-        self._store().put(key.encode(self.keyencoding), value, self._protocol)
+        self._store().put(self._raw(key), value, self._protocol)
 
     def __delitem__(self, key):
-        if not self._store().delete(key.encode(self.keyencoding)):
+        if not self._store().delete(self._raw(key)):
             raise KeyError(key)
 
     def get(self, key, default=None):
@@ -1360,7 +1362,7 @@ class _Shelf(shelve.Shelf):
 
     def pop(self, key, default=_MISSING):
         store = self._store()
-        raw = key.encode(self.keyencoding)
+        raw = self._raw(key)
         while True:
             row = store.get(raw)
             if row is None:
@@ -1397,6 +1399,16 @@ class _Shelf(shelve.Shelf):
 
     def clear(self):
         self._store().clear()
+
+    def __contains__(self, key):
+        return self._raw(key) in self._store()
+
+    def _raw(self, key):
+        try:
+            return key.encode(self.keyencoding)
+        except AttributeError:      # shelve lets str's missing method say it: AttributeError
+            raise TypeError("Expected a str key, not %s: persist.open() keys are text, as "
+                            "shelve's are; convert it with str()" % type(key).__name__) from None
 
     def _store(self):
         store = self.dict
@@ -4229,7 +4241,10 @@ def open(filename, flag="c", protocol=None, writeback=False):
     if writeback:
         raise ValueError("persist.open() offers no writeback: a changed value is stored when "
                          "you assign it back (db[key] = value); drop writeback=True")
-    path = os.path.abspath(os.fsdecode(os.fspath(filename)))
+    path = os.fsdecode(os.fspath(filename))
+    if not path:                            # not the current directory: open("") fails so
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    path = os.path.abspath(path)
     _open_shelve_file(path, flag)
     store = _Store(path, flag)
     return _Shelf(store, protocol)

@@ -5770,6 +5770,40 @@ class TestCacheDirAsBytes(MemoTest):
         self.assertEqual(len(f.calls), 1)
         self.assertEqual(os.path.dirname(f.cache_info().path), self.dir)
 
+class TestShelfKeysOtherThanStr(TempDirTest):
+    def test_each_method_names_the_wrong_type(self):
+        with persist.open(self.path / "s.db") as db:
+            db["1"] = "one"
+            for key in (1, None, b"1", 1.5):
+                for method in (lambda: db[key], lambda: db.__setitem__(key, 1),
+                               lambda: db.__delitem__(key), lambda: key in db,
+                               lambda: db.get(key), lambda: db.pop(key),
+                               lambda: db.setdefault(key, 1)):
+                    with self.assertRaisesRegex(TypeError, "str key, not %s.*str\\(\\)"
+                                                % type(key).__name__):
+                        method()
+            self.assertEqual(dict(db), {"1": "one"})
+
+
+class TestShelfFileNameThatIsNoFile(TempDirTest):
+    def test_empty_name_fails_as_open_does(self):
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.dir)
+        for flag in "rwcn":
+            with self.assertRaises(FileNotFoundError) as caught:
+                persist.open("", flag)
+            self.assertEqual(caught.exception.filename, "")
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_a_directory_is_named_as_one(self):
+        (self.path / "d").mkdir()
+        for flag in "rwcn":
+            with self.assertRaises(IsADirectoryError) as caught:
+                persist.open(self.path / "d", flag)
+            self.assertEqual(caught.exception.filename, str(self.path / "d"))
+        self.assertEqual(os.listdir(self.dir), ["d"])
+        self.assertEqual(os.listdir(self.path / "d"), [])
+
 if __name__ == "__main__":
     if "--torture" in sys.argv:        # python test_persist.py --torture [SECONDS]
         at = sys.argv.index("--torture")
