@@ -758,6 +758,11 @@ class _Connection:
             _CONNECTIONS.discard(self)
             self._close_conn()
 
+    def __del__(self):
+        # Dropped unclosed (the cache of a memoized function that is itself garbage): closed
+        # here, where sqlite3 (3.13) would warn of a connection left to its finalizer.
+        self._close_conn()
+
 
 def _to_wal(conn, timeout):
     """PRAGMA journal_mode=WAL: the first process to open a new cache converts it. Two that

@@ -5804,6 +5804,25 @@ class TestShelfFileNameThatIsNoFile(TempDirTest):
         self.assertEqual(os.listdir(self.dir), ["d"])
         self.assertEqual(os.listdir(self.path / "d"), [])
 
+class TestMemoizedFunctionDropped(TempDirTest):
+    def test_its_cache_is_closed_without_a_resource_warning(self):
+        def use_and_drop():
+            @persist.memoize(cache_dir=self.dir)
+            def f(x):
+                return x
+
+            self.assertEqual(f(1), 1)
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            use_and_drop()
+            import gc
+            for _ in range(3):          # PyPy frees the function, then what it held
+                gc.collect()
+        self.assertEqual([str(w.message) for w in caught], [])
+        self.assertEqual([name for name in os.listdir(self.dir)
+                          if name.endswith(("-wal", "-shm"))], [])
+
 if __name__ == "__main__":
     if "--torture" in sys.argv:        # python test_persist.py --torture [SECONDS]
         at = sys.argv.index("--torture")
