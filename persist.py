@@ -3133,7 +3133,7 @@ class _Memoized:
         memo, bind, key_from, func = self._state
         if self._self is not None:
             args = (self._self,) + args
-        material = bind(args, kwargs)
+        material = self._bind(bind, args, kwargs)
         try:
             return key_from(material)
         except RecursionError:               # too deep to key, or the caller's own recursion
@@ -3141,13 +3141,28 @@ class _Memoized:
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
 
+    def _bind(self, bind, args, kwargs):
+        """bind(args, kwargs) for cache_delete() and explain(), which a classmethod above
+        memoize calls without the class (before Python 3.9, from 3.13 on, on PyPy): say so."""
+        try:
+            return bind(args, kwargs)
+        except TypeError:
+            if self._self is None and _under_classmethod(self):
+                name = self.__qualname__
+                raise TypeError("%s is a classmethod above memoize, which does not pass the "
+                                "class to %s.cache_delete() or explain() on this Python: pass "
+                                "it first (%s.cache_delete(%s, ...)), or put @memoize above "
+                                "@classmethod, which passes it on every Python"
+                                % (name, name, name, name.rpartition(".")[0])) from None
+            raise
+
     def explain(self, *args, **kwargs):
         """Say whether a call with these arguments would be a hit, or why it would miss,
         without calling the function. A hit is loaded, to be sure that it can be."""
         memo, bind, key_from, func = self._state
         if self._self is not None:
             args = (self._self,) + args
-        material = bind(args, kwargs)        # a wrong call raises here, as the call would
+        material = self._bind(bind, args, kwargs)    # a wrong call raises, as the call would
         try:
             key = key_from(material)
         except RecursionError:
@@ -3203,6 +3218,32 @@ class _Memoized:
             return 0
         before = time.time() - memo.expire if expired and memo.expire is not None else None
         return store.prune(before, memo.version if stale else None)[0]
+
+
+class _ClassMemoized(_Memoized):
+    """What memoize gives for a classmethod: C.f and C().f bind to C (a subclass's to the
+    subclass), so that C.f.cache_delete(x) passes C, as C.f(x) does, on every Python."""
+
+    __slots__ = ()
+
+    def __get__(self, instance, owner=None):
+        if self._self is not None:
+            return self
+        bound = object.__new__(_Memoized)
+        bound._state, bound._salt = self._state, self._salt
+        bound._self = owner if owner is not None else type(instance)
+        bound.__dict__ = self.__dict__
+        return bound
+
+
+def _under_classmethod(handle):
+    """Whether handle is the function of a classmethod in the class that defines it."""
+    owner = sys.modules.get(getattr(handle, "__module__", None))
+    *path, name = getattr(handle, "__qualname__", "").split(".")
+    for part in path:
+        owner = getattr(owner, part, None)
+    held = vars(owner).get(name) if isinstance(owner, type) else None
+    return isinstance(held, classmethod) and held.__func__ is handle
 
 
 def _code_flags(func):
@@ -3301,6 +3342,19 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     wrapper.failures = handle.failures
     _HANDLES[wrapper] = handle           # persist.map calls through it, to count hits
     return wrapper
+
+
+def _memoize_classmethod(func, options):
+    """memoize(classmethod(func)): a _ClassMemoized, which binds to the class itself, where
+    classmethod above memoize hides the class from cache_delete() and explain() (before
+    Python 3.9 and from 3.13 on, classmethod no longer asks memoize's __get__)."""
+    handle = _memoize(func, *options)
+    if not isinstance(handle, _Memoized):    # an async def, or not in a class body
+        return classmethod(handle)
+    bound = object.__new__(_ClassMemoized)
+    bound._state, bound._salt, bound._self = handle._state, handle._salt, None
+    bound.__dict__ = handle.__dict__
+    return bound
 
 
 def _in_class_body(func):
@@ -4136,7 +4190,9 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
     if func is None:
         return lambda f: memoize(f, cache_dir=cache_dir, name=name, version=version,
                                  expire=expire, ignore=ignore, key=key, strict=strict)
-    if isinstance(func, (staticmethod, classmethod)):
+    if isinstance(func, classmethod):
+        return _memoize_classmethod(func.__func__, options)
+    if isinstance(func, staticmethod):
         kind = type(func).__name__
         raise TypeError("memoize cannot decorate the %s %s: put @%s above @memoize, so "
                         "that memoize sees the function itself"
