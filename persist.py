@@ -2141,6 +2141,10 @@ def _binder(func, ignore, label):
             with contextlib.suppress(Exception):   # best effort: compared by identity then
                 digest = _digest(default)
         kept.append((name, kind, default, digest))
+    # A default that cannot be hashed (a list, a dict) can be changed in place, by the
+    # function itself (def f(seen=[])): such a default is keyed by what it holds at the call.
+    watched = {name for name, _, default, digest in kept
+               if digest is not None and type(default).__hash__ is None}
     signature = []                # inspect's, made on first need: a call bind() cannot take
 
     def bind_slowly(args, kwargs):
@@ -2153,6 +2157,17 @@ def _binder(func, ignore, label):
             raise TypeError("%s(): %s" % (label, exc)) from None
         values, named = [], []
         for name, kind, default, digest in kept:
+            if name in watched:
+                value = arguments.get(name, default)
+                try:
+                    changed = _digest(value) != digest
+                except RecursionError:
+                    raise
+                except Exception:              # the key derivation reports it, naming it
+                    changed = True
+                if changed:
+                    named += (name, value)
+                continue
             if name not in arguments:          # left at its default, or no *args / **kwargs
                 continue
             value = arguments[name]
@@ -2169,7 +2184,7 @@ def _binder(func, ignore, label):
                 named += (name, value)
         return tuple(values + named)
 
-    if not all(kind == 1 for _, kind, _ in params):     # all positional-or-keyword
+    if watched or not all(kind == 1 for _, kind, _ in params):    # all positional-or-keyword
         return bind_slowly
     count = len(params)
     required = sum(default is _MISSING for _, _, default in params)     # they come first

@@ -5881,6 +5881,29 @@ class TestClassmethodAboveMemoize(TempDirTest):
                                        r"\(Shape, \.\.\.\).*@memoize above @classmethod")
         self.assertEqual(lines[-2:], ["True", "0"])
 
+class TestDefaultChangedInPlace(MemoTest):
+    def test_a_mutable_default_is_keyed_by_what_it_holds_at_the_call(self):
+        def count_and_append(seen=[]):
+            count = len(seen)
+            seen.append(None)
+            return count
+
+        f = self.memo(count_and_append)
+        self.assertEqual([f(), f(), f()], [0, 1, 2])      # as without memoize
+        self.assertEqual(len(f.calls), 3)
+        self.assertEqual(f([None]), 1)                    # the key of f() when it held one
+        self.assertEqual(len(f.calls), 3)
+
+    def test_unchanged_it_is_left_out_as_every_default(self):
+        def total(xs, weights={}):
+            return sum(weights.get(x, 1) for x in xs)
+
+        f = self.memo(total)
+        self.assertEqual([f([1, 2]), f([1, 2], {}), f([1, 2], weights={})], [2, 2, 2])
+        self.assertEqual(len(f.calls), 1)
+        self.assertEqual(f([1, 2], {1: 5}), 6)
+        self.assertEqual(len(f.calls), 2)
+
 if __name__ == "__main__":
     if "--torture" in sys.argv:        # python test_persist.py --torture [SECONDS]
         at = sys.argv.index("--torture")
