@@ -1456,8 +1456,20 @@ _CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 _NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
 _OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
 _HANDLES = weakref.WeakKeyDictionary()   # memoize's function wrappers: their _Memoized
-_CacheInfo = collections.namedtuple("CacheInfo",
-                                    "hits misses entries path unstored failures seconds saved")
+
+
+class _CacheInfo(collections.namedtuple("CacheInfo",
+                                        "hits misses entries path unstored failures seconds "
+                                        "saved")):
+    """cache_info(): also by lru_cache's names, currsize (entries) and maxsize (None: no
+    bound), for code written against lru_cache."""
+
+    __slots__ = ()
+    currsize = property(lambda self: self.entries)
+    maxsize = None
+
+
+_CacheInfo.__name__ = _CacheInfo.__qualname__ = "CacheInfo"    # its repr(), as before
 _Failure = collections.namedtuple("Failure", "args type message count first last seconds "
                                              "version traceback")
 _MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded

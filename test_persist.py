@@ -5904,6 +5904,18 @@ class TestDefaultChangedInPlace(MemoTest):
         self.assertEqual(f([1, 2], {1: 5}), 6)
         self.assertEqual(len(f.calls), 2)
 
+class TestCacheInfoByLruCacheNames(MemoTest):
+    def test_currsize_and_maxsize_as_lru_cache_has_them(self):
+        f = self.memo(lambda x: x * 2)
+        self.assertEqual([f(1), f(2), f(1)], [2, 4, 2])
+        info = f.cache_info()
+        self.assertEqual((info.hits, info.misses, info.currsize, info.maxsize), (1, 2, 2, None))
+        self.assertEqual(info.currsize, info.entries)
+        self.assertEqual(len(info), 8)           # the fields are persist's own, as before
+        self.assertTrue(repr(info).startswith("CacheInfo(hits=1, misses=2, entries=2,"))
+        f.cache_clear()
+        self.assertEqual(f.cache_info().currsize, 0)
+
 if __name__ == "__main__":
     if "--torture" in sys.argv:        # python test_persist.py --torture [SECONDS]
         at = sys.argv.index("--torture")
