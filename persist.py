@@ -1011,6 +1011,8 @@ class _Store:
         self._check_path()
         if flag in "cn" and not os.path.exists(self.path):
             self._create()
+        elif flag in "cn" and os.path.isfile(self.path) and _size(self.path) == 0:
+            self._create_in_place()
         mode = _FLAGS[flag]
         if mode == "ro" and _may_write(self.path) and _may_write(os.path.dirname(self.path)):
             mode = "query"      # reads only, but closes as a writer: no -wal or -shm left
@@ -1091,6 +1093,32 @@ class _Store:
             _CREATING.discard(self.path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
+
+    def _create_in_place(self):
+        """Make a new cache in the empty file at path, as tempfile.mkstemp() leaves one for
+        shelve.open(name, "n") to fill: SQLite takes an empty file for an empty database.
+
+        Under its exclusive lock, and only if it is empty still: a second creator waits for
+        the lock, and then finds the cache made.
+        """
+        conn = None
+        try:
+            conn = sqlite3.connect(_uri(self.path, "rw"), uri=True, timeout=_BUSY_TIMEOUT,
+                                   isolation_level=None)
+            for statement in _CREATE[:2]:     # page size and auto_vacuum: before the lock,
+                conn.execute(statement)       # where they apply to the file then written
+            conn.execute("BEGIN EXCLUSIVE")
+            if not _fetch(conn, "SELECT 1 FROM sqlite_master") and \
+                    _fetch(conn, "PRAGMA application_id") == [(0,)]:
+                self._remove_stale_companions()
+                for statement in _CREATE[2:]:
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc, self.path) from None
+        finally:
+            if conn is not None:
+                _close(conn)
 
     def _remove_stale_companions(self):
         for stale in (self.path + "-wal", self.path + "-shm"):

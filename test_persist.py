@@ -5916,6 +5916,56 @@ class TestCacheInfoByLruCacheNames(MemoTest):
         f.cache_clear()
         self.assertEqual(f.cache_info().currsize, 0)
 
+class TestEmptyFileBecomesAStore(TempDirTest):
+    def test_mkstemp_then_open_as_shelve_would(self):
+        for flag in "cn":
+            name = str(self.path / ("made-by-mkstemp-" + flag))
+            pathlib.Path(name).write_bytes(b"")
+            with persist.open(name, flag) as db:
+                db["k"] = [1, 2]
+            with persist.open(name, "r") as db:
+                self.assertEqual(dict(db), {"k": [1, 2]})
+            info = sqlite3.connect(name)
+            self.addCleanup(info.close)
+            # made as persist makes a new store: clear() can give space back
+            self.assertEqual(info.execute("PRAGMA auto_vacuum").fetchall(), [(2,)])
+        self.assertNoTemp()
+
+    def test_flags_r_and_w_still_refuse_it(self):
+        path = self.path / "empty.db"
+        path.write_bytes(b"")
+        for flag in "rw":
+            with self.assertRaisesRegex(persist.PersistError, "an empty file"):
+                persist.open(path, flag)
+        self.assertEqual(path.read_bytes(), b"")
+
+    def test_a_memoized_function_whose_cache_file_is_empty(self):
+        @persist.memoize(cache_dir=self.dir, name="job")
+        def f(x):
+            return x + 1
+
+        (self.path / "job.db").write_bytes(b"")
+        self.assertEqual(f(1), 2)
+        self.assertEqual(f.cache_info().entries, 1)
+
+    def test_two_processes_fill_it_at_once(self):
+        path = self.path / "shared.db"
+        path.write_bytes(b"")
+        children = [start_python("""
+            import sys, persist
+            sys.stdin.readline()
+            with persist.open(%r, "c") as db:
+                db["%d"] = %d
+            print("done", flush=True)
+        """ % (str(path), n, n)) for n in range(2)]
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        outputs = [child.communicate()[0] for child in children]
+        self.assertEqual(outputs, ["done\n", "done\n"])
+        with persist.open(path, "r") as db:
+            self.assertEqual(sorted(db.values()), [0, 1])
+
 if __name__ == "__main__":
     if "--torture" in sys.argv:        # python test_persist.py --torture [SECONDS]
         at = sys.argv.index("--torture")
