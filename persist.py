@@ -3198,7 +3198,7 @@ class _Memoized:
 
     def _bind(self, bind, args, kwargs):
         """bind(args, kwargs) for cache_delete() and explain(), which a classmethod above
-        memoize calls without the class (before Python 3.9, from 3.13 on, on PyPy): say so."""
+        memoize reaches without the class on Python 3.8 and from 3.13 on: say so."""
         try:
             return bind(args, kwargs)
         except TypeError:
@@ -3401,8 +3401,8 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
 
 def _memoize_classmethod(func, options):
     """memoize(classmethod(func)): a _ClassMemoized, which binds to the class itself, where
-    classmethod above memoize hides the class from cache_delete() and explain() (before
-    Python 3.9 and from 3.13 on, classmethod no longer asks memoize's __get__)."""
+    classmethod above memoize hides the class from cache_delete() and explain() (on Python
+    3.8 and from 3.13 on, classmethod does not ask memoize's __get__ to bind)."""
     handle = _memoize(func, *options)
     if not isinstance(handle, _Memoized):    # an async def, or not in a class body
         return classmethod(handle)
@@ -4238,8 +4238,8 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
     cells, a partial's arguments, a bound method's self, a callable object's state) is part
     of the key; if it cannot be, memoize raises TypeError. The wrapper has cache_info(),
     failures(), cache_clear(), cache_delete(*args, **kwargs), cache_prune() and
-    cache_parameters() (the options, as a dict), and binds
-    in a class as a function does. Caches are pickles: trust them as code.
+    cache_parameters() (the options, as a dict), and binds in a class as a function does
+    (put it above @classmethod). Caches are pickles: trust them as code.
     """
     options = (cache_dir, name, version, expire, ignore, key, strict)
     if func is None:
@@ -4396,10 +4396,10 @@ def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newlin
     temporary .NAME.RANDOM.tmp beside path, is flushed and fsynced, renamed over path, and
     the directory is fsynced: at every instant path holds the old content or the new, even
     if the process is killed. The file's name is path, as open()'s is; the block may close
-    it (the content is still committed). sync=False skips the fsyncs (faster; a power cut may then lose
-    the new content, never mix it). On any exception the temporary file is removed and path
-    is untouched. A relative path is resolved once, on entry: an os.chdir() in the block
-    does not move the file.
+    it (the content is still committed). sync=False skips the fsyncs (faster; a power cut
+    may then lose the new content, never mix it). On any exception the temporary file is
+    removed and path is untouched. A relative path is resolved once, on entry: an os.chdir()
+    in the block does not move the file.
 
     A new file gets the permissions open() would give it. A replaced one keeps its mode, and
     its owner and group where the process may set them, as open(path, "w") would: root keeps
