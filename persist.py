@@ -434,6 +434,8 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
     """atomic_open(); follow=False replaces a symbolic link at path instead of its target."""
     kind, encoding = _mode(mode, encoding, errors, newline)
     target = os.fsdecode(os.fspath(path))
+    if not target:                          # not the current directory: open("") fails so
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     # Resolved once, here: an os.chdir() in the block must not move the commit elsewhere.
     # Not os.path.abspath(), which would drop "link/.." where open() follows the link.
     if not os.path.isabs(target):
@@ -446,26 +448,33 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
     owner = os.getpid()
     temp, fd = _create_temp(target, path)
     try:
-        with io.open(fd, "wb" if encoding is None else "w", encoding=encoding, errors=errors,
-                     newline=newline) as file:
-            if old is not None and stat.S_ISREG(old.st_mode):
-                _keep_owner_and_mode(fd, temp, old)
-            try:
-                yield file
-            finally:
-                if os.getpid() != owner:
-                    # A child forked in the block: what it flushes (its copy of the parent's
-                    # buffer too) must not reach the parent's file, nor may it commit or remove it.
-                    null = os.open(os.devnull, os.O_WRONLY)
-                    os.dup2(null, fd)
-                    os.close(null)
-            if os.getpid() != owner:
+        # closefd=False: a block may close the file itself (libraries that write to a file
+        # object often do), and the descriptor must outlive it for the fsync
+        try:
+            with io.open(fd, "wb" if encoding is None else "w", encoding=encoding,
+                         errors=errors, newline=newline, closefd=False) as file:
+                # its name is the path, as open()'s is, not the descriptor: code that
+                # guesses a format from the extension (an image's) reads it
+                (file.buffer.raw if encoding else file.raw).name = os.fspath(path)
+                if old is not None and stat.S_ISREG(old.st_mode):
+                    _keep_owner_and_mode(fd, temp, old)
+                try:
+                    yield file
+                finally:
+                    if os.getpid() != owner:
+                        # A child forked in the block: what it flushes (its copy of the
+                        # parent's buffer too) must not reach the parent's file.
+                        null = os.open(os.devnull, os.O_WRONLY)
+                        os.dup2(null, fd)
+                        os.close(null)
+            if os.getpid() != owner:      # nor may it commit or remove the parent's file
                 raise RuntimeError("atomic_open(%r): this process was forked inside the block, "
                                    "and the file is its parent's to finish: write it in the "
                                    "parent, or open it anew in the child" % (path,))
-            file.flush()
             if sync:
                 _fsync(fd)
+        finally:
+            os.close(fd)
         if kind == "x":
             try:
                 _rename_no_clobber(temp, target)
@@ -795,6 +804,11 @@ class _Connection:
             _CONNECTIONS.discard(self)
             self._close_conn()
 
+    def __del__(self):
+        # Dropped unclosed (the cache of a memoized function that is itself garbage): closed
+        # here, where sqlite3 (3.13) would warn of a connection left to its finalizer.
+        self._close_conn()
+
 
 def _to_wal(conn, timeout):
     """PRAGMA journal_mode=WAL: the first process to open a new cache converts it. Two that
@@ -902,7 +916,7 @@ def _close_all():
         with contextlib.suppress(Exception):
             if conn._lock.acquire(blocking=False):
                 try:
-                    conn.close()
+                    conn.close()          # a _Connection: _close() takes sqlite3's own
                 finally:
                     conn._lock.release()
 
@@ -1043,6 +1057,8 @@ class _Store:
         self._check_path()
         if flag in "cn" and not os.path.exists(self.path):
             self._create()
+        elif flag in "cn" and os.path.isfile(self.path) and _size(self.path) == 0:
+            self._create_in_place()
         mode = _FLAGS[flag]
         if mode == "ro" and _may_write(self.path) and _may_write(os.path.dirname(self.path)):
             mode = "query"      # reads only, but closes as a writer: no -wal or -shm left
@@ -1074,6 +1090,8 @@ class _Store:
                 continue
             if stat.S_ISLNK(info.st_mode):
                 raise PersistError(errno.ELOOP, _LINK, name)
+            if name == self.path and stat.S_ISDIR(info.st_mode):    # SQLite: "unable to open"
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
             # in a sticky shared directory (/tmp) only files we own are safe
             foreign = shared & stat.S_IWOTH and info.st_uid not in (0, os.getuid())
             if _CHECK_WORLD_WRITABLE and (info.st_mode & stat.S_IWOTH or foreign):
@@ -1122,6 +1140,32 @@ class _Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
             _UNFINISHED.pop(temp, None)
+
+    def _create_in_place(self):
+        """Make a new cache in the empty file at path, as tempfile.mkstemp() leaves one for
+        shelve.open(name, "n") to fill: SQLite takes an empty file for an empty database.
+
+        Under its exclusive lock, and only if it is empty still: a second creator waits for
+        the lock, and then finds the cache made.
+        """
+        conn = None
+        try:
+            conn = sqlite3.connect(_uri(self.path, "rw"), uri=True, timeout=_BUSY_TIMEOUT,
+                                   isolation_level=None)
+            for statement in _CREATE[:2]:     # page size and auto_vacuum: before the lock,
+                conn.execute(statement)       # where they apply to the file then written
+            conn.execute("BEGIN EXCLUSIVE")
+            if not _fetch(conn, "SELECT 1 FROM sqlite_master") and \
+                    _fetch(conn, "PRAGMA application_id") == [(0,)]:
+                self._remove_stale_companions()
+                for statement in _CREATE[2:]:
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc, self.path) from None
+        finally:
+            if conn is not None:
+                _close(conn)
 
     def _remove_stale_companions(self):
         for stale in (self.path + "-wal", self.path + "-shm"):
@@ -1371,7 +1415,7 @@ class _Shelf(shelve.Shelf):
 
     def __getitem__(self, key):
         store = self._store()
-        raw = key.encode(self.keyencoding)
+        raw = self._raw(key)
         for _ in range(100):
             row = store.get(raw)
             if row is None:
@@ -1384,10 +1428,10 @@ class _Shelf(shelve.Shelf):
                            store.values.path(row[1]))
 
     def __setitem__(self, key, value):
-        self._store().put(key.encode(self.keyencoding), value, self._protocol)
+        self._store().put(self._raw(key), value, self._protocol)
 
     def __delitem__(self, key):
-        if not self._store().delete(key.encode(self.keyencoding)):
+        if not self._store().delete(self._raw(key)):
             raise KeyError(key)
 
     def get(self, key, default=None):
@@ -1398,7 +1442,7 @@ class _Shelf(shelve.Shelf):
 
     def pop(self, key, default=_MISSING):
         store = self._store()
-        raw = key.encode(self.keyencoding)
+        raw = self._raw(key)
         while True:
             row = store.get(raw)
             if row is None:
@@ -1435,6 +1479,16 @@ class _Shelf(shelve.Shelf):
 
     def clear(self):
         self._store().clear()
+
+    def __contains__(self, key):
+        return self._raw(key) in self._store()
+
+    def _raw(self, key):
+        try:
+            return key.encode(self.keyencoding)
+        except AttributeError:      # shelve lets str's missing method say it: AttributeError
+            raise TypeError("Expected a str key, not %s: persist.open() keys are text, as "
+                            "shelve's are; convert it with str()" % type(key).__name__) from None
 
     def _store(self):
         store = self.dict
@@ -1477,8 +1531,20 @@ _CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 _NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
 _OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
 _HANDLES = weakref.WeakKeyDictionary()   # memoize's function wrappers: their _Memoized
-_CacheInfo = collections.namedtuple("CacheInfo",
-                                    "hits misses entries path unstored failures seconds saved")
+
+
+class _CacheInfo(collections.namedtuple("CacheInfo",
+                                        "hits misses entries path unstored failures seconds "
+                                        "saved")):
+    """cache_info(): also by lru_cache's names, currsize (entries) and maxsize (None: no
+    bound), for code written against lru_cache."""
+
+    __slots__ = ()
+    currsize = property(lambda self: self.entries)
+    maxsize = None
+
+
+_CacheInfo.__name__ = _CacheInfo.__qualname__ = "CacheInfo"    # its repr(), as before
 _Failure = collections.namedtuple("Failure", "args type message count first last seconds "
                                              "version traceback")
 _MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded
@@ -2162,6 +2228,10 @@ def _binder(func, ignore, label):
             with contextlib.suppress(Exception):   # best effort: compared by identity then
                 digest = _digest(default)
         kept.append((name, kind, default, digest))
+    # A default that cannot be hashed (a list, a dict) can be changed in place, by the
+    # function itself (def f(seen=[])): such a default is keyed by what it holds at the call.
+    watched = {name for name, _, default, digest in kept
+               if digest is not None and type(default).__hash__ is None}
     signature = []                # inspect's, made on first need: a call bind() cannot take
 
     def bind_slowly(args, kwargs):
@@ -2174,6 +2244,17 @@ def _binder(func, ignore, label):
             raise TypeError("%s(): %s" % (label, exc)) from None
         values, named = [], []
         for name, kind, default, digest in kept:
+            if name in watched:
+                value = arguments.get(name, default)
+                try:
+                    changed = _digest(value) != digest
+                except RecursionError:
+                    raise
+                except Exception:              # the key derivation reports it, naming it
+                    changed = True
+                if changed:
+                    named += (name, value)
+                continue
             if name not in arguments:          # left at its default, or no *args / **kwargs
                 continue
             value = arguments[name]
@@ -2190,7 +2271,7 @@ def _binder(func, ignore, label):
                 named += (name, value)
         return tuple(values + named)
 
-    if not all(kind == 1 for _, kind, _ in params):     # all positional-or-keyword
+    if watched or not all(kind == 1 for _, kind, _ in params):    # all positional-or-keyword
         return bind_slowly
     count = len(params)
     required = sum(default is _MISSING for _, _, default in params)     # they come first
@@ -2790,7 +2871,7 @@ class _Memo:
         self.version = repr(version)
         self.expire = expire
         self.strict = strict
-        self.cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
+        self.cache_dir = None if cache_dir is None else os.path.abspath(os.fsdecode(cache_dir))
         self.default_dir = _default_dir(func)
         self.hits = self.misses = self.unstored = 0
         self.saved = 0.0          # seconds of computing that this process's hits saved
@@ -3154,7 +3235,7 @@ class _Memoized:
         memo, bind, key_from, func = self._state
         if self._self is not None:
             args = (self._self,) + args
-        material = bind(args, kwargs)
+        material = self._bind(bind, args, kwargs)
         try:
             return key_from(material)
         except RecursionError:               # too deep to key, or the caller's own recursion
@@ -3162,13 +3243,28 @@ class _Memoized:
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
 
+    def _bind(self, bind, args, kwargs):
+        """bind(args, kwargs) for cache_delete() and explain(), which a classmethod above
+        memoize reaches without the class on Python 3.8 and from 3.13 on: say so."""
+        try:
+            return bind(args, kwargs)
+        except TypeError:
+            if self._self is None and _under_classmethod(self):
+                name = self.__qualname__
+                raise TypeError("%s is a classmethod above memoize, which does not pass the "
+                                "class to %s.cache_delete() or explain() on this Python: pass "
+                                "it first (%s.cache_delete(%s, ...)), or put @memoize above "
+                                "@classmethod, which passes it on every Python"
+                                % (name, name, name, name.rpartition(".")[0])) from None
+            raise
+
     def explain(self, *args, **kwargs):
         """Say whether a call with these arguments would be a hit, or why it would miss,
         without calling the function. A hit is loaded, to be sure that it can be."""
         memo, bind, key_from, func = self._state
         if self._self is not None:
             args = (self._self,) + args
-        material = bind(args, kwargs)        # a wrong call raises here, as the call would
+        material = self._bind(bind, args, kwargs)    # a wrong call raises, as the call would
         try:
             key = key_from(material)
         except RecursionError:
@@ -3195,6 +3291,11 @@ class _Memoized:
         store = self._memo.open(create=False)
         return [] if store is None else [_Failure(*row) for row in store.failures()]
 
+    def cache_parameters(self):
+        """The options memoize was given, as a new dict (lru_cache's has maxsize and typed):
+        memoize(**f.cache_parameters()) memoizes another function the same way."""
+        return dict(self._memo.parameters)
+
     def cache_clear(self):
         """Remove every stored result of this function, and its failure records."""
         memo = self._memo
@@ -3219,6 +3320,32 @@ class _Memoized:
             return 0
         before = time.time() - memo.expire if expired and memo.expire is not None else None
         return store.prune(before, memo.version if stale else None)[0]
+
+
+class _ClassMemoized(_Memoized):
+    """What memoize gives for a classmethod: C.f and C().f bind to C (a subclass's to the
+    subclass), so that C.f.cache_delete(x) passes C, as C.f(x) does, on every Python."""
+
+    __slots__ = ()
+
+    def __get__(self, instance, owner=None):
+        if self._self is not None:
+            return self
+        bound = object.__new__(_Memoized)
+        bound._state, bound._salt = self._state, self._salt
+        bound._self = owner if owner is not None else type(instance)
+        bound.__dict__ = self.__dict__
+        return bound
+
+
+def _under_classmethod(handle):
+    """Whether handle is the function of a classmethod in the class that defines it."""
+    owner = sys.modules.get(getattr(handle, "__module__", None))
+    *path, name = getattr(handle, "__qualname__", "").split(".")
+    for part in path:
+        owner = getattr(owner, part, None)
+    held = vars(owner).get(name) if isinstance(owner, type) else None
+    return isinstance(held, classmethod) and held.__func__ is handle
 
 
 def _code_flags(func):
@@ -3248,6 +3375,8 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     if key is not None and not callable(key):
         raise TypeError("Expected memoize(key=...) to be a callable, not %r" % (key,))
     memo = _Memo(func, cache_dir, name, version, _seconds(expire), strict)
+    memo.parameters = {"cache_dir": cache_dir, "name": name, "version": version,   # as given
+                       "expire": expire, "ignore": ignore, "key": key, "strict": strict}
     memo.source = None if name else _source_file(func)    # for _check_source()
     # memoize(name=...) names what the cache holds: what func carries is the caller's word
     salt = memo.version if name else _salt(func, memo.version, key, ignore)
@@ -3308,12 +3437,26 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     functools.update_wrapper(wrapper, func)
     wrapper.cache_info = handle.cache_info
     wrapper.cache_clear = handle.cache_clear
+    wrapper.cache_parameters = handle.cache_parameters
     wrapper.cache_delete = handle.cache_delete
     wrapper.cache_prune = handle.cache_prune
     wrapper.explain = handle.explain
     wrapper.failures = handle.failures
     _HANDLES[wrapper] = handle           # persist.map calls through it, to count hits
     return wrapper
+
+
+def _memoize_classmethod(func, options):
+    """memoize(classmethod(func)): a _ClassMemoized, which binds to the class itself, where
+    classmethod above memoize hides the class from cache_delete() and explain() (on Python
+    3.8 and from 3.13 on, classmethod does not ask memoize's __get__ to bind)."""
+    handle = _memoize(func, *options)
+    if not isinstance(handle, _Memoized):    # an async def, or not in a class body
+        return classmethod(handle)
+    bound = object.__new__(_ClassMemoized)
+    bound._state, bound._salt, bound._self = handle._state, handle._salt, None
+    bound.__dict__ = handle.__dict__
+    return bound
 
 
 def _in_class_body(func):
@@ -4144,14 +4287,17 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
     matter, types do (1 and 1.0 differ). What func carries besides its arguments (closure
     cells, a partial's arguments, a bound method's self, a callable object's state) is part
     of the key; if it cannot be, memoize raises TypeError. The wrapper has cache_info(),
-    failures(), cache_clear(), cache_delete(*args, **kwargs) and cache_prune(), and binds
-    in a class as a function does. Caches are pickles: trust them as code.
+    failures(), cache_clear(), cache_delete(*args, **kwargs), cache_prune() and
+    cache_parameters() (the options, as a dict), and binds in a class as a function does
+    (put it above @classmethod). Caches are pickles: trust them as code.
     """
     options = (cache_dir, name, version, expire, ignore, key, strict)
     if func is None:
         return lambda f: memoize(f, cache_dir=cache_dir, name=name, version=version,
                                  expire=expire, ignore=ignore, key=key, strict=strict)
-    if isinstance(func, (staticmethod, classmethod)):
+    if isinstance(func, classmethod):
+        return _memoize_classmethod(func.__func__, options)
+    if isinstance(func, staticmethod):
         kind = type(func).__name__
         raise TypeError("memoize cannot decorate the %s %s: put @%s above @memoize, so "
                         "that memoize sees the function itself"
@@ -4261,7 +4407,10 @@ def open(filename, flag="c", protocol=None, writeback=False):
     if writeback:
         raise ValueError("persist.open() offers no writeback: a changed value is stored when "
                          "you assign it back (db[key] = value); drop writeback=True")
-    path = os.path.abspath(os.fsdecode(os.fspath(filename)))
+    path = os.fsdecode(os.fspath(filename))
+    if not path:                            # not the current directory: open("") fails so
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    path = os.path.abspath(path)
     _open_shelve_file(path, flag)
     store = _Store(path, flag)
     return _Shelf(store, protocol)
@@ -4296,10 +4445,11 @@ def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newlin
     encoding says otherwise; errors and newline are as for open(). The data goes to a
     temporary .NAME.RANDOM.tmp beside path, is flushed and fsynced, renamed over path, and
     the directory is fsynced: at every instant path holds the old content or the new, even
-    if the process is killed. sync=False skips the fsyncs (faster; a power cut may then lose
-    the new content, never mix it). On any exception the temporary file is removed and path
-    is untouched. A relative path is resolved once, on entry: an os.chdir() in the block
-    does not move the file.
+    if the process is killed. The file's name is path, as open()'s is; the block may close
+    it (the content is still committed). sync=False skips the fsyncs (faster; a power cut
+    may then lose the new content, never mix it). On any exception the temporary file is
+    removed and path is untouched. A relative path is resolved once, on entry: an os.chdir()
+    in the block does not move the file.
 
     A new file gets the permissions open() would give it. A replaced one keeps its mode, and
     its owner and group where the process may set them, as open(path, "w") would: root keeps
