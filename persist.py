@@ -68,6 +68,55 @@ import weakref
 # Imported by _load() on first use: only memoize's decoration needs them.
 inspect = None
 
+# For type checkers only (mypy --strict passes): at run time TYPE_CHECKING is False and the
+# block costs nothing, as importing typing would cost a cold start. Annotations that name
+# anything but a builtin are strings, since from __future__ import annotations imports a
+# module too. See "Type checking" in the README.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import concurrent.futures
+    import datetime
+    import pathlib
+    import threading
+    from typing import (IO, Any, Callable, Coroutine, Generic, Iterable, Iterator, NamedTuple,
+                        Optional, Sequence, Tuple, TypeVar, Union, overload)
+    from typing_extensions import (Buffer, Concatenate, Literal, ParamSpec, Protocol, Self,
+                                   TypeAlias)
+
+    _P = ParamSpec("_P")
+    _Q = ParamSpec("_Q")
+    _R = TypeVar("_R")
+    _T = TypeVar("_T")
+    _Path: TypeAlias = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+    _TextMode: TypeAlias = Literal["w", "wt", "x", "xt"]
+    _BinaryMode: TypeAlias = Literal["wb", "xb"]
+    _Flag: TypeAlias = Literal["r", "w", "c", "n"]
+
+    class _MemoizedFunction(Protocol[_P, _R]):
+        """What memoize returns, to a type checker: func's own signature and result, and the
+        cache's methods. At run time it is a function, or a _Memoized for a method; both
+        bind to an instance as a function does."""
+
+        __name__: str
+        __qualname__: str
+        __module__: str
+        __doc__: Optional[str]
+        __wrapped__: Callable[_P, _R]
+
+        def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
+        def cache_info(self) -> _CacheInfo: ...
+        def cache_clear(self) -> None: ...
+        def cache_delete(self, *args: _P.args, **kwargs: _P.kwargs) -> bool: ...
+        def cache_prune(self, *, stale: bool = True, expired: bool = True) -> int: ...
+        def failures(self) -> list[_Failure]: ...
+        def explain(self, *args: _P.args, **kwargs: _P.kwargs) -> _Explanation: ...
+
+        @overload
+        def __get__(self, instance: None, owner: Optional[type] = None) -> Self: ...
+        @overload
+        def __get__(self: _MemoizedFunction[Concatenate[_T, _Q], _R], instance: _T,
+                    owner: Optional[type] = None) -> _MemoizedFunction[_Q, _R]: ...
+
 # -- constants and messages
 
 _TEXT_MODES = {"w": "w", "wt": "w", "x": "x", "xt": "x"}
@@ -1430,10 +1479,32 @@ _CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 _NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
 _OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
 _HANDLES = weakref.WeakKeyDictionary()   # memoize's function wrappers: their _Memoized
-_CacheInfo = collections.namedtuple("CacheInfo",
-                                    "hits misses entries path unstored failures seconds saved")
-_Failure = collections.namedtuple("Failure", "args type message count first last seconds "
-                                             "version traceback")
+if TYPE_CHECKING:      # the same named tuples, with the types of their fields
+    class _CacheInfo(NamedTuple):
+        hits: int
+        misses: int
+        entries: int
+        path: str
+        unstored: int
+        failures: int
+        seconds: float
+        saved: float
+
+    class _Failure(NamedTuple):
+        args: Optional[str]
+        type: str
+        message: str
+        count: int
+        first: float
+        last: float
+        seconds: Optional[float]
+        version: Optional[str]
+        traceback: str
+else:
+    _CacheInfo = collections.namedtuple(
+        "CacheInfo", "hits misses entries path unstored failures seconds saved")
+    _Failure = collections.namedtuple(
+        "Failure", "args type message count first last seconds version traceback")
 _MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded
 _FRAMES = 50                   # a failure's traceback keeps its innermost frames
 _TRACEBACK_LIMIT = 1 << 16     # and of its traceback: the end, where the error is
@@ -4065,8 +4136,27 @@ def _open_shelve_file(path, flag):
 # -- the public API
 
 
-def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, ignore=(),
-            key=None, strict=False):
+if TYPE_CHECKING:     # bare, @memoize; or with options, @memoize(version=2)
+    @overload
+    def memoize(func: Callable[_P, _R], *, cache_dir: Optional[_Path] = None,
+                name: Optional[str] = None, version: object = None,
+                expire: Union[float, datetime.timedelta, None] = None,
+                ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
+                strict: bool = False) -> _MemoizedFunction[_P, _R]: ...
+    @overload
+    def memoize(func: None = None, *, cache_dir: Optional[_Path] = None,
+                name: Optional[str] = None, version: object = None,
+                expire: Union[float, datetime.timedelta, None] = None,
+                ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
+                strict: bool = False
+                ) -> Callable[[Callable[_P, _R]], _MemoizedFunction[_P, _R]]: ...
+
+
+def memoize(func: "Optional[Callable[..., Any]]" = None, *,
+            cache_dir: "Optional[_Path]" = None, name: "Optional[str]" = None,
+            version: object = None, expire: "Union[float, datetime.timedelta, None]" = None,
+            ignore: "Union[str, Iterable[str]]" = (),
+            key: "Optional[Callable[..., Any]]" = None, strict: bool = False) -> "Any":
     """Keep each result of func on disk, so that a rerun computes only what is missing.
 
     Use it bare, @memoize, or with options, @memoize(version=2). Each result is committed
@@ -4112,7 +4202,9 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
     return _memoize(func, *options)
 
 
-def map(func, items, *, workers=None, executor=None, keep_going=True, progress=None):
+def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional[int]" = None,
+        executor: "Optional[concurrent.futures.Executor]" = None, keep_going: bool = True,
+        progress: "Union[bool, Callable[..., Any], None]" = None) -> "list[_R]":
     """func(item) for every item, as a list in input order, going on past items that fail.
 
     results = persist.map(transform, records)              # every record is tried
@@ -4195,7 +4287,8 @@ def map(func, items, *, workers=None, executor=None, keep_going=True, progress=N
     return run.results
 
 
-def open(filename, flag="c", protocol=None, writeback=False):
+def open(filename: "_Path", flag: "_Flag" = "c", protocol: "Optional[int]" = None,
+         writeback: bool = False) -> "_Shelf":
     """Open a persistent dictionary: shelve.open, safe for many processes and for crashes.
 
     Keys are str, values anything picklable. Every assignment is committed when it returns;
@@ -4217,7 +4310,9 @@ def open(filename, flag="c", protocol=None, writeback=False):
     return _Shelf(store, protocol)
 
 
-def atomic_write(path, data, *, sync=True, encoding=None, errors=None, newline=None):
+def atomic_write(path: "_Path", data: "Union[str, Buffer]", *,
+                 sync: bool = True, encoding: "Optional[str]" = None,
+                 errors: "Optional[str]" = None, newline: "Optional[str]" = None) -> None:
     """Replace the file at path with data, atomically: readers see the old file or the new.
 
     data is str (written as text, utf-8 unless encoding says otherwise) or bytes-like. See
@@ -4236,7 +4331,27 @@ def atomic_write(path, data, *, sync=True, encoding=None, errors=None, newline=N
         file.write(data)
 
 
-def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newline=None):
+if TYPE_CHECKING:     # text or binary, by mode, as open() is
+    @overload
+    def atomic_open(path: _Path, mode: _TextMode = "w", *, sync: bool = True,
+                    encoding: Optional[str] = None, errors: Optional[str] = None,
+                    newline: Optional[str] = None
+                    ) -> contextlib.AbstractContextManager[io.TextIOWrapper, None]: ...
+    @overload
+    def atomic_open(path: _Path, mode: _BinaryMode, *, sync: bool = True,
+                    encoding: None = None, errors: None = None, newline: None = None
+                    ) -> contextlib.AbstractContextManager[io.BufferedWriter, None]: ...
+    @overload
+    def atomic_open(path: _Path, mode: str, *, sync: bool = True,
+                    encoding: Optional[str] = None, errors: Optional[str] = None,
+                    newline: Optional[str] = None
+                    ) -> contextlib.AbstractContextManager[IO[Any], None]: ...
+
+
+def atomic_open(path: "_Path", mode: str = "w", *, sync: bool = True,
+                encoding: "Optional[str]" = None, errors: "Optional[str]" = None,
+                newline: "Optional[str]" = None
+                ) -> "contextlib.AbstractContextManager[IO[Any], None]":
     """Open a file for writing that replaces path only when the with-block ends without error.
 
     with atomic_open("out.json") as f: json.dump(obj, f)
@@ -4265,7 +4380,8 @@ def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newlin
     return _atomic_open(path, mode, sync, True, encoding, errors, newline)
 
 
-def done_dir(path, *, marker="DONE", clean=False):
+def done_dir(path: "_Path", *, marker: str = "DONE", clean: bool = False
+             ) -> "contextlib.AbstractContextManager[pathlib.Path, None]":
     """A directory that gets its marker file only when the with-block finishes without error.
 
     with done_dir("work/features") as d: ...   # d is the directory, an absolute pathlib.Path
@@ -4321,7 +4437,7 @@ def _done_dir(directory, marker, clean):
             file.write(record)
 
 
-def is_done(path, *, marker="DONE"):
+def is_done(path: "_Path", *, marker: str = "DONE") -> bool:
     """True when the directory at path holds marker as a regular file (any content)."""
     try:
         return stat.S_ISREG(os.lstat(os.path.join(os.fsdecode(os.fspath(path)), marker)).st_mode)
