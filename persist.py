@@ -104,18 +104,18 @@ if TYPE_CHECKING:
         __wrapped__: Callable[_P, _R]
 
         def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
-        def cache_info(self) -> _CacheInfo: ...
+        def cache_info(self) -> "_CacheInfo": ...
         def cache_clear(self) -> None: ...
         def cache_delete(self, *args: _P.args, **kwargs: _P.kwargs) -> bool: ...
         def cache_prune(self, *, stale: bool = True, expired: bool = True) -> int: ...
-        def failures(self) -> list[_Failure]: ...
-        def explain(self, *args: _P.args, **kwargs: _P.kwargs) -> _Explanation: ...
+        def failures(self) -> "list[_Failure]": ...
+        def explain(self, *args: _P.args, **kwargs: _P.kwargs) -> "_Explanation": ...
 
         @overload
         def __get__(self, instance: None, owner: Optional[type] = None) -> Self: ...
         @overload
-        def __get__(self: _MemoizedFunction[Concatenate[_T, _Q], _R], instance: _T,
-                    owner: Optional[type] = None) -> _MemoizedFunction[_Q, _R]: ...
+        def __get__(self: "_MemoizedFunction[Concatenate[_T, _Q], _R]", instance: _T,
+                    owner: Optional[type] = None) -> "_MemoizedFunction[_Q, _R]": ...
 
 # -- constants and messages
 
@@ -2967,17 +2967,18 @@ class _Explanation:
     __slots__ = ("hit", "reason", "path", "stored", "seconds", "version", "error", "failures",
                  "_text")
 
-    def __init__(self, reason, path, text, stored=None, seconds=None, version=None,
-                 error=None, failures=0):
+    def __init__(self, reason: str, path: str, text: str, stored: "Optional[float]" = None,
+                 seconds: "Optional[float]" = None, version: "Optional[str]" = None,
+                 error: "Optional[str]" = None, failures: int = 0) -> None:
         self.hit = reason == "hit"
         self.reason, self.path, self._text = reason, path, text
         self.stored, self.seconds, self.version = stored, seconds, version
         self.error, self.failures = error, failures
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self._text
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<explanation %s: %s>" % (self.reason, self._text)
 
 
