@@ -65,9 +65,6 @@ import time
 import types
 import weakref
 
-# Imported by _load() on first use: only memoize's decoration needs them.
-inspect = None
-
 # For type checkers only (mypy --strict passes): at run time TYPE_CHECKING is False and the
 # block costs nothing, as importing typing would cost a cold start. Annotations that name
 # anything but a builtin are strings, since from __future__ import annotations imports a
@@ -78,7 +75,7 @@ if TYPE_CHECKING:
     import datetime
     import pathlib
     import threading
-    from typing import (IO, Any, Callable, Coroutine, Generic, Iterable, Iterator, NamedTuple,
+    from typing import (IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple,
                         Optional, Sequence, Tuple, TypeVar, Union, overload)
     from typing_extensions import (Buffer, Concatenate, Literal, ParamSpec, Protocol, Self,
                                    TypeAlias)
@@ -91,6 +88,15 @@ if TYPE_CHECKING:
     _TextMode: TypeAlias = Literal["w", "wt", "x", "xt"]
     _BinaryMode: TypeAlias = Literal["wb", "xb"]
     _Flag: TypeAlias = Literal["r", "w", "c", "n"]
+    _Writer: TypeAlias = Callable[[Any, "_KeyWriter"], None]   # writes a value's key encoding
+    # memoize's bind(args, kwargs): what keys the call (arguments are the user's: Any)
+    _Bind: TypeAlias = Callable[[Tuple[Any, ...], Dict[str, Any]], Any]
+    _Params: TypeAlias = List[Tuple[str, int, Any]]      # (name, kind, default) of each
+    # a row of Dict as _Store.get() reads it: (pickle or b'', value file, stored, seconds)
+    _Row: TypeAlias = Tuple[bytes, Optional[str], float, Optional[float]]
+    # what the failure ledger keeps of a call: (args, type, message, traceback, seconds,
+    # version)
+    _FailureRecord: TypeAlias = Tuple[str, str, str, str, float, str]
 
     class _MemoizedFunction(Protocol[_P, _R]):
         """What memoize returns, to a type checker: func's own signature and result, and the
@@ -116,6 +122,12 @@ if TYPE_CHECKING:
         @overload
         def __get__(self: "_MemoizedFunction[Concatenate[_T, _Q], _R]", instance: _T,
                     owner: Optional[type] = None) -> "_MemoizedFunction[_Q, _R]": ...
+
+# Imported by _load() on first use: only memoize's decoration needs them.
+if TYPE_CHECKING:
+    import inspect
+else:
+    inspect = None
 
 # -- constants and messages
 
@@ -220,7 +232,7 @@ _BUSY_DIR = ("being filled by another done_dir() right now (in this or another "
 class PersistError(OSError):
     """A path persist was given is not safe to use: not a cache, corrupt, planted, or busy."""
 
-    def __str__(self):
+    def __str__(self) -> str:
         if self.filename is None or self.strerror is None:
             return super().__str__()
         return "%s: %s" % (os.fsdecode(self.filename), self.strerror)
@@ -237,7 +249,8 @@ class Failures(Exception):
     input item, in order: its result, or the exception where it failed.
     """
 
-    def __init__(self, message, failures=(), results=()):
+    def __init__(self, message: str, failures: "Iterable[Tuple[Any, BaseException]]" = (),
+                 results: "Iterable[Any]" = ()) -> None:
         super().__init__(message)
         self.failures = list(failures)
         self.results = list(results)
@@ -268,11 +281,11 @@ _START_WRITEBACK = (getattr(os, "POSIX_FADV_DONTNEED", None)
 try:
     import fcntl as _fcntl                    # POSIX: done_dir() locks its directory
 except ImportError:                           # Windows: concurrent done_dir() is not detected
-    _fcntl = None
+    _fcntl = None     # type: ignore[assignment]  # each use is behind a test of _fcntl
 _FULLFSYNC = getattr(_fcntl, "F_FULLFSYNC", None)   # macOS: fsync() stops at the drive's cache
 
 
-def _link_no_clobber(src, dst):
+def _link_no_clobber(src: str, dst: str) -> None:
     """Rename src to dst, failing with FileExistsError if dst exists, even if it just appeared."""
     try:
         os.link(src, dst)
@@ -292,7 +305,7 @@ _RENAME_OPEN_FILES = os.name != "nt"     # Windows renames and removes no file t
 # -- private helpers: files
 
 
-def _fsync(fd):
+def _fsync(fd: int) -> None:
     """Flush fd to stable storage; on macOS with F_FULLFSYNC, out of the drive's cache too."""
     if _FULLFSYNC is not None:
         try:
@@ -303,7 +316,7 @@ def _fsync(fd):
     os.fsync(fd)
 
 
-def _fsync_dir(directory):
+def _fsync_dir(directory: "Union[str, os.PathLike[str]]") -> None:
     """Make a rename or unlink in directory durable, where the platform allows it."""
     if not _CAN_FSYNC_DIR:
         return
@@ -316,7 +329,7 @@ def _fsync_dir(directory):
             os.close(fd)
 
 
-def _create_temp(target, shown):
+def _create_temp(target: str, shown: "_Path") -> "Tuple[str, int]":
     """Create .NAME.RANDOM.tmp beside target, exclusively, never through a link; 0o666 & ~umask."""
     directory, name = os.path.split(target)
     for _ in range(100):
@@ -326,7 +339,7 @@ def _create_temp(target, shown):
         # its descriptor lost, whenever the signal came during the open() system call (a
         # wide window: one Ctrl-C in two, measured). Called by list.extend(), from C, its
         # descriptor is stored before that exception is raised, so both can be undone.
-        opened = []
+        opened: "list[int]" = []
         try:
             opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask
         except FileExistsError:
@@ -345,7 +358,8 @@ def _create_temp(target, shown):
     raise FileExistsError(errno.EEXIST, "no free temporary file name beside it", shown)
 
 
-def _mode(mode, encoding, errors, newline):
+def _mode(mode: str, encoding: "Optional[str]", errors: "Optional[str]",
+          newline: "Optional[str]") -> "Tuple[str, Optional[str]]":
     """("w" or "x", the encoding or None for binary) for atomic_open()'s arguments."""
     if mode in _BINARY_MODES:
         if encoding is not None or errors is not None or newline is not None:
@@ -359,7 +373,7 @@ def _mode(mode, encoding, errors, newline):
     raise ValueError("atomic_open() mode must be %s, not %r" % (_MODES_ACCEPTED, mode))
 
 
-def _kind(mode):
+def _kind(mode: int) -> str:
     """What a file type is called in an error: 'a FIFO', 'a character device', ..."""
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
@@ -368,7 +382,7 @@ def _kind(mode):
     return "not a regular file"
 
 
-def _existing(target, shown, follow):
+def _existing(target: str, shown: "_Path", follow: bool) -> "Optional[os.stat_result]":
     """os.stat (lstat if not follow) of the regular file at target, None if there is none.
 
     Anything else is refused: renaming over a device, FIFO or socket would replace it, and
@@ -391,14 +405,14 @@ def _existing(target, shown, follow):
     return info
 
 
-def _may_write(path):
+def _may_write(path: str) -> bool:
     """Whether open(path, "w") would be allowed, by the permissions of whoever runs us."""
     if os.access in os.supports_effective_ids:
         return os.access(path, os.W_OK, effective_ids=True)
     return os.access(path, os.W_OK)
 
 
-def _follow(target, shown):
+def _follow(target: str, shown: "_Path") -> str:
     """Where the symbolic link at target leads, resolved a link at a time, as open() does.
 
     Only the last component is resolved here; the kernel resolves the others when the
@@ -427,7 +441,7 @@ def _follow(target, shown):
     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), shown)
 
 
-def _keep_owner_and_mode(fd, temp, old):
+def _keep_owner_and_mode(fd: int, temp: str, old: "os.stat_result") -> None:
     """Give the new file at temp (open as fd) the owner, group and mode of the old one.
 
     As root both are set; a member of the old file's group sets the group; anyone else gets
@@ -449,7 +463,9 @@ def _keep_owner_and_mode(fd, temp, old):
 
 
 @contextlib.contextmanager
-def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=None):
+def _atomic_open(path: "_Path", mode: str, sync: bool, follow: bool,
+                 encoding: "Optional[str]" = None, errors: "Optional[str]" = None,
+                 newline: "Optional[str]" = None) -> "Iterator[IO[Any]]":
     """atomic_open(); follow=False replaces a symbolic link at path instead of its target."""
     kind, encoding = _mode(mode, encoding, errors, newline)
     target = os.fsdecode(os.fspath(path))
@@ -489,14 +505,14 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
         _fsync_dir(os.path.dirname(target))
 
 
-def _size(path):
+def _size(path: str) -> int:
     try:
         return os.stat(path).st_size
     except OSError:
         return 0
 
 
-def _check_private(directory, what):
+def _check_private(directory: str, what: str) -> None:
     """Refuse directory unless only we and root can change what it holds, and its parents.
 
     The checks OpenSSH's StrictModes makes: the directory and each parent up to the root are
@@ -534,20 +550,20 @@ def _check_private(directory, what):
 # _Store       what the shelf and memoize do: get, put, delete, iterate, count, clear, prune
 # _Shelf       shelve.Shelf over a _Store
 
-_CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
-_FORKING = []                      # per fork under way, what its _before_fork() holds
-_WRITING_AT_FORK = set()           # caches a signal handler forked in the middle of using
-_CREATING = set()                  # caches _Store._create() is making in this process
-_ABANDONED = []                    # connections a racing thread opened during fork(): never
+_CONNECTIONS: "weakref.WeakSet[_Connection]" = weakref.WeakSet()   # closed before fork()
+_FORKING: "list[list[_Connection]]" = []   # per fork under way, what _before_fork() holds
+_WRITING_AT_FORK: "set[str]" = set()   # caches a signal handler forked in the middle of using
+_CREATING: "set[str]" = set()      # caches _Store._create() is making in this process
+_ABANDONED: "list[sqlite3.Connection]" = []   # connections a racing thread opened during fork(): never
                                    # used or closed in the child (closing would unlock the parent's)
 
 
-def _fetch(conn, sql, params=()):
+def _fetch(conn: "sqlite3.Connection", sql: str, params: "Sequence[Any]" = ()) -> "list[Any]":
     # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
     return conn.execute(sql, params).fetchall()
 
 
-def _close(conn):
+def _close(conn: "sqlite3.Connection") -> None:
     """Close an sqlite3 connection, even one a signal interrupted.
 
     On PyPy, a statement whose preparation Ctrl-C interrupted is never finalized, and
@@ -561,7 +577,7 @@ def _close(conn):
         conn.close()
 
 
-def _uri(path, mode):
+def _uri(path: str, mode: str) -> str:
     """A file: URI for sqlite3.connect(uri=True); pathlib's as_uri() costs an import."""
     path = path.replace(os.sep, "/")
     if not path.startswith("/"):           # Windows: C:/dir -> /C:/dir
@@ -581,7 +597,11 @@ class _Connection:
     of its own, so it neither deadlocks nor disturbs the transaction it interrupted.
     """
 
-    def __init__(self, path, mode):
+    _conn: "Optional[sqlite3.Connection]"
+    _frozen: "Optional[Tuple[int, int, int, int]]"
+    _copy: "Optional[str]"
+
+    def __init__(self, path: str, mode: str) -> None:
         self.path = path
         self.mode = mode                  # "ro", "rw", or "query" (rw, where only reads run)
         self._lock = _thread.RLock()
@@ -592,7 +612,8 @@ class _Connection:
         self._snapshots = False           # read only through _open_read_only() from now on
         _CONNECTIONS.add(self)
 
-    def run(self, work, *args):
+    # (ignore[return]: the loop's last turn returns or raises, which mypy cannot tell)
+    def run(self, work: "Callable[..., _T]", *args: "Any") -> "_T":  # type: ignore[return]
         """work(connection, *args) under the lock; sqlite3's errors become persist's."""
         for retry in (True, False):
             with self._lock:
@@ -610,7 +631,7 @@ class _Connection:
                 finally:
                     self._depth = 0
 
-    def query(self, sql, params=()):
+    def query(self, sql: str, params: "Sequence[Any]" = ()) -> "list[Any]":
         """The rows of one statement: run(_fetch, sql, params), without a call (every
         hit's path)."""
         with self._lock:
@@ -630,7 +651,7 @@ class _Connection:
                 self._depth = 0
         return self.run(_fetch, sql, params)       # once more, on a connection made anew
 
-    def _lost_its_log(self, exc):
+    def _lost_its_log(self, exc: "sqlite3.Error") -> bool:
         """Whether a reader in a directory it may not write saw the cache's last writer go,
         taking the -wal and -shm files that SQLite cannot make again there: then it closes,
         and the next use reads the file as _open_read_only() does."""
@@ -640,11 +661,11 @@ class _Connection:
         self._snapshots = True            # SQLite's own way failed here once: not again
         return True
 
-    def transaction(self, work, *args):
+    def transaction(self, work: "Callable[..., _T]", *args: "Any") -> "_T":
         """run() work inside BEGIN IMMEDIATE ... COMMIT: all of it is stored, or none."""
-        return self.run(_transaction, work, args)
+        return self.run(_transaction, work, args)  # type: ignore[no-any-return]  # work's
 
-    def _ready(self):
+    def _ready(self) -> "sqlite3.Connection":
         """The connection, opened if need be, with no transaction left open."""
         conn = self._conn
         if conn is None:
@@ -657,7 +678,7 @@ class _Connection:
             conn.execute("ROLLBACK")
         return conn
 
-    def _run_aside(self, work, args):
+    def _run_aside(self, work: "Callable[..., _T]", args: "Sequence[Any]") -> "_T":
         # A write waiting for the lock that the interrupted transaction holds would wait
         # for ever: then it fails at once ("database is locked"), and memoize goes on.
         interrupted = self._conn is not None and self._conn.in_transaction
@@ -677,7 +698,7 @@ class _Connection:
             if conn is not None:
                 _close(conn)
 
-    def _connect(self):
+    def _connect(self) -> "sqlite3.Connection":
         if self._snapshots:
             self._conn = self._open_read_only()
             return self._conn
@@ -690,7 +711,7 @@ class _Connection:
             self._conn = self._open_read_only()
         return self._conn
 
-    def _open_read_only(self):
+    def _open_read_only(self) -> "sqlite3.Connection":
         """A connection to a cache in a directory we may not write, where SQLite cannot make
         the -shm file it needs: the file read as immutable, or, when a -wal file is there
         (left by a crash, or its owner is writing), a private copy of both.
@@ -713,7 +734,7 @@ class _Connection:
             self._drop_copy()
         raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
 
-    def _open_copy(self):
+    def _open_copy(self) -> "sqlite3.Connection":
         import shutil
         import tempfile
         copy = tempfile.mkdtemp(prefix="persist-")
@@ -730,12 +751,12 @@ class _Connection:
         self._copy = copy
         return conn
 
-    def _file_state(self):
+    def _file_state(self) -> "Tuple[int, int, int, int]":
         """What changes when someone writes the cache: the file (inode, size, time), its log."""
         info = os.stat(self.path)
         return info.st_ino, info.st_size, info.st_mtime_ns, _size(self.path + "-wal")
 
-    def _run_frozen(self, work, args):
+    def _run_frozen(self, work: "Callable[..., _T]", args: "Sequence[Any]") -> "_T":
         for attempt in range(_FROZEN_TRIES):
             if attempt:
                 time.sleep(0.005)         # the owner is writing: give it a moment
@@ -750,7 +771,7 @@ class _Connection:
                 return result
         raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
 
-    def _open(self, mode, timeout):
+    def _open(self, mode: str, timeout: float) -> "sqlite3.Connection":
         uri_mode = "rw" if mode == "query" else mode
         conn = sqlite3.connect(_uri(self.path, uri_mode), uri=True, timeout=timeout,
                                isolation_level=None, check_same_thread=False)
@@ -767,7 +788,7 @@ class _Connection:
             raise
         return conn
 
-    def _check(self, conn):
+    def _check(self, conn: "sqlite3.Connection") -> None:
         """Refuse a file that is not a persist cache of this format."""
         (app,), = _fetch(conn, "PRAGMA application_id")
         (found,), = _fetch(conn, "PRAGMA user_version")
@@ -780,26 +801,26 @@ class _Connection:
             raise PersistError(errno.EINVAL, message.format(found=found, ours=_FORMAT),
                                self.path)
 
-    def _close_conn(self):
+    def _close_conn(self) -> None:
         if self._conn is not None:
             _close(self._conn)
             self._conn = None
         self._frozen = None
         self._drop_copy()
 
-    def _drop_copy(self):
+    def _drop_copy(self) -> None:
         if self._copy is not None:
             import shutil
             shutil.rmtree(self._copy, ignore_errors=True)
             self._copy = None
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             _CONNECTIONS.discard(self)
             self._close_conn()
 
 
-def _to_wal(conn, timeout):
+def _to_wal(conn: "sqlite3.Connection", timeout: float) -> None:
     """PRAGMA journal_mode=WAL: the first process to open a new cache converts it. Two that
     convert at once deadlock, and SQLite then fails one at once ("database is locked")
     instead of waiting: it tries again, as the busy timeout would have."""
@@ -818,7 +839,7 @@ class _HandlerBusy(OSError):
     """A signal handler's write that would wait for the transaction it interrupted."""
 
 
-def _sqlite_error(exc, path):
+def _sqlite_error(exc: "sqlite3.Error", path: str) -> OSError:
     """The one place that turns an sqlite3 error into persist's, naming the file."""
     text = str(exc)
     if isinstance(exc, sqlite3.OperationalError):
@@ -838,7 +859,8 @@ def _sqlite_error(exc, path):
     return OSError(errno.EIO, "cache file error (%s: %s)" % (type(exc).__name__, text), path)
 
 
-def _transaction(conn, work, args):
+def _transaction(conn: "sqlite3.Connection", work: "Callable[..., _T]",
+                 args: "Sequence[Any]") -> "_T":
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = work(conn, *args)
@@ -851,13 +873,13 @@ def _transaction(conn, work, args):
     return result
 
 
-def _before_fork():
+def _before_fork() -> None:
     """Close every connection, each under its lock, so no thread is inside one at fork().
 
     A signal handler may fork while this runs, or while the parent's half runs: each fork
     takes (RLocks: again) and gives back exactly the locks on its own list, pushed here as a
     whole and popped as a whole, so nested forks keep the counts even."""
-    held = []
+    held: "list[_Connection]" = []
     while True:           # a thread may open another while we hold the first ones
         new = [conn for conn in list(_CONNECTIONS) if conn not in held]
         if not new:
@@ -877,15 +899,15 @@ def _before_fork():
     _FORKING.append(held)
 
 
-def _after_fork_in_parent():
-    held = _FORKING.pop() if _FORKING else ()
+def _after_fork_in_parent() -> None:
+    held: "Sequence[_Connection]" = _FORKING.pop() if _FORKING else ()
     if not _FORKING:
         _WRITING_AT_FORK.clear()
     for conn in held:
         conn._lock.release()
 
 
-def _after_fork_in_child():
+def _after_fork_in_child() -> None:
     global _OPEN_LOCK
     _OPEN_LOCK = _thread.RLock()
     del _FORKING[:]
@@ -898,14 +920,14 @@ def _after_fork_in_child():
             conn._conn = None
 
 
-def _close_all():
+def _close_all() -> None:
     """At exit: close every connection, so the last one out removes the -wal and -shm files."""
     for conn in list(_CONNECTIONS):
         # best effort: at exit, a connection another thread is using stays as it is
         with contextlib.suppress(Exception):
             if conn._lock.acquire(blocking=False):
                 try:
-                    _close(conn)
+                    _close(conn)  # type: ignore[arg-type]  # FIXME: a _Connection: closes nothing
                 finally:
                     conn._lock.release()
 
@@ -925,13 +947,13 @@ class _Values:
     killed process) is removed by sweep(), which the next process to open the cache runs.
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory: str) -> None:
         self.directory = directory
 
-    def path(self, name):
+    def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
-    def create(self):
+    def create(self) -> "Tuple[str, io.BufferedWriter]":
         """A new value file, locked against sweep() until closed: (name, binary file)."""
         with contextlib.suppress(FileExistsError):
             os.mkdir(self.directory)
@@ -958,14 +980,14 @@ class _Values:
                     os.close(fd)
                 raise
 
-    def remove(self, names):
+    def remove(self, names: "Iterable[str]") -> None:
         for name in names:
             # best effort: a file already gone is what we wanted; on Windows one that a
             # reader holds open stays, and a later sweep() removes it
             with contextlib.suppress(FileNotFoundError, PermissionError):
                 os.unlink(self.path(name))
 
-    def sweep(self, named):
+    def sweep(self, named: "Callable[[list[str]], set[str]]") -> None:
         """Remove the files that named(names) leaves out and that nobody is writing."""
         try:
             names = os.listdir(self.directory)
@@ -996,13 +1018,17 @@ class _Values:
 class _Spill:
     """A file for pickle.dump(): bytes in memory up to _INLINE_LIMIT, past it a value file."""
 
-    def __init__(self, values):
+    name: "Optional[str]"
+    file: "Optional[io.BufferedWriter]"
+    _chunks: "list[bytes]"
+
+    def __init__(self, values: _Values) -> None:
         self._values = values
         self._chunks = []
         self._size = 0
         self.name = self.file = None
 
-    def write(self, data):
+    def write(self, data: "Buffer") -> None:
         if self.file is None:
             self._size += memoryview(data).nbytes
             if self._size <= _INLINE_LIMIT:
@@ -1010,21 +1036,21 @@ class _Spill:
                 return
             self.name, self.file = self._values.create()
             self.file.writelines(self._chunks)
-            self._chunks = None
+            self._chunks = None   # type: ignore[assignment]  # unused from here: let it go
         self.file.write(data)
 
-    def inline(self):
+    def inline(self) -> bytes:
         """The pickle, or b'' when it went to the value file."""
         if self.file is not None:
             self.file.flush()
             return b""
         return b"".join(self._chunks)
 
-    def discard(self):
+    def discard(self) -> None:
         if self.name is not None:
             self._values.remove([self.name])
 
-    def close(self):
+    def close(self) -> None:
         if self.file is not None:
             self.file.close()
 
@@ -1036,7 +1062,7 @@ class _Store:
     that outlives them. The interface is small, so that another backend could replace it.
     """
 
-    def __init__(self, filename, flag="c"):
+    def __init__(self, filename: "_Path", flag: str = "c") -> None:
         if flag not in _FLAGS:
             raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
         self.path = os.path.abspath(os.fsdecode(os.fspath(filename)))
@@ -1060,7 +1086,7 @@ class _Store:
         elif flag != "r":
             self.sweep()
 
-    def _check_path(self):
+    def _check_path(self) -> None:
         """Refuse a cache others could plant code in, or that would write through a link."""
         if self.flag in "rw" and not os.path.exists(self.path):
             raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
@@ -1082,7 +1108,7 @@ class _Store:
             if _CHECK_WORLD_WRITABLE and (info.st_mode & stat.S_IWOTH or foreign):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
 
-    def _create(self):
+    def _create(self) -> None:
         """Make a new cache beside path and link it into place: nobody sees it half made.
 
         It is made in rollback mode and linked while an exclusive lock on it is held; only then
@@ -1125,7 +1151,7 @@ class _Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
 
-    def _remove_stale_companions(self):
+    def _remove_stale_companions(self) -> None:
         for stale in (self.path + "-wal", self.path + "-shm"):
             # best effort: on Windows one in use cannot go, and then it is not stale
             with contextlib.suppress(FileNotFoundError, PermissionError):
@@ -1133,12 +1159,12 @@ class _Store:
 
     # Reading
 
-    def get(self, key):
+    def get(self, key: bytes) -> "Optional[_Row]":
         """(pickle or b'', value file name or None, stored, seconds) for key, or None."""
         rows = self.conn.query(_GET, (key,))
         return rows[0] if rows else None
 
-    def load(self, row):
+    def load(self, row: "_Row") -> "Any":
         """Unpickle the value of a row from get(); FileNotFoundError if a writer replaced it
         (and removed its file) since: get() it again."""
         if row[1] is None:
@@ -1146,28 +1172,28 @@ class _Store:
         with io.open(self.values.path(row[1]), "rb") as file:
             return pickle.load(file)
 
-    def keys(self):
+    def keys(self) -> "list[bytes]":
         return [key for key, in self.conn.run(_fetch, _KEYS)]
 
-    def __bool__(self):           # a store is there, however many entries: no query for that
+    def __bool__(self) -> bool:   # a store is there, however many entries: no query for that
         return True
 
-    def __len__(self):
-        return self.conn.run(_fetch, _COUNT)[0][0]
+    def __len__(self) -> int:
+        return self.conn.run(_fetch, _COUNT)[0][0]  # type: ignore[no-any-return]  # a row: Any
 
-    def __contains__(self, key):
+    def __contains__(self, key: bytes) -> bool:
         return bool(self.conn.run(_fetch, _CONTAINS, (key,)))
 
-    def info(self):
+    def info(self) -> "dict[str, str]":
         return dict(self.conn.run(_fetch, _INFO))
 
-    def entries(self):
+    def entries(self) -> "list[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]":
         """(key, args, stored, size, seconds, version) of every entry, oldest first."""
         rows = self.conn.run(_fetch, _ENTRIES)
         return [(key, args, stored, _size(self.values.path(file)) if file else size, seconds,
                  version) for key, args, stored, size, file, seconds, version in rows]
 
-    def summary(self):
+    def summary(self) -> "Tuple[int, Optional[float], Optional[float], int, int]":
         """(entries, oldest, newest, stale entries, their bytes): stale entries are those of
         another version than the latest to open the cache."""
         (count, oldest, newest), = self.conn.run(_fetch, _SUMMARY)
@@ -1175,16 +1201,16 @@ class _Store:
         stale = self.prune(version=version, dry_run=True) if version else (0, 0)
         return (count, oldest, newest) + stale
 
-    def tally(self):
+    def tally(self) -> "Tuple[int, float, int]":
         """(entries, seconds their calls took in all, failure records), in one query."""
-        return self.conn.run(_fetch, _TALLY)[0]
+        return self.conn.run(_fetch, _TALLY)[0]  # type: ignore[no-any-return]  # a row: Any
 
-    def failures(self):
+    def failures(self) -> "list[Any]":
         """(args, type, message, count, first, last, seconds, version, traceback) of each
         failure record, the latest failure last."""
         return self.conn.run(_fetch, _FAILURES)
 
-    def disk_usage(self):
+    def disk_usage(self) -> int:
         names = [self.path, self.path + "-wal", self.path + "-shm"]
         with contextlib.suppress(OSError):
             names += [self.values.path(name) for name in os.listdir(self.values.directory)]
@@ -1192,7 +1218,9 @@ class _Store:
 
     # Writing
 
-    def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None):
+    def put(self, key: bytes, value: "Any", protocol: "Optional[int]" = _PROTOCOL,
+            seconds: "Optional[float]" = None, version: "Optional[str]" = None,
+            args: "Optional[str]" = None) -> None:
         """Pickle value under key, with what memoize records; a large pickle goes to a value
         file as it is made, with no copy in memory."""
         spill = _Spill(self.values)
@@ -1215,10 +1243,10 @@ class _Store:
         if self._puts % 32 == 0 and _size(self.path + "-wal") > _LOG_LIMIT:
             self._restart_log()
 
-    def _restart_log(self):
+    def _restart_log(self) -> None:
         """Copy the log into the file and start it over. SQLite's own checkpoints never catch
         up while other processes keep committing, and the log would grow without end."""
-        def restart(conn):
+        def restart(conn: "sqlite3.Connection") -> None:
             conn.execute("PRAGMA busy_timeout=%d" % (_ASIDE_TIMEOUT * 1000))
             try:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -1228,39 +1256,42 @@ class _Store:
         with contextlib.suppress(OSError):
             self.conn.run(restart)
 
-    def delete(self, key):
+    def delete(self, key: bytes) -> bool:
         """Remove key; return whether it was there."""
         found = self.conn.transaction(_delete, key)
         if found and found[0]:
             self.values.remove([found[0]])
         return bool(found)
 
-    def delete_row(self, key, row):
+    def delete_row(self, key: bytes, row: "_Row") -> bool:
         """Remove key if it still holds the row that get() returned; return whether it did."""
         gone = self.conn.transaction(_delete_row, key, row)
         if gone and row[1]:
             self.values.remove([row[1]])
         return gone
 
-    def record_failure(self, key, started, failure):
+    def record_failure(self, key: bytes, started: float, failure: "_FailureRecord") -> None:
         """Record that the call keyed key, started at the Unix time started, raised: failure is
         (args, type, message, traceback, seconds, version). Nothing is recorded if a result
         for key was stored since the call started (another process succeeded meanwhile)."""
         self.conn.transaction(_record_failure, key, started, failure)
 
-    def set_info(self, info):
+    def set_info(self, info: "dict[str, str]") -> None:
         self.conn.transaction(lambda conn: conn.executemany(_SET_INFO, info.items()))
 
-    def clear(self):
+    def clear(self) -> int:
         """Remove every entry (and failure record); return how many entries there were."""
         count, names = self.conn.transaction(_clear)
         self.values.remove(names)
         self._give_back()
         return count
 
-    def prune(self, before=None, version=None, dry_run=False):
+    def prune(self, before: "Optional[float]" = None, version: "Optional[str]" = None,
+              dry_run: bool = False) -> "Tuple[int, int]":
         """Remove the entries stored before the Unix time before, or of another version than
         version; return (entries, bytes) removed, or that would be with dry_run."""
+        where: "Any"      # the conditions, then the SQL that joins them
+        params: "list[object]"
         where, params = [], []
         if before is not None:
             where.append("stored < ?")
@@ -1281,16 +1312,16 @@ class _Store:
         self._give_back()
         return len(rows), size
 
-    def _named(self, names):
+    def _named(self, names: "list[str]") -> "set[str]":
         """The value file names among names that a row names."""
-        found = set()
+        found: "set[str]" = set()
         for start in range(0, len(names), 500):     # SQLite's limit on parameters
             part = names[start:start + 500]
             found.update(name for name, in self.conn.run(
                 _fetch, _NAMED % ",".join("?" * len(part)), part))
         return found
 
-    def sweep(self):
+    def sweep(self) -> None:
         """Remove value files and new caches that a killed process left half made, and give
         back the space a killed prune() kept."""
         self.values.sweep(self._named)
@@ -1308,7 +1339,7 @@ class _Store:
         if free * 4 > total and free > 64:      # a killed prune() or clear() kept them
             self._give_back()
 
-    def _give_back(self):
+    def _give_back(self) -> None:
         """Return free pages to the filesystem, and shorten the log."""
         # best effort: another process may hold a read lock; its pages are reused anyway
         with contextlib.suppress(OSError):
@@ -1316,18 +1347,19 @@ class _Store:
             self.conn.run(lambda conn: conn.executescript("PRAGMA incremental_vacuum"))
             self.conn.run(_fetch, "PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def close(self):
+    def close(self) -> None:
         self.conn.close()
 
 
-def _replace(conn, row):
+def _replace(conn: "sqlite3.Connection", row: "Tuple[Any, ...]") -> "Optional[str]":
     old = _fetch(conn, _FILE, (row[0],))
     conn.execute(_PUT, row)
     conn.execute(_FORGET_FAILURE, (row[0],))
     return old[0][0] if old else None
 
 
-def _record_failure(conn, key, started, failure):
+def _record_failure(conn: "sqlite3.Connection", key: bytes, started: float,
+                    failure: "_FailureRecord") -> None:
     if _fetch(conn, _STORED_SINCE, (key, started)):
         return
     args, kind, message, text, seconds, version = failure
@@ -1338,40 +1370,54 @@ def _record_failure(conn, key, started, failure):
                                    version))
 
 
-def _delete(conn, key):
+def _delete(conn: "sqlite3.Connection", key: bytes) -> "Optional[Tuple[Optional[str]]]":
     old = _fetch(conn, _FILE, (key,))
     conn.execute(_DELETE, (key,))
     return old[0] if old else None
 
 
-def _delete_row(conn, key, row):
+def _delete_row(conn: "sqlite3.Connection", key: bytes, row: "_Row") -> bool:
     return conn.execute(_DELETE_ROW, (key, row[0], row[1], row[2])).rowcount > 0
 
 
-def _clear(conn):
+def _clear(conn: "sqlite3.Connection") -> "Tuple[int, list[str]]":
     names = [name for name, in _fetch(conn, _FILES)]
     count = conn.execute(_CLEAR).rowcount
     conn.execute("DELETE FROM Failures")
     return count, names
 
 
-def _prune(conn, where, params):
+def _prune(conn: "sqlite3.Connection", where: str, params: "Sequence[object]") -> "list[str]":
     names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
                                             "AND (%s)" % where, params)]
     conn.execute("DELETE FROM Dict WHERE " + where, params)
     return names
 
 
-class _Shelf(shelve.Shelf):
+if TYPE_CHECKING:     # generic to type checkers, not at run time before Python 3.9
+    _ShelfBase = shelve.Shelf[Any]
+    _ItemsViewBase = collections.abc.ItemsView[str, Any]
+    _ValuesViewBase = collections.abc.ValuesView[Any]
+else:
+    _ShelfBase = shelve.Shelf
+    _ItemsViewBase = collections.abc.ItemsView
+    _ValuesViewBase = collections.abc.ValuesView
+
+
+class _Shelf(_ShelfBase):
     """shelve.Shelf over a _Store: values are pickled straight to and from the file, and every
     method is one step that another process's writes cannot break in the middle of."""
 
+    dict: "Any"               # shelve.Shelf's: the _Store, or what close() leaves
+    keyencoding: str
+    _protocol: "Optional[int]"
+
     @property
-    def path(self):
+    def path(self) -> str:
         """The cache file's absolute path."""
         return self._store().path
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: str) -> "Any":
         store = self._store()
         raw = key.encode(self.keyencoding)
         for _ in range(100):
@@ -1383,22 +1429,22 @@ class _Shelf(shelve.Shelf):
             except FileNotFoundError:     # replaced or deleted since get(): read it again
                 continue
         raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
-                           store.values.path(row[1]))
+                           store.values.path(row[1]))  # type: ignore[index, arg-type]  # a row
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: str, value: "Any") -> None:
         self._store().put(key.encode(self.keyencoding), value, self._protocol)
 
-    def __delitem__(self, key):
+    def __delitem__(self, key: str) -> None:
         if not self._store().delete(key.encode(self.keyencoding)):
             raise KeyError(key)
 
-    def get(self, key, default=None):
+    def get(self, key: str, default: "Any" = None) -> "Any":
         try:
             return self[key]
         except KeyError:
             return default
 
-    def pop(self, key, default=_MISSING):
+    def pop(self, key: str, default: "Any" = _MISSING) -> "Any":
         store = self._store()
         raw = key.encode(self.keyencoding)
         while True:
@@ -1414,7 +1460,7 @@ class _Shelf(shelve.Shelf):
             if store.delete_row(raw, row):  # else another process changed it: again
                 return value
 
-    def popitem(self):
+    def popitem(self) -> "Tuple[str, Any]":
         for key in self:
             try:
                 return key, self.pop(key)
@@ -1422,31 +1468,33 @@ class _Shelf(shelve.Shelf):
                 continue
         raise KeyError("popitem(): the shelf is empty")
 
-    def setdefault(self, key, default=None):
+    def setdefault(self, key: str, default: "Any" = None) -> "Any":
         try:
             return self[key]
         except KeyError:
             self[key] = default
             return default
 
-    def items(self):
+    def items(self) -> "_ItemsView":
         return _ItemsView(self)
 
-    def values(self):
+    def values(self) -> "_ValuesView":
         return _ValuesView(self)
 
-    def clear(self):
+    def clear(self) -> None:
         self._store().clear()
 
-    def _store(self):
+    def _store(self) -> _Store:
         store = self.dict
         if not isinstance(store, _Store):
             raise ValueError("invalid operation on closed shelf")
         return store
 
 
-class _ItemsView(collections.abc.ItemsView):
-    def __iter__(self):
+class _ItemsView(_ItemsViewBase):
+    _mapping: _Shelf
+
+    def __iter__(self) -> "Iterator[Tuple[str, Any]]":
         for key in self._mapping:
             try:
                 yield key, self._mapping[key]
@@ -1454,15 +1502,17 @@ class _ItemsView(collections.abc.ItemsView):
                 continue
 
 
-class _ValuesView(collections.abc.ValuesView):
-    def __iter__(self):
+class _ValuesView(_ValuesViewBase):
+    _mapping: _Shelf
+
+    def __iter__(self) -> "Iterator[Any]":
         for key, value in _ItemsView(self._mapping):
             yield value
 
 
 # -- private helpers: memoize
 
-def _load():
+def _load() -> None:
     """Import inspect, which memoize's decoration needs: it costs as much as all of persist."""
     global inspect
     if inspect is None:
@@ -1470,7 +1520,7 @@ def _load():
 
 
 _DEBUG = 10                     # logging.DEBUG, without importing logging
-_LOG = None                     # the 'persist' logger, once logging is imported
+_LOG: "Any" = None              # the 'persist' logger (logging.Logger), once imported
 _EXACT = {int, str, bytes, bool, type(None)}   # for these, == is equality of keys
 _MAIN_NAMES = ("__main__", "__mp_main__")      # a script; __mp_main__ in spawned workers
 _SHARED_PSEUDO_FILES = {"<string>", "<stdin>", "<console>", "<input>"}   # not one source
@@ -1478,7 +1528,8 @@ _CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08    # code flags: *args, **kwargs (as i
 _CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 _NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
 _OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
-_HANDLES = weakref.WeakKeyDictionary()   # memoize's function wrappers: their _Memoized
+_HANDLES: "weakref.WeakKeyDictionary[Callable[..., Any], _Memoized]" = \
+    weakref.WeakKeyDictionary()   # memoize's function wrappers: their _Memoized
 if TYPE_CHECKING:      # the same named tuples, with the types of their fields
     class _CacheInfo(NamedTuple):
         hits: int
@@ -1494,7 +1545,7 @@ if TYPE_CHECKING:      # the same named tuples, with the types of their fields
         args: Optional[str]
         type: str
         message: str
-        count: int
+        count: int     # type: ignore[assignment]  # a field named as tuple.count, as at run time
         first: float
         last: float
         seconds: Optional[float]
@@ -1540,33 +1591,33 @@ class _KeyWriter:
 
     __slots__ = ("hasher", "text", "active")
 
-    def __init__(self, hasher, active):
+    def __init__(self, hasher: "hashlib._Hash", active: "set[int]") -> None:
         self.hasher = hasher
-        self.text = []
+        self.text: "list[str]" = []
         self.active = active          # ids of the containers being written: a cycle shows
 
-    def flush(self):
+    def flush(self) -> None:
         if self.text:
             self.hasher.update("".join(self.text).encode("utf-8", "surrogatepass"))
             self.text = []
 
-    def buffer(self, data):
+    def buffer(self, data: "Buffer") -> None:
         self.flush()
         self.hasher.update(data)
 
-    def digest(self):
+    def digest(self) -> bytes:
         self.flush()
         return self.hasher.digest()
 
 
-def _digest(value):
+def _digest(value: "Any") -> bytes:
     """The SHA-256 of value's canonical encoding: equal values, equal digests."""
     w = _KeyWriter(hashlib.sha256(), set())
     _write(value, w)
     return w.digest()
 
 
-def _write(value, w):
+def _write(value: "Any", w: "_KeyWriter") -> None:
     """Write value's canonical encoding into the _KeyWriter w."""
     kind = type(value)
     if kind is str:
@@ -1588,7 +1639,7 @@ def _write(value, w):
         writer(value, w)
 
 
-def _write_str(value, w):
+def _write_str(value: "Any", w: "_KeyWriter") -> None:
     if len(value) <= _LONG:
         w.text += ("s%x:" % len(value), value)    # length in code points: no escaping
         return
@@ -1599,45 +1650,45 @@ def _write_str(value, w):
         update(value[start:start + _LONG].encode("utf-8", "surrogatepass"))
 
 
-def _write_int(value, w):
+def _write_int(value: "Any", w: "_KeyWriter") -> None:
     w.text.append("i%x;" % value)
 
 
-def _write_float(value, w):
+def _write_float(value: "Any", w: "_KeyWriter") -> None:
     w.text.append(_float_text(value))
 
 
-def _write_tuple(value, w):
+def _write_tuple(value: "Any", w: "_KeyWriter") -> None:
     w.text.append("(")     # no cycle check: a cycle always passes through a mutable container
     for item in value:
         _write(item, w)
     w.text.append(")")
 
 
-def _float_text(x):
+def _float_text(x: float) -> str:
     return "f%s;" % x.hex() if x == x else "fnan;"    # hex is exact, and keeps -0.0's sign
 
 
-def _write_bytes(value, w, tag="b"):
+def _write_bytes(value: "Union[bytes, bytearray]", w: "_KeyWriter", tag: str = "b") -> None:
     w.text.append("%s%x:" % (tag, len(value)))
     w.buffer(value)
 
 
-def _write_memoryview(value, w):
+def _write_memoryview(value: "Any", w: "_KeyWriter") -> None:
     w.text.append("m")
     _write((value.format, value.shape), w)
     w.text.append("b%x:" % value.nbytes)
     w.buffer(value if value.c_contiguous else value.tobytes())
 
 
-def _enter(value, w):
+def _enter(value: object, w: "_KeyWriter") -> None:
     """Mark the container value as being written; refuse it if it already is (a cycle)."""
     if id(value) in w.active:
         raise ValueError("a %s that contains itself cannot be keyed" % type(value).__name__)
     w.active.add(id(value))
 
 
-def _write_list(value, w):
+def _write_list(value: "Any", w: "_KeyWriter") -> None:
     _enter(value, w)
     w.text.append("[")
     for item in value:
@@ -1646,10 +1697,11 @@ def _write_list(value, w):
     w.active.discard(id(value))
 
 
-def _write_unordered(tag, items, w, *parts):
+def _write_unordered(tag: str, items: "Iterable[Any]", w: "_KeyWriter",
+                     *parts: "Callable[[Any], Any]") -> None:
     """tag, then the digests of items, each written on its own, in sorted order: the same
     for any order of the items."""
-    digests = []
+    digests: "list[bytes]" = []
     for item in items:
         sub = _KeyWriter(hashlib.sha256(), w.active)
         for part in parts:
@@ -1660,46 +1712,46 @@ def _write_unordered(tag, items, w, *parts):
     w.buffer(b"".join(digests))
 
 
-def _write_dict(value, w):
+def _write_dict(value: "Any", w: "_KeyWriter") -> None:
     _enter(value, w)
     _write_unordered("{", value.items(), w, _first, _second)
     w.active.discard(id(value))
 
 
-def _write_set(value, w):
+def _write_set(value: "Any", w: "_KeyWriter") -> None:
     _enter(value, w)
     _write_unordered("S" if isinstance(value, set) else "Z", value, w, _same)
     w.active.discard(id(value))
 
 
-def _first(pair):
+def _first(pair: "Sequence[Any]") -> "Any":
     return pair[0]
 
 
-def _second(pair):
+def _second(pair: "Sequence[Any]") -> "Any":
     return pair[1]
 
 
-def _same(item):
+def _same(item: "_T") -> "_T":
     return item
 
 
-def _write_complex(value, w):
+def _write_complex(value: "Any", w: "_KeyWriter") -> None:
     w.text.append("c%s%s" % (_float_text(value.real), _float_text(value.imag)))
 
 
-def _write_named(name, payload, w):
+def _write_named(name: str, payload: "Any", w: "_KeyWriter") -> None:
     """A value of a type with an encoding of its own: the type's fixed name, then payload."""
     w.text += ("@s%x:" % len(name), name)
     _write(payload, w)
 
 
-def _write_type(kind, w):
+def _write_type(kind: type, w: "_KeyWriter") -> None:
     name = _type_name(kind)
     w.text += ("@s%x:" % len(name), name)
 
 
-def _write_reference(value, w):
+def _write_reference(value: "Any", w: "_KeyWriter") -> None:
     """A function or class by the name that imports it, as pickle does."""
     for kind, kind_name in _SINGLETON_TYPES:    # not in builtins before 3.10: as pickle does
         if value is kind:
@@ -1720,7 +1772,7 @@ def _write_reference(value, w):
     _write((_module_name(module, name, value), name), w)
 
 
-def _module_name(module, qualname, value):
+def _module_name(module: str, qualname: str, value: object) -> str:
     """The module that value (named qualname in module) is imported from, one name for all
     versions: a private module's public parent where it has value (pathlib._local, 3.13's
     home of Path, is pathlib), and numpy.core, numpy 2's numpy._core, as neither. A script's
@@ -1734,13 +1786,13 @@ def _module_name(module, qualname, value):
             target = getattr(target, part, None)
         if target is not value:
             break
-        module = parent.__name__
+        module = parent.__name__     # type: ignore[union-attr]  # None: target was None
     if module.startswith("numpy."):
         module = ".".join(part for part in module.split(".") if part not in ("core", "_core"))
     return module
 
 
-def _type_name(kind):
+def _type_name(kind: type) -> str:
     """module:qualname of a class whose instances are keyed; refused for a class made inside
     a function, as pickle refuses it: two such classes share a name but not what they do."""
     if "<" in kind.__qualname__:
@@ -1751,7 +1803,7 @@ def _type_name(kind):
     return "%s:%s" % (module, kind.__qualname__)
 
 
-def _write_reduced(value, w):
+def _write_reduced(value: "Any", w: "_KeyWriter") -> None:
     """Any other object: its type, then what pickle's __reduce_ex__(4) says it is made of.
 
     Its parts are written with this encoder, so an object that holds a dict or a set keys by
@@ -1775,11 +1827,11 @@ def _write_reduced(value, w):
     w.active.discard(id(value))
 
 
-def _write_subclass(base):
+def _write_subclass(base: type) -> "_Writer":
     """The writer for subclasses of base: the type, base's encoding, then the instance dict."""
     base_writer = _WRITERS[base]
 
-    def write(value, w):
+    def write(value: "Any", w: _KeyWriter) -> None:
         _write_type(type(value), w)
         base_writer(value, w)
         _write(getattr(value, "__dict__", None) or {}, w)
@@ -1790,9 +1842,9 @@ def _write_subclass(base):
     return write
 
 
-def _slot_values(value):
+def _slot_values(value: object) -> "dict[str, Any]":
     """{name: value} of what value holds in the __slots__ of its classes (set ones only)."""
-    found = {}
+    found: "dict[str, Any]" = {}
     for kind in type(value).__mro__:
         slots = kind.__dict__.get("__slots__", ())
         for name in (slots,) if isinstance(slots, str) else slots:
@@ -1804,7 +1856,7 @@ def _slot_values(value):
     return found
 
 
-def _write_ordered(value, w):
+def _write_ordered(value: "Any", w: "_KeyWriter") -> None:
     _enter(value, w)
     _write_named(_type_name(type(value)) if type(value) is not collections.OrderedDict
                  else "collections.OrderedDict", [tuple(pair) for pair in value.items()], w)
@@ -1812,7 +1864,7 @@ def _write_ordered(value, w):
     w.active.discard(id(value))
 
 
-def _write_defaultdict(value, w):
+def _write_defaultdict(value: "Any", w: "_KeyWriter") -> None:
     name = ("collections.defaultdict" if type(value) is collections.defaultdict
             else _type_name(type(value)))
     _write_named(name, value.default_factory, w)    # defaultdict(list) and (int) differ
@@ -1820,54 +1872,54 @@ def _write_defaultdict(value, w):
     _write(getattr(value, "__dict__", None) or {}, w)
 
 
-def _write_datetime(value, w):
+def _write_datetime(value: "Any", w: "_KeyWriter") -> None:
     _write_named("datetime.datetime", (value.year, value.month, value.day, value.hour,
                                        value.minute, value.second, value.microsecond,
                                        value.fold, value.tzinfo), w)
 
 
-def _write_date(value, w):
+def _write_date(value: "Any", w: "_KeyWriter") -> None:
     _write_named("datetime.date", (value.year, value.month, value.day), w)
 
 
-def _write_time(value, w):
+def _write_time(value: "Any", w: "_KeyWriter") -> None:
     _write_named("datetime.time", (value.hour, value.minute, value.second, value.microsecond,
                                    value.fold, value.tzinfo), w)
 
 
-def _write_timedelta(value, w):
+def _write_timedelta(value: "Any", w: "_KeyWriter") -> None:
     _write_named("datetime.timedelta", (value.days, value.seconds, value.microseconds), w)
 
 
-def _write_timezone(value, w):
+def _write_timezone(value: "Any", w: "_KeyWriter") -> None:
     _write_named("datetime.timezone", (value.utcoffset(None), value.tzname(None)), w)
 
 
-def _write_zoneinfo(value, w):
+def _write_zoneinfo(value: "Any", w: "_KeyWriter") -> None:
     if value.key is None:
         raise TypeError("a ZoneInfo made from a file has no key; pass one made by name")
     _write_named("zoneinfo.ZoneInfo", value.key, w)
 
 
-def _write_decimal(value, w):
+def _write_decimal(value: "Any", w: "_KeyWriter") -> None:
     sign, digits, exponent = value.as_tuple()     # exponent: an int, or 'n', 'N', 'F'
     _write_named("decimal.Decimal", (sign, tuple(digits), exponent), w)
 
 
-def _write_fraction(value, w):
+def _write_fraction(value: "Any", w: "_KeyWriter") -> None:
     _write_named("fractions.Fraction", (value.numerator, value.denominator), w)
 
 
-def _write_uuid(value, w):
+def _write_uuid(value: "Any", w: "_KeyWriter") -> None:
     _write_named("uuid.UUID", value.int, w)
 
 
-def _write_picklebuffer(value, w):
+def _write_picklebuffer(value: "Any", w: "_KeyWriter") -> None:
     _write_named("pickle.PickleBuffer", None, w)
     _write_memoryview(memoryview(value), w)
 
 
-def _write_path(value, w):
+def _write_path(value: "Any", w: "_KeyWriter") -> None:
     kind = type(value)
     standard = getattr(sys.modules["pathlib"], kind.__name__, None) is kind    # 3.13 moved them to pathlib._local
     _write_named("pathlib." + kind.__name__ if standard else _type_name(kind),
@@ -1876,19 +1928,19 @@ def _write_path(value, w):
         _write(getattr(value, "__dict__", None) or {}, w)
 
 
-def _write_enum(value, w):
+def _write_enum(value: "Any", w: "_KeyWriter") -> None:
     # A Flag by value: a combination's name changed in 3.11. Any other member by name.
     flag = isinstance(value, sys.modules["enum"].Flag)
     _write_named(_type_name(type(value)), value._value_ if flag else value._name_, w)
 
 
-def _write_dataclass(value, w):
+def _write_dataclass(value: "Any", w: "_KeyWriter") -> None:
     fields = sys.modules["dataclasses"].fields(value)
     _write_named(_type_name(type(value)),
                  tuple((field.name, getattr(value, field.name)) for field in fields), w)
 
 
-def _write_array(value, w, tag="A"):
+def _write_array(value: "Any", w: "_KeyWriter", tag: str = "A") -> None:
     """A numpy array by dtype (little-endian), shape and values in C order, whatever its layout."""
     dtype = value.dtype
     if dtype.names is not None:          # structured: field by field, skipping padding bytes
@@ -1917,7 +1969,7 @@ def _write_array(value, w, tag="A"):
         _write_blocks(value, w)
 
 
-def _write_blocks(value, w):
+def _write_blocks(value: "Any", w: "_KeyWriter") -> None:
     """Hash a non-contiguous array's bytes in C order, copying a block of rows at a time."""
     if value.ndim == 0 or value.nbytes <= _BLOCK:
         w.buffer(value.copy(order="C").reshape(-1).view("u1"))
@@ -1932,7 +1984,7 @@ def _write_blocks(value, w):
         w.buffer(value[start:start + step].copy(order="C").reshape(-1).view("u1"))
 
 
-def _write_numpy(value, w):
+def _write_numpy(value: "Any", w: "_KeyWriter") -> None:
     """numpy values, known by their classes' names: numpy is never imported here."""
     names = {c.__name__ for c in type(value).__mro__ if c.__module__ == "numpy"}
     if "ndarray" in names:
@@ -1957,7 +2009,7 @@ def _write_numpy(value, w):
         _write_reduced(value, w)
 
 
-def _write_pandas(value, w):
+def _write_pandas(value: "Any", w: "_KeyWriter") -> None:
     """pandas objects, without importing pandas: labels, dtypes and values as numpy arrays."""
     names = {c.__name__ for c in type(value).__mro__ if c.__module__.split(".")[0] == "pandas"}
     if "DataFrame" in names:
@@ -1977,7 +2029,7 @@ def _write_pandas(value, w):
         _write_reduced(value, w)
 
 
-def _write_pandas_values(value, w):
+def _write_pandas_values(value: "Any", w: "_KeyWriter") -> None:
     dtype = value.dtype
     _write(str(dtype), w)
     if hasattr(dtype, "categories"):     # categorical: the categories and their order count
@@ -1986,7 +2038,7 @@ def _write_pandas_values(value, w):
     _write_array(value.to_numpy(), w)
 
 
-_WRITERS = {
+_WRITERS: "dict[type, _Writer]" = {
     bytes: _write_bytes,
     bytearray: lambda value, w: _write_bytes(value, w, "y"),
     memoryview: _write_memoryview,
@@ -2000,7 +2052,7 @@ _WRITERS = {
 
 # Standard library types by the names their modules give them (C or pure Python, any
 # version); each is written under one fixed name.
-_BY_NAME = {
+_BY_NAME: "dict[Tuple[str, str], _Writer]" = {
     ("collections", "OrderedDict"): _write_ordered,
     ("collections", "defaultdict"): _write_defaultdict,
     ("datetime", "datetime"): _write_datetime,
@@ -2023,7 +2075,7 @@ _SUBCLASSED = [(base, _write_subclass(base)) for base in
 _FUNCTION_TYPES = (type(_write), type(len))
 
 
-def _writer_for(kind):
+def _writer_for(kind: type) -> "_Writer":
     """The writer for values of kind, a type with no entry in _WRITERS."""
     module = kind.__module__ or ""
     writer = _BY_NAME.get((module, kind.__qualname__))
@@ -2059,7 +2111,7 @@ def _writer_for(kind):
     return _write_reduced
 
 
-def _write_function(value, w):
+def _write_function(value: "Any", w: "_KeyWriter") -> None:
     owner = getattr(value, "__self__", None)
     if owner is None or type(owner) is type(sys):    # a function, or a module's builtin
         _write_reference(value, w)
@@ -2067,14 +2119,14 @@ def _write_function(value, w):
         _write_reduced(value, w)
 
 
-def _keyer(salt):
+def _keyer(salt: str) -> "Callable[[Any], bytes]":
     """key(material) -> the 32-byte key of a call, for a cache whose salt is the str salt."""
     # Each key starts a hash of its own: copying one made in advance is no faster, and on
     # PyPy a hash object is locked while copied, so a signal handler keying a call while the
     # code it interrupted copies it would wait for ever.
     start = ("%ss%x:%s" % (_KEY_FORMAT, len(salt), salt)).encode("utf-8", "surrogatepass")
 
-    def key(material):
+    def key(material: "Any") -> bytes:
         if type(material) is tuple:
             # The hit path's usual call, a few numbers and short strs: the text that _write
             # makes, without a call per value.
@@ -2102,7 +2154,7 @@ def _keyer(salt):
     return key
 
 
-def _at_default(value, default, digest):
+def _at_default(value: "Any", default: "Any", digest: "Optional[bytes]") -> bool:
     """Whether value keys as default does: then the call leaves it out of its key."""
     if value is default:
         return True
@@ -2123,7 +2175,7 @@ def _at_default(value, default, digest):
         return False
 
 
-def _parameters(func):
+def _parameters(func: "Callable[..., Any]") -> "_Params":
     """[(name, kind, default)] of func's parameters, as inspect.signature() gives them (kind
     0 to 4 as inspect.Parameter's kinds, default _MISSING for none). A plain function's are
     read off its code, without importing inspect, which costs as much as all of persist."""
@@ -2152,7 +2204,7 @@ def _parameters(func):
     return params
 
 
-def _binder(func, ignore, label):
+def _binder(func: "Callable[..., Any]", ignore: "frozenset[str]", label: str) -> "_Bind":
     """A fast bind(args, kwargs) -> the values that make the key of a call.
 
     The values of the parameters without a default come first, in order; then the name and
@@ -2177,7 +2229,7 @@ def _binder(func, ignore, label):
             _load()
             raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
                             % (name, label, inspect.signature(func)))
-    kept = []                     # (name, kind, default, the default's digest or None)
+    kept: "list[Tuple[str, int, Any, Optional[bytes]]]" = []   # digest: the default's, or None
     for name, kind, default in params:
         if name in ignore:
             continue
@@ -2186,9 +2238,9 @@ def _binder(func, ignore, label):
             with contextlib.suppress(Exception):   # best effort: compared by identity then
                 digest = _digest(default)
         kept.append((name, kind, default, digest))
-    signature = []                # inspect's, made on first need: a call bind() cannot take
+    signature: "list[inspect.Signature]" = []   # made on first need: a call bind() cannot take
 
-    def bind_slowly(args, kwargs):
+    def bind_slowly(args: "Tuple[Any, ...]", kwargs: "dict[str, Any]") -> "Tuple[Any, ...]":
         if not signature:
             _load()
             signature.append(inspect.signature(func))
@@ -2196,7 +2248,8 @@ def _binder(func, ignore, label):
             arguments = signature[0].bind(*args, **kwargs).arguments
         except TypeError as exc:
             raise TypeError("%s(): %s" % (label, exc)) from None
-        values, named = [], []
+        values: "list[Any]" = []
+        named: "list[Any]" = []
         for name, kind, default, digest in kept:
             if name not in arguments:          # left at its default, or no *args / **kwargs
                 continue
@@ -2229,7 +2282,7 @@ def _binder(func, ignore, label):
         run = required
     exact = _EXACT
 
-    def bind(args, kwargs):
+    def bind(args: "Tuple[Any, ...]", kwargs: "dict[str, Any]") -> "Tuple[Any, ...]":
         given = len(args)
         if kwargs:                 # f(x=5): place the keywords, then as if positional
             if given > count:
@@ -2250,7 +2303,7 @@ def _binder(func, ignore, label):
                 return args
             if run is not None:               # ignore='self' and the like
                 return args[run:]
-        named = ()
+        named: "Tuple[Any, ...]" = ()
         for i in range(required, given):
             value, default = args[i], defaults[i]
             if value is default or labels[i] is None:
@@ -2269,7 +2322,8 @@ def _binder(func, ignore, label):
     return bind
 
 
-def _unkeyable(func, args, kwargs, exc):
+def _unkeyable(func: "Callable[..., Any]", args: "Tuple[Any, ...]", kwargs: "dict[str, Any]",
+               exc: Exception) -> Exception:
     """The TypeError for an argument that cannot be part of a key, naming the parameter.
 
     A RecursionError is returned as it is: nesting too deep to key, or the function's own
@@ -2297,11 +2351,11 @@ def _unkeyable(func, args, kwargs, exc):
                      "memoize(key=...)" % (label, type(exc).__name__, exc))
 
 
-def _innermost(func):
+def _innermost(func: "Callable[..., Any]") -> "Callable[..., Any]":
     """What func runs in the end: the function inside partials, bound methods and
     decorators that set __wrapped__ (functools.wraps does), whose file and name are the
     function's own: a decorator's module is shared by every project that uses it."""
-    seen = set()
+    seen: "set[int]" = set()
     while id(func) not in seen:
         seen.add(id(func))
         if isinstance(func, functools.partial):
@@ -2315,7 +2369,7 @@ def _innermost(func):
     return func
 
 
-def _func_module(func):
+def _func_module(func: "Callable[..., Any]") -> str:
     """func's module; for a script, its file name (or -m name), as run, imported or spawned."""
     module = getattr(func, "__module__", None) or "__main__"
     if module in _MAIN_NAMES:
@@ -2323,7 +2377,7 @@ def _func_module(func):
     return module
 
 
-def _script_name(module, filename):
+def _script_name(module: str, filename: str) -> str:
     """The name of the script that runs as module (__main__, or __mp_main__ in the workers
     that multiprocessing's spawn and forkserver start): the name python -m ran it by, else
     its file's name; __main__ where it has no file (python -c, the REPL, exec).
@@ -2344,11 +2398,11 @@ def _script_name(module, filename):
     return "__main__"
 
 
-def _same_path(first, second):
+def _same_path(first: str, second: str) -> bool:
     return os.path.normcase(os.path.abspath(first)) == os.path.normcase(os.path.abspath(second))
 
 
-def _source_file(func):
+def _source_file(func: "Callable[..., Any]") -> "Optional[str]":
     """The file that defines func, or None: the REPL, a notebook, exec(), a builtin."""
     inner = _innermost(func)
     code = getattr(inner, "__code__", None)
@@ -2360,7 +2414,7 @@ def _source_file(func):
     return os.path.abspath(filename) if filename and os.path.isfile(filename) else None
 
 
-def _code_text(code):
+def _code_text(code: "types.CodeType") -> bytes:
     """What a code object computes, as bytes: it differs between Python versions."""
     parts = [code.co_code, repr((code.co_names, code.co_varnames, code.co_freevars,
                                  code.co_cellvars, code.co_argcount, code.co_kwonlyargcount,
@@ -2373,7 +2427,7 @@ def _code_text(code):
     return b"\0".join(parts)
 
 
-def _const_text(const):
+def _const_text(const: object) -> str:
     """repr() of a code object's constant, but a frozenset's items sorted: its repr lists
     them in hash order, which PYTHONHASHSEED changes for str (x in {'a', 'b'} compiles to
     one), so the function's cache would be another in every process."""
@@ -2384,7 +2438,7 @@ def _const_text(const):
     return repr(const)
 
 
-def _code_tag(func):
+def _code_tag(func: "Callable[..., Any]") -> str:
     """Eight hex digits that stand for func's code: its source text where linecache has it
     (files, IPython and Jupyter cells), else its compiled code. Not its line number, so
     lines added above it change nothing.
@@ -2409,7 +2463,7 @@ def _code_tag(func):
     return hashlib.sha256(material).hexdigest()[:8]
 
 
-def _identity(func):
+def _identity(func: "Callable[..., Any]") -> str:
     """module.qualname of what func runs; a lambda, or a function with no source file (a
     notebook, the REPL), also gets a tag of its code, so that two of one name differ."""
     inner = _innermost(func)
@@ -2426,7 +2480,7 @@ class _Unkeyable(Exception):
     """Something a function carries cannot be part of a key (a lock, a connection)."""
 
 
-def _carried_defaults(func):
+def _carried_defaults(func: "types.FunctionType") -> "list[Tuple[str, Any]]":
     """(name, default) of func's parameters with a default."""
     code = func.__code__
     positional = code.co_varnames[:code.co_argcount]
@@ -4308,7 +4362,9 @@ def open(filename: "_Path", flag: "_Flag" = "c", protocol: "Optional[int]" = Non
     path = os.path.abspath(os.fsdecode(os.fspath(filename)))
     _open_shelve_file(path, flag)
     store = _Store(path, flag)
-    return _Shelf(store, protocol)
+    # a _Store is the mapping under the shelf, though not a MutableMapping: _Shelf
+    # overrides each method that shelve.Shelf would call it through
+    return _Shelf(store, protocol)  # type: ignore[arg-type]
 
 
 def atomic_write(path: "_Path", data: "Union[str, Buffer]", *,
