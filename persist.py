@@ -85,6 +85,7 @@ if TYPE_CHECKING:
     _R = TypeVar("_R")
     _T = TypeVar("_T")
     _Path: TypeAlias = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+    _StrPath: TypeAlias = Union[str, "os.PathLike[str]"]
     _TextMode: TypeAlias = Literal["w", "wt", "x", "xt"]
     _BinaryMode: TypeAlias = Literal["wb", "xb"]
     _Flag: TypeAlias = Literal["r", "w", "c", "n"]
@@ -96,7 +97,8 @@ if TYPE_CHECKING:
     _Row: TypeAlias = Tuple[bytes, Optional[str], float, Optional[float]]
     # what the failure ledger keeps of a call: (args, type, message, traceback, seconds,
     # version)
-    _FailureRecord: TypeAlias = Tuple[str, str, str, str, float, str]
+    _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str]
+    _Call: TypeAlias = Tuple[Tuple[Any, ...], Dict[str, Any]]   # (args, kwargs) of a call
 
     class _MemoizedFunction(Protocol[_P, _R]):
         """What memoize returns, to a type checker: func's own signature and result, and the
@@ -2070,7 +2072,7 @@ for _names in list(_BY_NAME):
     _BY_NAME["_py" + _names[0], _names[1]] = _BY_NAME[_names]     # _pydatetime, _pydecimal
 _BY_NAME["zoneinfo._zoneinfo", "ZoneInfo"] = _write_zoneinfo
 _BY_NAME["builtins", "PickleBuffer"] = _write_picklebuffer     # PyPy's
-_SUBCLASSED = [(base, _write_subclass(base)) for base in
+_SUBCLASSED: "list[Tuple[type, _Writer]]" = [(base, _write_subclass(base)) for base in
                (dict, list, tuple, frozenset, set, str, bytes, bytearray, int, float, complex)]
 _FUNCTION_TYPES = (type(_write), type(len))
 
@@ -2162,9 +2164,9 @@ def _at_default(value: "Any", default: "Any", digest: "Optional[bytes]") -> bool
     if kind is not type(default):
         return False
     if kind in _EXACT:
-        return value == default
+        return value == default     # type: ignore[no-any-return]  # of int, str ...: a bool
     if kind is float:            # -0.0 is not 0.0, and a nan is its default nan
-        return value.hex() == default.hex()
+        return value.hex() == default.hex()     # type: ignore[no-any-return]  # floats
     if digest is None:           # a default that cannot be keyed is left out only as itself
         return False
     try:
@@ -2311,7 +2313,8 @@ def _binder(func: "Callable[..., Any]", ignore: "frozenset[str]", label: str) ->
             kind = type(value)
             if kind is not type(default) or not (
                     value == default if kind in exact
-                    else _at_default(value, default, digests[labels[i]])):
+                    else _at_default(value, default,
+                                     digests[labels[i]])):  # type: ignore[index]  # not None
                 named += (labels[i], value)
         if plain:
             return args[:required] + named
@@ -2363,7 +2366,7 @@ def _innermost(func: "Callable[..., Any]") -> "Callable[..., Any]":
         elif isinstance(func, types.MethodType):
             func = func.__func__
         elif callable(getattr(func, "__wrapped__", None)):
-            func = func.__wrapped__
+            func = func.__wrapped__     # type: ignore[attr-defined]  # there: just tested
         else:
             break
     return func
@@ -2392,7 +2395,7 @@ def _script_name(module: str, filename: str) -> str:
     spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name not in _MAIN_NAMES and (
             not filename or not spec.origin or _same_path(spec.origin, filename)):
-        return spec.name
+        return spec.name            # type: ignore[no-any-return]  # a ModuleSpec's: a str
     if filename and os.path.isfile(filename):
         return os.path.splitext(os.path.basename(filename))[0]
     return "__main__"
@@ -2406,6 +2409,7 @@ def _source_file(func: "Callable[..., Any]") -> "Optional[str]":
     """The file that defines func, or None: the REPL, a notebook, exec(), a builtin."""
     inner = _innermost(func)
     code = getattr(inner, "__code__", None)
+    filename: "Optional[str]"
     if isinstance(code, types.CodeType):     # PyPy's builtins have a code without a file
         filename = code.co_filename
     else:                         # a class or a callable instance: its module's file
@@ -2498,13 +2502,13 @@ class _Carried:
     raises _Unkeyable, naming it, unless memoize(key=...) took that on (lenient).
     """
 
-    def __init__(self, lenient, ignore):
-        self.seen = set()
+    def __init__(self, lenient: bool, ignore: "frozenset[str]") -> None:
+        self.seen: "set[int]" = set()
         self.lenient = lenient
         self.ignore = ignore          # parameters of the memoized function left out
-        self.decorated = None         # its name: its own cell is empty while it is decorated
+        self.decorated: "Optional[str]" = None   # its own cell is empty while it is decorated
 
-    def value(self, value):
+    def value(self, value: object) -> str:
         if isinstance(value, types.ModuleType):
             return "module " + value.__name__
         if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
@@ -2527,7 +2531,7 @@ class _Carried:
             raise _Unkeyable("a %s (%s: %s)" % (type(value).__qualname__,
                                                  type(exc).__name__, exc)) from None
 
-    def held(self, name, value, where=None):
+    def held(self, name: "Union[str, int]", value: object, where: "Optional[str]" = None) -> str:
         """value's text, or _Unkeyable saying where (else name) it was held."""
         try:
             return "%s=%s" % (name, self.value(value))
@@ -2536,9 +2540,9 @@ class _Carried:
             raise _Unkeyable("%s, held in %s" % (exc, where) if str(exc).startswith("'")
                              else "%s, %s" % (where, exc)) from None
 
-    def callable(self, func, top=False):
+    def callable(self, func: "Callable[..., Any]", top: bool = False) -> str:
         """func's text; the top level leaves out its name (the cache file has it)."""
-        handle = func
+        handle: object = func
         if isinstance(func, types.FunctionType):     # memoize's wrapper: its cache says all
             handle = getattr(getattr(func, "cache_info", None), "__self__", None)
         if isinstance(handle, _Memoized):
@@ -2586,10 +2590,10 @@ class _Carried:
         return "(%s)" % "; ".join(parts) if parts or not top else ""
 
 
-_DEFAULTS = {}                   # (identity, salt) -> digest of the defaults memoized under it
+_DEFAULTS: "dict[Tuple[str, str], object]" = {}   # (identity, salt) -> its defaults' digest
 
 
-def _check_defaults(func, identity, salt):
+def _check_defaults(func: "Callable[..., Any]", identity: str, salt: str) -> None:
     """Refuse a second function of one name whose defaults differ (for k in (2, 3): def
     scale(x, k=k)): a call left at its default keys without it, so they would share results.
     Defaults that the salt holds already (nested and no-source functions) are fine."""
@@ -2597,6 +2601,7 @@ def _check_defaults(func, identity, salt):
     if not isinstance(inner, types.FunctionType) or "<locals>" in inner.__qualname__ or \
             _source_file(inner) is None:
         return
+    digest: object            # of the defaults, or their ids
     try:
         digest = _digest(tuple(_carried_defaults(inner)))
     except RecursionError:
@@ -2612,7 +2617,8 @@ def _check_defaults(func, identity, salt):
                                              for pair in _carried_defaults(inner))))
 
 
-def _salt(func, version, key, ignore):
+def _salt(func: "Callable[..., Any]", version: str, key: "Optional[Callable[..., Any]]",
+          ignore: "frozenset[str]") -> str:
     """The salt of func's keys: its version, and what it carries besides its arguments
     (closure cells, a partial's arguments, a bound method's self, a callable's state)."""
     try:
@@ -2631,7 +2637,7 @@ def _salt(func, version, key, ignore):
         carried.encode("utf-8", "surrogatepass")).hexdigest())
 
 
-def _file_name(identity):
+def _file_name(identity: str) -> str:
     """A file name for the cache of identity, safe on every platform.
 
     Names that differ only in case (Process and process) would be one file on macOS and
@@ -2645,7 +2651,7 @@ def _file_name(identity):
     return safe + ".db"
 
 
-def _default_dir(func):
+def _default_dir(func: "Callable[..., Any]") -> str:
     """.persist beside the file that defines func, else in the current directory."""
     filename = _source_file(func)
     if filename is not None:
@@ -2653,7 +2659,7 @@ def _default_dir(func):
     return os.path.join(os.getcwd(), ".persist")
 
 
-def _check_source(store, memo):
+def _check_source(store: _Store, memo: "_Memo") -> None:
     """Refuse a cache that a function of another file filled under the same name.
 
     Two projects with one PERSIST_DIR may each have a job.py with a load(): their caches
@@ -2669,11 +2675,12 @@ def _check_source(store, memo):
     if recorded == source:
         return
 
-    def another(recorded):
+    def another(recorded: "Optional[str]") -> bool:
         return (recorded is not None and os.path.exists(recorded)
                 and not os.path.samefile(recorded, source))
 
-    def record(conn):      # read again and record in one transaction: two may start at once
+    # read again and record in one transaction: two may start at once
+    def record(conn: "sqlite3.Connection") -> "Optional[str]":
         recorded = dict(conn.execute(_INFO).fetchall()).get("source")
         if not another(recorded):
             conn.execute(_SET_INFO, ("source", source))
@@ -2693,7 +2700,7 @@ def _check_source(store, memo):
             % (memo.identity, recorded, memo.identity, source, memo.identity)), memo.path)
 
 
-def _make_cache_dir(directory):
+def _make_cache_dir(directory: str) -> None:
     """Create directory with a .gitignore of '*', so a cache never lands in a commit."""
     if os.path.isdir(directory):
         return
@@ -2711,7 +2718,7 @@ def _make_cache_dir(directory):
             file.write("*\n")
 
 
-def _seconds(expire):
+def _seconds(expire: "Union[float, datetime.timedelta, None]") -> "Optional[float]":
     if expire is None:
         return None
     seconds = expire.total_seconds() if hasattr(expire, "total_seconds") else expire
@@ -2721,7 +2728,7 @@ def _seconds(expire):
     return float(seconds)
 
 
-def _short_repr(call):
+def _short_repr(call: "_Call") -> "Optional[str]":
     """f's arguments as '(1, 'a', key=2)', shortened for people, on one line."""
     shorten = _SHORT
     args, kwargs = call
@@ -2734,7 +2741,8 @@ def _short_repr(call):
     return text if len(text) <= 200 else text[:199] + "\u2026"
 
 
-def _leave_out(call, names, ignore, rest):
+def _leave_out(call: "_Call", names: "list[str]", ignore: "frozenset[str]",
+               rest: bool) -> "_Call":
     """call's (args, kwargs) without the parameters in ignore, so that 'persist show' does
     not list what the key left out; names: the positional parameters; rest: ignore names
     the *args parameter."""
@@ -2744,7 +2752,7 @@ def _leave_out(call, names, ignore, rest):
     return args, {name: value for name, value in kwargs.items() if name not in ignore}
 
 
-def _without_addresses(text):
+def _without_addresses(text: str) -> str:
     """repr() text without the ' at 0x7f...' of default reprs: the address differs from call
     to call where the key does not, and would make one argument look like many."""
     start = text.find(" at 0x")
@@ -2763,7 +2771,7 @@ class _ShortRepr(reprlib.Repr):
 
     fillvalue = "..."           # an attribute of Repr itself from 3.11 on
 
-    def repr_instance(self, x, level):
+    def repr_instance(self, x: object, level: int) -> str:
         # as reprlib's, with the address left out before the cut, which could keep part of it
         try:
             text = _without_addresses(repr(x))
@@ -2775,12 +2783,12 @@ class _ShortRepr(reprlib.Repr):
             text = text[:i] + self.fillvalue + text[len(text) - j:]
         return text
 
-    def repr1(self, x, level):
+    def repr1(self, x: object, level: int) -> str:
         # A repr of many lines (a DataFrame's) on one; each part cut to maxother as reprlib does.
         text = super().repr1(x, level)
         return " ".join(text.split()) if "\n" in text else text
 
-    def repr_bytes(self, x, level):     # reprlib would repr() all of it, then cut
+    def repr_bytes(self, x: bytes, level: int) -> str:   # reprlib would repr() all, then cut
         if len(x) <= self.maxstring:
             return repr(x)
         i = max(0, (self.maxstring - 3) // 2)
@@ -2790,20 +2798,24 @@ class _ShortRepr(reprlib.Repr):
 
     repr_bytearray = repr_bytes
 
-    def repr_int(self, x, level):       # repr() of a huge int is slow, past 4300 digits refused
+    def repr_int(self, x: int, level: int) -> str:   # repr() of a huge int is slow, past 4300
+        # digits refused
         if x.bit_length() > 4096:
             return "<int of about %d digits>" % int(x.bit_length() * 0.30103 + 1)
         return super().repr_int(x, level)
 
-    def repr_dict(self, x, level):      # reprlib sorts every key first
+    def repr_dict(self, x: "dict[Any, Any]", level: int) -> str:   # reprlib sorts every key
         return super().repr_dict(x, level) if len(x) <= 100 else self._first_items(x, level)
 
-    def repr_set(self, x, level):
-        return super().repr_set(x, level) if len(x) <= 100 else self._first_items(x, level)
+    def repr_set(self, x: "Union[set[Any], frozenset[Any]]", level: int) -> str:
+        # (ignore[arg-type]: this is repr_frozenset too; reprlib's repr_set formats either)
+        return (super().repr_set(x, level)  # type: ignore[arg-type]
+                if len(x) <= 100 else self._first_items(x, level))
 
     repr_frozenset = repr_set
 
-    def _first_items(self, x, level):
+    def _first_items(self, x: "Union[dict[Any, Any], set[Any], frozenset[Any]]",
+                     level: int) -> str:
         """The first few items in x's own order: sorting a large one is not worth its time."""
         if isinstance(x, dict):
             inner = ", ".join("%s: %s" % (self.repr1(k, level - 1), self.repr1(v, level - 1))
@@ -2817,8 +2829,9 @@ _SHORT = _ShortRepr()            # arguments shortened for people ('persist show
 _SHORT.maxstring = _SHORT.maxother = 40
 
 
-def _warn(message):
+def _warn(message: str) -> None:
     """Warn at the user's line: the first caller outside this file."""
+    frame: "Optional[types.FrameType]"
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
@@ -2826,7 +2839,7 @@ def _warn(message):
     warnings.warn(message, PersistWarning, stacklevel=level)
 
 
-def _debug(event, identity, key):
+def _debug(event: str, identity: str, key: bytes) -> None:
     """'identity: event key' at DEBUG on the 'persist' logger, once the program uses logging
     at all (the key shortened to 12 hex digits)."""
     global _LOG
@@ -2838,7 +2851,7 @@ def _debug(event, identity, key):
         _LOG.debug("%s: %s %s", identity, event, key[:6].hex())
 
 
-def _advice(exc):
+def _advice(exc: BaseException) -> str:
     """What to do about an OSError that keeps a cache from being used."""
     code = getattr(exc, "errno", None)
     if code == errno.ENOSPC or code == getattr(errno, "EDQUOT", None):
@@ -2860,9 +2873,17 @@ class _Memo:
     (memoize(strict=True) or PERSIST_STRICT=1) it raises instead.
     """
 
-    leave_out = None              # (positional names, ignore, *args ignored) for _leave_out
+    # (positional names, ignore, *args ignored) for _leave_out
+    leave_out: "Optional[Tuple[list[str], frozenset[str], bool]]" = None
+    store: "Optional[_Store]"
+    broken: "Optional[OSError]"
+    _path: "Optional[str]"
+    source: "Optional[str]"       # set by _memoize(), as is salt
+    salt: str
 
-    def __init__(self, func, cache_dir, name, version, expire, strict):
+    def __init__(self, func: "Callable[..., Any]", cache_dir: "Optional[_StrPath]",
+                 name: "Optional[str]", version: object, expire: "Optional[float]",
+                 strict: bool) -> None:
         self.func = func
         self.identity = name or _identity(func)
         self.version = repr(version)
@@ -2878,13 +2899,13 @@ class _Memo:
         self._path = None
 
     @property
-    def path(self):
+    def path(self) -> str:
         if self._path is None:
             directory = self.cache_dir or os.environ.get("PERSIST_DIR") or self.default_dir
             self._path = os.path.join(os.path.abspath(directory), _file_name(self.identity))
         return self._path
 
-    def trouble(self, what, exc):
+    def trouble(self, what: str, exc: Exception) -> None:
         """A cache error: raise it (strict), or warn once, saying what to do, and go on."""
         if self.strict or isinstance(exc, PersistError) or \
                 os.environ.get("PERSIST_STRICT", "") not in ("", "0"):
@@ -2896,7 +2917,7 @@ class _Memo:
                   "PERSIST_STRICT=1 raises instead" % (self.identity, what, self.path, exc,
                                                        _advice(exc)))
 
-    def open(self, create=True):
+    def open(self, create: bool = True) -> "Optional[_Store]":
         with _OPEN_LOCK:
             if self.store is None and self.broken is None:
                 if not create and not os.path.exists(self.path):
@@ -2922,7 +2943,7 @@ class _Memo:
                 self.store = store
             return self.store
 
-    def get(self, key):
+    def get(self, key: bytes) -> "Any":
         """The cached result for the call whose key is key, or _MISSING."""
         store = self.store if self.store is not None else self.open()
         if store is not None:
@@ -2950,7 +2971,7 @@ class _Memo:
         _debug("miss", self.identity, key)
         return _MISSING
 
-    def put(self, key, value, args, seconds):
+    def put(self, key: bytes, value: "Any", args: "_Call", seconds: float) -> None:
         store = self.store
         if store is None:
             self.unstored += 1
@@ -2972,7 +2993,7 @@ class _Memo:
             _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
                   % (self.identity, type(exc).__name__, exc))
 
-    def fail(self, key, call, exc, seconds):
+    def fail(self, key: bytes, call: "_Call", exc: Exception, seconds: float) -> None:
         """Record in the cache's failure ledger that the call keyed key raised exc. It never
         raises: the caller is about to re-raise exc, and that is the error that matters."""
         store = self.store
@@ -2990,7 +3011,8 @@ class _Memo:
                 self.trouble("could not record a failed call in", trouble)
 
 
-def _failure_record(call, exc, seconds, version):
+def _failure_record(call: "_Call", exc: BaseException, seconds: float,
+                    version: str) -> "_FailureRecord":
     """(args, type, message, traceback, seconds, version): what the ledger keeps of a call."""
     import traceback
     kind = type(exc)
@@ -3036,7 +3058,7 @@ class _Explanation:
         return "<explanation %s: %s>" % (self.reason, self._text)
 
 
-def _stored_when(stored, seconds=None):
+def _stored_when(stored: float, seconds: "Optional[float]" = None) -> str:
     """'stored 2026-11-26 11:52 (3m ago), computed in 1.5 s' (the last part where known)."""
     text = "stored %s (%s ago)" % (_when(stored), _age(max(0.0, time.time() - stored)))
     if seconds is None:
@@ -3048,7 +3070,7 @@ def _stored_when(stored, seconds=None):
     return text + ", computed in under 1 ms"
 
 
-def _other_code_caches(memo):
+def _other_code_caches(memo: _Memo) -> "list[str]":
     """The caches beside memo's of the same function with other code: a function with no
     source file (a notebook, the REPL) or a lambda has a tag of its code in its cache's name
     (see _identity), so each edit starts a new cache."""
@@ -3066,7 +3088,7 @@ def _other_code_caches(memo):
                   and len(name) == len(mine))
 
 
-def _explain(memo, key, key_for):
+def _explain(memo: _Memo, key: bytes, key_for: "Callable[[str], bytes]") -> _Explanation:
     """An _Explanation of what a call whose key is key would do now; key_for(salt) keys the
     same call under another salt. Nothing is counted and nothing is stored."""
     path = memo.path
@@ -3152,8 +3174,14 @@ class _Memoized:
     """
 
     __slots__ = ("_state", "_salt", "_self", "__dict__", "__weakref__")
+    # (memo, bind, key_from, func); the salt of its keys; the instance bound to, or None
+    _state: "Tuple[_Memo, _Bind, Callable[[Any], bytes], Callable[..., Any]]"
+    _salt: str
+    _self: "Any"
+    __name__: str
+    __qualname__: str
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: "Any", **kwargs: "Any") -> "Any":
         memo, bind, key_from, func = self._state
         if self._self is not None:
             args = (self._self,) + args
@@ -3175,7 +3203,8 @@ class _Memoized:
             memo.put(key, result, (args, kwargs), time.perf_counter() - start)
         return result
 
-    def _call(self, args, kwargs, failing=None):
+    def _call(self, args: "Tuple[Any, ...]", kwargs: "dict[str, Any]",
+              failing: "Optional[Callable[[], object]]" = None) -> "Tuple[Any, bool]":
         """(result, whether it came from the cache): a call for persist.map, which counts;
         failing() is called as soon as func raises, before the failure is recorded."""
         memo, bind, key_from, func = self._state
@@ -3197,7 +3226,7 @@ class _Memoized:
         memo.put(key, result, (args, kwargs), time.perf_counter() - start)
         return result, False
 
-    def __get__(self, instance, owner=None):
+    def __get__(self, instance: object, owner: "Optional[type]" = None) -> "_Memoized":
         if instance is None or self._self is not None:
             return self
         bound = object.__new__(_Memoized)
@@ -3206,30 +3235,31 @@ class _Memoized:
         return bound
 
     @property
-    def __wrapped__(self):
+    def __wrapped__(self) -> "Callable[..., Any]":
         func = self._state[3]
         return func if self._self is None else types.MethodType(func, self._self)
 
     @__wrapped__.setter
-    def __wrapped__(self, func):             # functools.update_wrapper sets it: it is _state's
+    def __wrapped__(self, func: "Callable[..., Any]") -> None:   # update_wrapper sets it:
+        # it is _state's
         pass
 
     @property
-    def _memo(self):
+    def _memo(self) -> _Memo:
         return self._state[0]
 
-    def __reduce__(self):
+    def __reduce__(self) -> "Union[str, Tuple[Any, ...]]":
         if self._self is not None:
             return getattr, (self._self, self.__name__)
         return self.__qualname__             # a global name: pickle finds it and checks it
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         name = getattr(self, "__qualname__", None) or repr(self._state[3])
         if self._self is not None:
             return "<bound memoized %s of %r>" % (name, self._self)
         return "<memoized %s>" % name
 
-    def _key_of(self, args, kwargs):
+    def _key_of(self, args: "Tuple[Any, ...]", kwargs: "dict[str, Any]") -> bytes:
         memo, bind, key_from, func = self._state
         if self._self is not None:
             args = (self._self,) + args
@@ -3241,7 +3271,7 @@ class _Memoized:
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
 
-    def explain(self, *args, **kwargs):
+    def explain(self, *args: "Any", **kwargs: "Any") -> _Explanation:
         """Say whether a call with these arguments would be a hit, or why it would miss,
         without calling the function. A hit is loaded, to be sure that it can be."""
         memo, bind, key_from, func = self._state
@@ -3256,7 +3286,7 @@ class _Memoized:
             raise _unkeyable(func, args, kwargs, exc) from None
         return _explain(memo, key, lambda salt: _keyer(salt)(material))
 
-    def cache_info(self):
+    def cache_info(self) -> "_CacheInfo":
         """hits and misses in this process; entries and path of the cache on disk; unstored:
         results this process could not store; failures: calls on record as failed (see
         failures()); seconds: how long the stored results took to compute, in all; saved: how
@@ -3267,14 +3297,14 @@ class _Memoized:
         return _CacheInfo(memo.hits, memo.misses, entries, memo.path, memo.unstored, failures,
                           seconds, memo.saved)
 
-    def failures(self):
+    def failures(self) -> "list[_Failure]":
         """The calls that raised and have not succeeded since, the latest failure last: named
         tuples of args (short form), type and message of the exception, count (of failures),
         first and last (Unix times), seconds (the last call's), version and traceback."""
         store = self._memo.open(create=False)
         return [] if store is None else [_Failure(*row) for row in store.failures()]
 
-    def cache_clear(self):
+    def cache_clear(self) -> None:
         """Remove every stored result of this function, and its failure records."""
         memo = self._memo
         store = memo.open(create=False)
@@ -3283,13 +3313,13 @@ class _Memoized:
         memo.hits = memo.misses = 0
         memo.saved = 0.0
 
-    def cache_delete(self, *args, **kwargs):
+    def cache_delete(self, *args: "Any", **kwargs: "Any") -> bool:
         """Remove the result stored for these arguments; return whether there was one."""
         key = self._key_of(args, kwargs)
         store = self._memo.open(create=False)
         return store is not None and store.delete(key)
 
-    def cache_prune(self, *, stale=True, expired=True):
+    def cache_prune(self, *, stale: bool = True, expired: bool = True) -> int:
         """Remove results of other version=s (stale) and results older than expire=; return
         how many went."""
         memo = self._memo
@@ -3300,7 +3330,7 @@ class _Memoized:
         return store.prune(before, memo.version if stale else None)[0]
 
 
-def _code_flags(func):
+def _code_flags(func: "Callable[..., Any]") -> int:
     """The flags of func's code, through partials and bound methods, as inspect reads them
     for isgeneratorfunction() and the like (without importing it)."""
     while True:
@@ -3313,7 +3343,10 @@ def _code_flags(func):
     return func.__code__.co_flags if isinstance(func, types.FunctionType) else 0
 
 
-def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
+def _memoize(func: "Callable[..., Any]", cache_dir: "Optional[_StrPath]", name: "Optional[str]",
+             version: object, expire: "Union[float, datetime.timedelta, None]",
+             ignore: "Union[str, Iterable[str]]", key: "Optional[Callable[..., Any]]",
+             strict: bool) -> "Callable[..., Any]":
     label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
     flags = _code_flags(func)
     coroutine = bool(flags & _CO_COROUTINE)
@@ -3352,7 +3385,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     # before Python 3.12 (the limit counts the C call between them too).
     key_of = handle._key_of
     if coroutine:
-        async def wrapper(*args, **kwargs):
+        async def wrapper(*args: "Any", **kwargs: "Any") -> "Any":
             key = key_of(args, kwargs)
             result = memo.get(key)
             if result is _MISSING:
@@ -3364,8 +3397,8 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
                     raise
                 memo.put(key, result, (args, kwargs), time.perf_counter() - start)
             return result
-    else:
-        def wrapper(*args, **kwargs):
+    else:   # (ignore[misc]: one variant returns a coroutine; memoize says what either is)
+        def wrapper(*args: "Any", **kwargs: "Any") -> "Any":  # type: ignore[misc]
             material = bind(args, kwargs)    # a wrong call raises here, naming the function
             try:
                 key = key_from(material)
@@ -3384,18 +3417,18 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
                 memo.put(key, result, (args, kwargs), time.perf_counter() - start)
             return result
 
-    functools.update_wrapper(wrapper, func)
-    wrapper.cache_info = handle.cache_info
-    wrapper.cache_clear = handle.cache_clear
-    wrapper.cache_delete = handle.cache_delete
-    wrapper.cache_prune = handle.cache_prune
-    wrapper.explain = handle.explain
-    wrapper.failures = handle.failures
+    functools.update_wrapper(wrapper, func)   # (ignore[attr-defined]: a function's attributes)
+    wrapper.cache_info = handle.cache_info         # type: ignore[attr-defined]
+    wrapper.cache_clear = handle.cache_clear       # type: ignore[attr-defined]
+    wrapper.cache_delete = handle.cache_delete     # type: ignore[attr-defined]
+    wrapper.cache_prune = handle.cache_prune       # type: ignore[attr-defined]
+    wrapper.explain = handle.explain               # type: ignore[attr-defined]
+    wrapper.failures = handle.failures             # type: ignore[attr-defined]
     _HANDLES[wrapper] = handle           # persist.map calls through it, to count hits
     return wrapper
 
 
-def _in_class_body(func):
+def _in_class_body(func: "Callable[..., Any]") -> bool:
     """Whether func was defined in a class body: then memoize's wrapper must bind to an
     instance as func would, and a descriptor is the wrapper."""
     parts = getattr(func, "__qualname__", "").split(".")
@@ -4193,13 +4226,13 @@ def _open_shelve_file(path, flag):
 
 if TYPE_CHECKING:     # bare, @memoize; or with options, @memoize(version=2)
     @overload
-    def memoize(func: Callable[_P, _R], *, cache_dir: Optional[_Path] = None,
+    def memoize(func: Callable[_P, _R], *, cache_dir: Optional[_StrPath] = None,
                 name: Optional[str] = None, version: object = None,
                 expire: Union[float, datetime.timedelta, None] = None,
                 ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
                 strict: bool = False) -> _MemoizedFunction[_P, _R]: ...
     @overload
-    def memoize(func: None = None, *, cache_dir: Optional[_Path] = None,
+    def memoize(func: None = None, *, cache_dir: Optional[_StrPath] = None,
                 name: Optional[str] = None, version: object = None,
                 expire: Union[float, datetime.timedelta, None] = None,
                 ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
@@ -4208,7 +4241,7 @@ if TYPE_CHECKING:     # bare, @memoize; or with options, @memoize(version=2)
 
 
 def memoize(func: "Optional[Callable[..., Any]]" = None, *,
-            cache_dir: "Optional[_Path]" = None, name: "Optional[str]" = None,
+            cache_dir: "Optional[_StrPath]" = None, name: "Optional[str]" = None,
             version: object = None, expire: "Union[float, datetime.timedelta, None]" = None,
             ignore: "Union[str, Iterable[str]]" = (),
             key: "Optional[Callable[..., Any]]" = None, strict: bool = False) -> "Any":
