@@ -71,12 +71,14 @@ import weakref
 # module too. See "Type checking" in the README.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     import concurrent.futures
     import datetime
     import pathlib
     import threading
-    from typing import (IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple,
-                        Optional, Sequence, Tuple, TypeVar, Union, overload)
+    from typing import (IO, Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List,
+                        NamedTuple, Optional, OrderedDict, Sequence, Set, Tuple, TypeVar,
+                        Union, overload)
     from typing_extensions import (Buffer, Concatenate, Literal, ParamSpec, Protocol, Self,
                                    TypeAlias)
 
@@ -99,6 +101,14 @@ if TYPE_CHECKING:
     # version)
     _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str]
     _Call: TypeAlias = Tuple[Tuple[Any, ...], Dict[str, Any]]   # (args, kwargs) of a call
+    _Handle: TypeAlias = Tuple["_Memoized", Tuple[Any, ...], Dict[str, Any]]   # _handle_of's
+    # what _run says of an item: (True, result, hit), (False, exception, traceback text or
+    # None), or (None, None, None) when it never started
+    _Outcome: TypeAlias = Tuple[Optional[bool], Any, Any]
+
+    class _Event(Protocol):       # threading's, or multiprocessing's
+        def is_set(self) -> bool: ...
+        def set(self) -> None: ...
 
     class _MemoizedFunction(Protocol[_P, _R]):
         """What memoize returns, to a type checker: func's own signature and result, and the
@@ -116,7 +126,7 @@ if TYPE_CHECKING:
         def cache_clear(self) -> None: ...
         def cache_delete(self, *args: _P.args, **kwargs: _P.kwargs) -> bool: ...
         def cache_prune(self, *, stale: bool = True, expired: bool = True) -> int: ...
-        def failures(self) -> "list[_Failure]": ...
+        def failures(self) -> "List[_Failure]": ...
         def explain(self, *args: _P.args, **kwargs: _P.kwargs) -> "_Explanation": ...
 
         @overload
@@ -341,7 +351,7 @@ def _create_temp(target: str, shown: "_Path") -> "Tuple[str, int]":
         # its descriptor lost, whenever the signal came during the open() system call (a
         # wide window: one Ctrl-C in two, measured). Called by list.extend(), from C, its
         # descriptor is stored before that exception is raised, so both can be undone.
-        opened: "list[int]" = []
+        opened: "List[int]" = []
         try:
             opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask
         except FileExistsError:
@@ -553,14 +563,14 @@ def _check_private(directory: str, what: str) -> None:
 # _Shelf       shelve.Shelf over a _Store
 
 _CONNECTIONS: "weakref.WeakSet[_Connection]" = weakref.WeakSet()   # closed before fork()
-_FORKING: "list[list[_Connection]]" = []   # per fork under way, what _before_fork() holds
-_WRITING_AT_FORK: "set[str]" = set()   # caches a signal handler forked in the middle of using
-_CREATING: "set[str]" = set()      # caches _Store._create() is making in this process
-_ABANDONED: "list[sqlite3.Connection]" = []   # connections a racing thread opened during fork(): never
+_FORKING: "List[List[_Connection]]" = []   # per fork under way, what _before_fork() holds
+_WRITING_AT_FORK: "Set[str]" = set()   # caches a signal handler forked in the middle of using
+_CREATING: "Set[str]" = set()      # caches _Store._create() is making in this process
+_ABANDONED: "List[sqlite3.Connection]" = []   # connections a racing thread opened during fork(): never
                                    # used or closed in the child (closing would unlock the parent's)
 
 
-def _fetch(conn: "sqlite3.Connection", sql: str, params: "Sequence[Any]" = ()) -> "list[Any]":
+def _fetch(conn: "sqlite3.Connection", sql: str, params: "Sequence[Any]" = ()) -> "List[Any]":
     # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
     return conn.execute(sql, params).fetchall()
 
@@ -633,7 +643,7 @@ class _Connection:
                 finally:
                     self._depth = 0
 
-    def query(self, sql: str, params: "Sequence[Any]" = ()) -> "list[Any]":
+    def query(self, sql: str, params: "Sequence[Any]" = ()) -> "List[Any]":
         """The rows of one statement: run(_fetch, sql, params), without a call (every
         hit's path)."""
         with self._lock:
@@ -881,7 +891,7 @@ def _before_fork() -> None:
     A signal handler may fork while this runs, or while the parent's half runs: each fork
     takes (RLocks: again) and gives back exactly the locks on its own list, pushed here as a
     whole and popped as a whole, so nested forks keep the counts even."""
-    held: "list[_Connection]" = []
+    held: "List[_Connection]" = []
     while True:           # a thread may open another while we hold the first ones
         new = [conn for conn in list(_CONNECTIONS) if conn not in held]
         if not new:
@@ -989,7 +999,7 @@ class _Values:
             with contextlib.suppress(FileNotFoundError, PermissionError):
                 os.unlink(self.path(name))
 
-    def sweep(self, named: "Callable[[list[str]], set[str]]") -> None:
+    def sweep(self, named: "Callable[[List[str]], Set[str]]") -> None:
         """Remove the files that named(names) leaves out and that nobody is writing."""
         try:
             names = os.listdir(self.directory)
@@ -1022,7 +1032,7 @@ class _Spill:
 
     name: "Optional[str]"
     file: "Optional[io.BufferedWriter]"
-    _chunks: "list[bytes]"
+    _chunks: "List[bytes]"
 
     def __init__(self, values: _Values) -> None:
         self._values = values
@@ -1174,7 +1184,7 @@ class _Store:
         with io.open(self.values.path(row[1]), "rb") as file:
             return pickle.load(file)
 
-    def keys(self) -> "list[bytes]":
+    def keys(self) -> "List[bytes]":
         return [key for key, in self.conn.run(_fetch, _KEYS)]
 
     def __bool__(self) -> bool:   # a store is there, however many entries: no query for that
@@ -1186,10 +1196,10 @@ class _Store:
     def __contains__(self, key: bytes) -> bool:
         return bool(self.conn.run(_fetch, _CONTAINS, (key,)))
 
-    def info(self) -> "dict[str, str]":
+    def info(self) -> "Dict[str, str]":
         return dict(self.conn.run(_fetch, _INFO))
 
-    def entries(self) -> "list[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]":
+    def entries(self) -> "List[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]":
         """(key, args, stored, size, seconds, version) of every entry, oldest first."""
         rows = self.conn.run(_fetch, _ENTRIES)
         return [(key, args, stored, _size(self.values.path(file)) if file else size, seconds,
@@ -1207,7 +1217,7 @@ class _Store:
         """(entries, seconds their calls took in all, failure records), in one query."""
         return self.conn.run(_fetch, _TALLY)[0]  # type: ignore[no-any-return]  # a row: Any
 
-    def failures(self) -> "list[Any]":
+    def failures(self) -> "List[Any]":
         """(args, type, message, count, first, last, seconds, version, traceback) of each
         failure record, the latest failure last."""
         return self.conn.run(_fetch, _FAILURES)
@@ -1278,7 +1288,7 @@ class _Store:
         for key was stored since the call started (another process succeeded meanwhile)."""
         self.conn.transaction(_record_failure, key, started, failure)
 
-    def set_info(self, info: "dict[str, str]") -> None:
+    def set_info(self, info: "Dict[str, str]") -> None:
         self.conn.transaction(lambda conn: conn.executemany(_SET_INFO, info.items()))
 
     def clear(self) -> int:
@@ -1293,7 +1303,7 @@ class _Store:
         """Remove the entries stored before the Unix time before, or of another version than
         version; return (entries, bytes) removed, or that would be with dry_run."""
         where: "Any"      # the conditions, then the SQL that joins them
-        params: "list[object]"
+        params: "List[object]"
         where, params = [], []
         if before is not None:
             where.append("stored < ?")
@@ -1314,9 +1324,9 @@ class _Store:
         self._give_back()
         return len(rows), size
 
-    def _named(self, names: "list[str]") -> "set[str]":
+    def _named(self, names: "List[str]") -> "Set[str]":
         """The value file names among names that a row names."""
-        found: "set[str]" = set()
+        found: "Set[str]" = set()
         for start in range(0, len(names), 500):     # SQLite's limit on parameters
             part = names[start:start + 500]
             found.update(name for name, in self.conn.run(
@@ -1382,14 +1392,14 @@ def _delete_row(conn: "sqlite3.Connection", key: bytes, row: "_Row") -> bool:
     return conn.execute(_DELETE_ROW, (key, row[0], row[1], row[2])).rowcount > 0
 
 
-def _clear(conn: "sqlite3.Connection") -> "Tuple[int, list[str]]":
+def _clear(conn: "sqlite3.Connection") -> "Tuple[int, List[str]]":
     names = [name for name, in _fetch(conn, _FILES)]
     count = conn.execute(_CLEAR).rowcount
     conn.execute("DELETE FROM Failures")
     return count, names
 
 
-def _prune(conn: "sqlite3.Connection", where: str, params: "Sequence[object]") -> "list[str]":
+def _prune(conn: "sqlite3.Connection", where: str, params: "Sequence[object]") -> "List[str]":
     names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
                                             "AND (%s)" % where, params)]
     conn.execute("DELETE FROM Dict WHERE " + where, params)
@@ -1593,9 +1603,9 @@ class _KeyWriter:
 
     __slots__ = ("hasher", "text", "active")
 
-    def __init__(self, hasher: "hashlib._Hash", active: "set[int]") -> None:
+    def __init__(self, hasher: "hashlib._Hash", active: "Set[int]") -> None:
         self.hasher = hasher
-        self.text: "list[str]" = []
+        self.text: "List[str]" = []
         self.active = active          # ids of the containers being written: a cycle shows
 
     def flush(self) -> None:
@@ -1703,7 +1713,7 @@ def _write_unordered(tag: str, items: "Iterable[Any]", w: "_KeyWriter",
                      *parts: "Callable[[Any], Any]") -> None:
     """tag, then the digests of items, each written on its own, in sorted order: the same
     for any order of the items."""
-    digests: "list[bytes]" = []
+    digests: "List[bytes]" = []
     for item in items:
         sub = _KeyWriter(hashlib.sha256(), w.active)
         for part in parts:
@@ -1844,9 +1854,9 @@ def _write_subclass(base: type) -> "_Writer":
     return write
 
 
-def _slot_values(value: object) -> "dict[str, Any]":
+def _slot_values(value: object) -> "Dict[str, Any]":
     """{name: value} of what value holds in the __slots__ of its classes (set ones only)."""
-    found: "dict[str, Any]" = {}
+    found: "Dict[str, Any]" = {}
     for kind in type(value).__mro__:
         slots = kind.__dict__.get("__slots__", ())
         for name in (slots,) if isinstance(slots, str) else slots:
@@ -2040,7 +2050,7 @@ def _write_pandas_values(value: "Any", w: "_KeyWriter") -> None:
     _write_array(value.to_numpy(), w)
 
 
-_WRITERS: "dict[type, _Writer]" = {
+_WRITERS: "Dict[type, _Writer]" = {
     bytes: _write_bytes,
     bytearray: lambda value, w: _write_bytes(value, w, "y"),
     memoryview: _write_memoryview,
@@ -2054,7 +2064,7 @@ _WRITERS: "dict[type, _Writer]" = {
 
 # Standard library types by the names their modules give them (C or pure Python, any
 # version); each is written under one fixed name.
-_BY_NAME: "dict[Tuple[str, str], _Writer]" = {
+_BY_NAME: "Dict[Tuple[str, str], _Writer]" = {
     ("collections", "OrderedDict"): _write_ordered,
     ("collections", "defaultdict"): _write_defaultdict,
     ("datetime", "datetime"): _write_datetime,
@@ -2072,7 +2082,7 @@ for _names in list(_BY_NAME):
     _BY_NAME["_py" + _names[0], _names[1]] = _BY_NAME[_names]     # _pydatetime, _pydecimal
 _BY_NAME["zoneinfo._zoneinfo", "ZoneInfo"] = _write_zoneinfo
 _BY_NAME["builtins", "PickleBuffer"] = _write_picklebuffer     # PyPy's
-_SUBCLASSED: "list[Tuple[type, _Writer]]" = [(base, _write_subclass(base)) for base in
+_SUBCLASSED: "List[Tuple[type, _Writer]]" = [(base, _write_subclass(base)) for base in
                (dict, list, tuple, frozenset, set, str, bytes, bytearray, int, float, complex)]
 _FUNCTION_TYPES = (type(_write), type(len))
 
@@ -2206,7 +2216,7 @@ def _parameters(func: "Callable[..., Any]") -> "_Params":
     return params
 
 
-def _binder(func: "Callable[..., Any]", ignore: "frozenset[str]", label: str) -> "_Bind":
+def _binder(func: "Callable[..., Any]", ignore: "FrozenSet[str]", label: str) -> "_Bind":
     """A fast bind(args, kwargs) -> the values that make the key of a call.
 
     The values of the parameters without a default come first, in order; then the name and
@@ -2231,7 +2241,7 @@ def _binder(func: "Callable[..., Any]", ignore: "frozenset[str]", label: str) ->
             _load()
             raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
                             % (name, label, inspect.signature(func)))
-    kept: "list[Tuple[str, int, Any, Optional[bytes]]]" = []   # digest: the default's, or None
+    kept: "List[Tuple[str, int, Any, Optional[bytes]]]" = []   # digest: the default's, or None
     for name, kind, default in params:
         if name in ignore:
             continue
@@ -2240,9 +2250,9 @@ def _binder(func: "Callable[..., Any]", ignore: "frozenset[str]", label: str) ->
             with contextlib.suppress(Exception):   # best effort: compared by identity then
                 digest = _digest(default)
         kept.append((name, kind, default, digest))
-    signature: "list[inspect.Signature]" = []   # made on first need: a call bind() cannot take
+    signature: "List[inspect.Signature]" = []   # made on first need: a call bind() cannot take
 
-    def bind_slowly(args: "Tuple[Any, ...]", kwargs: "dict[str, Any]") -> "Tuple[Any, ...]":
+    def bind_slowly(args: "Tuple[Any, ...]", kwargs: "Dict[str, Any]") -> "Tuple[Any, ...]":
         if not signature:
             _load()
             signature.append(inspect.signature(func))
@@ -2250,8 +2260,8 @@ def _binder(func: "Callable[..., Any]", ignore: "frozenset[str]", label: str) ->
             arguments = signature[0].bind(*args, **kwargs).arguments
         except TypeError as exc:
             raise TypeError("%s(): %s" % (label, exc)) from None
-        values: "list[Any]" = []
-        named: "list[Any]" = []
+        values: "List[Any]" = []
+        named: "List[Any]" = []
         for name, kind, default, digest in kept:
             if name not in arguments:          # left at its default, or no *args / **kwargs
                 continue
@@ -2284,7 +2294,7 @@ def _binder(func: "Callable[..., Any]", ignore: "frozenset[str]", label: str) ->
         run = required
     exact = _EXACT
 
-    def bind(args: "Tuple[Any, ...]", kwargs: "dict[str, Any]") -> "Tuple[Any, ...]":
+    def bind(args: "Tuple[Any, ...]", kwargs: "Dict[str, Any]") -> "Tuple[Any, ...]":
         given = len(args)
         if kwargs:                 # f(x=5): place the keywords, then as if positional
             if given > count:
@@ -2325,7 +2335,7 @@ def _binder(func: "Callable[..., Any]", ignore: "frozenset[str]", label: str) ->
     return bind
 
 
-def _unkeyable(func: "Callable[..., Any]", args: "Tuple[Any, ...]", kwargs: "dict[str, Any]",
+def _unkeyable(func: "Callable[..., Any]", args: "Tuple[Any, ...]", kwargs: "Dict[str, Any]",
                exc: Exception) -> Exception:
     """The TypeError for an argument that cannot be part of a key, naming the parameter.
 
@@ -2358,7 +2368,7 @@ def _innermost(func: "Callable[..., Any]") -> "Callable[..., Any]":
     """What func runs in the end: the function inside partials, bound methods and
     decorators that set __wrapped__ (functools.wraps does), whose file and name are the
     function's own: a decorator's module is shared by every project that uses it."""
-    seen: "set[int]" = set()
+    seen: "Set[int]" = set()
     while id(func) not in seen:
         seen.add(id(func))
         if isinstance(func, functools.partial):
@@ -2484,7 +2494,7 @@ class _Unkeyable(Exception):
     """Something a function carries cannot be part of a key (a lock, a connection)."""
 
 
-def _carried_defaults(func: "types.FunctionType") -> "list[Tuple[str, Any]]":
+def _carried_defaults(func: "types.FunctionType") -> "List[Tuple[str, Any]]":
     """(name, default) of func's parameters with a default."""
     code = func.__code__
     positional = code.co_varnames[:code.co_argcount]
@@ -2502,8 +2512,8 @@ class _Carried:
     raises _Unkeyable, naming it, unless memoize(key=...) took that on (lenient).
     """
 
-    def __init__(self, lenient: bool, ignore: "frozenset[str]") -> None:
-        self.seen: "set[int]" = set()
+    def __init__(self, lenient: bool, ignore: "FrozenSet[str]") -> None:
+        self.seen: "Set[int]" = set()
         self.lenient = lenient
         self.ignore = ignore          # parameters of the memoized function left out
         self.decorated: "Optional[str]" = None   # its own cell is empty while it is decorated
@@ -2590,7 +2600,7 @@ class _Carried:
         return "(%s)" % "; ".join(parts) if parts or not top else ""
 
 
-_DEFAULTS: "dict[Tuple[str, str], object]" = {}   # (identity, salt) -> its defaults' digest
+_DEFAULTS: "Dict[Tuple[str, str], object]" = {}   # (identity, salt) -> its defaults' digest
 
 
 def _check_defaults(func: "Callable[..., Any]", identity: str, salt: str) -> None:
@@ -2618,7 +2628,7 @@ def _check_defaults(func: "Callable[..., Any]", identity: str, salt: str) -> Non
 
 
 def _salt(func: "Callable[..., Any]", version: str, key: "Optional[Callable[..., Any]]",
-          ignore: "frozenset[str]") -> str:
+          ignore: "FrozenSet[str]") -> str:
     """The salt of func's keys: its version, and what it carries besides its arguments
     (closure cells, a partial's arguments, a bound method's self, a callable's state)."""
     try:
@@ -2741,7 +2751,7 @@ def _short_repr(call: "_Call") -> "Optional[str]":
     return text if len(text) <= 200 else text[:199] + "\u2026"
 
 
-def _leave_out(call: "_Call", names: "list[str]", ignore: "frozenset[str]",
+def _leave_out(call: "_Call", names: "List[str]", ignore: "FrozenSet[str]",
                rest: bool) -> "_Call":
     """call's (args, kwargs) without the parameters in ignore, so that 'persist show' does
     not list what the key left out; names: the positional parameters; rest: ignore names
@@ -2804,17 +2814,17 @@ class _ShortRepr(reprlib.Repr):
             return "<int of about %d digits>" % int(x.bit_length() * 0.30103 + 1)
         return super().repr_int(x, level)
 
-    def repr_dict(self, x: "dict[Any, Any]", level: int) -> str:   # reprlib sorts every key
+    def repr_dict(self, x: "Dict[Any, Any]", level: int) -> str:   # reprlib sorts every key
         return super().repr_dict(x, level) if len(x) <= 100 else self._first_items(x, level)
 
-    def repr_set(self, x: "Union[set[Any], frozenset[Any]]", level: int) -> str:
+    def repr_set(self, x: "Union[Set[Any], FrozenSet[Any]]", level: int) -> str:
         # (ignore[arg-type]: this is repr_frozenset too; reprlib's repr_set formats either)
         return (super().repr_set(x, level)  # type: ignore[arg-type]
                 if len(x) <= 100 else self._first_items(x, level))
 
     repr_frozenset = repr_set
 
-    def _first_items(self, x: "Union[dict[Any, Any], set[Any], frozenset[Any]]",
+    def _first_items(self, x: "Union[Dict[Any, Any], Set[Any], FrozenSet[Any]]",
                      level: int) -> str:
         """The first few items in x's own order: sorting a large one is not worth its time."""
         if isinstance(x, dict):
@@ -2874,7 +2884,7 @@ class _Memo:
     """
 
     # (positional names, ignore, *args ignored) for _leave_out
-    leave_out: "Optional[Tuple[list[str], frozenset[str], bool]]" = None
+    leave_out: "Optional[Tuple[List[str], FrozenSet[str], bool]]" = None
     store: "Optional[_Store]"
     broken: "Optional[OSError]"
     _path: "Optional[str]"
@@ -3070,7 +3080,7 @@ def _stored_when(stored: float, seconds: "Optional[float]" = None) -> str:
     return text + ", computed in under 1 ms"
 
 
-def _other_code_caches(memo: _Memo) -> "list[str]":
+def _other_code_caches(memo: _Memo) -> "List[str]":
     """The caches beside memo's of the same function with other code: a function with no
     source file (a notebook, the REPL) or a lambda has a tag of its code in its cache's name
     (see _identity), so each edit starts a new cache."""
@@ -3203,7 +3213,7 @@ class _Memoized:
             memo.put(key, result, (args, kwargs), time.perf_counter() - start)
         return result
 
-    def _call(self, args: "Tuple[Any, ...]", kwargs: "dict[str, Any]",
+    def _call(self, args: "Tuple[Any, ...]", kwargs: "Dict[str, Any]",
               failing: "Optional[Callable[[], object]]" = None) -> "Tuple[Any, bool]":
         """(result, whether it came from the cache): a call for persist.map, which counts;
         failing() is called as soon as func raises, before the failure is recorded."""
@@ -3259,7 +3269,7 @@ class _Memoized:
             return "<bound memoized %s of %r>" % (name, self._self)
         return "<memoized %s>" % name
 
-    def _key_of(self, args: "Tuple[Any, ...]", kwargs: "dict[str, Any]") -> bytes:
+    def _key_of(self, args: "Tuple[Any, ...]", kwargs: "Dict[str, Any]") -> bytes:
         memo, bind, key_from, func = self._state
         if self._self is not None:
             args = (self._self,) + args
@@ -3297,7 +3307,7 @@ class _Memoized:
         return _CacheInfo(memo.hits, memo.misses, entries, memo.path, memo.unstored, failures,
                           seconds, memo.saved)
 
-    def failures(self) -> "list[_Failure]":
+    def failures(self) -> "List[_Failure]":
         """The calls that raised and have not succeeded since, the latest failure last: named
         tuples of args (short form), type and message of the exception, count (of failures),
         first and last (Unix times), seconds (the last call's), version and traceback."""
@@ -3444,9 +3454,11 @@ _BATCH_SECONDS = 0.05     # persist.map sends workers items in batches of about 
 _BATCH_LIMIT = 1000       # items, at most, in one batch
 
 
-def _handle_of(func):
+def _handle_of(func: "Callable[..., Any]") -> "Optional[_Handle]":
     """(the _Memoized behind func, leading arguments, keywords) when func is a memoized
     function, method or a functools.partial of one; else None."""
+    args: "Tuple[Any, ...]"
+    kwargs: "Dict[str, Any]"
     args, kwargs = (), {}
     if isinstance(func, functools.partial):
         args, kwargs, func = func.args, func.keywords, func.func
@@ -3459,10 +3471,12 @@ def _handle_of(func):
     return None if handle is None else (handle, args, kwargs)
 
 
-_STOP = None      # in persist.map's own workers, with keep_going=False: set by a failure
+_STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_going=False: set by
+                                   # a failure
 
 
-def _run(func, items, portable, stop=None):
+def _run(func: "Callable[[Any], Any]", items: "List[Any]", portable: bool,
+         stop: "Optional[_Event]" = None) -> "Tuple[List[_Outcome], float]":
     """func(item) for a batch of items where they run (this process, or a worker): a list of
     (True, result, whether the cache had it), (False, exception, traceback text or None) or
     (None, None, None) for an item not started, and the seconds the batch took. portable:
@@ -3473,7 +3487,7 @@ def _run(func, items, portable, stop=None):
     if found is not None:
         call, args, kwargs = found[0]._call, found[1], found[2]
         failing = None if stop is None else stop.set
-    outcomes = []
+    outcomes: "List[_Outcome]" = []
     start = time.perf_counter()
     for item in items:
         if stop is not None and stop.is_set():
@@ -3500,15 +3514,15 @@ def _run(func, items, portable, stop=None):
 class _WorkerTraceback(Exception):
     """The traceback of an exception raised in a worker, as text: the __cause__ it gets."""
 
-    def __str__(self):
-        return "\n\n" + self.args[0]
+    def __str__(self) -> str:
+        return "\n\n" + str(self.args[0])
 
 
 class _WorkerError(Exception):
     """An exception that a worker raised but could not send back: its type and message."""
 
 
-def _portable(exc):
+def _portable(exc: Exception) -> Exception:
     """exc if it survives pickling both ways, else a _WorkerError that says what it was."""
     try:
         pickle.loads(pickle.dumps(exc, _PROTOCOL))
@@ -3522,13 +3536,13 @@ def _portable(exc):
                             % (_type_label(type(exc)), message, type(why).__name__, why))
 
 
-def _type_label(kind):
+def _type_label(kind: type) -> str:
     module = getattr(kind, "__module__", None)
     return kind.__qualname__ if module in (None, "builtins") else \
         "%s.%s" % (module, kind.__qualname__)
 
 
-def _worker_start(stop):
+def _worker_start(stop: "Optional[_Event]") -> None:
     """Each worker of persist.map's own pool ignores Ctrl-C: the parent stops them all, at
     once and without a traceback from each. stop: see _run."""
     global _STOP
@@ -3537,7 +3551,7 @@ def _worker_start(stop):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _stop_workers(pool):
+def _stop_workers(pool: "concurrent.futures.ProcessPoolExecutor") -> None:
     """End a ProcessPoolExecutor's workers now, whatever they are running."""
     # best effort, through a private attribute: without it, shutdown() waits for the calls
     for process in list((getattr(pool, "_processes", None) or {}).values()):
@@ -3546,7 +3560,7 @@ def _stop_workers(pool):
     pool.shutdown(wait=True)
 
 
-def _took(seconds):
+def _took(seconds: float) -> str:
     """A duration for people: 4.2s, 3m12s, 2h41m."""
     if seconds < 60:
         return "%.1fs" % seconds
@@ -3555,14 +3569,21 @@ def _took(seconds):
     return "%dh%02dm" % divmod(int(seconds) // 60, 60)
 
 
-def _n(number):
+def _n(number: int) -> str:
     return format(number, ",")
 
 
 class _Run:
     """One persist.map(): the results, the counts, the progress line and the summary."""
 
-    def __init__(self, func, items, found, progress):
+    results: "List[Any]"
+    failures: "List[Tuple[int, Exception]]"
+    bar: "Any"
+    tick: "Optional[float]"
+
+    def __init__(self, func: "Callable[[Any], Any]", items: "List[Any]",
+                 found: "Optional[_Handle]", progress: "Union[bool, Callable[..., Any], None]"
+                 ) -> None:
         self.func, self.items, self.found = func, items, found
         inner = func.func if isinstance(func, functools.partial) else func
         self.label = getattr(inner, "__name__", None) or type(inner).__name__
@@ -3590,21 +3611,21 @@ class _Run:
         self.counted = 0                # items the bar was told about
 
     @property
-    def done(self):
+    def done(self) -> int:
         return self.reused + self.computed + len(self.failures)
 
-    def succeeded(self, index, value, hit):
+    def succeeded(self, index: int, value: "Any", hit: bool) -> None:
         self.results[index] = value
         if hit:
             self.reused += 1
         else:
             self.computed += 1
 
-    def failed(self, index, exc):
+    def failed(self, index: int, exc: Exception) -> None:
         self.results[index] = exc
         self.failures.append((index, exc))
 
-    def update(self, now):
+    def update(self, now: float) -> None:
         """Show progress, at most every _PROGRESS_EVERY seconds."""
         self.tick = now + _PROGRESS_EVERY
         done, total = self.done, len(self.items)
@@ -3624,14 +3645,14 @@ class _Run:
                                                    rate, left)
         self.show(text)
 
-    def show(self, text):
+    def show(self, text: str) -> None:
         # best effort: a closed or broken stderr costs the progress line, never the results
         with contextlib.suppress(Exception):
             sys.stderr.write("\r" + text + " " * max(0, self.line - len(text)))
             sys.stderr.flush()
             self.line = len(text)
 
-    def serial(self, keep_going):
+    def serial(self, keep_going: bool) -> None:
         func, found, run = self.func, self.found, self
         if found is not None:
             call, args, kwargs = found[0]._call, found[1], found[2]
@@ -3656,7 +3677,10 @@ class _Run:
                 if now >= run.tick:
                     run.update(now)
 
-    def parallel(self, executor, width, keep_going, portable, pool=None, stop=None):
+    def parallel(self, executor: "concurrent.futures.Executor", width: int, keep_going: bool,
+                 portable: bool,
+                 pool: "Optional[concurrent.futures.ProcessPoolExecutor]" = None,
+                 stop: "Optional[_Event]" = None) -> None:
         """Run the items on executor in batches sized to take about _BATCH_SECONDS each (one
         item at first; quick items travel many to a message), with at most two batches per
         worker waiting, so that a million items are not a million futures. pool: our own, to
@@ -3665,13 +3689,14 @@ class _Run:
         import concurrent.futures
         wait, first = concurrent.futures.wait, concurrent.futures.FIRST_COMPLETED
         window = 2 * width if keep_going else width
-        pending = {}                    # future: the indexes of its batch
+        # each future: the indexes of its batch
+        pending: "Dict[concurrent.futures.Future[Tuple[List[_Outcome], float]], List[int]]" = {}
         todo = iter(range(len(self.items)))
-        alone = collections.deque()     # indexes to send one at a time (see below)
+        alone: "Deque[int]" = collections.deque()   # one at a time (see below)
         size, left = 1, len(self.items)
-        error = None                    # keep_going=False: the first failure
+        error: "Optional[Exception]" = None   # keep_going=False: the first failure
 
-        def submit(count):
+        def submit(count: int) -> None:
             nonlocal left
             for _ in range(count):
                 batch = [alone.popleft()] if alone else list(itertools.islice(todo, size))
@@ -3736,10 +3761,10 @@ class _Run:
         if error is not None:
             raise error
 
-    def summary(self):
+    def summary(self) -> str:
         """One line: what was reused, computed and failed, and where to see the failures."""
         total = len(self.items)
-        parts = []
+        parts: "List[str]" = []
         if self.found is not None:
             parts.append("%s reused" % _n(self.reused))
         parts.append("%s computed" % _n(self.computed))
@@ -3759,7 +3784,7 @@ class _Run:
                                   else "the .failures of the persist.Failures raised")
         return line
 
-    def finish(self):
+    def finish(self) -> None:
         """Clear the progress line, close the bar, and give the summary line."""
         if self.bar is not None:
             with contextlib.suppress(Exception):
@@ -3776,13 +3801,13 @@ class _Run:
             with contextlib.suppress(Exception):
                 print(line, file=sys.stderr)
 
-    def error(self):
+    def error(self) -> Failures:
         """The Failures to raise when items failed and map kept going past them."""
         self.failures.sort(key=_first)         # workers finish out of order
-        kinds = collections.OrderedDict()
+        kinds: "OrderedDict[str, List[int]]" = collections.OrderedDict()
         for index, exc in self.failures:
             kinds.setdefault(_type_label(type(exc)), []).append(index)
-        parts = []
+        parts: "List[str]" = []
         for kind, indexes in sorted(kinds.items(), key=lambda pair: -len(pair[1])):
             shown = ", ".join(_SHORT.repr(self.items[i]) for i in indexes[:_SHOWN_ITEMS])
             more = ", ..." if len(indexes) > _SHOWN_ITEMS else ""
@@ -3804,7 +3829,7 @@ class _NotDurable(Exception):
     """An fsync failed in _sync_tree(): (errno, strerror, name), past its except OSError."""
 
 
-def _start_writeback(name, dir_fd):
+def _start_writeback(name: str, dir_fd: "Optional[int]") -> None:
     """Ask Linux to start writing the file's dirty pages to disk, without waiting."""
     # This is an optimization only; it's ok if it fails. Started for every file before the
     # first fsync, the writes and their block allocations share a few journal commits: with
@@ -3814,12 +3839,12 @@ def _start_writeback(name, dir_fd):
     with contextlib.suppress(OSError):
         fd = os.open(name, _O_SYNC_FILE, dir_fd=dir_fd)
         try:
-            os.posix_fadvise(fd, 0, 0, _START_WRITEBACK)
+            os.posix_fadvise(fd, 0, 0, _START_WRITEBACK)  # type: ignore[arg-type]  # set here
         finally:
             os.close(fd)
 
 
-def _sync_file(name, dir_fd):
+def _sync_file(name: str, dir_fd: "Optional[int]") -> int:
     """Fsync the regular file name (relative to dir_fd, if given): its size in bytes.
 
     An OSError from opening it means it vanished or may not be read; one from fsync means
@@ -3839,7 +3864,7 @@ def _sync_file(name, dir_fd):
         os.close(fd)
 
 
-def _sync_files(names, dir_fd):
+def _sync_files(names: "List[str]", dir_fd: "Optional[int]") -> "Tuple[int, int, int]":
     """Fsync the files names (relative to dir_fd, if given): (files, bytes, files not synced).
 
     Several threads fsync at once, because the drive's cache flushes that concurrent fsyncs
@@ -3848,9 +3873,9 @@ def _sync_files(names, dir_fd):
     if _START_WRITEBACK is not None:
         for name in names:
             _start_writeback(name, dir_fd)
-    results = []                           # a size, _VANISHED, or the exception
+    results: "List[Any]" = []              # a size, _VANISHED, or the exception
 
-    def sync(part):
+    def sync(part: "List[str]") -> None:
         for name in part:
             try:
                 results.append(_sync_file(name, dir_fd))
@@ -3871,7 +3896,7 @@ def _sync_files(names, dir_fd):
         running = [_SYNC_THREADS]
         finished.acquire()
 
-        def part(i):
+        def part(i: int) -> None:
             try:
                 sync(names[i::_SYNC_THREADS])
             finally:
@@ -3896,7 +3921,8 @@ def _sync_files(names, dir_fd):
     return files, size, unsynced
 
 
-def _sync_tree(folder, skip=None, dir_fd=None):
+def _sync_tree(folder: str, skip: "Optional[str]" = None, dir_fd: "Optional[int]" = None
+               ) -> "Tuple[int, int, int]":
     """Fsync each file and directory in folder and below; (files, bytes, files not synced).
 
     Symbolic links are not followed, and the file skip at the top is left out. A file or
@@ -3906,8 +3932,8 @@ def _sync_tree(folder, skip=None, dir_fd=None):
     relative to its open directory, with no path to resolve.
     """
     files = size = unsynced = 0
-    regular = []                           # this directory's files, synced after the loop
-    fd = None
+    regular: "List[str]" = []              # this directory's files, synced after the loop
+    fd: "Optional[int]" = None
     if _SCANDIR_FD:
         fd = os.open(folder, _O_SUBDIR if dir_fd is not None else os.O_RDONLY, dir_fd=dir_fd)
     try:
@@ -3934,14 +3960,14 @@ def _sync_tree(folder, skip=None, dir_fd=None):
         if dir_fd is not None:             # a subdirectory: its entries are durable too
             # best effort: some network and FUSE filesystems refuse to fsync a directory
             with contextlib.suppress(OSError):
-                os.fsync(fd)
+                os.fsync(fd)   # type: ignore[arg-type]  # set: dir_fd comes with _SCANDIR_FD
     finally:
         if fd is not None:
             os.close(fd)
     return files, size, unsynced
 
 
-def _marker_record(directory, marker):
+def _marker_record(directory: "pathlib.Path", marker: str) -> str:
     """Make every file in directory durable; the marker's text: when, how many files, bytes."""
     try:
         files, size, unsynced = _sync_tree(os.fspath(directory), marker)
@@ -3956,7 +3982,7 @@ def _marker_record(directory, marker):
 
 
 @contextlib.contextmanager
-def _dir_lock(directory):
+def _dir_lock(directory: "Union[str, pathlib.Path]") -> "Iterator[None]":
     """Hold an exclusive lock on directory, or fail at once if someone else holds it."""
     if _fcntl is None:
         yield
@@ -3973,7 +3999,7 @@ def _dir_lock(directory):
         os.close(fd)
 
 
-def _empty(directory):
+def _empty(directory: "pathlib.Path") -> None:
     """Remove everything in directory, not following symbolic links."""
     import shutil
     for entry in os.scandir(directory):
@@ -3998,7 +4024,7 @@ _SHELVE_READ_ONLY = ("a {kind} shelve file, not yet a persist store; open it onc
                      "keeps the original")
 
 
-def _shelve_kind(path):
+def _shelve_kind(path: str) -> "Optional[str]":
     """The dbm module that made the shelve file at path ('dbm.dumb', ...), or None."""
     if os.path.isfile(path):
         try:
@@ -4019,7 +4045,7 @@ def _shelve_kind(path):
     return kind or None
 
 
-def _is_dbm_sqlite3(path):
+def _is_dbm_sqlite3(path: str) -> bool:
     """Whether path is an SQLite file with the one table of dbm.sqlite3 (Python 3.13)."""
     try:
         conn = sqlite3.connect(_uri(os.path.abspath(path), "ro"), uri=True)
@@ -4036,7 +4062,7 @@ def _is_dbm_sqlite3(path):
 
 
 @contextlib.contextmanager
-def _shelve_items(path, kind):
+def _shelve_items(path: str, kind: str) -> "Iterator[Iterator[Tuple[bytes, bytes]]]":
     """An iterator of the (key, pickle) pairs of the shelve file at path, as stored."""
     if kind == "dbm.sqlite3":              # read here: Python before 3.13 has no dbm.sqlite3
         busy = PersistError(errno.EBUSY, "a dbm.sqlite3 shelve file that another program "
@@ -4069,18 +4095,19 @@ def _shelve_items(path, kind):
                            "(it has no %s); open it once with a Python that has, to copy "
                            "its entries into a persist store" % (kind, kind), path) from None
     try:
-        yield ((key, db[key]) for key in db.keys())
+        yield ((key, db[key]) for key in db.keys())  # type: ignore[misc]  # keys are bytes
     finally:
         db.close()
 
 
-def _copy_rows(conn, items, stored):
+def _copy_rows(conn: "sqlite3.Connection", items: "Iterable[Tuple[bytes, bytes]]",
+               stored: float) -> int:
     conn.executemany(_PUT, ((key, value, None, stored, None, None, None)
                             for key, value in items))
-    return _fetch(conn, _COUNT)[0][0]
+    return _fetch(conn, _COUNT)[0][0]  # type: ignore[no-any-return]  # a row: Any
 
 
-def _from_shelve(path, kind, copy=True):
+def _from_shelve(path: str, kind: str, copy: bool = True) -> str:
     """Copy the entries of the shelve file at path into a persist store at path (without
     copy, an empty one); keep the original; return what happened, for a warning."""
     directory = os.path.dirname(path)
@@ -4111,8 +4138,8 @@ def _from_shelve(path, kind, copy=True):
                                        "open it again" % log[-4:], path)
             # another process may have copied it meanwhile (one without the lock, see
             # _open_shelve_file), and its store must not be replaced
-            kept = _keep_aside(path, original)
-            if not _same_file(os.stat(path), original):
+            kept = _keep_aside(path, original)    # type: ignore[arg-type]  # set: same_name
+            if not _same_file(os.stat(path), original):   # type: ignore[arg-type]
                 raise FileExistsError(errno.EEXIST, "copied by another process meanwhile",
                                       path)
             os.replace(temp, path)
@@ -4134,11 +4161,11 @@ def _from_shelve(path, kind, copy=True):
             "store of that name, and %s" % (path, kind, count, where))
 
 
-def _same_file(info, other):
+def _same_file(info: "os.stat_result", other: "os.stat_result") -> bool:
     return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
 
 
-def _keep_aside(path, original):
+def _keep_aside(path: str, original: "os.stat_result") -> str:
     """A second name for the file at path, durable before path is replaced: a hard link,
     or where there are none a copy. original: os.stat() of the file as it was read; if path
     is another file now (another process copied it meanwhile), FileExistsError."""
@@ -4180,7 +4207,7 @@ def _keep_aside(path, original):
                           path + _SHELVE_KEPT)
 
 
-def _open_shelve_file(path, flag):
+def _open_shelve_file(path: str, flag: str) -> None:
     """Before persist.open(path, flag) opens a store: move a shelve file's entries into one."""
     if os.path.islink(path):               # _Store refuses it, saying why
         return
@@ -4292,7 +4319,7 @@ def memoize(func: "Optional[Callable[..., Any]]" = None, *,
 
 def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional[int]" = None,
         executor: "Optional[concurrent.futures.Executor]" = None, keep_going: bool = True,
-        progress: "Union[bool, Callable[..., Any], None]" = None) -> "list[_R]":
+        progress: "Union[bool, Callable[..., Any], None]" = None) -> "List[_R]":
     """func(item) for every item, as a list in input order, going on past items that fail.
 
     results = persist.map(transform, records)              # every record is tried
@@ -4347,6 +4374,7 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
                 from None
     items = list(items)
     run = _Run(func, items, found, progress)
+    stop: "Optional[_Event]"
     try:
         if executor is not None:
             width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
@@ -4426,22 +4454,22 @@ if TYPE_CHECKING:     # text or binary, by mode, as open() is
     def atomic_open(path: _Path, mode: _TextMode = "w", *, sync: bool = True,
                     encoding: Optional[str] = None, errors: Optional[str] = None,
                     newline: Optional[str] = None
-                    ) -> contextlib.AbstractContextManager[io.TextIOWrapper, None]: ...
+                    ) -> contextlib.AbstractContextManager[io.TextIOWrapper, Optional[bool]]: ...
     @overload
     def atomic_open(path: _Path, mode: _BinaryMode, *, sync: bool = True,
                     encoding: None = None, errors: None = None, newline: None = None
-                    ) -> contextlib.AbstractContextManager[io.BufferedWriter, None]: ...
+                    ) -> contextlib.AbstractContextManager[io.BufferedWriter, Optional[bool]]: ...
     @overload
     def atomic_open(path: _Path, mode: str, *, sync: bool = True,
                     encoding: Optional[str] = None, errors: Optional[str] = None,
                     newline: Optional[str] = None
-                    ) -> contextlib.AbstractContextManager[IO[Any], None]: ...
+                    ) -> contextlib.AbstractContextManager[IO[Any], Optional[bool]]: ...
 
 
 def atomic_open(path: "_Path", mode: str = "w", *, sync: bool = True,
                 encoding: "Optional[str]" = None, errors: "Optional[str]" = None,
                 newline: "Optional[str]" = None
-                ) -> "contextlib.AbstractContextManager[IO[Any], None]":
+                ) -> "contextlib.AbstractContextManager[IO[Any], Optional[bool]]":
     """Open a file for writing that replaces path only when the with-block ends without error.
 
     with atomic_open("out.json") as f: json.dump(obj, f)
@@ -4471,7 +4499,7 @@ def atomic_open(path: "_Path", mode: str = "w", *, sync: bool = True,
 
 
 def done_dir(path: "_Path", *, marker: str = "DONE", clean: bool = False
-             ) -> "contextlib.AbstractContextManager[pathlib.Path, None]":
+             ) -> "contextlib.AbstractContextManager[pathlib.Path, Optional[bool]]":
     """A directory that gets its marker file only when the with-block finishes without error.
 
     with done_dir("work/features") as d: ...   # d is the directory, an absolute pathlib.Path
@@ -4502,9 +4530,10 @@ def done_dir(path: "_Path", *, marker: str = "DONE", clean: bool = False
 
 
 @contextlib.contextmanager
-def _done_dir(directory, marker, clean):
+def _done_dir(directory: "pathlib.Path", marker: str, clean: bool) -> "Iterator[pathlib.Path]":
     """done_dir() once its arguments are checked: the work happens on entry and exit."""
     where = directory.absolute()           # once: an os.chdir() in the block moves nothing
+    made: "List[pathlib.Path]"
     made, probe = [], where
     while not os.path.lexists(probe):      # the directories mkdir() will add
         made.append(probe)
@@ -4538,25 +4567,25 @@ def is_done(path: "_Path", *, marker: str = "DONE") -> bool:
 # -- the command line: python persist.py COMMAND, or python -m persist COMMAND
 
 
-def _when(stamp):
+def _when(stamp: "Optional[float]") -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
 
 
-def _bytes(size):
+def _bytes(size: float) -> str:   # type: ignore[return]  # "GB" returns
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return ("%d %s" if unit == "B" else "%.1f %s") % (size, unit)
         size /= 1024
 
 
-def _age(seconds):
+def _age(seconds: float) -> str:
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= length:
             return "%d%s" % (seconds // length, unit)
     return "%ds" % seconds
 
 
-def _duration(text):
+def _duration(text: str) -> float:
     """'90', '90s', '15m', '12h', '7d' or '2w' as seconds, positive and finite; argparse calls
     it, and shows the message of an ArgumentTypeError (of a ValueError, only the type's name)."""
     import argparse
@@ -4573,7 +4602,7 @@ def _duration(text):
     return seconds
 
 
-def _limit(text):
+def _limit(text: str) -> int:
     """show --limit: a count of entries, 0 for all of them."""
     import argparse
     try:
@@ -4585,11 +4614,11 @@ def _limit(text):
     return count
 
 
-def _default_cache_dir():
+def _default_cache_dir() -> str:
     return os.environ.get("PERSIST_DIR") or ".persist"
 
 
-def _caches_under(directory):
+def _caches_under(directory: str) -> "Iterator[str]":
     """The .db files under directory, as os.walk finds them, without the value directories."""
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.endswith(".values"))
@@ -4598,7 +4627,7 @@ def _caches_under(directory):
                 yield os.path.join(root, name)
 
 
-def _find_cache(name, directory=None):
+def _find_cache(name: str, directory: "Optional[str]" = None) -> str:
     """The file of a cache given on the command line: a path, as given or as 'persist ls'
     printed it (relative to the cache directory), or a function's name as 'ls' lists it."""
     directory = directory or _default_cache_dir()
@@ -4621,7 +4650,7 @@ def _find_cache(name, directory=None):
                             "or --dir; see 'persist ls')" % directory, name)
 
 
-def _open_cache(name, flag="w", directory=None):
+def _open_cache(name: str, flag: str = "w", directory: "Optional[str]" = None) -> _Store:
     """A cache by path, or by function name in the cache directory (--dir)."""
     path = _find_cache(name, directory)
     try:
@@ -4635,7 +4664,7 @@ def _open_cache(name, flag="w", directory=None):
                        "copies its entries into one, keeping it" % (kind, path), path)
 
 
-def _problem(path, exc):
+def _problem(path: str, exc: OSError) -> str:
     """Why the .db file at path is not a cache persist can list, in a word or two."""
     text = str(exc)
     if isinstance(exc, PermissionError) or not os.access(path, os.R_OK):
@@ -4658,8 +4687,9 @@ def _problem(path, exc):
     return "corrupt" if sqlite else "not SQLite"
 
 
-def _cli_ls(options):
+def _cli_ls(options: "argparse.Namespace") -> None:
     directory = options.dir or _default_cache_dir()
+    paths: "Iterable[str]"
     if os.path.isfile(directory):         # one cache, as 'show' takes it
         _Store(directory, "r").close()     # else its error, as 'show' gives it
         paths, directory = [directory], os.path.dirname(directory) or os.curdir
@@ -4686,7 +4716,7 @@ def _cli_ls(options):
                          "-", "-", "", where))
 
 
-def _one_line(text):
+def _one_line(text: str) -> str:
     """text on one line, however many lines it spans."""
     if not text.isprintable():
         text = " ".join(text.split())
@@ -4695,7 +4725,7 @@ def _one_line(text):
     return text
 
 
-def _cli_show(options):
+def _cli_show(options: "argparse.Namespace") -> None:
     limit = options.limit
     if limit is None:                     # a terminal shows a screenful; a pipe gets all
         limit = 50 if sys.stdout.isatty() else 0
@@ -4717,7 +4747,7 @@ def _cli_show(options):
                                                                      len(entries)))
 
 
-def _cli_clear(options):
+def _cli_clear(options: "argparse.Namespace") -> None:
     if options.dry_run:
         with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
             count, size = store.prune(before=float("inf"), dry_run=True)
@@ -4730,10 +4760,12 @@ def _cli_clear(options):
             count, store.path, _bytes(max(0, before - store.disk_usage()))))
 
 
-def _cli_prune(options):
+# (ignore[return]: the end returns None, which _main() takes as exit status 0)
+def _cli_prune(options: "argparse.Namespace") -> "Optional[int]":  # type: ignore[return]
     flag = "r" if options.dry_run else "w"
     with contextlib.closing(_open_cache(options.cache, flag, options.dir)) as store:
         info = store.info()
+        which: "Dict[str, Any]"           # prune()'s keyword arguments
         if options.stale:
             if "version" not in info:
                 print("%s has no version=; nothing is stale" % store.path)
@@ -4758,14 +4790,16 @@ def _cli_prune(options):
             count, _bytes(size), store.path, _bytes(max(0, before - store.disk_usage()))))
 
 
-def _cli_failures(options):
+# (ignore[return]: as _cli_prune())
+def _cli_failures(options: "argparse.Namespace") -> "Optional[int]":  # type: ignore[return]
     with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
         rows = store.failures()
         label = store.info().get("function") or store.path
         if not rows:
             print("%s: no failed calls on record" % label)
             return 0
-        groups = collections.OrderedDict()        # (type, message): rows, the latest last
+        # (type, message): rows, the latest last
+        groups: "OrderedDict[Tuple[str, str], List[Any]]" = collections.OrderedDict()
         for row in rows:
             groups.setdefault(row[1:3], []).append(row)
         print("%s: %d failed call%s, not succeeded since (%s)" % (
@@ -4789,7 +4823,7 @@ def _cli_failures(options):
             print("\n(--traceback shows each call's traceback)")
 
 
-def _cli_status(options):
+def _cli_status(options: "argparse.Namespace") -> int:
     unfinished = 0
     for path in options.paths:
         if is_done(path, marker=options.marker):
@@ -4803,7 +4837,7 @@ def _cli_status(options):
     return 1 if unfinished else 0
 
 
-def _error_text(exc):
+def _error_text(exc: Exception) -> str:
     """An error as one line: the path first, then what is wrong with it."""
     text = str(exc)
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
@@ -4811,7 +4845,7 @@ def _error_text(exc):
     return " ".join(text.split())
 
 
-def _main(argv=None):
+def _main(argv: "Optional[Sequence[str]]" = None) -> int:
     """python persist.py COMMAND: look after caches and done_dir() stages."""
     import argparse
     _load()
