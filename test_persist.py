@@ -5715,8 +5715,11 @@ _TYPED_FIELDS = {
 
 def _plain_type(text):
     """A revealed type as mypy 1 and 2 and pyright all say it: "Union[builtins.str, None]",
-    "str | None" -> "str | None"; "_io.TextIOWrapper[_io._WrappedBuffer]" -> "TextIOWrapper"."""
+    "str | None" -> "str | None"; "_io.TextIOWrapper[_io._WrappedBuffer]" -> "TextIOWrapper";
+    "List[str]" (typing's name, which pyright keeps) -> "list[str]"."""
     text = re.sub(r"\b[A-Za-z_][\w]*\.", "", text)
+    text = re.sub(r"\b(List|Dict|Set|FrozenSet|Tuple)\[", lambda m: m.group(1).lower() + "[",
+                  text)
     text = re.sub(r"^Union\[(.*)\]$", lambda m: " | ".join(m.group(1).split(", ")), text)
     if text.startswith(("TextIOWrapper", "BufferedWriter")):
         text = text.partition("[")[0]
