@@ -91,6 +91,12 @@ if TYPE_CHECKING:
     _TextMode: TypeAlias = Literal["w", "wt", "x", "xt"]
     _BinaryMode: TypeAlias = Literal["wb", "xb"]
     _Flag: TypeAlias = Literal["r", "w", "c", "n"]
+    _Func: TypeAlias = Callable[..., Any]          # a user's function, or any callable
+    _Args: TypeAlias = Tuple[Any, ...]             # a call's positional arguments
+    _Kwargs: TypeAlias = Dict[str, Any]            # and its keyword arguments
+    _Expire: TypeAlias = Union[float, datetime.timedelta, None]    # memoize(expire=)
+    _Names: TypeAlias = Union[str, Iterable[str]]                  # memoize(ignore=)
+    _Progress: TypeAlias = Union[bool, Callable[..., Any], None]   # persist.map(progress=)
     _Writer: TypeAlias = Callable[[Any, "_KeyWriter"], None]   # writes a value's key encoding
     # memoize's bind(args, kwargs): what keys the call (arguments are the user's: Any)
     _Bind: TypeAlias = Callable[[Tuple[Any, ...], Dict[str, Any]], Any]
@@ -1363,7 +1369,7 @@ class _Store:
         self.conn.close()
 
 
-def _replace(conn: "sqlite3.Connection", row: "Tuple[Any, ...]") -> "Optional[str]":
+def _replace(conn: "sqlite3.Connection", row: "_Args") -> "Optional[str]":
     old = _fetch(conn, _FILE, (row[0],))
     conn.execute(_PUT, row)
     conn.execute(_FORGET_FAILURE, (row[0],))
@@ -1540,7 +1546,7 @@ _CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08    # code flags: *args, **kwargs (as i
 _CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 _NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
 _OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
-_HANDLES: "weakref.WeakKeyDictionary[Callable[..., Any], _Memoized]" = \
+_HANDLES: "weakref.WeakKeyDictionary[_Func, _Memoized]" = \
     weakref.WeakKeyDictionary()   # memoize's function wrappers: their _Memoized
 if TYPE_CHECKING:      # the same named tuples, with the types of their fields
     class _CacheInfo(NamedTuple):
@@ -1854,9 +1860,9 @@ def _write_subclass(base: type) -> "_Writer":
     return write
 
 
-def _slot_values(value: object) -> "Dict[str, Any]":
+def _slot_values(value: object) -> "_Kwargs":
     """{name: value} of what value holds in the __slots__ of its classes (set ones only)."""
-    found: "Dict[str, Any]" = {}
+    found: "_Kwargs" = {}
     for kind in type(value).__mro__:
         slots = kind.__dict__.get("__slots__", ())
         for name in (slots,) if isinstance(slots, str) else slots:
@@ -2187,7 +2193,7 @@ def _at_default(value: "Any", default: "Any", digest: "Optional[bytes]") -> bool
         return False
 
 
-def _parameters(func: "Callable[..., Any]") -> "_Params":
+def _parameters(func: "_Func") -> "_Params":
     """[(name, kind, default)] of func's parameters, as inspect.signature() gives them (kind
     0 to 4 as inspect.Parameter's kinds, default _MISSING for none). A plain function's are
     read off its code, without importing inspect, which costs as much as all of persist."""
@@ -2216,7 +2222,7 @@ def _parameters(func: "Callable[..., Any]") -> "_Params":
     return params
 
 
-def _binder(func: "Callable[..., Any]", ignore: "FrozenSet[str]", label: str) -> "_Bind":
+def _binder(func: "_Func", ignore: "FrozenSet[str]", label: str) -> "_Bind":
     """A fast bind(args, kwargs) -> the values that make the key of a call.
 
     The values of the parameters without a default come first, in order; then the name and
@@ -2252,7 +2258,7 @@ def _binder(func: "Callable[..., Any]", ignore: "FrozenSet[str]", label: str) ->
         kept.append((name, kind, default, digest))
     signature: "List[inspect.Signature]" = []   # made on first need: a call bind() cannot take
 
-    def bind_slowly(args: "Tuple[Any, ...]", kwargs: "Dict[str, Any]") -> "Tuple[Any, ...]":
+    def bind_slowly(args: "_Args", kwargs: "_Kwargs") -> "_Args":
         if not signature:
             _load()
             signature.append(inspect.signature(func))
@@ -2294,7 +2300,7 @@ def _binder(func: "Callable[..., Any]", ignore: "FrozenSet[str]", label: str) ->
         run = required
     exact = _EXACT
 
-    def bind(args: "Tuple[Any, ...]", kwargs: "Dict[str, Any]") -> "Tuple[Any, ...]":
+    def bind(args: "_Args", kwargs: "_Kwargs") -> "_Args":
         given = len(args)
         if kwargs:                 # f(x=5): place the keywords, then as if positional
             if given > count:
@@ -2315,7 +2321,7 @@ def _binder(func: "Callable[..., Any]", ignore: "FrozenSet[str]", label: str) ->
                 return args
             if run is not None:               # ignore='self' and the like
                 return args[run:]
-        named: "Tuple[Any, ...]" = ()
+        named: "_Args" = ()
         for i in range(required, given):
             value, default = args[i], defaults[i]
             if value is default or labels[i] is None:
@@ -2335,7 +2341,7 @@ def _binder(func: "Callable[..., Any]", ignore: "FrozenSet[str]", label: str) ->
     return bind
 
 
-def _unkeyable(func: "Callable[..., Any]", args: "Tuple[Any, ...]", kwargs: "Dict[str, Any]",
+def _unkeyable(func: "_Func", args: "_Args", kwargs: "_Kwargs",
                exc: Exception) -> Exception:
     """The TypeError for an argument that cannot be part of a key, naming the parameter.
 
@@ -2364,7 +2370,7 @@ def _unkeyable(func: "Callable[..., Any]", args: "Tuple[Any, ...]", kwargs: "Dic
                      "memoize(key=...)" % (label, type(exc).__name__, exc))
 
 
-def _innermost(func: "Callable[..., Any]") -> "Callable[..., Any]":
+def _innermost(func: "_Func") -> "_Func":
     """What func runs in the end: the function inside partials, bound methods and
     decorators that set __wrapped__ (functools.wraps does), whose file and name are the
     function's own: a decorator's module is shared by every project that uses it."""
@@ -2382,7 +2388,7 @@ def _innermost(func: "Callable[..., Any]") -> "Callable[..., Any]":
     return func
 
 
-def _func_module(func: "Callable[..., Any]") -> str:
+def _func_module(func: "_Func") -> str:
     """func's module; for a script, its file name (or -m name), as run, imported or spawned."""
     module = getattr(func, "__module__", None) or "__main__"
     if module in _MAIN_NAMES:
@@ -2415,7 +2421,7 @@ def _same_path(first: str, second: str) -> bool:
     return os.path.normcase(os.path.abspath(first)) == os.path.normcase(os.path.abspath(second))
 
 
-def _source_file(func: "Callable[..., Any]") -> "Optional[str]":
+def _source_file(func: "_Func") -> "Optional[str]":
     """The file that defines func, or None: the REPL, a notebook, exec(), a builtin."""
     inner = _innermost(func)
     code = getattr(inner, "__code__", None)
@@ -2452,7 +2458,7 @@ def _const_text(const: object) -> str:
     return repr(const)
 
 
-def _code_tag(func: "Callable[..., Any]") -> str:
+def _code_tag(func: "_Func") -> str:
     """Eight hex digits that stand for func's code: its source text where linecache has it
     (files, IPython and Jupyter cells), else its compiled code. Not its line number, so
     lines added above it change nothing.
@@ -2477,7 +2483,7 @@ def _code_tag(func: "Callable[..., Any]") -> str:
     return hashlib.sha256(material).hexdigest()[:8]
 
 
-def _identity(func: "Callable[..., Any]") -> str:
+def _identity(func: "_Func") -> str:
     """module.qualname of what func runs; a lambda, or a function with no source file (a
     notebook, the REPL), also gets a tag of its code, so that two of one name differ."""
     inner = _innermost(func)
@@ -2550,7 +2556,7 @@ class _Carried:
             raise _Unkeyable("%s, held in %s" % (exc, where) if str(exc).startswith("'")
                              else "%s, %s" % (where, exc)) from None
 
-    def callable(self, func: "Callable[..., Any]", top: bool = False) -> str:
+    def callable(self, func: "_Func", top: bool = False) -> str:
         """func's text; the top level leaves out its name (the cache file has it)."""
         handle: object = func
         if isinstance(func, types.FunctionType):     # memoize's wrapper: its cache says all
@@ -2603,7 +2609,7 @@ class _Carried:
 _DEFAULTS: "Dict[Tuple[str, str], object]" = {}   # (identity, salt) -> its defaults' digest
 
 
-def _check_defaults(func: "Callable[..., Any]", identity: str, salt: str) -> None:
+def _check_defaults(func: "_Func", identity: str, salt: str) -> None:
     """Refuse a second function of one name whose defaults differ (for k in (2, 3): def
     scale(x, k=k)): a call left at its default keys without it, so they would share results.
     Defaults that the salt holds already (nested and no-source functions) are fine."""
@@ -2627,7 +2633,7 @@ def _check_defaults(func: "Callable[..., Any]", identity: str, salt: str) -> Non
                                              for pair in _carried_defaults(inner))))
 
 
-def _salt(func: "Callable[..., Any]", version: str, key: "Optional[Callable[..., Any]]",
+def _salt(func: "_Func", version: str, key: "Optional[_Func]",
           ignore: "FrozenSet[str]") -> str:
     """The salt of func's keys: its version, and what it carries besides its arguments
     (closure cells, a partial's arguments, a bound method's self, a callable's state)."""
@@ -2661,7 +2667,7 @@ def _file_name(identity: str) -> str:
     return safe + ".db"
 
 
-def _default_dir(func: "Callable[..., Any]") -> str:
+def _default_dir(func: "_Func") -> str:
     """.persist beside the file that defines func, else in the current directory."""
     filename = _source_file(func)
     if filename is not None:
@@ -2728,7 +2734,7 @@ def _make_cache_dir(directory: str) -> None:
             file.write("*\n")
 
 
-def _seconds(expire: "Union[float, datetime.timedelta, None]") -> "Optional[float]":
+def _seconds(expire: "_Expire") -> "Optional[float]":
     if expire is None:
         return None
     seconds = expire.total_seconds() if hasattr(expire, "total_seconds") else expire
@@ -2891,7 +2897,7 @@ class _Memo:
     source: "Optional[str]"       # set by _memoize(), as is salt
     salt: str
 
-    def __init__(self, func: "Callable[..., Any]", cache_dir: "Optional[_StrPath]",
+    def __init__(self, func: "_Func", cache_dir: "Optional[_StrPath]",
                  name: "Optional[str]", version: object, expire: "Optional[float]",
                  strict: bool) -> None:
         self.func = func
@@ -3185,7 +3191,7 @@ class _Memoized:
 
     __slots__ = ("_state", "_salt", "_self", "__dict__", "__weakref__")
     # (memo, bind, key_from, func); the salt of its keys; the instance bound to, or None
-    _state: "Tuple[_Memo, _Bind, Callable[[Any], bytes], Callable[..., Any]]"
+    _state: "Tuple[_Memo, _Bind, Callable[[Any], bytes], _Func]"
     _salt: str
     _self: "Any"
     __name__: str
@@ -3213,7 +3219,7 @@ class _Memoized:
             memo.put(key, result, (args, kwargs), time.perf_counter() - start)
         return result
 
-    def _call(self, args: "Tuple[Any, ...]", kwargs: "Dict[str, Any]",
+    def _call(self, args: "_Args", kwargs: "_Kwargs",
               failing: "Optional[Callable[[], object]]" = None) -> "Tuple[Any, bool]":
         """(result, whether it came from the cache): a call for persist.map, which counts;
         failing() is called as soon as func raises, before the failure is recorded."""
@@ -3245,12 +3251,12 @@ class _Memoized:
         return bound
 
     @property
-    def __wrapped__(self) -> "Callable[..., Any]":
+    def __wrapped__(self) -> "_Func":
         func = self._state[3]
         return func if self._self is None else types.MethodType(func, self._self)
 
     @__wrapped__.setter
-    def __wrapped__(self, func: "Callable[..., Any]") -> None:   # update_wrapper sets it:
+    def __wrapped__(self, func: "_Func") -> None:   # update_wrapper sets it:
         # it is _state's
         pass
 
@@ -3258,7 +3264,7 @@ class _Memoized:
     def _memo(self) -> _Memo:
         return self._state[0]
 
-    def __reduce__(self) -> "Union[str, Tuple[Any, ...]]":
+    def __reduce__(self) -> "Union[str, _Args]":
         if self._self is not None:
             return getattr, (self._self, self.__name__)
         return self.__qualname__             # a global name: pickle finds it and checks it
@@ -3269,7 +3275,7 @@ class _Memoized:
             return "<bound memoized %s of %r>" % (name, self._self)
         return "<memoized %s>" % name
 
-    def _key_of(self, args: "Tuple[Any, ...]", kwargs: "Dict[str, Any]") -> bytes:
+    def _key_of(self, args: "_Args", kwargs: "_Kwargs") -> bytes:
         memo, bind, key_from, func = self._state
         if self._self is not None:
             args = (self._self,) + args
@@ -3340,7 +3346,7 @@ class _Memoized:
         return store.prune(before, memo.version if stale else None)[0]
 
 
-def _code_flags(func: "Callable[..., Any]") -> int:
+def _code_flags(func: "_Func") -> int:
     """The flags of func's code, through partials and bound methods, as inspect reads them
     for isgeneratorfunction() and the like (without importing it)."""
     while True:
@@ -3353,10 +3359,10 @@ def _code_flags(func: "Callable[..., Any]") -> int:
     return func.__code__.co_flags if isinstance(func, types.FunctionType) else 0
 
 
-def _memoize(func: "Callable[..., Any]", cache_dir: "Optional[_StrPath]", name: "Optional[str]",
-             version: object, expire: "Union[float, datetime.timedelta, None]",
-             ignore: "Union[str, Iterable[str]]", key: "Optional[Callable[..., Any]]",
-             strict: bool) -> "Callable[..., Any]":
+def _memoize(func: "_Func", cache_dir: "Optional[_StrPath]", name: "Optional[str]",
+             version: object, expire: "_Expire",
+             ignore: "_Names", key: "Optional[_Func]",
+             strict: bool) -> "_Func":
     label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
     flags = _code_flags(func)
     coroutine = bool(flags & _CO_COROUTINE)
@@ -3438,7 +3444,7 @@ def _memoize(func: "Callable[..., Any]", cache_dir: "Optional[_StrPath]", name: 
     return wrapper
 
 
-def _in_class_body(func: "Callable[..., Any]") -> bool:
+def _in_class_body(func: "_Func") -> bool:
     """Whether func was defined in a class body: then memoize's wrapper must bind to an
     instance as func would, and a descriptor is the wrapper."""
     parts = getattr(func, "__qualname__", "").split(".")
@@ -3454,11 +3460,11 @@ _BATCH_SECONDS = 0.05     # persist.map sends workers items in batches of about 
 _BATCH_LIMIT = 1000       # items, at most, in one batch
 
 
-def _handle_of(func: "Callable[..., Any]") -> "Optional[_Handle]":
+def _handle_of(func: "_Func") -> "Optional[_Handle]":
     """(the _Memoized behind func, leading arguments, keywords) when func is a memoized
     function, method or a functools.partial of one; else None."""
-    args: "Tuple[Any, ...]"
-    kwargs: "Dict[str, Any]"
+    args: "_Args"
+    kwargs: "_Kwargs"
     args, kwargs = (), {}
     if isinstance(func, functools.partial):
         args, kwargs, func = func.args, func.keywords, func.func
@@ -3582,7 +3588,7 @@ class _Run:
     tick: "Optional[float]"
 
     def __init__(self, func: "Callable[[Any], Any]", items: "List[Any]",
-                 found: "Optional[_Handle]", progress: "Union[bool, Callable[..., Any], None]"
+                 found: "Optional[_Handle]", progress: "_Progress"
                  ) -> None:
         self.func, self.items, self.found = func, items, found
         inner = func.func if isinstance(func, functools.partial) else func
@@ -4267,11 +4273,11 @@ if TYPE_CHECKING:     # bare, @memoize; or with options, @memoize(version=2)
                 ) -> Callable[[Callable[_P, _R]], _MemoizedFunction[_P, _R]]: ...
 
 
-def memoize(func: "Optional[Callable[..., Any]]" = None, *,
+def memoize(func: "Optional[_Func]" = None, *,
             cache_dir: "Optional[_StrPath]" = None, name: "Optional[str]" = None,
-            version: object = None, expire: "Union[float, datetime.timedelta, None]" = None,
-            ignore: "Union[str, Iterable[str]]" = (),
-            key: "Optional[Callable[..., Any]]" = None, strict: bool = False) -> "Any":
+            version: object = None, expire: "_Expire" = None,
+            ignore: "_Names" = (),
+            key: "Optional[_Func]" = None, strict: bool = False) -> "Any":
     """Keep each result of func on disk, so that a rerun computes only what is missing.
 
     Use it bare, @memoize, or with options, @memoize(version=2). Each result is committed
@@ -4319,7 +4325,7 @@ def memoize(func: "Optional[Callable[..., Any]]" = None, *,
 
 def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional[int]" = None,
         executor: "Optional[concurrent.futures.Executor]" = None, keep_going: bool = True,
-        progress: "Union[bool, Callable[..., Any], None]" = None) -> "List[_R]":
+        progress: "_Progress" = None) -> "List[_R]":
     """func(item) for every item, as a list in input order, going on past items that fail.
 
     results = persist.map(transform, records)              # every record is tried
@@ -4765,7 +4771,7 @@ def _cli_prune(options: "argparse.Namespace") -> "Optional[int]":  # type: ignor
     flag = "r" if options.dry_run else "w"
     with contextlib.closing(_open_cache(options.cache, flag, options.dir)) as store:
         info = store.info()
-        which: "Dict[str, Any]"           # prune()'s keyword arguments
+        which: "_Kwargs"           # prune()'s keyword arguments
         if options.stale:
             if "version" not in info:
                 print("%s has no version=; nothing is stale" % store.path)
