@@ -65,15 +65,18 @@ import time
 import types
 import weakref
 
-# For type checkers only (mypy --strict passes): at run time TYPE_CHECKING is False and the
-# block costs nothing, as importing typing would cost a cold start. Annotations that name
-# anything but a builtin are strings, since from __future__ import annotations imports a
-# module too. See "Type checking" in the README.
+# Types, for type checkers only (mypy --strict passes). At run time TYPE_CHECKING is False:
+# nothing below is imported, as typing would cost a cold start. A function's types are in a
+# "# type:" comment under its def (PEP 484), which costs nothing, where annotations would be
+# evaluated as each function is made (200 us at import, for all of them); the public API
+# keeps annotations (as strings: from __future__ import annotations imports a module), so
+# that help() and editors show them. See "Type checking" in the README.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     import concurrent.futures
     import datetime
+    from concurrent.futures import Executor, ProcessPoolExecutor
     import pathlib
     import threading
     from typing import (IO, Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List,
@@ -250,7 +253,8 @@ _BUSY_DIR = ("being filled by another done_dir() right now (in this or another "
 class PersistError(OSError):
     """A path persist was given is not safe to use: not a cache, corrupt, planted, or busy."""
 
-    def __str__(self) -> str:
+    def __str__(self):
+        # type: () -> str
         if self.filename is None or self.strerror is None:
             return super().__str__()
         return "%s: %s" % (os.fsdecode(self.filename), self.strerror)
@@ -267,8 +271,8 @@ class Failures(Exception):
     input item, in order: its result, or the exception where it failed.
     """
 
-    def __init__(self, message: str, failures: "Iterable[Tuple[Any, BaseException]]" = (),
-                 results: "Iterable[Any]" = ()) -> None:
+    def __init__(self, message, failures=(), results=()):
+        # type: (str, Iterable[Tuple[Any, BaseException]], Iterable[Any]) -> None
         super().__init__(message)
         self.failures = list(failures)
         self.results = list(results)
@@ -303,7 +307,8 @@ except ImportError:                           # Windows: concurrent done_dir() i
 _FULLFSYNC = getattr(_fcntl, "F_FULLFSYNC", None)   # macOS: fsync() stops at the drive's cache
 
 
-def _link_no_clobber(src: str, dst: str) -> None:
+def _link_no_clobber(src, dst):
+    # type: (str, str) -> None
     """Rename src to dst, failing with FileExistsError if dst exists, even if it just appeared."""
     try:
         os.link(src, dst)
@@ -323,7 +328,8 @@ _RENAME_OPEN_FILES = os.name != "nt"     # Windows renames and removes no file t
 # -- private helpers: files
 
 
-def _fsync(fd: int) -> None:
+def _fsync(fd):
+    # type: (int) -> None
     """Flush fd to stable storage; on macOS with F_FULLFSYNC, out of the drive's cache too."""
     if _FULLFSYNC is not None:
         try:
@@ -334,7 +340,8 @@ def _fsync(fd: int) -> None:
     os.fsync(fd)
 
 
-def _fsync_dir(directory: "Union[str, os.PathLike[str]]") -> None:
+def _fsync_dir(directory):
+    # type: (Union[str, os.PathLike[str]]) -> None
     """Make a rename or unlink in directory durable, where the platform allows it."""
     if not _CAN_FSYNC_DIR:
         return
@@ -347,7 +354,8 @@ def _fsync_dir(directory: "Union[str, os.PathLike[str]]") -> None:
             os.close(fd)
 
 
-def _create_temp(target: str, shown: "_Path") -> "Tuple[str, int]":
+def _create_temp(target, shown):
+    # type: (str, _Path) -> Tuple[str, int]
     """Create .NAME.RANDOM.tmp beside target, exclusively, never through a link; 0o666 & ~umask."""
     directory, name = os.path.split(target)
     for _ in range(100):
@@ -376,8 +384,8 @@ def _create_temp(target: str, shown: "_Path") -> "Tuple[str, int]":
     raise FileExistsError(errno.EEXIST, "no free temporary file name beside it", shown)
 
 
-def _mode(mode: str, encoding: "Optional[str]", errors: "Optional[str]",
-          newline: "Optional[str]") -> "Tuple[str, Optional[str]]":
+def _mode(mode, encoding, errors, newline):
+    # type: (str, Optional[str], Optional[str], Optional[str]) -> Tuple[str, Optional[str]]
     """("w" or "x", the encoding or None for binary) for atomic_open()'s arguments."""
     if mode in _BINARY_MODES:
         if encoding is not None or errors is not None or newline is not None:
@@ -391,7 +399,8 @@ def _mode(mode: str, encoding: "Optional[str]", errors: "Optional[str]",
     raise ValueError("atomic_open() mode must be %s, not %r" % (_MODES_ACCEPTED, mode))
 
 
-def _kind(mode: int) -> str:
+def _kind(mode):
+    # type: (int) -> str
     """What a file type is called in an error: 'a FIFO', 'a character device', ..."""
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
@@ -400,7 +409,8 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _existing(target: str, shown: "_Path", follow: bool) -> "Optional[os.stat_result]":
+def _existing(target, shown, follow):
+    # type: (str, _Path, bool) -> Optional[os.stat_result]
     """os.stat (lstat if not follow) of the regular file at target, None if there is none.
 
     Anything else is refused: renaming over a device, FIFO or socket would replace it, and
@@ -423,14 +433,16 @@ def _existing(target: str, shown: "_Path", follow: bool) -> "Optional[os.stat_re
     return info
 
 
-def _may_write(path: str) -> bool:
+def _may_write(path):
+    # type: (str) -> bool
     """Whether open(path, "w") would be allowed, by the permissions of whoever runs us."""
     if os.access in os.supports_effective_ids:
         return os.access(path, os.W_OK, effective_ids=True)
     return os.access(path, os.W_OK)
 
 
-def _follow(target: str, shown: "_Path") -> str:
+def _follow(target, shown):
+    # type: (str, _Path) -> str
     """Where the symbolic link at target leads, resolved a link at a time, as open() does.
 
     Only the last component is resolved here; the kernel resolves the others when the
@@ -459,7 +471,8 @@ def _follow(target: str, shown: "_Path") -> str:
     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), shown)
 
 
-def _keep_owner_and_mode(fd: int, temp: str, old: "os.stat_result") -> None:
+def _keep_owner_and_mode(fd, temp, old):
+    # type: (int, str, os.stat_result) -> None
     """Give the new file at temp (open as fd) the owner, group and mode of the old one.
 
     As root both are set; a member of the old file's group sets the group; anyone else gets
@@ -481,9 +494,8 @@ def _keep_owner_and_mode(fd: int, temp: str, old: "os.stat_result") -> None:
 
 
 @contextlib.contextmanager
-def _atomic_open(path: "_Path", mode: str, sync: bool, follow: bool,
-                 encoding: "Optional[str]" = None, errors: "Optional[str]" = None,
-                 newline: "Optional[str]" = None) -> "Iterator[IO[Any]]":
+def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=None):
+    # type: (_Path, str, bool, bool, Optional[str], Optional[str], Optional[str]) -> Iterator[IO[Any]]
     """atomic_open(); follow=False replaces a symbolic link at path instead of its target."""
     kind, encoding = _mode(mode, encoding, errors, newline)
     target = os.fsdecode(os.fspath(path))
@@ -523,14 +535,16 @@ def _atomic_open(path: "_Path", mode: str, sync: bool, follow: bool,
         _fsync_dir(os.path.dirname(target))
 
 
-def _size(path: str) -> int:
+def _size(path):
+    # type: (str) -> int
     try:
         return os.stat(path).st_size
     except OSError:
         return 0
 
 
-def _check_private(directory: str, what: str) -> None:
+def _check_private(directory, what):
+    # type: (str, str) -> None
     """Refuse directory unless only we and root can change what it holds, and its parents.
 
     The checks OpenSSH's StrictModes makes: the directory and each parent up to the root are
@@ -568,20 +582,28 @@ def _check_private(directory: str, what: str) -> None:
 # _Store       what the shelf and memoize do: get, put, delete, iterate, count, clear, prune
 # _Shelf       shelve.Shelf over a _Store
 
-_CONNECTIONS: "weakref.WeakSet[_Connection]" = weakref.WeakSet()   # closed before fork()
-_FORKING: "List[List[_Connection]]" = []   # per fork under way, what _before_fork() holds
-_WRITING_AT_FORK: "Set[str]" = set()   # caches a signal handler forked in the middle of using
-_CREATING: "Set[str]" = set()      # caches _Store._create() is making in this process
-_ABANDONED: "List[sqlite3.Connection]" = []   # connections a racing thread opened during fork(): never
+if TYPE_CHECKING:
+    _CONNECTIONS: "weakref.WeakSet[_Connection]"
+    _FORKING: List[List["_Connection"]]
+    _WRITING_AT_FORK: Set[str]
+    _CREATING: Set[str]
+    _ABANDONED: List[sqlite3.Connection]
+_CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
+_FORKING = []                      # per fork under way, what its _before_fork() holds
+_WRITING_AT_FORK = set()           # caches a signal handler forked in the middle of using
+_CREATING = set()                  # caches _Store._create() is making in this process
+_ABANDONED = []                    # connections a racing thread opened during fork(): never
                                    # used or closed in the child (closing would unlock the parent's)
 
 
-def _fetch(conn: "sqlite3.Connection", sql: str, params: "Sequence[Any]" = ()) -> "List[Any]":
+def _fetch(conn, sql, params=()):
+    # type: (sqlite3.Connection, str, Sequence[Any]) -> List[Any]
     # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
     return conn.execute(sql, params).fetchall()
 
 
-def _close(conn: "sqlite3.Connection") -> None:
+def _close(conn):
+    # type: (sqlite3.Connection) -> None
     """Close an sqlite3 connection, even one a signal interrupted.
 
     On PyPy, a statement whose preparation Ctrl-C interrupted is never finalized, and
@@ -595,7 +617,8 @@ def _close(conn: "sqlite3.Connection") -> None:
         conn.close()
 
 
-def _uri(path: str, mode: str) -> str:
+def _uri(path, mode):
+    # type: (str, str) -> str
     """A file: URI for sqlite3.connect(uri=True); pathlib's as_uri() costs an import."""
     path = path.replace(os.sep, "/")
     if not path.startswith("/"):           # Windows: C:/dir -> /C:/dir
@@ -619,7 +642,8 @@ class _Connection:
     _frozen: "Optional[Tuple[int, int, int, int]]"
     _copy: "Optional[str]"
 
-    def __init__(self, path: str, mode: str) -> None:
+    def __init__(self, path, mode):
+        # type: (str, str) -> None
         self.path = path
         self.mode = mode                  # "ro", "rw", or "query" (rw, where only reads run)
         self._lock = _thread.RLock()
@@ -631,7 +655,8 @@ class _Connection:
         _CONNECTIONS.add(self)
 
     # (ignore[return]: the loop's last turn returns or raises, which mypy cannot tell)
-    def run(self, work: "Callable[..., _T]", *args: "Any") -> "_T":  # type: ignore[return]
+    def run(self, work, *args):  # type: ignore[return]
+        # type: (Callable[..., _T], *Any) -> _T
         """work(connection, *args) under the lock; sqlite3's errors become persist's."""
         for retry in (True, False):
             with self._lock:
@@ -649,7 +674,8 @@ class _Connection:
                 finally:
                     self._depth = 0
 
-    def query(self, sql: str, params: "Sequence[Any]" = ()) -> "List[Any]":
+    def query(self, sql, params=()):
+        # type: (str, Sequence[Any]) -> List[Any]
         """The rows of one statement: run(_fetch, sql, params), without a call (every
         hit's path)."""
         with self._lock:
@@ -669,7 +695,8 @@ class _Connection:
                 self._depth = 0
         return self.run(_fetch, sql, params)       # once more, on a connection made anew
 
-    def _lost_its_log(self, exc: "sqlite3.Error") -> bool:
+    def _lost_its_log(self, exc):
+        # type: (sqlite3.Error) -> bool
         """Whether a reader in a directory it may not write saw the cache's last writer go,
         taking the -wal and -shm files that SQLite cannot make again there: then it closes,
         and the next use reads the file as _open_read_only() does."""
@@ -679,11 +706,13 @@ class _Connection:
         self._snapshots = True            # SQLite's own way failed here once: not again
         return True
 
-    def transaction(self, work: "Callable[..., _T]", *args: "Any") -> "_T":
+    def transaction(self, work, *args):
+        # type: (Callable[..., _T], *Any) -> _T
         """run() work inside BEGIN IMMEDIATE ... COMMIT: all of it is stored, or none."""
         return self.run(_transaction, work, args)  # type: ignore[no-any-return]  # work's
 
-    def _ready(self) -> "sqlite3.Connection":
+    def _ready(self):
+        # type: () -> sqlite3.Connection
         """The connection, opened if need be, with no transaction left open."""
         conn = self._conn
         if conn is None:
@@ -696,7 +725,8 @@ class _Connection:
             conn.execute("ROLLBACK")
         return conn
 
-    def _run_aside(self, work: "Callable[..., _T]", args: "Sequence[Any]") -> "_T":
+    def _run_aside(self, work, args):
+        # type: (Callable[..., _T], Sequence[Any]) -> _T
         # A write waiting for the lock that the interrupted transaction holds would wait
         # for ever: then it fails at once ("database is locked"), and memoize goes on.
         interrupted = self._conn is not None and self._conn.in_transaction
@@ -716,7 +746,8 @@ class _Connection:
             if conn is not None:
                 _close(conn)
 
-    def _connect(self) -> "sqlite3.Connection":
+    def _connect(self):
+        # type: () -> sqlite3.Connection
         if self._snapshots:
             self._conn = self._open_read_only()
             return self._conn
@@ -729,7 +760,8 @@ class _Connection:
             self._conn = self._open_read_only()
         return self._conn
 
-    def _open_read_only(self) -> "sqlite3.Connection":
+    def _open_read_only(self):
+        # type: () -> sqlite3.Connection
         """A connection to a cache in a directory we may not write, where SQLite cannot make
         the -shm file it needs: the file read as immutable, or, when a -wal file is there
         (left by a crash, or its owner is writing), a private copy of both.
@@ -752,7 +784,8 @@ class _Connection:
             self._drop_copy()
         raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
 
-    def _open_copy(self) -> "sqlite3.Connection":
+    def _open_copy(self):
+        # type: () -> sqlite3.Connection
         import shutil
         import tempfile
         copy = tempfile.mkdtemp(prefix="persist-")
@@ -769,12 +802,14 @@ class _Connection:
         self._copy = copy
         return conn
 
-    def _file_state(self) -> "Tuple[int, int, int, int]":
+    def _file_state(self):
+        # type: () -> Tuple[int, int, int, int]
         """What changes when someone writes the cache: the file (inode, size, time), its log."""
         info = os.stat(self.path)
         return info.st_ino, info.st_size, info.st_mtime_ns, _size(self.path + "-wal")
 
-    def _run_frozen(self, work: "Callable[..., _T]", args: "Sequence[Any]") -> "_T":
+    def _run_frozen(self, work, args):
+        # type: (Callable[..., _T], Sequence[Any]) -> _T
         for attempt in range(_FROZEN_TRIES):
             if attempt:
                 time.sleep(0.005)         # the owner is writing: give it a moment
@@ -789,7 +824,8 @@ class _Connection:
                 return result
         raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
 
-    def _open(self, mode: str, timeout: float) -> "sqlite3.Connection":
+    def _open(self, mode, timeout):
+        # type: (str, float) -> sqlite3.Connection
         uri_mode = "rw" if mode == "query" else mode
         conn = sqlite3.connect(_uri(self.path, uri_mode), uri=True, timeout=timeout,
                                isolation_level=None, check_same_thread=False)
@@ -806,7 +842,8 @@ class _Connection:
             raise
         return conn
 
-    def _check(self, conn: "sqlite3.Connection") -> None:
+    def _check(self, conn):
+        # type: (sqlite3.Connection) -> None
         """Refuse a file that is not a persist cache of this format."""
         (app,), = _fetch(conn, "PRAGMA application_id")
         (found,), = _fetch(conn, "PRAGMA user_version")
@@ -819,26 +856,30 @@ class _Connection:
             raise PersistError(errno.EINVAL, message.format(found=found, ours=_FORMAT),
                                self.path)
 
-    def _close_conn(self) -> None:
+    def _close_conn(self):
+        # type: () -> None
         if self._conn is not None:
             _close(self._conn)
             self._conn = None
         self._frozen = None
         self._drop_copy()
 
-    def _drop_copy(self) -> None:
+    def _drop_copy(self):
+        # type: () -> None
         if self._copy is not None:
             import shutil
             shutil.rmtree(self._copy, ignore_errors=True)
             self._copy = None
 
-    def close(self) -> None:
+    def close(self):
+        # type: () -> None
         with self._lock:
             _CONNECTIONS.discard(self)
             self._close_conn()
 
 
-def _to_wal(conn: "sqlite3.Connection", timeout: float) -> None:
+def _to_wal(conn, timeout):
+    # type: (sqlite3.Connection, float) -> None
     """PRAGMA journal_mode=WAL: the first process to open a new cache converts it. Two that
     convert at once deadlock, and SQLite then fails one at once ("database is locked")
     instead of waiting: it tries again, as the busy timeout would have."""
@@ -857,7 +898,8 @@ class _HandlerBusy(OSError):
     """A signal handler's write that would wait for the transaction it interrupted."""
 
 
-def _sqlite_error(exc: "sqlite3.Error", path: str) -> OSError:
+def _sqlite_error(exc, path):
+    # type: (sqlite3.Error, str) -> OSError
     """The one place that turns an sqlite3 error into persist's, naming the file."""
     text = str(exc)
     if isinstance(exc, sqlite3.OperationalError):
@@ -877,8 +919,8 @@ def _sqlite_error(exc: "sqlite3.Error", path: str) -> OSError:
     return OSError(errno.EIO, "cache file error (%s: %s)" % (type(exc).__name__, text), path)
 
 
-def _transaction(conn: "sqlite3.Connection", work: "Callable[..., _T]",
-                 args: "Sequence[Any]") -> "_T":
+def _transaction(conn, work, args):
+    # type: (sqlite3.Connection, Callable[..., _T], Sequence[Any]) -> _T
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = work(conn, *args)
@@ -891,7 +933,8 @@ def _transaction(conn: "sqlite3.Connection", work: "Callable[..., _T]",
     return result
 
 
-def _before_fork() -> None:
+def _before_fork():
+    # type: () -> None
     """Close every connection, each under its lock, so no thread is inside one at fork().
 
     A signal handler may fork while this runs, or while the parent's half runs: each fork
@@ -917,7 +960,8 @@ def _before_fork() -> None:
     _FORKING.append(held)
 
 
-def _after_fork_in_parent() -> None:
+def _after_fork_in_parent():
+    # type: () -> None
     held: "Sequence[_Connection]" = _FORKING.pop() if _FORKING else ()
     if not _FORKING:
         _WRITING_AT_FORK.clear()
@@ -925,7 +969,8 @@ def _after_fork_in_parent() -> None:
         conn._lock.release()
 
 
-def _after_fork_in_child() -> None:
+def _after_fork_in_child():
+    # type: () -> None
     global _OPEN_LOCK
     _OPEN_LOCK = _thread.RLock()
     del _FORKING[:]
@@ -938,14 +983,15 @@ def _after_fork_in_child() -> None:
             conn._conn = None
 
 
-def _close_all() -> None:
+def _close_all():
+    # type: () -> None
     """At exit: close every connection, so the last one out removes the -wal and -shm files."""
     for conn in list(_CONNECTIONS):
         # best effort: at exit, a connection another thread is using stays as it is
         with contextlib.suppress(Exception):
             if conn._lock.acquire(blocking=False):
                 try:
-                    _close(conn)  # type: ignore[arg-type]  # FIXME: a _Connection: closes nothing
+                    _close(conn)  # type: ignore[arg-type]  # FIXME: not sqlite3's: closes nothing
                 finally:
                     conn._lock.release()
 
@@ -965,13 +1011,16 @@ class _Values:
     killed process) is removed by sweep(), which the next process to open the cache runs.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory):
+        # type: (str) -> None
         self.directory = directory
 
-    def path(self, name: str) -> str:
+    def path(self, name):
+        # type: (str) -> str
         return os.path.join(self.directory, name)
 
-    def create(self) -> "Tuple[str, io.BufferedWriter]":
+    def create(self):
+        # type: () -> Tuple[str, io.BufferedWriter]
         """A new value file, locked against sweep() until closed: (name, binary file)."""
         with contextlib.suppress(FileExistsError):
             os.mkdir(self.directory)
@@ -998,14 +1047,16 @@ class _Values:
                     os.close(fd)
                 raise
 
-    def remove(self, names: "Iterable[str]") -> None:
+    def remove(self, names):
+        # type: (Iterable[str]) -> None
         for name in names:
             # best effort: a file already gone is what we wanted; on Windows one that a
             # reader holds open stays, and a later sweep() removes it
             with contextlib.suppress(FileNotFoundError, PermissionError):
                 os.unlink(self.path(name))
 
-    def sweep(self, named: "Callable[[List[str]], Set[str]]") -> None:
+    def sweep(self, named):
+        # type: (Callable[[List[str]], Set[str]]) -> None
         """Remove the files that named(names) leaves out and that nobody is writing."""
         try:
             names = os.listdir(self.directory)
@@ -1040,13 +1091,15 @@ class _Spill:
     file: "Optional[io.BufferedWriter]"
     _chunks: "List[bytes]"
 
-    def __init__(self, values: _Values) -> None:
+    def __init__(self, values):
+        # type: (_Values) -> None
         self._values = values
         self._chunks = []
         self._size = 0
         self.name = self.file = None
 
-    def write(self, data: "Buffer") -> None:
+    def write(self, data):
+        # type: (Buffer) -> None
         if self.file is None:
             self._size += memoryview(data).nbytes
             if self._size <= _INLINE_LIMIT:
@@ -1057,18 +1110,21 @@ class _Spill:
             self._chunks = None   # type: ignore[assignment]  # unused from here: let it go
         self.file.write(data)
 
-    def inline(self) -> bytes:
+    def inline(self):
+        # type: () -> bytes
         """The pickle, or b'' when it went to the value file."""
         if self.file is not None:
             self.file.flush()
             return b""
         return b"".join(self._chunks)
 
-    def discard(self) -> None:
+    def discard(self):
+        # type: () -> None
         if self.name is not None:
             self._values.remove([self.name])
 
-    def close(self) -> None:
+    def close(self):
+        # type: () -> None
         if self.file is not None:
             self.file.close()
 
@@ -1080,7 +1136,8 @@ class _Store:
     that outlives them. The interface is small, so that another backend could replace it.
     """
 
-    def __init__(self, filename: "_Path", flag: str = "c") -> None:
+    def __init__(self, filename, flag="c"):
+        # type: (_Path, str) -> None
         if flag not in _FLAGS:
             raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
         self.path = os.path.abspath(os.fsdecode(os.fspath(filename)))
@@ -1104,7 +1161,8 @@ class _Store:
         elif flag != "r":
             self.sweep()
 
-    def _check_path(self) -> None:
+    def _check_path(self):
+        # type: () -> None
         """Refuse a cache others could plant code in, or that would write through a link."""
         if self.flag in "rw" and not os.path.exists(self.path):
             raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
@@ -1126,7 +1184,8 @@ class _Store:
             if _CHECK_WORLD_WRITABLE and (info.st_mode & stat.S_IWOTH or foreign):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
 
-    def _create(self) -> None:
+    def _create(self):
+        # type: () -> None
         """Make a new cache beside path and link it into place: nobody sees it half made.
 
         It is made in rollback mode and linked while an exclusive lock on it is held; only then
@@ -1169,7 +1228,8 @@ class _Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
 
-    def _remove_stale_companions(self) -> None:
+    def _remove_stale_companions(self):
+        # type: () -> None
         for stale in (self.path + "-wal", self.path + "-shm"):
             # best effort: on Windows one in use cannot go, and then it is not stale
             with contextlib.suppress(FileNotFoundError, PermissionError):
@@ -1177,12 +1237,14 @@ class _Store:
 
     # Reading
 
-    def get(self, key: bytes) -> "Optional[_Row]":
+    def get(self, key):
+        # type: (bytes) -> Optional[_Row]
         """(pickle or b'', value file name or None, stored, seconds) for key, or None."""
         rows = self.conn.query(_GET, (key,))
         return rows[0] if rows else None
 
-    def load(self, row: "_Row") -> "Any":
+    def load(self, row):
+        # type: (_Row) -> Any
         """Unpickle the value of a row from get(); FileNotFoundError if a writer replaced it
         (and removed its file) since: get() it again."""
         if row[1] is None:
@@ -1190,28 +1252,35 @@ class _Store:
         with io.open(self.values.path(row[1]), "rb") as file:
             return pickle.load(file)
 
-    def keys(self) -> "List[bytes]":
+    def keys(self):
+        # type: () -> List[bytes]
         return [key for key, in self.conn.run(_fetch, _KEYS)]
 
-    def __bool__(self) -> bool:   # a store is there, however many entries: no query for that
+    def __bool__(self):           # a store is there, however many entries: no query for that
+        # type: () -> bool
         return True
 
-    def __len__(self) -> int:
+    def __len__(self):
+        # type: () -> int
         return self.conn.run(_fetch, _COUNT)[0][0]  # type: ignore[no-any-return]  # a row: Any
 
-    def __contains__(self, key: bytes) -> bool:
+    def __contains__(self, key):
+        # type: (bytes) -> bool
         return bool(self.conn.run(_fetch, _CONTAINS, (key,)))
 
-    def info(self) -> "Dict[str, str]":
+    def info(self):
+        # type: () -> Dict[str, str]
         return dict(self.conn.run(_fetch, _INFO))
 
-    def entries(self) -> "List[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]":
+    def entries(self):
+        # type: () -> List[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]
         """(key, args, stored, size, seconds, version) of every entry, oldest first."""
         rows = self.conn.run(_fetch, _ENTRIES)
         return [(key, args, stored, _size(self.values.path(file)) if file else size, seconds,
                  version) for key, args, stored, size, file, seconds, version in rows]
 
-    def summary(self) -> "Tuple[int, Optional[float], Optional[float], int, int]":
+    def summary(self):
+        # type: () -> Tuple[int, Optional[float], Optional[float], int, int]
         """(entries, oldest, newest, stale entries, their bytes): stale entries are those of
         another version than the latest to open the cache."""
         (count, oldest, newest), = self.conn.run(_fetch, _SUMMARY)
@@ -1219,16 +1288,19 @@ class _Store:
         stale = self.prune(version=version, dry_run=True) if version else (0, 0)
         return (count, oldest, newest) + stale
 
-    def tally(self) -> "Tuple[int, float, int]":
+    def tally(self):
+        # type: () -> Tuple[int, float, int]
         """(entries, seconds their calls took in all, failure records), in one query."""
         return self.conn.run(_fetch, _TALLY)[0]  # type: ignore[no-any-return]  # a row: Any
 
-    def failures(self) -> "List[Any]":
+    def failures(self):
+        # type: () -> List[Any]
         """(args, type, message, count, first, last, seconds, version, traceback) of each
         failure record, the latest failure last."""
         return self.conn.run(_fetch, _FAILURES)
 
-    def disk_usage(self) -> int:
+    def disk_usage(self):
+        # type: () -> int
         names = [self.path, self.path + "-wal", self.path + "-shm"]
         with contextlib.suppress(OSError):
             names += [self.values.path(name) for name in os.listdir(self.values.directory)]
@@ -1236,9 +1308,8 @@ class _Store:
 
     # Writing
 
-    def put(self, key: bytes, value: "Any", protocol: "Optional[int]" = _PROTOCOL,
-            seconds: "Optional[float]" = None, version: "Optional[str]" = None,
-            args: "Optional[str]" = None) -> None:
+    def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None):
+        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str]) -> None
         """Pickle value under key, with what memoize records; a large pickle goes to a value
         file as it is made, with no copy in memory."""
         spill = _Spill(self.values)
@@ -1261,10 +1332,12 @@ class _Store:
         if self._puts % 32 == 0 and _size(self.path + "-wal") > _LOG_LIMIT:
             self._restart_log()
 
-    def _restart_log(self) -> None:
+    def _restart_log(self):
+        # type: () -> None
         """Copy the log into the file and start it over. SQLite's own checkpoints never catch
         up while other processes keep committing, and the log would grow without end."""
-        def restart(conn: "sqlite3.Connection") -> None:
+        def restart(conn):
+            # type: (sqlite3.Connection) -> None
             conn.execute("PRAGMA busy_timeout=%d" % (_ASIDE_TIMEOUT * 1000))
             try:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -1274,38 +1347,43 @@ class _Store:
         with contextlib.suppress(OSError):
             self.conn.run(restart)
 
-    def delete(self, key: bytes) -> bool:
+    def delete(self, key):
+        # type: (bytes) -> bool
         """Remove key; return whether it was there."""
         found = self.conn.transaction(_delete, key)
         if found and found[0]:
             self.values.remove([found[0]])
         return bool(found)
 
-    def delete_row(self, key: bytes, row: "_Row") -> bool:
+    def delete_row(self, key, row):
+        # type: (bytes, _Row) -> bool
         """Remove key if it still holds the row that get() returned; return whether it did."""
         gone = self.conn.transaction(_delete_row, key, row)
         if gone and row[1]:
             self.values.remove([row[1]])
         return gone
 
-    def record_failure(self, key: bytes, started: float, failure: "_FailureRecord") -> None:
+    def record_failure(self, key, started, failure):
+        # type: (bytes, float, _FailureRecord) -> None
         """Record that the call keyed key, started at the Unix time started, raised: failure is
         (args, type, message, traceback, seconds, version). Nothing is recorded if a result
         for key was stored since the call started (another process succeeded meanwhile)."""
         self.conn.transaction(_record_failure, key, started, failure)
 
-    def set_info(self, info: "Dict[str, str]") -> None:
+    def set_info(self, info):
+        # type: (Dict[str, str]) -> None
         self.conn.transaction(lambda conn: conn.executemany(_SET_INFO, info.items()))
 
-    def clear(self) -> int:
+    def clear(self):
+        # type: () -> int
         """Remove every entry (and failure record); return how many entries there were."""
         count, names = self.conn.transaction(_clear)
         self.values.remove(names)
         self._give_back()
         return count
 
-    def prune(self, before: "Optional[float]" = None, version: "Optional[str]" = None,
-              dry_run: bool = False) -> "Tuple[int, int]":
+    def prune(self, before=None, version=None, dry_run=False):
+        # type: (Optional[float], Optional[str], bool) -> Tuple[int, int]
         """Remove the entries stored before the Unix time before, or of another version than
         version; return (entries, bytes) removed, or that would be with dry_run."""
         where: "Any"      # the conditions, then the SQL that joins them
@@ -1330,7 +1408,8 @@ class _Store:
         self._give_back()
         return len(rows), size
 
-    def _named(self, names: "List[str]") -> "Set[str]":
+    def _named(self, names):
+        # type: (List[str]) -> Set[str]
         """The value file names among names that a row names."""
         found: "Set[str]" = set()
         for start in range(0, len(names), 500):     # SQLite's limit on parameters
@@ -1339,7 +1418,8 @@ class _Store:
                 _fetch, _NAMED % ",".join("?" * len(part)), part))
         return found
 
-    def sweep(self) -> None:
+    def sweep(self):
+        # type: () -> None
         """Remove value files and new caches that a killed process left half made, and give
         back the space a killed prune() kept."""
         self.values.sweep(self._named)
@@ -1357,7 +1437,8 @@ class _Store:
         if free * 4 > total and free > 64:      # a killed prune() or clear() kept them
             self._give_back()
 
-    def _give_back(self) -> None:
+    def _give_back(self):
+        # type: () -> None
         """Return free pages to the filesystem, and shorten the log."""
         # best effort: another process may hold a read lock; its pages are reused anyway
         with contextlib.suppress(OSError):
@@ -1365,19 +1446,21 @@ class _Store:
             self.conn.run(lambda conn: conn.executescript("PRAGMA incremental_vacuum"))
             self.conn.run(_fetch, "PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def close(self) -> None:
+    def close(self):
+        # type: () -> None
         self.conn.close()
 
 
-def _replace(conn: "sqlite3.Connection", row: "_Args") -> "Optional[str]":
+def _replace(conn, row):
+    # type: (sqlite3.Connection, _Args) -> Optional[str]
     old = _fetch(conn, _FILE, (row[0],))
     conn.execute(_PUT, row)
     conn.execute(_FORGET_FAILURE, (row[0],))
     return old[0][0] if old else None
 
 
-def _record_failure(conn: "sqlite3.Connection", key: bytes, started: float,
-                    failure: "_FailureRecord") -> None:
+def _record_failure(conn, key, started, failure):
+    # type: (sqlite3.Connection, bytes, float, _FailureRecord) -> None
     if _fetch(conn, _STORED_SINCE, (key, started)):
         return
     args, kind, message, text, seconds, version = failure
@@ -1388,24 +1471,28 @@ def _record_failure(conn: "sqlite3.Connection", key: bytes, started: float,
                                    version))
 
 
-def _delete(conn: "sqlite3.Connection", key: bytes) -> "Optional[Tuple[Optional[str]]]":
+def _delete(conn, key):
+    # type: (sqlite3.Connection, bytes) -> Optional[Tuple[Optional[str]]]
     old = _fetch(conn, _FILE, (key,))
     conn.execute(_DELETE, (key,))
     return old[0] if old else None
 
 
-def _delete_row(conn: "sqlite3.Connection", key: bytes, row: "_Row") -> bool:
+def _delete_row(conn, key, row):
+    # type: (sqlite3.Connection, bytes, _Row) -> bool
     return conn.execute(_DELETE_ROW, (key, row[0], row[1], row[2])).rowcount > 0
 
 
-def _clear(conn: "sqlite3.Connection") -> "Tuple[int, List[str]]":
+def _clear(conn):
+    # type: (sqlite3.Connection) -> Tuple[int, List[str]]
     names = [name for name, in _fetch(conn, _FILES)]
     count = conn.execute(_CLEAR).rowcount
     conn.execute("DELETE FROM Failures")
     return count, names
 
 
-def _prune(conn: "sqlite3.Connection", where: str, params: "Sequence[object]") -> "List[str]":
+def _prune(conn, where, params):
+    # type: (sqlite3.Connection, str, Sequence[object]) -> List[str]
     names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
                                             "AND (%s)" % where, params)]
     conn.execute("DELETE FROM Dict WHERE " + where, params)
@@ -1431,11 +1518,13 @@ class _Shelf(_ShelfBase):
     _protocol: "Optional[int]"
 
     @property
-    def path(self) -> str:
+    def path(self):
+        # type: () -> str
         """The cache file's absolute path."""
         return self._store().path
 
-    def __getitem__(self, key: str) -> "Any":
+    def __getitem__(self, key):
+        # type: (str) -> Any
         store = self._store()
         raw = key.encode(self.keyencoding)
         for _ in range(100):
@@ -1449,20 +1538,24 @@ class _Shelf(_ShelfBase):
         raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
                            store.values.path(row[1]))  # type: ignore[index, arg-type]  # a row
 
-    def __setitem__(self, key: str, value: "Any") -> None:
+    def __setitem__(self, key, value):
+        # type: (str, Any) -> None
         self._store().put(key.encode(self.keyencoding), value, self._protocol)
 
-    def __delitem__(self, key: str) -> None:
+    def __delitem__(self, key):
+        # type: (str) -> None
         if not self._store().delete(key.encode(self.keyencoding)):
             raise KeyError(key)
 
-    def get(self, key: str, default: "Any" = None) -> "Any":
+    def get(self, key, default=None):
+        # type: (str, Any) -> Any
         try:
             return self[key]
         except KeyError:
             return default
 
-    def pop(self, key: str, default: "Any" = _MISSING) -> "Any":
+    def pop(self, key, default=_MISSING):
+        # type: (str, Any) -> Any
         store = self._store()
         raw = key.encode(self.keyencoding)
         while True:
@@ -1478,7 +1571,8 @@ class _Shelf(_ShelfBase):
             if store.delete_row(raw, row):  # else another process changed it: again
                 return value
 
-    def popitem(self) -> "Tuple[str, Any]":
+    def popitem(self):
+        # type: () -> Tuple[str, Any]
         for key in self:
             try:
                 return key, self.pop(key)
@@ -1486,23 +1580,28 @@ class _Shelf(_ShelfBase):
                 continue
         raise KeyError("popitem(): the shelf is empty")
 
-    def setdefault(self, key: str, default: "Any" = None) -> "Any":
+    def setdefault(self, key, default=None):
+        # type: (str, Any) -> Any
         try:
             return self[key]
         except KeyError:
             self[key] = default
             return default
 
-    def items(self) -> "_ItemsView":
+    def items(self):
+        # type: () -> _ItemsView
         return _ItemsView(self)
 
-    def values(self) -> "_ValuesView":
+    def values(self):
+        # type: () -> _ValuesView
         return _ValuesView(self)
 
-    def clear(self) -> None:
+    def clear(self):
+        # type: () -> None
         self._store().clear()
 
-    def _store(self) -> _Store:
+    def _store(self):
+        # type: () -> _Store
         store = self.dict
         if not isinstance(store, _Store):
             raise ValueError("invalid operation on closed shelf")
@@ -1512,7 +1611,8 @@ class _Shelf(_ShelfBase):
 class _ItemsView(_ItemsViewBase):
     _mapping: _Shelf
 
-    def __iter__(self) -> "Iterator[Tuple[str, Any]]":
+    def __iter__(self):
+        # type: () -> Iterator[Tuple[str, Any]]
         for key in self._mapping:
             try:
                 yield key, self._mapping[key]
@@ -1523,14 +1623,16 @@ class _ItemsView(_ItemsViewBase):
 class _ValuesView(_ValuesViewBase):
     _mapping: _Shelf
 
-    def __iter__(self) -> "Iterator[Any]":
+    def __iter__(self):
+        # type: () -> Iterator[Any]
         for key, value in _ItemsView(self._mapping):
             yield value
 
 
 # -- private helpers: memoize
 
-def _load() -> None:
+def _load():
+    # type: () -> None
     """Import inspect, which memoize's decoration needs: it costs as much as all of persist."""
     global inspect
     if inspect is None:
@@ -1609,33 +1711,39 @@ class _KeyWriter:
 
     __slots__ = ("hasher", "text", "active")
 
-    def __init__(self, hasher: "hashlib._Hash", active: "Set[int]") -> None:
+    def __init__(self, hasher, active):
+        # type: (hashlib._Hash, Set[int]) -> None
         self.hasher = hasher
         self.text: "List[str]" = []
         self.active = active          # ids of the containers being written: a cycle shows
 
-    def flush(self) -> None:
+    def flush(self):
+        # type: () -> None
         if self.text:
             self.hasher.update("".join(self.text).encode("utf-8", "surrogatepass"))
             self.text = []
 
-    def buffer(self, data: "Buffer") -> None:
+    def buffer(self, data):
+        # type: (Buffer) -> None
         self.flush()
         self.hasher.update(data)
 
-    def digest(self) -> bytes:
+    def digest(self):
+        # type: () -> bytes
         self.flush()
         return self.hasher.digest()
 
 
-def _digest(value: "Any") -> bytes:
+def _digest(value):
+    # type: (Any) -> bytes
     """The SHA-256 of value's canonical encoding: equal values, equal digests."""
     w = _KeyWriter(hashlib.sha256(), set())
     _write(value, w)
     return w.digest()
 
 
-def _write(value: "Any", w: "_KeyWriter") -> None:
+def _write(value, w):
+    # type: (Any, _KeyWriter) -> None
     """Write value's canonical encoding into the _KeyWriter w."""
     kind = type(value)
     if kind is str:
@@ -1657,7 +1765,8 @@ def _write(value: "Any", w: "_KeyWriter") -> None:
         writer(value, w)
 
 
-def _write_str(value: "Any", w: "_KeyWriter") -> None:
+def _write_str(value, w):
+    # type: (Any, _KeyWriter) -> None
     if len(value) <= _LONG:
         w.text += ("s%x:" % len(value), value)    # length in code points: no escaping
         return
@@ -1668,45 +1777,53 @@ def _write_str(value: "Any", w: "_KeyWriter") -> None:
         update(value[start:start + _LONG].encode("utf-8", "surrogatepass"))
 
 
-def _write_int(value: "Any", w: "_KeyWriter") -> None:
+def _write_int(value, w):
+    # type: (Any, _KeyWriter) -> None
     w.text.append("i%x;" % value)
 
 
-def _write_float(value: "Any", w: "_KeyWriter") -> None:
+def _write_float(value, w):
+    # type: (Any, _KeyWriter) -> None
     w.text.append(_float_text(value))
 
 
-def _write_tuple(value: "Any", w: "_KeyWriter") -> None:
+def _write_tuple(value, w):
+    # type: (Any, _KeyWriter) -> None
     w.text.append("(")     # no cycle check: a cycle always passes through a mutable container
     for item in value:
         _write(item, w)
     w.text.append(")")
 
 
-def _float_text(x: float) -> str:
+def _float_text(x):
+    # type: (float) -> str
     return "f%s;" % x.hex() if x == x else "fnan;"    # hex is exact, and keeps -0.0's sign
 
 
-def _write_bytes(value: "Union[bytes, bytearray]", w: "_KeyWriter", tag: str = "b") -> None:
+def _write_bytes(value, w, tag="b"):
+    # type: (Union[bytes, bytearray], _KeyWriter, str) -> None
     w.text.append("%s%x:" % (tag, len(value)))
     w.buffer(value)
 
 
-def _write_memoryview(value: "Any", w: "_KeyWriter") -> None:
+def _write_memoryview(value, w):
+    # type: (Any, _KeyWriter) -> None
     w.text.append("m")
     _write((value.format, value.shape), w)
     w.text.append("b%x:" % value.nbytes)
     w.buffer(value if value.c_contiguous else value.tobytes())
 
 
-def _enter(value: object, w: "_KeyWriter") -> None:
+def _enter(value, w):
+    # type: (object, _KeyWriter) -> None
     """Mark the container value as being written; refuse it if it already is (a cycle)."""
     if id(value) in w.active:
         raise ValueError("a %s that contains itself cannot be keyed" % type(value).__name__)
     w.active.add(id(value))
 
 
-def _write_list(value: "Any", w: "_KeyWriter") -> None:
+def _write_list(value, w):
+    # type: (Any, _KeyWriter) -> None
     _enter(value, w)
     w.text.append("[")
     for item in value:
@@ -1715,8 +1832,8 @@ def _write_list(value: "Any", w: "_KeyWriter") -> None:
     w.active.discard(id(value))
 
 
-def _write_unordered(tag: str, items: "Iterable[Any]", w: "_KeyWriter",
-                     *parts: "Callable[[Any], Any]") -> None:
+def _write_unordered(tag, items, w, *parts):
+    # type: (str, Iterable[Any], _KeyWriter, *Callable[[Any], Any]) -> None
     """tag, then the digests of items, each written on its own, in sorted order: the same
     for any order of the items."""
     digests: "List[bytes]" = []
@@ -1730,46 +1847,55 @@ def _write_unordered(tag: str, items: "Iterable[Any]", w: "_KeyWriter",
     w.buffer(b"".join(digests))
 
 
-def _write_dict(value: "Any", w: "_KeyWriter") -> None:
+def _write_dict(value, w):
+    # type: (Any, _KeyWriter) -> None
     _enter(value, w)
     _write_unordered("{", value.items(), w, _first, _second)
     w.active.discard(id(value))
 
 
-def _write_set(value: "Any", w: "_KeyWriter") -> None:
+def _write_set(value, w):
+    # type: (Any, _KeyWriter) -> None
     _enter(value, w)
     _write_unordered("S" if isinstance(value, set) else "Z", value, w, _same)
     w.active.discard(id(value))
 
 
-def _first(pair: "Sequence[Any]") -> "Any":
+def _first(pair):
+    # type: (Sequence[Any]) -> Any
     return pair[0]
 
 
-def _second(pair: "Sequence[Any]") -> "Any":
+def _second(pair):
+    # type: (Sequence[Any]) -> Any
     return pair[1]
 
 
-def _same(item: "_T") -> "_T":
+def _same(item):
+    # type: (_T) -> _T
     return item
 
 
-def _write_complex(value: "Any", w: "_KeyWriter") -> None:
+def _write_complex(value, w):
+    # type: (Any, _KeyWriter) -> None
     w.text.append("c%s%s" % (_float_text(value.real), _float_text(value.imag)))
 
 
-def _write_named(name: str, payload: "Any", w: "_KeyWriter") -> None:
+def _write_named(name, payload, w):
+    # type: (str, Any, _KeyWriter) -> None
     """A value of a type with an encoding of its own: the type's fixed name, then payload."""
     w.text += ("@s%x:" % len(name), name)
     _write(payload, w)
 
 
-def _write_type(kind: type, w: "_KeyWriter") -> None:
+def _write_type(kind, w):
+    # type: (type, _KeyWriter) -> None
     name = _type_name(kind)
     w.text += ("@s%x:" % len(name), name)
 
 
-def _write_reference(value: "Any", w: "_KeyWriter") -> None:
+def _write_reference(value, w):
+    # type: (Any, _KeyWriter) -> None
     """A function or class by the name that imports it, as pickle does."""
     for kind, kind_name in _SINGLETON_TYPES:    # not in builtins before 3.10: as pickle does
         if value is kind:
@@ -1790,7 +1916,8 @@ def _write_reference(value: "Any", w: "_KeyWriter") -> None:
     _write((_module_name(module, name, value), name), w)
 
 
-def _module_name(module: str, qualname: str, value: object) -> str:
+def _module_name(module, qualname, value):
+    # type: (str, str, object) -> str
     """The module that value (named qualname in module) is imported from, one name for all
     versions: a private module's public parent where it has value (pathlib._local, 3.13's
     home of Path, is pathlib), and numpy.core, numpy 2's numpy._core, as neither. A script's
@@ -1810,7 +1937,8 @@ def _module_name(module: str, qualname: str, value: object) -> str:
     return module
 
 
-def _type_name(kind: type) -> str:
+def _type_name(kind):
+    # type: (type) -> str
     """module:qualname of a class whose instances are keyed; refused for a class made inside
     a function, as pickle refuses it: two such classes share a name but not what they do."""
     if "<" in kind.__qualname__:
@@ -1821,7 +1949,8 @@ def _type_name(kind: type) -> str:
     return "%s:%s" % (module, kind.__qualname__)
 
 
-def _write_reduced(value: "Any", w: "_KeyWriter") -> None:
+def _write_reduced(value, w):
+    # type: (Any, _KeyWriter) -> None
     """Any other object: its type, then what pickle's __reduce_ex__(4) says it is made of.
 
     Its parts are written with this encoder, so an object that holds a dict or a set keys by
@@ -1845,11 +1974,13 @@ def _write_reduced(value: "Any", w: "_KeyWriter") -> None:
     w.active.discard(id(value))
 
 
-def _write_subclass(base: type) -> "_Writer":
+def _write_subclass(base):
+    # type: (type) -> _Writer
     """The writer for subclasses of base: the type, base's encoding, then the instance dict."""
     base_writer = _WRITERS[base]
 
-    def write(value: "Any", w: _KeyWriter) -> None:
+    def write(value, w):
+        # type: (Any, _KeyWriter) -> None
         _write_type(type(value), w)
         base_writer(value, w)
         _write(getattr(value, "__dict__", None) or {}, w)
@@ -1860,7 +1991,8 @@ def _write_subclass(base: type) -> "_Writer":
     return write
 
 
-def _slot_values(value: object) -> "_Kwargs":
+def _slot_values(value):
+    # type: (object) -> _Kwargs
     """{name: value} of what value holds in the __slots__ of its classes (set ones only)."""
     found: "_Kwargs" = {}
     for kind in type(value).__mro__:
@@ -1874,7 +2006,8 @@ def _slot_values(value: object) -> "_Kwargs":
     return found
 
 
-def _write_ordered(value: "Any", w: "_KeyWriter") -> None:
+def _write_ordered(value, w):
+    # type: (Any, _KeyWriter) -> None
     _enter(value, w)
     _write_named(_type_name(type(value)) if type(value) is not collections.OrderedDict
                  else "collections.OrderedDict", [tuple(pair) for pair in value.items()], w)
@@ -1882,7 +2015,8 @@ def _write_ordered(value: "Any", w: "_KeyWriter") -> None:
     w.active.discard(id(value))
 
 
-def _write_defaultdict(value: "Any", w: "_KeyWriter") -> None:
+def _write_defaultdict(value, w):
+    # type: (Any, _KeyWriter) -> None
     name = ("collections.defaultdict" if type(value) is collections.defaultdict
             else _type_name(type(value)))
     _write_named(name, value.default_factory, w)    # defaultdict(list) and (int) differ
@@ -1890,54 +2024,65 @@ def _write_defaultdict(value: "Any", w: "_KeyWriter") -> None:
     _write(getattr(value, "__dict__", None) or {}, w)
 
 
-def _write_datetime(value: "Any", w: "_KeyWriter") -> None:
+def _write_datetime(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("datetime.datetime", (value.year, value.month, value.day, value.hour,
                                        value.minute, value.second, value.microsecond,
                                        value.fold, value.tzinfo), w)
 
 
-def _write_date(value: "Any", w: "_KeyWriter") -> None:
+def _write_date(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("datetime.date", (value.year, value.month, value.day), w)
 
 
-def _write_time(value: "Any", w: "_KeyWriter") -> None:
+def _write_time(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("datetime.time", (value.hour, value.minute, value.second, value.microsecond,
                                    value.fold, value.tzinfo), w)
 
 
-def _write_timedelta(value: "Any", w: "_KeyWriter") -> None:
+def _write_timedelta(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("datetime.timedelta", (value.days, value.seconds, value.microseconds), w)
 
 
-def _write_timezone(value: "Any", w: "_KeyWriter") -> None:
+def _write_timezone(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("datetime.timezone", (value.utcoffset(None), value.tzname(None)), w)
 
 
-def _write_zoneinfo(value: "Any", w: "_KeyWriter") -> None:
+def _write_zoneinfo(value, w):
+    # type: (Any, _KeyWriter) -> None
     if value.key is None:
         raise TypeError("a ZoneInfo made from a file has no key; pass one made by name")
     _write_named("zoneinfo.ZoneInfo", value.key, w)
 
 
-def _write_decimal(value: "Any", w: "_KeyWriter") -> None:
+def _write_decimal(value, w):
+    # type: (Any, _KeyWriter) -> None
     sign, digits, exponent = value.as_tuple()     # exponent: an int, or 'n', 'N', 'F'
     _write_named("decimal.Decimal", (sign, tuple(digits), exponent), w)
 
 
-def _write_fraction(value: "Any", w: "_KeyWriter") -> None:
+def _write_fraction(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("fractions.Fraction", (value.numerator, value.denominator), w)
 
 
-def _write_uuid(value: "Any", w: "_KeyWriter") -> None:
+def _write_uuid(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("uuid.UUID", value.int, w)
 
 
-def _write_picklebuffer(value: "Any", w: "_KeyWriter") -> None:
+def _write_picklebuffer(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("pickle.PickleBuffer", None, w)
     _write_memoryview(memoryview(value), w)
 
 
-def _write_path(value: "Any", w: "_KeyWriter") -> None:
+def _write_path(value, w):
+    # type: (Any, _KeyWriter) -> None
     kind = type(value)
     standard = getattr(sys.modules["pathlib"], kind.__name__, None) is kind    # 3.13 moved them to pathlib._local
     _write_named("pathlib." + kind.__name__ if standard else _type_name(kind),
@@ -1946,19 +2091,22 @@ def _write_path(value: "Any", w: "_KeyWriter") -> None:
         _write(getattr(value, "__dict__", None) or {}, w)
 
 
-def _write_enum(value: "Any", w: "_KeyWriter") -> None:
+def _write_enum(value, w):
+    # type: (Any, _KeyWriter) -> None
     # A Flag by value: a combination's name changed in 3.11. Any other member by name.
     flag = isinstance(value, sys.modules["enum"].Flag)
     _write_named(_type_name(type(value)), value._value_ if flag else value._name_, w)
 
 
-def _write_dataclass(value: "Any", w: "_KeyWriter") -> None:
+def _write_dataclass(value, w):
+    # type: (Any, _KeyWriter) -> None
     fields = sys.modules["dataclasses"].fields(value)
     _write_named(_type_name(type(value)),
                  tuple((field.name, getattr(value, field.name)) for field in fields), w)
 
 
-def _write_array(value: "Any", w: "_KeyWriter", tag: str = "A") -> None:
+def _write_array(value, w, tag="A"):
+    # type: (Any, _KeyWriter, str) -> None
     """A numpy array by dtype (little-endian), shape and values in C order, whatever its layout."""
     dtype = value.dtype
     if dtype.names is not None:          # structured: field by field, skipping padding bytes
@@ -1987,7 +2135,8 @@ def _write_array(value: "Any", w: "_KeyWriter", tag: str = "A") -> None:
         _write_blocks(value, w)
 
 
-def _write_blocks(value: "Any", w: "_KeyWriter") -> None:
+def _write_blocks(value, w):
+    # type: (Any, _KeyWriter) -> None
     """Hash a non-contiguous array's bytes in C order, copying a block of rows at a time."""
     if value.ndim == 0 or value.nbytes <= _BLOCK:
         w.buffer(value.copy(order="C").reshape(-1).view("u1"))
@@ -2002,7 +2151,8 @@ def _write_blocks(value: "Any", w: "_KeyWriter") -> None:
         w.buffer(value[start:start + step].copy(order="C").reshape(-1).view("u1"))
 
 
-def _write_numpy(value: "Any", w: "_KeyWriter") -> None:
+def _write_numpy(value, w):
+    # type: (Any, _KeyWriter) -> None
     """numpy values, known by their classes' names: numpy is never imported here."""
     names = {c.__name__ for c in type(value).__mro__ if c.__module__ == "numpy"}
     if "ndarray" in names:
@@ -2027,7 +2177,8 @@ def _write_numpy(value: "Any", w: "_KeyWriter") -> None:
         _write_reduced(value, w)
 
 
-def _write_pandas(value: "Any", w: "_KeyWriter") -> None:
+def _write_pandas(value, w):
+    # type: (Any, _KeyWriter) -> None
     """pandas objects, without importing pandas: labels, dtypes and values as numpy arrays."""
     names = {c.__name__ for c in type(value).__mro__ if c.__module__.split(".")[0] == "pandas"}
     if "DataFrame" in names:
@@ -2047,7 +2198,8 @@ def _write_pandas(value: "Any", w: "_KeyWriter") -> None:
         _write_reduced(value, w)
 
 
-def _write_pandas_values(value: "Any", w: "_KeyWriter") -> None:
+def _write_pandas_values(value, w):
+    # type: (Any, _KeyWriter) -> None
     dtype = value.dtype
     _write(str(dtype), w)
     if hasattr(dtype, "categories"):     # categorical: the categories and their order count
@@ -2093,7 +2245,8 @@ _SUBCLASSED: "List[Tuple[type, _Writer]]" = [(base, _write_subclass(base)) for b
 _FUNCTION_TYPES = (type(_write), type(len))
 
 
-def _writer_for(kind: type) -> "_Writer":
+def _writer_for(kind):
+    # type: (type) -> _Writer
     """The writer for values of kind, a type with no entry in _WRITERS."""
     module = kind.__module__ or ""
     writer = _BY_NAME.get((module, kind.__qualname__))
@@ -2129,7 +2282,8 @@ def _writer_for(kind: type) -> "_Writer":
     return _write_reduced
 
 
-def _write_function(value: "Any", w: "_KeyWriter") -> None:
+def _write_function(value, w):
+    # type: (Any, _KeyWriter) -> None
     owner = getattr(value, "__self__", None)
     if owner is None or type(owner) is type(sys):    # a function, or a module's builtin
         _write_reference(value, w)
@@ -2137,14 +2291,16 @@ def _write_function(value: "Any", w: "_KeyWriter") -> None:
         _write_reduced(value, w)
 
 
-def _keyer(salt: str) -> "Callable[[Any], bytes]":
+def _keyer(salt):
+    # type: (str) -> Callable[[Any], bytes]
     """key(material) -> the 32-byte key of a call, for a cache whose salt is the str salt."""
     # Each key starts a hash of its own: copying one made in advance is no faster, and on
     # PyPy a hash object is locked while copied, so a signal handler keying a call while the
     # code it interrupted copies it would wait for ever.
     start = ("%ss%x:%s" % (_KEY_FORMAT, len(salt), salt)).encode("utf-8", "surrogatepass")
 
-    def key(material: "Any") -> bytes:
+    def key(material):
+        # type: (Any) -> bytes
         if type(material) is tuple:
             # The hit path's usual call, a few numbers and short strs: the text that _write
             # makes, without a call per value.
@@ -2172,7 +2328,8 @@ def _keyer(salt: str) -> "Callable[[Any], bytes]":
     return key
 
 
-def _at_default(value: "Any", default: "Any", digest: "Optional[bytes]") -> bool:
+def _at_default(value, default, digest):
+    # type: (Any, Any, Optional[bytes]) -> bool
     """Whether value keys as default does: then the call leaves it out of its key."""
     if value is default:
         return True
@@ -2193,7 +2350,8 @@ def _at_default(value: "Any", default: "Any", digest: "Optional[bytes]") -> bool
         return False
 
 
-def _parameters(func: "_Func") -> "_Params":
+def _parameters(func):
+    # type: (_Func) -> _Params
     """[(name, kind, default)] of func's parameters, as inspect.signature() gives them (kind
     0 to 4 as inspect.Parameter's kinds, default _MISSING for none). A plain function's are
     read off its code, without importing inspect, which costs as much as all of persist."""
@@ -2222,7 +2380,8 @@ def _parameters(func: "_Func") -> "_Params":
     return params
 
 
-def _binder(func: "_Func", ignore: "FrozenSet[str]", label: str) -> "_Bind":
+def _binder(func, ignore, label):
+    # type: (_Func, FrozenSet[str], str) -> _Bind
     """A fast bind(args, kwargs) -> the values that make the key of a call.
 
     The values of the parameters without a default come first, in order; then the name and
@@ -2258,7 +2417,8 @@ def _binder(func: "_Func", ignore: "FrozenSet[str]", label: str) -> "_Bind":
         kept.append((name, kind, default, digest))
     signature: "List[inspect.Signature]" = []   # made on first need: a call bind() cannot take
 
-    def bind_slowly(args: "_Args", kwargs: "_Kwargs") -> "_Args":
+    def bind_slowly(args, kwargs):
+        # type: (_Args, _Kwargs) -> _Args
         if not signature:
             _load()
             signature.append(inspect.signature(func))
@@ -2300,7 +2460,8 @@ def _binder(func: "_Func", ignore: "FrozenSet[str]", label: str) -> "_Bind":
         run = required
     exact = _EXACT
 
-    def bind(args: "_Args", kwargs: "_Kwargs") -> "_Args":
+    def bind(args, kwargs):
+        # type: (_Args, _Kwargs) -> _Args
         given = len(args)
         if kwargs:                 # f(x=5): place the keywords, then as if positional
             if given > count:
@@ -2341,8 +2502,8 @@ def _binder(func: "_Func", ignore: "FrozenSet[str]", label: str) -> "_Bind":
     return bind
 
 
-def _unkeyable(func: "_Func", args: "_Args", kwargs: "_Kwargs",
-               exc: Exception) -> Exception:
+def _unkeyable(func, args, kwargs, exc):
+    # type: (_Func, _Args, _Kwargs, Exception) -> Exception
     """The TypeError for an argument that cannot be part of a key, naming the parameter.
 
     A RecursionError is returned as it is: nesting too deep to key, or the function's own
@@ -2370,7 +2531,8 @@ def _unkeyable(func: "_Func", args: "_Args", kwargs: "_Kwargs",
                      "memoize(key=...)" % (label, type(exc).__name__, exc))
 
 
-def _innermost(func: "_Func") -> "_Func":
+def _innermost(func):
+    # type: (_Func) -> _Func
     """What func runs in the end: the function inside partials, bound methods and
     decorators that set __wrapped__ (functools.wraps does), whose file and name are the
     function's own: a decorator's module is shared by every project that uses it."""
@@ -2388,7 +2550,8 @@ def _innermost(func: "_Func") -> "_Func":
     return func
 
 
-def _func_module(func: "_Func") -> str:
+def _func_module(func):
+    # type: (_Func) -> str
     """func's module; for a script, its file name (or -m name), as run, imported or spawned."""
     module = getattr(func, "__module__", None) or "__main__"
     if module in _MAIN_NAMES:
@@ -2396,7 +2559,8 @@ def _func_module(func: "_Func") -> str:
     return module
 
 
-def _script_name(module: str, filename: str) -> str:
+def _script_name(module, filename):
+    # type: (str, str) -> str
     """The name of the script that runs as module (__main__, or __mp_main__ in the workers
     that multiprocessing's spawn and forkserver start): the name python -m ran it by, else
     its file's name; __main__ where it has no file (python -c, the REPL, exec).
@@ -2417,11 +2581,13 @@ def _script_name(module: str, filename: str) -> str:
     return "__main__"
 
 
-def _same_path(first: str, second: str) -> bool:
+def _same_path(first, second):
+    # type: (str, str) -> bool
     return os.path.normcase(os.path.abspath(first)) == os.path.normcase(os.path.abspath(second))
 
 
-def _source_file(func: "_Func") -> "Optional[str]":
+def _source_file(func):
+    # type: (_Func) -> Optional[str]
     """The file that defines func, or None: the REPL, a notebook, exec(), a builtin."""
     inner = _innermost(func)
     code = getattr(inner, "__code__", None)
@@ -2434,7 +2600,8 @@ def _source_file(func: "_Func") -> "Optional[str]":
     return os.path.abspath(filename) if filename and os.path.isfile(filename) else None
 
 
-def _code_text(code: "types.CodeType") -> bytes:
+def _code_text(code):
+    # type: (types.CodeType) -> bytes
     """What a code object computes, as bytes: it differs between Python versions."""
     parts = [code.co_code, repr((code.co_names, code.co_varnames, code.co_freevars,
                                  code.co_cellvars, code.co_argcount, code.co_kwonlyargcount,
@@ -2447,7 +2614,8 @@ def _code_text(code: "types.CodeType") -> bytes:
     return b"\0".join(parts)
 
 
-def _const_text(const: object) -> str:
+def _const_text(const):
+    # type: (object) -> str
     """repr() of a code object's constant, but a frozenset's items sorted: its repr lists
     them in hash order, which PYTHONHASHSEED changes for str (x in {'a', 'b'} compiles to
     one), so the function's cache would be another in every process."""
@@ -2458,7 +2626,8 @@ def _const_text(const: object) -> str:
     return repr(const)
 
 
-def _code_tag(func: "_Func") -> str:
+def _code_tag(func):
+    # type: (_Func) -> str
     """Eight hex digits that stand for func's code: its source text where linecache has it
     (files, IPython and Jupyter cells), else its compiled code. Not its line number, so
     lines added above it change nothing.
@@ -2483,7 +2652,8 @@ def _code_tag(func: "_Func") -> str:
     return hashlib.sha256(material).hexdigest()[:8]
 
 
-def _identity(func: "_Func") -> str:
+def _identity(func):
+    # type: (_Func) -> str
     """module.qualname of what func runs; a lambda, or a function with no source file (a
     notebook, the REPL), also gets a tag of its code, so that two of one name differ."""
     inner = _innermost(func)
@@ -2500,7 +2670,8 @@ class _Unkeyable(Exception):
     """Something a function carries cannot be part of a key (a lock, a connection)."""
 
 
-def _carried_defaults(func: "types.FunctionType") -> "List[Tuple[str, Any]]":
+def _carried_defaults(func):
+    # type: (types.FunctionType) -> List[Tuple[str, Any]]
     """(name, default) of func's parameters with a default."""
     code = func.__code__
     positional = code.co_varnames[:code.co_argcount]
@@ -2518,13 +2689,15 @@ class _Carried:
     raises _Unkeyable, naming it, unless memoize(key=...) took that on (lenient).
     """
 
-    def __init__(self, lenient: bool, ignore: "FrozenSet[str]") -> None:
+    def __init__(self, lenient, ignore):
+        # type: (bool, FrozenSet[str]) -> None
         self.seen: "Set[int]" = set()
         self.lenient = lenient
         self.ignore = ignore          # parameters of the memoized function left out
         self.decorated: "Optional[str]" = None   # its own cell is empty while it is decorated
 
-    def value(self, value: object) -> str:
+    def value(self, value):
+        # type: (object) -> str
         if isinstance(value, types.ModuleType):
             return "module " + value.__name__
         if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
@@ -2547,7 +2720,8 @@ class _Carried:
             raise _Unkeyable("a %s (%s: %s)" % (type(value).__qualname__,
                                                  type(exc).__name__, exc)) from None
 
-    def held(self, name: "Union[str, int]", value: object, where: "Optional[str]" = None) -> str:
+    def held(self, name, value, where=None):
+        # type: (Union[str, int], object, Optional[str]) -> str
         """value's text, or _Unkeyable saying where (else name) it was held."""
         try:
             return "%s=%s" % (name, self.value(value))
@@ -2556,7 +2730,8 @@ class _Carried:
             raise _Unkeyable("%s, held in %s" % (exc, where) if str(exc).startswith("'")
                              else "%s, %s" % (where, exc)) from None
 
-    def callable(self, func: "_Func", top: bool = False) -> str:
+    def callable(self, func, top=False):
+        # type: (_Func, bool) -> str
         """func's text; the top level leaves out its name (the cache file has it)."""
         handle: object = func
         if isinstance(func, types.FunctionType):     # memoize's wrapper: its cache says all
@@ -2609,7 +2784,8 @@ class _Carried:
 _DEFAULTS: "Dict[Tuple[str, str], object]" = {}   # (identity, salt) -> its defaults' digest
 
 
-def _check_defaults(func: "_Func", identity: str, salt: str) -> None:
+def _check_defaults(func, identity, salt):
+    # type: (_Func, str, str) -> None
     """Refuse a second function of one name whose defaults differ (for k in (2, 3): def
     scale(x, k=k)): a call left at its default keys without it, so they would share results.
     Defaults that the salt holds already (nested and no-source functions) are fine."""
@@ -2633,8 +2809,8 @@ def _check_defaults(func: "_Func", identity: str, salt: str) -> None:
                                              for pair in _carried_defaults(inner))))
 
 
-def _salt(func: "_Func", version: str, key: "Optional[_Func]",
-          ignore: "FrozenSet[str]") -> str:
+def _salt(func, version, key, ignore):
+    # type: (_Func, str, Optional[_Func], FrozenSet[str]) -> str
     """The salt of func's keys: its version, and what it carries besides its arguments
     (closure cells, a partial's arguments, a bound method's self, a callable's state)."""
     try:
@@ -2653,7 +2829,8 @@ def _salt(func: "_Func", version: str, key: "Optional[_Func]",
         carried.encode("utf-8", "surrogatepass")).hexdigest())
 
 
-def _file_name(identity: str) -> str:
+def _file_name(identity):
+    # type: (str) -> str
     """A file name for the cache of identity, safe on every platform.
 
     Names that differ only in case (Process and process) would be one file on macOS and
@@ -2667,7 +2844,8 @@ def _file_name(identity: str) -> str:
     return safe + ".db"
 
 
-def _default_dir(func: "_Func") -> str:
+def _default_dir(func):
+    # type: (_Func) -> str
     """.persist beside the file that defines func, else in the current directory."""
     filename = _source_file(func)
     if filename is not None:
@@ -2675,7 +2853,8 @@ def _default_dir(func: "_Func") -> str:
     return os.path.join(os.getcwd(), ".persist")
 
 
-def _check_source(store: _Store, memo: "_Memo") -> None:
+def _check_source(store, memo):
+    # type: (_Store, _Memo) -> None
     """Refuse a cache that a function of another file filled under the same name.
 
     Two projects with one PERSIST_DIR may each have a job.py with a load(): their caches
@@ -2691,12 +2870,13 @@ def _check_source(store: _Store, memo: "_Memo") -> None:
     if recorded == source:
         return
 
-    def another(recorded: "Optional[str]") -> bool:
+    def another(recorded):
+        # type: (Optional[str]) -> bool
         return (recorded is not None and os.path.exists(recorded)
                 and not os.path.samefile(recorded, source))
 
-    # read again and record in one transaction: two may start at once
-    def record(conn: "sqlite3.Connection") -> "Optional[str]":
+    def record(conn):      # read again and record in one transaction: two may start at once
+        # type: (sqlite3.Connection) -> Optional[str]
         recorded = dict(conn.execute(_INFO).fetchall()).get("source")
         if not another(recorded):
             conn.execute(_SET_INFO, ("source", source))
@@ -2716,7 +2896,8 @@ def _check_source(store: _Store, memo: "_Memo") -> None:
             % (memo.identity, recorded, memo.identity, source, memo.identity)), memo.path)
 
 
-def _make_cache_dir(directory: str) -> None:
+def _make_cache_dir(directory):
+    # type: (str) -> None
     """Create directory with a .gitignore of '*', so a cache never lands in a commit."""
     if os.path.isdir(directory):
         return
@@ -2734,7 +2915,8 @@ def _make_cache_dir(directory: str) -> None:
             file.write("*\n")
 
 
-def _seconds(expire: "_Expire") -> "Optional[float]":
+def _seconds(expire):
+    # type: (_Expire) -> Optional[float]
     if expire is None:
         return None
     seconds = expire.total_seconds() if hasattr(expire, "total_seconds") else expire
@@ -2744,7 +2926,8 @@ def _seconds(expire: "_Expire") -> "Optional[float]":
     return float(seconds)
 
 
-def _short_repr(call: "_Call") -> "Optional[str]":
+def _short_repr(call):
+    # type: (_Call) -> Optional[str]
     """f's arguments as '(1, 'a', key=2)', shortened for people, on one line."""
     shorten = _SHORT
     args, kwargs = call
@@ -2757,8 +2940,8 @@ def _short_repr(call: "_Call") -> "Optional[str]":
     return text if len(text) <= 200 else text[:199] + "\u2026"
 
 
-def _leave_out(call: "_Call", names: "List[str]", ignore: "FrozenSet[str]",
-               rest: bool) -> "_Call":
+def _leave_out(call, names, ignore, rest):
+    # type: (_Call, List[str], FrozenSet[str], bool) -> _Call
     """call's (args, kwargs) without the parameters in ignore, so that 'persist show' does
     not list what the key left out; names: the positional parameters; rest: ignore names
     the *args parameter."""
@@ -2768,7 +2951,8 @@ def _leave_out(call: "_Call", names: "List[str]", ignore: "FrozenSet[str]",
     return args, {name: value for name, value in kwargs.items() if name not in ignore}
 
 
-def _without_addresses(text: str) -> str:
+def _without_addresses(text):
+    # type: (str) -> str
     """repr() text without the ' at 0x7f...' of default reprs: the address differs from call
     to call where the key does not, and would make one argument look like many."""
     start = text.find(" at 0x")
@@ -2787,7 +2971,8 @@ class _ShortRepr(reprlib.Repr):
 
     fillvalue = "..."           # an attribute of Repr itself from 3.11 on
 
-    def repr_instance(self, x: object, level: int) -> str:
+    def repr_instance(self, x, level):
+        # type: (object, int) -> str
         # as reprlib's, with the address left out before the cut, which could keep part of it
         try:
             text = _without_addresses(repr(x))
@@ -2799,12 +2984,14 @@ class _ShortRepr(reprlib.Repr):
             text = text[:i] + self.fillvalue + text[len(text) - j:]
         return text
 
-    def repr1(self, x: object, level: int) -> str:
+    def repr1(self, x, level):
+        # type: (object, int) -> str
         # A repr of many lines (a DataFrame's) on one; each part cut to maxother as reprlib does.
         text = super().repr1(x, level)
         return " ".join(text.split()) if "\n" in text else text
 
-    def repr_bytes(self, x: bytes, level: int) -> str:   # reprlib would repr() all, then cut
+    def repr_bytes(self, x, level):     # reprlib would repr() all of it, then cut
+        # type: (bytes, int) -> str
         if len(x) <= self.maxstring:
             return repr(x)
         i = max(0, (self.maxstring - 3) // 2)
@@ -2814,24 +3001,27 @@ class _ShortRepr(reprlib.Repr):
 
     repr_bytearray = repr_bytes
 
-    def repr_int(self, x: int, level: int) -> str:   # repr() of a huge int is slow, past 4300
+    def repr_int(self, x, level):       # repr() of a huge int is slow, past 4300 digits refused
+        # type: (int, int) -> str
         # digits refused
         if x.bit_length() > 4096:
             return "<int of about %d digits>" % int(x.bit_length() * 0.30103 + 1)
         return super().repr_int(x, level)
 
-    def repr_dict(self, x: "Dict[Any, Any]", level: int) -> str:   # reprlib sorts every key
+    def repr_dict(self, x, level):      # reprlib sorts every key first
+        # type: (Dict[Any, Any], int) -> str
         return super().repr_dict(x, level) if len(x) <= 100 else self._first_items(x, level)
 
-    def repr_set(self, x: "Union[Set[Any], FrozenSet[Any]]", level: int) -> str:
+    def repr_set(self, x, level):
+        # type: (Union[Set[Any], FrozenSet[Any]], int) -> str
         # (ignore[arg-type]: this is repr_frozenset too; reprlib's repr_set formats either)
         return (super().repr_set(x, level)  # type: ignore[arg-type]
                 if len(x) <= 100 else self._first_items(x, level))
 
     repr_frozenset = repr_set
 
-    def _first_items(self, x: "Union[Dict[Any, Any], Set[Any], FrozenSet[Any]]",
-                     level: int) -> str:
+    def _first_items(self, x, level):
+        # type: (Union[Dict[Any, Any], Set[Any], FrozenSet[Any]], int) -> str
         """The first few items in x's own order: sorting a large one is not worth its time."""
         if isinstance(x, dict):
             inner = ", ".join("%s: %s" % (self.repr1(k, level - 1), self.repr1(v, level - 1))
@@ -2845,7 +3035,8 @@ _SHORT = _ShortRepr()            # arguments shortened for people ('persist show
 _SHORT.maxstring = _SHORT.maxother = 40
 
 
-def _warn(message: str) -> None:
+def _warn(message):
+    # type: (str) -> None
     """Warn at the user's line: the first caller outside this file."""
     frame: "Optional[types.FrameType]"
     frame, level = sys._getframe(1), 2
@@ -2855,7 +3046,8 @@ def _warn(message: str) -> None:
     warnings.warn(message, PersistWarning, stacklevel=level)
 
 
-def _debug(event: str, identity: str, key: bytes) -> None:
+def _debug(event, identity, key):
+    # type: (str, str, bytes) -> None
     """'identity: event key' at DEBUG on the 'persist' logger, once the program uses logging
     at all (the key shortened to 12 hex digits)."""
     global _LOG
@@ -2867,7 +3059,8 @@ def _debug(event: str, identity: str, key: bytes) -> None:
         _LOG.debug("%s: %s %s", identity, event, key[:6].hex())
 
 
-def _advice(exc: BaseException) -> str:
+def _advice(exc):
+    # type: (BaseException) -> str
     """What to do about an OSError that keeps a cache from being used."""
     code = getattr(exc, "errno", None)
     if code == errno.ENOSPC or code == getattr(errno, "EDQUOT", None):
@@ -2897,9 +3090,8 @@ class _Memo:
     source: "Optional[str]"       # set by _memoize(), as is salt
     salt: str
 
-    def __init__(self, func: "_Func", cache_dir: "Optional[_StrPath]",
-                 name: "Optional[str]", version: object, expire: "Optional[float]",
-                 strict: bool) -> None:
+    def __init__(self, func, cache_dir, name, version, expire, strict):
+        # type: (_Func, Optional[_StrPath], Optional[str], object, Optional[float], bool) -> None
         self.func = func
         self.identity = name or _identity(func)
         self.version = repr(version)
@@ -2915,13 +3107,15 @@ class _Memo:
         self._path = None
 
     @property
-    def path(self) -> str:
+    def path(self):
+        # type: () -> str
         if self._path is None:
             directory = self.cache_dir or os.environ.get("PERSIST_DIR") or self.default_dir
             self._path = os.path.join(os.path.abspath(directory), _file_name(self.identity))
         return self._path
 
-    def trouble(self, what: str, exc: Exception) -> None:
+    def trouble(self, what, exc):
+        # type: (str, Exception) -> None
         """A cache error: raise it (strict), or warn once, saying what to do, and go on."""
         if self.strict or isinstance(exc, PersistError) or \
                 os.environ.get("PERSIST_STRICT", "") not in ("", "0"):
@@ -2933,7 +3127,8 @@ class _Memo:
                   "PERSIST_STRICT=1 raises instead" % (self.identity, what, self.path, exc,
                                                        _advice(exc)))
 
-    def open(self, create: bool = True) -> "Optional[_Store]":
+    def open(self, create=True):
+        # type: (bool) -> Optional[_Store]
         with _OPEN_LOCK:
             if self.store is None and self.broken is None:
                 if not create and not os.path.exists(self.path):
@@ -2959,7 +3154,8 @@ class _Memo:
                 self.store = store
             return self.store
 
-    def get(self, key: bytes) -> "Any":
+    def get(self, key):
+        # type: (bytes) -> Any
         """The cached result for the call whose key is key, or _MISSING."""
         store = self.store if self.store is not None else self.open()
         if store is not None:
@@ -2987,7 +3183,8 @@ class _Memo:
         _debug("miss", self.identity, key)
         return _MISSING
 
-    def put(self, key: bytes, value: "Any", args: "_Call", seconds: float) -> None:
+    def put(self, key, value, args, seconds):
+        # type: (bytes, Any, _Call, float) -> None
         store = self.store
         if store is None:
             self.unstored += 1
@@ -3009,7 +3206,8 @@ class _Memo:
             _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
                   % (self.identity, type(exc).__name__, exc))
 
-    def fail(self, key: bytes, call: "_Call", exc: Exception, seconds: float) -> None:
+    def fail(self, key, call, exc, seconds):
+        # type: (bytes, _Call, Exception, float) -> None
         """Record in the cache's failure ledger that the call keyed key raised exc. It never
         raises: the caller is about to re-raise exc, and that is the error that matters."""
         store = self.store
@@ -3027,8 +3225,8 @@ class _Memo:
                 self.trouble("could not record a failed call in", trouble)
 
 
-def _failure_record(call: "_Call", exc: BaseException, seconds: float,
-                    version: str) -> "_FailureRecord":
+def _failure_record(call, exc, seconds, version):
+    # type: (_Call, BaseException, float, str) -> _FailureRecord
     """(args, type, message, traceback, seconds, version): what the ledger keeps of a call."""
     import traceback
     kind = type(exc)
@@ -3059,22 +3257,25 @@ class _Explanation:
     __slots__ = ("hit", "reason", "path", "stored", "seconds", "version", "error", "failures",
                  "_text")
 
-    def __init__(self, reason: str, path: str, text: str, stored: "Optional[float]" = None,
-                 seconds: "Optional[float]" = None, version: "Optional[str]" = None,
-                 error: "Optional[str]" = None, failures: int = 0) -> None:
+    def __init__(self, reason, path, text, stored=None, seconds=None, version=None,
+                 error=None, failures=0):
+        # type: (str, str, str, Optional[float], Optional[float], Optional[str], Optional[str], int) -> None
         self.hit = reason == "hit"
         self.reason, self.path, self._text = reason, path, text
         self.stored, self.seconds, self.version = stored, seconds, version
         self.error, self.failures = error, failures
 
-    def __str__(self) -> str:
+    def __str__(self):
+        # type: () -> str
         return self._text
 
-    def __repr__(self) -> str:
+    def __repr__(self):
+        # type: () -> str
         return "<explanation %s: %s>" % (self.reason, self._text)
 
 
-def _stored_when(stored: float, seconds: "Optional[float]" = None) -> str:
+def _stored_when(stored, seconds=None):
+    # type: (float, Optional[float]) -> str
     """'stored 2026-11-26 11:52 (3m ago), computed in 1.5 s' (the last part where known)."""
     text = "stored %s (%s ago)" % (_when(stored), _age(max(0.0, time.time() - stored)))
     if seconds is None:
@@ -3086,7 +3287,8 @@ def _stored_when(stored: float, seconds: "Optional[float]" = None) -> str:
     return text + ", computed in under 1 ms"
 
 
-def _other_code_caches(memo: _Memo) -> "List[str]":
+def _other_code_caches(memo):
+    # type: (_Memo) -> List[str]
     """The caches beside memo's of the same function with other code: a function with no
     source file (a notebook, the REPL) or a lambda has a tag of its code in its cache's name
     (see _identity), so each edit starts a new cache."""
@@ -3104,7 +3306,8 @@ def _other_code_caches(memo: _Memo) -> "List[str]":
                   and len(name) == len(mine))
 
 
-def _explain(memo: _Memo, key: bytes, key_for: "Callable[[str], bytes]") -> _Explanation:
+def _explain(memo, key, key_for):
+    # type: (_Memo, bytes, Callable[[str], bytes]) -> _Explanation
     """An _Explanation of what a call whose key is key would do now; key_for(salt) keys the
     same call under another salt. Nothing is counted and nothing is stored."""
     path = memo.path
@@ -3197,7 +3400,8 @@ class _Memoized:
     __name__: str
     __qualname__: str
 
-    def __call__(self, *args: "Any", **kwargs: "Any") -> "Any":
+    def __call__(self, *args, **kwargs):
+        # type: (*Any, **Any) -> Any
         memo, bind, key_from, func = self._state
         if self._self is not None:
             args = (self._self,) + args
@@ -3219,8 +3423,8 @@ class _Memoized:
             memo.put(key, result, (args, kwargs), time.perf_counter() - start)
         return result
 
-    def _call(self, args: "_Args", kwargs: "_Kwargs",
-              failing: "Optional[Callable[[], object]]" = None) -> "Tuple[Any, bool]":
+    def _call(self, args, kwargs, failing=None):
+        # type: (_Args, _Kwargs, Optional[Callable[[], object]]) -> Tuple[Any, bool]
         """(result, whether it came from the cache): a call for persist.map, which counts;
         failing() is called as soon as func raises, before the failure is recorded."""
         memo, bind, key_from, func = self._state
@@ -3242,7 +3446,8 @@ class _Memoized:
         memo.put(key, result, (args, kwargs), time.perf_counter() - start)
         return result, False
 
-    def __get__(self, instance: object, owner: "Optional[type]" = None) -> "_Memoized":
+    def __get__(self, instance, owner=None):
+        # type: (object, Optional[type]) -> _Memoized
         if instance is None or self._self is not None:
             return self
         bound = object.__new__(_Memoized)
@@ -3251,31 +3456,37 @@ class _Memoized:
         return bound
 
     @property
-    def __wrapped__(self) -> "_Func":
+    def __wrapped__(self):
+        # type: () -> _Func
         func = self._state[3]
         return func if self._self is None else types.MethodType(func, self._self)
 
     @__wrapped__.setter
-    def __wrapped__(self, func: "_Func") -> None:   # update_wrapper sets it:
+    def __wrapped__(self, func):             # functools.update_wrapper sets it: it is _state's
+        # type: (_Func) -> None
         # it is _state's
         pass
 
     @property
-    def _memo(self) -> _Memo:
+    def _memo(self):
+        # type: () -> _Memo
         return self._state[0]
 
-    def __reduce__(self) -> "Union[str, _Args]":
+    def __reduce__(self):
+        # type: () -> Union[str, _Args]
         if self._self is not None:
             return getattr, (self._self, self.__name__)
         return self.__qualname__             # a global name: pickle finds it and checks it
 
-    def __repr__(self) -> str:
+    def __repr__(self):
+        # type: () -> str
         name = getattr(self, "__qualname__", None) or repr(self._state[3])
         if self._self is not None:
             return "<bound memoized %s of %r>" % (name, self._self)
         return "<memoized %s>" % name
 
-    def _key_of(self, args: "_Args", kwargs: "_Kwargs") -> bytes:
+    def _key_of(self, args, kwargs):
+        # type: (_Args, _Kwargs) -> bytes
         memo, bind, key_from, func = self._state
         if self._self is not None:
             args = (self._self,) + args
@@ -3287,7 +3498,8 @@ class _Memoized:
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
 
-    def explain(self, *args: "Any", **kwargs: "Any") -> _Explanation:
+    def explain(self, *args, **kwargs):
+        # type: (*Any, **Any) -> _Explanation
         """Say whether a call with these arguments would be a hit, or why it would miss,
         without calling the function. A hit is loaded, to be sure that it can be."""
         memo, bind, key_from, func = self._state
@@ -3302,7 +3514,8 @@ class _Memoized:
             raise _unkeyable(func, args, kwargs, exc) from None
         return _explain(memo, key, lambda salt: _keyer(salt)(material))
 
-    def cache_info(self) -> "_CacheInfo":
+    def cache_info(self):
+        # type: () -> _CacheInfo
         """hits and misses in this process; entries and path of the cache on disk; unstored:
         results this process could not store; failures: calls on record as failed (see
         failures()); seconds: how long the stored results took to compute, in all; saved: how
@@ -3313,14 +3526,16 @@ class _Memoized:
         return _CacheInfo(memo.hits, memo.misses, entries, memo.path, memo.unstored, failures,
                           seconds, memo.saved)
 
-    def failures(self) -> "List[_Failure]":
+    def failures(self):
+        # type: () -> List[_Failure]
         """The calls that raised and have not succeeded since, the latest failure last: named
         tuples of args (short form), type and message of the exception, count (of failures),
         first and last (Unix times), seconds (the last call's), version and traceback."""
         store = self._memo.open(create=False)
         return [] if store is None else [_Failure(*row) for row in store.failures()]
 
-    def cache_clear(self) -> None:
+    def cache_clear(self):
+        # type: () -> None
         """Remove every stored result of this function, and its failure records."""
         memo = self._memo
         store = memo.open(create=False)
@@ -3329,13 +3544,15 @@ class _Memoized:
         memo.hits = memo.misses = 0
         memo.saved = 0.0
 
-    def cache_delete(self, *args: "Any", **kwargs: "Any") -> bool:
+    def cache_delete(self, *args, **kwargs):
+        # type: (*Any, **Any) -> bool
         """Remove the result stored for these arguments; return whether there was one."""
         key = self._key_of(args, kwargs)
         store = self._memo.open(create=False)
         return store is not None and store.delete(key)
 
-    def cache_prune(self, *, stale: bool = True, expired: bool = True) -> int:
+    def cache_prune(self, *, stale=True, expired=True):
+        # type: (bool, bool) -> int
         """Remove results of other version=s (stale) and results older than expire=; return
         how many went."""
         memo = self._memo
@@ -3346,7 +3563,8 @@ class _Memoized:
         return store.prune(before, memo.version if stale else None)[0]
 
 
-def _code_flags(func: "_Func") -> int:
+def _code_flags(func):
+    # type: (_Func) -> int
     """The flags of func's code, through partials and bound methods, as inspect reads them
     for isgeneratorfunction() and the like (without importing it)."""
     while True:
@@ -3359,10 +3577,8 @@ def _code_flags(func: "_Func") -> int:
     return func.__code__.co_flags if isinstance(func, types.FunctionType) else 0
 
 
-def _memoize(func: "_Func", cache_dir: "Optional[_StrPath]", name: "Optional[str]",
-             version: object, expire: "_Expire",
-             ignore: "_Names", key: "Optional[_Func]",
-             strict: bool) -> "_Func":
+def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
+    # type: (_Func, Optional[_StrPath], Optional[str], object, _Expire, _Names, Optional[_Func], bool) -> _Func
     label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
     flags = _code_flags(func)
     coroutine = bool(flags & _CO_COROUTINE)
@@ -3401,7 +3617,8 @@ def _memoize(func: "_Func", cache_dir: "Optional[_StrPath]", name: "Optional[str
     # before Python 3.12 (the limit counts the C call between them too).
     key_of = handle._key_of
     if coroutine:
-        async def wrapper(*args: "Any", **kwargs: "Any") -> "Any":
+        async def wrapper(*args, **kwargs):
+            # type: (*Any, **Any) -> Any
             key = key_of(args, kwargs)
             result = memo.get(key)
             if result is _MISSING:
@@ -3414,7 +3631,8 @@ def _memoize(func: "_Func", cache_dir: "Optional[_StrPath]", name: "Optional[str
                 memo.put(key, result, (args, kwargs), time.perf_counter() - start)
             return result
     else:   # (ignore[misc]: one variant returns a coroutine; memoize says what either is)
-        def wrapper(*args: "Any", **kwargs: "Any") -> "Any":  # type: ignore[misc]
+        def wrapper(*args, **kwargs):  # type: ignore[misc]
+            # type: (*Any, **Any) -> Any
             material = bind(args, kwargs)    # a wrong call raises here, naming the function
             try:
                 key = key_from(material)
@@ -3444,7 +3662,8 @@ def _memoize(func: "_Func", cache_dir: "Optional[_StrPath]", name: "Optional[str
     return wrapper
 
 
-def _in_class_body(func: "_Func") -> bool:
+def _in_class_body(func):
+    # type: (_Func) -> bool
     """Whether func was defined in a class body: then memoize's wrapper must bind to an
     instance as func would, and a descriptor is the wrapper."""
     parts = getattr(func, "__qualname__", "").split(".")
@@ -3460,7 +3679,8 @@ _BATCH_SECONDS = 0.05     # persist.map sends workers items in batches of about 
 _BATCH_LIMIT = 1000       # items, at most, in one batch
 
 
-def _handle_of(func: "_Func") -> "Optional[_Handle]":
+def _handle_of(func):
+    # type: (_Func) -> Optional[_Handle]
     """(the _Memoized behind func, leading arguments, keywords) when func is a memoized
     function, method or a functools.partial of one; else None."""
     args: "_Args"
@@ -3481,8 +3701,8 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
                                    # a failure
 
 
-def _run(func: "Callable[[Any], Any]", items: "List[Any]", portable: bool,
-         stop: "Optional[_Event]" = None) -> "Tuple[List[_Outcome], float]":
+def _run(func, items, portable, stop=None):
+    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> Tuple[List[_Outcome], float]
     """func(item) for a batch of items where they run (this process, or a worker): a list of
     (True, result, whether the cache had it), (False, exception, traceback text or None) or
     (None, None, None) for an item not started, and the seconds the batch took. portable:
@@ -3520,7 +3740,8 @@ def _run(func: "Callable[[Any], Any]", items: "List[Any]", portable: bool,
 class _WorkerTraceback(Exception):
     """The traceback of an exception raised in a worker, as text: the __cause__ it gets."""
 
-    def __str__(self) -> str:
+    def __str__(self):
+        # type: () -> str
         return "\n\n" + str(self.args[0])
 
 
@@ -3528,7 +3749,8 @@ class _WorkerError(Exception):
     """An exception that a worker raised but could not send back: its type and message."""
 
 
-def _portable(exc: Exception) -> Exception:
+def _portable(exc):
+    # type: (Exception) -> Exception
     """exc if it survives pickling both ways, else a _WorkerError that says what it was."""
     try:
         pickle.loads(pickle.dumps(exc, _PROTOCOL))
@@ -3542,13 +3764,15 @@ def _portable(exc: Exception) -> Exception:
                             % (_type_label(type(exc)), message, type(why).__name__, why))
 
 
-def _type_label(kind: type) -> str:
+def _type_label(kind):
+    # type: (type) -> str
     module = getattr(kind, "__module__", None)
     return kind.__qualname__ if module in (None, "builtins") else \
         "%s.%s" % (module, kind.__qualname__)
 
 
-def _worker_start(stop: "Optional[_Event]") -> None:
+def _worker_start(stop):
+    # type: (Optional[_Event]) -> None
     """Each worker of persist.map's own pool ignores Ctrl-C: the parent stops them all, at
     once and without a traceback from each. stop: see _run."""
     global _STOP
@@ -3557,7 +3781,8 @@ def _worker_start(stop: "Optional[_Event]") -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _stop_workers(pool: "concurrent.futures.ProcessPoolExecutor") -> None:
+def _stop_workers(pool):
+    # type: (ProcessPoolExecutor) -> None
     """End a ProcessPoolExecutor's workers now, whatever they are running."""
     # best effort, through a private attribute: without it, shutdown() waits for the calls
     for process in list((getattr(pool, "_processes", None) or {}).values()):
@@ -3566,7 +3791,8 @@ def _stop_workers(pool: "concurrent.futures.ProcessPoolExecutor") -> None:
     pool.shutdown(wait=True)
 
 
-def _took(seconds: float) -> str:
+def _took(seconds):
+    # type: (float) -> str
     """A duration for people: 4.2s, 3m12s, 2h41m."""
     if seconds < 60:
         return "%.1fs" % seconds
@@ -3575,7 +3801,8 @@ def _took(seconds: float) -> str:
     return "%dh%02dm" % divmod(int(seconds) // 60, 60)
 
 
-def _n(number: int) -> str:
+def _n(number):
+    # type: (int) -> str
     return format(number, ",")
 
 
@@ -3587,9 +3814,8 @@ class _Run:
     bar: "Any"
     tick: "Optional[float]"
 
-    def __init__(self, func: "Callable[[Any], Any]", items: "List[Any]",
-                 found: "Optional[_Handle]", progress: "_Progress"
-                 ) -> None:
+    def __init__(self, func, items, found, progress):
+        # type: (Callable[[Any], Any], List[Any], Optional[_Handle], _Progress) -> None
         self.func, self.items, self.found = func, items, found
         inner = func.func if isinstance(func, functools.partial) else func
         self.label = getattr(inner, "__name__", None) or type(inner).__name__
@@ -3617,21 +3843,25 @@ class _Run:
         self.counted = 0                # items the bar was told about
 
     @property
-    def done(self) -> int:
+    def done(self):
+        # type: () -> int
         return self.reused + self.computed + len(self.failures)
 
-    def succeeded(self, index: int, value: "Any", hit: bool) -> None:
+    def succeeded(self, index, value, hit):
+        # type: (int, Any, bool) -> None
         self.results[index] = value
         if hit:
             self.reused += 1
         else:
             self.computed += 1
 
-    def failed(self, index: int, exc: Exception) -> None:
+    def failed(self, index, exc):
+        # type: (int, Exception) -> None
         self.results[index] = exc
         self.failures.append((index, exc))
 
-    def update(self, now: float) -> None:
+    def update(self, now):
+        # type: (float) -> None
         """Show progress, at most every _PROGRESS_EVERY seconds."""
         self.tick = now + _PROGRESS_EVERY
         done, total = self.done, len(self.items)
@@ -3651,14 +3881,16 @@ class _Run:
                                                    rate, left)
         self.show(text)
 
-    def show(self, text: str) -> None:
+    def show(self, text):
+        # type: (str) -> None
         # best effort: a closed or broken stderr costs the progress line, never the results
         with contextlib.suppress(Exception):
             sys.stderr.write("\r" + text + " " * max(0, self.line - len(text)))
             sys.stderr.flush()
             self.line = len(text)
 
-    def serial(self, keep_going: bool) -> None:
+    def serial(self, keep_going):
+        # type: (bool) -> None
         func, found, run = self.func, self.found, self
         if found is not None:
             call, args, kwargs = found[0]._call, found[1], found[2]
@@ -3683,10 +3915,8 @@ class _Run:
                 if now >= run.tick:
                     run.update(now)
 
-    def parallel(self, executor: "concurrent.futures.Executor", width: int, keep_going: bool,
-                 portable: bool,
-                 pool: "Optional[concurrent.futures.ProcessPoolExecutor]" = None,
-                 stop: "Optional[_Event]" = None) -> None:
+    def parallel(self, executor, width, keep_going, portable, pool=None, stop=None):
+        # type: (Executor, int, bool, bool, Optional[ProcessPoolExecutor], Optional[_Event]) -> None
         """Run the items on executor in batches sized to take about _BATCH_SECONDS each (one
         item at first; quick items travel many to a message), with at most two batches per
         worker waiting, so that a million items are not a million futures. pool: our own, to
@@ -3702,7 +3932,8 @@ class _Run:
         size, left = 1, len(self.items)
         error: "Optional[Exception]" = None   # keep_going=False: the first failure
 
-        def submit(count: int) -> None:
+        def submit(count):
+            # type: (int) -> None
             nonlocal left
             for _ in range(count):
                 batch = [alone.popleft()] if alone else list(itertools.islice(todo, size))
@@ -3767,7 +3998,8 @@ class _Run:
         if error is not None:
             raise error
 
-    def summary(self) -> str:
+    def summary(self):
+        # type: () -> str
         """One line: what was reused, computed and failed, and where to see the failures."""
         total = len(self.items)
         parts: "List[str]" = []
@@ -3790,7 +4022,8 @@ class _Run:
                                   else "the .failures of the persist.Failures raised")
         return line
 
-    def finish(self) -> None:
+    def finish(self):
+        # type: () -> None
         """Clear the progress line, close the bar, and give the summary line."""
         if self.bar is not None:
             with contextlib.suppress(Exception):
@@ -3807,7 +4040,8 @@ class _Run:
             with contextlib.suppress(Exception):
                 print(line, file=sys.stderr)
 
-    def error(self) -> Failures:
+    def error(self):
+        # type: () -> Failures
         """The Failures to raise when items failed and map kept going past them."""
         self.failures.sort(key=_first)         # workers finish out of order
         kinds: "OrderedDict[str, List[int]]" = collections.OrderedDict()
@@ -3835,7 +4069,8 @@ class _NotDurable(Exception):
     """An fsync failed in _sync_tree(): (errno, strerror, name), past its except OSError."""
 
 
-def _start_writeback(name: str, dir_fd: "Optional[int]") -> None:
+def _start_writeback(name, dir_fd):
+    # type: (str, Optional[int]) -> None
     """Ask Linux to start writing the file's dirty pages to disk, without waiting."""
     # This is an optimization only; it's ok if it fails. Started for every file before the
     # first fsync, the writes and their block allocations share a few journal commits: with
@@ -3850,7 +4085,8 @@ def _start_writeback(name: str, dir_fd: "Optional[int]") -> None:
             os.close(fd)
 
 
-def _sync_file(name: str, dir_fd: "Optional[int]") -> int:
+def _sync_file(name, dir_fd):
+    # type: (str, Optional[int]) -> int
     """Fsync the regular file name (relative to dir_fd, if given): its size in bytes.
 
     An OSError from opening it means it vanished or may not be read; one from fsync means
@@ -3870,7 +4106,8 @@ def _sync_file(name: str, dir_fd: "Optional[int]") -> int:
         os.close(fd)
 
 
-def _sync_files(names: "List[str]", dir_fd: "Optional[int]") -> "Tuple[int, int, int]":
+def _sync_files(names, dir_fd):
+    # type: (List[str], Optional[int]) -> Tuple[int, int, int]
     """Fsync the files names (relative to dir_fd, if given): (files, bytes, files not synced).
 
     Several threads fsync at once, because the drive's cache flushes that concurrent fsyncs
@@ -3881,7 +4118,8 @@ def _sync_files(names: "List[str]", dir_fd: "Optional[int]") -> "Tuple[int, int,
             _start_writeback(name, dir_fd)
     results: "List[Any]" = []              # a size, _VANISHED, or the exception
 
-    def sync(part: "List[str]") -> None:
+    def sync(part):
+        # type: (List[str]) -> None
         for name in part:
             try:
                 results.append(_sync_file(name, dir_fd))
@@ -3902,7 +4140,8 @@ def _sync_files(names: "List[str]", dir_fd: "Optional[int]") -> "Tuple[int, int,
         running = [_SYNC_THREADS]
         finished.acquire()
 
-        def part(i: int) -> None:
+        def part(i):
+            # type: (int) -> None
             try:
                 sync(names[i::_SYNC_THREADS])
             finally:
@@ -3927,8 +4166,8 @@ def _sync_files(names: "List[str]", dir_fd: "Optional[int]") -> "Tuple[int, int,
     return files, size, unsynced
 
 
-def _sync_tree(folder: str, skip: "Optional[str]" = None, dir_fd: "Optional[int]" = None
-               ) -> "Tuple[int, int, int]":
+def _sync_tree(folder, skip=None, dir_fd=None):
+    # type: (str, Optional[str], Optional[int]) -> Tuple[int, int, int]
     """Fsync each file and directory in folder and below; (files, bytes, files not synced).
 
     Symbolic links are not followed, and the file skip at the top is left out. A file or
@@ -3973,7 +4212,8 @@ def _sync_tree(folder: str, skip: "Optional[str]" = None, dir_fd: "Optional[int]
     return files, size, unsynced
 
 
-def _marker_record(directory: "pathlib.Path", marker: str) -> str:
+def _marker_record(directory, marker):
+    # type: (pathlib.Path, str) -> str
     """Make every file in directory durable; the marker's text: when, how many files, bytes."""
     try:
         files, size, unsynced = _sync_tree(os.fspath(directory), marker)
@@ -3988,7 +4228,8 @@ def _marker_record(directory: "pathlib.Path", marker: str) -> str:
 
 
 @contextlib.contextmanager
-def _dir_lock(directory: "Union[str, pathlib.Path]") -> "Iterator[None]":
+def _dir_lock(directory):
+    # type: (Union[str, pathlib.Path]) -> Iterator[None]
     """Hold an exclusive lock on directory, or fail at once if someone else holds it."""
     if _fcntl is None:
         yield
@@ -4005,7 +4246,8 @@ def _dir_lock(directory: "Union[str, pathlib.Path]") -> "Iterator[None]":
         os.close(fd)
 
 
-def _empty(directory: "pathlib.Path") -> None:
+def _empty(directory):
+    # type: (pathlib.Path) -> None
     """Remove everything in directory, not following symbolic links."""
     import shutil
     for entry in os.scandir(directory):
@@ -4030,7 +4272,8 @@ _SHELVE_READ_ONLY = ("a {kind} shelve file, not yet a persist store; open it onc
                      "keeps the original")
 
 
-def _shelve_kind(path: str) -> "Optional[str]":
+def _shelve_kind(path):
+    # type: (str) -> Optional[str]
     """The dbm module that made the shelve file at path ('dbm.dumb', ...), or None."""
     if os.path.isfile(path):
         try:
@@ -4051,7 +4294,8 @@ def _shelve_kind(path: str) -> "Optional[str]":
     return kind or None
 
 
-def _is_dbm_sqlite3(path: str) -> bool:
+def _is_dbm_sqlite3(path):
+    # type: (str) -> bool
     """Whether path is an SQLite file with the one table of dbm.sqlite3 (Python 3.13)."""
     try:
         conn = sqlite3.connect(_uri(os.path.abspath(path), "ro"), uri=True)
@@ -4068,7 +4312,8 @@ def _is_dbm_sqlite3(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def _shelve_items(path: str, kind: str) -> "Iterator[Iterator[Tuple[bytes, bytes]]]":
+def _shelve_items(path, kind):
+    # type: (str, str) -> Iterator[Iterator[Tuple[bytes, bytes]]]
     """An iterator of the (key, pickle) pairs of the shelve file at path, as stored."""
     if kind == "dbm.sqlite3":              # read here: Python before 3.13 has no dbm.sqlite3
         busy = PersistError(errno.EBUSY, "a dbm.sqlite3 shelve file that another program "
@@ -4106,14 +4351,15 @@ def _shelve_items(path: str, kind: str) -> "Iterator[Iterator[Tuple[bytes, bytes
         db.close()
 
 
-def _copy_rows(conn: "sqlite3.Connection", items: "Iterable[Tuple[bytes, bytes]]",
-               stored: float) -> int:
+def _copy_rows(conn, items, stored):
+    # type: (sqlite3.Connection, Iterable[Tuple[bytes, bytes]], float) -> int
     conn.executemany(_PUT, ((key, value, None, stored, None, None, None)
                             for key, value in items))
     return _fetch(conn, _COUNT)[0][0]  # type: ignore[no-any-return]  # a row: Any
 
 
-def _from_shelve(path: str, kind: str, copy: bool = True) -> str:
+def _from_shelve(path, kind, copy=True):
+    # type: (str, str, bool) -> str
     """Copy the entries of the shelve file at path into a persist store at path (without
     copy, an empty one); keep the original; return what happened, for a warning."""
     directory = os.path.dirname(path)
@@ -4167,11 +4413,13 @@ def _from_shelve(path: str, kind: str, copy: bool = True) -> str:
             "store of that name, and %s" % (path, kind, count, where))
 
 
-def _same_file(info: "os.stat_result", other: "os.stat_result") -> bool:
+def _same_file(info, other):
+    # type: (os.stat_result, os.stat_result) -> bool
     return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
 
 
-def _keep_aside(path: str, original: "os.stat_result") -> str:
+def _keep_aside(path, original):
+    # type: (str, os.stat_result) -> str
     """A second name for the file at path, durable before path is replaced: a hard link,
     or where there are none a copy. original: os.stat() of the file as it was read; if path
     is another file now (another process copied it meanwhile), FileExistsError."""
@@ -4213,7 +4461,8 @@ def _keep_aside(path: str, original: "os.stat_result") -> str:
                           path + _SHELVE_KEPT)
 
 
-def _open_shelve_file(path: str, flag: str) -> None:
+def _open_shelve_file(path, flag):
+    # type: (str, str) -> None
     """Before persist.open(path, flag) opens a store: move a shelve file's entries into one."""
     if os.path.islink(path):               # _Store refuses it, saying why
         return
@@ -4273,11 +4522,11 @@ if TYPE_CHECKING:     # bare, @memoize; or with options, @memoize(version=2)
                 ) -> Callable[[Callable[_P, _R]], _MemoizedFunction[_P, _R]]: ...
 
 
-def memoize(func: "Optional[_Func]" = None, *,
+def memoize(func: "Optional[Callable[..., Any]]" = None, *,
             cache_dir: "Optional[_StrPath]" = None, name: "Optional[str]" = None,
-            version: object = None, expire: "_Expire" = None,
-            ignore: "_Names" = (),
-            key: "Optional[_Func]" = None, strict: bool = False) -> "Any":
+            version: object = None, expire: "Union[float, datetime.timedelta, None]" = None,
+            ignore: "Union[str, Iterable[str]]" = (),
+            key: "Optional[Callable[..., Any]]" = None, strict: bool = False) -> "Any":
     """Keep each result of func on disk, so that a rerun computes only what is missing.
 
     Use it bare, @memoize, or with options, @memoize(version=2). Each result is committed
@@ -4325,7 +4574,7 @@ def memoize(func: "Optional[_Func]" = None, *,
 
 def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional[int]" = None,
         executor: "Optional[concurrent.futures.Executor]" = None, keep_going: bool = True,
-        progress: "_Progress" = None) -> "List[_R]":
+        progress: "Union[bool, Callable[..., Any], None]" = None) -> "List[_R]":
     """func(item) for every item, as a list in input order, going on past items that fail.
 
     results = persist.map(transform, records)              # every record is tried
@@ -4536,7 +4785,8 @@ def done_dir(path: "_Path", *, marker: str = "DONE", clean: bool = False
 
 
 @contextlib.contextmanager
-def _done_dir(directory: "pathlib.Path", marker: str, clean: bool) -> "Iterator[pathlib.Path]":
+def _done_dir(directory, marker, clean):
+    # type: (pathlib.Path, str, bool) -> Iterator[pathlib.Path]
     """done_dir() once its arguments are checked: the work happens on entry and exit."""
     where = directory.absolute()           # once: an os.chdir() in the block moves nothing
     made: "List[pathlib.Path]"
@@ -4573,25 +4823,29 @@ def is_done(path: "_Path", *, marker: str = "DONE") -> bool:
 # -- the command line: python persist.py COMMAND, or python -m persist COMMAND
 
 
-def _when(stamp: "Optional[float]") -> str:
+def _when(stamp):
+    # type: (Optional[float]) -> str
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
 
 
-def _bytes(size: float) -> str:   # type: ignore[return]  # "GB" returns
+def _bytes(size):  # type: ignore[return]  # the "GB" turn returns
+    # type: (float) -> str
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return ("%d %s" if unit == "B" else "%.1f %s") % (size, unit)
         size /= 1024
 
 
-def _age(seconds: float) -> str:
+def _age(seconds):
+    # type: (float) -> str
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= length:
             return "%d%s" % (seconds // length, unit)
     return "%ds" % seconds
 
 
-def _duration(text: str) -> float:
+def _duration(text):
+    # type: (str) -> float
     """'90', '90s', '15m', '12h', '7d' or '2w' as seconds, positive and finite; argparse calls
     it, and shows the message of an ArgumentTypeError (of a ValueError, only the type's name)."""
     import argparse
@@ -4608,7 +4862,8 @@ def _duration(text: str) -> float:
     return seconds
 
 
-def _limit(text: str) -> int:
+def _limit(text):
+    # type: (str) -> int
     """show --limit: a count of entries, 0 for all of them."""
     import argparse
     try:
@@ -4620,11 +4875,13 @@ def _limit(text: str) -> int:
     return count
 
 
-def _default_cache_dir() -> str:
+def _default_cache_dir():
+    # type: () -> str
     return os.environ.get("PERSIST_DIR") or ".persist"
 
 
-def _caches_under(directory: str) -> "Iterator[str]":
+def _caches_under(directory):
+    # type: (str) -> Iterator[str]
     """The .db files under directory, as os.walk finds them, without the value directories."""
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.endswith(".values"))
@@ -4633,7 +4890,8 @@ def _caches_under(directory: str) -> "Iterator[str]":
                 yield os.path.join(root, name)
 
 
-def _find_cache(name: str, directory: "Optional[str]" = None) -> str:
+def _find_cache(name, directory=None):
+    # type: (str, Optional[str]) -> str
     """The file of a cache given on the command line: a path, as given or as 'persist ls'
     printed it (relative to the cache directory), or a function's name as 'ls' lists it."""
     directory = directory or _default_cache_dir()
@@ -4656,7 +4914,8 @@ def _find_cache(name: str, directory: "Optional[str]" = None) -> str:
                             "or --dir; see 'persist ls')" % directory, name)
 
 
-def _open_cache(name: str, flag: str = "w", directory: "Optional[str]" = None) -> _Store:
+def _open_cache(name, flag="w", directory=None):
+    # type: (str, str, Optional[str]) -> _Store
     """A cache by path, or by function name in the cache directory (--dir)."""
     path = _find_cache(name, directory)
     try:
@@ -4670,7 +4929,8 @@ def _open_cache(name: str, flag: str = "w", directory: "Optional[str]" = None) -
                        "copies its entries into one, keeping it" % (kind, path), path)
 
 
-def _problem(path: str, exc: OSError) -> str:
+def _problem(path, exc):
+    # type: (str, OSError) -> str
     """Why the .db file at path is not a cache persist can list, in a word or two."""
     text = str(exc)
     if isinstance(exc, PermissionError) or not os.access(path, os.R_OK):
@@ -4693,7 +4953,8 @@ def _problem(path: str, exc: OSError) -> str:
     return "corrupt" if sqlite else "not SQLite"
 
 
-def _cli_ls(options: "argparse.Namespace") -> None:
+def _cli_ls(options):
+    # type: (argparse.Namespace) -> None
     directory = options.dir or _default_cache_dir()
     paths: "Iterable[str]"
     if os.path.isfile(directory):         # one cache, as 'show' takes it
@@ -4722,7 +4983,8 @@ def _cli_ls(options: "argparse.Namespace") -> None:
                          "-", "-", "", where))
 
 
-def _one_line(text: str) -> str:
+def _one_line(text):
+    # type: (str) -> str
     """text on one line, however many lines it spans."""
     if not text.isprintable():
         text = " ".join(text.split())
@@ -4731,7 +4993,8 @@ def _one_line(text: str) -> str:
     return text
 
 
-def _cli_show(options: "argparse.Namespace") -> None:
+def _cli_show(options):
+    # type: (argparse.Namespace) -> None
     limit = options.limit
     if limit is None:                     # a terminal shows a screenful; a pipe gets all
         limit = 50 if sys.stdout.isatty() else 0
@@ -4753,7 +5016,8 @@ def _cli_show(options: "argparse.Namespace") -> None:
                                                                      len(entries)))
 
 
-def _cli_clear(options: "argparse.Namespace") -> None:
+def _cli_clear(options):
+    # type: (argparse.Namespace) -> None
     if options.dry_run:
         with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
             count, size = store.prune(before=float("inf"), dry_run=True)
@@ -4767,7 +5031,8 @@ def _cli_clear(options: "argparse.Namespace") -> None:
 
 
 # (ignore[return]: the end returns None, which _main() takes as exit status 0)
-def _cli_prune(options: "argparse.Namespace") -> "Optional[int]":  # type: ignore[return]
+def _cli_prune(options):  # type: ignore[return]
+    # type: (argparse.Namespace) -> Optional[int]
     flag = "r" if options.dry_run else "w"
     with contextlib.closing(_open_cache(options.cache, flag, options.dir)) as store:
         info = store.info()
@@ -4797,7 +5062,8 @@ def _cli_prune(options: "argparse.Namespace") -> "Optional[int]":  # type: ignor
 
 
 # (ignore[return]: as _cli_prune())
-def _cli_failures(options: "argparse.Namespace") -> "Optional[int]":  # type: ignore[return]
+def _cli_failures(options):  # type: ignore[return]
+    # type: (argparse.Namespace) -> Optional[int]
     with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
         rows = store.failures()
         label = store.info().get("function") or store.path
@@ -4829,7 +5095,8 @@ def _cli_failures(options: "argparse.Namespace") -> "Optional[int]":  # type: ig
             print("\n(--traceback shows each call's traceback)")
 
 
-def _cli_status(options: "argparse.Namespace") -> int:
+def _cli_status(options):
+    # type: (argparse.Namespace) -> int
     unfinished = 0
     for path in options.paths:
         if is_done(path, marker=options.marker):
@@ -4843,7 +5110,8 @@ def _cli_status(options: "argparse.Namespace") -> int:
     return 1 if unfinished else 0
 
 
-def _error_text(exc: Exception) -> str:
+def _error_text(exc):
+    # type: (Exception) -> str
     """An error as one line: the path first, then what is wrong with it."""
     text = str(exc)
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
@@ -4851,7 +5119,8 @@ def _error_text(exc: Exception) -> str:
     return " ".join(text.split())
 
 
-def _main(argv: "Optional[Sequence[str]]" = None) -> int:
+def _main(argv=None):
+    # type: (Optional[Sequence[str]]) -> int
     """python persist.py COMMAND: look after caches and done_dir() stages."""
     import argparse
     _load()
