@@ -78,7 +78,6 @@ if TYPE_CHECKING:
     import datetime
     from concurrent.futures import Executor, ProcessPoolExecutor
     import pathlib
-    import threading
     from typing import (IO, Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List,
                         NamedTuple, Optional, OrderedDict, Sequence, Set, Tuple, TypeVar,
                         Union, overload)
@@ -102,15 +101,14 @@ if TYPE_CHECKING:
     _Progress: TypeAlias = Union[bool, Callable[..., Any], None]   # persist.map(progress=)
     _Writer: TypeAlias = Callable[[Any, "_KeyWriter"], None]   # writes a value's key encoding
     # memoize's bind(args, kwargs): what keys the call (arguments are the user's: Any)
-    _Bind: TypeAlias = Callable[[Tuple[Any, ...], Dict[str, Any]], Any]
+    _Bind: TypeAlias = Callable[[_Args, _Kwargs], Any]
     _Params: TypeAlias = List[Tuple[str, int, Any]]      # (name, kind, default) of each
     # a row of Dict as _Store.get() reads it: (pickle or b'', value file, stored, seconds)
     _Row: TypeAlias = Tuple[bytes, Optional[str], float, Optional[float]]
-    # what the failure ledger keeps of a call: (args, type, message, traceback, seconds,
-    # version)
+    # what the failure ledger keeps of a call: (args, type, message, traceback, seconds, version)
     _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str]
-    _Call: TypeAlias = Tuple[Tuple[Any, ...], Dict[str, Any]]   # (args, kwargs) of a call
-    _Handle: TypeAlias = Tuple["_Memoized", Tuple[Any, ...], Dict[str, Any]]   # _handle_of's
+    _Call: TypeAlias = Tuple[_Args, _Kwargs]       # (args, kwargs) of a call
+    _Handle: TypeAlias = Tuple["_Memoized", _Args, _Kwargs]   # _handle_of()'s
     # what _run says of an item: (True, result, hit), (False, exception, traceback text or
     # None), or (None, None, None) when it never started
     _Outcome: TypeAlias = Tuple[Optional[bool], Any, Any]
