@@ -114,9 +114,11 @@ class Boom(Exception):
 
 class TestModule(unittest.TestCase):
     def test_all_is_the_public_names(self):
+        # TYPE_CHECKING (False) is the one other: type checkers know that name, not _TYPE_CHECKING
         public = {name for name in vars(persist) if not name.startswith("_")
                   and not isinstance(getattr(persist, name), type(persist))}
-        self.assertEqual(set(persist.__all__), public)
+        self.assertEqual(set(persist.__all__), public - {"TYPE_CHECKING"})
+        self.assertIs(persist.TYPE_CHECKING, False)
 
     def test_version_and_licence(self):
         self.assertEqual(persist.__version__, "0.1.0")
