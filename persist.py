@@ -3550,7 +3550,7 @@ class _Memoized:
         return store is not None and store.delete(key)
 
     def cache_prune(self, *, stale=True, expired=True):
-        # type: (bool, bool) -> int
+        # type: (_Memoized, bool, bool) -> int
         """Remove results of other version=s (stale) and results older than expire=; return
         how many went."""
         memo = self._memo
