@@ -65,8 +65,89 @@ import time
 import types
 import weakref
 
+# Types, for type checkers only (mypy --strict passes). At run time TYPE_CHECKING is False:
+# nothing below is imported, as typing would cost a cold start. A function's types are in a
+# "# type:" comment under its def (PEP 484), which costs nothing, where annotations would be
+# evaluated as each function is made (200 us at import, for all of them); the public API
+# keeps annotations (as strings: from __future__ import annotations imports a module), so
+# that help() and editors show them. See "Type checking" in the README.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    import concurrent.futures
+    import datetime
+    from concurrent.futures import Executor, ProcessPoolExecutor
+    import pathlib
+    from typing import (IO, Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List,
+                        NamedTuple, Optional, OrderedDict, Sequence, Set, Tuple, TypeVar,
+                        Union, overload)
+    from typing_extensions import (Buffer, Concatenate, Literal, ParamSpec, Protocol, Self,
+                                   TypeAlias)
+
+    _P = ParamSpec("_P")
+    _Q = ParamSpec("_Q")
+    _R = TypeVar("_R")
+    _T = TypeVar("_T")
+    _Path: TypeAlias = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+    _StrPath: TypeAlias = Union[str, "os.PathLike[str]"]
+    _TextMode: TypeAlias = Literal["w", "wt", "x", "xt"]
+    _BinaryMode: TypeAlias = Literal["wb", "xb"]
+    _Flag: TypeAlias = Literal["r", "w", "c", "n"]
+    _Func: TypeAlias = Callable[..., Any]          # a user's function, or any callable
+    _Args: TypeAlias = Tuple[Any, ...]             # a call's positional arguments
+    _Kwargs: TypeAlias = Dict[str, Any]            # and its keyword arguments
+    _Expire: TypeAlias = Union[float, datetime.timedelta, None]    # memoize(expire=)
+    _Names: TypeAlias = Union[str, Iterable[str]]                  # memoize(ignore=)
+    _Progress: TypeAlias = Union[bool, Callable[..., Any], None]   # persist.map(progress=)
+    _Writer: TypeAlias = Callable[[Any, "_KeyWriter"], None]   # writes a value's key encoding
+    # memoize's bind(args, kwargs): what keys the call (arguments are the user's: Any)
+    _Bind: TypeAlias = Callable[[_Args, _Kwargs], Any]
+    _Params: TypeAlias = List[Tuple[str, int, Any]]      # (name, kind, default) of each
+    # a row of Dict as _Store.get() reads it: (pickle or b'', value file, stored, seconds)
+    _Row: TypeAlias = Tuple[bytes, Optional[str], float, Optional[float]]
+    # what the failure ledger keeps of a call: (args, type, message, traceback, seconds, version)
+    _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str]
+    _Call: TypeAlias = Tuple[_Args, _Kwargs]       # (args, kwargs) of a call
+    _Handle: TypeAlias = Tuple["_Memoized", _Args, _Kwargs]   # _handle_of()'s
+    # what _run says of an item: (True, result, hit), (False, exception, traceback text or
+    # None), or (None, None, None) when it never started
+    _Outcome: TypeAlias = Tuple[Optional[bool], Any, Any]
+
+    class _Event(Protocol):       # threading's, or multiprocessing's
+        def is_set(self) -> bool: ...
+        def set(self) -> None: ...
+
+    class _MemoizedFunction(Protocol[_P, _R]):
+        """What memoize returns, to a type checker: func's own signature and result, and the
+        cache's methods. At run time it is a function, or a _Memoized for a method; both
+        bind to an instance as a function does."""
+
+        __name__: str
+        __qualname__: str
+        __module__: str
+        __doc__: Optional[str]
+        __wrapped__: Callable[_P, _R]
+
+        def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
+        def cache_info(self) -> "_CacheInfo": ...
+        def cache_clear(self) -> None: ...
+        def cache_delete(self, *args: _P.args, **kwargs: _P.kwargs) -> bool: ...
+        def cache_prune(self, *, stale: bool = True, expired: bool = True) -> int: ...
+        def cache_parameters(self) -> "Dict[str, Any]": ...
+        def failures(self) -> "List[_Failure]": ...
+        def explain(self, *args: _P.args, **kwargs: _P.kwargs) -> "_Explanation": ...
+
+        @overload
+        def __get__(self, instance: None, owner: Optional[type] = None) -> Self: ...
+        @overload
+        def __get__(self: "_MemoizedFunction[Concatenate[_T, _Q], _R]", instance: _T,
+                    owner: Optional[type] = None) -> "_MemoizedFunction[_Q, _R]": ...
+
 # Imported by _load() on first use: only memoize's decoration needs them.
-inspect = None
+if TYPE_CHECKING:
+    import inspect
+else:
+    inspect = None
 
 # -- constants and messages
 
@@ -172,6 +253,7 @@ class PersistError(OSError):
     """A path persist was given is not safe to use: not a cache, corrupt, planted, or busy."""
 
     def __str__(self):
+        # type: () -> str
         if self.filename is None or self.strerror is None:
             return super().__str__()
         return "%s: %s" % (os.fsdecode(self.filename), self.strerror)
@@ -189,6 +271,7 @@ class Failures(Exception):
     """
 
     def __init__(self, message, failures=(), results=()):
+        # type: (str, Iterable[Tuple[Any, BaseException]], Iterable[Any]) -> None
         super().__init__(message)
         self.failures = list(failures)
         self.results = list(results)
@@ -219,11 +302,12 @@ _START_WRITEBACK = (getattr(os, "POSIX_FADV_DONTNEED", None)
 try:
     import fcntl as _fcntl                    # POSIX: done_dir() locks its directory
 except ImportError:                           # Windows: concurrent done_dir() is not detected
-    _fcntl = None
+    _fcntl = None     # type: ignore[assignment]  # each use is behind a test of _fcntl
 _FULLFSYNC = getattr(_fcntl, "F_FULLFSYNC", None)   # macOS: fsync() stops at the drive's cache
 
 
 def _link_no_clobber(src, dst):
+    # type: (str, str) -> None
     """Rename src to dst, failing with FileExistsError if dst exists, even if it just appeared."""
     try:
         os.link(src, dst)
@@ -244,6 +328,7 @@ _RENAME_OPEN_FILES = os.name != "nt"     # Windows renames and removes no file t
 
 
 def _fsync(fd):
+    # type: (int) -> None
     """Flush fd to stable storage; on macOS with F_FULLFSYNC, out of the drive's cache too."""
     if _FULLFSYNC is not None:
         try:
@@ -255,6 +340,7 @@ def _fsync(fd):
 
 
 def _fsync_dir(directory):
+    # type: (Union[str, os.PathLike[str]]) -> None
     """Make a rename or unlink in directory durable, where the platform allows it."""
     if not _CAN_FSYNC_DIR:
         return
@@ -267,10 +353,12 @@ def _fsync_dir(directory):
             os.close(fd)
 
 
-_UNFINISHED = {}     # _create_temp()'s files not yet renamed or removed: name -> (pid, dev, ino)
+# _create_temp()'s files not yet renamed or removed: name -> (pid, device, inode)
+_UNFINISHED = {}  # type: Dict[str, Tuple[int, int, int]]
 
 
 def _create_temp(target, shown):
+    # type: (str, _Path) -> Tuple[str, int]
     """Create .NAME.RANDOM.tmp beside target, exclusively, never through a link; 0o666 & ~umask.
 
     The caller renames or removes it, then takes it off _UNFINISHED; if it never can (see
@@ -283,7 +371,7 @@ def _create_temp(target, shown):
         # its descriptor lost, whenever the signal came during the open() system call (a
         # wide window: one Ctrl-C in two, measured). Called by list.extend(), from C, its
         # descriptor is stored before that exception is raised, so both can be undone.
-        opened = []
+        opened: "List[int]" = []
         try:
             opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask
             info = os.fstat(opened[0])
@@ -306,6 +394,7 @@ def _create_temp(target, shown):
 
 
 def _remove_unfinished():
+    # type: () -> None
     """At exit: remove the temporary files this process made and never renamed or removed.
 
     A Ctrl-C can land where no try covers it: as _create_temp() returns, or as a with
@@ -327,6 +416,7 @@ atexit.register(_remove_unfinished)
 
 
 def _mode(mode, encoding, errors, newline):
+    # type: (str, Optional[str], Optional[str], Optional[str]) -> Tuple[str, Optional[str]]
     """("w" or "x", the encoding or None for binary) for atomic_open()'s arguments."""
     if mode in _BINARY_MODES:
         if encoding is not None or errors is not None or newline is not None:
@@ -341,6 +431,7 @@ def _mode(mode, encoding, errors, newline):
 
 
 def _kind(mode):
+    # type: (int) -> str
     """What a file type is called in an error: 'a FIFO', 'a character device', ..."""
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
@@ -350,6 +441,7 @@ def _kind(mode):
 
 
 def _existing(target, shown, follow):
+    # type: (str, _Path, bool) -> Optional[os.stat_result]
     """os.stat (lstat if not follow) of the regular file at target, None if there is none.
 
     Anything else is refused: renaming over a device, FIFO or socket would replace it, and
@@ -373,6 +465,7 @@ def _existing(target, shown, follow):
 
 
 def _may_write(path):
+    # type: (str) -> bool
     """Whether open(path, "w") would be allowed, by the permissions of whoever runs us."""
     if os.access in os.supports_effective_ids:
         return os.access(path, os.W_OK, effective_ids=True)
@@ -380,6 +473,7 @@ def _may_write(path):
 
 
 def _follow(target, shown):
+    # type: (str, _Path) -> str
     """Where the symbolic link at target leads, resolved a link at a time, as open() does.
 
     Only the last component is resolved here; the kernel resolves the others when the
@@ -409,6 +503,7 @@ def _follow(target, shown):
 
 
 def _keep_owner_and_mode(fd, temp, old):
+    # type: (int, str, os.stat_result) -> None
     """Give the new file at temp (open as fd) the owner, group and mode of the old one.
 
     As root both are set; a member of the old file's group sets the group; anyone else gets
@@ -431,6 +526,7 @@ def _keep_owner_and_mode(fd, temp, old):
 
 @contextlib.contextmanager
 def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=None):
+    # type: (_Path, str, bool, bool, Optional[str], Optional[str], Optional[str]) -> Iterator[IO[Any]]
     """atomic_open(); follow=False replaces a symbolic link at path instead of its target."""
     kind, encoding = _mode(mode, encoding, errors, newline)
     target = os.fsdecode(os.fspath(path))
@@ -455,7 +551,8 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
                          errors=errors, newline=newline, closefd=False) as file:
                 # its name is the path, as open()'s is, not the descriptor: code that
                 # guesses a format from the extension (an image's) reads it
-                (file.buffer.raw if encoding else file.raw).name = os.fspath(path)
+                raw = file.buffer.raw if encoding else file.raw  # type: ignore[attr-defined]
+                raw.name = os.fspath(path)
                 if old is not None and stat.S_ISREG(old.st_mode):
                     _keep_owner_and_mode(fd, temp, old)
                 try:
@@ -496,6 +593,7 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
 
 
 def _size(path):
+    # type: (str) -> int
     try:
         return os.stat(path).st_size
     except OSError:
@@ -503,6 +601,7 @@ def _size(path):
 
 
 def _check_private(directory, what):
+    # type: (str, str) -> None
     """Refuse directory unless only we and root can change what it holds, and its parents.
 
     The checks OpenSSH's StrictModes makes: the directory and each parent up to the root are
@@ -540,6 +639,12 @@ def _check_private(directory, what):
 # _Store       what the shelf and memoize do: get, put, delete, iterate, count, clear, prune
 # _Shelf       shelve.Shelf over a _Store
 
+if TYPE_CHECKING:
+    _CONNECTIONS: "weakref.WeakSet[_Connection]"
+    _FORKING: List[List["_Connection"]]
+    _WRITING_AT_FORK: Set[str]
+    _CREATING: Set[str]
+    _ABANDONED: List[sqlite3.Connection]
 _CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
 _FORKING = []                      # per fork under way, what its _before_fork() holds
 _WRITING_AT_FORK = set()           # caches a signal handler forked in the middle of using
@@ -549,11 +654,13 @@ _ABANDONED = []                    # connections a racing thread opened during f
 
 
 def _fetch(conn, sql, params=()):
+    # type: (sqlite3.Connection, str, Sequence[Any]) -> List[Any]
     # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
     return conn.execute(sql, params).fetchall()
 
 
 def _close(conn):
+    # type: (sqlite3.Connection) -> None
     """Close an sqlite3 connection, even one a signal interrupted.
 
     On PyPy, a statement whose preparation Ctrl-C interrupted is never finalized, and
@@ -568,6 +675,7 @@ def _close(conn):
 
 
 def _uri(path, mode):
+    # type: (str, str) -> str
     """A file: URI for sqlite3.connect(uri=True); pathlib's as_uri() costs an import."""
     path = path.replace(os.sep, "/")
     if not path.startswith("/"):           # Windows: C:/dir -> /C:/dir
@@ -587,7 +695,12 @@ class _Connection:
     of its own, so it neither deadlocks nor disturbs the transaction it interrupted.
     """
 
+    _conn: "Optional[sqlite3.Connection]"
+    _frozen: "Optional[Tuple[int, int, int, int]]"
+    _copy: "Optional[str]"
+
     def __init__(self, path, mode):
+        # type: (str, str) -> None
         self.path = path
         self.mode = mode                  # "ro", "rw", or "query" (rw, where only reads run)
         self._lock = _thread.RLock()
@@ -598,7 +711,9 @@ class _Connection:
         self._snapshots = False           # read only through _open_read_only() from now on
         _CONNECTIONS.add(self)
 
-    def run(self, work, *args):
+    # (ignore[return]: the loop's last turn returns or raises, which mypy cannot tell)
+    def run(self, work, *args):  # type: ignore[return]
+        # type: (Callable[..., _T], *Any) -> _T
         """work(connection, *args) under the lock; sqlite3's errors become persist's."""
         for retry in (True, False):
             with self._lock:
@@ -617,6 +732,7 @@ class _Connection:
                     self._depth = 0
 
     def query(self, sql, params=()):
+        # type: (str, Sequence[Any]) -> List[Any]
         """The rows of one statement: run(_fetch, sql, params), without a call (every
         hit's path)."""
         with self._lock:
@@ -637,6 +753,7 @@ class _Connection:
         return self.run(_fetch, sql, params)       # once more, on a connection made anew
 
     def _lost_its_log(self, exc):
+        # type: (sqlite3.Error) -> bool
         """Whether a reader in a directory it may not write saw the cache's last writer go,
         taking the -wal and -shm files that SQLite cannot make again there: then it closes,
         and the next use reads the file as _open_read_only() does."""
@@ -647,10 +764,12 @@ class _Connection:
         return True
 
     def transaction(self, work, *args):
+        # type: (Callable[..., _T], *Any) -> _T
         """run() work inside BEGIN IMMEDIATE ... COMMIT: all of it is stored, or none."""
-        return self.run(_transaction, work, args)
+        return self.run(_transaction, work, args)  # type: ignore[no-any-return]  # work's
 
     def _ready(self):
+        # type: () -> sqlite3.Connection
         """The connection, opened if need be, with no transaction left open."""
         conn = self._conn
         if conn is None:
@@ -664,6 +783,7 @@ class _Connection:
         return conn
 
     def _run_aside(self, work, args):
+        # type: (Callable[..., _T], Sequence[Any]) -> _T
         # A write waiting for the lock that the interrupted transaction holds would wait
         # for ever: then it fails at once ("database is locked"), and memoize goes on.
         interrupted = self._conn is not None and self._conn.in_transaction
@@ -684,6 +804,7 @@ class _Connection:
                 _close(conn)
 
     def _connect(self):
+        # type: () -> sqlite3.Connection
         if self._snapshots:
             self._conn = self._open_read_only()
             return self._conn
@@ -697,6 +818,7 @@ class _Connection:
         return self._conn
 
     def _open_read_only(self):
+        # type: () -> sqlite3.Connection
         """A connection to a cache in a directory we may not write, where SQLite cannot make
         the -shm file it needs: the file read as immutable, or, when a -wal file is there
         (left by a crash, or its owner is writing), a private copy of both.
@@ -720,6 +842,7 @@ class _Connection:
         raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
 
     def _open_copy(self):
+        # type: () -> sqlite3.Connection
         import shutil
         import tempfile
         copy = tempfile.mkdtemp(prefix="persist-")
@@ -737,11 +860,13 @@ class _Connection:
         return conn
 
     def _file_state(self):
+        # type: () -> Tuple[int, int, int, int]
         """What changes when someone writes the cache: the file (inode, size, time), its log."""
         info = os.stat(self.path)
         return info.st_ino, info.st_size, info.st_mtime_ns, _size(self.path + "-wal")
 
     def _run_frozen(self, work, args):
+        # type: (Callable[..., _T], Sequence[Any]) -> _T
         for attempt in range(_FROZEN_TRIES):
             if attempt:
                 time.sleep(0.005)         # the owner is writing: give it a moment
@@ -757,6 +882,7 @@ class _Connection:
         raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
 
     def _open(self, mode, timeout):
+        # type: (str, float) -> sqlite3.Connection
         uri_mode = "rw" if mode == "query" else mode
         conn = sqlite3.connect(_uri(self.path, uri_mode), uri=True, timeout=timeout,
                                isolation_level=None, check_same_thread=False)
@@ -774,6 +900,7 @@ class _Connection:
         return conn
 
     def _check(self, conn):
+        # type: (sqlite3.Connection) -> None
         """Refuse a file that is not a persist cache of this format."""
         (app,), = _fetch(conn, "PRAGMA application_id")
         (found,), = _fetch(conn, "PRAGMA user_version")
@@ -787,6 +914,7 @@ class _Connection:
                                self.path)
 
     def _close_conn(self):
+        # type: () -> None
         if self._conn is not None:
             _close(self._conn)
             self._conn = None
@@ -794,23 +922,27 @@ class _Connection:
         self._drop_copy()
 
     def _drop_copy(self):
+        # type: () -> None
         if self._copy is not None:
             import shutil
             shutil.rmtree(self._copy, ignore_errors=True)
             self._copy = None
 
     def close(self):
+        # type: () -> None
         with self._lock:
             _CONNECTIONS.discard(self)
             self._close_conn()
 
     def __del__(self):
+        # type: () -> None
         # Dropped unclosed (the cache of a memoized function that is itself garbage): closed
         # here, where sqlite3 (3.13) would warn of a connection left to its finalizer.
         self._close_conn()
 
 
 def _to_wal(conn, timeout):
+    # type: (sqlite3.Connection, float) -> None
     """PRAGMA journal_mode=WAL: the first process to open a new cache converts it. Two that
     convert at once deadlock, and SQLite then fails one at once ("database is locked")
     instead of waiting: it tries again, as the busy timeout would have."""
@@ -830,6 +962,7 @@ class _HandlerBusy(OSError):
 
 
 def _sqlite_error(exc, path):
+    # type: (sqlite3.Error, str) -> OSError
     """The one place that turns an sqlite3 error into persist's, naming the file."""
     text = str(exc)
     if isinstance(exc, sqlite3.OperationalError):
@@ -850,6 +983,7 @@ def _sqlite_error(exc, path):
 
 
 def _transaction(conn, work, args):
+    # type: (sqlite3.Connection, Callable[..., _T], Sequence[Any]) -> _T
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = work(conn, *args)
@@ -863,12 +997,13 @@ def _transaction(conn, work, args):
 
 
 def _before_fork():
+    # type: () -> None
     """Close every connection, each under its lock, so no thread is inside one at fork().
 
     A signal handler may fork while this runs, or while the parent's half runs: each fork
     takes (RLocks: again) and gives back exactly the locks on its own list, pushed here as a
     whole and popped as a whole, so nested forks keep the counts even."""
-    held = []
+    held: "List[_Connection]" = []
     while True:           # a thread may open another while we hold the first ones
         new = [conn for conn in list(_CONNECTIONS) if conn not in held]
         if not new:
@@ -889,7 +1024,8 @@ def _before_fork():
 
 
 def _after_fork_in_parent():
-    held = _FORKING.pop() if _FORKING else ()
+    # type: () -> None
+    held: "Sequence[_Connection]" = _FORKING.pop() if _FORKING else ()
     if not _FORKING:
         _WRITING_AT_FORK.clear()
     for conn in held:
@@ -897,6 +1033,7 @@ def _after_fork_in_parent():
 
 
 def _after_fork_in_child():
+    # type: () -> None
     global _OPEN_LOCK
     _OPEN_LOCK = _thread.RLock()
     del _FORKING[:]
@@ -910,6 +1047,7 @@ def _after_fork_in_child():
 
 
 def _close_all():
+    # type: () -> None
     """At exit: close every connection, so the last one out removes the -wal and -shm files."""
     for conn in list(_CONNECTIONS):
         # best effort: at exit, a connection another thread is using stays as it is
@@ -937,12 +1075,15 @@ class _Values:
     """
 
     def __init__(self, directory):
+        # type: (str) -> None
         self.directory = directory
 
     def path(self, name):
+        # type: (str) -> str
         return os.path.join(self.directory, name)
 
     def create(self):
+        # type: () -> Tuple[str, io.BufferedWriter]
         """A new value file, locked against sweep() until closed: (name, binary file)."""
         with contextlib.suppress(FileExistsError):
             os.mkdir(self.directory)
@@ -970,6 +1111,7 @@ class _Values:
                 raise
 
     def remove(self, names):
+        # type: (Iterable[str]) -> None
         for name in names:
             # best effort: a file already gone is what we wanted; on Windows one that a
             # reader holds open stays, and a later sweep() removes it
@@ -977,6 +1119,7 @@ class _Values:
                 os.unlink(self.path(name))
 
     def sweep(self, named):
+        # type: (Callable[[List[str]], Set[str]]) -> None
         """Remove the files that named(names) leaves out and that nobody is writing."""
         try:
             names = os.listdir(self.directory)
@@ -1007,13 +1150,19 @@ class _Values:
 class _Spill:
     """A file for pickle.dump(): bytes in memory up to _INLINE_LIMIT, past it a value file."""
 
+    name: "Optional[str]"
+    file: "Optional[io.BufferedWriter]"
+    _chunks: "List[bytes]"
+
     def __init__(self, values):
+        # type: (_Values) -> None
         self._values = values
         self._chunks = []
         self._size = 0
         self.name = self.file = None
 
     def write(self, data):
+        # type: (Buffer) -> None
         if self.file is None:
             self._size += memoryview(data).nbytes
             if self._size <= _INLINE_LIMIT:
@@ -1021,10 +1170,11 @@ class _Spill:
                 return
             self.name, self.file = self._values.create()
             self.file.writelines(self._chunks)
-            self._chunks = None
+            self._chunks = None   # type: ignore[assignment]  # unused from here: let it go
         self.file.write(data)
 
     def inline(self):
+        # type: () -> bytes
         """The pickle, or b'' when it went to the value file."""
         if self.file is not None:
             self.file.flush()
@@ -1032,10 +1182,12 @@ class _Spill:
         return b"".join(self._chunks)
 
     def discard(self):
+        # type: () -> None
         if self.name is not None:
             self._values.remove([self.name])
 
     def close(self):
+        # type: () -> None
         if self.file is not None:
             self.file.close()
 
@@ -1048,6 +1200,7 @@ class _Store:
     """
 
     def __init__(self, filename, flag="c"):
+        # type: (_Path, str) -> None
         if flag not in _FLAGS:
             raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
         self.path = os.path.abspath(os.fsdecode(os.fspath(filename)))
@@ -1074,6 +1227,7 @@ class _Store:
             self.sweep()
 
     def _check_path(self):
+        # type: () -> None
         """Refuse a cache others could plant code in, or that would write through a link."""
         if self.flag in "rw" and not os.path.exists(self.path):
             raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
@@ -1098,6 +1252,7 @@ class _Store:
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
 
     def _create(self):
+        # type: () -> None
         """Make a new cache beside path and link it into place: nobody sees it half made.
 
         It is made in rollback mode and linked while an exclusive lock on it is held; only then
@@ -1142,6 +1297,7 @@ class _Store:
             _UNFINISHED.pop(temp, None)
 
     def _create_in_place(self):
+        # type: () -> None
         """Make a new cache in the empty file at path, as tempfile.mkstemp() leaves one for
         shelve.open(name, "n") to fill: SQLite takes an empty file for an empty database.
 
@@ -1168,6 +1324,7 @@ class _Store:
                 _close(conn)
 
     def _remove_stale_companions(self):
+        # type: () -> None
         for stale in (self.path + "-wal", self.path + "-shm"):
             # best effort: on Windows one in use cannot go, and then it is not stale
             with contextlib.suppress(FileNotFoundError, PermissionError):
@@ -1176,11 +1333,13 @@ class _Store:
     # Reading
 
     def get(self, key):
+        # type: (bytes) -> Optional[_Row]
         """(pickle or b'', value file name or None, stored, seconds) for key, or None."""
         rows = self.conn.query(_GET, (key,))
         return rows[0] if rows else None
 
     def load(self, row):
+        # type: (_Row) -> Any
         """Unpickle the value of a row from get(); FileNotFoundError if a writer replaced it
         (and removed its file) since: get() it again."""
         if row[1] is None:
@@ -1189,27 +1348,34 @@ class _Store:
             return pickle.load(file)
 
     def keys(self):
+        # type: () -> List[bytes]
         return [key for key, in self.conn.run(_fetch, _KEYS)]
 
     def __bool__(self):           # a store is there, however many entries: no query for that
+        # type: () -> bool
         return True
 
     def __len__(self):
-        return self.conn.run(_fetch, _COUNT)[0][0]
+        # type: () -> int
+        return self.conn.run(_fetch, _COUNT)[0][0]  # type: ignore[no-any-return]  # a row: Any
 
     def __contains__(self, key):
+        # type: (bytes) -> bool
         return bool(self.conn.run(_fetch, _CONTAINS, (key,)))
 
     def info(self):
+        # type: () -> Dict[str, str]
         return dict(self.conn.run(_fetch, _INFO))
 
     def entries(self):
+        # type: () -> List[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]
         """(key, args, stored, size, seconds, version) of every entry, oldest first."""
         rows = self.conn.run(_fetch, _ENTRIES)
         return [(key, args, stored, _size(self.values.path(file)) if file else size, seconds,
                  version) for key, args, stored, size, file, seconds, version in rows]
 
     def summary(self):
+        # type: () -> Tuple[int, Optional[float], Optional[float], int, int]
         """(entries, oldest, newest, stale entries, their bytes): stale entries are those of
         another version than the latest to open the cache."""
         (count, oldest, newest), = self.conn.run(_fetch, _SUMMARY)
@@ -1218,15 +1384,18 @@ class _Store:
         return (count, oldest, newest) + stale
 
     def tally(self):
+        # type: () -> Tuple[int, float, int]
         """(entries, seconds their calls took in all, failure records), in one query."""
-        return self.conn.run(_fetch, _TALLY)[0]
+        return self.conn.run(_fetch, _TALLY)[0]  # type: ignore[no-any-return]  # a row: Any
 
     def failures(self):
+        # type: () -> List[Any]
         """(args, type, message, count, first, last, seconds, version, traceback) of each
         failure record, the latest failure last."""
         return self.conn.run(_fetch, _FAILURES)
 
     def disk_usage(self):
+        # type: () -> int
         names = [self.path, self.path + "-wal", self.path + "-shm"]
         with contextlib.suppress(OSError):
             names += [self.values.path(name) for name in os.listdir(self.values.directory)]
@@ -1235,6 +1404,7 @@ class _Store:
     # Writing
 
     def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None):
+        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str]) -> None
         """Pickle value under key, with what memoize records; a large pickle goes to a value
         file as it is made, with no copy in memory."""
         spill = _Spill(self.values)
@@ -1258,9 +1428,11 @@ class _Store:
             self._restart_log()
 
     def _restart_log(self):
+        # type: () -> None
         """Copy the log into the file and start it over. SQLite's own checkpoints never catch
         up while other processes keep committing, and the log would grow without end."""
         def restart(conn):
+            # type: (sqlite3.Connection) -> None
             conn.execute("PRAGMA busy_timeout=%d" % (_ASIDE_TIMEOUT * 1000))
             try:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -1271,6 +1443,7 @@ class _Store:
             self.conn.run(restart)
 
     def delete(self, key):
+        # type: (bytes) -> bool
         """Remove key; return whether it was there."""
         found = self.conn.transaction(_delete, key)
         if found and found[0]:
@@ -1278,6 +1451,7 @@ class _Store:
         return bool(found)
 
     def delete_row(self, key, row):
+        # type: (bytes, _Row) -> bool
         """Remove key if it still holds the row that get() returned; return whether it did."""
         gone = self.conn.transaction(_delete_row, key, row)
         if gone and row[1]:
@@ -1285,15 +1459,18 @@ class _Store:
         return gone
 
     def record_failure(self, key, started, failure):
+        # type: (bytes, float, _FailureRecord) -> None
         """Record that the call keyed key, started at the Unix time started, raised: failure is
         (args, type, message, traceback, seconds, version). Nothing is recorded if a result
         for key was stored since the call started (another process succeeded meanwhile)."""
         self.conn.transaction(_record_failure, key, started, failure)
 
     def set_info(self, info):
+        # type: (Dict[str, str]) -> None
         self.conn.transaction(lambda conn: conn.executemany(_SET_INFO, info.items()))
 
     def clear(self):
+        # type: () -> int
         """Remove every entry (and failure record); return how many entries there were."""
         count, names = self.conn.transaction(_clear)
         self.values.remove(names)
@@ -1301,8 +1478,11 @@ class _Store:
         return count
 
     def prune(self, before=None, version=None, dry_run=False):
+        # type: (Optional[float], Optional[str], bool) -> Tuple[int, int]
         """Remove the entries stored before the Unix time before, or of another version than
         version; return (entries, bytes) removed, or that would be with dry_run."""
+        where: "Any"      # the conditions, then the SQL that joins them
+        params: "List[object]"
         where, params = [], []
         if before is not None:
             where.append("stored < ?")
@@ -1324,8 +1504,9 @@ class _Store:
         return len(rows), size
 
     def _named(self, names):
+        # type: (List[str]) -> Set[str]
         """The value file names among names that a row names."""
-        found = set()
+        found: "Set[str]" = set()
         for start in range(0, len(names), 500):     # SQLite's limit on parameters
             part = names[start:start + 500]
             found.update(name for name, in self.conn.run(
@@ -1333,6 +1514,7 @@ class _Store:
         return found
 
     def sweep(self):
+        # type: () -> None
         """Remove value files and new caches that a killed process left half made, and give
         back the space a killed prune() kept."""
         self.values.sweep(self._named)
@@ -1351,6 +1533,7 @@ class _Store:
             self._give_back()
 
     def _give_back(self):
+        # type: () -> None
         """Return free pages to the filesystem, and shorten the log."""
         # best effort: another process may hold a read lock; its pages are reused anyway
         with contextlib.suppress(OSError):
@@ -1359,10 +1542,12 @@ class _Store:
             self.conn.run(_fetch, "PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self):
+        # type: () -> None
         self.conn.close()
 
 
 def _replace(conn, row):
+    # type: (sqlite3.Connection, _Args) -> Optional[str]
     old = _fetch(conn, _FILE, (row[0],))
     conn.execute(_PUT, row)
     conn.execute(_FORGET_FAILURE, (row[0],))
@@ -1370,6 +1555,7 @@ def _replace(conn, row):
 
 
 def _record_failure(conn, key, started, failure):
+    # type: (sqlite3.Connection, bytes, float, _FailureRecord) -> None
     if _fetch(conn, _STORED_SINCE, (key, started)):
         return
     args, kind, message, text, seconds, version = failure
@@ -1381,16 +1567,19 @@ def _record_failure(conn, key, started, failure):
 
 
 def _delete(conn, key):
+    # type: (sqlite3.Connection, bytes) -> Optional[Tuple[Optional[str]]]
     old = _fetch(conn, _FILE, (key,))
     conn.execute(_DELETE, (key,))
     return old[0] if old else None
 
 
 def _delete_row(conn, key, row):
+    # type: (sqlite3.Connection, bytes, _Row) -> bool
     return conn.execute(_DELETE_ROW, (key, row[0], row[1], row[2])).rowcount > 0
 
 
 def _clear(conn):
+    # type: (sqlite3.Connection) -> Tuple[int, List[str]]
     names = [name for name, in _fetch(conn, _FILES)]
     count = conn.execute(_CLEAR).rowcount
     conn.execute("DELETE FROM Failures")
@@ -1398,22 +1587,39 @@ def _clear(conn):
 
 
 def _prune(conn, where, params):
+    # type: (sqlite3.Connection, str, Sequence[object]) -> List[str]
     names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
                                             "AND (%s)" % where, params)]
     conn.execute("DELETE FROM Dict WHERE " + where, params)
     return names
 
 
-class _Shelf(shelve.Shelf):
+if TYPE_CHECKING:     # generic to type checkers, not at run time before Python 3.9
+    _ShelfBase = shelve.Shelf[Any]
+    _ItemsViewBase = collections.abc.ItemsView[str, Any]
+    _ValuesViewBase = collections.abc.ValuesView[Any]
+else:
+    _ShelfBase = shelve.Shelf
+    _ItemsViewBase = collections.abc.ItemsView
+    _ValuesViewBase = collections.abc.ValuesView
+
+
+class _Shelf(_ShelfBase):
     """shelve.Shelf over a _Store: values are pickled straight to and from the file, and every
     method is one step that another process's writes cannot break in the middle of."""
 
+    dict: "Any"               # shelve.Shelf's: the _Store, or what close() leaves
+    keyencoding: str
+    _protocol: "Optional[int]"
+
     @property
     def path(self):
+        # type: () -> str
         """The cache file's absolute path."""
         return self._store().path
 
     def __getitem__(self, key):
+        # type: (str) -> Any
         store = self._store()
         raw = self._raw(key)
         for _ in range(100):
@@ -1425,22 +1631,26 @@ class _Shelf(shelve.Shelf):
             except FileNotFoundError:     # replaced or deleted since get(): read it again
                 continue
         raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
-                           store.values.path(row[1]))
+                           store.values.path(row[1]))  # type: ignore[index, arg-type]  # a row
 
     def __setitem__(self, key, value):
+        # type: (str, Any) -> None
         self._store().put(self._raw(key), value, self._protocol)
 
     def __delitem__(self, key):
+        # type: (str) -> None
         if not self._store().delete(self._raw(key)):
             raise KeyError(key)
 
     def get(self, key, default=None):
+        # type: (str, Any) -> Any
         try:
             return self[key]
         except KeyError:
             return default
 
     def pop(self, key, default=_MISSING):
+        # type: (str, Any) -> Any
         store = self._store()
         raw = self._raw(key)
         while True:
@@ -1457,6 +1667,7 @@ class _Shelf(shelve.Shelf):
                 return value
 
     def popitem(self):
+        # type: () -> Tuple[str, Any]
         for key in self:
             try:
                 return key, self.pop(key)
@@ -1465,6 +1676,7 @@ class _Shelf(shelve.Shelf):
         raise KeyError("popitem(): the shelf is empty")
 
     def setdefault(self, key, default=None):
+        # type: (str, Any) -> Any
         try:
             return self[key]
         except KeyError:
@@ -1472,33 +1684,42 @@ class _Shelf(shelve.Shelf):
             return default
 
     def items(self):
+        # type: () -> _ItemsView
         return _ItemsView(self)
 
     def values(self):
+        # type: () -> _ValuesView
         return _ValuesView(self)
 
     def clear(self):
+        # type: () -> None
         self._store().clear()
 
     def __contains__(self, key):
+        # type: (object) -> bool
         return self._raw(key) in self._store()
 
     def _raw(self, key):
+        # type: (object) -> bytes
         try:
-            return key.encode(self.keyencoding)
+            return key.encode(self.keyencoding)  # type: ignore[attr-defined, no-any-return]
         except AttributeError:      # shelve lets str's missing method say it: AttributeError
             raise TypeError("Expected a str key, not %s: persist.open() keys are text, as "
                             "shelve's are; convert it with str()" % type(key).__name__) from None
 
     def _store(self):
+        # type: () -> _Store
         store = self.dict
         if not isinstance(store, _Store):
             raise ValueError("invalid operation on closed shelf")
         return store
 
 
-class _ItemsView(collections.abc.ItemsView):
+class _ItemsView(_ItemsViewBase):
+    _mapping: _Shelf
+
     def __iter__(self):
+        # type: () -> Iterator[Tuple[str, Any]]
         for key in self._mapping:
             try:
                 yield key, self._mapping[key]
@@ -1506,8 +1727,11 @@ class _ItemsView(collections.abc.ItemsView):
                 continue
 
 
-class _ValuesView(collections.abc.ValuesView):
+class _ValuesView(_ValuesViewBase):
+    _mapping: _Shelf
+
     def __iter__(self):
+        # type: () -> Iterator[Any]
         for key, value in _ItemsView(self._mapping):
             yield value
 
@@ -1515,6 +1739,7 @@ class _ValuesView(collections.abc.ValuesView):
 # -- private helpers: memoize
 
 def _load():
+    # type: () -> None
     """Import inspect, which memoize's decoration needs: it costs as much as all of persist."""
     global inspect
     if inspect is None:
@@ -1522,7 +1747,7 @@ def _load():
 
 
 _DEBUG = 10                     # logging.DEBUG, without importing logging
-_LOG = None                     # the 'persist' logger, once logging is imported
+_LOG: "Any" = None              # the 'persist' logger (logging.Logger), once imported
 _EXACT = {int, str, bytes, bool, type(None)}   # for these, == is equality of keys
 _MAIN_NAMES = ("__main__", "__mp_main__")      # a script; __mp_main__ in spawned workers
 _SHARED_PSEUDO_FILES = {"<string>", "<stdin>", "<console>", "<input>"}   # not one source
@@ -1530,23 +1755,47 @@ _CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08    # code flags: *args, **kwargs (as i
 _CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 _NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
 _OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
-_HANDLES = weakref.WeakKeyDictionary()   # memoize's function wrappers: their _Memoized
+_HANDLES: "weakref.WeakKeyDictionary[_Func, _Memoized]" = \
+    weakref.WeakKeyDictionary()   # memoize's function wrappers: their _Memoized
+if TYPE_CHECKING:      # the same named tuples, with the types of their fields
+    class _CacheInfo(NamedTuple):
+        hits: int
+        misses: int
+        entries: int
+        path: str
+        unstored: int
+        failures: int
+        seconds: float
+        saved: float
 
+        @property
+        def currsize(self) -> int: ...
+        @property
+        def maxsize(self) -> None: ...
 
-class _CacheInfo(collections.namedtuple("CacheInfo",
-                                        "hits misses entries path unstored failures seconds "
-                                        "saved")):
-    """cache_info(): also by lru_cache's names, currsize (entries) and maxsize (None: no
-    bound), for code written against lru_cache."""
+    class _Failure(NamedTuple):
+        args: Optional[str]
+        type: str
+        message: str
+        count: int     # type: ignore[assignment]  # a field named as tuple.count, as at run time
+        first: float
+        last: float
+        seconds: Optional[float]
+        version: Optional[str]
+        traceback: str
+else:
+    class _CacheInfo(collections.namedtuple(
+            "CacheInfo", "hits misses entries path unstored failures seconds saved")):
+        """cache_info(): also by lru_cache's names, currsize (entries) and maxsize (None: no
+        bound), for code written against lru_cache."""
 
-    __slots__ = ()
-    currsize = property(lambda self: self.entries)
-    maxsize = None
+        __slots__ = ()
+        currsize = property(lambda self: self.entries)
+        maxsize = None
 
-
-_CacheInfo.__name__ = _CacheInfo.__qualname__ = "CacheInfo"    # its repr(), as before
-_Failure = collections.namedtuple("Failure", "args type message count first last seconds "
-                                             "version traceback")
+    _CacheInfo.__name__ = _CacheInfo.__qualname__ = "CacheInfo"    # its repr(), as before
+    _Failure = collections.namedtuple(
+        "Failure", "args type message count first last seconds version traceback")
 _MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded
 _FRAMES = 50                   # a failure's traceback keeps its innermost frames
 _TRACEBACK_LIMIT = 1 << 16     # and of its traceback: the end, where the error is
@@ -1583,25 +1832,30 @@ class _KeyWriter:
     __slots__ = ("hasher", "text", "active")
 
     def __init__(self, hasher, active):
+        # type: (hashlib._Hash, Set[int]) -> None
         self.hasher = hasher
-        self.text = []
+        self.text: "List[str]" = []
         self.active = active          # ids of the containers being written: a cycle shows
 
     def flush(self):
+        # type: () -> None
         if self.text:
             self.hasher.update("".join(self.text).encode("utf-8", "surrogatepass"))
             self.text = []
 
     def buffer(self, data):
+        # type: (Buffer) -> None
         self.flush()
         self.hasher.update(data)
 
     def digest(self):
+        # type: () -> bytes
         self.flush()
         return self.hasher.digest()
 
 
 def _digest(value):
+    # type: (Any) -> bytes
     """The SHA-256 of value's canonical encoding: equal values, equal digests."""
     w = _KeyWriter(hashlib.sha256(), set())
     _write(value, w)
@@ -1609,6 +1863,7 @@ def _digest(value):
 
 
 def _write(value, w):
+    # type: (Any, _KeyWriter) -> None
     """Write value's canonical encoding into the _KeyWriter w."""
     kind = type(value)
     if kind is str:
@@ -1631,6 +1886,7 @@ def _write(value, w):
 
 
 def _write_str(value, w):
+    # type: (Any, _KeyWriter) -> None
     if len(value) <= _LONG:
         w.text += ("s%x:" % len(value), value)    # length in code points: no escaping
         return
@@ -1642,14 +1898,17 @@ def _write_str(value, w):
 
 
 def _write_int(value, w):
+    # type: (Any, _KeyWriter) -> None
     w.text.append("i%x;" % value)
 
 
 def _write_float(value, w):
+    # type: (Any, _KeyWriter) -> None
     w.text.append(_float_text(value))
 
 
 def _write_tuple(value, w):
+    # type: (Any, _KeyWriter) -> None
     w.text.append("(")     # no cycle check: a cycle always passes through a mutable container
     for item in value:
         _write(item, w)
@@ -1657,15 +1916,18 @@ def _write_tuple(value, w):
 
 
 def _float_text(x):
+    # type: (float) -> str
     return "f%s;" % x.hex() if x == x else "fnan;"    # hex is exact, and keeps -0.0's sign
 
 
 def _write_bytes(value, w, tag="b"):
+    # type: (Union[bytes, bytearray], _KeyWriter, str) -> None
     w.text.append("%s%x:" % (tag, len(value)))
     w.buffer(value)
 
 
 def _write_memoryview(value, w):
+    # type: (Any, _KeyWriter) -> None
     w.text.append("m")
     _write((value.format, value.shape), w)
     w.text.append("b%x:" % value.nbytes)
@@ -1673,6 +1935,7 @@ def _write_memoryview(value, w):
 
 
 def _enter(value, w):
+    # type: (object, _KeyWriter) -> None
     """Mark the container value as being written; refuse it if it already is (a cycle)."""
     if id(value) in w.active:
         raise ValueError("a %s that contains itself cannot be keyed" % type(value).__name__)
@@ -1680,6 +1943,7 @@ def _enter(value, w):
 
 
 def _write_list(value, w):
+    # type: (Any, _KeyWriter) -> None
     _enter(value, w)
     w.text.append("[")
     for item in value:
@@ -1689,9 +1953,10 @@ def _write_list(value, w):
 
 
 def _write_unordered(tag, items, w, *parts):
+    # type: (str, Iterable[Any], _KeyWriter, *Callable[[Any], Any]) -> None
     """tag, then the digests of items, each written on its own, in sorted order: the same
     for any order of the items."""
-    digests = []
+    digests: "List[bytes]" = []
     for item in items:
         sub = _KeyWriter(hashlib.sha256(), w.active)
         for part in parts:
@@ -1703,45 +1968,54 @@ def _write_unordered(tag, items, w, *parts):
 
 
 def _write_dict(value, w):
+    # type: (Any, _KeyWriter) -> None
     _enter(value, w)
     _write_unordered("{", value.items(), w, _first, _second)
     w.active.discard(id(value))
 
 
 def _write_set(value, w):
+    # type: (Any, _KeyWriter) -> None
     _enter(value, w)
     _write_unordered("S" if isinstance(value, set) else "Z", value, w, _same)
     w.active.discard(id(value))
 
 
 def _first(pair):
+    # type: (Sequence[Any]) -> Any
     return pair[0]
 
 
 def _second(pair):
+    # type: (Sequence[Any]) -> Any
     return pair[1]
 
 
 def _same(item):
+    # type: (_T) -> _T
     return item
 
 
 def _write_complex(value, w):
+    # type: (Any, _KeyWriter) -> None
     w.text.append("c%s%s" % (_float_text(value.real), _float_text(value.imag)))
 
 
 def _write_named(name, payload, w):
+    # type: (str, Any, _KeyWriter) -> None
     """A value of a type with an encoding of its own: the type's fixed name, then payload."""
     w.text += ("@s%x:" % len(name), name)
     _write(payload, w)
 
 
 def _write_type(kind, w):
+    # type: (type, _KeyWriter) -> None
     name = _type_name(kind)
     w.text += ("@s%x:" % len(name), name)
 
 
 def _write_reference(value, w):
+    # type: (Any, _KeyWriter) -> None
     """A function or class by the name that imports it, as pickle does."""
     for kind, kind_name in _SINGLETON_TYPES:    # not in builtins before 3.10: as pickle does
         if value is kind:
@@ -1763,6 +2037,7 @@ def _write_reference(value, w):
 
 
 def _module_name(module, qualname, value):
+    # type: (str, str, object) -> str
     """The module that value (named qualname in module) is imported from, one name for all
     versions: a private module's public parent where it has value (pathlib._local, 3.13's
     home of Path, is pathlib), and numpy.core, numpy 2's numpy._core, as neither. A script's
@@ -1776,13 +2051,14 @@ def _module_name(module, qualname, value):
             target = getattr(target, part, None)
         if target is not value:
             break
-        module = parent.__name__
+        module = parent.__name__     # type: ignore[union-attr]  # None: target was None
     if module.startswith("numpy."):
         module = ".".join(part for part in module.split(".") if part not in ("core", "_core"))
     return module
 
 
 def _type_name(kind):
+    # type: (type) -> str
     """module:qualname of a class whose instances are keyed; refused for a class made inside
     a function, as pickle refuses it: two such classes share a name but not what they do."""
     if "<" in kind.__qualname__:
@@ -1794,6 +2070,7 @@ def _type_name(kind):
 
 
 def _write_reduced(value, w):
+    # type: (Any, _KeyWriter) -> None
     """Any other object: its type, then what pickle's __reduce_ex__(4) says it is made of.
 
     Its parts are written with this encoder, so an object that holds a dict or a set keys by
@@ -1818,10 +2095,12 @@ def _write_reduced(value, w):
 
 
 def _write_subclass(base):
+    # type: (type) -> _Writer
     """The writer for subclasses of base: the type, base's encoding, then the instance dict."""
     base_writer = _WRITERS[base]
 
     def write(value, w):
+        # type: (Any, _KeyWriter) -> None
         _write_type(type(value), w)
         base_writer(value, w)
         _write(getattr(value, "__dict__", None) or {}, w)
@@ -1833,8 +2112,9 @@ def _write_subclass(base):
 
 
 def _slot_values(value):
+    # type: (object) -> _Kwargs
     """{name: value} of what value holds in the __slots__ of its classes (set ones only)."""
-    found = {}
+    found: "_Kwargs" = {}
     for kind in type(value).__mro__:
         slots = kind.__dict__.get("__slots__", ())
         for name in (slots,) if isinstance(slots, str) else slots:
@@ -1847,6 +2127,7 @@ def _slot_values(value):
 
 
 def _write_ordered(value, w):
+    # type: (Any, _KeyWriter) -> None
     _enter(value, w)
     _write_named(_type_name(type(value)) if type(value) is not collections.OrderedDict
                  else "collections.OrderedDict", [tuple(pair) for pair in value.items()], w)
@@ -1855,6 +2136,7 @@ def _write_ordered(value, w):
 
 
 def _write_defaultdict(value, w):
+    # type: (Any, _KeyWriter) -> None
     name = ("collections.defaultdict" if type(value) is collections.defaultdict
             else _type_name(type(value)))
     _write_named(name, value.default_factory, w)    # defaultdict(list) and (int) differ
@@ -1863,53 +2145,64 @@ def _write_defaultdict(value, w):
 
 
 def _write_datetime(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("datetime.datetime", (value.year, value.month, value.day, value.hour,
                                        value.minute, value.second, value.microsecond,
                                        value.fold, value.tzinfo), w)
 
 
 def _write_date(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("datetime.date", (value.year, value.month, value.day), w)
 
 
 def _write_time(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("datetime.time", (value.hour, value.minute, value.second, value.microsecond,
                                    value.fold, value.tzinfo), w)
 
 
 def _write_timedelta(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("datetime.timedelta", (value.days, value.seconds, value.microseconds), w)
 
 
 def _write_timezone(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("datetime.timezone", (value.utcoffset(None), value.tzname(None)), w)
 
 
 def _write_zoneinfo(value, w):
+    # type: (Any, _KeyWriter) -> None
     if value.key is None:
         raise TypeError("a ZoneInfo made from a file has no key; pass one made by name")
     _write_named("zoneinfo.ZoneInfo", value.key, w)
 
 
 def _write_decimal(value, w):
+    # type: (Any, _KeyWriter) -> None
     sign, digits, exponent = value.as_tuple()     # exponent: an int, or 'n', 'N', 'F'
     _write_named("decimal.Decimal", (sign, tuple(digits), exponent), w)
 
 
 def _write_fraction(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("fractions.Fraction", (value.numerator, value.denominator), w)
 
 
 def _write_uuid(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("uuid.UUID", value.int, w)
 
 
 def _write_picklebuffer(value, w):
+    # type: (Any, _KeyWriter) -> None
     _write_named("pickle.PickleBuffer", None, w)
     _write_memoryview(memoryview(value), w)
 
 
 def _write_path(value, w):
+    # type: (Any, _KeyWriter) -> None
     kind = type(value)
     standard = getattr(sys.modules["pathlib"], kind.__name__, None) is kind    # 3.13 moved them to pathlib._local
     _write_named("pathlib." + kind.__name__ if standard else _type_name(kind),
@@ -1919,18 +2212,21 @@ def _write_path(value, w):
 
 
 def _write_enum(value, w):
+    # type: (Any, _KeyWriter) -> None
     # A Flag by value: a combination's name changed in 3.11. Any other member by name.
     flag = isinstance(value, sys.modules["enum"].Flag)
     _write_named(_type_name(type(value)), value._value_ if flag else value._name_, w)
 
 
 def _write_dataclass(value, w):
+    # type: (Any, _KeyWriter) -> None
     fields = sys.modules["dataclasses"].fields(value)
     _write_named(_type_name(type(value)),
                  tuple((field.name, getattr(value, field.name)) for field in fields), w)
 
 
 def _write_array(value, w, tag="A"):
+    # type: (Any, _KeyWriter, str) -> None
     """A numpy array by dtype (little-endian), shape and values in C order, whatever its layout."""
     dtype = value.dtype
     if dtype.names is not None:          # structured: field by field, skipping padding bytes
@@ -1960,6 +2256,7 @@ def _write_array(value, w, tag="A"):
 
 
 def _write_blocks(value, w):
+    # type: (Any, _KeyWriter) -> None
     """Hash a non-contiguous array's bytes in C order, copying a block of rows at a time."""
     if value.ndim == 0 or value.nbytes <= _BLOCK:
         w.buffer(value.copy(order="C").reshape(-1).view("u1"))
@@ -1975,6 +2272,7 @@ def _write_blocks(value, w):
 
 
 def _write_numpy(value, w):
+    # type: (Any, _KeyWriter) -> None
     """numpy values, known by their classes' names: numpy is never imported here."""
     names = {c.__name__ for c in type(value).__mro__ if c.__module__ == "numpy"}
     if "ndarray" in names:
@@ -2000,6 +2298,7 @@ def _write_numpy(value, w):
 
 
 def _write_pandas(value, w):
+    # type: (Any, _KeyWriter) -> None
     """pandas objects, without importing pandas: labels, dtypes and values as numpy arrays."""
     names = {c.__name__ for c in type(value).__mro__ if c.__module__.split(".")[0] == "pandas"}
     if "DataFrame" in names:
@@ -2020,6 +2319,7 @@ def _write_pandas(value, w):
 
 
 def _write_pandas_values(value, w):
+    # type: (Any, _KeyWriter) -> None
     dtype = value.dtype
     _write(str(dtype), w)
     if hasattr(dtype, "categories"):     # categorical: the categories and their order count
@@ -2028,7 +2328,7 @@ def _write_pandas_values(value, w):
     _write_array(value.to_numpy(), w)
 
 
-_WRITERS = {
+_WRITERS: "Dict[type, _Writer]" = {
     bytes: _write_bytes,
     bytearray: lambda value, w: _write_bytes(value, w, "y"),
     memoryview: _write_memoryview,
@@ -2042,7 +2342,7 @@ _WRITERS = {
 
 # Standard library types by the names their modules give them (C or pure Python, any
 # version); each is written under one fixed name.
-_BY_NAME = {
+_BY_NAME: "Dict[Tuple[str, str], _Writer]" = {
     ("collections", "OrderedDict"): _write_ordered,
     ("collections", "defaultdict"): _write_defaultdict,
     ("datetime", "datetime"): _write_datetime,
@@ -2060,12 +2360,13 @@ for _names in list(_BY_NAME):
     _BY_NAME["_py" + _names[0], _names[1]] = _BY_NAME[_names]     # _pydatetime, _pydecimal
 _BY_NAME["zoneinfo._zoneinfo", "ZoneInfo"] = _write_zoneinfo
 _BY_NAME["builtins", "PickleBuffer"] = _write_picklebuffer     # PyPy's
-_SUBCLASSED = [(base, _write_subclass(base)) for base in
+_SUBCLASSED: "List[Tuple[type, _Writer]]" = [(base, _write_subclass(base)) for base in
                (dict, list, tuple, frozenset, set, str, bytes, bytearray, int, float, complex)]
 _FUNCTION_TYPES = (type(_write), type(len))
 
 
 def _writer_for(kind):
+    # type: (type) -> _Writer
     """The writer for values of kind, a type with no entry in _WRITERS."""
     module = kind.__module__ or ""
     writer = _BY_NAME.get((module, kind.__qualname__))
@@ -2102,6 +2403,7 @@ def _writer_for(kind):
 
 
 def _write_function(value, w):
+    # type: (Any, _KeyWriter) -> None
     owner = getattr(value, "__self__", None)
     if owner is None or type(owner) is type(sys):    # a function, or a module's builtin
         _write_reference(value, w)
@@ -2110,6 +2412,7 @@ def _write_function(value, w):
 
 
 def _keyer(salt):
+    # type: (str) -> Callable[[Any], bytes]
     """key(material) -> the 32-byte key of a call, for a cache whose salt is the str salt."""
     # Each key starts a hash of its own: copying one made in advance is no faster, and on
     # PyPy a hash object is locked while copied, so a signal handler keying a call while the
@@ -2117,6 +2420,7 @@ def _keyer(salt):
     start = ("%ss%x:%s" % (_KEY_FORMAT, len(salt), salt)).encode("utf-8", "surrogatepass")
 
     def key(material):
+        # type: (Any) -> bytes
         if type(material) is tuple:
             # The hit path's usual call, a few numbers and short strs: the text that _write
             # makes, without a call per value.
@@ -2145,6 +2449,7 @@ def _keyer(salt):
 
 
 def _at_default(value, default, digest):
+    # type: (Any, Any, Optional[bytes]) -> bool
     """Whether value keys as default does: then the call leaves it out of its key."""
     if value is default:
         return True
@@ -2152,9 +2457,9 @@ def _at_default(value, default, digest):
     if kind is not type(default):
         return False
     if kind in _EXACT:
-        return value == default
+        return value == default     # type: ignore[no-any-return]  # of int, str ...: a bool
     if kind is float:            # -0.0 is not 0.0, and a nan is its default nan
-        return value.hex() == default.hex()
+        return value.hex() == default.hex()     # type: ignore[no-any-return]  # floats
     if digest is None:           # a default that cannot be keyed is left out only as itself
         return False
     try:
@@ -2166,6 +2471,7 @@ def _at_default(value, default, digest):
 
 
 def _parameters(func):
+    # type: (_Func) -> _Params
     """[(name, kind, default)] of func's parameters, as inspect.signature() gives them (kind
     0 to 4 as inspect.Parameter's kinds, default _MISSING for none). A plain function's are
     read off its code, without importing inspect, which costs as much as all of persist."""
@@ -2195,6 +2501,7 @@ def _parameters(func):
 
 
 def _binder(func, ignore, label):
+    # type: (_Func, FrozenSet[str], str) -> _Bind
     """A fast bind(args, kwargs) -> the values that make the key of a call.
 
     The values of the parameters without a default come first, in order; then the name and
@@ -2219,7 +2526,7 @@ def _binder(func, ignore, label):
             _load()
             raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
                             % (name, label, inspect.signature(func)))
-    kept = []                     # (name, kind, default, the default's digest or None)
+    kept: "List[Tuple[str, int, Any, Optional[bytes]]]" = []   # digest: the default's, or None
     for name, kind, default in params:
         if name in ignore:
             continue
@@ -2232,9 +2539,10 @@ def _binder(func, ignore, label):
     # function itself (def f(seen=[])): such a default is keyed by what it holds at the call.
     watched = {name for name, _, default, digest in kept
                if digest is not None and type(default).__hash__ is None}
-    signature = []                # inspect's, made on first need: a call bind() cannot take
+    signature: "List[inspect.Signature]" = []   # made on first need: a call bind() cannot take
 
     def bind_slowly(args, kwargs):
+        # type: (_Args, _Kwargs) -> _Args
         if not signature:
             _load()
             signature.append(inspect.signature(func))
@@ -2242,7 +2550,8 @@ def _binder(func, ignore, label):
             arguments = signature[0].bind(*args, **kwargs).arguments
         except TypeError as exc:
             raise TypeError("%s(): %s" % (label, exc)) from None
-        values, named = [], []
+        values: "List[Any]" = []
+        named: "List[Any]" = []
         for name, kind, default, digest in kept:
             if name in watched:
                 value = arguments.get(name, default)
@@ -2287,6 +2596,7 @@ def _binder(func, ignore, label):
     exact = _EXACT
 
     def bind(args, kwargs):
+        # type: (_Args, _Kwargs) -> _Args
         given = len(args)
         if kwargs:                 # f(x=5): place the keywords, then as if positional
             if given > count:
@@ -2307,7 +2617,7 @@ def _binder(func, ignore, label):
                 return args
             if run is not None:               # ignore='self' and the like
                 return args[run:]
-        named = ()
+        named: "_Args" = ()
         for i in range(required, given):
             value, default = args[i], defaults[i]
             if value is default or labels[i] is None:
@@ -2315,7 +2625,8 @@ def _binder(func, ignore, label):
             kind = type(value)
             if kind is not type(default) or not (
                     value == default if kind in exact
-                    else _at_default(value, default, digests[labels[i]])):
+                    else _at_default(value, default,
+                                     digests[labels[i]])):  # type: ignore[index]  # not None
                 named += (labels[i], value)
         if plain:
             return args[:required] + named
@@ -2327,6 +2638,7 @@ def _binder(func, ignore, label):
 
 
 def _unkeyable(func, args, kwargs, exc):
+    # type: (_Func, _Args, _Kwargs, Exception) -> Exception
     """The TypeError for an argument that cannot be part of a key, naming the parameter.
 
     A RecursionError is returned as it is: nesting too deep to key, or the function's own
@@ -2355,10 +2667,11 @@ def _unkeyable(func, args, kwargs, exc):
 
 
 def _innermost(func):
+    # type: (_Func) -> _Func
     """What func runs in the end: the function inside partials, bound methods and
     decorators that set __wrapped__ (functools.wraps does), whose file and name are the
     function's own: a decorator's module is shared by every project that uses it."""
-    seen = set()
+    seen: "Set[int]" = set()
     while id(func) not in seen:
         seen.add(id(func))
         if isinstance(func, functools.partial):
@@ -2366,13 +2679,14 @@ def _innermost(func):
         elif isinstance(func, types.MethodType):
             func = func.__func__
         elif callable(getattr(func, "__wrapped__", None)):
-            func = func.__wrapped__
+            func = func.__wrapped__     # type: ignore[attr-defined]  # there: just tested
         else:
             break
     return func
 
 
 def _func_module(func):
+    # type: (_Func) -> str
     """func's module; for a script, its file name (or -m name), as run, imported or spawned."""
     module = getattr(func, "__module__", None) or "__main__"
     if module in _MAIN_NAMES:
@@ -2381,6 +2695,7 @@ def _func_module(func):
 
 
 def _script_name(module, filename):
+    # type: (str, str) -> str
     """The name of the script that runs as module (__main__, or __mp_main__ in the workers
     that multiprocessing's spawn and forkserver start): the name python -m ran it by, else
     its file's name; __main__ where it has no file (python -c, the REPL, exec).
@@ -2395,20 +2710,23 @@ def _script_name(module, filename):
     spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name not in _MAIN_NAMES and (
             not filename or not spec.origin or _same_path(spec.origin, filename)):
-        return spec.name
+        return spec.name            # type: ignore[no-any-return]  # a ModuleSpec's: a str
     if filename and os.path.isfile(filename):
         return os.path.splitext(os.path.basename(filename))[0]
     return "__main__"
 
 
 def _same_path(first, second):
+    # type: (str, str) -> bool
     return os.path.normcase(os.path.abspath(first)) == os.path.normcase(os.path.abspath(second))
 
 
 def _source_file(func):
+    # type: (_Func) -> Optional[str]
     """The file that defines func, or None: the REPL, a notebook, exec(), a builtin."""
     inner = _innermost(func)
     code = getattr(inner, "__code__", None)
+    filename: "Optional[str]"
     if isinstance(code, types.CodeType):     # PyPy's builtins have a code without a file
         filename = code.co_filename
     else:                         # a class or a callable instance: its module's file
@@ -2418,6 +2736,7 @@ def _source_file(func):
 
 
 def _code_text(code):
+    # type: (types.CodeType) -> bytes
     """What a code object computes, as bytes: it differs between Python versions."""
     parts = [code.co_code, repr((code.co_names, code.co_varnames, code.co_freevars,
                                  code.co_cellvars, code.co_argcount, code.co_kwonlyargcount,
@@ -2431,6 +2750,7 @@ def _code_text(code):
 
 
 def _const_text(const):
+    # type: (object) -> str
     """repr() of a code object's constant, but a frozenset's items sorted: its repr lists
     them in hash order, which PYTHONHASHSEED changes for str (x in {'a', 'b'} compiles to
     one), so the function's cache would be another in every process."""
@@ -2442,6 +2762,7 @@ def _const_text(const):
 
 
 def _code_tag(func):
+    # type: (_Func) -> str
     """Eight hex digits that stand for func's code: its source text where linecache has it
     (files, IPython and Jupyter cells), else its compiled code. Not its line number, so
     lines added above it change nothing.
@@ -2467,6 +2788,7 @@ def _code_tag(func):
 
 
 def _identity(func):
+    # type: (_Func) -> str
     """module.qualname of what func runs; a lambda, or a function with no source file (a
     notebook, the REPL), also gets a tag of its code, so that two of one name differ."""
     inner = _innermost(func)
@@ -2484,6 +2806,7 @@ class _Unkeyable(Exception):
 
 
 def _carried_defaults(func):
+    # type: (types.FunctionType) -> List[Tuple[str, Any]]
     """(name, default) of func's parameters with a default."""
     code = func.__code__
     positional = code.co_varnames[:code.co_argcount]
@@ -2502,12 +2825,14 @@ class _Carried:
     """
 
     def __init__(self, lenient, ignore):
-        self.seen = set()
+        # type: (bool, FrozenSet[str]) -> None
+        self.seen: "Set[int]" = set()
         self.lenient = lenient
         self.ignore = ignore          # parameters of the memoized function left out
-        self.decorated = None         # its name: its own cell is empty while it is decorated
+        self.decorated: "Optional[str]" = None   # its own cell is empty while it is decorated
 
     def value(self, value):
+        # type: (object) -> str
         if isinstance(value, types.ModuleType):
             return "module " + value.__name__
         if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
@@ -2531,6 +2856,7 @@ class _Carried:
                                                  type(exc).__name__, exc)) from None
 
     def held(self, name, value, where=None):
+        # type: (Union[str, int], object, Optional[str]) -> str
         """value's text, or _Unkeyable saying where (else name) it was held."""
         try:
             return "%s=%s" % (name, self.value(value))
@@ -2540,8 +2866,9 @@ class _Carried:
                              else "%s, %s" % (where, exc)) from None
 
     def callable(self, func, top=False):
+        # type: (_Func, bool) -> str
         """func's text; the top level leaves out its name (the cache file has it)."""
-        handle = func
+        handle: object = func
         if isinstance(func, types.FunctionType):     # memoize's wrapper: its cache says all
             handle = getattr(getattr(func, "cache_info", None), "__self__", None)
         if isinstance(handle, _Memoized):
@@ -2589,10 +2916,11 @@ class _Carried:
         return "(%s)" % "; ".join(parts) if parts or not top else ""
 
 
-_DEFAULTS = {}                   # (identity, salt) -> digest of the defaults memoized under it
+_DEFAULTS: "Dict[Tuple[str, str], object]" = {}   # (identity, salt) -> its defaults' digest
 
 
 def _check_defaults(func, identity, salt):
+    # type: (_Func, str, str) -> None
     """Refuse a second function of one name whose defaults differ (for k in (2, 3): def
     scale(x, k=k)): a call left at its default keys without it, so they would share results.
     Defaults that the salt holds already (nested and no-source functions) are fine."""
@@ -2600,6 +2928,7 @@ def _check_defaults(func, identity, salt):
     if not isinstance(inner, types.FunctionType) or "<locals>" in inner.__qualname__ or \
             _source_file(inner) is None:
         return
+    digest: object            # of the defaults, or their ids
     try:
         digest = _digest(tuple(_carried_defaults(inner)))
     except RecursionError:
@@ -2616,6 +2945,7 @@ def _check_defaults(func, identity, salt):
 
 
 def _salt(func, version, key, ignore):
+    # type: (_Func, str, Optional[_Func], FrozenSet[str]) -> str
     """The salt of func's keys: its version, and what it carries besides its arguments
     (closure cells, a partial's arguments, a bound method's self, a callable's state)."""
     try:
@@ -2635,6 +2965,7 @@ def _salt(func, version, key, ignore):
 
 
 def _file_name(identity):
+    # type: (str) -> str
     """A file name for the cache of identity, safe on every platform.
 
     Names that differ only in case (Process and process) would be one file on macOS and
@@ -2649,6 +2980,7 @@ def _file_name(identity):
 
 
 def _default_dir(func):
+    # type: (_Func) -> str
     """.persist beside the file that defines func, else in the current directory."""
     filename = _source_file(func)
     if filename is not None:
@@ -2657,6 +2989,7 @@ def _default_dir(func):
 
 
 def _check_source(store, memo):
+    # type: (_Store, _Memo) -> None
     """Refuse a cache that a function of another file filled under the same name.
 
     Two projects with one PERSIST_DIR may each have a job.py with a load(): their caches
@@ -2673,10 +3006,12 @@ def _check_source(store, memo):
         return
 
     def another(recorded):
+        # type: (Optional[str]) -> bool
         return (recorded is not None and os.path.exists(recorded)
                 and not os.path.samefile(recorded, source))
 
     def record(conn):      # read again and record in one transaction: two may start at once
+        # type: (sqlite3.Connection) -> Optional[str]
         recorded = dict(conn.execute(_INFO).fetchall()).get("source")
         if not another(recorded):
             conn.execute(_SET_INFO, ("source", source))
@@ -2697,6 +3032,7 @@ def _check_source(store, memo):
 
 
 def _make_cache_dir(directory):
+    # type: (str) -> None
     """Create directory with a .gitignore of '*', so a cache never lands in a commit."""
     if os.path.isdir(directory):
         return
@@ -2715,6 +3051,7 @@ def _make_cache_dir(directory):
 
 
 def _seconds(expire):
+    # type: (_Expire) -> Optional[float]
     if expire is None:
         return None
     seconds = expire.total_seconds() if hasattr(expire, "total_seconds") else expire
@@ -2725,6 +3062,7 @@ def _seconds(expire):
 
 
 def _short_repr(call):
+    # type: (_Call) -> Optional[str]
     """f's arguments as '(1, 'a', key=2)', shortened for people, on one line."""
     shorten = _SHORT
     args, kwargs = call
@@ -2738,6 +3076,7 @@ def _short_repr(call):
 
 
 def _leave_out(call, names, ignore, rest):
+    # type: (_Call, List[str], FrozenSet[str], bool) -> _Call
     """call's (args, kwargs) without the parameters in ignore, so that 'persist show' does
     not list what the key left out; names: the positional parameters; rest: ignore names
     the *args parameter."""
@@ -2748,6 +3087,7 @@ def _leave_out(call, names, ignore, rest):
 
 
 def _without_addresses(text):
+    # type: (str) -> str
     """repr() text without the ' at 0x7f...' of default reprs: the address differs from call
     to call where the key does not, and would make one argument look like many."""
     start = text.find(" at 0x")
@@ -2767,6 +3107,7 @@ class _ShortRepr(reprlib.Repr):
     fillvalue = "..."           # an attribute of Repr itself from 3.11 on
 
     def repr_instance(self, x, level):
+        # type: (object, int) -> str
         # as reprlib's, with the address left out before the cut, which could keep part of it
         try:
             text = _without_addresses(repr(x))
@@ -2779,11 +3120,13 @@ class _ShortRepr(reprlib.Repr):
         return text
 
     def repr1(self, x, level):
+        # type: (object, int) -> str
         # A repr of many lines (a DataFrame's) on one; each part cut to maxother as reprlib does.
         text = super().repr1(x, level)
         return " ".join(text.split()) if "\n" in text else text
 
     def repr_bytes(self, x, level):     # reprlib would repr() all of it, then cut
+        # type: (bytes, int) -> str
         if len(x) <= self.maxstring:
             return repr(x)
         i = max(0, (self.maxstring - 3) // 2)
@@ -2794,19 +3137,26 @@ class _ShortRepr(reprlib.Repr):
     repr_bytearray = repr_bytes
 
     def repr_int(self, x, level):       # repr() of a huge int is slow, past 4300 digits refused
+        # type: (int, int) -> str
+        # digits refused
         if x.bit_length() > 4096:
             return "<int of about %d digits>" % int(x.bit_length() * 0.30103 + 1)
         return super().repr_int(x, level)
 
     def repr_dict(self, x, level):      # reprlib sorts every key first
+        # type: (Dict[Any, Any], int) -> str
         return super().repr_dict(x, level) if len(x) <= 100 else self._first_items(x, level)
 
     def repr_set(self, x, level):
-        return super().repr_set(x, level) if len(x) <= 100 else self._first_items(x, level)
+        # type: (Union[Set[Any], FrozenSet[Any]], int) -> str
+        # (ignore[arg-type]: this is repr_frozenset too; reprlib's repr_set formats either)
+        return (super().repr_set(x, level)  # type: ignore[arg-type]
+                if len(x) <= 100 else self._first_items(x, level))
 
     repr_frozenset = repr_set
 
     def _first_items(self, x, level):
+        # type: (Union[Dict[Any, Any], Set[Any], FrozenSet[Any]], int) -> str
         """The first few items in x's own order: sorting a large one is not worth its time."""
         if isinstance(x, dict):
             inner = ", ".join("%s: %s" % (self.repr1(k, level - 1), self.repr1(v, level - 1))
@@ -2821,7 +3171,9 @@ _SHORT.maxstring = _SHORT.maxother = 40
 
 
 def _warn(message):
+    # type: (str) -> None
     """Warn at the user's line: the first caller outside this file."""
+    frame: "Optional[types.FrameType]"
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
@@ -2830,6 +3182,7 @@ def _warn(message):
 
 
 def _debug(event, identity, key):
+    # type: (str, str, bytes) -> None
     """'identity: event key' at DEBUG on the 'persist' logger, once the program uses logging
     at all (the key shortened to 12 hex digits)."""
     global _LOG
@@ -2842,6 +3195,7 @@ def _debug(event, identity, key):
 
 
 def _advice(exc):
+    # type: (BaseException) -> str
     """What to do about an OSError that keeps a cache from being used."""
     code = getattr(exc, "errno", None)
     if code == errno.ENOSPC or code == getattr(errno, "EDQUOT", None):
@@ -2863,9 +3217,17 @@ class _Memo:
     (memoize(strict=True) or PERSIST_STRICT=1) it raises instead.
     """
 
-    leave_out = None              # (positional names, ignore, *args ignored) for _leave_out
+    # (positional names, ignore, *args ignored) for _leave_out
+    leave_out: "Optional[Tuple[List[str], FrozenSet[str], bool]]" = None
+    store: "Optional[_Store]"
+    broken: "Optional[OSError]"
+    _path: "Optional[str]"
+    source: "Optional[str]"       # set by _memoize(), as is salt
+    salt: str
+    parameters: "Dict[str, Any]"  # set by _memoize(): the options as given
 
     def __init__(self, func, cache_dir, name, version, expire, strict):
+        # type: (_Func, Optional[_StrPath], Optional[str], object, Optional[float], bool) -> None
         self.func = func
         self.identity = name or _identity(func)
         self.version = repr(version)
@@ -2882,12 +3244,14 @@ class _Memo:
 
     @property
     def path(self):
+        # type: () -> str
         if self._path is None:
             directory = self.cache_dir or os.environ.get("PERSIST_DIR") or self.default_dir
             self._path = os.path.join(os.path.abspath(directory), _file_name(self.identity))
         return self._path
 
     def trouble(self, what, exc):
+        # type: (str, Exception) -> None
         """A cache error: raise it (strict), or warn once, saying what to do, and go on."""
         if self.strict or isinstance(exc, PersistError) or \
                 os.environ.get("PERSIST_STRICT", "") not in ("", "0"):
@@ -2900,6 +3264,7 @@ class _Memo:
                                                        _advice(exc)))
 
     def open(self, create=True):
+        # type: (bool) -> Optional[_Store]
         with _OPEN_LOCK:
             if self.store is None and self.broken is None:
                 if not create and not os.path.exists(self.path):
@@ -2926,6 +3291,7 @@ class _Memo:
             return self.store
 
     def get(self, key):
+        # type: (bytes) -> Any
         """The cached result for the call whose key is key, or _MISSING."""
         store = self.store if self.store is not None else self.open()
         if store is not None:
@@ -2954,6 +3320,7 @@ class _Memo:
         return _MISSING
 
     def put(self, key, value, args, seconds):
+        # type: (bytes, Any, _Call, float) -> None
         store = self.store
         if store is None:
             self.unstored += 1
@@ -2976,6 +3343,7 @@ class _Memo:
                   % (self.identity, type(exc).__name__, exc))
 
     def fail(self, key, call, exc, seconds):
+        # type: (bytes, _Call, Exception, float) -> None
         """Record in the cache's failure ledger that the call keyed key raised exc. It never
         raises: the caller is about to re-raise exc, and that is the error that matters."""
         store = self.store
@@ -2994,6 +3362,7 @@ class _Memo:
 
 
 def _failure_record(call, exc, seconds, version):
+    # type: (_Call, BaseException, float, str) -> _FailureRecord
     """(args, type, message, traceback, seconds, version): what the ledger keeps of a call."""
     import traceback
     kind = type(exc)
@@ -3026,19 +3395,23 @@ class _Explanation:
 
     def __init__(self, reason, path, text, stored=None, seconds=None, version=None,
                  error=None, failures=0):
+        # type: (str, str, str, Optional[float], Optional[float], Optional[str], Optional[str], int) -> None
         self.hit = reason == "hit"
         self.reason, self.path, self._text = reason, path, text
         self.stored, self.seconds, self.version = stored, seconds, version
         self.error, self.failures = error, failures
 
     def __str__(self):
+        # type: () -> str
         return self._text
 
     def __repr__(self):
+        # type: () -> str
         return "<explanation %s: %s>" % (self.reason, self._text)
 
 
 def _stored_when(stored, seconds=None):
+    # type: (float, Optional[float]) -> str
     """'stored 2026-11-26 11:52 (3m ago), computed in 1.5 s' (the last part where known)."""
     text = "stored %s (%s ago)" % (_when(stored), _age(max(0.0, time.time() - stored)))
     if seconds is None:
@@ -3051,6 +3424,7 @@ def _stored_when(stored, seconds=None):
 
 
 def _other_code_caches(memo):
+    # type: (_Memo) -> List[str]
     """The caches beside memo's of the same function with other code: a function with no
     source file (a notebook, the REPL) or a lambda has a tag of its code in its cache's name
     (see _identity), so each edit starts a new cache."""
@@ -3069,6 +3443,7 @@ def _other_code_caches(memo):
 
 
 def _explain(memo, key, key_for):
+    # type: (_Memo, bytes, Callable[[str], bytes]) -> _Explanation
     """An _Explanation of what a call whose key is key would do now; key_for(salt) keys the
     same call under another salt. Nothing is counted and nothing is stored."""
     path = memo.path
@@ -3154,8 +3529,15 @@ class _Memoized:
     """
 
     __slots__ = ("_state", "_salt", "_self", "__dict__", "__weakref__")
+    # (memo, bind, key_from, func); the salt of its keys; the instance bound to, or None
+    _state: "Tuple[_Memo, _Bind, Callable[[Any], bytes], _Func]"
+    _salt: str
+    _self: "Any"
+    __name__: str
+    __qualname__: str
 
     def __call__(self, *args, **kwargs):
+        # type: (*Any, **Any) -> Any
         memo, bind, key_from, func = self._state
         if self._self is not None:
             args = (self._self,) + args
@@ -3178,6 +3560,7 @@ class _Memoized:
         return result
 
     def _call(self, args, kwargs, failing=None):
+        # type: (_Args, _Kwargs, Optional[Callable[[], object]]) -> Tuple[Any, bool]
         """(result, whether it came from the cache): a call for persist.map, which counts;
         failing() is called as soon as func raises, before the failure is recorded."""
         memo, bind, key_from, func = self._state
@@ -3200,6 +3583,7 @@ class _Memoized:
         return result, False
 
     def __get__(self, instance, owner=None):
+        # type: (object, Optional[type]) -> _Memoized
         if instance is None or self._self is not None:
             return self
         bound = object.__new__(_Memoized)
@@ -3209,29 +3593,36 @@ class _Memoized:
 
     @property
     def __wrapped__(self):
+        # type: () -> _Func
         func = self._state[3]
         return func if self._self is None else types.MethodType(func, self._self)
 
     @__wrapped__.setter
     def __wrapped__(self, func):             # functools.update_wrapper sets it: it is _state's
+        # type: (_Func) -> None
+        # it is _state's
         pass
 
     @property
     def _memo(self):
+        # type: () -> _Memo
         return self._state[0]
 
     def __reduce__(self):
+        # type: () -> Union[str, _Args]
         if self._self is not None:
             return getattr, (self._self, self.__name__)
         return self.__qualname__             # a global name: pickle finds it and checks it
 
     def __repr__(self):
+        # type: () -> str
         name = getattr(self, "__qualname__", None) or repr(self._state[3])
         if self._self is not None:
             return "<bound memoized %s of %r>" % (name, self._self)
         return "<memoized %s>" % name
 
     def _key_of(self, args, kwargs):
+        # type: (_Args, _Kwargs) -> bytes
         memo, bind, key_from, func = self._state
         if self._self is not None:
             args = (self._self,) + args
@@ -3244,6 +3635,7 @@ class _Memoized:
             raise _unkeyable(func, args, kwargs, exc) from None
 
     def _bind(self, bind, args, kwargs):
+        # type: (Callable[[_Args, _Kwargs], Any], _Args, _Kwargs) -> Any
         """bind(args, kwargs) for cache_delete() and explain(), which a classmethod above
         memoize reaches without the class on Python 3.8 and from 3.13 on: say so."""
         try:
@@ -3259,6 +3651,7 @@ class _Memoized:
             raise
 
     def explain(self, *args, **kwargs):
+        # type: (*Any, **Any) -> _Explanation
         """Say whether a call with these arguments would be a hit, or why it would miss,
         without calling the function. A hit is loaded, to be sure that it can be."""
         memo, bind, key_from, func = self._state
@@ -3274,6 +3667,7 @@ class _Memoized:
         return _explain(memo, key, lambda salt: _keyer(salt)(material))
 
     def cache_info(self):
+        # type: () -> _CacheInfo
         """hits and misses in this process; entries and path of the cache on disk; unstored:
         results this process could not store; failures: calls on record as failed (see
         failures()); seconds: how long the stored results took to compute, in all; saved: how
@@ -3285,6 +3679,7 @@ class _Memoized:
                           seconds, memo.saved)
 
     def failures(self):
+        # type: () -> List[_Failure]
         """The calls that raised and have not succeeded since, the latest failure last: named
         tuples of args (short form), type and message of the exception, count (of failures),
         first and last (Unix times), seconds (the last call's), version and traceback."""
@@ -3292,11 +3687,13 @@ class _Memoized:
         return [] if store is None else [_Failure(*row) for row in store.failures()]
 
     def cache_parameters(self):
+        # type: () -> Dict[str, Any]
         """The options memoize was given, as a new dict (lru_cache's has maxsize and typed):
         memoize(**f.cache_parameters()) memoizes another function the same way."""
         return dict(self._memo.parameters)
 
     def cache_clear(self):
+        # type: () -> None
         """Remove every stored result of this function, and its failure records."""
         memo = self._memo
         store = memo.open(create=False)
@@ -3306,12 +3703,14 @@ class _Memoized:
         memo.saved = 0.0
 
     def cache_delete(self, *args, **kwargs):
+        # type: (*Any, **Any) -> bool
         """Remove the result stored for these arguments; return whether there was one."""
         key = self._key_of(args, kwargs)
         store = self._memo.open(create=False)
         return store is not None and store.delete(key)
 
     def cache_prune(self, *, stale=True, expired=True):
+        # type: (_Memoized, bool, bool) -> int
         """Remove results of other version=s (stale) and results older than expire=; return
         how many went."""
         memo = self._memo
@@ -3329,6 +3728,7 @@ class _ClassMemoized(_Memoized):
     __slots__ = ()
 
     def __get__(self, instance, owner=None):
+        # type: (object, Optional[type]) -> _Memoized
         if self._self is not None:
             return self
         bound = object.__new__(_Memoized)
@@ -3339,8 +3739,9 @@ class _ClassMemoized(_Memoized):
 
 
 def _under_classmethod(handle):
+    # type: (_Memoized) -> bool
     """Whether handle is the function of a classmethod in the class that defines it."""
-    owner = sys.modules.get(getattr(handle, "__module__", None))
+    owner = sys.modules.get(getattr(handle, "__module__", ""))  # type: object
     *path, name = getattr(handle, "__qualname__", "").split(".")
     for part in path:
         owner = getattr(owner, part, None)
@@ -3349,6 +3750,7 @@ def _under_classmethod(handle):
 
 
 def _code_flags(func):
+    # type: (_Func) -> int
     """The flags of func's code, through partials and bound methods, as inspect reads them
     for isgeneratorfunction() and the like (without importing it)."""
     while True:
@@ -3362,6 +3764,7 @@ def _code_flags(func):
 
 
 def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
+    # type: (_Func, Optional[_StrPath], Optional[str], object, _Expire, _Names, Optional[_Func], bool) -> _Func
     label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
     flags = _code_flags(func)
     coroutine = bool(flags & _CO_COROUTINE)
@@ -3403,6 +3806,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     key_of = handle._key_of
     if coroutine:
         async def wrapper(*args, **kwargs):
+            # type: (*Any, **Any) -> Any
             key = key_of(args, kwargs)
             result = memo.get(key)
             if result is _MISSING:
@@ -3414,8 +3818,9 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
                     raise
                 memo.put(key, result, (args, kwargs), time.perf_counter() - start)
             return result
-    else:
-        def wrapper(*args, **kwargs):
+    else:   # (ignore[misc]: one variant returns a coroutine; memoize says what either is)
+        def wrapper(*args, **kwargs):  # type: ignore[misc]
+            # type: (*Any, **Any) -> Any
             material = bind(args, kwargs)    # a wrong call raises here, naming the function
             try:
                 key = key_from(material)
@@ -3434,19 +3839,20 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
                 memo.put(key, result, (args, kwargs), time.perf_counter() - start)
             return result
 
-    functools.update_wrapper(wrapper, func)
-    wrapper.cache_info = handle.cache_info
-    wrapper.cache_clear = handle.cache_clear
-    wrapper.cache_parameters = handle.cache_parameters
-    wrapper.cache_delete = handle.cache_delete
-    wrapper.cache_prune = handle.cache_prune
-    wrapper.explain = handle.explain
-    wrapper.failures = handle.failures
+    functools.update_wrapper(wrapper, func)   # (ignore[attr-defined]: a function's attributes)
+    wrapper.cache_info = handle.cache_info         # type: ignore[attr-defined]
+    wrapper.cache_clear = handle.cache_clear       # type: ignore[attr-defined]
+    wrapper.cache_parameters = handle.cache_parameters   # type: ignore[attr-defined]
+    wrapper.cache_delete = handle.cache_delete     # type: ignore[attr-defined]
+    wrapper.cache_prune = handle.cache_prune       # type: ignore[attr-defined]
+    wrapper.explain = handle.explain               # type: ignore[attr-defined]
+    wrapper.failures = handle.failures             # type: ignore[attr-defined]
     _HANDLES[wrapper] = handle           # persist.map calls through it, to count hits
     return wrapper
 
 
 def _memoize_classmethod(func, options):
+    # type: (_Func, Tuple[Any, ...]) -> Any
     """memoize(classmethod(func)): a _ClassMemoized, which binds to the class itself, where
     classmethod above memoize hides the class from cache_delete() and explain() (on Python
     3.8 and from 3.13 on, classmethod does not ask memoize's __get__ to bind)."""
@@ -3460,6 +3866,7 @@ def _memoize_classmethod(func, options):
 
 
 def _in_class_body(func):
+    # type: (_Func) -> bool
     """Whether func was defined in a class body: then memoize's wrapper must bind to an
     instance as func would, and a descriptor is the wrapper."""
     parts = getattr(func, "__qualname__", "").split(".")
@@ -3476,8 +3883,11 @@ _BATCH_LIMIT = 1000       # items, at most, in one batch
 
 
 def _handle_of(func):
+    # type: (_Func) -> Optional[_Handle]
     """(the _Memoized behind func, leading arguments, keywords) when func is a memoized
     function, method or a functools.partial of one; else None."""
+    args: "_Args"
+    kwargs: "_Kwargs"
     args, kwargs = (), {}
     if isinstance(func, functools.partial):
         args, kwargs, func = func.args, func.keywords, func.func
@@ -3490,10 +3900,12 @@ def _handle_of(func):
     return None if handle is None else (handle, args, kwargs)
 
 
-_STOP = None      # in persist.map's own workers, with keep_going=False: set by a failure
+_STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_going=False: set by
+                                   # a failure
 
 
 def _run(func, items, portable, stop=None):
+    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> Tuple[List[_Outcome], float]
     """func(item) for a batch of items where they run (this process, or a worker): a list of
     (True, result, whether the cache had it), (False, exception, traceback text or None) or
     (None, None, None) for an item not started, and the seconds the batch took. portable:
@@ -3504,7 +3916,7 @@ def _run(func, items, portable, stop=None):
     if found is not None:
         call, args, kwargs = found[0]._call, found[1], found[2]
         failing = None if stop is None else stop.set
-    outcomes = []
+    outcomes: "List[_Outcome]" = []
     start = time.perf_counter()
     for item in items:
         if stop is not None and stop.is_set():
@@ -3532,7 +3944,8 @@ class _WorkerTraceback(Exception):
     """The traceback of an exception raised in a worker, as text: the __cause__ it gets."""
 
     def __str__(self):
-        return "\n\n" + self.args[0]
+        # type: () -> str
+        return "\n\n" + str(self.args[0])
 
 
 class _WorkerError(Exception):
@@ -3540,6 +3953,7 @@ class _WorkerError(Exception):
 
 
 def _portable(exc):
+    # type: (Exception) -> Exception
     """exc if it survives pickling both ways, else a _WorkerError that says what it was."""
     try:
         pickle.loads(pickle.dumps(exc, _PROTOCOL))
@@ -3554,12 +3968,14 @@ def _portable(exc):
 
 
 def _type_label(kind):
+    # type: (type) -> str
     module = getattr(kind, "__module__", None)
     return kind.__qualname__ if module in (None, "builtins") else \
         "%s.%s" % (module, kind.__qualname__)
 
 
 def _worker_start(stop):
+    # type: (Optional[_Event]) -> None
     """Each worker of persist.map's own pool ignores Ctrl-C: the parent stops them all, at
     once and without a traceback from each. stop: see _run."""
     global _STOP
@@ -3569,6 +3985,7 @@ def _worker_start(stop):
 
 
 def _stop_workers(pool):
+    # type: (ProcessPoolExecutor) -> None
     """End a ProcessPoolExecutor's workers now, whatever they are running."""
     # best effort, through a private attribute: without it, shutdown() waits for the calls
     for process in list((getattr(pool, "_processes", None) or {}).values()):
@@ -3578,6 +3995,7 @@ def _stop_workers(pool):
 
 
 def _took(seconds):
+    # type: (float) -> str
     """A duration for people: 4.2s, 3m12s, 2h41m."""
     if seconds < 60:
         return "%.1fs" % seconds
@@ -3587,13 +4005,20 @@ def _took(seconds):
 
 
 def _n(number):
+    # type: (int) -> str
     return format(number, ",")
 
 
 class _Run:
     """One persist.map(): the results, the counts, the progress line and the summary."""
 
+    results: "List[Any]"
+    failures: "List[Tuple[int, Exception]]"
+    bar: "Any"
+    tick: "Optional[float]"
+
     def __init__(self, func, items, found, progress):
+        # type: (Callable[[Any], Any], List[Any], Optional[_Handle], _Progress) -> None
         self.func, self.items, self.found = func, items, found
         inner = func.func if isinstance(func, functools.partial) else func
         self.label = getattr(inner, "__name__", None) or type(inner).__name__
@@ -3622,9 +4047,11 @@ class _Run:
 
     @property
     def done(self):
+        # type: () -> int
         return self.reused + self.computed + len(self.failures)
 
     def succeeded(self, index, value, hit):
+        # type: (int, Any, bool) -> None
         self.results[index] = value
         if hit:
             self.reused += 1
@@ -3632,10 +4059,12 @@ class _Run:
             self.computed += 1
 
     def failed(self, index, exc):
+        # type: (int, Exception) -> None
         self.results[index] = exc
         self.failures.append((index, exc))
 
     def update(self, now):
+        # type: (float) -> None
         """Show progress, at most every _PROGRESS_EVERY seconds."""
         self.tick = now + _PROGRESS_EVERY
         done, total = self.done, len(self.items)
@@ -3656,6 +4085,7 @@ class _Run:
         self.show(text)
 
     def show(self, text):
+        # type: (str) -> None
         # best effort: a closed or broken stderr costs the progress line, never the results
         with contextlib.suppress(Exception):
             sys.stderr.write("\r" + text + " " * max(0, self.line - len(text)))
@@ -3663,6 +4093,7 @@ class _Run:
             self.line = len(text)
 
     def serial(self, keep_going):
+        # type: (bool) -> None
         func, found, run = self.func, self.found, self
         if found is not None:
             call, args, kwargs = found[0]._call, found[1], found[2]
@@ -3688,6 +4119,7 @@ class _Run:
                     run.update(now)
 
     def parallel(self, executor, width, keep_going, portable, pool=None, stop=None):
+        # type: (Executor, int, bool, bool, Optional[ProcessPoolExecutor], Optional[_Event]) -> None
         """Run the items on executor in batches sized to take about _BATCH_SECONDS each (one
         item at first; quick items travel many to a message), with at most two batches per
         worker waiting, so that a million items are not a million futures. pool: our own, to
@@ -3696,13 +4128,15 @@ class _Run:
         import concurrent.futures
         wait, first = concurrent.futures.wait, concurrent.futures.FIRST_COMPLETED
         window = 2 * width if keep_going else width
-        pending = {}                    # future: the indexes of its batch
+        # each future: the indexes of its batch
+        pending: "Dict[concurrent.futures.Future[Tuple[List[_Outcome], float]], List[int]]" = {}
         todo = iter(range(len(self.items)))
-        alone = collections.deque()     # indexes to send one at a time (see below)
+        alone: "Deque[int]" = collections.deque()   # one at a time (see below)
         size, left = 1, len(self.items)
-        error = None                    # keep_going=False: the first failure
+        error: "Optional[Exception]" = None   # keep_going=False: the first failure
 
         def submit(count):
+            # type: (int) -> None
             nonlocal left
             for _ in range(count):
                 batch = [alone.popleft()] if alone else list(itertools.islice(todo, size))
@@ -3768,9 +4202,10 @@ class _Run:
             raise error
 
     def summary(self):
+        # type: () -> str
         """One line: what was reused, computed and failed, and where to see the failures."""
         total = len(self.items)
-        parts = []
+        parts: "List[str]" = []
         if self.found is not None:
             parts.append("%s reused" % _n(self.reused))
         parts.append("%s computed" % _n(self.computed))
@@ -3791,6 +4226,7 @@ class _Run:
         return line
 
     def finish(self):
+        # type: () -> None
         """Clear the progress line, close the bar, and give the summary line."""
         if self.bar is not None:
             with contextlib.suppress(Exception):
@@ -3808,12 +4244,13 @@ class _Run:
                 print(line, file=sys.stderr)
 
     def error(self):
+        # type: () -> Failures
         """The Failures to raise when items failed and map kept going past them."""
         self.failures.sort(key=_first)         # workers finish out of order
-        kinds = collections.OrderedDict()
+        kinds: "OrderedDict[str, List[int]]" = collections.OrderedDict()
         for index, exc in self.failures:
             kinds.setdefault(_type_label(type(exc)), []).append(index)
-        parts = []
+        parts: "List[str]" = []
         for kind, indexes in sorted(kinds.items(), key=lambda pair: -len(pair[1])):
             shown = ", ".join(_SHORT.repr(self.items[i]) for i in indexes[:_SHOWN_ITEMS])
             more = ", ..." if len(indexes) > _SHOWN_ITEMS else ""
@@ -3836,6 +4273,7 @@ class _NotDurable(Exception):
 
 
 def _start_writeback(name, dir_fd):
+    # type: (str, Optional[int]) -> None
     """Ask Linux to start writing the file's dirty pages to disk, without waiting."""
     # This is an optimization only; it's ok if it fails. Started for every file before the
     # first fsync, the writes and their block allocations share a few journal commits: with
@@ -3845,12 +4283,13 @@ def _start_writeback(name, dir_fd):
     with contextlib.suppress(OSError):
         fd = os.open(name, _O_SYNC_FILE, dir_fd=dir_fd)
         try:
-            os.posix_fadvise(fd, 0, 0, _START_WRITEBACK)
+            os.posix_fadvise(fd, 0, 0, _START_WRITEBACK)  # type: ignore[arg-type]  # set here
         finally:
             os.close(fd)
 
 
 def _sync_file(name, dir_fd):
+    # type: (str, Optional[int]) -> int
     """Fsync the regular file name (relative to dir_fd, if given): its size in bytes.
 
     An OSError from opening it means it vanished or may not be read; one from fsync means
@@ -3871,6 +4310,7 @@ def _sync_file(name, dir_fd):
 
 
 def _sync_files(names, dir_fd):
+    # type: (List[str], Optional[int]) -> Tuple[int, int, int]
     """Fsync the files names (relative to dir_fd, if given): (files, bytes, files not synced).
 
     Several threads fsync at once, because the drive's cache flushes that concurrent fsyncs
@@ -3879,9 +4319,10 @@ def _sync_files(names, dir_fd):
     if _START_WRITEBACK is not None:
         for name in names:
             _start_writeback(name, dir_fd)
-    results = []                           # a size, _VANISHED, or the exception
+    results: "List[Any]" = []              # a size, _VANISHED, or the exception
 
     def sync(part):
+        # type: (List[str]) -> None
         for name in part:
             try:
                 results.append(_sync_file(name, dir_fd))
@@ -3903,6 +4344,7 @@ def _sync_files(names, dir_fd):
         finished.acquire()
 
         def part(i):
+            # type: (int) -> None
             try:
                 sync(names[i::_SYNC_THREADS])
             finally:
@@ -3928,6 +4370,7 @@ def _sync_files(names, dir_fd):
 
 
 def _sync_tree(folder, skip=None, dir_fd=None):
+    # type: (str, Optional[str], Optional[int]) -> Tuple[int, int, int]
     """Fsync each file and directory in folder and below; (files, bytes, files not synced).
 
     Symbolic links are not followed, and the file skip at the top is left out. A file or
@@ -3937,8 +4380,8 @@ def _sync_tree(folder, skip=None, dir_fd=None):
     relative to its open directory, with no path to resolve.
     """
     files = size = unsynced = 0
-    regular = []                           # this directory's files, synced after the loop
-    fd = None
+    regular: "List[str]" = []              # this directory's files, synced after the loop
+    fd: "Optional[int]" = None
     if _SCANDIR_FD:
         fd = os.open(folder, _O_SUBDIR if dir_fd is not None else os.O_RDONLY, dir_fd=dir_fd)
     try:
@@ -3965,7 +4408,7 @@ def _sync_tree(folder, skip=None, dir_fd=None):
         if dir_fd is not None:             # a subdirectory: its entries are durable too
             # best effort: some network and FUSE filesystems refuse to fsync a directory
             with contextlib.suppress(OSError):
-                os.fsync(fd)
+                os.fsync(fd)   # type: ignore[arg-type]  # set: dir_fd comes with _SCANDIR_FD
     finally:
         if fd is not None:
             os.close(fd)
@@ -3973,6 +4416,7 @@ def _sync_tree(folder, skip=None, dir_fd=None):
 
 
 def _marker_record(directory, marker):
+    # type: (pathlib.Path, str) -> str
     """Make every file in directory durable; the marker's text: when, how many files, bytes."""
     try:
         files, size, unsynced = _sync_tree(os.fspath(directory), marker)
@@ -3988,6 +4432,7 @@ def _marker_record(directory, marker):
 
 @contextlib.contextmanager
 def _dir_lock(directory):
+    # type: (Union[str, pathlib.Path]) -> Iterator[None]
     """Hold an exclusive lock on directory, or fail at once if someone else holds it."""
     if _fcntl is None:
         yield
@@ -4005,6 +4450,7 @@ def _dir_lock(directory):
 
 
 def _empty(directory):
+    # type: (pathlib.Path) -> None
     """Remove everything in directory, not following symbolic links."""
     import shutil
     for entry in os.scandir(directory):
@@ -4030,6 +4476,7 @@ _SHELVE_READ_ONLY = ("a {kind} shelve file, not yet a persist store; open it onc
 
 
 def _shelve_kind(path):
+    # type: (str) -> Optional[str]
     """The dbm module that made the shelve file at path ('dbm.dumb', ...), or None."""
     if os.path.isfile(path):
         try:
@@ -4051,6 +4498,7 @@ def _shelve_kind(path):
 
 
 def _is_dbm_sqlite3(path):
+    # type: (str) -> bool
     """Whether path is an SQLite file with the one table of dbm.sqlite3 (Python 3.13)."""
     try:
         conn = sqlite3.connect(_uri(os.path.abspath(path), "ro"), uri=True)
@@ -4068,6 +4516,7 @@ def _is_dbm_sqlite3(path):
 
 @contextlib.contextmanager
 def _shelve_items(path, kind):
+    # type: (str, str) -> Iterator[Iterator[Tuple[bytes, bytes]]]
     """An iterator of the (key, pickle) pairs of the shelve file at path, as stored."""
     if kind == "dbm.sqlite3":              # read here: Python before 3.13 has no dbm.sqlite3
         busy = PersistError(errno.EBUSY, "a dbm.sqlite3 shelve file that another program "
@@ -4100,18 +4549,20 @@ def _shelve_items(path, kind):
                            "(it has no %s); open it once with a Python that has, to copy "
                            "its entries into a persist store" % (kind, kind), path) from None
     try:
-        yield ((key, db[key]) for key in db.keys())
+        yield ((key, db[key]) for key in db.keys())  # type: ignore[misc]  # keys are bytes
     finally:
         db.close()
 
 
 def _copy_rows(conn, items, stored):
+    # type: (sqlite3.Connection, Iterable[Tuple[bytes, bytes]], float) -> int
     conn.executemany(_PUT, ((key, value, None, stored, None, None, None)
                             for key, value in items))
-    return _fetch(conn, _COUNT)[0][0]
+    return _fetch(conn, _COUNT)[0][0]  # type: ignore[no-any-return]  # a row: Any
 
 
 def _from_shelve(path, kind, copy=True):
+    # type: (str, str, bool) -> str
     """Copy the entries of the shelve file at path into a persist store at path (without
     copy, an empty one); keep the original; return what happened, for a warning."""
     directory = os.path.dirname(path)
@@ -4143,8 +4594,8 @@ def _from_shelve(path, kind, copy=True):
                                        "open it again" % log[-4:], path)
             # another process may have copied it meanwhile (one without the lock, see
             # _open_shelve_file), and its store must not be replaced
-            kept = _keep_aside(path, original)
-            if not _same_file(os.stat(path), original):
+            kept = _keep_aside(path, original)    # type: ignore[arg-type]  # set: same_name
+            if not _same_file(os.stat(path), original):   # type: ignore[arg-type]
                 raise FileExistsError(errno.EEXIST, "copied by another process meanwhile",
                                       path)
             os.replace(temp, path)
@@ -4167,10 +4618,12 @@ def _from_shelve(path, kind, copy=True):
 
 
 def _same_file(info, other):
+    # type: (os.stat_result, os.stat_result) -> bool
     return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
 
 
 def _keep_aside(path, original):
+    # type: (str, os.stat_result) -> str
     """A second name for the file at path, durable before path is replaced: a hard link,
     or where there are none a copy. original: os.stat() of the file as it was read; if path
     is another file now (another process copied it meanwhile), FileExistsError."""
@@ -4215,6 +4668,7 @@ def _keep_aside(path, original):
 
 
 def _open_shelve_file(path, flag):
+    # type: (str, str) -> None
     """Before persist.open(path, flag) opens a store: move a shelve file's entries into one."""
     if os.path.islink(path):               # _Store refuses it, saying why
         return
@@ -4258,8 +4712,27 @@ def _open_shelve_file(path, flag):
 # -- the public API
 
 
-def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, ignore=(),
-            key=None, strict=False):
+if TYPE_CHECKING:     # bare, @memoize; or with options, @memoize(version=2)
+    @overload
+    def memoize(func: Callable[_P, _R], *, cache_dir: Optional[_StrPath] = None,
+                name: Optional[str] = None, version: object = None,
+                expire: Union[float, datetime.timedelta, None] = None,
+                ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
+                strict: bool = False) -> _MemoizedFunction[_P, _R]: ...
+    @overload
+    def memoize(func: None = None, *, cache_dir: Optional[_StrPath] = None,
+                name: Optional[str] = None, version: object = None,
+                expire: Union[float, datetime.timedelta, None] = None,
+                ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
+                strict: bool = False
+                ) -> Callable[[Callable[_P, _R]], _MemoizedFunction[_P, _R]]: ...
+
+
+def memoize(func: "Optional[Callable[..., Any]]" = None, *,
+            cache_dir: "Optional[_StrPath]" = None, name: "Optional[str]" = None,
+            version: object = None, expire: "Union[float, datetime.timedelta, None]" = None,
+            ignore: "Union[str, Iterable[str]]" = (),
+            key: "Optional[Callable[..., Any]]" = None, strict: bool = False) -> "Any":
     """Keep each result of func on disk, so that a rerun computes only what is missing.
 
     Use it bare, @memoize, or with options, @memoize(version=2). Each result is committed
@@ -4308,7 +4781,9 @@ def memoize(func=None, *, cache_dir=None, name=None, version=None, expire=None, 
     return _memoize(func, *options)
 
 
-def map(func, items, *, workers=None, executor=None, keep_going=True, progress=None):
+def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional[int]" = None,
+        executor: "Optional[concurrent.futures.Executor]" = None, keep_going: bool = True,
+        progress: "Union[bool, Callable[..., Any], None]" = None) -> "List[_R]":
     """func(item) for every item, as a list in input order, going on past items that fail.
 
     results = persist.map(transform, records)              # every record is tried
@@ -4363,6 +4838,7 @@ def map(func, items, *, workers=None, executor=None, keep_going=True, progress=N
                 from None
     items = list(items)
     run = _Run(func, items, found, progress)
+    stop: "Optional[_Event]"
     try:
         if executor is not None:
             width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
@@ -4391,7 +4867,8 @@ def map(func, items, *, workers=None, executor=None, keep_going=True, progress=N
     return run.results
 
 
-def open(filename, flag="c", protocol=None, writeback=False):
+def open(filename: "_Path", flag: "_Flag" = "c", protocol: "Optional[int]" = None,
+         writeback: bool = False) -> "_Shelf":
     """Open a persistent dictionary: shelve.open, safe for many processes and for crashes.
 
     Keys are str, values anything picklable. Every assignment is committed when it returns;
@@ -4413,10 +4890,14 @@ def open(filename, flag="c", protocol=None, writeback=False):
     path = os.path.abspath(path)
     _open_shelve_file(path, flag)
     store = _Store(path, flag)
-    return _Shelf(store, protocol)
+    # a _Store is the mapping under the shelf, though not a MutableMapping: _Shelf
+    # overrides each method that shelve.Shelf would call it through
+    return _Shelf(store, protocol)  # type: ignore[arg-type]
 
 
-def atomic_write(path, data, *, sync=True, encoding=None, errors=None, newline=None):
+def atomic_write(path: "_Path", data: "Union[str, Buffer]", *,
+                 sync: bool = True, encoding: "Optional[str]" = None,
+                 errors: "Optional[str]" = None, newline: "Optional[str]" = None) -> None:
     """Replace the file at path with data, atomically: readers see the old file or the new.
 
     data is str (written as text, utf-8 unless encoding says otherwise) or bytes-like. See
@@ -4435,7 +4916,27 @@ def atomic_write(path, data, *, sync=True, encoding=None, errors=None, newline=N
         file.write(data)
 
 
-def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newline=None):
+if TYPE_CHECKING:     # text or binary, by mode, as open() is
+    @overload
+    def atomic_open(path: _Path, mode: _TextMode = "w", *, sync: bool = True,
+                    encoding: Optional[str] = None, errors: Optional[str] = None,
+                    newline: Optional[str] = None
+                    ) -> contextlib.AbstractContextManager[io.TextIOWrapper, Optional[bool]]: ...
+    @overload
+    def atomic_open(path: _Path, mode: _BinaryMode, *, sync: bool = True,
+                    encoding: None = None, errors: None = None, newline: None = None
+                    ) -> contextlib.AbstractContextManager[io.BufferedWriter, Optional[bool]]: ...
+    @overload
+    def atomic_open(path: _Path, mode: str, *, sync: bool = True,
+                    encoding: Optional[str] = None, errors: Optional[str] = None,
+                    newline: Optional[str] = None
+                    ) -> contextlib.AbstractContextManager[IO[Any], Optional[bool]]: ...
+
+
+def atomic_open(path: "_Path", mode: str = "w", *, sync: bool = True,
+                encoding: "Optional[str]" = None, errors: "Optional[str]" = None,
+                newline: "Optional[str]" = None
+                ) -> "contextlib.AbstractContextManager[IO[Any], Optional[bool]]":
     """Open a file for writing that replaces path only when the with-block ends without error.
 
     with atomic_open("out.json") as f: json.dump(obj, f)
@@ -4465,7 +4966,8 @@ def atomic_open(path, mode="w", *, sync=True, encoding=None, errors=None, newlin
     return _atomic_open(path, mode, sync, True, encoding, errors, newline)
 
 
-def done_dir(path, *, marker="DONE", clean=False):
+def done_dir(path: "_Path", *, marker: str = "DONE", clean: bool = False
+             ) -> "contextlib.AbstractContextManager[pathlib.Path, Optional[bool]]":
     """A directory that gets its marker file only when the with-block finishes without error.
 
     with done_dir("work/features") as d: ...   # d is the directory, an absolute pathlib.Path
@@ -4497,8 +4999,10 @@ def done_dir(path, *, marker="DONE", clean=False):
 
 @contextlib.contextmanager
 def _done_dir(directory, marker, clean):
+    # type: (pathlib.Path, str, bool) -> Iterator[pathlib.Path]
     """done_dir() once its arguments are checked: the work happens on entry and exit."""
     where = directory.absolute()           # once: an os.chdir() in the block moves nothing
+    made: "List[pathlib.Path]"
     made, probe = [], where
     while not os.path.lexists(probe):      # the directories mkdir() will add
         made.append(probe)
@@ -4525,7 +5029,7 @@ def _done_dir(directory, marker, clean):
             file.write(record)
 
 
-def is_done(path, *, marker="DONE"):
+def is_done(path: "_Path", *, marker: str = "DONE") -> bool:
     """True when the directory at path holds marker as a regular file (any content)."""
     try:
         return stat.S_ISREG(os.lstat(os.path.join(os.fsdecode(os.fspath(path)), marker)).st_mode)
@@ -4537,10 +5041,12 @@ def is_done(path, *, marker="DONE"):
 
 
 def _when(stamp):
+    # type: (Optional[float]) -> str
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
 
 
-def _bytes(size):
+def _bytes(size):  # type: ignore[return]  # the "GB" turn returns
+    # type: (float) -> str
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return ("%d %s" if unit == "B" else "%.1f %s") % (size, unit)
@@ -4548,6 +5054,7 @@ def _bytes(size):
 
 
 def _age(seconds):
+    # type: (float) -> str
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= length:
             return "%d%s" % (seconds // length, unit)
@@ -4555,6 +5062,7 @@ def _age(seconds):
 
 
 def _duration(text):
+    # type: (str) -> float
     """'90', '90s', '15m', '12h', '7d' or '2w' as seconds, positive and finite; argparse calls
     it, and shows the message of an ArgumentTypeError (of a ValueError, only the type's name)."""
     import argparse
@@ -4572,6 +5080,7 @@ def _duration(text):
 
 
 def _limit(text):
+    # type: (str) -> int
     """show --limit: a count of entries, 0 for all of them."""
     import argparse
     try:
@@ -4584,10 +5093,12 @@ def _limit(text):
 
 
 def _default_cache_dir():
+    # type: () -> str
     return os.environ.get("PERSIST_DIR") or ".persist"
 
 
 def _caches_under(directory):
+    # type: (str) -> Iterator[str]
     """The .db files under directory, as os.walk finds them, without the value directories."""
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.endswith(".values"))
@@ -4597,6 +5108,7 @@ def _caches_under(directory):
 
 
 def _find_cache(name, directory=None):
+    # type: (str, Optional[str]) -> str
     """The file of a cache given on the command line: a path, as given or as 'persist ls'
     printed it (relative to the cache directory), or a function's name as 'ls' lists it."""
     directory = directory or _default_cache_dir()
@@ -4620,6 +5132,7 @@ def _find_cache(name, directory=None):
 
 
 def _open_cache(name, flag="w", directory=None):
+    # type: (str, str, Optional[str]) -> _Store
     """A cache by path, or by function name in the cache directory (--dir)."""
     path = _find_cache(name, directory)
     try:
@@ -4634,6 +5147,7 @@ def _open_cache(name, flag="w", directory=None):
 
 
 def _problem(path, exc):
+    # type: (str, OSError) -> str
     """Why the .db file at path is not a cache persist can list, in a word or two."""
     text = str(exc)
     if isinstance(exc, PermissionError) or not os.access(path, os.R_OK):
@@ -4657,7 +5171,9 @@ def _problem(path, exc):
 
 
 def _cli_ls(options):
+    # type: (argparse.Namespace) -> None
     directory = options.dir or _default_cache_dir()
+    paths: "Iterable[str]"
     if os.path.isfile(directory):         # one cache, as 'show' takes it
         _Store(directory, "r").close()     # else its error, as 'show' gives it
         paths, directory = [directory], os.path.dirname(directory) or os.curdir
@@ -4685,6 +5201,7 @@ def _cli_ls(options):
 
 
 def _one_line(text):
+    # type: (str) -> str
     """text on one line, however many lines it spans."""
     if not text.isprintable():
         text = " ".join(text.split())
@@ -4694,6 +5211,7 @@ def _one_line(text):
 
 
 def _cli_show(options):
+    # type: (argparse.Namespace) -> None
     limit = options.limit
     if limit is None:                     # a terminal shows a screenful; a pipe gets all
         limit = 50 if sys.stdout.isatty() else 0
@@ -4716,6 +5234,7 @@ def _cli_show(options):
 
 
 def _cli_clear(options):
+    # type: (argparse.Namespace) -> None
     if options.dry_run:
         with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
             count, size = store.prune(before=float("inf"), dry_run=True)
@@ -4728,10 +5247,13 @@ def _cli_clear(options):
             count, store.path, _bytes(max(0, before - store.disk_usage()))))
 
 
-def _cli_prune(options):
+# (ignore[return]: the end returns None, which _main() takes as exit status 0)
+def _cli_prune(options):  # type: ignore[return]
+    # type: (argparse.Namespace) -> Optional[int]
     flag = "r" if options.dry_run else "w"
     with contextlib.closing(_open_cache(options.cache, flag, options.dir)) as store:
         info = store.info()
+        which: "_Kwargs"           # prune()'s keyword arguments
         if options.stale:
             if "version" not in info:
                 print("%s has no version=; nothing is stale" % store.path)
@@ -4756,14 +5278,17 @@ def _cli_prune(options):
             count, _bytes(size), store.path, _bytes(max(0, before - store.disk_usage()))))
 
 
-def _cli_failures(options):
+# (ignore[return]: as _cli_prune())
+def _cli_failures(options):  # type: ignore[return]
+    # type: (argparse.Namespace) -> Optional[int]
     with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
         rows = store.failures()
         label = store.info().get("function") or store.path
         if not rows:
             print("%s: no failed calls on record" % label)
             return 0
-        groups = collections.OrderedDict()        # (type, message): rows, the latest last
+        # (type, message): rows, the latest last
+        groups: "OrderedDict[Tuple[str, str], List[Any]]" = collections.OrderedDict()
         for row in rows:
             groups.setdefault(row[1:3], []).append(row)
         print("%s: %d failed call%s, not succeeded since (%s)" % (
@@ -4788,6 +5313,7 @@ def _cli_failures(options):
 
 
 def _cli_status(options):
+    # type: (argparse.Namespace) -> int
     unfinished = 0
     for path in options.paths:
         if is_done(path, marker=options.marker):
@@ -4802,6 +5328,7 @@ def _cli_status(options):
 
 
 def _error_text(exc):
+    # type: (Exception) -> str
     """An error as one line: the path first, then what is wrong with it."""
     text = str(exc)
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
@@ -4810,6 +5337,7 @@ def _error_text(exc):
 
 
 def _main(argv=None):
+    # type: (Optional[Sequence[str]]) -> int
     """python persist.py COMMAND: look after caches and done_dir() stages."""
     import argparse
     _load()

@@ -131,9 +131,12 @@ class Boom(Exception):
 
 class TestModule(unittest.TestCase):
     def test_all_is_the_public_names(self):
+        # TYPE_CHECKING (False) is the one other: type checkers know that name, not _TYPE_CHECKING;
+        # inspect is a module, None until memoize first needs it
         public = {name for name in vars(persist) if not name.startswith("_")
                   and not isinstance(getattr(persist, name), type(persist))}
-        self.assertEqual(set(persist.__all__), public)
+        self.assertEqual(set(persist.__all__), public - {"TYPE_CHECKING", "inspect"})
+        self.assertIs(persist.TYPE_CHECKING, False)
 
     def test_version_and_licence(self):
         self.assertEqual(persist.__version__, "0.1.0")
@@ -5744,6 +5747,215 @@ class TestInstallWithPip(TempDirTest):
         self.assertTrue(where.startswith(os.path.realpath(venv) + os.sep), where)
         self.assertEqual((computed, results), ("computed", "144 144 1"))
         self.assertTrue(os.path.exists(os.path.join(self.dir, "cache", "square.db")))
+        self.check_types_of_installed(python)
+
+    def check_types_of_installed(self, python):
+        """A single module cannot carry PEP 561's py.typed: mypy calls persist, installed,
+        untyped, unless told to read it (follow_untyped_imports, mypy 1.13 and newer, as the
+        README says); then its annotations are the types."""
+        if importlib.util.find_spec("mypy") is None:
+            return               # the rest of the test stands; TestTypeCheck says it skipped
+        (self.path / "user.py").write_text(textwrap.dedent("""\
+            import persist
+            @persist.memoize
+            def f(x: int) -> str:
+                return str(x)
+            reveal_type(f(1))
+            """))
+        command = [sys.executable, "-m", "mypy", "--python-executable", python, "--strict",
+                   "--cache-dir", os.path.join(self.dir, "mypy-cache"), "--no-error-summary",
+                   "user.py"]
+        env = dict(os.environ)
+        env.pop("MYPYPATH", None)
+        for config, found in (("[mypy]\n", "[import-untyped]"),
+                              ("[mypy]\n[mypy-persist]\nfollow_untyped_imports = True\n",
+                               'Revealed type is "builtins.str"')):
+            (self.path / "mypy.ini").write_text(config)
+            done = subprocess.run(command + ["--config-file", "mypy.ini"], cwd=self.dir, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  universal_newlines=True, timeout=600)
+            self.assertIn(found, done.stdout.replace('"str"', '"builtins.str"'),
+                          done.stderr)
+
+
+_TYPED_USER_FILE = """\
+import persist
+
+@persist.memoize
+def f(x: int) -> str:
+    return str(x)
+
+@persist.memoize(cache_dir="cache", version=2)
+def g(x: int, *, scale: float = 1.0) -> "list[float]":
+    return [x * scale]
+
+@persist.memoize
+async def fetch(x: int) -> bytes:
+    return b"%d" % x
+
+class Model:
+    @persist.memoize
+    def predict(self, x: int) -> float:
+        return 1.0
+
+async def main() -> None:
+    reveal_type(await fetch(1))                    # expect: bytes
+
+reveal_type(f(1))                                  # expect: str
+reveal_type(g(1, scale=2.0))                       # expect: list[float]
+reveal_type(Model().predict(1))                    # expect: float
+reveal_type(Model.predict(Model(), 1))             # expect: float
+reveal_type(f.cache_clear())                       # expect: None
+reveal_type(f.cache_delete(1))                     # expect: bool
+reveal_type(Model().predict.cache_delete(1))       # expect: bool
+reveal_type(f.cache_prune())                       # expect: int
+reveal_type(f.explain(1).hit)                      # expect: bool
+reveal_type(persist.map(f, [1, 2]))                # expect: list[str]
+with persist.open("shelf.db") as db:
+    reveal_type(db)                                # expect: _Shelf
+with persist.atomic_open("out.txt", "w") as text:
+    reveal_type(text)                              # expect: TextIOWrapper
+with persist.atomic_open("out.bin", "wb") as binary:
+    reveal_type(binary)                            # expect: BufferedWriter
+with persist.done_dir("stage") as stage:
+    reveal_type(stage)                             # expect: Path
+info = f.cache_info()
+failure = f.failures()[0]
+f("wrong")                                         # error: arg-type reportArgumentType
+g(1, scale="x")                                    # error: arg-type reportArgumentType
+Model().predict()                                  # error: call-arg reportCallIssue
+"""
+
+# The fields of the named tuples, as a type checker must see them (the run-time ones are
+# built by collections.namedtuple: the test reads their names from there).
+_TYPED_FIELDS = {
+    "info": {"hits": "int", "misses": "int", "entries": "int", "path": "str",
+             "unstored": "int", "failures": "int", "seconds": "float", "saved": "float"},
+    "failure": {"args": "str | None", "type": "str", "message": "str", "count": "int",
+                "first": "float", "last": "float", "seconds": "float | None",
+                "version": "str | None", "traceback": "str"},
+}
+
+
+def _plain_type(text):
+    """A revealed type as mypy 1 and 2 and pyright all say it: "Union[builtins.str, None]",
+    "str | None" -> "str | None"; "_io.TextIOWrapper[_io._WrappedBuffer]" -> "TextIOWrapper";
+    "List[str]" (typing's name, which pyright keeps) -> "list[str]"."""
+    text = re.sub(r"\b[A-Za-z_][\w]*\.", "", text)
+    text = re.sub(r"\b(List|Dict|Set|FrozenSet|Tuple)\[", lambda m: m.group(1).lower() + "[",
+                  text)
+    text = re.sub(r"^Union\[(.*)\]$", lambda m: " | ".join(m.group(1).split(", ")), text)
+    if text.startswith(("TextIOWrapper", "BufferedWriter")):
+        text = text.partition("[")[0]
+    return text
+
+
+class TestTypeCheck(TempDirTest):
+    """A type checker sees a memoized function's own signature and result, and the types
+    of the rest of the API: mypy (and pyright, where it is installed) reveal what the
+    user file above expects, and report exactly the errors it marks. mypy --strict passes
+    on persist.py itself. Skipped where the checker is not installed (.ci/run installs them
+    from .ci/requirements-types.txt into a virtual environment of their own)."""
+
+    def user_file(self):
+        lines = _TYPED_USER_FILE.splitlines()
+        for variable, fields in _TYPED_FIELDS.items():
+            names = {"info": persist._CacheInfo, "failure": persist._Failure}[variable]._fields
+            self.assertEqual(sorted(names), sorted(fields))     # none left untyped
+            for field in names:
+                lines.append("reveal_type(%s.%s)  # expect: %s"
+                             % (variable, field, fields[field]))
+        (self.path / "user.py").write_text("\n".join(lines) + "\n")
+        expected, errors = {}, {}
+        for number, line in enumerate(lines, 1):
+            if "# expect: " in line:
+                expected[number] = line.partition("# expect: ")[2]
+            elif "# error: " in line:
+                errors[number] = line.partition("# error: ")[2].split()
+        return expected, errors
+
+    def mypy(self, *args):
+        if importlib.util.find_spec("mypy") is None:
+            self.skipTest("mypy is not installed in this interpreter (.ci/run installs it "
+                          "from .ci/requirements-types.txt)")
+        (self.path / "mypy.ini").write_text("[mypy]\n")     # not the user's own settings
+        return subprocess.run(
+            [sys.executable, "-m", "mypy", "--config-file", "mypy.ini", "--cache-dir",
+             os.path.join(self.dir, "mypy-cache"), "--strict", "--show-error-codes",
+             "--no-error-summary", "--no-pretty"] + list(args),
+            cwd=self.dir, env=child_env(MYPYPATH=HERE), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True, timeout=600)
+
+    def check_output(self, found, expected, errors, tool):
+        self.assertEqual(found["revealed"], {number: kind for number, kind in expected.items()},
+                         "%s revealed other types:\n%s" % (tool, found["output"]))
+        self.assertEqual(sorted(found["errors"]), sorted(errors),
+                         "%s reported other errors:\n%s" % (tool, found["output"]))
+        for number, code in found["errors"].items():
+            self.assertIn(code, errors[number], found["output"])
+
+    def test_mypy_reveals_the_types_of_the_user_file(self):
+        expected, errors = self.user_file()
+        done = self.mypy("user.py")
+        revealed, found = {}, {}
+        for line in done.stdout.splitlines():
+            match = re.match(r"user\.py:(\d+): (note|error): (.*)", line)
+            if match is None:
+                continue
+            number, kind, text = int(match.group(1)), match.group(2), match.group(3)
+            if kind == "note" and text.startswith("Revealed type is "):
+                revealed[number] = _plain_type(text[len('Revealed type is "'):-1])
+            elif kind == "error":
+                found[number] = re.search(r"\[([\w-]+)\]$", text).group(1)
+        self.assertEqual(done.returncode, 1, done.stdout + done.stderr)   # the errors marked
+        self.assertFalse([line for line in done.stdout.splitlines()
+                          if not line.startswith("user.py:")], done.stdout)
+        self.check_output({"revealed": revealed, "errors": found, "output": done.stdout},
+                          expected, errors, "mypy")
+        self.assertEqual(os.listdir(self.dir).count(".mypy_cache"), 0)
+
+    def test_mypy_strict_passes_on_persist_itself(self):
+        done = self.mypy(os.path.join(HERE, "persist.py"))
+        self.assertEqual((done.returncode, done.stdout), (0, ""), done.stderr)
+        # the oldest Python this mypy can check for: 3.8 where it still can (mypy 1.x)
+        done = self.mypy("--python-version", "3.8", os.path.join(HERE, "persist.py"))
+        oldest = re.search(r"must be (3\.\d+) or higher", done.stderr)
+        if oldest:
+            done = self.mypy("--python-version", oldest.group(1),
+                             os.path.join(HERE, "persist.py"))
+        self.assertEqual((done.returncode, done.stdout), (0, ""), done.stderr)
+
+    def test_pyright_reveals_the_types_of_the_user_file(self):
+        if importlib.util.find_spec("pyright") is None:
+            self.skipTest("pyright is not installed in this interpreter (.ci/run installs it "
+                          "from .ci/requirements-types.txt)")
+        command = [sys.executable, "-m", "pyright"]
+        # The PyPI package runs pyright's npm package with node, fetching it on first use.
+        ready = subprocess.run(command + ["--version"], cwd=self.dir, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, universal_newlines=True,
+                               timeout=600)
+        if ready.returncode != 0:
+            self.skipTest("pyright cannot run here (it needs node and its npm package): "
+                          + ready.stdout[-300:])
+        expected, errors = self.user_file()
+        (self.path / "pyrightconfig.json").write_text(json.dumps(
+            {"extraPaths": [HERE], "pythonVersion": "%d.%d" % sys.version_info[:2]}))
+        done = subprocess.run(command + ["--outputjson", "user.py"], cwd=self.dir,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=600)
+        report = json.loads(done.stdout)
+        revealed, found = {}, {}
+        for diagnostic in report["generalDiagnostics"]:
+            number = diagnostic["range"]["start"]["line"] + 1
+            message = diagnostic["message"]
+            if diagnostic["severity"] == "information":
+                match = re.match(r'Type of ".*" is "(.*)"$', message, re.S)
+                revealed[number] = _plain_type(match.group(1))
+            elif diagnostic["severity"] == "error":
+                self.assertTrue(diagnostic["file"].endswith("user.py"), diagnostic)
+                found[number] = diagnostic.get("rule", "")
+        self.check_output({"revealed": revealed, "errors": found, "output": done.stdout},
+                          expected, errors, "pyright")
 
 
 class TestReadme(TempDirTest):
