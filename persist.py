@@ -4118,76 +4118,130 @@ class _Run:
                 if now >= run.tick:
                     run.update(now)
 
-    def parallel(self, executor, width, keep_going, portable, pool=None, stop=None):
-        # type: (Executor, int, bool, bool, Optional[ProcessPoolExecutor], Optional[_Event]) -> None
+    def parallel(self, executor, width, keep_going, portable, pool=None, stop=None,
+                 restart=None):
+        # type: (Executor, int, bool, bool, Optional[ProcessPoolExecutor], Optional[_Event], Optional[Callable[[], ProcessPoolExecutor]]) -> None
         """Run the items on executor in batches sized to take about _BATCH_SECONDS each (one
         item at first; quick items travel many to a message), with at most two batches per
         worker waiting, so that a million items are not a million futures. pool: our own, to
         stop on Ctrl-C; stop: an Event for _run, passed with each batch (threads) or held by
-        each worker (pool)."""
+        each worker (pool).
+
+        restart: makes a new pool of our own when a worker died (a crash in C code, killed,
+        out of memory), which takes every batch then in flight with it. Those items run again
+        one at a time, each alone in the pool, so that one that kills its worker again is
+        known: it fails with BrokenProcessPool, and the run goes on past it.
+        """
         import concurrent.futures
         wait, first = concurrent.futures.wait, concurrent.futures.FIRST_COMPLETED
         window = 2 * width if keep_going else width
         # each future: the indexes of its batch
         pending: "Dict[concurrent.futures.Future[Tuple[List[_Outcome], float]], List[int]]" = {}
         todo = iter(range(len(self.items)))
-        alone: "Deque[int]" = collections.deque()   # one at a time (see below)
+        alone: "Deque[int]" = collections.deque()      # one a batch (see below)
+        suspects: "Deque[int]" = collections.deque()   # in flight when a worker died
+        suspect: "Optional[Tuple[int, float]]" = None  # (index, start) of the one running
         size, left = 1, len(self.items)
         error: "Optional[Exception]" = None   # keep_going=False: the first failure
 
-        def submit(count):
-            # type: (int) -> None
-            nonlocal left
-            for _ in range(count):
-                batch = [alone.popleft()] if alone else list(itertools.islice(todo, size))
+        idle = False            # the pool died with nothing in flight: a worker killed idle
+
+        def submit():
+            # type: () -> None
+            nonlocal left, suspect, idle
+            while len(pending) < window:
+                if suspects:
+                    if pending:           # a suspect runs alone, and only then
+                        return
+                    batch = [suspects.popleft()]
+                    suspect = (batch[0], time.perf_counter())
+                else:
+                    batch = [alone.popleft()] if alone else list(itertools.islice(todo, size))
                 if not batch:
                     return
+                try:
+                    future = executor.submit(_run, self.func, [self.items[i] for i in batch],
+                                             portable, stop)
+                except concurrent.futures.BrokenExecutor as exc:
+                    if restart is None:
+                        raise self.pool_died() from exc
+                    # not started: it goes first into the next pool (which the failure of
+                    # what is in flight, if anything is, makes)
+                    (suspects if suspect is not None else alone).extendleft(reversed(batch))
+                    suspect = None
+                    idle = not pending
+                    return
                 left -= len(batch)
-                future = executor.submit(_run, self.func, [self.items[i] for i in batch],
-                                         portable, stop)
                 pending[future] = batch
 
+        def take(batch, outcomes, seconds):
+            # type: (List[int], List[_Outcome], float) -> None
+            nonlocal size, error
+            for index, (ok, value, extra) in zip(batch, outcomes):
+                if ok:
+                    self.succeeded(index, value, extra)
+                elif ok is False:
+                    if extra is not None:
+                        value.__cause__ = _WorkerTraceback(extra)
+                    self.failed(index, value)
+                    if not keep_going and error is None:
+                        error = value
+            if seconds > 0:
+                size = max(1, min(int(_BATCH_SECONDS * len(outcomes) / seconds),
+                                  left // (2 * width) or 1, _BATCH_LIMIT))
+
         try:
-            submit(window)
-            while pending:
+            submit()
+            while pending or idle:
+                if idle:
+                    assert restart is not None and pool is not None
+                    idle = False
+                    _stop_workers(pool)
+                    pool = executor = restart()
+                    submit()
+                    continue
                 finished, _ = wait(pending, _PROGRESS_EVERY, first)
+                lost: "List[int]" = []         # items of batches a dead worker took along
                 for future in finished:
                     batch = pending.pop(future)
                     try:
                         outcomes, seconds = future.result()
                     except concurrent.futures.BrokenExecutor as exc:
-                        # a worker died (killed, out of memory, a crash in C): not these
-                        # items' failure to record, and the pool can run nothing more
-                        raise RuntimeError(
-                            "persist.map: a worker process died (killed, out of memory, or a "
-                            "crash in C code), and the pool can run no more items; the %d "
-                            "results finished before are kept (a memoized function's are "
-                            "stored): run again to compute the rest"
-                            % (self.reused + self.computed)) from exc
+                        if restart is None:
+                            raise self.pool_died() from exc
+                        lost += batch
+                        continue
                     except Exception as exc:
                         if len(batch) > 1:      # a result that could not travel: find it
                             alone.extend(batch)
                             left += len(batch)
                             continue
                         outcomes, seconds = [(False, exc, None)], 0.0
-                    for index, (ok, value, extra) in zip(batch, outcomes):
-                        if ok:
-                            self.succeeded(index, value, extra)
-                        elif ok is False:
-                            if extra is not None:
-                                value.__cause__ = _WorkerTraceback(extra)
-                            self.failed(index, value)
-                            if not keep_going and error is None:
-                                error = value
-                    if seconds > 0:
-                        size = max(1, min(int(_BATCH_SECONDS * len(outcomes) / seconds),
-                                          left // (2 * width) or 1, _BATCH_LIMIT))
+                    take(batch, outcomes, seconds)
+                if lost:
+                    assert restart is not None and pool is not None
+                    lost += [index for batch in pending.values() for index in batch]
+                    pending.clear()              # each failed with the pool, or will
+                    lost.sort()
+                    left += len(lost)
+                    _stop_workers(pool)
+                    if suspect is not None and lost == [suspect[0]]:   # it ran alone: it
+                        left -= 1
+                        crash = self.worker_died(suspect[0], suspect[1])
+                        if not keep_going and error is None:
+                            error = crash
+                    else:
+                        suspects.extendleft(reversed(lost))
+                    pool = executor = restart()
+                if suspect is not None and suspect[0] not in \
+                        {index for batch in pending.values() for index in batch}:
+                    suspect = None
                 if error is not None:
                     for other in list(pending):     # what has not started never will
                         if other.cancel():
                             del pending[other]
                 else:
-                    submit(len(finished))
+                    submit()
                 if self.tick is not None:
                     now = time.perf_counter()
                     if now >= self.tick:
@@ -4198,8 +4252,39 @@ class _Run:
             if pool is not None:
                 _stop_workers(pool)
             raise
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)    # after _stop_workers() too: it does nothing then
         if error is not None:
             raise error
+
+    def pool_died(self):
+        # type: () -> RuntimeError
+        """The error when a worker of a pool not ours died: it can run nothing more, and
+        persist.map cannot replace it."""
+        return RuntimeError("persist.map: a worker process died (killed, out of memory, or a "
+                            "crash in C code), and the executor can run no more items; the "
+                            "%d results finished before are kept (a memoized function's are "
+                            "stored): run again to compute the rest, or use workers=, whose "
+                            "pool persist.map replaces" % (self.reused + self.computed))
+
+    def worker_died(self, index, start):
+        # type: (int, float) -> Exception
+        """Record that the worker running the item at index alone died: a failure of that
+        item (in the ledger too, for a memoized func), as BrokenProcessPool."""
+        from concurrent.futures.process import BrokenProcessPool
+        exc = BrokenProcessPool("the worker process died while it ran this item, alone "
+                                "(killed, out of memory, or a crash in C code)")
+        self.failed(index, exc)
+        if self.found is not None:
+            handle, args, kwargs = self.found
+            # best effort: the item failed whether or not the ledger can take it
+            with contextlib.suppress(Exception):
+                call = (args + (self.items[index],), kwargs)
+                key = handle._key_of(*call)
+                handle._memo.open()               # the workers used it; maybe not this process
+                handle._memo.fail(key, call, exc, time.perf_counter() - start)
+        return exc
 
     def summary(self):
         # type: () -> str
@@ -4804,6 +4889,8 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
     map under if __name__ == "__main__" in a script). executor= takes any
     concurrent.futures.Executor instead (a thread pool, or Dask's client.get_executor()).
     Ctrl-C stops persist.map's own workers at once; whatever finished before stays stored.
+    An item that kills its worker fails with BrokenProcessPool: persist.map replaces its own
+    pool and goes on (an executor= it cannot replace: RuntimeError).
 
     progress: None shows a line on stderr that updates in place, when stderr is a terminal
     and the run takes more than about two seconds; True shows it from the start, wherever
@@ -4852,12 +4939,15 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
             import multiprocessing
             context = multiprocessing.get_context()
             stop = None if keep_going else context.Event()
-            pool = concurrent.futures.ProcessPoolExecutor(
-                workers, context, initializer=_worker_start, initargs=(stop,))
-            try:
-                run.parallel(pool, workers, keep_going, True, pool)
-            finally:
-                pool.shutdown(wait=True)    # after _stop_workers() too: it does nothing then
+
+            def new_pool():
+                # type: () -> ProcessPoolExecutor
+                if stop is not None:   # set by a failure whose batch a dead worker took along:
+                    stop.clear()       # its items run again, and it is raised then
+                return concurrent.futures.ProcessPoolExecutor(
+                    workers, context, initializer=_worker_start, initargs=(stop,))
+            pool = new_pool()
+            run.parallel(pool, workers, keep_going, True, pool, None, new_pool)
         else:
             run.serial(keep_going)
     finally:

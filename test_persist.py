@@ -1772,27 +1772,64 @@ class TestKeysOfWhatHidesItsState(MemoTest):
 
 @unittest.skipUnless(POSIX, "SIGKILL")
 class TestMapWorkerKilled(TempDirTest):
-    def test_a_dead_worker_gets_a_clear_error_and_finished_results_stay(self):
+    """An item that kills its worker (a crash in C code, the out-of-memory killer): with
+    workers=, persist.map replaces the pool, finds the item by running what was in flight
+    again one at a time, records it as failed, and goes on past it."""
+
+    def run_job(self, body):
         script = self.path / "job.py"
         script.write_text(textwrap.dedent("""
-            import os, signal, sys, persist
+            import concurrent.futures, os, signal, sys, persist
             @persist.memoize(cache_dir=sys.argv[1])
             def work(x):
-                if x == 5:
-                    os.kill(os.getpid(), signal.SIGKILL)     # out of memory, say
+                if x in (5, 77):
+                    os.kill(os.getpid(), signal.SIGKILL)     # a crash in C, say
+                if x == 9:
+                    raise ValueError("bad record %d" % x)
                 return x * 2
             if __name__ == "__main__":
-                try:
-                    persist.map(work, range(12), workers=2, progress=False)
-                except RuntimeError as exc:
-                    print(exc)
-                print(work.cache_info().entries > 0)
-        """))
+        """) + textwrap.indent(textwrap.dedent(body), "    "))
         done = run_command([str(script), self.dir], timeout=120)
         self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertIn("a worker process died", done.stdout)
-        self.assertIn("run again", done.stdout)
-        self.assertTrue(done.stdout.endswith("True\n"))
+        return done.stdout
+
+    def test_keeps_going_past_items_that_kill_their_worker(self):
+        out = self.run_job("""
+            for run in range(2):
+                try:
+                    persist.map(work, range(300), workers=2, progress=False)
+                except persist.Failures as exc:
+                    print([(item, type(error).__name__) for item, error in exc.failures])
+                    print(sum(not isinstance(r, Exception) for r in exc.results))
+                print(sorted(failure.args for failure in work.failures()),
+                      work.cache_info().entries)
+        """)
+        first = ["[(5, 'BrokenProcessPool'), (9, 'ValueError'), (77, 'BrokenProcessPool')]",
+                 "297", "['(5)', '(77)', '(9)'] 297"]
+        self.assertEqual(out.splitlines(), first * 2)      # the rerun: only those three again
+
+    def test_keep_going_false_raises_it(self):
+        out = self.run_job("""
+            try:
+                persist.map(work, [1, 2, 3, 4, 5], workers=2, keep_going=False,
+                            progress=False)
+            except Exception as exc:
+                print(type(exc).__name__, "died" in str(exc))
+        """)
+        self.assertEqual(out, "BrokenProcessPool True\n")
+
+    def test_an_executor_not_persists_gets_a_clear_error(self):
+        out = self.run_job("""
+            with concurrent.futures.ProcessPoolExecutor(2) as pool:
+                try:
+                    persist.map(work, range(12), executor=pool, progress=False)
+                except RuntimeError as exc:
+                    print(exc)
+            print(work.cache_info().entries > 0)
+        """)
+        self.assertIn("a worker process died", out)
+        self.assertIn("run again", out)
+        self.assertTrue(out.endswith("True\n"))
 
 
 class TestVersionSwitch(MemoTest):
