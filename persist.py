@@ -4174,10 +4174,18 @@ class _Run:
                 left -= len(batch)
                 pending[future] = batch
 
+        # the calls of a memoized func in other processes count in its cache_info() here too
+        memo = self.found[0]._memo if self.found is not None and portable else None
+
         def take(batch, outcomes, seconds):
             # type: (List[int], List[_Outcome], float) -> None
             nonlocal size, error
             for index, (ok, value, extra) in zip(batch, outcomes):
+                if memo is not None and ok is not None:
+                    if ok and extra:
+                        memo.hits += 1
+                    else:
+                        memo.misses += 1
                 if ok:
                     self.succeeded(index, value, extra)
                 elif ok is False:
