@@ -267,7 +267,7 @@ def _fsync_dir(directory):
             os.close(fd)
 
 
-_UNFINISHED = {}     # _create_temp()'s files not yet renamed or removed: name -> (pid, dev, ino)
+_UNFINISHED = {}     # _create_temp()'s files not yet renamed or removed: name -> (pid, dev, ino, fd)
 
 
 def _create_temp(target, shown):
@@ -287,7 +287,7 @@ def _create_temp(target, shown):
         try:
             opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask
             info = os.fstat(opened[0])
-            _UNFINISHED[temp] = (os.getpid(), info.st_dev, info.st_ino)
+            _UNFINISHED[temp] = (os.getpid(), info.st_dev, info.st_ino, opened[0])
         except FileExistsError:
             continue
         except FileNotFoundError:
@@ -314,7 +314,7 @@ def _remove_unfinished():
     (after fork), nor a new file under a name that ours was renamed from.
     """
     pid = os.getpid()
-    for name, (owner, device, inode) in list(_UNFINISHED.items()):
+    for name, (owner, device, inode, _) in list(_UNFINISHED.items()):
         if owner == pid:
             # best effort: at exit, whatever stops this stops nothing else
             with contextlib.suppress(OSError):
@@ -323,7 +323,28 @@ def _remove_unfinished():
                     os.unlink(name)
 
 
+def _silence_unfinished():
+    """In a child just forked: point the descriptors of the parent's unfinished files at devnull.
+
+    The child has a copy of each one's unflushed buffer, and whatever flushes it must not write
+    it into the parent's file a second time: leaving the block, or the exit of the interpreter,
+    which on PyPy flushes every open file, even one that another thread of the parent had open
+    in its block (that thread is not in the child, and never leaves it).
+    """
+    for _, device, inode, fd in list(_UNFINISHED.values()):
+        try:
+            info = os.fstat(fd)
+        except OSError:                    # closed already: nothing to flush through it
+            continue
+        if (info.st_dev, info.st_ino) == (device, inode):     # not a number used again since
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd, inheritable=False)
+            os.close(null)
+
+
 atexit.register(_remove_unfinished)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_silence_unfinished)
 
 
 def _mode(mode, encoding, errors, newline):
@@ -450,15 +471,9 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
                      newline=newline) as file:
             if old is not None and stat.S_ISREG(old.st_mode):
                 _keep_owner_and_mode(fd, temp, old)
-            try:
-                yield file
-            finally:
-                if os.getpid() != owner:
-                    # A child forked in the block: what it flushes (its copy of the parent's
-                    # buffer too) must not reach the parent's file, nor may it commit or remove it.
-                    null = os.open(os.devnull, os.O_WRONLY)
-                    os.dup2(null, fd)
-                    os.close(null)
+            yield file
+            # A child forked in the block (its descriptor now devnull's: see
+            # _silence_unfinished) may not commit or remove its parent's file.
             if os.getpid() != owner:
                 raise RuntimeError("atomic_open(%r): this process was forked inside the block, "
                                    "and the file is its parent's to finish: write it in the "

@@ -710,6 +710,39 @@ class TestForkedInsideABlock(TempDirTest):
         self.assertEqual(out, "False 2\nTrue\n")
 
 
+@unittest.skipUnless(hasattr(os, "fork"), "fork")
+class TestForkedWhileAnotherThreadIsInABlock(TempDirTest):
+    """One thread is in an atomic_open() block, its text still in the buffer, when another
+    forks; the child exits normally. The writing thread is not in the child and never leaves
+    the block there, but PyPy flushes every open file at exit: the parent's file must not get
+    the child's copy of the buffer too."""
+
+    def test_child_exit_adds_nothing_to_the_parents_file(self):
+        out = run_python("""
+            import os, sys, threading, persist
+            target = os.path.join(%r, "out")
+            inside, finish = threading.Event(), threading.Event()
+            def write():
+                with persist.atomic_open(target) as file:
+                    file.write("parent's")
+                    inside.set()
+                    finish.wait()
+            writer = threading.Thread(target=write)
+            writer.start()
+            inside.wait()
+            pid = os.fork()
+            if pid == 0:
+                sys.exit(0)                  # a normal exit: files are flushed
+            _, status = os.waitpid(pid, 0)
+            finish.set()
+            writer.join()
+            with open(target) as file:
+                print(file.read(), status >> 8)
+        """ % self.dir)
+        self.assertEqual(out, "parent's 0\n")
+        self.assertNoTemp()
+
+
 class TestAtomicExclusive(TempDirTest):
     def test_existing_target_fails_before_block(self):
         target = self.path / "out"
