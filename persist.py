@@ -851,14 +851,17 @@ def _sqlite_error(exc, path):
 
 
 def _transaction(conn, work, args):
-    conn.execute("BEGIN IMMEDIATE")
     try:
+        # BEGIN inside the try: a Ctrl-C raised as it returns would leave the write lock
+        # held until this connection's next use, and every other writer waiting for it
+        conn.execute("BEGIN IMMEDIATE")
         result = work(conn, *args)
         conn.execute("COMMIT")
     except BaseException:
         # best effort: the error that got us here matters more than one from the rollback
         with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:       # not if BEGIN failed, nor if COMMIT succeeded
+                conn.execute("ROLLBACK")
         raise
     return result
 

@@ -3738,6 +3738,49 @@ class TestInterruptAtEachCall(TempDirTest):
         self.assertEqual(out, "True\n")
 
 
+class TestInterruptAsATransactionBegins(TempDirTest):
+    """Ctrl-C raised as BEGIN IMMEDIATE returns, while persist.open() stores a value; the
+    shelf is then left alone, as at a prompt after Ctrl-C. Every other writer (another
+    process, or this one through another shelf) can write at once: a write lock left held
+    would make each of them wait out its busy timeout, ten minutes."""
+
+    def test_no_write_lock_outlives_the_interrupt(self):
+        out = run_python("""
+            import linecache, os, sqlite3, sys, persist
+            path = os.path.join(%r, "shelf")
+            began = []
+            def tracer(frame, event, arg):
+                if frame.f_code.co_filename != persist.__file__:
+                    return None
+                if event == "line" and began and not began[-1]:
+                    began[-1] = True
+                    raise KeyboardInterrupt       # the first line after BEGIN returned
+                if event == "line" and "BEGIN IMMEDIATE" in linecache.getline(
+                        frame.f_code.co_filename, frame.f_lineno):
+                    began.append(False)
+                return tracer
+            with persist.open(path) as shelf:
+                shelf["old"] = 1
+                sys.settrace(tracer)
+                try:
+                    shelf["new"] = 2
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.settrace(None)
+                other = sqlite3.connect(path, timeout=0, isolation_level=None)
+                try:
+                    other.execute("BEGIN IMMEDIATE")
+                    other.execute("ROLLBACK")
+                    print(began, "free")
+                except sqlite3.OperationalError as exc:
+                    print(began, exc)
+                finally:
+                    other.close()
+        """ % self.dir)
+        self.assertEqual(out, "[True] free\n")
+
+
 @unittest.skipUnless(hasattr(signal, "setitimer"), "setitimer")
 class TestInterrupts(TempDirTest):
     def test_keyboard_interrupt_anywhere_leaves_no_lock_held(self):
