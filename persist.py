@@ -260,11 +260,13 @@ def _fsync_dir(directory):
         return
     # best effort: some network and FUSE filesystems refuse to fsync a directory (EINVAL)
     with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        opened = []           # by list.extend(), as in _create_temp(): no Ctrl-C leaks it
         try:
-            _fsync(fd)
+            opened.extend(builtins.map(os.open, (directory,), (os.O_RDONLY | os.O_DIRECTORY,)))
+            _fsync(opened[0])
         finally:
-            os.close(fd)
+            if opened:
+                os.close(opened[0])
 
 
 _UNFINISHED = {}     # _create_temp()'s files not yet renamed or removed: name -> (pid, dev, ino, fd)
@@ -3718,11 +3720,14 @@ def _start_writeback(name, dir_fd):
     # pages already on disk leave the page cache (os has no sync_file_range(), which would
     # start the writes and do only that).
     with contextlib.suppress(OSError):
-        fd = os.open(name, _O_SYNC_FILE, dir_fd=dir_fd)
+        opened = []                        # by list.extend(), as in _create_temp()
         try:
-            os.posix_fadvise(fd, 0, 0, _START_WRITEBACK)
+            opened.extend(builtins.map(functools.partial(os.open, dir_fd=dir_fd), (name,),
+                                       (_O_SYNC_FILE,)))
+            os.posix_fadvise(opened[0], 0, 0, _START_WRITEBACK)
         finally:
-            os.close(fd)
+            if opened:
+                os.close(opened[0])
 
 
 def _sync_file(name, dir_fd):
@@ -3732,17 +3737,20 @@ def _sync_file(name, dir_fd):
     the file is not durable, and is raised as _NotDurable. Plain fsync, even on macOS: one
     F_FULLFSYNC afterwards, on the marker, empties the drive's cache of every file at once.
     """
-    fd = os.open(name, _O_SYNC_FILE, dir_fd=dir_fd)
+    opened = []                            # by list.extend(), as in _create_temp()
     try:
-        info = os.fstat(fd)
+        opened.extend(builtins.map(functools.partial(os.open, dir_fd=dir_fd), (name,),
+                                   (_O_SYNC_FILE,)))
+        info = os.fstat(opened[0])
         if stat.S_ISREG(info.st_mode):     # a FIFO swapped in meanwhile is only counted
             try:
-                os.fsync(fd)
+                os.fsync(opened[0])
             except OSError as exc:
                 raise _NotDurable(exc.errno, exc.strerror, name) from None
         return info.st_size
     finally:
-        os.close(fd)
+        if opened:
+            os.close(opened[0])
 
 
 def _sync_files(names, dir_fd):
@@ -3813,10 +3821,12 @@ def _sync_tree(folder, skip=None, dir_fd=None):
     """
     files = size = unsynced = 0
     regular = []                           # this directory's files, synced after the loop
-    fd = None
-    if _SCANDIR_FD:
-        fd = os.open(folder, _O_SUBDIR if dir_fd is not None else os.O_RDONLY, dir_fd=dir_fd)
+    opened = []                            # by list.extend(), as in _create_temp()
     try:
+        if _SCANDIR_FD:
+            opened.extend(builtins.map(functools.partial(os.open, dir_fd=dir_fd), (folder,),
+                                       (_O_SUBDIR if dir_fd is not None else os.O_RDONLY,)))
+        fd = opened[0] if opened else None
         with os.scandir(folder if fd is None else fd) as entries:
             for entry in entries:
                 name = entry.path if fd is None else entry.name
@@ -3842,8 +3852,8 @@ def _sync_tree(folder, skip=None, dir_fd=None):
             with contextlib.suppress(OSError):
                 os.fsync(fd)
     finally:
-        if fd is not None:
-            os.close(fd)
+        if opened:
+            os.close(opened[0])
     return files, size, unsynced
 
 
@@ -3867,16 +3877,26 @@ def _dir_lock(directory):
     if _fcntl is None:
         yield
         return
-    fd = os.open(directory, os.O_RDONLY)
+    opened = []               # by list.extend(), as in _create_temp(): no Ctrl-C leaks it
     try:
-        try:
-            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PersistError(errno.EBUSY, _BUSY_DIR,
-                               os.fspath(directory)) from None
+        opened.extend(builtins.map(os.open, (directory,), (os.O_RDONLY,)))
+        for retry in (True, False):
+            try:
+                _fcntl.flock(opened[0], _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not retry:
+                    raise PersistError(errno.EBUSY, _BUSY_DIR,
+                                       os.fspath(directory)) from None
+            # A Ctrl-C raised as a with statement entered or left a done_dir() of this
+            # process leaves its generator waiting at its yield, the lock held, until it is
+            # finalized: at once on CPython, at the next collection on PyPy.
+            import gc
+            gc.collect()
         yield
     finally:
-        os.close(fd)
+        if opened:
+            os.close(opened[0])
 
 
 def _empty(directory):

@@ -654,6 +654,91 @@ class TestAtomicInterruptedAtEachStep(TempDirTest):
 
 
 
+class TestDoneDirInterruptedAsItsBlockEnds(TempDirTest):
+    """Ctrl-C raised as the with statement calls done_dir()'s __exit__, before it runs: the
+    stage is abandoned, and doing it again in this process works at once. On PyPy the
+    abandoned generator, and the lock it holds, waited for the next garbage collection."""
+
+    def test_the_stage_can_be_done_again(self):
+        out = run_python("""
+            import contextlib, os, sys, persist
+            stage = os.path.join(%r, "stage")
+            def tracer(frame, event, arg):
+                if event == "call" and frame.f_code.co_filename == contextlib.__file__ \\
+                        and frame.f_code.co_name == "__exit__":
+                    raise KeyboardInterrupt
+                return None
+            try:
+                with persist.done_dir(stage):
+                    sys.settrace(tracer)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            print(persist.is_done(stage))
+            with persist.done_dir(stage):
+                pass
+            print(persist.is_done(stage))
+        """ % self.dir)
+        self.assertEqual(out, "False\nTrue\n")
+
+
+@unittest.skipUnless(os.path.isdir("/proc/self/fd"), "/proc/self/fd lists open descriptors")
+class TestInterruptAsADescriptorOpens(TempDirTest):
+    """Ctrl-C raised as each os.open() in turn returns, while done_dir() starts and finishes
+    a stage (its lock, the fsync of each file and directory) and atomic_write() writes: the
+    process has no more descriptors open than before. Each one lost so stayed open for good,
+    where a signal lands now and then (some in a hundred stages, with SIGALRM)."""
+
+    def test_no_descriptor_left_open(self):
+        out = run_python("""
+            import gc, linecache, os, sys, persist
+            stage, target = os.path.join(%r, "stage"), os.path.join(%r, "out")
+            opens = [0, 0]
+            def tracer(frame, event, arg):
+                if frame.f_code.co_filename != persist.__file__:
+                    return None
+                if event == "line" and "os.open" in linecache.getline(
+                        persist.__file__, frame.f_lineno):
+                    opens[0] += 1
+                    if opens[0] == opens[1]:
+                        return opening
+                return tracer
+            def opening(frame, event, arg):
+                if event == "line":
+                    raise KeyboardInterrupt       # the line after os.open() returned
+                return opening
+            def stage_done():
+                with persist.done_dir(stage) as where:
+                    with open(os.path.join(where, "part"), "w") as file:
+                        file.write("data")
+            def write():
+                persist.atomic_write(target, "data")
+            before = set(os.listdir("/proc/self/fd"))
+            leaked, interrupted = [], 0
+            for step in (stage_done, write):
+                for n in range(1, 100):
+                    opens[:] = [0, n]
+                    sys.settrace(tracer)
+                    try:
+                        step()
+                    except KeyboardInterrupt:
+                        interrupted += 1
+                    finally:
+                        sys.settrace(None)
+                    gc.collect()
+                    now = set(os.listdir("/proc/self/fd"))
+                    if now - before:
+                        leaked.append((step.__name__, n))
+                        before = now
+                    if opens[0] < n:
+                        break
+            print(leaked, interrupted > 5)
+        """ % (self.dir, self.dir))
+        self.assertEqual(out, "[] True\n")
+        self.assertNoTemp()
+
+
 @unittest.skipUnless(hasattr(os, "fork"), "fork")
 class TestForkedInsideABlock(TempDirTest):
     """A child forked inside an atomic_open() block, its copy of the parent's unflushed
