@@ -812,6 +812,16 @@ class _Connection:
             _CONNECTIONS.discard(self)
             self._close_conn()
 
+    def __del__(self):
+        # A memoized function or shelf that is garbage itself: on PyPy its sqlite3
+        # connection is never closed (its finalizer gives up while statements are not
+        # finalized), its descriptors stay open, and exit leaves the -wal and -shm files.
+        # None after fork() in a child: the connection is its parent's (_ABANDONED).
+        try:
+            self._close_conn()
+        except Exception:                  # best effort: at exit, modules may be gone
+            pass
+
 
 def _to_wal(conn, timeout):
     """PRAGMA journal_mode=WAL: the first process to open a new cache converts it. Two that

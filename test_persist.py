@@ -3784,6 +3784,26 @@ class TestFork(TempDirTest):
         self.assertEqual(on_disk, named)
 
 
+class TestMemoizedFunctionCollected(TempDirTest):
+    """A memoized function defined anew in a loop (or in a notebook's cell run again), each
+    one then garbage: the process leaves no -wal or -shm file at exit. On PyPy the sqlite3
+    connection of a collected function was never closed, and both files stayed."""
+
+    def test_no_log_left_at_exit(self):
+        run_python("""
+            import gc, persist
+            for n in range(5):
+                @persist.memoize(cache_dir=%r, name="f")
+                def f(x):
+                    return x * 2
+                f(n)
+            del f
+            for _ in range(3):
+                gc.collect()
+        """ % self.dir)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["f.db"])
+
+
 @unittest.skipUnless(hasattr(signal, "alarm"), "signal.alarm")
 class TestInterruptAtEachCall(TempDirTest):
     """Ctrl-C raised at each function call in turn inside persist (and, on PyPy, inside its
