@@ -480,6 +480,10 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
                 raise RuntimeError("atomic_open(%r): this process was forked inside the block, "
                                    "and the file is its parent's to finish: write it in the "
                                    "parent, or open it anew in the child" % (path,))
+            # The except below removes it from here on. Taken off before the rename: one a
+            # Ctrl-C left listed after it would name, at exit, whatever file has that name
+            # then and the inode ours had (the target's, or one made anew on it).
+            _UNFINISHED.pop(temp, None)
             file.flush()
             if sync:
                 _fsync(fd)
@@ -498,7 +502,6 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
                 os.unlink(temp)
             _UNFINISHED.pop(temp, None)
         raise
-    _UNFINISHED.pop(temp, None)
     if sync:
         _fsync_dir(os.path.dirname(target))
 

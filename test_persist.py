@@ -739,6 +739,40 @@ class TestInterruptAsADescriptorOpens(TempDirTest):
         self.assertNoTemp()
 
 
+class TestInterruptAfterTheCommit(TempDirTest):
+    """Ctrl-C raised just after atomic_write() renamed its temporary file onto the target;
+    then another program links the target under that temporary name. The exit removes
+    nothing: the name is not a file of ours any more, though its inode is the same."""
+
+    def test_exit_removes_no_file_made_later_under_the_name(self):
+        out = run_python("""
+            import linecache, os, sys, persist
+            target = os.path.join(%r, "out")
+            temps = []
+            def tracer(frame, event, arg):
+                if frame.f_code.co_filename != persist.__file__:
+                    return None
+                if event == "line" and "temp" in frame.f_locals and not temps:
+                    temp = frame.f_locals["temp"]
+                    if isinstance(temp, str) and os.path.exists(temp) is False \\
+                            and os.path.exists(target):
+                        temps.append(temp)        # renamed already: interrupt here
+                        raise KeyboardInterrupt
+                return tracer
+            sys.settrace(tracer)
+            try:
+                persist.atomic_write(target, "new")
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            os.link(target, temps[0])             # another program's name for the file
+            print(len(temps), open(target).read())
+        """ % self.dir)
+        self.assertEqual(out, "1 new\n")
+        self.assertEqual(len(os.listdir(self.dir)), 2)
+
+
 @unittest.skipUnless(hasattr(os, "fork"), "fork")
 class TestForkedInsideABlock(TempDirTest):
     """A child forked inside an atomic_open() block, its copy of the parent's unflushed
