@@ -269,7 +269,7 @@ def _fsync_dir(directory):
                 os.close(opened[0])
 
 
-_UNFINISHED = {}     # _create_temp()'s files not yet renamed or removed: name -> (pid, dev, ino, fd)
+_UNFINISHED = {}     # name -> (pid, dev, ino, fd): _create_temp()'s files not renamed or removed
 
 
 def _create_temp(target, shown):
@@ -326,7 +326,7 @@ def _remove_unfinished():
 
 
 def _silence_unfinished():
-    """In a child just forked: point the descriptors of the parent's unfinished files at devnull.
+    """In a child just forked: the parent's unfinished files get devnull in their descriptors.
 
     The child has a copy of each one's unflushed buffer, and whatever flushes it must not write
     it into the parent's file a second time: leaving the block, or the exit of the interpreter,
