@@ -346,15 +346,17 @@ def _fsync_dir(directory):
         return
     # best effort: some network and FUSE filesystems refuse to fsync a directory (EINVAL)
     with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        opened: "List[int]" = []   # by list.extend(), as in _create_temp(): no Ctrl-C leaks it
         try:
-            _fsync(fd)
+            opened.extend(builtins.map(os.open, (directory,), (os.O_RDONLY | os.O_DIRECTORY,)))
+            _fsync(opened[0])
         finally:
-            os.close(fd)
+            if opened:
+                os.close(opened[0])
 
 
-# _create_temp()'s files not yet renamed or removed: name -> (pid, device, inode)
-_UNFINISHED = {}  # type: Dict[str, Tuple[int, int, int]]
+# _create_temp()'s files not yet renamed or removed: name -> (pid, device, inode, descriptor)
+_UNFINISHED = {}  # type: Dict[str, Tuple[int, int, int, int]]
 
 
 def _create_temp(target, shown):
@@ -375,7 +377,7 @@ def _create_temp(target, shown):
         try:
             opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask
             info = os.fstat(opened[0])
-            _UNFINISHED[temp] = (os.getpid(), info.st_dev, info.st_ino)
+            _UNFINISHED[temp] = (os.getpid(), info.st_dev, info.st_ino, opened[0])
         except FileExistsError:
             continue
         except FileNotFoundError:
@@ -403,7 +405,7 @@ def _remove_unfinished():
     (after fork), nor a new file under a name that ours was renamed from.
     """
     pid = os.getpid()
-    for name, (owner, device, inode) in list(_UNFINISHED.items()):
+    for name, (owner, device, inode, _) in list(_UNFINISHED.items()):
         if owner == pid:
             # best effort: at exit, whatever stops this stops nothing else
             with contextlib.suppress(OSError):
@@ -412,7 +414,29 @@ def _remove_unfinished():
                     os.unlink(name)
 
 
+def _silence_unfinished():
+    # type: () -> None
+    """In a child just forked: the parent's unfinished files get devnull in their descriptors.
+
+    The child has a copy of each one's unflushed buffer, and whatever flushes it must not write
+    it into the parent's file a second time: leaving the block, or the exit of the interpreter,
+    which on PyPy flushes every open file, even one that another thread of the parent had open
+    in its block (that thread is not in the child, and never leaves it).
+    """
+    for _, device, inode, fd in list(_UNFINISHED.values()):
+        try:
+            info = os.fstat(fd)
+        except OSError:                    # closed already: nothing to flush through it
+            continue
+        if (info.st_dev, info.st_ino) == (device, inode):     # not a number used again since
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd, inheritable=False)
+            os.close(null)
+
+
 atexit.register(_remove_unfinished)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_silence_unfinished)
 
 
 def _mode(mode, encoding, errors, newline):
@@ -555,23 +579,22 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
                 raw.name = os.fspath(path)
                 if old is not None and stat.S_ISREG(old.st_mode):
                     _keep_owner_and_mode(fd, temp, old)
-                try:
-                    yield file
-                finally:
-                    if os.getpid() != owner:
-                        # A child forked in the block: what it flushes (its copy of the
-                        # parent's buffer too) must not reach the parent's file.
-                        null = os.open(os.devnull, os.O_WRONLY)
-                        os.dup2(null, fd)
-                        os.close(null)
-            if os.getpid() != owner:      # nor may it commit or remove the parent's file
-                raise RuntimeError("atomic_open(%r): this process was forked inside the block, "
-                                   "and the file is its parent's to finish: write it in the "
-                                   "parent, or open it anew in the child" % (path,))
+                yield file
+                # A child forked in the block (its descriptor now devnull's: see
+                # _silence_unfinished) may not commit or remove its parent's file.
+                if os.getpid() != owner:
+                    raise RuntimeError("atomic_open(%r): this process was forked inside the "
+                                       "block, and the file is its parent's to finish: write "
+                                       "it in the parent, or open it anew in the child"
+                                       % (path,))
             if sync:
                 _fsync(fd)
         finally:
             os.close(fd)
+        # The except below removes it from here on. Taken off before the rename: one a Ctrl-C
+        # left listed after it would name, at exit, whatever file has that name then and the
+        # inode ours had (the target's, or one made anew on it).
+        _UNFINISHED.pop(temp, None)
         if kind == "x":
             try:
                 _rename_no_clobber(temp, target)
@@ -587,7 +610,6 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
                 os.unlink(temp)
             _UNFINISHED.pop(temp, None)
         raise
-    _UNFINISHED.pop(temp, None)
     if sync:
         _fsync_dir(os.path.dirname(target))
 
@@ -936,9 +958,15 @@ class _Connection:
 
     def __del__(self):
         # type: () -> None
-        # Dropped unclosed (the cache of a memoized function that is itself garbage): closed
-        # here, where sqlite3 (3.13) would warn of a connection left to its finalizer.
-        self._close_conn()
+        # A memoized function or shelf that is garbage itself: on PyPy its sqlite3
+        # connection is never closed (its finalizer gives up while statements are not
+        # finalized), its descriptors stay open, and exit leaves the -wal and -shm files;
+        # 3.13's sqlite3 warns of a connection left to its finalizer. None after fork() in a
+        # child: the connection is its parent's (_ABANDONED).
+        try:
+            self._close_conn()
+        except Exception:                  # best effort: at exit, modules may be gone
+            pass
 
 
 def _to_wal(conn, timeout):
@@ -984,14 +1012,17 @@ def _sqlite_error(exc, path):
 
 def _transaction(conn, work, args):
     # type: (sqlite3.Connection, Callable[..., _T], Sequence[Any]) -> _T
-    conn.execute("BEGIN IMMEDIATE")
     try:
+        # BEGIN inside the try: a Ctrl-C raised as it returns would leave the write lock
+        # held until this connection's next use, and every other writer waiting for it
+        conn.execute("BEGIN IMMEDIATE")
         result = work(conn, *args)
         conn.execute("COMMIT")
     except BaseException:
         # best effort: the error that got us here matters more than one from the rollback
         with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:       # not if BEGIN failed, nor if COMMIT succeeded
+                conn.execute("ROLLBACK")
         raise
     return result
 
@@ -2204,7 +2235,7 @@ def _write_picklebuffer(value, w):
 def _write_path(value, w):
     # type: (Any, _KeyWriter) -> None
     kind = type(value)
-    standard = getattr(sys.modules["pathlib"], kind.__name__, None) is kind    # 3.13 moved them to pathlib._local
+    standard = getattr(sys.modules["pathlib"], kind.__name__, None) is kind  # 3.13: in pathlib._local
     _write_named("pathlib." + kind.__name__ if standard else _type_name(kind),
                   value.as_posix(), w)
     if not standard:
@@ -4374,11 +4405,14 @@ def _start_writeback(name, dir_fd):
     # pages already on disk leave the page cache (os has no sync_file_range(), which would
     # start the writes and do only that).
     with contextlib.suppress(OSError):
-        fd = os.open(name, _O_SYNC_FILE, dir_fd=dir_fd)
+        opened: "List[int]" = []                        # by list.extend(), as in _create_temp()
         try:
-            os.posix_fadvise(fd, 0, 0, _START_WRITEBACK)  # type: ignore[arg-type]  # set here
+            opened.extend(builtins.map(functools.partial(os.open, dir_fd=dir_fd), (name,),
+                                       (_O_SYNC_FILE,)))
+            os.posix_fadvise(opened[0], 0, 0, _START_WRITEBACK)  # type: ignore[arg-type]
         finally:
-            os.close(fd)
+            if opened:
+                os.close(opened[0])
 
 
 def _sync_file(name, dir_fd):
@@ -4389,17 +4423,20 @@ def _sync_file(name, dir_fd):
     the file is not durable, and is raised as _NotDurable. Plain fsync, even on macOS: one
     F_FULLFSYNC afterwards, on the marker, empties the drive's cache of every file at once.
     """
-    fd = os.open(name, _O_SYNC_FILE, dir_fd=dir_fd)
+    opened: "List[int]" = []                            # by list.extend(), as in _create_temp()
     try:
-        info = os.fstat(fd)
+        opened.extend(builtins.map(functools.partial(os.open, dir_fd=dir_fd), (name,),
+                                   (_O_SYNC_FILE,)))
+        info = os.fstat(opened[0])
         if stat.S_ISREG(info.st_mode):     # a FIFO swapped in meanwhile is only counted
             try:
-                os.fsync(fd)
+                os.fsync(opened[0])
             except OSError as exc:
                 raise _NotDurable(exc.errno, exc.strerror, name) from None
         return info.st_size
     finally:
-        os.close(fd)
+        if opened:
+            os.close(opened[0])
 
 
 def _sync_files(names, dir_fd):
@@ -4474,10 +4511,12 @@ def _sync_tree(folder, skip=None, dir_fd=None):
     """
     files = size = unsynced = 0
     regular: "List[str]" = []              # this directory's files, synced after the loop
-    fd: "Optional[int]" = None
-    if _SCANDIR_FD:
-        fd = os.open(folder, _O_SUBDIR if dir_fd is not None else os.O_RDONLY, dir_fd=dir_fd)
+    opened: "List[int]" = []               # by list.extend(), as in _create_temp()
     try:
+        if _SCANDIR_FD:
+            opened.extend(builtins.map(functools.partial(os.open, dir_fd=dir_fd), (folder,),
+                                       (_O_SUBDIR if dir_fd is not None else os.O_RDONLY,)))
+        fd = opened[0] if opened else None
         with os.scandir(folder if fd is None else fd) as entries:
             for entry in entries:
                 name = entry.path if fd is None else entry.name
@@ -4503,8 +4542,8 @@ def _sync_tree(folder, skip=None, dir_fd=None):
             with contextlib.suppress(OSError):
                 os.fsync(fd)   # type: ignore[arg-type]  # set: dir_fd comes with _SCANDIR_FD
     finally:
-        if fd is not None:
-            os.close(fd)
+        if opened:
+            os.close(opened[0])
     return files, size, unsynced
 
 
@@ -4530,16 +4569,26 @@ def _dir_lock(directory):
     if _fcntl is None:
         yield
         return
-    fd = os.open(directory, os.O_RDONLY)
+    opened: "List[int]" = []     # by list.extend(), as in _create_temp(): no Ctrl-C leaks it
     try:
-        try:
-            _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PersistError(errno.EBUSY, _BUSY_DIR,
-                               os.fspath(directory)) from None
+        opened.extend(builtins.map(os.open, (directory,), (os.O_RDONLY,)))
+        for retry in (True, False):
+            try:
+                _fcntl.flock(opened[0], _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not retry:
+                    raise PersistError(errno.EBUSY, _BUSY_DIR,
+                                       os.fspath(directory)) from None
+            # A Ctrl-C raised as a with statement entered or left a done_dir() of this
+            # process leaves its generator waiting at its yield, the lock held, until it is
+            # finalized: at once on CPython, at the next collection on PyPy.
+            import gc
+            gc.collect()
         yield
     finally:
-        os.close(fd)
+        if opened:
+            os.close(opened[0])
 
 
 def _empty(directory):
@@ -5056,9 +5105,9 @@ def atomic_open(path: "_Path", mode: str = "w", *, sync: bool = True,
     Windows, makes the new file their own. It is a new file: hard links to the old one, ACLs
     and extended attributes are not carried over. A symbolic link at path is followed, as
     open() does; one that another user made in a sticky directory every user may write
-    (/tmp) is refused with PermissionError, as Linux's open() refuses it. A device, FIFO or socket at path (or at the end of the link) is refused
-    with PersistError, never replaced. Windows: replacing a file that another process holds
-    open can fail with PermissionError.
+    (/tmp) is refused with PermissionError, as Linux's open() refuses it. A device, FIFO or
+    socket at path (or at the end of the link) is refused with PersistError, never replaced.
+    Windows: replacing a file that another process holds open can fail with PermissionError.
     """
     _mode(mode, encoding, errors, newline)      # wrong arguments fail here, as open()'s do
     return _atomic_open(path, mode, sync, True, encoding, errors, newline)

@@ -674,6 +674,125 @@ class TestAtomicInterruptedAtEachStep(TempDirTest):
 
 
 
+class TestDoneDirInterruptedAsItsBlockEnds(TempDirTest):
+    """Ctrl-C raised as the with statement calls done_dir()'s __exit__, before it runs: the
+    stage is abandoned, and doing it again in this process works at once. On PyPy the
+    abandoned generator, and the lock it holds, waited for the next garbage collection."""
+
+    def test_the_stage_can_be_done_again(self):
+        out = run_python("""
+            import contextlib, os, sys, persist
+            stage = os.path.join(%r, "stage")
+            def tracer(frame, event, arg):
+                if event == "call" and frame.f_code.co_filename == contextlib.__file__ \\
+                        and frame.f_code.co_name == "__exit__":
+                    raise KeyboardInterrupt
+                return None
+            try:
+                with persist.done_dir(stage):
+                    sys.settrace(tracer)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            print(persist.is_done(stage))
+            with persist.done_dir(stage):
+                pass
+            print(persist.is_done(stage))
+        """ % self.dir)
+        self.assertEqual(out, "False\nTrue\n")
+
+
+@unittest.skipUnless(os.path.isdir("/proc/self/fd"), "/proc/self/fd lists open descriptors")
+class TestInterruptAsADescriptorOpens(TempDirTest):
+    """Ctrl-C raised as each os.open() in turn returns, while done_dir() starts and finishes
+    a stage (its lock, the fsync of each file and directory) and atomic_write() writes: the
+    process has no more descriptors open than before. Each one lost so stayed open for good,
+    where a signal lands now and then (some in a hundred stages, with SIGALRM)."""
+
+    def test_no_descriptor_left_open(self):
+        out = run_python("""
+            import gc, linecache, os, sys, persist
+            stage, target = os.path.join(%r, "stage"), os.path.join(%r, "out")
+            opens = [0, 0]
+            def tracer(frame, event, arg):
+                if frame.f_code.co_filename != persist.__file__:
+                    return None
+                if event == "line" and "os.open" in linecache.getline(
+                        persist.__file__, frame.f_lineno):
+                    opens[0] += 1
+                    if opens[0] == opens[1]:
+                        return opening
+                return tracer
+            def opening(frame, event, arg):
+                if event == "line":
+                    raise KeyboardInterrupt       # the line after os.open() returned
+                return opening
+            def stage_done():
+                with persist.done_dir(stage) as where:
+                    with open(os.path.join(where, "part"), "w") as file:
+                        file.write("data")
+            def write():
+                persist.atomic_write(target, "data")
+            before = set(os.listdir("/proc/self/fd"))
+            leaked, interrupted = [], 0
+            for step in (stage_done, write):
+                for n in range(1, 100):
+                    opens[:] = [0, n]
+                    sys.settrace(tracer)
+                    try:
+                        step()
+                    except KeyboardInterrupt:
+                        interrupted += 1
+                    finally:
+                        sys.settrace(None)
+                    gc.collect()
+                    now = set(os.listdir("/proc/self/fd"))
+                    if now - before:
+                        leaked.append((step.__name__, n))
+                        before = now
+                    if opens[0] < n:
+                        break
+            print(leaked, interrupted > 5)
+        """ % (self.dir, self.dir))
+        self.assertEqual(out, "[] True\n")
+        self.assertNoTemp()
+
+
+class TestInterruptAfterTheCommit(TempDirTest):
+    """Ctrl-C raised just after atomic_write() renamed its temporary file onto the target;
+    then another program links the target under that temporary name. The exit removes
+    nothing: the name is not a file of ours any more, though its inode is the same."""
+
+    def test_exit_removes_no_file_made_later_under_the_name(self):
+        out = run_python("""
+            import linecache, os, sys, persist
+            target = os.path.join(%r, "out")
+            temps = []
+            def tracer(frame, event, arg):
+                if frame.f_code.co_filename != persist.__file__:
+                    return None
+                if event == "line" and "temp" in frame.f_locals and not temps:
+                    temp = frame.f_locals["temp"]
+                    if isinstance(temp, str) and os.path.exists(temp) is False \\
+                            and os.path.exists(target):
+                        temps.append(temp)        # renamed already: interrupt here
+                        raise KeyboardInterrupt
+                return tracer
+            sys.settrace(tracer)
+            try:
+                persist.atomic_write(target, "new")
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.settrace(None)
+            os.link(target, temps[0])             # another program's name for the file
+            print(len(temps), open(target).read())
+        """ % self.dir)
+        self.assertEqual(out, "1 new\n")
+        self.assertEqual(len(os.listdir(self.dir)), 2)
+
+
 @unittest.skipUnless(hasattr(os, "fork"), "fork")
 class TestForkedInsideABlock(TempDirTest):
     """A child forked inside an atomic_open() block, its copy of the parent's unflushed
@@ -728,6 +847,39 @@ class TestForkedInsideABlock(TempDirTest):
             print(persist.is_done(stage))
         """ % self.dir)
         self.assertEqual(out, "False 2\nTrue\n")
+
+
+@unittest.skipUnless(hasattr(os, "fork"), "fork")
+class TestForkedWhileAnotherThreadIsInABlock(TempDirTest):
+    """One thread is in an atomic_open() block, its text still in the buffer, when another
+    forks; the child exits normally. The writing thread is not in the child and never leaves
+    the block there, but PyPy flushes every open file at exit: the parent's file must not get
+    the child's copy of the buffer too."""
+
+    def test_child_exit_adds_nothing_to_the_parents_file(self):
+        out = run_python("""
+            import os, sys, threading, persist
+            target = os.path.join(%r, "out")
+            inside, finish = threading.Event(), threading.Event()
+            def write():
+                with persist.atomic_open(target) as file:
+                    file.write("parent's")
+                    inside.set()
+                    finish.wait()
+            writer = threading.Thread(target=write)
+            writer.start()
+            inside.wait()
+            pid = os.fork()
+            if pid == 0:
+                sys.exit(0)                  # a normal exit: files are flushed
+            _, status = os.waitpid(pid, 0)
+            finish.set()
+            writer.join()
+            with open(target) as file:
+                print(file.read(), status >> 8)
+        """ % self.dir)
+        self.assertEqual(out, "parent's 0\n")
+        self.assertNoTemp()
 
 
 class TestAtomicExclusive(TempDirTest):
@@ -3722,6 +3874,26 @@ class TestFork(TempDirTest):
         self.assertEqual(on_disk, named)
 
 
+class TestMemoizedFunctionCollected(TempDirTest):
+    """A memoized function defined anew in a loop (or in a notebook's cell run again), each
+    one then garbage: the process leaves no -wal or -shm file at exit. On PyPy the sqlite3
+    connection of a collected function was never closed, and both files stayed."""
+
+    def test_no_log_left_at_exit(self):
+        run_python("""
+            import gc, persist
+            for n in range(5):
+                @persist.memoize(cache_dir=%r, name="f")
+                def f(x):
+                    return x * 2
+                f(n)
+            del f
+            for _ in range(3):
+                gc.collect()
+        """ % self.dir)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["f.db"])
+
+
 @unittest.skipUnless(hasattr(signal, "alarm"), "signal.alarm")
 class TestInterruptAtEachCall(TempDirTest):
     """Ctrl-C raised at each function call in turn inside persist (and, on PyPy, inside its
@@ -3759,6 +3931,49 @@ class TestInterruptAtEachCall(TempDirTest):
             print(interrupted > 40)
         """ % self.dir, timeout=120)
         self.assertEqual(out, "True\n")
+
+
+class TestInterruptAsATransactionBegins(TempDirTest):
+    """Ctrl-C raised as BEGIN IMMEDIATE returns, while persist.open() stores a value; the
+    shelf is then left alone, as at a prompt after Ctrl-C. Every other writer (another
+    process, or this one through another shelf) can write at once: a write lock left held
+    would make each of them wait out its busy timeout, ten minutes."""
+
+    def test_no_write_lock_outlives_the_interrupt(self):
+        out = run_python("""
+            import linecache, os, sqlite3, sys, persist
+            path = os.path.join(%r, "shelf")
+            began = []
+            def tracer(frame, event, arg):
+                if frame.f_code.co_filename != persist.__file__:
+                    return None
+                if event == "line" and began and not began[-1]:
+                    began[-1] = True
+                    raise KeyboardInterrupt       # the first line after BEGIN returned
+                if event == "line" and "BEGIN IMMEDIATE" in linecache.getline(
+                        frame.f_code.co_filename, frame.f_lineno):
+                    began.append(False)
+                return tracer
+            with persist.open(path) as shelf:
+                shelf["old"] = 1
+                sys.settrace(tracer)
+                try:
+                    shelf["new"] = 2
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.settrace(None)
+                other = sqlite3.connect(path, timeout=0, isolation_level=None)
+                try:
+                    other.execute("BEGIN IMMEDIATE")
+                    other.execute("ROLLBACK")
+                    print(began, "free")
+                except sqlite3.OperationalError as exc:
+                    print(began, exc)
+                finally:
+                    other.close()
+        """ % self.dir)
+        self.assertEqual(out, "[True] free\n")
 
 
 @unittest.skipUnless(hasattr(signal, "setitimer"), "setitimer")
