@@ -116,6 +116,7 @@ if TYPE_CHECKING:
     class _Event(Protocol):       # threading's, or multiprocessing's
         def is_set(self) -> bool: ...
         def set(self) -> None: ...
+        def clear(self) -> None: ...
 
     class _MemoizedFunction(Protocol[_P, _R]):
         """What memoize returns, to a type checker: func's own signature and result, and the
@@ -4005,14 +4006,47 @@ def _type_label(kind):
         "%s.%s" % (module, kind.__qualname__)
 
 
-def _worker_start(stop):
-    # type: (Optional[_Event]) -> None
+def _worker_start(stop, started):
+    # type: (Optional[_Event], Any) -> None
     """Each worker of persist.map's own pool ignores Ctrl-C: the parent stops them all, at
-    once and without a traceback from each. stop: see _run."""
+    once and without a traceback from each. stop: see _run. started: shared memory that the
+    first worker to get this far sets (see _OwnPool)."""
     global _STOP
     _STOP = stop
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    started.value = 1
+
+
+class _OwnPool:
+    """persist.map's own pool of worker processes, made anew after a worker died."""
+
+    def __init__(self, workers, context, stop):
+        # type: (int, Any, Optional[_Event]) -> None
+        self.workers, self.context, self.stop = workers, context, stop
+        self.started = None  # type: Any
+
+    def new(self):
+        # type: () -> ProcessPoolExecutor
+        import concurrent.futures
+        if self.stop is not None:  # set by a failure whose batch a dead worker took along:
+            self.stop.clear()      # its items run again, and it is raised then
+        self.started = self.context.RawValue("b", 0)   # no lock: any worker sets it to 1
+        return concurrent.futures.ProcessPoolExecutor(
+            self.workers, self.context, initializer=_worker_start,
+            initargs=(self.stop, self.started))
+
+    def check_started(self):
+        # type: () -> None
+        """Raise if the pool that just died had no worker that even started: then no item
+        is to blame, and a new pool would die the same way."""
+        if self.started.value == 0:
+            raise RuntimeError(
+                "persist.map: its worker processes died as they started, before running any "
+                "item. Under the spawn and forkserver start methods (the default on macOS and "
+                "Windows) each worker imports the script again: call persist.map under "
+                "if __name__ == '__main__':, and make sure func's module imports in a new "
+                "process")
 
 
 def _stop_workers(pool):
@@ -4149,17 +4183,16 @@ class _Run:
                 if now >= run.tick:
                     run.update(now)
 
-    def parallel(self, executor, width, keep_going, portable, pool=None, stop=None,
-                 restart=None):
-        # type: (Executor, int, bool, bool, Optional[ProcessPoolExecutor], Optional[_Event], Optional[Callable[[], ProcessPoolExecutor]]) -> None
+    def parallel(self, executor, width, keep_going, portable, pool=None, stop=None, own=None):
+        # type: (Executor, int, bool, bool, Optional[ProcessPoolExecutor], Optional[_Event], Optional[_OwnPool]) -> None
         """Run the items on executor in batches sized to take about _BATCH_SECONDS each (one
         item at first; quick items travel many to a message), with at most two batches per
         worker waiting, so that a million items are not a million futures. pool: our own, to
         stop on Ctrl-C; stop: an Event for _run, passed with each batch (threads) or held by
         each worker (pool).
 
-        restart: makes a new pool of our own when a worker died (a crash in C code, killed,
-        out of memory), which takes every batch then in flight with it. Those items run again
+        own: makes a new pool of our own when a worker died (a crash in C code, killed, out
+        of memory), which takes every batch then in flight with it. Those items run again
         one at a time, each alone in the pool, so that one that kills its worker again is
         known: it fails with BrokenProcessPool, and the run goes on past it.
         """
@@ -4194,7 +4227,7 @@ class _Run:
                     future = executor.submit(_run, self.func, [self.items[i] for i in batch],
                                              portable, stop)
                 except concurrent.futures.BrokenExecutor as exc:
-                    if restart is None:
+                    if own is None:
                         raise self.pool_died() from exc
                     # not started: it goes first into the next pool (which the failure of
                     # what is in flight, if anything is, makes)
@@ -4233,10 +4266,11 @@ class _Run:
             submit()
             while pending or idle:
                 if idle:
-                    assert restart is not None and pool is not None
+                    assert own is not None and pool is not None
                     idle = False
                     _stop_workers(pool)
-                    pool = executor = restart()
+                    own.check_started()
+                    pool = executor = own.new()
                     submit()
                     continue
                 finished, _ = wait(pending, _PROGRESS_EVERY, first)
@@ -4246,7 +4280,7 @@ class _Run:
                     try:
                         outcomes, seconds = future.result()
                     except concurrent.futures.BrokenExecutor as exc:
-                        if restart is None:
+                        if own is None:
                             raise self.pool_died() from exc
                         lost += batch
                         continue
@@ -4258,12 +4292,13 @@ class _Run:
                         outcomes, seconds = [(False, exc, None)], 0.0
                     take(batch, outcomes, seconds)
                 if lost:
-                    assert restart is not None and pool is not None
+                    assert own is not None and pool is not None
                     lost += [index for batch in pending.values() for index in batch]
                     pending.clear()              # each failed with the pool, or will
                     lost.sort()
                     left += len(lost)
                     _stop_workers(pool)
+                    own.check_started()
                     if suspect is not None and lost == [suspect[0]]:   # it ran alone: it
                         left -= 1
                         crash = self.worker_died(suspect[0], suspect[1])
@@ -4271,7 +4306,7 @@ class _Run:
                             error = crash
                     else:
                         suspects.extendleft(reversed(lost))
-                    pool = executor = restart()
+                    pool = executor = own.new()
                 if suspect is not None and suspect[0] not in \
                         {index for batch in pending.values() for index in batch}:
                     suspect = None
@@ -4997,14 +5032,9 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
             context = multiprocessing.get_context()
             stop = None if keep_going else context.Event()
 
-            def new_pool():
-                # type: () -> ProcessPoolExecutor
-                if stop is not None:   # set by a failure whose batch a dead worker took along:
-                    stop.clear()       # its items run again, and it is raised then
-                return concurrent.futures.ProcessPoolExecutor(
-                    workers, context, initializer=_worker_start, initargs=(stop,))
-            pool = new_pool()
-            run.parallel(pool, workers, keep_going, True, pool, None, new_pool)
+            own = _OwnPool(workers, context, stop)
+            pool = own.new()
+            run.parallel(pool, workers, keep_going, True, pool, None, own)
         else:
             run.serial(keep_going)
     finally:

@@ -5193,6 +5193,28 @@ class TestMapWorkers(TempDirTest):
             self.assertEqual(lines[4], "malformed '?x' True")
 
 
+class TestMapWithoutMainGuard(TempDirTest):
+    """A script that calls persist.map(workers=) at its top level, not under
+    if __name__ == "__main__": under spawn each worker imports it again and dies as it starts.
+    No item is to blame: the run stops with an error that says what to change."""
+
+    @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
+    def test_clear_error_and_no_item_blamed(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import multiprocessing, persist
+            multiprocessing.set_start_method("spawn", force=True)
+            def work(x):
+                return x * 2
+            print(persist.map(work, range(10), workers=2, progress=False))
+        """))
+        done = run_command([str(script)], timeout=120)
+        self.assertEqual((done.returncode, done.stdout), (1, ""))
+        # the workers' own tracebacks (and multiprocessing's warnings) come around it
+        self.assertRegex(done.stderr, r"\nRuntimeError: persist.map: its worker processes died "
+                                      r"as they started.*if __name__ == '__main__'")
+
+
 class TestMapInterrupted(TempDirTest):
     @unittest.skipUnless(POSIX, "SIGINT to a child")
     def test_ctrl_c_stops_workers_and_keeps_what_finished(self):
