@@ -3981,7 +3981,20 @@ class _WorkerTraceback(Exception):
 
 
 class _WorkerError(Exception):
-    """An exception that a worker raised but could not send back: its type and message."""
+    """An exception that a worker raised but could not send back: (message, the name of its
+    type), both in args, so that they travel; str() is the message."""
+
+    def __str__(self):
+        # type: () -> str
+        return str(self.args[0])
+
+
+def _kind_of(exc):
+    # type: (BaseException) -> str
+    """The name of exc's type, for people: a _WorkerError's is that of what it stands for."""
+    if isinstance(exc, _WorkerError) and len(exc.args) == 2:
+        return str(exc.args[1])
+    return _type_label(type(exc))
 
 
 def _portable(exc):
@@ -3995,8 +4008,9 @@ def _portable(exc):
             message = str(exc)
         except Exception:
             message = "<str() of the exception failed>"
+        kind = _type_label(type(exc))
         return _WorkerError("%s: %s (the worker could not send this exception back: %s: %s)"
-                            % (_type_label(type(exc)), message, type(why).__name__, why))
+                            % (kind, message, type(why).__name__, why), kind)
 
 
 def _type_label(kind):
@@ -4368,7 +4382,7 @@ class _Run:
         if self.found is not None:
             parts.append("%s reused" % _n(self.reused))
         parts.append("%s computed" % _n(self.computed))
-        kinds = collections.Counter(_type_label(type(exc)) for _, exc in self.failures)
+        kinds = collections.Counter(_kind_of(exc) for _, exc in self.failures)
         failed = "%s failed" % _n(len(self.failures))
         if kinds:
             failed += " (%s)" % ", ".join("%s x%s" % (kind, _n(count))
@@ -4408,7 +4422,7 @@ class _Run:
         self.failures.sort(key=_first)         # workers finish out of order
         kinds: "OrderedDict[str, List[int]]" = collections.OrderedDict()
         for index, exc in self.failures:
-            kinds.setdefault(_type_label(type(exc)), []).append(index)
+            kinds.setdefault(_kind_of(exc), []).append(index)
         parts: "List[str]" = []
         for kind, indexes in sorted(kinds.items(), key=lambda pair: -len(pair[1])):
             shown = ", ".join(_SHORT.repr(self.items[i]) for i in indexes[:_SHOWN_ITEMS])

@@ -5159,6 +5159,7 @@ if __name__ == "__main__":
         print(os.getpid() in pids, 1 <= len(pids) <= 2)
         print(sorted("%s %s" % (item, type(error).__name__) for item, error in exc.failures))
         print(parse.cache_info().entries, len(parse.failures()))
+        print("_WorkerError" not in str(exc), "Unpicklable x1" in str(exc))
     print(sum(parse(str(i))[0] for i in range(40)), parse.cache_info()[:2])
     try:
         persist.map(parse, ["1", "?x"] + [str(i) for i in range(100, 200)], workers=2,
@@ -5188,9 +5189,10 @@ class TestMapWorkers(TempDirTest):
             self.assertEqual(lines[1], "['?1 ValueError', '?2 ValueError', 'lock _WorkerError', "
                                        "'two _WorkerError']")
             self.assertEqual(lines[2], "40 4")                # the workers stored them all
+            self.assertEqual(lines[3], "True True")   # named by the type they stand for
             # the workers' 44 misses count here too, then 40 hits here
-            self.assertEqual(lines[3], "780 (40, 44)")
-            self.assertEqual(lines[4], "malformed '?x' True")
+            self.assertEqual(lines[4], "780 (40, 44)")
+            self.assertEqual(lines[5], "malformed '?x' True")
 
 
 class TestMapWithoutMainGuard(TempDirTest):
