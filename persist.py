@@ -5429,13 +5429,21 @@ def _cli_clear(options):
     if options.dry_run:
         with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
             count, size = store.prune(before=float("inf"), dry_run=True)
-            print("would remove %d entries (%s) from %s" % (count, _bytes(size), store.path))
+            print("would remove %d entries (%s)%s from %s" % (
+                count, _bytes(size), _and_failures(store.tally()[2]), store.path))
         return
     with contextlib.closing(_open_cache(options.cache, "w", options.dir)) as store:
         before = store.disk_usage()
+        failed = store.tally()[2]         # clear() takes them too, in its one transaction
         count = store.clear()
-        print("removed %d entries from %s; %s given back" % (
-            count, store.path, _bytes(max(0, before - store.disk_usage()))))
+        print("removed %d entries%s from %s; %s given back" % (
+            count, _and_failures(failed), store.path,
+            _bytes(max(0, before - store.disk_usage()))))
+
+
+def _and_failures(count):
+    # type: (int) -> str
+    return " and %d failure record%s" % (count, "" if count == 1 else "s") if count else ""
 
 
 # (ignore[return]: the end returns None, which _main() takes as exit status 0)
