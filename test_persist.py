@@ -5308,9 +5308,9 @@ class TestFailuresCommand(TempDirTest):
         self.assertEqual(row.split()[:2] + row.split()[4:5], ["jobs.parse", "2", "8"])
         # clear says what it takes: the entries and the failure records
         done = run_command(cli + ["clear", "--dry-run", "jobs.parse"], PERSIST_DIR=cache)
-        self.assertRegex(done.stdout, r"^would remove 2 entries \(.*\) and 7 failure records ")
+        self.assertRegex(done.stdout, r"^would remove 2 entries \(.*\) and 8 failure records ")
         done = run_command(cli + ["clear", "jobs.parse"], PERSIST_DIR=cache)
-        self.assertRegex(done.stdout, r"^removed 2 entries and 7 failure records from ")
+        self.assertRegex(done.stdout, r"^removed 2 entries and 8 failure records from ")
 
 
 # -- the user's first hour: logging, the command line, the example, the README
