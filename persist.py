@@ -5309,6 +5309,9 @@ def _find_cache(name, directory=None):
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "a directory, not a cache (list its caches "
                                     "with 'persist ls %s')" % path, path)
+        if os.path.islink(path):          # dangling: what it names is gone
+            raise FileNotFoundError(errno.ENOENT, "a symbolic link to %s, which does not "
+                                    "exist" % os.readlink(path), path)
     if os.path.isdir(directory):          # a function's name: its file, wherever below
         wanted = _file_name(name)
         found = [path for path in _caches_under(directory) if os.path.basename(path) == wanted]
@@ -5341,6 +5344,8 @@ def _problem(path, exc):
     # type: (str, OSError) -> str
     """Why the .db file at path is not a cache persist can list, in a word or two."""
     text = str(exc)
+    if os.path.islink(path) and not os.path.exists(path):
+        return "dangling link"
     if isinstance(exc, PermissionError) or not os.access(path, os.R_OK):
         return "unreadable"
     for needle, word in (("newer persist", "newer format"), ("older persist", "older format"),
@@ -5382,7 +5387,8 @@ def _cli_ls(options):
             with contextlib.closing(_Store(path, "r")) as store:
                 count, oldest, newest, stale, stale_size = store.summary()
                 _, took, failed = store.tally()     # TOOK: what computing them took
-                label = store.info().get("function") or os.path.basename(path)[:-3]
+                label = _one_line(store.info().get("function") or
+                                  os.path.basename(path)[:-3])
                 print(row % (label, count, _bytes(store.disk_usage()), failed, _took(took),
                              _when(oldest), _when(newest), "%d stale (%s)"
                              % (stale, _bytes(stale_size)) if stale else "", where))

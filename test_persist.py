@@ -5707,6 +5707,17 @@ class TestCommandLineErrors(CommandLineTest):
             done = self.cli(*(args[:1] + [self.cache / "cut.db"] + args[1:]))
             self.assertOneLineError(done, "cut.db: ")
 
+    @unittest.skipUnless(POSIX, "symbolic links")
+    def test_a_dangling_link_and_a_name_with_a_newline(self):
+        os.symlink(str(self.path / "gone" / "x.db"), str(self.cache / "old.db"))
+        done = self.cli("show", self.cache / "old.db")
+        self.assertOneLineError(done, "old.db: a symbolic link to ", "which does not exist")
+        persist.memoize(lambda x: x, cache_dir=self.cache, name="two\nlines")(1)
+        rows = self.cli("ls", self.cache).stdout.splitlines()
+        self.assertEqual(len(rows), 4)               # the header and one row each
+        self.assertIn("(dangling link)", "".join(rows))
+        self.assertIn("two lines ", "".join(rows))
+
     @unittest.skipIf(POSIX and os.geteuid() == 0, "root may write any file")
     def test_a_read_only_cache_it_was_asked_to_change(self):
         os.chmod(str(self.db), 0o444)
