@@ -305,6 +305,7 @@ try:
 except ImportError:                           # Windows: concurrent done_dir() is not detected
     _fcntl = None     # type: ignore[assignment]  # each use is behind a test of _fcntl
 _FULLFSYNC = getattr(_fcntl, "F_FULLFSYNC", None)   # macOS: fsync() stops at the drive's cache
+_DIRS_HELD = set()  # type: Set[Tuple[int, str]]   # (pid, directory) of done_dir() locks held
 
 
 def _link_no_clobber(src, dst):
@@ -4619,6 +4620,7 @@ def _dir_lock(directory):
         yield
         return
     opened: "List[int]" = []     # by list.extend(), as in _create_temp(): no Ctrl-C leaks it
+    held = (os.getpid(), os.path.realpath(directory))
     try:
         opened.extend(builtins.map(os.open, (directory,), (os.O_RDONLY,)))
         for retry in (True, False):
@@ -4634,8 +4636,10 @@ def _dir_lock(directory):
             # finalized: at once on CPython, at the next collection on PyPy.
             import gc
             gc.collect()
+        _DIRS_HELD.add(held)
         yield
     finally:
+        _DIRS_HELD.discard(held)
         if opened:
             os.close(opened[0])
 
@@ -4872,11 +4876,13 @@ def _open_shelve_file(path, flag):
     if flag == "n" and kind in ("dbm.dumb", "dbm.ndbm"):
         return                             # its files have other names: they stay as they are
     # One process at a time, and then only if nobody did it meanwhile. The lock is the
-    # directory's, which done_dir() also takes: where it is taken, never wait for it (this
-    # very process may hold it); _from_shelve() then checks that nobody else got there first.
+    # directory's, which done_dir() also takes: not where this process holds it, and only
+    # for a while where another does; _from_shelve() then checks that nobody else got there
+    # first.
     lock = None
-    if _fcntl is not None:
-        lock = os.open(os.path.dirname(path), os.O_RDONLY)
+    directory = os.path.dirname(os.path.abspath(path))
+    if _fcntl is not None and (os.getpid(), os.path.realpath(directory)) not in _DIRS_HELD:
+        lock = os.open(directory, os.O_RDONLY)
     try:
         if lock is not None:
             deadline = time.monotonic() + _ASIDE_TIMEOUT
