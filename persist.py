@@ -4352,6 +4352,7 @@ class _Run:
         self.failed(index, exc)
         if self.found is not None:
             handle, args, kwargs = self.found
+            handle._memo.misses += 1    # a call that stored nothing, as one that raised counts
             # best effort: the item failed whether or not the ledger can take it
             with contextlib.suppress(Exception):
                 call = (args + (self.items[index],), kwargs)

@@ -1984,6 +1984,37 @@ class TestMapWorkerKilled(TempDirTest):
         self.assertTrue(out.endswith("True\n"))
 
 
+@unittest.skipUnless(POSIX, "SIGKILL")
+class TestMapWorkerKilledCacheInfo(TempDirTest):
+    """An item that kills its worker is a call that ran and stored nothing: a miss in the
+    caller's cache_info(), like an item that raises, so that hits and misses add up to the
+    items."""
+
+    def test_hits_and_misses_count_every_item(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, signal, sys, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def work(x):
+                if x in (3, 30):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if x == 7:
+                    raise ValueError(x)
+                return x
+            if __name__ == "__main__":
+                for run in range(2):
+                    try:
+                        persist.map(work, range(40), workers=2, progress=False)
+                    except persist.Failures as exc:
+                        print(len(exc.failures), end=" ")
+                    info = work.cache_info()
+                    print(info.hits + info.misses)
+        """))
+        done = run_command([str(script), self.dir], timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, "3 40\n3 80\n")
+
+
 class TestVersionSwitch(MemoTest):
     """Opening a cache with another version= never deletes results: they are misses, reported
     as stale, and removed only on request."""
