@@ -4006,11 +4006,15 @@ def _type_label(kind):
         "%s.%s" % (module, kind.__qualname__)
 
 
-def _worker_start(stop, started):
-    # type: (Optional[_Event], Any) -> None
+def _worker_start(stop, started, func):
+    # type: (Optional[_Event], Any, Callable[[Any], Any]) -> None
     """Each worker of persist.map's own pool ignores Ctrl-C: the parent stops them all, at
     once and without a traceback from each. stop: see _run. started: shared memory that the
-    first worker to get this far sets (see _OwnPool)."""
+    first worker to get this far sets (see _OwnPool). func: persist.map's, not used here:
+    it comes with the worker's arguments so that a module of it that fails to import in a
+    new process kills the worker before this runs, a start that _OwnPool.check_started
+    reports, not a death with each batch (under spawn, a batch loads func only when it
+    arrives), which would blame every item in turn."""
     global _STOP
     _STOP = stop
     import signal
@@ -4021,9 +4025,9 @@ def _worker_start(stop, started):
 class _OwnPool:
     """persist.map's own pool of worker processes, made anew after a worker died."""
 
-    def __init__(self, workers, context, stop):
-        # type: (int, Any, Optional[_Event]) -> None
-        self.workers, self.context, self.stop = workers, context, stop
+    def __init__(self, workers, context, stop, func):
+        # type: (int, Any, Optional[_Event], Callable[[Any], Any]) -> None
+        self.workers, self.context, self.stop, self.func = workers, context, stop, func
         self.started = None  # type: Any
 
     def new(self):
@@ -4034,7 +4038,7 @@ class _OwnPool:
         self.started = self.context.RawValue("b", 0)   # no lock: any worker sets it to 1
         return concurrent.futures.ProcessPoolExecutor(
             self.workers, self.context, initializer=_worker_start,
-            initargs=(self.stop, self.started))
+            initargs=(self.stop, self.started, self.func))
 
     def check_started(self):
         # type: () -> None
@@ -5033,7 +5037,7 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
             context = multiprocessing.get_context()
             stop = None if keep_going else context.Event()
 
-            own = _OwnPool(workers, context, stop)
+            own = _OwnPool(workers, context, stop, func)
             pool = own.new()
             run.parallel(pool, workers, keep_going, True, pool, None, own)
         else:

@@ -5246,6 +5246,38 @@ class TestMapWithoutMainGuard(TempDirTest):
                                       r"as they started.*if __name__ == '__main__'")
 
 
+class TestMapFuncModuleFailsInWorker(TempDirTest):
+    """func's module imports in the caller but raises in a new process (a script that
+    imports it only under if __name__ == "__main__":, under spawn): every worker dies as
+    it loads func, so the run stops with an error that says so, rather than blaming each
+    item in turn, a new pool for each."""
+
+    @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
+    def test_clear_error_and_no_item_blamed(self):
+        (self.path / "tasks.py").write_text(textwrap.dedent("""
+            import os
+            if os.environ.get("IN_WORKER"):
+                raise ImportError("tasks needs the parent's setup")
+            def work(x):
+                return x * 2
+        """))
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import multiprocessing, os, persist
+            if __name__ == "__main__":
+                import tasks
+                os.environ["IN_WORKER"] = "1"        # the workers inherit it
+                multiprocessing.set_start_method("spawn", force=True)
+                try:
+                    persist.map(tasks.work, range(6), workers=2, progress=False)
+                except Exception as exc:
+                    print(type(exc).__name__, "imports in a new process" in str(exc))
+        """))
+        done = run_command([str(script)], cwd=self.dir, timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, "RuntimeError True\n")
+
+
 class TestMapInterrupted(TempDirTest):
     @unittest.skipUnless(POSIX, "SIGINT to a child")
     def test_ctrl_c_stops_workers_and_keeps_what_finished(self):
