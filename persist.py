@@ -4279,6 +4279,7 @@ class _Run:
                     continue
                 finished, _ = wait(pending, _PROGRESS_EVERY, first)
                 lost: "List[int]" = []         # items of batches a dead worker took along
+                broken: "Optional[BaseException]" = None    # the pool's error for them
                 for future in finished:
                     batch = pending.pop(future)
                     try:
@@ -4287,6 +4288,7 @@ class _Run:
                         if own is None:
                             raise self.pool_died() from exc
                         lost += batch
+                        broken = exc
                         continue
                     except Exception as exc:
                         if len(batch) > 1:      # a result that could not travel: find it
@@ -4305,7 +4307,7 @@ class _Run:
                     own.check_started()
                     if suspect is not None and lost == [suspect[0]]:   # it ran alone: it
                         left -= 1
-                        crash = self.worker_died(suspect[0], suspect[1])
+                        crash = self.worker_died(suspect[0], suspect[1], broken)
                         if not keep_going and error is None:
                             error = crash
                     else:
@@ -4346,13 +4348,17 @@ class _Run:
                             "stored): run again to compute the rest, or use workers=, whose "
                             "pool persist.map replaces" % (self.reused + self.computed))
 
-    def worker_died(self, index, start):
-        # type: (int, float) -> Exception
+    def worker_died(self, index, start, cause):
+        # type: (int, float, Optional[BaseException]) -> Exception
         """Record that the worker running the item at index alone died: a failure of that
-        item (in the ledger too, for a memoized func), as BrokenProcessPool."""
+        item (in the ledger too, for a memoized func), as BrokenProcessPool. cause: the
+        pool's own error, kept because it may know better (since 3.9, the traceback of a
+        result that failed to load here)."""
         from concurrent.futures.process import BrokenProcessPool
         exc = BrokenProcessPool("the worker process died while it ran this item, alone "
-                                "(killed, out of memory, or a crash in C code)")
+                                "(killed, out of memory, or a crash in C code), or its "
+                                "result could not be loaded here")
+        exc.__cause__ = cause
         self.failed(index, exc)
         if self.found is not None:
             handle, args, kwargs = self.found

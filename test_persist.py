@@ -2015,6 +2015,36 @@ class TestMapWorkerKilledCacheInfo(TempDirTest):
         self.assertEqual(done.stdout, "3 40\n3 80\n")
 
 
+class TestMapResultFailsToLoad(TempDirTest):
+    """A result that pickles in the worker but fails to load in the caller breaks the pool
+    as a dead worker does: the item fails, and its error keeps the pool's own, which holds
+    the traceback of the load (since 3.9), so that the cause is not lost."""
+
+    @unittest.skipIf(sys.version_info < (3, 9), "3.8's pool keeps no cause")
+    def test_the_load_error_is_the_cause(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, traceback, persist
+            def refuse():
+                raise ValueError("loads only in a worker")
+            class Odd:
+                def __reduce__(self):    # pickled in a worker: fails to load in the caller
+                    return (refuse, ())
+            def work(x):
+                return Odd() if x == 7 else x
+            if __name__ == "__main__":
+                try:
+                    persist.map(work, range(20), workers=2, progress=False)
+                except persist.Failures as exc:
+                    [(item, error)] = exc.failures
+                    text = "".join(traceback.format_exception(type(error), error, None))
+                    print(item, type(error).__name__, "loads only in a worker" in text)
+        """))
+        done = run_command([str(script)], timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, "7 BrokenProcessPool True\n")
+
+
 class TestVersionSwitch(MemoTest):
     """Opening a cache with another version= never deletes results: they are misses, reported
     as stale, and removed only on request."""
