@@ -3912,6 +3912,8 @@ _PROGRESS_EVERY = 0.2     # seconds between its updates
 _SHOWN_ITEMS = 3          # inputs the summary of Failures names per kind of error
 _BATCH_SECONDS = 0.05     # persist.map sends workers items in batches of about this long
 _BATCH_LIMIT = 1000       # items, at most, in one batch
+_SUSPECTS_HALVED = 256    # items lost with a dead worker, more than which run again in halves:
+                          # a new pool costs as much as a few hundred round trips (spawn)
 
 
 def _handle_of(func):
@@ -4197,8 +4199,10 @@ class _Run:
 
         own: makes a new pool of our own when a worker died (a crash in C code, killed, out
         of memory), which takes every batch then in flight with it. Those items run again
-        one at a time, each alone in the pool, so that one that kills its worker again is
-        known: it fails with BrokenProcessPool, and the run goes on past it.
+        alone in the pool, halves of them at a time while they are many (a batch of quick
+        items holds up to _BATCH_LIMIT, and one at a time each costs a round trip), then
+        one at a time, so that one that kills its worker again is known: it fails with
+        BrokenProcessPool, and the run goes on past it.
         """
         import concurrent.futures
         wait, first = concurrent.futures.wait, concurrent.futures.FIRST_COMPLETED
@@ -4207,8 +4211,9 @@ class _Run:
         pending: "Dict[concurrent.futures.Future[Tuple[List[_Outcome], float]], List[int]]" = {}
         todo = iter(range(len(self.items)))
         alone: "Deque[int]" = collections.deque()      # one a batch (see below)
-        suspects: "Deque[int]" = collections.deque()   # in flight when a worker died
-        suspect: "Optional[Tuple[int, float]]" = None  # (index, start) of the one running
+        # batches that were in flight when a worker died; (batch, start) of the one running
+        suspects: "Deque[List[int]]" = collections.deque()
+        suspect: "Optional[Tuple[List[int], float]]" = None
         size, left = 1, len(self.items)
         error: "Optional[Exception]" = None   # keep_going=False: the first failure
 
@@ -4221,8 +4226,8 @@ class _Run:
                 if suspects:
                     if pending:           # a suspect runs alone, and only then
                         return
-                    batch = [suspects.popleft()]
-                    suspect = (batch[0], time.perf_counter())
+                    batch = suspects.popleft()
+                    suspect = (batch, time.perf_counter())
                 else:
                     batch = [alone.popleft()] if alone else list(itertools.islice(todo, size))
                 if not batch:
@@ -4235,7 +4240,10 @@ class _Run:
                         raise self.pool_died() from exc
                     # not started: it goes first into the next pool (which the failure of
                     # what is in flight, if anything is, makes)
-                    (suspects if suspect is not None else alone).extendleft(reversed(batch))
+                    if suspect is not None:
+                        suspects.appendleft(batch)
+                    else:
+                        alone.extendleft(reversed(batch))
                     suspect = None
                     idle = not pending
                     return
@@ -4305,16 +4313,18 @@ class _Run:
                     left += len(lost)
                     _stop_workers(pool)
                     own.check_started()
-                    if suspect is not None and lost == [suspect[0]]:   # it ran alone: it
-                        left -= 1
-                        crash = self.worker_died(suspect[0], suspect[1], broken)
+                    if suspect is not None and len(lost) == 1 and lost == suspect[0]:
+                        left -= 1                                 # it ran alone: it
+                        crash = self.worker_died(lost[0], suspect[1], broken)
                         if not keep_going and error is None:
                             error = crash
+                    elif len(lost) > _SUSPECTS_HALVED:
+                        half = len(lost) // 2
+                        suspects.extendleft([lost[half:], lost[:half]])
                     else:
-                        suspects.extendleft(reversed(lost))
+                        suspects.extendleft([index] for index in reversed(lost))
                     pool = executor = own.new()
-                if suspect is not None and suspect[0] not in \
-                        {index for batch in pending.values() for index in batch}:
+                if suspect is not None and suspect[0] not in pending.values():
                     suspect = None
                 if error is not None:
                     for other in list(pending):     # what has not started never will

@@ -2015,6 +2015,35 @@ class TestMapWorkerKilledCacheInfo(TempDirTest):
         self.assertEqual(done.stdout, "3 40\n3 80\n")
 
 
+@unittest.skipUnless(POSIX, "SIGKILL")
+class TestMapWorkerKilledAmongManyQuickItems(TempDirTest):
+    """Quick items travel hundreds to a batch, so a dead worker takes thousands along: they
+    run again in halves while many (one at a time, each costs a round trip), and still
+    each killer, adjacent ones and the last item too, is found and nothing else fails."""
+
+    def test_each_killer_found_among_thousands(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, signal, persist
+            def work(x):
+                if x in (1500, 1501, 2999):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return x * 2
+            if __name__ == "__main__":
+                try:
+                    persist.map(work, range(3000), workers=2, progress=False)
+                except persist.Failures as exc:
+                    print([(item, type(error).__name__) for item, error in exc.failures])
+                    print(all(result == index * 2 for index, result in enumerate(exc.results)
+                              if index not in (1500, 1501, 2999)))
+        """))
+        done = run_command([str(script)], timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.splitlines(), [
+            "[(1500, 'BrokenProcessPool'), (1501, 'BrokenProcessPool'), "
+            "(2999, 'BrokenProcessPool')]", "True"])
+
+
 class TestMapResultFailsToLoad(TempDirTest):
     """A result that pickles in the worker but fails to load in the caller breaks the pool
     as a dead worker does: the item fails, and its error keeps the pool's own, which holds
