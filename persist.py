@@ -4223,8 +4223,10 @@ class _Run:
             # type: () -> None
             nonlocal left, suspect, idle
             while len(pending) < window:
+                if suspect is not None:   # a suspect runs alone: nothing joins it
+                    return
                 if suspects:
-                    if pending:           # a suspect runs alone, and only then
+                    if pending:           # and starts only then
                         return
                     batch = suspects.popleft()
                     suspect = (batch, time.perf_counter())
