@@ -3913,6 +3913,8 @@ _PROGRESS_EVERY = 0.2     # seconds between its updates
 _SHOWN_ITEMS = 3          # inputs the summary of Failures names per kind of error
 _BATCH_SECONDS = 0.05     # persist.map sends workers items in batches of about this long
 _BATCH_LIMIT = 1000       # items, at most, in one batch
+_SUSPECTS_HALVED = 256    # items lost with a dead worker, more than which run again in halves:
+                          # a new pool costs as much as a few hundred round trips (spawn)
 
 
 def _handle_of(func):
@@ -4021,11 +4023,15 @@ def _type_label(kind):
         "%s.%s" % (module, kind.__qualname__)
 
 
-def _worker_start(stop, started):
-    # type: (Optional[_Event], Any) -> None
+def _worker_start(stop, started, func):
+    # type: (Optional[_Event], Any, Callable[[Any], Any]) -> None
     """Each worker of persist.map's own pool ignores Ctrl-C: the parent stops them all, at
     once and without a traceback from each. stop: see _run. started: shared memory that the
-    first worker to get this far sets (see _OwnPool)."""
+    first worker to get this far sets (see _OwnPool). func: persist.map's, not used here:
+    it comes with the worker's arguments so that a module of it that fails to import in a
+    new process kills the worker before this runs, a start that _OwnPool.check_started
+    reports, not a death with each batch (under spawn, a batch loads func only when it
+    arrives), which would blame every item in turn."""
     global _STOP
     _STOP = stop
     import signal
@@ -4036,9 +4042,9 @@ def _worker_start(stop, started):
 class _OwnPool:
     """persist.map's own pool of worker processes, made anew after a worker died."""
 
-    def __init__(self, workers, context, stop):
-        # type: (int, Any, Optional[_Event]) -> None
-        self.workers, self.context, self.stop = workers, context, stop
+    def __init__(self, workers, context, stop, func):
+        # type: (int, Any, Optional[_Event], Callable[[Any], Any]) -> None
+        self.workers, self.context, self.stop, self.func = workers, context, stop, func
         self.started = None  # type: Any
 
     def new(self):
@@ -4049,7 +4055,7 @@ class _OwnPool:
         self.started = self.context.RawValue("b", 0)   # no lock: any worker sets it to 1
         return concurrent.futures.ProcessPoolExecutor(
             self.workers, self.context, initializer=_worker_start,
-            initargs=(self.stop, self.started))
+            initargs=(self.stop, self.started, self.func))
 
     def check_started(self):
         # type: () -> None
@@ -4208,8 +4214,10 @@ class _Run:
 
         own: makes a new pool of our own when a worker died (a crash in C code, killed, out
         of memory), which takes every batch then in flight with it. Those items run again
-        one at a time, each alone in the pool, so that one that kills its worker again is
-        known: it fails with BrokenProcessPool, and the run goes on past it.
+        alone in the pool, halves of them at a time while they are many (a batch of quick
+        items holds up to _BATCH_LIMIT, and one at a time each costs a round trip), then
+        one at a time, so that one that kills its worker again is known: it fails with
+        BrokenProcessPool, and the run goes on past it.
         """
         import concurrent.futures
         wait, first = concurrent.futures.wait, concurrent.futures.FIRST_COMPLETED
@@ -4218,8 +4226,9 @@ class _Run:
         pending: "Dict[concurrent.futures.Future[Tuple[List[_Outcome], float]], List[int]]" = {}
         todo = iter(range(len(self.items)))
         alone: "Deque[int]" = collections.deque()      # one a batch (see below)
-        suspects: "Deque[int]" = collections.deque()   # in flight when a worker died
-        suspect: "Optional[Tuple[int, float]]" = None  # (index, start) of the one running
+        # batches that were in flight when a worker died; (batch, start) of the one running
+        suspects: "Deque[List[int]]" = collections.deque()
+        suspect: "Optional[Tuple[List[int], float]]" = None
         size, left = 1, len(self.items)
         error: "Optional[Exception]" = None   # keep_going=False: the first failure
 
@@ -4229,11 +4238,13 @@ class _Run:
             # type: () -> None
             nonlocal left, suspect, idle
             while len(pending) < window:
+                if suspect is not None:   # a suspect runs alone: nothing joins it
+                    return
                 if suspects:
-                    if pending:           # a suspect runs alone, and only then
+                    if pending:           # and starts only then
                         return
-                    batch = [suspects.popleft()]
-                    suspect = (batch[0], time.perf_counter())
+                    batch = suspects.popleft()
+                    suspect = (batch, time.perf_counter())
                 else:
                     batch = [alone.popleft()] if alone else list(itertools.islice(todo, size))
                 if not batch:
@@ -4246,7 +4257,10 @@ class _Run:
                         raise self.pool_died() from exc
                     # not started: it goes first into the next pool (which the failure of
                     # what is in flight, if anything is, makes)
-                    (suspects if suspect is not None else alone).extendleft(reversed(batch))
+                    if suspect is not None:
+                        suspects.appendleft(batch)
+                    else:
+                        alone.extendleft(reversed(batch))
                     suspect = None
                     idle = not pending
                     return
@@ -4290,6 +4304,7 @@ class _Run:
                     continue
                 finished, _ = wait(pending, _PROGRESS_EVERY, first)
                 lost: "List[int]" = []         # items of batches a dead worker took along
+                broken: "Optional[BaseException]" = None    # the pool's error for them
                 for future in finished:
                     batch = pending.pop(future)
                     try:
@@ -4298,6 +4313,7 @@ class _Run:
                         if own is None:
                             raise self.pool_died() from exc
                         lost += batch
+                        broken = exc
                         continue
                     except Exception as exc:
                         if len(batch) > 1:      # a result that could not travel: find it
@@ -4314,16 +4330,18 @@ class _Run:
                     left += len(lost)
                     _stop_workers(pool)
                     own.check_started()
-                    if suspect is not None and lost == [suspect[0]]:   # it ran alone: it
-                        left -= 1
-                        crash = self.worker_died(suspect[0], suspect[1])
+                    if suspect is not None and len(lost) == 1 and lost == suspect[0]:
+                        left -= 1                                 # it ran alone: it
+                        crash = self.worker_died(lost[0], suspect[1], broken)
                         if not keep_going and error is None:
                             error = crash
+                    elif len(lost) > _SUSPECTS_HALVED:
+                        half = len(lost) // 2
+                        suspects.extendleft([lost[half:], lost[:half]])
                     else:
-                        suspects.extendleft(reversed(lost))
+                        suspects.extendleft([index] for index in reversed(lost))
                     pool = executor = own.new()
-                if suspect is not None and suspect[0] not in \
-                        {index for batch in pending.values() for index in batch}:
+                if suspect is not None and suspect[0] not in pending.values():
                     suspect = None
                 if error is not None:
                     for other in list(pending):     # what has not started never will
@@ -4357,16 +4375,21 @@ class _Run:
                             "stored): run again to compute the rest, or use workers=, whose "
                             "pool persist.map replaces" % (self.reused + self.computed))
 
-    def worker_died(self, index, start):
-        # type: (int, float) -> Exception
+    def worker_died(self, index, start, cause):
+        # type: (int, float, Optional[BaseException]) -> Exception
         """Record that the worker running the item at index alone died: a failure of that
-        item (in the ledger too, for a memoized func), as BrokenProcessPool."""
+        item (in the ledger too, for a memoized func), as BrokenProcessPool. cause: the
+        pool's own error, kept because it may know better (since 3.9, the traceback of a
+        result that failed to load here)."""
         from concurrent.futures.process import BrokenProcessPool
         exc = BrokenProcessPool("the worker process died while it ran this item, alone "
-                                "(killed, out of memory, or a crash in C code)")
+                                "(killed, out of memory, or a crash in C code), or its "
+                                "result could not be loaded here")
+        exc.__cause__ = cause
         self.failed(index, exc)
         if self.found is not None:
             handle, args, kwargs = self.found
+            handle._memo.misses += 1    # a call that stored nothing, as one that raised counts
             # best effort: the item failed whether or not the ledger can take it
             with contextlib.suppress(Exception):
                 call = (args + (self.items[index],), kwargs)
@@ -5052,7 +5075,7 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
             context = multiprocessing.get_context()
             stop = None if keep_going else context.Event()
 
-            own = _OwnPool(workers, context, stop)
+            own = _OwnPool(workers, context, stop, func)
             pool = own.new()
             run.parallel(pool, workers, keep_going, True, pool, None, own)
         else:

@@ -1984,6 +1984,96 @@ class TestMapWorkerKilled(TempDirTest):
         self.assertTrue(out.endswith("True\n"))
 
 
+@unittest.skipUnless(POSIX, "SIGKILL")
+class TestMapWorkerKilledCacheInfo(TempDirTest):
+    """An item that kills its worker is a call that ran and stored nothing: a miss in the
+    caller's cache_info(), like an item that raises, so that hits and misses add up to the
+    items."""
+
+    def test_hits_and_misses_count_every_item(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, signal, sys, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def work(x):
+                if x in (3, 30):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if x == 7:
+                    raise ValueError(x)
+                return x
+            if __name__ == "__main__":
+                for run in range(2):
+                    try:
+                        persist.map(work, range(40), workers=2, progress=False)
+                    except persist.Failures as exc:
+                        print(len(exc.failures), end=" ")
+                    info = work.cache_info()
+                    print(info.hits + info.misses)
+        """))
+        done = run_command([str(script), self.dir], timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, "3 40\n3 80\n")
+
+
+@unittest.skipUnless(POSIX, "SIGKILL")
+class TestMapWorkerKilledAmongManyQuickItems(TempDirTest):
+    """Quick items travel hundreds to a batch, so a dead worker takes thousands along: they
+    run again in halves while many (one at a time, each costs a round trip), and still
+    each killer, adjacent ones and the last item too, is found and nothing else fails."""
+
+    def test_each_killer_found_among_thousands(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, signal, persist
+            def work(x):
+                if x in (1500, 1501, 2999):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return x * 2
+            if __name__ == "__main__":
+                try:
+                    persist.map(work, range(3000), workers=2, progress=False)
+                except persist.Failures as exc:
+                    print([(item, type(error).__name__) for item, error in exc.failures])
+                    print(all(result == index * 2 for index, result in enumerate(exc.results)
+                              if index not in (1500, 1501, 2999)))
+        """))
+        done = run_command([str(script)], timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.splitlines(), [
+            "[(1500, 'BrokenProcessPool'), (1501, 'BrokenProcessPool'), "
+            "(2999, 'BrokenProcessPool')]", "True"])
+
+
+class TestMapResultFailsToLoad(TempDirTest):
+    """A result that pickles in the worker but fails to load in the caller breaks the pool
+    as a dead worker does: the item fails, and its error keeps the pool's own, which holds
+    the traceback of the load (since 3.9), so that the cause is not lost."""
+
+    @unittest.skipIf(sys.version_info < (3, 9), "3.8's pool keeps no cause")
+    def test_the_load_error_is_the_cause(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, traceback, persist
+            def refuse():
+                raise ValueError("loads only in a worker")
+            class Odd:
+                def __reduce__(self):    # pickled in a worker: fails to load in the caller
+                    return (refuse, ())
+            def work(x):
+                return Odd() if x == 7 else x
+            if __name__ == "__main__":
+                try:
+                    persist.map(work, range(20), workers=2, progress=False)
+                except persist.Failures as exc:
+                    [(item, error)] = exc.failures
+                    text = "".join(traceback.format_exception(type(error), error, None))
+                    print(item, type(error).__name__, "loads only in a worker" in text)
+        """))
+        done = run_command([str(script)], timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, "7 BrokenProcessPool True\n")
+
+
 class TestVersionSwitch(MemoTest):
     """Opening a cache with another version= never deletes results: they are misses, reported
     as stale, and removed only on request."""
@@ -5215,6 +5305,38 @@ class TestMapWithoutMainGuard(TempDirTest):
         # the workers' own tracebacks (and multiprocessing's warnings) come around it
         self.assertRegex(done.stderr, r"\nRuntimeError: persist.map: its worker processes died "
                                       r"as they started.*if __name__ == '__main__'")
+
+
+class TestMapFuncModuleFailsInWorker(TempDirTest):
+    """func's module imports in the caller but raises in a new process (a script that
+    imports it only under if __name__ == "__main__":, under spawn): every worker dies as
+    it loads func, so the run stops with an error that says so, rather than blaming each
+    item in turn, a new pool for each."""
+
+    @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
+    def test_clear_error_and_no_item_blamed(self):
+        (self.path / "tasks.py").write_text(textwrap.dedent("""
+            import os
+            if os.environ.get("IN_WORKER"):
+                raise ImportError("tasks needs the parent's setup")
+            def work(x):
+                return x * 2
+        """))
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import multiprocessing, os, persist
+            if __name__ == "__main__":
+                import tasks
+                os.environ["IN_WORKER"] = "1"        # the workers inherit it
+                multiprocessing.set_start_method("spawn", force=True)
+                try:
+                    persist.map(tasks.work, range(6), workers=2, progress=False)
+                except Exception as exc:
+                    print(type(exc).__name__, "imports in a new process" in str(exc))
+        """))
+        done = run_command([str(script)], cwd=self.dir, timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, "RuntimeError True\n")
 
 
 class TestMapInterrupted(TempDirTest):
