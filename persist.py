@@ -4074,10 +4074,14 @@ def _stop_workers(pool):
     # type: (ProcessPoolExecutor) -> None
     """End a ProcessPoolExecutor's workers now, whatever they are running."""
     # best effort, through a private attribute: without it, shutdown() waits for the calls
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
         with contextlib.suppress(Exception):
             process.terminate()
     pool.shutdown(wait=True)
+    for process in processes:    # reaped here, whatever shutdown() did: no zombie outlives us
+        with contextlib.suppress(Exception):
+            process.join(_ASIDE_TIMEOUT)
 
 
 def _took(seconds):
