@@ -78,11 +78,16 @@ if TYPE_CHECKING:
     import datetime
     from concurrent.futures import Executor, ProcessPoolExecutor
     import pathlib
-    from typing import (IO, Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List,
-                        NamedTuple, Optional, OrderedDict, Sequence, Set, Tuple, TypeVar,
-                        Union, overload)
-    from typing_extensions import (Buffer, Concatenate, Literal, ParamSpec, Protocol, Self,
-                                   TypeAlias)
+    # typing's own names only (ParamSpec, Concatenate and TypeAlias: a target of 3.10 or
+    # newer, as mypy 2 checks for): persist.py names no module outside the standard library
+    from typing import (IO, Any, Callable, Concatenate, Deque, Dict, FrozenSet, Iterable,
+                        Iterator, List, Literal, NamedTuple, Optional, OrderedDict, ParamSpec,
+                        Protocol, Sequence, Set, Tuple, TypeAlias, TypeVar, Union, overload)
+
+    class Buffer(Protocol):
+        """What bytes() takes: collections.abc.Buffer, which typing has only from 3.12 on."""
+
+        def __buffer__(self, flags: int, /) -> memoryview: ...
 
     _P = ParamSpec("_P")
     _Q = ParamSpec("_Q")
@@ -139,7 +144,8 @@ if TYPE_CHECKING:
         def explain(self, *args: _P.args, **kwargs: _P.kwargs) -> "_Explanation": ...
 
         @overload
-        def __get__(self, instance: None, owner: Optional[type] = None) -> Self: ...
+        def __get__(self, instance: None, owner: Optional[type] = None
+                    ) -> "_MemoizedFunction[_P, _R]": ...
         @overload
         def __get__(self: "_MemoizedFunction[Concatenate[_T, _Q], _R]", instance: _T,
                     owner: Optional[type] = None) -> "_MemoizedFunction[_Q, _R]": ...
