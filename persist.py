@@ -4301,15 +4301,21 @@ class _Run:
                 size = max(1, min(int(_BATCH_SECONDS * len(outcomes) / seconds),
                                   left // (2 * width) or 1, _BATCH_LIMIT))
 
+        def replace_pool():
+            # type: () -> None
+            """A worker died, and the pool with it: stop what is left, go on in a new one."""
+            nonlocal pool, executor
+            assert own is not None and pool is not None
+            _stop_workers(pool)
+            own.check_started()
+            pool = executor = own.new()
+
         try:
             submit()
             while pending or idle:
                 if idle:
-                    assert own is not None and pool is not None
                     idle = False
-                    _stop_workers(pool)
-                    own.check_started()
-                    pool = executor = own.new()
+                    replace_pool()
                     submit()
                     continue
                 finished, _ = wait(pending, _PROGRESS_EVERY, first)
@@ -4333,13 +4339,11 @@ class _Run:
                         outcomes, seconds = [(False, exc, None)], 0.0
                     take(batch, outcomes, seconds)
                 if lost:
-                    assert own is not None and pool is not None
                     lost += [index for batch in pending.values() for index in batch]
                     pending.clear()              # each failed with the pool, or will
                     lost.sort()
                     left += len(lost)
-                    _stop_workers(pool)
-                    own.check_started()
+                    replace_pool()
                     if suspect is not None and len(lost) == 1 and lost == suspect[0]:
                         left -= 1                                 # it ran alone: it
                         crash = self.worker_died(lost[0], suspect[1], broken)
@@ -4350,7 +4354,6 @@ class _Run:
                         suspects.extendleft([lost[half:], lost[:half]])
                     else:
                         suspects.extendleft([index] for index in reversed(lost))
-                    pool = executor = own.new()
                 if suspect is not None and suspect[0] not in pending.values():
                     suspect = None
                 if error is not None:
