@@ -4758,10 +4758,22 @@ def _shelve_items(path, kind):
             try:
                 # Out of WAL mode first, which needs the only connection to it: then the file
                 # holds all of it, and leaves no -wal file that SQLite would replay into the
-                # store that takes its name.
-                (mode,), = _fetch(conn, "PRAGMA journal_mode=DELETE")
-                if mode.lower() == "wal":
-                    raise busy
+                # store that takes its name. While any other connection is open, such as
+                # another process looking at what the file is (_shelve_kind), SQLite
+                # answers "wal" or fails at once, busy handler or not: wait for those.
+                deadline = time.monotonic() + _ASIDE_TIMEOUT
+                while True:
+                    try:
+                        (mode,), = _fetch(conn, "PRAGMA journal_mode=DELETE")
+                    except sqlite3.OperationalError as exc:
+                        if "locked" not in str(exc) and "busy" not in str(exc):
+                            raise
+                        mode = "wal"
+                    if mode.lower() != "wal":
+                        break
+                    if time.monotonic() > deadline:
+                        raise busy
+                    time.sleep(0.01)
                 rows = conn.execute("SELECT key, value FROM Dict")
                 yield ((bytes(key) if isinstance(key, (bytes, memoryview)) else
                         str(key).encode("utf-8"), bytes(value)) for key, value in rows)

@@ -6039,6 +6039,38 @@ class TestOpenOverDbmSqlite3(ShelveFileTest):
         self.assertIn("a new, empty persist store has its name", str(caught.warning))
         self.assertEqual(content(self.path / "plain_shelf.before-persist"), before)
 
+    def test_one_open_elsewhere_for_a_moment_is_waited_for(self):
+        # Another process looking at what the file is (as persist.open does) holds it open
+        # for a moment: SQLite then keeps it in WAL mode, or fails at once. That is waited for.
+        handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
+        code = textwrap.dedent("""
+            import sqlite3, sys
+            conn = sqlite3.connect(sys.argv[1])
+            conn.execute("SELECT count(*) FROM Dict").fetchall()
+            print("open", flush=True)
+            sys.stdin.readline()
+            conn.close()
+        """)
+        other = subprocess.Popen([sys.executable, "-c", code, str(self.path / "plain_shelf")],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 universal_newlines=True)
+        self.assertEqual(other.stdout.readline(), "open\n")
+        waited = []
+
+        def sleep(seconds):               # persist waits: now the other one closes it
+            if not waited:
+                other.communicate("close\n")
+            waited.append(seconds)
+
+        with mock.patch.object(persist.time, "sleep", sleep):
+            with self.assertWarns(persist.PersistWarning):
+                persist.open(self.path / "plain_shelf").close()
+        self.assertTrue(waited)
+        self.assertEqual(other.returncode, 0)
+        self.assertNoTemp()
+        with persist.open(self.path / "plain_shelf", "r") as shelf:
+            self.assertEqual(dict(shelf), ITEMS)
+
     def test_two_processes_at_once(self):
         handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
         code = textwrap.dedent("""
