@@ -1088,14 +1088,41 @@ def _after_fork_in_child():
 def _close_all():
     # type: () -> None
     """At exit: close every connection, so the last one out removes the -wal and -shm files."""
+    written = set()
     for conn in list(_CONNECTIONS):
         # best effort: at exit, a connection another thread is using stays as it is
         with contextlib.suppress(Exception):
             if conn._lock.acquire(blocking=False):
                 try:
+                    if conn._conn is not None and conn.mode != "ro":
+                        written.add(conn.path)
                     conn.close()          # a _Connection: _close() takes sqlite3's own
                 finally:
                     conn._lock.release()
+    for path in written:
+        with contextlib.suppress(Exception):
+            _remove_log(path)
+
+
+def _remove_log(path):
+    # type: (str) -> None
+    """SQLite removes the log when the last connection to the cache closes. But processes
+    that close at the same instant can each see the other still there, and all leave it
+    (seen in CI: four workers ending together): look again, a few times, on a connection of
+    our own, which removes it if this process is the last one out by now."""
+    for _ in range(3):
+        if not os.path.exists(path + "-wal"):
+            return
+        try:
+            conn = sqlite3.connect(_uri(path, "rw"), uri=True, timeout=0.1)
+        except sqlite3.Error:
+            return                        # the cache is gone meanwhile: nothing to do
+        try:
+            _fetch(conn, "SELECT 1 FROM sqlite_master LIMIT 1")   # reads: opens the log
+        except sqlite3.Error:
+            pass
+        finally:
+            _close(conn)
 
 
 if hasattr(os, "register_at_fork"):
