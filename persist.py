@@ -1501,7 +1501,15 @@ class _Store:
             # type: (sqlite3.Connection) -> None
             conn.execute("PRAGMA busy_timeout=%d" % (_ASIDE_TIMEOUT * 1000))
             try:
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                # While another connection checkpoints (SQLite's own automatic checkpoint,
+                # which every commit runs once the log is large, or a FULL one waiting for
+                # an old reader), SQLite answers busy at once, without waiting: try again
+                # until the log is restarted, by us or by another process.
+                deadline = time.monotonic() + _ASIDE_TIMEOUT
+                while (_fetch(conn, "PRAGMA wal_checkpoint(TRUNCATE)")[0][0] and
+                       _size(self.path + "-wal") > _LOG_LIMIT and
+                       time.monotonic() < deadline):
+                    time.sleep(0.005)
             finally:
                 conn.execute("PRAGMA busy_timeout=%d" % (_BUSY_TIMEOUT * 1000))
         # best effort: a reader that stays longer than _ASIDE_TIMEOUT defers it to next time

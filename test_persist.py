@@ -3866,6 +3866,49 @@ class TestReadersRaceDeleters(TempDirTest):
         self.assertEqual(on_disk, named)
 
 
+@unittest.skipUnless(POSIX, "SQLite's shared-memory locks as fcntl() byte locks")
+class TestLogRestartedPastAnotherCheckpoint(TempDirTest):
+    """While another connection checkpoints (SQLite's automatic checkpoint in another
+    process, say), SQLite answers persist's restart of the log with busy at once, without
+    waiting: persist tries again, and the log does not stay past its limit."""
+
+    # Another process checkpointing holds the checkpoint lock: byte 121 of the -shm file
+    # (SQLite's walformat.html, "the WAL-index lock bytes"), which this one takes by hand.
+    OTHER = """
+        import fcntl, sys
+        with open(sys.argv[1] + "-shm", "r+b") as shm:
+            fcntl.lockf(shm, fcntl.LOCK_EX, 1, 121)
+            print("checkpointing", flush=True)
+            sys.stdin.readline()
+    """
+
+    def test_log_restarted(self):
+        cache = self.path / "shelf"
+        shelf = persist.open(cache)
+        self.addCleanup(shelf.close)
+        shelf["first"] = 1
+        other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.OTHER), str(cache)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 universal_newlines=True)
+        self.addCleanup(other.wait)
+        self.assertEqual(other.stdout.readline(), "checkpointing\n")
+        tries = []
+
+        def sleep(seconds):                       # persist tries again: the other one is done
+            if not tries:
+                other.communicate("done\n")
+            tries.append(seconds)
+
+        with mock.patch.object(persist.time, "sleep", sleep):
+            i = 0
+            while not tries and i < 1000:       # past the limit, a restart every 32 stores
+                shelf["k%d" % (i % 50)] = b"x" * 150000
+                i += 1
+        self.assertTrue(tries, "no restart was found busy")
+        self.assertEqual(other.returncode, 0)
+        self.assertLess(os.path.getsize(str(cache) + "-wal"), 1 << 20)   # not left at 16 MB
+
+
 class TestLogStaysBounded(TempDirTest):
     """Processes calling a slow memoized function do not make the write-ahead log grow
     without bound, and a normal exit leaves no log behind."""
