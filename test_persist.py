@@ -5360,8 +5360,13 @@ class TestMapInterrupted(TempDirTest):
     def test_ctrl_c_stops_workers_and_keeps_what_finished(self):
         script = self.path / "job.py"
         script.write_text(textwrap.dedent("""
-            import os, sys, time
+            import os, signal, sys, time
             import persist
+
+            # Ctrl-C as in a terminal, even when the test runs where SIGINT is ignored (started
+            # in the background by a shell): Python installs no handler then, and this child
+            # would inherit the SIG_IGN.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
             @persist.memoize(cache_dir=os.environ["CACHE"], name="slow")
             def slow(x):
