@@ -1650,8 +1650,10 @@ class TestExplainHit(ExplainTest):
         explanation = f.explain(1)
         self.assertTrue(explanation.hit)
         self.assertEqual(explanation.reason, "hit")
+        # how long the call took is measured: a busy machine can stretch even this one past
+        # 1 ms (test_seconds_of_quick_and_slow_calls checks each form with fixed figures)
         self.assertRegex(str(explanation), r"^hit: stored \d{4}-\d\d-\d\d \d\d:\d\d \(\d+s ago\), "
-                                           r"computed in under 1 ms$")
+                                           r"computed in (under 1 ms|\d+ ms|\d+\.\d s)$")
         self.assertGreaterEqual(explanation.stored, before - 1)
         self.assertGreaterEqual(explanation.seconds, 0)
         self.assertEqual(explanation.path, info.path)
@@ -1689,12 +1691,13 @@ class TestExplainHit(ExplainTest):
         asyncio.run(fetch(1))
         self.assertTrue(fetch.explain(1).hit)
 
-    def test_seconds_of_a_slow_call(self):
+    def test_seconds_of_quick_and_slow_calls(self):
         f = self.memo(lambda x: x)
         f(1)
-        self.sql(f, "UPDATE Dict SET seconds = 75.25")
-        self.assertRegex(str(f.explain(1)), r", computed in 75.2 s$")
-        self.assertEqual(f.explain(1).seconds, 75.25)
+        for seconds, text in ((0.0004, "under 1 ms"), (0.0123, "12 ms"), (75.25, "75.2 s")):
+            self.sql(f, "UPDATE Dict SET seconds = %r" % seconds)
+            self.assertRegex(str(f.explain(1)), r", computed in %s$" % text)
+            self.assertEqual(f.explain(1).seconds, seconds)
 
 
 class TestExplainNoEntry(ExplainTest):
@@ -3931,13 +3934,18 @@ class TestLogStaysBounded(TempDirTest):
                                      self.dir, str(n * 1000000)], env=child_env())
                    for n in range(4)]
         wal = self.path / "slow.db-wal"
-        largest = 0
+        largest = size = restarts = 0
         while any(worker.poll() is None for worker in workers):
             with contextlib.suppress(FileNotFoundError):
-                largest = max(largest, wal.stat().st_size)
+                now = wal.stat().st_size
+                restarts += now < size        # a failure says whether restarts were seen
+                size, largest = now, max(largest, now)
             threading.Event().wait(0.01)
         self.assertEqual([worker.wait() for worker in workers], [0, 0, 0, 0])
-        self.assertLess(largest, 64 << 20)   # without restarts: 240 MB in this time, quiet
+        # without restarts: 240 MB in this time, quiet
+        self.assertLess(largest, 64 << 20, "the log was seen restarted %d times" % restarts)
+        # The workers end together (equal deadlines), the case where each can see another
+        # still open as it closes, and none removes the log but for persist's second look.
         self.assertFalse(wal.exists())
         self.assertFalse((self.path / "slow.db-shm").exists())
 
@@ -4564,12 +4572,13 @@ class TestTorture(TempDirTest):
 
     def test_killed_writers_lose_nothing_reported(self):
         rng = random.Random()
-        reported, lock, first = set(), threading.Lock(), threading.Event()
+        reported, lock = set(), threading.Lock()
 
         def spawn():
             child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.WORKER),
                                       self.dir, str(rng.randrange(3000))], env=child_env(),
                                      stdout=subprocess.PIPE, universal_newlines=True)
+            first = threading.Event()
 
             def collect():
                 for line in child.stdout:
@@ -4579,19 +4588,25 @@ class TestTorture(TempDirTest):
 
             reader = threading.Thread(target=collect)
             reader.start()
-            return child, reader
+            return child, reader, first
 
         workers = [spawn() for _ in range(8)]
         kills = 0
         try:
-            # The clock starts at the first reported result, so that a slow start (PyPy's
-            # workers took the whole second) does not eat the torture; at least one kill.
-            self.assertTrue(first.wait(120), "no worker reported a result within 120 s")
+            # The clock starts once each worker has reported a result, so that a slow start
+            # (PyPy's workers took the whole second) does not eat the torture; at least one
+            # kill. Not before: a worker still making the cache would leave its half-made
+            # file, which persist keeps for a minute as it may be a live creator's (see
+            # TestCreationLeftHalfMade); a loaded machine left one behind in 2 runs of 6.
+            deadline = __import__("time").monotonic() + 120
+            for _, _, first in workers:
+                self.assertTrue(first.wait(max(0, deadline - __import__("time").monotonic())),
+                                "a worker reported no result within 120 s")
             deadline = __import__("time").monotonic() + TORTURE_SECONDS
             while kills == 0 or __import__("time").monotonic() < deadline:
                 threading.Event().wait(rng.uniform(0, 0.2))
                 n = rng.randrange(8)
-                child, reader = workers[n]
+                child, reader, _ = workers[n]
                 child.kill()
                 child.wait()
                 reader.join()
@@ -4599,7 +4614,7 @@ class TestTorture(TempDirTest):
                 kills += 1
                 workers[n] = spawn()
         finally:
-            for child, reader in workers:
+            for child, reader, _ in workers:
                 child.kill()
                 child.wait()
                 reader.join()
@@ -5286,6 +5301,16 @@ def parse(text):
         raise Unpicklable(threading.Lock())
     if text == "two":
         raise NeedsTwo(1, 2)
+    if int(text) >= 100:
+        # The second run's items wait for '?x' to have failed, which another worker runs
+        # meanwhile, and whose record comes after it stops the others: one started before
+        # may finish, no other may start. Else a loaded machine let the worker with these
+        # items store a few of them before '?x' even ran.
+        deadline = time.monotonic() + 120
+        while not any("'?x'" in failure.args for failure in parse.failures()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("'?x' did not fail within 120 s")
+            time.sleep(0.01)
     return int(text), os.getpid()
 
 class Unpicklable(Exception):
@@ -5311,7 +5336,7 @@ if __name__ == "__main__":
         persist.map(parse, ["1", "?x"] + [str(i) for i in range(100, 200)], workers=2,
                     keep_going=False, progress=False)
     except ValueError as exc:
-        print(exc, parse.cache_info().entries <= 42)   # none starts after the failure
+        print(exc, parse.cache_info().entries <= 41)   # none starts after the failure
 """
 
 
@@ -5400,8 +5425,13 @@ class TestMapInterrupted(TempDirTest):
     def test_ctrl_c_stops_workers_and_keeps_what_finished(self):
         script = self.path / "job.py"
         script.write_text(textwrap.dedent("""
-            import os, sys, time
+            import os, signal, sys, time
             import persist
+
+            # Ctrl-C as in a terminal, even when the test runs where SIGINT is ignored (started
+            # in the background by a shell): Python installs no handler then, and this child
+            # would inherit the SIG_IGN.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
             @persist.memoize(cache_dir=os.environ["CACHE"], name="slow")
             def slow(x):
