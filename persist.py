@@ -675,10 +675,12 @@ if TYPE_CHECKING:
     _WRITING_AT_FORK: Set[str]
     _CREATING: Set[str]
     _ABANDONED: List[sqlite3.Connection]
+    _EXITED: bool
 _CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
 _FORKING = []                      # per fork under way, what its _before_fork() holds
 _WRITING_AT_FORK = set()           # caches a signal handler forked in the middle of using
 _CREATING = set()                  # caches _Store._create() is making in this process
+_EXITED = False                    # _close_all() has run: each use closes its connection
 _ABANDONED = []                    # connections a racing thread opened during fork(): never
                                    # used or closed in the child (closing would unlock the parent's)
 
@@ -760,6 +762,8 @@ class _Connection:
                         raise _sqlite_error(exc, self.path) from None
                 finally:
                     self._depth = 0
+                    if _EXITED:
+                        self._close_conn()
 
     def query(self, sql, params=()):
         # type: (str, Sequence[Any]) -> List[Any]
@@ -780,6 +784,8 @@ class _Connection:
                     raise _sqlite_error(exc, self.path) from None
             finally:
                 self._depth = 0
+                if _EXITED:
+                    self._close_conn()
         return self.run(_fetch, sql, params)       # once more, on a connection made anew
 
     def _lost_its_log(self, exc):
@@ -1088,6 +1094,11 @@ def _after_fork_in_child():
 def _close_all():
     # type: () -> None
     """At exit: close every connection, so the last one out removes the -wal and -shm files."""
+    # A daemon thread may use a cache after this, until the interpreter stops it where it
+    # is: a connection it opens then would never be closed, and leave the log. So from now
+    # on each use closes its own.
+    global _EXITED
+    _EXITED = True
     written = set()
     for conn in list(_CONNECTIONS):
         # best effort: at exit, a connection another thread is using stays as it is

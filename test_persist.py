@@ -3899,6 +3899,35 @@ class TestLogStaysBounded(TempDirTest):
         self.assertFalse((self.path / "slow.db-shm").exists())
 
 
+class TestDaemonThreadAfterExitCloses(TempDirTest):
+    """A daemon thread still running at exit, which uses a cache after persist closed its
+    connections, leaves no log behind: its connection is not left open for ever."""
+
+    def test_use_after_close_all_leaves_no_log(self):
+        run_python("""
+            import atexit, threading
+            go, inside = threading.Event(), threading.Event()
+            # registered before persist's own: runs after it has closed its connections
+            atexit.register(lambda: (go.set(), inside.wait()))
+            import persist
+            @persist.memoize(cache_dir=%r, name="late")
+            def f(x):
+                if x == "stay":           # the thread is in here when the process ends
+                    inside.set()
+                    threading.Event().wait()
+                return x
+            f(0)
+            def late():
+                go.wait()
+                f(1)                      # a write, on a connection opened at exit
+                f("stay")
+            threading.Thread(target=late, daemon=True).start()
+        """ % self.dir)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["late.db"])
+        with persist.open(self.path / "late.db", "r") as shelf:
+            self.assertEqual(len(shelf), 2)
+
+
 class TestDiskFootprint(TempDirTest):
     def test_a_normal_run_leaves_little_more_than_its_data(self):
         run_python("""
