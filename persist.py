@@ -675,10 +675,14 @@ if TYPE_CHECKING:
     _WRITING_AT_FORK: Set[str]
     _CREATING: Set[str]
     _ABANDONED: List[sqlite3.Connection]
+    _EXITED: bool
+    _WRITTEN: Set[str]
 _CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
 _FORKING = []                      # per fork under way, what its _before_fork() holds
 _WRITING_AT_FORK = set()           # caches a signal handler forked in the middle of using
 _CREATING = set()                  # caches _Store._create() is making in this process
+_EXITED = False                    # _close_all() has run: each use closes its connection
+_WRITTEN = set()                   # caches this process has closed a writer's connection to
 _ABANDONED = []                    # connections a racing thread opened during fork(): never
                                    # used or closed in the child (closing would unlock the parent's)
 
@@ -760,6 +764,8 @@ class _Connection:
                         raise _sqlite_error(exc, self.path) from None
                 finally:
                     self._depth = 0
+                    if _EXITED:
+                        self._close_conn()
 
     def query(self, sql, params=()):
         # type: (str, Sequence[Any]) -> List[Any]
@@ -780,6 +786,8 @@ class _Connection:
                     raise _sqlite_error(exc, self.path) from None
             finally:
                 self._depth = 0
+                if _EXITED:
+                    self._close_conn()
         return self.run(_fetch, sql, params)       # once more, on a connection made anew
 
     def _lost_its_log(self, exc):
@@ -946,6 +954,8 @@ class _Connection:
     def _close_conn(self):
         # type: () -> None
         if self._conn is not None:
+            if self.mode != "ro":         # exit takes another look at its log: _close_all()
+                _WRITTEN.add(self.path)
             _close(self._conn)
             self._conn = None
         self._frozen = None
@@ -1076,6 +1086,7 @@ def _after_fork_in_child():
     global _OPEN_LOCK
     _OPEN_LOCK = _thread.RLock()
     del _FORKING[:]
+    _WRITTEN.clear()                      # the parent's to look at, at its exit
     for conn in list(_CONNECTIONS):
         conn._lock = _thread.RLock()      # whoever held the old one is not in this process
         conn._depth = 0
@@ -1088,18 +1099,22 @@ def _after_fork_in_child():
 def _close_all():
     # type: () -> None
     """At exit: close every connection, so the last one out removes the -wal and -shm files."""
-    written = set()
+    # A daemon thread may use a cache after this, until the interpreter stops it where it
+    # is: a connection it opens then would never be closed, and leave the log. So from now
+    # on each use closes its own.
+    global _EXITED
+    _EXITED = True
     for conn in list(_CONNECTIONS):
         # best effort: at exit, a connection another thread is using stays as it is
         with contextlib.suppress(Exception):
             if conn._lock.acquire(blocking=False):
                 try:
-                    if conn._conn is not None and conn.mode != "ro":
-                        written.add(conn.path)
                     conn.close()          # a _Connection: _close() takes sqlite3's own
                 finally:
                     conn._lock.release()
-    for path in written:
+    # Each cache this process wrote, closed now or earlier (a shelf closed by hand, while
+    # another process had it open, also had to leave the log)
+    for path in list(_WRITTEN):
         with contextlib.suppress(Exception):
             _remove_log(path)
 

@@ -3950,6 +3950,75 @@ class TestLogStaysBounded(TempDirTest):
         self.assertFalse((self.path / "slow.db-shm").exists())
 
 
+class TestClosedShelfLastOutAtExit(TempDirTest):
+    """A shelf closed by hand while another process has the cache open keeps the log, as it
+    must; when the other one is gone by this process's exit, the exit removes it."""
+
+    def test_exit_removes_the_log_an_earlier_close_had_to_leave(self):
+        path = str(self.path / "shelf")
+        writer = start_python("""
+            import sys, persist
+            shelf = persist.open(%r)
+            shelf["a"] = 1
+            print("wrote", flush=True)
+            sys.stdin.readline()
+            shelf.close()                 # the other is there: the log stays
+            print("closed", flush=True)
+            sys.stdin.readline()
+        """ % path)
+        self.addCleanup(stop, writer)
+        self.assertEqual(writer.stdout.readline(), "wrote\n")
+        other = start_python("""
+            import os, sqlite3, sys
+            conn = sqlite3.connect(%r)
+            conn.execute("SELECT count(*) FROM Dict").fetchall()
+            print("open", flush=True)
+            sys.stdin.readline()
+            os._exit(0)                   # gone without closing: it leaves the log too
+        """ % path)
+        self.addCleanup(stop, other)
+        self.assertEqual(other.stdout.readline(), "open\n")
+        writer.stdin.write("close\n")
+        writer.stdin.flush()
+        self.assertEqual(writer.stdout.readline(), "closed\n")
+        self.assertTrue(os.path.exists(path + "-wal"))
+        other.communicate("exit\n")
+        writer.communicate("exit\n")
+        self.assertEqual(writer.returncode, 0)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["shelf"])
+        with persist.open(path, "r") as shelf:
+            self.assertEqual(dict(shelf), {"a": 1})
+
+
+class TestDaemonThreadAfterExitCloses(TempDirTest):
+    """A daemon thread still running at exit, which uses a cache after persist closed its
+    connections, leaves no log behind: its connection is not left open for ever."""
+
+    def test_use_after_close_all_leaves_no_log(self):
+        run_python("""
+            import atexit, threading
+            go, inside = threading.Event(), threading.Event()
+            # registered before persist's own: runs after it has closed its connections
+            atexit.register(lambda: (go.set(), inside.wait()))
+            import persist
+            @persist.memoize(cache_dir=%r, name="late")
+            def f(x):
+                if x == "stay":           # the thread is in here when the process ends
+                    inside.set()
+                    threading.Event().wait()
+                return x
+            f(0)
+            def late():
+                go.wait()
+                f(1)                      # a write, on a connection opened at exit
+                f("stay")
+            threading.Thread(target=late, daemon=True).start()
+        """ % self.dir)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["late.db"])
+        with persist.open(self.path / "late.db", "r") as shelf:
+            self.assertEqual(len(shelf), 2)
+
+
 class TestDiskFootprint(TempDirTest):
     def test_a_normal_run_leaves_little_more_than_its_data(self):
         run_python("""
