@@ -191,14 +191,13 @@ _CREATE = (
     " message TEXT NOT NULL, traceback TEXT NOT NULL, count INTEGER NOT NULL,"
     " first REAL NOT NULL, last REAL NOT NULL, seconds REAL, version TEXT) WITHOUT ROWID",
 )
-_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",   # readers and a writer at once; the first to open converts
+_PRAGMAS = (                     # after journal_mode=WAL (_to_wal)
     "PRAGMA synchronous=NORMAL",    # WAL: a commit survives a crash, maybe not a power cut
     "PRAGMA checkpoint_fullfsync=ON",   # macOS: past the drive's cache
     "PRAGMA cache_size=-32768",  # up to 32 MB of pages, as used
     "PRAGMA journal_size_limit=%d" % (8 << 20),   # the log shrinks back after a checkpoint
     # SQLite's own checkpoints never restart the log while other processes keep committing,
-    # and they make ours (see _Store._restart_log) fail: they are a safety net only.
+    # and ours (see _Store._restart_log) must wait for them: they are a safety net only.
     "PRAGMA wal_autocheckpoint=%d" % (4 * _LOG_LIMIT // 16384),
 )
 _GET = "SELECT value, file, stored, seconds FROM Dict WHERE key = ?"
@@ -928,7 +927,7 @@ class _Connection:
             self._check(conn)
             if uri_mode == "rw":
                 _to_wal(conn, timeout)
-            for pragma in _PRAGMAS[1:]:
+            for pragma in _PRAGMAS:
                 conn.execute(pragma).fetchall()
             if mode == "query":           # only reads, yet closed as a writer: no -wal left
                 conn.execute("PRAGMA query_only=ON")
@@ -989,18 +988,33 @@ class _Connection:
 
 def _to_wal(conn, timeout):
     # type: (sqlite3.Connection, float) -> None
-    """PRAGMA journal_mode=WAL: the first process to open a new cache converts it. Two that
-    convert at once deadlock, and SQLite then fails one at once ("database is locked")
-    instead of waiting: it tries again, as the busy timeout would have."""
+    """PRAGMA journal_mode=WAL, for readers and a writer at once: the first process to open
+    a new cache converts it. Two that convert at once deadlock, and SQLite then fails one
+    at once: _journal_mode() tries again."""
+    _journal_mode(conn, "WAL", timeout)
+
+
+def _journal_mode(conn, mode, timeout):
+    # type: (sqlite3.Connection, str, float) -> str
+    """PRAGMA journal_mode=mode; return SQLite's answer, the mode the file is in.
+
+    A change of mode needs the only connection to the file. While another is there, SQLite
+    fails at once ("database is locked"), busy timeout or not, or, leaving WAL, answers
+    "wal": both are tried again, as the busy timeout would have, for timeout seconds.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
-            conn.execute(_PRAGMAS[0]).fetchall()
-            return
+            (answer,), = _fetch(conn, "PRAGMA journal_mode=" + mode)
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
+            if ("locked" not in str(exc) and "busy" not in str(exc) or
+                    time.monotonic() > deadline):
                 raise
-            time.sleep(0.01)
+        else:
+            if (answer.lower() != "wal" or mode.lower() == "wal" or
+                    time.monotonic() > deadline):
+                return answer  # type: ignore[no-any-return]  # a row: Any
+        time.sleep(0.01)
 
 
 class _HandlerBusy(OSError):
@@ -4808,22 +4822,10 @@ def _shelve_items(path, kind):
             try:
                 # Out of WAL mode first, which needs the only connection to it: then the file
                 # holds all of it, and leaves no -wal file that SQLite would replay into the
-                # store that takes its name. While any other connection is open, such as
-                # another process looking at what the file is (_shelve_kind), SQLite
-                # answers "wal" or fails at once, busy handler or not: wait for those.
-                deadline = time.monotonic() + _ASIDE_TIMEOUT
-                while True:
-                    try:
-                        (mode,), = _fetch(conn, "PRAGMA journal_mode=DELETE")
-                    except sqlite3.OperationalError as exc:
-                        if "locked" not in str(exc) and "busy" not in str(exc):
-                            raise
-                        mode = "wal"
-                    if mode.lower() != "wal":
-                        break
-                    if time.monotonic() > deadline:
-                        raise busy
-                    time.sleep(0.01)
+                # store that takes its name. Another process may be looking at what the
+                # file is (_shelve_kind), for a moment.
+                if _journal_mode(conn, "DELETE", _ASIDE_TIMEOUT).lower() == "wal":
+                    raise busy
                 rows = conn.execute("SELECT key, value FROM Dict")
                 yield ((bytes(key) if isinstance(key, (bytes, memoryview)) else
                         str(key).encode("utf-8"), bytes(value)) for key, value in rows)
