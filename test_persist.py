@@ -92,6 +92,21 @@ def stop(child):
     child.stdout.close()
 
 
+@contextlib.contextmanager
+def ended_as_persist_waits(other, line):
+    """persist's time.sleep() patched: the first time persist waits, the child process
+    other, which holds what persist waits for, is sent line and ends. Yields the waits."""
+    waits = []
+
+    def sleep(seconds):
+        if not waits:
+            other.communicate(line)
+        waits.append(seconds)
+
+    with mock.patch.object(persist.time, "sleep", sleep):
+        yield waits
+
+
 def temp_files(directory):
     return sorted(name for _, _, names in os.walk(directory) for name in names
                   if name.endswith(".tmp"))
@@ -3895,14 +3910,8 @@ class TestLogRestartedPastAnotherCheckpoint(TempDirTest):
                                  universal_newlines=True)
         self.addCleanup(other.wait)
         self.assertEqual(other.stdout.readline(), "checkpointing\n")
-        tries = []
-
-        def sleep(seconds):                       # persist tries again: the other one is done
-            if not tries:
-                other.communicate("done\n")
-            tries.append(seconds)
-
-        with mock.patch.object(persist.time, "sleep", sleep):
+        # persist tries again: the other one is done
+        with ended_as_persist_waits(other, "done\n") as tries:
             i = 0
             while not tries and i < 1000:       # past the limit, a restart every 32 stores
                 shelf["k%d" % (i % 50)] = b"x" * 150000
@@ -6197,14 +6206,7 @@ class TestOpenOverDbmSqlite3(ShelveFileTest):
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  universal_newlines=True)
         self.assertEqual(other.stdout.readline(), "open\n")
-        waited = []
-
-        def sleep(seconds):               # persist waits: now the other one closes it
-            if not waited:
-                other.communicate("close\n")
-            waited.append(seconds)
-
-        with mock.patch.object(persist.time, "sleep", sleep):
+        with ended_as_persist_waits(other, "close\n") as waited:   # it closes the file
             with self.assertWarns(persist.PersistWarning):
                 persist.open(self.path / "plain_shelf").close()
         self.assertTrue(waited)
