@@ -1534,11 +1534,19 @@ class _Store:
                 # which every commit runs once the log is large, or a FULL one waiting for
                 # an old reader), SQLite answers busy at once, without waiting: try again
                 # until the log is restarted, by us or by another process.
-                deadline = time.monotonic() + _ASIDE_TIMEOUT
-                while (_fetch(conn, "PRAGMA wal_checkpoint(TRUNCATE)")[0][0] and
-                       _size(self.path + "-wal") > _LOG_LIMIT and
-                       time.monotonic() < deadline):
-                    time.sleep(0.005)
+                # A cursor of our own, closed even on Ctrl-C: the checkpoint may wait seconds
+                # for an old reader, and on PyPy an interrupt then left its statement
+                # unfinished, which failed every later COMMIT of this process ("SQL
+                # statements in progress").
+                cursor = conn.cursor()
+                try:
+                    deadline = time.monotonic() + _ASIDE_TIMEOUT
+                    while (cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0][0]
+                           and _size(self.path + "-wal") > _LOG_LIMIT and
+                           time.monotonic() < deadline):
+                        time.sleep(0.005)
+                finally:
+                    cursor.close()
             finally:
                 conn.execute("PRAGMA busy_timeout=%d" % (_BUSY_TIMEOUT * 1000))
         # best effort: a reader that stays longer than _ASIDE_TIMEOUT defers it to next time
