@@ -169,6 +169,11 @@ _ASIDE_TIMEOUT = 2.0             # the same for a signal handler's own connectio
 _LOG_LIMIT = 16 << 20            # a log larger than this is restarted (see _restart_log)
 _FROZEN_TRIES = 100              # reads of a file its owner keeps writing, before EBUSY
 _SWEEP_AGE = 3600.0              # without file locks (Windows), value files younger are kept
+# The modes persist makes a cache's files and directories with, the umask applied after: the
+# group's bits as the umask leaves them (a team directory under umask 002), never writable by
+# every user, which the trust check refuses (under umask 000 a cache would refuse itself).
+_FILE_MODE = 0o664
+_DIR_MODE = 0o775
 _APPLICATION_ID = 0x70727374     # "prst" in the SQLite header: this file is a persist cache
 _FORMAT = 3                      # PRAGMA user_version: the layout made by _CREATE
 _CREATE = (
@@ -366,9 +371,9 @@ def _fsync_dir(directory):
 _UNFINISHED = {}  # type: Dict[str, Tuple[int, int, int, int]]
 
 
-def _create_temp(target, shown):
-    # type: (str, _Path) -> Tuple[str, int]
-    """Create .NAME.RANDOM.tmp beside target, exclusively, never through a link; 0o666 & ~umask.
+def _create_temp(target, shown, mode=0o666):
+    # type: (str, _Path, int) -> Tuple[str, int]
+    """Create .NAME.RANDOM.tmp beside target, exclusively, never through a link; mode & ~umask.
 
     The caller renames or removes it, then takes it off _UNFINISHED; if it never can (see
     _remove_unfinished), the process's exit removes it."""
@@ -382,7 +387,7 @@ def _create_temp(target, shown):
         # descriptor is stored before that exception is raised, so both can be undone.
         opened: "List[int]" = []
         try:
-            opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask
+            opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (mode,)))   # umask
             info = os.fstat(opened[0])
             _UNFINISHED[temp] = (os.getpid(), info.st_dev, info.st_ino, opened[0])
         except FileExistsError:
@@ -556,9 +561,11 @@ def _keep_owner_and_mode(fd, temp, old):
 
 
 @contextlib.contextmanager
-def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=None):
-    # type: (_Path, str, bool, bool, Optional[str], Optional[str], Optional[str]) -> Iterator[IO[Any]]
-    """atomic_open(); follow=False replaces a symbolic link at path instead of its target."""
+def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=None,
+                 bits=0o666):
+    # type: (_Path, str, bool, bool, Optional[str], Optional[str], Optional[str], int) -> Iterator[IO[Any]]
+    """atomic_open(); follow=False replaces a symbolic link at path instead of its target;
+    a new file gets the mode bits & ~umask (open()'s 0o666 unless persist's own)."""
     kind, encoding = _mode(mode, encoding, errors, newline)
     target = os.fsdecode(os.fspath(path))
     if not target:                          # not the current directory: open("") fails so
@@ -573,7 +580,7 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
         target = _follow(target, path)      # as open(path, "w"): the link's target is written
     old = _existing(target, path, follow)
     owner = os.getpid()
-    temp, fd = _create_temp(target, path)
+    temp, fd = _create_temp(target, path, bits)
     try:
         # closefd=False: a block may close the file itself (libraries that write to a file
         # object often do), and the descriptor must outlive it for the fsync
@@ -1181,7 +1188,7 @@ class _Values:
         # type: () -> Tuple[str, io.BufferedWriter]
         """A new value file, locked against sweep() until closed: (name, binary file)."""
         with contextlib.suppress(FileExistsError):
-            os.mkdir(self.directory)
+            os.mkdir(self.directory, _DIR_MODE)
         # Checked at each use, not only when the cache was opened: in a shared directory
         # such as /tmp another user may make it meanwhile, then swap our pickles for theirs.
         info = os.lstat(self.directory)
@@ -1192,7 +1199,7 @@ class _Values:
             raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.directory)
         while True:
             name = os.urandom(16).hex()
-            fd = os.open(self.path(name), _O_TEMP, 0o666)
+            fd = os.open(self.path(name), _O_TEMP, _FILE_MODE)
             try:
                 if _fcntl is not None:
                     _fcntl.flock(fd, _fcntl.LOCK_EX)
@@ -1357,7 +1364,8 @@ class _Store:
         """
         directory = os.path.dirname(self.path)
         try:
-            temp, fd = _create_temp(self.path, self.path)
+            # SQLite gives the -wal and -shm files the mode of this one
+            temp, fd = _create_temp(self.path, self.path, _FILE_MODE)
         except PermissionError:
             raise PermissionError(errno.EACCES, "cannot create the cache: its directory is "
                                   "not writable", directory) from None
@@ -3154,10 +3162,17 @@ def _make_cache_dir(directory):
     while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
     _check_private(existing, "the cache's directory")
-    os.makedirs(directory, exist_ok=True)
+    # Each level with persist's mode: os.makedirs() gives the ones above the last the umask's.
+    made = [directory]
+    while os.path.dirname(made[-1]) != made[-1] and \
+            not os.path.isdir(os.path.dirname(made[-1])):
+        made.append(os.path.dirname(made[-1]))
+    for level in reversed(made):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(level, _DIR_MODE)
     with contextlib.suppress(FileExistsError):
         with _atomic_open(os.path.join(directory, ".gitignore"), "x", sync=False,
-                          follow=False) as file:
+                          follow=False, bits=_FILE_MODE) as file:
             file.write("*\n")
 
 

@@ -3069,6 +3069,44 @@ class TestHostileDirectory(TempDirTest):
                     mode = stat.S_IMODE(os.lstat(os.path.join(root, name)).st_mode)
                     self.assertEqual(mode & 0o077, 0, name)
 
+    def test_caches_made_under_any_umask_pass_their_own_check(self):
+        """Under umask 000 persist made its files writable by every user, then refused them:
+        a large result raised after it was computed, and every later run refused the cache."""
+        for umask, never in ((0o000, 0o002), (0o077, 0o077)):
+            top = self.path / ("umask-%03o" % umask)
+            cache = top / "made" / "cache"                   # each level made by persist
+            old = os.umask(umask)
+            try:
+                @persist.memoize(cache_dir=cache, name="f", strict=True)
+                def f(x):
+                    return b"r" * x
+
+                self.assertEqual(len(f(10)), 10)
+                self.assertEqual(len(f(1 << 20)), 1 << 20)      # a value file
+                with persist.open(cache / "s.db") as db:
+                    db["small"], db["large"] = b"s", b"l" * (1 << 20)
+                    made = sorted([os.path.relpath(top, self.dir)] + [
+                        os.path.relpath(os.path.join(root, name), self.dir)
+                        for root, dirs, files in os.walk(top) for name in dirs + files])
+                    self.assertIn(os.path.join(os.path.relpath(cache, self.dir), "s.db-shm"),
+                                  made)
+                    for name in made:
+                        mode = stat.S_IMODE(os.lstat(self.path / name).st_mode)
+                        self.assertEqual(mode & never, 0, "%s is %o" % (name, mode))
+            finally:
+                os.umask(old)
+            out = run_python("""
+                import persist
+                @persist.memoize(cache_dir=%r, name="f", strict=True)
+                def f(x):
+                    raise AssertionError("computed again")
+                print(len(f(10)), len(f(1 << 20)))
+                with persist.open(%r) as db:
+                    print(db["small"], len(db["large"]))
+                    db["more"] = b"m" * (1 << 20)
+            """ % (str(cache), str(cache / "s.db")))
+            self.assertEqual(out, "10 1048576\nb's' 1048576\n")
+
 
 @unittest.skipUnless(POSIX, "POSIX owners and modes")
 class TestCacheUnderASwappableDirectory(TempDirTest):
