@@ -668,6 +668,19 @@ def _check_private(directory, what):
         pending.append(os.path.dirname(path))
 
 
+def _planted(info, directory):
+    # type: (os.stat_result, str) -> bool
+    """Whether a file or directory of a cache (os.lstat() gave info) in directory, which
+    _check_private() accepted, may hold what someone else put there: it is writable by every
+    user, or it lies in a directory every user may write (sticky, as /tmp) and another user
+    owns it. The same rules for each of a cache's files: one that a member of the directory's
+    group made (a teammate, in a team's directory) is accepted, as the directory is."""
+    if info.st_mode & stat.S_IWOTH:
+        return True
+    return bool(os.stat(directory).st_mode & stat.S_IWOTH) and \
+        info.st_uid not in (0, os.geteuid())
+
+
 # -- the store: one SQLite file per cache, with large pickles in files beside it
 #
 # _Connection  one process's connection to the file: a lock, fork() and signals, errors
@@ -1191,11 +1204,11 @@ class _Values:
             os.mkdir(self.directory, _DIR_MODE)
         # Checked at each use, not only when the cache was opened: in a shared directory
         # such as /tmp another user may make it meanwhile, then swap our pickles for theirs.
+        # By the rules of the cache's other files: in a team's directory a teammate made it.
         info = os.lstat(self.directory)
         if not stat.S_ISDIR(info.st_mode):
             raise PersistError(errno.ELOOP, _LINK, self.directory)
-        if _CHECK_WORLD_WRITABLE and (info.st_uid not in (0, os.geteuid()) or
-                                      info.st_mode & stat.S_IWOTH):
+        if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(self.directory)):
             raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.directory)
         while True:
             name = os.urandom(16).hex()
@@ -1334,11 +1347,9 @@ class _Store:
         if self.flag in "rw" and not os.path.exists(self.path):
             raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
                                     "to create it)", self.path)
-        shared = 0
+        directory = os.path.dirname(self.path)
         if _CHECK_WORLD_WRITABLE:
-            directory = os.path.dirname(self.path)
             _check_private(directory, "the cache's directory")
-            shared = os.stat(directory).st_mode & (stat.S_IWOTH | stat.S_ISVTX)
         for name in (self.path, self.path + "-wal", self.path + "-shm", self.values.directory):
             try:
                 info = os.lstat(name)
@@ -1348,9 +1359,7 @@ class _Store:
                 raise PersistError(errno.ELOOP, _LINK, name)
             if name == self.path and stat.S_ISDIR(info.st_mode):    # SQLite: "unable to open"
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
-            # in a sticky shared directory (/tmp) only files we own are safe
-            foreign = shared & stat.S_IWOTH and info.st_uid not in (0, os.getuid())
-            if _CHECK_WORLD_WRITABLE and (info.st_mode & stat.S_IWOTH or foreign):
+            if _CHECK_WORLD_WRITABLE and _planted(info, directory):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
 
     def _create(self):

@@ -3142,6 +3142,76 @@ class TestCacheUnderASwappableDirectory(TempDirTest):
                     self.assertEqual(db["k"], 1)
 
 
+@unittest.skipUnless(ROOT and hasattr(os, "setgroups"), "root, to act as two group members")
+class TestTeamDirectory(TempDirTest):
+    """Two users of one group share a cache in their team's directory (root's, setgid)."""
+
+    TEAM = 54321                              # the team's group
+    ALICE, BOB = 54322, 54323
+
+    CHILD = """
+        import os, sys, warnings, persist
+        import hashlib, inspect, logging, pickle, reprlib, shelve, sqlite3  # before losing /root
+        os.setgroups([%d])
+        os.setgid(%d)
+        os.setuid(%d)
+        os.umask(0o002)                       # as a team shares: the group may write
+        warnings.simplefilter("error")
+        team, me, calls = sys.argv[1], sys.argv[2], sys.argv[2:]
+        @persist.memoize(cache_dir=team, name="f", strict=True)
+        def f(who):
+            print("computed", who)
+            return who.encode() * (1 << 18)   # over 256 KiB: a value file
+        for who in calls:
+            print(who, len(f(who)))
+        with persist.open(os.path.join(team, "s.db")) as db:
+            db[me] = me * (1 << 18)
+            print(sorted((k, len(v)) for k, v in db.items()))
+    """
+
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.dir, 0o755)
+        self.team = self.path / "team"
+        self.team.mkdir()
+        os.chown(self.team, 0, self.TEAM)
+        os.chmod(self.team, 0o2770)
+
+    def run_as(self, uid, *calls):
+        code = textwrap.dedent(self.CHILD % (self.TEAM, uid, uid))
+        return subprocess.run([sys.executable, "-c", code, str(self.team)] + list(calls),
+                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=300)
+
+    def test_teammates_share_large_results(self):
+        """A teammate's result over 256 KiB raised PersistError after it was computed: the
+        value directory the other member made was refused as writable by every user."""
+        alice = self.run_as(self.ALICE, "alice")
+        self.assertEqual(alice.stdout.splitlines(), [
+            "computed alice", "alice 1310720", "[('alice', 1310720)]"], alice.stderr)
+        self.assertEqual(os.stat(self.team / "f.db.values").st_uid, self.ALICE)
+        self.assertEqual(os.stat(self.team / "s.db.values").st_uid, self.ALICE)
+        bob = self.run_as(self.BOB, "bob", "alice")
+        self.assertEqual(bob.stdout.splitlines(), [
+            "computed bob", "bob 786432", "alice 1310720",
+            "[('alice', 1310720), ('bob', 786432)]"], bob.stderr)
+        for values in ("f.db.values", "s.db.values"):
+            self.assertIn(self.BOB, {os.stat(self.team / values / name).st_uid
+                                     for name in os.listdir(self.team / values)})
+        alice = self.run_as(self.ALICE, "alice", "bob")
+        self.assertEqual(alice.stdout.splitlines(), [
+            "alice 1310720", "bob 786432", "[('alice', 1310720), ('bob', 786432)]"],
+            alice.stderr)
+
+    def test_what_every_user_may_write_is_still_refused(self):
+        self.run_as(self.ALICE, "alice")
+        os.chmod(self.team / "f.db.values", 0o2777)
+        bob = self.run_as(self.BOB, "bob")
+        self.assertNotIn("computed", bob.stdout)
+        self.assertIn("PersistError: %s: every user may write" % (self.team / "f.db.values"),
+                      bob.stderr)
+
+
 @unittest.skipUnless(ROOT and hasattr(os, "setuid"), "root, to act as another user")
 class TestCacheAnotherUserMade(TempDirTest):
     """nobody made the cache directory in /tmp first, and planted pickles in it."""
