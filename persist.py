@@ -169,6 +169,7 @@ _ASIDE_TIMEOUT = 2.0             # the same for a signal handler's own connectio
 _LOG_LIMIT = 16 << 20            # a log larger than this is restarted (see _restart_log)
 _FROZEN_TRIES = 100              # reads of a file its owner keeps writing, before EBUSY
 _SWEEP_AGE = 3600.0              # without file locks (Windows), value files younger are kept
+_REOPEN_AFTER = 5.0              # seconds before a memoized function tries its cache again
 # The modes persist makes a cache's files and directories with, the umask applied after: the
 # group's bits as the umask leaves them (a team directory under umask 002), never writable by
 # every user, which the trust check refuses (under umask 000 a cache would refuse itself).
@@ -3179,10 +3180,20 @@ def _make_cache_dir(directory):
     for level in reversed(made):
         with contextlib.suppress(FileExistsError):
             os.mkdir(level, _DIR_MODE)
-    with contextlib.suppress(FileExistsError):
-        with _atomic_open(os.path.join(directory, ".gitignore"), "x", sync=False,
-                          follow=False, bits=_FILE_MODE) as file:
-            file.write("*\n")
+    try:
+        with contextlib.suppress(FileExistsError):
+            with _atomic_open(os.path.join(directory, ".gitignore"), "x", sync=False,
+                              follow=False, bits=_FILE_MODE) as file:
+                file.write("*\n")
+    except BaseException:
+        # A full disk: the directory goes too, so that the next try (see _Memo.open) makes
+        # it again with its .gitignore. Best effort: another process may be filling it.
+        for level in made:
+            try:
+                os.rmdir(level)
+            except OSError:
+                break
+        raise
 
 
 def _seconds(expire):
@@ -3333,6 +3344,8 @@ def _advice(exc):
     # type: (BaseException) -> str
     """What to do about an OSError that keeps a cache from being used."""
     code = getattr(exc, "errno", None)
+    if _untrusted(exc):                    # the error says what to change
+        return "or else set cache_dir= or $PERSIST_DIR to a directory of your own"
     if code == errno.ENOSPC or code == getattr(errno, "EDQUOT", None):
         return "free some disk space"
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -3344,12 +3357,23 @@ def _advice(exc):
     return "fix the cause, or set cache_dir= or $PERSIST_DIR to another directory"
 
 
+def _untrusted(exc):
+    # type: (BaseException) -> bool
+    """Whether exc is the trust check's refusal (see _check_private): a cache others could
+    plant pickles in. persist raises the other PersistErrors (a file that is not a cache, one
+    of a newer format) at every use; with this one it runs uncached, as with a full disk."""
+    return isinstance(exc, PersistError) and exc.errno == errno.EPERM
+
+
 class _Memo:
     """The cache behind one memoized function: opened on first use, counters for this process.
 
     When the cache cannot be used, results are still returned (the cache fails open): it warns
     once, saying why and what to do, and counts the results it could not store. With strict
-    (memoize(strict=True) or PERSIST_STRICT=1) it raises instead.
+    (memoize(strict=True) or PERSIST_STRICT=1) it raises instead. A cache that could not be
+    opened is tried again _REOPEN_AFTER seconds later (the disk may have room by then), or
+    ten times as long as the failed try took, whichever is longer: trying costs a call at
+    most a tenth of its time, even where opening waits long before it fails (a locked file).
     """
 
     # (positional names, ignore, *args ignored) for _leave_out
@@ -3374,6 +3398,7 @@ class _Memo:
         self.saved = 0.0          # seconds of computing that this process's hits saved
         self.store = None
         self.broken = None        # the error that keeps the cache from being opened
+        self.reopen = 0.0         # the time.monotonic() from which to try again
         self.warned = False       # one warning per function is enough
         self._path = None
 
@@ -3388,7 +3413,7 @@ class _Memo:
     def trouble(self, what, exc):
         # type: (str, Exception) -> None
         """A cache error: raise it (strict), or warn once, saying what to do, and go on."""
-        if self.strict or isinstance(exc, PersistError) or \
+        if self.strict or (isinstance(exc, PersistError) and not _untrusted(exc)) or \
                 os.environ.get("PERSIST_STRICT", "") not in ("", "0"):
             raise exc
         if not self.warned:
@@ -3401,9 +3426,11 @@ class _Memo:
     def open(self, create=True):
         # type: (bool) -> Optional[_Store]
         with _OPEN_LOCK:
-            if self.store is None and self.broken is None:
+            if self.store is None and (self.broken is None or
+                                       time.monotonic() >= self.reopen):
                 if not create and not os.path.exists(self.path):
                     return None
+                start, store = time.monotonic(), None
                 try:
                     _make_cache_dir(os.path.dirname(self.path))
                     store = _Store(self.path, "c")
@@ -3416,13 +3443,16 @@ class _Memo:
                     except PermissionError:      # a read-only cache still serves its results
                         pass
                     _check_source(store, self)
-                except PersistError:             # not safe to use: every call says so
-                    raise
                 except OSError as exc:
-                    self.broken = exc
+                    if store is not None:        # opened, then failed (a full disk): let go
+                        store.close()
+                    # raised here, at every call: strict, or not a cache persist may use
                     self.trouble("is running without its cache: cannot open", exc)
+                    self.broken = exc
+                    now = time.monotonic()
+                    self.reopen = now + max(_REOPEN_AFTER, 10 * (now - start))
                     return None
-                self.store = store
+                self.store, self.broken = store, None
             return self.store
 
     def get(self, key):

@@ -408,21 +408,50 @@ class TestAtomicTempSwappedForALink(TempDirTest):
 
 @unittest.skipUnless(ROOT, "root, to give a directory to another user")
 class TestRefusedCacheLeavesNothing(TempDirTest):
-    """Root refused in a project another user owns (a mounted directory) creates nothing there."""
+    """Root refused in a project another user owns (a mounted directory, in a container)
+    creates nothing there, and runs without the cache, as where a cache cannot be opened."""
 
-    def test_no_cache_directory_is_made(self):
-        project = self.path / "app"
-        project.mkdir()
-        os.chown(project, NOBODY, NOBODY)
+    def setUp(self):
+        super().setUp()
+        self.project = self.path / "app"
+        self.project.mkdir()
+        os.chown(self.project, NOBODY, NOBODY)
+        self.runs = []
 
-        @persist.memoize(cache_dir=project / ".persist", name="f")
+    def memoized(self, **options):
+        @persist.memoize(cache_dir=self.project / ".persist", name="f", **options)
         def f(x):
-            return x
+            self.runs.append(x)
+            return x * 2
+        return f
 
-        with self.assertRaisesRegex(persist.PersistError, "owned by user %d" % NOBODY) as caught:
-            f(1)
-        self.assertEqual(caught.exception.filename, str(project))
-        self.assertEqual(os.listdir(project), [])   # else its owner's own runs cannot cache
+    def test_warns_once_and_runs_uncached(self):
+        """It killed the script, where every other cache that cannot be opened warns."""
+        f = self.memoized()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.assertEqual([f(1), f(1), f(2)], [2, 2, 4])
+        self.assertEqual(self.runs, [1, 1, 2])
+        self.assertEqual([w.category for w in caught], [persist.PersistWarning])
+        message = str(caught[0].message)
+        for part in ("running without its cache", str(self.project),
+                     "owned by user %d" % NOBODY, "chown", "cache_dir="):
+            self.assertIn(part, message)
+        self.assertEqual(f.cache_info().unstored, 3)
+        self.assertEqual(f.explain(1).reason, "cannot open")
+        self.assertEqual(os.listdir(self.project), [])  # else its owner's own runs cannot cache
+
+    def test_strict_raises(self):
+        for f, env in ((self.memoized(strict=True), {}),
+                       (self.memoized(), {"PERSIST_STRICT": "1"})):
+            with mock.patch.dict(os.environ, env):
+                for _ in range(2):                  # at every call, not only the first
+                    with self.assertRaisesRegex(persist.PersistError,
+                                                "owned by user %d" % NOBODY) as caught:
+                        f(1)
+                    self.assertEqual(caught.exception.filename, str(self.project))
+        self.assertEqual(self.runs, [])
+        self.assertEqual(os.listdir(self.project), [])
 
 
 @unittest.skipUnless(ROOT and hasattr(os, "setgroups"), "root, to act as a group member")
@@ -2977,6 +3006,85 @@ class TestDiskFull(TempDirTest):
         conn.close()
 
 
+def small_disk(test, size="1m"):
+    """A tmpfs of size mounted in test's directory until its cleanup, filled up to the last
+    byte by the file 'filler' in it (remove it to free the space); skips where root may not
+    mount."""
+    disk = test.path / "disk"
+    disk.mkdir()
+    if not ROOT or not os.path.exists("/bin/mount"):
+        test.skipTest("NOT TESTED: mounting a small tmpfs needs root and mount(8)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=755" % size, "tmpfs",
+                              str(disk)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             universal_newlines=True, timeout=60)
+    if mounted.returncode != 0:
+        test.skipTest("NOT TESTED: mount -t tmpfs was refused here: %s" % mounted.stdout.strip())
+    test.addCleanup(subprocess.run, ["umount", "-l", str(disk)], timeout=60)
+    with open(disk / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return disk
+
+
+@unittest.skipUnless(POSIX, "mount")
+class TestDiskFullAtTheFirstCall(TempDirTest):
+    """A cache that could not be opened (no space) stayed off for the rest of the process."""
+
+    CHILD = """
+        import sys, time, warnings, persist
+        persist._REOPEN_AFTER = 3600.0     # the hour passes when the test says so
+        real, hours = time.monotonic, [0]
+        time.monotonic = lambda: real() + 3600.0 * hours[0]
+        @persist.memoize(cache_dir=sys.argv[1], name="f")
+        def f(x):
+            return str(x) * x
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert f(1) == "1"
+            print("full", f.cache_info().unstored, flush=True)
+            sys.stdin.readline()           # the test frees the space meanwhile
+            assert f(2) == "22"            # tried again only after a while: not yet
+            print("soon", f.cache_info().unstored, flush=True)
+            hours[0] += 1
+            assert f(3) == "333"
+            assert f(50000) == "50000" * 50000        # over 256 KiB: a value file
+            info = f.cache_info()
+            print("later", info.unstored, info.entries, flush=True)
+        print([str(w.message) for w in caught])
+    """
+
+    def test_the_cache_goes_on_once_there_is_space(self):
+        disk = small_disk(self)
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.CHILD),
+                                  str(disk / "cache")], env=child_env(),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 universal_newlines=True)
+        self.addCleanup(stop, child)
+        self.assertEqual(child.stdout.readline(), "full 1\n")
+        os.unlink(disk / "filler")
+        out, _ = child.communicate("go on\n", timeout=300)
+        lines = out.splitlines()
+        self.assertEqual(lines[:2], ["soon 2", "later 2 2"], out)
+        warned = eval(lines[2])
+        self.assertEqual(len(warned), 1, warned)
+        self.assertIn("free some disk space", warned[0])
+        self.assertEqual(child.returncode, 0)
+        self.assertEqual(sorted(os.listdir(disk / "cache"))[:2], [".gitignore", "f.db"])
+        runs = []
+
+        @persist.memoize(cache_dir=disk / "cache", name="f")
+        def f(x):
+            runs.append(x)
+
+        self.assertEqual([f(3), len(f(50000))], ["333", 5 * 50000])
+        self.assertEqual(runs, [])
+        self.assertNoTemp()
+
+
 class TestDamagedCacheFile(TempDirTest):
     def make(self):
         path = self.path / "cache.db"
@@ -3118,7 +3226,7 @@ class TestCacheUnderASwappableDirectory(TempDirTest):
         cache.mkdir()
         os.chmod(cache, 0o755)
 
-        @persist.memoize(cache_dir=cache, name="f")
+        @persist.memoize(cache_dir=cache, name="f", strict=True)
         def f(x):
             return x
 
@@ -3245,7 +3353,7 @@ class TestCacheAnotherUserMade(TempDirTest):
         self.assertEqual(os.stat(self.shelf).st_uid, NOBODY)
 
     def test_memoize_refuses_it(self):
-        @persist.memoize(cache_dir=self.cache, name="f")
+        @persist.memoize(cache_dir=self.cache, name="f", strict=True)
         def f(x):
             return "computed"
 
@@ -3253,6 +3361,15 @@ class TestCacheAnotherUserMade(TempDirTest):
             f(1)
         self.assertEqual(caught.exception.filename, self.cache)
         self.assertIn(self.cache, str(caught.exception))
+        self.assertFalse(self.ran.exists())
+
+    def test_memoize_without_strict_computes_instead(self):
+        @persist.memoize(cache_dir=self.cache, name="f")
+        def f(x):
+            return "computed"
+
+        with self.assertWarnsRegex(persist.PersistWarning, "owned by user %d" % NOBODY):
+            self.assertEqual(f(1), "computed")
         self.assertFalse(self.ran.exists())
 
     def test_open_refuses_it(self):
@@ -4781,8 +4898,9 @@ class TestCacheUnusable(TempDirTest):
     def test_strict_raises_before_computing(self):
         runs = []
         f = persist.memoize(cache_dir=self.blocker, strict=True)(lambda x: runs.append(x))
-        with self.assertRaises(OSError):
-            f(1)
+        for _ in range(3):         # each call: the second ran uncached, and said nothing
+            with self.assertRaises(OSError):
+                f(1)
         self.assertEqual(runs, [])
 
     def test_environment_variable_makes_every_function_strict(self):
