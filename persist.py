@@ -3357,6 +3357,34 @@ def _advice(exc):
     return "fix the cause, or set cache_dir= or $PERSIST_DIR to another directory"
 
 
+def _env_strict():
+    # type: () -> Optional[bool]
+    """$PERSIST_STRICT, read as people write a yes or a no (in any case): None for anything
+    else. "false" is no: any value but 0 and nothing used to make every function strict."""
+    text = os.environ.get("PERSIST_STRICT", "").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    return None
+
+
+def _env_dir():
+    # type: () -> Optional[str]
+    """$PERSIST_DIR, with a leading ~ expanded as a shell does: set where no shell reads it
+    (a Dockerfile's ENV, a systemd unit, an IDE's run configuration, a .env file) it made a
+    directory named ~. Not $VARIABLES: that would change a name that holds a $."""
+    text = os.environ.get("PERSIST_DIR")
+    if not text or not text.startswith("~"):
+        return text or None
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        raise PersistError(errno.EINVAL, "$PERSIST_DIR starts with ~, and there is no such "
+                           "home directory (HOME unset, or no such user): set it to the whole "
+                           "path", text)
+    return expanded
+
+
 def _untrusted(exc):
     # type: (BaseException) -> bool
     """Whether exc is the trust check's refusal (see _check_private): a cache others could
@@ -3406,15 +3434,16 @@ class _Memo:
     def path(self):
         # type: () -> str
         if self._path is None:
-            directory = self.cache_dir or os.environ.get("PERSIST_DIR") or self.default_dir
+            directory = self.cache_dir or _env_dir() or self.default_dir
             self._path = os.path.join(os.path.abspath(directory), _file_name(self.identity))
         return self._path
 
     def trouble(self, what, exc):
         # type: (str, Exception) -> None
         """A cache error: raise it (strict), or warn once, saying what to do, and go on."""
+        # An unclear $PERSIST_STRICT was refused at the first call; set since, it keeps results.
         if self.strict or (isinstance(exc, PersistError) and not _untrusted(exc)) or \
-                os.environ.get("PERSIST_STRICT", "") not in ("", "0"):
+                _env_strict():
             raise exc
         if not self.warned:
             self.warned = True
@@ -3428,6 +3457,10 @@ class _Memo:
         with _OPEN_LOCK:
             if self.store is None and (self.broken is None or
                                        time.monotonic() >= self.reopen):
+                if _env_strict() is None:        # before the call: nothing is lost
+                    raise ValueError("PERSIST_STRICT=%r is neither a yes (1, true, yes, on) nor "
+                                     "a no (0, false, no, off, or empty); set it to one of them "
+                                     "(in any case)" % os.environ["PERSIST_STRICT"])
                 if not create and not os.path.exists(self.path):
                     return None
                 start, store = time.monotonic(), None
@@ -5453,7 +5486,7 @@ def _limit(text):
 
 def _default_cache_dir():
     # type: () -> str
-    return os.environ.get("PERSIST_DIR") or ".persist"
+    return _env_dir() or ".persist"
 
 
 def _caches_under(directory):

@@ -1369,6 +1369,32 @@ class TestMemoizeLocation(TempDirTest):
             f(1)
             self.assertEqual(f.cache_info().path, str(self.path / "explicit" / "my-cache.db"))
 
+    def test_persist_dir_set_where_no_shell_expands_it(self):
+        """PERSIST_DIR=~/cache from a Dockerfile's ENV or a systemd unit made a directory
+        named ~ wherever the script ran."""
+        script = self.write_script()
+        home = self.path / "home"
+        home.mkdir()
+        for value in ("~/cache", "~"):
+            out = subprocess.run([sys.executable, str(script)], cwd=str(self.path), check=True,
+                                 env=child_env(PERSIST_DIR=value, HOME=home),
+                                 stdout=subprocess.PIPE, universal_newlines=True).stdout
+            self.assertEqual(out, "210 20\n")
+        self.assertTrue((home / "cache" / "job.work.db").exists())
+        self.assertTrue((home / "job.work.db").exists())
+        out = subprocess.run([sys.executable, "-m", "persist", "ls"], cwd=str(self.path),
+                             env=child_env(PERSIST_DIR="~/cache", HOME=home),
+                             stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+        self.assertIn("job.work", out)
+        nobody = "~no-such-user-%s/cache" % os.urandom(4).hex()
+        done = subprocess.run([sys.executable, str(script)], cwd=str(self.path),
+                              env=child_env(PERSIST_DIR=nobody), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn("PersistError: %s: $PERSIST_DIR starts with ~" % nobody, done.stderr)
+        self.assertEqual(done.stdout, "")                   # refused before the first call ran
+        self.assertEqual(sorted(os.listdir(self.path)), ["home", "project"])
+
     def test_no_source_file_uses_current_directory(self):
         out = run_python("""
             import persist
@@ -4908,6 +4934,32 @@ class TestCacheUnusable(TempDirTest):
         with mock.patch.dict(os.environ, {"PERSIST_STRICT": "1"}):
             with self.assertRaises(OSError):
                 f(1)
+
+    def test_environment_variable_is_read_as_a_yes_or_a_no(self):
+        """PERSIST_STRICT=false (or no, off, ...) made every function strict."""
+        for value, strict in (("1", True), ("true", True), ("YES", True), (" On ", True),
+                              ("0", False), ("false", False), ("No", False), ("OFF", False),
+                              ("", False)):
+            f = persist.memoize(cache_dir=self.blocker)(lambda x: x + 1)
+            with mock.patch.dict(os.environ, {"PERSIST_STRICT": value}), \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if strict:
+                    with self.assertRaises(NotADirectoryError, msg=value):
+                        f(1)
+                else:
+                    self.assertEqual(f(1), 2, value)
+                    self.assertEqual(len(caught), 1, value)
+
+    def test_environment_variable_neither_yes_nor_no_is_refused_before_the_call(self):
+        for value in ("ture", "2", "strict", "y"):
+            runs = []
+            f = persist.memoize(cache_dir=self.path / "cache")(lambda x: runs.append(x))
+            with mock.patch.dict(os.environ, {"PERSIST_STRICT": value}):
+                with self.assertRaisesRegex(ValueError, "PERSIST_STRICT=%r is neither a yes"
+                                            % value):
+                    f(1)
+            self.assertEqual(runs, [])
 
 
 # Half a second in the suite, counted from the first result (a few kills, a few hundred
