@@ -3177,18 +3177,20 @@ def _make_cache_dir(directory):
     while os.path.dirname(made[-1]) != made[-1] and \
             not os.path.isdir(os.path.dirname(made[-1])):
         made.append(os.path.dirname(made[-1]))
+    mine = []                             # the levels this process made
     for level in reversed(made):
         with contextlib.suppress(FileExistsError):
             os.mkdir(level, _DIR_MODE)
+            mine.append(level)
     try:
         with contextlib.suppress(FileExistsError):
             with _atomic_open(os.path.join(directory, ".gitignore"), "x", sync=False,
                               follow=False, bits=_FILE_MODE) as file:
                 file.write("*\n")
     except BaseException:
-        # A full disk: the directory goes too, so that the next try (see _Memo.open) makes
+        # A full disk: what we made goes too, so that the next try (see _Memo.open) makes
         # it again with its .gitignore. Best effort: another process may be filling it.
-        for level in made:
+        for level in reversed(mine):
             try:
                 os.rmdir(level)
             except OSError:
@@ -3369,6 +3371,15 @@ def _env_strict():
     return None
 
 
+def _check_env_strict():
+    # type: () -> None
+    """Refuse a $PERSIST_STRICT that is neither a yes nor a no, before any call runs."""
+    if _env_strict() is None:
+        raise ValueError("PERSIST_STRICT=%r is neither a yes (1, true, yes, on) nor a no (0, "
+                         "false, no, off, or empty); set it to one of them (in any case)"
+                         % os.environ["PERSIST_STRICT"])
+
+
 def _env_dir():
     # type: () -> Optional[str]
     """$PERSIST_DIR, with a leading ~ expanded as a shell does: set where no shell reads it
@@ -3457,10 +3468,7 @@ class _Memo:
         with _OPEN_LOCK:
             if self.store is None and (self.broken is None or
                                        time.monotonic() >= self.reopen):
-                if _env_strict() is None:        # before the call: nothing is lost
-                    raise ValueError("PERSIST_STRICT=%r is neither a yes (1, true, yes, on) nor "
-                                     "a no (0, false, no, off, or empty); set it to one of them "
-                                     "(in any case)" % os.environ["PERSIST_STRICT"])
+                _check_env_strict()              # before the call: nothing is lost
                 if not create and not os.path.exists(self.path):
                     return None
                 start, store = time.monotonic(), None
@@ -5214,6 +5222,8 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
         raise ValueError("persist.map(workers=...) must be a whole number of processes, 1 or "
                          "more, not %r" % (workers,))
     found = _handle_of(func)
+    if found is not None:                  # else every item would fail with it
+        _check_env_strict()
     if found is not None and _code_flags(found[0]._state[3]) & _CO_COROUTINE:
         raise TypeError("persist.map() calls func(item) and takes the result, but %s is an "
                         "async def function: map a plain function over the items, or gather "

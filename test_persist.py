@@ -1393,6 +1393,17 @@ class TestMemoizeLocation(TempDirTest):
         self.assertNotEqual(done.returncode, 0)
         self.assertIn("PersistError: %s: $PERSIST_DIR starts with ~" % nobody, done.stderr)
         self.assertEqual(done.stdout, "")                   # refused before the first call ran
+        out = run_python("""
+            import persist
+            @persist.memoize
+            def g(x):
+                print("ran")
+            try:
+                persist.map(g, [1, 2])
+            except persist.PersistError as exc:
+                print("refused", exc.filename)
+        """, cwd=str(self.path), PERSIST_DIR=nobody)
+        self.assertEqual(out, "refused %s\n" % nobody)
         self.assertEqual(sorted(os.listdir(self.path)), ["home", "project"])
 
     def test_no_source_file_uses_current_directory(self):
@@ -4956,9 +4967,10 @@ class TestCacheUnusable(TempDirTest):
             runs = []
             f = persist.memoize(cache_dir=self.path / "cache")(lambda x: runs.append(x))
             with mock.patch.dict(os.environ, {"PERSIST_STRICT": value}):
-                with self.assertRaisesRegex(ValueError, "PERSIST_STRICT=%r is neither a yes"
-                                            % value):
-                    f(1)
+                for call in (lambda: f(1), lambda: persist.map(f, [1, 2])):
+                    with self.assertRaisesRegex(ValueError, "PERSIST_STRICT=%r is neither a "
+                                                "yes" % value):
+                        call()
             self.assertEqual(runs, [])
 
 
