@@ -3197,6 +3197,35 @@ class TestHostileDirectory(TempDirTest):
             with self.assertRaisesRegex(persist.PersistError, "another user owns it"):
                 persist.open(shared / "theirs.db")
 
+    @unittest.skipUnless(ROOT, "root, to plant as another user")
+    def test_value_directory_planted_meanwhile_costs_no_result(self):
+        """Another user who makes the .values directory in /tmp after the cache was opened
+        is refused at the first large result: that result was lost to a PersistError."""
+        shared = self.path / "tmp"
+        shared.mkdir()
+        os.chmod(shared, 0o1777)
+        for strict in (False, True):
+            name = "f%d" % strict
+            runs = []
+
+            @persist.memoize(cache_dir=shared, name=name, strict=strict)
+            def f(x):
+                runs.append(x)
+                return b"v" * x
+
+            self.assertEqual(f(1), b"v")                         # opened, no .values yet
+            planted = shared / (name + ".db.values")
+            planted.mkdir()
+            os.chown(planted, NOBODY, NOBODY)
+            if strict:
+                with self.assertRaisesRegex(persist.PersistError, "another user owns it"):
+                    f(1 << 20)
+            else:
+                with self.assertWarnsRegex(persist.PersistWarning, "another user owns it"):
+                    self.assertEqual(f(1 << 20), b"v" * (1 << 20))
+                self.assertEqual(f.cache_info().unstored, 1)
+            self.assertEqual(runs, [1, 1 << 20])
+
     def test_created_files_follow_the_umask(self):
         old = os.umask(0o077)
         self.addCleanup(os.umask, old)
