@@ -3449,12 +3449,16 @@ class _Memo:
             self._path = os.path.join(os.path.abspath(directory), _file_name(self.identity))
         return self._path
 
-    def trouble(self, what, exc):
-        # type: (str, Exception) -> None
-        """A cache error: raise it (strict), or warn once, saying what to do, and go on."""
+    def trouble(self, what, exc, computed=False):
+        # type: (str, Exception, bool) -> None
+        """A cache error: raise it (strict), or warn once, saying what to do, and go on.
+
+        A PersistError other than the trust check's is raised too, before the function runs;
+        once it ran (computed), its result is returned: such an error found only when storing
+        it (a link planted at the .values directory meanwhile) costs it nothing."""
         # An unclear $PERSIST_STRICT was refused at the first call; set since, it keeps results.
-        if self.strict or (isinstance(exc, PersistError) and not _untrusted(exc)) or \
-                _env_strict():
+        if self.strict or _env_strict() or (isinstance(exc, PersistError) and not computed
+                                            and not _untrusted(exc)):
             raise exc
         if not self.warned:
             self.warned = True
@@ -3540,7 +3544,7 @@ class _Memo:
             self.unstored += 1
         except OSError as exc:
             self.unstored += 1
-            self.trouble("could not store a result in", exc)
+            self.trouble("could not store a result in", exc, computed=True)
         except RecursionError:           # a deep recursion of the caller's: as it is
             raise
         except Exception as exc:

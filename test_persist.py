@@ -3171,6 +3171,30 @@ class TestHostileDirectory(TempDirTest):
                 persist.open(cache / "f.db")
         self.assertEqual(victim.read_bytes(), b"")
 
+    def test_link_planted_at_the_value_directory_meanwhile_costs_no_result(self):
+        victim = self.path / "victim"
+        victim.mkdir()
+        for strict in (False, True):
+            name = "f%d" % strict
+            runs = []
+
+            @persist.memoize(cache_dir=self.path, name=name, strict=strict)
+            def f(x):
+                runs.append(x)
+                return b"v" * x
+
+            self.assertEqual(f(1), b"v")                         # opened, no .values yet
+            os.symlink(victim, self.path / (name + ".db.values"))
+            if strict:
+                with self.assertRaisesRegex(persist.PersistError, "symbolic link"):
+                    f(1 << 20)
+            else:
+                with self.assertWarnsRegex(persist.PersistWarning, "symbolic link"):
+                    self.assertEqual(f(1 << 20), b"v" * (1 << 20))
+                self.assertEqual(f.cache_info().unstored, 1)
+            self.assertEqual(runs, [1, 1 << 20])
+        self.assertEqual(os.listdir(victim), [])
+
     def test_world_writable_directory_or_file_is_refused(self):
         shared = self.path / "shared"
         shared.mkdir()
