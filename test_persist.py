@@ -3101,6 +3101,9 @@ class TestDiskFullAtTheFirstCall(TempDirTest):
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  universal_newlines=True)
         self.addCleanup(stop, child)
+        watchdog = threading.Timer(300, child.kill)       # a hung child fails the test
+        watchdog.start()
+        self.addCleanup(watchdog.cancel)
         self.assertEqual(child.stdout.readline(), "full 1\n")
         os.unlink(disk / "filler")
         out, _ = child.communicate("go on\n", timeout=300)
