@@ -169,6 +169,12 @@ _ASIDE_TIMEOUT = 2.0             # the same for a signal handler's own connectio
 _LOG_LIMIT = 16 << 20            # a log larger than this is restarted (see _restart_log)
 _FROZEN_TRIES = 100              # reads of a file its owner keeps writing, before EBUSY
 _SWEEP_AGE = 3600.0              # without file locks (Windows), value files younger are kept
+_REOPEN_AFTER = 5.0              # seconds before a memoized function tries its cache again
+# The modes persist makes a cache's files and directories with, the umask applied after: the
+# group's bits as the umask leaves them (a team directory under umask 002), never writable by
+# every user, which the trust check refuses (under umask 000 a cache would refuse itself).
+_FILE_MODE = 0o664
+_DIR_MODE = 0o775
 _APPLICATION_ID = 0x70727374     # "prst" in the SQLite header: this file is a persist cache
 _FORMAT = 3                      # PRAGMA user_version: the layout made by _CREATE
 _CREATE = (
@@ -366,9 +372,9 @@ def _fsync_dir(directory):
 _UNFINISHED = {}  # type: Dict[str, Tuple[int, int, int, int]]
 
 
-def _create_temp(target, shown):
-    # type: (str, _Path) -> Tuple[str, int]
-    """Create .NAME.RANDOM.tmp beside target, exclusively, never through a link; 0o666 & ~umask.
+def _create_temp(target, shown, mode=0o666):
+    # type: (str, _Path, int) -> Tuple[str, int]
+    """Create .NAME.RANDOM.tmp beside target, exclusively, never through a link; mode & ~umask.
 
     The caller renames or removes it, then takes it off _UNFINISHED; if it never can (see
     _remove_unfinished), the process's exit removes it."""
@@ -382,7 +388,7 @@ def _create_temp(target, shown):
         # descriptor is stored before that exception is raised, so both can be undone.
         opened: "List[int]" = []
         try:
-            opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask
+            opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (mode,)))   # umask
             info = os.fstat(opened[0])
             _UNFINISHED[temp] = (os.getpid(), info.st_dev, info.st_ino, opened[0])
         except FileExistsError:
@@ -556,9 +562,11 @@ def _keep_owner_and_mode(fd, temp, old):
 
 
 @contextlib.contextmanager
-def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=None):
-    # type: (_Path, str, bool, bool, Optional[str], Optional[str], Optional[str]) -> Iterator[IO[Any]]
-    """atomic_open(); follow=False replaces a symbolic link at path instead of its target."""
+def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=None,
+                 bits=0o666):
+    # type: (_Path, str, bool, bool, Optional[str], Optional[str], Optional[str], int) -> Iterator[IO[Any]]
+    """atomic_open(); follow=False replaces a symbolic link at path instead of its target;
+    a new file gets the mode bits & ~umask (open()'s 0o666 unless persist's own)."""
     kind, encoding = _mode(mode, encoding, errors, newline)
     target = os.fsdecode(os.fspath(path))
     if not target:                          # not the current directory: open("") fails so
@@ -573,7 +581,7 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
         target = _follow(target, path)      # as open(path, "w"): the link's target is written
     old = _existing(target, path, follow)
     owner = os.getpid()
-    temp, fd = _create_temp(target, path)
+    temp, fd = _create_temp(target, path, bits)
     try:
         # closefd=False: a block may close the file itself (libraries that write to a file
         # object often do), and the descriptor must outlive it for the fsync
@@ -659,6 +667,19 @@ def _check_private(directory, what):
         elif info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
             raise PersistError(errno.EPERM, _SWAPPABLE.format(what=what), path)
         pending.append(os.path.dirname(path))
+
+
+def _planted(info, directory):
+    # type: (os.stat_result, str) -> bool
+    """Whether a file or directory of a cache (os.lstat() gave info) in directory, which
+    _check_private() accepted, may hold what someone else put there: it is writable by every
+    user, or it lies in a directory every user may write (sticky, as /tmp) and another user
+    owns it. The same rules for each of a cache's files: one that a member of the directory's
+    group made (a teammate, in a team's directory) is accepted, as the directory is."""
+    if info.st_mode & stat.S_IWOTH:
+        return True
+    return bool(os.stat(directory).st_mode & stat.S_IWOTH) and \
+        info.st_uid not in (0, os.geteuid())
 
 
 # -- the store: one SQLite file per cache, with large pickles in files beside it
@@ -1181,18 +1202,18 @@ class _Values:
         # type: () -> Tuple[str, io.BufferedWriter]
         """A new value file, locked against sweep() until closed: (name, binary file)."""
         with contextlib.suppress(FileExistsError):
-            os.mkdir(self.directory)
+            os.mkdir(self.directory, _DIR_MODE)
         # Checked at each use, not only when the cache was opened: in a shared directory
         # such as /tmp another user may make it meanwhile, then swap our pickles for theirs.
+        # By the rules of the cache's other files: in a team's directory a teammate made it.
         info = os.lstat(self.directory)
         if not stat.S_ISDIR(info.st_mode):
             raise PersistError(errno.ELOOP, _LINK, self.directory)
-        if _CHECK_WORLD_WRITABLE and (info.st_uid not in (0, os.geteuid()) or
-                                      info.st_mode & stat.S_IWOTH):
+        if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(self.directory)):
             raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.directory)
         while True:
             name = os.urandom(16).hex()
-            fd = os.open(self.path(name), _O_TEMP, 0o666)
+            fd = os.open(self.path(name), _O_TEMP, _FILE_MODE)
             try:
                 if _fcntl is not None:
                     _fcntl.flock(fd, _fcntl.LOCK_EX)
@@ -1327,11 +1348,9 @@ class _Store:
         if self.flag in "rw" and not os.path.exists(self.path):
             raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
                                     "to create it)", self.path)
-        shared = 0
+        directory = os.path.dirname(self.path)
         if _CHECK_WORLD_WRITABLE:
-            directory = os.path.dirname(self.path)
             _check_private(directory, "the cache's directory")
-            shared = os.stat(directory).st_mode & (stat.S_IWOTH | stat.S_ISVTX)
         for name in (self.path, self.path + "-wal", self.path + "-shm", self.values.directory):
             try:
                 info = os.lstat(name)
@@ -1341,9 +1360,7 @@ class _Store:
                 raise PersistError(errno.ELOOP, _LINK, name)
             if name == self.path and stat.S_ISDIR(info.st_mode):    # SQLite: "unable to open"
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
-            # in a sticky shared directory (/tmp) only files we own are safe
-            foreign = shared & stat.S_IWOTH and info.st_uid not in (0, os.getuid())
-            if _CHECK_WORLD_WRITABLE and (info.st_mode & stat.S_IWOTH or foreign):
+            if _CHECK_WORLD_WRITABLE and _planted(info, directory):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
 
     def _create(self):
@@ -1357,7 +1374,8 @@ class _Store:
         """
         directory = os.path.dirname(self.path)
         try:
-            temp, fd = _create_temp(self.path, self.path)
+            # SQLite gives the -wal and -shm files the mode of this one
+            temp, fd = _create_temp(self.path, self.path, _FILE_MODE)
         except PermissionError:
             raise PermissionError(errno.EACCES, "cannot create the cache: its directory is "
                                   "not writable", directory) from None
@@ -3154,11 +3172,30 @@ def _make_cache_dir(directory):
     while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
         existing = os.path.dirname(existing)
     _check_private(existing, "the cache's directory")
-    os.makedirs(directory, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        with _atomic_open(os.path.join(directory, ".gitignore"), "x", sync=False,
-                          follow=False) as file:
-            file.write("*\n")
+    # Each level with persist's mode: os.makedirs() gives the ones above the last the umask's.
+    made = [directory]
+    while os.path.dirname(made[-1]) != made[-1] and \
+            not os.path.isdir(os.path.dirname(made[-1])):
+        made.append(os.path.dirname(made[-1]))
+    mine = []                             # the levels this process made
+    for level in reversed(made):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(level, _DIR_MODE)
+            mine.append(level)
+    try:
+        with contextlib.suppress(FileExistsError):
+            with _atomic_open(os.path.join(directory, ".gitignore"), "x", sync=False,
+                              follow=False, bits=_FILE_MODE) as file:
+                file.write("*\n")
+    except BaseException:
+        # A full disk: what we made goes too, so that the next try (see _Memo.open) makes
+        # it again with its .gitignore. Best effort: another process may be filling it.
+        for level in reversed(mine):
+            try:
+                os.rmdir(level)
+            except OSError:
+                break
+        raise
 
 
 def _seconds(expire):
@@ -3309,6 +3346,8 @@ def _advice(exc):
     # type: (BaseException) -> str
     """What to do about an OSError that keeps a cache from being used."""
     code = getattr(exc, "errno", None)
+    if _untrusted(exc):                    # the error says what to change
+        return "or else set cache_dir= or $PERSIST_DIR to a directory of your own"
     if code == errno.ENOSPC or code == getattr(errno, "EDQUOT", None):
         return "free some disk space"
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -3320,12 +3359,60 @@ def _advice(exc):
     return "fix the cause, or set cache_dir= or $PERSIST_DIR to another directory"
 
 
+def _env_strict():
+    # type: () -> Optional[bool]
+    """$PERSIST_STRICT, read as people write a yes or a no (in any case): None for anything
+    else. "false" is no: any value but 0 and nothing used to make every function strict."""
+    text = os.environ.get("PERSIST_STRICT", "").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    return None
+
+
+def _check_env_strict():
+    # type: () -> None
+    """Refuse a $PERSIST_STRICT that is neither a yes nor a no, before any call runs."""
+    if _env_strict() is None:
+        raise ValueError("PERSIST_STRICT=%r is neither a yes (1, true, yes, on) nor a no (0, "
+                         "false, no, off, or empty); set it to one of them (in any case)"
+                         % os.environ["PERSIST_STRICT"])
+
+
+def _env_dir():
+    # type: () -> Optional[str]
+    """$PERSIST_DIR, with a leading ~ expanded as a shell does: set where no shell reads it
+    (a Dockerfile's ENV, a systemd unit, an IDE's run configuration, a .env file) it made a
+    directory named ~. Not $VARIABLES: that would change a name that holds a $."""
+    text = os.environ.get("PERSIST_DIR")
+    if not text or not text.startswith("~"):
+        return text or None
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        raise PersistError(errno.EINVAL, "$PERSIST_DIR starts with ~, and there is no such "
+                           "home directory (HOME unset, or no such user): set it to the whole "
+                           "path", text)
+    return expanded
+
+
+def _untrusted(exc):
+    # type: (BaseException) -> bool
+    """Whether exc is the trust check's refusal (see _check_private): a cache others could
+    plant pickles in. persist raises the other PersistErrors (a file that is not a cache, one
+    of a newer format) at every use; with this one it runs uncached, as with a full disk."""
+    return isinstance(exc, PersistError) and exc.errno == errno.EPERM
+
+
 class _Memo:
     """The cache behind one memoized function: opened on first use, counters for this process.
 
     When the cache cannot be used, results are still returned (the cache fails open): it warns
     once, saying why and what to do, and counts the results it could not store. With strict
-    (memoize(strict=True) or PERSIST_STRICT=1) it raises instead.
+    (memoize(strict=True) or PERSIST_STRICT=1) it raises instead. A cache that could not be
+    opened is tried again _REOPEN_AFTER seconds later (the disk may have room by then), or
+    ten times as long as the failed try took, whichever is longer: trying costs a call at
+    most a tenth of its time, even where opening waits long before it fails (a locked file).
     """
 
     # (positional names, ignore, *args ignored) for _leave_out
@@ -3350,6 +3437,7 @@ class _Memo:
         self.saved = 0.0          # seconds of computing that this process's hits saved
         self.store = None
         self.broken = None        # the error that keeps the cache from being opened
+        self.reopen = 0.0         # the time.monotonic() from which to try again
         self.warned = False       # one warning per function is enough
         self._path = None
 
@@ -3357,15 +3445,20 @@ class _Memo:
     def path(self):
         # type: () -> str
         if self._path is None:
-            directory = self.cache_dir or os.environ.get("PERSIST_DIR") or self.default_dir
+            directory = self.cache_dir or _env_dir() or self.default_dir
             self._path = os.path.join(os.path.abspath(directory), _file_name(self.identity))
         return self._path
 
-    def trouble(self, what, exc):
-        # type: (str, Exception) -> None
-        """A cache error: raise it (strict), or warn once, saying what to do, and go on."""
-        if self.strict or isinstance(exc, PersistError) or \
-                os.environ.get("PERSIST_STRICT", "") not in ("", "0"):
+    def trouble(self, what, exc, computed=False):
+        # type: (str, Exception, bool) -> None
+        """A cache error: raise it (strict), or warn once, saying what to do, and go on.
+
+        A PersistError other than the trust check's is raised too, before the function runs;
+        once it ran (computed), its result is returned: such an error found only when storing
+        it (a link planted at the .values directory meanwhile) costs it nothing."""
+        # An unclear $PERSIST_STRICT was refused at the first call; set since, it keeps results.
+        if self.strict or _env_strict() or (isinstance(exc, PersistError) and not computed
+                                            and not _untrusted(exc)):
             raise exc
         if not self.warned:
             self.warned = True
@@ -3377,9 +3470,12 @@ class _Memo:
     def open(self, create=True):
         # type: (bool) -> Optional[_Store]
         with _OPEN_LOCK:
-            if self.store is None and self.broken is None:
+            if self.store is None and (self.broken is None or
+                                       time.monotonic() >= self.reopen):
+                _check_env_strict()              # before the call: nothing is lost
                 if not create and not os.path.exists(self.path):
                     return None
+                start, store = time.monotonic(), None
                 try:
                     _make_cache_dir(os.path.dirname(self.path))
                     store = _Store(self.path, "c")
@@ -3392,13 +3488,16 @@ class _Memo:
                     except PermissionError:      # a read-only cache still serves its results
                         pass
                     _check_source(store, self)
-                except PersistError:             # not safe to use: every call says so
-                    raise
                 except OSError as exc:
-                    self.broken = exc
+                    if store is not None:        # opened, then failed (a full disk): let go
+                        store.close()
+                    # raised here, at every call: strict, or not a cache persist may use
                     self.trouble("is running without its cache: cannot open", exc)
+                    self.broken = exc
+                    now = time.monotonic()
+                    self.reopen = now + max(_REOPEN_AFTER, 10 * (now - start))
                     return None
-                self.store = store
+                self.store, self.broken = store, None
             return self.store
 
     def get(self, key):
@@ -3445,7 +3544,7 @@ class _Memo:
             self.unstored += 1
         except OSError as exc:
             self.unstored += 1
-            self.trouble("could not store a result in", exc)
+            self.trouble("could not store a result in", exc, computed=True)
         except RecursionError:           # a deep recursion of the caller's: as it is
             raise
         except Exception as exc:
@@ -5127,6 +5226,8 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
         raise ValueError("persist.map(workers=...) must be a whole number of processes, 1 or "
                          "more, not %r" % (workers,))
     found = _handle_of(func)
+    if found is not None:                  # else every item would fail with it
+        _check_env_strict()
     if found is not None and _code_flags(found[0]._state[3]) & _CO_COROUTINE:
         raise TypeError("persist.map() calls func(item) and takes the result, but %s is an "
                         "async def function: map a plain function over the items, or gather "
@@ -5399,7 +5500,7 @@ def _limit(text):
 
 def _default_cache_dir():
     # type: () -> str
-    return os.environ.get("PERSIST_DIR") or ".persist"
+    return _env_dir() or ".persist"
 
 
 def _caches_under(directory):

@@ -408,21 +408,50 @@ class TestAtomicTempSwappedForALink(TempDirTest):
 
 @unittest.skipUnless(ROOT, "root, to give a directory to another user")
 class TestRefusedCacheLeavesNothing(TempDirTest):
-    """Root refused in a project another user owns (a mounted directory) creates nothing there."""
+    """Root refused in a project another user owns (a mounted directory, in a container)
+    creates nothing there, and runs without the cache, as where a cache cannot be opened."""
 
-    def test_no_cache_directory_is_made(self):
-        project = self.path / "app"
-        project.mkdir()
-        os.chown(project, NOBODY, NOBODY)
+    def setUp(self):
+        super().setUp()
+        self.project = self.path / "app"
+        self.project.mkdir()
+        os.chown(self.project, NOBODY, NOBODY)
+        self.runs = []
 
-        @persist.memoize(cache_dir=project / ".persist", name="f")
+    def memoized(self, **options):
+        @persist.memoize(cache_dir=self.project / ".persist", name="f", **options)
         def f(x):
-            return x
+            self.runs.append(x)
+            return x * 2
+        return f
 
-        with self.assertRaisesRegex(persist.PersistError, "owned by user %d" % NOBODY) as caught:
-            f(1)
-        self.assertEqual(caught.exception.filename, str(project))
-        self.assertEqual(os.listdir(project), [])   # else its owner's own runs cannot cache
+    def test_warns_once_and_runs_uncached(self):
+        """It killed the script, where every other cache that cannot be opened warns."""
+        f = self.memoized()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.assertEqual([f(1), f(1), f(2)], [2, 2, 4])
+        self.assertEqual(self.runs, [1, 1, 2])
+        self.assertEqual([w.category for w in caught], [persist.PersistWarning])
+        message = str(caught[0].message)
+        for part in ("running without its cache", str(self.project),
+                     "owned by user %d" % NOBODY, "chown", "cache_dir="):
+            self.assertIn(part, message)
+        self.assertEqual(f.cache_info().unstored, 3)
+        self.assertEqual(f.explain(1).reason, "cannot open")
+        self.assertEqual(os.listdir(self.project), [])  # else its owner's own runs cannot cache
+
+    def test_strict_raises(self):
+        for f, env in ((self.memoized(strict=True), {}),
+                       (self.memoized(), {"PERSIST_STRICT": "1"})):
+            with mock.patch.dict(os.environ, env):
+                for _ in range(2):                  # at every call, not only the first
+                    with self.assertRaisesRegex(persist.PersistError,
+                                                "owned by user %d" % NOBODY) as caught:
+                        f(1)
+                    self.assertEqual(caught.exception.filename, str(self.project))
+        self.assertEqual(self.runs, [])
+        self.assertEqual(os.listdir(self.project), [])
 
 
 @unittest.skipUnless(ROOT and hasattr(os, "setgroups"), "root, to act as a group member")
@@ -1339,6 +1368,43 @@ class TestMemoizeLocation(TempDirTest):
         with mock.patch.dict(os.environ, {"PERSIST_DIR": str(chosen)}):
             f(1)
             self.assertEqual(f.cache_info().path, str(self.path / "explicit" / "my-cache.db"))
+
+    def test_persist_dir_set_where_no_shell_expands_it(self):
+        """PERSIST_DIR=~/cache from a Dockerfile's ENV or a systemd unit made a directory
+        named ~ wherever the script ran."""
+        script = self.write_script()
+        home = self.path / "home"
+        home.mkdir()
+        for value in ("~/cache", "~"):
+            out = subprocess.run([sys.executable, str(script)], cwd=str(self.path), check=True,
+                                 env=child_env(PERSIST_DIR=value, HOME=home),
+                                 stdout=subprocess.PIPE, universal_newlines=True).stdout
+            self.assertEqual(out, "210 20\n")
+        self.assertTrue((home / "cache" / "job.work.db").exists())
+        self.assertTrue((home / "job.work.db").exists())
+        out = subprocess.run([sys.executable, "-m", "persist", "ls"], cwd=str(self.path),
+                             env=child_env(PERSIST_DIR="~/cache", HOME=home),
+                             stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+        self.assertIn("job.work", out)
+        nobody = "~no-such-user-%s/cache" % os.urandom(4).hex()
+        done = subprocess.run([sys.executable, str(script)], cwd=str(self.path),
+                              env=child_env(PERSIST_DIR=nobody), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn("PersistError: %s: $PERSIST_DIR starts with ~" % nobody, done.stderr)
+        self.assertEqual(done.stdout, "")                   # refused before the first call ran
+        out = run_python("""
+            import persist
+            @persist.memoize
+            def g(x):
+                print("ran")
+            try:
+                persist.map(g, [1, 2])
+            except persist.PersistError as exc:
+                print("refused", exc.filename)
+        """, cwd=str(self.path), PERSIST_DIR=nobody)
+        self.assertEqual(out, "refused %s\n" % nobody)
+        self.assertEqual(sorted(os.listdir(self.path)), ["home", "project"])
 
     def test_no_source_file_uses_current_directory(self):
         out = run_python("""
@@ -2977,6 +3043,88 @@ class TestDiskFull(TempDirTest):
         conn.close()
 
 
+def small_disk(test, size="1m"):
+    """A tmpfs of size mounted in test's directory until its cleanup, filled up to the last
+    byte by the file 'filler' in it (remove it to free the space); skips where root may not
+    mount."""
+    disk = test.path / "disk"
+    disk.mkdir()
+    if not ROOT or not os.path.exists("/bin/mount"):
+        test.skipTest("NOT TESTED: mounting a small tmpfs needs root and mount(8)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=755" % size, "tmpfs",
+                              str(disk)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             universal_newlines=True, timeout=60)
+    if mounted.returncode != 0:
+        test.skipTest("NOT TESTED: mount -t tmpfs was refused here: %s" % mounted.stdout.strip())
+    test.addCleanup(subprocess.run, ["umount", "-l", str(disk)], timeout=60)
+    with open(disk / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return disk
+
+
+@unittest.skipUnless(POSIX, "mount")
+class TestDiskFullAtTheFirstCall(TempDirTest):
+    """A cache that could not be opened (no space) stayed off for the rest of the process."""
+
+    CHILD = """
+        import sys, time, warnings, persist
+        persist._REOPEN_AFTER = 3600.0     # the hour passes when the test says so
+        real, hours = time.monotonic, [0]
+        time.monotonic = lambda: real() + 3600.0 * hours[0]
+        @persist.memoize(cache_dir=sys.argv[1], name="f")
+        def f(x):
+            return str(x) * x
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert f(1) == "1"
+            print("full", f.cache_info().unstored, flush=True)
+            sys.stdin.readline()           # the test frees the space meanwhile
+            assert f(2) == "22"            # tried again only after a while: not yet
+            print("soon", f.cache_info().unstored, flush=True)
+            hours[0] += 1
+            assert f(3) == "333"
+            assert f(50000) == "50000" * 50000        # over 256 KiB: a value file
+            info = f.cache_info()
+            print("later", info.unstored, info.entries, flush=True)
+        print([str(w.message) for w in caught])
+    """
+
+    def test_the_cache_goes_on_once_there_is_space(self):
+        disk = small_disk(self)
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.CHILD),
+                                  str(disk / "cache")], env=child_env(),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 universal_newlines=True)
+        self.addCleanup(stop, child)
+        watchdog = threading.Timer(300, child.kill)       # a hung child fails the test
+        watchdog.start()
+        self.addCleanup(watchdog.cancel)
+        self.assertEqual(child.stdout.readline(), "full 1\n")
+        os.unlink(disk / "filler")
+        out, _ = child.communicate("go on\n", timeout=300)
+        lines = out.splitlines()
+        self.assertEqual(lines[:2], ["soon 2", "later 2 2"], out)
+        warned = eval(lines[2])
+        self.assertEqual(len(warned), 1, warned)
+        self.assertIn("free some disk space", warned[0])
+        self.assertEqual(child.returncode, 0)
+        self.assertEqual(sorted(os.listdir(disk / "cache"))[:2], [".gitignore", "f.db"])
+        runs = []
+
+        @persist.memoize(cache_dir=disk / "cache", name="f")
+        def f(x):
+            runs.append(x)
+
+        self.assertEqual([f(3), len(f(50000))], ["333", 5 * 50000])
+        self.assertEqual(runs, [])
+        self.assertNoTemp()
+
+
 class TestDamagedCacheFile(TempDirTest):
     def make(self):
         path = self.path / "cache.db"
@@ -3026,6 +3174,30 @@ class TestHostileDirectory(TempDirTest):
                 persist.open(cache / "f.db")
         self.assertEqual(victim.read_bytes(), b"")
 
+    def test_link_planted_at_the_value_directory_meanwhile_costs_no_result(self):
+        victim = self.path / "victim"
+        victim.mkdir()
+        for strict in (False, True):
+            name = "f%d" % strict
+            runs = []
+
+            @persist.memoize(cache_dir=self.path, name=name, strict=strict)
+            def f(x):
+                runs.append(x)
+                return b"v" * x
+
+            self.assertEqual(f(1), b"v")                         # opened, no .values yet
+            os.symlink(victim, self.path / (name + ".db.values"))
+            if strict:
+                with self.assertRaisesRegex(persist.PersistError, "symbolic link"):
+                    f(1 << 20)
+            else:
+                with self.assertWarnsRegex(persist.PersistWarning, "symbolic link"):
+                    self.assertEqual(f(1 << 20), b"v" * (1 << 20))
+                self.assertEqual(f.cache_info().unstored, 1)
+            self.assertEqual(runs, [1, 1 << 20])
+        self.assertEqual(os.listdir(victim), [])
+
     def test_world_writable_directory_or_file_is_refused(self):
         shared = self.path / "shared"
         shared.mkdir()
@@ -3052,6 +3224,35 @@ class TestHostileDirectory(TempDirTest):
             with self.assertRaisesRegex(persist.PersistError, "another user owns it"):
                 persist.open(shared / "theirs.db")
 
+    @unittest.skipUnless(ROOT, "root, to plant as another user")
+    def test_value_directory_planted_meanwhile_costs_no_result(self):
+        """Another user who makes the .values directory in /tmp after the cache was opened
+        is refused at the first large result: that result was lost to a PersistError."""
+        shared = self.path / "tmp"
+        shared.mkdir()
+        os.chmod(shared, 0o1777)
+        for strict in (False, True):
+            name = "f%d" % strict
+            runs = []
+
+            @persist.memoize(cache_dir=shared, name=name, strict=strict)
+            def f(x):
+                runs.append(x)
+                return b"v" * x
+
+            self.assertEqual(f(1), b"v")                         # opened, no .values yet
+            planted = shared / (name + ".db.values")
+            planted.mkdir()
+            os.chown(planted, NOBODY, NOBODY)
+            if strict:
+                with self.assertRaisesRegex(persist.PersistError, "another user owns it"):
+                    f(1 << 20)
+            else:
+                with self.assertWarnsRegex(persist.PersistWarning, "another user owns it"):
+                    self.assertEqual(f(1 << 20), b"v" * (1 << 20))
+                self.assertEqual(f.cache_info().unstored, 1)
+            self.assertEqual(runs, [1, 1 << 20])
+
     def test_created_files_follow_the_umask(self):
         old = os.umask(0o077)
         self.addCleanup(os.umask, old)
@@ -3069,6 +3270,44 @@ class TestHostileDirectory(TempDirTest):
                     mode = stat.S_IMODE(os.lstat(os.path.join(root, name)).st_mode)
                     self.assertEqual(mode & 0o077, 0, name)
 
+    def test_caches_made_under_any_umask_pass_their_own_check(self):
+        """Under umask 000 persist made its files writable by every user, then refused them:
+        a large result raised after it was computed, and every later run refused the cache."""
+        for umask, never in ((0o000, 0o002), (0o077, 0o077)):
+            top = self.path / ("umask-%03o" % umask)
+            cache = top / "made" / "cache"                   # each level made by persist
+            old = os.umask(umask)
+            try:
+                @persist.memoize(cache_dir=cache, name="f", strict=True)
+                def f(x):
+                    return b"r" * x
+
+                self.assertEqual(len(f(10)), 10)
+                self.assertEqual(len(f(1 << 20)), 1 << 20)      # a value file
+                with persist.open(cache / "s.db") as db:
+                    db["small"], db["large"] = b"s", b"l" * (1 << 20)
+                    made = sorted([os.path.relpath(top, self.dir)] + [
+                        os.path.relpath(os.path.join(root, name), self.dir)
+                        for root, dirs, files in os.walk(top) for name in dirs + files])
+                    self.assertIn(os.path.join(os.path.relpath(cache, self.dir), "s.db-shm"),
+                                  made)
+                    for name in made:
+                        mode = stat.S_IMODE(os.lstat(self.path / name).st_mode)
+                        self.assertEqual(mode & never, 0, "%s is %o" % (name, mode))
+            finally:
+                os.umask(old)
+            out = run_python("""
+                import persist
+                @persist.memoize(cache_dir=%r, name="f", strict=True)
+                def f(x):
+                    raise AssertionError("computed again")
+                print(len(f(10)), len(f(1 << 20)))
+                with persist.open(%r) as db:
+                    print(db["small"], len(db["large"]))
+                    db["more"] = b"m" * (1 << 20)
+            """ % (str(cache), str(cache / "s.db")))
+            self.assertEqual(out, "10 1048576\nb's' 1048576\n")
+
 
 @unittest.skipUnless(POSIX, "POSIX owners and modes")
 class TestCacheUnderASwappableDirectory(TempDirTest):
@@ -3080,7 +3319,7 @@ class TestCacheUnderASwappableDirectory(TempDirTest):
         cache.mkdir()
         os.chmod(cache, 0o755)
 
-        @persist.memoize(cache_dir=cache, name="f")
+        @persist.memoize(cache_dir=cache, name="f", strict=True)
         def f(x):
             return x
 
@@ -3102,6 +3341,76 @@ class TestCacheUnderASwappableDirectory(TempDirTest):
                     db["k"] = 1
                 with persist.open(where / "s.db", "r") as db:
                     self.assertEqual(db["k"], 1)
+
+
+@unittest.skipUnless(ROOT and hasattr(os, "setgroups"), "root, to act as two group members")
+class TestTeamDirectory(TempDirTest):
+    """Two users of one group share a cache in their team's directory (root's, setgid)."""
+
+    TEAM = 54321                              # the team's group
+    ALICE, BOB = 54322, 54323
+
+    CHILD = """
+        import os, sys, warnings, persist
+        import hashlib, inspect, logging, pickle, reprlib, shelve, sqlite3  # before losing /root
+        os.setgroups([%d])
+        os.setgid(%d)
+        os.setuid(%d)
+        os.umask(0o002)                       # as a team shares: the group may write
+        warnings.simplefilter("error")
+        team, me, calls = sys.argv[1], sys.argv[2], sys.argv[2:]
+        @persist.memoize(cache_dir=team, name="f", strict=True)
+        def f(who):
+            print("computed", who)
+            return who.encode() * (1 << 18)   # over 256 KiB: a value file
+        for who in calls:
+            print(who, len(f(who)))
+        with persist.open(os.path.join(team, "s.db")) as db:
+            db[me] = me * (1 << 18)
+            print(sorted((k, len(v)) for k, v in db.items()))
+    """
+
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.dir, 0o755)
+        self.team = self.path / "team"
+        self.team.mkdir()
+        os.chown(self.team, 0, self.TEAM)
+        os.chmod(self.team, 0o2770)
+
+    def run_as(self, uid, *calls):
+        code = textwrap.dedent(self.CHILD % (self.TEAM, uid, uid))
+        return subprocess.run([sys.executable, "-c", code, str(self.team)] + list(calls),
+                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=300)
+
+    def test_teammates_share_large_results(self):
+        """A teammate's result over 256 KiB raised PersistError after it was computed: the
+        value directory the other member made was refused as writable by every user."""
+        alice = self.run_as(self.ALICE, "alice")
+        self.assertEqual(alice.stdout.splitlines(), [
+            "computed alice", "alice 1310720", "[('alice', 1310720)]"], alice.stderr)
+        self.assertEqual(os.stat(self.team / "f.db.values").st_uid, self.ALICE)
+        self.assertEqual(os.stat(self.team / "s.db.values").st_uid, self.ALICE)
+        bob = self.run_as(self.BOB, "bob", "alice")
+        self.assertEqual(bob.stdout.splitlines(), [
+            "computed bob", "bob 786432", "alice 1310720",
+            "[('alice', 1310720), ('bob', 786432)]"], bob.stderr)
+        for values in ("f.db.values", "s.db.values"):
+            self.assertIn(self.BOB, {os.stat(self.team / values / name).st_uid
+                                     for name in os.listdir(self.team / values)})
+        alice = self.run_as(self.ALICE, "alice", "bob")
+        self.assertEqual(alice.stdout.splitlines(), [
+            "alice 1310720", "bob 786432", "[('alice', 1310720), ('bob', 786432)]"],
+            alice.stderr)
+
+    def test_what_every_user_may_write_is_still_refused(self):
+        self.run_as(self.ALICE, "alice")
+        os.chmod(self.team / "f.db.values", 0o2777)
+        bob = self.run_as(self.BOB, "bob")
+        self.assertNotIn("computed", bob.stdout)
+        self.assertIn("PersistError: %s: every user may write" % (self.team / "f.db.values"),
+                      bob.stderr)
 
 
 @unittest.skipUnless(ROOT and hasattr(os, "setuid"), "root, to act as another user")
@@ -3137,7 +3446,7 @@ class TestCacheAnotherUserMade(TempDirTest):
         self.assertEqual(os.stat(self.shelf).st_uid, NOBODY)
 
     def test_memoize_refuses_it(self):
-        @persist.memoize(cache_dir=self.cache, name="f")
+        @persist.memoize(cache_dir=self.cache, name="f", strict=True)
         def f(x):
             return "computed"
 
@@ -3145,6 +3454,15 @@ class TestCacheAnotherUserMade(TempDirTest):
             f(1)
         self.assertEqual(caught.exception.filename, self.cache)
         self.assertIn(self.cache, str(caught.exception))
+        self.assertFalse(self.ran.exists())
+
+    def test_memoize_without_strict_computes_instead(self):
+        @persist.memoize(cache_dir=self.cache, name="f")
+        def f(x):
+            return "computed"
+
+        with self.assertWarnsRegex(persist.PersistWarning, "owned by user %d" % NOBODY):
+            self.assertEqual(f(1), "computed")
         self.assertFalse(self.ran.exists())
 
     def test_open_refuses_it(self):
@@ -4673,8 +4991,9 @@ class TestCacheUnusable(TempDirTest):
     def test_strict_raises_before_computing(self):
         runs = []
         f = persist.memoize(cache_dir=self.blocker, strict=True)(lambda x: runs.append(x))
-        with self.assertRaises(OSError):
-            f(1)
+        for _ in range(3):         # each call: the second ran uncached, and said nothing
+            with self.assertRaises(OSError):
+                f(1)
         self.assertEqual(runs, [])
 
     def test_environment_variable_makes_every_function_strict(self):
@@ -4682,6 +5001,33 @@ class TestCacheUnusable(TempDirTest):
         with mock.patch.dict(os.environ, {"PERSIST_STRICT": "1"}):
             with self.assertRaises(OSError):
                 f(1)
+
+    def test_environment_variable_is_read_as_a_yes_or_a_no(self):
+        """PERSIST_STRICT=false (or no, off, ...) made every function strict."""
+        for value, strict in (("1", True), ("true", True), ("YES", True), (" On ", True),
+                              ("0", False), ("false", False), ("No", False), ("OFF", False),
+                              ("", False)):
+            f = persist.memoize(cache_dir=self.blocker)(lambda x: x + 1)
+            with mock.patch.dict(os.environ, {"PERSIST_STRICT": value}), \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if strict:
+                    with self.assertRaises(NotADirectoryError, msg=value):
+                        f(1)
+                else:
+                    self.assertEqual(f(1), 2, value)
+                    self.assertEqual(len(caught), 1, value)
+
+    def test_environment_variable_neither_yes_nor_no_is_refused_before_the_call(self):
+        for value in ("ture", "2", "strict", "y"):
+            runs = []
+            f = persist.memoize(cache_dir=self.path / "cache")(lambda x: runs.append(x))
+            with mock.patch.dict(os.environ, {"PERSIST_STRICT": value}):
+                for call in (lambda: f(1), lambda: persist.map(f, [1, 2])):
+                    with self.assertRaisesRegex(ValueError, "PERSIST_STRICT=%r is neither a "
+                                                "yes" % value):
+                        call()
+            self.assertEqual(runs, [])
 
 
 # Half a second in the suite, counted from the first result (a few kills, a few hundred
