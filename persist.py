@@ -5601,8 +5601,15 @@ def _cli_prune(options):  # type: ignore[return]
 def _cli_failures(options):  # type: ignore[return]
     # type: (argparse.Namespace) -> Optional[int]
     with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
-        rows = store.failures()
-        label = store.info().get("function") or store.path
+        # Everything but the numbers is text a call's exception made, or anyone who could
+        # write the file: rendered as 'show' and 'ls' render arguments and labels, so that no
+        # escape sequence of it reaches the terminal
+        rows = [(_one_line(_without_addresses(args)) if args is not None else None,
+                 _one_line(kind), _one_line(message), count, first, last, seconds, version,
+                 "\n".join(_one_line(line) for line in text.rstrip("\n").split("\n")))
+                for args, kind, message, count, first, last, seconds, version, text
+                in store.failures()]
+        label = _one_line(store.info().get("function") or store.path)
         if not rows:
             print("%s: no failed calls on record" % label)
             return 0
@@ -5618,15 +5625,19 @@ def _cli_failures(options):  # type: ignore[return]
             print("  %s, %d failure%s in all, the last at %s" % (
                 "1 call" if len(group) == 1 else "%d calls" % len(group), times,
                 "" if times == 1 else "s", _when(group[-1][5])))
+            shown = group[:options.limit or None]
+            more = len(group) - len(shown)
             if options.traceback:
-                for args, _, _, count, first, last, seconds, version, text in group:
+                for args, _, _, count, first, last, seconds, version, text in shown:
                     print("\n  %s: failed %d times, first %s, last %s, after %s" % (
-                        args, count, _when(first), _when(last), _took(seconds or 0.0)))
-                    print("    " + text.rstrip("\n").replace("\n", "\n    "))
+                        args or "?", count, _when(first), _when(last), _took(seconds or 0.0)))
+                    print("    " + text.replace("\n", "\n    "))
+                if more > 0:
+                    print("\n  and %d more call%s (--limit 0 shows all)"
+                          % (more, "" if more == 1 else "s"))
             else:
-                shown = [row[0] or "?" for row in group[:options.limit]]
-                more = len(group) - len(shown)
-                print("  " + ", ".join(shown) + (", and %d more" % more if more > 0 else ""))
+                print("  " + ", ".join(row[0] or "?" for row in shown) +
+                      (", and %d more" % more if more > 0 else ""))
         if not options.traceback:
             print("\n(--traceback shows each call's traceback)")
 
@@ -5676,8 +5687,8 @@ def _main(argv=None):
                                    "exception")
     failures.add_argument("--traceback", action="store_true", help="show each failed call "
                           "with its traceback")
-    failures.add_argument("--limit", type=int, default=5, metavar="N", help="arguments shown "
-                          "per exception (default 5)")
+    failures.add_argument("--limit", type=_limit, default=5, metavar="N", help="calls shown "
+                          "per exception, with --traceback too (default 5; 0: all)")
     for command, run in ((show, _cli_show), (clear, _cli_clear), (prune, _cli_prune),
                          (failures, _cli_failures)):
         command.add_argument("cache", help="a cache file, or a function's name or a path as "

@@ -5645,7 +5645,8 @@ class TestFailuresCommand(TempDirTest):
         self.assertEqual(lines[4], "  ('?b'), ('?a'), ('?c'), ('?d'), ('?e'), and 2 more")
         self.assertEqual(lines[6], "KeyError: 'empty'")
         self.assertEqual(lines[8], "  ('')")
-        done = run_command(cli + ["failures", "--traceback", "jobs.parse"], PERSIST_DIR=cache)
+        done = run_command(cli + ["failures", "--traceback", "--limit", "0", "jobs.parse"],
+                           PERSIST_DIR=cache)
         self.assertEqual(done.stdout.count("Traceback (most recent call last)"), 8)
         self.assertIn("  ('?a'): failed 2 times", done.stdout)
         self.assertIn("KeyError: 'empty'", done.stdout)
@@ -5658,6 +5659,63 @@ class TestFailuresCommand(TempDirTest):
         self.assertRegex(done.stdout, r"^would remove 2 entries \(.*\) and 8 failure records ")
         done = run_command(cli + ["clear", "jobs.parse"], PERSIST_DIR=cache)
         self.assertRegex(done.stdout, r"^removed 2 entries and 8 failure records from ")
+
+    def test_limit_applies_to_tracebacks(self):
+        cache = self.path / "cache"
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="limited")
+            def parse(text):
+                raise ValueError("malformed") if text[0] == "?" else KeyError(text)
+            for text in ["?a", "?b", "?c", "?d", "k"]:
+                try:
+                    parse(text)
+                except Exception:
+                    pass
+        """ % str(cache))
+        done = run_command(CLI + ["failures", "--traceback", "--limit", "2", "limited"],
+                           PERSIST_DIR=cache)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        # two of the four ValueErrors, and the one KeyError
+        self.assertEqual(done.stdout.count("Traceback (most recent call last)"), 3, done.stdout)
+        self.assertIn("\n  and 2 more calls (--limit 0 shows all)\n", done.stdout)
+        self.assertNotIn("('?c')", done.stdout)
+        done = run_command(CLI + ["failures", "--traceback", "--limit", "0", "limited"],
+                           PERSIST_DIR=cache)
+        self.assertEqual(done.stdout.count("Traceback (most recent call last)"), 5, done.stdout)
+        done = run_command(CLI + ["failures", "--limit", "-1", "limited"], PERSIST_DIR=cache)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("not a number of entries: '-1' (0 shows all)", done.stderr)
+
+    def test_escape_sequences_of_a_record_never_reach_the_terminal(self):
+        # a call's own exception text, and a record or label that someone wrote into the file
+        cache = self.path / "cache"
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="hostile")
+            def f(text):
+                raise ValueError("\\x1b]0;owned\\x07\\x1b[2J" + text)
+            try:
+                f("\\x1b[31mred")
+            except ValueError:
+                pass
+        """ % str(cache))
+        db = str(cache / "hostile.db")
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("UPDATE Info SET value = 'hostile\x1b[8m' WHERE name = 'function'")
+            conn.execute("UPDATE Failures SET type = 'Error\x9b1m', traceback = traceback || "
+                         "'\x1b[?1049h\n'")
+        for extra in ([], ["--traceback"]):
+            done = run_command(CLI + ["failures", db] + extra)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            for control in ("\x1b", "\x07", "\x9b"):
+                self.assertNotIn(control, done.stdout, extra)
+            self.assertIn("hostile\\x1b[8m: 1 failed call", done.stdout)
+            self.assertIn("Error\\x9b1m: \\x1b]0;owned\\x07\\x1b[2J\\x1b[31mred",
+                          done.stdout)
+            self.assertIn("('\\x1b[31mred')", done.stdout)
+        self.assertIn("\\x1b[?1049h", done.stdout)
+        self.assertIn("    Traceback (most recent call last)", done.stdout)
 
 
 # -- the user's first hour: logging, the command line, the example, the README
