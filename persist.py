@@ -4235,22 +4235,31 @@ class _Run:
         # type: (float) -> None
         """Show progress, at most every _PROGRESS_EVERY seconds."""
         self.tick = now + _PROGRESS_EVERY
-        done, total = self.done, len(self.items)
-        counts = "%s reused, %s computed, %s failed" % (
-            _n(self.reused), _n(self.computed), _n(len(self.failures)))
         if self.bar is not None:
-            self.bar.update(done - self.counted)
-            self.counted = done
-            postfix = getattr(self.bar, "set_postfix_str", None)
-            if postfix is not None:
-                postfix(counts)
+            self.tell_bar()
             return
+        done, total, counts = self.done, len(self.items), self.counts()
         elapsed = now - self.start
         rate = done / elapsed if elapsed > 0 else 0.0
         left = ", %s left" % _took((total - done) / rate) if rate and done < total else ""
         text = "%s: %s/%s items: %s, %.1f/s%s" % (self.label, _n(done), _n(total), counts,
                                                    rate, left)
         self.show(text)
+
+    def counts(self):
+        # type: () -> str
+        return "%s reused, %s computed, %s failed" % (
+            _n(self.reused), _n(self.computed), _n(len(self.failures)))
+
+    def tell_bar(self):
+        # type: () -> None
+        """Bring the progress= bar up to date: the items done, and the counts beside them."""
+        done = self.done
+        self.bar.update(done - self.counted)
+        self.counted = done
+        postfix = getattr(self.bar, "set_postfix_str", None)
+        if postfix is not None:
+            postfix(self.counts())
 
     def show(self, text):
         # type: (str) -> None
@@ -4511,8 +4520,11 @@ class _Run:
         # type: () -> None
         """Clear the progress line, close the bar, and give the summary line."""
         if self.bar is not None:
+            # the counts as they end: updates come at most every _PROGRESS_EVERY seconds,
+            # and the last may be many items old
             with contextlib.suppress(Exception):
-                self.bar.update(self.done - self.counted)
+                self.tell_bar()
+            with contextlib.suppress(Exception):
                 self.bar.close()
         elif self.line:
             with contextlib.suppress(Exception):

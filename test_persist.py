@@ -5416,6 +5416,16 @@ class TestMap(MemoTest):
         bar, = Bar.made
         self.assertEqual((bar.args, bar.count, bar.closed), ((3, "parse", "item"), 3, 1))
         self.assertEqual(bar.postfix[0], "0 reused, 1 computed, 0 failed")
+        # the bar ends on the run's final counts, however long ago it was last updated
+        self.assertEqual(bar.postfix[-1], "0 reused, 2 computed, 1 failed")
+        with mock.patch.object(persist, "_PROGRESS_EVERY", 3600.0):
+            with self.assertRaises(persist.Failures):
+                persist.map(f, ["1", "?2", "3", "4"], progress=Bar)
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                persist.map(f, ["1", "3", "4"], executor=pool, progress=Bar)
+        self.assertEqual([(b.count, b.postfix[-1], b.closed) for b in Bar.made[1:]],
+                         [(4, "2 reused, 1 computed, 1 failed", 1),
+                          (3, "3 reused, 0 computed, 0 failed", 1)])
         for progress, shown in ((True, True), (None, False), (False, False)):
             err = io.StringIO()                     # not a terminal
             with contextlib.redirect_stderr(err):
