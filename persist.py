@@ -3402,8 +3402,9 @@ class _Memo:
             return self.store
 
     def get(self, key):
-        # type: (bytes) -> Any
-        """The cached result for the call whose key is key, or _MISSING."""
+        # type: (bytes) -> Tuple[Any, float]
+        """(the cached result for the call whose key is key, or _MISSING; the seconds its
+        call took, which the hit saved: 0.0 on a miss, or where not known)."""
         store = self.store if self.store is not None else self.open()
         if store is not None:
             try:
@@ -3416,7 +3417,7 @@ class _Memo:
                     self.saved += row[3] or 0.0
                     if _LOG is not None or "logging" in sys.modules:
                         _debug("hit", self.identity, key)
-                    return value
+                    return value, row[3] or 0.0
             except FileNotFoundError:    # replaced since get(): computed again, stored anew
                 pass
             except RecursionError:       # a deep recursion of the caller's: as it is
@@ -3428,7 +3429,7 @@ class _Memo:
                       "again" % (self.identity, self.path, type(exc).__name__, exc))
         self.misses += 1
         _debug("miss", self.identity, key)
-        return _MISSING
+        return _MISSING, 0.0
 
     def put(self, key, value, args, seconds):
         # type: (bytes, Any, _Call, float) -> None
@@ -3659,7 +3660,7 @@ class _Memoized:
             raise
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
-        result = memo.get(key)
+        result, _ = memo.get(key)
         if result is _MISSING:
             start = time.perf_counter()
             try:
@@ -3671,16 +3672,17 @@ class _Memoized:
         return result
 
     def _call(self, args, kwargs, failing=None):
-        # type: (_Args, _Kwargs, Optional[Callable[[], object]]) -> Tuple[Any, bool]
-        """(result, whether it came from the cache): a call for persist.map, which counts;
-        failing() is called as soon as func raises, before the failure is recorded."""
+        # type: (_Args, _Kwargs, Optional[Callable[[], object]]) -> Tuple[Any, Optional[float]]
+        """(result, None when it was computed, else the seconds its stored call took): a call
+        for persist.map, which counts; failing() is called as soon as func raises, before the
+        failure is recorded."""
         memo, bind, key_from, func = self._state
         key = self._key_of(args, kwargs)
         if self._self is not None:
             args = (self._self,) + args
-        result = memo.get(key)
+        result, saved = memo.get(key)
         if result is not _MISSING:
-            return result, True
+            return result, saved
         start = time.perf_counter()
         try:
             result = func(*args, **kwargs)
@@ -3691,7 +3693,7 @@ class _Memoized:
             memo.fail(key, (args, kwargs), exc, seconds)
             raise
         memo.put(key, result, (args, kwargs), time.perf_counter() - start)
-        return result, False
+        return result, None
 
     def __get__(self, instance, owner=None):
         # type: (object, Optional[type]) -> _Memoized
@@ -3919,7 +3921,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
         async def wrapper(*args, **kwargs):
             # type: (*Any, **Any) -> Any
             key = key_of(args, kwargs)
-            result = memo.get(key)
+            result, _ = memo.get(key)
             if result is _MISSING:
                 start = time.perf_counter()
                 try:
@@ -3939,7 +3941,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
                 raise
             except Exception as exc:
                 raise _unkeyable(func, args, kwargs, exc) from None
-            result = memo.get(key)
+            result, _ = memo.get(key)
             if result is _MISSING:
                 start = time.perf_counter()
                 try:
@@ -4020,7 +4022,8 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
 def _run(func, items, portable, stop=None):
     # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> Tuple[List[_Outcome], float]
     """func(item) for a batch of items where they run (this process, or a worker): a list of
-    (True, result, whether the cache had it), (False, exception, traceback text or None) or
+    (True, result, None if computed, else the seconds the cached call took: what reusing it
+    saved), (False, exception, traceback text or None) or
     (None, None, None) for an item not started, and the seconds the batch took. portable:
     exceptions go to another process, so each is made picklable and its traceback sent as
     text. stop: an Event that a failure sets, after which no item starts (keep_going=False)."""
@@ -4037,10 +4040,10 @@ def _run(func, items, portable, stop=None):
             continue
         try:
             if found is None:
-                outcomes.append((True, func(item), False))
+                outcomes.append((True, func(item), None))
             else:
-                value, hit = call(args + (item,), kwargs, failing)
-                outcomes.append((True, value, hit))
+                value, saved = call(args + (item,), kwargs, failing)
+                outcomes.append((True, value, saved))
         except Exception as exc:
             if stop is not None:
                 stop.set()
@@ -4279,7 +4282,8 @@ class _Run:
                 if found is None:
                     value, hit = func(item), False
                 else:
-                    value, hit = call(args + (item,), kwargs)
+                    value, saved = call(args + (item,), kwargs)
+                    hit = saved is not None
             except Exception as exc:
                 run.failed(index, exc)
                 if not keep_going:
@@ -4366,12 +4370,13 @@ class _Run:
             nonlocal size, error
             for index, (ok, value, extra) in zip(batch, outcomes):
                 if memo is not None and ok is not None:
-                    if ok and extra:
+                    if ok and extra is not None:
                         memo.hits += 1
+                        memo.saved += extra
                     else:
                         memo.misses += 1
                 if ok:
-                    self.succeeded(index, value, extra)
+                    self.succeeded(index, value, extra is not None)
                 elif ok is False:
                     if extra is not None:
                         value.__cause__ = _WorkerTraceback(extra)

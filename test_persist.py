@@ -5515,6 +5515,36 @@ class TestMapWorkers(TempDirTest):
             self.assertEqual(lines[5], "malformed '?x' True")
 
 
+class TestMapWorkersCountTimeSaved(TempDirTest):
+    """The hits of workers in other processes count in the caller's cache_info().saved, as
+    its own hits do."""
+
+    @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
+    def test_saved_with_workers_and_a_process_executor(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import concurrent.futures, sys, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def work(x):
+                return sum(range(20000 + x))
+            if __name__ == "__main__":
+                for how in ("workers", "executor"):
+                    work.cache_clear()
+                    for run in range(2):
+                        if how == "workers":
+                            persist.map(work, range(12), workers=2, progress=False)
+                        else:
+                            with concurrent.futures.ProcessPoolExecutor(2) as pool:
+                                persist.map(work, range(12), executor=pool, progress=False)
+                    info = work.cache_info()
+                    print(how, info.hits, info.misses, info.seconds > 0,
+                          abs(info.saved - info.seconds) < 1e-6)
+        """))
+        done = run_command([str(script), self.dir], timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, "workers 12 12 True True\nexecutor 12 12 True True\n")
+
+
 class TestMapWithoutMainGuard(TempDirTest):
     """A script that calls persist.map(workers=) at its top level, not under
     if __name__ == "__main__": under spawn each worker imports it again and dies as it starts.
