@@ -1588,16 +1588,20 @@ class _Store:
         self._give_back()
         return count
 
-    def prune(self, before=None, version=None, dry_run=False):
-        # type: (Optional[float], Optional[str], bool) -> Tuple[int, int]
-        """Remove the entries stored before the Unix time before, or of another version than
-        version; return (entries, bytes) removed, or that would be with dry_run."""
+    def prune(self, before=None, version=None, dry_run=False, after=None):
+        # type: (Optional[float], Optional[str], bool, Optional[float]) -> Tuple[int, int]
+        """Remove the entries stored before the Unix time before (or after the time after),
+        or of another version than version; return (entries, bytes) removed, or that would
+        be with dry_run."""
         where: "Any"      # the conditions, then the SQL that joins them
         params: "List[object]"
         where, params = [], []
         if before is not None:
             where.append("stored < ?")
             params.append(before)
+        if after is not None:
+            where.append("stored > ?")
+            params.append(after)
         if version is not None:
             where.append("version IS NOT ?")
             params.append(version)
@@ -3410,7 +3414,7 @@ class _Memo:
             try:
                 row = store.get(key)
                 if row is not None and (self.expire is None or
-                                        time.time() - row[2] < self.expire):
+                                        not _expired(row[2], self.expire)):
                     # load(), without a call when the pickle is in the row
                     value = pickle.loads(row[0]) if row[1] is None else store.load(row)
                     self.hits += 1
@@ -3522,10 +3526,29 @@ class _Explanation:
         return "<explanation %s: %s>" % (self.reason, self._text)
 
 
+def _expired(stored, expire):
+    # type: (float, float) -> bool
+    """Whether an entry stored at the Unix time stored is past expire= seconds. An entry
+    stored further in the future than that is too: its writer's clock was ahead (a resumed
+    VM, a container's skewed clock on a shared cache), or ours is behind, and its true age
+    is unknown; taken as stored now, it would live until this clock got past its stamp."""
+    return abs(time.time() - stored) >= expire
+
+
+_FROM_THE_FUTURE = ("; an entry stored further in the future than expire= has expired too, "
+                    "as its age cannot be known")
+
+
 def _stored_when(stored, seconds=None):
     # type: (float, Optional[float]) -> str
-    """'stored 2026-11-26 11:52 (3m ago), computed in 1.5 s' (the last part where known)."""
-    text = "stored %s (%s ago)" % (_when(stored), _age(max(0.0, time.time() - stored)))
+    """'stored 2026-11-26 11:52 (3m ago), computed in 1.5 s' (the last part where known);
+    of a stamp ahead of this clock, '(2h ahead of this clock)'."""
+    ahead = stored - time.time()
+    if ahead >= 1:
+        text = "stored %s (%s ahead of this clock: the clock that stored it was ahead, or " \
+               "this one is behind)" % (_when(stored), _age(ahead))
+    else:
+        text = "stored %s (%s ago)" % (_when(stored), _age(max(0.0, -ahead)))
     if seconds is None:
         return text
     if seconds >= 1:
@@ -3582,9 +3605,10 @@ def _explain(memo, key, key_for):
             if row is None:
                 break
             stored, seconds = row[2], row[3]
-            if memo.expire is not None and time.time() - stored >= memo.expire:
-                return _Explanation("expired", path, "miss: expired; %s, and expire=%g s"
-                                    % (_stored_when(stored), memo.expire),
+            if memo.expire is not None and _expired(stored, memo.expire):
+                return _Explanation("expired", path, "miss: expired; %s, and expire=%g s%s"
+                                    % (_stored_when(stored), memo.expire,
+                                       _FROM_THE_FUTURE if stored > time.time() else ""),
                                     stored=stored, seconds=seconds, version=memo.version)
             try:
                 store.load(row)
@@ -3830,8 +3854,11 @@ class _Memoized:
         store = memo.open(create=False)
         if store is None or not (stale or memo.expire is not None and expired):
             return 0
-        before = time.time() - memo.expire if expired and memo.expire is not None else None
-        return store.prune(before, memo.version if stale else None)[0]
+        before = after = None
+        if expired and memo.expire is not None:     # as _expired(): too far either way
+            now = time.time()
+            before, after = now - memo.expire, now + memo.expire
+        return store.prune(before, memo.version if stale else None, after=after)[0]
 
 
 class _ClassMemoized(_Memoized):
@@ -5377,6 +5404,8 @@ def _bytes(size):  # type: ignore[return]  # the "GB" turn returns
 
 def _age(seconds):
     # type: (float) -> str
+    if seconds <= -1:                     # stored ahead of this clock: say so, as -2h
+        return "-" + _age(-seconds)
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= length:
             return "%d%s" % (seconds // length, unit)
@@ -5603,7 +5632,8 @@ def _cli_prune(options):  # type: ignore[return]
                     print("%s has no expire=; nothing has expired" % store.path)
                     return 0
                 age = float(expire)
-            which = {"before": time.time() - age}
+            now = time.time()     # too far either way, as _expired() tells
+            which = {"before": now - age, "after": now + age}
         if options.dry_run:
             count, size = store.prune(dry_run=True, **which)
             print("would remove %d entries (%s) from %s" % (count, _bytes(size), store.path))

@@ -1774,6 +1774,72 @@ class TestExplainExpired(ExplainTest):
         self.assertLess(explanation.stored, time.time() - 7000)
 
 
+class TestExpireWhenTheClockJumps(ExplainTest):
+    """expire= with clocks that disagree: an entry stored while a clock was ahead (a resumed
+    VM, a skewed container writing a shared cache) must not live until this clock catches
+    up. The other processes' clocks are faked by patching time.time in them."""
+
+    def at(self, offset, *calls):
+        """Call skewed(x) for each x in a process whose clock is offset seconds off; each call
+        prints 'computed X' if it ran, then its explain() before it."""
+        return run_python("""
+            import sys, time, persist
+            real, offset = time.time, float(sys.argv[2])
+            time.time = lambda: real() + offset
+            @persist.memoize(cache_dir=sys.argv[1], name="skewed", expire=3600)
+            def skewed(x):
+                print("computed", x)
+                return x
+            for x in sys.argv[3:]:
+                print(skewed.explain(int(x)))
+                skewed(int(x))
+        """.replace("sys.argv[1]", repr(self.dir)).replace("sys.argv[2]", repr(str(offset)))
+           .replace("sys.argv[3:]", repr([str(x) for x in calls])))
+
+    def test_an_entry_stored_ahead_of_the_clock_expires(self):
+        self.at(7200, 1, 2, 3)                  # stored by a clock two hours ahead
+        self.at(10, 4)                          # and by one ten seconds ahead
+        runs = []
+        f = self.memo(lambda x: runs.append(x) or x, name="skewed", expire=3600)
+        explanation = f.explain(1)
+        self.assertMiss(explanation, "expired", r"expired; stored .* \(1h ahead of this clock: "
+                        r"the clock that stored it was ahead, or this one is behind\), and "
+                        r"expire=3600 s; an entry stored further in the future than expire= "
+                        r"has expired too, as its age cannot be known$")
+        self.assertGreater(explanation.stored, time.time() + 7000)
+        near = f.explain(4)                     # within expire=: a hit, and said so
+        self.assertTrue(near.hit, str(near))
+        self.assertRegex(str(near), r"^hit: stored .* \([0-9]s ahead of this clock")
+        self.assertEqual([f(1), f(4)], [1, 4])
+        self.assertEqual(runs, [1])             # computed again, and now stamped by this clock
+        self.assertTrue(f.explain(1).hit)
+        show = run_command(CLI + ["show", f.cache_info().path]).stdout
+        self.assertEqual(len(re.findall(r"(?m)^ +-1h ", show)), 2, show)   # 2 and 3
+        self.assertEqual(f.cache_prune(), 2)    # takes 2 and 3
+        self.assertEqual(f.cache_info().entries, 2)
+        self.at(7200, 5)                        # and so does the command line
+        for how in (["--expired"], ["--older-than", "1h"]):
+            done = run_command(CLI + ["prune", f.cache_info().path] + how)
+            self.assertEqual(done.stdout.split()[:2], ["removed", "1"], done.stderr)
+            self.at(7200, 5)
+        self.assertEqual(f.cache_info().entries, 3)
+
+    def test_the_readers_clock_jumping_either_way(self):
+        self.at(0, 1)                           # stored by the right clock
+        # a reader whose clock jumped forwards sees it two hours old; one whose clock jumped
+        # back, two hours ahead: both compute it again
+        for offset in (7200, -7200):
+            out = self.at(offset, 1)
+            self.assertRegex(out, r"^miss: expired; stored .*\ncomputed 1\n$")
+            self.assertEqual(("ahead of this clock" in out), offset < 0, out)
+            self.at(0, 1)                       # and the right clock stores it again
+        out = self.at(0, 1)
+        self.assertRegex(out, r"^hit: stored .* \(0s ago\)")
+        # a writer whose clock was behind: two hours old to the others
+        self.at(-7200, 5)
+        self.assertRegex(self.at(0, 5), r"^miss: expired; stored .* \(2h ago\)")
+
+
 class TestExplainAnotherVersion(ExplainTest):
     def test_names_the_version_that_stored_it(self):
         v1 = self.memo(lambda x: x, name="job", version=1)
