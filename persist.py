@@ -213,6 +213,8 @@ _CLEAR = "DELETE FROM Dict"
 _FILES = "SELECT file FROM Dict WHERE file IS NOT NULL"
 _NAMED = "SELECT file FROM Dict WHERE file IN (%s)"
 _FORGET_FAILURE = "DELETE FROM Failures WHERE key = ?"
+_FAILED_VERSIONS = "SELECT DISTINCT version FROM Failures WHERE version IS NOT ?"
+_STALE_FAILURES = "%s FROM Failures WHERE version IS NOT ?"     # SELECT count(*) or DELETE
 _INFO = "SELECT name, value FROM Info"
 _SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
 _ENTRIES = ("SELECT key, args, stored, length(value), file, seconds, version FROM Dict"
@@ -1475,7 +1477,7 @@ class _Store:
         another version than the latest to open the cache."""
         (count, oldest, newest), = self.conn.run(_fetch, _SUMMARY)
         version = self.info().get("version")
-        stale = self.prune(version=version, dry_run=True) if version else (0, 0)
+        stale = self.prune(version=version, dry_run=True)[:2] if version else (0, 0)
         return (count, oldest, newest) + stale
 
     def tally(self):
@@ -1498,15 +1500,17 @@ class _Store:
 
     # Writing
 
-    def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None):
-        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str]) -> None
+    def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None,
+            forget=()):
+        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str], Sequence[bytes]) -> None
         """Pickle value under key, with what memoize records; a large pickle goes to a value
-        file as it is made, with no copy in memory."""
+        file as it is made, with no copy in memory. The failure records of key, and of the
+        keys in forget (the same call under other versions), go in the same transaction."""
         spill = _Spill(self.values)
         try:
             pickle.dump(value, spill, protocol)
             row = (key, spill.inline(), spill.name, time.time(), seconds, version, args)
-            old = self.conn.transaction(_replace, row)
+            old = self.conn.transaction(_replace, row, forget)
         except BaseException:
             # A signal (Ctrl-C) that arrives while COMMIT runs is raised just after it: the
             # row may name the file already. Remove it only if no row does; if even that
@@ -1589,10 +1593,11 @@ class _Store:
         return count
 
     def prune(self, before=None, version=None, dry_run=False, after=None):
-        # type: (Optional[float], Optional[str], bool, Optional[float]) -> Tuple[int, int]
+        # type: (Optional[float], Optional[str], bool, Optional[float]) -> Tuple[int, int, int]
         """Remove the entries stored before the Unix time before (or after the time after),
-        or of another version than version; return (entries, bytes) removed, or that would
-        be with dry_run."""
+        or of another version than version, and with version the failure records of other
+        versions too; return (entries, bytes, failure records) removed, or that would be
+        with dry_run."""
         where: "Any"      # the conditions, then the SQL that joins them
         params: "List[object]"
         where, params = [], []
@@ -1612,11 +1617,13 @@ class _Store:
                              params)
         size = sum(_size(self.values.path(file)) if file else length for length, file in rows)
         if dry_run:
-            return len(rows), size
-        names = self.conn.transaction(_prune, where, params)
+            failed = 0 if version is None else \
+                self.conn.run(_fetch, _STALE_FAILURES % "SELECT count(*)", (version,))[0][0]
+            return len(rows), size, failed
+        names, failed = self.conn.transaction(_prune, where, params, version)
         self.values.remove(names)
         self._give_back()
-        return len(rows), size
+        return len(rows), size, failed
 
     def _named(self, names):
         # type: (List[str]) -> Set[str]
@@ -1661,11 +1668,12 @@ class _Store:
         self.conn.close()
 
 
-def _replace(conn, row):
-    # type: (sqlite3.Connection, _Args) -> Optional[str]
+def _replace(conn, row, forget=()):
+    # type: (sqlite3.Connection, _Args, Sequence[bytes]) -> Optional[str]
     old = _fetch(conn, _FILE, (row[0],))
     conn.execute(_PUT, row)
-    conn.execute(_FORGET_FAILURE, (row[0],))
+    for key in (row[0],) + tuple(forget):
+        conn.execute(_FORGET_FAILURE, (key,))
     return old[0][0] if old else None
 
 
@@ -1701,12 +1709,15 @@ def _clear(conn):
     return count, names
 
 
-def _prune(conn, where, params):
-    # type: (sqlite3.Connection, str, Sequence[object]) -> List[str]
+def _prune(conn, where, params, version=None):
+    # type: (sqlite3.Connection, str, Sequence[object], Optional[str]) -> Tuple[List[str], int]
     names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
                                             "AND (%s)" % where, params)]
     conn.execute("DELETE FROM Dict WHERE " + where, params)
-    return names
+    # a failure of another version is stale as its results are: that code is gone
+    failed = 0 if version is None else \
+        conn.execute(_STALE_FAILURES % "DELETE", (version,)).rowcount
+    return names, failed
 
 
 if TYPE_CHECKING:     # generic to type checkers, not at run time before Python 3.9
@@ -3337,8 +3348,10 @@ class _Memo:
     store: "Optional[_Store]"
     broken: "Optional[OSError]"
     _path: "Optional[str]"
-    source: "Optional[str]"       # set by _memoize(), as is salt
+    source: "Optional[str]"       # set by _memoize(), as are salt and bind
     salt: str
+    bind: "Callable[[_Args, _Kwargs], Any]"
+    failed_versions: "Optional[List[str]]"   # other versions with failure records
     parameters: "Dict[str, Any]"  # set by _memoize(): the options as given
 
     def __init__(self, func, cache_dir, name, version, expire, strict):
@@ -3356,6 +3369,7 @@ class _Memo:
         self.broken = None        # the error that keeps the cache from being opened
         self.warned = False       # one warning per function is enough
         self._path = None
+        self.failed_versions = None   # see older_failures()
 
     @property
     def path(self):
@@ -3442,9 +3456,10 @@ class _Memo:
             self.unstored += 1
             return
         try:
+            forget = self.older_failures(store, args)
             if self.leave_out is not None:
                 args = _leave_out(args, *self.leave_out)
-            store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args))
+            store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args), forget)
             _debug("stored", self.identity, key)
         except _HandlerBusy:          # a call in a signal handler: this once, nothing to fix
             self.unstored += 1
@@ -3457,6 +3472,26 @@ class _Memo:
             self.unstored += 1
             _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
                   % (self.identity, type(exc).__name__, exc))
+
+    def older_failures(self, store, call):
+        # type: (_Store, _Call) -> List[bytes]
+        """The keys of call under the other versions that have failure records here: a
+        success under this version (which a version= bump made) ends them too. The versions
+        are read once a process (reading them at each store would scan the records)."""
+        try:
+            if self.failed_versions is None:
+                self.failed_versions = [version for version, in store.conn.query(
+                    _FAILED_VERSIONS, (self.version,)) if version is not None]
+            if not self.failed_versions:
+                return []
+            # Keys are salted with the version, then what func carries (see _explain)
+            material = self.bind(*call)
+            carried = self.salt[len(self.version):]
+            return [_keyer(version + carried)(material) for version in self.failed_versions]
+        except RecursionError:           # a deep recursion of the caller's: as it is
+            raise
+        except Exception:                # best effort: the result is stored all the same
+            return []
 
     def fail(self, key, call, exc, seconds):
         # type: (bytes, _Call, Exception, float) -> None
@@ -3928,6 +3963,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
         _check_defaults(func, memo.identity, salt)
     bind = _binder(func, ignore, label) if key is None else (
         lambda args, kwargs: key(*args, **kwargs))
+    memo.bind = bind              # for put(): to end the call's failures of other versions
     if ignore and key is None:    # _binder() has checked the names against the signature
         params = _parameters(func)
         memo.leave_out = ([name for name, kind, _ in params if kind in (0, 1)], ignore,
@@ -5594,7 +5630,7 @@ def _cli_clear(options):
     # type: (argparse.Namespace) -> None
     if options.dry_run:
         with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
-            count, size = store.prune(before=float("inf"), dry_run=True)
+            count, size, _ = store.prune(before=float("inf"), dry_run=True)
             print("would remove %d entries (%s)%s from %s" % (
                 count, _bytes(size), _and_failures(store.tally()[2]), store.path))
         return
@@ -5635,13 +5671,15 @@ def _cli_prune(options):  # type: ignore[return]
             now = time.time()     # too far either way, as _expired() tells
             which = {"before": now - age, "after": now + age}
         if options.dry_run:
-            count, size = store.prune(dry_run=True, **which)
-            print("would remove %d entries (%s) from %s" % (count, _bytes(size), store.path))
+            count, size, failed = store.prune(dry_run=True, **which)
+            print("would remove %d entries (%s)%s from %s" % (count, _bytes(size),
+                                                           _and_failures(failed), store.path))
             return 0
         before = store.disk_usage()
-        count, size = store.prune(**which)
-        print("removed %d entries (%s) from %s; %s given back" % (
-            count, _bytes(size), store.path, _bytes(max(0, before - store.disk_usage()))))
+        count, size, failed = store.prune(**which)
+        print("removed %d entries (%s)%s from %s; %s given back" % (
+            count, _bytes(size), _and_failures(failed), store.path,
+            _bytes(max(0, before - store.disk_usage()))))
 
 
 # (ignore[return]: as _cli_prune())

@@ -5238,6 +5238,42 @@ class TestFailureLedger(MemoTest):
         f.cache_clear()
         self.assertEqual((f.failures(), f.cache_info().failures), ([], 0))
 
+    def test_a_version_bump_that_fixes_a_call_ends_its_failure(self):
+        def broken(text):
+            raise KeyError(text)
+
+        def fixed(text):
+            return text
+
+        for how in ("cache_prune", "prune --stale"):
+            name = how.split()[0]
+            v1 = self.memo(broken, name=name, version=1)
+            for text in ("?a", "?b"):
+                with self.assertRaises(KeyError):
+                    v1(text)
+            v2 = self.memo(fixed, name=name, version=2)
+            self.assertEqual(v2("?a"), "?a")         # fixed by the new version: no failure
+            self.assertEqual([(r.args, r.version) for r in v2.failures()], [("('?b')", "1")])
+            done = run_command(CLI + ["ls", self.dir])
+            row, = [line for line in done.stdout.splitlines() if line.startswith(name + " ")]
+            self.assertEqual(row.split()[1:2] + row.split()[4:5], ["1", "1"], done.stdout)
+            # '?b' has not run under version 2: its record of version 1 is stale, as a
+            # result of version 1 would be
+            if how == "cache_prune":
+                self.assertEqual(v2.cache_prune(), 0)
+            else:
+                path = v2.cache_info().path
+                done = run_command(CLI + ["prune", "--stale", "--dry-run", path])
+                self.assertRegex(done.stdout, r"^would remove 0 entries \(0 B\) and 1 failure "
+                                              r"record from ")
+                self.assertEqual(len(v2.failures()), 1)
+                done = run_command(CLI + ["prune", "--stale", path])
+                self.assertRegex(done.stdout, r"^removed 0 entries \(0 B\) and 1 failure "
+                                              r"record from ", done.stderr)
+            self.assertEqual((v2.failures(), v2.cache_info().failures), ([], 0))
+            self.assertEqual(v2("?a"), "?a")
+            self.assertEqual(len(v2.calls), 1)
+
     def test_interrupts_are_not_failures(self):
         def g(x):
             raise KeyboardInterrupt if x else SystemExit(3)
