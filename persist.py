@@ -111,7 +111,8 @@ if TYPE_CHECKING:
     # a row of Dict as _Store.get() reads it: (pickle or b'', value file, stored, seconds)
     _Row: TypeAlias = Tuple[bytes, Optional[str], float, Optional[float]]
     # what the failure ledger keeps of a call: (args, type, message, traceback, seconds, version)
-    _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str]
+    _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str,
+                                      Union[bytes, str, None]]
     _Call: TypeAlias = Tuple[_Args, _Kwargs]       # (args, kwargs) of a call
     _Handle: TypeAlias = Tuple["_Memoized", _Args, _Kwargs]   # _handle_of()'s
     # what _run says of an item: (True, result, hit), (False, exception, traceback text or
@@ -187,10 +188,14 @@ _CREATE = (
     # Info: memoize's function, version (the latest to open it), expire and source.
     "CREATE TABLE Info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
     # Failures: the calls of a memoized function that raised, until one succeeds.
+    # call: the call's (args, kwargs) pickled, to call it again; or, as TEXT, why not
+    # (_ADD_CALL adds it to the caches made before it, last as here).
     "CREATE TABLE Failures (key BLOB PRIMARY KEY NOT NULL, args TEXT, type TEXT NOT NULL,"
     " message TEXT NOT NULL, traceback TEXT NOT NULL, count INTEGER NOT NULL,"
-    " first REAL NOT NULL, last REAL NOT NULL, seconds REAL, version TEXT) WITHOUT ROWID",
+    " first REAL NOT NULL, last REAL NOT NULL, seconds REAL, version TEXT, call) WITHOUT ROWID",
 )
+_ADD_CALL = "ALTER TABLE Failures ADD COLUMN call"
+_CALL_LIMIT = 1 << 20            # bytes of a failed call's pickle that the ledger keeps
 _PRAGMAS = (                     # after journal_mode=WAL (_to_wal)
     "PRAGMA synchronous=NORMAL",    # WAL: a commit survives a crash, maybe not a power cut
     "PRAGMA checkpoint_fullfsync=ON",   # macOS: past the drive's cache
@@ -228,9 +233,9 @@ _TALLY = ("SELECT (SELECT count(*) FROM Dict), (SELECT total(seconds) FROM Dict)
 _FAILED_BEFORE = "SELECT count, first FROM Failures WHERE key = ?"
 _STORED_SINCE = "SELECT 1 FROM Dict WHERE key = ? AND stored >= ?"
 _RECORD_FAILURE = ("REPLACE INTO Failures (key, args, type, message, traceback, count, first,"
-                   " last, seconds, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_FAILURES = ("SELECT args, type, message, count, first, last, seconds, version, traceback"
-             " FROM Failures ORDER BY last")
+                   " last, seconds, version, call) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_FAILURES = ("SELECT args, type, message, count, first, last, seconds, version, traceback,"
+             " %s FROM Failures ORDER BY last")      # call, or NULL in a cache without it
 _MISSING = object()              # "no such entry", where None is a value
 
 _NOT_A_CACHE = ("not a persist cache ({why}); persist leaves it as it is: give persist "
@@ -1318,10 +1323,12 @@ class _Store:
         except BaseException:
             self.conn.close()
             raise
+        self.calls = True              # whether Failures has the column call (see _ADD_CALL)
         if flag == "n":
             self.clear()
         elif flag != "r":
             self.sweep()
+        self._check_calls()
 
     def _check_path(self):
         # type: () -> None
@@ -1347,6 +1354,27 @@ class _Store:
             foreign = shared & stat.S_IWOTH and info.st_uid not in (0, os.getuid())
             if _CHECK_WORLD_WRITABLE and (info.st_mode & stat.S_IWOTH or foreign):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+
+    def _check_calls(self):
+        # type: () -> None
+        """Give the Failures of a cache made before persist kept failed calls their column
+        call: the other columns stay as they are, and so does the format, so that an older
+        persist.py still uses the cache (it names the columns it writes)."""
+        def columns(conn):
+            # type: (sqlite3.Connection) -> List[str]
+            return [row[1] for row in _fetch(conn, "PRAGMA table_info(Failures)")]
+
+        def add(conn):
+            # type: (sqlite3.Connection) -> None
+            if "call" not in columns(conn):   # another process may have added it meanwhile
+                conn.execute(_ADD_CALL)
+
+        if "call" in self.conn.run(columns):
+            return
+        if self.flag != "r":
+            with contextlib.suppress(OSError):   # a read-only cache: its records have none
+                self.conn.transaction(add)
+        self.calls = "call" in self.conn.run(columns)
 
     def _create(self):
         # type: () -> None
@@ -1487,9 +1515,10 @@ class _Store:
 
     def failures(self):
         # type: () -> List[Any]
-        """(args, type, message, count, first, last, seconds, version, traceback) of each
-        failure record, the latest failure last."""
-        return self.conn.run(_fetch, _FAILURES)
+        """(args, type, message, count, first, last, seconds, version, traceback, call) of
+        each failure record, the latest failure last; call: the pickle of (args, kwargs), or
+        why there is none (text), or None."""
+        return self.conn.run(_fetch, _FAILURES % ("call" if self.calls else "NULL"))
 
     def disk_usage(self):
         # type: () -> int
@@ -1576,8 +1605,10 @@ class _Store:
     def record_failure(self, key, started, failure):
         # type: (bytes, float, _FailureRecord) -> None
         """Record that the call keyed key, started at the Unix time started, raised: failure is
-        (args, type, message, traceback, seconds, version). Nothing is recorded if a result
+        (args, type, message, traceback, seconds, version, call). Nothing is recorded if a result
         for key was stored since the call started (another process succeeded meanwhile)."""
+        if not self.calls:              # a cache that could not be given the column
+            failure = failure[:-1] + (None,)
         self.conn.transaction(_record_failure, key, started, failure)
 
     def set_info(self, info):
@@ -1681,12 +1712,16 @@ def _record_failure(conn, key, started, failure):
     # type: (sqlite3.Connection, bytes, float, _FailureRecord) -> None
     if _fetch(conn, _STORED_SINCE, (key, started)):
         return
-    args, kind, message, text, seconds, version = failure
+    args, kind, message, text, seconds, version, call = failure
     old = _fetch(conn, _FAILED_BEFORE, (key,))
     now = time.time()
     count, first = (old[0][0] + 1, old[0][1]) if old else (1, now)
-    conn.execute(_RECORD_FAILURE, (key, args, kind, message, text, count, first, now, seconds,
-                                   version))
+    row = (key, args, kind, message, text, count, first, now, seconds, version)
+    if call is None:                     # no column for it (see _Store.record_failure)
+        conn.execute(_RECORD_FAILURE.replace(", call)", ")").replace(", ?)", ")"), row)
+    else:
+        conn.execute(_RECORD_FAILURE, row + (sqlite3.Binary(call) if isinstance(call, bytes)
+                                             else call,))
 
 
 def _delete(conn, key):
@@ -1909,6 +1944,12 @@ if TYPE_CHECKING:      # the same named tuples, with the types of their fields
         seconds: Optional[float]
         version: Optional[str]
         traceback: str
+        call: "Optional[_FailedCall]"
+        call_error: Optional[str]
+
+    class _FailedCall(NamedTuple):
+        args: Tuple[Any, ...]
+        kwargs: Dict[str, Any]
 else:
     class _CacheInfo(collections.namedtuple(
             "CacheInfo", "hits misses entries path unstored failures seconds saved")):
@@ -1921,7 +1962,9 @@ else:
 
     _CacheInfo.__name__ = _CacheInfo.__qualname__ = "CacheInfo"    # its repr(), as before
     _Failure = collections.namedtuple(
-        "Failure", "args type message count first last seconds version traceback")
+        "Failure", "args type message count first last seconds version traceback call "
+        "call_error")
+    _FailedCall = collections.namedtuple("Call", "args kwargs")
 _MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded
 _FRAMES = 50                   # a failure's traceback keeps its innermost frames
 _TRACEBACK_LIMIT = 1 << 16     # and of its traceback: the end, where the error is
@@ -3514,7 +3557,8 @@ class _Memo:
 
 def _failure_record(call, exc, seconds, version):
     # type: (_Call, BaseException, float, str) -> _FailureRecord
-    """(args, type, message, traceback, seconds, version): what the ledger keeps of a call."""
+    """(args, type, message, traceback, seconds, version, call): what the ledger keeps of a
+    call; call: its (args, kwargs) pickled, or why they are not kept."""
     import traceback
     kind = type(exc)
     module = getattr(kind, "__module__", None)
@@ -3528,7 +3572,68 @@ def _failure_record(call, exc, seconds, version):
         message = message[:_MESSAGE_LIMIT - 1] + "\u2026"
     # the innermost frames, where the error is: formatting them all costs as much as they are
     text = "".join(traceback.format_exception(kind, exc, exc.__traceback__, limit=-_FRAMES))
-    return (_short_repr(call), name, message, text[-_TRACEBACK_LIMIT:], seconds, version)
+    return (_short_repr(call), name, message, text[-_TRACEBACK_LIMIT:], seconds, version,
+            _pickled_call(call))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Capped(io.RawIOBase):
+    """A file for pickle.dump() that refuses to hold more than _CALL_LIMIT bytes: a failed
+    call's large arguments stop being pickled there, not after the whole of them."""
+
+    def __init__(self):
+        # type: () -> None
+        super().__init__()
+        self.parts: "List[bytes]" = []
+        self.size = 0
+
+    def writable(self):
+        # type: () -> bool
+        return True
+
+    def write(self, data):
+        # type: (Any) -> int
+        size = memoryview(data).nbytes
+        self.size += size
+        if self.size > _CALL_LIMIT:
+            raise _TooLarge
+        self.parts.append(bytes(data))
+        return size
+
+
+def _pickled_call(call):
+    # type: (_Call) -> Union[bytes, str]
+    """A failed call's (args, kwargs), pickled so that it can be made again; or why not."""
+    file = _Capped()
+    try:
+        pickle.dump((tuple(call[0]), dict(call[1])), file, _PROTOCOL)
+    except _TooLarge:
+        return "not kept: its arguments pickle to more than %s" % _bytes(_CALL_LIMIT)
+    except RecursionError:
+        return "not kept: its arguments nest too deeply to pickle"
+    except Exception as exc:
+        return "not kept: its arguments do not pickle (%s: %s)" % (
+            type(exc).__name__, _one_line(str(exc))[:200])
+    return b"".join(file.parts)
+
+
+def _failed_call(stored):
+    # type: (Union[bytes, str, None]) -> Tuple[Optional[_FailedCall], Optional[str]]
+    """(call, call_error) of a failure record from its column call."""
+    if stored is None:
+        return None, "not kept: recorded by a persist that kept no calls"
+    if isinstance(stored, str):
+        return None, stored
+    try:
+        args, kwargs = pickle.loads(stored)
+    except RecursionError:
+        raise
+    except Exception as exc:
+        return None, "cannot be loaded (%s: %s)" % (type(exc).__name__, exc)
+    return _FailedCall(args, kwargs), None
 
 
 class _Explanation:
@@ -3854,9 +3959,12 @@ class _Memoized:
         # type: () -> List[_Failure]
         """The calls that raised and have not succeeded since, the latest failure last: named
         tuples of args (short form), type and message of the exception, count (of failures),
-        first and last (Unix times), seconds (the last call's), version and traceback."""
+        first and last (Unix times), seconds (the last call's), version, traceback, call (the
+        call's args and kwargs, to make it again: f(*call.args, **call.kwargs)) and, where
+        call is None, call_error (why: arguments that do not pickle, or are too large)."""
         store = self._memo.open(create=False)
-        return [] if store is None else [_Failure(*row) for row in store.failures()]
+        return [] if store is None else [_Failure(*row[:-1] + _failed_call(row[-1]))
+                                         for row in store.failures()]
 
     def cache_parameters(self):
         # type: () -> Dict[str, Any]
@@ -5691,8 +5799,9 @@ def _cli_failures(options):  # type: ignore[return]
         # escape sequence of it reaches the terminal
         rows = [(_one_line(_without_addresses(args)) if args is not None else None,
                  _one_line(kind), _one_line(message), count, first, last, seconds, version,
-                 "\n".join(_one_line(line) for line in text.rstrip("\n").split("\n")))
-                for args, kind, message, count, first, last, seconds, version, text
+                 "\n".join(_one_line(line) for line in text.rstrip("\n").split("\n")),
+                 _failed_call(call)[1] if not isinstance(call, bytes) else None)
+                for args, kind, message, count, first, last, seconds, version, text, call
                 in store.failures()]
         label = _one_line(store.info().get("function") or store.path)
         if not rows:
@@ -5713,9 +5822,11 @@ def _cli_failures(options):  # type: ignore[return]
             shown = group[:options.limit or None]
             more = len(group) - len(shown)
             if options.traceback:
-                for args, _, _, count, first, last, seconds, version, text in shown:
+                for args, _, _, count, first, last, seconds, version, text, kept in shown:
                     print("\n  %s: failed %d times, first %s, last %s, after %s" % (
                         args or "?", count, _when(first), _when(last), _took(seconds or 0.0)))
+                    if kept is not None:     # f.failures() cannot give this call again
+                        print("  (the call itself is %s)" % _one_line(kept))
                     print("    " + text.replace("\n", "\n    "))
                 if more > 0:
                     print("\n  and %d more call%s (--limit 0 shows all)"

@@ -5274,6 +5274,65 @@ class TestFailureLedger(MemoTest):
             self.assertEqual(v2("?a"), "?a")
             self.assertEqual(len(v2.calls), 1)
 
+    def test_failed_calls_can_be_made_again(self):
+        broken = {"?a", "?b", "?c", "?d"}
+
+        def g(text, base=10, note=None):
+            if text in broken:
+                raise KeyError(text)
+            return text, base
+
+        f = self.memo(g, ignore=["note"])
+        for args, kwargs in ((("?a",), {"base": 16}), (("?b",), {"note": threading.Lock()}),
+                             (("?c",), {}), (("?d",), {"note": b"x" * (2 << 20)})):
+            with self.assertRaises(KeyError):
+                f(*args, **kwargs)
+        records = f.failures()
+        self.assertEqual([r.call for r in records], [(("?a",), {"base": 16}), None,
+                                                     (("?c",), {}), None])
+        self.assertEqual((records[0].call.args, records[0].call.kwargs), (("?a",), {"base": 16}))
+        self.assertEqual(records[0].args, "('?a', base=16)")         # the text stays too
+        self.assertEqual([r.call_error for r in records[::2]], [None, None])
+        self.assertRegex(records[1].call_error, r"^not kept: its arguments do not pickle "
+                                                r"\(TypeError: .*lock")
+        self.assertEqual(records[3].call_error, "not kept: its arguments pickle to more than "
+                                                "1.0 MB")
+        done = run_command(CLI + ["failures", "--traceback", f.cache_info().path])
+        self.assertIn("\n  (the call itself is not kept: its arguments do not pickle "
+                      "(TypeError: ", done.stdout)
+        self.assertEqual(done.stdout.count("(the call itself is not kept"), 2, done.stdout)
+        broken.clear()                          # fixed: run the failed calls again
+        again = [f(*r.call.args, **r.call.kwargs) for r in f.failures() if r.call]
+        self.assertEqual(again, [("?a", 16), ("?c", 10)])
+        self.assertEqual([r.args[:6] for r in f.failures()], ["('?b',", "('?d',"])
+
+    def test_a_cache_of_before_calls_were_kept(self):
+        f = self.memo(parse, name="early")
+        with self.assertRaises(Malformed):
+            f("?old")
+        # the Failures table as persist made it before it kept calls: no column call
+        path = f.cache_info().path
+        persist._close_all()
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("CREATE TABLE Early (key BLOB PRIMARY KEY NOT NULL, args TEXT, type "
+                         "TEXT NOT NULL, message TEXT NOT NULL, traceback TEXT NOT NULL, count "
+                         "INTEGER NOT NULL, first REAL NOT NULL, last REAL NOT NULL, seconds "
+                         "REAL, version TEXT) WITHOUT ROWID")
+            conn.execute("INSERT INTO Early SELECT key, args, type, message, traceback, count,"
+                         " first, last, seconds, version FROM Failures")
+            conn.execute("DROP TABLE Failures")
+            conn.execute("ALTER TABLE Early RENAME TO Failures")
+        done = run_command(CLI + ["failures", "--traceback", path])    # read as it is
+        self.assertIn("(the call itself is not kept: recorded by a persist that kept no "
+                      "calls)", done.stdout, done.stderr)
+        g = self.memo(parse, name="early")     # a writer gives the table the column
+        with self.assertRaises(Malformed):
+            g("?new")
+        old, new = g.failures()
+        self.assertEqual((old.args, old.call, old.call_error),
+                         ("('?old')", None, "not kept: recorded by a persist that kept no calls"))
+        self.assertEqual((new.args, new.call, new.call_error), ("('?new')", (("?new",), {}), None))
+
     def test_interrupts_are_not_failures(self):
         def g(x):
             raise KeyboardInterrupt if x else SystemExit(3)
@@ -6698,7 +6757,8 @@ _TYPED_FIELDS = {
              "unstored": "int", "failures": "int", "seconds": "float", "saved": "float"},
     "failure": {"args": "str | None", "type": "str", "message": "str", "count": "int",
                 "first": "float", "last": "float", "seconds": "float | None",
-                "version": "str | None", "traceback": "str"},
+                "version": "str | None", "traceback": "str", "call": "_FailedCall | None",
+                "call_error": "str | None"},
 }
 
 
@@ -6707,6 +6767,8 @@ def _plain_type(text):
     "str | None" -> "str | None"; "_io.TextIOWrapper[_io._WrappedBuffer]" -> "TextIOWrapper";
     "List[str]" (typing's name, which pyright keeps) -> "list[str]"."""
     text = re.sub(r"\b[A-Za-z_][\w]*\.", "", text)
+    # a NamedTuple as mypy says it, "tuple[int, str, fallback=Call]": by its name, as pyright
+    text = re.sub(r"tuple\[[^=]*, fallback=(\w+)\]", r"\1", text)
     text = re.sub(r"\b(List|Dict|Set|FrozenSet|Tuple)\[", lambda m: m.group(1).lower() + "[",
                   text)
     text = re.sub(r"^Union\[(.*)\]$", lambda m: " | ".join(m.group(1).split(", ")), text)
