@@ -3611,11 +3611,11 @@ def _pickled_call(call):
     try:
         pickle.dump((tuple(call[0]), dict(call[1])), file, _PROTOCOL)
     except _TooLarge:
-        return "not kept: its arguments pickle to more than %s" % _bytes(_CALL_LIMIT)
+        return "its arguments pickle to more than %s" % _bytes(_CALL_LIMIT)
     except RecursionError:
-        return "not kept: its arguments nest too deeply to pickle"
+        return "its arguments nest too deeply to pickle"
     except Exception as exc:
-        return "not kept: its arguments do not pickle (%s: %s)" % (
+        return "its arguments do not pickle (%s: %s)" % (
             type(exc).__name__, _one_line(str(exc))[:200])
     return b"".join(file.parts)
 
@@ -3624,15 +3624,18 @@ def _failed_call(stored):
     # type: (Union[bytes, str, None]) -> Tuple[Optional[_FailedCall], Optional[str]]
     """(call, call_error) of a failure record from its column call."""
     if stored is None:
-        return None, "not kept: recorded by a persist that kept no calls"
+        return None, "recorded by a persist that kept no calls"
     if isinstance(stored, str):
         return None, stored
     try:
         args, kwargs = pickle.loads(stored)
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise TypeError("not the arguments of a call: %s, %s" % (
+                type(args).__name__, type(kwargs).__name__))
     except RecursionError:
         raise
     except Exception as exc:
-        return None, "cannot be loaded (%s: %s)" % (type(exc).__name__, exc)
+        return None, "it does not load (%s: %s)" % (type(exc).__name__, exc)
     return _FailedCall(args, kwargs), None
 
 
@@ -3672,7 +3675,7 @@ def _expired(stored, expire):
     stored further in the future than that is too: its writer's clock was ahead (a resumed
     VM, a container's skewed clock on a shared cache), or ours is behind, and its true age
     is unknown; taken as stored now, it would live until this clock got past its stamp."""
-    return abs(time.time() - stored) >= expire
+    return not abs(time.time() - stored) < expire     # (not <: a stamp that is no number too)
 
 
 _FROM_THE_FUTURE = ("; an entry stored further in the future than expire= has expired too, "
@@ -3981,6 +3984,7 @@ class _Memoized:
             store.clear()
         memo.hits = memo.misses = 0
         memo.saved = 0.0
+        memo.failed_versions = None
 
     def cache_delete(self, *args, **kwargs):
         # type: (*Any, **Any) -> bool
@@ -4001,6 +4005,8 @@ class _Memoized:
         if expired and memo.expire is not None:     # as _expired(): too far either way
             now = time.time()
             before, after = now - memo.expire, now + memo.expire
+        if stale:
+            memo.failed_versions = None     # they went with their results
         return store.prune(before, memo.version if stale else None, after=after)[0]
 
 
@@ -5797,9 +5803,10 @@ def _cli_failures(options):  # type: ignore[return]
         # Everything but the numbers is text a call's exception made, or anyone who could
         # write the file: rendered as 'show' and 'ls' render arguments and labels, so that no
         # escape sequence of it reaches the terminal
-        rows = [(_one_line(_without_addresses(args)) if args is not None else None,
-                 _one_line(kind), _one_line(message), count, first, last, seconds, version,
-                 "\n".join(_one_line(line) for line in text.rstrip("\n").split("\n")),
+        rows = [(_one_line(_without_addresses(str(args))) if args is not None else None,
+                 _one_line(str(kind)), _one_line(str(message)), count, first, last, seconds,
+                 version, "\n".join(_one_line(line)
+                                    for line in str(text).rstrip("\n").split("\n")),
                  _failed_call(call)[1] if not isinstance(call, bytes) else None)
                 for args, kind, message, count, first, last, seconds, version, text, call
                 in store.failures()]
@@ -5826,7 +5833,7 @@ def _cli_failures(options):  # type: ignore[return]
                     print("\n  %s: failed %d times, first %s, last %s, after %s" % (
                         args or "?", count, _when(first), _when(last), _took(seconds or 0.0)))
                     if kept is not None:     # f.failures() cannot give this call again
-                        print("  (the call itself is %s)" % _one_line(kept))
+                        print("  (the call itself is not kept: %s)" % _one_line(kept))
                     print("    " + text.replace("\n", "\n    "))
                 if more > 0:
                     print("\n  and %d more call%s (--limit 0 shows all)"

@@ -5293,10 +5293,9 @@ class TestFailureLedger(MemoTest):
         self.assertEqual((records[0].call.args, records[0].call.kwargs), (("?a",), {"base": 16}))
         self.assertEqual(records[0].args, "('?a', base=16)")         # the text stays too
         self.assertEqual([r.call_error for r in records[::2]], [None, None])
-        self.assertRegex(records[1].call_error, r"^not kept: its arguments do not pickle "
+        self.assertRegex(records[1].call_error, r"^its arguments do not pickle "
                                                 r"\(TypeError: .*lock")
-        self.assertEqual(records[3].call_error, "not kept: its arguments pickle to more than "
-                                                "1.0 MB")
+        self.assertEqual(records[3].call_error, "its arguments pickle to more than 1.0 MB")
         done = run_command(CLI + ["failures", "--traceback", f.cache_info().path])
         self.assertIn("\n  (the call itself is not kept: its arguments do not pickle "
                       "(TypeError: ", done.stdout)
@@ -5305,6 +5304,26 @@ class TestFailureLedger(MemoTest):
         again = [f(*r.call.args, **r.call.kwargs) for r in f.failures() if r.call]
         self.assertEqual(again, [("?a", 16), ("?c", 10)])
         self.assertEqual([r.args[:6] for r in f.failures()], ["('?b',", "('?d',"])
+
+    def test_records_that_someone_crafted(self):
+        f = self.memo(parse, name="crafted")
+        for text in ("?a", "?b", "?c"):
+            with self.assertRaises(Malformed):
+                f(text)
+        with contextlib.closing(sqlite3.connect(f.cache_info().path)) as conn, conn:
+            conn.execute("UPDATE Failures SET call = ?, type = ?, message = ?, args = ? WHERE "
+                         "args = \"('?a')\"", (pickle.dumps(5), b"\x1b[2J", b"bytes", b"x"))
+            conn.execute("UPDATE Failures SET call = 7 WHERE args = \"('?b')\"")
+        a, b, c = f.failures()
+        self.assertEqual((a.call, a.call_error), (None, "it does not load (TypeError: cannot "
+                                                       "unpack non-iterable int object)"))
+        self.assertEqual(b.call, None)
+        self.assertRegex(b.call_error, r"^it does not load \(TypeError: ")
+        self.assertEqual(c.call, (("?c",), {}))
+        done = run_command(CLI + ["failures", "--traceback", f.cache_info().path])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNotIn("\x1b", done.stdout)
+        self.assertIn("(the call itself is not kept: it does not load (", done.stdout)
 
     def test_a_cache_of_before_calls_were_kept(self):
         f = self.memo(parse, name="early")
@@ -5330,7 +5349,7 @@ class TestFailureLedger(MemoTest):
             g("?new")
         old, new = g.failures()
         self.assertEqual((old.args, old.call, old.call_error),
-                         ("('?old')", None, "not kept: recorded by a persist that kept no calls"))
+                         ("('?old')", None, "recorded by a persist that kept no calls"))
         self.assertEqual((new.args, new.call, new.call_error), ("('?new')", (("?new",), {}), None))
 
     def test_interrupts_are_not_failures(self):
