@@ -1884,7 +1884,8 @@ class TestExplainFailedBefore(ExplainTest):
         (key,), = self.sql(f, "SELECT key FROM Dict")
         now = time.time()
         self.sql(f, "DELETE FROM Dict")
-        self.sql(f, "INSERT INTO Failures VALUES (?, '(1)', 'KeyError', ?, 'Trace', 3, ?, ?,"
+        self.sql(f, "INSERT INTO Failures (key, args, type, message, traceback, count, first,"
+                    " last, seconds, version) VALUES (?, '(1)', 'KeyError', ?, 'Trace', 3, ?, ?,"
                     " 0.5, 'None')", (key, "'id'", now - 600, now - 120))
         explanation = f.explain(1)
         self.assertMiss(explanation, "failed before", r"no entry; the call failed 3 times, "
