@@ -5332,7 +5332,6 @@ class TestFailureLedger(MemoTest):
             f("?old")
         # the Failures table as persist made it before it kept calls: no column call
         path = f.cache_info().path
-        persist._close_all()
         with contextlib.closing(sqlite3.connect(path)) as conn, conn:
             conn.execute("CREATE TABLE Early (key BLOB PRIMARY KEY NOT NULL, args TEXT, type "
                          "TEXT NOT NULL, message TEXT NOT NULL, traceback TEXT NOT NULL, count "
