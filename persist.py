@@ -111,7 +111,8 @@ if TYPE_CHECKING:
     # a row of Dict as _Store.get() reads it: (pickle or b'', value file, stored, seconds)
     _Row: TypeAlias = Tuple[bytes, Optional[str], float, Optional[float]]
     # what the failure ledger keeps of a call: (args, type, message, traceback, seconds, version)
-    _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str]
+    _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str,
+                                      Union[bytes, str, None]]
     _Call: TypeAlias = Tuple[_Args, _Kwargs]       # (args, kwargs) of a call
     _Handle: TypeAlias = Tuple["_Memoized", _Args, _Kwargs]   # _handle_of()'s
     # what _run says of an item: (True, result, hit), (False, exception, traceback text or
@@ -193,10 +194,14 @@ _CREATE = (
     # Info: memoize's function, version (the latest to open it), expire and source.
     "CREATE TABLE Info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
     # Failures: the calls of a memoized function that raised, until one succeeds.
+    # call: the call's (args, kwargs) pickled, to call it again; or, as TEXT, why not
+    # (_ADD_CALL adds it to the caches made before it, last as here).
     "CREATE TABLE Failures (key BLOB PRIMARY KEY NOT NULL, args TEXT, type TEXT NOT NULL,"
     " message TEXT NOT NULL, traceback TEXT NOT NULL, count INTEGER NOT NULL,"
-    " first REAL NOT NULL, last REAL NOT NULL, seconds REAL, version TEXT) WITHOUT ROWID",
+    " first REAL NOT NULL, last REAL NOT NULL, seconds REAL, version TEXT, call) WITHOUT ROWID",
 )
+_ADD_CALL = "ALTER TABLE Failures ADD COLUMN call"
+_CALL_LIMIT = 1 << 20            # bytes of a failed call's pickle that the ledger keeps
 _PRAGMAS = (                     # after journal_mode=WAL (_to_wal)
     "PRAGMA synchronous=NORMAL",    # WAL: a commit survives a crash, maybe not a power cut
     "PRAGMA checkpoint_fullfsync=ON",   # macOS: past the drive's cache
@@ -219,6 +224,8 @@ _CLEAR = "DELETE FROM Dict"
 _FILES = "SELECT file FROM Dict WHERE file IS NOT NULL"
 _NAMED = "SELECT file FROM Dict WHERE file IN (%s)"
 _FORGET_FAILURE = "DELETE FROM Failures WHERE key = ?"
+_FAILED_VERSIONS = "SELECT DISTINCT version FROM Failures WHERE version IS NOT ?"
+_STALE_FAILURES = "%s FROM Failures WHERE version IS NOT ?"     # SELECT count(*) or DELETE
 _INFO = "SELECT name, value FROM Info"
 _SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
 _ENTRIES = ("SELECT key, args, stored, length(value), file, seconds, version FROM Dict"
@@ -232,9 +239,9 @@ _TALLY = ("SELECT (SELECT count(*) FROM Dict), (SELECT total(seconds) FROM Dict)
 _FAILED_BEFORE = "SELECT count, first FROM Failures WHERE key = ?"
 _STORED_SINCE = "SELECT 1 FROM Dict WHERE key = ? AND stored >= ?"
 _RECORD_FAILURE = ("REPLACE INTO Failures (key, args, type, message, traceback, count, first,"
-                   " last, seconds, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_FAILURES = ("SELECT args, type, message, count, first, last, seconds, version, traceback"
-             " FROM Failures ORDER BY last")
+                   " last, seconds, version, call) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_FAILURES = ("SELECT args, type, message, count, first, last, seconds, version, traceback,"
+             " %s FROM Failures ORDER BY last")      # call, or NULL in a cache without it
 _MISSING = object()              # "no such entry", where None is a value
 
 _NOT_A_CACHE = ("not a persist cache ({why}); persist leaves it as it is: give persist "
@@ -1337,10 +1344,12 @@ class _Store:
         except BaseException:
             self.conn.close()
             raise
+        self.calls = True              # whether Failures has the column call (see _ADD_CALL)
         if flag == "n":
             self.clear()
         elif flag != "r":
             self.sweep()
+        self._check_calls()
 
     def _check_path(self):
         # type: () -> None
@@ -1362,6 +1371,27 @@ class _Store:
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
             if _CHECK_WORLD_WRITABLE and _planted(info, directory):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+
+    def _check_calls(self):
+        # type: () -> None
+        """Give the Failures of a cache made before persist kept failed calls their column
+        call: the other columns stay as they are, and so does the format, so that an older
+        persist.py still uses the cache (it names the columns it writes)."""
+        def columns(conn):
+            # type: (sqlite3.Connection) -> List[str]
+            return [row[1] for row in _fetch(conn, "PRAGMA table_info(Failures)")]
+
+        def add(conn):
+            # type: (sqlite3.Connection) -> None
+            if "call" not in columns(conn):   # another process may have added it meanwhile
+                conn.execute(_ADD_CALL)
+
+        if "call" in self.conn.run(columns):
+            return
+        if self.flag != "r":
+            with contextlib.suppress(OSError):   # a read-only cache: its records have none
+                self.conn.transaction(add)
+        self.calls = "call" in self.conn.run(columns)
 
     def _create(self):
         # type: () -> None
@@ -1493,7 +1523,7 @@ class _Store:
         another version than the latest to open the cache."""
         (count, oldest, newest), = self.conn.run(_fetch, _SUMMARY)
         version = self.info().get("version")
-        stale = self.prune(version=version, dry_run=True) if version else (0, 0)
+        stale = self.prune(version=version, dry_run=True)[:2] if version else (0, 0)
         return (count, oldest, newest) + stale
 
     def tally(self):
@@ -1503,9 +1533,10 @@ class _Store:
 
     def failures(self):
         # type: () -> List[Any]
-        """(args, type, message, count, first, last, seconds, version, traceback) of each
-        failure record, the latest failure last."""
-        return self.conn.run(_fetch, _FAILURES)
+        """(args, type, message, count, first, last, seconds, version, traceback, call) of
+        each failure record, the latest failure last; call: the pickle of (args, kwargs), or
+        why there is none (text), or None."""
+        return self.conn.run(_fetch, _FAILURES % ("call" if self.calls else "NULL"))
 
     def disk_usage(self):
         # type: () -> int
@@ -1516,15 +1547,17 @@ class _Store:
 
     # Writing
 
-    def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None):
-        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str]) -> None
+    def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None,
+            forget=()):
+        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str], Sequence[bytes]) -> None
         """Pickle value under key, with what memoize records; a large pickle goes to a value
-        file as it is made, with no copy in memory."""
+        file as it is made, with no copy in memory. The failure records of key, and of the
+        keys in forget (the same call under other versions), go in the same transaction."""
         spill = _Spill(self.values)
         try:
             pickle.dump(value, spill, protocol)
             row = (key, spill.inline(), spill.name, time.time(), seconds, version, args)
-            old = self.conn.transaction(_replace, row)
+            old = self.conn.transaction(_replace, row, forget)
         except BaseException:
             # A signal (Ctrl-C) that arrives while COMMIT runs is raised just after it: the
             # row may name the file already. Remove it only if no row does; if even that
@@ -1590,8 +1623,10 @@ class _Store:
     def record_failure(self, key, started, failure):
         # type: (bytes, float, _FailureRecord) -> None
         """Record that the call keyed key, started at the Unix time started, raised: failure is
-        (args, type, message, traceback, seconds, version). Nothing is recorded if a result
+        (args, type, message, traceback, seconds, version, call). Nothing is recorded if a result
         for key was stored since the call started (another process succeeded meanwhile)."""
+        if not self.calls:              # a cache that could not be given the column
+            failure = failure[:-1] + (None,)
         self.conn.transaction(_record_failure, key, started, failure)
 
     def set_info(self, info):
@@ -1606,16 +1641,21 @@ class _Store:
         self._give_back()
         return count
 
-    def prune(self, before=None, version=None, dry_run=False):
-        # type: (Optional[float], Optional[str], bool) -> Tuple[int, int]
-        """Remove the entries stored before the Unix time before, or of another version than
-        version; return (entries, bytes) removed, or that would be with dry_run."""
+    def prune(self, before=None, version=None, dry_run=False, after=None):
+        # type: (Optional[float], Optional[str], bool, Optional[float]) -> Tuple[int, int, int]
+        """Remove the entries stored before the Unix time before (or after the time after),
+        or of another version than version, and with version the failure records of other
+        versions too; return (entries, bytes, failure records) removed, or that would be
+        with dry_run."""
         where: "Any"      # the conditions, then the SQL that joins them
         params: "List[object]"
         where, params = [], []
         if before is not None:
             where.append("stored < ?")
             params.append(before)
+        if after is not None:
+            where.append("stored > ?")
+            params.append(after)
         if version is not None:
             where.append("version IS NOT ?")
             params.append(version)
@@ -1626,11 +1666,13 @@ class _Store:
                              params)
         size = sum(_size(self.values.path(file)) if file else length for length, file in rows)
         if dry_run:
-            return len(rows), size
-        names = self.conn.transaction(_prune, where, params)
+            failed = 0 if version is None else \
+                self.conn.run(_fetch, _STALE_FAILURES % "SELECT count(*)", (version,))[0][0]
+            return len(rows), size, failed
+        names, failed = self.conn.transaction(_prune, where, params, version)
         self.values.remove(names)
         self._give_back()
-        return len(rows), size
+        return len(rows), size, failed
 
     def _named(self, names):
         # type: (List[str]) -> Set[str]
@@ -1675,11 +1717,12 @@ class _Store:
         self.conn.close()
 
 
-def _replace(conn, row):
-    # type: (sqlite3.Connection, _Args) -> Optional[str]
+def _replace(conn, row, forget=()):
+    # type: (sqlite3.Connection, _Args, Sequence[bytes]) -> Optional[str]
     old = _fetch(conn, _FILE, (row[0],))
     conn.execute(_PUT, row)
-    conn.execute(_FORGET_FAILURE, (row[0],))
+    for key in (row[0],) + tuple(forget):
+        conn.execute(_FORGET_FAILURE, (key,))
     return old[0][0] if old else None
 
 
@@ -1687,12 +1730,16 @@ def _record_failure(conn, key, started, failure):
     # type: (sqlite3.Connection, bytes, float, _FailureRecord) -> None
     if _fetch(conn, _STORED_SINCE, (key, started)):
         return
-    args, kind, message, text, seconds, version = failure
+    args, kind, message, text, seconds, version, call = failure
     old = _fetch(conn, _FAILED_BEFORE, (key,))
     now = time.time()
     count, first = (old[0][0] + 1, old[0][1]) if old else (1, now)
-    conn.execute(_RECORD_FAILURE, (key, args, kind, message, text, count, first, now, seconds,
-                                   version))
+    row = (key, args, kind, message, text, count, first, now, seconds, version)
+    if call is None:                     # no column for it (see _Store.record_failure)
+        conn.execute(_RECORD_FAILURE.replace(", call)", ")").replace(", ?)", ")"), row)
+    else:
+        conn.execute(_RECORD_FAILURE, row + (sqlite3.Binary(call) if isinstance(call, bytes)
+                                             else call,))
 
 
 def _delete(conn, key):
@@ -1715,12 +1762,15 @@ def _clear(conn):
     return count, names
 
 
-def _prune(conn, where, params):
-    # type: (sqlite3.Connection, str, Sequence[object]) -> List[str]
+def _prune(conn, where, params, version=None):
+    # type: (sqlite3.Connection, str, Sequence[object], Optional[str]) -> Tuple[List[str], int]
     names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
                                             "AND (%s)" % where, params)]
     conn.execute("DELETE FROM Dict WHERE " + where, params)
-    return names
+    # a failure of another version is stale as its results are: that code is gone
+    failed = 0 if version is None else \
+        conn.execute(_STALE_FAILURES % "DELETE", (version,)).rowcount
+    return names, failed
 
 
 if TYPE_CHECKING:     # generic to type checkers, not at run time before Python 3.9
@@ -1912,6 +1962,12 @@ if TYPE_CHECKING:      # the same named tuples, with the types of their fields
         seconds: Optional[float]
         version: Optional[str]
         traceback: str
+        call: "Optional[_FailedCall]"
+        call_error: Optional[str]
+
+    class _FailedCall(NamedTuple):
+        args: Tuple[Any, ...]
+        kwargs: Dict[str, Any]
 else:
     class _CacheInfo(collections.namedtuple(
             "CacheInfo", "hits misses entries path unstored failures seconds saved")):
@@ -1924,7 +1980,9 @@ else:
 
     _CacheInfo.__name__ = _CacheInfo.__qualname__ = "CacheInfo"    # its repr(), as before
     _Failure = collections.namedtuple(
-        "Failure", "args type message count first last seconds version traceback")
+        "Failure", "args type message count first last seconds version traceback call "
+        "call_error")
+    _FailedCall = collections.namedtuple("Call", "args kwargs")
 _MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded
 _FRAMES = 50                   # a failure's traceback keeps its innermost frames
 _TRACEBACK_LIMIT = 1 << 16     # and of its traceback: the end, where the error is
@@ -3420,8 +3478,10 @@ class _Memo:
     store: "Optional[_Store]"
     broken: "Optional[OSError]"
     _path: "Optional[str]"
-    source: "Optional[str]"       # set by _memoize(), as is salt
+    source: "Optional[str]"       # set by _memoize(), as are salt and bind
     salt: str
+    bind: "Callable[[_Args, _Kwargs], Any]"
+    failed_versions: "Optional[List[str]]"   # other versions with failure records
     parameters: "Dict[str, Any]"  # set by _memoize(): the options as given
 
     def __init__(self, func, cache_dir, name, version, expire, strict):
@@ -3440,6 +3500,7 @@ class _Memo:
         self.reopen = 0.0         # the time.monotonic() from which to try again
         self.warned = False       # one warning per function is enough
         self._path = None
+        self.failed_versions = None   # see older_failures()
 
     @property
     def path(self):
@@ -3501,21 +3562,22 @@ class _Memo:
             return self.store
 
     def get(self, key):
-        # type: (bytes) -> Any
-        """The cached result for the call whose key is key, or _MISSING."""
+        # type: (bytes) -> Tuple[Any, float]
+        """(the cached result for the call whose key is key, or _MISSING; the seconds its
+        call took, which the hit saved: 0.0 on a miss, or where not known)."""
         store = self.store if self.store is not None else self.open()
         if store is not None:
             try:
                 row = store.get(key)
                 if row is not None and (self.expire is None or
-                                        time.time() - row[2] < self.expire):
+                                        not _expired(row[2], self.expire)):
                     # load(), without a call when the pickle is in the row
                     value = pickle.loads(row[0]) if row[1] is None else store.load(row)
                     self.hits += 1
                     self.saved += row[3] or 0.0
                     if _LOG is not None or "logging" in sys.modules:
                         _debug("hit", self.identity, key)
-                    return value
+                    return value, row[3] or 0.0
             except FileNotFoundError:    # replaced since get(): computed again, stored anew
                 pass
             except RecursionError:       # a deep recursion of the caller's: as it is
@@ -3527,7 +3589,7 @@ class _Memo:
                       "again" % (self.identity, self.path, type(exc).__name__, exc))
         self.misses += 1
         _debug("miss", self.identity, key)
-        return _MISSING
+        return _MISSING, 0.0
 
     def put(self, key, value, args, seconds):
         # type: (bytes, Any, _Call, float) -> None
@@ -3536,9 +3598,10 @@ class _Memo:
             self.unstored += 1
             return
         try:
+            forget = self.older_failures(store, args)
             if self.leave_out is not None:
                 args = _leave_out(args, *self.leave_out)
-            store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args))
+            store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args), forget)
             _debug("stored", self.identity, key)
         except _HandlerBusy:          # a call in a signal handler: this once, nothing to fix
             self.unstored += 1
@@ -3551,6 +3614,26 @@ class _Memo:
             self.unstored += 1
             _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
                   % (self.identity, type(exc).__name__, exc))
+
+    def older_failures(self, store, call):
+        # type: (_Store, _Call) -> List[bytes]
+        """The keys of call under the other versions that have failure records here: a
+        success under this version (which a version= bump made) ends them too. The versions
+        are read once a process (reading them at each store would scan the records)."""
+        try:
+            if self.failed_versions is None:
+                self.failed_versions = [version for version, in store.conn.query(
+                    _FAILED_VERSIONS, (self.version,)) if version is not None]
+            if not self.failed_versions:
+                return []
+            # Keys are salted with the version, then what func carries (see _explain)
+            material = self.bind(*call)
+            carried = self.salt[len(self.version):]
+            return [_keyer(version + carried)(material) for version in self.failed_versions]
+        except RecursionError:           # a deep recursion of the caller's: as it is
+            raise
+        except Exception:                # best effort: the result is stored all the same
+            return []
 
     def fail(self, key, call, exc, seconds):
         # type: (bytes, _Call, Exception, float) -> None
@@ -3573,7 +3656,8 @@ class _Memo:
 
 def _failure_record(call, exc, seconds, version):
     # type: (_Call, BaseException, float, str) -> _FailureRecord
-    """(args, type, message, traceback, seconds, version): what the ledger keeps of a call."""
+    """(args, type, message, traceback, seconds, version, call): what the ledger keeps of a
+    call; call: its (args, kwargs) pickled, or why they are not kept."""
     import traceback
     kind = type(exc)
     module = getattr(kind, "__module__", None)
@@ -3587,7 +3671,71 @@ def _failure_record(call, exc, seconds, version):
         message = message[:_MESSAGE_LIMIT - 1] + "\u2026"
     # the innermost frames, where the error is: formatting them all costs as much as they are
     text = "".join(traceback.format_exception(kind, exc, exc.__traceback__, limit=-_FRAMES))
-    return (_short_repr(call), name, message, text[-_TRACEBACK_LIMIT:], seconds, version)
+    return (_short_repr(call), name, message, text[-_TRACEBACK_LIMIT:], seconds, version,
+            _pickled_call(call))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Capped(io.RawIOBase):
+    """A file for pickle.dump() that refuses to hold more than _CALL_LIMIT bytes: a failed
+    call's large arguments stop being pickled there, not after the whole of them."""
+
+    def __init__(self):
+        # type: () -> None
+        super().__init__()
+        self.parts: "List[bytes]" = []
+        self.size = 0
+
+    def writable(self):
+        # type: () -> bool
+        return True
+
+    def write(self, data):
+        # type: (Any) -> int
+        size = memoryview(data).nbytes
+        self.size += size
+        if self.size > _CALL_LIMIT:
+            raise _TooLarge
+        self.parts.append(bytes(data))
+        return size
+
+
+def _pickled_call(call):
+    # type: (_Call) -> Union[bytes, str]
+    """A failed call's (args, kwargs), pickled so that it can be made again; or why not."""
+    file = _Capped()
+    try:
+        pickle.dump((tuple(call[0]), dict(call[1])), file, _PROTOCOL)
+    except _TooLarge:
+        return "its arguments pickle to more than %s" % _bytes(_CALL_LIMIT)
+    except RecursionError:
+        return "its arguments nest too deeply to pickle"
+    except Exception as exc:
+        return "its arguments do not pickle (%s: %s)" % (
+            type(exc).__name__, _one_line(str(exc))[:200])
+    return b"".join(file.parts)
+
+
+def _failed_call(stored):
+    # type: (Union[bytes, str, None]) -> Tuple[Optional[_FailedCall], Optional[str]]
+    """(call, call_error) of a failure record from its column call."""
+    if stored is None:
+        return None, "recorded by a persist that kept no calls"
+    if isinstance(stored, str):
+        return None, stored
+    try:
+        args, kwargs = pickle.loads(stored)
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise TypeError("not the arguments of a call: %s, %s" % (
+                type(args).__name__, type(kwargs).__name__))
+    except RecursionError:
+        raise
+    except Exception as exc:
+        return None, "it does not load (%s: %s)" % (type(exc).__name__, exc)
+    return _FailedCall(args, kwargs), None
 
 
 class _Explanation:
@@ -3620,10 +3768,29 @@ class _Explanation:
         return "<explanation %s: %s>" % (self.reason, self._text)
 
 
+def _expired(stored, expire):
+    # type: (float, float) -> bool
+    """Whether an entry stored at the Unix time stored is past expire= seconds. An entry
+    stored further in the future than that is too: its writer's clock was ahead (a resumed
+    VM, a container's skewed clock on a shared cache), or ours is behind, and its true age
+    is unknown; taken as stored now, it would live until this clock got past its stamp."""
+    return not abs(time.time() - stored) < expire     # (not <: a stamp that is no number too)
+
+
+_FROM_THE_FUTURE = ("; an entry stored further in the future than expire= has expired too, "
+                    "as its age cannot be known")
+
+
 def _stored_when(stored, seconds=None):
     # type: (float, Optional[float]) -> str
-    """'stored 2026-11-26 11:52 (3m ago), computed in 1.5 s' (the last part where known)."""
-    text = "stored %s (%s ago)" % (_when(stored), _age(max(0.0, time.time() - stored)))
+    """'stored 2026-11-26 11:52 (3m ago), computed in 1.5 s' (the last part where known);
+    of a stamp ahead of this clock, '(2h ahead of this clock)'."""
+    ahead = stored - time.time()
+    if ahead >= 1:
+        text = "stored %s (%s ahead of this clock: the clock that stored it was ahead, or " \
+               "this one is behind)" % (_when(stored), _age(ahead))
+    else:
+        text = "stored %s (%s ago)" % (_when(stored), _age(max(0.0, -ahead)))
     if seconds is None:
         return text
     if seconds >= 1:
@@ -3680,9 +3847,10 @@ def _explain(memo, key, key_for):
             if row is None:
                 break
             stored, seconds = row[2], row[3]
-            if memo.expire is not None and time.time() - stored >= memo.expire:
-                return _Explanation("expired", path, "miss: expired; %s, and expire=%g s"
-                                    % (_stored_when(stored), memo.expire),
+            if memo.expire is not None and _expired(stored, memo.expire):
+                return _Explanation("expired", path, "miss: expired; %s, and expire=%g s%s"
+                                    % (_stored_when(stored), memo.expire,
+                                       _FROM_THE_FUTURE if stored > time.time() else ""),
                                     stored=stored, seconds=seconds, version=memo.version)
             try:
                 store.load(row)
@@ -3758,7 +3926,7 @@ class _Memoized:
             raise
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
-        result = memo.get(key)
+        result, _ = memo.get(key)
         if result is _MISSING:
             start = time.perf_counter()
             try:
@@ -3770,16 +3938,17 @@ class _Memoized:
         return result
 
     def _call(self, args, kwargs, failing=None):
-        # type: (_Args, _Kwargs, Optional[Callable[[], object]]) -> Tuple[Any, bool]
-        """(result, whether it came from the cache): a call for persist.map, which counts;
-        failing() is called as soon as func raises, before the failure is recorded."""
+        # type: (_Args, _Kwargs, Optional[Callable[[], object]]) -> Tuple[Any, Optional[float]]
+        """(result, None when it was computed, else the seconds its stored call took): a call
+        for persist.map, which counts; failing() is called as soon as func raises, before the
+        failure is recorded."""
         memo, bind, key_from, func = self._state
         key = self._key_of(args, kwargs)
         if self._self is not None:
             args = (self._self,) + args
-        result = memo.get(key)
+        result, saved = memo.get(key)
         if result is not _MISSING:
-            return result, True
+            return result, saved
         start = time.perf_counter()
         try:
             result = func(*args, **kwargs)
@@ -3790,7 +3959,7 @@ class _Memoized:
             memo.fail(key, (args, kwargs), exc, seconds)
             raise
         memo.put(key, result, (args, kwargs), time.perf_counter() - start)
-        return result, False
+        return result, None
 
     def __get__(self, instance, owner=None):
         # type: (object, Optional[type]) -> _Memoized
@@ -3892,9 +4061,12 @@ class _Memoized:
         # type: () -> List[_Failure]
         """The calls that raised and have not succeeded since, the latest failure last: named
         tuples of args (short form), type and message of the exception, count (of failures),
-        first and last (Unix times), seconds (the last call's), version and traceback."""
+        first and last (Unix times), seconds (the last call's), version, traceback, call (the
+        call's args and kwargs, to make it again: f(*call.args, **call.kwargs)) and, where
+        call is None, call_error (why: arguments that do not pickle, or are too large)."""
         store = self._memo.open(create=False)
-        return [] if store is None else [_Failure(*row) for row in store.failures()]
+        return [] if store is None else [_Failure(*row[:-1] + _failed_call(row[-1]))
+                                         for row in store.failures()]
 
     def cache_parameters(self):
         # type: () -> Dict[str, Any]
@@ -3911,6 +4083,7 @@ class _Memoized:
             store.clear()
         memo.hits = memo.misses = 0
         memo.saved = 0.0
+        memo.failed_versions = None
 
     def cache_delete(self, *args, **kwargs):
         # type: (*Any, **Any) -> bool
@@ -3927,8 +4100,13 @@ class _Memoized:
         store = memo.open(create=False)
         if store is None or not (stale or memo.expire is not None and expired):
             return 0
-        before = time.time() - memo.expire if expired and memo.expire is not None else None
-        return store.prune(before, memo.version if stale else None)[0]
+        before = after = None
+        if expired and memo.expire is not None:     # as _expired(): too far either way
+            now = time.time()
+            before, after = now - memo.expire, now + memo.expire
+        if stale:
+            memo.failed_versions = None     # they went with their results
+        return store.prune(before, memo.version if stale else None, after=after)[0]
 
 
 class _ClassMemoized(_Memoized):
@@ -3998,6 +4176,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
         _check_defaults(func, memo.identity, salt)
     bind = _binder(func, ignore, label) if key is None else (
         lambda args, kwargs: key(*args, **kwargs))
+    memo.bind = bind              # for put(): to end the call's failures of other versions
     if ignore and key is None:    # _binder() has checked the names against the signature
         params = _parameters(func)
         memo.leave_out = ([name for name, kind, _ in params if kind in (0, 1)], ignore,
@@ -4018,7 +4197,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
         async def wrapper(*args, **kwargs):
             # type: (*Any, **Any) -> Any
             key = key_of(args, kwargs)
-            result = memo.get(key)
+            result, _ = memo.get(key)
             if result is _MISSING:
                 start = time.perf_counter()
                 try:
@@ -4038,7 +4217,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
                 raise
             except Exception as exc:
                 raise _unkeyable(func, args, kwargs, exc) from None
-            result = memo.get(key)
+            result, _ = memo.get(key)
             if result is _MISSING:
                 start = time.perf_counter()
                 try:
@@ -4119,7 +4298,8 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
 def _run(func, items, portable, stop=None):
     # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> Tuple[List[_Outcome], float]
     """func(item) for a batch of items where they run (this process, or a worker): a list of
-    (True, result, whether the cache had it), (False, exception, traceback text or None) or
+    (True, result, None if computed, else the seconds the cached call took: what reusing it
+    saved), (False, exception, traceback text or None) or
     (None, None, None) for an item not started, and the seconds the batch took. portable:
     exceptions go to another process, so each is made picklable and its traceback sent as
     text. stop: an Event that a failure sets, after which no item starts (keep_going=False)."""
@@ -4136,10 +4316,10 @@ def _run(func, items, portable, stop=None):
             continue
         try:
             if found is None:
-                outcomes.append((True, func(item), False))
+                outcomes.append((True, func(item), None))
             else:
-                value, hit = call(args + (item,), kwargs, failing)
-                outcomes.append((True, value, hit))
+                value, saved = call(args + (item,), kwargs, failing)
+                outcomes.append((True, value, saved))
         except Exception as exc:
             if stop is not None:
                 stop.set()
@@ -4334,22 +4514,31 @@ class _Run:
         # type: (float) -> None
         """Show progress, at most every _PROGRESS_EVERY seconds."""
         self.tick = now + _PROGRESS_EVERY
-        done, total = self.done, len(self.items)
-        counts = "%s reused, %s computed, %s failed" % (
-            _n(self.reused), _n(self.computed), _n(len(self.failures)))
         if self.bar is not None:
-            self.bar.update(done - self.counted)
-            self.counted = done
-            postfix = getattr(self.bar, "set_postfix_str", None)
-            if postfix is not None:
-                postfix(counts)
+            self.tell_bar()
             return
+        done, total, counts = self.done, len(self.items), self.counts()
         elapsed = now - self.start
         rate = done / elapsed if elapsed > 0 else 0.0
         left = ", %s left" % _took((total - done) / rate) if rate and done < total else ""
         text = "%s: %s/%s items: %s, %.1f/s%s" % (self.label, _n(done), _n(total), counts,
                                                    rate, left)
         self.show(text)
+
+    def counts(self):
+        # type: () -> str
+        return "%s reused, %s computed, %s failed" % (
+            _n(self.reused), _n(self.computed), _n(len(self.failures)))
+
+    def tell_bar(self):
+        # type: () -> None
+        """Bring the progress= bar up to date: the items done, and the counts beside them."""
+        done = self.done
+        self.bar.update(done - self.counted)
+        self.counted = done
+        postfix = getattr(self.bar, "set_postfix_str", None)
+        if postfix is not None:
+            postfix(self.counts())
 
     def show(self, text):
         # type: (str) -> None
@@ -4369,7 +4558,8 @@ class _Run:
                 if found is None:
                     value, hit = func(item), False
                 else:
-                    value, hit = call(args + (item,), kwargs)
+                    value, saved = call(args + (item,), kwargs)
+                    hit = saved is not None
             except Exception as exc:
                 run.failed(index, exc)
                 if not keep_going:
@@ -4456,12 +4646,13 @@ class _Run:
             nonlocal size, error
             for index, (ok, value, extra) in zip(batch, outcomes):
                 if memo is not None and ok is not None:
-                    if ok and extra:
+                    if ok and extra is not None:
                         memo.hits += 1
+                        memo.saved += extra
                     else:
                         memo.misses += 1
                 if ok:
-                    self.succeeded(index, value, extra)
+                    self.succeeded(index, value, extra is not None)
                 elif ok is False:
                     if extra is not None:
                         value.__cause__ = _WorkerTraceback(extra)
@@ -4610,8 +4801,11 @@ class _Run:
         # type: () -> None
         """Clear the progress line, close the bar, and give the summary line."""
         if self.bar is not None:
+            # the counts as they end: updates come at most every _PROGRESS_EVERY seconds,
+            # and the last may be many items old
             with contextlib.suppress(Exception):
-                self.bar.update(self.done - self.counted)
+                self.tell_bar()
+            with contextlib.suppress(Exception):
                 self.bar.close()
         elif self.line:
             with contextlib.suppress(Exception):
@@ -5461,6 +5655,8 @@ def _bytes(size):  # type: ignore[return]  # the "GB" turn returns
 
 def _age(seconds):
     # type: (float) -> str
+    if seconds <= -1:                     # stored ahead of this clock: say so, as -2h
+        return "-" + _age(-seconds)
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= length:
             return "%d%s" % (seconds // length, unit)
@@ -5649,7 +5845,7 @@ def _cli_clear(options):
     # type: (argparse.Namespace) -> None
     if options.dry_run:
         with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
-            count, size = store.prune(before=float("inf"), dry_run=True)
+            count, size, _ = store.prune(before=float("inf"), dry_run=True)
             print("would remove %d entries (%s)%s from %s" % (
                 count, _bytes(size), _and_failures(store.tally()[2]), store.path))
         return
@@ -5687,23 +5883,35 @@ def _cli_prune(options):  # type: ignore[return]
                     print("%s has no expire=; nothing has expired" % store.path)
                     return 0
                 age = float(expire)
-            which = {"before": time.time() - age}
+            now = time.time()     # too far either way, as _expired() tells
+            which = {"before": now - age, "after": now + age}
         if options.dry_run:
-            count, size = store.prune(dry_run=True, **which)
-            print("would remove %d entries (%s) from %s" % (count, _bytes(size), store.path))
+            count, size, failed = store.prune(dry_run=True, **which)
+            print("would remove %d entries (%s)%s from %s" % (count, _bytes(size),
+                                                           _and_failures(failed), store.path))
             return 0
         before = store.disk_usage()
-        count, size = store.prune(**which)
-        print("removed %d entries (%s) from %s; %s given back" % (
-            count, _bytes(size), store.path, _bytes(max(0, before - store.disk_usage()))))
+        count, size, failed = store.prune(**which)
+        print("removed %d entries (%s)%s from %s; %s given back" % (
+            count, _bytes(size), _and_failures(failed), store.path,
+            _bytes(max(0, before - store.disk_usage()))))
 
 
 # (ignore[return]: as _cli_prune())
 def _cli_failures(options):  # type: ignore[return]
     # type: (argparse.Namespace) -> Optional[int]
     with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
-        rows = store.failures()
-        label = store.info().get("function") or store.path
+        # Everything but the numbers is text a call's exception made, or anyone who could
+        # write the file: rendered as 'show' and 'ls' render arguments and labels, so that no
+        # escape sequence of it reaches the terminal
+        rows = [(_one_line(_without_addresses(str(args))) if args is not None else None,
+                 _one_line(str(kind)), _one_line(str(message)), count, first, last, seconds,
+                 version, "\n".join(_one_line(line)
+                                    for line in str(text).rstrip("\n").split("\n")),
+                 _failed_call(call)[1] if not isinstance(call, bytes) else None)
+                for args, kind, message, count, first, last, seconds, version, text, call
+                in store.failures()]
+        label = _one_line(store.info().get("function") or store.path)
         if not rows:
             print("%s: no failed calls on record" % label)
             return 0
@@ -5719,15 +5927,21 @@ def _cli_failures(options):  # type: ignore[return]
             print("  %s, %d failure%s in all, the last at %s" % (
                 "1 call" if len(group) == 1 else "%d calls" % len(group), times,
                 "" if times == 1 else "s", _when(group[-1][5])))
+            shown = group[:options.limit or None]
+            more = len(group) - len(shown)
             if options.traceback:
-                for args, _, _, count, first, last, seconds, version, text in group:
+                for args, _, _, count, first, last, seconds, version, text, kept in shown:
                     print("\n  %s: failed %d times, first %s, last %s, after %s" % (
-                        args, count, _when(first), _when(last), _took(seconds or 0.0)))
-                    print("    " + text.rstrip("\n").replace("\n", "\n    "))
+                        args or "?", count, _when(first), _when(last), _took(seconds or 0.0)))
+                    if kept is not None:     # f.failures() cannot give this call again
+                        print("  (the call itself is not kept: %s)" % _one_line(kept))
+                    print("    " + text.replace("\n", "\n    "))
+                if more > 0:
+                    print("\n  and %d more call%s (--limit 0 shows all)"
+                          % (more, "" if more == 1 else "s"))
             else:
-                shown = [row[0] or "?" for row in group[:options.limit]]
-                more = len(group) - len(shown)
-                print("  " + ", ".join(shown) + (", and %d more" % more if more > 0 else ""))
+                print("  " + ", ".join(row[0] or "?" for row in shown) +
+                      (", and %d more" % more if more > 0 else ""))
         if not options.traceback:
             print("\n(--traceback shows each call's traceback)")
 
@@ -5777,8 +5991,8 @@ def _main(argv=None):
                                    "exception")
     failures.add_argument("--traceback", action="store_true", help="show each failed call "
                           "with its traceback")
-    failures.add_argument("--limit", type=int, default=5, metavar="N", help="arguments shown "
-                          "per exception (default 5)")
+    failures.add_argument("--limit", type=_limit, default=5, metavar="N", help="calls shown "
+                          "per exception, with --traceback too (default 5; 0: all)")
     for command, run in ((show, _cli_show), (clear, _cli_clear), (prune, _cli_prune),
                          (failures, _cli_failures)):
         command.add_argument("cache", help="a cache file, or a function's name or a path as "

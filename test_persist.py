@@ -1840,6 +1840,72 @@ class TestExplainExpired(ExplainTest):
         self.assertLess(explanation.stored, time.time() - 7000)
 
 
+class TestExpireWhenTheClockJumps(ExplainTest):
+    """expire= with clocks that disagree: an entry stored while a clock was ahead (a resumed
+    VM, a skewed container writing a shared cache) must not live until this clock catches
+    up. The other processes' clocks are faked by patching time.time in them."""
+
+    def at(self, offset, *calls):
+        """Call skewed(x) for each x in a process whose clock is offset seconds off; each call
+        prints 'computed X' if it ran, then its explain() before it."""
+        return run_python("""
+            import sys, time, persist
+            real, offset = time.time, float(sys.argv[2])
+            time.time = lambda: real() + offset
+            @persist.memoize(cache_dir=sys.argv[1], name="skewed", expire=3600)
+            def skewed(x):
+                print("computed", x)
+                return x
+            for x in sys.argv[3:]:
+                print(skewed.explain(int(x)))
+                skewed(int(x))
+        """.replace("sys.argv[1]", repr(self.dir)).replace("sys.argv[2]", repr(str(offset)))
+           .replace("sys.argv[3:]", repr([str(x) for x in calls])))
+
+    def test_an_entry_stored_ahead_of_the_clock_expires(self):
+        self.at(7200, 1, 2, 3)                  # stored by a clock two hours ahead
+        self.at(10, 4)                          # and by one ten seconds ahead
+        runs = []
+        f = self.memo(lambda x: runs.append(x) or x, name="skewed", expire=3600)
+        explanation = f.explain(1)
+        self.assertMiss(explanation, "expired", r"expired; stored .* \(1h ahead of this clock: "
+                        r"the clock that stored it was ahead, or this one is behind\), and "
+                        r"expire=3600 s; an entry stored further in the future than expire= "
+                        r"has expired too, as its age cannot be known$")
+        self.assertGreater(explanation.stored, time.time() + 7000)
+        near = f.explain(4)                     # within expire=: a hit, and said so
+        self.assertTrue(near.hit, str(near))
+        self.assertRegex(str(near), r"^hit: stored .* \([0-9]s ahead of this clock")
+        self.assertEqual([f(1), f(4)], [1, 4])
+        self.assertEqual(runs, [1])             # computed again, and now stamped by this clock
+        self.assertTrue(f.explain(1).hit)
+        show = run_command(CLI + ["show", f.cache_info().path]).stdout
+        self.assertEqual(len(re.findall(r"(?m)^ +-1h ", show)), 2, show)   # 2 and 3
+        self.assertEqual(f.cache_prune(), 2)    # takes 2 and 3
+        self.assertEqual(f.cache_info().entries, 2)
+        self.at(7200, 5)                        # and so does the command line
+        for how in (["--expired"], ["--older-than", "1h"]):
+            done = run_command(CLI + ["prune", f.cache_info().path] + how)
+            self.assertEqual(done.stdout.split()[:2], ["removed", "1"], done.stderr)
+            self.at(7200, 5)
+        self.assertEqual(f.cache_info().entries, 3)
+
+    def test_the_readers_clock_jumping_either_way(self):
+        self.at(0, 1)                           # stored by the right clock
+        # a reader whose clock jumped forwards sees it two hours old; one whose clock jumped
+        # back, two hours ahead: both compute it again
+        for offset in (7200, -7200):
+            out = self.at(offset, 1)
+            self.assertRegex(out, r"^miss: expired; stored .*\ncomputed 1\n$")
+            self.assertEqual(("ahead of this clock" in out), offset < 0, out)
+            self.at(0, 1)                       # and the right clock stores it again
+        out = self.at(0, 1)
+        self.assertRegex(out, r"^hit: stored .* \(0s ago\)")
+        # a writer whose clock was behind: two hours old to the others
+        self.at(-7200, 5)
+        self.assertRegex(self.at(0, 5), r"^miss: expired; stored .* \(2h ago\)")
+
+
 class TestExplainAnotherVersion(ExplainTest):
     def test_names_the_version_that_stored_it(self):
         v1 = self.memo(lambda x: x, name="job", version=1)
@@ -1884,7 +1950,8 @@ class TestExplainFailedBefore(ExplainTest):
         (key,), = self.sql(f, "SELECT key FROM Dict")
         now = time.time()
         self.sql(f, "DELETE FROM Dict")
-        self.sql(f, "INSERT INTO Failures VALUES (?, '(1)', 'KeyError', ?, 'Trace', 3, ?, ?,"
+        self.sql(f, "INSERT INTO Failures (key, args, type, message, traceback, count, first,"
+                    " last, seconds, version) VALUES (?, '(1)', 'KeyError', ?, 'Trace', 3, ?, ?,"
                     " 0.5, 'None')", (key, "'id'", now - 600, now - 120))
         explanation = f.explain(1)
         self.assertMiss(explanation, "failed before", r"no entry; the call failed 3 times, "
@@ -5518,6 +5585,119 @@ class TestFailureLedger(MemoTest):
         f.cache_clear()
         self.assertEqual((f.failures(), f.cache_info().failures), ([], 0))
 
+    def test_a_version_bump_that_fixes_a_call_ends_its_failure(self):
+        def broken(text):
+            raise KeyError(text)
+
+        def fixed(text):
+            return text
+
+        for how in ("cache_prune", "prune --stale"):
+            name = how.split()[0]
+            v1 = self.memo(broken, name=name, version=1)
+            for text in ("?a", "?b"):
+                with self.assertRaises(KeyError):
+                    v1(text)
+            v2 = self.memo(fixed, name=name, version=2)
+            self.assertEqual(v2("?a"), "?a")         # fixed by the new version: no failure
+            self.assertEqual([(r.args, r.version) for r in v2.failures()], [("('?b')", "1")])
+            done = run_command(CLI + ["ls", self.dir])
+            row, = [line for line in done.stdout.splitlines() if line.startswith(name + " ")]
+            self.assertEqual(row.split()[1:2] + row.split()[4:5], ["1", "1"], done.stdout)
+            # '?b' has not run under version 2: its record of version 1 is stale, as a
+            # result of version 1 would be
+            if how == "cache_prune":
+                self.assertEqual(v2.cache_prune(), 0)
+            else:
+                path = v2.cache_info().path
+                done = run_command(CLI + ["prune", "--stale", "--dry-run", path])
+                self.assertRegex(done.stdout, r"^would remove 0 entries \(0 B\) and 1 failure "
+                                              r"record from ")
+                self.assertEqual(len(v2.failures()), 1)
+                done = run_command(CLI + ["prune", "--stale", path])
+                self.assertRegex(done.stdout, r"^removed 0 entries \(0 B\) and 1 failure "
+                                              r"record from ", done.stderr)
+            self.assertEqual((v2.failures(), v2.cache_info().failures), ([], 0))
+            self.assertEqual(v2("?a"), "?a")
+            self.assertEqual(len(v2.calls), 1)
+
+    def test_failed_calls_can_be_made_again(self):
+        broken = {"?a", "?b", "?c", "?d"}
+
+        def g(text, base=10, note=None):
+            if text in broken:
+                raise KeyError(text)
+            return text, base
+
+        f = self.memo(g, ignore=["note"])
+        for args, kwargs in ((("?a",), {"base": 16}), (("?b",), {"note": threading.Lock()}),
+                             (("?c",), {}), (("?d",), {"note": b"x" * (2 << 20)})):
+            with self.assertRaises(KeyError):
+                f(*args, **kwargs)
+        records = f.failures()
+        self.assertEqual([r.call for r in records], [(("?a",), {"base": 16}), None,
+                                                     (("?c",), {}), None])
+        self.assertEqual((records[0].call.args, records[0].call.kwargs), (("?a",), {"base": 16}))
+        self.assertEqual(records[0].args, "('?a', base=16)")         # the text stays too
+        self.assertEqual([r.call_error for r in records[::2]], [None, None])
+        self.assertRegex(records[1].call_error, r"^its arguments do not pickle "   # PyPy:
+                                                r"\((Type|Pickling)Error: .*lock")   # Pickling
+        self.assertEqual(records[3].call_error, "its arguments pickle to more than 1.0 MB")
+        done = run_command(CLI + ["failures", "--traceback", f.cache_info().path])
+        self.assertIn("\n  (the call itself is not kept: its arguments do not pickle (",
+                      done.stdout)
+        self.assertEqual(done.stdout.count("(the call itself is not kept"), 2, done.stdout)
+        broken.clear()                          # fixed: run the failed calls again
+        again = [f(*r.call.args, **r.call.kwargs) for r in f.failures() if r.call]
+        self.assertEqual(again, [("?a", 16), ("?c", 10)])
+        self.assertEqual([r.args[:6] for r in f.failures()], ["('?b',", "('?d',"])
+
+    def test_records_that_someone_crafted(self):
+        f = self.memo(parse, name="crafted")
+        for text in ("?a", "?b", "?c"):
+            with self.assertRaises(Malformed):
+                f(text)
+        with contextlib.closing(sqlite3.connect(f.cache_info().path)) as conn, conn:
+            conn.execute("UPDATE Failures SET call = ?, type = ?, message = ?, args = ? WHERE "
+                         "args = \"('?a')\"", (pickle.dumps(5), b"\x1b[2J", b"bytes", b"x"))
+            conn.execute("UPDATE Failures SET call = 7 WHERE args = \"('?b')\"")
+        a, b, c = f.failures()
+        self.assertEqual((a.call, a.call_error), (None, "it does not load (TypeError: cannot "
+                                                       "unpack non-iterable int object)"))
+        self.assertEqual(b.call, None)
+        self.assertRegex(b.call_error, r"^it does not load \(TypeError: ")
+        self.assertEqual(c.call, (("?c",), {}))
+        done = run_command(CLI + ["failures", "--traceback", f.cache_info().path])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNotIn("\x1b", done.stdout)
+        self.assertIn("(the call itself is not kept: it does not load (", done.stdout)
+
+    def test_a_cache_of_before_calls_were_kept(self):
+        f = self.memo(parse, name="early")
+        with self.assertRaises(Malformed):
+            f("?old")
+        # the Failures table as persist made it before it kept calls: no column call
+        path = f.cache_info().path
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("CREATE TABLE Early (key BLOB PRIMARY KEY NOT NULL, args TEXT, type "
+                         "TEXT NOT NULL, message TEXT NOT NULL, traceback TEXT NOT NULL, count "
+                         "INTEGER NOT NULL, first REAL NOT NULL, last REAL NOT NULL, seconds "
+                         "REAL, version TEXT) WITHOUT ROWID")
+            conn.execute("INSERT INTO Early SELECT key, args, type, message, traceback, count,"
+                         " first, last, seconds, version FROM Failures")
+            conn.execute("DROP TABLE Failures")
+            conn.execute("ALTER TABLE Early RENAME TO Failures")
+        done = run_command(CLI + ["failures", "--traceback", path])    # read as it is
+        self.assertIn("(the call itself is not kept: recorded by a persist that kept no "
+                      "calls)", done.stdout, done.stderr)
+        g = self.memo(parse, name="early")     # a writer gives the table the column
+        with self.assertRaises(Malformed):
+            g("?new")
+        old, new = g.failures()
+        self.assertEqual((old.args, old.call, old.call_error),
+                         ("('?old')", None, "recorded by a persist that kept no calls"))
+        self.assertEqual((new.args, new.call, new.call_error), ("('?new')", (("?new",), {}), None))
+
     def test_interrupts_are_not_failures(self):
         def g(x):
             raise KeyboardInterrupt if x else SystemExit(3)
@@ -5762,6 +5942,16 @@ class TestMap(MemoTest):
         bar, = Bar.made
         self.assertEqual((bar.args, bar.count, bar.closed), ((3, "parse", "item"), 3, 1))
         self.assertEqual(bar.postfix[0], "0 reused, 1 computed, 0 failed")
+        # the bar ends on the run's final counts, however long ago it was last updated
+        self.assertEqual(bar.postfix[-1], "0 reused, 2 computed, 1 failed")
+        with mock.patch.object(persist, "_PROGRESS_EVERY", 3600.0):
+            with self.assertRaises(persist.Failures):
+                persist.map(f, ["1", "?2", "3", "4"], progress=Bar)
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                persist.map(f, ["1", "3", "4"], executor=pool, progress=Bar)
+        self.assertEqual([(b.count, b.postfix[-1], b.closed) for b in Bar.made[1:]],
+                         [(4, "2 reused, 1 computed, 1 failed", 1),
+                          (3, "3 reused, 0 computed, 0 failed", 1)])
         for progress, shown in ((True, True), (None, False), (False, False)):
             err = io.StringIO()                     # not a terminal
             with contextlib.redirect_stderr(err):
@@ -5849,6 +6039,36 @@ class TestMapWorkers(TempDirTest):
             # the workers' 44 misses count here too, then 40 hits here
             self.assertEqual(lines[4], "780 (40, 44)")
             self.assertEqual(lines[5], "malformed '?x' True")
+
+
+class TestMapWorkersCountTimeSaved(TempDirTest):
+    """The hits of workers in other processes count in the caller's cache_info().saved, as
+    its own hits do."""
+
+    @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
+    def test_saved_with_workers_and_a_process_executor(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import concurrent.futures, sys, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def work(x):
+                return sum(range(20000 + x))
+            if __name__ == "__main__":
+                for how in ("workers", "executor"):
+                    work.cache_clear()
+                    for run in range(2):
+                        if how == "workers":
+                            persist.map(work, range(12), workers=2, progress=False)
+                        else:
+                            with concurrent.futures.ProcessPoolExecutor(2) as pool:
+                                persist.map(work, range(12), executor=pool, progress=False)
+                    info = work.cache_info()
+                    print(how, info.hits, info.misses, info.seconds > 0,
+                          abs(info.saved - info.seconds) < 1e-6)
+        """))
+        done = run_command([str(script), self.dir], timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, "workers 12 12 True True\nexecutor 12 12 True True\n")
 
 
 class TestMapWithoutMainGuard(TempDirTest):
@@ -5991,7 +6211,8 @@ class TestFailuresCommand(TempDirTest):
         self.assertEqual(lines[4], "  ('?b'), ('?a'), ('?c'), ('?d'), ('?e'), and 2 more")
         self.assertEqual(lines[6], "KeyError: 'empty'")
         self.assertEqual(lines[8], "  ('')")
-        done = run_command(cli + ["failures", "--traceback", "jobs.parse"], PERSIST_DIR=cache)
+        done = run_command(cli + ["failures", "--traceback", "--limit", "0", "jobs.parse"],
+                           PERSIST_DIR=cache)
         self.assertEqual(done.stdout.count("Traceback (most recent call last)"), 8)
         self.assertIn("  ('?a'): failed 2 times", done.stdout)
         self.assertIn("KeyError: 'empty'", done.stdout)
@@ -6004,6 +6225,63 @@ class TestFailuresCommand(TempDirTest):
         self.assertRegex(done.stdout, r"^would remove 2 entries \(.*\) and 8 failure records ")
         done = run_command(cli + ["clear", "jobs.parse"], PERSIST_DIR=cache)
         self.assertRegex(done.stdout, r"^removed 2 entries and 8 failure records from ")
+
+    def test_limit_applies_to_tracebacks(self):
+        cache = self.path / "cache"
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="limited")
+            def parse(text):
+                raise ValueError("malformed") if text[0] == "?" else KeyError(text)
+            for text in ["?a", "?b", "?c", "?d", "k"]:
+                try:
+                    parse(text)
+                except Exception:
+                    pass
+        """ % str(cache))
+        done = run_command(CLI + ["failures", "--traceback", "--limit", "2", "limited"],
+                           PERSIST_DIR=cache)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        # two of the four ValueErrors, and the one KeyError
+        self.assertEqual(done.stdout.count("Traceback (most recent call last)"), 3, done.stdout)
+        self.assertIn("\n  and 2 more calls (--limit 0 shows all)\n", done.stdout)
+        self.assertNotIn("('?c')", done.stdout)
+        done = run_command(CLI + ["failures", "--traceback", "--limit", "0", "limited"],
+                           PERSIST_DIR=cache)
+        self.assertEqual(done.stdout.count("Traceback (most recent call last)"), 5, done.stdout)
+        done = run_command(CLI + ["failures", "--limit", "-1", "limited"], PERSIST_DIR=cache)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("not a number of entries: '-1' (0 shows all)", done.stderr)
+
+    def test_escape_sequences_of_a_record_never_reach_the_terminal(self):
+        # a call's own exception text, and a record or label that someone wrote into the file
+        cache = self.path / "cache"
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="hostile")
+            def f(text):
+                raise ValueError("\\x1b]0;owned\\x07\\x1b[2J" + text)
+            try:
+                f("\\x1b[31mred")
+            except ValueError:
+                pass
+        """ % str(cache))
+        db = str(cache / "hostile.db")
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("UPDATE Info SET value = 'hostile\x1b[8m' WHERE name = 'function'")
+            conn.execute("UPDATE Failures SET type = 'Error\x9b1m', traceback = traceback || "
+                         "'\x1b[?1049h\n'")
+        for extra in ([], ["--traceback"]):
+            done = run_command(CLI + ["failures", db] + extra)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            for control in ("\x1b", "\x07", "\x9b"):
+                self.assertNotIn(control, done.stdout, extra)
+            self.assertIn("hostile\\x1b[8m: 1 failed call", done.stdout)
+            self.assertIn("Error\\x9b1m: \\x1b]0;owned\\x07\\x1b[2J\\x1b[31mred",
+                          done.stdout)
+            self.assertIn("('\\x1b[31mred')", done.stdout)
+        self.assertIn("\\x1b[?1049h", done.stdout)
+        self.assertIn("    Traceback (most recent call last)", done.stdout)
 
 
 # -- the user's first hour: logging, the command line, the example, the README
@@ -6844,7 +7122,8 @@ _TYPED_FIELDS = {
              "unstored": "int", "failures": "int", "seconds": "float", "saved": "float"},
     "failure": {"args": "str | None", "type": "str", "message": "str", "count": "int",
                 "first": "float", "last": "float", "seconds": "float | None",
-                "version": "str | None", "traceback": "str"},
+                "version": "str | None", "traceback": "str", "call": "_FailedCall | None",
+                "call_error": "str | None"},
 }
 
 
@@ -6853,6 +7132,8 @@ def _plain_type(text):
     "str | None" -> "str | None"; "_io.TextIOWrapper[_io._WrappedBuffer]" -> "TextIOWrapper";
     "List[str]" (typing's name, which pyright keeps) -> "list[str]"."""
     text = re.sub(r"\b[A-Za-z_][\w]*\.", "", text)
+    # a NamedTuple as mypy says it, "tuple[int, str, fallback=Call]": by its name, as pyright
+    text = re.sub(r"tuple\[[^=]*, fallback=(\w+)\]", r"\1", text)
     text = re.sub(r"\b(List|Dict|Set|FrozenSet|Tuple)\[", lambda m: m.group(1).lower() + "[",
                   text)
     text = re.sub(r"^Union\[(.*)\]$", lambda m: " | ".join(m.group(1).split(", ")), text)
