@@ -2748,14 +2748,30 @@ def _binder(func, ignore, label):
     return bind
 
 
+_HEADROOM = 100     # frames: a call made closer than this to the recursion limit is a recursion
+
+
+def _stack_nearly_full():
+    # type: () -> bool
+    """Whether the caller runs within _HEADROOM frames of the recursion limit: a
+    RecursionError there is the program's own recursion, not the depth of some value."""
+    frame: "Optional[types.FrameType]"
+    frame, depth = sys._getframe(1), 0
+    while frame is not None:
+        frame, depth = frame.f_back, depth + 1
+    return depth + _HEADROOM >= sys.getrecursionlimit()
+
+
 def _unkeyable(func, args, kwargs, exc):
     # type: (_Func, _Args, _Kwargs, Exception) -> Exception
-    """The TypeError for an argument that cannot be part of a key, naming the parameter.
+    """The TypeError for an argument that cannot be part of a key, naming the parameter; a
+    RecursionError for one nested too deep to key.
 
-    A RecursionError is returned as it is: nesting too deep to key, or the function's own
-    recursion reaching the limit, is not a problem that ignore= or key= would solve.
+    A RecursionError with the stack nearly full is returned as it is: the function's own
+    recursion reaching the limit, which its callers expect unchanged (and which has no room
+    left for more work here).
     """
-    if isinstance(exc, RecursionError):
+    if isinstance(exc, RecursionError) and _stack_nearly_full():
         return exc
     label = _identity(func)
     _load()
@@ -2767,12 +2783,21 @@ def _unkeyable(func, args, kwargs, exc):
     for name, value in named:
         try:
             _digest(value)
-        except RecursionError:
-            raise
+        except RecursionError as inner:
+            return RecursionError("%s(): argument %r is nested too deep to be part of a cache "
+                                  "key (RecursionError: %s); leave it out with "
+                                  "memoize(ignore=[%r]), pass memoize(key=...), or raise "
+                                  "sys.setrecursionlimit() (now %d); nothing was run or stored"
+                                  % (label, name, inner, name, sys.getrecursionlimit()))
         except Exception as inner:
             return TypeError("%s(): argument %r cannot be part of a cache key (%s: %s); leave "
                              "it out with memoize(ignore=[%r]) or pass memoize(key=...)"
                              % (label, name, type(inner).__name__, inner, name))
+    if isinstance(exc, RecursionError):
+        return RecursionError("%s(): the arguments are nested too deep to be made into a cache "
+                              "key (RecursionError: %s); pass memoize(key=...), or raise "
+                              "sys.setrecursionlimit() (now %d); nothing was run or stored"
+                              % (label, exc, sys.getrecursionlimit()))
     return TypeError("%s(): the arguments cannot be made into a cache key (%s: %s); pass "
                      "memoize(key=...)" % (label, type(exc).__name__, exc))
 
@@ -3320,6 +3345,10 @@ def _advice(exc):
     return "fix the cause, or set cache_dir= or $PERSIST_DIR to another directory"
 
 
+_DEEP_ADVICE = ("; return a flatter structure: pickle recurses once per level of nesting, "
+                "within a limit of its own from Python 3.12 on")
+
+
 class _Memo:
     """The cache behind one memoized function: opened on first use, counters for this process.
 
@@ -3446,12 +3475,21 @@ class _Memo:
         except OSError as exc:
             self.unstored += 1
             self.trouble("could not store a result in", exc)
-        except RecursionError:           # a deep recursion of the caller's: as it is
-            raise
         except Exception as exc:
+            # Pickling failed (a RecursionError too: a result nested deeper than pickle goes,
+            # or a call this deep in a recursion): the result is computed, and returned.
             self.unstored += 1
-            _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
-                  % (self.identity, type(exc).__name__, exc))
+            deep = isinstance(exc, RecursionError)
+            if self.strict or os.environ.get("PERSIST_STRICT", "") not in ("", "0"):
+                raise TypeError("a result of %s() cannot be pickled (%s: %s), so it cannot be "
+                                "stored in %s; strict=True raises instead of returning it%s"
+                                % (self.identity, type(exc).__name__, exc, self.path,
+                                   _DEEP_ADVICE if deep else "")) from exc
+            # with the stack full, even the warning may not fit: the result matters more
+            with contextlib.suppress(RecursionError):
+                _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not "
+                      "cached%s" % (self.identity, type(exc).__name__, exc,
+                                    _DEEP_ADVICE if deep else ""))
 
     def fail(self, key, call, exc, seconds):
         # type: (bytes, _Call, Exception, float) -> None
@@ -3655,8 +3693,6 @@ class _Memoized:
         material = bind(args, kwargs)        # a wrong call raises here, naming the function
         try:
             key = key_from(material)
-        except RecursionError:               # too deep to key, or the caller's own recursion
-            raise
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
         result = memo.get(key)
@@ -3740,8 +3776,6 @@ class _Memoized:
         material = self._bind(bind, args, kwargs)
         try:
             return key_from(material)
-        except RecursionError:               # too deep to key, or the caller's own recursion
-            raise
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
 
@@ -3771,8 +3805,6 @@ class _Memoized:
         material = self._bind(bind, args, kwargs)    # a wrong call raises, as the call would
         try:
             key = key_from(material)
-        except RecursionError:
-            raise
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
         return _explain(memo, key, lambda salt: _keyer(salt)(material))
@@ -3935,8 +3967,6 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
             material = bind(args, kwargs)    # a wrong call raises here, naming the function
             try:
                 key = key_from(material)
-            except RecursionError:           # passes unchanged, in as few frames as can be
-                raise
             except Exception as exc:
                 raise _unkeyable(func, args, kwargs, exc) from None
             result = memo.get(key)
@@ -4193,6 +4223,7 @@ class _Run:
         self.results = [None] * len(items)
         self.failures = []              # (index, exception)
         self.reused = self.computed = 0
+        self.moved = 0                  # items run here, as a worker could not (see run_here)
         self.start = time.perf_counter()
         self.bar = None                 # a tqdm-like object from the progress= factory
         self.line = 0                   # characters of the progress line now on stderr
@@ -4408,7 +4439,13 @@ class _Run:
                             alone.extend(batch)
                             left += len(batch)
                             continue
-                        outcomes, seconds = [(False, exc, None)], 0.0
+                        if not portable:
+                            outcomes, seconds = [(False, exc, None)], 0.0
+                        else:
+                            here = self.run_here(batch[0], exc)
+                            if here is not None and not keep_going and error is None:
+                                error = here
+                            continue
                     take(batch, outcomes, seconds)
                 if lost:
                     lost += [index for batch in pending.values() for index in batch]
@@ -4449,6 +4486,26 @@ class _Run:
                 pool.shutdown(wait=True)    # after _stop_workers() too: it does nothing then
         if error is not None:
             raise error
+
+    def run_here(self, index, exc):
+        # type: (int, Exception) -> Optional[Exception]
+        """Run an item in this process, after it or its result could not travel between
+        this process and a worker (exc: pickling it failed, as for a result nested deeper
+        than pickle goes or of a type pickle refuses): the result was computed, and it is
+        returned. Its failure here, if it fails, is returned too."""
+        if not self.moved:
+            # one warning, after which the rest of the run goes on quietly
+            _warn("persist.map: an item of %s, or its result, could not travel between this "
+                  "process and a worker (%s: %s); it runs again in this process, as any other "
+                  "of this run that cannot, and its result is returned"
+                  % (self.label, type(exc).__name__, exc))
+        self.moved += 1
+        (ok, value, hit), = _run(self.func, [self.items[index]], False)[0]
+        if ok:
+            self.succeeded(index, value, hit)
+            return None
+        self.failed(index, value)
+        return value  # type: ignore[no-any-return]  # an outcome's exception
 
     def pool_died(self):
         # type: () -> RuntimeError

@@ -1061,6 +1061,22 @@ class TestOpenAsMapping(TempDirTest):
         with self.assertRaises(ValueError):
             db["a"] = 2
 
+    def test_value_too_deep_to_pickle_raises_and_changes_nothing(self):
+        # As shelve raises; the old value stays, and no row or value file is left half made.
+        with persist.open(self.path / "data.db") as db:
+            db["tree"] = "old"
+            big = [os.urandom(1 << 19)]          # past the inline limit: into a value file
+            for value in (nested(100000), big + [nested(100000)]):
+                with self.assertRaises(RecursionError):
+                    db["tree"] = value
+                with self.assertRaises(RecursionError):
+                    db["new"] = value
+            self.assertEqual(dict(db), {"tree": "old"})
+            db["tree"] = big
+            self.assertEqual(db["tree"], big)
+        self.assertEqual(len(os.listdir(self.path / "data.db.values")), 1)
+        self.assertNoTemp()
+
     def test_each_assignment_is_committed(self):
         path = self.path / "data.db"
         db = persist.open(path)
@@ -1510,6 +1526,21 @@ class Renamed:
     pass
 
 
+def nested(depth):
+    """A list nested depth levels deep, as a parse tree or a linked list may be."""
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def depth_of(value):
+    depth = 0
+    while value:
+        value, depth = value[0], depth + 1
+    return depth
+
+
 class TestMemoizeResults(MemoTest):
     def test_none_is_a_result(self):
         f = self.memo(lambda x: None)
@@ -1530,6 +1561,39 @@ class TestMemoizeResults(MemoTest):
         f = self.memo(lambda x: lock, name="lock")     # name=: it closes over a lock
         with self.assertWarnsRegex(persist.PersistWarning, "cannot be pickled"):
             self.assertIs(f(1), lock)
+        self.assertEqual(f.cache_info().entries, 0)
+        self.assertNoTemp()
+
+    def test_result_too_deep_to_pickle_is_returned_with_warning(self):
+        # A parse tree or linked list deeper than pickle recurses: its RecursionError threw
+        # the computed result away.
+        f = self.memo(lambda n: nested(n), name="deep")
+        with self.assertWarnsRegex(persist.PersistWarning, r"deep\(\) cannot be pickled "
+                                   r"\(RecursionError.*flatter"):
+            self.assertEqual(depth_of(f(100000)), 100000)
+        self.assertEqual(f(3), [[[[]]]])
+        self.assertEqual((f.cache_info().entries, f.cache_info().unstored), (1, 1))
+
+        class Tree:
+            @persist.memoize(cache_dir=self.dir, ignore="self")
+            def parse(self, n):
+                return nested(n)
+
+        with self.assertWarnsRegex(persist.PersistWarning, "cannot be pickled"):
+            self.assertEqual(depth_of(Tree().parse(100000)), 100000)
+
+        @persist.memoize(cache_dir=self.dir)
+        async def fetch(n):
+            return nested(n)
+
+        with self.assertWarnsRegex(persist.PersistWarning, "cannot be pickled"):
+            self.assertEqual(depth_of(asyncio.run(fetch(100000))), 100000)
+        self.assertNoTemp()
+
+    def test_result_too_deep_to_pickle_raises_under_strict(self):
+        f = self.memo(lambda n: nested(n), name="deep", strict=True)
+        with self.assertRaisesRegex(TypeError, r"cannot be pickled \(RecursionError.*strict"):
+            f(100000)
         self.assertEqual(f.cache_info().entries, 0)
         self.assertNoTemp()
 
@@ -2791,8 +2855,9 @@ class TestSmallerDefects(MemoTest):
         self.addCleanup(sys.setrecursionlimit, limit)
         for extra in range(0, 40, 3):     # the limit falls inside the key's derivation, or not
             sys.setrecursionlimit(limit + extra)
-            with self.assertRaises(RecursionError):
+            with self.assertRaises(RecursionError) as caught:
                 down(10 ** 6, {"deep": True})
+            self.assertNotIn("nested too deep", str(caught.exception))   # its own recursion
 
     def test_cache_delete_from_an_instance(self):
         runs = []
@@ -3712,24 +3777,28 @@ class TestClosureCellAssignedAfterDecoration(TempDirTest):
 
 
 class TestHostileArguments(MemoTest):
-    def test_deeply_nested_raises_recursion_error_unchanged(self):
+    def test_deeply_nested_argument_is_named_and_nothing_runs(self):
+        # It raised the bare RecursionError of the key's encoding, naming nothing.
         f = self.memo(lambda x: 1)
-        deep = []
-        for _ in range(100000):
-            deep = [deep]
-        with self.assertRaises(RecursionError):
-            f(deep)
-        nested = {}
+        deep = {}
         for _ in range(10000):
-            nested = {"k": nested}
-        with self.assertRaises(RecursionError):
-            f(nested)
+            deep = {"k": deep}
+        for argument in (nested(100000), deep):
+            with self.assertRaisesRegex(RecursionError, r"argument 'x' is nested too deep to "
+                                        r"be part of a cache key .*ignore=\['x'\]"):
+                f(argument)
         self.assertEqual(f.calls, [])
         self.assertEqual(f([[[1]]]), 1)
+        with self.assertRaises(persist.Failures) as caught:
+            persist.map(f, [nested(100000)], progress=False)
+        self.assertRegex(str(caught.exception.failures[0][1]), "argument 'x' is nested too deep")
+        self.assertEqual((f.cache_info().entries, len(f.calls)), (1, 1))
+        self.assertNoTemp()
 
-    def test_recursion_error_raised_while_keying_passes_through(self):
+    def test_recursion_error_raised_while_keying_names_the_argument(self):
         f = self.memo(lambda x: 1)
-        with self.assertRaisesRegex(RecursionError, "^raised inside$"):
+        with self.assertRaisesRegex(RecursionError, r"argument 'x' is nested too deep .*"
+                                                    r"\(RecursionError: raised inside\)"):
             f(RaisesRecursion())
         self.assertEqual(f.calls, [])
 
@@ -5298,6 +5367,14 @@ class TestMap(MemoTest):
         self.assertIn("python persist.py failures ", message)
         self.assertEqual(len(f.failures()), 4)
 
+    def test_result_too_deep_to_store_is_returned_not_failed(self):
+        # The RecursionError of pickling made the item fail, its result lost.
+        f = self.memo(lambda n: nested(n), name="deep")
+        with self.assertWarnsRegex(persist.PersistWarning, "cannot be pickled"):
+            results = persist.map(f, [100000, 2], progress=False)
+        self.assertEqual([depth_of(result) for result in results], [100000, 2])
+        self.assertEqual((f.failures(), f.cache_info().entries), ([], 1))
+
     def test_a_rerun_computes_only_what_failed(self):
         broken = {"?2", "?4"}
 
@@ -5503,6 +5580,52 @@ class TestMapWorkers(TempDirTest):
             # the workers' 44 misses count here too, then 40 hits here
             self.assertEqual(lines[4], "780 (40, 44)")
             self.assertEqual(lines[5], "malformed '?x' True")
+
+
+class TestMapResultThatCannotTravel(TempDirTest):
+    """A worker's result that pickle cannot send back (nested deeper than pickle goes, or of
+    a type it refuses) failed its item, its result lost: the item runs again in the caller,
+    where its result need not travel, and is returned, with one warning."""
+
+    def test_returned_from_this_process(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, sys, threading, warnings, persist
+            def deep(n):
+                value = []
+                for _ in range(n):
+                    value = [value]
+                return (os.getpid(), value)
+            def lock(n):
+                return (os.getpid(), threading.Lock()) if n == 7 else (os.getpid(), n)
+            @persist.memoize(cache_dir=sys.argv[1])
+            def stored(n):
+                return deep(n)
+            def depth(value):
+                n = 0
+                while value:
+                    value, n = value[0], n + 1
+                return n
+            if __name__ == "__main__":
+                for func, items in ((deep, [3, 100000, 4]), (lock, [6, 7, 8]),
+                                    (stored, [3, 100000, 4])):
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        results = persist.map(func, items, workers=2, progress=False)
+                    here = [pid == os.getpid() for pid, _ in results]
+                    print(func.__name__, here, [depth(value) if isinstance(value, list)
+                                                else type(value).__name__
+                                                for _, value in results],
+                          sum("could not travel" in str(w.message) for w in caught))
+                print(stored.cache_info().entries)
+        """))
+        done = run_command([str(script), str(self.path / "cache")], timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.splitlines(), [
+            "deep [False, True, False] [3, 100000, 4] 1",
+            "lock [False, True, False] ['int', 'lock', 'int'] 1",
+            "stored [False, True, False] [3, 100000, 4] 1",
+            "2"])
 
 
 class TestMapWithoutMainGuard(TempDirTest):
