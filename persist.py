@@ -3435,6 +3435,7 @@ class _Memo:
         """The cached result for the call whose key is key, or _MISSING."""
         store = self.store if self.store is not None else self.open()
         if store is not None:
+            row = None
             try:
                 row = store.get(key)
                 if row is not None and (self.expire is None or
@@ -3446,18 +3447,32 @@ class _Memo:
                     if _LOG is not None or "logging" in sys.modules:
                         _debug("hit", self.identity, key)
                     return value
-            except FileNotFoundError:    # replaced since get(): computed again, stored anew
-                pass
+            except FileNotFoundError as exc:
+                # Replaced since get() (a writer removed the file its row named): computed
+                # again, stored anew. A row that still names it lost it otherwise (removed by
+                # hand, or by a cleaner): that says so, as a file cut short does.
+                with contextlib.suppress(OSError):
+                    if row is not None and row[1] is not None:
+                        again = store.get(key)
+                        if again is not None and again[1] == row[1]:
+                            self.unloadable(store, row, exc)
             except RecursionError:       # a deep recursion of the caller's: as it is
                 raise
             except OSError as exc:
                 self.trouble("computes a result again: cannot read", exc)
             except Exception as exc:
-                _warn("a cached result of %s() in %s cannot be loaded (%s: %s); computing it "
-                      "again" % (self.identity, self.path, type(exc).__name__, exc))
+                self.unloadable(store, row, exc)
         self.misses += 1
         _debug("miss", self.identity, key)
         return _MISSING
+
+    def unloadable(self, store, row, exc):
+        # type: (_Store, Optional[_Row], Exception) -> None
+        """Warn that the stored result in row cannot be loaded, naming the file that holds
+        it: it is computed again."""
+        where = self.path if row is None or row[1] is None else store.values.path(row[1])
+        _warn("a cached result of %s() cannot be loaded from %s (%s: %s); computing it again, "
+              "to store it anew" % (self.identity, where, type(exc).__name__, exc))
 
     def put(self, key, value, args, seconds):
         # type: (bytes, Any, _Call, float) -> None

@@ -1590,6 +1590,29 @@ class TestMemoizeResults(MemoTest):
             self.assertEqual(depth_of(asyncio.run(fetch(100000))), 100000)
         self.assertNoTemp()
 
+    def test_value_file_removed_or_cut_short_warns_and_is_stored_again(self):
+        # One removed by hand was computed again without a word; one cut short warned.
+        big = os.urandom(1 << 19)                # past the inline limit: a value file
+        f = self.memo(lambda x: [big, x], name="big")
+        values = self.path / "big.db.values"
+        for harm in ("remove", "truncate"):
+            f.calls.clear()
+            self.assertEqual(f(1), [big, 1])
+            (name,) = os.listdir(values)
+            if harm == "remove":
+                os.remove(values / name)
+            else:
+                os.truncate(values / name, 1000)
+            with self.assertWarnsRegex(persist.PersistWarning, r"big\(\) cannot be loaded "
+                                       r"from %s " % re.escape(str(values / name))):
+                self.assertEqual(f(1), [big, 1])
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                self.assertEqual(f(1), [big, 1])    # stored anew: a hit, quietly
+            self.assertEqual(len(f.calls), 2)
+            self.assertEqual(len(os.listdir(values)), 1)
+            f.cache_clear()
+
     def test_result_too_deep_to_pickle_raises_under_strict(self):
         f = self.memo(lambda n: nested(n), name="deep", strict=True)
         with self.assertRaisesRegex(TypeError, r"cannot be pickled \(RecursionError.*strict"):
