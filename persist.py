@@ -5474,6 +5474,21 @@ def _default_cache_dir():
     return os.environ.get("PERSIST_DIR") or ".persist"
 
 
+def _where_looked(directory, given, option):
+    # type: (str, Optional[str], str) -> str
+    """Where a command looked for caches, and how to point it elsewhere: for an error that
+    found none. option: how the command takes a directory ('--dir DIR' or 'DIR')."""
+    if given:
+        whence = "as given"
+    elif os.environ.get("PERSIST_DIR"):
+        whence = "from $PERSIST_DIR"
+    else:       # memoize's default is not the current directory's: say where it is
+        whence = ("./.persist, the default; memoize keeps a function's caches in .persist "
+                  "beside the file that defines it")
+    return ("looked in %s (%s); point to another directory with %s or $PERSIST_DIR"
+            % (os.path.abspath(directory), whence, option))
+
+
 def _caches_under(directory):
     # type: (str) -> Iterator[str]
     """The .db files under directory, as os.walk finds them, without the value directories."""
@@ -5488,7 +5503,7 @@ def _find_cache(name, directory=None):
     # type: (str, Optional[str]) -> str
     """The file of a cache given on the command line: a path, as given or as 'persist ls'
     printed it (relative to the cache directory), or a function's name as 'ls' lists it."""
-    directory = directory or _default_cache_dir()
+    given, directory = directory, directory or _default_cache_dir()
     for path in (name, os.path.join(directory, name)):
         if os.path.isfile(path):
             return path
@@ -5507,8 +5522,9 @@ def _find_cache(name, directory=None):
             raise PersistError(errno.EINVAL, "%d caches of that name under %s (%s); give one "
                                "of these paths" % (len(found), directory, ", ".join(
                                    os.path.relpath(path, directory) for path in found)), name)
-    raise FileNotFoundError(errno.ENOENT, "No such cache in %s (give the path of a .db file, "
-                            "or --dir; see 'persist ls')" % directory, name)
+    raise FileNotFoundError(errno.ENOENT, "No such cache file, nor a function's cache of that "
+                            "name: %s, or give a .db file's path ('persist ls' lists them)"
+                            % _where_looked(directory, given, "--dir DIR"), name)
 
 
 def _open_cache(name, flag="w", directory=None):
@@ -5562,7 +5578,8 @@ def _cli_ls(options):
     elif os.path.isdir(directory):
         paths = _caches_under(directory)
     else:
-        raise FileNotFoundError(errno.ENOENT, "No such directory", directory)
+        raise FileNotFoundError(errno.ENOENT, "No such directory: %s" % _where_looked(
+            directory, options.dir, "'persist ls DIR'"), directory)
     row = "%-32s %8s %10s %7s %8s  %-16s  %-16s  %-18s  %s"
     print(row % ("CACHE", "ENTRIES", "SIZE", "FAILED", "TOOK", "OLDEST", "NEWEST", "STALE",
                  "WHERE"))

@@ -6192,6 +6192,25 @@ class TestCommandLineErrors(CommandLineTest):
         self.assertOneLineError(self.cli("ls", "nowhere"), "nowhere: No such directory")
         self.assertOneLineError(self.cli("show", self.cache), "a directory, not a cache")
 
+    def test_nothing_where_it_looked_says_where_and_how_to_point_elsewhere(self):
+        # 'persist ls' without ./.persist said only "No such directory".
+        (self.path / "elsewhere").mkdir()
+        where = os.path.join(self.dir, "elsewhere", ".persist")
+        for args, option in ((["ls"], "'persist ls DIR'"), (["show", "jobs.fetch"], "--dir DIR"),
+                             (["failures", "jobs.fetch"], "--dir DIR")):
+            done = run_command(CLI + args, cwd=self.path / "elsewhere", PERSIST_DIR="")
+            self.assertOneLineError(done, "looked in %s (./.persist, the default; memoize keeps "
+                                          "a function's caches in .persist beside the file "
+                                          "that defines it)" % where,
+                                    "another directory with %s or $PERSIST_DIR" % option)
+            done = run_command(CLI + args, cwd=self.path / "elsewhere",
+                               PERSIST_DIR=self.path / "nowhere")
+            self.assertOneLineError(done, "looked in %s (from $PERSIST_DIR)"
+                                    % (self.path / "nowhere"))
+        done = run_command(CLI + ["show", "jobs.fetch"], cwd=self.path / "elsewhere",
+                           PERSIST_DIR=self.cache)
+        self.assertEqual(done.returncode, 0, done.stderr)
+
     def test_a_cache_it_cannot_read(self):
         with open(str(self.db), "rb") as file:
             (self.cache / "cut.db").write_bytes(file.read(20000))
