@@ -1038,8 +1038,39 @@ def _sqlite_error(exc, path):
         return OSError(errno.EIO, "cache file error (%s)" % text, path)
     if isinstance(exc, sqlite3.DatabaseError) and (
             "not a database" in text or "malformed" in text or "encrypted" in text):
-        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=text), path)
+        return _damaged(path, text)
     return OSError(errno.EIO, "cache file error (%s: %s)" % (type(exc).__name__, text), path)
+
+
+def _damaged(path, why):
+    # type: (str, str) -> PersistError
+    """The error for a file at path that SQLite cannot read as a database. Where it is
+    recognizably a persist cache (its header says so, or value files lie beside it), it says
+    which files to remove to start over: persist never removes them itself (nor can
+    'persist clear', which needs a cache it can read). Any other file may be the user's:
+    that one only may be removed, if it was a cache."""
+    try:
+        with io.open(path, "rb") as file:
+            head = file.read(72)
+        ours = head[:16] == b"SQLite format 3\0" and \
+            int.from_bytes(head[68:72], "big") == _APPLICATION_ID
+    except OSError:
+        ours = False
+    ours = ours or os.path.isdir(path + ".values")
+    files = [path, path + "-wal", path + "-shm"]
+    if os.name == "nt":
+        how = "delete %s, and the folder %s.values" % (", ".join(files), path)
+    else:
+        import shlex
+        how = "rm -f %s; rm -rf %s" % (" ".join(shlex.quote(name) for name in files),
+                                        shlex.quote(path + ".values"))
+    if ours:
+        return PersistError(errno.EINVAL, "a damaged persist cache (%s); persist leaves it as "
+                            "it is: to start over (its results are computed again), remove its "
+                            "files: %s" % (why, how), path)
+    return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why) + "; or, if it is a "
+                        "persist cache that was damaged, start over by removing its files (%s)"
+                        % how, path)
 
 
 def _transaction(conn, work, args):

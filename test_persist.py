@@ -3073,25 +3073,77 @@ class TestDamagedCacheFile(TempDirTest):
                 db[str(i)] = "value %d" % i * 20
         return path
 
-    def check_refused(self, path):
+    def check_refused(self, path, expected=".*another file name"):
         before = path.read_bytes()
         with self.assertRaisesRegex(persist.PersistError, re.escape(str(path)) +
-                                    ".*another file name"):
+                                    expected) as caught:
             with persist.open(path) as db:
                 dict(db)
         self.assertEqual(path.read_bytes(), before)
+        return str(caught.exception)
+
+    def start_over(self, message):
+        """Run the command that message gives to start over, as a user would paste it."""
+        command = message.rpartition("its files")[2].lstrip(": (").rstrip(")")
+        subprocess.run(["sh", "-c", command], check=True, timeout=60)
 
     def test_truncated_to_half(self):
+        # The error said only to give persist another file name, not what to remove.
         path = self.make()
         with open(path, "r+b") as file:
             file.truncate(path.stat().st_size // 2)
-        self.check_refused(path)
+        message = self.check_refused(path, ": a damaged persist cache .*remove its files: "
+                                           "rm -f %s %s-wal %s-shm; rm -rf %s.values$"
+                                     % ((re.escape(str(path)),) * 4))
+        if POSIX:
+            (self.path / "cache.db.values").mkdir()
+            (self.path / "cache.db.values" / "f").write_bytes(b"x")
+            self.start_over(message)
+            self.assertEqual(os.listdir(self.dir), [])
+            with persist.open(path) as db:
+                self.assertEqual(len(db), 0)
 
     def test_truncated_header(self):
+        # Not recognizably a cache: no file is called persist's, but what to remove if it was.
         path = self.make()
         with open(path, "r+b") as file:
             file.truncate(50)
-        self.check_refused(path)
+        message = self.check_refused(path, ": not a persist cache .*another file name.*if it is "
+                                           "a persist cache that was damaged, start over by "
+                                           "removing its files \\(rm -f ")
+        if POSIX:
+            self.start_over(message)
+            with persist.open(path) as db:
+                self.assertEqual(len(db), 0)
+
+    @unittest.skipUnless(POSIX, "the command given is for a POSIX shell")
+    def test_memoized_function_over_a_damaged_cache_starts_over_as_told(self):
+        cache = self.path / "cache"
+        code = """
+            import sys, persist
+            @persist.memoize(cache_dir=sys.argv[1], name="big")
+            def big(x):
+                print("computed", x)
+                return str(x) * 300000          # a value file beside the cache
+            for x in range(50):
+                big(x)
+        """
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(cache)],
+                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=300)
+        self.assertEqual(done.stdout.count("computed"), 50, done.stderr)
+        db = cache / "big.db"
+        with open(db, "r+b") as file:
+            file.seek(0)
+            file.write(b"SQLite format 3\0" + b"\xff" * 50)      # header overwritten
+        with self.assertRaisesRegex(persist.PersistError, "damaged persist cache") as caught:
+            persist.memoize(cache_dir=cache, name="big")(lambda x: x)(1)
+        self.start_over(str(caught.exception))
+        self.assertEqual(os.listdir(cache), [".gitignore"])
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(cache)],
+                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=300)
+        self.assertEqual(done.stdout.count("computed"), 50, done.stderr)
 
 
 @unittest.skipUnless(POSIX and hasattr(os, "symlink"), "POSIX links and modes")
