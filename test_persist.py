@@ -6594,12 +6594,22 @@ class TestInstallWithPip(TempDirTest):
                             "--no-cache-dir"] + list(args), cwd=self.dir)
         self.assertEqual(done.returncode, 0, done.stderr)
 
-    def test_wheel_installs_one_module(self):
-        import zipfile
+    def install(self):
+        """Build the wheel, install it into a fresh venv: (the wheel, the venv, its python)."""
         self.pip("wheel", "--no-deps", "--no-build-isolation", "-w", "wheels", HERE)
         (wheel,) = os.listdir(os.path.join(self.dir, "wheels"))
         self.assertEqual(wheel, "persist_results-%s-py3-none-any.whl" % persist.__version__)
         wheel = os.path.join(self.dir, "wheels", wheel)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "venv"], cwd=self.dir,
+                       check=True, timeout=300)
+        venv = os.path.join(self.dir, "venv")
+        python = os.path.join(venv, "Scripts" if os.name == "nt" else "bin", "python")
+        self.pip("--python", python, "install", "--no-deps", "--no-index", wheel)
+        return wheel, venv, python
+
+    def test_wheel_installs_one_module(self):
+        import zipfile
+        wheel, venv, python = self.install()
         with zipfile.ZipFile(wheel) as archive:
             names = archive.namelist()
             metadata = archive.read("persist_results-%s.dist-info/METADATA"
@@ -6607,12 +6617,6 @@ class TestInstallWithPip(TempDirTest):
         self.assertEqual([name for name in names if ".dist-info/" not in name], ["persist.py"])
         self.assertIn("\nVersion: %s\n" % persist.__version__, metadata)
         self.assertIn("\nRequires-Python: >=3.8\n", metadata)
-
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "venv"], cwd=self.dir,
-                       check=True)
-        venv = os.path.join(self.dir, "venv")
-        python = os.path.join(venv, "Scripts" if os.name == "nt" else "bin", "python")
-        self.pip("--python", python, "install", "--no-deps", "--no-index", wheel)
         # -I: neither this directory nor PYTHONPATH (the repository) is on sys.path.
         done = subprocess.run([python, "-I", "-c", textwrap.dedent("""
             import os, persist
@@ -6630,6 +6634,42 @@ class TestInstallWithPip(TempDirTest):
         self.assertEqual((computed, results), ("computed", "144 144 1"))
         self.assertTrue(os.path.exists(os.path.join(self.dir, "cache", "square.db")))
         self.check_types_of_installed(python)
+
+    def test_installs_the_persist_command(self):
+        # pip install gave no `persist`, which README and persist's messages tell people to
+        # run ('persist ls', 'persist failures'): only python -m persist worked.
+        _, venv, python = self.install()
+        command = os.path.join(venv, "Scripts" if os.name == "nt" else "bin", "persist")
+        subprocess.run([python, "-I", "-c", textwrap.dedent("""
+            import persist
+            @persist.memoize(cache_dir="cache", name="square")
+            def square(x):
+                if x < 0:
+                    raise ValueError(x)
+                return x * x
+            square(3)
+            try:
+                square(-1)
+            except ValueError:
+                pass
+            """)], cwd=self.dir, check=True, timeout=300)
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)      # the one installed, not the repository's
+        env.pop("PERSIST_DIR", None)
+        runs = {args: subprocess.run([command] + list(args), cwd=self.dir, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     universal_newlines=True, timeout=300)
+                for args in (("ls", "cache"), ("failures", "square", "--dir", "cache"),
+                             ("ls",))}
+        listed = runs[("ls", "cache")]
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.assertRegex(listed.stdout.splitlines()[1], r"^square +1 ")
+        failed = runs[("failures", "square", "--dir", "cache")]
+        self.assertEqual(failed.returncode, 0, failed.stderr)
+        self.assertIn("ValueError", failed.stdout)
+        nothing = runs[("ls",)]          # an error, in one line, from the installed module
+        self.assertEqual((nothing.returncode, nothing.stderr.count("\n")), (1, 1))
+        self.assertIn("persist: error: .persist: No such directory", nothing.stderr)
 
     def check_types_of_installed(self, python):
         """A single module cannot carry PEP 561's py.typed: mypy calls persist, installed,
