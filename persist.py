@@ -1049,13 +1049,17 @@ def _damaged(path, why):
     which files to remove to start over: persist never removes them itself (nor can
     'persist clear', which needs a cache it can read). Any other file may be the user's:
     that one only may be removed, if it was a cache."""
-    try:
-        with io.open(path, "rb") as file:
-            head = file.read(72)
+    ours = False
+    with contextlib.suppress(OSError):
+        # never through a link, nor blocking on a FIFO planted there
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
+                     getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        try:
+            head = os.read(fd, 72) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        finally:
+            os.close(fd)
         ours = head[:16] == b"SQLite format 3\0" and \
             int.from_bytes(head[68:72], "big") == _APPLICATION_ID
-    except OSError:
-        ours = False
     ours = ours or os.path.isdir(path + ".values")
     files = [path, path + "-wal", path + "-shm"]
     if os.name == "nt":
@@ -4485,7 +4489,8 @@ class _Run:
                             alone.extend(batch)
                             left += len(batch)
                             continue
-                        if not portable:
+                        if not portable or (not keep_going and error is not None):
+                            # (after a failure with keep_going=False, no item starts again)
                             outcomes, seconds = [(False, exc, None)], 0.0
                         else:
                             here = self.run_here(batch[0], exc)

@@ -2882,6 +2882,32 @@ class TestSmallerDefects(MemoTest):
                 down(10 ** 6, {"deep": True})
             self.assertNotIn("nested too deep", str(caught.exception))   # its own recursion
 
+    def test_result_of_a_call_deep_in_a_recursion_is_returned(self):
+        # Returned at a depth where storing it ran out of stack, the result was lost to the
+        # RecursionError of the store (1 of 120 depths on 3.8, 3 on 3.13).
+        ran = []
+
+        @persist.memoize(cache_dir=self.dir)
+        def f(x):
+            ran.append(x)
+            return x
+
+        def at_depth(n, x):
+            return f(x) if n == 0 else at_depth(n - 1, x)
+
+        limit = sys.getrecursionlimit()
+        lost = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for n in range(limit - 120, limit):
+                del ran[:]
+                try:
+                    self.assertEqual(at_depth(n, n), n)
+                except RecursionError:
+                    if ran:                         # computed, then thrown away
+                        lost.append(n)
+        self.assertEqual(lost, [])
+
     def test_cache_delete_from_an_instance(self):
         runs = []
 
