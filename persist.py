@@ -4547,7 +4547,7 @@ class _Run:
         if not self.moved:
             # one warning, after which the rest of the run goes on quietly
             _warn("persist.map: an item of %s, or its result, could not travel between this "
-                  "process and a worker (%s: %s); it runs again in this process, as any other "
+                  "process and a worker (%s: %s); it runs in this process instead, as any other "
                   "of this run that cannot, and its result is returned"
                   % (self.label, type(exc).__name__, exc))
         self.moved += 1
