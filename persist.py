@@ -2821,8 +2821,9 @@ def _unkeyable(func, args, kwargs, exc):
         except RecursionError as inner:
             return RecursionError("%s(): argument %r is nested too deep to be part of a cache "
                                   "key (RecursionError: %s); leave it out with "
-                                  "memoize(ignore=[%r]), pass memoize(key=...), or raise "
-                                  "sys.setrecursionlimit() (now %d); nothing was run or stored"
+                                  "memoize(ignore=[%r]), pass memoize(key=...), or raise the "
+                                  "limit with sys.setrecursionlimit() (now %d); nothing was run "
+                                  "or stored"
                                   % (label, name, inner, name, sys.getrecursionlimit()))
         except Exception as inner:
             return TypeError("%s(): argument %r cannot be part of a cache key (%s: %s); leave "
@@ -2830,8 +2831,9 @@ def _unkeyable(func, args, kwargs, exc):
                              % (label, name, type(inner).__name__, inner, name))
     if isinstance(exc, RecursionError):
         return RecursionError("%s(): the arguments are nested too deep to be made into a cache "
-                              "key (RecursionError: %s); pass memoize(key=...), or raise "
-                              "sys.setrecursionlimit() (now %d); nothing was run or stored"
+                              "key (RecursionError: %s); pass memoize(key=...), or raise the "
+                              "limit with sys.setrecursionlimit() (now %d); nothing was run or "
+                              "stored"
                               % (label, exc, sys.getrecursionlimit()))
     return TypeError("%s(): the arguments cannot be made into a cache key (%s: %s); pass "
                      "memoize(key=...)" % (label, type(exc).__name__, exc))
@@ -3532,7 +3534,7 @@ class _Memo:
             deep = isinstance(exc, RecursionError)
             if self.strict or os.environ.get("PERSIST_STRICT", "") not in ("", "0"):
                 raise TypeError("a result of %s() cannot be pickled (%s: %s), so it cannot be "
-                                "stored in %s; strict=True raises instead of returning it%s"
+                                "stored in %s; strict raises instead of returning it%s"
                                 % (self.identity, type(exc).__name__, exc, self.path,
                                    _DEEP_ADVICE if deep else "")) from exc
             # with the stack full, even the warning may not fit: the result matters more
