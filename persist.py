@@ -1066,8 +1066,43 @@ def _sqlite_error(exc, path):
         return OSError(errno.EIO, "cache file error (%s)" % text, path)
     if isinstance(exc, sqlite3.DatabaseError) and (
             "not a database" in text or "malformed" in text or "encrypted" in text):
-        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=text), path)
+        return _damaged(path, text)
     return OSError(errno.EIO, "cache file error (%s: %s)" % (type(exc).__name__, text), path)
+
+
+def _damaged(path, why):
+    # type: (str, str) -> PersistError
+    """The error for a file at path that SQLite cannot read as a database. Where it is
+    recognizably a persist cache (its header says so, or value files lie beside it), it says
+    which files to remove to start over: persist never removes them itself (nor can
+    'persist clear', which needs a cache it can read). Any other file may be the user's:
+    that one only may be removed, if it was a cache."""
+    ours = False
+    with contextlib.suppress(OSError):
+        # never through a link, nor blocking on a FIFO planted there
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
+                     getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        try:
+            head = os.read(fd, 72) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        finally:
+            os.close(fd)
+        ours = head[:16] == b"SQLite format 3\0" and \
+            int.from_bytes(head[68:72], "big") == _APPLICATION_ID
+    ours = ours or os.path.isdir(path + ".values")
+    files = [path, path + "-wal", path + "-shm"]
+    if os.name == "nt":
+        how = "delete %s, and the folder %s.values" % (", ".join(files), path)
+    else:
+        import shlex
+        how = "rm -f %s; rm -rf %s" % (" ".join(shlex.quote(name) for name in files),
+                                        shlex.quote(path + ".values"))
+    if ours:
+        return PersistError(errno.EINVAL, "a damaged persist cache (%s); persist leaves it as "
+                            "it is: to start over (its results are computed again), remove its "
+                            "files: %s" % (why, how), path)
+    return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why) + "; or, if it is a "
+                        "persist cache that was damaged, start over by removing its files (%s)"
+                        % how, path)
 
 
 def _transaction(conn, work, args):
@@ -2824,14 +2859,30 @@ def _binder(func, ignore, label):
     return bind
 
 
+_HEADROOM = 100     # frames: a call made closer than this to the recursion limit is a recursion
+
+
+def _stack_nearly_full():
+    # type: () -> bool
+    """Whether the caller runs within _HEADROOM frames of the recursion limit: a
+    RecursionError there is the program's own recursion, not the depth of some value."""
+    frame: "Optional[types.FrameType]"
+    frame, depth = sys._getframe(1), 0
+    while frame is not None:
+        frame, depth = frame.f_back, depth + 1
+    return depth + _HEADROOM >= sys.getrecursionlimit()
+
+
 def _unkeyable(func, args, kwargs, exc):
     # type: (_Func, _Args, _Kwargs, Exception) -> Exception
-    """The TypeError for an argument that cannot be part of a key, naming the parameter.
+    """The TypeError for an argument that cannot be part of a key, naming the parameter; a
+    RecursionError for one nested too deep to key.
 
-    A RecursionError is returned as it is: nesting too deep to key, or the function's own
-    recursion reaching the limit, is not a problem that ignore= or key= would solve.
+    A RecursionError with the stack nearly full is returned as it is: the function's own
+    recursion reaching the limit, which its callers expect unchanged (and which has no room
+    left for more work here).
     """
-    if isinstance(exc, RecursionError):
+    if isinstance(exc, RecursionError) and _stack_nearly_full():
         return exc
     label = _identity(func)
     _load()
@@ -2843,12 +2894,23 @@ def _unkeyable(func, args, kwargs, exc):
     for name, value in named:
         try:
             _digest(value)
-        except RecursionError:
-            raise
+        except RecursionError as inner:
+            return RecursionError("%s(): argument %r is nested too deep to be part of a cache "
+                                  "key (RecursionError: %s); leave it out with "
+                                  "memoize(ignore=[%r]), pass memoize(key=...), or raise the "
+                                  "limit with sys.setrecursionlimit() (now %d); nothing was run "
+                                  "or stored"
+                                  % (label, name, inner, name, sys.getrecursionlimit()))
         except Exception as inner:
             return TypeError("%s(): argument %r cannot be part of a cache key (%s: %s); leave "
                              "it out with memoize(ignore=[%r]) or pass memoize(key=...)"
                              % (label, name, type(inner).__name__, inner, name))
+    if isinstance(exc, RecursionError):
+        return RecursionError("%s(): the arguments are nested too deep to be made into a cache "
+                              "key (RecursionError: %s); pass memoize(key=...), or raise the "
+                              "limit with sys.setrecursionlimit() (now %d); nothing was run or "
+                              "stored"
+                              % (label, exc, sys.getrecursionlimit()))
     return TypeError("%s(): the arguments cannot be made into a cache key (%s: %s); pass "
                      "memoize(key=...)" % (label, type(exc).__name__, exc))
 
@@ -3462,6 +3524,10 @@ def _untrusted(exc):
     return isinstance(exc, PersistError) and exc.errno == errno.EPERM
 
 
+_DEEP_ADVICE = ("; return a flatter structure: pickle recurses once per level of nesting, "
+                "within a limit of its own from Python 3.12 on")
+
+
 class _Memo:
     """The cache behind one memoized function: opened on first use, counters for this process.
 
@@ -3567,6 +3633,7 @@ class _Memo:
         call took, which the hit saved: 0.0 on a miss, or where not known)."""
         store = self.store if self.store is not None else self.open()
         if store is not None:
+            row = None
             try:
                 row = store.get(key)
                 if row is not None and (self.expire is None or
@@ -3578,18 +3645,32 @@ class _Memo:
                     if _LOG is not None or "logging" in sys.modules:
                         _debug("hit", self.identity, key)
                     return value, row[3] or 0.0
-            except FileNotFoundError:    # replaced since get(): computed again, stored anew
-                pass
+            except FileNotFoundError as exc:
+                # Replaced since get() (a writer removed the file its row named): computed
+                # again, stored anew. A row that still names it lost it otherwise (removed by
+                # hand, or by a cleaner): that says so, as a file cut short does.
+                with contextlib.suppress(OSError):
+                    if row is not None and row[1] is not None:
+                        again = store.get(key)
+                        if again is not None and again[1] == row[1]:
+                            self.unloadable(store, row, exc)
             except RecursionError:       # a deep recursion of the caller's: as it is
                 raise
             except OSError as exc:
                 self.trouble("computes a result again: cannot read", exc)
             except Exception as exc:
-                _warn("a cached result of %s() in %s cannot be loaded (%s: %s); computing it "
-                      "again" % (self.identity, self.path, type(exc).__name__, exc))
+                self.unloadable(store, row, exc)
         self.misses += 1
         _debug("miss", self.identity, key)
         return _MISSING, 0.0
+
+    def unloadable(self, store, row, exc):
+        # type: (_Store, Optional[_Row], Exception) -> None
+        """Warn that the stored result in row cannot be loaded, naming the file that holds
+        it: it is computed again."""
+        where = self.path if row is None or row[1] is None else store.values.path(row[1])
+        _warn("a cached result of %s() cannot be loaded from %s (%s: %s); computing it again, "
+              "to store it anew" % (self.identity, where, type(exc).__name__, exc))
 
     def put(self, key, value, args, seconds):
         # type: (bytes, Any, _Call, float) -> None
@@ -3608,12 +3689,21 @@ class _Memo:
         except OSError as exc:
             self.unstored += 1
             self.trouble("could not store a result in", exc, computed=True)
-        except RecursionError:           # a deep recursion of the caller's: as it is
-            raise
         except Exception as exc:
+            # Pickling failed (a RecursionError too: a result nested deeper than pickle goes,
+            # or a call this deep in a recursion): the result is computed, and returned.
             self.unstored += 1
-            _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
-                  % (self.identity, type(exc).__name__, exc))
+            deep = isinstance(exc, RecursionError)
+            if self.strict or _env_strict():
+                raise TypeError("a result of %s() cannot be pickled (%s: %s), so it cannot be "
+                                "stored in %s; strict raises instead of returning it%s"
+                                % (self.identity, type(exc).__name__, exc, self.path,
+                                   _DEEP_ADVICE if deep else "")) from exc
+            # with the stack full, even the warning may not fit: the result matters more
+            with contextlib.suppress(RecursionError):
+                _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not "
+                      "cached%s" % (self.identity, type(exc).__name__, exc,
+                                    _DEEP_ADVICE if deep else ""))
 
     def older_failures(self, store, call):
         # type: (_Store, _Call) -> List[bytes]
@@ -3630,10 +3720,8 @@ class _Memo:
             material = self.bind(*call)
             carried = self.salt[len(self.version):]
             return [_keyer(version + carried)(material) for version in self.failed_versions]
-        except RecursionError:           # a deep recursion of the caller's: as it is
-            raise
-        except Exception:                # best effort: the result is stored all the same
-            return []
+        except Exception:                # best effort (a RecursionError too, deep in a
+            return []                    # recursion): the result is stored all the same
 
     def fail(self, key, call, exc, seconds):
         # type: (bytes, _Call, Exception, float) -> None
@@ -3922,8 +4010,6 @@ class _Memoized:
         material = bind(args, kwargs)        # a wrong call raises here, naming the function
         try:
             key = key_from(material)
-        except RecursionError:               # too deep to key, or the caller's own recursion
-            raise
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
         result, _ = memo.get(key)
@@ -4008,8 +4094,6 @@ class _Memoized:
         material = self._bind(bind, args, kwargs)
         try:
             return key_from(material)
-        except RecursionError:               # too deep to key, or the caller's own recursion
-            raise
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
 
@@ -4039,8 +4123,6 @@ class _Memoized:
         material = self._bind(bind, args, kwargs)    # a wrong call raises, as the call would
         try:
             key = key_from(material)
-        except RecursionError:
-            raise
         except Exception as exc:
             raise _unkeyable(func, args, kwargs, exc) from None
         return _explain(memo, key, lambda salt: _keyer(salt)(material))
@@ -4213,8 +4295,6 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
             material = bind(args, kwargs)    # a wrong call raises here, naming the function
             try:
                 key = key_from(material)
-            except RecursionError:           # passes unchanged, in as few frames as can be
-                raise
             except Exception as exc:
                 raise _unkeyable(func, args, kwargs, exc) from None
             result, _ = memo.get(key)
@@ -4472,6 +4552,7 @@ class _Run:
         self.results = [None] * len(items)
         self.failures = []              # (index, exception)
         self.reused = self.computed = 0
+        self.moved = 0                  # items run here, as a worker could not (see run_here)
         self.start = time.perf_counter()
         self.bar = None                 # a tqdm-like object from the progress= factory
         self.line = 0                   # characters of the progress line now on stderr
@@ -4698,7 +4779,14 @@ class _Run:
                             alone.extend(batch)
                             left += len(batch)
                             continue
-                        outcomes, seconds = [(False, exc, None)], 0.0
+                        if not portable or (not keep_going and error is not None):
+                            # (after a failure with keep_going=False, no item starts again)
+                            outcomes, seconds = [(False, exc, None)], 0.0
+                        else:
+                            here = self.run_here(batch[0], exc)
+                            if here is not None and not keep_going and error is None:
+                                error = here
+                            continue
                     take(batch, outcomes, seconds)
                 if lost:
                     lost += [index for batch in pending.values() for index in batch]
@@ -4739,6 +4827,26 @@ class _Run:
                 pool.shutdown(wait=True)    # after _stop_workers() too: it does nothing then
         if error is not None:
             raise error
+
+    def run_here(self, index, exc):
+        # type: (int, Exception) -> Optional[Exception]
+        """Run an item in this process, after it or its result could not travel between
+        this process and a worker (exc: pickling it failed, as for a result nested deeper
+        than pickle goes or of a type pickle refuses): the result was computed, and it is
+        returned. Its failure here, if it fails, is returned too."""
+        if not self.moved:
+            # one warning, after which the rest of the run goes on quietly
+            _warn("persist.map: an item of %s, or its result, could not travel between this "
+                  "process and a worker (%s: %s); it runs in this process instead, as any other "
+                  "of this run that cannot, and its result is returned"
+                  % (self.label, type(exc).__name__, exc))
+        self.moved += 1
+        (ok, value, hit), = _run(self.func, [self.items[index]], False)[0]
+        if ok:
+            self.succeeded(index, value, hit)
+            return None
+        self.failed(index, value)
+        return value  # type: ignore[no-any-return]  # an outcome's exception
 
     def pool_died(self):
         # type: () -> RuntimeError
@@ -5699,6 +5807,21 @@ def _default_cache_dir():
     return _env_dir() or ".persist"
 
 
+def _where_looked(directory, given, option):
+    # type: (str, Optional[str], str) -> str
+    """Where a command looked for caches, and how to point it elsewhere: for an error that
+    found none. option: how the command takes a directory ('--dir DIR' or 'DIR')."""
+    if given:
+        whence = "as given"
+    elif os.environ.get("PERSIST_DIR"):
+        whence = "from $PERSIST_DIR"
+    else:       # memoize's default is not the current directory's: say where it is
+        whence = ("./.persist, the default; memoize keeps a function's caches in .persist "
+                  "beside the file that defines it")
+    return ("looked in %s (%s); point to another directory with %s or $PERSIST_DIR"
+            % (os.path.abspath(directory), whence, option))
+
+
 def _caches_under(directory):
     # type: (str) -> Iterator[str]
     """The .db files under directory, as os.walk finds them, without the value directories."""
@@ -5713,7 +5836,7 @@ def _find_cache(name, directory=None):
     # type: (str, Optional[str]) -> str
     """The file of a cache given on the command line: a path, as given or as 'persist ls'
     printed it (relative to the cache directory), or a function's name as 'ls' lists it."""
-    directory = directory or _default_cache_dir()
+    given, directory = directory, directory or _default_cache_dir()
     for path in (name, os.path.join(directory, name)):
         if os.path.isfile(path):
             return path
@@ -5732,8 +5855,9 @@ def _find_cache(name, directory=None):
             raise PersistError(errno.EINVAL, "%d caches of that name under %s (%s); give one "
                                "of these paths" % (len(found), directory, ", ".join(
                                    os.path.relpath(path, directory) for path in found)), name)
-    raise FileNotFoundError(errno.ENOENT, "No such cache in %s (give the path of a .db file, "
-                            "or --dir; see 'persist ls')" % directory, name)
+    raise FileNotFoundError(errno.ENOENT, "No such cache file, nor a function's cache of that "
+                            "name: %s, or give a .db file's path ('persist ls' lists them)"
+                            % _where_looked(directory, given, "--dir DIR"), name)
 
 
 def _open_cache(name, flag="w", directory=None):
@@ -5787,7 +5911,8 @@ def _cli_ls(options):
     elif os.path.isdir(directory):
         paths = _caches_under(directory)
     else:
-        raise FileNotFoundError(errno.ENOENT, "No such directory", directory)
+        raise FileNotFoundError(errno.ENOENT, "No such directory: %s" % _where_looked(
+            directory, options.dir, "'persist ls DIR'"), directory)
     row = "%-32s %8s %10s %7s %8s  %-16s  %-16s  %-18s  %s"
     print(row % ("CACHE", "ENTRIES", "SIZE", "FAILED", "TOOK", "OLDEST", "NEWEST", "STALE",
                  "WHERE"))
