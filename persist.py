@@ -3694,7 +3694,11 @@ class _Memo:
             # or a call this deep in a recursion): the result is computed, and returned.
             self.unstored += 1
             deep = isinstance(exc, RecursionError)
-            if self.strict or _env_strict():
+            try:
+                strict = self.strict or _env_strict()
+            except RecursionError:       # no stack left even to read $PERSIST_STRICT
+                strict = self.strict
+            if strict:
                 raise TypeError("a result of %s() cannot be pickled (%s: %s), so it cannot be "
                                 "stored in %s; strict raises instead of returning it%s"
                                 % (self.identity, type(exc).__name__, exc, self.path,
