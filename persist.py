@@ -2559,6 +2559,41 @@ def _keyer(salt):
     return key
 
 
+# The writers of standard types whose values never change in place
+_FIXED_WRITERS = {_write_datetime, _write_date, _write_time, _write_timedelta, _write_timezone,
+                  _write_zoneinfo, _write_decimal, _write_fraction, _write_uuid}
+
+
+def _fixed(value, depth=0):
+    # type: (Any, int) -> bool
+    """Whether value cannot change in place: a default that can (a list, a settings object
+    filled in after import) is keyed by what it holds at each call."""
+    kind = type(value)
+    if kind in _EXACT or kind in (float, complex, range) or isinstance(value, type) or \
+            isinstance(value, _FUNCTION_TYPES):
+        return True
+    if kind in (tuple, frozenset):
+        return depth < 20 and all(_fixed(item, depth + 1) for item in value)
+    if _BY_NAME.get((kind.__module__, kind.__qualname__)) in _FIXED_WRITERS:
+        return True
+    enum = sys.modules.get("enum")
+    pathlib = sys.modules.get("pathlib")
+    return (enum is not None and isinstance(value, enum.Enum)) or (
+        pathlib is not None and kind in (pathlib.PurePosixPath, pathlib.PureWindowsPath,
+                                         pathlib.PosixPath, pathlib.WindowsPath))
+
+
+def _differs(value, digest):
+    # type: (Any, bytes) -> bool
+    """Whether value no longer keys as the default whose digest is digest."""
+    try:
+        return _digest(value) != digest
+    except RecursionError:
+        raise
+    except Exception:              # the key derivation reports it, naming the parameter
+        return True
+
+
 def _at_default(value, default, digest):
     # type: (Any, Any, Optional[bytes]) -> bool
     """Whether value keys as default does: then the call leaves it out of its key."""
@@ -2646,10 +2681,11 @@ def _binder(func, ignore, label):
             with contextlib.suppress(Exception):   # best effort: compared by identity then
                 digest = _digest(default)
         kept.append((name, kind, default, digest))
-    # A default that cannot be hashed (a list, a dict) can be changed in place, by the
-    # function itself (def f(seen=[])): such a default is keyed by what it holds at the call.
+    # A default that can change in place, by the function itself (def f(seen=[])) or by the
+    # program (CONFIG = Config(), filled in by main() after import), is keyed by what it holds
+    # at the call, passed or not: what it held at decoration says nothing of it then.
     watched = {name for name, _, default, digest in kept
-               if digest is not None and type(default).__hash__ is None}
+               if digest is not None and not _fixed(default)}
     signature: "List[inspect.Signature]" = []   # made on first need: a call bind() cannot take
 
     def bind_slowly(args, kwargs):
@@ -2666,13 +2702,7 @@ def _binder(func, ignore, label):
         for name, kind, default, digest in kept:
             if name in watched:
                 value = arguments.get(name, default)
-                try:
-                    changed = _digest(value) != digest
-                except RecursionError:
-                    raise
-                except Exception:              # the key derivation reports it, naming it
-                    changed = True
-                if changed:
+                if _differs(value, digest):    # type: ignore[arg-type]  # watched: a digest
                     named += (name, value)
                 continue
             if name not in arguments:          # left at its default, or no *args / **kwargs
@@ -2691,7 +2721,7 @@ def _binder(func, ignore, label):
                 named += (name, value)
         return tuple(values + named)
 
-    if watched or not all(kind == 1 for _, kind, _ in params):    # all positional-or-keyword
+    if not all(kind == 1 for _, kind, _ in params):    # all positional-or-keyword
         return bind_slowly
     count = len(params)
     required = sum(default is _MISSING for _, _, default in params)     # they come first
@@ -2705,6 +2735,7 @@ def _binder(func, ignore, label):
     if not keep:
         run = required
     exact = _EXACT
+    fresh = tuple(name in watched for name in names)    # keyed by content at each call
 
     def bind(args, kwargs):
         # type: (_Args, _Kwargs) -> _Args
@@ -2723,6 +2754,8 @@ def _binder(func, ignore, label):
             args, given = tuple(full), count
         elif not required <= given <= count:
             return bind_slowly(args, kwargs)
+        if watched and given < count:          # those left at their default are looked at too
+            args, given = args + defaults[given:], count
         if given == required:                  # the hot path: no parameter with a default
             if plain:
                 return args
@@ -2731,7 +2764,13 @@ def _binder(func, ignore, label):
         named: "_Args" = ()
         for i in range(required, given):
             value, default = args[i], defaults[i]
-            if value is default or labels[i] is None:
+            if labels[i] is None:
+                continue
+            if fresh[i]:
+                if _differs(value, digests[labels[i]]):   # type: ignore[arg-type,index]
+                    named += (labels[i], value)
+                continue
+            if value is default:
                 continue
             kind = type(value)
             if kind is not type(default) or not (

@@ -1466,6 +1466,46 @@ class TestMemoizeKeys(MemoTest):
             f(cycle)
         self.assertEqual(f.calls, [])
 
+    def test_settings_object_filled_in_after_import_is_keyed_by_content(self):
+        # a default with no __eq__, changed in place by main(): each run is served results
+        # of its own settings, passed explicitly or left at the default
+        (self.path / "job.py").write_text(textwrap.dedent("""
+            import persist, sys
+
+            class Config:
+                scale = 1
+
+            CONFIG = Config()
+
+            @persist.memoize
+            def featurize(x, cfg=CONFIG):
+                print("computed", cfg.scale, file=sys.stderr)
+                return x * cfg.scale
+
+            def main():
+                CONFIG.scale = int(sys.argv[1])
+                print(featurize(10), featurize(10, cfg=CONFIG), featurize(10, CONFIG))
+
+            main()
+        """))
+        outs = []
+        for scale in ("2", "3", "2", "1"):
+            done = run_command(["job.py", scale], cwd=self.dir)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            outs.append((done.stdout.split(), done.stderr.count("computed")))
+        self.assertEqual(outs, [(["20"] * 3, 1), (["30"] * 3, 1), (["20"] * 3, 0),
+                                (["10"] * 3, 1)])
+
+    def test_default_object_changed_in_place_then_passed_explicitly(self):
+        config = Settings()
+        f = self.memo(lambda x, cfg=config: x * cfg.scale)
+        self.assertEqual(f(10), 10)
+        config.scale = 3
+        self.assertEqual((f(10), f(10, cfg=config), f(10, config)), (30, 30, 30))
+        other = Settings()
+        self.assertEqual((f(10, other), f(10, cfg=other)), (10, 10))    # as the default was
+        self.assertEqual(len(f.calls), 2)
+
     def test_ignore(self):
         f = self.memo(lambda x, verbose=False, log=None: x, ignore=("verbose", "log"))
         f(1)
@@ -1494,6 +1534,12 @@ class TestMemoizeKeys(MemoTest):
         f("a", 1)
         f("a", 2)
         self.assertEqual(len(f.calls), 1)
+
+
+class Settings:
+    """Settings filled in after import, with no __eq__ of their own."""
+
+    scale = 1
 
 
 class OutOfBand:
