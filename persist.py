@@ -2972,6 +2972,11 @@ class _Carried:
     object's state) are digested as arguments are; modules and classes are named, as
     globals are; functions are named and described in turn. A value that cannot be keyed
     raises _Unkeyable, naming it, unless memoize(key=...) took that on (lenient).
+
+    The values that what memoize calls holds itself (a bound method's self, a callable
+    object, a partial's arguments, through partials and bound methods) are passed to the
+    function as arguments are, and change as they do (model.fit()): they are only checked
+    here, and collected in live, to be keyed at each call.
     """
 
     def __init__(self, lenient, ignore):
@@ -2980,6 +2985,7 @@ class _Carried:
         self.lenient = lenient
         self.ignore = ignore          # parameters of the memoized function left out
         self.decorated: "Optional[str]" = None   # its own cell is empty while it is decorated
+        self.live: "List[object]" = []
 
     def value(self, value):
         # type: (object) -> str
@@ -3015,9 +3021,21 @@ class _Carried:
             raise _Unkeyable("%s, held in %s" % (exc, where) if str(exc).startswith("'")
                              else "%s, %s" % (where, exc)) from None
 
-    def callable(self, func, top=False):
-        # type: (_Func, bool) -> str
-        """func's text; the top level leaves out its name (the cache file has it)."""
+    def carried(self, name, value, where, live):
+        # type: (Union[str, int], object, str, bool) -> str
+        """held()'s text, but a value (not a name) that live says is passed at each call is
+        left to the key of each call."""
+        text = self.held(name, value, where)
+        if live and text.startswith("%s=value " % name):
+            self.live.append(value)
+            return "%s=live" % name
+        return text
+
+    def callable(self, func, top=False, live=False):
+        # type: (_Func, bool, bool) -> str
+        """func's text; the top level leaves out its name (the cache file has it); live:
+        func is what memoize calls, or what that reaches through partials and bound
+        methods."""
         handle: object = func
         if isinstance(func, types.FunctionType):     # memoize's wrapper: its cache says all
             handle = getattr(getattr(func, "cache_info", None), "__self__", None)
@@ -3029,19 +3047,19 @@ class _Carried:
         if top:
             self.decorated = getattr(_innermost(func), "__name__", None)
         if isinstance(func, functools.partial):
-            return "partial(%s; %s)" % (self.callable(func.func), "; ".join(
-                [self.held(i, arg, "the partial's argument %d" % i)
+            return "partial(%s; %s)" % (self.callable(func.func, live=live), "; ".join(
+                [self.carried(i, arg, "the partial's argument %d" % i, live)
                  for i, arg in enumerate(func.args)] +
-                [self.held(k, v, "the partial's argument %r" % k)
+                [self.carried(k, v, "the partial's argument %r" % k, live)
                  for k, v in sorted(func.keywords.items())]))
         if isinstance(func, types.MethodType):
             return "method(%s; %s)" % (self.callable(func.__func__, top),
-                                       self.held("self", func.__self__, "self"))
+                                       self.carried("self", func.__self__, "self", live))
         if not isinstance(func, types.FunctionType):
             if isinstance(func, type) or isinstance(getattr(func, "__self__", None),
                                                     types.ModuleType):
                 return "" if top else self.value(func)     # a class, a builtin function
-            return self.held("instance", func, "the callable object")   # its pickle
+            return self.carried("instance", func, "the callable object", live)   # its pickle
         parts = [] if top else [_identity(func)]
         if not top and "<locals>" in func.__qualname__:
             # one of several a function may define under one name (if ... def helper):
@@ -3095,11 +3113,14 @@ def _check_defaults(func, identity, salt):
 
 
 def _salt(func, version, key, ignore):
-    # type: (_Func, str, Optional[_Func], FrozenSet[str]) -> str
-    """The salt of func's keys: its version, and what it carries besides its arguments
-    (closure cells, a partial's arguments, a bound method's self, a callable's state)."""
+    # type: (_Func, str, Optional[_Func], FrozenSet[str]) -> Tuple[str, Tuple[object, ...]]
+    """(the salt of func's keys, the values to key at each call): the salt is its version,
+    and what it carries besides its arguments (closure cells, code of nested helpers); the
+    values are those it holds itself (a bound method's self, a callable object, a
+    partial's arguments), which change as arguments do."""
+    carrier = _Carried(key is not None, ignore)
     try:
-        carried = _Carried(key is not None, ignore).callable(func, top=True)
+        carried = carrier.callable(func, top=True, live=True)
     except _Unkeyable as exc:
         label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
         raise TypeError(
@@ -3108,10 +3129,11 @@ def _salt(func, version, key, ignore):
             "Pass memoize(name=...) to share one cache whatever that holds, or "
             "memoize(key=...) to give the key yourself, or make it an argument (and "
             "memoize(ignore=...) it)" % (label, exc)) from None
+    live = tuple(carrier.live)
     if not carried:
-        return version            # plain functions keep the keys they always had
+        return version, live      # plain functions keep the keys they always had
     return "%s %s" % (version, hashlib.sha256(
-        carried.encode("utf-8", "surrogatepass")).hexdigest())
+        carried.encode("utf-8", "surrogatepass")).hexdigest()), live
 
 
 def _file_name(identity):
@@ -3932,12 +3954,14 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
                        "expire": expire, "ignore": ignore, "key": key, "strict": strict}
     memo.source = None if name else _source_file(func)    # for _check_source()
     # memoize(name=...) names what the cache holds: what func carries is the caller's word
-    salt = memo.version if name else _salt(func, memo.version, key, ignore)
+    salt, live = (memo.version, ()) if name else _salt(func, memo.version, key, ignore)
     memo.salt = salt                                      # for explain()
     if not name:
         _check_defaults(func, memo.identity, salt)
     bind = _binder(func, ignore, label) if key is None else (
         lambda args, kwargs: key(*args, **kwargs))
+    if live:
+        bind = _with_state(bind, live, label)
     if ignore and key is None:    # _binder() has checked the names against the signature
         params = _parameters(func)
         memo.leave_out = ([name for name, kind, _ in params if kind in (0, 1)], ignore,
@@ -3999,6 +4023,28 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     wrapper.failures = handle.failures             # type: ignore[attr-defined]
     _HANDLES[wrapper] = handle           # persist.map calls through it, to count hits
     return wrapper
+
+
+def _with_state(bind, live, label):
+    # type: (_Bind, Tuple[object, ...], str) -> _Bind
+    """bind, whose key material also holds the digest of live (a bound method's self, a
+    callable object, a partial's arguments) as they are at the call: model.fit() changes
+    what model.predict returns."""
+    def bind_with_state(args, kwargs):
+        # type: (_Args, _Kwargs) -> Any
+        material = bind(args, kwargs)        # a wrong call raises first, as it would
+        try:
+            state = _digest(live)
+        except RecursionError:
+            raise
+        except Exception as exc:
+            raise TypeError(
+                "memoize cannot key %s() now: what it holds besides its arguments (a bound "
+                "method's self, a callable object's state or a partial's arguments) could be "
+                "keyed when memoize ran, but not now (%s: %s). Pass memoize(key=...) or "
+                "memoize(name=...)" % (label, type(exc).__name__, exc)) from None
+        return (state, material)
+    return bind_with_state
 
 
 def _memoize_classmethod(func, options):

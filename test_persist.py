@@ -2479,6 +2479,52 @@ class TestWhatACallableCarries(TempDirTest):
         self.assertEqual((persist.memoize(Scale(2).apply)(10),
                           persist.memoize(Scale(3).apply)(10)), (20, 30))
 
+    def test_state_of_a_bound_method_or_callable_is_keyed_at_each_call(self):
+        # memoize(model.predict) before model.fit(): the fitted model's results, in this run
+        # and the next, whatever the model held when memoize ran
+        (self.path / "job.py").write_text(textwrap.dedent("""
+            import functools, persist, sys
+
+            class Model:
+                def __init__(self):
+                    self.weights = {"w": 0}
+
+                def fit(self, w):
+                    self.weights["w"] = w
+
+                def predict(self, x):
+                    print("computed", file=sys.stderr)
+                    return x * self.weights["w"]
+
+                __call__ = predict
+
+            model = Model()
+            predict = persist.memoize(model.predict)
+            call = persist.memoize(model)
+            shifted = persist.memoize(functools.partial(lambda m, x: m.predict(x) + 1, model))
+            if sys.argv[1] == "late":
+                model.fit(2)
+            print(predict(10), call(10), shifted(10))
+            model.fit(int(sys.argv[2]))
+            print(predict(10), call(10), shifted(10))
+        """))
+        outs = []
+        for when, weight in (("early", "2"), ("early", "3"), ("late", "3"), ("late", "2")):
+            done = run_command(["job.py", when, weight], cwd=self.dir)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            outs.append((done.stdout.split(), done.stderr.count("computed")))
+        self.assertEqual(outs, [
+            ("0 0 1 20 20 21".split(), 6), ("0 0 1 30 30 31".split(), 3),
+            ("20 20 21 30 30 31".split(), 0), ("20 20 21 20 20 21".split(), 0)])
+
+    def test_state_that_can_no_longer_be_keyed_is_named(self):
+        scale = Scale(2)
+        f = persist.memoize(scale)
+        self.assertEqual(f(5), 10)
+        scale.k = threading.Lock()
+        with self.assertRaisesRegex(TypeError, r"Scale\(\) now.*callable object.*key="):
+            f(5)
+
     def test_lambdas_of_two_cells_or_evals_on_line_one_keep_apart(self):
         double = persist.memoize(eval("lambda x: x * 2"))
         triple = persist.memoize(eval("lambda x: x * 3"))
