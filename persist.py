@@ -2667,8 +2667,9 @@ def _binder(func, ignore, label):
                             "%r has none" % (func,)) from None
         return lambda args, kwargs: (args, kwargs)
     names = [name for name, _, _ in params]
+    collects = any(kind == 4 for _, kind, _ in params)    # **kwargs: ignore=('timeout',)
     for name in ignore:
-        if name not in names:     # **kwargs does not catch it: a misspelt name must not pass
+        if name not in names and not collects:     # a misspelt name must not pass
             _load()
             raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
                             % (name, label, inspect.signature(func)))
@@ -2711,8 +2712,10 @@ def _binder(func, ignore, label):
             if kind == 2:                      # *args
                 if value:
                     named += ("*" + name, value)
-            elif kind == 4:                    # **kwargs
+            elif kind == 4:                    # **kwargs, but the keywords ignore= names
                 for key in sorted(value):
+                    if key in ignore:
+                        continue
                     # f(**{"*args": ...}) must not key as the *args of another call
                     named += ("*" + key if key.startswith("*") else key, value[key])
             elif default is _MISSING:

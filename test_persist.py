@@ -1515,6 +1515,24 @@ class TestMemoizeKeys(MemoTest):
         with self.assertRaisesRegex(TypeError, "'nope'.*not a parameter"):
             self.memo(lambda x: x, ignore=["nope"])
 
+    def test_ignore_a_keyword_that_kwargs_collects(self):
+        def fetch(url, **kwargs):
+            return url, sorted(kwargs)
+
+        f = self.memo(fetch, ignore={"timeout"})
+        self.assertEqual(f("u", timeout=1), ("u", ["timeout"]))
+        self.assertEqual(f("u", timeout=threading.Lock()), ("u", ["timeout"]))
+        self.assertEqual(f("u"), ("u", ["timeout"]))        # the key left timeout out
+        self.assertEqual(f("u", retries=2), ("u", ["retries"]))
+        self.assertEqual(len(f.calls), 2)
+        shown = run_command(["-m", "persist", "show", f.cache_info().path])
+        self.assertEqual((shown.returncode, shown.stdout.count("'u'")), (0, 2), shown.stderr)
+        self.assertNotIn("timeout", shown.stdout)
+        with self.assertRaisesRegex(TypeError, r"'timeout'.*not a parameter of .*\(url\)"):
+            self.memo(lambda url: url, ignore={"timeout"})      # no **kwargs: misspelt
+        with self.assertRaisesRegex(TypeError, "parameter names, not 3"):
+            self.memo(fetch, ignore={3})
+
     def test_ignore_self_on_method(self):
         directory = self.dir
         runs = []
