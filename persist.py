@@ -167,6 +167,8 @@ _INLINE_LIMIT = 1 << 18          # larger pickles live in value files of their o
 _BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
 _ASIDE_TIMEOUT = 2.0             # the same for a signal handler's own connection
 _LOG_LIMIT = 16 << 20            # a log larger than this is restarted (see _restart_log)
+_CODE_TAG = 16                   # hex digits of each tag of an owner (see _CREATE)
+_RUN = os.urandom(8).hex()       # this run, in the cache's record of the latest run's code
 _FROZEN_TRIES = 100              # reads of a file its owner keeps writing, before EBUSY
 _SWEEP_AGE = 3600.0              # without file locks (Windows), value files younger are kept
 _APPLICATION_ID = 0x70727374     # "prst" in the SQLite header: this file is a persist cache
@@ -181,15 +183,19 @@ _CREATE = (
     # value: the pickle; b'' when it is in the value file FILE.values/<file>.
     # stored: Unix time; seconds: how long the call took; version: memoize's version= (repr);
     # args: a short form of a memoized call's arguments, for people.
+    # owner: for a function that carries something (see _salt), the tags of the code and of
+    # the values it carried, which its keys are salted with: 'code16 salt16'; else NULL.
+    # (Added to caches made before it by _Store.own(): a NULL there may be anyone's.)
     "CREATE TABLE Dict (key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL, file TEXT,"
-    " stored REAL NOT NULL, seconds REAL, version TEXT, args TEXT) WITHOUT ROWID",
+    " stored REAL NOT NULL, seconds REAL, version TEXT, args TEXT, owner TEXT) WITHOUT ROWID",
     "CREATE INDEX DictFile ON Dict (file) WHERE file IS NOT NULL",
     # Info: memoize's function, version (the latest to open it), expire and source.
     "CREATE TABLE Info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
     # Failures: the calls of a memoized function that raised, until one succeeds.
     "CREATE TABLE Failures (key BLOB PRIMARY KEY NOT NULL, args TEXT, type TEXT NOT NULL,"
     " message TEXT NOT NULL, traceback TEXT NOT NULL, count INTEGER NOT NULL,"
-    " first REAL NOT NULL, last REAL NOT NULL, seconds REAL, version TEXT) WITHOUT ROWID",
+    " first REAL NOT NULL, last REAL NOT NULL, seconds REAL, version TEXT, owner TEXT)"
+    " WITHOUT ROWID",
 )
 _PRAGMAS = (                     # after journal_mode=WAL (_to_wal)
     "PRAGMA synchronous=NORMAL",    # WAL: a commit survives a crash, maybe not a power cut
@@ -204,6 +210,9 @@ _GET = "SELECT value, file, stored, seconds FROM Dict WHERE key = ?"
 _FILE = "SELECT file FROM Dict WHERE key = ?"
 _PUT = ("REPLACE INTO Dict (key, value, file, stored, seconds, version, args)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)")
+_PUT_OWNED = ("REPLACE INTO Dict (key, value, file, stored, seconds, version, args, owner)"
+              " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_OWNED = "(owner IS NULL OR owner = ?)"   # a NULL: stored before owners were recorded
 _DELETE = "DELETE FROM Dict WHERE key = ?"
 _DELETE_ROW = "DELETE FROM Dict WHERE key = ? AND value = ? AND file IS ? AND stored = ?"
 _CONTAINS = "SELECT 1 FROM Dict WHERE key = ?"
@@ -223,10 +232,14 @@ _STORED = "SELECT stored, version FROM Dict WHERE key = ?"
 _FAILED = "SELECT count, last, type, message FROM Failures WHERE key = ?"
 _TALLY = ("SELECT (SELECT count(*) FROM Dict), (SELECT total(seconds) FROM Dict),"
           " (SELECT count(*) FROM Failures)")
+_TALLY_OWNED = ("SELECT (SELECT count(*) FROM Dict WHERE {0}), (SELECT total(seconds) FROM Dict"
+                " WHERE {0}), (SELECT count(*) FROM Failures WHERE {0})".format(_OWNED))
+_OWNERS = "SELECT DISTINCT owner FROM Dict WHERE owner IS NOT NULL"
 _FAILED_BEFORE = "SELECT count, first FROM Failures WHERE key = ?"
 _STORED_SINCE = "SELECT 1 FROM Dict WHERE key = ? AND stored >= ?"
 _RECORD_FAILURE = ("REPLACE INTO Failures (key, args, type, message, traceback, count, first,"
                    " last, seconds, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_OWN_FAILURE = "UPDATE Failures SET owner = ? WHERE key = ?"
 _FAILURES = ("SELECT args, type, message, count, first, last, seconds, version, traceback"
              " FROM Failures ORDER BY last")
 _MISSING = object()              # "no such entry", where None is a value
@@ -1302,6 +1315,7 @@ class _Store:
         self.flag = flag
         self.values = _Values(self.path + ".values")
         self._puts = 0                  # put() restarts the log every so often
+        self._owned: "Optional[bool]" = None     # whether Dict records owners: owned()
         self._check_path()
         if flag in "cn" and not os.path.exists(self.path):
             self._create()
@@ -1472,16 +1486,61 @@ class _Store:
     def summary(self):
         # type: () -> Tuple[int, Optional[float], Optional[float], int, int]
         """(entries, oldest, newest, stale entries, their bytes): stale entries are those of
-        another version than the latest to open the cache."""
+        another version than the latest to open the cache, or of other code (stale_codes())."""
         (count, oldest, newest), = self.conn.run(_fetch, _SUMMARY)
         version = self.info().get("version")
-        stale = self.prune(version=version, dry_run=True) if version else (0, 0)
+        codes = self.stale_codes()
+        stale = self.prune(version=version, codes=codes, dry_run=True) if version or codes \
+            else (0, 0)
         return (count, oldest, newest) + stale
 
-    def tally(self):
-        # type: () -> Tuple[int, float, int]
-        """(entries, seconds their calls took in all, failure records), in one query."""
+    def tally(self, owner=None):
+        # type: (Optional[str]) -> Tuple[int, float, int]
+        """(entries, seconds their calls took in all, failure records), in one query; those
+        of owner alone (and those stored before owners were recorded), if given."""
+        if owner is not None and self.owned():
+            return self.conn.run(_fetch, _TALLY_OWNED, (owner,) * 3)[0]  # type: ignore[no-any-return]
         return self.conn.run(_fetch, _TALLY)[0]  # type: ignore[no-any-return]  # a row: Any
+
+    def owned(self):
+        # type: () -> bool
+        """Whether the cache records owners (see _CREATE): one made before does not."""
+        if self._owned is None:
+            columns = self.conn.run(_fetch, "PRAGMA table_info(Dict)")
+            self._owned = any(column[1] == "owner" for column in columns)
+        return self._owned
+
+    def own(self):
+        # type: () -> None
+        """Record owners from now on in a cache made before they were (best effort: a
+        read-only cache stays as it is, and its entries are anyone's)."""
+        def add(conn):
+            # type: (sqlite3.Connection) -> None
+            for table in ("Dict", "Failures"):     # again, in the transaction: two may add
+                if not any(column[1] == "owner"
+                           for column in _fetch(conn, "PRAGMA table_info(%s)" % table)):
+                    conn.execute("ALTER TABLE %s ADD COLUMN owner TEXT" % table)
+        if not self.owned() and self.flag != "r":
+            with contextlib.suppress(OSError):
+                self.conn.transaction(add)
+                self._owned = True
+
+    def stale_codes(self):
+        # type: () -> Optional[List[str]]
+        """The code tags (see _CREATE) of the latest run that opened the cache, whose other
+        ones are stale, or None when none is recorded."""
+        code = self.info().get("code")
+        return code.split()[1:] if code and self.owned() else None
+
+    def closures(self):
+        # type: () -> int
+        """How many values of what its function carries (make(2), make(3)) the entries that
+        are not stale were stored under."""
+        codes = self.stale_codes()
+        if not codes:
+            return 0
+        return len({owner for owner, in self.conn.run(_fetch, _OWNERS)
+                    if owner.split()[0] in codes})
 
     def failures(self):
         # type: () -> List[Any]
@@ -1498,14 +1557,17 @@ class _Store:
 
     # Writing
 
-    def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None):
-        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str]) -> None
+    def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None,
+            owner=None):
+        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str], Optional[str]) -> None
         """Pickle value under key, with what memoize records; a large pickle goes to a value
         file as it is made, with no copy in memory."""
         spill = _Spill(self.values)
         try:
             pickle.dump(value, spill, protocol)
             row = (key, spill.inline(), spill.name, time.time(), seconds, version, args)
+            if owner is not None and self.owned():
+                row += (owner,)
             old = self.conn.transaction(_replace, row)
         except BaseException:
             # A signal (Ctrl-C) that arrives while COMMIT runs is raised just after it: the
@@ -1569,29 +1631,39 @@ class _Store:
             self.values.remove([row[1]])
         return gone
 
-    def record_failure(self, key, started, failure):
-        # type: (bytes, float, _FailureRecord) -> None
+    def record_failure(self, key, started, failure, owner=None):
+        # type: (bytes, float, _FailureRecord, Optional[str]) -> None
         """Record that the call keyed key, started at the Unix time started, raised: failure is
         (args, type, message, traceback, seconds, version). Nothing is recorded if a result
         for key was stored since the call started (another process succeeded meanwhile)."""
-        self.conn.transaction(_record_failure, key, started, failure)
+        def record(conn):
+            # type: (sqlite3.Connection) -> None
+            _record_failure(conn, key, started, failure)
+            if owner is not None and self.owned():
+                conn.execute(_OWN_FAILURE, (owner, key))
+        self.conn.transaction(record)
 
     def set_info(self, info):
         # type: (Dict[str, str]) -> None
         self.conn.transaction(lambda conn: conn.executemany(_SET_INFO, info.items()))
 
-    def clear(self):
-        # type: () -> int
-        """Remove every entry (and failure record); return how many entries there were."""
-        count, names = self.conn.transaction(_clear)
+    def clear(self, owner=None):
+        # type: (Optional[str]) -> int
+        """Remove every entry (and failure record), or only owner's (and those stored before
+        owners were recorded); return how many entries there were."""
+        if owner is not None and self.owned():
+            count, names = self.conn.transaction(_clear_owned, owner)
+        else:
+            count, names = self.conn.transaction(_clear)
         self.values.remove(names)
         self._give_back()
         return count
 
-    def prune(self, before=None, version=None, dry_run=False):
-        # type: (Optional[float], Optional[str], bool) -> Tuple[int, int]
-        """Remove the entries stored before the Unix time before, or of another version than
-        version; return (entries, bytes) removed, or that would be with dry_run."""
+    def prune(self, before=None, version=None, dry_run=False, codes=None):
+        # type: (Optional[float], Optional[str], bool, Optional[Sequence[str]]) -> Tuple[int, int]
+        """Remove the entries stored before the Unix time before, of another version than
+        version, or stored by a function with another code than codes (its code tags, see
+        _CREATE); return (entries, bytes) removed, or that would be with dry_run."""
         where: "Any"      # the conditions, then the SQL that joins them
         params: "List[object]"
         where, params = [], []
@@ -1601,8 +1673,12 @@ class _Store:
         if version is not None:
             where.append("version IS NOT ?")
             params.append(version)
+        if codes and self.owned():       # an entry of no known owner is no one's stale
+            where.append("(owner IS NOT NULL AND substr(owner, 1, %d) NOT IN (%s))"
+                         % (_CODE_TAG, ",".join("?" * len(codes))))
+            params.extend(codes)
         if not where:
-            raise ValueError("prune() needs before= or version=")
+            raise ValueError("prune() needs before=, version= or codes=")
         where = " OR ".join(where)
         rows = self.conn.run(_fetch, "SELECT length(value), file FROM Dict WHERE " + where,
                              params)
@@ -1660,7 +1736,7 @@ class _Store:
 def _replace(conn, row):
     # type: (sqlite3.Connection, _Args) -> Optional[str]
     old = _fetch(conn, _FILE, (row[0],))
-    conn.execute(_PUT, row)
+    conn.execute(_PUT if len(row) == 7 else _PUT_OWNED, row)
     conn.execute(_FORGET_FAILURE, (row[0],))
     return old[0][0] if old else None
 
@@ -1694,6 +1770,14 @@ def _clear(conn):
     names = [name for name, in _fetch(conn, _FILES)]
     count = conn.execute(_CLEAR).rowcount
     conn.execute("DELETE FROM Failures")
+    return count, names
+
+
+def _clear_owned(conn, owner):
+    # type: (sqlite3.Connection, str) -> Tuple[int, List[str]]
+    names = [name for name, in _fetch(conn, _FILES + " AND " + _OWNED, (owner,))]
+    count = conn.execute("DELETE FROM Dict WHERE " + _OWNED, (owner,)).rowcount
+    conn.execute("DELETE FROM Failures WHERE " + _OWNED, (owner,))
     return count, names
 
 
@@ -2989,6 +3073,7 @@ class _Carried:
         self.ignore = ignore          # parameters of the memoized function left out
         self.decorated: "Optional[str]" = None   # its own cell is empty while it is decorated
         self.live: "List[object]" = []
+        self.digests: "List[str]" = []     # of the values in the text: what is not code
 
     def value(self, value):
         # type: (object) -> str
@@ -3005,7 +3090,7 @@ class _Carried:
             return self.callable(value)
             return self.callable(value)
         try:
-            return "value " + _digest(value).hex()
+            digest = _digest(value).hex()
         except RecursionError:
             raise
         except Exception as exc:
@@ -3013,6 +3098,8 @@ class _Carried:
                 return "unkeyable"
             raise _Unkeyable("a %s (%s: %s)" % (type(value).__qualname__,
                                                  type(exc).__name__, exc)) from None
+        self.digests.append(digest)
+        return "value " + digest
 
     def held(self, name, value, where=None):
         # type: (Union[str, int], object, Optional[str]) -> str
@@ -3116,11 +3203,14 @@ def _check_defaults(func, identity, salt):
 
 
 def _salt(func, version, key, ignore):
-    # type: (_Func, str, Optional[_Func], FrozenSet[str]) -> Tuple[str, Tuple[object, ...]]
-    """(the salt of func's keys, the values to key at each call): the salt is its version,
-    and what it carries besides its arguments (closure cells, code of nested helpers); the
-    values are those it holds itself (a bound method's self, a callable object, a
-    partial's arguments), which change as arguments do."""
+    # type: (_Func, str, Optional[_Func], FrozenSet[str]) -> Tuple[str, Tuple[object, ...], Optional[str]]
+    """(the salt of func's keys, the values to key at each call, the owner of its entries):
+    the salt is its version, and what it carries besides its arguments (closure cells, code
+    of nested helpers); the values are those it holds itself (a bound method's self, a
+    callable object, a partial's arguments), which change as arguments do. The owner (see
+    _CREATE) tags what it carries without the values, and with them: another code of a
+    nested helper is stale, as another version is; another value (make(2), make(3)) is
+    another function's, which may well be in use."""
     carrier = _Carried(key is not None, ignore)
     try:
         carried = carrier.callable(func, top=True, live=True)
@@ -3134,9 +3224,14 @@ def _salt(func, version, key, ignore):
             "memoize(ignore=...) it)" % (label, exc)) from None
     live = tuple(carrier.live)
     if not carried:
-        return version, live      # plain functions keep the keys they always had
-    return "%s %s" % (version, hashlib.sha256(
-        carried.encode("utf-8", "surrogatepass")).hexdigest()), live
+        return version, live, None   # plain functions keep the keys they always had
+    digest = hashlib.sha256(carried.encode("utf-8", "surrogatepass")).hexdigest()
+    code = carried
+    for value in carrier.digests:
+        code = code.replace(value, "")
+    owner = "%s %s" % (hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
+                       [:_CODE_TAG], digest[:_CODE_TAG])
+    return "%s %s" % (version, digest), live, owner
 
 
 def _file_name(identity):
@@ -3397,8 +3492,9 @@ class _Memo:
     store: "Optional[_Store]"
     broken: "Optional[OSError]"
     _path: "Optional[str]"
-    source: "Optional[str]"       # set by _memoize(), as is salt
+    source: "Optional[str]"       # set by _memoize(), as are salt and owner
     salt: str
+    owner: "Optional[str]"        # of its entries (see _CREATE), or None: a plain function
     parameters: "Dict[str, Any]"  # set by _memoize(): the options as given
 
     def __init__(self, func, cache_dir, name, version, expire, strict):
@@ -3451,6 +3547,9 @@ class _Memo:
                             "expire": repr(self.expire)}
                     try:
                         info = store.info()      # never drops results: see prune()
+                        if self.owner is not None:
+                            store.own()
+                            want["code"] = _latest_code(info.get("code"), self.owner)
                         if any(info.get(name) != value for name, value in want.items()):
                             store.set_info(want)
                     except PermissionError:      # a read-only cache still serves its results
@@ -3503,7 +3602,8 @@ class _Memo:
         try:
             if self.leave_out is not None:
                 args = _leave_out(args, *self.leave_out)
-            store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args))
+            store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args),
+                      self.owner)
             _debug("stored", self.identity, key)
         except _HandlerBusy:          # a call in a signal handler: this once, nothing to fix
             self.unstored += 1
@@ -3528,12 +3628,24 @@ class _Memo:
             return
         try:
             record = _failure_record(call, exc, seconds, self.version)
-            store.record_failure(key, time.time() - seconds, record)
+            store.record_failure(key, time.time() - seconds, record, self.owner)
         except Exception as trouble:
             # best effort: a cache that cannot take the record (read-only, full) warns once,
             # and even strict=True lets the user's exception through rather than this one
             with contextlib.suppress(Exception):
                 self.trouble("could not record a failed call in", trouble)
+
+
+def _latest_code(recorded, owner):
+    # type: (Optional[str], str) -> str
+    """The cache's record of the code of the latest run, once this run opened it for owner:
+    'run tag tag ...'. A run's nested helpers of one name chosen by an if each have a code
+    of their own, and none is stale; the earlier code of an edited one is."""
+    run, *codes = (recorded or "").split() or [""]
+    if run != _RUN:
+        codes = []
+    code = owner.split()[0]
+    return " ".join([_RUN] + codes + ([] if code in codes else [code]))
 
 
 def _failure_record(call, exc, seconds, version):
@@ -3849,7 +3961,7 @@ class _Memoized:
         long the results this process reused took to compute."""
         memo = self._memo
         store = memo.open(create=False)
-        entries, seconds, failures = (0, 0.0, 0) if store is None else store.tally()
+        entries, seconds, failures = (0, 0.0, 0) if store is None else store.tally(memo.owner)
         return _CacheInfo(memo.hits, memo.misses, entries, memo.path, memo.unstored, failures,
                           seconds, memo.saved)
 
@@ -3869,11 +3981,12 @@ class _Memoized:
 
     def cache_clear(self):
         # type: () -> None
-        """Remove every stored result of this function, and its failure records."""
+        """Remove every stored result of this function, and its failure records; of this
+        one alone, where one cache holds several (make(2) and make(3) of one factory)."""
         memo = self._memo
         store = memo.open(create=False)
         if store is not None:
-            store.clear()
+            store.clear(memo.owner)
         memo.hits = memo.misses = 0
         memo.saved = 0.0
 
@@ -3886,14 +3999,17 @@ class _Memoized:
 
     def cache_prune(self, *, stale=True, expired=True):
         # type: (_Memoized, bool, bool) -> int
-        """Remove results of other version=s (stale) and results older than expire=; return
-        how many went."""
+        """Remove results of other version=s and of other code of the nested helpers it
+        calls (stale), and results older than expire=; return how many went."""
         memo = self._memo
         store = memo.open(create=False)
         if store is None or not (stale or memo.expire is not None and expired):
             return 0
         before = time.time() - memo.expire if expired and memo.expire is not None else None
-        return store.prune(before, memo.version if stale else None)[0]
+        codes = None
+        if stale and memo.owner is not None:     # this run's code, and this function's
+            codes = (store.stale_codes() or []) + [memo.owner.split()[0]]
+        return store.prune(before, memo.version if stale else None, codes=codes)[0]
 
 
 class _ClassMemoized(_Memoized):
@@ -3957,7 +4073,8 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
                        "expire": expire, "ignore": ignore, "key": key, "strict": strict}
     memo.source = None if name else _source_file(func)    # for _check_source()
     # memoize(name=...) names what the cache holds: what func carries is the caller's word
-    salt, live = (memo.version, ()) if name else _salt(func, memo.version, key, ignore)
+    salt, live, memo.owner = (memo.version, (), None) if name else \
+        _salt(func, memo.version, key, ignore)
     memo.salt = salt                                      # for explain()
     if not name:
         _check_defaults(func, memo.identity, salt)
@@ -5591,9 +5708,12 @@ def _cli_ls(options):
                 _, took, failed = store.tally()     # TOOK: what computing them took
                 label = _one_line(store.info().get("function") or
                                   os.path.basename(path)[:-3])
+                notes = ["%d stale (%s)" % (stale, _bytes(stale_size))] if stale else []
+                closures = store.closures()
+                if closures > 1:              # make(2), make(3): not stale, each its own
+                    notes.append("%d closures" % closures)
                 print(row % (label, count, _bytes(store.disk_usage()), failed, _took(took),
-                             _when(oldest), _when(newest), "%d stale (%s)"
-                             % (stale, _bytes(stale_size)) if stale else "", where))
+                             _when(oldest), _when(newest), ", ".join(notes), where))
         except OSError as exc:            # what makes memoized calls raise: listed, marked
             print(row % ("(%s)" % _problem(path, exc), "-", _bytes(_size(path)), "-", "-",
                          "-", "-", "", where))
@@ -5665,7 +5785,9 @@ def _cli_prune(options):  # type: ignore[return]
             if "version" not in info:
                 print("%s has no version=; nothing is stale" % store.path)
                 return 0
-            which = {"version": info["version"]}
+            # other versions, and other code of the nested helpers it calls than the
+            # latest run's; not other values it carried (make(3) beside make(2))
+            which = {"version": info["version"], "codes": store.stale_codes()}
         else:
             age = options.older_than
             if age is None:

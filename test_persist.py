@@ -1882,7 +1882,8 @@ class TestExplainFailedBefore(ExplainTest):
         (key,), = self.sql(f, "SELECT key FROM Dict")
         now = time.time()
         self.sql(f, "DELETE FROM Dict")
-        self.sql(f, "INSERT INTO Failures VALUES (?, '(1)', 'KeyError', ?, 'Trace', 3, ?, ?,"
+        self.sql(f, "INSERT INTO Failures (key, args, type, message, traceback, count, first,"
+                    " last, seconds, version) VALUES (?, '(1)', 'KeyError', ?, 'Trace', 3, ?, ?,"
                     " 0.5, 'None')", (key, "'id'", now - 600, now - 120))
         explanation = f.explain(1)
         self.assertMiss(explanation, "failed before", r"no entry; the call failed 3 times, "
@@ -2201,6 +2202,89 @@ class TestVersionSwitch(MemoTest):
         self.assertEqual(v2(1), -1)
         self.assertEqual(len(v2.calls), 1)
 
+    def test_earlier_code_of_a_nested_helper_is_stale_other_closures_are_not(self):
+        self.check_earlier_code_is_stale(cli=False)
+
+    def test_prune_stale_removes_earlier_code_of_a_nested_helper(self):
+        self.check_earlier_code_is_stale(cli=True)
+
+    def check_earlier_code_is_stale(self, cli):
+        # editing a helper defined inside main() computes featurize's results again; the
+        # entries of its earlier code are listed as stale and pruned on request, while those
+        # of another value it closes over (k=3 beside k=2) are another function's, and stay
+        job = self.path / "job.py"
+        source = textwrap.dedent("""
+            import persist, sys
+
+            def main():
+                k = int(sys.argv[1])
+
+                def helper(x):
+                    return x + 1
+
+                @persist.memoize
+                def featurize(x):
+                    print("computed", file=sys.stderr)
+                    return helper(x) * k
+
+                print([featurize(x) for x in range(3)])
+                if sys.argv[2:] == ["prune"]:
+                    print(featurize.cache_prune())
+
+            main()
+        """)
+        edited = source.replace("x + 1", "x + 100")
+
+        def run(text, *args):
+            job.write_text(text)
+            done = run_command([str(job)] + list(args), cwd=self.dir)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            return done.stdout.strip(), done.stderr.count("computed")
+
+        self.assertEqual([run(source, "2"), run(source, "3"), run(edited, "2"),
+                          run(edited, "3"), run(edited, "2")],
+                         [("[2, 4, 6]", 3), ("[3, 6, 9]", 3), ("[200, 202, 204]", 3),
+                          ("[300, 303, 306]", 3), ("[200, 202, 204]", 0)])
+        cache = self.path / ".persist"
+        done = run_command(CLI + ["ls", str(cache)])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, r"job\.main\.<locals>\.featurize +12 .* 6 stale \(.*\), "
+                                      r"2 closures ")
+        path = next(cache.glob("*.db"))
+        done = run_command(CLI + ["prune", str(path), "--stale", "--dry-run"])
+        self.assertIn("would remove 6 entries", done.stdout)
+        if cli:
+            done = run_command(CLI + ["prune", str(path), "--stale"])
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("removed 6 entries", done.stdout)
+        else:
+            self.assertEqual(run(edited, "3", "prune"), ("[300, 303, 306]\n6", 0))
+        self.assertEqual([run(edited, "3"), run(edited, "2")],
+                         [("[300, 303, 306]", 0), ("[200, 202, 204]", 0)])
+        done = run_command(CLI + ["ls", str(cache)])
+        self.assertRegex(done.stdout, r"featurize +6 .* 2 closures ")
+        self.assertNotIn("stale", done.stdout)
+
+    def test_cache_prune_keeps_the_code_of_each_helper_this_run_uses(self):
+        def make(step):
+            def helper(x):
+                return x + step
+
+            def other_helper(x):
+                return x - step
+
+            chosen = helper if step > 0 else other_helper   # one name each: code differs
+
+            @persist.memoize(cache_dir=self.dir)
+            def shifted(x):
+                return chosen(x)
+            return shifted
+
+        up, down = make(1), make(-1)
+        self.assertEqual((up(1), up(2), down(1)), (2, 3, 2))
+        self.assertEqual(up.cache_prune(), 0)       # both codes in use in this run
+        self.assertEqual((up.cache_info().entries, down.cache_info().entries), (2, 1))
+
     def test_cache_prune_removes_other_versions(self):
         v1 = self.memo(lambda x: x, name="job", version="a")
         v1(1), v1(2)
@@ -2228,6 +2312,43 @@ class TestCacheOfAnEarlierFormat(MemoTest):
         with self.assertRaisesRegex(persist.PersistError, "older persist"):
             persist.open(path)
         self.assertEqual(pathlib.Path(path).read_bytes(), before)
+
+    @unittest.skipUnless(sqlite3.sqlite_version_info >= (3, 35), "DROP COLUMN")
+    def test_entries_stored_before_owners_were_recorded_are_each_closures(self):
+        # a cache filled by a persist that did not record which closure stored an entry:
+        # its entries are still served, and counted and cleared by each closure, never lost
+        # to a cache_clear() that leaves them to hit
+        (self.path / "job.py").write_text(textwrap.dedent("""
+            import persist, sys
+
+            def make(k):
+                @persist.memoize
+                def scale(x):
+                    print("computed", file=sys.stderr)
+                    return x * k
+                return scale
+
+            two, three = make(2), make(3)
+            print(two(10), three(10), two.cache_info().entries, three.cache_info().entries)
+            if sys.argv[1:] == ["clear"]:
+                two.cache_clear()
+                print(three.cache_info().entries)
+        """))
+
+        def run(*args):
+            done = run_command(["job.py"] + list(args), cwd=self.dir)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            return done.stdout.split(), done.stderr.count("computed")
+
+        self.assertEqual(run(), ("20 30 1 1".split(), 2))
+        path, = (self.path / ".persist").glob("*.db")
+        conn = sqlite3.connect(str(path), isolation_level=None)
+        for table in ("Dict", "Failures"):
+            conn.execute("ALTER TABLE %s DROP COLUMN owner" % table)
+        conn.close()
+        self.assertEqual(run(), ("20 30 2 2".split(), 0))
+        self.assertEqual(run("clear"), ("20 30 2 2 0".split(), 0))
+        self.assertEqual(run(), ("20 30 1 1".split(), 2))
 
 
 @unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX users")
@@ -2439,7 +2560,31 @@ class TestWhatACallableCarries(TempDirTest):
         self.assertEqual((two(10), three(10)), (20, 30))
         self.assertEqual(make_scale(2)(10), 20)
         self.assertEqual(two.cache_info().hits, 0)
-        self.assertEqual(two.cache_info().entries, 2)     # one cache, one key each
+        self.assertEqual(two.cache_info().entries, 1)     # one cache, each its own entries
+
+    def test_each_closure_counts_clears_and_prunes_its_own(self):
+        # make(2) and make(3) share one file: each counts, clears and prunes what it stored
+        two, three = make_scale(2), make_scale(3)
+        self.assertEqual((two(10), two(11), three(10)), (20, 22, 30))
+        with self.assertRaises(TypeError):
+            three("x" * 0, None)                        # a wrong call: not a failure
+        failing = make_scale(None)
+        with self.assertRaises(TypeError):
+            failing(1)
+        self.assertEqual(len({f.cache_info().path for f in (two, three, failing)}), 1)
+        self.assertEqual([f.cache_info().entries for f in (two, three, failing)], [2, 1, 0])
+        self.assertEqual([f.cache_info().failures for f in (two, three, failing)], [0, 0, 1])
+        self.assertEqual(two.cache_prune(), 0)        # another closure value is not stale
+        two.cache_clear()
+        self.assertEqual([f.cache_info().entries for f in (two, three)], [0, 1])
+        self.assertEqual(failing.cache_info().failures, 1)
+        self.assertEqual(make_scale(3)(10), 30)
+        self.assertEqual(make_scale(3).cache_info().hits, 0)
+        again = make_scale(3)
+        again(10)
+        self.assertEqual(again.cache_info().hits, 1)
+        failing.cache_clear()
+        self.assertEqual((failing.cache_info().failures, three.cache_info().entries), (0, 1))
 
     def test_closure_over_a_helper_that_closes_over_a_value(self):
         def make(k):
@@ -2955,9 +3100,9 @@ class TestSmallerDefects(MemoTest):
             with self.assertRaisesRegex(TypeError, r"^cube\(\): "):
                 f(*args, **kwargs)
 
-    def test_ignore_checked_even_with_kwargs(self):
+    def test_ignore_checked_where_no_kwargs_collects_it(self):
         with self.assertRaisesRegex(TypeError, "'verbos'.*not a parameter"):
-            self.memo(lambda x, **kwargs: x, ignore=["verbos"])
+            self.memo(lambda x, *args: x, ignore=["verbos"])
         with self.assertRaisesRegex(TypeError, "parameter names, not 3"):
             self.memo(lambda x: x, ignore=["x", 3])
 
