@@ -1540,7 +1540,7 @@ class _Store:
         if not codes:
             return 0
         return len({owner for owner, in self.conn.run(_fetch, _OWNERS)
-                    if owner.split()[0] in codes})
+                    if str(owner)[:_CODE_TAG] in codes})     # as prune()'s substr()
 
     def failures(self):
         # type: () -> List[Any]
@@ -3644,7 +3644,7 @@ def _latest_code(recorded, owner):
     run, *codes = (recorded or "").split() or [""]
     if run != _RUN:
         codes = []
-    code = owner.split()[0]
+    code = owner[:_CODE_TAG]
     return " ".join([_RUN] + codes + ([] if code in codes else [code]))
 
 
@@ -4008,7 +4008,7 @@ class _Memoized:
         before = time.time() - memo.expire if expired and memo.expire is not None else None
         codes = None
         if stale and memo.owner is not None:     # this run's code, and this function's
-            codes = (store.stale_codes() or []) + [memo.owner.split()[0]]
+            codes = (store.stale_codes() or []) + [memo.owner[:_CODE_TAG]]
         return store.prune(before, memo.version if stale else None, codes=codes)[0]
 
 

@@ -2265,6 +2265,27 @@ class TestVersionSwitch(MemoTest):
         self.assertRegex(done.stdout, r"featurize +6 .* 2 closures ")
         self.assertNotIn("stale", done.stdout)
 
+    def test_crafted_owners_and_code_record_are_listed_not_fatal(self):
+        def make(k):
+            @persist.memoize(cache_dir=self.dir)
+            def scaled(x):
+                return x * k
+            return scaled
+
+        two, three = make(2), make(3)
+        two(1), three(1), three(2)
+        path = two.cache_info().path
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("UPDATE Dict SET owner = '' WHERE key = (SELECT min(key) FROM Dict)")
+        conn.execute("REPLACE INTO Info (name, value) VALUES ('code', 'run \u00e9')")
+        conn.close()
+        done = run_command(CLI + ["ls", self.dir])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, r"scaled +3 ")
+        done = run_command(CLI + ["prune", path, "--stale", "--dry-run"])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, "would remove [0-3] entries")
+
     def test_cache_prune_keeps_the_code_of_each_helper_this_run_uses(self):
         def make(step):
             def helper(x):
