@@ -1659,10 +1659,11 @@ class _Store:
         self._give_back()
         return count
 
-    def prune(self, before=None, version=None, dry_run=False, codes=None):
-        # type: (Optional[float], Optional[str], bool, Optional[Sequence[str]]) -> Tuple[int, int]
+    def prune(self, before=None, version=None, dry_run=False, codes=None, owner=None):
+        # type: (Optional[float], Optional[str], bool, Optional[Sequence[str]], Optional[str]) -> Tuple[int, int]
         """Remove the entries stored before the Unix time before, of another version than
-        version, or stored by a function with another code than codes (its code tags, see
+        version (of owner's alone, if given: make(3) may have its own expire= and
+        version=), or stored by a function with another code than codes (its code tags, see
         _CREATE); return (entries, bytes) removed, or that would be with dry_run."""
         where: "Any"      # the conditions, then the SQL that joins them
         params: "List[object]"
@@ -1673,6 +1674,9 @@ class _Store:
         if version is not None:
             where.append("version IS NOT ?")
             params.append(version)
+        if where and owner is not None and self.owned():
+            where = ["(%s) AND %s" % (" OR ".join(where), _OWNED)]
+            params.append(owner)
         if codes and self.owned():       # an entry of no known owner is no one's stale
             where.append("(owner IS NOT NULL AND substr(owner, 1, %d) NOT IN (%s))"
                          % (_CODE_TAG, ",".join("?" * len(codes))))
@@ -4009,7 +4013,8 @@ class _Memoized:
         codes = None
         if stale and memo.owner is not None:     # this run's code, and this function's
             codes = (store.stale_codes() or []) + [memo.owner[:_CODE_TAG]]
-        return store.prune(before, memo.version if stale else None, codes=codes)[0]
+        return store.prune(before, memo.version if stale else None, codes=codes,
+                           owner=memo.owner)[0]
 
 
 class _ClassMemoized(_Memoized):

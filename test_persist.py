@@ -2286,6 +2286,22 @@ class TestVersionSwitch(MemoTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertRegex(done.stdout, "would remove [0-3] entries")
 
+    def test_each_closure_prunes_its_own_versions_and_expired_entries(self):
+        def make(k):
+            @persist.memoize(cache_dir=self.dir, version=k, expire=50 if k == 2 else 1000)
+            def scaled(x):
+                return x * k
+            return scaled
+
+        two, three = make(2), make(3)
+        self.assertEqual((two(1), two(2), three(1)), (2, 4, 3))
+        conn = sqlite3.connect(two.cache_info().path, isolation_level=None)
+        conn.execute("UPDATE Dict SET stored = stored - 100")     # older than 50 s, not 1000
+        conn.close()
+        self.assertEqual((two.cache_prune(), three.cache_info().entries), (2, 1))
+        self.assertEqual(three(1), 3)
+        self.assertEqual(three.cache_info().hits, 1)
+
     def test_cache_prune_keeps_the_code_of_each_helper_this_run_uses(self):
         def make(step):
             def helper(x):
