@@ -3549,15 +3549,19 @@ class _Memo:
                     store = _Store(self.path, "c")
                     want = {"function": self.identity, "version": self.version,
                             "expire": repr(self.expire)}
+                    info: "Dict[str, str]" = {}
                     try:
                         info = store.info()      # never drops results: see prune()
-                        if self.owner is not None:
-                            store.own()
-                            want["code"] = _latest_code(info.get("code"), self.owner)
                         if any(info.get(name) != value for name, value in want.items()):
                             store.set_info(want)
                     except PermissionError:      # a read-only cache still serves its results
                         pass
+                    if self.owner is not None:   # best effort: what ls calls stale, at worst
+                        store.own()
+                        code = _latest_code(info.get("code"), self.owner)
+                        if info.get("code") != code:
+                            with contextlib.suppress(OSError):
+                                store.set_info({"code": code})
                     _check_source(store, self)
                 except PersistError:             # not safe to use: every call says so
                     raise

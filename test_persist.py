@@ -2286,6 +2286,31 @@ class TestVersionSwitch(MemoTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertRegex(done.stdout, "would remove [0-3] entries")
 
+    def test_record_of_the_runs_code_that_cannot_be_written_costs_no_hit(self):
+        # the code record is written by the first open of each run: a cache whose Info
+        # cannot take it (a trigger refuses it here: any failed write) still serves its results
+        (self.path / "job.py").write_text(textwrap.dedent("""
+            import persist, sys
+
+            def make(k):
+                @persist.memoize(cache_dir=sys.argv[1])
+                def scaled(x):
+                    print("computed", file=sys.stderr)
+                    return x * k
+                return scaled
+
+            print(make(2)(21))
+        """))
+        first = run_command(["job.py", self.dir], cwd=self.dir)
+        self.assertEqual((first.stdout, first.stderr), ("42\n", "computed\n"))
+        path, = self.path.glob("*.db")
+        conn = sqlite3.connect(str(path), isolation_level=None)
+        conn.execute("CREATE TRIGGER frozen BEFORE INSERT ON Info BEGIN "
+                     "SELECT RAISE(ABORT, 'frozen'); END")
+        conn.close()
+        again = run_command(["job.py", self.dir], cwd=self.dir)
+        self.assertEqual((again.returncode, again.stdout, again.stderr), (0, "42\n", ""))
+
     def test_each_closure_prunes_its_own_versions_and_expired_entries(self):
         def make(k):
             @persist.memoize(cache_dir=self.dir, version=k, expire=50 if k == 2 else 1000)
