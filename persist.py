@@ -1565,7 +1565,8 @@ class _Store:
         spill = _Spill(self.values)
         try:
             pickle.dump(value, spill, protocol)
-            row = (key, spill.inline(), spill.name, time.time(), seconds, version, args)
+            row: "_Args" = (key, spill.inline(), spill.name, time.time(), seconds, version,
+                            args)
             if owner is not None and self.owned():
                 row += (owner,)
             old = self.conn.transaction(_replace, row)
