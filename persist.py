@@ -1542,10 +1542,13 @@ class _Store:
         return len({owner for owner, in self.conn.run(_fetch, _OWNERS)
                     if str(owner)[:_CODE_TAG] in codes})     # as prune()'s substr()
 
-    def failures(self):
-        # type: () -> List[Any]
+    def failures(self, owner=None):
+        # type: (Optional[str]) -> List[Any]
         """(args, type, message, count, first, last, seconds, version, traceback) of each
-        failure record, the latest failure last."""
+        failure record, the latest failure last; of owner alone (as tally()), if given."""
+        if owner is not None and self.owned():
+            return self.conn.run(_fetch, _FAILURES.replace(
+                " FROM Failures", " FROM Failures WHERE " + _OWNED), (owner,))
         return self.conn.run(_fetch, _FAILURES)
 
     def disk_usage(self):
@@ -3980,7 +3983,8 @@ class _Memoized:
         tuples of args (short form), type and message of the exception, count (of failures),
         first and last (Unix times), seconds (the last call's), version and traceback."""
         store = self._memo.open(create=False)
-        return [] if store is None else [_Failure(*row) for row in store.failures()]
+        return [] if store is None else [_Failure(*row)
+                                         for row in store.failures(self._memo.owner)]
 
     def cache_parameters(self):
         # type: () -> Dict[str, Any]

@@ -2636,6 +2636,7 @@ class TestWhatACallableCarries(TempDirTest):
         self.assertEqual(len({f.cache_info().path for f in (two, three, failing)}), 1)
         self.assertEqual([f.cache_info().entries for f in (two, three, failing)], [2, 1, 0])
         self.assertEqual([f.cache_info().failures for f in (two, three, failing)], [0, 0, 1])
+        self.assertEqual([len(f.failures()) for f in (two, three, failing)], [0, 0, 1])
         self.assertEqual(two.cache_prune(), 0)        # another closure value is not stale
         two.cache_clear()
         self.assertEqual([f.cache_info().entries for f in (two, three)], [0, 1])
