@@ -2776,7 +2776,8 @@ def _binder(func, ignore, label):
         kept.append((name, kind, default, digest))
     # A default that can change in place, by the function itself (def f(seen=[])) or by the
     # program (CONFIG = Config(), filled in by main() after import), is keyed by what it holds
-    # at the call, passed or not: what it held at decoration says nothing of it then.
+    # at the call if that is not what it held at decoration; a value passed for it always is,
+    # even the default itself: what it held at decoration in another run says nothing of it.
     watched = {name for name, _, default, digest in kept
                if digest is not None and not _fixed(default)}
     signature: "List[inspect.Signature]" = []   # made on first need: a call bind() cannot take
@@ -2794,9 +2795,10 @@ def _binder(func, ignore, label):
         named: "List[Any]" = []
         for name, kind, default, digest in kept:
             if name in watched:
-                value = arguments.get(name, default)
-                if _differs(value, digest):    # type: ignore[arg-type]  # watched: a digest
-                    named += (name, value)
+                if name in arguments:          # passed
+                    named += (name, arguments[name])
+                elif _differs(default, digest):   # type: ignore[arg-type]  # watched: one
+                    named += (name, default)
                 continue
             if name not in arguments:          # left at its default, or no *args / **kwargs
                 continue
@@ -2834,7 +2836,7 @@ def _binder(func, ignore, label):
 
     def bind(args, kwargs):
         # type: (_Args, _Kwargs) -> _Args
-        given = len(args)
+        given = passed = len(args)
         if kwargs:                 # f(x=5): place the keywords, then as if positional
             if given > count:
                 return bind_slowly(args, kwargs)
@@ -2861,8 +2863,9 @@ def _binder(func, ignore, label):
             value, default = args[i], defaults[i]
             if labels[i] is None:
                 continue
-            if fresh[i]:
-                if _differs(value, digests[labels[i]]):   # type: ignore[arg-type,index]
+            if fresh[i]:                      # passed, or no longer as it was
+                if i < passed or kwargs and labels[i] in kwargs or \
+                        _differs(value, digests[labels[i]]):   # type: ignore[arg-type,index]
                     named += (labels[i], value)
                 continue
             if value is default:

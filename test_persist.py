@@ -1476,15 +1476,22 @@ class TestMemoizeKeys(MemoTest):
                 scale = 1
 
             CONFIG = Config()
+            LOADED = Config()                  # settings loaded at import, in each run anew
+            LOADED.scale = int(sys.argv[1]) * 100
 
             @persist.memoize
             def featurize(x, cfg=CONFIG):
                 print("computed", cfg.scale, file=sys.stderr)
                 return x * cfg.scale
 
+            @persist.memoize
+            def loaded(x, cfg=LOADED):
+                return x * cfg.scale
+
             def main():
                 CONFIG.scale = int(sys.argv[1])
-                print(featurize(10), featurize(10, cfg=CONFIG), featurize(10, CONFIG))
+                print(featurize(10), featurize(10, cfg=CONFIG), featurize(10, CONFIG),
+                      loaded(1, cfg=LOADED))
 
             main()
         """))
@@ -1493,8 +1500,8 @@ class TestMemoizeKeys(MemoTest):
             done = run_command(["job.py", scale], cwd=self.dir)
             self.assertEqual(done.returncode, 0, done.stderr)
             outs.append((done.stdout.split(), done.stderr.count("computed")))
-        self.assertEqual(outs, [(["20"] * 3, 1), (["30"] * 3, 1), (["20"] * 3, 0),
-                                (["10"] * 3, 1)])
+        self.assertEqual(outs, [(["20"] * 3 + ["200"], 1), (["30"] * 3 + ["300"], 1),
+                                (["20"] * 3 + ["200"], 0), (["10"] * 3 + ["100"], 1)])
 
     def test_default_object_changed_in_place_then_passed_explicitly(self):
         config = Settings()
@@ -1503,8 +1510,11 @@ class TestMemoizeKeys(MemoTest):
         config.scale = 3
         self.assertEqual((f(10), f(10, cfg=config), f(10, config)), (30, 30, 30))
         other = Settings()
-        self.assertEqual((f(10, other), f(10, cfg=other)), (10, 10))    # as the default was
-        self.assertEqual(len(f.calls), 2)
+        self.assertEqual((f(10, other), f(10, cfg=other)), (10, 10))    # passed: keyed
+        self.assertEqual(len(f.calls), 3)
+        config.scale = 1
+        self.assertEqual((f(10), f(10, config)), (10, 10))
+        self.assertEqual(len(f.calls), 4)          # the settings it held at first, passed
 
     def test_ignore(self):
         f = self.memo(lambda x, verbose=False, log=None: x, ignore=("verbose", "log"))
@@ -7207,15 +7217,18 @@ class TestDefaultChangedInPlace(MemoTest):
         self.assertEqual(f([None]), 1)                    # the key of f() when it held one
         self.assertEqual(len(f.calls), 3)
 
-    def test_unchanged_it_is_left_out_as_every_default(self):
+    def test_unchanged_it_is_left_out_as_every_default_but_passed_it_is_keyed(self):
+        # passed, it is keyed even when it holds what the default held at decoration: that
+        # may differ from run to run (a default loaded at import)
         def total(xs, weights={}):
             return sum(weights.get(x, 1) for x in xs)
 
         f = self.memo(total)
-        self.assertEqual([f([1, 2]), f([1, 2], {}), f([1, 2], weights={})], [2, 2, 2])
-        self.assertEqual(len(f.calls), 1)
-        self.assertEqual(f([1, 2], {1: 5}), 6)
+        self.assertEqual([f([1, 2]), f([1, 2]), f([1, 2], {}), f([1, 2], weights={})],
+                         [2, 2, 2, 2])
         self.assertEqual(len(f.calls), 2)
+        self.assertEqual(f([1, 2], {1: 5}), 6)
+        self.assertEqual(len(f.calls), 3)
 
 class TestCacheInfoByLruCacheNames(MemoTest):
     def test_currsize_and_maxsize_as_lru_cache_has_them(self):
