@@ -168,6 +168,8 @@ _INLINE_LIMIT = 1 << 18          # larger pickles live in value files of their o
 _BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
 _ASIDE_TIMEOUT = 2.0             # the same for a signal handler's own connection
 _LOG_LIMIT = 16 << 20            # a log larger than this is restarted (see _restart_log)
+_CODE_TAG = 16                   # hex digits of each tag of an owner (see _CREATE)
+_RUN = os.urandom(8).hex()       # this run, in the cache's record of the latest run's code
 _FROZEN_TRIES = 100              # reads of a file its owner keeps writing, before EBUSY
 _SWEEP_AGE = 3600.0              # without file locks (Windows), value files younger are kept
 _REOPEN_AFTER = 5.0              # seconds before a memoized function tries its cache again
@@ -188,8 +190,11 @@ _CREATE = (
     # value: the pickle; b'' when it is in the value file FILE.values/<file>.
     # stored: Unix time; seconds: how long the call took; version: memoize's version= (repr);
     # args: a short form of a memoized call's arguments, for people.
+    # owner: for a function that carries something (see _salt), the tags of the code and of
+    # the values it carried, which its keys are salted with: 'code16 salt16'; else NULL.
+    # (Added to caches made before it by _Store.own(): a NULL there may be anyone's.)
     "CREATE TABLE Dict (key BLOB PRIMARY KEY NOT NULL, value BLOB NOT NULL, file TEXT,"
-    " stored REAL NOT NULL, seconds REAL, version TEXT, args TEXT) WITHOUT ROWID",
+    " stored REAL NOT NULL, seconds REAL, version TEXT, args TEXT, owner TEXT) WITHOUT ROWID",
     "CREATE INDEX DictFile ON Dict (file) WHERE file IS NOT NULL",
     # Info: memoize's function, version (the latest to open it), expire and source.
     "CREATE TABLE Info (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)",
@@ -198,7 +203,8 @@ _CREATE = (
     # (_ADD_CALL adds it to the caches made before it, last as here).
     "CREATE TABLE Failures (key BLOB PRIMARY KEY NOT NULL, args TEXT, type TEXT NOT NULL,"
     " message TEXT NOT NULL, traceback TEXT NOT NULL, count INTEGER NOT NULL,"
-    " first REAL NOT NULL, last REAL NOT NULL, seconds REAL, version TEXT, call) WITHOUT ROWID",
+    " first REAL NOT NULL, last REAL NOT NULL, seconds REAL, version TEXT, call, owner TEXT)"
+    " WITHOUT ROWID",
 )
 _ADD_CALL = "ALTER TABLE Failures ADD COLUMN call"
 _CALL_LIMIT = 1 << 20            # bytes of a failed call's pickle that the ledger keeps
@@ -215,6 +221,9 @@ _GET = "SELECT value, file, stored, seconds FROM Dict WHERE key = ?"
 _FILE = "SELECT file FROM Dict WHERE key = ?"
 _PUT = ("REPLACE INTO Dict (key, value, file, stored, seconds, version, args)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)")
+_PUT_OWNED = ("REPLACE INTO Dict (key, value, file, stored, seconds, version, args, owner)"
+              " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_OWNED = "(owner IS NULL OR owner = ?)"   # a NULL: stored before owners were recorded
 _DELETE = "DELETE FROM Dict WHERE key = ?"
 _DELETE_ROW = "DELETE FROM Dict WHERE key = ? AND value = ? AND file IS ? AND stored = ?"
 _CONTAINS = "SELECT 1 FROM Dict WHERE key = ?"
@@ -236,10 +245,14 @@ _STORED = "SELECT stored, version FROM Dict WHERE key = ?"
 _FAILED = "SELECT count, last, type, message FROM Failures WHERE key = ?"
 _TALLY = ("SELECT (SELECT count(*) FROM Dict), (SELECT total(seconds) FROM Dict),"
           " (SELECT count(*) FROM Failures)")
+_TALLY_OWNED = ("SELECT (SELECT count(*) FROM Dict WHERE {0}), (SELECT total(seconds) FROM Dict"
+                " WHERE {0}), (SELECT count(*) FROM Failures WHERE {0})".format(_OWNED))
+_OWNERS = "SELECT DISTINCT owner FROM Dict WHERE owner IS NOT NULL"
 _FAILED_BEFORE = "SELECT count, first FROM Failures WHERE key = ?"
 _STORED_SINCE = "SELECT 1 FROM Dict WHERE key = ? AND stored >= ?"
 _RECORD_FAILURE = ("REPLACE INTO Failures (key, args, type, message, traceback, count, first,"
                    " last, seconds, version, call) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_OWN_FAILURE = "UPDATE Failures SET owner = ? WHERE key = ?"
 _FAILURES = ("SELECT args, type, message, count, first, last, seconds, version, traceback,"
              " %s FROM Failures ORDER BY last")      # call, or NULL in a cache without it
 _MISSING = object()              # "no such entry", where None is a value
@@ -1365,6 +1378,7 @@ class _Store:
         self.flag = flag
         self.values = _Values(self.path + ".values")
         self._puts = 0                  # put() restarts the log every so often
+        self._owned: "Optional[bool]" = None     # whether Dict records owners: owned()
         self._check_path()
         if flag in "cn" and not os.path.exists(self.path):
             self._create()
@@ -1555,23 +1569,72 @@ class _Store:
     def summary(self):
         # type: () -> Tuple[int, Optional[float], Optional[float], int, int]
         """(entries, oldest, newest, stale entries, their bytes): stale entries are those of
-        another version than the latest to open the cache."""
+        another version than the latest to open the cache, or of other code (stale_codes())."""
         (count, oldest, newest), = self.conn.run(_fetch, _SUMMARY)
         version = self.info().get("version")
-        stale = self.prune(version=version, dry_run=True)[:2] if version else (0, 0)
+        codes = self.stale_codes()
+        stale = self.prune(version=version, codes=codes, dry_run=True)[:2] \
+            if version or codes else (0, 0)
         return (count, oldest, newest) + stale
 
-    def tally(self):
-        # type: () -> Tuple[int, float, int]
-        """(entries, seconds their calls took in all, failure records), in one query."""
+    def tally(self, owner=None):
+        # type: (Optional[str]) -> Tuple[int, float, int]
+        """(entries, seconds their calls took in all, failure records), in one query; those
+        of owner alone (and those stored before owners were recorded), if given."""
+        if owner is not None and self.owned():
+            return self.conn.run(_fetch, _TALLY_OWNED, (owner,) * 3)[0]  # type: ignore[no-any-return]
         return self.conn.run(_fetch, _TALLY)[0]  # type: ignore[no-any-return]  # a row: Any
 
-    def failures(self):
-        # type: () -> List[Any]
+    def owned(self):
+        # type: () -> bool
+        """Whether the cache records owners (see _CREATE): one made before does not."""
+        if self._owned is None:
+            columns = self.conn.run(_fetch, "PRAGMA table_info(Dict)")
+            self._owned = any(column[1] == "owner" for column in columns)
+        return self._owned
+
+    def own(self):
+        # type: () -> None
+        """Record owners from now on in a cache made before they were (best effort: a
+        read-only cache stays as it is, and its entries are anyone's)."""
+        def add(conn):
+            # type: (sqlite3.Connection) -> None
+            for table in ("Dict", "Failures"):     # again, in the transaction: two may add
+                if not any(column[1] == "owner"
+                           for column in _fetch(conn, "PRAGMA table_info(%s)" % table)):
+                    conn.execute("ALTER TABLE %s ADD COLUMN owner TEXT" % table)
+        if not self.owned() and self.flag != "r":
+            with contextlib.suppress(OSError):
+                self.conn.transaction(add)
+                self._owned = True
+
+    def stale_codes(self):
+        # type: () -> Optional[List[str]]
+        """The code tags (see _CREATE) of the latest run that opened the cache, whose other
+        ones are stale, or None when none is recorded."""
+        code = self.info().get("code")
+        return code.split()[1:] if code and self.owned() else None
+
+    def closures(self):
+        # type: () -> int
+        """How many values of what its function carries (make(2), make(3)) the entries that
+        are not stale were stored under."""
+        codes = self.stale_codes()
+        if not codes:
+            return 0
+        return len({owner for owner, in self.conn.run(_fetch, _OWNERS)
+                    if str(owner)[:_CODE_TAG] in codes})     # as prune()'s substr()
+
+    def failures(self, owner=None):
+        # type: (Optional[str]) -> List[Any]
         """(args, type, message, count, first, last, seconds, version, traceback, call) of
-        each failure record, the latest failure last; call: the pickle of (args, kwargs), or
-        why there is none (text), or None."""
-        return self.conn.run(_fetch, _FAILURES % ("call" if self.calls else "NULL"))
+        each failure record, the latest failure last; of owner alone (as tally()), if given.
+        call: the pickle of (args, kwargs), or why there is none (text), or None."""
+        sql = _FAILURES % ("call" if self.calls else "NULL")
+        if owner is not None and self.owned():
+            return self.conn.run(_fetch, sql.replace(
+                " FROM Failures", " FROM Failures WHERE " + _OWNED), (owner,))
+        return self.conn.run(_fetch, sql)
 
     def disk_usage(self):
         # type: () -> int
@@ -1583,15 +1646,18 @@ class _Store:
     # Writing
 
     def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None,
-            forget=()):
-        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str], Sequence[bytes]) -> None
+            forget=(), owner=None):
+        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str], Sequence[bytes], Optional[str]) -> None
         """Pickle value under key, with what memoize records; a large pickle goes to a value
         file as it is made, with no copy in memory. The failure records of key, and of the
         keys in forget (the same call under other versions), go in the same transaction."""
         spill = _Spill(self.values)
         try:
             pickle.dump(value, spill, protocol)
-            row = (key, spill.inline(), spill.name, time.time(), seconds, version, args)
+            row: "_Args" = (key, spill.inline(), spill.name, time.time(), seconds, version,
+                            args)
+            if owner is not None and self.owned():
+                row += (owner,)
             old = self.conn.transaction(_replace, row, forget)
         except BaseException:
             # A signal (Ctrl-C) that arrives while COMMIT runs is raised just after it: the
@@ -1655,33 +1721,46 @@ class _Store:
             self.values.remove([row[1]])
         return gone
 
-    def record_failure(self, key, started, failure):
-        # type: (bytes, float, _FailureRecord) -> None
+    def record_failure(self, key, started, failure, owner=None):
+        # type: (bytes, float, _FailureRecord, Optional[str]) -> None
         """Record that the call keyed key, started at the Unix time started, raised: failure is
         (args, type, message, traceback, seconds, version, call). Nothing is recorded if a result
         for key was stored since the call started (another process succeeded meanwhile)."""
         if not self.calls:              # a cache that could not be given the column
             failure = failure[:-1] + (None,)
-        self.conn.transaction(_record_failure, key, started, failure)
+
+        def record(conn):
+            # type: (sqlite3.Connection) -> None
+            _record_failure(conn, key, started, failure)
+            if owner is not None and self.owned():
+                conn.execute(_OWN_FAILURE, (owner, key))
+        self.conn.transaction(record)
 
     def set_info(self, info):
         # type: (Dict[str, str]) -> None
         self.conn.transaction(lambda conn: conn.executemany(_SET_INFO, info.items()))
 
-    def clear(self):
-        # type: () -> int
-        """Remove every entry (and failure record); return how many entries there were."""
-        count, names = self.conn.transaction(_clear)
+    def clear(self, owner=None):
+        # type: (Optional[str]) -> int
+        """Remove every entry (and failure record), or only owner's (and those stored before
+        owners were recorded); return how many entries there were."""
+        if owner is not None and self.owned():
+            count, names = self.conn.transaction(_clear_owned, owner)
+        else:
+            count, names = self.conn.transaction(_clear)
         self.values.remove(names)
         self._give_back()
         return count
 
-    def prune(self, before=None, version=None, dry_run=False, after=None):
-        # type: (Optional[float], Optional[str], bool, Optional[float]) -> Tuple[int, int, int]
+    def prune(self, before=None, version=None, dry_run=False, after=None, codes=None,
+              owner=None):
+        # type: (Optional[float], Optional[str], bool, Optional[float], Optional[Sequence[str]], Optional[str]) -> Tuple[int, int, int]
         """Remove the entries stored before the Unix time before (or after the time after),
-        or of another version than version, and with version the failure records of other
-        versions too; return (entries, bytes, failure records) removed, or that would be
-        with dry_run."""
+        of another version than version (of owner's alone, if given: make(3) may have its
+        own expire= and version=), or stored by a function with another code than codes (its
+        code tags, see _CREATE), and with version the failure records of other versions
+        too (owner's alone, likewise); return (entries, bytes, failure records) removed, or
+        that would be with dry_run."""
         where: "Any"      # the conditions, then the SQL that joins them
         params: "List[object]"
         where, params = [], []
@@ -1694,17 +1773,30 @@ class _Store:
         if version is not None:
             where.append("version IS NOT ?")
             params.append(version)
+        # the failure records of other versions: (more conditions, their parameters)
+        failures: "Optional[Tuple[str, List[object]]]" = None
+        if version is not None:
+            failures = ("", [version])
+        if where and owner is not None and self.owned():
+            where = ["(%s) AND %s" % (" OR ".join(where), _OWNED)]
+            params.append(owner)
+            if failures is not None:
+                failures = (" AND " + _OWNED, [version, owner])
+        if codes and self.owned():       # an entry of no known owner is no one's stale
+            where.append("(owner IS NOT NULL AND substr(owner, 1, %d) NOT IN (%s))"
+                         % (_CODE_TAG, ",".join("?" * len(codes))))
+            params.extend(codes)
         if not where:
-            raise ValueError("prune() needs before= or version=")
+            raise ValueError("prune() needs before=, version= or codes=")
         where = " OR ".join(where)
         rows = self.conn.run(_fetch, "SELECT length(value), file FROM Dict WHERE " + where,
                              params)
         size = sum(_size(self.values.path(file)) if file else length for length, file in rows)
         if dry_run:
-            failed = 0 if version is None else \
-                self.conn.run(_fetch, _STALE_FAILURES % "SELECT count(*)", (version,))[0][0]
+            failed = 0 if failures is None else self.conn.run(
+                _fetch, _STALE_FAILURES % "SELECT count(*)" + failures[0], failures[1])[0][0]
             return len(rows), size, failed
-        names, failed = self.conn.transaction(_prune, where, params, version)
+        names, failed = self.conn.transaction(_prune, where, params, failures)
         self.values.remove(names)
         self._give_back()
         return len(rows), size, failed
@@ -1755,7 +1847,7 @@ class _Store:
 def _replace(conn, row, forget=()):
     # type: (sqlite3.Connection, _Args, Sequence[bytes]) -> Optional[str]
     old = _fetch(conn, _FILE, (row[0],))
-    conn.execute(_PUT, row)
+    conn.execute(_PUT if len(row) == 7 else _PUT_OWNED, row)
     for key in (row[0],) + tuple(forget):
         conn.execute(_FORGET_FAILURE, (key,))
     return old[0][0] if old else None
@@ -1797,14 +1889,22 @@ def _clear(conn):
     return count, names
 
 
-def _prune(conn, where, params, version=None):
-    # type: (sqlite3.Connection, str, Sequence[object], Optional[str]) -> Tuple[List[str], int]
+def _clear_owned(conn, owner):
+    # type: (sqlite3.Connection, str) -> Tuple[int, List[str]]
+    names = [name for name, in _fetch(conn, _FILES + " AND " + _OWNED, (owner,))]
+    count = conn.execute("DELETE FROM Dict WHERE " + _OWNED, (owner,)).rowcount
+    conn.execute("DELETE FROM Failures WHERE " + _OWNED, (owner,))
+    return count, names
+
+
+def _prune(conn, where, params, failures=None):
+    # type: (sqlite3.Connection, str, Sequence[object], Optional[Tuple[str, Sequence[object]]]) -> Tuple[List[str], int]
     names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
                                             "AND (%s)" % where, params)]
     conn.execute("DELETE FROM Dict WHERE " + where, params)
     # a failure of another version is stale as its results are: that code is gone
-    failed = 0 if version is None else \
-        conn.execute(_STALE_FAILURES % "DELETE", (version,)).rowcount
+    failed = 0 if failures is None else \
+        conn.execute(_STALE_FAILURES % "DELETE" + failures[0], failures[1]).rowcount
     return names, failed
 
 
@@ -2670,6 +2770,41 @@ def _keyer(salt):
     return key
 
 
+# The writers of standard types whose values never change in place
+_FIXED_WRITERS = {_write_datetime, _write_date, _write_time, _write_timedelta, _write_timezone,
+                  _write_zoneinfo, _write_decimal, _write_fraction, _write_uuid}
+
+
+def _fixed(value, depth=0):
+    # type: (Any, int) -> bool
+    """Whether value cannot change in place: a default that can (a list, a settings object
+    filled in after import) is keyed by what it holds at each call."""
+    kind = type(value)
+    if kind in _EXACT or kind in (float, complex, range) or isinstance(value, type) or \
+            isinstance(value, _FUNCTION_TYPES):
+        return True
+    if kind in (tuple, frozenset):
+        return depth < 20 and all(_fixed(item, depth + 1) for item in value)
+    if _BY_NAME.get((kind.__module__, kind.__qualname__)) in _FIXED_WRITERS:
+        return True
+    enum = sys.modules.get("enum")
+    pathlib = sys.modules.get("pathlib")
+    return (enum is not None and isinstance(value, enum.Enum)) or (
+        pathlib is not None and kind in (pathlib.PurePosixPath, pathlib.PureWindowsPath,
+                                         pathlib.PosixPath, pathlib.WindowsPath))
+
+
+def _differs(value, digest):
+    # type: (Any, bytes) -> bool
+    """Whether value no longer keys as the default whose digest is digest."""
+    try:
+        return _digest(value) != digest
+    except RecursionError:
+        raise
+    except Exception:              # the key derivation reports it, naming the parameter
+        return True
+
+
 def _at_default(value, default, digest):
     # type: (Any, Any, Optional[bytes]) -> bool
     """Whether value keys as default does: then the call leaves it out of its key."""
@@ -2743,8 +2878,9 @@ def _binder(func, ignore, label):
                             "%r has none" % (func,)) from None
         return lambda args, kwargs: (args, kwargs)
     names = [name for name, _, _ in params]
+    collects = any(kind == 4 for _, kind, _ in params)    # **kwargs: ignore=('timeout',)
     for name in ignore:
-        if name not in names:     # **kwargs does not catch it: a misspelt name must not pass
+        if name not in names and not collects:     # a misspelt name must not pass
             _load()
             raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
                             % (name, label, inspect.signature(func)))
@@ -2757,10 +2893,12 @@ def _binder(func, ignore, label):
             with contextlib.suppress(Exception):   # best effort: compared by identity then
                 digest = _digest(default)
         kept.append((name, kind, default, digest))
-    # A default that cannot be hashed (a list, a dict) can be changed in place, by the
-    # function itself (def f(seen=[])): such a default is keyed by what it holds at the call.
+    # A default that can change in place, by the function itself (def f(seen=[])) or by the
+    # program (CONFIG = Config(), filled in by main() after import), is keyed by what it holds
+    # at the call if that is not what it held at decoration; a value passed for it always is,
+    # even the default itself: what it held at decoration in another run says nothing of it.
     watched = {name for name, _, default, digest in kept
-               if digest is not None and type(default).__hash__ is None}
+               if digest is not None and not _fixed(default)}
     signature: "List[inspect.Signature]" = []   # made on first need: a call bind() cannot take
 
     def bind_slowly(args, kwargs):
@@ -2776,15 +2914,10 @@ def _binder(func, ignore, label):
         named: "List[Any]" = []
         for name, kind, default, digest in kept:
             if name in watched:
-                value = arguments.get(name, default)
-                try:
-                    changed = _digest(value) != digest
-                except RecursionError:
-                    raise
-                except Exception:              # the key derivation reports it, naming it
-                    changed = True
-                if changed:
-                    named += (name, value)
+                if name in arguments:          # passed
+                    named += (name, arguments[name])
+                elif _differs(default, digest):   # type: ignore[arg-type]  # watched: one
+                    named += (name, default)
                 continue
             if name not in arguments:          # left at its default, or no *args / **kwargs
                 continue
@@ -2792,8 +2925,10 @@ def _binder(func, ignore, label):
             if kind == 2:                      # *args
                 if value:
                     named += ("*" + name, value)
-            elif kind == 4:                    # **kwargs
+            elif kind == 4:                    # **kwargs, but the keywords ignore= names
                 for key in sorted(value):
+                    if key in ignore:
+                        continue
                     # f(**{"*args": ...}) must not key as the *args of another call
                     named += ("*" + key if key.startswith("*") else key, value[key])
             elif default is _MISSING:
@@ -2802,7 +2937,7 @@ def _binder(func, ignore, label):
                 named += (name, value)
         return tuple(values + named)
 
-    if watched or not all(kind == 1 for _, kind, _ in params):    # all positional-or-keyword
+    if not all(kind == 1 for _, kind, _ in params):    # all positional-or-keyword
         return bind_slowly
     count = len(params)
     required = sum(default is _MISSING for _, _, default in params)     # they come first
@@ -2816,10 +2951,11 @@ def _binder(func, ignore, label):
     if not keep:
         run = required
     exact = _EXACT
+    fresh = tuple(name in watched for name in names)    # keyed by content at each call
 
     def bind(args, kwargs):
         # type: (_Args, _Kwargs) -> _Args
-        given = len(args)
+        given = passed = len(args)
         if kwargs:                 # f(x=5): place the keywords, then as if positional
             if given > count:
                 return bind_slowly(args, kwargs)
@@ -2834,6 +2970,8 @@ def _binder(func, ignore, label):
             args, given = tuple(full), count
         elif not required <= given <= count:
             return bind_slowly(args, kwargs)
+        if watched and given < count:          # those left at their default are looked at too
+            args, given = args + defaults[given:], count
         if given == required:                  # the hot path: no parameter with a default
             if plain:
                 return args
@@ -2842,7 +2980,14 @@ def _binder(func, ignore, label):
         named: "_Args" = ()
         for i in range(required, given):
             value, default = args[i], defaults[i]
-            if value is default or labels[i] is None:
+            if labels[i] is None:
+                continue
+            if fresh[i]:                      # passed, or no longer as it was
+                if i < passed or kwargs and labels[i] in kwargs or \
+                        _differs(value, digests[labels[i]]):   # type: ignore[arg-type,index]
+                    named += (labels[i], value)
+                continue
+            if value is default:
                 continue
             kind = type(value)
             if kind is not type(default) or not (
@@ -3071,6 +3216,11 @@ class _Carried:
     object's state) are digested as arguments are; modules and classes are named, as
     globals are; functions are named and described in turn. A value that cannot be keyed
     raises _Unkeyable, naming it, unless memoize(key=...) took that on (lenient).
+
+    The values that what memoize calls holds itself (a bound method's self, a callable
+    object, a partial's arguments, through partials and bound methods) are passed to the
+    function as arguments are, and change as they do (model.fit()): they are only checked
+    here, and collected in live, to be keyed at each call.
     """
 
     def __init__(self, lenient, ignore):
@@ -3079,6 +3229,8 @@ class _Carried:
         self.lenient = lenient
         self.ignore = ignore          # parameters of the memoized function left out
         self.decorated: "Optional[str]" = None   # its own cell is empty while it is decorated
+        self.live: "List[object]" = []
+        self.digests: "List[str]" = []     # of the values in the text: what is not code
 
     def value(self, value):
         # type: (object) -> str
@@ -3095,7 +3247,7 @@ class _Carried:
             return self.callable(value)
             return self.callable(value)
         try:
-            return "value " + _digest(value).hex()
+            digest = _digest(value).hex()
         except RecursionError:
             raise
         except Exception as exc:
@@ -3103,6 +3255,8 @@ class _Carried:
                 return "unkeyable"
             raise _Unkeyable("a %s (%s: %s)" % (type(value).__qualname__,
                                                  type(exc).__name__, exc)) from None
+        self.digests.append(digest)
+        return "value " + digest
 
     def held(self, name, value, where=None):
         # type: (Union[str, int], object, Optional[str]) -> str
@@ -3114,9 +3268,21 @@ class _Carried:
             raise _Unkeyable("%s, held in %s" % (exc, where) if str(exc).startswith("'")
                              else "%s, %s" % (where, exc)) from None
 
-    def callable(self, func, top=False):
-        # type: (_Func, bool) -> str
-        """func's text; the top level leaves out its name (the cache file has it)."""
+    def carried(self, name, value, where, live):
+        # type: (Union[str, int], object, str, bool) -> str
+        """held()'s text, but a value (not a name) that live says is passed at each call is
+        left to the key of each call."""
+        text = self.held(name, value, where)
+        if live and text.startswith("%s=value " % name):
+            self.live.append(value)
+            return "%s=live" % name
+        return text
+
+    def callable(self, func, top=False, live=False):
+        # type: (_Func, bool, bool) -> str
+        """func's text; the top level leaves out its name (the cache file has it); live:
+        func is what memoize calls, or what that reaches through partials and bound
+        methods."""
         handle: object = func
         if isinstance(func, types.FunctionType):     # memoize's wrapper: its cache says all
             handle = getattr(getattr(func, "cache_info", None), "__self__", None)
@@ -3128,19 +3294,19 @@ class _Carried:
         if top:
             self.decorated = getattr(_innermost(func), "__name__", None)
         if isinstance(func, functools.partial):
-            return "partial(%s; %s)" % (self.callable(func.func), "; ".join(
-                [self.held(i, arg, "the partial's argument %d" % i)
+            return "partial(%s; %s)" % (self.callable(func.func, live=live), "; ".join(
+                [self.carried(i, arg, "the partial's argument %d" % i, live)
                  for i, arg in enumerate(func.args)] +
-                [self.held(k, v, "the partial's argument %r" % k)
+                [self.carried(k, v, "the partial's argument %r" % k, live)
                  for k, v in sorted(func.keywords.items())]))
         if isinstance(func, types.MethodType):
             return "method(%s; %s)" % (self.callable(func.__func__, top),
-                                       self.held("self", func.__self__, "self"))
+                                       self.carried("self", func.__self__, "self", live))
         if not isinstance(func, types.FunctionType):
             if isinstance(func, type) or isinstance(getattr(func, "__self__", None),
                                                     types.ModuleType):
                 return "" if top else self.value(func)     # a class, a builtin function
-            return self.held("instance", func, "the callable object")   # its pickle
+            return self.carried("instance", func, "the callable object", live)   # its pickle
         parts = [] if top else [_identity(func)]
         if not top and "<locals>" in func.__qualname__:
             # one of several a function may define under one name (if ... def helper):
@@ -3194,11 +3360,17 @@ def _check_defaults(func, identity, salt):
 
 
 def _salt(func, version, key, ignore):
-    # type: (_Func, str, Optional[_Func], FrozenSet[str]) -> str
-    """The salt of func's keys: its version, and what it carries besides its arguments
-    (closure cells, a partial's arguments, a bound method's self, a callable's state)."""
+    # type: (_Func, str, Optional[_Func], FrozenSet[str]) -> Tuple[str, Tuple[object, ...], Optional[str]]
+    """(the salt of func's keys, the values to key at each call, the owner of its entries):
+    the salt is its version, and what it carries besides its arguments (closure cells, code
+    of nested helpers); the values are those it holds itself (a bound method's self, a
+    callable object, a partial's arguments), which change as arguments do. The owner (see
+    _CREATE) tags what it carries without the values, and with them: another code of a
+    nested helper is stale, as another version is; another value (make(2), make(3)) is
+    another function's, which may well be in use."""
+    carrier = _Carried(key is not None, ignore)
     try:
-        carried = _Carried(key is not None, ignore).callable(func, top=True)
+        carried = carrier.callable(func, top=True, live=True)
     except _Unkeyable as exc:
         label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
         raise TypeError(
@@ -3207,10 +3379,16 @@ def _salt(func, version, key, ignore):
             "Pass memoize(name=...) to share one cache whatever that holds, or "
             "memoize(key=...) to give the key yourself, or make it an argument (and "
             "memoize(ignore=...) it)" % (label, exc)) from None
+    live = tuple(carrier.live)
     if not carried:
-        return version            # plain functions keep the keys they always had
-    return "%s %s" % (version, hashlib.sha256(
-        carried.encode("utf-8", "surrogatepass")).hexdigest())
+        return version, live, None   # plain functions keep the keys they always had
+    digest = hashlib.sha256(carried.encode("utf-8", "surrogatepass")).hexdigest()
+    code = carried
+    for value in carrier.digests:
+        code = code.replace(value, "")
+    owner = "%s %s" % (hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
+                       [:_CODE_TAG], digest[:_CODE_TAG])
+    return "%s %s" % (version, digest), live, owner
 
 
 def _file_name(identity):
@@ -3544,9 +3722,10 @@ class _Memo:
     store: "Optional[_Store]"
     broken: "Optional[OSError]"
     _path: "Optional[str]"
-    source: "Optional[str]"       # set by _memoize(), as are salt and bind
+    source: "Optional[str]"       # set by _memoize(), as are salt, bind and owner
     salt: str
     bind: "Callable[[_Args, _Kwargs], Any]"
+    owner: "Optional[str]"        # of its entries (see _CREATE), or None: a plain function
     failed_versions: "Optional[List[str]]"   # other versions with failure records
     parameters: "Dict[str, Any]"  # set by _memoize(): the options as given
 
@@ -3608,12 +3787,19 @@ class _Memo:
                     store = _Store(self.path, "c")
                     want = {"function": self.identity, "version": self.version,
                             "expire": repr(self.expire)}
+                    info: "Dict[str, str]" = {}
                     try:
                         info = store.info()      # never drops results: see prune()
                         if any(info.get(name) != value for name, value in want.items()):
                             store.set_info(want)
                     except PermissionError:      # a read-only cache still serves its results
                         pass
+                    if self.owner is not None:   # best effort: what ls calls stale, at worst
+                        store.own()
+                        code = _latest_code(info.get("code"), self.owner)
+                        if info.get("code") != code:
+                            with contextlib.suppress(OSError):
+                                store.set_info({"code": code})
                     _check_source(store, self)
                 except OSError as exc:
                     if store is not None:        # opened, then failed (a full disk): let go
@@ -3682,7 +3868,8 @@ class _Memo:
             forget = self.older_failures(store, args)
             if self.leave_out is not None:
                 args = _leave_out(args, *self.leave_out)
-            store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args), forget)
+            store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args),
+                      forget, self.owner)
             _debug("stored", self.identity, key)
         except _HandlerBusy:          # a call in a signal handler: this once, nothing to fix
             self.unstored += 1
@@ -3738,12 +3925,24 @@ class _Memo:
             return
         try:
             record = _failure_record(call, exc, seconds, self.version)
-            store.record_failure(key, time.time() - seconds, record)
+            store.record_failure(key, time.time() - seconds, record, self.owner)
         except Exception as trouble:
             # best effort: a cache that cannot take the record (read-only, full) warns once,
             # and even strict=True lets the user's exception through rather than this one
             with contextlib.suppress(Exception):
                 self.trouble("could not record a failed call in", trouble)
+
+
+def _latest_code(recorded, owner):
+    # type: (Optional[str], str) -> str
+    """The cache's record of the code of the latest run, once this run opened it for owner:
+    'run tag tag ...'. A run's nested helpers of one name chosen by an if each have a code
+    of their own, and none is stale; the earlier code of an edited one is."""
+    run, *codes = (recorded or "").split() or [""]
+    if run != _RUN:
+        codes = []
+    code = owner[:_CODE_TAG]
+    return " ".join([_RUN] + codes + ([] if code in codes else [code]))
 
 
 def _failure_record(call, exc, seconds, version):
@@ -4139,7 +4338,7 @@ class _Memoized:
         long the results this process reused took to compute."""
         memo = self._memo
         store = memo.open(create=False)
-        entries, seconds, failures = (0, 0.0, 0) if store is None else store.tally()
+        entries, seconds, failures = (0, 0.0, 0) if store is None else store.tally(memo.owner)
         return _CacheInfo(memo.hits, memo.misses, entries, memo.path, memo.unstored, failures,
                           seconds, memo.saved)
 
@@ -4152,7 +4351,7 @@ class _Memoized:
         call is None, call_error (why: arguments that do not pickle, or are too large)."""
         store = self._memo.open(create=False)
         return [] if store is None else [_Failure(*row[:-1] + _failed_call(row[-1]))
-                                         for row in store.failures()]
+                                         for row in store.failures(self._memo.owner)]
 
     def cache_parameters(self):
         # type: () -> Dict[str, Any]
@@ -4162,11 +4361,12 @@ class _Memoized:
 
     def cache_clear(self):
         # type: () -> None
-        """Remove every stored result of this function, and its failure records."""
+        """Remove every stored result of this function, and its failure records; of this
+        one alone, where one cache holds several (make(2) and make(3) of one factory)."""
         memo = self._memo
         store = memo.open(create=False)
         if store is not None:
-            store.clear()
+            store.clear(memo.owner)
         memo.hits = memo.misses = 0
         memo.saved = 0.0
         memo.failed_versions = None
@@ -4180,8 +4380,8 @@ class _Memoized:
 
     def cache_prune(self, *, stale=True, expired=True):
         # type: (_Memoized, bool, bool) -> int
-        """Remove results of other version=s (stale) and results older than expire=; return
-        how many went."""
+        """Remove results of other version=s and of other code of the nested helpers it
+        calls (stale), and results older than expire=; return how many went."""
         memo = self._memo
         store = memo.open(create=False)
         if store is None or not (stale or memo.expire is not None and expired):
@@ -4190,9 +4390,13 @@ class _Memoized:
         if expired and memo.expire is not None:     # as _expired(): too far either way
             now = time.time()
             before, after = now - memo.expire, now + memo.expire
+        codes = None
         if stale:
             memo.failed_versions = None     # they went with their results
-        return store.prune(before, memo.version if stale else None, after=after)[0]
+            if memo.owner is not None:      # this run's code, and this function's
+                codes = (store.stale_codes() or []) + [memo.owner[:_CODE_TAG]]
+        return store.prune(before, memo.version if stale else None, after=after, codes=codes,
+                           owner=memo.owner)[0]
 
 
 class _ClassMemoized(_Memoized):
@@ -4256,12 +4460,15 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
                        "expire": expire, "ignore": ignore, "key": key, "strict": strict}
     memo.source = None if name else _source_file(func)    # for _check_source()
     # memoize(name=...) names what the cache holds: what func carries is the caller's word
-    salt = memo.version if name else _salt(func, memo.version, key, ignore)
+    salt, live, memo.owner = (memo.version, (), None) if name else \
+        _salt(func, memo.version, key, ignore)
     memo.salt = salt                                      # for explain()
     if not name:
         _check_defaults(func, memo.identity, salt)
     bind = _binder(func, ignore, label) if key is None else (
         lambda args, kwargs: key(*args, **kwargs))
+    if live:
+        bind = _with_state(bind, live, label)
     memo.bind = bind              # for put(): to end the call's failures of other versions
     if ignore and key is None:    # _binder() has checked the names against the signature
         params = _parameters(func)
@@ -4322,6 +4529,28 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     wrapper.failures = handle.failures             # type: ignore[attr-defined]
     _HANDLES[wrapper] = handle           # persist.map calls through it, to count hits
     return wrapper
+
+
+def _with_state(bind, live, label):
+    # type: (_Bind, Tuple[object, ...], str) -> _Bind
+    """bind, whose key material also holds the digest of live (a bound method's self, a
+    callable object, a partial's arguments) as they are at the call: model.fit() changes
+    what model.predict returns."""
+    def bind_with_state(args, kwargs):
+        # type: (_Args, _Kwargs) -> Any
+        material = bind(args, kwargs)        # a wrong call raises first, as it would
+        try:
+            state = _digest(live)
+        except RecursionError:
+            raise
+        except Exception as exc:
+            raise TypeError(
+                "memoize cannot key %s() now: what it holds besides its arguments (a bound "
+                "method's self, a callable object's state or a partial's arguments) could be "
+                "keyed when memoize ran, but not now (%s: %s). Pass memoize(key=...) or "
+                "memoize(name=...)" % (label, type(exc).__name__, exc)) from None
+        return (state, material)
+    return bind_with_state
 
 
 def _memoize_classmethod(func, options):
@@ -5929,9 +6158,12 @@ def _cli_ls(options):
                 _, took, failed = store.tally()     # TOOK: what computing them took
                 label = _one_line(store.info().get("function") or
                                   os.path.basename(path)[:-3])
+                notes = ["%d stale (%s)" % (stale, _bytes(stale_size))] if stale else []
+                closures = store.closures()
+                if closures > 1:              # make(2), make(3): not stale, each its own
+                    notes.append("%d closures" % closures)
                 print(row % (label, count, _bytes(store.disk_usage()), failed, _took(took),
-                             _when(oldest), _when(newest), "%d stale (%s)"
-                             % (stale, _bytes(stale_size)) if stale else "", where))
+                             _when(oldest), _when(newest), ", ".join(notes), where))
         except OSError as exc:            # what makes memoized calls raise: listed, marked
             print(row % ("(%s)" % _problem(path, exc), "-", _bytes(_size(path)), "-", "-",
                          "-", "-", "", where))
@@ -6003,7 +6235,9 @@ def _cli_prune(options):  # type: ignore[return]
             if "version" not in info:
                 print("%s has no version=; nothing is stale" % store.path)
                 return 0
-            which = {"version": info["version"]}
+            # other versions, and other code of the nested helpers it calls than the
+            # latest run's; not other values it carried (make(3) beside make(2))
+            which = {"version": info["version"], "codes": store.stale_codes()}
         else:
             age = options.older_than
             if age is None:

@@ -1548,6 +1548,56 @@ class TestMemoizeKeys(MemoTest):
             f(cycle)
         self.assertEqual(f.calls, [])
 
+    def test_settings_object_filled_in_after_import_is_keyed_by_content(self):
+        # a default with no __eq__, changed in place by main(): each run is served results
+        # of its own settings, passed explicitly or left at the default
+        (self.path / "job.py").write_text(textwrap.dedent("""
+            import persist, sys
+
+            class Config:
+                scale = 1
+
+            CONFIG = Config()
+            LOADED = Config()                  # settings loaded at import, in each run anew
+            LOADED.scale = int(sys.argv[1]) * 100
+
+            @persist.memoize
+            def featurize(x, cfg=CONFIG):
+                print("computed", cfg.scale, file=sys.stderr)
+                return x * cfg.scale
+
+            @persist.memoize
+            def loaded(x, cfg=LOADED):
+                return x * cfg.scale
+
+            def main():
+                CONFIG.scale = int(sys.argv[1])
+                print(featurize(10), featurize(10, cfg=CONFIG), featurize(10, CONFIG),
+                      loaded(1, cfg=LOADED))
+
+            main()
+        """))
+        outs = []
+        for scale in ("2", "3", "2", "1"):
+            done = run_command(["job.py", scale], cwd=self.dir)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            outs.append((done.stdout.split(), done.stderr.count("computed")))
+        self.assertEqual(outs, [(["20"] * 3 + ["200"], 1), (["30"] * 3 + ["300"], 1),
+                                (["20"] * 3 + ["200"], 0), (["10"] * 3 + ["100"], 1)])
+
+    def test_default_object_changed_in_place_then_passed_explicitly(self):
+        config = Settings()
+        f = self.memo(lambda x, cfg=config: x * cfg.scale)
+        self.assertEqual(f(10), 10)
+        config.scale = 3
+        self.assertEqual((f(10), f(10, cfg=config), f(10, config)), (30, 30, 30))
+        other = Settings()
+        self.assertEqual((f(10, other), f(10, cfg=other)), (10, 10))    # passed: keyed
+        self.assertEqual(len(f.calls), 3)
+        config.scale = 1
+        self.assertEqual((f(10), f(10, config)), (10, 10))
+        self.assertEqual(len(f.calls), 4)          # the settings it held at first, passed
+
     def test_ignore(self):
         f = self.memo(lambda x, verbose=False, log=None: x, ignore=("verbose", "log"))
         f(1)
@@ -1556,6 +1606,24 @@ class TestMemoizeKeys(MemoTest):
         self.assertEqual(len(f.calls), 1)
         with self.assertRaisesRegex(TypeError, "'nope'.*not a parameter"):
             self.memo(lambda x: x, ignore=["nope"])
+
+    def test_ignore_a_keyword_that_kwargs_collects(self):
+        def fetch(url, **kwargs):
+            return url, sorted(kwargs)
+
+        f = self.memo(fetch, ignore={"timeout"})
+        self.assertEqual(f("u", timeout=1), ("u", ["timeout"]))
+        self.assertEqual(f("u", timeout=threading.Lock()), ("u", ["timeout"]))
+        self.assertEqual(f("u"), ("u", ["timeout"]))        # the key left timeout out
+        self.assertEqual(f("u", retries=2), ("u", ["retries"]))
+        self.assertEqual(len(f.calls), 2)
+        shown = run_command(["-m", "persist", "show", f.cache_info().path])
+        self.assertEqual((shown.returncode, shown.stdout.count("'u'")), (0, 2), shown.stderr)
+        self.assertNotIn("timeout", shown.stdout)
+        with self.assertRaisesRegex(TypeError, r"'timeout'.*not a parameter of .*\(url\)"):
+            self.memo(lambda url: url, ignore={"timeout"})      # no **kwargs: misspelt
+        with self.assertRaisesRegex(TypeError, "parameter names, not 3"):
+            self.memo(fetch, ignore={3})
 
     def test_ignore_self_on_method(self):
         directory = self.dir
@@ -1576,6 +1644,12 @@ class TestMemoizeKeys(MemoTest):
         f("a", 1)
         f("a", 2)
         self.assertEqual(len(f.calls), 1)
+
+
+class Settings:
+    """Settings filled in after import, with no __eq__ of their own."""
+
+    scale = 1
 
 
 class OutOfBand:
@@ -2357,6 +2431,151 @@ class TestVersionSwitch(MemoTest):
         self.assertEqual(v2(1), -1)
         self.assertEqual(len(v2.calls), 1)
 
+    def test_earlier_code_of_a_nested_helper_is_stale_other_closures_are_not(self):
+        self.check_earlier_code_is_stale(cli=False)
+
+    def test_prune_stale_removes_earlier_code_of_a_nested_helper(self):
+        self.check_earlier_code_is_stale(cli=True)
+
+    def check_earlier_code_is_stale(self, cli):
+        # editing a helper defined inside main() computes featurize's results again; the
+        # entries of its earlier code are listed as stale and pruned on request, while those
+        # of another value it closes over (k=3 beside k=2) are another function's, and stay
+        job = self.path / "job.py"
+        source = textwrap.dedent("""
+            import persist, sys
+
+            def main():
+                k = int(sys.argv[1])
+
+                def helper(x):
+                    return x + 1
+
+                @persist.memoize
+                def featurize(x):
+                    print("computed", file=sys.stderr)
+                    return helper(x) * k
+
+                print([featurize(x) for x in range(3)])
+                if sys.argv[2:] == ["prune"]:
+                    print(featurize.cache_prune())
+
+            main()
+        """)
+        edited = source.replace("x + 1", "x + 100")
+
+        def run(text, *args):
+            job.write_text(text)
+            done = run_command([str(job)] + list(args), cwd=self.dir)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            return done.stdout.strip(), done.stderr.count("computed")
+
+        self.assertEqual([run(source, "2"), run(source, "3"), run(edited, "2"),
+                          run(edited, "3"), run(edited, "2")],
+                         [("[2, 4, 6]", 3), ("[3, 6, 9]", 3), ("[200, 202, 204]", 3),
+                          ("[300, 303, 306]", 3), ("[200, 202, 204]", 0)])
+        cache = self.path / ".persist"
+        done = run_command(CLI + ["ls", str(cache)])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, r"job\.main\.<locals>\.featurize +12 .* 6 stale \(.*\), "
+                                      r"2 closures ")
+        path = next(cache.glob("*.db"))
+        done = run_command(CLI + ["prune", str(path), "--stale", "--dry-run"])
+        self.assertIn("would remove 6 entries", done.stdout)
+        if cli:
+            done = run_command(CLI + ["prune", str(path), "--stale"])
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("removed 6 entries", done.stdout)
+        else:
+            self.assertEqual(run(edited, "3", "prune"), ("[300, 303, 306]\n6", 0))
+        self.assertEqual([run(edited, "3"), run(edited, "2")],
+                         [("[300, 303, 306]", 0), ("[200, 202, 204]", 0)])
+        done = run_command(CLI + ["ls", str(cache)])
+        self.assertRegex(done.stdout, r"featurize +6 .* 2 closures ")
+        self.assertNotIn("stale", done.stdout)
+
+    def test_crafted_owners_and_code_record_are_listed_not_fatal(self):
+        def make(k):
+            @persist.memoize(cache_dir=self.dir)
+            def scaled(x):
+                return x * k
+            return scaled
+
+        two, three = make(2), make(3)
+        two(1), three(1), three(2)
+        path = two.cache_info().path
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("UPDATE Dict SET owner = '' WHERE key = (SELECT min(key) FROM Dict)")
+        conn.execute("REPLACE INTO Info (name, value) VALUES ('code', 'run \u00e9')")
+        conn.close()
+        done = run_command(CLI + ["ls", self.dir])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, r"scaled +3 ")
+        done = run_command(CLI + ["prune", path, "--stale", "--dry-run"])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, "would remove [0-3] entries")
+
+    def test_record_of_the_runs_code_that_cannot_be_written_costs_no_hit(self):
+        # the code record is written by the first open of each run: a cache whose Info
+        # cannot take it (a trigger refuses it here: any failed write) still serves its results
+        (self.path / "job.py").write_text(textwrap.dedent("""
+            import persist, sys
+
+            def make(k):
+                @persist.memoize(cache_dir=sys.argv[1])
+                def scaled(x):
+                    print("computed", file=sys.stderr)
+                    return x * k
+                return scaled
+
+            print(make(2)(21))
+        """))
+        first = run_command(["job.py", self.dir], cwd=self.dir)
+        self.assertEqual((first.stdout, first.stderr), ("42\n", "computed\n"))
+        path, = self.path.glob("*.db")
+        conn = sqlite3.connect(str(path), isolation_level=None)
+        conn.execute("CREATE TRIGGER frozen BEFORE INSERT ON Info BEGIN "
+                     "SELECT RAISE(ABORT, 'frozen'); END")
+        conn.close()
+        again = run_command(["job.py", self.dir], cwd=self.dir)
+        self.assertEqual((again.returncode, again.stdout, again.stderr), (0, "42\n", ""))
+
+    def test_each_closure_prunes_its_own_versions_and_expired_entries(self):
+        def make(k):
+            @persist.memoize(cache_dir=self.dir, version=k, expire=50 if k == 2 else 1000)
+            def scaled(x):
+                return x * k
+            return scaled
+
+        two, three = make(2), make(3)
+        self.assertEqual((two(1), two(2), three(1)), (2, 4, 3))
+        conn = sqlite3.connect(two.cache_info().path, isolation_level=None)
+        conn.execute("UPDATE Dict SET stored = stored - 100")     # older than 50 s, not 1000
+        conn.close()
+        self.assertEqual((two.cache_prune(), three.cache_info().entries), (2, 1))
+        self.assertEqual(three(1), 3)
+        self.assertEqual(three.cache_info().hits, 1)
+
+    def test_cache_prune_keeps_the_code_of_each_helper_this_run_uses(self):
+        def make(step):
+            def helper(x):
+                return x + step
+
+            def other_helper(x):
+                return x - step
+
+            chosen = helper if step > 0 else other_helper   # one name each: code differs
+
+            @persist.memoize(cache_dir=self.dir)
+            def shifted(x):
+                return chosen(x)
+            return shifted
+
+        up, down = make(1), make(-1)
+        self.assertEqual((up(1), up(2), down(1)), (2, 3, 2))
+        self.assertEqual(up.cache_prune(), 0)       # both codes in use in this run
+        self.assertEqual((up.cache_info().entries, down.cache_info().entries), (2, 1))
+
     def test_cache_prune_removes_other_versions(self):
         v1 = self.memo(lambda x: x, name="job", version="a")
         v1(1), v1(2)
@@ -2384,6 +2603,43 @@ class TestCacheOfAnEarlierFormat(MemoTest):
         with self.assertRaisesRegex(persist.PersistError, "older persist"):
             persist.open(path)
         self.assertEqual(pathlib.Path(path).read_bytes(), before)
+
+    @unittest.skipUnless(sqlite3.sqlite_version_info >= (3, 35), "DROP COLUMN")
+    def test_entries_stored_before_owners_were_recorded_are_each_closures(self):
+        # a cache filled by a persist that did not record which closure stored an entry:
+        # its entries are still served, and counted and cleared by each closure, never lost
+        # to a cache_clear() that leaves them to hit
+        (self.path / "job.py").write_text(textwrap.dedent("""
+            import persist, sys
+
+            def make(k):
+                @persist.memoize
+                def scale(x):
+                    print("computed", file=sys.stderr)
+                    return x * k
+                return scale
+
+            two, three = make(2), make(3)
+            print(two(10), three(10), two.cache_info().entries, three.cache_info().entries)
+            if sys.argv[1:] == ["clear"]:
+                two.cache_clear()
+                print(three.cache_info().entries)
+        """))
+
+        def run(*args):
+            done = run_command(["job.py"] + list(args), cwd=self.dir)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            return done.stdout.split(), done.stderr.count("computed")
+
+        self.assertEqual(run(), ("20 30 1 1".split(), 2))
+        path, = (self.path / ".persist").glob("*.db")
+        conn = sqlite3.connect(str(path), isolation_level=None)
+        for table in ("Dict", "Failures"):
+            conn.execute("ALTER TABLE %s DROP COLUMN owner" % table)
+        conn.close()
+        self.assertEqual(run(), ("20 30 2 2".split(), 0))
+        self.assertEqual(run("clear"), ("20 30 2 2 0".split(), 0))
+        self.assertEqual(run(), ("20 30 1 1".split(), 2))
 
 
 @unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX users")
@@ -2595,7 +2851,32 @@ class TestWhatACallableCarries(TempDirTest):
         self.assertEqual((two(10), three(10)), (20, 30))
         self.assertEqual(make_scale(2)(10), 20)
         self.assertEqual(two.cache_info().hits, 0)
-        self.assertEqual(two.cache_info().entries, 2)     # one cache, one key each
+        self.assertEqual(two.cache_info().entries, 1)     # one cache, each its own entries
+
+    def test_each_closure_counts_clears_and_prunes_its_own(self):
+        # make(2) and make(3) share one file: each counts, clears and prunes what it stored
+        two, three = make_scale(2), make_scale(3)
+        self.assertEqual((two(10), two(11), three(10)), (20, 22, 30))
+        with self.assertRaises(TypeError):
+            three("x" * 0, None)                        # a wrong call: not a failure
+        failing = make_scale(None)
+        with self.assertRaises(TypeError):
+            failing(1)
+        self.assertEqual(len({f.cache_info().path for f in (two, three, failing)}), 1)
+        self.assertEqual([f.cache_info().entries for f in (two, three, failing)], [2, 1, 0])
+        self.assertEqual([f.cache_info().failures for f in (two, three, failing)], [0, 0, 1])
+        self.assertEqual([len(f.failures()) for f in (two, three, failing)], [0, 0, 1])
+        self.assertEqual(two.cache_prune(), 0)        # another closure value is not stale
+        two.cache_clear()
+        self.assertEqual([f.cache_info().entries for f in (two, three)], [0, 1])
+        self.assertEqual(failing.cache_info().failures, 1)
+        self.assertEqual(make_scale(3)(10), 30)
+        self.assertEqual(make_scale(3).cache_info().hits, 0)
+        again = make_scale(3)
+        again(10)
+        self.assertEqual(again.cache_info().hits, 1)
+        failing.cache_clear()
+        self.assertEqual((failing.cache_info().failures, three.cache_info().entries), (0, 1))
 
     def test_closure_over_a_helper_that_closes_over_a_value(self):
         def make(k):
@@ -2652,6 +2933,52 @@ class TestWhatACallableCarries(TempDirTest):
                          (20, 30))
         self.assertEqual((persist.memoize(Scale(2).apply)(10),
                           persist.memoize(Scale(3).apply)(10)), (20, 30))
+
+    def test_state_of_a_bound_method_or_callable_is_keyed_at_each_call(self):
+        # memoize(model.predict) before model.fit(): the fitted model's results, in this run
+        # and the next, whatever the model held when memoize ran
+        (self.path / "job.py").write_text(textwrap.dedent("""
+            import functools, persist, sys
+
+            class Model:
+                def __init__(self):
+                    self.weights = {"w": 0}
+
+                def fit(self, w):
+                    self.weights["w"] = w
+
+                def predict(self, x):
+                    print("computed", file=sys.stderr)
+                    return x * self.weights["w"]
+
+                __call__ = predict
+
+            model = Model()
+            predict = persist.memoize(model.predict)
+            call = persist.memoize(model)
+            shifted = persist.memoize(functools.partial(lambda m, x: m.predict(x) + 1, model))
+            if sys.argv[1] == "late":
+                model.fit(2)
+            print(predict(10), call(10), shifted(10))
+            model.fit(int(sys.argv[2]))
+            print(predict(10), call(10), shifted(10))
+        """))
+        outs = []
+        for when, weight in (("early", "2"), ("early", "3"), ("late", "3"), ("late", "2")):
+            done = run_command(["job.py", when, weight], cwd=self.dir)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            outs.append((done.stdout.split(), done.stderr.count("computed")))
+        self.assertEqual(outs, [
+            ("0 0 1 20 20 21".split(), 6), ("0 0 1 30 30 31".split(), 3),
+            ("20 20 21 30 30 31".split(), 0), ("20 20 21 20 20 21".split(), 0)])
+
+    def test_state_that_can_no_longer_be_keyed_is_named(self):
+        scale = Scale(2)
+        f = persist.memoize(scale)
+        self.assertEqual(f(5), 10)
+        scale.k = threading.Lock()
+        with self.assertRaisesRegex(TypeError, r"Scale\(\) now.*callable object.*key="):
+            f(5)
 
     def test_lambdas_of_two_cells_or_evals_on_line_one_keep_apart(self):
         double = persist.memoize(eval("lambda x: x * 2"))
@@ -3092,9 +3419,9 @@ class TestSmallerDefects(MemoTest):
             with self.assertRaisesRegex(TypeError, r"^cube\(\): "):
                 f(*args, **kwargs)
 
-    def test_ignore_checked_even_with_kwargs(self):
+    def test_ignore_checked_where_no_kwargs_collects_it(self):
         with self.assertRaisesRegex(TypeError, "'verbos'.*not a parameter"):
-            self.memo(lambda x, **kwargs: x, ignore=["verbos"])
+            self.memo(lambda x, *args: x, ignore=["verbos"])
         with self.assertRaisesRegex(TypeError, "parameter names, not 3"):
             self.memo(lambda x: x, ignore=["x", 3])
 
@@ -7799,15 +8126,18 @@ class TestDefaultChangedInPlace(MemoTest):
         self.assertEqual(f([None]), 1)                    # the key of f() when it held one
         self.assertEqual(len(f.calls), 3)
 
-    def test_unchanged_it_is_left_out_as_every_default(self):
+    def test_unchanged_it_is_left_out_as_every_default_but_passed_it_is_keyed(self):
+        # passed, it is keyed even when it holds what the default held at decoration: that
+        # may differ from run to run (a default loaded at import)
         def total(xs, weights={}):
             return sum(weights.get(x, 1) for x in xs)
 
         f = self.memo(total)
-        self.assertEqual([f([1, 2]), f([1, 2], {}), f([1, 2], weights={})], [2, 2, 2])
-        self.assertEqual(len(f.calls), 1)
-        self.assertEqual(f([1, 2], {1: 5}), 6)
+        self.assertEqual([f([1, 2]), f([1, 2]), f([1, 2], {}), f([1, 2], weights={})],
+                         [2, 2, 2, 2])
         self.assertEqual(len(f.calls), 2)
+        self.assertEqual(f([1, 2], {1: 5}), 6)
+        self.assertEqual(len(f.calls), 3)
 
 class TestCacheInfoByLruCacheNames(MemoTest):
     def test_currsize_and_maxsize_as_lru_cache_has_them(self):
