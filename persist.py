@@ -249,6 +249,11 @@ _NOT_OURS = ("owned by user {uid}, who could put pickles of their own in {what},
 _SWAPPABLE = ("every user may write this directory, on the way to {what}: anyone could "
               "replace what lies in it, with pickles that run their code; chmod o-w it (or "
               "+t, as /tmp), or use another place")
+_PLANTED_COMPANION = ("{what}, which SQLite reads as part of the cache, and it is not yours "
+                      "(user {uid} made it, in a directory every user may write): its "
+                      "content would become the cache's, and loading a pickle that someone "
+                      "planted runs their code; remove it (its owner or root can), or keep the "
+                      "cache in a directory only you can write")
 _BUSY_DIR = ("being filled by another done_dir() right now (in this or another "
              "process); let that one finish, or give each stage its own directory")
 
@@ -661,6 +666,45 @@ def _check_private(directory, what):
         pending.append(os.path.dirname(path))
 
 
+# What SQLite reads beside a database file: a hot rollback journal is replayed into it, and a
+# log's frames are read as its latest pages. (A super-journal, NAME-mjXXXXXXXX, is read only
+# as named by a journal, and says only whether to replay it: the journal is what counts.)
+_COMPANIONS = (("-journal", "a rollback journal"), ("-wal", "a write-ahead log"),
+               ("-shm", "the index of a write-ahead log"))
+
+
+def _check_companions(path):
+    # type: (str) -> None
+    """Refuse the files beside the database at path that SQLite would read with it, when they
+    are links, writable by every user, or, in a directory every user may write (/tmp), not
+    ours: another user who planted one there would choose what the cache holds.
+
+    Run before every connection is made, not only when a cache is opened: between two
+    connections (after fork(), or once the last one closed and SQLite removed the log) a
+    planted file would be read by the next.
+    """
+    shared = None
+    for suffix, what in _COMPANIONS:
+        name = path + suffix
+        try:
+            info = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            raise PersistError(errno.ELOOP, _LINK, name)
+        if not _CHECK_WORLD_WRITABLE:
+            continue
+        if info.st_mode & stat.S_IWOTH:
+            raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+        if info.st_uid in (0, os.geteuid()):
+            continue
+        if shared is None:
+            shared = os.stat(os.path.dirname(path)).st_mode & stat.S_IWOTH
+        if shared:
+            raise PersistError(errno.EPERM, _PLANTED_COMPANION.format(what=what,
+                                                                      uid=info.st_uid), name)
+
+
 # -- the store: one SQLite file per cache, with large pickles in files beside it
 #
 # _Connection  one process's connection to the file: a lock, fork() and signals, errors
@@ -825,6 +869,7 @@ class _Connection:
         # for ever: then it fails at once ("database is locked"), and memoize goes on.
         interrupted = self._conn is not None and self._conn.in_transaction
         conn = None
+        _check_companions(self.path)
         try:
             conn = self._open(self.mode, 0.0 if interrupted else _ASIDE_TIMEOUT)
             return work(conn, *args)
@@ -842,6 +887,7 @@ class _Connection:
 
     def _connect(self):
         # type: () -> sqlite3.Connection
+        _check_companions(self.path)
         if self._snapshots:
             self._conn = self._open_read_only()
             return self._conn
@@ -1143,6 +1189,10 @@ def _remove_log(path):
         if not os.path.exists(path + "-wal"):
             return
         try:
+            _check_companions(path)
+        except OSError:
+            return                        # refused when used: nothing of ours to remove
+        try:
             conn = sqlite3.connect(_uri(path, "rw"), uri=True, timeout=0.1)
         except sqlite3.Error:
             return                        # the cache is gone meanwhile: nothing to do
@@ -1332,7 +1382,7 @@ class _Store:
             directory = os.path.dirname(self.path)
             _check_private(directory, "the cache's directory")
             shared = os.stat(directory).st_mode & (stat.S_IWOTH | stat.S_ISVTX)
-        for name in (self.path, self.path + "-wal", self.path + "-shm", self.values.directory):
+        for name in (self.path, self.values.directory):
             try:
                 info = os.lstat(name)
             except FileNotFoundError:
@@ -1345,6 +1395,7 @@ class _Store:
             foreign = shared & stat.S_IWOTH and info.st_uid not in (0, os.getuid())
             if _CHECK_WORLD_WRITABLE and (info.st_mode & stat.S_IWOTH or foreign):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+        _check_companions(self.path)
 
     def _create(self):
         # type: () -> None
@@ -4822,6 +4873,7 @@ def _shelve_items(path, kind):
     # type: (str, str) -> Iterator[Iterator[Tuple[bytes, bytes]]]
     """An iterator of the (key, pickle) pairs of the shelve file at path, as stored."""
     if kind == "dbm.sqlite3":              # read here: Python before 3.13 has no dbm.sqlite3
+        _check_companions(path)
         busy = PersistError(errno.EBUSY, "a dbm.sqlite3 shelve file that another program "
                             "has open; close it there, then open it again", path)
         try:

@@ -3161,6 +3161,111 @@ class TestCacheAnotherUserMade(TempDirTest):
         self.assertEqual(caught.exception.filename, self.cache)
 
 
+@unittest.skipUnless(ROOT and hasattr(os, "setuid"), "root, to act as another user")
+class TestCompanionPlantedByAnotherUser(TempDirTest):
+    """In a sticky directory every user may write (as /tmp), nobody plants beside our cache a
+    file SQLite reads with it: a hot rollback journal, which SQLite replays into the cache, or
+    a log, whose pages it reads as the cache's. Either would put their pickle under our key."""
+
+    PLANT = """
+        import shutil, sqlite3
+        class Planted:
+            def __reduce__(self):           # loading this pickle runs os.mkdir(ran)
+                return os.mkdir, (%r,)
+
+        os.umask(0o022)
+        shared, victim, suffix = %r, %r, %r
+        own = os.path.join(shared, "theirs-" + os.urandom(4).hex())
+        os.mkdir(own)
+        theirs = os.path.join(own, "c.db")     # a cache of their own, laid out as ours
+        with persist.open(theirs) as db:
+            db["k"] = Planted()
+        conn = sqlite3.connect(theirs, isolation_level=None)
+        if suffix == "-journal":
+            # a transaction left in the middle: its journal holds the pages as they were
+            # (synchronous=OFF: its length says how many, with no sync to wait for)
+            conn.execute("PRAGMA journal_mode=DELETE").fetchall()
+            conn.execute("PRAGMA synchronous=OFF")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE Dict SET value = x'00'")
+            conn.execute("PRAGMA user_version=0")
+        else:                                   # a commit that is still in the log
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute("UPDATE Dict SET stored = stored + 1")
+        shutil.copyfile(theirs + suffix, victim + suffix)
+        conn.close()
+        print(os.stat(victim + suffix).st_uid)
+    """
+
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.dir, 0o711)             # nobody may pass, to the shared directory
+        self.shared = self.path / "tmp"
+        self.shared.mkdir()
+        os.chmod(self.shared, 0o1777)         # anyone may add files, none replace ours
+        self.ran = self.path / "ran"
+        self.cache = str(self.shared / "c.db")
+
+    def plant(self, suffix):
+        out = run_python(textwrap.dedent(drop_privileges()) + textwrap.dedent(
+            self.PLANT % (str(self.ran), str(self.shared), self.cache, suffix)))
+        self.assertEqual(int(out), NOBODY)
+
+    def assertRefused(self, text, suffix):
+        self.assertIn("refused %s: " % (self.cache + suffix), text)
+        self.assertIn("not yours (user %d made it" % NOBODY, text)
+        self.assertFalse(self.ran.exists())
+
+    def test_planted_before_the_first_open(self):
+        for suffix in ("-journal", "-wal"):
+            with self.subTest(suffix):
+                self.plant(suffix)
+                for attempt in (lambda: persist.open(self.cache),
+                                lambda: persist.memoize(cache_dir=self.shared, name="c")(
+                                    lambda x: x)(1)):
+                    with self.assertRaises(persist.PersistError) as caught:
+                        attempt()
+                    self.assertRefused("refused %s: %s" % (caught.exception.filename,
+                                                           caught.exception), suffix)
+                self.assertFalse(os.path.exists(self.cache))
+                os.unlink(self.cache + suffix)   # as its owner or root can: then all is well
+                with persist.open(self.cache) as db:
+                    db["k"] = "mine"
+                os.unlink(self.cache)
+
+    def test_planted_between_connections_after_a_fork(self):
+        # fork() closes the connection, and the last one out removes the log: the child
+        # connects anew, after nobody planted their file
+        for suffix in ("-journal", "-wal"):
+            with self.subTest(suffix):
+                victim = start_python("""
+                    import os, sys, persist
+                    db = persist.open(%r)
+                    db["k"] = "mine"
+                    child = os.fork()
+                    if child == 0:
+                        print("forked", flush=True)
+                        sys.stdin.readline()
+                        try:
+                            print("loaded %%r" %% (db["k"],))
+                        except persist.PersistError as exc:
+                            print("refused %%s: %%s" %% (exc.filename, exc))
+                        sys.stdout.flush()
+                        os._exit(0)
+                    os.waitpid(child, 0)
+                """ % self.cache)
+                self.addCleanup(stop, victim)
+                self.assertEqual(victim.stdout.readline(), "forked\n")
+                self.assertFalse(os.path.exists(self.cache + "-wal"))
+                self.plant(suffix)
+                out, _ = victim.communicate("go\n", timeout=300)
+                self.assertRefused(out, suffix)
+                os.unlink(self.cache + suffix)
+                with persist.open(self.cache, "r") as db:
+                    self.assertEqual(db["k"], "mine")
+                os.unlink(self.cache)
+
+
 class KeyWithSet:
     """An argument whose pickle holds a set: its order differs with PYTHONHASHSEED."""
 
