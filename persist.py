@@ -254,6 +254,11 @@ _PLANTED_COMPANION = ("{what}, which SQLite reads as part of the cache, and it i
                       "content would become the cache's, and loading a pickle that someone "
                       "planted runs their code; remove it (its owner or root can), or keep the "
                       "cache in a directory only you can write")
+_CORRUPT_ROW = ("a corrupt entry: its row names the value file {name!r}, which is not a name "
+                "persist gives one ({digits} hex digits, in {values}/): a row crafted or edited "
+                "so could make persist read a pickle from elsewhere, or delete a file outside "
+                "the cache, so persist does neither, and changes nothing; move the cache away "
+                "(and its {values}), and let persist make a new one")
 _BUSY_DIR = ("being filled by another done_dir() right now (in this or another "
              "process); let that one finish, or give each stage its own directory")
 
@@ -1210,9 +1215,19 @@ if hasattr(os, "register_at_fork"):
 atexit.register(_close_all)
 
 
+_VALUE_DIGITS = 32                 # a value file's name: os.urandom(16).hex()
+
+
+def _hex_name(name, digits):
+    # type: (object, int) -> bool
+    """Whether name is digits lowercase hex digits, as persist names its files: no '/', no '..'."""
+    return isinstance(name, str) and len(name) == digits and not name.strip("0123456789abcdef")
+
+
 class _Values:
     """The pickles too large for a row: one file each in FILE.values/, under a random name that
-    its row records.
+    its row records. A name of any other shape (a path, '..') is a corrupt row: path() refuses
+    it, so no file outside the directory is ever read or removed.
 
     A file is created and locked before the transaction that names it, and removed only after
     the commit that stopped naming it. A file that no row names and no process holds (left by a
@@ -1225,7 +1240,18 @@ class _Values:
 
     def path(self, name):
         # type: (str) -> str
+        self.check([name])
         return os.path.join(self.directory, name)
+
+    def check(self, names):
+        # type: (Iterable[str]) -> None
+        """PersistError for the first name among names that is not a value file's; raised
+        inside a transaction, it rolls back: nothing changes."""
+        for name in names:
+            if not _hex_name(name, _VALUE_DIGITS):
+                values = os.path.basename(self.directory)
+                raise PersistError(errno.EINVAL, _CORRUPT_ROW.format(
+                    name=name, digits=_VALUE_DIGITS, values=values), self.directory[:-len(".values")])
 
     def create(self):
         # type: () -> Tuple[str, io.BufferedWriter]
@@ -1270,6 +1296,8 @@ class _Values:
             names = os.listdir(self.directory)
         except (FileNotFoundError, NotADirectoryError):
             return
+        # only names of the shape persist gives: whatever else is there, persist did not make
+        names = [name for name in names if _hex_name(name, _VALUE_DIGITS)]
         for name in set(names) - named(names):
             path = self.path(name)
             # best effort, each step: what is left now is swept next time
@@ -1544,7 +1572,8 @@ class _Store:
         # type: () -> int
         names = [self.path, self.path + "-wal", self.path + "-shm"]
         with contextlib.suppress(OSError):
-            names += [self.values.path(name) for name in os.listdir(self.values.directory)]
+            names += [os.path.join(self.values.directory, name)
+                      for name in os.listdir(self.values.directory)]
         return sum(_size(name) for name in names)
 
     # Writing
@@ -1557,7 +1586,7 @@ class _Store:
         try:
             pickle.dump(value, spill, protocol)
             row = (key, spill.inline(), spill.name, time.time(), seconds, version, args)
-            old = self.conn.transaction(_replace, row)
+            old = self.conn.transaction(_replace, row, self.values)
         except BaseException:
             # A signal (Ctrl-C) that arrives while COMMIT runs is raised just after it: the
             # row may name the file already. Remove it only if no row does; if even that
@@ -1607,7 +1636,7 @@ class _Store:
     def delete(self, key):
         # type: (bytes) -> bool
         """Remove key; return whether it was there."""
-        found = self.conn.transaction(_delete, key)
+        found = self.conn.transaction(_delete, key, self.values)
         if found and found[0]:
             self.values.remove([found[0]])
         return bool(found)
@@ -1634,7 +1663,7 @@ class _Store:
     def clear(self):
         # type: () -> int
         """Remove every entry (and failure record); return how many entries there were."""
-        count, names = self.conn.transaction(_clear)
+        count, names = self.conn.transaction(_clear, self.values)
         self.values.remove(names)
         self._give_back()
         return count
@@ -1660,7 +1689,7 @@ class _Store:
         size = sum(_size(self.values.path(file)) if file else length for length, file in rows)
         if dry_run:
             return len(rows), size
-        names = self.conn.transaction(_prune, where, params)
+        names = self.conn.transaction(_prune, where, params, self.values)
         self.values.remove(names)
         self._give_back()
         return len(rows), size
@@ -1708,9 +1737,11 @@ class _Store:
         self.conn.close()
 
 
-def _replace(conn, row):
-    # type: (sqlite3.Connection, _Args) -> Optional[str]
+def _replace(conn, row, values):
+    # type: (sqlite3.Connection, _Args, _Values) -> Optional[str]
     old = _fetch(conn, _FILE, (row[0],))
+    if old and old[0][0] is not None:
+        values.check([old[0][0]])         # a corrupt row stays as it is: see _Values
     conn.execute(_PUT, row)
     conn.execute(_FORGET_FAILURE, (row[0],))
     return old[0][0] if old else None
@@ -1728,9 +1759,11 @@ def _record_failure(conn, key, started, failure):
                                    version))
 
 
-def _delete(conn, key):
-    # type: (sqlite3.Connection, bytes) -> Optional[Tuple[Optional[str]]]
+def _delete(conn, key, values):
+    # type: (sqlite3.Connection, bytes, _Values) -> Optional[Tuple[Optional[str]]]
     old = _fetch(conn, _FILE, (key,))
+    if old and old[0][0] is not None:
+        values.check([old[0][0]])
     conn.execute(_DELETE, (key,))
     return old[0] if old else None
 
@@ -1740,18 +1773,20 @@ def _delete_row(conn, key, row):
     return conn.execute(_DELETE_ROW, (key, row[0], row[1], row[2])).rowcount > 0
 
 
-def _clear(conn):
-    # type: (sqlite3.Connection) -> Tuple[int, List[str]]
+def _clear(conn, values):
+    # type: (sqlite3.Connection, _Values) -> Tuple[int, List[str]]
     names = [name for name, in _fetch(conn, _FILES)]
+    values.check(names)
     count = conn.execute(_CLEAR).rowcount
     conn.execute("DELETE FROM Failures")
     return count, names
 
 
-def _prune(conn, where, params):
-    # type: (sqlite3.Connection, str, Sequence[object]) -> List[str]
+def _prune(conn, where, params, values):
+    # type: (sqlite3.Connection, str, Sequence[object], _Values) -> List[str]
     names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
                                             "AND (%s)" % where, params)]
+    values.check(names)
     conn.execute("DELETE FROM Dict WHERE " + where, params)
     return names
 
@@ -1782,16 +1817,23 @@ class _Shelf(_ShelfBase):
 
     def __getitem__(self, key):
         # type: (str) -> Any
-        store = self._store()
-        raw = self._raw(key)
+        row, value = self._load(self._store(), self._raw(key), key)
+        if row is None:
+            raise KeyError(key)
+        return value
+
+    def _load(self, store, raw, key):
+        # type: (_Store, bytes, str) -> Tuple[Optional[_Row], Any]
+        """(row, value) of key now; (None, None) if there is none."""
         for _ in range(100):
             row = store.get(raw)
             if row is None:
-                raise KeyError(key)
+                return None, None
             try:
-                return store.load(row)
+                return row, store.load(row)
             except FileNotFoundError:     # replaced or deleted since get(): read it again
                 continue
+        # not a writer's replacement: gone for good (removed by hand)
         raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
                            store.values.path(row[1]))  # type: ignore[index, arg-type]  # a row
 
@@ -1816,15 +1858,11 @@ class _Shelf(_ShelfBase):
         store = self._store()
         raw = self._raw(key)
         while True:
-            row = store.get(raw)
+            row, value = self._load(store, raw, key)
             if row is None:
                 if default is _MISSING:
                     raise KeyError(key)
                 return default
-            try:
-                value = store.load(row)
-            except FileNotFoundError:
-                continue
             if store.delete_row(raw, row):  # else another process changed it: again
                 return value
 
@@ -3459,6 +3497,8 @@ class _Memo:
         if store is not None:
             try:
                 row = store.get(key)
+                if row is not None and row[1] is not None:
+                    store.values.check([row[1]])   # corrupt: raise before computing, not after
                 if row is not None and (self.expire is None or
                                         time.time() - row[2] < self.expire):
                     # load(), without a call when the pickle is in the row

@@ -3006,6 +3006,173 @@ class TestDamagedCacheFile(TempDirTest):
         self.check_refused(path)
 
 
+class Planted:
+    """Loading its pickle runs os.mkdir(path): the proof that a planted pickle was loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+class TestValueFileNamedOutsideTheCache(TempDirTest):
+    """A crafted or hand-edited row whose file column names a path (absolute, or with '..')
+    instead of a value file: nothing outside the cache is ever read or removed."""
+
+    BIG = "v" * (1 << 19)                 # over 256 KiB: a value file of its own
+
+    def setUp(self):
+        super().setUp()
+        self.precious = self.path / "precious.txt"
+        self.precious.write_text("mine")
+        self.ran = self.path / "ran"
+        (self.path / "planted.pkl").write_bytes(pickle.dumps(Planted(str(self.ran))))
+
+    def craft(self, db_path, name):
+        """Every row with a value file names name instead."""
+        conn = sqlite3.connect(str(db_path), isolation_level=None)
+        try:
+            self.assertGreater(conn.execute("UPDATE Dict SET file = ? WHERE file IS NOT NULL",
+                                            (name,)).rowcount, 0)
+            conn.execute("UPDATE Dict SET stored = stored - 86400")   # a day old
+        finally:
+            conn.close()
+
+    def shelf(self, name):
+        path = self.path / ("s%d.db" % len(list(self.path.glob("s*.db"))))
+        with persist.open(path) as db:
+            db["k"] = self.BIG
+            db["small"] = 1
+        self.craft(path, name)
+        return path
+
+    def assertCorrupt(self, caught, path, name):
+        self.assertEqual(caught.exception.filename, str(path))
+        self.assertIn("corrupt entry", str(caught.exception))
+        self.assertIn(repr(name), str(caught.exception))
+        self.assertEqual(self.precious.read_text(), "mine")
+        self.assertFalse(self.ran.exists())
+
+    def names(self):
+        return ("../precious.txt", str(self.precious), "../planted.pkl",
+                str(self.path / "planted.pkl"))
+
+    def test_a_shelf_neither_reads_nor_removes_it(self):
+        for name in self.names():
+            for attempt in (lambda db: db["k"], lambda db: db.pop("k"),
+                            lambda db: db.__delitem__("k"), lambda db: db.clear(),
+                            lambda db: db.__setitem__("k", "new"),
+                            lambda db: db.__setitem__("k", self.BIG)):
+                with self.subTest(name=name, attempt=attempt.__code__.co_firstlineno):
+                    path = self.shelf(name)
+                    with persist.open(path) as db:
+                        with self.assertRaises(persist.PersistError) as caught:
+                            attempt(db)
+                        self.assertCorrupt(caught, path, name)
+                        self.assertEqual(len(db), 2)      # nothing changed
+                        self.assertEqual(db["small"], 1)
+
+    def test_memoize_neither_reads_nor_removes_it(self):
+        calls = []
+
+        def make(cache, version=None):
+            @persist.memoize(cache_dir=cache, name="f", version=version)
+            def f(x):
+                calls.append(x)
+                return TestValueFileNamedOutsideTheCache.BIG if x == 1 else x
+
+            return f
+
+        for i, name in enumerate(self.names()):
+            for j, attempt in enumerate((
+                    lambda f, cache: f(1), lambda f, cache: f.cache_delete(1),
+                    lambda f, cache: f.cache_clear(),
+                    lambda f, cache: make(cache, version=2).cache_prune())):
+                with self.subTest(name=name, attempt=j):
+                    cache = self.path / ("m%d-%d" % (i, j))
+                    path = cache / "f.db"
+                    f = make(cache)
+                    f(1)
+                    f(2)
+                    self.craft(path, name)
+                    del calls[:]
+                    with self.assertRaises(persist.PersistError) as caught:
+                        attempt(make(cache), cache)
+                    self.assertCorrupt(caught, path, name)
+                    self.assertEqual(calls, [])
+                    with persist.open(path, "r") as db:
+                        self.assertEqual(len(db), 2)
+        explained = make(self.path / "m0-0").explain(1)        # it says why, and loads nothing
+        self.assertIn("corrupt entry", str(explained))
+        self.assertFalse(self.ran.exists())
+
+    def test_an_expired_entry_is_refused_before_the_call_runs(self):
+        # its result would be computed, then fail to be stored, and be lost
+        calls = []
+
+        @persist.memoize(cache_dir=self.path / "m", name="f", expire=3600)
+        def f(x):
+            calls.append(x)
+            return TestValueFileNamedOutsideTheCache.BIG
+
+        f(1)
+        path = self.path / "m" / "f.db"
+        self.craft(path, "../../precious.txt")
+        conn = sqlite3.connect(str(path), isolation_level=None)
+        conn.execute("UPDATE Dict SET stored = 0")        # long expired
+        conn.close()
+
+        @persist.memoize(cache_dir=self.path / "m", name="f", expire=3600)
+        def f(x):
+            calls.append(x)
+            return TestValueFileNamedOutsideTheCache.BIG
+
+        with self.assertRaises(persist.PersistError) as caught:
+            f(1)
+        self.assertCorrupt(caught, path, "../../precious.txt")
+        self.assertEqual(calls, [1])
+
+    def test_the_command_line_neither_removes_nor_lists_through_it(self):
+        for name in self.names():
+            for command in (["clear"], ["prune", "--older-than", "1h"], ["show"]):
+                with self.subTest(name=name, command=command):
+                    path = self.shelf(name)
+                    done = run_command(CLI + command + [str(path)], cwd=self.dir)
+                    self.assertNotEqual(done.returncode, 0, done.stdout)
+                    self.assertIn("corrupt entry", done.stderr)
+                    self.assertNotIn("Traceback", done.stderr)
+                    self.assertEqual(self.precious.read_text(), "mine")
+                    with persist.open(path, "r") as db:
+                        self.assertEqual(len(db), 2)
+
+    def test_pop_of_a_value_file_removed_by_hand_fails_instead_of_looping(self):
+        path = self.path / "s.db"
+        with persist.open(path) as db:
+            db["k"] = self.BIG
+        for name in os.listdir(str(path) + ".values"):
+            os.unlink(os.path.join(str(path) + ".values", name))
+        out = run_python("""
+            import persist
+            with persist.open(%r) as db:
+                for attempt in (lambda: db["k"], lambda: db.pop("k")):
+                    try:
+                        attempt()
+                    except persist.PersistError as exc:
+                        print(exc.strerror)
+                print(len(db))
+        """ % str(path), timeout=120)             # a loop that never ends fails here
+        self.assertEqual(out, "the value file of key 'k' is missing\n" * 2 + "1\n")
+
+    def test_files_in_the_values_directory_of_another_shape_are_never_swept(self):
+        path = self.shelf("0" * 32)
+        stray = pathlib.Path(str(path) + ".values") / "notes.txt"
+        stray.write_text("mine too")
+        persist.open(path).close()                   # sweeps what no row names
+        self.assertEqual(stray.read_text(), "mine too")
+        self.assertEqual(len(os.listdir(str(path) + ".values")), 1)
+
+
 @unittest.skipUnless(POSIX and hasattr(os, "symlink"), "POSIX links and modes")
 class TestHostileDirectory(TempDirTest):
     def test_planted_links_at_cache_names_are_refused(self):
