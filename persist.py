@@ -374,17 +374,31 @@ def _fsync_dir(directory):
 
 # _create_temp()'s files not yet renamed or removed: name -> (pid, device, inode, descriptor)
 _UNFINISHED = {}  # type: Dict[str, Tuple[int, int, int, int]]
+# The names of persist's temporary files, each of a shape that the other can never take, so
+# that a sweep removes only its own: .NAME.RANDOM.tmp, atomic_open()'s (RANDOM: 8 hex digits
+# right before .tmp), and .NAME.RANDOM.new-cache.tmp, a cache being made (see _Store.sweep).
+_ATOMIC_TEMP = ""
+_NEW_CACHE = ".new-cache"
 
 
-def _create_temp(target, shown):
-    # type: (str, _Path) -> Tuple[str, int]
-    """Create .NAME.RANDOM.tmp beside target, exclusively, never through a link; 0o666 & ~umask.
+def _is_atomic_temp(name):
+    # type: (str) -> bool
+    """Whether name has the shape of an atomic_open() temporary file: .NAME.RANDOM.tmp."""
+    return (name.startswith(".") and name.endswith(".tmp") and len(name) >= 15 and
+            name[-13] == "." and _hex_name(name[-12:-4], 8))
+
+
+def _create_temp(target, shown, kind=_ATOMIC_TEMP):
+    # type: (str, _Path, str) -> Tuple[str, int]
+    """Create .NAME.RANDOM{kind}.tmp beside target, exclusively, never through a link, 0o666 &
+    ~umask, and locked (flock) for as long as the descriptor is open: a sweep takes a file
+    that nobody holds for one whose writer was killed (see _remove_if_dead).
 
     The caller renames or removes it, then takes it off _UNFINISHED; if it never can (see
     _remove_unfinished), the process's exit removes it."""
     directory, name = os.path.split(target)
     for _ in range(100):
-        temp = os.path.join(directory, ".%s.%s.tmp" % (name[:60], os.urandom(4).hex()))
+        temp = os.path.join(directory, ".%s.%s%s.tmp" % (name[:60], os.urandom(4).hex(), kind))
         # A signal handler's exception (Ctrl-C, an alarm) is raised as a call returns to
         # Python code: called from Python, os.open() would raise it after creating the file,
         # its descriptor lost, whenever the signal came during the open() system call (a
@@ -393,7 +407,14 @@ def _create_temp(target, shown):
         opened: "List[int]" = []
         try:
             opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (0o666,)))   # umask
+            if _fcntl is not None:
+                # best effort: a filesystem without locks (some NFS) has no sweep either
+                with contextlib.suppress(OSError):
+                    _fcntl.flock(opened[0], _fcntl.LOCK_EX)
             info = os.fstat(opened[0])
+            if info.st_nlink == 0:      # a sweep took it before we locked it: another name
+                os.close(opened.pop())
+                continue
             _UNFINISHED[temp] = (os.getpid(), info.st_dev, info.st_ino, opened[0])
         except FileExistsError:
             continue
@@ -410,6 +431,36 @@ def _create_temp(target, shown):
             raise
         return temp, opened[0]
     raise FileExistsError(errno.EEXIST, "no free temporary file name beside it", shown)
+
+
+def _remove_if_dead(name, dir_fd=None):
+    # type: (str, Optional[int]) -> bool
+    """Remove the atomic_open() temporary file name (relative to dir_fd, if given) if no
+    process holds it: its writer was killed. Whether it is gone now.
+
+    Its writer holds its lock from before it has a name to after its rename or removal (see
+    _create_temp), so a file whose lock we get, still under that name, is nobody's. Without
+    locks (Windows), no file is proven dead, and none is removed.
+    """
+    if _fcntl is None:
+        return False
+    try:
+        fd = os.open(name, _O_SYNC_FILE, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)     # else its writer holds it
+        info = os.fstat(fd)
+        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino) or not stat.S_ISREG(
+                info.st_mode):
+            return False
+        os.unlink(name, dir_fd=dir_fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _remove_unfinished():
@@ -584,9 +635,11 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
     old = _existing(target, path, follow)
     owner = os.getpid()
     temp, fd = _create_temp(target, path)
+    opened = [fd]
     try:
         # closefd=False: a block may close the file itself (libraries that write to a file
-        # object often do), and the descriptor must outlive it for the fsync
+        # object often do), and the descriptor must outlive it for the fsync, and its lock
+        # (see _create_temp) the rename
         try:
             with io.open(fd, "wb" if encoding is None else "w", encoding=encoding,
                          errors=errors, newline=newline, closefd=False) as file:
@@ -607,7 +660,8 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
             if sync:
                 _fsync(fd)
         finally:
-            os.close(fd)
+            if not _RENAME_OPEN_FILES:   # Windows renames no open file (and has no flock)
+                os.close(opened.pop())
         # The except below removes it from here on. Taken off before the rename: one a Ctrl-C
         # left listed after it would name, at exit, whatever file has that name then and the
         # inode ours had (the target's, or one made anew on it).
@@ -627,6 +681,9 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
                 os.unlink(temp)
             _UNFINISHED.pop(temp, None)
         raise
+    finally:
+        if opened:
+            os.close(opened[0])
     if sync:
         _fsync_dir(os.path.dirname(target))
 
@@ -1436,7 +1493,7 @@ class _Store:
         """
         directory = os.path.dirname(self.path)
         try:
-            temp, fd = _create_temp(self.path, self.path)
+            temp, fd = _create_temp(self.path, self.path, _NEW_CACHE)
         except PermissionError:
             raise PermissionError(errno.EACCES, "cannot create the cache: its directory is "
                                   "not writable", directory) from None
@@ -1710,11 +1767,17 @@ class _Store:
         back the space a killed prune() kept."""
         self.values.sweep(self._named)
         directory, name = os.path.split(self.path)
-        prefix = "." + name[:60] + "."          # _create_temp()'s, and their -journal files
+        # Only what _create_temp() names a new cache of this name, and the files SQLite adds
+        # to it: .NAME.RANDOM.new-cache.tmp(-journal): never an atomic_open() temporary file
+        # beside it (NAME.csv's is .NAME.csv.RANDOM.tmp), which its writer may hold for hours.
+        prefix = "." + name[:60] + "."
         with contextlib.suppress(OSError):
             for entry in os.scandir(directory):
+                rest = entry.name[len(prefix):]
+                ours = rest[8:] in [_NEW_CACHE + ".tmp" + suffix
+                                    for suffix in ("", "-journal", "-wal", "-shm")]
                 # best effort; a creation takes milliseconds, so an old one is abandoned
-                if entry.name.startswith(prefix) and ".tmp" in entry.name:
+                if entry.name.startswith(prefix) and ours and _hex_name(rest[:8], 8):
                     with contextlib.suppress(OSError):
                         if time.time() - entry.stat(follow_symlinks=False).st_mtime > 60:
                             os.unlink(entry.path)
@@ -4776,6 +4839,11 @@ def _sync_tree(folder, skip=None, dir_fd=None):
                         unsynced += more[2]
                     elif entry.name == skip:
                         continue
+                    elif _is_atomic_temp(entry.name) and entry.is_file(follow_symlinks=False):
+                        # not a result: an atomic_open() under way (never counted), or left
+                        # by a killed writer (removed)
+                        _remove_if_dead(name, fd)
+                        continue
                     elif entry.is_file(follow_symlinks=False):
                         regular.append(name)
                     else:                  # a link, FIFO or socket: nothing to sync
@@ -4963,7 +5031,7 @@ def _from_shelve(path, kind, copy=True):
     directory = os.path.dirname(path)
     same_name = kind in ("dbm.gnu", "dbm.sqlite3")      # the original has the store's name
     original = os.stat(path) if same_name else None
-    temp, fd = _create_temp(path, path)
+    temp, fd = _create_temp(path, path, _NEW_CACHE)
     os.close(fd)
     os.unlink(temp)                        # _Store makes it, as a store, under this name
     _UNFINISHED.pop(temp, None)

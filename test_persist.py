@@ -4874,15 +4874,47 @@ class TestCreationLeftHalfMade(TempDirTest):
     def test_temporary_files_of_a_killed_creator_go_at_the_next_open(self):
         path = self.path / "c.db"
         persist.open(path).close()
-        stale = [self.path / ".c.db.0123abcd.tmp", self.path / ".c.db.0123abcd.tmp-journal"]
-        young = self.path / ".c.db.89abcdef.tmp"
+        stale = [self.path / (".c.db.0123abcd.new-cache.tmp" + suffix)
+                 for suffix in ("", "-journal", "-wal", "-shm")]
+        young = self.path / ".c.db.89abcdef.new-cache.tmp"
         for name in stale + [young]:
             name.write_bytes(b"x")
         for name in stale:
             os.utime(name, (0, 0))              # made long ago
         persist.open(path).close()
-        self.assertEqual(sorted(os.listdir(self.dir)), [".c.db.89abcdef.tmp", "c.db"])
+        self.assertEqual(sorted(os.listdir(self.dir)), [".c.db.89abcdef.new-cache.tmp", "c.db"])
         young.unlink()
+
+    def test_an_atomic_open_beside_a_cache_of_its_stem_is_not_swept(self):
+        # atomic_open("results.csv") writes .results.csv.RANDOM.tmp, which opening the cache
+        # "results" swept once a minute old: the block then failed at its end, its content lost
+        long = "r" * 70                         # cache names are cut to 60 in temporary names
+        targets = [self.path / "results.csv", self.path / (long + "-other.csv")]
+        writer = start_python("""
+            import sys, persist
+            blocks = [persist.atomic_open(path) for path in %r]
+            files = [block.__enter__() for block in blocks]
+            for file in files:
+                file.write("the content")
+            print("writing", flush=True)
+            sys.stdin.readline()
+            for block in blocks:
+                block.__exit__(None, None, None)
+            print("committed", flush=True)
+        """ % [str(target) for target in targets])
+        self.addCleanup(stop, writer)
+        self.assertEqual(writer.stdout.readline(), "writing\n")
+        temps = temp_files(self.dir)
+        self.assertEqual(len(temps), 2)
+        for name in temps:
+            os.utime(self.path / name, (0, 0))  # as if the block had run for hours
+        persist.open(self.path / "results").close()
+        persist.open(self.path / long).close()
+        self.assertEqual(temp_files(self.dir), temps)
+        out, _ = writer.communicate("go\n", timeout=300)
+        self.assertEqual(out, "committed\n")
+        for target in targets:
+            self.assertEqual(target.read_text(), "the content")
 
 
 @unittest.skipUnless(POSIX and hasattr(os, "setuid") and os.getuid() == 0, "root drops to nobody")
@@ -5087,6 +5119,53 @@ class TestDoneDir(TempDirTest):
                     raise error()
             self.assertFalse(persist.is_done(out))
             self.assertEqual(os.listdir(out), ["partial"])
+
+    @unittest.skipUnless(POSIX, "SIGKILL, and the file locks that tell a dead writer's file")
+    def test_temporary_file_of_a_killed_writer_is_neither_counted_nor_kept(self):
+        out = self.path / "out"
+        # a stage killed with SIGKILL in the middle of an atomic_write(), in a subdirectory
+        # too: its temporary files stay; a rerun finishes the stage around them
+        stage = start_python("""
+            import sys, persist
+            with persist.done_dir(%r) as d:
+                (d / "sub").mkdir()
+                for i in range(40):
+                    persist.atomic_write(d / ("%%02d" %% i), "done")
+                blocks = [persist.atomic_open(d / "big"), persist.atomic_open(d / "sub" / "x")]
+                for block in blocks:
+                    block.__enter__().write("half")
+                print("writing", flush=True)
+                sys.stdin.readline()
+        """ % str(out))
+        self.addCleanup(stop, stage)
+        self.assertEqual(stage.stdout.readline(), "writing\n")
+        stage.kill()
+        stage.wait()
+        left = temp_files(out)
+        self.assertEqual(len(left), 2)
+        (out / ".notes.tmp").write_text("mine")       # not of persist's shape: a result
+        # another process's atomic_open() under way in the stage as it finishes: not a
+        # result yet, never counted, and it commits afterwards
+        writer = start_python("""
+            import sys, persist
+            with persist.atomic_open(%r) as file:
+                file.write("late")
+                print("writing", flush=True)
+                sys.stdin.readline()
+            print("committed", flush=True)
+        """ % str(out / "late"))
+        self.addCleanup(stop, writer)
+        self.assertEqual(writer.stdout.readline(), "writing\n")
+        with persist.done_dir(out):
+            pass
+        record = json.loads((out / "DONE").read_text())
+        self.assertEqual((record["files"], record["bytes"]), (41, 40 * 4 + 4))
+        live, = set(temp_files(out)) - {".notes.tmp"}   # the live writer's, and only it
+        self.assertTrue(live.startswith(".late."), live)
+        self.assertEqual(writer.communicate("go\n", timeout=300)[0], "committed\n")
+        self.assertEqual((out / "late").read_text(), "late")
+        self.assertEqual((out / ".notes.tmp").read_text(), "mine")
+        self.assertNoTemp(out / "sub")
 
     def test_redo_removes_old_marker_first(self):
         out = self.path / "out"
