@@ -299,6 +299,8 @@ _O_TEMP = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
            | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
            | getattr(os, "O_NOINHERIT", 0))
 _CHECK_WORLD_WRITABLE = os.name == "posix"   # the mode bits mean the same everywhere there
+_O_HOLD = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)   # see
+           | getattr(os, "O_CLOEXEC", 0))                       # _check_companions
 _CAN_CHOWN = hasattr(os, "fchown")            # POSIX: a replaced file's owner can be kept
 _CHMOD_FD = os.chmod in os.supports_fd         # POSIX: fchmod()
 _CAN_FSYNC_DIR = hasattr(os, "O_DIRECTORY")   # POSIX: a directory can be opened and fsynced
@@ -743,11 +745,27 @@ def _check_companions(path):
 
     Run before every connection is made, not only when a cache is opened: between two
     connections (after fork(), or once the last one closed and SQLite removed the log) a
-    planted file would be read by the next.
+    planted file would be read by the next. In such a directory, each name is first taken by
+    an empty file of ours, where there is none: a file planted after this check, as SQLite
+    opens the cache, would be read all the same, and there nobody else can make one, nor
+    replace ours (the directory is sticky: _check_private). SQLite takes an empty journal
+    for none, and an empty log and index as its own new ones (it removes those two as the
+    last connection closes; the journal stays).
     """
-    shared = None
+    shared, mode = False, 0
+    if _CHECK_WORLD_WRITABLE:
+        shared = bool(os.stat(os.path.dirname(path)).st_mode & stat.S_IWOTH)
+        if shared:
+            with contextlib.suppress(OSError):          # no cache yet: nothing to read
+                info = os.lstat(path)
+                if stat.S_ISREG(info.st_mode):
+                    mode = stat.S_IMODE(info.st_mode) & 0o666 | 0o600    # as SQLite's own
     for suffix, what in _COMPANIONS:
         name = path + suffix
+        if mode:
+            # best effort: one that is there already is checked below
+            with contextlib.suppress(OSError):
+                os.close(os.open(name, _O_HOLD, mode))
         try:
             info = os.lstat(name)
         except FileNotFoundError:
@@ -758,11 +776,7 @@ def _check_companions(path):
             continue
         if info.st_mode & stat.S_IWOTH:
             raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
-        if info.st_uid in (0, os.geteuid()):
-            continue
-        if shared is None:
-            shared = os.stat(os.path.dirname(path)).st_mode & stat.S_IWOTH
-        if shared:
+        if shared and info.st_uid not in (0, os.geteuid()):
             raise PersistError(errno.EPERM, _PLANTED_COMPANION.format(what=what,
                                                                       uid=info.st_uid), name)
 

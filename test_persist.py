@@ -3373,10 +3373,12 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
         self.ran = self.path / "ran"
         self.cache = str(self.shared / "c.db")
 
-    def plant(self, suffix):
+    def plant(self, suffix, check=True):
         out = run_python(textwrap.dedent(drop_privileges()) + textwrap.dedent(
-            self.PLANT % (str(self.ran), str(self.shared), self.cache, suffix)))
-        self.assertEqual(int(out), NOBODY)
+            self.PLANT % (str(self.ran), str(self.shared), self.cache, suffix)), check=check)
+        if check:
+            self.assertEqual(int(out), NOBODY)
+        return out
 
     def assertRefused(self, text, suffix):
         self.assertIn("refused %s: " % (self.cache + suffix), text)
@@ -3399,6 +3401,30 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
                 with persist.open(self.cache) as db:
                     db["k"] = "mine"
                 os.unlink(self.cache)
+
+    def test_planted_as_sqlite_opens_the_cache(self):
+        # the worst moment: after persist looked, before SQLite reads the file. The names are
+        # taken by empty files of ours by then, which nobody else may replace
+        for suffix in ("-journal", "-wal"):
+            with self.subTest(suffix):
+                with persist.open(self.cache) as db:
+                    db["k"] = "mine"
+                connect, tried = sqlite3.connect, []
+
+                def plant_then_connect(*args, **kwargs):
+                    if not tried:
+                        tried.append(self.plant(suffix, check=False))
+                    return connect(*args, **kwargs)
+
+                with mock.patch.object(sqlite3, "connect", plant_then_connect):
+                    with persist.open(self.cache) as db:
+                        self.assertEqual(db["k"], "mine")
+                self.assertEqual(tried, [""])            # it could not
+                self.assertFalse(self.ran.exists())
+                for name in os.listdir(str(self.shared)):
+                    if name.startswith("c.db"):
+                        self.assertEqual(os.lstat(str(self.shared / name)).st_uid, 0, name)
+                        os.unlink(str(self.shared / name))
 
     def test_planted_between_connections_after_a_fork(self):
         # fork() closes the connection, and the last one out removes the log: the child
