@@ -1501,7 +1501,7 @@ class _Store:
         """Make a new cache beside path and link it into place: nobody sees it half made.
 
         It is made in rollback mode and linked while an exclusive lock on it is held; only then
-        are the -wal and -shm files of a cache deleted without them removed. Otherwise SQLite
+        are the -journal, -wal and -shm files of a cache deleted without them removed. Otherwise SQLite
         would replay that old log into the new file, and deleted results would come back.
         Nobody can open the new file before they are gone: opening waits for the lock.
         """
@@ -1570,7 +1570,9 @@ class _Store:
 
     def _remove_stale_companions(self):
         # type: () -> None
-        for stale in (self.path + "-wal", self.path + "-shm"):
+        # a journal too: a hot one, left by a transaction killed in the middle, would be
+        # replayed into the new file as a log would
+        for stale in (self.path + "-journal", self.path + "-wal", self.path + "-shm"):
             # best effort: on Windows one in use cannot go, and then it is not stale
             with contextlib.suppress(FileNotFoundError, PermissionError):
                 os.unlink(stale)

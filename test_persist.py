@@ -4722,6 +4722,26 @@ class TestDeletedCacheStaysDeleted(TempDirTest):
         with persist.open(cache) as db:
             self.assertEqual(list(db), [])
 
+    def test_a_journal_left_beside_a_deleted_cache_is_not_replayed(self):
+        # a transaction killed in the middle leaves a hot journal, which holds the pages as
+        # they were; the user deletes NAME.db only, and a new cache takes its name
+        cache = self.path / "c.db"
+        with persist.open(cache) as db:
+            db["old"] = "deleted result"
+        conn = sqlite3.connect(str(cache), isolation_level=None)
+        conn.execute("PRAGMA journal_mode=DELETE").fetchall()
+        conn.execute("PRAGMA synchronous=OFF")     # the journal's length says how many pages
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE Dict SET value = x'00'")
+        conn.execute("PRAGMA user_version=0")
+        journal = pathlib.Path(str(cache) + "-journal").read_bytes()
+        conn.execute("ROLLBACK")
+        conn.close()
+        cache.unlink()
+        pathlib.Path(str(cache) + "-journal").write_bytes(journal)
+        with persist.open(cache) as db:
+            self.assertEqual(list(db), [])
+
 
 @unittest.skipUnless(POSIX and hasattr(os, "setuid") and os.getuid() == 0, "root drops to nobody")
 class TestReadOnlyCacheAfterACrash(TempDirTest):
