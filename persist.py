@@ -275,6 +275,16 @@ _NOT_OURS = ("owned by user {uid}, who could put pickles of their own in {what},
 _SWAPPABLE = ("every user may write this directory, on the way to {what}: anyone could "
               "replace what lies in it, with pickles that run their code; chmod o-w it (or "
               "+t, as /tmp), or use another place")
+_PLANTED_COMPANION = ("{what}, which SQLite reads as part of the cache, and it is not yours "
+                      "(user {uid} made it, in a directory every user may write): its "
+                      "content would become the cache's, and loading a pickle that someone "
+                      "planted runs their code; remove it (its owner or root can), or keep the "
+                      "cache in a directory only you can write")
+_CORRUPT_ROW = ("a corrupt entry: its row names the value file {name!r}, which is not a name "
+                "persist gives one ({digits} hex digits, in {values}/): a row crafted or edited "
+                "so could make persist read a pickle from elsewhere, or delete a file outside "
+                "the cache, so persist does neither, and changes nothing; move the cache away "
+                "(and its {values}), and let persist make a new one")
 _BUSY_DIR = ("being filled by another done_dir() right now (in this or another "
              "process); let that one finish, or give each stage its own directory")
 
@@ -315,6 +325,8 @@ _O_TEMP = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
            | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
            | getattr(os, "O_NOINHERIT", 0))
 _CHECK_WORLD_WRITABLE = os.name == "posix"   # the mode bits mean the same everywhere there
+_O_HOLD = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)   # see
+           | getattr(os, "O_CLOEXEC", 0))                       # _check_companions
 _CAN_CHOWN = hasattr(os, "fchown")            # POSIX: a replaced file's owner can be kept
 _CHMOD_FD = os.chmod in os.supports_fd         # POSIX: fchmod()
 _CAN_FSYNC_DIR = hasattr(os, "O_DIRECTORY")   # POSIX: a directory can be opened and fsynced
@@ -390,17 +402,31 @@ def _fsync_dir(directory):
 
 # _create_temp()'s files not yet renamed or removed: name -> (pid, device, inode, descriptor)
 _UNFINISHED = {}  # type: Dict[str, Tuple[int, int, int, int]]
+# The names of persist's temporary files, each of a shape that the other can never take, so
+# that a sweep removes only its own: .NAME.RANDOM.tmp, atomic_open()'s (RANDOM: 8 hex digits
+# right before .tmp), and .NAME.RANDOM.new-cache.tmp, a cache being made (see _Store.sweep).
+_ATOMIC_TEMP = ""
+_NEW_CACHE = ".new-cache"
 
 
-def _create_temp(target, shown, mode=0o666):
-    # type: (str, _Path, int) -> Tuple[str, int]
-    """Create .NAME.RANDOM.tmp beside target, exclusively, never through a link; mode & ~umask.
+def _is_atomic_temp(name):
+    # type: (str) -> bool
+    """Whether name has the shape of an atomic_open() temporary file: .NAME.RANDOM.tmp."""
+    return (name.startswith(".") and name.endswith(".tmp") and len(name) >= 15 and
+            name[-13] == "." and _hex_name(name[-12:-4], 8))
+
+
+def _create_temp(target, shown, mode=0o666, kind=_ATOMIC_TEMP):
+    # type: (str, _Path, int, str) -> Tuple[str, int]
+    """Create .NAME.RANDOM{kind}.tmp beside target, exclusively, never through a link, mode &
+    ~umask, and locked (flock) for as long as the descriptor is open: a sweep takes a file
+    that nobody holds for one whose writer was killed (see _remove_if_dead).
 
     The caller renames or removes it, then takes it off _UNFINISHED; if it never can (see
     _remove_unfinished), the process's exit removes it."""
     directory, name = os.path.split(target)
     for _ in range(100):
-        temp = os.path.join(directory, ".%s.%s.tmp" % (name[:60], os.urandom(4).hex()))
+        temp = os.path.join(directory, ".%s.%s%s.tmp" % (name[:60], os.urandom(4).hex(), kind))
         # A signal handler's exception (Ctrl-C, an alarm) is raised as a call returns to
         # Python code: called from Python, os.open() would raise it after creating the file,
         # its descriptor lost, whenever the signal came during the open() system call (a
@@ -409,7 +435,14 @@ def _create_temp(target, shown, mode=0o666):
         opened: "List[int]" = []
         try:
             opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (mode,)))   # umask
+            if _fcntl is not None:
+                # best effort: a filesystem without locks (some NFS) has no sweep either
+                with contextlib.suppress(OSError):
+                    _fcntl.flock(opened[0], _fcntl.LOCK_EX)
             info = os.fstat(opened[0])
+            if info.st_nlink == 0:      # a sweep took it before we locked it: another name
+                os.close(opened.pop())
+                continue
             _UNFINISHED[temp] = (os.getpid(), info.st_dev, info.st_ino, opened[0])
         except FileExistsError:
             continue
@@ -426,6 +459,36 @@ def _create_temp(target, shown, mode=0o666):
             raise
         return temp, opened[0]
     raise FileExistsError(errno.EEXIST, "no free temporary file name beside it", shown)
+
+
+def _remove_if_dead(name, dir_fd=None):
+    # type: (str, Optional[int]) -> bool
+    """Remove the atomic_open() temporary file name (relative to dir_fd, if given) if no
+    process holds it: its writer was killed. Whether it is gone now.
+
+    Its writer holds its lock from before it has a name to after its rename or removal (see
+    _create_temp), so a file whose lock we get, still under that name, is nobody's. Without
+    locks (Windows), no file is proven dead, and none is removed.
+    """
+    if _fcntl is None:
+        return False
+    try:
+        fd = os.open(name, _O_SYNC_FILE, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)     # else its writer holds it
+        info = os.fstat(fd)
+        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino) or not stat.S_ISREG(
+                info.st_mode):
+            return False
+        os.unlink(name, dir_fd=dir_fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _remove_unfinished():
@@ -602,9 +665,11 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
     old = _existing(target, path, follow)
     owner = os.getpid()
     temp, fd = _create_temp(target, path, bits)
+    opened = [fd]
     try:
         # closefd=False: a block may close the file itself (libraries that write to a file
-        # object often do), and the descriptor must outlive it for the fsync
+        # object often do), and the descriptor must outlive it for the fsync, and its lock
+        # (see _create_temp) the rename
         try:
             with io.open(fd, "wb" if encoding is None else "w", encoding=encoding,
                          errors=errors, newline=newline, closefd=False) as file:
@@ -625,7 +690,8 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
             if sync:
                 _fsync(fd)
         finally:
-            os.close(fd)
+            if not _RENAME_OPEN_FILES:   # Windows renames no open file (and has no flock)
+                os.close(opened.pop())
         # The except below removes it from here on. Taken off before the rename: one a Ctrl-C
         # left listed after it would name, at exit, whatever file has that name then and the
         # inode ours had (the target's, or one made anew on it).
@@ -645,6 +711,9 @@ def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=N
                 os.unlink(temp)
             _UNFINISHED.pop(temp, None)
         raise
+    finally:
+        if opened:
+            os.close(opened[0])
     if sync:
         _fsync_dir(os.path.dirname(target))
 
@@ -700,6 +769,57 @@ def _planted(info, directory):
         return True
     return bool(os.stat(directory).st_mode & stat.S_IWOTH) and \
         info.st_uid not in (0, os.geteuid())
+
+
+# What SQLite reads beside a database file: a hot rollback journal is replayed into it, and a
+# log's frames are read as its latest pages. (A super-journal, NAME-mjXXXXXXXX, is read only
+# as named by a journal, and says only whether to replay it: the journal is what counts.)
+_COMPANIONS = (("-journal", "a rollback journal"), ("-wal", "a write-ahead log"),
+               ("-shm", "the index of a write-ahead log"))
+
+
+def _check_companions(path):
+    # type: (str) -> None
+    """Refuse the files beside the database at path that SQLite would read with it, when they
+    are links, writable by every user, or, in a directory every user may write (/tmp), not
+    ours: another user who planted one there would choose what the cache holds.
+
+    Run before every connection is made, not only when a cache is opened: between two
+    connections (after fork(), or once the last one closed and SQLite removed the log) a
+    planted file would be read by the next. In such a directory, each name is first taken by
+    an empty file of ours, where there is none: a file planted after this check, as SQLite
+    opens the cache, would be read all the same, and there nobody else can make one, nor
+    replace ours (the directory is sticky: _check_private). SQLite takes an empty journal
+    for none, and an empty log and index as its own new ones (it removes those two as the
+    last connection closes; the journal stays).
+    """
+    shared, mode = False, 0
+    if _CHECK_WORLD_WRITABLE:
+        shared = bool(os.stat(os.path.dirname(path)).st_mode & stat.S_IWOTH)
+        if shared:
+            with contextlib.suppress(OSError):          # no cache yet: nothing to read
+                info = os.lstat(path)
+                if stat.S_ISREG(info.st_mode):
+                    mode = stat.S_IMODE(info.st_mode) & 0o666 | 0o600    # as SQLite's own
+    for suffix, what in _COMPANIONS:
+        name = path + suffix
+        if mode:
+            # best effort: one that is there already is checked below
+            with contextlib.suppress(OSError):
+                os.close(os.open(name, _O_HOLD, mode))
+        try:
+            info = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            raise PersistError(errno.ELOOP, _LINK, name)
+        if not _CHECK_WORLD_WRITABLE:
+            continue
+        if info.st_mode & stat.S_IWOTH:
+            raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+        if shared and info.st_uid not in (0, os.geteuid()):
+            raise PersistError(errno.EPERM, _PLANTED_COMPANION.format(what=what,
+                                                                      uid=info.st_uid), name)
 
 
 # -- the store: one SQLite file per cache, with large pickles in files beside it
@@ -866,6 +986,7 @@ class _Connection:
         # for ever: then it fails at once ("database is locked"), and memoize goes on.
         interrupted = self._conn is not None and self._conn.in_transaction
         conn = None
+        _check_companions(self.path)
         try:
             conn = self._open(self.mode, 0.0 if interrupted else _ASIDE_TIMEOUT)
             return work(conn, *args)
@@ -883,6 +1004,7 @@ class _Connection:
 
     def _connect(self):
         # type: () -> sqlite3.Connection
+        _check_companions(self.path)
         if self._snapshots:
             self._conn = self._open_read_only()
             return self._conn
@@ -1219,6 +1341,10 @@ def _remove_log(path):
         if not os.path.exists(path + "-wal"):
             return
         try:
+            _check_companions(path)
+        except OSError:
+            return                        # refused when used: nothing of ours to remove
+        try:
             conn = sqlite3.connect(_uri(path, "rw"), uri=True, timeout=0.1)
         except sqlite3.Error:
             return                        # the cache is gone meanwhile: nothing to do
@@ -1236,9 +1362,19 @@ if hasattr(os, "register_at_fork"):
 atexit.register(_close_all)
 
 
+_VALUE_DIGITS = 32                 # a value file's name: os.urandom(16).hex()
+
+
+def _hex_name(name, digits):
+    # type: (object, int) -> bool
+    """Whether name is digits lowercase hex digits, as persist names its files: no '/', no '..'."""
+    return isinstance(name, str) and len(name) == digits and not name.strip("0123456789abcdef")
+
+
 class _Values:
     """The pickles too large for a row: one file each in FILE.values/, under a random name that
-    its row records.
+    its row records. A name of any other shape (a path, '..') is a corrupt row: path() refuses
+    it, so no file outside the directory is ever read or removed.
 
     A file is created and locked before the transaction that names it, and removed only after
     the commit that stopped naming it. A file that no row names and no process holds (left by a
@@ -1251,7 +1387,18 @@ class _Values:
 
     def path(self, name):
         # type: (str) -> str
+        self.check([name])
         return os.path.join(self.directory, name)
+
+    def check(self, names):
+        # type: (Iterable[str]) -> None
+        """PersistError for the first name among names that is not a value file's; raised
+        inside a transaction, it rolls back: nothing changes."""
+        for name in names:
+            if not _hex_name(name, _VALUE_DIGITS):
+                values = os.path.basename(self.directory)
+                raise PersistError(errno.EINVAL, _CORRUPT_ROW.format(
+                    name=name, digits=_VALUE_DIGITS, values=values), self.directory[:-len(".values")])
 
     def create(self):
         # type: () -> Tuple[str, io.BufferedWriter]
@@ -1296,6 +1443,8 @@ class _Values:
             names = os.listdir(self.directory)
         except (FileNotFoundError, NotADirectoryError):
             return
+        # only names of the shape persist gives: whatever else is there, persist did not make
+        names = [name for name in names if _hex_name(name, _VALUE_DIGITS)]
         for name in set(names) - named(names):
             path = self.path(name)
             # best effort, each step: what is left now is swept next time
@@ -1409,7 +1558,7 @@ class _Store:
         directory = os.path.dirname(self.path)
         if _CHECK_WORLD_WRITABLE:
             _check_private(directory, "the cache's directory")
-        for name in (self.path, self.path + "-wal", self.path + "-shm", self.values.directory):
+        for name in (self.path, self.values.directory):
             try:
                 info = os.lstat(name)
             except FileNotFoundError:
@@ -1420,6 +1569,7 @@ class _Store:
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
             if _CHECK_WORLD_WRITABLE and _planted(info, directory):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+        _check_companions(self.path)
 
     def _check_calls(self):
         # type: () -> None
@@ -1447,14 +1597,14 @@ class _Store:
         """Make a new cache beside path and link it into place: nobody sees it half made.
 
         It is made in rollback mode and linked while an exclusive lock on it is held; only then
-        are the -wal and -shm files of a cache deleted without them removed. Otherwise SQLite
+        are the -journal, -wal and -shm files of a cache deleted without them removed. Otherwise SQLite
         would replay that old log into the new file, and deleted results would come back.
         Nobody can open the new file before they are gone: opening waits for the lock.
         """
         directory = os.path.dirname(self.path)
         try:
             # SQLite gives the -wal and -shm files the mode of this one
-            temp, fd = _create_temp(self.path, self.path, _FILE_MODE)
+            temp, fd = _create_temp(self.path, self.path, _FILE_MODE, _NEW_CACHE)
         except PermissionError:
             raise PermissionError(errno.EACCES, "cannot create the cache: its directory is "
                                   "not writable", directory) from None
@@ -1517,7 +1667,9 @@ class _Store:
 
     def _remove_stale_companions(self):
         # type: () -> None
-        for stale in (self.path + "-wal", self.path + "-shm"):
+        # a journal too: a hot one, left by a transaction killed in the middle, would be
+        # replayed into the new file as a log would
+        for stale in (self.path + "-journal", self.path + "-wal", self.path + "-shm"):
             # best effort: on Windows one in use cannot go, and then it is not stale
             with contextlib.suppress(FileNotFoundError, PermissionError):
                 os.unlink(stale)
@@ -1640,7 +1792,8 @@ class _Store:
         # type: () -> int
         names = [self.path, self.path + "-wal", self.path + "-shm"]
         with contextlib.suppress(OSError):
-            names += [self.values.path(name) for name in os.listdir(self.values.directory)]
+            names += [os.path.join(self.values.directory, name)
+                      for name in os.listdir(self.values.directory)]
         return sum(_size(name) for name in names)
 
     # Writing
@@ -1658,7 +1811,7 @@ class _Store:
                             args)
             if owner is not None and self.owned():
                 row += (owner,)
-            old = self.conn.transaction(_replace, row, forget)
+            old = self.conn.transaction(_replace, row, self.values, forget)
         except BaseException:
             # A signal (Ctrl-C) that arrives while COMMIT runs is raised just after it: the
             # row may name the file already. Remove it only if no row does; if even that
@@ -1708,7 +1861,7 @@ class _Store:
     def delete(self, key):
         # type: (bytes) -> bool
         """Remove key; return whether it was there."""
-        found = self.conn.transaction(_delete, key)
+        found = self.conn.transaction(_delete, key, self.values)
         if found and found[0]:
             self.values.remove([found[0]])
         return bool(found)
@@ -1745,9 +1898,9 @@ class _Store:
         """Remove every entry (and failure record), or only owner's (and those stored before
         owners were recorded); return how many entries there were."""
         if owner is not None and self.owned():
-            count, names = self.conn.transaction(_clear_owned, owner)
+            count, names = self.conn.transaction(_clear_owned, owner, self.values)
         else:
-            count, names = self.conn.transaction(_clear)
+            count, names = self.conn.transaction(_clear, self.values)
         self.values.remove(names)
         self._give_back()
         return count
@@ -1796,7 +1949,7 @@ class _Store:
             failed = 0 if failures is None else self.conn.run(
                 _fetch, _STALE_FAILURES % "SELECT count(*)" + failures[0], failures[1])[0][0]
             return len(rows), size, failed
-        names, failed = self.conn.transaction(_prune, where, params, failures)
+        names, failed = self.conn.transaction(_prune, where, params, self.values, failures)
         self.values.remove(names)
         self._give_back()
         return len(rows), size, failed
@@ -1817,11 +1970,17 @@ class _Store:
         back the space a killed prune() kept."""
         self.values.sweep(self._named)
         directory, name = os.path.split(self.path)
-        prefix = "." + name[:60] + "."          # _create_temp()'s, and their -journal files
+        # Only what _create_temp() names a new cache of this name, and the files SQLite adds
+        # to it: .NAME.RANDOM.new-cache.tmp(-journal): never an atomic_open() temporary file
+        # beside it (NAME.csv's is .NAME.csv.RANDOM.tmp), which its writer may hold for hours.
+        prefix = "." + name[:60] + "."
         with contextlib.suppress(OSError):
             for entry in os.scandir(directory):
+                rest = entry.name[len(prefix):]
+                ours = rest[8:] in [_NEW_CACHE + ".tmp" + suffix
+                                    for suffix in ("", "-journal", "-wal", "-shm")]
                 # best effort; a creation takes milliseconds, so an old one is abandoned
-                if entry.name.startswith(prefix) and ".tmp" in entry.name:
+                if entry.name.startswith(prefix) and ours and _hex_name(rest[:8], 8):
                     with contextlib.suppress(OSError):
                         if time.time() - entry.stat(follow_symlinks=False).st_mtime > 60:
                             os.unlink(entry.path)
@@ -1844,9 +2003,11 @@ class _Store:
         self.conn.close()
 
 
-def _replace(conn, row, forget=()):
-    # type: (sqlite3.Connection, _Args, Sequence[bytes]) -> Optional[str]
+def _replace(conn, row, values, forget=()):
+    # type: (sqlite3.Connection, _Args, _Values, Sequence[bytes]) -> Optional[str]
     old = _fetch(conn, _FILE, (row[0],))
+    if old and old[0][0] is not None:
+        values.check([old[0][0]])         # a corrupt row stays as it is: see _Values
     conn.execute(_PUT if len(row) == 7 else _PUT_OWNED, row)
     for key in (row[0],) + tuple(forget):
         conn.execute(_FORGET_FAILURE, (key,))
@@ -1869,9 +2030,11 @@ def _record_failure(conn, key, started, failure):
                                              else call,))
 
 
-def _delete(conn, key):
-    # type: (sqlite3.Connection, bytes) -> Optional[Tuple[Optional[str]]]
+def _delete(conn, key, values):
+    # type: (sqlite3.Connection, bytes, _Values) -> Optional[Tuple[Optional[str]]]
     old = _fetch(conn, _FILE, (key,))
+    if old and old[0][0] is not None:
+        values.check([old[0][0]])
     conn.execute(_DELETE, (key,))
     return old[0] if old else None
 
@@ -1881,26 +2044,29 @@ def _delete_row(conn, key, row):
     return conn.execute(_DELETE_ROW, (key, row[0], row[1], row[2])).rowcount > 0
 
 
-def _clear(conn):
-    # type: (sqlite3.Connection) -> Tuple[int, List[str]]
+def _clear(conn, values):
+    # type: (sqlite3.Connection, _Values) -> Tuple[int, List[str]]
     names = [name for name, in _fetch(conn, _FILES)]
+    values.check(names)
     count = conn.execute(_CLEAR).rowcount
     conn.execute("DELETE FROM Failures")
     return count, names
 
 
-def _clear_owned(conn, owner):
-    # type: (sqlite3.Connection, str) -> Tuple[int, List[str]]
+def _clear_owned(conn, owner, values):
+    # type: (sqlite3.Connection, str, _Values) -> Tuple[int, List[str]]
     names = [name for name, in _fetch(conn, _FILES + " AND " + _OWNED, (owner,))]
+    values.check(names)
     count = conn.execute("DELETE FROM Dict WHERE " + _OWNED, (owner,)).rowcount
     conn.execute("DELETE FROM Failures WHERE " + _OWNED, (owner,))
     return count, names
 
 
-def _prune(conn, where, params, failures=None):
-    # type: (sqlite3.Connection, str, Sequence[object], Optional[Tuple[str, Sequence[object]]]) -> Tuple[List[str], int]
+def _prune(conn, where, params, values, failures=None):
+    # type: (sqlite3.Connection, str, Sequence[object], _Values, Optional[Tuple[str, Sequence[object]]]) -> Tuple[List[str], int]
     names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
                                             "AND (%s)" % where, params)]
+    values.check(names)
     conn.execute("DELETE FROM Dict WHERE " + where, params)
     # a failure of another version is stale as its results are: that code is gone
     failed = 0 if failures is None else \
@@ -1934,16 +2100,23 @@ class _Shelf(_ShelfBase):
 
     def __getitem__(self, key):
         # type: (str) -> Any
-        store = self._store()
-        raw = self._raw(key)
+        row, value = self._load(self._store(), self._raw(key), key)
+        if row is None:
+            raise KeyError(key)
+        return value
+
+    def _load(self, store, raw, key):
+        # type: (_Store, bytes, str) -> Tuple[Optional[_Row], Any]
+        """(row, value) of key now; (None, None) if there is none."""
         for _ in range(100):
             row = store.get(raw)
             if row is None:
-                raise KeyError(key)
+                return None, None
             try:
-                return store.load(row)
+                return row, store.load(row)
             except FileNotFoundError:     # replaced or deleted since get(): read it again
                 continue
+        # not a writer's replacement: gone for good (removed by hand)
         raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
                            store.values.path(row[1]))  # type: ignore[index, arg-type]  # a row
 
@@ -1968,15 +2141,11 @@ class _Shelf(_ShelfBase):
         store = self._store()
         raw = self._raw(key)
         while True:
-            row = store.get(raw)
+            row, value = self._load(store, raw, key)
             if row is None:
                 if default is _MISSING:
                     raise KeyError(key)
                 return default
-            try:
-                value = store.load(row)
-            except FileNotFoundError:
-                continue
             if store.delete_row(raw, row):  # else another process changed it: again
                 return value
 
@@ -3822,6 +3991,8 @@ class _Memo:
             row = None
             try:
                 row = store.get(key)
+                if row is not None and row[1] is not None:
+                    store.values.check([row[1]])   # corrupt: raise before computing, not after
                 if row is not None and (self.expire is None or
                                         not _expired(row[2], self.expire)):
                     # load(), without a call when the pickle is in the row
@@ -5319,6 +5490,11 @@ def _sync_tree(folder, skip=None, dir_fd=None):
                         unsynced += more[2]
                     elif entry.name == skip:
                         continue
+                    elif _is_atomic_temp(entry.name) and entry.is_file(follow_symlinks=False):
+                        # not a result: an atomic_open() under way (never counted), or left
+                        # by a killed writer (removed)
+                        _remove_if_dead(name, fd)
+                        continue
                     elif entry.is_file(follow_symlinks=False):
                         regular.append(name)
                     else:                  # a link, FIFO or socket: nothing to sync
@@ -5456,6 +5632,7 @@ def _shelve_items(path, kind):
     # type: (str, str) -> Iterator[Iterator[Tuple[bytes, bytes]]]
     """An iterator of the (key, pickle) pairs of the shelve file at path, as stored."""
     if kind == "dbm.sqlite3":              # read here: Python before 3.13 has no dbm.sqlite3
+        _check_companions(path)
         busy = PersistError(errno.EBUSY, "a dbm.sqlite3 shelve file that another program "
                             "has open; close it there, then open it again", path)
         try:
@@ -5505,7 +5682,7 @@ def _from_shelve(path, kind, copy=True):
     directory = os.path.dirname(path)
     same_name = kind in ("dbm.gnu", "dbm.sqlite3")      # the original has the store's name
     original = os.stat(path) if same_name else None
-    temp, fd = _create_temp(path, path)
+    temp, fd = _create_temp(path, path, kind=_NEW_CACHE)
     os.close(fd)
     os.unlink(temp)                        # _Store makes it, as a store, under this name
     _UNFINISHED.pop(temp, None)

@@ -3714,6 +3714,173 @@ class TestDamagedCacheFile(TempDirTest):
         self.assertEqual(done.stdout.count("computed"), 50, done.stderr)
 
 
+class Planted:
+    """Loading its pickle runs os.mkdir(path): the proof that a planted pickle was loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+class TestValueFileNamedOutsideTheCache(TempDirTest):
+    """A crafted or hand-edited row whose file column names a path (absolute, or with '..')
+    instead of a value file: nothing outside the cache is ever read or removed."""
+
+    BIG = "v" * (1 << 19)                 # over 256 KiB: a value file of its own
+
+    def setUp(self):
+        super().setUp()
+        self.precious = self.path / "precious.txt"
+        self.precious.write_text("mine")
+        self.ran = self.path / "ran"
+        (self.path / "planted.pkl").write_bytes(pickle.dumps(Planted(str(self.ran))))
+
+    def craft(self, db_path, name):
+        """Every row with a value file names name instead."""
+        conn = sqlite3.connect(str(db_path), isolation_level=None)
+        try:
+            self.assertGreater(conn.execute("UPDATE Dict SET file = ? WHERE file IS NOT NULL",
+                                            (name,)).rowcount, 0)
+            conn.execute("UPDATE Dict SET stored = stored - 86400")   # a day old
+        finally:
+            conn.close()
+
+    def shelf(self, name):
+        path = self.path / ("s%d.db" % len(list(self.path.glob("s*.db"))))
+        with persist.open(path) as db:
+            db["k"] = self.BIG
+            db["small"] = 1
+        self.craft(path, name)
+        return path
+
+    def assertCorrupt(self, caught, path, name):
+        self.assertEqual(caught.exception.filename, str(path))
+        self.assertIn("corrupt entry", str(caught.exception))
+        self.assertIn(repr(name), str(caught.exception))
+        self.assertEqual(self.precious.read_text(), "mine")
+        self.assertFalse(self.ran.exists())
+
+    def names(self):
+        return ("../precious.txt", str(self.precious), "../planted.pkl",
+                str(self.path / "planted.pkl"))
+
+    def test_a_shelf_neither_reads_nor_removes_it(self):
+        for name in self.names():
+            for attempt in (lambda db: db["k"], lambda db: db.pop("k"),
+                            lambda db: db.__delitem__("k"), lambda db: db.clear(),
+                            lambda db: db.__setitem__("k", "new"),
+                            lambda db: db.__setitem__("k", self.BIG)):
+                with self.subTest(name=name, attempt=attempt.__code__.co_firstlineno):
+                    path = self.shelf(name)
+                    with persist.open(path) as db:
+                        with self.assertRaises(persist.PersistError) as caught:
+                            attempt(db)
+                        self.assertCorrupt(caught, path, name)
+                        self.assertEqual(len(db), 2)      # nothing changed
+                        self.assertEqual(db["small"], 1)
+
+    def test_memoize_neither_reads_nor_removes_it(self):
+        calls = []
+
+        def make(cache, version=None):
+            @persist.memoize(cache_dir=cache, name="f", version=version)
+            def f(x):
+                calls.append(x)
+                return TestValueFileNamedOutsideTheCache.BIG if x == 1 else x
+
+            return f
+
+        for i, name in enumerate(self.names()):
+            for j, attempt in enumerate((
+                    lambda f, cache: f(1), lambda f, cache: f.cache_delete(1),
+                    lambda f, cache: f.cache_clear(),
+                    lambda f, cache: make(cache, version=2).cache_prune())):
+                with self.subTest(name=name, attempt=j):
+                    cache = self.path / ("m%d-%d" % (i, j))
+                    path = cache / "f.db"
+                    f = make(cache)
+                    f(1)
+                    f(2)
+                    self.craft(path, name)
+                    del calls[:]
+                    with self.assertRaises(persist.PersistError) as caught:
+                        attempt(make(cache), cache)
+                    self.assertCorrupt(caught, path, name)
+                    self.assertEqual(calls, [])
+                    with persist.open(path, "r") as db:
+                        self.assertEqual(len(db), 2)
+        explained = make(self.path / "m0-0").explain(1)        # it says why, and loads nothing
+        self.assertIn("corrupt entry", str(explained))
+        self.assertFalse(self.ran.exists())
+
+    def test_an_expired_entry_is_refused_before_the_call_runs(self):
+        # its result would be computed, then fail to be stored, and be lost
+        calls = []
+
+        @persist.memoize(cache_dir=self.path / "m", name="f", expire=3600)
+        def f(x):
+            calls.append(x)
+            return TestValueFileNamedOutsideTheCache.BIG
+
+        f(1)
+        path = self.path / "m" / "f.db"
+        self.craft(path, "../../precious.txt")
+        conn = sqlite3.connect(str(path), isolation_level=None)
+        conn.execute("UPDATE Dict SET stored = 0")        # long expired
+        conn.close()
+
+        @persist.memoize(cache_dir=self.path / "m", name="f", expire=3600)
+        def f(x):
+            calls.append(x)
+            return TestValueFileNamedOutsideTheCache.BIG
+
+        with self.assertRaises(persist.PersistError) as caught:
+            f(1)
+        self.assertCorrupt(caught, path, "../../precious.txt")
+        self.assertEqual(calls, [1])
+
+    def test_the_command_line_neither_removes_nor_lists_through_it(self):
+        for name in self.names():
+            for command in (["clear"], ["prune", "--older-than", "1h"], ["show"]):
+                with self.subTest(name=name, command=command):
+                    path = self.shelf(name)
+                    done = run_command(CLI + command + [str(path)], cwd=self.dir)
+                    self.assertNotEqual(done.returncode, 0, done.stdout)
+                    self.assertIn("corrupt entry", done.stderr)
+                    self.assertNotIn("Traceback", done.stderr)
+                    self.assertEqual(self.precious.read_text(), "mine")
+                    with persist.open(path, "r") as db:
+                        self.assertEqual(len(db), 2)
+
+    def test_pop_of_a_value_file_removed_by_hand_fails_instead_of_looping(self):
+        path = self.path / "s.db"
+        with persist.open(path) as db:
+            db["k"] = self.BIG
+        for name in os.listdir(str(path) + ".values"):
+            os.unlink(os.path.join(str(path) + ".values", name))
+        out = run_python("""
+            import persist
+            with persist.open(%r) as db:
+                for attempt in (lambda: db["k"], lambda: db.pop("k")):
+                    try:
+                        attempt()
+                    except persist.PersistError as exc:
+                        print(exc.strerror)
+                print(len(db))
+        """ % str(path), timeout=120)             # a loop that never ends fails here
+        self.assertEqual(out, "the value file of key 'k' is missing\n" * 2 + "1\n")
+
+    def test_files_in_the_values_directory_of_another_shape_are_never_swept(self):
+        path = self.shelf("0" * 32)
+        stray = pathlib.Path(str(path) + ".values") / "notes.txt"
+        stray.write_text("mine too")
+        persist.open(path).close()                   # sweeps what no row names
+        self.assertEqual(stray.read_text(), "mine too")
+        self.assertEqual(len(os.listdir(str(path) + ".values")), 1)
+
+
 @unittest.skipUnless(POSIX and hasattr(os, "symlink"), "POSIX links and modes")
 class TestHostileDirectory(TempDirTest):
     def test_planted_links_at_cache_names_are_refused(self):
@@ -4037,6 +4204,152 @@ class TestCacheAnotherUserMade(TempDirTest):
         with self.assertRaises(persist.PersistError) as caught:
             persist.open(os.path.join(mine, "s.db"))
         self.assertEqual(caught.exception.filename, self.cache)
+
+
+@unittest.skipUnless(ROOT and hasattr(os, "setuid"), "root, to act as another user")
+class TestCompanionPlantedByAnotherUser(TempDirTest):
+    """In a sticky directory every user may write (as /tmp), nobody plants beside our cache a
+    file SQLite reads with it: a hot rollback journal, which SQLite replays into the cache, or
+    a log, whose pages it reads as the cache's. Either would put their pickle under our key."""
+
+    PLANT = """
+        class Planted:
+            def __reduce__(self):           # loading this pickle runs os.mkdir(ran)
+                return os.mkdir, (%r,)
+
+        os.umask(0o022)
+        shared, victim, suffix = %r, %r, %r
+        own = os.path.join(shared, "theirs-" + os.urandom(4).hex())
+        os.mkdir(own)
+        theirs = os.path.join(own, "c.db")     # a cache of their own, laid out as ours
+        with persist.open(theirs) as db:
+            db["k"] = Planted()
+        conn = sqlite3.connect(theirs, isolation_level=None)
+        if suffix == "-journal":
+            # a transaction left in the middle: its journal holds the pages as they were
+            # (synchronous=OFF: its length says how many, with no sync to wait for)
+            conn.execute("PRAGMA journal_mode=DELETE").fetchall()
+            conn.execute("PRAGMA synchronous=OFF")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE Dict SET value = x'00'")
+            conn.execute("PRAGMA user_version=0")
+        else:                                   # a commit that is still in the log
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute("UPDATE Dict SET stored = stored + 1")
+        try:
+            shutil.copyfile(theirs + suffix, victim + suffix)
+        except PermissionError:                 # the name is taken, by a file of the victim's
+            print("taken")
+        else:
+            print(os.stat(victim + suffix).st_uid)
+        conn.close()
+    """
+
+    def setUp(self):
+        super().setUp()
+        os.chmod(self.dir, 0o711)             # nobody may pass, to the shared directory
+        self.shared = self.path / "tmp"
+        self.shared.mkdir()
+        os.chmod(self.shared, 0o1777)         # anyone may add files, none replace ours
+        self.ran = self.path / "ran"
+        self.cache = str(self.shared / "c.db")
+
+    def plant(self, suffix, taken=False):
+        out = run_python("import shutil, sqlite3\n" + textwrap.dedent(drop_privileges()) +
+                         textwrap.dedent(self.PLANT % (str(self.ran), str(self.shared),
+                                                       self.cache, suffix)))
+        self.assertEqual(out, "taken\n" if taken else "%d\n" % NOBODY)
+
+    def assertRefused(self, text, suffix):
+        self.assertIn("refused %s: " % (self.cache + suffix), text)
+        self.assertIn("not yours (user %d made it" % NOBODY, text)
+        self.assertFalse(self.ran.exists())
+
+    def test_planted_before_the_first_open(self):
+        for suffix in ("-journal", "-wal"):
+            with self.subTest(suffix):
+                self.plant(suffix)
+                for attempt in (lambda: persist.open(self.cache),
+                                lambda: persist.memoize(cache_dir=self.shared, name="c",
+                                                        strict=True)(lambda x: x)(1)):
+                    with self.assertRaises(persist.PersistError) as caught:
+                        attempt()
+                    self.assertRefused("refused %s: %s" % (caught.exception.filename,
+                                                           caught.exception), suffix)
+                self.assertFalse(os.path.exists(self.cache))
+                os.unlink(self.cache + suffix)   # as its owner or root can: then all is well
+                with persist.open(self.cache) as db:
+                    db["k"] = "mine"
+                os.unlink(self.cache)
+                # without strict, memoize warns as for any refused cache, and runs uncached
+                self.plant(suffix)
+                ran = []
+                with self.assertWarns(persist.PersistWarning) as warned:
+                    self.assertEqual(persist.memoize(cache_dir=self.shared, name="c")(
+                        lambda x: ran.append(x) or x)(2), 2)
+                self.assertEqual(ran, [2])
+                self.assertIn("(%s: a " % (self.cache + suffix), str(warned.warning))
+                self.assertIn("not yours (user %d made it" % NOBODY, str(warned.warning))
+                self.assertFalse(self.ran.exists())
+                self.assertFalse(os.path.exists(self.cache))
+                os.unlink(self.cache + suffix)
+
+    def test_planted_as_sqlite_opens_the_cache(self):
+        # the worst moment: after persist looked, before SQLite reads the file. The names are
+        # taken by empty files of ours by then, which nobody else may replace
+        for suffix in ("-journal", "-wal"):
+            with self.subTest(suffix):
+                with persist.open(self.cache) as db:
+                    db["k"] = "mine"
+                connect, tried = sqlite3.connect, []
+
+                def plant_then_connect(*args, **kwargs):
+                    if not tried:
+                        tried.append(suffix)
+                        self.plant(suffix, taken=True)     # it cannot
+                    return connect(*args, **kwargs)
+
+                with mock.patch.object(sqlite3, "connect", plant_then_connect):
+                    with persist.open(self.cache) as db:
+                        self.assertEqual(db["k"], "mine")
+                self.assertEqual(tried, [suffix])
+                self.assertFalse(self.ran.exists())
+                for name in os.listdir(str(self.shared)):
+                    if name.startswith("c.db"):
+                        self.assertEqual(os.lstat(str(self.shared / name)).st_uid, 0, name)
+                        os.unlink(str(self.shared / name))
+
+    def test_planted_between_connections_after_a_fork(self):
+        # fork() closes the connection, and the last one out removes the log: the child
+        # connects anew, after nobody planted their file
+        for suffix in ("-journal", "-wal"):
+            with self.subTest(suffix):
+                victim = start_python("""
+                    import os, sys, persist
+                    db = persist.open(%r)
+                    db["k"] = "mine"
+                    child = os.fork()
+                    if child == 0:
+                        print("forked", flush=True)
+                        sys.stdin.readline()
+                        try:
+                            print("loaded %%r" %% (db["k"],))
+                        except persist.PersistError as exc:
+                            print("refused %%s: %%s" %% (exc.filename, exc))
+                        sys.stdout.flush()
+                        os._exit(0)
+                    os.waitpid(child, 0)
+                """ % self.cache)
+                self.addCleanup(stop, victim)
+                self.assertEqual(victim.stdout.readline(), "forked\n")
+                self.assertFalse(os.path.exists(self.cache + "-wal"))
+                self.plant(suffix)
+                out, _ = victim.communicate("go\n", timeout=300)
+                self.assertRefused(out, suffix)
+                os.unlink(self.cache + suffix)
+                with persist.open(self.cache, "r") as db:
+                    self.assertEqual(db["k"], "mine")
+                os.unlink(self.cache)
 
 
 class KeyWithSet:
@@ -5303,6 +5616,26 @@ class TestDeletedCacheStaysDeleted(TempDirTest):
         with persist.open(cache) as db:
             self.assertEqual(list(db), [])
 
+    def test_a_journal_left_beside_a_deleted_cache_is_not_replayed(self):
+        # a transaction killed in the middle leaves a hot journal, which holds the pages as
+        # they were; the user deletes NAME.db only, and a new cache takes its name
+        cache = self.path / "c.db"
+        with persist.open(cache) as db:
+            db["old"] = "deleted result"
+        conn = sqlite3.connect(str(cache), isolation_level=None)
+        conn.execute("PRAGMA journal_mode=DELETE").fetchall()
+        conn.execute("PRAGMA synchronous=OFF")     # the journal's length says how many pages
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE Dict SET value = x'00'")
+        conn.execute("PRAGMA user_version=0")
+        journal = pathlib.Path(str(cache) + "-journal").read_bytes()
+        conn.execute("ROLLBACK")
+        conn.close()
+        cache.unlink()
+        pathlib.Path(str(cache) + "-journal").write_bytes(journal)
+        with persist.open(cache) as db:
+            self.assertEqual(list(db), [])
+
 
 @unittest.skipUnless(POSIX and hasattr(os, "setuid") and os.getuid() == 0, "root drops to nobody")
 class TestReadOnlyCacheAfterACrash(TempDirTest):
@@ -5484,15 +5817,47 @@ class TestCreationLeftHalfMade(TempDirTest):
     def test_temporary_files_of_a_killed_creator_go_at_the_next_open(self):
         path = self.path / "c.db"
         persist.open(path).close()
-        stale = [self.path / ".c.db.0123abcd.tmp", self.path / ".c.db.0123abcd.tmp-journal"]
-        young = self.path / ".c.db.89abcdef.tmp"
+        stale = [self.path / (".c.db.0123abcd.new-cache.tmp" + suffix)
+                 for suffix in ("", "-journal", "-wal", "-shm")]
+        young = self.path / ".c.db.89abcdef.new-cache.tmp"
         for name in stale + [young]:
             name.write_bytes(b"x")
         for name in stale:
             os.utime(name, (0, 0))              # made long ago
         persist.open(path).close()
-        self.assertEqual(sorted(os.listdir(self.dir)), [".c.db.89abcdef.tmp", "c.db"])
+        self.assertEqual(sorted(os.listdir(self.dir)), [".c.db.89abcdef.new-cache.tmp", "c.db"])
         young.unlink()
+
+    def test_an_atomic_open_beside_a_cache_of_its_stem_is_not_swept(self):
+        # atomic_open("results.csv") writes .results.csv.RANDOM.tmp, which opening the cache
+        # "results" swept once a minute old: the block then failed at its end, its content lost
+        long = "r" * 70                         # cache names are cut to 60 in temporary names
+        targets = [self.path / "results.csv", self.path / (long + "-other.csv")]
+        writer = start_python("""
+            import sys, persist
+            blocks = [persist.atomic_open(path) for path in %r]
+            files = [block.__enter__() for block in blocks]
+            for file in files:
+                file.write("the content")
+            print("writing", flush=True)
+            sys.stdin.readline()
+            for block in blocks:
+                block.__exit__(None, None, None)
+            print("committed", flush=True)
+        """ % [str(target) for target in targets])
+        self.addCleanup(stop, writer)
+        self.assertEqual(writer.stdout.readline(), "writing\n")
+        temps = temp_files(self.dir)
+        self.assertEqual(len(temps), 2)
+        for name in temps:
+            os.utime(self.path / name, (0, 0))  # as if the block had run for hours
+        persist.open(self.path / "results").close()
+        persist.open(self.path / long).close()
+        self.assertEqual(temp_files(self.dir), temps)
+        out, _ = writer.communicate("go\n", timeout=300)
+        self.assertEqual(out, "committed\n")
+        for target in targets:
+            self.assertEqual(target.read_text(), "the content")
 
 
 @unittest.skipUnless(POSIX and hasattr(os, "setuid") and os.getuid() == 0, "root drops to nobody")
@@ -5725,6 +6090,53 @@ class TestDoneDir(TempDirTest):
                     raise error()
             self.assertFalse(persist.is_done(out))
             self.assertEqual(os.listdir(out), ["partial"])
+
+    @unittest.skipUnless(POSIX, "SIGKILL, and the file locks that tell a dead writer's file")
+    def test_temporary_file_of_a_killed_writer_is_neither_counted_nor_kept(self):
+        out = self.path / "out"
+        # a stage killed with SIGKILL in the middle of an atomic_write(), in a subdirectory
+        # too: its temporary files stay; a rerun finishes the stage around them
+        stage = start_python("""
+            import sys, persist
+            with persist.done_dir(%r) as d:
+                (d / "sub").mkdir()
+                for i in range(40):
+                    persist.atomic_write(d / ("%%02d" %% i), "done")
+                blocks = [persist.atomic_open(d / "big"), persist.atomic_open(d / "sub" / "x")]
+                for block in blocks:
+                    block.__enter__().write("half")
+                print("writing", flush=True)
+                sys.stdin.readline()
+        """ % str(out))
+        self.addCleanup(stop, stage)
+        self.assertEqual(stage.stdout.readline(), "writing\n")
+        stage.kill()
+        stage.wait()
+        left = temp_files(out)
+        self.assertEqual(len(left), 2)
+        (out / ".notes.tmp").write_text("mine")       # not of persist's shape: a result
+        # another process's atomic_open() under way in the stage as it finishes: not a
+        # result yet, never counted, and it commits afterwards
+        writer = start_python("""
+            import sys, persist
+            with persist.atomic_open(%r) as file:
+                file.write("late")
+                print("writing", flush=True)
+                sys.stdin.readline()
+            print("committed", flush=True)
+        """ % str(out / "late"))
+        self.addCleanup(stop, writer)
+        self.assertEqual(writer.stdout.readline(), "writing\n")
+        with persist.done_dir(out):
+            pass
+        record = json.loads((out / "DONE").read_text())
+        self.assertEqual((record["files"], record["bytes"]), (41, 40 * 4 + 4))
+        live, = set(temp_files(out)) - {".notes.tmp"}   # the live writer's, and only it
+        self.assertTrue(live.startswith(".late."), live)
+        self.assertEqual(writer.communicate("go\n", timeout=300)[0], "committed\n")
+        self.assertEqual((out / "late").read_text(), "late")
+        self.assertEqual((out / ".notes.tmp").read_text(), "mine")
+        self.assertNoTemp(out / "sub")
 
     def test_redo_removes_old_marker_first(self):
         out = self.path / "out"
