@@ -4167,6 +4167,80 @@ class TestFork(TempDirTest):
         self.assertEqual(on_disk, named)
 
 
+    def test_fork_while_another_thread_opens_and_closes_shelves(self):
+        # A child forked while that thread was inside SQLite (connecting, or closing, its
+        # _Connection already out of the list that fork() closes) inherited SQLite's own
+        # mutexes locked, and its first sqlite3.connect() waited for ever: 11 of 30 forks.
+        out = run_python("""
+            import os, signal, threading, persist
+            path = %r
+            stop = threading.Event()
+            def store():
+                i = 0
+                while not stop.is_set():
+                    with persist.open(path) as db:
+                        db["t%%d" %% (i %% 50)] = i
+                    i += 1
+            thread = threading.Thread(target=store)
+            thread.start()
+            ended = []
+            for n in range(100):
+                pid = os.fork()
+                if pid == 0:
+                    signal.alarm(20)          # a hang ends the child, and fails the test
+                    with persist.open(path) as db:
+                        db["child%%d" %% n] = n
+                        os._exit(0 if db["child%%d" %% n] == n else 1)
+                ended.append(os.waitpid(pid, 0)[1])
+                if ended[-1]:
+                    break                     # one is enough: no more 20 s waits
+            stop.set()
+            thread.join()
+            print(ended == [0] * 100)
+        """ % str(self.path / "shelf.db"), timeout=600)
+        self.assertEqual(out, "True\n")
+        with persist.open(self.path / "shelf.db", "r") as db:
+            self.assertEqual(sum(key.startswith("child") for key in db), 100)
+
+    def test_fork_while_another_thread_makes_the_cache(self):
+        # Forked while a thread made a new cache (its first memoized call), a child refused
+        # that cache for good ("forked (from a signal handler)"): 9 of 100, and one hung.
+        out = run_python("""
+            import os, signal, threading, warnings, persist
+            ended = []
+            for n in range(100):
+                @persist.memoize(cache_dir=os.path.join(%r, str(n)), name="f")
+                def f(x):
+                    return x * 2
+                started = threading.Event()
+                def first():
+                    started.set()
+                    f(1)
+                thread = threading.Thread(target=first)
+                thread.start()
+                started.wait()
+                pid = os.fork()
+                if pid == 0:
+                    signal.alarm(20)          # a hang ends the child, and fails the test
+                    warnings.simplefilter("error")
+                    try:
+                        ok = f(2) == 4 and f.cache_info().unstored == 0
+                    except BaseException as exc:
+                        print(n, repr(exc), flush=True)
+                        os._exit(3)
+                    os._exit(0 if ok else 2)
+                thread.join()
+                ended.append(os.waitpid(pid, 0)[1])
+                if ended[-1]:
+                    break
+            print(ended == [0] * 100)
+        """ % self.dir, timeout=600)
+        self.assertEqual(out, "True\n")
+        for n in range(100):                  # the children's results are stored too
+            with persist.open(self.path / str(n) / "f.db", "r") as db:
+                self.assertEqual(len(db), 2)
+
+
 class TestMemoizedFunctionCollected(TempDirTest):
     """A memoized function defined anew in a loop (or in a notebook's cell run again), each
     one then garbage: the process leaves no -wal or -shm file at exit. On PyPy the sqlite3
