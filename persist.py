@@ -2566,13 +2566,15 @@ def _writer_for(kind):
         return _write_numpy
     if module == "pandas" or module.startswith("pandas."):
         return _write_pandas
-    enum = sys.modules.get("enum")
-    if enum is not None and issubclass(kind, enum.Enum):
+    # Not imported, or not yet in full (another thread is importing it), and the class not
+    # made yet: no value of it can exist
+    enum = getattr(sys.modules.get("enum"), "Enum", None)
+    if enum is not None and issubclass(kind, enum):
         return _write_enum
     if hasattr(kind, "__dataclass_fields__") and not issubclass(kind, type):
         return _write_dataclass
-    pathlib = sys.modules.get("pathlib")       # not imported: no path can exist
-    if pathlib is not None and issubclass(kind, pathlib.PurePath):
+    path = getattr(sys.modules.get("pathlib"), "PurePath", None)
+    if path is not None and issubclass(kind, path):
         return _write_path
     if issubclass(kind, collections.OrderedDict):
         return _write_ordered
@@ -3376,9 +3378,16 @@ def _debug(event, identity, key):
     at all (the key shortened to 12 hex digits)."""
     global _LOG
     if _LOG is None:
-        if "logging" not in sys.modules:    # not imported: nobody can have asked for it
+        # Not imported, or not yet in full (another thread is importing it; its first lines
+        # put it in sys.modules): nobody can have asked for these messages yet
+        logging = sys.modules.get("logging")
+        if logging is None or getattr(getattr(logging, "__spec__", None), "_initializing",
+                                      False):
             return
-        _LOG = sys.modules["logging"].getLogger("persist")
+        try:
+            _LOG = logging.getLogger("persist")
+        except Exception:                   # half imported all the same: later
+            return
     if _LOG.isEnabledFor(_DEBUG):
         _LOG.debug("%s: %s %s", identity, event, key[:6].hex())
 
@@ -3483,6 +3492,7 @@ class _Memo:
         # type: (bytes) -> Any
         """The cached result for the call whose key is key, or _MISSING."""
         store = self.store if self.store is not None else self.open()
+        value = _MISSING
         if store is not None:
             try:
                 row = store.get(key)
@@ -3492,9 +3502,6 @@ class _Memo:
                     value = pickle.loads(row[0]) if row[1] is None else store.load(row)
                     self.hits += 1
                     self.saved += row[3] or 0.0
-                    if _LOG is not None or "logging" in sys.modules:
-                        _debug("hit", self.identity, key)
-                    return value
             except FileNotFoundError:    # replaced since get(): computed again, stored anew
                 pass
             except RecursionError:       # a deep recursion of the caller's: as it is
@@ -3504,6 +3511,10 @@ class _Memo:
             except Exception as exc:
                 _warn("a cached result of %s() in %s cannot be loaded (%s: %s); computing it "
                       "again" % (self.identity, self.path, type(exc).__name__, exc))
+        if value is not _MISSING:             # said after the try: no "cannot be loaded" for it
+            if _LOG is not None or "logging" in sys.modules:
+                _debug("hit", self.identity, key)
+            return value
         self.misses += 1
         _debug("miss", self.identity, key)
         return _MISSING
@@ -3518,7 +3529,6 @@ class _Memo:
             if self.leave_out is not None:
                 args = _leave_out(args, *self.leave_out)
             store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args))
-            _debug("stored", self.identity, key)
         except _HandlerBusy:          # a call in a signal handler: this once, nothing to fix
             self.unstored += 1
         except OSError as exc:
@@ -3530,6 +3540,8 @@ class _Memo:
             self.unstored += 1
             _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not cached"
                   % (self.identity, type(exc).__name__, exc))
+        else:                         # not in the try: stored is stored, whatever logging does
+            _debug("stored", self.identity, key)
 
     def fail(self, key, call, exc, seconds):
         # type: (bytes, _Call, Exception, float) -> None

@@ -5761,6 +5761,56 @@ class TestLogging(MemoTest):
         import logging
         self.assertFalse(logging.getLogger("persist").isEnabledFor(logging.INFO - 1))
 
+    def check_calls_while_logging_is_half_imported(self, importer):
+        # logging's first lines put it in sys.modules, and then import string: an import
+        # hook holds it there, half imported, while another thread makes memoized calls.
+        # They failed ("partially initialized module 'logging' has no attribute
+        # 'getLogger'"), and a hit warned first that its result "cannot be loaded".
+        out = run_python("""
+            import sys, threading, warnings, persist
+            half, done = threading.Event(), threading.Event()
+            main = threading.current_thread()
+            class HoldLogging:
+                def find_spec(self, name, path, target=None):
+                    if name == "string" and threading.current_thread() is main:
+                        half.set()
+                        done.wait(120)
+                    return None
+            assert "logging" not in sys.modules
+            sys.modules.pop("string", None)
+            sys.meta_path.insert(0, HoldLogging())
+            @persist.memoize(cache_dir=%r, name="f")
+            def f(x):
+                return x * 2
+            f(1)                              # stored: f(1) below is a hit
+            seen = []
+            def calls():
+                half.wait(120)
+                try:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        seen.append([f(1), f(2), f(2)])
+                    seen.append([str(w.message) for w in caught])
+                    seen.append(f.cache_info()[:2])
+                except BaseException as exc:
+                    seen.append(repr(exc))
+                done.set()
+            thread = threading.Thread(target=calls)
+            thread.start()
+            %s
+            thread.join()
+            print(seen)
+        """ % (self.dir, importer), timeout=300)
+        self.assertEqual(out.splitlines()[-1], "[[2, 4, 4], [], (2, 2)]")
+
+    def test_calls_while_another_thread_imports_logging(self):
+        self.check_calls_while_logging_is_half_imported("import logging")
+
+    def test_calls_while_map_imports_logging(self):
+        # persist.map() imports concurrent.futures, which imports logging
+        self.check_calls_while_logging_is_half_imported(
+            "print(persist.map(str, [1, 2], workers=2))")
+
 
 class TestCommandLine(TempDirTest):
     @classmethod
