@@ -4240,6 +4240,36 @@ class TestFork(TempDirTest):
             with persist.open(self.path / str(n) / "f.db", "r") as db:
                 self.assertEqual(len(db), 2)
 
+    @unittest.skipUnless("fork" in multiprocessing.get_all_start_methods(), "needs fork")
+    def test_map_forks_while_another_thread_makes_the_cache(self):
+        # The same through persist.map(workers=2): its workers were forked while another
+        # thread made the cache of its function, and stored none of their results (26 of
+        # 30 runs stored only the other thread's).
+        out = run_python("""
+            import multiprocessing, os, threading, persist
+            multiprocessing.set_start_method("fork")
+            ends = []
+            for n in range(30):
+                def f(x):
+                    return x * 2
+                f = persist.memoize(cache_dir=os.path.join(%r, str(n)), name="f")(f)
+                started = threading.Event()
+                def first():
+                    started.set()
+                    f(0)
+                thread = threading.Thread(target=first)
+                thread.start()
+                started.wait()
+                results = persist.map(f, range(1, 9), workers=2)
+                thread.join()
+                with persist.open(os.path.join(%r, str(n), "f.db"), "r") as db:
+                    ends.append((results == [2 * i for i in range(1, 9)], len(db)))
+                if ends[-1] != (True, 9):
+                    break
+            print(ends == [(True, 9)] * 30, ends[-1])
+        """ % (self.dir, self.dir), timeout=600)
+        self.assertEqual(out, "True (True, 9)\n")
+
 
 class TestMemoizedFunctionCollected(TempDirTest):
     """A memoized function defined anew in a loop (or in a notebook's cell run again), each
