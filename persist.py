@@ -994,10 +994,18 @@ class _Connection:
         # connection is never closed (its finalizer gives up while statements are not
         # finalized), its descriptors stay open, and exit leaves the -wal and -shm files;
         # 3.13's sqlite3 warns of a connection left to its finalizer. None after fork() in a
-        # child: the connection is its parent's (_ABANDONED). Not closed here, though: the
-        # collector runs in whichever thread, and may run while another thread forks, with
-        # no lock of ours held (see _FORK_GATE); _close_garbage() closes it soon, under one.
+        # child: the connection is its parent's (_ABANDONED). The collector runs in whichever
+        # thread, holding none of our locks: closed under _FORK_GATE, then, so that no fork
+        # comes meanwhile (see _FORK_GATE), or, while another thread forks or starts some
+        # work, left for _close_garbage() (waiting here could wait for ever: this thread
+        # may hold what that fork waits for).
         try:
+            if _FORK_GATE.acquire(blocking=False):
+                try:
+                    self._close_conn()
+                finally:
+                    _FORK_GATE.release()
+                return
             conn, self._conn = self._conn, None
             if conn is not None:
                 if self.mode != "ro":     # exit takes another look at its log: _close_all()

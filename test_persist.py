@@ -4202,6 +4202,46 @@ class TestFork(TempDirTest):
         with persist.open(self.path / "shelf.db", "r") as db:
             self.assertEqual(sum(key.startswith("child") for key in db), 100)
 
+    def test_fork_while_another_thread_drops_memoized_functions(self):
+        # Their connections are closed by the collector, in whichever thread: a child forked
+        # during such a close (or while another thread opened a cache) hung at fork 25.
+        out = run_python("""
+            import gc, os, signal, threading, persist
+            base = %r
+            stop = threading.Event()
+            def churn():
+                i = 0
+                while not stop.is_set():
+                    @persist.memoize(cache_dir=base, name="g%%d" %% (i %% 4))
+                    def g(x):
+                        return x
+                    g(i)
+                    del g
+                    if i %% 3 == 0:
+                        gc.collect()
+                    i += 1
+            thread = threading.Thread(target=churn)
+            thread.start()
+            ended = []
+            for n in range(100):
+                pid = os.fork()
+                if pid == 0:
+                    signal.alarm(20)          # a hang ends the child, and fails the test
+                    with persist.open(os.path.join(base, "c.db")) as db:
+                        db[str(n)] = n
+                    os._exit(0)
+                ended.append(os.waitpid(pid, 0)[1])
+                if ended[-1]:
+                    break
+            stop.set()
+            thread.join()
+            print(ended == [0] * 100)
+        """ % self.dir, timeout=600)
+        self.assertEqual(out, "True\n")
+        with persist.open(self.path / "c.db", "r") as db:
+            self.assertEqual(len(db), 100)
+        self.assertEqual(sorted(name for name in os.listdir(self.dir) if "-" in name), [])
+
     def test_fork_while_another_thread_makes_the_cache(self):
         # Forked while a thread made a new cache (its first memoized call), a child refused
         # that cache for good ("forked (from a signal handler)"): 9 of 100, and one hung.
