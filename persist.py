@@ -689,12 +689,15 @@ _WRITING_AT_FORK = set()           # caches a signal handler forked in the middl
 # can begin, so none begins after _before_fork() has looked for those under way.
 _FORK_GATE = _thread.RLock()
 _ELSEWHERE = {}                    # a lock held by each work elsewhere: (path, thread)
-_GARBAGE = []                      # connections of _Connections collected as garbage: closed
-                                   # under a lock, by the next use of a cache, fork or exit
+_GARBAGE = []                      # connections of collected _Connections that a fork kept
+                                   # from closing at once: closed by the next use of a cache,
+                                   # fork or exit, under a lock (see _Connection.__del__)
 _EXITED = False                    # _close_all() has run: each use closes its connection
 _WRITTEN = set()                   # caches this process has closed a writer's connection to
-_ABANDONED = []                    # connections a racing thread opened during fork(): never
-                                   # used or closed in the child (closing would unlock the parent's)
+_ABANDONED = []                    # in a child, the parent's connections that fork() left
+                                   # open (in use by the code a signal handler interrupted, or
+                                   # the collector's): never used or closed in the child
+                                   # (closing would unlock the parent's)
 
 
 def _fetch(conn, sql, params=()):
