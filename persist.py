@@ -1127,6 +1127,10 @@ def _before_fork():
     takes (RLocks: again) and gives back exactly the locks on its own list, pushed here as a
     whole and popped as a whole, so nested forks keep the counts even."""
     _FORK_GATE.acquire()                  # given back after the fork: no new ones meanwhile
+    # On the list at once: should Ctrl-C stop us half way (the fork, which ignores our
+    # error, goes on), the parent's half still gives back each lock taken
+    held: "List[_Connection]" = []
+    _FORKING.append(held)
     me = _thread.get_ident()
     for lock, (path, thread) in list(_ELSEWHERE.items()):
         if thread == me and lock.locked():
@@ -1136,7 +1140,6 @@ def _before_fork():
         else:
             with lock:                    # wait for that thread to finish with SQLite
                 _ELSEWHERE.pop(lock, None)
-    held: "List[_Connection]" = []
     while True:           # our own thread may open another while we hold the first ones
         new = [conn for conn in list(_CONNECTIONS) if conn not in held]
         if not new:
@@ -1153,7 +1156,6 @@ def _before_fork():
             else:
                 conn._close_conn()
     _close_garbage()                      # no other thread is in SQLite now
-    _FORKING.append(held)
 
 
 def _after_fork_in_parent():

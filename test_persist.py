@@ -4311,6 +4311,71 @@ class TestFork(TempDirTest):
         self.assertEqual(out, "True (True, 9)\n")
 
 
+    def test_ctrl_c_while_fork_waits_for_another_thread(self):
+        # Ctrl-C while fork() waited for another thread's store (its hook's error is ignored,
+        # and the fork goes on) kept the locks of the caches it had already closed: any
+        # other thread that used one of them then waited for ever.
+        out = run_python("""
+            import os, signal, sqlite3, sys, threading, persist
+            base = %r
+            shelves = [persist.open(os.path.join(base, "s%%d.db" %% i)) for i in range(10)]
+            for db in shelves:
+                db["x"] = 0               # each holds its connection open
+            path = os.path.join(base, "blocked.db")
+            blocked = persist.open(path)
+            blocked["x"] = 0
+            interrupted = threading.Event()
+            def on_sigint(signum, frame):
+                while frame is not None:   # Ctrl-C only while persist prepares the fork
+                    if frame.f_code.co_name == "_before_fork":
+                        interrupted.set()
+                        raise KeyboardInterrupt
+                    frame = frame.f_back
+            signal.signal(signal.SIGINT, on_sigint)
+            ended = []
+            for n in range(3):            # in whatever order fork() takes the caches
+                interrupted.clear()
+                holder = sqlite3.connect(path, timeout=0)
+                holder.execute("BEGIN IMMEDIATE")      # the writer below waits for it
+                inside = threading.Event()
+                def watch(frame, event, arg):
+                    if event == "call" and frame.f_code.co_name == "_transaction":
+                        inside.set()
+                def write():
+                    sys.setprofile(watch)
+                    blocked["r%%d" %% n] = n
+                    sys.setprofile(None)
+                writer = threading.Thread(target=write)
+                writer.start()
+                inside.wait(60)            # the writer holds its cache: fork() waits
+                def press():
+                    while not interrupted.wait(0.01):
+                        os.kill(os.getpid(), signal.SIGINT)
+                presser = threading.Thread(target=press)
+                presser.start()
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                presser.join()
+                holder.rollback()
+                holder.close()
+                writer.join()
+                os.waitpid(pid, 0)
+                def use():
+                    for db in shelves + [blocked]:
+                        db["y"] = n
+                user = threading.Thread(target=use, daemon=True)
+                user.start()
+                user.join(120)            # a lock left held: it would wait for ever
+                ended.append(not user.is_alive())
+                if user.is_alive():
+                    break
+            print(ended, flush=True)
+            os._exit(0)
+        """ % self.dir, timeout=600)
+        self.assertEqual(out, "[True, True, True]\n")
+
+
 class TestMemoizedFunctionCollected(TempDirTest):
     """A memoized function defined anew in a loop (or in a notebook's cell run again), each
     one then garbage: the process leaves no -wal or -shm file at exit. On PyPy the sqlite3
