@@ -756,8 +756,12 @@ class _Connection:
         self._frozen = None               # see _open_read_only()
         self._copy = None                 # the private copy _open_read_only() made, if any
         self._snapshots = False           # read only through _open_read_only() from now on
-        with _FORK_GATE:                  # not while another thread forks: see _FORK_GATE
+        gated = _gate()                   # not while another thread forks: see _FORK_GATE
+        try:
             _CONNECTIONS.add(self)
+        finally:
+            if gated:
+                _FORK_GATE.release()
 
     # (ignore[return]: the loop's last turn returns or raises, which mypy cannot tell)
     def run(self, work, *args):  # type: ignore[return]
@@ -1092,6 +1096,22 @@ def _transaction(conn, work, args):
     return result
 
 
+def _gate():
+    # type: () -> bool
+    """Take _FORK_GATE, to begin what a fork must wait for; False, and not taken, for a
+    signal handler whose thread is inside a _Connection or _elsewhere(): a fork under way in
+    another thread waits for that thread, which would wait for the fork (the fork then
+    waits for this too, which ends before the handler returns)."""
+    if _FORK_GATE.acquire(blocking=False):
+        return True
+    me = _thread.get_ident()
+    if any(conn._depth and conn._lock._is_owned() for conn in list(_CONNECTIONS)) or \
+            any(thread == me and lock.locked() for lock, (_, thread) in list(_ELSEWHERE.items())):
+        return False
+    _FORK_GATE.acquire()
+    return True
+
+
 @contextlib.contextmanager
 def _elsewhere(path):
     # type: (str) -> Iterator[None]
@@ -1101,8 +1121,12 @@ def _elsewhere(path):
     # Held from here to the end, even when Ctrl-C comes between two steps: an entry that
     # one leaves behind is then unlocked, and fork() takes it away without waiting
     with lock:
-        with _FORK_GATE:
+        gated = _gate()
+        try:
             _ELSEWHERE[lock] = (path, _thread.get_ident())
+        finally:
+            if gated:
+                _FORK_GATE.release()
         try:
             yield
         finally:

@@ -4794,6 +4794,57 @@ class TestForkInASignalHandler(TempDirTest):
         """ % self.dir, timeout=120)
         self.assertEqual(out, "True [0]\n")
 
+    def test_handler_opens_a_new_cache_while_another_thread_forks(self):
+        # The main thread stores (held up by another connection), the fork of another
+        # thread waits for it, and a signal handler in the main thread opens a new cache:
+        # that handler waited for the fork to end, the fork for the main thread, for ever.
+        out = run_python("""
+            import faulthandler, os, signal, sqlite3, sys, threading, persist
+            faulthandler.dump_traceback_later(120, exit=True)   # a deadlock fails the test
+            base = %r
+            path = os.path.join(base, "held.db")
+            held = persist.open(path)
+            held["x"] = 0
+            its_lock = held.dict.conn._lock     # only to see when the fork waits for it
+            holder = sqlite3.connect(path, timeout=0, check_same_thread=False)
+            holder.execute("BEGIN IMMEDIATE")   # the store below waits for it
+            def on_usr1(signum, frame):         # in the store's transaction, once it goes on
+                with persist.open(os.path.join(base, "new.db")) as db:
+                    db["h"] = 1
+            signal.signal(signal.SIGUSR1, on_usr1)
+            inside, waiting = threading.Event(), threading.Event()
+            def watch_main(frame, event, arg):
+                if event == "call" and frame.f_code.co_name == "_transaction":
+                    inside.set()
+            def watch_fork(frame, event, arg):
+                if event == "c_call" and getattr(arg, "__self__", None) is its_lock:
+                    waiting.set()
+            def fork():
+                inside.wait(60)                 # the main thread is in its store
+                sys.setprofile(watch_fork)
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                sys.setprofile(None)
+                os.waitpid(pid, 0)
+            def release():
+                waiting.wait(60)                # the fork waits for the main thread's store
+                os.kill(os.getpid(), signal.SIGUSR1)
+                holder.rollback()
+            forker = threading.Thread(target=fork)
+            releaser = threading.Thread(target=release)
+            forker.start()
+            releaser.start()
+            sys.setprofile(watch_main)
+            held["y"] = 1
+            sys.setprofile(None)
+            forker.join()
+            releaser.join()
+            with persist.open(os.path.join(base, "new.db"), "r") as db:
+                print(dict(db), held["y"])
+        """ % self.dir, timeout=300)
+        self.assertEqual(out, "{'h': 1} 1\n")
+
 
 class TestReadOnlyOpenLeavesNoLog(TempDirTest):
     def test_flag_r_closes_as_a_writer_would(self):
