@@ -833,18 +833,32 @@ if TYPE_CHECKING:
     _CONNECTIONS: "weakref.WeakSet[_Connection]"
     _FORKING: List[List["_Connection"]]
     _WRITING_AT_FORK: Set[str]
-    _CREATING: Set[str]
+    _ELSEWHERE: Dict[Any, Tuple[str, int]]
+    _GARBAGE: List[sqlite3.Connection]
     _ABANDONED: List[sqlite3.Connection]
     _EXITED: bool
     _WRITTEN: Set[str]
 _CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
 _FORKING = []                      # per fork under way, what its _before_fork() holds
 _WRITING_AT_FORK = set()           # caches a signal handler forked in the middle of using
-_CREATING = set()                  # caches _Store._create() is making in this process
+# No thread may be inside SQLite when another forks: SQLite's own mutexes (its list of open
+# files, its memory) would stay locked in the child, whose next sqlite3.connect() then waits
+# for ever. So every SQLite call of persist's runs under a lock that _before_fork() takes:
+# a _Connection's, or, for the work done without one (making a cache, reading a dbm.sqlite3
+# file, the last look at a log), one of its own in _ELSEWHERE. _FORK_GATE is held from the
+# start of _before_fork() until the fork is over: meanwhile no _Connection or work elsewhere
+# can begin, so none begins after _before_fork() has looked for those under way.
+_FORK_GATE = _thread.RLock()
+_ELSEWHERE = {}                    # a lock held by each work elsewhere: (path, thread)
+_GARBAGE = []                      # connections of collected _Connections that a fork kept
+                                   # from closing at once: closed by the next use of a cache,
+                                   # fork or exit, under a lock (see _Connection.__del__)
 _EXITED = False                    # _close_all() has run: each use closes its connection
 _WRITTEN = set()                   # caches this process has closed a writer's connection to
-_ABANDONED = []                    # connections a racing thread opened during fork(): never
-                                   # used or closed in the child (closing would unlock the parent's)
+_ABANDONED = []                    # in a child, the parent's connections that fork() left
+                                   # open (in use by the code a signal handler interrupted, or
+                                   # the collector's): never used or closed in the child
+                                   # (closing would unlock the parent's)
 
 
 def _fetch(conn, sql, params=()):
@@ -903,7 +917,12 @@ class _Connection:
         self._frozen = None               # see _open_read_only()
         self._copy = None                 # the private copy _open_read_only() made, if any
         self._snapshots = False           # read only through _open_read_only() from now on
-        _CONNECTIONS.add(self)
+        gated = _gate()                   # not while another thread forks: see _FORK_GATE
+        try:
+            _CONNECTIONS.add(self)
+        finally:
+            if gated:
+                _FORK_GATE.release()
 
     # (ignore[return]: the loop's last turn returns or raises, which mypy cannot tell)
     def run(self, work, *args):  # type: ignore[return]
@@ -969,6 +988,8 @@ class _Connection:
     def _ready(self):
         # type: () -> sqlite3.Connection
         """The connection, opened if need be, with no transaction left open."""
+        if _GARBAGE:                      # under our lock, which fork() waits for
+            _close_garbage()
         conn = self._conn
         if conn is None:
             if self.path in _WRITING_AT_FORK:
@@ -1133,8 +1154,9 @@ class _Connection:
     def close(self):
         # type: () -> None
         with self._lock:
-            _CONNECTIONS.discard(self)
+            # closed before it leaves _CONNECTIONS: a fork meanwhile waits for the lock
             self._close_conn()
+            _CONNECTIONS.discard(self)
 
     def __del__(self):
         # type: () -> None
@@ -1142,9 +1164,24 @@ class _Connection:
         # connection is never closed (its finalizer gives up while statements are not
         # finalized), its descriptors stay open, and exit leaves the -wal and -shm files;
         # 3.13's sqlite3 warns of a connection left to its finalizer. None after fork() in a
-        # child: the connection is its parent's (_ABANDONED).
+        # child: the connection is its parent's (_ABANDONED). The collector runs in whichever
+        # thread, holding none of our locks: closed under _FORK_GATE, then, so that no fork
+        # comes meanwhile (see _FORK_GATE), or, while another thread forks or starts some
+        # work, left for _close_garbage() (waiting here could wait for ever: this thread
+        # may hold what that fork waits for).
         try:
-            self._close_conn()
+            if _FORK_GATE.acquire(blocking=False):
+                try:
+                    self._close_conn()
+                finally:
+                    _FORK_GATE.release()
+                return
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                if self.mode != "ro":     # exit takes another look at its log: _close_all()
+                    _WRITTEN.add(self.path)
+                _GARBAGE.append(conn)
+            self._drop_copy()
         except Exception:                  # best effort: at exit, modules may be gone
             pass
 
@@ -1257,15 +1294,75 @@ def _transaction(conn, work, args):
     return result
 
 
+def _gate():
+    # type: () -> bool
+    """Take _FORK_GATE, to begin what a fork must wait for; False, and not taken, for a
+    signal handler whose thread is inside a _Connection or _elsewhere(): a fork under way in
+    another thread waits for that thread, which would wait for the fork (the fork then
+    waits for this too, which ends before the handler returns)."""
+    if _FORK_GATE.acquire(blocking=False):
+        return True
+    me = _thread.get_ident()
+    if any(conn._depth and conn._lock._is_owned() for conn in list(_CONNECTIONS)) or \
+            any(thread == me and lock.locked() for lock, (_, thread) in list(_ELSEWHERE.items())):
+        return False
+    _FORK_GATE.acquire()
+    return True
+
+
+@contextlib.contextmanager
+def _elsewhere(path):
+    # type: (str) -> Iterator[None]
+    """Around SQLite work on path done without a _Connection: fork() waits for it to end,
+    and none begins while another thread forks (see _FORK_GATE)."""
+    lock = _thread.allocate_lock()
+    # Held from here to the end, even when Ctrl-C comes between two steps: an entry that
+    # one leaves behind is then unlocked, and fork() takes it away without waiting
+    with lock:
+        gated = _gate()
+        try:
+            _ELSEWHERE[lock] = (path, _thread.get_ident())
+        finally:
+            if gated:
+                _FORK_GATE.release()
+        try:
+            yield
+        finally:
+            _ELSEWHERE.pop(lock, None)
+
+
+def _close_garbage():
+    # type: () -> None
+    """Close the connections that _Connection.__del__() left: called under a lock that
+    fork() waits for."""
+    while _GARBAGE:
+        with contextlib.suppress(IndexError):      # another thread took the last one
+            _close(_GARBAGE.pop())
+
+
 def _before_fork():
     # type: () -> None
-    """Close every connection, each under its lock, so no thread is inside one at fork().
+    """Close every connection, each under its lock, so no thread is inside one at fork(),
+    nor inside SQLite elsewhere (see _FORK_GATE).
 
     A signal handler may fork while this runs, or while the parent's half runs: each fork
     takes (RLocks: again) and gives back exactly the locks on its own list, pushed here as a
     whole and popped as a whole, so nested forks keep the counts even."""
+    _FORK_GATE.acquire()                  # given back after the fork: no new ones meanwhile
+    # On the list at once: should Ctrl-C stop us half way (the fork, which ignores our
+    # error, goes on), the parent's half still gives back each lock taken
     held: "List[_Connection]" = []
-    while True:           # a thread may open another while we hold the first ones
+    _FORKING.append(held)
+    me = _thread.get_ident()
+    for lock, (path, thread) in list(_ELSEWHERE.items()):
+        if thread == me and lock.locked():
+            # A signal handler forks while its thread makes this cache (or reads it): the
+            # child would find SQLite's locks on it held by a connection of its own
+            _WRITING_AT_FORK.add(path)
+        else:
+            with lock:                    # wait for that thread to finish with SQLite
+                _ELSEWHERE.pop(lock, None)
+    while True:           # our own thread may open another while we hold the first ones
         new = [conn for conn in list(_CONNECTIONS) if conn not in held]
         if not new:
             break
@@ -1280,8 +1377,7 @@ def _before_fork():
                 _WRITING_AT_FORK.add(conn.path)
             else:
                 conn._close_conn()
-    _WRITING_AT_FORK.update(_CREATING)       # a new cache is being made: the same
-    _FORKING.append(held)
+    _close_garbage()                      # no other thread is in SQLite now
 
 
 def _after_fork_in_parent():
@@ -1291,21 +1387,25 @@ def _after_fork_in_parent():
         _WRITING_AT_FORK.clear()
     for conn in held:
         conn._lock.release()
+    _FORK_GATE.release()
 
 
 def _after_fork_in_child():
     # type: () -> None
-    global _OPEN_LOCK
+    global _OPEN_LOCK, _FORK_GATE
     _OPEN_LOCK = _thread.RLock()
+    _FORK_GATE = _thread.RLock()
     del _FORKING[:]
     _WRITTEN.clear()                      # the parent's to look at, at its exit
     for conn in list(_CONNECTIONS):
         conn._lock = _thread.RLock()      # whoever held the old one is not in this process
         conn._depth = 0
         conn._frozen = conn._copy = None  # a private copy is the parent's to remove
-        if conn._conn is not None:        # opened by another thread while fork() was under
-            _ABANDONED.append(conn._conn)  # way, or in use by the code a handler interrupted
+        if conn._conn is not None:        # in use by the code a signal handler interrupted
+            _ABANDONED.append(conn._conn)
             conn._conn = None
+    _ABANDONED.extend(_GARBAGE)           # the collector's, since _before_fork()
+    del _GARBAGE[:]
 
 
 def _close_all():
@@ -1316,6 +1416,9 @@ def _close_all():
     # on each use closes its own.
     global _EXITED
     _EXITED = True
+    with contextlib.suppress(Exception):
+        with _elsewhere(""):
+            _close_garbage()
     for conn in list(_CONNECTIONS):
         # best effort: at exit, a connection another thread is using stays as it is
         with contextlib.suppress(Exception):
@@ -1344,16 +1447,17 @@ def _remove_log(path):
             _check_companions(path)
         except OSError:
             return                        # refused when used: nothing of ours to remove
-        try:
-            conn = sqlite3.connect(_uri(path, "rw"), uri=True, timeout=0.1)
-        except sqlite3.Error:
-            return                        # the cache is gone meanwhile: nothing to do
-        try:
-            _fetch(conn, "SELECT 1 FROM sqlite_master LIMIT 1")   # reads: opens the log
-        except sqlite3.Error:
-            pass
-        finally:
-            _close(conn)
+        with _elsewhere(path):
+            try:
+                conn = sqlite3.connect(_uri(path, "rw"), uri=True, timeout=0.1)
+            except sqlite3.Error:
+                return                    # the cache is gone meanwhile: nothing to do
+            try:
+                _fetch(conn, "SELECT 1 FROM sqlite_master LIMIT 1")   # reads: opens the log
+            except sqlite3.Error:
+                pass
+            finally:
+                _close(conn)
 
 
 if hasattr(os, "register_at_fork"):
@@ -1609,8 +1713,18 @@ class _Store:
             raise PermissionError(errno.EACCES, "cannot create the cache: its directory is "
                                   "not writable", directory) from None
         os.close(fd)
+        try:
+            with _elsewhere(self.path):
+                self._make(temp)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            _UNFINISHED.pop(temp, None)
+
+    def _make(self, temp):
+        # type: (str) -> None
+        """_create() in the empty file temp, then linked as path."""
         conn = None
-        _CREATING.add(self.path)
         try:
             conn = sqlite3.connect(temp, isolation_level=None)
             for statement in _CREATE:
@@ -1633,10 +1747,6 @@ class _Store:
         finally:
             if conn is not None:
                 _close(conn)
-            _CREATING.discard(self.path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            _UNFINISHED.pop(temp, None)
 
     def _create_in_place(self):
         # type: () -> None
@@ -1646,6 +1756,11 @@ class _Store:
         Under its exclusive lock, and only if it is empty still: a second creator waits for
         the lock, and then finds the cache made.
         """
+        with _elsewhere(self.path):
+            self._fill()
+
+    def _fill(self):
+        # type: () -> None
         conn = None
         try:
             conn = sqlite3.connect(_uri(self.path, "rw"), uri=True, timeout=_BUSY_TIMEOUT,
@@ -2868,13 +2983,15 @@ def _writer_for(kind):
         return _write_numpy
     if module == "pandas" or module.startswith("pandas."):
         return _write_pandas
-    enum = sys.modules.get("enum")
-    if enum is not None and issubclass(kind, enum.Enum):
+    # Not imported, or not yet in full (another thread is importing it), and the class not
+    # made yet: no value of it can exist
+    enum = getattr(sys.modules.get("enum"), "Enum", None)
+    if enum is not None and issubclass(kind, enum):
         return _write_enum
     if hasattr(kind, "__dataclass_fields__") and not issubclass(kind, type):
         return _write_dataclass
-    pathlib = sys.modules.get("pathlib")       # not imported: no path can exist
-    if pathlib is not None and issubclass(kind, pathlib.PurePath):
+    path = getattr(sys.modules.get("pathlib"), "PurePath", None)
+    if path is not None and issubclass(kind, path):
         return _write_path
     if issubclass(kind, collections.OrderedDict):
         return _write_ordered
@@ -3802,9 +3919,16 @@ def _debug(event, identity, key):
     at all (the key shortened to 12 hex digits)."""
     global _LOG
     if _LOG is None:
-        if "logging" not in sys.modules:    # not imported: nobody can have asked for it
+        # Not imported, or not yet in full (another thread is importing it; its first lines
+        # put it in sys.modules): nobody can have asked for these messages yet
+        logging = sys.modules.get("logging")
+        if logging is None or getattr(getattr(logging, "__spec__", None), "_initializing",
+                                      False):
             return
-        _LOG = sys.modules["logging"].getLogger("persist")
+        try:
+            _LOG = logging.getLogger("persist")
+        except Exception:                   # half imported all the same: later
+            return
     if _LOG.isEnabledFor(_DEBUG):
         _LOG.debug("%s: %s %s", identity, event, key[:6].hex())
 
@@ -3987,6 +4111,7 @@ class _Memo:
         """(the cached result for the call whose key is key, or _MISSING; the seconds its
         call took, which the hit saved: 0.0 on a miss, or where not known)."""
         store = self.store if self.store is not None else self.open()
+        value = _MISSING
         if store is not None:
             row = None
             try:
@@ -3997,11 +4122,9 @@ class _Memo:
                                         not _expired(row[2], self.expire)):
                     # load(), without a call when the pickle is in the row
                     value = pickle.loads(row[0]) if row[1] is None else store.load(row)
+                    seconds = row[3] or 0.0
                     self.hits += 1
-                    self.saved += row[3] or 0.0
-                    if _LOG is not None or "logging" in sys.modules:
-                        _debug("hit", self.identity, key)
-                    return value, row[3] or 0.0
+                    self.saved += seconds
             except FileNotFoundError as exc:
                 # Replaced since get() (a writer removed the file its row named): computed
                 # again, stored anew. A row that still names it lost it otherwise (removed by
@@ -4017,6 +4140,10 @@ class _Memo:
                 self.trouble("computes a result again: cannot read", exc)
             except Exception as exc:
                 self.unloadable(store, row, exc)
+        if value is not _MISSING:             # said after the try: no "cannot be loaded" for it
+            if _LOG is not None or "logging" in sys.modules:
+                _debug("hit", self.identity, key)
+            return value, seconds
         self.misses += 1
         _debug("miss", self.identity, key)
         return _MISSING, 0.0
@@ -4041,7 +4168,6 @@ class _Memo:
                 args = _leave_out(args, *self.leave_out)
             store.put(key, value, _PROTOCOL, seconds, self.version, _short_repr(args),
                       forget, self.owner)
-            _debug("stored", self.identity, key)
         except _HandlerBusy:          # a call in a signal handler: this once, nothing to fix
             self.unstored += 1
         except OSError as exc:
@@ -4066,6 +4192,8 @@ class _Memo:
                 _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not "
                       "cached%s" % (self.identity, type(exc).__name__, exc,
                                     _DEEP_ADVICE if deep else ""))
+        else:                         # not in the try: stored is stored, whatever logging does
+            _debug("stored", self.identity, key)
 
     def older_failures(self, store, call):
         # type: (_Store, _Call) -> List[bytes]
@@ -5613,18 +5741,19 @@ def _shelve_kind(path):
 def _is_dbm_sqlite3(path):
     # type: (str) -> bool
     """Whether path is an SQLite file with the one table of dbm.sqlite3 (Python 3.13)."""
-    try:
-        conn = sqlite3.connect(_uri(os.path.abspath(path), "ro"), uri=True)
-    except sqlite3.Error:
-        return False
-    try:
-        tables = _fetch(conn, "SELECT name FROM sqlite_master WHERE type = 'table'")
-        columns = [row[1] for row in _fetch(conn, "PRAGMA table_info(Dict)")]
-        return tables == [("Dict",)] and columns == ["key", "value"]
-    except sqlite3.Error:
-        return False
-    finally:
-        _close(conn)
+    with _elsewhere(path):
+        try:
+            conn = sqlite3.connect(_uri(os.path.abspath(path), "ro"), uri=True)
+        except sqlite3.Error:
+            return False
+        try:
+            tables = _fetch(conn, "SELECT name FROM sqlite_master WHERE type = 'table'")
+            columns = [row[1] for row in _fetch(conn, "PRAGMA table_info(Dict)")]
+            return tables == [("Dict",)] and columns == ["key", "value"]
+        except sqlite3.Error:
+            return False
+        finally:
+            _close(conn)
 
 
 @contextlib.contextmanager
@@ -5636,20 +5765,22 @@ def _shelve_items(path, kind):
         busy = PersistError(errno.EBUSY, "a dbm.sqlite3 shelve file that another program "
                             "has open; close it there, then open it again", path)
         try:
-            conn = sqlite3.connect(_uri(path, "rw"), uri=True, isolation_level=None,
-                                   timeout=_ASIDE_TIMEOUT)
-            try:
-                # Out of WAL mode first, which needs the only connection to it: then the file
-                # holds all of it, and leaves no -wal file that SQLite would replay into the
-                # store that takes its name. Another process may be looking at what the
-                # file is (_shelve_kind), for a moment.
-                if _journal_mode(conn, "DELETE", _ASIDE_TIMEOUT).lower() == "wal":
-                    raise busy
-                rows = conn.execute("SELECT key, value FROM Dict")
-                yield ((bytes(key) if isinstance(key, (bytes, memoryview)) else
-                        str(key).encode("utf-8"), bytes(value)) for key, value in rows)
-            finally:
-                _close(conn)
+            # the rows are read as the caller copies them: all of it under one _elsewhere()
+            with _elsewhere(path):
+                conn = sqlite3.connect(_uri(path, "rw"), uri=True, isolation_level=None,
+                                       timeout=_ASIDE_TIMEOUT)
+                try:
+                    # Out of WAL mode first, which needs the only connection to it: then
+                    # the file holds all of it, and leaves no -wal file that SQLite would
+                    # replay into the store that takes its name. Another process may be
+                    # looking at what the file is (_shelve_kind), for a moment.
+                    if _journal_mode(conn, "DELETE", _ASIDE_TIMEOUT).lower() == "wal":
+                        raise busy
+                    rows = conn.execute("SELECT key, value FROM Dict")
+                    yield ((bytes(key) if isinstance(key, (bytes, memoryview)) else
+                            str(key).encode("utf-8"), bytes(value)) for key, value in rows)
+                finally:
+                    _close(conn)
         except sqlite3.Error as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise busy from None

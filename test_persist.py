@@ -5362,6 +5362,215 @@ class TestFork(TempDirTest):
         self.assertEqual(on_disk, named)
 
 
+    def test_fork_while_another_thread_opens_and_closes_shelves(self):
+        # A child forked while that thread was inside SQLite (connecting, or closing, its
+        # _Connection already out of the list that fork() closes) inherited SQLite's own
+        # mutexes locked, and its first sqlite3.connect() waited for ever: 11 of 30 forks.
+        out = run_python("""
+            import os, signal, threading, persist
+            path = %r
+            stop = threading.Event()
+            def store():
+                i = 0
+                while not stop.is_set():
+                    with persist.open(path) as db:
+                        db["t%%d" %% (i %% 50)] = i
+                    i += 1
+            thread = threading.Thread(target=store)
+            thread.start()
+            ended = []
+            for n in range(100):
+                pid = os.fork()
+                if pid == 0:
+                    signal.alarm(20)          # a hang ends the child, and fails the test
+                    with persist.open(path) as db:
+                        db["child%%d" %% n] = n
+                        os._exit(0 if db["child%%d" %% n] == n else 1)
+                ended.append(os.waitpid(pid, 0)[1])
+                if ended[-1]:
+                    break                     # one is enough: no more 20 s waits
+            stop.set()
+            thread.join()
+            print(ended == [0] * 100)
+        """ % str(self.path / "shelf.db"), timeout=600)
+        self.assertEqual(out, "True\n")
+        with persist.open(self.path / "shelf.db", "r") as db:
+            self.assertEqual(sum(key.startswith("child") for key in db), 100)
+
+    def test_fork_while_another_thread_drops_memoized_functions(self):
+        # Their connections are closed by the collector, in whichever thread: a child forked
+        # during such a close (or while another thread opened a cache) hung at fork 25.
+        out = run_python("""
+            import gc, os, signal, threading, persist
+            base = %r
+            stop = threading.Event()
+            def churn():
+                i = 0
+                while not stop.is_set():
+                    @persist.memoize(cache_dir=base, name="g%%d" %% (i %% 4))
+                    def g(x):
+                        return x
+                    g(i)
+                    del g
+                    if i %% 3 == 0:
+                        gc.collect()
+                    i += 1
+            thread = threading.Thread(target=churn)
+            thread.start()
+            ended = []
+            for n in range(100):
+                pid = os.fork()
+                if pid == 0:
+                    signal.alarm(20)          # a hang ends the child, and fails the test
+                    with persist.open(os.path.join(base, "c.db")) as db:
+                        db[str(n)] = n
+                    os._exit(0)
+                ended.append(os.waitpid(pid, 0)[1])
+                if ended[-1]:
+                    break
+            stop.set()
+            thread.join()
+            print(ended == [0] * 100)
+        """ % self.dir, timeout=600)
+        self.assertEqual(out, "True\n")
+        with persist.open(self.path / "c.db", "r") as db:
+            self.assertEqual(len(db), 100)
+        self.assertEqual(sorted(name for name in os.listdir(self.dir) if "-" in name), [])
+
+    def test_fork_while_another_thread_makes_the_cache(self):
+        # Forked while a thread made a new cache (its first memoized call), a child refused
+        # that cache for good ("forked (from a signal handler)"): 9 of 100, and one hung.
+        out = run_python("""
+            import os, signal, threading, warnings, persist
+            ended = []
+            for n in range(100):
+                @persist.memoize(cache_dir=os.path.join(%r, str(n)), name="f")
+                def f(x):
+                    return x * 2
+                started = threading.Event()
+                def first():
+                    started.set()
+                    f(1)
+                thread = threading.Thread(target=first)
+                thread.start()
+                started.wait()
+                pid = os.fork()
+                if pid == 0:
+                    signal.alarm(20)          # a hang ends the child, and fails the test
+                    warnings.simplefilter("error")
+                    try:
+                        ok = f(2) == 4 and f.cache_info().unstored == 0
+                    except BaseException as exc:
+                        print(n, repr(exc), flush=True)
+                        os._exit(3)
+                    os._exit(0 if ok else 2)
+                thread.join()
+                ended.append(os.waitpid(pid, 0)[1])
+                if ended[-1]:
+                    break
+            print(ended == [0] * 100)
+        """ % self.dir, timeout=600)
+        self.assertEqual(out, "True\n")
+        for n in range(100):                  # the children's results are stored too
+            with persist.open(self.path / str(n) / "f.db", "r") as db:
+                self.assertEqual(len(db), 2)
+
+    @unittest.skipUnless("fork" in multiprocessing.get_all_start_methods(), "needs fork")
+    def test_map_forks_while_another_thread_makes_the_cache(self):
+        # The same through persist.map(workers=2): its workers were forked while another
+        # thread made the cache of its function, and stored none of their results (26 of
+        # 30 runs stored only the other thread's).
+        out = run_python("""
+            import multiprocessing, os, threading, persist
+            multiprocessing.set_start_method("fork")
+            ends = []
+            for n in range(30):
+                def f(x):
+                    return x * 2
+                f = persist.memoize(cache_dir=os.path.join(%r, str(n)), name="f")(f)
+                started = threading.Event()
+                def first():
+                    started.set()
+                    f(0)
+                thread = threading.Thread(target=first)
+                thread.start()
+                started.wait()
+                results = persist.map(f, range(1, 9), workers=2)
+                thread.join()
+                with persist.open(os.path.join(%r, str(n), "f.db"), "r") as db:
+                    ends.append((results == [2 * i for i in range(1, 9)], len(db)))
+                if ends[-1] != (True, 9):
+                    break
+            print(ends == [(True, 9)] * 30, ends[-1])
+        """ % (self.dir, self.dir), timeout=600)
+        self.assertEqual(out, "True (True, 9)\n")
+
+
+    def test_ctrl_c_while_fork_waits_for_another_thread(self):
+        # Ctrl-C while fork() waited for another thread's store (its hook's error is ignored,
+        # and the fork goes on) kept the locks of the caches it had already closed: any
+        # other thread that used one of them then waited for ever.
+        out = run_python("""
+            import os, signal, sqlite3, sys, threading, persist
+            base = %r
+            shelves = [persist.open(os.path.join(base, "s%%d.db" %% i)) for i in range(10)]
+            for db in shelves:
+                db["x"] = 0               # each holds its connection open
+            path = os.path.join(base, "blocked.db")
+            blocked = persist.open(path)
+            blocked["x"] = 0
+            interrupted = threading.Event()
+            def on_sigint(signum, frame):
+                while frame is not None:   # Ctrl-C only while persist prepares the fork
+                    if frame.f_code.co_name == "_before_fork":
+                        interrupted.set()
+                        raise KeyboardInterrupt
+                    frame = frame.f_back
+            signal.signal(signal.SIGINT, on_sigint)
+            ended = []
+            for n in range(3):            # in whatever order fork() takes the caches
+                interrupted.clear()
+                holder = sqlite3.connect(path, timeout=0)
+                holder.execute("BEGIN IMMEDIATE")      # the writer below waits for it
+                inside = threading.Event()
+                def watch(frame, event, arg):
+                    if event == "call" and frame.f_code.co_name == "_transaction":
+                        inside.set()
+                def write():
+                    sys.setprofile(watch)
+                    blocked["r%%d" %% n] = n
+                    sys.setprofile(None)
+                writer = threading.Thread(target=write)
+                writer.start()
+                inside.wait(60)            # the writer holds its cache: fork() waits
+                def press():
+                    while not interrupted.wait(0.01):
+                        os.kill(os.getpid(), signal.SIGINT)
+                presser = threading.Thread(target=press)
+                presser.start()
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                presser.join()
+                holder.rollback()
+                holder.close()
+                writer.join()
+                os.waitpid(pid, 0)
+                def use():
+                    for db in shelves + [blocked]:
+                        db["y"] = n
+                user = threading.Thread(target=use, daemon=True)
+                user.start()
+                user.join(120)            # a lock left held: it would wait for ever
+                ended.append(not user.is_alive())
+                if user.is_alive():
+                    break
+            print(ended, flush=True)
+            os._exit(0)
+        """ % self.dir, timeout=600)
+        self.assertEqual(out, "[True, True, True]\n")
+
+
 class TestMemoizedFunctionCollected(TempDirTest):
     """A memoized function defined anew in a loop (or in a notebook's cell run again), each
     one then garbage: the process leaves no -wal or -shm file at exit. On PyPy the sqlite3
@@ -5799,6 +6008,57 @@ class TestForkInASignalHandler(TempDirTest):
             print(len(children) > 5, sorted(set(codes)))
         """ % self.dir, timeout=120)
         self.assertEqual(out, "True [0]\n")
+
+    def test_handler_opens_a_new_cache_while_another_thread_forks(self):
+        # The main thread stores (held up by another connection), the fork of another
+        # thread waits for it, and a signal handler in the main thread opens a new cache:
+        # that handler waited for the fork to end, the fork for the main thread, for ever.
+        out = run_python("""
+            import faulthandler, os, signal, sqlite3, sys, threading, persist
+            faulthandler.dump_traceback_later(120, exit=True)   # a deadlock fails the test
+            base = %r
+            path = os.path.join(base, "held.db")
+            held = persist.open(path)
+            held["x"] = 0
+            its_lock = held.dict.conn._lock     # only to see when the fork waits for it
+            holder = sqlite3.connect(path, timeout=0, check_same_thread=False)
+            holder.execute("BEGIN IMMEDIATE")   # the store below waits for it
+            def on_usr1(signum, frame):         # in the store's transaction, once it goes on
+                with persist.open(os.path.join(base, "new.db")) as db:
+                    db["h"] = 1
+            signal.signal(signal.SIGUSR1, on_usr1)
+            inside, waiting = threading.Event(), threading.Event()
+            def watch_main(frame, event, arg):
+                if event == "call" and frame.f_code.co_name == "_transaction":
+                    inside.set()
+            def watch_fork(frame, event, arg):
+                if event == "c_call" and getattr(arg, "__self__", None) is its_lock:
+                    waiting.set()
+            def fork():
+                inside.wait(60)                 # the main thread is in its store
+                sys.setprofile(watch_fork)
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                sys.setprofile(None)
+                os.waitpid(pid, 0)
+            def release():
+                waiting.wait(60)                # the fork waits for the main thread's store
+                os.kill(os.getpid(), signal.SIGUSR1)
+                holder.rollback()
+            forker = threading.Thread(target=fork)
+            releaser = threading.Thread(target=release)
+            forker.start()
+            releaser.start()
+            sys.setprofile(watch_main)
+            held["y"] = 1
+            sys.setprofile(None)
+            forker.join()
+            releaser.join()
+            with persist.open(os.path.join(base, "new.db"), "r") as db:
+                print(dict(db), held["y"])
+        """ % self.dir, timeout=300)
+        self.assertEqual(out, "{'h': 1} 1\n")
 
 
 class TestReadOnlyOpenLeavesNoLog(TempDirTest):
@@ -7273,6 +7533,56 @@ class TestLogging(MemoTest):
     def test_silent_at_default_levels(self):
         import logging
         self.assertFalse(logging.getLogger("persist").isEnabledFor(logging.INFO - 1))
+
+    def check_calls_while_logging_is_half_imported(self, importer):
+        # logging's first lines put it in sys.modules, and then import string: an import
+        # hook holds it there, half imported, while another thread makes memoized calls.
+        # They failed ("partially initialized module 'logging' has no attribute
+        # 'getLogger'"), and a hit warned first that its result "cannot be loaded".
+        out = run_python("""
+            import sys, threading, warnings, persist
+            half, done = threading.Event(), threading.Event()
+            main = threading.current_thread()
+            class HoldLogging:
+                def find_spec(self, name, path, target=None):
+                    if name == "string" and threading.current_thread() is main:
+                        half.set()
+                        done.wait(120)
+                    return None
+            assert "logging" not in sys.modules
+            sys.modules.pop("string", None)
+            sys.meta_path.insert(0, HoldLogging())
+            @persist.memoize(cache_dir=%r, name="f")
+            def f(x):
+                return x * 2
+            f(1)                              # stored: f(1) below is a hit
+            seen = []
+            def calls():
+                half.wait(120)
+                try:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        seen.append([f(1), f(2), f(2)])
+                    seen.append([str(w.message) for w in caught])
+                    seen.append(f.cache_info()[:2])
+                except BaseException as exc:
+                    seen.append(repr(exc))
+                done.set()
+            thread = threading.Thread(target=calls)
+            thread.start()
+            %s
+            thread.join()
+            print(seen)
+        """ % (self.dir, importer), timeout=300)
+        self.assertEqual(out.splitlines()[-1], "[[2, 4, 4], [], (2, 2)]")
+
+    def test_calls_while_another_thread_imports_logging(self):
+        self.check_calls_while_logging_is_half_imported("import logging")
+
+    def test_calls_while_map_imports_logging(self):
+        # persist.map() imports concurrent.futures, which imports logging
+        self.check_calls_while_logging_is_half_imported(
+            "print(persist.map(str, [1, 2], workers=2))")
 
 
 class TestCommandLine(TempDirTest):
