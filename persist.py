@@ -2826,9 +2826,18 @@ def _write_enum(value, w):
 
 def _write_dataclass(value, w):
     # type: (Any, _KeyWriter) -> None
+    # Its fields; then what else it holds (self.mean_ = ... set by a fit()), which a result
+    # may depend on as much: a dataclass that holds nothing else keys as it always has.
+    _enter(value, w)                 # node.parent.children holds node: refused, not recursed
     fields = sys.modules["dataclasses"].fields(value)
-    _write_named(_type_name(type(value)),
-                 tuple((field.name, getattr(value, field.name)) for field in fields), w)
+    payload = tuple((field.name, getattr(value, field.name)) for field in fields)
+    names = {field.name for field in fields}
+    others = {name: held for name, held in (getattr(value, "__dict__", None) or {}).items()
+              if name not in names}
+    others.update((name, held) for name, held in _slot_values(value).items()
+                  if name not in names)
+    _write_named(_type_name(type(value)), payload + (others,) if others else payload, w)
+    w.active.discard(id(value))
 
 
 def _write_array(value, w, tag="A"):

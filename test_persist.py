@@ -2839,6 +2839,25 @@ def make_scale(k):
     return scale
 
 
+@dataclasses.dataclass
+class Centre:
+    """A dataclass whose fit() sets state that is no field, as estimators do."""
+    scale: int = 1
+
+    def fit(self, data):
+        self.mean_ = sum(data) / len(data)
+        return self
+
+    def __call__(self, x):
+        return (x - self.mean_) * self.scale
+
+
+@dataclasses.dataclass
+class Node:
+    name: str
+    children: list = dataclasses.field(default_factory=list)
+
+
 class TestWhatACallableCarries(TempDirTest):
     def setUp(self):
         super().setUp()
@@ -2971,6 +2990,25 @@ class TestWhatACallableCarries(TempDirTest):
         self.assertEqual(outs, [
             ("0 0 1 20 20 21".split(), 6), ("0 0 1 30 30 31".split(), 3),
             ("20 20 21 30 30 31".split(), 0), ("20 20 21 20 20 21".split(), 0)])
+
+    def test_a_dataclass_is_keyed_by_what_it_holds_besides_its_fields(self):
+        # self.mean_ set by fit() is no field: it decides the result all the same, passed
+        # as an argument or memoized as the callable itself
+        centre = Centre().fit([1, 2, 3])
+        f = persist.memoize(centre)
+        self.assertEqual(f(10), 8.0)
+        centre.fit([100, 200, 300])
+        self.assertEqual(f(10), -190.0)
+        g = persist.memoize(name="apply")(lambda x, c: c(x))
+        self.assertEqual((g(10, Centre().fit([1])), g(10, Centre().fit([5]))), (9.0, 5.0))
+        self.assertEqual(g.cache_info().entries, 2)
+
+    def test_a_dataclass_that_holds_itself_is_refused_as_a_list_is(self):
+        root = Node("root")
+        root.children.append(root)
+        f = persist.memoize(name="count")(lambda node: len(node.children))
+        with self.assertRaisesRegex(TypeError, "'node'.*Node that contains itself"):
+            f(root)
 
     def test_state_that_can_no_longer_be_keyed_is_named(self):
         scale = Scale(2)
