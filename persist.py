@@ -4270,8 +4270,20 @@ def _failure_record(call, exc, seconds, version):
         message = message[:_MESSAGE_LIMIT - 1] + "\u2026"
     # the innermost frames, where the error is: formatting them all costs as much as they are
     text = "".join(traceback.format_exception(kind, exc, exc.__traceback__, limit=-_FRAMES))
-    return (_short_repr(call), name, message, text[-_TRACEBACK_LIMIT:], seconds, version,
+    # A lone surrogate (a file name os.listdir() decoded with surrogateescape, in the
+    # message) cannot be SQLite text: it is kept as its escape, \udce9, as repr() shows it
+    return (_short_repr(call), name, _escaped_surrogates(message),
+            _escaped_surrogates(text[-_TRACEBACK_LIMIT:]), seconds, version,
             _pickled_call(call))
+
+
+def _escaped_surrogates(text):
+    # type: (str) -> str
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 class _TooLarge(Exception):

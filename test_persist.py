@@ -6859,6 +6859,21 @@ class TestFailureLedger(MemoTest):
         self.assertEqual(again, [("?a", 16), ("?c", 10)])
         self.assertEqual([r.args[:6] for r in f.failures()], ["('?b',", "('?d',"])
 
+    def test_a_message_with_a_lone_surrogate_is_recorded(self):
+        # a file name that os.listdir() decoded with surrogateescape, in the message
+        def load(name):
+            raise ValueError("bad row in %s" % name)
+
+        f = self.memo(load)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")             # no "could not record" warning
+            with self.assertRaises(ValueError):
+                f("caf\udce9.csv")
+        record, = f.failures()
+        self.assertEqual(record.message, "bad row in caf\\udce9.csv")
+        self.assertTrue(record.traceback.rstrip().endswith("bad row in caf\\udce9.csv"))
+        self.assertEqual(record.call.args, ("caf\udce9.csv",))
+
     def test_records_that_someone_crafted(self):
         f = self.memo(parse, name="crafted")
         for text in ("?a", "?b", "?c"):
