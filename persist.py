@@ -6659,7 +6659,9 @@ def _error_text(exc):
     text = str(exc)
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         text = "%s: %s" % (os.fsdecode(exc.filename), exc.strerror)
-    return " ".join(text.split())
+    # SQLite's own message may quote a column's text ("Could not decode to UTF-8 column
+    # 'args' with text ..."): what anyone who could write the file put there
+    return _one_line(text)
 
 
 def _main(argv=None):

@@ -7559,6 +7559,32 @@ class TestFailuresCommand(TempDirTest):
         self.assertIn("\\x1b[?1049h", done.stdout)
         self.assertIn("    Traceback (most recent call last)", done.stdout)
 
+    def test_text_that_is_not_utf_8_in_a_crafted_cache_reaches_no_terminal(self):
+        # SQLite's error quotes the column's text: "Could not decode to UTF-8 column ..."
+        cache = self.path / "cache"
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="crafted")
+            def f(x):
+                if x:
+                    raise ValueError(x)
+            f(0)
+            try:
+                f(1)
+            except ValueError:
+                pass
+        """ % str(cache))
+        db = str(cache / "crafted.db")
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("UPDATE Failures SET args = CAST(X'28ff1b5d303b6f776e656407' AS TEXT)")
+            conn.execute("UPDATE Dict SET args = CAST(X'28fe1b5b33316d29' AS TEXT)")
+        for command in (["failures", db], ["failures", "--traceback", db], ["show", db]):
+            done = run_command(CLI + command)
+            self.assertEqual(done.returncode, 1, done.stdout)
+            self.assertIn("crafted.db: cache file error", done.stderr)
+            for control in ("\x1b", "\x07"):
+                self.assertNotIn(control, done.stdout + done.stderr, command)
+
 
 # -- the user's first hour: logging, the command line, the example, the README
 
