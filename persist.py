@@ -6310,9 +6310,17 @@ def is_done(path: "_Path", *, marker: str = "DONE") -> bool:
 # -- the command line: python persist.py COMMAND, or python -m persist COMMAND
 
 
+_AGES = 1e6 * 86400          # seconds: a million days, past which a stamp has no age
+
+
 def _when(stamp):
     # type: (Optional[float]) -> str
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
+    if not stamp:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+    except (OverflowError, ValueError, OSError):  # a stamp someone wrote: years past 9999
+        return "(not a date)"
 
 
 def _bytes(size):  # type: ignore[return]  # the "GB" turn returns
@@ -6325,6 +6333,8 @@ def _bytes(size):  # type: ignore[return]  # the "GB" turn returns
 
 def _age(seconds):
     # type: (float) -> str
+    if not -_AGES < seconds < _AGES:      # a stamp someone wrote: no age to speak of
+        return "?"
     if seconds <= -1:                     # stored ahead of this clock: say so, as -2h
         return "-" + _age(-seconds)
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):

@@ -2066,6 +2066,25 @@ class TestExpireWhenTheClockJumps(ExplainTest):
         self.at(-7200, 5)
         self.assertRegex(self.at(0, 5), r"^miss: expired; stored .* \(2h ago\)")
 
+    def test_a_stamp_past_any_date_is_said_not_raised(self):
+        # a crafted or corrupt stamp, years past 9999 or before year 1: explain(), show and
+        # ls say so, and the call computes it again
+        f = self.memo(lambda x: x, name="crafted", expire=3600)
+        f(1), f(2), f(3)
+        self.sql(f, "UPDATE Dict SET stored = CASE args WHEN '(1)' THEN 1e308 "
+                    "WHEN '(2)' THEN -1e308 ELSE 9e999 END")
+        for x in (1, 2, 3):
+            self.assertMiss(f.explain(x), "expired", r"expired; stored \(not a date\) ")
+        show = run_command(CLI + ["show", f.cache_info().path])
+        self.assertEqual(show.returncode, 0, show.stderr)
+        self.assertEqual(sorted(line.split()[0] for line in show.stdout.splitlines()[1:]),
+                         ["?", "?", "?"])
+        ls = run_command(CLI + ["ls", self.dir])
+        self.assertEqual(ls.returncode, 0, ls.stderr)
+        self.assertIn("(not a date)", ls.stdout)
+        self.assertEqual([f(1), f(2), f(3)], [1, 2, 3])
+        self.assertEqual(len(f.calls), 6)
+
 
 class TestExplainAnotherVersion(ExplainTest):
     def test_names_the_version_that_stored_it(self):
