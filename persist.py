@@ -3527,8 +3527,8 @@ class _Carried:
         self.live: "List[object]" = []
         self.digests: "List[str]" = []     # of the values in the text: what is not code
 
-    def value(self, value):
-        # type: (object) -> str
+    def value(self, value, live=False):
+        # type: (object, bool) -> str
         if isinstance(value, types.ModuleType):
             return "module " + value.__name__
         if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
@@ -3539,8 +3539,9 @@ class _Carried:
             return "class %s.%s" % (_func_module(value), value.__qualname__)
         if isinstance(value, (types.FunctionType, functools.partial, types.MethodType,
                               _Memoized)):
-            return self.callable(value)
-            return self.callable(value)
+            # a bound method or partial that a partial passes on (live) holds what is passed
+            # at each call too: partial(apply, model.predict) keys model at each call
+            return self.callable(value, live=live)
         try:
             digest = _digest(value).hex()
         except RecursionError:
@@ -3553,11 +3554,11 @@ class _Carried:
         self.digests.append(digest)
         return "value " + digest
 
-    def held(self, name, value, where=None):
-        # type: (Union[str, int], object, Optional[str]) -> str
+    def held(self, name, value, where=None, live=False):
+        # type: (Union[str, int], object, Optional[str], bool) -> str
         """value's text, or _Unkeyable saying where (else name) it was held."""
         try:
-            return "%s=%s" % (name, self.value(value))
+            return "%s=%s" % (name, self.value(value, live))
         except _Unkeyable as exc:
             where = where or repr(name)
             raise _Unkeyable("%s, held in %s" % (exc, where) if str(exc).startswith("'")
@@ -3567,7 +3568,7 @@ class _Carried:
         # type: (Union[str, int], object, str, bool) -> str
         """held()'s text, but a value (not a name) that live says is passed at each call is
         left to the key of each call."""
-        text = self.held(name, value, where)
+        text = self.held(name, value, where, live)
         if live and text.startswith("%s=value " % name):
             self.live.append(value)
             return "%s=live" % name

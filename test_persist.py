@@ -3029,6 +3029,23 @@ class TestWhatACallableCarries(TempDirTest):
         with self.assertRaisesRegex(TypeError, "'node'.*Node that contains itself"):
             f(root)
 
+    def test_a_bound_method_a_partial_passes_on_is_keyed_at_each_call(self):
+        # partial(apply, scale.apply): scale is held by the method the partial holds
+        import functools
+
+        def apply(fn, x):
+            return fn(x)
+
+        scale = Scale(2)
+        f = persist.memoize(functools.partial(apply, scale.apply))
+        g = persist.memoize(functools.partial(apply, functools.partial(scale.apply)))
+        self.assertEqual((f(10), g(10)), (20, 20))
+        scale.k = 5
+        self.assertEqual((f(10), g(10)), (50, 50))
+        scale.k = 2
+        self.assertEqual((f(10), g(10)), (20, 20))
+        self.assertEqual((f.cache_info().hits, g.cache_info().hits), (1, 1))
+
     def test_state_that_can_no_longer_be_keyed_is_named(self):
         scale = Scale(2)
         f = persist.memoize(scale)
