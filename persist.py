@@ -6491,7 +6491,8 @@ def _cli_ls(options):
                  "WHERE"))
     for path in paths:
         # where it is, as 'show --dir DIR' takes it: the same name may be in many folders
-        where = os.path.relpath(path, directory)
+        # (a name anyone who could write there chose: rendered as labels are)
+        where = _one_line(os.path.relpath(path, directory))
         try:
             with contextlib.closing(_Store(path, "r")) as store:
                 count, oldest, newest, stale, stale_size = store.summary()
@@ -6548,14 +6549,14 @@ def _cli_clear(options):
         with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
             count, size, _ = store.prune(before=float("inf"), dry_run=True)
             print("would remove %d entries (%s)%s from %s" % (
-                count, _bytes(size), _and_failures(store.tally()[2]), store.path))
+                count, _bytes(size), _and_failures(store.tally()[2]), _one_line(store.path)))
         return
     with contextlib.closing(_open_cache(options.cache, "w", options.dir)) as store:
         before = store.disk_usage()
         failed = store.tally()[2]         # clear() takes them too, in its one transaction
         count = store.clear()
         print("removed %d entries%s from %s; %s given back" % (
-            count, _and_failures(failed), store.path,
+            count, _and_failures(failed), _one_line(store.path),
             _bytes(max(0, before - store.disk_usage()))))
 
 
@@ -6573,7 +6574,7 @@ def _cli_prune(options):  # type: ignore[return]
         which: "_Kwargs"           # prune()'s keyword arguments
         if options.stale:
             if "version" not in info:
-                print("%s has no version=; nothing is stale" % store.path)
+                print("%s has no version=; nothing is stale" % _one_line(store.path))
                 return 0
             # other versions, and other code of the nested helpers it calls than the
             # latest run's; not other values it carried (make(3) beside make(2))
@@ -6583,20 +6584,20 @@ def _cli_prune(options):  # type: ignore[return]
             if age is None:
                 expire = info.get("expire", "None")
                 if expire == "None":
-                    print("%s has no expire=; nothing has expired" % store.path)
+                    print("%s has no expire=; nothing has expired" % _one_line(store.path))
                     return 0
                 age = float(expire)
             now = time.time()     # too far either way, as _expired() tells
             which = {"before": now - age, "after": now + age}
         if options.dry_run:
             count, size, failed = store.prune(dry_run=True, **which)
-            print("would remove %d entries (%s)%s from %s" % (count, _bytes(size),
-                                                           _and_failures(failed), store.path))
+            print("would remove %d entries (%s)%s from %s" % (
+                count, _bytes(size), _and_failures(failed), _one_line(store.path)))
             return 0
         before = store.disk_usage()
         count, size, failed = store.prune(**which)
         print("removed %d entries (%s)%s from %s; %s given back" % (
-            count, _bytes(size), _and_failures(failed), store.path,
+            count, _bytes(size), _and_failures(failed), _one_line(store.path),
             _bytes(max(0, before - store.disk_usage()))))
 
 
@@ -6623,7 +6624,7 @@ def _cli_failures(options):  # type: ignore[return]
         for row in rows:
             groups.setdefault(row[1:3], []).append(row)
         print("%s: %d failed call%s, not succeeded since (%s)" % (
-            label, len(rows), "" if len(rows) == 1 else "s", store.path))
+            label, len(rows), "" if len(rows) == 1 else "s", _one_line(store.path)))
         for (kind, message), group in sorted(groups.items(), key=lambda pair: -len(pair[1])):
             print("\n%s: %s" % (kind, message))
             times = sum(row[3] for row in group)

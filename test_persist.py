@@ -7595,6 +7595,31 @@ class TestFailuresCommand(TempDirTest):
         self.assertIn("\\x1b[?1049h", done.stdout)
         self.assertIn("    Traceback (most recent call last)", done.stdout)
 
+    def test_file_names_someone_chose_reach_no_terminal(self):
+        # a shared cache directory: anyone who may write there names files and folders
+        cache = self.path / "cache"
+        hostile = cache / "team\x1b]8;;x\x07"
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="named")
+            def f(x):
+                raise ValueError(x)
+            try:
+                f(1)
+            except ValueError:
+                pass
+        """ % str(hostile))
+        (cache / "\x1b[31mplanted\u202e.db").write_bytes(b"x")
+        db = str(hostile / "named.db")
+        for command in (["ls", str(cache)], ["failures", db], ["clear", "--dry-run", db],
+                        ["prune", "--stale", "--dry-run", db],
+                        ["prune", "--expired", "--dry-run", db]):
+            done = run_command(CLI + command)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            for control in ("\x1b", "\x07", "\u202e"):
+                self.assertNotIn(control, done.stdout, command)
+            self.assertIn("team\\x1b]8;;x\\x07", done.stdout, command)
+
     def test_text_that_is_not_utf_8_in_a_crafted_cache_reaches_no_terminal(self):
         # SQLite's error quotes the column's text: "Could not decode to UTF-8 column ..."
         cache = self.path / "cache"
