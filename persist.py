@@ -6657,11 +6657,12 @@ def _cli_status(options):
         if is_done(path, marker=options.marker):
             with io.open(os.path.join(path, options.marker), encoding="utf-8",
                          errors="replace") as file:
-                print("%s: finished %s" % (path, file.read().strip()))
+                # what anyone who may write in the stage wrote: rendered as 'ls' renders
+                print("%s: finished %s" % (_one_line(path), _one_line(file.read().strip())))
         else:
             unfinished += 1
             state = "not finished" if os.path.isdir(path) else "missing"
-            print("%s: %s" % (path, state))
+            print("%s: %s" % (_one_line(path), state))
     return 1 if unfinished else 0
 
 

@@ -7834,6 +7834,16 @@ class TestCommandLine(TempDirTest):
         self.assertEqual([line.split(": ", 1)[1][:12] for line in done.stdout.splitlines()],
                          ["finished {\"f", "not finished", "missing"])
 
+    def test_status_renders_a_marker_someone_wrote(self):
+        stage = self.path / "stage"
+        with persist.done_dir(stage) as d:
+            (d / "x").write_text("12")
+        (stage / "DONE").write_text('{"finished": "\x1b]0;owned\x07\x1b[2J"}\n')
+        done = self.persist_cli("status", str(stage))
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNotIn("\x1b", done.stdout)
+        self.assertIn("\\x1b]0;owned\\x07\\x1b[2J", done.stdout)
+
 
 def backdate(cache_file, seconds):
     """Make every entry of a cache look stored seconds earlier, as time would."""
