@@ -3090,8 +3090,11 @@ def _fixed(value, depth=0):
 
 
 def _differs(value, digest):
-    # type: (Any, bytes) -> bool
-    """Whether value no longer keys as the default whose digest is digest."""
+    # type: (Any, Optional[bytes]) -> bool
+    """Whether value no longer keys as the default whose digest is digest (None: a default
+    that could not be keyed at decoration, left out as itself)."""
+    if digest is None:
+        return False
     try:
         return _digest(value) != digest
     except RecursionError:
@@ -3192,8 +3195,10 @@ def _binder(func, ignore, label):
     # program (CONFIG = Config(), filled in by main() after import), is keyed by what it holds
     # at the call if that is not what it held at decoration; a value passed for it always is,
     # even the default itself: what it held at decoration in another run says nothing of it.
+    # One that cannot be keyed at decoration (a settings object holding a lambda) is left out
+    # when not passed, as itself; passed, it is keyed as any value is, or refused, naming it.
     watched = {name for name, _, default, digest in kept
-               if digest is not None and not _fixed(default)}
+               if default is not _MISSING and not _fixed(default)}
     signature: "List[inspect.Signature]" = []   # made on first need: a call bind() cannot take
 
     def bind_slowly(args, kwargs):

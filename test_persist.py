@@ -8985,6 +8985,20 @@ class TestClassmethodAboveMemoize(TempDirTest):
                                        r"\(Shape, \.\.\.\).*@memoize above @classmethod")
         self.assertEqual(lines[-2:], ["True", "0"])
 
+class HookedSettings:
+    """Settings that hold a function made at run time: they cannot be keyed."""
+
+    def __init__(self):
+        self.k, self.hook = 1, lambda v: v
+
+
+HOOKED = HookedSettings()
+
+
+def scale_hooked(x, cfg=HOOKED):
+    return cfg.hook(x * cfg.k)
+
+
 class TestDefaultChangedInPlace(MemoTest):
     def test_a_mutable_default_is_keyed_by_what_it_holds_at_the_call(self):
         def count_and_append(seen=[]):
@@ -9010,6 +9024,19 @@ class TestDefaultChangedInPlace(MemoTest):
         self.assertEqual(len(f.calls), 2)
         self.assertEqual(f([1, 2], {1: 5}), 6)
         self.assertEqual(len(f.calls), 3)
+
+    def test_one_that_cannot_be_keyed_passed_is_refused_not_left_out(self):
+        # settings holding a lambda: its k cannot be keyed, so passing it must not be served
+        # the result of other settings
+        self.addCleanup(setattr, HOOKED, "k", 1)
+        f = self.memo(scale_hooked)
+        self.assertEqual(f(2), 2)                 # left at its default: left out, as itself
+        HOOKED.k = 5
+        for call in (lambda: f(2, HOOKED), lambda: f(2, cfg=HOOKED)):
+            with self.assertRaisesRegex(TypeError, "argument 'cfg' cannot be part of a "
+                                                   "cache key.*ignore="):
+                call()
+        self.assertEqual(len(f.calls), 1)
 
 class TestCacheInfoByLruCacheNames(MemoTest):
     def test_currsize_and_maxsize_as_lru_cache_has_them(self):
