@@ -3216,7 +3216,7 @@ def _binder(func, ignore, label):
             if name in watched:
                 if name in arguments:          # passed
                     named += (name, arguments[name])
-                elif _differs(default, digest):   # type: ignore[arg-type]  # watched: one
+                elif _differs(default, digest):
                     named += (name, default)
                 continue
             if name not in arguments:          # left at its default, or no *args / **kwargs
@@ -3284,7 +3284,7 @@ def _binder(func, ignore, label):
                 continue
             if fresh[i]:                      # passed, or no longer as it was
                 if i < passed or kwargs and labels[i] in kwargs or \
-                        _differs(value, digests[labels[i]]):   # type: ignore[arg-type,index]
+                        _differs(value, digests[labels[i]]):   # type: ignore[index]
                     named += (labels[i], value)
                 continue
             if value is default:
