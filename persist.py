@@ -3023,9 +3023,29 @@ def _write_function(value, w):
     # type: (Any, _KeyWriter) -> None
     owner = getattr(value, "__self__", None)
     if owner is None or type(owner) is type(sys):    # a function, or a module's builtin
-        _write_reference(value, w)
+        try:
+            _write_reference(value, w)
+        except TypeError:
+            handle = _HANDLES.get(value)
+            if handle is None:
+                raise
+            _write_memoized(handle, w)
     else:                                            # a bound builtin method: its object too
         _write_reduced(value, w)
+
+
+def _write_memoized(handle, w):
+    # type: (_Memoized, _KeyWriter) -> None
+    """A memoized function that no name imports (self.fast = persist.memoize(self.predict),
+    made in __init__): its cache and salt, then what it keys at each call (self), as it is
+    now; an object being written already (self, holding it) is marked as such."""
+    memo = handle._memo
+    _write_named("memoized", (memo.identity, handle._salt, len(memo.live)), w)
+    for value in memo.live:
+        if id(value) in w.active:
+            _write_named("again", None, w)
+        else:
+            _write(value, w)
 
 
 def _keyer(salt):
@@ -4034,6 +4054,7 @@ class _Memo:
     salt: str
     bind: "Callable[[_Args, _Kwargs], Any]"
     owner: "Optional[str]"        # of its entries (see _CREATE), or None: a plain function
+    live: "Tuple[object, ...]" = ()   # what it keys at each call besides arguments (_salt)
     failed_versions: "Optional[List[str]]"   # other versions with failure records
     parameters: "Dict[str, Any]"  # set by _memoize(): the options as given
 
@@ -4788,6 +4809,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     # memoize(name=...) names what the cache holds: what func carries is the caller's word
     salt, live, memo.owner = (memo.version, (), None) if name else \
         _salt(func, memo.version, key, ignore)
+    memo.live = live                                      # for _write_memoized()
     memo.salt = salt                                      # for explain()
     if not name:
         _check_defaults(func, memo.identity, salt)

@@ -2871,6 +2871,17 @@ class Centre:
         return (x - self.mean_) * self.scale
 
 
+class FastModel:
+    """Memoizes its own method in __init__: self then holds the memoized function."""
+
+    def __init__(self, k):
+        self.k = k
+        self.fast = persist.memoize(self.predict)
+
+    def predict(self, x):
+        return x * self.k
+
+
 @dataclasses.dataclass
 class Node:
     name: str
@@ -3045,6 +3056,23 @@ class TestWhatACallableCarries(TempDirTest):
         scale.k = 2
         self.assertEqual((f(10), g(10)), (20, 20))
         self.assertEqual((f.cache_info().hits, g.cache_info().hits), (1, 1))
+
+    def test_a_method_memoized_into_its_own_instance(self):
+        # self.fast = persist.memoize(self.predict): keying self meets the memoized function,
+        # which no name imports; it keys as its cache and what it holds, self as it is now
+        two, five = FastModel(2), FastModel(5)
+        self.assertEqual((two.fast(10), five.fast(10)), (20, 50))
+        two.k = 7
+        self.assertEqual(two.fast(10), 70)
+
+        @persist.memoize
+        def apply(fn, x):
+            return fn(x) + 1
+
+        self.assertEqual((apply(two.fast, 10), apply(five.fast, 10)), (71, 51))
+        five.k = 1
+        self.assertEqual(apply(five.fast, 10), 11)
+        self.assertEqual(apply.cache_info().misses, 3)
 
     def test_state_that_can_no_longer_be_keyed_is_named(self):
         scale = Scale(2)
