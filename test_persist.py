@@ -6938,6 +6938,30 @@ class TestFailureLedger(MemoTest):
         self.assertTrue(record.traceback.rstrip().endswith("bad row in caf\\udce9.csv"))
         self.assertEqual(record.call.args, ("caf\udce9.csv",))
 
+    @unittest.skipUnless(sys.platform.startswith("linux"), "file names of any bytes")
+    def test_a_script_in_a_folder_whose_name_is_not_utf_8(self):
+        # its traceback names the script's path, which Python holds with a lone surrogate
+        folder = os.path.join(os.fsencode(self.dir), b"caf\xe9")
+        os.mkdir(folder)
+        with io.open(os.path.join(folder, b"job.py"), "w") as file:
+            file.write(textwrap.dedent("""
+                import warnings, persist
+                warnings.simplefilter("error")        # no "could not record" warning
+                @persist.memoize
+                def f(x):
+                    raise ValueError(x)
+                try:
+                    f(1)
+                except ValueError:
+                    pass
+                record, = f.failures()
+                print(record.call.args, "job.py" in record.traceback)
+            """))
+        done = subprocess.run([sys.executable, "job.py"], cwd=folder, env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=300)
+        self.assertEqual((done.stdout, done.returncode), ("(1,) True\n", 0), done.stderr)
+
     def test_records_that_someone_crafted(self):
         f = self.memo(parse, name="crafted")
         for text in ("?a", "?b", "?c"):
