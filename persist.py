@@ -249,7 +249,7 @@ _TALLY_OWNED = ("SELECT (SELECT count(*) FROM Dict WHERE {0}), (SELECT total(sec
                 " WHERE {0}), (SELECT count(*) FROM Failures WHERE {0})".format(_OWNED))
 _OWNERS = "SELECT DISTINCT owner FROM Dict WHERE owner IS NOT NULL"
 _FAILED_BEFORE = "SELECT count, first FROM Failures WHERE key = ?"
-_STORED_SINCE = "SELECT 1 FROM Dict WHERE key = ? AND stored >= ?"
+_STORED_SINCE = "SELECT 1 FROM Dict WHERE key = ? AND stored >= ? AND stored < ?"
 _RECORD_FAILURE = ("REPLACE INTO Failures (key, args, type, message, traceback, count, first,"
                    " last, seconds, version, call) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _OWN_FAILURE = "UPDATE Failures SET owner = ? WHERE key = ?"
@@ -1989,17 +1989,18 @@ class _Store:
             self.values.remove([row[1]])
         return gone
 
-    def record_failure(self, key, started, failure, owner=None):
-        # type: (bytes, float, _FailureRecord, Optional[str]) -> None
+    def record_failure(self, key, started, failure, owner=None, expire=None):
+        # type: (bytes, float, _FailureRecord, Optional[str], Optional[float]) -> None
         """Record that the call keyed key, started at the Unix time started, raised: failure is
         (args, type, message, traceback, seconds, version, call). Nothing is recorded if a result
-        for key was stored since the call started (another process succeeded meanwhile)."""
+        for key was stored since the call started (another process succeeded meanwhile), but
+        for one stamped further ahead than expire= (seconds), which has expired (_expired)."""
         if not self.calls:              # a cache that could not be given the column
             failure = failure[:-1] + (None,)
 
         def record(conn):
             # type: (sqlite3.Connection) -> None
-            _record_failure(conn, key, started, failure)
+            _record_failure(conn, key, started, failure, expire)
             if owner is not None and self.owned():
                 conn.execute(_OWN_FAILURE, (owner, key))
         self.conn.transaction(record)
@@ -2129,9 +2130,10 @@ def _replace(conn, row, values, forget=()):
     return old[0][0] if old else None
 
 
-def _record_failure(conn, key, started, failure):
-    # type: (sqlite3.Connection, bytes, float, _FailureRecord) -> None
-    if _fetch(conn, _STORED_SINCE, (key, started)):
+def _record_failure(conn, key, started, failure, expire=None):
+    # type: (sqlite3.Connection, bytes, float, _FailureRecord, Optional[float]) -> None
+    until = time.time() + expire if expire is not None else float("inf")
+    if _fetch(conn, _STORED_SINCE, (key, started, until)):
         return
     args, kind, message, text, seconds, version, call = failure
     old = _fetch(conn, _FAILED_BEFORE, (key,))
@@ -4260,7 +4262,7 @@ class _Memo:
             return
         try:
             record = _failure_record(call, exc, seconds, self.version)
-            store.record_failure(key, time.time() - seconds, record, self.owner)
+            store.record_failure(key, time.time() - seconds, record, self.owner, self.expire)
         except Exception as trouble:
             # best effort: a cache that cannot take the record (read-only, full) warns once,
             # and even strict=True lets the user's exception through rather than this one

@@ -2066,6 +2066,21 @@ class TestExpireWhenTheClockJumps(ExplainTest):
         self.at(-7200, 5)
         self.assertRegex(self.at(0, 5), r"^miss: expired; stored .* \(2h ago\)")
 
+    def test_a_failure_after_an_entry_stamped_ahead_is_recorded(self):
+        # the entry stored while a clock was ahead has expired; the call made again fails:
+        # that is a failure on record, not "another process succeeded meanwhile"
+        self.at(7200, 1)
+        broken = []
+
+        def skewed(x):
+            broken.append(x)
+            raise ValueError(x)
+
+        f = self.memo(skewed, name="skewed", expire=3600)
+        with self.assertRaises(ValueError):
+            f(1)
+        self.assertEqual((broken, [r.call.args for r in f.failures()]), ([1], [(1,)]))
+
     def test_a_stamp_past_any_date_is_said_not_raised(self):
         # a crafted or corrupt stamp, years past 9999 or before year 1: explain(), show and
         # ls say so, and the call computes it again
