@@ -3610,7 +3610,11 @@ class _Carried:
         if isinstance(func, types.FunctionType):     # memoize's wrapper: its cache says all
             handle = getattr(getattr(func, "cache_info", None), "__self__", None)
         if isinstance(handle, _Memoized):
-            return "memoized %s %s" % (handle._memo.identity, handle._salt)
+            # what it keys at each call (fast = memoize(model.predict), in a closure: model)
+            # is keyed at each call of this function too, as it is of that one
+            self.live.extend(handle._memo.live)
+            return "memoized %s %s%s" % (handle._memo.identity, handle._salt,
+                                         " live" * len(handle._memo.live))
         if id(func) in self.seen:     # functions that call each other
             return "again " + _identity(func)
         self.seen.add(id(func))

@@ -2886,6 +2886,15 @@ class Centre:
         return (x - self.mean_) * self.scale
 
 
+def make_pipeline(scale):
+    fast = persist.memoize(scale.apply)
+
+    @persist.memoize
+    def pipeline(x):
+        return fast(x) + 1
+    return pipeline
+
+
 class FastModel:
     """Memoizes its own method in __init__: self then holds the memoized function."""
 
@@ -3071,6 +3080,16 @@ class TestWhatACallableCarries(TempDirTest):
         scale.k = 2
         self.assertEqual((f(10), g(10)), (20, 20))
         self.assertEqual((f.cache_info().hits, g.cache_info().hits), (1, 1))
+
+    def test_a_memoized_method_in_a_closure_keys_its_instance_too(self):
+        # fast = persist.memoize(scale.apply) keys scale at each call: a function that
+        # closes over fast must too, or make_pipeline(Scale(5)) gets Scale(2)'s results
+        scale = Scale(2)
+        two, five = make_pipeline(scale), make_pipeline(Scale(5))
+        self.assertEqual((two(10), five(10)), (21, 51))
+        scale.k = 3
+        self.assertEqual(two(10), 31)
+        self.assertEqual(two.cache_info().hits, 0)
 
     def test_a_method_memoized_into_its_own_instance(self):
         # self.fast = persist.memoize(self.predict): keying self meets the memoized function,
