@@ -249,7 +249,7 @@ _TALLY_OWNED = ("SELECT (SELECT count(*) FROM Dict WHERE {0}), (SELECT total(sec
                 " WHERE {0}), (SELECT count(*) FROM Failures WHERE {0})".format(_OWNED))
 _OWNERS = "SELECT DISTINCT owner FROM Dict WHERE owner IS NOT NULL"
 _FAILED_BEFORE = "SELECT count, first FROM Failures WHERE key = ?"
-_STORED_SINCE = "SELECT 1 FROM Dict WHERE key = ? AND stored >= ?"
+_STORED_SINCE = "SELECT 1 FROM Dict WHERE key = ? AND stored >= ? AND stored < ?"
 _RECORD_FAILURE = ("REPLACE INTO Failures (key, args, type, message, traceback, count, first,"
                    " last, seconds, version, call) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _OWN_FAILURE = "UPDATE Failures SET owner = ? WHERE key = ?"
@@ -1989,17 +1989,18 @@ class _Store:
             self.values.remove([row[1]])
         return gone
 
-    def record_failure(self, key, started, failure, owner=None):
-        # type: (bytes, float, _FailureRecord, Optional[str]) -> None
+    def record_failure(self, key, started, failure, owner=None, expire=None):
+        # type: (bytes, float, _FailureRecord, Optional[str], Optional[float]) -> None
         """Record that the call keyed key, started at the Unix time started, raised: failure is
         (args, type, message, traceback, seconds, version, call). Nothing is recorded if a result
-        for key was stored since the call started (another process succeeded meanwhile)."""
+        for key was stored since the call started (another process succeeded meanwhile), but
+        for one stamped further ahead than expire= (seconds), which has expired (_expired)."""
         if not self.calls:              # a cache that could not be given the column
             failure = failure[:-1] + (None,)
 
         def record(conn):
             # type: (sqlite3.Connection) -> None
-            _record_failure(conn, key, started, failure)
+            _record_failure(conn, key, started, failure, expire)
             if owner is not None and self.owned():
                 conn.execute(_OWN_FAILURE, (owner, key))
         self.conn.transaction(record)
@@ -2129,9 +2130,10 @@ def _replace(conn, row, values, forget=()):
     return old[0][0] if old else None
 
 
-def _record_failure(conn, key, started, failure):
-    # type: (sqlite3.Connection, bytes, float, _FailureRecord) -> None
-    if _fetch(conn, _STORED_SINCE, (key, started)):
+def _record_failure(conn, key, started, failure, expire=None):
+    # type: (sqlite3.Connection, bytes, float, _FailureRecord, Optional[float]) -> None
+    until = time.time() + expire if expire is not None else float("inf")
+    if _fetch(conn, _STORED_SINCE, (key, started, until)):
         return
     args, kind, message, text, seconds, version, call = failure
     old = _fetch(conn, _FAILED_BEFORE, (key,))
@@ -2826,9 +2828,18 @@ def _write_enum(value, w):
 
 def _write_dataclass(value, w):
     # type: (Any, _KeyWriter) -> None
+    # Its fields; then what else it holds (self.mean_ = ... set by a fit()), which a result
+    # may depend on as much: a dataclass that holds nothing else keys as it always has.
+    _enter(value, w)                 # node.parent.children holds node: refused, not recursed
     fields = sys.modules["dataclasses"].fields(value)
-    _write_named(_type_name(type(value)),
-                 tuple((field.name, getattr(value, field.name)) for field in fields), w)
+    payload = tuple((field.name, getattr(value, field.name)) for field in fields)
+    names = {field.name for field in fields}
+    others = {name: held for name, held in (getattr(value, "__dict__", None) or {}).items()
+              if name not in names}
+    others.update((name, held) for name, held in _slot_values(value).items()
+                  if name not in names)
+    _write_named(_type_name(type(value)), payload + (others,) if others else payload, w)
+    w.active.discard(id(value))
 
 
 def _write_array(value, w, tag="A"):
@@ -3014,9 +3025,29 @@ def _write_function(value, w):
     # type: (Any, _KeyWriter) -> None
     owner = getattr(value, "__self__", None)
     if owner is None or type(owner) is type(sys):    # a function, or a module's builtin
-        _write_reference(value, w)
+        try:
+            _write_reference(value, w)
+        except TypeError:
+            handle = _HANDLES.get(value)
+            if handle is None:
+                raise
+            _write_memoized(handle, w)
     else:                                            # a bound builtin method: its object too
         _write_reduced(value, w)
+
+
+def _write_memoized(handle, w):
+    # type: (_Memoized, _KeyWriter) -> None
+    """A memoized function that no name imports (self.fast = persist.memoize(self.predict),
+    made in __init__): its cache and salt, then what it keys at each call (self), as it is
+    now; an object being written already (self, holding it) is marked as such."""
+    memo = handle._memo
+    _write_named("memoized", (memo.identity, handle._salt, len(memo.live)), w)
+    for value in memo.live:
+        if id(value) in w.active:
+            _write_named("again", None, w)
+        else:
+            _write(value, w)
 
 
 def _keyer(salt):
@@ -3081,8 +3112,11 @@ def _fixed(value, depth=0):
 
 
 def _differs(value, digest):
-    # type: (Any, bytes) -> bool
-    """Whether value no longer keys as the default whose digest is digest."""
+    # type: (Any, Optional[bytes]) -> bool
+    """Whether value no longer keys as the default whose digest is digest (None: a default
+    that could not be keyed at decoration, left out as itself)."""
+    if digest is None:
+        return False
     try:
         return _digest(value) != digest
     except RecursionError:
@@ -3183,8 +3217,10 @@ def _binder(func, ignore, label):
     # program (CONFIG = Config(), filled in by main() after import), is keyed by what it holds
     # at the call if that is not what it held at decoration; a value passed for it always is,
     # even the default itself: what it held at decoration in another run says nothing of it.
+    # One that cannot be keyed at decoration (a settings object holding a lambda) is left out
+    # when not passed, as itself; passed, it is keyed as any value is, or refused, naming it.
     watched = {name for name, _, default, digest in kept
-               if digest is not None and not _fixed(default)}
+               if default is not _MISSING and not _fixed(default)}
     signature: "List[inspect.Signature]" = []   # made on first need: a call bind() cannot take
 
     def bind_slowly(args, kwargs):
@@ -3202,7 +3238,7 @@ def _binder(func, ignore, label):
             if name in watched:
                 if name in arguments:          # passed
                     named += (name, arguments[name])
-                elif _differs(default, digest):   # type: ignore[arg-type]  # watched: one
+                elif _differs(default, digest):
                     named += (name, default)
                 continue
             if name not in arguments:          # left at its default, or no *args / **kwargs
@@ -3270,7 +3306,7 @@ def _binder(func, ignore, label):
                 continue
             if fresh[i]:                      # passed, or no longer as it was
                 if i < passed or kwargs and labels[i] in kwargs or \
-                        _differs(value, digests[labels[i]]):   # type: ignore[arg-type,index]
+                        _differs(value, digests[labels[i]]):   # type: ignore[index]
                     named += (labels[i], value)
                 continue
             if value is default:
@@ -3518,8 +3554,8 @@ class _Carried:
         self.live: "List[object]" = []
         self.digests: "List[str]" = []     # of the values in the text: what is not code
 
-    def value(self, value):
-        # type: (object) -> str
+    def value(self, value, live=False):
+        # type: (object, bool) -> str
         if isinstance(value, types.ModuleType):
             return "module " + value.__name__
         if isinstance(value, type):   # by name, as a global is: a class's code is not keyed
@@ -3530,8 +3566,9 @@ class _Carried:
             return "class %s.%s" % (_func_module(value), value.__qualname__)
         if isinstance(value, (types.FunctionType, functools.partial, types.MethodType,
                               _Memoized)):
-            return self.callable(value)
-            return self.callable(value)
+            # a bound method or partial that a partial passes on (live) holds what is passed
+            # at each call too: partial(apply, model.predict) keys model at each call
+            return self.callable(value, live=live)
         try:
             digest = _digest(value).hex()
         except RecursionError:
@@ -3544,11 +3581,11 @@ class _Carried:
         self.digests.append(digest)
         return "value " + digest
 
-    def held(self, name, value, where=None):
-        # type: (Union[str, int], object, Optional[str]) -> str
+    def held(self, name, value, where=None, live=False):
+        # type: (Union[str, int], object, Optional[str], bool) -> str
         """value's text, or _Unkeyable saying where (else name) it was held."""
         try:
-            return "%s=%s" % (name, self.value(value))
+            return "%s=%s" % (name, self.value(value, live))
         except _Unkeyable as exc:
             where = where or repr(name)
             raise _Unkeyable("%s, held in %s" % (exc, where) if str(exc).startswith("'")
@@ -3558,7 +3595,7 @@ class _Carried:
         # type: (Union[str, int], object, str, bool) -> str
         """held()'s text, but a value (not a name) that live says is passed at each call is
         left to the key of each call."""
-        text = self.held(name, value, where)
+        text = self.held(name, value, where, live)
         if live and text.startswith("%s=value " % name):
             self.live.append(value)
             return "%s=live" % name
@@ -3573,7 +3610,11 @@ class _Carried:
         if isinstance(func, types.FunctionType):     # memoize's wrapper: its cache says all
             handle = getattr(getattr(func, "cache_info", None), "__self__", None)
         if isinstance(handle, _Memoized):
-            return "memoized %s %s" % (handle._memo.identity, handle._salt)
+            # what it keys at each call (fast = memoize(model.predict), in a closure: model)
+            # is keyed at each call of this function too, as it is of that one
+            self.live.extend(handle._memo.live)
+            return "memoized %s %s%s" % (handle._memo.identity, handle._salt,
+                                         " live" * len(handle._memo.live))
         if id(func) in self.seen:     # functions that call each other
             return "again " + _identity(func)
         self.seen.add(id(func))
@@ -4019,6 +4060,7 @@ class _Memo:
     salt: str
     bind: "Callable[[_Args, _Kwargs], Any]"
     owner: "Optional[str]"        # of its entries (see _CREATE), or None: a plain function
+    live: "Tuple[object, ...]" = ()   # what it keys at each call besides arguments (_salt)
     failed_versions: "Optional[List[str]]"   # other versions with failure records
     parameters: "Dict[str, Any]"  # set by _memoize(): the options as given
 
@@ -4224,7 +4266,7 @@ class _Memo:
             return
         try:
             record = _failure_record(call, exc, seconds, self.version)
-            store.record_failure(key, time.time() - seconds, record, self.owner)
+            store.record_failure(key, time.time() - seconds, record, self.owner, self.expire)
         except Exception as trouble:
             # best effort: a cache that cannot take the record (read-only, full) warns once,
             # and even strict=True lets the user's exception through rather than this one
@@ -4261,8 +4303,20 @@ def _failure_record(call, exc, seconds, version):
         message = message[:_MESSAGE_LIMIT - 1] + "\u2026"
     # the innermost frames, where the error is: formatting them all costs as much as they are
     text = "".join(traceback.format_exception(kind, exc, exc.__traceback__, limit=-_FRAMES))
-    return (_short_repr(call), name, message, text[-_TRACEBACK_LIMIT:], seconds, version,
+    # A lone surrogate (a file name os.listdir() decoded with surrogateescape, in the
+    # message) cannot be SQLite text: it is kept as its escape, \udce9, as repr() shows it
+    return (_short_repr(call), name, _escaped_surrogates(message),
+            _escaped_surrogates(text[-_TRACEBACK_LIMIT:]), seconds, version,
             _pickled_call(call))
+
+
+def _escaped_surrogates(text):
+    # type: (str) -> str
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 class _TooLarge(Exception):
@@ -4761,6 +4815,7 @@ def _memoize(func, cache_dir, name, version, expire, ignore, key, strict):
     # memoize(name=...) names what the cache holds: what func carries is the caller's word
     salt, live, memo.owner = (memo.version, (), None) if name else \
         _salt(func, memo.version, key, ignore)
+    memo.live = live                                      # for _write_memoized()
     memo.salt = salt                                      # for explain()
     if not name:
         _check_defaults(func, memo.identity, salt)
@@ -6289,9 +6344,17 @@ def is_done(path: "_Path", *, marker: str = "DONE") -> bool:
 # -- the command line: python persist.py COMMAND, or python -m persist COMMAND
 
 
+_AGES = 1e6 * 86400          # seconds: a million days, past which a stamp has no age
+
+
 def _when(stamp):
     # type: (Optional[float]) -> str
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "-"
+    if not stamp:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+    except (OverflowError, ValueError, OSError):  # a stamp someone wrote: years past 9999
+        return "(not a date)"
 
 
 def _bytes(size):  # type: ignore[return]  # the "GB" turn returns
@@ -6304,6 +6367,8 @@ def _bytes(size):  # type: ignore[return]  # the "GB" turn returns
 
 def _age(seconds):
     # type: (float) -> str
+    if not -_AGES < seconds < _AGES:      # a stamp someone wrote: no age to speak of
+        return "?"
     if seconds <= -1:                     # stored ahead of this clock: say so, as -2h
         return "-" + _age(-seconds)
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -6459,7 +6524,8 @@ def _cli_ls(options):
                  "WHERE"))
     for path in paths:
         # where it is, as 'show --dir DIR' takes it: the same name may be in many folders
-        where = os.path.relpath(path, directory)
+        # (a name anyone who could write there chose: rendered as labels are)
+        where = _one_line(os.path.relpath(path, directory))
         try:
             with contextlib.closing(_Store(path, "r")) as store:
                 count, oldest, newest, stale, stale_size = store.summary()
@@ -6516,14 +6582,14 @@ def _cli_clear(options):
         with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
             count, size, _ = store.prune(before=float("inf"), dry_run=True)
             print("would remove %d entries (%s)%s from %s" % (
-                count, _bytes(size), _and_failures(store.tally()[2]), store.path))
+                count, _bytes(size), _and_failures(store.tally()[2]), _one_line(store.path)))
         return
     with contextlib.closing(_open_cache(options.cache, "w", options.dir)) as store:
         before = store.disk_usage()
         failed = store.tally()[2]         # clear() takes them too, in its one transaction
         count = store.clear()
         print("removed %d entries%s from %s; %s given back" % (
-            count, _and_failures(failed), store.path,
+            count, _and_failures(failed), _one_line(store.path),
             _bytes(max(0, before - store.disk_usage()))))
 
 
@@ -6541,7 +6607,7 @@ def _cli_prune(options):  # type: ignore[return]
         which: "_Kwargs"           # prune()'s keyword arguments
         if options.stale:
             if "version" not in info:
-                print("%s has no version=; nothing is stale" % store.path)
+                print("%s has no version=; nothing is stale" % _one_line(store.path))
                 return 0
             # other versions, and other code of the nested helpers it calls than the
             # latest run's; not other values it carried (make(3) beside make(2))
@@ -6551,20 +6617,20 @@ def _cli_prune(options):  # type: ignore[return]
             if age is None:
                 expire = info.get("expire", "None")
                 if expire == "None":
-                    print("%s has no expire=; nothing has expired" % store.path)
+                    print("%s has no expire=; nothing has expired" % _one_line(store.path))
                     return 0
                 age = float(expire)
             now = time.time()     # too far either way, as _expired() tells
             which = {"before": now - age, "after": now + age}
         if options.dry_run:
             count, size, failed = store.prune(dry_run=True, **which)
-            print("would remove %d entries (%s)%s from %s" % (count, _bytes(size),
-                                                           _and_failures(failed), store.path))
+            print("would remove %d entries (%s)%s from %s" % (
+                count, _bytes(size), _and_failures(failed), _one_line(store.path)))
             return 0
         before = store.disk_usage()
         count, size, failed = store.prune(**which)
         print("removed %d entries (%s)%s from %s; %s given back" % (
-            count, _bytes(size), _and_failures(failed), store.path,
+            count, _bytes(size), _and_failures(failed), _one_line(store.path),
             _bytes(max(0, before - store.disk_usage()))))
 
 
@@ -6591,7 +6657,7 @@ def _cli_failures(options):  # type: ignore[return]
         for row in rows:
             groups.setdefault(row[1:3], []).append(row)
         print("%s: %d failed call%s, not succeeded since (%s)" % (
-            label, len(rows), "" if len(rows) == 1 else "s", store.path))
+            label, len(rows), "" if len(rows) == 1 else "s", _one_line(store.path)))
         for (kind, message), group in sorted(groups.items(), key=lambda pair: -len(pair[1])):
             print("\n%s: %s" % (kind, message))
             times = sum(row[3] for row in group)
@@ -6624,11 +6690,12 @@ def _cli_status(options):
         if is_done(path, marker=options.marker):
             with io.open(os.path.join(path, options.marker), encoding="utf-8",
                          errors="replace") as file:
-                print("%s: finished %s" % (path, file.read().strip()))
+                # what anyone who may write in the stage wrote: rendered as 'ls' renders
+                print("%s: finished %s" % (_one_line(path), _one_line(file.read().strip())))
         else:
             unfinished += 1
             state = "not finished" if os.path.isdir(path) else "missing"
-            print("%s: %s" % (path, state))
+            print("%s: %s" % (_one_line(path), state))
     return 1 if unfinished else 0
 
 
@@ -6638,7 +6705,9 @@ def _error_text(exc):
     text = str(exc)
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         text = "%s: %s" % (os.fsdecode(exc.filename), exc.strerror)
-    return " ".join(text.split())
+    # SQLite's own message may quote a column's text ("Could not decode to UTF-8 column
+    # 'args' with text ..."): what anyone who could write the file put there
+    return _one_line(text)
 
 
 def _main(argv=None):

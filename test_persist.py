@@ -2066,6 +2066,40 @@ class TestExpireWhenTheClockJumps(ExplainTest):
         self.at(-7200, 5)
         self.assertRegex(self.at(0, 5), r"^miss: expired; stored .* \(2h ago\)")
 
+    def test_a_failure_after_an_entry_stamped_ahead_is_recorded(self):
+        # the entry stored while a clock was ahead has expired; the call made again fails:
+        # that is a failure on record, not "another process succeeded meanwhile"
+        self.at(7200, 1)
+        broken = []
+
+        def skewed(x):
+            broken.append(x)
+            raise ValueError(x)
+
+        f = self.memo(skewed, name="skewed", expire=3600)
+        with self.assertRaises(ValueError):
+            f(1)
+        self.assertEqual((broken, [r.call.args for r in f.failures()]), ([1], [(1,)]))
+
+    def test_a_stamp_past_any_date_is_said_not_raised(self):
+        # a crafted or corrupt stamp, years past 9999 or before year 1: explain(), show and
+        # ls say so, and the call computes it again
+        f = self.memo(lambda x: x, name="crafted", expire=3600)
+        f(1), f(2), f(3)
+        self.sql(f, "UPDATE Dict SET stored = CASE args WHEN '(1)' THEN 1e308 "
+                    "WHEN '(2)' THEN -1e308 ELSE 9e999 END")
+        for x in (1, 2, 3):
+            self.assertMiss(f.explain(x), "expired", r"expired; stored \(not a date\) ")
+        show = run_command(CLI + ["show", f.cache_info().path])
+        self.assertEqual(show.returncode, 0, show.stderr)
+        self.assertEqual(sorted(line.split()[0] for line in show.stdout.splitlines()[1:]),
+                         ["?", "?", "?"])
+        ls = run_command(CLI + ["ls", self.dir])
+        self.assertEqual(ls.returncode, 0, ls.stderr)
+        self.assertIn("(not a date)", ls.stdout)
+        self.assertEqual([f(1), f(2), f(3)], [1, 2, 3])
+        self.assertEqual(len(f.calls), 6)
+
 
 class TestExplainAnotherVersion(ExplainTest):
     def test_names_the_version_that_stored_it(self):
@@ -2839,6 +2873,45 @@ def make_scale(k):
     return scale
 
 
+@dataclasses.dataclass
+class Centre:
+    """A dataclass whose fit() sets state that is no field, as estimators do."""
+    scale: int = 1
+
+    def fit(self, data):
+        self.mean_ = sum(data) / len(data)
+        return self
+
+    def __call__(self, x):
+        return (x - self.mean_) * self.scale
+
+
+def make_pipeline(scale):
+    fast = persist.memoize(scale.apply)
+
+    @persist.memoize
+    def pipeline(x):
+        return fast(x) + 1
+    return pipeline
+
+
+class FastModel:
+    """Memoizes its own method in __init__: self then holds the memoized function."""
+
+    def __init__(self, k):
+        self.k = k
+        self.fast = persist.memoize(self.predict)
+
+    def predict(self, x):
+        return x * self.k
+
+
+@dataclasses.dataclass
+class Node:
+    name: str
+    children: list = dataclasses.field(default_factory=list)
+
+
 class TestWhatACallableCarries(TempDirTest):
     def setUp(self):
         super().setUp()
@@ -2971,6 +3044,69 @@ class TestWhatACallableCarries(TempDirTest):
         self.assertEqual(outs, [
             ("0 0 1 20 20 21".split(), 6), ("0 0 1 30 30 31".split(), 3),
             ("20 20 21 30 30 31".split(), 0), ("20 20 21 20 20 21".split(), 0)])
+
+    def test_a_dataclass_is_keyed_by_what_it_holds_besides_its_fields(self):
+        # self.mean_ set by fit() is no field: it decides the result all the same, passed
+        # as an argument or memoized as the callable itself
+        centre = Centre().fit([1, 2, 3])
+        f = persist.memoize(centre)
+        self.assertEqual(f(10), 8.0)
+        centre.fit([100, 200, 300])
+        self.assertEqual(f(10), -190.0)
+        g = persist.memoize(name="apply")(lambda x, c: c(x))
+        self.assertEqual((g(10, Centre().fit([1])), g(10, Centre().fit([5]))), (9.0, 5.0))
+        self.assertEqual(g.cache_info().entries, 2)
+
+    def test_a_dataclass_that_holds_itself_is_refused_as_a_list_is(self):
+        root = Node("root")
+        root.children.append(root)
+        f = persist.memoize(name="count")(lambda node: len(node.children))
+        with self.assertRaisesRegex(TypeError, "'node'.*Node that contains itself"):
+            f(root)
+
+    def test_a_bound_method_a_partial_passes_on_is_keyed_at_each_call(self):
+        # partial(apply, scale.apply): scale is held by the method the partial holds
+        import functools
+
+        def apply(fn, x):
+            return fn(x)
+
+        scale = Scale(2)
+        f = persist.memoize(functools.partial(apply, scale.apply))
+        g = persist.memoize(functools.partial(apply, functools.partial(scale.apply)))
+        self.assertEqual((f(10), g(10)), (20, 20))
+        scale.k = 5
+        self.assertEqual((f(10), g(10)), (50, 50))
+        scale.k = 2
+        self.assertEqual((f(10), g(10)), (20, 20))
+        self.assertEqual((f.cache_info().hits, g.cache_info().hits), (1, 1))
+
+    def test_a_memoized_method_in_a_closure_keys_its_instance_too(self):
+        # fast = persist.memoize(scale.apply) keys scale at each call: a function that
+        # closes over fast must too, or make_pipeline(Scale(5)) gets Scale(2)'s results
+        scale = Scale(2)
+        two, five = make_pipeline(scale), make_pipeline(Scale(5))
+        self.assertEqual((two(10), five(10)), (21, 51))
+        scale.k = 3
+        self.assertEqual(two(10), 31)
+        self.assertEqual(two.cache_info().hits, 0)
+
+    def test_a_method_memoized_into_its_own_instance(self):
+        # self.fast = persist.memoize(self.predict): keying self meets the memoized function,
+        # which no name imports; it keys as its cache and what it holds, self as it is now
+        two, five = FastModel(2), FastModel(5)
+        self.assertEqual((two.fast(10), five.fast(10)), (20, 50))
+        two.k = 7
+        self.assertEqual(two.fast(10), 70)
+
+        @persist.memoize
+        def apply(fn, x):
+            return fn(x) + 1
+
+        self.assertEqual((apply(two.fast, 10), apply(five.fast, 10)), (71, 51))
+        five.k = 1
+        self.assertEqual(apply(five.fast, 10), 11)
+        self.assertEqual(apply.cache_info().misses, 3)
 
     def test_state_that_can_no_longer_be_keyed_is_named(self):
         scale = Scale(2)
@@ -6821,6 +6957,45 @@ class TestFailureLedger(MemoTest):
         self.assertEqual(again, [("?a", 16), ("?c", 10)])
         self.assertEqual([r.args[:6] for r in f.failures()], ["('?b',", "('?d',"])
 
+    def test_a_message_with_a_lone_surrogate_is_recorded(self):
+        # a file name that os.listdir() decoded with surrogateescape, in the message
+        def load(name):
+            raise ValueError("bad row in %s" % name)
+
+        f = self.memo(load)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")             # no "could not record" warning
+            with self.assertRaises(ValueError):
+                f("caf\udce9.csv")
+        record, = f.failures()
+        self.assertEqual(record.message, "bad row in caf\\udce9.csv")
+        self.assertTrue(record.traceback.rstrip().endswith("bad row in caf\\udce9.csv"))
+        self.assertEqual(record.call.args, ("caf\udce9.csv",))
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "file names of any bytes")
+    def test_a_script_in_a_folder_whose_name_is_not_utf_8(self):
+        # its traceback names the script's path, which Python holds with a lone surrogate
+        folder = os.path.join(os.fsencode(self.dir), b"caf\xe9")
+        os.mkdir(folder)
+        with io.open(os.path.join(folder, b"job.py"), "w") as file:
+            file.write(textwrap.dedent("""
+                import warnings, persist
+                warnings.simplefilter("error")        # no "could not record" warning
+                @persist.memoize
+                def f(x):
+                    raise ValueError(x)
+                try:
+                    f(1)
+                except ValueError:
+                    pass
+                record, = f.failures()
+                print(record.call.args, "job.py" in record.traceback)
+            """))
+        done = subprocess.run([sys.executable, "job.py"], cwd=folder, env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=300)
+        self.assertEqual((done.stdout, done.returncode), ("(1,) True\n", 0), done.stderr)
+
     def test_records_that_someone_crafted(self):
         f = self.memo(parse, name="crafted")
         for text in ("?a", "?b", "?c"):
@@ -7506,6 +7681,57 @@ class TestFailuresCommand(TempDirTest):
         self.assertIn("\\x1b[?1049h", done.stdout)
         self.assertIn("    Traceback (most recent call last)", done.stdout)
 
+    def test_file_names_someone_chose_reach_no_terminal(self):
+        # a shared cache directory: anyone who may write there names files and folders
+        cache = self.path / "cache"
+        hostile = cache / "team\x1b]8;;x\x07"
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="named")
+            def f(x):
+                raise ValueError(x)
+            try:
+                f(1)
+            except ValueError:
+                pass
+        """ % str(hostile))
+        (cache / "\x1b[31mplanted\u202e.db").write_bytes(b"x")
+        db = str(hostile / "named.db")
+        for command in (["ls", str(cache)], ["failures", db], ["clear", "--dry-run", db],
+                        ["prune", "--stale", "--dry-run", db],
+                        ["prune", "--expired", "--dry-run", db]):
+            done = run_command(CLI + command)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            for control in ("\x1b", "\x07", "\u202e"):
+                self.assertNotIn(control, done.stdout, command)
+            self.assertIn("team\\x1b]8;;x\\x07", done.stdout, command)
+
+    def test_text_that_is_not_utf_8_in_a_crafted_cache_reaches_no_terminal(self):
+        # SQLite's error quotes the column's text: "Could not decode to UTF-8 column ..."
+        cache = self.path / "cache"
+        run_python("""
+            import persist
+            @persist.memoize(cache_dir=%r, name="crafted")
+            def f(x):
+                if x:
+                    raise ValueError(x)
+            f(0)
+            try:
+                f(1)
+            except ValueError:
+                pass
+        """ % str(cache))
+        db = str(cache / "crafted.db")
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            conn.execute("UPDATE Failures SET args = CAST(X'28ff1b5d303b6f776e656407' AS TEXT)")
+            conn.execute("UPDATE Dict SET args = CAST(X'28fe1b5b33316d29' AS TEXT)")
+        for command in (["failures", db], ["failures", "--traceback", db], ["show", db]):
+            done = run_command(CLI + command)
+            self.assertEqual(done.returncode, 1, done.stdout)
+            self.assertIn("crafted.db: cache file error", done.stderr)
+            for control in ("\x1b", "\x07"):
+                self.assertNotIn(control, done.stdout + done.stderr, command)
+
 
 # -- the user's first hour: logging, the command line, the example, the README
 
@@ -7693,6 +7919,16 @@ class TestCommandLine(TempDirTest):
         self.assertEqual(done.returncode, 1)
         self.assertEqual([line.split(": ", 1)[1][:12] for line in done.stdout.splitlines()],
                          ["finished {\"f", "not finished", "missing"])
+
+    def test_status_renders_a_marker_someone_wrote(self):
+        stage = self.path / "stage"
+        with persist.done_dir(stage) as d:
+            (d / "x").write_text("12")
+        (stage / "DONE").write_text('{"finished": "\x1b]0;owned\x07\x1b[2J"}\n')
+        done = self.persist_cli("status", str(stage))
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNotIn("\x1b", done.stdout)
+        self.assertIn("\\x1b]0;owned\\x07\\x1b[2J", done.stdout)
 
 
 def backdate(cache_file, seconds):
@@ -8835,6 +9071,20 @@ class TestClassmethodAboveMemoize(TempDirTest):
                                        r"\(Shape, \.\.\.\).*@memoize above @classmethod")
         self.assertEqual(lines[-2:], ["True", "0"])
 
+class HookedSettings:
+    """Settings that hold a function made at run time: they cannot be keyed."""
+
+    def __init__(self):
+        self.k, self.hook = 1, lambda v: v
+
+
+HOOKED = HookedSettings()
+
+
+def scale_hooked(x, cfg=HOOKED):
+    return cfg.hook(x * cfg.k)
+
+
 class TestDefaultChangedInPlace(MemoTest):
     def test_a_mutable_default_is_keyed_by_what_it_holds_at_the_call(self):
         def count_and_append(seen=[]):
@@ -8860,6 +9110,19 @@ class TestDefaultChangedInPlace(MemoTest):
         self.assertEqual(len(f.calls), 2)
         self.assertEqual(f([1, 2], {1: 5}), 6)
         self.assertEqual(len(f.calls), 3)
+
+    def test_one_that_cannot_be_keyed_passed_is_refused_not_left_out(self):
+        # settings holding a lambda: its k cannot be keyed, so passing it must not be served
+        # the result of other settings
+        self.addCleanup(setattr, HOOKED, "k", 1)
+        f = self.memo(scale_hooked)
+        self.assertEqual(f(2), 2)                 # left at its default: left out, as itself
+        HOOKED.k = 5
+        for call in (lambda: f(2, HOOKED), lambda: f(2, cfg=HOOKED)):
+            with self.assertRaisesRegex(TypeError, "argument 'cfg' cannot be part of a "
+                                                   "cache key.*ignore="):
+                call()
+        self.assertEqual(len(f.calls), 1)
 
 class TestCacheInfoByLruCacheNames(MemoTest):
     def test_currsize_and_maxsize_as_lru_cache_has_them(self):
