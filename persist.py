@@ -1303,7 +1303,8 @@ def _gate():
     if _FORK_GATE.acquire(blocking=False):
         return True
     me = _thread.get_ident()
-    if any(conn._depth and conn._lock._is_owned() for conn in list(_CONNECTIONS)) or \
+    if any(conn._depth and conn._lock._is_owned()  # type: ignore[attr-defined]  # in C and PyPy
+           for conn in list(_CONNECTIONS)) or \
             any(thread == me and lock.locked() for lock, (_, thread) in list(_ELSEWHERE.items())):
         return False
     _FORK_GATE.acquire()
