@@ -1242,6 +1242,15 @@ def _sqlite_error(exc, path):
     return OSError(errno.EIO, "cache file error (%s: %s)" % (type(exc).__name__, text), path)
 
 
+def _shell_word(path):
+    # type: (str) -> str
+    """path as one word of a command to paste into a shell: POSIX sh's, or Windows'."""
+    if os.name == "nt":
+        return '"%s"' % path              # a Windows path has no '"' in it
+    import shlex
+    return shlex.quote(path)
+
+
 def _damaged(path, why):
     # type: (str, str) -> PersistError
     """The error for a file at path that SQLite cannot read as a database. Where it is
@@ -5472,9 +5481,9 @@ class _Run:
             more = ", ..." if len(indexes) > _SHOWN_ITEMS else ""
             parts.append("%s x%s (%s%s)" % (kind, _n(len(indexes)), shown, more))
         where = "this exception's .failures"
-        if self.found is not None:
-            where += ", %s.failures(), or 'python persist.py failures %s'" % (
-                self.label, self.found[0]._memo.path)
+        if self.found is not None:          # a command that works pasted, from anywhere
+            where += ", %s.failures(), or run: python -m persist failures %s" % (
+                self.label, _shell_word(self.found[0]._memo.path))
         message = "%s of %s items failed: %s; every other item was tried; see %s" % (
             _n(len(self.failures)), _n(len(self.items)), ", ".join(parts), where)
         return Failures(message, [(self.items[i], exc) for i, exc in self.failures],
@@ -6635,11 +6644,13 @@ def _cli_status(options):
 
 def _error_text(exc):
     # type: (Exception) -> str
-    """An error as one line: the path first, then what is wrong with it."""
+    """An error as one line: the path first, then what is wrong with it. A printable one
+    is kept as it is: the command that a damaged cache's error gives to remove its files
+    names paths with runs of spaces in them."""
     text = str(exc)
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         text = "%s: %s" % (os.fsdecode(exc.filename), exc.strerror)
-    return " ".join(text.split())
+    return _one_line(text)
 
 
 def _main(argv=None):

@@ -24,6 +24,7 @@ import pickle
 import random
 import re
 import shelve
+import shlex
 import signal
 import sqlite3
 import stat
@@ -3714,6 +3715,27 @@ class TestDamagedCacheFile(TempDirTest):
         self.assertEqual(done.stdout.count("computed"), 50, done.stderr)
 
 
+    @unittest.skipUnless(POSIX, "the command given is for a POSIX shell")
+    def test_command_line_gives_a_command_that_works_on_any_path(self):
+        # The command line's error put runs of spaces on one: the command it gave for
+        # "it's a  \"dir\"" named another directory, and removed nothing.
+        where = self.path / "it's a  \"dir\""
+        where.mkdir()
+        path = where / "cache.db"
+        with persist.open(path) as db:
+            db["k"] = "v" * (1 << 19)         # a value file beside it
+        with open(path, "r+b") as file:
+            file.truncate(path.stat().st_size // 2)
+        for command in ("show", "clear", "failures"):
+            with self.subTest(command=command):
+                done = run_command(CLI + [command, str(path)], cwd=self.dir, timeout=120)
+                self.assertEqual(done.returncode, 1, done.stdout)
+                self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+                self.assertIn("damaged persist cache", done.stderr)
+        self.start_over(done.stderr.strip())
+        self.assertEqual(os.listdir(where), [])
+
+
 class Planted:
     """Loading its pickle runs os.mkdir(path): the proof that a planted pickle was loaded."""
 
@@ -6990,8 +7012,27 @@ class TestMap(MemoTest):
         self.assertIn("4 of 7 items failed: test_persist.Malformed x4 ('?2', '?4', '?6', ...)",
                       message)
         self.assertIn("parse.failures()", message)
-        self.assertIn("python persist.py failures ", message)
+        self.assertIn("python -m persist failures ", message)
         self.assertEqual(len(f.failures()), 4)
+
+    @unittest.skipUnless(POSIX, "the command given is for a POSIX shell")
+    def test_failures_command_given_works_when_pasted(self):
+        # It said 'python persist.py failures PATH': no such file where persist is installed
+        # with pip or the shell is elsewhere, and the path unquoted ("it's my data").
+        where = self.path / "it's my  data"
+        f = self.memo(parse, cache_dir=where)
+        with self.assertRaises(persist.Failures) as caught:
+            persist.map(f, ["1", "?2"], progress=False)
+        command = str(caught.exception).rpartition("or run: ")[2]
+        self.assertTrue(command.startswith("python "), command)
+        elsewhere = self.path / "elsewhere"
+        elsewhere.mkdir()
+        done = subprocess.run(["sh", "-c", shlex.quote(sys.executable) + command[6:]],
+                              cwd=str(elsewhere), env=child_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("1 failed call", done.stdout)
+        self.assertIn("'?2'", done.stdout)
 
     def test_result_too_deep_to_store_is_returned_not_failed(self):
         # The RecursionError of pickling made the item fail, its result lost.
