@@ -115,8 +115,9 @@ if TYPE_CHECKING:
                                       Union[bytes, str, None]]
     _Call: TypeAlias = Tuple[_Args, _Kwargs]       # (args, kwargs) of a call
     _Handle: TypeAlias = Tuple["_Memoized", _Args, _Kwargs]   # _handle_of()'s
-    # what _run says of an item: (True, result, hit), (False, exception, traceback text or
-    # None), or (None, None, None) when it never started
+    # what _run says of an item: (True, result, seconds the hit saved, else None, or False
+    # for a result computed and not stored), (False, exception, traceback text or None), or
+    # (None, None, None) when it never started
     _Outcome: TypeAlias = Tuple[Optional[bool], Any, Any]
 
     class _Event(Protocol):       # threading's, or multiprocessing's
@@ -4920,8 +4921,9 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
 def _run(func, items, portable, stop=None):
     # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> Tuple[List[_Outcome], float]
     """func(item) for a batch of items where they run (this process, or a worker): a list of
-    (True, result, None if computed, else the seconds the cached call took: what reusing it
-    saved), (False, exception, traceback text or None) or
+    (True, result, None if computed, False if computed and not stored (a cache that cannot
+    be opened or written: counted in cache_info().unstored), else the seconds the cached
+    call took: what reusing it saved), (False, exception, traceback text or None) or
     (None, None, None) for an item not started, and the seconds the batch took. portable:
     exceptions go to another process, so each is made picklable and its traceback sent as
     text. stop: an Event that a failure sets, after which no item starts (keep_going=False)."""
@@ -4930,6 +4932,7 @@ def _run(func, items, portable, stop=None):
     if found is not None:
         call, args, kwargs = found[0]._call, found[1], found[2]
         failing = None if stop is None else stop.set
+        memo = found[0]._memo
     outcomes: "List[_Outcome]" = []
     start = time.perf_counter()
     for item in items:
@@ -4940,8 +4943,10 @@ def _run(func, items, portable, stop=None):
             if found is None:
                 outcomes.append((True, func(item), None))
             else:
+                unstored = memo.unstored
                 value, saved = call(args + (item,), kwargs, failing)
-                outcomes.append((True, value, saved))
+                outcomes.append((True, value, saved if saved is not None or
+                                 memo.unstored == unstored else False))
         except Exception as exc:
             if stop is not None:
                 stop.set()
@@ -5268,14 +5273,16 @@ class _Run:
             # type: (List[int], List[_Outcome], float) -> None
             nonlocal size, error
             for index, (ok, value, extra) in zip(batch, outcomes):
+                hit = bool(ok) and extra is not None and extra is not False
                 if memo is not None and ok is not None:
-                    if ok and extra is not None:
+                    if hit:
                         memo.hits += 1
                         memo.saved += extra
                     else:
                         memo.misses += 1
+                        memo.unstored += extra is False
                 if ok:
-                    self.succeeded(index, value, extra is not None)
+                    self.succeeded(index, value, hit)
                 elif ok is False:
                     if extra is not None:
                         value.__cause__ = _WorkerTraceback(extra)
@@ -5383,9 +5390,9 @@ class _Run:
                   "of this run that cannot, and its result is returned"
                   % (self.label, type(exc).__name__, exc))
         self.moved += 1
-        (ok, value, hit), = _run(self.func, [self.items[index]], False)[0]
+        (ok, value, extra), = _run(self.func, [self.items[index]], False)[0]
         if ok:
-            self.succeeded(index, value, hit)
+            self.succeeded(index, value, extra is not None and extra is not False)
             return None
         self.failed(index, value)
         return value  # type: ignore[no-any-return]  # an outcome's exception

@@ -7261,7 +7261,7 @@ class TestMapWorkers(TempDirTest):
 
 class TestMapWorkersCountTimeSaved(TempDirTest):
     """The hits of workers in other processes count in the caller's cache_info().saved, as
-    its own hits do."""
+    its own hits do, and the results they could not store in its unstored."""
 
     @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
     def test_saved_with_workers_and_a_process_executor(self):
@@ -7288,6 +7288,29 @@ class TestMapWorkersCountTimeSaved(TempDirTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(done.stdout, "workers 12 12 True True\nexecutor 12 12 True True\n")
 
+
+    @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
+    def test_unstored_with_workers_and_a_process_executor(self):
+        # The workers' results that their cache could not take (here it cannot be opened:
+        # cache_dir is a file) counted as misses in the caller, but unstored stayed 0.
+        script = self.path / "job.py"
+        (self.path / "file").write_text("not a directory")
+        script.write_text(textwrap.dedent("""
+            import concurrent.futures, sys, warnings, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def work(x):
+                return x * 2
+            if __name__ == "__main__":
+                warnings.simplefilter("ignore")
+                results = persist.map(work, range(12), workers=2, progress=False)
+                with concurrent.futures.ProcessPoolExecutor(2) as pool:
+                    results += persist.map(work, range(3), executor=pool, progress=False)
+                info = work.cache_info()
+                print(sum(results), info.hits, info.misses, info.unstored)
+        """))
+        done = run_command([str(script), str(self.path / "file" / "cache")], timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, "138 0 15 15\n")
 
 class TestMapResultThatCannotTravel(TempDirTest):
     """A worker's result that pickle cannot send back (nested deeper than pickle goes, or of
