@@ -2408,11 +2408,14 @@ else:
         currsize = property(lambda self: self.entries)
         maxsize = None
 
-    _CacheInfo.__name__ = _CacheInfo.__qualname__ = "CacheInfo"    # its repr(), as before
+    _CacheInfo.__name__ = "CacheInfo"    # its repr(), as before
     _Failure = collections.namedtuple(
         "Failure", "args type message count first last seconds version traceback call "
         "call_error")
     _FailedCall = collections.namedtuple("Call", "args kwargs")
+    # pickle finds a class by __qualname__: these, by their names here, so that records and
+    # their calls travel to a process pool (repr() keeps __name__)
+    _Failure.__qualname__, _FailedCall.__qualname__ = "_Failure", "_FailedCall"
 _MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded
 _FRAMES = 50                   # a failure's traceback keeps its innermost frames
 _TRACEBACK_LIMIT = 1 << 16     # and of its traceback: the end, where the error is

@@ -6843,6 +6843,23 @@ class TestFailureLedger(MemoTest):
         self.assertEqual(again, [("?a", 16), ("?c", 10)])
         self.assertEqual([r.args[:6] for r in f.failures()], ["('?b',", "('?d',"])
 
+    def test_records_travel_to_workers(self):
+        # A record, its call and cache_info() could not be pickled ("attribute lookup Call on
+        # persist failed"): the failed calls could not be sent to a process pool to make again.
+        f = self.memo(parse, name="travel")
+        with self.assertRaises(persist.Failures):
+            persist.map(f, ["1", "?2"], progress=False)
+        record, = f.failures()
+        for value in (record, record.call, f.cache_info()):
+            with self.subTest(value=type(value).__name__):
+                for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+                    copy = pickle.loads(pickle.dumps(value, protocol))
+                    self.assertEqual((copy, type(copy)), (value, type(value)))
+                self.assertEqual(repr(copy), repr(value))
+        self.assertEqual(repr(record.call), "Call(args=('?2',), kwargs={})")
+        self.assertEqual(type(f.cache_info()).__name__, "CacheInfo")
+        self.assertEqual(f.cache_info().currsize, 1)
+
     def test_records_that_someone_crafted(self):
         f = self.memo(parse, name="crafted")
         for text in ("?a", "?b", "?c"):
