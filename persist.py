@@ -1257,9 +1257,11 @@ def _damaged(path, why):
     """The error for a file at path that SQLite cannot read as a database. Where it is
     recognizably a persist cache (its header says so, or value files lie beside it), it says
     which files to remove to start over: persist never removes them itself (nor can
-    'persist clear', which needs a cache it can read). Any other file may be the user's:
-    that one only may be removed, if it was a cache."""
+    'persist clear', which needs a cache it can read). Any other file may be the user's
+    (persist show job.py, a slip for job.f): that one only may be removed, if it was a
+    cache, and only one that may be is offered (a .db file, a SQLite file, zeros)."""
     ours = False
+    head = b""
     with contextlib.suppress(OSError):
         # never through a link, nor blocking on a FIFO planted there
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
@@ -1271,6 +1273,9 @@ def _damaged(path, why):
         ours = head[:16] == b"SQLite format 3\0" and \
             int.from_bytes(head[68:72], "big") == _APPLICATION_ID
     ours = ours or os.path.isdir(path + ".values")
+    if not ours and not (path.endswith(".db") or head.startswith(b"SQLite format 3\0") or
+                         (len(head) >= 16 and not head[:16].strip(b"\0"))):
+        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), path)
     files = [path, path + "-wal", path + "-shm"]
     if os.name == "nt":
         how = "delete %s, and the folder %s.values" % (", ".join(files), path)

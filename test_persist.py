@@ -3685,6 +3685,27 @@ class TestDamagedCacheFile(TempDirTest):
             with persist.open(path) as db:
                 self.assertEqual(len(db), 0)
 
+    def test_a_file_of_the_user_is_never_offered_for_removal(self):
+        # 'persist show job.py' (a slip for 'persist show job.f'), or persist.open("notes.txt")
+        # on a file of the user's, said to start over with 'rm -f .../job.py'.
+        for name, content in (("job.py", b"import persist\n"), ("plot.png", b"\x89PNG\r\n\x1a\n"),
+                              ("data.csv", b"")):
+            with self.subTest(name=name):
+                path = self.path / name
+                path.write_bytes(content + b"x" * 200)
+                with self.assertRaisesRegex(persist.PersistError, "not a persist cache") as \
+                        caught:
+                    with persist.open(path) as db:
+                        dict(db)
+                self.assertNotIn("rm ", str(caught.exception))
+                self.assertNotIn("remov", str(caught.exception))
+                self.assertNotIn("delete", str(caught.exception))
+                done = run_command(CLI + ["show", path], cwd=self.dir, timeout=120)
+                self.assertEqual(done.returncode, 1, done.stdout)
+                self.assertIn("not a persist cache", done.stderr)
+                self.assertNotIn("rm ", done.stderr)
+                self.assertEqual(path.read_bytes(), content + b"x" * 200)
+
     @unittest.skipUnless(POSIX, "the command given is for a POSIX shell")
     def test_memoized_function_over_a_damaged_cache_starts_over_as_told(self):
         cache = self.path / "cache"
