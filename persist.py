@@ -6647,9 +6647,12 @@ def _cli_status(options):
     unfinished = 0
     for path in options.paths:
         if is_done(path, marker=options.marker):
+            # what any tool, or another user, may have written: as text, on one line
             with io.open(os.path.join(path, options.marker), encoding="utf-8",
                          errors="replace") as file:
-                print("%s: finished %s" % (path, file.read().strip()))
+                record = file.read(1001).strip()
+            print("%s: finished %s" % (path, _one_line(record[:1000]) +
+                                       ("..." if len(record) > 1000 else "")))
         else:
             unfinished += 1
             state = "not finished" if os.path.isdir(path) else "missing"

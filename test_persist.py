@@ -7797,6 +7797,21 @@ class TestCommandLine(TempDirTest):
                          ["finished {\"f", "not finished", "missing"])
 
 
+    def test_status_shows_a_marker_as_text(self):
+        # A marker that another tool (or another user, in a shared directory) wrote went
+        # to the terminal as it was: escape sequences, however long, over several lines.
+        stage = self.path / "stage"
+        stage.mkdir()
+        (stage / "DONE").write_bytes(b"\x1b[2J\x1b]0;title\x07{\"x\": 1}\nline two\n" +
+                                     b"y" * 100000)
+        done = self.persist_cli("status", str(stage))
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(len(done.stdout.splitlines()), 1, done.stdout[:300])
+        self.assertNotIn("\x1b", done.stdout)
+        self.assertNotIn("\x07", done.stdout)
+        self.assertIn("\\x1b[2J", done.stdout)
+        self.assertLess(len(done.stdout), 2000)
+
 def backdate(cache_file, seconds):
     """Make every entry of a cache look stored seconds earlier, as time would."""
     conn = sqlite3.connect(str(cache_file))
