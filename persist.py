@@ -6484,7 +6484,8 @@ def _cli_ls(options):
                  "WHERE"))
     for path in paths:
         # where it is, as 'show --dir DIR' takes it: the same name may be in many folders
-        where = os.path.relpath(path, directory)
+        # (a name that anyone who may write there chose: as text, never to the terminal)
+        where = _one_line(os.path.relpath(path, directory))
         try:
             with contextlib.closing(_Store(path, "r")) as store:
                 count, oldest, newest, stale, stale_size = store.summary()

@@ -7608,6 +7608,24 @@ class TestFailuresCommand(TempDirTest):
         self.assertIn("\\x1b[?1049h", done.stdout)
         self.assertIn("    Traceback (most recent call last)", done.stdout)
 
+    @unittest.skipUnless(POSIX, "file names with control characters")
+    def test_escape_sequences_of_a_file_name_never_reach_the_terminal(self):
+        # ls printed each cache's WHERE, the file's name, as it was: anyone who can write
+        # to a shared PERSIST_DIR (its group) chose what the terminal of 'persist ls' ran
+        cache = self.path / "cache"
+        cache.mkdir()
+        with persist.open(cache / "good.db") as db:
+            db["k"] = 1
+        hostile = "\x1b]0;owned\x07\x1b[2J\nx"
+        os.rename(str(cache / "good.db"), str(cache / (hostile + ".db")))
+        (cache / (hostile + "2.db")).write_bytes(b"not a cache" * 20)
+        for args in (["ls", cache], ["show", cache / (hostile + "2.db")]):
+            done = run_command(CLI + [str(arg) for arg in args])
+            for control in ("\x1b", "\x07"):
+                self.assertNotIn(control, done.stdout + done.stderr, args)
+            self.assertIn("\\x1b]0;owned\\x07\\x1b[2J", done.stdout + done.stderr)
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+
 
 # -- the user's first hour: logging, the command line, the example, the README
 
