@@ -4451,7 +4451,7 @@ def _explain(memo, key, key_for):
                                              else "are caches"))
         return _Explanation("no entry", path, text)
     try:
-        for _ in range(2):                 # a writer may replace the entry while we load it
+        for attempt in range(2):           # a writer may replace the entry while we load it
             row = store.get(key)
             if row is None:
                 break
@@ -4463,18 +4463,21 @@ def _explain(memo, key, key_for):
                                     stored=stored, seconds=seconds, version=memo.version)
             try:
                 store.load(row)
-            except FileNotFoundError:      # replaced since get(): look again
-                continue
+            except FileNotFoundError as exc:
+                if not attempt:            # replaced since get(): look again
+                    continue
+                error = "%s: %s" % (type(exc).__name__, exc)   # removed (by hand)
             except OSError:
                 raise
             except Exception as exc:
                 error = "%s: %s" % (type(exc).__name__, exc)
-                return _Explanation("cannot load", path, "miss: the entry (%s) cannot be "
-                                    "loaded (%s); a call computes it again"
-                                    % (_stored_when(stored, seconds), error), stored=stored,
-                                    seconds=seconds, version=memo.version, error=error)
-            return _Explanation("hit", path, "hit: " + _stored_when(stored, seconds),
-                                stored=stored, seconds=seconds, version=memo.version)
+            else:
+                return _Explanation("hit", path, "hit: " + _stored_when(stored, seconds),
+                                    stored=stored, seconds=seconds, version=memo.version)
+            return _Explanation("cannot load", path, "miss: the entry (%s) cannot be "
+                                "loaded (%s); a call computes it again"
+                                % (_stored_when(stored, seconds), error), stored=stored,
+                                seconds=seconds, version=memo.version, error=error)
         try:
             failed = store.conn.query(_FAILED, (key,))
         except OSError:                    # best effort: an early cache has no Failures table

@@ -2104,6 +2104,25 @@ class TestExplainCannotLoad(ExplainTest):
         self.assertEqual(explanation.error, "ValueError: refused to load")
 
 
+    def test_a_value_file_removed_by_hand(self):
+        # explain() said "no entry" while the call warned that the entry cannot be loaded.
+        f = self.memo(lambda x: "v" * (1 << 19))
+        f(1)
+        f(2)
+        files = sorted((pathlib.Path(f.cache_info().path + ".values")).iterdir())
+        self.assertEqual(len(files), 2)
+        files[0].unlink()
+        with open(files[1], "r+b") as file:
+            file.truncate(10)
+        for x in (1, 2):
+            explanation = f.explain(x)
+            self.assertEqual(explanation.reason, "cannot load", explanation)
+            self.assertRegex(explanation.error, "^(FileNotFoundError|UnpicklingError): ")
+        self.assertEqual(sorted(f.explain(x).error[:5] for x in (1, 2)), ["FileN", "Unpic"])
+        with self.assertWarnsRegex(persist.PersistWarning, "cannot be loaded"):
+            f(1)
+        self.assertEqual(f.explain(1).reason, "hit")
+
 class TestExplainFailedBefore(ExplainTest):
     def test_count_and_last_error(self):
         # The Failures table as the failure ledger fills it, for the key of f(1).
