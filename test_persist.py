@@ -2103,7 +2103,6 @@ class TestExplainCannotLoad(ExplainTest):
                         r"\(ValueError: refused to load\); a call computes it again$")
         self.assertEqual(explanation.error, "ValueError: refused to load")
 
-
     def test_a_value_file_removed_by_hand(self):
         # explain() said "no entry" while the call warned that the entry cannot be loaded.
         f = self.memo(lambda x: "v" * (1 << 19))
@@ -7833,7 +7832,6 @@ class TestCommandLine(TempDirTest):
         self.assertEqual([line.split(": ", 1)[1][:12] for line in done.stdout.splitlines()],
                          ["finished {\"f", "not finished", "missing"])
 
-
     def test_status_shows_a_marker_as_text(self):
         # A marker that another tool (or another user, in a shared directory) wrote went
         # to the terminal as it was: escape sequences, however long, over several lines.
@@ -7848,6 +7846,7 @@ class TestCommandLine(TempDirTest):
         self.assertNotIn("\x07", done.stdout)
         self.assertIn("\\x1b[2J", done.stdout)
         self.assertLess(len(done.stdout), 2000)
+
 
 def backdate(cache_file, seconds):
     """Make every entry of a cache look stored seconds earlier, as time would."""
