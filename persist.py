@@ -6544,16 +6544,21 @@ def _cli_clear(options):
     if options.dry_run:
         with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
             count, size, _ = store.prune(before=float("inf"), dry_run=True)
-            print("would remove %d entries (%s)%s from %s" % (
-                count, _bytes(size), _and_failures(store.tally()[2]), store.path))
+            print("would remove %s (%s)%s from %s" % (
+                _entries(count), _bytes(size), _and_failures(store.tally()[2]), store.path))
         return
     with contextlib.closing(_open_cache(options.cache, "w", options.dir)) as store:
         before = store.disk_usage()
         failed = store.tally()[2]         # clear() takes them too, in its one transaction
         count = store.clear()
-        print("removed %d entries%s from %s; %s given back" % (
-            count, _and_failures(failed), store.path,
+        print("removed %s%s from %s; %s given back" % (
+            _entries(count), _and_failures(failed), store.path,
             _bytes(max(0, before - store.disk_usage()))))
+
+
+def _entries(count):
+    # type: (int) -> str
+    return "%d entr%s" % (count, "y" if count == 1 else "ies")
 
 
 def _and_failures(count):
@@ -6587,13 +6592,13 @@ def _cli_prune(options):  # type: ignore[return]
             which = {"before": now - age, "after": now + age}
         if options.dry_run:
             count, size, failed = store.prune(dry_run=True, **which)
-            print("would remove %d entries (%s)%s from %s" % (count, _bytes(size),
-                                                           _and_failures(failed), store.path))
+            print("would remove %s (%s)%s from %s" % (_entries(count), _bytes(size),
+                                                       _and_failures(failed), store.path))
             return 0
         before = store.disk_usage()
         count, size, failed = store.prune(**which)
-        print("removed %d entries (%s)%s from %s; %s given back" % (
-            count, _bytes(size), _and_failures(failed), store.path,
+        print("removed %s (%s)%s from %s; %s given back" % (
+            _entries(count), _bytes(size), _and_failures(failed), store.path,
             _bytes(max(0, before - store.disk_usage()))))
 
 
