@@ -6393,8 +6393,13 @@ def _where_looked(directory, given, option):
 
 def _caches_under(directory):
     # type: (str) -> Iterator[str]
-    """The .db files under directory, as os.walk finds them, without the value directories."""
-    for root, dirs, files in os.walk(directory):
+    """The .db files under directory, as os.walk finds them, without the value directories.
+    A directory it may not read raises: listing nothing there would say there is nothing."""
+    def unreadable(exc):
+        # type: (OSError) -> None
+        raise exc
+
+    for root, dirs, files in os.walk(directory, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.endswith(".values"))
         for name in sorted(files):
             if name.endswith(".db"):
@@ -6478,7 +6483,7 @@ def _cli_ls(options):
         _Store(directory, "r").close()     # else its error, as 'show' gives it
         paths, directory = [directory], os.path.dirname(directory) or os.curdir
     elif os.path.isdir(directory):
-        paths = _caches_under(directory)
+        paths = list(_caches_under(directory))     # one that it may not read: an error
     else:
         raise FileNotFoundError(errno.ENOENT, "No such directory: %s" % _where_looked(
             directory, options.dir, "'persist ls DIR'"), directory)

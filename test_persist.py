@@ -7818,6 +7818,34 @@ class TestCommandLine(TempDirTest):
         self.assertIn("No such cache", done.stderr)
         self.assertEqual((self.path / "notes.txt").read_text(), "my notes")
 
+    @unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX permissions")
+    def test_a_directory_it_may_not_read_is_an_error_not_empty(self):
+        # ls listed nothing, with exit status 0, and show said "No such cache file": as if
+        # there were no caches, where there are caches it may not read.
+        os.chmod(self.dir, 0o755)
+        inner = self.cache / "inner"
+        inner.mkdir()
+        os.rename(str(self.cache / "jobs.fetch.db"), str(inner / "jobs.fetch.db"))
+        for locked in (self.cache, inner):
+            os.chmod(str(self.cache), 0o755)
+            os.chmod(str(locked), 0o000)
+            self.addCleanup(os.chmod, str(locked), 0o755)
+            for args in (["ls", self.cache], ["show", "--dir", self.cache, "jobs.fetch"]):
+                with self.subTest(locked=locked.name, command=args[0]):
+                    # python -m persist ARGS, as nobody (what it imports, imported first)
+                    out = run_python("import argparse, runpy, sys\n"
+                                     "argparse.ArgumentParser().format_help()\n" +
+                                     textwrap.dedent(drop_privileges()) + textwrap.dedent("""
+                        sys.argv, sys.stderr = ["persist"] + %r, sys.stdout
+                        try:
+                            runpy.run_module("persist", run_name="__main__", alter_sys=True)
+                        except SystemExit as exc:
+                            print("exit", exc.code)
+                    """ % [str(arg) for arg in args]), cwd=self.dir)
+                    self.assertTrue(out.endswith("Permission denied\nexit 1\n"), out)
+                    self.assertIn("persist: error: %s: " % locked, out)
+            os.chmod(str(locked), 0o755)
+
     def test_status(self):
         finished, unfinished = self.path / "a", self.path / "b"
         with persist.done_dir(finished) as d:
