@@ -2116,8 +2116,10 @@ class TestExplainCannotLoad(ExplainTest):
         for x in (1, 2):
             explanation = f.explain(x)
             self.assertEqual(explanation.reason, "cannot load", explanation)
-            self.assertRegex(explanation.error, "^(FileNotFoundError|UnpicklingError): ")
-        self.assertEqual(sorted(f.explain(x).error[:5] for x in (1, 2)), ["FileN", "Unpic"])
+        errors = sorted(f.explain(x).error for x in (1, 2))   # cut short: PyPy's EOFError
+        self.assertEqual(sum(error.startswith("FileNotFoundError: ") for error in errors), 1,
+                         errors)
+        self.assertRegex("".join(errors), "(UnpicklingError|EOFError): ")
         with self.assertWarnsRegex(persist.PersistWarning, "cannot be loaded"):
             f(1)
         self.assertEqual(f.explain(1).reason, "hit")
