@@ -2247,6 +2247,14 @@ class _Shelf(_ShelfBase):
                 return row, store.load(row)
             except FileNotFoundError:     # replaced or deleted since get(): read it again
                 continue
+            except (EOFError, pickle.UnpicklingError) as exc:
+                if row[1] is None:        # a pickle of the row's own: as shelve raises it
+                    raise
+                # value files are not fsynced: a power cut may cut one short
+                raise PersistError(errno.EIO, "the value file of key %r is cut short or "
+                                   "damaged (%s: %s); store the key again, or delete it"
+                                   % (key, type(exc).__name__, exc),
+                                   store.values.path(row[1])) from None
         # not a writer's replacement: gone for good (removed by hand)
         raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
                            store.values.path(row[1]))  # type: ignore[index, arg-type]  # a row

@@ -3935,6 +3935,27 @@ class TestValueFileNamedOutsideTheCache(TempDirTest):
         """ % str(path), timeout=120)             # a loop that never ends fails here
         self.assertEqual(out, "the value file of key 'k' is missing\n" * 2 + "1\n")
 
+    def test_a_value_file_cut_short_names_its_key_and_file(self):
+        # Value files are not fsynced: after a power cut one may be cut short. Reading its
+        # key raised pickle's "pickle data was truncated", naming neither the key nor the file.
+        path = self.path / "s.db"
+        with persist.open(path) as db:
+            db["k"] = self.BIG
+            db["other"] = 1
+        name, = os.listdir(str(path) + ".values")
+        with open(os.path.join(str(path) + ".values", name), "r+b") as file:
+            file.truncate(1000)
+        with persist.open(path) as db:
+            for attempt in (lambda: db["k"], lambda: db.get("k"), lambda: db.pop("k")):
+                with self.assertRaisesRegex(persist.PersistError, "the value file of key 'k' "
+                                            "is cut short or damaged") as caught:
+                    attempt()
+                self.assertEqual(caught.exception.filename,
+                                 os.path.join(str(path) + ".values", name))
+            self.assertEqual(db["other"], 1)
+            db["k"] = "again"                     # what to do: store it again, or delete it
+            self.assertEqual(db["k"], "again")
+
     def test_files_in_the_values_directory_of_another_shape_are_never_swept(self):
         path = self.shelf("0" * 32)
         stray = pathlib.Path(str(path) + ".values") / "notes.txt"
