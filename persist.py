@@ -6124,6 +6124,10 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
                             "a thread pool (executor=)" % (func, type(exc).__name__, exc)) \
                 from None
     items = list(items)
+    if found is not None and (workers is not None or executor is not None and not threads):
+        # opened here first: one that cannot be opened warns here, once, and the workers
+        # forked from this process inherit that warning instead of each giving its own
+        found[0]._memo.open()
     run = _Run(func, items, found, progress)
     stop: "Optional[_Event]"
     try:

@@ -7391,6 +7391,27 @@ class TestMapWorkersCountTimeSaved(TempDirTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(done.stdout, "138 0 15 15\n")
 
+    @unittest.skipUnless(POSIX, "workers started by fork")
+    def test_one_warning_for_a_cache_that_cannot_be_opened_not_one_per_worker(self):
+        # Each worker warned that the cache cannot be opened (root over a project owned by
+        # uid 1000: the Docker setup), once per worker: the one warning, N times.
+        script = self.path / "job.py"
+        (self.path / "file").write_text("not a directory")
+        script.write_text(textwrap.dedent("""
+            import multiprocessing, sys, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def work(x):
+                return x * 2
+            if __name__ == "__main__":
+                multiprocessing.set_start_method("fork")
+                print(sum(persist.map(work, range(12), workers=3, progress=False)),
+                      work.cache_info().unstored)
+        """))
+        done = run_command([str(script), str(self.path / "file" / "cache")], timeout=300)
+        self.assertEqual((done.returncode, done.stdout), (0, "132 12\n"), done.stderr)
+        self.assertEqual(done.stderr.count("PersistWarning"), 1, done.stderr)
+        self.assertIn("is running without its cache: cannot open", done.stderr)
+
 class TestMapResultThatCannotTravel(TempDirTest):
     """A worker's result that pickle cannot send back (nested deeper than pickle goes, or of
     a type it refuses) failed its item, its result lost: the item runs again in the caller,
