@@ -115,8 +115,9 @@ if TYPE_CHECKING:
                                       Union[bytes, str, None]]
     _Call: TypeAlias = Tuple[_Args, _Kwargs]       # (args, kwargs) of a call
     _Handle: TypeAlias = Tuple["_Memoized", _Args, _Kwargs]   # _handle_of()'s
-    # what _run says of an item: (True, result, hit), (False, exception, traceback text or
-    # None), or (None, None, None) when it never started
+    # what _run says of an item: (True, result, seconds the hit saved, else None, or False
+    # for a result computed and not stored), (False, exception, traceback text or None), or
+    # (None, None, None) when it never started
     _Outcome: TypeAlias = Tuple[Optional[bool], Any, Any]
 
     class _Event(Protocol):       # threading's, or multiprocessing's
@@ -1242,14 +1243,25 @@ def _sqlite_error(exc, path):
     return OSError(errno.EIO, "cache file error (%s: %s)" % (type(exc).__name__, text), path)
 
 
+def _shell_word(path):
+    # type: (str) -> str
+    """path as one word of a command to paste into a shell: POSIX sh's, or Windows'."""
+    if os.name == "nt":
+        return '"%s"' % path              # a Windows path has no '"' in it
+    import shlex
+    return shlex.quote(path)
+
+
 def _damaged(path, why):
     # type: (str, str) -> PersistError
     """The error for a file at path that SQLite cannot read as a database. Where it is
     recognizably a persist cache (its header says so, or value files lie beside it), it says
     which files to remove to start over: persist never removes them itself (nor can
-    'persist clear', which needs a cache it can read). Any other file may be the user's:
-    that one only may be removed, if it was a cache."""
+    'persist clear', which needs a cache it can read). Any other file may be the user's
+    (persist show job.py, a slip for job.f): that one only may be removed, if it was a
+    cache, and only one that may be is offered (a .db file, a SQLite file, zeros)."""
     ours = False
+    head = b""
     with contextlib.suppress(OSError):
         # never through a link, nor blocking on a FIFO planted there
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
@@ -1261,6 +1273,9 @@ def _damaged(path, why):
         ours = head[:16] == b"SQLite format 3\0" and \
             int.from_bytes(head[68:72], "big") == _APPLICATION_ID
     ours = ours or os.path.isdir(path + ".values")
+    if not ours and not (path.endswith(".db") or head.startswith(b"SQLite format 3\0") or
+                         (len(head) >= 16 and not head[:16].strip(b"\0"))):
+        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), path)
     files = [path, path + "-wal", path + "-shm"]
     if os.name == "nt":
         how = "delete %s, and the folder %s.values" % (", ".join(files), path)
@@ -1303,7 +1318,8 @@ def _gate():
     if _FORK_GATE.acquire(blocking=False):
         return True
     me = _thread.get_ident()
-    if any(conn._depth and conn._lock._is_owned() for conn in list(_CONNECTIONS)) or \
+    if any(conn._depth and conn._lock._is_owned()  # type: ignore[attr-defined]  # in C and PyPy
+           for conn in list(_CONNECTIONS)) or \
             any(thread == me and lock.locked() for lock, (_, thread) in list(_ELSEWHERE.items())):
         return False
     _FORK_GATE.acquire()
@@ -2233,6 +2249,14 @@ class _Shelf(_ShelfBase):
                 return row, store.load(row)
             except FileNotFoundError:     # replaced or deleted since get(): read it again
                 continue
+            except (EOFError, pickle.UnpicklingError) as exc:
+                if row[1] is None:        # a pickle of the row's own: as shelve raises it
+                    raise
+                # value files are not fsynced: a power cut may cut one short
+                raise PersistError(errno.EIO, "the value file of key %r is cut short or "
+                                   "damaged (%s: %s); store the key again, or delete it"
+                                   % (key, type(exc).__name__, exc),
+                                   store.values.path(row[1])) from None
         # not a writer's replacement: gone for good (removed by hand)
         raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
                            store.values.path(row[1]))  # type: ignore[index, arg-type]  # a row
@@ -2399,11 +2423,14 @@ else:
         currsize = property(lambda self: self.entries)
         maxsize = None
 
-    _CacheInfo.__name__ = _CacheInfo.__qualname__ = "CacheInfo"    # its repr(), as before
+    _CacheInfo.__name__ = "CacheInfo"    # its repr(), as before
     _Failure = collections.namedtuple(
         "Failure", "args type message count first last seconds version traceback call "
         "call_error")
     _FailedCall = collections.namedtuple("Call", "args kwargs")
+    # pickle finds a class by __qualname__: these, by their names here, so that records and
+    # their calls travel to a process pool (repr() keeps __name__)
+    _Failure.__qualname__, _FailedCall.__qualname__ = "_Failure", "_FailedCall"
 _MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded
 _FRAMES = 50                   # a failure's traceback keeps its innermost frames
 _TRACEBACK_LIMIT = 1 << 16     # and of its traceback: the end, where the error is
@@ -4486,7 +4513,7 @@ def _explain(memo, key, key_for):
                                              else "are caches"))
         return _Explanation("no entry", path, text)
     try:
-        for _ in range(2):                 # a writer may replace the entry while we load it
+        for attempt in range(2):           # a writer may replace the entry while we load it
             row = store.get(key)
             if row is None:
                 break
@@ -4498,18 +4525,21 @@ def _explain(memo, key, key_for):
                                     stored=stored, seconds=seconds, version=memo.version)
             try:
                 store.load(row)
-            except FileNotFoundError:      # replaced since get(): look again
-                continue
+            except FileNotFoundError as exc:
+                if not attempt:            # replaced since get(): look again
+                    continue
+                error = "%s: %s" % (type(exc).__name__, exc)   # removed (by hand)
             except OSError:
                 raise
             except Exception as exc:
                 error = "%s: %s" % (type(exc).__name__, exc)
-                return _Explanation("cannot load", path, "miss: the entry (%s) cannot be "
-                                    "loaded (%s); a call computes it again"
-                                    % (_stored_when(stored, seconds), error), stored=stored,
-                                    seconds=seconds, version=memo.version, error=error)
-            return _Explanation("hit", path, "hit: " + _stored_when(stored, seconds),
-                                stored=stored, seconds=seconds, version=memo.version)
+            else:
+                return _Explanation("hit", path, "hit: " + _stored_when(stored, seconds),
+                                    stored=stored, seconds=seconds, version=memo.version)
+            return _Explanation("cannot load", path, "miss: the entry (%s) cannot be "
+                                "loaded (%s); a call computes it again"
+                                % (_stored_when(stored, seconds), error), stored=stored,
+                                seconds=seconds, version=memo.version, error=error)
         try:
             failed = store.conn.query(_FAILED, (key,))
         except OSError:                    # best effort: an early cache has no Failures table
@@ -4965,8 +4995,9 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
 def _run(func, items, portable, stop=None):
     # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> Tuple[List[_Outcome], float]
     """func(item) for a batch of items where they run (this process, or a worker): a list of
-    (True, result, None if computed, else the seconds the cached call took: what reusing it
-    saved), (False, exception, traceback text or None) or
+    (True, result, None if computed, False if computed and not stored (a cache that cannot
+    be opened or written: counted in cache_info().unstored), else the seconds the cached
+    call took: what reusing it saved), (False, exception, traceback text or None) or
     (None, None, None) for an item not started, and the seconds the batch took. portable:
     exceptions go to another process, so each is made picklable and its traceback sent as
     text. stop: an Event that a failure sets, after which no item starts (keep_going=False)."""
@@ -4975,6 +5006,7 @@ def _run(func, items, portable, stop=None):
     if found is not None:
         call, args, kwargs = found[0]._call, found[1], found[2]
         failing = None if stop is None else stop.set
+        memo = found[0]._memo
     outcomes: "List[_Outcome]" = []
     start = time.perf_counter()
     for item in items:
@@ -4985,8 +5017,10 @@ def _run(func, items, portable, stop=None):
             if found is None:
                 outcomes.append((True, func(item), None))
             else:
+                unstored = memo.unstored
                 value, saved = call(args + (item,), kwargs, failing)
-                outcomes.append((True, value, saved))
+                outcomes.append((True, value, saved if saved is not None or
+                                 memo.unstored == unstored else False))
         except Exception as exc:
             if stop is not None:
                 stop.set()
@@ -5313,14 +5347,16 @@ class _Run:
             # type: (List[int], List[_Outcome], float) -> None
             nonlocal size, error
             for index, (ok, value, extra) in zip(batch, outcomes):
+                hit = bool(ok) and extra is not None and extra is not False
                 if memo is not None and ok is not None:
-                    if ok and extra is not None:
+                    if hit:
                         memo.hits += 1
                         memo.saved += extra
                     else:
                         memo.misses += 1
+                        memo.unstored += extra is False
                 if ok:
-                    self.succeeded(index, value, extra is not None)
+                    self.succeeded(index, value, hit)
                 elif ok is False:
                     if extra is not None:
                         value.__cause__ = _WorkerTraceback(extra)
@@ -5428,9 +5464,9 @@ class _Run:
                   "of this run that cannot, and its result is returned"
                   % (self.label, type(exc).__name__, exc))
         self.moved += 1
-        (ok, value, hit), = _run(self.func, [self.items[index]], False)[0]
+        (ok, value, extra), = _run(self.func, [self.items[index]], False)[0]
         if ok:
-            self.succeeded(index, value, hit)
+            self.succeeded(index, value, extra is not None and extra is not False)
             return None
         self.failed(index, value)
         return value  # type: ignore[no-any-return]  # an outcome's exception
@@ -5526,9 +5562,9 @@ class _Run:
             more = ", ..." if len(indexes) > _SHOWN_ITEMS else ""
             parts.append("%s x%s (%s%s)" % (kind, _n(len(indexes)), shown, more))
         where = "this exception's .failures"
-        if self.found is not None:
-            where += ", %s.failures(), or 'python persist.py failures %s'" % (
-                self.label, self.found[0]._memo.path)
+        if self.found is not None:          # a command that works pasted, from anywhere
+            where += ", %s.failures(), or run: python -m persist failures %s" % (
+                self.label, _shell_word(self.found[0]._memo.path))
         message = "%s of %s items failed: %s; every other item was tried; see %s" % (
             _n(len(self.failures)), _n(len(self.items)), ", ".join(parts), where)
         return Failures(message, [(self.items[i], exc) for i, exc in self.failures],
@@ -6143,6 +6179,10 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
                             "a thread pool (executor=)" % (func, type(exc).__name__, exc)) \
                 from None
     items = list(items)
+    if found is not None and (workers is not None or executor is not None and not threads):
+        # opened here first: one that cannot be opened warns here, once, and the workers
+        # forked from this process inherit that warning instead of each giving its own
+        found[0]._memo.open()
     run = _Run(func, items, found, progress)
     stop: "Optional[_Event]"
     try:
@@ -6430,8 +6470,13 @@ def _where_looked(directory, given, option):
 
 def _caches_under(directory):
     # type: (str) -> Iterator[str]
-    """The .db files under directory, as os.walk finds them, without the value directories."""
-    for root, dirs, files in os.walk(directory):
+    """The .db files under directory, as os.walk finds them, without the value directories.
+    A directory it may not read raises: listing nothing there would say there is nothing."""
+    def unreadable(exc):
+        # type: (OSError) -> None
+        raise exc
+
+    for root, dirs, files in os.walk(directory, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if not d.endswith(".values"))
         for name in sorted(files):
             if name.endswith(".db"):
@@ -6515,7 +6560,7 @@ def _cli_ls(options):
         _Store(directory, "r").close()     # else its error, as 'show' gives it
         paths, directory = [directory], os.path.dirname(directory) or os.curdir
     elif os.path.isdir(directory):
-        paths = _caches_under(directory)
+        paths = list(_caches_under(directory))     # one that it may not read: an error
     else:
         raise FileNotFoundError(errno.ENOENT, "No such directory: %s" % _where_looked(
             directory, options.dir, "'persist ls DIR'"), directory)
@@ -6581,16 +6626,22 @@ def _cli_clear(options):
     if options.dry_run:
         with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
             count, size, _ = store.prune(before=float("inf"), dry_run=True)
-            print("would remove %d entries (%s)%s from %s" % (
-                count, _bytes(size), _and_failures(store.tally()[2]), _one_line(store.path)))
+            print("would remove %s (%s)%s from %s" % (
+                _entries(count), _bytes(size), _and_failures(store.tally()[2]),
+                _one_line(store.path)))
         return
     with contextlib.closing(_open_cache(options.cache, "w", options.dir)) as store:
         before = store.disk_usage()
         failed = store.tally()[2]         # clear() takes them too, in its one transaction
         count = store.clear()
-        print("removed %d entries%s from %s; %s given back" % (
-            count, _and_failures(failed), _one_line(store.path),
+        print("removed %s%s from %s; %s given back" % (
+            _entries(count), _and_failures(failed), _one_line(store.path),
             _bytes(max(0, before - store.disk_usage()))))
+
+
+def _entries(count):
+    # type: (int) -> str
+    return "%d entr%s" % (count, "y" if count == 1 else "ies")
 
 
 def _and_failures(count):
@@ -6624,13 +6675,14 @@ def _cli_prune(options):  # type: ignore[return]
             which = {"before": now - age, "after": now + age}
         if options.dry_run:
             count, size, failed = store.prune(dry_run=True, **which)
-            print("would remove %d entries (%s)%s from %s" % (
-                count, _bytes(size), _and_failures(failed), _one_line(store.path)))
+            print("would remove %s (%s)%s from %s" % (_entries(count), _bytes(size),
+                                                       _and_failures(failed),
+                                                       _one_line(store.path)))
             return 0
         before = store.disk_usage()
         count, size, failed = store.prune(**which)
-        print("removed %d entries (%s)%s from %s; %s given back" % (
-            count, _bytes(size), _and_failures(failed), _one_line(store.path),
+        print("removed %s (%s)%s from %s; %s given back" % (
+            _entries(count), _bytes(size), _and_failures(failed), _one_line(store.path),
             _bytes(max(0, before - store.disk_usage()))))
 
 
@@ -6688,10 +6740,12 @@ def _cli_status(options):
     unfinished = 0
     for path in options.paths:
         if is_done(path, marker=options.marker):
+            # what any tool, or another user, may have written: as text, on one line
             with io.open(os.path.join(path, options.marker), encoding="utf-8",
                          errors="replace") as file:
-                # what anyone who may write in the stage wrote: rendered as 'ls' renders
-                print("%s: finished %s" % (_one_line(path), _one_line(file.read().strip())))
+                record = file.read(1001).strip()
+            print("%s: finished %s" % (_one_line(path), _one_line(record[:1000]) +
+                                       ("..." if len(record) > 1000 else "")))
         else:
             unfinished += 1
             state = "not finished" if os.path.isdir(path) else "missing"
@@ -6701,7 +6755,9 @@ def _cli_status(options):
 
 def _error_text(exc):
     # type: (Exception) -> str
-    """An error as one line: the path first, then what is wrong with it."""
+    """An error as one line: the path first, then what is wrong with it. A printable one
+    is kept as it is: the command that a damaged cache's error gives to remove its files
+    names paths with runs of spaces in them."""
     text = str(exc)
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         text = "%s: %s" % (os.fsdecode(exc.filename), exc.strerror)

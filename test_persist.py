@@ -24,6 +24,7 @@ import pickle
 import random
 import re
 import shelve
+import shlex
 import signal
 import sqlite3
 import stat
@@ -2136,6 +2137,26 @@ class TestExplainCannotLoad(ExplainTest):
                         r"\(ValueError: refused to load\); a call computes it again$")
         self.assertEqual(explanation.error, "ValueError: refused to load")
 
+    def test_a_value_file_removed_by_hand(self):
+        # explain() said "no entry" while the call warned that the entry cannot be loaded.
+        f = self.memo(lambda x: "v" * (1 << 19))
+        f(1)
+        f(2)
+        files = sorted((pathlib.Path(f.cache_info().path + ".values")).iterdir())
+        self.assertEqual(len(files), 2)
+        files[0].unlink()
+        with open(files[1], "r+b") as file:
+            file.truncate(10)
+        for x in (1, 2):
+            explanation = f.explain(x)
+            self.assertEqual(explanation.reason, "cannot load", explanation)
+        errors = sorted(f.explain(x).error for x in (1, 2))   # cut short: PyPy's EOFError
+        self.assertEqual(sum(error.startswith("FileNotFoundError: ") for error in errors), 1,
+                         errors)
+        self.assertRegex("".join(errors), "(UnpicklingError|EOFError): ")
+        with self.assertWarnsRegex(persist.PersistWarning, "cannot be loaded"):
+            f(1)
+        self.assertEqual(f.explain(1).reason, "hit")
 
 class TestExplainFailedBefore(ExplainTest):
     def test_count_and_last_error(self):
@@ -2547,7 +2568,7 @@ class TestVersionSwitch(MemoTest):
         self.assertRegex(done.stdout, r"scaled +3 ")
         done = run_command(CLI + ["prune", path, "--stale", "--dry-run"])
         self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertRegex(done.stdout, "would remove [0-3] entries")
+        self.assertRegex(done.stdout, "would remove ([023] entries|1 entry) ")
 
     def test_record_of_the_runs_code_that_cannot_be_written_costs_no_hit(self):
         # the code record is written by the first open of each run: a cache whose Info
@@ -3820,6 +3841,27 @@ class TestDamagedCacheFile(TempDirTest):
             with persist.open(path) as db:
                 self.assertEqual(len(db), 0)
 
+    def test_a_file_of_the_user_is_never_offered_for_removal(self):
+        # 'persist show job.py' (a slip for 'persist show job.f'), or persist.open("notes.txt")
+        # on a file of the user's, said to start over with 'rm -f .../job.py'.
+        for name, content in (("job.py", b"import persist\n"), ("plot.png", b"\x89PNG\r\n\x1a\n"),
+                              ("data.csv", b"")):
+            with self.subTest(name=name):
+                path = self.path / name
+                path.write_bytes(content + b"x" * 200)
+                with self.assertRaisesRegex(persist.PersistError, "not a persist cache") as \
+                        caught:
+                    with persist.open(path) as db:
+                        dict(db)
+                self.assertNotIn("rm ", str(caught.exception))
+                self.assertNotIn("remov", str(caught.exception))
+                self.assertNotIn("delete", str(caught.exception))
+                done = run_command(CLI + ["show", path], cwd=self.dir, timeout=120)
+                self.assertEqual(done.returncode, 1, done.stdout)
+                self.assertIn("not a persist cache", done.stderr)
+                self.assertNotIn("rm ", done.stderr)
+                self.assertEqual(path.read_bytes(), content + b"x" * 200)
+
     @unittest.skipUnless(POSIX, "the command given is for a POSIX shell")
     def test_memoized_function_over_a_damaged_cache_starts_over_as_told(self):
         cache = self.path / "cache"
@@ -3848,6 +3890,27 @@ class TestDamagedCacheFile(TempDirTest):
                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               universal_newlines=True, timeout=300)
         self.assertEqual(done.stdout.count("computed"), 50, done.stderr)
+
+
+    @unittest.skipUnless(POSIX, "the command given is for a POSIX shell")
+    def test_command_line_gives_a_command_that_works_on_any_path(self):
+        # The command line's error put runs of spaces on one: the command it gave for
+        # "it's a  \"dir\"" named another directory, and removed nothing.
+        where = self.path / "it's a  \"dir\""
+        where.mkdir()
+        path = where / "cache.db"
+        with persist.open(path) as db:
+            db["k"] = "v" * (1 << 19)         # a value file beside it
+        with open(path, "r+b") as file:
+            file.truncate(path.stat().st_size // 2)
+        for command in ("show", "clear", "failures"):
+            with self.subTest(command=command):
+                done = run_command(CLI + [command, str(path)], cwd=self.dir, timeout=120)
+                self.assertEqual(done.returncode, 1, done.stdout)
+                self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+                self.assertIn("damaged persist cache", done.stderr)
+        self.start_over(done.stderr.strip())
+        self.assertEqual(os.listdir(where), [])
 
 
 class Planted:
@@ -4007,6 +4070,27 @@ class TestValueFileNamedOutsideTheCache(TempDirTest):
                 print(len(db))
         """ % str(path), timeout=120)             # a loop that never ends fails here
         self.assertEqual(out, "the value file of key 'k' is missing\n" * 2 + "1\n")
+
+    def test_a_value_file_cut_short_names_its_key_and_file(self):
+        # Value files are not fsynced: after a power cut one may be cut short. Reading its
+        # key raised pickle's "pickle data was truncated", naming neither the key nor the file.
+        path = self.path / "s.db"
+        with persist.open(path) as db:
+            db["k"] = self.BIG
+            db["other"] = 1
+        name, = os.listdir(str(path) + ".values")
+        with open(os.path.join(str(path) + ".values", name), "r+b") as file:
+            file.truncate(1000)
+        with persist.open(path) as db:
+            for attempt in (lambda: db["k"], lambda: db.get("k"), lambda: db.pop("k")):
+                with self.assertRaisesRegex(persist.PersistError, "the value file of key 'k' "
+                                            "is cut short or damaged") as caught:
+                    attempt()
+                self.assertEqual(caught.exception.filename,
+                                 os.path.join(str(path) + ".values", name))
+            self.assertEqual(db["other"], 1)
+            db["k"] = "again"                     # what to do: store it again, or delete it
+            self.assertEqual(db["k"], "again")
 
     def test_files_in_the_values_directory_of_another_shape_are_never_swept(self):
         path = self.shelf("0" * 32)
@@ -6996,6 +7080,23 @@ class TestFailureLedger(MemoTest):
                               universal_newlines=True, timeout=300)
         self.assertEqual((done.stdout, done.returncode), ("(1,) True\n", 0), done.stderr)
 
+    def test_records_travel_to_workers(self):
+        # A record, its call and cache_info() could not be pickled ("attribute lookup Call on
+        # persist failed"): the failed calls could not be sent to a process pool to make again.
+        f = self.memo(parse, name="travel")
+        with self.assertRaises(persist.Failures):
+            persist.map(f, ["1", "?2"], progress=False)
+        record, = f.failures()
+        for value in (record, record.call, f.cache_info()):
+            with self.subTest(value=type(value).__name__):
+                for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+                    copy = pickle.loads(pickle.dumps(value, protocol))
+                    self.assertEqual((copy, type(copy)), (value, type(value)))
+                self.assertEqual(repr(copy), repr(value))
+        self.assertEqual(repr(record.call), "Call(args=('?2',), kwargs={})")
+        self.assertEqual(type(f.cache_info()).__name__, "CacheInfo")
+        self.assertEqual(f.cache_info().currsize, 1)
+
     def test_records_that_someone_crafted(self):
         f = self.memo(parse, name="crafted")
         for text in ("?a", "?b", "?c"):
@@ -7165,8 +7266,27 @@ class TestMap(MemoTest):
         self.assertIn("4 of 7 items failed: test_persist.Malformed x4 ('?2', '?4', '?6', ...)",
                       message)
         self.assertIn("parse.failures()", message)
-        self.assertIn("python persist.py failures ", message)
+        self.assertIn("python -m persist failures ", message)
         self.assertEqual(len(f.failures()), 4)
+
+    @unittest.skipUnless(POSIX, "the command given is for a POSIX shell")
+    def test_failures_command_given_works_when_pasted(self):
+        # It said 'python persist.py failures PATH': no such file where persist is installed
+        # with pip or the shell is elsewhere, and the path unquoted ("it's my data").
+        where = self.path / "it's my  data"
+        f = self.memo(parse, cache_dir=where)
+        with self.assertRaises(persist.Failures) as caught:
+            persist.map(f, ["1", "?2"], progress=False)
+        command = str(caught.exception).rpartition("or run: ")[2]
+        self.assertTrue(command.startswith("python "), command)
+        elsewhere = self.path / "elsewhere"
+        elsewhere.mkdir()
+        done = subprocess.run(["sh", "-c", shlex.quote(sys.executable) + command[6:]],
+                              cwd=str(elsewhere), env=child_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("1 failed call", done.stdout)
+        self.assertIn("'?2'", done.stdout)
 
     def test_result_too_deep_to_store_is_returned_not_failed(self):
         # The RecursionError of pickling made the item fail, its result lost.
@@ -7395,7 +7515,7 @@ class TestMapWorkers(TempDirTest):
 
 class TestMapWorkersCountTimeSaved(TempDirTest):
     """The hits of workers in other processes count in the caller's cache_info().saved, as
-    its own hits do."""
+    its own hits do, and the results they could not store in its unstored."""
 
     @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
     def test_saved_with_workers_and_a_process_executor(self):
@@ -7422,6 +7542,50 @@ class TestMapWorkersCountTimeSaved(TempDirTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(done.stdout, "workers 12 12 True True\nexecutor 12 12 True True\n")
 
+
+    @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
+    def test_unstored_with_workers_and_a_process_executor(self):
+        # The workers' results that their cache could not take (here it cannot be opened:
+        # cache_dir is a file) counted as misses in the caller, but unstored stayed 0.
+        script = self.path / "job.py"
+        (self.path / "file").write_text("not a directory")
+        script.write_text(textwrap.dedent("""
+            import concurrent.futures, sys, warnings, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def work(x):
+                return x * 2
+            if __name__ == "__main__":
+                warnings.simplefilter("ignore")
+                results = persist.map(work, range(12), workers=2, progress=False)
+                with concurrent.futures.ProcessPoolExecutor(2) as pool:
+                    results += persist.map(work, range(3), executor=pool, progress=False)
+                info = work.cache_info()
+                print(sum(results), info.hits, info.misses, info.unstored)
+        """))
+        done = run_command([str(script), str(self.path / "file" / "cache")], timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, "138 0 15 15\n")
+
+    @unittest.skipUnless(POSIX, "workers started by fork")
+    def test_one_warning_for_a_cache_that_cannot_be_opened_not_one_per_worker(self):
+        # Each worker warned that the cache cannot be opened (root over a project owned by
+        # uid 1000: the Docker setup), once per worker: the one warning, N times.
+        script = self.path / "job.py"
+        (self.path / "file").write_text("not a directory")
+        script.write_text(textwrap.dedent("""
+            import multiprocessing, sys, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def work(x):
+                return x * 2
+            if __name__ == "__main__":
+                multiprocessing.set_start_method("fork")
+                print(sum(persist.map(work, range(12), workers=3, progress=False)),
+                      work.cache_info().unstored)
+        """))
+        done = run_command([str(script), str(self.path / "file" / "cache")], timeout=300)
+        self.assertEqual((done.returncode, done.stdout), (0, "132 12\n"), done.stderr)
+        self.assertEqual(done.stderr.count("PersistWarning"), 1, done.stderr)
+        self.assertIn("is running without its cache: cannot open", done.stderr)
 
 class TestMapResultThatCannotTravel(TempDirTest):
     """A worker's result that pickle cannot send back (nested deeper than pickle goes, or of
@@ -7732,6 +7896,24 @@ class TestFailuresCommand(TempDirTest):
             for control in ("\x1b", "\x07"):
                 self.assertNotIn(control, done.stdout + done.stderr, command)
 
+    @unittest.skipUnless(POSIX, "file names with control characters")
+    def test_escape_sequences_of_a_file_name_never_reach_the_terminal(self):
+        # ls printed each cache's WHERE, the file's name, as it was: anyone who can write
+        # to a shared PERSIST_DIR (its group) chose what the terminal of 'persist ls' ran
+        cache = self.path / "cache"
+        cache.mkdir()
+        with persist.open(cache / "good.db") as db:
+            db["k"] = 1
+        hostile = "\x1b]0;owned\x07\x1b[2J\nx"
+        os.rename(str(cache / "good.db"), str(cache / (hostile + ".db")))
+        (cache / (hostile + "2.db")).write_bytes(b"not a cache" * 20)
+        for args in (["ls", cache], ["show", cache / (hostile + "2.db")]):
+            done = run_command(CLI + [str(arg) for arg in args])
+            for control in ("\x1b", "\x07"):
+                self.assertNotIn(control, done.stdout + done.stderr, args)
+            self.assertIn("\\x1b]0;owned\\x07\\x1b[2J", done.stdout + done.stderr)
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+
 
 # -- the user's first hour: logging, the command line, the example, the README
 
@@ -7906,6 +8088,34 @@ class TestCommandLine(TempDirTest):
         self.assertIn("No such cache", done.stderr)
         self.assertEqual((self.path / "notes.txt").read_text(), "my notes")
 
+    @unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX permissions")
+    def test_a_directory_it_may_not_read_is_an_error_not_empty(self):
+        # ls listed nothing, with exit status 0, and show said "No such cache file": as if
+        # there were no caches, where there are caches it may not read.
+        os.chmod(self.dir, 0o755)
+        inner = self.cache / "inner"
+        inner.mkdir()
+        os.rename(str(self.cache / "jobs.fetch.db"), str(inner / "jobs.fetch.db"))
+        for locked in (self.cache, inner):
+            os.chmod(str(self.cache), 0o755)
+            os.chmod(str(locked), 0o000)
+            self.addCleanup(os.chmod, str(locked), 0o755)
+            for args in (["ls", self.cache], ["show", "--dir", self.cache, "jobs.fetch"]):
+                with self.subTest(locked=locked.name, command=args[0]):
+                    # python -m persist ARGS, as nobody (what it imports, imported first)
+                    out = run_python("import argparse, runpy, sys\n"
+                                     "argparse.ArgumentParser().format_help()\n" +
+                                     textwrap.dedent(drop_privileges()) + textwrap.dedent("""
+                        sys.argv, sys.stderr = ["persist"] + %r, sys.stdout
+                        try:
+                            runpy.run_module("persist", run_name="__main__", alter_sys=True)
+                        except SystemExit as exc:
+                            print("exit", exc.code)
+                    """ % [str(arg) for arg in args]), cwd=self.dir)
+                    self.assertTrue(out.endswith("Permission denied\nexit 1\n"), out)
+                    self.assertIn("persist: error: %s: " % locked, out)
+            os.chmod(str(locked), 0o755)
+
     def test_status(self):
         finished, unfinished = self.path / "a", self.path / "b"
         with persist.done_dir(finished) as d:
@@ -7929,6 +8139,21 @@ class TestCommandLine(TempDirTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertNotIn("\x1b", done.stdout)
         self.assertIn("\\x1b]0;owned\\x07\\x1b[2J", done.stdout)
+
+    def test_status_shows_a_marker_as_text(self):
+        # A marker that another tool (or another user, in a shared directory) wrote went
+        # to the terminal as it was: escape sequences, however long, over several lines.
+        stage = self.path / "stage"
+        stage.mkdir()
+        (stage / "DONE").write_bytes(b"\x1b[2J\x1b]0;title\x07{\"x\": 1}\nline two\n" +
+                                     b"y" * 100000)
+        done = self.persist_cli("status", str(stage))
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(len(done.stdout.splitlines()), 1, done.stdout[:300])
+        self.assertNotIn("\x1b", done.stdout)
+        self.assertNotIn("\x07", done.stdout)
+        self.assertIn("\\x1b[2J", done.stdout)
+        self.assertLess(len(done.stdout), 2000)
 
 
 def backdate(cache_file, seconds):
@@ -8007,6 +8232,16 @@ class TestCommandLineDryRun(CommandLineTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertRegex(done.stdout, r"^would remove 5 entries \(\d.* KB\) from ")
         self.assertEqual(self.entries(), 5)
+
+    def test_one_entry_is_an_entry(self):
+        # "would remove 1 entries", "removed 1 entries"
+        self.fill(self.path / "one", count=1)
+        one = self.path / "one" / "jobs.fetch.db"
+        backdate(one, 3 * 86400)
+        for args in (["clear", "--dry-run"], ["prune", "--older-than", "2d", "--dry-run"],
+                     ["prune", "--older-than", "2d"]):
+            done = self.cli(args[0], one, *args[1:])
+            self.assertRegex(done.stdout, r"^(would remove|removed) 1 entry [(f]", args)
 
 
 class TestCommandLineGivesSpaceBack(CommandLineTest):
