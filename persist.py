@@ -4941,7 +4941,57 @@ def _run(func, items, portable, stop=None):
                 text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                 exc = _portable(exc)
             outcomes.append((False, exc, text))
+    if portable:
+        outcomes = _Outcomes(outcomes)
     return outcomes, time.perf_counter() - start
+
+
+class _Moved:
+    """The value of an outcome (None, _Moved(why), None) whose result could not travel from
+    its worker (why: pickling it failed there, or loading it here): persist.map runs it
+    again in the caller (see _Run.run_here())."""
+
+    def __init__(self, why):
+        # type: (str) -> None
+        self.why = why
+
+
+class _Outcomes(list):  # type: ignore[type-arg]  # of _Outcome
+    """A worker's outcomes, which travel back one by one: a result that cannot be pickled
+    there (nested too deep, a lock) or loaded here costs only its own item, not the other
+    results of its batch (run again, a second time) nor the pool (a result that fails to
+    load breaks it: every item then in flight would run again)."""
+
+    def __reduce__(self):
+        # type: () -> Tuple[Any, ...]
+        packed: "List[Tuple[Any, Any, Any]]" = []
+        for ok, value, extra in self:
+            try:
+                packed.append((ok, pickle.dumps(value, _PROTOCOL), extra))
+            except Exception as exc:       # RecursionError included
+                packed.append((None, _Moved(_why(exc)), None))
+        return _unpack_outcomes, (packed,)
+
+
+def _unpack_outcomes(packed):
+    # type: (List[Tuple[Any, Any, Any]]) -> List[_Outcome]
+    outcomes: "List[_Outcome]" = []
+    for ok, data, extra in packed:
+        if isinstance(data, bytes):
+            try:
+                data = pickle.loads(data)
+            except Exception as exc:       # its class is not here, its loading raises
+                ok, data, extra = None, _Moved(_why(exc)), None
+        outcomes.append((ok, data, extra))
+    return outcomes
+
+
+def _why(exc):
+    # type: (BaseException) -> str
+    try:
+        return "%s: %s" % (type(exc).__name__, exc)
+    except Exception:
+        return type(exc).__name__
 
 
 class _WorkerTraceback(Exception):
@@ -5258,6 +5308,14 @@ class _Run:
             # type: (List[int], List[_Outcome], float) -> None
             nonlocal size, error
             for index, (ok, value, extra) in zip(batch, outcomes):
+                if isinstance(value, _Moved):
+                    # computed, but its result could not travel: again here, as a plain
+                    # loop would (but after a failure with keep_going=False, nothing starts)
+                    if keep_going or error is None:
+                        here = self.run_here(index, value.why)
+                        if here is not None and not keep_going and error is None:
+                            error = here
+                    continue
                 if memo is not None and ok is not None:
                     if ok and extra is not None:
                         memo.hits += 1
@@ -5315,7 +5373,7 @@ class _Run:
                             # (after a failure with keep_going=False, no item starts again)
                             outcomes, seconds = [(False, exc, None)], 0.0
                         else:
-                            here = self.run_here(batch[0], exc)
+                            here = self.run_here(batch[0], _why(exc))
                             if here is not None and not keep_going and error is None:
                                 error = here
                             continue
@@ -5360,18 +5418,20 @@ class _Run:
         if error is not None:
             raise error
 
-    def run_here(self, index, exc):
-        # type: (int, Exception) -> Optional[Exception]
+    def run_here(self, index, why):
+        # type: (int, str) -> Optional[Exception]
         """Run an item in this process, after it or its result could not travel between
-        this process and a worker (exc: pickling it failed, as for a result nested deeper
-        than pickle goes or of a type pickle refuses): the result was computed, and it is
-        returned. Its failure here, if it fails, is returned too."""
+        this process and a worker (why: pickling it failed, as for a result nested deeper
+        than pickle goes or of a type pickle refuses, or loading it here): its result is
+        returned, computed here (a second time, when the worker computed it). Its failure
+        here, if it fails, is returned too."""
         if not self.moved:
             # one warning, after which the rest of the run goes on quietly
             _warn("persist.map: an item of %s, or its result, could not travel between this "
-                  "process and a worker (%s: %s); it runs in this process instead, as any other "
-                  "of this run that cannot, and its result is returned"
-                  % (self.label, type(exc).__name__, exc))
+                  "process and a worker (%s); it runs in this process instead (again, where the "
+                  "worker ran it), as any other of this run that cannot, and its result is "
+                  "returned"
+                  % (self.label, why))
         self.moved += 1
         (ok, value, hit), = _run(self.func, [self.items[index]], False)[0]
         if ok:

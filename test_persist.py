@@ -2370,33 +2370,42 @@ class TestMapWorkerKilledAmongManyQuickItems(TempDirTest):
 
 
 class TestMapResultFailsToLoad(TempDirTest):
-    """A result that pickles in the worker but fails to load in the caller breaks the pool
-    as a dead worker does: the item fails, and its error keeps the pool's own, which holds
-    the traceback of the load (since 3.9), so that the cause is not lost."""
+    """A result that pickles in the worker but fails to load in the caller broke the pool as
+    a dead worker does: every item then in flight ran again, and the item failed with
+    BrokenProcessPool though it had computed. Now it is one that cannot travel: it runs
+    again in the caller, its result is returned, and no other item runs twice."""
 
-    @unittest.skipIf(sys.version_info < (3, 9), "3.8's pool keeps no cause")
-    def test_the_load_error_is_the_cause(self):
+    def test_returned_from_this_process(self):
         script = self.path / "job.py"
         script.write_text(textwrap.dedent("""
-            import os, traceback, persist
+            import os, sys, warnings, persist
             def refuse():
                 raise ValueError("loads only in a worker")
             class Odd:
                 def __reduce__(self):    # pickled in a worker: fails to load in the caller
                     return (refuse, ())
             def work(x):
-                return Odd() if x == 7 else x
+                fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                os.write(fd, b"%d\\n" % x)
+                os.close(fd)
+                return (os.getpid(), Odd() if x == 7 else x)
             if __name__ == "__main__":
-                try:
-                    persist.map(work, range(20), workers=2, progress=False)
-                except persist.Failures as exc:
-                    [(item, error)] = exc.failures
-                    text = "".join(traceback.format_exception(type(error), error, None))
-                    print(item, type(error).__name__, "loads only in a worker" in text)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    results = persist.map(work, range(20), workers=2, progress=False)
+                here = [x for x, (pid, _) in enumerate(results) if pid == os.getpid()]
+                print(here, type(results[7][1]).__name__,
+                      [value for _, value in results[:7] + results[8:]] == [
+                          x for x in range(20) if x != 7],
+                      sum("could not travel" in str(w.message) for w in caught))
+                with open(sys.argv[1]) as log:
+                    calls = [int(line) for line in log]
+                print(sorted(x for x in set(calls) if calls.count(x) > 1), sorted(set(calls)) ==
+                      list(range(20)))
         """))
-        done = run_command([str(script)], timeout=120)
+        done = run_command([str(script), str(self.path / "calls")], timeout=120)
         self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertEqual(done.stdout, "7 BrokenProcessPool True\n")
+        self.assertEqual(done.stdout, "[7] Odd True 1\n[7] True\n")
 
 
 class TestVersionSwitch(MemoTest):
@@ -7292,6 +7301,33 @@ class TestMapResultThatCannotTravel(TempDirTest):
             "lock [False, True, False] ['int', 'lock', 'int'] 1",
             "stored [False, True, False] [3, 100000, 4] 1",
             "2"])
+
+    def test_only_that_item_runs_again(self):
+        # Quick items travel many to a batch: one result that could not travel failed the
+        # whole batch, whose every item then ran again, one at a time
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, sys, threading, warnings, persist
+            def work(x):
+                fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                os.write(fd, b"%d\\n" % x)
+                os.close(fd)
+                return threading.Lock() if x == 300 else x
+            if __name__ == "__main__":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    results = persist.map(work, range(400), workers=2, progress=False)
+                print(type(results[300]).__name__, results[:300] + results[301:] == [
+                    x for x in range(400) if x != 300])
+                with open(sys.argv[1]) as log:
+                    calls = [int(line) for line in log]
+                print(sorted(x for x in set(calls) if calls.count(x) > 1), len(set(calls)))
+        """))
+        done = run_command([str(script), str(self.path / "calls")], timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertEqual(lines[0].split()[1], "True")     # (the lock's type name varies)
+        self.assertEqual(lines[1], "[300] 400")
 
 
 class TestMapWithoutMainGuard(TempDirTest):
