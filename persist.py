@@ -1136,11 +1136,13 @@ class _Connection:
 
     def _close_conn(self):
         # type: () -> None
-        if self._conn is not None:
+        # Let go of it first: a Ctrl-C inside _close() (as fork() closes it) then leaves no
+        # closed connection here, which every later use would fail on, for good
+        conn, self._conn = self._conn, None
+        if conn is not None:
             if self.mode != "ro":         # exit takes another look at its log: _close_all()
                 _WRITTEN.add(self.path)
-            _close(self._conn)
-            self._conn = None
+            _close(conn)
         self._frozen = None
         self._drop_copy()
 
@@ -5428,9 +5430,9 @@ class _Run:
         if not self.moved:
             # one warning, after which the rest of the run goes on quietly
             _warn("persist.map: an item of %s, or its result, could not travel between this "
-                  "process and a worker (%s); it runs in this process instead (again, where the "
-                  "worker ran it), as any other of this run that cannot, and its result is "
-                  "returned"
+                  "process and a worker (%s); it runs in this process instead (a second time, if "
+                  "its result was what could not), as any other of this run that cannot, and "
+                  "its result is returned"
                   % (self.label, why))
         self.moved += 1
         (ok, value, hit), = _run(self.func, [self.items[index]], False)[0]

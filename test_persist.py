@@ -5580,6 +5580,40 @@ class TestFork(TempDirTest):
         self.assertEqual(out, "[True, True, True]\n")
 
 
+    def test_ctrl_c_as_fork_closes_a_connection(self):
+        # Ctrl-C as fork() closed a cache's connection (its hook's error is ignored, and the
+        # fork goes on) left the closed connection in place: every later use of the cache
+        # in the parent failed ("Cannot operate on a closed database"), results unstored.
+        # A trace function raises KeyboardInterrupt where a signal's handler could: as the
+        # close ends.
+        out = run_python("""
+            import os, sys, warnings, persist
+            @persist.memoize(cache_dir=%r)
+            def f(x):
+                return x
+            f(1)                          # its connection is open
+            hit = []
+            def trace(frame, event, arg):
+                if event == "return" and frame.f_code.co_name == "_close" and \\
+                        frame.f_back.f_code.co_name == "_close_conn" and \\
+                        frame.f_back.f_back.f_code.co_name == "_before_fork":
+                    hit.append(1)
+                    raise KeyboardInterrupt
+                return trace if frame.f_code.co_name == "_close" else None
+            sys.settrace(trace)
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            sys.settrace(None)
+            os.waitpid(pid, 0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")          # no "cannot read/store" warning
+                print(hit, f(2), f(1), f.cache_info()[:3], f.cache_info().unstored, flush=True)
+            os._exit(0)
+        """ % self.dir, timeout=120)
+        self.assertEqual(out, "[1] 2 1 (1, 2, 2) 0\n")
+
+
 class TestMemoizedFunctionCollected(TempDirTest):
     """A memoized function defined anew in a loop (or in a notebook's cell run again), each
     one then garbage: the process leaves no -wal or -shm file at exit. On PyPy the sqlite3
