@@ -5580,6 +5580,48 @@ class TestFork(TempDirTest):
         self.assertEqual(out, "[True, True, True]\n")
 
 
+    def test_ctrl_c_as_the_parents_fork_hook_begins(self):
+        # Ctrl-C as the parent's half of fork()'s hooks began (CPython ignores a hook's error:
+        # the fork went on) kept the lock that keeps SQLite work from starting during a
+        # fork, and the locks of the caches it had closed: any other thread that then used
+        # a cache waited for ever. Seen within 100 forks under a SIGALRM handler raising
+        # KeyboardInterrupt at random moments. A trace function raises it where a signal's
+        # handler could: as the hook begins, and, in a second fork, as it returns.
+        out = run_python("""
+            import os, sys, threading, persist
+            @persist.memoize(cache_dir=%r)
+            def f(x):
+                return x
+            shelf = persist.open(os.path.join(%r, "shelf"))
+            ended = []
+            for event in ("call", "return"):
+                f(1)
+                shelf["x"] = 1                # each holds its connection open
+                def trace(frame, ev, arg):
+                    if frame.f_code.co_name == "_after_fork_in_parent":
+                        if ev == event:
+                            raise KeyboardInterrupt
+                        return trace
+                sys.settrace(trace)
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                sys.settrace(None)
+                os.waitpid(pid, 0)
+                def use():
+                    f(2)
+                    shelf["y"] = 2
+                user = threading.Thread(target=use, daemon=True)
+                user.start()
+                user.join(60)                 # a lock left held: it would wait for ever
+                ended.append(not user.is_alive())
+                if user.is_alive():
+                    break
+            print(ended, flush=True)
+            os._exit(0)
+        """ % (self.dir, self.dir), timeout=300)
+        self.assertEqual(out, "[True, True]\n")
+
     def test_ctrl_c_as_fork_closes_a_connection(self):
         # Ctrl-C as fork() closed a cache's connection (its hook's error is ignored, and the
         # fork goes on) left the closed connection in place: every later use of the cache
