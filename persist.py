@@ -832,7 +832,7 @@ def _check_companions(path):
 
 if TYPE_CHECKING:
     _CONNECTIONS: "weakref.WeakSet[_Connection]"
-    _FORKING: List[List["_Connection"]]
+    _FORKING: List[None]
     _WRITING_AT_FORK: Set[str]
     _ELSEWHERE: Dict[Any, Tuple[str, int]]
     _GARBAGE: List[sqlite3.Connection]
@@ -840,16 +840,18 @@ if TYPE_CHECKING:
     _EXITED: bool
     _WRITTEN: Set[str]
 _CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
-_FORKING = []                      # per fork under way, what its _before_fork() holds
+_FORKING = []                      # one per fork under way (see _before_fork)
 _WRITING_AT_FORK = set()           # caches a signal handler forked in the middle of using
 # No thread may be inside SQLite when another forks: SQLite's own mutexes (its list of open
 # files, its memory) would stay locked in the child, whose next sqlite3.connect() then waits
 # for ever. So every SQLite call of persist's runs under a lock that _before_fork() takes:
 # a _Connection's, or, for the work done without one (making a cache, reading a dbm.sqlite3
-# file, the last look at a log), one of its own in _ELSEWHERE. _FORK_GATE is held from the
-# start of _before_fork() until the fork is over: meanwhile no _Connection or work elsewhere
-# can begin, so none begins after _before_fork() has looked for those under way.
+# file, the last look at a log), one of its own in _ELSEWHERE. _FORK_GATE is held from
+# before _before_fork() until the fork is over: meanwhile no use of a _Connection (see its
+# run()) or work elsewhere can begin, so none begins after _before_fork() has looked for
+# those under way.
 _FORK_GATE = _thread.RLock()
+_FORKING_NOW: "List[None]" = []    # one per fork under way, made while _FORK_GATE is held
 _ELSEWHERE = {}                    # a lock held by each work elsewhere: (path, thread)
 _GARBAGE = []                      # connections of collected _Connections that a fork kept
                                    # from closing at once: closed by the next use of a cache,
@@ -930,22 +932,26 @@ class _Connection:
         # type: (Callable[..., _T], *Any) -> _T
         """work(connection, *args) under the lock; sqlite3's errors become persist's."""
         for retry in (True, False):
-            with self._lock:
-                if self._depth:           # a signal handler interrupted this thread in here
-                    return self._run_aside(work, args)
-                self._depth = 1
-                try:
-                    conn = self._ready()
-                    if self._frozen is not None:
-                        return self._run_frozen(work, args)
-                    return work(conn, *args)
-                except sqlite3.Error as exc:
-                    if not (retry and self._lost_its_log(exc)):
-                        raise _sqlite_error(exc, self.path) from None
-                finally:
-                    self._depth = 0
-                    if _EXITED:
-                        self._close_conn()
+            while True:
+                with self._lock:
+                    if self._depth:       # a signal handler interrupted this thread in here
+                        return self._run_aside(work, args)
+                    if not _forking_elsewhere():
+                        self._depth = 1
+                        try:
+                            conn = self._ready()
+                            if self._frozen is not None:
+                                return self._run_frozen(work, args)
+                            return work(conn, *args)
+                        except sqlite3.Error as exc:
+                            if not (retry and self._lost_its_log(exc)):
+                                raise _sqlite_error(exc, self.path) from None
+                        finally:
+                            self._depth = 0
+                            if _EXITED:
+                                self._close_conn()
+                        break             # once more, on a connection made anew
+                _wait_for_fork()
 
     def query(self, sql, params=()):
         # type: (str, Sequence[Any]) -> List[Any]
@@ -954,21 +960,24 @@ class _Connection:
         with self._lock:
             if self._depth:
                 return self._run_aside(_fetch, (sql, params))
-            self._depth = 1
-            try:
-                conn = self._ready()
-                if self._frozen is not None:
-                    return self._run_frozen(_fetch, (sql, params))
-                # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
-                return conn.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                if not self._lost_its_log(exc):
-                    raise _sqlite_error(exc, self.path) from None
-            finally:
-                self._depth = 0
-                if _EXITED:
-                    self._close_conn()
-        return self.run(_fetch, sql, params)       # once more, on a connection made anew
+            if not _forking_elsewhere():
+                self._depth = 1
+                try:
+                    conn = self._ready()
+                    if self._frozen is not None:
+                        return self._run_frozen(_fetch, (sql, params))
+                    # fetchall(), never fetchone(): on PyPy an unfinished statement blocks
+                    # COMMIT
+                    return conn.execute(sql, params).fetchall()
+                except sqlite3.Error as exc:
+                    if not self._lost_its_log(exc):
+                        raise _sqlite_error(exc, self.path) from None
+                finally:
+                    self._depth = 0
+                    if _EXITED:
+                        self._close_conn()
+        # once more, on a connection made anew, or once another thread's fork is over
+        return self.run(_fetch, sql, params)
 
     def _lost_its_log(self, exc):
         # type: (sqlite3.Error) -> bool
@@ -1137,11 +1146,13 @@ class _Connection:
 
     def _close_conn(self):
         # type: () -> None
-        if self._conn is not None:
+        # Let go of it first: a Ctrl-C inside _close() (as fork() closes it) then leaves no
+        # closed connection here, which every later use would fail on, for good
+        conn, self._conn = self._conn, None
+        if conn is not None:
             if self.mode != "ro":         # exit takes another look at its log: _close_all()
                 _WRITTEN.add(self.path)
-            _close(self._conn)
-            self._conn = None
+            _close(conn)
         self._frozen = None
         self._drop_copy()
 
@@ -1317,13 +1328,32 @@ def _gate():
     waits for this too, which ends before the handler returns)."""
     if _FORK_GATE.acquire(blocking=False):
         return True
-    me = _thread.get_ident()
-    if any(conn._depth and conn._lock._is_owned()  # type: ignore[attr-defined]  # in C and PyPy
-           for conn in list(_CONNECTIONS)) or \
-            any(thread == me and lock.locked() for lock, (_, thread) in list(_ELSEWHERE.items())):
+    if _inside_sqlite():
         return False
     _FORK_GATE.acquire()
     return True
+
+
+def _forking_elsewhere():
+    # type: () -> bool
+    """Whether another thread forks: then a use of a _Connection, under its lock, lets go
+    of it and waits for the fork to end (_wait_for_fork()), as fork() waits for the lock."""
+    return bool(_FORKING_NOW) and not _FORK_GATE._is_owned() and not _inside_sqlite()
+
+
+def _wait_for_fork():
+    # type: () -> None
+    if _gate():
+        _FORK_GATE.release()
+
+
+def _inside_sqlite():
+    # type: () -> bool
+    """Whether this thread is inside a _Connection or _elsewhere(): a signal handler's."""
+    me = _thread.get_ident()
+    return any(conn._depth and conn._lock._is_owned()  # type: ignore[attr-defined]  # in C and PyPy
+               for conn in list(_CONNECTIONS)) or \
+        any(thread == me and lock.locked() for lock, (_, thread) in list(_ELSEWHERE.items()))
 
 
 @contextlib.contextmanager
@@ -1361,14 +1391,14 @@ def _before_fork():
     """Close every connection, each under its lock, so no thread is inside one at fork(),
     nor inside SQLite elsewhere (see _FORK_GATE).
 
-    A signal handler may fork while this runs, or while the parent's half runs: each fork
-    takes (RLocks: again) and gives back exactly the locks on its own list, pushed here as a
-    whole and popped as a whole, so nested forks keep the counts even."""
-    _FORK_GATE.acquire()                  # given back after the fork: no new ones meanwhile
-    # On the list at once: should Ctrl-C stop us half way (the fork, which ignores our
-    # error, goes on), the parent's half still gives back each lock taken
-    held: "List[_Connection]" = []
-    _FORKING.append(held)
+    _FORK_GATE is taken before this runs, and given back after the fork, by the hooks
+    registered below: C code, which no signal handler interrupts. A Ctrl-C in here, or as
+    the parent's half begins (CPython ignores a hook's error and forks all the same), can
+    then leave no lock held, which every other thread would wait for for ever: this holds
+    each connection's lock only while it closes it, and meanwhile the gate keeps any
+    thread from starting SQLite work (_forking_elsewhere()). A signal handler may fork
+    while this runs: the gate is an RLock, taken and given back once per fork."""
+    _FORKING.append(None)                 # one per fork under way (nested: a signal handler's)
     me = _thread.get_ident()
     for lock, (path, thread) in list(_ELSEWHERE.items()):
         if thread == me and lock.locked():
@@ -1378,39 +1408,37 @@ def _before_fork():
         else:
             with lock:                    # wait for that thread to finish with SQLite
                 _ELSEWHERE.pop(lock, None)
-    while True:           # our own thread may open another while we hold the first ones
-        new = [conn for conn in list(_CONNECTIONS) if conn not in held]
+    seen: "Set[_Connection]" = set()
+    while True:           # our own thread may open another while we close the first ones
+        new = [conn for conn in list(_CONNECTIONS) if conn not in seen]
         if not new:
             break
         for conn in new:
-            conn._lock.acquire()
-            held.append(conn)
-            if conn._depth:
-                # Our own thread is inside it: a signal handler forks. The connection (maybe
-                # one being opened) stays for the code it interrupted; the child may not use
-                # this cache file: its SQLite would take the locks of that connection as
-                # held by one of its own, and wait for them for ever.
-                _WRITING_AT_FORK.add(conn.path)
-            else:
-                conn._close_conn()
+            seen.add(conn)
+            with conn._lock:              # wait for the thread inside it, if one is
+                if conn._depth:
+                    # Our own thread is inside it: a signal handler forks. The connection
+                    # (maybe one being opened) stays for the code it interrupted; the child
+                    # may not use this cache file: its SQLite would take the locks of that
+                    # connection as held by one of its own, and wait for them for ever.
+                    _WRITING_AT_FORK.add(conn.path)
+                else:
+                    conn._close_conn()
     _close_garbage()                      # no other thread is in SQLite now
 
 
 def _after_fork_in_parent():
     # type: () -> None
-    held: "Sequence[_Connection]" = _FORKING.pop() if _FORKING else ()
+    if _FORKING:
+        _FORKING.pop()
     if not _FORKING:
         _WRITING_AT_FORK.clear()
-    for conn in held:
-        conn._lock.release()
-    _FORK_GATE.release()
 
 
 def _after_fork_in_child():
     # type: () -> None
-    global _OPEN_LOCK, _FORK_GATE
+    global _OPEN_LOCK
     _OPEN_LOCK = _thread.RLock()
-    _FORK_GATE = _thread.RLock()
     del _FORKING[:]
     _WRITTEN.clear()                      # the parent's to look at, at its exit
     for conn in list(_CONNECTIONS):
@@ -1479,6 +1507,14 @@ def _remove_log(path):
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                         after_in_child=_after_fork_in_child)
+    # Registered after those, so that before fork() the gate is taken, then the mark made,
+    # then _before_fork() runs, and after it (in the child too, where the thread that forked
+    # is the one left) the mark is taken away, then the gate given back: by C code, which no
+    # signal handler interrupts (a hook's Python code can be, even as it begins)
+    os.register_at_fork(before=functools.partial(_FORKING_NOW.append, None),
+                        after_in_parent=_FORKING_NOW.pop, after_in_child=_FORKING_NOW.pop)
+    os.register_at_fork(before=_FORK_GATE.acquire, after_in_parent=_FORK_GATE.release,
+                        after_in_child=_FORK_GATE.release)
 atexit.register(_close_all)
 
 
@@ -5030,7 +5066,57 @@ def _run(func, items, portable, stop=None):
                 text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                 exc = _portable(exc)
             outcomes.append((False, exc, text))
+    if portable:
+        outcomes = _Outcomes(outcomes)
     return outcomes, time.perf_counter() - start
+
+
+class _Moved:
+    """The value of an outcome (None, _Moved(why), None) whose result could not travel from
+    its worker (why: pickling it failed there, or loading it here): persist.map runs it
+    again in the caller (see _Run.run_here())."""
+
+    def __init__(self, why):
+        # type: (str) -> None
+        self.why = why
+
+
+class _Outcomes(list):  # type: ignore[type-arg]  # of _Outcome
+    """A worker's outcomes, which travel back one by one: a result that cannot be pickled
+    there (nested too deep, a lock) or loaded here costs only its own item, not the other
+    results of its batch (run again, a second time) nor the pool (a result that fails to
+    load breaks it: every item then in flight would run again)."""
+
+    def __reduce__(self):
+        # type: () -> Tuple[Any, ...]
+        packed: "List[Tuple[Any, Any, Any]]" = []
+        for ok, value, extra in self:
+            try:
+                packed.append((ok, pickle.dumps(value, _PROTOCOL), extra))
+            except Exception as exc:       # RecursionError included
+                packed.append((None, _Moved(_why(exc)), None))
+        return _unpack_outcomes, (packed,)
+
+
+def _unpack_outcomes(packed):
+    # type: (List[Tuple[Any, Any, Any]]) -> List[_Outcome]
+    outcomes: "List[_Outcome]" = []
+    for ok, data, extra in packed:
+        if isinstance(data, bytes):
+            try:
+                data = pickle.loads(data)
+            except Exception as exc:       # its class is not here, its loading raises
+                ok, data, extra = None, _Moved(_why(exc)), None
+        outcomes.append((ok, data, extra))
+    return outcomes
+
+
+def _why(exc):
+    # type: (BaseException) -> str
+    try:
+        return "%s: %s" % (type(exc).__name__, exc)
+    except Exception:
+        return type(exc).__name__
 
 
 class _WorkerTraceback(Exception):
@@ -5347,6 +5433,14 @@ class _Run:
             # type: (List[int], List[_Outcome], float) -> None
             nonlocal size, error
             for index, (ok, value, extra) in zip(batch, outcomes):
+                if isinstance(value, _Moved):
+                    # computed, but its result could not travel: again here, as a plain
+                    # loop would (but after a failure with keep_going=False, nothing starts)
+                    if keep_going or error is None:
+                        here = self.run_here(index, value.why)
+                        if here is not None and not keep_going and error is None:
+                            error = here
+                    continue
                 hit = bool(ok) and extra is not None and extra is not False
                 if memo is not None and ok is not None:
                     if hit:
@@ -5406,7 +5500,7 @@ class _Run:
                             # (after a failure with keep_going=False, no item starts again)
                             outcomes, seconds = [(False, exc, None)], 0.0
                         else:
-                            here = self.run_here(batch[0], exc)
+                            here = self.run_here(batch[0], _why(exc))
                             if here is not None and not keep_going and error is None:
                                 error = here
                             continue
@@ -5451,18 +5545,20 @@ class _Run:
         if error is not None:
             raise error
 
-    def run_here(self, index, exc):
-        # type: (int, Exception) -> Optional[Exception]
+    def run_here(self, index, why):
+        # type: (int, str) -> Optional[Exception]
         """Run an item in this process, after it or its result could not travel between
-        this process and a worker (exc: pickling it failed, as for a result nested deeper
-        than pickle goes or of a type pickle refuses): the result was computed, and it is
-        returned. Its failure here, if it fails, is returned too."""
+        this process and a worker (why: pickling it failed, as for a result nested deeper
+        than pickle goes or of a type pickle refuses, or loading it here): its result is
+        returned, computed here (a second time, when the worker computed it). Its failure
+        here, if it fails, is returned too."""
         if not self.moved:
             # one warning, after which the rest of the run goes on quietly
             _warn("persist.map: an item of %s, or its result, could not travel between this "
-                  "process and a worker (%s: %s); it runs in this process instead, as any other "
-                  "of this run that cannot, and its result is returned"
-                  % (self.label, type(exc).__name__, exc))
+                  "process and a worker (%s); it runs in this process instead (a second time, if "
+                  "its result was what could not), as any other of this run that cannot, and "
+                  "its result is returned"
+                  % (self.label, why))
         self.moved += 1
         (ok, value, extra), = _run(self.func, [self.items[index]], False)[0]
         if ok:

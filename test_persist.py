@@ -2425,33 +2425,42 @@ class TestMapWorkerKilledAmongManyQuickItems(TempDirTest):
 
 
 class TestMapResultFailsToLoad(TempDirTest):
-    """A result that pickles in the worker but fails to load in the caller breaks the pool
-    as a dead worker does: the item fails, and its error keeps the pool's own, which holds
-    the traceback of the load (since 3.9), so that the cause is not lost."""
+    """A result that pickles in the worker but fails to load in the caller broke the pool as
+    a dead worker does: every item then in flight ran again, and the item failed with
+    BrokenProcessPool though it had computed. Now it is one that cannot travel: it runs
+    again in the caller, its result is returned, and no other item runs twice."""
 
-    @unittest.skipIf(sys.version_info < (3, 9), "3.8's pool keeps no cause")
-    def test_the_load_error_is_the_cause(self):
+    def test_returned_from_this_process(self):
         script = self.path / "job.py"
         script.write_text(textwrap.dedent("""
-            import os, traceback, persist
+            import os, sys, warnings, persist
             def refuse():
                 raise ValueError("loads only in a worker")
             class Odd:
                 def __reduce__(self):    # pickled in a worker: fails to load in the caller
                     return (refuse, ())
             def work(x):
-                return Odd() if x == 7 else x
+                fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                os.write(fd, b"%d\\n" % x)
+                os.close(fd)
+                return (os.getpid(), Odd() if x == 7 else x)
             if __name__ == "__main__":
-                try:
-                    persist.map(work, range(20), workers=2, progress=False)
-                except persist.Failures as exc:
-                    [(item, error)] = exc.failures
-                    text = "".join(traceback.format_exception(type(error), error, None))
-                    print(item, type(error).__name__, "loads only in a worker" in text)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    results = persist.map(work, range(20), workers=2, progress=False)
+                here = [x for x, (pid, _) in enumerate(results) if pid == os.getpid()]
+                print(here, type(results[7][1]).__name__,
+                      [value for _, value in results[:7] + results[8:]] == [
+                          x for x in range(20) if x != 7],
+                      sum("could not travel" in str(w.message) for w in caught))
+                with open(sys.argv[1]) as log:
+                    calls = [int(line) for line in log]
+                print(sorted(x for x in set(calls) if calls.count(x) > 1), sorted(set(calls)) ==
+                      list(range(20)))
         """))
-        done = run_command([str(script)], timeout=120)
+        done = run_command([str(script), str(self.path / "calls")], timeout=120)
         self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertEqual(done.stdout, "7 BrokenProcessPool True\n")
+        self.assertEqual(done.stdout, "[7] Odd True 1\n[7] True\n")
 
 
 class TestVersionSwitch(MemoTest):
@@ -5791,6 +5800,82 @@ class TestFork(TempDirTest):
         self.assertEqual(out, "[True, True, True]\n")
 
 
+    def test_ctrl_c_as_the_parents_fork_hook_begins(self):
+        # Ctrl-C as the parent's half of fork()'s hooks began (CPython ignores a hook's error:
+        # the fork went on) kept the lock that keeps SQLite work from starting during a
+        # fork, and the locks of the caches it had closed: any other thread that then used
+        # a cache waited for ever. Seen within 100 forks under a SIGALRM handler raising
+        # KeyboardInterrupt at random moments. A trace function raises it where a signal's
+        # handler could: as the hook begins, and, in a second fork, as it returns.
+        out = run_python("""
+            import os, sys, threading, persist
+            @persist.memoize(cache_dir=%r)
+            def f(x):
+                return x
+            shelf = persist.open(os.path.join(%r, "shelf"))
+            ended = []
+            for event in ("call", "return"):
+                f(1)
+                shelf["x"] = 1                # each holds its connection open
+                def trace(frame, ev, arg):
+                    if frame.f_code.co_name == "_after_fork_in_parent":
+                        if ev == event:
+                            raise KeyboardInterrupt
+                        return trace
+                sys.settrace(trace)
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                sys.settrace(None)
+                os.waitpid(pid, 0)
+                def use():
+                    f(2)
+                    shelf["y"] = 2
+                user = threading.Thread(target=use, daemon=True)
+                user.start()
+                user.join(60)                 # a lock left held: it would wait for ever
+                ended.append(not user.is_alive())
+                if user.is_alive():
+                    break
+            print(ended, flush=True)
+            os._exit(0)
+        """ % (self.dir, self.dir), timeout=300)
+        self.assertEqual(out, "[True, True]\n")
+
+    def test_ctrl_c_as_fork_closes_a_connection(self):
+        # Ctrl-C as fork() closed a cache's connection (its hook's error is ignored, and the
+        # fork goes on) left the closed connection in place: every later use of the cache
+        # in the parent failed ("Cannot operate on a closed database"), results unstored.
+        # A trace function raises KeyboardInterrupt where a signal's handler could: as the
+        # close ends.
+        out = run_python("""
+            import os, sys, warnings, persist
+            @persist.memoize(cache_dir=%r)
+            def f(x):
+                return x
+            f(1)                          # its connection is open
+            hit = []
+            def trace(frame, event, arg):
+                if event == "return" and frame.f_code.co_name == "_close" and \\
+                        frame.f_back.f_code.co_name == "_close_conn" and \\
+                        frame.f_back.f_back.f_code.co_name == "_before_fork":
+                    hit.append(1)
+                    raise KeyboardInterrupt
+                return trace if frame.f_code.co_name == "_close" else None
+            sys.settrace(trace)
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            sys.settrace(None)
+            os.waitpid(pid, 0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")          # no "cannot read/store" warning
+                print(hit, f(2), f(1), f.cache_info()[:3], f.cache_info().unstored, flush=True)
+            os._exit(0)
+        """ % self.dir, timeout=120)
+        self.assertEqual(out, "[1] 2 1 (1, 2, 2) 0\n")
+
+
 class TestMemoizedFunctionCollected(TempDirTest):
     """A memoized function defined anew in a loop (or in a notebook's cell run again), each
     one then garbage: the process leaves no -wal or -shm file at exit. On PyPy the sqlite3
@@ -7631,6 +7716,33 @@ class TestMapResultThatCannotTravel(TempDirTest):
             "lock [False, True, False] ['int', 'lock', 'int'] 1",
             "stored [False, True, False] [3, 100000, 4] 1",
             "2"])
+
+    def test_only_that_item_runs_again(self):
+        # Quick items travel many to a batch: one result that could not travel failed the
+        # whole batch, whose every item then ran again, one at a time
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, sys, threading, warnings, persist
+            def work(x):
+                fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                os.write(fd, b"%d\\n" % x)
+                os.close(fd)
+                return threading.Lock() if x == 300 else x
+            if __name__ == "__main__":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    results = persist.map(work, range(400), workers=2, progress=False)
+                print(type(results[300]).__name__, results[:300] + results[301:] == [
+                    x for x in range(400) if x != 300])
+                with open(sys.argv[1]) as log:
+                    calls = [int(line) for line in log]
+                print(sorted(x for x in set(calls) if calls.count(x) > 1), len(set(calls)))
+        """))
+        done = run_command([str(script), str(self.path / "calls")], timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        lines = done.stdout.splitlines()
+        self.assertEqual(lines[0].split()[1], "True")     # (the lock's type name varies)
+        self.assertEqual(lines[1], "[300] 400")
 
 
 class TestMapWithoutMainGuard(TempDirTest):
