@@ -1714,11 +1714,17 @@ class _Store:
                                   "not writable", directory) from None
         os.close(fd)
         try:
+            # In /tmp its journal's name too is taken by an empty file of ours first: SQLite
+            # makes it one statement at a time, and would replay a journal planted meanwhile.
+            _check_companions(temp)
             with _elsewhere(self.path):
                 self._make(temp)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+            # best effort each: the empty ones that _check_companions() made, if still there
+            for name in (temp + "-journal", temp + "-wal", temp + "-shm", temp):
+                with contextlib.suppress(FileNotFoundError, PermissionError):
+                    if name == temp or os.lstat(name).st_uid == os.geteuid():
+                        os.unlink(name)
             _UNFINISHED.pop(temp, None)
 
     def _make(self, temp):
@@ -1727,6 +1733,9 @@ class _Store:
         conn = None
         try:
             conn = sqlite3.connect(temp, isolation_level=None)
+            # each statement is a transaction: TRUNCATE keeps the journal that
+            # _check_companions() made ours between them, where DELETE would free its name
+            _fetch(conn, "PRAGMA journal_mode=TRUNCATE")
             for statement in _CREATE:
                 conn.execute(statement)
             if _RENAME_OPEN_FILES:

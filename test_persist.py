@@ -4319,6 +4319,45 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
                         self.assertEqual(os.lstat(str(self.shared / name)).st_uid, 0, name)
                         os.unlink(str(self.shared / name))
 
+    def test_planted_beside_a_cache_being_made(self):
+        # A new cache is made under a temporary name, one statement at a time, then linked
+        # into place: a journal planted beside it between two statements would be replayed
+        # into it. Its name is taken by an empty file of ours before SQLite opens it.
+        connect, planted = sqlite3.connect, []
+
+        class Connection:
+            def __init__(self, conn, database):
+                self.conn, self.database = conn, database
+
+            def execute(self, sql, *args):
+                if sql == "BEGIN EXCLUSIVE" and not planted:     # made, not yet linked
+                    planted.append(run_python("import shutil, sqlite3\n" + textwrap.dedent(
+                        drop_privileges()) + textwrap.dedent(ClassPlant.PLANT % (
+                            str(ClassPlant.ran), str(ClassPlant.shared), self.database,
+                            "-journal"))))
+                return self.conn.execute(sql, *args)
+
+            def __getattr__(self, name):
+                return getattr(self.conn, name)
+
+        ClassPlant = self
+
+        def connect_with_a_plant(database, *args, **kwargs):
+            conn = connect(database, *args, **kwargs)
+            return Connection(conn, database) if ".new-cache.tmp" in database else conn
+
+        with mock.patch.object(sqlite3, "connect", connect_with_a_plant):
+            with persist.open(self.cache) as db:
+                self.assertEqual(list(db.keys()), [])
+                db["k"] = "mine"
+        self.assertEqual(planted, ["taken\n"])
+        with persist.open(self.cache) as db:
+            self.assertEqual(db["k"], "mine")
+        self.assertFalse(self.ran.exists())
+        for name in os.listdir(str(self.shared)):
+            if not name.startswith("theirs-"):
+                self.assertEqual(os.lstat(str(self.shared / name)).st_uid, 0, name)
+
     def test_planted_between_connections_after_a_fork(self):
         # fork() closes the connection, and the last one out removes the log: the child
         # connects anew, after nobody planted their file
