@@ -3913,10 +3913,11 @@ _SHORT.maxstring = _SHORT.maxother = 40
 
 def _warn(message):
     # type: (str) -> None
-    """Warn at the user's line: the first caller outside this file."""
+    """Warn at the user's line: the first caller outside this file (and contextlib's, which
+    runs done_dir()'s end at the with statement)."""
     frame: "Optional[types.FrameType]"
     frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename == __file__:
+    while frame is not None and frame.f_code.co_filename in (__file__, contextlib.__file__):
         frame, level = frame.f_back, level + 1
     import warnings
     warnings.warn(message, PersistWarning, stacklevel=level)
@@ -5599,8 +5600,8 @@ def _sync_files(names, dir_fd):
     return files, size, unsynced
 
 
-def _sync_tree(folder, skip=None, dir_fd=None):
-    # type: (str, Optional[str], Optional[int]) -> Tuple[int, int, int]
+def _sync_tree(folder, skip=None, dir_fd=None, shown=None):
+    # type: (str, Optional[str], Optional[int], Optional[str]) -> Tuple[int, int, int]
     """Fsync each file and directory in folder and below; (files, bytes, files not synced).
 
     Symbolic links are not followed, and the file skip at the top is left out. A file or
@@ -5609,6 +5610,7 @@ def _sync_tree(folder, skip=None, dir_fd=None):
     opened is counted as not synced. Where scandir takes a descriptor, each file is opened
     relative to its open directory, with no path to resolve.
     """
+    shown = folder if shown is None else shown      # its path, for people
     files = size = unsynced = 0
     regular: "List[str]" = []              # this directory's files, synced after the loop
     opened: "List[int]" = []               # by list.extend(), as in _create_temp()
@@ -5622,15 +5624,20 @@ def _sync_tree(folder, skip=None, dir_fd=None):
                 name = entry.path if fd is None else entry.name
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        more = _sync_tree(name, None, fd)
+                        more = _sync_tree(name, None, fd, os.path.join(shown, entry.name))
                         files, size = files + more[0], size + more[1]
                         unsynced += more[2]
                     elif entry.name == skip:
                         continue
                     elif _is_atomic_temp(entry.name) and entry.is_file(follow_symlinks=False):
                         # not a result: an atomic_open() under way (never counted), or left
-                        # by a killed writer (removed)
-                        _remove_if_dead(name, fd)
+                        # by a killed writer (removed). Said aloud: a file of someone else's
+                        # may have that shape, and then they know where it went.
+                        if _remove_if_dead(name, fd):
+                            _warn("done_dir() removed %s: a file named as atomic_write() names "
+                                  "its temporary files, which no process was writing (left by "
+                                  "a writer that was killed); name your own files otherwise"
+                                  % os.path.join(shown, entry.name))
                         continue
                     elif entry.is_file(follow_symlinks=False):
                         regular.append(name)

@@ -6426,8 +6426,12 @@ class TestDoneDir(TempDirTest):
         """ % str(out / "late"))
         self.addCleanup(stop, writer)
         self.assertEqual(writer.stdout.readline(), "writing\n")
-        with persist.done_dir(out):
-            pass
+        removed = sorted("done_dir() removed %s" % (where / name) for where in (out, out / "sub")
+                         for name in left if (where / name).exists())
+        with self.assertWarns(persist.PersistWarning) as warned:
+            with persist.done_dir(out):
+                pass
+        self.assertEqual(sorted(str(w.message).split(":")[0] for w in warned.warnings), removed)
         record = json.loads((out / "DONE").read_text())
         self.assertEqual((record["files"], record["bytes"]), (41, 40 * 4 + 4))
         live, = set(temp_files(out)) - {".notes.tmp"}   # the live writer's, and only it
@@ -6436,6 +6440,21 @@ class TestDoneDir(TempDirTest):
         self.assertEqual((out / "late").read_text(), "late")
         self.assertEqual((out / ".notes.tmp").read_text(), "mine")
         self.assertNoTemp(out / "sub")
+
+    @unittest.skipUnless(POSIX, "the file locks that tell a dead writer's file")
+    def test_a_file_named_as_a_temporary_one_is_never_removed_silently(self):
+        # persist cannot tell a user's file of that shape from a killed writer's: it says so
+        out = self.path / "out"
+        (out / "sub").mkdir(parents=True)
+        (out / "sub" / ".notes.1234abcd.tmp").write_text("mine")
+        with self.assertWarns(persist.PersistWarning) as warned:
+            with persist.done_dir(out):
+                pass
+        self.assertIn("done_dir() removed %s: " % (out / "sub" / ".notes.1234abcd.tmp"),
+                      str(warned.warning))
+        self.assertIn("name your own files otherwise", str(warned.warning))
+        self.assertEqual(warned.filename, __file__)
+        self.assertNoTemp(out)
 
     def test_redo_removes_old_marker_first(self):
         out = self.path / "out"
