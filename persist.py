@@ -280,6 +280,11 @@ _PLANTED_COMPANION = ("{what}, which SQLite reads as part of the cache, and it i
                       "content would become the cache's, and loading a pickle that someone "
                       "planted runs their code; remove it (its owner or root can), or keep the "
                       "cache in a directory only you can write")
+_HARD_LINKED = ("a file with {links} names (hard links), in a directory every user may write: "
+                "none of a cache's own files has a second name, and a hard link takes its "
+                "file's owner, so another user may have linked a file of yours here for SQLite "
+                "to read as part of the cache; remove this name, or keep the cache in a "
+                "directory only you can write")
 _CORRUPT_ROW = ("a corrupt entry: its row names the value file {name!r}, which is not a name "
                 "persist gives one ({digits} hex digits, in {values}/): a row crafted or edited "
                 "so could make persist read a pickle from elsewhere, or delete a file outside "
@@ -820,6 +825,10 @@ def _check_companions(path):
         if shared and info.st_uid not in (0, os.geteuid()):
             raise PersistError(errno.EPERM, _PLANTED_COMPANION.format(what=what,
                                                                       uid=info.st_uid), name)
+        # A hard link has its file's owner. (Not checked for the cache itself, which has two
+        # names for a moment as _create() links it into place.)
+        if shared and info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
+            raise PersistError(errno.EPERM, _HARD_LINKED.format(links=info.st_nlink), name)
 
 
 # -- the store: one SQLite file per cache, with large pickles in files beside it

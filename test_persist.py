@@ -4358,6 +4358,40 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
             if not name.startswith("theirs-"):
                 self.assertEqual(os.lstat(str(self.shared / name)).st_uid, 0, name)
 
+    def test_hard_link_to_a_file_of_ours_planted_at_a_companion_name(self):
+        # A hard link has its file's owner: another user who may write a file of ours (through
+        # its group) links it beside our cache, and it passes for ours. Nothing of SQLite's
+        # has a second name: refused, as a file they own is.
+        for suffix in ("-journal", "-wal"):
+            with self.subTest(suffix):
+                with persist.open(self.cache) as db:  # a new cache's first session leaves
+                    db["k"] = "mine"                  # neither name taken
+                self.plant(suffix)                   # their content, in a file of theirs
+                ours = self.path / ("ours" + suffix)  # copied into a file of ours they may
+                ours.write_bytes(pathlib.Path(self.cache + suffix).read_bytes())  # write
+                os.unlink(self.cache + suffix)
+                os.chown(str(ours), 0, NOBODY)
+                os.chmod(str(ours), 0o660)
+                os.chmod(str(self.path), 0o755)
+                out = run_python(textwrap.dedent(drop_privileges()) + textwrap.dedent("""
+                    os.link(%r, %r)
+                    print(os.stat(%r).st_uid)
+                """ % (str(ours), self.cache + suffix, self.cache + suffix)))
+                self.assertEqual(out, "0\n")        # ours, by its owner
+                with self.assertRaises(persist.PersistError) as caught:
+                    persist.open(self.cache)
+                self.assertEqual(caught.exception.filename, self.cache + suffix)
+                self.assertIn("a file with 2 names (hard links)", str(caught.exception))
+                self.assertFalse(self.ran.exists())
+                os.unlink(self.cache + suffix)
+                os.unlink(str(ours))
+                with persist.open(self.cache) as db:
+                    self.assertEqual(db["k"], "mine")
+                self.assertFalse(self.ran.exists())
+                for name in os.listdir(str(self.shared)):
+                    if name.startswith("c.db"):
+                        os.unlink(str(self.shared / name))
+
     def test_planted_between_connections_after_a_fork(self):
         # fork() closes the connection, and the last one out removes the log: the child
         # connects anew, after nobody planted their file
