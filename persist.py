@@ -1243,12 +1243,37 @@ def _sqlite_error(exc, path):
             return OSError(errno.EBUSY, "the cache stayed locked by another process (%s)"
                            % text, path)
         if "unable to open" in text:
+            unreadable = _unreadable(path)
+            if unreadable:
+                return PermissionError(errno.EACCES, unreadable, path)
             return OSError(errno.EIO, "cannot open the cache (%s)" % text, path)
         return OSError(errno.EIO, "cache file error (%s)" % text, path)
     if isinstance(exc, sqlite3.DatabaseError) and (
             "not a database" in text or "malformed" in text or "encrypted" in text):
         return _damaged(path, text)
     return OSError(errno.EIO, "cache file error (%s: %s)" % (type(exc).__name__, text), path)
+
+
+def _unreadable(path):
+    # type: (str) -> Optional[str]
+    """Why we may not read the cache at path, or None: the file or its log's index is another
+    user's and not readable (or writable) by us, as a teammate's under umask 077 is."""
+    for name in (path, path + "-shm"):
+        try:
+            info = os.stat(name)
+        except OSError:
+            continue
+        if os.access in os.supports_effective_ids:
+            allowed = os.access(name, os.R_OK | os.W_OK * (name != path), effective_ids=True)
+        else:
+            allowed = os.access(name, os.R_OK | os.W_OK * (name != path))
+        if not allowed:
+            return ("Permission denied: you may not %s it (mode 0o%o, user %d, group %d); its "
+                    "owner can let you ('chmod g+rw' it, for a teammate: files made under "
+                    "umask 077 are theirs alone), or use a cache of your own" % (
+                        "read" if name == path else "write the index of its log, %s," % name,
+                        stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid))
+    return None
 
 
 def _damaged(path, why):

@@ -4083,7 +4083,7 @@ class TestTeamDirectory(TempDirTest):
         os.setgroups([%d])
         os.setgid(%d)
         os.setuid(%d)
-        os.umask(0o002)                       # as a team shares: the group may write
+        os.umask(int(os.environ.get("TEAM_UMASK", "002"), 8))   # 002: the group may write
         warnings.simplefilter("error")
         team, me, calls = sys.argv[1], sys.argv[2], sys.argv[2:]
         @persist.memoize(cache_dir=team, name="f", strict=True)
@@ -4105,11 +4105,23 @@ class TestTeamDirectory(TempDirTest):
         os.chown(self.team, 0, self.TEAM)
         os.chmod(self.team, 0o2770)
 
-    def run_as(self, uid, *calls):
+    def run_as(self, uid, *calls, umask="002"):
         code = textwrap.dedent(self.CHILD % (self.TEAM, uid, uid))
         return subprocess.run([sys.executable, "-c", code, str(self.team)] + list(calls),
-                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True, timeout=300)
+                              env=dict(child_env(), TEAM_UMASK=umask), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+
+    def test_a_teammates_cache_made_under_umask_077_says_why_it_cannot_be_read(self):
+        alice = self.run_as(self.ALICE, "alice", umask="077")
+        self.assertEqual(alice.stdout.splitlines()[:2], ["computed alice", "alice 1310720"],
+                         alice.stderr)
+        self.assertEqual(stat.S_IMODE(os.stat(self.team / "f.db").st_mode), 0o600)
+        bob = self.run_as(self.BOB, "bob")
+        self.assertNotIn("computed", bob.stdout)
+        self.assertIn("PermissionError: [Errno 13] Permission denied: you may not read it "
+                      "(mode 0o600, user %d, group %d); its owner can let you ('chmod g+rw' "
+                      "it" % (self.ALICE, self.TEAM), bob.stderr)
+        self.assertIn(str(self.team / "f.db"), bob.stderr)
 
     def test_teammates_share_large_results(self):
         """A teammate's result over 256 KiB raised PersistError after it was computed: the
