@@ -1592,10 +1592,14 @@ class _Values:
                         os.unlink(path)
                 continue
             try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                # never waiting on a FIFO of that name: opened without blocking, then passed
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
+                             getattr(os, "O_NONBLOCK", 0))
             except OSError:
                 continue
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):          # not a value file
+                    continue
                 _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)     # else a writer holds it
                 if name not in named([name]):       # its writer may have committed meanwhile
                     os.unlink(path)

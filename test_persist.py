@@ -3872,6 +3872,23 @@ class TestValueFileNamedOutsideTheCache(TempDirTest):
         """ % str(path), timeout=120)             # a loop that never ends fails here
         self.assertEqual(out, "the value file of key 'k' is missing\n" * 2 + "1\n")
 
+    @unittest.skipUnless(hasattr(os, "mkfifo"), "FIFOs")
+    def test_a_fifo_of_a_value_files_shape_neither_blocks_the_sweep_nor_is_removed(self):
+        path = self.path / "s.db"
+        with persist.open(path) as db:
+            db["k"] = self.BIG
+        fifo = pathlib.Path(str(path) + ".values") / ("0" * 32)   # no row names it
+        os.mkfifo(str(fifo))
+        child = start_python("""
+            import persist
+            with persist.open(%r) as db:             # sweeps what no row names
+                print(len(db["k"]), flush=True)
+        """ % str(path))
+        self.addCleanup(stop, child)
+        out, _ = child.communicate(timeout=120)      # a sweep that waits on it fails here
+        self.assertEqual(out, "%d\n" % len(self.BIG))
+        self.assertTrue(stat.S_ISFIFO(os.lstat(str(fifo)).st_mode))
+
     def test_files_in_the_values_directory_of_another_shape_are_never_swept(self):
         path = self.shelf("0" * 32)
         stray = pathlib.Path(str(path) + ".values") / "notes.txt"
