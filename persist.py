@@ -1709,6 +1709,11 @@ class _Store:
                 raise PersistError(errno.ELOOP, _LINK, name)
             if name == self.path and stat.S_ISDIR(info.st_mode):    # SQLite: "unable to open"
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
+            if name == self.path and not stat.S_ISREG(info.st_mode):
+                # SQLite would wait for ever to open a FIFO for reading (persist ls, 'r')
+                raise PersistError(errno.EINVAL, "%s, not a cache file; persist leaves it as "
+                                   "it is: give persist another file name" % _kind(
+                                       info.st_mode), name)
             if _CHECK_WORLD_WRITABLE and _planted(info, directory):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
         _check_companions(self.path)
@@ -6481,6 +6486,7 @@ def _problem(path, exc):
     for needle, word in (("newer persist", "newer format"), ("older persist", "older format"),
                          ("an empty file", "empty file"), ("symbolic link", "symlink"),
                          ("every user may", "unsafe"), ("owned by user", "unsafe"),
+                         ("not a cache file", "not a file"),
                          ("locked", "locked")):
         if needle in text:
             return word

@@ -7934,6 +7934,27 @@ class TestCommandLineListsBrokenFiles(CommandLineTest):
         self.assertTrue(rows["cut.db"].startswith("(corrupt) "), rows["cut.db"])
 
 
+    @unittest.skipUnless(hasattr(os, "mkfifo"), "FIFOs")
+    def test_a_fifo_named_as_a_cache_is_listed_not_waited_on(self):
+        # in a directory others may write (/tmp), anyone may leave one named NAME.db
+        os.mkfifo(str(self.cache / "pipe.db"))
+        done = self.cli("ls", self.cache)            # one that waits fails at its timeout
+        self.assertEqual(done.returncode, 0, done.stderr)
+        rows = {line.split()[-1]: line for line in done.stdout.splitlines()[1:]}
+        self.assertTrue(rows["pipe.db"].startswith("(not a file) "), rows["pipe.db"])
+        out = run_python("""
+            import persist
+            for flag in "rc":
+                try:
+                    persist.open(%r, flag)
+                except persist.PersistError as exc:
+                    print(exc.filename, exc.strerror)
+        """ % str(self.cache / "pipe.db"), timeout=120)     # one that waits fails here
+        self.assertEqual(out.count("%s a FIFO, not a cache file" % (self.cache / "pipe.db")), 2,
+                         out)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(str(self.cache / "pipe.db")).st_mode))
+
+
 class TestCommandLineWhere(CommandLineTest):
     def setUp(self):
         super().setUp()
