@@ -5736,6 +5736,10 @@ def _dir_lock(directory):
                 if not retry:
                     raise PersistError(errno.EBUSY, _BUSY_DIR,
                                        os.fspath(directory)) from None
+            except OSError:
+                # a filesystem without locks (some NFS and FUSE mounts): the stage runs, and a
+                # second done_dir() at once goes undetected, as on Windows
+                break
             # A Ctrl-C raised as a with statement entered or left a done_dir() of this
             # process leaves its generator waiting at its yield, the lock held, until it is
             # finalized: at once on CPython, at the next collection on PyPy.
@@ -6292,7 +6296,7 @@ def done_dir(path: "_Path", *, marker: str = "DONE", clean: bool = False
     Leaving the block by return, break or continue finishes the stage, as reaching its end
     does. To abandon a stage, raise: on any exception there is no marker and the files
     stay. marker="_SUCCESS" suits Hadoop and Spark. A second done_dir() on the same
-    directory at the same time raises PersistError (POSIX).
+    directory at the same time raises PersistError (POSIX, where the filesystem has locks).
     """
     if not isinstance(marker, str) or marker in ("", ".", "..") or "/" in marker or \
             os.sep in marker or (os.altsep and os.altsep in marker):
