@@ -1673,6 +1673,9 @@ class _Store:
         self._check_path()
         if flag in "cn" and not os.path.exists(self.path):
             self._create()
+            # Again: in /tmp another user may have taken the name with a cache of their own
+            # as ours was made (ours then was not linked there): refused, not opened.
+            self._check_path()
         elif flag in "cn" and os.path.isfile(self.path) and _size(self.path) == 0:
             self._create_in_place()
         mode = _FLAGS[flag]
@@ -5983,7 +5986,18 @@ def _open_shelve_file(path, flag):
     kind = _shelve_kind(path)
     if kind is None:
         return
-    _check_private(os.path.dirname(path), "the shelf's directory")
+    directory = os.path.dirname(os.path.abspath(path))
+    _check_private(directory, "the shelf's directory")
+    if _CHECK_WORLD_WRITABLE:
+        # its entries become ours, pickles and all: by the rules of a cache's own files, never
+        # from files another user made in /tmp (or that every user may write)
+        for name in [path] + [path + ext for ext in (".dir", ".dat", ".pag", ".db", ".bak")]:
+            try:
+                info = os.lstat(name)
+            except FileNotFoundError:
+                continue
+            if _planted(info, directory):
+                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
     if flag == "r":
         raise PersistError(errno.EINVAL, _SHELVE_READ_ONLY.format(kind=kind, path=path), path)
     if flag == "n" and kind in ("dbm.dumb", "dbm.ndbm"):
@@ -5993,7 +6007,6 @@ def _open_shelve_file(path, flag):
     # for a while where another does; _from_shelve() then checks that nobody else got there
     # first.
     lock = None
-    directory = os.path.dirname(os.path.abspath(path))
     if _fcntl is not None and (os.getpid(), os.path.realpath(directory)) not in _DIRS_HELD:
         lock = os.open(directory, os.O_RDONLY)
     try:

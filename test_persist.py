@@ -4387,6 +4387,67 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
             if not name.startswith("theirs-"):
                 self.assertEqual(os.lstat(str(self.shared / name)).st_uid, 0, name)
 
+    def test_cache_planted_while_ours_is_being_made(self):
+        # The name was free when persist looked; another user, seeing the new cache's
+        # temporary file appear, takes it with a cache of their own before ours is linked
+        # there. Ours then cannot be linked: theirs is refused, not opened.
+        connect, planted = sqlite3.connect, []
+
+        def plant_then_connect(database, *args, **kwargs):
+            if ".new-cache.tmp" in str(database) and not planted:
+                planted.append(run_python(textwrap.dedent(drop_privileges()) + textwrap.dedent(
+                    """
+                    class Planted:
+                        def __reduce__(self):           # loading it runs os.mkdir(ran)
+                            return os.mkdir, (%r,)
+
+                    os.umask(0o022)
+                    with persist.open(%r) as db:
+                        db["k"] = Planted()
+                    print(os.stat(%r).st_uid)
+                    """ % (str(self.ran), self.cache, self.cache))))
+            return connect(database, *args, **kwargs)
+
+        for attempt in (lambda: persist.open(self.cache),
+                        lambda: persist.memoize(cache_dir=self.shared, name="c", strict=True)(
+                            lambda x: x)(1)):
+            with self.subTest():
+                with mock.patch.object(sqlite3, "connect", plant_then_connect):
+                    with self.assertRaises(persist.PersistError) as caught:
+                        attempt()
+                self.assertEqual(planted, ["%d\n" % NOBODY])
+                self.assertEqual(caught.exception.filename, self.cache)
+                self.assertIn("another user owns it", str(caught.exception))
+                self.assertFalse(self.ran.exists())
+                for name in os.listdir(str(self.shared)):
+                    os.unlink(str(self.shared / name))
+                del planted[:]
+
+    def test_shelve_files_another_user_planted_are_not_taken_in(self):
+        # persist.open(NAME) copies a shelve file's entries into a store of ours: not when
+        # another user made those files, whose pickles would then load as ours
+        imports = "import ast, dbm.dumb, encodings.latin_1, pickle, shelve\n"
+        out = run_python(imports + textwrap.dedent(drop_privileges()) + textwrap.dedent("""
+            class Planted:
+                def __reduce__(self):           # loading it runs os.mkdir(ran)
+                    return os.mkdir, (%r,)
+
+            os.umask(0o022)
+            with shelve.Shelf(dbm.dumb.open(%r, "c")) as db:
+                db["k"] = Planted()
+            print(sorted(os.listdir(%r)))
+            """ % (str(self.ran), self.cache, str(self.shared))))
+        self.assertEqual(out, "['c.db.bak', 'c.db.dat', 'c.db.dir']\n")
+        for flag in ("c", "w", "r"):
+            with self.subTest(flag):
+                with self.assertRaises(persist.PersistError) as caught:
+                    persist.open(self.cache, flag)
+                self.assertEqual(caught.exception.filename, self.cache + ".dir")
+                self.assertIn("another user owns it", str(caught.exception))
+                self.assertEqual(sorted(os.listdir(str(self.shared))),
+                                 ["c.db.bak", "c.db.dat", "c.db.dir"])
+                self.assertFalse(self.ran.exists())
+
     def test_hard_link_to_a_file_of_ours_planted_at_a_companion_name(self):
         # A hard link has its file's owner: another user who may write a file of ours (through
         # its group) links it beside our cache, and it passes for ours. Nothing of SQLite's
