@@ -4036,9 +4036,11 @@ def _env_dir():
     if not text or not text.startswith("~"):
         return text or None
     expanded = os.path.expanduser(text)
-    if expanded.startswith("~"):
+    # HOME set but empty: expanduser() makes ~/cache /cache, at the top of the filesystem
+    if expanded.startswith("~") or (text.split("/")[0] == "~" and
+                                    os.environ.get("HOME", None) == ""):
         raise PersistError(errno.EINVAL, "$PERSIST_DIR starts with ~, and there is no such "
-                           "home directory (HOME unset, or no such user): set it to the whole "
+                           "home directory (HOME unset or empty, or no such user): set it to the whole "
                            "path", text)
     return expanded
 

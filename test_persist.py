@@ -1420,6 +1420,19 @@ class TestMemoizeLocation(TempDirTest):
                 print("refused", exc.filename)
         """, cwd=str(self.path), PERSIST_DIR=nobody)
         self.assertEqual(out, "refused %s\n" % nobody)
+        # HOME set but empty (some containers, su without -l): not at the top, /NAME
+        top = "persist-test-%s" % os.urandom(4).hex()
+        import shutil
+        self.addCleanup(shutil.rmtree, "/" + top, True)      # where a broken build puts it
+        done = subprocess.run([sys.executable, str(script)], cwd=str(self.path),
+                              env=child_env(PERSIST_DIR="~/" + top, HOME=""),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=300)
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn("PersistError: ~/%s: $PERSIST_DIR starts with ~, and there is no such "
+                      "home directory (HOME unset or empty" % top, done.stderr)
+        self.assertEqual(done.stdout, "")
+        self.assertFalse(os.path.exists("/" + top))
         self.assertEqual(sorted(os.listdir(self.path)), ["home", "project"])
 
     def test_no_source_file_uses_current_directory(self):
