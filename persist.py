@@ -4040,8 +4040,8 @@ def _env_dir():
     if expanded.startswith("~") or (text.split("/")[0] == "~" and
                                     os.environ.get("HOME", None) == ""):
         raise PersistError(errno.EINVAL, "$PERSIST_DIR starts with ~, and there is no such "
-                           "home directory (HOME unset or empty, or no such user): set it to the whole "
-                           "path", text)
+                           "home directory (HOME unset or empty, or no such user): set it to "
+                           "the whole path", text)
     return expanded
 
 
