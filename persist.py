@@ -1767,10 +1767,9 @@ class _Store:
                 self._make(temp)
         finally:
             # best effort each: the empty ones that _check_companions() made, if still there
-            for name in (temp + "-journal", temp + "-wal", temp + "-shm", temp):
+            for name in (temp, temp + "-journal", temp + "-wal", temp + "-shm"):
                 with contextlib.suppress(FileNotFoundError, PermissionError):
-                    if name == temp or os.lstat(name).st_uid == os.geteuid():
-                        os.unlink(name)
+                    os.unlink(name)
             _UNFINISHED.pop(temp, None)
 
     def _make(self, temp):
