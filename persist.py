@@ -1547,8 +1547,11 @@ class _Values:
         # such as /tmp another user may make it meanwhile, then swap our pickles for theirs.
         # By the rules of the cache's other files: in a team's directory a teammate made it.
         info = os.lstat(self.directory)
-        if not stat.S_ISDIR(info.st_mode):
+        if stat.S_ISLNK(info.st_mode):
             raise PersistError(errno.ELOOP, _LINK, self.directory)
+        if not stat.S_ISDIR(info.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory, where persist keeps the "
+                                     "cache's large results; move it away", self.directory)
         if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(self.directory)):
             raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.directory)
         while True:

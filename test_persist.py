@@ -3955,6 +3955,19 @@ class TestHostileDirectory(TempDirTest):
             self.assertEqual(runs, [1, 1 << 20])
         self.assertEqual(os.listdir(victim), [])
 
+    def test_a_file_where_the_value_directory_goes_is_named_for_what_it_is(self):
+        @persist.memoize(cache_dir=self.path, name="f")
+        def f(x):
+            return b"v" * x
+
+        self.assertEqual(f(1), b"v")                             # opened, no .values yet
+        (self.path / "f.db.values").write_text("my notes")      # a file of the user's
+        with self.assertWarns(persist.PersistWarning) as warned:
+            self.assertEqual(f(1 << 20), b"v" * (1 << 20))
+        self.assertIn("not a directory", str(warned.warning))
+        self.assertNotIn("symbolic link", str(warned.warning))
+        self.assertEqual((self.path / "f.db.values").read_text(), "my notes")
+
     def test_world_writable_directory_or_file_is_refused(self):
         shared = self.path / "shared"
         shared.mkdir()
