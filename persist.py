@@ -1234,6 +1234,10 @@ def _sqlite_error(exc, path):
     # type: (sqlite3.Error, str) -> OSError
     """The one place that turns an sqlite3 error into persist's, naming the file."""
     text = str(exc)
+    if "unable to open" in text or "could not open" in text.lower():     # PyPy's words
+        unreadable = _unreadable(path)
+        if unreadable:
+            return PermissionError(errno.EACCES, unreadable, path)
     if isinstance(exc, sqlite3.OperationalError):
         if "readonly" in text or "read-only" in text:
             return PermissionError(errno.EACCES, "cannot write the cache (%s)" % text, path)
@@ -1243,9 +1247,6 @@ def _sqlite_error(exc, path):
             return OSError(errno.EBUSY, "the cache stayed locked by another process (%s)"
                            % text, path)
         if "unable to open" in text:
-            unreadable = _unreadable(path)
-            if unreadable:
-                return PermissionError(errno.EACCES, unreadable, path)
             return OSError(errno.EIO, "cannot open the cache (%s)" % text, path)
         return OSError(errno.EIO, "cache file error (%s)" % text, path)
     if isinstance(exc, sqlite3.DatabaseError) and (
