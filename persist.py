@@ -281,6 +281,11 @@ _PLANTED_COMPANION = ("{what}, which SQLite reads as part of the cache, and it i
                       "content would become the cache's, and loading a pickle that someone "
                       "planted runs their code; remove it (its owner or root can), or keep the "
                       "cache in a directory only you can write")
+_HARD_LINKED = ("a file with {links} names (hard links), in a directory every user may write: "
+                "none of a cache's own files has a second name, and a hard link takes its "
+                "file's owner, so another user may have linked a file of yours here for SQLite "
+                "to read as part of the cache; remove this name, or keep the cache in a "
+                "directory only you can write")
 _CORRUPT_ROW = ("a corrupt entry: its row names the value file {name!r}, which is not a name "
                 "persist gives one ({digits} hex digits, in {values}/): a row crafted or edited "
                 "so could make persist read a pickle from elsewhere, or delete a file outside "
@@ -821,6 +826,10 @@ def _check_companions(path):
         if shared and info.st_uid not in (0, os.geteuid()):
             raise PersistError(errno.EPERM, _PLANTED_COMPANION.format(what=what,
                                                                       uid=info.st_uid), name)
+        # A hard link has its file's owner. (Not checked for the cache itself, which has two
+        # names for a moment as _create() links it into place.)
+        if shared and info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
+            raise PersistError(errno.EPERM, _HARD_LINKED.format(links=info.st_nlink), name)
 
 
 # -- the store: one SQLite file per cache, with large pickles in files beside it
@@ -1237,6 +1246,10 @@ def _sqlite_error(exc, path):
     # type: (sqlite3.Error, str) -> OSError
     """The one place that turns an sqlite3 error into persist's, naming the file."""
     text = str(exc)
+    if "unable to open" in text or "could not open" in text.lower():     # PyPy's words
+        unreadable = _unreadable(path)
+        if unreadable:
+            return PermissionError(errno.EACCES, unreadable, path)
     if isinstance(exc, sqlite3.OperationalError):
         if "readonly" in text or "read-only" in text:
             return PermissionError(errno.EACCES, "cannot write the cache (%s)" % text, path)
@@ -1261,6 +1274,28 @@ def _shell_word(path):
         return '"%s"' % path              # a Windows path has no '"' in it
     import shlex
     return shlex.quote(path)
+
+
+def _unreadable(path):
+    # type: (str) -> Optional[str]
+    """Why we may not read the cache at path, or None: the file or its log's index is another
+    user's and not readable (or writable) by us, as a teammate's under umask 077 is."""
+    for name in (path, path + "-shm"):
+        try:
+            info = os.stat(name)
+        except OSError:
+            continue
+        if os.access in os.supports_effective_ids:
+            allowed = os.access(name, os.R_OK | os.W_OK * (name != path), effective_ids=True)
+        else:
+            allowed = os.access(name, os.R_OK | os.W_OK * (name != path))
+        if not allowed:
+            return ("Permission denied: you may not %s it (mode 0o%o, user %d, group %d); its "
+                    "owner can let you ('chmod g+rw' it, for a teammate: files made under "
+                    "umask 077 are theirs alone), or use a cache of your own" % (
+                        "read" if name == path else "write the index of its log, %s," % name,
+                        stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid))
+    return None
 
 
 def _damaged(path, why):
@@ -1565,8 +1600,11 @@ class _Values:
         # such as /tmp another user may make it meanwhile, then swap our pickles for theirs.
         # By the rules of the cache's other files: in a team's directory a teammate made it.
         info = os.lstat(self.directory)
-        if not stat.S_ISDIR(info.st_mode):
+        if stat.S_ISLNK(info.st_mode):
             raise PersistError(errno.ELOOP, _LINK, self.directory)
+        if not stat.S_ISDIR(info.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory, where persist keeps the "
+                                     "cache's large results; move it away", self.directory)
         if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(self.directory)):
             raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.directory)
         while True:
@@ -1610,10 +1648,14 @@ class _Values:
                         os.unlink(path)
                 continue
             try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                # never waiting on a FIFO of that name: opened without blocking, then passed
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
+                             getattr(os, "O_NONBLOCK", 0))
             except OSError:
                 continue
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):          # not a value file
+                    continue
                 _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)     # else a writer holds it
                 if name not in named([name]):       # its writer may have committed meanwhile
                     os.unlink(path)
@@ -1687,6 +1729,9 @@ class _Store:
         self._check_path()
         if flag in "cn" and not os.path.exists(self.path):
             self._create()
+            # Again: in /tmp another user may have taken the name with a cache of their own
+            # as ours was made (ours then was not linked there): refused, not opened.
+            self._check_path()
         elif flag in "cn" and os.path.isfile(self.path) and _size(self.path) == 0:
             self._create_in_place()
         mode = _FLAGS[flag]
@@ -1723,6 +1768,11 @@ class _Store:
                 raise PersistError(errno.ELOOP, _LINK, name)
             if name == self.path and stat.S_ISDIR(info.st_mode):    # SQLite: "unable to open"
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
+            if name == self.path and not stat.S_ISREG(info.st_mode):
+                # SQLite would wait for ever to open a FIFO for reading (persist ls, 'r')
+                raise PersistError(errno.EINVAL, "%s, not a cache file; persist leaves it as "
+                                   "it is: give persist another file name" % _kind(
+                                       info.st_mode), name)
             if _CHECK_WORLD_WRITABLE and _planted(info, directory):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
         _check_companions(self.path)
@@ -1766,11 +1816,16 @@ class _Store:
                                   "not writable", directory) from None
         os.close(fd)
         try:
+            # In /tmp its journal's name too is taken by an empty file of ours first: SQLite
+            # makes it one statement at a time, and would replay a journal planted meanwhile.
+            _check_companions(temp)
             with _elsewhere(self.path):
                 self._make(temp)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
+            # best effort each: the empty ones that _check_companions() made, if still there
+            for name in (temp, temp + "-journal", temp + "-wal", temp + "-shm"):
+                with contextlib.suppress(FileNotFoundError, PermissionError):
+                    os.unlink(name)
             _UNFINISHED.pop(temp, None)
 
     def _make(self, temp):
@@ -1779,6 +1834,9 @@ class _Store:
         conn = None
         try:
             conn = sqlite3.connect(temp, isolation_level=None)
+            # each statement is a transaction: TRUNCATE keeps the journal that
+            # _check_companions() made ours between them, where DELETE would free its name
+            _fetch(conn, "PRAGMA journal_mode=TRUNCATE")
             for statement in _CREATE:
                 conn.execute(statement)
             if _RENAME_OPEN_FILES:
@@ -4008,10 +4066,11 @@ _SHORT.maxstring = _SHORT.maxother = 40
 
 def _warn(message):
     # type: (str) -> None
-    """Warn at the user's line: the first caller outside this file."""
+    """Warn at the user's line: the first caller outside this file (and contextlib's, which
+    runs done_dir()'s end at the with statement)."""
     frame: "Optional[types.FrameType]"
     frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename == __file__:
+    while frame is not None and frame.f_code.co_filename in (__file__, contextlib.__file__):
         frame, level = frame.f_back, level + 1
     import warnings
     warnings.warn(message, PersistWarning, stacklevel=level)
@@ -4084,10 +4143,12 @@ def _env_dir():
     if not text or not text.startswith("~"):
         return text or None
     expanded = os.path.expanduser(text)
-    if expanded.startswith("~"):
+    # HOME set but empty: expanduser() makes ~/cache /cache, at the top of the filesystem
+    if expanded.startswith("~") or (text.split("/")[0] == "~" and
+                                    os.environ.get("HOME", None) == ""):
         raise PersistError(errno.EINVAL, "$PERSIST_DIR starts with ~, and there is no such "
-                           "home directory (HOME unset, or no such user): set it to the whole "
-                           "path", text)
+                           "home directory (HOME unset or empty, or no such user): set it to "
+                           "the whole path", text)
     return expanded
 
 
@@ -5777,8 +5838,8 @@ def _sync_files(names, dir_fd):
     return files, size, unsynced
 
 
-def _sync_tree(folder, skip=None, dir_fd=None):
-    # type: (str, Optional[str], Optional[int]) -> Tuple[int, int, int]
+def _sync_tree(folder, skip=None, dir_fd=None, shown=None):
+    # type: (str, Optional[str], Optional[int], Optional[str]) -> Tuple[int, int, int]
     """Fsync each file and directory in folder and below; (files, bytes, files not synced).
 
     Symbolic links are not followed, and the file skip at the top is left out. A file or
@@ -5787,6 +5848,7 @@ def _sync_tree(folder, skip=None, dir_fd=None):
     opened is counted as not synced. Where scandir takes a descriptor, each file is opened
     relative to its open directory, with no path to resolve.
     """
+    shown = folder if shown is None else shown      # its path, for people
     files = size = unsynced = 0
     regular: "List[str]" = []              # this directory's files, synced after the loop
     opened: "List[int]" = []               # by list.extend(), as in _create_temp()
@@ -5800,15 +5862,20 @@ def _sync_tree(folder, skip=None, dir_fd=None):
                 name = entry.path if fd is None else entry.name
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        more = _sync_tree(name, None, fd)
+                        more = _sync_tree(name, None, fd, os.path.join(shown, entry.name))
                         files, size = files + more[0], size + more[1]
                         unsynced += more[2]
                     elif entry.name == skip:
                         continue
                     elif _is_atomic_temp(entry.name) and entry.is_file(follow_symlinks=False):
                         # not a result: an atomic_open() under way (never counted), or left
-                        # by a killed writer (removed)
-                        _remove_if_dead(name, fd)
+                        # by a killed writer (removed). Said aloud: a file of someone else's
+                        # may have that shape, and then they know where it went.
+                        if _remove_if_dead(name, fd):
+                            _warn("done_dir() removed %s: a file named as atomic_write() names "
+                                  "its temporary files, which no process was writing (left by "
+                                  "a writer that was killed); name your own files otherwise"
+                                  % os.path.join(shown, entry.name))
                         continue
                     elif entry.is_file(follow_symlinks=False):
                         regular.append(name)
@@ -5864,6 +5931,10 @@ def _dir_lock(directory):
                 if not retry:
                     raise PersistError(errno.EBUSY, _BUSY_DIR,
                                        os.fspath(directory)) from None
+            except OSError:
+                # a filesystem without locks (some NFS and FUSE mounts): the stage runs, and a
+                # second done_dir() at once goes undetected, as on Windows
+                break
             # A Ctrl-C raised as a with statement entered or left a done_dir() of this
             # process leaves its generator waiting at its yield, the lock held, until it is
             # finalized: at once on CPython, at the next collection on PyPy.
@@ -6107,7 +6178,18 @@ def _open_shelve_file(path, flag):
     kind = _shelve_kind(path)
     if kind is None:
         return
-    _check_private(os.path.dirname(path), "the shelf's directory")
+    directory = os.path.dirname(os.path.abspath(path))
+    _check_private(directory, "the shelf's directory")
+    if _CHECK_WORLD_WRITABLE:
+        # its entries become ours, pickles and all: by the rules of a cache's own files, never
+        # from files another user made in /tmp (or that every user may write)
+        for name in [path] + [path + ext for ext in (".dir", ".dat", ".pag", ".db", ".bak")]:
+            try:
+                info = os.lstat(name)
+            except FileNotFoundError:
+                continue
+            if _planted(info, directory):
+                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
     if flag == "r":
         raise PersistError(errno.EINVAL, _SHELVE_READ_ONLY.format(kind=kind, path=path), path)
     if flag == "n" and kind in ("dbm.dumb", "dbm.ndbm"):
@@ -6117,7 +6199,6 @@ def _open_shelve_file(path, flag):
     # for a while where another does; _from_shelve() then checks that nobody else got there
     # first.
     lock = None
-    directory = os.path.dirname(os.path.abspath(path))
     if _fcntl is not None and (os.getpid(), os.path.realpath(directory)) not in _DIRS_HELD:
         lock = os.open(directory, os.O_RDONLY)
     try:
@@ -6424,7 +6505,7 @@ def done_dir(path: "_Path", *, marker: str = "DONE", clean: bool = False
     Leaving the block by return, break or continue finishes the stage, as reaching its end
     does. To abandon a stage, raise: on any exception there is no marker and the files
     stay. marker="_SUCCESS" suits Hadoop and Spark. A second done_dir() on the same
-    directory at the same time raises PersistError (POSIX).
+    directory at the same time raises PersistError (POSIX, where the filesystem has locks).
     """
     if not isinstance(marker, str) or marker in ("", ".", "..") or "/" in marker or \
             os.sep in marker or (os.altsep and os.altsep in marker):
@@ -6633,6 +6714,7 @@ def _problem(path, exc):
     for needle, word in (("newer persist", "newer format"), ("older persist", "older format"),
                          ("an empty file", "empty file"), ("symbolic link", "symlink"),
                          ("every user may", "unsafe"), ("owned by user", "unsafe"),
+                         ("not a cache file", "not a file"),
                          ("locked", "locked")):
         if needle in text:
             return word

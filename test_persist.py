@@ -1421,6 +1421,19 @@ class TestMemoizeLocation(TempDirTest):
                 print("refused", exc.filename)
         """, cwd=str(self.path), PERSIST_DIR=nobody)
         self.assertEqual(out, "refused %s\n" % nobody)
+        # HOME set but empty (some containers, su without -l): not at the top, /NAME
+        top = "persist-test-%s" % os.urandom(4).hex()
+        import shutil
+        self.addCleanup(shutil.rmtree, "/" + top, True)      # where a broken build puts it
+        done = subprocess.run([sys.executable, str(script)], cwd=str(self.path),
+                              env=child_env(PERSIST_DIR="~/" + top, HOME=""),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=300)
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn("PersistError: ~/%s: $PERSIST_DIR starts with ~, and there is no such "
+                      "home directory (HOME unset or empty" % top, done.stderr)
+        self.assertEqual(done.stdout, "")
+        self.assertFalse(os.path.exists("/" + top))
         self.assertEqual(sorted(os.listdir(self.path)), ["home", "project"])
 
     def test_no_source_file_uses_current_directory(self):
@@ -4101,6 +4114,23 @@ class TestValueFileNamedOutsideTheCache(TempDirTest):
             db["k"] = "again"                     # what to do: store it again, or delete it
             self.assertEqual(db["k"], "again")
 
+    @unittest.skipUnless(hasattr(os, "mkfifo"), "FIFOs")
+    def test_a_fifo_of_a_value_files_shape_neither_blocks_the_sweep_nor_is_removed(self):
+        path = self.path / "s.db"
+        with persist.open(path) as db:
+            db["k"] = self.BIG
+        fifo = pathlib.Path(str(path) + ".values") / ("0" * 32)   # no row names it
+        os.mkfifo(str(fifo))
+        child = start_python("""
+            import persist
+            with persist.open(%r) as db:             # sweeps what no row names
+                print(len(db["k"]), flush=True)
+        """ % str(path))
+        self.addCleanup(stop, child)
+        out, _ = child.communicate(timeout=120)      # a sweep that waits on it fails here
+        self.assertEqual(out, "%d\n" % len(self.BIG))
+        self.assertTrue(stat.S_ISFIFO(os.lstat(str(fifo)).st_mode))
+
     def test_files_in_the_values_directory_of_another_shape_are_never_swept(self):
         path = self.shelf("0" * 32)
         stray = pathlib.Path(str(path) + ".values") / "notes.txt"
@@ -4153,6 +4183,19 @@ class TestHostileDirectory(TempDirTest):
                 self.assertEqual(f.cache_info().unstored, 1)
             self.assertEqual(runs, [1, 1 << 20])
         self.assertEqual(os.listdir(victim), [])
+
+    def test_a_file_where_the_value_directory_goes_is_named_for_what_it_is(self):
+        @persist.memoize(cache_dir=self.path, name="f")
+        def f(x):
+            return b"v" * x
+
+        self.assertEqual(f(1), b"v")                             # opened, no .values yet
+        (self.path / "f.db.values").write_text("my notes")      # a file of the user's
+        with self.assertWarns(persist.PersistWarning) as warned:
+            self.assertEqual(f(1 << 20), b"v" * (1 << 20))
+        self.assertIn("not a directory", str(warned.warning))
+        self.assertNotIn("symbolic link", str(warned.warning))
+        self.assertEqual((self.path / "f.db.values").read_text(), "my notes")
 
     def test_world_writable_directory_or_file_is_refused(self):
         shared = self.path / "shared"
@@ -4312,7 +4355,7 @@ class TestTeamDirectory(TempDirTest):
         os.setgroups([%d])
         os.setgid(%d)
         os.setuid(%d)
-        os.umask(0o002)                       # as a team shares: the group may write
+        os.umask(int(os.environ.get("TEAM_UMASK", "002"), 8))   # 002: the group may write
         warnings.simplefilter("error")
         team, me, calls = sys.argv[1], sys.argv[2], sys.argv[2:]
         @persist.memoize(cache_dir=team, name="f", strict=True)
@@ -4334,11 +4377,23 @@ class TestTeamDirectory(TempDirTest):
         os.chown(self.team, 0, self.TEAM)
         os.chmod(self.team, 0o2770)
 
-    def run_as(self, uid, *calls):
+    def run_as(self, uid, *calls, umask="002"):
         code = textwrap.dedent(self.CHILD % (self.TEAM, uid, uid))
         return subprocess.run([sys.executable, "-c", code, str(self.team)] + list(calls),
-                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True, timeout=300)
+                              env=dict(child_env(), TEAM_UMASK=umask), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=300)
+
+    def test_a_teammates_cache_made_under_umask_077_says_why_it_cannot_be_read(self):
+        alice = self.run_as(self.ALICE, "alice", umask="077")
+        self.assertEqual(alice.stdout.splitlines()[:2], ["computed alice", "alice 1310720"],
+                         alice.stderr)
+        self.assertEqual(stat.S_IMODE(os.stat(self.team / "f.db").st_mode), 0o600)
+        bob = self.run_as(self.BOB, "bob")
+        self.assertNotIn("computed", bob.stdout)
+        self.assertIn("PermissionError: [Errno 13] Permission denied: you may not read it "
+                      "(mode 0o600, user %d, group %d); its owner can let you ('chmod g+rw' "
+                      "it" % (self.ALICE, self.TEAM), bob.stderr)
+        self.assertIn(str(self.team / "f.db"), bob.stderr)
 
     def test_teammates_share_large_results(self):
         """A teammate's result over 256 KiB raised PersistError after it was computed: the
@@ -4546,6 +4601,140 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
                 for name in os.listdir(str(self.shared)):
                     if name.startswith("c.db"):
                         self.assertEqual(os.lstat(str(self.shared / name)).st_uid, 0, name)
+                        os.unlink(str(self.shared / name))
+
+    def test_planted_beside_a_cache_being_made(self):
+        # A new cache is made under a temporary name, one statement at a time, then linked
+        # into place: a journal planted beside it between two statements would be replayed
+        # into it. Its name is taken by an empty file of ours before SQLite opens it.
+        connect, planted = sqlite3.connect, []
+
+        class Connection:
+            def __init__(self, conn, database):
+                self.conn, self.database = conn, database
+
+            def execute(self, sql, *args):
+                if sql == "BEGIN EXCLUSIVE" and not planted:     # made, not yet linked
+                    planted.append(run_python("import shutil, sqlite3\n" + textwrap.dedent(
+                        drop_privileges()) + textwrap.dedent(ClassPlant.PLANT % (
+                            str(ClassPlant.ran), str(ClassPlant.shared), self.database,
+                            "-journal"))))
+                return self.conn.execute(sql, *args)
+
+            def __getattr__(self, name):
+                return getattr(self.conn, name)
+
+        ClassPlant = self
+
+        def connect_with_a_plant(database, *args, **kwargs):
+            conn = connect(database, *args, **kwargs)
+            return Connection(conn, database) if ".new-cache.tmp" in database else conn
+
+        with mock.patch.object(sqlite3, "connect", connect_with_a_plant):
+            with persist.open(self.cache) as db:
+                self.assertEqual(list(db.keys()), [])
+                db["k"] = "mine"
+        self.assertEqual(planted, ["taken\n"])
+        with persist.open(self.cache) as db:
+            self.assertEqual(db["k"], "mine")
+        self.assertFalse(self.ran.exists())
+        for name in os.listdir(str(self.shared)):
+            if not name.startswith("theirs-"):
+                self.assertEqual(os.lstat(str(self.shared / name)).st_uid, 0, name)
+
+    def test_cache_planted_while_ours_is_being_made(self):
+        # The name was free when persist looked; another user, seeing the new cache's
+        # temporary file appear, takes it with a cache of their own before ours is linked
+        # there. Ours then cannot be linked: theirs is refused, not opened.
+        connect, planted = sqlite3.connect, []
+
+        def plant_then_connect(database, *args, **kwargs):
+            if ".new-cache.tmp" in str(database) and not planted:
+                planted.append(run_python(textwrap.dedent(drop_privileges()) + textwrap.dedent(
+                    """
+                    class Planted:
+                        def __reduce__(self):           # loading it runs os.mkdir(ran)
+                            return os.mkdir, (%r,)
+
+                    os.umask(0o022)
+                    with persist.open(%r) as db:
+                        db["k"] = Planted()
+                    print(os.stat(%r).st_uid)
+                    """ % (str(self.ran), self.cache, self.cache))))
+            return connect(database, *args, **kwargs)
+
+        for attempt in (lambda: persist.open(self.cache),
+                        lambda: persist.memoize(cache_dir=self.shared, name="c", strict=True)(
+                            lambda x: x)(1)):
+            with self.subTest():
+                with mock.patch.object(sqlite3, "connect", plant_then_connect):
+                    with self.assertRaises(persist.PersistError) as caught:
+                        attempt()
+                self.assertEqual(planted, ["%d\n" % NOBODY])
+                self.assertEqual(caught.exception.filename, self.cache)
+                self.assertIn("another user owns it", str(caught.exception))
+                self.assertFalse(self.ran.exists())
+                for name in os.listdir(str(self.shared)):
+                    os.unlink(str(self.shared / name))
+                del planted[:]
+
+    def test_shelve_files_another_user_planted_are_not_taken_in(self):
+        # persist.open(NAME) copies a shelve file's entries into a store of ours: not when
+        # another user made those files, whose pickles would then load as ours
+        imports = "import ast, dbm.dumb, encodings.latin_1, pickle, shelve\n"
+        out = run_python(imports + textwrap.dedent(drop_privileges()) + textwrap.dedent("""
+            class Planted:
+                def __reduce__(self):           # loading it runs os.mkdir(ran)
+                    return os.mkdir, (%r,)
+
+            os.umask(0o022)
+            with shelve.Shelf(dbm.dumb.open(%r, "c")) as db:
+                db["k"] = Planted()
+            print(sorted(os.listdir(%r)))
+            """ % (str(self.ran), self.cache, str(self.shared))))
+        self.assertEqual(out, "['c.db.bak', 'c.db.dat', 'c.db.dir']\n")
+        for flag in ("c", "w", "r"):
+            with self.subTest(flag):
+                with self.assertRaises(persist.PersistError) as caught:
+                    persist.open(self.cache, flag)
+                self.assertEqual(caught.exception.filename, self.cache + ".dir")
+                self.assertIn("another user owns it", str(caught.exception))
+                self.assertEqual(sorted(os.listdir(str(self.shared))),
+                                 ["c.db.bak", "c.db.dat", "c.db.dir"])
+                self.assertFalse(self.ran.exists())
+
+    def test_hard_link_to_a_file_of_ours_planted_at_a_companion_name(self):
+        # A hard link has its file's owner: another user who may write a file of ours (through
+        # its group) links it beside our cache, and it passes for ours. Nothing of SQLite's
+        # has a second name: refused, as a file they own is.
+        for suffix in ("-journal", "-wal"):
+            with self.subTest(suffix):
+                with persist.open(self.cache) as db:  # a new cache's first session leaves
+                    db["k"] = "mine"                  # neither name taken
+                self.plant(suffix)                   # their content, in a file of theirs
+                ours = self.path / ("ours" + suffix)  # copied into a file of ours they may
+                ours.write_bytes(pathlib.Path(self.cache + suffix).read_bytes())  # write
+                os.unlink(self.cache + suffix)
+                os.chown(str(ours), 0, NOBODY)
+                os.chmod(str(ours), 0o660)
+                os.chmod(str(self.path), 0o755)
+                out = run_python(textwrap.dedent(drop_privileges()) + textwrap.dedent("""
+                    os.link(%r, %r)
+                    print(os.stat(%r).st_uid)
+                """ % (str(ours), self.cache + suffix, self.cache + suffix)))
+                self.assertEqual(out, "0\n")        # ours, by its owner
+                with self.assertRaises(persist.PersistError) as caught:
+                    persist.open(self.cache)
+                self.assertEqual(caught.exception.filename, self.cache + suffix)
+                self.assertIn("a file with 2 names (hard links)", str(caught.exception))
+                self.assertFalse(self.ran.exists())
+                os.unlink(self.cache + suffix)
+                os.unlink(str(ours))
+                with persist.open(self.cache) as db:
+                    self.assertEqual(db["k"], "mine")
+                self.assertFalse(self.ran.exists())
+                for name in os.listdir(str(self.shared)):
+                    if name.startswith("c.db"):
                         os.unlink(str(self.shared / name))
 
     def test_planted_between_connections_after_a_fork(self):
@@ -6692,8 +6881,12 @@ class TestDoneDir(TempDirTest):
         """ % str(out / "late"))
         self.addCleanup(stop, writer)
         self.assertEqual(writer.stdout.readline(), "writing\n")
-        with persist.done_dir(out):
-            pass
+        removed = sorted("done_dir() removed %s" % (where / name) for where in (out, out / "sub")
+                         for name in left if (where / name).exists())
+        with self.assertWarns(persist.PersistWarning) as warned:
+            with persist.done_dir(out):
+                pass
+        self.assertEqual(sorted(str(w.message).split(":")[0] for w in warned.warnings), removed)
         record = json.loads((out / "DONE").read_text())
         self.assertEqual((record["files"], record["bytes"]), (41, 40 * 4 + 4))
         live, = set(temp_files(out)) - {".notes.tmp"}   # the live writer's, and only it
@@ -6702,6 +6895,40 @@ class TestDoneDir(TempDirTest):
         self.assertEqual((out / "late").read_text(), "late")
         self.assertEqual((out / ".notes.tmp").read_text(), "mine")
         self.assertNoTemp(out / "sub")
+
+    @unittest.skipUnless(POSIX, "the file locks that tell a dead writer's file")
+    def test_a_file_named_as_a_temporary_one_is_never_removed_silently(self):
+        # persist cannot tell a user's file of that shape from a killed writer's: it says so
+        out = self.path / "out"
+        (out / "sub").mkdir(parents=True)
+        (out / "sub" / ".notes.1234abcd.tmp").write_text("mine")
+        with self.assertWarns(persist.PersistWarning) as warned:
+            with persist.done_dir(out):
+                pass
+        self.assertIn("done_dir() removed %s: " % (out / "sub" / ".notes.1234abcd.tmp"),
+                      str(warned.warning))
+        self.assertIn("name your own files otherwise", str(warned.warning))
+        self.assertEqual(warned.filename, __file__)
+        self.assertNoTemp(out)
+
+    @unittest.skipUnless(POSIX, "flock")
+    def test_a_filesystem_without_locks_still_finishes_the_stage(self):
+        # some NFS and FUSE mounts refuse flock(): the stage runs unlocked, as on Windows,
+        # and an atomic_write() temporary file nobody can prove dead is kept, uncounted
+        out = self.path / "out"
+        out.mkdir()
+        (out / ".x.0123abcd.tmp").write_text("whose?")
+
+        def flock(fd, operation):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+        with mock.patch.object(persist._fcntl, "flock", flock):
+            with persist.done_dir(out) as d:
+                persist.atomic_write(d / "a", "done")
+        self.assertTrue(persist.is_done(out))
+        record = json.loads((out / "DONE").read_text())
+        self.assertEqual((record["files"], record["bytes"]), (1, 4))
+        self.assertEqual((out / ".x.0123abcd.tmp").read_text(), "whose?")
 
     def test_redo_removes_old_marker_first(self):
         out = self.path / "out"
@@ -8394,6 +8621,27 @@ class TestCommandLineListsBrokenFiles(CommandLineTest):
         self.assertTrue(rows["empty.db"].startswith("(empty file) "))
         self.assertTrue(rows["other.db"].startswith("(foreign SQLite) "))
         self.assertTrue(rows["cut.db"].startswith("(corrupt) "), rows["cut.db"])
+
+
+    @unittest.skipUnless(hasattr(os, "mkfifo"), "FIFOs")
+    def test_a_fifo_named_as_a_cache_is_listed_not_waited_on(self):
+        # in a directory others may write (/tmp), anyone may leave one named NAME.db
+        os.mkfifo(str(self.cache / "pipe.db"))
+        done = self.cli("ls", self.cache)            # one that waits fails at its timeout
+        self.assertEqual(done.returncode, 0, done.stderr)
+        rows = {line.split()[-1]: line for line in done.stdout.splitlines()[1:]}
+        self.assertTrue(rows["pipe.db"].startswith("(not a file) "), rows["pipe.db"])
+        out = run_python("""
+            import persist
+            for flag in "rc":
+                try:
+                    persist.open(%r, flag)
+                except persist.PersistError as exc:
+                    print(exc.filename, exc.strerror)
+        """ % str(self.cache / "pipe.db"), timeout=120)     # one that waits fails here
+        self.assertEqual(out.count("%s a FIFO, not a cache file" % (self.cache / "pipe.db")), 2,
+                         out)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(str(self.cache / "pipe.db")).st_mode))
 
 
 class TestCommandLineWhere(CommandLineTest):
