@@ -3913,7 +3913,6 @@ class TestDamagedCacheFile(TempDirTest):
                               universal_newlines=True, timeout=300)
         self.assertEqual(done.stdout.count("computed"), 50, done.stderr)
 
-
     @unittest.skipUnless(POSIX, "the command given is for a POSIX shell")
     def test_command_line_gives_a_command_that_works_on_any_path(self):
         # The command line's error put runs of spaces on one: the command it gave for
@@ -5779,7 +5778,6 @@ class TestFork(TempDirTest):
         on_disk, named = value_files(self.path / "shelf.db")
         self.assertEqual(on_disk, named)
 
-
     def test_fork_while_another_thread_opens_and_closes_shelves(self):
         # A child forked while that thread was inside SQLite (connecting, or closing, its
         # _Connection already out of the list that fork() closes) inherited SQLite's own
@@ -5923,7 +5921,6 @@ class TestFork(TempDirTest):
         """ % (self.dir, self.dir), timeout=600)
         self.assertEqual(out, "True (True, 9)\n")
 
-
     def test_ctrl_c_while_fork_waits_for_another_thread(self):
         # Ctrl-C while fork() waited for another thread's store (its hook's error is ignored,
         # and the fork goes on) kept the locks of the caches it had already closed: any
@@ -5987,7 +5984,6 @@ class TestFork(TempDirTest):
             os._exit(0)
         """ % self.dir, timeout=600)
         self.assertEqual(out, "[True, True, True]\n")
-
 
     def test_ctrl_c_as_the_parents_fork_hook_begins(self):
         # Ctrl-C as the parent's half of fork()'s hooks began (CPython ignores a hook's error:
@@ -6432,7 +6428,6 @@ class TestReaderWhoCannotWriteWhileTheOwnerWrites(TempDirTest):
         reader.wait()
         reader.stdout.close()
         self.assertEqual(out, "0 True True\n")
-
 
     def test_reader_goes_on_after_the_writer_restarted_the_log_and_left(self):
         os.chmod(self.dir, 0o755)
@@ -7854,7 +7849,6 @@ class TestMapWorkersCountTimeSaved(TempDirTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(done.stdout, "workers 12 12 True True\nexecutor 12 12 True True\n")
 
-
     @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
     def test_unstored_with_workers_and_a_process_executor(self):
         # The workers' results that their cache could not take (here it cannot be opened:
@@ -8621,7 +8615,6 @@ class TestCommandLineListsBrokenFiles(CommandLineTest):
         self.assertTrue(rows["empty.db"].startswith("(empty file) "))
         self.assertTrue(rows["other.db"].startswith("(foreign SQLite) "))
         self.assertTrue(rows["cut.db"].startswith("(corrupt) "), rows["cut.db"])
-
 
     @unittest.skipUnless(hasattr(os, "mkfifo"), "FIFOs")
     def test_a_fifo_named_as_a_cache_is_listed_not_waited_on(self):
