@@ -7187,14 +7187,18 @@ class TestDoneDirInterrupted(TempDirTest):
             for n in range(60):
                 stage = os.path.join(sys.argv[1], "s%d" % n)
                 try:
-                    with persist.done_dir(stage) as d:
-                        for i in range(40):        # past the count where threads sync
-                            with open(os.path.join(d, "f%d" % i), "w") as f:
-                                f.write("x")
-                        signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0001, 0.003))
+                    try:
+                        with persist.done_dir(stage) as d:
+                            for i in range(40):        # past the count where threads sync
+                                with open(os.path.join(d, "f%d" % i), "w") as f:
+                                    f.write("x")
+                            signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0001, 0.003))
+                    finally:
+                        # disarmed inside the try: an alarm due after the stage ended (its
+                        # sync took less than the delay) interrupts nothing of persist's
+                        signal.setitimer(signal.ITIMER_REAL, 0)
                 except KeyboardInterrupt:
                     interrupted += 1
-                signal.setitimer(signal.ITIMER_REAL, 0)
             print(interrupted > 0)
         """), self.dir], timeout=120)
         self.assertEqual(done.returncode, 0, done.stderr)     # it exited: no thread hangs
