@@ -1373,7 +1373,9 @@ def _forking_elsewhere():
     # type: () -> bool
     """Whether another thread forks: then a use of a _Connection, under its lock, lets go
     of it and waits for the fork to end (_wait_for_fork()), as fork() waits for the lock."""
-    return bool(_FORKING_NOW) and not _FORK_GATE._is_owned() and not _inside_sqlite()
+    return (bool(_FORKING_NOW) and
+            not _FORK_GATE._is_owned() and  # type: ignore[attr-defined]  # in C and PyPy
+            not _inside_sqlite())
 
 
 def _wait_for_fork():
