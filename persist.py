@@ -1373,7 +1373,12 @@ def _forking_elsewhere():
     # type: () -> bool
     """Whether another thread forks: then a use of a _Connection, under its lock, lets go
     of it and waits for the fork to end (_wait_for_fork()), as fork() waits for the lock."""
-    return bool(_FORKING_NOW) and not _FORK_GATE._is_owned() and not _inside_sqlite()
+    # (ignore[attr-defined]: _thread.RLock's own method, on CPython 3.8+ and PyPy alike,
+    # which typeshed leaves out)
+    if not _FORKING_NOW:
+        return False
+    owned = _FORK_GATE._is_owned()  # type: ignore[attr-defined]
+    return not owned and not _inside_sqlite()
 
 
 def _wait_for_fork():
