@@ -6922,14 +6922,23 @@ def _cli_status(options):
     # type: (argparse.Namespace) -> int
     unfinished = 0
     for path in options.paths:
-        if is_done(path, marker=options.marker):
+        finished = is_done(path, marker=options.marker)
+        if finished:
             # what any tool, or another user, may have written: as text, on one line
-            with io.open(os.path.join(path, options.marker), encoding="utf-8",
-                         errors="replace") as file:
-                record = file.read(1001).strip()
-            print("%s: finished %s" % (_one_line(path), _one_line(record[:1000]) +
-                                       ("..." if len(record) > 1000 else "")))
-        else:
+            marker = os.path.join(path, options.marker)
+            try:
+                with io.open(marker, encoding="utf-8", errors="replace") as file:
+                    record = file.read(1001).strip()
+                record = _one_line(record[:1000]) + ("..." if len(record) > 1000 else "")
+            except OSError as exc:
+                # another user's marker, private: finished all the same, and the other
+                # paths are still answered; one removed meanwhile (a rerun began): not
+                finished = is_done(path, marker=options.marker)
+                record = "(its marker %s cannot be read: %s)" % (
+                    _one_line(marker), _one_line(exc.strerror or str(exc)))
+            if finished:
+                print("%s: finished %s" % (_one_line(path), record))
+        if not finished:
             unfinished += 1
             state = "not finished" if os.path.isdir(path) else "missing"
             print("%s: %s" % (_one_line(path), state))

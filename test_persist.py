@@ -8467,6 +8467,32 @@ class TestCommandLine(TempDirTest):
         self.assertEqual([line.split(": ", 1)[1][:12] for line in done.stdout.splitlines()],
                          ["finished {\"f", "not finished", "missing"])
 
+    @unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX users")
+    def test_status_of_a_marker_it_may_not_read(self):
+        # Another user's private marker: status stopped at it with an error (exit 1, as
+        # "not finished"), and said nothing of the paths after it.
+        os.chmod(self.dir, 0o755)
+        private, later = self.path / "private", self.path / "later"
+        for stage in (private, later):
+            with persist.done_dir(stage) as d:
+                (d / "x").write_text("12")
+        os.chmod(str(private / "DONE"), 0o600)
+        out = run_python("import argparse, runpy, sys\n"
+                         "argparse.ArgumentParser().format_help()\n" +
+                         textwrap.dedent(drop_privileges()) + textwrap.dedent("""
+            sys.argv, sys.stderr = ["persist", "status", %r, %r], sys.stdout
+            try:
+                runpy.run_module("persist", run_name="__main__", alter_sys=True)
+            except SystemExit as exc:
+                print("exit", exc.code)
+        """ % (str(private), str(later))), cwd=self.dir)
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 3, out)
+        self.assertTrue(lines[0].startswith("%s: finished (its marker " % private), out)
+        self.assertIn("Permission denied", lines[0])
+        self.assertTrue(lines[1].startswith('%s: finished {"finished"' % later), out)
+        self.assertEqual(lines[2], "exit 0")
+
     def test_status_renders_a_marker_someone_wrote(self):
         stage = self.path / "stage"
         with persist.done_dir(stage) as d:
