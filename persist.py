@@ -4229,6 +4229,14 @@ class _Memo:
         # An unclear $PERSIST_STRICT was refused at the first call; set since, it keeps results.
         if self.strict or _env_strict() or (isinstance(exc, PersistError) and not computed
                                             and not _untrusted(exc)):
+            if isinstance(exc, OSError) and exc.filename is None and exc.errno and \
+                    not isinstance(exc, PersistError):
+                # a write's own error names no file ("No space left on device"): say which
+                # cache, and what to do, as the warning would (OSError() makes the subclass)
+                raise OSError(exc.errno, "%s: %s() %s this cache; %s (strict raises instead "
+                              "of going on without it)" % (
+                                  exc.strerror, self.identity, what, _advice(exc)),
+                              self.path) from exc
             raise exc
         if not self.warned:
             self.warned = True

@@ -3729,6 +3729,31 @@ class TestDiskFull(TempDirTest):
         self.assertEqual(conn.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
         conn.close()
 
+    def test_strict_names_the_cache_it_could_not_store_in(self):
+        # strict=True raised a write's own error as it was, "[Errno 27] File too large" (or
+        # "No space left on device"), naming neither the cache nor the function, where the
+        # warning without strict names both and says what to do.
+        code = """
+            import os, resource, signal, sys, persist
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            @persist.memoize(cache_dir=sys.argv[1], name="full", strict=True)
+            def f(x):
+                return "x" * x
+            f(1)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+            try:
+                f(2 << 20)
+            except OSError as exc:
+                print(type(exc).__name__, exc.errno, exc.filename)
+                print(exc.strerror)
+        """
+        cache = self.path / "cache"
+        out = run_python(code.replace("sys.argv[1]", repr(str(cache))))
+        lines = out.splitlines()
+        self.assertEqual(lines[0], "OSError %d %s" % (errno.EFBIG, cache / "full.db"), out)
+        self.assertIn("full() could not store a result in this cache; ", lines[1])
+        self.assertIn("strict raises", lines[1])
+
 
 def small_disk(test, size="1m"):
     """A tmpfs of size mounted in test's directory until its cleanup, filled up to the last
