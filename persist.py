@@ -6911,8 +6911,9 @@ def _cli_failures(options):  # type: ignore[return]
             more = len(group) - len(shown)
             if options.traceback:
                 for args, _, _, count, first, last, seconds, version, text, kept in shown:
-                    print("\n  %s: failed %d times, first %s, last %s, after %s" % (
-                        args or "?", count, _when(first), _when(last), _took(seconds or 0.0)))
+                    print("\n  %s: failed %d time%s, first %s, last %s, after %s" % (
+                        args or "?", count, "" if count == 1 else "s", _when(first),
+                        _when(last), _took(seconds or 0.0)))
                     if kept is not None:     # f.failures() cannot give this call again
                         print("  (the call itself is not kept: %s)" % _one_line(kept))
                     print("    " + text.replace("\n", "\n    "))

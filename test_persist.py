@@ -8139,6 +8139,7 @@ class TestFailuresCommand(TempDirTest):
                            PERSIST_DIR=cache)
         self.assertEqual(done.stdout.count("Traceback (most recent call last)"), 8)
         self.assertIn("  ('?a'): failed 2 times", done.stdout)
+        self.assertIn("  ('?b'): failed 1 time, first ", done.stdout)      # not "1 times"
         self.assertIn("KeyError: 'empty'", done.stdout)
         done = run_command(cli + ["ls", str(cache)])
         header, row = done.stdout.splitlines()
