@@ -235,7 +235,7 @@ _FILES = "SELECT file FROM Dict WHERE file IS NOT NULL"
 _NAMED = "SELECT file FROM Dict WHERE file IN (%s)"
 _FORGET_FAILURE = "DELETE FROM Failures WHERE key = ?"
 _FAILED_VERSIONS = "SELECT DISTINCT version FROM Failures WHERE version IS NOT ?"
-_STALE_FAILURES = "%s FROM Failures WHERE version IS NOT ?"     # SELECT count(*) or DELETE
+_STALE_FAILURES = "%s FROM Failures WHERE %s"      # SELECT count(*) or DELETE; conditions
 _INFO = "SELECT name, value FROM Info"
 _SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
 _ENTRIES = ("SELECT key, args, stored, length(value), file, seconds, version FROM Dict"
@@ -2142,9 +2142,9 @@ class _Store:
         """Remove the entries stored before the Unix time before (or after the time after),
         of another version than version (of owner's alone, if given: make(3) may have its
         own expire= and version=), or stored by a function with another code than codes (its
-        code tags, see _CREATE), and with version the failure records of other versions
-        too (owner's alone, likewise); return (entries, bytes, failure records) removed, or
-        that would be with dry_run."""
+        code tags, see _CREATE); with version the failure records of other versions too
+        (owner's alone, likewise), and with codes those of other code; return (entries,
+        bytes, failure records) removed, or that would be with dry_run."""
         where: "Any"      # the conditions, then the SQL that joins them
         params: "List[object]"
         where, params = [], []
@@ -2157,19 +2157,27 @@ class _Store:
         if version is not None:
             where.append("version IS NOT ?")
             params.append(version)
-        # the failure records of other versions: (more conditions, their parameters)
-        failures: "Optional[Tuple[str, List[object]]]" = None
+        # the failure records of other versions, and of other code: their calls cannot be
+        # made again, as the entries' results cannot be returned (conditions, parameters)
+        stale: "List[str]" = []
+        stale_params: "List[object]" = []
         if version is not None:
-            failures = ("", [version])
+            stale.append("version IS NOT ?")
+            stale_params.append(version)
         if where and owner is not None and self.owned():
             where = ["(%s) AND %s" % (" OR ".join(where), _OWNED)]
             params.append(owner)
-            if failures is not None:
-                failures = (" AND " + _OWNED, [version, owner])
+            if stale:
+                stale = ["(version IS NOT ? AND %s)" % _OWNED]
+                stale_params.append(owner)
         if codes and self.owned():       # an entry of no known owner is no one's stale
-            where.append("(owner IS NOT NULL AND substr(owner, 1, %d) NOT IN (%s))"
-                         % (_CODE_TAG, ",".join("?" * len(codes))))
+            other_code = ("(owner IS NOT NULL AND substr(owner, 1, %d) NOT IN (%s))"
+                          % (_CODE_TAG, ",".join("?" * len(codes))))
+            where.append(other_code)
             params.extend(codes)
+            stale.append(other_code)
+            stale_params.extend(codes)
+        failures = (" OR ".join(stale), stale_params) if stale else None
         if not where:
             raise ValueError("prune() needs before=, version= or codes=")
         where = " OR ".join(where)
@@ -2178,7 +2186,7 @@ class _Store:
         size = sum(_size(self.values.path(file)) if file else length for length, file in rows)
         if dry_run:
             failed = 0 if failures is None else self.conn.run(
-                _fetch, _STALE_FAILURES % "SELECT count(*)" + failures[0], failures[1])[0][0]
+                _fetch, _STALE_FAILURES % ("SELECT count(*)", failures[0]), failures[1])[0][0]
             return len(rows), size, failed
         names, failed = self.conn.transaction(_prune, where, params, self.values, failures)
         self.values.remove(names)
@@ -2302,7 +2310,7 @@ def _prune(conn, where, params, values, failures=None):
     conn.execute("DELETE FROM Dict WHERE " + where, params)
     # a failure of another version is stale as its results are: that code is gone
     failed = 0 if failures is None else \
-        conn.execute(_STALE_FAILURES % "DELETE" + failures[0], failures[1]).rowcount
+        conn.execute(_STALE_FAILURES % ("DELETE", failures[0]), failures[1]).rowcount
     return names, failed
 
 

@@ -2571,6 +2571,55 @@ class TestVersionSwitch(MemoTest):
         self.assertRegex(done.stdout, r"featurize +6 .* 2 closures ")
         self.assertNotIn("stale", done.stdout)
 
+    def test_prune_stale_removes_failure_records_of_earlier_code(self):
+        # The failure records of a nested helper's earlier code stayed after its entries
+        # were pruned: 'persist failures' listed calls that no code could make again, 'ls'
+        # counted them, and nothing but clear removed them. Other closures' (k=3) stay.
+        job = self.path / "job.py"
+        source = textwrap.dedent("""
+            import persist, sys
+
+            def main():
+                k = int(sys.argv[1])
+
+                def helper(x):
+                    return x + 1
+
+                @persist.memoize
+                def featurize(x):
+                    if x < 0:
+                        raise ValueError(x)
+                    return helper(x) * k
+
+                for x in (1, -1):
+                    try:
+                        featurize(x)
+                    except ValueError:
+                        pass
+                if sys.argv[2:] == ["prune"]:
+                    print(featurize.cache_prune(), len(featurize.failures()))
+
+            main()
+        """)
+        edited = source.replace("x + 1", "x + 100")
+        for text, k in ((source, "2"), (source, "3"), (edited, "2"), (edited, "3")):
+            job.write_text(text)
+            done = run_command([str(job), k], cwd=self.dir)
+            self.assertEqual(done.returncode, 0, done.stderr)
+        path = str(next((self.path / ".persist").glob("*.db")))
+        done = run_command(CLI + ["prune", path, "--stale", "--dry-run"])
+        self.assertIn("would remove 2 entries (", done.stdout)
+        self.assertIn(" and 2 failure records from ", done.stdout)
+        done = run_command([str(job), "2", "prune"], cwd=self.dir)      # the API, then the CLI
+        self.assertEqual(done.stdout, "2 1\n", done.stderr)
+        done = run_command(CLI + ["failures", path])
+        self.assertIn("featurize: 2 failed calls", done.stdout)
+        with sqlite3.connect(path) as conn:
+            self.assertEqual(conn.execute("SELECT count(*) FROM Dict").fetchone(), (2,))
+        done = run_command(CLI + ["ls", str(self.path / ".persist")])
+        self.assertNotIn("stale", done.stdout)
+        self.assertRegex(done.stdout, r"featurize +2 +\S+ \S+ +2 ")
+
     def test_crafted_owners_and_code_record_are_listed_not_fatal(self):
         def make(k):
             @persist.memoize(cache_dir=self.dir)
