@@ -235,7 +235,7 @@ _FILES = "SELECT file FROM Dict WHERE file IS NOT NULL"
 _NAMED = "SELECT file FROM Dict WHERE file IN (%s)"
 _FORGET_FAILURE = "DELETE FROM Failures WHERE key = ?"
 _FAILED_VERSIONS = "SELECT DISTINCT version FROM Failures WHERE version IS NOT ?"
-_STALE_FAILURES = "%s FROM Failures WHERE version IS NOT ?"     # SELECT count(*) or DELETE
+_STALE_FAILURES = "%s FROM Failures WHERE %s"      # SELECT count(*) or DELETE; conditions
 _INFO = "SELECT name, value FROM Info"
 _SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
 _ENTRIES = ("SELECT key, args, stored, length(value), file, seconds, version FROM Dict"
@@ -1373,9 +1373,12 @@ def _forking_elsewhere():
     # type: () -> bool
     """Whether another thread forks: then a use of a _Connection, under its lock, lets go
     of it and waits for the fork to end (_wait_for_fork()), as fork() waits for the lock."""
-    return (bool(_FORKING_NOW) and
-            not _FORK_GATE._is_owned() and  # type: ignore[attr-defined]  # in C and PyPy
-            not _inside_sqlite())
+    # (ignore[attr-defined]: _thread.RLock's own method, on CPython 3.8+ and PyPy alike,
+    # which typeshed leaves out)
+    if not _FORKING_NOW:
+        return False
+    owned = _FORK_GATE._is_owned()  # type: ignore[attr-defined]
+    return not owned and not _inside_sqlite()
 
 
 def _wait_for_fork():
@@ -2139,9 +2142,9 @@ class _Store:
         """Remove the entries stored before the Unix time before (or after the time after),
         of another version than version (of owner's alone, if given: make(3) may have its
         own expire= and version=), or stored by a function with another code than codes (its
-        code tags, see _CREATE), and with version the failure records of other versions
-        too (owner's alone, likewise); return (entries, bytes, failure records) removed, or
-        that would be with dry_run."""
+        code tags, see _CREATE); with version the failure records of other versions too
+        (owner's alone, likewise), and with codes those of other code; return (entries,
+        bytes, failure records) removed, or that would be with dry_run."""
         where: "Any"      # the conditions, then the SQL that joins them
         params: "List[object]"
         where, params = [], []
@@ -2154,19 +2157,27 @@ class _Store:
         if version is not None:
             where.append("version IS NOT ?")
             params.append(version)
-        # the failure records of other versions: (more conditions, their parameters)
-        failures: "Optional[Tuple[str, List[object]]]" = None
+        # the failure records of other versions, and of other code: their calls cannot be
+        # made again, as the entries' results cannot be returned (conditions, parameters)
+        stale: "List[str]" = []
+        stale_params: "List[object]" = []
         if version is not None:
-            failures = ("", [version])
+            stale.append("version IS NOT ?")
+            stale_params.append(version)
         if where and owner is not None and self.owned():
             where = ["(%s) AND %s" % (" OR ".join(where), _OWNED)]
             params.append(owner)
-            if failures is not None:
-                failures = (" AND " + _OWNED, [version, owner])
+            if stale:
+                stale = ["(version IS NOT ? AND %s)" % _OWNED]
+                stale_params.append(owner)
         if codes and self.owned():       # an entry of no known owner is no one's stale
-            where.append("(owner IS NOT NULL AND substr(owner, 1, %d) NOT IN (%s))"
-                         % (_CODE_TAG, ",".join("?" * len(codes))))
+            other_code = ("(owner IS NOT NULL AND substr(owner, 1, %d) NOT IN (%s))"
+                          % (_CODE_TAG, ",".join("?" * len(codes))))
+            where.append(other_code)
             params.extend(codes)
+            stale.append(other_code)
+            stale_params.extend(codes)
+        failures = (" OR ".join(stale), stale_params) if stale else None
         if not where:
             raise ValueError("prune() needs before=, version= or codes=")
         where = " OR ".join(where)
@@ -2175,7 +2186,7 @@ class _Store:
         size = sum(_size(self.values.path(file)) if file else length for length, file in rows)
         if dry_run:
             failed = 0 if failures is None else self.conn.run(
-                _fetch, _STALE_FAILURES % "SELECT count(*)" + failures[0], failures[1])[0][0]
+                _fetch, _STALE_FAILURES % ("SELECT count(*)", failures[0]), failures[1])[0][0]
             return len(rows), size, failed
         names, failed = self.conn.transaction(_prune, where, params, self.values, failures)
         self.values.remove(names)
@@ -2299,7 +2310,7 @@ def _prune(conn, where, params, values, failures=None):
     conn.execute("DELETE FROM Dict WHERE " + where, params)
     # a failure of another version is stale as its results are: that code is gone
     failed = 0 if failures is None else \
-        conn.execute(_STALE_FAILURES % "DELETE" + failures[0], failures[1]).rowcount
+        conn.execute(_STALE_FAILURES % ("DELETE", failures[0]), failures[1]).rowcount
     return names, failed
 
 
@@ -4226,6 +4237,14 @@ class _Memo:
         # An unclear $PERSIST_STRICT was refused at the first call; set since, it keeps results.
         if self.strict or _env_strict() or (isinstance(exc, PersistError) and not computed
                                             and not _untrusted(exc)):
+            if isinstance(exc, OSError) and exc.filename is None and exc.errno and \
+                    not isinstance(exc, PersistError):
+                # a write's own error names no file ("No space left on device"): say which
+                # cache, and what to do, as the warning would (OSError() makes the subclass)
+                raise OSError(exc.errno, "%s: %s() %s this cache; %s (strict raises instead "
+                              "of going on without it)" % (
+                                  exc.strerror, self.identity, what, _advice(exc)),
+                              self.path) from exc
             raise exc
         if not self.warned:
             self.warned = True
@@ -6900,8 +6919,9 @@ def _cli_failures(options):  # type: ignore[return]
             more = len(group) - len(shown)
             if options.traceback:
                 for args, _, _, count, first, last, seconds, version, text, kept in shown:
-                    print("\n  %s: failed %d times, first %s, last %s, after %s" % (
-                        args or "?", count, _when(first), _when(last), _took(seconds or 0.0)))
+                    print("\n  %s: failed %d time%s, first %s, last %s, after %s" % (
+                        args or "?", count, "" if count == 1 else "s", _when(first),
+                        _when(last), _took(seconds or 0.0)))
                     if kept is not None:     # f.failures() cannot give this call again
                         print("  (the call itself is not kept: %s)" % _one_line(kept))
                     print("    " + text.replace("\n", "\n    "))
@@ -6919,14 +6939,23 @@ def _cli_status(options):
     # type: (argparse.Namespace) -> int
     unfinished = 0
     for path in options.paths:
-        if is_done(path, marker=options.marker):
+        finished = is_done(path, marker=options.marker)
+        if finished:
             # what any tool, or another user, may have written: as text, on one line
-            with io.open(os.path.join(path, options.marker), encoding="utf-8",
-                         errors="replace") as file:
-                record = file.read(1001).strip()
-            print("%s: finished %s" % (_one_line(path), _one_line(record[:1000]) +
-                                       ("..." if len(record) > 1000 else "")))
-        else:
+            marker = os.path.join(path, options.marker)
+            try:
+                with io.open(marker, encoding="utf-8", errors="replace") as file:
+                    record = file.read(1001).strip()
+                record = _one_line(record[:1000]) + ("..." if len(record) > 1000 else "")
+            except OSError as exc:
+                # another user's marker, private: finished all the same, and the other
+                # paths are still answered; one removed meanwhile (a rerun began): not
+                finished = is_done(path, marker=options.marker)
+                record = "(its marker %s cannot be read: %s)" % (
+                    _one_line(marker), _one_line(exc.strerror or str(exc)))
+            if finished:
+                print("%s: finished %s" % (_one_line(path), record))
+        if not finished:
             unfinished += 1
             state = "not finished" if os.path.isdir(path) else "missing"
             print("%s: %s" % (_one_line(path), state))

@@ -2571,6 +2571,55 @@ class TestVersionSwitch(MemoTest):
         self.assertRegex(done.stdout, r"featurize +6 .* 2 closures ")
         self.assertNotIn("stale", done.stdout)
 
+    def test_prune_stale_removes_failure_records_of_earlier_code(self):
+        # The failure records of a nested helper's earlier code stayed after its entries
+        # were pruned: 'persist failures' listed calls that no code could make again, 'ls'
+        # counted them, and nothing but clear removed them. Other closures' (k=3) stay.
+        job = self.path / "job.py"
+        source = textwrap.dedent("""
+            import persist, sys
+
+            def main():
+                k = int(sys.argv[1])
+
+                def helper(x):
+                    return x + 1
+
+                @persist.memoize
+                def featurize(x):
+                    if x < 0:
+                        raise ValueError(x)
+                    return helper(x) * k
+
+                for x in (1, -1):
+                    try:
+                        featurize(x)
+                    except ValueError:
+                        pass
+                if sys.argv[2:] == ["prune"]:
+                    print(featurize.cache_prune(), len(featurize.failures()))
+
+            main()
+        """)
+        edited = source.replace("x + 1", "x + 100")
+        for text, k in ((source, "2"), (source, "3"), (edited, "2"), (edited, "3")):
+            job.write_text(text)
+            done = run_command([str(job), k], cwd=self.dir)
+            self.assertEqual(done.returncode, 0, done.stderr)
+        path = str(next((self.path / ".persist").glob("*.db")))
+        done = run_command(CLI + ["prune", path, "--stale", "--dry-run"])
+        self.assertIn("would remove 2 entries (", done.stdout)
+        self.assertIn(" and 2 failure records from ", done.stdout)
+        done = run_command([str(job), "2", "prune"], cwd=self.dir)      # the API, then the CLI
+        self.assertEqual(done.stdout, "2 1\n", done.stderr)
+        done = run_command(CLI + ["failures", path])
+        self.assertIn("featurize: 2 failed calls", done.stdout)
+        with sqlite3.connect(path) as conn:
+            self.assertEqual(conn.execute("SELECT count(*) FROM Dict").fetchone(), (2,))
+        done = run_command(CLI + ["ls", str(self.path / ".persist")])
+        self.assertNotIn("stale", done.stdout)
+        self.assertRegex(done.stdout, r"featurize +2 +\S+ \S+ +2 ")
+
     def test_crafted_owners_and_code_record_are_listed_not_fatal(self):
         def make(k):
             @persist.memoize(cache_dir=self.dir)
@@ -3728,6 +3777,31 @@ class TestDiskFull(TempDirTest):
         conn = sqlite3.connect(str(cache / "full.db"))
         self.assertEqual(conn.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
         conn.close()
+
+    def test_strict_names_the_cache_it_could_not_store_in(self):
+        # strict=True raised a write's own error as it was, "[Errno 27] File too large" (or
+        # "No space left on device"), naming neither the cache nor the function, where the
+        # warning without strict names both and says what to do.
+        code = """
+            import os, resource, signal, sys, persist
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            @persist.memoize(cache_dir=sys.argv[1], name="full", strict=True)
+            def f(x):
+                return "x" * x
+            f(1)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+            try:
+                f(2 << 20)
+            except OSError as exc:
+                print(type(exc).__name__, exc.errno, exc.filename)
+                print(exc.strerror)
+        """
+        cache = self.path / "cache"
+        out = run_python(code.replace("sys.argv[1]", repr(str(cache))))
+        lines = out.splitlines()
+        self.assertEqual(lines[0], "OSError %d %s" % (errno.EFBIG, cache / "full.db"), out)
+        self.assertIn("full() could not store a result in this cache; ", lines[1])
+        self.assertIn("strict raises", lines[1])
 
 
 def small_disk(test, size="1m"):
@@ -8114,6 +8188,7 @@ class TestFailuresCommand(TempDirTest):
                            PERSIST_DIR=cache)
         self.assertEqual(done.stdout.count("Traceback (most recent call last)"), 8)
         self.assertIn("  ('?a'): failed 2 times", done.stdout)
+        self.assertIn("  ('?b'): failed 1 time, first ", done.stdout)      # not "1 times"
         self.assertIn("KeyError: 'empty'", done.stdout)
         done = run_command(cli + ["ls", str(cache)])
         header, row = done.stdout.splitlines()
@@ -8466,6 +8541,32 @@ class TestCommandLine(TempDirTest):
         self.assertEqual(done.returncode, 1)
         self.assertEqual([line.split(": ", 1)[1][:12] for line in done.stdout.splitlines()],
                          ["finished {\"f", "not finished", "missing"])
+
+    @unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX users")
+    def test_status_of_a_marker_it_may_not_read(self):
+        # Another user's private marker: status stopped at it with an error (exit 1, as
+        # "not finished"), and said nothing of the paths after it.
+        os.chmod(self.dir, 0o755)
+        private, later = self.path / "private", self.path / "later"
+        for stage in (private, later):
+            with persist.done_dir(stage) as d:
+                (d / "x").write_text("12")
+        os.chmod(str(private / "DONE"), 0o600)
+        out = run_python("import argparse, runpy, sys\n"
+                         "argparse.ArgumentParser().format_help()\n" +
+                         textwrap.dedent(drop_privileges()) + textwrap.dedent("""
+            sys.argv, sys.stderr = ["persist", "status", %r, %r], sys.stdout
+            try:
+                runpy.run_module("persist", run_name="__main__", alter_sys=True)
+            except SystemExit as exc:
+                print("exit", exc.code)
+        """ % (str(private), str(later))), cwd=self.dir)
+        lines = out.splitlines()
+        self.assertEqual(len(lines), 3, out)
+        self.assertTrue(lines[0].startswith("%s: finished (its marker " % private), out)
+        self.assertIn("Permission denied", lines[0])
+        self.assertTrue(lines[1].startswith('%s: finished {"finished"' % later), out)
+        self.assertEqual(lines[2], "exit 0")
 
     def test_status_renders_a_marker_someone_wrote(self):
         stage = self.path / "stage"
