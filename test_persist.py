@@ -9508,11 +9508,16 @@ class TestTypeCheck(TempDirTest):
 
 
 class TestReadme(TempDirTest):
-    """Every code block in README.md runs."""
+    """Every code block in README.md, and in the pages of docs/ it links, runs."""
 
     def blocks(self, language):
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
-            return re.findall(r"```%s\n(.*?)```" % language, file.read(), re.S)
+        import glob
+        found = []
+        for name in [os.path.join(HERE, "README.md")] + sorted(
+                glob.glob(os.path.join(HERE, "docs", "*.md"))):
+            with open(name, encoding="utf-8") as file:
+                found += re.findall(r"```%s\n(.*?)```" % language, file.read(), re.S)
+        return found
 
     def test_python_blocks_run(self):
         blocks = self.blocks("python")
