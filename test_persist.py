@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import enum
 import errno
+import faulthandler
 import functools
 import importlib.util
 import inspect
@@ -43,6 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 POSIX = os.name == "posix"
 PLAIN_FSYNC = mock.patch.object(persist, "_FULLFSYNC", None)   # as where there is no F_FULLFSYNC
 LARGE = os.environ.get("PERSIST_TEST_LARGE") == "1"
+CHILD_TIMEOUT = 300     # seconds: far past what any child needs on a loaded machine
+TEST_TIMEOUT = 1800     # seconds, for one test: past several children's CHILD_TIMEOUT
 
 
 def setUpModule():
@@ -69,7 +72,7 @@ def child_env(**extra):
     return env
 
 
-def run_python(code, cwd=None, check=True, timeout=300, **env):
+def run_python(code, cwd=None, check=True, timeout=CHILD_TIMEOUT, **env):
     """Run code in a fresh interpreter that can import persist; return its stdout."""
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
                           env=child_env(**env), stdout=subprocess.PIPE,
@@ -79,18 +82,72 @@ def run_python(code, cwd=None, check=True, timeout=300, **env):
     return done.stdout
 
 
-def start_python(code, cwd=None, **env):
-    """Start code in a fresh interpreter; stdout is a pipe, one line per event; stdin waits."""
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
-                            env=child_env(**env), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, universal_newlines=True)
+def spawn(test, args, timeout=CHILD_TIMEOUT, **options):
+    """subprocess.Popen(args, **options) that cannot hang the suite or outlive test: a watchdog
+    kills the child once it has run timeout seconds, so a read, wait or communicate on it
+    returns and the test fails instead of hanging (a broken build must fail, never hang), and
+    a cleanup kills it at the end of the test, closes its pipes and says if the watchdog had
+    to step in."""
+    options.setdefault("env", child_env())
+    child = subprocess.Popen(args, **options)
+    killed = []
+
+    def expire():
+        if child.poll() is None:
+            killed.append(True)
+            child.kill()
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
+
+    def end():
+        watchdog.cancel()
+        stop(child)
+        if killed:
+            raise AssertionError("child still running after %d s, killed: %s"
+                                 % (timeout, " ".join(map(str, args))[:300]))
+
+    test.addCleanup(end)
+    return child
+
+
+def start_python(test, code, cwd=None, **env):
+    """Start code in a fresh interpreter for the length of test (see spawn); stdout is a pipe,
+    one line per event; stdin waits."""
+    return spawn(test, [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
+                 env=child_env(**env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                 universal_newlines=True)
 
 
 def stop(child):
-    child.kill()
-    child.wait()
-    child.stdin.close()
-    child.stdout.close()
+    """Kill child (if it still runs), reap it and close its pipes."""
+    child.kill()                 # a no-op once it has been reaped
+    child.wait(CHILD_TIMEOUT)
+    for pipe in (child.stdin, child.stdout, child.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+@contextlib.contextmanager
+def workers_killed_on_error():
+    """Around the use of a process pool of this process, inside its with: on an error (a
+    timeout included) its workers are killed first, so that the pool's exit, which waits
+    for them, does not wait for ever on one that hangs."""
+    try:
+        yield
+    except BaseException:
+        for process in multiprocessing.active_children():
+            process.kill()
+        raise
+
+
+def joined(thread, timeout=CHILD_TIMEOUT):
+    """thread.join() that fails instead of waiting for ever on a thread that hangs (start it
+    as a daemon, so that the run can still end)."""
+    thread.join(timeout)
+    if thread.is_alive():
+        raise AssertionError("thread %s still running after %d s" % (thread.name, timeout))
 
 
 @contextlib.contextmanager
@@ -117,6 +174,11 @@ class TempDirTest(unittest.TestCase):
     """Each test gets its own directory, and leaves no temporary file in it."""
 
     def setUp(self):
+        # The backstop for a hang no child's watchdog (spawn) can end, one in this process (a
+        # deadlocked thread, a pool's exit): the run stops with every thread's traceback.
+        if hasattr(faulthandler, "dump_traceback_later"):
+            faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True)
+            self.addCleanup(faulthandler.cancel_dump_traceback_later)
         holder = __import__("tempfile").TemporaryDirectory()
         self.addCleanup(holder.cleanup)
         self.dir = os.path.realpath(holder.name)
@@ -1015,8 +1077,7 @@ class TestAtomicKilled(TempDirTest):
                     os.waitpid(writer, 0)
                     print("reaped", flush=True)
         """ % str(target)
-        forker = start_python(code)
-        self.addCleanup(stop, forker)
+        forker = start_python(self, code)
         rng = random.Random(7)
         for _ in range(25):
             forker.stdin.write("fork\n")
@@ -1041,8 +1102,8 @@ class TestAtomicConcurrentWriters(TempDirTest):
             for i in range(60):
                 persist.atomic_write(%r, (str(me) * 100000), sync=False)
         """ % str(target)
-        children = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(n)],
-                                     env=child_env()) for n in range(4)]
+        children = [spawn(self, [sys.executable, "-c", textwrap.dedent(code), str(n)])
+                    for n in range(4)]
         seen = set()
         while any(child.poll() is None for child in children):
             with contextlib.suppress(FileNotFoundError):
@@ -1184,9 +1245,8 @@ class TestOpenConcurrentProcesses(TempDirTest):
                 with persist.open(%r) as s:
                     s["%%s-%%d" %% (me, i)] = i
         """ % path
-        children = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(n)],
-                                     env=child_env(), stderr=subprocess.PIPE)
-                    for n in range(4)]
+        children = [spawn(self, [sys.executable, "-c", textwrap.dedent(code), str(n)],
+                          stderr=subprocess.PIPE) for n in range(4)]
         errors = [child.communicate()[1] for child in children]
         self.assertEqual([child.returncode for child in children], [0] * 4, errors)
         with persist.open(path, "r") as db:
@@ -1318,10 +1378,12 @@ class TestMemoizeForms(MemoTest):
 
     def test_process_pool_workers(self):
         with mock.patch.dict(os.environ, {"PERSIST_DIR": self.dir}):
-            with concurrent.futures.ProcessPoolExecutor(2) as pool:
-                self.assertEqual(list(pool.map(cube, range(10))), [x ** 3 for x in range(10)])
-            with multiprocessing.get_context("spawn").Pool(2) as pool:
-                self.assertEqual(pool.map(cube, range(5, 15)), [x ** 3 for x in range(5, 15)])
+            with concurrent.futures.ProcessPoolExecutor(2) as pool, workers_killed_on_error():
+                self.assertEqual(list(pool.map(cube, range(10), timeout=CHILD_TIMEOUT)),
+                                 [x ** 3 for x in range(10)])
+            with multiprocessing.get_context("spawn").Pool(2) as pool:   # its exit kills them
+                self.assertEqual(pool.map_async(cube, range(5, 15)).get(CHILD_TIMEOUT),
+                                 [x ** 3 for x in range(5, 15)])
             with persist.open(os.path.join(self.dir, "test_persist.cube.db"), "r") as db:
                 self.assertEqual(len(db), 15)
 
@@ -1351,7 +1413,7 @@ class TestMemoizeLocation(TempDirTest):
         elsewhere.mkdir()
         first = subprocess.run([sys.executable, str(script)], cwd=str(elsewhere),
                                env=child_env(PYTHONHASHSEED=1), stdout=subprocess.PIPE,
-                               universal_newlines=True, check=True).stdout
+                               universal_newlines=True, check=True, timeout=CHILD_TIMEOUT).stdout
         self.assertEqual(first, "210 20\n")
         self.assertEqual(os.listdir(elsewhere), [])
         cache = script.parent / ".persist"
@@ -1359,13 +1421,13 @@ class TestMemoizeLocation(TempDirTest):
         self.assertTrue((cache / "job.work.db").exists())
         second = subprocess.run([sys.executable, "job.py"], cwd=str(script.parent),
                                 env=child_env(PYTHONHASHSEED=2), stdout=subprocess.PIPE,
-                                universal_newlines=True, check=True).stdout
+                                universal_newlines=True, check=True, timeout=CHILD_TIMEOUT).stdout
         self.assertEqual(second, "210 0\n")
 
     def test_script_run_or_imported_shares_its_cache(self):
         script = self.write_script()
         subprocess.run([sys.executable, str(script)], env=child_env(), check=True,
-                       stdout=subprocess.PIPE)
+                       stdout=subprocess.PIPE, timeout=CHILD_TIMEOUT)
         out = run_python("import job; print(sum(job.work(i) for i in range(20)), job.calls)",
                          cwd=str(script.parent))
         self.assertEqual(out, "210 0\n")
@@ -1374,7 +1436,7 @@ class TestMemoizeLocation(TempDirTest):
         script = self.write_script()
         chosen = self.path / "chosen"
         subprocess.run([sys.executable, str(script)], env=child_env(PERSIST_DIR=chosen),
-                       check=True, stdout=subprocess.PIPE)
+                       check=True, stdout=subprocess.PIPE, timeout=CHILD_TIMEOUT)
         self.assertTrue((chosen / "job.work.db").exists())
         self.assertFalse((script.parent / ".persist").exists())
 
@@ -1395,13 +1457,15 @@ class TestMemoizeLocation(TempDirTest):
         for value in ("~/cache", "~"):
             out = subprocess.run([sys.executable, str(script)], cwd=str(self.path), check=True,
                                  env=child_env(PERSIST_DIR=value, HOME=home),
-                                 stdout=subprocess.PIPE, universal_newlines=True).stdout
+                                 stdout=subprocess.PIPE, universal_newlines=True,
+                                 timeout=CHILD_TIMEOUT).stdout
             self.assertEqual(out, "210 20\n")
         self.assertTrue((home / "cache" / "job.work.db").exists())
         self.assertTrue((home / "job.work.db").exists())
         out = subprocess.run([sys.executable, "-m", "persist", "ls"], cwd=str(self.path),
                              env=child_env(PERSIST_DIR="~/cache", HOME=home),
-                             stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+                             stdout=subprocess.PIPE, universal_newlines=True, check=True,
+                             timeout=CHILD_TIMEOUT).stdout
         self.assertIn("job.work", out)
         nobody = "~no-such-user-%s/cache" % os.urandom(4).hex()
         done = subprocess.run([sys.executable, str(script)], cwd=str(self.path),
@@ -1509,7 +1573,7 @@ class TestMemoizeKeys(MemoTest):
         """
         outs = [subprocess.run([sys.executable, "-c", textwrap.dedent(code), self.dir],
                                env=child_env(PYTHONHASHSEED=seed), stdout=subprocess.PIPE,
-                               universal_newlines=True, check=True).stdout
+                               universal_newlines=True, check=True, timeout=CHILD_TIMEOUT).stdout
                 for seed in (1, 2, 3, 4)]
         self.assertEqual(outs, ["computed\n", "", "", ""])
 
@@ -2851,9 +2915,8 @@ class TestMemoizeManyProcesses(TempDirTest):
             for i in range(me * 20, me * 20 + 100):
                 assert f(i) == [i] * 10
         """ % self.dir
-        children = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(n)],
-                                     env=child_env(), stderr=subprocess.PIPE)
-                    for n in range(8)]
+        children = [spawn(self, [sys.executable, "-c", textwrap.dedent(code), str(n)],
+                          stderr=subprocess.PIPE) for n in range(8)]
         errors = [child.communicate()[1] for child in children]
         self.assertEqual([child.returncode for child in children], [0] * 8, errors)
         self.assertEqual([e for e in errors if e], [])
@@ -2872,18 +2935,18 @@ class TestMemoizeManyProcesses(TempDirTest):
         failures = []
 
         def hammer():
-            barrier.wait()
+            barrier.wait(CHILD_TIMEOUT)
             try:
                 for i in range(200):
                     assert f(i % 50) == (i % 50) * 2
             except Exception as exc:      # reported below
                 failures.append(exc)
 
-        threads = [threading.Thread(target=hammer) for _ in range(16)]
+        threads = [threading.Thread(target=hammer, daemon=True) for _ in range(16)]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            joined(thread)
         self.assertEqual(failures, [])
         self.assertEqual(f.cache_info().entries, 50)
 
@@ -2918,9 +2981,8 @@ class TestMemoizeKilled(TempDirTest):
         reported = set()
         rng = random.Random(3)
         for round_ in range(12):
-            child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code),
-                                      str(round_ * 1000)], env=child_env(),
-                                     stdout=subprocess.PIPE, universal_newlines=True)
+            child = spawn(self, [sys.executable, "-c", textwrap.dedent(code), str(round_ * 1000)],
+                          stdout=subprocess.PIPE, universal_newlines=True)
             for _ in range(rng.randint(1, 150)):
                 reported.add(int(child.stdout.readline()))
             child.kill()
@@ -3247,7 +3309,8 @@ class TestLambdaTagWhateverCameBefore(TempDirTest):
             "print(scale.cache_info().path)\n")
         names = {subprocess.run([sys.executable, "lambdas.py"] + extra, cwd=self.dir,
                                 env=child_env(), stdout=subprocess.PIPE, check=True,
-                                universal_newlines=True).stdout for extra in ([], ["partial"])}
+                                universal_newlines=True, timeout=CHILD_TIMEOUT).stdout
+                 for extra in ([], ["partial"])}
         self.assertEqual(len(names), 1, names)
 
 
@@ -3277,7 +3340,7 @@ class TestFunctionsWithoutSourceUnderAnyHashSeed(TempDirTest):
         """
         paths = {subprocess.run([sys.executable, "-c", textwrap.dedent(code), self.dir],
                                 env=child_env(PYTHONHASHSEED=seed), stdout=subprocess.PIPE,
-                                check=True, universal_newlines=True).stdout
+                                check=True, universal_newlines=True, timeout=CHILD_TIMEOUT).stdout
                  for seed in range(1, 5)}
         self.assertEqual(len(paths), 1, paths)
 
@@ -3321,7 +3384,7 @@ class TestProjectsSharingAPersistDir(TempDirTest):
     def run_job(self, script):
         return subprocess.run([sys.executable, str(script)], env=child_env(
             PERSIST_DIR=self.path / "shared"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            universal_newlines=True)
+            universal_newlines=True, timeout=CHILD_TIMEOUT)
 
     def test_second_project_is_refused_and_a_moved_one_adopted(self):
         first = self.project("one", "first")
@@ -3385,7 +3448,7 @@ class TestSpawnedWorkersShareTheScriptsCache(TempDirTest):
         (self.path / "job.py").write_text(textwrap.dedent(self.SCRIPT))
         out = subprocess.run([sys.executable, "job.py", method], cwd=self.dir,
                              env=child_env(), stdout=subprocess.PIPE, check=True,
-                             universal_newlines=True).stdout
+                             universal_newlines=True, timeout=CHILD_TIMEOUT).stdout
         self.assertEqual(out.split(" ", 2)[:2], ["True", "6"])     # the workers' results
         self.assertEqual([n for n in os.listdir(self.path / ".persist") if n.endswith(".db")],
                          ["job.square.db"])
@@ -3408,7 +3471,7 @@ class TestScriptsWhoseNamesAreNotIdentifiers(TempDirTest):
                                           "    return %r\nprint(load(1))\n" % word)
         outs = [subprocess.run([sys.executable, name], cwd=self.dir, env=child_env(),
                                stdout=subprocess.PIPE, check=True,
-                               universal_newlines=True).stdout
+                               universal_newlines=True, timeout=CHILD_TIMEOUT).stdout
                 for name in ("01-prepare.py", "02-train.py")]
         self.assertEqual(outs, ["prepare\n", "train\n"])
 
@@ -3422,7 +3485,7 @@ class TestScriptsRunUnderAProfiler(TempDirTest):
                 "print(load(1), load.cache_info().path)\n" % word)
         outs = [subprocess.run([sys.executable] + tool + [word + ".py"], cwd=self.dir,
                                env=child_env(), stdout=subprocess.PIPE, check=True,
-                               universal_newlines=True).stdout.split()
+                               universal_newlines=True, timeout=CHILD_TIMEOUT).stdout.split()
                 for tool in ([], ["-m", "cProfile", "-o", os.devnull])
                 for word in ("prep", "train")]
         self.assertEqual([out[0] for out in outs], ["prep", "train"] * 2)
@@ -3464,7 +3527,7 @@ class TestScriptClassesAsArgumentsInSpawnedWorkers(TempDirTest):
         (self.path / "job.py").write_text(textwrap.dedent(self.SCRIPT))
         hits = [subprocess.run([sys.executable, "job.py", how], cwd=self.dir, env=child_env(),
                                stdout=subprocess.PIPE, check=True,
-                               universal_newlines=True).stdout
+                               universal_newlines=True, timeout=CHILD_TIMEOUT).stdout
                 for how in ("serial", "spawn")]
         hits.append(run_python("import job; print(job.run(0))", cwd=self.dir))
         self.assertEqual(hits, ["0\n", "1\n", "1\n"])
@@ -3518,14 +3581,16 @@ class TestResultClassesOfAScript(TempDirTest):
         """))
         (self.path / "job.py").write_text(textwrap.dedent(self.SCRIPT))
         run = subprocess.run([sys.executable, "job.py"], cwd=self.dir, env=child_env(),
-                             stdout=subprocess.PIPE, universal_newlines=True, check=True)
+                             stdout=subprocess.PIPE, universal_newlines=True, check=True,
+                             timeout=CHILD_TIMEOUT)
         self.assertEqual(run.stdout, "True 1\n")
         out = run_python("import job, features; f = job.featurize(1); "
                          "print(isinstance(f, features.Features), f.x, job.runs)", cwd=self.dir)
         self.assertEqual(out, "True 1 0\n")
         run = subprocess.run([sys.executable, "-c", "import runpy; runpy.run_path('job.py', "
                               "run_name='__main__')"], cwd=self.dir, env=child_env(),
-                             stdout=subprocess.PIPE, universal_newlines=True, check=True)
+                             stdout=subprocess.PIPE, universal_newlines=True, check=True,
+                             timeout=CHILD_TIMEOUT)
         self.assertEqual(run.stdout, "True 0\n")
 
 
@@ -3857,14 +3922,9 @@ class TestDiskFullAtTheFirstCall(TempDirTest):
 
     def test_the_cache_goes_on_once_there_is_space(self):
         disk = small_disk(self)
-        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.CHILD),
-                                  str(disk / "cache")], env=child_env(),
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 universal_newlines=True)
-        self.addCleanup(stop, child)
-        watchdog = threading.Timer(300, child.kill)       # a hung child fails the test
-        watchdog.start()
-        self.addCleanup(watchdog.cancel)
+        child = spawn(self, [sys.executable, "-c", textwrap.dedent(self.CHILD),
+                             str(disk / "cache")],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
         self.assertEqual(child.stdout.readline(), "full 1\n")
         os.unlink(disk / "filler")
         out, _ = child.communicate("go on\n", timeout=300)
@@ -4194,12 +4254,11 @@ class TestValueFileNamedOutsideTheCache(TempDirTest):
             db["k"] = self.BIG
         fifo = pathlib.Path(str(path) + ".values") / ("0" * 32)   # no row names it
         os.mkfifo(str(fifo))
-        child = start_python("""
+        child = start_python(self, """
             import persist
             with persist.open(%r) as db:             # sweeps what no row names
                 print(len(db["k"]), flush=True)
         """ % str(path))
-        self.addCleanup(stop, child)
         out, _ = child.communicate(timeout=120)      # a sweep that waits on it fails here
         self.assertEqual(out, "%d\n" % len(self.BIG))
         self.assertTrue(stat.S_ISFIFO(os.lstat(str(fifo)).st_mode))
@@ -4815,7 +4874,7 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
         # connects anew, after nobody planted their file
         for suffix in ("-journal", "-wal"):
             with self.subTest(suffix):
-                victim = start_python("""
+                victim = start_python(self, """
                     import os, sys, persist
                     db = persist.open(%r)
                     db["k"] = "mine"
@@ -4831,7 +4890,6 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
                         os._exit(0)
                     os.waitpid(child, 0)
                 """ % self.cache)
-                self.addCleanup(stop, victim)
                 self.assertEqual(victim.stdout.readline(), "forked\n")
                 self.assertFalse(os.path.exists(self.cache + "-wal"))
                 self.plant(suffix)
@@ -5442,7 +5500,7 @@ class TestHostileArguments(MemoTest):
         outs = [subprocess.run([sys.executable, "-c", textwrap.dedent(code), self.dir,
                                 str(self.path / "lib")],
                                env=child_env(PYTHONHASHSEED=seed), stdout=subprocess.PIPE,
-                               universal_newlines=True, check=True).stdout
+                               universal_newlines=True, check=True, timeout=CHILD_TIMEOUT).stdout
                 for seed in (1, 2, 3, 4, 5)]
         self.assertEqual(outs, ["computed\n", "", "", "", ""])
 
@@ -5453,7 +5511,7 @@ class TestShelfThreads(TempDirTest):
         failures = []
         with persist.open(self.path / "s.db") as db:
             def hammer(me):
-                barrier.wait()
+                barrier.wait(CHILD_TIMEOUT)
                 try:
                     for i in range(100):
                         db["%d-%d" % (me, i)] = i
@@ -5463,11 +5521,11 @@ class TestShelfThreads(TempDirTest):
                 except Exception as exc:      # reported below
                     failures.append(exc)
 
-            threads = [threading.Thread(target=hammer, args=(n,)) for n in range(16)]
+            threads = [threading.Thread(target=hammer, args=(n,), daemon=True) for n in range(16)]
             for thread in threads:
                 thread.start()
             for thread in threads:
-                thread.join()
+                joined(thread)
             self.assertEqual(failures, [])
             self.assertEqual(len(db), 1601)
 
@@ -5515,12 +5573,10 @@ class TestOneKeyTwoWriters(TempDirTest):
         cache = self.path / "shelf.db"
         with persist.open(cache) as db:
             db["k"] = ("small", -1, b"s")
-        writers = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.WRITER),
-                                     str(cache), kind], env=child_env())
-                   for kind in ("large", "small")]
-        reader = subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.READER),
-                                   str(cache)], env=child_env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, universal_newlines=True)
+        writers = [spawn(self, [sys.executable, "-c", textwrap.dedent(self.WRITER), str(cache),
+                                kind]) for kind in ("large", "small")]
+        reader = spawn(self, [sys.executable, "-c", textwrap.dedent(self.READER), str(cache)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
         for writer in writers:
             self.assertEqual(writer.wait(timeout=120), 0)
         with persist.open(cache) as db:
@@ -5551,10 +5607,8 @@ class TestReadersRaceDeleters(TempDirTest):
     def test_no_key_error_from_a_vanishing_key(self):
         cache = self.path / "shelf.db"
         persist.open(cache).close()
-        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.CHURN),
-                                  str(cache)], env=child_env(), stdout=subprocess.PIPE,
-                                 universal_newlines=True)
-        self.addCleanup(child.stdout.close)
+        child = spawn(self, [sys.executable, "-c", textwrap.dedent(self.CHURN), str(cache)],
+                      stdout=subprocess.PIPE, universal_newlines=True)
         child.stdout.readline()
         with persist.open(cache) as db:
             while child.poll() is None:
@@ -5591,10 +5645,8 @@ class TestLogRestartedPastAnotherCheckpoint(TempDirTest):
         shelf = persist.open(cache)
         self.addCleanup(shelf.close)
         shelf["first"] = 1
-        other = subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.OTHER), str(cache)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 universal_newlines=True)
-        self.addCleanup(other.wait)
+        other = spawn(self, [sys.executable, "-c", textwrap.dedent(self.OTHER), str(cache)],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
         self.assertEqual(other.stdout.readline(), "checkpointing\n")
         # persist tries again: the other one is done
         with ended_as_persist_waits(other, "done\n") as tries:
@@ -5625,9 +5677,8 @@ class TestLogStaysBounded(TempDirTest):
     """
 
     def test_log_bounded_while_running_and_gone_after(self):
-        workers = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.WORKER),
-                                     self.dir, str(n * 1000000)], env=child_env())
-                   for n in range(4)]
+        workers = [spawn(self, [sys.executable, "-c", textwrap.dedent(self.WORKER), self.dir,
+                                str(n * 1000000)]) for n in range(4)]
         wal = self.path / "slow.db-wal"
         largest = size = restarts = 0
         while any(worker.poll() is None for worker in workers):
@@ -5652,7 +5703,7 @@ class TestCtrlCWhileRestartingTheLog(TempDirTest):
     @unittest.skipUnless(POSIX, "SIGINT to a child")
     def test_store_after_ctrl_c_in_the_restart(self):
         path = str(self.path / "shelf")
-        child = start_python("""
+        child = start_python(self, """
             import signal, sqlite3, sys
             signal.signal(signal.SIGINT, signal.default_int_handler)
             connect = sqlite3.connect
@@ -5682,7 +5733,6 @@ class TestCtrlCWhileRestartingTheLog(TempDirTest):
             print("stored", shelf["after"], flush=True)
             shelf.close()
         """ % path)
-        self.addCleanup(stop, child)
         self.assertEqual(child.stdout.readline(), "open\n")
         # An old read transaction: the restart waits for it, inside SQLite
         reader = sqlite3.connect(path, isolation_level=None)
@@ -5712,7 +5762,7 @@ class TestClosedShelfLastOutAtExit(TempDirTest):
 
     def test_exit_removes_the_log_an_earlier_close_had_to_leave(self):
         path = str(self.path / "shelf")
-        writer = start_python("""
+        writer = start_python(self, """
             import sys, persist
             shelf = persist.open(%r)
             shelf["a"] = 1
@@ -5722,9 +5772,8 @@ class TestClosedShelfLastOutAtExit(TempDirTest):
             print("closed", flush=True)
             sys.stdin.readline()
         """ % path)
-        self.addCleanup(stop, writer)
         self.assertEqual(writer.stdout.readline(), "wrote\n")
-        other = start_python("""
+        other = start_python(self, """
             import os, sqlite3, sys
             conn = sqlite3.connect(%r)
             conn.execute("SELECT count(*) FROM Dict").fetchall()
@@ -5732,7 +5781,6 @@ class TestClosedShelfLastOutAtExit(TempDirTest):
             sys.stdin.readline()
             os._exit(0)                   # gone without closing: it leaves the log too
         """ % path)
-        self.addCleanup(stop, other)
         self.assertEqual(other.stdout.readline(), "open\n")
         writer.stdin.write("close\n")
         writer.stdin.flush()
@@ -6337,7 +6385,7 @@ class TestInterruptJustAfterCommit(TempDirTest):
 class TestKilledLeavesNothingForGood(TempDirTest):
     def test_killed_while_writing_a_large_value(self):
         cache = self.path / "big.db"
-        child = start_python("""
+        child = start_python(self, """
             import sys, persist
             class Slow:
                 def __reduce__(self):
@@ -6372,7 +6420,7 @@ class TestKilledLeavesNothingForGood(TempDirTest):
 class TestDeletedCacheStaysDeleted(TempDirTest):
     def test_a_log_left_beside_a_deleted_cache_is_not_replayed(self):
         cache = self.path / "c.db"
-        child = start_python("""
+        child = start_python(self, """
             import sys, persist
             db = persist.open(%r)
             db["old"] = "deleted result"
@@ -6416,7 +6464,7 @@ class TestReadOnlyCacheAfterACrash(TempDirTest):
         os.chmod(self.dir, 0o755)
         cache = self.path / "cache"
         cache.mkdir()
-        child = start_python("""
+        child = start_python(self, """
             import sys, persist
             @persist.memoize(cache_dir=%r, name="job")
             def f(x):
@@ -6460,7 +6508,7 @@ class TestReaderWhoCannotWriteWhileTheOwnerWrites(TempDirTest):
                 db["k%d" % i] = ("k%d" % i, 0, b"v" * (i % 3 * 150000))
         # The reader opens first, while there is no -wal: SQLite can then only read the file
         # as immutable. Then the owner writes.
-        reader = start_python("""
+        reader = start_python(self, """
             import os, sys, time, persist
             import inspect, reprlib, tempfile, shutil
             os.setgid(65534); os.setuid(65534)
@@ -6506,7 +6554,7 @@ class TestReaderWhoCannotWriteWhileTheOwnerWrites(TempDirTest):
     def test_reader_goes_on_after_the_writer_restarted_the_log_and_left(self):
         os.chmod(self.dir, 0o755)
         path = str(self.path / "c.db")
-        owner = start_python("""
+        owner = start_python(self, """
             import sys, persist
             db = persist.open(%r)
             db["k"] = "v"
@@ -6520,7 +6568,7 @@ class TestReaderWhoCannotWriteWhileTheOwnerWrites(TempDirTest):
             sys.stdin.readline()
         """ % path)
         self.assertEqual(owner.stdout.readline(), "open\n")
-        reader = start_python("""
+        reader = start_python(self, """
             import os, sys, persist
             import inspect, reprlib, tempfile, shutil
             os.setgid(65534); os.setuid(65534)
@@ -6656,7 +6704,7 @@ class TestCreationLeftHalfMade(TempDirTest):
         # "results" swept once a minute old: the block then failed at its end, its content lost
         long = "r" * 70                         # cache names are cut to 60 in temporary names
         targets = [self.path / "results.csv", self.path / (long + "-other.csv")]
-        writer = start_python("""
+        writer = start_python(self, """
             import sys, persist
             blocks = [persist.atomic_open(path) for path in %r]
             files = [block.__enter__() for block in blocks]
@@ -6668,7 +6716,6 @@ class TestCreationLeftHalfMade(TempDirTest):
                 block.__exit__(None, None, None)
             print("committed", flush=True)
         """ % [str(target) for target in targets])
-        self.addCleanup(stop, writer)
         self.assertEqual(writer.stdout.readline(), "writing\n")
         temps = temp_files(self.dir)
         self.assertEqual(len(temps), 2)
@@ -6811,10 +6858,10 @@ class TestTorture(TempDirTest):
         rng = random.Random()
         reported, lock = set(), threading.Lock()
 
-        def spawn():
-            child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(self.WORKER),
-                                      self.dir, str(rng.randrange(3000))], env=child_env(),
-                                     stdout=subprocess.PIPE, universal_newlines=True)
+        def start():
+            child = spawn(self, [sys.executable, "-c", textwrap.dedent(self.WORKER), self.dir,
+                                 str(rng.randrange(3000))],
+                          stdout=subprocess.PIPE, universal_newlines=True)
             first = threading.Event()
 
             def collect():
@@ -6823,11 +6870,11 @@ class TestTorture(TempDirTest):
                         reported.add(int(line))
                     first.set()
 
-            reader = threading.Thread(target=collect)
+            reader = threading.Thread(target=collect, daemon=True)
             reader.start()
             return child, reader, first
 
-        workers = [spawn() for _ in range(8)]
+        workers = [start() for _ in range(8)]
         kills = 0
         try:
             # The clock starts once each worker has reported a result, so that a slow start
@@ -6846,15 +6893,15 @@ class TestTorture(TempDirTest):
                 child, reader, _ = workers[n]
                 child.kill()
                 child.wait()
-                reader.join()
+                joined(reader)
                 child.stdout.close()
                 kills += 1
-                workers[n] = spawn()
+                workers[n] = start()
         finally:
             for child, reader, _ in workers:
                 child.kill()
                 child.wait()
-                reader.join()
+                joined(reader)
                 child.stdout.close()
         if "PERSIST_TORTURE_SECONDS" in os.environ:
             print("\ntorture: %g s, %d writers killed, %d results reported and checked"
@@ -6919,7 +6966,7 @@ class TestDoneDir(TempDirTest):
         out = self.path / "out"
         # a stage killed with SIGKILL in the middle of an atomic_write(), in a subdirectory
         # too: its temporary files stay; a rerun finishes the stage around them
-        stage = start_python("""
+        stage = start_python(self, """
             import sys, persist
             with persist.done_dir(%r) as d:
                 (d / "sub").mkdir()
@@ -6931,7 +6978,6 @@ class TestDoneDir(TempDirTest):
                 print("writing", flush=True)
                 sys.stdin.readline()
         """ % str(out))
-        self.addCleanup(stop, stage)
         self.assertEqual(stage.stdout.readline(), "writing\n")
         stage.kill()
         stage.wait()
@@ -6940,7 +6986,7 @@ class TestDoneDir(TempDirTest):
         (out / ".notes.tmp").write_text("mine")       # not of persist's shape: a result
         # another process's atomic_open() under way in the stage as it finishes: not a
         # result yet, never counted, and it commits afterwards
-        writer = start_python("""
+        writer = start_python(self, """
             import sys, persist
             with persist.atomic_open(%r) as file:
                 file.write("late")
@@ -6948,7 +6994,6 @@ class TestDoneDir(TempDirTest):
                 sys.stdin.readline()
             print("committed", flush=True)
         """ % str(out / "late"))
-        self.addCleanup(stop, writer)
         self.assertEqual(writer.stdout.readline(), "writing\n")
         removed = sorted("done_dir() removed %s" % (where / name) for where in (out, out / "sub")
                          for name in left if (where / name).exists())
@@ -7216,7 +7261,7 @@ class TestDoneDirDurability(TempDirTest):
 class TestDoneDirProcesses(TempDirTest):
     def test_second_entrant_gets_a_clear_error(self):
         out = self.path / "out"
-        child = start_python("""
+        child = start_python(self, """
             import sys, persist
             with persist.done_dir(%r):
                 print("inside", flush=True)
@@ -7235,7 +7280,7 @@ class TestDoneDirProcesses(TempDirTest):
         out = self.path / "out"
         with persist.done_dir(out):
             pass
-        child = start_python("""
+        child = start_python(self, """
             import persist, sys
             with persist.done_dir(%r) as d:
                 (d / "part").write_text("x")
@@ -7612,7 +7657,7 @@ class TestFailureLedgerOnAReadOnlyCache(TempDirTest):
 
 class TestFailureLedgerKilled(TempDirTest):
     def test_sigkill_mid_call_leaves_no_failure_record(self):
-        child = start_python("""
+        child = start_python(self, """
             import sys, persist
             @persist.memoize(cache_dir=%r, name="killed")
             def f(x):
@@ -8125,11 +8170,8 @@ class TestMapInterrupted(TempDirTest):
                     print("interrupted", flush=True)
                     raise
         """))
-        child = subprocess.Popen([sys.executable, str(script)], env=child_env(CACHE=self.dir),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 universal_newlines=True)
-        self.addCleanup(child.stderr.close)
-        self.addCleanup(child.stdout.close)
+        child = spawn(self, [sys.executable, str(script)], env=child_env(CACHE=self.dir),
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
         workers = [int(child.stdout.readline().split()[1]) for _ in range(2)]
         child.send_signal(signal.SIGINT)
         try:
@@ -8816,8 +8858,8 @@ class TestCommandLineShow(CommandLineTest):
         master, slave = os.openpty()
         self.addCleanup(os.close, master)
         with open(os.devnull) as null:
-            child = subprocess.Popen([sys.executable] + CLI + ["show", str(self.db)],
-                                     stdin=null, stdout=slave, env=child_env())
+            child = spawn(self, [sys.executable] + CLI + ["show", str(self.db)],
+                          stdin=null, stdout=slave)
         os.close(slave)
         out = b""
         while True:
@@ -9108,9 +9150,8 @@ class TestOpenOverDbmSqlite3(ShelveFileTest):
             sys.stdin.readline()
             conn.close()
         """)
-        other = subprocess.Popen([sys.executable, "-c", code, str(self.path / "plain_shelf")],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 universal_newlines=True)
+        other = spawn(self, [sys.executable, "-c", code, str(self.path / "plain_shelf")],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
         self.assertEqual(other.stdout.readline(), "open\n")
         with ended_as_persist_waits(other, "close\n") as waited:   # it closes the file
             with self.assertWarns(persist.PersistWarning):
@@ -9132,9 +9173,8 @@ class TestOpenOverDbmSqlite3(ShelveFileTest):
                     shelf[sys.argv[2]] = 1
             print(len(caught))
         """)
-        children = [subprocess.Popen([sys.executable, "-c", code, str(self.path / "plain_shelf"),
-                                      name], env=child_env(), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, universal_newlines=True)
+        children = [spawn(self, [sys.executable, "-c", code, str(self.path / "plain_shelf"), name],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
                     for name in ("x", "y")]
         for child in children:            # both go at once
             child.stdin.write("go\n")
@@ -9255,7 +9295,7 @@ class TestInstallWithPip(TempDirTest):
                 return x * x
             print(square(12), square(12), square.cache_info().hits)
             """)], cwd=self.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            universal_newlines=True)
+            universal_newlines=True, timeout=CHILD_TIMEOUT)
         self.assertEqual(done.returncode, 0, done.stderr)
         where, computed, results = done.stdout.splitlines()
         self.assertTrue(where.startswith(os.path.realpath(venv) + os.sep), where)
@@ -9864,7 +9904,7 @@ class TestEmptyFileBecomesAStore(TempDirTest):
     def test_two_processes_fill_it_at_once(self):
         path = self.path / "shared.db"
         path.write_bytes(b"")
-        children = [start_python("""
+        children = [start_python(self, """
             import sys, persist
             sys.stdin.readline()
             with persist.open(%r, "c") as db:
