@@ -7789,6 +7789,40 @@ class TestMap(MemoTest):
         self.assertEqual(caught.exception.results[:3], [7, caught.exception.failures[0][1], 9])
         self.assertEqual([item for item, _ in caught.exception.failures], ["x"] * 5)
 
+    def test_failures_in_input_order_when_workers_finish_out_of_order(self):
+        # "?a" fails only once map has counted the failure of "?b", which was given after it
+        counted = threading.Event()
+
+        class Bar:
+            def __init__(self, **_):
+                self.n = 0
+
+            def update(self, n):
+                self.n += n
+                if self.n:
+                    counted.set()
+
+            def close(self):
+                pass
+
+        def g(text):
+            if text == "?a" and not counted.wait(CHILD_TIMEOUT):
+                return "never counted"
+            return parse(text)
+
+        f = self.memo(g, name="g")   # the Event is not part of its key
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            with self.assertRaises(persist.Failures) as caught:
+                persist.map(f, ["?a", "?b", "3"], executor=pool, progress=Bar)
+        error = caught.exception
+        self.assertEqual([item for item, _ in error.failures], ["?a", "?b"])
+        self.assertEqual([str(exc) for _, exc in error.failures],
+                         ["malformed: '?a'", "malformed: '?b'"])
+        self.assertIs(error.results[0], error.failures[0][1])
+        self.assertIn("Malformed x2 ('?a', '?b')", str(error))
+        # the ledger, though, lists them as they happened: the latest failure last
+        self.assertEqual([failure.args for failure in f.failures()], ["('?b')", "('?a')"])
+
     def test_bad_arguments(self):
         for kwargs in ({"workers": 0}, {"workers": 1.5}, {"workers": True},
                        {"workers": 2, "executor": object()}):
