@@ -7404,6 +7404,27 @@ class TestFailureLedger(MemoTest):
         f.cache_clear()
         self.assertEqual((f.failures(), f.cache_info().failures), ([], 0))
 
+    def test_a_failure_after_another_process_stored_the_result_is_not_recorded(self):
+        # While this call runs, another process stores its result; then this call fails: a
+        # record would shadow the stored result, so none is made. (The other one's clock is a
+        # minute ahead: persist takes the call's start as now less its duration once it has
+        # built the record, a few milliseconds late, and the test must not depend on that.)
+        def g(x):
+            run_python("""
+                import time, persist
+                real = time.time
+                time.time = lambda: real() + 60
+                f = persist.memoize(cache_dir=%r, name="shared", key=lambda x: x)(lambda x: 10 * x)
+                assert f(%d) == %d
+            """ % (self.dir, x, x * 10))
+            raise KeyError(x)
+
+        f = persist.memoize(cache_dir=self.dir, name="shared", key=lambda x: x)(g)
+        with self.assertRaises(KeyError):
+            f(1)
+        self.assertEqual((f.failures(), f.cache_info().failures), ([], 0))
+        self.assertEqual(f(1), 10)                  # a hit on what the other one stored
+
     def test_a_version_bump_that_fixes_a_call_ends_its_failure(self):
         def broken(text):
             raise KeyError(text)
