@@ -6284,6 +6284,35 @@ class TestInterruptAsATransactionBegins(TempDirTest):
         """ % self.dir)
         self.assertEqual(out, "[True] free\n")
 
+    def test_a_transaction_left_open_is_rolled_back_at_the_next_use(self):
+        # The step after BEGIN fails, and so does persist's rollback (an I/O error; a second
+        # Ctrl-C would do the same): the transaction stays open, with the write lock. The
+        # shelf's next use ends it, and goes on.
+        fail = []
+
+        class Connection(sqlite3.Connection):
+            def execute(self, sql, *args):
+                if fail and sql.startswith(fail[0]):
+                    raise sqlite3.OperationalError("disk I/O error (%s)" % fail.pop(0))
+                return super().execute(sql, *args)
+
+        connect = sqlite3.connect
+        with mock.patch.object(persist.sqlite3, "connect",
+                               lambda *args, **kwargs: connect(*args, factory=Connection,
+                                                               **kwargs)):
+            with persist.open(self.path / "shelf") as shelf:
+                shelf["old"] = 1
+                fail[:] = ["REPLACE INTO Dict", "ROLLBACK"]
+                with self.assertRaisesRegex(OSError, "disk I/O error"):
+                    shelf["new"] = 2
+                self.assertEqual(fail, [])
+                shelf["new"] = 3
+                self.assertEqual(sorted(shelf.items()), [("new", 3), ("old", 1)])
+        other = sqlite3.connect(str(self.path / "shelf"), timeout=0, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")            # no write lock left held
+        other.execute("ROLLBACK")
+
 
 @unittest.skipUnless(hasattr(signal, "setitimer"), "setitimer")
 class TestInterrupts(TempDirTest):
