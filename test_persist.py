@@ -5590,6 +5590,50 @@ class TestOneKeyTwoWriters(TempDirTest):
         self.assertLessEqual(len(on_disk), 1)
 
 
+@unittest.skipUnless(POSIX, "flock()")
+class TestValueFileSweptBeforeItIsLocked(TempDirTest):
+    """A value file is created, then locked against sweep(): another process that opens the
+    cache in between sweeps it (no row names it, nobody holds it). The store makes another."""
+
+    SWEEPER = """
+        import os, sys, persist
+        values = sys.argv[1] + ".values"
+        before = len(os.listdir(values))
+        persist.open(sys.argv[1]).close()             # sweeps what no row names
+        print(before, len(os.listdir(values)))
+    """
+
+    def test_the_store_makes_a_new_one(self):
+        import fcntl
+        path = self.path / "s.db"
+        swept = []
+        test = self
+
+        class Fcntl:                   # fcntl, but another process sweeps before the first lock
+            def __getattr__(self, name):
+                return getattr(fcntl, name)
+
+            def flock(self, fd, operation):
+                if operation == fcntl.LOCK_EX and not swept:
+                    swept.append(subprocess.run(
+                        [sys.executable, "-c", textwrap.dedent(test.SWEEPER), str(path)],
+                        env=child_env(), stdout=subprocess.PIPE, universal_newlines=True,
+                        check=True, timeout=CHILD_TIMEOUT).stdout)
+                return fcntl.flock(fd, operation)
+
+        with persist.open(path) as db:
+            db["small"] = 1
+            with mock.patch.object(persist, "_fcntl", Fcntl()):
+                db["big"] = b"x" * 1000000
+            self.assertEqual(swept, ["1 0\n"])        # the first file went
+            self.assertEqual(db["big"], b"x" * 1000000)
+        on_disk, named = value_files(path)
+        self.assertEqual((len(on_disk), on_disk), (1, named))
+        with persist.open(path, "r") as db:
+            self.assertEqual(db["big"], b"x" * 1000000)
+        self.assertNoTemp()
+
+
 class TestReadersRaceDeleters(TempDirTest):
     """get(), items(), values(), pop() and `in` while another process deletes and re-adds."""
 
