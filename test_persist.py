@@ -2417,6 +2417,32 @@ class TestMapWorkerKilled(TempDirTest):
                  "297", "['(5)', '(77)', '(9)'] 297"]
         self.assertEqual(out.splitlines(), first * 2)      # the rerun: only those three again
 
+    @unittest.skipUnless(os.path.isdir("/proc/self/task"), "Linux's /proc")
+    def test_no_worker_outlives_the_run_not_even_as_a_zombie(self):
+        # the pools whose worker died, and the last one: every worker ended and reaped
+        out = self.run_job("""
+            import multiprocessing
+            multiprocessing.set_start_method("fork")   # no helper process of its own
+            def children():                # this process's, running or zombies, from /proc
+                found = []
+                for pid in filter(str.isdigit, os.listdir("/proc")):
+                    try:
+                        with open("/proc/%s/stat" % pid) as file:
+                            fields = file.read().rsplit(")", 1)[1].split()
+                    except OSError:               # ended meanwhile
+                        continue
+                    if int(fields[1]) == os.getpid():
+                        found.append((int(pid), fields[0]))
+                return found
+            for keep_going in (True, False):
+                try:
+                    persist.map(work, [1, 2, 5, 6], workers=2, keep_going=keep_going,
+                                progress=False)
+                except Exception as exc:
+                    print(type(exc).__name__, children())
+        """)
+        self.assertEqual(out, "Failures []\nBrokenProcessPool []\n")
+
     def test_keep_going_false_raises_it(self):
         out = self.run_job("""
             try:
