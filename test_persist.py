@@ -1,6 +1,13 @@
 """Tests for persist: python -m unittest (nothing to install).
 
+PERSIST_TEST_QUICK=1 python -m unittest runs the quick tier, for development (about 15 s on one
+interpreter): the tests marked @slow (torture, kill -9 loops, big data, many processes, pip)
+skip, saying "PERSIST_TEST_QUICK: slow"; each feature keeps tests of its own in the tier.
+python -m unittest and .ci/run run everything.
 PERSIST_TEST_LARGE=1 also runs the tests that write more than a gigabyte.
+
+Every child process a test starts has a timeout and a kill on cleanup (spawn(), run_python(),
+CHILD_TIMEOUT), so that a broken build fails instead of hanging.
 """
 
 import asyncio
@@ -44,6 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 POSIX = os.name == "posix"
 PLAIN_FSYNC = mock.patch.object(persist, "_FULLFSYNC", None)   # as where there is no F_FULLFSYNC
 LARGE = os.environ.get("PERSIST_TEST_LARGE") == "1"
+QUICK = os.environ.get("PERSIST_TEST_QUICK") == "1"
 CHILD_TIMEOUT = 300     # seconds: far past what any child needs on a loaded machine
 TEST_TIMEOUT = 1800     # seconds, for one test: past several children's CHILD_TIMEOUT
 
@@ -63,6 +71,13 @@ def tearDownModule():
     os.environ.clear()
     os.environ.update(SAVED_ENVIRON)
     __import__("shutil").rmtree(BYTECODE, ignore_errors=True)
+
+
+def slow(test):
+    """Mark a test method or class that costs seconds (many processes, kill -9 loops, big data,
+    a pip install): the quick tier (PERSIST_TEST_QUICK=1) skips it. Chosen by measured cost;
+    leave each feature a quick test of its own."""
+    return unittest.skipIf(QUICK, "PERSIST_TEST_QUICK: slow")(test)
 
 
 def child_env(**extra):
@@ -216,6 +231,7 @@ class TestModule(unittest.TestCase):
         self.assertEqual(set(persist.__all__), public - {"TYPE_CHECKING", "inspect"})
         self.assertIs(persist.TYPE_CHECKING, False)
 
+    @slow
     @unittest.skipUnless(hasattr(sys, "stdlib_module_names"), "Python 3.10's list of them")
     def test_names_only_the_standard_library(self):
         # every import, those only type checkers read included: persist.py is copied alone
@@ -717,6 +733,7 @@ class TestAtomicFailureInBlock(TempDirTest):
         self.assertNoTemp()
 
 
+@slow
 @unittest.skipUnless(hasattr(signal, "setitimer") and sys.version_info >= (3, 11),
                      "interval timers; before 3.11 the interpreter also takes signals on "
                      "instructions between the creation and the try, a window too narrow to "
@@ -749,6 +766,7 @@ class TestAtomicCtrlCWhileCreatingTemp(TempDirTest):
         self.assertNoTemp()
 
 
+@slow
 class TestAtomicInterruptedAtEachStep(TempDirTest):
     """Ctrl-C raised at each step of atomic_write() and atomic_open() in turn, some where no
     try can cover them (as the temporary file's name is returned, as a with statement
@@ -1052,6 +1070,7 @@ class TestAtomicBadInput(TempDirTest):
         self.assertEqual(os.listdir(self.dir), [])
 
 
+@slow
 @unittest.skipUnless(POSIX, "SIGKILL")
 class TestAtomicKilled(TempDirTest):
     def test_target_is_whole_after_every_kill(self):
@@ -1093,6 +1112,7 @@ class TestAtomicKilled(TempDirTest):
             self.assertRegex(name, r"^\.target\.[0-9a-f]+\.tmp$")
 
 
+@slow
 class TestAtomicConcurrentWriters(TempDirTest):
     def test_four_processes_one_target(self):
         target = self.path / "target"
@@ -1235,6 +1255,7 @@ class TestOpenAsMapping(TempDirTest):
         self.assertEqual(pickle.loads(rows[0][1]), 1)
 
 
+@slow
 class TestOpenConcurrentProcesses(TempDirTest):
     def test_four_processes_keep_every_key(self):
         path = str(self.path / "shared.db")
@@ -1376,6 +1397,7 @@ class TestMemoizeForms(MemoTest):
     def test_pickles_by_reference(self):
         self.assertIs(pickle.loads(pickle.dumps(cube)), cube)
 
+    @slow
     def test_process_pool_workers(self):
         with mock.patch.dict(os.environ, {"PERSIST_DIR": self.dir}):
             with concurrent.futures.ProcessPoolExecutor(2) as pool, workers_killed_on_error():
@@ -1448,6 +1470,7 @@ class TestMemoizeLocation(TempDirTest):
             f(1)
             self.assertEqual(f.cache_info().path, str(self.path / "explicit" / "my-cache.db"))
 
+    @slow
     def test_persist_dir_set_where_no_shell_expands_it(self):
         """PERSIST_DIR=~/cache from a Dockerfile's ENV or a systemd unit made a directory
         named ~ wherever the script ran."""
@@ -1626,6 +1649,7 @@ class TestMemoizeKeys(MemoTest):
             f(cycle)
         self.assertEqual(f.calls, [])
 
+    @slow
     def test_settings_object_filled_in_after_import_is_keyed_by_content(self):
         # a default with no __eq__, changed in place by main(): each run is served results
         # of its own settings, passed explicitly or left at the default
@@ -1782,6 +1806,7 @@ class TestMemoizeResults(MemoTest):
         self.assertEqual(f.cache_info().entries, 0)
         self.assertNoTemp()
 
+    @slow
     def test_result_too_deep_to_pickle_is_returned_with_warning(self):
         # A parse tree or linked list deeper than pickle recurses: its RecursionError threw
         # the computed result away.
@@ -2101,6 +2126,7 @@ class TestExpireWhenTheClockJumps(ExplainTest):
         """.replace("sys.argv[1]", repr(self.dir)).replace("sys.argv[2]", repr(str(offset)))
            .replace("sys.argv[3:]", repr([str(x) for x in calls])))
 
+    @slow
     def test_an_entry_stored_ahead_of_the_clock_expires(self):
         self.at(7200, 1, 2, 3)                  # stored by a clock two hours ahead
         self.at(10, 4)                          # and by one ten seconds ahead
@@ -2129,6 +2155,7 @@ class TestExpireWhenTheClockJumps(ExplainTest):
             self.at(7200, 5)
         self.assertEqual(f.cache_info().entries, 3)
 
+    @slow
     def test_the_readers_clock_jumping_either_way(self):
         self.at(0, 1)                           # stored by the right clock
         # a reader whose clock jumped forwards sees it two hours old; one whose clock jumped
@@ -2159,6 +2186,7 @@ class TestExpireWhenTheClockJumps(ExplainTest):
             f(1)
         self.assertEqual((broken, [r.call.args for r in f.failures()]), ([1], [(1,)]))
 
+    @slow
     def test_a_stamp_past_any_date_is_said_not_raised(self):
         # a crafted or corrupt stamp, years past 9999 or before year 1: explain(), show and
         # ls say so, and the call computes it again
@@ -2402,6 +2430,7 @@ class TestMapWorkerKilled(TempDirTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         return done.stdout
 
+    @slow
     def test_keeps_going_past_items_that_kill_their_worker(self):
         out = self.run_job("""
             for run in range(2):
@@ -2417,6 +2446,7 @@ class TestMapWorkerKilled(TempDirTest):
                  "297", "['(5)', '(77)', '(9)'] 297"]
         self.assertEqual(out.splitlines(), first * 2)      # the rerun: only those three again
 
+    @slow
     @unittest.skipUnless(os.path.isdir("/proc/self/task"), "Linux's /proc")
     def test_no_worker_outlives_the_run_not_even_as_a_zombie(self):
         # the pools whose worker died, and the last one: every worker ended and reaped
@@ -2467,6 +2497,7 @@ class TestMapWorkerKilled(TempDirTest):
         self.assertTrue(out.endswith("True\n"))
 
 
+@slow
 @unittest.skipUnless(POSIX, "SIGKILL")
 class TestMapWorkerKilledCacheInfo(TempDirTest):
     """An item that kills its worker is a call that ran and stored nothing: a miss in the
@@ -2598,9 +2629,11 @@ class TestVersionSwitch(MemoTest):
         self.assertEqual(v2(1), -1)
         self.assertEqual(len(v2.calls), 1)
 
+    @slow
     def test_earlier_code_of_a_nested_helper_is_stale_other_closures_are_not(self):
         self.check_earlier_code_is_stale(cli=False)
 
+    @slow
     def test_prune_stale_removes_earlier_code_of_a_nested_helper(self):
         self.check_earlier_code_is_stale(cli=True)
 
@@ -2661,6 +2694,7 @@ class TestVersionSwitch(MemoTest):
         self.assertRegex(done.stdout, r"featurize +6 .* 2 closures ")
         self.assertNotIn("stale", done.stdout)
 
+    @slow
     def test_prune_stale_removes_failure_records_of_earlier_code(self):
         # The failure records of a nested helper's earlier code stayed after its entries
         # were pruned: 'persist failures' listed calls that no code could make again, 'ls'
@@ -2820,6 +2854,7 @@ class TestCacheOfAnEarlierFormat(MemoTest):
             persist.open(path)
         self.assertEqual(pathlib.Path(path).read_bytes(), before)
 
+    @slow
     @unittest.skipUnless(sqlite3.sqlite_version_info >= (3, 35), "DROP COLUMN")
     def test_entries_stored_before_owners_were_recorded_are_each_closures(self):
         # a cache filled by a persist that did not record which closure stored an entry:
@@ -2931,6 +2966,7 @@ class TestWriteBetweenLookupAndStore(MemoTest):
 
 
 class TestMemoizeManyProcesses(TempDirTest):
+    @slow
     def test_eight_processes_overlapping_keys(self):
         code = """
             import sys, persist
@@ -2991,6 +3027,7 @@ class TestMemoizeManyProcesses(TempDirTest):
         self.assertEqual(out, "465\n6 30\n")
 
 
+@slow
 @unittest.skipUnless(POSIX, "SIGKILL")
 class TestMemoizeKilled(TempDirTest):
     def test_every_reported_result_survives_kill_9(self):
@@ -3187,6 +3224,7 @@ class TestWhatACallableCarries(TempDirTest):
         self.assertEqual((persist.memoize(Scale(2).apply)(10),
                           persist.memoize(Scale(3).apply)(10)), (20, 30))
 
+    @slow
     def test_state_of_a_bound_method_or_callable_is_keyed_at_each_call(self):
         # memoize(model.predict) before model.fit(): the fitted model's results, in this run
         # and the next, whatever the model held when memoize ran
@@ -3310,6 +3348,7 @@ class TestWhatACallableCarries(TempDirTest):
         self.assertEqual((persist.memoize(ns1["f"])(5), persist.memoize(ns2["f"])(5)), (10, 15))
 
 
+@slow
 class TestLambdaInAFile(TempDirTest):
     def test_lines_added_above_keep_the_cache(self):
         module = self.path / "lambdas.py"
@@ -3355,6 +3394,7 @@ class TestUnkeyableArgumentFirstThingInAProcess(TempDirTest):
         self.assertIn("argument 'lock' cannot be part of a cache key", out)
 
 
+@slow
 class TestFunctionsWithoutSourceUnderAnyHashSeed(TempDirTest):
     def test_a_set_literal_in_exec_code_keeps_one_cache(self):
         # python -c, exec and the REPL tag a function by its compiled code, whose frozenset
@@ -3392,6 +3432,7 @@ class TestNotebookFunctions(TempDirTest):
             self.assertEqual(again(5), 10)
             self.assertEqual(again.cache_info().hits, 1)
 
+    @slow
     def test_python_c_functions_of_one_name_keep_apart(self):
         code = "import persist\n@persist.memoize\ndef f(x):\n    return x * %d\nprint(f(5))"
         self.assertEqual(run_python(code % 2, cwd=self.dir), "10\n")
@@ -3482,6 +3523,7 @@ class TestSpawnedWorkersShareTheScriptsCache(TempDirTest):
                          "job.square.cache_info().hits)", cwd=self.dir)
         self.assertEqual(out, "[0, 1, 4, 9, 16, 25] 6\n")
 
+    @slow
     def test_spawn(self):
         self.check("spawn")
 
@@ -3502,6 +3544,7 @@ class TestScriptsWhoseNamesAreNotIdentifiers(TempDirTest):
         self.assertEqual(outs, ["prepare\n", "train\n"])
 
 
+@slow
 class TestScriptsRunUnderAProfiler(TempDirTest):
     def test_python_m_cprofile_keeps_the_scripts_own_cache(self):
         # Under python -m cProfile, __main__'s spec is cProfile's: two scripts shared it.
@@ -3519,6 +3562,7 @@ class TestScriptsRunUnderAProfiler(TempDirTest):
         self.assertEqual(outs[1][1], outs[3][1])
 
 
+@slow
 class TestScriptClassesAsArgumentsInSpawnedWorkers(TempDirTest):
     SCRIPT = """
         import dataclasses, enum, multiprocessing, sys
@@ -3803,6 +3847,7 @@ class TestReadOnlyCache(TempDirTest):
         os.chmod(self.cache, 0o555)
         self.check()
 
+    @slow
     def test_read_only_files_in_a_writable_directory(self):
         os.chown(self.cache, 65534, 65534)
         for name in os.listdir(self.cache):
@@ -4023,6 +4068,7 @@ class TestDamagedCacheFile(TempDirTest):
             with persist.open(path) as db:
                 self.assertEqual(len(db), 0)
 
+    @slow
     def test_a_file_of_the_user_is_never_offered_for_removal(self):
         # 'persist show job.py' (a slip for 'persist show job.f'), or persist.open("notes.txt")
         # on a file of the user's, said to start over with 'rm -f .../job.py'.
@@ -4073,6 +4119,7 @@ class TestDamagedCacheFile(TempDirTest):
                               universal_newlines=True, timeout=300)
         self.assertEqual(done.stdout.count("computed"), 50, done.stderr)
 
+    @slow
     @unittest.skipUnless(POSIX, "the command given is for a POSIX shell")
     def test_command_line_gives_a_command_that_works_on_any_path(self):
         # The command line's error put runs of spaces on one: the command it gave for
@@ -4146,6 +4193,7 @@ class TestValueFileNamedOutsideTheCache(TempDirTest):
         return ("../precious.txt", str(self.precious), "../planted.pkl",
                 str(self.path / "planted.pkl"))
 
+    @slow
     def test_a_shelf_neither_reads_nor_removes_it(self):
         for name in self.names():
             for attempt in (lambda db: db["k"], lambda db: db.pop("k"),
@@ -4161,6 +4209,7 @@ class TestValueFileNamedOutsideTheCache(TempDirTest):
                         self.assertEqual(len(db), 2)      # nothing changed
                         self.assertEqual(db["small"], 1)
 
+    @slow
     def test_memoize_neither_reads_nor_removes_it(self):
         calls = []
 
@@ -4221,6 +4270,7 @@ class TestValueFileNamedOutsideTheCache(TempDirTest):
         self.assertCorrupt(caught, path, "../../precious.txt")
         self.assertEqual(calls, [1])
 
+    @slow
     def test_the_command_line_neither_removes_nor_lists_through_it(self):
         for name in self.names():
             for command in (["clear"], ["prune", "--older-than", "1h"], ["show"]):
@@ -4410,6 +4460,7 @@ class TestHostileDirectory(TempDirTest):
                 self.assertEqual(f.cache_info().unstored, 1)
             self.assertEqual(runs, [1, 1 << 20])
 
+    @slow
     def test_created_files_follow_the_umask(self):
         old = os.umask(0o077)
         self.addCleanup(os.umask, old)
@@ -4427,6 +4478,7 @@ class TestHostileDirectory(TempDirTest):
                     mode = stat.S_IMODE(os.lstat(os.path.join(root, name)).st_mode)
                     self.assertEqual(mode & 0o077, 0, name)
 
+    @slow
     def test_caches_made_under_any_umask_pass_their_own_check(self):
         """Under umask 000 persist made its files writable by every user, then refused them:
         a large result raised after it was computed, and every later run refused the cache."""
@@ -4487,6 +4539,7 @@ class TestCacheUnderASwappableDirectory(TempDirTest):
             self.assertEqual(caught.exception.errno, errno.EPERM)
         self.assertEqual(os.listdir(cache), [])
 
+    @slow
     def test_sticky_parent_and_group_writable_parent_we_own_work(self):
         for mode in (0o1777, 0o775, 0o2775):
             shared = self.path / ("shared-%o" % mode)
@@ -4553,6 +4606,7 @@ class TestTeamDirectory(TempDirTest):
                       "it" % (self.ALICE, self.TEAM), bob.stderr)
         self.assertIn(str(self.team / "f.db"), bob.stderr)
 
+    @slow
     def test_teammates_share_large_results(self):
         """A teammate's result over 256 KiB raised PersistError after it was computed: the
         value directory the other member made was refused as writable by every user."""
@@ -4573,6 +4627,7 @@ class TestTeamDirectory(TempDirTest):
             "alice 1310720", "bob 786432", "[('alice', 1310720), ('bob', 786432)]"],
             alice.stderr)
 
+    @slow
     def test_what_every_user_may_write_is_still_refused(self):
         self.run_as(self.ALICE, "alice")
         os.chmod(self.team / "f.db.values", 0o2777)
@@ -4640,6 +4695,7 @@ class TestCacheAnotherUserMade(TempDirTest):
         self.assertEqual(caught.exception.filename, self.cache)
         self.assertFalse(self.ran.exists())
 
+    @slow
     def test_a_parent_they_own_is_refused_too(self):
         mine = os.path.join(self.cache, "mine")
         os.mkdir(mine, 0o700)                 # ours, inside theirs: they can swap it
@@ -4707,6 +4763,7 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
         self.assertIn("not yours (user %d made it" % NOBODY, text)
         self.assertFalse(self.ran.exists())
 
+    @slow
     def test_planted_before_the_first_open(self):
         for suffix in ("-journal", "-wal"):
             with self.subTest(suffix):
@@ -4736,6 +4793,7 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
                 self.assertFalse(os.path.exists(self.cache))
                 os.unlink(self.cache + suffix)
 
+    @slow
     def test_planted_as_sqlite_opens_the_cache(self):
         # the worst moment: after persist looked, before SQLite reads the file. The names are
         # taken by empty files of ours by then, which nobody else may replace
@@ -4800,6 +4858,7 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
             if not name.startswith("theirs-"):
                 self.assertEqual(os.lstat(str(self.shared / name)).st_uid, 0, name)
 
+    @slow
     def test_cache_planted_while_ours_is_being_made(self):
         # The name was free when persist looked; another user, seeing the new cache's
         # temporary file appear, takes it with a cache of their own before ours is linked
@@ -4861,6 +4920,7 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
                                  ["c.db.bak", "c.db.dat", "c.db.dir"])
                 self.assertFalse(self.ran.exists())
 
+    @slow
     def test_hard_link_to_a_file_of_ours_planted_at_a_companion_name(self):
         # A hard link has its file's owner: another user who may write a file of ours (through
         # its group) links it beside our cache, and it passes for ours. Nothing of SQLite's
@@ -4895,6 +4955,7 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
                     if name.startswith("c.db"):
                         os.unlink(str(self.shared / name))
 
+    @slow
     def test_planted_between_connections_after_a_fork(self):
         # fork() closes the connection, and the last one out removes the log: the child
         # connects anew, after nobody planted their file
@@ -5237,6 +5298,7 @@ class TestKeyFormat(MemoTest):
         self.assertEqual(keys, {bytes.fromhex(PINNED_KEYS[label]) for label in labels})
 
 
+@slow
 @unittest.skipUnless(other_pythons(), "no other interpreter here")
 class TestKeysAcrossInterpreters(TempDirTest):
     """The same keys in every Python version (and numpy version), in a real other process."""
@@ -5503,6 +5565,7 @@ class TestHostileArguments(MemoTest):
             f(RaisesRecursion())
         self.assertEqual(f.calls, [])
 
+    @slow
     def test_object_holding_a_set_has_one_key_in_every_process(self):
         # The argument's class lives in a small module of its own: importing test_persist in
         # each child took longer than the rest of the test.
@@ -5571,6 +5634,7 @@ def value_files(cache):
     return on_disk, named
 
 
+@slow
 class TestOneKeyTwoWriters(TempDirTest):
     """Two processes rewrite one key, one with a large value and one with a small one, while a
     third reads it: every read succeeds, and no value file is left without its row."""
@@ -5660,6 +5724,7 @@ class TestValueFileSweptBeforeItIsLocked(TempDirTest):
         self.assertNoTemp()
 
 
+@slow
 class TestReadersRaceDeleters(TempDirTest):
     """get(), items(), values(), pop() and `in` while another process deletes and re-adds."""
 
@@ -5729,6 +5794,7 @@ class TestLogRestartedPastAnotherCheckpoint(TempDirTest):
         self.assertLess(os.path.getsize(str(cache) + "-wal"), 1 << 20)   # not left at 16 MB
 
 
+@slow
 class TestLogStaysBounded(TempDirTest):
     """Processes calling a slow memoized function do not make the write-ahead log grow
     without bound, and a normal exit leaves no log behind."""
@@ -5893,6 +5959,7 @@ class TestDaemonThreadAfterExitCloses(TempDirTest):
             self.assertEqual(len(shelf), 2)
 
 
+@slow
 class TestDiskFootprint(TempDirTest):
     def test_a_normal_run_leaves_little_more_than_its_data(self):
         run_python("""
@@ -5970,6 +6037,7 @@ class TestFork(TempDirTest):
         on_disk, named = value_files(self.path / "shelf.db")
         self.assertEqual(on_disk, named)
 
+    @slow
     def test_fork_while_another_thread_opens_and_closes_shelves(self):
         # A child forked while that thread was inside SQLite (connecting, or closing, its
         # _Connection already out of the list that fork() closes) inherited SQLite's own
@@ -6005,6 +6073,7 @@ class TestFork(TempDirTest):
         with persist.open(self.path / "shelf.db", "r") as db:
             self.assertEqual(sum(key.startswith("child") for key in db), 100)
 
+    @slow
     def test_fork_while_another_thread_drops_memoized_functions(self):
         # Their connections are closed by the collector, in whichever thread: a child forked
         # during such a close (or while another thread opened a cache) hung at fork 25.
@@ -6045,6 +6114,7 @@ class TestFork(TempDirTest):
             self.assertEqual(len(db), 100)
         self.assertEqual(sorted(name for name in os.listdir(self.dir) if "-" in name), [])
 
+    @slow
     def test_fork_while_another_thread_makes_the_cache(self):
         # Forked while a thread made a new cache (its first memoized call), a child refused
         # that cache for good ("forked (from a signal handler)"): 9 of 100, and one hung.
@@ -6083,6 +6153,7 @@ class TestFork(TempDirTest):
             with persist.open(self.path / str(n) / "f.db", "r") as db:
                 self.assertEqual(len(db), 2)
 
+    @slow
     @unittest.skipUnless("fork" in multiprocessing.get_all_start_methods(), "needs fork")
     def test_map_forks_while_another_thread_makes_the_cache(self):
         # The same through persist.map(workers=2): its workers were forked while another
@@ -6113,6 +6184,7 @@ class TestFork(TempDirTest):
         """ % (self.dir, self.dir), timeout=600)
         self.assertEqual(out, "True (True, 9)\n")
 
+    @slow
     def test_ctrl_c_while_fork_waits_for_another_thread(self):
         # Ctrl-C while fork() waited for another thread's store (its hook's error is ignored,
         # and the fork goes on) kept the locks of the caches it had already closed: any
@@ -6273,6 +6345,7 @@ class TestMemoizedFunctionCollected(TempDirTest):
         self.assertEqual(sorted(os.listdir(self.dir)), ["f.db"])
 
 
+@slow
 @unittest.skipUnless(hasattr(signal, "alarm"), "signal.alarm")
 class TestInterruptAtEachCall(TempDirTest):
     """Ctrl-C raised at each function call in turn inside persist (and, on PyPy, inside its
@@ -6386,6 +6459,7 @@ class TestInterruptAsATransactionBegins(TempDirTest):
 
 @unittest.skipUnless(hasattr(signal, "setitimer"), "setitimer")
 class TestInterrupts(TempDirTest):
+    @slow
     def test_keyboard_interrupt_anywhere_leaves_no_lock_held(self):
         out = run_python("""
             import signal, sys, persist
@@ -6599,6 +6673,7 @@ class TestReaderWhoCannotWriteWhileTheOwnerWrites(TempDirTest):
     """A reader in a directory it may not write reads the file as immutable: never a value of
     another key, never 'not a persist cache', while the owner writes, deletes, shrinks."""
 
+    @slow
     def test_values_are_right_or_missing(self):
         os.chmod(self.dir, 0o755)
         path = str(self.path / "c.db")
@@ -6938,6 +7013,7 @@ class TestCacheUnusable(TempDirTest):
 TORTURE_SECONDS = float(os.environ.get("PERSIST_TORTURE_SECONDS", "0.5"))
 
 
+@slow
 @unittest.skipUnless(POSIX, "SIGKILL")
 class TestTorture(TempDirTest):
     """8 processes share one cache while writers are killed at random moments.
@@ -7064,6 +7140,7 @@ class TestDoneDir(TempDirTest):
             self.assertFalse(persist.is_done(out))
             self.assertEqual(os.listdir(out), ["partial"])
 
+    @slow
     @unittest.skipUnless(POSIX, "SIGKILL, and the file locks that tell a dead writer's file")
     def test_temporary_file_of_a_killed_writer_is_neither_counted_nor_kept(self):
         out = self.path / "out"
@@ -7397,6 +7474,7 @@ class TestDoneDirProcesses(TempDirTest):
         self.assertEqual(os.listdir(out), ["part"])
 
 
+@slow
 @unittest.skipUnless(hasattr(signal, "setitimer"), "setitimer")
 class TestDoneDirInterrupted(TempDirTest):
     def test_ctrl_c_while_syncing_never_hangs_the_exit(self):
@@ -7528,6 +7606,7 @@ class TestFailureLedger(MemoTest):
         self.assertEqual((f.failures(), f.cache_info().failures), ([], 0))
         self.assertEqual(f(1), 10)                  # a hit on what the other one stored
 
+    @slow
     def test_a_version_bump_that_fixes_a_call_ends_its_failure(self):
         def broken(text):
             raise KeyError(text)
@@ -8080,6 +8159,7 @@ if __name__ == "__main__":
 SPAWN_POOL_BROKEN = not hasattr(concurrent.futures.ProcessPoolExecutor, "_adjust_process_count")
 
 
+@slow
 class TestMapWorkers(TempDirTest):
     @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
     def test_workers_store_results_and_send_back_failures(self):
@@ -8105,6 +8185,7 @@ class TestMapWorkersCountTimeSaved(TempDirTest):
     """The hits of workers in other processes count in the caller's cache_info().saved, as
     its own hits do, and the results they could not store in its unstored."""
 
+    @slow
     @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
     def test_saved_with_workers_and_a_process_executor(self):
         script = self.path / "job.py"
@@ -8179,6 +8260,7 @@ class TestMapResultThatCannotTravel(TempDirTest):
     a type it refuses) failed its item, its result lost: the item runs again in the caller,
     where its result need not travel, and is returned, with one warning."""
 
+    @slow
     def test_returned_from_this_process(self):
         script = self.path / "job.py"
         script.write_text(textwrap.dedent("""
@@ -8247,6 +8329,7 @@ class TestMapResultThatCannotTravel(TempDirTest):
         self.assertEqual(lines[1], "[300] 400")
 
 
+@slow
 class TestMapWithoutMainGuard(TempDirTest):
     """A script that calls persist.map(workers=) at its top level, not under
     if __name__ == "__main__": under spawn each worker imports it again and dies as it starts.
@@ -8269,6 +8352,7 @@ class TestMapWithoutMainGuard(TempDirTest):
                                       r"as they started.*if __name__ == '__main__'")
 
 
+@slow
 class TestMapFuncModuleFailsInWorker(TempDirTest):
     """func's module imports in the caller but raises in a new process (a script that
     imports it only under if __name__ == "__main__":, under spawn): every worker dies as
@@ -8356,6 +8440,7 @@ class TestMapInterrupted(TempDirTest):
 
 
 class TestFailuresCommand(TempDirTest):
+    @slow
     def test_failures_and_ls(self):
         cache = self.path / "cache"
         run_python("""
@@ -8400,6 +8485,7 @@ class TestFailuresCommand(TempDirTest):
         done = run_command(cli + ["clear", "jobs.parse"], PERSIST_DIR=cache)
         self.assertRegex(done.stdout, r"^removed 2 entries and 8 failure records from ")
 
+    @slow
     def test_limit_applies_to_tracebacks(self):
         cache = self.path / "cache"
         run_python("""
@@ -8427,6 +8513,7 @@ class TestFailuresCommand(TempDirTest):
         self.assertEqual(done.returncode, 2)
         self.assertIn("not a number of entries: '-1' (0 shows all)", done.stderr)
 
+    @slow
     def test_escape_sequences_of_a_record_never_reach_the_terminal(self):
         # a call's own exception text, and a record or label that someone wrote into the file
         cache = self.path / "cache"
@@ -8457,6 +8544,7 @@ class TestFailuresCommand(TempDirTest):
         self.assertIn("\\x1b[?1049h", done.stdout)
         self.assertIn("    Traceback (most recent call last)", done.stdout)
 
+    @slow
     def test_file_names_someone_chose_reach_no_terminal(self):
         # a shared cache directory: anyone who may write there names files and folders
         cache = self.path / "cache"
@@ -8482,6 +8570,7 @@ class TestFailuresCommand(TempDirTest):
                 self.assertNotIn(control, done.stdout, command)
             self.assertIn("team\\x1b]8;;x\\x07", done.stdout, command)
 
+    @slow
     def test_text_that_is_not_utf_8_in_a_crafted_cache_reaches_no_terminal(self):
         # SQLite's error quotes the column's text: "Could not decode to UTF-8 column ..."
         cache = self.path / "cache"
@@ -8632,6 +8721,7 @@ class TestCommandLine(TempDirTest):
     def persist_cli(self, *args, **env):
         return run_command(CLI + list(args), cwd=self.dir, **env)
 
+    @slow
     def test_help_on_every_command(self):
         # Seven interpreters, started together rather than one after another.
         script = os.path.join(HERE, "persist.py")
@@ -8643,6 +8733,7 @@ class TestCommandLine(TempDirTest):
                 self.assertEqual(done.returncode, 0, "%s\n%s" % (args, done.stderr))
                 self.assertIn("usage: persist", done.stdout)
 
+    @slow
     def test_ls(self):
         for done in (self.persist_cli("ls", str(self.cache)),
                      self.persist_cli("ls", PERSIST_DIR=self.cache)):
@@ -8653,6 +8744,7 @@ class TestCommandLine(TempDirTest):
         os.rename(self.cache, self.path / ".persist")
         self.assertIn("jobs.fetch", self.persist_cli("ls").stdout)
 
+    @slow
     def test_show(self):
         done = self.persist_cli("show", str(self.cache / "jobs.fetch.db"))
         self.assertEqual(done.returncode, 0, done.stderr)
@@ -8665,6 +8757,7 @@ class TestCommandLine(TempDirTest):
         self.assertEqual([line.split(None, 1)[1] for line in again.splitlines()[1:]],
                          [line.split(None, 1)[1] for line in lines[1:]])
 
+    @slow
     def test_clear_and_prune(self):
         db = str(self.cache / "jobs.fetch.db")
         done = self.persist_cli("prune", db, "--expired")
@@ -8687,6 +8780,7 @@ class TestCommandLine(TempDirTest):
             self.assertEqual(len(shelf), 0)
         self.assertNotEqual(self.persist_cli("prune", db).returncode, 0)
 
+    @slow
     def test_not_a_cache(self):
         (self.path / "notes.txt").write_text("my notes")
         for command in ("show", "clear", "prune"):
@@ -8700,6 +8794,7 @@ class TestCommandLine(TempDirTest):
         self.assertIn("No such cache", done.stderr)
         self.assertEqual((self.path / "notes.txt").read_text(), "my notes")
 
+    @slow
     @unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX permissions")
     def test_a_directory_it_may_not_read_is_an_error_not_empty(self):
         # ls listed nothing, with exit status 0, and show said "No such cache file": as if
@@ -8728,6 +8823,7 @@ class TestCommandLine(TempDirTest):
                     self.assertIn("persist: error: %s: " % locked, out)
             os.chmod(str(locked), 0o755)
 
+    @slow
     def test_status(self):
         finished, unfinished = self.path / "a", self.path / "b"
         with persist.done_dir(finished) as d:
@@ -8742,6 +8838,7 @@ class TestCommandLine(TempDirTest):
         self.assertEqual([line.split(": ", 1)[1][:12] for line in done.stdout.splitlines()],
                          ["finished {\"f", "not finished", "missing"])
 
+    @slow
     @unittest.skipUnless(POSIX and hasattr(os, "setuid"), "POSIX users")
     def test_status_of_a_marker_it_may_not_read(self):
         # Another user's private marker: status stopped at it with an error (exit 1, as
@@ -8836,6 +8933,7 @@ class CommandLineTest(TempDirTest):
 
 
 class TestCommandLineAges(CommandLineTest):
+    @slow
     def test_negative_nan_infinite_and_zero_ages_are_refused(self):
         for age in ("-1d", "nan", "inf", "-inf", "0s", "1e400"):
             done = self.cli("prune", self.db, "--older-than=" + age)
@@ -8871,6 +8969,7 @@ class TestCommandLineDryRun(CommandLineTest):
         self.assertRegex(done.stdout, r"^would remove 5 entries \(\d.* KB\) from ")
         self.assertEqual(self.entries(), 5)
 
+    @slow
     def test_one_entry_is_an_entry(self):
         # "would remove 1 entries", "removed 1 entries"
         self.fill(self.path / "one", count=1)
@@ -8882,6 +8981,7 @@ class TestCommandLineDryRun(CommandLineTest):
             self.assertRegex(done.stdout, r"^(would remove|removed) 1 entry [(f]", args)
 
 
+@slow
 class TestCommandLineGivesSpaceBack(CommandLineTest):
     def test_prune_and_clear_shrink_the_file(self):
         self.fill(self.cache, count=3000, size=200)
@@ -8957,6 +9057,7 @@ class TestCommandLineWhere(CommandLineTest):
             ("jobs.fetch", os.path.join("a", ".persist", "jobs.fetch.db")),
             ("jobs.fetch", os.path.join("b", ".persist", "jobs.fetch.db"))])
 
+    @slow
     def test_show_takes_what_ls_printed(self):
         where = self.cli("ls", self.tree).stdout.splitlines()[2].split()[-1]
         done = self.cli("show", "--dir", self.tree, where)
@@ -8971,6 +9072,7 @@ class TestCommandLineWhere(CommandLineTest):
         self.assertEqual(len(self.cli("show", where).stdout.splitlines()), 6)
         self.assertEqual(len(self.cli("show", "jobs.fetch").stdout.splitlines()), 6)
 
+    @slow
     def test_dir_on_every_command_that_takes_a_name(self):
         done = self.cli("show", "jobs.fetch", "--dir", self.cache)
         self.assertEqual(len(done.stdout.splitlines()), 6, done.stderr)
@@ -8998,6 +9100,7 @@ class Lines:
 
 
 class TestCommandLineShow(CommandLineTest):
+    @slow
     def test_limit(self):
         done = self.cli("show", self.db, "--limit", "2")
         lines = done.stdout.splitlines()
@@ -9033,6 +9136,7 @@ class TestCommandLineShow(CommandLineTest):
         self.assertEqual(len(lines), 52)
         self.assertEqual(lines[-1], "... 30 more, of 80 entries (--limit 0 shows all)")
 
+    @slow
     def test_one_line_per_entry_and_no_addresses_and_no_ignored_parameters(self):
         code = """
             import persist, sys
@@ -9061,6 +9165,7 @@ class TestCommandLineShow(CommandLineTest):
 
 
 class TestCommandLineErrors(CommandLineTest):
+    @slow
     def test_not_a_cache(self):
         (self.path / "notes.txt").write_text("my notes")
         for args in (["show"], ["clear"], ["prune", "--expired"], ["ls"],
@@ -9072,6 +9177,7 @@ class TestCommandLineErrors(CommandLineTest):
         self.assertOneLineError(self.cli("ls", "nowhere"), "nowhere: No such directory")
         self.assertOneLineError(self.cli("show", self.cache), "a directory, not a cache")
 
+    @slow
     def test_nothing_where_it_looked_says_where_and_how_to_point_elsewhere(self):
         # 'persist ls' without ./.persist said only "No such directory".
         (self.path / "elsewhere").mkdir()
@@ -9091,6 +9197,7 @@ class TestCommandLineErrors(CommandLineTest):
                            PERSIST_DIR=self.cache)
         self.assertEqual(done.returncode, 0, done.stderr)
 
+    @slow
     def test_a_cache_it_cannot_read(self):
         with open(str(self.db), "rb") as file:
             (self.cache / "cut.db").write_bytes(file.read(20000))
@@ -9099,6 +9206,7 @@ class TestCommandLineErrors(CommandLineTest):
             done = self.cli(*(args[:1] + [self.cache / "cut.db"] + args[1:]))
             self.assertOneLineError(done, "cut.db: ")
 
+    @slow
     @unittest.skipUnless(POSIX, "symbolic links")
     def test_a_dangling_link_and_a_name_with_a_newline(self):
         os.symlink(str(self.path / "gone" / "x.db"), str(self.cache / "old.db"))
@@ -9262,6 +9370,7 @@ class TestOpenOverDbmSqlite3(ShelveFileTest):
                 str(self.path / "plain_shelf.before-persist"), "r")) as old:
             self.assertEqual(dict(old), ITEMS)
 
+    @slow
     def test_one_open_elsewhere_is_left_alone(self):
         handmade_dbm_sqlite3(self.path / "plain_shelf", ITEMS)
         other = sqlite3.connect(str(self.path / "plain_shelf"))
@@ -9354,6 +9463,7 @@ class TestOpenOverDbmSqlite3(ShelveFileTest):
         self.assertNotIn("delete", done.stderr)
 
 
+@slow
 class TestExamplePipeline(TempDirTest):
     def pipeline(self, *args, records=900):
         return run_command([os.path.join(HERE, "examples", "pipeline.py"), "--work",
@@ -9396,6 +9506,7 @@ class TestExamplePipeline(TempDirTest):
         self.assertNoTemp()
 
 
+@slow
 class TestInstallWithPip(TempDirTest):
     """pip builds a wheel of the repository that installs the module persist and nothing else,
     and a fresh virtual environment imports it from there and memoizes with it.
@@ -9705,6 +9816,7 @@ class TestTypeCheck(TempDirTest):
                           expected, errors, "pyright")
 
 
+@slow
 class TestReadme(TempDirTest):
     """Every code block in README.md runs."""
 
