@@ -191,8 +191,9 @@ class TempDirTest(unittest.TestCase):
     def setUp(self):
         # The backstop for a hang no child's watchdog (spawn) can end, one in this process (a
         # deadlocked thread, a pool's exit): the run stops with every thread's traceback.
+        # (--torture SECONDS may ask for hours.)
         if hasattr(faulthandler, "dump_traceback_later"):
-            faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True)
+            faulthandler.dump_traceback_later(TEST_TIMEOUT + TORTURE_SECONDS, exit=True)
             self.addCleanup(faulthandler.cancel_dump_traceback_later)
         holder = __import__("tempfile").TemporaryDirectory()
         self.addCleanup(holder.cleanup)
