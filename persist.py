@@ -5304,10 +5304,9 @@ def _stop_workers(pool):
     for process in processes:
         with contextlib.suppress(Exception):
             process.terminate()
+    # shutdown() joins every worker, the dead ones too (its manager thread does, on CPython 3.8+
+    # and PyPy alike, a broken pool included): no zombie outlives us
     pool.shutdown(wait=True)
-    for process in processes:    # reaped here, whatever shutdown() did: no zombie outlives us
-        with contextlib.suppress(Exception):
-            process.join(_ASIDE_TIMEOUT)
 
 
 def _took(seconds):
