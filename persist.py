@@ -298,13 +298,84 @@ _BUSY_DIR = ("being filled by another done_dir() right now (in this or another "
 
 
 class PersistError(OSError):
-    """A path persist was given is not safe to use: not a cache, corrupt, planted, or busy."""
+    """A path persist was given is not safe to use: not a cache, corrupt, planted, or busy.
+
+    An OSError: errno, strerror and filename as for any, and str() is "filename: strerror".
+    reason says which case it is, as errno does for an OSError, in a short string that stays
+    the same from one version of persist to the next (the message may be reworded): compare it
+    with the names below (exc.reason == PersistError.NEWER_FORMAT). Every PersistError that
+    persist raises has one; one made elsewhere may have None.
+
+    A file that is not a cache of this persist.py (it leaves each as it is):
+        NEWER_FORMAT    made by a newer persist.py: use that one
+        OLDER_FORMAT    made by an older persist.py, whose keys this one does not compute
+        EMPTY           an empty file
+        FOREIGN_SQLITE  an SQLite database of another program
+        NOT_A_CACHE     not a database at all (or a cache damaged past recognizing)
+        CORRUPT         a persist cache that SQLite finds damaged
+        CORRUPT_ROW     an entry whose row names a file that is no value file of persist's
+        DAMAGED_VALUE   the value file of an entry is cut short or damaged
+        MISSING_VALUE   the value file of an entry is missing
+        NOT_A_FILE      a FIFO, device or socket where a regular file belongs
+        SHELVE          a shelve file (dbm) where persist wanted one of its stores
+        SHELVE_UNSUPPORTED  a shelve file of a dbm module this Python does not have
+    A path others could plant pickles in (loading a pickle runs its author's code): a link
+    (errno ELOOP), or refused by the trust check (errno EPERM, which these alone have):
+        SYMLINK         a symbolic link where persist keeps a file of its own
+        UNSAFE          writable by every user, or another user's in a directory every user
+                        may write (/tmp)
+        NOT_OURS        a directory on the way owned by another user (not root)
+        SWAPPABLE       a directory on the way that every user may write, and not sticky
+        PLANTED         a file SQLite reads with the cache (its log), made by another user
+        HARD_LINKED     such a file, with a second name (hard link), in a shared directory
+    Something in use, or a name that does not say which:
+        BUSY            in use by another program or done_dir() (errno EBUSY)
+        NAME_CLASH      the cache holds another function's results: two projects share it
+        AMBIGUOUS       a function's name that more than one cache under a directory has
+        NO_HOME         $PERSIST_DIR starts with ~, and there is no such home directory
+    """
+
+    NEWER_FORMAT = "newer-format"
+    OLDER_FORMAT = "older-format"
+    EMPTY = "empty"
+    FOREIGN_SQLITE = "foreign-sqlite"
+    NOT_A_CACHE = "not-a-cache"
+    CORRUPT = "corrupt"
+    CORRUPT_ROW = "corrupt-row"
+    DAMAGED_VALUE = "damaged-value"
+    MISSING_VALUE = "missing-value"
+    NOT_A_FILE = "not-a-file"
+    SHELVE = "shelve"
+    SHELVE_UNSUPPORTED = "shelve-unsupported"
+    SYMLINK = "symlink"
+    UNSAFE = "unsafe"
+    NOT_OURS = "not-ours"
+    SWAPPABLE = "swappable"
+    PLANTED = "planted"
+    HARD_LINKED = "hard-linked"
+    BUSY = "busy"
+    NAME_CLASH = "name-clash"
+    AMBIGUOUS = "ambiguous"
+    NO_HOME = "no-home"
+
+    def __init__(self, *args, reason=None):
+        # type: (*Any, Optional[str]) -> None
+        super().__init__(*args)
+        # An attribute, not an argument: args stay as OSError's (errno, strerror), and a
+        # pickle (persist.map sends a worker's errors back) carries it with the instance's
+        # other attributes, as it carries filename.
+        self.reason = reason
 
     def __str__(self):
         # type: () -> str
         if self.filename is None or self.strerror is None:
             return super().__str__()
         return "%s: %s" % (os.fsdecode(self.filename), self.strerror)
+
+
+# The trust check's refusals (errno EPERM): see _untrusted()
+_UNTRUSTED = frozenset((PersistError.UNSAFE, PersistError.NOT_OURS, PersistError.SWAPPABLE,
+                        PersistError.PLANTED, PersistError.HARD_LINKED))
 
 
 class PersistWarning(UserWarning):
@@ -582,7 +653,8 @@ def _existing(target, shown, follow):
     if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
         raise PersistError(errno.EINVAL, "%s, not a regular file: atomic_write() and "
                            "atomic_open() replace only regular files; write to it with "
-                           "open(), or give another path" % _kind(info.st_mode), shown)
+                           "open(), or give another path" % _kind(info.st_mode), shown,
+                           reason=PersistError.NOT_A_FILE)
     if stat.S_ISREG(info.st_mode) and not _may_write(target):
         # open(path, "w") would refuse: a read-only file stays, as it would
         raise PermissionError(errno.EACCES, "Permission denied (the file is read-only to "
@@ -756,11 +828,13 @@ def _check_private(directory, what):
         seen.add(path)
         info = os.lstat(path)
         if info.st_uid not in trusted:
-            raise PersistError(errno.EPERM, _NOT_OURS.format(what=what, uid=info.st_uid), path)
+            raise PersistError(errno.EPERM, _NOT_OURS.format(what=what, uid=info.st_uid), path,
+                               reason=PersistError.NOT_OURS)
         if stat.S_ISLNK(info.st_mode):
             pending.append(os.path.realpath(path))
         elif info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
-            raise PersistError(errno.EPERM, _SWAPPABLE.format(what=what), path)
+            raise PersistError(errno.EPERM, _SWAPPABLE.format(what=what), path,
+                               reason=PersistError.SWAPPABLE)
         pending.append(os.path.dirname(path))
 
 
@@ -818,18 +892,20 @@ def _check_companions(path):
         except FileNotFoundError:
             continue
         if stat.S_ISLNK(info.st_mode):
-            raise PersistError(errno.ELOOP, _LINK, name)
+            raise PersistError(errno.ELOOP, _LINK, name, reason=PersistError.SYMLINK)
         if not _CHECK_WORLD_WRITABLE:
             continue
         if info.st_mode & stat.S_IWOTH:
-            raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+            raise PersistError(errno.EPERM, _WORLD_WRITABLE, name, reason=PersistError.UNSAFE)
         if shared and info.st_uid not in (0, os.geteuid()):
             raise PersistError(errno.EPERM, _PLANTED_COMPANION.format(what=what,
-                                                                      uid=info.st_uid), name)
+                                                                      uid=info.st_uid), name,
+                               reason=PersistError.PLANTED)
         # A hard link has its file's owner. (Not checked for the cache itself, which has two
         # names for a moment as _create() links it into place.)
         if shared and info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
-            raise PersistError(errno.EPERM, _HARD_LINKED.format(links=info.st_nlink), name)
+            raise PersistError(errno.EPERM, _HARD_LINKED.format(links=info.st_nlink), name,
+                               reason=PersistError.HARD_LINKED)
 
 
 # -- the store: one SQLite file per cache, with large pickles in files beside it
@@ -1147,11 +1223,14 @@ class _Connection:
         if app != _APPLICATION_ID:
             empty = not _fetch(conn, "SELECT 1 FROM sqlite_master")
             why = "an empty file" if empty else "an SQLite database of another program"
-            raise PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), self.path)
+            raise PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), self.path,
+                               reason=PersistError.EMPTY if empty else
+                               PersistError.FOREIGN_SQLITE)
         if found != _FORMAT:
-            message = _NEWER if found > _FORMAT else _OLDER
+            message, reason = ((_NEWER, PersistError.NEWER_FORMAT) if found > _FORMAT else
+                               (_OLDER, PersistError.OLDER_FORMAT))
             raise PersistError(errno.EINVAL, message.format(found=found, ours=_FORMAT),
-                               self.path)
+                               self.path, reason=reason)
 
     def _close_conn(self):
         # type: () -> None
@@ -1321,7 +1400,8 @@ def _damaged(path, why):
     ours = ours or os.path.isdir(path + ".values")
     if not ours and not (path.endswith(".db") or head.startswith(b"SQLite format 3\0") or
                          (len(head) >= 16 and not head[:16].strip(b"\0"))):
-        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), path)
+        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), path,
+                            reason=PersistError.NOT_A_CACHE)
     files = [path, path + "-wal", path + "-shm"]
     if os.name == "nt":
         how = "delete %s, and the folder %s.values" % (", ".join(files), path)
@@ -1332,10 +1412,10 @@ def _damaged(path, why):
     if ours:
         return PersistError(errno.EINVAL, "a damaged persist cache (%s); persist leaves it as "
                             "it is: to start over (its results are computed again), remove its "
-                            "files: %s" % (why, how), path)
+                            "files: %s" % (why, how), path, reason=PersistError.CORRUPT)
     return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why) + "; or, if it is a "
                         "persist cache that was damaged, start over by removing its files (%s)"
-                        % how, path)
+                        % how, path, reason=PersistError.NOT_A_CACHE)
 
 
 def _transaction(conn, work, args):
@@ -1594,7 +1674,8 @@ class _Values:
             if not _hex_name(name, _VALUE_DIGITS):
                 values = os.path.basename(self.directory)
                 raise PersistError(errno.EINVAL, _CORRUPT_ROW.format(
-                    name=name, digits=_VALUE_DIGITS, values=values), self.directory[:-len(".values")])
+                    name=name, digits=_VALUE_DIGITS, values=values), self.directory[:-len(".values")],
+                    reason=PersistError.CORRUPT_ROW)
 
     def create(self):
         # type: () -> Tuple[str, io.BufferedWriter]
@@ -1606,12 +1687,13 @@ class _Values:
         # By the rules of the cache's other files: in a team's directory a teammate made it.
         info = os.lstat(self.directory)
         if stat.S_ISLNK(info.st_mode):
-            raise PersistError(errno.ELOOP, _LINK, self.directory)
+            raise PersistError(errno.ELOOP, _LINK, self.directory, reason=PersistError.SYMLINK)
         if not stat.S_ISDIR(info.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory, where persist keeps the "
                                      "cache's large results; move it away", self.directory)
         if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(self.directory)):
-            raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.directory)
+            raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.directory,
+                               reason=PersistError.UNSAFE)
         while True:
             name = os.urandom(16).hex()
             fd = os.open(self.path(name), _O_TEMP, _FILE_MODE)
@@ -1770,16 +1852,17 @@ class _Store:
             except FileNotFoundError:
                 continue
             if stat.S_ISLNK(info.st_mode):
-                raise PersistError(errno.ELOOP, _LINK, name)
+                raise PersistError(errno.ELOOP, _LINK, name, reason=PersistError.SYMLINK)
             if name == self.path and stat.S_ISDIR(info.st_mode):    # SQLite: "unable to open"
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
             if name == self.path and not stat.S_ISREG(info.st_mode):
                 # SQLite would wait for ever to open a FIFO for reading (persist ls, 'r')
                 raise PersistError(errno.EINVAL, "%s, not a cache file; persist leaves it as "
                                    "it is: give persist another file name" % _kind(
-                                       info.st_mode), name)
+                                       info.st_mode), name, reason=PersistError.NOT_A_FILE)
             if _CHECK_WORLD_WRITABLE and _planted(info, directory):
-                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name,
+                                   reason=PersistError.UNSAFE)
         _check_companions(self.path)
 
     def _check_calls(self):
@@ -2363,10 +2446,12 @@ class _Shelf(_ShelfBase):
                 raise PersistError(errno.EIO, "the value file of key %r is cut short or "
                                    "damaged (%s: %s); store the key again, or delete it"
                                    % (key, type(exc).__name__, exc),
-                                   store.values.path(row[1])) from None
+                                   store.values.path(row[1]),
+                                   reason=PersistError.DAMAGED_VALUE) from None
         # not a writer's replacement: gone for good (removed by hand)
         raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
-                           store.values.path(row[1]))  # type: ignore[index, arg-type]  # a row
+                           store.values.path(row[1]),  # type: ignore[index, arg-type]  # a row
+                           reason=PersistError.MISSING_VALUE)
 
     def __setitem__(self, key, value):
         # type: (str, Any) -> None
@@ -3916,7 +4001,8 @@ def _check_source(store, memo):
             "%s() is defined in %s: two projects share one cache directory. Give one of them "
             "memoize(cache_dir=...) or unset PERSIST_DIR; if both files are the same code, "
             "pass memoize(name=%r) to share the cache"
-            % (memo.identity, recorded, memo.identity, source, memo.identity)), memo.path)
+            % (memo.identity, recorded, memo.identity, source, memo.identity)), memo.path,
+            reason=PersistError.NAME_CLASH)
 
 
 def _make_cache_dir(directory):
@@ -4161,7 +4247,7 @@ def _env_dir():
                                     os.environ.get("HOME", None) == ""):
         raise PersistError(errno.EINVAL, "$PERSIST_DIR starts with ~, and there is no such "
                            "home directory (HOME unset or empty, or no such user): set it to "
-                           "the whole path", text)
+                           "the whole path", text, reason=PersistError.NO_HOME)
     return expanded
 
 
@@ -4170,7 +4256,7 @@ def _untrusted(exc):
     """Whether exc is the trust check's refusal (see _check_private): a cache others could
     plant pickles in. persist raises the other PersistErrors (a file that is not a cache, one
     of a newer format) at every use; with this one it runs uncached, as with a full disk."""
-    return isinstance(exc, PersistError) and exc.errno == errno.EPERM
+    return isinstance(exc, PersistError) and exc.reason in _UNTRUSTED
 
 
 _DEEP_ADVICE = ("; return a flatter structure: pickle recurses once per level of nesting, "
@@ -5950,8 +6036,8 @@ def _dir_lock(directory):
                 break
             except BlockingIOError:
                 if not retry:
-                    raise PersistError(errno.EBUSY, _BUSY_DIR,
-                                       os.fspath(directory)) from None
+                    raise PersistError(errno.EBUSY, _BUSY_DIR, os.fspath(directory),
+                                       reason=PersistError.BUSY) from None
             except OSError:
                 # a filesystem without locks (some NFS and FUSE mounts): the stage runs, and a
                 # second done_dir() at once goes undetected, as on Windows
@@ -6042,7 +6128,8 @@ def _shelve_items(path, kind):
     if kind == "dbm.sqlite3":              # read here: Python before 3.13 has no dbm.sqlite3
         _check_companions(path)
         busy = PersistError(errno.EBUSY, "a dbm.sqlite3 shelve file that another program "
-                            "has open; close it there, then open it again", path)
+                            "has open; close it there, then open it again", path,
+                            reason=PersistError.BUSY)
         try:
             # the rows are read as the caller copies them: all of it under one _elsewhere()
             with _elsewhere(path):
@@ -6071,7 +6158,8 @@ def _shelve_items(path, kind):
     except ImportError:
         raise PersistError(errno.EINVAL, "a %s shelve file, which this Python cannot read "
                            "(it has no %s); open it once with a Python that has, to copy "
-                           "its entries into a persist store" % (kind, kind), path) from None
+                           "its entries into a persist store" % (kind, kind), path,
+                           reason=PersistError.SHELVE_UNSUPPORTED) from None
     try:
         yield ((key, db[key]) for key in db.keys())  # type: ignore[misc]  # keys are bytes
     finally:
@@ -6115,7 +6203,8 @@ def _from_shelve(path, kind, copy=True):
                 if os.path.lexists(log):    # SQLite would read it as the new file's
                     raise PersistError(errno.EBUSY, "the shelve file is in use by another "
                                        "program (it has a %s file); close it there, then "
-                                       "open it again" % log[-4:], path)
+                                       "open it again" % log[-4:], path,
+                                       reason=PersistError.BUSY)
             # another process may have copied it meanwhile (one without the lock, see
             # _open_shelve_file), and its store must not be replaced
             kept = _keep_aside(path, original)    # type: ignore[arg-type]  # set: same_name
@@ -6210,9 +6299,11 @@ def _open_shelve_file(path, flag):
             except FileNotFoundError:
                 continue
             if _planted(info, directory):
-                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name,
+                                   reason=PersistError.UNSAFE)
     if flag == "r":
-        raise PersistError(errno.EINVAL, _SHELVE_READ_ONLY.format(kind=kind, path=path), path)
+        raise PersistError(errno.EINVAL, _SHELVE_READ_ONLY.format(kind=kind, path=path), path,
+                           reason=PersistError.SHELVE)
     if flag == "n" and kind in ("dbm.dumb", "dbm.ndbm"):
         return                             # its files have other names: they stay as they are
     # One process at a time, and then only if nobody did it meanwhile. The lock is the
@@ -6703,7 +6794,8 @@ def _find_cache(name, directory=None):
         if found:
             raise PersistError(errno.EINVAL, "%d caches of that name under %s (%s); give one "
                                "of these paths" % (len(found), directory, ", ".join(
-                                   os.path.relpath(path, directory) for path in found)), name)
+                                   os.path.relpath(path, directory) for path in found)), name,
+                               reason=PersistError.AMBIGUOUS)
     raise FileNotFoundError(errno.ENOENT, "No such cache file, nor a function's cache of that "
                             "name: %s, or give a .db file's path ('persist ls' lists them)"
                             % _where_looked(directory, given, "--dir DIR"), name)
@@ -6721,27 +6813,35 @@ def _open_cache(name, flag="w", directory=None):
             raise
     # a file of the user's: say what it is and how persist takes it, never to delete it
     raise PersistError(errno.EINVAL, "a %s shelve file, not a persist cache; persist.open(%r) "
-                       "copies its entries into one, keeping it" % (kind, path), path)
+                       "copies its entries into one, keeping it" % (kind, path), path,
+                       reason=PersistError.SHELVE)
+
+
+# What 'persist ls' calls a file by the reason of its PersistError, before it looks at the
+# file itself (a shelve file, a damaged cache or another file)
+_LISTED_AS = {
+    PersistError.NEWER_FORMAT: "newer format", PersistError.OLDER_FORMAT: "older format",
+    PersistError.EMPTY: "empty file", PersistError.SYMLINK: "symlink",
+    PersistError.NOT_A_FILE: "not a file",
+}
+_LISTED_AS.update(dict.fromkeys(_UNTRUSTED, "unsafe"))
 
 
 def _problem(path, exc):
     # type: (str, OSError) -> str
     """Why the .db file at path is not a cache persist can list, in a word or two."""
-    text = str(exc)
+    reason = (exc.reason or "") if isinstance(exc, PersistError) else ""
     if os.path.islink(path) and not os.path.exists(path):
         return "dangling link"
     if isinstance(exc, PermissionError) or not os.access(path, os.R_OK):
         return "unreadable"
-    for needle, word in (("newer persist", "newer format"), ("older persist", "older format"),
-                         ("an empty file", "empty file"), ("symbolic link", "symlink"),
-                         ("every user may", "unsafe"), ("owned by user", "unsafe"),
-                         ("not a cache file", "not a file"),
-                         ("locked", "locked")):
-        if needle in text:
-            return word
+    if reason in _LISTED_AS:
+        return _LISTED_AS[reason]
+    if not reason and exc.errno == errno.EBUSY:     # another process holds it (_sqlite_error)
+        return "locked"
     if _shelve_kind(path) is not None:
         return "shelve file"
-    if "another program" in text:
+    if reason == PersistError.FOREIGN_SQLITE:
         return "foreign SQLite"
     try:
         with io.open(path, "rb") as file:
