@@ -1069,7 +1069,7 @@ class _Connection:
         """Whether a reader in a directory it may not write saw the cache's last writer go,
         taking the -wal and -shm files that SQLite cannot make again there: then it closes,
         and the next use reads the file as _open_read_only() does."""
-        if self.mode != "ro" or "readonly" not in str(exc) or self._conn is None:
+        if self.mode != "ro" or _sqlite_failure(exc) != "readonly" or self._conn is None:
             return False
         self._close_conn()
         self._snapshots = True            # SQLite's own way failed here once: not again
@@ -1107,7 +1107,7 @@ class _Connection:
             conn = self._open(self.mode, 0.0 if interrupted else _ASIDE_TIMEOUT)
             return work(conn, *args)
         except sqlite3.OperationalError as exc:
-            if interrupted and "locked" in str(exc):
+            if interrupted and _sqlite_failure(exc) == "busy":
                 raise _HandlerBusy(errno.EBUSY, "a signal handler cannot write to the cache "
                                    "while the code it interrupted is writing to it",
                                    self.path) from None
@@ -1307,8 +1307,7 @@ def _journal_mode(conn, mode, timeout):
         try:
             (answer,), = _fetch(conn, "PRAGMA journal_mode=" + mode)
         except sqlite3.OperationalError as exc:
-            if ("locked" not in str(exc) and "busy" not in str(exc) or
-                    time.monotonic() > deadline):
+            if _sqlite_failure(exc) != "busy" or time.monotonic() > deadline:
                 raise
         else:
             if (answer.lower() != "wal" or mode.lower() == "wal" or
@@ -1321,27 +1320,62 @@ class _HandlerBusy(OSError):
     """A signal handler's write that would wait for the transaction it interrupted."""
 
 
+# What went wrong in SQLite, as the callers tell it apart: "readonly", "busy" (another
+# connection holds a lock), "full", "cantopen", "damaged" (not a database, or corrupt), or ""
+# for anything else. By SQLite's result code where Python gives it (3.11 on: the error's
+# sqlite_errorcode); by the message before, and on PyPy, whose sqlite3 has no codes.
+# (By getattr: type checkers read sqlite3 as Python 3.10 has it, without the codes.)
+_SQLITE_FAILURES = {getattr(sqlite3, "SQLITE_" + name, None): failure for name, failure in (
+    ("READONLY", "readonly"), ("BUSY", "busy"), ("LOCKED", "busy"), ("FULL", "full"),
+    ("CANTOPEN", "cantopen"), ("NOTADB", "damaged"), ("CORRUPT", "damaged"))}
+
+
+def _failure_by_code(exc):
+    # type: (sqlite3.Error) -> str
+    # An extended code (SQLITE_READONLY_DBMOVED, ...) has its primary code in its low byte.
+    # The sqlite3 module's own errors (a closed connection) have no code.
+    code = getattr(exc, "sqlite_errorcode", None)
+    return "" if code is None else _SQLITE_FAILURES.get(code & 0xFF, "")
+
+
+def _failure_by_text(exc):
+    # type: (sqlite3.Error) -> str
+    text = str(exc)
+    if "unable to open" in text or "could not open" in text.lower():     # PyPy's words
+        return "cantopen"
+    for needles, failure in ((("readonly", "read-only"), "readonly"), (("full",), "full"),
+                             (("locked", "busy"), "busy"),
+                             (("not a database", "malformed", "encrypted"), "damaged")):
+        if any(needle in text for needle in needles):
+            return failure
+    return ""
+
+
+# the codes came with the errors' sqlite_errorcode (3.11)
+_sqlite_failure = _failure_by_code if hasattr(sqlite3, "SQLITE_BUSY") else _failure_by_text
+
+
 def _sqlite_error(exc, path):
     # type: (sqlite3.Error, str) -> OSError
     """The one place that turns an sqlite3 error into persist's, naming the file."""
     text = str(exc)
-    if "unable to open" in text or "could not open" in text.lower():     # PyPy's words
+    failure = _sqlite_failure(exc)
+    if failure == "cantopen":
         unreadable = _unreadable(path)
         if unreadable:
             return PermissionError(errno.EACCES, unreadable, path)
     if isinstance(exc, sqlite3.OperationalError):
-        if "readonly" in text or "read-only" in text:
+        if failure == "readonly":
             return PermissionError(errno.EACCES, "cannot write the cache (%s)" % text, path)
-        if "full" in text:
+        if failure == "full":
             return OSError(errno.ENOSPC, "cannot write the cache (%s)" % text, path)
-        if "locked" in text or "busy" in text:
+        if failure == "busy":
             return OSError(errno.EBUSY, "the cache stayed locked by another process (%s)"
                            % text, path)
-        if "unable to open" in text:
+        if failure == "cantopen":
             return OSError(errno.EIO, "cannot open the cache (%s)" % text, path)
         return OSError(errno.EIO, "cache file error (%s)" % text, path)
-    if isinstance(exc, sqlite3.DatabaseError) and (
-            "not a database" in text or "malformed" in text or "encrypted" in text):
+    if isinstance(exc, sqlite3.DatabaseError) and failure == "damaged":
         return _damaged(path, text)
     return OSError(errno.EIO, "cache file error (%s: %s)" % (type(exc).__name__, text), path)
 
@@ -6148,7 +6182,7 @@ def _shelve_items(path, kind):
                 finally:
                     _close(conn)
         except sqlite3.Error as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if _sqlite_failure(exc) == "busy":
                 raise busy from None
             raise OSError(errno.EIO, "cannot read the shelve file (%s)" % exc, path) from None
         return
