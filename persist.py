@@ -167,11 +167,27 @@ _FLAGS = {"r": "ro", "w": "rw", "c": "rw", "n": "rw"}   # SQLite open modes, onc
 _PROTOCOL = 5                    # every CPython 3.8+ reads it
 _INLINE_LIMIT = 1 << 18          # larger pickles live in value files of their own
 _BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
-_ASIDE_TIMEOUT = 2.0             # the same for a signal handler's own connection
+# The waits below are short on purpose: each gives up on something it can do without. Two
+# seconds outlast another process's transaction (milliseconds) many times over, and a wait
+# that long goes unnoticed; each has its own name, as each may need another length.
+# A signal handler's own connection (_Connection._run_aside) waits this long for another
+# process's lock: the handler holds up the code it interrupted, and its write is skipped.
+_HANDLER_TIMEOUT = 2.0
+# _Store._restart_log() waits this long for a reader that keeps the log (or another process
+# checkpointing): a write past _LOG_LIMIT must not stall, and a later one tries again.
+_RESTART_TIMEOUT = 2.0
+# persist.open() of a dbm.sqlite3 shelve file waits this long for another program, or a
+# process looking at what the file is (_shelve_kind), to let go of it; then "in use".
+_SHELVE_TIMEOUT = 2.0
+# ... and for another process copying a shelve file in the same directory (its lock): then it
+# goes on, and _from_shelve() finds whether that one got there first.
+_CONVERT_TIMEOUT = 2.0
+_ASIDE_TIMEOUT = 2.0             # seconds _stop_workers() waits for each worker to be reaped
 _LOG_LIMIT = 16 << 20            # a log larger than this is restarted (see _restart_log)
 _CODE_TAG = 16                   # hex digits of each tag of an owner (see _CREATE)
 _RUN = os.urandom(8).hex()       # this run, in the cache's record of the latest run's code
 _FROZEN_TRIES = 100              # reads of a file its owner keeps writing, before EBUSY
+_FROZEN_PAUSE = 0.005            # seconds between them: the owner is writing, give it a moment
 _SWEEP_AGE = 3600.0              # without file locks (Windows), value files younger are kept
 _REOPEN_AFTER = 5.0              # seconds before a memoized function tries its cache again
 # The modes persist makes a cache's files and directories with, the umask applied after: the
@@ -180,9 +196,10 @@ _REOPEN_AFTER = 5.0              # seconds before a memoized function tries its 
 _FILE_MODE = 0o664
 _DIR_MODE = 0o775
 _APPLICATION_ID = 0x70727374     # "prst" in the SQLite header: this file is a persist cache
+_PAGE_SIZE = 16384               # at a million entries, hits and misses ~10% faster than 4 KB
 _FORMAT = 3                      # PRAGMA user_version: the layout made by _CREATE
 _CREATE = (
-    "PRAGMA page_size=16384",    # at a million entries, hits and misses ~10% faster than 4 KB
+    "PRAGMA page_size=%d" % _PAGE_SIZE,
     "PRAGMA auto_vacuum=INCREMENTAL",    # so that clear() and prune() can give space back
     "PRAGMA application_id=%d" % _APPLICATION_ID,
     "PRAGMA user_version=%d" % _FORMAT,
@@ -216,7 +233,7 @@ _PRAGMAS = (                     # after journal_mode=WAL (_to_wal)
     "PRAGMA journal_size_limit=%d" % (8 << 20),   # the log shrinks back after a checkpoint
     # SQLite's own checkpoints never restart the log while other processes keep committing,
     # and ours (see _Store._restart_log) must wait for them: they are a safety net only.
-    "PRAGMA wal_autocheckpoint=%d" % (4 * _LOG_LIMIT // 16384),
+    "PRAGMA wal_autocheckpoint=%d" % (4 * _LOG_LIMIT // _PAGE_SIZE),
 )
 _GET = "SELECT value, file, stored, seconds FROM Dict WHERE key = ?"
 _FILE = "SELECT file FROM Dict WHERE key = ?"
@@ -1104,7 +1121,7 @@ class _Connection:
         conn = None
         _check_companions(self.path)
         try:
-            conn = self._open(self.mode, 0.0 if interrupted else _ASIDE_TIMEOUT)
+            conn = self._open(self.mode, 0.0 if interrupted else _HANDLER_TIMEOUT)
             return work(conn, *args)
         except sqlite3.OperationalError as exc:
             if interrupted and _sqlite_failure(exc) == "busy":
@@ -1144,7 +1161,7 @@ class _Connection:
         """
         for attempt in range(_FROZEN_TRIES):
             if attempt:
-                time.sleep(0.005)         # the owner is writing: give it a moment
+                time.sleep(_FROZEN_PAUSE)
             before = self._file_state()
             if before[3] == 0:            # no log: the file alone
                 conn = self._open("ro&immutable=1", _BUSY_TIMEOUT)
@@ -1185,7 +1202,7 @@ class _Connection:
         # type: (Callable[..., _T], Sequence[Any]) -> _T
         for attempt in range(_FROZEN_TRIES):
             if attempt:
-                time.sleep(0.005)         # the owner is writing: give it a moment
+                time.sleep(_FROZEN_PAUSE)
             if self._file_state() != self._frozen:      # written since: read it anew
                 self._close_conn()
                 conn = self._connect()
@@ -2180,7 +2197,7 @@ class _Store:
         up while other processes keep committing, and the log would grow without end."""
         def restart(conn):
             # type: (sqlite3.Connection) -> None
-            conn.execute("PRAGMA busy_timeout=%d" % (_ASIDE_TIMEOUT * 1000))
+            conn.execute("PRAGMA busy_timeout=%d" % (_RESTART_TIMEOUT * 1000))
             try:
                 # While another connection checkpoints (SQLite's own automatic checkpoint,
                 # which every commit runs once the log is large, or a FULL one waiting for
@@ -2192,7 +2209,7 @@ class _Store:
                 # statements in progress").
                 cursor = conn.cursor()
                 try:
-                    deadline = time.monotonic() + _ASIDE_TIMEOUT
+                    deadline = time.monotonic() + _RESTART_TIMEOUT
                     while (cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0][0]
                            and _size(self.path + "-wal") > _LOG_LIMIT and
                            time.monotonic() < deadline):
@@ -2201,7 +2218,7 @@ class _Store:
                     cursor.close()
             finally:
                 conn.execute("PRAGMA busy_timeout=%d" % (_BUSY_TIMEOUT * 1000))
-        # best effort: a reader that stays longer than _ASIDE_TIMEOUT defers it to next time
+        # best effort: a reader that stays longer than _RESTART_TIMEOUT defers it to next time
         with contextlib.suppress(OSError):
             self.conn.run(restart)
 
@@ -6168,13 +6185,13 @@ def _shelve_items(path, kind):
             # the rows are read as the caller copies them: all of it under one _elsewhere()
             with _elsewhere(path):
                 conn = sqlite3.connect(_uri(path, "rw"), uri=True, isolation_level=None,
-                                       timeout=_ASIDE_TIMEOUT)
+                                       timeout=_SHELVE_TIMEOUT)
                 try:
                     # Out of WAL mode first, which needs the only connection to it: then
                     # the file holds all of it, and leaves no -wal file that SQLite would
                     # replay into the store that takes its name. Another process may be
                     # looking at what the file is (_shelve_kind), for a moment.
-                    if _journal_mode(conn, "DELETE", _ASIDE_TIMEOUT).lower() == "wal":
+                    if _journal_mode(conn, "DELETE", _SHELVE_TIMEOUT).lower() == "wal":
                         raise busy
                     rows = conn.execute("SELECT key, value FROM Dict")
                     yield ((bytes(key) if isinstance(key, (bytes, memoryview)) else
@@ -6349,7 +6366,7 @@ def _open_shelve_file(path, flag):
         lock = os.open(directory, os.O_RDONLY)
     try:
         if lock is not None:
-            deadline = time.monotonic() + _ASIDE_TIMEOUT
+            deadline = time.monotonic() + _CONVERT_TIMEOUT
             while True:
                 try:
                     _fcntl.flock(lock, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
