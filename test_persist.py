@@ -167,6 +167,31 @@ class TestModule(unittest.TestCase):
         self.assertEqual({name for name in names
                           if name.split(".")[0] not in sys.stdlib_module_names}, set())
 
+    def test_every_persist_error_has_a_reason_its_docstring_names(self):
+        # what 'persist ls' and callers tell the cases apart by: a raise site without one
+        # would be listed by the file's first bytes, as if it were any damaged file
+        import ast
+        with open(persist.__file__, encoding="utf-8") as file:
+            tree = ast.parse(file.read())
+        reasons = {name: value for name, value in vars(persist.PersistError).items()
+                   if name.isupper()}
+        made = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "PersistError"]
+        self.assertGreater(len(made), 25)
+        for node in made:
+            given = [keyword.value for keyword in node.keywords if keyword.arg == "reason"]
+            self.assertEqual(len(given), 1, "line %d" % node.lineno)
+            named = {sub.attr for sub in ast.walk(given[0]) if isinstance(sub, ast.Attribute)
+                     and getattr(sub.value, "id", None) == "PersistError"}
+            self.assertTrue(named or isinstance(given[0], ast.Name), "line %d" % node.lineno)
+            self.assertLessEqual(named, set(reasons), "line %d" % node.lineno)
+        doc = persist.PersistError.__doc__
+        self.assertEqual({name for name in reasons if re.search(r"\n +%s " % name, doc)},
+                         set(reasons))
+        self.assertEqual(len(set(reasons.values())), len(reasons))
+        self.assertTrue(all(re.fullmatch("[a-z]+(-[a-z]+)*", value)
+                            for value in reasons.values()), reasons)
+
     def test_version_and_licence(self):
         self.assertEqual(persist.__version__, "0.1.0")
         with open(persist.__file__, encoding="utf-8") as file:
