@@ -1725,8 +1725,8 @@ class _Values:
             if not _hex_name(name, _VALUE_DIGITS):
                 values = os.path.basename(self.directory)
                 raise PersistError(errno.EINVAL, _CORRUPT_ROW.format(
-                    name=name, digits=_VALUE_DIGITS, values=values), self.directory[:-len(".values")],
-                    reason=PersistError.CORRUPT_ROW)
+                    name=name, digits=_VALUE_DIGITS, values=values),
+                    self.directory[:-len(".values")], reason=PersistError.CORRUPT_ROW)
 
     def create(self):
         # type: () -> Tuple[str, io.BufferedWriter]
