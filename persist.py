@@ -167,11 +167,27 @@ _FLAGS = {"r": "ro", "w": "rw", "c": "rw", "n": "rw"}   # SQLite open modes, onc
 _PROTOCOL = 5                    # every CPython 3.8+ reads it
 _INLINE_LIMIT = 1 << 18          # larger pickles live in value files of their own
 _BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
-_ASIDE_TIMEOUT = 2.0             # the same for a signal handler's own connection
+# The waits below are short on purpose: each gives up on something it can do without. Two
+# seconds outlast another process's transaction (milliseconds) many times over, and a wait
+# that long goes unnoticed; each has its own name, as each may need another length.
+# A signal handler's own connection (_Connection._run_aside) waits this long for another
+# process's lock: the handler holds up the code it interrupted, and its write is skipped.
+_HANDLER_TIMEOUT = 2.0
+# _Store._restart_log() waits this long for a reader that keeps the log (or another process
+# checkpointing): a write past _LOG_LIMIT must not stall, and a later one tries again.
+_RESTART_TIMEOUT = 2.0
+# persist.open() of a dbm.sqlite3 shelve file waits this long for another program, or a
+# process looking at what the file is (_shelve_kind), to let go of it; then "in use".
+_SHELVE_TIMEOUT = 2.0
+# ... and for another process copying a shelve file in the same directory (its lock): then it
+# goes on, and _from_shelve() finds whether that one got there first.
+_CONVERT_TIMEOUT = 2.0
+_ASIDE_TIMEOUT = 2.0             # seconds _stop_workers() waits for each worker to be reaped
 _LOG_LIMIT = 16 << 20            # a log larger than this is restarted (see _restart_log)
 _CODE_TAG = 16                   # hex digits of each tag of an owner (see _CREATE)
 _RUN = os.urandom(8).hex()       # this run, in the cache's record of the latest run's code
 _FROZEN_TRIES = 100              # reads of a file its owner keeps writing, before EBUSY
+_FROZEN_PAUSE = 0.005            # seconds between them: the owner is writing, give it a moment
 _SWEEP_AGE = 3600.0              # without file locks (Windows), value files younger are kept
 _REOPEN_AFTER = 5.0              # seconds before a memoized function tries its cache again
 # The modes persist makes a cache's files and directories with, the umask applied after: the
@@ -180,9 +196,10 @@ _REOPEN_AFTER = 5.0              # seconds before a memoized function tries its 
 _FILE_MODE = 0o664
 _DIR_MODE = 0o775
 _APPLICATION_ID = 0x70727374     # "prst" in the SQLite header: this file is a persist cache
+_PAGE_SIZE = 16384               # at a million entries, hits and misses ~10% faster than 4 KB
 _FORMAT = 3                      # PRAGMA user_version: the layout made by _CREATE
 _CREATE = (
-    "PRAGMA page_size=16384",    # at a million entries, hits and misses ~10% faster than 4 KB
+    "PRAGMA page_size=%d" % _PAGE_SIZE,
     "PRAGMA auto_vacuum=INCREMENTAL",    # so that clear() and prune() can give space back
     "PRAGMA application_id=%d" % _APPLICATION_ID,
     "PRAGMA user_version=%d" % _FORMAT,
@@ -216,7 +233,7 @@ _PRAGMAS = (                     # after journal_mode=WAL (_to_wal)
     "PRAGMA journal_size_limit=%d" % (8 << 20),   # the log shrinks back after a checkpoint
     # SQLite's own checkpoints never restart the log while other processes keep committing,
     # and ours (see _Store._restart_log) must wait for them: they are a safety net only.
-    "PRAGMA wal_autocheckpoint=%d" % (4 * _LOG_LIMIT // 16384),
+    "PRAGMA wal_autocheckpoint=%d" % (4 * _LOG_LIMIT // _PAGE_SIZE),
 )
 _GET = "SELECT value, file, stored, seconds FROM Dict WHERE key = ?"
 _FILE = "SELECT file FROM Dict WHERE key = ?"
@@ -298,13 +315,84 @@ _BUSY_DIR = ("being filled by another done_dir() right now (in this or another "
 
 
 class PersistError(OSError):
-    """A path persist was given is not safe to use: not a cache, corrupt, planted, or busy."""
+    """A path persist was given is not safe to use: not a cache, corrupt, planted, or busy.
+
+    An OSError: errno, strerror and filename as for any, and str() is "filename: strerror".
+    reason says which case it is, as errno does for an OSError, in a short string that stays
+    the same from one version of persist to the next (the message may be reworded): compare it
+    with the names below (exc.reason == PersistError.NEWER_FORMAT). Every PersistError that
+    persist raises has one; one made elsewhere may have None.
+
+    A file that is not a cache of this persist.py (it leaves each as it is):
+        NEWER_FORMAT    made by a newer persist.py: use that one
+        OLDER_FORMAT    made by an older persist.py, whose keys this one does not compute
+        EMPTY           an empty file
+        FOREIGN_SQLITE  an SQLite database of another program
+        NOT_A_CACHE     not a database at all (or a cache damaged past recognizing)
+        CORRUPT         a persist cache that SQLite finds damaged
+        CORRUPT_ROW     an entry whose row names a file that is no value file of persist's
+        DAMAGED_VALUE   the value file of an entry is cut short or damaged
+        MISSING_VALUE   the value file of an entry is missing
+        NOT_A_FILE      a FIFO, device or socket where a regular file belongs
+        SHELVE          a shelve file (dbm) where persist wanted one of its stores
+        SHELVE_UNSUPPORTED  a shelve file of a dbm module this Python does not have
+    A path others could plant pickles in (loading a pickle runs its author's code): a link
+    (errno ELOOP), or refused by the trust check (errno EPERM, which these alone have):
+        SYMLINK         a symbolic link where persist keeps a file of its own
+        UNSAFE          writable by every user, or another user's in a directory every user
+                        may write (/tmp)
+        NOT_OURS        a directory on the way owned by another user (not root)
+        SWAPPABLE       a directory on the way that every user may write, and not sticky
+        PLANTED         a file SQLite reads with the cache (its log), made by another user
+        HARD_LINKED     such a file, with a second name (hard link), in a shared directory
+    Something in use, or a name that does not say which:
+        BUSY            in use by another program or done_dir() (errno EBUSY)
+        NAME_CLASH      the cache holds another function's results: two projects share it
+        AMBIGUOUS       a function's name that more than one cache under a directory has
+        NO_HOME         $PERSIST_DIR starts with ~, and there is no such home directory
+    """
+
+    NEWER_FORMAT = "newer-format"
+    OLDER_FORMAT = "older-format"
+    EMPTY = "empty"
+    FOREIGN_SQLITE = "foreign-sqlite"
+    NOT_A_CACHE = "not-a-cache"
+    CORRUPT = "corrupt"
+    CORRUPT_ROW = "corrupt-row"
+    DAMAGED_VALUE = "damaged-value"
+    MISSING_VALUE = "missing-value"
+    NOT_A_FILE = "not-a-file"
+    SHELVE = "shelve"
+    SHELVE_UNSUPPORTED = "shelve-unsupported"
+    SYMLINK = "symlink"
+    UNSAFE = "unsafe"
+    NOT_OURS = "not-ours"
+    SWAPPABLE = "swappable"
+    PLANTED = "planted"
+    HARD_LINKED = "hard-linked"
+    BUSY = "busy"
+    NAME_CLASH = "name-clash"
+    AMBIGUOUS = "ambiguous"
+    NO_HOME = "no-home"
+
+    def __init__(self, *args, reason=None):
+        # type: (*Any, Optional[str]) -> None
+        super().__init__(*args)
+        # An attribute, not an argument: args stay as OSError's (errno, strerror), and a
+        # pickle (persist.map sends a worker's errors back) carries it with the instance's
+        # other attributes, as it carries filename.
+        self.reason = reason
 
     def __str__(self):
         # type: () -> str
         if self.filename is None or self.strerror is None:
             return super().__str__()
         return "%s: %s" % (os.fsdecode(self.filename), self.strerror)
+
+
+# The trust check's refusals (errno EPERM): see _untrusted()
+_UNTRUSTED = frozenset((PersistError.UNSAFE, PersistError.NOT_OURS, PersistError.SWAPPABLE,
+                        PersistError.PLANTED, PersistError.HARD_LINKED))
 
 
 class PersistWarning(UserWarning):
@@ -582,7 +670,8 @@ def _existing(target, shown, follow):
     if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
         raise PersistError(errno.EINVAL, "%s, not a regular file: atomic_write() and "
                            "atomic_open() replace only regular files; write to it with "
-                           "open(), or give another path" % _kind(info.st_mode), shown)
+                           "open(), or give another path" % _kind(info.st_mode), shown,
+                           reason=PersistError.NOT_A_FILE)
     if stat.S_ISREG(info.st_mode) and not _may_write(target):
         # open(path, "w") would refuse: a read-only file stays, as it would
         raise PermissionError(errno.EACCES, "Permission denied (the file is read-only to "
@@ -756,11 +845,13 @@ def _check_private(directory, what):
         seen.add(path)
         info = os.lstat(path)
         if info.st_uid not in trusted:
-            raise PersistError(errno.EPERM, _NOT_OURS.format(what=what, uid=info.st_uid), path)
+            raise PersistError(errno.EPERM, _NOT_OURS.format(what=what, uid=info.st_uid), path,
+                               reason=PersistError.NOT_OURS)
         if stat.S_ISLNK(info.st_mode):
             pending.append(os.path.realpath(path))
         elif info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
-            raise PersistError(errno.EPERM, _SWAPPABLE.format(what=what), path)
+            raise PersistError(errno.EPERM, _SWAPPABLE.format(what=what), path,
+                               reason=PersistError.SWAPPABLE)
         pending.append(os.path.dirname(path))
 
 
@@ -818,18 +909,20 @@ def _check_companions(path):
         except FileNotFoundError:
             continue
         if stat.S_ISLNK(info.st_mode):
-            raise PersistError(errno.ELOOP, _LINK, name)
+            raise PersistError(errno.ELOOP, _LINK, name, reason=PersistError.SYMLINK)
         if not _CHECK_WORLD_WRITABLE:
             continue
         if info.st_mode & stat.S_IWOTH:
-            raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+            raise PersistError(errno.EPERM, _WORLD_WRITABLE, name, reason=PersistError.UNSAFE)
         if shared and info.st_uid not in (0, os.geteuid()):
             raise PersistError(errno.EPERM, _PLANTED_COMPANION.format(what=what,
-                                                                      uid=info.st_uid), name)
+                                                                      uid=info.st_uid), name,
+                               reason=PersistError.PLANTED)
         # A hard link has its file's owner. (Not checked for the cache itself, which has two
         # names for a moment as _create() links it into place.)
         if shared and info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
-            raise PersistError(errno.EPERM, _HARD_LINKED.format(links=info.st_nlink), name)
+            raise PersistError(errno.EPERM, _HARD_LINKED.format(links=info.st_nlink), name,
+                               reason=PersistError.HARD_LINKED)
 
 
 # -- the store: one SQLite file per cache, with large pickles in files beside it
@@ -993,7 +1086,7 @@ class _Connection:
         """Whether a reader in a directory it may not write saw the cache's last writer go,
         taking the -wal and -shm files that SQLite cannot make again there: then it closes,
         and the next use reads the file as _open_read_only() does."""
-        if self.mode != "ro" or "readonly" not in str(exc) or self._conn is None:
+        if self.mode != "ro" or _sqlite_failure(exc) != "readonly" or self._conn is None:
             return False
         self._close_conn()
         self._snapshots = True            # SQLite's own way failed here once: not again
@@ -1028,10 +1121,10 @@ class _Connection:
         conn = None
         _check_companions(self.path)
         try:
-            conn = self._open(self.mode, 0.0 if interrupted else _ASIDE_TIMEOUT)
+            conn = self._open(self.mode, 0.0 if interrupted else _HANDLER_TIMEOUT)
             return work(conn, *args)
         except sqlite3.OperationalError as exc:
-            if interrupted and "locked" in str(exc):
+            if interrupted and _sqlite_failure(exc) == "busy":
                 raise _HandlerBusy(errno.EBUSY, "a signal handler cannot write to the cache "
                                    "while the code it interrupted is writing to it",
                                    self.path) from None
@@ -1068,7 +1161,7 @@ class _Connection:
         """
         for attempt in range(_FROZEN_TRIES):
             if attempt:
-                time.sleep(0.005)         # the owner is writing: give it a moment
+                time.sleep(_FROZEN_PAUSE)
             before = self._file_state()
             if before[3] == 0:            # no log: the file alone
                 conn = self._open("ro&immutable=1", _BUSY_TIMEOUT)
@@ -1109,7 +1202,7 @@ class _Connection:
         # type: (Callable[..., _T], Sequence[Any]) -> _T
         for attempt in range(_FROZEN_TRIES):
             if attempt:
-                time.sleep(0.005)         # the owner is writing: give it a moment
+                time.sleep(_FROZEN_PAUSE)
             if self._file_state() != self._frozen:      # written since: read it anew
                 self._close_conn()
                 conn = self._connect()
@@ -1147,11 +1240,14 @@ class _Connection:
         if app != _APPLICATION_ID:
             empty = not _fetch(conn, "SELECT 1 FROM sqlite_master")
             why = "an empty file" if empty else "an SQLite database of another program"
-            raise PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), self.path)
+            raise PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), self.path,
+                               reason=PersistError.EMPTY if empty else
+                               PersistError.FOREIGN_SQLITE)
         if found != _FORMAT:
-            message = _NEWER if found > _FORMAT else _OLDER
+            message, reason = ((_NEWER, PersistError.NEWER_FORMAT) if found > _FORMAT else
+                               (_OLDER, PersistError.OLDER_FORMAT))
             raise PersistError(errno.EINVAL, message.format(found=found, ours=_FORMAT),
-                               self.path)
+                               self.path, reason=reason)
 
     def _close_conn(self):
         # type: () -> None
@@ -1228,8 +1324,7 @@ def _journal_mode(conn, mode, timeout):
         try:
             (answer,), = _fetch(conn, "PRAGMA journal_mode=" + mode)
         except sqlite3.OperationalError as exc:
-            if ("locked" not in str(exc) and "busy" not in str(exc) or
-                    time.monotonic() > deadline):
+            if _sqlite_failure(exc) != "busy" or time.monotonic() > deadline:
                 raise
         else:
             if (answer.lower() != "wal" or mode.lower() == "wal" or
@@ -1242,27 +1337,62 @@ class _HandlerBusy(OSError):
     """A signal handler's write that would wait for the transaction it interrupted."""
 
 
+# What went wrong in SQLite, as the callers tell it apart: "readonly", "busy" (another
+# connection holds a lock), "full", "cantopen", "damaged" (not a database, or corrupt), or ""
+# for anything else. By SQLite's result code where Python gives it (3.11 on: the error's
+# sqlite_errorcode); by the message before, and on PyPy, whose sqlite3 has no codes.
+# (By getattr: type checkers read sqlite3 as Python 3.10 has it, without the codes.)
+_SQLITE_FAILURES = {getattr(sqlite3, "SQLITE_" + name, None): failure for name, failure in (
+    ("READONLY", "readonly"), ("BUSY", "busy"), ("LOCKED", "busy"), ("FULL", "full"),
+    ("CANTOPEN", "cantopen"), ("NOTADB", "damaged"), ("CORRUPT", "damaged"))}
+
+
+def _failure_by_code(exc):
+    # type: (sqlite3.Error) -> str
+    # An extended code (SQLITE_READONLY_DBMOVED, ...) has its primary code in its low byte.
+    # The sqlite3 module's own errors (a closed connection) have no code.
+    code = getattr(exc, "sqlite_errorcode", None)
+    return "" if code is None else _SQLITE_FAILURES.get(code & 0xFF, "")
+
+
+def _failure_by_text(exc):
+    # type: (sqlite3.Error) -> str
+    text = str(exc)
+    if "unable to open" in text or "could not open" in text.lower():     # PyPy's words
+        return "cantopen"
+    for needles, failure in ((("readonly", "read-only"), "readonly"), (("full",), "full"),
+                             (("locked", "busy"), "busy"),
+                             (("not a database", "malformed", "encrypted"), "damaged")):
+        if any(needle in text for needle in needles):
+            return failure
+    return ""
+
+
+# the codes came with the errors' sqlite_errorcode (3.11)
+_sqlite_failure = _failure_by_code if hasattr(sqlite3, "SQLITE_BUSY") else _failure_by_text
+
+
 def _sqlite_error(exc, path):
     # type: (sqlite3.Error, str) -> OSError
     """The one place that turns an sqlite3 error into persist's, naming the file."""
     text = str(exc)
-    if "unable to open" in text or "could not open" in text.lower():     # PyPy's words
+    failure = _sqlite_failure(exc)
+    if failure == "cantopen":
         unreadable = _unreadable(path)
         if unreadable:
             return PermissionError(errno.EACCES, unreadable, path)
     if isinstance(exc, sqlite3.OperationalError):
-        if "readonly" in text or "read-only" in text:
+        if failure == "readonly":
             return PermissionError(errno.EACCES, "cannot write the cache (%s)" % text, path)
-        if "full" in text:
+        if failure == "full":
             return OSError(errno.ENOSPC, "cannot write the cache (%s)" % text, path)
-        if "locked" in text or "busy" in text:
+        if failure == "busy":
             return OSError(errno.EBUSY, "the cache stayed locked by another process (%s)"
                            % text, path)
-        if "unable to open" in text:
+        if failure == "cantopen":
             return OSError(errno.EIO, "cannot open the cache (%s)" % text, path)
         return OSError(errno.EIO, "cache file error (%s)" % text, path)
-    if isinstance(exc, sqlite3.DatabaseError) and (
-            "not a database" in text or "malformed" in text or "encrypted" in text):
+    if isinstance(exc, sqlite3.DatabaseError) and failure == "damaged":
         return _damaged(path, text)
     return OSError(errno.EIO, "cache file error (%s: %s)" % (type(exc).__name__, text), path)
 
@@ -1321,7 +1451,8 @@ def _damaged(path, why):
     ours = ours or os.path.isdir(path + ".values")
     if not ours and not (path.endswith(".db") or head.startswith(b"SQLite format 3\0") or
                          (len(head) >= 16 and not head[:16].strip(b"\0"))):
-        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), path)
+        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), path,
+                            reason=PersistError.NOT_A_CACHE)
     files = [path, path + "-wal", path + "-shm"]
     if os.name == "nt":
         how = "delete %s, and the folder %s.values" % (", ".join(files), path)
@@ -1332,10 +1463,10 @@ def _damaged(path, why):
     if ours:
         return PersistError(errno.EINVAL, "a damaged persist cache (%s); persist leaves it as "
                             "it is: to start over (its results are computed again), remove its "
-                            "files: %s" % (why, how), path)
+                            "files: %s" % (why, how), path, reason=PersistError.CORRUPT)
     return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why) + "; or, if it is a "
                         "persist cache that was damaged, start over by removing its files (%s)"
-                        % how, path)
+                        % how, path, reason=PersistError.NOT_A_CACHE)
 
 
 def _transaction(conn, work, args):
@@ -1594,7 +1725,8 @@ class _Values:
             if not _hex_name(name, _VALUE_DIGITS):
                 values = os.path.basename(self.directory)
                 raise PersistError(errno.EINVAL, _CORRUPT_ROW.format(
-                    name=name, digits=_VALUE_DIGITS, values=values), self.directory[:-len(".values")])
+                    name=name, digits=_VALUE_DIGITS, values=values),
+                    self.directory[:-len(".values")], reason=PersistError.CORRUPT_ROW)
 
     def create(self):
         # type: () -> Tuple[str, io.BufferedWriter]
@@ -1606,12 +1738,13 @@ class _Values:
         # By the rules of the cache's other files: in a team's directory a teammate made it.
         info = os.lstat(self.directory)
         if stat.S_ISLNK(info.st_mode):
-            raise PersistError(errno.ELOOP, _LINK, self.directory)
+            raise PersistError(errno.ELOOP, _LINK, self.directory, reason=PersistError.SYMLINK)
         if not stat.S_ISDIR(info.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory, where persist keeps the "
                                      "cache's large results; move it away", self.directory)
         if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(self.directory)):
-            raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.directory)
+            raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.directory,
+                               reason=PersistError.UNSAFE)
         while True:
             name = os.urandom(16).hex()
             fd = os.open(self.path(name), _O_TEMP, _FILE_MODE)
@@ -1770,16 +1903,17 @@ class _Store:
             except FileNotFoundError:
                 continue
             if stat.S_ISLNK(info.st_mode):
-                raise PersistError(errno.ELOOP, _LINK, name)
+                raise PersistError(errno.ELOOP, _LINK, name, reason=PersistError.SYMLINK)
             if name == self.path and stat.S_ISDIR(info.st_mode):    # SQLite: "unable to open"
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
             if name == self.path and not stat.S_ISREG(info.st_mode):
                 # SQLite would wait for ever to open a FIFO for reading (persist ls, 'r')
                 raise PersistError(errno.EINVAL, "%s, not a cache file; persist leaves it as "
                                    "it is: give persist another file name" % _kind(
-                                       info.st_mode), name)
+                                       info.st_mode), name, reason=PersistError.NOT_A_FILE)
             if _CHECK_WORLD_WRITABLE and _planted(info, directory):
-                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name,
+                                   reason=PersistError.UNSAFE)
         _check_companions(self.path)
 
     def _check_calls(self):
@@ -2063,7 +2197,7 @@ class _Store:
         up while other processes keep committing, and the log would grow without end."""
         def restart(conn):
             # type: (sqlite3.Connection) -> None
-            conn.execute("PRAGMA busy_timeout=%d" % (_ASIDE_TIMEOUT * 1000))
+            conn.execute("PRAGMA busy_timeout=%d" % (_RESTART_TIMEOUT * 1000))
             try:
                 # While another connection checkpoints (SQLite's own automatic checkpoint,
                 # which every commit runs once the log is large, or a FULL one waiting for
@@ -2075,7 +2209,7 @@ class _Store:
                 # statements in progress").
                 cursor = conn.cursor()
                 try:
-                    deadline = time.monotonic() + _ASIDE_TIMEOUT
+                    deadline = time.monotonic() + _RESTART_TIMEOUT
                     while (cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0][0]
                            and _size(self.path + "-wal") > _LOG_LIMIT and
                            time.monotonic() < deadline):
@@ -2084,7 +2218,7 @@ class _Store:
                     cursor.close()
             finally:
                 conn.execute("PRAGMA busy_timeout=%d" % (_BUSY_TIMEOUT * 1000))
-        # best effort: a reader that stays longer than _ASIDE_TIMEOUT defers it to next time
+        # best effort: a reader that stays longer than _RESTART_TIMEOUT defers it to next time
         with contextlib.suppress(OSError):
             self.conn.run(restart)
 
@@ -2363,10 +2497,12 @@ class _Shelf(_ShelfBase):
                 raise PersistError(errno.EIO, "the value file of key %r is cut short or "
                                    "damaged (%s: %s); store the key again, or delete it"
                                    % (key, type(exc).__name__, exc),
-                                   store.values.path(row[1])) from None
+                                   store.values.path(row[1]),
+                                   reason=PersistError.DAMAGED_VALUE) from None
         # not a writer's replacement: gone for good (removed by hand)
         raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
-                           store.values.path(row[1]))  # type: ignore[index, arg-type]  # a row
+                           store.values.path(row[1]),  # type: ignore[index, arg-type]  # a row
+                           reason=PersistError.MISSING_VALUE)
 
     def __setitem__(self, key, value):
         # type: (str, Any) -> None
@@ -3916,7 +4052,8 @@ def _check_source(store, memo):
             "%s() is defined in %s: two projects share one cache directory. Give one of them "
             "memoize(cache_dir=...) or unset PERSIST_DIR; if both files are the same code, "
             "pass memoize(name=%r) to share the cache"
-            % (memo.identity, recorded, memo.identity, source, memo.identity)), memo.path)
+            % (memo.identity, recorded, memo.identity, source, memo.identity)), memo.path,
+            reason=PersistError.NAME_CLASH)
 
 
 def _make_cache_dir(directory):
@@ -4161,7 +4298,7 @@ def _env_dir():
                                     os.environ.get("HOME", None) == ""):
         raise PersistError(errno.EINVAL, "$PERSIST_DIR starts with ~, and there is no such "
                            "home directory (HOME unset or empty, or no such user): set it to "
-                           "the whole path", text)
+                           "the whole path", text, reason=PersistError.NO_HOME)
     return expanded
 
 
@@ -4170,7 +4307,7 @@ def _untrusted(exc):
     """Whether exc is the trust check's refusal (see _check_private): a cache others could
     plant pickles in. persist raises the other PersistErrors (a file that is not a cache, one
     of a newer format) at every use; with this one it runs uncached, as with a full disk."""
-    return isinstance(exc, PersistError) and exc.errno == errno.EPERM
+    return isinstance(exc, PersistError) and exc.reason in _UNTRUSTED
 
 
 _DEEP_ADVICE = ("; return a flatter structure: pickle recurses once per level of nesting, "
@@ -5949,8 +6086,8 @@ def _dir_lock(directory):
                 break
             except BlockingIOError:
                 if not retry:
-                    raise PersistError(errno.EBUSY, _BUSY_DIR,
-                                       os.fspath(directory)) from None
+                    raise PersistError(errno.EBUSY, _BUSY_DIR, os.fspath(directory),
+                                       reason=PersistError.BUSY) from None
             except OSError:
                 # a filesystem without locks (some NFS and FUSE mounts): the stage runs, and a
                 # second done_dir() at once goes undetected, as on Windows
@@ -6041,18 +6178,19 @@ def _shelve_items(path, kind):
     if kind == "dbm.sqlite3":              # read here: Python before 3.13 has no dbm.sqlite3
         _check_companions(path)
         busy = PersistError(errno.EBUSY, "a dbm.sqlite3 shelve file that another program "
-                            "has open; close it there, then open it again", path)
+                            "has open; close it there, then open it again", path,
+                            reason=PersistError.BUSY)
         try:
             # the rows are read as the caller copies them: all of it under one _elsewhere()
             with _elsewhere(path):
                 conn = sqlite3.connect(_uri(path, "rw"), uri=True, isolation_level=None,
-                                       timeout=_ASIDE_TIMEOUT)
+                                       timeout=_SHELVE_TIMEOUT)
                 try:
                     # Out of WAL mode first, which needs the only connection to it: then
                     # the file holds all of it, and leaves no -wal file that SQLite would
                     # replay into the store that takes its name. Another process may be
                     # looking at what the file is (_shelve_kind), for a moment.
-                    if _journal_mode(conn, "DELETE", _ASIDE_TIMEOUT).lower() == "wal":
+                    if _journal_mode(conn, "DELETE", _SHELVE_TIMEOUT).lower() == "wal":
                         raise busy
                     rows = conn.execute("SELECT key, value FROM Dict")
                     yield ((bytes(key) if isinstance(key, (bytes, memoryview)) else
@@ -6060,7 +6198,7 @@ def _shelve_items(path, kind):
                 finally:
                     _close(conn)
         except sqlite3.Error as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if _sqlite_failure(exc) == "busy":
                 raise busy from None
             raise OSError(errno.EIO, "cannot read the shelve file (%s)" % exc, path) from None
         return
@@ -6070,7 +6208,8 @@ def _shelve_items(path, kind):
     except ImportError:
         raise PersistError(errno.EINVAL, "a %s shelve file, which this Python cannot read "
                            "(it has no %s); open it once with a Python that has, to copy "
-                           "its entries into a persist store" % (kind, kind), path) from None
+                           "its entries into a persist store" % (kind, kind), path,
+                           reason=PersistError.SHELVE_UNSUPPORTED) from None
     try:
         yield ((key, db[key]) for key in db.keys())  # type: ignore[misc]  # keys are bytes
     finally:
@@ -6114,7 +6253,8 @@ def _from_shelve(path, kind, copy=True):
                 if os.path.lexists(log):    # SQLite would read it as the new file's
                     raise PersistError(errno.EBUSY, "the shelve file is in use by another "
                                        "program (it has a %s file); close it there, then "
-                                       "open it again" % log[-4:], path)
+                                       "open it again" % log[-4:], path,
+                                       reason=PersistError.BUSY)
             # another process may have copied it meanwhile (one without the lock, see
             # _open_shelve_file), and its store must not be replaced
             kept = _keep_aside(path, original)    # type: ignore[arg-type]  # set: same_name
@@ -6209,9 +6349,11 @@ def _open_shelve_file(path, flag):
             except FileNotFoundError:
                 continue
             if _planted(info, directory):
-                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name)
+                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name,
+                                   reason=PersistError.UNSAFE)
     if flag == "r":
-        raise PersistError(errno.EINVAL, _SHELVE_READ_ONLY.format(kind=kind, path=path), path)
+        raise PersistError(errno.EINVAL, _SHELVE_READ_ONLY.format(kind=kind, path=path), path,
+                           reason=PersistError.SHELVE)
     if flag == "n" and kind in ("dbm.dumb", "dbm.ndbm"):
         return                             # its files have other names: they stay as they are
     # One process at a time, and then only if nobody did it meanwhile. The lock is the
@@ -6223,7 +6365,7 @@ def _open_shelve_file(path, flag):
         lock = os.open(directory, os.O_RDONLY)
     try:
         if lock is not None:
-            deadline = time.monotonic() + _ASIDE_TIMEOUT
+            deadline = time.monotonic() + _CONVERT_TIMEOUT
             while True:
                 try:
                     _fcntl.flock(lock, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
@@ -6702,7 +6844,8 @@ def _find_cache(name, directory=None):
         if found:
             raise PersistError(errno.EINVAL, "%d caches of that name under %s (%s); give one "
                                "of these paths" % (len(found), directory, ", ".join(
-                                   os.path.relpath(path, directory) for path in found)), name)
+                                   os.path.relpath(path, directory) for path in found)), name,
+                               reason=PersistError.AMBIGUOUS)
     raise FileNotFoundError(errno.ENOENT, "No such cache file, nor a function's cache of that "
                             "name: %s, or give a .db file's path ('persist ls' lists them)"
                             % _where_looked(directory, given, "--dir DIR"), name)
@@ -6720,27 +6863,35 @@ def _open_cache(name, flag="w", directory=None):
             raise
     # a file of the user's: say what it is and how persist takes it, never to delete it
     raise PersistError(errno.EINVAL, "a %s shelve file, not a persist cache; persist.open(%r) "
-                       "copies its entries into one, keeping it" % (kind, path), path)
+                       "copies its entries into one, keeping it" % (kind, path), path,
+                       reason=PersistError.SHELVE)
+
+
+# What 'persist ls' calls a file by the reason of its PersistError, before it looks at the
+# file itself (a shelve file, a damaged cache or another file)
+_LISTED_AS = {
+    PersistError.NEWER_FORMAT: "newer format", PersistError.OLDER_FORMAT: "older format",
+    PersistError.EMPTY: "empty file", PersistError.SYMLINK: "symlink",
+    PersistError.NOT_A_FILE: "not a file",
+}
+_LISTED_AS.update(dict.fromkeys(_UNTRUSTED, "unsafe"))
 
 
 def _problem(path, exc):
     # type: (str, OSError) -> str
     """Why the .db file at path is not a cache persist can list, in a word or two."""
-    text = str(exc)
+    reason = (exc.reason or "") if isinstance(exc, PersistError) else ""
     if os.path.islink(path) and not os.path.exists(path):
         return "dangling link"
     if isinstance(exc, PermissionError) or not os.access(path, os.R_OK):
         return "unreadable"
-    for needle, word in (("newer persist", "newer format"), ("older persist", "older format"),
-                         ("an empty file", "empty file"), ("symbolic link", "symlink"),
-                         ("every user may", "unsafe"), ("owned by user", "unsafe"),
-                         ("not a cache file", "not a file"),
-                         ("locked", "locked")):
-        if needle in text:
-            return word
+    if reason in _LISTED_AS:
+        return _LISTED_AS[reason]
+    if not reason and exc.errno == errno.EBUSY:     # another process holds it (_sqlite_error)
+        return "locked"
     if _shelve_kind(path) is not None:
         return "shelve file"
-    if "another program" in text:
+    if reason == PersistError.FOREIGN_SQLITE:
         return "foreign SQLite"
     try:
         with io.open(path, "rb") as file:

@@ -246,6 +246,31 @@ class TestModule(unittest.TestCase):
         self.assertEqual({name for name in names
                           if name.split(".")[0] not in sys.stdlib_module_names}, set())
 
+    def test_every_persist_error_has_a_reason_its_docstring_names(self):
+        # what 'persist ls' and callers tell the cases apart by: a raise site without one
+        # would be listed by the file's first bytes, as if it were any damaged file
+        import ast
+        with open(persist.__file__, encoding="utf-8") as file:
+            tree = ast.parse(file.read())
+        reasons = {name: value for name, value in vars(persist.PersistError).items()
+                   if name.isupper()}
+        made = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "PersistError"]
+        self.assertGreater(len(made), 25)
+        for node in made:
+            given = [keyword.value for keyword in node.keywords if keyword.arg == "reason"]
+            self.assertEqual(len(given), 1, "line %d" % node.lineno)
+            named = {sub.attr for sub in ast.walk(given[0]) if isinstance(sub, ast.Attribute)
+                     and getattr(sub.value, "id", None) == "PersistError"}
+            self.assertTrue(named or isinstance(given[0], ast.Name), "line %d" % node.lineno)
+            self.assertLessEqual(named, set(reasons), "line %d" % node.lineno)
+        doc = persist.PersistError.__doc__
+        self.assertEqual({name for name in reasons if re.search(r"\n +%s " % name, doc)},
+                         set(reasons))
+        self.assertEqual(len(set(reasons.values())), len(reasons))
+        self.assertTrue(all(re.fullmatch("[a-z]+(-[a-z]+)*", value)
+                            for value in reasons.values()), reasons)
+
     def test_version_and_licence(self):
         self.assertEqual(persist.__version__, "0.1.0")
         with open(persist.__file__, encoding="utf-8") as file:
@@ -530,6 +555,7 @@ class TestRefusedCacheLeavesNothing(TempDirTest):
                                                 "owned by user %d" % NOBODY) as caught:
                         f(1)
                     self.assertEqual(caught.exception.filename, str(self.project))
+                    self.assertEqual(caught.exception.reason, persist.PersistError.NOT_OURS)
         self.assertEqual(self.runs, [])
         self.assertEqual(os.listdir(self.project), [])
 
@@ -569,6 +595,7 @@ class TestAtomicRefusesWhatIsNotAFile(TempDirTest):
             persist.atomic_write(target, "x")
         self.assertEqual(caught.exception.filename, target)
         self.assertEqual(caught.exception.errno, errno.EINVAL)
+        self.assertEqual(caught.exception.reason, persist.PersistError.NOT_A_FILE)
         with self.assertRaisesRegex(persist.PersistError, kind):
             with persist.atomic_open(target, "wb"):
                 self.fail("the block ran")
@@ -1277,18 +1304,20 @@ class TestOpenConcurrentProcesses(TempDirTest):
 
 
 class TestNotACache(TempDirTest):
-    def check_refused(self, path, pattern):
+    def check_refused(self, path, pattern, reason):
         before = path.read_bytes()
         with self.assertRaises(persist.PersistError) as caught:
             persist.open(path)
         self.assertIn(str(path), str(caught.exception))
         self.assertRegex(str(caught.exception), pattern)
+        self.assertEqual(caught.exception.reason, reason)
         self.assertEqual(path.read_bytes(), before)
 
     def test_garbage_file(self):
         path = self.path / "cache.db"
         path.write_bytes(b"this is not sqlite at all, just some text\n" * 100)
-        self.check_refused(path, "not a persist cache.*another file name")
+        self.check_refused(path, "not a persist cache.*another file name",
+                           persist.PersistError.NOT_A_CACHE)
 
     def test_other_sqlite_database(self):
         path = self.path / "cache.db"
@@ -1296,7 +1325,8 @@ class TestNotACache(TempDirTest):
         conn.execute("CREATE TABLE users (name TEXT)")
         conn.commit()
         conn.close()
-        self.check_refused(path, "another program.*another file name")
+        self.check_refused(path, "another program.*another file name",
+                           persist.PersistError.FOREIGN_SQLITE)
 
     def test_newer_format(self):
         path = self.path / "cache.db"
@@ -1304,7 +1334,7 @@ class TestNotACache(TempDirTest):
         conn = sqlite3.connect(str(path))
         conn.execute("PRAGMA user_version=99")
         conn.close()
-        self.check_refused(path, "newer persist.*format 99")
+        self.check_refused(path, "newer persist.*format 99", persist.PersistError.NEWER_FORMAT)
 
 
 # -- memoize
@@ -1506,9 +1536,9 @@ class TestMemoizeLocation(TempDirTest):
             try:
                 persist.map(g, [1, 2])
             except persist.PersistError as exc:
-                print("refused", exc.filename)
+                print("refused", exc.filename, exc.reason)
         """, cwd=str(self.path), PERSIST_DIR=nobody)
-        self.assertEqual(out, "refused %s\n" % nobody)
+        self.assertEqual(out, "refused %s no-home\n" % nobody)
         # HOME set but empty (some containers, su without -l): not at the top, /NAME
         top = "persist-test-%s" % os.urandom(4).hex()
         import shutil
@@ -2851,8 +2881,9 @@ class TestCacheOfAnEarlierFormat(MemoTest):
         with self.assertRaisesRegex(persist.PersistError, re.escape(path) + ".*older persist "
                                     r"\(format 2.*move the file away"):
             g(1)
-        with self.assertRaisesRegex(persist.PersistError, "older persist"):
+        with self.assertRaisesRegex(persist.PersistError, "older persist") as caught:
             persist.open(path)
+        self.assertEqual(caught.exception.reason, persist.PersistError.OLDER_FORMAT)
         self.assertEqual(pathlib.Path(path).read_bytes(), before)
 
     @slow
@@ -3460,6 +3491,13 @@ class TestProjectsSharingAPersistDir(TempDirTest):
         self.assertEqual(self.run_job(first).stdout, "first\n")
         refused = self.run_job(second)
         self.assertNotEqual(refused.returncode, 0)
+        self.assertEqual(run_python("""
+            import persist, runpy
+            try:
+                runpy.run_path(%r, run_name="__main__")
+            except persist.PersistError as exc:
+                print(exc.reason)
+        """ % str(second), PERSIST_DIR=self.path / "shared"), "name-clash\n")
         self.assertIn("PersistError", refused.stderr)
         self.assertIn(str(first), refused.stderr)
         self.assertIn("name=", refused.stderr)
@@ -4033,6 +4071,7 @@ class TestDamagedCacheFile(TempDirTest):
             with persist.open(path) as db:
                 dict(db)
         self.assertEqual(path.read_bytes(), before)
+        self.reason = caught.exception.reason
         return str(caught.exception)
 
     def start_over(self, message):
@@ -4048,6 +4087,7 @@ class TestDamagedCacheFile(TempDirTest):
         message = self.check_refused(path, ": a damaged persist cache .*remove its files: "
                                            "rm -f %s %s-wal %s-shm; rm -rf %s.values$"
                                      % ((re.escape(str(path)),) * 4))
+        self.assertEqual(self.reason, persist.PersistError.CORRUPT)
         if POSIX:
             (self.path / "cache.db.values").mkdir()
             (self.path / "cache.db.values" / "f").write_bytes(b"x")
@@ -4064,6 +4104,7 @@ class TestDamagedCacheFile(TempDirTest):
         message = self.check_refused(path, ": not a persist cache .*another file name.*if it is "
                                            "a persist cache that was damaged, start over by "
                                            "removing its files \\(rm -f ")
+        self.assertEqual(self.reason, persist.PersistError.NOT_A_CACHE)
         if POSIX:
             self.start_over(message)
             with persist.open(path) as db:
@@ -4113,6 +4154,7 @@ class TestDamagedCacheFile(TempDirTest):
             file.write(b"SQLite format 3\0" + b"\xff" * 50)      # header overwritten
         with self.assertRaisesRegex(persist.PersistError, "damaged persist cache") as caught:
             persist.memoize(cache_dir=cache, name="big")(lambda x: x)(1)
+        self.assertEqual(caught.exception.reason, persist.PersistError.CORRUPT)
         self.start_over(str(caught.exception))
         self.assertEqual(os.listdir(cache), [".gitignore"])
         done = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(cache)],
@@ -4185,6 +4227,7 @@ class TestValueFileNamedOutsideTheCache(TempDirTest):
 
     def assertCorrupt(self, caught, path, name):
         self.assertEqual(caught.exception.filename, str(path))
+        self.assertEqual(caught.exception.reason, persist.PersistError.CORRUPT_ROW)
         self.assertIn("corrupt entry", str(caught.exception))
         self.assertIn(repr(name), str(caught.exception))
         self.assertEqual(self.precious.read_text(), "mine")
@@ -4298,10 +4341,11 @@ class TestValueFileNamedOutsideTheCache(TempDirTest):
                     try:
                         attempt()
                     except persist.PersistError as exc:
-                        print(exc.strerror)
+                        print(exc.strerror, exc.reason)
                 print(len(db))
         """ % str(path), timeout=120)             # a loop that never ends fails here
-        self.assertEqual(out, "the value file of key 'k' is missing\n" * 2 + "1\n")
+        self.assertEqual(out, "the value file of key 'k' is missing missing-value\n" * 2 +
+                         "1\n")
 
     def test_a_value_file_cut_short_names_its_key_and_file(self):
         # Value files are not fsynced: after a power cut one may be cut short. Reading its
@@ -4318,6 +4362,7 @@ class TestValueFileNamedOutsideTheCache(TempDirTest):
                 with self.assertRaisesRegex(persist.PersistError, "the value file of key 'k' "
                                             "is cut short or damaged") as caught:
                     attempt()
+                self.assertEqual(caught.exception.reason, persist.PersistError.DAMAGED_VALUE)
                 self.assertEqual(caught.exception.filename,
                                  os.path.join(str(path) + ".values", name))
             self.assertEqual(db["other"], 1)
@@ -4365,8 +4410,9 @@ class TestHostileDirectory(TempDirTest):
 
             with self.assertRaisesRegex(persist.PersistError, "symbolic link"):
                 f(1)
-            with self.assertRaisesRegex(persist.PersistError, "symbolic link"):
+            with self.assertRaisesRegex(persist.PersistError, "symbolic link") as caught:
                 persist.open(cache / "f.db")
+            self.assertEqual(caught.exception.reason, persist.PersistError.SYMLINK)
         self.assertEqual(victim.read_bytes(), b"")
 
     def test_link_planted_at_the_value_directory_meanwhile_costs_no_result(self):
@@ -4384,8 +4430,9 @@ class TestHostileDirectory(TempDirTest):
             self.assertEqual(f(1), b"v")                         # opened, no .values yet
             os.symlink(victim, self.path / (name + ".db.values"))
             if strict:
-                with self.assertRaisesRegex(persist.PersistError, "symbolic link"):
+                with self.assertRaisesRegex(persist.PersistError, "symbolic link") as caught:
                     f(1 << 20)
+                self.assertEqual(caught.exception.reason, persist.PersistError.SYMLINK)
             else:
                 with self.assertWarnsRegex(persist.PersistWarning, "symbolic link"):
                     self.assertEqual(f(1 << 20), b"v" * (1 << 20))
@@ -4410,13 +4457,15 @@ class TestHostileDirectory(TempDirTest):
         shared = self.path / "shared"
         shared.mkdir()
         os.chmod(shared, 0o777)
-        with self.assertRaisesRegex(persist.PersistError, "every user may write"):
+        with self.assertRaisesRegex(persist.PersistError, "every user may write") as caught:
             persist.open(shared / "x.db")
+        self.assertEqual(caught.exception.reason, persist.PersistError.SWAPPABLE)
         os.chmod(shared, 0o755)
         persist.open(shared / "x.db").close()
         os.chmod(shared / "x.db", 0o666)
-        with self.assertRaisesRegex(persist.PersistError, "every user may write"):
+        with self.assertRaisesRegex(persist.PersistError, "every user may write") as caught:
             persist.open(shared / "x.db")
+        self.assertEqual(caught.exception.reason, persist.PersistError.UNSAFE)
 
     def test_sticky_shared_directory_takes_only_our_own_files(self):
         shared = self.path / "tmp"
@@ -4429,8 +4478,9 @@ class TestHostileDirectory(TempDirTest):
         if os.getuid() == 0:                               # chown needs root
             persist.open(shared / "theirs.db").close()
             os.chown(shared / "theirs.db", 65534, 65534)   # as if planted by another user
-            with self.assertRaisesRegex(persist.PersistError, "another user owns it"):
+            with self.assertRaisesRegex(persist.PersistError, "another user owns it") as caught:
                 persist.open(shared / "theirs.db")
+            self.assertEqual(caught.exception.reason, persist.PersistError.UNSAFE)
 
     @unittest.skipUnless(ROOT, "root, to plant as another user")
     def test_value_directory_planted_meanwhile_costs_no_result(self):
@@ -4538,6 +4588,7 @@ class TestCacheUnderASwappableDirectory(TempDirTest):
                 attempt()
             self.assertEqual(caught.exception.filename, str(shared))
             self.assertEqual(caught.exception.errno, errno.EPERM)
+            self.assertEqual(caught.exception.reason, persist.PersistError.SWAPPABLE)
         self.assertEqual(os.listdir(cache), [])
 
     @slow
@@ -4776,6 +4827,7 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
                         attempt()
                     self.assertRefused("refused %s: %s" % (caught.exception.filename,
                                                            caught.exception), suffix)
+                    self.assertEqual(caught.exception.reason, persist.PersistError.PLANTED)
                 self.assertFalse(os.path.exists(self.cache))
                 os.unlink(self.cache + suffix)   # as its owner or root can: then all is well
                 with persist.open(self.cache) as db:
@@ -4946,6 +4998,7 @@ class TestCompanionPlantedByAnotherUser(TempDirTest):
                     persist.open(self.cache)
                 self.assertEqual(caught.exception.filename, self.cache + suffix)
                 self.assertIn("a file with 2 names (hard links)", str(caught.exception))
+                self.assertEqual(caught.exception.reason, persist.PersistError.HARD_LINKED)
                 self.assertFalse(self.ran.exists())
                 os.unlink(self.cache + suffix)
                 os.unlink(str(ours))
@@ -7359,6 +7412,7 @@ class TestDoneDirBusyMessage(TempDirTest):
         message = str(caught.exception)
         self.assertEqual(message.count(str(d)), 1, message)
         self.assertIn("another done_dir()", message)
+        self.assertEqual(caught.exception.reason, persist.PersistError.BUSY)
 
 
 class TestDoneDirRelativePathAndChdir(TempDirTest):
@@ -8180,6 +8234,35 @@ class TestMapWorkers(TempDirTest):
             # the workers' 44 misses count here too, then 40 hits here
             self.assertEqual(lines[4], "780 (40, 44)")
             self.assertEqual(lines[5], "malformed '?x' True")
+
+
+class TestMapWorkersSendBackPersistErrors(TempDirTest):
+    def test_the_reason_crosses_from_the_worker(self):
+        # a worker's exception comes back pickled: a PersistError with its reason, as raised
+        script = self.path / "job.py"
+        empty = self.path / "empty.db"
+        empty.write_bytes(b"")
+        script.write_text(textwrap.dedent("""
+            import os, sys, persist
+            def work(x):
+                if x:
+                    persist.open(sys.argv[1], "r")
+                return os.getpid()
+            if __name__ == "__main__":
+                try:
+                    persist.map(work, [0, 1], workers=2, progress=False)
+                except persist.Failures as exc:
+                    (item, error), = exc.failures
+                    print(exc.results[0] != os.getpid(), item, type(error).__name__)
+                    print(error.reason, error.errno, error.filename)
+                    print(error)
+        """))
+        done = run_command([str(script), str(empty)], timeout=300)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.splitlines(), [
+            "True 1 PersistError", "empty %d %s" % (errno.EINVAL, empty),
+            "%s: not a persist cache (an empty file); persist leaves it as it is: give persist "
+            "another file name (cache_dir=, name= or the path you open)" % empty])
 
 
 class TestMapWorkersCountTimeSaved(TempDirTest):
@@ -9022,6 +9105,42 @@ class TestCommandLineListsBrokenFiles(CommandLineTest):
         self.assertTrue(rows["other.db"].startswith("(foreign SQLite) "))
         self.assertTrue(rows["cut.db"].startswith("(corrupt) "), rows["cut.db"])
 
+    def test_each_reason_has_its_word(self):
+        # ls names a refused cache by its PersistError's reason
+        import shutil
+        words = {"newer.db": "(newer format) ", "older.db": "(older format) "}
+        for name, version in (("newer.db", 99), ("older.db", 2)):
+            shutil.copyfile(str(self.db), str(self.cache / name))
+            conn = sqlite3.connect(str(self.cache / name))
+            conn.execute("PRAGMA user_version=%d" % version)
+            conn.close()
+        if hasattr(os, "symlink"):
+            os.symlink(str(self.cache / "newer.db"), str(self.cache / "link.db"))
+            words["link.db"] = "(symlink) "
+        if POSIX:
+            shutil.copyfile(str(self.db), str(self.cache / "open.db"))
+            os.chmod(str(self.cache / "open.db"), 0o666)
+            words["open.db"] = "(unsafe) "
+        done = self.cli("ls", self.cache)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        rows = {line.split()[-1]: line for line in done.stdout.splitlines()[1:]}
+        self.assertEqual({name: rows[name][:len(word)] for name, word in words.items()}, words,
+                         done.stdout)
+
+    def test_the_word_is_the_reason_not_a_word_in_the_path(self):
+        # ls searched the error's text, path and all: in a directory named "locked" (or
+        # "symbolic link", ...) every refused file was called what the path said
+        for folder in ("locked", "owned by user"):
+            cache = self.path / folder
+            cache.mkdir()
+            (cache / "notes.db").write_text("my notes, not a database")
+            (cache / "empty.db").write_bytes(b"")
+            done = self.cli("ls", cache)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            rows = {line.split()[-1]: line for line in done.stdout.splitlines()[1:]}
+            self.assertTrue(rows["notes.db"].startswith("(not SQLite) "), rows["notes.db"])
+            self.assertTrue(rows["empty.db"].startswith("(empty file) "), rows["empty.db"])
+
     @unittest.skipUnless(hasattr(os, "mkfifo"), "FIFOs")
     def test_a_fifo_named_as_a_cache_is_listed_not_waited_on(self):
         # in a directory others may write (/tmp), anyone may leave one named NAME.db
@@ -9315,6 +9434,7 @@ class TestOpenOverDbmDumb(ShelveFileTest):
             persist.open(self.path / "plain_shelf", "r")
         self.assertIn("dbm.dumb shelve file, not yet a persist store; open it once with "
                       "persist.open(", str(caught.exception))
+        self.assertEqual(caught.exception.reason, persist.PersistError.SHELVE)
         self.assertNotIn("delete", str(caught.exception))
         self.assertEqual(self.originals(), before)
 
@@ -9383,6 +9503,7 @@ class TestOpenOverDbmSqlite3(ShelveFileTest):
             other.rollback()
             other.close()
         self.assertIn("another program has open", str(caught.exception))
+        self.assertEqual(caught.exception.reason, persist.PersistError.BUSY)
         self.assertNotIn("delete", str(caught.exception))
         self.assertNoTemp()
         self.check_copied("plain_shelf", "dbm.sqlite3", "plain_shelf.before-persist")
@@ -10164,8 +10285,9 @@ class TestEmptyFileBecomesAStore(TempDirTest):
         path = self.path / "empty.db"
         path.write_bytes(b"")
         for flag in "rw":
-            with self.assertRaisesRegex(persist.PersistError, "an empty file"):
+            with self.assertRaisesRegex(persist.PersistError, "an empty file") as caught:
                 persist.open(path, flag)
+            self.assertEqual(caught.exception.reason, persist.PersistError.EMPTY)
         self.assertEqual(path.read_bytes(), b"")
 
     def test_a_memoized_function_whose_cache_file_is_empty(self):
