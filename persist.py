@@ -114,11 +114,6 @@ if TYPE_CHECKING:
     _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str,
                                       Union[bytes, str, None]]
     _Call: TypeAlias = Tuple[_Args, _Kwargs]       # (args, kwargs) of a call
-    _Handle: TypeAlias = Tuple["_Memoized", _Args, _Kwargs]   # _handle_of()'s
-    # what _run says of an item: (True, result, seconds the hit saved, else None, or False
-    # for a result computed and not stored), (False, exception, traceback text or None), or
-    # (None, None, None) when it never started
-    _Outcome: TypeAlias = Tuple[Optional[bool], Any, Any]
 
     class _Event(Protocol):       # threading's, or multiprocessing's
         def is_set(self) -> bool: ...
@@ -5086,10 +5081,14 @@ _BATCH_SECONDS = 0.05     # persist.map sends workers items in batches of about 
 _BATCH_LIMIT = 1000       # items, at most, in one batch
 _SUSPECTS_HALVED = 256    # items lost with a dead worker, more than which run again in halves:
                           # a new pool costs as much as a few hundred round trips (spawn)
+_WORKER_EXIT_WAIT = 2.0   # seconds _stop_workers waits for each worker it terminated to exit:
+                          # SIGTERM ends one at once, and shutdown() has joined most already;
+                          # one stuck in the kernel (a dead NFS mount) must not hold up the
+                          # end of the run, or Ctrl-C, for long
 
 
 def _handle_of(func):
-    # type: (_Func) -> Optional[_Handle]
+    # type: (_Func) -> Optional[_MemoizedPartial]
     """(the _Memoized behind func, leading arguments, keywords) when func is a memoized
     function, method or a functools.partial of one; else None."""
     args: "_Args"
@@ -5098,12 +5097,38 @@ def _handle_of(func):
     if isinstance(func, functools.partial):
         args, kwargs, func = func.args, func.keywords, func.func
     if isinstance(func, _Memoized):
-        return func, args, kwargs
+        return _MemoizedPartial(func, args, kwargs)
     try:
         handle = _HANDLES.get(func)
     except TypeError:                 # unhashable, or no weak reference: not ours
         return None
-    return None if handle is None else (handle, args, kwargs)
+    return None if handle is None else _MemoizedPartial(handle, args, kwargs)
+
+
+
+if TYPE_CHECKING:      # the named tuples of persist.map, with the types of their fields
+    class _MemoizedPartial(NamedTuple):
+        """func of persist.map when it is a memoized function or a partial of one."""
+        memoized: "_Memoized"
+        args: _Args             # the leading arguments each item's call gets, then the item
+        kwargs: _Kwargs         # and the keywords
+
+    class _Outcome(NamedTuple):
+        """What _run says of one item."""
+        ok: Optional[bool]      # True: value is its result; False: value is the exception
+                                # it raised; None: it never started (value None: a failure
+                                # stopped the run) or its result could not travel (a _Moved)
+        value: Any
+        saved: Optional[float] = None   # a result reused from the cache: the seconds the
+                                        # cached call took, what reusing it saved; else None
+        unstored: bool = False  # computed, and the cache could not take it (a cache that
+                                # cannot be opened or written: cache_info().unstored)
+        traceback: Optional[str] = None  # the exception's, as text, when it goes to another
+                                         # process (see _run)
+else:
+    _MemoizedPartial = collections.namedtuple("_MemoizedPartial", "memoized args kwargs")
+    _Outcome = collections.namedtuple("_Outcome", "ok value saved unstored traceback",
+                                      defaults=(None, False, None))
 
 
 _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_going=False: set by
@@ -5112,33 +5137,30 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
 
 def _run(func, items, portable, stop=None):
     # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> Tuple[List[_Outcome], float]
-    """func(item) for a batch of items where they run (this process, or a worker): a list of
-    (True, result, None if computed, False if computed and not stored (a cache that cannot
-    be opened or written: counted in cache_info().unstored), else the seconds the cached
-    call took: what reusing it saved), (False, exception, traceback text or None) or
-    (None, None, None) for an item not started, and the seconds the batch took. portable:
-    exceptions go to another process, so each is made picklable and its traceback sent as
-    text. stop: an Event that a failure sets, after which no item starts (keep_going=False)."""
+    """func(item) for a batch of items where they run (this process, or a worker): the
+    _Outcome of each, and the seconds the batch took. portable: exceptions go to another
+    process, so each is made picklable and its traceback sent as text. stop: an Event that a
+    failure sets, after which no item starts (keep_going=False)."""
     stop = stop or _STOP
     found = _handle_of(func)
     if found is not None:
-        call, args, kwargs = found[0]._call, found[1], found[2]
+        call, args, kwargs = found.memoized._call, found.args, found.kwargs
         failing = None if stop is None else stop.set
-        memo = found[0]._memo
+        memo = found.memoized._memo
     outcomes: "List[_Outcome]" = []
     start = time.perf_counter()
     for item in items:
         if stop is not None and stop.is_set():
-            outcomes.append((None, None, None))
+            outcomes.append(_Outcome(None, None))
             continue
         try:
             if found is None:
-                outcomes.append((True, func(item), None))
+                outcomes.append(_Outcome(True, func(item)))
             else:
                 unstored = memo.unstored
                 value, saved = call(args + (item,), kwargs, failing)
-                outcomes.append((True, value, saved if saved is not None or
-                                 memo.unstored == unstored else False))
+                outcomes.append(_Outcome(True, value, saved, saved is None and
+                                         memo.unstored != unstored))
         except Exception as exc:
             if stop is not None:
                 stop.set()
@@ -5147,14 +5169,14 @@ def _run(func, items, portable, stop=None):
                 import traceback
                 text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                 exc = _portable(exc)
-            outcomes.append((False, exc, text))
+            outcomes.append(_Outcome(False, exc, traceback=text))
     if portable:
         outcomes = _Outcomes(outcomes)
     return outcomes, time.perf_counter() - start
 
 
 class _Moved:
-    """The value of an outcome (None, _Moved(why), None) whose result could not travel from
+    """The value of an _Outcome (ok None) whose result could not travel from
     its worker (why: pickling it failed there, or loading it here): persist.map runs it
     again in the caller (see _Run.run_here())."""
 
@@ -5171,25 +5193,25 @@ class _Outcomes(list):  # type: ignore[type-arg]  # of _Outcome
 
     def __reduce__(self):
         # type: () -> Tuple[Any, ...]
-        packed: "List[Tuple[Any, Any, Any]]" = []
-        for ok, value, extra in self:
+        packed: "List[_Outcome]" = []      # each value pickled on its own
+        for outcome in self:
             try:
-                packed.append((ok, pickle.dumps(value, _PROTOCOL), extra))
+                packed.append(outcome._replace(value=pickle.dumps(outcome.value, _PROTOCOL)))
             except Exception as exc:       # RecursionError included
-                packed.append((None, _Moved(_why(exc)), None))
+                packed.append(_Outcome(None, _Moved(_why(exc))))
         return _unpack_outcomes, (packed,)
 
 
 def _unpack_outcomes(packed):
-    # type: (List[Tuple[Any, Any, Any]]) -> List[_Outcome]
+    # type: (List[_Outcome]) -> List[_Outcome]
     outcomes: "List[_Outcome]" = []
-    for ok, data, extra in packed:
-        if isinstance(data, bytes):
+    for outcome in packed:
+        if isinstance(outcome.value, bytes):
             try:
-                data = pickle.loads(data)
+                outcome = outcome._replace(value=pickle.loads(outcome.value))
             except Exception as exc:       # its class is not here, its loading raises
-                ok, data, extra = None, _Moved(_why(exc)), None
-        outcomes.append((ok, data, extra))
+                outcome = _Outcome(None, _Moved(_why(exc)))
+        outcomes.append(outcome)
     return outcomes
 
 
@@ -5307,7 +5329,7 @@ def _stop_workers(pool):
     pool.shutdown(wait=True)
     for process in processes:    # reaped here, whatever shutdown() did: no zombie outlives us
         with contextlib.suppress(Exception):
-            process.join(_ASIDE_TIMEOUT)
+            process.join(_WORKER_EXIT_WAIT)
 
 
 def _took(seconds):
@@ -5334,7 +5356,7 @@ class _Run:
     tick: "Optional[float]"
 
     def __init__(self, func, items, found, progress):
-        # type: (Callable[[Any], Any], List[Any], Optional[_Handle], _Progress) -> None
+        # type: (Callable[[Any], Any], List[Any], Optional[_MemoizedPartial], _Progress) -> None
         self.func, self.items, self.found = func, items, found
         inner = func.func if isinstance(func, functools.partial) else func
         self.label = getattr(inner, "__name__", None) or type(inner).__name__
@@ -5422,7 +5444,7 @@ class _Run:
         # type: (bool) -> None
         func, found, run = self.func, self.found, self
         if found is not None:
-            call, args, kwargs = found[0]._call, found[1], found[2]
+            call, args, kwargs = found.memoized._call, found.args, found.kwargs
         for index, item in enumerate(self.items):
             try:
                 if found is None:
@@ -5509,12 +5531,12 @@ class _Run:
                 pending[future] = batch
 
         # the calls of a memoized func in other processes count in its cache_info() here too
-        memo = self.found[0]._memo if self.found is not None and portable else None
+        memo = self.found.memoized._memo if self.found is not None and portable else None
 
         def take(batch, outcomes, seconds):
             # type: (List[int], List[_Outcome], float) -> None
             nonlocal size, error
-            for index, (ok, value, extra) in zip(batch, outcomes):
+            for index, (ok, value, saved, unstored, text) in zip(batch, outcomes):
                 if isinstance(value, _Moved):
                     # computed, but its result could not travel: again here, as a plain
                     # loop would (but after a failure with keep_going=False, nothing starts)
@@ -5523,19 +5545,19 @@ class _Run:
                         if here is not None and not keep_going and error is None:
                             error = here
                     continue
-                hit = bool(ok) and extra is not None and extra is not False
+                hit = bool(ok) and saved is not None
                 if memo is not None and ok is not None:
-                    if hit:
+                    if hit and saved is not None:     # (saved: as the type checker sees it)
                         memo.hits += 1
-                        memo.saved += extra
+                        memo.saved += saved
                     else:
                         memo.misses += 1
-                        memo.unstored += extra is False
+                        memo.unstored += unstored
                 if ok:
                     self.succeeded(index, value, hit)
                 elif ok is False:
-                    if extra is not None:
-                        value.__cause__ = _WorkerTraceback(extra)
+                    if text is not None:
+                        value.__cause__ = _WorkerTraceback(text)
                     self.failed(index, value)
                     if not keep_going and error is None:
                         error = value
@@ -5580,7 +5602,7 @@ class _Run:
                             continue
                         if not portable or (not keep_going and error is not None):
                             # (after a failure with keep_going=False, no item starts again)
-                            outcomes, seconds = [(False, exc, None)], 0.0
+                            outcomes, seconds = [_Outcome(False, exc)], 0.0
                         else:
                             here = self.run_here(batch[0], _why(exc))
                             if here is not None and not keep_going and error is None:
@@ -5642,9 +5664,10 @@ class _Run:
                   "its result is returned"
                   % (self.label, why))
         self.moved += 1
-        (ok, value, extra), = _run(self.func, [self.items[index]], False)[0]
+        outcome, = _run(self.func, [self.items[index]], False)[0]
+        ok, value = outcome.ok, outcome.value
         if ok:
-            self.succeeded(index, value, extra is not None and extra is not False)
+            self.succeeded(index, value, outcome.saved is not None)
             return None
         self.failed(index, value)
         return value  # type: ignore[no-any-return]  # an outcome's exception
@@ -5672,14 +5695,14 @@ class _Run:
         exc.__cause__ = cause
         self.failed(index, exc)
         if self.found is not None:
-            handle, args, kwargs = self.found
-            handle._memo.misses += 1    # a call that stored nothing, as one that raised counts
+            memoized, memo = self.found.memoized, self.found.memoized._memo
+            memo.misses += 1            # a call that stored nothing, as one that raised counts
             # best effort: the item failed whether or not the ledger can take it
             with contextlib.suppress(Exception):
-                call = (args + (self.items[index],), kwargs)
-                key = handle._key_of(*call)
-                handle._memo.open()               # the workers used it; maybe not this process
-                handle._memo.fail(key, call, exc, time.perf_counter() - start)
+                call = (self.found.args + (self.items[index],), self.found.kwargs)
+                key = memoized._key_of(*call)
+                memo.open()                       # the workers used it; maybe not this process
+                memo.fail(key, call, exc, time.perf_counter() - start)
         return exc
 
     def summary(self):
@@ -5742,7 +5765,7 @@ class _Run:
         where = "this exception's .failures"
         if self.found is not None:          # a command that works pasted, from anywhere
             where += ", %s.failures(), or run: python -m persist failures %s" % (
-                self.label, _shell_word(self.found[0]._memo.path))
+                self.label, _shell_word(self.found.memoized._memo.path))
         message = "%s of %s items failed: %s; every other item was tried; see %s" % (
             _n(len(self.failures)), _n(len(self.items)), ", ".join(parts), where)
         return Failures(message, [(self.items[i], exc) for i, exc in self.failures],
@@ -6360,10 +6383,10 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
     found = _handle_of(func)
     if found is not None:                  # else every item would fail with it
         _check_env_strict()
-    if found is not None and _code_flags(found[0]._state[3]) & _CO_COROUTINE:
+    if found is not None and _code_flags(found.memoized._state[3]) & _CO_COROUTINE:
         raise TypeError("persist.map() calls func(item) and takes the result, but %s is an "
                         "async def function: map a plain function over the items, or gather "
-                        "the coroutines with asyncio" % (found[0]._state[3].__qualname__,))
+                        "the coroutines with asyncio" % (found.memoized._state[3].__qualname__,))
     threads = False
     if executor is not None:
         import concurrent.futures
@@ -6380,7 +6403,7 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
     if found is not None and (workers is not None or executor is not None and not threads):
         # opened here first: one that cannot be opened warns here, once, and the workers
         # forked from this process inherit that warning instead of each giving its own
-        found[0]._memo.open()
+        found.memoized._memo.open()
     run = _Run(func, items, found, progress)
     stop: "Optional[_Event]"
     try:
