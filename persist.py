@@ -5305,6 +5305,14 @@ class _OwnPool:
             self.workers, self.context, initializer=_worker_start,
             initargs=(self.stop, self.started, self.func))
 
+    def replace(self, pool):
+        # type: (ProcessPoolExecutor) -> ProcessPoolExecutor
+        """A worker of pool died, and the pool with it: stop what is left of it, and return
+        a new one to go on in."""
+        _stop_workers(pool)
+        self.check_started()
+        return self.new()
+
     def check_started(self):
         # type: () -> None
         """Raise if the pool that just died had no worker that even started: then no item
@@ -5355,9 +5363,10 @@ class _Run:
     bar: "Any"
     tick: "Optional[float]"
 
-    def __init__(self, func, items, found, progress):
-        # type: (Callable[[Any], Any], List[Any], Optional[_MemoizedPartial], _Progress) -> None
+    def __init__(self, func, items, found, progress, keep_going):
+        # type: (Callable[[Any], Any], List[Any], Optional[_MemoizedPartial], _Progress, bool) -> None
         self.func, self.items, self.found = func, items, found
+        self.keep_going = keep_going
         inner = func.func if isinstance(func, functools.partial) else func
         self.label = getattr(inner, "__name__", None) or type(inner).__name__
         self.results = [None] * len(items)
@@ -5440,8 +5449,8 @@ class _Run:
             sys.stderr.flush()
             self.line = len(text)
 
-    def serial(self, keep_going):
-        # type: (bool) -> None
+    def serial(self):
+        # type: () -> None
         func, found, run = self.func, self.found, self
         if found is not None:
             call, args, kwargs = found.memoized._call, found.args, found.kwargs
@@ -5454,7 +5463,7 @@ class _Run:
                     hit = saved is not None
             except Exception as exc:
                 run.failed(index, exc)
-                if not keep_going:
+                if not self.keep_going:
                     raise
             else:
                 run.results[index] = value
@@ -5467,178 +5476,76 @@ class _Run:
                 if now >= run.tick:
                     run.update(now)
 
-    def parallel(self, executor, width, keep_going, portable, pool=None, stop=None, own=None):
-        # type: (Executor, int, bool, bool, Optional[ProcessPoolExecutor], Optional[_Event], Optional[_OwnPool]) -> None
-        """Run the items on executor in batches sized to take about _BATCH_SECONDS each (one
-        item at first; quick items travel many to a message), with at most two batches per
-        worker waiting, so that a million items are not a million futures. pool: our own, to
-        stop on Ctrl-C; stop: an Event for _run, passed with each batch (threads) or held by
-        each worker (pool).
+    def parallel(self, executor, width, portable, pool=None, stop=None, own=None):
+        # type: (Executor, int, bool, Optional[ProcessPoolExecutor], Optional[_Event], Optional[_OwnPool]) -> None
+        """Run the items on executor (width: its workers), in the batches a _Schedule gives,
+        which it tells what came back. pool: our own, to stop on Ctrl-C; stop: an Event for
+        _run, passed with each batch (threads) or held by each worker (pool).
 
         own: makes a new pool of our own when a worker died (a crash in C code, killed, out
-        of memory), which takes every batch then in flight with it. Those items run again
-        alone in the pool, halves of them at a time while they are many (a batch of quick
-        items holds up to _BATCH_LIMIT, and one at a time each costs a round trip), then
-        one at a time, so that one that kills its worker again is known: it fails with
+        of memory), which takes every batch then in flight with it: the schedule runs those
+        items again until the one that kills its worker is known; it fails with
         BrokenProcessPool, and the run goes on past it.
         """
         import concurrent.futures
-        wait, first = concurrent.futures.wait, concurrent.futures.FIRST_COMPLETED
-        window = 2 * width if keep_going else width
-        # each future: the indexes of its batch
-        pending: "Dict[concurrent.futures.Future[Tuple[List[_Outcome], float]], List[int]]" = {}
-        todo = iter(range(len(self.items)))
-        alone: "Deque[int]" = collections.deque()      # one a batch (see below)
-        # batches that were in flight when a worker died; (batch, start) of the one running
-        suspects: "Deque[List[int]]" = collections.deque()
-        suspect: "Optional[Tuple[List[int], float]]" = None
-        size, left = 1, len(self.items)
-        error: "Optional[Exception]" = None   # keep_going=False: the first failure
-
-        idle = False            # the pool died with nothing in flight: a worker killed idle
-
-        def submit():
-            # type: () -> None
-            nonlocal left, suspect, idle
-            while len(pending) < window:
-                if suspect is not None:   # a suspect runs alone: nothing joins it
-                    return
-                if suspects:
-                    if pending:           # and starts only then
-                        return
-                    batch = suspects.popleft()
-                    suspect = (batch, time.perf_counter())
-                else:
-                    batch = [alone.popleft()] if alone else list(itertools.islice(todo, size))
-                if not batch:
-                    return
-                try:
-                    future = executor.submit(_run, self.func, [self.items[i] for i in batch],
-                                             portable, stop)
-                except concurrent.futures.BrokenExecutor as exc:
-                    if own is None:
-                        raise self.pool_died() from exc
-                    # not started: it goes first into the next pool (which the failure of
-                    # what is in flight, if anything is, makes)
-                    if suspect is not None:
-                        suspects.appendleft(batch)
-                    else:
-                        alone.extendleft(reversed(batch))
-                    suspect = None
-                    idle = not pending
-                    return
-                left -= len(batch)
-                pending[future] = batch
-
+        schedule = _Schedule(len(self.items), width, self.keep_going)
         # the calls of a memoized func in other processes count in its cache_info() here too
         memo = self.found.memoized._memo if self.found is not None and portable else None
-
-        def take(batch, outcomes, seconds):
-            # type: (List[int], List[_Outcome], float) -> None
-            nonlocal size, error
-            for index, (ok, value, saved, unstored, text) in zip(batch, outcomes):
-                if isinstance(value, _Moved):
-                    # computed, but its result could not travel: again here, as a plain
-                    # loop would (but after a failure with keep_going=False, nothing starts)
-                    if keep_going or error is None:
-                        here = self.run_here(index, value.why)
-                        if here is not None and not keep_going and error is None:
-                            error = here
-                    continue
-                hit = bool(ok) and saved is not None
-                if memo is not None and ok is not None:
-                    if hit and saved is not None:     # (saved: as the type checker sees it)
-                        memo.hits += 1
-                        memo.saved += saved
-                    else:
-                        memo.misses += 1
-                        memo.unstored += unstored
-                if ok:
-                    self.succeeded(index, value, hit)
-                elif ok is False:
-                    if text is not None:
-                        value.__cause__ = _WorkerTraceback(text)
-                    self.failed(index, value)
-                    if not keep_going and error is None:
-                        error = value
-            if seconds > 0:
-                size = max(1, min(int(_BATCH_SECONDS * len(outcomes) / seconds),
-                                  left // (2 * width) or 1, _BATCH_LIMIT))
-
-        def replace_pool():
-            # type: () -> None
-            """A worker died, and the pool with it: stop what is left, go on in a new one."""
-            nonlocal pool, executor
-            assert own is not None and pool is not None
-            _stop_workers(pool)
-            own.check_started()
-            pool = executor = own.new()
-
         try:
-            submit()
-            while pending or idle:
+            # idle: the pool died with nothing in flight (a worker killed idle)
+            idle = self.send(schedule, executor, portable, stop, own)
+            while schedule.in_flight or idle:
                 if idle:
-                    idle = False
-                    replace_pool()
-                    submit()
+                    assert own is not None and pool is not None
+                    pool = executor = own.replace(pool)
+                    idle = self.send(schedule, executor, portable, stop, own)
                     continue
-                finished, _ = wait(pending, _PROGRESS_EVERY, first)
-                lost: "List[int]" = []         # items of batches a dead worker took along
+                finished, _ = concurrent.futures.wait(schedule.in_flight, _PROGRESS_EVERY,
+                                                      concurrent.futures.FIRST_COMPLETED)
+                lost: "List[Any]" = []     # futures of batches a dead worker took along
                 broken: "Optional[BaseException]" = None    # the pool's error for them
                 for future in finished:
-                    batch = pending.pop(future)
                     try:
                         outcomes, seconds = future.result()
                     except concurrent.futures.BrokenExecutor as exc:
                         if own is None:
                             raise self.pool_died() from exc
-                        lost += batch
+                        lost.append(future)
                         broken = exc
                         continue
                     except Exception as exc:
+                        batch = schedule.returned(future)
                         if len(batch) > 1:      # a result that could not travel: find it
-                            alone.extend(batch)
-                            left += len(batch)
+                            schedule.one_by_one(batch)
                             continue
-                        if not portable or (not keep_going and error is not None):
+                        if not portable or self.stopped:
                             # (after a failure with keep_going=False, no item starts again)
                             outcomes, seconds = [_Outcome(False, exc)], 0.0
                         else:
-                            here = self.run_here(batch[0], _why(exc))
-                            if here is not None and not keep_going and error is None:
-                                error = here
+                            self.run_here(batch[0], _why(exc))
                             continue
-                    take(batch, outcomes, seconds)
-                if lost:
-                    lost += [index for batch in pending.values() for index in batch]
-                    pending.clear()              # each failed with the pool, or will
-                    lost.sort()
-                    left += len(lost)
-                    replace_pool()
-                    if suspect is not None and len(lost) == 1 and lost == suspect[0]:
-                        left -= 1                                 # it ran alone: it
-                        crash = self.worker_died(lost[0], suspect[1], broken)
-                        if not keep_going and error is None:
-                            error = crash
-                    elif len(lost) > _SUSPECTS_HALVED:
-                        half = len(lost) // 2
-                        suspects.extendleft([lost[half:], lost[:half]])
                     else:
-                        suspects.extendleft([index] for index in reversed(lost))
-                if suspect is not None and suspect[0] not in pending.values():
-                    suspect = None
-                if error is not None:
-                    for other in list(pending):     # what has not started never will
+                        batch = schedule.returned(future)
+                    self.take(batch, outcomes, memo)
+                    schedule.timed(len(outcomes), seconds)
+                if lost:
+                    killer = schedule.worker_died(lost)
+                    assert own is not None and pool is not None
+                    pool = executor = own.replace(pool)
+                    if killer is not None:
+                        self.worker_died(killer[0], killer[1], broken)
+                if self.stopped:
+                    for other in list(schedule.in_flight):  # what has not started never will
                         if other.cancel():
-                            del pending[other]
+                            schedule.returned(other)
                 else:
-                    submit()
+                    idle = self.send(schedule, executor, portable, stop, own)
                 if self.tick is not None:
                     now = time.perf_counter()
                     if now >= self.tick:
                         self.update(now)
         except BaseException:
-            for future in pending:
+            for future in schedule.in_flight:
                 future.cancel()
             if pool is not None:
                 _stop_workers(pool)
@@ -5646,16 +5553,71 @@ class _Run:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)    # after _stop_workers() too: it does nothing then
-        if error is not None:
-            raise error
+        if self.stopped:
+            raise self.failures[0][1]
+
+    @property
+    def stopped(self):
+        # type: () -> bool
+        """keep_going=False, and an item failed: no item starts any more, and parallel()
+        raises that first failure once the items running finish."""
+        return not self.keep_going and bool(self.failures)
+
+    def send(self, schedule, executor, portable, stop, own):
+        # type: (_Schedule, Executor, bool, Optional[_Event], Optional[_OwnPool]) -> bool
+        """Submit the batches the schedule gives now. Returns whether the pool was found
+        dead with nothing in flight: then no result will come to say so, and it must be
+        replaced before anything runs."""
+        import concurrent.futures
+        while True:
+            batch = schedule.next()
+            if batch is None:
+                return False
+            try:
+                future = executor.submit(_run, self.func, [self.items[i] for i in batch],
+                                         portable, stop)
+            except concurrent.futures.BrokenExecutor as exc:
+                if own is None:
+                    raise self.pool_died() from exc
+                # not started: it goes first into the next pool (which the failure of what
+                # is in flight, if anything is, makes)
+                schedule.unsent(batch)
+                return not schedule.in_flight
+            schedule.sent(future, batch)
+
+    def take(self, batch, outcomes, memo):
+        # type: (List[int], List[_Outcome], Optional[_Memo]) -> None
+        """Record the outcomes of a batch that came back; memo: the cache whose counts the
+        calls made in other processes go to."""
+        for index, outcome in zip(batch, outcomes):
+            ok, value, saved = outcome.ok, outcome.value, outcome.saved
+            if isinstance(value, _Moved):
+                # computed, but its result could not travel: again here, as a plain loop
+                # would (but after a failure with keep_going=False, nothing starts)
+                if not self.stopped:
+                    self.run_here(index, value.why)
+                continue
+            hit = bool(ok) and saved is not None
+            if memo is not None and ok is not None:
+                if hit and saved is not None:     # (saved: as the type checker sees it)
+                    memo.hits += 1
+                    memo.saved += saved
+                else:
+                    memo.misses += 1
+                    memo.unstored += outcome.unstored
+            if ok:
+                self.succeeded(index, value, hit)
+            elif ok is False:
+                if outcome.traceback is not None:
+                    value.__cause__ = _WorkerTraceback(outcome.traceback)
+                self.failed(index, value)
 
     def run_here(self, index, why):
-        # type: (int, str) -> Optional[Exception]
+        # type: (int, str) -> None
         """Run an item in this process, after it or its result could not travel between
         this process and a worker (why: pickling it failed, as for a result nested deeper
         than pickle goes or of a type pickle refuses, or loading it here): its result is
-        returned, computed here (a second time, when the worker computed it). Its failure
-        here, if it fails, is returned too."""
+        returned, computed here (a second time, when the worker computed it)."""
         if not self.moved:
             # one warning, after which the rest of the run goes on quietly
             _warn("persist.map: an item of %s, or its result, could not travel between this "
@@ -5668,9 +5630,8 @@ class _Run:
         ok, value = outcome.ok, outcome.value
         if ok:
             self.succeeded(index, value, outcome.saved is not None)
-            return None
-        self.failed(index, value)
-        return value  # type: ignore[no-any-return]  # an outcome's exception
+        else:
+            self.failed(index, value)
 
     def pool_died(self):
         # type: () -> RuntimeError
@@ -5683,7 +5644,7 @@ class _Run:
                             "pool persist.map replaces" % (self.reused + self.computed))
 
     def worker_died(self, index, start, cause):
-        # type: (int, float, Optional[BaseException]) -> Exception
+        # type: (int, float, Optional[BaseException]) -> None
         """Record that the worker running the item at index alone died: a failure of that
         item (in the ledger too, for a memoized func), as BrokenProcessPool. cause: the
         pool's own error, kept because it may know better (since 3.9, the traceback of a
@@ -5703,7 +5664,6 @@ class _Run:
                 key = memoized._key_of(*call)
                 memo.open()                       # the workers used it; maybe not this process
                 memo.fail(key, call, exc, time.perf_counter() - start)
-        return exc
 
     def summary(self):
         # type: () -> str
@@ -5770,6 +5730,113 @@ class _Run:
             _n(len(self.failures)), _n(len(self.items)), ", ".join(parts), where)
         return Failures(message, [(self.items[i], exc) for i, exc in self.failures],
                         self.results)
+
+
+class _Schedule:
+    """Which items of a persist.map go to the workers next, in which batches, and what runs
+    again after a worker died: the scheduling of _Run.parallel, which sends what next()
+    gives and tells this what came back. No processes here: a token (a future there)
+    stands for each batch in flight.
+
+    Batches are sized to take about _BATCH_SECONDS each (one item at first; quick items
+    travel many to a message, up to _BATCH_LIMIT), with at most two batches per worker in
+    flight (one with keep_going=False, so that fewer start after a failure), so that a
+    million items are not a million futures. A worker that dies (a crash in C code, killed,
+    out of memory) takes every batch then in flight with it: those items are suspects, and
+    run again alone, with nothing else in flight, halves of them at a time while they are
+    many (one at a time, each would cost a round trip), then one at a time, so that one
+    that kills its worker again is known (worker_died() names it).
+    """
+
+    def __init__(self, count, width, keep_going, clock=time.perf_counter):
+        # type: (int, int, bool, Callable[[], float]) -> None
+        self.width = width
+        self.window = 2 * width if keep_going else width     # batches in flight, at most
+        self.size = 1                     # items in the next batch of new ones
+        self.left = count                 # items not sent, or to be sent again
+        self.todo = iter(range(count))    # the indexes of items never sent
+        self.alone: "Deque[int]" = collections.deque()     # to send one to a batch
+        # batches that were in flight when a worker died; (batch, start) of the one in flight
+        self.suspects: "Deque[List[int]]" = collections.deque()
+        self.suspect: "Optional[Tuple[List[int], float]]" = None
+        self.in_flight: "Dict[Any, List[int]]" = {}       # token: its batch
+        self.clock = clock
+
+    def next(self):
+        # type: () -> Optional[List[int]]
+        """The indexes of the items to send now as one batch, or None: none is left, the
+        window is full, or a suspect is in flight or waits for the others to finish."""
+        if len(self.in_flight) >= self.window or self.suspect is not None:
+            return None                   # a suspect runs alone: nothing joins it
+        if self.suspects:
+            if self.in_flight:            # and starts only then
+                return None
+            batch = self.suspects.popleft()
+            self.suspect = (batch, self.clock())
+            return batch
+        batch = [self.alone.popleft()] if self.alone else list(itertools.islice(self.todo,
+                                                                                self.size))
+        return batch or None
+
+    def sent(self, token, batch):
+        # type: (Any, List[int]) -> None
+        """batch, from next(), is in flight: token stands for it until returned()."""
+        self.left -= len(batch)
+        self.in_flight[token] = batch
+
+    def unsent(self, batch):
+        # type: (List[int]) -> None
+        """batch, from next(), could not be sent (the pool is broken): it goes first into the
+        next pool."""
+        if self.suspect is not None:      # it was the suspect, just given
+            self.suspects.appendleft(batch)
+        else:
+            self.alone.extendleft(reversed(batch))
+        self.suspect = None
+
+    def returned(self, token):
+        # type: (Any) -> List[int]
+        """The batch of token, which came back (or was cancelled before it started)."""
+        batch = self.in_flight.pop(token)
+        if self.suspect is not None and batch is self.suspect[0]:
+            self.suspect = None
+        return batch
+
+    def timed(self, count, seconds):
+        # type: (int, float) -> None
+        """A batch of count items took seconds where it ran: size the next ones from it."""
+        if seconds > 0:
+            self.size = max(1, min(int(_BATCH_SECONDS * count / seconds),
+                                   self.left // (2 * self.width) or 1, _BATCH_LIMIT))
+
+    def one_by_one(self, batch):
+        # type: (List[int]) -> None
+        """The results of batch, returned, could not travel back as one: send its items again
+        one to a batch, so that each that cannot is known (and runs in the caller)."""
+        self.alone.extend(batch)
+        self.left += len(batch)
+
+    def worker_died(self, tokens):
+        # type: (List[Any]) -> Optional[Tuple[int, float]]
+        """The pool broke: tokens came back with its error, and every batch in flight is
+        lost with them. When they were one suspect item alone, it killed its worker: its
+        index and the clock() when it was sent are returned, and it is not sent again.
+        Otherwise all of them are suspects: sent again first, alone (see the class)."""
+        lost = [index for token in tokens for index in self.in_flight.pop(token)]
+        lost += [index for batch in self.in_flight.values() for index in batch]
+        self.in_flight.clear()                 # each failed with the pool, or will
+        lost.sort()
+        self.left += len(lost)
+        suspect, self.suspect = self.suspect, None
+        if suspect is not None and len(lost) == 1 and lost == suspect[0]:
+            self.left -= 1
+            return lost[0], suspect[1]
+        if len(lost) > _SUSPECTS_HALVED:
+            half = len(lost) // 2
+            self.suspects.extendleft([lost[half:], lost[:half]])
+        else:
+            self.suspects.extendleft([index] for index in reversed(lost))
+        return None
 
 
 # -- private helpers: done_dir
@@ -6404,7 +6471,7 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
         # opened here first: one that cannot be opened warns here, once, and the workers
         # forked from this process inherit that warning instead of each giving its own
         found.memoized._memo.open()
-    run = _Run(func, items, found, progress)
+    run = _Run(func, items, found, progress, keep_going)
     stop: "Optional[_Event]"
     try:
         if executor is not None:
@@ -6413,7 +6480,7 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
             # from here, when its result arrives
             import threading
             stop = threading.Event() if threads and not keep_going else None
-            run.parallel(executor, width, keep_going, not threads, None, stop)
+            run.parallel(executor, width, not threads, None, stop)
         elif workers is not None:
             import concurrent.futures
             import multiprocessing
@@ -6422,9 +6489,9 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
 
             own = _OwnPool(workers, context, stop, func)
             pool = own.new()
-            run.parallel(pool, workers, keep_going, True, pool, None, own)
+            run.parallel(pool, workers, True, pool, None, own)
         else:
-            run.serial(keep_going)
+            run.serial()
     finally:
         run.finish()
     if run.failures:
