@@ -5449,6 +5449,29 @@ class _Run:
             sys.stderr.flush()
             self.line = len(text)
 
+    def execute(self, workers, executor, threads):
+        # type: (Optional[int], Optional[Executor], bool) -> None
+        """Run the items where persist.map was asked to: on executor (threads: a
+        ThreadPoolExecutor, whose workers share this process), in a pool of workers of
+        persist.map's own, or here, one after another."""
+        stop: "Optional[_Event]"
+        if executor is not None:
+            width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
+            # threads share an Event; other executors' workers learn of a failure only
+            # from here, when its result arrives
+            import threading
+            stop = threading.Event() if threads and not self.keep_going else None
+            self.parallel(executor, width, not threads, None, stop)
+        elif workers is not None:
+            import multiprocessing
+            context = multiprocessing.get_context()
+            stop = None if self.keep_going else context.Event()
+            own = _OwnPool(workers, context, stop, self.func)
+            pool = own.new()
+            self.parallel(pool, workers, True, pool, None, own)
+        else:
+            self.serial()
+
     def serial(self):
         # type: () -> None
         func, found, run = self.func, self.found, self
@@ -6439,6 +6462,33 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
     gets the counts instead. At the end one summary line goes to the 'persist' logger at
     INFO, and to stderr when the progress line would.
     """
+    _check_map_arguments(func, workers, executor)
+    found = _memoized_for_map(func)
+    threads = False
+    if executor is not None:
+        import concurrent.futures
+        threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+    elsewhere = workers is not None or executor is not None and not threads   # processes
+    if elsewhere:
+        _check_travels(func)
+    items = list(items)
+    if found is not None and elsewhere:
+        # opened here first: one that cannot be opened warns here, once, and the workers
+        # forked from this process inherit that warning instead of each giving its own
+        found.memoized._memo.open()
+    run = _Run(func, items, found, progress, keep_going)
+    try:
+        run.execute(workers, executor, threads)
+    finally:
+        run.finish()
+    if run.failures:
+        raise run.error()
+    return run.results
+
+
+def _check_map_arguments(func, workers, executor):
+    # type: (Any, Any, Optional[Executor]) -> None
+    """Raise for a func, workers= or executor= that persist.map cannot run with."""
     if not callable(func):
         raise TypeError("Expected a callable as persist.map()'s func, not %r" % (func,))
     if workers is not None and executor is not None:
@@ -6447,56 +6497,34 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
                                 workers < 1):
         raise ValueError("persist.map(workers=...) must be a whole number of processes, 1 or "
                          "more, not %r" % (workers,))
+
+
+def _memoized_for_map(func):
+    # type: (Callable[[Any], Any]) -> Optional[_MemoizedPartial]
+    """The memoized function behind func, and its leading arguments (see _handle_of), once
+    checked that persist.map can call it item by item; None for any other callable."""
     found = _handle_of(func)
-    if found is not None:                  # else every item would fail with it
-        _check_env_strict()
-    if found is not None and _code_flags(found.memoized._state[3]) & _CO_COROUTINE:
+    if found is None:
+        return None
+    _check_env_strict()                    # else every item would fail with it
+    function = found.memoized._state[3]
+    if _code_flags(function) & _CO_COROUTINE:
         raise TypeError("persist.map() calls func(item) and takes the result, but %s is an "
                         "async def function: map a plain function over the items, or gather "
-                        "the coroutines with asyncio" % (found.memoized._state[3].__qualname__,))
-    threads = False
-    if executor is not None:
-        import concurrent.futures
-        threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
-    if workers is not None or executor is not None and not threads:
-        try:
-            pickle.dumps(func, _PROTOCOL)
-        except Exception as exc:
-            raise TypeError("persist.map() sends func to other processes, and %r cannot be "
-                            "pickled (%s: %s): define it at the top level of a module, or use "
-                            "a thread pool (executor=)" % (func, type(exc).__name__, exc)) \
-                from None
-    items = list(items)
-    if found is not None and (workers is not None or executor is not None and not threads):
-        # opened here first: one that cannot be opened warns here, once, and the workers
-        # forked from this process inherit that warning instead of each giving its own
-        found.memoized._memo.open()
-    run = _Run(func, items, found, progress, keep_going)
-    stop: "Optional[_Event]"
-    try:
-        if executor is not None:
-            width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
-            # threads share an Event; other executors' workers learn of a failure only
-            # from here, when its result arrives
-            import threading
-            stop = threading.Event() if threads and not keep_going else None
-            run.parallel(executor, width, not threads, None, stop)
-        elif workers is not None:
-            import concurrent.futures
-            import multiprocessing
-            context = multiprocessing.get_context()
-            stop = None if keep_going else context.Event()
+                        "the coroutines with asyncio" % (function.__qualname__,))
+    return found
 
-            own = _OwnPool(workers, context, stop, func)
-            pool = own.new()
-            run.parallel(pool, workers, True, pool, None, own)
-        else:
-            run.serial()
-    finally:
-        run.finish()
-    if run.failures:
-        raise run.error()
-    return run.results
+
+def _check_travels(func):
+    # type: (Callable[[Any], Any]) -> None
+    """Raise TypeError if func, which persist.map sends to other processes, cannot go."""
+    try:
+        pickle.dumps(func, _PROTOCOL)
+    except Exception as exc:
+        raise TypeError("persist.map() sends func to other processes, and %r cannot be "
+                        "pickled (%s: %s): define it at the top level of a module, or use "
+                        "a thread pool (executor=)" % (func, type(exc).__name__, exc)) \
+            from None
 
 
 def open(filename: "_Path", flag: "_Flag" = "c", protocol: "Optional[int]" = None,
