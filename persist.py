@@ -5239,12 +5239,18 @@ class _WorkerError(Exception):
         # type: () -> str
         return str(self.args[0])
 
+    @property
+    def kind(self):
+        # type: () -> str
+        """The name of the type of the exception it stands for."""
+        return str(self.args[1])
+
 
 def _kind_of(exc):
     # type: (BaseException) -> str
     """The name of exc's type, for people: a _WorkerError's is that of what it stands for."""
     if isinstance(exc, _WorkerError) and len(exc.args) == 2:
-        return str(exc.args[1])
+        return exc.kind
     return _type_label(type(exc))
 
 
@@ -5556,7 +5562,8 @@ class _Run:
                     assert own is not None and pool is not None
                     pool = executor = own.replace(pool)
                     if killer is not None:
-                        self.worker_died(killer[0], killer[1], broken)
+                        index, sent = killer
+                        self.worker_died(index, sent, broken)
                 if self.stopped:
                     for other in list(schedule.in_flight):  # what has not started never will
                         if other.cancel():
@@ -5577,7 +5584,8 @@ class _Run:
             if pool is not None:
                 pool.shutdown(wait=True)    # after _stop_workers() too: it does nothing then
         if self.stopped:
-            raise self.failures[0][1]
+            _, first = self.failures[0]    # raised as a plain loop would
+            raise first
 
     @property
     def stopped(self):
@@ -5779,9 +5787,10 @@ class _Schedule:
         self.left = count                 # items not sent, or to be sent again
         self.todo = iter(range(count))    # the indexes of items never sent
         self.alone: "Deque[int]" = collections.deque()     # to send one to a batch
-        # batches that were in flight when a worker died; (batch, start) of the one in flight
+        # batches that were in flight when a worker died; the one in flight, and when it went
         self.suspects: "Deque[List[int]]" = collections.deque()
-        self.suspect: "Optional[Tuple[List[int], float]]" = None
+        self.suspect: "Optional[List[int]]" = None
+        self.suspect_sent = 0.0
         self.in_flight: "Dict[Any, List[int]]" = {}       # token: its batch
         self.clock = clock
 
@@ -5794,9 +5803,8 @@ class _Schedule:
         if self.suspects:
             if self.in_flight:            # and starts only then
                 return None
-            batch = self.suspects.popleft()
-            self.suspect = (batch, self.clock())
-            return batch
+            self.suspect, self.suspect_sent = self.suspects.popleft(), self.clock()
+            return self.suspect
         batch = [self.alone.popleft()] if self.alone else list(itertools.islice(self.todo,
                                                                                 self.size))
         return batch or None
@@ -5821,7 +5829,7 @@ class _Schedule:
         # type: (Any) -> List[int]
         """The batch of token, which came back (or was cancelled before it started)."""
         batch = self.in_flight.pop(token)
-        if self.suspect is not None and batch is self.suspect[0]:
+        if batch is self.suspect:
             self.suspect = None
         return batch
 
@@ -5851,9 +5859,9 @@ class _Schedule:
         lost.sort()
         self.left += len(lost)
         suspect, self.suspect = self.suspect, None
-        if suspect is not None and len(lost) == 1 and lost == suspect[0]:
+        if suspect is not None and len(lost) == 1 and lost == suspect:
             self.left -= 1
-            return lost[0], suspect[1]
+            return lost[0], self.suspect_sent
         if len(lost) > _SUSPECTS_HALVED:
             half = len(lost) // 2
             self.suspects.extendleft([lost[half:], lost[:half]])

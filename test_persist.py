@@ -8251,6 +8251,14 @@ class TestMapSchedule(unittest.TestCase):
         self.assertIsNone(schedule.next())
         self.assertEqual(schedule.left, 0)
 
+    def test_an_item_lost_on_its_first_try_is_only_a_suspect(self):
+        # alone in flight, but not yet run again alone: another worker may have died
+        schedule = self.schedule(1)
+        self.assertEqual(self.send_all(schedule), {"t0": [0]})
+        self.assertIsNone(schedule.worker_died(["t0"]))
+        self.assertEqual(self.send_all(schedule, "s"), {"s0": [0]})
+        self.assertEqual(schedule.worker_died(["s0"]), (0, 7.5))
+
     def test_many_lost_items_run_again_in_halves_then_one_at_a_time(self):
         limit = persist._SUSPECTS_HALVED
         schedule = self.schedule(4 * limit)
@@ -8289,7 +8297,7 @@ class TestMapSchedule(unittest.TestCase):
         schedule.unsent(batch)
         self.assertIsNone(schedule.suspect)
         self.assertEqual(self.send_all(schedule, "s"), {"s0": [0]})
-        self.assertEqual(schedule.suspect, ([0], 7.5))
+        self.assertEqual((schedule.suspect, schedule.suspect_sent), ([0], 7.5))
 
     def test_results_that_could_not_travel_go_again_one_to_a_batch(self):
         schedule = self.schedule(100)
