@@ -5531,32 +5531,7 @@ class _Run:
                     continue
                 finished, _ = concurrent.futures.wait(schedule.in_flight, _PROGRESS_EVERY,
                                                       concurrent.futures.FIRST_COMPLETED)
-                lost: "List[Any]" = []     # futures of batches a dead worker took along
-                broken: "Optional[BaseException]" = None    # the pool's error for them
-                for future in finished:
-                    try:
-                        outcomes, seconds = future.result()
-                    except concurrent.futures.BrokenExecutor as exc:
-                        if own is None:
-                            raise self.pool_died() from exc
-                        lost.append(future)
-                        broken = exc
-                        continue
-                    except Exception as exc:
-                        batch = schedule.returned(future)
-                        if len(batch) > 1:      # a result that could not travel: find it
-                            schedule.one_by_one(batch)
-                            continue
-                        if not portable or self.stopped:
-                            # (after a failure with keep_going=False, no item starts again)
-                            outcomes, seconds = [_Outcome(False, exc)], 0.0
-                        else:
-                            self.run_here(batch[0], _why(exc))
-                            continue
-                    else:
-                        batch = schedule.returned(future)
-                    self.take(batch, outcomes, memo)
-                    schedule.timed(len(outcomes), seconds)
+                lost, broken = self.receive(schedule, finished, portable, memo, own)
                 if lost:
                     killer = schedule.worker_died(lost)
                     assert own is not None and pool is not None
@@ -5615,6 +5590,39 @@ class _Run:
                 schedule.unsent(batch)
                 return not schedule.in_flight
             schedule.sent(future, batch)
+
+    def receive(self, schedule, finished, portable, memo, own):
+        # type: (_Schedule, Iterable[Any], bool, Optional[_Memo], Optional[_OwnPool]) -> Tuple[List[Any], Optional[BaseException]]
+        """Take what the finished futures bring back. Returns those that came back with the
+        pool's error (a dead worker took them along), and that error."""
+        import concurrent.futures
+        lost: "List[Any]" = []
+        broken: "Optional[BaseException]" = None
+        for future in finished:
+            try:
+                outcomes, seconds = future.result()
+            except concurrent.futures.BrokenExecutor as exc:
+                if own is None:
+                    raise self.pool_died() from exc
+                lost.append(future)
+                broken = exc
+                continue
+            except Exception as exc:
+                batch = schedule.returned(future)
+                if len(batch) > 1:      # a result that could not travel: find it
+                    schedule.one_by_one(batch)
+                    continue
+                if not portable or self.stopped:
+                    # (after a failure with keep_going=False, no item starts again)
+                    outcomes, seconds = [_Outcome(False, exc)], 0.0
+                else:
+                    self.run_here(batch[0], _why(exc))
+                    continue
+            else:
+                batch = schedule.returned(future)
+            self.take(batch, outcomes, memo)
+            schedule.timed(len(outcomes), seconds)
+        return lost, broken
 
     def take(self, batch, outcomes, memo):
         # type: (List[int], List[_Outcome], Optional[_Memo]) -> None
