@@ -5106,29 +5106,25 @@ def _handle_of(func):
 
 
 
-if TYPE_CHECKING:      # the named tuples of persist.map, with the types of their fields
+if TYPE_CHECKING:
     class _MemoizedPartial(NamedTuple):
         """func of persist.map when it is a memoized function or a partial of one."""
         memoized: "_Memoized"
         args: _Args             # the leading arguments each item's call gets, then the item
         kwargs: _Kwargs         # and the keywords
 
-    class _Outcome(NamedTuple):
-        """What _run says of one item."""
-        ok: Optional[bool]      # True: value is its result; False: value is the exception
-                                # it raised; None: it never started (value None: a failure
-                                # stopped the run) or its result could not travel (a _Moved)
-        value: Any
-        saved: Optional[float] = None   # a result reused from the cache: the seconds the
-                                        # cached call took, what reusing it saved; else None
-        unstored: bool = False  # computed, and the cache could not take it (a cache that
-                                # cannot be opened or written: cache_info().unstored)
-        traceback: Optional[str] = None  # the exception's, as text, when it goes to another
-                                         # process (see _run)
+    # What _run says of one item: (ok, value, saved, unstored, traceback), always unpacked by
+    # these names. ok: True, value is its result; False, value is the exception it raised;
+    # None, it never started (value None: a failure stopped the run) or its result could
+    # not travel back (value a _Moved). saved: for a result reused from the cache, the
+    # seconds the cached call took (what reusing it saved), else None. unstored: computed,
+    # and the cache could not take it (cannot be opened or written: cache_info().unstored).
+    # traceback: the exception's, as text, when it goes to another process (see _run).
+    # A plain tuple: outcomes travel by the thousand, and a named tuple costs a few us an
+    # item to make, pickle and load, as much as the rest of the trip for a quick item.
+    _Outcome: TypeAlias = Tuple[Optional[bool], Any, Optional[float], bool, Optional[str]]
 else:
     _MemoizedPartial = collections.namedtuple("_MemoizedPartial", "memoized args kwargs")
-    _Outcome = collections.namedtuple("_Outcome", "ok value saved unstored traceback",
-                                      defaults=(None, False, None))
 
 
 _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_going=False: set by
@@ -5151,16 +5147,16 @@ def _run(func, items, portable, stop=None):
     start = time.perf_counter()
     for item in items:
         if stop is not None and stop.is_set():
-            outcomes.append(_Outcome(None, None))
+            outcomes.append((None, None, None, False, None))
             continue
         try:
             if found is None:
-                outcomes.append(_Outcome(True, func(item)))
+                outcomes.append((True, func(item), None, False, None))
             else:
                 unstored = memo.unstored
                 value, saved = call(args + (item,), kwargs, failing)
-                outcomes.append(_Outcome(True, value, saved, saved is None and
-                                         memo.unstored != unstored))
+                outcomes.append((True, value, saved, saved is None and
+                                 memo.unstored != unstored, None))
         except Exception as exc:
             if stop is not None:
                 stop.set()
@@ -5169,7 +5165,7 @@ def _run(func, items, portable, stop=None):
                 import traceback
                 text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                 exc = _portable(exc)
-            outcomes.append(_Outcome(False, exc, traceback=text))
+            outcomes.append((False, exc, None, False, text))
     if portable:
         outcomes = _Outcomes(outcomes)
     return outcomes, time.perf_counter() - start
@@ -5194,24 +5190,24 @@ class _Outcomes(list):  # type: ignore[type-arg]  # of _Outcome
     def __reduce__(self):
         # type: () -> Tuple[Any, ...]
         packed: "List[_Outcome]" = []      # each value pickled on its own
-        for outcome in self:
+        for ok, value, saved, unstored, traceback in self:
             try:
-                packed.append(outcome._replace(value=pickle.dumps(outcome.value, _PROTOCOL)))
+                packed.append((ok, pickle.dumps(value, _PROTOCOL), saved, unstored, traceback))
             except Exception as exc:       # RecursionError included
-                packed.append(_Outcome(None, _Moved(_why(exc))))
+                packed.append((None, _Moved(_why(exc)), None, False, None))
         return _unpack_outcomes, (packed,)
 
 
 def _unpack_outcomes(packed):
     # type: (List[_Outcome]) -> List[_Outcome]
     outcomes: "List[_Outcome]" = []
-    for outcome in packed:
-        if isinstance(outcome.value, bytes):
+    for ok, value, saved, unstored, traceback in packed:
+        if isinstance(value, bytes):
             try:
-                outcome = outcome._replace(value=pickle.loads(outcome.value))
+                value = pickle.loads(value)
             except Exception as exc:       # its class is not here, its loading raises
-                outcome = _Outcome(None, _Moved(_why(exc)))
-        outcomes.append(outcome)
+                ok, value, saved, unstored, traceback = None, _Moved(_why(exc)), None, False, None
+        outcomes.append((ok, value, saved, unstored, traceback))
     return outcomes
 
 
@@ -5614,7 +5610,7 @@ class _Run:
                     continue
                 if not portable or self.stopped:
                     # (after a failure with keep_going=False, no item starts again)
-                    outcomes, seconds = [_Outcome(False, exc)], 0.0
+                    outcomes, seconds = [(False, exc, None, False, None)], 0.0
                 else:
                     self.run_here(batch[0], _why(exc))
                     continue
@@ -5628,8 +5624,7 @@ class _Run:
         # type: (List[int], List[_Outcome], Optional[_Memo]) -> None
         """Record the outcomes of a batch that came back; memo: the cache whose counts the
         calls made in other processes go to."""
-        for index, outcome in zip(batch, outcomes):
-            ok, value, saved = outcome.ok, outcome.value, outcome.saved
+        for index, (ok, value, saved, unstored, traceback) in zip(batch, outcomes):
             if isinstance(value, _Moved):
                 # computed, but its result could not travel: again here, as a plain loop
                 # would (but after a failure with keep_going=False, nothing starts)
@@ -5643,12 +5638,12 @@ class _Run:
                     memo.saved += saved
                 else:
                     memo.misses += 1
-                    memo.unstored += outcome.unstored
+                    memo.unstored += unstored
             if ok:
                 self.succeeded(index, value, hit)
             elif ok is False:
-                if outcome.traceback is not None:
-                    value.__cause__ = _WorkerTraceback(outcome.traceback)
+                if traceback is not None:
+                    value.__cause__ = _WorkerTraceback(traceback)
                 self.failed(index, value)
 
     def run_here(self, index, why):
@@ -5665,10 +5660,9 @@ class _Run:
                   "its result is returned"
                   % (self.label, why))
         self.moved += 1
-        outcome, = _run(self.func, [self.items[index]], False)[0]
-        ok, value = outcome.ok, outcome.value
+        (ok, value, saved, _, _), = _run(self.func, [self.items[index]], False)[0]
         if ok:
-            self.succeeded(index, value, outcome.saved is not None)
+            self.succeeded(index, value, saved is not None)
         else:
             self.failed(index, value)
 
