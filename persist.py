@@ -5105,7 +5105,6 @@ def _handle_of(func):
     return None if handle is None else _MemoizedPartial(handle, args, kwargs)
 
 
-
 if TYPE_CHECKING:
     class _MemoizedPartial(NamedTuple):
         """func of persist.map when it is a memoized function or a partial of one."""
