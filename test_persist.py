@@ -8166,13 +8166,14 @@ class TestMapSchedule(unittest.TestCase):
     def send_all(self, schedule, prefix="t"):
         """Send every batch the schedule gives now, as _Run.send() does: {token: batch}."""
         sent = {}
-        batch = schedule.next()
-        while batch is not None:
+        for _ in range(10000):               # a broken schedule fails here, never hangs
+            batch = schedule.next()
+            if batch is None:
+                return sent
             token = "%s%d" % (prefix, len(sent))
             schedule.sent(token, batch)
             sent[token] = batch
-            batch = schedule.next()
-        return sent
+        self.fail("next() gave batch after batch: %r" % (sent,))
 
     def test_batches_start_at_one_item_and_grow_when_items_are_quick(self):
         schedule = self.schedule(10000)
@@ -8325,13 +8326,15 @@ class TestMapSchedule(unittest.TestCase):
         tokens = iter(range(10 ** 9))
         done, named = [], []
         for _ in range(100000):          # a broken schedule fails here, never hangs
-            while True:
+            for _ in range(count + 1):
                 batch = schedule.next()
                 if batch is None:
                     break
                 schedule.sent(next(tokens), batch)
                 if schedule.suspect is not None:
                     self.assertEqual(list(schedule.in_flight.values()), [batch])
+            else:
+                self.fail("next() gave more batches than there are items")
             if not schedule.in_flight:
                 break
             flight = list(schedule.in_flight)
