@@ -5081,10 +5081,6 @@ _BATCH_SECONDS = 0.05     # persist.map sends workers items in batches of about 
 _BATCH_LIMIT = 1000       # items, at most, in one batch
 _SUSPECTS_HALVED = 256    # items lost with a dead worker, more than which run again in halves:
                           # a new pool costs as much as a few hundred round trips (spawn)
-_WORKER_EXIT_WAIT = 2.0   # seconds _stop_workers waits for each worker it terminated to exit:
-                          # SIGTERM ends one at once, and shutdown() has joined most already;
-                          # one stuck in the kernel (a dead NFS mount) must not hold up the
-                          # end of the run, or Ctrl-C, for long
 
 
 def _handle_of(func):
@@ -5338,7 +5334,7 @@ def _stop_workers(pool):
     pool.shutdown(wait=True)
     for process in processes:    # reaped here, whatever shutdown() did: no zombie outlives us
         with contextlib.suppress(Exception):
-            process.join(_WORKER_EXIT_WAIT)
+            process.join(_ASIDE_TIMEOUT)
 
 
 def _took(seconds):
