@@ -114,6 +114,16 @@ if TYPE_CHECKING:
     _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str,
                                       Union[bytes, str, None]]
     _Call: TypeAlias = Tuple[_Args, _Kwargs]       # (args, kwargs) of a call
+    # What _run says of one item: (ok, value, saved, unstored, traceback), always unpacked by
+    # these names. ok: True, value is its result; False, value is the exception it raised;
+    # None, it never started (value None: a failure stopped the run) or its result could
+    # not travel back (value a _Moved). saved: for a result reused from the cache, the
+    # seconds the cached call took (what reusing it saved), else None. unstored: computed,
+    # and the cache could not take it (cannot be opened or written: cache_info().unstored).
+    # traceback: the exception's, as text, when it goes to another process (see _run).
+    # A plain tuple: outcomes travel by the thousand, and a named tuple costs a few us an
+    # item to make, pickle and load, as much as the rest of the trip for a quick item.
+    _Outcome: TypeAlias = Tuple[Optional[bool], Any, Optional[float], bool, Optional[str]]
 
     class _Event(Protocol):       # threading's, or multiprocessing's
         def is_set(self) -> bool: ...
@@ -5083,43 +5093,33 @@ _SUSPECTS_HALVED = 256    # items lost with a dead worker, more than which run a
                           # a new pool costs as much as a few hundred round trips (spawn)
 
 
+if TYPE_CHECKING:
+    class _WrapperCall(NamedTuple):
+        wrapper: "_Memoized"
+        args: _Args
+        kwargs: _Kwargs
+else:
+    _WrapperCall = collections.namedtuple("_WrapperCall", "wrapper args kwargs")
+
+
 def _handle_of(func):
-    # type: (_Func) -> Optional[_MemoizedPartial]
-    """(the _Memoized behind func, leading arguments, keywords) when func is a memoized
-    function, method or a functools.partial of one; else None."""
+    # type: (_Func) -> Optional[_WrapperCall]
+    """A _WrapperCall (wrapper: the _Memoized behind func; args and kwargs: the leading
+    arguments and keywords of a functools.partial around it) when func is a memoized
+    function or method, or a partial of one; else None."""
     args: "_Args"
     kwargs: "_Kwargs"
     args, kwargs = (), {}
     if isinstance(func, functools.partial):
         args, kwargs, func = func.args, func.keywords, func.func
     if isinstance(func, _Memoized):
-        return _MemoizedPartial(func, args, kwargs)
+        return _WrapperCall(func, args, kwargs)
     try:
         handle = _HANDLES.get(func)
     except TypeError:                 # unhashable, or no weak reference: not ours
         return None
-    return None if handle is None else _MemoizedPartial(handle, args, kwargs)
+    return None if handle is None else _WrapperCall(handle, args, kwargs)
 
-
-if TYPE_CHECKING:
-    class _MemoizedPartial(NamedTuple):
-        """func of persist.map when it is a memoized function or a partial of one."""
-        memoized: "_Memoized"
-        args: _Args             # the leading arguments each item's call gets, then the item
-        kwargs: _Kwargs         # and the keywords
-
-    # What _run says of one item: (ok, value, saved, unstored, traceback), always unpacked by
-    # these names. ok: True, value is its result; False, value is the exception it raised;
-    # None, it never started (value None: a failure stopped the run) or its result could
-    # not travel back (value a _Moved). saved: for a result reused from the cache, the
-    # seconds the cached call took (what reusing it saved), else None. unstored: computed,
-    # and the cache could not take it (cannot be opened or written: cache_info().unstored).
-    # traceback: the exception's, as text, when it goes to another process (see _run).
-    # A plain tuple: outcomes travel by the thousand, and a named tuple costs a few us an
-    # item to make, pickle and load, as much as the rest of the trip for a quick item.
-    _Outcome: TypeAlias = Tuple[Optional[bool], Any, Optional[float], bool, Optional[str]]
-else:
-    _MemoizedPartial = collections.namedtuple("_MemoizedPartial", "memoized args kwargs")
 
 
 _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_going=False: set by
@@ -5135,9 +5135,9 @@ def _run(func, items, portable, stop=None):
     stop = stop or _STOP
     found = _handle_of(func)
     if found is not None:
-        call, args, kwargs = found.memoized._call, found.args, found.kwargs
+        call, args, kwargs = found.wrapper._call, found.args, found.kwargs
         failing = None if stop is None else stop.set
-        memo = found.memoized._memo
+        memo = found.wrapper._memo
     outcomes: "List[_Outcome]" = []
     start = time.perf_counter()
     for item in items:
@@ -5361,7 +5361,7 @@ class _Run:
     tick: "Optional[float]"
 
     def __init__(self, func, items, found, progress, keep_going):
-        # type: (Callable[[Any], Any], List[Any], Optional[_MemoizedPartial], _Progress, bool) -> None
+        # type: (Callable[[Any], Any], List[Any], Optional[_WrapperCall], _Progress, bool) -> None
         self.func, self.items, self.found = func, items, found
         self.keep_going = keep_going
         inner = func.func if isinstance(func, functools.partial) else func
@@ -5473,7 +5473,7 @@ class _Run:
         # type: () -> None
         func, found, run = self.func, self.found, self
         if found is not None:
-            call, args, kwargs = found.memoized._call, found.args, found.kwargs
+            call, args, kwargs = found.wrapper._call, found.args, found.kwargs
         for index, item in enumerate(self.items):
             try:
                 if found is None:
@@ -5510,7 +5510,7 @@ class _Run:
         import concurrent.futures
         schedule = _Schedule(len(self.items), width, self.keep_going)
         # the calls of a memoized func in other processes count in its cache_info() here too
-        memo = self.found.memoized._memo if self.found is not None and portable else None
+        memo = self.found.wrapper._memo if self.found is not None and portable else None
         try:
             # idle: the pool died with nothing in flight (a worker killed idle)
             idle = self.send(schedule, executor, portable, stop, own)
@@ -5684,12 +5684,12 @@ class _Run:
         exc.__cause__ = cause
         self.failed(index, exc)
         if self.found is not None:
-            memoized, memo = self.found.memoized, self.found.memoized._memo
+            wrapper, memo = self.found.wrapper, self.found.wrapper._memo
             memo.misses += 1            # a call that stored nothing, as one that raised counts
             # best effort: the item failed whether or not the ledger can take it
             with contextlib.suppress(Exception):
                 call = (self.found.args + (self.items[index],), self.found.kwargs)
-                key = memoized._key_of(*call)
+                key = wrapper._key_of(*call)
                 memo.open()                       # the workers used it; maybe not this process
                 memo.fail(key, call, exc, time.perf_counter() - start)
 
@@ -5753,7 +5753,7 @@ class _Run:
         where = "this exception's .failures"
         if self.found is not None:          # a command that works pasted, from anywhere
             where += ", %s.failures(), or run: python -m persist failures %s" % (
-                self.label, _shell_word(self.found.memoized._memo.path))
+                self.label, _shell_word(self.found.wrapper._memo.path))
         message = "%s of %s items failed: %s; every other item was tried; see %s" % (
             _n(len(self.failures)), _n(len(self.items)), ", ".join(parts), where)
         return Failures(message, [(self.items[i], exc) for i, exc in self.failures],
@@ -6480,7 +6480,7 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
     if found is not None and elsewhere:
         # opened here first: one that cannot be opened warns here, once, and the workers
         # forked from this process inherit that warning instead of each giving its own
-        found.memoized._memo.open()
+        found.wrapper._memo.open()
     run = _Run(func, items, found, progress, keep_going)
     try:
         run.execute(workers, executor, threads)
@@ -6505,14 +6505,14 @@ def _check_map_arguments(func, workers, executor):
 
 
 def _memoized_for_map(func):
-    # type: (Callable[[Any], Any]) -> Optional[_MemoizedPartial]
+    # type: (Callable[[Any], Any]) -> Optional[_WrapperCall]
     """The memoized function behind func, and its leading arguments (see _handle_of), once
     checked that persist.map can call it item by item; None for any other callable."""
     found = _handle_of(func)
     if found is None:
         return None
     _check_env_strict()                    # else every item would fail with it
-    function = found.memoized._state[3]
+    function = found.wrapper._state[3]
     if _code_flags(function) & _CO_COROUTINE:
         raise TypeError("persist.map() calls func(item) and takes the result, but %s is an "
                         "async def function: map a plain function over the items, or gather "
