@@ -114,11 +114,16 @@ if TYPE_CHECKING:
     _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str,
                                       Union[bytes, str, None]]
     _Call: TypeAlias = Tuple[_Args, _Kwargs]       # (args, kwargs) of a call
-    _Handle: TypeAlias = Tuple["_Memoized", _Args, _Kwargs]   # _handle_of()'s
-    # what _run says of an item: (True, result, seconds the hit saved, else None, or False
-    # for a result computed and not stored), (False, exception, traceback text or None), or
-    # (None, None, None) when it never started
-    _Outcome: TypeAlias = Tuple[Optional[bool], Any, Any]
+    # What _run says of one item: (ok, value, saved, unstored, traceback), always unpacked by
+    # these names. ok: True, value is its result; False, value is the exception it raised;
+    # None, it never started (value None: a failure stopped the run) or its result could
+    # not travel back (value a _Moved). saved: for a result reused from the cache, the
+    # seconds the cached call took (what reusing it saved), else None. unstored: computed,
+    # and the cache could not take it (cannot be opened or written: cache_info().unstored).
+    # traceback: the exception's, as text, when it goes to another process (see _run).
+    # A plain tuple: outcomes travel by the thousand, and a named tuple costs a few us an
+    # item to make, pickle and load, as much as the rest of the trip for a quick item.
+    _Outcome: TypeAlias = Tuple[Optional[bool], Any, Optional[float], bool, Optional[str]]
 
     class _Event(Protocol):       # threading's, or multiprocessing's
         def is_set(self) -> bool: ...
@@ -5225,22 +5230,33 @@ _SUSPECTS_HALVED = 256    # items lost with a dead worker, more than which run a
                           # a new pool costs as much as a few hundred round trips (spawn)
 
 
+if TYPE_CHECKING:
+    class _WrapperCall(NamedTuple):
+        wrapper: "_Memoized"
+        args: _Args
+        kwargs: _Kwargs
+else:
+    _WrapperCall = collections.namedtuple("_WrapperCall", "wrapper args kwargs")
+
+
 def _handle_of(func):
-    # type: (_Func) -> Optional[_Handle]
-    """(the _Memoized behind func, leading arguments, keywords) when func is a memoized
-    function, method or a functools.partial of one; else None."""
+    # type: (_Func) -> Optional[_WrapperCall]
+    """A _WrapperCall (wrapper: the _Memoized behind func; args and kwargs: the leading
+    arguments and keywords of a functools.partial around it) when func is a memoized
+    function or method, or a partial of one; else None."""
     args: "_Args"
     kwargs: "_Kwargs"
     args, kwargs = (), {}
     if isinstance(func, functools.partial):
         args, kwargs, func = func.args, func.keywords, func.func
     if isinstance(func, _Memoized):
-        return func, args, kwargs
+        return _WrapperCall(func, args, kwargs)
     try:
         handle = _HANDLES.get(func)
     except TypeError:                 # unhashable, or no weak reference: not ours
         return None
-    return None if handle is None else (handle, args, kwargs)
+    return None if handle is None else _WrapperCall(handle, args, kwargs)
+
 
 
 _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_going=False: set by
@@ -5249,33 +5265,30 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
 
 def _run(func, items, portable, stop=None):
     # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> Tuple[List[_Outcome], float]
-    """func(item) for a batch of items where they run (this process, or a worker): a list of
-    (True, result, None if computed, False if computed and not stored (a cache that cannot
-    be opened or written: counted in cache_info().unstored), else the seconds the cached
-    call took: what reusing it saved), (False, exception, traceback text or None) or
-    (None, None, None) for an item not started, and the seconds the batch took. portable:
-    exceptions go to another process, so each is made picklable and its traceback sent as
-    text. stop: an Event that a failure sets, after which no item starts (keep_going=False)."""
+    """func(item) for a batch of items where they run (this process, or a worker): the
+    _Outcome of each, and the seconds the batch took. portable: exceptions go to another
+    process, so each is made picklable and its traceback sent as text. stop: an Event that a
+    failure sets, after which no item starts (keep_going=False)."""
     stop = stop or _STOP
     found = _handle_of(func)
     if found is not None:
-        call, args, kwargs = found[0]._call, found[1], found[2]
+        call, args, kwargs = found.wrapper._call, found.args, found.kwargs
         failing = None if stop is None else stop.set
-        memo = found[0]._memo
+        memo = found.wrapper._memo
     outcomes: "List[_Outcome]" = []
     start = time.perf_counter()
     for item in items:
         if stop is not None and stop.is_set():
-            outcomes.append((None, None, None))
+            outcomes.append((None, None, None, False, None))
             continue
         try:
             if found is None:
-                outcomes.append((True, func(item), None))
+                outcomes.append((True, func(item), None, False, None))
             else:
                 unstored = memo.unstored
                 value, saved = call(args + (item,), kwargs, failing)
-                outcomes.append((True, value, saved if saved is not None or
-                                 memo.unstored == unstored else False))
+                outcomes.append((True, value, saved, saved is None and
+                                 memo.unstored != unstored, None))
         except Exception as exc:
             if stop is not None:
                 stop.set()
@@ -5284,14 +5297,14 @@ def _run(func, items, portable, stop=None):
                 import traceback
                 text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                 exc = _portable(exc)
-            outcomes.append((False, exc, text))
+            outcomes.append((False, exc, None, False, text))
     if portable:
         outcomes = _Outcomes(outcomes)
     return outcomes, time.perf_counter() - start
 
 
 class _Moved:
-    """The value of an outcome (None, _Moved(why), None) whose result could not travel from
+    """The value of an _Outcome (ok None) whose result could not travel from
     its worker (why: pickling it failed there, or loading it here): persist.map runs it
     again in the caller (see _Run.run_here())."""
 
@@ -5308,25 +5321,25 @@ class _Outcomes(list):  # type: ignore[type-arg]  # of _Outcome
 
     def __reduce__(self):
         # type: () -> Tuple[Any, ...]
-        packed: "List[Tuple[Any, Any, Any]]" = []
-        for ok, value, extra in self:
+        packed: "List[_Outcome]" = []      # each value pickled on its own
+        for ok, value, saved, unstored, traceback in self:
             try:
-                packed.append((ok, pickle.dumps(value, _PROTOCOL), extra))
+                packed.append((ok, pickle.dumps(value, _PROTOCOL), saved, unstored, traceback))
             except Exception as exc:       # RecursionError included
-                packed.append((None, _Moved(_why(exc)), None))
+                packed.append((None, _Moved(_why(exc)), None, False, None))
         return _unpack_outcomes, (packed,)
 
 
 def _unpack_outcomes(packed):
-    # type: (List[Tuple[Any, Any, Any]]) -> List[_Outcome]
+    # type: (List[_Outcome]) -> List[_Outcome]
     outcomes: "List[_Outcome]" = []
-    for ok, data, extra in packed:
-        if isinstance(data, bytes):
+    for ok, value, saved, unstored, traceback in packed:
+        if isinstance(value, bytes):
             try:
-                data = pickle.loads(data)
+                value = pickle.loads(value)
             except Exception as exc:       # its class is not here, its loading raises
-                ok, data, extra = None, _Moved(_why(exc)), None
-        outcomes.append((ok, data, extra))
+                ok, value, saved, unstored, traceback = None, _Moved(_why(exc)), None, False, None
+        outcomes.append((ok, value, saved, unstored, traceback))
     return outcomes
 
 
@@ -5354,12 +5367,18 @@ class _WorkerError(Exception):
         # type: () -> str
         return str(self.args[0])
 
+    @property
+    def kind(self):
+        # type: () -> str
+        """The name of the type of the exception it stands for."""
+        return str(self.args[1])
+
 
 def _kind_of(exc):
     # type: (BaseException) -> str
     """The name of exc's type, for people: a _WorkerError's is that of what it stands for."""
     if isinstance(exc, _WorkerError) and len(exc.args) == 2:
-        return str(exc.args[1])
+        return exc.kind
     return _type_label(type(exc))
 
 
@@ -5420,6 +5439,14 @@ class _OwnPool:
             self.workers, self.context, initializer=_worker_start,
             initargs=(self.stop, self.started, self.func))
 
+    def replace(self, pool):
+        # type: (ProcessPoolExecutor) -> ProcessPoolExecutor
+        """A worker of pool died, and the pool with it: stop what is left of it, and return
+        a new one to go on in."""
+        _stop_workers(pool)
+        self.check_started()
+        return self.new()
+
     def check_started(self):
         # type: () -> None
         """Raise if the pool that just died had no worker that even started: then no item
@@ -5469,9 +5496,10 @@ class _Run:
     bar: "Any"
     tick: "Optional[float]"
 
-    def __init__(self, func, items, found, progress):
-        # type: (Callable[[Any], Any], List[Any], Optional[_Handle], _Progress) -> None
+    def __init__(self, func, items, found, progress, keep_going):
+        # type: (Callable[[Any], Any], List[Any], Optional[_WrapperCall], _Progress, bool) -> None
         self.func, self.items, self.found = func, items, found
+        self.keep_going = keep_going
         inner = func.func if isinstance(func, functools.partial) else func
         self.label = getattr(inner, "__name__", None) or type(inner).__name__
         self.results = [None] * len(items)
@@ -5554,11 +5582,34 @@ class _Run:
             sys.stderr.flush()
             self.line = len(text)
 
-    def serial(self, keep_going):
-        # type: (bool) -> None
+    def execute(self, workers, executor, threads):
+        # type: (Optional[int], Optional[Executor], bool) -> None
+        """Run the items where persist.map was asked to: on executor (threads: a
+        ThreadPoolExecutor, whose workers share this process), in a pool of workers of
+        persist.map's own, or here, one after another."""
+        stop: "Optional[_Event]"
+        if executor is not None:
+            width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
+            # threads share an Event; other executors' workers learn of a failure only
+            # from here, when its result arrives
+            import threading
+            stop = threading.Event() if threads and not self.keep_going else None
+            self.parallel(executor, width, not threads, None, stop)
+        elif workers is not None:
+            import multiprocessing
+            context = multiprocessing.get_context()
+            stop = None if self.keep_going else context.Event()
+            own = _OwnPool(workers, context, stop, self.func)
+            pool = own.new()
+            self.parallel(pool, workers, True, pool, None, own)
+        else:
+            self.serial()
+
+    def serial(self):
+        # type: () -> None
         func, found, run = self.func, self.found, self
         if found is not None:
-            call, args, kwargs = found[0]._call, found[1], found[2]
+            call, args, kwargs = found.wrapper._call, found.args, found.kwargs
         for index, item in enumerate(self.items):
             try:
                 if found is None:
@@ -5568,7 +5619,7 @@ class _Run:
                     hit = saved is not None
             except Exception as exc:
                 run.failed(index, exc)
-                if not keep_going:
+                if not self.keep_going:
                     raise
             else:
                 run.results[index] = value
@@ -5581,178 +5632,52 @@ class _Run:
                 if now >= run.tick:
                     run.update(now)
 
-    def parallel(self, executor, width, keep_going, portable, pool=None, stop=None, own=None):
-        # type: (Executor, int, bool, bool, Optional[ProcessPoolExecutor], Optional[_Event], Optional[_OwnPool]) -> None
-        """Run the items on executor in batches sized to take about _BATCH_SECONDS each (one
-        item at first; quick items travel many to a message), with at most two batches per
-        worker waiting, so that a million items are not a million futures. pool: our own, to
-        stop on Ctrl-C; stop: an Event for _run, passed with each batch (threads) or held by
-        each worker (pool).
+    def parallel(self, executor, width, portable, pool=None, stop=None, own=None):
+        # type: (Executor, int, bool, Optional[ProcessPoolExecutor], Optional[_Event], Optional[_OwnPool]) -> None
+        """Run the items on executor (width: its workers), in the batches a _Schedule gives,
+        which it tells what came back. pool: our own, to stop on Ctrl-C; stop: an Event for
+        _run, passed with each batch (threads) or held by each worker (pool).
 
         own: makes a new pool of our own when a worker died (a crash in C code, killed, out
-        of memory), which takes every batch then in flight with it. Those items run again
-        alone in the pool, halves of them at a time while they are many (a batch of quick
-        items holds up to _BATCH_LIMIT, and one at a time each costs a round trip), then
-        one at a time, so that one that kills its worker again is known: it fails with
+        of memory), which takes every batch then in flight with it: the schedule runs those
+        items again until the one that kills its worker is known; it fails with
         BrokenProcessPool, and the run goes on past it.
         """
         import concurrent.futures
-        wait, first = concurrent.futures.wait, concurrent.futures.FIRST_COMPLETED
-        window = 2 * width if keep_going else width
-        # each future: the indexes of its batch
-        pending: "Dict[concurrent.futures.Future[Tuple[List[_Outcome], float]], List[int]]" = {}
-        todo = iter(range(len(self.items)))
-        alone: "Deque[int]" = collections.deque()      # one a batch (see below)
-        # batches that were in flight when a worker died; (batch, start) of the one running
-        suspects: "Deque[List[int]]" = collections.deque()
-        suspect: "Optional[Tuple[List[int], float]]" = None
-        size, left = 1, len(self.items)
-        error: "Optional[Exception]" = None   # keep_going=False: the first failure
-
-        idle = False            # the pool died with nothing in flight: a worker killed idle
-
-        def submit():
-            # type: () -> None
-            nonlocal left, suspect, idle
-            while len(pending) < window:
-                if suspect is not None:   # a suspect runs alone: nothing joins it
-                    return
-                if suspects:
-                    if pending:           # and starts only then
-                        return
-                    batch = suspects.popleft()
-                    suspect = (batch, time.perf_counter())
-                else:
-                    batch = [alone.popleft()] if alone else list(itertools.islice(todo, size))
-                if not batch:
-                    return
-                try:
-                    future = executor.submit(_run, self.func, [self.items[i] for i in batch],
-                                             portable, stop)
-                except concurrent.futures.BrokenExecutor as exc:
-                    if own is None:
-                        raise self.pool_died() from exc
-                    # not started: it goes first into the next pool (which the failure of
-                    # what is in flight, if anything is, makes)
-                    if suspect is not None:
-                        suspects.appendleft(batch)
-                    else:
-                        alone.extendleft(reversed(batch))
-                    suspect = None
-                    idle = not pending
-                    return
-                left -= len(batch)
-                pending[future] = batch
-
+        schedule = _Schedule(len(self.items), width, self.keep_going)
         # the calls of a memoized func in other processes count in its cache_info() here too
-        memo = self.found[0]._memo if self.found is not None and portable else None
-
-        def take(batch, outcomes, seconds):
-            # type: (List[int], List[_Outcome], float) -> None
-            nonlocal size, error
-            for index, (ok, value, extra) in zip(batch, outcomes):
-                if isinstance(value, _Moved):
-                    # computed, but its result could not travel: again here, as a plain
-                    # loop would (but after a failure with keep_going=False, nothing starts)
-                    if keep_going or error is None:
-                        here = self.run_here(index, value.why)
-                        if here is not None and not keep_going and error is None:
-                            error = here
-                    continue
-                hit = bool(ok) and extra is not None and extra is not False
-                if memo is not None and ok is not None:
-                    if hit:
-                        memo.hits += 1
-                        memo.saved += extra
-                    else:
-                        memo.misses += 1
-                        memo.unstored += extra is False
-                if ok:
-                    self.succeeded(index, value, hit)
-                elif ok is False:
-                    if extra is not None:
-                        value.__cause__ = _WorkerTraceback(extra)
-                    self.failed(index, value)
-                    if not keep_going and error is None:
-                        error = value
-            if seconds > 0:
-                size = max(1, min(int(_BATCH_SECONDS * len(outcomes) / seconds),
-                                  left // (2 * width) or 1, _BATCH_LIMIT))
-
-        def replace_pool():
-            # type: () -> None
-            """A worker died, and the pool with it: stop what is left, go on in a new one."""
-            nonlocal pool, executor
-            assert own is not None and pool is not None
-            _stop_workers(pool)
-            own.check_started()
-            pool = executor = own.new()
-
+        memo = self.found.wrapper._memo if self.found is not None and portable else None
         try:
-            submit()
-            while pending or idle:
+            # idle: the pool died with nothing in flight (a worker killed idle)
+            idle = self.send(schedule, executor, portable, stop, own)
+            while schedule.in_flight or idle:
                 if idle:
-                    idle = False
-                    replace_pool()
-                    submit()
+                    assert own is not None and pool is not None
+                    pool = executor = own.replace(pool)
+                    idle = self.send(schedule, executor, portable, stop, own)
                     continue
-                finished, _ = wait(pending, _PROGRESS_EVERY, first)
-                lost: "List[int]" = []         # items of batches a dead worker took along
-                broken: "Optional[BaseException]" = None    # the pool's error for them
-                for future in finished:
-                    batch = pending.pop(future)
-                    try:
-                        outcomes, seconds = future.result()
-                    except concurrent.futures.BrokenExecutor as exc:
-                        if own is None:
-                            raise self.pool_died() from exc
-                        lost += batch
-                        broken = exc
-                        continue
-                    except Exception as exc:
-                        if len(batch) > 1:      # a result that could not travel: find it
-                            alone.extend(batch)
-                            left += len(batch)
-                            continue
-                        if not portable or (not keep_going and error is not None):
-                            # (after a failure with keep_going=False, no item starts again)
-                            outcomes, seconds = [(False, exc, None)], 0.0
-                        else:
-                            here = self.run_here(batch[0], _why(exc))
-                            if here is not None and not keep_going and error is None:
-                                error = here
-                            continue
-                    take(batch, outcomes, seconds)
+                finished, _ = concurrent.futures.wait(schedule.in_flight, _PROGRESS_EVERY,
+                                                      concurrent.futures.FIRST_COMPLETED)
+                lost, broken = self.receive(schedule, finished, portable, memo, own)
                 if lost:
-                    lost += [index for batch in pending.values() for index in batch]
-                    pending.clear()              # each failed with the pool, or will
-                    lost.sort()
-                    left += len(lost)
-                    replace_pool()
-                    if suspect is not None and len(lost) == 1 and lost == suspect[0]:
-                        left -= 1                                 # it ran alone: it
-                        crash = self.worker_died(lost[0], suspect[1], broken)
-                        if not keep_going and error is None:
-                            error = crash
-                    elif len(lost) > _SUSPECTS_HALVED:
-                        half = len(lost) // 2
-                        suspects.extendleft([lost[half:], lost[:half]])
-                    else:
-                        suspects.extendleft([index] for index in reversed(lost))
-                if suspect is not None and suspect[0] not in pending.values():
-                    suspect = None
-                if error is not None:
-                    for other in list(pending):     # what has not started never will
+                    killer = schedule.worker_died(lost)
+                    assert own is not None and pool is not None
+                    pool = executor = own.replace(pool)
+                    if killer is not None:
+                        index, sent = killer
+                        self.worker_died(index, sent, broken)
+                if self.stopped:
+                    for other in list(schedule.in_flight):  # what has not started never will
                         if other.cancel():
-                            del pending[other]
+                            schedule.returned(other)
                 else:
-                    submit()
+                    idle = self.send(schedule, executor, portable, stop, own)
                 if self.tick is not None:
                     now = time.perf_counter()
                     if now >= self.tick:
                         self.update(now)
         except BaseException:
-            for future in pending:
+            for future in schedule.in_flight:
                 future.cancel()
             if pool is not None:
                 _stop_workers(pool)
@@ -5760,16 +5685,104 @@ class _Run:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)    # after _stop_workers() too: it does nothing then
-        if error is not None:
-            raise error
+        if self.stopped:
+            _, first = self.failures[0]    # raised as a plain loop would
+            raise first
+
+    @property
+    def stopped(self):
+        # type: () -> bool
+        """keep_going=False, and an item failed: no item starts any more, and parallel()
+        raises that first failure once the items running finish."""
+        return not self.keep_going and bool(self.failures)
+
+    def send(self, schedule, executor, portable, stop, own):
+        # type: (_Schedule, Executor, bool, Optional[_Event], Optional[_OwnPool]) -> bool
+        """Submit the batches the schedule gives now. Returns whether the pool was found
+        dead with nothing in flight: then no result will come to say so, and it must be
+        replaced before anything runs."""
+        import concurrent.futures
+        while True:
+            batch = schedule.next()
+            if batch is None:
+                return False
+            try:
+                future = executor.submit(_run, self.func, [self.items[i] for i in batch],
+                                         portable, stop)
+            except concurrent.futures.BrokenExecutor as exc:
+                if own is None:
+                    raise self.pool_died() from exc
+                # not started: it goes first into the next pool (which the failure of what
+                # is in flight, if anything is, makes)
+                schedule.unsent(batch)
+                return not schedule.in_flight
+            schedule.sent(future, batch)
+
+    def receive(self, schedule, finished, portable, memo, own):
+        # type: (_Schedule, Iterable[Any], bool, Optional[_Memo], Optional[_OwnPool]) -> Tuple[List[Any], Optional[BaseException]]
+        """Take what the finished futures bring back. Returns those that came back with the
+        pool's error (a dead worker took them along), and that error."""
+        import concurrent.futures
+        lost: "List[Any]" = []
+        broken: "Optional[BaseException]" = None
+        for future in finished:
+            try:
+                outcomes, seconds = future.result()
+            except concurrent.futures.BrokenExecutor as exc:
+                if own is None:
+                    raise self.pool_died() from exc
+                lost.append(future)
+                broken = exc
+                continue
+            except Exception as exc:
+                batch = schedule.returned(future)
+                if len(batch) > 1:      # a result that could not travel: find it
+                    schedule.one_by_one(batch)
+                    continue
+                if not portable or self.stopped:
+                    # (after a failure with keep_going=False, no item starts again)
+                    outcomes, seconds = [(False, exc, None, False, None)], 0.0
+                else:
+                    self.run_here(batch[0], _why(exc))
+                    continue
+            else:
+                batch = schedule.returned(future)
+            self.take(batch, outcomes, memo)
+            schedule.timed(len(outcomes), seconds)
+        return lost, broken
+
+    def take(self, batch, outcomes, memo):
+        # type: (List[int], List[_Outcome], Optional[_Memo]) -> None
+        """Record the outcomes of a batch that came back; memo: the cache whose counts the
+        calls made in other processes go to."""
+        for index, (ok, value, saved, unstored, traceback) in zip(batch, outcomes):
+            if isinstance(value, _Moved):
+                # computed, but its result could not travel: again here, as a plain loop
+                # would (but after a failure with keep_going=False, nothing starts)
+                if not self.stopped:
+                    self.run_here(index, value.why)
+                continue
+            hit = bool(ok) and saved is not None
+            if memo is not None and ok is not None:
+                if hit and saved is not None:     # (saved: as the type checker sees it)
+                    memo.hits += 1
+                    memo.saved += saved
+                else:
+                    memo.misses += 1
+                    memo.unstored += unstored
+            if ok:
+                self.succeeded(index, value, hit)
+            elif ok is False:
+                if traceback is not None:
+                    value.__cause__ = _WorkerTraceback(traceback)
+                self.failed(index, value)
 
     def run_here(self, index, why):
-        # type: (int, str) -> Optional[Exception]
+        # type: (int, str) -> None
         """Run an item in this process, after it or its result could not travel between
         this process and a worker (why: pickling it failed, as for a result nested deeper
         than pickle goes or of a type pickle refuses, or loading it here): its result is
-        returned, computed here (a second time, when the worker computed it). Its failure
-        here, if it fails, is returned too."""
+        returned, computed here (a second time, when the worker computed it)."""
         if not self.moved:
             # one warning, after which the rest of the run goes on quietly
             _warn("persist.map: an item of %s, or its result, could not travel between this "
@@ -5778,12 +5791,11 @@ class _Run:
                   "its result is returned"
                   % (self.label, why))
         self.moved += 1
-        (ok, value, extra), = _run(self.func, [self.items[index]], False)[0]
+        (ok, value, saved, _, _), = _run(self.func, [self.items[index]], False)[0]
         if ok:
-            self.succeeded(index, value, extra is not None and extra is not False)
-            return None
-        self.failed(index, value)
-        return value  # type: ignore[no-any-return]  # an outcome's exception
+            self.succeeded(index, value, saved is not None)
+        else:
+            self.failed(index, value)
 
     def pool_died(self):
         # type: () -> RuntimeError
@@ -5796,7 +5808,7 @@ class _Run:
                             "pool persist.map replaces" % (self.reused + self.computed))
 
     def worker_died(self, index, start, cause):
-        # type: (int, float, Optional[BaseException]) -> Exception
+        # type: (int, float, Optional[BaseException]) -> None
         """Record that the worker running the item at index alone died: a failure of that
         item (in the ledger too, for a memoized func), as BrokenProcessPool. cause: the
         pool's own error, kept because it may know better (since 3.9, the traceback of a
@@ -5808,15 +5820,14 @@ class _Run:
         exc.__cause__ = cause
         self.failed(index, exc)
         if self.found is not None:
-            handle, args, kwargs = self.found
-            handle._memo.misses += 1    # a call that stored nothing, as one that raised counts
+            wrapper, memo = self.found.wrapper, self.found.wrapper._memo
+            memo.misses += 1            # a call that stored nothing, as one that raised counts
             # best effort: the item failed whether or not the ledger can take it
             with contextlib.suppress(Exception):
-                call = (args + (self.items[index],), kwargs)
-                key = handle._key_of(*call)
-                handle._memo.open()               # the workers used it; maybe not this process
-                handle._memo.fail(key, call, exc, time.perf_counter() - start)
-        return exc
+                call = (self.found.args + (self.items[index],), self.found.kwargs)
+                key = wrapper._key_of(*call)
+                memo.open()                       # the workers used it; maybe not this process
+                memo.fail(key, call, exc, time.perf_counter() - start)
 
     def summary(self):
         # type: () -> str
@@ -5878,11 +5889,118 @@ class _Run:
         where = "this exception's .failures"
         if self.found is not None:          # a command that works pasted, from anywhere
             where += ", %s.failures(), or run: python -m persist failures %s" % (
-                self.label, _shell_word(self.found[0]._memo.path))
+                self.label, _shell_word(self.found.wrapper._memo.path))
         message = "%s of %s items failed: %s; every other item was tried; see %s" % (
             _n(len(self.failures)), _n(len(self.items)), ", ".join(parts), where)
         return Failures(message, [(self.items[i], exc) for i, exc in self.failures],
                         self.results)
+
+
+class _Schedule:
+    """Which items of a persist.map go to the workers next, in which batches, and what runs
+    again after a worker died: the scheduling of _Run.parallel, which sends what next()
+    gives and tells this what came back. No processes here: a token (a future there)
+    stands for each batch in flight.
+
+    Batches are sized to take about _BATCH_SECONDS each (one item at first; quick items
+    travel many to a message, up to _BATCH_LIMIT), with at most two batches per worker in
+    flight (one with keep_going=False, so that fewer start after a failure), so that a
+    million items are not a million futures. A worker that dies (a crash in C code, killed,
+    out of memory) takes every batch then in flight with it: those items are suspects, and
+    run again alone, with nothing else in flight, halves of them at a time while they are
+    many (one at a time, each would cost a round trip), then one at a time, so that one
+    that kills its worker again is known (worker_died() names it).
+    """
+
+    def __init__(self, count, width, keep_going, clock=time.perf_counter):
+        # type: (int, int, bool, Callable[[], float]) -> None
+        self.width = width
+        self.window = 2 * width if keep_going else width     # batches in flight, at most
+        self.size = 1                     # items in the next batch of new ones
+        self.left = count                 # items not sent, or to be sent again
+        self.todo = iter(range(count))    # the indexes of items never sent
+        self.alone: "Deque[int]" = collections.deque()     # to send one to a batch
+        # batches that were in flight when a worker died; the one in flight, and when it went
+        self.suspects: "Deque[List[int]]" = collections.deque()
+        self.suspect: "Optional[List[int]]" = None
+        self.suspect_sent = 0.0
+        self.in_flight: "Dict[Any, List[int]]" = {}       # token: its batch
+        self.clock = clock
+
+    def next(self):
+        # type: () -> Optional[List[int]]
+        """The indexes of the items to send now as one batch, or None: none is left, the
+        window is full, or a suspect is in flight or waits for the others to finish."""
+        if len(self.in_flight) >= self.window or self.suspect is not None:
+            return None                   # a suspect runs alone: nothing joins it
+        if self.suspects:
+            if self.in_flight:            # and starts only then
+                return None
+            self.suspect, self.suspect_sent = self.suspects.popleft(), self.clock()
+            return self.suspect
+        batch = [self.alone.popleft()] if self.alone else list(itertools.islice(self.todo,
+                                                                                self.size))
+        return batch or None
+
+    def sent(self, token, batch):
+        # type: (Any, List[int]) -> None
+        """batch, from next(), is in flight: token stands for it until returned()."""
+        self.left -= len(batch)
+        self.in_flight[token] = batch
+
+    def unsent(self, batch):
+        # type: (List[int]) -> None
+        """batch, from next(), could not be sent (the pool is broken): it goes first into the
+        next pool."""
+        if self.suspect is not None:      # it was the suspect, just given
+            self.suspects.appendleft(batch)
+        else:
+            self.alone.extendleft(reversed(batch))
+        self.suspect = None
+
+    def returned(self, token):
+        # type: (Any) -> List[int]
+        """The batch of token, which came back (or was cancelled before it started)."""
+        batch = self.in_flight.pop(token)
+        if batch is self.suspect:
+            self.suspect = None
+        return batch
+
+    def timed(self, count, seconds):
+        # type: (int, float) -> None
+        """A batch of count items took seconds where it ran: size the next ones from it."""
+        if seconds > 0:
+            self.size = max(1, min(int(_BATCH_SECONDS * count / seconds),
+                                   self.left // (2 * self.width) or 1, _BATCH_LIMIT))
+
+    def one_by_one(self, batch):
+        # type: (List[int]) -> None
+        """The results of batch, returned, could not travel back as one: send its items again
+        one to a batch, so that each that cannot is known (and runs in the caller)."""
+        self.alone.extend(batch)
+        self.left += len(batch)
+
+    def worker_died(self, tokens):
+        # type: (List[Any]) -> Optional[Tuple[int, float]]
+        """The pool broke: tokens came back with its error, and every batch in flight is
+        lost with them. When they were one suspect item alone, it killed its worker: its
+        index and the clock() when it was sent are returned, and it is not sent again.
+        Otherwise all of them are suspects: sent again first, alone (see the class)."""
+        lost = [index for token in tokens for index in self.in_flight.pop(token)]
+        lost += [index for batch in self.in_flight.values() for index in batch]
+        self.in_flight.clear()                 # each failed with the pool, or will
+        lost.sort()
+        self.left += len(lost)
+        suspect, self.suspect = self.suspect, None
+        if suspect is not None and len(lost) == 1 and lost == suspect:
+            self.left -= 1
+            return lost[0], self.suspect_sent
+        if len(lost) > _SUSPECTS_HALVED:
+            half = len(lost) // 2
+            self.suspects.extendleft([lost[half:], lost[:half]])
+        else:
+            self.suspects.extendleft([index] for index in reversed(lost))
+        return None
 
 
 # -- private helpers: done_dir
@@ -6490,6 +6608,33 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
     gets the counts instead. At the end one summary line goes to the 'persist' logger at
     INFO, and to stderr when the progress line would.
     """
+    _check_map_arguments(func, workers, executor)
+    found = _memoized_for_map(func)
+    threads = False
+    if executor is not None:
+        import concurrent.futures
+        threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+    elsewhere = workers is not None or executor is not None and not threads   # processes
+    if elsewhere:
+        _check_travels(func)
+    items = list(items)
+    if found is not None and elsewhere:
+        # opened here first: one that cannot be opened warns here, once, and the workers
+        # forked from this process inherit that warning instead of each giving its own
+        found.wrapper._memo.open()
+    run = _Run(func, items, found, progress, keep_going)
+    try:
+        run.execute(workers, executor, threads)
+    finally:
+        run.finish()
+    if run.failures:
+        raise run.error()
+    return run.results
+
+
+def _check_map_arguments(func, workers, executor):
+    # type: (Any, Any, Optional[Executor]) -> None
+    """Raise for a func, workers= or executor= that persist.map cannot run with."""
     if not callable(func):
         raise TypeError("Expected a callable as persist.map()'s func, not %r" % (func,))
     if workers is not None and executor is not None:
@@ -6498,56 +6643,34 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
                                 workers < 1):
         raise ValueError("persist.map(workers=...) must be a whole number of processes, 1 or "
                          "more, not %r" % (workers,))
+
+
+def _memoized_for_map(func):
+    # type: (Callable[[Any], Any]) -> Optional[_WrapperCall]
+    """The memoized function behind func, and its leading arguments (see _handle_of), once
+    checked that persist.map can call it item by item; None for any other callable."""
     found = _handle_of(func)
-    if found is not None:                  # else every item would fail with it
-        _check_env_strict()
-    if found is not None and _code_flags(found[0]._state[3]) & _CO_COROUTINE:
+    if found is None:
+        return None
+    _check_env_strict()                    # else every item would fail with it
+    function = found.wrapper._state[3]
+    if _code_flags(function) & _CO_COROUTINE:
         raise TypeError("persist.map() calls func(item) and takes the result, but %s is an "
                         "async def function: map a plain function over the items, or gather "
-                        "the coroutines with asyncio" % (found[0]._state[3].__qualname__,))
-    threads = False
-    if executor is not None:
-        import concurrent.futures
-        threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
-    if workers is not None or executor is not None and not threads:
-        try:
-            pickle.dumps(func, _PROTOCOL)
-        except Exception as exc:
-            raise TypeError("persist.map() sends func to other processes, and %r cannot be "
-                            "pickled (%s: %s): define it at the top level of a module, or use "
-                            "a thread pool (executor=)" % (func, type(exc).__name__, exc)) \
-                from None
-    items = list(items)
-    if found is not None and (workers is not None or executor is not None and not threads):
-        # opened here first: one that cannot be opened warns here, once, and the workers
-        # forked from this process inherit that warning instead of each giving its own
-        found[0]._memo.open()
-    run = _Run(func, items, found, progress)
-    stop: "Optional[_Event]"
-    try:
-        if executor is not None:
-            width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
-            # threads share an Event; other executors' workers learn of a failure only
-            # from here, when its result arrives
-            import threading
-            stop = threading.Event() if threads and not keep_going else None
-            run.parallel(executor, width, keep_going, not threads, None, stop)
-        elif workers is not None:
-            import concurrent.futures
-            import multiprocessing
-            context = multiprocessing.get_context()
-            stop = None if keep_going else context.Event()
+                        "the coroutines with asyncio" % (function.__qualname__,))
+    return found
 
-            own = _OwnPool(workers, context, stop, func)
-            pool = own.new()
-            run.parallel(pool, workers, keep_going, True, pool, None, own)
-        else:
-            run.serial(keep_going)
-    finally:
-        run.finish()
-    if run.failures:
-        raise run.error()
-    return run.results
+
+def _check_travels(func):
+    # type: (Callable[[Any], Any]) -> None
+    """Raise TypeError if func, which persist.map sends to other processes, cannot go."""
+    try:
+        pickle.dumps(func, _PROTOCOL)
+    except Exception as exc:
+        raise TypeError("persist.map() sends func to other processes, and %r cannot be "
+                        "pickled (%s: %s): define it at the top level of a module, or use "
+                        "a thread pool (executor=)" % (func, type(exc).__name__, exc)) \
+            from None
 
 
 def open(filename: "_Path", flag: "_Flag" = "c", protocol: "Optional[int]" = None,

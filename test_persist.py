@@ -8523,6 +8523,210 @@ class TestMapInterrupted(TempDirTest):
         self.assertEqual((slow.failures(), slow.cache_info().entries), ([], 4))
 
 
+class TestMapSchedule(unittest.TestCase):
+    """persist.map's scheduling on its own, without processes (persist._Schedule): which
+    items go out in which batches, and what runs again after a worker died. Strings stand
+    for the futures of the batches in flight; a fake clock for the time."""
+
+    def schedule(self, count, width=2, keep_going=True):
+        return persist._Schedule(count, width, keep_going, clock=lambda: 7.5)
+
+    def send_all(self, schedule, prefix="t"):
+        """Send every batch the schedule gives now, as _Run.send() does: {token: batch}."""
+        sent = {}
+        for _ in range(10000):               # a broken schedule fails here, never hangs
+            batch = schedule.next()
+            if batch is None:
+                return sent
+            token = "%s%d" % (prefix, len(sent))
+            schedule.sent(token, batch)
+            sent[token] = batch
+        self.fail("next() gave batch after batch: %r" % (sent,))
+
+    def test_batches_start_at_one_item_and_grow_when_items_are_quick(self):
+        schedule = self.schedule(10000)
+        sent = self.send_all(schedule)
+        self.assertEqual(list(sent.values()), [[0], [1], [2], [3]])  # two a worker, at most
+        self.assertIsNone(schedule.next())
+        self.assertEqual(schedule.returned("t0"), [0])
+        schedule.timed(1, 0.0001)            # 0.1 ms an item: 500 make _BATCH_SECONDS
+        self.assertEqual(self.send_all(schedule, "u"), {"u0": list(range(4, 504))})
+        schedule.returned("u0")
+        schedule.timed(500, 0.00001)         # quicker still: the limit
+        self.assertEqual(len(self.send_all(schedule, "v")["v0"]), persist._BATCH_LIMIT)
+
+    def test_slow_items_go_one_to_a_batch(self):
+        schedule = self.schedule(100)
+        self.send_all(schedule)
+        schedule.returned("t0")
+        schedule.timed(1, 2.0)
+        self.assertEqual(self.send_all(schedule, "u"), {"u0": [4]})
+
+    def test_the_last_items_are_shared_among_the_workers(self):
+        schedule = self.schedule(24, width=3)
+        self.send_all(schedule)
+        schedule.returned("t0")
+        schedule.timed(1, 0.0001)       # 18 left, 2 batches a worker: 3 items each
+        self.assertEqual(self.send_all(schedule, "u"), {"u0": [6, 7, 8]})
+
+    def test_keep_going_false_keeps_one_batch_a_worker_in_flight(self):
+        schedule = self.schedule(100, width=3, keep_going=False)
+        self.assertEqual(len(self.send_all(schedule)), 3)
+
+    def test_nothing_is_sent_past_the_last_item(self):
+        schedule = self.schedule(3)
+        self.assertEqual(list(self.send_all(schedule).values()), [[0], [1], [2]])
+        for token in ("t0", "t1", "t2"):
+            schedule.returned(token)
+        self.assertIsNone(schedule.next())
+        self.assertEqual((schedule.left, schedule.in_flight), (0, {}))
+
+    def test_items_lost_with_a_worker_run_again_alone_one_at_a_time(self):
+        schedule = self.schedule(100)
+        self.send_all(schedule)
+        schedule.returned("t1")               # [1] came back; then a worker died
+        self.assertIsNone(schedule.worker_died(["t0"]))   # [2] and [3] were lost with it
+        self.assertEqual(schedule.in_flight, {})
+        for index in (0, 2, 3):
+            self.assertEqual(self.send_all(schedule, "s%d-" % index),
+                             {"s%d-0" % index: [index]})    # alone: nothing joins it
+            schedule.returned("s%d-0" % index)
+        self.assertEqual(len(self.send_all(schedule, "u")), 4)   # then new items again
+
+    def test_a_suspect_waits_for_the_batches_in_flight(self):
+        schedule = self.schedule(100)
+        self.send_all(schedule)
+        schedule.suspects.append([99])       # as worker_died() leaves one, here beside others
+        for token in ("t0", "t1", "t2"):
+            schedule.returned(token)
+            self.assertIsNone(schedule.next())
+        schedule.returned("t3")
+        self.assertEqual(self.send_all(schedule, "s"), {"s0": [99]})
+
+    def test_the_suspect_that_dies_alone_is_named_and_not_sent_again(self):
+        schedule = self.schedule(4)
+        self.send_all(schedule)
+        schedule.worker_died(["t2"])
+        suspects = [self.send_all(schedule, "s%d-" % i) for i in range(2)]
+        self.assertEqual(suspects[0], {"s0-0": [0]})
+        schedule.returned("s0-0")
+        self.assertEqual(suspects[1], {})                # [1] is sent once [0] is back
+        self.assertEqual(self.send_all(schedule, "s1-"), {"s1-0": [1]})
+        self.assertEqual(schedule.worker_died(["s1-0"]), (1, 7.5))    # sent at 7.5
+        self.assertEqual(list(self.send_all(schedule, "u").values()), [[2]])
+        schedule.returned("u0")
+        self.assertEqual(list(self.send_all(schedule, "v").values()), [[3]])
+        schedule.returned("v0")
+        self.assertIsNone(schedule.next())
+        self.assertEqual(schedule.left, 0)
+
+    def test_an_item_lost_on_its_first_try_is_only_a_suspect(self):
+        # alone in flight, but not yet run again alone: another worker may have died
+        schedule = self.schedule(1)
+        self.assertEqual(self.send_all(schedule), {"t0": [0]})
+        self.assertIsNone(schedule.worker_died(["t0"]))
+        self.assertEqual(self.send_all(schedule, "s"), {"s0": [0]})
+        self.assertEqual(schedule.worker_died(["s0"]), (0, 7.5))
+
+    def test_many_lost_items_run_again_in_halves_then_one_at_a_time(self):
+        limit = persist._SUSPECTS_HALVED
+        schedule = self.schedule(4 * limit)
+        schedule.size = 4 * limit
+        self.assertEqual(self.send_all(schedule), {"t0": list(range(4 * limit))})
+        self.assertIsNone(schedule.worker_died(["t0"]))
+        self.assertEqual(self.send_all(schedule, "h"), {"h0": list(range(2 * limit))})
+        self.assertIsNone(schedule.worker_died(["h0"]))       # 512 lost: halves again
+        self.assertEqual(self.send_all(schedule, "q"), {"q0": list(range(limit))})
+        self.assertIsNone(schedule.worker_died(["q0"]))       # 256: one at a time
+        self.assertEqual(self.send_all(schedule, "s"), {"s0": [0]})
+        schedule.returned("s0")
+        self.assertEqual(self.send_all(schedule, "s"), {"s0": [1]})
+        self.assertEqual(list(schedule.suspects)[-3:],         # then the other halves
+                         [[limit - 1], list(range(limit, 2 * limit)),
+                          list(range(2 * limit, 4 * limit))])
+        self.assertEqual(len(schedule.suspects), limit)
+
+    def test_a_batch_the_pool_refused_goes_first_into_the_next(self):
+        schedule = self.schedule(100)
+        self.send_all(schedule)
+        schedule.returned("t0")
+        schedule.timed(1, 0.001)                     # 50 an item
+        batch = schedule.next()
+        schedule.unsent(batch)
+        self.assertEqual(schedule.left, 96)          # not sent: still to send
+        self.assertEqual(self.send_all(schedule, "u"), {"u0": [4]})     # one at a time,
+        schedule.returned("u0")
+        self.assertEqual(self.send_all(schedule, "v"), {"v0": [5]})     # in their order
+
+    def test_a_suspect_the_pool_refused_stays_the_next_suspect(self):
+        schedule = self.schedule(100)
+        self.send_all(schedule)
+        schedule.worker_died(["t0"])
+        batch = schedule.next()
+        schedule.unsent(batch)
+        self.assertIsNone(schedule.suspect)
+        self.assertEqual(self.send_all(schedule, "s"), {"s0": [0]})
+        self.assertEqual((schedule.suspect, schedule.suspect_sent), ([0], 7.5))
+
+    def test_results_that_could_not_travel_go_again_one_to_a_batch(self):
+        schedule = self.schedule(100)
+        self.send_all(schedule)
+        schedule.returned("t0")
+        schedule.timed(1, 0.001)
+        self.assertEqual(schedule.left, 96)
+        schedule.one_by_one([0])
+        self.assertEqual(schedule.left, 97)
+        self.assertEqual(self.send_all(schedule, "u"), {"u0": [0]})
+
+    def test_every_item_is_done_once_and_each_killer_found(self):
+        """A whole run against a fake pool in which some items kill their worker, and with
+        it every batch in flight: each other item comes back once, each killer is named
+        once, and a suspect is never in flight beside anything else."""
+        for seed, count, width, killers in [(1, 3000, 2, {1500, 1501, 2999}),
+                                            (2, 40, 2, {3, 30}), (3, 600, 4, {0, 1, 2}),
+                                            (4, 1, 1, {0}), (5, 2000, 3, set()),
+                                            (6, 700, 1, set(range(100, 700, 7)))]:
+            with self.subTest(seed=seed, count=count):
+                self.check_run(random.Random(seed), count, width, killers)
+
+    def check_run(self, rng, count, width, killers):
+        schedule = self.schedule(count, width)
+        tokens = iter(range(10 ** 9))
+        done, named = [], []
+        for _ in range(100000):          # a broken schedule fails here, never hangs
+            for _ in range(count + 1):
+                batch = schedule.next()
+                if batch is None:
+                    break
+                schedule.sent(next(tokens), batch)
+                if schedule.suspect is not None:
+                    self.assertEqual(list(schedule.in_flight.values()), [batch])
+            else:
+                self.fail("next() gave more batches than there are items")
+            if not schedule.in_flight:
+                break
+            flight = list(schedule.in_flight)
+            finished = rng.sample(flight, rng.randint(1, len(flight)))
+            lost = []
+            for token in finished:
+                batch = schedule.in_flight[token]
+                if killers.intersection(batch):
+                    lost.append(token)       # the pool broke: what is still out is lost
+                    continue
+                schedule.returned(token)
+                done.extend(batch)
+                schedule.timed(len(batch), len(batch) * rng.choice([1e-5, 1e-3, 0.1]))
+            if lost:
+                killer = schedule.worker_died(lost)
+                if killer is not None:
+                    named.append(killer[0])
+        else:
+            self.fail("the run did not end")
+        self.assertEqual(sorted(done), sorted(set(range(count)) - killers))
+        self.assertEqual(sorted(named), sorted(killers))
+        self.assertEqual((schedule.left, schedule.in_flight), (0, {}))
+
+
 class TestFailuresCommand(TempDirTest):
     @slow
     def test_failures_and_ls(self):
