@@ -187,7 +187,6 @@ _SHELVE_TIMEOUT = 2.0
 # ... and for another process copying a shelve file in the same directory (its lock): then it
 # goes on, and _from_shelve() finds whether that one got there first.
 _CONVERT_TIMEOUT = 2.0
-_ASIDE_TIMEOUT = 2.0             # seconds _stop_workers() waits for each worker to be reaped
 _LOG_LIMIT = 16 << 20            # a log larger than this is restarted (see _restart_log)
 _CODE_TAG = 16                   # hex digits of each tag of an owner (see _CREATE)
 _RUN = os.urandom(8).hex()       # this run, in the cache's record of the latest run's code
