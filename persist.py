@@ -108,6 +108,8 @@ if TYPE_CHECKING:
     # memoize's bind(args, kwargs): what keys the call (arguments are the user's: Any)
     _Bind: TypeAlias = Callable[[_Args, _Kwargs], Any]
     _Params: TypeAlias = List[Tuple[str, int, Any]]      # (name, kind, default) of each
+    # the parameters _binder() keys: (name, kind, default, digest of the default or None)
+    _Kept: TypeAlias = List[Tuple[str, int, Any, Optional[bytes]]]
     # a row of Dict as _Store.get() reads it: (pickle or b'', value file, stored, seconds)
     _Row: TypeAlias = Tuple[bytes, Optional[str], float, Optional[float]]
     # what the failure ledger keeps of a call: (args, type, message, traceback, seconds, version)
@@ -3338,7 +3340,7 @@ def _binder(func, ignore, label):
             _load()
             raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
                             % (name, label, inspect.signature(func)))
-    kept: "List[Tuple[str, int, Any, Optional[bytes]]]" = []   # digest: the default's, or None
+    kept: "_Kept" = []
     for name, kind, default in params:
         if name in ignore:
             continue
@@ -3355,6 +3357,17 @@ def _binder(func, ignore, label):
     # when not passed, as itself; passed, it is keyed as any value is, or refused, naming it.
     watched = {name for name, _, default, digest in kept
                if default is not _MISSING and not _fixed(default)}
+    bind_slowly = _signature_binder(func, kept, watched, ignore, label)
+    if not all(kind == 1 for _, kind, _ in params):    # all positional-or-keyword
+        return bind_slowly
+    return _positional_binder(params, kept, watched, ignore, bind_slowly)
+
+
+def _signature_binder(func, kept, watched, ignore, label):
+    # type: (_Func, _Kept, Set[str], FrozenSet[str], str) -> Callable[[_Args, _Kwargs], _Args]
+    """bind(args, kwargs) for any call, through inspect.Signature.bind(): kept, the
+    parameters not ignored (name, kind, default, digest of the default or None); watched,
+    the names of those whose default can change in place."""
     signature: "List[inspect.Signature]" = []   # made on first need: a call bind() cannot take
 
     def bind_slowly(args, kwargs):
@@ -3393,8 +3406,15 @@ def _binder(func, ignore, label):
                 named += (name, value)
         return tuple(values + named)
 
-    if not all(kind == 1 for _, kind, _ in params):    # all positional-or-keyword
-        return bind_slowly
+    return bind_slowly
+
+
+def _positional_binder(params, kept, watched, ignore, bind_slowly):
+    # type: (_Params, _Kept, Set[str], FrozenSet[str], Callable[[_Args, _Kwargs], _Args]) -> _Bind
+    """bind(args, kwargs) for a function whose parameters are all positional-or-keyword:
+    the usual call, made into a key by slicing and comparing, or by bind_slowly() when it
+    is not plain (an unknown keyword, a missing argument: bind_slowly() raises its error)."""
+    names = [name for name, _, _ in params]
     count = len(params)
     required = sum(default is _MISSING for _, _, default in params)     # they come first
     keep = [i for i in range(required) if names[i] not in ignore]
