@@ -116,7 +116,6 @@ if TYPE_CHECKING:
     _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str,
                                       Union[bytes, str, None]]
     _Call: TypeAlias = Tuple[_Args, _Kwargs]       # (args, kwargs) of a call
-    _WrapperCall: TypeAlias = Tuple["_Wrapper", _Args, _Kwargs]   # _wrapper_of()'s
     # what _run says of an item: (True, result, seconds the hit saved, else None, or False
     # for a result computed and not stored), (False, exception, traceback text or None), or
     # (None, None, None) when it never started
@@ -5158,22 +5157,32 @@ _SUSPECTS_HALVED = 256    # items lost with a dead worker, more than which run a
                           # a new pool costs as much as a few hundred round trips (spawn)
 
 
+if TYPE_CHECKING:
+    class _WrapperCall(NamedTuple):
+        wrapper: _Wrapper
+        args: _Args
+        kwargs: _Kwargs
+else:
+    _WrapperCall = collections.namedtuple("_WrapperCall", "wrapper args kwargs")
+
+
 def _wrapper_of(func):
     # type: (_Func) -> Optional[_WrapperCall]
-    """(the _Wrapper behind func, leading arguments, keywords) when func is a memoized
-    function, method or a functools.partial of one; else None."""
+    """A _WrapperCall (wrapper: the _Wrapper behind func; args and kwargs: the leading
+    arguments and keywords of a functools.partial around it) when func is a memoized
+    function or method, or a partial of one; else None."""
     args: "_Args"
     kwargs: "_Kwargs"
     args, kwargs = (), {}
     if isinstance(func, functools.partial):
         args, kwargs, func = func.args, func.keywords, func.func
     if isinstance(func, _Wrapper):
-        return func, args, kwargs
+        return _WrapperCall(func, args, kwargs)
     try:
         wrapper = _WRAPPERS.get(func)
     except TypeError:                 # unhashable, or no weak reference: not ours
         return None
-    return None if wrapper is None else (wrapper, args, kwargs)
+    return None if wrapper is None else _WrapperCall(wrapper, args, kwargs)
 
 
 _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_going=False: set by
