@@ -3596,6 +3596,38 @@ class TestSmallerDefects(MemoTest):
                         lost.append(n)
         self.assertEqual(lost, [])
 
+    def test_a_memoized_recursion_takes_two_frames_a_level(self):
+        # The wrapper calls the function in its own frame (with _Miss), not through a helper
+        # that would take a third frame a level: a recursion that fit in the limit would not.
+        def depth():
+            frame, count = sys._getframe(1), 0
+            while frame is not None:
+                frame, count = frame.f_back, count + 1
+            return count
+
+        seen = {}
+
+        @persist.memoize(cache_dir=self.dir)
+        def down(n, run):
+            if n == 0:
+                seen[run] = depth()
+                return 0
+            return down(n - 1, run) + 1
+
+        class Counter:
+            @persist.memoize(cache_dir=self.dir, ignore="self")
+            def down(self, n, run):
+                if n == 0:
+                    seen[run] = depth()
+                    return 0
+                return self.down(n - 1, run) + 1
+
+        counter = Counter()
+        for name, f in (("function", down), ("method", counter.down)):
+            with self.subTest(name):
+                self.assertEqual((f(0, name + " 0"), f(10, name + " 10")), (0, 10))
+                self.assertEqual(seen[name + " 10"] - seen[name + " 0"], 20)
+
     def test_cache_delete_from_an_instance(self):
         runs = []
 
