@@ -3990,15 +3990,31 @@ def _seconds(expire):
 def _short_repr(call):
     # type: (_Call) -> Optional[str]
     """f's arguments as '(1, 'a', key=2)', shortened for people, on one line."""
-    shorten = _SHORT
     args, kwargs = call
     try:
-        parts = [shorten.repr(a) for a in args]
-        parts += ["%s=%s" % (k, shorten.repr(v)) for k, v in kwargs.items()]
+        parts = [_short(a) for a in args]
+        parts += ["%s=%s" % (k, _short(v)) for k, v in kwargs.items()]
     except Exception:           # a repr that fails must not cost the result
         return None
     text = "(%s)" % ", ".join(parts)
     return text if len(text) <= 200 else text[:199] + "\u2026"
+
+
+_AS_REPR = frozenset({float, bool, type(None)})    # _SHORT leaves their repr() as it is
+
+
+def _short(value):
+    # type: (Any) -> str
+    """_SHORT.repr(value), without the calls it makes where it leaves repr() as it is: a number,
+    None, a short str, the usual arguments (each miss stores its call's: see put())."""
+    kind = type(value)
+    if kind in _AS_REPR or kind is int and value.bit_length() < 120:   # 37 digits: < maxlong
+        return repr(value)
+    if kind is str and len(value) <= _SHORT.maxstring:
+        text = repr(value)
+        if len(text) <= _SHORT.maxstring:
+            return text
+    return _SHORT.repr(value)
 
 
 def _leave_out(call, names, ignore, rest):

@@ -8829,6 +8829,23 @@ class Lines:
         return Lines, ()
 
 
+class TestShortArguments(unittest.TestCase):
+    def test_plain_values_are_shown_as_reprlib_shows_them(self):
+        # A call's arguments, as 'persist show' and failures() show them: numbers, None and
+        # short strs skip reprlib (a miss stores them), and must come out as it makes them.
+        values = [0, -1, True, None, 2.5, -0.0, float("nan"), float("inf"), 1e300, 5e-324,
+                  "", "a", 'it\'s "quoted"', "\u00e9\U0001f600", "\udce9"]
+        for bits in (118, 119, 120, 121, 130, 133, 4096, 4097):
+            values += [2 ** bits - 1, 2 ** bits, -(2 ** bits)]
+        values += [10 ** digits for digits in range(35, 45)]
+        for size in range(36, 46):
+            values += ["x" * size, "\n" * (size // 2), "'" * size]
+        for value in values:
+            with self.subTest(value=value):
+                self.assertEqual(persist._short_repr(((value,), {"k": value})),
+                                 "(%s, k=%s)" % ((persist._SHORT.repr(value),) * 2))
+
+
 class TestCommandLineShow(CommandLineTest):
     def test_limit(self):
         done = self.cli("show", self.db, "--limit", "2")
