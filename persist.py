@@ -4707,25 +4707,6 @@ def _stored_when(stored, seconds=None):
     return text + ", computed in under 1 ms"
 
 
-def _other_code_caches(cache):
-    # type: (_FunctionCache) -> List[str]
-    """The caches beside cache's of the same function with other code: a function with no
-    source file (a notebook, the REPL) or a lambda has a tag of its code in its cache's name
-    (see _identity), so each edit starts a new cache."""
-    identity = cache.identity
-    stem = identity.rpartition("-")[0]
-    if not stem or _file_name(identity) != identity + ".db" or identity != _identity(cache.func):
-        return []                          # no tag, a name=, or a name with a digest added
-    mine = os.path.basename(cache.path)
-    try:
-        names = os.listdir(os.path.dirname(cache.path))
-    except OSError:
-        return []
-    return sorted(name for name in names
-                  if name != mine and name.startswith(stem + "-") and name.endswith(".db")
-                  and len(name) == len(mine))
-
-
 def _explain(cache, key, material):
     # type: (_FunctionCache, bytes, Any) -> _Explanation
     """An _Explanation of what a call whose key is key would do now; material: what bind()
@@ -4762,6 +4743,25 @@ def _no_cache_yet(cache):
                  "while you edit it)" % (", ".join(others), "is one" if len(others) == 1
                                          else "are caches"))
     return _Explanation("no entry", cache.path, text)
+
+
+def _other_code_caches(cache):
+    # type: (_FunctionCache) -> List[str]
+    """The caches beside cache's of the same function with other code: a function with no
+    source file (a notebook, the REPL) or a lambda has a tag of its code in its cache's name
+    (see _identity), so each edit starts a new cache."""
+    identity = cache.identity
+    stem = identity.rpartition("-")[0]
+    if not stem or _file_name(identity) != identity + ".db" or identity != _identity(cache.func):
+        return []                          # no tag, a name=, or a name with a digest added
+    mine = os.path.basename(cache.path)
+    try:
+        names = os.listdir(os.path.dirname(cache.path))
+    except OSError:
+        return []
+    return sorted(name for name in names
+                  if name != mine and name.startswith(stem + "-") and name.endswith(".db")
+                  and len(name) == len(mine))
 
 
 def _explain_entry(cache, store, key):
