@@ -1313,6 +1313,25 @@ class TestMemoizeForms(MemoTest):
         self.assertEqual(asyncio.run(fetch(1)), {"x": 1})
         self.assertEqual(runs, [1])
 
+    def test_async_failure_is_recorded_and_result_stored(self):
+        # The async wrapper awaits the function inside the one miss path (_Miss), as the
+        # others call it: the ledger has its failure, the cache its result.
+        @persist.memoize(cache_dir=self.dir)
+        async def fetch(x):
+            await asyncio.sleep(0)
+            if x < 0:
+                raise ValueError("negative: %d" % x)
+            return x * 2
+
+        with self.assertRaisesRegex(ValueError, "negative: -1"):
+            asyncio.run(fetch(-1))
+        (failure,) = fetch.failures()
+        self.assertEqual((failure.args, failure.type, failure.message, failure.count),
+                         ("(-1)", "ValueError", "negative: -1", 1))
+        self.assertEqual(asyncio.run(fetch(2)), 4)
+        info = fetch.cache_info()
+        self.assertEqual((info.entries, info.misses, info.failures), (1, 2, 1))
+
     def test_pickles_by_reference(self):
         self.assertIs(pickle.loads(pickle.dumps(cube)), cube)
 
