@@ -1425,6 +1425,25 @@ class TestMemoizeForms(MemoTest):
         self.assertEqual(asyncio.run(fetch(1)), {"x": 1})
         self.assertEqual(runs, [1])
 
+    def test_async_failure_is_recorded_and_result_stored(self):
+        # The async wrapper awaits the function inside the one miss path (_Miss), as the
+        # others call it: the ledger has its failure, the cache its result.
+        @persist.memoize(cache_dir=self.dir)
+        async def fetch(x):
+            await asyncio.sleep(0)
+            if x < 0:
+                raise ValueError("negative: %d" % x)
+            return x * 2
+
+        with self.assertRaisesRegex(ValueError, "negative: -1"):
+            asyncio.run(fetch(-1))
+        (failure,) = fetch.failures()
+        self.assertEqual((failure.args, failure.type, failure.message, failure.count),
+                         ("(-1)", "ValueError", "negative: -1", 1))
+        self.assertEqual(asyncio.run(fetch(2)), 4)
+        info = fetch.cache_info()
+        self.assertEqual((info.entries, info.misses, info.failures), (1, 2, 1))
+
     def test_pickles_by_reference(self):
         self.assertIs(pickle.loads(pickle.dumps(cube)), cube)
 
@@ -3769,6 +3788,38 @@ class TestSmallerDefects(MemoTest):
                     if ran:                         # computed, then thrown away
                         lost.append(n)
         self.assertEqual(lost, [])
+
+    def test_a_memoized_recursion_takes_two_frames_a_level(self):
+        # The wrapper calls the function in its own frame (with _Miss), not through a helper
+        # that would take a third frame a level: a recursion that fit in the limit would not.
+        def depth():
+            frame, count = sys._getframe(1), 0
+            while frame is not None:
+                frame, count = frame.f_back, count + 1
+            return count
+
+        seen = {}
+
+        @persist.memoize(cache_dir=self.dir)
+        def down(n, run):
+            if n == 0:
+                seen[run] = depth()
+                return 0
+            return down(n - 1, run) + 1
+
+        class Counter:
+            @persist.memoize(cache_dir=self.dir, ignore="self")
+            def down(self, n, run):
+                if n == 0:
+                    seen[run] = depth()
+                    return 0
+                return self.down(n - 1, run) + 1
+
+        counter = Counter()
+        for name, f in (("function", down), ("method", counter.down)):
+            with self.subTest(name):
+                self.assertEqual((f(0, name + " 0"), f(10, name + " 10")), (0, 10))
+                self.assertEqual(seen[name + " 10"] - seen[name + " 0"], 20)
 
     def test_cache_delete_from_an_instance(self):
         runs = []
@@ -9421,6 +9472,23 @@ class Lines:
 
     def __reduce__(self):
         return Lines, ()
+
+
+class TestShortArguments(unittest.TestCase):
+    def test_plain_values_are_shown_as_reprlib_shows_them(self):
+        # A call's arguments, as 'persist show' and failures() show them: numbers, None and
+        # short strs skip reprlib (a miss stores them), and must come out as it makes them.
+        values = [0, -1, True, None, 2.5, -0.0, float("nan"), float("inf"), 1e300, 5e-324,
+                  "", "a", 'it\'s "quoted"', "\u00e9\U0001f600", "\udce9"]
+        for bits in (118, 119, 120, 121, 130, 133, 4096, 4097):
+            values += [2 ** bits - 1, 2 ** bits, -(2 ** bits)]
+        values += [10 ** digits for digits in range(35, 45)]
+        for size in range(36, 46):
+            values += ["x" * size, "\n" * (size // 2), "'" * size]
+        for value in values:
+            with self.subTest(value=value):
+                self.assertEqual(persist._short_repr(((value,), {"k": value})),
+                                 "(%s, k=%s)" % ((persist._SHORT.repr(value),) * 2))
 
 
 class TestCommandLineShow(CommandLineTest):
