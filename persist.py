@@ -35,6 +35,37 @@ Copy this file into your project (keep the licence notice above), or put it on y
 Caches hold pickles, and loading a pickle runs code: only use caches from places you trust.
 """
 
+# == map of this file =============================================================================
+# This file, in order (each section opens with a "# == title" banner; its public function first):
+#   1. constants: limits, the file format and its SQL, messages
+#   2. errors
+#   3. platform differences, settled once
+#   4. memoize - the wrapper, binding, keys, naming and salt, the cache of one function, explain
+#   5. map - the failure ledger
+#   6. open - the shelf, reading old shelve files
+#   7. atomic_write, atomic_open - temporary files
+#   8. done_dir, is_done
+#   9. the store - value files, connections, the trust check, fork and exit hooks
+#   10. file helpers
+#   11. the command line
+# How a call goes, traced (tracemap.py): "a -> b" a calls b, "a -> (b; c)" a calls b then c,
+# "[x]" a C call (SQLite, hashlib, pickle, os), "double" the user's function:
+#   a hit: _function_wrapper.memoized -> (_keyer.key [digest]; _FunctionCache.get ->
+#       (_Store.get -> _Connection.query [execute]; [loads]))
+#   a miss: _function_wrapper.memoized -> (_keyer.key [digest]; _FunctionCache.get ->
+#       _Store.get -> _Connection.query [execute]; double; _Miss.__exit__ -> _FunctionCache.put ->
+#       _Store.put -> _Connection.transaction -> _Connection.run -> _transaction -> ([execute];
+#       _replace -> _fetch [execute]))
+#   a persist.map item: map -> _Run.execute -> _Run.serial -> _Wrapper._call ->
+#       (_Wrapper._key_of -> _Wrapper._keyed -> _FunctionCache.key -> _keyer.key [digest];
+#       _FunctionCache.get -> _Store.get -> _Connection.query [execute]; double; _Miss.__exit__ ->
+#       _FunctionCache.put -> _Store.put -> _Connection.transaction -> _Connection.run ->
+#       _transaction -> ([execute]; _replace -> _fetch [execute]))
+#   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.transaction ->
+#       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute])
+#   an atomic write: atomic_write -> _atomic_open -> (_fsync [fsync]; [replace]; _fsync_dir ->
+#       _fsync [fsync])
+
 __version__ = "0.1.0"
 __all__ = [
     "memoize", "map", "open", "atomic_write", "atomic_open", "done_dir", "is_done",
@@ -165,7 +196,10 @@ if TYPE_CHECKING:
 else:
     inspect = None
 
-# -- constants and messages
+
+# == constants: limits, the file format and its SQL, messages =====================================
+# Numbers each layer tunes by, the SQLite layout a cache file has (_CREATE: read it first),
+# every statement run on it, and the messages persist refuses a file with.
 
 _TEXT_MODES = {"w": "w", "wt": "w", "x": "x", "xt": "x"}
 _BINARY_MODES = {"wb": "w", "xb": "x"}
@@ -317,8 +351,12 @@ _CORRUPT_ROW = ("a corrupt entry: its row names the value file {name!r}, which i
 _BUSY_DIR = ("being filled by another done_dir() right now (in this or another "
              "process); let that one finish, or give each stage its own directory")
 
-# -- the error and warning classes
 
+# == errors =======================================================================================
+# PersistError (an OSError with the path) for a file persist will not use; PersistWarning
+# when it could not do what it does in the background (the result is still returned);
+# Failures for persist.map's items that failed. _sqlite_error (with the connections) is the
+# one place that turns sqlite3's errors into persist's.
 
 class PersistError(OSError):
     """A path persist was given is not safe to use: not a cache, corrupt, planted, or busy.
@@ -419,7 +457,8 @@ class Failures(Exception):
         self.results = list(results)
 
 
-# -- platform differences, settled once
+# == platform differences, settled once ===========================================================
+# Tested for at import (hasattr(os, ...), os.name), never in the functions that use them.
 
 _O_TEMP = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
            | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
@@ -469,2147 +508,687 @@ def _link_no_clobber(src, dst):
 _rename_no_clobber = os.rename if os.name == "nt" else _link_no_clobber  # nt never replaces
 _RENAME_OPEN_FILES = os.name != "nt"     # Windows renames and removes no file that is open
 
-# -- private helpers: files
+
+# == memoize ======================================================================================
+# @memoize wraps a function in two parts: a key path and a cache. Each call is bound to the
+# parameters (binding), the values are encoded into a SHA-256 (keys) salted with what the
+# function carries (naming and salt); the key is looked up in the function's own store,
+# .persist/module.qualname.db beside the code (the cache of one function). A miss runs the
+# function outside any lock and stores the result before it returns; a call that raised is
+# recorded in the cache's failure ledger (see map).
+
+if TYPE_CHECKING:     # bare, @memoize; or with options, @memoize(version=2)
+    @overload
+    def memoize(func: Callable[_P, _R], *, cache_dir: Optional[_StrPath] = None,
+                name: Optional[str] = None, version: object = None,
+                expire: Union[float, datetime.timedelta, None] = None,
+                ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
+                strict: bool = False) -> _MemoizedFunction[_P, _R]: ...
+    @overload
+    def memoize(func: None = None, *, cache_dir: Optional[_StrPath] = None,
+                name: Optional[str] = None, version: object = None,
+                expire: Union[float, datetime.timedelta, None] = None,
+                ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
+                strict: bool = False
+                ) -> Callable[[Callable[_P, _R]], _MemoizedFunction[_P, _R]]: ...
 
 
-def _fsync(fd):
-    # type: (int) -> None
-    """Flush fd to stable storage; on macOS with F_FULLFSYNC, out of the drive's cache too."""
-    if _FULLFSYNC is not None:
-        try:
-            _fcntl.fcntl(fd, _FULLFSYNC)
-            return
-        except OSError:           # not every filesystem has it (SMB, some FUSE): fsync then
-            pass
-    os.fsync(fd)
+def memoize(func: "Optional[Callable[..., Any]]" = None, *,
+            cache_dir: "Optional[_StrPath]" = None, name: "Optional[str]" = None,
+            version: object = None, expire: "Union[float, datetime.timedelta, None]" = None,
+            ignore: "Union[str, Iterable[str]]" = (),
+            key: "Optional[Callable[..., Any]]" = None, strict: bool = False) -> "Any":
+    """Keep each result of func on disk, so that a rerun computes only what is missing.
 
+    Use it bare, @memoize, or with options, @memoize(version=2). Each result is committed
+    before the call returns: a crash, even kill -9, loses nothing that was returned. Many
+    threads and processes may share one cache. Exceptions are never cached; a call that
+    raised is recorded, until it succeeds, in the cache's failure ledger (see failures()).
 
-def _fsync_dir(directory):
-    # type: (Union[str, os.PathLike[str]]) -> None
-    """Make a rename or unlink in directory durable, where the platform allows it."""
-    if not _CAN_FSYNC_DIR:
-        return
-    # best effort: some network and FUSE filesystems refuse to fsync a directory (EINVAL)
-    with contextlib.suppress(OSError):
-        opened: "List[int]" = []   # by list.extend(), as in _create_temp(): no Ctrl-C leaks it
-        try:
-            opened.extend(builtins.map(os.open, (directory,), (os.O_RDONLY | os.O_DIRECTORY,)))
-            _fsync(opened[0])
-        finally:
-            if opened:
-                os.close(opened[0])
+    cache_dir: where the cache lives; else $PERSIST_DIR; else .persist beside the file that
+        defines func (or in the current directory, for the REPL and notebooks).
+    name: the cache's name; else module.qualname of func (a lambda, or a function with no
+        source file, adds a tag of its code). A name is your word that every function
+        memoized under it computes the same: what they carry is then not checked.
+    version: change it when results computed before are wrong. Results of other versions are
+        misses, kept on disk until cache_prune() or 'persist prune --stale' removes them, so
+        switching back reuses them. Editing the function keeps every result, by design.
+    expire: seconds (or a timedelta) after which a result is computed again.
+    ignore: names of parameters left out of the key, such as 'verbose'; ignoring 'self'
+        shares results between all instances.
+    key: a callable taking func's arguments and returning what to key on instead.
+    strict: raise when the cache cannot be used (read-only, disk full) instead of warning once
+        and returning results unstored; PERSIST_STRICT=1 sets it for every function.
 
-
-# _create_temp()'s files not yet renamed or removed: name -> (pid, device, inode, descriptor)
-_UNFINISHED = {}  # type: Dict[str, Tuple[int, int, int, int]]
-# The names of persist's temporary files, each of a shape that the other can never take, so
-# that a sweep removes only its own: .NAME.RANDOM.tmp, atomic_open()'s (RANDOM: 8 hex digits
-# right before .tmp), and .NAME.RANDOM.new-cache.tmp, a cache being made (see _Store.sweep).
-_ATOMIC_TEMP = ""
-_NEW_CACHE = ".new-cache"
-
-
-def _is_atomic_temp(name):
-    # type: (str) -> bool
-    """Whether name has the shape of an atomic_open() temporary file: .NAME.RANDOM.tmp."""
-    return (name.startswith(".") and name.endswith(".tmp") and len(name) >= 15 and
-            name[-13] == "." and _hex_name(name[-12:-4], 8))
-
-
-def _create_temp(target, shown, mode=0o666, kind=_ATOMIC_TEMP):
-    # type: (str, _Path, int, str) -> Tuple[str, int]
-    """Create .NAME.RANDOM{kind}.tmp beside target, exclusively, never through a link, mode &
-    ~umask, and locked (flock) for as long as the descriptor is open: a sweep takes a file
-    that nobody holds for one whose writer was killed (see _remove_if_dead).
-
-    The caller renames or removes it, then takes it off _UNFINISHED; if it never can (see
-    _remove_unfinished), the process's exit removes it."""
-    directory, name = os.path.split(target)
-    for _ in range(100):
-        temp = os.path.join(directory, ".%s.%s%s.tmp" % (name[:60], os.urandom(4).hex(), kind))
-        # A signal handler's exception (Ctrl-C, an alarm) is raised as a call returns to
-        # Python code: called from Python, os.open() would raise it after creating the file,
-        # its descriptor lost, whenever the signal came during the open() system call (a
-        # wide window: one Ctrl-C in two, measured). Called by list.extend(), from C, its
-        # descriptor is stored before that exception is raised, so both can be undone.
-        opened: "List[int]" = []
-        try:
-            opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (mode,)))   # umask
-            if _fcntl is not None:
-                # best effort: a filesystem without locks (some NFS) has no sweep either
-                with contextlib.suppress(OSError):
-                    _fcntl.flock(opened[0], _fcntl.LOCK_EX)
-            info = os.fstat(opened[0])
-            if info.st_nlink == 0:      # a sweep took it before we locked it: another name
-                os.close(opened.pop())
-                continue
-            _UNFINISHED[temp] = (os.getpid(), info.st_dev, info.st_ino, opened[0])
-        except FileExistsError:
-            continue
-        except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory (its directory "
-                                    "does not exist; create it first)", shown) from None
-        except BaseException:
-            if opened:             # created, then interrupted: an OSError creates nothing
-                _UNFINISHED.pop(temp, None)
-                os.close(opened[0])
-                # best effort: the exception that interrupted us is what matters
-                with contextlib.suppress(OSError):
-                    os.unlink(temp)
-            raise
-        return temp, opened[0]
-    raise FileExistsError(errno.EEXIST, "no free temporary file name beside it", shown)
-
-
-def _remove_if_dead(name, dir_fd=None):
-    # type: (str, Optional[int]) -> bool
-    """Remove the atomic_open() temporary file name (relative to dir_fd, if given) if no
-    process holds it: its writer was killed. Whether it is gone now.
-
-    Its writer holds its lock from before it has a name to after its rename or removal (see
-    _create_temp), so a file whose lock we get, still under that name, is nobody's. Without
-    locks (Windows), no file is proven dead, and none is removed.
+    Equal arguments give the same key in every process: a parameter left at its default is
+    left out (adding one with a default keeps old results), dict and set order do not
+    matter, types do (1 and 1.0 differ). What func carries besides its arguments (closure
+    cells, a partial's arguments, a bound method's self, a callable object's state) is part
+    of the key; if it cannot be, memoize raises TypeError. The wrapper has cache_info(),
+    failures(), cache_clear(), cache_delete(*args, **kwargs), cache_prune() and
+    cache_parameters() (the options, as a dict), and binds in a class as a function does
+    (put it above @classmethod). Caches are pickles: trust them as code.
     """
-    if _fcntl is None:
-        return False
-    try:
-        fd = os.open(name, _O_SYNC_FILE, dir_fd=dir_fd)
-    except OSError:
-        return False
-    try:
-        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)     # else its writer holds it
-        info = os.fstat(fd)
-        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino) or not stat.S_ISREG(
-                info.st_mode):
-            return False
-        os.unlink(name, dir_fd=dir_fd)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    options = (cache_dir, name, version, expire, ignore, key, strict)
+    if func is None:
+        return lambda f: memoize(f, cache_dir=cache_dir, name=name, version=version,
+                                 expire=expire, ignore=ignore, key=key, strict=strict)
+    if isinstance(func, classmethod):
+        return _make_classmethod_wrapper(func.__func__, options)
+    if isinstance(func, staticmethod):
+        kind = type(func).__name__
+        raise TypeError("memoize cannot decorate the %s %s: put @%s above @memoize, so "
+                        "that memoize sees the function itself"
+                        % (kind, getattr(func.__func__, "__qualname__", func.__func__), kind))
+    if not callable(func):
+        raise TypeError("Expected a function to decorate, not %r: use @memoize or "
+                        "@memoize(option=...)" % (func,))
+    return _make_wrapper(func, *options)
 
 
-def _remove_unfinished():
-    # type: () -> None
-    """At exit: remove the temporary files this process made and never renamed or removed.
+# == memoize: the wrapper -------------------------------------------------------------------------
+# _make_wrapper() builds the key path and the _FunctionCache once; the wrapper of a plain
+# function is a closure (two stack frames a level), of a method a _Wrapper, a descriptor that
+# binds. Every wrapper keys a call with the cache's key path and runs a miss through _Miss:
+# call the function outside any lock, store its result, or record its failure.
 
-    A Ctrl-C can land where no try covers it: as _create_temp() returns, or as a with
-    statement enters atomic_open() (its generator then waits at its yield, and PyPy never
-    finalizes it). A file is removed only if it is still the one made here: not a parent's
-    (after fork), nor a new file under a name that ours was renamed from.
+def _make_wrapper(func, cache_dir, name, version, expire, ignore, key, strict):
+    # type: (_Func, Optional[_StrPath], Optional[str], object, _Expire, _Names, Optional[_Func], bool) -> _Func
+    """memoize's work, once its options are checked: func through a cache of its own. A
+    method gets a _Wrapper, which binds to its instance; anything else, a function
+    (_function_wrapper)."""
+    label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
+    flags = _code_flags(func)
+    if flags & (_CO_GENERATOR | _CO_ASYNC_GENERATOR):
+        raise TypeError("memoize cannot cache %s(): it is a generator function, and a "
+                        "generator is consumed as it runs; memoize a function that returns "
+                        "a list instead" % label)
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    ignore = frozenset(ignore)
+    if key is not None and not callable(key):
+        raise TypeError("Expected memoize(key=...) to be a callable, not %r" % (key,))
+    cache = _FunctionCache(func, cache_dir, name, version, expire, ignore, key, strict, label)
+    wrapper = object.__new__(_Wrapper)
+    wrapper._cache, wrapper._self = cache, None
+    coroutine = bool(flags & _CO_COROUTINE)
+    if _in_class_body(func) and not coroutine:
+        functools.update_wrapper(wrapper, func)     # a method: it binds to its instance
+        return wrapper
+    return _function_wrapper(wrapper, coroutine)
+
+
+_CACHE_METHODS = ("cache_info", "cache_clear", "cache_parameters", "cache_delete",
+                  "cache_prune", "explain", "failures")
+
+
+def _function_wrapper(wrapper, coroutine):
+    # type: (_Wrapper, bool) -> _Func
+    """A function that calls through wrapper's cache, as wrapper's __call__ does, with its
+    cache methods: what memoize returns for anything but a method.
+
+    A function, not wrapper itself: each level of a recursion then takes two frames of the
+    stack, the function's and func's, where an object's __call__ would take three before
+    Python 3.12 (the limit counts the C call between them too). The plain one keys a call
+    as cache.key() does, inline, as _Wrapper.__call__ does: a call less costs a hit 1 to 3%
+    less (measured against key(), side by side, on CPython 3.8 and 3.13).
     """
-    pid = os.getpid()
-    for name, (owner, device, inode, _) in list(_UNFINISHED.items()):
-        if owner == pid:
-            # best effort: at exit, whatever stops this stops nothing else
-            with contextlib.suppress(OSError):
-                info = os.lstat(name)
-                if (info.st_dev, info.st_ino) == (device, inode):
-                    os.unlink(name)
-
-
-def _silence_unfinished():
-    # type: () -> None
-    """In a child just forked: the parent's unfinished files get devnull in their descriptors.
-
-    The child has a copy of each one's unflushed buffer, and whatever flushes it must not write
-    it into the parent's file a second time: leaving the block, or the exit of the interpreter,
-    which on PyPy flushes every open file, even one that another thread of the parent had open
-    in its block (that thread is not in the child, and never leaves it).
-    """
-    for _, device, inode, fd in list(_UNFINISHED.values()):
-        try:
-            info = os.fstat(fd)
-        except OSError:                    # closed already: nothing to flush through it
-            continue
-        if (info.st_dev, info.st_ino) == (device, inode):     # not a number used again since
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, fd, inheritable=False)
-            os.close(null)
-
-
-atexit.register(_remove_unfinished)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_silence_unfinished)
-
-
-def _mode(mode, encoding, errors, newline):
-    # type: (str, Optional[str], Optional[str], Optional[str]) -> Tuple[str, Optional[str]]
-    """("w" or "x", the encoding or None for binary) for atomic_open()'s arguments."""
-    if mode in _BINARY_MODES:
-        if encoding is not None or errors is not None or newline is not None:
-            raise ValueError("atomic_open() mode %r is binary: it takes no encoding, errors "
-                             "or newline" % mode)
-        return _BINARY_MODES[mode], None
-    if mode in _TEXT_MODES:
-        encoding = "utf-8" if encoding is None else encoding
-        codecs.lookup(encoding)     # an unknown encoding fails now, before any file exists
-        return _TEXT_MODES[mode], encoding
-    raise ValueError("atomic_open() mode must be %s, not %r" % (_MODES_ACCEPTED, mode))
-
-
-def _kind(mode):
-    # type: (int) -> str
-    """What a file type is called in an error: 'a FIFO', 'a character device', ..."""
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def _existing(target, shown, follow):
-    # type: (str, _Path, bool) -> Optional[os.stat_result]
-    """os.stat (lstat if not follow) of the regular file at target, None if there is none.
-
-    Anything else is refused: renaming over a device, FIFO or socket would replace it, and
-    as root atomic_write("/dev/null", ...) would replace the system's /dev/null.
-    """
-    try:
-        info = os.stat(target) if follow else os.lstat(target)
-    except FileNotFoundError:
-        return None
-    if stat.S_ISDIR(info.st_mode):
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), shown)
-    if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
-        raise PersistError(errno.EINVAL, "%s, not a regular file: atomic_write() and "
-                           "atomic_open() replace only regular files; write to it with "
-                           "open(), or give another path" % _kind(info.st_mode), shown,
-                           reason=PersistError.NOT_A_FILE)
-    if stat.S_ISREG(info.st_mode) and not _may_write(target):
-        # open(path, "w") would refuse: a read-only file stays, as it would
-        raise PermissionError(errno.EACCES, "Permission denied (the file is read-only to "
-                              "you; make it writable first if you mean to replace it)", shown)
-    return info
-
-
-def _may_write(path):
-    # type: (str) -> bool
-    """Whether open(path, "w") would be allowed, by the permissions of whoever runs us."""
-    if os.access in os.supports_effective_ids:
-        return os.access(path, os.W_OK, effective_ids=True)
-    return os.access(path, os.W_OK)
-
-
-def _follow(target, shown):
-    # type: (str, _Path) -> str
-    """Where the symbolic link at target leads, resolved a link at a time, as open() does.
-
-    Only the last component is resolved here; the kernel resolves the others when the
-    temporary file is created, with its own checks. A link that another user planted in a
-    sticky directory that every user may write (/tmp) is refused, as open() refuses it
-    under Linux's fs.protected_symlinks (on by default): os.path.realpath() would follow
-    it, and as root replace whatever file that user chose, /etc/passwd included.
-    """
-    for _ in range(40):                    # the kernel's limit on links in one lookup
-        try:
-            info = os.lstat(target)
-        except FileNotFoundError:
-            return target
-        if not stat.S_ISLNK(info.st_mode):
-            return target
-        directory = os.path.dirname(target)
-        if _CHECK_WORLD_WRITABLE:
-            shared = os.stat(directory)
-            if (shared.st_mode & stat.S_IWOTH and shared.st_mode & stat.S_ISVTX
-                    and info.st_uid not in (os.geteuid(), shared.st_uid)):
-                raise PermissionError(errno.EACCES, (
-                    "a symbolic link that user %d made in %s, a directory every user may "
-                    "write: following it would replace a file of their choosing; remove the "
-                    "link, or write elsewhere" % (info.st_uid, directory)), shown)
-        target = os.path.join(directory, os.readlink(target))
-    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), shown)
-
-
-def _keep_owner_and_mode(fd, temp, old):
-    # type: (int, str, os.stat_result) -> None
-    """Give the new file at temp (open as fd) the owner, group and mode of the old one.
-
-    As root both are set; a member of the old file's group sets the group; anyone else gets
-    the new file as their own, which is all a rename can do. Owner first: chown clears the
-    setuid and setgid bits, which the chmod after it puts back.
-    """
-    if _CAN_CHOWN:
-        new = os.fstat(fd)
-        if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+    cache = wrapper._cache
+    func, key_of, get = cache.func, cache.key, cache.get
+    bind, key_from = cache.bind, cache.key_from
+    if coroutine:
+        async def memoized(*args, **kwargs):
+            # type: (*Any, **Any) -> Any
+            key = key_of(args, kwargs)
+            result, _ = get(key)
+            if result is _MISSING:
+                with _Miss(cache, key, args, kwargs) as miss:
+                    result = miss.result = await func(*args, **kwargs)
+            return result
+    else:   # (ignore[misc]: one variant returns a coroutine; memoize says what either is)
+        def memoized(*args, **kwargs):  # type: ignore[misc]
+            # type: (*Any, **Any) -> Any
+            material = bind(args, kwargs)    # cache.key(args, kwargs), inline
             try:
-                os.fchown(fd, old.st_uid, old.st_gid)
-            except PermissionError:
-                # best effort: not root; the group, if we are in it
-                with contextlib.suppress(PermissionError):
-                    os.fchown(fd, -1, old.st_gid)
-    # By descriptor where possible: in a directory others may write, the name temp could be
-    # a link to /etc/shadow by now, and chmod() would follow it.
-    os.chmod(fd if _CHMOD_FD else temp, stat.S_IMODE(old.st_mode))
+                key = key_from(material)
+            except Exception as exc:
+                raise _unkeyable(func, args, kwargs, exc) from None
+            result, _ = get(key)
+            if result is _MISSING:
+                with _Miss(cache, key, args, kwargs) as miss:
+                    result = miss.result = func(*args, **kwargs)
+            return result
+
+    functools.update_wrapper(memoized, func)
+    for name in _CACHE_METHODS:
+        setattr(memoized, name, getattr(wrapper, name))
+    _WRAPPERS[memoized] = wrapper        # persist.map calls through it, to count hits
+    return memoized
 
 
-@contextlib.contextmanager
-def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=None,
-                 bits=0o666):
-    # type: (_Path, str, bool, bool, Optional[str], Optional[str], Optional[str], int) -> Iterator[IO[Any]]
-    """atomic_open(); follow=False replaces a symbolic link at path instead of its target;
-    a new file gets the mode bits & ~umask (open()'s 0o666 unless persist's own)."""
-    kind, encoding = _mode(mode, encoding, errors, newline)
-    target = os.fsdecode(os.fspath(path))
-    if not target:                          # not the current directory: open("") fails so
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-    # Resolved once, here: an os.chdir() in the block must not move the commit elsewhere.
-    # Not os.path.abspath(), which would drop "link/.." where open() follows the link.
-    if not os.path.isabs(target):
-        target = os.path.join(os.getcwd(), target)
-    if kind == "x" and os.path.lexists(target):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
-    if follow:
-        target = _follow(target, path)      # as open(path, "w"): the link's target is written
-    old = _existing(target, path, follow)
-    owner = os.getpid()
-    temp, fd = _create_temp(target, path, bits)
-    opened = [fd]
-    try:
-        # closefd=False: a block may close the file itself (libraries that write to a file
-        # object often do), and the descriptor must outlive it for the fsync, and its lock
-        # (see _create_temp) the rename
-        try:
-            with io.open(fd, "wb" if encoding is None else "w", encoding=encoding,
-                         errors=errors, newline=newline, closefd=False) as file:
-                # its name is the path, as open()'s is, not the descriptor: code that
-                # guesses a format from the extension (an image's) reads it
-                raw = file.buffer.raw if encoding else file.raw  # type: ignore[attr-defined]
-                raw.name = os.fspath(path)
-                if old is not None and stat.S_ISREG(old.st_mode):
-                    _keep_owner_and_mode(fd, temp, old)
-                yield file
-                # A child forked in the block (its descriptor now devnull's: see
-                # _silence_unfinished) may not commit or remove its parent's file.
-                if os.getpid() != owner:
-                    raise RuntimeError("atomic_open(%r): this process was forked inside the "
-                                       "block, and the file is its parent's to finish: write "
-                                       "it in the parent, or open it anew in the child"
-                                       % (path,))
-            if sync:
-                _fsync(fd)
-        finally:
-            if not _RENAME_OPEN_FILES:   # Windows renames no open file (and has no flock)
-                os.close(opened.pop())
-        # The except below removes it from here on. Taken off before the rename: one a Ctrl-C
-        # left listed after it would name, at exit, whatever file has that name then and the
-        # inode ours had (the target's, or one made anew on it).
-        _UNFINISHED.pop(temp, None)
-        if kind == "x":
-            try:
-                _rename_no_clobber(temp, target)
-            except FileExistsError:
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
-        else:
-            _existing(target, path, follow)     # again: a FIFO may have appeared meanwhile
-            os.replace(temp, target)
-    except BaseException:
-        if os.getpid() == owner:
-            # best effort: the temporary file may be gone already; the original error matters
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            _UNFINISHED.pop(temp, None)
-        raise
-    finally:
-        if opened:
-            os.close(opened[0])
-    if sync:
-        _fsync_dir(os.path.dirname(target))
+class _Miss:
+    """The one miss path: a call that missed, while its function runs.
 
+        with _Miss(cache, key, args, kwargs) as miss:
+            result = miss.result = func(*args, **kwargs)
 
-def _size(path):
-    # type: (str) -> int
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
-
-
-def _check_private(directory, what):
-    # type: (str, str) -> None
-    """Refuse directory unless only we and root can change what it holds, and its parents.
-
-    The checks OpenSSH's StrictModes makes: the directory and each parent up to the root are
-    owned by us or root, and no parent lets other users rename what is in it, so nobody
-    else can swap in a directory of their own. A parent writable by every user is fine when
-    sticky (/tmp: only an entry's owner may rename it, and the entry below is ours or root's);
-    the directory itself may be sticky and shared too (then _Store takes only files we own).
-    Writable by the group is accepted: the group's members are people the directory is
-    shared with on purpose (a team directory, or a user's own group under umask 002). A
-    symbolic link on the way is checked where it lies and where it leads.
-    """
-    if not _CHECK_WORLD_WRITABLE:
-        return
-    trusted = (0, os.geteuid())
-    pending, seen = [os.path.abspath(directory)], set()
-    while pending:
-        path = pending.pop()
-        if path in seen:                   # a link back up the path, or a loop of links
-            continue
-        seen.add(path)
-        info = os.lstat(path)
-        if info.st_uid not in trusted:
-            raise PersistError(errno.EPERM, _NOT_OURS.format(what=what, uid=info.st_uid), path,
-                               reason=PersistError.NOT_OURS)
-        if stat.S_ISLNK(info.st_mode):
-            pending.append(os.path.realpath(path))
-        elif info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
-            raise PersistError(errno.EPERM, _SWAPPABLE.format(what=what), path,
-                               reason=PersistError.SWAPPABLE)
-        pending.append(os.path.dirname(path))
-
-
-def _planted(info, directory):
-    # type: (os.stat_result, str) -> bool
-    """Whether a file or directory of a cache (os.lstat() gave info) in directory, which
-    _check_private() accepted, may hold what someone else put there: it is writable by every
-    user, or it lies in a directory every user may write (sticky, as /tmp) and another user
-    owns it. The same rules for each of a cache's files: one that a member of the directory's
-    group made (a teammate, in a team's directory) is accepted, as the directory is."""
-    if info.st_mode & stat.S_IWOTH:
-        return True
-    return bool(os.stat(directory).st_mode & stat.S_IWOTH) and \
-        info.st_uid not in (0, os.geteuid())
-
-
-# What SQLite reads beside a database file: a hot rollback journal is replayed into it, and a
-# log's frames are read as its latest pages. (A super-journal, NAME-mjXXXXXXXX, is read only
-# as named by a journal, and says only whether to replay it: the journal is what counts.)
-_COMPANIONS = (("-journal", "a rollback journal"), ("-wal", "a write-ahead log"),
-               ("-shm", "the index of a write-ahead log"))
-
-
-def _check_companions(path):
-    # type: (str) -> None
-    """Refuse the files beside the database at path that SQLite would read with it, when they
-    are links, writable by every user, or, in a directory every user may write (/tmp), not
-    ours: another user who planted one there would choose what the cache holds.
-
-    Run before every connection is made, not only when a cache is opened: between two
-    connections (after fork(), or once the last one closed and SQLite removed the log) a
-    planted file would be read by the next. In such a directory, each name is first taken by
-    an empty file of ours, where there is none: a file planted after this check, as SQLite
-    opens the cache, would be read all the same, and there nobody else can make one, nor
-    replace ours (the directory is sticky: _check_private). SQLite takes an empty journal
-    for none, and an empty log and index as its own new ones (it removes those two as the
-    last connection closes; the journal stays).
-    """
-    shared, mode = False, 0
-    if _CHECK_WORLD_WRITABLE:
-        shared = bool(os.stat(os.path.dirname(path)).st_mode & stat.S_IWOTH)
-        if shared:
-            with contextlib.suppress(OSError):          # no cache yet: nothing to read
-                info = os.lstat(path)
-                if stat.S_ISREG(info.st_mode):
-                    mode = stat.S_IMODE(info.st_mode) & 0o666 | 0o600    # as SQLite's own
-    for suffix, what in _COMPANIONS:
-        name = path + suffix
-        if mode:
-            # best effort: one that is there already is checked below
-            with contextlib.suppress(OSError):
-                os.close(os.open(name, _O_HOLD, mode))
-        try:
-            info = os.lstat(name)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISLNK(info.st_mode):
-            raise PersistError(errno.ELOOP, _LINK, name, reason=PersistError.SYMLINK)
-        if not _CHECK_WORLD_WRITABLE:
-            continue
-        if info.st_mode & stat.S_IWOTH:
-            raise PersistError(errno.EPERM, _WORLD_WRITABLE, name, reason=PersistError.UNSAFE)
-        if shared and info.st_uid not in (0, os.geteuid()):
-            raise PersistError(errno.EPERM, _PLANTED_COMPANION.format(what=what,
-                                                                      uid=info.st_uid), name,
-                               reason=PersistError.PLANTED)
-        # A hard link has its file's owner. (Not checked for the cache itself, which has two
-        # names for a moment as _create() links it into place.)
-        if shared and info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
-            raise PersistError(errno.EPERM, _HARD_LINKED.format(links=info.st_nlink), name,
-                               reason=PersistError.HARD_LINKED)
-
-
-# -- the store: one SQLite file per cache, with large pickles in files beside it
-#
-# _Connection  one process's connection to the file: a lock, fork() and signals, errors
-# _Values      the files of pickles too large for a row, each one named by its row
-# _Store       what the shelf and memoize do: get, put, delete, iterate, count, clear, prune
-# _Shelf       shelve.Shelf over a _Store
-
-if TYPE_CHECKING:
-    _CONNECTIONS: "weakref.WeakSet[_Connection]"
-    _FORKING: List[None]
-    _WRITING_AT_FORK: Set[str]
-    _ELSEWHERE: Dict[Any, Tuple[str, int]]
-    _GARBAGE: List[sqlite3.Connection]
-    _ABANDONED: List[sqlite3.Connection]
-    _EXITED: bool
-    _WRITTEN: Set[str]
-_CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
-_FORKING = []                      # one per fork under way (see _before_fork)
-_WRITING_AT_FORK = set()           # caches a signal handler forked in the middle of using
-# No thread may be inside SQLite when another forks: SQLite's own mutexes (its list of open
-# files, its memory) would stay locked in the child, whose next sqlite3.connect() then waits
-# for ever. So every SQLite call of persist's runs under a lock that _before_fork() takes:
-# a _Connection's, or, for the work done without one (making a cache, reading a dbm.sqlite3
-# file, the last look at a log), one of its own in _ELSEWHERE. _FORK_GATE is held from
-# before _before_fork() until the fork is over: meanwhile no use of a _Connection (see its
-# run()) or work elsewhere can begin, so none begins after _before_fork() has looked for
-# those under way.
-_FORK_GATE = _thread.RLock()
-_FORKING_NOW: "List[None]" = []    # one per fork under way, made while _FORK_GATE is held
-_ELSEWHERE = {}                    # a lock held by each work elsewhere: (path, thread)
-_GARBAGE = []                      # connections of collected _Connections that a fork kept
-                                   # from closing at once: closed by the next use of a cache,
-                                   # fork or exit, under a lock (see _Connection.__del__)
-_EXITED = False                    # _close_all() has run: each use closes its connection
-_WRITTEN = set()                   # caches this process has closed a writer's connection to
-_ABANDONED = []                    # in a child, the parent's connections that fork() left
-                                   # open (in use by the code a signal handler interrupted, or
-                                   # the collector's): never used or closed in the child
-                                   # (closing would unlock the parent's)
-
-
-def _fetch(conn, sql, params=()):
-    # type: (sqlite3.Connection, str, Sequence[Any]) -> List[Any]
-    # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
-    return conn.execute(sql, params).fetchall()
-
-
-def _close(conn):
-    # type: (sqlite3.Connection) -> None
-    """Close an sqlite3 connection, even one a signal interrupted.
-
-    On PyPy, a statement whose preparation Ctrl-C interrupted is never finalized, and
-    close() then fails for good. So the transaction is ended first: such a connection holds
-    no lock while it waits for the process's exit to close it.
-    """
-    with contextlib.suppress(sqlite3.Error):
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-    with contextlib.suppress(sqlite3.Error):
-        conn.close()
-
-
-def _uri(path, mode):
-    # type: (str, str) -> str
-    """A file: URI for sqlite3.connect(uri=True); pathlib's as_uri() costs an import."""
-    path = path.replace(os.sep, "/")
-    if not path.startswith("/"):           # Windows: C:/dir -> /C:/dir
-        path = "/" + path
-    for char, code in (("%", "%25"), ("?", "%3f"), ("#", "%23")):
-        path = path.replace(char, code)
-    return "file://%s?mode=%s" % (path, mode)
-
-
-class _Connection:
-    """One process's SQLite connection to one cache file, used under a lock.
-
-    It is opened on first use and held only for the length of one SQL step or transaction, never
-    while user code runs. fork() closes it first (a child must not inherit SQLite's locks; see
-    the SQLite documentation, howtocorrupt.html 2.6), and parent and child reopen it on their
-    next use. A signal handler that uses the cache while its thread is in here gets a connection
-    of its own, so it neither deadlocks nor disturbs the transaction it interrupted.
+    stores the result (put()), or records the call's exception in the failure ledger
+    (fail()) and lets it through; failing() (persist.map's) is called first. The function
+    runs in the wrapper's own frame, not in a helper's: a memoized recursion then takes two
+    frames a level (see _function_wrapper), and the async wrapper awaits it there.
     """
 
-    _conn: "Optional[sqlite3.Connection]"
-    _frozen: "Optional[Tuple[int, int, int, int]]"
-    _copy: "Optional[str]"
+    __slots__ = ("cache", "key", "call", "failing", "result", "start")
 
-    def __init__(self, path, mode):
-        # type: (str, str) -> None
-        self.path = path
-        self.mode = mode                  # "ro", "rw", or "query" (rw, where only reads run)
-        self._lock = _thread.RLock()
-        self._depth = 0                   # 1 while this thread is inside run()
-        self._conn = None
-        self._frozen = None               # see _open_read_only()
-        self._copy = None                 # the private copy _open_read_only() made, if any
-        self._snapshots = False           # read only through _open_read_only() from now on
-        gated = _gate()                   # not while another thread forks: see _FORK_GATE
-        try:
-            _CONNECTIONS.add(self)
-        finally:
-            if gated:
-                _FORK_GATE.release()
+    def __init__(self, cache, key, args, kwargs, failing=None):
+        # type: (_FunctionCache, bytes, _Args, _Kwargs, Optional[Callable[[], object]]) -> None
+        self.cache, self.key, self.call, self.failing = cache, key, (args, kwargs), failing
+        self.result: "Any" = None
+        self.start = time.perf_counter()     # the with statement's next step calls func
 
-    # (ignore[return]: the loop's last turn returns or raises, which mypy cannot tell)
-    def run(self, work, *args):  # type: ignore[return]
-        # type: (Callable[..., _T], *Any) -> _T
-        """work(connection, *args) under the lock; sqlite3's errors become persist's."""
-        for retry in (True, False):
-            while True:
-                with self._lock:
-                    if self._depth:       # a signal handler interrupted this thread in here
-                        return self._run_aside(work, args)
-                    if not _forking_elsewhere():
-                        self._depth = 1
-                        try:
-                            conn = self._ready()
-                            if self._frozen is not None:
-                                return self._run_frozen(work, args)
-                            return work(conn, *args)
-                        except sqlite3.Error as exc:
-                            if not (retry and self._lost_its_log(exc)):
-                                raise _sqlite_error(exc, self.path) from None
-                        finally:
-                            self._depth = 0
-                            if _EXITED:
-                                self._close_conn()
-                        break             # once more, on a connection made anew
-                _wait_for_fork()
+    def __enter__(self):
+        # type: () -> _Miss
+        return self
 
-    def query(self, sql, params=()):
-        # type: (str, Sequence[Any]) -> List[Any]
-        """The rows of one statement: run(_fetch, sql, params), without a call (every
-        hit's path)."""
-        with self._lock:
-            if self._depth:
-                return self._run_aside(_fetch, (sql, params))
-            if not _forking_elsewhere():
-                self._depth = 1
-                try:
-                    conn = self._ready()
-                    if self._frozen is not None:
-                        return self._run_frozen(_fetch, (sql, params))
-                    # fetchall(), never fetchone(): on PyPy an unfinished statement blocks
-                    # COMMIT
-                    return conn.execute(sql, params).fetchall()
-                except sqlite3.Error as exc:
-                    if not self._lost_its_log(exc):
-                        raise _sqlite_error(exc, self.path) from None
-                finally:
-                    self._depth = 0
-                    if _EXITED:
-                        self._close_conn()
-        # once more, on a connection made anew, or once another thread's fork is over
-        return self.run(_fetch, sql, params)
-
-    def _lost_its_log(self, exc):
-        # type: (sqlite3.Error) -> bool
-        """Whether a reader in a directory it may not write saw the cache's last writer go,
-        taking the -wal and -shm files that SQLite cannot make again there: then it closes,
-        and the next use reads the file as _open_read_only() does."""
-        if self.mode != "ro" or _sqlite_failure(exc) != "readonly" or self._conn is None:
-            return False
-        self._close_conn()
-        self._snapshots = True            # SQLite's own way failed here once: not again
-        return True
-
-    def transaction(self, work, *args):
-        # type: (Callable[..., _T], *Any) -> _T
-        """run() work inside BEGIN IMMEDIATE ... COMMIT: all of it is stored, or none."""
-        return self.run(_transaction, work, args)  # type: ignore[no-any-return]  # work's
-
-    def _ready(self):
-        # type: () -> sqlite3.Connection
-        """The connection, opened if need be, with no transaction left open."""
-        if _GARBAGE:                      # under our lock, which fork() waits for
-            _close_garbage()
-        conn = self._conn
-        if conn is None:
-            if self.path in _WRITING_AT_FORK:
-                raise OSError(errno.EBUSY, "this process was forked (from a signal handler) "
-                              "while its parent was using this cache: use it in the "
-                              "parent, or fork elsewhere", self.path)
-            conn = self._connect()
-        elif conn.in_transaction:         # left open by a call an exception interrupted
-            conn.execute("ROLLBACK")
-        return conn
-
-    def _run_aside(self, work, args):
-        # type: (Callable[..., _T], Sequence[Any]) -> _T
-        # A write waiting for the lock that the interrupted transaction holds would wait
-        # for ever: then it fails at once ("database is locked"), and memoize goes on.
-        interrupted = self._conn is not None and self._conn.in_transaction
-        conn = None
-        _check_companions(self.path)
-        try:
-            conn = self._open(self.mode, 0.0 if interrupted else _HANDLER_TIMEOUT)
-            return work(conn, *args)
-        except sqlite3.OperationalError as exc:
-            if interrupted and _sqlite_failure(exc) == "busy":
-                raise _HandlerBusy(errno.EBUSY, "a signal handler cannot write to the cache "
-                                   "while the code it interrupted is writing to it",
-                                   self.path) from None
-            raise _sqlite_error(exc, self.path) from None
-        except sqlite3.Error as exc:
-            raise _sqlite_error(exc, self.path) from None
-        finally:
-            if conn is not None:
-                _close(conn)
-
-    def _connect(self):
-        # type: () -> sqlite3.Connection
-        _check_companions(self.path)
-        if self._snapshots:
-            self._conn = self._open_read_only()
-            return self._conn
-        try:
-            self._conn = self._open(self.mode, _BUSY_TIMEOUT)
-        except sqlite3.OperationalError:
-            # SQLite reads a cache in WAL mode only if it can make a -shm file beside it
-            if os.access(os.path.dirname(self.path), os.W_OK) or not os.path.isfile(self.path):
-                raise
-            self._conn = self._open_read_only()
-        return self._conn
-
-    def _open_read_only(self):
-        # type: () -> sqlite3.Connection
-        """A connection to a cache in a directory we may not write, where SQLite cannot make
-        the -shm file it needs: the file read as immutable, or, when a -wal file is there
-        (left by a crash, or its owner is writing), a private copy of both.
-
-        Either is right only while nobody writes the cache, so _run_frozen() compares the
-        files before and after each use, and opens it again when they changed.
-        """
-        for attempt in range(_FROZEN_TRIES):
-            if attempt:
-                time.sleep(_FROZEN_PAUSE)
-            before = self._file_state()
-            if before[3] == 0:            # no log: the file alone
-                conn = self._open("ro&immutable=1", _BUSY_TIMEOUT)
-            else:
-                conn = self._open_copy()
-            if self._file_state() == before:
-                self._frozen = before
-                return conn
-            _close(conn)
-            self._drop_copy()
-        raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
-
-    def _open_copy(self):
-        # type: () -> sqlite3.Connection
-        import shutil
-        import tempfile
-        copy = tempfile.mkdtemp(prefix="persist-")
-        try:
-            target = os.path.join(copy, "copy.db")
-            shutil.copyfile(self.path, target)
-            shutil.copyfile(self.path + "-wal", target + "-wal")
-            conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA query_only=ON")
-            self._check(conn)
-        except BaseException:
-            shutil.rmtree(copy, ignore_errors=True)
-            raise
-        self._copy = copy
-        return conn
-
-    def _file_state(self):
-        # type: () -> Tuple[int, int, int, int]
-        """What changes when someone writes the cache: the file (inode, size, time), its log."""
-        info = os.stat(self.path)
-        return info.st_ino, info.st_size, info.st_mtime_ns, _size(self.path + "-wal")
-
-    def _run_frozen(self, work, args):
-        # type: (Callable[..., _T], Sequence[Any]) -> _T
-        for attempt in range(_FROZEN_TRIES):
-            if attempt:
-                time.sleep(_FROZEN_PAUSE)
-            if self._file_state() != self._frozen:      # written since: read it anew
-                self._close_conn()
-                conn = self._connect()
-                if self._frozen is None:                # now it can be read as usual
-                    return work(conn, *args)
-                continue
-            result = work(self._conn, *args)
-            if self._file_state() == self._frozen:
-                return result
-        raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
-
-    def _open(self, mode, timeout):
-        # type: (str, float) -> sqlite3.Connection
-        uri_mode = "rw" if mode == "query" else mode
-        conn = sqlite3.connect(_uri(self.path, uri_mode), uri=True, timeout=timeout,
-                               isolation_level=None, check_same_thread=False)
-        try:
-            self._check(conn)
-            if uri_mode == "rw":
-                _to_wal(conn, timeout)
-            for pragma in _PRAGMAS:
-                conn.execute(pragma).fetchall()
-            if mode == "query":           # only reads, yet closed as a writer: no -wal left
-                conn.execute("PRAGMA query_only=ON")
-        except BaseException:
-            _close(conn)
-            raise
-        return conn
-
-    def _check(self, conn):
-        # type: (sqlite3.Connection) -> None
-        """Refuse a file that is not a persist cache of this format."""
-        (app,), = _fetch(conn, "PRAGMA application_id")
-        (found,), = _fetch(conn, "PRAGMA user_version")
-        if app != _APPLICATION_ID:
-            empty = not _fetch(conn, "SELECT 1 FROM sqlite_master")
-            why = "an empty file" if empty else "an SQLite database of another program"
-            raise PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), self.path,
-                               reason=PersistError.EMPTY if empty else
-                               PersistError.FOREIGN_SQLITE)
-        if found != _FORMAT:
-            message, reason = ((_NEWER, PersistError.NEWER_FORMAT) if found > _FORMAT else
-                               (_OLDER, PersistError.OLDER_FORMAT))
-            raise PersistError(errno.EINVAL, message.format(found=found, ours=_FORMAT),
-                               self.path, reason=reason)
-
-    def _close_conn(self):
-        # type: () -> None
-        # Let go of it first: a Ctrl-C inside _close() (as fork() closes it) then leaves no
-        # closed connection here, which every later use would fail on, for good
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            if self.mode != "ro":         # exit takes another look at its log: _close_all()
-                _WRITTEN.add(self.path)
-            _close(conn)
-        self._frozen = None
-        self._drop_copy()
-
-    def _drop_copy(self):
-        # type: () -> None
-        if self._copy is not None:
-            import shutil
-            shutil.rmtree(self._copy, ignore_errors=True)
-            self._copy = None
-
-    def close(self):
-        # type: () -> None
-        with self._lock:
-            # closed before it leaves _CONNECTIONS: a fork meanwhile waits for the lock
-            self._close_conn()
-            _CONNECTIONS.discard(self)
-
-    def __del__(self):
-        # type: () -> None
-        # A memoized function or shelf that is garbage itself: on PyPy its sqlite3
-        # connection is never closed (its finalizer gives up while statements are not
-        # finalized), its descriptors stay open, and exit leaves the -wal and -shm files;
-        # 3.13's sqlite3 warns of a connection left to its finalizer. None after fork() in a
-        # child: the connection is its parent's (_ABANDONED). The collector runs in whichever
-        # thread, holding none of our locks: closed under _FORK_GATE, then, so that no fork
-        # comes meanwhile (see _FORK_GATE), or, while another thread forks or starts some
-        # work, left for _close_garbage() (waiting here could wait for ever: this thread
-        # may hold what that fork waits for).
-        try:
-            if _FORK_GATE.acquire(blocking=False):
-                try:
-                    self._close_conn()
-                finally:
-                    _FORK_GATE.release()
-                return
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                if self.mode != "ro":     # exit takes another look at its log: _close_all()
-                    _WRITTEN.add(self.path)
-                _GARBAGE.append(conn)
-            self._drop_copy()
-        except Exception:                  # best effort: at exit, modules may be gone
-            pass
+    def __exit__(self, kind, exc, traceback):
+        # type: (Optional[type], Optional[BaseException], object) -> None
+        # (a call deep in a recursion: get() went deeper than put() and fail() go, before
+        # they are called, so there is stack for them; what fails inside, they handle)
+        seconds = time.perf_counter() - self.start
+        if kind is None:
+            self.cache.put(self.key, self.result, self.call, seconds)
+        elif isinstance(exc, Exception):     # not a KeyboardInterrupt, nor SystemExit
+            if self.failing is not None:
+                self.failing()
+            self.cache.fail(self.key, self.call, exc, seconds)
 
 
-def _to_wal(conn, timeout):
-    # type: (sqlite3.Connection, float) -> None
-    """PRAGMA journal_mode=WAL, for readers and a writer at once: the first process to open
-    a new cache converts it. Two that convert at once deadlock, and SQLite then fails one
-    at once: _journal_mode() tries again."""
-    _journal_mode(conn, "WAL", timeout)
+def _make_classmethod_wrapper(func, options):
+    # type: (_Func, Tuple[Any, ...]) -> Any
+    """memoize(classmethod(func)): a _ClassmethodWrapper, which binds to the class itself,
+    where classmethod above memoize hides the class from cache_delete() and explain() (on
+    Python 3.8 and from 3.13 on, classmethod does not ask memoize's __get__ to bind)."""
+    wrapper = _make_wrapper(func, *options)
+    if not isinstance(wrapper, _Wrapper):    # an async def, or not in a class body
+        return classmethod(wrapper)
+    bound = object.__new__(_ClassmethodWrapper)
+    bound._cache, bound._self = wrapper._cache, None
+    bound.__dict__ = wrapper.__dict__
+    return bound
 
 
-def _journal_mode(conn, mode, timeout):
-    # type: (sqlite3.Connection, str, float) -> str
-    """PRAGMA journal_mode=mode; return SQLite's answer, the mode the file is in.
+def _in_class_body(func):
+    # type: (_Func) -> bool
+    """Whether func was defined in a class body: then memoize's wrapper must bind to an
+    instance as func would, and a descriptor is the wrapper."""
+    parts = getattr(func, "__qualname__", "").split(".")
+    return isinstance(func, types.FunctionType) and len(parts) > 1 and parts[-2] != "<locals>"
 
-    A change of mode needs the only connection to the file. While another is there, SQLite
-    fails at once ("database is locked"), busy timeout or not, or, leaving WAL, answers
-    "wal": both are tried again, as the busy timeout would have, for timeout seconds.
-    """
-    deadline = time.monotonic() + timeout
+
+def _code_flags(func):
+    # type: (_Func) -> int
+    """The flags of func's code, through partials and bound methods, as inspect reads them
+    for isgeneratorfunction() and the like (without importing it)."""
     while True:
-        try:
-            (answer,), = _fetch(conn, "PRAGMA journal_mode=" + mode)
-        except sqlite3.OperationalError as exc:
-            if _sqlite_failure(exc) != "busy" or time.monotonic() > deadline:
-                raise
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif isinstance(func, types.MethodType):
+            func = func.__func__
         else:
-            if (answer.lower() != "wal" or mode.lower() == "wal" or
-                    time.monotonic() > deadline):
-                return answer  # type: ignore[no-any-return]  # a row: Any
-        time.sleep(0.01)
-
-
-class _HandlerBusy(OSError):
-    """A signal handler's write that would wait for the transaction it interrupted."""
-
-
-# What went wrong in SQLite, as the callers tell it apart: "readonly", "busy" (another
-# connection holds a lock), "full", "cantopen", "damaged" (not a database, or corrupt), or ""
-# for anything else. By SQLite's result code where Python gives it (3.11 on: the error's
-# sqlite_errorcode); by the message before, and on PyPy, whose sqlite3 has no codes.
-# (By getattr: type checkers read sqlite3 as Python 3.10 has it, without the codes.)
-_SQLITE_FAILURES = {getattr(sqlite3, "SQLITE_" + name, None): failure for name, failure in (
-    ("READONLY", "readonly"), ("BUSY", "busy"), ("LOCKED", "busy"), ("FULL", "full"),
-    ("CANTOPEN", "cantopen"), ("NOTADB", "damaged"), ("CORRUPT", "damaged"))}
-
-
-def _failure_by_code(exc):
-    # type: (sqlite3.Error) -> str
-    # An extended code (SQLITE_READONLY_DBMOVED, ...) has its primary code in its low byte.
-    # The sqlite3 module's own errors (a closed connection) have no code.
-    code = getattr(exc, "sqlite_errorcode", None)
-    return "" if code is None else _SQLITE_FAILURES.get(code & 0xFF, "")
-
-
-def _failure_by_text(exc):
-    # type: (sqlite3.Error) -> str
-    text = str(exc)
-    if "unable to open" in text or "could not open" in text.lower():     # PyPy's words
-        return "cantopen"
-    for needles, failure in ((("readonly", "read-only"), "readonly"), (("full",), "full"),
-                             (("locked", "busy"), "busy"),
-                             (("not a database", "malformed", "encrypted"), "damaged")):
-        if any(needle in text for needle in needles):
-            return failure
-    return ""
-
-
-# the codes came with the errors' sqlite_errorcode (3.11)
-_sqlite_failure = _failure_by_code if hasattr(sqlite3, "SQLITE_BUSY") else _failure_by_text
-
-
-def _sqlite_error(exc, path):
-    # type: (sqlite3.Error, str) -> OSError
-    """The one place that turns an sqlite3 error into persist's, naming the file."""
-    text = str(exc)
-    failure = _sqlite_failure(exc)
-    if failure == "cantopen":
-        unreadable = _unreadable(path)
-        if unreadable:
-            return PermissionError(errno.EACCES, unreadable, path)
-    if isinstance(exc, sqlite3.OperationalError):
-        if failure == "readonly":
-            return PermissionError(errno.EACCES, "cannot write the cache (%s)" % text, path)
-        if failure == "full":
-            return OSError(errno.ENOSPC, "cannot write the cache (%s)" % text, path)
-        if failure == "busy":
-            return OSError(errno.EBUSY, "the cache stayed locked by another process (%s)"
-                           % text, path)
-        if failure == "cantopen":
-            return OSError(errno.EIO, "cannot open the cache (%s)" % text, path)
-        return OSError(errno.EIO, "cache file error (%s)" % text, path)
-    if isinstance(exc, sqlite3.DatabaseError) and failure == "damaged":
-        return _damaged(path, text)
-    return OSError(errno.EIO, "cache file error (%s: %s)" % (type(exc).__name__, text), path)
-
-
-def _shell_word(path):
-    # type: (str) -> str
-    """path as one word of a command to paste into a shell: POSIX sh's, or Windows'."""
-    if os.name == "nt":
-        return '"%s"' % path              # a Windows path has no '"' in it
-    import shlex
-    return shlex.quote(path)
-
-
-def _unreadable(path):
-    # type: (str) -> Optional[str]
-    """Why we may not read the cache at path, or None: the file or its log's index is another
-    user's and not readable (or writable) by us, as a teammate's under umask 077 is."""
-    for name in (path, path + "-shm"):
-        try:
-            info = os.stat(name)
-        except OSError:
-            continue
-        if os.access in os.supports_effective_ids:
-            allowed = os.access(name, os.R_OK | os.W_OK * (name != path), effective_ids=True)
-        else:
-            allowed = os.access(name, os.R_OK | os.W_OK * (name != path))
-        if not allowed:
-            return ("Permission denied: you may not %s it (mode 0o%o, user %d, group %d); its "
-                    "owner can let you ('chmod g+rw' it, for a teammate: files made under "
-                    "umask 077 are theirs alone), or use a cache of your own" % (
-                        "read" if name == path else "write the index of its log, %s," % name,
-                        stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid))
-    return None
-
-
-def _damaged(path, why):
-    # type: (str, str) -> PersistError
-    """The error for a file at path that SQLite cannot read as a database. Where it is
-    recognizably a persist cache (its header says so, or value files lie beside it), it says
-    which files to remove to start over: persist never removes them itself (nor can
-    'persist clear', which needs a cache it can read). Any other file may be the user's
-    (persist show job.py, a slip for job.f): that one only may be removed, if it was a
-    cache, and only one that may be is offered (a .db file, a SQLite file, zeros)."""
-    ours = False
-    head = b""
-    with contextlib.suppress(OSError):
-        # never through a link, nor blocking on a FIFO planted there
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
-                     getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-        try:
-            head = os.read(fd, 72) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
-        finally:
-            os.close(fd)
-        ours = head[:16] == b"SQLite format 3\0" and \
-            int.from_bytes(head[68:72], "big") == _APPLICATION_ID
-    ours = ours or os.path.isdir(path + ".values")
-    if not ours and not (path.endswith(".db") or head.startswith(b"SQLite format 3\0") or
-                         (len(head) >= 16 and not head[:16].strip(b"\0"))):
-        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), path,
-                            reason=PersistError.NOT_A_CACHE)
-    files = [path, path + "-wal", path + "-shm"]
-    if os.name == "nt":
-        how = "delete %s, and the folder %s.values" % (", ".join(files), path)
-    else:
-        import shlex
-        how = "rm -f %s; rm -rf %s" % (" ".join(shlex.quote(name) for name in files),
-                                        shlex.quote(path + ".values"))
-    if ours:
-        return PersistError(errno.EINVAL, "a damaged persist cache (%s); persist leaves it as "
-                            "it is: to start over (its results are computed again), remove its "
-                            "files: %s" % (why, how), path, reason=PersistError.CORRUPT)
-    return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why) + "; or, if it is a "
-                        "persist cache that was damaged, start over by removing its files (%s)"
-                        % how, path, reason=PersistError.NOT_A_CACHE)
-
-
-def _transaction(conn, work, args):
-    # type: (sqlite3.Connection, Callable[..., _T], Sequence[Any]) -> _T
-    try:
-        # BEGIN inside the try: a Ctrl-C raised as it returns would leave the write lock
-        # held until this connection's next use, and every other writer waiting for it
-        conn.execute("BEGIN IMMEDIATE")
-        result = work(conn, *args)
-        conn.execute("COMMIT")
-    except BaseException:
-        # best effort: the error that got us here matters more than one from the rollback
-        with contextlib.suppress(sqlite3.Error):
-            if conn.in_transaction:       # not if BEGIN failed, nor if COMMIT succeeded
-                conn.execute("ROLLBACK")
-        raise
-    return result
-
-
-def _gate():
-    # type: () -> bool
-    """Take _FORK_GATE, to begin what a fork must wait for; False, and not taken, for a
-    signal handler whose thread is inside a _Connection or _elsewhere(): a fork under way in
-    another thread waits for that thread, which would wait for the fork (the fork then
-    waits for this too, which ends before the handler returns)."""
-    if _FORK_GATE.acquire(blocking=False):
-        return True
-    if _inside_sqlite():
-        return False
-    _FORK_GATE.acquire()
-    return True
-
-
-def _forking_elsewhere():
-    # type: () -> bool
-    """Whether another thread forks: then a use of a _Connection, under its lock, lets go
-    of it and waits for the fork to end (_wait_for_fork()), as fork() waits for the lock."""
-    # (ignore[attr-defined]: _thread.RLock's own method, on CPython 3.8+ and PyPy alike,
-    # which typeshed leaves out)
-    if not _FORKING_NOW:
-        return False
-    owned = _FORK_GATE._is_owned()  # type: ignore[attr-defined]
-    return not owned and not _inside_sqlite()
-
-
-def _wait_for_fork():
-    # type: () -> None
-    if _gate():
-        _FORK_GATE.release()
-
-
-def _inside_sqlite():
-    # type: () -> bool
-    """Whether this thread is inside a _Connection or _elsewhere(): a signal handler's."""
-    me = _thread.get_ident()
-    return any(conn._depth and conn._lock._is_owned()  # type: ignore[attr-defined]  # in C and PyPy
-               for conn in list(_CONNECTIONS)) or \
-        any(thread == me and lock.locked() for lock, (_, thread) in list(_ELSEWHERE.items()))
-
-
-@contextlib.contextmanager
-def _elsewhere(path):
-    # type: (str) -> Iterator[None]
-    """Around SQLite work on path done without a _Connection: fork() waits for it to end,
-    and none begins while another thread forks (see _FORK_GATE)."""
-    lock = _thread.allocate_lock()
-    # Held from here to the end, even when Ctrl-C comes between two steps: an entry that
-    # one leaves behind is then unlocked, and fork() takes it away without waiting
-    with lock:
-        gated = _gate()
-        try:
-            _ELSEWHERE[lock] = (path, _thread.get_ident())
-        finally:
-            if gated:
-                _FORK_GATE.release()
-        try:
-            yield
-        finally:
-            _ELSEWHERE.pop(lock, None)
-
-
-def _close_garbage():
-    # type: () -> None
-    """Close the connections that _Connection.__del__() left: called under a lock that
-    fork() waits for."""
-    while _GARBAGE:
-        with contextlib.suppress(IndexError):      # another thread took the last one
-            _close(_GARBAGE.pop())
-
-
-def _before_fork():
-    # type: () -> None
-    """Close every connection, each under its lock, so no thread is inside one at fork(),
-    nor inside SQLite elsewhere (see _FORK_GATE).
-
-    _FORK_GATE is taken before this runs, and given back after the fork, by the hooks
-    registered below: C code, which no signal handler interrupts. A Ctrl-C in here, or as
-    the parent's half begins (CPython ignores a hook's error and forks all the same), can
-    then leave no lock held, which every other thread would wait for for ever: this holds
-    each connection's lock only while it closes it, and meanwhile the gate keeps any
-    thread from starting SQLite work (_forking_elsewhere()). A signal handler may fork
-    while this runs: the gate is an RLock, taken and given back once per fork."""
-    _FORKING.append(None)                 # one per fork under way (nested: a signal handler's)
-    me = _thread.get_ident()
-    for lock, (path, thread) in list(_ELSEWHERE.items()):
-        if thread == me and lock.locked():
-            # A signal handler forks while its thread makes this cache (or reads it): the
-            # child would find SQLite's locks on it held by a connection of its own
-            _WRITING_AT_FORK.add(path)
-        else:
-            with lock:                    # wait for that thread to finish with SQLite
-                _ELSEWHERE.pop(lock, None)
-    seen: "Set[_Connection]" = set()
-    while True:           # our own thread may open another while we close the first ones
-        new = [conn for conn in list(_CONNECTIONS) if conn not in seen]
-        if not new:
             break
-        for conn in new:
-            seen.add(conn)
-            with conn._lock:              # wait for the thread inside it, if one is
-                if conn._depth:
-                    # Our own thread is inside it: a signal handler forks. The connection
-                    # (maybe one being opened) stays for the code it interrupted; the child
-                    # may not use this cache file: its SQLite would take the locks of that
-                    # connection as held by one of its own, and wait for them for ever.
-                    _WRITING_AT_FORK.add(conn.path)
-                else:
-                    conn._close_conn()
-    _close_garbage()                      # no other thread is in SQLite now
+    return func.__code__.co_flags if isinstance(func, types.FunctionType) else 0
 
 
-def _after_fork_in_parent():
-    # type: () -> None
-    if _FORKING:
-        _FORKING.pop()
-    if not _FORKING:
-        _WRITING_AT_FORK.clear()
+_CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
 
 
-def _after_fork_in_child():
-    # type: () -> None
-    global _OPEN_LOCK
-    _OPEN_LOCK = _thread.RLock()
-    del _FORKING[:]
-    _WRITTEN.clear()                      # the parent's to look at, at its exit
-    for conn in list(_CONNECTIONS):
-        conn._lock = _thread.RLock()      # whoever held the old one is not in this process
-        conn._depth = 0
-        conn._frozen = conn._copy = None  # a private copy is the parent's to remove
-        if conn._conn is not None:        # in use by the code a signal handler interrupted
-            _ABANDONED.append(conn._conn)
-            conn._conn = None
-    _ABANDONED.extend(_GARBAGE)           # the collector's, since _before_fork()
-    del _GARBAGE[:]
+def _seconds(expire):
+    # type: (_Expire) -> Optional[float]
+    if expire is None:
+        return None
+    seconds = expire.total_seconds() if hasattr(expire, "total_seconds") else expire
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise TypeError("Expected memoize(expire=...) to be a positive number of seconds or "
+                        "a timedelta, not %r" % (expire,))
+    return float(seconds)
 
 
-def _close_all():
-    # type: () -> None
-    """At exit: close every connection, so the last one out removes the -wal and -shm files."""
-    # A daemon thread may use a cache after this, until the interpreter stops it where it
-    # is: a connection it opens then would never be closed, and leave the log. So from now
-    # on each use closes its own.
-    global _EXITED
-    _EXITED = True
-    with contextlib.suppress(Exception):
-        with _elsewhere(""):
-            _close_garbage()
-    for conn in list(_CONNECTIONS):
-        # best effort: at exit, a connection another thread is using stays as it is
-        with contextlib.suppress(Exception):
-            if conn._lock.acquire(blocking=False):
-                try:
-                    conn.close()          # a _Connection: _close() takes sqlite3's own
-                finally:
-                    conn._lock.release()
-    # Each cache this process wrote, closed now or earlier (a shelf closed by hand, while
-    # another process had it open, also had to leave the log)
-    for path in list(_WRITTEN):
-        with contextlib.suppress(Exception):
-            _remove_log(path)
-
-
-def _remove_log(path):
-    # type: (str) -> None
-    """SQLite removes the log when the last connection to the cache closes. But processes
-    that close at the same instant can each see the other still there, and all leave it
-    (seen in CI: four workers ending together): look again, a few times, on a connection of
-    our own, which removes it if this process is the last one out by now."""
-    for _ in range(3):
-        if not os.path.exists(path + "-wal"):
-            return
+def _with_state(bind, live, label):
+    # type: (_Bind, Tuple[object, ...], str) -> _Bind
+    """bind, whose key material also holds the digest of live (a bound method's self, a
+    callable object, a partial's arguments) as they are at the call: model.fit() changes
+    what model.predict returns."""
+    def bind_with_state(args, kwargs):
+        # type: (_Args, _Kwargs) -> Any
+        material = bind(args, kwargs)        # a wrong call raises first, as it would
         try:
-            _check_companions(path)
-        except OSError:
-            return                        # refused when used: nothing of ours to remove
-        with _elsewhere(path):
-            try:
-                conn = sqlite3.connect(_uri(path, "rw"), uri=True, timeout=0.1)
-            except sqlite3.Error:
-                return                    # the cache is gone meanwhile: nothing to do
-            try:
-                _fetch(conn, "SELECT 1 FROM sqlite_master LIMIT 1")   # reads: opens the log
-            except sqlite3.Error:
-                pass
-            finally:
-                _close(conn)
+            state = _digest(live)
+        except RecursionError:
+            raise
+        except Exception as exc:
+            raise TypeError(
+                "memoize cannot key %s() now: what it holds besides its arguments (a bound "
+                "method's self, a callable object's state or a partial's arguments) could be "
+                "keyed when memoize ran, but not now (%s: %s). Pass memoize(key=...) or "
+                "memoize(name=...)" % (label, type(exc).__name__, exc)) from None
+        return (state, material)
+    return bind_with_state
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                        after_in_child=_after_fork_in_child)
-    # Registered after those, so that before fork() the gate is taken, then the mark made,
-    # then _before_fork() runs, and after it (in the child too, where the thread that forked
-    # is the one left) the mark is taken away, then the gate given back: by C code, which no
-    # signal handler interrupts (a hook's Python code can be, even as it begins)
-    os.register_at_fork(before=functools.partial(_FORKING_NOW.append, None),
-                        after_in_parent=_FORKING_NOW.pop, after_in_child=_FORKING_NOW.pop)
-    os.register_at_fork(before=_FORK_GATE.acquire, after_in_parent=_FORK_GATE.release,
-                        after_in_child=_FORK_GATE.release)
-atexit.register(_close_all)
+_WRAPPERS: "weakref.WeakKeyDictionary[_Func, _Wrapper]" = \
+    weakref.WeakKeyDictionary()   # memoize's function wrappers: their _Wrapper
 
 
-_VALUE_DIGITS = 32                 # a value file's name: os.urandom(16).hex()
+class _Wrapper:
+    """func through its cache: what memoize returns for a method, and behind the function it
+    returns for anything else (whose cache_info(), cache_clear() and the rest are its own).
 
-
-def _hex_name(name, digits):
-    # type: (object, int) -> bool
-    """Whether name is digits lowercase hex digits, as persist names its files: no '/', no '..'."""
-    return isinstance(name, str) and len(name) == digits and not name.strip("0123456789abcdef")
-
-
-class _Values:
-    """The pickles too large for a row: one file each in FILE.values/, under a random name that
-    its row records. A name of any other shape (a path, '..') is a corrupt row: path() refuses
-    it, so no file outside the directory is ever read or removed.
-
-    A file is created and locked before the transaction that names it, and removed only after
-    the commit that stopped naming it. A file that no row names and no process holds (left by a
-    killed process) is removed by sweep(), which the next process to open the cache runs.
+    It binds as a function does, so that instance.method(x) and
+    instance.method.cache_delete(x) both pass the instance. It pickles by reference, as a
+    function does, so multiprocessing can send it to workers.
     """
 
-    def __init__(self, directory):
-        # type: (str) -> None
-        self.directory = directory
+    __slots__ = ("_cache", "_self", "__dict__", "__weakref__")
+    _cache: "_FunctionCache"
+    _self: "Any"                     # the instance (or class) bound to, or None
+    __name__: str
+    __qualname__: str
 
-    def path(self, name):
-        # type: (str) -> str
-        self.check([name])
-        return os.path.join(self.directory, name)
-
-    def check(self, names):
-        # type: (Iterable[str]) -> None
-        """PersistError for the first name among names that is not a value file's; raised
-        inside a transaction, it rolls back: nothing changes."""
-        for name in names:
-            if not _hex_name(name, _VALUE_DIGITS):
-                values = os.path.basename(self.directory)
-                raise PersistError(errno.EINVAL, _CORRUPT_ROW.format(
-                    name=name, digits=_VALUE_DIGITS, values=values),
-                    self.directory[:-len(".values")], reason=PersistError.CORRUPT_ROW)
-
-    def create(self):
-        # type: () -> Tuple[str, io.BufferedWriter]
-        """A new value file, locked against sweep() until closed: (name, binary file)."""
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(self.directory, _DIR_MODE)
-        # Checked at each use, not only when the cache was opened: in a shared directory
-        # such as /tmp another user may make it meanwhile, then swap our pickles for theirs.
-        # By the rules of the cache's other files: in a team's directory a teammate made it.
-        info = os.lstat(self.directory)
-        if stat.S_ISLNK(info.st_mode):
-            raise PersistError(errno.ELOOP, _LINK, self.directory, reason=PersistError.SYMLINK)
-        if not stat.S_ISDIR(info.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory, where persist keeps the "
-                                     "cache's large results; move it away", self.directory)
-        if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(self.directory)):
-            raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.directory,
-                               reason=PersistError.UNSAFE)
-        while True:
-            name = os.urandom(16).hex()
-            fd = os.open(self.path(name), _O_TEMP, _FILE_MODE)
-            try:
-                if _fcntl is not None:
-                    _fcntl.flock(fd, _fcntl.LOCK_EX)
-                    if os.fstat(fd).st_nlink == 0:    # swept before we locked it: again
-                        os.close(fd)
-                        continue
-                return name, io.open(fd, "wb")
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                raise
-
-    def remove(self, names):
-        # type: (Iterable[str]) -> None
-        for name in names:
-            # best effort: a file already gone is what we wanted; on Windows one that a
-            # reader holds open stays, and a later sweep() removes it
-            with contextlib.suppress(FileNotFoundError, PermissionError):
-                os.unlink(self.path(name))
-
-    def sweep(self, named):
-        # type: (Callable[[List[str]], Set[str]]) -> None
-        """Remove the files that named(names) leaves out and that nobody is writing."""
+    def __call__(self, *args, **kwargs):
+        # type: (*Any, **Any) -> Any
+        cache, bound = self._cache, self._self
+        if bound is not None:
+            args = (bound,) + args
+        material = cache.bind(args, kwargs)   # cache.key(args, kwargs), inline: a hit's time
         try:
-            names = os.listdir(self.directory)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        # only names of the shape persist gives: whatever else is there, persist did not make
-        names = [name for name in names if _hex_name(name, _VALUE_DIGITS)]
-        for name in set(names) - named(names):
-            path = self.path(name)
-            # best effort, each step: what is left now is swept next time
-            if _fcntl is None:        # no locks, but open files cannot be removed (Windows)
-                with contextlib.suppress(OSError):
-                    if time.time() - os.stat(path).st_mtime > _SWEEP_AGE:
-                        os.unlink(path)
-                continue
-            try:
-                # never waiting on a FIFO of that name: opened without blocking, then passed
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
-                             getattr(os, "O_NONBLOCK", 0))
-            except OSError:
-                continue
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):          # not a value file
-                    continue
-                _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)     # else a writer holds it
-                if name not in named([name]):       # its writer may have committed meanwhile
-                    os.unlink(path)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-
-class _Spill:
-    """A file for pickle.dump(): bytes in memory up to _INLINE_LIMIT, past it a value file."""
-
-    name: "Optional[str]"
-    file: "Optional[io.BufferedWriter]"
-    _chunks: "List[bytes]"
-
-    def __init__(self, values):
-        # type: (_Values) -> None
-        self._values = values
-        self._chunks = []
-        self._size = 0
-        self.name = self.file = None
-
-    def write(self, data):
-        # type: (Buffer) -> None
-        if self.file is None:
-            self._size += memoryview(data).nbytes
-            if self._size <= _INLINE_LIMIT:
-                self._chunks.append(bytes(data))
-                return
-            self.name, self.file = self._values.create()
-            self.file.writelines(self._chunks)
-            self._chunks = None   # type: ignore[assignment]  # unused from here: let it go
-        self.file.write(data)
-
-    def inline(self):
-        # type: () -> bytes
-        """The pickle, or b'' when it went to the value file."""
-        if self.file is not None:
-            self.file.flush()
-            return b""
-        return b"".join(self._chunks)
-
-    def discard(self):
-        # type: () -> None
-        if self.name is not None:
-            self._values.remove([self.name])
-
-    def close(self):
-        # type: () -> None
-        if self.file is not None:
-            self.file.close()
-
-
-class _Store:
-    """A cache file: keys (bytes) to pickled values, with what memoize records beside them.
-
-    Every write is one transaction, committed when the method returns. Reads take no lock
-    that outlives them. The interface is small, so that another backend could replace it.
-    """
-
-    def __init__(self, filename, flag="c"):
-        # type: (_Path, str) -> None
-        if flag not in _FLAGS:
-            raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
-        self.path = os.path.abspath(os.fsdecode(os.fspath(filename)))
-        self.flag = flag
-        self.values = _Values(self.path + ".values")
-        self._puts = 0                  # put() restarts the log every so often
-        self._owned: "Optional[bool]" = None     # whether Dict records owners: owned()
-        self._check_path()
-        if flag in "cn" and not os.path.exists(self.path):
-            self._create()
-            # Again: in /tmp another user may have taken the name with a cache of their own
-            # as ours was made (ours then was not linked there): refused, not opened.
-            self._check_path()
-        elif flag in "cn" and os.path.isfile(self.path) and _size(self.path) == 0:
-            self._create_in_place()
-        mode = _FLAGS[flag]
-        if mode == "ro" and _may_write(self.path) and _may_write(os.path.dirname(self.path)):
-            mode = "query"      # reads only, but closes as a writer: no -wal or -shm left
-        self.conn = _Connection(self.path, mode)
-        try:
-            self.conn.run(_fetch, "SELECT 1")     # open now: a bad file fails here
-        except BaseException:
-            self.conn.close()
-            raise
-        self.calls = True              # whether Failures has the column call (see _ADD_CALL)
-        if flag == "n":
-            self.clear()
-        elif flag != "r":
-            self.sweep()
-        self._check_calls()
-
-    def _check_path(self):
-        # type: () -> None
-        """Refuse a cache others could plant code in, or that would write through a link."""
-        if self.flag in "rw" and not os.path.exists(self.path):
-            raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
-                                    "to create it)", self.path)
-        directory = os.path.dirname(self.path)
-        if _CHECK_WORLD_WRITABLE:
-            _check_private(directory, "the cache's directory")
-        for name in (self.path, self.values.directory):
-            try:
-                info = os.lstat(name)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISLNK(info.st_mode):
-                raise PersistError(errno.ELOOP, _LINK, name, reason=PersistError.SYMLINK)
-            if name == self.path and stat.S_ISDIR(info.st_mode):    # SQLite: "unable to open"
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
-            if name == self.path and not stat.S_ISREG(info.st_mode):
-                # SQLite would wait for ever to open a FIFO for reading (persist ls, 'r')
-                raise PersistError(errno.EINVAL, "%s, not a cache file; persist leaves it as "
-                                   "it is: give persist another file name" % _kind(
-                                       info.st_mode), name, reason=PersistError.NOT_A_FILE)
-            if _CHECK_WORLD_WRITABLE and _planted(info, directory):
-                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name,
-                                   reason=PersistError.UNSAFE)
-        _check_companions(self.path)
-
-    def _check_calls(self):
-        # type: () -> None
-        """Give the Failures of a cache made before persist kept failed calls their column
-        call: the other columns stay as they are, and so does the format, so that an older
-        persist.py still uses the cache (it names the columns it writes)."""
-        def columns(conn):
-            # type: (sqlite3.Connection) -> List[str]
-            return [row[1] for row in _fetch(conn, "PRAGMA table_info(Failures)")]
-
-        def add(conn):
-            # type: (sqlite3.Connection) -> None
-            if "call" not in columns(conn):   # another process may have added it meanwhile
-                conn.execute(_ADD_CALL)
-
-        if "call" in self.conn.run(columns):
-            return
-        if self.flag != "r":
-            with contextlib.suppress(OSError):   # a read-only cache: its records have none
-                self.conn.transaction(add)
-        self.calls = "call" in self.conn.run(columns)
-
-    def _create(self):
-        # type: () -> None
-        """Make a new cache beside path and link it into place: nobody sees it half made.
-
-        It is made in rollback mode and linked while an exclusive lock on it is held; only then
-        are the -journal, -wal and -shm files of a cache deleted without them removed. Otherwise SQLite
-        would replay that old log into the new file, and deleted results would come back.
-        Nobody can open the new file before they are gone: opening waits for the lock.
-        """
-        directory = os.path.dirname(self.path)
-        try:
-            # SQLite gives the -wal and -shm files the mode of this one
-            temp, fd = _create_temp(self.path, self.path, _FILE_MODE, _NEW_CACHE)
-        except PermissionError:
-            raise PermissionError(errno.EACCES, "cannot create the cache: its directory is "
-                                  "not writable", directory) from None
-        os.close(fd)
-        try:
-            # In /tmp its journal's name too is taken by an empty file of ours first: SQLite
-            # makes it one statement at a time, and would replay a journal planted meanwhile.
-            _check_companions(temp)
-            with _elsewhere(self.path):
-                self._make(temp)
-        finally:
-            # best effort each: the empty ones that _check_companions() made, if still there
-            for name in (temp, temp + "-journal", temp + "-wal", temp + "-shm"):
-                with contextlib.suppress(FileNotFoundError, PermissionError):
-                    os.unlink(name)
-            _UNFINISHED.pop(temp, None)
-
-    def _make(self, temp):
-        # type: (str) -> None
-        """_create() in the empty file temp, then linked as path."""
-        conn = None
-        try:
-            conn = sqlite3.connect(temp, isolation_level=None)
-            # each statement is a transaction: TRUNCATE keeps the journal that
-            # _check_companions() made ours between them, where DELETE would free its name
-            _fetch(conn, "PRAGMA journal_mode=TRUNCATE")
-            for statement in _CREATE:
-                conn.execute(statement)
-            if _RENAME_OPEN_FILES:
-                conn.execute("BEGIN EXCLUSIVE")
-                with contextlib.suppress(FileExistsError):   # another process was first
-                    _rename_no_clobber(temp, self.path)
-                    self._remove_stale_companions()
-                conn.execute("COMMIT")
-            else:
-                # Windows renames no open file, and removes no log that a process has open
-                _close(conn)
-                if not os.path.exists(self.path):
-                    self._remove_stale_companions()
-                with contextlib.suppress(FileExistsError):
-                    _rename_no_clobber(temp, self.path)
-        except sqlite3.Error as exc:
-            raise _sqlite_error(exc, self.path) from None
-        finally:
-            if conn is not None:
-                _close(conn)
-
-    def _create_in_place(self):
-        # type: () -> None
-        """Make a new cache in the empty file at path, as tempfile.mkstemp() leaves one for
-        shelve.open(name, "n") to fill: SQLite takes an empty file for an empty database.
-
-        Under its exclusive lock, and only if it is empty still: a second creator waits for
-        the lock, and then finds the cache made.
-        """
-        with _elsewhere(self.path):
-            self._fill()
-
-    def _fill(self):
-        # type: () -> None
-        conn = None
-        try:
-            conn = sqlite3.connect(_uri(self.path, "rw"), uri=True, timeout=_BUSY_TIMEOUT,
-                                   isolation_level=None)
-            for statement in _CREATE[:2]:     # page size and auto_vacuum: before the lock,
-                conn.execute(statement)       # where they apply to the file then written
-            conn.execute("BEGIN EXCLUSIVE")
-            if not _fetch(conn, "SELECT 1 FROM sqlite_master") and \
-                    _fetch(conn, "PRAGMA application_id") == [(0,)]:
-                self._remove_stale_companions()
-                for statement in _CREATE[2:]:
-                    conn.execute(statement)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise _sqlite_error(exc, self.path) from None
-        finally:
-            if conn is not None:
-                _close(conn)
-
-    def _remove_stale_companions(self):
-        # type: () -> None
-        # a journal too: a hot one, left by a transaction killed in the middle, would be
-        # replayed into the new file as a log would
-        for stale in (self.path + "-journal", self.path + "-wal", self.path + "-shm"):
-            # best effort: on Windows one in use cannot go, and then it is not stale
-            with contextlib.suppress(FileNotFoundError, PermissionError):
-                os.unlink(stale)
-
-    # Reading
-
-    def get(self, key):
-        # type: (bytes) -> Optional[_Row]
-        """(pickle or b'', value file name or None, stored, seconds) for key, or None."""
-        rows = self.conn.query(_GET, (key,))
-        return rows[0] if rows else None
-
-    def load(self, row):
-        # type: (_Row) -> Any
-        """Unpickle the value of a row from get(); FileNotFoundError if a writer replaced it
-        (and removed its file) since: get() it again."""
-        if row[1] is None:
-            return pickle.loads(row[0])
-        with io.open(self.values.path(row[1]), "rb") as file:
-            return pickle.load(file)
-
-    def keys(self):
-        # type: () -> List[bytes]
-        return [key for key, in self.conn.run(_fetch, _KEYS)]
-
-    def __bool__(self):           # a store is there, however many entries: no query for that
-        # type: () -> bool
-        return True
-
-    def __len__(self):
-        # type: () -> int
-        return self.conn.run(_fetch, _COUNT)[0][0]  # type: ignore[no-any-return]  # a row: Any
-
-    def __contains__(self, key):
-        # type: (bytes) -> bool
-        return bool(self.conn.run(_fetch, _CONTAINS, (key,)))
-
-    def info(self):
-        # type: () -> Dict[str, str]
-        return dict(self.conn.run(_fetch, _INFO))
-
-    def entries(self):
-        # type: () -> List[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]
-        """(key, args, stored, size, seconds, version) of every entry, oldest first."""
-        rows = self.conn.run(_fetch, _ENTRIES)
-        return [(key, args, stored, _size(self.values.path(file)) if file else size, seconds,
-                 version) for key, args, stored, size, file, seconds, version in rows]
-
-    def summary(self):
-        # type: () -> Tuple[int, Optional[float], Optional[float], int, int]
-        """(entries, oldest, newest, stale entries, their bytes): stale entries are those of
-        another version than the latest to open the cache, or of other code (stale_codes())."""
-        (count, oldest, newest), = self.conn.run(_fetch, _SUMMARY)
-        version = self.info().get("version")
-        codes = self.stale_codes()
-        stale = self.prune(version=version, codes=codes, dry_run=True)[:2] \
-            if version or codes else (0, 0)
-        return (count, oldest, newest) + stale
-
-    def tally(self, owner=None):
-        # type: (Optional[str]) -> Tuple[int, float, int]
-        """(entries, seconds their calls took in all, failure records), in one query; those
-        of owner alone (and those stored before owners were recorded), if given."""
-        if owner is not None and self.owned():
-            return self.conn.run(_fetch, _TALLY_OWNED, (owner,) * 3)[0]  # type: ignore[no-any-return]
-        return self.conn.run(_fetch, _TALLY)[0]  # type: ignore[no-any-return]  # a row: Any
-
-    def owned(self):
-        # type: () -> bool
-        """Whether the cache records owners (see _CREATE): one made before does not."""
-        if self._owned is None:
-            columns = self.conn.run(_fetch, "PRAGMA table_info(Dict)")
-            self._owned = any(column[1] == "owner" for column in columns)
-        return self._owned
-
-    def own(self):
-        # type: () -> None
-        """Record owners from now on in a cache made before they were (best effort: a
-        read-only cache stays as it is, and its entries are anyone's)."""
-        def add(conn):
-            # type: (sqlite3.Connection) -> None
-            for table in ("Dict", "Failures"):     # again, in the transaction: two may add
-                if not any(column[1] == "owner"
-                           for column in _fetch(conn, "PRAGMA table_info(%s)" % table)):
-                    conn.execute("ALTER TABLE %s ADD COLUMN owner TEXT" % table)
-        if not self.owned() and self.flag != "r":
-            with contextlib.suppress(OSError):
-                self.conn.transaction(add)
-                self._owned = True
-
-    def stale_codes(self):
-        # type: () -> Optional[List[str]]
-        """The code tags (see _CREATE) of the latest run that opened the cache, whose other
-        ones are stale, or None when none is recorded."""
-        code = self.info().get("code")
-        return code.split()[1:] if code and self.owned() else None
-
-    def closures(self):
-        # type: () -> int
-        """How many values of what its function carries (make(2), make(3)) the entries that
-        are not stale were stored under."""
-        codes = self.stale_codes()
-        if not codes:
-            return 0
-        return len({owner for owner, in self.conn.run(_fetch, _OWNERS)
-                    if str(owner)[:_CODE_TAG] in codes})     # as prune()'s substr()
-
-    def failures(self, owner=None):
-        # type: (Optional[str]) -> List[Any]
-        """(args, type, message, count, first, last, seconds, version, traceback, call) of
-        each failure record, the latest failure last; of owner alone (as tally()), if given.
-        call: the pickle of (args, kwargs), or why there is none (text), or None."""
-        sql = _FAILURES % ("call" if self.calls else "NULL")
-        if owner is not None and self.owned():
-            return self.conn.run(_fetch, sql.replace(
-                " FROM Failures", " FROM Failures WHERE " + _OWNED), (owner,))
-        return self.conn.run(_fetch, sql)
-
-    def disk_usage(self):
-        # type: () -> int
-        names = [self.path, self.path + "-wal", self.path + "-shm"]
-        with contextlib.suppress(OSError):
-            names += [os.path.join(self.values.directory, name)
-                      for name in os.listdir(self.values.directory)]
-        return sum(_size(name) for name in names)
-
-    # Writing
-
-    def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None,
-            forget=(), owner=None):
-        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str], Sequence[bytes], Optional[str]) -> None
-        """Pickle value under key, with what memoize records; a large pickle goes to a value
-        file as it is made, with no copy in memory. The failure records of key, and of the
-        keys in forget (the same call under other versions), go in the same transaction."""
-        spill = _Spill(self.values)
-        try:
-            pickle.dump(value, spill, protocol)
-            row: "_Args" = (key, spill.inline(), spill.name, time.time(), seconds, version,
-                            args)
-            if owner is not None and self.owned():
-                row += (owner,)
-            old = self.conn.transaction(_replace, row, self.values, forget)
-        except BaseException:
-            # A signal (Ctrl-C) that arrives while COMMIT runs is raised just after it: the
-            # row may name the file already. Remove it only if no row does; if even that
-            # check fails, the file stays for sweep().
-            if spill.name is not None and not self._named([spill.name]):
-                spill.discard()
-            raise
-        finally:
-            spill.close()
-        if old:
-            self.values.remove([old])
-        self._puts += 1
-        if self._puts % 32 == 0 and _size(self.path + "-wal") > _LOG_LIMIT:
-            self._restart_log()
-
-    def _restart_log(self):
-        # type: () -> None
-        """Copy the log into the file and start it over. SQLite's own checkpoints never catch
-        up while other processes keep committing, and the log would grow without end."""
-        def restart(conn):
-            # type: (sqlite3.Connection) -> None
-            conn.execute("PRAGMA busy_timeout=%d" % (_RESTART_TIMEOUT * 1000))
-            try:
-                # While another connection checkpoints (SQLite's own automatic checkpoint,
-                # which every commit runs once the log is large, or a FULL one waiting for
-                # an old reader), SQLite answers busy at once, without waiting: try again
-                # until the log is restarted, by us or by another process.
-                # A cursor of our own, closed even on Ctrl-C: the checkpoint may wait seconds
-                # for an old reader, and on PyPy an interrupt then left its statement
-                # unfinished, which failed every later COMMIT of this process ("SQL
-                # statements in progress").
-                cursor = conn.cursor()
-                try:
-                    deadline = time.monotonic() + _RESTART_TIMEOUT
-                    while (cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0][0]
-                           and _size(self.path + "-wal") > _LOG_LIMIT and
-                           time.monotonic() < deadline):
-                        time.sleep(0.005)
-                finally:
-                    cursor.close()
-            finally:
-                conn.execute("PRAGMA busy_timeout=%d" % (_BUSY_TIMEOUT * 1000))
-        # best effort: a reader that stays longer than _RESTART_TIMEOUT defers it to next time
-        with contextlib.suppress(OSError):
-            self.conn.run(restart)
-
-    def delete(self, key):
-        # type: (bytes) -> bool
-        """Remove key; return whether it was there."""
-        found = self.conn.transaction(_delete, key, self.values)
-        if found and found[0]:
-            self.values.remove([found[0]])
-        return bool(found)
-
-    def delete_row(self, key, row):
-        # type: (bytes, _Row) -> bool
-        """Remove key if it still holds the row that get() returned; return whether it did."""
-        gone = self.conn.transaction(_delete_row, key, row)
-        if gone and row[1]:
-            self.values.remove([row[1]])
-        return gone
-
-    def record_failure(self, key, started, failure, owner=None, expire=None):
-        # type: (bytes, float, _FailureRecord, Optional[str], Optional[float]) -> None
-        """Record that the call keyed key, started at the Unix time started, raised: failure is
-        (args, type, message, traceback, seconds, version, call). Nothing is recorded if a result
-        for key was stored since the call started (another process succeeded meanwhile), but
-        for one stamped further ahead than expire= (seconds), which has expired (_expired)."""
-        if not self.calls:              # a cache that could not be given the column
-            failure = failure[:-1] + (None,)
-
-        def record(conn):
-            # type: (sqlite3.Connection) -> None
-            _record_failure(conn, key, started, failure, expire)
-            if owner is not None and self.owned():
-                conn.execute(_OWN_FAILURE, (owner, key))
-        self.conn.transaction(record)
-
-    def set_info(self, info):
-        # type: (Dict[str, str]) -> None
-        self.conn.transaction(lambda conn: conn.executemany(_SET_INFO, info.items()))
-
-    def clear(self, owner=None):
-        # type: (Optional[str]) -> int
-        """Remove every entry (and failure record), or only owner's (and those stored before
-        owners were recorded); return how many entries there were."""
-        if owner is not None and self.owned():
-            count, names = self.conn.transaction(_clear_owned, owner, self.values)
-        else:
-            count, names = self.conn.transaction(_clear, self.values)
-        self.values.remove(names)
-        self._give_back()
-        return count
-
-    def prune(self, before=None, version=None, dry_run=False, after=None, codes=None,
-              owner=None):
-        # type: (Optional[float], Optional[str], bool, Optional[float], Optional[Sequence[str]], Optional[str]) -> Tuple[int, int, int]
-        """Remove the entries stored before the Unix time before (or after the time after),
-        of another version than version (of owner's alone, if given: make(3) may have its
-        own expire= and version=), or stored by a function with another code than codes (its
-        code tags, see _CREATE); with version the failure records of other versions too
-        (owner's alone, likewise), and with codes those of other code; return (entries,
-        bytes, failure records) removed, or that would be with dry_run."""
-        where: "Any"      # the conditions, then the SQL that joins them
-        params: "List[object]"
-        where, params = [], []
-        if before is not None:
-            where.append("stored < ?")
-            params.append(before)
-        if after is not None:
-            where.append("stored > ?")
-            params.append(after)
-        if version is not None:
-            where.append("version IS NOT ?")
-            params.append(version)
-        # the failure records of other versions, and of other code: their calls cannot be
-        # made again, as the entries' results cannot be returned (conditions, parameters)
-        stale: "List[str]" = []
-        stale_params: "List[object]" = []
-        if version is not None:
-            stale.append("version IS NOT ?")
-            stale_params.append(version)
-        if where and owner is not None and self.owned():
-            where = ["(%s) AND %s" % (" OR ".join(where), _OWNED)]
-            params.append(owner)
-            if stale:
-                stale = ["(version IS NOT ? AND %s)" % _OWNED]
-                stale_params.append(owner)
-        if codes and self.owned():       # an entry of no known owner is no one's stale
-            other_code = ("(owner IS NOT NULL AND substr(owner, 1, %d) NOT IN (%s))"
-                          % (_CODE_TAG, ",".join("?" * len(codes))))
-            where.append(other_code)
-            params.extend(codes)
-            stale.append(other_code)
-            stale_params.extend(codes)
-        failures = (" OR ".join(stale), stale_params) if stale else None
-        if not where:
-            raise ValueError("prune() needs before=, version= or codes=")
-        where = " OR ".join(where)
-        rows = self.conn.run(_fetch, "SELECT length(value), file FROM Dict WHERE " + where,
-                             params)
-        size = sum(_size(self.values.path(file)) if file else length for length, file in rows)
-        if dry_run:
-            failed = 0 if failures is None else self.conn.run(
-                _fetch, _STALE_FAILURES % ("SELECT count(*)", failures[0]), failures[1])[0][0]
-            return len(rows), size, failed
-        names, failed = self.conn.transaction(_prune, where, params, self.values, failures)
-        self.values.remove(names)
-        self._give_back()
-        return len(rows), size, failed
-
-    def _named(self, names):
-        # type: (List[str]) -> Set[str]
-        """The value file names among names that a row names."""
-        found: "Set[str]" = set()
-        for start in range(0, len(names), 500):     # SQLite's limit on parameters
-            part = names[start:start + 500]
-            found.update(name for name, in self.conn.run(
-                _fetch, _NAMED % ",".join("?" * len(part)), part))
-        return found
-
-    def sweep(self):
-        # type: () -> None
-        """Remove value files and new caches that a killed process left half made, and give
-        back the space a killed prune() kept."""
-        self.values.sweep(self._named)
-        directory, name = os.path.split(self.path)
-        # Only what _create_temp() names a new cache of this name, and the files SQLite adds
-        # to it: .NAME.RANDOM.new-cache.tmp(-journal): never an atomic_open() temporary file
-        # beside it (NAME.csv's is .NAME.csv.RANDOM.tmp), which its writer may hold for hours.
-        prefix = "." + name[:60] + "."
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(directory):
-                rest = entry.name[len(prefix):]
-                ours = rest[8:] in [_NEW_CACHE + ".tmp" + suffix
-                                    for suffix in ("", "-journal", "-wal", "-shm")]
-                # best effort; a creation takes milliseconds, so an old one is abandoned
-                if entry.name.startswith(prefix) and ours and _hex_name(rest[:8], 8):
-                    with contextlib.suppress(OSError):
-                        if time.time() - entry.stat(follow_symlinks=False).st_mtime > 60:
-                            os.unlink(entry.path)
-        (free,), = self.conn.run(_fetch, "PRAGMA freelist_count")
-        (total,), = self.conn.run(_fetch, "PRAGMA page_count")
-        if free * 4 > total and free > 64:      # a killed prune() or clear() kept them
-            self._give_back()
-
-    def _give_back(self):
-        # type: () -> None
-        """Return free pages to the filesystem, and shorten the log."""
-        # best effort: another process may hold a read lock; its pages are reused anyway
-        with contextlib.suppress(OSError):
-            # executescript() steps it to the end; execute() would free a single page
-            self.conn.run(lambda conn: conn.executescript("PRAGMA incremental_vacuum"))
-            self.conn.run(_fetch, "PRAGMA wal_checkpoint(TRUNCATE)")
-
-    def close(self):
-        # type: () -> None
-        self.conn.close()
-
-
-def _replace(conn, row, values, forget=()):
-    # type: (sqlite3.Connection, _Args, _Values, Sequence[bytes]) -> Optional[str]
-    old = _fetch(conn, _FILE, (row[0],))
-    if old and old[0][0] is not None:
-        values.check([old[0][0]])         # a corrupt row stays as it is: see _Values
-    conn.execute(_PUT if len(row) == 7 else _PUT_OWNED, row)
-    for key in (row[0],) + tuple(forget):
-        conn.execute(_FORGET_FAILURE, (key,))
-    return old[0][0] if old else None
-
-
-def _record_failure(conn, key, started, failure, expire=None):
-    # type: (sqlite3.Connection, bytes, float, _FailureRecord, Optional[float]) -> None
-    until = time.time() + expire if expire is not None else float("inf")
-    if _fetch(conn, _STORED_SINCE, (key, started, until)):
-        return
-    args, kind, message, text, seconds, version, call = failure
-    old = _fetch(conn, _FAILED_BEFORE, (key,))
-    now = time.time()
-    count, first = (old[0][0] + 1, old[0][1]) if old else (1, now)
-    row = (key, args, kind, message, text, count, first, now, seconds, version)
-    if call is None:                     # no column for it (see _Store.record_failure)
-        conn.execute(_RECORD_FAILURE.replace(", call)", ")").replace(", ?)", ")"), row)
-    else:
-        conn.execute(_RECORD_FAILURE, row + (sqlite3.Binary(call) if isinstance(call, bytes)
-                                             else call,))
-
-
-def _delete(conn, key, values):
-    # type: (sqlite3.Connection, bytes, _Values) -> Optional[Tuple[Optional[str]]]
-    old = _fetch(conn, _FILE, (key,))
-    if old and old[0][0] is not None:
-        values.check([old[0][0]])
-    conn.execute(_DELETE, (key,))
-    return old[0] if old else None
-
-
-def _delete_row(conn, key, row):
-    # type: (sqlite3.Connection, bytes, _Row) -> bool
-    return conn.execute(_DELETE_ROW, (key, row[0], row[1], row[2])).rowcount > 0
-
-
-def _clear(conn, values):
-    # type: (sqlite3.Connection, _Values) -> Tuple[int, List[str]]
-    names = [name for name, in _fetch(conn, _FILES)]
-    values.check(names)
-    count = conn.execute(_CLEAR).rowcount
-    conn.execute("DELETE FROM Failures")
-    return count, names
-
-
-def _clear_owned(conn, owner, values):
-    # type: (sqlite3.Connection, str, _Values) -> Tuple[int, List[str]]
-    names = [name for name, in _fetch(conn, _FILES + " AND " + _OWNED, (owner,))]
-    values.check(names)
-    count = conn.execute("DELETE FROM Dict WHERE " + _OWNED, (owner,)).rowcount
-    conn.execute("DELETE FROM Failures WHERE " + _OWNED, (owner,))
-    return count, names
-
-
-def _prune(conn, where, params, values, failures=None):
-    # type: (sqlite3.Connection, str, Sequence[object], _Values, Optional[Tuple[str, Sequence[object]]]) -> Tuple[List[str], int]
-    names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
-                                            "AND (%s)" % where, params)]
-    values.check(names)
-    conn.execute("DELETE FROM Dict WHERE " + where, params)
-    # a failure of another version is stale as its results are: that code is gone
-    failed = 0 if failures is None else \
-        conn.execute(_STALE_FAILURES % ("DELETE", failures[0]), failures[1]).rowcount
-    return names, failed
-
-
-if TYPE_CHECKING:     # generic to type checkers, not at run time before Python 3.9
-    _ShelfBase = shelve.Shelf[Any]
-    _ItemsViewBase = collections.abc.ItemsView[str, Any]
-    _ValuesViewBase = collections.abc.ValuesView[Any]
-else:
-    _ShelfBase = shelve.Shelf
-    _ItemsViewBase = collections.abc.ItemsView
-    _ValuesViewBase = collections.abc.ValuesView
-
-
-class _Shelf(_ShelfBase):
-    """shelve.Shelf over a _Store: values are pickled straight to and from the file, and every
-    method is one step that another process's writes cannot break in the middle of."""
-
-    dict: "Any"               # shelve.Shelf's: the _Store, or what close() leaves
-    keyencoding: str
-    _protocol: "Optional[int]"
+            key = cache.key_from(material)
+        except Exception as exc:
+            raise _unkeyable(cache.func, args, kwargs, exc) from None
+        result, _ = cache.get(key)
+        if result is _MISSING:
+            with _Miss(cache, key, args, kwargs) as miss:
+                result = miss.result = cache.func(*args, **kwargs)
+        return result
+
+    def _call(self, args, kwargs, failing=None):
+        # type: (_Args, _Kwargs, Optional[Callable[[], object]]) -> Tuple[Any, Optional[float]]
+        """(result, None when it was computed, else the seconds its stored call took): a call
+        for persist.map, which counts; failing() is called as soon as func raises, before the
+        failure is recorded."""
+        cache = self._cache
+        key = self._key_of(args, kwargs)
+        if self._self is not None:
+            args = (self._self,) + args
+        result, saved = cache.get(key)
+        if result is not _MISSING:
+            return result, saved
+        with _Miss(cache, key, args, kwargs, failing) as miss:
+            result = miss.result = cache.func(*args, **kwargs)
+        return result, None
+
+    def __get__(self, instance, owner=None):
+        # type: (object, Optional[type]) -> _Wrapper
+        if instance is None or self._self is not None:
+            return self
+        bound = object.__new__(_Wrapper)     # (not a helper's call: one at each method call)
+        bound._cache, bound._self = self._cache, instance
+        bound.__dict__ = self.__dict__       # __name__, __doc__ and the rest, shared
+        return bound
 
     @property
-    def path(self):
+    def __wrapped__(self):
+        # type: () -> _Func
+        func = self._cache.func
+        return func if self._self is None else types.MethodType(func, self._self)
+
+    @__wrapped__.setter
+    def __wrapped__(self, func):             # functools.update_wrapper sets it
+        # type: (_Func) -> None
+        pass                                 # it is the cache's func
+
+    def __reduce__(self):
+        # type: () -> Union[str, _Args]
+        if self._self is not None:
+            return getattr, (self._self, self.__name__)
+        return self.__qualname__             # a global name: pickle finds it and checks it
+
+    def __repr__(self):
         # type: () -> str
-        """The cache file's absolute path."""
-        return self._store().path
+        name = getattr(self, "__qualname__", None) or repr(self._cache.func)
+        if self._self is not None:
+            return "<bound memoized %s of %r>" % (name, self._self)
+        return "<memoized %s>" % name
 
-    def __getitem__(self, key):
-        # type: (str) -> Any
-        row, value = self._load(self._store(), self._raw(key), key)
-        if row is None:
-            raise KeyError(key)
-        return value
+    def _key_of(self, args, kwargs):
+        # type: (_Args, _Kwargs) -> bytes
+        """The key of a call with these arguments, for cache_delete() and persist.map."""
+        return self._keyed(args, kwargs)[1]
 
-    def _load(self, store, raw, key):
-        # type: (_Store, bytes, str) -> Tuple[Optional[_Row], Any]
-        """(row, value) of key now; (None, None) if there is none."""
-        for _ in range(100):
-            row = store.get(raw)
-            if row is None:
-                return None, None
-            try:
-                return row, store.load(row)
-            except FileNotFoundError:     # replaced or deleted since get(): read it again
-                continue
-            except (EOFError, pickle.UnpicklingError) as exc:
-                if row[1] is None:        # a pickle of the row's own: as shelve raises it
-                    raise
-                # value files are not fsynced: a power cut may cut one short
-                raise PersistError(errno.EIO, "the value file of key %r is cut short or "
-                                   "damaged (%s: %s); store the key again, or delete it"
-                                   % (key, type(exc).__name__, exc),
-                                   store.values.path(row[1]),
-                                   reason=PersistError.DAMAGED_VALUE) from None
-        # not a writer's replacement: gone for good (removed by hand)
-        raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
-                           store.values.path(row[1]),  # type: ignore[index, arg-type]  # a row
-                           reason=PersistError.MISSING_VALUE)
-
-    def __setitem__(self, key, value):
-        # type: (str, Any) -> None
-        self._store().put(self._raw(key), value, self._protocol)
-
-    def __delitem__(self, key):
-        # type: (str) -> None
-        if not self._store().delete(self._raw(key)):
-            raise KeyError(key)
-
-    def get(self, key, default=None):
-        # type: (str, Any) -> Any
+    def _keyed(self, args, kwargs):
+        # type: (_Args, _Kwargs) -> Tuple[Any, bytes]
+        """(what bind() makes of the call, its key) for cache_delete(), explain() and
+        persist.map, which a classmethod above memoize reaches without the class on Python
+        3.8 and from 3.13 on: a call that does not bind says so."""
+        cache = self._cache
+        if self._self is not None:
+            args = (self._self,) + args
         try:
-            return self[key]
-        except KeyError:
-            return default
+            material = cache.bind(args, kwargs)
+        except TypeError:
+            if self._self is None and _under_classmethod(self):
+                name = self.__qualname__
+                raise TypeError("%s is a classmethod above memoize, which does not pass the "
+                                "class to %s.cache_delete() or explain() on this Python: pass "
+                                "it first (%s.cache_delete(%s, ...)), or put @memoize above "
+                                "@classmethod, which passes it on every Python"
+                                % (name, name, name, name.rpartition(".")[0])) from None
+            raise
+        return material, cache.key(args, kwargs, material)
 
-    def pop(self, key, default=_MISSING):
-        # type: (str, Any) -> Any
-        store = self._store()
-        raw = self._raw(key)
-        while True:
-            row, value = self._load(store, raw, key)
-            if row is None:
-                if default is _MISSING:
-                    raise KeyError(key)
-                return default
-            if store.delete_row(raw, row):  # else another process changed it: again
-                return value
+    def explain(self, *args, **kwargs):
+        # type: (*Any, **Any) -> _Explanation
+        """Say whether a call with these arguments would be a hit, or why it would miss,
+        without calling the function. A hit is loaded, to be sure that it can be."""
+        material, key = self._keyed(args, kwargs)    # a wrong call raises, as the call would
+        return _explain(self._cache, key, material)
 
-    def popitem(self):
-        # type: () -> Tuple[str, Any]
-        for key in self:
-            try:
-                return key, self.pop(key)
-            except KeyError:              # deleted by another process meanwhile
-                continue
-        raise KeyError("popitem(): the shelf is empty")
+    def cache_info(self):
+        # type: () -> _CacheInfo
+        """hits and misses in this process; entries and path of the cache on disk; unstored:
+        results this process could not store; failures: calls on record as failed (see
+        failures()); seconds: how long the stored results took to compute, in all; saved: how
+        long the results this process reused took to compute."""
+        cache = self._cache
+        store = cache.open(create=False)
+        entries, seconds, failures = (0, 0.0, 0) if store is None else store.tally(cache.owner)
+        return _CacheInfo(cache.hits, cache.misses, entries, cache.path, cache.unstored,
+                          failures, seconds, cache.saved)
 
-    def setdefault(self, key, default=None):
-        # type: (str, Any) -> Any
-        try:
-            return self[key]
-        except KeyError:
-            self[key] = default
-            return default
+    def failures(self):
+        # type: () -> List[_Failure]
+        """The calls that raised and have not succeeded since, the latest failure last: named
+        tuples of args (short form), type and message of the exception, count (of failures),
+        first and last (Unix times), seconds (the last call's), version, traceback, call (the
+        call's args and kwargs, to make it again: f(*call.args, **call.kwargs)) and, where
+        call is None, call_error (why: arguments that do not pickle, or are too large)."""
+        store = self._cache.open(create=False)
+        return [] if store is None else [_Failure(*row[:-1] + _failed_call(row[-1]))
+                                         for row in store.failures(self._cache.owner)]
 
-    def items(self):
-        # type: () -> _ItemsView
-        return _ItemsView(self)
+    def cache_parameters(self):
+        # type: () -> Dict[str, Any]
+        """The options memoize was given, as a new dict (lru_cache's has maxsize and typed):
+        memoize(**f.cache_parameters()) memoizes another function the same way."""
+        return dict(self._cache.parameters)
 
-    def values(self):
-        # type: () -> _ValuesView
-        return _ValuesView(self)
-
-    def clear(self):
+    def cache_clear(self):
         # type: () -> None
-        self._store().clear()
+        """Remove every stored result of this function, and its failure records; of this
+        one alone, where one cache holds several (make(2) and make(3) of one factory)."""
+        cache = self._cache
+        store = cache.open(create=False)
+        if store is not None:
+            store.clear(cache.owner)
+        cache.hits = cache.misses = 0
+        cache.saved = 0.0
+        cache.failed_versions = None
 
-    def __contains__(self, key):
-        # type: (object) -> bool
-        return self._raw(key) in self._store()
+    def cache_delete(self, *args, **kwargs):
+        # type: (*Any, **Any) -> bool
+        """Remove the result stored for these arguments; return whether there was one."""
+        key = self._key_of(args, kwargs)
+        store = self._cache.open(create=False)
+        return store is not None and store.delete(key)
 
-    def _raw(self, key):
-        # type: (object) -> bytes
+    def cache_prune(self, *, stale=True, expired=True):
+        # type: (_Wrapper, bool, bool) -> int
+        """Remove results of other version=s and of other code of the nested helpers it
+        calls (stale), and results older than expire=; return how many went."""
+        cache = self._cache
+        store = cache.open(create=False)
+        if store is None or not (stale or cache.expire is not None and expired):
+            return 0
+        before = after = None
+        if expired and cache.expire is not None:     # as _expired(): too far either way
+            now = time.time()
+            before, after = now - cache.expire, now + cache.expire
+        codes = None
+        if stale:
+            cache.failed_versions = None     # they went with their results
+            if cache.owner is not None:      # this run's code, and this function's
+                codes = (store.stale_codes() or []) + [cache.owner[:_CODE_TAG]]
+        return store.prune(before, cache.version if stale else None, after=after, codes=codes,
+                           owner=cache.owner)[0]
+
+
+class _ClassmethodWrapper(_Wrapper):
+    """What memoize gives for a classmethod: C.f and C().f bind to C (a subclass's to the
+    subclass), so that C.f.cache_delete(x) passes C, as C.f(x) does, on every Python."""
+
+    __slots__ = ()
+
+    def __get__(self, instance, owner=None):
+        # type: (object, Optional[type]) -> _Wrapper
+        if self._self is not None:
+            return self
+        bound = object.__new__(_Wrapper)
+        bound._cache = self._cache
+        bound._self = owner if owner is not None else type(instance)
+        bound.__dict__ = self.__dict__
+        return bound
+
+
+def _under_classmethod(wrapper):
+    # type: (_Wrapper) -> bool
+    """Whether wrapper is the function of a classmethod in the class that defines it."""
+    owner = sys.modules.get(getattr(wrapper, "__module__", ""))  # type: object
+    *path, name = getattr(wrapper, "__qualname__", "").split(".")
+    for part in path:
+        owner = getattr(owner, part, None)
+    held = vars(owner).get(name) if isinstance(owner, type) else None
+    return isinstance(held, classmethod) and held.__func__ is wrapper
+
+
+# == memoize: binding -----------------------------------------------------------------------------
+# bind(args, kwargs) -> the values that make a call's key: a call that binds as the function
+# would, defaults left out when a value keys as its default does, ignore= taken out.
+
+def _binder(func, ignore, label):
+    # type: (_Func, FrozenSet[str], str) -> _Bind
+    """A fast bind(args, kwargs) -> the values that make the key of a call.
+
+    The values of the parameters without a default come first, in order; then the name and
+    value of each other parameter that the call does not leave at its default. So f(5),
+    f(x=5) and f() with x=5 are one key, and adding a parameter with a default keeps the
+    keys of every call that does not pass it. Plain calls take a shortcut.
+    """
+    for name in ignore:
+        if not isinstance(name, str):
+            raise TypeError("Expected memoize(ignore=...) to hold parameter names, not %r"
+                            % (name,))
+    try:
+        params = _parameters(func)
+    except (TypeError, ValueError):     # some builtins have no signature: key on the call
+        if ignore:
+            raise TypeError("memoize(ignore=...) needs a function with a signature; "
+                            "%r has none" % (func,)) from None
+        return lambda args, kwargs: (args, kwargs)
+    names = [name for name, _, _ in params]
+    collects = any(kind == 4 for _, kind, _ in params)    # **kwargs: ignore=('timeout',)
+    for name in ignore:
+        if name not in names and not collects:     # a misspelt name must not pass
+            _load()
+            raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
+                            % (name, label, inspect.signature(func)))
+    kept: "_Kept" = []
+    for name, kind, default in params:
+        if name in ignore:
+            continue
+        digest = None
+        if default is not _MISSING:
+            with contextlib.suppress(Exception):   # best effort: compared by identity then
+                digest = _digest(default)
+        kept.append((name, kind, default, digest))
+    # A default that can change in place, by the function itself (def f(seen=[])) or by the
+    # program (CONFIG = Config(), filled in by main() after import), is keyed by what it holds
+    # at the call if that is not what it held at decoration; a value passed for it always is,
+    # even the default itself: what it held at decoration in another run says nothing of it.
+    # One that cannot be keyed at decoration (a settings object holding a lambda) is left out
+    # when not passed, as itself; passed, it is keyed as any value is, or refused, naming it.
+    watched = {name for name, _, default, digest in kept
+               if default is not _MISSING and not _fixed(default)}
+    bind_slowly = _signature_binder(func, kept, watched, ignore, label)
+    if not all(kind == 1 for _, kind, _ in params):    # all positional-or-keyword
+        return bind_slowly
+    return _positional_binder(params, kept, watched, ignore, bind_slowly)
+
+
+def _signature_binder(func, kept, watched, ignore, label):
+    # type: (_Func, _Kept, Set[str], FrozenSet[str], str) -> Callable[[_Args, _Kwargs], _Args]
+    """bind(args, kwargs) for any call, through inspect.Signature.bind(): kept, the
+    parameters not ignored (name, kind, default, digest of the default or None); watched,
+    the names of those whose default can change in place."""
+    signature: "List[inspect.Signature]" = []   # made on first need: a call bind() cannot take
+
+    def bind_slowly(args, kwargs):
+        # type: (_Args, _Kwargs) -> _Args
+        if not signature:
+            _load()
+            signature.append(inspect.signature(func))
         try:
-            return key.encode(self.keyencoding)  # type: ignore[attr-defined, no-any-return]
-        except AttributeError:      # shelve lets str's missing method say it: AttributeError
-            raise TypeError("Expected a str key, not %s: persist.open() keys are text, as "
-                            "shelve's are; convert it with str()" % type(key).__name__) from None
-
-    def _store(self):
-        # type: () -> _Store
-        store = self.dict
-        if not isinstance(store, _Store):
-            raise ValueError("invalid operation on closed shelf")
-        return store
-
-
-class _ItemsView(_ItemsViewBase):
-    _mapping: _Shelf
-
-    def __iter__(self):
-        # type: () -> Iterator[Tuple[str, Any]]
-        for key in self._mapping:
-            try:
-                yield key, self._mapping[key]
-            except KeyError:               # deleted by another process meanwhile
+            arguments = signature[0].bind(*args, **kwargs).arguments
+        except TypeError as exc:
+            raise TypeError("%s(): %s" % (label, exc)) from None
+        values: "List[Any]" = []
+        named: "List[Any]" = []
+        for name, kind, default, digest in kept:
+            if name in watched:
+                if name in arguments:          # passed
+                    named += (name, arguments[name])
+                elif _differs(default, digest):
+                    named += (name, default)
                 continue
+            if name not in arguments:          # left at its default, or no *args / **kwargs
+                continue
+            value = arguments[name]
+            if kind == 2:                      # *args
+                if value:
+                    named += ("*" + name, value)
+            elif kind == 4:                    # **kwargs, but the keywords ignore= names
+                for key in sorted(value):
+                    if key in ignore:
+                        continue
+                    # f(**{"*args": ...}) must not key as the *args of another call
+                    named += ("*" + key if key.startswith("*") else key, value[key])
+            elif default is _MISSING:
+                values.append(value)
+            elif not _at_default(value, default, digest):
+                named += (name, value)
+        return tuple(values + named)
+
+    return bind_slowly
 
 
-class _ValuesView(_ValuesViewBase):
-    _mapping: _Shelf
+def _positional_binder(params, kept, watched, ignore, bind_slowly):
+    # type: (_Params, _Kept, Set[str], FrozenSet[str], Callable[[_Args, _Kwargs], _Args]) -> _Bind
+    """bind(args, kwargs) for a function whose parameters are all positional-or-keyword:
+    the usual call, made into a key by slicing and comparing, or by bind_slowly() when it
+    is not plain (an unknown keyword, a missing argument: bind_slowly() raises its error)."""
+    names = [name for name, _, _ in params]
+    count = len(params)
+    required = sum(default is _MISSING for _, _, default in params)     # they come first
+    keep = [i for i in range(required) if names[i] not in ignore]
+    digests = {name: digest for name, _, _, digest in kept}
+    defaults = tuple(default for _, _, default in params)
+    labels = tuple(None if name in ignore else name for name in names)
+    position = {name: i for i, name in enumerate(names)}
+    plain = not ignore
+    run = keep[0] if keep and keep == list(range(keep[0], required)) else None
+    if not keep:
+        run = required
+    exact = _EXACT
+    fresh = tuple(name in watched for name in names)    # keyed by content at each call
 
-    def __iter__(self):
-        # type: () -> Iterator[Any]
-        for key, value in _ItemsView(self._mapping):
-            yield value
+    def bind(args, kwargs):
+        # type: (_Args, _Kwargs) -> _Args
+        given = passed = len(args)
+        if kwargs:                 # f(x=5): place the keywords, then as if positional
+            if given > count:
+                return bind_slowly(args, kwargs)
+            full = list(args) + list(defaults[given:])
+            for name, value in kwargs.items():
+                i = position.get(name)
+                if i is None or i < given:      # unknown, or given twice: its error
+                    return bind_slowly(args, kwargs)
+                full[i] = value
+            if any(value is _MISSING for value in full[:required]):   # its error
+                return bind_slowly(args, kwargs)
+            args, given = tuple(full), count
+        elif not required <= given <= count:
+            return bind_slowly(args, kwargs)
+        if watched and given < count:          # those left at their default are looked at too
+            args, given = args + defaults[given:], count
+        if given == required:                  # the hot path: no parameter with a default
+            if plain:
+                return args
+            if run is not None:               # ignore='self' and the like
+                return args[run:]
+        named: "_Args" = ()
+        for i in range(required, given):
+            value, default = args[i], defaults[i]
+            if labels[i] is None:
+                continue
+            if fresh[i]:                      # passed, or no longer as it was
+                if i < passed or kwargs and labels[i] in kwargs or \
+                        _differs(value, digests[labels[i]]):   # type: ignore[index]
+                    named += (labels[i], value)
+                continue
+            if value is default:
+                continue
+            kind = type(value)
+            if kind is not type(default) or not (
+                    value == default if kind in exact
+                    else _at_default(value, default,
+                                     digests[labels[i]])):  # type: ignore[index]  # not None
+                named += (labels[i], value)
+        if plain:
+            return args[:required] + named
+        if run is not None:                   # ignore='self' and the like: a slice
+            return args[run:required] + named
+        return tuple([args[i] for i in keep]) + named
+
+    return bind
 
 
-# -- private helpers: memoize
+def _parameters(func):
+    # type: (_Func) -> _Params
+    """[(name, kind, default)] of func's parameters, as inspect.signature() gives them (kind
+    0 to 4 as inspect.Parameter's kinds, default _MISSING for none). A plain function's are
+    read off its code, without importing inspect, which costs as much as all of persist."""
+    code = getattr(func, "__code__", None)
+    if type(func) is not types.FunctionType or hasattr(func, "__wrapped__") or \
+            hasattr(func, "__signature__") or code is None:
+        _load()
+        return [(p.name, int(p.kind), _MISSING if p.default is p.empty else p.default)
+                for p in inspect.signature(func).parameters.values()]
+    names = code.co_varnames
+    positional, only = code.co_argcount, code.co_posonlyargcount
+    defaults = func.__defaults__ or ()
+    keyword_defaults = func.__kwdefaults__ or {}
+    first_default = positional - len(defaults)
+    params = [(names[i], 0 if i < only else 1,
+               defaults[i - first_default] if i >= first_default else _MISSING)
+              for i in range(positional)]
+    at = positional + code.co_kwonlyargcount
+    if code.co_flags & _CO_VARARGS:
+        params.append((names[at], 2, _MISSING))
+        at += 1
+    params += [(name, 3, keyword_defaults.get(name, _MISSING))
+               for name in names[positional:positional + code.co_kwonlyargcount]]
+    if code.co_flags & _CO_VARKEYWORDS:
+        params.append((names[at], 4, _MISSING))
+    return params
+
 
 def _load():
     # type: () -> None
@@ -2619,70 +1198,69 @@ def _load():
         import inspect
 
 
-_DEBUG = 10                     # logging.DEBUG, without importing logging
-_LOG: "Any" = None              # the 'persist' logger (logging.Logger), once imported
-_EXACT = {int, str, bytes, bool, type(None)}   # for these, == is equality of keys
-_MAIN_NAMES = ("__main__", "__mp_main__")      # a script; __mp_main__ in spawned workers
-_SHARED_PSEUDO_FILES = {"<string>", "<stdin>", "<console>", "<input>"}   # not one source
 _CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08    # code flags: *args, **kwargs (as inspect's)
-_CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
-_NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
-_OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
-_WRAPPERS: "weakref.WeakKeyDictionary[_Func, _Wrapper]" = \
-    weakref.WeakKeyDictionary()   # memoize's function wrappers: their _Wrapper
-if TYPE_CHECKING:      # the same named tuples, with the types of their fields
-    class _CacheInfo(NamedTuple):
-        hits: int
-        misses: int
-        entries: int
-        path: str
-        unstored: int
-        failures: int
-        seconds: float
-        saved: float
 
-        @property
-        def currsize(self) -> int: ...
-        @property
-        def maxsize(self) -> None: ...
+_EXACT = {int, str, bytes, bool, type(None)}   # for these, == is equality of keys
 
-    class _Failure(NamedTuple):
-        args: Optional[str]
-        type: str
-        message: str
-        count: int     # type: ignore[assignment]  # a field named as tuple.count, as at run time
-        first: float
-        last: float
-        seconds: Optional[float]
-        version: Optional[str]
-        traceback: str
-        call: "Optional[_FailedCall]"
-        call_error: Optional[str]
+_HEADROOM = 100     # frames: a call made closer than this to the recursion limit is a recursion
 
-    class _FailedCall(NamedTuple):
-        args: Tuple[Any, ...]
-        kwargs: Dict[str, Any]
-else:
-    class _CacheInfo(collections.namedtuple(
-            "CacheInfo", "hits misses entries path unstored failures seconds saved")):
-        """cache_info(): also by lru_cache's names, currsize (entries) and maxsize (None: no
-        bound), for code written against lru_cache."""
 
-        __slots__ = ()
-        currsize = property(lambda self: self.entries)
-        maxsize = None
+def _stack_nearly_full():
+    # type: () -> bool
+    """Whether the caller runs within _HEADROOM frames of the recursion limit: a
+    RecursionError there is the program's own recursion, not the depth of some value."""
+    frame: "Optional[types.FrameType]"
+    frame, depth = sys._getframe(1), 0
+    while frame is not None:
+        frame, depth = frame.f_back, depth + 1
+    return depth + _HEADROOM >= sys.getrecursionlimit()
 
-    _CacheInfo.__name__ = "CacheInfo"    # its repr(), as before
-    _Failure = collections.namedtuple(
-        "Failure", "args type message count first last seconds version traceback call "
-        "call_error")
-    _FailedCall = collections.namedtuple("Call", "args kwargs")
-    # pickle finds a class by __qualname__: these, by their names here, so that records and
-    # their calls travel to a process pool (repr() keeps __name__)
-    _Failure.__qualname__, _FailedCall.__qualname__ = "_Failure", "_FailedCall"
-_MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded
-_FRAMES = 50                   # a failure's traceback keeps its innermost frames
-_TRACEBACK_LIMIT = 1 << 16     # and of its traceback: the end, where the error is
+
+def _unkeyable(func, args, kwargs, exc):
+    # type: (_Func, _Args, _Kwargs, Exception) -> Exception
+    """The TypeError for an argument that cannot be part of a key, naming the parameter; a
+    RecursionError for one nested too deep to key.
+
+    A RecursionError with the stack nearly full is returned as it is: the function's own
+    recursion reaching the limit, which its callers expect unchanged (and which has no room
+    left for more work here).
+    """
+    if isinstance(exc, RecursionError) and _stack_nearly_full():
+        return exc
+    label = _identity(func)
+    _load()
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+        named = list(bound.arguments.items())
+    except (TypeError, ValueError):
+        named = []
+    for name, value in named:
+        try:
+            _digest(value)
+        except RecursionError as inner:
+            return RecursionError("%s(): argument %r is nested too deep to be part of a cache "
+                                  "key (RecursionError: %s); leave it out with "
+                                  "memoize(ignore=[%r]), pass memoize(key=...), or raise the "
+                                  "limit with sys.setrecursionlimit() (now %d); nothing was run "
+                                  "or stored"
+                                  % (label, name, inner, name, sys.getrecursionlimit()))
+        except Exception as inner:
+            return TypeError("%s(): argument %r cannot be part of a cache key (%s: %s); leave "
+                             "it out with memoize(ignore=[%r]) or pass memoize(key=...)"
+                             % (label, name, type(inner).__name__, inner, name))
+    if isinstance(exc, RecursionError):
+        return RecursionError("%s(): the arguments are nested too deep to be made into a cache "
+                              "key (RecursionError: %s); pass memoize(key=...), or raise the "
+                              "limit with sys.setrecursionlimit() (now %d); nothing was run or "
+                              "stored"
+                              % (label, exc, sys.getrecursionlimit()))
+    return TypeError("%s(): the arguments cannot be made into a cache key (%s: %s); pass "
+                     "memoize(key=...)" % (label, type(exc).__name__, exc))
+
+
+# == memoize: keys --------------------------------------------------------------------------------
+# A key is SHA-256 over persist's own encoding of the values (never repr() or pickle):
+# _keyer() makes a cache's key function, _write() writes each value by its type's writer.
 
 # Keys.  A key is SHA-256 over an encoding of the call that this file defines, never over
 # repr() or pickle, whose output changes between Python and library versions (Path pickles
@@ -2704,6 +1282,43 @@ _BLOCK = 1 << 22                # a non-contiguous array is copied and hashed a 
 _RAW_KINDS = frozenset("biufcmMSUV")
 _SINGLETON_TYPES = ((type(None), "NoneType"), (type(NotImplemented), "NotImplementedType"),
                     (type(...), "ellipsis"))   # numpy dtype kinds whose bytes are their values
+
+
+def _keyer(salt):
+    # type: (str) -> Callable[[Any], bytes]
+    """key(material) -> the 32-byte key of a call, for a cache whose salt is the str salt."""
+    # Each key starts a hash of its own: copying one made in advance is no faster, and on
+    # PyPy a hash object is locked while copied, so a signal handler keying a call while the
+    # code it interrupted copies it would wait for ever.
+    start = ("%ss%x:%s" % (_KEY_FORMAT, len(salt), salt)).encode("utf-8", "surrogatepass")
+
+    def key(material):
+        # type: (Any) -> bytes
+        if type(material) is tuple:
+            # The hit path's usual call, a few numbers and short strs: the text that _write
+            # makes, without a call per value.
+            text = "("
+            for value in material:
+                kind = type(value)
+                if kind is int:
+                    text += "i%x;" % value
+                elif kind is str and len(value) <= _LONG:
+                    text += "s%x:%s" % (len(value), value)
+                elif kind is float:
+                    text += _float_text(value)
+                elif value is None:
+                    text += "N"
+                else:
+                    break
+            else:
+                hasher = hashlib.sha256(start)
+                hasher.update((text + ")").encode("utf-8", "surrogatepass"))
+                return hasher.digest()
+        writer = _KeyWriter(hashlib.sha256(start), set())
+        _write(material, writer)
+        return writer.digest()
+
+    return key
 
 
 class _KeyWriter:
@@ -3326,43 +1941,6 @@ def _write_memoized(wrapper, w):
             _write(value, w)
 
 
-def _keyer(salt):
-    # type: (str) -> Callable[[Any], bytes]
-    """key(material) -> the 32-byte key of a call, for a cache whose salt is the str salt."""
-    # Each key starts a hash of its own: copying one made in advance is no faster, and on
-    # PyPy a hash object is locked while copied, so a signal handler keying a call while the
-    # code it interrupted copies it would wait for ever.
-    start = ("%ss%x:%s" % (_KEY_FORMAT, len(salt), salt)).encode("utf-8", "surrogatepass")
-
-    def key(material):
-        # type: (Any) -> bytes
-        if type(material) is tuple:
-            # The hit path's usual call, a few numbers and short strs: the text that _write
-            # makes, without a call per value.
-            text = "("
-            for value in material:
-                kind = type(value)
-                if kind is int:
-                    text += "i%x;" % value
-                elif kind is str and len(value) <= _LONG:
-                    text += "s%x:%s" % (len(value), value)
-                elif kind is float:
-                    text += _float_text(value)
-                elif value is None:
-                    text += "N"
-                else:
-                    break
-            else:
-                hasher = hashlib.sha256(start)
-                hasher.update((text + ")").encode("utf-8", "surrogatepass"))
-                return hasher.digest()
-        writer = _KeyWriter(hashlib.sha256(start), set())
-        _write(material, writer)
-        return writer.digest()
-
-    return key
-
-
 # The writers of standard types whose values never change in place
 _FIXED_WRITERS = {_write_datetime, _write_date, _write_time, _write_timedelta, _write_timezone,
                   _write_zoneinfo, _write_decimal, _write_fraction, _write_uuid}
@@ -3423,406 +2001,41 @@ def _at_default(value, default, digest):
         return False
 
 
-def _parameters(func):
-    # type: (_Func) -> _Params
-    """[(name, kind, default)] of func's parameters, as inspect.signature() gives them (kind
-    0 to 4 as inspect.Parameter's kinds, default _MISSING for none). A plain function's are
-    read off its code, without importing inspect, which costs as much as all of persist."""
-    code = getattr(func, "__code__", None)
-    if type(func) is not types.FunctionType or hasattr(func, "__wrapped__") or \
-            hasattr(func, "__signature__") or code is None:
-        _load()
-        return [(p.name, int(p.kind), _MISSING if p.default is p.empty else p.default)
-                for p in inspect.signature(func).parameters.values()]
-    names = code.co_varnames
-    positional, only = code.co_argcount, code.co_posonlyargcount
-    defaults = func.__defaults__ or ()
-    keyword_defaults = func.__kwdefaults__ or {}
-    first_default = positional - len(defaults)
-    params = [(names[i], 0 if i < only else 1,
-               defaults[i - first_default] if i >= first_default else _MISSING)
-              for i in range(positional)]
-    at = positional + code.co_kwonlyargcount
-    if code.co_flags & _CO_VARARGS:
-        params.append((names[at], 2, _MISSING))
-        at += 1
-    params += [(name, 3, keyword_defaults.get(name, _MISSING))
-               for name in names[positional:positional + code.co_kwonlyargcount]]
-    if code.co_flags & _CO_VARKEYWORDS:
-        params.append((names[at], 4, _MISSING))
-    return params
+# == memoize: naming and salt ---------------------------------------------------------------------
+# A cache is named by the function's module.qualname (_identity) and its keys salted with
+# its code and what it carries (_salt: defaults, closures, globals it reads, self), so that
+# changed code never reads an old result, and two functions never share one.
 
-
-def _binder(func, ignore, label):
-    # type: (_Func, FrozenSet[str], str) -> _Bind
-    """A fast bind(args, kwargs) -> the values that make the key of a call.
-
-    The values of the parameters without a default come first, in order; then the name and
-    value of each other parameter that the call does not leave at its default. So f(5),
-    f(x=5) and f() with x=5 are one key, and adding a parameter with a default keeps the
-    keys of every call that does not pass it. Plain calls take a shortcut.
-    """
-    for name in ignore:
-        if not isinstance(name, str):
-            raise TypeError("Expected memoize(ignore=...) to hold parameter names, not %r"
-                            % (name,))
+def _salt(func, version, key, ignore):
+    # type: (_Func, str, Optional[_Func], FrozenSet[str]) -> Tuple[str, Tuple[object, ...], Optional[str]]
+    """(the salt of func's keys, the values to key at each call, the owner of its entries):
+    the salt is its version, and what it carries besides its arguments (closure cells, code
+    of nested helpers); the values are those it holds itself (a bound method's self, a
+    callable object, a partial's arguments), which change as arguments do. The owner (see
+    _CREATE) tags what it carries without the values, and with them: another code of a
+    nested helper is stale, as another version is; another value (make(2), make(3)) is
+    another function's, which may well be in use."""
+    carrier = _Carried(key is not None, ignore)
     try:
-        params = _parameters(func)
-    except (TypeError, ValueError):     # some builtins have no signature: key on the call
-        if ignore:
-            raise TypeError("memoize(ignore=...) needs a function with a signature; "
-                            "%r has none" % (func,)) from None
-        return lambda args, kwargs: (args, kwargs)
-    names = [name for name, _, _ in params]
-    collects = any(kind == 4 for _, kind, _ in params)    # **kwargs: ignore=('timeout',)
-    for name in ignore:
-        if name not in names and not collects:     # a misspelt name must not pass
-            _load()
-            raise TypeError("memoize(ignore=...) names %r, which is not a parameter of %s%s"
-                            % (name, label, inspect.signature(func)))
-    kept: "_Kept" = []
-    for name, kind, default in params:
-        if name in ignore:
-            continue
-        digest = None
-        if default is not _MISSING:
-            with contextlib.suppress(Exception):   # best effort: compared by identity then
-                digest = _digest(default)
-        kept.append((name, kind, default, digest))
-    # A default that can change in place, by the function itself (def f(seen=[])) or by the
-    # program (CONFIG = Config(), filled in by main() after import), is keyed by what it holds
-    # at the call if that is not what it held at decoration; a value passed for it always is,
-    # even the default itself: what it held at decoration in another run says nothing of it.
-    # One that cannot be keyed at decoration (a settings object holding a lambda) is left out
-    # when not passed, as itself; passed, it is keyed as any value is, or refused, naming it.
-    watched = {name for name, _, default, digest in kept
-               if default is not _MISSING and not _fixed(default)}
-    bind_slowly = _signature_binder(func, kept, watched, ignore, label)
-    if not all(kind == 1 for _, kind, _ in params):    # all positional-or-keyword
-        return bind_slowly
-    return _positional_binder(params, kept, watched, ignore, bind_slowly)
-
-
-def _signature_binder(func, kept, watched, ignore, label):
-    # type: (_Func, _Kept, Set[str], FrozenSet[str], str) -> Callable[[_Args, _Kwargs], _Args]
-    """bind(args, kwargs) for any call, through inspect.Signature.bind(): kept, the
-    parameters not ignored (name, kind, default, digest of the default or None); watched,
-    the names of those whose default can change in place."""
-    signature: "List[inspect.Signature]" = []   # made on first need: a call bind() cannot take
-
-    def bind_slowly(args, kwargs):
-        # type: (_Args, _Kwargs) -> _Args
-        if not signature:
-            _load()
-            signature.append(inspect.signature(func))
-        try:
-            arguments = signature[0].bind(*args, **kwargs).arguments
-        except TypeError as exc:
-            raise TypeError("%s(): %s" % (label, exc)) from None
-        values: "List[Any]" = []
-        named: "List[Any]" = []
-        for name, kind, default, digest in kept:
-            if name in watched:
-                if name in arguments:          # passed
-                    named += (name, arguments[name])
-                elif _differs(default, digest):
-                    named += (name, default)
-                continue
-            if name not in arguments:          # left at its default, or no *args / **kwargs
-                continue
-            value = arguments[name]
-            if kind == 2:                      # *args
-                if value:
-                    named += ("*" + name, value)
-            elif kind == 4:                    # **kwargs, but the keywords ignore= names
-                for key in sorted(value):
-                    if key in ignore:
-                        continue
-                    # f(**{"*args": ...}) must not key as the *args of another call
-                    named += ("*" + key if key.startswith("*") else key, value[key])
-            elif default is _MISSING:
-                values.append(value)
-            elif not _at_default(value, default, digest):
-                named += (name, value)
-        return tuple(values + named)
-
-    return bind_slowly
-
-
-def _positional_binder(params, kept, watched, ignore, bind_slowly):
-    # type: (_Params, _Kept, Set[str], FrozenSet[str], Callable[[_Args, _Kwargs], _Args]) -> _Bind
-    """bind(args, kwargs) for a function whose parameters are all positional-or-keyword:
-    the usual call, made into a key by slicing and comparing, or by bind_slowly() when it
-    is not plain (an unknown keyword, a missing argument: bind_slowly() raises its error)."""
-    names = [name for name, _, _ in params]
-    count = len(params)
-    required = sum(default is _MISSING for _, _, default in params)     # they come first
-    keep = [i for i in range(required) if names[i] not in ignore]
-    digests = {name: digest for name, _, _, digest in kept}
-    defaults = tuple(default for _, _, default in params)
-    labels = tuple(None if name in ignore else name for name in names)
-    position = {name: i for i, name in enumerate(names)}
-    plain = not ignore
-    run = keep[0] if keep and keep == list(range(keep[0], required)) else None
-    if not keep:
-        run = required
-    exact = _EXACT
-    fresh = tuple(name in watched for name in names)    # keyed by content at each call
-
-    def bind(args, kwargs):
-        # type: (_Args, _Kwargs) -> _Args
-        given = passed = len(args)
-        if kwargs:                 # f(x=5): place the keywords, then as if positional
-            if given > count:
-                return bind_slowly(args, kwargs)
-            full = list(args) + list(defaults[given:])
-            for name, value in kwargs.items():
-                i = position.get(name)
-                if i is None or i < given:      # unknown, or given twice: its error
-                    return bind_slowly(args, kwargs)
-                full[i] = value
-            if any(value is _MISSING for value in full[:required]):   # its error
-                return bind_slowly(args, kwargs)
-            args, given = tuple(full), count
-        elif not required <= given <= count:
-            return bind_slowly(args, kwargs)
-        if watched and given < count:          # those left at their default are looked at too
-            args, given = args + defaults[given:], count
-        if given == required:                  # the hot path: no parameter with a default
-            if plain:
-                return args
-            if run is not None:               # ignore='self' and the like
-                return args[run:]
-        named: "_Args" = ()
-        for i in range(required, given):
-            value, default = args[i], defaults[i]
-            if labels[i] is None:
-                continue
-            if fresh[i]:                      # passed, or no longer as it was
-                if i < passed or kwargs and labels[i] in kwargs or \
-                        _differs(value, digests[labels[i]]):   # type: ignore[index]
-                    named += (labels[i], value)
-                continue
-            if value is default:
-                continue
-            kind = type(value)
-            if kind is not type(default) or not (
-                    value == default if kind in exact
-                    else _at_default(value, default,
-                                     digests[labels[i]])):  # type: ignore[index]  # not None
-                named += (labels[i], value)
-        if plain:
-            return args[:required] + named
-        if run is not None:                   # ignore='self' and the like: a slice
-            return args[run:required] + named
-        return tuple([args[i] for i in keep]) + named
-
-    return bind
-
-
-_HEADROOM = 100     # frames: a call made closer than this to the recursion limit is a recursion
-
-
-def _stack_nearly_full():
-    # type: () -> bool
-    """Whether the caller runs within _HEADROOM frames of the recursion limit: a
-    RecursionError there is the program's own recursion, not the depth of some value."""
-    frame: "Optional[types.FrameType]"
-    frame, depth = sys._getframe(1), 0
-    while frame is not None:
-        frame, depth = frame.f_back, depth + 1
-    return depth + _HEADROOM >= sys.getrecursionlimit()
-
-
-def _unkeyable(func, args, kwargs, exc):
-    # type: (_Func, _Args, _Kwargs, Exception) -> Exception
-    """The TypeError for an argument that cannot be part of a key, naming the parameter; a
-    RecursionError for one nested too deep to key.
-
-    A RecursionError with the stack nearly full is returned as it is: the function's own
-    recursion reaching the limit, which its callers expect unchanged (and which has no room
-    left for more work here).
-    """
-    if isinstance(exc, RecursionError) and _stack_nearly_full():
-        return exc
-    label = _identity(func)
-    _load()
-    try:
-        bound = inspect.signature(func).bind(*args, **kwargs)
-        named = list(bound.arguments.items())
-    except (TypeError, ValueError):
-        named = []
-    for name, value in named:
-        try:
-            _digest(value)
-        except RecursionError as inner:
-            return RecursionError("%s(): argument %r is nested too deep to be part of a cache "
-                                  "key (RecursionError: %s); leave it out with "
-                                  "memoize(ignore=[%r]), pass memoize(key=...), or raise the "
-                                  "limit with sys.setrecursionlimit() (now %d); nothing was run "
-                                  "or stored"
-                                  % (label, name, inner, name, sys.getrecursionlimit()))
-        except Exception as inner:
-            return TypeError("%s(): argument %r cannot be part of a cache key (%s: %s); leave "
-                             "it out with memoize(ignore=[%r]) or pass memoize(key=...)"
-                             % (label, name, type(inner).__name__, inner, name))
-    if isinstance(exc, RecursionError):
-        return RecursionError("%s(): the arguments are nested too deep to be made into a cache "
-                              "key (RecursionError: %s); pass memoize(key=...), or raise the "
-                              "limit with sys.setrecursionlimit() (now %d); nothing was run or "
-                              "stored"
-                              % (label, exc, sys.getrecursionlimit()))
-    return TypeError("%s(): the arguments cannot be made into a cache key (%s: %s); pass "
-                     "memoize(key=...)" % (label, type(exc).__name__, exc))
-
-
-def _innermost(func):
-    # type: (_Func) -> _Func
-    """What func runs in the end: the function inside partials, bound methods and
-    decorators that set __wrapped__ (functools.wraps does), whose file and name are the
-    function's own: a decorator's module is shared by every project that uses it."""
-    seen: "Set[int]" = set()
-    while id(func) not in seen:
-        seen.add(id(func))
-        if isinstance(func, functools.partial):
-            func = func.func
-        elif isinstance(func, types.MethodType):
-            func = func.__func__
-        elif callable(getattr(func, "__wrapped__", None)):
-            func = func.__wrapped__     # type: ignore[attr-defined]  # there: just tested
-        else:
-            break
-    return func
-
-
-def _func_module(func):
-    # type: (_Func) -> str
-    """func's module; for a script, its file name (or -m name), as run, imported or spawned."""
-    module = getattr(func, "__module__", None) or "__main__"
-    if module in _MAIN_NAMES:
-        return _script_name(module, getattr(getattr(func, "__code__", None), "co_filename", ""))
-    return module
-
-
-def _script_name(module, filename):
-    # type: (str, str) -> str
-    """The name of the script that runs as module (__main__, or __mp_main__ in the workers
-    that multiprocessing's spawn and forkserver start): the name python -m ran it by, else
-    its file's name; __main__ where it has no file (python -c, the REPL, exec).
-
-    The same name keeps python job.py, import job and its workers on one cache. The -m name
-    only if the spec is the script's own: under python -m cProfile job.py (or pdb, or
-    trace) __main__'s spec is the tool's, which two scripts share. Any file name, even one
-    that is not an identifier (01-prepare.py): each script keeps its own caches.
-    """
-    main = sys.modules.get(module)
-    filename = filename or getattr(main, "__file__", None) or ""
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name not in _MAIN_NAMES and (
-            not filename or not spec.origin or _same_path(spec.origin, filename)):
-        return spec.name            # type: ignore[no-any-return]  # a ModuleSpec's: a str
-    if filename and os.path.isfile(filename):
-        return os.path.splitext(os.path.basename(filename))[0]
-    return "__main__"
-
-
-def _same_path(first, second):
-    # type: (str, str) -> bool
-    return os.path.normcase(os.path.abspath(first)) == os.path.normcase(os.path.abspath(second))
-
-
-def _source_file(func):
-    # type: (_Func) -> Optional[str]
-    """The file that defines func, or None: the REPL, a notebook, exec(), a builtin."""
-    inner = _innermost(func)
-    code = getattr(inner, "__code__", None)
-    filename: "Optional[str]"
-    if isinstance(code, types.CodeType):     # PyPy's builtins have a code without a file
-        filename = code.co_filename
-    else:                         # a class or a callable instance: its module's file
-        module = sys.modules.get(getattr(inner, "__module__", None) or "")
-        filename = getattr(module, "__file__", None)
-    return os.path.abspath(filename) if filename and os.path.isfile(filename) else None
-
-
-def _code_text(code):
-    # type: (types.CodeType) -> bytes
-    """What a code object computes, as bytes: it differs between Python versions."""
-    parts = [code.co_code, repr((code.co_names, code.co_varnames, code.co_freevars,
-                                 code.co_cellvars, code.co_argcount, code.co_kwonlyargcount,
-                                 code.co_flags)).encode("utf-8", "surrogatepass")]
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            parts.append(_code_text(const))
-        else:
-            parts.append(_const_text(const).encode("utf-8", "surrogatepass"))
-    return b"\0".join(parts)
-
-
-def _const_text(const):
-    # type: (object) -> str
-    """repr() of a code object's constant, but a frozenset's items sorted: its repr lists
-    them in hash order, which PYTHONHASHSEED changes for str (x in {'a', 'b'} compiles to
-    one), so the function's cache would be another in every process."""
-    if isinstance(const, frozenset):
-        return "frozenset({%s})" % ", ".join(sorted(_const_text(item) for item in const))
-    if isinstance(const, tuple) and any(isinstance(item, (frozenset, tuple)) for item in const):
-        return "(%s)" % "".join(_const_text(item) + ", " for item in const)
-    return repr(const)
-
-
-def _code_tag(func):
-    # type: (_Func) -> str
-    """Eight hex digits that stand for func's code: its source text where linecache has it
-    (files, IPython and Jupyter cells), else its compiled code. Not its line number, so
-    lines added above it change nothing.
-
-    Code compiled from a string (exec, eval, python -c) says its file is <string>, and
-    linecache may hold another source under that name (3.13 keeps python -c's): there
-    only the compiled code is trusted."""
-    _load()
-    try:
-        if func.__code__.co_filename in _SHARED_PSEUDO_FILES:
-            raise OSError("no source of its own")
-        lines = inspect.getsource(func).splitlines()
-    except Exception:             # no source (python -c, exec, the REPL): use the code
-        text = None
-    else:                         # its indentation is where it stands, not what it does
-        indent = min((len(line) - len(line.lstrip()) for line in lines if line.strip()),
-                     default=0)
-        text = "\n".join(line[indent:].rstrip() for line in lines).strip()
-    material = b"" if text is None else text.encode("utf-8", "surrogatepass")
-    if text is None or text.count("lambda") > 1:   # two lambdas on one line: keep them apart
-        material += _code_text(func.__code__)
-    return hashlib.sha256(material).hexdigest()[:8]
-
-
-def _identity(func):
-    # type: (_Func) -> str
-    """module.qualname of what func runs; a lambda, or a function with no source file (a
-    notebook, the REPL), also gets a tag of its code, so that two of one name differ."""
-    inner = _innermost(func)
-    module = _func_module(inner)
-    name = getattr(inner, "__qualname__", None) or type(inner).__qualname__
-    code = getattr(inner, "__code__", None)
-    if isinstance(code, types.CodeType) and (
-            "<lambda>" in name or not os.path.isfile(code.co_filename)):
-        name += "-" + _code_tag(inner)
-    return "%s.%s" % (module, name)
-
-
-class _Unkeyable(Exception):
-    """Something a function carries cannot be part of a key (a lock, a connection)."""
-
-
-def _carried_defaults(func):
-    # type: (types.FunctionType) -> List[Tuple[str, Any]]
-    """(name, default) of func's parameters with a default."""
-    code = func.__code__
-    positional = code.co_varnames[:code.co_argcount]
-    pairs = list(zip(positional[len(positional) - len(func.__defaults__ or ()):],
-                     func.__defaults__ or ()))
-    return pairs + sorted((func.__kwdefaults__ or {}).items())
+        carried = carrier.callable(func, top=True, live=True)
+    except _Unkeyable as exc:
+        label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
+        raise TypeError(
+            "memoize cannot key %s(): besides its arguments it computes with %s, which "
+            "cannot be part of a cache key, so its results could differ under one key. "
+            "Pass memoize(name=...) to share one cache whatever that holds, or "
+            "memoize(key=...) to give the key yourself, or make it an argument (and "
+            "memoize(ignore=...) it)" % (label, exc)) from None
+    live = tuple(carrier.live)
+    if not carried:
+        return version, live, None   # plain functions keep the keys they always had
+    digest = hashlib.sha256(carried.encode("utf-8", "surrogatepass")).hexdigest()
+    code = carried
+    for value in carrier.digests:
+        code = code.replace(value, "")
+    owner = "%s %s" % (hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
+                       [:_CODE_TAG], digest[:_CODE_TAG])
+    return "%s %s" % (version, digest), live, owner
 
 
 class _Carried:
@@ -3952,6 +2165,20 @@ class _Carried:
         return "(%s)" % "; ".join(parts) if parts or not top else ""
 
 
+class _Unkeyable(Exception):
+    """Something a function carries cannot be part of a key (a lock, a connection)."""
+
+
+def _carried_defaults(func):
+    # type: (types.FunctionType) -> List[Tuple[str, Any]]
+    """(name, default) of func's parameters with a default."""
+    code = func.__code__
+    positional = code.co_varnames[:code.co_argcount]
+    pairs = list(zip(positional[len(positional) - len(func.__defaults__ or ()):],
+                     func.__defaults__ or ()))
+    return pairs + sorted((func.__kwdefaults__ or {}).items())
+
+
 _DEFAULTS: "Dict[Tuple[str, str], object]" = {}   # (identity, salt) -> its defaults' digest
 
 
@@ -3980,36 +2207,148 @@ def _check_defaults(func, identity, salt):
                                              for pair in _carried_defaults(inner))))
 
 
-def _salt(func, version, key, ignore):
-    # type: (_Func, str, Optional[_Func], FrozenSet[str]) -> Tuple[str, Tuple[object, ...], Optional[str]]
-    """(the salt of func's keys, the values to key at each call, the owner of its entries):
-    the salt is its version, and what it carries besides its arguments (closure cells, code
-    of nested helpers); the values are those it holds itself (a bound method's self, a
-    callable object, a partial's arguments), which change as arguments do. The owner (see
-    _CREATE) tags what it carries without the values, and with them: another code of a
-    nested helper is stale, as another version is; another value (make(2), make(3)) is
-    another function's, which may well be in use."""
-    carrier = _Carried(key is not None, ignore)
+def _identity(func):
+    # type: (_Func) -> str
+    """module.qualname of what func runs; a lambda, or a function with no source file (a
+    notebook, the REPL), also gets a tag of its code, so that two of one name differ."""
+    inner = _innermost(func)
+    module = _func_module(inner)
+    name = getattr(inner, "__qualname__", None) or type(inner).__qualname__
+    code = getattr(inner, "__code__", None)
+    if isinstance(code, types.CodeType) and (
+            "<lambda>" in name or not os.path.isfile(code.co_filename)):
+        name += "-" + _code_tag(inner)
+    return "%s.%s" % (module, name)
+
+
+def _innermost(func):
+    # type: (_Func) -> _Func
+    """What func runs in the end: the function inside partials, bound methods and
+    decorators that set __wrapped__ (functools.wraps does), whose file and name are the
+    function's own: a decorator's module is shared by every project that uses it."""
+    seen: "Set[int]" = set()
+    while id(func) not in seen:
+        seen.add(id(func))
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif isinstance(func, types.MethodType):
+            func = func.__func__
+        elif callable(getattr(func, "__wrapped__", None)):
+            func = func.__wrapped__     # type: ignore[attr-defined]  # there: just tested
+        else:
+            break
+    return func
+
+
+_MAIN_NAMES = ("__main__", "__mp_main__")      # a script; __mp_main__ in spawned workers
+
+
+def _func_module(func):
+    # type: (_Func) -> str
+    """func's module; for a script, its file name (or -m name), as run, imported or spawned."""
+    module = getattr(func, "__module__", None) or "__main__"
+    if module in _MAIN_NAMES:
+        return _script_name(module, getattr(getattr(func, "__code__", None), "co_filename", ""))
+    return module
+
+
+def _script_name(module, filename):
+    # type: (str, str) -> str
+    """The name of the script that runs as module (__main__, or __mp_main__ in the workers
+    that multiprocessing's spawn and forkserver start): the name python -m ran it by, else
+    its file's name; __main__ where it has no file (python -c, the REPL, exec).
+
+    The same name keeps python job.py, import job and its workers on one cache. The -m name
+    only if the spec is the script's own: under python -m cProfile job.py (or pdb, or
+    trace) __main__'s spec is the tool's, which two scripts share. Any file name, even one
+    that is not an identifier (01-prepare.py): each script keeps its own caches.
+    """
+    main = sys.modules.get(module)
+    filename = filename or getattr(main, "__file__", None) or ""
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in _MAIN_NAMES and (
+            not filename or not spec.origin or _same_path(spec.origin, filename)):
+        return spec.name            # type: ignore[no-any-return]  # a ModuleSpec's: a str
+    if filename and os.path.isfile(filename):
+        return os.path.splitext(os.path.basename(filename))[0]
+    return "__main__"
+
+
+def _same_path(first, second):
+    # type: (str, str) -> bool
+    return os.path.normcase(os.path.abspath(first)) == os.path.normcase(os.path.abspath(second))
+
+
+def _source_file(func):
+    # type: (_Func) -> Optional[str]
+    """The file that defines func, or None: the REPL, a notebook, exec(), a builtin."""
+    inner = _innermost(func)
+    code = getattr(inner, "__code__", None)
+    filename: "Optional[str]"
+    if isinstance(code, types.CodeType):     # PyPy's builtins have a code without a file
+        filename = code.co_filename
+    else:                         # a class or a callable instance: its module's file
+        module = sys.modules.get(getattr(inner, "__module__", None) or "")
+        filename = getattr(module, "__file__", None)
+    return os.path.abspath(filename) if filename and os.path.isfile(filename) else None
+
+
+_SHARED_PSEUDO_FILES = {"<string>", "<stdin>", "<console>", "<input>"}   # not one source
+
+
+def _code_tag(func):
+    # type: (_Func) -> str
+    """Eight hex digits that stand for func's code: its source text where linecache has it
+    (files, IPython and Jupyter cells), else its compiled code. Not its line number, so
+    lines added above it change nothing.
+
+    Code compiled from a string (exec, eval, python -c) says its file is <string>, and
+    linecache may hold another source under that name (3.13 keeps python -c's): there
+    only the compiled code is trusted."""
+    _load()
     try:
-        carried = carrier.callable(func, top=True, live=True)
-    except _Unkeyable as exc:
-        label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
-        raise TypeError(
-            "memoize cannot key %s(): besides its arguments it computes with %s, which "
-            "cannot be part of a cache key, so its results could differ under one key. "
-            "Pass memoize(name=...) to share one cache whatever that holds, or "
-            "memoize(key=...) to give the key yourself, or make it an argument (and "
-            "memoize(ignore=...) it)" % (label, exc)) from None
-    live = tuple(carrier.live)
-    if not carried:
-        return version, live, None   # plain functions keep the keys they always had
-    digest = hashlib.sha256(carried.encode("utf-8", "surrogatepass")).hexdigest()
-    code = carried
-    for value in carrier.digests:
-        code = code.replace(value, "")
-    owner = "%s %s" % (hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
-                       [:_CODE_TAG], digest[:_CODE_TAG])
-    return "%s %s" % (version, digest), live, owner
+        if func.__code__.co_filename in _SHARED_PSEUDO_FILES:
+            raise OSError("no source of its own")
+        lines = inspect.getsource(func).splitlines()
+    except Exception:             # no source (python -c, exec, the REPL): use the code
+        text = None
+    else:                         # its indentation is where it stands, not what it does
+        indent = min((len(line) - len(line.lstrip()) for line in lines if line.strip()),
+                     default=0)
+        text = "\n".join(line[indent:].rstrip() for line in lines).strip()
+    material = b"" if text is None else text.encode("utf-8", "surrogatepass")
+    if text is None or text.count("lambda") > 1:   # two lambdas on one line: keep them apart
+        material += _code_text(func.__code__)
+    return hashlib.sha256(material).hexdigest()[:8]
+
+
+def _code_text(code):
+    # type: (types.CodeType) -> bytes
+    """What a code object computes, as bytes: it differs between Python versions."""
+    parts = [code.co_code, repr((code.co_names, code.co_varnames, code.co_freevars,
+                                 code.co_cellvars, code.co_argcount, code.co_kwonlyargcount,
+                                 code.co_flags)).encode("utf-8", "surrogatepass")]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            parts.append(_code_text(const))
+        else:
+            parts.append(_const_text(const).encode("utf-8", "surrogatepass"))
+    return b"\0".join(parts)
+
+
+def _const_text(const):
+    # type: (object) -> str
+    """repr() of a code object's constant, but a frozenset's items sorted: its repr lists
+    them in hash order, which PYTHONHASHSEED changes for str (x in {'a', 'b'} compiles to
+    one), so the function's cache would be another in every process."""
+    if isinstance(const, frozenset):
+        return "frozenset({%s})" % ", ".join(sorted(_const_text(item) for item in const))
+    if isinstance(const, tuple) and any(isinstance(item, (frozenset, tuple)) for item in const):
+        return "(%s)" % "".join(_const_text(item) + ", " for item in const)
+    return repr(const)
+
+
+_NAME_LIMIT = 160              # bytes of a cache's name: room for -wal, .values/ and temp files
 
 
 def _file_name(identity):
@@ -4027,332 +2366,11 @@ def _file_name(identity):
     return safe + ".db"
 
 
-def _default_dir(func):
-    # type: (_Func) -> str
-    """.persist beside the file that defines func, else in the current directory."""
-    filename = _source_file(func)
-    if filename is not None:
-        return os.path.join(os.path.dirname(os.path.abspath(filename)), ".persist")
-    return os.path.join(os.getcwd(), ".persist")
-
-
-def _check_source(store, cache):
-    # type: (_Store, _FunctionCache) -> None
-    """Refuse a cache that a function of another file filled under the same name.
-
-    Two projects with one PERSIST_DIR may each have a job.py with a load(): their caches
-    have one name. The file that defines the function is recorded in the cache's Info
-    table; a cache recorded for a file that still exists elsewhere is refused. One whose
-    file is gone (the project moved) is adopted. A cache beside its source file is not
-    checked: a copied project brings its own cache along.
-    """
-    source = cache.source
-    if source is None or os.path.dirname(cache.path) == cache.default_dir:
-        return
-    recorded = store.info().get("source")
-    if recorded == source:
-        return
-
-    def another(recorded):
-        # type: (Optional[str]) -> bool
-        return (recorded is not None and os.path.exists(recorded)
-                and not os.path.samefile(recorded, source))
-
-    def record(conn):      # read again and record in one transaction: two may start at once
-        # type: (sqlite3.Connection) -> Optional[str]
-        recorded = dict(conn.execute(_INFO).fetchall()).get("source")
-        if not another(recorded):
-            conn.execute(_SET_INFO, ("source", source))
-        return recorded
-
-    try:
-        recorded = store.conn.transaction(record)
-    except OSError:     # best effort: a read-only cache is still used and keeps its record
-        pass
-    if another(recorded):
-        store.close()
-        raise PersistError(errno.EEXIST, (
-            "this cache holds the results of %s() defined in %s, which still exists, but this "
-            "%s() is defined in %s: two projects share one cache directory. Give one of them "
-            "memoize(cache_dir=...) or unset PERSIST_DIR; if both files are the same code, "
-            "pass memoize(name=%r) to share the cache"
-            % (cache.identity, recorded, cache.identity, source, cache.identity)), cache.path,
-            reason=PersistError.NAME_CLASH)
-
-
-def _make_cache_dir(directory):
-    # type: (str) -> None
-    """Create directory with a .gitignore of '*', so a cache never lands in a commit."""
-    if os.path.isdir(directory):
-        return
-    # Checked before anything is made: a cache refused in another user's directory (root in a
-    # container, in a mounted project) must not leave a root-owned directory there, which
-    # would break that user's own cache for good.
-    existing = directory
-    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
-    _check_private(existing, "the cache's directory")
-    # Each level with persist's mode: os.makedirs() gives the ones above the last the umask's.
-    made = [directory]
-    while os.path.dirname(made[-1]) != made[-1] and \
-            not os.path.isdir(os.path.dirname(made[-1])):
-        made.append(os.path.dirname(made[-1]))
-    mine = []                             # the levels this process made
-    for level in reversed(made):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(level, _DIR_MODE)
-            mine.append(level)
-    try:
-        with contextlib.suppress(FileExistsError):
-            with _atomic_open(os.path.join(directory, ".gitignore"), "x", sync=False,
-                              follow=False, bits=_FILE_MODE) as file:
-                file.write("*\n")
-    except BaseException:
-        # A full disk: what we made goes too, so that the next try (see _FunctionCache.open) makes
-        # it again with its .gitignore. Best effort: another process may be filling it.
-        for level in reversed(mine):
-            try:
-                os.rmdir(level)
-            except OSError:
-                break
-        raise
-
-
-def _seconds(expire):
-    # type: (_Expire) -> Optional[float]
-    if expire is None:
-        return None
-    seconds = expire.total_seconds() if hasattr(expire, "total_seconds") else expire
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
-        raise TypeError("Expected memoize(expire=...) to be a positive number of seconds or "
-                        "a timedelta, not %r" % (expire,))
-    return float(seconds)
-
-
-def _short_repr(call):
-    # type: (_Call) -> Optional[str]
-    """f's arguments as '(1, 'a', key=2)', shortened for people, on one line."""
-    args, kwargs = call
-    try:
-        parts = [_short(a) for a in args]
-        parts += ["%s=%s" % (k, _short(v)) for k, v in kwargs.items()]
-    except Exception:           # a repr that fails must not cost the result
-        return None
-    text = "(%s)" % ", ".join(parts)
-    return text if len(text) <= 200 else text[:199] + "\u2026"
-
-
-_AS_REPR = frozenset({float, bool, type(None)})    # _SHORT leaves their repr() as it is
-
-
-def _short(value):
-    # type: (Any) -> str
-    """_SHORT.repr(value), without the calls it makes where it leaves repr() as it is: a number,
-    None, a short str, the usual arguments (each miss stores its call's: see put())."""
-    kind = type(value)
-    if kind in _AS_REPR or kind is int and value.bit_length() < 120:   # 37 digits: < maxlong
-        return repr(value)
-    if kind is str and len(value) <= _SHORT.maxstring:
-        text = repr(value)
-        if len(text) <= _SHORT.maxstring:
-            return text
-    return _SHORT.repr(value)
-
-
-def _leave_out(call, names, ignore, rest):
-    # type: (_Call, List[str], FrozenSet[str], bool) -> _Call
-    """call's (args, kwargs) without the parameters in ignore, so that 'persist show' does
-    not list what the key left out; names: the positional parameters; rest: ignore names
-    the *args parameter."""
-    args, kwargs = call
-    args = tuple(value for i, value in enumerate(args)
-                 if not (names[i] in ignore if i < len(names) else rest))
-    return args, {name: value for name, value in kwargs.items() if name not in ignore}
-
-
-def _without_addresses(text):
-    # type: (str) -> str
-    """repr() text without the ' at 0x7f...' of default reprs: the address differs from call
-    to call where the key does not, and would make one argument look like many."""
-    start = text.find(" at 0x")
-    while start >= 0:
-        end = start + 6
-        while end < len(text) and text[end] in "0123456789abcdefABCDEF":
-            end += 1
-        if end > start + 6:
-            text = text[:start] + text[end:]
-        start = text.find(" at 0x", start + 1)
-    return text
-
-
-class _ShortRepr(reprlib.Repr):
-    """reprlib.Repr with bounded work for what it leaves to repr() or sorts in full."""
-
-    fillvalue = "..."           # an attribute of Repr itself from 3.11 on
-
-    def repr_instance(self, x, level):
-        # type: (object, int) -> str
-        # as reprlib's, with the address left out before the cut, which could keep part of it
-        try:
-            text = _without_addresses(repr(x))
-        except Exception:
-            return "<%s instance>" % type(x).__name__
-        if len(text) > self.maxother:
-            i = max(0, (self.maxother - 3) // 2)
-            j = max(0, self.maxother - 3 - i)
-            text = text[:i] + self.fillvalue + text[len(text) - j:]
-        return text
-
-    def repr1(self, x, level):
-        # type: (object, int) -> str
-        # A repr of many lines (a DataFrame's) on one; each part cut to maxother as reprlib does.
-        text = super().repr1(x, level)
-        return " ".join(text.split()) if "\n" in text else text
-
-    def repr_bytes(self, x, level):     # reprlib would repr() all of it, then cut
-        # type: (bytes, int) -> str
-        if len(x) <= self.maxstring:
-            return repr(x)
-        i = max(0, (self.maxstring - 3) // 2)
-        j = max(0, self.maxstring - 3 - i)
-        text = repr(x[:i] + x[len(x) - j:])
-        return text[:i] + self.fillvalue + text[len(text) - j:]
-
-    repr_bytearray = repr_bytes
-
-    def repr_int(self, x, level):       # repr() of a huge int is slow, past 4300 digits refused
-        # type: (int, int) -> str
-        # digits refused
-        if x.bit_length() > 4096:
-            return "<int of about %d digits>" % int(x.bit_length() * 0.30103 + 1)
-        return super().repr_int(x, level)
-
-    def repr_dict(self, x, level):      # reprlib sorts every key first
-        # type: (Dict[Any, Any], int) -> str
-        return super().repr_dict(x, level) if len(x) <= 100 else self._first_items(x, level)
-
-    def repr_set(self, x, level):
-        # type: (Union[Set[Any], FrozenSet[Any]], int) -> str
-        # (ignore[arg-type]: this is repr_frozenset too; reprlib's repr_set formats either)
-        return (super().repr_set(x, level)  # type: ignore[arg-type]
-                if len(x) <= 100 else self._first_items(x, level))
-
-    repr_frozenset = repr_set
-
-    def _first_items(self, x, level):
-        # type: (Union[Dict[Any, Any], Set[Any], FrozenSet[Any]], int) -> str
-        """The first few items in x's own order: sorting a large one is not worth its time."""
-        if isinstance(x, dict):
-            inner = ", ".join("%s: %s" % (self.repr1(k, level - 1), self.repr1(v, level - 1))
-                              for k, v in itertools.islice(x.items(), 4))
-            return "{%s, %s}" % (inner, self.fillvalue)
-        inner = ", ".join(self.repr1(item, level - 1) for item in itertools.islice(x, 6))
-        return ("{%s, %s}" if type(x) is set else "frozenset({%s, %s})") % (inner, self.fillvalue)
-
-
-_SHORT = _ShortRepr()            # arguments shortened for people ('persist show')
-_SHORT.maxstring = _SHORT.maxother = 40
-
-
-def _warn(message):
-    # type: (str) -> None
-    """Warn at the user's line: the first caller outside this file (and contextlib's, which
-    runs done_dir()'s end at the with statement)."""
-    frame: "Optional[types.FrameType]"
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename in (__file__, contextlib.__file__):
-        frame, level = frame.f_back, level + 1
-    import warnings
-    warnings.warn(message, PersistWarning, stacklevel=level)
-
-
-def _debug(event, identity, key):
-    # type: (str, str, bytes) -> None
-    """'identity: event key' at DEBUG on the 'persist' logger, once the program uses logging
-    at all (the key shortened to 12 hex digits)."""
-    global _LOG
-    if _LOG is None:
-        # Not imported, or not yet in full (another thread is importing it; its first lines
-        # put it in sys.modules): nobody can have asked for these messages yet
-        logging = sys.modules.get("logging")
-        if logging is None or getattr(getattr(logging, "__spec__", None), "_initializing",
-                                      False):
-            return
-        try:
-            _LOG = logging.getLogger("persist")
-        except Exception:                   # half imported all the same: later
-            return
-    if _LOG.isEnabledFor(_DEBUG):
-        _LOG.debug("%s: %s %s", identity, event, key[:6].hex())
-
-
-def _advice(exc):
-    # type: (BaseException) -> str
-    """What to do about an OSError that keeps a cache from being used."""
-    code = getattr(exc, "errno", None)
-    if _untrusted(exc):                    # the error says what to change
-        return "or else set cache_dir= or $PERSIST_DIR to a directory of your own"
-    if code == errno.ENOSPC or code == getattr(errno, "EDQUOT", None):
-        return "free some disk space"
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return ("make the cache writable, or set cache_dir= or $PERSIST_DIR to a directory "
-                "you may write")
-    if code in (errno.ENOTDIR, errno.EEXIST):
-        return "a file is in the way of the cache directory: move it, or set cache_dir= or " \
-               "$PERSIST_DIR to a directory"
-    return "fix the cause, or set cache_dir= or $PERSIST_DIR to another directory"
-
-
-def _env_strict():
-    # type: () -> Optional[bool]
-    """$PERSIST_STRICT, read as people write a yes or a no (in any case): None for anything
-    else. "false" is no: any value but 0 and nothing used to make every function strict."""
-    text = os.environ.get("PERSIST_STRICT", "").strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("", "0", "false", "no", "off"):
-        return False
-    return None
-
-
-def _check_env_strict():
-    # type: () -> None
-    """Refuse a $PERSIST_STRICT that is neither a yes nor a no, before any call runs."""
-    if _env_strict() is None:
-        raise ValueError("PERSIST_STRICT=%r is neither a yes (1, true, yes, on) nor a no (0, "
-                         "false, no, off, or empty); set it to one of them (in any case)"
-                         % os.environ["PERSIST_STRICT"])
-
-
-def _env_dir():
-    # type: () -> Optional[str]
-    """$PERSIST_DIR, with a leading ~ expanded as a shell does: set where no shell reads it
-    (a Dockerfile's ENV, a systemd unit, an IDE's run configuration, a .env file) it made a
-    directory named ~. Not $VARIABLES: that would change a name that holds a $."""
-    text = os.environ.get("PERSIST_DIR")
-    if not text or not text.startswith("~"):
-        return text or None
-    expanded = os.path.expanduser(text)
-    # HOME set but empty: expanduser() makes ~/cache /cache, at the top of the filesystem
-    if expanded.startswith("~") or (text.split("/")[0] == "~" and
-                                    os.environ.get("HOME", None) == ""):
-        raise PersistError(errno.EINVAL, "$PERSIST_DIR starts with ~, and there is no such "
-                           "home directory (HOME unset or empty, or no such user): set it to "
-                           "the whole path", text, reason=PersistError.NO_HOME)
-    return expanded
-
-
-def _untrusted(exc):
-    # type: (BaseException) -> bool
-    """Whether exc is the trust check's refusal (see _check_private): a cache others could
-    plant pickles in. persist raises the other PersistErrors (a file that is not a cache, one
-    of a newer format) at every use; with this one it runs uncached, as with a full disk."""
-    return isinstance(exc, PersistError) and exc.reason in _UNTRUSTED
-
-
-_DEEP_ADVICE = ("; return a flatter structure: pickle recurses once per level of nesting, "
-                "within a limit of its own from Python 3.12 on")
-
+# == memoize: the cache of one function -----------------------------------------------------------
+# _FunctionCache opens the function's store on first use (_default_dir, _make_cache_dir, the
+# trust and source checks), keys calls (key()), counts hits and misses, and gets, puts and
+# records failures through the _Store; a cache that cannot be used warns, and the function
+# runs uncached.
 
 class _FunctionCache:
     """The cache of one memoized function: where it is, how its calls are keyed, its store
@@ -4425,9 +2443,10 @@ class _FunctionCache:
         # type: (_Args, _Kwargs, Any) -> bytes
         """The key of a call, which every wrapper takes (_Wrapper.__call__ and the plain
         function's have it inline, a call less on each hit: see _function_wrapper): material
-        is what bind() made of args and kwargs, where the caller has it already. A wrong call raises TypeError in bind(),
-        naming the function, as the call would; arguments that cannot be keyed, a TypeError
-        or RecursionError naming the parameter (_unkeyable)."""
+        is what bind() made of args and kwargs, where the caller has it already. A wrong
+        call raises TypeError in bind(), naming the function, as the call would; arguments
+        that cannot be keyed, a TypeError or RecursionError naming the parameter
+        (_unkeyable)."""
         if material is _MISSING:
             material = self.bind(args, kwargs)
         try:
@@ -4642,41 +2661,192 @@ class _FunctionCache:
                 self.trouble("could not record a failed call in", trouble)
 
 
-class _Miss:
-    """The one miss path: a call that missed, while its function runs.
+if TYPE_CHECKING:      # the same named tuples, with the types of their fields
+    class _CacheInfo(NamedTuple):
+        hits: int
+        misses: int
+        entries: int
+        path: str
+        unstored: int
+        failures: int
+        seconds: float
+        saved: float
 
-        with _Miss(cache, key, args, kwargs) as miss:
-            result = miss.result = func(*args, **kwargs)
+        @property
+        def currsize(self) -> int: ...
+        @property
+        def maxsize(self) -> None: ...
 
-    stores the result (put()), or records the call's exception in the failure ledger
-    (fail()) and lets it through; failing() (persist.map's) is called first. The function
-    runs in the wrapper's own frame, not in a helper's: a memoized recursion then takes two
-    frames a level (see _function_wrapper), and the async wrapper awaits it there.
+    class _Failure(NamedTuple):
+        args: Optional[str]
+        type: str
+        message: str
+        count: int     # type: ignore[assignment]  # a field named as tuple.count, as at run time
+        first: float
+        last: float
+        seconds: Optional[float]
+        version: Optional[str]
+        traceback: str
+        call: "Optional[_FailedCall]"
+        call_error: Optional[str]
+
+    class _FailedCall(NamedTuple):
+        args: Tuple[Any, ...]
+        kwargs: Dict[str, Any]
+else:
+    class _CacheInfo(collections.namedtuple(
+            "CacheInfo", "hits misses entries path unstored failures seconds saved")):
+        """cache_info(): also by lru_cache's names, currsize (entries) and maxsize (None: no
+        bound), for code written against lru_cache."""
+
+        __slots__ = ()
+        currsize = property(lambda self: self.entries)
+        maxsize = None
+
+    _CacheInfo.__name__ = "CacheInfo"    # its repr(), as before
+    _Failure = collections.namedtuple(
+        "Failure", "args type message count first last seconds version traceback call "
+        "call_error")
+    _FailedCall = collections.namedtuple("Call", "args kwargs")
+    # pickle finds a class by __qualname__: these, by their names here, so that records and
+    # their calls travel to a process pool (repr() keeps __name__)
+    _Failure.__qualname__, _FailedCall.__qualname__ = "_Failure", "_FailedCall"
+
+
+_OPEN_LOCK = _thread.RLock()   # one thread at a time opens a cache (a signal handler may re-enter)
+
+_DEEP_ADVICE = ("; return a flatter structure: pickle recurses once per level of nesting, "
+                "within a limit of its own from Python 3.12 on")
+
+
+def _default_dir(func):
+    # type: (_Func) -> str
+    """.persist beside the file that defines func, else in the current directory."""
+    filename = _source_file(func)
+    if filename is not None:
+        return os.path.join(os.path.dirname(os.path.abspath(filename)), ".persist")
+    return os.path.join(os.getcwd(), ".persist")
+
+
+def _env_dir():
+    # type: () -> Optional[str]
+    """$PERSIST_DIR, with a leading ~ expanded as a shell does: set where no shell reads it
+    (a Dockerfile's ENV, a systemd unit, an IDE's run configuration, a .env file) it made a
+    directory named ~. Not $VARIABLES: that would change a name that holds a $."""
+    text = os.environ.get("PERSIST_DIR")
+    if not text or not text.startswith("~"):
+        return text or None
+    expanded = os.path.expanduser(text)
+    # HOME set but empty: expanduser() makes ~/cache /cache, at the top of the filesystem
+    if expanded.startswith("~") or (text.split("/")[0] == "~" and
+                                    os.environ.get("HOME", None) == ""):
+        raise PersistError(errno.EINVAL, "$PERSIST_DIR starts with ~, and there is no such "
+                           "home directory (HOME unset or empty, or no such user): set it to "
+                           "the whole path", text, reason=PersistError.NO_HOME)
+    return expanded
+
+
+def _env_strict():
+    # type: () -> Optional[bool]
+    """$PERSIST_STRICT, read as people write a yes or a no (in any case): None for anything
+    else. "false" is no: any value but 0 and nothing used to make every function strict."""
+    text = os.environ.get("PERSIST_STRICT", "").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    return None
+
+
+def _check_env_strict():
+    # type: () -> None
+    """Refuse a $PERSIST_STRICT that is neither a yes nor a no, before any call runs."""
+    if _env_strict() is None:
+        raise ValueError("PERSIST_STRICT=%r is neither a yes (1, true, yes, on) nor a no (0, "
+                         "false, no, off, or empty); set it to one of them (in any case)"
+                         % os.environ["PERSIST_STRICT"])
+
+
+def _make_cache_dir(directory):
+    # type: (str) -> None
+    """Create directory with a .gitignore of '*', so a cache never lands in a commit."""
+    if os.path.isdir(directory):
+        return
+    # Checked before anything is made: a cache refused in another user's directory (root in a
+    # container, in a mounted project) must not leave a root-owned directory there, which
+    # would break that user's own cache for good.
+    existing = directory
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    _check_private(existing, "the cache's directory")
+    # Each level with persist's mode: os.makedirs() gives the ones above the last the umask's.
+    made = [directory]
+    while os.path.dirname(made[-1]) != made[-1] and \
+            not os.path.isdir(os.path.dirname(made[-1])):
+        made.append(os.path.dirname(made[-1]))
+    mine = []                             # the levels this process made
+    for level in reversed(made):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(level, _DIR_MODE)
+            mine.append(level)
+    try:
+        with contextlib.suppress(FileExistsError):
+            with _atomic_open(os.path.join(directory, ".gitignore"), "x", sync=False,
+                              follow=False, bits=_FILE_MODE) as file:
+                file.write("*\n")
+    except BaseException:
+        # A full disk: what we made goes too, so that the next try (see _FunctionCache.open) makes
+        # it again with its .gitignore. Best effort: another process may be filling it.
+        for level in reversed(mine):
+            try:
+                os.rmdir(level)
+            except OSError:
+                break
+        raise
+
+
+def _check_source(store, cache):
+    # type: (_Store, _FunctionCache) -> None
+    """Refuse a cache that a function of another file filled under the same name.
+
+    Two projects with one PERSIST_DIR may each have a job.py with a load(): their caches
+    have one name. The file that defines the function is recorded in the cache's Info
+    table; a cache recorded for a file that still exists elsewhere is refused. One whose
+    file is gone (the project moved) is adopted. A cache beside its source file is not
+    checked: a copied project brings its own cache along.
     """
+    source = cache.source
+    if source is None or os.path.dirname(cache.path) == cache.default_dir:
+        return
+    recorded = store.info().get("source")
+    if recorded == source:
+        return
 
-    __slots__ = ("cache", "key", "call", "failing", "result", "start")
+    def another(recorded):
+        # type: (Optional[str]) -> bool
+        return (recorded is not None and os.path.exists(recorded)
+                and not os.path.samefile(recorded, source))
 
-    def __init__(self, cache, key, args, kwargs, failing=None):
-        # type: (_FunctionCache, bytes, _Args, _Kwargs, Optional[Callable[[], object]]) -> None
-        self.cache, self.key, self.call, self.failing = cache, key, (args, kwargs), failing
-        self.result: "Any" = None
-        self.start = time.perf_counter()     # the with statement's next step calls func
+    def record(conn):      # read again and record in one transaction: two may start at once
+        # type: (sqlite3.Connection) -> Optional[str]
+        recorded = dict(conn.execute(_INFO).fetchall()).get("source")
+        if not another(recorded):
+            conn.execute(_SET_INFO, ("source", source))
+        return recorded
 
-    def __enter__(self):
-        # type: () -> _Miss
-        return self
-
-    def __exit__(self, kind, exc, traceback):
-        # type: (Optional[type], Optional[BaseException], object) -> None
-        # (a call deep in a recursion: get() went deeper than put() and fail() go, before
-        # they are called, so there is stack for them; what fails inside, they handle)
-        seconds = time.perf_counter() - self.start
-        if kind is None:
-            self.cache.put(self.key, self.result, self.call, seconds)
-        elif isinstance(exc, Exception):     # not a KeyboardInterrupt, nor SystemExit
-            if self.failing is not None:
-                self.failing()
-            self.cache.fail(self.key, self.call, exc, seconds)
+    try:
+        recorded = store.conn.transaction(record)
+    except OSError:     # best effort: a read-only cache is still used and keeps its record
+        pass
+    if another(recorded):
+        store.close()
+        raise PersistError(errno.EEXIST, (
+            "this cache holds the results of %s() defined in %s, which still exists, but this "
+            "%s() is defined in %s: two projects share one cache directory. Give one of them "
+            "memoize(cache_dir=...) or unset PERSIST_DIR; if both files are the same code, "
+            "pass memoize(name=%r) to share the cache"
+            % (cache.identity, recorded, cache.identity, source, cache.identity)), cache.path,
+            reason=PersistError.NAME_CLASH)
 
 
 def _latest_code(recorded, owner):
@@ -4691,163 +2861,195 @@ def _latest_code(recorded, owner):
     return " ".join([_RUN] + codes + ([] if code in codes else [code]))
 
 
-def _failure_record(call, exc, seconds, version):
-    # type: (_Call, BaseException, float, str) -> _FailureRecord
-    """(args, type, message, traceback, seconds, version, call): what the ledger keeps of a
-    call; call: its (args, kwargs) pickled, or why they are not kept."""
-    import traceback
-    kind = type(exc)
-    module = getattr(kind, "__module__", None)
-    name = kind.__qualname__ if module in (None, "builtins") else \
-        "%s.%s" % (module, kind.__qualname__)
+def _advice(exc):
+    # type: (BaseException) -> str
+    """What to do about an OSError that keeps a cache from being used."""
+    code = getattr(exc, "errno", None)
+    if _untrusted(exc):                    # the error says what to change
+        return "or else set cache_dir= or $PERSIST_DIR to a directory of your own"
+    if code == errno.ENOSPC or code == getattr(errno, "EDQUOT", None):
+        return "free some disk space"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ("make the cache writable, or set cache_dir= or $PERSIST_DIR to a directory "
+                "you may write")
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        return "a file is in the way of the cache directory: move it, or set cache_dir= or " \
+               "$PERSIST_DIR to a directory"
+    return "fix the cause, or set cache_dir= or $PERSIST_DIR to another directory"
+
+
+def _untrusted(exc):
+    # type: (BaseException) -> bool
+    """Whether exc is the trust check's refusal (see _check_private): a cache others could
+    plant pickles in. persist raises the other PersistErrors (a file that is not a cache, one
+    of a newer format) at every use; with this one it runs uncached, as with a full disk."""
+    return isinstance(exc, PersistError) and exc.reason in _UNTRUSTED
+
+
+def _warn(message):
+    # type: (str) -> None
+    """Warn at the user's line: the first caller outside this file (and contextlib's, which
+    runs done_dir()'s end at the with statement)."""
+    frame: "Optional[types.FrameType]"
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename in (__file__, contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    import warnings
+    warnings.warn(message, PersistWarning, stacklevel=level)
+
+
+_DEBUG = 10                     # logging.DEBUG, without importing logging
+_LOG: "Any" = None              # the 'persist' logger (logging.Logger), once imported
+
+
+def _debug(event, identity, key):
+    # type: (str, str, bytes) -> None
+    """'identity: event key' at DEBUG on the 'persist' logger, once the program uses logging
+    at all (the key shortened to 12 hex digits)."""
+    global _LOG
+    if _LOG is None:
+        # Not imported, or not yet in full (another thread is importing it; its first lines
+        # put it in sys.modules): nobody can have asked for these messages yet
+        logging = sys.modules.get("logging")
+        if logging is None or getattr(getattr(logging, "__spec__", None), "_initializing",
+                                      False):
+            return
+        try:
+            _LOG = logging.getLogger("persist")
+        except Exception:                   # half imported all the same: later
+            return
+    if _LOG.isEnabledFor(_DEBUG):
+        _LOG.debug("%s: %s %s", identity, event, key[:6].hex())
+
+
+def _short_repr(call):
+    # type: (_Call) -> Optional[str]
+    """f's arguments as '(1, 'a', key=2)', shortened for people, on one line."""
+    args, kwargs = call
     try:
-        message = str(exc)
-    except Exception:
-        message = "<str() of the exception failed>"
-    if len(message) > _MESSAGE_LIMIT:
-        message = message[:_MESSAGE_LIMIT - 1] + "\u2026"
-    # the innermost frames, where the error is: formatting them all costs as much as they are
-    text = "".join(traceback.format_exception(kind, exc, exc.__traceback__, limit=-_FRAMES))
-    # A lone surrogate (a file name os.listdir() decoded with surrogateescape, in the
-    # message) cannot be SQLite text: it is kept as its escape, \udce9, as repr() shows it
-    return (_short_repr(call), name, _escaped_surrogates(message),
-            _escaped_surrogates(text[-_TRACEBACK_LIMIT:]), seconds, version,
-            _pickled_call(call))
+        parts = [_short(a) for a in args]
+        parts += ["%s=%s" % (k, _short(v)) for k, v in kwargs.items()]
+    except Exception:           # a repr that fails must not cost the result
+        return None
+    text = "(%s)" % ", ".join(parts)
+    return text if len(text) <= 200 else text[:199] + "\u2026"
 
 
-def _escaped_surrogates(text):
+_AS_REPR = frozenset({float, bool, type(None)})    # _SHORT leaves their repr() as it is
+
+
+def _short(value):
+    # type: (Any) -> str
+    """_SHORT.repr(value), without the calls it makes where it leaves repr() as it is: a number,
+    None, a short str, the usual arguments (each miss stores its call's: see put())."""
+    kind = type(value)
+    if kind in _AS_REPR or kind is int and value.bit_length() < 120:   # 37 digits: < maxlong
+        return repr(value)
+    if kind is str and len(value) <= _SHORT.maxstring:
+        text = repr(value)
+        if len(text) <= _SHORT.maxstring:
+            return text
+    return _SHORT.repr(value)
+
+
+def _leave_out(call, names, ignore, rest):
+    # type: (_Call, List[str], FrozenSet[str], bool) -> _Call
+    """call's (args, kwargs) without the parameters in ignore, so that 'persist show' does
+    not list what the key left out; names: the positional parameters; rest: ignore names
+    the *args parameter."""
+    args, kwargs = call
+    args = tuple(value for i, value in enumerate(args)
+                 if not (names[i] in ignore if i < len(names) else rest))
+    return args, {name: value for name, value in kwargs.items() if name not in ignore}
+
+
+def _without_addresses(text):
     # type: (str) -> str
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """repr() text without the ' at 0x7f...' of default reprs: the address differs from call
+    to call where the key does not, and would make one argument look like many."""
+    start = text.find(" at 0x")
+    while start >= 0:
+        end = start + 6
+        while end < len(text) and text[end] in "0123456789abcdefABCDEF":
+            end += 1
+        if end > start + 6:
+            text = text[:start] + text[end:]
+        start = text.find(" at 0x", start + 1)
     return text
 
 
-class _TooLarge(Exception):
-    pass
+class _ShortRepr(reprlib.Repr):
+    """reprlib.Repr with bounded work for what it leaves to repr() or sorts in full."""
 
+    fillvalue = "..."           # an attribute of Repr itself from 3.11 on
 
-class _Capped(io.RawIOBase):
-    """A file for pickle.dump() that refuses to hold more than _CALL_LIMIT bytes: a failed
-    call's large arguments stop being pickled there, not after the whole of them."""
-
-    def __init__(self):
-        # type: () -> None
-        super().__init__()
-        self.parts: "List[bytes]" = []
-        self.size = 0
-
-    def writable(self):
-        # type: () -> bool
-        return True
-
-    def write(self, data):
-        # type: (Any) -> int
-        size = memoryview(data).nbytes
-        self.size += size
-        if self.size > _CALL_LIMIT:
-            raise _TooLarge
-        self.parts.append(bytes(data))
-        return size
-
-
-def _pickled_call(call):
-    # type: (_Call) -> Union[bytes, str]
-    """A failed call's (args, kwargs), pickled so that it can be made again; or why not."""
-    file = _Capped()
-    try:
-        pickle.dump((tuple(call[0]), dict(call[1])), file, _PROTOCOL)
-    except _TooLarge:
-        return "its arguments pickle to more than %s" % _bytes(_CALL_LIMIT)
-    except RecursionError:
-        return "its arguments nest too deeply to pickle"
-    except Exception as exc:
-        return "its arguments do not pickle (%s: %s)" % (
-            type(exc).__name__, _one_line(str(exc))[:200])
-    return b"".join(file.parts)
-
-
-def _failed_call(stored):
-    # type: (Union[bytes, str, None]) -> Tuple[Optional[_FailedCall], Optional[str]]
-    """(call, call_error) of a failure record from its column call."""
-    if stored is None:
-        return None, "recorded by a persist that kept no calls"
-    if isinstance(stored, str):
-        return None, stored
-    try:
-        args, kwargs = pickle.loads(stored)
-        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
-            raise TypeError("not the arguments of a call: %s, %s" % (
-                type(args).__name__, type(kwargs).__name__))
-    except RecursionError:
-        raise
-    except Exception as exc:
-        return None, "it does not load (%s: %s)" % (type(exc).__name__, exc)
-    return _FailedCall(args, kwargs), None
-
-
-class _Explanation:
-    """What explain() found: str() says it in a line; the attributes say it to programs.
-
-    hit: whether a call would return a stored result; reason: "hit", "no entry", "expired",
-    "another version", "cannot load", "failed before" or "cannot open"; path: the cache;
-    stored and seconds: when the entry was stored (Unix time) and how long its call took;
-    version: the version= that stored it (as its repr); error: why it cannot be loaded or
-    opened, or the last failure; failures: how often the call failed since it last succeeded.
-    """
-
-    __slots__ = ("hit", "reason", "path", "stored", "seconds", "version", "error", "failures",
-                 "_text")
-
-    def __init__(self, reason, path, text, stored=None, seconds=None, version=None,
-                 error=None, failures=0):
-        # type: (str, str, str, Optional[float], Optional[float], Optional[str], Optional[str], int) -> None
-        self.hit = reason == "hit"
-        self.reason, self.path, self._text = reason, path, text
-        self.stored, self.seconds, self.version = stored, seconds, version
-        self.error, self.failures = error, failures
-
-    def __str__(self):
-        # type: () -> str
-        return self._text
-
-    def __repr__(self):
-        # type: () -> str
-        return "<explanation %s: %s>" % (self.reason, self._text)
-
-
-def _expired(stored, expire):
-    # type: (float, float) -> bool
-    """Whether an entry stored at the Unix time stored is past expire= seconds. An entry
-    stored further in the future than that is too: its writer's clock was ahead (a resumed
-    VM, a container's skewed clock on a shared cache), or ours is behind, and its true age
-    is unknown; taken as stored now, it would live until this clock got past its stamp."""
-    return not abs(time.time() - stored) < expire     # (not <: a stamp that is no number too)
-
-
-_FROM_THE_FUTURE = ("; an entry stored further in the future than expire= has expired too, "
-                    "as its age cannot be known")
-
-
-def _stored_when(stored, seconds=None):
-    # type: (float, Optional[float]) -> str
-    """'stored 2026-11-26 11:52 (3m ago), computed in 1.5 s' (the last part where known);
-    of a stamp ahead of this clock, '(2h ahead of this clock)'."""
-    ahead = stored - time.time()
-    if ahead >= 1:
-        text = "stored %s (%s ahead of this clock: the clock that stored it was ahead, or " \
-               "this one is behind)" % (_when(stored), _age(ahead))
-    else:
-        text = "stored %s (%s ago)" % (_when(stored), _age(max(0.0, -ahead)))
-    if seconds is None:
+    def repr_instance(self, x, level):
+        # type: (object, int) -> str
+        # as reprlib's, with the address left out before the cut, which could keep part of it
+        try:
+            text = _without_addresses(repr(x))
+        except Exception:
+            return "<%s instance>" % type(x).__name__
+        if len(text) > self.maxother:
+            i = max(0, (self.maxother - 3) // 2)
+            j = max(0, self.maxother - 3 - i)
+            text = text[:i] + self.fillvalue + text[len(text) - j:]
         return text
-    if seconds >= 1:
-        return text + ", computed in %.1f s" % seconds
-    if seconds >= 0.001:
-        return text + ", computed in %d ms" % (seconds * 1000)
-    return text + ", computed in under 1 ms"
 
+    def repr1(self, x, level):
+        # type: (object, int) -> str
+        # A repr of many lines (a DataFrame's) on one; each part cut to maxother as reprlib does.
+        text = super().repr1(x, level)
+        return " ".join(text.split()) if "\n" in text else text
+
+    def repr_bytes(self, x, level):     # reprlib would repr() all of it, then cut
+        # type: (bytes, int) -> str
+        if len(x) <= self.maxstring:
+            return repr(x)
+        i = max(0, (self.maxstring - 3) // 2)
+        j = max(0, self.maxstring - 3 - i)
+        text = repr(x[:i] + x[len(x) - j:])
+        return text[:i] + self.fillvalue + text[len(text) - j:]
+
+    repr_bytearray = repr_bytes
+
+    def repr_int(self, x, level):       # repr() of a huge int is slow, past 4300 digits refused
+        # type: (int, int) -> str
+        # digits refused
+        if x.bit_length() > 4096:
+            return "<int of about %d digits>" % int(x.bit_length() * 0.30103 + 1)
+        return super().repr_int(x, level)
+
+    def repr_dict(self, x, level):      # reprlib sorts every key first
+        # type: (Dict[Any, Any], int) -> str
+        return super().repr_dict(x, level) if len(x) <= 100 else self._first_items(x, level)
+
+    def repr_set(self, x, level):
+        # type: (Union[Set[Any], FrozenSet[Any]], int) -> str
+        # (ignore[arg-type]: this is repr_frozenset too; reprlib's repr_set formats either)
+        return (super().repr_set(x, level)  # type: ignore[arg-type]
+                if len(x) <= 100 else self._first_items(x, level))
+
+    repr_frozenset = repr_set
+
+    def _first_items(self, x, level):
+        # type: (Union[Dict[Any, Any], Set[Any], FrozenSet[Any]], int) -> str
+        """The first few items in x's own order: sorting a large one is not worth its time."""
+        if isinstance(x, dict):
+            inner = ", ".join("%s: %s" % (self.repr1(k, level - 1), self.repr1(v, level - 1))
+                              for k, v in itertools.islice(x.items(), 4))
+            return "{%s, %s}" % (inner, self.fillvalue)
+        inner = ", ".join(self.repr1(item, level - 1) for item in itertools.islice(x, 6))
+        return ("{%s, %s}" if type(x) is set else "frozenset({%s, %s})") % (inner, self.fillvalue)
+
+
+_SHORT = _ShortRepr()            # arguments shortened for people ('persist show')
+_SHORT.maxstring = _SHORT.maxother = 40
+
+
+# == memoize: explain -----------------------------------------------------------------------------
+# f.explain(*args) says what a call would do now, without running it: hit, miss, expired,
+# failed before, or stored by other code or another version.
 
 def _explain(cache, key, material):
     # type: (_FunctionCache, bytes, Any) -> _Explanation
@@ -4975,349 +3177,170 @@ def _explain_other_versions(cache, store, material):
     return None
 
 
-class _Wrapper:
-    """func through its cache: what memoize returns for a method, and behind the function it
-    returns for anything else (whose cache_info(), cache_clear() and the rest are its own).
+class _Explanation:
+    """What explain() found: str() says it in a line; the attributes say it to programs.
 
-    It binds as a function does, so that instance.method(x) and
-    instance.method.cache_delete(x) both pass the instance. It pickles by reference, as a
-    function does, so multiprocessing can send it to workers.
+    hit: whether a call would return a stored result; reason: "hit", "no entry", "expired",
+    "another version", "cannot load", "failed before" or "cannot open"; path: the cache;
+    stored and seconds: when the entry was stored (Unix time) and how long its call took;
+    version: the version= that stored it (as its repr); error: why it cannot be loaded or
+    opened, or the last failure; failures: how often the call failed since it last succeeded.
     """
 
-    __slots__ = ("_cache", "_self", "__dict__", "__weakref__")
-    _cache: "_FunctionCache"
-    _self: "Any"                     # the instance (or class) bound to, or None
-    __name__: str
-    __qualname__: str
+    __slots__ = ("hit", "reason", "path", "stored", "seconds", "version", "error", "failures",
+                 "_text")
 
-    def __call__(self, *args, **kwargs):
-        # type: (*Any, **Any) -> Any
-        cache, bound = self._cache, self._self
-        if bound is not None:
-            args = (bound,) + args
-        material = cache.bind(args, kwargs)   # cache.key(args, kwargs), inline: a hit's time
-        try:
-            key = cache.key_from(material)
-        except Exception as exc:
-            raise _unkeyable(cache.func, args, kwargs, exc) from None
-        result, _ = cache.get(key)
-        if result is _MISSING:
-            with _Miss(cache, key, args, kwargs) as miss:
-                result = miss.result = cache.func(*args, **kwargs)
-        return result
+    def __init__(self, reason, path, text, stored=None, seconds=None, version=None,
+                 error=None, failures=0):
+        # type: (str, str, str, Optional[float], Optional[float], Optional[str], Optional[str], int) -> None
+        self.hit = reason == "hit"
+        self.reason, self.path, self._text = reason, path, text
+        self.stored, self.seconds, self.version = stored, seconds, version
+        self.error, self.failures = error, failures
 
-    def _call(self, args, kwargs, failing=None):
-        # type: (_Args, _Kwargs, Optional[Callable[[], object]]) -> Tuple[Any, Optional[float]]
-        """(result, None when it was computed, else the seconds its stored call took): a call
-        for persist.map, which counts; failing() is called as soon as func raises, before the
-        failure is recorded."""
-        cache = self._cache
-        key = self._key_of(args, kwargs)
-        if self._self is not None:
-            args = (self._self,) + args
-        result, saved = cache.get(key)
-        if result is not _MISSING:
-            return result, saved
-        with _Miss(cache, key, args, kwargs, failing) as miss:
-            result = miss.result = cache.func(*args, **kwargs)
-        return result, None
-
-    def __get__(self, instance, owner=None):
-        # type: (object, Optional[type]) -> _Wrapper
-        if instance is None or self._self is not None:
-            return self
-        bound = object.__new__(_Wrapper)     # (not a helper's call: one at each method call)
-        bound._cache, bound._self = self._cache, instance
-        bound.__dict__ = self.__dict__       # __name__, __doc__ and the rest, shared
-        return bound
-
-    @property
-    def __wrapped__(self):
-        # type: () -> _Func
-        func = self._cache.func
-        return func if self._self is None else types.MethodType(func, self._self)
-
-    @__wrapped__.setter
-    def __wrapped__(self, func):             # functools.update_wrapper sets it
-        # type: (_Func) -> None
-        pass                                 # it is the cache's func
-
-    def __reduce__(self):
-        # type: () -> Union[str, _Args]
-        if self._self is not None:
-            return getattr, (self._self, self.__name__)
-        return self.__qualname__             # a global name: pickle finds it and checks it
+    def __str__(self):
+        # type: () -> str
+        return self._text
 
     def __repr__(self):
         # type: () -> str
-        name = getattr(self, "__qualname__", None) or repr(self._cache.func)
-        if self._self is not None:
-            return "<bound memoized %s of %r>" % (name, self._self)
-        return "<memoized %s>" % name
-
-    def _key_of(self, args, kwargs):
-        # type: (_Args, _Kwargs) -> bytes
-        """The key of a call with these arguments, for cache_delete() and persist.map."""
-        return self._keyed(args, kwargs)[1]
-
-    def _keyed(self, args, kwargs):
-        # type: (_Args, _Kwargs) -> Tuple[Any, bytes]
-        """(what bind() makes of the call, its key) for cache_delete(), explain() and
-        persist.map, which a classmethod above memoize reaches without the class on Python
-        3.8 and from 3.13 on: a call that does not bind says so."""
-        cache = self._cache
-        if self._self is not None:
-            args = (self._self,) + args
-        try:
-            material = cache.bind(args, kwargs)
-        except TypeError:
-            if self._self is None and _under_classmethod(self):
-                name = self.__qualname__
-                raise TypeError("%s is a classmethod above memoize, which does not pass the "
-                                "class to %s.cache_delete() or explain() on this Python: pass "
-                                "it first (%s.cache_delete(%s, ...)), or put @memoize above "
-                                "@classmethod, which passes it on every Python"
-                                % (name, name, name, name.rpartition(".")[0])) from None
-            raise
-        return material, cache.key(args, kwargs, material)
-
-    def explain(self, *args, **kwargs):
-        # type: (*Any, **Any) -> _Explanation
-        """Say whether a call with these arguments would be a hit, or why it would miss,
-        without calling the function. A hit is loaded, to be sure that it can be."""
-        material, key = self._keyed(args, kwargs)    # a wrong call raises, as the call would
-        return _explain(self._cache, key, material)
-
-    def cache_info(self):
-        # type: () -> _CacheInfo
-        """hits and misses in this process; entries and path of the cache on disk; unstored:
-        results this process could not store; failures: calls on record as failed (see
-        failures()); seconds: how long the stored results took to compute, in all; saved: how
-        long the results this process reused took to compute."""
-        cache = self._cache
-        store = cache.open(create=False)
-        entries, seconds, failures = (0, 0.0, 0) if store is None else store.tally(cache.owner)
-        return _CacheInfo(cache.hits, cache.misses, entries, cache.path, cache.unstored,
-                          failures, seconds, cache.saved)
-
-    def failures(self):
-        # type: () -> List[_Failure]
-        """The calls that raised and have not succeeded since, the latest failure last: named
-        tuples of args (short form), type and message of the exception, count (of failures),
-        first and last (Unix times), seconds (the last call's), version, traceback, call (the
-        call's args and kwargs, to make it again: f(*call.args, **call.kwargs)) and, where
-        call is None, call_error (why: arguments that do not pickle, or are too large)."""
-        store = self._cache.open(create=False)
-        return [] if store is None else [_Failure(*row[:-1] + _failed_call(row[-1]))
-                                         for row in store.failures(self._cache.owner)]
-
-    def cache_parameters(self):
-        # type: () -> Dict[str, Any]
-        """The options memoize was given, as a new dict (lru_cache's has maxsize and typed):
-        memoize(**f.cache_parameters()) memoizes another function the same way."""
-        return dict(self._cache.parameters)
-
-    def cache_clear(self):
-        # type: () -> None
-        """Remove every stored result of this function, and its failure records; of this
-        one alone, where one cache holds several (make(2) and make(3) of one factory)."""
-        cache = self._cache
-        store = cache.open(create=False)
-        if store is not None:
-            store.clear(cache.owner)
-        cache.hits = cache.misses = 0
-        cache.saved = 0.0
-        cache.failed_versions = None
-
-    def cache_delete(self, *args, **kwargs):
-        # type: (*Any, **Any) -> bool
-        """Remove the result stored for these arguments; return whether there was one."""
-        key = self._key_of(args, kwargs)
-        store = self._cache.open(create=False)
-        return store is not None and store.delete(key)
-
-    def cache_prune(self, *, stale=True, expired=True):
-        # type: (_Wrapper, bool, bool) -> int
-        """Remove results of other version=s and of other code of the nested helpers it
-        calls (stale), and results older than expire=; return how many went."""
-        cache = self._cache
-        store = cache.open(create=False)
-        if store is None or not (stale or cache.expire is not None and expired):
-            return 0
-        before = after = None
-        if expired and cache.expire is not None:     # as _expired(): too far either way
-            now = time.time()
-            before, after = now - cache.expire, now + cache.expire
-        codes = None
-        if stale:
-            cache.failed_versions = None     # they went with their results
-            if cache.owner is not None:      # this run's code, and this function's
-                codes = (store.stale_codes() or []) + [cache.owner[:_CODE_TAG]]
-        return store.prune(before, cache.version if stale else None, after=after, codes=codes,
-                           owner=cache.owner)[0]
+        return "<explanation %s: %s>" % (self.reason, self._text)
 
 
-class _ClassmethodWrapper(_Wrapper):
-    """What memoize gives for a classmethod: C.f and C().f bind to C (a subclass's to the
-    subclass), so that C.f.cache_delete(x) passes C, as C.f(x) does, on every Python."""
-
-    __slots__ = ()
-
-    def __get__(self, instance, owner=None):
-        # type: (object, Optional[type]) -> _Wrapper
-        if self._self is not None:
-            return self
-        bound = object.__new__(_Wrapper)
-        bound._cache = self._cache
-        bound._self = owner if owner is not None else type(instance)
-        bound.__dict__ = self.__dict__
-        return bound
+def _expired(stored, expire):
+    # type: (float, float) -> bool
+    """Whether an entry stored at the Unix time stored is past expire= seconds. An entry
+    stored further in the future than that is too: its writer's clock was ahead (a resumed
+    VM, a container's skewed clock on a shared cache), or ours is behind, and its true age
+    is unknown; taken as stored now, it would live until this clock got past its stamp."""
+    return not abs(time.time() - stored) < expire     # (not <: a stamp that is no number too)
 
 
-def _under_classmethod(wrapper):
-    # type: (_Wrapper) -> bool
-    """Whether wrapper is the function of a classmethod in the class that defines it."""
-    owner = sys.modules.get(getattr(wrapper, "__module__", ""))  # type: object
-    *path, name = getattr(wrapper, "__qualname__", "").split(".")
-    for part in path:
-        owner = getattr(owner, part, None)
-    held = vars(owner).get(name) if isinstance(owner, type) else None
-    return isinstance(held, classmethod) and held.__func__ is wrapper
+_FROM_THE_FUTURE = ("; an entry stored further in the future than expire= has expired too, "
+                    "as its age cannot be known")
 
 
-def _code_flags(func):
-    # type: (_Func) -> int
-    """The flags of func's code, through partials and bound methods, as inspect reads them
-    for isgeneratorfunction() and the like (without importing it)."""
-    while True:
-        if isinstance(func, functools.partial):
-            func = func.func
-        elif isinstance(func, types.MethodType):
-            func = func.__func__
-        else:
-            break
-    return func.__code__.co_flags if isinstance(func, types.FunctionType) else 0
+def _stored_when(stored, seconds=None):
+    # type: (float, Optional[float]) -> str
+    """'stored 2026-11-26 11:52 (3m ago), computed in 1.5 s' (the last part where known);
+    of a stamp ahead of this clock, '(2h ahead of this clock)'."""
+    ahead = stored - time.time()
+    if ahead >= 1:
+        text = "stored %s (%s ahead of this clock: the clock that stored it was ahead, or " \
+               "this one is behind)" % (_when(stored), _age(ahead))
+    else:
+        text = "stored %s (%s ago)" % (_when(stored), _age(max(0.0, -ahead)))
+    if seconds is None:
+        return text
+    if seconds >= 1:
+        return text + ", computed in %.1f s" % seconds
+    if seconds >= 0.001:
+        return text + ", computed in %d ms" % (seconds * 1000)
+    return text + ", computed in under 1 ms"
 
 
-def _make_wrapper(func, cache_dir, name, version, expire, ignore, key, strict):
-    # type: (_Func, Optional[_StrPath], Optional[str], object, _Expire, _Names, Optional[_Func], bool) -> _Func
-    """memoize's work, once its options are checked: func through a cache of its own. A
-    method gets a _Wrapper, which binds to its instance; anything else, a function
-    (_function_wrapper)."""
-    label = getattr(_innermost(func), "__qualname__", None) or type(func).__qualname__
-    flags = _code_flags(func)
-    if flags & (_CO_GENERATOR | _CO_ASYNC_GENERATOR):
-        raise TypeError("memoize cannot cache %s(): it is a generator function, and a "
-                        "generator is consumed as it runs; memoize a function that returns "
-                        "a list instead" % label)
-    if isinstance(ignore, str):
-        ignore = (ignore,)
-    ignore = frozenset(ignore)
-    if key is not None and not callable(key):
-        raise TypeError("Expected memoize(key=...) to be a callable, not %r" % (key,))
-    cache = _FunctionCache(func, cache_dir, name, version, expire, ignore, key, strict, label)
-    wrapper = object.__new__(_Wrapper)
-    wrapper._cache, wrapper._self = cache, None
-    coroutine = bool(flags & _CO_COROUTINE)
-    if _in_class_body(func) and not coroutine:
-        functools.update_wrapper(wrapper, func)     # a method: it binds to its instance
-        return wrapper
-    return _function_wrapper(wrapper, coroutine)
+# == map ==========================================================================================
+# persist.map(func, items) tries every item, in this process or in workers (its own pool of
+# processes, remade when one dies, or an executor), through func's cache when it is memoized:
+# _Run sends items in batches, runs again those a dead worker took with it (halving them to
+# find the one that kills), shows progress, and raises the failures together (Failures).
 
+def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional[int]" = None,
+        executor: "Optional[concurrent.futures.Executor]" = None, keep_going: bool = True,
+        progress: "Union[bool, Callable[..., Any], None]" = None) -> "List[_R]":
+    """func(item) for every item, as a list in input order, going on past items that fail.
 
-_CACHE_METHODS = ("cache_info", "cache_clear", "cache_parameters", "cache_delete",
-                  "cache_prune", "explain", "failures")
+    results = persist.map(transform, records)              # every record is tried
+    results = persist.map(transform, records, workers=8)   # in 8 processes
 
+    keep_going=True: a failing item does not stop the others; once every item was tried, if
+    any failed, Failures is raised, naming them (its .failures and .results hold them all).
+    keep_going=False raises the first failure, as a plain loop would; with workers, no item
+    starts after it, and those running finish (and are stored).
 
-def _function_wrapper(wrapper, coroutine):
-    # type: (_Wrapper, bool) -> _Func
-    """A function that calls through wrapper's cache, as wrapper's __call__ does, with its
-    cache methods: what memoize returns for anything but a method.
+    func may be any callable. A memoized one (or a functools.partial of one) stores each
+    result as it comes and records each failure (see its failures()): a rerun computes only
+    what is missing or failed, and the summary tells reused results from computed ones.
+    KeyboardInterrupt and SystemExit are not failures: they stop the run.
 
-    A function, not wrapper itself: each level of a recursion then takes two frames of the
-    stack, the function's and func's, where an object's __call__ would take three before
-    Python 3.12 (the limit counts the C call between them too). The plain one keys a call
-    as cache.key() does, inline, as _Wrapper.__call__ does: a call less costs a hit 1 to 3%
-    less (measured against key(), side by side, on CPython 3.8 and 3.13).
+    workers=N runs the calls in N processes (concurrent.futures.ProcessPoolExecutor), which
+    store into the shared cache: func must pickle (a module-level function does; run the
+    map under if __name__ == "__main__" in a script). executor= takes any
+    concurrent.futures.Executor instead (a thread pool, or Dask's client.get_executor()).
+    Ctrl-C stops persist.map's own workers at once; whatever finished before stays stored.
+    An item that kills its worker fails with BrokenProcessPool: persist.map replaces its own
+    pool and goes on (an executor= it cannot replace: RuntimeError).
+
+    progress: None shows a line on stderr that updates in place, when stderr is a terminal
+    and the run takes more than about two seconds; True shows it from the start, wherever
+    stderr goes; False shows none; a factory with tqdm's interface (progress=tqdm.tqdm)
+    gets the counts instead. At the end one summary line goes to the 'persist' logger at
+    INFO, and to stderr when the progress line would.
     """
-    cache = wrapper._cache
-    func, key_of, get = cache.func, cache.key, cache.get
-    bind, key_from = cache.bind, cache.key_from
-    if coroutine:
-        async def memoized(*args, **kwargs):
-            # type: (*Any, **Any) -> Any
-            key = key_of(args, kwargs)
-            result, _ = get(key)
-            if result is _MISSING:
-                with _Miss(cache, key, args, kwargs) as miss:
-                    result = miss.result = await func(*args, **kwargs)
-            return result
-    else:   # (ignore[misc]: one variant returns a coroutine; memoize says what either is)
-        def memoized(*args, **kwargs):  # type: ignore[misc]
-            # type: (*Any, **Any) -> Any
-            material = bind(args, kwargs)    # cache.key(args, kwargs), inline
-            try:
-                key = key_from(material)
-            except Exception as exc:
-                raise _unkeyable(func, args, kwargs, exc) from None
-            result, _ = get(key)
-            if result is _MISSING:
-                with _Miss(cache, key, args, kwargs) as miss:
-                    result = miss.result = func(*args, **kwargs)
-            return result
-
-    functools.update_wrapper(memoized, func)
-    for name in _CACHE_METHODS:
-        setattr(memoized, name, getattr(wrapper, name))
-    _WRAPPERS[memoized] = wrapper        # persist.map calls through it, to count hits
-    return memoized
+    _check_map_arguments(func, workers, executor)
+    found = _memoized_for_map(func)
+    threads = False
+    if executor is not None:
+        import concurrent.futures
+        threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
+    elsewhere = workers is not None or executor is not None and not threads   # processes
+    if elsewhere:
+        _check_travels(func)
+    items = list(items)
+    if found is not None and elsewhere:
+        # opened here first: one that cannot be opened warns here, once, and the workers
+        # forked from this process inherit that warning instead of each giving its own
+        found.wrapper._cache.open()
+    run = _Run(func, items, found, progress, keep_going)
+    try:
+        run.execute(workers, executor, threads)
+    finally:
+        run.finish()
+    if run.failures:
+        raise run.error()
+    return run.results
 
 
-def _with_state(bind, live, label):
-    # type: (_Bind, Tuple[object, ...], str) -> _Bind
-    """bind, whose key material also holds the digest of live (a bound method's self, a
-    callable object, a partial's arguments) as they are at the call: model.fit() changes
-    what model.predict returns."""
-    def bind_with_state(args, kwargs):
-        # type: (_Args, _Kwargs) -> Any
-        material = bind(args, kwargs)        # a wrong call raises first, as it would
-        try:
-            state = _digest(live)
-        except RecursionError:
-            raise
-        except Exception as exc:
-            raise TypeError(
-                "memoize cannot key %s() now: what it holds besides its arguments (a bound "
-                "method's self, a callable object's state or a partial's arguments) could be "
-                "keyed when memoize ran, but not now (%s: %s). Pass memoize(key=...) or "
-                "memoize(name=...)" % (label, type(exc).__name__, exc)) from None
-        return (state, material)
-    return bind_with_state
+def _check_map_arguments(func, workers, executor):
+    # type: (Any, Any, Optional[Executor]) -> None
+    """Raise for a func, workers= or executor= that persist.map cannot run with."""
+    if not callable(func):
+        raise TypeError("Expected a callable as persist.map()'s func, not %r" % (func,))
+    if workers is not None and executor is not None:
+        raise ValueError("persist.map() takes workers= or executor=, not both")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or
+                                workers < 1):
+        raise ValueError("persist.map(workers=...) must be a whole number of processes, 1 or "
+                         "more, not %r" % (workers,))
 
 
-def _make_classmethod_wrapper(func, options):
-    # type: (_Func, Tuple[Any, ...]) -> Any
-    """memoize(classmethod(func)): a _ClassmethodWrapper, which binds to the class itself,
-    where classmethod above memoize hides the class from cache_delete() and explain() (on
-    Python 3.8 and from 3.13 on, classmethod does not ask memoize's __get__ to bind)."""
-    wrapper = _make_wrapper(func, *options)
-    if not isinstance(wrapper, _Wrapper):    # an async def, or not in a class body
-        return classmethod(wrapper)
-    bound = object.__new__(_ClassmethodWrapper)
-    bound._cache, bound._self = wrapper._cache, None
-    bound.__dict__ = wrapper.__dict__
-    return bound
+def _memoized_for_map(func):
+    # type: (Callable[[Any], Any]) -> Optional[_WrapperCall]
+    """The memoized function behind func, and its leading arguments (see _wrapper_of), once
+    checked that persist.map can call it item by item; None for any other callable."""
+    found = _wrapper_of(func)
+    if found is None:
+        return None
+    _check_env_strict()                    # else every item would fail with it
+    function = found.wrapper._cache.func
+    if _code_flags(function) & _CO_COROUTINE:
+        raise TypeError("persist.map() calls func(item) and takes the result, but %s is an "
+                        "async def function: map a plain function over the items, or gather "
+                        "the coroutines with asyncio" % (function.__qualname__,))
+    return found
 
 
-def _in_class_body(func):
-    # type: (_Func) -> bool
-    """Whether func was defined in a class body: then memoize's wrapper must bind to an
-    instance as func would, and a descriptor is the wrapper."""
-    parts = getattr(func, "__qualname__", "").split(".")
-    return isinstance(func, types.FunctionType) and len(parts) > 1 and parts[-2] != "<locals>"
+def _check_travels(func):
+    # type: (Callable[[Any], Any]) -> None
+    """Raise TypeError if func, which persist.map sends to other processes, cannot go."""
+    try:
+        pickle.dumps(func, _PROTOCOL)
+    except Exception as exc:
+        raise TypeError("persist.map() sends func to other processes, and %r cannot be "
+                        "pickled (%s: %s): define it at the top level of a module, or use "
+                        "a thread pool (executor=)" % (func, type(exc).__name__, exc)) \
+            from None
 
-
-# -- private helpers: persist.map
 
 _PROGRESS_AFTER = 2.0     # seconds before the progress line appears: quick runs stay quiet
 _PROGRESS_EVERY = 0.2     # seconds between its updates
@@ -5326,263 +3349,6 @@ _BATCH_SECONDS = 0.05     # persist.map sends workers items in batches of about 
 _BATCH_LIMIT = 1000       # items, at most, in one batch
 _SUSPECTS_HALVED = 256    # items lost with a dead worker, more than which run again in halves:
                           # a new pool costs as much as a few hundred round trips (spawn)
-
-
-if TYPE_CHECKING:
-    class _WrapperCall(NamedTuple):
-        wrapper: _Wrapper
-        args: _Args
-        kwargs: _Kwargs
-else:
-    _WrapperCall = collections.namedtuple("_WrapperCall", "wrapper args kwargs")
-
-
-def _wrapper_of(func):
-    # type: (_Func) -> Optional[_WrapperCall]
-    """A _WrapperCall (wrapper: the _Wrapper behind func; args and kwargs: the leading
-    arguments and keywords of a functools.partial around it) when func is a memoized
-    function or method, or a partial of one; else None."""
-    args: "_Args"
-    kwargs: "_Kwargs"
-    args, kwargs = (), {}
-    if isinstance(func, functools.partial):
-        args, kwargs, func = func.args, func.keywords, func.func
-    if isinstance(func, _Wrapper):
-        return _WrapperCall(func, args, kwargs)
-    try:
-        wrapper = _WRAPPERS.get(func)
-    except TypeError:                 # unhashable, or no weak reference: not ours
-        return None
-    return None if wrapper is None else _WrapperCall(wrapper, args, kwargs)
-
-
-_STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_going=False: set by
-                                   # a failure
-
-
-def _run(func, items, portable, stop=None):
-    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> Tuple[List[_Outcome], float]
-    """func(item) for a batch of items where they run (this process, or a worker): the
-    _Outcome of each, and the seconds the batch took. portable: exceptions go to another
-    process, so each is made picklable and its traceback sent as text. stop: an Event that a
-    failure sets, after which no item starts (keep_going=False)."""
-    stop = stop or _STOP
-    found = _wrapper_of(func)
-    if found is not None:
-        call, args, kwargs = found.wrapper._call, found.args, found.kwargs
-        failing = None if stop is None else stop.set
-        cache = found.wrapper._cache
-    outcomes: "List[_Outcome]" = []
-    start = time.perf_counter()
-    for item in items:
-        if stop is not None and stop.is_set():
-            outcomes.append((None, None, None, False, None))
-            continue
-        try:
-            if found is None:
-                outcomes.append((True, func(item), None, False, None))
-            else:
-                unstored = cache.unstored
-                value, saved = call(args + (item,), kwargs, failing)
-                outcomes.append((True, value, saved, saved is None and
-                                 cache.unstored != unstored, None))
-        except Exception as exc:
-            if stop is not None:
-                stop.set()
-            text = None
-            if portable:
-                import traceback
-                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-                exc = _portable(exc)
-            outcomes.append((False, exc, None, False, text))
-    if portable:
-        outcomes = _Outcomes(outcomes)
-    return outcomes, time.perf_counter() - start
-
-
-class _Moved:
-    """The value of an _Outcome (ok None) whose result could not travel from
-    its worker (why: pickling it failed there, or loading it here): persist.map runs it
-    again in the caller (see _Run.run_here())."""
-
-    def __init__(self, why):
-        # type: (str) -> None
-        self.why = why
-
-
-class _Outcomes(list):  # type: ignore[type-arg]  # of _Outcome
-    """A worker's outcomes, which travel back one by one: a result that cannot be pickled
-    there (nested too deep, a lock) or loaded here costs only its own item, not the other
-    results of its batch (run again, a second time) nor the pool (a result that fails to
-    load breaks it: every item then in flight would run again)."""
-
-    def __reduce__(self):
-        # type: () -> Tuple[Any, ...]
-        packed: "List[_Outcome]" = []      # each value pickled on its own
-        for ok, value, saved, unstored, traceback in self:
-            try:
-                packed.append((ok, pickle.dumps(value, _PROTOCOL), saved, unstored, traceback))
-            except Exception as exc:       # RecursionError included
-                packed.append((None, _Moved(_why(exc)), None, False, None))
-        return _unpack_outcomes, (packed,)
-
-
-def _unpack_outcomes(packed):
-    # type: (List[_Outcome]) -> List[_Outcome]
-    outcomes: "List[_Outcome]" = []
-    for ok, value, saved, unstored, traceback in packed:
-        if isinstance(value, bytes):
-            try:
-                value = pickle.loads(value)
-            except Exception as exc:       # its class is not here, its loading raises
-                ok, value, saved, unstored, traceback = None, _Moved(_why(exc)), None, False, None
-        outcomes.append((ok, value, saved, unstored, traceback))
-    return outcomes
-
-
-def _why(exc):
-    # type: (BaseException) -> str
-    try:
-        return "%s: %s" % (type(exc).__name__, exc)
-    except Exception:
-        return type(exc).__name__
-
-
-class _WorkerTraceback(Exception):
-    """The traceback of an exception raised in a worker, as text: the __cause__ it gets."""
-
-    def __str__(self):
-        # type: () -> str
-        return "\n\n" + str(self.args[0])
-
-
-class _WorkerError(Exception):
-    """An exception that a worker raised but could not send back: (message, the name of its
-    type), both in args, so that they travel; str() is the message."""
-
-    def __str__(self):
-        # type: () -> str
-        return str(self.args[0])
-
-    @property
-    def kind(self):
-        # type: () -> str
-        """The name of the type of the exception it stands for."""
-        return str(self.args[1])
-
-
-def _kind_of(exc):
-    # type: (BaseException) -> str
-    """The name of exc's type, for people: a _WorkerError's is that of what it stands for."""
-    if isinstance(exc, _WorkerError) and len(exc.args) == 2:
-        return exc.kind
-    return _type_label(type(exc))
-
-
-def _portable(exc):
-    # type: (Exception) -> Exception
-    """exc if it survives pickling both ways, else a _WorkerError that says what it was."""
-    try:
-        pickle.loads(pickle.dumps(exc, _PROTOCOL))
-        return exc
-    except Exception as why:
-        try:
-            message = str(exc)
-        except Exception:
-            message = "<str() of the exception failed>"
-        kind = _type_label(type(exc))
-        return _WorkerError("%s: %s (the worker could not send this exception back: %s: %s)"
-                            % (kind, message, type(why).__name__, why), kind)
-
-
-def _type_label(kind):
-    # type: (type) -> str
-    module = getattr(kind, "__module__", None)
-    return kind.__qualname__ if module in (None, "builtins") else \
-        "%s.%s" % (module, kind.__qualname__)
-
-
-def _worker_start(stop, started, func):
-    # type: (Optional[_Event], Any, Callable[[Any], Any]) -> None
-    """Each worker of persist.map's own pool ignores Ctrl-C: the parent stops them all, at
-    once and without a traceback from each. stop: see _run. started: shared memory that the
-    first worker to get this far sets (see _OwnPool). func: persist.map's, not used here:
-    it comes with the worker's arguments so that a module of it that fails to import in a
-    new process kills the worker before this runs, a start that _OwnPool.check_started
-    reports, not a death with each batch (under spawn, a batch loads func only when it
-    arrives), which would blame every item in turn."""
-    global _STOP
-    _STOP = stop
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    started.value = 1
-
-
-class _OwnPool:
-    """persist.map's own pool of worker processes, made anew after a worker died."""
-
-    def __init__(self, workers, context, stop, func):
-        # type: (int, Any, Optional[_Event], Callable[[Any], Any]) -> None
-        self.workers, self.context, self.stop, self.func = workers, context, stop, func
-        self.started = None  # type: Any
-
-    def new(self):
-        # type: () -> ProcessPoolExecutor
-        import concurrent.futures
-        if self.stop is not None:  # set by a failure whose batch a dead worker took along:
-            self.stop.clear()      # its items run again, and it is raised then
-        self.started = self.context.RawValue("b", 0)   # no lock: any worker sets it to 1
-        return concurrent.futures.ProcessPoolExecutor(
-            self.workers, self.context, initializer=_worker_start,
-            initargs=(self.stop, self.started, self.func))
-
-    def replace(self, pool):
-        # type: (ProcessPoolExecutor) -> ProcessPoolExecutor
-        """A worker of pool died, and the pool with it: stop what is left of it, and return
-        a new one to go on in."""
-        _stop_workers(pool)
-        self.check_started()
-        return self.new()
-
-    def check_started(self):
-        # type: () -> None
-        """Raise if the pool that just died had no worker that even started: then no item
-        is to blame, and a new pool would die the same way."""
-        if self.started.value == 0:
-            raise RuntimeError(
-                "persist.map: its worker processes died as they started, before running any "
-                "item. Under the spawn and forkserver start methods (the default on macOS and "
-                "Windows) each worker imports the script again: call persist.map under "
-                "if __name__ == '__main__':, and make sure func's module imports in a new "
-                "process")
-
-
-def _stop_workers(pool):
-    # type: (ProcessPoolExecutor) -> None
-    """End a ProcessPoolExecutor's workers now, whatever they are running."""
-    # best effort, through a private attribute: without it, shutdown() waits for the calls
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    for process in processes:
-        with contextlib.suppress(Exception):
-            process.terminate()
-    # shutdown() joins every worker, the dead ones too (its manager thread does, on CPython 3.8+
-    # and PyPy alike, a broken pool included): no zombie outlives us
-    pool.shutdown(wait=True)
-
-
-def _took(seconds):
-    # type: (float) -> str
-    """A duration for people: 4.2s, 3m12s, 2h41m."""
-    if seconds < 60:
-        return "%.1fs" % seconds
-    if seconds < 3600:
-        return "%dm%02ds" % divmod(int(seconds), 60)
-    return "%dh%02dm" % divmod(int(seconds) // 60, 60)
-
-
-def _n(number):
-    # type: (int) -> str
-    return format(number, ",")
 
 
 class _Run:
@@ -6100,244 +3866,648 @@ class _Schedule:
         return None
 
 
-# -- private helpers: done_dir
+if TYPE_CHECKING:
+    class _WrapperCall(NamedTuple):
+        wrapper: _Wrapper
+        args: _Args
+        kwargs: _Kwargs
+else:
+    _WrapperCall = collections.namedtuple("_WrapperCall", "wrapper args kwargs")
 
 
-class _NotDurable(Exception):
-    """An fsync failed in _sync_tree(): (errno, strerror, name), past its except OSError."""
+def _wrapper_of(func):
+    # type: (_Func) -> Optional[_WrapperCall]
+    """A _WrapperCall (wrapper: the _Wrapper behind func; args and kwargs: the leading
+    arguments and keywords of a functools.partial around it) when func is a memoized
+    function or method, or a partial of one; else None."""
+    args: "_Args"
+    kwargs: "_Kwargs"
+    args, kwargs = (), {}
+    if isinstance(func, functools.partial):
+        args, kwargs, func = func.args, func.keywords, func.func
+    if isinstance(func, _Wrapper):
+        return _WrapperCall(func, args, kwargs)
+    try:
+        wrapper = _WRAPPERS.get(func)
+    except TypeError:                 # unhashable, or no weak reference: not ours
+        return None
+    return None if wrapper is None else _WrapperCall(wrapper, args, kwargs)
 
 
-def _start_writeback(name, dir_fd):
-    # type: (str, Optional[int]) -> None
-    """Ask Linux to start writing the file's dirty pages to disk, without waiting."""
-    # This is an optimization only; it's ok if it fails. Started for every file before the
-    # first fsync, the writes and their block allocations share a few journal commits: with
-    # the threads of _sync_files, 10,000 fsyncs took 0.5 s here instead of 0.7 s. The price:
-    # pages already on disk leave the page cache (os has no sync_file_range(), which would
-    # start the writes and do only that).
-    with contextlib.suppress(OSError):
-        opened: "List[int]" = []                        # by list.extend(), as in _create_temp()
+_STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_going=False: set by
+                                   # a failure
+
+
+def _run(func, items, portable, stop=None):
+    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> Tuple[List[_Outcome], float]
+    """func(item) for a batch of items where they run (this process, or a worker): the
+    _Outcome of each, and the seconds the batch took. portable: exceptions go to another
+    process, so each is made picklable and its traceback sent as text. stop: an Event that a
+    failure sets, after which no item starts (keep_going=False)."""
+    stop = stop or _STOP
+    found = _wrapper_of(func)
+    if found is not None:
+        call, args, kwargs = found.wrapper._call, found.args, found.kwargs
+        failing = None if stop is None else stop.set
+        cache = found.wrapper._cache
+    outcomes: "List[_Outcome]" = []
+    start = time.perf_counter()
+    for item in items:
+        if stop is not None and stop.is_set():
+            outcomes.append((None, None, None, False, None))
+            continue
         try:
-            opened.extend(builtins.map(functools.partial(os.open, dir_fd=dir_fd), (name,),
-                                       (_O_SYNC_FILE,)))
-            os.posix_fadvise(opened[0], 0, 0, _START_WRITEBACK)  # type: ignore[arg-type]
-        finally:
-            if opened:
-                os.close(opened[0])
+            if found is None:
+                outcomes.append((True, func(item), None, False, None))
+            else:
+                unstored = cache.unstored
+                value, saved = call(args + (item,), kwargs, failing)
+                outcomes.append((True, value, saved, saved is None and
+                                 cache.unstored != unstored, None))
+        except Exception as exc:
+            if stop is not None:
+                stop.set()
+            text = None
+            if portable:
+                import traceback
+                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                exc = _portable(exc)
+            outcomes.append((False, exc, None, False, text))
+    if portable:
+        outcomes = _Outcomes(outcomes)
+    return outcomes, time.perf_counter() - start
 
 
-def _sync_file(name, dir_fd):
-    # type: (str, Optional[int]) -> int
-    """Fsync the regular file name (relative to dir_fd, if given): its size in bytes.
+class _Moved:
+    """The value of an _Outcome (ok None) whose result could not travel from
+    its worker (why: pickling it failed there, or loading it here): persist.map runs it
+    again in the caller (see _Run.run_here())."""
 
-    An OSError from opening it means it vanished or may not be read; one from fsync means
-    the file is not durable, and is raised as _NotDurable. Plain fsync, even on macOS: one
-    F_FULLFSYNC afterwards, on the marker, empties the drive's cache of every file at once.
-    """
-    opened: "List[int]" = []                            # by list.extend(), as in _create_temp()
-    try:
-        opened.extend(builtins.map(functools.partial(os.open, dir_fd=dir_fd), (name,),
-                                   (_O_SYNC_FILE,)))
-        info = os.fstat(opened[0])
-        if stat.S_ISREG(info.st_mode):     # a FIFO swapped in meanwhile is only counted
+    def __init__(self, why):
+        # type: (str) -> None
+        self.why = why
+
+
+class _Outcomes(list):  # type: ignore[type-arg]  # of _Outcome
+    """A worker's outcomes, which travel back one by one: a result that cannot be pickled
+    there (nested too deep, a lock) or loaded here costs only its own item, not the other
+    results of its batch (run again, a second time) nor the pool (a result that fails to
+    load breaks it: every item then in flight would run again)."""
+
+    def __reduce__(self):
+        # type: () -> Tuple[Any, ...]
+        packed: "List[_Outcome]" = []      # each value pickled on its own
+        for ok, value, saved, unstored, traceback in self:
             try:
-                os.fsync(opened[0])
-            except OSError as exc:
-                raise _NotDurable(exc.errno, exc.strerror, name) from None
-        return info.st_size
-    finally:
-        if opened:
-            os.close(opened[0])
+                packed.append((ok, pickle.dumps(value, _PROTOCOL), saved, unstored, traceback))
+            except Exception as exc:       # RecursionError included
+                packed.append((None, _Moved(_why(exc)), None, False, None))
+        return _unpack_outcomes, (packed,)
 
 
-def _sync_files(names, dir_fd):
-    # type: (List[str], Optional[int]) -> Tuple[int, int, int]
-    """Fsync the files names (relative to dir_fd, if given): (files, bytes, files not synced).
-
-    Several threads fsync at once, because the drive's cache flushes that concurrent fsyncs
-    ask for are merged: for 3,000 small files, 0.18 s instead of 3.2 s on a busy disk here.
-    """
-    if _START_WRITEBACK is not None:
-        for name in names:
-            _start_writeback(name, dir_fd)
-    results: "List[Any]" = []              # a size, _VANISHED, or the exception
-
-    def sync(part):
-        # type: (List[str]) -> None
-        for name in part:
+def _unpack_outcomes(packed):
+    # type: (List[_Outcome]) -> List[_Outcome]
+    outcomes: "List[_Outcome]" = []
+    for ok, value, saved, unstored, traceback in packed:
+        if isinstance(value, bytes):
             try:
-                results.append(_sync_file(name, dir_fd))
-            except _NotDurable as exc:
-                results.append(exc)
-            except OSError as exc:
-                results.append(_VANISHED if exc.errno in _VANISHED else exc)
-
-    if len(names) < 2 * _SYNC_THREADS:
-        sync(names)
-    else:
-        # Threads of _thread, not threading: a Ctrl-C that lands inside Thread.start() leaves
-        # a thread half started, which the interpreter then waits for at exit, for ever.
-        # These each do their part and say so; interrupted, the caller stops waiting, and
-        # they finish on their own (a closed dir_fd only makes their fsyncs fail).
-        finished = _thread.allocate_lock()
-        counting = _thread.allocate_lock()
-        running = [_SYNC_THREADS]
-        finished.acquire()
-
-        def part(i):
-            # type: (int) -> None
-            try:
-                sync(names[i::_SYNC_THREADS])
-            finally:
-                with counting:
-                    running[0] -= 1
-                    if not running[0]:
-                        finished.release()
-
-        for i in range(_SYNC_THREADS):
-            _thread.start_new_thread(part, (i,))
-        finished.acquire()                 # a signal interrupts it, as any wait
-    files = size = unsynced = 0
-    for result in results:
-        if isinstance(result, _NotDurable):
-            raise result
-        if isinstance(result, OSError):    # may not be opened: not synced, still counted
-            unsynced += 1
-            files += 1
-        elif result is not _VANISHED:
-            files += 1
-            size += result
-    return files, size, unsynced
+                value = pickle.loads(value)
+            except Exception as exc:       # its class is not here, its loading raises
+                ok, value, saved, unstored, traceback = None, _Moved(_why(exc)), None, False, None
+        outcomes.append((ok, value, saved, unstored, traceback))
+    return outcomes
 
 
-def _sync_tree(folder, skip=None, dir_fd=None, shown=None):
-    # type: (str, Optional[str], Optional[int], Optional[str]) -> Tuple[int, int, int]
-    """Fsync each file and directory in folder and below; (files, bytes, files not synced).
-
-    Symbolic links are not followed, and the file skip at the top is left out. A file or
-    directory that vanishes while we look (another tool's temporary file) is left out: the
-    marker's record is for people, and must never cost the marker. One that may not be
-    opened is counted as not synced. Where scandir takes a descriptor, each file is opened
-    relative to its open directory, with no path to resolve.
-    """
-    shown = folder if shown is None else shown      # its path, for people
-    files = size = unsynced = 0
-    regular: "List[str]" = []              # this directory's files, synced after the loop
-    opened: "List[int]" = []               # by list.extend(), as in _create_temp()
+def _why(exc):
+    # type: (BaseException) -> str
     try:
-        if _SCANDIR_FD:
-            opened.extend(builtins.map(functools.partial(os.open, dir_fd=dir_fd), (folder,),
-                                       (_O_SUBDIR if dir_fd is not None else os.O_RDONLY,)))
-        fd = opened[0] if opened else None
-        with os.scandir(folder if fd is None else fd) as entries:
-            for entry in entries:
-                name = entry.path if fd is None else entry.name
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        more = _sync_tree(name, None, fd, os.path.join(shown, entry.name))
-                        files, size = files + more[0], size + more[1]
-                        unsynced += more[2]
-                    elif entry.name == skip:
-                        continue
-                    elif _is_atomic_temp(entry.name) and entry.is_file(follow_symlinks=False):
-                        # not a result: an atomic_open() under way (never counted), or left
-                        # by a killed writer (removed). Said aloud: a file of someone else's
-                        # may have that shape, and then they know where it went.
-                        if _remove_if_dead(name, fd):
-                            _warn("done_dir() removed %s: a file named as atomic_write() names "
-                                  "its temporary files, which no process was writing (left by "
-                                  "a writer that was killed); name your own files otherwise"
-                                  % os.path.join(shown, entry.name))
-                        continue
-                    elif entry.is_file(follow_symlinks=False):
-                        regular.append(name)
-                    else:                  # a link, FIFO or socket: nothing to sync
-                        size += entry.stat(follow_symlinks=False).st_size
-                        files += 1
-                except OSError as exc:
-                    if exc.errno not in _VANISHED:
-                        unsynced += 1
-        more = _sync_files(regular, fd)
-        files, size, unsynced = files + more[0], size + more[1], unsynced + more[2]
-        if dir_fd is not None:             # a subdirectory: its entries are durable too
-            # best effort: some network and FUSE filesystems refuse to fsync a directory
-            with contextlib.suppress(OSError):
-                os.fsync(fd)   # type: ignore[arg-type]  # set: dir_fd comes with _SCANDIR_FD
-    finally:
-        if opened:
-            os.close(opened[0])
-    return files, size, unsynced
+        return "%s: %s" % (type(exc).__name__, exc)
+    except Exception:
+        return type(exc).__name__
 
 
-def _marker_record(directory, marker):
-    # type: (pathlib.Path, str) -> str
-    """Make every file in directory durable; the marker's text: when, how many files, bytes."""
+class _WorkerTraceback(Exception):
+    """The traceback of an exception raised in a worker, as text: the __cause__ it gets."""
+
+    def __str__(self):
+        # type: () -> str
+        return "\n\n" + str(self.args[0])
+
+
+class _WorkerError(Exception):
+    """An exception that a worker raised but could not send back: (message, the name of its
+    type), both in args, so that they travel; str() is the message."""
+
+    def __str__(self):
+        # type: () -> str
+        return str(self.args[0])
+
+    @property
+    def kind(self):
+        # type: () -> str
+        """The name of the type of the exception it stands for."""
+        return str(self.args[1])
+
+
+def _kind_of(exc):
+    # type: (BaseException) -> str
+    """The name of exc's type, for people: a _WorkerError's is that of what it stands for."""
+    if isinstance(exc, _WorkerError) and len(exc.args) == 2:
+        return exc.kind
+    return _type_label(type(exc))
+
+
+def _portable(exc):
+    # type: (Exception) -> Exception
+    """exc if it survives pickling both ways, else a _WorkerError that says what it was."""
     try:
-        files, size, unsynced = _sync_tree(os.fspath(directory), marker)
-    except _NotDurable as failed:
-        code, text, name = failed.args
-        raise OSError(code, "cannot make this file durable (%s), so the stage gets no "
-                      "marker" % text, os.path.join(directory, name)) from None
-    if unsynced and _sync_all is not None:
-        _sync_all()                        # files we may not open: flush every filesystem
-    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return '{"finished": "%s", "files": %d, "bytes": %d}\n' % (finished, files, size)
+        pickle.loads(pickle.dumps(exc, _PROTOCOL))
+        return exc
+    except Exception as why:
+        try:
+            message = str(exc)
+        except Exception:
+            message = "<str() of the exception failed>"
+        kind = _type_label(type(exc))
+        return _WorkerError("%s: %s (the worker could not send this exception back: %s: %s)"
+                            % (kind, message, type(why).__name__, why), kind)
 
 
-@contextlib.contextmanager
-def _dir_lock(directory):
-    # type: (Union[str, pathlib.Path]) -> Iterator[None]
-    """Hold an exclusive lock on directory, or fail at once if someone else holds it."""
-    if _fcntl is None:
-        yield
+def _type_label(kind):
+    # type: (type) -> str
+    module = getattr(kind, "__module__", None)
+    return kind.__qualname__ if module in (None, "builtins") else \
+        "%s.%s" % (module, kind.__qualname__)
+
+
+def _worker_start(stop, started, func):
+    # type: (Optional[_Event], Any, Callable[[Any], Any]) -> None
+    """Each worker of persist.map's own pool ignores Ctrl-C: the parent stops them all, at
+    once and without a traceback from each. stop: see _run. started: shared memory that the
+    first worker to get this far sets (see _OwnPool). func: persist.map's, not used here:
+    it comes with the worker's arguments so that a module of it that fails to import in a
+    new process kills the worker before this runs, a start that _OwnPool.check_started
+    reports, not a death with each batch (under spawn, a batch loads func only when it
+    arrives), which would blame every item in turn."""
+    global _STOP
+    _STOP = stop
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    started.value = 1
+
+
+class _OwnPool:
+    """persist.map's own pool of worker processes, made anew after a worker died."""
+
+    def __init__(self, workers, context, stop, func):
+        # type: (int, Any, Optional[_Event], Callable[[Any], Any]) -> None
+        self.workers, self.context, self.stop, self.func = workers, context, stop, func
+        self.started = None  # type: Any
+
+    def new(self):
+        # type: () -> ProcessPoolExecutor
+        import concurrent.futures
+        if self.stop is not None:  # set by a failure whose batch a dead worker took along:
+            self.stop.clear()      # its items run again, and it is raised then
+        self.started = self.context.RawValue("b", 0)   # no lock: any worker sets it to 1
+        return concurrent.futures.ProcessPoolExecutor(
+            self.workers, self.context, initializer=_worker_start,
+            initargs=(self.stop, self.started, self.func))
+
+    def replace(self, pool):
+        # type: (ProcessPoolExecutor) -> ProcessPoolExecutor
+        """A worker of pool died, and the pool with it: stop what is left of it, and return
+        a new one to go on in."""
+        _stop_workers(pool)
+        self.check_started()
+        return self.new()
+
+    def check_started(self):
+        # type: () -> None
+        """Raise if the pool that just died had no worker that even started: then no item
+        is to blame, and a new pool would die the same way."""
+        if self.started.value == 0:
+            raise RuntimeError(
+                "persist.map: its worker processes died as they started, before running any "
+                "item. Under the spawn and forkserver start methods (the default on macOS and "
+                "Windows) each worker imports the script again: call persist.map under "
+                "if __name__ == '__main__':, and make sure func's module imports in a new "
+                "process")
+
+
+def _stop_workers(pool):
+    # type: (ProcessPoolExecutor) -> None
+    """End a ProcessPoolExecutor's workers now, whatever they are running."""
+    # best effort, through a private attribute: without it, shutdown() waits for the calls
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.terminate()
+    # shutdown() joins every worker, the dead ones too (its manager thread does, on CPython 3.8+
+    # and PyPy alike, a broken pool included): no zombie outlives us
+    pool.shutdown(wait=True)
+
+
+def _took(seconds):
+    # type: (float) -> str
+    """A duration for people: 4.2s, 3m12s, 2h41m."""
+    if seconds < 60:
+        return "%.1fs" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(int(seconds), 60)
+    return "%dh%02dm" % divmod(int(seconds) // 60, 60)
+
+
+def _n(number):
+    # type: (int) -> str
+    return format(number, ",")
+
+
+def _shell_word(path):
+    # type: (str) -> str
+    """path as one word of a command to paste into a shell: POSIX sh's, or Windows'."""
+    if os.name == "nt":
+        return '"%s"' % path              # a Windows path has no '"' in it
+    import shlex
+    return shlex.quote(path)
+
+
+# == map: the failure ledger ----------------------------------------------------------------------
+# A call that raised is recorded in its cache's Failures table (what, how often, the
+# traceback, the call itself when it pickles), until the call succeeds: failures() and
+# 'persist failures' read it.
+
+def _failure_record(call, exc, seconds, version):
+    # type: (_Call, BaseException, float, str) -> _FailureRecord
+    """(args, type, message, traceback, seconds, version, call): what the ledger keeps of a
+    call; call: its (args, kwargs) pickled, or why they are not kept."""
+    import traceback
+    kind = type(exc)
+    module = getattr(kind, "__module__", None)
+    name = kind.__qualname__ if module in (None, "builtins") else \
+        "%s.%s" % (module, kind.__qualname__)
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() of the exception failed>"
+    if len(message) > _MESSAGE_LIMIT:
+        message = message[:_MESSAGE_LIMIT - 1] + "\u2026"
+    # the innermost frames, where the error is: formatting them all costs as much as they are
+    text = "".join(traceback.format_exception(kind, exc, exc.__traceback__, limit=-_FRAMES))
+    # A lone surrogate (a file name os.listdir() decoded with surrogateescape, in the
+    # message) cannot be SQLite text: it is kept as its escape, \udce9, as repr() shows it
+    return (_short_repr(call), name, _escaped_surrogates(message),
+            _escaped_surrogates(text[-_TRACEBACK_LIMIT:]), seconds, version,
+            _pickled_call(call))
+
+
+_MESSAGE_LIMIT = 2000          # characters of a failure's message that are recorded
+_FRAMES = 50                   # a failure's traceback keeps its innermost frames
+_TRACEBACK_LIMIT = 1 << 16     # and of its traceback: the end, where the error is
+
+
+def _escaped_surrogates(text):
+    # type: (str) -> str
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Capped(io.RawIOBase):
+    """A file for pickle.dump() that refuses to hold more than _CALL_LIMIT bytes: a failed
+    call's large arguments stop being pickled there, not after the whole of them."""
+
+    def __init__(self):
+        # type: () -> None
+        super().__init__()
+        self.parts: "List[bytes]" = []
+        self.size = 0
+
+    def writable(self):
+        # type: () -> bool
+        return True
+
+    def write(self, data):
+        # type: (Any) -> int
+        size = memoryview(data).nbytes
+        self.size += size
+        if self.size > _CALL_LIMIT:
+            raise _TooLarge
+        self.parts.append(bytes(data))
+        return size
+
+
+def _pickled_call(call):
+    # type: (_Call) -> Union[bytes, str]
+    """A failed call's (args, kwargs), pickled so that it can be made again; or why not."""
+    file = _Capped()
+    try:
+        pickle.dump((tuple(call[0]), dict(call[1])), file, _PROTOCOL)
+    except _TooLarge:
+        return "its arguments pickle to more than %s" % _bytes(_CALL_LIMIT)
+    except RecursionError:
+        return "its arguments nest too deeply to pickle"
+    except Exception as exc:
+        return "its arguments do not pickle (%s: %s)" % (
+            type(exc).__name__, _one_line(str(exc))[:200])
+    return b"".join(file.parts)
+
+
+def _failed_call(stored):
+    # type: (Union[bytes, str, None]) -> Tuple[Optional[_FailedCall], Optional[str]]
+    """(call, call_error) of a failure record from its column call."""
+    if stored is None:
+        return None, "recorded by a persist that kept no calls"
+    if isinstance(stored, str):
+        return None, stored
+    try:
+        args, kwargs = pickle.loads(stored)
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise TypeError("not the arguments of a call: %s, %s" % (
+                type(args).__name__, type(kwargs).__name__))
+    except RecursionError:
+        raise
+    except Exception as exc:
+        return None, "it does not load (%s: %s)" % (type(exc).__name__, exc)
+    return _FailedCall(args, kwargs), None
+
+
+def _record_failure(conn, key, started, failure, expire=None):
+    # type: (sqlite3.Connection, bytes, float, _FailureRecord, Optional[float]) -> None
+    until = time.time() + expire if expire is not None else float("inf")
+    if _fetch(conn, _STORED_SINCE, (key, started, until)):
         return
-    opened: "List[int]" = []     # by list.extend(), as in _create_temp(): no Ctrl-C leaks it
-    held = (os.getpid(), os.path.realpath(directory))
-    try:
-        opened.extend(builtins.map(os.open, (directory,), (os.O_RDONLY,)))
-        for retry in (True, False):
+    args, kind, message, text, seconds, version, call = failure
+    old = _fetch(conn, _FAILED_BEFORE, (key,))
+    now = time.time()
+    count, first = (old[0][0] + 1, old[0][1]) if old else (1, now)
+    row = (key, args, kind, message, text, count, first, now, seconds, version)
+    if call is None:                     # no column for it (see _Store.record_failure)
+        conn.execute(_RECORD_FAILURE.replace(", call)", ")").replace(", ?)", ")"), row)
+    else:
+        conn.execute(_RECORD_FAILURE, row + (sqlite3.Binary(call) if isinstance(call, bytes)
+                                             else call,))
+
+
+# == open =========================================================================================
+# persist.open(filename) is shelve.open over a _Store: each assignment a committed row.
+# A file that shelve made (any dbm) is first copied into a new store under its name.
+
+def open(filename: "_Path", flag: "_Flag" = "c", protocol: "Optional[int]" = None,
+         writeback: bool = False) -> "_Shelf":
+    """Open a persistent dictionary: shelve.open, safe for many processes and for crashes.
+
+    Keys are str, values anything picklable. Every assignment is committed when it returns;
+    many threads and processes may use one file at once. flag is 'r' (read only), 'w' (read
+    and write an existing file), 'c' (create it if needed) or 'n' (start empty). writeback is
+    not offered: assign a changed value back to store it. Use it as a context manager, or
+    call close(). The file is SQLite: sqlite3 FILE 'SELECT key, stored FROM Dict' lists it.
+
+    Where shelve.open(filename) made a file (dbm.dumb, dbm.gnu, dbm.ndbm or dbm.sqlite3), its
+    entries are copied into a new store of that name, with a PersistWarning; the original is
+    kept (as filename.before-persist when it had that very name). Flag 'r' refuses instead.
+    """
+    if writeback:
+        raise ValueError("persist.open() offers no writeback: a changed value is stored when "
+                         "you assign it back (db[key] = value); drop writeback=True")
+    path = os.fsdecode(os.fspath(filename))
+    if not path:                            # not the current directory: open("") fails so
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    path = os.path.abspath(path)
+    _open_shelve_file(path, flag)
+    store = _Store(path, flag)
+    # a _Store is the mapping under the shelf, though not a MutableMapping: _Shelf
+    # overrides each method that shelve.Shelf would call it through
+    return _Shelf(store, protocol)  # type: ignore[arg-type]
+
+
+# == open: the shelf ------------------------------------------------------------------------------
+# _Shelf is shelve.Shelf over a _Store: values are pickled straight to and from the file,
+# and every method is one step that another process's writes cannot break in the middle of.
+
+if TYPE_CHECKING:     # generic to type checkers, not at run time before Python 3.9
+    _ShelfBase = shelve.Shelf[Any]
+    _ItemsViewBase = collections.abc.ItemsView[str, Any]
+    _ValuesViewBase = collections.abc.ValuesView[Any]
+else:
+    _ShelfBase = shelve.Shelf
+    _ItemsViewBase = collections.abc.ItemsView
+    _ValuesViewBase = collections.abc.ValuesView
+
+
+class _Shelf(_ShelfBase):
+    """shelve.Shelf over a _Store: values are pickled straight to and from the file, and every
+    method is one step that another process's writes cannot break in the middle of."""
+
+    dict: "Any"               # shelve.Shelf's: the _Store, or what close() leaves
+    keyencoding: str
+    _protocol: "Optional[int]"
+
+    @property
+    def path(self):
+        # type: () -> str
+        """The cache file's absolute path."""
+        return self._store().path
+
+    def __getitem__(self, key):
+        # type: (str) -> Any
+        row, value = self._load(self._store(), self._raw(key), key)
+        if row is None:
+            raise KeyError(key)
+        return value
+
+    def _load(self, store, raw, key):
+        # type: (_Store, bytes, str) -> Tuple[Optional[_Row], Any]
+        """(row, value) of key now; (None, None) if there is none."""
+        for _ in range(100):
+            row = store.get(raw)
+            if row is None:
+                return None, None
             try:
-                _fcntl.flock(opened[0], _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not retry:
-                    raise PersistError(errno.EBUSY, _BUSY_DIR, os.fspath(directory),
-                                       reason=PersistError.BUSY) from None
-            except OSError:
-                # a filesystem without locks (some NFS and FUSE mounts): the stage runs, and a
-                # second done_dir() at once goes undetected, as on Windows
-                break
-            # A Ctrl-C raised as a with statement entered or left a done_dir() of this
-            # process leaves its generator waiting at its yield, the lock held, until it is
-            # finalized: at once on CPython, at the next collection on PyPy.
-            import gc
-            gc.collect()
-        _DIRS_HELD.add(held)
-        yield
-    finally:
-        _DIRS_HELD.discard(held)
-        if opened:
-            os.close(opened[0])
+                return row, store.load(row)
+            except FileNotFoundError:     # replaced or deleted since get(): read it again
+                continue
+            except (EOFError, pickle.UnpicklingError) as exc:
+                if row[1] is None:        # a pickle of the row's own: as shelve raises it
+                    raise
+                # value files are not fsynced: a power cut may cut one short
+                raise PersistError(errno.EIO, "the value file of key %r is cut short or "
+                                   "damaged (%s: %s); store the key again, or delete it"
+                                   % (key, type(exc).__name__, exc),
+                                   store.values.path(row[1]),
+                                   reason=PersistError.DAMAGED_VALUE) from None
+        # not a writer's replacement: gone for good (removed by hand)
+        raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
+                           store.values.path(row[1]),  # type: ignore[index, arg-type]  # a row
+                           reason=PersistError.MISSING_VALUE)
+
+    def __setitem__(self, key, value):
+        # type: (str, Any) -> None
+        self._store().put(self._raw(key), value, self._protocol)
+
+    def __delitem__(self, key):
+        # type: (str) -> None
+        if not self._store().delete(self._raw(key)):
+            raise KeyError(key)
+
+    def get(self, key, default=None):
+        # type: (str, Any) -> Any
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def pop(self, key, default=_MISSING):
+        # type: (str, Any) -> Any
+        store = self._store()
+        raw = self._raw(key)
+        while True:
+            row, value = self._load(store, raw, key)
+            if row is None:
+                if default is _MISSING:
+                    raise KeyError(key)
+                return default
+            if store.delete_row(raw, row):  # else another process changed it: again
+                return value
+
+    def popitem(self):
+        # type: () -> Tuple[str, Any]
+        for key in self:
+            try:
+                return key, self.pop(key)
+            except KeyError:              # deleted by another process meanwhile
+                continue
+        raise KeyError("popitem(): the shelf is empty")
+
+    def setdefault(self, key, default=None):
+        # type: (str, Any) -> Any
+        try:
+            return self[key]
+        except KeyError:
+            self[key] = default
+            return default
+
+    def items(self):
+        # type: () -> _ItemsView
+        return _ItemsView(self)
+
+    def values(self):
+        # type: () -> _ValuesView
+        return _ValuesView(self)
+
+    def clear(self):
+        # type: () -> None
+        self._store().clear()
+
+    def __contains__(self, key):
+        # type: (object) -> bool
+        return self._raw(key) in self._store()
+
+    def _raw(self, key):
+        # type: (object) -> bytes
+        try:
+            return key.encode(self.keyencoding)  # type: ignore[attr-defined, no-any-return]
+        except AttributeError:      # shelve lets str's missing method say it: AttributeError
+            raise TypeError("Expected a str key, not %s: persist.open() keys are text, as "
+                            "shelve's are; convert it with str()" % type(key).__name__) from None
+
+    def _store(self):
+        # type: () -> _Store
+        store = self.dict
+        if not isinstance(store, _Store):
+            raise ValueError("invalid operation on closed shelf")
+        return store
 
 
-def _empty(directory):
-    # type: (pathlib.Path) -> None
-    """Remove everything in directory, not following symbolic links."""
-    import shutil
-    for entry in os.scandir(directory):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
+class _ItemsView(_ItemsViewBase):
+    _mapping: _Shelf
+
+    def __iter__(self):
+        # type: () -> Iterator[Tuple[str, Any]]
+        for key in self._mapping:
+            try:
+                yield key, self._mapping[key]
+            except KeyError:               # deleted by another process meanwhile
+                continue
 
 
-# -- private helpers: persist.open over a file that shelve made
-#
+class _ValuesView(_ValuesViewBase):
+    _mapping: _Shelf
+
+    def __iter__(self):
+        # type: () -> Iterator[Any]
+        for key, value in _ItemsView(self._mapping):
+            yield value
+
+
+# == open: reading old shelve files ---------------------------------------------------------------
 # shelve.open(name) leaves NAME.dat and NAME.dir (dbm.dumb), NAME.db or NAME.pag and NAME.dir
 # (dbm.ndbm), or NAME itself (dbm.gnu, and dbm.sqlite3 from Python 3.13 on). persist.open(name)
 # copies such a file's entries into a new persist store at NAME, keeping the original: the
 # copy is made in full and made durable before it takes the name; the original is kept where
 # it was, or, when it had that very name, under NAME.before-persist.
+
+def _open_shelve_file(path, flag):
+    # type: (str, str) -> None
+    """Before persist.open(path, flag) opens a store: move a shelve file's entries into one."""
+    if os.path.islink(path):               # _Store refuses it, saying why
+        return
+    kind = _shelve_kind(path)
+    if kind is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    _check_private(directory, "the shelf's directory")
+    if _CHECK_WORLD_WRITABLE:
+        # its entries become ours, pickles and all: by the rules of a cache's own files, never
+        # from files another user made in /tmp (or that every user may write)
+        for name in [path] + [path + ext for ext in (".dir", ".dat", ".pag", ".db", ".bak")]:
+            try:
+                info = os.lstat(name)
+            except FileNotFoundError:
+                continue
+            if _planted(info, directory):
+                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name,
+                                   reason=PersistError.UNSAFE)
+    if flag == "r":
+        raise PersistError(errno.EINVAL, _SHELVE_READ_ONLY.format(kind=kind, path=path), path,
+                           reason=PersistError.SHELVE)
+    if flag == "n" and kind in ("dbm.dumb", "dbm.ndbm"):
+        return                             # its files have other names: they stay as they are
+    # One process at a time, and then only if nobody did it meanwhile. The lock is the
+    # directory's, which done_dir() also takes: not where this process holds it, and only
+    # for a while where another does; _from_shelve() then checks that nobody else got there
+    # first.
+    lock = None
+    if _fcntl is not None and (os.getpid(), os.path.realpath(directory)) not in _DIRS_HELD:
+        lock = os.open(directory, os.O_RDONLY)
+    try:
+        if lock is not None:
+            deadline = time.monotonic() + _CONVERT_TIMEOUT
+            while True:
+                try:
+                    _fcntl.flock(lock, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.01)
+            kind = _shelve_kind(path)
+        if kind is not None:
+            try:
+                _warn(_from_shelve(path, kind, copy=flag != "n"))
+            except FileExistsError:
+                if _shelve_kind(path) is not None:     # not another process's store: a fault
+                    raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
 
 _SHELVE_HEAD = b"SQLite format 3\0"
 _SHELVE_KEPT = ".before-persist"
@@ -6384,58 +4554,6 @@ def _is_dbm_sqlite3(path):
             return False
         finally:
             _close(conn)
-
-
-@contextlib.contextmanager
-def _shelve_items(path, kind):
-    # type: (str, str) -> Iterator[Iterator[Tuple[bytes, bytes]]]
-    """An iterator of the (key, pickle) pairs of the shelve file at path, as stored."""
-    if kind == "dbm.sqlite3":              # read here: Python before 3.13 has no dbm.sqlite3
-        _check_companions(path)
-        busy = PersistError(errno.EBUSY, "a dbm.sqlite3 shelve file that another program "
-                            "has open; close it there, then open it again", path,
-                            reason=PersistError.BUSY)
-        try:
-            # the rows are read as the caller copies them: all of it under one _elsewhere()
-            with _elsewhere(path):
-                conn = sqlite3.connect(_uri(path, "rw"), uri=True, isolation_level=None,
-                                       timeout=_SHELVE_TIMEOUT)
-                try:
-                    # Out of WAL mode first, which needs the only connection to it: then
-                    # the file holds all of it, and leaves no -wal file that SQLite would
-                    # replay into the store that takes its name. Another process may be
-                    # looking at what the file is (_shelve_kind), for a moment.
-                    if _journal_mode(conn, "DELETE", _SHELVE_TIMEOUT).lower() == "wal":
-                        raise busy
-                    rows = conn.execute("SELECT key, value FROM Dict")
-                    yield ((bytes(key) if isinstance(key, (bytes, memoryview)) else
-                            str(key).encode("utf-8"), bytes(value)) for key, value in rows)
-                finally:
-                    _close(conn)
-        except sqlite3.Error as exc:
-            if _sqlite_failure(exc) == "busy":
-                raise busy from None
-            raise OSError(errno.EIO, "cannot read the shelve file (%s)" % exc, path) from None
-        return
-    import dbm
-    try:
-        db = dbm.open(path, "r")
-    except ImportError:
-        raise PersistError(errno.EINVAL, "a %s shelve file, which this Python cannot read "
-                           "(it has no %s); open it once with a Python that has, to copy "
-                           "its entries into a persist store" % (kind, kind), path,
-                           reason=PersistError.SHELVE_UNSUPPORTED) from None
-    try:
-        yield ((key, db[key]) for key in db.keys())  # type: ignore[misc]  # keys are bytes
-    finally:
-        db.close()
-
-
-def _copy_rows(conn, items, stored):
-    # type: (sqlite3.Connection, Iterable[Tuple[bytes, bytes]], float) -> int
-    conn.executemany(_PUT, ((key, value, None, stored, None, None, None)
-                            for key, value in items))
-    return _fetch(conn, _COUNT)[0][0]  # type: ignore[no-any-return]  # a row: Any
 
 
 def _from_shelve(path, kind, copy=True):
@@ -6495,6 +4613,58 @@ def _from_shelve(path, kind, copy=True):
             "store of that name, and %s" % (path, kind, count, where))
 
 
+@contextlib.contextmanager
+def _shelve_items(path, kind):
+    # type: (str, str) -> Iterator[Iterator[Tuple[bytes, bytes]]]
+    """An iterator of the (key, pickle) pairs of the shelve file at path, as stored."""
+    if kind == "dbm.sqlite3":              # read here: Python before 3.13 has no dbm.sqlite3
+        _check_companions(path)
+        busy = PersistError(errno.EBUSY, "a dbm.sqlite3 shelve file that another program "
+                            "has open; close it there, then open it again", path,
+                            reason=PersistError.BUSY)
+        try:
+            # the rows are read as the caller copies them: all of it under one _elsewhere()
+            with _elsewhere(path):
+                conn = sqlite3.connect(_uri(path, "rw"), uri=True, isolation_level=None,
+                                       timeout=_SHELVE_TIMEOUT)
+                try:
+                    # Out of WAL mode first, which needs the only connection to it: then
+                    # the file holds all of it, and leaves no -wal file that SQLite would
+                    # replay into the store that takes its name. Another process may be
+                    # looking at what the file is (_shelve_kind), for a moment.
+                    if _journal_mode(conn, "DELETE", _SHELVE_TIMEOUT).lower() == "wal":
+                        raise busy
+                    rows = conn.execute("SELECT key, value FROM Dict")
+                    yield ((bytes(key) if isinstance(key, (bytes, memoryview)) else
+                            str(key).encode("utf-8"), bytes(value)) for key, value in rows)
+                finally:
+                    _close(conn)
+        except sqlite3.Error as exc:
+            if _sqlite_failure(exc) == "busy":
+                raise busy from None
+            raise OSError(errno.EIO, "cannot read the shelve file (%s)" % exc, path) from None
+        return
+    import dbm
+    try:
+        db = dbm.open(path, "r")
+    except ImportError:
+        raise PersistError(errno.EINVAL, "a %s shelve file, which this Python cannot read "
+                           "(it has no %s); open it once with a Python that has, to copy "
+                           "its entries into a persist store" % (kind, kind), path,
+                           reason=PersistError.SHELVE_UNSUPPORTED) from None
+    try:
+        yield ((key, db[key]) for key in db.keys())  # type: ignore[misc]  # keys are bytes
+    finally:
+        db.close()
+
+
+def _copy_rows(conn, items, stored):
+    # type: (sqlite3.Connection, Iterable[Tuple[bytes, bytes]], float) -> int
+    conn.executemany(_PUT, ((key, value, None, stored, None, None, None)
+                            for key, value in items))
+    return _fetch(conn, _COUNT)[0][0]  # type: ignore[no-any-return]  # a row: Any
+
+
 def _same_file(info, other):
     # type: (os.stat_result, os.stat_result) -> bool
     return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
@@ -6545,258 +4715,10 @@ def _keep_aside(path, original):
                           path + _SHELVE_KEPT)
 
 
-def _open_shelve_file(path, flag):
-    # type: (str, str) -> None
-    """Before persist.open(path, flag) opens a store: move a shelve file's entries into one."""
-    if os.path.islink(path):               # _Store refuses it, saying why
-        return
-    kind = _shelve_kind(path)
-    if kind is None:
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    _check_private(directory, "the shelf's directory")
-    if _CHECK_WORLD_WRITABLE:
-        # its entries become ours, pickles and all: by the rules of a cache's own files, never
-        # from files another user made in /tmp (or that every user may write)
-        for name in [path] + [path + ext for ext in (".dir", ".dat", ".pag", ".db", ".bak")]:
-            try:
-                info = os.lstat(name)
-            except FileNotFoundError:
-                continue
-            if _planted(info, directory):
-                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name,
-                                   reason=PersistError.UNSAFE)
-    if flag == "r":
-        raise PersistError(errno.EINVAL, _SHELVE_READ_ONLY.format(kind=kind, path=path), path,
-                           reason=PersistError.SHELVE)
-    if flag == "n" and kind in ("dbm.dumb", "dbm.ndbm"):
-        return                             # its files have other names: they stay as they are
-    # One process at a time, and then only if nobody did it meanwhile. The lock is the
-    # directory's, which done_dir() also takes: not where this process holds it, and only
-    # for a while where another does; _from_shelve() then checks that nobody else got there
-    # first.
-    lock = None
-    if _fcntl is not None and (os.getpid(), os.path.realpath(directory)) not in _DIRS_HELD:
-        lock = os.open(directory, os.O_RDONLY)
-    try:
-        if lock is not None:
-            deadline = time.monotonic() + _CONVERT_TIMEOUT
-            while True:
-                try:
-                    _fcntl.flock(lock, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.01)
-            kind = _shelve_kind(path)
-        if kind is not None:
-            try:
-                _warn(_from_shelve(path, kind, copy=flag != "n"))
-            except FileExistsError:
-                if _shelve_kind(path) is not None:     # not another process's store: a fault
-                    raise
-    finally:
-        if lock is not None:
-            os.close(lock)
-
-
-# -- the public API
-
-
-if TYPE_CHECKING:     # bare, @memoize; or with options, @memoize(version=2)
-    @overload
-    def memoize(func: Callable[_P, _R], *, cache_dir: Optional[_StrPath] = None,
-                name: Optional[str] = None, version: object = None,
-                expire: Union[float, datetime.timedelta, None] = None,
-                ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
-                strict: bool = False) -> _MemoizedFunction[_P, _R]: ...
-    @overload
-    def memoize(func: None = None, *, cache_dir: Optional[_StrPath] = None,
-                name: Optional[str] = None, version: object = None,
-                expire: Union[float, datetime.timedelta, None] = None,
-                ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
-                strict: bool = False
-                ) -> Callable[[Callable[_P, _R]], _MemoizedFunction[_P, _R]]: ...
-
-
-def memoize(func: "Optional[Callable[..., Any]]" = None, *,
-            cache_dir: "Optional[_StrPath]" = None, name: "Optional[str]" = None,
-            version: object = None, expire: "Union[float, datetime.timedelta, None]" = None,
-            ignore: "Union[str, Iterable[str]]" = (),
-            key: "Optional[Callable[..., Any]]" = None, strict: bool = False) -> "Any":
-    """Keep each result of func on disk, so that a rerun computes only what is missing.
-
-    Use it bare, @memoize, or with options, @memoize(version=2). Each result is committed
-    before the call returns: a crash, even kill -9, loses nothing that was returned. Many
-    threads and processes may share one cache. Exceptions are never cached; a call that
-    raised is recorded, until it succeeds, in the cache's failure ledger (see failures()).
-
-    cache_dir: where the cache lives; else $PERSIST_DIR; else .persist beside the file that
-        defines func (or in the current directory, for the REPL and notebooks).
-    name: the cache's name; else module.qualname of func (a lambda, or a function with no
-        source file, adds a tag of its code). A name is your word that every function
-        memoized under it computes the same: what they carry is then not checked.
-    version: change it when results computed before are wrong. Results of other versions are
-        misses, kept on disk until cache_prune() or 'persist prune --stale' removes them, so
-        switching back reuses them. Editing the function keeps every result, by design.
-    expire: seconds (or a timedelta) after which a result is computed again.
-    ignore: names of parameters left out of the key, such as 'verbose'; ignoring 'self'
-        shares results between all instances.
-    key: a callable taking func's arguments and returning what to key on instead.
-    strict: raise when the cache cannot be used (read-only, disk full) instead of warning once
-        and returning results unstored; PERSIST_STRICT=1 sets it for every function.
-
-    Equal arguments give the same key in every process: a parameter left at its default is
-    left out (adding one with a default keeps old results), dict and set order do not
-    matter, types do (1 and 1.0 differ). What func carries besides its arguments (closure
-    cells, a partial's arguments, a bound method's self, a callable object's state) is part
-    of the key; if it cannot be, memoize raises TypeError. The wrapper has cache_info(),
-    failures(), cache_clear(), cache_delete(*args, **kwargs), cache_prune() and
-    cache_parameters() (the options, as a dict), and binds in a class as a function does
-    (put it above @classmethod). Caches are pickles: trust them as code.
-    """
-    options = (cache_dir, name, version, expire, ignore, key, strict)
-    if func is None:
-        return lambda f: memoize(f, cache_dir=cache_dir, name=name, version=version,
-                                 expire=expire, ignore=ignore, key=key, strict=strict)
-    if isinstance(func, classmethod):
-        return _make_classmethod_wrapper(func.__func__, options)
-    if isinstance(func, staticmethod):
-        kind = type(func).__name__
-        raise TypeError("memoize cannot decorate the %s %s: put @%s above @memoize, so "
-                        "that memoize sees the function itself"
-                        % (kind, getattr(func.__func__, "__qualname__", func.__func__), kind))
-    if not callable(func):
-        raise TypeError("Expected a function to decorate, not %r: use @memoize or "
-                        "@memoize(option=...)" % (func,))
-    return _make_wrapper(func, *options)
-
-
-def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional[int]" = None,
-        executor: "Optional[concurrent.futures.Executor]" = None, keep_going: bool = True,
-        progress: "Union[bool, Callable[..., Any], None]" = None) -> "List[_R]":
-    """func(item) for every item, as a list in input order, going on past items that fail.
-
-    results = persist.map(transform, records)              # every record is tried
-    results = persist.map(transform, records, workers=8)   # in 8 processes
-
-    keep_going=True: a failing item does not stop the others; once every item was tried, if
-    any failed, Failures is raised, naming them (its .failures and .results hold them all).
-    keep_going=False raises the first failure, as a plain loop would; with workers, no item
-    starts after it, and those running finish (and are stored).
-
-    func may be any callable. A memoized one (or a functools.partial of one) stores each
-    result as it comes and records each failure (see its failures()): a rerun computes only
-    what is missing or failed, and the summary tells reused results from computed ones.
-    KeyboardInterrupt and SystemExit are not failures: they stop the run.
-
-    workers=N runs the calls in N processes (concurrent.futures.ProcessPoolExecutor), which
-    store into the shared cache: func must pickle (a module-level function does; run the
-    map under if __name__ == "__main__" in a script). executor= takes any
-    concurrent.futures.Executor instead (a thread pool, or Dask's client.get_executor()).
-    Ctrl-C stops persist.map's own workers at once; whatever finished before stays stored.
-    An item that kills its worker fails with BrokenProcessPool: persist.map replaces its own
-    pool and goes on (an executor= it cannot replace: RuntimeError).
-
-    progress: None shows a line on stderr that updates in place, when stderr is a terminal
-    and the run takes more than about two seconds; True shows it from the start, wherever
-    stderr goes; False shows none; a factory with tqdm's interface (progress=tqdm.tqdm)
-    gets the counts instead. At the end one summary line goes to the 'persist' logger at
-    INFO, and to stderr when the progress line would.
-    """
-    _check_map_arguments(func, workers, executor)
-    found = _memoized_for_map(func)
-    threads = False
-    if executor is not None:
-        import concurrent.futures
-        threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
-    elsewhere = workers is not None or executor is not None and not threads   # processes
-    if elsewhere:
-        _check_travels(func)
-    items = list(items)
-    if found is not None and elsewhere:
-        # opened here first: one that cannot be opened warns here, once, and the workers
-        # forked from this process inherit that warning instead of each giving its own
-        found.wrapper._cache.open()
-    run = _Run(func, items, found, progress, keep_going)
-    try:
-        run.execute(workers, executor, threads)
-    finally:
-        run.finish()
-    if run.failures:
-        raise run.error()
-    return run.results
-
-
-def _check_map_arguments(func, workers, executor):
-    # type: (Any, Any, Optional[Executor]) -> None
-    """Raise for a func, workers= or executor= that persist.map cannot run with."""
-    if not callable(func):
-        raise TypeError("Expected a callable as persist.map()'s func, not %r" % (func,))
-    if workers is not None and executor is not None:
-        raise ValueError("persist.map() takes workers= or executor=, not both")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or
-                                workers < 1):
-        raise ValueError("persist.map(workers=...) must be a whole number of processes, 1 or "
-                         "more, not %r" % (workers,))
-
-
-def _memoized_for_map(func):
-    # type: (Callable[[Any], Any]) -> Optional[_WrapperCall]
-    """The memoized function behind func, and its leading arguments (see _wrapper_of), once
-    checked that persist.map can call it item by item; None for any other callable."""
-    found = _wrapper_of(func)
-    if found is None:
-        return None
-    _check_env_strict()                    # else every item would fail with it
-    function = found.wrapper._cache.func
-    if _code_flags(function) & _CO_COROUTINE:
-        raise TypeError("persist.map() calls func(item) and takes the result, but %s is an "
-                        "async def function: map a plain function over the items, or gather "
-                        "the coroutines with asyncio" % (function.__qualname__,))
-    return found
-
-
-def _check_travels(func):
-    # type: (Callable[[Any], Any]) -> None
-    """Raise TypeError if func, which persist.map sends to other processes, cannot go."""
-    try:
-        pickle.dumps(func, _PROTOCOL)
-    except Exception as exc:
-        raise TypeError("persist.map() sends func to other processes, and %r cannot be "
-                        "pickled (%s: %s): define it at the top level of a module, or use "
-                        "a thread pool (executor=)" % (func, type(exc).__name__, exc)) \
-            from None
-
-
-def open(filename: "_Path", flag: "_Flag" = "c", protocol: "Optional[int]" = None,
-         writeback: bool = False) -> "_Shelf":
-    """Open a persistent dictionary: shelve.open, safe for many processes and for crashes.
-
-    Keys are str, values anything picklable. Every assignment is committed when it returns;
-    many threads and processes may use one file at once. flag is 'r' (read only), 'w' (read
-    and write an existing file), 'c' (create it if needed) or 'n' (start empty). writeback is
-    not offered: assign a changed value back to store it. Use it as a context manager, or
-    call close(). The file is SQLite: sqlite3 FILE 'SELECT key, stored FROM Dict' lists it.
-
-    Where shelve.open(filename) made a file (dbm.dumb, dbm.gnu, dbm.ndbm or dbm.sqlite3), its
-    entries are copied into a new store of that name, with a PersistWarning; the original is
-    kept (as filename.before-persist when it had that very name). Flag 'r' refuses instead.
-    """
-    if writeback:
-        raise ValueError("persist.open() offers no writeback: a changed value is stored when "
-                         "you assign it back (db[key] = value); drop writeback=True")
-    path = os.fsdecode(os.fspath(filename))
-    if not path:                            # not the current directory: open("") fails so
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-    path = os.path.abspath(path)
-    _open_shelve_file(path, flag)
-    store = _Store(path, flag)
-    # a _Store is the mapping under the shelf, though not a MutableMapping: _Shelf
-    # overrides each method that shelve.Shelf would call it through
-    return _Shelf(store, protocol)  # type: ignore[arg-type]
-
+# == atomic_write, atomic_open ====================================================================
+# The new content goes to a temporary file of a random name beside the target, is flushed
+# and fsynced, and takes the target's name with os.replace (then the directory is fsynced):
+# a reader sees the old file or the new, never half.
 
 def atomic_write(path: "_Path", data: "Union[str, Buffer]", *,
                  sync: bool = True, encoding: "Optional[str]" = None,
@@ -6869,6 +4791,336 @@ def atomic_open(path: "_Path", mode: str = "w", *, sync: bool = True,
     return _atomic_open(path, mode, sync, True, encoding, errors, newline)
 
 
+@contextlib.contextmanager
+def _atomic_open(path, mode, sync, follow, encoding=None, errors=None, newline=None,
+                 bits=0o666):
+    # type: (_Path, str, bool, bool, Optional[str], Optional[str], Optional[str], int) -> Iterator[IO[Any]]
+    """atomic_open(); follow=False replaces a symbolic link at path instead of its target;
+    a new file gets the mode bits & ~umask (open()'s 0o666 unless persist's own)."""
+    kind, encoding = _mode(mode, encoding, errors, newline)
+    target = os.fsdecode(os.fspath(path))
+    if not target:                          # not the current directory: open("") fails so
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    # Resolved once, here: an os.chdir() in the block must not move the commit elsewhere.
+    # Not os.path.abspath(), which would drop "link/.." where open() follows the link.
+    if not os.path.isabs(target):
+        target = os.path.join(os.getcwd(), target)
+    if kind == "x" and os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+    if follow:
+        target = _follow(target, path)      # as open(path, "w"): the link's target is written
+    old = _existing(target, path, follow)
+    owner = os.getpid()
+    temp, fd = _create_temp(target, path, bits)
+    opened = [fd]
+    try:
+        # closefd=False: a block may close the file itself (libraries that write to a file
+        # object often do), and the descriptor must outlive it for the fsync, and its lock
+        # (see _create_temp) the rename
+        try:
+            with io.open(fd, "wb" if encoding is None else "w", encoding=encoding,
+                         errors=errors, newline=newline, closefd=False) as file:
+                # its name is the path, as open()'s is, not the descriptor: code that
+                # guesses a format from the extension (an image's) reads it
+                raw = file.buffer.raw if encoding else file.raw  # type: ignore[attr-defined]
+                raw.name = os.fspath(path)
+                if old is not None and stat.S_ISREG(old.st_mode):
+                    _keep_owner_and_mode(fd, temp, old)
+                yield file
+                # A child forked in the block (its descriptor now devnull's: see
+                # _silence_unfinished) may not commit or remove its parent's file.
+                if os.getpid() != owner:
+                    raise RuntimeError("atomic_open(%r): this process was forked inside the "
+                                       "block, and the file is its parent's to finish: write "
+                                       "it in the parent, or open it anew in the child"
+                                       % (path,))
+            if sync:
+                _fsync(fd)
+        finally:
+            if not _RENAME_OPEN_FILES:   # Windows renames no open file (and has no flock)
+                os.close(opened.pop())
+        # The except below removes it from here on. Taken off before the rename: one a Ctrl-C
+        # left listed after it would name, at exit, whatever file has that name then and the
+        # inode ours had (the target's, or one made anew on it).
+        _UNFINISHED.pop(temp, None)
+        if kind == "x":
+            try:
+                _rename_no_clobber(temp, target)
+            except FileExistsError:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
+        else:
+            _existing(target, path, follow)     # again: a FIFO may have appeared meanwhile
+            os.replace(temp, target)
+    except BaseException:
+        if os.getpid() == owner:
+            # best effort: the temporary file may be gone already; the original error matters
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            _UNFINISHED.pop(temp, None)
+        raise
+    finally:
+        if opened:
+            os.close(opened[0])
+    if sync:
+        _fsync_dir(os.path.dirname(target))
+
+
+def _mode(mode, encoding, errors, newline):
+    # type: (str, Optional[str], Optional[str], Optional[str]) -> Tuple[str, Optional[str]]
+    """("w" or "x", the encoding or None for binary) for atomic_open()'s arguments."""
+    if mode in _BINARY_MODES:
+        if encoding is not None or errors is not None or newline is not None:
+            raise ValueError("atomic_open() mode %r is binary: it takes no encoding, errors "
+                             "or newline" % mode)
+        return _BINARY_MODES[mode], None
+    if mode in _TEXT_MODES:
+        encoding = "utf-8" if encoding is None else encoding
+        codecs.lookup(encoding)     # an unknown encoding fails now, before any file exists
+        return _TEXT_MODES[mode], encoding
+    raise ValueError("atomic_open() mode must be %s, not %r" % (_MODES_ACCEPTED, mode))
+
+
+def _kind(mode):
+    # type: (int) -> str
+    """What a file type is called in an error: 'a FIFO', 'a character device', ..."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _existing(target, shown, follow):
+    # type: (str, _Path, bool) -> Optional[os.stat_result]
+    """os.stat (lstat if not follow) of the regular file at target, None if there is none.
+
+    Anything else is refused: renaming over a device, FIFO or socket would replace it, and
+    as root atomic_write("/dev/null", ...) would replace the system's /dev/null.
+    """
+    try:
+        info = os.stat(target) if follow else os.lstat(target)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), shown)
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode)):
+        raise PersistError(errno.EINVAL, "%s, not a regular file: atomic_write() and "
+                           "atomic_open() replace only regular files; write to it with "
+                           "open(), or give another path" % _kind(info.st_mode), shown,
+                           reason=PersistError.NOT_A_FILE)
+    if stat.S_ISREG(info.st_mode) and not _may_write(target):
+        # open(path, "w") would refuse: a read-only file stays, as it would
+        raise PermissionError(errno.EACCES, "Permission denied (the file is read-only to "
+                              "you; make it writable first if you mean to replace it)", shown)
+    return info
+
+
+def _may_write(path):
+    # type: (str) -> bool
+    """Whether open(path, "w") would be allowed, by the permissions of whoever runs us."""
+    if os.access in os.supports_effective_ids:
+        return os.access(path, os.W_OK, effective_ids=True)
+    return os.access(path, os.W_OK)
+
+
+def _follow(target, shown):
+    # type: (str, _Path) -> str
+    """Where the symbolic link at target leads, resolved a link at a time, as open() does.
+
+    Only the last component is resolved here; the kernel resolves the others when the
+    temporary file is created, with its own checks. A link that another user planted in a
+    sticky directory that every user may write (/tmp) is refused, as open() refuses it
+    under Linux's fs.protected_symlinks (on by default): os.path.realpath() would follow
+    it, and as root replace whatever file that user chose, /etc/passwd included.
+    """
+    for _ in range(40):                    # the kernel's limit on links in one lookup
+        try:
+            info = os.lstat(target)
+        except FileNotFoundError:
+            return target
+        if not stat.S_ISLNK(info.st_mode):
+            return target
+        directory = os.path.dirname(target)
+        if _CHECK_WORLD_WRITABLE:
+            shared = os.stat(directory)
+            if (shared.st_mode & stat.S_IWOTH and shared.st_mode & stat.S_ISVTX
+                    and info.st_uid not in (os.geteuid(), shared.st_uid)):
+                raise PermissionError(errno.EACCES, (
+                    "a symbolic link that user %d made in %s, a directory every user may "
+                    "write: following it would replace a file of their choosing; remove the "
+                    "link, or write elsewhere" % (info.st_uid, directory)), shown)
+        target = os.path.join(directory, os.readlink(target))
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), shown)
+
+
+def _keep_owner_and_mode(fd, temp, old):
+    # type: (int, str, os.stat_result) -> None
+    """Give the new file at temp (open as fd) the owner, group and mode of the old one.
+
+    As root both are set; a member of the old file's group sets the group; anyone else gets
+    the new file as their own, which is all a rename can do. Owner first: chown clears the
+    setuid and setgid bits, which the chmod after it puts back.
+    """
+    if _CAN_CHOWN:
+        new = os.fstat(fd)
+        if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+            try:
+                os.fchown(fd, old.st_uid, old.st_gid)
+            except PermissionError:
+                # best effort: not root; the group, if we are in it
+                with contextlib.suppress(PermissionError):
+                    os.fchown(fd, -1, old.st_gid)
+    # By descriptor where possible: in a directory others may write, the name temp could be
+    # a link to /etc/shadow by now, and chmod() would follow it.
+    os.chmod(fd if _CHMOD_FD else temp, stat.S_IMODE(old.st_mode))
+
+
+# == atomic_write, atomic_open: temporary files ---------------------------------------------------
+# Each is made under a random name, locked (flock) by its writer while it is open. At
+# exit this process removes those it left (_remove_unfinished; a forked child leaves its
+# parent's alone); one whose writer was killed is removed by the next done_dir() over its
+# directory (_remove_if_dead).
+
+# _create_temp()'s files not yet renamed or removed: name -> (pid, device, inode, descriptor)
+_UNFINISHED = {}  # type: Dict[str, Tuple[int, int, int, int]]
+# The names of persist's temporary files, each of a shape that the other can never take, so
+# that a sweep removes only its own: .NAME.RANDOM.tmp, atomic_open()'s (RANDOM: 8 hex digits
+# right before .tmp), and .NAME.RANDOM.new-cache.tmp, a cache being made (see _Store.sweep).
+_ATOMIC_TEMP = ""
+_NEW_CACHE = ".new-cache"
+
+
+def _is_atomic_temp(name):
+    # type: (str) -> bool
+    """Whether name has the shape of an atomic_open() temporary file: .NAME.RANDOM.tmp."""
+    return (name.startswith(".") and name.endswith(".tmp") and len(name) >= 15 and
+            name[-13] == "." and _hex_name(name[-12:-4], 8))
+
+
+def _create_temp(target, shown, mode=0o666, kind=_ATOMIC_TEMP):
+    # type: (str, _Path, int, str) -> Tuple[str, int]
+    """Create .NAME.RANDOM{kind}.tmp beside target, exclusively, never through a link, mode &
+    ~umask, and locked (flock) for as long as the descriptor is open: a sweep takes a file
+    that nobody holds for one whose writer was killed (see _remove_if_dead).
+
+    The caller renames or removes it, then takes it off _UNFINISHED; if it never can (see
+    _remove_unfinished), the process's exit removes it."""
+    directory, name = os.path.split(target)
+    for _ in range(100):
+        temp = os.path.join(directory, ".%s.%s%s.tmp" % (name[:60], os.urandom(4).hex(), kind))
+        # A signal handler's exception (Ctrl-C, an alarm) is raised as a call returns to
+        # Python code: called from Python, os.open() would raise it after creating the file,
+        # its descriptor lost, whenever the signal came during the open() system call (a
+        # wide window: one Ctrl-C in two, measured). Called by list.extend(), from C, its
+        # descriptor is stored before that exception is raised, so both can be undone.
+        opened: "List[int]" = []
+        try:
+            opened.extend(builtins.map(os.open, (temp,), (_O_TEMP,), (mode,)))   # umask
+            if _fcntl is not None:
+                # best effort: a filesystem without locks (some NFS) has no sweep either
+                with contextlib.suppress(OSError):
+                    _fcntl.flock(opened[0], _fcntl.LOCK_EX)
+            info = os.fstat(opened[0])
+            if info.st_nlink == 0:      # a sweep took it before we locked it: another name
+                os.close(opened.pop())
+                continue
+            _UNFINISHED[temp] = (os.getpid(), info.st_dev, info.st_ino, opened[0])
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory (its directory "
+                                    "does not exist; create it first)", shown) from None
+        except BaseException:
+            if opened:             # created, then interrupted: an OSError creates nothing
+                _UNFINISHED.pop(temp, None)
+                os.close(opened[0])
+                # best effort: the exception that interrupted us is what matters
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+            raise
+        return temp, opened[0]
+    raise FileExistsError(errno.EEXIST, "no free temporary file name beside it", shown)
+
+
+def _remove_if_dead(name, dir_fd=None):
+    # type: (str, Optional[int]) -> bool
+    """Remove the atomic_open() temporary file name (relative to dir_fd, if given) if no
+    process holds it: its writer was killed. Whether it is gone now.
+
+    Its writer holds its lock from before it has a name to after its rename or removal (see
+    _create_temp), so a file whose lock we get, still under that name, is nobody's. Without
+    locks (Windows), no file is proven dead, and none is removed.
+    """
+    if _fcntl is None:
+        return False
+    try:
+        fd = os.open(name, _O_SYNC_FILE, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)     # else its writer holds it
+        info = os.fstat(fd)
+        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino) or not stat.S_ISREG(
+                info.st_mode):
+            return False
+        os.unlink(name, dir_fd=dir_fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove_unfinished():
+    # type: () -> None
+    """At exit: remove the temporary files this process made and never renamed or removed.
+
+    A Ctrl-C can land where no try covers it: as _create_temp() returns, or as a with
+    statement enters atomic_open() (its generator then waits at its yield, and PyPy never
+    finalizes it). A file is removed only if it is still the one made here: not a parent's
+    (after fork), nor a new file under a name that ours was renamed from.
+    """
+    pid = os.getpid()
+    for name, (owner, device, inode, _) in list(_UNFINISHED.items()):
+        if owner == pid:
+            # best effort: at exit, whatever stops this stops nothing else
+            with contextlib.suppress(OSError):
+                info = os.lstat(name)
+                if (info.st_dev, info.st_ino) == (device, inode):
+                    os.unlink(name)
+
+
+def _silence_unfinished():
+    # type: () -> None
+    """In a child just forked: the parent's unfinished files get devnull in their descriptors.
+
+    The child has a copy of each one's unflushed buffer, and whatever flushes it must not write
+    it into the parent's file a second time: leaving the block, or the exit of the interpreter,
+    which on PyPy flushes every open file, even one that another thread of the parent had open
+    in its block (that thread is not in the child, and never leaves it).
+    """
+    for _, device, inode, fd in list(_UNFINISHED.values()):
+        try:
+            info = os.fstat(fd)
+        except OSError:                    # closed already: nothing to flush through it
+            continue
+        if (info.st_dev, info.st_ino) == (device, inode):     # not a number used again since
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd, inheritable=False)
+            os.close(null)
+
+
+atexit.register(_remove_unfinished)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_silence_unfinished)
+
+
+# == done_dir, is_done ============================================================================
+# done_dir(path) fills a directory and writes its marker (DONE) only when the block ends
+# well, after every file in it is durable; is_done(path) asks for the marker. A lock keeps
+# two fillers of one directory apart.
+
 def done_dir(path: "_Path", *, marker: str = "DONE", clean: bool = False
              ) -> "contextlib.AbstractContextManager[pathlib.Path, Optional[bool]]":
     """A directory that gets its marker file only when the with-block finishes without error.
@@ -6940,7 +5192,1950 @@ def is_done(path: "_Path", *, marker: str = "DONE") -> bool:
         return False
 
 
-# -- the command line: python persist.py COMMAND, or python -m persist COMMAND
+@contextlib.contextmanager
+def _dir_lock(directory):
+    # type: (Union[str, pathlib.Path]) -> Iterator[None]
+    """Hold an exclusive lock on directory, or fail at once if someone else holds it."""
+    if _fcntl is None:
+        yield
+        return
+    opened: "List[int]" = []     # by list.extend(), as in _create_temp(): no Ctrl-C leaks it
+    held = (os.getpid(), os.path.realpath(directory))
+    try:
+        opened.extend(builtins.map(os.open, (directory,), (os.O_RDONLY,)))
+        for retry in (True, False):
+            try:
+                _fcntl.flock(opened[0], _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not retry:
+                    raise PersistError(errno.EBUSY, _BUSY_DIR, os.fspath(directory),
+                                       reason=PersistError.BUSY) from None
+            except OSError:
+                # a filesystem without locks (some NFS and FUSE mounts): the stage runs, and a
+                # second done_dir() at once goes undetected, as on Windows
+                break
+            # A Ctrl-C raised as a with statement entered or left a done_dir() of this
+            # process leaves its generator waiting at its yield, the lock held, until it is
+            # finalized: at once on CPython, at the next collection on PyPy.
+            import gc
+            gc.collect()
+        _DIRS_HELD.add(held)
+        yield
+    finally:
+        _DIRS_HELD.discard(held)
+        if opened:
+            os.close(opened[0])
+
+
+def _empty(directory):
+    # type: (pathlib.Path) -> None
+    """Remove everything in directory, not following symbolic links."""
+    import shutil
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+
+
+def _marker_record(directory, marker):
+    # type: (pathlib.Path, str) -> str
+    """Make every file in directory durable; the marker's text: when, how many files, bytes."""
+    try:
+        files, size, unsynced = _sync_tree(os.fspath(directory), marker)
+    except _NotDurable as failed:
+        code, text, name = failed.args
+        raise OSError(code, "cannot make this file durable (%s), so the stage gets no "
+                      "marker" % text, os.path.join(directory, name)) from None
+    if unsynced and _sync_all is not None:
+        _sync_all()                        # files we may not open: flush every filesystem
+    finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return '{"finished": "%s", "files": %d, "bytes": %d}\n' % (finished, files, size)
+
+
+class _NotDurable(Exception):
+    """An fsync failed in _sync_tree(): (errno, strerror, name), past its except OSError."""
+
+
+def _sync_tree(folder, skip=None, dir_fd=None, shown=None):
+    # type: (str, Optional[str], Optional[int], Optional[str]) -> Tuple[int, int, int]
+    """Fsync each file and directory in folder and below; (files, bytes, files not synced).
+
+    Symbolic links are not followed, and the file skip at the top is left out. A file or
+    directory that vanishes while we look (another tool's temporary file) is left out: the
+    marker's record is for people, and must never cost the marker. One that may not be
+    opened is counted as not synced. Where scandir takes a descriptor, each file is opened
+    relative to its open directory, with no path to resolve.
+    """
+    shown = folder if shown is None else shown      # its path, for people
+    files = size = unsynced = 0
+    regular: "List[str]" = []              # this directory's files, synced after the loop
+    opened: "List[int]" = []               # by list.extend(), as in _create_temp()
+    try:
+        if _SCANDIR_FD:
+            opened.extend(builtins.map(functools.partial(os.open, dir_fd=dir_fd), (folder,),
+                                       (_O_SUBDIR if dir_fd is not None else os.O_RDONLY,)))
+        fd = opened[0] if opened else None
+        with os.scandir(folder if fd is None else fd) as entries:
+            for entry in entries:
+                name = entry.path if fd is None else entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        more = _sync_tree(name, None, fd, os.path.join(shown, entry.name))
+                        files, size = files + more[0], size + more[1]
+                        unsynced += more[2]
+                    elif entry.name == skip:
+                        continue
+                    elif _is_atomic_temp(entry.name) and entry.is_file(follow_symlinks=False):
+                        # not a result: an atomic_open() under way (never counted), or left
+                        # by a killed writer (removed). Said aloud: a file of someone else's
+                        # may have that shape, and then they know where it went.
+                        if _remove_if_dead(name, fd):
+                            _warn("done_dir() removed %s: a file named as atomic_write() names "
+                                  "its temporary files, which no process was writing (left by "
+                                  "a writer that was killed); name your own files otherwise"
+                                  % os.path.join(shown, entry.name))
+                        continue
+                    elif entry.is_file(follow_symlinks=False):
+                        regular.append(name)
+                    else:                  # a link, FIFO or socket: nothing to sync
+                        size += entry.stat(follow_symlinks=False).st_size
+                        files += 1
+                except OSError as exc:
+                    if exc.errno not in _VANISHED:
+                        unsynced += 1
+        more = _sync_files(regular, fd)
+        files, size, unsynced = files + more[0], size + more[1], unsynced + more[2]
+        if dir_fd is not None:             # a subdirectory: its entries are durable too
+            # best effort: some network and FUSE filesystems refuse to fsync a directory
+            with contextlib.suppress(OSError):
+                os.fsync(fd)   # type: ignore[arg-type]  # set: dir_fd comes with _SCANDIR_FD
+    finally:
+        if opened:
+            os.close(opened[0])
+    return files, size, unsynced
+
+
+def _sync_files(names, dir_fd):
+    # type: (List[str], Optional[int]) -> Tuple[int, int, int]
+    """Fsync the files names (relative to dir_fd, if given): (files, bytes, files not synced).
+
+    Several threads fsync at once, because the drive's cache flushes that concurrent fsyncs
+    ask for are merged: for 3,000 small files, 0.18 s instead of 3.2 s on a busy disk here.
+    """
+    if _START_WRITEBACK is not None:
+        for name in names:
+            _start_writeback(name, dir_fd)
+    results: "List[Any]" = []              # a size, _VANISHED, or the exception
+
+    def sync(part):
+        # type: (List[str]) -> None
+        for name in part:
+            try:
+                results.append(_sync_file(name, dir_fd))
+            except _NotDurable as exc:
+                results.append(exc)
+            except OSError as exc:
+                results.append(_VANISHED if exc.errno in _VANISHED else exc)
+
+    if len(names) < 2 * _SYNC_THREADS:
+        sync(names)
+    else:
+        # Threads of _thread, not threading: a Ctrl-C that lands inside Thread.start() leaves
+        # a thread half started, which the interpreter then waits for at exit, for ever.
+        # These each do their part and say so; interrupted, the caller stops waiting, and
+        # they finish on their own (a closed dir_fd only makes their fsyncs fail).
+        finished = _thread.allocate_lock()
+        counting = _thread.allocate_lock()
+        running = [_SYNC_THREADS]
+        finished.acquire()
+
+        def part(i):
+            # type: (int) -> None
+            try:
+                sync(names[i::_SYNC_THREADS])
+            finally:
+                with counting:
+                    running[0] -= 1
+                    if not running[0]:
+                        finished.release()
+
+        for i in range(_SYNC_THREADS):
+            _thread.start_new_thread(part, (i,))
+        finished.acquire()                 # a signal interrupts it, as any wait
+    files = size = unsynced = 0
+    for result in results:
+        if isinstance(result, _NotDurable):
+            raise result
+        if isinstance(result, OSError):    # may not be opened: not synced, still counted
+            unsynced += 1
+            files += 1
+        elif result is not _VANISHED:
+            files += 1
+            size += result
+    return files, size, unsynced
+
+
+def _sync_file(name, dir_fd):
+    # type: (str, Optional[int]) -> int
+    """Fsync the regular file name (relative to dir_fd, if given): its size in bytes.
+
+    An OSError from opening it means it vanished or may not be read; one from fsync means
+    the file is not durable, and is raised as _NotDurable. Plain fsync, even on macOS: one
+    F_FULLFSYNC afterwards, on the marker, empties the drive's cache of every file at once.
+    """
+    opened: "List[int]" = []                            # by list.extend(), as in _create_temp()
+    try:
+        opened.extend(builtins.map(functools.partial(os.open, dir_fd=dir_fd), (name,),
+                                   (_O_SYNC_FILE,)))
+        info = os.fstat(opened[0])
+        if stat.S_ISREG(info.st_mode):     # a FIFO swapped in meanwhile is only counted
+            try:
+                os.fsync(opened[0])
+            except OSError as exc:
+                raise _NotDurable(exc.errno, exc.strerror, name) from None
+        return info.st_size
+    finally:
+        if opened:
+            os.close(opened[0])
+
+
+def _start_writeback(name, dir_fd):
+    # type: (str, Optional[int]) -> None
+    """Ask Linux to start writing the file's dirty pages to disk, without waiting."""
+    # This is an optimization only; it's ok if it fails. Started for every file before the
+    # first fsync, the writes and their block allocations share a few journal commits: with
+    # the threads of _sync_files, 10,000 fsyncs took 0.5 s here instead of 0.7 s. The price:
+    # pages already on disk leave the page cache (os has no sync_file_range(), which would
+    # start the writes and do only that).
+    with contextlib.suppress(OSError):
+        opened: "List[int]" = []                        # by list.extend(), as in _create_temp()
+        try:
+            opened.extend(builtins.map(functools.partial(os.open, dir_fd=dir_fd), (name,),
+                                       (_O_SYNC_FILE,)))
+            os.posix_fadvise(opened[0], 0, 0, _START_WRITEBACK)  # type: ignore[arg-type]
+        finally:
+            if opened:
+                os.close(opened[0])
+
+
+# == the store ====================================================================================
+# One SQLite file per cache, in WAL mode, shared by every thread and process:
+# _Store       what the shelf and memoize do: get, put, delete, iterate, count, clear, prune
+# _Values      the files of pickles too large for a row, each one named by its row
+# _Connection  one process's connection to the file: a lock, fork() and signals, errors
+# Nothing SQLite is open across fork(): the hooks close it before and reopen after.
+
+class _Store:
+    """A cache file: keys (bytes) to pickled values, with what memoize records beside them.
+
+    Every write is one transaction, committed when the method returns. Reads take no lock
+    that outlives them. The interface is small, so that another backend could replace it.
+    """
+
+    def __init__(self, filename, flag="c"):
+        # type: (_Path, str) -> None
+        if flag not in _FLAGS:
+            raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
+        self.path = os.path.abspath(os.fsdecode(os.fspath(filename)))
+        self.flag = flag
+        self.values = _Values(self.path + ".values")
+        self._puts = 0                  # put() restarts the log every so often
+        self._owned: "Optional[bool]" = None     # whether Dict records owners: owned()
+        self._check_path()
+        if flag in "cn" and not os.path.exists(self.path):
+            self._create()
+            # Again: in /tmp another user may have taken the name with a cache of their own
+            # as ours was made (ours then was not linked there): refused, not opened.
+            self._check_path()
+        elif flag in "cn" and os.path.isfile(self.path) and _size(self.path) == 0:
+            self._create_in_place()
+        mode = _FLAGS[flag]
+        if mode == "ro" and _may_write(self.path) and _may_write(os.path.dirname(self.path)):
+            mode = "query"      # reads only, but closes as a writer: no -wal or -shm left
+        self.conn = _Connection(self.path, mode)
+        try:
+            self.conn.run(_fetch, "SELECT 1")     # open now: a bad file fails here
+        except BaseException:
+            self.conn.close()
+            raise
+        self.calls = True              # whether Failures has the column call (see _ADD_CALL)
+        if flag == "n":
+            self.clear()
+        elif flag != "r":
+            self.sweep()
+        self._check_calls()
+
+    def _check_path(self):
+        # type: () -> None
+        """Refuse a cache others could plant code in, or that would write through a link."""
+        if self.flag in "rw" and not os.path.exists(self.path):
+            raise FileNotFoundError(errno.ENOENT, "No such cache file (open it with flag 'c' "
+                                    "to create it)", self.path)
+        directory = os.path.dirname(self.path)
+        if _CHECK_WORLD_WRITABLE:
+            _check_private(directory, "the cache's directory")
+        for name in (self.path, self.values.directory):
+            try:
+                info = os.lstat(name)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                raise PersistError(errno.ELOOP, _LINK, name, reason=PersistError.SYMLINK)
+            if name == self.path and stat.S_ISDIR(info.st_mode):    # SQLite: "unable to open"
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), name)
+            if name == self.path and not stat.S_ISREG(info.st_mode):
+                # SQLite would wait for ever to open a FIFO for reading (persist ls, 'r')
+                raise PersistError(errno.EINVAL, "%s, not a cache file; persist leaves it as "
+                                   "it is: give persist another file name" % _kind(
+                                       info.st_mode), name, reason=PersistError.NOT_A_FILE)
+            if _CHECK_WORLD_WRITABLE and _planted(info, directory):
+                raise PersistError(errno.EPERM, _WORLD_WRITABLE, name,
+                                   reason=PersistError.UNSAFE)
+        _check_companions(self.path)
+
+    def _check_calls(self):
+        # type: () -> None
+        """Give the Failures of a cache made before persist kept failed calls their column
+        call: the other columns stay as they are, and so does the format, so that an older
+        persist.py still uses the cache (it names the columns it writes)."""
+        def columns(conn):
+            # type: (sqlite3.Connection) -> List[str]
+            return [row[1] for row in _fetch(conn, "PRAGMA table_info(Failures)")]
+
+        def add(conn):
+            # type: (sqlite3.Connection) -> None
+            if "call" not in columns(conn):   # another process may have added it meanwhile
+                conn.execute(_ADD_CALL)
+
+        if "call" in self.conn.run(columns):
+            return
+        if self.flag != "r":
+            with contextlib.suppress(OSError):   # a read-only cache: its records have none
+                self.conn.transaction(add)
+        self.calls = "call" in self.conn.run(columns)
+
+    def _create(self):
+        # type: () -> None
+        """Make a new cache beside path and link it into place: nobody sees it half made.
+
+        It is made in rollback mode and linked while an exclusive lock on it is held; only then
+        are the -journal, -wal and -shm files of a cache deleted without them removed. Otherwise SQLite
+        would replay that old log into the new file, and deleted results would come back.
+        Nobody can open the new file before they are gone: opening waits for the lock.
+        """
+        directory = os.path.dirname(self.path)
+        try:
+            # SQLite gives the -wal and -shm files the mode of this one
+            temp, fd = _create_temp(self.path, self.path, _FILE_MODE, _NEW_CACHE)
+        except PermissionError:
+            raise PermissionError(errno.EACCES, "cannot create the cache: its directory is "
+                                  "not writable", directory) from None
+        os.close(fd)
+        try:
+            # In /tmp its journal's name too is taken by an empty file of ours first: SQLite
+            # makes it one statement at a time, and would replay a journal planted meanwhile.
+            _check_companions(temp)
+            with _elsewhere(self.path):
+                self._make(temp)
+        finally:
+            # best effort each: the empty ones that _check_companions() made, if still there
+            for name in (temp, temp + "-journal", temp + "-wal", temp + "-shm"):
+                with contextlib.suppress(FileNotFoundError, PermissionError):
+                    os.unlink(name)
+            _UNFINISHED.pop(temp, None)
+
+    def _make(self, temp):
+        # type: (str) -> None
+        """_create() in the empty file temp, then linked as path."""
+        conn = None
+        try:
+            conn = sqlite3.connect(temp, isolation_level=None)
+            # each statement is a transaction: TRUNCATE keeps the journal that
+            # _check_companions() made ours between them, where DELETE would free its name
+            _fetch(conn, "PRAGMA journal_mode=TRUNCATE")
+            for statement in _CREATE:
+                conn.execute(statement)
+            if _RENAME_OPEN_FILES:
+                conn.execute("BEGIN EXCLUSIVE")
+                with contextlib.suppress(FileExistsError):   # another process was first
+                    _rename_no_clobber(temp, self.path)
+                    self._remove_stale_companions()
+                conn.execute("COMMIT")
+            else:
+                # Windows renames no open file, and removes no log that a process has open
+                _close(conn)
+                if not os.path.exists(self.path):
+                    self._remove_stale_companions()
+                with contextlib.suppress(FileExistsError):
+                    _rename_no_clobber(temp, self.path)
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc, self.path) from None
+        finally:
+            if conn is not None:
+                _close(conn)
+
+    def _create_in_place(self):
+        # type: () -> None
+        """Make a new cache in the empty file at path, as tempfile.mkstemp() leaves one for
+        shelve.open(name, "n") to fill: SQLite takes an empty file for an empty database.
+
+        Under its exclusive lock, and only if it is empty still: a second creator waits for
+        the lock, and then finds the cache made.
+        """
+        with _elsewhere(self.path):
+            self._fill()
+
+    def _fill(self):
+        # type: () -> None
+        conn = None
+        try:
+            conn = sqlite3.connect(_uri(self.path, "rw"), uri=True, timeout=_BUSY_TIMEOUT,
+                                   isolation_level=None)
+            for statement in _CREATE[:2]:     # page size and auto_vacuum: before the lock,
+                conn.execute(statement)       # where they apply to the file then written
+            conn.execute("BEGIN EXCLUSIVE")
+            if not _fetch(conn, "SELECT 1 FROM sqlite_master") and \
+                    _fetch(conn, "PRAGMA application_id") == [(0,)]:
+                self._remove_stale_companions()
+                for statement in _CREATE[2:]:
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc, self.path) from None
+        finally:
+            if conn is not None:
+                _close(conn)
+
+    def _remove_stale_companions(self):
+        # type: () -> None
+        # a journal too: a hot one, left by a transaction killed in the middle, would be
+        # replayed into the new file as a log would
+        for stale in (self.path + "-journal", self.path + "-wal", self.path + "-shm"):
+            # best effort: on Windows one in use cannot go, and then it is not stale
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                os.unlink(stale)
+
+    # Reading
+
+    def get(self, key):
+        # type: (bytes) -> Optional[_Row]
+        """(pickle or b'', value file name or None, stored, seconds) for key, or None."""
+        rows = self.conn.query(_GET, (key,))
+        return rows[0] if rows else None
+
+    def load(self, row):
+        # type: (_Row) -> Any
+        """Unpickle the value of a row from get(); FileNotFoundError if a writer replaced it
+        (and removed its file) since: get() it again."""
+        if row[1] is None:
+            return pickle.loads(row[0])
+        with io.open(self.values.path(row[1]), "rb") as file:
+            return pickle.load(file)
+
+    def keys(self):
+        # type: () -> List[bytes]
+        return [key for key, in self.conn.run(_fetch, _KEYS)]
+
+    def __bool__(self):           # a store is there, however many entries: no query for that
+        # type: () -> bool
+        return True
+
+    def __len__(self):
+        # type: () -> int
+        return self.conn.run(_fetch, _COUNT)[0][0]  # type: ignore[no-any-return]  # a row: Any
+
+    def __contains__(self, key):
+        # type: (bytes) -> bool
+        return bool(self.conn.run(_fetch, _CONTAINS, (key,)))
+
+    def info(self):
+        # type: () -> Dict[str, str]
+        return dict(self.conn.run(_fetch, _INFO))
+
+    def entries(self):
+        # type: () -> List[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]
+        """(key, args, stored, size, seconds, version) of every entry, oldest first."""
+        rows = self.conn.run(_fetch, _ENTRIES)
+        return [(key, args, stored, _size(self.values.path(file)) if file else size, seconds,
+                 version) for key, args, stored, size, file, seconds, version in rows]
+
+    def summary(self):
+        # type: () -> Tuple[int, Optional[float], Optional[float], int, int]
+        """(entries, oldest, newest, stale entries, their bytes): stale entries are those of
+        another version than the latest to open the cache, or of other code (stale_codes())."""
+        (count, oldest, newest), = self.conn.run(_fetch, _SUMMARY)
+        version = self.info().get("version")
+        codes = self.stale_codes()
+        stale = self.prune(version=version, codes=codes, dry_run=True)[:2] \
+            if version or codes else (0, 0)
+        return (count, oldest, newest) + stale
+
+    def tally(self, owner=None):
+        # type: (Optional[str]) -> Tuple[int, float, int]
+        """(entries, seconds their calls took in all, failure records), in one query; those
+        of owner alone (and those stored before owners were recorded), if given."""
+        if owner is not None and self.owned():
+            return self.conn.run(_fetch, _TALLY_OWNED, (owner,) * 3)[0]  # type: ignore[no-any-return]
+        return self.conn.run(_fetch, _TALLY)[0]  # type: ignore[no-any-return]  # a row: Any
+
+    def owned(self):
+        # type: () -> bool
+        """Whether the cache records owners (see _CREATE): one made before does not."""
+        if self._owned is None:
+            columns = self.conn.run(_fetch, "PRAGMA table_info(Dict)")
+            self._owned = any(column[1] == "owner" for column in columns)
+        return self._owned
+
+    def own(self):
+        # type: () -> None
+        """Record owners from now on in a cache made before they were (best effort: a
+        read-only cache stays as it is, and its entries are anyone's)."""
+        def add(conn):
+            # type: (sqlite3.Connection) -> None
+            for table in ("Dict", "Failures"):     # again, in the transaction: two may add
+                if not any(column[1] == "owner"
+                           for column in _fetch(conn, "PRAGMA table_info(%s)" % table)):
+                    conn.execute("ALTER TABLE %s ADD COLUMN owner TEXT" % table)
+        if not self.owned() and self.flag != "r":
+            with contextlib.suppress(OSError):
+                self.conn.transaction(add)
+                self._owned = True
+
+    def stale_codes(self):
+        # type: () -> Optional[List[str]]
+        """The code tags (see _CREATE) of the latest run that opened the cache, whose other
+        ones are stale, or None when none is recorded."""
+        code = self.info().get("code")
+        return code.split()[1:] if code and self.owned() else None
+
+    def closures(self):
+        # type: () -> int
+        """How many values of what its function carries (make(2), make(3)) the entries that
+        are not stale were stored under."""
+        codes = self.stale_codes()
+        if not codes:
+            return 0
+        return len({owner for owner, in self.conn.run(_fetch, _OWNERS)
+                    if str(owner)[:_CODE_TAG] in codes})     # as prune()'s substr()
+
+    def failures(self, owner=None):
+        # type: (Optional[str]) -> List[Any]
+        """(args, type, message, count, first, last, seconds, version, traceback, call) of
+        each failure record, the latest failure last; of owner alone (as tally()), if given.
+        call: the pickle of (args, kwargs), or why there is none (text), or None."""
+        sql = _FAILURES % ("call" if self.calls else "NULL")
+        if owner is not None and self.owned():
+            return self.conn.run(_fetch, sql.replace(
+                " FROM Failures", " FROM Failures WHERE " + _OWNED), (owner,))
+        return self.conn.run(_fetch, sql)
+
+    def disk_usage(self):
+        # type: () -> int
+        names = [self.path, self.path + "-wal", self.path + "-shm"]
+        with contextlib.suppress(OSError):
+            names += [os.path.join(self.values.directory, name)
+                      for name in os.listdir(self.values.directory)]
+        return sum(_size(name) for name in names)
+
+    # Writing
+
+    def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None,
+            forget=(), owner=None):
+        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str], Sequence[bytes], Optional[str]) -> None
+        """Pickle value under key, with what memoize records; a large pickle goes to a value
+        file as it is made, with no copy in memory. The failure records of key, and of the
+        keys in forget (the same call under other versions), go in the same transaction."""
+        spill = _Spill(self.values)
+        try:
+            pickle.dump(value, spill, protocol)
+            row: "_Args" = (key, spill.inline(), spill.name, time.time(), seconds, version,
+                            args)
+            if owner is not None and self.owned():
+                row += (owner,)
+            old = self.conn.transaction(_replace, row, self.values, forget)
+        except BaseException:
+            # A signal (Ctrl-C) that arrives while COMMIT runs is raised just after it: the
+            # row may name the file already. Remove it only if no row does; if even that
+            # check fails, the file stays for sweep().
+            if spill.name is not None and not self._named([spill.name]):
+                spill.discard()
+            raise
+        finally:
+            spill.close()
+        if old:
+            self.values.remove([old])
+        self._puts += 1
+        if self._puts % 32 == 0 and _size(self.path + "-wal") > _LOG_LIMIT:
+            self._restart_log()
+
+    def _restart_log(self):
+        # type: () -> None
+        """Copy the log into the file and start it over. SQLite's own checkpoints never catch
+        up while other processes keep committing, and the log would grow without end."""
+        def restart(conn):
+            # type: (sqlite3.Connection) -> None
+            conn.execute("PRAGMA busy_timeout=%d" % (_RESTART_TIMEOUT * 1000))
+            try:
+                # While another connection checkpoints (SQLite's own automatic checkpoint,
+                # which every commit runs once the log is large, or a FULL one waiting for
+                # an old reader), SQLite answers busy at once, without waiting: try again
+                # until the log is restarted, by us or by another process.
+                # A cursor of our own, closed even on Ctrl-C: the checkpoint may wait seconds
+                # for an old reader, and on PyPy an interrupt then left its statement
+                # unfinished, which failed every later COMMIT of this process ("SQL
+                # statements in progress").
+                cursor = conn.cursor()
+                try:
+                    deadline = time.monotonic() + _RESTART_TIMEOUT
+                    while (cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0][0]
+                           and _size(self.path + "-wal") > _LOG_LIMIT and
+                           time.monotonic() < deadline):
+                        time.sleep(0.005)
+                finally:
+                    cursor.close()
+            finally:
+                conn.execute("PRAGMA busy_timeout=%d" % (_BUSY_TIMEOUT * 1000))
+        # best effort: a reader that stays longer than _RESTART_TIMEOUT defers it to next time
+        with contextlib.suppress(OSError):
+            self.conn.run(restart)
+
+    def delete(self, key):
+        # type: (bytes) -> bool
+        """Remove key; return whether it was there."""
+        found = self.conn.transaction(_delete, key, self.values)
+        if found and found[0]:
+            self.values.remove([found[0]])
+        return bool(found)
+
+    def delete_row(self, key, row):
+        # type: (bytes, _Row) -> bool
+        """Remove key if it still holds the row that get() returned; return whether it did."""
+        gone = self.conn.transaction(_delete_row, key, row)
+        if gone and row[1]:
+            self.values.remove([row[1]])
+        return gone
+
+    def record_failure(self, key, started, failure, owner=None, expire=None):
+        # type: (bytes, float, _FailureRecord, Optional[str], Optional[float]) -> None
+        """Record that the call keyed key, started at the Unix time started, raised: failure is
+        (args, type, message, traceback, seconds, version, call). Nothing is recorded if a result
+        for key was stored since the call started (another process succeeded meanwhile), but
+        for one stamped further ahead than expire= (seconds), which has expired (_expired)."""
+        if not self.calls:              # a cache that could not be given the column
+            failure = failure[:-1] + (None,)
+
+        def record(conn):
+            # type: (sqlite3.Connection) -> None
+            _record_failure(conn, key, started, failure, expire)
+            if owner is not None and self.owned():
+                conn.execute(_OWN_FAILURE, (owner, key))
+        self.conn.transaction(record)
+
+    def set_info(self, info):
+        # type: (Dict[str, str]) -> None
+        self.conn.transaction(lambda conn: conn.executemany(_SET_INFO, info.items()))
+
+    def clear(self, owner=None):
+        # type: (Optional[str]) -> int
+        """Remove every entry (and failure record), or only owner's (and those stored before
+        owners were recorded); return how many entries there were."""
+        if owner is not None and self.owned():
+            count, names = self.conn.transaction(_clear_owned, owner, self.values)
+        else:
+            count, names = self.conn.transaction(_clear, self.values)
+        self.values.remove(names)
+        self._give_back()
+        return count
+
+    def prune(self, before=None, version=None, dry_run=False, after=None, codes=None,
+              owner=None):
+        # type: (Optional[float], Optional[str], bool, Optional[float], Optional[Sequence[str]], Optional[str]) -> Tuple[int, int, int]
+        """Remove the entries stored before the Unix time before (or after the time after),
+        of another version than version (of owner's alone, if given: make(3) may have its
+        own expire= and version=), or stored by a function with another code than codes (its
+        code tags, see _CREATE); with version the failure records of other versions too
+        (owner's alone, likewise), and with codes those of other code; return (entries,
+        bytes, failure records) removed, or that would be with dry_run."""
+        where: "Any"      # the conditions, then the SQL that joins them
+        params: "List[object]"
+        where, params = [], []
+        if before is not None:
+            where.append("stored < ?")
+            params.append(before)
+        if after is not None:
+            where.append("stored > ?")
+            params.append(after)
+        if version is not None:
+            where.append("version IS NOT ?")
+            params.append(version)
+        # the failure records of other versions, and of other code: their calls cannot be
+        # made again, as the entries' results cannot be returned (conditions, parameters)
+        stale: "List[str]" = []
+        stale_params: "List[object]" = []
+        if version is not None:
+            stale.append("version IS NOT ?")
+            stale_params.append(version)
+        if where and owner is not None and self.owned():
+            where = ["(%s) AND %s" % (" OR ".join(where), _OWNED)]
+            params.append(owner)
+            if stale:
+                stale = ["(version IS NOT ? AND %s)" % _OWNED]
+                stale_params.append(owner)
+        if codes and self.owned():       # an entry of no known owner is no one's stale
+            other_code = ("(owner IS NOT NULL AND substr(owner, 1, %d) NOT IN (%s))"
+                          % (_CODE_TAG, ",".join("?" * len(codes))))
+            where.append(other_code)
+            params.extend(codes)
+            stale.append(other_code)
+            stale_params.extend(codes)
+        failures = (" OR ".join(stale), stale_params) if stale else None
+        if not where:
+            raise ValueError("prune() needs before=, version= or codes=")
+        where = " OR ".join(where)
+        rows = self.conn.run(_fetch, "SELECT length(value), file FROM Dict WHERE " + where,
+                             params)
+        size = sum(_size(self.values.path(file)) if file else length for length, file in rows)
+        if dry_run:
+            failed = 0 if failures is None else self.conn.run(
+                _fetch, _STALE_FAILURES % ("SELECT count(*)", failures[0]), failures[1])[0][0]
+            return len(rows), size, failed
+        names, failed = self.conn.transaction(_prune, where, params, self.values, failures)
+        self.values.remove(names)
+        self._give_back()
+        return len(rows), size, failed
+
+    def _named(self, names):
+        # type: (List[str]) -> Set[str]
+        """The value file names among names that a row names."""
+        found: "Set[str]" = set()
+        for start in range(0, len(names), 500):     # SQLite's limit on parameters
+            part = names[start:start + 500]
+            found.update(name for name, in self.conn.run(
+                _fetch, _NAMED % ",".join("?" * len(part)), part))
+        return found
+
+    def sweep(self):
+        # type: () -> None
+        """Remove value files and new caches that a killed process left half made, and give
+        back the space a killed prune() kept."""
+        self.values.sweep(self._named)
+        directory, name = os.path.split(self.path)
+        # Only what _create_temp() names a new cache of this name, and the files SQLite adds
+        # to it: .NAME.RANDOM.new-cache.tmp(-journal): never an atomic_open() temporary file
+        # beside it (NAME.csv's is .NAME.csv.RANDOM.tmp), which its writer may hold for hours.
+        prefix = "." + name[:60] + "."
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(directory):
+                rest = entry.name[len(prefix):]
+                ours = rest[8:] in [_NEW_CACHE + ".tmp" + suffix
+                                    for suffix in ("", "-journal", "-wal", "-shm")]
+                # best effort; a creation takes milliseconds, so an old one is abandoned
+                if entry.name.startswith(prefix) and ours and _hex_name(rest[:8], 8):
+                    with contextlib.suppress(OSError):
+                        if time.time() - entry.stat(follow_symlinks=False).st_mtime > 60:
+                            os.unlink(entry.path)
+        (free,), = self.conn.run(_fetch, "PRAGMA freelist_count")
+        (total,), = self.conn.run(_fetch, "PRAGMA page_count")
+        if free * 4 > total and free > 64:      # a killed prune() or clear() kept them
+            self._give_back()
+
+    def _give_back(self):
+        # type: () -> None
+        """Return free pages to the filesystem, and shorten the log."""
+        # best effort: another process may hold a read lock; its pages are reused anyway
+        with contextlib.suppress(OSError):
+            # executescript() steps it to the end; execute() would free a single page
+            self.conn.run(lambda conn: conn.executescript("PRAGMA incremental_vacuum"))
+            self.conn.run(_fetch, "PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def close(self):
+        # type: () -> None
+        self.conn.close()
+
+
+class _Spill:
+    """A file for pickle.dump(): bytes in memory up to _INLINE_LIMIT, past it a value file."""
+
+    name: "Optional[str]"
+    file: "Optional[io.BufferedWriter]"
+    _chunks: "List[bytes]"
+
+    def __init__(self, values):
+        # type: (_Values) -> None
+        self._values = values
+        self._chunks = []
+        self._size = 0
+        self.name = self.file = None
+
+    def write(self, data):
+        # type: (Buffer) -> None
+        if self.file is None:
+            self._size += memoryview(data).nbytes
+            if self._size <= _INLINE_LIMIT:
+                self._chunks.append(bytes(data))
+                return
+            self.name, self.file = self._values.create()
+            self.file.writelines(self._chunks)
+            self._chunks = None   # type: ignore[assignment]  # unused from here: let it go
+        self.file.write(data)
+
+    def inline(self):
+        # type: () -> bytes
+        """The pickle, or b'' when it went to the value file."""
+        if self.file is not None:
+            self.file.flush()
+            return b""
+        return b"".join(self._chunks)
+
+    def discard(self):
+        # type: () -> None
+        if self.name is not None:
+            self._values.remove([self.name])
+
+    def close(self):
+        # type: () -> None
+        if self.file is not None:
+            self.file.close()
+
+
+def _replace(conn, row, values, forget=()):
+    # type: (sqlite3.Connection, _Args, _Values, Sequence[bytes]) -> Optional[str]
+    old = _fetch(conn, _FILE, (row[0],))
+    if old and old[0][0] is not None:
+        values.check([old[0][0]])         # a corrupt row stays as it is: see _Values
+    conn.execute(_PUT if len(row) == 7 else _PUT_OWNED, row)
+    for key in (row[0],) + tuple(forget):
+        conn.execute(_FORGET_FAILURE, (key,))
+    return old[0][0] if old else None
+
+
+def _delete(conn, key, values):
+    # type: (sqlite3.Connection, bytes, _Values) -> Optional[Tuple[Optional[str]]]
+    old = _fetch(conn, _FILE, (key,))
+    if old and old[0][0] is not None:
+        values.check([old[0][0]])
+    conn.execute(_DELETE, (key,))
+    return old[0] if old else None
+
+
+def _delete_row(conn, key, row):
+    # type: (sqlite3.Connection, bytes, _Row) -> bool
+    return conn.execute(_DELETE_ROW, (key, row[0], row[1], row[2])).rowcount > 0
+
+
+def _clear(conn, values):
+    # type: (sqlite3.Connection, _Values) -> Tuple[int, List[str]]
+    names = [name for name, in _fetch(conn, _FILES)]
+    values.check(names)
+    count = conn.execute(_CLEAR).rowcount
+    conn.execute("DELETE FROM Failures")
+    return count, names
+
+
+def _clear_owned(conn, owner, values):
+    # type: (sqlite3.Connection, str, _Values) -> Tuple[int, List[str]]
+    names = [name for name, in _fetch(conn, _FILES + " AND " + _OWNED, (owner,))]
+    values.check(names)
+    count = conn.execute("DELETE FROM Dict WHERE " + _OWNED, (owner,)).rowcount
+    conn.execute("DELETE FROM Failures WHERE " + _OWNED, (owner,))
+    return count, names
+
+
+def _prune(conn, where, params, values, failures=None):
+    # type: (sqlite3.Connection, str, Sequence[object], _Values, Optional[Tuple[str, Sequence[object]]]) -> Tuple[List[str], int]
+    names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
+                                            "AND (%s)" % where, params)]
+    values.check(names)
+    conn.execute("DELETE FROM Dict WHERE " + where, params)
+    # a failure of another version is stale as its results are: that code is gone
+    failed = 0 if failures is None else \
+        conn.execute(_STALE_FAILURES % ("DELETE", failures[0]), failures[1]).rowcount
+    return names, failed
+
+
+# == the store: value files -----------------------------------------------------------------------
+# A pickle larger than _INLINE_LIMIT goes to a file of its own in FILE.values/, under a
+# random name its row records: created before the transaction that names it, removed only
+# after the commit that stopped naming it; sweep() removes what a killed process left.
+
+_VALUE_DIGITS = 32                 # a value file's name: os.urandom(16).hex()
+
+
+def _hex_name(name, digits):
+    # type: (object, int) -> bool
+    """Whether name is digits lowercase hex digits, as persist names its files: no '/', no '..'."""
+    return isinstance(name, str) and len(name) == digits and not name.strip("0123456789abcdef")
+
+
+class _Values:
+    """The pickles too large for a row: one file each in FILE.values/, under a random name that
+    its row records. A name of any other shape (a path, '..') is a corrupt row: path() refuses
+    it, so no file outside the directory is ever read or removed.
+
+    A file is created and locked before the transaction that names it, and removed only after
+    the commit that stopped naming it. A file that no row names and no process holds (left by a
+    killed process) is removed by sweep(), which the next process to open the cache runs.
+    """
+
+    def __init__(self, directory):
+        # type: (str) -> None
+        self.directory = directory
+
+    def path(self, name):
+        # type: (str) -> str
+        self.check([name])
+        return os.path.join(self.directory, name)
+
+    def check(self, names):
+        # type: (Iterable[str]) -> None
+        """PersistError for the first name among names that is not a value file's; raised
+        inside a transaction, it rolls back: nothing changes."""
+        for name in names:
+            if not _hex_name(name, _VALUE_DIGITS):
+                values = os.path.basename(self.directory)
+                raise PersistError(errno.EINVAL, _CORRUPT_ROW.format(
+                    name=name, digits=_VALUE_DIGITS, values=values),
+                    self.directory[:-len(".values")], reason=PersistError.CORRUPT_ROW)
+
+    def create(self):
+        # type: () -> Tuple[str, io.BufferedWriter]
+        """A new value file, locked against sweep() until closed: (name, binary file)."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.directory, _DIR_MODE)
+        # Checked at each use, not only when the cache was opened: in a shared directory
+        # such as /tmp another user may make it meanwhile, then swap our pickles for theirs.
+        # By the rules of the cache's other files: in a team's directory a teammate made it.
+        info = os.lstat(self.directory)
+        if stat.S_ISLNK(info.st_mode):
+            raise PersistError(errno.ELOOP, _LINK, self.directory, reason=PersistError.SYMLINK)
+        if not stat.S_ISDIR(info.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory, where persist keeps the "
+                                     "cache's large results; move it away", self.directory)
+        if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(self.directory)):
+            raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.directory,
+                               reason=PersistError.UNSAFE)
+        while True:
+            name = os.urandom(16).hex()
+            fd = os.open(self.path(name), _O_TEMP, _FILE_MODE)
+            try:
+                if _fcntl is not None:
+                    _fcntl.flock(fd, _fcntl.LOCK_EX)
+                    if os.fstat(fd).st_nlink == 0:    # swept before we locked it: again
+                        os.close(fd)
+                        continue
+                return name, io.open(fd, "wb")
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                raise
+
+    def remove(self, names):
+        # type: (Iterable[str]) -> None
+        for name in names:
+            # best effort: a file already gone is what we wanted; on Windows one that a
+            # reader holds open stays, and a later sweep() removes it
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                os.unlink(self.path(name))
+
+    def sweep(self, named):
+        # type: (Callable[[List[str]], Set[str]]) -> None
+        """Remove the files that named(names) leaves out and that nobody is writing."""
+        try:
+            names = os.listdir(self.directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        # only names of the shape persist gives: whatever else is there, persist did not make
+        names = [name for name in names if _hex_name(name, _VALUE_DIGITS)]
+        for name in set(names) - named(names):
+            path = self.path(name)
+            # best effort, each step: what is left now is swept next time
+            if _fcntl is None:        # no locks, but open files cannot be removed (Windows)
+                with contextlib.suppress(OSError):
+                    if time.time() - os.stat(path).st_mtime > _SWEEP_AGE:
+                        os.unlink(path)
+                continue
+            try:
+                # never waiting on a FIFO of that name: opened without blocking, then passed
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
+                             getattr(os, "O_NONBLOCK", 0))
+            except OSError:
+                continue
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):          # not a value file
+                    continue
+                _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)     # else a writer holds it
+                if name not in named([name]):       # its writer may have committed meanwhile
+                    os.unlink(path)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+
+# == the store: connections -----------------------------------------------------------------------
+# A _Connection is opened on first use and held for one SQL step or transaction, never while
+# user code runs; _sqlite_error turns what sqlite3 raises into PersistError, with the path.
+
+if TYPE_CHECKING:
+    _CONNECTIONS: "weakref.WeakSet[_Connection]"
+    _FORKING: List[None]
+    _WRITING_AT_FORK: Set[str]
+    _ELSEWHERE: Dict[Any, Tuple[str, int]]
+    _GARBAGE: List[sqlite3.Connection]
+    _ABANDONED: List[sqlite3.Connection]
+    _EXITED: bool
+    _WRITTEN: Set[str]
+_CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
+_FORKING = []                      # one per fork under way (see _before_fork)
+_WRITING_AT_FORK = set()           # caches a signal handler forked in the middle of using
+# No thread may be inside SQLite when another forks: SQLite's own mutexes (its list of open
+# files, its memory) would stay locked in the child, whose next sqlite3.connect() then waits
+# for ever. So every SQLite call of persist's runs under a lock that _before_fork() takes:
+# a _Connection's, or, for the work done without one (making a cache, reading a dbm.sqlite3
+# file, the last look at a log), one of its own in _ELSEWHERE. _FORK_GATE is held from
+# before _before_fork() until the fork is over: meanwhile no use of a _Connection (see its
+# run()) or work elsewhere can begin, so none begins after _before_fork() has looked for
+# those under way.
+_FORK_GATE = _thread.RLock()
+_FORKING_NOW: "List[None]" = []    # one per fork under way, made while _FORK_GATE is held
+_ELSEWHERE = {}                    # a lock held by each work elsewhere: (path, thread)
+_GARBAGE = []                      # connections of collected _Connections that a fork kept
+                                   # from closing at once: closed by the next use of a cache,
+                                   # fork or exit, under a lock (see _Connection.__del__)
+_EXITED = False                    # _close_all() has run: each use closes its connection
+_WRITTEN = set()                   # caches this process has closed a writer's connection to
+_ABANDONED = []                    # in a child, the parent's connections that fork() left
+                                   # open (in use by the code a signal handler interrupted, or
+                                   # the collector's): never used or closed in the child
+                                   # (closing would unlock the parent's)
+
+
+class _Connection:
+    """One process's SQLite connection to one cache file, used under a lock.
+
+    It is opened on first use and held only for the length of one SQL step or transaction, never
+    while user code runs. fork() closes it first (a child must not inherit SQLite's locks; see
+    the SQLite documentation, howtocorrupt.html 2.6), and parent and child reopen it on their
+    next use. A signal handler that uses the cache while its thread is in here gets a connection
+    of its own, so it neither deadlocks nor disturbs the transaction it interrupted.
+    """
+
+    _conn: "Optional[sqlite3.Connection]"
+    _frozen: "Optional[Tuple[int, int, int, int]]"
+    _copy: "Optional[str]"
+
+    def __init__(self, path, mode):
+        # type: (str, str) -> None
+        self.path = path
+        self.mode = mode                  # "ro", "rw", or "query" (rw, where only reads run)
+        self._lock = _thread.RLock()
+        self._depth = 0                   # 1 while this thread is inside run()
+        self._conn = None
+        self._frozen = None               # see _open_read_only()
+        self._copy = None                 # the private copy _open_read_only() made, if any
+        self._snapshots = False           # read only through _open_read_only() from now on
+        gated = _gate()                   # not while another thread forks: see _FORK_GATE
+        try:
+            _CONNECTIONS.add(self)
+        finally:
+            if gated:
+                _FORK_GATE.release()
+
+    # (ignore[return]: the loop's last turn returns or raises, which mypy cannot tell)
+    def run(self, work, *args):  # type: ignore[return]
+        # type: (Callable[..., _T], *Any) -> _T
+        """work(connection, *args) under the lock; sqlite3's errors become persist's."""
+        for retry in (True, False):
+            while True:
+                with self._lock:
+                    if self._depth:       # a signal handler interrupted this thread in here
+                        return self._run_aside(work, args)
+                    if not _forking_elsewhere():
+                        self._depth = 1
+                        try:
+                            conn = self._ready()
+                            if self._frozen is not None:
+                                return self._run_frozen(work, args)
+                            return work(conn, *args)
+                        except sqlite3.Error as exc:
+                            if not (retry and self._lost_its_log(exc)):
+                                raise _sqlite_error(exc, self.path) from None
+                        finally:
+                            self._depth = 0
+                            if _EXITED:
+                                self._close_conn()
+                        break             # once more, on a connection made anew
+                _wait_for_fork()
+
+    def query(self, sql, params=()):
+        # type: (str, Sequence[Any]) -> List[Any]
+        """The rows of one statement: run(_fetch, sql, params), without a call (every
+        hit's path)."""
+        with self._lock:
+            if self._depth:
+                return self._run_aside(_fetch, (sql, params))
+            if not _forking_elsewhere():
+                self._depth = 1
+                try:
+                    conn = self._ready()
+                    if self._frozen is not None:
+                        return self._run_frozen(_fetch, (sql, params))
+                    # fetchall(), never fetchone(): on PyPy an unfinished statement blocks
+                    # COMMIT
+                    return conn.execute(sql, params).fetchall()
+                except sqlite3.Error as exc:
+                    if not self._lost_its_log(exc):
+                        raise _sqlite_error(exc, self.path) from None
+                finally:
+                    self._depth = 0
+                    if _EXITED:
+                        self._close_conn()
+        # once more, on a connection made anew, or once another thread's fork is over
+        return self.run(_fetch, sql, params)
+
+    def _lost_its_log(self, exc):
+        # type: (sqlite3.Error) -> bool
+        """Whether a reader in a directory it may not write saw the cache's last writer go,
+        taking the -wal and -shm files that SQLite cannot make again there: then it closes,
+        and the next use reads the file as _open_read_only() does."""
+        if self.mode != "ro" or _sqlite_failure(exc) != "readonly" or self._conn is None:
+            return False
+        self._close_conn()
+        self._snapshots = True            # SQLite's own way failed here once: not again
+        return True
+
+    def transaction(self, work, *args):
+        # type: (Callable[..., _T], *Any) -> _T
+        """run() work inside BEGIN IMMEDIATE ... COMMIT: all of it is stored, or none."""
+        return self.run(_transaction, work, args)  # type: ignore[no-any-return]  # work's
+
+    def _ready(self):
+        # type: () -> sqlite3.Connection
+        """The connection, opened if need be, with no transaction left open."""
+        if _GARBAGE:                      # under our lock, which fork() waits for
+            _close_garbage()
+        conn = self._conn
+        if conn is None:
+            if self.path in _WRITING_AT_FORK:
+                raise OSError(errno.EBUSY, "this process was forked (from a signal handler) "
+                              "while its parent was using this cache: use it in the "
+                              "parent, or fork elsewhere", self.path)
+            conn = self._connect()
+        elif conn.in_transaction:         # left open by a call an exception interrupted
+            conn.execute("ROLLBACK")
+        return conn
+
+    def _run_aside(self, work, args):
+        # type: (Callable[..., _T], Sequence[Any]) -> _T
+        # A write waiting for the lock that the interrupted transaction holds would wait
+        # for ever: then it fails at once ("database is locked"), and memoize goes on.
+        interrupted = self._conn is not None and self._conn.in_transaction
+        conn = None
+        _check_companions(self.path)
+        try:
+            conn = self._open(self.mode, 0.0 if interrupted else _HANDLER_TIMEOUT)
+            return work(conn, *args)
+        except sqlite3.OperationalError as exc:
+            if interrupted and _sqlite_failure(exc) == "busy":
+                raise _HandlerBusy(errno.EBUSY, "a signal handler cannot write to the cache "
+                                   "while the code it interrupted is writing to it",
+                                   self.path) from None
+            raise _sqlite_error(exc, self.path) from None
+        except sqlite3.Error as exc:
+            raise _sqlite_error(exc, self.path) from None
+        finally:
+            if conn is not None:
+                _close(conn)
+
+    def _connect(self):
+        # type: () -> sqlite3.Connection
+        _check_companions(self.path)
+        if self._snapshots:
+            self._conn = self._open_read_only()
+            return self._conn
+        try:
+            self._conn = self._open(self.mode, _BUSY_TIMEOUT)
+        except sqlite3.OperationalError:
+            # SQLite reads a cache in WAL mode only if it can make a -shm file beside it
+            if os.access(os.path.dirname(self.path), os.W_OK) or not os.path.isfile(self.path):
+                raise
+            self._conn = self._open_read_only()
+        return self._conn
+
+    def _open_read_only(self):
+        # type: () -> sqlite3.Connection
+        """A connection to a cache in a directory we may not write, where SQLite cannot make
+        the -shm file it needs: the file read as immutable, or, when a -wal file is there
+        (left by a crash, or its owner is writing), a private copy of both.
+
+        Either is right only while nobody writes the cache, so _run_frozen() compares the
+        files before and after each use, and opens it again when they changed.
+        """
+        for attempt in range(_FROZEN_TRIES):
+            if attempt:
+                time.sleep(_FROZEN_PAUSE)
+            before = self._file_state()
+            if before[3] == 0:            # no log: the file alone
+                conn = self._open("ro&immutable=1", _BUSY_TIMEOUT)
+            else:
+                conn = self._open_copy()
+            if self._file_state() == before:
+                self._frozen = before
+                return conn
+            _close(conn)
+            self._drop_copy()
+        raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
+
+    def _open_copy(self):
+        # type: () -> sqlite3.Connection
+        import shutil
+        import tempfile
+        copy = tempfile.mkdtemp(prefix="persist-")
+        try:
+            target = os.path.join(copy, "copy.db")
+            shutil.copyfile(self.path, target)
+            shutil.copyfile(self.path + "-wal", target + "-wal")
+            conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only=ON")
+            self._check(conn)
+        except BaseException:
+            shutil.rmtree(copy, ignore_errors=True)
+            raise
+        self._copy = copy
+        return conn
+
+    def _file_state(self):
+        # type: () -> Tuple[int, int, int, int]
+        """What changes when someone writes the cache: the file (inode, size, time), its log."""
+        info = os.stat(self.path)
+        return info.st_ino, info.st_size, info.st_mtime_ns, _size(self.path + "-wal")
+
+    def _run_frozen(self, work, args):
+        # type: (Callable[..., _T], Sequence[Any]) -> _T
+        for attempt in range(_FROZEN_TRIES):
+            if attempt:
+                time.sleep(_FROZEN_PAUSE)
+            if self._file_state() != self._frozen:      # written since: read it anew
+                self._close_conn()
+                conn = self._connect()
+                if self._frozen is None:                # now it can be read as usual
+                    return work(conn, *args)
+                continue
+            result = work(self._conn, *args)
+            if self._file_state() == self._frozen:
+                return result
+        raise OSError(errno.EBUSY, "the cache kept changing while it was read", self.path)
+
+    def _open(self, mode, timeout):
+        # type: (str, float) -> sqlite3.Connection
+        uri_mode = "rw" if mode == "query" else mode
+        conn = sqlite3.connect(_uri(self.path, uri_mode), uri=True, timeout=timeout,
+                               isolation_level=None, check_same_thread=False)
+        try:
+            self._check(conn)
+            if uri_mode == "rw":
+                _to_wal(conn, timeout)
+            for pragma in _PRAGMAS:
+                conn.execute(pragma).fetchall()
+            if mode == "query":           # only reads, yet closed as a writer: no -wal left
+                conn.execute("PRAGMA query_only=ON")
+        except BaseException:
+            _close(conn)
+            raise
+        return conn
+
+    def _check(self, conn):
+        # type: (sqlite3.Connection) -> None
+        """Refuse a file that is not a persist cache of this format."""
+        (app,), = _fetch(conn, "PRAGMA application_id")
+        (found,), = _fetch(conn, "PRAGMA user_version")
+        if app != _APPLICATION_ID:
+            empty = not _fetch(conn, "SELECT 1 FROM sqlite_master")
+            why = "an empty file" if empty else "an SQLite database of another program"
+            raise PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), self.path,
+                               reason=PersistError.EMPTY if empty else
+                               PersistError.FOREIGN_SQLITE)
+        if found != _FORMAT:
+            message, reason = ((_NEWER, PersistError.NEWER_FORMAT) if found > _FORMAT else
+                               (_OLDER, PersistError.OLDER_FORMAT))
+            raise PersistError(errno.EINVAL, message.format(found=found, ours=_FORMAT),
+                               self.path, reason=reason)
+
+    def _close_conn(self):
+        # type: () -> None
+        # Let go of it first: a Ctrl-C inside _close() (as fork() closes it) then leaves no
+        # closed connection here, which every later use would fail on, for good
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if self.mode != "ro":         # exit takes another look at its log: _close_all()
+                _WRITTEN.add(self.path)
+            _close(conn)
+        self._frozen = None
+        self._drop_copy()
+
+    def _drop_copy(self):
+        # type: () -> None
+        if self._copy is not None:
+            import shutil
+            shutil.rmtree(self._copy, ignore_errors=True)
+            self._copy = None
+
+    def close(self):
+        # type: () -> None
+        with self._lock:
+            # closed before it leaves _CONNECTIONS: a fork meanwhile waits for the lock
+            self._close_conn()
+            _CONNECTIONS.discard(self)
+
+    def __del__(self):
+        # type: () -> None
+        # A memoized function or shelf that is garbage itself: on PyPy its sqlite3
+        # connection is never closed (its finalizer gives up while statements are not
+        # finalized), its descriptors stay open, and exit leaves the -wal and -shm files;
+        # 3.13's sqlite3 warns of a connection left to its finalizer. None after fork() in a
+        # child: the connection is its parent's (_ABANDONED). The collector runs in whichever
+        # thread, holding none of our locks: closed under _FORK_GATE, then, so that no fork
+        # comes meanwhile (see _FORK_GATE), or, while another thread forks or starts some
+        # work, left for _close_garbage() (waiting here could wait for ever: this thread
+        # may hold what that fork waits for).
+        try:
+            if _FORK_GATE.acquire(blocking=False):
+                try:
+                    self._close_conn()
+                finally:
+                    _FORK_GATE.release()
+                return
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                if self.mode != "ro":     # exit takes another look at its log: _close_all()
+                    _WRITTEN.add(self.path)
+                _GARBAGE.append(conn)
+            self._drop_copy()
+        except Exception:                  # best effort: at exit, modules may be gone
+            pass
+
+
+def _fetch(conn, sql, params=()):
+    # type: (sqlite3.Connection, str, Sequence[Any]) -> List[Any]
+    # fetchall(), never fetchone(): on PyPy an unfinished statement blocks COMMIT
+    return conn.execute(sql, params).fetchall()
+
+
+def _close(conn):
+    # type: (sqlite3.Connection) -> None
+    """Close an sqlite3 connection, even one a signal interrupted.
+
+    On PyPy, a statement whose preparation Ctrl-C interrupted is never finalized, and
+    close() then fails for good. So the transaction is ended first: such a connection holds
+    no lock while it waits for the process's exit to close it.
+    """
+    with contextlib.suppress(sqlite3.Error):
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    with contextlib.suppress(sqlite3.Error):
+        conn.close()
+
+
+def _uri(path, mode):
+    # type: (str, str) -> str
+    """A file: URI for sqlite3.connect(uri=True); pathlib's as_uri() costs an import."""
+    path = path.replace(os.sep, "/")
+    if not path.startswith("/"):           # Windows: C:/dir -> /C:/dir
+        path = "/" + path
+    for char, code in (("%", "%25"), ("?", "%3f"), ("#", "%23")):
+        path = path.replace(char, code)
+    return "file://%s?mode=%s" % (path, mode)
+
+
+def _to_wal(conn, timeout):
+    # type: (sqlite3.Connection, float) -> None
+    """PRAGMA journal_mode=WAL, for readers and a writer at once: the first process to open
+    a new cache converts it. Two that convert at once deadlock, and SQLite then fails one
+    at once: _journal_mode() tries again."""
+    _journal_mode(conn, "WAL", timeout)
+
+
+def _journal_mode(conn, mode, timeout):
+    # type: (sqlite3.Connection, str, float) -> str
+    """PRAGMA journal_mode=mode; return SQLite's answer, the mode the file is in.
+
+    A change of mode needs the only connection to the file. While another is there, SQLite
+    fails at once ("database is locked"), busy timeout or not, or, leaving WAL, answers
+    "wal": both are tried again, as the busy timeout would have, for timeout seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            (answer,), = _fetch(conn, "PRAGMA journal_mode=" + mode)
+        except sqlite3.OperationalError as exc:
+            if _sqlite_failure(exc) != "busy" or time.monotonic() > deadline:
+                raise
+        else:
+            if (answer.lower() != "wal" or mode.lower() == "wal" or
+                    time.monotonic() > deadline):
+                return answer  # type: ignore[no-any-return]  # a row: Any
+        time.sleep(0.01)
+
+
+def _transaction(conn, work, args):
+    # type: (sqlite3.Connection, Callable[..., _T], Sequence[Any]) -> _T
+    try:
+        # BEGIN inside the try: a Ctrl-C raised as it returns would leave the write lock
+        # held until this connection's next use, and every other writer waiting for it
+        conn.execute("BEGIN IMMEDIATE")
+        result = work(conn, *args)
+        conn.execute("COMMIT")
+    except BaseException:
+        # best effort: the error that got us here matters more than one from the rollback
+        with contextlib.suppress(sqlite3.Error):
+            if conn.in_transaction:       # not if BEGIN failed, nor if COMMIT succeeded
+                conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+class _HandlerBusy(OSError):
+    """A signal handler's write that would wait for the transaction it interrupted."""
+
+
+def _sqlite_error(exc, path):
+    # type: (sqlite3.Error, str) -> OSError
+    """The one place that turns an sqlite3 error into persist's, naming the file."""
+    text = str(exc)
+    failure = _sqlite_failure(exc)
+    if failure == "cantopen":
+        unreadable = _unreadable(path)
+        if unreadable:
+            return PermissionError(errno.EACCES, unreadable, path)
+    if isinstance(exc, sqlite3.OperationalError):
+        if failure == "readonly":
+            return PermissionError(errno.EACCES, "cannot write the cache (%s)" % text, path)
+        if failure == "full":
+            return OSError(errno.ENOSPC, "cannot write the cache (%s)" % text, path)
+        if failure == "busy":
+            return OSError(errno.EBUSY, "the cache stayed locked by another process (%s)"
+                           % text, path)
+        if failure == "cantopen":
+            return OSError(errno.EIO, "cannot open the cache (%s)" % text, path)
+        return OSError(errno.EIO, "cache file error (%s)" % text, path)
+    if isinstance(exc, sqlite3.DatabaseError) and failure == "damaged":
+        return _damaged(path, text)
+    return OSError(errno.EIO, "cache file error (%s: %s)" % (type(exc).__name__, text), path)
+
+
+# What went wrong in SQLite, as the callers tell it apart: "readonly", "busy" (another
+# connection holds a lock), "full", "cantopen", "damaged" (not a database, or corrupt), or ""
+# for anything else. By SQLite's result code where Python gives it (3.11 on: the error's
+# sqlite_errorcode); by the message before, and on PyPy, whose sqlite3 has no codes.
+# (By getattr: type checkers read sqlite3 as Python 3.10 has it, without the codes.)
+_SQLITE_FAILURES = {getattr(sqlite3, "SQLITE_" + name, None): failure for name, failure in (
+    ("READONLY", "readonly"), ("BUSY", "busy"), ("LOCKED", "busy"), ("FULL", "full"),
+    ("CANTOPEN", "cantopen"), ("NOTADB", "damaged"), ("CORRUPT", "damaged"))}
+
+
+def _failure_by_code(exc):
+    # type: (sqlite3.Error) -> str
+    # An extended code (SQLITE_READONLY_DBMOVED, ...) has its primary code in its low byte.
+    # The sqlite3 module's own errors (a closed connection) have no code.
+    code = getattr(exc, "sqlite_errorcode", None)
+    return "" if code is None else _SQLITE_FAILURES.get(code & 0xFF, "")
+
+
+def _failure_by_text(exc):
+    # type: (sqlite3.Error) -> str
+    text = str(exc)
+    if "unable to open" in text or "could not open" in text.lower():     # PyPy's words
+        return "cantopen"
+    for needles, failure in ((("readonly", "read-only"), "readonly"), (("full",), "full"),
+                             (("locked", "busy"), "busy"),
+                             (("not a database", "malformed", "encrypted"), "damaged")):
+        if any(needle in text for needle in needles):
+            return failure
+    return ""
+
+
+# the codes came with the errors' sqlite_errorcode (3.11)
+_sqlite_failure = _failure_by_code if hasattr(sqlite3, "SQLITE_BUSY") else _failure_by_text
+
+
+def _unreadable(path):
+    # type: (str) -> Optional[str]
+    """Why we may not read the cache at path, or None: the file or its log's index is another
+    user's and not readable (or writable) by us, as a teammate's under umask 077 is."""
+    for name in (path, path + "-shm"):
+        try:
+            info = os.stat(name)
+        except OSError:
+            continue
+        if os.access in os.supports_effective_ids:
+            allowed = os.access(name, os.R_OK | os.W_OK * (name != path), effective_ids=True)
+        else:
+            allowed = os.access(name, os.R_OK | os.W_OK * (name != path))
+        if not allowed:
+            return ("Permission denied: you may not %s it (mode 0o%o, user %d, group %d); its "
+                    "owner can let you ('chmod g+rw' it, for a teammate: files made under "
+                    "umask 077 are theirs alone), or use a cache of your own" % (
+                        "read" if name == path else "write the index of its log, %s," % name,
+                        stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid))
+    return None
+
+
+def _damaged(path, why):
+    # type: (str, str) -> PersistError
+    """The error for a file at path that SQLite cannot read as a database. Where it is
+    recognizably a persist cache (its header says so, or value files lie beside it), it says
+    which files to remove to start over: persist never removes them itself (nor can
+    'persist clear', which needs a cache it can read). Any other file may be the user's
+    (persist show job.py, a slip for job.f): that one only may be removed, if it was a
+    cache, and only one that may be is offered (a .db file, a SQLite file, zeros)."""
+    ours = False
+    head = b""
+    with contextlib.suppress(OSError):
+        # never through a link, nor blocking on a FIFO planted there
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
+                     getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        try:
+            head = os.read(fd, 72) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        finally:
+            os.close(fd)
+        ours = head[:16] == b"SQLite format 3\0" and \
+            int.from_bytes(head[68:72], "big") == _APPLICATION_ID
+    ours = ours or os.path.isdir(path + ".values")
+    if not ours and not (path.endswith(".db") or head.startswith(b"SQLite format 3\0") or
+                         (len(head) >= 16 and not head[:16].strip(b"\0"))):
+        return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why), path,
+                            reason=PersistError.NOT_A_CACHE)
+    files = [path, path + "-wal", path + "-shm"]
+    if os.name == "nt":
+        how = "delete %s, and the folder %s.values" % (", ".join(files), path)
+    else:
+        import shlex
+        how = "rm -f %s; rm -rf %s" % (" ".join(shlex.quote(name) for name in files),
+                                        shlex.quote(path + ".values"))
+    if ours:
+        return PersistError(errno.EINVAL, "a damaged persist cache (%s); persist leaves it as "
+                            "it is: to start over (its results are computed again), remove its "
+                            "files: %s" % (why, how), path, reason=PersistError.CORRUPT)
+    return PersistError(errno.EINVAL, _NOT_A_CACHE.format(why=why) + "; or, if it is a "
+                        "persist cache that was damaged, start over by removing its files (%s)"
+                        % how, path, reason=PersistError.NOT_A_CACHE)
+
+
+# == the store: the trust check -------------------------------------------------------------------
+# A cache holds pickles: persist refuses one that another user could have written.
+
+def _check_private(directory, what):
+    # type: (str, str) -> None
+    """Refuse directory unless only we and root can change what it holds, and its parents.
+
+    The checks OpenSSH's StrictModes makes: the directory and each parent up to the root are
+    owned by us or root, and no parent lets other users rename what is in it, so nobody
+    else can swap in a directory of their own. A parent writable by every user is fine when
+    sticky (/tmp: only an entry's owner may rename it, and the entry below is ours or root's);
+    the directory itself may be sticky and shared too (then _Store takes only files we own).
+    Writable by the group is accepted: the group's members are people the directory is
+    shared with on purpose (a team directory, or a user's own group under umask 002). A
+    symbolic link on the way is checked where it lies and where it leads.
+    """
+    if not _CHECK_WORLD_WRITABLE:
+        return
+    trusted = (0, os.geteuid())
+    pending, seen = [os.path.abspath(directory)], set()
+    while pending:
+        path = pending.pop()
+        if path in seen:                   # a link back up the path, or a loop of links
+            continue
+        seen.add(path)
+        info = os.lstat(path)
+        if info.st_uid not in trusted:
+            raise PersistError(errno.EPERM, _NOT_OURS.format(what=what, uid=info.st_uid), path,
+                               reason=PersistError.NOT_OURS)
+        if stat.S_ISLNK(info.st_mode):
+            pending.append(os.path.realpath(path))
+        elif info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+            raise PersistError(errno.EPERM, _SWAPPABLE.format(what=what), path,
+                               reason=PersistError.SWAPPABLE)
+        pending.append(os.path.dirname(path))
+
+
+def _planted(info, directory):
+    # type: (os.stat_result, str) -> bool
+    """Whether a file or directory of a cache (os.lstat() gave info) in directory, which
+    _check_private() accepted, may hold what someone else put there: it is writable by every
+    user, or it lies in a directory every user may write (sticky, as /tmp) and another user
+    owns it. The same rules for each of a cache's files: one that a member of the directory's
+    group made (a teammate, in a team's directory) is accepted, as the directory is."""
+    if info.st_mode & stat.S_IWOTH:
+        return True
+    return bool(os.stat(directory).st_mode & stat.S_IWOTH) and \
+        info.st_uid not in (0, os.geteuid())
+
+
+# What SQLite reads beside a database file: a hot rollback journal is replayed into it, and a
+# log's frames are read as its latest pages. (A super-journal, NAME-mjXXXXXXXX, is read only
+# as named by a journal, and says only whether to replay it: the journal is what counts.)
+_COMPANIONS = (("-journal", "a rollback journal"), ("-wal", "a write-ahead log"),
+               ("-shm", "the index of a write-ahead log"))
+
+
+def _check_companions(path):
+    # type: (str) -> None
+    """Refuse the files beside the database at path that SQLite would read with it, when they
+    are links, writable by every user, or, in a directory every user may write (/tmp), not
+    ours: another user who planted one there would choose what the cache holds.
+
+    Run before every connection is made, not only when a cache is opened: between two
+    connections (after fork(), or once the last one closed and SQLite removed the log) a
+    planted file would be read by the next. In such a directory, each name is first taken by
+    an empty file of ours, where there is none: a file planted after this check, as SQLite
+    opens the cache, would be read all the same, and there nobody else can make one, nor
+    replace ours (the directory is sticky: _check_private). SQLite takes an empty journal
+    for none, and an empty log and index as its own new ones (it removes those two as the
+    last connection closes; the journal stays).
+    """
+    shared, mode = False, 0
+    if _CHECK_WORLD_WRITABLE:
+        shared = bool(os.stat(os.path.dirname(path)).st_mode & stat.S_IWOTH)
+        if shared:
+            with contextlib.suppress(OSError):          # no cache yet: nothing to read
+                info = os.lstat(path)
+                if stat.S_ISREG(info.st_mode):
+                    mode = stat.S_IMODE(info.st_mode) & 0o666 | 0o600    # as SQLite's own
+    for suffix, what in _COMPANIONS:
+        name = path + suffix
+        if mode:
+            # best effort: one that is there already is checked below
+            with contextlib.suppress(OSError):
+                os.close(os.open(name, _O_HOLD, mode))
+        try:
+            info = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            raise PersistError(errno.ELOOP, _LINK, name, reason=PersistError.SYMLINK)
+        if not _CHECK_WORLD_WRITABLE:
+            continue
+        if info.st_mode & stat.S_IWOTH:
+            raise PersistError(errno.EPERM, _WORLD_WRITABLE, name, reason=PersistError.UNSAFE)
+        if shared and info.st_uid not in (0, os.geteuid()):
+            raise PersistError(errno.EPERM, _PLANTED_COMPANION.format(what=what,
+                                                                      uid=info.st_uid), name,
+                               reason=PersistError.PLANTED)
+        # A hard link has its file's owner. (Not checked for the cache itself, which has two
+        # names for a moment as _create() links it into place.)
+        if shared and info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
+            raise PersistError(errno.EPERM, _HARD_LINKED.format(links=info.st_nlink), name,
+                               reason=PersistError.HARD_LINKED)
+
+
+# == the store: fork and exit hooks ---------------------------------------------------------------
+# A child must not inherit SQLite's locks: before fork() every connection is closed under
+# _FORK_GATE, and parent and child reopen on next use. At exit every connection is closed,
+# so that the last one out removes the -wal and -shm files.
+
+def _gate():
+    # type: () -> bool
+    """Take _FORK_GATE, to begin what a fork must wait for; False, and not taken, for a
+    signal handler whose thread is inside a _Connection or _elsewhere(): a fork under way in
+    another thread waits for that thread, which would wait for the fork (the fork then
+    waits for this too, which ends before the handler returns)."""
+    if _FORK_GATE.acquire(blocking=False):
+        return True
+    if _inside_sqlite():
+        return False
+    _FORK_GATE.acquire()
+    return True
+
+
+def _forking_elsewhere():
+    # type: () -> bool
+    """Whether another thread forks: then a use of a _Connection, under its lock, lets go
+    of it and waits for the fork to end (_wait_for_fork()), as fork() waits for the lock."""
+    # (ignore[attr-defined]: _thread.RLock's own method, on CPython 3.8+ and PyPy alike,
+    # which typeshed leaves out)
+    if not _FORKING_NOW:
+        return False
+    owned = _FORK_GATE._is_owned()  # type: ignore[attr-defined]
+    return not owned and not _inside_sqlite()
+
+
+def _wait_for_fork():
+    # type: () -> None
+    if _gate():
+        _FORK_GATE.release()
+
+
+def _inside_sqlite():
+    # type: () -> bool
+    """Whether this thread is inside a _Connection or _elsewhere(): a signal handler's."""
+    me = _thread.get_ident()
+    return any(conn._depth and conn._lock._is_owned()  # type: ignore[attr-defined]  # in C and PyPy
+               for conn in list(_CONNECTIONS)) or \
+        any(thread == me and lock.locked() for lock, (_, thread) in list(_ELSEWHERE.items()))
+
+
+@contextlib.contextmanager
+def _elsewhere(path):
+    # type: (str) -> Iterator[None]
+    """Around SQLite work on path done without a _Connection: fork() waits for it to end,
+    and none begins while another thread forks (see _FORK_GATE)."""
+    lock = _thread.allocate_lock()
+    # Held from here to the end, even when Ctrl-C comes between two steps: an entry that
+    # one leaves behind is then unlocked, and fork() takes it away without waiting
+    with lock:
+        gated = _gate()
+        try:
+            _ELSEWHERE[lock] = (path, _thread.get_ident())
+        finally:
+            if gated:
+                _FORK_GATE.release()
+        try:
+            yield
+        finally:
+            _ELSEWHERE.pop(lock, None)
+
+
+def _close_garbage():
+    # type: () -> None
+    """Close the connections that _Connection.__del__() left: called under a lock that
+    fork() waits for."""
+    while _GARBAGE:
+        with contextlib.suppress(IndexError):      # another thread took the last one
+            _close(_GARBAGE.pop())
+
+
+def _before_fork():
+    # type: () -> None
+    """Close every connection, each under its lock, so no thread is inside one at fork(),
+    nor inside SQLite elsewhere (see _FORK_GATE).
+
+    _FORK_GATE is taken before this runs, and given back after the fork, by the hooks
+    registered below: C code, which no signal handler interrupts. A Ctrl-C in here, or as
+    the parent's half begins (CPython ignores a hook's error and forks all the same), can
+    then leave no lock held, which every other thread would wait for for ever: this holds
+    each connection's lock only while it closes it, and meanwhile the gate keeps any
+    thread from starting SQLite work (_forking_elsewhere()). A signal handler may fork
+    while this runs: the gate is an RLock, taken and given back once per fork."""
+    _FORKING.append(None)                 # one per fork under way (nested: a signal handler's)
+    me = _thread.get_ident()
+    for lock, (path, thread) in list(_ELSEWHERE.items()):
+        if thread == me and lock.locked():
+            # A signal handler forks while its thread makes this cache (or reads it): the
+            # child would find SQLite's locks on it held by a connection of its own
+            _WRITING_AT_FORK.add(path)
+        else:
+            with lock:                    # wait for that thread to finish with SQLite
+                _ELSEWHERE.pop(lock, None)
+    seen: "Set[_Connection]" = set()
+    while True:           # our own thread may open another while we close the first ones
+        new = [conn for conn in list(_CONNECTIONS) if conn not in seen]
+        if not new:
+            break
+        for conn in new:
+            seen.add(conn)
+            with conn._lock:              # wait for the thread inside it, if one is
+                if conn._depth:
+                    # Our own thread is inside it: a signal handler forks. The connection
+                    # (maybe one being opened) stays for the code it interrupted; the child
+                    # may not use this cache file: its SQLite would take the locks of that
+                    # connection as held by one of its own, and wait for them for ever.
+                    _WRITING_AT_FORK.add(conn.path)
+                else:
+                    conn._close_conn()
+    _close_garbage()                      # no other thread is in SQLite now
+
+
+def _after_fork_in_parent():
+    # type: () -> None
+    if _FORKING:
+        _FORKING.pop()
+    if not _FORKING:
+        _WRITING_AT_FORK.clear()
+
+
+def _after_fork_in_child():
+    # type: () -> None
+    global _OPEN_LOCK
+    _OPEN_LOCK = _thread.RLock()
+    del _FORKING[:]
+    _WRITTEN.clear()                      # the parent's to look at, at its exit
+    for conn in list(_CONNECTIONS):
+        conn._lock = _thread.RLock()      # whoever held the old one is not in this process
+        conn._depth = 0
+        conn._frozen = conn._copy = None  # a private copy is the parent's to remove
+        if conn._conn is not None:        # in use by the code a signal handler interrupted
+            _ABANDONED.append(conn._conn)
+            conn._conn = None
+    _ABANDONED.extend(_GARBAGE)           # the collector's, since _before_fork()
+    del _GARBAGE[:]
+
+
+def _close_all():
+    # type: () -> None
+    """At exit: close every connection, so the last one out removes the -wal and -shm files."""
+    # A daemon thread may use a cache after this, until the interpreter stops it where it
+    # is: a connection it opens then would never be closed, and leave the log. So from now
+    # on each use closes its own.
+    global _EXITED
+    _EXITED = True
+    with contextlib.suppress(Exception):
+        with _elsewhere(""):
+            _close_garbage()
+    for conn in list(_CONNECTIONS):
+        # best effort: at exit, a connection another thread is using stays as it is
+        with contextlib.suppress(Exception):
+            if conn._lock.acquire(blocking=False):
+                try:
+                    conn.close()          # a _Connection: _close() takes sqlite3's own
+                finally:
+                    conn._lock.release()
+    # Each cache this process wrote, closed now or earlier (a shelf closed by hand, while
+    # another process had it open, also had to leave the log)
+    for path in list(_WRITTEN):
+        with contextlib.suppress(Exception):
+            _remove_log(path)
+
+
+def _remove_log(path):
+    # type: (str) -> None
+    """SQLite removes the log when the last connection to the cache closes. But processes
+    that close at the same instant can each see the other still there, and all leave it
+    (seen in CI: four workers ending together): look again, a few times, on a connection of
+    our own, which removes it if this process is the last one out by now."""
+    for _ in range(3):
+        if not os.path.exists(path + "-wal"):
+            return
+        try:
+            _check_companions(path)
+        except OSError:
+            return                        # refused when used: nothing of ours to remove
+        with _elsewhere(path):
+            try:
+                conn = sqlite3.connect(_uri(path, "rw"), uri=True, timeout=0.1)
+            except sqlite3.Error:
+                return                    # the cache is gone meanwhile: nothing to do
+            try:
+                _fetch(conn, "SELECT 1 FROM sqlite_master LIMIT 1")   # reads: opens the log
+            except sqlite3.Error:
+                pass
+            finally:
+                _close(conn)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
+    # Registered after those, so that before fork() the gate is taken, then the mark made,
+    # then _before_fork() runs, and after it (in the child too, where the thread that forked
+    # is the one left) the mark is taken away, then the gate given back: by C code, which no
+    # signal handler interrupts (a hook's Python code can be, even as it begins)
+    os.register_at_fork(before=functools.partial(_FORKING_NOW.append, None),
+                        after_in_parent=_FORKING_NOW.pop, after_in_child=_FORKING_NOW.pop)
+    os.register_at_fork(before=_FORK_GATE.acquire, after_in_parent=_FORK_GATE.release,
+                        after_in_child=_FORK_GATE.release)
+atexit.register(_close_all)
+
+
+# == file helpers =================================================================================
+# fsync of a file (F_FULLFSYNC on macOS) and of a directory (where the platform allows it);
+# the size of a file.
+
+def _fsync(fd):
+    # type: (int) -> None
+    """Flush fd to stable storage; on macOS with F_FULLFSYNC, out of the drive's cache too."""
+    if _FULLFSYNC is not None:
+        try:
+            _fcntl.fcntl(fd, _FULLFSYNC)
+            return
+        except OSError:           # not every filesystem has it (SMB, some FUSE): fsync then
+            pass
+    os.fsync(fd)
+
+
+def _fsync_dir(directory):
+    # type: (Union[str, os.PathLike[str]]) -> None
+    """Make a rename or unlink in directory durable, where the platform allows it."""
+    if not _CAN_FSYNC_DIR:
+        return
+    # best effort: some network and FUSE filesystems refuse to fsync a directory (EINVAL)
+    with contextlib.suppress(OSError):
+        opened: "List[int]" = []   # by list.extend(), as in _create_temp(): no Ctrl-C leaks it
+        try:
+            opened.extend(builtins.map(os.open, (directory,), (os.O_RDONLY | os.O_DIRECTORY,)))
+            _fsync(opened[0])
+        finally:
+            if opened:
+                os.close(opened[0])
+
+
+def _size(path):
+    # type: (str) -> int
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+# == the command line =============================================================================
+# python -m persist ls|show|clear|prune|failures|status (or python persist.py ...): _main
+# parses the arguments and calls _cli_<command>; each finds caches by name under a directory.
+
+def _main(argv=None):
+    # type: (Optional[Sequence[str]]) -> int
+    """python persist.py COMMAND: look after caches and done_dir() stages."""
+    import argparse
+    _load()
+    parser = argparse.ArgumentParser(prog="persist", description="Look after persist's caches "
+                                     "and done_dir() stages.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    ls = commands.add_parser("ls", help="list the caches under a directory")
+    ls.add_argument("dir", nargs="?", help="default: $PERSIST_DIR, else ./.persist")
+    ls.set_defaults(run=_cli_ls)
+    show = commands.add_parser("show", help="list a cache's entries: age, size, arguments")
+    show.add_argument("--limit", type=_limit, metavar="N", help="show the first N entries "
+                      "(default: 50 on a terminal, else all; 0: all)")
+    clear = commands.add_parser("clear", help="remove every entry of a cache")
+    prune = commands.add_parser("prune", help="remove a cache's old entries")
+    failures = commands.add_parser("failures", help="list a cache's failed calls, grouped by "
+                                   "exception")
+    failures.add_argument("--traceback", action="store_true", help="show each failed call "
+                          "with its traceback")
+    failures.add_argument("--limit", type=_limit, default=5, metavar="N", help="calls shown "
+                          "per exception, with --traceback too (default 5; 0: all)")
+    for command, run in ((show, _cli_show), (clear, _cli_clear), (prune, _cli_prune),
+                         (failures, _cli_failures)):
+        command.add_argument("cache", help="a cache file, or a function's name or a path as "
+                             "'ls' shows them")
+        command.add_argument("--dir", help="where to look for it (default: $PERSIST_DIR, "
+                             "else ./.persist)")
+        command.set_defaults(run=run)
+    for command in (clear, prune):
+        command.add_argument("--dry-run", action="store_true", help="say how many entries "
+                             "and bytes would go, and change nothing")
+    which = prune.add_mutually_exclusive_group(required=True)
+    which.add_argument("--expired", action="store_true", help="older than the function's "
+                       "expire=")
+    which.add_argument("--stale", action="store_true", help="stored by another version= than "
+                       "the latest")
+    which.add_argument("--older-than", type=_duration, metavar="AGE",
+                       help="older than AGE: 90s, 15m, 12h, 7d or 2w")
+    status = commands.add_parser("status", help="say whether done_dir() stages finished; "
+                                 "exit 1 if any did not")
+    status.add_argument("paths", nargs="+", metavar="PATH")
+    status.add_argument("--marker", default="DONE", help="the marker's name (default DONE)")
+    status.set_defaults(run=_cli_status)
+    options = parser.parse_args(argv)
+    try:
+        return options.run(options) or 0
+    except BrokenPipeError:          # persist show CACHE | head
+        sys.stdout = None
+        return 0
+    except (OSError, sqlite3.Error) as exc:
+        print("persist: error: %s" % _error_text(exc), file=sys.stderr)
+        return 1
 
 
 _AGES = 1e6 * 86400          # seconds: a million days, past which a stamp has no age
@@ -7343,62 +7538,6 @@ def _error_text(exc):
     # SQLite's own message may quote a column's text ("Could not decode to UTF-8 column
     # 'args' with text ..."): what anyone who could write the file put there
     return _one_line(text)
-
-
-def _main(argv=None):
-    # type: (Optional[Sequence[str]]) -> int
-    """python persist.py COMMAND: look after caches and done_dir() stages."""
-    import argparse
-    _load()
-    parser = argparse.ArgumentParser(prog="persist", description="Look after persist's caches "
-                                     "and done_dir() stages.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
-    ls = commands.add_parser("ls", help="list the caches under a directory")
-    ls.add_argument("dir", nargs="?", help="default: $PERSIST_DIR, else ./.persist")
-    ls.set_defaults(run=_cli_ls)
-    show = commands.add_parser("show", help="list a cache's entries: age, size, arguments")
-    show.add_argument("--limit", type=_limit, metavar="N", help="show the first N entries "
-                      "(default: 50 on a terminal, else all; 0: all)")
-    clear = commands.add_parser("clear", help="remove every entry of a cache")
-    prune = commands.add_parser("prune", help="remove a cache's old entries")
-    failures = commands.add_parser("failures", help="list a cache's failed calls, grouped by "
-                                   "exception")
-    failures.add_argument("--traceback", action="store_true", help="show each failed call "
-                          "with its traceback")
-    failures.add_argument("--limit", type=_limit, default=5, metavar="N", help="calls shown "
-                          "per exception, with --traceback too (default 5; 0: all)")
-    for command, run in ((show, _cli_show), (clear, _cli_clear), (prune, _cli_prune),
-                         (failures, _cli_failures)):
-        command.add_argument("cache", help="a cache file, or a function's name or a path as "
-                             "'ls' shows them")
-        command.add_argument("--dir", help="where to look for it (default: $PERSIST_DIR, "
-                             "else ./.persist)")
-        command.set_defaults(run=run)
-    for command in (clear, prune):
-        command.add_argument("--dry-run", action="store_true", help="say how many entries "
-                             "and bytes would go, and change nothing")
-    which = prune.add_mutually_exclusive_group(required=True)
-    which.add_argument("--expired", action="store_true", help="older than the function's "
-                       "expire=")
-    which.add_argument("--stale", action="store_true", help="stored by another version= than "
-                       "the latest")
-    which.add_argument("--older-than", type=_duration, metavar="AGE",
-                       help="older than AGE: 90s, 15m, 12h, 7d or 2w")
-    status = commands.add_parser("status", help="say whether done_dir() stages finished; "
-                                 "exit 1 if any did not")
-    status.add_argument("paths", nargs="+", metavar="PATH")
-    status.add_argument("--marker", default="DONE", help="the marker's name (default DONE)")
-    status.set_defaults(run=_cli_status)
-    options = parser.parse_args(argv)
-    try:
-        return options.run(options) or 0
-    except BrokenPipeError:          # persist show CACHE | head
-        sys.stdout = None
-        return 0
-    except (OSError, sqlite3.Error) as exc:
-        print("persist: error: %s" % _error_text(exc), file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":
