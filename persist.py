@@ -101,7 +101,7 @@ import weakref
 # "# type:" comment under its def (PEP 484), which costs nothing, where annotations would be
 # evaluated as each function is made (200 us at import, for all of them); the public API
 # keeps annotations (as strings: from __future__ import annotations imports a module), so
-# that help() and editors show them. See "Type checking" in the README.
+# that help() and editors show them. See docs/type-checking.md.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
@@ -2651,9 +2651,13 @@ class _FunctionCache:
         # at each would take a transaction and a traceback a frame, with the stack full.
         if store is None or isinstance(exc, RecursionError):
             return
+        # when the call started, taken before the record is made (a traceback to format, a
+        # call to pickle): a result another process stored after the start must win, and a
+        # start taken late would miss one stored meanwhile (see _record_failure)
+        started = time.time() - seconds
         try:
             record = _failure_record(call, exc, seconds, self.version)
-            store.record_failure(key, time.time() - seconds, record, self.owner, self.expire)
+            store.record_failure(key, started, record, self.owner, self.expire)
         except Exception as trouble:
             # best effort: a cache that cannot take the record (read-only, full) warns once,
             # and even strict=True lets the user's exception through rather than this one

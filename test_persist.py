@@ -3571,6 +3571,36 @@ class TestFailureLedger(MemoTest):
         self.assertEqual((f.failures(), f.cache_info().failures), ([], 0))
         self.assertEqual(f(1), 10)                  # a hit on what the other one stored
 
+    def test_a_result_stored_while_the_failure_is_recorded_is_not_shadowed(self):
+        # The other process stores the result while persist makes the failure's record (it
+        # reads the exception's message then), with no clock ahead: the call started before
+        # that store, so the store wins, and the guard must take the start before the record.
+        directory = self.dir
+
+        class Late(Exception):
+            told = False
+
+            def __str__(self):
+                if not Late.told:
+                    Late.told = True
+                    run_python("""
+                        import persist
+                        f = persist.memoize(cache_dir=%r, name="shared", key=lambda x: x)(
+                            lambda x: 10 * x)
+                        assert f(%d) == %d
+                    """ % (directory, 2, 20))
+                return "late"
+
+        def g(x):
+            raise Late(x)
+
+        f = persist.memoize(cache_dir=self.dir, name="shared", key=lambda x: x)(g)
+        with self.assertRaises(Late):
+            f(2)
+        self.assertTrue(Late.told)
+        self.assertEqual((f.failures(), f.cache_info().failures), ([], 0))
+        self.assertEqual(f(2), 20)                  # a hit on what the other one stored
+
     @slow
     def test_a_version_bump_that_fixes_a_call_ends_its_failure(self):
         def broken(text):
