@@ -5460,7 +5460,7 @@ class _Store:
             mode = "query"      # reads only, but closes as a writer: no -wal or -shm left
         self.conn = _Connection(self.path, mode)
         try:
-            self.conn.run(_fetch, "SELECT 1")     # open now: a bad file fails here
+            self._open_now()
         except BaseException:
             self.conn.close()
             raise
@@ -5580,6 +5580,21 @@ class _Store:
             if conn is not None:
                 _close(conn)
 
+    def _open_now(self):
+        # type: () -> None
+        """Open the connection now, so that a bad file fails here."""
+        try:
+            self.conn.run(_fetch, "SELECT 1")
+        except PersistError as exc:
+            # Another process filling this empty file has begun: SQLite wrote the first page
+            # (PRAGMA auto_vacuum does, before the lock _fill() takes), and no table yet. To
+            # 'c' and 'n' that is an empty file still: fill it under that lock, as _fill()
+            # checks, and open it again.
+            if exc.reason != PersistError.EMPTY or self.flag not in "cn":
+                raise
+            self._create_in_place()
+            self.conn.run(_fetch, "SELECT 1")
+
     def _create_in_place(self):
         # type: () -> None
         """Make a new cache in the empty file at path, as tempfile.mkstemp() leaves one for
@@ -5600,8 +5615,10 @@ class _Store:
             for statement in _CREATE[:2]:     # page size and auto_vacuum: before the lock,
                 conn.execute(statement)       # where they apply to the file then written
             conn.execute("BEGIN EXCLUSIVE")
+            # empty still: no table, and no other program's mark (a user_version of its own)
             if not _fetch(conn, "SELECT 1 FROM sqlite_master") and \
-                    _fetch(conn, "PRAGMA application_id") == [(0,)]:
+                    _fetch(conn, "PRAGMA application_id") == [(0,)] and \
+                    _fetch(conn, "PRAGMA user_version") == [(0,)]:
                 self._remove_stale_companions()
                 for statement in _CREATE[2:]:
                     conn.execute(statement)

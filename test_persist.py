@@ -5143,6 +5143,34 @@ class TestEmptyFileBecomesAStore(TempDirTest):
         self.assertEqual(f(1), 2)
         self.assertEqual(f.cache_info().entries, 1)
 
+    def test_a_file_another_filler_has_begun_is_filled(self):
+        # Another process filling the empty file has begun: the PRAGMA auto_vacuum it runs
+        # before taking the lock writes SQLite's first page, with no table yet. Opened
+        # then, with 'c', it was refused as "an empty file" (seen under load, one run in
+        # hundreds): it is one still, and becomes the store.
+        path = self.path / "shared.db"
+        path.write_bytes(b"")
+        conn = sqlite3.connect(str(path), isolation_level=None)
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL").fetchall()
+        conn.close()
+        self.assertGreater(path.stat().st_size, 0)
+        with persist.open(path, "c") as db:
+            db["x"] = 1
+        with persist.open(path, "r") as db:
+            self.assertEqual(dict(db), {"x": 1})
+
+    def test_an_empty_database_another_program_marked_is_refused(self):
+        path = self.path / "theirs.db"
+        conn = sqlite3.connect(str(path), isolation_level=None)
+        conn.execute("PRAGMA user_version=7")
+        conn.close()
+        before = path.read_bytes()
+        for flag in "cw":
+            with self.assertRaises(persist.PersistError) as caught:
+                persist.open(path, flag)
+            self.assertEqual(caught.exception.reason, persist.PersistError.EMPTY)
+        self.assertEqual(path.read_bytes(), before)
+
     def test_two_processes_fill_it_at_once(self):
         path = self.path / "shared.db"
         path.write_bytes(b"")
