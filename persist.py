@@ -7252,6 +7252,8 @@ def _find_cache(name, directory=None):
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "a directory, not a cache (list its caches "
                                     "with 'persist ls %s')" % path, path)
+        if os.path.exists(path):          # a FIFO, socket or device 'ls' lists: the store
+            return path                   # says what it is, as it does to 'ls'
         if os.path.islink(path):          # dangling: what it names is gone
             raise FileNotFoundError(errno.ENOENT, "a symbolic link to %s, which does not "
                                     "exist" % os.readlink(path), path)
@@ -7324,7 +7326,7 @@ def _cli_ls(options):
     # type: (argparse.Namespace) -> None
     directory = options.dir or _default_cache_dir()
     paths: "Iterable[str]"
-    if os.path.isfile(directory):         # one cache, as 'show' takes it
+    if os.path.exists(directory) and not os.path.isdir(directory):   # one, as 'show' takes it
         _Store(directory, "r").close()     # else its error, as 'show' gives it
         paths, directory = [directory], os.path.dirname(directory) or os.curdir
     elif os.path.isdir(directory):

@@ -9760,6 +9760,20 @@ class TestCommandLineListsBrokenFiles(CommandLineTest):
                          out)
         self.assertTrue(stat.S_ISFIFO(os.lstat(str(self.cache / "pipe.db")).st_mode))
 
+    @slow
+    @unittest.skipUnless(hasattr(os, "mkfifo"), "FIFOs")
+    def test_a_fifo_that_ls_lists_is_named_so_by_the_other_commands(self):
+        # 'ls' lists pipe.db as "(not a file)"; given that name (as ls prints it, or its
+        # path), show, clear and failures said "No such cache file", of a file that is there
+        os.mkfifo(str(self.cache / "pipe.db"))
+        for args in (["show", self.cache / "pipe.db"], ["show", "pipe.db", "--dir", self.cache],
+                     ["clear", self.cache / "pipe.db"], ["failures", self.cache / "pipe.db"],
+                     ["ls", self.cache / "pipe.db"]):
+            done = self.cli(*args)               # one that waits on the FIFO fails at its timeout
+            self.assertOneLineError(done, "a FIFO, not a cache file")
+            self.assertNotIn("No such", done.stderr)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(str(self.cache / "pipe.db")).st_mode))
+
 
 class TestCommandLineWhere(CommandLineTest):
     def setUp(self):
