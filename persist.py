@@ -4460,7 +4460,7 @@ class _ValuesView(_ValuesViewBase):
 def _open_shelve_file(path, flag):
     # type: (str, str) -> None
     """Before persist.open(path, flag) opens a store: move a shelve file's entries into one."""
-    if os.path.islink(path):               # _Store refuses it, saying why
+    if os.path.islink(path) or _open_here(path):    # refused by _Store, or a store of ours
         return
     kind = _shelve_kind(path)
     if kind is None:
@@ -4518,6 +4518,18 @@ _SHELVE_KEPT = ".before-persist"
 _SHELVE_READ_ONLY = ("a {kind} shelve file, not yet a persist store; open it once with "
                      "persist.open({path!r}, 'w'), which copies its entries into one and "
                      "keeps the original")
+
+
+def _open_here(path):
+    # type: (str) -> bool
+    """Whether this process has an SQLite connection to the file at path (then it is a
+    store of ours). Its header must not be read then: on POSIX, closing any descriptor of a
+    file drops every lock the process holds on it, SQLite's too, and another process that
+    closed the store would take itself for its last user and remove the -wal and -shm files
+    under this one's feet (https://www.sqlite.org/howtocorrupt.html, section 2.2)."""
+    real = os.path.realpath(path)
+    return any(conn._conn is not None and os.path.realpath(conn.path) == real
+               for conn in list(_CONNECTIONS))
 
 
 def _shelve_kind(path):

@@ -5050,6 +5050,33 @@ class TestOpenConcurrentProcesses(TempDirTest):
             self.assertEqual(len(db), 800)
             self.assertEqual(db["3-199"], 199)
 
+    @slow
+    def test_a_second_open_leaves_the_first_its_locks(self):
+        # persist.open() read the file's first bytes (is it a shelve file?) with a descriptor
+        # of its own, and closing it dropped the locks SQLite held on the file for the store
+        # this process had open already (POSIX locks are the process's): another process
+        # that closed the store then took itself for its last user, and removed the -wal and
+        # -shm files from under the first store (sqlite.org/howtocorrupt.html, 2.2)
+        path = str(self.path / "shared.db")
+        child = spawn(self, [sys.executable, "-c", textwrap.dedent("""
+            import sys, persist
+            first = persist.open(sys.argv[1])
+            first["a"] = 1
+            second = persist.open(sys.argv[1])
+            print("open", flush=True)
+            sys.stdin.readline()
+            first["b"] = 2
+            print(sorted(first), flush=True)
+        """), path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
+        self.assertEqual(child.stdout.readline(), "open\n")
+        with persist.open(path) as other:
+            other["c"] = 3
+        self.assertTrue(os.path.exists(path + "-wal"))     # still in use: left where it is
+        self.assertEqual(child.communicate("go\n")[0], "['a', 'b', 'c']\n")
+        self.assertEqual(child.returncode, 0)
+        with persist.open(path, "r") as db:
+            self.assertEqual(dict(db), {"a": 1, "b": 2, "c": 3})
+
 
 class TestShelfThreads(TempDirTest):
     def test_sixteen_threads_one_shelf(self):
