@@ -4460,7 +4460,7 @@ class _ValuesView(_ValuesViewBase):
 def _open_shelve_file(path, flag):
     # type: (str, str) -> None
     """Before persist.open(path, flag) opens a store: move a shelve file's entries into one."""
-    if os.path.islink(path):               # _Store refuses it, saying why
+    if os.path.islink(path) or _open_here(path):    # refused by _Store, or a store of ours
         return
     kind = _shelve_kind(path)
     if kind is None:
@@ -4518,6 +4518,18 @@ _SHELVE_KEPT = ".before-persist"
 _SHELVE_READ_ONLY = ("a {kind} shelve file, not yet a persist store; open it once with "
                      "persist.open({path!r}, 'w'), which copies its entries into one and "
                      "keeps the original")
+
+
+def _open_here(path):
+    # type: (str) -> bool
+    """Whether this process has an SQLite connection to the file at path (then it is a
+    store of ours). Its header must not be read then: on POSIX, closing any descriptor of a
+    file drops every lock the process holds on it, SQLite's too, and another process that
+    closed the store would take itself for its last user and remove the -wal and -shm files
+    under this one's feet (https://www.sqlite.org/howtocorrupt.html, section 2.2)."""
+    real = os.path.realpath(path)
+    return any(conn._conn is not None and os.path.realpath(conn.path) == real
+               for conn in list(_CONNECTIONS))
 
 
 def _shelve_kind(path):
@@ -7269,6 +7281,8 @@ def _find_cache(name, directory=None):
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "a directory, not a cache (list its caches "
                                     "with 'persist ls %s')" % path, path)
+        if os.path.exists(path):          # a FIFO, socket or device 'ls' lists: the store
+            return path                   # says what it is, as it does to 'ls'
         if os.path.islink(path):          # dangling: what it names is gone
             raise FileNotFoundError(errno.ENOENT, "a symbolic link to %s, which does not "
                                     "exist" % os.readlink(path), path)
@@ -7341,7 +7355,7 @@ def _cli_ls(options):
     # type: (argparse.Namespace) -> None
     directory = options.dir or _default_cache_dir()
     paths: "Iterable[str]"
-    if os.path.isfile(directory):         # one cache, as 'show' takes it
+    if os.path.exists(directory) and not os.path.isdir(directory):   # one, as 'show' takes it
         _Store(directory, "r").close()     # else its error, as 'show' gives it
         paths, directory = [directory], os.path.dirname(directory) or os.curdir
     elif os.path.isdir(directory):

@@ -5050,6 +5050,33 @@ class TestOpenConcurrentProcesses(TempDirTest):
             self.assertEqual(len(db), 800)
             self.assertEqual(db["3-199"], 199)
 
+    @slow
+    def test_a_second_open_leaves_the_first_its_locks(self):
+        # persist.open() read the file's first bytes (is it a shelve file?) with a descriptor
+        # of its own, and closing it dropped the locks SQLite held on the file for the store
+        # this process had open already (POSIX locks are the process's): another process
+        # that closed the store then took itself for its last user, and removed the -wal and
+        # -shm files from under the first store (sqlite.org/howtocorrupt.html, 2.2)
+        path = str(self.path / "shared.db")
+        child = spawn(self, [sys.executable, "-c", textwrap.dedent("""
+            import sys, persist
+            first = persist.open(sys.argv[1])
+            first["a"] = 1
+            second = persist.open(sys.argv[1])
+            print("open", flush=True)
+            sys.stdin.readline()
+            first["b"] = 2
+            print(sorted(first), flush=True)
+        """), path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
+        self.assertEqual(child.stdout.readline(), "open\n")
+        with persist.open(path) as other:
+            other["c"] = 3
+        self.assertTrue(os.path.exists(path + "-wal"))     # still in use: left where it is
+        self.assertEqual(child.communicate("go\n")[0], "['a', 'b', 'c']\n")
+        self.assertEqual(child.returncode, 0)
+        with persist.open(path, "r") as db:
+            self.assertEqual(dict(db), {"a": 1, "b": 2, "c": 3})
+
 
 class TestShelfThreads(TempDirTest):
     def test_sixteen_threads_one_shelf(self):
@@ -9786,6 +9813,20 @@ class TestCommandLineListsBrokenFiles(CommandLineTest):
         """ % str(self.cache / "pipe.db"), timeout=120)     # one that waits fails here
         self.assertEqual(out.count("%s a FIFO, not a cache file" % (self.cache / "pipe.db")), 2,
                          out)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(str(self.cache / "pipe.db")).st_mode))
+
+    @slow
+    @unittest.skipUnless(hasattr(os, "mkfifo"), "FIFOs")
+    def test_a_fifo_that_ls_lists_is_named_so_by_the_other_commands(self):
+        # 'ls' lists pipe.db as "(not a file)"; given that name (as ls prints it, or its
+        # path), show, clear and failures said "No such cache file", of a file that is there
+        os.mkfifo(str(self.cache / "pipe.db"))
+        for args in (["show", self.cache / "pipe.db"], ["show", "pipe.db", "--dir", self.cache],
+                     ["clear", self.cache / "pipe.db"], ["failures", self.cache / "pipe.db"],
+                     ["ls", self.cache / "pipe.db"]):
+            done = self.cli(*args)               # one that waits on the FIFO fails at its timeout
+            self.assertOneLineError(done, "a FIFO, not a cache file")
+            self.assertNotIn("No such", done.stderr)
         self.assertTrue(stat.S_ISFIFO(os.lstat(str(self.cache / "pipe.db")).st_mode))
 
 
