@@ -3353,6 +3353,8 @@ _BATCH_SECONDS = 0.05     # persist.map sends workers items in batches of about 
 _BATCH_LIMIT = 1000       # items, at most, in one batch
 _SUSPECTS_HALVED = 256    # items lost with a dead worker, more than which run again in halves:
                           # a new pool costs as much as a few hundred round trips (spawn)
+_REAP_TIMEOUT = 2.0       # seconds _stop_workers() gives a worker to end after SIGTERM, then
+                          # SIGKILL
 
 
 class _Run:
@@ -4107,9 +4109,17 @@ def _stop_workers(pool):
     for process in processes:
         with contextlib.suppress(Exception):
             process.terminate()
-    # shutdown() joins every worker, the dead ones too (its manager thread does, on CPython 3.8+
-    # and PyPy alike, a broken pool included): no zombie outlives us
     pool.shutdown(wait=True)
+    # Reaped here too, whatever shutdown() did: no zombie outlives us. shutdown() joins the
+    # workers through the pool's manager thread, but the pool starts that thread only after
+    # its first workers, so a Ctrl-C between the two leaves them to us. A worker that
+    # outlasts SIGTERM (a handler of its own) is killed.
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(_REAP_TIMEOUT)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
 
 
 def _took(seconds):

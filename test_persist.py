@@ -4248,6 +4248,37 @@ class TestMapInterrupted(TempDirTest):
 
         self.assertEqual((slow.failures(), slow.cache_info().entries), ([], 4))
 
+    @unittest.skipUnless(hasattr(os, "fork"), "the fork start method")
+    def test_ctrl_c_while_the_pool_starts_its_workers_leaves_no_zombie(self):
+        # Ctrl-C lands between the first worker's start and the second's: the pool has no
+        # manager thread yet (it starts after its workers), so its shutdown() joins nothing,
+        # and the worker already started must be reaped by persist.map itself
+        out = run_python("""
+            import multiprocessing, os, persist
+            from unittest import mock
+            multiprocessing.set_start_method("fork")   # no helper process of its own
+            forks = []
+            real_fork = os.fork
+            def fork():
+                forks.append(1)
+                if len(forks) == 2:
+                    raise KeyboardInterrupt           # as a Ctrl-C there would
+                return real_fork()
+            def work(x):
+                return x
+            if __name__ == "__main__":
+                with mock.patch("os.fork", fork):
+                    try:
+                        persist.map(work, range(4), workers=2, progress=False)
+                    except KeyboardInterrupt:
+                        print("interrupted")
+                try:
+                    print("child left:", os.waitpid(-1, os.WNOHANG))  # a zombie, or running
+                except ChildProcessError:
+                    print("no child left")
+        """, timeout=60)
+        self.assertEqual(out, "interrupted\nno child left\n")
+
 
 class TestMapResultFailsToLoad(TempDirTest):
     """A result that pickles in the worker but fails to load in the caller broke the pool as
