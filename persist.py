@@ -3596,7 +3596,7 @@ class _Run:
         broken: "Optional[BaseException]" = None
         for future in finished:
             try:
-                outcomes, seconds = future.result()
+                outcomes, seconds, where = future.result()
             except concurrent.futures.BrokenExecutor as exc:
                 if own is None:
                     raise self.pool_died() from exc
@@ -3610,13 +3610,15 @@ class _Run:
                     continue
                 if not portable or self.stopped:
                     # (after a failure with keep_going=False, no item starts again)
-                    outcomes, seconds = [(False, exc, None, False, None)], 0.0
+                    outcomes, seconds, where = [(False, exc, None, False, None)], 0.0, None
                 else:
                     self.run_here(batch[0], _why(exc))
                     continue
             else:
                 batch = schedule.returned(future)
-            self.take(batch, outcomes, cache)
+            # calls that ran in this process (an executor of threads that is no
+            # ThreadPoolExecutor) counted in the cache as they ran
+            self.take(batch, outcomes, None if where == os.getpid() else cache)
             schedule.timed(len(outcomes), seconds)
         return lost, broken
 
@@ -3660,7 +3662,7 @@ class _Run:
                   "its result is returned"
                   % (self.label, why))
         self.moved += 1
-        (ok, value, saved, _, _), = _run(self.func, [self.items[index]], False)[0]
+        (ok, value, saved, _, _), = _run(self.func, [self.items[index]], False).outcomes
         if ok:
             self.succeeded(index, value, saved is not None)
         else:
@@ -3905,11 +3907,12 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
 
 
 def _run(func, items, portable, stop=None):
-    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> Tuple[List[_Outcome], float]
-    """func(item) for a batch of items where they run (this process, or a worker): the
-    _Outcome of each, and the seconds the batch took. portable: exceptions go to another
-    process, so each is made picklable and its traceback sent as text. stop: an Event that a
-    failure sets, after which no item starts (keep_going=False)."""
+    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> _Batch
+    """func(item) for a batch of items where they run (this process, or a worker): a _Batch of
+    the _Outcome of each, the seconds the batch took and the id of the process it ran in.
+    portable: exceptions go to another process, so each is made picklable and its traceback
+    sent as text. stop: an Event that a failure sets, after which no item starts
+    (keep_going=False)."""
     stop = stop or _STOP
     found = _wrapper_of(func)
     if found is not None:
@@ -3941,7 +3944,16 @@ def _run(func, items, portable, stop=None):
             outcomes.append((False, exc, None, False, text))
     if portable:
         outcomes = _Outcomes(outcomes)
-    return outcomes, time.perf_counter() - start
+    return _Batch(outcomes, time.perf_counter() - start, os.getpid())
+
+
+if TYPE_CHECKING:
+    class _Batch(NamedTuple):
+        outcomes: List[_Outcome]
+        seconds: float
+        pid: int
+else:
+    _Batch = collections.namedtuple("_Batch", "outcomes seconds pid")
 
 
 class _Moved:

@@ -4638,6 +4638,32 @@ class TestMapWorkersCountTimeSaved(TempDirTest):
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(done.stdout, "138 0 15 15\n")
 
+    def test_an_executor_that_runs_here_counts_each_call_once(self):
+        # An executor, not a ThreadPoolExecutor, whose calls run in this process (Dask's with
+        # processes=False, a test double): its calls count in cache_info() where they run,
+        # and they were counted again as a worker's: each hit and miss twice.
+        out = run_python("""
+            import concurrent.futures, sys, persist
+            class Here(concurrent.futures.Executor):
+                def submit(self, fn, *args, **kwargs):
+                    future = concurrent.futures.Future()
+                    future.set_result(fn(*args, **kwargs))
+                    return future
+            @persist.memoize(cache_dir=sys.argv[1])
+            def work(x):
+                if x == 3:
+                    raise ValueError(x)
+                return x * 2
+            for run in range(2):
+                try:
+                    persist.map(work, range(6), executor=Here(), progress=False)
+                except persist.Failures as exc:
+                    print(len(exc.failures), end=" ")
+            info = work.cache_info()
+            print(info.hits, info.misses)
+        """.replace("sys.argv[1]", repr(self.dir)))
+        self.assertEqual(out, "1 1 5 7\n")
+
     @unittest.skipUnless(POSIX, "workers started by fork")
     def test_one_warning_for_a_cache_that_cannot_be_opened_not_one_per_worker(self):
         # Each worker warned that the cache cannot be opened (root over a project owned by
