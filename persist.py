@@ -3580,7 +3580,7 @@ class _Run:
                                          portable, stop)
             except concurrent.futures.BrokenExecutor as exc:
                 if own is None:
-                    raise self.pool_died() from exc
+                    raise self.pool_died(exc) from exc
                 # not started: it goes first into the next pool (which the failure of what
                 # is in flight, if anything is, makes)
                 schedule.unsent(batch)
@@ -3599,7 +3599,7 @@ class _Run:
                 outcomes, seconds, where = future.result()
             except concurrent.futures.BrokenExecutor as exc:
                 if own is None:
-                    raise self.pool_died() from exc
+                    raise self.pool_died(exc) from exc
                 lost.append(future)
                 broken = exc
                 continue
@@ -3668,15 +3668,20 @@ class _Run:
         else:
             self.failed(index, value)
 
-    def pool_died(self):
-        # type: () -> RuntimeError
-        """The error when a worker of a pool not ours died: it can run nothing more, and
-        persist.map cannot replace it."""
-        return RuntimeError("persist.map: a worker process died (killed, out of memory, or a "
-                            "crash in C code), and the executor can run no more items; the "
+    def pool_died(self, broken):
+        # type: (BaseException) -> RuntimeError
+        """The error when a pool not ours broke (broken: its BrokenExecutor), as when one of
+        its worker processes died: it can run nothing more, and persist.map cannot replace
+        it."""
+        from concurrent.futures.process import BrokenProcessPool
+        if isinstance(broken, BrokenProcessPool):
+            what = "a worker process died (killed, out of memory, or a crash in C code)"
+        else:                             # a thread pool's initializer failed, say
+            what = "the executor broke (%s)" % _why(broken)
+        return RuntimeError("persist.map: %s, and the executor can run no more items; the "
                             "%d results finished before are kept (a memoized function's are "
                             "stored): run again to compute the rest, or use workers=, whose "
-                            "pool persist.map replaces" % (self.reused + self.computed))
+                            "pool persist.map replaces" % (what, self.reused + self.computed))
 
     def worker_died(self, index, start, cause):
         # type: (int, float, Optional[BaseException]) -> None

@@ -4021,6 +4021,19 @@ class TestMap(MemoTest):
         # the ledger, though, lists them as they happened: the latest failure last
         self.assertEqual([failure.args for failure in f.failures()], ["('?b')", "('?a')"])
 
+    def test_a_thread_pool_whose_initializer_failed_is_not_said_to_have_lost_a_process(self):
+        def initializer():
+            raise OSError("no GPU here")
+
+        with concurrent.futures.ThreadPoolExecutor(2, initializer=initializer) as pool:
+            with self.assertRaises(RuntimeError) as caught:
+                persist.map(parse, ["1", "2"], executor=pool, progress=False)
+        message = str(caught.exception)
+        self.assertNotIn("process died", message)
+        self.assertIn("the executor broke (BrokenThreadPool: A thread initializer failed",
+                      message)
+        self.assertIn("run again", message)
+
     def test_bad_arguments(self):
         for kwargs in ({"workers": 0}, {"workers": 1.5}, {"workers": True},
                        {"workers": 2, "executor": object()}):
