@@ -4025,7 +4025,9 @@ class TestMap(MemoTest):
         def initializer():
             raise OSError("no GPU here")
 
-        with concurrent.futures.ThreadPoolExecutor(2, initializer=initializer) as pool:
+        # (the pool logs the initializer's traceback: caught here, not printed)
+        with self.assertLogs("concurrent.futures", "CRITICAL"), \
+                concurrent.futures.ThreadPoolExecutor(2, initializer=initializer) as pool:
             with self.assertRaises(RuntimeError) as caught:
                 persist.map(parse, ["1", "2"], executor=pool, progress=False)
         message = str(caught.exception)
