@@ -3618,7 +3618,7 @@ class _Run:
                 batch = schedule.returned(future)
             # calls that ran in this process (an executor of threads that is no
             # ThreadPoolExecutor) counted in the cache as they ran
-            self.take(batch, outcomes, None if where == os.getpid() else cache)
+            self.take(batch, outcomes, None if where == _this_process() else cache)
             schedule.timed(len(outcomes), seconds)
         return lost, broken
 
@@ -3914,7 +3914,8 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
 def _run(func, items, portable, stop=None):
     # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> _Batch
     """func(item) for a batch of items where they run (this process, or a worker): a _Batch of
-    the _Outcome of each, the seconds the batch took and the id of the process it ran in.
+    the _Outcome of each, the seconds the batch took and the process it ran in (see
+    _this_process).
     portable: exceptions go to another process, so each is made picklable and its traceback
     sent as text. stop: an Event that a failure sets, after which no item starts
     (keep_going=False)."""
@@ -3949,16 +3950,23 @@ def _run(func, items, portable, stop=None):
             outcomes.append((False, exc, None, False, text))
     if portable:
         outcomes = _Outcomes(outcomes)
-    return _Batch(outcomes, time.perf_counter() - start, os.getpid())
+    return _Batch(outcomes, time.perf_counter() - start, _this_process())
+
+
+def _this_process():
+    # type: () -> Tuple[int, str]
+    """This process, told from any other: a forked child's id differs, and a process on
+    another machine (Dask's workers), which may have the same id, differs in _RUN."""
+    return os.getpid(), _RUN
 
 
 if TYPE_CHECKING:
     class _Batch(NamedTuple):
         outcomes: List[_Outcome]
         seconds: float
-        pid: int
+        process: Tuple[int, str]
 else:
-    _Batch = collections.namedtuple("_Batch", "outcomes seconds pid")
+    _Batch = collections.namedtuple("_Batch", "outcomes seconds process")
 
 
 class _Moved:
