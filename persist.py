@@ -3353,6 +3353,8 @@ _BATCH_SECONDS = 0.05     # persist.map sends workers items in batches of about 
 _BATCH_LIMIT = 1000       # items, at most, in one batch
 _SUSPECTS_HALVED = 256    # items lost with a dead worker, more than which run again in halves:
                           # a new pool costs as much as a few hundred round trips (spawn)
+_REAP_TIMEOUT = 2.0       # seconds _stop_workers() gives a worker to end after SIGTERM, then
+                          # SIGKILL
 
 
 class _Run:
@@ -3578,7 +3580,7 @@ class _Run:
                                          portable, stop)
             except concurrent.futures.BrokenExecutor as exc:
                 if own is None:
-                    raise self.pool_died() from exc
+                    raise self.pool_died(exc) from exc
                 # not started: it goes first into the next pool (which the failure of what
                 # is in flight, if anything is, makes)
                 schedule.unsent(batch)
@@ -3594,10 +3596,10 @@ class _Run:
         broken: "Optional[BaseException]" = None
         for future in finished:
             try:
-                outcomes, seconds = future.result()
+                outcomes, seconds, where = future.result()
             except concurrent.futures.BrokenExecutor as exc:
                 if own is None:
-                    raise self.pool_died() from exc
+                    raise self.pool_died(exc) from exc
                 lost.append(future)
                 broken = exc
                 continue
@@ -3608,13 +3610,15 @@ class _Run:
                     continue
                 if not portable or self.stopped:
                     # (after a failure with keep_going=False, no item starts again)
-                    outcomes, seconds = [(False, exc, None, False, None)], 0.0
+                    outcomes, seconds, where = [(False, exc, None, False, None)], 0.0, None
                 else:
                     self.run_here(batch[0], _why(exc))
                     continue
             else:
                 batch = schedule.returned(future)
-            self.take(batch, outcomes, cache)
+            # calls that ran in this process (an executor of threads that is no
+            # ThreadPoolExecutor) counted in the cache as they ran
+            self.take(batch, outcomes, None if where == _this_process() else cache)
             schedule.timed(len(outcomes), seconds)
         return lost, broken
 
@@ -3658,21 +3662,26 @@ class _Run:
                   "its result is returned"
                   % (self.label, why))
         self.moved += 1
-        (ok, value, saved, _, _), = _run(self.func, [self.items[index]], False)[0]
+        (ok, value, saved, _, _), = _run(self.func, [self.items[index]], False).outcomes
         if ok:
             self.succeeded(index, value, saved is not None)
         else:
             self.failed(index, value)
 
-    def pool_died(self):
-        # type: () -> RuntimeError
-        """The error when a worker of a pool not ours died: it can run nothing more, and
-        persist.map cannot replace it."""
-        return RuntimeError("persist.map: a worker process died (killed, out of memory, or a "
-                            "crash in C code), and the executor can run no more items; the "
+    def pool_died(self, broken):
+        # type: (BaseException) -> RuntimeError
+        """The error when a pool not ours broke (broken: its BrokenExecutor), as when one of
+        its worker processes died: it can run nothing more, and persist.map cannot replace
+        it."""
+        from concurrent.futures.process import BrokenProcessPool
+        if isinstance(broken, BrokenProcessPool):
+            what = "a worker process died (killed, out of memory, or a crash in C code)"
+        else:                             # a thread pool's initializer failed, say
+            what = "the executor broke (%s)" % _why(broken)
+        return RuntimeError("persist.map: %s, and the executor can run no more items; the "
                             "%d results finished before are kept (a memoized function's are "
                             "stored): run again to compute the rest, or use workers=, whose "
-                            "pool persist.map replaces" % (self.reused + self.computed))
+                            "pool persist.map replaces" % (what, self.reused + self.computed))
 
     def worker_died(self, index, start, cause):
         # type: (int, float, Optional[BaseException]) -> None
@@ -3903,11 +3912,13 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
 
 
 def _run(func, items, portable, stop=None):
-    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> Tuple[List[_Outcome], float]
-    """func(item) for a batch of items where they run (this process, or a worker): the
-    _Outcome of each, and the seconds the batch took. portable: exceptions go to another
-    process, so each is made picklable and its traceback sent as text. stop: an Event that a
-    failure sets, after which no item starts (keep_going=False)."""
+    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> _Batch
+    """func(item) for a batch of items where they run (this process, or a worker): a _Batch of
+    the _Outcome of each, the seconds the batch took and the process it ran in (see
+    _this_process).
+    portable: exceptions go to another process, so each is made picklable and its traceback
+    sent as text. stop: an Event that a failure sets, after which no item starts
+    (keep_going=False)."""
     stop = stop or _STOP
     found = _wrapper_of(func)
     if found is not None:
@@ -3939,7 +3950,23 @@ def _run(func, items, portable, stop=None):
             outcomes.append((False, exc, None, False, text))
     if portable:
         outcomes = _Outcomes(outcomes)
-    return outcomes, time.perf_counter() - start
+    return _Batch(outcomes, time.perf_counter() - start, _this_process())
+
+
+def _this_process():
+    # type: () -> Tuple[int, str]
+    """This process, told from any other: a forked child's id differs, and a process on
+    another machine (Dask's workers), which may have the same id, differs in _RUN."""
+    return os.getpid(), _RUN
+
+
+if TYPE_CHECKING:
+    class _Batch(NamedTuple):
+        outcomes: List[_Outcome]
+        seconds: float
+        process: Tuple[int, str]
+else:
+    _Batch = collections.namedtuple("_Batch", "outcomes seconds process")
 
 
 class _Moved:
@@ -4107,9 +4134,17 @@ def _stop_workers(pool):
     for process in processes:
         with contextlib.suppress(Exception):
             process.terminate()
-    # shutdown() joins every worker, the dead ones too (its manager thread does, on CPython 3.8+
-    # and PyPy alike, a broken pool included): no zombie outlives us
     pool.shutdown(wait=True)
+    # Reaped here too, whatever shutdown() did: no zombie outlives us. shutdown() joins the
+    # workers through the pool's manager thread, but the pool starts that thread only after
+    # its first workers, so a Ctrl-C between the two leaves them to us. A worker that
+    # outlasts SIGTERM (a handler of its own) is killed.
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(_REAP_TIMEOUT)
+            if process.exitcode is None:
+                process.kill()
+                process.join()
 
 
 def _took(seconds):

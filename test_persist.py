@@ -4021,6 +4021,21 @@ class TestMap(MemoTest):
         # the ledger, though, lists them as they happened: the latest failure last
         self.assertEqual([failure.args for failure in f.failures()], ["('?b')", "('?a')"])
 
+    def test_a_thread_pool_whose_initializer_failed_is_not_said_to_have_lost_a_process(self):
+        def initializer():
+            raise OSError("no GPU here")
+
+        # (the pool logs the initializer's traceback: caught here, not printed)
+        with self.assertLogs("concurrent.futures", "CRITICAL"), \
+                concurrent.futures.ThreadPoolExecutor(2, initializer=initializer) as pool:
+            with self.assertRaises(RuntimeError) as caught:
+                persist.map(parse, ["1", "2"], executor=pool, progress=False)
+        message = str(caught.exception)
+        self.assertNotIn("process died", message)
+        self.assertIn("the executor broke (BrokenThreadPool: A thread initializer failed",
+                      message)
+        self.assertIn("run again", message)
+
     def test_bad_arguments(self):
         for kwargs in ({"workers": 0}, {"workers": 1.5}, {"workers": True},
                        {"workers": 2, "executor": object()}):
@@ -4247,6 +4262,37 @@ class TestMapInterrupted(TempDirTest):
             return x
 
         self.assertEqual((slow.failures(), slow.cache_info().entries), ([], 4))
+
+    @unittest.skipUnless(hasattr(os, "fork"), "the fork start method")
+    def test_ctrl_c_while_the_pool_starts_its_workers_leaves_no_zombie(self):
+        # Ctrl-C lands between the first worker's start and the second's: the pool has no
+        # manager thread yet (it starts after its workers), so its shutdown() joins nothing,
+        # and the worker already started must be reaped by persist.map itself
+        out = run_python("""
+            import multiprocessing, os, persist
+            from unittest import mock
+            multiprocessing.set_start_method("fork")   # no helper process of its own
+            forks = []
+            real_fork = os.fork
+            def fork():
+                forks.append(1)
+                if len(forks) == 2:
+                    raise KeyboardInterrupt           # as a Ctrl-C there would
+                return real_fork()
+            def work(x):
+                return x
+            if __name__ == "__main__":
+                with mock.patch("os.fork", fork):
+                    try:
+                        persist.map(work, range(4), workers=2, progress=False)
+                    except KeyboardInterrupt:
+                        print("interrupted")
+                try:
+                    print("child left:", os.waitpid(-1, os.WNOHANG))  # a zombie, or running
+                except ChildProcessError:
+                    print("no child left")
+        """, timeout=60)
+        self.assertEqual(out, "interrupted\nno child left\n")
 
 
 class TestMapResultFailsToLoad(TempDirTest):
@@ -4606,6 +4652,32 @@ class TestMapWorkersCountTimeSaved(TempDirTest):
         done = run_command([str(script), str(self.path / "file" / "cache")], timeout=300)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(done.stdout, "138 0 15 15\n")
+
+    def test_an_executor_that_runs_here_counts_each_call_once(self):
+        # An executor, not a ThreadPoolExecutor, whose calls run in this process (Dask's with
+        # processes=False, a test double): its calls count in cache_info() where they run,
+        # and they were counted again as a worker's: each hit and miss twice.
+        out = run_python("""
+            import concurrent.futures, sys, persist
+            class Here(concurrent.futures.Executor):
+                def submit(self, fn, *args, **kwargs):
+                    future = concurrent.futures.Future()
+                    future.set_result(fn(*args, **kwargs))
+                    return future
+            @persist.memoize(cache_dir=sys.argv[1])
+            def work(x):
+                if x == 3:
+                    raise ValueError(x)
+                return x * 2
+            for run in range(2):
+                try:
+                    persist.map(work, range(6), executor=Here(), progress=False)
+                except persist.Failures as exc:
+                    print(len(exc.failures), end=" ")
+            info = work.cache_info()
+            print(info.hits, info.misses)
+        """.replace("sys.argv[1]", repr(self.dir)))
+        self.assertEqual(out, "1 1 5 7\n")
 
     @unittest.skipUnless(POSIX, "workers started by fork")
     def test_one_warning_for_a_cache_that_cannot_be_opened_not_one_per_worker(self):
