@@ -3953,13 +3953,6 @@ def _run(func, items, portable, stop=None):
     return _Batch(outcomes, time.perf_counter() - start, _this_process())
 
 
-def _this_process():
-    # type: () -> Tuple[int, str]
-    """This process, told from any other: a forked child's id differs, and a process on
-    another machine (Dask's workers), which may have the same id, differs in _RUN."""
-    return os.getpid(), _RUN
-
-
 if TYPE_CHECKING:
     class _Batch(NamedTuple):
         outcomes: List[_Outcome]
@@ -3967,6 +3960,13 @@ if TYPE_CHECKING:
         process: Tuple[int, str]
 else:
     _Batch = collections.namedtuple("_Batch", "outcomes seconds process")
+
+
+def _this_process():
+    # type: () -> Tuple[int, str]
+    """This process, told from any other: a forked child's id differs, and a process on
+    another machine (Dask's workers), which may have the same id, differs in _RUN."""
+    return os.getpid(), _RUN
 
 
 class _Moved:
