@@ -961,6 +961,11 @@ class _Wrapper:
                            owner=cache.owner)[0]
 
 
+# A bound memoized method (model.predict) passed as an argument is keyed by its type's name
+# (_write_reduced): _Wrapper keys under its name before issue 21, so that keys stay the same.
+_KEYED_AS = {_Wrapper: "_Memoized"}     # type: Dict[type, str]
+
+
 class _ClassmethodWrapper(_Wrapper):
     """What memoize gives for a classmethod: C.f and C().f bind to C (a subclass's to the
     subclass), so that C.f.cache_delete(x) passes C, as C.f(x) does, on every Python."""
@@ -1565,7 +1570,7 @@ def _type_name(kind):
                         "those of another class of that name); define it at module level"
                         % kind.__qualname__)
     module = _module_name(kind.__module__ or "", kind.__qualname__, kind)
-    return "%s:%s" % (module, kind.__qualname__)
+    return "%s:%s" % (module, _KEYED_AS.get(kind, kind.__qualname__))
 
 
 def _write_reduced(value, w):
