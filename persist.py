@@ -692,8 +692,9 @@ class _Miss:
 
     def __exit__(self, kind, exc, traceback):
         # type: (Optional[type], Optional[BaseException], object) -> None
-        # (a call deep in a recursion: get() went deeper than put() and fail() go, before
-        # they are called, so there is stack for them; what fails inside, they handle)
+        # (a call deep in a recursion: put() goes deeper than get() did (a transaction),
+        # so within a few frames of the limit a result may not be stored, which put()
+        # counts in unstored; it is returned all the same. What fails inside, they handle)
         seconds = time.perf_counter() - self.start
         if kind is None:
             self.cache.put(self.key, self.result, self.call, seconds)
