@@ -692,8 +692,9 @@ class _Miss:
 
     def __exit__(self, kind, exc, traceback):
         # type: (Optional[type], Optional[BaseException], object) -> None
-        # (a call deep in a recursion: get() went deeper than put() and fail() go, before
-        # they are called, so there is stack for them; what fails inside, they handle)
+        # (a call deep in a recursion: put() goes deeper than get() did (a transaction),
+        # so within a few frames of the limit a result may not be stored, which put()
+        # counts in unstored; it is returned all the same. What fails inside, they handle)
         seconds = time.perf_counter() - self.start
         if kind is None:
             self.cache.put(self.key, self.result, self.call, seconds)
@@ -959,6 +960,11 @@ class _Wrapper:
                 codes = (store.stale_codes() or []) + [cache.owner[:_CODE_TAG]]
         return store.prune(before, cache.version if stale else None, after=after, codes=codes,
                            owner=cache.owner)[0]
+
+
+# A bound memoized method (model.predict) passed as an argument is keyed by its type's name
+# (_write_reduced): _Wrapper keys under its name before issue 21, so that keys stay the same.
+_KEYED_AS = {_Wrapper: "_Memoized"}     # type: Dict[type, str]
 
 
 class _ClassmethodWrapper(_Wrapper):
@@ -1565,7 +1571,7 @@ def _type_name(kind):
                         "those of another class of that name); define it at module level"
                         % kind.__qualname__)
     module = _module_name(kind.__module__ or "", kind.__qualname__, kind)
-    return "%s:%s" % (module, kind.__qualname__)
+    return "%s:%s" % (module, _KEYED_AS.get(kind, kind.__qualname__))
 
 
 def _write_reduced(value, w):

@@ -883,6 +883,8 @@ def key_corpus():
         "function": os.path.join, "builtin": len, "class": pathlib.PurePosixPath,
         "partial": functools.partial(int, base=2), "range": range(1, 10, 3),
         "slice": slice(1, None, 2), "Ellipsis": Ellipsis,
+        # keyed by the wrapper's type name, which issue 21 renamed (_Memoized to _Wrapper)
+        "bound memoized method": Model(3).predict, "memoized classmethod": Model.create,
     }
     if os.name == "posix":
         corpus["PosixPath"] = pathlib.PosixPath("data/in.csv")
@@ -1042,6 +1044,10 @@ PINNED_KEYS = {
         "2912220da76c8ceae32db6f75da1791184c4c22138d532b12b9e49919e08926e",
     "Ellipsis":
         "489be14e297c7d5b879e68836884a4a966d12040d41c0ba7b25a6ca6100865cd",
+    "bound memoized method":
+        "68d849f7d0f18e7f18bd33a3ba84aa1adc7b345d497c5c46a44670d7555d517a",
+    "memoized classmethod":
+        "f175691753699540da9cf43db89218182448007b536831fb43b2fecaeefa023c",
     "PosixPath":
         "7589578baceb10399227f6d85a1fe2d82eb1abbd74d7ec39e28ae874c6d50009",
     "numpy int64 matrix":
@@ -3287,6 +3293,11 @@ class Model:
     @persist.memoize
     def predict(self, x):
         return x * self.k
+
+    @persist.memoize
+    @classmethod
+    def create(cls, k):
+        return cls(k)
 
 
 class TestSmallerDefects(MemoTest):
