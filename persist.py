@@ -630,8 +630,8 @@ def _function_wrapper(wrapper, coroutine):
     A function, not wrapper itself: each level of a recursion then takes two frames of the
     stack, the function's and func's, where an object's __call__ would take three before
     Python 3.12 (the limit counts the C call between them too). The plain one keys a call
-    as cache.key() does, inline, as _Wrapper.__call__ does: a call less costs a hit 1 to 3%
-    less (measured against key(), side by side, on CPython 3.8 and 3.13).
+    as cache.key() does, inline: a call less costs a hit 1 to 3% less (measured against
+    key(), side by side, on CPython 3.8 and 3.13), and this is the common case.
     """
     cache = wrapper._cache
     func, key_of, get = cache.func, cache.key, cache.get
@@ -800,11 +800,9 @@ class _Wrapper:
         cache, bound = self._cache, self._self
         if bound is not None:
             args = (bound,) + args
-        material = cache.bind(args, kwargs)   # cache.key(args, kwargs), inline: a hit's time
-        try:
-            key = cache.key_from(material)
-        except Exception as exc:
-            raise _unkeyable(cache.func, args, kwargs, exc) from None
+        # the one key path (a method's hit pays a call for it, 2-3% on 3.8: only the plain
+        # function's wrapper, the common case, keys inline)
+        key = cache.key(args, kwargs)
         result, _ = cache.get(key)
         if result is _MISSING:
             with _Miss(cache, key, args, kwargs) as miss:
@@ -2447,12 +2445,11 @@ class _FunctionCache:
 
     def key(self, args, kwargs, material=_MISSING):
         # type: (_Args, _Kwargs, Any) -> bytes
-        """The key of a call, which every wrapper takes (_Wrapper.__call__ and the plain
-        function's have it inline, a call less on each hit: see _function_wrapper): material
-        is what bind() made of args and kwargs, where the caller has it already. A wrong
-        call raises TypeError in bind(), naming the function, as the call would; arguments
-        that cannot be keyed, a TypeError or RecursionError naming the parameter
-        (_unkeyable)."""
+        """The key of a call, which every wrapper takes (the plain function's has it inline,
+        a call less on each hit: see _function_wrapper): material is what bind() made of
+        args and kwargs, where the caller has it already. A wrong call raises TypeError in
+        bind(), naming the function, as the call would; arguments that cannot be keyed, a
+        TypeError or RecursionError naming the parameter (_unkeyable)."""
         if material is _MISSING:
             material = self.bind(args, kwargs)
         try:
