@@ -53,7 +53,11 @@ PLAIN_FSYNC = mock.patch.object(persist, "_FULLFSYNC", None)   # as where there 
 LARGE = os.environ.get("PERSIST_TEST_LARGE") == "1"
 QUICK = os.environ.get("PERSIST_TEST_QUICK") == "1"
 CHILD_TIMEOUT = 300     # seconds: far past what any child needs on a loaded machine
-TEST_TIMEOUT = 1800     # seconds, for one test: past several children's CHILD_TIMEOUT
+# seconds, for one test (TempDirTest's backstop): past two children's CHILD_TIMEOUT, and within
+# the 15 minutes a CI job or a `timeout 900` gives a run (at 1800 a hang in this process outlived
+# them: the run was killed from outside, with no traceback saying where it hung)
+TEST_TIMEOUT = 2 * CHILD_TIMEOUT
+CI_JOB_LIMIT = 15 * 60
 
 
 def setUpModule():
@@ -10176,6 +10180,25 @@ class TestModule(unittest.TestCase):
         self.assertEqual(len(set(reasons.values())), len(reasons))
         self.assertTrue(all(re.fullmatch("[a-z]+(-[a-z]+)*", value)
                             for value in reasons.values()), reasons)
+
+    @unittest.skipUnless(hasattr(faulthandler, "dump_traceback_later"), "no faulthandler timer")
+    def test_a_test_that_hangs_in_this_process_fails_within_a_ci_jobs_limit(self):
+        # The backstop (TempDirTest.setUp) for a hang no child's watchdog can end (a deadlock,
+        # a pool's exit): the run stops with the hanging test's traceback, in time
+        self.assertLess(TEST_TIMEOUT + TORTURE_SECONDS, CI_JOB_LIMIT)
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent('''
+            import sys, threading, unittest
+            sys.path.insert(0, %r)
+            import test_persist
+            test_persist.TEST_TIMEOUT = 0.5
+            class Hangs(test_persist.TempDirTest):
+                def test_waits_for_ever(self):
+                    threading.Event().wait()
+            unittest.main(argv=["hangs"])
+        ''' % HERE)], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, timeout=CHILD_TIMEOUT)
+        self.assertNotEqual(done.returncode, 0)
+        self.assertRegex(done.stderr, r"(?s)Timeout.*in test_waits_for_ever")
 
     def test_version_and_licence(self):
         self.assertEqual(persist.__version__, "0.1.0")
