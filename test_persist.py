@@ -8408,6 +8408,33 @@ class TestFork(TempDirTest):
         on_disk, named = value_files(self.path / "shelf.db")
         self.assertEqual(on_disk, named)
 
+    def test_threads_of_a_forked_child_open_and_use_caches(self):
+        # The fork's hooks hold the gate that no cache opens past while another thread forks,
+        # and give it back in the child too: the child's own threads (a thread pool in a
+        # forked worker) open caches, memoized functions' and shelves, as its first one does
+        out = run_python('''
+            import os, sys, threading, persist
+            db = persist.open(os.path.join(%r, "parent.db"))
+            db["k"] = "parent"
+            pid = os.fork()
+            if pid == 0:
+                seen = []
+                def use():
+                    @persist.memoize(cache_dir=%r, name="child")
+                    def double(x):
+                        return 2 * x
+                    with persist.open(os.path.join(%r, "child.db")) as mine:
+                        mine["k"] = double(21)
+                        seen.extend([mine["k"], db["k"]])
+                thread = threading.Thread(target=use, daemon=True)
+                thread.start()
+                thread.join(60)                   # a thread that hangs fails the test here
+                print(seen, flush=True)
+                os._exit(0)
+            print(os.waitpid(pid, 0)[1], db["k"])
+        ''' % (self.dir, self.dir, self.dir))
+        self.assertEqual(out, "[42, 'parent']\n0 parent\n")
+
     @slow
     def test_fork_while_another_thread_opens_and_closes_shelves(self):
         # A child forked while that thread was inside SQLite (connecting, or closing, its
