@@ -11,6 +11,7 @@ CHILD_TIMEOUT), so that a broken build fails instead of hanging.
 """
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -209,10 +210,21 @@ def descendants(pid):
         found += more
 
 
+HUNG = []      # the test that hung, once hung() runs
+
+
+@atexit.register
+def failed_if_hung():
+    if HUNG:
+        os._exit(1)
+
+
 def hung(test):
     """TempDirTest's backstop: test ran past TEST_TIMEOUT. Print every thread's traceback,
     kill every process this one started (those still running, and theirs: a worker that
-    loops, left alone, would outlive the run), and end the run, failed."""
+    loops, left alone, would outlive the run), and end the run, failed: the test, let go by a
+    child's end, may finish first, and the run too (see failed_if_hung)."""
+    HUNG.append(test)
     faulthandler.dump_traceback(all_threads=True)
     print("%s still running after %d s: the run ends here, with the processes it started"
           % (test, TEST_TIMEOUT), file=sys.stderr, flush=True)
