@@ -11,6 +11,7 @@ CHILD_TIMEOUT), so that a broken build fails instead of hanging.
 """
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -53,7 +54,11 @@ PLAIN_FSYNC = mock.patch.object(persist, "_FULLFSYNC", None)   # as where there 
 LARGE = os.environ.get("PERSIST_TEST_LARGE") == "1"
 QUICK = os.environ.get("PERSIST_TEST_QUICK") == "1"
 CHILD_TIMEOUT = 300     # seconds: far past what any child needs on a loaded machine
-TEST_TIMEOUT = 1800     # seconds, for one test: past several children's CHILD_TIMEOUT
+# seconds, for one test (TempDirTest's backstop): past two children's CHILD_TIMEOUT, and within
+# the 15 minutes a CI job or a `timeout 900` gives a run (at 1800 a hang in this process outlived
+# them: the run was killed from outside, with no traceback saying where it hung)
+TEST_TIMEOUT = 2 * CHILD_TIMEOUT
+CI_JOB_LIMIT = 15 * 60
 
 
 def setUpModule():
@@ -180,6 +185,59 @@ def ended_as_persist_waits(other, line):
         yield waits
 
 
+def descendants(pid):
+    """The processes pid started, and those they started, where /proc lists them (Linux);
+    elsewhere none."""
+    parent_of = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as file:
+                    parent_of[int(entry)] = int(file.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue                 # ended meanwhile
+    tree, found = {pid}, []
+    while True:
+        more = [child for child, parent in parent_of.items()
+                if parent in tree and child not in tree]
+        if not more:
+            return found
+        tree.update(more)
+        found += more
+
+
+HUNG = []      # the test that hung, once hung() runs
+
+
+@atexit.register
+def failed_if_hung():
+    if HUNG:
+        os._exit(1)
+
+
+def hung(test):
+    """TempDirTest's backstop: test ran past TEST_TIMEOUT. Print every thread's traceback,
+    kill every process this one started (those still running, and theirs: a worker that
+    loops, left alone, would outlive the run), and end the run, failed: the test, let go by a
+    child's end, may finish first, and the run too (see failed_if_hung)."""
+    HUNG.append(test)
+    faulthandler.dump_traceback(all_threads=True)
+    print("%s still running after %d s: the run ends here, with the processes it started"
+          % (test, TEST_TIMEOUT), file=sys.stderr, flush=True)
+    ended = descendants(os.getpid())
+    for pid in ended:
+        with contextlib.suppress(OSError):
+            os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+    for pid in ended:                    # ours reaped: gone before the run's end is seen
+        with contextlib.suppress(OSError):
+            os.waitpid(pid, 0)
+    os._exit(1)
+
+
 def temp_files(directory):
     return sorted(name for _, _, names in os.walk(directory) for name in names
                   if name.endswith(".tmp"))
@@ -190,10 +248,16 @@ class TempDirTest(unittest.TestCase):
 
     def setUp(self):
         # The backstop for a hang no child's watchdog (spawn) can end, one in this process (a
-        # deadlocked thread, a pool's exit): the run stops with every thread's traceback.
+        # deadlocked thread, a pool's exit): the run stops with every thread's traceback, and
+        # no process it started outlives it (see hung). faulthandler's own timer, a minute
+        # later, ends it where no thread of Python can run any more (a C call holding the GIL).
         # (--torture SECONDS may ask for hours.)
+        backstop = threading.Timer(TEST_TIMEOUT + TORTURE_SECONDS, hung, (self.id(),))
+        backstop.daemon = True
+        backstop.start()
+        self.addCleanup(backstop.cancel)
         if hasattr(faulthandler, "dump_traceback_later"):
-            faulthandler.dump_traceback_later(TEST_TIMEOUT + TORTURE_SECONDS, exit=True)
+            faulthandler.dump_traceback_later(TEST_TIMEOUT + TORTURE_SECONDS + 60, exit=True)
             self.addCleanup(faulthandler.cancel_dump_traceback_later)
         holder = __import__("tempfile").TemporaryDirectory()
         self.addCleanup(holder.cleanup)
@@ -8543,6 +8607,33 @@ class TestFork(TempDirTest):
         on_disk, named = value_files(self.path / "shelf.db")
         self.assertEqual(on_disk, named)
 
+    def test_threads_of_a_forked_child_open_and_use_caches(self):
+        # The fork's hooks hold the gate that no cache opens past while another thread forks,
+        # and give it back in the child too: the child's own threads (a thread pool in a
+        # forked worker) open caches, memoized functions' and shelves, as its first one does
+        out = run_python('''
+            import os, sys, threading, persist
+            db = persist.open(os.path.join(%r, "parent.db"))
+            db["k"] = "parent"
+            pid = os.fork()
+            if pid == 0:
+                seen = []
+                def use():
+                    @persist.memoize(cache_dir=%r, name="child")
+                    def double(x):
+                        return 2 * x
+                    with persist.open(os.path.join(%r, "child.db")) as mine:
+                        mine["k"] = double(21)
+                        seen.extend([mine["k"], db["k"]])
+                thread = threading.Thread(target=use, daemon=True)
+                thread.start()
+                thread.join(60)                   # a thread that hangs fails the test here
+                print(seen, flush=True)
+                os._exit(0)
+            print(os.waitpid(pid, 0)[1], db["k"])
+        ''' % (self.dir, self.dir, self.dir))
+        self.assertEqual(out, "[42, 'parent']\n0 parent\n")
+
     @slow
     def test_fork_while_another_thread_opens_and_closes_shelves(self):
         # A child forked while that thread was inside SQLite (connecting, or closing, its
@@ -10329,6 +10420,35 @@ class TestModule(unittest.TestCase):
         self.assertEqual(len(set(reasons.values())), len(reasons))
         self.assertTrue(all(re.fullmatch("[a-z]+(-[a-z]+)*", value)
                             for value in reasons.values()), reasons)
+
+    @slow
+    def test_a_test_that_hangs_in_this_process_fails_within_a_ci_jobs_limit(self):
+        # The backstop (TempDirTest.setUp) for a hang no child's watchdog can end (a deadlock,
+        # a pool's exit): the run stops with the hanging test's traceback, in time, and kills
+        # what the test started (a pool's worker that loops once ran on for ever)
+        self.assertLess(TEST_TIMEOUT + TORTURE_SECONDS + 60, CI_JOB_LIMIT)
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent('''
+            import subprocess, sys, threading, unittest
+            sys.path.insert(0, %r)
+            import test_persist
+            test_persist.TEST_TIMEOUT = 1
+            child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            print(child.pid, flush=True)
+            class Hangs(test_persist.TempDirTest):
+                def test_waits_for_ever(self):
+                    child.wait()
+            unittest.main(argv=["hangs"])
+        ''' % HERE)], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, timeout=CHILD_TIMEOUT)
+        self.assertNotEqual(done.returncode, 0)
+        self.assertRegex(done.stderr, r"(?s)in test_waits_for_ever.*still running after 1 s")
+        if os.path.isdir("/proc/self"):
+            try:
+                with open("/proc/%d/stat" % int(done.stdout)) as file:
+                    state = file.read().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                state = "gone"
+            self.assertIn(state, ("gone", "Z", "X"))  # ended (a zombie where nothing reaps)
 
     def test_version_and_licence(self):
         self.assertEqual(persist.__version__, "0.1.0")
