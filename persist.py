@@ -476,6 +476,8 @@ _O_SUBDIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLO
 _O_SYNC_FILE = ((os.O_RDWR if os.name == "nt" else os.O_RDONLY) | getattr(os, "O_NOFOLLOW", 0)
                 | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
                 | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+# PyPy's interpreter may turn a RecursionError into a TypeError at the stack's end: _too_deep
+_PYPY = sys.implementation.name == "pypy"
 _VANISHED = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP}   # gone, or swapped for a file or link
 _sync_all = getattr(os, "sync", None)         # POSIX: flush every filesystem at once
 _SYNC_THREADS = 8                             # done_dir's fsyncs at once: see _sync_files
@@ -1229,7 +1231,7 @@ def _unkeyable(func, args, kwargs, exc):
     recursion reaching the limit, which its callers expect unchanged (and which has no room
     left for more work here).
     """
-    if isinstance(exc, RecursionError) and _stack_nearly_full():
+    if _too_deep(exc) and _stack_nearly_full():
         return exc
     label = _identity(func)
     _load()
@@ -1241,25 +1243,45 @@ def _unkeyable(func, args, kwargs, exc):
     for name, value in named:
         try:
             _digest(value)
-        except RecursionError as inner:
+        except Exception as inner:
+            if not _too_deep(inner):
+                return TypeError("%s(): argument %r cannot be part of a cache key (%s: %s); "
+                                 "leave it out with memoize(ignore=[%r]) or pass "
+                                 "memoize(key=...)"
+                                 % (label, name, type(inner).__name__, inner, name))
             return RecursionError("%s(): argument %r is nested too deep to be part of a cache "
                                   "key (RecursionError: %s); leave it out with "
                                   "memoize(ignore=[%r]), pass memoize(key=...), or raise the "
                                   "limit with sys.setrecursionlimit() (now %d); nothing was run "
                                   "or stored"
-                                  % (label, name, inner, name, sys.getrecursionlimit()))
-        except Exception as inner:
-            return TypeError("%s(): argument %r cannot be part of a cache key (%s: %s); leave "
-                             "it out with memoize(ignore=[%r]) or pass memoize(key=...)"
-                             % (label, name, type(inner).__name__, inner, name))
-    if isinstance(exc, RecursionError):
+                                  % (label, name, _depth_text(inner), name,
+                                     sys.getrecursionlimit()))
+    if _too_deep(exc):
         return RecursionError("%s(): the arguments are nested too deep to be made into a cache "
                               "key (RecursionError: %s); pass memoize(key=...), or raise the "
                               "limit with sys.setrecursionlimit() (now %d); nothing was run or "
                               "stored"
-                              % (label, exc, sys.getrecursionlimit()))
+                              % (label, _depth_text(exc), sys.getrecursionlimit()))
     return TypeError("%s(): the arguments cannot be made into a cache key (%s: %s); pass "
                      "memoize(key=...)" % (label, type(exc).__name__, exc))
+
+
+def _too_deep(exc):
+    # type: (BaseException) -> bool
+    """Whether exc is the stack running out: a RecursionError, or on PyPy the TypeError its
+    interpreter raises when the stack runs out again as it records a RecursionError's
+    context ("couldn't record exception context for exception 'RecursionError'", a path its
+    source calls unreachable; seen about once in 400 keyings of a value nested too deep)."""
+    if isinstance(exc, RecursionError):
+        return True
+    return (type(exc) is TypeError and _PYPY
+            and "exception context for exception 'RecursionError'" in str(exc))
+
+
+def _depth_text(exc):
+    # type: (BaseException) -> str
+    """What a _too_deep exc says: its own text for a RecursionError."""
+    return str(exc) if isinstance(exc, RecursionError) else "maximum recursion depth exceeded"
 
 
 # == memoize: keys --------------------------------------------------------------------------------
@@ -2610,7 +2632,7 @@ class _FunctionCache:
             # Pickling failed (a RecursionError too: a result nested deeper than pickle goes,
             # or a call this deep in a recursion): the result is computed, and returned.
             self.unstored += 1
-            deep = isinstance(exc, RecursionError)
+            deep = _too_deep(exc)
             try:
                 strict = self.strict or _env_strict()
             except RecursionError:       # no stack left even to read $PERSIST_STRICT

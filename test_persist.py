@@ -813,6 +813,31 @@ class TestHostileArguments(MemoTest):
         self.assertEqual((f.cache_info().entries, len(f.calls)), (1, 1))
         self.assertNoTemp()
 
+    @slow
+    def test_argument_nested_too_deep_is_named_so_at_every_depth_of_the_callers_stack(self):
+        # Where the stack runs out moves with the caller's depth: on PyPy, once in about 400
+        # such keyings, the interpreter raised a TypeError in place of the RecursionError
+        # (it ran out again recording the error's context), and the argument was called
+        # "cannot be part of a cache key" with PyPy's text. Each depth gives one place.
+        f = self.memo(lambda x: 1)
+        argument, errors = nested(100000), collections.Counter()
+
+        def call_at(depth):
+            if depth:
+                return call_at(depth - 1)
+            try:
+                f(argument)
+            except RecursionError as exc:
+                errors[re.sub(r"\(now \d+\)", "", str(exc))] += 1
+            except Exception as exc:
+                errors["%s: %s" % (type(exc).__name__, exc)] += 1
+        for depth in range(0, 600, 2):
+            call_at(depth)
+        self.assertEqual(len(errors), 1, errors)
+        self.assertRegex(next(iter(errors)), r"argument 'x' is nested too deep to be part of "
+                                             r"a cache key \(RecursionError: maximum recursion")
+        self.assertEqual(f.calls, [])
+
     def test_recursion_error_raised_while_keying_names_the_argument(self):
         f = self.memo(lambda x: 1)
         with self.assertRaisesRegex(RecursionError, r"argument 'x' is nested too deep .*"
