@@ -6273,7 +6273,7 @@ class _Values:
 
 if TYPE_CHECKING:
     _CONNECTIONS: "weakref.WeakSet[_Connection]"
-    _FORKING: List[None]
+    _FORKING: List[Set[_Connection]]
     _WRITING_AT_FORK: Set[str]
     _ELSEWHERE: Dict[Any, Tuple[str, int]]
     _GARBAGE: List[sqlite3.Connection]
@@ -6281,7 +6281,8 @@ if TYPE_CHECKING:
     _EXITED: bool
     _WRITTEN: Set[str]
 _CONNECTIONS = weakref.WeakSet()   # this process's _Connections, closed before fork()
-_FORKING = []                      # one per fork under way (see _before_fork)
+_FORKING = []                      # one per fork under way: the connections whose lock its
+                                   # thread held as it began (see _after_fork_in_parent)
 _WRITING_AT_FORK = set()           # caches a signal handler forked in the middle of using
 # No thread may be inside SQLite when another forks: SQLite's own mutexes (its list of open
 # files, its memory) would stay locked in the child, whose next sqlite3.connect() then waits
@@ -7011,7 +7012,9 @@ def _before_fork():
     each connection's lock only while it closes it, and meanwhile the gate keeps any
     thread from starting SQLite work (_forking_elsewhere()). A signal handler may fork
     while this runs: the gate is an RLock, taken and given back once per fork."""
-    _FORKING.append(None)                 # one per fork under way (nested: a signal handler's)
+    # one per fork under way (nested: a signal handler's), with the locks its thread holds
+    _FORKING.append({conn for conn in list(_CONNECTIONS)
+                     if conn._lock._is_owned()})  # type: ignore[attr-defined]  # in C and PyPy
     me = _thread.get_ident()
     for lock, (path, thread) in list(_ELSEWHERE.items()):
         if thread == me and lock.locked():
@@ -7042,8 +7045,14 @@ def _before_fork():
 
 def _after_fork_in_parent():
     # type: () -> None
-    if _FORKING:
-        _FORKING.pop()
+    held = _FORKING.pop() if _FORKING else set()
+    # A Ctrl-C can leave the lock of the connection _before_fork() was closing held by this
+    # thread, which every other thread would wait for for ever: Python 3.8 and 3.9 run a
+    # signal's handler between the end of a with's body and its __exit__, and as an error
+    # (an earlier Ctrl-C) enters __exit__. Let go of the locks it took and kept.
+    for conn in list(_CONNECTIONS):
+        while conn not in held and conn._lock._is_owned():  # type: ignore[attr-defined]
+            conn._lock.release()
     if not _FORKING:
         _WRITING_AT_FORK.clear()
 

@@ -8913,6 +8913,62 @@ class TestFork(TempDirTest):
         """ % (self.dir, self.dir), timeout=300)
         self.assertEqual(out, "[True, True]\n")
 
+    def test_ctrl_c_as_forks_with_block_ends(self):
+        # A Ctrl-C in fork()'s hook as it closed a connection under that connection's lock:
+        # Python 3.8 and 3.9 run a signal's handler between a with's body and its __exit__,
+        # and as an error (a first Ctrl-C) enters __exit__: the lock stayed held, and another
+        # thread that used the cache waited for ever (TestFork's 120 s flake, [True, False]).
+        # A profile hook and a trace function raise KeyboardInterrupt there.
+        out = run_python("""
+            import dis, os, sys, threading, persist
+            @persist.memoize(cache_dir=%r)
+            def f(x):
+                return x
+            shelf = persist.open(os.path.join(%r, "shelf"))
+            code = persist._before_fork.__code__
+            ops = list(dis.get_instructions(code))
+            ends = [b.offset for a, b in zip(ops, ops[1:]) if a.opname == "POP_BLOCK"]
+            ended = []
+            for case in ("twice", "as the body ends"):
+                f(1)
+                shelf["x"] = 1                # each holds its connection open
+                raised = []
+                def profile(frame, event, arg):
+                    if frame.f_code.co_name == "_close_conn" and event == "call" and \\
+                            frame.f_back.f_code is code:
+                        raised.append(event)
+                        raise KeyboardInterrupt   # inside the with, as a connection closes
+                def trace(frame, event, arg):
+                    if frame.f_code is code:
+                        frame.f_trace_opcodes = True
+                        if event == "opcode" and (
+                                raised if case == "twice" else frame.f_lasti in ends):
+                            raised.append(event)
+                            raise KeyboardInterrupt   # as the with's __exit__ is due
+                        return trace
+                if case == "twice":
+                    sys.setprofile(profile)
+                sys.settrace(trace)
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                sys.settrace(None)
+                sys.setprofile(None)
+                os.waitpid(pid, 0)
+                def use():
+                    f(2)
+                    shelf["y"] = 2
+                user = threading.Thread(target=use, daemon=True)
+                user.start()
+                user.join(60)                 # a lock left held: it would wait for ever
+                ended.append(not user.is_alive())
+                if user.is_alive():
+                    break
+            print(ended, flush=True)
+            os._exit(0)
+        """ % (self.dir, self.dir), timeout=300)
+        self.assertEqual(out, "[True, True]\n")
+
     def test_ctrl_c_as_fork_closes_a_connection(self):
         # Ctrl-C as fork() closed a cache's connection (its hook's error is ignored, and the
         # fork goes on) left the closed connection in place: every later use of the cache
