@@ -111,9 +111,10 @@ if TYPE_CHECKING:
     import pathlib
     # typing's own names only (ParamSpec, Concatenate and TypeAlias: a target of 3.10 or
     # newer, as mypy 2 checks for): persist.py names no module outside the standard library
-    from typing import (IO, Any, Callable, Concatenate, Deque, Dict, FrozenSet, Iterable,
-                        Iterator, List, Literal, NamedTuple, Optional, OrderedDict, ParamSpec,
-                        Protocol, Sequence, Set, Tuple, TypeAlias, TypeVar, Union, overload)
+    from typing import (IO, Any, Callable, Concatenate, ContextManager, Deque, Dict, FrozenSet,
+                        Iterable, Iterator, List, Literal, NamedTuple, Optional, OrderedDict,
+                        ParamSpec, Protocol, Sequence, Set, Tuple, TypeAlias, TypeVar, Union,
+                        overload)
 
     class Buffer(Protocol):
         """What bytes() takes: collections.abc.Buffer, which typing has only from 3.12 on."""
@@ -6330,12 +6331,8 @@ class _Connection:
         self._frozen = None               # see _open_read_only()
         self._copy = None                 # the private copy _open_read_only() made, if any
         self._snapshots = False           # read only through _open_read_only() from now on
-        gated = _gate()                   # not while another thread forks: see _FORK_GATE
-        try:
+        with _gated():                    # not while another thread forks: see _FORK_GATE
             _CONNECTIONS.add(self)
-        finally:
-            if gated:
-                _FORK_GATE.release()
 
     # (ignore[return]: the loop's last turn returns or raises, which mypy cannot tell)
     def run(self, work, *args):  # type: ignore[return]
@@ -6929,18 +6926,29 @@ def _check_companions(path):
 # _FORK_GATE, and parent and child reopen on next use. At exit every connection is closed,
 # so that the last one out removes the -wal and -shm files.
 
-def _gate():
-    # type: () -> bool
-    """Take _FORK_GATE, to begin what a fork must wait for; False, and not taken, for a
-    signal handler whose thread is inside a _Connection or _elsewhere(): a fork under way in
-    another thread waits for that thread, which would wait for the fork (the fork then
-    waits for this too, which ends before the handler returns)."""
-    if _FORK_GATE.acquire(blocking=False):
-        return True
-    if _inside_sqlite():
-        return False
-    _FORK_GATE.acquire()
-    return True
+def _gated():
+    # type: () -> ContextManager[Any]
+    """What to hold to begin what a fork must wait for: _FORK_GATE itself, which a with
+    takes and gives back in C, with no Ctrl-C between taking it and the with's body (before
+    3.10 one could come there, and leave it held: bpo-29988). For a signal handler whose
+    thread is inside a _Connection or _elsewhere(), the gate only if it is free: a fork
+    under way in another thread waits for that thread, which would wait for the fork (the
+    fork then waits for this too, which ends before the handler returns)."""
+    return _GateIfFree() if _inside_sqlite() else _FORK_GATE
+
+
+class _GateIfFree:
+    """_FORK_GATE for a signal handler inside SQLite work, if no other thread holds it."""
+    __slots__ = ("taken",)
+
+    def __enter__(self):
+        # type: () -> None
+        self.taken = _FORK_GATE.acquire(blocking=False)
+
+    def __exit__(self, *exc):
+        # type: (*Any) -> None
+        if self.taken:
+            _FORK_GATE.release()
 
 
 def _forking_elsewhere():
@@ -6957,8 +6965,8 @@ def _forking_elsewhere():
 
 def _wait_for_fork():
     # type: () -> None
-    if _gate():
-        _FORK_GATE.release()
+    with _gated():
+        pass
 
 
 def _inside_sqlite():
@@ -6979,12 +6987,8 @@ def _elsewhere(path):
     # Held from here to the end, even when Ctrl-C comes between two steps: an entry that
     # one leaves behind is then unlocked, and fork() takes it away without waiting
     with lock:
-        gated = _gate()
-        try:
+        with _gated():
             _ELSEWHERE[lock] = (path, _thread.get_ident())
-        finally:
-            if gated:
-                _FORK_GATE.release()
         try:
             yield
         finally:

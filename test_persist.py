@@ -8913,6 +8913,60 @@ class TestFork(TempDirTest):
         """ % (self.dir, self.dir), timeout=300)
         self.assertEqual(out, "[True, True]\n")
 
+    def test_ctrl_c_as_the_fork_gate_is_taken_leaves_it_free(self):
+        # Opening a connection and making a cache take the gate that keeps their SQLite work
+        # apart from a fork (_FORK_GATE), and took it as "gated = _gate()" then "try:": a
+        # Ctrl-C between the two left it held by the main thread, and every other thread's
+        # next cache, and its fork, waited for ever. A trace function raises
+        # KeyboardInterrupt in turn at each place of both where Python runs a signal's
+        # handler (from 3.10: after a call, bpo-29988); the gate must be free after each.
+        out = run_python("""
+            import dis, os, sys, threading, persist
+            codes = [persist._Connection.__init__.__code__,
+                     persist._elsewhere.__wrapped__.__code__]
+            leaks, raised, n = [], [], [0]
+            def free():
+                took = []
+                def take():
+                    took.append(persist._FORK_GATE.acquire(timeout=30))
+                    if took[0]:
+                        persist._FORK_GATE.release()
+                other = threading.Thread(target=take, daemon=True)
+                other.start()
+                other.join(60)
+                return took == [True]
+            for code in codes:
+                ops = list(dis.get_instructions(code))
+                for op in [b for a, b in zip(ops, ops[1:]) if a.opname.startswith("CALL")]:
+                    if leaks:
+                        break
+                    def trace(frame, event, arg):
+                        if frame.f_code is code:
+                            frame.f_trace_opcodes = True
+                            if event == "opcode" and frame.f_lasti == op.offset and not armed:
+                                armed.append(op.offset)
+                                raise KeyboardInterrupt
+                            return trace
+                    armed = []
+                    n[0] += 1
+                    @persist.memoize(cache_dir=os.path.join(%r, str(n[0])))
+                    def f(x):
+                        return x
+                    sys.settrace(trace)
+                    try:
+                        f(1)
+                    except KeyboardInterrupt:
+                        pass
+                    finally:
+                        sys.settrace(None)
+                    raised += armed
+                    if not free():
+                        leaks.append((code.co_name, op.offset, op.opname))
+            print(len(raised) > 5, leaks, flush=True)
+            os._exit(0)
+        """ % (self.dir,), timeout=300)
+        self.assertEqual(out, "True []\n")
+
     def test_ctrl_c_as_forks_with_block_ends(self):
         # A Ctrl-C in fork()'s hook as it closed a connection under that connection's lock:
         # Python 3.8 and 3.9 run a signal's handler between a with's body and its __exit__,
