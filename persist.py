@@ -314,7 +314,18 @@ _RECORD_FAILURE = ("REPLACE INTO Failures (key, args, type, message, traceback, 
 _OWN_FAILURE = "UPDATE Failures SET owner = ? WHERE key = ?"
 _FAILURES = ("SELECT args, type, message, count, first, last, seconds, version, traceback,"
              " %s FROM Failures ORDER BY last")      # call, or NULL in a cache without it
-_MISSING = object()              # "no such entry", where None is a value
+class _Missing:
+    """The type of _MISSING, which pickles by name: a memoized function that travels by value
+    (see _FunctionCache.__reduce__) compares with the one of the process it arrives in."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        # type: () -> str
+        return "_MISSING"
+
+
+_MISSING = _Missing()            # "no such entry", where None is a value
 
 _NOT_A_CACHE = ("not a persist cache ({why}); persist leaves it as it is: give persist "
                 "another file name (cache_dir=, name= or the path you open)")
@@ -635,10 +646,13 @@ def _function_wrapper(wrapper, coroutine):
     Python 3.12 (the limit counts the C call between them too). The plain one keys a call
     as cache.key() does, inline: a call less costs a hit 1 to 3% less (measured against
     key(), side by side, on CPython 3.8 and 3.13), and this is the common case.
+
+    Its closure holds the cache, not the cache's bind and key_from: a function of __main__
+    travels by value (cloudpickle), and the cache then goes as a cache with no store that
+    keys nothing (_UnattachedCache), where those functions would go as they are.
     """
     cache = wrapper._cache
     func, key_of, get = cache.func, cache.key, cache.get
-    bind, key_from = cache.bind, cache.key_from
     if coroutine:
         async def memoized(*args, **kwargs):
             # type: (*Any, **Any) -> Any
@@ -651,9 +665,9 @@ def _function_wrapper(wrapper, coroutine):
     else:   # (ignore[misc]: one variant returns a coroutine; memoize says what either is)
         def memoized(*args, **kwargs):  # type: ignore[misc]
             # type: (*Any, **Any) -> Any
-            material = bind(args, kwargs)    # cache.key(args, kwargs), inline
+            material = cache.bind(args, kwargs)    # cache.key(args, kwargs), inline
             try:
-                key = key_from(material)
+                key = cache.key_from(material)
             except Exception as exc:
                 raise _unkeyable(func, args, kwargs, exc) from None
             result, _ = get(key)
@@ -850,9 +864,17 @@ class _Wrapper:
 
     def __reduce__(self):
         # type: () -> Union[str, _Args]
+        """By name where another process can import it; else by value, as a wrapper with no
+        cache (see _FunctionCache.__reduce__). A wrapper of __main__ or of a function's
+        locals travels by value only with picklers that send such functions by value
+        (cloudpickle: Dask, joblib's loky, Ray), in the class or function it belongs to."""
         if self._self is not None:
             return getattr, (self._self, self.__name__)
-        return self.__qualname__             # a global name: pickle finds it and checks it
+        qualname = self.__dict__.get("__qualname__")
+        if qualname is not None and "<locals>" not in qualname and \
+                self.__dict__.get("__module__") != "__main__":
+            return qualname                  # a global name: pickle finds it and checks it
+        return _unattached_wrapper, (type(self), self._cache, self.__dict__)
 
     def __repr__(self):
         # type: () -> str
@@ -2466,6 +2488,16 @@ class _FunctionCache:
                               any(kind == 2 and name in ignore for name, kind, _ in params))
         self.key_from = _keyer(self.salt)
 
+    def __reduce__(self):
+        # type: () -> Tuple[Any, ...]
+        """A memoized function that travels by value (cloudpickle sends the functions of
+        __main__ and of a function's locals so: Dask, joblib's loky, Ray) has no cache on the
+        other side (_UnattachedCache): its calls there run the function, and store nothing
+        where the driver would never look. persist.map stores what they return here."""
+        state = {name: value for name, value in vars(self).items() if name in _TRAVELS}
+        state["_path"] = self.path
+        return _UnattachedCache.make, (state,)
+
     def key(self, args, kwargs, material=_MISSING):
         # type: (_Args, _Kwargs, Any) -> bytes
         """The key of a call, which every wrapper takes (the plain function's has it inline,
@@ -2689,6 +2721,44 @@ class _FunctionCache:
             # and even strict=True lets the user's exception through rather than this one
             with contextlib.suppress(Exception):
                 self.trouble("could not record a failed call in", trouble)
+
+
+# what of a _FunctionCache goes with it by value: how it keys calls, and what it says of itself
+_TRAVELS = frozenset(["func", "identity", "version", "expire", "strict", "parameters",
+                      "cache_dir", "salt", "live", "owner", "leave_out"])
+
+
+class _UnattachedCache(_FunctionCache):
+    """The cache of a memoized function loaded from a pickle made by value, in another
+    process (see _FunctionCache.__reduce__): none. Each call misses, runs the function and
+    stores nothing; cache_info() counts the misses, and its entries are 0."""
+
+    @classmethod
+    def make(cls, state):
+        # type: (Dict[str, Any]) -> _UnattachedCache
+        cache = object.__new__(cls)
+        cache.__dict__.update(state)
+        cache.default_dir = cache.source = None
+        cache.hits = cache.misses = cache.unstored = 0
+        cache.saved = 0.0
+        cache.store = cache.broken = cache.failed_versions = None
+        cache.reopen, cache.warned = 0.0, False
+        cache.bind, cache.key_from = _no_binding, _no_key     # no key is looked up there
+        return cache
+
+    def open(self, create=True):
+        # type: (bool) -> Optional[_Store]
+        return None
+
+
+def _no_binding(args, kwargs):
+    # type: (_Args, _Kwargs) -> None
+    return None
+
+
+def _no_key(material):
+    # type: (Any) -> bytes
+    return b""
 
 
 if TYPE_CHECKING:      # the same named tuples, with the types of their fields
@@ -3903,6 +3973,15 @@ class _Schedule:
         else:
             self.suspects.extendleft([index] for index in reversed(lost))
         return None
+
+
+def _unattached_wrapper(kind, cache, attributes):
+    # type: (type, _FunctionCache, Dict[str, Any]) -> _Wrapper
+    """A _Wrapper loaded from a pickle made by value (see _Wrapper.__reduce__)."""
+    wrapper = object.__new__(kind)
+    wrapper._cache, wrapper._self = cache, None
+    wrapper.__dict__ = attributes
+    return wrapper
 
 
 if TYPE_CHECKING:
