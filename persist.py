@@ -148,16 +148,14 @@ if TYPE_CHECKING:
     _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str,
                                       Union[bytes, str, None]]
     _Call: TypeAlias = Tuple[_Args, _Kwargs]       # (args, kwargs) of a call
-    # What _run says of one item: (ok, value, saved, unstored, traceback), always unpacked by
-    # these names. ok: True, value is its result; False, value is the exception it raised;
-    # None, it never started (value None: a failure stopped the run) or its result could
-    # not travel back (value a _Moved). saved: for a result reused from the cache, the
-    # seconds the cached call took (what reusing it saved), else None. unstored: computed,
-    # and the cache could not take it (cannot be opened or written: cache_info().unstored).
-    # traceback: the exception's, as text, when it goes to another process (see _run).
+    # What _run says of one item: (ok, value, seconds, traceback), always unpacked by these
+    # names. ok: True, value is its result; False, value is the exception it raised; None,
+    # it never started (value None: a failure stopped the run) or its result could not
+    # travel back (value a _Moved). seconds: how long the call took. traceback: the
+    # exception's, as text, when it goes to another process (see _run).
     # A plain tuple: outcomes travel by the thousand, and a named tuple costs a few us an
     # item to make, pickle and load, as much as the rest of the trip for a quick item.
-    _Outcome: TypeAlias = Tuple[Optional[bool], Any, Optional[float], bool, Optional[str]]
+    _Outcome: TypeAlias = Tuple[Optional[bool], Any, float, Optional[str]]
 
     class _Event(Protocol):       # threading's, or multiprocessing's
         def is_set(self) -> bool: ...
@@ -690,16 +688,16 @@ class _Miss:
             result = miss.result = func(*args, **kwargs)
 
     stores the result (put()), or records the call's exception in the failure ledger
-    (fail()) and lets it through; failing() (persist.map's) is called first. The function
+    (fail()) and lets it through. The function
     runs in the wrapper's own frame, not in a helper's: a memoized recursion then takes two
     frames a level (see _function_wrapper), and the async wrapper awaits it there.
     """
 
-    __slots__ = ("cache", "key", "call", "failing", "result", "start")
+    __slots__ = ("cache", "key", "call", "result", "start")
 
-    def __init__(self, cache, key, args, kwargs, failing=None):
-        # type: (_FunctionCache, bytes, _Args, _Kwargs, Optional[Callable[[], object]]) -> None
-        self.cache, self.key, self.call, self.failing = cache, key, (args, kwargs), failing
+    def __init__(self, cache, key, args, kwargs):
+        # type: (_FunctionCache, bytes, _Args, _Kwargs) -> None
+        self.cache, self.key, self.call = cache, key, (args, kwargs)
         self.result: "Any" = None
         self.start = time.perf_counter()     # the with statement's next step calls func
 
@@ -716,8 +714,6 @@ class _Miss:
         if kind is None:
             self.cache.put(self.key, self.result, self.call, seconds)
         elif isinstance(exc, Exception):     # not a KeyboardInterrupt, nor SystemExit
-            if self.failing is not None:
-                self.failing()
             self.cache.fail(self.key, self.call, exc, seconds)
 
 
@@ -826,11 +822,10 @@ class _Wrapper:
                 result = miss.result = cache.func(*args, **kwargs)
         return result
 
-    def _call(self, args, kwargs, failing=None):
-        # type: (_Args, _Kwargs, Optional[Callable[[], object]]) -> Tuple[Any, Optional[float]]
+    def _call(self, args, kwargs):
+        # type: (_Args, _Kwargs) -> Tuple[Any, Optional[float]]
         """(result, None when it was computed, else the seconds its stored call took): a call
-        for persist.map, which counts; failing() is called as soon as func raises, before the
-        failure is recorded."""
+        for persist.map, which counts."""
         cache = self._cache
         key = self._key_of(args, kwargs)
         if self._self is not None:
@@ -838,7 +833,7 @@ class _Wrapper:
         result, saved = cache.get(key)
         if result is not _MISSING:
             return result, saved
-        with _Miss(cache, key, args, kwargs, failing) as miss:
+        with _Miss(cache, key, args, kwargs) as miss:
             result = miss.result = cache.func(*args, **kwargs)
         return result, None
 
@@ -870,7 +865,7 @@ class _Wrapper:
         (cloudpickle: Dask, joblib's loky, Ray), in the class or function it belongs to."""
         if self._self is not None:
             return getattr, (self._self, self.__name__)
-        qualname = self.__dict__.get("__qualname__")
+        qualname: "Optional[str]" = self.__dict__.get("__qualname__")
         if qualname is not None and "<locals>" not in qualname and \
                 self.__dict__.get("__module__") != "__main__":
             return qualname                  # a global name: pickle finds it and checks it
@@ -2738,7 +2733,7 @@ class _UnattachedCache(_FunctionCache):
         # type: (Dict[str, Any]) -> _UnattachedCache
         cache = object.__new__(cls)
         cache.__dict__.update(state)
-        cache.default_dir = cache.source = None
+        cache.default_dir, cache.source = "", None
         cache.hits = cache.misses = cache.unstored = 0
         cache.saved = 0.0
         cache.store = cache.broken = cache.failed_versions = None
@@ -3383,14 +3378,13 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
     if executor is not None:
         import concurrent.futures
         threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
-    elsewhere = workers is not None or executor is not None and not threads   # processes
-    if elsewhere:
+        # a process pool sends func with pickle; other engines (Dask, loky) with cloudpickle,
+        # which sends what pickle cannot (a function of a function's locals, a lambda)
+        if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+            _check_travels(func)
+    elif workers is not None:
         _check_travels(func)
     items = list(items)
-    if found is not None and elsewhere:
-        # opened here first: one that cannot be opened warns here, once, and the workers
-        # forked from this process inherit that warning instead of each giving its own
-        found.wrapper._cache.open()
     run = _Run(func, items, found, progress, keep_going)
     try:
         run.execute(workers, executor, threads)
@@ -3471,6 +3465,11 @@ class _Run:
         self.failures = []              # (index, exception)
         self.reused = self.computed = 0
         self.moved = 0                  # items run here, as a worker could not (see run_here)
+        # For a memoized func run elsewhere (see parallel): the key of each item sent, and
+        # the items that wait for one sent with their key (the same call) to come back
+        self.keys: "Dict[int, bytes]" = {}
+        self.waiting: "Dict[bytes, List[int]]" = {}
+        self.schedule: "Optional[_Schedule]" = None
         self.start = time.perf_counter()
         self.bar = None                 # a tqdm-like object from the progress= factory
         self.line = 0                   # characters of the progress line now on stderr
@@ -3603,15 +3602,18 @@ class _Run:
         which it tells what came back. pool: our own, to stop on Ctrl-C; stop: an Event for
         _run, passed with each batch (threads) or held by each worker (pool).
 
+        One cache, here: for a memoized func, each item is looked up in its cache in this
+        process first (to_send()), only the misses go, to be computed by the function
+        behind func (no cache on the workers' side, which need not see this disk), and each
+        result is stored, each failure recorded, here as it arrives (settle()).
+
         own: makes a new pool of our own when a worker died (a crash in C code, killed, out
         of memory), which takes every batch then in flight with it: the schedule runs those
         items again until the one that kills its worker is known; it fails with
         BrokenProcessPool, and the run goes on past it.
         """
-        import concurrent.futures
-        schedule = _Schedule(len(self.items), width, self.keep_going)
-        # the calls of a memoized func in other processes count in its cache_info() here too
-        cache = self.found.wrapper._cache if self.found is not None and portable else None
+        schedule = self.schedule = _Schedule(len(self.items), width, self.keep_going,
+                                             todo=self.to_send())
         try:
             # idle: the pool died with nothing in flight (a worker killed idle)
             idle = self.send(schedule, executor, portable, stop, own)
@@ -3621,9 +3623,8 @@ class _Run:
                     pool = executor = own.replace(pool)
                     idle = self.send(schedule, executor, portable, stop, own)
                     continue
-                finished, _ = concurrent.futures.wait(schedule.in_flight, _PROGRESS_EVERY,
-                                                      concurrent.futures.FIRST_COMPLETED)
-                lost, broken = self.receive(schedule, finished, portable, cache, own)
+                finished = _finished(schedule.in_flight, _PROGRESS_EVERY)
+                lost, broken = self.receive(schedule, finished, portable, own)
                 if lost:
                     killer = schedule.worker_died(lost)
                     assert own is not None and pool is not None
@@ -3633,7 +3634,8 @@ class _Run:
                         self.worker_died(index, sent, broken)
                 if self.stopped:
                     for other in list(schedule.in_flight):  # what has not started never will
-                        if other.cancel():
+                        cancel = getattr(other, "cancel", None)
+                        if cancel is not None and cancel() is True:
                             schedule.returned(other)
                 else:
                     idle = self.send(schedule, executor, portable, stop, own)
@@ -3643,7 +3645,8 @@ class _Run:
                         self.update(now)
         except BaseException:
             for future in schedule.in_flight:
-                future.cancel()
+                with contextlib.suppress(Exception):
+                    future.cancel()
             if pool is not None:
                 _stop_workers(pool)
             raise
@@ -3653,6 +3656,40 @@ class _Run:
         if self.stopped:
             _, first = self.failures[0]    # raised as a plain loop would
             raise first
+
+    def to_send(self):
+        # type: () -> Iterator[int]
+        """The indexes of the items to send to the workers, in order, as the schedule takes
+        them. A memoized func's are looked up in its cache here first: a hit is taken at
+        once, a miss is sent (its key kept in keys), and an item whose key is that of one
+        in flight (the same call) waits for its result (in waiting)."""
+        if self.found is None:
+            yield from range(len(self.items))
+            return
+        wrapper, args, kwargs = self.found
+        cache = wrapper._cache
+        for index, item in enumerate(self.items):
+            if self.stopped:
+                return
+            try:
+                key = wrapper._key_of(args + (item,), kwargs)
+                if key in self.waiting:
+                    self.waiting[key].append(index)
+                    continue
+                value, saved = cache.get(key)
+            except Exception as exc:     # a call that does not bind, an unkeyable argument
+                self.failed(index, exc)
+                continue
+            if value is not _MISSING:
+                self.succeeded(index, value, True)
+                if self.tick is not None:
+                    now = time.perf_counter()
+                    if now >= self.tick:
+                        self.update(now)
+                continue
+            self.keys[index] = key
+            self.waiting[key] = []
+            yield index
 
     @property
     def stopped(self):
@@ -3667,13 +3704,14 @@ class _Run:
         dead with nothing in flight: then no result will come to say so, and it must be
         replaced before anything runs."""
         import concurrent.futures
+        memoized = self.found is not None
         while True:
             batch = schedule.next()
             if batch is None:
                 return False
             try:
                 future = executor.submit(_run, self.func, [self.items[i] for i in batch],
-                                         portable, stop)
+                                         portable, stop, memoized)
             except concurrent.futures.BrokenExecutor as exc:
                 if own is None:
                     raise self.pool_died(exc) from exc
@@ -3683,8 +3721,8 @@ class _Run:
                 return not schedule.in_flight
             schedule.sent(future, batch)
 
-    def receive(self, schedule, finished, portable, cache, own):
-        # type: (_Schedule, Iterable[Any], bool, Optional[_FunctionCache], Optional[_OwnPool]) -> Tuple[List[Any], Optional[BaseException]]
+    def receive(self, schedule, finished, portable, own):
+        # type: (_Schedule, Iterable[Any], bool, Optional[_OwnPool]) -> Tuple[List[Any], Optional[BaseException]]
         """Take what the finished futures bring back. Returns those that came back with the
         pool's error (a dead worker took them along), and that error."""
         import concurrent.futures
@@ -3692,7 +3730,7 @@ class _Run:
         broken: "Optional[BaseException]" = None
         for future in finished:
             try:
-                outcomes, seconds, where = future.result()
+                outcomes, seconds = future.result()
             except concurrent.futures.BrokenExecutor as exc:
                 if own is None:
                     raise self.pool_died(exc) from exc
@@ -3701,48 +3739,79 @@ class _Run:
                 continue
             except Exception as exc:
                 batch = schedule.returned(future)
-                if len(batch) > 1:      # a result that could not travel: find it
+                if self.stopped:          # after a failure with keep_going=False
+                    continue
+                if len(batch) > 1:        # one item that could not travel, or a lost worker
                     schedule.one_by_one(batch)
-                    continue
-                if not portable or self.stopped:
-                    # (after a failure with keep_going=False, no item starts again)
-                    outcomes, seconds, where = [(False, exc, None, False, None)], 0.0, None
+                elif portable and not _lost_worker(exc):
+                    self.run_here(batch[0], _why(exc))    # it, or its result, cannot travel
                 else:
-                    self.run_here(batch[0], _why(exc))
-                    continue
-            else:
-                batch = schedule.returned(future)
-            # calls that ran in this process (an executor of threads that is no
-            # ThreadPoolExecutor) counted in the cache as they ran
-            self.take(batch, outcomes, None if where == _this_process() else cache)
+                    # the engine's own error, as a worker it lost again and again while it
+                    # ran this item alone (Dask's KilledWorker): a failure of the item
+                    self.settle(batch[0], False, exc, 0.0)
+                continue
+            self.take(schedule.returned(future), outcomes)
             schedule.timed(len(outcomes), seconds)
         return lost, broken
 
-    def take(self, batch, outcomes, cache):
-        # type: (List[int], List[_Outcome], Optional[_FunctionCache]) -> None
-        """Record the outcomes of a batch that came back; cache: the cache whose counts the
-        calls made in other processes go to."""
-        for index, (ok, value, saved, unstored, traceback) in zip(batch, outcomes):
-            if isinstance(value, _Moved):
-                # computed, but its result could not travel: again here, as a plain loop
-                # would (but after a failure with keep_going=False, nothing starts)
-                if not self.stopped:
+    def take(self, batch, outcomes):
+        # type: (List[int], List[_Outcome]) -> None
+        """Record the outcomes of a batch that came back."""
+        for index, (ok, value, seconds, traceback) in zip(batch, outcomes):
+            if ok is None:
+                if isinstance(value, _Moved) and not self.stopped:
+                    # computed, but its result could not travel: again here, as a plain
+                    # loop would (but after a failure with keep_going=False, nothing starts)
                     self.run_here(index, value.why)
                 continue
-            hit = bool(ok) and saved is not None
-            if cache is not None and ok is not None:
-                if hit and saved is not None:     # (saved: as the type checker sees it)
-                    cache.hits += 1
-                    cache.saved += saved
-                else:
-                    cache.misses += 1
-                    cache.unstored += unstored
+            if not ok and traceback is not None:
+                value.__cause__ = _WorkerTraceback(traceback)
+            self.settle(index, ok, value, seconds)
+
+    def settle(self, index, ok, value, seconds):
+        # type: (int, bool, Any, float) -> None
+        """The item at index was computed (ok: value is its result) or failed (value is its
+        exception) in seconds: for a memoized func, the result is stored or the failure
+        recorded in its cache, here; then the items that waited for the same call take it."""
+        waiting: "List[int]" = []
+        if self.found is not None:
+            key = self.keys.pop(index)
+            waiting = self.waiting.pop(key, [])
+            cache, call = self.found.wrapper._cache, self.call_of(index)
             if ok:
-                self.succeeded(index, value, hit)
-            elif ok is False:
-                if traceback is not None:
-                    value.__cause__ = _WorkerTraceback(traceback)
-                self.failed(index, value)
+                try:
+                    cache.put(key, value, call, seconds)
+                except Exception as exc:   # strict: raised, as the call itself would
+                    ok, value = False, exc
+            else:
+                cache.fail(key, call, value, seconds)
+        if ok:
+            self.succeeded(index, value, False)
+        else:
+            self.failed(index, value)
+        if not waiting:
+            return
+        if ok:                            # each a hit of what was just stored
+            cache.hits += len(waiting)
+            cache.saved += seconds * len(waiting)
+            for other in waiting:
+                self.succeeded(other, value, True)
+        elif not self.stopped and self.schedule is not None:
+            # a failure is not reused: each runs again, as a plain loop would run it
+            for other in waiting:
+                self.keys[other] = key
+            self.schedule.one_by_one(waiting)
+
+    def call_of(self, index):
+        # type: (int) -> _Call
+        """The call of a memoized func that the item at index makes: (args, kwargs), with a
+        bound method's instance first."""
+        assert self.found is not None
+        wrapper, args, kwargs = self.found
+        args = args + (self.items[index],)
+        if wrapper._self is not None:
+            args = (wrapper._self,) + args
+        return args, kwargs
 
     def run_here(self, index, why):
         # type: (int, str) -> None
@@ -3758,11 +3827,9 @@ class _Run:
                   "its result is returned"
                   % (self.label, why))
         self.moved += 1
-        (ok, value, saved, _, _), = _run(self.func, [self.items[index]], False).outcomes
-        if ok:
-            self.succeeded(index, value, saved is not None)
-        else:
-            self.failed(index, value)
+        (ok, value, seconds, _), = _run(self.func, [self.items[index]], False, None,
+                                        self.found is not None).outcomes
+        self.settle(index, bool(ok), value, seconds)
 
     def pool_died(self, broken):
         # type: (BaseException) -> RuntimeError
@@ -3790,16 +3857,7 @@ class _Run:
                                 "(killed, out of memory, or a crash in C code), or its "
                                 "result could not be loaded here")
         exc.__cause__ = cause
-        self.failed(index, exc)
-        if self.found is not None:
-            wrapper, cache = self.found.wrapper, self.found.wrapper._cache
-            cache.misses += 1            # a call that stored nothing, as one that raised counts
-            # best effort: the item failed whether or not the ledger can take it
-            with contextlib.suppress(Exception):
-                call = (self.found.args + (self.items[index],), self.found.kwargs)
-                key = wrapper._key_of(*call)
-                cache.open()                       # the workers used it; maybe not this process
-                cache.fail(key, call, exc, time.perf_counter() - start)
+        self.settle(index, False, exc, time.perf_counter() - start)
 
     def summary(self):
         # type: () -> str
@@ -3884,13 +3942,14 @@ class _Schedule:
     that kills its worker again is known (worker_died() names it).
     """
 
-    def __init__(self, count, width, keep_going, clock=time.perf_counter):
-        # type: (int, int, bool, Callable[[], float]) -> None
+    def __init__(self, count, width, keep_going, clock=time.perf_counter, todo=None):
+        # type: (int, int, bool, Callable[[], float], Optional[Iterator[int]]) -> None
         self.width = width
         self.window = 2 * width if keep_going else width     # batches in flight, at most
         self.size = 1                     # items in the next batch of new ones
         self.left = count                 # items not sent, or to be sent again
-        self.todo = iter(range(count))    # the indexes of items never sent
+        # the indexes of items never sent (to_send(): those a cache does not have)
+        self.todo = iter(range(count)) if todo is None else todo
         self.alone: "Deque[int]" = collections.deque()     # to send one to a batch
         # batches that were in flight when a worker died; the one in flight, and when it went
         self.suspects: "Deque[List[int]]" = collections.deque()
@@ -3978,7 +4037,7 @@ class _Schedule:
 def _unattached_wrapper(kind, cache, attributes):
     # type: (type, _FunctionCache, Dict[str, Any]) -> _Wrapper
     """A _Wrapper loaded from a pickle made by value (see _Wrapper.__reduce__)."""
-    wrapper = object.__new__(kind)
+    wrapper: "_Wrapper" = object.__new__(kind)
     wrapper._cache, wrapper._self = cache, None
     wrapper.__dict__ = attributes
     return wrapper
@@ -4016,35 +4075,29 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
                                    # a failure
 
 
-def _run(func, items, portable, stop=None):
-    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> _Batch
+def _run(func, items, portable, stop=None, memoized=False):
+    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event], bool) -> _Batch
     """func(item) for a batch of items where they run (this process, or a worker): a _Batch of
-    the _Outcome of each, the seconds the batch took and the process it ran in (see
-    _this_process).
+    the _Outcome of each and the seconds the batch took. memoized: func is a memoized
+    function, whose results persist.map stores in its own process: what runs here is the
+    function behind it (_plain).
     portable: exceptions go to another process, so each is made picklable and its traceback
     sent as text. stop: an Event that a failure sets, after which no item starts
     (keep_going=False)."""
     stop = stop or _STOP
-    found = _wrapper_of(func)
-    if found is not None:
-        call, args, kwargs = found.wrapper._call, found.args, found.kwargs
-        failing = None if stop is None else stop.set
-        cache = found.wrapper._cache
+    call = _plain(func) if memoized else func
     outcomes: "List[_Outcome]" = []
-    start = time.perf_counter()
+    clock = time.perf_counter
+    start = clock()
     for item in items:
         if stop is not None and stop.is_set():
-            outcomes.append((None, None, None, False, None))
+            outcomes.append((None, None, 0.0, None))
             continue
+        began = clock()
         try:
-            if found is None:
-                outcomes.append((True, func(item), None, False, None))
-            else:
-                unstored = cache.unstored
-                value, saved = call(args + (item,), kwargs, failing)
-                outcomes.append((True, value, saved, saved is None and
-                                 cache.unstored != unstored, None))
+            outcomes.append((True, call(item), clock() - began, None))
         except Exception as exc:
+            seconds = clock() - began
             if stop is not None:
                 stop.set()
             text = None
@@ -4052,26 +4105,75 @@ def _run(func, items, portable, stop=None):
                 import traceback
                 text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                 exc = _portable(exc)
-            outcomes.append((False, exc, None, False, text))
+            outcomes.append((False, exc, seconds, text))
     if portable:
         outcomes = _Outcomes(outcomes)
-    return _Batch(outcomes, time.perf_counter() - start, _this_process())
+    return _Batch(outcomes, clock() - start)
+
+
+def _plain(func):
+    # type: (Callable[[Any], Any]) -> Callable[[Any], Any]
+    """What persist.map's workers call for a memoized func: the function behind it, with a
+    partial's arguments and a method's instance, and no cache. func came by name (pickle:
+    it is this process's own import of it) or by value (cloudpickle: its cache is then an
+    _UnattachedCache, which keys and stores nothing, and it is called as it is)."""
+    found = _wrapper_of(func)
+    if found is None:
+        return func
+    plain = found.wrapper.__wrapped__
+    if found.args or found.kwargs:
+        return functools.partial(plain, *found.args, **found.kwargs)
+    return plain
 
 
 if TYPE_CHECKING:
     class _Batch(NamedTuple):
         outcomes: List[_Outcome]
         seconds: float
-        process: Tuple[int, str]
 else:
-    _Batch = collections.namedtuple("_Batch", "outcomes seconds process")
+    _Batch = collections.namedtuple("_Batch", "outcomes seconds")
 
 
-def _this_process():
-    # type: () -> Tuple[int, str]
-    """This process, told from any other: a forked child's id differs, and a process on
-    another machine (Dask's workers), which may have the same id, differs in _RUN."""
-    return os.getpid(), _RUN
+def _finished(futures, timeout):
+    # type: (Iterable[Any], float) -> List[Any]
+    """Those of futures that are done, waiting up to timeout seconds for one.
+    concurrent.futures.wait() takes only its own futures: any others (Dask's own, submitit's
+    jobs, anything whose result() gives the result) are polled with done(), where they
+    have it (one without is taken as done: its result() waits)."""
+    import concurrent.futures
+    futures = list(futures)
+    if all(isinstance(future, concurrent.futures.Future) for future in futures):
+        finished, _ = concurrent.futures.wait(futures, timeout,
+                                              concurrent.futures.FIRST_COMPLETED)
+        return list(finished)
+    deadline = time.monotonic() + timeout
+    pause = _POLL_FIRST
+    while True:
+        done = [future for future in futures if not callable(getattr(future, "done", None))
+                or future.done()]
+        left = deadline - time.monotonic()
+        if done or left <= 0:
+            return done
+        time.sleep(min(pause, left))
+        pause = min(2 * pause, _POLL_LAST)
+
+
+_POLL_FIRST = 0.001    # seconds between looks at futures that concurrent.futures cannot wait
+_POLL_LAST = 0.05      # for (see _finished): from the first, doubling up to the last
+
+
+def _lost_worker(exc):
+    # type: (BaseException) -> bool
+    """Whether exc, from an engine's future, says that it lost the worker that ran the batch
+    (its process died), rather than that the batch or its result could not travel. Known by
+    name: persist.map imports no engine (Dask's KilledWorker, Ray's WorkerCrashedError;
+    loky's TerminatedWorkerError is a BrokenProcessPool)."""
+    import concurrent.futures
+    return isinstance(exc, concurrent.futures.BrokenExecutor) or \
+        type(exc).__name__ in _LOST_WORKER_ERRORS
+
+
+_LOST_WORKER_ERRORS = frozenset(["KilledWorker", "WorkerCrashedError", "TerminatedWorkerError"])
 
 
 class _Moved:
@@ -4093,24 +4195,25 @@ class _Outcomes(list):  # type: ignore[type-arg]  # of _Outcome
     def __reduce__(self):
         # type: () -> Tuple[Any, ...]
         packed: "List[_Outcome]" = []      # each value pickled on its own
-        for ok, value, saved, unstored, traceback in self:
+        for ok, value, seconds, traceback in self:
             try:
-                packed.append((ok, pickle.dumps(value, _PROTOCOL), saved, unstored, traceback))
+                packed.append((ok, pickle.dumps(value, _PROTOCOL), seconds, traceback))
             except Exception as exc:       # RecursionError included
-                packed.append((None, _Moved(_why(exc)), None, False, None))
+                packed.append((None, _Moved(_why(exc)), seconds, None))
         return _unpack_outcomes, (packed,)
 
 
 def _unpack_outcomes(packed):
     # type: (List[_Outcome]) -> List[_Outcome]
     outcomes: "List[_Outcome]" = []
-    for ok, value, saved, unstored, traceback in packed:
-        if isinstance(value, bytes):
+    for index, (ok, value, seconds, traceback) in enumerate(packed):
+        packed[index] = None               # type: ignore[call-overload]  # each pickle freed
+        if isinstance(value, bytes):       # as it is loaded: a large result is held once
             try:
                 value = pickle.loads(value)
             except Exception as exc:       # its class is not here, its loading raises
-                ok, value, saved, unstored, traceback = None, _Moved(_why(exc)), None, False, None
-        outcomes.append((ok, value, saved, unstored, traceback))
+                ok, value, traceback = None, _Moved(_why(exc)), None
+        outcomes.append((ok, value, seconds, traceback))
     return outcomes
 
 
