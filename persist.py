@@ -3738,17 +3738,24 @@ class _Run:
                 broken = exc
                 continue
             except Exception as exc:
-                batch = schedule.returned(future)
                 if self.stopped:          # after a failure with keep_going=False
-                    continue
-                if len(batch) > 1:        # one item that could not travel, or a lost worker
-                    schedule.one_by_one(batch)
-                elif portable and not _lost_worker(exc):
-                    self.run_here(batch[0], _why(exc))    # it, or its result, cannot travel
+                    schedule.returned(future)
+                elif _lost_worker(exc):
+                    # An engine that lives on lost the workers that ran (or queued) this
+                    # batch (Dask's KilledWorker, after its own retries): its items run
+                    # again alone, as suspects, until the one that kills is known
+                    killer = schedule.lost(future)
+                    if killer is not None:
+                        index, sent = killer
+                        self.worker_died(index, sent, exc)
                 else:
-                    # the engine's own error, as a worker it lost again and again while it
-                    # ran this item alone (Dask's KilledWorker): a failure of the item
-                    self.settle(batch[0], False, exc, 0.0)
+                    batch = schedule.returned(future)
+                    if len(batch) > 1:    # one item or result that could not travel: which?
+                        schedule.one_by_one(batch)
+                    elif portable:        # it, or its result, cannot travel: run it here
+                        self.run_here(batch[0], _why(exc))
+                    else:
+                        self.settle(batch[0], False, exc, 0.0)
                 continue
             self.take(schedule.returned(future), outcomes)
             schedule.timed(len(outcomes), seconds)
@@ -4011,6 +4018,19 @@ class _Schedule:
         self.alone.extend(batch)
         self.left += len(batch)
 
+    def lost(self, token):
+        # type: (Any) -> Optional[Tuple[int, float]]
+        """token came back lost with a worker of an engine that goes on without it (Dask),
+        which loses no other batch: as worker_died(), for this batch alone."""
+        batch = self.in_flight.pop(token)
+        if batch is self.suspect:
+            self.suspect = None
+            if len(batch) == 1:
+                return batch[0], self.suspect_sent
+        self.left += len(batch)
+        self.suspect_batches(batch)
+        return None
+
     def worker_died(self, tokens):
         # type: (List[Any]) -> Optional[Tuple[int, float]]
         """The pool broke: tokens came back with its error, and every batch in flight is
@@ -4026,12 +4046,17 @@ class _Schedule:
         if suspect is not None and len(lost) == 1 and lost == suspect:
             self.left -= 1
             return lost[0], self.suspect_sent
+        self.suspect_batches(lost)
+        return None
+
+    def suspect_batches(self, lost):
+        # type: (List[int]) -> None
+        """Send the items of lost first, alone, in halves while they are many."""
         if len(lost) > _SUSPECTS_HALVED:
             half = len(lost) // 2
             self.suspects.extendleft([lost[half:], lost[:half]])
         else:
             self.suspects.extendleft([index] for index in reversed(lost))
-        return None
 
 
 def _unattached_wrapper(kind, cache, attributes):
