@@ -3711,7 +3711,7 @@ class _Run:
                 return False
             try:
                 future = executor.submit(_run, self.func, [self.items[i] for i in batch],
-                                         portable, stop, memoized)
+                                         portable, stop, memoized, next(_SENT))
             except concurrent.futures.BrokenExecutor as exc:
                 if own is None:
                     raise self.pool_died(exc) from exc
@@ -3804,10 +3804,12 @@ class _Run:
             for other in waiting:
                 self.succeeded(other, value, True)
         elif not self.stopped and self.schedule is not None:
-            # a failure is not reused: each runs again, as a plain loop would run it
-            for other in waiting:
-                self.keys[other] = key
-            self.schedule.one_by_one(waiting)
+            # a failure is not reused: the next runs again, as in a plain loop, and the
+            # others wait for it in turn
+            cache.misses += 1             # as its lookup would have counted
+            self.keys[waiting[0]] = key
+            self.waiting[key] = waiting[1:]
+            self.schedule.one_by_one(waiting[:1])
 
     def call_of(self, index):
         # type: (int) -> _Call
@@ -4100,15 +4102,15 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
                                    # a failure
 
 
-def _run(func, items, portable, stop=None, memoized=False):
-    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event], bool) -> _Batch
+def _run(func, items, portable, stop=None, memoized=False, sent=None):
+    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event], bool, object) -> _Batch
     """func(item) for a batch of items where they run (this process, or a worker): a _Batch of
     the _Outcome of each and the seconds the batch took. memoized: func is a memoized
     function, whose results persist.map stores in its own process: what runs here is the
     function behind it (_plain).
     portable: exceptions go to another process, so each is made picklable and its traceback
     sent as text. stop: an Event that a failure sets, after which no item starts
-    (keep_going=False)."""
+    (keep_going=False). sent: unused here, and unique to each batch sent (see _SENT)."""
     stop = stop or _STOP
     call = _plain(func) if memoized else func
     outcomes: "List[_Outcome]" = []
@@ -4149,6 +4151,12 @@ def _plain(func):
     if found.args or found.kwargs:
         return functools.partial(plain, *found.args, **found.kwargs)
     return plain
+
+
+# One per batch sent to an engine: Dask names a task by its function and arguments, and gave a
+# batch sent again (an item that killed its worker, in a rerun of the same items) the error
+# its first sending had ended with, without running it.
+_SENT = zip(itertools.repeat(_RUN), itertools.count())
 
 
 if TYPE_CHECKING:
