@@ -61,6 +61,12 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 #       _FunctionCache.get -> _Store.get -> _Connection.query [execute]; double; _Miss.__exit__ ->
 #       _FunctionCache.put -> _Store.put -> _Connection.transaction -> _Connection.run ->
 #       _transaction -> ([execute]; _replace -> _fetch [execute]))
+#   a persist.map item sent to workers: map -> _Run.execute -> _Run.parallel -> (_Run.send ->
+#       (_Schedule.next -> _Run.to_send -> (_Wrapper._key_of -> _Wrapper._keyed ->
+#       _FunctionCache.key -> _keyer.key [digest]; _FunctionCache.get -> _Store.get ->
+#       _Connection.query [execute]); _run -> double); _Run.receive -> _Run.take -> _Run.settle ->
+#       _FunctionCache.put -> _Store.put -> _Connection.transaction -> _Connection.run ->
+#       _transaction -> ([execute]; _replace -> _fetch [execute]))
 #   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.transaction ->
 #       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute])
 #   an atomic write: atomic_write -> _atomic_open -> (_fsync [fsync]; [replace]; _fsync_dir ->
@@ -1011,6 +1017,15 @@ def _under_classmethod(wrapper):
         owner = getattr(owner, part, None)
     held = vars(owner).get(name) if isinstance(owner, type) else None
     return isinstance(held, classmethod) and held.__func__ is wrapper
+
+
+def _unattached_wrapper(kind, cache, attributes):
+    # type: (type, _FunctionCache, Dict[str, Any]) -> _Wrapper
+    """A _Wrapper loaded from a pickle made by value (see _Wrapper.__reduce__)."""
+    wrapper: "_Wrapper" = object.__new__(kind)
+    wrapper._cache, wrapper._self = cache, None
+    wrapper.__dict__ = attributes
+    return wrapper
 
 
 # == memoize: binding -----------------------------------------------------------------------------
@@ -3358,13 +3373,17 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
     what is missing or failed, and the summary tells reused results from computed ones.
     KeyboardInterrupt and SystemExit are not failures: they stop the run.
 
-    workers=N runs the calls in N processes (concurrent.futures.ProcessPoolExecutor), which
-    store into the shared cache: func must pickle (a module-level function does; run the
-    map under if __name__ == "__main__" in a script). executor= takes any
-    concurrent.futures.Executor instead (a thread pool, or Dask's client.get_executor()).
-    Ctrl-C stops persist.map's own workers at once; whatever finished before stays stored.
-    An item that kills its worker fails with BrokenProcessPool: persist.map replaces its own
-    pool and goes on (an executor= it cannot replace: RuntimeError).
+    workers=N runs the calls in N processes (concurrent.futures.ProcessPoolExecutor): func
+    must pickle (a module-level function does; run the map under if __name__ == "__main__"
+    in a script). executor= takes any concurrent.futures.Executor instead (threads, Dask's
+    client.get_executor(), loky's), or any object whose submit(fn, *args) gives something
+    with result() (submitit's executor). Either way one cache, this process's: each item is
+    looked up here, only the misses are sent, the workers run the plain function (they need
+    not see the cache), and each result is stored and each failure recorded here as it
+    arrives. Ctrl-C stops persist.map's own workers at once, and cancels what an executor
+    has not started; whatever arrived before stays stored. An item that kills its worker
+    fails with BrokenProcessPool: persist.map replaces its own pool, or lets Dask replace
+    its worker, and goes on (a process pool of yours that breaks: RuntimeError).
 
     progress: None shows a line on stderr that updates in place, when stderr is a terminal
     and the run takes more than about two seconds; True shows it from the start, wherever
@@ -4059,15 +4078,6 @@ class _Schedule:
             self.suspects.extendleft([lost[half:], lost[:half]])
         else:
             self.suspects.extendleft([index] for index in reversed(lost))
-
-
-def _unattached_wrapper(kind, cache, attributes):
-    # type: (type, _FunctionCache, Dict[str, Any]) -> _Wrapper
-    """A _Wrapper loaded from a pickle made by value (see _Wrapper.__reduce__)."""
-    wrapper: "_Wrapper" = object.__new__(kind)
-    wrapper._cache, wrapper._self = cache, None
-    wrapper.__dict__ = attributes
-    return wrapper
 
 
 if TYPE_CHECKING:
