@@ -4364,6 +4364,30 @@ class TestMapInterrupted(TempDirTest):
 
         self.assertEqual((slow.failures(), slow.cache_info().entries), ([], 4))
 
+    def test_ctrl_c_with_an_executor_cancels_what_waits_and_keeps_what_arrived(self):
+        # Ctrl-C comes once the first four results have arrived (the caller stored them).
+        # Items of 10 ms go in batches of about 50 ms, four in flight on two threads: those
+        # queued are cancelled, those running finish, and nothing more starts.
+        import _thread
+        started = []
+
+        @persist.memoize(cache_dir=self.dir, name="slow")
+        def slow(x):
+            started.append(x)
+            if x == 4:
+                while slow.cache_info().entries < 4:
+                    time.sleep(0.01)
+                _thread.interrupt_main()
+            time.sleep(0.01)
+            return x
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            with self.assertRaises(KeyboardInterrupt):
+                persist.map(slow, range(200), executor=pool, progress=False)
+        self.assertLess(len(started), 60)
+        self.assertGreaterEqual(slow.cache_info().entries, 4)
+        self.assertEqual([slow(x) for x in range(4)], [0, 1, 2, 3])
+        self.assertEqual(slow.cache_info().hits, 4)
+
     @unittest.skipUnless(hasattr(os, "fork"), "the fork start method")
     def test_ctrl_c_while_the_pool_starts_its_workers_leaves_no_zombie(self):
         # Ctrl-C lands between the first worker's start and the second's: the pool has no
