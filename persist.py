@@ -61,6 +61,12 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 #       _FunctionCache.get -> _Store.get -> _Connection.query [execute]; double; _Miss.__exit__ ->
 #       _FunctionCache.put -> _Store.put -> _Connection.transaction -> _Connection.run ->
 #       _transaction -> ([execute]; _replace -> _fetch [execute]))
+#   a persist.map item sent to workers: map -> _Run.execute -> _Run.parallel -> (_Run.send ->
+#       (_Schedule.next -> _Run.to_send -> (_Wrapper._key_of -> _Wrapper._keyed ->
+#       _FunctionCache.key -> _keyer.key [digest]; _FunctionCache.get -> _Store.get ->
+#       _Connection.query [execute]); _run -> double); _Run.receive -> _Run.take -> _Run.settle ->
+#       _FunctionCache.put -> _Store.put -> _Connection.transaction -> _Connection.run ->
+#       _transaction -> ([execute]; _replace -> _fetch [execute]))
 #   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.transaction ->
 #       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute])
 #   an atomic write: atomic_write -> _atomic_open -> (_fsync [fsync]; [replace]; _fsync_dir ->
@@ -148,16 +154,14 @@ if TYPE_CHECKING:
     _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str,
                                       Union[bytes, str, None]]
     _Call: TypeAlias = Tuple[_Args, _Kwargs]       # (args, kwargs) of a call
-    # What _run says of one item: (ok, value, saved, unstored, traceback), always unpacked by
-    # these names. ok: True, value is its result; False, value is the exception it raised;
-    # None, it never started (value None: a failure stopped the run) or its result could
-    # not travel back (value a _Moved). saved: for a result reused from the cache, the
-    # seconds the cached call took (what reusing it saved), else None. unstored: computed,
-    # and the cache could not take it (cannot be opened or written: cache_info().unstored).
-    # traceback: the exception's, as text, when it goes to another process (see _run).
+    # What _run says of one item: (ok, value, seconds, traceback), always unpacked by these
+    # names. ok: True, value is its result; False, value is the exception it raised; None,
+    # it never started (value None: a failure stopped the run) or its result could not
+    # travel back (value a _Moved). seconds: how long the call took. traceback: the
+    # exception's, as text, when it goes to another process (see _run).
     # A plain tuple: outcomes travel by the thousand, and a named tuple costs a few us an
     # item to make, pickle and load, as much as the rest of the trip for a quick item.
-    _Outcome: TypeAlias = Tuple[Optional[bool], Any, Optional[float], bool, Optional[str]]
+    _Outcome: TypeAlias = Tuple[Optional[bool], Any, float, Optional[str]]
 
     class _Event(Protocol):       # threading's, or multiprocessing's
         def is_set(self) -> bool: ...
@@ -314,7 +318,18 @@ _RECORD_FAILURE = ("REPLACE INTO Failures (key, args, type, message, traceback, 
 _OWN_FAILURE = "UPDATE Failures SET owner = ? WHERE key = ?"
 _FAILURES = ("SELECT args, type, message, count, first, last, seconds, version, traceback,"
              " %s FROM Failures ORDER BY last")      # call, or NULL in a cache without it
-_MISSING = object()              # "no such entry", where None is a value
+class _Missing:
+    """The type of _MISSING, which pickles by name: a memoized function that travels by value
+    (see _FunctionCache.__reduce__) compares with the one of the process it arrives in."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        # type: () -> str
+        return "_MISSING"
+
+
+_MISSING = _Missing()            # "no such entry", where None is a value
 
 _NOT_A_CACHE = ("not a persist cache ({why}); persist leaves it as it is: give persist "
                 "another file name (cache_dir=, name= or the path you open)")
@@ -635,10 +650,13 @@ def _function_wrapper(wrapper, coroutine):
     Python 3.12 (the limit counts the C call between them too). The plain one keys a call
     as cache.key() does, inline: a call less costs a hit 1 to 3% less (measured against
     key(), side by side, on CPython 3.8 and 3.13), and this is the common case.
+
+    Its closure holds the cache, not the cache's bind and key_from: a function of __main__
+    travels by value (cloudpickle), and the cache then goes as a cache with no store that
+    keys nothing (_UnattachedCache), where those functions would go as they are.
     """
     cache = wrapper._cache
     func, key_of, get = cache.func, cache.key, cache.get
-    bind, key_from = cache.bind, cache.key_from
     if coroutine:
         async def memoized(*args, **kwargs):
             # type: (*Any, **Any) -> Any
@@ -651,9 +669,9 @@ def _function_wrapper(wrapper, coroutine):
     else:   # (ignore[misc]: one variant returns a coroutine; memoize says what either is)
         def memoized(*args, **kwargs):  # type: ignore[misc]
             # type: (*Any, **Any) -> Any
-            material = bind(args, kwargs)    # cache.key(args, kwargs), inline
+            material = cache.bind(args, kwargs)    # cache.key(args, kwargs), inline
             try:
-                key = key_from(material)
+                key = cache.key_from(material)
             except Exception as exc:
                 raise _unkeyable(func, args, kwargs, exc) from None
             result, _ = get(key)
@@ -676,16 +694,16 @@ class _Miss:
             result = miss.result = func(*args, **kwargs)
 
     stores the result (put()), or records the call's exception in the failure ledger
-    (fail()) and lets it through; failing() (persist.map's) is called first. The function
+    (fail()) and lets it through. The function
     runs in the wrapper's own frame, not in a helper's: a memoized recursion then takes two
     frames a level (see _function_wrapper), and the async wrapper awaits it there.
     """
 
-    __slots__ = ("cache", "key", "call", "failing", "result", "start")
+    __slots__ = ("cache", "key", "call", "result", "start")
 
-    def __init__(self, cache, key, args, kwargs, failing=None):
-        # type: (_FunctionCache, bytes, _Args, _Kwargs, Optional[Callable[[], object]]) -> None
-        self.cache, self.key, self.call, self.failing = cache, key, (args, kwargs), failing
+    def __init__(self, cache, key, args, kwargs):
+        # type: (_FunctionCache, bytes, _Args, _Kwargs) -> None
+        self.cache, self.key, self.call = cache, key, (args, kwargs)
         self.result: "Any" = None
         self.start = time.perf_counter()     # the with statement's next step calls func
 
@@ -702,8 +720,6 @@ class _Miss:
         if kind is None:
             self.cache.put(self.key, self.result, self.call, seconds)
         elif isinstance(exc, Exception):     # not a KeyboardInterrupt, nor SystemExit
-            if self.failing is not None:
-                self.failing()
             self.cache.fail(self.key, self.call, exc, seconds)
 
 
@@ -812,11 +828,10 @@ class _Wrapper:
                 result = miss.result = cache.func(*args, **kwargs)
         return result
 
-    def _call(self, args, kwargs, failing=None):
-        # type: (_Args, _Kwargs, Optional[Callable[[], object]]) -> Tuple[Any, Optional[float]]
+    def _call(self, args, kwargs):
+        # type: (_Args, _Kwargs) -> Tuple[Any, Optional[float]]
         """(result, None when it was computed, else the seconds its stored call took): a call
-        for persist.map, which counts; failing() is called as soon as func raises, before the
-        failure is recorded."""
+        for persist.map, which counts."""
         cache = self._cache
         key = self._key_of(args, kwargs)
         if self._self is not None:
@@ -824,7 +839,7 @@ class _Wrapper:
         result, saved = cache.get(key)
         if result is not _MISSING:
             return result, saved
-        with _Miss(cache, key, args, kwargs, failing) as miss:
+        with _Miss(cache, key, args, kwargs) as miss:
             result = miss.result = cache.func(*args, **kwargs)
         return result, None
 
@@ -850,9 +865,17 @@ class _Wrapper:
 
     def __reduce__(self):
         # type: () -> Union[str, _Args]
+        """By name where another process can import it; else by value, as a wrapper with no
+        cache (see _FunctionCache.__reduce__). A wrapper of __main__ or of a function's
+        locals travels by value only with picklers that send such functions by value
+        (cloudpickle: Dask, joblib's loky, Ray), in the class or function it belongs to."""
         if self._self is not None:
             return getattr, (self._self, self.__name__)
-        return self.__qualname__             # a global name: pickle finds it and checks it
+        qualname: "Optional[str]" = self.__dict__.get("__qualname__")
+        if qualname is not None and "<locals>" not in qualname and \
+                self.__dict__.get("__module__") != "__main__":
+            return qualname                  # a global name: pickle finds it and checks it
+        return _unattached_wrapper, (type(self), self._cache, self.__dict__)
 
     def __repr__(self):
         # type: () -> str
@@ -994,6 +1017,15 @@ def _under_classmethod(wrapper):
         owner = getattr(owner, part, None)
     held = vars(owner).get(name) if isinstance(owner, type) else None
     return isinstance(held, classmethod) and held.__func__ is wrapper
+
+
+def _unattached_wrapper(kind, cache, attributes):
+    # type: (type, _FunctionCache, Dict[str, Any]) -> _Wrapper
+    """A _Wrapper loaded from a pickle made by value (see _Wrapper.__reduce__)."""
+    wrapper: "_Wrapper" = object.__new__(kind)
+    wrapper._cache, wrapper._self = cache, None
+    wrapper.__dict__ = attributes
+    return wrapper
 
 
 # == memoize: binding -----------------------------------------------------------------------------
@@ -2466,6 +2498,16 @@ class _FunctionCache:
                               any(kind == 2 and name in ignore for name, kind, _ in params))
         self.key_from = _keyer(self.salt)
 
+    def __reduce__(self):
+        # type: () -> Tuple[Any, ...]
+        """A memoized function that travels by value (cloudpickle sends the functions of
+        __main__ and of a function's locals so: Dask, joblib's loky, Ray) has no cache on the
+        other side (_UnattachedCache): its calls there run the function, and store nothing
+        where the driver would never look. persist.map stores what they return here."""
+        state = {name: value for name, value in vars(self).items() if name in _TRAVELS}
+        state["_path"] = self.path
+        return _UnattachedCache.make, (state,)
+
     def key(self, args, kwargs, material=_MISSING):
         # type: (_Args, _Kwargs, Any) -> bytes
         """The key of a call, which every wrapper takes (the plain function's has it inline,
@@ -2689,6 +2731,44 @@ class _FunctionCache:
             # and even strict=True lets the user's exception through rather than this one
             with contextlib.suppress(Exception):
                 self.trouble("could not record a failed call in", trouble)
+
+
+# what of a _FunctionCache goes with it by value: how it keys calls, and what it says of itself
+_TRAVELS = frozenset(["func", "identity", "version", "expire", "strict", "parameters",
+                      "cache_dir", "salt", "live", "owner", "leave_out"])
+
+
+class _UnattachedCache(_FunctionCache):
+    """The cache of a memoized function loaded from a pickle made by value, in another
+    process (see _FunctionCache.__reduce__): none. Each call misses, runs the function and
+    stores nothing; cache_info() counts the misses, and its entries are 0."""
+
+    @classmethod
+    def make(cls, state):
+        # type: (Dict[str, Any]) -> _UnattachedCache
+        cache = object.__new__(cls)
+        cache.__dict__.update(state)
+        cache.default_dir, cache.source = "", None
+        cache.hits = cache.misses = cache.unstored = 0
+        cache.saved = 0.0
+        cache.store = cache.broken = cache.failed_versions = None
+        cache.reopen, cache.warned = 0.0, False
+        cache.bind, cache.key_from = _no_binding, _no_key     # no key is looked up there
+        return cache
+
+    def open(self, create=True):
+        # type: (bool) -> Optional[_Store]
+        return None
+
+
+def _no_binding(args, kwargs):
+    # type: (_Args, _Kwargs) -> None
+    return None
+
+
+def _no_key(material):
+    # type: (Any) -> bytes
+    return b""
 
 
 if TYPE_CHECKING:      # the same named tuples, with the types of their fields
@@ -3293,13 +3373,17 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
     what is missing or failed, and the summary tells reused results from computed ones.
     KeyboardInterrupt and SystemExit are not failures: they stop the run.
 
-    workers=N runs the calls in N processes (concurrent.futures.ProcessPoolExecutor), which
-    store into the shared cache: func must pickle (a module-level function does; run the
-    map under if __name__ == "__main__" in a script). executor= takes any
-    concurrent.futures.Executor instead (a thread pool, or Dask's client.get_executor()).
-    Ctrl-C stops persist.map's own workers at once; whatever finished before stays stored.
-    An item that kills its worker fails with BrokenProcessPool: persist.map replaces its own
-    pool and goes on (an executor= it cannot replace: RuntimeError).
+    workers=N runs the calls in N processes (concurrent.futures.ProcessPoolExecutor): func
+    must pickle (a module-level function does; run the map under if __name__ == "__main__"
+    in a script). executor= takes any concurrent.futures.Executor instead (threads, Dask's
+    client.get_executor(), loky's), or any object whose submit(fn, *args) gives something
+    with result() (submitit's executor). Either way one cache, this process's: each item is
+    looked up here, only the misses are sent, the workers run the plain function (they need
+    not see the cache), and each result is stored and each failure recorded here as it
+    arrives. Ctrl-C stops persist.map's own workers at once, and cancels what an executor
+    has not started; whatever arrived before stays stored. An item that kills its worker
+    fails with BrokenProcessPool: persist.map replaces its own pool, or lets Dask replace
+    its worker, and goes on (a process pool of yours that breaks: RuntimeError).
 
     progress: None shows a line on stderr that updates in place, when stderr is a terminal
     and the run takes more than about two seconds; True shows it from the start, wherever
@@ -3313,14 +3397,13 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
     if executor is not None:
         import concurrent.futures
         threads = isinstance(executor, concurrent.futures.ThreadPoolExecutor)
-    elsewhere = workers is not None or executor is not None and not threads   # processes
-    if elsewhere:
+        # a process pool sends func with pickle; other engines (Dask, loky) with cloudpickle,
+        # which sends what pickle cannot (a function of a function's locals, a lambda)
+        if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+            _check_travels(func)
+    elif workers is not None:
         _check_travels(func)
     items = list(items)
-    if found is not None and elsewhere:
-        # opened here first: one that cannot be opened warns here, once, and the workers
-        # forked from this process inherit that warning instead of each giving its own
-        found.wrapper._cache.open()
     run = _Run(func, items, found, progress, keep_going)
     try:
         run.execute(workers, executor, threads)
@@ -3401,6 +3484,11 @@ class _Run:
         self.failures = []              # (index, exception)
         self.reused = self.computed = 0
         self.moved = 0                  # items run here, as a worker could not (see run_here)
+        # For a memoized func run elsewhere (see parallel): the key of each item sent, and
+        # the items that wait for one sent with their key (the same call) to come back
+        self.keys: "Dict[int, bytes]" = {}
+        self.waiting: "Dict[bytes, List[int]]" = {}
+        self.schedule: "Optional[_Schedule]" = None
         self.start = time.perf_counter()
         self.bar = None                 # a tqdm-like object from the progress= factory
         self.line = 0                   # characters of the progress line now on stderr
@@ -3533,15 +3621,18 @@ class _Run:
         which it tells what came back. pool: our own, to stop on Ctrl-C; stop: an Event for
         _run, passed with each batch (threads) or held by each worker (pool).
 
+        One cache, here: for a memoized func, each item is looked up in its cache in this
+        process first (to_send()), only the misses go, to be computed by the function
+        behind func (no cache on the workers' side, which need not see this disk), and each
+        result is stored, each failure recorded, here as it arrives (settle()).
+
         own: makes a new pool of our own when a worker died (a crash in C code, killed, out
         of memory), which takes every batch then in flight with it: the schedule runs those
         items again until the one that kills its worker is known; it fails with
         BrokenProcessPool, and the run goes on past it.
         """
-        import concurrent.futures
-        schedule = _Schedule(len(self.items), width, self.keep_going)
-        # the calls of a memoized func in other processes count in its cache_info() here too
-        cache = self.found.wrapper._cache if self.found is not None and portable else None
+        schedule = self.schedule = _Schedule(len(self.items), width, self.keep_going,
+                                             todo=self.to_send())
         try:
             # idle: the pool died with nothing in flight (a worker killed idle)
             idle = self.send(schedule, executor, portable, stop, own)
@@ -3551,9 +3642,8 @@ class _Run:
                     pool = executor = own.replace(pool)
                     idle = self.send(schedule, executor, portable, stop, own)
                     continue
-                finished, _ = concurrent.futures.wait(schedule.in_flight, _PROGRESS_EVERY,
-                                                      concurrent.futures.FIRST_COMPLETED)
-                lost, broken = self.receive(schedule, finished, portable, cache, own)
+                finished = _finished(schedule.in_flight, _PROGRESS_EVERY)
+                lost, broken = self.receive(schedule, finished, portable, own)
                 if lost:
                     killer = schedule.worker_died(lost)
                     assert own is not None and pool is not None
@@ -3563,7 +3653,8 @@ class _Run:
                         self.worker_died(index, sent, broken)
                 if self.stopped:
                     for other in list(schedule.in_flight):  # what has not started never will
-                        if other.cancel():
+                        cancel = getattr(other, "cancel", None)
+                        if cancel is not None and cancel() is True:
                             schedule.returned(other)
                 else:
                     idle = self.send(schedule, executor, portable, stop, own)
@@ -3573,7 +3664,8 @@ class _Run:
                         self.update(now)
         except BaseException:
             for future in schedule.in_flight:
-                future.cancel()
+                with contextlib.suppress(Exception):
+                    future.cancel()
             if pool is not None:
                 _stop_workers(pool)
             raise
@@ -3583,6 +3675,40 @@ class _Run:
         if self.stopped:
             _, first = self.failures[0]    # raised as a plain loop would
             raise first
+
+    def to_send(self):
+        # type: () -> Iterator[int]
+        """The indexes of the items to send to the workers, in order, as the schedule takes
+        them. A memoized func's are looked up in its cache here first: a hit is taken at
+        once, a miss is sent (its key kept in keys), and an item whose key is that of one
+        in flight (the same call) waits for its result (in waiting)."""
+        if self.found is None:
+            yield from range(len(self.items))
+            return
+        wrapper, args, kwargs = self.found
+        cache = wrapper._cache
+        for index, item in enumerate(self.items):
+            if self.stopped:
+                return
+            try:
+                key = wrapper._key_of(args + (item,), kwargs)
+                if key in self.waiting:
+                    self.waiting[key].append(index)
+                    continue
+                value, saved = cache.get(key)
+            except Exception as exc:     # a call that does not bind, an unkeyable argument
+                self.failed(index, exc)
+                continue
+            if value is not _MISSING:
+                self.succeeded(index, value, True)
+                if self.tick is not None:
+                    now = time.perf_counter()
+                    if now >= self.tick:
+                        self.update(now)
+                continue
+            self.keys[index] = key
+            self.waiting[key] = []
+            yield index
 
     @property
     def stopped(self):
@@ -3597,13 +3723,14 @@ class _Run:
         dead with nothing in flight: then no result will come to say so, and it must be
         replaced before anything runs."""
         import concurrent.futures
+        memoized = self.found is not None
         while True:
             batch = schedule.next()
             if batch is None:
                 return False
             try:
                 future = executor.submit(_run, self.func, [self.items[i] for i in batch],
-                                         portable, stop)
+                                         portable, stop, memoized, next(_SENT))
             except concurrent.futures.BrokenExecutor as exc:
                 if own is None:
                     raise self.pool_died(exc) from exc
@@ -3613,8 +3740,8 @@ class _Run:
                 return not schedule.in_flight
             schedule.sent(future, batch)
 
-    def receive(self, schedule, finished, portable, cache, own):
-        # type: (_Schedule, Iterable[Any], bool, Optional[_FunctionCache], Optional[_OwnPool]) -> Tuple[List[Any], Optional[BaseException]]
+    def receive(self, schedule, finished, portable, own):
+        # type: (_Schedule, Iterable[Any], bool, Optional[_OwnPool]) -> Tuple[List[Any], Optional[BaseException]]
         """Take what the finished futures bring back. Returns those that came back with the
         pool's error (a dead worker took them along), and that error."""
         import concurrent.futures
@@ -3622,7 +3749,7 @@ class _Run:
         broken: "Optional[BaseException]" = None
         for future in finished:
             try:
-                outcomes, seconds, where = future.result()
+                outcomes, seconds = future.result()
             except concurrent.futures.BrokenExecutor as exc:
                 if own is None:
                     raise self.pool_died(exc) from exc
@@ -3630,49 +3757,89 @@ class _Run:
                 broken = exc
                 continue
             except Exception as exc:
-                batch = schedule.returned(future)
-                if len(batch) > 1:      # a result that could not travel: find it
-                    schedule.one_by_one(batch)
-                    continue
-                if not portable or self.stopped:
-                    # (after a failure with keep_going=False, no item starts again)
-                    outcomes, seconds, where = [(False, exc, None, False, None)], 0.0, None
+                if self.stopped:          # after a failure with keep_going=False
+                    schedule.returned(future)
+                elif _lost_worker(exc):
+                    # An engine that lives on lost the workers that ran (or queued) this
+                    # batch (Dask's KilledWorker, after its own retries): its items run
+                    # again alone, as suspects, until the one that kills is known
+                    killer = schedule.lost(future)
+                    if killer is not None:
+                        index, sent = killer
+                        self.worker_died(index, sent, exc)
                 else:
-                    self.run_here(batch[0], _why(exc))
-                    continue
-            else:
-                batch = schedule.returned(future)
-            # calls that ran in this process (an executor of threads that is no
-            # ThreadPoolExecutor) counted in the cache as they ran
-            self.take(batch, outcomes, None if where == _this_process() else cache)
+                    batch = schedule.returned(future)
+                    if len(batch) > 1:    # one item or result that could not travel: which?
+                        schedule.one_by_one(batch)
+                    elif portable:        # it, or its result, cannot travel: run it here
+                        self.run_here(batch[0], _why(exc))
+                    else:
+                        self.settle(batch[0], False, exc, 0.0)
+                continue
+            self.take(schedule.returned(future), outcomes)
             schedule.timed(len(outcomes), seconds)
         return lost, broken
 
-    def take(self, batch, outcomes, cache):
-        # type: (List[int], List[_Outcome], Optional[_FunctionCache]) -> None
-        """Record the outcomes of a batch that came back; cache: the cache whose counts the
-        calls made in other processes go to."""
-        for index, (ok, value, saved, unstored, traceback) in zip(batch, outcomes):
-            if isinstance(value, _Moved):
-                # computed, but its result could not travel: again here, as a plain loop
-                # would (but after a failure with keep_going=False, nothing starts)
-                if not self.stopped:
+    def take(self, batch, outcomes):
+        # type: (List[int], List[_Outcome]) -> None
+        """Record the outcomes of a batch that came back."""
+        for index, (ok, value, seconds, traceback) in zip(batch, outcomes):
+            if ok is None:
+                if isinstance(value, _Moved) and not self.stopped:
+                    # computed, but its result could not travel: again here, as a plain
+                    # loop would (but after a failure with keep_going=False, nothing starts)
                     self.run_here(index, value.why)
                 continue
-            hit = bool(ok) and saved is not None
-            if cache is not None and ok is not None:
-                if hit and saved is not None:     # (saved: as the type checker sees it)
-                    cache.hits += 1
-                    cache.saved += saved
-                else:
-                    cache.misses += 1
-                    cache.unstored += unstored
+            if not ok and traceback is not None:
+                value.__cause__ = _WorkerTraceback(traceback)
+            self.settle(index, ok, value, seconds)
+
+    def settle(self, index, ok, value, seconds):
+        # type: (int, bool, Any, float) -> None
+        """The item at index was computed (ok: value is its result) or failed (value is its
+        exception) in seconds: for a memoized func, the result is stored or the failure
+        recorded in its cache, here; then the items that waited for the same call take it."""
+        waiting: "List[int]" = []
+        if self.found is not None:
+            key = self.keys.pop(index)
+            waiting = self.waiting.pop(key, [])
+            cache, call = self.found.wrapper._cache, self.call_of(index)
             if ok:
-                self.succeeded(index, value, hit)
-            elif ok is False:
-                if traceback is not None:
-                    value.__cause__ = _WorkerTraceback(traceback)
-                self.failed(index, value)
+                try:
+                    cache.put(key, value, call, seconds)
+                except Exception as exc:   # strict: raised, as the call itself would
+                    ok, value = False, exc
+            else:
+                cache.fail(key, call, value, seconds)
+        if ok:
+            self.succeeded(index, value, False)
+        else:
+            self.failed(index, value)
+        if not waiting:
+            return
+        if ok:                            # each a hit of what was just stored
+            cache.hits += len(waiting)
+            cache.saved += seconds * len(waiting)
+            for other in waiting:
+                self.succeeded(other, value, True)
+        elif not self.stopped and self.schedule is not None:
+            # a failure is not reused: the next runs again, as in a plain loop, and the
+            # others wait for it in turn
+            cache.misses += 1             # as its lookup would have counted
+            self.keys[waiting[0]] = key
+            self.waiting[key] = waiting[1:]
+            self.schedule.one_by_one(waiting[:1])
+
+    def call_of(self, index):
+        # type: (int) -> _Call
+        """The call of a memoized func that the item at index makes: (args, kwargs), with a
+        bound method's instance first."""
+        assert self.found is not None
+        wrapper, args, kwargs = self.found
+        args = args + (self.items[index],)
+        if wrapper._self is not None:
+            args = (wrapper._self,) + args
+        return args, kwargs
 
     def run_here(self, index, why):
         # type: (int, str) -> None
@@ -3688,11 +3855,9 @@ class _Run:
                   "its result is returned"
                   % (self.label, why))
         self.moved += 1
-        (ok, value, saved, _, _), = _run(self.func, [self.items[index]], False).outcomes
-        if ok:
-            self.succeeded(index, value, saved is not None)
-        else:
-            self.failed(index, value)
+        (ok, value, seconds, _), = _run(self.func, [self.items[index]], False, None,
+                                        self.found is not None).outcomes
+        self.settle(index, bool(ok), value, seconds)
 
     def pool_died(self, broken):
         # type: (BaseException) -> RuntimeError
@@ -3720,16 +3885,7 @@ class _Run:
                                 "(killed, out of memory, or a crash in C code), or its "
                                 "result could not be loaded here")
         exc.__cause__ = cause
-        self.failed(index, exc)
-        if self.found is not None:
-            wrapper, cache = self.found.wrapper, self.found.wrapper._cache
-            cache.misses += 1            # a call that stored nothing, as one that raised counts
-            # best effort: the item failed whether or not the ledger can take it
-            with contextlib.suppress(Exception):
-                call = (self.found.args + (self.items[index],), self.found.kwargs)
-                key = wrapper._key_of(*call)
-                cache.open()                       # the workers used it; maybe not this process
-                cache.fail(key, call, exc, time.perf_counter() - start)
+        self.settle(index, False, exc, time.perf_counter() - start)
 
     def summary(self):
         # type: () -> str
@@ -3814,13 +3970,14 @@ class _Schedule:
     that kills its worker again is known (worker_died() names it).
     """
 
-    def __init__(self, count, width, keep_going, clock=time.perf_counter):
-        # type: (int, int, bool, Callable[[], float]) -> None
+    def __init__(self, count, width, keep_going, clock=time.perf_counter, todo=None):
+        # type: (int, int, bool, Callable[[], float], Optional[Iterator[int]]) -> None
         self.width = width
         self.window = 2 * width if keep_going else width     # batches in flight, at most
         self.size = 1                     # items in the next batch of new ones
         self.left = count                 # items not sent, or to be sent again
-        self.todo = iter(range(count))    # the indexes of items never sent
+        # the indexes of items never sent (to_send(): those a cache does not have)
+        self.todo = iter(range(count)) if todo is None else todo
         self.alone: "Deque[int]" = collections.deque()     # to send one to a batch
         # batches that were in flight when a worker died; the one in flight, and when it went
         self.suspects: "Deque[List[int]]" = collections.deque()
@@ -3882,6 +4039,19 @@ class _Schedule:
         self.alone.extend(batch)
         self.left += len(batch)
 
+    def lost(self, token):
+        # type: (Any) -> Optional[Tuple[int, float]]
+        """token came back lost with a worker of an engine that goes on without it (Dask),
+        which loses no other batch: as worker_died(), for this batch alone."""
+        batch = self.in_flight.pop(token)
+        if batch is self.suspect:
+            self.suspect = None
+            if len(batch) == 1:
+                return batch[0], self.suspect_sent
+        self.left += len(batch)
+        self.suspect_batches(batch)
+        return None
+
     def worker_died(self, tokens):
         # type: (List[Any]) -> Optional[Tuple[int, float]]
         """The pool broke: tokens came back with its error, and every batch in flight is
@@ -3897,12 +4067,17 @@ class _Schedule:
         if suspect is not None and len(lost) == 1 and lost == suspect:
             self.left -= 1
             return lost[0], self.suspect_sent
+        self.suspect_batches(lost)
+        return None
+
+    def suspect_batches(self, lost):
+        # type: (List[int]) -> None
+        """Send the items of lost first, alone, in halves while they are many."""
         if len(lost) > _SUSPECTS_HALVED:
             half = len(lost) // 2
             self.suspects.extendleft([lost[half:], lost[:half]])
         else:
             self.suspects.extendleft([index] for index in reversed(lost))
-        return None
 
 
 if TYPE_CHECKING:
@@ -3937,35 +4112,29 @@ _STOP: "Optional[_Event]" = None   # in persist.map's own workers, with keep_goi
                                    # a failure
 
 
-def _run(func, items, portable, stop=None):
-    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event]) -> _Batch
+def _run(func, items, portable, stop=None, memoized=False, sent=None):
+    # type: (Callable[[Any], Any], List[Any], bool, Optional[_Event], bool, object) -> _Batch
     """func(item) for a batch of items where they run (this process, or a worker): a _Batch of
-    the _Outcome of each, the seconds the batch took and the process it ran in (see
-    _this_process).
+    the _Outcome of each and the seconds the batch took. memoized: func is a memoized
+    function, whose results persist.map stores in its own process: what runs here is the
+    function behind it (_plain).
     portable: exceptions go to another process, so each is made picklable and its traceback
     sent as text. stop: an Event that a failure sets, after which no item starts
-    (keep_going=False)."""
+    (keep_going=False). sent: unused here, and unique to each batch sent (see _SENT)."""
     stop = stop or _STOP
-    found = _wrapper_of(func)
-    if found is not None:
-        call, args, kwargs = found.wrapper._call, found.args, found.kwargs
-        failing = None if stop is None else stop.set
-        cache = found.wrapper._cache
+    call = _plain(func) if memoized else func
     outcomes: "List[_Outcome]" = []
-    start = time.perf_counter()
+    clock = time.perf_counter
+    start = clock()
     for item in items:
         if stop is not None and stop.is_set():
-            outcomes.append((None, None, None, False, None))
+            outcomes.append((None, None, 0.0, None))
             continue
+        began = clock()
         try:
-            if found is None:
-                outcomes.append((True, func(item), None, False, None))
-            else:
-                unstored = cache.unstored
-                value, saved = call(args + (item,), kwargs, failing)
-                outcomes.append((True, value, saved, saved is None and
-                                 cache.unstored != unstored, None))
+            outcomes.append((True, call(item), clock() - began, None))
         except Exception as exc:
+            seconds = clock() - began
             if stop is not None:
                 stop.set()
             text = None
@@ -3973,26 +4142,81 @@ def _run(func, items, portable, stop=None):
                 import traceback
                 text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
                 exc = _portable(exc)
-            outcomes.append((False, exc, None, False, text))
+            outcomes.append((False, exc, seconds, text))
     if portable:
         outcomes = _Outcomes(outcomes)
-    return _Batch(outcomes, time.perf_counter() - start, _this_process())
+    return _Batch(outcomes, clock() - start)
+
+
+def _plain(func):
+    # type: (Callable[[Any], Any]) -> Callable[[Any], Any]
+    """What persist.map's workers call for a memoized func: the function behind it, with a
+    partial's arguments and a method's instance, and no cache. func came by name (pickle:
+    it is this process's own import of it) or by value (cloudpickle: its cache is then an
+    _UnattachedCache, which keys and stores nothing, and it is called as it is)."""
+    found = _wrapper_of(func)
+    if found is None:
+        return func
+    plain = found.wrapper.__wrapped__
+    if found.args or found.kwargs:
+        return functools.partial(plain, *found.args, **found.kwargs)
+    return plain
+
+
+# One per batch sent to an engine: Dask names a task by its function and arguments, and gave a
+# batch sent again (an item that killed its worker, in a rerun of the same items) the error
+# its first sending had ended with, without running it.
+_SENT = zip(itertools.repeat(_RUN), itertools.count())
 
 
 if TYPE_CHECKING:
     class _Batch(NamedTuple):
         outcomes: List[_Outcome]
         seconds: float
-        process: Tuple[int, str]
 else:
-    _Batch = collections.namedtuple("_Batch", "outcomes seconds process")
+    _Batch = collections.namedtuple("_Batch", "outcomes seconds")
 
 
-def _this_process():
-    # type: () -> Tuple[int, str]
-    """This process, told from any other: a forked child's id differs, and a process on
-    another machine (Dask's workers), which may have the same id, differs in _RUN."""
-    return os.getpid(), _RUN
+def _finished(futures, timeout):
+    # type: (Iterable[Any], float) -> List[Any]
+    """Those of futures that are done, waiting up to timeout seconds for one.
+    concurrent.futures.wait() takes only its own futures: any others (Dask's own, submitit's
+    jobs, anything whose result() gives the result) are polled with done(), where they
+    have it (one without is taken as done: its result() waits)."""
+    import concurrent.futures
+    futures = list(futures)
+    if all(isinstance(future, concurrent.futures.Future) for future in futures):
+        finished, _ = concurrent.futures.wait(futures, timeout,
+                                              concurrent.futures.FIRST_COMPLETED)
+        return list(finished)
+    deadline = time.monotonic() + timeout
+    pause = _POLL_FIRST
+    while True:
+        done = [future for future in futures if not callable(getattr(future, "done", None))
+                or future.done()]
+        left = deadline - time.monotonic()
+        if done or left <= 0:
+            return done
+        time.sleep(min(pause, left))
+        pause = min(2 * pause, _POLL_LAST)
+
+
+_POLL_FIRST = 0.001    # seconds between looks at futures that concurrent.futures cannot wait
+_POLL_LAST = 0.05      # for (see _finished): from the first, doubling up to the last
+
+
+def _lost_worker(exc):
+    # type: (BaseException) -> bool
+    """Whether exc, from an engine's future, says that it lost the worker that ran the batch
+    (its process died), rather than that the batch or its result could not travel. Known by
+    name: persist.map imports no engine (Dask's KilledWorker, Ray's WorkerCrashedError;
+    loky's TerminatedWorkerError is a BrokenProcessPool)."""
+    import concurrent.futures
+    return isinstance(exc, concurrent.futures.BrokenExecutor) or \
+        type(exc).__name__ in _LOST_WORKER_ERRORS
+
+
+_LOST_WORKER_ERRORS = frozenset(["KilledWorker", "WorkerCrashedError", "TerminatedWorkerError"])
 
 
 class _Moved:
@@ -4014,24 +4238,25 @@ class _Outcomes(list):  # type: ignore[type-arg]  # of _Outcome
     def __reduce__(self):
         # type: () -> Tuple[Any, ...]
         packed: "List[_Outcome]" = []      # each value pickled on its own
-        for ok, value, saved, unstored, traceback in self:
+        for ok, value, seconds, traceback in self:
             try:
-                packed.append((ok, pickle.dumps(value, _PROTOCOL), saved, unstored, traceback))
+                packed.append((ok, pickle.dumps(value, _PROTOCOL), seconds, traceback))
             except Exception as exc:       # RecursionError included
-                packed.append((None, _Moved(_why(exc)), None, False, None))
+                packed.append((None, _Moved(_why(exc)), seconds, None))
         return _unpack_outcomes, (packed,)
 
 
 def _unpack_outcomes(packed):
     # type: (List[_Outcome]) -> List[_Outcome]
     outcomes: "List[_Outcome]" = []
-    for ok, value, saved, unstored, traceback in packed:
-        if isinstance(value, bytes):
+    for index, (ok, value, seconds, traceback) in enumerate(packed):
+        packed[index] = None               # type: ignore[call-overload]  # each pickle freed
+        if isinstance(value, bytes):       # as it is loaded: a large result is held once
             try:
                 value = pickle.loads(value)
             except Exception as exc:       # its class is not here, its loading raises
-                ok, value, saved, unstored, traceback = None, _Moved(_why(exc)), None, False, None
-        outcomes.append((ok, value, saved, unstored, traceback))
+                ok, value, traceback = None, _Moved(_why(exc)), None
+        outcomes.append((ok, value, seconds, traceback))
     return outcomes
 
 

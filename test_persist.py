@@ -4364,6 +4364,30 @@ class TestMapInterrupted(TempDirTest):
 
         self.assertEqual((slow.failures(), slow.cache_info().entries), ([], 4))
 
+    def test_ctrl_c_with_an_executor_cancels_what_waits_and_keeps_what_arrived(self):
+        # Ctrl-C comes once the first four results have arrived (the caller stored them).
+        # Items of 10 ms go in batches of about 50 ms, four in flight on two threads: those
+        # queued are cancelled, those running finish, and nothing more starts.
+        import _thread
+        started = []
+
+        @persist.memoize(cache_dir=self.dir, name="slow")
+        def slow(x):
+            started.append(x)
+            if x == 4:
+                while slow.cache_info().entries < 4:
+                    time.sleep(0.01)
+                _thread.interrupt_main()
+            time.sleep(0.01)
+            return x
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            with self.assertRaises(KeyboardInterrupt):
+                persist.map(slow, range(200), executor=pool, progress=False)
+        self.assertLess(len(started), 60)
+        self.assertGreaterEqual(slow.cache_info().entries, 4)
+        self.assertEqual([slow(x) for x in range(4)], [0, 1, 2, 3])
+        self.assertEqual(slow.cache_info().hits, 4)
+
     @unittest.skipUnless(hasattr(os, "fork"), "the fork start method")
     def test_ctrl_c_while_the_pool_starts_its_workers_leaves_no_zombie(self):
         # Ctrl-C lands between the first worker's start and the second's: the pool has no
@@ -5021,6 +5045,308 @@ class TestMapWorkerKilledCacheInfo(TempDirTest):
         done = run_command([str(script), self.dir], timeout=120)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(done.stdout, "3 40\n3 80\n")
+
+
+class TestMapOneCache(TempDirTest):
+    """persist.map over other processes (executor=, workers=) keeps one cache, the caller's:
+    it looks each item up there first, sends only the misses, and stores each result and
+    records each failure there as it arrives. The workers compute the function behind the
+    wrapper: they need no access to the cache, and write nothing on their side."""
+
+    @unittest.skipUnless(ROOT, "a worker of another user: root drops to nobody")
+    @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
+    def test_workers_that_cannot_see_the_cache_leave_every_result_and_failure_in_it(self):
+        # The workers are another user, in another directory, with PERSIST_DIR naming a
+        # cache of their own: the caller's cache directory (0700, root's) is closed to them.
+        # Before, each worker opened the cache itself: here each failed to, warned, and
+        # nothing was stored.
+        os.chmod(self.dir, 0o755)
+        elsewhere = self.path / "elsewhere"
+        elsewhere.mkdir(mode=0o777)
+        os.chmod(str(elsewhere), 0o777)
+        cache = self.path / "cache"
+        cache.mkdir(mode=0o700)
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import concurrent.futures, multiprocessing, os, sys, persist
+            @persist.memoize
+            def work(x):
+                if x % 5 == 4:
+                    raise ValueError("bad %d in %s" % (x, os.getcwd()))
+                return x * x, os.getuid()
+            def become_another_user(where):
+                os.chdir(where)
+                os.environ["PERSIST_DIR"] = os.path.join(where, "worker-cache")
+                if os.getuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+            if __name__ == "__main__":
+                spawn = multiprocessing.get_context("spawn")
+                for run in range(2):
+                    with concurrent.futures.ProcessPoolExecutor(
+                            2, spawn, initializer=become_another_user,
+                            initargs=(sys.argv[1],)) as pool:
+                        try:
+                            persist.map(work, range(20), executor=pool, progress=False)
+                        except persist.Failures as exc:
+                            results = exc.results
+                    info = work.cache_info()
+                    print(info.hits, info.misses, info.entries, info.failures)
+                print(sorted({uid for result in results if isinstance(result, tuple)
+                              for uid in result[1:]}))
+                print(all("in " + sys.argv[1] in str(e) for e in results[4::5]))
+                failure = work.failures()[0]
+                print(failure.type, "raise ValueError" in failure.traceback,
+                      failure.call.args if failure.call else None)
+        """))
+        done = run_command([str(script), str(elsewhere)], timeout=300, PERSIST_DIR=cache)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertNotIn("Warning", done.stderr)
+        # the rerun reuses every result, whichever worker computed it: 16 hits, 4 misses again
+        self.assertEqual(done.stdout.splitlines(), [
+            "0 20 16 4", "16 24 16 4", "[%d]" % NOBODY, "True",
+            "ValueError True (4,)"])
+        self.assertEqual(sorted(os.listdir(str(elsewhere))), [])
+
+    def test_an_engine_of_its_own_futures_is_polled(self):
+        # Any object with submit(fn, *args) whose futures have result() (submitit's jobs,
+        # Dask's own futures): concurrent.futures.wait() takes only its own futures, so
+        # these are polled with done(), or taken as done where they have none.
+        for has_done in (True, False):
+            engine = OwnFutures(has_done)
+            self.addCleanup(engine.pool.shutdown)
+            calls = []
+
+            @persist.memoize(cache_dir=self.path / str(has_done))
+            def work(x):
+                calls.append(x)
+                if x == 3:
+                    raise ValueError(x)
+                return -x
+            for run in range(2):
+                with self.assertRaises(persist.Failures) as caught:
+                    persist.map(work, range(8), executor=engine, progress=False)
+                self.assertEqual(caught.exception.results[:3], [0, -1, -2])
+            self.assertEqual(sorted(calls), [0, 1, 2, 3, 3, 4, 5, 6, 7])
+            info = work.cache_info()
+            self.assertEqual((info.hits, info.misses, info.entries, info.failures),
+                             (7, 9, 7, 1))
+            self.assertGreater(engine.submitted, 0)
+
+    def test_the_same_call_twice_in_flight_runs_once(self):
+        # Two items with one key sent at once were computed twice, and stored twice.
+        calls = []
+        gate = threading.Event()
+
+        @persist.memoize(cache_dir=self.dir, name="work")
+        def work(x):
+            calls.append(x)
+            gate.wait(10)
+            return x * 10
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            threading.Timer(0.2, gate.set).start()
+            results = persist.map(work, [1, 1, 2, 1, 2], executor=pool, progress=False)
+        self.assertEqual(results, [10, 10, 20, 10, 20])
+        self.assertEqual(sorted(calls), [1, 2])
+        info = work.cache_info()
+        self.assertEqual((info.hits, info.misses, info.entries), (3, 2, 2))
+
+    def test_a_failed_call_is_not_reused_by_its_twins(self):
+        # A failure is not stored: the next item of the same call runs again, as in a loop,
+        # and the one after it reuses that result.
+        calls = []
+
+        @persist.memoize(cache_dir=self.dir)
+        def work(x):
+            calls.append(x)
+            if len(calls) == 1:
+                raise ValueError("first")
+            return x
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with self.assertRaises(persist.Failures) as caught:
+                persist.map(work, [5, 5, 5], executor=pool, progress=False)
+        self.assertEqual(caught.exception.results[1:], [5, 5])
+        self.assertEqual(len(calls), 2)
+        info = work.cache_info()
+        self.assertEqual((info.hits, info.misses, info.entries, info.failures), (1, 2, 1, 0))
+
+
+def _missing_engines():
+    import importlib.util
+    return [name for name in ("cloudpickle", "dask", "distributed", "joblib")
+            if importlib.util.find_spec(name) is None]
+
+
+ENGINES_MISSING = _missing_engines()
+ENGINES_SKIP = ("SKIPPED, LOUDLY: %s not installed here; .ci/run installs "
+                ".ci/requirements-engines.txt into a virtual environment of its own and runs "
+                "TestEngines there" % ", ".join(ENGINES_MISSING))
+
+
+@unittest.skipIf(ENGINES_MISSING, ENGINES_SKIP)
+class TestEngines(TempDirTest):
+    """Real engines, as a user's script meets them: a memoized function defined in the
+    script itself, sent by cloudpickle (Dask, joblib's loky), one cache at the driver."""
+
+    def test_each_form_of_a_script_function_travels_by_value_and_runs_plain(self):
+        # cloudpickle.dumps(work) failed: '_Memoized' object has no attribute '__qualname__'
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import functools, pickle, sys, cloudpickle, persist
+            @persist.memoize
+            def work(x, y=1):
+                return ("work", x * y)
+            def make():
+                @persist.memoize
+                def nested(x):
+                    return ("nested", x + 1)
+                return nested
+            class Model:
+                def __init__(self, k):
+                    self.k = k
+                @persist.memoize
+                def predict(self, x):
+                    return ("predict", self.k * x)
+            forms = [work, make(), functools.partial(work, y=3), Model(5).predict]
+            with open(sys.argv[1], "wb") as out:
+                pickle.dump([cloudpickle.dumps(form) for form in forms], out)
+            print([form(2) for form in forms])
+        """))
+        sent = self.path / "sent.pickle"
+        done = run_command([str(script), str(sent)], cwd=self.dir, timeout=120,
+                           PERSIST_DIR=self.path / "driver")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        here = done.stdout
+        worker = self.path / "worker"
+        worker.mkdir()
+        out = run_python("""
+            import pickle, sys
+            forms = [pickle.loads(form) for form in pickle.load(open(sys.argv[1], "rb"))]
+            print([form(2) for form in forms])
+            print([(info.hits, info.misses, info.entries) for info in (
+                getattr(form, "func", form).cache_info() for form in forms)])
+        """.replace("sys.argv[1]", repr(str(sent))), cwd=str(worker),
+            PERSIST_DIR=worker / "cache")
+        self.assertEqual(out.splitlines()[0], here.strip())
+        self.assertEqual(out.splitlines()[1], str([(0, 1, 0)] * 4))
+        self.assertEqual(os.listdir(str(worker)), [])      # nothing stored on that side
+        self.assertEqual(len(os.listdir(str(self.path / "driver"))), 4 * 1)
+
+    @slow
+    def test_dask_cluster_one_cache_at_the_driver(self):
+        # Two worker processes, which see another PERSIST_DIR and work in another
+        # directory: the driver's cache ends with every result and failure. One item kills
+        # its worker once (Dask runs it again), one each time it runs while a marker is
+        # there (it fails with BrokenProcessPool, and no other item with it).
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import functools, os, sys, dask, persist
+            from distributed import Client, LocalCluster
+            MARKS = sys.argv[1]
+            @persist.memoize
+            def work(x):
+                if x == 5 and not os.path.exists(os.path.join(MARKS, "killed-once")):
+                    open(os.path.join(MARKS, "killed-once"), "w").close()
+                    os._exit(9)
+                if x == 11 and os.path.exists(os.path.join(MARKS, "kill-11")):
+                    os._exit(9)
+                if x %% 7 == 3:
+                    raise ValueError("bad %%d" %% x)
+                return x * x
+            if __name__ == "__main__":
+                dask.config.set({"distributed.scheduler.allowed-failures": 1})
+                open(os.path.join(MARKS, "kill-11"), "w").close()
+                with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, local_directory=MARKS,
+                                  env={"PERSIST_DIR": os.path.join(MARKS, "worker-cache")}
+                                  ) as cluster, Client(cluster) as client:
+                    executor = client.get_executor()
+                    for run in range(2):
+                        try:
+                            persist.map(work, range(20), executor=executor, progress=False)
+                        except persist.Failures as exc:
+                            print(sorted((i, type(e).__name__) for i, e in
+                                         zip(range(20), exc.results) if isinstance(e, Exception)))
+                        info = work.cache_info()
+                        print(info.hits, info.misses, info.entries, info.failures)
+                        if run == 0:
+                            os.remove(os.path.join(MARKS, "kill-11"))
+                    print(client.submit(work, 4).result(), client.submit(work, 2).result())
+                    print(persist.map(functools.partial(work), [2, 4], executor=executor,
+                                      progress=False))
+                print(sorted(set(f.type for f in work.failures())))
+                print(os.path.exists(os.path.join(MARKS, "worker-cache")))
+        """ % ()))
+        marks = self.path / "marks"
+        marks.mkdir()
+        done = run_command([str(script), str(marks)], cwd=self.dir, timeout=300,
+                           PERSIST_DIR=self.path / "driver")
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        self.assertEqual(done.stdout.splitlines(), [
+            "[(3, 'ValueError'), (10, 'ValueError'), (11, 'BrokenProcessPool'), "
+            "(17, 'ValueError')]",
+            "0 20 16 4",
+            "[(3, 'ValueError'), (10, 'ValueError'), (17, 'ValueError')]",
+            "16 24 17 3",
+            "16 4",
+            "[4, 16]",
+            "['ValueError']",
+            "False"])
+
+    @slow
+    def test_joblib_parallel_and_loky_executor_over_a_script_function(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import persist
+            from joblib import Parallel, delayed
+            from joblib.externals.loky import get_reusable_executor
+            @persist.memoize
+            def work(x):
+                return x * 3
+            if __name__ == "__main__":
+                print(Parallel(n_jobs=2)(delayed(work)(i) for i in range(6)))
+                print(work.cache_info().entries)   # computed on loky's side: nothing here
+                executor = get_reusable_executor(max_workers=2)
+                for run in range(2):
+                    print(persist.map(work, range(6), executor=executor, progress=False))
+                    info = work.cache_info()
+                    print(info.hits, info.misses, info.entries)
+        """))
+        done = run_command([str(script)], cwd=self.dir, timeout=300,
+                           PERSIST_DIR=self.path / "driver")
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        self.assertEqual(done.stdout.splitlines(), [
+            "[0, 3, 6, 9, 12, 15]", "0",
+            "[0, 3, 6, 9, 12, 15]", "0 6 6",
+            "[0, 3, 6, 9, 12, 15]", "6 6 6"])
+
+
+class OwnFutures:
+    """An engine whose futures are not concurrent.futures': each runs on a thread pool, and
+    is seen only through done() (where has_done) and result(), as submitit's jobs are."""
+
+    def __init__(self, has_done):
+        self.pool = concurrent.futures.ThreadPoolExecutor(2)
+        self.has_done = has_done
+        self.submitted = 0
+
+    def submit(self, fn, *args):
+        self.submitted += 1
+        inner = self.pool.submit(fn, *args)
+        return OwnFuture(inner) if self.has_done else OwnJob(inner)
+
+
+class OwnJob:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def result(self):
+        return self._inner.result()
+
+
+class OwnFuture(OwnJob):
+    def done(self):
+        return self._inner.done()
 
 
 # -- persist.open

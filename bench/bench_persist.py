@@ -457,6 +457,22 @@ if __name__ == "__main__":
         persist.map(burned, items, progress=False)
     elif mode == "workers":
         persist.map(burned, items, workers=2, progress=False)
+    elif mode == "chunked":      # by hand: a pool's own chunks, each worker storing its own
+        import concurrent.futures
+        with concurrent.futures.ProcessPoolExecutor(2) as pool:
+            list(pool.map(burned, items, chunksize=max(1, len(items) // 16)))
+    elif mode.startswith("dask"):
+        from distributed import Client, LocalCluster
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            client.submit(burn, 0).result()             # the cluster is up: time the map
+            started = time.perf_counter()
+            if mode == "dask-persist":
+                persist.map(burned, items, executor=client.get_executor(), progress=False)
+            else:                # by hand: a task an item, each worker storing its own
+                client.gather(client.map(burned, items))
+            print(time.perf_counter() - started)
+            sys.exit(0)
     else:
         import joblib
         cached = joblib.Memory(os.environ["CACHE"], verbose=0).cache(burn)
@@ -489,6 +505,41 @@ def bench_workers(root, count, rounds):
 
     modes = ["serial", "workers"] + (["joblib"] if joblib is not None else [])
     return median_rounds({mode: (lambda m=mode: measure(m)) for mode in modes}, rounds)
+
+
+def bench_engines(root, counts, rounds, milliseconds):
+    """Seconds for persist.map(workers=2) against a ProcessPoolExecutor's own chunks, and,
+    where Dask is installed, persist.map over a LocalCluster of 2 workers against
+    client.map + client.gather: for each count of items of about milliseconds ms (0: quick
+    ones), each run in a fresh cache. Dask's cluster start is not timed."""
+    script = os.path.join(root, "engines_job.py")
+    with open(script, "w") as file:
+        file.write(WORKERS_JOB % os.path.dirname(HERE))
+    probe = 200000
+    started = time.perf_counter()
+    total = 0
+    for k in range(probe):
+        total += (3 * k) % 7
+    burn = int(probe * milliseconds / 1000 / (time.perf_counter() - started))
+    runs = [0]
+
+    def measure(mode, count):
+        runs[0] += 1
+        env = dict(os.environ, BURN=str(burn),
+                   CACHE=os.path.join(root, "e%d-%d" % (milliseconds, runs[0])))
+        out = subprocess.run([sys.executable, script, mode, str(count)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             check=True).stdout
+        return float(out.split()[-1])
+
+    modes = ["workers", "chunked"]
+    try:
+        import distributed  # noqa: F401
+        modes += ["dask-persist", "dask-client"]
+    except ImportError:
+        pass
+    return {count: median_rounds({mode: (lambda m=mode, c=count: measure(m, c))
+                                  for mode in modes}, rounds) for count in counts}
 
 
 def main():
@@ -615,6 +666,18 @@ def run(root):
     if "joblib" in parallel:
         row("the same: vs joblib.Parallel(n_jobs=2) over joblib.Memory", parallel["workers"],
             parallel["joblib"], ">= 1x", parallel["joblib"] >= parallel["workers"], unit="ms")
+
+    for milliseconds, count in ((0, 1000 if quick else 10000), (10, 40 if quick else 1000)):
+        engines = bench_engines(root, [count], 1 if quick else 3, milliseconds)[count]
+        what = "%d items of ~%d ms" % (count, milliseconds) if milliseconds else \
+            "%d quick items" % count
+        row("persist.map, %s: workers=2 vs a ProcessPoolExecutor's chunks" % what,
+            engines["workers"], engines["chunked"], ">= 1/1.1",
+            engines["workers"] <= 1.1 * engines["chunked"], unit="ms")
+        if "dask-persist" in engines:
+            row("the same over Dask, 2 workers: vs client.map + gather", engines["dask-persist"],
+                engines["dask-client"], ">= 1/1.1",
+                engines["dask-persist"] <= 1.1 * engines["dask-client"], unit="ms")
 
     files = 2000 if quick else 10000
     times = bench_done_dir(root, files, rounds)
