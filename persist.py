@@ -4139,13 +4139,24 @@ def _run(func, items, portable, stop=None, memoized=False, sent=None):
                 stop.set()
             text = None
             if portable:
-                import traceback
-                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                text = _traceback_text(exc)
                 exc = _portable(exc)
             outcomes.append((False, exc, seconds, text))
     if portable:
         outcomes = _Outcomes(outcomes)
     return _Batch(outcomes, clock() - start)
+
+
+def _traceback_text(exc):
+    # type: (BaseException) -> str
+    """exc's traceback as text, to send with it. Best effort: a worker that cannot format
+    it (an import it needs fails: a worker that dropped to a user who cannot read the
+    standard library) sends what it can, and the batch's results still go back."""
+    try:
+        import traceback
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception as why:
+        return "%s\n(the worker could not format its traceback: %s)" % (_why(exc), _why(why))
 
 
 def _plain(func):
