@@ -3365,8 +3365,9 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
 
     keep_going=True: a failing item does not stop the others; once every item was tried, if
     any failed, Failures is raised, naming them (its .failures and .results hold them all).
-    keep_going=False raises the first failure, as a plain loop would; with workers, no item
-    starts after it, and those running finish (and are stored).
+    keep_going=False raises the first failure, as a plain loop would; with workers (or a
+    thread pool), no item starts after it, and those running finish (and are stored); on
+    another executor, a batch stops at its own failure, and those running elsewhere finish.
 
     func may be any callable. A memoized one (or a functools.partial of one) stores each
     result as it comes and records each failure (see its failures()): a rerun computes only
@@ -3574,9 +3575,10 @@ class _Run:
         if executor is not None:
             width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
             # threads share an Event; other executors' workers learn of a failure only
-            # from here, when its result arrives
+            # from here, when its result arrives: each batch stops at its own first one
             import threading
-            stop = threading.Event() if threads and not self.keep_going else None
+            stop = None if self.keep_going else threading.Event() if threads else \
+                _BatchStop()
             self.parallel(executor, width, not threads, None, stop)
         elif workers is not None:
             import multiprocessing
@@ -3655,7 +3657,7 @@ class _Run:
                     for other in list(schedule.in_flight):  # what has not started never will
                         cancel = getattr(other, "cancel", None)
                         if cancel is not None and cancel() is True:
-                            schedule.returned(other)
+                            self.unstarted(schedule.returned(other))
                 else:
                     idle = self.send(schedule, executor, portable, stop, own)
                 if self.tick is not None:
@@ -3785,7 +3787,9 @@ class _Run:
         """Record the outcomes of a batch that came back."""
         for index, (ok, value, seconds, traceback) in zip(batch, outcomes):
             if ok is None:
-                if isinstance(value, _Moved) and not self.stopped:
+                if not isinstance(value, _Moved):
+                    self.unstarted([index])
+                elif not self.stopped:
                     # computed, but its result could not travel: again here, as a plain
                     # loop would (but after a failure with keep_going=False, nothing starts)
                     self.run_here(index, value.why)
@@ -3793,6 +3797,15 @@ class _Run:
             if not ok and traceback is not None:
                 value.__cause__ = _WorkerTraceback(traceback)
             self.settle(index, ok, value, seconds)
+
+    def unstarted(self, batch):
+        # type: (List[int]) -> None
+        """The items of batch never started (keep_going=False, after a failure): their
+        lookups in to_send() are not counted as misses, as a loop would not have made them."""
+        if self.found is not None:
+            for index in batch:
+                if self.keys.pop(index, None) is not None:
+                    self.found.wrapper._cache.misses -= 1
 
     def settle(self, index, ok, value, seconds):
         # type: (int, bool, Any, float) -> None
@@ -4167,6 +4180,29 @@ def _plain(func):
 # batch sent again (an item that killed its worker, in a rerun of the same items) the error
 # its first sending had ended with, without running it.
 _SENT = zip(itertools.repeat(_RUN), itertools.count())
+
+
+class _BatchStop:
+    """The stop of _run for keep_going=False on an engine whose workers share no Event with
+    this process (its own processes, a cluster): a copy travels with each batch, which
+    then stops at its own first failure, as a loop would; batches in flight elsewhere run
+    on until that failure arrives here."""
+
+    def __init__(self):
+        # type: () -> None
+        self.failed = False
+
+    def is_set(self):
+        # type: () -> bool
+        return self.failed
+
+    def set(self):
+        # type: () -> None
+        self.failed = True
+
+    def clear(self):
+        # type: () -> None
+        self.failed = False
 
 
 if TYPE_CHECKING:

@@ -5095,7 +5095,8 @@ class TestMapOneCache(TempDirTest):
                 print(sorted({uid for result in results if isinstance(result, tuple)
                               for uid in result[1:]}))
                 print(all("in " + sys.argv[1] in str(e) for e in results[4::5]))
-                failure = work.failures()[0]
+                # the latest failure last: workers finish in any order
+                failure = min(work.failures(), key=lambda failure: failure.call.args)
                 print(failure.type, "raise ValueError" in failure.traceback,
                       failure.call.args if failure.call else None)
         """))
@@ -5132,6 +5133,30 @@ class TestMapOneCache(TempDirTest):
             self.assertEqual((info.hits, info.misses, info.entries, info.failures),
                              (7, 9, 7, 1))
             self.assertGreater(engine.submitted, 0)
+
+    def test_keep_going_false_stops_a_batch_at_its_failure_on_any_engine(self):
+        # An engine that shares no Event with this process (its own processes, a cluster)
+        # ran every item of a batch after the one that failed: 48 items after the first
+        # failure, on one worker. Now a batch stops at its own first failure, as a loop.
+        calls = []
+        for memoized in (False, True):
+            del calls[:]
+
+            def work(x):
+                calls.append(x)
+                if x == 1:
+                    raise ValueError(x)
+                return x
+            func = persist.memoize(cache_dir=self.path / "c")(work) if memoized else work
+            engine = InlineEngine()
+            with self.assertRaises(ValueError):
+                persist.map(func, range(100), executor=engine, keep_going=False,
+                            progress=False)
+            self.assertEqual(calls, [0, 1])
+            if memoized:                  # the items not started are not counted as misses
+                info = func.cache_info()
+                self.assertEqual((info.hits, info.misses, info.entries, info.failures),
+                                 (0, 2, 1, 1))
 
     def test_the_same_call_twice_in_flight_runs_once(self):
         # Two items with one key sent at once were computed twice, and stored twice.
@@ -5334,6 +5359,19 @@ class OwnFutures:
         self.submitted += 1
         inner = self.pool.submit(fn, *args)
         return OwnFuture(inner) if self.has_done else OwnJob(inner)
+
+
+class InlineEngine:
+    """An engine of one worker that runs each batch as it is submitted (a future done at
+    once), whose batches share nothing with the caller: what a cluster does, in order."""
+
+    _max_workers = 1
+
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        func, rest = args[0], pickle.loads(pickle.dumps(args[1:]))  # func as it is: a test's
+        future.set_result(fn(func, *rest))
+        return OwnFuture(future)
 
 
 class OwnJob:
