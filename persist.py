@@ -4153,7 +4153,8 @@ def _run(func, items, portable, stop=None, memoized=False, sent=None):
             text = None
             if portable:
                 import traceback
-                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__,
+                                                          limit=-_FRAMES))
                 exc = _portable(exc)
             outcomes.append((False, exc, seconds, text))
     if portable:
@@ -4313,8 +4314,9 @@ class _WorkerTraceback(Exception):
 
 
 class _WorkerError(Exception):
-    """An exception that a worker raised but could not send back: (message, the name of its
-    type), both in args, so that they travel; str() is the message."""
+    """An exception that a worker raised but could not send back: (what to say of it, the
+    name of its type, its own message), all in args, so that they travel; str() is the
+    first, the failure ledger records the others."""
 
     def __str__(self):
         # type: () -> str
@@ -4330,7 +4332,7 @@ class _WorkerError(Exception):
 def _kind_of(exc):
     # type: (BaseException) -> str
     """The name of exc's type, for people: a _WorkerError's is that of what it stands for."""
-    if isinstance(exc, _WorkerError) and len(exc.args) == 2:
+    if isinstance(exc, _WorkerError) and len(exc.args) == 3:
         return exc.kind
     return _type_label(type(exc))
 
@@ -4348,7 +4350,7 @@ def _portable(exc):
             message = "<str() of the exception failed>"
         kind = _type_label(type(exc))
         return _WorkerError("%s: %s (the worker could not send this exception back: %s: %s)"
-                            % (kind, message, type(why).__name__, why), kind)
+                            % (kind, message, type(why).__name__, why), kind, message)
 
 
 def _type_label(kind):
@@ -4468,18 +4470,24 @@ def _failure_record(call, exc, seconds, version):
     """(args, type, message, traceback, seconds, version, call): what the ledger keeps of a
     call; call: its (args, kwargs) pickled, or why they are not kept."""
     import traceback
-    kind = type(exc)
-    module = getattr(kind, "__module__", None)
-    name = kind.__qualname__ if module in (None, "builtins") else \
-        "%s.%s" % (module, kind.__qualname__)
-    try:
-        message = str(exc)
-    except Exception:
-        message = "<str() of the exception failed>"
+    if isinstance(exc, _WorkerError) and len(exc.args) == 3:
+        name, message = exc.kind, str(exc.args[2])   # a worker's that could not come: its own
+    else:
+        name = _type_label(type(exc))
+        try:
+            message = str(exc)
+        except Exception:
+            message = "<str() of the exception failed>"
     if len(message) > _MESSAGE_LIMIT:
         message = message[:_MESSAGE_LIMIT - 1] + "\u2026"
-    # the innermost frames, where the error is: formatting them all costs as much as they are
-    text = "".join(traceback.format_exception(kind, exc, exc.__traceback__, limit=-_FRAMES))
+    cause = exc.__cause__
+    if isinstance(cause, _WorkerTraceback):
+        text = str(cause.args[0])     # raised in a worker (see _Run.take): as it was there
+    else:
+        # the innermost frames, where the error is: formatting them all costs as much as
+        # they are
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__,
+                                                  limit=-_FRAMES))
     # A lone surrogate (a file name os.listdir() decoded with surrogateescape, in the
     # message) cannot be SQLite text: it is kept as its escape, \udce9, as repr() shows it
     return (_short_repr(call), name, _escaped_surrogates(message),

@@ -5158,6 +5158,29 @@ class TestMapOneCache(TempDirTest):
                 self.assertEqual((info.hits, info.misses, info.entries, info.failures),
                                  (0, 2, 1, 1))
 
+    def test_the_ledger_keeps_a_workers_failure_as_the_worker_raised_it(self):
+        # Recorded at the caller, a worker's failure had the type persist._WorkerError and
+        # its "could not send back" message where its own exception could not travel, and a
+        # traceback of persist._WorkerTraceback chained to it; 8684ca3's workers recorded
+        # each as it was raised.
+        @persist.memoize(cache_dir=self.dir)
+        def work(x):
+            if x:
+                raise NeedsTwo(x, "two")
+            raise ValueError("zero")
+        with self.assertRaises(persist.Failures):
+            persist.map(work, [0, 1], executor=InlineEngine(), progress=False)
+        failures = sorted(work.failures(), key=lambda failure: failure.call.args)
+        self.assertEqual([(failure.type, failure.message) for failure in failures],
+                         [("ValueError", "zero"), (__name__ + ".NeedsTwo", "1/two")])
+        for failure, line in zip(failures, ['raise ValueError("zero")',
+                                            'raise NeedsTwo(x, "two")']):
+            self.assertTrue(failure.traceback.startswith("Traceback (most recent call last)"),
+                            failure.traceback)
+            self.assertIn(line, failure.traceback)
+            self.assertNotIn("_WorkerTraceback", failure.traceback)
+            self.assertNotIn("direct cause", failure.traceback)
+
     def test_the_same_call_twice_in_flight_runs_once(self):
         # Two items with one key sent at once were computed twice, and stored twice.
         calls = []
@@ -5370,7 +5393,7 @@ class InlineEngine:
     def submit(self, fn, *args):
         future = concurrent.futures.Future()
         func, rest = args[0], pickle.loads(pickle.dumps(args[1:]))  # func as it is: a test's
-        future.set_result(fn(func, *rest))
+        future.set_result(pickle.loads(pickle.dumps(fn(func, *rest))))
         return OwnFuture(future)
 
 
