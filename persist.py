@@ -3785,6 +3785,8 @@ class _Run:
     def take(self, batch, outcomes):
         # type: (List[int], List[_Outcome]) -> None
         """Record the outcomes of a batch that came back."""
+        if isinstance(outcomes, _Packed):
+            outcomes = _loaded(outcomes)  # type: ignore[assignment]
         for index, (ok, value, seconds, traceback) in zip(batch, outcomes):
             if ok is None:
                 if not isinstance(value, _Moved):
@@ -4284,17 +4286,28 @@ class _Outcomes(list):  # type: ignore[type-arg]  # of _Outcome
 
 
 def _unpack_outcomes(packed):
-    # type: (List[_Outcome]) -> List[_Outcome]
-    outcomes: "List[_Outcome]" = []
+    # type: (List[_Outcome]) -> _Packed
+    return _Packed(packed)
+
+
+class _Packed(list):  # type: ignore[type-arg]  # of _Outcome
+    """A worker's outcomes as they arrive here (see _Outcomes), each value still its pickle:
+    _Run.take() loads them one by one (_loaded), once the message that brought them is
+    freed. Loaded with the message, a large result was held three times at once (in the
+    message, as its own pickle, and loaded); so, twice at most."""
+
+
+def _loaded(packed):
+    # type: (_Packed) -> Iterator[_Outcome]
+    """The outcomes of packed, each value loaded as it is taken, its pickle freed then."""
     for index, (ok, value, seconds, traceback) in enumerate(packed):
-        packed[index] = None               # type: ignore[call-overload]  # each pickle freed
-        if isinstance(value, bytes):       # as it is loaded: a large result is held once
+        packed[index] = None
+        if ok is not None:                 # (else a _Moved)
             try:
                 value = pickle.loads(value)
             except Exception as exc:       # its class is not here, its loading raises
                 ok, value, traceback = None, _Moved(_why(exc)), None
-        outcomes.append((ok, value, seconds, traceback))
-    return outcomes
+        yield ok, value, seconds, traceback
 
 
 def _why(exc):

@@ -5181,6 +5181,23 @@ class TestMapOneCache(TempDirTest):
             self.assertNotIn("_WorkerTraceback", failure.traceback)
             self.assertNotIn("direct cause", failure.traceback)
 
+    @unittest.skipUnless(importlib.util.find_spec("_tracemalloc"), "needs tracemalloc")
+    @unittest.skipIf(SPAWN_POOL_BROKEN, "this Python's ProcessPoolExecutor fails under spawn")
+    def test_a_large_result_is_held_twice_at_most_as_it_arrives(self):
+        # A result came in its message, was loaded from it as its own pickle, and loaded
+        # from that, all at once: three times its size. Now the message is freed before
+        # the pickle is loaded.
+        import tracemalloc
+        size = 32 << 20
+        tracemalloc.start()
+        try:
+            results = persist.map(large_result, [size], workers=1, progress=False)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(len(results[0]), size)
+        self.assertLess(peak, 2.5 * size)
+
     def test_the_same_call_twice_in_flight_runs_once(self):
         # Two items with one key sent at once were computed twice, and stored twice.
         calls = []
@@ -5382,6 +5399,10 @@ class OwnFutures:
         self.submitted += 1
         inner = self.pool.submit(fn, *args)
         return OwnFuture(inner) if self.has_done else OwnJob(inner)
+
+
+def large_result(size):
+    return b"\x01" * size
 
 
 class InlineEngine:
