@@ -3813,17 +3813,21 @@ class _Run:
         # type: (int, bool, Any, float) -> None
         """The item at index was computed (ok: value is its result) or failed (value is its
         exception) in seconds: for a memoized func, the result is stored or the failure
-        recorded in its cache, here; then the items that waited for the same call take it."""
+        recorded in its cache, here; then the items that waited for the same call take it
+        (if it was stored: else, as in a loop, the next computes it again)."""
         waiting: "List[int]" = []
+        stored = False
         if self.found is not None:
             key = self.keys.pop(index)
             waiting = self.waiting.pop(key, [])
             cache, call = self.found.wrapper._cache, self.call_of(index)
             if ok:
+                unstored = cache.unstored
                 try:
                     cache.put(key, value, call, seconds)
                 except Exception as exc:   # strict: raised, as the call itself would
                     ok, value = False, exc
+                stored = cache.unstored == unstored
             else:
                 cache.fail(key, call, value, seconds)
         if ok:
@@ -3832,14 +3836,15 @@ class _Run:
             self.failed(index, value)
         if not waiting:
             return
-        if ok:                            # each a hit of what was just stored
+        if ok and stored:                 # each a hit of what was just stored
             cache.hits += len(waiting)
             cache.saved += seconds * len(waiting)
             for other in waiting:
                 self.succeeded(other, value, True)
         elif not self.stopped and self.schedule is not None:
-            # a failure is not reused: the next runs again, as in a plain loop, and the
-            # others wait for it in turn
+            # a failure is not reused, nor a result that could not be stored (a lock, a
+            # full disk): the next runs again, as in a plain loop, and the others wait for
+            # it in turn
             cache.misses += 1             # as its lookup would have counted
             self.keys[waiting[0]] = key
             self.waiting[key] = waiting[1:]

@@ -5216,6 +5216,29 @@ class TestMapOneCache(TempDirTest):
         info = work.cache_info()
         self.assertEqual((info.hits, info.misses, info.entries), (3, 2, 2))
 
+    def test_a_result_not_stored_is_not_reused_by_its_twins(self):
+        # A result that could not be stored (a lock) was handed to the items of the same
+        # call as hits: one object for all, counted as reused. A loop computes it again.
+        calls = []
+        counts = []
+        for executor in (None, concurrent.futures.ThreadPoolExecutor(1)):
+            del calls[:]
+
+            @persist.memoize(cache_dir=self.path / str(len(counts)))
+            def work(x):
+                calls.append(x)
+                return threading.Lock()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", persist.PersistWarning)
+                results = persist.map(work, [5, 5, 5], executor=executor, progress=False)
+            if executor is not None:
+                executor.shutdown()
+            self.assertEqual(len({id(result) for result in results}), 3)
+            self.assertEqual(calls, [5, 5, 5])
+            info = work.cache_info()
+            counts.append((info.hits, info.misses, info.entries, info.unstored))
+        self.assertEqual(counts, [(0, 3, 0, 3)] * 2)
+
     def test_a_failed_call_is_not_reused_by_its_twins(self):
         # A failure is not stored: the next item of the same call runs again, as in a loop,
         # and the one after it reuses that result.
