@@ -4441,8 +4441,7 @@ def _stop_workers(pool):
     for process in processes:
         with contextlib.suppress(Exception):
             process.terminate()
-    pool.shutdown(wait=True)
-    # Reaped here too, whatever shutdown() did: no zombie outlives us. shutdown() joins the
+    # Reaped here, whatever shutdown() does: no zombie outlives us. shutdown() joins the
     # workers through the pool's manager thread, but the pool starts that thread only after
     # its first workers, so a Ctrl-C between the two leaves them to us. A worker that
     # outlasts SIGTERM (a handler of its own) is killed.
@@ -4452,6 +4451,14 @@ def _stop_workers(pool):
             if process.exitcode is None:
                 process.kill()
                 process.join()
+    # A worker stopped halfway through sending a result (a large one) leaves the manager
+    # thread reading the rest of it for ever, and shutdown() waits for that thread: with
+    # every worker gone, this process's end of the pipe is the last one open, and closing
+    # it ends the read (best effort, through a private attribute: the thread then finds
+    # the pool broken, and ends).
+    with contextlib.suppress(Exception):
+        pool._result_queue._writer.close()       # type: ignore[attr-defined]
+    pool.shutdown(wait=True)
 
 
 def _took(seconds):

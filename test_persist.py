@@ -4364,6 +4364,48 @@ class TestMapInterrupted(TempDirTest):
 
         self.assertEqual((slow.failures(), slow.cache_info().entries), ([], 4))
 
+    @unittest.skipUnless(POSIX, "SIGINT to a child")
+    def test_ctrl_c_while_a_worker_sends_a_result_stops(self):
+        # A worker stopped halfway through sending a result (a large one, Ctrl-C meanwhile)
+        # left the pool's reader thread waiting for the rest of the message for ever, and
+        # persist.map waited for that thread: it never returned. Here the worker writes
+        # the start of a message into its result pipe (the multiprocessing.SimpleQueue it
+        # was given), says so, and waits.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import gc, multiprocessing.queues, os, signal, struct, time
+            import persist
+
+            signal.signal(signal.SIGINT, signal.default_int_handler)   # (see above)
+
+            def half_sent(x):
+                queue, = [obj for obj in gc.get_objects()
+                          if type(obj) is multiprocessing.queues.SimpleQueue]
+                os.write(queue._writer.fileno(), struct.pack("!i", 1 << 20) + b"x" * 1000)
+                os.write(1, b"sending %d\\n" % os.getpid())
+                time.sleep(600)
+
+            if __name__ == "__main__":
+                try:
+                    persist.map(half_sent, [1], workers=1, progress=False)
+                except KeyboardInterrupt:
+                    print("interrupted", flush=True)
+        """))
+        child = spawn(self, [sys.executable, str(script)], stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, universal_newlines=True)
+        worker = int(child.stdout.readline().split()[1])
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=120)        # a bound on a hang, not a time to meet
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            with contextlib.suppress(OSError):
+                os.kill(worker, signal.SIGKILL)
+            self.fail("persist.map did not stop on Ctrl-C")
+        self.assertEqual((child.stdout.read(), child.returncode), ("interrupted\n", 0),
+                         child.stderr.read())
+
     def test_ctrl_c_with_an_executor_cancels_what_waits_and_keeps_what_arrived(self):
         # Ctrl-C comes once the first four results have arrived (the caller stored them).
         # Items of 10 ms go in batches of about 50 ms, four in flight on two threads: those
