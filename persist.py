@@ -3740,6 +3740,20 @@ class _Run:
                 # is in flight, if anything is, makes)
                 schedule.unsent(batch)
                 return not schedule.in_flight
+            except Exception as exc:
+                # An engine that pickles a batch as it is submitted (Dask, submitit): an item
+                # that cannot be pickled runs here, as one whose result cannot travel (see
+                # run_here), and the others go again. A func that cannot be pickled is named;
+                # any other error is the engine's.
+                stuck = [index for index in batch if not _pickles(self.items[index])]
+                if not stuck or not portable:
+                    if portable:
+                        _check_travels(self.func)
+                    raise
+                schedule.unsent([index for index in batch if index not in stuck])
+                for index in stuck:
+                    self.run_here(index, _why(exc))
+                continue
             schedule.sent(future, batch)
 
     def receive(self, schedule, finished, portable, own):
@@ -4031,7 +4045,9 @@ class _Schedule:
         # type: (List[int]) -> None
         """batch, from next(), could not be sent (the pool is broken): it goes first into the
         next pool."""
-        if self.suspect is not None:      # it was the suspect, just given
+        if not batch:
+            pass
+        elif self.suspect is not None:    # it was the suspect, just given
             self.suspects.appendleft(batch)
         else:
             self.alone.extendleft(reversed(batch))
@@ -4313,6 +4329,15 @@ def _loaded(packed):
             except Exception as exc:       # its class is not here, its loading raises
                 ok, value, traceback = None, _Moved(_why(exc)), None
         yield ok, value, seconds, traceback
+
+
+def _pickles(value):
+    # type: (Any) -> bool
+    try:
+        pickle.dumps(value, _PROTOCOL)
+        return True
+    except Exception:                    # RecursionError included
+        return False
 
 
 def _why(exc):

@@ -4873,6 +4873,39 @@ class TestMapResultThatCannotTravel(TempDirTest):
     a type it refuses) failed its item, its result lost: the item runs again in the caller,
     where its result need not travel, and is returned, with one warning."""
 
+    def test_an_item_an_engine_cannot_send_at_submit_runs_here(self):
+        # An engine that pickles a batch when it is submitted (Dask, submitit) raised the
+        # pickling error of one item out of persist.map, ending the run: now the item runs
+        # here, as one whose result cannot travel, and the others go.
+        calls = []
+
+        def kind(x):
+            calls.append(x)
+            return type(x).__name__
+        lock = threading.Lock()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results = persist.map(kind, [1, lock, "2"], executor=InlineEngine(),
+                                  progress=False)
+        self.assertEqual(results, ["int", "lock", "str"])
+        self.assertEqual(sorted(map(str, calls)), sorted(map(str, [1, lock, "2"])))
+        self.assertEqual(len(caught), 1)
+        self.assertIn("could not travel", str(caught[0].message))
+
+    def test_an_engine_that_cannot_take_a_batch_says_so(self):
+        # A func that cannot be pickled is named as such; any other error of submit() is
+        # the engine's, raised as it was.
+        class Closed:
+            def submit(self, fn, *args):
+                pickle.dumps(args)
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        with self.assertRaisesRegex(RuntimeError, "after shutdown"):
+            persist.map(str, [1, 2], executor=Closed(), progress=False)
+        func = functools.partial(isinstance, threading.Lock())
+        with self.assertRaisesRegex(TypeError, "sends func to other processes, and "
+                                    "functools.partial"):
+            persist.map(func, [int], executor=Closed(), progress=False)
+
     @slow
     def test_returned_from_this_process(self):
         script = self.path / "job.py"
