@@ -3798,21 +3798,38 @@ class _Run:
 
     def take(self, batch, outcomes):
         # type: (List[int], List[_Outcome]) -> None
-        """Record the outcomes of a batch that came back."""
-        if isinstance(outcomes, _Packed):
-            outcomes = _loaded(outcomes)  # type: ignore[assignment]
-        for index, (ok, value, seconds, traceback) in zip(batch, outcomes):
-            if ok is None:
-                if not isinstance(value, _Moved):
-                    self.unstarted([index])
-                elif not self.stopped:
-                    # computed, but its result could not travel: again here, as a plain
-                    # loop would (but after a failure with keep_going=False, nothing starts)
-                    self.run_here(index, value.why)
-                continue
-            if not ok and traceback is not None:
-                value.__cause__ = _WorkerTraceback(traceback)
-            self.settle(index, ok, value, seconds)
+        """Record the outcomes of a batch that came back. A Ctrl-C meanwhile stores the
+        results that came with it all the same, and is raised then (a second one stops
+        that): each arrived, and the rerun need not compute it again."""
+        position = 0
+        try:
+            for position, index in enumerate(batch):
+                ok, value, seconds, traceback = _outcome(outcomes, position)
+                if ok is None:
+                    if not isinstance(value, _Moved):
+                        self.unstarted([index])
+                    elif not self.stopped:
+                        # computed, but its result could not travel: again here, as a plain
+                        # loop would (but after a failure with keep_going=False, nothing
+                        # starts)
+                        self.run_here(index, value.why)
+                else:
+                    if not ok and traceback is not None:
+                        value.__cause__ = _WorkerTraceback(traceback)
+                    self.settle(index, ok, value, seconds)
+                outcomes[position] = None   # type: ignore[call-overload]  # freed: see _Packed
+        except KeyboardInterrupt:
+            if self.found is not None:
+                for position in range(position, len(batch)):
+                    index = batch[position]
+                    if index not in self.keys:    # stored (or being stored) already
+                        continue
+                    ok, value, seconds, traceback = _outcome(outcomes, position)
+                    if ok is not None:
+                        if not ok and traceback is not None:
+                            value.__cause__ = _WorkerTraceback(traceback)
+                        self.settle(index, ok, value, seconds)
+            raise
 
     def unstarted(self, batch):
         # type: (List[int]) -> None
@@ -4313,22 +4330,22 @@ def _unpack_outcomes(packed):
 
 class _Packed(list):  # type: ignore[type-arg]  # of _Outcome
     """A worker's outcomes as they arrive here (see _Outcomes), each value still its pickle:
-    _Run.take() loads them one by one (_loaded), once the message that brought them is
-    freed. Loaded with the message, a large result was held three times at once (in the
+    _Run.take() loads them one by one (_outcome), once the message that brought them is
+    freed, and frees each pickle once its result is taken. Loaded with the message, a large result was held three times at once (in the
     message, as its own pickle, and loaded); so, twice at most."""
 
 
-def _loaded(packed):
-    # type: (_Packed) -> Iterator[_Outcome]
-    """The outcomes of packed, each value loaded as it is taken, its pickle freed then."""
-    for index, (ok, value, seconds, traceback) in enumerate(packed):
-        packed[index] = None
-        if ok is not None:                 # (else a _Moved)
-            try:
-                value = pickle.loads(value)
-            except Exception as exc:       # its class is not here, its loading raises
-                ok, value, traceback = None, _Moved(_why(exc)), None
-        yield ok, value, seconds, traceback
+def _outcome(outcomes, position):
+    # type: (List[_Outcome], int) -> _Outcome
+    """The outcome at position of a batch's outcomes, its value loaded when they are
+    _Packed (the caller frees its pickle once it is taken)."""
+    ok, value, seconds, traceback = outcomes[position]
+    if ok is not None and isinstance(outcomes, _Packed):     # (else a _Moved)
+        try:
+            value = pickle.loads(value)
+        except Exception as exc:       # its class is not here, its loading raises
+            ok, value, traceback = None, _Moved(_why(exc)), None
+    return ok, value, seconds, traceback
 
 
 def _pickles(value):

@@ -4364,6 +4364,22 @@ class TestMapInterrupted(TempDirTest):
 
         self.assertEqual((slow.failures(), slow.cache_info().entries), ([], 4))
 
+    def test_ctrl_c_while_a_batch_is_stored_stores_the_rest_of_it(self):
+        # The caller stores a batch's results one by one as it arrives: a Ctrl-C among them
+        # lost every result of the batch after it, though they had arrived. Here the Ctrl-C
+        # comes as the result of item 10 is stored (its pickling, by the store).
+        engine = InlineEngine()
+
+        @persist.memoize(cache_dir=self.dir)
+        def work(x):
+            return InterruptsItsStore() if x == 10 else x
+        InterruptsItsStore.picklings = 0
+        with self.assertRaises(KeyboardInterrupt):
+            persist.map(work, range(200), executor=engine, progress=False)
+        batch, = [batch for batch in engine.batches if 10 in batch]
+        self.assertGreater(batch[-1], 10)      # (the batches are sized for 50 ms: ~50 items)
+        self.assertEqual([x for x in batch if work.explain(x).reason != "hit"], [10])
+
     @unittest.skipUnless(POSIX, "SIGINT to a child")
     def test_ctrl_c_while_a_worker_sends_a_result_stops(self):
         # A worker stopped halfway through sending a result (a large one, Ctrl-C meanwhile)
@@ -5499,6 +5515,19 @@ class OwnFutures:
         return OwnFuture(inner) if self.has_done else OwnJob(inner)
 
 
+class InterruptsItsStore:
+    """A result whose second pickling (the first is its worker's, to send it back) is a
+    Ctrl-C."""
+
+    picklings = 0
+
+    def __reduce__(self):
+        type(self).picklings += 1
+        if self.picklings == 2:
+            raise KeyboardInterrupt
+        return InterruptsItsStore, ()
+
+
 def large_result(size):
     return b"\x01" * size
 
@@ -5509,7 +5538,11 @@ class InlineEngine:
 
     _max_workers = 1
 
+    def __init__(self):
+        self.batches = []
+
     def submit(self, fn, *args):
+        self.batches.append(list(args[1]))
         future = concurrent.futures.Future()
         func, rest = args[0], pickle.loads(pickle.dumps(args[1:]))  # func as it is: a test's
         future.set_result(pickle.loads(pickle.dumps(fn(func, *rest))))
