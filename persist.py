@@ -3675,7 +3675,9 @@ class _Run:
             if pool is not None:
                 pool.shutdown(wait=True)    # after _stop_workers() too: it does nothing then
         if self.stopped:
-            _, first = self.failures[0]    # raised as a plain loop would
+            # raised as a plain loop would: of the failures, the first in order, not the
+            # first to arrive (an earlier item in flight may fail after a later one)
+            _, first = min(self.failures, key=_first)
             raise first
 
     def to_send(self):

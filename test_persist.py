@@ -5225,6 +5225,21 @@ class TestMapOneCache(TempDirTest):
                              (7, 9, 7, 1))
             self.assertGreater(engine.submitted, 0)
 
+    def test_keep_going_false_raises_the_failure_a_loop_would(self):
+        # Items 0 and 1 run at once; 1 fails first, then 0: a loop would have raised 0's
+        # failure, and never run 1. The first failure to arrive was raised.
+        @persist.memoize(cache_dir=self.dir)
+        def work(x):
+            if x == 0:
+                deadline = time.monotonic() + 60      # a bound on a hang, not a time to meet
+                while not work.failures() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            raise ValueError(x)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            with self.assertRaises(ValueError) as caught:
+                persist.map(work, [0, 1], executor=pool, keep_going=False, progress=False)
+        self.assertEqual(caught.exception.args, (0,))
+
     def test_keep_going_false_stops_a_batch_at_its_failure_on_any_engine(self):
         # An engine that shares no Event with this process (its own processes, a cluster)
         # ran every item of a batch after the one that failed: 48 items after the first
