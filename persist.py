@@ -3750,7 +3750,10 @@ class _Run:
                 stuck = [index for index in batch if not _pickles(self.items[index])]
                 if not stuck or not portable:
                     if portable:
-                        _check_travels(self.func)
+                        try:
+                            _check_travels(self.func)
+                        except TypeError as named:    # with the engine's own error
+                            raise named from exc
                     raise
                 schedule.unsent([index for index in batch if index not in stuck])
                 for index in stuck:
