@@ -4197,14 +4197,30 @@ def _run(func, items, portable, stop=None, memoized=False, sent=None):
                 stop.set()
             text = None
             if portable:
-                import traceback
-                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__,
-                                                          limit=-_FRAMES))
+                text = _traceback_text(exc)
                 exc = _portable(exc)
             outcomes.append((False, exc, seconds, text))
     if portable:
         outcomes = _Outcomes(outcomes)
     return _Batch(outcomes, clock() - start)
+
+
+def _traceback_text(exc):
+    # type: (BaseException) -> str
+    """exc's traceback as text, its innermost _FRAMES frames, to send from a worker. Without
+    their source lines where formatting them fails: a worker that cannot import what
+    linecache needs (tokenize, imported on first use from Python 3.13 on) once it runs as
+    another user, who cannot read the standard library, died of it."""
+    import traceback
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__,
+                                                  limit=-_FRAMES))
+    except Exception:
+        frames = ['  File "%s", line %s, in %s\n' % (frame.f_code.co_filename, line,
+                                                     frame.f_code.co_name)
+                  for frame, line in traceback.walk_tb(exc.__traceback__)]
+        return "Traceback (most recent call last):\n%s%s\n" % (
+            "".join(frames[-_FRAMES:]), _why(exc))
 
 
 def _plain(func):
