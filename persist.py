@@ -3485,6 +3485,7 @@ class _Run:
         self.failures = []              # (index, exception)
         self.reused = self.computed = 0
         self.moved = 0                  # items run here, as a worker could not (see run_here)
+        self.interrupted = False        # the run is stopping (Ctrl-C): nothing more starts
         # For a memoized func run elsewhere (see parallel): the key of each item sent, and
         # the items that wait for one sent with their key (the same call) to come back
         self.keys: "Dict[int, bytes]" = {}
@@ -3668,8 +3669,14 @@ class _Run:
             for future in schedule.in_flight:
                 with contextlib.suppress(Exception):
                     future.cancel()
-            if pool is not None:
-                _stop_workers(pool)
+            try:
+                self.interrupted = True
+                # best effort: the exception that stops the run is what matters
+                with contextlib.suppress(Exception):
+                    self.take_arrived(schedule)
+            finally:                      # a second Ctrl-C too stops the workers
+                if pool is not None:
+                    _stop_workers(pool)
             raise
         finally:
             if pool is not None:
@@ -3679,6 +3686,20 @@ class _Run:
             # first to arrive (an earlier item in flight may fail after a later one)
             _, first = min(self.failures, key=_first)
             raise first
+
+    def take_arrived(self, schedule):
+        # type: (_Schedule) -> None
+        """As the run stops (Ctrl-C): take the results of the batches that came back but
+        were not taken yet, so that each result that arrived stays stored."""
+        for future in list(schedule.in_flight):
+            done = getattr(future, "done", None)
+            if not callable(done) or not done() or getattr(future, "cancelled", bool)():
+                continue
+            try:
+                outcomes, _ = future.result()
+            except Exception:             # its batch failed as a whole: nothing came
+                continue
+            self.take(schedule.returned(future), outcomes)
 
     def to_send(self):
         # type: () -> Iterator[int]
@@ -3813,10 +3834,10 @@ class _Run:
                 if ok is None:
                     if not isinstance(value, _Moved):
                         self.unstarted([index])
-                    elif not self.stopped:
+                    elif not self.stopped and not self.interrupted:
                         # computed, but its result could not travel: again here, as a plain
-                        # loop would (but after a failure with keep_going=False, nothing
-                        # starts)
+                        # loop would (but after a failure with keep_going=False, or once
+                        # the run is stopping, nothing starts)
                         self.run_here(index, value.why)
                 else:
                     if not ok and traceback is not None:

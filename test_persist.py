@@ -4364,6 +4364,19 @@ class TestMapInterrupted(TempDirTest):
 
         self.assertEqual((slow.failures(), slow.cache_info().entries), ([], 4))
 
+    def test_ctrl_c_stores_the_results_that_came_back_before_it(self):
+        # A batch had come back (its future done) but was not taken yet when Ctrl-C came:
+        # its results were dropped. Here the engine runs each batch as it is submitted, and
+        # item 1's is the Ctrl-C, while item 0's waits to be taken.
+        @persist.memoize(cache_dir=self.dir)
+        def work(x):
+            if x == 1:
+                raise KeyboardInterrupt
+            return x
+        with self.assertRaises(KeyboardInterrupt):
+            persist.map(work, [0, 1], executor=InlineEngine(), progress=False)
+        self.assertEqual(work.explain(0).reason, "hit")
+
     def test_ctrl_c_while_a_batch_is_stored_stores_the_rest_of_it(self):
         # The caller stores a batch's results one by one as it arrives: a Ctrl-C among them
         # lost every result of the batch after it, though they had arrived. Here the Ctrl-C
