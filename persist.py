@@ -3365,8 +3365,9 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
 
     keep_going=True: a failing item does not stop the others; once every item was tried, if
     any failed, Failures is raised, naming them (its .failures and .results hold them all).
-    keep_going=False raises the first failure, as a plain loop would; with workers, no item
-    starts after it, and those running finish (and are stored).
+    keep_going=False raises the first failure, as a plain loop would; with workers (or a
+    thread pool), no item starts after it, and those running finish (and are stored); on
+    another executor, a batch stops at its own failure, and those running elsewhere finish.
 
     func may be any callable. A memoized one (or a functools.partial of one) stores each
     result as it comes and records each failure (see its failures()): a rerun computes only
@@ -3484,6 +3485,7 @@ class _Run:
         self.failures = []              # (index, exception)
         self.reused = self.computed = 0
         self.moved = 0                  # items run here, as a worker could not (see run_here)
+        self.interrupted = False        # the run is stopping (Ctrl-C): nothing more starts
         # For a memoized func run elsewhere (see parallel): the key of each item sent, and
         # the items that wait for one sent with their key (the same call) to come back
         self.keys: "Dict[int, bytes]" = {}
@@ -3574,9 +3576,10 @@ class _Run:
         if executor is not None:
             width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
             # threads share an Event; other executors' workers learn of a failure only
-            # from here, when its result arrives
+            # from here, when its result arrives: each batch stops at its own first one
             import threading
-            stop = threading.Event() if threads and not self.keep_going else None
+            stop = None if self.keep_going else threading.Event() if threads else \
+                _BatchStop()
             self.parallel(executor, width, not threads, None, stop)
         elif workers is not None:
             import multiprocessing
@@ -3655,7 +3658,7 @@ class _Run:
                     for other in list(schedule.in_flight):  # what has not started never will
                         cancel = getattr(other, "cancel", None)
                         if cancel is not None and cancel() is True:
-                            schedule.returned(other)
+                            self.unstarted(schedule.returned(other))
                 else:
                     idle = self.send(schedule, executor, portable, stop, own)
                 if self.tick is not None:
@@ -3666,15 +3669,37 @@ class _Run:
             for future in schedule.in_flight:
                 with contextlib.suppress(Exception):
                     future.cancel()
-            if pool is not None:
-                _stop_workers(pool)
+            try:
+                self.interrupted = True
+                # best effort: the exception that stops the run is what matters
+                with contextlib.suppress(Exception):
+                    self.take_arrived(schedule)
+            finally:                      # a second Ctrl-C too stops the workers
+                if pool is not None:
+                    _stop_workers(pool)
             raise
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)    # after _stop_workers() too: it does nothing then
         if self.stopped:
-            _, first = self.failures[0]    # raised as a plain loop would
+            # raised as a plain loop would: of the failures, the first in order, not the
+            # first to arrive (an earlier item in flight may fail after a later one)
+            _, first = min(self.failures, key=_first)
             raise first
+
+    def take_arrived(self, schedule):
+        # type: (_Schedule) -> None
+        """As the run stops (Ctrl-C): take the results of the batches that came back but
+        were not taken yet, so that each result that arrived stays stored."""
+        for future in list(schedule.in_flight):
+            done = getattr(future, "done", None)
+            if not callable(done) or not done() or getattr(future, "cancelled", bool)():
+                continue
+            try:
+                outcomes, _ = future.result()
+            except Exception:             # its batch failed as a whole: nothing came
+                continue
+            self.take(schedule.returned(future), outcomes)
 
     def to_send(self):
         # type: () -> Iterator[int]
@@ -3738,6 +3763,23 @@ class _Run:
                 # is in flight, if anything is, makes)
                 schedule.unsent(batch)
                 return not schedule.in_flight
+            except Exception as exc:
+                # An engine that pickles a batch as it is submitted (Dask, submitit): an item
+                # that cannot be pickled runs here, as one whose result cannot travel (see
+                # run_here), and the others go again. A func that cannot be pickled is named;
+                # any other error is the engine's.
+                stuck = [index for index in batch if not _pickles(self.items[index])]
+                if not stuck or not portable:
+                    if portable:
+                        try:
+                            _check_travels(self.func)
+                        except TypeError as named:    # with the engine's own error
+                            raise named from exc
+                    raise
+                schedule.unsent([index for index in batch if index not in stuck])
+                for index in stuck:
+                    self.run_here(index, _why(exc))
+                continue
             schedule.sent(future, batch)
 
     def receive(self, schedule, finished, portable, own):
@@ -3782,33 +3824,67 @@ class _Run:
 
     def take(self, batch, outcomes):
         # type: (List[int], List[_Outcome]) -> None
-        """Record the outcomes of a batch that came back."""
-        for index, (ok, value, seconds, traceback) in zip(batch, outcomes):
-            if ok is None:
-                if isinstance(value, _Moved) and not self.stopped:
-                    # computed, but its result could not travel: again here, as a plain
-                    # loop would (but after a failure with keep_going=False, nothing starts)
-                    self.run_here(index, value.why)
-                continue
-            if not ok and traceback is not None:
-                value.__cause__ = _WorkerTraceback(traceback)
-            self.settle(index, ok, value, seconds)
+        """Record the outcomes of a batch that came back. A Ctrl-C meanwhile stores the
+        results that came with it all the same, and is raised then (a second one stops
+        that): each arrived, and the rerun need not compute it again."""
+        position = 0
+        try:
+            for position, index in enumerate(batch):
+                ok, value, seconds, traceback = _outcome(outcomes, position)
+                if ok is None:
+                    if not isinstance(value, _Moved):
+                        self.unstarted([index])
+                    elif not self.stopped and not self.interrupted:
+                        # computed, but its result could not travel: again here, as a plain
+                        # loop would (but after a failure with keep_going=False, or once
+                        # the run is stopping, nothing starts)
+                        self.run_here(index, value.why)
+                else:
+                    if not ok and traceback is not None:
+                        value.__cause__ = _WorkerTraceback(traceback)
+                    self.settle(index, ok, value, seconds)
+                outcomes[position] = None   # type: ignore[call-overload]  # freed: see _Packed
+        except KeyboardInterrupt:
+            if self.found is not None:
+                for position in range(position, len(batch)):
+                    index = batch[position]
+                    if index not in self.keys:    # stored (or being stored) already
+                        continue
+                    ok, value, seconds, traceback = _outcome(outcomes, position)
+                    if ok is not None:
+                        if not ok and traceback is not None:
+                            value.__cause__ = _WorkerTraceback(traceback)
+                        self.settle(index, ok, value, seconds)
+            raise
+
+    def unstarted(self, batch):
+        # type: (List[int]) -> None
+        """The items of batch never started (keep_going=False, after a failure): their
+        lookups in to_send() are not counted as misses, as a loop would not have made them."""
+        if self.found is not None:
+            for index in batch:
+                if self.keys.pop(index, None) is not None:
+                    self.found.wrapper._cache.misses -= 1
 
     def settle(self, index, ok, value, seconds):
         # type: (int, bool, Any, float) -> None
         """The item at index was computed (ok: value is its result) or failed (value is its
         exception) in seconds: for a memoized func, the result is stored or the failure
-        recorded in its cache, here; then the items that waited for the same call take it."""
+        recorded in its cache, here; then the items that waited for the same call take it
+        (if it was stored: else, as in a loop, the next computes it again)."""
         waiting: "List[int]" = []
+        stored = False
         if self.found is not None:
             key = self.keys.pop(index)
             waiting = self.waiting.pop(key, [])
             cache, call = self.found.wrapper._cache, self.call_of(index)
             if ok:
+                unstored = cache.unstored
                 try:
                     cache.put(key, value, call, seconds)
                 except Exception as exc:   # strict: raised, as the call itself would
                     ok, value = False, exc
+                stored = cache.unstored == unstored
             else:
                 cache.fail(key, call, value, seconds)
         if ok:
@@ -3817,14 +3893,15 @@ class _Run:
             self.failed(index, value)
         if not waiting:
             return
-        if ok:                            # each a hit of what was just stored
+        if ok and stored:                 # each a hit of what was just stored
             cache.hits += len(waiting)
             cache.saved += seconds * len(waiting)
             for other in waiting:
                 self.succeeded(other, value, True)
         elif not self.stopped and self.schedule is not None:
-            # a failure is not reused: the next runs again, as in a plain loop, and the
-            # others wait for it in turn
+            # a failure is not reused, nor a result that could not be stored (a lock, a
+            # full disk): the next runs again, as in a plain loop, and the others wait for
+            # it in turn
             cache.misses += 1             # as its lookup would have counted
             self.keys[waiting[0]] = key
             self.waiting[key] = waiting[1:]
@@ -4011,7 +4088,9 @@ class _Schedule:
         # type: (List[int]) -> None
         """batch, from next(), could not be sent (the pool is broken): it goes first into the
         next pool."""
-        if self.suspect is not None:      # it was the suspect, just given
+        if not batch:
+            pass
+        elif self.suspect is not None:    # it was the suspect, just given
             self.suspects.appendleft(batch)
         else:
             self.alone.extendleft(reversed(batch))
@@ -4149,12 +4228,22 @@ def _run(func, items, portable, stop=None, memoized=False, sent=None):
 
 def _traceback_text(exc):
     # type: (BaseException) -> str
-    """exc's traceback as text, to send with it. Best effort: a worker that cannot format
-    it (an import it needs fails: a worker that dropped to a user who cannot read the
-    standard library) sends what it can, and the batch's results still go back."""
+    """exc's traceback as text, its innermost _FRAMES frames, to send from a worker. Without
+    their source lines where formatting them fails: a worker that cannot import what
+    linecache needs (tokenize, imported on first use from Python 3.13 on) once it runs as
+    another user, who cannot read the standard library, died of it. Best effort to the end:
+    whatever fails here, the batch's results still go back."""
     try:
         import traceback
-        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__,
+                                                      limit=-_FRAMES))
+        except Exception:
+            frames = ['  File "%s", line %s, in %s\n' % (frame.f_code.co_filename, line,
+                                                         frame.f_code.co_name)
+                      for frame, line in traceback.walk_tb(exc.__traceback__)]
+            return "Traceback (most recent call last):\n%s%s\n" % (
+                "".join(frames[-_FRAMES:]), _why(exc))
     except Exception as why:
         return "%s\n(the worker could not format its traceback: %s)" % (_why(exc), _why(why))
 
@@ -4178,6 +4267,29 @@ def _plain(func):
 # batch sent again (an item that killed its worker, in a rerun of the same items) the error
 # its first sending had ended with, without running it.
 _SENT = zip(itertools.repeat(_RUN), itertools.count())
+
+
+class _BatchStop:
+    """The stop of _run for keep_going=False on an engine whose workers share no Event with
+    this process (its own processes, a cluster): a copy travels with each batch, which
+    then stops at its own first failure, as a loop would; batches in flight elsewhere run
+    on until that failure arrives here."""
+
+    def __init__(self):
+        # type: () -> None
+        self.failed = False
+
+    def is_set(self):
+        # type: () -> bool
+        return self.failed
+
+    def set(self):
+        # type: () -> None
+        self.failed = True
+
+    def clear(self):
+        # type: () -> None
+        self.failed = False
 
 
 if TYPE_CHECKING:
@@ -4258,17 +4370,37 @@ class _Outcomes(list):  # type: ignore[type-arg]  # of _Outcome
 
 
 def _unpack_outcomes(packed):
-    # type: (List[_Outcome]) -> List[_Outcome]
-    outcomes: "List[_Outcome]" = []
-    for index, (ok, value, seconds, traceback) in enumerate(packed):
-        packed[index] = None               # type: ignore[call-overload]  # each pickle freed
-        if isinstance(value, bytes):       # as it is loaded: a large result is held once
-            try:
-                value = pickle.loads(value)
-            except Exception as exc:       # its class is not here, its loading raises
-                ok, value, traceback = None, _Moved(_why(exc)), None
-        outcomes.append((ok, value, seconds, traceback))
-    return outcomes
+    # type: (List[_Outcome]) -> _Packed
+    return _Packed(packed)
+
+
+class _Packed(list):  # type: ignore[type-arg]  # of _Outcome
+    """A worker's outcomes as they arrive here (see _Outcomes), each value still its pickle:
+    _Run.take() loads them one by one (_outcome), once the message that brought them is
+    freed, and frees each pickle once its result is taken. Loaded with the message, a large result was held three times at once (in the
+    message, as its own pickle, and loaded); so, twice at most."""
+
+
+def _outcome(outcomes, position):
+    # type: (List[_Outcome], int) -> _Outcome
+    """The outcome at position of a batch's outcomes, its value loaded when they are
+    _Packed (the caller frees its pickle once it is taken)."""
+    ok, value, seconds, traceback = outcomes[position]
+    if ok is not None and isinstance(outcomes, _Packed):     # (else a _Moved)
+        try:
+            value = pickle.loads(value)
+        except Exception as exc:       # its class is not here, its loading raises
+            ok, value, traceback = None, _Moved(_why(exc)), None
+    return ok, value, seconds, traceback
+
+
+def _pickles(value):
+    # type: (Any) -> bool
+    try:
+        pickle.dumps(value, _PROTOCOL)
+        return True
+    except Exception:                    # RecursionError included
+        return False
 
 
 def _why(exc):
@@ -4288,8 +4420,9 @@ class _WorkerTraceback(Exception):
 
 
 class _WorkerError(Exception):
-    """An exception that a worker raised but could not send back: (message, the name of its
-    type), both in args, so that they travel; str() is the message."""
+    """An exception that a worker raised but could not send back: (what to say of it, the
+    name of its type, its own message), all in args, so that they travel; str() is the
+    first, the failure ledger records the others."""
 
     def __str__(self):
         # type: () -> str
@@ -4305,7 +4438,7 @@ class _WorkerError(Exception):
 def _kind_of(exc):
     # type: (BaseException) -> str
     """The name of exc's type, for people: a _WorkerError's is that of what it stands for."""
-    if isinstance(exc, _WorkerError) and len(exc.args) == 2:
+    if isinstance(exc, _WorkerError) and len(exc.args) == 3:
         return exc.kind
     return _type_label(type(exc))
 
@@ -4323,7 +4456,7 @@ def _portable(exc):
             message = "<str() of the exception failed>"
         kind = _type_label(type(exc))
         return _WorkerError("%s: %s (the worker could not send this exception back: %s: %s)"
-                            % (kind, message, type(why).__name__, why), kind)
+                            % (kind, message, type(why).__name__, why), kind, message)
 
 
 def _type_label(kind):
@@ -4396,8 +4529,7 @@ def _stop_workers(pool):
     for process in processes:
         with contextlib.suppress(Exception):
             process.terminate()
-    pool.shutdown(wait=True)
-    # Reaped here too, whatever shutdown() did: no zombie outlives us. shutdown() joins the
+    # Reaped here, whatever shutdown() does: no zombie outlives us. shutdown() joins the
     # workers through the pool's manager thread, but the pool starts that thread only after
     # its first workers, so a Ctrl-C between the two leaves them to us. A worker that
     # outlasts SIGTERM (a handler of its own) is killed.
@@ -4407,6 +4539,14 @@ def _stop_workers(pool):
             if process.exitcode is None:
                 process.kill()
                 process.join()
+    # A worker stopped halfway through sending a result (a large one) leaves the manager
+    # thread reading the rest of it for ever, and shutdown() waits for that thread: with
+    # every worker gone, this process's end of the pipe is the last one open, and closing
+    # it ends the read (best effort, through a private attribute: the thread then finds
+    # the pool broken, and ends).
+    with contextlib.suppress(Exception):
+        pool._result_queue._writer.close()       # type: ignore[attr-defined]
+    pool.shutdown(wait=True)
 
 
 def _took(seconds):
@@ -4443,18 +4583,24 @@ def _failure_record(call, exc, seconds, version):
     """(args, type, message, traceback, seconds, version, call): what the ledger keeps of a
     call; call: its (args, kwargs) pickled, or why they are not kept."""
     import traceback
-    kind = type(exc)
-    module = getattr(kind, "__module__", None)
-    name = kind.__qualname__ if module in (None, "builtins") else \
-        "%s.%s" % (module, kind.__qualname__)
-    try:
-        message = str(exc)
-    except Exception:
-        message = "<str() of the exception failed>"
+    if isinstance(exc, _WorkerError) and len(exc.args) == 3:
+        name, message = exc.kind, str(exc.args[2])   # a worker's that could not come: its own
+    else:
+        name = _type_label(type(exc))
+        try:
+            message = str(exc)
+        except Exception:
+            message = "<str() of the exception failed>"
     if len(message) > _MESSAGE_LIMIT:
         message = message[:_MESSAGE_LIMIT - 1] + "\u2026"
-    # the innermost frames, where the error is: formatting them all costs as much as they are
-    text = "".join(traceback.format_exception(kind, exc, exc.__traceback__, limit=-_FRAMES))
+    cause = exc.__cause__
+    if isinstance(cause, _WorkerTraceback):
+        text = str(cause.args[0])     # raised in a worker (see _Run.take): as it was there
+    else:
+        # the innermost frames, where the error is: formatting them all costs as much as
+        # they are
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__,
+                                                  limit=-_FRAMES))
     # A lone surrogate (a file name os.listdir() decoded with surrogateescape, in the
     # message) cannot be SQLite text: it is kept as its escape, \udce9, as repr() shows it
     return (_short_repr(call), name, _escaped_surrogates(message),
