@@ -64,9 +64,10 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 #   a persist.map item sent to workers: map -> _Run.execute -> _Run.parallel -> (_Run.send ->
 #       (_Schedule.next -> _Run.to_send -> (_Wrapper._key_of -> _Wrapper._keyed ->
 #       _FunctionCache.key -> _keyer.key [digest]; _FunctionCache.get -> _Store.get ->
-#       _Connection.query [execute]); _run -> double); _Run.receive -> _Run.take -> _Run.settle ->
-#       _FunctionCache.put -> _Store.put -> _Connection.transaction -> _Connection.run ->
-#       _transaction -> ([execute]; _replace -> _fetch [execute]))
+#       _Connection.query [execute]); _run -> double); _Run.receive -> _Run.take ->
+#       (_FunctionCache.put_many -> _Store.put_many -> _Connection.transaction ->
+#       _Connection.run -> _transaction -> ([execute]; _replace_many -> _replace -> _fetch
+#       [execute]); _Run.settle), a batch's results in one transaction)
 #   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.transaction ->
 #       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute])
 #   an atomic write: atomic_write -> _atomic_open -> (_fsync [fsync]; [replace]; _fsync_dir ->
@@ -2674,25 +2675,79 @@ class _FunctionCache:
         except Exception as exc:
             # Pickling failed (a RecursionError too: a result nested deeper than pickle goes,
             # or a call this deep in a recursion): the result is computed, and returned.
-            self.unstored += 1
-            deep = _too_deep(exc)
-            try:
-                strict = self.strict or _env_strict()
-            except RecursionError:       # no stack left even to read $PERSIST_STRICT
-                strict = self.strict
-            if strict:
-                raise TypeError("a result of %s() cannot be pickled (%s: %s), so it cannot be "
-                                "stored in %s; strict raises instead of returning it%s"
-                                % (self.identity, type(exc).__name__, exc, self.path,
-                                   _DEEP_ADVICE if deep else "")) from exc
-            # with the stack full, even the warning may not fit: the result matters more
-            with contextlib.suppress(RecursionError):
-                _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not "
-                      "cached%s" % (self.identity, type(exc).__name__, exc,
-                                    _DEEP_ADVICE if deep else ""))
+            self.unpicklable(exc)
         else:                         # not in the try: stored is stored, whatever logging does
             if _LOG is not None or "logging" in sys.modules:     # (as in get())
                 _debug("stored", self.identity, key)
+
+    def unpicklable(self, exc):
+        # type: (Exception) -> None
+        """A result could not be pickled (exc): count it unstored, and warn, or raise the
+        TypeError that says so with strict."""
+        self.unstored += 1
+        deep = _too_deep(exc)
+        try:
+            strict = self.strict or _env_strict()
+        except RecursionError:       # no stack left even to read $PERSIST_STRICT
+            strict = self.strict
+        if strict:
+            raise TypeError("a result of %s() cannot be pickled (%s: %s), so it cannot be "
+                            "stored in %s; strict raises instead of returning it%s"
+                            % (self.identity, type(exc).__name__, exc, self.path,
+                               _DEEP_ADVICE if deep else "")) from exc
+        # with the stack full, even the warning may not fit: the result matters more
+        with contextlib.suppress(RecursionError):
+            _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not "
+                  "cached%s" % (self.identity, type(exc).__name__, exc,
+                                _DEEP_ADVICE if deep else ""))
+
+    def put_many(self, entries):
+        # type: (List[Tuple[bytes, Any, _Call, float]]) -> List[Optional[Exception]]
+        """put() each of entries, (key, value, call, seconds), in one transaction where it
+        can (persist.map's results, a batch at a time, at the caller: a commit is most of a
+        put). Returns for each what put() would have raised (strict: a result that cannot be
+        pickled), or None. When the transaction fails, each is put() alone (which says what
+        went wrong), and on a Ctrl-C too, before it goes on: what came back stays stored."""
+        store = self.store
+        errors: "List[Optional[Exception]]" = []
+        if store is not None and len(entries) > 1:
+            try:
+                rows = []
+                for key, value, call, seconds in entries:
+                    forget = self.older_failures(store, call)
+                    args = call if self.leave_out is None else _leave_out(call, *self.leave_out)
+                    rows.append((key, value, seconds, self.version, _short_repr(args), forget,
+                                 self.owner))
+                failed = store.put_many(rows)
+            except Exception:
+                pass                        # each alone, below
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    for entry in entries:
+                        self.put(*entry)
+                raise
+            else:
+                for exc in failed:
+                    error: "Optional[Exception]" = None
+                    if exc is not None:
+                        try:
+                            self.unpicklable(exc)
+                        except TypeError as strict:
+                            error = strict
+                    errors.append(error)
+                if _LOG is not None or "logging" in sys.modules:
+                    for (key, _, _, _), exc in zip(entries, failed):
+                        if exc is None:
+                            _debug("stored", self.identity, key)
+                return errors
+        for entry in entries:
+            try:
+                self.put(*entry)
+            except Exception as exc:        # strict: raised, as the call itself would
+                errors.append(exc)
+            else:
+                errors.append(None)
+        return errors
 
     def older_failures(self, store, call):
         # type: (_Store, _Call) -> List[bytes]
@@ -3782,7 +3837,10 @@ class _Run:
 
     def take(self, batch, outcomes):
         # type: (List[int], List[_Outcome]) -> None
-        """Record the outcomes of a batch that came back."""
+        """Record the outcomes of a batch that came back. A memoized func's results are
+        stored first, all in one transaction (put_many): one commit an item would cost the
+        caller more than the workers take to compute quick ones."""
+        settled = []
         for index, (ok, value, seconds, traceback) in zip(batch, outcomes):
             if ok is None:
                 if isinstance(value, _Moved) and not self.stopped:
@@ -3792,25 +3850,37 @@ class _Run:
                 continue
             if not ok and traceback is not None:
                 value.__cause__ = _WorkerTraceback(traceback)
-            self.settle(index, ok, value, seconds)
+            settled.append((index, ok, value, seconds))
+        errors: "List[Any]" = [_MISSING] * len(settled)
+        if self.found is not None:
+            done = [(index, value, seconds) for index, ok, value, seconds in settled if ok]
+            stored = iter(self.found.wrapper._cache.put_many(
+                [(self.keys[index], value, self.call_of(index), seconds)
+                 for index, value, seconds in done]))
+            errors = [next(stored) if ok else _MISSING for _, ok, _, _ in settled]
+        for (index, ok, value, seconds), error in zip(settled, errors):
+            self.settle(index, ok, value, seconds, error)
 
-    def settle(self, index, ok, value, seconds):
-        # type: (int, bool, Any, float) -> None
+    def settle(self, index, ok, value, seconds, error=_MISSING):
+        # type: (int, bool, Any, float, Any) -> None
         """The item at index was computed (ok: value is its result) or failed (value is its
         exception) in seconds: for a memoized func, the result is stored or the failure
-        recorded in its cache, here; then the items that waited for the same call take it."""
+        recorded in its cache, here; then the items that waited for the same call take it.
+        error: a result take() stored already: None, or what storing it raised (strict)."""
         waiting: "List[int]" = []
         if self.found is not None:
             key = self.keys.pop(index)
             waiting = self.waiting.pop(key, [])
             cache, call = self.found.wrapper._cache, self.call_of(index)
-            if ok:
+            if not ok:
+                cache.fail(key, call, value, seconds)
+            elif error is _MISSING:
                 try:
                     cache.put(key, value, call, seconds)
                 except Exception as exc:   # strict: raised, as the call itself would
                     ok, value = False, exc
-            else:
-                cache.fail(key, call, value, seconds)
+            elif error is not None:
+                ok, value = False, error
         if ok:
             self.succeeded(index, value, False)
         else:
@@ -6089,6 +6159,56 @@ class _Store:
         if self._puts % 32 == 0 and _size(self.path + "-wal") > _LOG_LIMIT:
             self._restart_log()
 
+    def put_many(self, entries, protocol=_PROTOCOL):
+        # type: (Sequence[Tuple[bytes, Any, Optional[float], Optional[str], Optional[str], Sequence[bytes], Optional[str]]], Optional[int]) -> List[Optional[Exception]]
+        """put() each of entries, (key, value, seconds, version, args, forget, owner), in one
+        transaction: persist.map stores a batch that came back from its workers so, as a
+        commit is most of a put(). Returns, for each, the exception pickling its value
+        raised (it is not stored), or None; anything else (the transaction) raises, and
+        then none is stored."""
+        spills: "List[_Spill]" = []
+        rows: "List[Tuple[_Args, Sequence[bytes]]]" = []
+        errors: "List[Optional[Exception]]" = []
+        try:
+            for key, value, seconds, version, args, forget, owner in entries:
+                spill = _Spill(self.values)
+                spills.append(spill)
+                try:
+                    pickle.dump(value, spill, protocol)
+                    row: "_Args" = (key, spill.inline(), spill.name, time.time(), seconds,
+                                    version, args)
+                except Exception as exc:
+                    errors.append(exc)
+                    continue
+                if owner is not None and self.owned():
+                    row += (owner,)
+                errors.append(None)
+                rows.append((row, forget))
+            for spill in spills:
+                spill.close()
+            old = self.conn.transaction(_replace_many, rows, self.values) if rows else []
+        except BaseException:
+            # As in put(): a signal that arrives while COMMIT runs is raised just after it,
+            # when the rows may name their files already. Remove those no row names; if even
+            # that check fails, they stay for sweep().
+            for spill in spills:
+                spill.close()
+            names = [spill.name for spill in spills if spill.name is not None]
+            if names:
+                with contextlib.suppress(Exception):
+                    named = self._named(names)
+                    self.values.remove([name for name in names if name not in named])
+            raise
+        # a pickle that failed part way may have begun a value file: no row names it
+        self.values.remove([spill.name for spill, error in zip(spills, errors)
+                            if error is not None and spill.name is not None])
+        if old:
+            self.values.remove(old)
+        puts, self._puts = self._puts, self._puts + len(rows)
+        if puts // 32 != self._puts // 32 and _size(self.path + "-wal") > _LOG_LIMIT:
+            self._restart_log()
+        return errors
+
     def _restart_log(self):
         # type: () -> None
         """Copy the log into the file and start it over. SQLite's own checkpoints never catch
@@ -6328,6 +6448,13 @@ def _replace(conn, row, values, forget=()):
     for key in (row[0],) + tuple(forget):
         conn.execute(_FORGET_FAILURE, (key,))
     return old[0][0] if old else None
+
+
+def _replace_many(conn, rows, values):
+    # type: (sqlite3.Connection, List[Tuple[_Args, Sequence[bytes]]], _Values) -> List[str]
+    """_replace() of each (row, forget) of rows: the value files the rows replaced."""
+    old = (_replace(conn, row, values, forget) for row, forget in rows)
+    return [name for name in old if name is not None]
 
 
 def _delete(conn, key, values):
