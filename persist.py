@@ -3627,7 +3627,7 @@ class _Run:
         persist.map's own, or here, one after another."""
         stop: "Optional[_Event]"
         if executor is not None:
-            width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
+            width = _width(executor)
             # threads share an Event; other executors' workers learn of a failure only
             # from here, when its result arrives
             import threading
@@ -4287,6 +4287,28 @@ def _lost_worker(exc):
 
 
 _LOST_WORKER_ERRORS = frozenset(["KilledWorker", "WorkerCrashedError", "TerminatedWorkerError"])
+
+
+def _width(executor):
+    # type: (Any) -> int
+    """How many items executor runs at once, as persist.map sizes its batches and keeps that
+    many twice over in flight: a pool's _max_workers (concurrent.futures', loky's); the
+    threads of a Dask cluster's workers, as its client says when the map starts (its
+    client.get_executor(), or the client itself); else this machine's cores. (Before, a
+    Dask cluster of 8 workers driven from a machine of 2 cores had 4 batches in flight, and
+    half its workers idle.)"""
+    width = getattr(executor, "_max_workers", None)
+    if isinstance(width, int) and width > 0:
+        return width
+    client = getattr(executor, "_client", executor)
+    nthreads = getattr(client, "nthreads", None)
+    if callable(nthreads):
+        # best effort: a client that cannot say (or another engine's nthreads) is ignored
+        with contextlib.suppress(Exception):
+            width = sum(nthreads().values())
+            if isinstance(width, int) and width > 0:
+                return width
+    return os.cpu_count() or 1
 
 
 class _Moved:

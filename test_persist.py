@@ -5393,6 +5393,39 @@ class TestEngines(TempDirTest):
             "False"])
 
     @slow
+    def test_dask_cluster_wider_than_this_machine_gets_work_on_every_worker(self):
+        # The width came from this machine's cores (os.cpu_count(), 1 here): two batches in
+        # flight, on a cluster of three workers, one idle. Each item waits until all three
+        # run at once (a barrier, whose timeout is the failure).
+        # (The barrier is in a module of its own: Dask pickles a task, even for workers in
+        # this process, and a function of the script goes by value, with its globals.)
+        (self.path / "meeting.py").write_text("import threading\n"
+                                              "together = threading.Barrier(3, timeout=30)\n")
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, persist
+            from unittest import mock
+            from distributed import Client, LocalCluster
+            @persist.memoize
+            def work(x):
+                import meeting
+                meeting.together.wait()
+                return x * 2
+            if __name__ == "__main__":
+                with LocalCluster(n_workers=3, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster, Client(cluster) as client:
+                    with mock.patch.object(os, "cpu_count", return_value=1):
+                        print(persist.map(work, range(3), executor=client.get_executor(),
+                                          progress=False))
+                        print(persist.map(work.__wrapped__, range(3, 6), executor=client,
+                                          progress=False))
+        """))
+        done = run_command([str(script)], cwd=self.dir, timeout=300,
+                           PERSIST_DIR=self.path / "driver")
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        self.assertEqual(done.stdout.splitlines(), ["[0, 2, 4]", "[6, 8, 10]"])
+
+    @slow
     def test_joblib_parallel_and_loky_executor_over_a_script_function(self):
         script = self.path / "job.py"
         script.write_text(textwrap.dedent("""
