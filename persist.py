@@ -213,6 +213,7 @@ _MODES_ACCEPTED = "'w', 'wb', 'x' or 'xb'"
 _FLAGS = {"r": "ro", "w": "rw", "c": "rw", "n": "rw"}   # SQLite open modes, once it exists
 _PROTOCOL = 5                    # every CPython 3.8+ reads it
 _INLINE_LIMIT = 1 << 18          # larger pickles live in value files of their own
+_MANY_LIMIT = 1 << 24            # put_many() commits once its rows' pickles hold this much
 _BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
 # The waits below are short on purpose: each gives up on something it can do without. Two
 # seconds outlast another process's transaction (milliseconds) many times over, and a wait
@@ -6186,11 +6187,14 @@ class _Store:
         """put() each of entries, (key, value, seconds, version, args, forget, owner), in one
         transaction: persist.map stores a batch that came back from its workers so, as a
         commit is most of a put(). Returns, for each, the exception pickling its value
-        raised (it is not stored), or None; anything else (the transaction) raises, and
-        then none is stored."""
+        raised (it is not stored), or None; anything else (the transaction) raises. The
+        pickles wait in memory for the commit: past _MANY_LIMIT, what is ready is committed
+        first, so that a batch of many results near _INLINE_LIMIT is not held twice over."""
         spills: "List[_Spill]" = []
         rows: "List[Tuple[_Args, Sequence[bytes]]]" = []
         errors: "List[Optional[Exception]]" = []
+        old: "List[str]" = []
+        held = 0
         try:
             for key, value, seconds, version, args, forget, owner in entries:
                 spill = _Spill(self.values)
@@ -6206,9 +6210,14 @@ class _Store:
                     row += (owner,)
                 errors.append(None)
                 rows.append((row, forget))
+                held += len(row[1])
+                if held > _MANY_LIMIT:
+                    old += self.conn.transaction(_replace_many, rows, self.values)
+                    rows, held = [], 0
             for spill in spills:
                 spill.close()
-            old = self.conn.transaction(_replace_many, rows, self.values) if rows else []
+            if rows:
+                old += self.conn.transaction(_replace_many, rows, self.values)
         except BaseException:
             # As in put(): a signal that arrives while COMMIT runs is raised just after it,
             # when the rows may name their files already. Remove those no row names; if even
@@ -6226,7 +6235,7 @@ class _Store:
                             if error is not None and spill.name is not None])
         if old:
             self.values.remove(old)
-        puts, self._puts = self._puts, self._puts + len(rows)
+        puts, self._puts = self._puts, self._puts + errors.count(None)
         if puts // 32 != self._puts // 32 and _size(self.path + "-wal") > _LOG_LIMIT:
             self._restart_log()
         return errors

@@ -5222,6 +5222,25 @@ class TestMapOneCache(TempDirTest):
         self.assertEqual((info.hits, info.misses, info.entries), (400, 400, 400))
         self.assertNoTemp()
 
+    @slow
+    def test_a_batch_of_large_results_is_committed_in_parts(self):
+        # The pickles of a batch's results wait in memory for its commit: a batch of 150
+        # results of 250 KB (under the size that goes to a value file) held 37 MB of them
+        # beside the results. Past 16 MB, what is ready is committed first.
+        commits = self.traced()
+
+        @persist.memoize(cache_dir=self.dir)
+        def work(x):
+            return bytes([x % 256]) * (250 << 10)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            results = persist.map(work, range(300), executor=pool, progress=False)
+        self.assertEqual([result[:1] for result in results],
+                         [bytes([x % 256]) for x in range(300)])
+        self.assertEqual(sum(commits), 300)
+        self.assertLessEqual(max(commits), 66, commits)
+        self.assertEqual(work.cache_info().entries, 300)
+        self.assertEqual(list(self.path.glob("*.values/*")), [])
+
     def test_a_result_that_cannot_be_pickled_leaves_the_rest_of_its_batch_stored(self):
         # One result of a batch pickle refuses, one of them large (a value file begun):
         # returned (strict: failed), the others stored with it, no value file left behind.
