@@ -2723,8 +2723,8 @@ class _FunctionCache:
             except Exception:
                 pass                        # each alone, below
             except BaseException:
-                with contextlib.suppress(Exception):
-                    for entry in entries:
+                for entry in entries:
+                    with contextlib.suppress(Exception):     # strict's: the Ctrl-C matters
                         self.put(*entry)
                 raise
             else:
