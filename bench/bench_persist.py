@@ -469,8 +469,8 @@ if __name__ == "__main__":
             started = time.perf_counter()
             if mode == "dask-persist":
                 persist.map(burned, items, executor=client.get_executor(), progress=False)
-            else:                # by hand: a task an item, each worker storing its own
-                client.gather(client.map(burned, items))
+            else:                # by hand: a task an item, the plain function, no cache
+                client.gather(client.map(burn, items))
             print(time.perf_counter() - started)
             sys.exit(0)
     else:
@@ -527,10 +527,12 @@ def bench_engines(root, counts, rounds, milliseconds):
         runs[0] += 1
         env = dict(os.environ, BURN=str(burn),
                    CACHE=os.path.join(root, "e%d-%d" % (milliseconds, runs[0])))
-        out = subprocess.run([sys.executable, script, mode, str(count)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             check=True).stdout
-        return float(out.split()[-1])
+        done = subprocess.run([sys.executable, script, mode, str(count)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if done.returncode:      # Dask's log goes to stderr: kept for this, not printed
+            raise RuntimeError("the %s run of %d items failed:\n%s" % (
+                mode, count, done.stderr.decode(errors="replace")[-3000:]))
+        return float(done.stdout.split()[-1])
 
     modes = ["workers", "chunked"]
     try:
