@@ -2676,7 +2676,23 @@ class _FunctionCache:
         except Exception as exc:
             # Pickling failed (a RecursionError too: a result nested deeper than pickle goes,
             # or a call this deep in a recursion): the result is computed, and returned.
-            self.unpicklable(exc)
+            # (unpicklable()'s work, inline: deep in a recursion, a frame more is one too many)
+            self.unstored += 1
+            deep = _too_deep(exc)
+            try:
+                strict = self.strict or _env_strict()
+            except RecursionError:       # no stack left even to read $PERSIST_STRICT
+                strict = self.strict
+            if strict:
+                raise TypeError("a result of %s() cannot be pickled (%s: %s), so it cannot be "
+                                "stored in %s; strict raises instead of returning it%s"
+                                % (self.identity, type(exc).__name__, exc, self.path,
+                                   _DEEP_ADVICE if deep else "")) from exc
+            # with the stack full, even the warning may not fit: the result matters more
+            with contextlib.suppress(RecursionError):
+                _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not "
+                      "cached%s" % (self.identity, type(exc).__name__, exc,
+                                    _DEEP_ADVICE if deep else ""))
         else:                         # not in the try: stored is stored, whatever logging does
             if _LOG is not None or "logging" in sys.modules:     # (as in get())
                 _debug("stored", self.identity, key)
@@ -2684,7 +2700,7 @@ class _FunctionCache:
     def unpicklable(self, exc):
         # type: (Exception) -> None
         """A result could not be pickled (exc): count it unstored, and warn, or raise the
-        TypeError that says so with strict."""
+        TypeError that says so with strict (as put() does, inline, for one result)."""
         self.unstored += 1
         deep = _too_deep(exc)
         try:
@@ -3718,10 +3734,12 @@ class _Run:
                     now = time.perf_counter()
                     if now >= self.tick:
                         self.update(now)
-        except BaseException:
+        except BaseException as exc:
             for future in schedule.in_flight:
                 with contextlib.suppress(Exception):
                     future.cancel()
+            if not isinstance(exc, Exception):     # Ctrl-C, SystemExit
+                self.keep(schedule)
             if pool is not None:
                 _stop_workers(pool)
             raise
@@ -3731,6 +3749,20 @@ class _Run:
         if self.stopped:
             _, first = self.failures[0]    # raised as a plain loop would
             raise first
+
+    def keep(self, schedule):
+        # type: (_Schedule) -> None
+        """After a Ctrl-C: store the batches that came back but were not taken yet (their
+        futures done), before the interrupt goes on. A worker that went on to its next batch
+        sent the last one back: it must not be lost for arriving a moment late."""
+        for future in list(schedule.in_flight):
+            try:
+                if not (future.done() and not future.cancelled()):
+                    continue
+                outcomes, _ = future.result()
+            except Exception:           # not done, or not a batch: nothing to keep
+                continue
+            self.take(schedule.returned(future), outcomes, here=False)
 
     def to_send(self):
         # type: () -> Iterator[int]
@@ -3836,15 +3868,16 @@ class _Run:
             schedule.timed(len(outcomes), seconds)
         return lost, broken
 
-    def take(self, batch, outcomes):
-        # type: (List[int], List[_Outcome]) -> None
+    def take(self, batch, outcomes, here=True):
+        # type: (List[int], List[_Outcome], bool) -> None
         """Record the outcomes of a batch that came back. A memoized func's results are
         stored first, all in one transaction (put_many): one commit an item would cost the
-        caller more than the workers take to compute quick ones."""
+        caller more than the workers take to compute quick ones. here: an item whose result
+        could not travel runs again here (not after a Ctrl-C)."""
         settled = []
         for index, (ok, value, seconds, traceback) in zip(batch, outcomes):
             if ok is None:
-                if isinstance(value, _Moved) and not self.stopped:
+                if isinstance(value, _Moved) and not self.stopped and here:
                     # computed, but its result could not travel: again here, as a plain
                     # loop would (but after a failure with keep_going=False, nothing starts)
                     self.run_here(index, value.why)
