@@ -10,6 +10,7 @@ Every child process a test starts has a timeout and a kill on cleanup (spawn(), 
 CHILD_TIMEOUT), so that a broken build fails instead of hanging.
 """
 
+import ast
 import asyncio
 import atexit
 import collections
@@ -5047,6 +5048,12 @@ class TestMapWorkerKilledCacheInfo(TempDirTest):
         self.assertEqual(done.stdout, "3 40\n3 80\n")
 
 
+class TracedCommits(list):
+    """TestMapOneCache.traced()'s: the results each COMMIT stored, and the calls of the one
+    interrupted."""
+    interrupted = None
+
+
 class TestMapOneCache(TempDirTest):
     """persist.map over other processes (executor=, workers=) keeps one cache, the caller's:
     it looks each item up there first, sends only the misses, and stores each result and
@@ -5174,23 +5181,23 @@ class TestMapOneCache(TempDirTest):
     def traced(self, interrupt=None):
         """sqlite3.connect, patched for the test's length: its connections count each COMMIT
         in commits, and raise KeyboardInterrupt in the first COMMIT of a transaction that
-        stored at least interrupt results (None: never)."""
-        commits, stored = [], [0]
+        stored at least interrupt results (None: never), whose calls' arguments (as the
+        cache records them) go in commits.interrupted."""
+        commits, stored = TracedCommits(), []
 
         class Connection(sqlite3.Connection):
             def execute(self, sql, *args):
                 if sql.startswith("BEGIN"):
-                    stored[0] = 0
+                    stored.clear()
                 elif sql.startswith("REPLACE INTO Dict"):
-                    stored[0] += 1
+                    stored.append(args[0][6])
                 elif sql == "COMMIT":
-                    commits.append(stored[0])
-                    if interrupt is not None and stored[0] >= interrupt:
-                        interrupt_once.append(None)
-                        if len(interrupt_once) == 1:
-                            raise KeyboardInterrupt
+                    commits.append(len(stored))
+                    if interrupt is not None and len(stored) >= interrupt and \
+                            commits.interrupted is None:
+                        commits.interrupted = list(stored)
+                        raise KeyboardInterrupt
                 return super().execute(sql, *args)
-        interrupt_once = []
         connect = sqlite3.connect
         patch = mock.patch.object(persist.sqlite3, "connect",
                                   lambda *args, **kwargs: connect(*args, factory=Connection,
@@ -5284,8 +5291,12 @@ class TestMapOneCache(TempDirTest):
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             with self.assertRaises(KeyboardInterrupt):
                 persist.map(work, range(400), executor=pool, progress=False)
-        interrupted = next(at for at, count in enumerate(commits) if count >= 2)
-        self.assertEqual(work.cache_info().entries, sum(commits[:interrupted + 1]), commits)
+        interrupted = [ast.literal_eval(args) for args in commits.interrupted]   # "5": work(5)
+        self.assertGreater(len(interrupted), 1)
+        ran = len(calls)
+        self.assertEqual(persist.map(work, interrupted, progress=False),
+                         [-x for x in interrupted])
+        self.assertEqual(len(calls), ran)                   # each a hit
         self.assertNoTemp()
 
 
