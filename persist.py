@@ -64,9 +64,9 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 #   a persist.map item sent to workers: map -> _Run.execute -> _Run.parallel -> (_Run.send ->
 #       (_Schedule.next -> _Run.to_send -> (_Wrapper._key_of -> _Wrapper._keyed ->
 #       _FunctionCache.key -> _keyer.key [digest]; _FunctionCache.get -> _Store.get ->
-#       _Connection.query [execute]); _run -> double); _Run.receive -> _Run.take -> _Run.settle ->
-#       _FunctionCache.put -> _Store.put -> _Connection.transaction -> _Connection.run ->
-#       _transaction -> ([execute]; _replace -> _fetch [execute]))
+#       _Connection.query [execute]); _run -> double); _Run.receive -> _Run.take -> _Run.store ->
+#       _FunctionCache.put_many -> _FunctionCache.put -> _Store.put -> _Connection.transaction ->
+#       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute]))
 #   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.transaction ->
 #       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute])
 #   an atomic write: atomic_write -> _atomic_open -> (_fsync [fsync]; [replace]; _fsync_dir ->
@@ -212,6 +212,7 @@ _MODES_ACCEPTED = "'w', 'wb', 'x' or 'xb'"
 _FLAGS = {"r": "ro", "w": "rw", "c": "rw", "n": "rw"}   # SQLite open modes, once it exists
 _PROTOCOL = 5                    # every CPython 3.8+ reads it
 _INLINE_LIMIT = 1 << 18          # larger pickles live in value files of their own
+_MANY_LIMIT = 1 << 24            # put_many() commits once its rows' pickles hold this much
 _BUSY_TIMEOUT = 600.0            # seconds a writer waits for another before failing
 # The waits below are short on purpose: each gives up on something it can do without. Two
 # seconds outlast another process's transaction (milliseconds) many times over, and a wait
@@ -2674,6 +2675,7 @@ class _FunctionCache:
         except Exception as exc:
             # Pickling failed (a RecursionError too: a result nested deeper than pickle goes,
             # or a call this deep in a recursion): the result is computed, and returned.
+            # (unpicklable()'s work, inline: deep in a recursion, a frame more is one too many)
             self.unstored += 1
             deep = _too_deep(exc)
             try:
@@ -2693,6 +2695,77 @@ class _FunctionCache:
         else:                         # not in the try: stored is stored, whatever logging does
             if _LOG is not None or "logging" in sys.modules:     # (as in get())
                 _debug("stored", self.identity, key)
+
+    def unpicklable(self, exc):
+        # type: (Exception) -> None
+        """A result could not be pickled (exc): count it unstored, and warn, or raise the
+        TypeError that says so with strict (as put() does, inline, for one result)."""
+        self.unstored += 1
+        deep = _too_deep(exc)
+        try:
+            strict = self.strict or _env_strict()
+        except RecursionError:       # no stack left even to read $PERSIST_STRICT
+            strict = self.strict
+        if strict:
+            raise TypeError("a result of %s() cannot be pickled (%s: %s), so it cannot be "
+                            "stored in %s; strict raises instead of returning it%s"
+                            % (self.identity, type(exc).__name__, exc, self.path,
+                               _DEEP_ADVICE if deep else "")) from exc
+        # with the stack full, even the warning may not fit: the result matters more
+        with contextlib.suppress(RecursionError):
+            _warn("a result of %s() cannot be pickled (%s: %s); it is returned but not "
+                  "cached%s" % (self.identity, type(exc).__name__, exc,
+                                _DEEP_ADVICE if deep else ""))
+
+    def put_many(self, entries):
+        # type: (List[Tuple[bytes, Any, _Call, float]]) -> List[Tuple[bool, Optional[Exception]]]
+        """put() each of entries, (key, value, call, seconds), in one transaction where it
+        can (persist.map's results, a batch at a time, at the caller: a commit is most of a
+        put). Returns for each (whether it was stored, what put() would have raised: strict,
+        for a result that cannot be pickled, else None). When the transaction fails, each is
+        put() alone (which says what went wrong), and on a Ctrl-C too, before it goes on:
+        what came back stays stored."""
+        store = self.store
+        errors: "List[Tuple[bool, Optional[Exception]]]" = []
+        if store is not None and len(entries) > 1:
+            try:
+                rows = []
+                for key, value, call, seconds in entries:
+                    forget = self.older_failures(store, call)
+                    args = call if self.leave_out is None else _leave_out(call, *self.leave_out)
+                    rows.append((key, value, seconds, self.version, _short_repr(args), forget,
+                                 self.owner))
+                failed = store.put_many(rows)
+            except Exception:
+                pass                        # each alone, below
+            except BaseException:
+                for entry in entries:
+                    with contextlib.suppress(Exception):     # strict's: the Ctrl-C matters
+                        self.put(*entry)
+                raise
+            else:
+                for exc in failed:
+                    error: "Optional[Exception]" = None
+                    if exc is not None:
+                        try:
+                            self.unpicklable(exc)
+                        except TypeError as strict:
+                            error = strict
+                    errors.append((exc is None, error))
+                if _LOG is not None or "logging" in sys.modules:
+                    for (key, _, _, _), exc in zip(entries, failed):
+                        if exc is None:
+                            _debug("stored", self.identity, key)
+                return errors
+        for entry in entries:
+            unstored = self.unstored
+            try:
+                self.put(*entry)
+            except Exception as exc:        # strict: raised, as the call itself would
+                errors.append((False, exc))
+            else:
+                errors.append((self.unstored == unstored, None))
+        return errors
 
     def older_failures(self, store, call):
         # type: (_Store, _Call) -> List[bytes]
@@ -3574,7 +3647,7 @@ class _Run:
         persist.map's own, or here, one after another."""
         stop: "Optional[_Event]"
         if executor is not None:
-            width = getattr(executor, "_max_workers", None) or os.cpu_count() or 1
+            width = _width(executor)
             # threads share an Event; other executors' workers learn of a failure only
             # from here, when its result arrives: each batch stops at its own first one
             import threading
@@ -3665,7 +3738,7 @@ class _Run:
                     now = time.perf_counter()
                     if now >= self.tick:
                         self.update(now)
-        except BaseException:
+        except BaseException as exc:
             for future in schedule.in_flight:
                 with contextlib.suppress(Exception):
                     future.cancel()
@@ -3824,38 +3897,55 @@ class _Run:
 
     def take(self, batch, outcomes):
         # type: (List[int], List[_Outcome]) -> None
-        """Record the outcomes of a batch that came back. A Ctrl-C meanwhile stores the
-        results that came with it all the same, and is raised then (a second one stops
+        """Record the outcomes of a batch that came back. A memoized func's results are
+        stored first, all in one transaction (put_many): one commit an item would cost the
+        caller more than the workers take to compute quick ones. A Ctrl-C meanwhile stores
+        the results that came with it all the same, and is raised then (a second one stops
         that): each arrived, and the rerun need not compute it again."""
-        position = 0
+        settled: "List[Tuple[int, bool, Any, float]]" = []
         try:
             for position, index in enumerate(batch):
-                ok, value, seconds, traceback = _outcome(outcomes, position)
-                if ok is None:
-                    if not isinstance(value, _Moved):
-                        self.unstarted([index])
-                    elif not self.stopped and not self.interrupted:
-                        # computed, but its result could not travel: again here, as a plain
-                        # loop would (but after a failure with keep_going=False, or once
-                        # the run is stopping, nothing starts)
-                        self.run_here(index, value.why)
-                else:
-                    if not ok and traceback is not None:
-                        value.__cause__ = _WorkerTraceback(traceback)
-                    self.settle(index, ok, value, seconds)
-                outcomes[position] = None   # type: ignore[call-overload]  # freed: see _Packed
+                self.collect(index, outcomes, position, settled, True)
         except KeyboardInterrupt:
-            if self.found is not None:
-                for position in range(position, len(batch)):
-                    index = batch[position]
-                    if index not in self.keys:    # stored (or being stored) already
-                        continue
-                    ok, value, seconds, traceback = _outcome(outcomes, position)
-                    if ok is not None:
-                        if not ok and traceback is not None:
-                            value.__cause__ = _WorkerTraceback(traceback)
-                        self.settle(index, ok, value, seconds)
+            taken = {entry[0] for entry in settled}
+            for position, index in enumerate(batch):
+                if index not in taken and outcomes[position] is not None:
+                    self.collect(index, outcomes, position, settled, False)
+            self.store(settled)
             raise
+        self.store(settled)
+
+    def collect(self, index, outcomes, position, settled, here):
+        # type: (int, List[_Outcome], int, List[Tuple[int, bool, Any, float]], bool) -> None
+        """Take the outcome at position (the item at index) into settled, or, for one that
+        never started or whose result could not travel, deal with it now. here: such a
+        result may run again here (not once the run is stopping)."""
+        ok, value, seconds, traceback = _outcome(outcomes, position)
+        if ok is None:
+            if not isinstance(value, _Moved):
+                self.unstarted([index])
+            elif here and not self.stopped and not self.interrupted:
+                # computed, but its result could not travel: again here, as a plain loop
+                # would (but after a failure with keep_going=False, or once the run is
+                # stopping, nothing starts)
+                self.run_here(index, value.why)
+        else:
+            if not ok and traceback is not None:
+                value.__cause__ = _WorkerTraceback(traceback)
+            settled.append((index, bool(ok), value, seconds))
+        outcomes[position] = None   # type: ignore[call-overload]  # freed: see _Packed
+
+    def store(self, settled):
+        # type: (List[Tuple[int, bool, Any, float]]) -> None
+        """Store the results of settled in one transaction, then settle() each."""
+        results: "List[Optional[Tuple[bool, Optional[Exception]]]]" = [None] * len(settled)
+        if self.found is not None:
+            done = [(self.keys[index], value, self.call_of(index), seconds)
+                    for index, ok, value, seconds in settled if ok]
+            stored = iter(self.found.wrapper._cache.put_many(done))
+            results = [next(stored) if ok else None for _, ok, _, _ in settled]
+        for (index, ok, value, seconds), result in zip(settled, results):
+            self.settle(index, ok, value, seconds, result)
 
     def unstarted(self, batch):
         # type: (List[int]) -> None
@@ -3866,34 +3956,39 @@ class _Run:
                 if self.keys.pop(index, None) is not None:
                     self.found.wrapper._cache.misses -= 1
 
-    def settle(self, index, ok, value, seconds):
-        # type: (int, bool, Any, float) -> None
+    def settle(self, index, ok, value, seconds, stored=None):
+        # type: (int, bool, Any, float, Optional[Tuple[bool, Optional[Exception]]]) -> None
         """The item at index was computed (ok: value is its result) or failed (value is its
         exception) in seconds: for a memoized func, the result is stored or the failure
         recorded in its cache, here; then the items that waited for the same call take it
-        (if it was stored: else, as in a loop, the next computes it again)."""
+        (if it was stored: else, as in a loop, the next computes it again). stored: take()
+        stored the result already (put_many): (whether it went in, what strict raised)."""
         waiting: "List[int]" = []
-        stored = False
+        went_in = False
         if self.found is not None:
             key = self.keys.pop(index)
             waiting = self.waiting.pop(key, [])
             cache, call = self.found.wrapper._cache, self.call_of(index)
-            if ok:
+            if not ok:
+                cache.fail(key, call, value, seconds)
+            elif stored is None:
                 unstored = cache.unstored
                 try:
                     cache.put(key, value, call, seconds)
                 except Exception as exc:   # strict: raised, as the call itself would
                     ok, value = False, exc
-                stored = cache.unstored == unstored
+                went_in = cache.unstored == unstored
             else:
-                cache.fail(key, call, value, seconds)
+                went_in, error = stored
+                if error is not None:      # strict: raised, as the call itself would
+                    ok, value = False, error
         if ok:
             self.succeeded(index, value, False)
         else:
             self.failed(index, value)
         if not waiting:
             return
-        if ok and stored:                 # each a hit of what was just stored
+        if ok and went_in:                # each a hit of what was just stored
             cache.hits += len(waiting)
             cache.saved += seconds * len(waiting)
             for other in waiting:
@@ -4340,6 +4435,28 @@ def _lost_worker(exc):
 
 
 _LOST_WORKER_ERRORS = frozenset(["KilledWorker", "WorkerCrashedError", "TerminatedWorkerError"])
+
+
+def _width(executor):
+    # type: (Any) -> int
+    """How many items executor runs at once, as persist.map sizes its batches and keeps that
+    many twice over in flight: a pool's _max_workers (concurrent.futures', loky's); the
+    threads of a Dask cluster's workers, as its client says when the map starts (its
+    client.get_executor(), or the client itself); else this machine's cores. (Before, a
+    Dask cluster of 8 workers driven from a machine of 2 cores had 4 batches in flight, and
+    half its workers idle.)"""
+    width = getattr(executor, "_max_workers", None)
+    if isinstance(width, int) and width > 0:
+        return width
+    client = getattr(executor, "_client", executor)
+    nthreads = getattr(client, "nthreads", None)
+    if callable(nthreads):
+        # best effort: a client that cannot say (or another engine's nthreads) is ignored
+        with contextlib.suppress(Exception):
+            width = sum(nthreads().values())
+            if isinstance(width, int) and width > 0:
+                return width
+    return os.cpu_count() or 1
 
 
 class _Moved:
@@ -6246,6 +6363,64 @@ class _Store:
         if self._puts % 32 == 0 and _size(self.path + "-wal") > _LOG_LIMIT:
             self._restart_log()
 
+    def put_many(self, entries, protocol=_PROTOCOL):
+        # type: (Sequence[Tuple[bytes, Any, Optional[float], Optional[str], Optional[str], Sequence[bytes], Optional[str]]], Optional[int]) -> List[Optional[Exception]]
+        """put() each of entries, (key, value, seconds, version, args, forget, owner), in one
+        transaction: persist.map stores a batch that came back from its workers so, as a
+        commit is most of a put(). Returns, for each, the exception pickling its value
+        raised (it is not stored), or None; anything else (the transaction) raises. The
+        pickles wait in memory for the commit: past _MANY_LIMIT, what is ready is committed
+        first, so that a batch of many results near _INLINE_LIMIT is not held twice over."""
+        spills: "List[_Spill]" = []
+        rows: "List[Tuple[_Args, Sequence[bytes]]]" = []
+        errors: "List[Optional[Exception]]" = []
+        old: "List[str]" = []
+        held = 0
+        try:
+            for key, value, seconds, version, args, forget, owner in entries:
+                spill = _Spill(self.values)
+                spills.append(spill)
+                try:
+                    pickle.dump(value, spill, protocol)
+                    row: "_Args" = (key, spill.inline(), spill.name, time.time(), seconds,
+                                    version, args)
+                except Exception as exc:
+                    errors.append(exc)
+                    continue
+                if owner is not None and self.owned():
+                    row += (owner,)
+                errors.append(None)
+                rows.append((row, forget))
+                held += len(row[1])
+                if held > _MANY_LIMIT:
+                    old += self.conn.transaction(_replace_many, rows, self.values)
+                    rows, held = [], 0
+            for spill in spills:
+                spill.close()
+            if rows:
+                old += self.conn.transaction(_replace_many, rows, self.values)
+        except BaseException:
+            # As in put(): a signal that arrives while COMMIT runs is raised just after it,
+            # when the rows may name their files already. Remove those no row names; if even
+            # that check fails, they stay for sweep().
+            for spill in spills:
+                spill.close()
+            names = [spill.name for spill in spills if spill.name is not None]
+            if names:
+                with contextlib.suppress(Exception):
+                    named = self._named(names)
+                    self.values.remove([name for name in names if name not in named])
+            raise
+        # a pickle that failed part way may have begun a value file: no row names it
+        self.values.remove([spill.name for spill, error in zip(spills, errors)
+                            if error is not None and spill.name is not None])
+        if old:
+            self.values.remove(old)
+        puts, self._puts = self._puts, self._puts + errors.count(None)
+        if puts // 32 != self._puts // 32 and _size(self.path + "-wal") > _LOG_LIMIT:
+            self._restart_log()
+        return errors
+
     def _restart_log(self):
         # type: () -> None
         """Copy the log into the file and start it over. SQLite's own checkpoints never catch
@@ -6485,6 +6660,13 @@ def _replace(conn, row, values, forget=()):
     for key in (row[0],) + tuple(forget):
         conn.execute(_FORGET_FAILURE, (key,))
     return old[0][0] if old else None
+
+
+def _replace_many(conn, rows, values):
+    # type: (sqlite3.Connection, List[Tuple[_Args, Sequence[bytes]]], _Values) -> List[str]
+    """_replace() of each (row, forget) of rows: the value files the rows replaced."""
+    old = (_replace(conn, row, values, forget) for row, forget in rows)
+    return [name for name in old if name is not None]
 
 
 def _delete(conn, key, values):
