@@ -872,10 +872,25 @@ class _Wrapper:
         if self._self is not None:
             return getattr, (self._self, self.__name__)
         qualname: "Optional[str]" = self.__dict__.get("__qualname__")
-        if qualname is not None and "<locals>" not in qualname and \
-                self.__dict__.get("__module__") != "__main__":
+        # (__main__ by name for pickle and multiprocessing: a spawned worker imports the
+        # script again, and finds it there, as it did before it could travel by value)
+        if qualname is not None and "<locals>" not in qualname and (
+                self.__dict__.get("__module__") != "__main__" or not _pickling_by_value()):
             return qualname                  # a global name: pickle finds it and checks it
         return _unattached_wrapper, (type(self), self._cache, self.__dict__)
+
+    # A copy is the wrapper itself, as a function's is (the same cache), not one by value
+    # with no cache; a bound one's, as a bound method's, is bound to a copy of its instance.
+    def __copy__(self):
+        # type: () -> _Wrapper
+        return self if self._self is None else getattr(self._self, self.__name__)
+
+    def __deepcopy__(self, memo):
+        # type: (Dict[int, Any]) -> _Wrapper
+        if self._self is None:
+            return self
+        import copy
+        return getattr(copy.deepcopy(self._self, memo), self.__name__)  # type: ignore[no-any-return]
 
     def __repr__(self):
         # type: () -> str
@@ -1017,6 +1032,25 @@ def _under_classmethod(wrapper):
         owner = getattr(owner, part, None)
     held = vars(owner).get(name) if isinstance(owner, type) else None
     return isinstance(held, classmethod) and held.__func__ is wrapper
+
+
+def _pickling_by_value():
+    # type: () -> bool
+    """Whether the pickler that called _Wrapper.__reduce__ sends the functions of __main__
+    by value: one that overrides reducer_override does (cloudpickle: Dask, joblib's loky,
+    Ray); pickle and multiprocessing's pickler send them by name. A pickler is an object,
+    not an argument of __reduce__: it is found as the self of a frame up the stack (the
+    Python pickler's save(), cloudpickle's dump(); the C pickler has no frame of its own)."""
+    frame: "Optional[types.FrameType]" = sys._getframe(2)
+    while frame is not None:
+        pickler = frame.f_locals.get("self")
+        if isinstance(pickler, _PICKLERS):
+            return getattr(type(pickler), "reducer_override", None) is not None
+        frame = frame.f_back
+    return False
+
+
+_PICKLERS = (pickle.Pickler, getattr(pickle, "_Pickler", pickle.Pickler))
 
 
 def _unattached_wrapper(kind, cache, attributes):

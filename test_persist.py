@@ -3490,6 +3490,50 @@ class TestSmallerDefects(MemoTest):
         bound = pickle.loads(pickle.dumps(Model(3).predict))
         self.assertEqual(bound.__wrapped__.__self__, Model(3))
 
+    @slow
+    def test_methods_of_a_script_pickle_by_name_and_copy_as_themselves(self):
+        # Since memoized functions travel by value with cloudpickle, pickle sent a method of
+        # a class in __main__ by value too (Can't pickle <function Model.predict>: it's not
+        # the same object as __main__.Model.predict), and copy.copy() and deepcopy() made
+        # a wrapper with no cache, which stored nothing.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import copy, multiprocessing, pickle, sys, persist
+            class Model:
+                k = 3
+                def __init__(self, k):
+                    self.k = k
+                @persist.memoize
+                def predict(self, x):
+                    return self.k * x
+                @staticmethod
+                @persist.memoize
+                def helper(x):
+                    return x + 1
+            def make():
+                @persist.memoize
+                def nested(x):
+                    return x - 1
+                return nested
+            if __name__ == "__main__":
+                nested = make()
+                for form in (Model.predict, Model.helper):
+                    print(pickle.loads(pickle.dumps(form)) is form)
+                for form in (Model.predict, Model.helper, nested):
+                    print(copy.copy(form) is form, copy.deepcopy(form) is form)
+                bound = copy.deepcopy(Model(4).predict)
+                print(bound(2), bound.cache_info().entries)
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    print(pool.apply(Model.predict, (Model(5), 2)),
+                          pool.apply(Model.helper, (2,)))
+                print(Model.predict.cache_info().entries, Model.helper.cache_info().entries)
+        """))
+        done = run_command([str(script)], cwd=self.dir, timeout=120,
+                           PERSIST_DIR=self.path / "cache")
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        self.assertEqual(done.stdout.splitlines(), [
+            "True", "True", "True True", "True True", "True True", "8 1", "10 3", "2 1"])
+
     def test_above_staticmethod_says_how_to_order(self):
         with self.assertRaisesRegex(TypeError, r"staticmethod.*helper.*@staticmethod above "
                                     r"@memoize"):
