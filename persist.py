@@ -3200,6 +3200,11 @@ def _explain(cache, key, material):
     """An _Explanation of what a call whose key is key would do now; material: what bind()
     made of the call, to key it under other versions. Nothing is counted, nothing stored."""
     path = cache.path
+    if isinstance(cache, _UnattachedCache):     # path is the sending process's
+        return _Explanation("no entry", path, "miss: no cache in this process: this memoized "
+                            "function came by value (cloudpickle: Dask, joblib's loky, Ray) and "
+                            "runs here as the plain function, storing nothing; its cache %s "
+                            "is in the process that sent it" % path)
     try:
         store = cache.open(create=False)
         broken = cache.broken

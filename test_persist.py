@@ -5276,6 +5276,42 @@ class TestEngines(TempDirTest):
         self.assertEqual(os.listdir(str(worker)), [])      # nothing stored on that side
         self.assertEqual(len(os.listdir(str(self.path / "driver"))), 4 * 1)
 
+    def test_explain_on_the_other_side_says_there_is_no_cache_there(self):
+        # It said "miss: no entry; the cache <the driver's path> does not exist yet", of a
+        # cache that exists, on the driver, and holds the call.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import sys, cloudpickle, persist
+            @persist.memoize
+            def work(x):
+                return x + 1
+            work(2)
+            print(work.explain(2).hit)
+            with open(sys.argv[1], "wb") as out:
+                out.write(cloudpickle.dumps(work))
+        """))
+        sent = self.path / "sent.pickle"
+        done = run_command([str(script), str(sent)], cwd=self.dir, timeout=120,
+                           PERSIST_DIR=self.path / "driver")
+        self.assertEqual((done.returncode, done.stdout), (0, "True\n"), done.stderr)
+        worker = self.path / "worker"
+        worker.mkdir()
+        out = run_python("""
+            import pickle, sys
+            work = pickle.loads(open(sys.argv[1], "rb").read())
+            print(work(2), work.explain(2).hit, work.failures(), work.cache_delete(2))
+            print(work.explain(2))
+            work.cache_clear()
+            print(work.cache_info().misses)
+        """.replace("sys.argv[1]", repr(str(sent))), cwd=str(worker),
+            PERSIST_DIR=worker / "cache")
+        lines = out.splitlines()
+        self.assertEqual(lines[0], "3 False [] False")
+        self.assertRegex(lines[1], "^miss: no cache in this process: .* came by value .* its "
+                         "cache .*job.work.db is in the process that sent it$")
+        self.assertEqual(lines[2], "0")
+        self.assertEqual(os.listdir(str(worker)), [])
+
     @slow
     def test_dask_cluster_one_cache_at_the_driver(self):
         # Two worker processes, which see another PERSIST_DIR and work in another
