@@ -877,7 +877,8 @@ class _Wrapper:
         if qualname is not None and "<locals>" not in qualname and (
                 self.__dict__.get("__module__") != "__main__" or not _pickling_by_value()):
             return qualname                  # a global name: pickle finds it and checks it
-        return _unattached_wrapper, (type(self), self._cache, self.__dict__)
+        _BY_VALUE[id(self)] = self
+        return _unattached_wrapper, (type(self), self._cache, self.__dict__, (_RUN, id(self)))
 
     # A copy is the wrapper itself, as a function's is (the same cache), not one by value
     # with no cache; a bound one's, as a bound method's, is bound to a copy of its instance.
@@ -1053,9 +1054,13 @@ def _pickling_by_value():
 _PICKLERS = (pickle.Pickler, getattr(pickle, "_Pickler", pickle.Pickler))
 
 
-def _unattached_wrapper(kind, cache, attributes):
-    # type: (type, _FunctionCache, Dict[str, Any]) -> _Wrapper
-    """A _Wrapper loaded from a pickle made by value (see _Wrapper.__reduce__)."""
+def _unattached_wrapper(kind, cache, attributes, origin=None):
+    # type: (type, _FunctionCache, Dict[str, Any], Optional[Tuple[str, int]]) -> _Wrapper
+    """A _Wrapper loaded from a pickle made by value (see _Wrapper.__reduce__): in the
+    process that made it, the wrapper itself (see _BY_VALUE)."""
+    here = _BY_VALUE.get(origin[1]) if origin is not None and origin[0] == _RUN else None
+    if isinstance(here, _Wrapper) and here._cache is cache:
+        return here
     wrapper: "_Wrapper" = object.__new__(kind)
     wrapper._cache, wrapper._self = cache, None
     wrapper.__dict__ = attributes
@@ -2540,7 +2545,8 @@ class _FunctionCache:
         where the driver would never look. persist.map stores what they return here."""
         state = {name: value for name, value in vars(self).items() if name in _TRAVELS}
         state["_path"] = self.path
-        return _UnattachedCache.make, (state,)
+        _BY_VALUE[id(self)] = self
+        return _received_cache, (state, (_RUN, id(self)))
 
     def key(self, args, kwargs, material=_MISSING):
         # type: (_Args, _Kwargs, Any) -> bytes
@@ -2777,22 +2783,38 @@ class _UnattachedCache(_FunctionCache):
     process (see _FunctionCache.__reduce__): none. Each call misses, runs the function and
     stores nothing; cache_info() counts the misses, and its entries are 0."""
 
-    @classmethod
-    def make(cls, state):
-        # type: (Dict[str, Any]) -> _UnattachedCache
-        cache = object.__new__(cls)
-        cache.__dict__.update(state)
-        cache.default_dir, cache.source = "", None
-        cache.hits = cache.misses = cache.unstored = 0
-        cache.saved = 0.0
-        cache.store = cache.broken = cache.failed_versions = None
-        cache.reopen, cache.warned = 0.0, False
-        cache.bind, cache.key_from = _no_binding, _no_key     # no key is looked up there
-        return cache
-
     def open(self, create=True):
         # type: (bool) -> Optional[_Store]
         return None
+
+
+def _received_cache(state, origin=None):
+    # type: (Dict[str, Any], Optional[Tuple[str, int]]) -> _FunctionCache
+    """The cache of a memoized function loaded from a pickle made by value (see
+    _FunctionCache.__reduce__): an _UnattachedCache, or in the process that made it, the
+    cache itself (see _BY_VALUE). (A function, not a classmethod: cloudpickle sends a
+    classmethod by value, with the globals it names.)"""
+    here = _BY_VALUE.get(origin[1]) if origin is not None and origin[0] == _RUN else None
+    if isinstance(here, _FunctionCache) and here.path == state["_path"] and \
+            here.identity == state["identity"]:
+        return here
+    cache = object.__new__(_UnattachedCache)
+    cache.__dict__.update(state)
+    cache.default_dir, cache.source = "", None
+    cache.hits = cache.misses = cache.unstored = 0
+    cache.saved = 0.0
+    cache.store = cache.broken = cache.failed_versions = None
+    cache.reopen, cache.warned = 0.0, False
+    cache.bind, cache.key_from = _no_binding, _no_key     # no key is looked up there
+    return cache
+
+
+# The memoized functions' caches and wrappers pickled by value here, by id: one loaded back in
+# this process is the original, not a copy with no cache. Dask's tokenize (client.submit,
+# dask.delayed) loads each pickle it makes, and cloudpickle, loading a class of __main__ in the
+# process that defined it, sets the class's attributes to what it loaded: Model.predict here
+# became a copy that stored nothing and keyed every call alike.
+_BY_VALUE: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 
 
 def _no_binding(args, kwargs):
@@ -4139,7 +4161,9 @@ def _wrapper_of(func):
     if isinstance(func, functools.partial):
         args, kwargs, func = func.args, func.keywords, func.func
     if isinstance(func, _Wrapper):
-        return _WrapperCall(func, args, kwargs)
+        # (one with no cache, received by value, keys nothing: a plain callable)
+        return None if isinstance(func._cache, _UnattachedCache) else \
+            _WrapperCall(func, args, kwargs)
     try:
         wrapper = _WRAPPERS.get(func)
     except TypeError:                 # unhashable, or no weak reference: not ours

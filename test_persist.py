@@ -5276,6 +5276,52 @@ class TestEngines(TempDirTest):
         self.assertEqual(os.listdir(str(worker)), [])      # nothing stored on that side
         self.assertEqual(len(os.listdir(str(self.path / "driver"))), 4 * 1)
 
+    def test_a_pickle_by_value_loaded_where_it_was_made_is_the_function_itself(self):
+        # Dask's tokenize (client.submit, dask.delayed) loads each pickle it makes, and
+        # cloudpickle, loading a class of __main__ where it was defined, sets its attributes
+        # to what it loaded: Model.predict became a copy with no cache, which stored nothing,
+        # and under persist.map keyed every item alike: [0, 0, 0, 0]. On the other side, such
+        # a copy in a persist.map of its own is a plain callable.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import concurrent.futures, pickle, sys, cloudpickle, persist
+            class Model:
+                def __init__(self, k):
+                    self.k = k
+                @persist.memoize
+                def predict(self, x):
+                    return self.k * x
+            @persist.memoize
+            def work(x):
+                return x + 1
+            if __name__ == "__main__":
+                pickle.loads(cloudpickle.dumps(Model(5).predict))
+                again = pickle.loads(cloudpickle.dumps(work))
+                with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                    print(persist.map(Model(5).predict, range(4), executor=pool,
+                                      progress=False))
+                print(Model.predict.cache_info().entries, again(1), again(1),
+                      work.cache_info().hits)
+                with open(sys.argv[1], "wb") as out:
+                    out.write(cloudpickle.dumps(Model(3).predict))
+        """))
+        sent = self.path / "sent.pickle"
+        done = run_command([str(script), str(sent)], cwd=self.dir, timeout=120,
+                           PERSIST_DIR=self.path / "driver")
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        self.assertEqual(done.stdout.splitlines(), ["[0, 5, 10, 15]", "4 2 2 1"])
+        worker = self.path / "worker"
+        worker.mkdir()
+        out = run_python("""
+            import concurrent.futures, pickle, sys, persist
+            predict = pickle.loads(open(sys.argv[1], "rb").read())
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                print(persist.map(predict, range(4), executor=pool, progress=False))
+        """.replace("sys.argv[1]", repr(str(sent))), cwd=str(worker),
+            PERSIST_DIR=worker / "cache")
+        self.assertEqual(out, "[0, 3, 6, 9]\n")
+        self.assertEqual(os.listdir(str(worker)), [])
+
     def test_explain_on_the_other_side_says_there_is_no_cache_there(self):
         # It said "miss: no entry; the cache <the driver's path> does not exist yet", of a
         # cache that exists, on the driver, and holds the call.
