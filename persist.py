@@ -4160,6 +4160,9 @@ def _wrapper_of(func):
     args, kwargs = (), {}
     if isinstance(func, functools.partial):
         args, kwargs, func = func.args, func.keywords, func.func
+    if isinstance(func, types.MethodType) and isinstance(func.__func__, _Wrapper):
+        # a classmethod above memoize, on Python 3.8 and from 3.13 on: the class goes first
+        args, func = (func.__self__,) + args, func.__func__
     if isinstance(func, _Wrapper):
         # (one with no cache, received by value, keys nothing: a plain callable)
         return None if isinstance(func._cache, _UnattachedCache) else \

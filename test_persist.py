@@ -5447,6 +5447,35 @@ class TestEngines(TempDirTest):
             "[0, 3, 6, 9, 12, 15]", "6 6 6"])
 
 
+    @slow
+    def test_a_classmethod_above_memoize_is_stored_at_the_driver(self):
+        # On Python 3.8 and 3.13, Model.triple is a bound method of the wrapper, which
+        # persist.map took for a plain callable: sent by value, its calls ran with no cache,
+        # and nothing was stored anywhere, nor looked up on a rerun.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import persist
+            from joblib.externals.loky import get_reusable_executor
+            class Model:
+                k = 3
+                @classmethod
+                @persist.memoize
+                def triple(cls, x):
+                    return cls.k * x
+            if __name__ == "__main__":
+                executor = get_reusable_executor(max_workers=2)
+                for run in range(2):
+                    print(persist.map(Model.triple, range(4), executor=executor,
+                                      progress=False))
+                    info = Model.triple.cache_info()
+                    print(info.hits, info.misses, info.entries)
+        """))
+        done = run_command([str(script)], cwd=self.dir, timeout=300,
+                           PERSIST_DIR=self.path / "driver")
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        self.assertEqual(done.stdout.splitlines(), [
+            "[0, 3, 6, 9]", "0 4 4", "[0, 3, 6, 9]", "4 4 4"])
+
 class OwnFutures:
     """An engine whose futures are not concurrent.futures': each runs on a thread pool, and
     is seen only through done() (where has_done) and result(), as submitit's jobs are."""
