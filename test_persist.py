@@ -5119,6 +5119,10 @@ class TestMapOneCache(TempDirTest):
                     raise ValueError("bad %d in %s" % (x, os.getcwd()))
                 return x * x, os.getuid()
             def become_another_user(where):
+                # (what formats a traceback, imported while it can be: 3.13's linecache
+                # imports tokenize when first used, and a Python under root's home, 0700,
+                # cannot be read by nobody)
+                import traceback, tokenize
                 os.chdir(where)
                 os.environ["PERSIST_DIR"] = os.path.join(where, "worker-cache")
                 if os.getuid() == 0:
