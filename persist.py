@@ -873,10 +873,26 @@ class _Wrapper:
         if self._self is not None:
             return getattr, (self._self, self.__name__)
         qualname: "Optional[str]" = self.__dict__.get("__qualname__")
-        if qualname is not None and "<locals>" not in qualname and \
-                self.__dict__.get("__module__") != "__main__":
+        # (__main__ by name for pickle and multiprocessing: a spawned worker imports the
+        # script again, and finds it there, as it did before it could travel by value)
+        if qualname is not None and "<locals>" not in qualname and (
+                self.__dict__.get("__module__") != "__main__" or not _pickling_by_value()):
             return qualname                  # a global name: pickle finds it and checks it
-        return _unattached_wrapper, (type(self), self._cache, self.__dict__)
+        _BY_VALUE[id(self)] = self
+        return _unattached_wrapper, (type(self), self._cache, self.__dict__, (_RUN, id(self)))
+
+    # A copy is the wrapper itself, as a function's is (the same cache), not one by value
+    # with no cache; a bound one's, as a bound method's, is bound to a copy of its instance.
+    def __copy__(self):
+        # type: () -> _Wrapper
+        return self if self._self is None else getattr(self._self, self.__name__)
+
+    def __deepcopy__(self, memo):
+        # type: (Dict[int, Any]) -> _Wrapper
+        if self._self is None:
+            return self
+        import copy
+        return getattr(copy.deepcopy(self._self, memo), self.__name__)  # type: ignore[no-any-return]
 
     def __repr__(self):
         # type: () -> str
@@ -1020,9 +1036,32 @@ def _under_classmethod(wrapper):
     return isinstance(held, classmethod) and held.__func__ is wrapper
 
 
-def _unattached_wrapper(kind, cache, attributes):
-    # type: (type, _FunctionCache, Dict[str, Any]) -> _Wrapper
-    """A _Wrapper loaded from a pickle made by value (see _Wrapper.__reduce__)."""
+def _pickling_by_value():
+    # type: () -> bool
+    """Whether the pickler that called _Wrapper.__reduce__ sends the functions of __main__
+    by value: one that overrides reducer_override does (cloudpickle: Dask, joblib's loky,
+    Ray); pickle and multiprocessing's pickler send them by name. A pickler is an object,
+    not an argument of __reduce__: it is found as the self of a frame up the stack (the
+    Python pickler's save(), cloudpickle's dump(); the C pickler has no frame of its own)."""
+    frame: "Optional[types.FrameType]" = sys._getframe(2)
+    while frame is not None:
+        pickler = frame.f_locals.get("self")
+        if isinstance(pickler, _PICKLERS):
+            return getattr(type(pickler), "reducer_override", None) is not None
+        frame = frame.f_back
+    return False
+
+
+_PICKLERS = (pickle.Pickler, getattr(pickle, "_Pickler", pickle.Pickler))
+
+
+def _unattached_wrapper(kind, cache, attributes, origin=None):
+    # type: (type, _FunctionCache, Dict[str, Any], Optional[Tuple[str, int]]) -> _Wrapper
+    """A _Wrapper loaded from a pickle made by value (see _Wrapper.__reduce__): in the
+    process that made it, the wrapper itself (see _BY_VALUE)."""
+    here = _BY_VALUE.get(origin[1]) if origin is not None and origin[0] == _RUN else None
+    if isinstance(here, _Wrapper) and here._cache is cache:
+        return here
     wrapper: "_Wrapper" = object.__new__(kind)
     wrapper._cache, wrapper._self = cache, None
     wrapper.__dict__ = attributes
@@ -2507,7 +2546,8 @@ class _FunctionCache:
         where the driver would never look. persist.map stores what they return here."""
         state = {name: value for name, value in vars(self).items() if name in _TRAVELS}
         state["_path"] = self.path
-        return _UnattachedCache.make, (state,)
+        _BY_VALUE[id(self)] = self
+        return _received_cache, (state, (_RUN, id(self)))
 
     def key(self, args, kwargs, material=_MISSING):
         # type: (_Args, _Kwargs, Any) -> bytes
@@ -2816,22 +2856,38 @@ class _UnattachedCache(_FunctionCache):
     process (see _FunctionCache.__reduce__): none. Each call misses, runs the function and
     stores nothing; cache_info() counts the misses, and its entries are 0."""
 
-    @classmethod
-    def make(cls, state):
-        # type: (Dict[str, Any]) -> _UnattachedCache
-        cache = object.__new__(cls)
-        cache.__dict__.update(state)
-        cache.default_dir, cache.source = "", None
-        cache.hits = cache.misses = cache.unstored = 0
-        cache.saved = 0.0
-        cache.store = cache.broken = cache.failed_versions = None
-        cache.reopen, cache.warned = 0.0, False
-        cache.bind, cache.key_from = _no_binding, _no_key     # no key is looked up there
-        return cache
-
     def open(self, create=True):
         # type: (bool) -> Optional[_Store]
         return None
+
+
+def _received_cache(state, origin=None):
+    # type: (Dict[str, Any], Optional[Tuple[str, int]]) -> _FunctionCache
+    """The cache of a memoized function loaded from a pickle made by value (see
+    _FunctionCache.__reduce__): an _UnattachedCache, or in the process that made it, the
+    cache itself (see _BY_VALUE). (A function, not a classmethod: cloudpickle sends a
+    classmethod by value, with the globals it names.)"""
+    here = _BY_VALUE.get(origin[1]) if origin is not None and origin[0] == _RUN else None
+    if isinstance(here, _FunctionCache) and here.path == state["_path"] and \
+            here.identity == state["identity"]:
+        return here
+    cache = object.__new__(_UnattachedCache)
+    cache.__dict__.update(state)
+    cache.default_dir, cache.source = "", None
+    cache.hits = cache.misses = cache.unstored = 0
+    cache.saved = 0.0
+    cache.store = cache.broken = cache.failed_versions = None
+    cache.reopen, cache.warned = 0.0, False
+    cache.bind, cache.key_from = _no_binding, _no_key     # no key is looked up there
+    return cache
+
+
+# The memoized functions' caches and wrappers pickled by value here, by id: one loaded back in
+# this process is the original, not a copy with no cache. Dask's tokenize (client.submit,
+# dask.delayed) loads each pickle it makes, and cloudpickle, loading a class of __main__ in the
+# process that defined it, sets the class's attributes to what it loaded: Model.predict here
+# became a copy that stored nothing and keyed every call alike.
+_BY_VALUE: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 
 
 def _no_binding(args, kwargs):
@@ -3239,6 +3295,11 @@ def _explain(cache, key, material):
     """An _Explanation of what a call whose key is key would do now; material: what bind()
     made of the call, to key it under other versions. Nothing is counted, nothing stored."""
     path = cache.path
+    if isinstance(cache, _UnattachedCache):     # path is the sending process's
+        return _Explanation("no entry", path, "miss: no cache in this process: this memoized "
+                            "function came by value (cloudpickle: Dask, joblib's loky, Ray) and "
+                            "runs here as the plain function, storing nothing; its cache %s "
+                            "is in the process that sent it" % path)
     try:
         store = cache.open(create=False)
         broken = cache.broken
@@ -4273,8 +4334,13 @@ def _wrapper_of(func):
     args, kwargs = (), {}
     if isinstance(func, functools.partial):
         args, kwargs, func = func.args, func.keywords, func.func
+    if isinstance(func, types.MethodType) and isinstance(func.__func__, _Wrapper):
+        # a classmethod above memoize, on Python 3.8 and from 3.13 on: the class goes first
+        args, func = (func.__self__,) + args, func.__func__
     if isinstance(func, _Wrapper):
-        return _WrapperCall(func, args, kwargs)
+        # (one with no cache, received by value, keys nothing: a plain callable)
+        return None if isinstance(func._cache, _UnattachedCache) else \
+            _WrapperCall(func, args, kwargs)
     try:
         wrapper = _WRAPPERS.get(func)
     except TypeError:                 # unhashable, or no weak reference: not ours

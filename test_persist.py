@@ -3491,6 +3491,50 @@ class TestSmallerDefects(MemoTest):
         bound = pickle.loads(pickle.dumps(Model(3).predict))
         self.assertEqual(bound.__wrapped__.__self__, Model(3))
 
+    @slow
+    def test_methods_of_a_script_pickle_by_name_and_copy_as_themselves(self):
+        # Since memoized functions travel by value with cloudpickle, pickle sent a method of
+        # a class in __main__ by value too (Can't pickle <function Model.predict>: it's not
+        # the same object as __main__.Model.predict), and copy.copy() and deepcopy() made
+        # a wrapper with no cache, which stored nothing.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import copy, multiprocessing, pickle, sys, persist
+            class Model:
+                k = 3
+                def __init__(self, k):
+                    self.k = k
+                @persist.memoize
+                def predict(self, x):
+                    return self.k * x
+                @staticmethod
+                @persist.memoize
+                def helper(x):
+                    return x + 1
+            def make():
+                @persist.memoize
+                def nested(x):
+                    return x - 1
+                return nested
+            if __name__ == "__main__":
+                nested = make()
+                for form in (Model.predict, Model.helper):
+                    print(pickle.loads(pickle.dumps(form)) is form)
+                for form in (Model.predict, Model.helper, nested):
+                    print(copy.copy(form) is form, copy.deepcopy(form) is form)
+                bound = copy.deepcopy(Model(4).predict)
+                print(bound(2), bound.cache_info().entries)
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    print(pool.apply(Model.predict, (Model(5), 2)),
+                          pool.apply(Model.helper, (2,)))
+                print(Model.predict.cache_info().entries, Model.helper.cache_info().entries)
+        """))
+        done = run_command([str(script)], cwd=self.dir, timeout=120,
+                           PERSIST_DIR=self.path / "cache")
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        self.assertEqual(done.stdout.splitlines(), [
+            "True", "True", "True True", "True True", "True True", "8 1", "10 3", "2 1"])
+
     def test_above_staticmethod_says_how_to_order(self):
         with self.assertRaisesRegex(TypeError, r"staticmethod.*helper.*@staticmethod above "
                                     r"@memoize"):
@@ -5203,6 +5247,10 @@ class TestMapOneCache(TempDirTest):
                     raise ValueError("bad %d in %s" % (x, os.getcwd()))
                 return x * x, os.getuid()
             def become_another_user(where):
+                # (what formats a traceback, imported while it can be: 3.13's linecache
+                # imports tokenize when first used, and a Python under root's home, 0700,
+                # cannot be read by nobody)
+                import traceback, tokenize
                 os.chdir(where)
                 os.environ["PERSIST_DIR"] = os.path.join(where, "worker-cache")
                 if os.getuid() == 0:
@@ -5622,6 +5670,88 @@ class TestEngines(TempDirTest):
         self.assertEqual(os.listdir(str(worker)), [])      # nothing stored on that side
         self.assertEqual(len(os.listdir(str(self.path / "driver"))), 4 * 1)
 
+    def test_a_pickle_by_value_loaded_where_it_was_made_is_the_function_itself(self):
+        # Dask's tokenize (client.submit, dask.delayed) loads each pickle it makes, and
+        # cloudpickle, loading a class of __main__ where it was defined, sets its attributes
+        # to what it loaded: Model.predict became a copy with no cache, which stored nothing,
+        # and under persist.map keyed every item alike: [0, 0, 0, 0]. On the other side, such
+        # a copy in a persist.map of its own is a plain callable.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import concurrent.futures, pickle, sys, cloudpickle, persist
+            class Model:
+                def __init__(self, k):
+                    self.k = k
+                @persist.memoize
+                def predict(self, x):
+                    return self.k * x
+            @persist.memoize
+            def work(x):
+                return x + 1
+            if __name__ == "__main__":
+                pickle.loads(cloudpickle.dumps(Model(5).predict))
+                again = pickle.loads(cloudpickle.dumps(work))
+                with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                    print(persist.map(Model(5).predict, range(4), executor=pool,
+                                      progress=False))
+                print(Model.predict.cache_info().entries, again(1), again(1),
+                      work.cache_info().hits)
+                with open(sys.argv[1], "wb") as out:
+                    out.write(cloudpickle.dumps(Model(3).predict))
+        """))
+        sent = self.path / "sent.pickle"
+        done = run_command([str(script), str(sent)], cwd=self.dir, timeout=120,
+                           PERSIST_DIR=self.path / "driver")
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        self.assertEqual(done.stdout.splitlines(), ["[0, 5, 10, 15]", "4 2 2 1"])
+        worker = self.path / "worker"
+        worker.mkdir()
+        out = run_python("""
+            import concurrent.futures, pickle, sys, persist
+            predict = pickle.loads(open(sys.argv[1], "rb").read())
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                print(persist.map(predict, range(4), executor=pool, progress=False))
+        """.replace("sys.argv[1]", repr(str(sent))), cwd=str(worker),
+            PERSIST_DIR=worker / "cache")
+        self.assertEqual(out, "[0, 3, 6, 9]\n")
+        self.assertEqual(os.listdir(str(worker)), [])
+
+    def test_explain_on_the_other_side_says_there_is_no_cache_there(self):
+        # It said "miss: no entry; the cache <the driver's path> does not exist yet", of a
+        # cache that exists, on the driver, and holds the call.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import sys, cloudpickle, persist
+            @persist.memoize
+            def work(x):
+                return x + 1
+            work(2)
+            print(work.explain(2).hit)
+            with open(sys.argv[1], "wb") as out:
+                out.write(cloudpickle.dumps(work))
+        """))
+        sent = self.path / "sent.pickle"
+        done = run_command([str(script), str(sent)], cwd=self.dir, timeout=120,
+                           PERSIST_DIR=self.path / "driver")
+        self.assertEqual((done.returncode, done.stdout), (0, "True\n"), done.stderr)
+        worker = self.path / "worker"
+        worker.mkdir()
+        out = run_python("""
+            import pickle, sys
+            work = pickle.loads(open(sys.argv[1], "rb").read())
+            print(work(2), work.explain(2).hit, work.failures(), work.cache_delete(2))
+            print(work.explain(2))
+            work.cache_clear()
+            print(work.cache_info().misses)
+        """.replace("sys.argv[1]", repr(str(sent))), cwd=str(worker),
+            PERSIST_DIR=worker / "cache")
+        lines = out.splitlines()
+        self.assertEqual(lines[0], "3 False [] False")
+        self.assertRegex(lines[1], "^miss: no cache in this process: .* came by value .* its "
+                         "cache .*job.work.db is in the process that sent it$")
+        self.assertEqual(lines[2], "0")
+        self.assertEqual(os.listdir(str(worker)), [])
+
     @slow
     def test_dask_cluster_one_cache_at_the_driver(self):
         # Two worker processes, which see another PERSIST_DIR and work in another
@@ -5743,6 +5873,35 @@ class TestEngines(TempDirTest):
             "[0, 3, 6, 9, 12, 15]", "0 6 6",
             "[0, 3, 6, 9, 12, 15]", "6 6 6"])
 
+
+    @slow
+    def test_a_classmethod_above_memoize_is_stored_at_the_driver(self):
+        # On Python 3.8 and 3.13, Model.triple is a bound method of the wrapper, which
+        # persist.map took for a plain callable: sent by value, its calls ran with no cache,
+        # and nothing was stored anywhere, nor looked up on a rerun.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import persist
+            from joblib.externals.loky import get_reusable_executor
+            class Model:
+                k = 3
+                @classmethod
+                @persist.memoize
+                def triple(cls, x):
+                    return cls.k * x
+            if __name__ == "__main__":
+                executor = get_reusable_executor(max_workers=2)
+                for run in range(2):
+                    print(persist.map(Model.triple, range(4), executor=executor,
+                                      progress=False))
+                    info = Model.triple.cache_info()
+                    print(info.hits, info.misses, info.entries)
+        """))
+        done = run_command([str(script)], cwd=self.dir, timeout=300,
+                           PERSIST_DIR=self.path / "driver")
+        self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+        self.assertEqual(done.stdout.splitlines(), [
+            "[0, 3, 6, 9]", "0 4 4", "[0, 3, 6, 9]", "4 4 4"])
 
 class OwnFutures:
     """An engine whose futures are not concurrent.futures': each runs on a thread pool, and
