@@ -5774,7 +5774,7 @@ class TestEngines(TempDirTest):
                     raise ValueError("bad %%d" %% x)
                 return x * x
             if __name__ == "__main__":
-                dask.config.set({"distributed.scheduler.allowed-failures": 1})
+                dask.config.set({"distributed.scheduler.allowed-failures": 0})   # fewer deaths
                 open(os.path.join(MARKS, "kill-11"), "w").close()
                 with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None, local_directory=MARKS,
