@@ -4422,38 +4422,25 @@ class TestMapInterrupted(TempDirTest):
             persist.map(work, [0, 1], executor=InlineEngine(), progress=False)
         self.assertEqual(work.explain(0).reason, "hit")
 
-    def test_ctrl_c_while_a_batch_is_stored_stores_the_rest_of_it(self):
-        # The caller stores a batch's results one by one as it arrives: a Ctrl-C among them
-        # lost every result of the batch after it, though they had arrived. Here the Ctrl-C
-        # comes as the result of item 10 is stored (its pickling, by the store).
-        engine = InlineEngine()
+    def test_ctrl_c_while_a_batch_is_loaded_or_stored_stores_the_rest_of_it(self):
+        # The caller loads a batch's results one by one (each its own pickle), then stores
+        # them: a Ctrl-C as one loads, or as one is pickled by the store, lost every result
+        # of the batch after it, though they had arrived. Here it comes at item 10's.
+        # (When the store is interrupted, item 10 may be stored too: the batch's
+        # transaction is made again one result at a time.)
+        for interrupts, may_miss in ((InterruptsItsLoad, set()), (InterruptsItsStore, {10})):
+            engine = InlineEngine()
 
-        @persist.memoize(cache_dir=self.dir)
-        def work(x):
-            return InterruptsItsStore() if x == 10 else x
-        InterruptsItsStore.picklings = 0
-        with self.assertRaises(KeyboardInterrupt):
-            persist.map(work, range(200), executor=engine, progress=False)
-        batch, = [batch for batch in engine.batches if 10 in batch]
-        self.assertGreater(batch[-1], 10)      # (the batches are sized for 50 ms: ~50 items)
-        # (item 10 itself too, where the batch's transaction is made again one by one)
-        self.assertLessEqual({x for x in batch if work.explain(x).reason != "hit"}, {10})
-
-    def test_ctrl_c_while_a_batch_is_loaded_stores_the_rest_of_it(self):
-        # The caller loads a batch's results one by one (each its own pickle): a Ctrl-C as
-        # one loads (here item 10's) lost every result of the batch after it, though they
-        # had arrived.
-        engine = InlineEngine()
-
-        @persist.memoize(cache_dir=self.dir)
-        def work(x):
-            return InterruptsItsLoad() if x == 10 else x
-        InterruptsItsLoad.loads = 0
-        with self.assertRaises(KeyboardInterrupt):
-            persist.map(work, range(200), executor=engine, progress=False)
-        batch, = [batch for batch in engine.batches if 10 in batch]
-        self.assertGreater(batch[-1], 10)      # (the batches are sized for 50 ms: ~50 items)
-        self.assertEqual([x for x in batch if work.explain(x).reason != "hit"], [])
+            @persist.memoize(cache_dir=self.path / interrupts.__name__)
+            def work(x):
+                return interrupts() if x == 10 else x
+            interrupts.count = 0
+            with self.assertRaises(KeyboardInterrupt):
+                persist.map(work, range(200), executor=engine, progress=False)
+            batch, = [batch for batch in engine.batches if 10 in batch]
+            self.assertGreater(batch[-1], 10)     # (the batches are sized for 50 ms: ~50)
+            self.assertLessEqual({x for x in batch if work.explain(x).reason != "hit"},
+                                 may_miss)
 
     @unittest.skipUnless(POSIX, "SIGINT to a child")
     def test_ctrl_c_while_a_worker_sends_a_result_stops(self):
@@ -5873,7 +5860,6 @@ class TestEngines(TempDirTest):
             "[0, 3, 6, 9, 12, 15]", "0 6 6",
             "[0, 3, 6, 9, 12, 15]", "6 6 6"])
 
-
     @slow
     def test_a_classmethod_above_memoize_is_stored_at_the_driver(self):
         # On Python 3.8 and 3.13, Model.triple is a bound method of the wrapper, which
@@ -5922,11 +5908,11 @@ class InterruptsItsStore:
     """A result whose second pickling (the first is its worker's, to send it back) is a
     Ctrl-C."""
 
-    picklings = 0
+    count = 0      # its picklings
 
     def __reduce__(self):
-        type(self).picklings += 1
-        if self.picklings == 2:
+        type(self).count += 1
+        if self.count == 2:
             raise KeyboardInterrupt
         return InterruptsItsStore, ()
 
@@ -5934,15 +5920,15 @@ class InterruptsItsStore:
 class InterruptsItsLoad:
     """A result whose first loading is a Ctrl-C."""
 
-    loads = 0
+    count = 0      # its loadings
 
     def __reduce__(self):
         return _load_interrupting, ()
 
 
 def _load_interrupting():
-    InterruptsItsLoad.loads += 1
-    if InterruptsItsLoad.loads == 1:
+    InterruptsItsLoad.count += 1
+    if InterruptsItsLoad.count == 1:
         raise KeyboardInterrupt
     return InterruptsItsLoad()
 
