@@ -4657,12 +4657,31 @@ def _worker_start(stop, started, func):
     it comes with the worker's arguments so that a module of it that fails to import in a
     new process kills the worker before this runs, a start that _OwnPool.check_started
     reports, not a death with each batch (under spawn, a batch loads func only when it
-    arrives), which would blame every item in turn."""
+    arrives), which would blame every item in turn. A thread of its own ends it once the
+    process that made it is gone (_watch_parent)."""
     global _STOP
     _STOP = stop
     import signal
+    import threading
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True,
+                     name="persist-watch-parent").start()
     started.value = 1
+
+
+def _watch_parent(parent):
+    # type: (int) -> None
+    """End this worker once its parent is gone: a caller killed with SIGKILL tells its pool
+    nothing, and the workers waited for work on their queue for ever, each holding the
+    queue's other end open for the others. (Its parent is the caller, or under forkserver
+    the server, which ends with the caller.)"""
+    while True:
+        time.sleep(_PARENT_CHECK)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+_PARENT_CHECK = 1.0       # seconds between a worker's looks for its parent (_watch_parent)
 
 
 class _OwnPool:

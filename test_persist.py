@@ -5168,6 +5168,62 @@ class TestMapWorkerKilled(TempDirTest):
             "(2999, 'BrokenProcessPool')]", "True"])
 
 
+class TestMapCallerKilled(TempDirTest):
+    @slow
+    @unittest.skipUnless(os.path.isdir("/proc/self"), "a process's state in /proc")
+    def test_workers_end_when_the_caller_is_killed(self):
+        # kill -9 of the caller told its pool nothing: the workers waited for work on their
+        # queue for ever (each holding the queue's other end open for the others), idle.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, sys, time, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def work(x):
+                if x == 0:
+                    os.write(1, b"%d\\n" % os.getpid())
+                    time.sleep(600)
+                return x
+            if __name__ == "__main__":
+                os.write(1, b"%d\\n" % os.getpid())
+                persist.map(work, range(4), workers=2, progress=False)
+        """))
+        child = spawn(self, [sys.executable, str(script), self.dir], stdout=subprocess.PIPE)
+        caller = int(child.stdout.readline())
+        worker = int(child.stdout.readline())
+        workers = [pid for pid in children_of(caller) if pid != caller]
+        self.assertIn(worker, workers)
+        os.kill(caller, signal.SIGKILL)
+        child.wait()
+        deadline = time.monotonic() + 120     # a bound on a hang, not a time to meet
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [pid for pid in workers if alive(pid)]
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        self.assertEqual(left, [])
+
+
+def children_of(pid):
+    """The processes whose parent is pid (Linux: /proc)."""
+    found = []
+    for name in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open("/proc/%s/stat" % name) as stat:
+                fields = stat.read().rpartition(")")[2].split()
+            if int(fields[1]) == pid:
+                found.append(int(name))
+    return found
+
+
+def alive(pid):
+    """Whether pid runs (a zombie, which nobody reaped yet, does not)."""
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @slow
 @unittest.skipUnless(POSIX, "SIGKILL")
 class TestMapWorkerKilledCacheInfo(TempDirTest):
