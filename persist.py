@@ -2505,15 +2505,21 @@ class _FunctionCache:
         self.cache_dir = None if cache_dir is None else os.path.abspath(os.fsdecode(cache_dir))
         self.default_dir = _default_dir(func)
         self.source = None if name else _source_file(func)    # for _check_source()
+        self._path = None
+        self._begin()
+        self._keys(name, ignore, key, label)
+
+    def _begin(self):
+        # type: () -> None
+        """The state of this cache in this process, as it begins: its counters, and no store
+        yet (a cache that arrives by value begins so too: see _received_cache)."""
         self.hits = self.misses = self.unstored = 0
         self.saved = 0.0          # seconds of computing that this process's hits saved
         self.store = None
         self.broken = None        # the error that keeps the cache from being opened
         self.reopen = 0.0         # the time.monotonic() from which to try again
         self.warned = False       # one warning per function is enough
-        self._path = None
         self.failed_versions = None   # see older_failures()
-        self._keys(name, ignore, key, label)
 
     def _keys(self, name, ignore, key, label):
         # type: (Optional[str], FrozenSet[str], Optional[_Func], str) -> None
@@ -2874,10 +2880,7 @@ def _received_cache(state, origin=None):
     cache = object.__new__(_UnattachedCache)
     cache.__dict__.update(state)
     cache.default_dir, cache.source = "", None
-    cache.hits = cache.misses = cache.unstored = 0
-    cache.saved = 0.0
-    cache.store = cache.broken = cache.failed_versions = None
-    cache.reopen, cache.warned = 0.0, False
+    cache._begin()
     cache.bind, cache.key_from = _no_binding, _no_key     # no key is looked up there
     return cache
 
@@ -3663,6 +3666,14 @@ class _Run:
         self.results[index] = exc
         self.failures.append((index, exc))
 
+    def show_progress(self):
+        # type: () -> None
+        """update() the progress when it is due (serial() has this inline: a call an item)."""
+        if self.tick is not None:
+            now = time.perf_counter()
+            if now >= self.tick:
+                self.update(now)
+
     def update(self, now):
         # type: (float) -> None
         """Show progress, at most every _PROGRESS_EVERY seconds."""
@@ -3795,10 +3806,7 @@ class _Run:
                             self.unstarted(schedule.returned(other))
                 else:
                     idle = self.send(schedule, executor, portable, stop, own)
-                if self.tick is not None:
-                    now = time.perf_counter()
-                    if now >= self.tick:
-                        self.update(now)
+                self.show_progress()
         except BaseException as exc:
             for future in schedule.in_flight:
                 with contextlib.suppress(Exception):
@@ -3860,10 +3868,7 @@ class _Run:
                 continue
             if value is not _MISSING:
                 self.succeeded(index, value, True)
-                if self.tick is not None:
-                    now = time.perf_counter()
-                    if now >= self.tick:
-                        self.update(now)
+                self.show_progress()
                 continue
             self.keys[index] = key
             self.waiting[key] = []
