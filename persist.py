@@ -5179,7 +5179,7 @@ def _open_here(path):
     under this one's feet (https://www.sqlite.org/howtocorrupt.html, section 2.2)."""
     real = os.path.realpath(path)
     return any(conn._conn is not None and os.path.realpath(conn.path) == real
-               for conn in list(_CONNECTIONS))
+               for conn in _connections())
 
 
 def _shelve_kind(path):
@@ -7623,12 +7623,24 @@ def _wait_for_fork():
         pass
 
 
+def _connections():
+    # type: () -> List[_Connection]
+    """This process's _Connections, as a list. A WeakSet's iteration is Python code, during
+    which another thread may add one (opening a cache) or drop one (closing it), and it then
+    raises RuntimeError (set changed size during iteration): the list is made again."""
+    while True:
+        try:
+            return list(_CONNECTIONS)
+        except RuntimeError:
+            continue
+
+
 def _inside_sqlite():
     # type: () -> bool
     """Whether this thread is inside a _Connection or _elsewhere(): a signal handler's."""
     me = _thread.get_ident()
     return any(conn._depth and conn._lock._is_owned()  # type: ignore[attr-defined]  # in C and PyPy
-               for conn in list(_CONNECTIONS)) or \
+               for conn in _connections()) or \
         any(thread == me and lock.locked() for lock, (_, thread) in list(_ELSEWHERE.items()))
 
 
@@ -7671,7 +7683,7 @@ def _before_fork():
     thread from starting SQLite work (_forking_elsewhere()). A signal handler may fork
     while this runs: the gate is an RLock, taken and given back once per fork."""
     # one per fork under way (nested: a signal handler's), with the locks its thread holds
-    _FORKING.append({conn for conn in list(_CONNECTIONS)
+    _FORKING.append({conn for conn in _connections()
                      if conn._lock._is_owned()})  # type: ignore[attr-defined]  # in C and PyPy
     me = _thread.get_ident()
     for lock, (path, thread) in list(_ELSEWHERE.items()):
@@ -7684,7 +7696,7 @@ def _before_fork():
                 _ELSEWHERE.pop(lock, None)
     seen: "Set[_Connection]" = set()
     while True:           # our own thread may open another while we close the first ones
-        new = [conn for conn in list(_CONNECTIONS) if conn not in seen]
+        new = [conn for conn in _connections() if conn not in seen]
         if not new:
             break
         for conn in new:
@@ -7708,7 +7720,7 @@ def _after_fork_in_parent():
     # thread, which every other thread would wait for for ever: Python 3.8 and 3.9 run a
     # signal's handler between the end of a with's body and its __exit__, and as an error
     # (an earlier Ctrl-C) enters __exit__. Let go of the locks it took and kept.
-    for conn in list(_CONNECTIONS):
+    for conn in _connections():
         while conn not in held and conn._lock._is_owned():  # type: ignore[attr-defined]
             conn._lock.release()
     if not _FORKING:
@@ -7721,7 +7733,7 @@ def _after_fork_in_child():
     _OPEN_LOCK = _thread.RLock()
     del _FORKING[:]
     _WRITTEN.clear()                      # the parent's to look at, at its exit
-    for conn in list(_CONNECTIONS):
+    for conn in _connections():
         conn._lock = _thread.RLock()      # whoever held the old one is not in this process
         conn._depth = 0
         conn._frozen = conn._copy = None  # a private copy is the parent's to remove
@@ -7743,7 +7755,7 @@ def _close_all():
     with contextlib.suppress(Exception):
         with _elsewhere(""):
             _close_garbage()
-    for conn in list(_CONNECTIONS):
+    for conn in _connections():
         # best effort: at exit, a connection another thread is using stays as it is
         with contextlib.suppress(Exception):
             if conn._lock.acquire(blocking=False):

@@ -6275,6 +6275,34 @@ class TestShelfThreads(TempDirTest):
             self.assertEqual(failures, [])
             self.assertEqual(len(db), 1601)
 
+    @slow
+    def test_threads_opening_and_closing_shelves_among_many_open_ones(self):
+        # Each open walked this process's connections (a WeakSet) before it took the fork
+        # gate: another thread opening or closing one meanwhile made the walk raise
+        # RuntimeError (set changed size during iteration), and the open failed; 4 to 16 of
+        # 800 opens here, with threads switching as often as they can.
+        out = run_python("""
+            import os, sys, threading, traceback, persist
+            sys.setswitchinterval(1e-6)
+            keep = [persist.open(os.path.join(%r, "k%%d" %% (i %% 5))) for i in range(300)]
+            errors = []
+            def work():
+                for i in range(100):
+                    try:
+                        db = persist.open(os.path.join(%r, "t%%d" %% (i %% 3)))
+                        db["a"] = i
+                        keep.append(db) if i %% 7 == 0 else db.close()
+                    except Exception:
+                        errors.append(traceback.format_exc())
+            threads = [threading.Thread(target=work) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            print(len(errors), errors[:1])
+        """ % (self.dir, self.dir), timeout=300)
+        self.assertEqual(out, "0 []\n")
+
 
 class TestNotACache(TempDirTest):
     def check_refused(self, path, pattern, reason):
