@@ -2803,12 +2803,17 @@ class _FunctionCache:
                         if exc is None:
                             _debug("stored", self.identity, key)
                 return errors
-        for entry in entries:
+        for position, entry in enumerate(entries):
             unstored = self.unstored
             try:
                 self.put(*entry)
             except Exception as exc:        # strict: raised, as the call itself would
                 errors.append((False, exc))
+            except BaseException:           # a Ctrl-C: this one (again) and the rest first
+                for rest in entries[position:]:
+                    with contextlib.suppress(Exception):
+                        self.put(*rest)
+                raise
             else:
                 errors.append((self.unstored == unstored, None))
         return errors
@@ -3819,6 +3824,12 @@ class _Run:
             finally:                      # a second Ctrl-C too stops the workers
                 if pool is not None:
                     _stop_workers(pool)
+            if pool is not None:
+                # A result a worker sent before it stopped may still have been in the pipe,
+                # unread by the pool's thread: it reads each one before it finds the pool
+                # broken, and shutdown() waited for it.
+                with contextlib.suppress(Exception):
+                    self.take_arrived(schedule)
             raise
         finally:
             if pool is not None:

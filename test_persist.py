@@ -15,6 +15,7 @@ import asyncio
 import atexit
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import dataclasses
 import datetime
@@ -4441,6 +4442,63 @@ class TestMapInterrupted(TempDirTest):
             self.assertGreater(batch[-1], 10)     # (the batches are sized for 50 ms: ~50)
             self.assertLessEqual({x for x in batch if work.explain(x).reason != "hit"},
                                  may_miss)
+
+    def test_ctrl_c_while_the_one_result_of_a_batch_is_stored_stores_it(self):
+        # A batch of one is stored by put() alone, not in put_many()'s transaction: a
+        # Ctrl-C as its result was pickled lost it, though it had arrived.
+        @persist.memoize(cache_dir=self.dir)
+        def work(x):
+            return InterruptsItsStore()
+        InterruptsItsStore.count = 0
+        with self.assertRaises(KeyboardInterrupt):
+            persist.map(work, [0], executor=InlineEngine(), progress=False)
+        self.assertEqual((InterruptsItsStore.count, work.explain(0).reason), (3, "hit"))
+
+    @unittest.skipUnless(POSIX, "SIGINT to a child")
+    @unittest.skipUnless(hasattr(concurrent.futures.process, "_ExecutorManagerThread"),
+                         "the pool's reader thread, to hold up (Python 3.9 and later)")
+    def test_ctrl_c_stores_a_result_still_in_the_pool_pipe(self):
+        # A worker had sent a result, but the pool's reader thread had not read it yet when
+        # Ctrl-C came (a loaded machine): the run stopped the workers and dropped it. Here
+        # the reader thread is held up at the third result, until the workers are gone.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import os, signal, time
+            import concurrent.futures.process as process
+            import persist
+
+            signal.signal(signal.SIGINT, signal.default_int_handler)   # (see above)
+            reader = process._ExecutorManagerThread
+            plain, seen = reader.process_result_item, []
+
+            def held_up(self, item):
+                seen.append(item)
+                if len(seen) == 3:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    deadline = time.monotonic() + 60
+                    while (time.monotonic() < deadline
+                           and all(p.is_alive() for p in list(self.processes.values()))):
+                        time.sleep(0.01)
+                return plain(self, item)
+            reader.process_result_item = held_up
+
+            @persist.memoize(cache_dir=os.environ["CACHE"], name="quick")
+            def quick(x):
+                return x
+
+            if __name__ == "__main__":
+                try:
+                    persist.map(quick, range(4), workers=2, progress=False)
+                except KeyboardInterrupt:
+                    print("interrupted", flush=True)
+        """))
+        done = run_command([str(script)], timeout=120, CACHE=self.dir)
+        self.assertEqual(done.stdout, "interrupted\n", done.stderr)
+
+        @persist.memoize(cache_dir=self.dir, name="quick")
+        def quick(x):
+            return x
+        self.assertGreaterEqual(quick.cache_info().entries, 3)
 
     @unittest.skipUnless(POSIX, "SIGINT to a child")
     def test_ctrl_c_while_a_worker_sends_a_result_stops(self):
