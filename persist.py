@@ -7833,6 +7833,72 @@ def _size(path):
         return 0
 
 
+def _publish(path, payload):
+    # type: (str, bytes) -> bool
+    """Write payload to path as one framed record (see _framed), whole or not at all, where
+    several machines may write it at once and no lock holds (NFS, sshfs): the record goes to
+    a temporary file of this process's own in the same directory (host, pid and a random
+    part in its name), is fsynced, and is published with link(), which creates path only
+    if it is not there. Returns True if this call published it, False if path was there
+    already (another writer's record of the same key: the first stays). Where link() is
+    refused (EPERM, ENOTSUP, EXDEV: a filesystem without hard links), os.replace() publishes
+    it instead, unless path appeared meanwhile."""
+    directory, name = os.path.split(path)
+    temp = os.path.join(directory, ".%s.%s-%d-%s.tmp" % (
+        name, _HOST, os.getpid(), os.urandom(6).hex()))
+    fd = os.open(temp, _O_TEMP, 0o666)
+    try:
+        try:
+            view = memoryview(_framed(payload))
+            while view:
+                view = view[os.write(fd, view):]
+            _fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            if os.path.lexists(path):     # a link() that failed after it made the name (NFS
+                return False              # retries), or another writer's record
+            os.replace(temp, path)
+            return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def _framed(payload):
+    # type: (bytes) -> bytes
+    """payload as a record: _RECORD_MAGIC, its length (8 bytes, big-endian), its SHA-256,
+    then payload itself. A record cut short, or torn, fails _unframed's checks: a miss."""
+    return b"".join([_RECORD_MAGIC, len(payload).to_bytes(8, "big"),
+                     hashlib.sha256(payload).digest(), payload])
+
+
+def _unframed(record):
+    # type: (bytes) -> Optional[bytes]
+    """The payload of a record that _framed made, or None for anything else: cut short at
+    any byte, torn, another format, a file of someone else's."""
+    head = len(_RECORD_MAGIC) + 8 + 32
+    if len(record) < head or not record.startswith(_RECORD_MAGIC):
+        return None
+    length = int.from_bytes(record[len(_RECORD_MAGIC):len(_RECORD_MAGIC) + 8], "big")
+    payload = record[head:]
+    if len(payload) != length or hashlib.sha256(payload).digest() != record[head - 32:head]:
+        return None
+    return payload
+
+
+_RECORD_MAGIC = b"persist\x01"
+# this machine, in the names of temporary files other machines may see (see _publish)
+_HOST = "".join(char if char.isalnum() or char in "-_." else "_" for char in (
+    os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")))[:64] \
+    or "host"
+
+
 def _filesystem(directory, mountinfo="/proc/self/mountinfo"):
     # type: (str, str) -> Tuple[Optional[str], Optional[str]]
     """(type, source) of the filesystem that holds directory, as the kernel names them:

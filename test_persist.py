@@ -10823,6 +10823,63 @@ class TestWhichFilesystem(TempDirTest):
             self.assertEqual(persist._filesystem(self.dir)[0], kind)
 
 
+class TestPublishedRecords(TempDirTest):
+    """_publish() and _unframed(): a record written where no lock holds (a shared
+    filesystem) is whole or not there; one cut short or torn at any byte is a miss."""
+
+    def test_cut_short_or_torn_at_every_byte_is_a_miss(self):
+        payload = pickle.dumps({"result": list(range(20))})
+        path = str(self.path / "key")
+        self.assertTrue(persist._publish(path, payload))
+        with io.open(path, "rb") as file:
+            record = file.read()
+        self.assertEqual(persist._unframed(record), payload)
+        for end in range(len(record)):
+            self.assertIsNone(persist._unframed(record[:end]), end)
+        for at in range(len(record)):
+            torn = bytearray(record)
+            torn[at] ^= 0x40
+            self.assertIsNone(persist._unframed(bytes(torn)), at)
+        self.assertIsNone(persist._unframed(record + b"\0"))
+        self.assertIsNone(persist._unframed(payload))
+
+    def test_the_first_writer_wins_and_no_temporary_file_is_left(self):
+        path = str(self.path / "key")
+        self.assertTrue(persist._publish(path, b"first"))
+        self.assertFalse(persist._publish(path, b"second"))
+        with io.open(path, "rb") as file:
+            self.assertEqual(persist._unframed(file.read()), b"first")
+        self.assertEqual(os.listdir(self.dir), ["key"])
+
+    def test_without_hard_links_it_replaces_unless_the_record_appeared(self):
+        for errno_ in (errno.EPERM, errno.EXDEV, getattr(errno, "ENOTSUP", errno.EPERM)):
+            path = str(self.path / ("key%d" % errno_))
+            refused = OSError(errno_, os.strerror(errno_))
+            with mock.patch("os.link", side_effect=refused):
+                self.assertTrue(persist._publish(path, b"one"))
+                self.assertFalse(persist._publish(path, b"two"))
+            with io.open(path, "rb") as file:
+                self.assertEqual(persist._unframed(file.read()), b"one")
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted(
+            "key%d" % e for e in {errno.EPERM, errno.EXDEV, getattr(errno, "ENOTSUP", 1)}))
+
+    @slow
+    def test_many_processes_publish_one_key_and_every_reader_sees_one_whole_record(self):
+        path = str(self.path / "key")
+        writers = [spawn(self, [sys.executable, "-c", textwrap.dedent("""
+            import os, sys, persist
+            for round in range(200):
+                persist._publish(sys.argv[1] + str(round), os.urandom(4096 * (1 + %d)))
+        """ % n), path]) for n in range(6)]
+        for writer in writers:
+            self.assertEqual(writer.wait(), 0)
+        names = os.listdir(self.dir)
+        self.assertEqual(len(names), 200)                  # no temporary file left
+        for name in names:
+            with io.open(os.path.join(self.dir, name), "rb") as file:
+                self.assertIsNotNone(persist._unframed(file.read()), name)
+
+
 # -- the command line
 
 
