@@ -10825,6 +10825,147 @@ class TestInterruptAsADescriptorOpens(TempDirTest):
         self.assertNoTemp()
 
 
+# -- file helpers: which filesystem holds a cache
+
+
+MOUNTINFO = r"""22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard
+40 27 0:40 / /home rw,relatime shared:7 - nfs4 fileserver:/export/home rw,vers=4.2
+41 40 0:41 / /home/ann/scratch rw,relatime - lustre 10.0.0.1@o2ib:/scratch rw,flock
+42 27 0:42 / /mnt/remote\040box rw,nosuid - fuse.sshfs ann@box:/data\040set rw,user_id=0
+43 27 254:0 /srv/data /mnt/bind rw,relatime - ext4 /dev/vda rw
+44 27 0:44 / /mnt/over rw - tmpfs tmpfs rw
+45 27 0:45 / /mnt/over rw - cifs //winbox/share rw,vers=3.0
+46 27 0:46 / /gpfs rw - gpfs gpfs0 rw
+47 27 0:47 / /mnt/tab\011and\134slash rw - 9p hostshare rw
+48 27 0:48 / /media/usb rw - fuseblk /dev/sdb1 rw
+a line that is not a mount
+"""
+
+
+class TestWhichFilesystem(TempDirTest):
+    """_filesystem() and _shared_filesystem(): which filesystem holds a cache's directory,
+    read from mountinfo (the longest mount point that holds it), and whether machines may
+    share it (there SQLite's locks do not hold)."""
+
+    def setUp(self):
+        super().setUp()
+        self.info = self.path / "mountinfo"
+        self.info.write_text(MOUNTINFO)
+        persist._FILESYSTEMS.clear()
+        self.addCleanup(persist._FILESYSTEMS.clear)
+
+    def kind(self, directory):
+        with mock.patch("os.path.realpath", lambda path: path):    # the fixture's paths
+            return (persist._filesystem(directory, str(self.info)),
+                    persist._shared_filesystem(directory, str(self.info)))
+
+    def test_the_longest_mount_point_that_holds_it(self):
+        cases = {
+            "/home/ann/project": (("nfs4", "fileserver:/export/home"), "nfs4"),
+            "/home": (("nfs4", "fileserver:/export/home"), "nfs4"),
+            "/home/ann/scratch/run1": (("lustre", "10.0.0.1@o2ib:/scratch"), "lustre"),
+            "/home/ann/scratchpad": (("nfs4", "fileserver:/export/home"), "nfs4"),
+            "/var/cache": (("ext4", "/dev/vda"), None),
+            "/mnt/bind/x": (("ext4", "/dev/vda"), None),
+            "/gpfs/project": (("gpfs", "gpfs0"), "gpfs"),
+            "/media/usb/x": (("fuseblk", "/dev/sdb1"), None),
+        }
+        for directory, expected in cases.items():
+            self.assertEqual(self.kind(directory), expected, directory)
+
+    def test_escaped_mount_points_and_sources(self):
+        self.assertEqual(self.kind("/mnt/remote box/cache"),
+                         (("fuse.sshfs", "ann@box:/data set"), "fuse.sshfs"))
+        self.assertEqual(self.kind("/mnt/remote\\040box/cache")[1], None)    # not unescaped
+        self.assertEqual(self.kind("/mnt/tab\tand\\slash"), (("9p", "hostshare"), "9p"))
+
+    def test_the_last_mount_on_a_point_covers_the_ones_before(self):
+        self.assertEqual(self.kind("/mnt/over/x"), (("cifs", "//winbox/share"), "cifs"))
+
+    def test_statfs_where_there_is_no_mountinfo(self):
+        # (this machine's own filesystems: / and /proc are local, whichever way they are read)
+        if not sys.platform.startswith("linux"):
+            self.skipTest("statfs(2)'s f_type is Linux's")
+        kind, source = persist._filesystem(self.dir, str(self.path / "no-such-file"))
+        self.assertRegex(kind, r"^0x[0-9a-f]+$")
+        self.assertIsNone(source)
+        proc, _ = persist._filesystem("/proc", str(self.path / "no-such-file"))
+        self.assertEqual(proc, "0x9fa0")                               # PROC_SUPER_MAGIC
+        self.assertIsNone(persist._shared_filesystem("/proc", str(self.path / "nothing")))
+        with mock.patch.object(persist, "_statfs_type", lambda directory: 0x6969):
+            persist._FILESYSTEMS.clear()
+            self.assertEqual(persist._shared_filesystem(self.dir, str(self.path / "none")),
+                             "0x6969")                                # NFS_SUPER_MAGIC
+
+    @unittest.skipUnless(os.path.exists("/proc/self/mountinfo"), "Linux's mountinfo")
+    def test_this_machines_own_mounts(self):
+        kind, source = persist._filesystem("/proc")
+        self.assertEqual(kind, "proc")
+        kind, _ = persist._filesystem(self.dir)
+        self.assertTrue(kind)
+        # the same directory again is not read again
+        with mock.patch.object(persist, "_mounts", side_effect=AssertionError):
+            self.assertEqual(persist._filesystem(self.dir)[0], kind)
+
+
+class TestPublishedRecords(TempDirTest):
+    """_publish() and _unframed(): a record written where no lock holds (a shared
+    filesystem) is whole or not there; one cut short or torn at any byte is a miss."""
+
+    def test_cut_short_or_torn_at_every_byte_is_a_miss(self):
+        payload = pickle.dumps({"result": list(range(20))})
+        path = str(self.path / "key")
+        self.assertTrue(persist._publish(path, payload))
+        with io.open(path, "rb") as file:
+            record = file.read()
+        self.assertEqual(persist._unframed(record), payload)
+        for end in range(len(record)):
+            self.assertIsNone(persist._unframed(record[:end]), end)
+        for at in range(len(record)):
+            torn = bytearray(record)
+            torn[at] ^= 0x40
+            self.assertIsNone(persist._unframed(bytes(torn)), at)
+        self.assertIsNone(persist._unframed(record + b"\0"))
+        self.assertIsNone(persist._unframed(payload))
+
+    def test_the_first_writer_wins_and_no_temporary_file_is_left(self):
+        path = str(self.path / "key")
+        self.assertTrue(persist._publish(path, b"first"))
+        self.assertFalse(persist._publish(path, b"second"))
+        with io.open(path, "rb") as file:
+            self.assertEqual(persist._unframed(file.read()), b"first")
+        self.assertEqual(os.listdir(self.dir), ["key"])
+
+    def test_without_hard_links_it_replaces_unless_the_record_appeared(self):
+        for errno_ in (errno.EPERM, errno.EXDEV, getattr(errno, "ENOTSUP", errno.EPERM)):
+            path = str(self.path / ("key%d" % errno_))
+            refused = OSError(errno_, os.strerror(errno_))
+            with mock.patch("os.link", side_effect=refused):
+                self.assertTrue(persist._publish(path, b"one"))
+                self.assertFalse(persist._publish(path, b"two"))
+            with io.open(path, "rb") as file:
+                self.assertEqual(persist._unframed(file.read()), b"one")
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted(
+            "key%d" % e for e in {errno.EPERM, errno.EXDEV, getattr(errno, "ENOTSUP", 1)}))
+
+    @slow
+    def test_many_processes_publish_one_key_and_every_reader_sees_one_whole_record(self):
+        path = str(self.path / "key")
+        writers = [spawn(self, [sys.executable, "-c", textwrap.dedent("""
+            import os, sys, persist
+            for round in range(200):
+                persist._publish(sys.argv[1] + str(round), os.urandom(4096 * (1 + %d)))
+        """ % n), path]) for n in range(6)]
+        for writer in writers:
+            self.assertEqual(writer.wait(), 0)
+        names = os.listdir(self.dir)
+        self.assertEqual(len(names), 200)                  # no temporary file left
+        for name in names:
+            with io.open(os.path.join(self.dir, name), "rb") as file:
+                self.assertIsNotNone(persist._unframed(file.read()), name)
+
+
 # -- the command line
 
 
