@@ -45,7 +45,7 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 #   6. open - the shelf, reading old shelve files
 #   7. atomic_write, atomic_open - temporary files
 #   8. done_dir, is_done
-#   9. the store - value files, connections, the trust check, fork and exit hooks
+#   9. the store - value files, connections, the trust check, fork and exit hooks, the files store
 #   10. file helpers
 #   11. the command line
 # How a call goes, traced (tracemap.py): "a -> b" a calls b, "a -> (b; c)" a calls b then c,
@@ -7821,111 +7821,11 @@ if hasattr(os, "register_at_fork"):
 atexit.register(_close_all)
 
 
-# == file helpers =================================================================================
-# fsync of a file (F_FULLFSYNC on macOS) and of a directory (where the platform allows it);
-# the size of a file.
-
-def _fsync(fd):
-    # type: (int) -> None
-    """Flush fd to stable storage; on macOS with F_FULLFSYNC, out of the drive's cache too."""
-    if _FULLFSYNC is not None:
-        try:
-            _fcntl.fcntl(fd, _FULLFSYNC)
-            return
-        except OSError:           # not every filesystem has it (SMB, some FUSE): fsync then
-            pass
-    os.fsync(fd)
-
-
-def _fsync_dir(directory):
-    # type: (Union[str, os.PathLike[str]]) -> None
-    """Make a rename or unlink in directory durable, where the platform allows it."""
-    if not _CAN_FSYNC_DIR:
-        return
-    # best effort: some network and FUSE filesystems refuse to fsync a directory (EINVAL)
-    with contextlib.suppress(OSError):
-        opened: "List[int]" = []   # by list.extend(), as in _create_temp(): no Ctrl-C leaks it
-        try:
-            opened.extend(builtins.map(os.open, (directory,), (os.O_RDONLY | os.O_DIRECTORY,)))
-            _fsync(opened[0])
-        finally:
-            if opened:
-                os.close(opened[0])
-
-
-def _size(path):
-    # type: (str) -> int
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
-
-
-def _publish(path, payload):
-    # type: (str, bytes) -> bool
-    """Write payload to path as one framed record (see _framed), whole or not at all, where
-    several machines may write it at once and no lock holds (NFS, sshfs): the record goes to
-    a temporary file of this process's own in the same directory (host, pid and a random
-    part in its name), is fsynced, and is published with link(), which creates path only
-    if it is not there. Returns True if this call published it, False if path was there
-    already (another writer's record of the same key: the first stays). Where link() is
-    refused (EPERM, ENOTSUP, EXDEV: a filesystem without hard links), os.replace() publishes
-    it instead, unless path appeared meanwhile."""
-    directory, name = os.path.split(path)
-    temp = os.path.join(directory, ".%s.%s-%d-%s.tmp" % (
-        name, _HOST, os.getpid(), os.urandom(6).hex()))
-    fd = os.open(temp, _O_TEMP, 0o666)
-    try:
-        try:
-            view = memoryview(_framed(payload))
-            while view:
-                view = view[os.write(fd, view):]
-            _fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(temp, path)
-            return True
-        except FileExistsError:
-            return False
-        except OSError:
-            if os.path.lexists(path):     # a link() that failed after it made the name (NFS
-                return False              # retries), or another writer's record
-            os.replace(temp, path)
-            return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-
-
-def _framed(payload):
-    # type: (bytes) -> bytes
-    """payload as a record: _RECORD_MAGIC, its length (8 bytes, big-endian), its SHA-256,
-    then payload itself. A record cut short, or torn, fails _unframed's checks: a miss."""
-    return b"".join([_RECORD_MAGIC, len(payload).to_bytes(8, "big"),
-                     hashlib.sha256(payload).digest(), payload])
-
-
-def _unframed(record):
-    # type: (bytes) -> Optional[bytes]
-    """The payload of a record that _framed made, or None for anything else: cut short at
-    any byte, torn, another format, a file of someone else's."""
-    head = len(_RECORD_MAGIC) + 8 + 32
-    if len(record) < head or not record.startswith(_RECORD_MAGIC):
-        return None
-    length = int.from_bytes(record[len(_RECORD_MAGIC):len(_RECORD_MAGIC) + 8], "big")
-    payload = record[head:]
-    if len(payload) != length or hashlib.sha256(payload).digest() != record[head - 32:head]:
-        return None
-    return payload
-
-
-_RECORD_MAGIC = b"persist\x01"
-# this machine, in the names of temporary files other machines may see (see _publish)
-_HOST = "".join(char if char.isalnum() or char in "-_." else "_" for char in (
-    os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")))[:64] \
-    or "host"
-
+# == the store: the files store -------------------------------------------------------------------
+# Where SQLite's locks do not hold (NFS, Lustre, GPFS, sshfs: _shared_filesystem() reads
+# the mount table), a cache is a directory of files, one a result: each written whole to a
+# temporary file of its own, fsynced, and published with link() (_publish), framed with its
+# length and checksum so that a torn one reads as missing (_framed, _unframed); no locks.
 
 def _filesystem(directory, mountinfo="/proc/self/mountinfo"):
     # type: (str, str) -> Tuple[Optional[str], Optional[str]]
@@ -8053,6 +7953,112 @@ _SHARED_MAGIC = frozenset([
     0x01021997,    # V9FS_MAGIC
     0x5346414F,    # AFS_FS_MAGIC
     0x65735546])   # FUSE_SUPER_MAGIC: which FUSE filesystem is not told, so taken as shared
+
+
+def _publish(path, payload):
+    # type: (str, bytes) -> bool
+    """Write payload to path as one framed record (see _framed), whole or not at all, where
+    several machines may write it at once and no lock holds (NFS, sshfs): the record goes to
+    a temporary file of this process's own in the same directory (host, pid and a random
+    part in its name), is fsynced, and is published with link(), which creates path only
+    if it is not there. Returns True if this call published it, False if path was there
+    already (another writer's record of the same key: the first stays). Where link() is
+    refused (EPERM, ENOTSUP, EXDEV: a filesystem without hard links), os.replace() publishes
+    it instead, unless path appeared meanwhile."""
+    directory, name = os.path.split(path)
+    temp = os.path.join(directory, ".%s.%s-%d-%s.tmp" % (
+        name, _HOST, os.getpid(), os.urandom(6).hex()))
+    fd = os.open(temp, _O_TEMP, 0o666)
+    try:
+        try:
+            view = memoryview(_framed(payload))
+            while view:
+                view = view[os.write(fd, view):]
+            _fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            if os.path.lexists(path):     # a link() that failed after it made the name (NFS
+                return False              # retries), or another writer's record
+            os.replace(temp, path)
+            return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def _framed(payload):
+    # type: (bytes) -> bytes
+    """payload as a record: _RECORD_MAGIC, its length (8 bytes, big-endian), its SHA-256,
+    then payload itself. A record cut short, or torn, fails _unframed's checks: a miss."""
+    return b"".join([_RECORD_MAGIC, len(payload).to_bytes(8, "big"),
+                     hashlib.sha256(payload).digest(), payload])
+
+
+def _unframed(record):
+    # type: (bytes) -> Optional[bytes]
+    """The payload of a record that _framed made, or None for anything else: cut short at
+    any byte, torn, another format, a file of someone else's."""
+    head = len(_RECORD_MAGIC) + 8 + 32
+    if len(record) < head or not record.startswith(_RECORD_MAGIC):
+        return None
+    length = int.from_bytes(record[len(_RECORD_MAGIC):len(_RECORD_MAGIC) + 8], "big")
+    payload = record[head:]
+    if len(payload) != length or hashlib.sha256(payload).digest() != record[head - 32:head]:
+        return None
+    return payload
+
+
+_RECORD_MAGIC = b"persist\x01"
+# this machine, in the names of temporary files other machines may see (see _publish)
+_HOST = "".join(char if char.isalnum() or char in "-_." else "_" for char in (
+    os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")))[:64] \
+    or "host"
+
+
+# == file helpers =================================================================================
+# fsync of a file (F_FULLFSYNC on macOS) and of a directory (where the platform allows it);
+# the size of a file.
+
+def _fsync(fd):
+    # type: (int) -> None
+    """Flush fd to stable storage; on macOS with F_FULLFSYNC, out of the drive's cache too."""
+    if _FULLFSYNC is not None:
+        try:
+            _fcntl.fcntl(fd, _FULLFSYNC)
+            return
+        except OSError:           # not every filesystem has it (SMB, some FUSE): fsync then
+            pass
+    os.fsync(fd)
+
+
+def _fsync_dir(directory):
+    # type: (Union[str, os.PathLike[str]]) -> None
+    """Make a rename or unlink in directory durable, where the platform allows it."""
+    if not _CAN_FSYNC_DIR:
+        return
+    # best effort: some network and FUSE filesystems refuse to fsync a directory (EINVAL)
+    with contextlib.suppress(OSError):
+        opened: "List[int]" = []   # by list.extend(), as in _create_temp(): no Ctrl-C leaks it
+        try:
+            opened.extend(builtins.map(os.open, (directory,), (os.O_RDONLY | os.O_DIRECTORY,)))
+            _fsync(opened[0])
+        finally:
+            if opened:
+                os.close(opened[0])
+
+
+def _size(path):
+    # type: (str) -> int
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 # == the command line =============================================================================
