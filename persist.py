@@ -149,7 +149,9 @@ if TYPE_CHECKING:
     # the parameters _binder() keys: (name, kind, default, digest of the default or None)
     _Kept: TypeAlias = List[Tuple[str, int, Any, Optional[bytes]]]
     # a row of Dict as _Store.get() reads it: (pickle or b'', value file, stored, seconds)
-    _Row: TypeAlias = Tuple[bytes, Optional[str], float, Optional[float]]
+    _Row: TypeAlias = Tuple[Union[bytes, memoryview], Optional[str], float, Optional[float]]
+    # a cache's store: one SQLite file, or a directory of files (see _store_kind)
+    _AnyStore: TypeAlias = Union["_Store", "_FileStore"]
     # what the failure ledger keeps of a call: (args, type, message, traceback, seconds, version)
     _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str,
                                       Union[bytes, str, None]]
@@ -411,6 +413,7 @@ class PersistError(OSError):
         NAME_CLASH      the cache holds another function's results: two projects share it
         AMBIGUOUS       a function's name that more than one cache under a directory has
         NO_HOME         $PERSIST_DIR starts with ~, and there is no such home directory
+        SHARED_FILESYSTEM  the SQLite store asked for on a filesystem other machines share
     """
 
     NEWER_FORMAT = "newer-format"
@@ -435,6 +438,7 @@ class PersistError(OSError):
     NAME_CLASH = "name-clash"
     AMBIGUOUS = "ambiguous"
     NO_HOME = "no-home"
+    SHARED_FILESYSTEM = "shared-filesystem"
 
     def __init__(self, *args, reason=None):
         # type: (*Any, Optional[str]) -> None
@@ -542,13 +546,14 @@ if TYPE_CHECKING:     # bare, @memoize; or with options, @memoize(version=2)
                 name: Optional[str] = None, version: object = None,
                 expire: Union[float, datetime.timedelta, None] = None,
                 ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
-                strict: bool = False) -> _MemoizedFunction[_P, _R]: ...
+                strict: bool = False, store: Optional[str] = None
+                ) -> _MemoizedFunction[_P, _R]: ...
     @overload
     def memoize(func: None = None, *, cache_dir: Optional[_StrPath] = None,
                 name: Optional[str] = None, version: object = None,
                 expire: Union[float, datetime.timedelta, None] = None,
                 ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
-                strict: bool = False
+                strict: bool = False, store: Optional[str] = None
                 ) -> Callable[[Callable[_P, _R]], _MemoizedFunction[_P, _R]]: ...
 
 
@@ -556,7 +561,8 @@ def memoize(func: "Optional[Callable[..., Any]]" = None, *,
             cache_dir: "Optional[_StrPath]" = None, name: "Optional[str]" = None,
             version: object = None, expire: "Union[float, datetime.timedelta, None]" = None,
             ignore: "Union[str, Iterable[str]]" = (),
-            key: "Optional[Callable[..., Any]]" = None, strict: bool = False) -> "Any":
+            key: "Optional[Callable[..., Any]]" = None, strict: bool = False,
+            store: "Optional[str]" = None) -> "Any":
     """Keep each result of func on disk, so that a rerun computes only what is missing.
 
     Use it bare, @memoize, or with options, @memoize(version=2). Each result is committed
@@ -578,6 +584,11 @@ def memoize(func: "Optional[Callable[..., Any]]" = None, *,
     key: a callable taking func's arguments and returning what to key on instead.
     strict: raise when the cache cannot be used (read-only, disk full) instead of warning once
         and returning results unstored; PERSIST_STRICT=1 sets it for every function.
+    store: 'sqlite' (one SQLite file: the fastest) or 'files' (a file a result: for
+        filesystems several machines share, NFS, Lustre, GPFS, sshfs, where SQLite's locks do
+        not hold); else $PERSIST_STORE; else 'files' on such a filesystem and 'sqlite'
+        elsewhere. 'sqlite' is refused on a shared filesystem; 'sqlite-one-machine' takes it
+        there, on your word that one machine alone uses the cache.
 
     Equal arguments give the same key in every process: a parameter left at its default is
     left out (adding one with a default keeps old results), dict and set order do not
@@ -588,10 +599,11 @@ def memoize(func: "Optional[Callable[..., Any]]" = None, *,
     cache_parameters() (the options, as a dict), and binds in a class as a function does
     (put it above @classmethod). Caches are pickles: trust them as code.
     """
-    options = (cache_dir, name, version, expire, ignore, key, strict)
+    options = (cache_dir, name, version, expire, ignore, key, strict, store)
     if func is None:
         return lambda f: memoize(f, cache_dir=cache_dir, name=name, version=version,
-                                 expire=expire, ignore=ignore, key=key, strict=strict)
+                                 expire=expire, ignore=ignore, key=key, strict=strict,
+                                 store=store)
     if isinstance(func, classmethod):
         return _make_classmethod_wrapper(func.__func__, options)
     if isinstance(func, staticmethod):
@@ -611,8 +623,8 @@ def memoize(func: "Optional[Callable[..., Any]]" = None, *,
 # binds. Every wrapper keys a call with the cache's key path and runs a miss through _Miss:
 # call the function outside any lock, store its result, or record its failure.
 
-def _make_wrapper(func, cache_dir, name, version, expire, ignore, key, strict):
-    # type: (_Func, Optional[_StrPath], Optional[str], object, _Expire, _Names, Optional[_Func], bool) -> _Func
+def _make_wrapper(func, cache_dir, name, version, expire, ignore, key, strict, store):
+    # type: (_Func, Optional[_StrPath], Optional[str], object, _Expire, _Names, Optional[_Func], bool, Optional[str]) -> _Func
     """memoize's work, once its options are checked: func through a cache of its own. A
     method gets a _Wrapper, which binds to its instance; anything else, a function
     (_function_wrapper)."""
@@ -627,7 +639,12 @@ def _make_wrapper(func, cache_dir, name, version, expire, ignore, key, strict):
     ignore = frozenset(ignore)
     if key is not None and not callable(key):
         raise TypeError("Expected memoize(key=...) to be a callable, not %r" % (key,))
-    cache = _FunctionCache(func, cache_dir, name, version, expire, ignore, key, strict, label)
+    if store is not None and store not in _STORE_KINDS:
+        raise ValueError("memoize(store=%r): persist has no such store; use 'files', 'sqlite' "
+                         "or 'sqlite-one-machine', or leave it out to choose by where the "
+                         "cache is" % (store,))
+    cache = _FunctionCache(func, cache_dir, name, version, expire, ignore, key, strict, label,
+                           store)
     wrapper = object.__new__(_Wrapper)
     wrapper._cache, wrapper._self = cache, None
     coroutine = bool(flags & _CO_COROUTINE)
@@ -2487,13 +2504,14 @@ class _FunctionCache:
 
     # (positional names, ignore, *args ignored) for _leave_out, where ignore= left some out
     leave_out: "Optional[Tuple[List[str], FrozenSet[str], bool]]" = None
-    store: "Optional[_Store]"
+    store: "Optional[_AnyStore]"
     broken: "Optional[OSError]"
     _path: "Optional[str]"
     failed_versions: "Optional[List[str]]"   # other versions with failure records
 
-    def __init__(self, func, cache_dir, name, version, expire, ignore, key, strict, label):
-        # type: (_Func, Optional[_StrPath], Optional[str], object, _Expire, FrozenSet[str], Optional[_Func], bool, str) -> None
+    def __init__(self, func, cache_dir, name, version, expire, ignore, key, strict, label,
+                 store=None):
+        # type: (_Func, Optional[_StrPath], Optional[str], object, _Expire, FrozenSet[str], Optional[_Func], bool, str, Optional[str]) -> None
         seconds = _seconds(expire)
         self.func = func
         self.identity = name or _identity(func)
@@ -2501,11 +2519,14 @@ class _FunctionCache:
         self.expire = seconds
         self.strict = strict
         self.parameters = {"cache_dir": cache_dir, "name": name, "version": version,
-                           "expire": expire, "ignore": ignore, "key": key, "strict": strict}
+                           "expire": expire, "ignore": ignore, "key": key, "strict": strict,
+                           "store": store}
+        self.asked = store           # the store asked for; which one: kind, with path
         self.cache_dir = None if cache_dir is None else os.path.abspath(os.fsdecode(cache_dir))
         self.default_dir = _default_dir(func)
         self.source = None if name else _source_file(func)    # for _check_source()
         self._path = None
+        self.kind = None             # type: Optional[str]
         self._begin()
         self._keys(name, ignore, key, label)
 
@@ -2578,9 +2599,15 @@ class _FunctionCache:
     @property
     def path(self):
         # type: () -> str
+        """The cache's file (SQLite) or directory (files): which store is settled here, once
+        (see _store_kind)."""
         if self._path is None:
-            directory = self.cache_dir or _env_dir() or self.default_dir
-            self._path = os.path.join(os.path.abspath(directory), _file_name(self.identity))
+            directory = os.path.abspath(self.cache_dir or _env_dir() or self.default_dir)
+            kind = _store_kind(directory, self.asked, "memoize(store=%r)" % (self.asked,))
+            name = _file_name(self.identity)
+            self.kind = kind
+            self._path = os.path.join(directory, name[:-len(".db")] + ".files"
+                                      if kind == "files" else name)
         return self._path
 
     def trouble(self, what, exc, computed=False):
@@ -2610,7 +2637,7 @@ class _FunctionCache:
                                                        _advice(exc)))
 
     def open(self, create=True):
-        # type: (bool) -> Optional[_Store]
+        # type: (bool) -> Optional[_AnyStore]
         with _OPEN_LOCK:
             if self.store is None and (self.broken is None or
                                        time.monotonic() >= self.reopen):
@@ -2620,7 +2647,7 @@ class _FunctionCache:
                 start, store = time.monotonic(), None
                 try:
                     _make_cache_dir(os.path.dirname(self.path))
-                    store = _Store(self.path, "c")
+                    store = _open_store(self.path, "c", self.kind or "sqlite")
                     want = {"function": self.identity, "version": self.version,
                             "expire": repr(self.expire)}
                     info: "Dict[str, str]" = {}
@@ -2659,7 +2686,7 @@ class _FunctionCache:
             row = None
             try:
                 row = store.get(key)
-                if row is not None and row[1] is not None:
+                if row is not None and row[1] is not None and isinstance(store, _Store):
                     store.values.check([row[1]])   # corrupt: raise before computing, not after
                 if row is not None and (self.expire is None or
                                         not _expired(row[2], self.expire)):
@@ -2694,10 +2721,11 @@ class _FunctionCache:
         return _MISSING, 0.0
 
     def unloadable(self, store, row, exc):
-        # type: (_Store, Optional[_Row], Exception) -> None
+        # type: (_AnyStore, Optional[_Row], Exception) -> None
         """Warn that the stored result in row cannot be loaded, naming the file that holds
         it: it is computed again."""
-        where = self.path if row is None or row[1] is None else store.values.path(row[1])
+        where = self.path if row is None or row[1] is None or not isinstance(store, _Store) \
+            else store.values.path(row[1])
         _warn("a cached result of %s() cannot be loaded from %s (%s: %s); computing it again, "
               "to store it anew" % (self.identity, where, type(exc).__name__, exc))
 
@@ -2819,14 +2847,14 @@ class _FunctionCache:
         return errors
 
     def older_failures(self, store, call):
-        # type: (_Store, _Call) -> List[bytes]
+        # type: (_AnyStore, _Call) -> List[bytes]
         """The keys of call under the other versions that have failure records here: a
         success under this version (which a version= bump made) ends them too. The versions
         are read once a process (reading them at each store would scan the records)."""
         try:
             if self.failed_versions is None:
-                self.failed_versions = [version for version, in store.conn.query(
-                    _FAILED_VERSIONS, (self.version,)) if version is not None]
+                self.failed_versions = [version for version in store.failed_versions(
+                    self.version) if version is not None]
             if not self.failed_versions:
                 return []
             material = self.bind(*call)
@@ -2859,7 +2887,7 @@ class _FunctionCache:
 
 # what of a _FunctionCache goes with it by value: how it keys calls, and what it says of itself
 _TRAVELS = frozenset(["func", "identity", "version", "expire", "strict", "parameters",
-                      "cache_dir", "salt", "live", "owner", "leave_out"])
+                      "cache_dir", "salt", "live", "owner", "leave_out", "asked", "kind"])
 
 
 class _UnattachedCache(_FunctionCache):
@@ -2868,7 +2896,7 @@ class _UnattachedCache(_FunctionCache):
     stores nothing; cache_info() counts the misses, and its entries are 0."""
 
     def open(self, create=True):
-        # type: (bool) -> Optional[_Store]
+        # type: (bool) -> Optional[_AnyStore]
         return None
 
 
@@ -3053,7 +3081,7 @@ def _make_cache_dir(directory):
 
 
 def _check_source(store, cache):
-    # type: (_Store, _FunctionCache) -> None
+    # type: (_AnyStore, _FunctionCache) -> None
     """Refuse a cache that a function of another file filled under the same name.
 
     Two projects with one PERSIST_DIR may each have a job.py with a load(): their caches
@@ -3074,15 +3102,8 @@ def _check_source(store, cache):
         return (recorded is not None and os.path.exists(recorded)
                 and not os.path.samefile(recorded, source))
 
-    def record(conn):      # read again and record in one transaction: two may start at once
-        # type: (sqlite3.Connection) -> Optional[str]
-        recorded = dict(conn.execute(_INFO).fetchall()).get("source")
-        if not another(recorded):
-            conn.execute(_SET_INFO, ("source", source))
-        return recorded
-
     try:
-        recorded = store.conn.transaction(record)
+        recorded = store.claim_source(source, another)
     except OSError:     # best effort: a read-only cache is still used and keeps its record
         pass
     if another(recorded):
@@ -3361,7 +3382,7 @@ def _other_code_caches(cache):
 
 
 def _explain_entry(cache, store, key):
-    # type: (_FunctionCache, _Store, bytes) -> Optional[_Explanation]
+    # type: (_FunctionCache, _AnyStore, bytes) -> Optional[_Explanation]
     """Of the entry stored under key: a hit, expired, or one that cannot be loaded (it is
     loaded, to be sure); None if there is none."""
     path = cache.path
@@ -3396,15 +3417,15 @@ def _explain_entry(cache, store, key):
 
 
 def _explain_failure(store, key, path):
-    # type: (_Store, bytes, str) -> Optional[_Explanation]
+    # type: (_AnyStore, bytes, str) -> Optional[_Explanation]
     """Of the call's record in the failure ledger, if any."""
     try:
-        failed = store.conn.query(_FAILED, (key,))
+        failed = store.failed(key)
     except OSError:                    # best effort: an early cache has no Failures table
         return None
     if not failed:
         return None
-    (count, last, kind, message), = failed
+    count, last, kind, message = failed
     error = "%s: %s" % (kind, message)
     return _Explanation("failed before", path, "miss: no entry; the call failed %d time%s, "
                         "last %s ago (%s)" % (count, "" if count == 1 else "s",
@@ -3413,15 +3434,15 @@ def _explain_failure(store, key, path):
 
 
 def _explain_other_versions(cache, store, material):
-    # type: (_FunctionCache, _Store, Any) -> Optional[_Explanation]
+    # type: (_FunctionCache, _AnyStore, Any) -> Optional[_Explanation]
     """Of the same call stored under another version=, if any: the version is part of the
     key, so each other version that stored something here is looked up."""
-    for version, in store.conn.query(_VERSIONS, (cache.version,)):
+    for version in store.versions(cache.version):
         if version is None:            # a row that memoize did not store
             continue
-        rows = store.conn.query(_STORED, (cache.key_in(version, material),))
-        if rows:
-            (stored, version), = rows
+        found = store.stored(cache.key_in(version, material))
+        if found:
+            stored, version = found
             return _Explanation("another version", cache.path, "miss: no entry for "
                                 "version=%s, and the version is part of the key; version=%s "
                                 "has one, %s" % (cache.version, version, _stored_when(stored)),
@@ -6414,6 +6435,41 @@ class _Store:
         return len({owner for owner, in self.conn.run(_fetch, _OWNERS)
                     if str(owner)[:_CODE_TAG] in codes})     # as prune()'s substr()
 
+    def stored(self, key):
+        # type: (bytes) -> Optional[Tuple[float, Optional[str]]]
+        """(stored, version) of key's entry, or None."""
+        rows = self.conn.query(_STORED, (key,))
+        return rows[0] if rows else None
+
+    def versions(self, but):
+        # type: (str) -> List[Optional[str]]
+        """The versions other than but that entries were stored under."""
+        return [version for version, in self.conn.query(_VERSIONS, (but,))]
+
+    def failed(self, key):
+        # type: (bytes) -> Optional[Tuple[int, float, str, str]]
+        """(count, last, type, message) of key's failure record, or None."""
+        rows = self.conn.query(_FAILED, (key,))
+        return rows[0] if rows else None
+
+    def failed_versions(self, but):
+        # type: (str) -> List[Optional[str]]
+        """The versions other than but that failure records were made under."""
+        return [version for version, in self.conn.query(_FAILED_VERSIONS, (but,))]
+
+    def claim_source(self, source, another):
+        # type: (str, Callable[[Optional[str]], bool]) -> Optional[str]
+        """Record source as the file that defines the cache's function, unless another()
+        says the one recorded is another project's; return the one recorded before (read
+        and recorded in one transaction: two processes may start at once)."""
+        def record(conn):
+            # type: (sqlite3.Connection) -> Optional[str]
+            recorded = dict(conn.execute(_INFO).fetchall()).get("source")
+            if not another(recorded):
+                conn.execute(_SET_INFO, ("source", source))
+            return recorded
+        return self.conn.transaction(record)
+
     def failures(self, owner=None):
         # type: (Optional[str]) -> List[Any]
         """(args, type, message, count, first, last, seconds, version, traceback, call) of
@@ -7955,25 +8011,29 @@ _SHARED_MAGIC = frozenset([
     0x65735546])   # FUSE_SUPER_MAGIC: which FUSE filesystem is not told, so taken as shared
 
 
-def _publish(path, payload):
-    # type: (str, bytes) -> bool
-    """Write payload to path as one framed record (see _framed), whole or not at all, where
-    several machines may write it at once and no lock holds (NFS, sshfs): the record goes to
-    a temporary file of this process's own in the same directory (host, pid and a random
-    part in its name), is fsynced, and is published with link(), which creates path only
-    if it is not there. Returns True if this call published it, False if path was there
-    already (another writer's record of the same key: the first stays). Where link() is
-    refused (EPERM, ENOTSUP, EXDEV: a filesystem without hard links), os.replace() publishes
-    it instead, unless path appeared meanwhile."""
+def _publish(path, payload, keep=None):
+    # type: (str, Union[bytes, List[Any]], Optional[Callable[[str], bool]]) -> bool
+    """Write payload (bytes, or a list of bytes-like parts) to path as one framed record (see
+    _framed), whole or not at all, where several machines may write it at once and no lock
+    holds (NFS, sshfs): the record goes to a temporary file of this process's own in the same
+    directory (host, pid and a random part in its name), is fsynced, and is published with
+    link(), which creates path only if it is not there. Returns True if this call published
+    it, False if path was there already (another writer's record of the same key) and
+    keep(path) says to keep that one (without keep, the first always stays); otherwise it is
+    replaced (os.replace(): readers see the old record or the new). Where link() is refused
+    (EPERM, ENOTSUP, EXDEV: a filesystem without hard links), os.replace() publishes it
+    instead, unless path appeared meanwhile and is kept."""
+    chunks = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
     directory, name = os.path.split(path)
     temp = os.path.join(directory, ".%s.%s-%d-%s.tmp" % (
         name, _HOST, os.getpid(), os.urandom(6).hex()))
     fd = os.open(temp, _O_TEMP, 0o666)
     try:
         try:
-            view = memoryview(_framed(payload))
-            while view:
-                view = view[os.write(fd, view):]
+            for chunk in [_frame_head(chunks)] + chunks:
+                view = memoryview(chunk).cast("B")
+                while view:
+                    view = view[os.write(fd, view):]
             _fsync(fd)
         finally:
             os.close(fd)
@@ -7981,12 +8041,15 @@ def _publish(path, payload):
             os.link(temp, path)
             return True
         except FileExistsError:
-            return False
+            if keep is None or keep(path):
+                return False
         except OSError:
-            if os.path.lexists(path):     # a link() that failed after it made the name (NFS
-                return False              # retries), or another writer's record
-            os.replace(temp, path)
-            return True
+            # a link() that failed after it made the name (NFS retries), or another
+            # writer's record
+            if os.path.lexists(path) and (keep is None or keep(path)):
+                return False
+        os.replace(temp, path)
+        return True
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -7996,19 +8059,28 @@ def _framed(payload):
     # type: (bytes) -> bytes
     """payload as a record: _RECORD_MAGIC, its length (8 bytes, big-endian), its SHA-256,
     then payload itself. A record cut short, or torn, fails _unframed's checks: a miss."""
-    return b"".join([_RECORD_MAGIC, len(payload).to_bytes(8, "big"),
-                     hashlib.sha256(payload).digest(), payload])
+    return _frame_head([payload]) + payload
+
+
+def _frame_head(chunks):
+    # type: (List[Any]) -> bytes
+    """What _framed() puts before the payload whose parts are chunks."""
+    digest, length = hashlib.sha256(), 0
+    for chunk in chunks:
+        digest.update(chunk)
+        length += memoryview(chunk).nbytes
+    return _RECORD_MAGIC + length.to_bytes(8, "big") + digest.digest()
 
 
 def _unframed(record):
-    # type: (bytes) -> Optional[bytes]
-    """The payload of a record that _framed made, or None for anything else: cut short at
-    any byte, torn, another format, a file of someone else's."""
+    # type: (bytes) -> Optional[memoryview]
+    """The payload of a record that _framed made (a view of record: no copy), or None for
+    anything else: cut short at any byte, torn, another format, a file of someone else's."""
     head = len(_RECORD_MAGIC) + 8 + 32
     if len(record) < head or not record.startswith(_RECORD_MAGIC):
         return None
     length = int.from_bytes(record[len(_RECORD_MAGIC):len(_RECORD_MAGIC) + 8], "big")
-    payload = record[head:]
+    payload = memoryview(record)[head:]
     if len(payload) != length or hashlib.sha256(payload).digest() != record[head - 32:head]:
         return None
     return payload
@@ -8019,6 +8091,662 @@ _RECORD_MAGIC = b"persist\x01"
 _HOST = "".join(char if char.isalnum() or char in "-_." else "_" for char in (
     os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")))[:64] \
     or "host"
+
+
+def _open_store(path, flag, kind):
+    # type: (str, str, str) -> _AnyStore
+    """The store of kind ("sqlite" or "files") at path, opened with flag."""
+    if kind == "files":
+        return _FileStore(path, flag)
+    return _Store(path, flag)
+
+
+def _store_kind(directory, asked, what):
+    # type: (str, Optional[str], str) -> str
+    """Which store a cache in directory uses: asked (memoize(store=), or $PERSIST_STORE),
+    else "files" on a filesystem other machines share and "sqlite" elsewhere. "sqlite" on a
+    shared filesystem is refused: its locks do not hold there, and two machines writing one
+    file corrupt it; "sqlite-one-machine" says the user knows only one machine uses it."""
+    if asked is None:
+        asked = os.environ.get("PERSIST_STORE") or None
+        what = "$PERSIST_STORE"
+    if asked is not None and asked not in _STORE_KINDS:
+        raise ValueError("%s=%r is not a store persist has: use 'files' (one file a result; "
+                         "any filesystem, shared ones too), 'sqlite' (one SQLite file; the "
+                         "fastest on a local disk) or leave it unset to choose by where the "
+                         "cache is" % (what, asked))
+    if asked == "files":
+        return "files"
+    shared = _shared_filesystem(_existing_parent(directory))
+    if asked == "sqlite" and shared is not None:
+        raise PersistError(errno.EINVAL, (
+            "%s asks for the SQLite store, but this directory is on %s, a filesystem other "
+            "machines may share: SQLite's locks do not hold there, and two machines writing "
+            "one cache corrupt it. Use store='files' (what persist picks there by itself), "
+            "or, if only this one machine ever uses this cache, store='sqlite-one-machine'"
+            % (what, shared)), directory, reason=PersistError.SHARED_FILESYSTEM)
+    if asked is None and shared is not None:
+        return "files"
+    return "sqlite"
+
+
+_STORE_KINDS = ("files", "sqlite", "sqlite-one-machine")
+
+
+def _existing_parent(directory):
+    # type: (str) -> str
+    """directory, or the nearest directory above it that exists (a cache's directory is made
+    on its first store: its filesystem is its parent's)."""
+    directory = os.path.abspath(directory)
+    while not os.path.isdir(directory) and os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+    return directory
+
+
+class _FileStore:
+    """A cache as a directory of files, one a result, for filesystems where no lock holds
+    (NFS, Lustre, GPFS, sshfs): what _Store does, without SQLite.
+
+        NAME.files/store                    what this is: {"persist": "files", "format": 1}
+        NAME.files/info                     the function, version, expire= (as _Store's Info)
+        NAME.files/results/AB/ABCD...       one result: its key's hex digits, AB the first two
+        NAME.files/failures/AB/ABCD....T.HOST-PID-RANDOM    one failed call, at time T
+
+    Each file is one framed record (_framed), written whole to a temporary file of its own
+    and published with link() (_publish): a reader on any machine sees a whole record, or
+    none; a record torn or cut short reads as missing. A result is published only where no
+    other is (two machines computing one key: the first stays), but over one stored before
+    this call started (an expired result, or one torn). Each failure is a file of its own,
+    so that machines never write one file; a failure older than the key's result is void.
+    Names come from digests only: a shelf's keys are hashed, and kept in their records.
+    Directories are made once and never removed; nothing is locked.
+    """
+
+    calls = True                    # failure records keep their calls (as _Store.calls)
+
+    def __init__(self, path, flag="c"):
+        # type: (_Path, str) -> None
+        if flag not in _FLAGS:
+            raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
+        self.path = os.path.abspath(os.fsdecode(os.fspath(path)))
+        self.flag = flag
+        self._check_path()
+        marker = os.path.join(self.path, "store")
+        if flag in "cn" and not os.path.lexists(marker):
+            self._create()
+        self._check_marker(marker)
+        if flag == "n":
+            self.clear()
+        elif flag != "r":
+            self.sweep()
+
+    def _check_path(self):
+        # type: () -> None
+        """Refuse a directory others could plant pickles in, or one that is not ours."""
+        directory = os.path.dirname(self.path)
+        if _CHECK_WORLD_WRITABLE:
+            _check_private(directory, "the cache's directory")
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            if self.flag in "rw":
+                raise FileNotFoundError(errno.ENOENT, "No such cache (open it with flag 'c' "
+                                        "to create it)", self.path) from None
+            return
+        if stat.S_ISLNK(info.st_mode):
+            raise PersistError(errno.ELOOP, _LINK, self.path, reason=PersistError.SYMLINK)
+        if not stat.S_ISDIR(info.st_mode):
+            raise PersistError(errno.ENOTDIR, "%s, not the directory of a cache of files; "
+                               "persist leaves it as it is: give persist another name"
+                               % _kind(info.st_mode), self.path,
+                               reason=PersistError.NOT_A_CACHE)
+        if _CHECK_WORLD_WRITABLE and _planted(info, directory):
+            raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.path,
+                               reason=PersistError.UNSAFE)
+
+    def _create(self):
+        # type: () -> None
+        """Make the directory and its marker: by several machines at once, the first
+        marker stays (the same content)."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.path, _DIR_MODE)
+        for part in ("results", "failures"):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(self.path, part), _DIR_MODE)
+        _publish(os.path.join(self.path, "store"), [_FILES_MARKER])
+
+    def _check_marker(self, marker):
+        # type: (str) -> None
+        record = self._read(marker)
+        if record is None:
+            raise PersistError(errno.EINVAL, "a directory without persist's marker file "
+                               "'store' (or with a damaged one): not a cache of files; "
+                               "persist leaves it as it is", self.path,
+                               reason=PersistError.NOT_A_CACHE)
+        try:
+            fields = _json().loads(bytes(record).decode("utf-8"))
+            made = int(fields["format"]) if fields.get("persist") == "files" else None
+        except Exception:
+            made = None
+        if made is None:
+            raise PersistError(errno.EINVAL, "its marker file 'store' is not persist's: not a "
+                               "cache of files; persist leaves it as it is", self.path,
+                               reason=PersistError.NOT_A_CACHE)
+        if made > _FILES_FORMAT:
+            raise PersistError(errno.EINVAL, "a cache made by a newer persist.py (format %d; "
+                               "this one reads %d): use that one" % (made, _FILES_FORMAT),
+                               self.path, reason=PersistError.NEWER_FORMAT)
+
+    # Files
+
+    def _read(self, path):
+        # type: (str) -> Optional[memoryview]
+        """The payload of the record at path, or None: missing, torn, cut short. A record
+        another user could have planted (see _planted) is refused."""
+        try:
+            fd = os.open(path, _O_READ)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PersistError(errno.ELOOP, _LINK, path,
+                                   reason=PersistError.SYMLINK) from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(path)):
+                raise PersistError(errno.EPERM, _WORLD_WRITABLE, path,
+                                   reason=PersistError.UNSAFE)
+            chunks = []
+            while True:                      # to its end: a size from stat may be stale (NFS)
+                chunk = os.read(fd, max(1 << 16, info.st_size + 1))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return _unframed(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _result(self, key):
+        # type: (bytes) -> str
+        name = key.hex()
+        return os.path.join(self.path, "results", name[:2], name)
+
+    def _publish(self, path, chunks, keep=None):
+        # type: (str, List[Any], Optional[Callable[[str], bool]]) -> bool
+        """_publish() into a directory made on first use (once: never removed)."""
+        try:
+            return _publish(path, chunks, keep)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.dirname(path), _DIR_MODE)
+            return _publish(path, chunks, keep)
+
+    def _results(self):
+        # type: () -> Iterator[str]
+        """The path of every result file."""
+        yield from self._walk("results")
+
+    def _walk(self, part):
+        # type: (str) -> Iterator[str]
+        top = os.path.join(self.path, part)
+        try:
+            buckets = sorted(entry.name for entry in os.scandir(top)
+                             if len(entry.name) == 2 and _hex_name(entry.name, 2))
+        except FileNotFoundError:
+            return
+        for bucket in buckets:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for entry in os.scandir(os.path.join(top, bucket)):
+                    if entry.name.startswith(bucket) and not entry.name.startswith("."):
+                        yield entry.path
+
+    def _entry(self, path):
+        # type: (str) -> Optional[Tuple[Dict[str, Any], memoryview]]
+        """(header, pickle) of the result file at path, or None (gone, torn)."""
+        record = self._read(path)
+        return None if record is None else _result_parts(record)
+
+    def _entries(self):
+        # type: () -> Iterator[Tuple[str, Dict[str, Any], memoryview]]
+        for path in self._results():
+            entry = self._entry(path)
+            if entry is not None:
+                yield (path,) + entry
+
+    # Reading
+
+    def get(self, key):
+        # type: (bytes) -> Optional[_Row]
+        """(pickle, None, stored, seconds) for key, or None (as _Store.get())."""
+        entry = self._entry(self._result(key))
+        if entry is None:
+            return None
+        header, data = entry
+        return data, None, header["stored"], header.get("seconds")
+
+    def load(self, row):
+        # type: (_Row) -> Any
+        return pickle.loads(row[0])
+
+    def keys(self):
+        # type: () -> List[bytes]
+        keys = []
+        for path, header, _ in self._entries():
+            shelf_key = header.get("key")
+            keys.append(shelf_key.encode("utf-8", "surrogatepass") if shelf_key is not None
+                        else bytes.fromhex(os.path.basename(path)))
+        return keys
+
+    def __bool__(self):
+        # type: () -> bool
+        return True
+
+    def __len__(self):
+        # type: () -> int
+        return sum(1 for _ in self._entries())
+
+    def __contains__(self, key):
+        # type: (bytes) -> bool
+        return self.get(key) is not None
+
+    def info(self):
+        # type: () -> Dict[str, str]
+        record = self._read(os.path.join(self.path, "info"))
+        if record is None:
+            return {}
+        try:
+            info = _json().loads(bytes(record).decode("utf-8"))
+        except ValueError:
+            return {}
+        return {str(name): str(value) for name, value in info.items()}
+
+    def set_info(self, info):
+        # type: (Dict[str, str]) -> None
+        """Merge info into the info record (the last writer's wins: what it says is advice)."""
+        if self.flag == "r":
+            raise PermissionError(errno.EACCES, "the cache is open read-only", self.path)
+        merged = self.info()
+        merged.update(info)
+        self._publish(os.path.join(self.path, "info"),
+                      [_json().dumps(merged, sort_keys=True).encode("utf-8")],
+                      keep=lambda path: False)
+
+    def claim_source(self, source, another):
+        # type: (str, Callable[[Optional[str]], bool]) -> Optional[str]
+        """Record source as the file that defines the cache's function, unless another()
+        says the recorded one is another project's; return the one recorded before."""
+        recorded = self.info().get("source")
+        if not another(recorded):
+            self.set_info({"source": source})
+        return recorded
+
+    def entries(self):
+        # type: () -> List[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]
+        """(key, args, stored, size, seconds, version) of every entry, oldest first."""
+        rows = [(bytes.fromhex(os.path.basename(path)), header.get("args"), header["stored"],
+                 len(data), header.get("seconds"), header.get("version"))
+                for path, header, data in self._entries()]
+        rows.sort(key=lambda row: row[2])
+        return rows
+
+    def summary(self):
+        # type: () -> Tuple[int, Optional[float], Optional[float], int, int]
+        """As _Store.summary()."""
+        stamps = [header["stored"] for _, header, _ in self._entries()]
+        version = self.info().get("version")
+        codes = self.stale_codes()
+        stale = self.prune(version=version, codes=codes, dry_run=True)[:2] \
+            if version or codes else (0, 0)
+        return (len(stamps), min(stamps, default=None), max(stamps, default=None)) + stale
+
+    def tally(self, owner=None):
+        # type: (Optional[str]) -> Tuple[int, float, int]
+        """(entries, seconds their calls took in all, failure records): owner's alone (and
+        those of no owner), if given."""
+        count, seconds = 0, 0.0
+        for _, header, _ in self._entries():
+            if owner is None or header.get("owner") in (None, owner):
+                count += 1
+                seconds += header.get("seconds") or 0.0
+        return count, seconds, len(self.failures(owner))
+
+    def owned(self):
+        # type: () -> bool
+        return True
+
+    def own(self):
+        # type: () -> None
+        pass
+
+    def stale_codes(self):
+        # type: () -> Optional[List[str]]
+        code = self.info().get("code")
+        return code.split()[1:] if code else None
+
+    def closures(self):
+        # type: () -> int
+        codes = self.stale_codes()
+        if not codes:
+            return 0
+        return len({header["owner"] for _, header, _ in self._entries()
+                    if header.get("owner") and header["owner"][:_CODE_TAG] in codes})
+
+    def stored(self, key):
+        # type: (bytes) -> Optional[Tuple[float, Optional[str]]]
+        """(stored, version) of key's entry, or None."""
+        entry = self._entry(self._result(key))
+        return None if entry is None else (entry[0]["stored"], entry[0].get("version"))
+
+    def versions(self, but):
+        # type: (str) -> List[Optional[str]]
+        """The versions other than but that entries were stored under."""
+        return sorted({header.get("version") for _, header, _ in self._entries()} - {but},
+                      key=str)
+
+    # The failure ledger
+
+    def _failures(self, key=None):
+        # type: (Optional[bytes]) -> Iterator[Tuple[str, Dict[str, Any]]]
+        """(path, record) of each failure file (of key alone, if given) that no later
+        result of its key voids."""
+        if key is None:
+            paths = self._walk("failures")
+        else:
+            name = key.hex()
+            bucket = os.path.join(self.path, "failures", name[:2])
+            try:
+                paths = (os.path.join(bucket, entry) for entry in os.listdir(bucket)
+                         if entry.startswith(name + "."))
+            except FileNotFoundError:
+                return
+        results = {}     # type: Dict[str, Optional[float]]
+        for path in paths:
+            record = self._read(path)
+            if record is None:
+                continue
+            try:
+                failure = _json().loads(bytes(record).decode("utf-8"))
+            except ValueError:
+                continue
+            name = os.path.basename(path).split(".")[0]
+            if name not in results:
+                stored = self.stored(bytes.fromhex(name)) if _hex_name(name, 64) else None
+                results[name] = None if stored is None else stored[0]
+            if results[name] is None or failure["started"] > results[name]:
+                yield path, failure
+
+    def failures(self, owner=None):
+        # type: (Optional[str]) -> List[Any]
+        """As _Store.failures(): one row a failed call (its failures counted together), the
+        latest failure last."""
+        calls = {}      # type: Dict[str, List[Dict[str, Any]]]
+        for path, failure in self._failures():
+            if owner is None or failure.get("owner") in (None, owner):
+                calls.setdefault(os.path.basename(path).split(".")[0], []).append(failure)
+        rows = []
+        for events in calls.values():
+            events.sort(key=lambda event: event["when"])
+            last = events[-1]
+            call = last.get("call")
+            if isinstance(call, dict):           # a pickle, in base64
+                call = __import__("base64").b64decode(call["pickle"])
+            rows.append((last.get("args"), last["type"], last["message"], len(events),
+                         events[0]["when"], last["when"], last.get("seconds"),
+                         last.get("version"), last["traceback"], call))
+        rows.sort(key=lambda row: row[5])
+        return rows
+
+    def failed(self, key):
+        # type: (bytes) -> Optional[Tuple[int, float, str, str]]
+        """(count, last, type, message) of key's failures, or None."""
+        events = sorted((failure for _, failure in self._failures(key)),
+                        key=lambda event: event["when"])
+        if not events:
+            return None
+        return len(events), events[-1]["when"], events[-1]["type"], events[-1]["message"]
+
+    def failed_versions(self, but):
+        # type: (str) -> List[Optional[str]]
+        return sorted({failure.get("version") for _, failure in self._failures()} - {but},
+                      key=str)
+
+    def record_failure(self, key, started, failure, owner=None, expire=None):
+        # type: (bytes, float, _FailureRecord, Optional[str], Optional[float]) -> None
+        """As _Store.record_failure(): a file of its own, unless a result for key was stored
+        since the call started (and not stamped further ahead than expire=)."""
+        if self.flag == "r":
+            raise PermissionError(errno.EACCES, "the cache is open read-only", self.path)
+        stored = self.stored(key)
+        until = time.time() + expire if expire is not None else float("inf")
+        if stored is not None and started <= stored[0] < until:
+            return
+        args, kind, message, text, seconds, version, call = failure
+        now = time.time()
+        record = {"args": args, "type": kind, "message": message, "traceback": text,
+                  "seconds": seconds, "version": version, "owner": owner, "when": now,
+                  "started": started,
+                  "call": ({"pickle": __import__("base64").b64encode(call).decode("ascii")}
+                           if isinstance(call, bytes) else call)}
+        name = key.hex()
+        self._publish(os.path.join(self.path, "failures", name[:2], "%s.%d.%s-%d-%s" % (
+            name, int(now * 1e6), _HOST, os.getpid(), os.urandom(4).hex())),
+            [_json().dumps(record).encode("utf-8")])
+
+    def _forget_failures(self, key):
+        # type: (bytes) -> None
+        """Remove key's failure files (best effort: a result voids them anyway)."""
+        for path, _ in list(self._failures(key)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    # Writing
+
+    def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None,
+            forget=(), owner=None, shelf_key=None):
+        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str], Sequence[bytes], Optional[str], Optional[str]) -> None
+        """Pickle value under key, with what memoize records (as _Store.put()). Another
+        machine's result for key stored since this call started stays; an older one (an
+        expired result, another version's) is replaced."""
+        if self.flag == "r":
+            raise PermissionError(errno.EACCES, "the cache is open read-only", self.path)
+        data = pickle.dumps(value, protocol)
+        now = time.time()
+        header = {"stored": now, "seconds": seconds, "version": version, "args": args,
+                  "owner": owner}
+        if shelf_key is not None:
+            header["key"] = shelf_key
+        started = now - (seconds or 0.0)
+
+        def keep(path):
+            # type: (str) -> bool
+            entry = self._entry(path)
+            return entry is not None and entry[0]["stored"] >= started and shelf_key is None
+
+        head = _json().dumps(header).encode("utf-8")
+        self._publish(self._result(key), [len(head).to_bytes(4, "big"), head, data], keep)
+        for other in (key,) + tuple(forget):
+            with contextlib.suppress(OSError):
+                self._forget_failures(other)
+
+    def put_many(self, entries, protocol=_PROTOCOL):
+        # type: (Sequence[Tuple[bytes, Any, Optional[float], Optional[str], Optional[str], Sequence[bytes], Optional[str]]], Optional[int]) -> List[Optional[Exception]]
+        """put() each of entries (as _Store.put_many()); no transaction to share here."""
+        errors = []   # type: List[Optional[Exception]]
+        for key, value, seconds, version, args, forget, owner in entries:
+            try:
+                pickle.dumps(value, protocol)
+            except Exception as exc:
+                errors.append(exc)
+                continue
+            self.put(key, value, protocol, seconds, version, args, forget, owner)
+            errors.append(None)
+        return errors
+
+    def delete(self, key):
+        # type: (bytes) -> bool
+        if self.flag == "r":
+            raise PermissionError(errno.EACCES, "the cache is open read-only", self.path)
+        found = self.get(key) is not None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._result(key))
+        return found
+
+    def delete_row(self, key, row):
+        # type: (bytes, _Row) -> bool
+        """Remove key if it still holds the entry get() returned (its stored time)."""
+        now = self.get(key)
+        if now is None or now[2] != row[2]:
+            return False
+        return self.delete(key)
+
+    def clear(self, owner=None):
+        # type: (Optional[str]) -> int
+        """Remove every entry and failure file (owner's alone, and those of no owner)."""
+        if self.flag == "r":
+            raise PermissionError(errno.EACCES, "the cache is open read-only", self.path)
+        count = 0
+        for path, header, _ in list(self._entries()):
+            if owner is None or header.get("owner") in (None, owner):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    count += 1
+        for path in list(self._walk("failures")):
+            failure = self._failure_at(path)
+            if owner is None or failure is None or failure.get("owner") in (None, owner):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        return count
+
+    def _failure_at(self, path):
+        # type: (str) -> Optional[Dict[str, Any]]
+        record = self._read(path)
+        try:
+            return None if record is None else _json().loads(bytes(record).decode("utf-8"))
+        except ValueError:
+            return None
+
+    def prune(self, before=None, version=None, dry_run=False, after=None, codes=None,
+              owner=None):
+        # type: (Optional[float], Optional[str], bool, Optional[float], Optional[Sequence[str]], Optional[str]) -> Tuple[int, int, int]
+        """As _Store.prune(): (entries, bytes, failure records) removed, or that would be."""
+        if before is None and after is None and version is None and not codes:
+            raise ValueError("prune() needs before=, version= or codes=")
+
+        def stale(record):
+            # type: (Dict[str, Any]) -> bool
+            mine = owner is None or record.get("owner") in (None, owner)
+            other_code = bool(codes) and record.get("owner") is not None and \
+                record["owner"][:_CODE_TAG] not in (codes or ())
+            return other_code or mine and version is not None and \
+                record.get("version") != version
+
+        count = size = failed = 0
+        for path, header, data in list(self._entries()):
+            stamp = header["stored"]
+            old = (before is not None and stamp < before) or (after is not None and
+                                                                stamp > after)
+            if (old and (owner is None or header.get("owner") in (None, owner))) or \
+                    stale(header):
+                count += 1
+                size += len(data)
+                if not dry_run:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        if version is not None or codes:
+            for path in list(self._walk("failures")):
+                failure = self._failure_at(path)
+                if failure is not None and stale(failure):
+                    failed += 1
+                    if not dry_run:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+        return count, size, failed
+
+    def sweep(self):
+        # type: () -> None
+        """Remove the temporary files that processes of this machine left when killed (one
+        whose process is gone), and those of any machine a day old: nothing else is swept,
+        as nothing else can be proved not in use."""
+        now = time.time()
+        tops = [self.path] + [os.path.join(self.path, part, bucket)
+                              for part in ("results", "failures")
+                              for bucket in _listdir(os.path.join(self.path, part))]
+        for top in tops:
+            for name in _listdir(top):
+                if not (name.startswith(".") and name.endswith(".tmp")):
+                    continue
+                path = os.path.join(top, name)
+                with contextlib.suppress(OSError):
+                    if now - os.lstat(path).st_mtime > _ABANDONED_TEMP or \
+                            _left_by_dead_process(name):
+                        os.unlink(path)
+
+    def disk_usage(self):
+        # type: () -> int
+        total = 0
+        for top, _, names in os.walk(self.path):
+            total += sum(_size(os.path.join(top, name)) for name in names)
+        return total
+
+    def close(self):
+        # type: () -> None
+        pass
+
+
+_FILES_FORMAT = 1
+_FILES_MARKER = b'{"format": 1, "persist": "files"}'
+_ABANDONED_TEMP = 24 * 3600.0   # seconds: a temporary file this old is no writer's any more
+_O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _result_parts(payload):
+    # type: (memoryview) -> Optional[Tuple[Dict[str, Any], memoryview]]
+    """(header, pickle) of a result record's payload, or None if it is not one."""
+    if len(payload) < 4:
+        return None
+    length = int.from_bytes(payload[:4], "big")
+    try:
+        header = _json().loads(bytes(payload[4:4 + length]).decode("utf-8"))
+        float(header["stored"])
+    except Exception:
+        return None
+    return header, payload[4 + length:]
+
+
+def _left_by_dead_process(name):
+    # type: (str) -> bool
+    """Whether the temporary file name (.NAME.HOST-PID-RANDOM.tmp: see _publish) is this
+    machine's, made by a process that is gone."""
+    mark = ".%s-" % _HOST
+    at = name.rfind(mark)
+    pid = name[at + len(mark):-len(".tmp")].split("-")[0] if at >= 0 else ""
+    if not pid.isdigit() or os.name == "nt":     # (os.kill() there would end the process)
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _listdir(directory):
+    # type: (str) -> List[str]
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def _json():
+    # type: () -> Any
+    """The json module, imported on first use: only the files store needs it."""
+    import json
+    return json
 
 
 # == file helpers =================================================================================
