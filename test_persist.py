@@ -2622,7 +2622,8 @@ class TestCacheParameters(MemoTest):
             return x
 
         expected = {"cache_dir": self.path, "name": None, "version": 2, "expire": 60,
-                    "ignore": frozenset(["verbose"]), "key": None, "strict": False}
+                    "ignore": frozenset(["verbose"]), "key": None, "strict": False,
+                    "store": None}
         self.assertEqual(f.cache_parameters(), expected)
         f.cache_parameters()["version"] = 3          # a new dict each time, as lru_cache's
         self.assertEqual(f.cache_parameters(), expected)
