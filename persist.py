@@ -8223,10 +8223,11 @@ class _FileStore:
                                "'store' (or with a damaged one): not a cache of files; "
                                "persist leaves it as it is", self.path,
                                reason=PersistError.NOT_A_CACHE)
+        json = _json()
         try:
-            fields = _json().loads(bytes(record).decode("utf-8"))
+            fields = json.loads(bytes(record).decode("utf-8"))
             made = int(fields["format"]) if fields.get("persist") == "files" else None
-        except Exception:
+        except (ValueError, KeyError, TypeError, AttributeError):
             made = None
         if made is None:
             raise PersistError(errno.EINVAL, "its marker file 'store' is not persist's: not a "
@@ -8491,8 +8492,8 @@ class _FileStore:
             events.sort(key=lambda event: event["when"])
             last = events[-1]
             call = last.get("call")
-            if isinstance(call, dict):           # a pickle, in base64
-                call = __import__("base64").b64decode(call["pickle"])
+            if isinstance(call, dict):           # a pickle, in hex
+                call = bytes.fromhex(call["pickle"])
             rows.append((last.get("args"), last["type"], last["message"], len(events),
                          events[0]["when"], last["when"], last.get("seconds"),
                          last.get("version"), last["traceback"], call))
@@ -8528,8 +8529,7 @@ class _FileStore:
         record = {"args": args, "type": kind, "message": message, "traceback": text,
                   "seconds": seconds, "version": version, "owner": owner, "when": now,
                   "started": started,
-                  "call": ({"pickle": __import__("base64").b64encode(call).decode("ascii")}
-                           if isinstance(call, bytes) else call)}
+                  "call": {"pickle": call.hex()} if isinstance(call, bytes) else call}
         name = key.hex()
         self._publish(os.path.join(self.path, "failures", name[:2], "%s.%d.%s-%d-%s" % (
             name, int(now * 1e6), _HOST, os.getpid(), os.urandom(4).hex())),

@@ -294,7 +294,7 @@ def drop_privileges():
     """Code for a child: become nobody if root, so permission bits apply."""
     return """
         import os, pathlib, persist
-        import hashlib, inspect, logging, pickle, reprlib, shelve, sqlite3  # before losing /root
+        import hashlib, inspect, json, logging, pickle, reprlib, shelve, sqlite3  # before losing /root
         pathlib.Path("/").as_uri()
         if os.getuid() == 0:
             os.setgid(65534)
