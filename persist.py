@@ -8093,10 +8093,11 @@ _HOST = "".join(char if char.isalnum() or char in "-_." else "_" for char in (
     or "host"
 
 
-def _open_store(path, flag, kind):
-    # type: (str, str, str) -> _AnyStore
-    """The store of kind ("sqlite" or "files") at path, opened with flag."""
-    if kind == "files":
+def _open_store(path, flag, kind=None):
+    # type: (str, str, Optional[str]) -> _AnyStore
+    """The store of kind ("files", else SQLite) at path, opened with flag; without kind, the
+    one that is there (the command line's): a directory is a store of files."""
+    if kind == "files" or kind is None and os.path.isdir(path) and not os.path.islink(path):
         return _FileStore(path, flag)
     return _Store(path, flag)
 
@@ -8935,16 +8936,18 @@ def _where_looked(directory, given, option):
 
 def _caches_under(directory):
     # type: (str) -> Iterator[str]
-    """The .db files under directory, as os.walk finds them, without the value directories.
-    A directory it may not read raises: listing nothing there would say there is nothing."""
+    """The .db files under directory, as os.walk finds them, without the value directories,
+    and the .files directories (stores of files), without what they hold. A directory it may
+    not read raises: listing nothing there would say there is nothing."""
     def unreadable(exc):
         # type: (OSError) -> None
         raise exc
 
     for root, dirs, files in os.walk(directory, onerror=unreadable):
-        dirs[:] = sorted(d for d in dirs if not d.endswith(".values"))
-        for name in sorted(files):
-            if name.endswith(".db"):
+        stores = [name for name in dirs if name.endswith(".files")]
+        dirs[:] = sorted(d for d in dirs if not d.endswith((".values", ".files")))
+        for name in sorted(files + stores):
+            if name.endswith((".db", ".files")):
                 yield os.path.join(root, name)
 
 
@@ -8954,7 +8957,7 @@ def _find_cache(name, directory=None):
     printed it (relative to the cache directory), or a function's name as 'ls' lists it."""
     given, directory = directory, directory or _default_cache_dir()
     for path in (name, os.path.join(directory, name)):
-        if os.path.isfile(path):
+        if os.path.isfile(path) or path.endswith(".files") and os.path.isdir(path):
             return path
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "a directory, not a cache (list its caches "
@@ -8966,7 +8969,8 @@ def _find_cache(name, directory=None):
                                     "exist" % os.readlink(path), path)
     if os.path.isdir(directory):          # a function's name: its file, wherever below
         wanted = _file_name(name)
-        found = [path for path in _caches_under(directory) if os.path.basename(path) == wanted]
+        found = [path for path in _caches_under(directory)
+                 if os.path.basename(path) in (wanted, wanted[:-len(".db")] + ".files")]
         if len(found) == 1:
             return found[0]
         if found:
@@ -8980,11 +8984,11 @@ def _find_cache(name, directory=None):
 
 
 def _open_cache(name, flag="w", directory=None):
-    # type: (str, str, Optional[str]) -> _Store
+    # type: (str, str, Optional[str]) -> _AnyStore
     """A cache by path, or by function name in the cache directory (--dir)."""
     path = _find_cache(name, directory)
     try:
-        return _Store(path, flag)
+        return _open_store(path, flag)
     except PersistError:
         kind = _shelve_kind(path)
         if kind is None:
@@ -9011,6 +9015,8 @@ def _problem(path, exc):
     reason = (exc.reason or "") if isinstance(exc, PersistError) else ""
     if os.path.islink(path) and not os.path.exists(path):
         return "dangling link"
+    if os.path.isdir(path) and not isinstance(exc, PermissionError):     # a store of files
+        return _LISTED_AS.get(reason, "not a cache")
     if isinstance(exc, PermissionError) or not os.access(path, os.R_OK):
         return "unreadable"
     if reason in _LISTED_AS:
@@ -9049,11 +9055,11 @@ def _cli_ls(options):
         # (a name anyone who could write there chose: rendered as labels are)
         where = _one_line(os.path.relpath(path, directory))
         try:
-            with contextlib.closing(_Store(path, "r")) as store:
+            with contextlib.closing(_open_store(path, "r")) as store:
                 count, oldest, newest, stale, stale_size = store.summary()
                 _, took, failed = store.tally()     # TOOK: what computing them took
                 label = _one_line(store.info().get("function") or
-                                  os.path.basename(path)[:-3])
+                                  os.path.splitext(os.path.basename(path))[0])
                 notes = ["%d stale (%s)" % (stale, _bytes(stale_size))] if stale else []
                 closures = store.closures()
                 if closures > 1:              # make(2), make(3): not stale, each its own
