@@ -4966,6 +4966,10 @@ def open(filename: "_Path", flag: "_Flag" = "c", protocol: "Optional[int]" = Non
     if not path:                            # not the current directory: open("") fails so
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     path = os.path.abspath(path)
+    if _is_file_store(path) and not os.path.islink(path) or not os.path.lexists(path) and \
+            _store_kind(os.path.dirname(path), None, "") == "files":
+        # a shelf of files: where one is, or on a filesystem several machines share
+        return _Shelf(_FileStore(path, flag, shelf=True), protocol)  # type: ignore[arg-type]
     _open_shelve_file(path, flag)
     store = _Store(path, flag)
     # a _Store is the mapping under the shelf, though not a MutableMapping: _Shelf
@@ -5009,7 +5013,7 @@ class _Shelf(_ShelfBase):
         return value
 
     def _load(self, store, raw, key):
-        # type: (_Store, bytes, str) -> Tuple[Optional[_Row], Any]
+        # type: (_AnyStore, bytes, str) -> Tuple[Optional[_Row], Any]
         """(row, value) of key now; (None, None) if there is none."""
         for _ in range(100):
             row = store.get(raw)
@@ -5020,8 +5024,8 @@ class _Shelf(_ShelfBase):
             except FileNotFoundError:     # replaced or deleted since get(): read it again
                 continue
             except (EOFError, pickle.UnpicklingError) as exc:
-                if row[1] is None:        # a pickle of the row's own: as shelve raises it
-                    raise
+                if row[1] is None or not isinstance(store, _Store):   # a pickle of the
+                    raise                 # row's own: as shelve raises it
                 # value files are not fsynced: a power cut may cut one short
                 raise PersistError(errno.EIO, "the value file of key %r is cut short or "
                                    "damaged (%s: %s); store the key again, or delete it"
@@ -5029,6 +5033,7 @@ class _Shelf(_ShelfBase):
                                    store.values.path(row[1]),
                                    reason=PersistError.DAMAGED_VALUE) from None
         # not a writer's replacement: gone for good (removed by hand)
+        assert isinstance(store, _Store)  # (a store of files has no value files)
         raise PersistError(errno.ENOENT, "the value file of key %r is missing" % (key,),
                            store.values.path(row[1]),  # type: ignore[index, arg-type]  # a row
                            reason=PersistError.MISSING_VALUE)
@@ -5104,9 +5109,9 @@ class _Shelf(_ShelfBase):
                             "shelve's are; convert it with str()" % type(key).__name__) from None
 
     def _store(self):
-        # type: () -> _Store
+        # type: () -> _AnyStore
         store = self.dict
-        if not isinstance(store, _Store):
+        if not isinstance(store, (_Store, _FileStore)):
             raise ValueError("invalid operation on closed shelf")
         return store
 
@@ -8165,12 +8170,15 @@ class _FileStore:
 
     calls = True                    # failure records keep their calls (as _Store.calls)
 
-    def __init__(self, path, flag="c"):
-        # type: (_Path, str) -> None
+    def __init__(self, path, flag="c", shelf=False):
+        # type: (_Path, str, bool) -> None
         if flag not in _FLAGS:
             raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
         self.path = os.path.abspath(os.fsdecode(os.fspath(path)))
         self.flag = flag
+        # a shelf's (persist.open): keys are the user's text, named by their digest and kept
+        # in their records; memoize's are digests already
+        self.shelf = shelf
         self._check_path()
         marker = os.path.join(self.path, "store")
         if flag in "cn" and not os.path.lexists(marker):
@@ -8208,9 +8216,16 @@ class _FileStore:
     def _create(self):
         # type: () -> None
         """Make the directory and its marker: by several machines at once, the first
-        marker stays (the same content)."""
+        marker stays (the same content). A directory of other files is not made a cache."""
         with contextlib.suppress(FileExistsError):
             os.mkdir(self.path, _DIR_MODE)
+        others = [name for name in _listdir(self.path) if name not in ("results", "failures")
+                  and not name.startswith(".store.")]
+        if others:
+            raise PersistError(errno.EEXIST, "a directory of other files (%s), not a cache; "
+                               "persist leaves it as it is: give persist another name"
+                               % ", ".join(sorted(others)[:3]), self.path,
+                               reason=PersistError.NOT_A_CACHE)
         for part in ("results", "failures"):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(os.path.join(self.path, part), _DIR_MODE)
@@ -8273,7 +8288,7 @@ class _FileStore:
 
     def _result(self, key):
         # type: (bytes) -> str
-        name = key.hex()
+        name = hashlib.sha256(key).hexdigest() if self.shelf else key.hex()
         return os.path.join(self.path, "results", name[:2], name)
 
     def _publish(self, path, chunks, keep=None):
@@ -8335,12 +8350,7 @@ class _FileStore:
 
     def keys(self):
         # type: () -> List[bytes]
-        keys = []
-        for path, header, _ in self._entries():
-            shelf_key = header.get("key")
-            keys.append(shelf_key.encode("utf-8", "surrogatepass") if shelf_key is not None
-                        else bytes.fromhex(os.path.basename(path)))
-        return keys
+        return [_key_of_record(path, header) for path, header, _ in self._entries()]
 
     def __bool__(self):
         # type: () -> bool
@@ -8388,7 +8398,7 @@ class _FileStore:
     def entries(self):
         # type: () -> List[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]
         """(key, args, stored, size, seconds, version) of every entry, oldest first."""
-        rows = [(bytes.fromhex(os.path.basename(path)), header.get("args"), header["stored"],
+        rows = [(_key_of_record(path, header), header.get("args"), header["stored"],
                  len(data), header.get("seconds"), header.get("version"))
                 for path, header, data in self._entries()]
         rows.sort(key=lambda row: row[2])
@@ -8546,25 +8556,26 @@ class _FileStore:
     # Writing
 
     def put(self, key, value, protocol=_PROTOCOL, seconds=None, version=None, args=None,
-            forget=(), owner=None, shelf_key=None):
-        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str], Sequence[bytes], Optional[str], Optional[str]) -> None
+            forget=(), owner=None):
+        # type: (bytes, Any, Optional[int], Optional[float], Optional[str], Optional[str], Sequence[bytes], Optional[str]) -> None
         """Pickle value under key, with what memoize records (as _Store.put()). Another
         machine's result for key stored since this call started stays; an older one (an
-        expired result, another version's) is replaced."""
+        expired result, another version's) is replaced. A shelf's value always is, as in a
+        dict: the last assignment wins."""
         if self.flag == "r":
             raise PermissionError(errno.EACCES, "the cache is open read-only", self.path)
         data = pickle.dumps(value, protocol)
         now = time.time()
         header = {"stored": now, "seconds": seconds, "version": version, "args": args,
                   "owner": owner}
-        if shelf_key is not None:
-            header["key"] = shelf_key
+        if self.shelf:
+            header["key"] = key.decode("utf-8", "surrogateescape")
         started = now - (seconds or 0.0)
 
         def keep(path):
             # type: (str) -> bool
             entry = self._entry(path)
-            return entry is not None and entry[0]["stored"] >= started and shelf_key is None
+            return not self.shelf and entry is not None and entry[0]["stored"] >= started
 
         head = _json().dumps(header).encode("utf-8")
         self._publish(self._result(key), [len(head).to_bytes(4, "big"), head, data], keep)
@@ -8715,6 +8726,16 @@ def _result_parts(payload):
     except Exception:
         return None
     return header, payload[4 + length:]
+
+
+def _key_of_record(path, header):
+    # type: (str, Dict[str, Any]) -> bytes
+    """The key of the result file at path: a shelf's, kept in its header, else memoize's,
+    its name."""
+    shelf_key = header.get("key")
+    if isinstance(shelf_key, str):
+        return shelf_key.encode("utf-8", "surrogateescape")
+    return bytes.fromhex(os.path.basename(path))
 
 
 def _left_by_dead_process(name):
@@ -8944,11 +8965,19 @@ def _caches_under(directory):
         raise exc
 
     for root, dirs, files in os.walk(directory, onerror=unreadable):
-        stores = [name for name in dirs if name.endswith(".files")]
-        dirs[:] = sorted(d for d in dirs if not d.endswith((".values", ".files")))
+        stores = [name for name in dirs if _is_file_store(os.path.join(root, name))]
+        dirs[:] = sorted(d for d in dirs if not d.endswith(".values") and d not in stores)
         for name in sorted(files + stores):
-            if name.endswith((".db", ".files")):
+            if name.endswith(".db") or name in stores:
                 yield os.path.join(root, name)
+
+
+def _is_file_store(path):
+    # type: (str) -> bool
+    """Whether path is the directory of a store of files (NAME.files, or a shelf's): it
+    holds the marker file 'store' (_FileStore checks what the marker says)."""
+    return path.endswith(".files") and os.path.isdir(path) or \
+        os.path.isfile(os.path.join(path, "store"))
 
 
 def _find_cache(name, directory=None):
@@ -8957,7 +8986,7 @@ def _find_cache(name, directory=None):
     printed it (relative to the cache directory), or a function's name as 'ls' lists it."""
     given, directory = directory, directory or _default_cache_dir()
     for path in (name, os.path.join(directory, name)):
-        if os.path.isfile(path) or path.endswith(".files") and os.path.isdir(path):
+        if os.path.isfile(path) or _is_file_store(path):
             return path
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "a directory, not a cache (list its caches "
