@@ -118,7 +118,8 @@ if TYPE_CHECKING:
     # typing's own names only (ParamSpec, Concatenate and TypeAlias: a target of 3.10 or
     # newer, as mypy 2 checks for): persist.py names no module outside the standard library
     from typing import (IO, Any, Callable, Concatenate, ContextManager, Deque, Dict, FrozenSet,
-                        Iterable, Iterator, List, Literal, NamedTuple, Optional, OrderedDict,
+                        Iterable, Iterator, List, Literal, MutableMapping, NamedTuple, Optional,
+                        OrderedDict,
                         ParamSpec, Protocol, Sequence, Set, Tuple, TypeAlias, TypeVar, Union,
                         overload)
 
@@ -152,6 +153,10 @@ if TYPE_CHECKING:
     _Row: TypeAlias = Tuple[Union[bytes, memoryview], Optional[str], float, Optional[float]]
     # a cache's store: one SQLite file, or a directory of files (see _store_kind)
     _AnyStore: TypeAlias = Union["_Store", "_FileStore"]
+    # memoize(store=): a kind of store, or a mapping (an object store's) to keep one in
+    _StoreOption: TypeAlias = Union[str, "MutableMapping[str, bytes]", None]
+    # where a store of files keeps its records
+    _Objects: TypeAlias = Union["_Directory", "_MappingObjects"]
     # what the failure ledger keeps of a call: (args, type, message, traceback, seconds, version)
     _FailureRecord: TypeAlias = Tuple[Optional[str], str, str, str, float, str,
                                       Union[bytes, str, None]]
@@ -546,14 +551,14 @@ if TYPE_CHECKING:     # bare, @memoize; or with options, @memoize(version=2)
                 name: Optional[str] = None, version: object = None,
                 expire: Union[float, datetime.timedelta, None] = None,
                 ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
-                strict: bool = False, store: Optional[str] = None
+                strict: bool = False, store: Union[str, MutableMapping[str, bytes], None] = None
                 ) -> _MemoizedFunction[_P, _R]: ...
     @overload
     def memoize(func: None = None, *, cache_dir: Optional[_StrPath] = None,
                 name: Optional[str] = None, version: object = None,
                 expire: Union[float, datetime.timedelta, None] = None,
                 ignore: Union[str, Iterable[str]] = (), key: Optional[Callable[..., Any]] = None,
-                strict: bool = False, store: Optional[str] = None
+                strict: bool = False, store: Union[str, MutableMapping[str, bytes], None] = None
                 ) -> Callable[[Callable[_P, _R]], _MemoizedFunction[_P, _R]]: ...
 
 
@@ -562,7 +567,7 @@ def memoize(func: "Optional[Callable[..., Any]]" = None, *,
             version: object = None, expire: "Union[float, datetime.timedelta, None]" = None,
             ignore: "Union[str, Iterable[str]]" = (),
             key: "Optional[Callable[..., Any]]" = None, strict: bool = False,
-            store: "Optional[str]" = None) -> "Any":
+            store: "Union[str, MutableMapping[str, bytes], None]" = None) -> "Any":
     """Keep each result of func on disk, so that a rerun computes only what is missing.
 
     Use it bare, @memoize, or with options, @memoize(version=2). Each result is committed
@@ -624,7 +629,7 @@ def memoize(func: "Optional[Callable[..., Any]]" = None, *,
 # call the function outside any lock, store its result, or record its failure.
 
 def _make_wrapper(func, cache_dir, name, version, expire, ignore, key, strict, store):
-    # type: (_Func, Optional[_StrPath], Optional[str], object, _Expire, _Names, Optional[_Func], bool, Optional[str]) -> _Func
+    # type: (_Func, Optional[_StrPath], Optional[str], object, _Expire, _Names, Optional[_Func], bool, _StoreOption) -> _Func
     """memoize's work, once its options are checked: func through a cache of its own. A
     method gets a _Wrapper, which binds to its instance; anything else, a function
     (_function_wrapper)."""
@@ -639,10 +644,15 @@ def _make_wrapper(func, cache_dir, name, version, expire, ignore, key, strict, s
     ignore = frozenset(ignore)
     if key is not None and not callable(key):
         raise TypeError("Expected memoize(key=...) to be a callable, not %r" % (key,))
-    if store is not None and store not in _STORE_KINDS:
+    if isinstance(store, str) and store not in _STORE_KINDS:
         raise ValueError("memoize(store=%r): persist has no such store; use 'files', 'sqlite' "
-                         "or 'sqlite-one-machine', or leave it out to choose by where the "
-                         "cache is" % (store,))
+                         "or 'sqlite-one-machine', a mapping of str to bytes (an object "
+                         "store's: fsspec.get_mapper('s3://bucket/cache')), or leave it out to "
+                         "choose by where the cache is" % (store,))
+    if store is not None and not isinstance(store, (str, collections.abc.MutableMapping)):
+        raise TypeError("memoize(store=...) takes 'files', 'sqlite' or 'sqlite-one-machine', "
+                        "or a MutableMapping of str to bytes (fsspec.get_mapper(url)), not %s"
+                        % type(store).__name__)
     cache = _FunctionCache(func, cache_dir, name, version, expire, ignore, key, strict, label,
                            store)
     wrapper = object.__new__(_Wrapper)
@@ -2511,7 +2521,7 @@ class _FunctionCache:
 
     def __init__(self, func, cache_dir, name, version, expire, ignore, key, strict, label,
                  store=None):
-        # type: (_Func, Optional[_StrPath], Optional[str], object, _Expire, FrozenSet[str], Optional[_Func], bool, str, Optional[str]) -> None
+        # type: (_Func, Optional[_StrPath], Optional[str], object, _Expire, FrozenSet[str], Optional[_Func], bool, str, _StoreOption) -> None
         seconds = _seconds(expire)
         self.func = func
         self.identity = name or _identity(func)
@@ -2527,6 +2537,7 @@ class _FunctionCache:
         self.source = None if name else _source_file(func)    # for _check_source()
         self._path = None
         self.kind = None             # type: Optional[str]
+        self.prefix = ""             # the name of its store of files (see path)
         self._begin()
         self._keys(name, ignore, key, label)
 
@@ -2602,12 +2613,16 @@ class _FunctionCache:
         """The cache's file (SQLite) or directory (files): which store is settled here, once
         (see _store_kind)."""
         if self._path is None:
+            name = _file_name(self.identity)
+            self.prefix = name[:-len(".db")] + ".files"     # its store of files' name
+            if self.asked is not None and not isinstance(self.asked, str):
+                self.kind = "mapping"                       # its keys: under the prefix
+                self._path = _MappingObjects(self.asked, self.prefix, "r").path
+                return self._path
             directory = os.path.abspath(self.cache_dir or _env_dir() or self.default_dir)
             kind = _store_kind(directory, self.asked, "memoize(store=%r)" % (self.asked,))
-            name = _file_name(self.identity)
             self.kind = kind
-            self._path = os.path.join(directory, name[:-len(".db")] + ".files"
-                                      if kind == "files" else name)
+            self._path = os.path.join(directory, self.prefix if kind == "files" else name)
         return self._path
 
     def trouble(self, what, exc, computed=False):
@@ -2642,12 +2657,22 @@ class _FunctionCache:
             if self.store is None and (self.broken is None or
                                        time.monotonic() >= self.reopen):
                 _check_env_strict()              # before the call: nothing is lost
-                if not create and not os.path.exists(self.path):
+                path = self.path          # (which settles kind)
+                mapping = self.asked if self.kind == "mapping" else None
+                if not create and not (os.path.exists(path) if mapping is None else
+                                       _MappingObjects(mapping, self.prefix, "r").exists(
+                                           _MappingObjects(mapping, self.prefix, "r").join(
+                                               "store"))):
                     return None
-                start, store = time.monotonic(), None
+                start = time.monotonic()
+                store = None              # type: Optional[_AnyStore]
                 try:
-                    _make_cache_dir(os.path.dirname(self.path))
-                    store = _open_store(self.path, "c", self.kind or "sqlite")
+                    if mapping is not None:
+                        store = _FileStore(self.path, "c", objects=_MappingObjects(
+                            mapping, self.prefix, "c"))
+                    else:
+                        _make_cache_dir(os.path.dirname(self.path))
+                        store = _open_store(self.path, "c", self.kind or "sqlite")
                     want = {"function": self.identity, "version": self.version,
                             "expire": repr(self.expire)}
                     info: "Dict[str, str]" = {}
@@ -2887,7 +2912,8 @@ class _FunctionCache:
 
 # what of a _FunctionCache goes with it by value: how it keys calls, and what it says of itself
 _TRAVELS = frozenset(["func", "identity", "version", "expire", "strict", "parameters",
-                      "cache_dir", "salt", "live", "owner", "leave_out", "asked", "kind"])
+                      "cache_dir", "salt", "live", "owner", "leave_out", "asked", "kind",
+                      "prefix"])
 
 
 class _UnattachedCache(_FunctionCache):
@@ -4945,7 +4971,8 @@ def _record_failure(conn, key, started, failure, expire=None):
 # persist.open(filename) is shelve.open over a _Store: each assignment a committed row.
 # A file that shelve made (any dbm) is first copied into a new store under its name.
 
-def open(filename: "_Path", flag: "_Flag" = "c", protocol: "Optional[int]" = None,
+def open(filename: "Union[_Path, MutableMapping[str, bytes]]", flag: "_Flag" = "c",
+         protocol: "Optional[int]" = None,
          writeback: bool = False) -> "_Shelf":
     """Open a persistent dictionary: shelve.open, safe for many processes and for crashes.
 
@@ -4962,6 +4989,12 @@ def open(filename: "_Path", flag: "_Flag" = "c", protocol: "Optional[int]" = Non
     if writeback:
         raise ValueError("persist.open() offers no writeback: a changed value is stored when "
                          "you assign it back (db[key] = value); drop writeback=True")
+    if isinstance(filename, collections.abc.MutableMapping):   # an object store's keys
+        if flag not in _FLAGS:
+            raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
+        objects = _MappingObjects(filename, "", flag)
+        shelf = _FileStore(objects.path, flag, shelf=True, objects=objects)
+        return _Shelf(shelf, protocol)  # type: ignore[arg-type]  # (as below)
     path = os.fsdecode(os.fspath(filename))
     if not path:                            # not the current directory: open("") fails so
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
@@ -8170,70 +8203,32 @@ class _FileStore:
 
     calls = True                    # failure records keep their calls (as _Store.calls)
 
-    def __init__(self, path, flag="c", shelf=False):
-        # type: (_Path, str, bool) -> None
+    def __init__(self, path, flag="c", shelf=False, objects=None):
+        # type: (_Path, str, bool, Optional[_Objects]) -> None
         if flag not in _FLAGS:
             raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
-        self.path = os.path.abspath(os.fsdecode(os.fspath(path)))
+        # where the records are: a directory at path, or objects (a mapping's keys)
+        self.objects = objects if objects is not None else _Directory(
+            os.path.abspath(os.fsdecode(os.fspath(path))), flag)
+        self.path = self.objects.path
         self.flag = flag
         # a shelf's (persist.open): keys are the user's text, named by their digest and kept
         # in their records; memoize's are digests already
         self.shelf = shelf
-        self._check_path()
-        marker = os.path.join(self.path, "store")
-        if flag in "cn" and not os.path.lexists(marker):
-            self._create()
+        self.objects.check()
+        marker = self.objects.join("store")
+        if flag in "cn" and not self.objects.exists(marker):
+            self.objects.create()
+            self.objects.publish(marker, [_FILES_MARKER])
         self._check_marker(marker)
         if flag == "n":
             self.clear()
         elif flag != "r":
             self.sweep()
 
-    def _check_path(self):
-        # type: () -> None
-        """Refuse a directory others could plant pickles in, or one that is not ours."""
-        directory = os.path.dirname(self.path)
-        if _CHECK_WORLD_WRITABLE:
-            _check_private(directory, "the cache's directory")
-        try:
-            info = os.lstat(self.path)
-        except FileNotFoundError:
-            if self.flag in "rw":
-                raise FileNotFoundError(errno.ENOENT, "No such cache (open it with flag 'c' "
-                                        "to create it)", self.path) from None
-            return
-        if stat.S_ISLNK(info.st_mode):
-            raise PersistError(errno.ELOOP, _LINK, self.path, reason=PersistError.SYMLINK)
-        if not stat.S_ISDIR(info.st_mode):
-            raise PersistError(errno.ENOTDIR, "%s, not the directory of a cache of files; "
-                               "persist leaves it as it is: give persist another name"
-                               % _kind(info.st_mode), self.path,
-                               reason=PersistError.NOT_A_CACHE)
-        if _CHECK_WORLD_WRITABLE and _planted(info, directory):
-            raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.path,
-                               reason=PersistError.UNSAFE)
-
-    def _create(self):
-        # type: () -> None
-        """Make the directory and its marker: by several machines at once, the first
-        marker stays (the same content). A directory of other files is not made a cache."""
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(self.path, _DIR_MODE)
-        others = [name for name in _listdir(self.path) if name not in ("results", "failures")
-                  and not name.startswith(".store.")]
-        if others:
-            raise PersistError(errno.EEXIST, "a directory of other files (%s), not a cache; "
-                               "persist leaves it as it is: give persist another name"
-                               % ", ".join(sorted(others)[:3]), self.path,
-                               reason=PersistError.NOT_A_CACHE)
-        for part in ("results", "failures"):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(os.path.join(self.path, part), _DIR_MODE)
-        _publish(os.path.join(self.path, "store"), [_FILES_MARKER])
-
     def _check_marker(self, marker):
         # type: (str) -> None
-        record = self._read(marker)
+        record = self.objects.read(marker)
         if record is None:
             raise PersistError(errno.EINVAL, "a directory without persist's marker file "
                                "'store' (or with a damaged one): not a cache of files; "
@@ -8256,74 +8251,20 @@ class _FileStore:
 
     # Files
 
-    def _read(self, path):
-        # type: (str) -> Optional[memoryview]
-        """The payload of the record at path, or None: missing, torn, cut short. A record
-        another user could have planted (see _planted) is refused."""
-        try:
-            fd = os.open(path, _O_READ)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise PersistError(errno.ELOOP, _LINK, path,
-                                   reason=PersistError.SYMLINK) from None
-            raise
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                return None
-            if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(path)):
-                raise PersistError(errno.EPERM, _WORLD_WRITABLE, path,
-                                   reason=PersistError.UNSAFE)
-            chunks = []
-            while True:                      # to its end: a size from stat may be stale (NFS)
-                chunk = os.read(fd, max(1 << 16, info.st_size + 1))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-        return _unframed(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-
     def _result(self, key):
         # type: (bytes) -> str
         name = hashlib.sha256(key).hexdigest() if self.shelf else key.hex()
-        return os.path.join(self.path, "results", name[:2], name)
-
-    def _publish(self, path, chunks, keep=None):
-        # type: (str, List[Any], Optional[Callable[[str], bool]]) -> bool
-        """_publish() into a directory made on first use (once: never removed)."""
-        try:
-            return _publish(path, chunks, keep)
-        except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(os.path.dirname(path), _DIR_MODE)
-            return _publish(path, chunks, keep)
+        return self.objects.join("results", name[:2], name)
 
     def _results(self):
         # type: () -> Iterator[str]
         """The path of every result file."""
-        yield from self._walk("results")
-
-    def _walk(self, part):
-        # type: (str) -> Iterator[str]
-        top = os.path.join(self.path, part)
-        try:
-            buckets = sorted(entry.name for entry in os.scandir(top)
-                             if len(entry.name) == 2 and _hex_name(entry.name, 2))
-        except FileNotFoundError:
-            return
-        for bucket in buckets:
-            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                for entry in os.scandir(os.path.join(top, bucket)):
-                    if entry.name.startswith(bucket) and not entry.name.startswith("."):
-                        yield entry.path
+        yield from self.objects.walk("results")
 
     def _entry(self, path):
         # type: (str) -> Optional[Tuple[Dict[str, Any], memoryview]]
         """(header, pickle) of the result file at path, or None (gone, torn)."""
-        record = self._read(path)
+        record = self.objects.read(path)
         return None if record is None else _result_parts(record)
 
     def _entries(self):
@@ -8366,7 +8307,7 @@ class _FileStore:
 
     def info(self):
         # type: () -> Dict[str, str]
-        record = self._read(os.path.join(self.path, "info"))
+        record = self.objects.read(self.objects.join("info"))
         if record is None:
             return {}
         try:
@@ -8382,7 +8323,7 @@ class _FileStore:
             raise PermissionError(errno.EACCES, "the cache is open read-only", self.path)
         merged = self.info()
         merged.update(info)
-        self._publish(os.path.join(self.path, "info"),
+        self.objects.publish(self.objects.join("info"),
                       [_json().dumps(merged, sort_keys=True).encode("utf-8")],
                       keep=lambda path: False)
 
@@ -8465,18 +8406,15 @@ class _FileStore:
         """(path, record) of each failure file (of key alone, if given) that no later
         result of its key voids."""
         if key is None:
-            paths = self._walk("failures")
+            paths = self.objects.walk("failures")
         else:
             name = key.hex()
-            bucket = os.path.join(self.path, "failures", name[:2])
-            try:
-                paths = (os.path.join(bucket, entry) for entry in os.listdir(bucket)
-                         if entry.startswith(name + "."))
-            except FileNotFoundError:
-                return
+            bucket = self.objects.join("failures", name[:2])
+            paths = (path for path in self.objects.listing(bucket)
+                     if os.path.basename(path).startswith(name + "."))
         results = {}     # type: Dict[str, Optional[float]]
         for path in paths:
-            record = self._read(path)
+            record = self.objects.read(path)
             if record is None:
                 continue
             try:
@@ -8542,7 +8480,7 @@ class _FileStore:
                   "started": started,
                   "call": {"pickle": call.hex()} if isinstance(call, bytes) else call}
         name = key.hex()
-        self._publish(os.path.join(self.path, "failures", name[:2], "%s.%d.%s-%d-%s" % (
+        self.objects.publish(self.objects.join("failures", name[:2], "%s.%d.%s-%d-%s" % (
             name, int(now * 1e6), _HOST, os.getpid(), os.urandom(4).hex())),
             [_json().dumps(record).encode("utf-8")])
 
@@ -8550,8 +8488,7 @@ class _FileStore:
         # type: (bytes) -> None
         """Remove key's failure files (best effort: a result voids them anyway)."""
         for path, _ in list(self._failures(key)):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            self.objects.remove(path)
 
     # Writing
 
@@ -8578,7 +8515,7 @@ class _FileStore:
             return not self.shelf and entry is not None and entry[0]["stored"] >= started
 
         head = _json().dumps(header).encode("utf-8")
-        self._publish(self._result(key), [len(head).to_bytes(4, "big"), head, data], keep)
+        self.objects.publish(self._result(key), [len(head).to_bytes(4, "big"), head, data], keep)
         for other in (key,) + tuple(forget):
             with contextlib.suppress(OSError):
                 self._forget_failures(other)
@@ -8602,8 +8539,7 @@ class _FileStore:
         if self.flag == "r":
             raise PermissionError(errno.EACCES, "the cache is open read-only", self.path)
         found = self.get(key) is not None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._result(key))
+        self.objects.remove(self._result(key))
         return found
 
     def delete_row(self, key, row):
@@ -8622,19 +8558,17 @@ class _FileStore:
         count = 0
         for path, header, _ in list(self._entries()):
             if owner is None or header.get("owner") in (None, owner):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    count += 1
-        for path in list(self._walk("failures")):
+                self.objects.remove(path)
+                count += 1
+        for path in list(self.objects.walk("failures")):
             failure = self._failure_at(path)
             if owner is None or failure is None or failure.get("owner") in (None, owner):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                self.objects.remove(path)
         return count
 
     def _failure_at(self, path):
         # type: (str) -> Optional[Dict[str, Any]]
-        record = self._read(path)
+        record = self.objects.read(path)
         try:
             return None if record is None else _json().loads(bytes(record).decode("utf-8"))
         except ValueError:
@@ -8665,17 +8599,153 @@ class _FileStore:
                 count += 1
                 size += len(data)
                 if not dry_run:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+                    self.objects.remove(path)
         if version is not None or codes:
-            for path in list(self._walk("failures")):
+            for path in list(self.objects.walk("failures")):
                 failure = self._failure_at(path)
                 if failure is not None and stale(failure):
                     failed += 1
                     if not dry_run:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
+                        self.objects.remove(path)
         return count, size, failed
+
+    def sweep(self):
+        # type: () -> None
+        self.objects.sweep()
+
+    def disk_usage(self):
+        # type: () -> int
+        return self.objects.usage()
+
+    def close(self):
+        # type: () -> None
+        pass
+
+
+
+
+class _Directory:
+    """Where a store of files keeps its records (see _FileStore): a directory, each record a
+    file, published with link() (_publish). Paths are the records' names."""
+
+    def __init__(self, path, flag):
+        # type: (str, str) -> None
+        self.path = path
+        self.flag = flag
+
+    def join(self, *parts):
+        # type: (*str) -> str
+        return os.path.join(self.path, *parts)
+
+    def exists(self, path):
+        # type: (str) -> bool
+        return os.path.lexists(path)
+
+    def check(self):
+        # type: () -> None
+        """Refuse a directory others could plant pickles in, or one that is not ours."""
+        directory = os.path.dirname(self.path)
+        if _CHECK_WORLD_WRITABLE:
+            _check_private(directory, "the cache's directory")
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            if self.flag in "rw":
+                raise FileNotFoundError(errno.ENOENT, "No such cache (open it with flag 'c' "
+                                        "to create it)", self.path) from None
+            return
+        if stat.S_ISLNK(info.st_mode):
+            raise PersistError(errno.ELOOP, _LINK, self.path, reason=PersistError.SYMLINK)
+        if not stat.S_ISDIR(info.st_mode):
+            raise PersistError(errno.ENOTDIR, "%s, not the directory of a cache of files; "
+                               "persist leaves it as it is: give persist another name"
+                               % _kind(info.st_mode), self.path,
+                               reason=PersistError.NOT_A_CACHE)
+        if _CHECK_WORLD_WRITABLE and _planted(info, directory):
+            raise PersistError(errno.EPERM, _WORLD_WRITABLE, self.path,
+                               reason=PersistError.UNSAFE)
+
+    def create(self):
+        # type: () -> None
+        """Make the directory and its marker: by several machines at once, the first
+        marker stays (the same content). A directory of other files is not made a cache."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.path, _DIR_MODE)
+        others = [name for name in _listdir(self.path) if name not in ("results", "failures")
+                  and not name.startswith(".store.")]
+        if others:
+            raise PersistError(errno.EEXIST, "a directory of other files (%s), not a cache; "
+                               "persist leaves it as it is: give persist another name"
+                               % ", ".join(sorted(others)[:3]), self.path,
+                               reason=PersistError.NOT_A_CACHE)
+        for part in ("results", "failures"):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(self.path, part), _DIR_MODE)
+
+    def read(self, path):
+        # type: (str) -> Optional[memoryview]
+        """The payload of the record at path, or None: missing, torn, cut short. A record
+        another user could have planted (see _planted) is refused."""
+        try:
+            fd = os.open(path, _O_READ)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PersistError(errno.ELOOP, _LINK, path,
+                                   reason=PersistError.SYMLINK) from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                return None
+            if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(path)):
+                raise PersistError(errno.EPERM, _WORLD_WRITABLE, path,
+                                   reason=PersistError.UNSAFE)
+            chunks = []
+            while True:                      # to its end: a size from stat may be stale (NFS)
+                chunk = os.read(fd, max(1 << 16, info.st_size + 1))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return _unframed(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def publish(self, path, chunks, keep=None):
+        # type: (str, List[Any], Optional[Callable[[str], bool]]) -> bool
+        """_publish() into a directory made on first use (once: never removed)."""
+        try:
+            return _publish(path, chunks, keep)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.dirname(path), _DIR_MODE)
+            return _publish(path, chunks, keep)
+
+    def remove(self, path):
+        # type: (str) -> None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def walk(self, part):
+        # type: (str) -> Iterator[str]
+        top = os.path.join(self.path, part)
+        try:
+            buckets = sorted(entry.name for entry in os.scandir(top)
+                             if len(entry.name) == 2 and _hex_name(entry.name, 2))
+        except FileNotFoundError:
+            return
+        for bucket in buckets:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for entry in os.scandir(os.path.join(top, bucket)):
+                    if entry.name.startswith(bucket) and not entry.name.startswith("."):
+                        yield entry.path
+
+    def listing(self, directory):
+        # type: (str) -> List[str]
+        """The paths of the records in directory (none if it is not there yet)."""
+        return [os.path.join(directory, name) for name in _listdir(directory)
+                if not name.startswith(".")]
 
     def sweep(self):
         # type: () -> None
@@ -8696,16 +8766,136 @@ class _FileStore:
                             _left_by_dead_process(name):
                         os.unlink(path)
 
-    def disk_usage(self):
+    def usage(self):
         # type: () -> int
         total = 0
         for top, _, names in os.walk(self.path):
             total += sum(_size(os.path.join(top, name)) for name in names)
         return total
 
-    def close(self):
+class _MappingObjects:
+    """Where a store of files keeps its records (see _FileStore) in a mapping of str to bytes
+    (memoize(store=mapping), persist.open(mapping)): fsspec's get_mapper("s3://bucket/cache")
+    (S3, GCS, Azure), or any MutableMapping. Paths are its keys, under prefix. Only a missing
+    key (KeyError) is a missing record: any other error of the mapping (a timeout, a request
+    refused) is an OSError that names the store, which the cache warns of and counts, never
+    a miss. Where the mapping's filesystem creates a key only where none is (fsspec's mode
+    "xb": S3's If-None-Match), a record that is not to replace another is written so."""
+
+    def __init__(self, mapping, prefix, flag):
+        # type: (Any, str, str) -> None
+        self.mapping = mapping
+        self.prefix = prefix.strip("/")
+        self.flag = flag
+        root = getattr(mapping, "root", None)
+        where = root if isinstance(root, str) else "<%s>" % type(mapping).__name__
+        self.path = where.rstrip("/") + ("/" + self.prefix if self.prefix else "")
+
+    def join(self, *parts):
+        # type: (*str) -> str
+        return "/".join(([self.prefix] if self.prefix else []) + list(parts))
+
+    def _failed(self, exc, what, name):
+        # type: (Exception, str, str) -> OSError
+        if isinstance(exc, OSError):
+            return exc
+        return OSError(errno.EIO, "the store's mapping failed to %s %s (%s: %s)"
+                       % (what, name, type(exc).__name__, exc), self.path)
+
+    def exists(self, name):
+        # type: (str) -> bool
+        try:
+            return name in self.mapping
+        except Exception as exc:
+            raise self._failed(exc, "look up", name) from exc
+
+    def check(self):
+        # type: () -> None
+        if self.flag in "rw" and not self.exists(self.join("store")):
+            raise FileNotFoundError(errno.ENOENT, "No such cache (open it with flag 'c' to "
+                                    "create it)", self.path)
+
+    def create(self):
         # type: () -> None
         pass
+
+    def read(self, name):
+        # type: (str) -> Optional[memoryview]
+        try:
+            record = self.mapping[name]
+        except KeyError:
+            return None
+        except Exception as exc:
+            raise self._failed(exc, "read", name) from exc
+        return _unframed(bytes(record))
+
+    def publish(self, name, chunks, keep=None):
+        # type: (str, List[Any], Optional[Callable[[str], bool]]) -> bool
+        """As _publish(): True if this call wrote the record at name, False if one was there
+        and keep(name) says to keep it (without keep, the first always stays)."""
+        record = _frame_head(chunks) + b"".join(bytes(chunk) for chunk in chunks)
+        fs, root = getattr(self.mapping, "fs", None), getattr(self.mapping, "root", None)
+        try:
+            if fs is not None and callable(getattr(fs, "open", None)) and \
+                    isinstance(root, str):
+                target = root.rstrip("/") + "/" + name
+                try:
+                    try:
+                        with fs.open(target, "xb") as file:
+                            file.write(record)
+                    except FileNotFoundError:  # a local filesystem's folder: made once
+                        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                        with fs.open(target, "xb") as file:
+                            file.write(record)
+                    return True
+                except FileExistsError:
+                    if keep is None or keep(name):
+                        return False
+                except (ValueError, NotImplementedError, TypeError):
+                    pass                      # no "xb" there: as any mapping, below
+            elif self.read(name) is not None and (keep is None or keep(name)):
+                return False                  # (a mapping of no such mode: not atomic)
+            self.mapping[name] = record
+            return True
+        except (FileExistsError, OSError):
+            raise
+        except Exception as exc:
+            raise self._failed(exc, "write", name) from exc
+
+    def remove(self, name):
+        # type: (str) -> None
+        try:
+            del self.mapping[name]
+        except KeyError:
+            pass
+        except Exception as exc:
+            raise self._failed(exc, "remove", name) from exc
+
+    def walk(self, part):
+        # type: (str) -> Iterator[str]
+        return iter(self.listing(self.join(part)))
+
+    def listing(self, directory):
+        # type: (str) -> List[str]
+        """The names of the records under directory (a prefix of keys), sorted."""
+        start = directory + "/"
+        try:
+            return sorted(name for name in self.mapping if name.startswith(start)
+                          and not name.rsplit("/", 1)[-1].startswith("."))
+        except Exception as exc:
+            raise self._failed(exc, "list", directory) from exc
+
+    def sweep(self):
+        # type: () -> None
+        pass                                  # no temporary records in a mapping
+
+    def usage(self):
+        # type: () -> int
+        try:
+            return sum(len(self.mapping[name]) for name in self.listing(self.prefix)) \
+                if self.prefix else sum(len(value) for value in self.mapping.values())
+        except Exception as exc:
+            raise self._failed(exc, "measure", self.path) from exc
 
 
 _FILES_FORMAT = 1
