@@ -10967,6 +10967,245 @@ class TestPublishedRecords(TempDirTest):
                 self.assertIsNotNone(persist._unframed(file.read()), name)
 
 
+# -- the store of files: memoize(store=), a shelf of files, mappings
+
+
+def pretend_shared(test, directory, kind="nfs4"):
+    """Make persist take directory for one on a filesystem several machines share (kind), as
+    the mount table would say on a cluster, for this test (the real one: TestSharedMounts)."""
+    key = (os.path.realpath(directory), "/proc/self/mountinfo")
+    persist._FILESYSTEMS[key] = (kind, "server:/export")
+    test.addCleanup(persist._FILESYSTEMS.pop, key, None)
+
+
+class TestFilesStore(TempDirTest):
+    """memoize(store="files"): every cache method, the ledger and explain() on a store of
+    files, as on SQLite."""
+
+    def memo(self, **options):
+        calls = []
+
+        @persist.memoize(cache_dir=self.dir, name="job", **options)
+        def job(x):
+            calls.append(x)
+            if x < 0:
+                raise ValueError("negative %d" % x)
+            return [x] * 3
+        job.calls = calls
+        return job
+
+    def test_results_failures_and_every_cache_method(self):
+        job = self.memo(store="files")
+        self.assertEqual([job(1), job(2), job(1)], [[1] * 3, [2] * 3, [1] * 3])
+        self.assertEqual(job.calls, [1, 2])
+        info = job.cache_info()
+        self.assertEqual((info.hits, info.misses, info.entries, info.failures), (1, 2, 2, 0))
+        self.assertEqual(info.path, os.path.join(self.dir, "job.files"))
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "job.db")))
+        for _ in range(2):
+            with self.assertRaisesRegex(ValueError, "negative -5"):
+                job(-5)
+        failure, = job.failures()
+        self.assertEqual((failure.type, failure.count, failure.call.args),
+                         ("ValueError", 2, (-5,)))
+        self.assertIn("ValueError: negative -5", failure.traceback)
+        self.assertEqual(job.cache_info().failures, 1)
+        self.assertEqual([job.explain(x).reason for x in (1, -5, 9)],
+                         ["hit", "failed before", "no entry"])
+        self.assertTrue(job.cache_delete(2))
+        self.assertFalse(job.cache_delete(2))
+        self.assertEqual(job.cache_info().entries, 1)
+        job.cache_clear()
+        self.assertEqual((job.cache_info().entries, job.failures()), (0, []))
+
+    def test_a_success_ends_the_calls_failures(self):
+        state = {"fail": True}
+
+        @persist.memoize(cache_dir=self.dir, store="files")
+        def flaky(x):
+            if state["fail"]:
+                raise OSError("network down")
+            return x
+        with self.assertRaises(OSError):
+            flaky(1)
+        self.assertEqual(len(flaky.failures()), 1)
+        state["fail"] = False
+        self.assertEqual(flaky(1), 1)
+        self.assertEqual((flaky.failures(), flaky.explain(1).reason), ([], "hit"))
+
+    def test_versions_kept_apart_pruned_on_request_and_expired_replaced(self):
+        one = self.memo(store="files", version=1)
+        one(1)
+        two = self.memo(store="files", version=2)
+        self.assertEqual(two.explain(1).reason, "another version")
+        two(1)
+        self.assertEqual((two.calls, two.cache_info().entries), ([1], 2))
+        self.assertEqual(two.cache_prune(), 1)          # version 1's
+        self.assertEqual(two.cache_info().entries, 1)
+        brief = self.memo(store="files", version=2, expire=1e-6)
+        stored = brief.explain(1).stored
+        self.assertEqual(brief.explain(1).reason, "expired")
+        brief(1)
+        self.assertEqual(brief.calls, [1])
+        self.assertGreater(two.explain(1).stored, stored)     # replaced, not kept
+        self.assertEqual(two.cache_info().entries, 1)
+
+    def test_persist_map_stores_and_records_into_it(self):
+        job = self.memo(store="files")
+        with self.assertRaises(persist.Failures) as raised:
+            persist.map(job, [1, -1, 2], progress=False)
+        self.assertEqual([item for item, _ in raised.exception.failures], [-1])
+        self.assertEqual(job.cache_info().entries, 2)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool, \
+                self.assertRaises(persist.Failures):
+            persist.map(job, [1, -1, 2], executor=pool, progress=False)
+        self.assertEqual(job.calls, [1, -1, 2, -1])    # the rerun computed only -1
+        self.assertEqual(job.failures()[0].count, 2)
+
+    def test_the_environment_chooses_and_bad_choices_are_refused_before_any_call(self):
+        with mock.patch.dict(os.environ, {"PERSIST_STORE": "files"}):
+            job = self.memo()
+            job(1)
+            self.assertTrue(job.cache_info().path.endswith("job.files"))
+        with mock.patch.dict(os.environ, {"PERSIST_STORE": "postgres"}):
+            late = self.memo()
+            with self.assertRaisesRegex(ValueError, r"\$PERSIST_STORE='postgres'.*'files'"):
+                late(1)
+            self.assertEqual(late.calls, [])
+        with self.assertRaisesRegex(ValueError, r"store='disk'.*'files', 'sqlite'"):
+            self.memo(store="disk")
+        with self.assertRaisesRegex(TypeError, r"store=.*MutableMapping.*not int"):
+            self.memo(store=3)
+
+    def test_sqlite_is_refused_on_a_shared_filesystem_unless_one_machine_uses_it(self):
+        pretend_shared(self, self.dir)
+        job = self.memo()                             # chosen by itself there
+        job(1)
+        self.assertTrue(job.cache_info().path.endswith("job.files"))
+        forced = self.memo(store="sqlite")
+        with self.assertRaises(persist.PersistError) as raised:
+            forced(1)
+        self.assertEqual(raised.exception.reason, persist.PersistError.SHARED_FILESYSTEM)
+        self.assertIn("nfs4", str(raised.exception))
+        self.assertIn("sqlite-one-machine", str(raised.exception))
+        self.assertEqual(forced.calls, [])
+        alone = self.memo(store="sqlite-one-machine")
+        self.assertEqual(alone(1), [1] * 3)
+        self.assertTrue(alone.cache_info().path.endswith("job.db"))
+
+    def test_a_torn_result_is_a_miss_and_is_stored_whole_again(self):
+        job = self.memo(store="files")
+        job(7)
+        path, = [os.path.join(root, name) for root, _, names
+                 in os.walk(os.path.join(self.dir, "job.files", "results")) for name in names]
+        with io.open(path, "rb") as file:
+            whole = file.read()
+        for cut in (0, 1, len(whole) // 2, len(whole) - 1):
+            with io.open(path, "wb") as file:
+                file.write(whole[:cut])
+            self.assertEqual(job(7), [7] * 3)
+            with io.open(path, "rb") as file:
+                self.assertIsNotNone(persist._unframed(file.read()))
+        self.assertEqual(job.calls, [7] * 5)
+
+    def test_the_command_line_lists_shows_and_clears_it(self):
+        job = self.memo(store="files")
+        job(1)
+        with self.assertRaises(ValueError):
+            job(-1)
+        listed = run_command(CLI + ["ls", self.dir])
+        self.assertEqual(listed.returncode, 0, listed.stderr)
+        self.assertRegex(listed.stdout, r"\njob +1 .* 1 .*job\.files\n")
+        shown = run_command(CLI + ["show", "job", "--dir", self.dir])
+        self.assertIn("(1)", shown.stdout)
+        failed = run_command(CLI + ["failures", "job", "--dir", self.dir])
+        self.assertIn("ValueError: negative -1", failed.stdout)
+        cleared = run_command(CLI + ["clear", os.path.join(self.dir, "job.files")])
+        self.assertIn("removed 1 entry and 1 failure record", cleared.stdout)
+        self.assertEqual((job.cache_info().entries, job.failures()), (0, []))
+
+
+class TestShelfOfFiles(TempDirTest):
+    """persist.open on a shared filesystem: a shelf of files."""
+
+    def test_a_shelf_of_files_where_machines_share_the_disk(self):
+        pretend_shared(self, self.dir)
+        path = self.path / "results.db"
+        long_key = "k" * 1000                         # longer than a file name may be
+        with persist.open(path) as db:
+            db["a"], db[long_key], db["é"] = 1, [2], {"x": 3}
+            db["a"] = 4                               # the last assignment wins
+            self.assertEqual((db["a"], db[long_key], len(db), "é" in db), (4, [2], 3, True))
+            del db[long_key]
+        self.assertTrue(path.is_dir())
+        with persist.open(path, "r") as db:
+            self.assertEqual(dict(db), {"a": 4, "é": {"x": 3}})
+        shown = run_command(CLI + ["show", str(path)])
+        self.assertEqual(sorted(line.split()[-1] for line in shown.stdout.splitlines()[1:]),
+                         ["a", "é"])
+
+    def test_a_directory_of_other_files_is_never_made_a_store(self):
+        pretend_shared(self, self.dir)
+        (self.path / "mine").mkdir()
+        (self.path / "mine" / "notes.txt").write_text("x")
+        with self.assertRaises(OSError):
+            persist.open(self.path / "mine")
+        self.assertEqual(os.listdir(self.path / "mine"), ["notes.txt"])
+
+
+class FlakyMapping(dict):
+    """An object store that times out on every read: not a miss, a failure of the store."""
+
+    def __getitem__(self, key):
+        raise TimeoutError("the request timed out")
+
+
+class TestObjectStoreMapping(TempDirTest):
+    """memoize(store=mapping) and persist.open(mapping): any MutableMapping[str, bytes], as
+    fsspec.get_mapper("s3://bucket/cache") gives (S3 itself: TestObjectStoreServer)."""
+
+    def test_a_dict_holds_a_cache_and_a_shelf(self):
+        mapping = {}
+        calls = []
+
+        @persist.memoize(store=mapping)
+        def double(x):
+            calls.append(x)
+            if x < 0:
+                raise ValueError(x)
+            return 2 * x
+        self.assertEqual([double(1), double(1), double(2)], [2, 2, 4])
+        with self.assertRaises(ValueError):
+            double(-1)
+        self.assertEqual((calls, double.cache_info().entries, len(double.failures())),
+                         ([1, 2, -1], 2, 1))
+        prefix = double.cache_info().path.split("/")[-1]
+        self.assertTrue(all(name.startswith(prefix + "/") for name in mapping), mapping)
+        with persist.open(mapping) as db:
+            db["k"] = "v"
+            self.assertEqual(dict(db), {"k": "v"})
+
+    def test_a_store_that_fails_warns_counts_and_returns_never_a_silent_miss(self):
+        calls = []
+
+        @persist.memoize(store=FlakyMapping())
+        def work(x):
+            calls.append(x)
+            return x
+        with self.assertWarnsRegex(persist.PersistWarning, "timed out"):
+            self.assertEqual(work(1), 1)
+        self.assertEqual(work(2), 2)
+        self.assertEqual(work.cache_info().unstored, 2)
+
+        @persist.memoize(store=FlakyMapping(), strict=True)
+        def strict(x):
+            calls.append(x)
+            return x
+        with self.assertRaisesRegex(OSError, "timed out"):
+            strict(1)
+        self.assertEqual(calls, [1, 2])
+
+
 # -- the command line
 
 
