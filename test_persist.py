@@ -4268,6 +4268,19 @@ SHARD_ITEMS = (["a", "b", "a", 7, (1, "x"), frozenset({"p", "q", "r"}), None, 2.
                + ["r%d" % i for i in range(40)] + ["b"])
 
 
+def assert_partition(test, items, shares):
+    """Each item (with its duplicates) in exactly one share, each share the items it holds in
+    input order: together, every position of items exactly once. Returns {item: its share}."""
+    owner = {}
+    for index, share in enumerate(shares):
+        for item in share:
+            test.assertEqual(owner.setdefault(item, index), index, item)
+    test.assertEqual(set(owner), set(items))
+    for index, share in enumerate(shares):
+        test.assertEqual(share, [item for item in items if owner[item] == index])
+    return owner
+
+
 class TestMapShards(MemoTest):
     """persist.map(shard=(index, count)): one task's share of a job array's items."""
 
@@ -4276,16 +4289,7 @@ class TestMapShards(MemoTest):
                 for index in range(count)]
 
     def assertPartition(self, items, shares):
-        """Each item (with its duplicates) in exactly one share, each share the items it holds
-        in input order: together, every position of items exactly once."""
-        owner = {}
-        for index, share in enumerate(shares):
-            for item in share:
-                self.assertEqual(owner.setdefault(item, index), index, item)
-        self.assertEqual(set(owner), set(items))
-        for index, share in enumerate(shares):
-            self.assertEqual(share, [item for item in items if owner[item] == index])
-        return owner
+        return assert_partition(self, items, shares)
 
     def test_shares_are_disjoint_and_cover_every_item_once(self):
         for count in (1, 2, 3, 7):
@@ -4524,6 +4528,88 @@ class TestMapShardsAcrossProcesses(TempDirTest):
         self.assertEqual(seen[0][:3], [[items.index(item) for item in share] for share in
                                        [persist.map(echo, items, shard=(index, 3),
                                                     progress=False) for index in range(3)]])
+
+
+JOB_ARRAY_SCRIPT = """
+import concurrent.futures, json, os, sys
+import persist
+
+@persist.memoize(cache_dir=os.environ["CACHE"])
+def work(x):
+    # one file per process (the workers' too): each call, to count them
+    with open(os.path.join(os.environ["CALLS"], str(os.getpid())), "a") as calls:
+        calls.write("%d\\n" % x)
+    if x % 9 == 4:
+        raise ValueError(x)
+    return x * 10
+
+if __name__ == "__main__":
+    items = list(range(60)) + [5, 17, 5]
+    mode = sys.argv[1]
+    options = {"progress": mode == "all"}
+    if mode != "all":
+        options["shard"] = (int(sys.argv[2]), int(sys.argv[3]))
+    if mode == "workers":
+        options["workers"] = 2
+    try:
+        if mode == "threads":
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                results = persist.map(work, items, executor=pool, **options)
+        else:
+            results = persist.map(work, items, **options)
+        failed = []
+    except persist.Failures as exc:
+        results, failed = exc.results, [item for item, _ in exc.failures]
+    # the share's items, in order: from each result, or from the failure's ValueError(x)
+    print(json.dumps([[r // 10 if isinstance(r, int) else r.args[0] for r in results],
+                      failed]))
+"""
+
+
+@slow
+class TestMapJobArray(TempDirTest):
+    def test_tasks_share_a_cache_and_a_full_map_reuses_them(self):
+        # Three tasks at once, as a job array runs them (serially, on workers=2, on threads),
+        # one cache; then the whole map, in another process, as after the array.
+        script = self.path / "job.py"
+        script.write_text(JOB_ARRAY_SCRIPT)
+        calls = self.path / "calls"
+        calls.mkdir()
+        env = child_env(CACHE=self.path / "cache", CALLS=calls)
+        tasks = [spawn(self, [sys.executable, str(script), mode, str(index), "3"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, env=env)
+                 for index, mode in enumerate(["serial", "workers", "threads"])]
+        shares, failed = [], []
+        for task in tasks:
+            out, err = task.communicate(timeout=CHILD_TIMEOUT)
+            self.assertEqual(task.returncode, 0, err)
+            share, share_failed = json.loads(out)
+            shares.append(share)
+            failed += share_failed
+        items = list(range(60)) + [5, 17, 5]
+        owner = assert_partition(self, items, shares)
+        self.assertEqual(len(set(owner.values())), 3)
+        self.assertEqual(sorted(failed), [4, 13, 22, 31, 40, 49, 58])
+
+        def called():
+            found = collections.Counter()
+            for name in os.listdir(str(calls)):
+                found.update(int(x) for x in (calls / name).read_text().split())
+                os.remove(str(calls / name))
+            return found
+
+        # each item computed once, by the task it belongs to (5 and 17 once, given twice)
+        self.assertEqual(called(), collections.Counter(range(60)))
+        done = run_command([str(script), "all"], CACHE=self.path / "cache", CALLS=calls)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        results, failed_again = json.loads(done.stdout)
+        self.assertEqual(results, items)
+        self.assertEqual(failed_again, [4, 13, 22, 31, 40, 49, 58])
+        # only what failed runs again
+        self.assertEqual(called(), collections.Counter(failed_again))
+        self.assertIn("work: 63 items: 56 reused, 0 computed, 7 failed (ValueError x7)",
+                      done.stderr)
 
 
 WORKERS_SCRIPT = """
