@@ -12436,6 +12436,8 @@ reveal_type(Model().predict.cache_delete(1))       # expect: bool
 reveal_type(f.cache_prune())                       # expect: int
 reveal_type(f.explain(1).hit)                      # expect: bool
 reveal_type(persist.map(f, [1, 2]))                # expect: list[str]
+reveal_type(persist.map(f, [1, 2], shard=(0, 2)))  # expect: list[str]
+persist.map(f, [1, 2], shard=0)                    # error: arg-type reportArgumentType
 with persist.open("shelf.db") as db:
     reveal_type(db)                                # expect: _Shelf
 with persist.atomic_open("out.txt", "w") as text:
