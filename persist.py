@@ -3501,6 +3501,7 @@ def _stored_when(stored, seconds=None):
 # processes, remade when one dies, or an executor), through func's cache when it is memoized:
 # _Run sends items in batches, runs again those a dead worker took with it (halving them to
 # find the one that kills), shows progress, and raises the failures together (Failures).
+# With shard=, _share() first keeps the items that are this job array task's, by their keys.
 
 def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional[int]" = None,
         executor: "Optional[concurrent.futures.Executor]" = None, keep_going: bool = True,
@@ -3646,12 +3647,17 @@ def _share(items, found, shard):
         except Exception as exc:
             # Every task keys every item: each would decide alike where it goes, so each
             # raises, at once, rather than run its share and leave this one to no task.
+            if found is not None:        # its error says what to do (ignore=, key=)
+                raise TypeError("persist.map(shard=...) gives each item to a task by the "
+                                "cache key of its call, and item %d, %s, makes a call that "
+                                "has none (%s: %s)" % (position, _SHORT.repr(item),
+                                                       type(exc).__name__, exc)) from exc
             raise TypeError("persist.map(shard=...) gives each item to a task by its key, "
                             "and item %d, %s, cannot be keyed (%s: %s): map over items "
-                            "persist can key (ids, str, numbers, tuples of them: see "
-                            "\"How each type is keyed\" in the README)%s"
-                            % (position, _SHORT.repr(item), type(exc).__name__, exc,
-                               "" if found is None else ", or give memoize key=")) from exc
+                            "persist can key (ids, str, numbers, tuples of them: see \"How "
+                            "each type is keyed\" in the README), or memoize func and give "
+                            "it key=" % (position, _SHORT.repr(item), type(exc).__name__,
+                                         exc)) from exc
         if int.from_bytes(key[:8], "big") % count == index:
             mine.append(item)
             if keys is not None:

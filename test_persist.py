@@ -4495,9 +4495,16 @@ class TestMapShards(MemoTest):
             persist.map(g, ["a", "b", lock, "c"], shard=(0, 2), progress=False)
         self.assertEqual(ran, [])
         f = self.memo(g)
-        with self.assertRaisesRegex(TypeError, r"item 1, .*cannot be keyed.*or give memoize "
-                                               r"key="):
+        with self.assertRaisesRegex(TypeError, r"by the cache key of its call, and item 1, "
+                                               r"<unlocked _thread.lock object>, makes a call "
+                                               r"that has none \(TypeError: .*argument 'item' "
+                                               r"cannot be part of a cache key"):
             persist.map(f, ["a", lock], shard=(1, 2), progress=False)
+        # a call that does not bind: parse("1", "2")
+        with self.assertRaisesRegex(TypeError, r"item 0, '2', makes a call that has none "
+                                               r"\(TypeError: .*"):
+            persist.map(functools.partial(self.memo(parse), "1"), ["2"], shard=(0, 1),
+                        progress=False)
         self.assertEqual((ran, f.calls), ([], []))
         self.assertEqual(persist.map(g, ["a", lock], progress=False), ["a", lock])  # unsharded
 
