@@ -4556,8 +4556,10 @@ if __name__ == "__main__":
     options = {"progress": mode == "all"}
     if mode != "all":
         options["shard"] = (int(sys.argv[2]), int(sys.argv[3]))
-    if mode == "workers":
+    if mode in ("workers", "stop"):
         options["workers"] = 2
+    if mode == "stop":
+        options["keep_going"] = False
     try:
         if mode == "threads":
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -4567,6 +4569,9 @@ if __name__ == "__main__":
         failed = []
     except persist.Failures as exc:
         results, failed = exc.results, [item for item, _ in exc.failures]
+    except ValueError as exc:            # keep_going=False
+        print(json.dumps(["stopped", exc.args[0]]))
+        sys.exit()
     # the share's items, in order: from each result, or from the failure's ValueError(x)
     print(json.dumps([[r // 10 if isinstance(r, int) else r.args[0] for r in results],
                       failed]))
@@ -4617,6 +4622,15 @@ class TestMapJobArray(TempDirTest):
         self.assertEqual(called(), collections.Counter(failed_again))
         self.assertIn("work: 63 items: 56 reused, 0 computed, 7 failed (ValueError x7)",
                       done.stderr)
+        # keep_going=False, on workers, in a new cache: the first failure of the share stops
+        # it, and only items of the share ran
+        done = run_command([str(script), "stop", "1", "3"], CACHE=self.path / "other",
+                           CALLS=calls)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        stopped, item = json.loads(done.stdout)
+        self.assertEqual((stopped, owner[item], item % 9), ("stopped", 1, 4))
+        ran = called()
+        self.assertTrue(ran and all(owner[x] == 1 for x in ran), ran)
 
 
 WORKERS_SCRIPT = """
