@@ -67,6 +67,9 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 #       _Connection.query [execute]); _run -> double); _Run.receive -> _Run.take -> _Run.store ->
 #       _FunctionCache.put_many -> _FunctionCache.put -> _Store.put -> _Connection.transaction ->
 #       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute]))
+#   a persist.map(shard=) item: map -> _share -> (_Wrapper._key_of -> _Wrapper._keyed ->
+#       _FunctionCache.key -> _keyer.key [digest]), or of a plain func _digest [digest];
+#       then as above for the share's items, _Wrapper._call and _Run.to_send taking that key
 #   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.transaction ->
 #       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute])
 #   an atomic write: atomic_write -> _atomic_open -> (_fsync [fsync]; [replace]; _fsync_dir ->
@@ -473,7 +476,8 @@ class Failures(Exception):
     """persist.map() tried every item, and some failed.
 
     failures: (item, exception) pairs, in the order of the input. results: one entry per
-    input item, in order: its result, or the exception where it failed.
+    input item, in order: its result, or the exception where it failed. With shard=, both
+    hold the items of this task's share alone.
     """
 
     def __init__(self, message, failures=(), results=()):
@@ -856,12 +860,13 @@ class _Wrapper:
                 result = miss.result = cache.func(*args, **kwargs)
         return result
 
-    def _call(self, args, kwargs):
-        # type: (_Args, _Kwargs) -> Tuple[Any, Optional[float]]
+    def _call(self, args, kwargs, key=None):
+        # type: (_Args, _Kwargs, Optional[bytes]) -> Tuple[Any, Optional[float]]
         """(result, None when it was computed, else the seconds its stored call took): a call
-        for persist.map, which counts."""
+        for persist.map, which counts; key: the call's, where persist.map has it already."""
         cache = self._cache
-        key = self._key_of(args, kwargs)
+        if key is None:
+            key = self._key_of(args, kwargs)
         if self._self is not None:
             args = (self._self,) + args
         result, saved = cache.get(key)
@@ -3543,10 +3548,12 @@ def _stored_when(stored, seconds=None):
 # processes, remade when one dies, or an executor), through func's cache when it is memoized:
 # _Run sends items in batches, runs again those a dead worker took with it (halving them to
 # find the one that kills), shows progress, and raises the failures together (Failures).
+# With shard=, _share() first keeps the items that are this job array task's, by their keys.
 
 def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional[int]" = None,
         executor: "Optional[concurrent.futures.Executor]" = None, keep_going: bool = True,
-        progress: "Union[bool, Callable[..., Any], None]" = None) -> "List[_R]":
+        progress: "Union[bool, Callable[..., Any], None]" = None,
+        shard: "Optional[Tuple[int, int]]" = None) -> "List[_R]":
     """func(item) for every item, as a list in input order, going on past items that fail.
 
     results = persist.map(transform, records)              # every record is tried
@@ -3580,8 +3587,23 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
     stderr goes; False shows none; a factory with tqdm's interface (progress=tqdm.tqdm)
     gets the counts instead. At the end one summary line goes to the 'persist' logger at
     INFO, and to stderr when the progress line would.
+
+    shard=(index, count): one task of a job array of count tasks (Slurm, PBS, LSF, SGE),
+    index from 0 to count - 1, each running the same script on all the items: this task
+    runs only its share, and returns the results of its share alone, in input order (the
+    items of the share, as they come in items; Failures' .failures and .results likewise,
+    and the progress and summary count the share). Each item goes to one task by its key,
+    the same in every process and on every machine: for a memoized func, the call's cache
+    key (the same call, the same task); for any other, the digest of persist's encoding of
+    the item, as memoize keys arguments. With the same count, each task gets the same items
+    at every run, in any order; an item that cannot be keyed raises TypeError before
+    anything runs. The items of other shares are neither run nor looked up. With a shared
+    cache, persist.map(func, items) afterwards, on any machine that sees it, reuses what
+    every task stored and computes again what failed (see "Job arrays" in the README).
     """
     _check_map_arguments(func, workers, executor)
+    if shard is not None:
+        shard = _check_shard(shard)
     found = _memoized_for_map(func)
     threads = False
     if executor is not None:
@@ -3594,7 +3616,12 @@ def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional
     elif workers is not None:
         _check_travels(func)
     items = list(items)
-    run = _Run(func, items, found, progress, keep_going)
+    keys = None                  # for a shard of a memoized func: each item's cache key
+    whose = None                 # (index, count, items in all) for a shard
+    if shard is not None:
+        whose = shard + (len(items),)
+        items, keys = _share(items, found, shard)
+    run = _Run(func, items, found, progress, keep_going, keys, whose)
     try:
         run.execute(workers, executor, threads)
     finally:
@@ -3615,6 +3642,74 @@ def _check_map_arguments(func, workers, executor):
                                 workers < 1):
         raise ValueError("persist.map(workers=...) must be a whole number of processes, 1 or "
                          "more, not %r" % (workers,))
+
+
+def _check_shard(shard):
+    # type: (Any) -> Tuple[int, int]
+    """shard=, checked: (index, count) of this task in a job array of count tasks."""
+    form = ("persist.map(shard=...) takes (index, count): this task's number from 0 to "
+            "count - 1, and the number of tasks, as ints, e.g. on Slurm "
+            "shard=(int(os.environ['SLURM_ARRAY_TASK_ID']) - "
+            "int(os.environ['SLURM_ARRAY_TASK_MIN']), "
+            "int(os.environ['SLURM_ARRAY_TASK_COUNT']))")
+    if not isinstance(shard, (tuple, list)) or len(shard) != 2:
+        raise TypeError("%s; not %r" % (form, shard))
+    index, count = shard
+    for name, value in (("index", index), ("count", count)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError("%s; its %s is %r, not an int (an environment variable is a str: "
+                            "int() it)" % (form, name, value))
+    if count < 1:
+        raise ValueError("%s; its count is %d: a job array has 1 task or more"
+                         % (form, count))
+    if not 0 <= index < count:
+        raise ValueError("%s; its index is %d, outside 0 to %d. A job array's task ids may "
+                         "start at 1 (LSF's LSB_JOBINDEX does, and Slurm's "
+                         "SLURM_ARRAY_TASK_ID for --array=1-N, SGE's SGE_TASK_ID for -t 1-N): "
+                         "subtract the first id (SLURM_ARRAY_TASK_MIN, SGE_TASK_FIRST)"
+                         % (form, index, count - 1))
+    return index, count
+
+
+def _share(items, found, shard):
+    # type: (List[Any], Optional[_WrapperCall], Tuple[int, int]) -> Tuple[List[Any], Optional[List[bytes]]]
+    """The items of the task shard=(index, count) gets, in input order, and for a memoized
+    func their cache keys (which _Run takes, rather than key each item again).
+
+    An item goes to the task whose index is its key's first 8 bytes, as a big-endian
+    number, modulo count: a key is the same in every process and on every machine (never
+    hash(), which differs between processes), and is the item's, not its position's. A
+    memoized func's key is the call's cache key, so that the calls a cache holds once go to
+    one task (f(x=1) and f(1); items its key= or ignore= makes alike); any other func's,
+    the digest of persist's encoding of the item."""
+    index, count = shard
+    mine: "List[Any]" = []
+    keys: "Optional[List[bytes]]" = None
+    if found is not None:
+        wrapper, args, kwargs = found
+        keys = []
+    for position, item in enumerate(items):
+        try:
+            key = _digest(item) if found is None else wrapper._key_of(args + (item,), kwargs)
+        except Exception as exc:
+            # Every task keys every item: each would decide alike where it goes, so each
+            # raises, at once, rather than run its share and leave this one to no task.
+            if found is not None:        # its error says what to do (ignore=, key=)
+                raise TypeError("persist.map(shard=...) gives each item to a task by the "
+                                "cache key of its call, and item %d, %s, makes a call that "
+                                "has none (%s: %s)" % (position, _SHORT.repr(item),
+                                                       type(exc).__name__, exc)) from exc
+            raise TypeError("persist.map(shard=...) gives each item to a task by its key, "
+                            "and item %d, %s, cannot be keyed (%s: %s): map over items "
+                            "persist can key (ids, str, numbers, tuples of them: see \"How "
+                            "each type is keyed\" in the README), or memoize func and give "
+                            "it key=" % (position, _SHORT.repr(item), type(exc).__name__,
+                                         exc)) from exc
+        if int.from_bytes(key[:8], "big") % count == index:
+            mine.append(item)
+            if keys is not None:
+                keys.append(key)
+    return mine, keys
 
 
 def _memoized_for_map(func):
@@ -3664,12 +3759,20 @@ class _Run:
     bar: "Any"
     tick: "Optional[float]"
 
-    def __init__(self, func, items, found, progress, keep_going):
-        # type: (Callable[[Any], Any], List[Any], Optional[_WrapperCall], _Progress, bool) -> None
+    def __init__(self, func, items, found, progress, keep_going, item_keys=None, shard=None):
+        # type: (Callable[[Any], Any], List[Any], Optional[_WrapperCall], _Progress, bool, Optional[List[bytes]], Optional[Tuple[int, int, int]]) -> None
         self.func, self.items, self.found = func, items, found
         self.keep_going = keep_going
+        # a memoized func's: the cache key of each item, where _share() has them already
+        self.item_keys = item_keys
         inner = func.func if isinstance(func, functools.partial) else func
         self.label = getattr(inner, "__name__", None) or type(inner).__name__
+        # shard: (index, count, items in all): the lines and the error say whose items these
+        # are (the label alone names the function, as in "see parse.failures()")
+        self.title, self.of = self.label, ""
+        if shard is not None:
+            self.title = "%s, shard=(%d, %d)" % ((self.label,) + shard[:2])
+            self.of = " (this shard's, of %s)" % _n(shard[2])
         self.results = [None] * len(items)
         self.failures = []              # (index, exception)
         self.reused = self.computed = 0
@@ -3693,7 +3796,7 @@ class _Run:
         elif progress is True:
             self.tick = self.start
         elif callable(progress):
-            self.bar = progress(total=len(items), desc=self.label, unit="item")
+            self.bar = progress(total=len(items), desc=self.title, unit="item")
             self.tick = self.start
         elif progress is not False:
             raise TypeError("Expected persist.map(progress=...) to be None, True, False or a "
@@ -3737,7 +3840,7 @@ class _Run:
         elapsed = now - self.start
         rate = done / elapsed if elapsed > 0 else 0.0
         left = ", %s left" % _took((total - done) / rate) if rate and done < total else ""
-        text = "%s: %s/%s items: %s, %.1f/s%s" % (self.label, _n(done), _n(total), counts,
+        text = "%s: %s/%s items: %s, %.1f/s%s" % (self.title, _n(done), _n(total), counts,
                                                    rate, left)
         self.show(text)
 
@@ -3790,7 +3893,7 @@ class _Run:
 
     def serial(self):
         # type: () -> None
-        func, found, run = self.func, self.found, self
+        func, found, run, keys = self.func, self.found, self, self.item_keys
         if found is not None:
             call, args, kwargs = found.wrapper._call, found.args, found.kwargs
         for index, item in enumerate(self.items):
@@ -3798,7 +3901,8 @@ class _Run:
                 if found is None:
                     value, hit = func(item), False
                 else:
-                    value, saved = call(args + (item,), kwargs)
+                    value, saved = call(args + (item,), kwargs,
+                                        None if keys is None else keys[index])
                     hit = saved is not None
             except Exception as exc:
                 run.failed(index, exc)
@@ -3916,7 +4020,8 @@ class _Run:
             if self.stopped:
                 return
             try:
-                key = wrapper._key_of(args + (item,), kwargs)
+                key = wrapper._key_of(args + (item,), kwargs) if self.item_keys is None \
+                    else self.item_keys[index]
                 if key in self.waiting:
                     self.waiting[key].append(index)
                     continue
@@ -4200,8 +4305,8 @@ class _Run:
         done = self.done
         items = "%s items" % _n(total) if done == total else \
             "%s of %s items" % (_n(done), _n(total))
-        line = "%s: %s: %s in %s" % (self.label, items, ", ".join(parts),
-                                      _took(time.perf_counter() - self.start))
+        line = "%s: %s%s: %s in %s" % (self.title, items, self.of, ", ".join(parts),
+                                        _took(time.perf_counter() - self.start))
         if self.failures:
             line += "; see %s" % ("%s.failures()" % self.label if self.found is not None
                                   else "the .failures of the persist.Failures raised")
@@ -4244,8 +4349,9 @@ class _Run:
         if self.found is not None:          # a command that works pasted, from anywhere
             where += ", %s.failures(), or run: python -m persist failures %s" % (
                 self.label, _shell_word(self.found.wrapper._cache.path))
-        message = "%s of %s items failed: %s; every other item was tried; see %s" % (
-            _n(len(self.failures)), _n(len(self.items)), ", ".join(parts), where)
+        message = "%s of %s items%s failed: %s; every other item%s was tried; see %s" % (
+            _n(len(self.failures)), _n(len(self.items)), self.of, ", ".join(parts),
+            " of the shard" if self.of else "", where)
         return Failures(message, [(self.items[i], exc) for i, exc in self.failures],
                         self.results)
 

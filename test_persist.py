@@ -4259,6 +4259,382 @@ class TestMap(MemoTest):
                                            "0.0s\n"), shown, text)
 
 
+def echo(item):
+    return item
+
+
+# Items of several types, two of them given twice; frozenset's iteration order, and so its
+# repr, changes with the hash seed, where its key does not.
+SHARD_ITEMS = (["a", "b", "a", 7, (1, "x"), frozenset({"p", "q", "r"}), None, 2.5, b"raw"]
+               + ["r%d" % i for i in range(40)] + ["b"])
+
+
+def assert_partition(test, items, shares):
+    """Each item (with its duplicates) in exactly one share, each share the items it holds in
+    input order: together, every position of items exactly once. Returns {item: its share}."""
+    owner = {}
+    for index, share in enumerate(shares):
+        for item in share:
+            test.assertEqual(owner.setdefault(item, index), index, item)
+    test.assertEqual(set(owner), set(items))
+    for index, share in enumerate(shares):
+        test.assertEqual(share, [item for item in items if owner[item] == index])
+    return owner
+
+
+class TestMapShards(MemoTest):
+    """persist.map(shard=(index, count)): one task's share of a job array's items."""
+
+    def shares(self, func, items, count, **options):
+        return [persist.map(func, items, shard=(index, count), progress=False, **options)
+                for index in range(count)]
+
+    def assertPartition(self, items, shares):
+        return assert_partition(self, items, shares)
+
+    def test_shares_are_disjoint_and_cover_every_item_once(self):
+        for count in (1, 2, 3, 7):
+            with self.subTest(count=count):
+                shares = self.shares(echo, SHARD_ITEMS, count)
+                owner = self.assertPartition(SHARD_ITEMS, shares)
+                self.assertEqual(len(set(owner.values())), count)    # none left empty
+                # by key, not by position: the items in another order, the same owners
+                again = self.shares(echo, SHARD_ITEMS[::-1], count)
+                self.assertEqual(again, [[item for item in SHARD_ITEMS[::-1]
+                                          if owner[item] == index] for index in range(count)])
+        self.assertEqual(self.shares(echo, SHARD_ITEMS, 1), [SHARD_ITEMS])
+        self.assertEqual(self.shares(echo, [], 3), [[], [], []])
+
+    def test_a_memoized_share_computes_and_looks_up_its_own_items_alone(self):
+        f = self.memo(echo)
+        for count in (2, 5):
+            f.cache_clear()
+            looked_up = 0
+            shares = []
+            for index in range(count):
+                f.calls.clear()
+                shares.append(persist.map(f, SHARD_ITEMS, shard=(index, count),
+                                          progress=False))
+                computed = [args[0] for args, _ in f.calls]
+                # each item of the share once (its duplicate a hit), no other
+                self.assertEqual(computed, list(collections.OrderedDict.fromkeys(shares[-1])))
+                info = f.cache_info()
+                looked_up += len(shares[-1])
+                self.assertEqual(info.hits + info.misses, looked_up)
+            self.assertPartition(SHARD_ITEMS, shares)
+
+    def test_a_memoized_func_shards_by_its_cache_key(self):
+        # The same call, the same task: "A" and "a" are one call to a cache keyed by
+        # lower(), and each item is keyed once, to find its task, and not again to run it.
+        keyed = []
+
+        def key(text):
+            keyed.append(text)
+            return text.lower()
+
+        f = self.memo(lambda text: text.upper(), key=key, name="upper")
+        items = list("AaBbCcDdEeFfGgHhIiJj")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for options in ({}, {"executor": pool}):
+                with self.subTest(options=options):
+                    f.cache_clear()
+                    f.calls.clear()
+                    shares = []
+                    for index in range(4):
+                        del keyed[:]
+                        shares.append(persist.map(f, items, shard=(index, 4), progress=False,
+                                                  **options))
+                        self.assertEqual(len(keyed), len(items))
+                    owners = [{text.lower() for text in share} for share in shares]
+                    self.assertEqual(sum(map(len, owners)), 10)        # none in two shares
+                    self.assertEqual(sorted(len(share) for share in shares),
+                                     sorted(2 * len(owned) for owned in owners))
+                    self.assertEqual(len(f.calls), 10)           # "A" computes, "a" reuses
+
+    def test_failures_summary_and_progress_count_the_share(self):
+        f = self.memo(parse)
+        items = ["1", "?2", "3", "?4", "5", "?6", "7", "8", "?9", "10"]
+        shares = []
+        for index in range(3):
+            with self.subTest(index=index), self.assertLogs("persist", "INFO") as logs:
+                try:
+                    results = persist.map(f, items, shard=(index, 3), progress=False)
+                    failures = []
+                except persist.Failures as caught:
+                    results, failures, message = caught.results, caught.failures, str(caught)
+                item_of = {id(exc): item for item, exc in failures}
+                share = [str(result) if isinstance(result, int) else item_of[id(result)]
+                         for result in results]
+                shares.append(share)
+                failed = [item for item in share if item.startswith("?")]
+                self.assertEqual([item for item, _ in failures], failed)
+                if failed:
+                    self.assertIn("%d of %d items (this shard's, of 10) failed" % (
+                        len(failed), len(share)), message)
+                    self.assertIn("every other item of the shard was tried", message)
+            self.assertRegex(logs.output[-1], r"^INFO:persist:parse, shard=\(%d, 3\): %d items "
+                                              r"\(this shard's, of 10\): 0 reused, %d computed, "
+                                              r"%d failed" % (index, len(share),
+                                                              len(share) - len(failed),
+                                                              len(failed)))
+        self.assertPartition(items, shares)
+        self.assertTrue(all(shares))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            self.assertEqual(persist.map(f, ["1", "3"] * 3, shard=(0, 1), progress=True),
+                             [1, 3] * 3)
+        self.assertIn("\rparse, shard=(0, 1): 1/6 items: 1 reused, 0 computed, 0 failed, ",
+                      err.getvalue())
+        self.assertIn("parse, shard=(0, 1): 6 items (this shard's, of 6): 6 reused, 0 computed, "
+                      "0 failed in ", err.getvalue())
+
+        class Bar:
+            made = []
+
+            def __init__(self, **options):
+                self.made.append(options)
+
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+
+        persist.map(f, ["1"] * 4, shard=(0, 1), progress=Bar)
+        self.assertEqual(Bar.made, [{"total": 4, "desc": "parse, shard=(0, 1)", "unit": "item"}])
+
+    def test_a_full_map_reuses_every_share_and_raises_what_failed_in_any(self):
+        broken = {"?2", "?6", "?9"}
+
+        def g(text):
+            if text in broken:
+                raise ValueError(text)
+            return text.lstrip("?")
+
+        f = self.memo(g)
+        items = ["1", "?2", "3", "?4", "5", "?6", "7", "8", "?9", "10", "1"]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for index, options in enumerate(({}, {"executor": pool}, {})):
+                try:
+                    persist.map(f, items, shard=(index, 3), progress=False, **options)
+                except persist.Failures:
+                    pass
+        self.assertEqual(sorted(args[0] for args, _ in f.calls), sorted(set(items)))
+        f.calls.clear()
+        with self.assertLogs("persist", "INFO") as logs, \
+                self.assertRaises(persist.Failures) as caught:
+            persist.map(f, items, progress=False)
+        # what failed is tried again (and fails again); nothing else runs
+        self.assertEqual([args[0] for args, _ in f.calls], ["?2", "?6", "?9"])
+        self.assertEqual([item for item, _ in caught.exception.failures], ["?2", "?6", "?9"])
+        self.assertRegex(logs.output[-1], r"^INFO:persist:g: 11 items: 8 reused, 0 computed, "
+                                          r"3 failed \(ValueError x3\)")
+
+    def test_keep_going_false_stops_at_the_shares_first_failure(self):
+        items = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12"]
+        bad = []
+
+        def g(text):
+            if text in bad:
+                raise Malformed(text)
+            return int(text)
+
+        f = self.memo(g, name="g")        # its keys, and so its shares, whatever bad holds
+        share = [str(result) for result in persist.map(f, items, shard=(0, 2),
+                                                       progress=False)]
+        self.assertGreaterEqual(len(share), 3)
+        bad.append(share[1])              # the share's second item fails: its third never runs
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            for options in ({}, {"executor": pool}):
+                with self.subTest(options=options):
+                    f.cache_clear()
+                    f.calls.clear()
+                    with self.assertRaises(Malformed):
+                        persist.map(f, items, shard=(0, 2), keep_going=False, progress=False,
+                                    **options)
+                    self.assertEqual([args[0] for args, _ in f.calls], share[:2])
+
+    def test_bad_shards_are_refused_before_anything_runs(self):
+        f = self.memo(parse)
+        taken = []
+
+        def items():
+            taken.append(True)
+            yield "1"
+
+        cases = [
+            ((0,), TypeError, r"takes \(index, count\).*SLURM_ARRAY_TASK_ID.*; not \(0,\)$"),
+            (3, TypeError, r"; not 3$"),
+            ((0, 1, 2), TypeError, r"; not \(0, 1, 2\)$"),
+            (("1", 4), TypeError, r"its index is '1', not an int \(an environment variable is "
+                                  r"a str: int\(\) it\)"),
+            ((True, 4), TypeError, r"its index is True, not an int"),
+            ((0, 2.0), TypeError, r"its count is 2.0, not an int"),
+            ((0, 0), ValueError, r"its count is 0: a job array has 1 task or more"),
+            ((4, 4), ValueError, r"its index is 4, outside 0 to 3\. A job array's task ids may "
+                                 r"start at 1 .*subtract the first id "
+                                 r"\(SLURM_ARRAY_TASK_MIN, SGE_TASK_FIRST\)"),
+            ((-1, 4), ValueError, r"its index is -1, outside 0 to 3"),
+        ]
+        for shard, error, message in cases:
+            with self.subTest(shard=shard):
+                with self.assertRaisesRegex(error, message):
+                    persist.map(f, items(), shard=shard)
+        self.assertEqual((taken, f.calls), ([], []))
+        self.assertEqual(persist.map(f, ["1"], shard=[0, 1], progress=False), [1])
+
+    def test_an_item_that_cannot_be_keyed_is_refused_before_anything_runs(self):
+        ran = []
+
+        def g(item):
+            ran.append(item)
+            return item
+
+        lock = threading.Lock()
+        with self.assertRaisesRegex(TypeError, r"gives each item to a task by its key, and "
+                                               r"item 2, <unlocked _thread.lock object>, cannot "
+                                               r"be keyed \(TypeError: .*\): map over items "):
+            persist.map(g, ["a", "b", lock, "c"], shard=(0, 2), progress=False)
+        self.assertEqual(ran, [])
+        f = self.memo(g)
+        with self.assertRaisesRegex(TypeError, r"by the cache key of its call, and item 1, "
+                                               r"<unlocked _thread.lock object>, makes a call "
+                                               r"that has none \(TypeError: .*argument 'item' "
+                                               r"cannot be part of a cache key"):
+            persist.map(f, ["a", lock], shard=(1, 2), progress=False)
+        # a call that does not bind: parse("1", "2")
+        with self.assertRaisesRegex(TypeError, r"item 0, '2', makes a call that has none "
+                                               r"\(TypeError: .*"):
+            persist.map(functools.partial(self.memo(parse), "1"), ["2"], shard=(0, 1),
+                        progress=False)
+        self.assertEqual((ran, f.calls), ([], []))
+        self.assertEqual(persist.map(g, ["a", lock], progress=False), ["a", lock])  # unsharded
+
+
+SHARDS_IN_A_CHILD = """
+    import json, os, sys, persist
+
+    @persist.memoize(cache_dir=os.environ["CACHE"])
+    def same(item):
+        return item
+
+    items = %r
+    print(json.dumps([[items.index(item) for item in persist.map(func, items, shard=(index, 3),
+                                                                 progress=False)]
+                      for func in (lambda item: item, same) for index in range(3)]))
+"""
+
+
+class TestMapShardsAcrossProcesses(TempDirTest):
+    def test_two_hash_seeds_give_the_same_shares(self):
+        items = ["s%d" % i for i in range(30)] + [frozenset({"x", "y", "z"}), ("t", 1), 3]
+        code = SHARDS_IN_A_CHILD % (items,)
+        seen = [json.loads(run_python(code, PYTHONHASHSEED=seed, CACHE=self.path / "cache"))
+                for seed in (1, 2)]
+        self.assertEqual(seen[0], seen[1])
+        self.assertEqual(sorted(len(share) > 0 for share in seen[0]), [True] * 6)
+        # and this process, whose seed is a third, gives a plain func the same shares
+        self.assertEqual(seen[0][:3], [[items.index(item) for item in share] for share in
+                                       [persist.map(echo, items, shard=(index, 3),
+                                                    progress=False) for index in range(3)]])
+
+
+JOB_ARRAY_SCRIPT = """
+import concurrent.futures, json, os, sys
+import persist
+
+@persist.memoize(cache_dir=os.environ["CACHE"])
+def work(x):
+    # one file per process (the workers' too): each call, to count them
+    with open(os.path.join(os.environ["CALLS"], str(os.getpid())), "a") as calls:
+        calls.write("%d\\n" % x)
+    if x % 9 == 4:
+        raise ValueError(x)
+    return x * 10
+
+if __name__ == "__main__":
+    items = list(range(60)) + [5, 17, 5]
+    mode = sys.argv[1]
+    options = {"progress": mode == "all"}
+    if mode != "all":
+        options["shard"] = (int(sys.argv[2]), int(sys.argv[3]))
+    if mode in ("workers", "stop"):
+        options["workers"] = 2
+    if mode == "stop":
+        options["keep_going"] = False
+    try:
+        if mode == "threads":
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                results = persist.map(work, items, executor=pool, **options)
+        else:
+            results = persist.map(work, items, **options)
+        failed = []
+    except persist.Failures as exc:
+        results, failed = exc.results, [item for item, _ in exc.failures]
+    except ValueError as exc:            # keep_going=False
+        print(json.dumps(["stopped", exc.args[0]]))
+        sys.exit()
+    # the share's items, in order: from each result, or from the failure's ValueError(x)
+    print(json.dumps([[r // 10 if isinstance(r, int) else r.args[0] for r in results],
+                      failed]))
+"""
+
+
+@slow
+class TestMapJobArray(TempDirTest):
+    def test_tasks_share_a_cache_and_a_full_map_reuses_them(self):
+        # Three tasks at once, as a job array runs them (serially, on workers=2, on threads),
+        # one cache; then the whole map, in another process, as after the array.
+        script = self.path / "job.py"
+        script.write_text(JOB_ARRAY_SCRIPT)
+        calls = self.path / "calls"
+        calls.mkdir()
+        env = child_env(CACHE=self.path / "cache", CALLS=calls)
+        tasks = [spawn(self, [sys.executable, str(script), mode, str(index), "3"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, env=env)
+                 for index, mode in enumerate(["serial", "workers", "threads"])]
+        shares, failed = [], []
+        for task in tasks:
+            out, err = task.communicate(timeout=CHILD_TIMEOUT)
+            self.assertEqual(task.returncode, 0, err)
+            share, share_failed = json.loads(out)
+            shares.append(share)
+            failed += share_failed
+        items = list(range(60)) + [5, 17, 5]
+        owner = assert_partition(self, items, shares)
+        self.assertEqual(len(set(owner.values())), 3)
+        self.assertEqual(sorted(failed), [4, 13, 22, 31, 40, 49, 58])
+
+        def called():
+            found = collections.Counter()
+            for name in os.listdir(str(calls)):
+                found.update(int(x) for x in (calls / name).read_text().split())
+                os.remove(str(calls / name))
+            return found
+
+        # each item computed once, by the task it belongs to (5 and 17 once, given twice)
+        self.assertEqual(called(), collections.Counter(range(60)))
+        done = run_command([str(script), "all"], CACHE=self.path / "cache", CALLS=calls)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        results, failed_again = json.loads(done.stdout)
+        self.assertEqual(results, items)
+        self.assertEqual(failed_again, [4, 13, 22, 31, 40, 49, 58])
+        # only what failed runs again
+        self.assertEqual(called(), collections.Counter(failed_again))
+        self.assertIn("work: 63 items: 56 reused, 0 computed, 7 failed (ValueError x7)",
+                      done.stderr)
+        # keep_going=False, on workers, in a new cache: the first failure of the share stops
+        # it, and only items of the share ran
+        done = run_command([str(script), "stop", "1", "3"], CACHE=self.path / "other",
+                           CALLS=calls)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        stopped, item = json.loads(done.stdout)
+        self.assertEqual((stopped, owner[item], item % 9), ("stopped", 1, 4))
+        ran = called()
+        self.assertTrue(ran and all(owner[x] == 1 for x in ran), ran)
+
+
 WORKERS_SCRIPT = """
 import multiprocessing, os, sys, time
 import persist
@@ -12322,6 +12698,8 @@ reveal_type(Model().predict.cache_delete(1))       # expect: bool
 reveal_type(f.cache_prune())                       # expect: int
 reveal_type(f.explain(1).hit)                      # expect: bool
 reveal_type(persist.map(f, [1, 2]))                # expect: list[str]
+reveal_type(persist.map(f, [1, 2], shard=(0, 2)))  # expect: list[str]
+persist.map(f, [1, 2], shard=0)                    # error: arg-type reportArgumentType
 with persist.open("shelf.db") as db:
     reveal_type(db)                                # expect: _Shelf
 with persist.atomic_open("out.txt", "w") as text:
