@@ -67,9 +67,11 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 #       _Connection.query [execute]); _run -> double); _Run.receive -> _Run.take -> _Run.store ->
 #       _FunctionCache.put_many -> _FunctionCache.put -> _Store.put -> _Connection.transaction ->
 #       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute]))
-#   a persist.map(shard=) item: map -> _share -> (_Wrapper._key_of -> _Wrapper._keyed ->
-#       _FunctionCache.key -> _keyer.key [digest]), or of a plain func _digest [digest];
-#       then as above for the share's items, _Wrapper._call and _Run.to_send taking that key
+#   a miss on a store of files: _function_wrapper.memoized -> (_keyer.key [digest];
+#       _FunctionCache.get -> _FileStore.get -> _FileStore._entry -> (_Directory.read [read];
+#       _unframed; _result_parts); double; _Miss.__exit__ -> _FunctionCache.put ->
+#       _FileStore.put -> ([dumps]; _Directory.publish -> _publish -> (_frame_head [write];
+#       _fsync [fsync]; [link]); _FileStore._forget_failures -> _Directory.listing))
 #   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.transaction ->
 #       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute])
 #   an atomic write: atomic_write -> _atomic_open -> (_fsync [fsync]; [replace]; _fsync_dir ->
@@ -3548,7 +3550,6 @@ def _stored_when(stored, seconds=None):
 # processes, remade when one dies, or an executor), through func's cache when it is memoized:
 # _Run sends items in batches, runs again those a dead worker took with it (halving them to
 # find the one that kills), shows progress, and raises the failures together (Failures).
-# With shard=, _share() first keeps the items that are this job array task's, by their keys.
 
 def map(func: "Callable[[_T], _R]", items: "Iterable[_T]", *, workers: "Optional[int]" = None,
         executor: "Optional[concurrent.futures.Executor]" = None, keep_going: bool = True,
@@ -8023,219 +8024,11 @@ atexit.register(_close_all)
 
 # == the store: the files store -------------------------------------------------------------------
 # Where SQLite's locks do not hold (NFS, Lustre, GPFS, sshfs: _shared_filesystem() reads
-# the mount table), a cache is a directory of files, one a result: each written whole to a
-# temporary file of its own, fsynced, and published with link() (_publish), framed with its
-# length and checksum so that a torn one reads as missing (_framed, _unframed); no locks.
-
-def _filesystem(directory, mountinfo="/proc/self/mountinfo"):
-    # type: (str, str) -> Tuple[Optional[str], Optional[str]]
-    """(type, source) of the filesystem that holds directory, as the kernel names them:
-    ("nfs4", "server:/export"), ("fuse.sshfs", "user@host:/path"), ("ext4", "/dev/sda1"); a
-    type of "0x..." where only statfs(2)'s number is known; (None, None) where neither says.
-    Linux: the mount in mountinfo with the longest mount point that holds directory (the last
-    of those on one point: it covers the others), else statfs. Never a lock, never a write:
-    on a hung NFS server both can wait for ever. Cached per directory (_FILESYSTEMS)."""
-    directory = os.path.realpath(directory)
-    known = _FILESYSTEMS.get((directory, mountinfo))
-    if known is not None:
-        return known
-    found: "Tuple[Optional[str], Optional[str]]" = (None, None)
-    try:
-        with io.open(mountinfo, "rb") as file:      # (open is persist.open here)
-            mounts = _mounts(file.read())
-    except OSError:                   # not Linux, or no /proc
-        mounts = []
-    best = -1
-    for point, kind, source in mounts:
-        if _holds(point, directory) and len(point) >= best:
-            best, found = len(point), (kind, source)
-    if found == (None, None):
-        magic = _statfs_type(directory)
-        if magic is not None:
-            found = ("0x%x" % magic, None)
-    _FILESYSTEMS[(directory, mountinfo)] = found
-    return found
-
-
-def _mounts(text):
-    # type: (bytes) -> List[Tuple[str, str, str]]
-    """(mount point, type, source) of each line of a mountinfo file, in its order (see
-    proc(5): "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw"): optional
-    fields end at a lone "-"; a space, tab, newline or backslash in a field is written as
-    an octal escape (\\040)."""
-    mounts = []
-    for line in text.decode("utf-8", "surrogateescape").splitlines():
-        fields = line.split(" ")
-        try:
-            dash = fields.index("-", 6)
-            point, kind, source = fields[4], fields[dash + 1], fields[dash + 2]
-        except (ValueError, IndexError):  # a line of another format: not a mount
-            continue
-        mounts.append((_unescaped(point), _unescaped(kind), _unescaped(source)))
-    return mounts
-
-
-def _unescaped(field):
-    # type: (str) -> str
-    if "\\" not in field:
-        return field
-    first, *rest = field.split("\\")      # (a backslash itself is \\134)
-    parts = [first]
-    for part in rest:
-        code = part[:3]
-        if len(code) == 3 and all(digit in "01234567" for digit in code):
-            parts.append(chr(int(code, 8)) + part[3:])
-        else:
-            parts.append("\\" + part)
-    return "".join(parts)
-
-
-def _holds(point, directory):
-    # type: (str, str) -> bool
-    """Whether the mount point point holds directory (both absolute, without a trailing /)."""
-    return directory == point or directory.startswith(point.rstrip("/") + "/")
-
-
-def _statfs_type(directory):
-    # type: (str) -> Optional[int]
-    """Linux's statfs(2) f_type for directory (NFS_SUPER_MAGIC and the like), through ctypes;
-    None elsewhere, or where it fails."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-        import ctypes.util
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        buffer = ctypes.create_string_buffer(256)      # struct statfs is 120 bytes on x86_64
-        if libc.statfs(os.fsencode(directory), buffer) != 0:
-            return None
-        # f_type, the first field, is a long (__fsword_t) on every Linux ABI but s390x
-        return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
-    except Exception:                 # no ctypes (some builds), no libc: not known
-        return None
-
-
-def _shared_filesystem(directory, mountinfo="/proc/self/mountinfo"):
-    # type: (str, str) -> Optional[str]
-    """The type of the filesystem that holds directory when several machines may share it
-    (NFS, SMB, Lustre, GPFS, BeeGFS, CephFS, GlusterFS, 9p, network FUSE mounts such as
-    sshfs): there SQLite's locks do not hold. None for a local one, or one not known."""
-    kind, _ = _filesystem(directory, mountinfo)
-    if kind is None:
-        return None
-    name = kind.lower()
-    if name in _SHARED_TYPES or name.startswith("fuse.") and name[5:] in _SHARED_FUSE:
-        return kind
-    if name.startswith("0x") and int(name, 16) in _SHARED_MAGIC:
-        return kind
-    return None
-
-
-_FILESYSTEMS = {}   # type: Dict[Tuple[str, str], Tuple[Optional[str], Optional[str]]]
-_SHARED_TYPES = frozenset([
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
-    "9p", "afs", "ocfs2", "gfs2", "orangefs", "pvfs2", "davfs", "virtiofs"])
-_SHARED_FUSE = frozenset([    # the part after "fuse.": FUSE filesystems whose data is remote
-    "sshfs", "glusterfs", "ceph-fuse", "ceph", "s3fs", "gcsfuse", "rclone", "juicefs",
-    "beegfs", "goofys", "blobfuse", "blobfuse2", "davfs2", "lizardfs", "moosefs", "mfs",
-    "gvfsd-fuse", "cvmfs2", "lustre"])
-# statfs(2)'s f_type of the same, from the kernel's include/uapi/linux/magic.h and the
-# filesystems' own sources, where mountinfo cannot be read
-_SHARED_MAGIC = frozenset([
-    0x6969,        # NFS_SUPER_MAGIC
-    0x517B,        # SMB_SUPER_MAGIC
-    0xFF534D42,    # CIFS_SUPER_MAGIC
-    0xFE534D42,    # SMB2_SUPER_MAGIC
-    0x0BD00BD0,    # Lustre's LL_SUPER_MAGIC
-    0x47504653,    # GPFS_SUPER_MAGIC
-    0x19830326,    # BeeGFS
-    0x00C36400,    # CEPH_SUPER_MAGIC
-    0x01021997,    # V9FS_MAGIC
-    0x5346414F,    # AFS_FS_MAGIC
-    0x65735546])   # FUSE_SUPER_MAGIC: which FUSE filesystem is not told, so taken as shared
-
-
-def _publish(path, payload, keep=None):
-    # type: (str, Union[bytes, List[Any]], Optional[Callable[[str], bool]]) -> bool
-    """Write payload (bytes, or a list of bytes-like parts) to path as one framed record (see
-    _framed), whole or not at all, where several machines may write it at once and no lock
-    holds (NFS, sshfs): the record goes to a temporary file of this process's own in the same
-    directory (host, pid and a random part in its name), is fsynced, and is published with
-    link(), which creates path only if it is not there. Returns True if this call published
-    it, False if path was there already (another writer's record of the same key) and
-    keep(path) says to keep that one (without keep, the first always stays); otherwise it is
-    replaced (os.replace(): readers see the old record or the new). Where link() is refused
-    (EPERM, ENOTSUP, EXDEV: a filesystem without hard links), os.replace() publishes it
-    instead, unless path appeared meanwhile and is kept."""
-    chunks = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
-    directory, name = os.path.split(path)
-    temp = os.path.join(directory, ".%s.%s-%d-%s.tmp" % (
-        name, _HOST, os.getpid(), os.urandom(6).hex()))
-    fd = os.open(temp, _O_TEMP, 0o666)
-    try:
-        try:
-            for chunk in [_frame_head(chunks)] + chunks:
-                view = memoryview(chunk).cast("B")
-                while view:
-                    view = view[os.write(fd, view):]
-            _fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(temp, path)
-            return True
-        except FileExistsError:
-            if keep is None or keep(path):
-                return False
-        except OSError:
-            # a link() that failed after it made the name (NFS retries), or another
-            # writer's record
-            if os.path.lexists(path) and (keep is None or keep(path)):
-                return False
-        os.replace(temp, path)
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-
-
-def _framed(payload):
-    # type: (bytes) -> bytes
-    """payload as a record: _RECORD_MAGIC, its length (8 bytes, big-endian), its SHA-256,
-    then payload itself. A record cut short, or torn, fails _unframed's checks: a miss."""
-    return _frame_head([payload]) + payload
-
-
-def _frame_head(chunks):
-    # type: (List[Any]) -> bytes
-    """What _framed() puts before the payload whose parts are chunks."""
-    digest, length = hashlib.sha256(), 0
-    for chunk in chunks:
-        digest.update(chunk)
-        length += memoryview(chunk).nbytes
-    return _RECORD_MAGIC + length.to_bytes(8, "big") + digest.digest()
-
-
-def _unframed(record):
-    # type: (bytes) -> Optional[memoryview]
-    """The payload of a record that _framed made (a view of record: no copy), or None for
-    anything else: cut short at any byte, torn, another format, a file of someone else's."""
-    head = len(_RECORD_MAGIC) + 8 + 32
-    if len(record) < head or not record.startswith(_RECORD_MAGIC):
-        return None
-    length = int.from_bytes(record[len(_RECORD_MAGIC):len(_RECORD_MAGIC) + 8], "big")
-    payload = memoryview(record)[head:]
-    if len(payload) != length or hashlib.sha256(payload).digest() != record[head - 32:head]:
-        return None
-    return payload
-
-
-_RECORD_MAGIC = b"persist\x01"
-# this machine, in the names of temporary files other machines may see (see _publish)
-_HOST = "".join(char if char.isalnum() or char in "-_." else "_" for char in (
-    os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")))[:64] \
-    or "host"
-
+# the mount table), a cache is a store of files (_FileStore): a directory (_Directory) or a
+# mapping's keys (_MappingObjects: S3 through fsspec), one record a result or a failed
+# call, each written whole to a temporary file of its own, fsynced, and published with
+# link() (_publish), framed with its length and checksum so that a torn one reads as
+# missing (_framed, _unframed); no locks. _store_kind() says which store a cache uses.
 
 def _open_store(path, flag, kind=None):
     # type: (str, str, Optional[str]) -> _AnyStore
@@ -9065,6 +8858,216 @@ def _json():
     """The json module, imported on first use: only the files store needs it."""
     import json
     return json
+
+
+def _publish(path, payload, keep=None):
+    # type: (str, Union[bytes, List[Any]], Optional[Callable[[str], bool]]) -> bool
+    """Write payload (bytes, or a list of bytes-like parts) to path as one framed record (see
+    _framed), whole or not at all, where several machines may write it at once and no lock
+    holds (NFS, sshfs): the record goes to a temporary file of this process's own in the same
+    directory (host, pid and a random part in its name), is fsynced, and is published with
+    link(), which creates path only if it is not there. Returns True if this call published
+    it, False if path was there already (another writer's record of the same key) and
+    keep(path) says to keep that one (without keep, the first always stays); otherwise it is
+    replaced (os.replace(): readers see the old record or the new). Where link() is refused
+    (EPERM, ENOTSUP, EXDEV: a filesystem without hard links), os.replace() publishes it
+    instead, unless path appeared meanwhile and is kept."""
+    chunks = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
+    directory, name = os.path.split(path)
+    temp = os.path.join(directory, ".%s.%s-%d-%s.tmp" % (
+        name, _HOST, os.getpid(), os.urandom(6).hex()))
+    fd = os.open(temp, _O_TEMP, 0o666)
+    try:
+        try:
+            for chunk in [_frame_head(chunks)] + chunks:
+                view = memoryview(chunk).cast("B")
+                while view:
+                    view = view[os.write(fd, view):]
+            _fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)
+            return True
+        except FileExistsError:
+            if keep is None or keep(path):
+                return False
+        except OSError:
+            # a link() that failed after it made the name (NFS retries), or another
+            # writer's record
+            if os.path.lexists(path) and (keep is None or keep(path)):
+                return False
+        os.replace(temp, path)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def _framed(payload):
+    # type: (bytes) -> bytes
+    """payload as a record: _RECORD_MAGIC, its length (8 bytes, big-endian), its SHA-256,
+    then payload itself. A record cut short, or torn, fails _unframed's checks: a miss."""
+    return _frame_head([payload]) + payload
+
+
+def _frame_head(chunks):
+    # type: (List[Any]) -> bytes
+    """What _framed() puts before the payload whose parts are chunks."""
+    digest, length = hashlib.sha256(), 0
+    for chunk in chunks:
+        digest.update(chunk)
+        length += memoryview(chunk).nbytes
+    return _RECORD_MAGIC + length.to_bytes(8, "big") + digest.digest()
+
+
+def _unframed(record):
+    # type: (bytes) -> Optional[memoryview]
+    """The payload of a record that _framed made (a view of record: no copy), or None for
+    anything else: cut short at any byte, torn, another format, a file of someone else's."""
+    head = len(_RECORD_MAGIC) + 8 + 32
+    if len(record) < head or not record.startswith(_RECORD_MAGIC):
+        return None
+    length = int.from_bytes(record[len(_RECORD_MAGIC):len(_RECORD_MAGIC) + 8], "big")
+    payload = memoryview(record)[head:]
+    if len(payload) != length or hashlib.sha256(payload).digest() != record[head - 32:head]:
+        return None
+    return payload
+
+
+_RECORD_MAGIC = b"persist\x01"
+# this machine, in the names of temporary files other machines may see (see _publish)
+_HOST = "".join(char if char.isalnum() or char in "-_." else "_" for char in (
+    os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")))[:64] \
+    or "host"
+
+
+def _shared_filesystem(directory, mountinfo="/proc/self/mountinfo"):
+    # type: (str, str) -> Optional[str]
+    """The type of the filesystem that holds directory when several machines may share it
+    (NFS, SMB, Lustre, GPFS, BeeGFS, CephFS, GlusterFS, 9p, network FUSE mounts such as
+    sshfs): there SQLite's locks do not hold. None for a local one, or one not known."""
+    kind, _ = _filesystem(directory, mountinfo)
+    if kind is None:
+        return None
+    name = kind.lower()
+    if name in _SHARED_TYPES or name.startswith("fuse.") and name[5:] in _SHARED_FUSE:
+        return kind
+    if name.startswith("0x") and int(name, 16) in _SHARED_MAGIC:
+        return kind
+    return None
+
+
+def _filesystem(directory, mountinfo="/proc/self/mountinfo"):
+    # type: (str, str) -> Tuple[Optional[str], Optional[str]]
+    """(type, source) of the filesystem that holds directory, as the kernel names them:
+    ("nfs4", "server:/export"), ("fuse.sshfs", "user@host:/path"), ("ext4", "/dev/sda1"); a
+    type of "0x..." where only statfs(2)'s number is known; (None, None) where neither says.
+    Linux: the mount in mountinfo with the longest mount point that holds directory (the last
+    of those on one point: it covers the others), else statfs. Never a lock, never a write:
+    on a hung NFS server both can wait for ever. Cached per directory (_FILESYSTEMS)."""
+    directory = os.path.realpath(directory)
+    known = _FILESYSTEMS.get((directory, mountinfo))
+    if known is not None:
+        return known
+    found: "Tuple[Optional[str], Optional[str]]" = (None, None)
+    try:
+        with io.open(mountinfo, "rb") as file:      # (open is persist.open here)
+            mounts = _mounts(file.read())
+    except OSError:                   # not Linux, or no /proc
+        mounts = []
+    best = -1
+    for point, kind, source in mounts:
+        if _holds(point, directory) and len(point) >= best:
+            best, found = len(point), (kind, source)
+    if found == (None, None):
+        magic = _statfs_type(directory)
+        if magic is not None:
+            found = ("0x%x" % magic, None)
+    _FILESYSTEMS[(directory, mountinfo)] = found
+    return found
+
+
+def _mounts(text):
+    # type: (bytes) -> List[Tuple[str, str, str]]
+    """(mount point, type, source) of each line of a mountinfo file, in its order (see
+    proc(5): "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw"): optional
+    fields end at a lone "-"; a space, tab, newline or backslash in a field is written as
+    an octal escape (\\040)."""
+    mounts = []
+    for line in text.decode("utf-8", "surrogateescape").splitlines():
+        fields = line.split(" ")
+        try:
+            dash = fields.index("-", 6)
+            point, kind, source = fields[4], fields[dash + 1], fields[dash + 2]
+        except (ValueError, IndexError):  # a line of another format: not a mount
+            continue
+        mounts.append((_unescaped(point), _unescaped(kind), _unescaped(source)))
+    return mounts
+
+
+def _unescaped(field):
+    # type: (str) -> str
+    if "\\" not in field:
+        return field
+    first, *rest = field.split("\\")      # (a backslash itself is \\134)
+    parts = [first]
+    for part in rest:
+        code = part[:3]
+        if len(code) == 3 and all(digit in "01234567" for digit in code):
+            parts.append(chr(int(code, 8)) + part[3:])
+        else:
+            parts.append("\\" + part)
+    return "".join(parts)
+
+
+def _holds(point, directory):
+    # type: (str, str) -> bool
+    """Whether the mount point point holds directory (both absolute, without a trailing /)."""
+    return directory == point or directory.startswith(point.rstrip("/") + "/")
+
+
+def _statfs_type(directory):
+    # type: (str) -> Optional[int]
+    """Linux's statfs(2) f_type for directory (NFS_SUPER_MAGIC and the like), through ctypes;
+    None elsewhere, or where it fails."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        buffer = ctypes.create_string_buffer(256)      # struct statfs is 120 bytes on x86_64
+        if libc.statfs(os.fsencode(directory), buffer) != 0:
+            return None
+        # f_type, the first field, is a long (__fsword_t) on every Linux ABI but s390x
+        return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
+    except Exception:                 # no ctypes (some builds), no libc: not known
+        return None
+
+
+_FILESYSTEMS = {}   # type: Dict[Tuple[str, str], Tuple[Optional[str], Optional[str]]]
+_SHARED_TYPES = frozenset([
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+    "9p", "afs", "ocfs2", "gfs2", "orangefs", "pvfs2", "davfs", "virtiofs"])
+_SHARED_FUSE = frozenset([    # the part after "fuse.": FUSE filesystems whose data is remote
+    "sshfs", "glusterfs", "ceph-fuse", "ceph", "s3fs", "gcsfuse", "rclone", "juicefs",
+    "beegfs", "goofys", "blobfuse", "blobfuse2", "davfs2", "lizardfs", "moosefs", "mfs",
+    "gvfsd-fuse", "cvmfs2", "lustre"])
+# statfs(2)'s f_type of the same, from the kernel's include/uapi/linux/magic.h and the
+# filesystems' own sources, where mountinfo cannot be read
+_SHARED_MAGIC = frozenset([
+    0x6969,        # NFS_SUPER_MAGIC
+    0x517B,        # SMB_SUPER_MAGIC
+    0xFF534D42,    # CIFS_SUPER_MAGIC
+    0xFE534D42,    # SMB2_SUPER_MAGIC
+    0x0BD00BD0,    # Lustre's LL_SUPER_MAGIC
+    0x47504653,    # GPFS_SUPER_MAGIC
+    0x19830326,    # BeeGFS
+    0x00C36400,    # CEPH_SUPER_MAGIC
+    0x01021997,    # V9FS_MAGIC
+    0x5346414F,    # AFS_FS_MAGIC
+    0x65735546])   # FUSE_SUPER_MAGIC: which FUSE filesystem is not told, so taken as shared
 
 
 # == file helpers =================================================================================
