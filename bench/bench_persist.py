@@ -88,6 +88,11 @@ def make_persist(directory):
     return persist.memoize(cache_dir=directory, name="bench")(small_result)
 
 
+def make_files(directory):
+    """persist's store of files (what a shared filesystem gets), here on the local disk."""
+    return persist.memoize(cache_dir=directory, name="bench", store="files")(small_result)
+
+
 def make_diskcache(directory):
     return diskcache.Cache(directory).memoize()(small_result)
 
@@ -132,7 +137,7 @@ def make_floor(directory):
 
 SLOW = {"joblib": 50, "shelve": 20}     # calls a round for the slow peers, not 500 or 300
 MAKERS = {"persist": make_persist, "floor": make_floor, "diskcache": make_diskcache,
-          "joblib": make_joblib, "shelve": make_shelve}
+          "joblib": make_joblib, "shelve": make_shelve, "files": make_files}
 
 
 def available(names):
@@ -557,13 +562,14 @@ def run(root):
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
     quick = parser.parse_args().quick
     sizes = [1000, 10000] if quick else [10000, 100000, 1000000]
-    rounds = 4 if quick else 10    # a multiple of 2 and of 5 contenders: each leads equally often
+    rounds = 6 if quick else 12    # a multiple of the contenders (2 and 6): each leads equally often
     print("persist %s benchmark, %s, Python %s on %s, %d cores%s\n" % (
         persist.__version__, time.strftime("%Y-%m-%d"), platform.python_version(),
         platform.machine(), os.cpu_count(), " (quick)" if quick else ""))
 
     hits, misses, funcs = bench_hit_miss(root, sizes[0], rounds,
-                                         ["persist", "floor", "diskcache", "joblib", "shelve"])
+                                         ["persist", "floor", "diskcache", "joblib", "shelve",
+                                          "files"])
     grown = {sizes[0]: funcs["persist"]}
     n = "%dk" % (sizes[0] // 1000)
     for name in available(["diskcache", "joblib", "shelve"]):
@@ -578,6 +584,17 @@ def run(root):
         row("miss overhead, %s: vs %s" % (n, name), misses["persist"], misses[name], target,
             met)
     row("miss overhead, %s: vs bare SQLite floor" % n, misses["persist"], misses["floor"])
+    # The store of files (issue 23), on this local disk: against the SQLite store, and
+    # against joblib.Memory's file store, the other cache that keeps a file a result.
+    row("store of files, hit, %s: vs the SQLite store" % n, hits["files"], hits["persist"],
+        ">= 1/3", hits["files"] <= 3 * hits["persist"])
+    row("store of files, miss overhead, %s: vs the SQLite store" % n, misses["files"],
+        misses["persist"], ">= 1/2", misses["files"] <= 2 * misses["persist"])
+    if "joblib" in hits:
+        row("store of files, hit, %s: vs joblib.Memory" % n, hits["files"], hits["joblib"],
+            ">= 1x", hits["joblib"] >= hits["files"])
+        row("store of files, miss overhead, %s: vs joblib.Memory" % n, misses["files"],
+            misses["joblib"], ">= 1x", misses["joblib"] >= misses["files"])
 
     for entries in sizes[1:]:
         more, more_misses, funcs = bench_hit_miss(root, entries, rounds,
