@@ -67,11 +67,6 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 #       _Connection.query [execute]); _run -> double); _Run.receive -> _Run.take -> _Run.store ->
 #       _FunctionCache.put_many -> _FunctionCache.put -> _Store.put -> _Connection.transaction ->
 #       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute]))
-#   a miss on a store of files: _function_wrapper.memoized -> (_keyer.key [digest];
-#       _FunctionCache.get -> _FileStore.get -> _FileStore._entry -> (_Directory.read [read];
-#       _unframed; _result_parts); double; _Miss.__exit__ -> _FunctionCache.put ->
-#       _FileStore.put -> ([dumps]; _Directory.publish -> _publish -> (_frame_head [write];
-#       _fsync [fsync]; [link]); _FileStore._forget_failures -> _Directory.listing))
 #   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.transaction ->
 #       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute])
 #   an atomic write: atomic_write -> _atomic_open -> (_fsync [fsync]; [replace]; _fsync_dir ->
@@ -8994,6 +8989,10 @@ def _filesystem(directory, mountinfo="/proc/self/mountinfo"):
         magic = _statfs_type(directory)
         if magic is not None:
             found = ("0x%x" % magic, None)
+        elif sys.platform == "darwin":
+            found = _macos_filesystem(directory)
+        elif os.name == "nt":
+            found = _windows_filesystem(directory)
     _FILESYSTEMS[(directory, mountinfo)] = found
     return found
 
@@ -9056,10 +9055,52 @@ def _statfs_type(directory):
         return None
 
 
+def _macos_filesystem(directory):
+    # type: (str) -> Tuple[Optional[str], Optional[str]]
+    """(f_fstypename, f_mntfromname) of macOS's statfs(2) for directory, through ctypes:
+    "nfs", "smbfs", "afpfs", "webdav", "apfs"... (None, None) where it fails."""
+    try:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        try:               # the struct with 64-bit inodes (x86_64's default statfs is older)
+            statfs = libc["statfs$INODE64"]
+        except AttributeError:
+            statfs = libc.statfs               # arm64: there is only that one
+        buffer = ctypes.create_string_buffer(2168)   # sizeof(struct statfs): 2168 bytes
+        if statfs(os.fsencode(directory), buffer) != 0:
+            return None, None
+        # f_fstypename[16] at 72, f_mntonname[1024] at 88, f_mntfromname[1024] at 1112
+        raw = buffer.raw
+
+        def text(start, size):
+            # type: (int, int) -> str
+            return raw[start:start + size].split(b"\0", 1)[0].decode("utf-8", "replace")
+        return text(72, 16) or None, text(1112, 1024) or None
+    except Exception:               # no ctypes, another layout: not known
+        return None, None
+
+
+def _windows_filesystem(directory):
+    # type: (str) -> Tuple[Optional[str], Optional[str]]
+    """("remote", root) where directory is on a network share (a UNC path, or a drive
+    letter mapped to one: GetDriveTypeW's DRIVE_REMOTE), else ("local", root)."""
+    drive = os.path.splitdrive(os.path.abspath(directory))[0]
+    if drive.startswith(("\\\\", "//")):        # \\server\share
+        return "remote", drive
+    try:
+        import ctypes
+        kind = ctypes.windll.kernel32.GetDriveTypeW(drive + "\\")  # type: ignore[attr-defined]
+    except Exception:
+        return None, None
+    return ("remote" if kind == 4 else "local"), drive      # 4: DRIVE_REMOTE
+
+
 _FILESYSTEMS = {}   # type: Dict[Tuple[str, str], Tuple[Optional[str], Optional[str]]]
 _SHARED_TYPES = frozenset([
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
-    "9p", "afs", "ocfs2", "gfs2", "orangefs", "pvfs2", "davfs", "virtiofs"])
+    "9p", "afs", "ocfs2", "gfs2", "orangefs", "pvfs2", "davfs", "virtiofs",
+    "afpfs", "webdav", "remote"])      # macOS's, and a Windows network drive (see above)
 _SHARED_FUSE = frozenset([    # the part after "fuse.": FUSE filesystems whose data is remote
     "sshfs", "glusterfs", "ceph-fuse", "ceph", "s3fs", "gcsfuse", "rclone", "juicefs",
     "beegfs", "goofys", "blobfuse", "blobfuse2", "davfs2", "lizardfs", "moosefs", "mfs",
