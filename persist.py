@@ -8405,8 +8405,12 @@ class _FileStore:
 
         def keep(path):
             # type: (str) -> bool
+            # another writer's, stored while this call ran: it stays (the same result). Not
+            # one stamped ahead of this clock (a writer's clock ahead, or this one jumped
+            # back): replaced, else it would stay while every call found it expired
             entry = self._entry(path)
-            return not self.shelf and entry is not None and entry[0]["stored"] >= started
+            return not self.shelf and entry is not None and \
+                started <= entry[0]["stored"] <= time.time() + 1.0
 
         head = _json().dumps(header).encode("utf-8")
         self.objects.publish(self._result(key), [len(head).to_bytes(4, "big"), head, data], keep)

@@ -11426,6 +11426,17 @@ class TestFilesStore(TempDirTest):
         self.assertGreater(two.explain(1).stored, stored)     # replaced, not kept
         self.assertEqual(two.cache_info().entries, 1)
 
+    def test_a_result_stamped_ahead_of_the_clock_is_replaced_not_kept(self):
+        # Stored by a machine whose clock ran a day ahead (or before this one jumped back):
+        # expired, as its age cannot be known. Kept as "another writer's, stored since this
+        # call began", it stayed, and every call computed it again.
+        job = self.memo(store="files", expire=3600)
+        with mock.patch("time.time", return_value=time.time() + 86400):
+            job(1)
+        self.assertEqual(job.explain(1).reason, "expired")
+        job(1)
+        self.assertEqual((job(1), job.calls, job.explain(1).reason), ([1] * 3, [1, 1], "hit"))
+
     def test_persist_map_stores_and_records_into_it(self):
         job = self.memo(store="files")
         with self.assertRaises(persist.Failures) as raised:
