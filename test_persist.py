@@ -328,7 +328,8 @@ NO_S3FS = ("SKIPPED, LOUDLY: s3fs is not installed in this interpreter: run thes
 class ObjectStoreTest(TempDirTest):
     """A test on an object store: self.fs, an s3fs.S3FileSystem on PERSIST_TEST_S3's server,
     and self.bucket, a new bucket of its own, deleted at the end with all it holds. Skipped
-    without PERSIST_TEST_S3, or where s3fs is not installed."""
+    without PERSIST_TEST_S3, or where s3fs is not installed. Name such classes TestObjectStore...:
+    .ci/run runs those (-k TestObjectStore) with the python that has s3fs."""
 
     def setUp(self):
         super().setUp()
