@@ -5,6 +5,9 @@ interpreter): the tests marked @slow (torture, kill -9 loops, big data, many pro
 skip, saying "PERSIST_TEST_QUICK: slow"; each feature keeps tests of its own in the tier.
 python -m unittest and .ci/run run everything.
 PERSIST_TEST_LARGE=1 also runs the tests that write more than a gigabyte.
+PERSIST_TEST_MOUNTS and PERSIST_TEST_S3 point the tests of caches on shared filesystems and
+object stores at real ones: eval "$(.ci/net up DIR)" starts them and sets both (.ci/run does);
+without them those tests skip, saying so.
 
 Every child process a test starts has a timeout and a kill on cleanup (spawn(), run_python(),
 CHILD_TIMEOUT), so that a broken build fails instead of hanging.
@@ -55,6 +58,11 @@ POSIX = os.name == "posix"
 PLAIN_FSYNC = mock.patch.object(persist, "_FULLFSYNC", None)   # as where there is no F_FULLFSYNC
 LARGE = os.environ.get("PERSIST_TEST_LARGE") == "1"
 QUICK = os.environ.get("PERSIST_TEST_QUICK") == "1"
+# A shared filesystem and an object store, real ones (MountsTest, ObjectStoreTest): two mounts
+# of one directory, as two machines see one NFS export, and an S3 endpoint (PERSIST_TEST_S3_PYTHON
+# is the python that has the S3 clients installed). .ci/net up starts them and prints these.
+MOUNTS = [path for path in os.environ.get("PERSIST_TEST_MOUNTS", "").split(os.pathsep) if path]
+S3 = os.environ.get("PERSIST_TEST_S3", "")
 CHILD_TIMEOUT = 300     # seconds: far past what any child needs on a loaded machine
 # seconds, for one test (TempDirTest's backstop): past two children's CHILD_TIMEOUT, and within
 # the 15 minutes a CI job or a `timeout 900` gives a run (at 1800 a hang in this process outlived
@@ -280,6 +288,58 @@ class TempDirTest(unittest.TestCase):
         for key in sorted(keys):
             self.assertEqual(f(key), expected(key))
         self.assertEqual(runs, [])
+
+
+NO_MOUNTS = ("SKIPPED, LOUDLY: needs two sshfs mounts of one directory: set PERSIST_TEST_MOUNTS "
+             "to MOUNT1%sMOUNT2 (eval \"$(.ci/net up DIR)\" sets it)" % os.pathsep)
+
+
+@unittest.skipUnless(MOUNTS, NO_MOUNTS)
+class MountsTest(TempDirTest):
+    """A test on a shared filesystem: a new directory of its own on the share, self.m1 as one
+    machine sees it (through the first mount) and self.m2 as another does (the second), removed
+    at the end. The mounts are PERSIST_TEST_MOUNTS's; skipped without it."""
+
+    def setUp(self):
+        super().setUp()
+        if len(MOUNTS) != 2 or not all(os.path.isdir(path) for path in MOUNTS):
+            self.fail("PERSIST_TEST_MOUNTS=%r: two mounts of one directory, %r-separated, "
+                      "are needed" % (os.environ["PERSIST_TEST_MOUNTS"], os.pathsep))
+        self.m1 = __import__("tempfile").mkdtemp(prefix="persist-test-",
+                                                 dir=os.path.realpath(MOUNTS[0]))
+        self.addCleanup(__import__("shutil").rmtree, self.m1)
+        self.m2 = os.path.join(os.path.realpath(MOUNTS[1]), os.path.basename(self.m1))
+        if not os.path.isdir(self.m2) or os.stat(self.m1).st_dev == os.stat(self.m2).st_dev:
+            self.fail("PERSIST_TEST_MOUNTS=%r: %s, made through the first mount, is not seen "
+                      "through the second, another mount" % (os.environ["PERSIST_TEST_MOUNTS"],
+                                                              self.m1))
+
+
+NO_S3 = ("SKIPPED, LOUDLY: needs an S3 server: set PERSIST_TEST_S3 to its URL and run with "
+         "PERSIST_TEST_S3_PYTHON (eval \"$(.ci/net up DIR)\" sets both: moto's server, a venv "
+         "with .ci/requirements-s3.txt)")
+NO_S3FS = ("SKIPPED, LOUDLY: s3fs is not installed in this interpreter: run these tests with "
+           "PERSIST_TEST_S3_PYTHON, the venv .ci/net up makes with .ci/requirements-s3.txt "
+           "(.ci/run does)")
+
+
+@unittest.skipUnless(S3, NO_S3)
+@unittest.skipIf(S3 and importlib.util.find_spec("s3fs") is None, NO_S3FS)
+class ObjectStoreTest(TempDirTest):
+    """A test on an object store: self.fs, an s3fs.S3FileSystem on PERSIST_TEST_S3's server,
+    and self.bucket, a new bucket of its own, deleted at the end with all it holds. Skipped
+    without PERSIST_TEST_S3, or where s3fs is not installed. Name such classes TestObjectStore...:
+    .ci/run runs those (-k TestObjectStore) with the python that has s3fs."""
+
+    def setUp(self):
+        super().setUp()
+        import s3fs
+        # (skip_instance_cache: s3fs hands out one instance per arguments, and its listings)
+        self.fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": S3}, key="persist-test",
+                                    secret="persist-test", skip_instance_cache=True)
+        self.bucket = "persist-test-" + __import__("uuid").uuid4().hex
+        self.fs.mkdir(self.bucket)
+        self.addCleanup(self.fs.rm, self.bucket, recursive=True)
 
 
 class Boom(Exception):
@@ -12856,6 +12916,76 @@ class TestTypeCheck(TempDirTest):
                 found[number] = diagnostic.get("rule", "")
         self.check_output({"revealed": revealed, "errors": found, "output": done.stdout},
                           expected, errors, "pyright")
+
+
+# -- shared filesystems and object stores
+# The real components the tests of issue 23 run on (.ci/net up starts them: MountsTest,
+# ObjectStoreTest); these two prove they are what the tests take them for.
+
+
+class TestTwoMounts(MountsTest):
+    """PERSIST_TEST_MOUNTS's two mounts show one directory, as a shared filesystem does: what
+    one writes the other reads, and link() refuses a name the other made."""
+
+    def test_a_file_written_through_one_is_read_whole_through_the_other(self):
+        data = os.urandom(3 * 1024 * 1024 + 17)
+        with io.open(os.path.join(self.m1, "written"), "wb") as file:
+            file.write(data)
+        with io.open(os.path.join(self.m2, "written"), "rb") as file:
+            self.assertEqual(file.read(), data)
+        with io.open(os.path.join(self.m2, "back"), "wb") as file:
+            file.write(b"the other way")
+        with io.open(os.path.join(self.m1, "back"), "rb") as file:
+            self.assertEqual(file.read(), b"the other way")
+        self.assertEqual(sorted(os.listdir(self.m1)), ["back", "written"])
+
+    def test_persist_takes_both_for_a_shared_filesystem(self):
+        self.assertTrue(persist._shared_filesystem(self.m1), persist._filesystem(self.m1))
+        self.assertTrue(persist._shared_filesystem(self.m2), persist._filesystem(self.m2))
+        self.assertIsNone(persist._shared_filesystem(self.dir))     # the local one, for contrast
+
+    def test_a_link_over_a_name_the_other_mount_made_is_file_exists(self):
+        with io.open(os.path.join(self.m2, "key"), "wb") as file:
+            file.write(b"made through m2")
+        with io.open(os.path.join(self.m1, "mine.tmp"), "wb") as file:
+            file.write(b"made through m1")
+        with self.assertRaises(FileExistsError) as caught:
+            os.link(os.path.join(self.m1, "mine.tmp"), os.path.join(self.m1, "key"))
+        self.assertEqual(caught.exception.errno, errno.EEXIST)
+        with io.open(os.path.join(self.m1, "key"), "rb") as file:
+            self.assertEqual(file.read(), b"made through m2")
+        os.link(os.path.join(self.m1, "mine.tmp"), os.path.join(self.m1, "free"))
+        with io.open(os.path.join(self.m2, "free"), "rb") as file:
+            self.assertEqual(file.read(), b"made through m1")
+
+
+class TestObjectStoreServer(ObjectStoreTest):
+    """PERSIST_TEST_S3's server is an S3 store: s3fs's mapping of a prefix stores bytes under
+    keys another client reads, and a create-only write (If-None-Match) refuses a key that is
+    there."""
+
+    def test_a_prefix_is_a_mapping_of_bytes(self):
+        mapping = self.fs.get_mapper(self.bucket + "/prefix")
+        mapping["key"] = b"value"
+        self.assertEqual(mapping["key"], b"value")
+        with self.assertRaises(KeyError):
+            mapping["missing"]
+        self.assertEqual(list(mapping), ["key"])
+        # the server holds it: a client of its own (boto3's) reads it
+        import boto3
+        client = boto3.client("s3", endpoint_url=S3, aws_access_key_id="persist-test",
+                              aws_secret_access_key="persist-test", region_name="us-east-1")
+        got = client.get_object(Bucket=self.bucket, Key="prefix/key")
+        self.assertEqual(got["Body"].read(), b"value")
+
+    def test_a_create_only_write_over_a_key_that_is_there_is_file_exists(self):
+        path = self.bucket + "/key"
+        with self.fs.open(path, "xb") as file:
+            file.write(b"first")
+        with self.assertRaises(FileExistsError):
+            with self.fs.open(path, "xb") as file:
+                file.write(b"second")
+        self.assertEqual(self.fs.cat_file(path), b"first")
 
 
 if __name__ == "__main__":
