@@ -12988,6 +12988,111 @@ class TestObjectStoreServer(ObjectStoreTest):
         self.assertEqual(self.fs.cat_file(path), b"first")
 
 
+
+class OnceTimingOut(collections.abc.MutableMapping):
+    """A mapping that passes to another, but whose next read of a result times out, once."""
+
+    def __init__(self, inner):
+        self.inner, self.armed = inner, False
+
+    def __getitem__(self, key):
+        if self.armed and "/results/" in key:
+            self.armed = False
+            raise TimeoutError("Read timeout on endpoint URL")
+        return self.inner[key]
+
+    def __setitem__(self, key, value):
+        self.inner[key] = value
+
+    def __delitem__(self, key):
+        del self.inner[key]
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+class TestObjectStoreOnS3(ObjectStoreTest):
+    """memoize(store=fsspec mapping) on a real S3 server (moto's)."""
+
+    CHILD = """
+        import os, sys, s3fs, persist
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["S3"]},
+                               key="persist-test", secret="persist-test", skip_instance_cache=True)
+        @persist.memoize(store=fs.get_mapper(os.environ["BUCKET"] + "/cache"), name="job")
+        def job(x):
+            print("computed", x, flush=True)
+            if x < 0:
+                raise ValueError("negative %d" % x)
+            return {"x": x, "pid": os.getpid()}
+        sys.stdin.readline()                  # go
+        try:
+            print(job(int(sys.argv[1]))["x"], flush=True)
+        except ValueError as exc:
+            print("failed", exc, flush=True)
+    """
+
+    def children(self, arguments):
+        script = self.path / "child.py"
+        script.write_text(textwrap.dedent(self.CHILD))
+        env = child_env(S3=S3, BUCKET=self.bucket)
+        children = [spawn(self, [sys.executable, str(script), str(argument)], env=env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          universal_newlines=True) for argument in arguments]
+        for child in children:                # all at once
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        outs = [child.communicate()[0] for child in children]
+        self.assertEqual([child.returncode for child in children], [0] * len(children), outs)
+        return outs
+
+    def job(self):
+        @persist.memoize(store=self.fs.get_mapper(self.bucket + "/cache"), name="job")
+        def job(x):
+            if x < 0:
+                raise ValueError("negative %d" % x)
+            return {"x": x}
+        return job
+
+    @slow
+    def test_sixteen_processes_race_one_key_each_returns_and_one_whole_result_stays(self):
+        outs = self.children([7] * 16)
+        self.assertTrue(all(out.endswith("7\n") for out in outs), outs)
+        job = self.job()
+        self.assertEqual((job(7)["x"], job.cache_info().hits, job.cache_info().entries),
+                         (7, 1, 1))
+        results = self.fs.find(self.bucket + "/cache/job.files/results")
+        self.assertEqual(len(results), 1, results)
+        self.assertIsNotNone(persist._unframed(self.fs.cat_file(results[0])))
+
+    @slow
+    def test_failures_from_every_process_reach_the_ledger(self):
+        self.children([-1, -1, -1, 2])
+        job = self.job()
+        failure, = job.failures()
+        self.assertEqual((failure.count, failure.call.args), (3, (-1,)))
+        self.assertEqual(job.cache_info().entries, 1)
+        with self.assertRaises(persist.Failures) as raised:
+            persist.map(job, [2, -1], progress=False)
+        self.assertEqual([item for item, _ in raised.exception.failures], [-1])
+
+    def test_a_read_that_times_out_is_said_and_never_a_silent_miss(self):
+        mapping = OnceTimingOut(self.fs.get_mapper(self.bucket + "/cache"))
+        calls = []
+
+        @persist.memoize(store=mapping, name="job")
+        def job(x):
+            calls.append(x)
+            return x
+        job(1)
+        mapping.armed = True
+        with self.assertWarnsRegex(persist.PersistWarning, "Read timeout"):
+            self.assertEqual(job(1), 1)
+        self.assertEqual((job(1), calls, job.explain(1).reason), (1, [1, 1], "hit"))
+
+
 if __name__ == "__main__":
     if "--torture" in sys.argv:        # python test_persist.py --torture [SECONDS]
         at = sys.argv.index("--torture")
