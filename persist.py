@@ -8393,9 +8393,13 @@ class _FileStore:
         machine's result for key stored since this call started stays; an older one (an
         expired result, another version's) is replaced. A shelf's value always is, as in a
         dict: the last assignment wins."""
+        self._put(key, pickle.dumps(value, protocol), seconds, version, args, forget, owner)
+
+    def _put(self, key, data, seconds, version, args, forget, owner):
+        # type: (bytes, bytes, Optional[float], Optional[str], Optional[str], Sequence[bytes], Optional[str]) -> None
+        """put() of a value pickled already (data)."""
         if self.flag == "r":
             raise PermissionError(errno.EACCES, "the cache is open read-only", self.path)
-        data = pickle.dumps(value, protocol)
         now = time.time()
         header = {"stored": now, "seconds": seconds, "version": version, "args": args,
                   "owner": owner}
@@ -8424,11 +8428,11 @@ class _FileStore:
         errors = []   # type: List[Optional[Exception]]
         for key, value, seconds, version, args, forget, owner in entries:
             try:
-                pickle.dumps(value, protocol)
+                data = pickle.dumps(value, protocol)
             except Exception as exc:
                 errors.append(exc)
                 continue
-            self.put(key, value, protocol, seconds, version, args, forget, owner)
+            self._put(key, data, seconds, version, args, forget, owner)
             errors.append(None)
         return errors
 
