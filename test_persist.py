@@ -422,6 +422,22 @@ def value_files(cache):
 CLI = ["-m", "persist"]
 
 
+def run_or_dump(test, args, timeout, **env):
+    """run_command(args) in test's directory; one that outlives timeout fails the test with
+    what it printed and the stack of each of its threads (faulthandler, on SIGABRT), so that
+    a hang seen once in CI says where it was."""
+    child = spawn(test, [sys.executable] + args, timeout=timeout + 60, cwd=test.dir,
+                  env=child_env(PYTHONFAULTHANDLER="1", **env), stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.send_signal(getattr(signal, "SIGABRT", signal.SIGTERM))
+        out, err = child.communicate()
+        test.fail("%s hung for %d s; it printed:\n%s\n%s" % (args[0], timeout, out, err[-20000:]))
+    return subprocess.CompletedProcess(args, child.returncode, out, err)
+
+
 def run_command(args, cwd=None, timeout=600, **env):
     return subprocess.run([sys.executable] + args, cwd=cwd, env=child_env(**env),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -6337,8 +6353,7 @@ class TestEngines(TempDirTest):
         """ % ()))
         marks = self.path / "marks"
         marks.mkdir()
-        done = run_command([str(script), str(marks)], cwd=self.dir, timeout=300,
-                           PERSIST_DIR=self.path / "driver")
+        done = run_or_dump(self, [str(script), str(marks)], 300, PERSIST_DIR=self.path / "driver")
         self.assertEqual(done.returncode, 0, done.stderr[-3000:])
         self.assertEqual(done.stdout.splitlines(), [
             "[(3, 'ValueError'), (10, 'ValueError'), (11, 'BrokenProcessPool'), "
