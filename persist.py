@@ -6999,10 +6999,18 @@ def _covers(span, other):
 def _merged_count(span, other):
     # type: (Dict[str, Any], Dict[str, Any]) -> int
     """How many failures two records of one key's failures hold together: both counts where
-    they are apart in time; where they overlap they may hold the same ones: the larger."""
-    if other["last"] < span["first"] or other["first"] > span["last"]:
+    they are apart in time; where they overlap they may hold the same ones (a SOURCE merged
+    before, that failed again since): the larger. A lower bound, where two machines failed
+    at the same times: the ledger keeps counts, not each failure."""
+    if _apart(span, other):
         return int(span["count"]) + int(other["count"])
     return max(int(span["count"]), int(other["count"]))
+
+
+def _apart(span, other):
+    # type: (Dict[str, Any], Dict[str, Any]) -> bool
+    """Whether two records of one key's failures are apart in time: no failure in common."""
+    return bool(other["last"] < span["first"] or other["first"] > span["last"])
 
 
 def _replace_many(conn, rows, values):
@@ -8704,8 +8712,14 @@ class _FileStore:
         stored = self.stored(key)
         if stored is not None and stored[0] >= span["started"]:
             return False
-        if any(_covers(other, span) for _, other in self.failure_spans(key)):
+        others = [other for _, other in self.failure_spans(key)]
+        if any(_covers(other, span) for other in others):
             return False
+        # the failures it adds to those of the files it overlaps (as _merged_count): it may
+        # add none, and still bring the latest failure's time and details
+        count = int(span["count"]) - sum(int(other["count"]) for other in others
+                                         if not _apart(other, span))
+        span = dict(span, count=max(0, count))
         call = span.get("call")
         record = {name: span.get(name) for name in _SPAN_FIELDS if name not in
                   ("count", "first", "last")}
@@ -9822,16 +9836,17 @@ def _merge_cache(source, dest, kind, dry_run, pending):
             if not mine and info and store is not None and not dry_run:
                 store.set_info(info)               # DEST's own, where it has one
             for key, data, meta in src.raw_entries():
+                if store is not None and not dry_run:     # it checks DEST's, as it writes
+                    results[store.put_raw(key, data, meta) is False] += 1
+                    continue
                 stored = pending["results"].get(key)
                 if stored is None and store is not None:
                     stored = (store.stored(key) or (None,))[0]
                 if stored is not None and stored >= meta["stored"]:
                     results[1] += 1
-                elif store is None or dry_run:
+                else:
                     pending["results"][key] = meta["stored"]
                     results[0] += 1
-                else:
-                    results[store.put_raw(key, data, meta) is False] += 1
             for key, span in src.failure_spans():
                 if store is not None and not dry_run:
                     failures[store.put_failure(key, span) is False] += 1
