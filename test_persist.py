@@ -11796,6 +11796,20 @@ class TestMergeCommand(TempDirTest):
         self.assertNoTemp()
 
     @slow
+    def test_shelves_either_way(self):
+        # a shelf of files (persist.open makes one where a .files directory is): its keys
+        # are kept in its records, named by their digests; SQLite's are the keys
+        (self.path / "shelf.files").mkdir()
+        with persist.open(self.path / "shelf.files") as shelf:
+            shelf["alpha"] = [1]
+            shelf["b\u00e9ta"] = {"x": 2}
+        self.merged(self.path / "shelf.files", self.path / "shelf.db")
+        self.merged(self.path / "shelf.db", self.path / "again.files")
+        for name in ("shelf.db", "again.files"):
+            with persist.open(self.path / name, "r") as shelf:
+                self.assertEqual(dict(shelf), {"alpha": [1], "b\u00e9ta": {"x": 2}})
+
+    @slow
     def test_two_machines_caches_into_one_newest_wins(self):
         self.fill(self.path / "m1", "files", [0, 1, 2, 3], "m1")
         self.fill(self.path / "m2", "sqlite", [2, 3, 4, 5], "m2")    # later: 2 and 3 newer
