@@ -9778,8 +9778,8 @@ def _check_merge(pairs, force):
     functions = {}   # type: Dict[str, Dict[Optional[str], str]]
     for source, dest, kind in pairs:
         if os.path.lexists(dest) and _same_cache(source, dest):
-            raise PersistError(errno.EINVAL, "DEST is the same cache as the SOURCE %s: "
-                               "merge into another cache" % source, dest)
+            raise OSError(errno.EINVAL, "DEST is the same cache as the SOURCE %s: merge "
+                          "into another cache" % source, dest)
         for path, flag, what in ((source, "r", "SOURCE"), (dest, "r", "DEST")):
             if path == dest and not os.path.lexists(dest):
                 continue                       # made by the merge
@@ -9790,9 +9790,10 @@ def _check_merge(pairs, force):
                     if info or len(store):     # a new, empty DEST is any function's
                         functions.setdefault(dest, {}).setdefault(info.get("function"), path)
             except PersistError as exc:
+                why = exc.reason           # as the store said it (NOT_A_CACHE, SHELVE...)
                 raise PersistError(errno.EINVAL, "%s is not a cache (%s); 'persist ls DIR' "
                                    "lists the caches of a directory" % (
-                                       what, _problem(path, exc)), path) from None
+                                       what, _problem(path, exc)), path, reason=why) from None
     for dest, found in functions.items():
         if len(found) > 1 and not force:
             named = ["%s in %s" % ("%s()" % name if name else "a shelf (persist.open)",
@@ -9801,7 +9802,8 @@ def _check_merge(pairs, force):
                                "%s. Merge each into a cache of its own function; if one "
                                "function is the other renamed (the same code, so the same "
                                "keys), --force merges them, keeping DEST's record of its "
-                               "function" % "; ".join(named), dest)
+                               "function" % "; ".join(named), dest,
+                               reason=PersistError.NAME_CLASH)
 
 
 def _same_cache(one, other):
