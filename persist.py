@@ -8600,11 +8600,11 @@ class _FileStore:
             if isinstance(call, dict):           # a pickle, in hex
                 call = bytes.fromhex(call["pickle"])
             # a failure file that 'persist merge' wrote holds a count, from first on
-            rows.append((last.get("args"), last["type"], last["message"], sum(
-                int(event.get("count", 1)) for event in events), min(
-                event.get("first", event["when"]) for event in events), last["when"],
-                last.get("seconds"),
-                         last.get("version"), last["traceback"], call))
+            count = sum(int(event.get("count", 1)) for event in events)
+            first = min(event.get("first", event["when"]) for event in events)
+            rows.append((last.get("args"), last["type"], last["message"], count, first,
+                         last["when"], last.get("seconds"), last.get("version"),
+                         last["traceback"], call))
         rows.sort(key=lambda row: row[5])
         return rows
 
