@@ -9292,8 +9292,8 @@ def _main(argv=None):
     which.add_argument("--older-than", type=_duration, metavar="AGE",
                        help="older than AGE: 90s, 15m, 12h, 7d or 2w")
     merge = commands.add_parser(
-        "merge", help="copy results and failure records from caches into another, the newest "
-        "result of each call winning", description="Copy the results and failure records of "
+        "merge", help="copy results and failed calls between caches, the newest result "
+        "winning", description="Copy the results and failure records of "
         "SOURCE caches (SQLite or stores of files) into DEST, either kind: the newest result "
         "of each call wins, results are copied as stored (never loaded), failures add to "
         "DEST's ledger. A SOURCE that is a directory of caches merges each into the cache of "
