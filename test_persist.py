@@ -12007,39 +12007,79 @@ class TestMergeCommand(TempDirTest):
 
     @slow
     def test_killed_midway_leaves_whole_entries_and_a_rerun_finishes(self):
-        self.fill(self.path / "m1", "sqlite", list(range(40)) + [-1, -2])
-        dest = self.path / "dest" / "job.files"
-        # python -m persist merge, which stops for good in the 20th link() it makes
+        # into a store of files, killed in a link() that publishes a result (its temporary
+        # file written); into SQLite, once os.open() made a large result's value file (its
+        # transaction yet to come)
+        for kind, dest, call, size in (("files", "job.files", "link", 100),
+                                       ("sqlite", "job.db", "open", 300000)):
+            with self.subTest(kind=kind):
+                self.killed_midway(kind, self.path / kind / "dest" / dest, call, size)
+
+    def killed_midway(self, kind, dest, call, size):
+        @persist.memoize(cache_dir=self.path / kind / "m1", name="job")
+        def job(x):
+            if x < 0:
+                raise ValueError(x)
+            return "here", x, "p" * size
+
+        for x in list(range(40)) + [-1, -2]:
+            with contextlib.suppress(ValueError):
+                job(x)
+        source = self.path / kind / "m1" / "job.db"
+        # python -m persist merge, which stops for good in the 20th call it makes
         child = start_python(self, """
             import os, sys, runpy
             from unittest import mock
-            links, link = [], os.link
+            calls, real = [], os.%s
             def counted(*args, **kwargs):
-                links.append(args)
-                if len(links) == 20:
-                    print("linking", flush=True)
+                calls.append(args)
+                done = real(*args, **kwargs) if %r == "open" else None
+                if len(calls) == 20:
+                    print("stopped", flush=True)
                     sys.stdin.read()
-                return link(*args, **kwargs)
+                return done if %r == "open" else real(*args, **kwargs)
             sys.argv = ["persist", "merge", %r, %r]
-            with mock.patch.object(os, "link", counted):
+            with mock.patch.object(os, %r, counted):
                 runpy.run_module("persist", run_name="__main__", alter_sys=True)
-        """ % (str(self.path / "m1" / "job.db"), str(dest)), cwd=self.dir)
-        self.assertEqual(child.stdout.readline(), "linking\n")
+        """ % (call, call, call, str(source), str(dest), call), cwd=self.dir)
+        self.assertEqual(child.stdout.readline(), "stopped\n")
         child.kill()
         child.wait()
+        if kind == "sqlite":            # a value file that no row names yet
+            on_disk, named = value_files(dest)
+            self.assertEqual(len(on_disk), len(named) + 1)
         # whole entries only, in a valid cache (looked at in a copy: a miss there is stored)
         import shutil
-        shutil.copytree(str(self.path / "dest"), str(self.path / "copy"))
+        copy = self.path / kind / "copy"
+        shutil.copytree(str(dest.parent), str(copy))
         runs = []
-        job = self.job(self.path / "copy", "files", "rerun", runs)
-        self.assertEqual([job(x) for x in range(40)],
-                         [("rerun" if x in runs else "here", x) for x in range(40)])
+
+        @persist.memoize(cache_dir=copy, name="job", store=kind)
+        def rerun(x):
+            runs.append(x)
+            return "rerun", x, "p" * size
+
+        self.assertEqual([rerun(x) for x in range(40)],
+                         [("rerun" if x in runs else "here", x, "p" * size)
+                          for x in range(40)])
         self.assertTrue(0 < 40 - len(runs) < 40, runs)
-        lines = self.merged(self.path / "m1" / "job.db", dest)
+        lines = self.merged(source, dest)
         self.assertEqual(lines[0].split(": ")[1], "%d results copied, %d skipped (not newer "
                          "than DEST's); 2 failure records copied, 0 skipped" % (
                              len(runs), 40 - len(runs)))
-        self.assertHits(self.path / "dest", "files", {x: ("here", x) for x in range(40)})
+        runs.clear()
+
+        @persist.memoize(cache_dir=dest.parent, name="job", store=kind)
+        def again(x):
+            runs.append(x)
+
+        self.assertEqual([again(x) for x in range(40)],
+                         [("here", x, "p" * size) for x in range(40)])
+        self.assertEqual(runs, [])
+        if kind == "sqlite":             # the value file of the killed copy: swept
+            on_disk, named = value_files(dest)
+            self.assertEqual(on_disk, named)
+            self.assertEqual(len(named), 40)
         self.assertNoTemp()
 
 
