@@ -324,6 +324,16 @@ _STORED_SINCE = "SELECT 1 FROM Dict WHERE key = ? AND stored >= ? AND stored < ?
 _RECORD_FAILURE = ("REPLACE INTO Failures (key, args, type, message, traceback, count, first,"
                    " last, seconds, version, call) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _OWN_FAILURE = "UPDATE Failures SET owner = ? WHERE key = ?"
+# 'persist merge' (_Store.raw_entries, put_raw, failure_spans, put_failure)
+_RAW = "SELECT value, file, stored, seconds, version, args, %s FROM Dict WHERE key = ?"
+_STORED_FILE = "SELECT stored, file FROM Dict WHERE key = ?"
+# a failure record older than a result (its call began before the result was stored) is void
+_FORGET_FAILURE_BEFORE = "DELETE FROM Failures WHERE key = ? AND last - coalesce(seconds, 0) <= ?"
+_FAILURE_SPANS = ("SELECT key, args, type, message, traceback, count, first, last, seconds,"
+                  " version, %s, %s FROM Failures")     # call and owner, or NULL where none
+_SPAN_FIELDS = ("args", "type", "message", "traceback", "count", "first", "last", "seconds",
+                "version", "call", "owner")
+_SPAN_UPDATE = "UPDATE Failures SET count = ?, first = ?, last = ? WHERE key = ?"
 _FAILURES = ("SELECT args, type, message, count, first, last, seconds, version, traceback,"
              " %s FROM Failures ORDER BY last")      # call, or NULL in a cache without it
 class _Missing:
@@ -6718,6 +6728,84 @@ class _Store:
             self._restart_log()
         return errors
 
+    # Raw entries and failure records, for 'persist merge': copied between caches of either
+    # store as they are (a pickle is never loaded: its class may not import here), the newest
+    # of a key winning. Each copy is one transaction of its own.
+
+    def raw_entries(self):
+        # type: () -> Iterator[Tuple[bytes, bytes, Dict[str, Any]]]
+        """(key, pickle, meta) of every entry, read one at a time; the pickle as stored, never
+        loaded; meta: {stored, seconds, version, args, owner}, as put_raw() takes it."""
+        sql = _RAW % ("owner" if self.owned() else "NULL")
+        for key in self.keys():
+            for _ in range(3):      # a writer may replace it, removing its value file, as we read
+                rows = self.conn.query(sql, (key,))
+                if not rows:
+                    break           # removed meanwhile
+                value, file, stored, seconds, version, args, owner = rows[0]
+                if file is not None:
+                    try:
+                        with io.open(self.values.path(file), "rb") as data:
+                            value = data.read()
+                    except FileNotFoundError:
+                        continue
+                yield key, bytes(value), {"stored": stored, "seconds": seconds,
+                                          "version": version, "args": args, "owner": owner}
+                break
+            else:                   # a row that names a file that is not there
+                raise FileNotFoundError(errno.ENOENT, "a result's value file is missing; "
+                                        "'persist ls' and memoize say which", self.path)
+
+    def put_raw(self, key, data, meta):
+        # type: (bytes, bytes, Dict[str, Any]) -> bool
+        """Store data, a pickle as raw_entries() gives it (never loaded), under key, with
+        meta as it is (its stored time too), unless key's entry is as new or newer; the
+        failure records of key older than it go in the same transaction (as in put()).
+        Returns whether it was stored."""
+        spill = _Spill(self.values)
+        try:
+            spill.write(data)
+            row: "_Args" = (key, spill.inline(), spill.name, float(meta["stored"]),
+                            meta.get("seconds"), meta.get("version"), meta.get("args"))
+            if meta.get("owner") is not None and self.owned():
+                row += (meta["owner"],)
+            written, old = self.conn.transaction(_put_raw, row, self.values)
+        except BaseException:
+            # as in put(): a signal during COMMIT may leave the row naming the file
+            with contextlib.suppress(Exception):
+                if spill.name is not None and not self._named([spill.name]):
+                    spill.discard()
+            raise
+        finally:
+            spill.close()
+        if not written:
+            spill.discard()
+        if old:
+            self.values.remove([old])
+        return written
+
+    def failure_spans(self, key=None):
+        # type: (Optional[bytes]) -> List[Tuple[bytes, Dict[str, Any]]]
+        """(key, span) of each failure record (of key alone, if given), as put_failure() takes
+        it. span: count failures from first to last, started (when the latest call began),
+        and the latest one's args, type, message, traceback, seconds, version, call, owner."""
+        sql = _FAILURE_SPANS % ("call" if self.calls else "NULL",
+                                "owner" if self.owned() else "NULL")
+        rows = self.conn.run(_fetch, sql + (" WHERE key = ?" if key is not None else ""),
+                             (key,) if key is not None else ())
+        return [(bytes(row[0]), dict(zip(_SPAN_FIELDS, row[1:]), call=(
+            bytes(row[10]) if isinstance(row[10], (bytes, memoryview)) else row[10]),
+            started=row[7] - (row[8] or 0.0))) for row in rows]
+
+    def put_failure(self, key, span):
+        # type: (bytes, Dict[str, Any]) -> bool
+        """Add span (of failure_spans()) to key's failure record, in one transaction, unless
+        key's result is newer than its latest call, or the record covers it already
+        (_covers); return whether it did. The ledger keeps one record a key: counts add where
+        the two spans are apart; where they overlap (the same failures, merged before) the
+        larger count stands; the latest failure's details stay."""
+        return self.conn.transaction(_put_failure, key, span, self.calls, self.owned())
+
     def _restart_log(self):
         # type: () -> None
         """Copy the log into the file and start it over. SQLite's own checkpoints never catch
@@ -6957,6 +7045,74 @@ def _replace(conn, row, values, forget=()):
     for key in (row[0],) + tuple(forget):
         conn.execute(_FORGET_FAILURE, (key,))
     return old[0][0] if old else None
+
+
+def _put_raw(conn, row, values):
+    # type: (sqlite3.Connection, _Args, _Values) -> Tuple[bool, Optional[str]]
+    """_Store.put_raw()'s transaction: (whether row went in, the value file it replaced)."""
+    old = _fetch(conn, _STORED_FILE, (row[0],))
+    if old and old[0][0] >= row[3]:
+        return False, None
+    if old and old[0][1] is not None:
+        values.check([old[0][1]])
+    conn.execute(_PUT if len(row) == 7 else _PUT_OWNED, row)
+    conn.execute(_FORGET_FAILURE_BEFORE, (row[0], row[3]))
+    return True, old[0][1] if old else None
+
+
+def _put_failure(conn, key, span, calls, owned):
+    # type: (sqlite3.Connection, bytes, Dict[str, Any], bool, bool) -> bool
+    """_Store.put_failure()'s transaction."""
+    stored = _fetch(conn, _STORED_FILE, (key,))
+    if stored and stored[0][0] >= span["started"]:
+        return False                    # the result came after: the failure is void
+    old = _fetch(conn, _FAILURE_SPANS % ("NULL", "NULL") + " WHERE key = ?", (key,))
+    count, first, last = span["count"], span["first"], span["last"]
+    if old:
+        mine = dict(zip(_SPAN_FIELDS, old[0][1:]))
+        if _covers(mine, span):
+            return False
+        count = _merged_count(mine, span)
+        first, last = min(first, mine["first"]), max(last, mine["last"])
+        if mine["last"] >= span["last"]:         # its own latest failure stays
+            conn.execute(_SPAN_UPDATE, (count, first, last, key))
+            return True
+    call = span.get("call")
+    row: "_Args" = (key, span.get("args"), span["type"], span["message"], span["traceback"],
+                    count, first, last, span.get("seconds"), span.get("version"))
+    columns = _RECORD_FAILURE[:_RECORD_FAILURE.index(", call)")]
+    if calls:
+        columns += ", call"
+        row += (sqlite3.Binary(call) if isinstance(call, bytes) else call,)
+    if owned:
+        columns += ", owner"
+        row += (span.get("owner"),)
+    conn.execute("%s) VALUES (%s)" % (columns, ", ".join("?" * len(row))), row)
+    return True
+
+
+def _covers(span, other):
+    # type: (Dict[str, Any], Dict[str, Any]) -> bool
+    """Whether the failure record span covers other (both as failure_spans() gives them):
+    other's failures lie between span's first and last, the same ones (merged before)."""
+    return bool(span["first"] <= other["first"] and other["last"] <= span["last"])
+
+
+def _merged_count(span, other):
+    # type: (Dict[str, Any], Dict[str, Any]) -> int
+    """How many failures two records of one key's failures hold together: both counts where
+    they are apart in time; where they overlap they may hold the same ones (a SOURCE merged
+    before, that failed again since): the larger. A lower bound, where two machines failed
+    at the same times: the ledger keeps counts, not each failure."""
+    if _apart(span, other):
+        return int(span["count"]) + int(other["count"])
+    return max(int(span["count"]), int(other["count"]))
+
+
+def _apart(span, other):
+    # type: (Dict[str, Any], Dict[str, Any]) -> bool
+    """Whether two records of one key's failures are apart in time: no failure in common."""
+    return bool(other["last"] < span["first"] or other["first"] > span["last"])
 
 
 def _replace_many(conn, rows, values):
@@ -8337,9 +8493,12 @@ class _FileStore:
             call = last.get("call")
             if isinstance(call, dict):           # a pickle, in hex
                 call = bytes.fromhex(call["pickle"])
-            rows.append((last.get("args"), last["type"], last["message"], len(events),
-                         events[0]["when"], last["when"], last.get("seconds"),
-                         last.get("version"), last["traceback"], call))
+            # a failure file that 'persist merge' wrote holds a count, from first on
+            count = sum(int(event.get("count", 1)) for event in events)
+            first = min(event.get("first", event["when"]) for event in events)
+            rows.append((last.get("args"), last["type"], last["message"], count, first,
+                         last["when"], last.get("seconds"), last.get("version"),
+                         last["traceback"], call))
         rows.sort(key=lambda row: row[5])
         return rows
 
@@ -8350,7 +8509,8 @@ class _FileStore:
                         key=lambda event: event["when"])
         if not events:
             return None
-        return len(events), events[-1]["when"], events[-1]["type"], events[-1]["message"]
+        return (sum(int(event.get("count", 1)) for event in events), events[-1]["when"],
+                events[-1]["type"], events[-1]["message"])
 
     def failed_versions(self, but):
         # type: (str) -> List[Optional[str]]
@@ -8383,6 +8543,89 @@ class _FileStore:
         """Remove key's failure files (best effort: a result voids them anyway)."""
         for path, _ in list(self._failures(key)):
             self.objects.remove(path)
+
+    # Raw entries and failure records, for 'persist merge' (as _Store's): copied as they are,
+    # each one record published, the newest result of a key winning
+
+    def raw_entries(self):
+        # type: () -> Iterator[Tuple[bytes, bytes, Dict[str, Any]]]
+        """(key, pickle, meta) of every entry (as _Store.raw_entries()): never loaded."""
+        for path, header, data in self._entries():
+            yield _key_of_record(path, header), bytes(data), {
+                name: header.get(name) for name in _RAW_META}
+
+    def put_raw(self, key, data, meta):
+        # type: (bytes, bytes, Dict[str, Any]) -> bool
+        """Store data, a pickle as raw_entries() gives it, under key with meta as it is,
+        unless key's entry is as new or newer (as _Store.put_raw()): one record published.
+        A failure file of key older than it is void (see _failures). Returns whether it
+        was stored."""
+        if self.flag == "r":
+            raise PermissionError(errno.EACCES, "the cache is open read-only", self.path)
+        stamp = float(meta["stored"])
+        stored = self.stored(key)
+        if stored is not None and stored[0] >= stamp:
+            return False
+        header = {name: meta.get(name) for name in _RAW_META}
+        header["stored"] = stamp
+        if self.shelf:
+            header["key"] = key.decode("utf-8", "surrogateescape")
+
+        def keep(path):
+            # type: (str) -> bool
+            entry = self._entry(path)
+            return entry is not None and entry[0]["stored"] >= stamp
+
+        head = _json().dumps(header).encode("utf-8")
+        return self.objects.publish(self._result(key),
+                                    [len(head).to_bytes(4, "big"), head, data], keep)
+
+    def failure_spans(self, key=None):
+        # type: (Optional[bytes]) -> List[Tuple[bytes, Dict[str, Any]]]
+        """(key, span) of each failure file (of key alone, if given) that no later result
+        voids, as _Store.failure_spans() gives them: one failure each, but those a merge
+        wrote, which hold a count of failures from first to last."""
+        spans = []
+        for path, failure in self._failures(key):
+            call = failure.get("call")
+            span = {name: failure.get(name) for name in _SPAN_FIELDS}
+            span.update(count=int(failure.get("count", 1)), last=failure["when"],
+                        first=failure.get("first", failure["when"]),
+                        started=failure["started"], call=bytes.fromhex(call["pickle"])
+                        if isinstance(call, dict) else call)
+            spans.append((bytes.fromhex(os.path.basename(path).split(".")[0]), span))
+        return spans
+
+    def put_failure(self, key, span):
+        # type: (bytes, Dict[str, Any]) -> bool
+        """Add span (of failure_spans()) to key's failures as a file of its own, unless key's
+        result is newer than its latest call, or a failure file of key covers it (_covers):
+        the same failures, merged before. Returns whether it did."""
+        if self.flag == "r":
+            raise PermissionError(errno.EACCES, "the cache is open read-only", self.path)
+        stored = self.stored(key)
+        if stored is not None and stored[0] >= span["started"]:
+            return False
+        others = [other for _, other in self.failure_spans(key)]
+        if any(_covers(other, span) for other in others):
+            return False
+        # the failures it adds to those of the files it overlaps (as _merged_count): it may
+        # add none, and still bring the latest failure's time and details
+        count = int(span["count"]) - sum(int(other["count"]) for other in others
+                                         if not _apart(other, span))
+        span = dict(span, count=max(0, count))
+        call = span.get("call")
+        record = {name: span.get(name) for name in _SPAN_FIELDS if name not in
+                  ("count", "first", "last")}
+        record.update(when=span["last"], started=span["started"],
+                      call={"pickle": call.hex()} if isinstance(call, bytes) else call)
+        if span["count"] != 1 or span["first"] != span["last"]:
+            record.update(count=span["count"], first=span["first"])
+        name = key.hex()
+        self.objects.publish(self.objects.join("failures", name[:2], "%s.%d.%s-%d-%s" % (
+            name, int(span["last"] * 1e6), _HOST, os.getpid(), os.urandom(4).hex())),
+            [_json().dumps(record).encode("utf-8")])
+        return True
 
     # Writing
 
@@ -8809,6 +9052,7 @@ class _MappingObjects:
 
 
 _FILES_FORMAT = 1
+_RAW_META = ("stored", "seconds", "version", "args", "owner")   # of a result, as merged
 _FILES_MARKER = b'{"format": 1, "persist": "files"}'
 _ABANDONED_TEMP = 24 * 3600.0   # seconds: a temporary file this old is no writer's any more
 _O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
@@ -9170,8 +9414,10 @@ def _size(path):
 
 
 # == the command line =============================================================================
-# python -m persist ls|show|clear|prune|failures|status (or python persist.py ...): _main
+# python -m persist ls|show|clear|prune|failures|merge|status (or python persist.py ...): _main
 # parses the arguments and calls _cli_<command>; each finds caches by name under a directory.
+# merge copies entries as they are stored (the stores' raw_entries, put_raw, failure_spans and
+# put_failure), one write each.
 
 def _main(argv=None):
     # type: (Optional[Sequence[str]]) -> int
@@ -9213,6 +9459,26 @@ def _main(argv=None):
                        "the latest")
     which.add_argument("--older-than", type=_duration, metavar="AGE",
                        help="older than AGE: 90s, 15m, 12h, 7d or 2w")
+    merge = commands.add_parser(
+        "merge", help="copy results and failed calls between caches, the newest result "
+        "winning", description="Copy the results and failure records of "
+        "SOURCE caches (SQLite or stores of files) into DEST, either kind: the newest result "
+        "of each call wins, results are copied as stored (never loaded), failures add to "
+        "DEST's ledger. A SOURCE that is a directory of caches merges each into the cache of "
+        "its name in DEST, a directory, of the kind memoize uses there. A missing DEST is "
+        "made: a store of files if its name ends in .files, SQLite if in .db. Killed, DEST "
+        "holds whole entries; run it again to finish.")
+    merge.add_argument("sources", nargs="+", metavar="SOURCE", help="a cache, a function's "
+                       "name as 'ls' shows it, or a directory of caches")
+    merge.add_argument("dest", metavar="DEST", help="the cache to merge into (made if "
+                       "missing), or a directory of caches")
+    merge.add_argument("--dir", help="where to look for caches given by name (default: "
+                       "$PERSIST_DIR, else ./.persist)")
+    merge.add_argument("--dry-run", action="store_true", help="say what would be copied and "
+                       "skipped, and write nothing")
+    merge.add_argument("--force", action="store_true", help="merge caches of functions of "
+                       "different names (one renamed): refused otherwise")
+    merge.set_defaults(run=_cli_merge)
     status = commands.add_parser("status", help="say whether done_dir() stages finished; "
                                  "exit 1 if any did not")
     status.add_argument("paths", nargs="+", metavar="PATH")
@@ -9604,6 +9870,179 @@ def _cli_failures(options):  # type: ignore[return]
                       (", and %d more" % more if more > 0 else ""))
         if not options.traceback:
             print("\n(--traceback shows each call's traceback)")
+
+
+def _cli_merge(options):
+    # type: (argparse.Namespace) -> None
+    """Copy results and failure records from SOURCE caches into DEST: each pair is checked
+    before anything is written; then each entry is one write of DEST's (a transaction, or
+    one file published), so that a merge killed at any point leaves DEST a cache of whole
+    entries, and the same merge again finishes it."""
+    pairs = _merge_pairs(options.sources, options.dest, options.dir)
+    _check_merge(pairs, options.force)
+    pending = {}     # type: Dict[str, Dict[str, Any]]
+    for source, dest, kind in pairs:
+        counts = _merge_cache(source, dest, kind, options.dry_run,
+                              pending.setdefault(dest, {"results": {}, "failures": {}}))
+        print("%s -> %s: %s; %s" % (_one_line(source), _one_line(dest), counts[0],
+                                    counts[1]))
+
+
+def _merge_pairs(sources, dest, directory):
+    # type: (Sequence[str], str, Optional[str]) -> List[Tuple[str, str, str]]
+    """(SOURCE cache, DEST cache, DEST's kind) of each cache to merge. A SOURCE that is a
+    directory of caches (not a cache itself) gives each cache under it; into a DEST that is a
+    directory (not a cache), or that is to be one, each goes to the cache of its name and
+    folder there, of the kind memoize uses there (_store_kind: SQLite on a local disk, files
+    on a shared filesystem, as $PERSIST_STORE says). Else DEST is one cache: where it is,
+    that one, of either kind; else created at the path given, a store of files if its name
+    ends in .files, SQLite if in .db."""
+    found = []   # type: List[Tuple[str, Optional[str]]]
+    for name in sources:
+        if os.path.isdir(name) and not _is_file_store(name) and not os.path.islink(name):
+            caches = list(_caches_under(name))
+            if not caches:
+                raise FileNotFoundError(errno.ENOENT, "a directory with no caches under it "
+                                        "('persist ls %s' lists caches)" % name, name)
+            found += [(path, os.path.relpath(path, name)) for path in caches]
+        else:
+            found.append((_find_cache(name, directory), None))
+    if any(where is not None for _, where in found) or \
+            os.path.isdir(dest) and not _is_file_store(dest) and not os.path.islink(dest):
+        if os.path.lexists(dest) and not os.path.isdir(dest):
+            raise NotADirectoryError(errno.ENOTDIR, "a SOURCE is a directory of caches, so "
+                                     "DEST must be a directory (made if missing), not a "
+                                     "cache", dest)
+        pairs = []
+        for path, where in found:
+            where = where or os.path.basename(path)
+            folder = os.path.join(dest, os.path.dirname(where))
+            stem = os.path.basename(where)
+            stem = stem[:-len(".files")] if stem.endswith(".files") else \
+                os.path.splitext(stem)[0]
+            kind = _store_kind(folder, None, "")
+            pairs.append((path, os.path.join(folder, stem + (".files" if kind == "files"
+                                                             else ".db")), kind))
+        return pairs
+    if not os.path.lexists(dest):
+        try:
+            dest = _find_cache(dest, directory)      # a name, as the other commands take it
+        except FileNotFoundError:
+            if not dest.endswith((".db", ".files")):
+                raise FileNotFoundError(errno.ENOENT, "No such cache, nor a function's cache "
+                                        "of that name; to make a new one, give a path that "
+                                        "ends in .db (SQLite) or .files (a store of files), "
+                                        "or a directory to merge into by name", dest) from None
+    kind = "files" if dest.endswith(".files") and not os.path.lexists(dest) or \
+        os.path.isdir(dest) and not os.path.islink(dest) else "sqlite"
+    return [(path, dest, kind) for path, _ in found]
+
+
+def _check_merge(pairs, force):
+    # type: (List[Tuple[str, str, str]], bool) -> None
+    """Refuse, before anything is written: a SOURCE that is not a cache (saying what it is,
+    as 'ls' does), a DEST that is not one, DEST the same cache as a SOURCE, and the caches
+    of different functions merged into one (their keys would mix: unless --force)."""
+    functions = {}   # type: Dict[str, Dict[Optional[str], str]]
+    for source, dest, kind in pairs:
+        if os.path.lexists(dest) and _same_cache(source, dest):
+            raise OSError(errno.EINVAL, "DEST is the same cache as the SOURCE %s: merge "
+                          "into another cache" % source, dest)
+        for path, flag, what in ((source, "r", "SOURCE"), (dest, "r", "DEST")):
+            if path == dest and not os.path.lexists(dest):
+                continue                       # made by the merge
+            try:
+                with contextlib.closing(_open_store(path, flag, kind if path == dest
+                                                    else None)) as store:
+                    info = store.info()
+                    if info or len(store):     # a new, empty DEST is any function's
+                        functions.setdefault(dest, {}).setdefault(info.get("function"), path)
+            except PersistError as exc:
+                why = exc.reason           # as the store said it (NOT_A_CACHE, SHELVE...)
+                raise PersistError(errno.EINVAL, "%s is not a cache (%s); 'persist ls DIR' "
+                                   "lists the caches of a directory" % (
+                                       what, _problem(path, exc)), path, reason=why) from None
+    for dest, found in functions.items():
+        if len(found) > 1 and not force:
+            named = ["%s in %s" % ("%s()" % name if name else "a shelf (persist.open)",
+                                   path) for name, path in found.items()]
+            raise PersistError(errno.EINVAL, "caches of different functions merged into one: "
+                               "%s. Merge each into a cache of its own function; if one "
+                               "function is the other renamed (the same code, so the same "
+                               "keys), --force merges them, keeping DEST's record of its "
+                               "function" % "; ".join(named), dest,
+                               reason=PersistError.NAME_CLASH)
+
+
+def _same_cache(one, other):
+    # type: (str, str) -> bool
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return os.path.realpath(one) == os.path.realpath(other)
+
+
+def _merge_cache(source, dest, kind, dry_run, pending):
+    # type: (str, str, str, bool, Dict[str, Any]) -> Tuple[str, str]
+    """Merge the cache at source into the one at dest (made, of kind, if missing): each
+    result newer than DEST's of its key, as it is (never loaded), then each failure record
+    that no result of DEST's voids and none of its own covers. pending: what a dry run
+    would have copied into dest (so that several SOURCEs count as they would merge).
+    Returns what it copied and skipped, as words."""
+    results, failures = [0, 0], [0, 0]      # copied, skipped
+    with contextlib.closing(_open_store(source, "r")) as src:
+        info = src.info()
+        store = None        # type: Optional[_AnyStore]
+        if not dry_run:
+            if not os.path.lexists(dest):
+                _make_cache_dir(os.path.dirname(os.path.abspath(dest)))
+            store = _open_store(dest, "c", kind)
+        elif os.path.lexists(dest):
+            store = _open_store(dest, "r", kind)
+        try:
+            mine = store.info() if store is not None else {}
+            if isinstance(store, _FileStore):      # a shelf's keys are named by their digest
+                store.shelf = "function" not in (mine or info)
+            if not mine and info and store is not None and not dry_run:
+                store.set_info(info)               # DEST's own, where it has one
+            for key, data, meta in src.raw_entries():
+                if store is not None and not dry_run:     # it checks DEST's, as it writes
+                    results[store.put_raw(key, data, meta) is False] += 1
+                    continue
+                stored = pending["results"].get(key)
+                if stored is None and store is not None:
+                    stored = (store.stored(key) or (None,))[0]
+                if stored is not None and stored >= meta["stored"]:
+                    results[1] += 1
+                else:
+                    pending["results"][key] = meta["stored"]
+                    results[0] += 1
+            for key, span in src.failure_spans():
+                if store is not None and not dry_run:
+                    failures[store.put_failure(key, span) is False] += 1
+                    continue
+                stored = pending["results"].get(key)
+                if stored is None and store is not None:
+                    stored = (store.stored(key) or (None,))[0]
+                others = pending["failures"].setdefault(key, [])
+                if store is not None:
+                    others = others + [other for _, other in store.failure_spans(key)]
+                if stored is not None and stored >= span["started"] or \
+                        any(_covers(other, span) for other in others):
+                    failures[1] += 1
+                else:
+                    pending["failures"][key].append(span)
+                    failures[0] += 1
+        finally:
+            if store is not None:
+                store.close()
+    done = "to copy" if dry_run else "copied"
+    left = "to skip" if dry_run else "skipped"
+    return ("%d result%s %s, %d %s (not newer than DEST's)" % (
+        results[0], "" if results[0] == 1 else "s", done, results[1], left),
+        "%d failure record%s %s, %d %s%s" % (
+            failures[0], "" if failures[0] == 1 else "s", done, failures[1], left,
+            " (dry run: nothing written)" if dry_run else ""))
 
 
 def _cli_status(options):

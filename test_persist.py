@@ -11703,7 +11703,8 @@ class TestCommandLine(TempDirTest):
         # Seven interpreters, started together rather than one after another.
         script = os.path.join(HERE, "persist.py")
         runs = [[script] + command + ["--help"]
-                for command in ([], ["ls"], ["show"], ["clear"], ["prune"], ["status"])]
+                for command in ([], ["ls"], ["show"], ["clear"], ["prune"], ["merge"],
+                                ["status"])]
         runs.append(["-m", "persist", "--help"])
         with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
             for args, done in zip(runs, pool.map(lambda a: run_command(a, cwd=self.dir), runs)):
@@ -12432,6 +12433,355 @@ class TestFailuresCommand(TempDirTest):
                 self.assertNotIn(control, done.stdout + done.stderr, args)
             self.assertIn("\\x1b]0;owned\\x07\\x1b[2J", done.stdout + done.stderr)
         self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+
+
+class TestMergeCommand(TempDirTest):
+    """python -m persist merge SOURCE... DEST: results and failure records between caches of
+    either store, the newest result of each call winning."""
+
+    def cli(self, *args, **env):
+        return run_command(CLI + ["merge"] + [str(a) for a in args], cwd=self.dir, **env)
+
+    def merged(self, *args, **env):
+        done = self.cli(*args, **env)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stderr, "")
+        return done.stdout.splitlines()
+
+    def job(self, directory, store, machine="here", runs=None):
+        """The memoized function 'job' with its cache in directory: x returns (machine, x), a
+        negative x fails."""
+        @persist.memoize(cache_dir=directory, name="job", store=store)
+        def job(x):
+            if runs is not None:
+                runs.append(x)
+            if x < 0:
+                raise ValueError("negative: %d" % x)
+            return machine, x
+        return job
+
+    def fill(self, directory, store, items, machine="here"):
+        job = self.job(directory, store, machine)
+        for x in items:
+            with contextlib.suppress(ValueError):
+                job(x)
+        return job
+
+    def assertHits(self, directory, store, expected):
+        """Each call x of expected is a hit in the cache job in directory, as expected[x]."""
+        runs = []
+        job = self.job(directory, store, "rerun", runs)
+        self.assertEqual({x: job(x) for x in expected}, expected)
+        self.assertEqual(runs, [])
+
+    def test_files_to_sqlite_and_back(self):
+        self.fill(self.path / "shared", "files", [0, 1, 2, -1], "cluster")
+        local = self.path / "local"
+        lines = self.merged(self.path / "shared" / "job.files", local / "job.db")
+        self.assertEqual(lines, ["%s -> %s: 3 results copied, 0 skipped (not newer than "
+                                 "DEST's); 1 failure record copied, 0 skipped" % (
+                                     self.path / "shared" / "job.files", local / "job.db")])
+        self.assertTrue(os.path.isfile(str(local / "job.db")))
+        expected = {x: ("cluster", x) for x in range(3)}
+        self.assertHits(local, "sqlite", expected)
+        # ... and back, into a new store of files; its info (the function's) came along
+        lines = self.merged(local / "job.db", self.path / "again" / "job.files")
+        self.assertIn(": 3 results copied, 0 skipped", lines[0])
+        self.assertIn("; 1 failure record copied, 0 skipped", lines[0])
+        self.assertHits(self.path / "again", "files", expected)
+        done = run_command(CLI + ["ls", str(self.path / "again")])
+        self.assertEqual(done.stdout.splitlines()[1].split()[:2], ["job", "3"])
+        with self.assertRaises(persist.Failures) as raised:
+            persist.map(self.job(self.path / "again", "files", "rerun"), [0, 1, 2, -1])
+        self.assertEqual([item for item, _ in raised.exception.failures], [-1])
+        self.assertNoTemp()
+
+    @slow
+    def test_shelves_either_way(self):
+        # a shelf of files (persist.open makes one where a .files directory is): its keys
+        # are kept in its records, named by their digests; SQLite's are the keys
+        (self.path / "shelf.files").mkdir()
+        with persist.open(self.path / "shelf.files") as shelf:
+            shelf["alpha"] = [1]
+            shelf["b\u00e9ta"] = {"x": 2}
+        self.merged(self.path / "shelf.files", self.path / "shelf.db")
+        self.merged(self.path / "shelf.db", self.path / "again.files")
+        for name in ("shelf.db", "again.files"):
+            with persist.open(self.path / name, "r") as shelf:
+                self.assertEqual(dict(shelf), {"alpha": [1], "b\u00e9ta": {"x": 2}})
+
+    @slow
+    def test_two_machines_caches_into_one_newest_wins(self):
+        self.fill(self.path / "m1", "files", [0, 1, 2, 3], "m1")
+        self.fill(self.path / "m2", "sqlite", [2, 3, 4, 5], "m2")    # later: 2 and 3 newer
+        one, two = self.path / "m1" / "job.files", self.path / "m2" / "job.db"
+        expected = {0: ("m1", 0), 1: ("m1", 1), 2: ("m2", 2), 3: ("m2", 3), 4: ("m2", 4),
+                    5: ("m2", 5)}
+        for order, dest, counts in (([one, two], self.path / "a", [(4, 0), (4, 0)]),
+                                    ([two, one], self.path / "b", [(4, 0), (2, 2)])):
+            lines = self.merged(*order + [dest / "job.db"])
+            self.assertEqual([tuple(int(n) for n in re.findall(r"(\d+) (?:results? )?"
+                                                                r"(?:copied|skipped)",
+                                                                line)[:2])
+                              for line in lines], counts, lines)
+            self.assertHits(dest, "sqlite", expected)
+            # again: every key is there with the same stored time, skipped
+            lines = self.merged(*order + [dest / "job.db"])
+            for line in lines:
+                self.assertRegex(line, r": 0 results copied, 4 skipped \(not newer than "
+                                       r"DEST's\); 0 failure records copied, 0 skipped$")
+        # into a store of files, and the files store's own newest-wins check
+        self.merged(two, one, self.path / "c" / "job.files")
+        self.assertHits(self.path / "c", "files", expected)
+
+    @slow
+    def test_a_result_whose_class_does_not_load_here_is_copied_as_bytes(self):
+        lib = self.path / "lib"
+        lib.mkdir()
+        (lib / "shapes.py").write_text(textwrap.dedent("""
+            class Shape:
+                def __init__(self, sides):
+                    self.sides = sides
+        """))
+        child = """
+            import persist, shapes
+            @persist.memoize(cache_dir=%r, name="job", store=%r)
+            def job(x):
+                print("computed", x)
+                return shapes.Shape(x)
+            print([job(x).sides for x in range(3)])
+        """
+        out = run_python(child % (str(self.path / "shared"), "files"), PYTHONPATH=lib)
+        self.assertEqual(out.count("computed"), 3)
+        # the merging process cannot import shapes: nothing is loaded
+        done = run_command(CLI + ["-c", "import shapes"], cwd=self.dir)
+        self.assertNotEqual(done.returncode, 0)
+        lines = self.merged(self.path / "shared" / "job.files", self.path / "local" / "job.db")
+        self.assertIn(": 3 results copied, 0 skipped", lines[0])
+        out = run_python(child % (str(self.path / "local"), "sqlite"), PYTHONPATH=lib)
+        self.assertEqual(out, "[0, 1, 2]\n")       # every one a hit, as it was made
+
+    @slow
+    def test_failures_carried_with_counts(self):
+        one, two = self.path / "m1", self.path / "m2"
+        first = self.fill(one, "sqlite", [-1, -1, 7])
+        self.fill(two, "files", [-1, -2])
+        # m1's failure of -3, and m2's result of it, stored after: the failure is void
+        with contextlib.suppress(ValueError):
+            self.job(one, "sqlite")(-3)
+        self.job(two, "files", "m2")                  # (the same function, another run)
+
+        @persist.memoize(cache_dir=two, name="job", store="files")
+        def job(x):
+            return "m2", x
+        job(-3)
+        self.assertEqual({f.args: f.count for f in first.failures()},
+                         {"(-1)": 2, "(-3)": 1})
+        dest = self.path / "local"
+        for _ in range(2):      # the second time, nothing more: no failure counted twice
+            self.merged(one / "job.db", two / "job.files", dest / "job.db")
+            local = self.job(dest, "sqlite")
+            self.assertEqual({f.args: f.count for f in local.failures()},
+                             {"(-1)": 3, "(-2)": 1})
+        # a SOURCE that failed again since: its record grew, and holds the failures merged
+        # before (counted once, not added again)
+        self.merged(one / "job.db", self.path / "grown" / "job.db")
+        with contextlib.suppress(ValueError):
+            self.job(one, "sqlite")(-1)
+        self.merged(one / "job.db", self.path / "grown" / "job.db")
+        self.assertEqual({f.args: f.count for f in self.job(self.path / "grown",
+                                                             "sqlite").failures()},
+                         {"(-1)": 3, "(-3)": 1})
+        # into a store of files, from both kinds: the same counts
+        self.merged(dest / "job.db", one / "job.db", two / "job.files",
+                    self.path / "files" / "job.files")
+        into_files = self.job(self.path / "files", "files")
+        self.assertEqual({f.args: f.count for f in into_files.failures()},
+                         {"(-1)": 3, "(-2)": 1})
+        # a rerun through persist.map: the results are hits, the failures fail again
+        for directory, store in ((dest, "sqlite"), (self.path / "files", "files")):
+            runs = []
+            with self.assertRaises(persist.Failures) as raised:
+                persist.map(self.job(directory, store, "rerun", runs), [7, -3, -1, -2])
+            self.assertEqual(sorted(item for item, _ in raised.exception.failures), [-2, -1])
+            self.assertEqual(raised.exception.results[:2], [("here", 7), ("m2", -3)])
+            self.assertEqual(sorted(runs), [-2, -1])
+            counts = {f.args: f.count for f in self.job(directory, store).failures()}
+            self.assertEqual(counts, {"(-1)": 4, "(-2)": 2})
+        self.assertNoTemp()
+
+    @slow
+    def test_dry_run_counts_and_writes_nothing(self):
+        self.fill(self.path / "m1", "files", [0, 1, -1])
+        self.fill(self.path / "m2", "sqlite", [1, 2, -2])
+        sources = [self.path / "m1" / "job.files", self.path / "m2" / "job.db"]
+        for dest in (self.path / "new.db", self.path / "new.files"):
+            lines = self.merged("--dry-run", *sources + [dest])
+            self.assertEqual([line.split(": ", 1)[1] for line in lines], [
+                "2 results to copy, 0 to skip (not newer than DEST's); 1 failure record to "
+                "copy, 0 to skip (dry run: nothing written)",
+                "2 results to copy, 0 to skip (not newer than DEST's); 1 failure record to "
+                "copy, 0 to skip (dry run: nothing written)"])
+            self.assertFalse(os.path.lexists(str(dest)))
+            real = self.merged(*sources + [dest])
+            self.assertEqual([line.split(": ", 1)[1].replace("copied", "to copy").replace(
+                "skipped", "to skip") for line in real],
+                [line.split(": ", 1)[1].replace(" (dry run: nothing written)", "")
+                 for line in lines])
+            again = self.merged("--dry-run", *sources + [dest])
+            self.assertEqual([line.split(": ", 1)[1].split(";")[0] for line in again],
+                             ["0 results to copy, 2 to skip (not newer than DEST's)"] * 2)
+
+    def assertRefused(self, done, *words):
+        self.assertEqual(done.returncode, 1, done.stdout)
+        self.assertEqual(done.stdout, "")
+        self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+        for word in words:
+            self.assertIn(word, done.stderr)
+
+    @slow
+    def test_refusals(self):
+        self.fill(self.path / "m1", "files", [0, 1])
+        source = self.path / "m1" / "job.files"
+
+        @persist.memoize(cache_dir=self.path / "other", name="other")
+        def other(x):
+            return x
+        other(1)
+        (self.path / "notes.txt").write_text("my notes")
+        (self.path / "plain").mkdir()
+        before = sorted(os.listdir(self.dir))
+        for args, words in (
+                ([source, self.path / "m1" / ".." / "m1" / "job.files"],
+                 ["DEST is the same cache as the SOURCE"]),
+                ([self.path / "notes.txt", "dest.db"],
+                 ["notes.txt: SOURCE is not a cache (not SQLite)"]),
+                ([source, self.path / "notes.txt"],
+                 ["notes.txt: DEST is not a cache (not SQLite)"]),
+                ([source, self.path / "other" / "other.db"],
+                 ["caches of different functions merged into one", "job() in",
+                  "other() in", "--force"]),
+                ([self.path / "m1", self.path / "notes.txt"],
+                 ["DEST must be a directory"]),
+                ([self.path / "plain", "dest.db"], ["a directory with no caches under it"]),
+                ([source, "dest"], ["dest: No such cache", "ends in .db (SQLite) or .files"]),
+                (["nothing-here", "dest.db"], ["No such cache"])):
+            with self.subTest(args=args):
+                self.assertRefused(self.cli(*args), *words)
+        self.assertEqual(sorted(os.listdir(self.dir)), before)
+        self.assertEqual((self.path / "notes.txt").read_text(), "my notes")
+        with persist.open(self.path / "other" / "other.db", "r") as shelf:
+            self.assertEqual(len(shelf), 1)
+        # said how: a renamed function's cache, with --force (their keys are alike: other(1)
+        # is newer than job(1))
+        lines = self.merged("--force", source, self.path / "other" / "other.db")
+        self.assertIn(": 1 result copied, 1 skipped", lines[0])
+
+    def test_whole_cache_directories_by_name(self):
+        # another machine's .persist (stores of files) into this one's: cache by cache
+        theirs, mine = self.path / "theirs" / ".persist", self.path / "mine" / ".persist"
+        self.fill(theirs, "files", [0, 1], "theirs")
+
+        @persist.memoize(cache_dir=theirs / "sub", name="helper", store="files")
+        def helper(x):
+            return x
+        helper(5)
+        self.fill(mine, "sqlite", [1, 2], "mine")
+        lines = self.merged(theirs, mine)
+        self.assertEqual(sorted(line.split(": ")[0] for line in lines), sorted([
+            "%s -> %s" % (theirs / "job.files", mine / "job.db"),
+            "%s -> %s" % (theirs / "sub" / "helper.files", mine / "sub" / "helper.db")]))
+        self.assertHits(mine, "sqlite", {0: ("theirs", 0), 1: ("mine", 1), 2: ("mine", 2)})
+        runs = []
+
+        @persist.memoize(cache_dir=mine / "sub", name="helper")
+        def helper_here(x):
+            runs.append(x)
+        self.assertEqual(helper_here(5), 5)
+        self.assertEqual(runs, [])
+        # PERSIST_STORE says which kind a new one is, as it does to memoize; by name, --dir
+        (self.path / "third").mkdir()
+        lines = self.merged("--dir", theirs, "job", self.path / "third", PERSIST_STORE="files")
+        self.assertEqual(lines[0].split(": ")[0], "%s -> %s" % (
+            theirs / "job.files", self.path / "third" / "job.files"))
+
+    @slow
+    def test_killed_midway_leaves_whole_entries_and_a_rerun_finishes(self):
+        # into a store of files, killed in a link() that publishes a result (its temporary
+        # file written); into SQLite, once os.open() made a large result's value file (its
+        # transaction yet to come)
+        for kind, dest, call, size in (("files", "job.files", "link", 100),
+                                       ("sqlite", "job.db", "open", 300000)):
+            with self.subTest(kind=kind):
+                self.killed_midway(kind, self.path / kind / "dest" / dest, call, size)
+
+    def killed_midway(self, kind, dest, call, size):
+        @persist.memoize(cache_dir=self.path / kind / "m1", name="job")
+        def job(x):
+            if x < 0:
+                raise ValueError(x)
+            return "here", x, "p" * size
+
+        for x in list(range(40)) + [-1, -2]:
+            with contextlib.suppress(ValueError):
+                job(x)
+        source = self.path / kind / "m1" / "job.db"
+        # python -m persist merge, which stops for good in the 20th call it makes
+        child = start_python(self, """
+            import os, sys, runpy
+            from unittest import mock
+            calls, real = [], os.%s
+            def counted(*args, **kwargs):
+                calls.append(args)
+                done = real(*args, **kwargs) if %r == "open" else None
+                if len(calls) == 20:
+                    print("stopped", flush=True)
+                    sys.stdin.read()
+                return done if %r == "open" else real(*args, **kwargs)
+            sys.argv = ["persist", "merge", %r, %r]
+            with mock.patch.object(os, %r, counted):
+                runpy.run_module("persist", run_name="__main__", alter_sys=True)
+        """ % (call, call, call, str(source), str(dest), call), cwd=self.dir)
+        self.assertEqual(child.stdout.readline(), "stopped\n")
+        child.kill()
+        child.wait()
+        if kind == "sqlite":            # a value file that no row names yet
+            on_disk, named = value_files(dest)
+            self.assertEqual(len(on_disk), len(named) + 1)
+        # whole entries only, in a valid cache (looked at in a copy: a miss there is stored)
+        import shutil
+        copy = self.path / kind / "copy"
+        shutil.copytree(str(dest.parent), str(copy))
+        runs = []
+
+        @persist.memoize(cache_dir=copy, name="job", store=kind)
+        def rerun(x):
+            runs.append(x)
+            return "rerun", x, "p" * size
+
+        self.assertEqual([rerun(x) for x in range(40)],
+                         [("rerun" if x in runs else "here", x, "p" * size)
+                          for x in range(40)])
+        self.assertTrue(0 < 40 - len(runs) < 40, runs)
+        lines = self.merged(source, dest)
+        self.assertEqual(lines[0].split(": ")[1], "%d results copied, %d skipped (not newer "
+                         "than DEST's); 2 failure records copied, 0 skipped" % (
+                             len(runs), 40 - len(runs)))
+        runs.clear()
+
+        @persist.memoize(cache_dir=dest.parent, name="job", store=kind)
+        def again(x):
+            runs.append(x)
+
+        self.assertEqual([again(x) for x in range(40)],
+                         [("here", x, "p" * size) for x in range(40)])
+        self.assertEqual(runs, [])
+        if kind == "sqlite":             # the value file of the killed copy: swept
+            on_disk, named = value_files(dest)
+            self.assertEqual(on_disk, named)
+            self.assertEqual(len(named), 40)
+        self.assertNoTemp()
 
 
 # -- the module as shipped: README, the example, installing, type checking
