@@ -8228,7 +8228,7 @@ class _FileStore:
 
     def _check_marker(self, marker):
         # type: (str) -> None
-        record = self.objects.read(marker)
+        record = self.objects.read(marker, _SMALL_RECORD)
         if record is None:
             raise PersistError(errno.EINVAL, "a directory without persist's marker file "
                                "'store' (or with a damaged one): not a cache of files; "
@@ -8238,7 +8238,7 @@ class _FileStore:
         try:
             fields = json.loads(bytes(record).decode("utf-8"))
             made = int(fields["format"]) if fields.get("persist") == "files" else None
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
             made = None
         if made is None:
             raise PersistError(errno.EINVAL, "its marker file 'store' is not persist's: not a "
@@ -8307,12 +8307,14 @@ class _FileStore:
 
     def info(self):
         # type: () -> Dict[str, str]
-        record = self.objects.read(self.objects.join("info"))
+        record = self.objects.read(self.objects.join("info"), _SMALL_RECORD)
         if record is None:
             return {}
         try:
             info = _json().loads(bytes(record).decode("utf-8"))
         except ValueError:
+            return {}
+        if not isinstance(info, dict):      # whole, but not persist's: none
             return {}
         return {str(name): str(value) for name, value in info.items()}
 
@@ -8414,12 +8416,8 @@ class _FileStore:
                      if os.path.basename(path).startswith(name + "."))
         results = {}     # type: Dict[str, Optional[float]]
         for path in paths:
-            record = self.objects.read(path)
-            if record is None:
-                continue
-            try:
-                failure = _json().loads(bytes(record).decode("utf-8"))
-            except ValueError:
+            failure = self._failure_at(path)
+            if failure is None:
                 continue
             name = os.path.basename(path).split(".")[0]
             if name not in results:
@@ -8568,11 +8566,21 @@ class _FileStore:
 
     def _failure_at(self, path):
         # type: (str) -> Optional[Dict[str, Any]]
-        record = self.objects.read(path)
+        """The failure record at path, or None: gone, torn, larger than any persist writes
+        (a file planted there is not read into memory), or whole but not of record_failure's
+        making (its fields are checked before anything sorts or shows them)."""
+        record = self.objects.read(path, _SMALL_RECORD)
         try:
-            return None if record is None else _json().loads(bytes(record).decode("utf-8"))
+            failure = None if record is None else _json().loads(bytes(record).decode("utf-8"))
         except ValueError:
             return None
+        if not isinstance(failure, dict) or not all(
+                isinstance(failure.get(field), (int, float)) and
+                not isinstance(failure.get(field), bool) for field in ("when", "started")) or \
+                not all(isinstance(failure.get(field), str)
+                        for field in ("type", "message", "traceback")):
+            return None
+        return failure
 
     def prune(self, before=None, version=None, dry_run=False, after=None, codes=None,
               owner=None):
@@ -8673,6 +8681,11 @@ class _Directory:
             os.mkdir(self.path, _DIR_MODE)
         others = [name for name in _listdir(self.path) if name not in ("results", "failures")
                   and not name.startswith(".store.")]
+        # a results/ or failures/ of the user's own (a project's folder) is no store's either:
+        # a store's hold only buckets, named by two hex digits
+        others += [os.path.join(part, name) for part in ("results", "failures")
+                   for name in _listdir(os.path.join(self.path, part))
+                   if not _hex_name(name, 2)]
         if others:
             raise PersistError(errno.EEXIST, "a directory of other files (%s), not a cache; "
                                "persist leaves it as it is: give persist another name"
@@ -8682,10 +8695,12 @@ class _Directory:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(os.path.join(self.path, part), _DIR_MODE)
 
-    def read(self, path):
-        # type: (str) -> Optional[memoryview]
-        """The payload of the record at path, or None: missing, torn, cut short. A record
-        another user could have planted (see _planted) is refused."""
+    def read(self, path, limit=None):
+        # type: (str, Optional[int]) -> Optional[memoryview]
+        """The payload of the record at path, or None: missing, torn, cut short, or larger
+        than limit bytes (not read). A record another user could have planted (see _planted),
+        or one reached through a link planted at results/ or results/AB, is refused."""
+        self._no_link_to(path)
         try:
             fd = os.open(path, _O_READ)
         except FileNotFoundError:
@@ -8702,19 +8717,42 @@ class _Directory:
             if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(path)):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, path,
                                    reason=PersistError.UNSAFE)
-            chunks = []
+            if limit is not None and info.st_size > limit:
+                return None
+            chunks, size = [], 0
             while True:                      # to its end: a size from stat may be stale (NFS)
                 chunk = os.read(fd, max(1 << 16, info.st_size + 1))
                 if not chunk:
                     break
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    return None
                 chunks.append(chunk)
         finally:
             os.close(fd)
         return _unframed(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
+    def _no_link_to(self, path):
+        # type: (str) -> None
+        """Refuse a link planted at a directory between the store's and path (results/,
+        results/AB): followed, it would have persist read records from, write records to,
+        and clear() remove files from, a directory that is not the store's."""
+        directory = os.path.dirname(path)
+        while len(directory) > len(self.path):
+            try:
+                info = os.lstat(directory)
+            except FileNotFoundError:
+                pass
+            else:
+                if stat.S_ISLNK(info.st_mode):
+                    raise PersistError(errno.ELOOP, _LINK, directory,
+                                       reason=PersistError.SYMLINK)
+            directory = os.path.dirname(directory)
+
     def publish(self, path, chunks, keep=None):
         # type: (str, List[Any], Optional[Callable[[str], bool]]) -> bool
         """_publish() into a directory made on first use (once: never removed)."""
+        self._no_link_to(path)
         try:
             return _publish(path, chunks, keep)
         except FileNotFoundError:
@@ -8729,16 +8767,23 @@ class _Directory:
 
     def walk(self, part):
         # type: (str) -> Iterator[str]
+        """The paths of the records in part (results, failures): those named as persist
+        names them (see _record_name), in buckets that are directories, not links."""
         top = os.path.join(self.path, part)
+        self._no_link_to(os.path.join(top, "00"))
         try:
             buckets = sorted(entry.name for entry in os.scandir(top)
                              if len(entry.name) == 2 and _hex_name(entry.name, 2))
         except FileNotFoundError:
             return
         for bucket in buckets:
+            folder = os.path.join(top, bucket)
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                for entry in os.scandir(os.path.join(top, bucket)):
-                    if entry.name.startswith(bucket) and not entry.name.startswith("."):
+                if os.path.islink(folder):
+                    raise PersistError(errno.ELOOP, _LINK, folder,
+                                       reason=PersistError.SYMLINK)
+                for entry in os.scandir(folder):
+                    if _record_name(part, bucket, entry.name):
                         yield entry.path
 
     def listing(self, directory):
@@ -8819,14 +8864,16 @@ class _MappingObjects:
         # type: () -> None
         pass
 
-    def read(self, name):
-        # type: (str) -> Optional[memoryview]
+    def read(self, name, limit=None):
+        # type: (str, Optional[int]) -> Optional[memoryview]
         try:
             record = self.mapping[name]
         except KeyError:
             return None
         except Exception as exc:
             raise self._failed(exc, "read", name) from exc
+        if limit is not None and len(record) > limit:
+            return None
         return _unframed(bytes(record))
 
     def publish(self, name, chunks, keep=None):
@@ -8873,7 +8920,8 @@ class _MappingObjects:
 
     def walk(self, part):
         # type: (str) -> Iterator[str]
-        return iter(self.listing(self.join(part)))
+        return (name for name in self.listing(self.join(part))
+                if _record_name(part, name.rsplit("/", 2)[-2], name.rsplit("/", 1)[-1]))
 
     def listing(self, directory):
         # type: (str) -> List[str]
@@ -8900,8 +8948,12 @@ class _MappingObjects:
 
 _FILES_FORMAT = 1
 _FILES_MARKER = b'{"format": 1, "persist": "files"}'
+_SMALL_RECORD = 16 << 20   # bytes: larger than any marker, info or failure record persist writes
 _ABANDONED_TEMP = 24 * 3600.0   # seconds: a temporary file this old is no writer's any more
-_O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+# a record is opened without following a link, and without waiting: a FIFO planted where
+# a record belongs would block open() for good (it reads as no record: not a regular file)
+_O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0) | \
+    getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
 
 
 def _result_parts(payload):
@@ -8916,6 +8968,17 @@ def _result_parts(payload):
     except Exception:
         return None
     return header, payload[4 + length:]
+
+
+def _record_name(part, bucket, name):
+    # type: (str, str, str) -> bool
+    """Whether name, in results/bucket or failures/bucket, is a record's as persist names
+    them: a key's 64 hex digits (a result), then .TIME.HOST-PID-RANDOM (a failure). Other
+    files there (a copy, "ab12... (1)", an editor's backup, a temporary file) are no
+    record: not counted, loaded, listed or removed."""
+    key = name if part == "results" else name.split(".", 1)[0]
+    return _hex_name(key, 64) and key.startswith(bucket) and \
+        (part == "results" or name.count(".") >= 2)
 
 
 def _key_of_record(path, header):
