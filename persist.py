@@ -8575,8 +8575,7 @@ class _FileStore:
         except ValueError:
             return None
         if not isinstance(failure, dict) or not all(
-                isinstance(failure.get(field), (int, float)) and
-                not isinstance(failure.get(field), bool) for field in ("when", "started")) or \
+                _number(failure.get(field)) for field in ("when", "started")) or \
                 not all(isinstance(failure.get(field), str)
                         for field in ("type", "message", "traceback")):
             return None
@@ -8964,10 +8963,23 @@ def _result_parts(payload):
     length = int.from_bytes(payload[:4], "big")
     try:
         header = _json().loads(bytes(payload[4:4 + length]).decode("utf-8"))
-        float(header["stored"])
-    except Exception:
+    except ValueError:
+        return None
+    # whole, yet not put()'s (made by hand, or by another program): no record, rather than
+    # a crash where its fields are added up, compared or shown
+    if not isinstance(header, dict) or not _number(header.get("stored")) or \
+            not -float("inf") < header["stored"] < float("inf") or not (
+                header.get("seconds") is None or _number(header["seconds"])) or not all(
+                header.get(field) is None or isinstance(header[field], str)
+                for field in ("version", "args", "owner", "key")):
         return None
     return header, payload[4 + length:]
+
+
+def _number(value):
+    # type: (object) -> bool
+    """Whether value (read from JSON) is a number: an int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _record_name(part, bucket, name):

@@ -11281,6 +11281,28 @@ class TestFilesStoreTornRecords(TempDirTest):
         self.assertEqual(len(g.failures()), 1)
         done = run_command(CLI + ["failures", "--dir", self.dir, "torn.files"])
         self.assertEqual(done.returncode, 0, done.stderr)
+        # a result whose header is not put()'s: a miss, computed and stored again
+        headers = ({"stored": "5"}, {"stored": float("nan")}, {"stored": 1, "seconds": "x"},
+                   {"stored": 1, "version": 3}, {"stored": True}, [1], {"stored": 1e400},
+                   {"stored": 1, "args": ["a"]}, {"stored": 1, "owner": {}})
+        keys = range(10, 10 + len(headers))
+        before = result_files(store)
+        for x in keys:
+            g(x)
+        planted = sorted(set(result_files(store)) - set(before))
+        for path, header in zip(planted, headers):
+            head = json.dumps(header).encode("utf-8")
+            with io.open(path, "wb") as file:
+                file.write(persist._framed(len(head).to_bytes(4, "big") + head +
+                                           pickle.dumps("wrong")))
+        self.assertEqual(g.cache_info().entries, len(result_files(store)) - len(headers))
+        for command in (["ls", self.dir], ["show", "--dir", self.dir, "torn.files"]):
+            done = run_command(CLI + command)
+            self.assertEqual(done.returncode, 0, done.stderr)
+        g.cache_prune()
+        del g.calls[:]
+        self.assertEqual([g(x) for x in keys], [{"x": x, "list": list(range(x))} for x in keys])
+        self.assertEqual(len(g.calls), len(headers))
 
 
 class TestFilesStoreOneKeyTwoMachines(TempDirTest):
