@@ -4999,9 +4999,12 @@ def open(filename: "Union[_Path, MutableMapping[str, bytes]]", flag: "_Flag" = "
     if not path:                            # not the current directory: open("") fails so
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     path = os.path.abspath(path)
-    if _is_file_store(path) and not os.path.islink(path) or not os.path.lexists(path) and \
-            _store_kind(os.path.dirname(path), None, "") == "files":
-        # a shelf of files: where one is, or on a filesystem several machines share
+    if not os.path.islink(path) and (_is_file_store(path) or (
+            not os.path.lexists(path) or os.path.isdir(path)) and
+            _store_kind(os.path.dirname(path), None, "") == "files"):
+        # a shelf of files: where one is, or on a filesystem several machines share (there,
+        # a directory without the marker may be one another machine is making: _FileStore
+        # makes it whole, or refuses a directory of other files)
         return _Shelf(_FileStore(path, flag, shelf=True), protocol)  # type: ignore[arg-type]
     _open_shelve_file(path, flag)
     store = _Store(path, flag)
@@ -8700,6 +8703,16 @@ class _Directory:
         than limit bytes (not read). A record another user could have planted (see _planted),
         or one reached through a link planted at results/ or results/AB, is refused."""
         self._no_link_to(path)
+        for _ in range(_READ_ATTEMPTS):
+            try:
+                return self._read(path, limit)
+            except _Replaced:
+                continue
+        return None                     # replaced again and again: as if read before
+
+    def _read(self, path, limit):
+        # type: (str, Optional[int]) -> Optional[memoryview]
+        """read() once; _Replaced where the file went while it was read."""
         try:
             fd = os.open(path, _O_READ)
         except FileNotFoundError:
@@ -8727,6 +8740,14 @@ class _Directory:
                 if limit is not None and size > limit:
                     return None
                 chunks.append(chunk)
+        except OSError as exc:
+            # Another machine replaced or removed the record after it was opened: a network
+            # filesystem may then fail fstat() or read() on the open file (sshfs: ENOENT;
+            # NFS: ESTALE) where a local one goes on reading the old file. Its name now holds
+            # the new record, or none: open it again.
+            if exc.errno in _GONE_ERRNOS:
+                raise _Replaced from None
+            raise
         finally:
             os.close(fd)
         return _unframed(chunks[0] if len(chunks) == 1 else b"".join(chunks))
@@ -8816,6 +8837,10 @@ class _Directory:
         for top, _, names in os.walk(self.path):
             total += sum(_size(os.path.join(top, name)) for name in names)
         return total
+
+class _Replaced(Exception):
+    """A record went while _Directory._read() read it (see there)."""
+
 
 class _MappingObjects:
     """Where a store of files keeps its records (see _FileStore) in a mapping of str to bytes
@@ -8947,6 +8972,8 @@ class _MappingObjects:
 
 _FILES_FORMAT = 1
 _FILES_MARKER = b'{"format": 1, "persist": "files"}'
+_READ_ATTEMPTS = 5          # a record replaced this many times while it is read reads as none
+_GONE_ERRNOS = (errno.ENOENT, getattr(errno, "ESTALE", errno.ENOENT))
 _SMALL_RECORD = 16 << 20   # bytes: larger than any marker, info or failure record persist writes
 _ABANDONED_TEMP = 24 * 3600.0   # seconds: a temporary file this old is no writer's any more
 # a record is opened without following a link, and without waiting: a FIFO planted where

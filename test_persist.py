@@ -11058,7 +11058,7 @@ def ls_entries(directory, name):
     raise AssertionError("%s not listed:\n%s" % (name, done.stdout))
 
 
-def test_mounts(test):
+def shared_mounts(test):
     """The two mounts of one directory that $PERSIST_TEST_MOUNTS names (m1, m2), else skip."""
     mounts = os.environ.get("PERSIST_TEST_MOUNTS", "").split(os.pathsep)
     if len(mounts) != 2 or not all(os.path.isdir(mount) for mount in mounts):
@@ -11313,7 +11313,7 @@ class TestFilesStoreOneKeyTwoMachines(TempDirTest):
 
     def places(self):
         if os.environ.get("PERSIST_TEST_MOUNTS"):
-            return test_mounts(self)
+            return shared_mounts(self)
         return self.dir, self.dir
 
     @slow
@@ -11654,7 +11654,7 @@ class TestFilesStoreOnSharedMounts(TempDirTest):
     mounts at once, killed at random: nothing lost, torn or wrong."""
 
     def test_the_store_of_files_is_picked_and_sqlite_refused(self):
-        m1, m2 = test_mounts(self)
+        m1, m2 = shared_mounts(self)
 
         @persist.memoize(cache_dir=m1, name="picked")
         def f(x):
@@ -11678,9 +11678,35 @@ class TestFilesStoreOnSharedMounts(TempDirTest):
         self.assertEqual(h(1), 2)
         self.assertTrue(h.cache_info().path.endswith(".db"), h.cache_info().path)
 
+    def test_a_shelf_written_and_read_on_both_mounts_at_once(self):
+        # a record replaced or removed on one mount while the other reads it: sshfs fails
+        # fstat() or read() on the open file (ENOENT), which must read as the new record
+        m1, m2 = shared_mounts(self)
+        code = textwrap.dedent("""
+            import sys, persist
+            n = int(sys.argv[2])
+            with persist.open(sys.argv[1]) as db:
+                for i in range(150):
+                    value = db.get("k%d" % (i % 3))
+                    assert value is None or value[1] == "x" * value[0], value
+                    db["k%d" % (i % 3)] = (n * 1000 + i, "x" * (n * 1000 + i))
+                    if i % 7 == 0:
+                        db.pop("k%d" % ((i + 1) % 3), None)
+            print("ok")
+        """)
+        writers = [spawn(self, [sys.executable, "-c", code, os.path.join(place, "db"), str(n)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True)
+                   for n, place in enumerate((m1, m2, m1, m2))]
+        for writer in writers:
+            out, err = writer.communicate()
+            self.assertEqual((writer.returncode, out), (0, "ok\n"), err)
+        self.assertTrue(os.path.isfile(os.path.join(m2, "db", "store")))
+        self.assertEqual(stored_temp_files(os.path.join(m2, "db")), [])
+
     @slow
     def test_writers_on_both_mounts_killed_at_random_lose_nothing(self):
-        m1, m2 = test_mounts(self)
+        m1, m2 = shared_mounts(self)
         keys = range(200)
         said = killed_at_random(self, [m1, m2], keys, rounds=2, writers=4)
         stored = result_files(os.path.join(m2, "work.files"))
