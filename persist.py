@@ -8128,8 +8128,9 @@ def _unframed(record):
 
 
 _RECORD_MAGIC = b"persist\x01"
-# this machine, in the names of temporary files other machines may see (see _publish)
-_HOST = "".join(char if char.isalnum() or char in "-_." else "_" for char in (
+# this machine, in the names of temporary files other machines may see (see _publish): no
+# "." in it, so that the name's last "." starts it, and no host's name ends another's
+_HOST = "".join(char if char.isalnum() or char in "-_" else "_" for char in (
     os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")))[:64] \
     or "host"
 
@@ -8802,9 +8803,10 @@ class _Directory:
                 if os.path.islink(folder):
                     raise PersistError(errno.ELOOP, _LINK, folder,
                                        reason=PersistError.SYMLINK)
-                for entry in os.scandir(folder):
-                    if _record_name(part, bucket, entry.name):
-                        yield entry.path
+                with os.scandir(folder) as entries:   # (closed if the caller stops early)
+                    for entry in entries:
+                        if _record_name(part, bucket, entry.name):
+                            yield entry.path
 
     def listing(self, directory):
         # type: (str) -> List[str]
@@ -9034,11 +9036,12 @@ def _left_by_dead_process(name):
     # type: (str) -> bool
     """Whether the temporary file name (.NAME.HOST-PID-RANDOM.tmp: see _publish) is this
     machine's, made by a process that is gone."""
-    mark = ".%s-" % _HOST
-    at = name.rfind(mark)
-    pid = name[at + len(mark):-len(".tmp")].split("-")[0] if at >= 0 else ""
-    if not pid.isdigit() or os.name == "nt":     # (os.kill() there would end the process)
-        return False
+    # parsed from the right, the host whole: "node" must not take node-12's files for its
+    # own (.NAME.node-12-PID-RANDOM.tmp), nor "node" those of "x.node"
+    parts = name[:-len(".tmp")].rsplit("-", 2)
+    pid = parts[1] if len(parts) == 3 else ""
+    if parts[0].rpartition(".")[2] != _HOST or not pid.isdigit() or os.name == "nt":
+        return False                             # (os.kill() there would end the process)
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

@@ -11152,12 +11152,16 @@ class TestFilesStoreKilled(TempDirTest):
         dead = dead_pid(self)
         mine = ".cd%s.%s-%d-0a0b0c.tmp" % ("1" * 62, persist._HOST, os.getpid())
         gone = ".cd%s.%s-%d-0a0b0c.tmp" % ("2" * 62, persist._HOST, dead)
-        for name in (mine, gone):
+        # machines whose names this one's ends or starts: node-12's are not node's
+        others = [".cd%s.%s-%d-%d-0a0b0c.tmp" % ("3" * 62, persist._HOST, dead, dead),
+                  ".cd%s.x%s-%d-0a0b0c.tmp" % ("4" * 62, persist._HOST, dead)]
+        for name in [mine, gone] + others:
             with io.open(os.path.join(bucket, name), "wb") as file:
                 file.write(b"unfinished")
         files_check(self, self.dir, [1])
-        self.assertEqual(sorted(os.listdir(bucket)), [mine])
-        os.unlink(os.path.join(bucket, mine))
+        self.assertEqual(sorted(os.listdir(bucket)), sorted([mine] + others))
+        for name in [mine] + others:
+            os.unlink(os.path.join(bucket, name))
 
 
 class TestFilesStoreTornRecords(TempDirTest):
@@ -11527,6 +11531,31 @@ class TestFilesStoreHostileDirectories(TempDirTest):
         with self.assertRaises(persist.PersistError) as caught:
             self.memo()(1)
         self.assertEqual(caught.exception.reason, persist.PersistError.SYMLINK)
+
+    @unittest.skipUnless(ROOT, "another user: dropping privileges needs root")
+    def test_a_record_another_user_planted_in_a_bucket_left_open_is_never_loaded(self):
+        f = self.memo()
+        f(1)
+        [path] = result_files(f.cache_info().path)
+        os.chmod(self.dir, 0o755)
+        os.chmod(os.path.dirname(path), 0o777)          # a bucket left open to every user
+        os.unlink(path)
+        head = json.dumps({"stored": 9e9}).encode("utf-8")
+        record = persist._framed(len(head).to_bytes(4, "big") + head + pickle.dumps("planted"))
+        run_python(drop_privileges() + """
+            with open(%r, "wb") as file:
+                file.write(%r)
+        """ % (path, record))
+        self.assertEqual(os.stat(path).st_uid, NOBODY)
+        g = self.memo()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.assertEqual(g(1), 2)
+        self.assertEqual(g.calls, [1])
+        self.assertIn("every user may write it", str(caught[0].message))
+        with self.assertRaises(persist.PersistError) as raised:
+            g.cache_info()
+        self.assertEqual(raised.exception.reason, persist.PersistError.UNSAFE)
 
     def test_names_that_are_not_digests_are_not_records(self):
         f = self.memo()
