@@ -11707,6 +11707,7 @@ class TestFilesStoreOnSharedMounts(TempDirTest):
         self.assertEqual(h(1), 2)
         self.assertTrue(h.cache_info().path.endswith(".db"), h.cache_info().path)
 
+    @slow
     def test_a_shelf_written_and_read_on_both_mounts_at_once(self):
         # a record replaced or removed on one mount while the other reads it: sshfs fails
         # fstat() or read() on the open file (ENOENT), which must read as the new record
