@@ -5111,9 +5111,12 @@ def open(filename: "Union[_Path, MutableMapping[str, bytes]]", flag: "_Flag" = "
     if not path:                            # not the current directory: open("") fails so
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     path = os.path.abspath(path)
-    if _is_file_store(path) and not os.path.islink(path) or not os.path.lexists(path) and \
-            _store_kind(os.path.dirname(path), None, "") == "files":
-        # a shelf of files: where one is, or on a filesystem several machines share
+    if not os.path.islink(path) and (_is_file_store(path) or (
+            not os.path.lexists(path) or os.path.isdir(path)) and
+            _store_kind(os.path.dirname(path), None, "") == "files"):
+        # a shelf of files: where one is, or on a filesystem several machines share (there,
+        # a directory without the marker may be one another machine is making: _FileStore
+        # makes it whole, or refuses a directory of other files)
         return _Shelf(_FileStore(path, flag, shelf=True), protocol)  # type: ignore[arg-type]
     _open_shelve_file(path, flag)
     store = _Store(path, flag)
@@ -8278,7 +8281,7 @@ class _FileStore:
 
     def _check_marker(self, marker):
         # type: (str) -> None
-        record = self.objects.read(marker)
+        record = self.objects.read(marker, _SMALL_RECORD)
         if record is None:
             raise PersistError(errno.EINVAL, "a directory without persist's marker file "
                                "'store' (or with a damaged one): not a cache of files; "
@@ -8288,7 +8291,7 @@ class _FileStore:
         try:
             fields = json.loads(bytes(record).decode("utf-8"))
             made = int(fields["format"]) if fields.get("persist") == "files" else None
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
             made = None
         if made is None:
             raise PersistError(errno.EINVAL, "its marker file 'store' is not persist's: not a "
@@ -8357,12 +8360,14 @@ class _FileStore:
 
     def info(self):
         # type: () -> Dict[str, str]
-        record = self.objects.read(self.objects.join("info"))
+        record = self.objects.read(self.objects.join("info"), _SMALL_RECORD)
         if record is None:
             return {}
         try:
             info = _json().loads(bytes(record).decode("utf-8"))
         except ValueError:
+            return {}
+        if not isinstance(info, dict):      # whole, but not persist's: none
             return {}
         return {str(name): str(value) for name, value in info.items()}
 
@@ -8464,12 +8469,8 @@ class _FileStore:
                      if os.path.basename(path).startswith(name + "."))
         results = {}     # type: Dict[str, Optional[float]]
         for path in paths:
-            record = self.objects.read(path)
-            if record is None:
-                continue
-            try:
-                failure = _json().loads(bytes(record).decode("utf-8"))
-            except ValueError:
+            failure = self._failure_at(path)
+            if failure is None:
                 continue
             name = os.path.basename(path).split(".")[0]
             if name not in results:
@@ -8713,11 +8714,20 @@ class _FileStore:
 
     def _failure_at(self, path):
         # type: (str) -> Optional[Dict[str, Any]]
-        record = self.objects.read(path)
+        """The failure record at path, or None: gone, torn, larger than any persist writes
+        (a file planted there is not read into memory), or whole but not of record_failure's
+        making (its fields are checked before anything sorts or shows them)."""
+        record = self.objects.read(path, _SMALL_RECORD)
         try:
-            return None if record is None else _json().loads(bytes(record).decode("utf-8"))
+            failure = None if record is None else _json().loads(bytes(record).decode("utf-8"))
         except ValueError:
             return None
+        if not isinstance(failure, dict) or not all(
+                _number(failure.get(field)) for field in ("when", "started")) or \
+                not all(isinstance(failure.get(field), str)
+                        for field in ("type", "message", "traceback")):
+            return None
+        return failure
 
     def prune(self, before=None, version=None, dry_run=False, after=None, codes=None,
               owner=None):
@@ -8826,6 +8836,11 @@ class _Directory:
             os.mkdir(self.path, _DIR_MODE)
         others = [name for name in _listdir(self.path) if name not in ("results", "failures")
                   and not name.startswith(".store.")]
+        # a results/ or failures/ of the user's own (a project's folder) is no store's either:
+        # a store's hold only buckets, named by two hex digits
+        others += [os.path.join(part, name) for part in ("results", "failures")
+                   for name in _listdir(os.path.join(self.path, part))
+                   if not _hex_name(name, 2)]
         if others:
             raise PersistError(errno.EEXIST, "a directory of other files (%s), not a cache; "
                                "persist leaves it as it is: give persist another name"
@@ -8835,10 +8850,22 @@ class _Directory:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(os.path.join(self.path, part), _DIR_MODE)
 
-    def read(self, path):
-        # type: (str) -> Optional[memoryview]
-        """The payload of the record at path, or None: missing, torn, cut short. A record
-        another user could have planted (see _planted) is refused."""
+    def read(self, path, limit=None):
+        # type: (str, Optional[int]) -> Optional[memoryview]
+        """The payload of the record at path, or None: missing, torn, cut short, or larger
+        than limit bytes (not read). A record another user could have planted (see _planted),
+        or one reached through a link planted at results/ or results/AB, is refused."""
+        self._no_link_to(path)
+        for _ in range(_READ_ATTEMPTS):
+            try:
+                return self._read(path, limit)
+            except _Replaced:
+                continue
+        return None                     # replaced again and again: as if read before
+
+    def _read(self, path, limit):
+        # type: (str, Optional[int]) -> Optional[memoryview]
+        """read() once; _Replaced where the file went while it was read."""
         try:
             fd = os.open(path, _O_READ)
         except FileNotFoundError:
@@ -8855,19 +8882,50 @@ class _Directory:
             if _CHECK_WORLD_WRITABLE and _planted(info, os.path.dirname(path)):
                 raise PersistError(errno.EPERM, _WORLD_WRITABLE, path,
                                    reason=PersistError.UNSAFE)
-            chunks = []
+            if limit is not None and info.st_size > limit:
+                return None
+            chunks, size = [], 0
             while True:                      # to its end: a size from stat may be stale (NFS)
                 chunk = os.read(fd, max(1 << 16, info.st_size + 1))
                 if not chunk:
                     break
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    return None
                 chunks.append(chunk)
+        except OSError as exc:
+            # Another machine replaced or removed the record after it was opened: a network
+            # filesystem may then fail fstat() or read() on the open file (sshfs: ENOENT;
+            # NFS: ESTALE) where a local one goes on reading the old file. Its name now holds
+            # the new record, or none: open it again.
+            if exc.errno in _GONE_ERRNOS:
+                raise _Replaced from None
+            raise
         finally:
             os.close(fd)
         return _unframed(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
+    def _no_link_to(self, path):
+        # type: (str) -> None
+        """Refuse a link planted at a directory between the store's and path (results/,
+        results/AB): followed, it would have persist read records from, write records to,
+        and clear() remove files from, a directory that is not the store's."""
+        directory = os.path.dirname(path)
+        while len(directory) > len(self.path):
+            try:
+                info = os.lstat(directory)
+            except FileNotFoundError:
+                pass
+            else:
+                if stat.S_ISLNK(info.st_mode):
+                    raise PersistError(errno.ELOOP, _LINK, directory,
+                                       reason=PersistError.SYMLINK)
+            directory = os.path.dirname(directory)
+
     def publish(self, path, chunks, keep=None):
         # type: (str, List[Any], Optional[Callable[[str], bool]]) -> bool
         """_publish() into a directory made on first use (once: never removed)."""
+        self._no_link_to(path)
         try:
             return _publish(path, chunks, keep, self.sync)
         except FileNotFoundError:
@@ -8882,17 +8940,25 @@ class _Directory:
 
     def walk(self, part):
         # type: (str) -> Iterator[str]
+        """The paths of the records in part (results, failures): those named as persist
+        names them (see _record_name), in buckets that are directories, not links."""
         top = os.path.join(self.path, part)
+        self._no_link_to(os.path.join(top, "00"))
         try:
             buckets = sorted(entry.name for entry in os.scandir(top)
                              if len(entry.name) == 2 and _hex_name(entry.name, 2))
         except FileNotFoundError:
             return
         for bucket in buckets:
+            folder = os.path.join(top, bucket)
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                for entry in os.scandir(os.path.join(top, bucket)):
-                    if entry.name.startswith(bucket) and not entry.name.startswith("."):
-                        yield entry.path
+                if os.path.islink(folder):
+                    raise PersistError(errno.ELOOP, _LINK, folder,
+                                       reason=PersistError.SYMLINK)
+                with os.scandir(folder) as entries:   # (closed if the caller stops early)
+                    for entry in entries:
+                        if _record_name(part, bucket, entry.name):
+                            yield entry.path
 
     def listing(self, directory):
         # type: (str) -> List[str]
@@ -8925,6 +8991,10 @@ class _Directory:
         for top, _, names in os.walk(self.path):
             total += sum(_size(os.path.join(top, name)) for name in names)
         return total
+
+class _Replaced(Exception):
+    """A record went while _Directory._read() read it (see there)."""
+
 
 class _MappingObjects:
     """Where a store of files keeps its records (see _FileStore) in a mapping of str to bytes
@@ -8972,14 +9042,16 @@ class _MappingObjects:
         # type: () -> None
         pass
 
-    def read(self, name):
-        # type: (str) -> Optional[memoryview]
+    def read(self, name, limit=None):
+        # type: (str, Optional[int]) -> Optional[memoryview]
         try:
             record = self.mapping[name]
         except KeyError:
             return None
         except Exception as exc:
             raise self._failed(exc, "read", name) from exc
+        if limit is not None and len(record) > limit:
+            return None
         return _unframed(bytes(record))
 
     def publish(self, name, chunks, keep=None):
@@ -9026,7 +9098,8 @@ class _MappingObjects:
 
     def walk(self, part):
         # type: (str) -> Iterator[str]
-        return iter(self.listing(self.join(part)))
+        return (name for name in self.listing(self.join(part))
+                if _record_name(part, name.rsplit("/", 2)[-2], name.rsplit("/", 1)[-1]))
 
     def listing(self, directory):
         # type: (str) -> List[str]
@@ -9054,8 +9127,14 @@ class _MappingObjects:
 _FILES_FORMAT = 1
 _RAW_META = ("stored", "seconds", "version", "args", "owner")   # of a result, as merged
 _FILES_MARKER = b'{"format": 1, "persist": "files"}'
+_READ_ATTEMPTS = 5          # a record replaced this many times while it is read reads as none
+_GONE_ERRNOS = (errno.ENOENT, getattr(errno, "ESTALE", errno.ENOENT))
+_SMALL_RECORD = 16 << 20   # bytes: larger than any marker, info or failure record persist writes
 _ABANDONED_TEMP = 24 * 3600.0   # seconds: a temporary file this old is no writer's any more
-_O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+# a record is opened without following a link, and without waiting: a FIFO planted where
+# a record belongs would block open() for good (it reads as no record: not a regular file)
+_O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0) | \
+    getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
 
 
 def _result_parts(payload):
@@ -9066,10 +9145,34 @@ def _result_parts(payload):
     length = int.from_bytes(payload[:4], "big")
     try:
         header = _json().loads(bytes(payload[4:4 + length]).decode("utf-8"))
-        float(header["stored"])
-    except Exception:
+    except ValueError:
+        return None
+    # whole, yet not put()'s (made by hand, or by another program): no record, rather than
+    # a crash where its fields are added up, compared or shown
+    if not isinstance(header, dict) or not _number(header.get("stored")) or \
+            not -float("inf") < header["stored"] < float("inf") or not (
+                header.get("seconds") is None or _number(header["seconds"])) or not all(
+                header.get(field) is None or isinstance(header[field], str)
+                for field in ("version", "args", "owner", "key")):
         return None
     return header, payload[4 + length:]
+
+
+def _number(value):
+    # type: (object) -> bool
+    """Whether value (read from JSON) is a number: an int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _record_name(part, bucket, name):
+    # type: (str, str, str) -> bool
+    """Whether name, in results/bucket or failures/bucket, is a record's as persist names
+    them: a key's 64 hex digits (a result), then .TIME.HOST-PID-RANDOM (a failure). Other
+    files there (a copy, "ab12... (1)", an editor's backup, a temporary file) are no
+    record: not counted, loaded, listed or removed."""
+    key = name if part == "results" else name.split(".", 1)[0]
+    return _hex_name(key, 64) and key.startswith(bucket) and \
+        (part == "results" or name.count(".") >= 2)
 
 
 def _key_of_record(path, header):
@@ -9086,11 +9189,12 @@ def _left_by_dead_process(name):
     # type: (str) -> bool
     """Whether the temporary file name (.NAME.HOST-PID-RANDOM.tmp: see _publish) is this
     machine's, made by a process that is gone."""
-    mark = ".%s-" % _HOST
-    at = name.rfind(mark)
-    pid = name[at + len(mark):-len(".tmp")].split("-")[0] if at >= 0 else ""
-    if not pid.isdigit() or os.name == "nt":     # (os.kill() there would end the process)
-        return False
+    # parsed from the right, the host whole: "node" must not take node-12's files for its
+    # own (.NAME.node-12-PID-RANDOM.tmp), nor "node" those of "x.node"
+    parts = name[:-len(".tmp")].rsplit("-", 2)
+    pid = parts[1] if len(parts) == 3 else ""
+    if parts[0].rpartition(".")[2] != _HOST or not pid.isdigit() or os.name == "nt":
+        return False                             # (os.kill() there would end the process)
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -9193,8 +9297,9 @@ def _unframed(record):
 
 
 _RECORD_MAGIC = b"persist\x01"
-# this machine, in the names of temporary files other machines may see (see _publish)
-_HOST = "".join(char if char.isalnum() or char in "-_." else "_" for char in (
+# this machine, in the names of temporary files other machines may see (see _publish): no
+# "." in it, so that the name's last "." starts it, and no host's name ends another's
+_HOST = "".join(char if char.isalnum() or char in "-_" else "_" for char in (
     os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")))[:64] \
     or "host"
 
