@@ -8834,8 +8834,10 @@ class _Directory:
         marker stays (the same content). A directory of other files is not made a cache."""
         with contextlib.suppress(FileExistsError):
             os.mkdir(self.path, _DIR_MODE)
-        others = [name for name in _listdir(self.path) if name not in ("results", "failures")
-                  and not name.startswith(".store.")]
+        # what a store holds is no other file: another process (another machine) may be
+        # making this one at the same moment, and have published its marker, or its info
+        others = [name for name in _listdir(self.path) if name not in _STORE_NAMES
+                  and not name.startswith((".store.", ".info."))]
         # a results/ or failures/ of the user's own (a project's folder) is no store's either:
         # a store's hold only buckets, named by two hex digits
         others += [os.path.join(part, name) for part in ("results", "failures")
@@ -9127,6 +9129,7 @@ class _MappingObjects:
 _FILES_FORMAT = 1
 _RAW_META = ("stored", "seconds", "version", "args", "owner")   # of a result, as merged
 _FILES_MARKER = b'{"format": 1, "persist": "files"}'
+_STORE_NAMES = ("store", "info", "results", "failures")     # what a store of files holds
 _READ_ATTEMPTS = 5          # a record replaced this many times while it is read reads as none
 _GONE_ERRNOS = (errno.ENOENT, getattr(errno, "ESTALE", errno.ENOENT))
 _SMALL_RECORD = 16 << 20   # bytes: larger than any marker, info or failure record persist writes

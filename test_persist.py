@@ -11512,6 +11512,22 @@ class TestFilesStore(TempDirTest):
         job(1)
         self.assertEqual((job(1), job.calls, job.explain(1).reason), ([1] * 3, [1, 1], "hit"))
 
+    def test_a_store_another_process_makes_meanwhile_is_taken_not_refused(self):
+        # Two machines opening a new store at once: one looked for the marker before the
+        # other published it (and its info), then found them there as it made the directory,
+        # and refused it as "a directory of other files (store)": every call of that process
+        # raised. Here the first look is made to miss what is there.
+        self.memo(store="files")(1)
+        real = persist._Directory.exists
+        looks = []
+
+        def late(self, path):
+            looks.append(path)
+            return len(looks) > 1 and real(self, path)
+        with mock.patch.object(persist._Directory, "exists", late):
+            again = self.memo(store="files")
+            self.assertEqual((again(1), again.calls), ([1] * 3, []))
+
     def test_persist_map_stores_and_records_into_it(self):
         job = self.memo(store="files")
         with self.assertRaises(persist.Failures) as raised:
