@@ -8199,13 +8199,17 @@ def _store_kind(directory, asked, what):
     else "files" on a filesystem other machines share and "sqlite" elsewhere. "sqlite" on a
     shared filesystem is refused: its locks do not hold there, and two machines writing one
     file corrupt it; "sqlite-one-machine" says the user knows only one machine uses it."""
+    # The advice names what the user set: $PERSIST_STORE also chooses for persist.open,
+    # which has no store= to pass.
+    say = "store=%r"
     if asked is None:
         asked = os.environ.get("PERSIST_STORE") or None
-        what = "$PERSIST_STORE"
+        what, say = "$PERSIST_STORE", "PERSIST_STORE=%s"
     if asked is not None and asked not in _STORE_KINDS:
         raise ValueError("%s=%r is not a store persist has: use 'files' (one file a result; "
                          "any filesystem, shared ones too), 'sqlite' (one SQLite file; the "
-                         "fastest on a local disk) or leave it unset to choose by where the "
+                         "fastest on a local disk; 'sqlite-one-machine' on a shared one that "
+                         "one machine alone uses) or leave it unset to choose by where the "
                          "cache is" % (what, asked))
     if asked == "files":
         return "files"
@@ -8214,9 +8218,11 @@ def _store_kind(directory, asked, what):
         raise PersistError(errno.EINVAL, (
             "%s asks for the SQLite store, but this directory is on %s, a filesystem other "
             "machines may share: SQLite's locks do not hold there, and two machines writing "
-            "one cache corrupt it. Use store='files' (what persist picks there by itself), "
-            "or, if only this one machine ever uses this cache, store='sqlite-one-machine'"
-            % (what, shared)), directory, reason=PersistError.SHARED_FILESYSTEM)
+            "one cache corrupt it. Use %s (what persist picks there by itself%s), or, if only "
+            "this one machine ever uses this cache, %s"
+            % (what, shared, say % "files", ", as when it is unset" if what[0] == "$" else "",
+               say % "sqlite-one-machine")), directory,
+            reason=PersistError.SHARED_FILESYSTEM)
     if asked is None and shared is not None:
         return "files"
     return "sqlite"

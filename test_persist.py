@@ -11555,6 +11555,31 @@ class TestFilesStore(TempDirTest):
         self.assertEqual(alone(1), [1] * 3)
         self.assertTrue(alone.cache_info().path.endswith("job.db"))
 
+    def test_persist_store_sqlite_on_a_shared_filesystem_says_what_to_set_it_to(self):
+        # A user who set $PERSIST_STORE was told to pass store='files': no help to one who set
+        # no store=, and impossible for persist.open, which $PERSIST_STORE chooses for too.
+        pretend_shared(self, self.dir)
+        shelf = os.path.join(self.dir, "shelf.db")
+        with mock.patch.dict(os.environ, {"PERSIST_STORE": "sqlite"}):
+            job = self.memo()
+            for attempt in (lambda: job(1), lambda: persist.open(shelf)):
+                with self.assertRaises(persist.PersistError) as raised:
+                    attempt()
+                message = str(raised.exception)
+                self.assertEqual(raised.exception.reason,
+                                 persist.PersistError.SHARED_FILESYSTEM)
+                self.assertIn("PERSIST_STORE=files", message)
+                self.assertIn("PERSIST_STORE=sqlite-one-machine", message)
+                self.assertNotIn("store='", message)
+            self.assertEqual(job.calls, [])
+        with mock.patch.dict(os.environ, {"PERSIST_STORE": "SQLite"}):
+            with self.assertRaisesRegex(ValueError, r"'SQLite' .*'sqlite-one-machine'"):
+                self.memo()(1)
+        with mock.patch.dict(os.environ, {"PERSIST_STORE": "sqlite-one-machine"}):
+            with persist.open(shelf) as db:
+                db["x"] = 1
+            self.assertTrue(os.path.isfile(shelf))
+
     def test_a_torn_result_is_a_miss_and_is_stored_whole_again(self):
         job = self.memo(store="files")
         job(7)
