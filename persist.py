@@ -4353,8 +4353,11 @@ class _Run:
             parts.append("%s x%s (%s%s)" % (kind, _n(len(indexes)), shown, more))
         where = "this exception's .failures"
         if self.found is not None:          # a command that works pasted, from anywhere
-            where += ", %s.failures(), or run: python -m persist failures %s" % (
-                self.label, _shell_word(self.found.wrapper._cache.path))
+            cache = self.found.wrapper._cache
+            path = cache.path               # (which settles kind)
+            where += ", %s.failures()" % self.label
+            if cache.kind != "mapping":     # the command line reaches files, not mappings
+                where += ", or run: python -m persist failures %s" % _shell_word(path)
         message = "%s of %s items%s failed: %s; every other item%s was tried; see %s" % (
             _n(len(self.failures)), _n(len(self.items)), self.of, ", ".join(parts),
             " of the shard" if self.of else "", where)
@@ -9018,6 +9021,12 @@ class _MappingObjects:
         self.flag = flag
         root = getattr(mapping, "root", None)
         where = root if isinstance(root, str) else "<%s>" % type(mapping).__name__
+        # fsspec's root has no protocol ("bucket/cache"): put it back ("s3://bucket/cache"),
+        # for messages and cache_info().path that say where. Only a name: it may fail.
+        with contextlib.suppress(Exception):
+            url = getattr(mapping, "fs").unstrip_protocol(root)
+            if isinstance(root, str) and isinstance(url, str):
+                where = url
         self.path = where.rstrip("/") + ("/" + self.prefix if self.prefix else "")
 
     def join(self, *parts):

@@ -11672,6 +11672,43 @@ class TestObjectStoreMapping(TempDirTest):
             db["k"] = "v"
             self.assertEqual(dict(db), {"k": "v"})
 
+    def test_failures_of_a_map_point_to_the_ledger_not_to_a_command_that_cannot_reach_it(self):
+        # persist.Failures told the user to run 'python -m persist failures <dict>/...' (or
+        # 'bucket/cache/...' for S3): the command line reads caches on disk, never a mapping,
+        # and that command only says no such cache was found.
+        @persist.memoize(store={})
+        def parse(text):
+            return int(text)
+        with self.assertRaises(persist.Failures) as raised:
+            persist.map(parse, ["1", "x"], progress=False)
+        self.assertIn("parse.failures()", str(raised.exception))
+        self.assertNotIn("python -m persist", str(raised.exception))
+
+        @persist.memoize(cache_dir=self.dir, store="files")
+        def on_disk(text):
+            return int(text)
+        with self.assertRaises(persist.Failures) as raised:
+            persist.map(on_disk, ["x"], progress=False)
+        self.assertIn("python -m persist failures " + self.dir, str(raised.exception))
+
+    def test_an_fsspec_mapping_is_named_by_its_url(self):
+        # fsspec's get_mapper("s3://bucket/cache") has root "bucket/cache", no protocol: the
+        # path cache_info() and every message gave looked like a local relative directory.
+        class Filesystem:
+            def unstrip_protocol(self, path):
+                return "s3://" + path
+
+        class Mapper(dict):
+            root, fs = "bucket/cache", Filesystem()
+
+        @persist.memoize(store=Mapper(), name="job")
+        def job(x):
+            return x
+        self.assertEqual(job(1), 1)
+        self.assertEqual(job.cache_info().path, "s3://bucket/cache/job.files")
+        with self.assertRaisesRegex(FileNotFoundError, "s3://bucket/cache"):
+            persist.open(Mapper(), "r")
+
     def test_a_store_that_fails_warns_counts_and_returns_never_a_silent_miss(self):
         calls = []
 
