@@ -10137,7 +10137,11 @@ def _merge_cache(source, dest, kind, dry_run, pending):
                 else:
                     pending["results"][key] = meta["stored"]
                     results[0] += 1
-            for key, span in src.failure_spans():
+            # In time order: a store of files lists its failures (one a file) as its
+            # directories do, and into SQLite's one record a key, one listed after a later
+            # one would lie within the record and count as merged before (_covers).
+            for key, span in sorted(src.failure_spans(),
+                                    key=lambda pair: (pair[1]["first"], pair[1]["last"])):
                 if store is not None and not dry_run:
                     failures[store.put_failure(key, span) is False] += 1
                     continue
