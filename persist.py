@@ -2653,7 +2653,8 @@ class _FunctionCache:
                 # cache, and what to do, as the warning would (OSError() makes the subclass)
                 raise OSError(exc.errno, "%s: %s() %s this cache; %s (strict raises instead "
                               "of going on without it)" % (
-                                  exc.strerror, self.identity, what, _advice(exc)),
+                                  exc.strerror, self.identity, what,
+                                  _advice(exc, self.kind == "mapping")),
                               self.path) from exc
             raise exc
         if not self.warned:
@@ -2661,7 +2662,7 @@ class _FunctionCache:
             _warn("%s() %s %s (%s); %s. Results are returned; those not stored are counted "
                   "in cache_info().unstored, without more warnings; memoize(strict=True) or "
                   "PERSIST_STRICT=1 raises instead" % (self.identity, what, self.path, exc,
-                                                       _advice(exc)))
+                                                       _advice(exc, self.kind == "mapping")))
 
     def open(self, create=True):
         # type: (bool) -> Optional[_AnyStore]
@@ -3167,10 +3168,14 @@ def _latest_code(recorded, owner):
     return " ".join([_RUN] + codes + ([] if code in codes else [code]))
 
 
-def _advice(exc):
-    # type: (BaseException) -> str
-    """What to do about an OSError that keeps a cache from being used."""
+def _advice(exc, mapping=False):
+    # type: (BaseException, bool) -> str
+    """What to do about an OSError that keeps a cache from being used (in a mapping: an
+    object store's, where cache_dir= and $PERSIST_DIR change nothing)."""
     code = getattr(exc, "errno", None)
+    if mapping:
+        return ("check the store's address, bucket and credentials (the mapping's error says "
+                "what failed), or pass memoize(store=) another mapping")
     if _untrusted(exc):                    # the error says what to change
         return "or else set cache_dir= or $PERSIST_DIR to a directory of your own"
     if code == errno.ENOSPC or code == getattr(errno, "EDQUOT", None):
