@@ -10084,9 +10084,18 @@ def _check_merge(pairs, force):
                         functions.setdefault(dest, {}).setdefault(info.get("function"), path)
             except PersistError as exc:
                 why = exc.reason           # as the store said it (NOT_A_CACHE, SHELVE...)
+                problem = _problem(path, exc)
+                if problem == "not a cache" and os.path.isdir(path):
+                    # a directory named NAME.files with no store in it (one a merge of a
+                    # directory of caches made, holding them): "not a cache (not a cache)"
+                    raise PersistError(errno.EINVAL, "%s is a directory but no store of files "
+                                       "(it has no 'store' file): give a cache in it ('persist "
+                                       "ls %s' lists them), or another name" % (
+                                           what, _shell_word(path)), path,
+                                       reason=why) from None
                 raise PersistError(errno.EINVAL, "%s is not a cache (%s); 'persist ls DIR' "
                                    "lists the caches of a directory" % (
-                                       what, _problem(path, exc)), path, reason=why) from None
+                                       what, problem), path, reason=why) from None
     for dest, found in functions.items():
         if len(found) > 1 and not force:
             named = ["%s in %s" % ("%s()" % name if name else "a shelf (persist.open)",

@@ -13559,6 +13559,7 @@ class TestMergeCommand(TempDirTest):
         other(1)
         (self.path / "notes.txt").write_text("my notes")
         (self.path / "plain").mkdir()
+        (self.path / "plain.files").mkdir()
         before = sorted(os.listdir(self.dir))
         for args, words in (
                 ([source, self.path / "m1" / ".." / "m1" / "job.files"],
@@ -13567,6 +13568,10 @@ class TestMergeCommand(TempDirTest):
                  ["notes.txt: SOURCE is not a cache (not SQLite)"]),
                 ([source, self.path / "notes.txt"],
                  ["notes.txt: DEST is not a cache (not SQLite)"]),
+                # a directory named as a store of files, with none in it, said "DEST is not
+                # a cache (not a cache)": now what it is, and what to give instead
+                ([source, self.path / "plain.files"],
+                 ["plain.files: DEST is a directory but no store of files", "persist ls "]),
                 ([source, self.path / "other" / "other.db"],
                  ["caches of different functions merged into one", "job() in",
                   "other() in", "--force"]),
