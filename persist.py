@@ -10022,6 +10022,9 @@ def _merge_pairs(sources, dest, directory):
     on a shared filesystem, as $PERSIST_STORE says). Else DEST is one cache: where it is,
     that one, of either kind; else created at the path given, a store of files if its name
     ends in .files, SQLite if in .db."""
+    # "new.files/", as a shell completes a directory's name: the store of files new.files
+    if dest.rstrip("/" + os.sep).endswith(".files"):
+        dest = dest.rstrip("/" + os.sep)
     found = []   # type: List[Tuple[str, Optional[str]]]
     for name in sources:
         if os.path.isdir(name) and not _is_file_store(name) and not os.path.islink(name):

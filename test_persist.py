@@ -13431,6 +13431,19 @@ class TestMergeCommand(TempDirTest):
         self.assertEqual(out, "[0, 1, 2]\n")       # every one a hit, as it was made
 
     @slow
+    def test_a_new_store_of_files_named_with_a_trailing_slash(self):
+        # "merge job.db new.files/" (a shell completes a directory so) was refused: "give a
+        # path that ends in .db (SQLite) or .files", which it does
+        self.fill(self.path / "m1", "sqlite", [1, 2])
+        lines = self.merged(self.path / "m1" / "job.db", "new.files" + os.sep)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("2 results copied", lines[0])
+
+        @persist.memoize(cache_dir=self.dir, name="new", store="files")
+        def new(x):
+            raise AssertionError("computed again: %r" % (x,))
+        self.assertEqual([new(1), new(2)], [("here", 1), ("here", 2)])
+
     def test_a_store_of_files_failures_count_whole_in_any_listing_order(self):
         # A store of files keeps one file a failure, listed in the directory's order (a hash
         # on ext4); SQLite keeps one record a key, from its first failure to its last. Merged
