@@ -9820,6 +9820,11 @@ def _cli_ls(options):
     if os.path.exists(directory) and not os.path.isdir(directory):   # one, as 'show' takes it
         _Store(directory, "r").close()     # else its error, as 'show' gives it
         paths, directory = [directory], os.path.dirname(directory) or os.curdir
+    elif _is_file_store(directory) and not os.path.islink(directory):
+        # one store of files (NAME.files/, as a shell completes it), as one .db file: walked
+        # as a directory of caches, it listed none
+        directory = directory.rstrip("/" + os.sep) or directory
+        paths, directory = [directory], os.path.dirname(directory) or os.curdir
     elif os.path.isdir(directory):
         paths = list(_caches_under(directory))     # one that it may not read: an error
     else:

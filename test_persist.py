@@ -11603,6 +11603,12 @@ class TestFilesStore(TempDirTest):
         listed = run_command(CLI + ["ls", self.dir])
         self.assertEqual(listed.returncode, 0, listed.stderr)
         self.assertRegex(listed.stdout, r"\njob +1 .* 1 .*job\.files\n")
+        # one store given, as a .db file can be ("or one cache file"), with or without the
+        # slash a shell completes: it printed the header alone
+        for one in ("job.files", "job.files" + os.sep):
+            listed = run_command(CLI + ["ls", os.path.join(self.dir, one)])
+            self.assertEqual(listed.returncode, 0, listed.stderr)
+            self.assertRegex(listed.stdout, r"\njob +1 .* 1 .*job\.files\n")
         shown = run_command(CLI + ["show", "job", "--dir", self.dir])
         self.assertIn("(1)", shown.stdout)
         failed = run_command(CLI + ["failures", "job", "--dir", self.dir])
