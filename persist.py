@@ -664,6 +664,12 @@ def _make_wrapper(func, cache_dir, name, version, expire, ignore, key, strict, s
         raise TypeError("memoize(store=...) takes 'files', 'sqlite' or 'sqlite-one-machine', "
                         "or a MutableMapping of str to bytes (fsspec.get_mapper(url)), not %s"
                         % type(store).__name__)
+    if cache_dir is not None and isinstance(store, collections.abc.MutableMapping):
+        # the cache is in the mapping: a cache_dir= beside it was ignored, without a word
+        raise ValueError("memoize(cache_dir=%r, store=<a mapping>): a mapping's cache is in "
+                         "the mapping, so cache_dir= would be ignored; pass one of them (a "
+                         "folder of the mapping: fsspec.get_mapper('s3://bucket/cache/DIR'))"
+                         % (os.fspath(cache_dir),))
     cache = _FunctionCache(func, cache_dir, name, version, expire, ignore, key, strict, label,
                            store)
     wrapper = object.__new__(_Wrapper)

@@ -11697,6 +11697,13 @@ class TestObjectStoreMapping(TempDirTest):
             persist.map(on_disk, ["x"], progress=False)
         self.assertIn("python -m persist failures " + self.dir, str(raised.exception))
 
+    def test_cache_dir_beside_a_mapping_is_refused_not_ignored(self):
+        # memoize(cache_dir="/scratch", store=mapping) kept the cache in the mapping and
+        # said nothing of the cache_dir= the user meant
+        with self.assertRaisesRegex(ValueError, r"cache_dir='.*'.*ignored.*pass one"):
+            persist.memoize(cache_dir=self.dir, store={})(len)
+        self.assertEqual(os.listdir(self.dir), [])
+
     def test_an_fsspec_mapping_is_named_by_its_url(self):
         # fsspec's get_mapper("s3://bucket/cache") has root "bucket/cache", no protocol: the
         # path cache_info() and every message gave looked like a local relative directory.
