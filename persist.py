@@ -664,6 +664,12 @@ def _make_wrapper(func, cache_dir, name, version, expire, ignore, key, strict, s
         raise TypeError("memoize(store=...) takes 'files', 'sqlite' or 'sqlite-one-machine', "
                         "or a MutableMapping of str to bytes (fsspec.get_mapper(url)), not %s"
                         % type(store).__name__)
+    if cache_dir is not None and isinstance(store, collections.abc.MutableMapping):
+        # the cache is in the mapping: a cache_dir= beside it was ignored, without a word
+        raise ValueError("memoize(cache_dir=%r, store=<a mapping>): a mapping's cache is in "
+                         "the mapping, so cache_dir= would be ignored; pass one of them (a "
+                         "folder of the mapping: fsspec.get_mapper('s3://bucket/cache/DIR'))"
+                         % (os.fspath(cache_dir),))
     cache = _FunctionCache(func, cache_dir, name, version, expire, ignore, key, strict, label,
                            store)
     wrapper = object.__new__(_Wrapper)
@@ -2653,7 +2659,8 @@ class _FunctionCache:
                 # cache, and what to do, as the warning would (OSError() makes the subclass)
                 raise OSError(exc.errno, "%s: %s() %s this cache; %s (strict raises instead "
                               "of going on without it)" % (
-                                  exc.strerror, self.identity, what, _advice(exc)),
+                                  exc.strerror, self.identity, what,
+                                  _advice(exc, self.kind == "mapping")),
                               self.path) from exc
             raise exc
         if not self.warned:
@@ -2661,7 +2668,7 @@ class _FunctionCache:
             _warn("%s() %s %s (%s); %s. Results are returned; those not stored are counted "
                   "in cache_info().unstored, without more warnings; memoize(strict=True) or "
                   "PERSIST_STRICT=1 raises instead" % (self.identity, what, self.path, exc,
-                                                       _advice(exc)))
+                                                       _advice(exc, self.kind == "mapping")))
 
     def open(self, create=True):
         # type: (bool) -> Optional[_AnyStore]
@@ -3167,10 +3174,14 @@ def _latest_code(recorded, owner):
     return " ".join([_RUN] + codes + ([] if code in codes else [code]))
 
 
-def _advice(exc):
-    # type: (BaseException) -> str
-    """What to do about an OSError that keeps a cache from being used."""
+def _advice(exc, mapping=False):
+    # type: (BaseException, bool) -> str
+    """What to do about an OSError that keeps a cache from being used (in a mapping: an
+    object store's, where cache_dir= and $PERSIST_DIR change nothing)."""
     code = getattr(exc, "errno", None)
+    if mapping:
+        return ("check the store's address, bucket and credentials (the mapping's error says "
+                "what failed), or pass memoize(store=) another mapping")
     if _untrusted(exc):                    # the error says what to change
         return "or else set cache_dir= or $PERSIST_DIR to a directory of your own"
     if code == errno.ENOSPC or code == getattr(errno, "EDQUOT", None):
@@ -4353,8 +4364,11 @@ class _Run:
             parts.append("%s x%s (%s%s)" % (kind, _n(len(indexes)), shown, more))
         where = "this exception's .failures"
         if self.found is not None:          # a command that works pasted, from anywhere
-            where += ", %s.failures(), or run: python -m persist failures %s" % (
-                self.label, _shell_word(self.found.wrapper._cache.path))
+            cache = self.found.wrapper._cache
+            path = cache.path               # (which settles kind)
+            where += ", %s.failures()" % self.label
+            if cache.kind != "mapping":     # the command line reaches files, not mappings
+                where += ", or run: python -m persist failures %s" % _shell_word(path)
         message = "%s of %s items%s failed: %s; every other item%s was tried; see %s" % (
             _n(len(self.failures)), _n(len(self.items)), self.of, ", ".join(parts),
             " of the shard" if self.of else "", where)
@@ -8199,13 +8213,17 @@ def _store_kind(directory, asked, what):
     else "files" on a filesystem other machines share and "sqlite" elsewhere. "sqlite" on a
     shared filesystem is refused: its locks do not hold there, and two machines writing one
     file corrupt it; "sqlite-one-machine" says the user knows only one machine uses it."""
+    # The advice names what the user set: $PERSIST_STORE also chooses for persist.open,
+    # which has no store= to pass.
+    say = "store=%r"
     if asked is None:
         asked = os.environ.get("PERSIST_STORE") or None
-        what = "$PERSIST_STORE"
+        what, say = "$PERSIST_STORE", "PERSIST_STORE=%s"
     if asked is not None and asked not in _STORE_KINDS:
         raise ValueError("%s=%r is not a store persist has: use 'files' (one file a result; "
                          "any filesystem, shared ones too), 'sqlite' (one SQLite file; the "
-                         "fastest on a local disk) or leave it unset to choose by where the "
+                         "fastest on a local disk; 'sqlite-one-machine' on a shared one that "
+                         "one machine alone uses) or leave it unset to choose by where the "
                          "cache is" % (what, asked))
     if asked == "files":
         return "files"
@@ -8214,9 +8232,11 @@ def _store_kind(directory, asked, what):
         raise PersistError(errno.EINVAL, (
             "%s asks for the SQLite store, but this directory is on %s, a filesystem other "
             "machines may share: SQLite's locks do not hold there, and two machines writing "
-            "one cache corrupt it. Use store='files' (what persist picks there by itself), "
-            "or, if only this one machine ever uses this cache, store='sqlite-one-machine'"
-            % (what, shared)), directory, reason=PersistError.SHARED_FILESYSTEM)
+            "one cache corrupt it. Use %s (what persist picks there by itself%s), or, if only "
+            "this one machine ever uses this cache, %s"
+            % (what, shared, say % "files", ", as when it is unset" if what[0] == "$" else "",
+               say % "sqlite-one-machine")), directory,
+            reason=PersistError.SHARED_FILESYSTEM)
     if asked is None and shared is not None:
         return "files"
     return "sqlite"
@@ -9014,6 +9034,12 @@ class _MappingObjects:
         self.flag = flag
         root = getattr(mapping, "root", None)
         where = root if isinstance(root, str) else "<%s>" % type(mapping).__name__
+        # fsspec's root has no protocol ("bucket/cache"): put it back ("s3://bucket/cache"),
+        # for messages and cache_info().path that say where. Only a name: it may fail.
+        with contextlib.suppress(Exception):
+            url = getattr(mapping, "fs").unstrip_protocol(root)
+            if isinstance(root, str) and isinstance(url, str):
+                where = url
         self.path = where.rstrip("/") + ("/" + self.prefix if self.prefix else "")
 
     def join(self, *parts):
@@ -9803,6 +9829,11 @@ def _cli_ls(options):
     if os.path.exists(directory) and not os.path.isdir(directory):   # one, as 'show' takes it
         _Store(directory, "r").close()     # else its error, as 'show' gives it
         paths, directory = [directory], os.path.dirname(directory) or os.curdir
+    elif _is_file_store(directory) and not os.path.islink(directory):
+        # one store of files (NAME.files/, as a shell completes it), as one .db file: walked
+        # as a directory of caches, it listed none
+        directory = directory.rstrip("/" + os.sep) or directory
+        paths, directory = [directory], os.path.dirname(directory) or os.curdir
     elif os.path.isdir(directory):
         paths = list(_caches_under(directory))     # one that it may not read: an error
     else:
@@ -10005,6 +10036,9 @@ def _merge_pairs(sources, dest, directory):
     on a shared filesystem, as $PERSIST_STORE says). Else DEST is one cache: where it is,
     that one, of either kind; else created at the path given, a store of files if its name
     ends in .files, SQLite if in .db."""
+    # "new.files/", as a shell completes a directory's name: the store of files new.files
+    if dest.rstrip("/" + os.sep).endswith(".files"):
+        dest = dest.rstrip("/" + os.sep)
     found = []   # type: List[Tuple[str, Optional[str]]]
     for name in sources:
         if os.path.isdir(name) and not _is_file_store(name) and not os.path.islink(name):
@@ -10067,9 +10101,18 @@ def _check_merge(pairs, force):
                         functions.setdefault(dest, {}).setdefault(info.get("function"), path)
             except PersistError as exc:
                 why = exc.reason           # as the store said it (NOT_A_CACHE, SHELVE...)
+                problem = _problem(path, exc)
+                if problem == "not a cache" and os.path.isdir(path):
+                    # a directory named NAME.files with no store in it (one a merge of a
+                    # directory of caches made, holding them): "not a cache (not a cache)"
+                    raise PersistError(errno.EINVAL, "%s is a directory but no store of files "
+                                       "(it has no 'store' file): give a cache in it ('persist "
+                                       "ls %s' lists them), or another name" % (
+                                           what, _shell_word(path)), path,
+                                       reason=why) from None
                 raise PersistError(errno.EINVAL, "%s is not a cache (%s); 'persist ls DIR' "
                                    "lists the caches of a directory" % (
-                                       what, _problem(path, exc)), path, reason=why) from None
+                                       what, problem), path, reason=why) from None
     for dest, found in functions.items():
         if len(found) > 1 and not force:
             named = ["%s in %s" % ("%s()" % name if name else "a shelf (persist.open)",
@@ -10125,7 +10168,11 @@ def _merge_cache(source, dest, kind, dry_run, pending):
                 else:
                     pending["results"][key] = meta["stored"]
                     results[0] += 1
-            for key, span in src.failure_spans():
+            # In time order: a store of files lists its failures (one a file) as its
+            # directories do, and into SQLite's one record a key, one listed after a later
+            # one would lie within the record and count as merged before (_covers).
+            for key, span in sorted(src.failure_spans(),
+                                    key=lambda pair: (pair[1]["first"], pair[1]["last"])):
                 if store is not None and not dry_run:
                     failures[store.put_failure(key, span) is False] += 1
                     continue

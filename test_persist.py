@@ -11571,6 +11571,31 @@ class TestFilesStore(TempDirTest):
         self.assertEqual(alone(1), [1] * 3)
         self.assertTrue(alone.cache_info().path.endswith("job.db"))
 
+    def test_persist_store_sqlite_on_a_shared_filesystem_says_what_to_set_it_to(self):
+        # A user who set $PERSIST_STORE was told to pass store='files': no help to one who set
+        # no store=, and impossible for persist.open, which $PERSIST_STORE chooses for too.
+        pretend_shared(self, self.dir)
+        shelf = os.path.join(self.dir, "shelf.db")
+        with mock.patch.dict(os.environ, {"PERSIST_STORE": "sqlite"}):
+            job = self.memo()
+            for attempt in (lambda: job(1), lambda: persist.open(shelf)):
+                with self.assertRaises(persist.PersistError) as raised:
+                    attempt()
+                message = str(raised.exception)
+                self.assertEqual(raised.exception.reason,
+                                 persist.PersistError.SHARED_FILESYSTEM)
+                self.assertIn("PERSIST_STORE=files", message)
+                self.assertIn("PERSIST_STORE=sqlite-one-machine", message)
+                self.assertNotIn("store='", message)
+            self.assertEqual(job.calls, [])
+        with mock.patch.dict(os.environ, {"PERSIST_STORE": "SQLite"}):
+            with self.assertRaisesRegex(ValueError, r"'SQLite' .*'sqlite-one-machine'"):
+                self.memo()(1)
+        with mock.patch.dict(os.environ, {"PERSIST_STORE": "sqlite-one-machine"}):
+            with persist.open(shelf) as db:
+                db["x"] = 1
+            self.assertTrue(os.path.isfile(shelf))
+
     def test_a_torn_result_is_a_miss_and_is_stored_whole_again(self):
         job = self.memo(store="files")
         job(7)
@@ -11594,6 +11619,12 @@ class TestFilesStore(TempDirTest):
         listed = run_command(CLI + ["ls", self.dir])
         self.assertEqual(listed.returncode, 0, listed.stderr)
         self.assertRegex(listed.stdout, r"\njob +1 .* 1 .*job\.files\n")
+        # one store given, as a .db file can be ("or one cache file"), with or without the
+        # slash a shell completes: it printed the header alone
+        for one in ("job.files", "job.files" + os.sep):
+            listed = run_command(CLI + ["ls", os.path.join(self.dir, one)])
+            self.assertEqual(listed.returncode, 0, listed.stderr)
+            self.assertRegex(listed.stdout, r"\njob +1 .* 1 .*job\.files\n")
         shown = run_command(CLI + ["show", "job", "--dir", self.dir])
         self.assertIn("(1)", shown.stdout)
         failed = run_command(CLI + ["failures", "job", "--dir", self.dir])
@@ -11663,6 +11694,50 @@ class TestObjectStoreMapping(TempDirTest):
             db["k"] = "v"
             self.assertEqual(dict(db), {"k": "v"})
 
+    def test_failures_of_a_map_point_to_the_ledger_not_to_a_command_that_cannot_reach_it(self):
+        # persist.Failures told the user to run 'python -m persist failures <dict>/...' (or
+        # 'bucket/cache/...' for S3): the command line reads caches on disk, never a mapping,
+        # and that command only says no such cache was found.
+        @persist.memoize(store={})
+        def parse(text):
+            return int(text)
+        with self.assertRaises(persist.Failures) as raised:
+            persist.map(parse, ["1", "x"], progress=False)
+        self.assertIn("parse.failures()", str(raised.exception))
+        self.assertNotIn("python -m persist", str(raised.exception))
+
+        @persist.memoize(cache_dir=self.dir, store="files")
+        def on_disk(text):
+            return int(text)
+        with self.assertRaises(persist.Failures) as raised:
+            persist.map(on_disk, ["x"], progress=False)
+        self.assertIn("python -m persist failures " + self.dir, str(raised.exception))
+
+    def test_cache_dir_beside_a_mapping_is_refused_not_ignored(self):
+        # memoize(cache_dir="/scratch", store=mapping) kept the cache in the mapping and
+        # said nothing of the cache_dir= the user meant
+        with self.assertRaisesRegex(ValueError, r"cache_dir='.*'.*ignored.*pass one"):
+            persist.memoize(cache_dir=self.dir, store={})(len)
+        self.assertEqual(os.listdir(self.dir), [])
+
+    def test_an_fsspec_mapping_is_named_by_its_url(self):
+        # fsspec's get_mapper("s3://bucket/cache") has root "bucket/cache", no protocol: the
+        # path cache_info() and every message gave looked like a local relative directory.
+        class Filesystem:
+            def unstrip_protocol(self, path):
+                return "s3://" + path
+
+        class Mapper(dict):
+            root, fs = "bucket/cache", Filesystem()
+
+        @persist.memoize(store=Mapper(), name="job")
+        def job(x):
+            return x
+        self.assertEqual(job(1), 1)
+        self.assertEqual(job.cache_info().path, "s3://bucket/cache/job.files")
+        with self.assertRaisesRegex(FileNotFoundError, "s3://bucket/cache"):
+            persist.open(Mapper(), "r")
+
     def test_a_store_that_fails_warns_counts_and_returns_never_a_silent_miss(self):
         calls = []
 
@@ -11670,8 +11745,11 @@ class TestObjectStoreMapping(TempDirTest):
         def work(x):
             calls.append(x)
             return x
-        with self.assertWarnsRegex(persist.PersistWarning, "timed out"):
+        with self.assertWarnsRegex(persist.PersistWarning, "timed out") as warned:
             self.assertEqual(work(1), 1)
+        # what to do, for an object store: cache_dir= and $PERSIST_DIR change nothing there
+        self.assertIn("another mapping", str(warned.warning))
+        self.assertNotIn("PERSIST_DIR", str(warned.warning))
         self.assertEqual(work(2), 2)
         self.assertEqual(work.cache_info().unstored, 2)
 
@@ -13382,6 +13460,58 @@ class TestMergeCommand(TempDirTest):
         self.assertEqual(out, "[0, 1, 2]\n")       # every one a hit, as it was made
 
     @slow
+    def test_a_new_store_of_files_named_with_a_trailing_slash(self):
+        # "merge job.db new.files/" (a shell completes a directory so) was refused: "give a
+        # path that ends in .db (SQLite) or .files", which it does
+        self.fill(self.path / "m1", "sqlite", [1, 2])
+        lines = self.merged(self.path / "m1" / "job.db", "new.files" + os.sep)
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("2 results copied", lines[0])
+
+        @persist.memoize(cache_dir=self.dir, name="new", store="files")
+        def new(x):
+            raise AssertionError("computed again: %r" % (x,))
+        self.assertEqual([new(1), new(2)], [("here", 1), ("here", 2)])
+
+    def test_a_store_of_files_failures_count_whole_in_any_listing_order(self):
+        # A store of files keeps one file a failure, listed in the directory's order (a hash
+        # on ext4); SQLite keeps one record a key, from its first failure to its last. Merged
+        # out of time order (t1, t3, then t2), t2 lay within the record made of t1 and t3, was
+        # taken for one merged before, and skipped: 3 failures became 2, and --dry-run said 3.
+        job = self.job(self.dir, "files")
+        for _ in range(3):
+            with contextlib.suppress(ValueError):
+                job(-1)
+        self.assertEqual([f.count for f in job.failures()], [3])
+        # the listing order that lost one: the directory's, as a hash may give it
+        child = """
+            import os, runpy, sys
+            real = os.scandir
+
+            class Listing(list):
+                def __enter__(self):
+                    return self
+                def __exit__(self, *exc):
+                    return False
+                def close(self):
+                    pass
+
+            def scandir(path="."):
+                with real(path) as entries:
+                    listed = Listing(sorted(entries, key=lambda entry: entry.name))
+                if len(listed) == 3 and all("." in entry.name for entry in listed):
+                    listed[1], listed[2] = listed[2], listed[1]     # t1, t3, t2
+                return listed
+
+            os.scandir = scandir
+            sys.argv = ["persist", "merge", "job.files", "local/job.db"]
+            runpy.run_module("persist", run_name="__main__")
+        """
+        out = run_python(child, cwd=self.dir)
+        self.assertIn("3 failure records copied, 0 skipped", out)
+        self.assertEqual([f.count for f in self.job(self.path / "local", "sqlite").failures()],
+                         [3])
+
     def test_failures_carried_with_counts(self):
         one, two = self.path / "m1", self.path / "m2"
         first = self.fill(one, "sqlite", [-1, -1, 7])
@@ -13471,6 +13601,7 @@ class TestMergeCommand(TempDirTest):
         other(1)
         (self.path / "notes.txt").write_text("my notes")
         (self.path / "plain").mkdir()
+        (self.path / "plain.files").mkdir()
         before = sorted(os.listdir(self.dir))
         for args, words in (
                 ([source, self.path / "m1" / ".." / "m1" / "job.files"],
@@ -13479,6 +13610,10 @@ class TestMergeCommand(TempDirTest):
                  ["notes.txt: SOURCE is not a cache (not SQLite)"]),
                 ([source, self.path / "notes.txt"],
                  ["notes.txt: DEST is not a cache (not SQLite)"]),
+                # a directory named as a store of files, with none in it, said "DEST is not
+                # a cache (not a cache)": now what it is, and what to give instead
+                ([source, self.path / "plain.files"],
+                 ["plain.files: DEST is a directory but no store of files", "persist ls "]),
                 ([source, self.path / "other" / "other.db"],
                  ["caches of different functions merged into one", "job() in",
                   "other() in", "--force"]),
