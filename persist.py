@@ -10005,6 +10005,12 @@ def _merge_pairs(sources, dest, directory):
     found = []   # type: List[Tuple[str, Optional[str]]]
     for name in sources:
         if os.path.isdir(name) and not _is_file_store(name) and not os.path.islink(name):
+            if _within(dest, name):
+                # each cache would merge into one beside it, of the other kind; and a merge
+                # again would find those it made, and merge them deeper
+                raise OSError(errno.EINVAL, "DEST is inside the SOURCE %s, a directory of "
+                              "caches (or is it): merge into a directory outside it" % name,
+                              dest)
             caches = list(_caches_under(name))
             if not caches:
                 raise FileNotFoundError(errno.ENOENT, "a directory with no caches under it "
@@ -10053,6 +10059,11 @@ def _check_merge(pairs, force):
         if os.path.lexists(dest) and _same_cache(source, dest):
             raise OSError(errno.EINVAL, "DEST is the same cache as the SOURCE %s: merge "
                           "into another cache" % source, dest)
+        if _within(dest, source) or _within(source, dest):
+            # a store of files is a directory: a cache made inside it would lie among its
+            # records, which no one lists (and 'ls' of it would find the cache inside)
+            raise OSError(errno.EINVAL, "DEST is inside the SOURCE %s, a store of files, or "
+                          "it inside DEST: merge into a cache outside it" % source, dest)
         for path, flag, what in ((source, "r", "SOURCE"), (dest, "r", "DEST")):
             if path == dest and not os.path.lexists(dest):
                 continue                       # made by the merge
@@ -10068,6 +10079,16 @@ def _check_merge(pairs, force):
                                    "lists the caches of a directory" % (
                                        what, _problem(path, exc)), path, reason=why) from None
     for dest, found in functions.items():
+        if None in found and len(found) > 1:
+            # a shelf's keys are its users' words, a function's the digests of calls: mixed,
+            # the shelf would hold keys that are no words (its iteration fails), and the
+            # function entries that no call finds. Not even --force.
+            named = ["%s in %s" % ("%s()" % name if name else "a shelf (persist.open)",
+                                   path) for name, path in found.items()]
+            raise PersistError(errno.EINVAL, "a shelf and a function's cache merged into "
+                               "one: %s. A shelf merges only with shelves, a function's cache "
+                               "with its function's" % "; ".join(named), dest,
+                               reason=PersistError.NAME_CLASH)
         if len(found) > 1 and not force:
             named = ["%s in %s" % ("%s()" % name if name else "a shelf (persist.open)",
                                    path) for name, path in found.items()]
@@ -10077,6 +10098,13 @@ def _check_merge(pairs, force):
                                "keys), --force merges them, keeping DEST's record of its "
                                "function" % "; ".join(named), dest,
                                reason=PersistError.NAME_CLASH)
+
+
+def _within(inner, outer):
+    # type: (str, str) -> bool
+    """Whether the path inner is outer, or under it, once links and '..' are resolved."""
+    inner, outer = os.path.realpath(inner), os.path.realpath(outer)
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
 def _same_cache(one, other):

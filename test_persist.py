@@ -13482,6 +13482,47 @@ class TestMergeCommand(TempDirTest):
         lines = self.merged("--force", source, self.path / "other" / "other.db")
         self.assertIn(": 1 result copied, 1 skipped", lines[0])
 
+    @slow
+    def test_dest_inside_a_source_refused(self):
+        # a careless DEST: in the SOURCE directory of caches (each would merge into one
+        # beside it, of the other kind, and again deeper at each rerun), or inside a store
+        # of files, among its records (where no one lists it); through a link or '..' too
+        self.fill(self.path / "m1", "files", [0, 1])
+        source = self.path / "m1" / "job.files"
+        os.symlink(str(self.path / "m1"), str(self.path / "link"))
+        before = sorted(str(path) for path in self.path.rglob("*"))
+        for args in ([self.path / "m1", self.path / "m1"],
+                     [self.path / "m1", str(self.path / "m1") + os.sep],
+                     [self.path / "m1", self.path / "m1" / "sub"],
+                     [self.path / "m1", self.path / "link" / "sub"],
+                     [source, source / "results" / "job.files"],
+                     [source, self.path / "link" / "job.files" / "more" / "job.db"]):
+            with self.subTest(args=args):
+                self.assertRefused(self.cli(*args), "DEST is inside the SOURCE",
+                                   "outside it")
+        self.assertEqual(sorted(str(path) for path in self.path.rglob("*")), before)
+        # beside it, or above it: merged
+        lines = self.merged(self.path / "m1", self.path)
+        self.assertIn(lines[0].split(": ")[0], ["%s -> %s" % (source, self.path / name)
+                                                for name in ("job.files", "job.db")])
+
+    @slow
+    def test_a_shelf_and_a_function_never_merge_even_forced(self):
+        # --force is for a renamed function; a shelf's keys are words, a function's are
+        # digests: a shelf holding a function's entries cannot even be iterated
+        self.fill(self.path / "m1", "files", [0, 1])
+        with persist.open(self.path / "shelf.db") as shelf:
+            shelf["alpha"] = 1
+        for args in ([self.path / "m1" / "job.files", self.path / "shelf.db"],
+                     [self.path / "shelf.db", self.path / "m1" / "job.files"]):
+            for force in ([], ["--force"]):
+                with self.subTest(args=args, force=force):
+                    self.assertRefused(self.cli(*force + args), "a shelf and a function's "
+                                       "cache merged into one", "job() in", "a shelf")
+        with persist.open(self.path / "shelf.db", "r") as shelf:
+            self.assertEqual(dict(shelf), {"alpha": 1})
+        self.assertHits(self.path / "m1", "files", {0: ("here", 0), 1: ("here", 1)})
+
     def test_whole_cache_directories_by_name(self):
         # another machine's .persist (stores of files) into this one's: cache by cache
         theirs, mine = self.path / "theirs" / ".persist", self.path / "mine" / ".persist"
