@@ -6736,9 +6736,12 @@ class _Store:
     # of a key winning. Each copy is one transaction of its own.
 
     def raw_entries(self):
-        # type: () -> Iterator[Tuple[bytes, bytes, Dict[str, Any]]]
+        # type: () -> Iterator[Tuple[bytes, Optional[bytes], Dict[str, Any]]]
         """(key, pickle, meta) of every entry, read one at a time; the pickle as stored, never
-        loaded; meta: {stored, seconds, version, args, owner}, as put_raw() takes it."""
+        loaded; meta: {stored, seconds, version, args, owner}, as put_raw() takes it. The
+        pickle is None where the entry's value file is missing (removed by hand, lost): the
+        result is gone, as memoize finds it (its call computes it again); the others are
+        still copied."""
         sql = _RAW % ("owner" if self.owned() else "NULL")
         for key in self.keys():
             for _ in range(3):      # a writer may replace it, removing its value file, as we read
@@ -6746,18 +6749,18 @@ class _Store:
                 if not rows:
                     break           # removed meanwhile
                 value, file, stored, seconds, version, args, owner = rows[0]
+                meta = {"stored": stored, "seconds": seconds, "version": version,
+                        "args": args, "owner": owner}
                 if file is not None:
                     try:
                         with io.open(self.values.path(file), "rb") as data:
                             value = data.read()
                     except FileNotFoundError:
                         continue
-                yield key, bytes(value), {"stored": stored, "seconds": seconds,
-                                          "version": version, "args": args, "owner": owner}
+                yield key, bytes(value), meta
                 break
             else:                   # a row that names a file that is not there
-                raise FileNotFoundError(errno.ENOENT, "a result's value file is missing; "
-                                        "'persist ls' and memoize say which", self.path)
+                yield key, None, meta
 
     def put_raw(self, key, data, meta):
         # type: (bytes, bytes, Dict[str, Any]) -> bool
@@ -8549,8 +8552,9 @@ class _FileStore:
     # each one record published, the newest result of a key winning
 
     def raw_entries(self):
-        # type: () -> Iterator[Tuple[bytes, bytes, Dict[str, Any]]]
-        """(key, pickle, meta) of every entry (as _Store.raw_entries()): never loaded."""
+        # type: () -> Iterator[Tuple[bytes, Optional[bytes], Dict[str, Any]]]
+        """(key, pickle, meta) of every entry (as _Store.raw_entries()): never loaded. A torn
+        record is no entry, as to get()."""
         for path, header, data in self._entries():
             yield _key_of_record(path, header), bytes(data), {
                 name: header.get(name) for name in _RAW_META}
@@ -10123,6 +10127,7 @@ def _merge_cache(source, dest, kind, dry_run, pending):
     would have copied into dest (so that several SOURCEs count as they would merge).
     Returns what it copied and skipped, as words."""
     results, failures = [0, 0], [0, 0]      # copied, skipped
+    lost = 0                                 # SOURCE's entries whose value file is missing
     with contextlib.closing(_open_store(source, "r")) as src:
         info = src.info()
         store = None        # type: Optional[_AnyStore]
@@ -10139,6 +10144,9 @@ def _merge_cache(source, dest, kind, dry_run, pending):
             if not mine and info and store is not None and not dry_run:
                 store.set_info(info)               # DEST's own, where it has one
             for key, data, meta in src.raw_entries():
+                if data is None:
+                    lost += 1
+                    continue
                 if store is not None and not dry_run:     # it checks DEST's, as it writes
                     results[store.put_raw(key, data, meta) is False] += 1
                     continue
@@ -10171,8 +10179,10 @@ def _merge_cache(source, dest, kind, dry_run, pending):
                 store.close()
     done = "to copy" if dry_run else "copied"
     left = "to skip" if dry_run else "skipped"
-    return ("%d result%s %s, %d %s (not newer than DEST's)" % (
-        results[0], "" if results[0] == 1 else "s", done, results[1], left),
+    return ("%d result%s %s, %d %s (not newer than DEST's)%s" % (
+        results[0], "" if results[0] == 1 else "s", done, results[1], left,
+        ", %d lost in SOURCE (%s value file missing: computed again when called)" % (
+            lost, "its" if lost == 1 else "their") if lost else ""),
         "%d failure record%s %s, %d %s%s" % (
             failures[0], "" if failures[0] == 1 else "s", done, failures[1], left,
             " (dry run: nothing written)" if dry_run else ""))

@@ -13523,6 +13523,33 @@ class TestMergeCommand(TempDirTest):
             self.assertEqual(dict(shelf), {"alpha": 1})
         self.assertHits(self.path / "m1", "files", {0: ("here", 0), 1: ("here", 1)})
 
+    def test_a_missing_value_file_in_source_is_lost_and_the_rest_copied(self):
+        # a SQLite SOURCE one of whose value files was removed by hand: that result is gone
+        # (memoize would compute it again); the merge copies the others, and says so
+        @persist.memoize(cache_dir=self.path / "m1", name="job", store="sqlite")
+        def job(x):
+            return x, "p" * 300000         # large: a value file of its own
+        for x in range(3):
+            job(x)
+        source = self.path / "m1" / "job.db"
+        on_disk, named = value_files(source)
+        self.assertEqual(len(named), 3)
+        os.remove(str(self.path / "m1" / "job.db.values" / sorted(named)[0]))
+        dest = self.path / "local" / "job.db"
+        for args, copied in ((["--dry-run"], "2 results to copy, 0 to skip"),
+                             ([], "2 results copied, 0 skipped")):
+            lines = self.merged(*args + [source, dest])
+            self.assertIn(": %s (not newer than DEST's), 1 lost in SOURCE (its value file "
+                          "missing: computed again when called); " % copied, lines[0])
+        runs = []
+
+        @persist.memoize(cache_dir=dest.parent, name="job", store="sqlite")
+        def again(x):
+            runs.append(x)
+            return x, "p" * 300000
+        self.assertEqual([again(x) for x in range(3)], [(x, "p" * 300000) for x in range(3)])
+        self.assertEqual(len(runs), 1)
+
     def test_whole_cache_directories_by_name(self):
         # another machine's .persist (stores of files) into this one's: cache by cache
         theirs, mine = self.path / "theirs" / ".persist", self.path / "mine" / ".persist"
