@@ -3660,11 +3660,14 @@ def _check_shard(shard):
             "int(os.environ['SLURM_ARRAY_TASK_COUNT']))")
     if not isinstance(shard, (tuple, list)) or len(shard) != 2:
         raise TypeError("%s; not %r" % (form, shard))
-    index, count = shard
-    for name, value in (("index", index), ("count", count)):
-        if isinstance(value, bool) or not isinstance(value, int):
+    whole = []
+    for name, value in zip(("index", "count"), shard):
+        # any integer as range() takes one (__index__): numpy's, as np.arange() gives them
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
             raise TypeError("%s; its %s is %r, not an int (an environment variable is a str: "
                             "int() it)" % (form, name, value))
+        whole.append(value.__index__())
+    index, count = whole
     if count < 1:
         raise ValueError("%s; its count is %d: a job array has 1 task or more"
                          % (form, count))

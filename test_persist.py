@@ -4559,6 +4559,26 @@ class TestMapShards(MemoTest):
         self.assertEqual((taken, f.calls), ([], []))
         self.assertEqual(persist.map(f, ["1"], shard=[0, 1], progress=False), [1])
 
+    def test_any_integer_type_is_an_index(self):
+        # for i in np.arange(count): numpy's integers are no int, but integers all the same
+        # (__index__, as range() and a list's [] take them); one that is out of range, still
+        # refused as an int would be
+        class Integer:          # as numpy.int64 is: not an int subclass
+            def __init__(self, value):
+                self.value = value
+
+            def __index__(self):
+                return self.value
+
+            def __repr__(self):
+                return "Integer(%d)" % self.value
+
+        shares = [persist.map(echo, SHARD_ITEMS, shard=(Integer(index), Integer(3)),
+                              progress=False) for index in range(3)]
+        self.assertEqual(shares, self.shares(echo, SHARD_ITEMS, 3))
+        with self.assertRaisesRegex(ValueError, r"its index is 3, outside 0 to 2"):
+            persist.map(echo, SHARD_ITEMS, shard=(Integer(3), 3))
+
     def test_an_item_that_cannot_be_keyed_is_refused_before_anything_runs(self):
         ran = []
 
