@@ -9804,8 +9804,9 @@ def _cli_ls(options):
     # type: (argparse.Namespace) -> None
     directory = options.dir or _default_cache_dir()
     paths: "Iterable[str]"
-    if os.path.exists(directory) and not os.path.isdir(directory):   # one, as 'show' takes it
-        _Store(directory, "r").close()     # else its error, as 'show' gives it
+    if os.path.exists(directory) and not os.path.isdir(directory) or \
+            _is_file_store(directory):     # one cache, as 'show' takes it (a store of files:
+        _open_store(directory, "r").close()     # a directory), else its error, as 'show' gives
         paths, directory = [directory], os.path.dirname(directory) or os.curdir
     elif os.path.isdir(directory):
         paths = list(_caches_under(directory))     # one that it may not read: an error

@@ -13570,6 +13570,18 @@ class TestMergeCommand(TempDirTest):
         self.assertEqual([again(x) for x in range(3)], [(x, "p" * 300000) for x in range(3)])
         self.assertEqual(len(runs), 1)
 
+    def test_ls_of_the_cache_made_lists_it(self):
+        # 'persist ls DEST' after a merge: a store of files is a directory, and ls listed the
+        # caches under it (none), not it, as it lists a .db file given to it
+        self.fill(self.path / "m1", "sqlite", [0, 1, -1])
+        dest = self.path / "local" / "job.files"
+        self.merged(self.path / "m1" / "job.db", dest)
+        done = run_command(CLI + ["ls", str(dest)], cwd=self.dir)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        rows = [line.split() for line in done.stdout.splitlines()[1:]]
+        self.assertEqual([(row[0], row[1], row[4], row[-1]) for row in rows],
+                         [("job", "2", "1", "job.files")])        # CACHE ENTRIES FAILED WHERE
+
     def test_whole_cache_directories_by_name(self):
         # another machine's .persist (stores of files) into this one's: cache by cache
         theirs, mine = self.path / "theirs" / ".persist", self.path / "mine" / ".persist"
