@@ -9995,8 +9995,16 @@ def _cli_merge(options):
     _check_merge(pairs, options.force)
     pending = {}     # type: Dict[str, Dict[str, Any]]
     for source, dest, kind in pairs:
-        counts = _merge_cache(source, dest, kind, options.dry_run,
-                              pending.setdefault(dest, {"results": {}, "failures": {}}))
+        try:
+            counts = _merge_cache(source, dest, kind, options.dry_run,
+                                  pending.setdefault(dest, {"results": {}, "failures": {}}))
+        except OSError as exc:
+            if exc.filename is not None or not exc.strerror:
+                raise
+            # a write of DEST's that failed (ENOSPC) names no file: say which cache
+            raise OSError(exc.errno, "%s, merging %s into it; what was copied stays: the "
+                          "same merge again finishes it" % (exc.strerror, source),
+                          dest) from exc
         print("%s -> %s: %s; %s" % (_one_line(source), _one_line(dest), counts[0],
                                     counts[1]))
 

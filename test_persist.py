@@ -13582,6 +13582,41 @@ class TestMergeCommand(TempDirTest):
         self.assertEqual([(row[0], row[1], row[4], row[-1]) for row in rows],
                          [("job", "2", "1", "job.files")])        # CACHE ENTRIES FAILED WHERE
 
+    @slow
+    def test_a_full_disk_names_dest_and_a_rerun_finishes(self):
+        # ENOSPC from a write of DEST's: the error said "[Errno 28] No space left on device"
+        # alone, naming no cache
+        @persist.memoize(cache_dir=self.path / "m1", name="job", store="sqlite")
+        def job(x):
+            return x, "p" * 300000
+        for x in range(6):
+            job(x)
+        source = self.path / "m1" / "job.db"
+        # (into a store of files: each record is written with os.write; SQLite writes its
+        # value files through a file object)
+        dest = self.path / "d1" / "job.files"
+        done = run_command(["-c", textwrap.dedent("""
+            import errno, os, sys, runpy
+            from unittest import mock
+            real, written = os.write, []
+            def write(fd, data):
+                written.append(len(data))
+                if sum(written) > 1000000:       # past three results: the disk is full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return real(fd, data)
+            sys.argv = ["persist", "merge", %r, %r]
+            with mock.patch.object(os, "write", write):
+                runpy.run_module("persist", run_name="__main__", alter_sys=True)
+        """ % (str(source), str(dest)))], cwd=self.dir)
+        self.assertRefused(done, "%s: No space left on device, merging %s into it; "
+                           "what was copied stays: the same merge again finishes it"
+                           % (dest, source))
+        lines = self.merged(source, dest)
+        copied = int(lines[0].split(": ")[1].split()[0])
+        self.assertTrue(0 < copied < 6, lines)
+        self.assertIn("%d results copied, %d skipped" % (copied, 6 - copied), lines[0])
+        self.assertNoTemp()
+
     def test_whole_cache_directories_by_name(self):
         # another machine's .persist (stores of files) into this one's: cache by cache
         theirs, mine = self.path / "theirs" / ".persist", self.path / "mine" / ".persist"
