@@ -8734,6 +8734,18 @@ class _FileStore:
                 not all(isinstance(failure.get(field), str)
                         for field in ("type", "message", "traceback")):
             return None
+        # and those that failures() adds up, and a merge copies (into SQLite's typed
+        # columns): the count and first failure 'persist merge' writes, the call's pickle
+        call, count = failure.get("call"), failure.get("count", 1)
+        if not (failure.get("seconds") is None or _number(failure["seconds"])) or \
+                not all(failure.get(field) is None or isinstance(failure[field], str)
+                        for field in ("args", "version", "owner")) or \
+                not (isinstance(count, int) and not isinstance(count, bool) and
+                     0 <= count < 1 << 62) or \
+                not _number(failure.get("first", 0)) or \
+                not (call is None or isinstance(call, str) or isinstance(call, dict) and
+                     isinstance(call.get("pickle"), str) and _is_hex(call["pickle"])):
+            return None
         return failure
 
     def prune(self, before=None, version=None, dry_run=False, after=None, codes=None,
@@ -9163,6 +9175,16 @@ def _result_parts(payload):
                 for field in ("version", "args", "owner", "key")):
         return None
     return header, payload[4 + length:]
+
+
+def _is_hex(text):
+    # type: (str) -> bool
+    """Whether text is bytes in hex, as bytes.fromhex() takes them."""
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _number(value):

@@ -13617,6 +13617,39 @@ class TestMergeCommand(TempDirTest):
         self.assertIn("%d results copied, %d skipped" % (copied, 6 - copied), lines[0])
         self.assertNoTemp()
 
+    @slow
+    def test_a_failure_file_made_by_hand_is_no_record(self):
+        # fields of a failure file that failures() adds up and merge copies into SQLite's
+        # columns, made by another program (or by hand): each crashed merge, failures() and
+        # 'persist failures' with a traceback (int('many'), bytes.fromhex('zz'), an int too
+        # large for SQLite, a list bound as a column); now such a file is no record, as one
+        # with a torn frame is
+        job = self.fill(self.path / "m1", "files", [0, -1])
+        source = self.path / "m1" / "job.files"
+        [path] = [str(p) for p in (source / "failures").rglob("*.*")]
+        with open(path, "rb") as file:
+            record = file.read()
+        good = json.loads(record[record.index(b"{"):].decode("utf-8"))
+        for number, change in enumerate(({"count": "many"}, {"count": 10 ** 22}, {"count": -5},
+                       {"count": True}, {"first": "yesterday"}, {"call": {"pickle": "zz"}},
+                       {"call": {"hex": "00"}}, {"args": [1]}, {"seconds": "long"},
+                       {"version": 5}, {"owner": 7})):
+            with self.subTest(change=change):
+                payload = json.dumps(dict(good, **change)).encode("utf-8")
+                with open(path, "wb") as file:
+                    file.write(persist._framed(payload))
+                self.assertEqual(job.failures(), [])
+                dest = self.path / "dest" / ("%d.db" % number)
+                lines = self.merged(source, dest)
+                self.assertTrue(lines[0].endswith("; 0 failure records copied, 0 skipped"),
+                                lines)
+                done = run_command(CLI + ["failures", str(source)], cwd=self.dir)
+                self.assertEqual((done.returncode, done.stderr), (0, ""))
+        # the file as record_failure() wrote it: a record again
+        with open(path, "wb") as file:
+            file.write(record)
+        self.assertEqual([f.args for f in job.failures()], ["(-1)"])
+
     def test_whole_cache_directories_by_name(self):
         # another machine's .persist (stores of files) into this one's: cache by cache
         theirs, mine = self.path / "theirs" / ".persist", self.path / "mine" / ".persist"
