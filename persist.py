@@ -6742,9 +6742,9 @@ class _Store:
         # type: () -> Iterator[Tuple[bytes, Optional[bytes], Dict[str, Any]]]
         """(key, pickle, meta) of every entry, read one at a time; the pickle as stored, never
         loaded; meta: {stored, seconds, version, args, owner}, as put_raw() takes it. The
-        pickle is None where the entry's value file is missing (removed by hand, lost): the
-        result is gone, as memoize finds it (its call computes it again); the others are
-        still copied."""
+        pickle is None where the entry's value file is missing (removed by hand, lost), or
+        its row is none persist wrote (values of other types): nothing to copy; the others
+        are still copied."""
         sql = _RAW % ("owner" if self.owned() else "NULL")
         for key in self.keys():
             for _ in range(3):      # a writer may replace it, removing its value file, as we read
@@ -6754,6 +6754,9 @@ class _Store:
                 value, file, stored, seconds, version, args, owner = rows[0]
                 meta = {"stored": stored, "seconds": seconds, "version": version,
                         "args": args, "owner": owner}
+                if not _persists_meta(meta) or not isinstance(value, (bytes, memoryview)):
+                    yield key, None, meta   # a row another program wrote: none to copy
+                    break
                 if file is not None:
                     try:
                         with io.open(self.values.path(file), "rb") as data:
@@ -6802,9 +6805,11 @@ class _Store:
                                 "owner" if self.owned() else "NULL")
         rows = self.conn.run(_fetch, sql + (" WHERE key = ?" if key is not None else ""),
                              (key,) if key is not None else ())
+        # a row another program wrote, with values of other types: no record to copy
         return [(bytes(row[0]), dict(zip(_SPAN_FIELDS, row[1:]), call=(
             bytes(row[10]) if isinstance(row[10], (bytes, memoryview)) else row[10]),
-            started=row[7] - (row[8] or 0.0))) for row in rows]
+            started=row[7] - (row[8] or 0.0))) for row in rows
+            if _persists_span(dict(zip(_SPAN_FIELDS, row[1:])))]
 
     def put_failure(self, key, span):
         # type: (bytes, Dict[str, Any]) -> bool
@@ -9177,6 +9182,30 @@ def _result_parts(payload):
     return header, payload[4 + length:]
 
 
+def _persists_meta(meta):
+    # type: (Dict[str, Any]) -> bool
+    """Whether meta (of a result: stored, seconds, version, args, owner) has the types
+    persist writes: a finite stored time, seconds a number or None, the rest text or None."""
+    stored, seconds = meta.get("stored"), meta.get("seconds")  # type: Any, Any
+    return _number(stored) and -float("inf") < stored < float("inf") and \
+        (seconds is None or _number(seconds)) and all(
+            meta.get(field) is None or isinstance(meta[field], str)
+            for field in ("version", "args", "owner"))
+
+
+def _persists_span(span):
+    # type: (Dict[str, Any]) -> bool
+    """Whether span (a failure record's fields, _SPAN_FIELDS) has the types persist writes."""
+    count, first = span.get("count"), span.get("first")  # type: Any, Any
+    return _persists_meta({"stored": span.get("last"), "seconds": span.get("seconds"),
+                           "version": span.get("version"), "args": span.get("args"),
+                           "owner": span.get("owner")}) and \
+        _number(first) and -float("inf") < first < float("inf") and \
+        all(isinstance(span.get(field), str) for field in ("type", "message", "traceback")) \
+        and isinstance(count, int) and not isinstance(count, bool) and 0 <= count < 1 << 62 \
+        and (span.get("call") is None or isinstance(span["call"], (str, bytes, memoryview)))
+
+
 def _is_hex(text):
     # type: (str) -> bool
     """Whether text is bytes in hex, as bytes.fromhex() takes them."""
@@ -10161,7 +10190,7 @@ def _merge_cache(source, dest, kind, dry_run, pending):
     would have copied into dest (so that several SOURCEs count as they would merge).
     Returns what it copied and skipped, as words."""
     results, failures = [0, 0], [0, 0]      # copied, skipped
-    lost = 0                                 # SOURCE's entries whose value file is missing
+    lost = 0        # SOURCE's entries it cannot copy: a value file missing, a row not persist's
     with contextlib.closing(_open_store(source, "r")) as src:
         info = src.info()
         store = None        # type: Optional[_AnyStore]
@@ -10215,8 +10244,8 @@ def _merge_cache(source, dest, kind, dry_run, pending):
     left = "to skip" if dry_run else "skipped"
     return ("%d result%s %s, %d %s (not newer than DEST's)%s" % (
         results[0], "" if results[0] == 1 else "s", done, results[1], left,
-        ", %d lost in SOURCE (%s value file missing: computed again when called)" % (
-            lost, "its" if lost == 1 else "their") if lost else ""),
+        ", %d unreadable in SOURCE (a value file missing, or a row persist did not "
+        "write): not copied" % lost if lost else ""),
         "%d failure record%s %s, %d %s%s" % (
             failures[0], "" if failures[0] == 1 else "s", done, failures[1], left,
             " (dry run: nothing written)" if dry_run else ""))

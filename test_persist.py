@@ -13559,8 +13559,9 @@ class TestMergeCommand(TempDirTest):
         for args, copied in ((["--dry-run"], "2 results to copy, 0 to skip"),
                              ([], "2 results copied, 0 skipped")):
             lines = self.merged(*args + [source, dest])
-            self.assertIn(": %s (not newer than DEST's), 1 lost in SOURCE (its value file "
-                          "missing: computed again when called); " % copied, lines[0])
+            self.assertIn(": %s (not newer than DEST's), 1 unreadable in SOURCE (a value "
+                          "file missing, or a row persist did not write): not copied; "
+                          % copied, lines[0])
         runs = []
 
         @persist.memoize(cache_dir=dest.parent, name="job", store="sqlite")
@@ -13649,6 +13650,35 @@ class TestMergeCommand(TempDirTest):
         with open(path, "wb") as file:
             file.write(record)
         self.assertEqual([f.args for f in job.failures()], ["(-1)"])
+
+    @slow
+    def test_sqlite_rows_of_other_types_are_not_copied(self):
+        # SQLite keeps what any program writes in a column, of any type: a stored time 'x',
+        # args as a blob, a failure count 'many' made merge die with a traceback (or, into
+        # a store of files, write records that no one reads: counted copied, and lost)
+        self.fill(self.path / "m1", "sqlite", [0, 1, 2, -1, -2])
+        source = self.path / "m1" / "job.db"
+        conn = sqlite3.connect(str(source))
+        try:
+            with conn:
+                rows = sorted(conn.execute("SELECT key, args FROM Dict"), key=lambda r: r[1])
+                conn.execute("UPDATE Dict SET stored = 'x' WHERE key = ?", (rows[0][0],))
+                conn.execute("UPDATE Dict SET args = x'ff00' WHERE key = ?", (rows[1][0],))
+                failed = sorted(conn.execute("SELECT key, args FROM Failures"),
+                                key=lambda r: r[1])
+                conn.execute("UPDATE Failures SET count = 'many' WHERE key = ?",
+                             (failed[0][0],))
+        finally:
+            conn.close()
+        for dest in (self.path / "d" / "job.db", self.path / "d" / "job.files"):
+            with self.subTest(dest=dest):
+                lines = self.merged(source, dest)
+                self.assertEqual(lines[0].split(": ", 1)[1], "1 result copied, 0 skipped (not "
+                                 "newer than DEST's), 2 unreadable in SOURCE (a value file "
+                                 "missing, or a row persist did not write): not copied; 1 "
+                                 "failure record copied, 0 skipped")
+                self.assertEqual(ls_entries(str(dest.parent), dest.name), 1)
+        self.assertHits(self.path / "d", "sqlite", {2: ("here", 2)})
 
     def test_whole_cache_directories_by_name(self):
         # another machine's .persist (stores of files) into this one's: cache by cache
