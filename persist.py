@@ -10071,7 +10071,9 @@ def _merge_pairs(sources, dest, directory):
     ends in .files, SQLite if in .db."""
     found = []   # type: List[Tuple[str, Optional[str]]]
     for name in sources:
-        if os.path.isdir(name) and not _is_file_store(name) and not os.path.islink(name):
+        # (a link to a directory of caches, given on the command line, is followed, as ls
+        # and cp follow one: ~/caches -> /scratch/me/caches)
+        if os.path.isdir(name) and not _is_file_store(name):
             if _within(dest, name):
                 # each cache would merge into one beside it, of the other kind; and a merge
                 # again would find those it made, and merge them deeper
@@ -10086,7 +10088,7 @@ def _merge_pairs(sources, dest, directory):
         else:
             found.append((_find_cache(name, directory), None))
     if any(where is not None for _, where in found) or \
-            os.path.isdir(dest) and not _is_file_store(dest) and not os.path.islink(dest):
+            os.path.isdir(dest) and not _is_file_store(dest):
         if os.path.lexists(dest) and not os.path.isdir(dest):
             raise NotADirectoryError(errno.ENOTDIR, "a SOURCE is a directory of caches, so "
                                      "DEST must be a directory (made if missing), not a "

@@ -13680,6 +13680,22 @@ class TestMergeCommand(TempDirTest):
                 self.assertEqual(ls_entries(str(dest.parent), dest.name), 1)
         self.assertHits(self.path / "d", "sqlite", {2: ("here", 2)})
 
+    @slow
+    def test_a_link_to_a_directory_of_caches_is_followed(self):
+        # ~/caches -> /scratch/me/caches: DEST a link to a directory was refused as "not a
+        # cache (symlink)", a SOURCE one as "a directory, not a cache"
+        self.fill(self.path / "m1", "sqlite", [0, 1])
+        (self.path / "scratch").mkdir()
+        os.symlink(str(self.path / "scratch"), str(self.path / "home"))
+        os.symlink(str(self.path / "m1"), str(self.path / "theirs"))
+        lines = self.merged(self.path / "m1" / "job.db", self.path / "home")
+        self.assertEqual(lines[0].split(": ")[0], "%s -> %s" % (
+            self.path / "m1" / "job.db", self.path / "home" / "job.db"))
+        self.assertEqual(os.listdir(str(self.path / "scratch")), ["job.db"])
+        lines = self.merged(self.path / "theirs", self.path / "d")
+        self.assertIn(": 2 results copied, 0 skipped", lines[0])
+        self.assertHits(self.path / "d", "sqlite", {0: ("here", 0), 1: ("here", 1)})
+
     def test_whole_cache_directories_by_name(self):
         # another machine's .persist (stores of files) into this one's: cache by cache
         theirs, mine = self.path / "theirs" / ".persist", self.path / "mine" / ".persist"
