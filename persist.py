@@ -10233,6 +10233,11 @@ def _merge_cache(source, dest, kind, dry_run, pending):
                 others = pending["failures"].setdefault(key, [])
                 if store is not None:
                     others = others + [other for _, other in store.failure_spans(key)]
+                if kind != "files" and others:
+                    # SQLite keeps one record a key, which each merged span widens: it covers
+                    # what lies between the first and last of them all
+                    others = [{"first": min(other["first"] for other in others),
+                               "last": max(other["last"] for other in others)}]
                 if stored is not None and stored >= span["started"] or \
                         any(_covers(other, span) for other in others):
                     failures[1] += 1

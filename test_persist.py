@@ -13456,6 +13456,26 @@ class TestMergeCommand(TempDirTest):
             self.assertEqual([line.split(": ", 1)[1].split(";")[0] for line in again],
                              ["0 results to copy, 2 to skip (not newer than DEST's)"] * 2)
 
+    @slow
+    def test_dry_run_counts_failures_as_sqlite_merges_them(self):
+        # SQLite keeps one failure record a key, widened by each merge: a record of DEST's
+        # (the earliest failure), then one of the first SOURCE's (the latest), cover the
+        # second SOURCE's (in between). The dry run weighed each record apart: "1 to copy",
+        # where the merge skips it
+        dest = self.path / "d" / "job.db"
+        self.fill(dest.parent, "sqlite", [-1])
+        self.fill(self.path / "m2", "sqlite", [-1])
+        self.fill(self.path / "m1", "files", [-1])
+        sources = [self.path / "m1" / "job.files", self.path / "m2" / "job.db"]
+        dry = self.merged("--dry-run", *sources + [dest])
+        real = self.merged(*sources + [dest])
+        self.assertEqual([line.split("; ")[1] for line in real],
+                         ["1 failure record copied, 0 skipped",
+                          "0 failure records copied, 1 skipped"])
+        self.assertEqual([line.split("; ")[1] for line in dry],
+                         ["1 failure record to copy, 0 to skip (dry run: nothing written)",
+                          "0 failure records to copy, 1 to skip (dry run: nothing written)"])
+
     def assertRefused(self, done, *words):
         self.assertEqual(done.returncode, 1, done.stdout)
         self.assertEqual(done.stdout, "")
