@@ -10037,7 +10037,7 @@ def _cli_failures(options):  # type: ignore[return]
 
 
 def _cli_merge(options):
-    # type: (argparse.Namespace) -> None
+    # type: (argparse.Namespace) -> Optional[int]
     """Copy results and failure records from SOURCE caches into DEST: each pair is checked
     before anything is written; then each entry is one write of DEST's (a transaction, or
     one file published), so that a merge killed at any point leaves DEST a cache of whole
@@ -10049,6 +10049,12 @@ def _cli_merge(options):
         try:
             counts = _merge_cache(source, dest, kind, options.dry_run,
                                   pending.setdefault(dest, {"results": {}, "failures": {}}))
+        except KeyboardInterrupt:
+            # Ctrl-C in a long merge: each entry is one write, whole or not there
+            print("persist: interrupted, merging %s into %s: what was copied stays; the same "
+                  "merge again finishes it" % (_one_line(source), _one_line(dest)),
+                  file=sys.stderr)
+            return 130                   # as a shell reports a SIGINT
         except OSError as exc:
             if exc.filename is not None or not exc.strerror:
                 raise
@@ -10058,6 +10064,7 @@ def _cli_merge(options):
                           dest) from exc
         print("%s -> %s: %s; %s" % (_one_line(source), _one_line(dest), counts[0],
                                     counts[1]))
+    return None
 
 
 def _merge_pairs(sources, dest, directory):

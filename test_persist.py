@@ -13754,6 +13754,34 @@ class TestMergeCommand(TempDirTest):
             with self.subTest(kind=kind):
                 self.killed_midway(kind, self.path / kind / "dest" / dest, call, size)
 
+    @slow
+    def test_ctrl_c_says_what_stays_and_a_rerun_finishes(self):
+        # Ctrl-C in a long merge printed a traceback, saying nothing of what DEST holds
+        self.fill(self.path / "m1", "sqlite", range(30))
+        source, dest = self.path / "m1" / "job.db", self.path / "d" / "job.files"
+        done = run_command(["-c", textwrap.dedent("""
+            import os, signal, sys, runpy
+            from unittest import mock
+            calls, real = [], os.link
+            def link(*args, **kwargs):
+                calls.append(args)
+                if len(calls) == 10:             # the user presses Ctrl-C
+                    os.kill(os.getpid(), signal.SIGINT)
+                return real(*args, **kwargs)
+            sys.argv = ["persist", "merge", %r, %r]
+            with mock.patch.object(os, "link", link):
+                runpy.run_module("persist", run_name="__main__", alter_sys=True)
+        """ % (str(source), str(dest)))], cwd=self.dir)
+        self.assertEqual((done.returncode, done.stdout), (130, ""))
+        self.assertEqual(done.stderr, "persist: interrupted, merging %s into %s: what was "
+                         "copied stays; the same merge again finishes it\n" % (source, dest))
+        lines = self.merged(source, dest)
+        copied = int(lines[0].split(": ")[1].split()[0])
+        self.assertTrue(0 < copied < 30, lines)
+        self.assertIn(": %d results copied, %d skipped" % (copied, 30 - copied), lines[0])
+        self.assertHits(dest.parent, "files", {x: ("here", x) for x in range(30)})
+        self.assertNoTemp()
+
     def killed_midway(self, kind, dest, call, size):
         @persist.memoize(cache_dir=self.path / kind / "m1", name="job")
         def job(x):
