@@ -6763,6 +6763,11 @@ class _Store:
                             value = data.read()
                     except FileNotFoundError:
                         continue
+                    except PersistError as exc:
+                        if exc.reason != PersistError.CORRUPT_ROW:
+                            raise
+                        yield key, None, meta   # a file elsewhere, never read: the others
+                        break                   # are copied (merge is how a cache is saved)
                 yield key, bytes(value), meta
                 break
             else:                   # a row that names a file that is not there

@@ -13675,8 +13675,10 @@ class TestMergeCommand(TempDirTest):
     def test_sqlite_rows_of_other_types_are_not_copied(self):
         # SQLite keeps what any program writes in a column, of any type: a stored time 'x',
         # args as a blob, a failure count 'many' made merge die with a traceback (or, into
-        # a store of files, write records that no one reads: counted copied, and lost)
-        self.fill(self.path / "m1", "sqlite", [0, 1, 2, -1, -2])
+        # a store of files, write records that no one reads: counted copied, and lost); a
+        # row naming a value file outside the cache stopped the merge, which is how the
+        # rest of a damaged cache is saved
+        self.fill(self.path / "m1", "sqlite", [0, 1, 2, 3, -1, -2])
         source = self.path / "m1" / "job.db"
         conn = sqlite3.connect(str(source))
         try:
@@ -13684,6 +13686,9 @@ class TestMergeCommand(TempDirTest):
                 rows = sorted(conn.execute("SELECT key, args FROM Dict"), key=lambda r: r[1])
                 conn.execute("UPDATE Dict SET stored = 'x' WHERE key = ?", (rows[0][0],))
                 conn.execute("UPDATE Dict SET args = x'ff00' WHERE key = ?", (rows[1][0],))
+                # a value file outside the cache: never read, and the others still copied
+                conn.execute("UPDATE Dict SET file = '../../notes' WHERE key = ?",
+                             (rows[3][0],))
                 failed = sorted(conn.execute("SELECT key, args FROM Failures"),
                                 key=lambda r: r[1])
                 conn.execute("UPDATE Failures SET count = 'many' WHERE key = ?",
@@ -13694,7 +13699,7 @@ class TestMergeCommand(TempDirTest):
             with self.subTest(dest=dest):
                 lines = self.merged(source, dest)
                 self.assertEqual(lines[0].split(": ", 1)[1], "1 result copied, 0 skipped (not "
-                                 "newer than DEST's), 2 unreadable in SOURCE (a value file "
+                                 "newer than DEST's), 3 unreadable in SOURCE (a value file "
                                  "missing, or a row persist did not write): not copied; 1 "
                                  "failure record copied, 0 skipped")
                 self.assertEqual(ls_entries(str(dest.parent), dest.name), 1)
