@@ -10163,12 +10163,15 @@ def _check_merge(pairs, force):
         if None in found and len(found) > 1:
             # a shelf's keys are its users' words, a function's the digests of calls: mixed,
             # the shelf would hold keys that are no words (its iteration fails), and the
-            # function entries that no call finds. Not even --force.
-            named = ["%s in %s" % ("%s()" % name if name else "a shelf (persist.open)",
-                                   path) for name, path in found.items()]
+            # function entries that no call finds. Not even --force. (A function's store
+            # of files that lost its info file reads as a shelf too: a call records it.)
+            named = ["%s in %s" % ("%s()" % name if name else "a shelf (persist.open; or a "
+                                   "cache that records no function)", path)
+                     for name, path in found.items()]
             raise PersistError(errno.EINVAL, "a shelf and a function's cache merged into "
                                "one: %s. A shelf merges only with shelves, a function's cache "
-                               "with its function's" % "; ".join(named), dest,
+                               "with its function's (a function's cache that lost its record "
+                               "of it: call the function once there)" % "; ".join(named), dest,
                                reason=PersistError.NAME_CLASH)
         if len(found) > 1 and not force:
             named = ["%s in %s" % ("%s()" % name if name else "a shelf (persist.open)",
