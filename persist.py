@@ -4312,7 +4312,7 @@ class _Run:
                                           for kind, count in kinds.most_common())
         parts.append(failed)
         done = self.done
-        items = "%s items" % _n(total) if done == total else \
+        items = "%s item%s" % (_n(total), "" if total == 1 else "s") if done == total else \
             "%s of %s items" % (_n(done), _n(total))
         line = "%s: %s%s: %s in %s" % (self.title, items, self.of, ", ".join(parts),
                                         _took(time.perf_counter() - self.start))

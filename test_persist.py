@@ -4448,7 +4448,7 @@ class TestMapShards(MemoTest):
                     self.assertIn("%d of %d items (this shard's, of 10) failed" % (
                         len(failed), len(share)), message)
                     self.assertIn("every other item of the shard was tried", message)
-            self.assertRegex(logs.output[-1], r"^INFO:persist:parse, shard=\(%d, 3\): %d items "
+            self.assertRegex(logs.output[-1], r"^INFO:persist:parse, shard=\(%d, 3\): %d items? "
                                               r"\(this shard's, of 10\): 0 reused, %d computed, "
                                               r"%d failed" % (index, len(share),
                                                               len(share) - len(failed),
@@ -4505,6 +4505,14 @@ class TestMapShards(MemoTest):
         self.assertEqual([item for item, _ in caught.exception.failures], ["?2", "?6", "?9"])
         self.assertRegex(logs.output[-1], r"^INFO:persist:g: 11 items: 8 reused, 0 computed, "
                                           r"3 failed \(ValueError x3\)")
+
+    def test_a_share_of_one_item_says_one_item(self):
+        # the summary said "1 items (this shard's, of 5)"
+        shares = self.shares(echo, ["a", "b", "c", "d", "e"], 5)
+        index = [len(share) for share in shares].index(1)
+        with self.assertLogs("persist", "INFO") as logs:
+            persist.map(echo, ["a", "b", "c", "d", "e"], shard=(index, 5), progress=False)
+        self.assertRegex(logs.output[-1], r": 1 item \(this shard's, of 5\): ")
 
     def test_keep_going_false_stops_at_the_shares_first_failure(self):
         items = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12"]
