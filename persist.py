@@ -10140,11 +10140,14 @@ def _check_merge(pairs, force):
         if os.path.lexists(dest) and _same_cache(source, dest):
             raise OSError(errno.EINVAL, "DEST is the same cache as the SOURCE %s: merge "
                           "into another cache" % source, dest)
-        if _within(dest, source) or _within(source, dest):
+        if _within(dest, source) or _within(source, dest) or \
+                _within(dest, source + ".values"):
             # a store of files is a directory: a cache made inside it would lie among its
-            # records, which no one lists (and 'ls' of it would find the cache inside)
-            raise OSError(errno.EINVAL, "DEST is inside the SOURCE %s, a store of files, or "
-                          "it inside DEST: merge into a cache outside it" % source, dest)
+            # records, which no one lists (and 'ls' of it would find the cache inside); so
+            # is a SQLite cache's directory of value files
+            raise OSError(errno.EINVAL, "DEST is inside the SOURCE %s, a store of files (or "
+                          "its value files), or it inside DEST: merge into a cache outside it"
+                          % source, dest)
         for path, flag, what in ((source, "r", "SOURCE"), (dest, "r", "DEST")):
             if path == dest and not os.path.lexists(dest):
                 continue                       # made by the merge

@@ -13536,6 +13536,7 @@ class TestMergeCommand(TempDirTest):
         # beside it, of the other kind, and again deeper at each rerun), or inside a store
         # of files, among its records (where no one lists it); through a link or '..' too
         self.fill(self.path / "m1", "files", [0, 1])
+        self.fill(self.path / "m2", "sqlite", [0])
         source = self.path / "m1" / "job.files"
         os.symlink(str(self.path / "m1"), str(self.path / "link"))
         before = sorted(str(path) for path in self.path.rglob("*"))
@@ -13544,7 +13545,8 @@ class TestMergeCommand(TempDirTest):
                      [self.path / "m1", self.path / "m1" / "sub"],
                      [self.path / "m1", self.path / "link" / "sub"],
                      [source, source / "results" / "job.files"],
-                     [source, self.path / "link" / "job.files" / "more" / "job.db"]):
+                     [source, self.path / "link" / "job.files" / "more" / "job.db"],
+                     [self.path / "m2" / "job.db", self.path / "m2" / "job.db.values" / "x.db"]):
             with self.subTest(args=args):
                 self.assertRefused(self.cli(*args), "DEST is inside the SOURCE",
                                    "outside it")
