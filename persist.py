@@ -10112,7 +10112,10 @@ def _merge_pairs(sources, dest, directory):
             stem = os.path.basename(where)
             stem = stem[:-len(".files")] if stem.endswith(".files") else \
                 os.path.splitext(stem)[0]
-            kind = _store_kind(folder, None, "")
+            try:
+                kind = _store_kind(folder, None, "")
+            except ValueError as exc:       # $PERSIST_STORE of no store: said in one line
+                raise OSError(errno.EINVAL, str(exc), dest) from None
             pairs.append((path, os.path.join(folder, stem + (".files" if kind == "files"
                                                              else ".db")), kind))
         return pairs

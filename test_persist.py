@@ -13521,6 +13521,9 @@ class TestMergeCommand(TempDirTest):
                 (["nothing-here", "dest.db"], ["No such cache"])):
             with self.subTest(args=args):
                 self.assertRefused(self.cli(*args), *words)
+        # a $PERSIST_STORE of no store, where it chooses DEST's kind: one line, no traceback
+        self.assertRefused(self.cli(self.path / "m1", "dest", PERSIST_STORE="sqlit"),
+                           "dest: $PERSIST_STORE='sqlit' is not a store persist has")
         self.assertEqual(sorted(os.listdir(self.dir)), before)
         self.assertEqual((self.path / "notes.txt").read_text(), "my notes")
         with persist.open(self.path / "other" / "other.db", "r") as shelf:
