@@ -10152,8 +10152,8 @@ def _check_merge(pairs, force):
                           "its value files), or it inside DEST: merge into a cache outside it"
                           % source, dest)
         for path, flag, what in ((source, "r", "SOURCE"), (dest, "r", "DEST")):
-            if path == dest and not os.path.lexists(dest):
-                continue                       # made by the merge
+            if path == dest and (not os.path.lexists(dest) or _empty_dir(dest)):
+                continue           # made by the merge (mkdir out.files: a store made there)
             try:
                 with contextlib.closing(_open_store(path, flag, kind if path == dest
                                                     else None)) as store:
@@ -10190,6 +10190,15 @@ def _check_merge(pairs, force):
                                reason=PersistError.NAME_CLASH)
 
 
+def _empty_dir(path):
+    # type: (str) -> bool
+    """Whether path is a directory (not a link) with nothing in it."""
+    try:
+        return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+    except OSError:
+        return False
+
+
 def _within(inner, outer):
     # type: (str, str) -> bool
     """Whether the path inner is outer, or under it, once links and '..' are resolved."""
@@ -10221,7 +10230,7 @@ def _merge_cache(source, dest, kind, dry_run, pending):
             if not os.path.lexists(dest):
                 _make_cache_dir(os.path.dirname(os.path.abspath(dest)))
             store = _open_store(dest, "c", kind)
-        elif os.path.lexists(dest):
+        elif os.path.lexists(dest) and not _empty_dir(dest):
             store = _open_store(dest, "r", kind)
         try:
             mine = store.info() if store is not None else {}

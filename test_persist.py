@@ -13734,6 +13734,19 @@ class TestMergeCommand(TempDirTest):
         self.assertIn(": 2 results copied, 0 skipped", lines[0])
         self.assertHits(self.path / "d", "sqlite", {0: ("here", 0), 1: ("here", 1)})
 
+    def test_into_an_empty_directory_named_files(self):
+        # mkdir out.files, then merge into it (as persist.open makes a shelf there): refused
+        # as "DEST is not a cache (not a cache)"
+        self.fill(self.path / "m1", "sqlite", [0, 1, -1])
+        dest = self.path / "out" / "job.files"
+        dest.mkdir(parents=True)
+        lines = self.merged("--dry-run", self.path / "m1" / "job.db", dest)
+        self.assertIn(": 2 results to copy, 0 to skip", lines[0])
+        self.assertEqual(os.listdir(str(dest)), [])
+        lines = self.merged(self.path / "m1" / "job.db", dest)
+        self.assertIn(": 2 results copied, 0 skipped", lines[0])
+        self.assertHits(dest.parent, "files", {0: ("here", 0), 1: ("here", 1)})
+
     def test_whole_cache_directories_by_name(self):
         # another machine's .persist (stores of files) into this one's: cache by cache
         theirs, mine = self.path / "theirs" / ".persist", self.path / "mine" / ".persist"
