@@ -10162,9 +10162,12 @@ def _check_merge(pairs, force):
                         functions.setdefault(dest, {}).setdefault(info.get("function"), path)
             except PersistError as exc:
                 why = exc.reason           # as the store said it (NOT_A_CACHE, SHELVE...)
+                problem = _problem(path, exc)
+                if problem == "not a cache":     # (as 'ls' lists it) a directory, not a store
+                    problem = "a directory without the marker file 'store' of a store of files"
                 raise PersistError(errno.EINVAL, "%s is not a cache (%s); 'persist ls DIR' "
-                                   "lists the caches of a directory" % (
-                                       what, _problem(path, exc)), path, reason=why) from None
+                                   "lists the caches of a directory" % (what, problem), path,
+                                   reason=why) from None
     for dest, found in functions.items():
         if None in found and len(found) > 1:
             # a shelf's keys are its users' words, a function's the digests of calls: mixed,

@@ -13503,6 +13503,8 @@ class TestMergeCommand(TempDirTest):
         other(1)
         (self.path / "notes.txt").write_text("my notes")
         (self.path / "plain").mkdir()
+        (self.path / "mine.files").mkdir()
+        (self.path / "mine.files" / "notes.txt").write_text("mine")
         before = sorted(os.listdir(self.dir))
         for args, words in (
                 ([source, self.path / "m1" / ".." / "m1" / "job.files"],
@@ -13517,6 +13519,9 @@ class TestMergeCommand(TempDirTest):
                 ([self.path / "m1", self.path / "notes.txt"],
                  ["DEST must be a directory"]),
                 ([self.path / "plain", "dest.db"], ["a directory with no caches under it"]),
+                ([source, self.path / "mine.files"],
+                 ["mine.files: DEST is not a cache (a directory without the marker file "
+                  "'store' of a store of files)"]),
                 ([source, "dest"], ["dest: No such cache", "ends in .db (SQLite) or .files"]),
                 (["nothing-here", "dest.db"], ["No such cache"])):
             with self.subTest(args=args):
