@@ -3671,11 +3671,14 @@ def _check_shard(shard):
             "int(os.environ['SLURM_ARRAY_TASK_COUNT']))")
     if not isinstance(shard, (tuple, list)) or len(shard) != 2:
         raise TypeError("%s; not %r" % (form, shard))
-    index, count = shard
-    for name, value in (("index", index), ("count", count)):
-        if isinstance(value, bool) or not isinstance(value, int):
+    whole = []
+    for name, value in zip(("index", "count"), shard):
+        # any integer as range() takes one (__index__): numpy's, as np.arange() gives them
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
             raise TypeError("%s; its %s is %r, not an int (an environment variable is a str: "
                             "int() it)" % (form, name, value))
+        whole.append(value.__index__())
+    index, count = whole
     if count < 1:
         raise ValueError("%s; its count is %d: a job array has 1 task or more"
                          % (form, count))
@@ -4320,7 +4323,7 @@ class _Run:
                                           for kind, count in kinds.most_common())
         parts.append(failed)
         done = self.done
-        items = "%s items" % _n(total) if done == total else \
+        items = "%s item%s" % (_n(total), "" if total == 1 else "s") if done == total else \
             "%s of %s items" % (_n(done), _n(total))
         line = "%s: %s%s: %s in %s" % (self.title, items, self.of, ", ".join(parts),
                                         _took(time.perf_counter() - self.start))
@@ -6750,9 +6753,12 @@ class _Store:
     # of a key winning. Each copy is one transaction of its own.
 
     def raw_entries(self):
-        # type: () -> Iterator[Tuple[bytes, bytes, Dict[str, Any]]]
+        # type: () -> Iterator[Tuple[bytes, Optional[bytes], Dict[str, Any]]]
         """(key, pickle, meta) of every entry, read one at a time; the pickle as stored, never
-        loaded; meta: {stored, seconds, version, args, owner}, as put_raw() takes it."""
+        loaded; meta: {stored, seconds, version, args, owner}, as put_raw() takes it. The
+        pickle is None where the entry's value file is missing (removed by hand, lost), or
+        its row is none persist wrote (values of other types): nothing to copy; the others
+        are still copied."""
         sql = _RAW % ("owner" if self.owned() else "NULL")
         for key in self.keys():
             for _ in range(3):      # a writer may replace it, removing its value file, as we read
@@ -6760,18 +6766,26 @@ class _Store:
                 if not rows:
                     break           # removed meanwhile
                 value, file, stored, seconds, version, args, owner = rows[0]
+                meta = {"stored": stored, "seconds": seconds, "version": version,
+                        "args": args, "owner": owner}
+                if not _persists_meta(meta) or not isinstance(value, (bytes, memoryview)):
+                    yield key, None, meta   # a row another program wrote: none to copy
+                    break
                 if file is not None:
                     try:
                         with io.open(self.values.path(file), "rb") as data:
                             value = data.read()
                     except FileNotFoundError:
                         continue
-                yield key, bytes(value), {"stored": stored, "seconds": seconds,
-                                          "version": version, "args": args, "owner": owner}
+                    except PersistError as exc:
+                        if exc.reason != PersistError.CORRUPT_ROW:
+                            raise
+                        yield key, None, meta   # a file elsewhere, never read: the others
+                        break                   # are copied (merge is how a cache is saved)
+                yield key, bytes(value), meta
                 break
             else:                   # a row that names a file that is not there
-                raise FileNotFoundError(errno.ENOENT, "a result's value file is missing; "
-                                        "'persist ls' and memoize say which", self.path)
+                yield key, None, meta
 
     def put_raw(self, key, data, meta):
         # type: (bytes, bytes, Dict[str, Any]) -> bool
@@ -6810,9 +6824,11 @@ class _Store:
                                 "owner" if self.owned() else "NULL")
         rows = self.conn.run(_fetch, sql + (" WHERE key = ?" if key is not None else ""),
                              (key,) if key is not None else ())
+        # a row another program wrote, with values of other types: no record to copy
         return [(bytes(row[0]), dict(zip(_SPAN_FIELDS, row[1:]), call=(
             bytes(row[10]) if isinstance(row[10], (bytes, memoryview)) else row[10]),
-            started=row[7] - (row[8] or 0.0))) for row in rows]
+            started=row[7] - (row[8] or 0.0))) for row in rows
+            if _persists_span(dict(zip(_SPAN_FIELDS, row[1:])))]
 
     def put_failure(self, key, span):
         # type: (bytes, Dict[str, Any]) -> bool
@@ -8569,8 +8585,9 @@ class _FileStore:
     # each one record published, the newest result of a key winning
 
     def raw_entries(self):
-        # type: () -> Iterator[Tuple[bytes, bytes, Dict[str, Any]]]
-        """(key, pickle, meta) of every entry (as _Store.raw_entries()): never loaded."""
+        # type: () -> Iterator[Tuple[bytes, Optional[bytes], Dict[str, Any]]]
+        """(key, pickle, meta) of every entry (as _Store.raw_entries()): never loaded. A torn
+        record is no entry, as to get()."""
         for path, header, data in self._entries():
             yield _key_of_record(path, header), bytes(data), {
                 name: header.get(name) for name in _RAW_META}
@@ -8746,6 +8763,18 @@ class _FileStore:
                 _number(failure.get(field)) for field in ("when", "started")) or \
                 not all(isinstance(failure.get(field), str)
                         for field in ("type", "message", "traceback")):
+            return None
+        # and those that failures() adds up, and a merge copies (into SQLite's typed
+        # columns): the count and first failure 'persist merge' writes, the call's pickle
+        call, count = failure.get("call"), failure.get("count", 1)
+        if not (failure.get("seconds") is None or _number(failure["seconds"])) or \
+                not all(failure.get(field) is None or isinstance(failure[field], str)
+                        for field in ("args", "version", "owner")) or \
+                not (isinstance(count, int) and not isinstance(count, bool) and
+                     0 <= count < 1 << 62) or \
+                not _number(failure.get("first", 0)) or \
+                not (call is None or isinstance(call, str) or isinstance(call, dict) and
+                     isinstance(call.get("pickle"), str) and _is_hex(call["pickle"])):
             return None
         return failure
 
@@ -9185,6 +9214,40 @@ def _result_parts(payload):
                 for field in ("version", "args", "owner", "key")):
         return None
     return header, payload[4 + length:]
+
+
+def _persists_meta(meta):
+    # type: (Dict[str, Any]) -> bool
+    """Whether meta (of a result: stored, seconds, version, args, owner) has the types
+    persist writes: a finite stored time, seconds a number or None, the rest text or None."""
+    stored, seconds = meta.get("stored"), meta.get("seconds")  # type: Any, Any
+    return _number(stored) and -float("inf") < stored < float("inf") and \
+        (seconds is None or _number(seconds)) and all(
+            meta.get(field) is None or isinstance(meta[field], str)
+            for field in ("version", "args", "owner"))
+
+
+def _persists_span(span):
+    # type: (Dict[str, Any]) -> bool
+    """Whether span (a failure record's fields, _SPAN_FIELDS) has the types persist writes."""
+    count, first = span.get("count"), span.get("first")  # type: Any, Any
+    return _persists_meta({"stored": span.get("last"), "seconds": span.get("seconds"),
+                           "version": span.get("version"), "args": span.get("args"),
+                           "owner": span.get("owner")}) and \
+        _number(first) and -float("inf") < first < float("inf") and \
+        all(isinstance(span.get(field), str) for field in ("type", "message", "traceback")) \
+        and isinstance(count, int) and not isinstance(count, bool) and 0 <= count < 1 << 62 \
+        and (span.get("call") is None or isinstance(span["call"], (str, bytes, memoryview)))
+
+
+def _is_hex(text):
+    # type: (str) -> bool
+    """Whether text is bytes in hex, as bytes.fromhex() takes them."""
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _number(value):
@@ -9826,13 +9889,13 @@ def _cli_ls(options):
     # type: (argparse.Namespace) -> None
     directory = options.dir or _default_cache_dir()
     paths: "Iterable[str]"
-    if os.path.exists(directory) and not os.path.isdir(directory):   # one, as 'show' takes it
-        _Store(directory, "r").close()     # else its error, as 'show' gives it
-        paths, directory = [directory], os.path.dirname(directory) or os.curdir
-    elif _is_file_store(directory) and not os.path.islink(directory):
-        # one store of files (NAME.files/, as a shell completes it), as one .db file: walked
-        # as a directory of caches, it listed none
+    if os.path.exists(directory) and not os.path.isdir(directory) or \
+            _is_file_store(directory):
+        # one cache, as 'show' takes it, else its error, as 'show' gives it; a store of files
+        # too (NAME.files/, as a shell completes it: walked as a directory of caches, it
+        # listed none)
         directory = directory.rstrip("/" + os.sep) or directory
+        _open_store(directory, "r").close()
         paths, directory = [directory], os.path.dirname(directory) or os.curdir
     elif os.path.isdir(directory):
         paths = list(_caches_under(directory))     # one that it may not read: an error
@@ -10012,7 +10075,7 @@ def _cli_failures(options):  # type: ignore[return]
 
 
 def _cli_merge(options):
-    # type: (argparse.Namespace) -> None
+    # type: (argparse.Namespace) -> Optional[int]
     """Copy results and failure records from SOURCE caches into DEST: each pair is checked
     before anything is written; then each entry is one write of DEST's (a transaction, or
     one file published), so that a merge killed at any point leaves DEST a cache of whole
@@ -10021,10 +10084,25 @@ def _cli_merge(options):
     _check_merge(pairs, options.force)
     pending = {}     # type: Dict[str, Dict[str, Any]]
     for source, dest, kind in pairs:
-        counts = _merge_cache(source, dest, kind, options.dry_run,
-                              pending.setdefault(dest, {"results": {}, "failures": {}}))
+        try:
+            counts = _merge_cache(source, dest, kind, options.dry_run,
+                                  pending.setdefault(dest, {"results": {}, "failures": {}}))
+        except KeyboardInterrupt:
+            # Ctrl-C in a long merge: each entry is one write, whole or not there
+            print("persist: interrupted, merging %s into %s: what was copied stays; the same "
+                  "merge again finishes it" % (_one_line(source), _one_line(dest)),
+                  file=sys.stderr)
+            return 130                   # as a shell reports a SIGINT
+        except OSError as exc:
+            if exc.filename is not None or not exc.strerror:
+                raise
+            # a write of DEST's that failed (ENOSPC) names no file: say which cache
+            raise OSError(exc.errno, "%s, merging %s into it; what was copied stays: the "
+                          "same merge again finishes it" % (exc.strerror, source),
+                          dest) from exc
         print("%s -> %s: %s; %s" % (_one_line(source), _one_line(dest), counts[0],
                                     counts[1]))
+    return None
 
 
 def _merge_pairs(sources, dest, directory):
@@ -10041,7 +10119,15 @@ def _merge_pairs(sources, dest, directory):
         dest = dest.rstrip("/" + os.sep)
     found = []   # type: List[Tuple[str, Optional[str]]]
     for name in sources:
-        if os.path.isdir(name) and not _is_file_store(name) and not os.path.islink(name):
+        # (a link to a directory of caches, given on the command line, is followed, as ls
+        # and cp follow one: ~/caches -> /scratch/me/caches)
+        if os.path.isdir(name) and not _is_file_store(name):
+            if _within(dest, name):
+                # each cache would merge into one beside it, of the other kind; and a merge
+                # again would find those it made, and merge them deeper
+                raise OSError(errno.EINVAL, "DEST is inside the SOURCE %s, a directory of "
+                              "caches (or is it): merge into a directory outside it" % name,
+                              dest)
             caches = list(_caches_under(name))
             if not caches:
                 raise FileNotFoundError(errno.ENOENT, "a directory with no caches under it "
@@ -10050,7 +10136,7 @@ def _merge_pairs(sources, dest, directory):
         else:
             found.append((_find_cache(name, directory), None))
     if any(where is not None for _, where in found) or \
-            os.path.isdir(dest) and not _is_file_store(dest) and not os.path.islink(dest):
+            os.path.isdir(dest) and not _is_file_store(dest):
         if os.path.lexists(dest) and not os.path.isdir(dest):
             raise NotADirectoryError(errno.ENOTDIR, "a SOURCE is a directory of caches, so "
                                      "DEST must be a directory (made if missing), not a "
@@ -10062,7 +10148,10 @@ def _merge_pairs(sources, dest, directory):
             stem = os.path.basename(where)
             stem = stem[:-len(".files")] if stem.endswith(".files") else \
                 os.path.splitext(stem)[0]
-            kind = _store_kind(folder, None, "")
+            try:
+                kind = _store_kind(folder, None, "")
+            except ValueError as exc:       # $PERSIST_STORE of no store: said in one line
+                raise OSError(errno.EINVAL, str(exc), dest) from None
             pairs.append((path, os.path.join(folder, stem + (".files" if kind == "files"
                                                              else ".db")), kind))
         return pairs
@@ -10090,9 +10179,17 @@ def _check_merge(pairs, force):
         if os.path.lexists(dest) and _same_cache(source, dest):
             raise OSError(errno.EINVAL, "DEST is the same cache as the SOURCE %s: merge "
                           "into another cache" % source, dest)
+        if _within(dest, source) or _within(source, dest) or \
+                _within(dest, source + ".values"):
+            # a store of files is a directory: a cache made inside it would lie among its
+            # records, which no one lists (and 'ls' of it would find the cache inside); so
+            # is a SQLite cache's directory of value files
+            raise OSError(errno.EINVAL, "DEST is inside the SOURCE %s, a store of files (or "
+                          "its value files), or it inside DEST: merge into a cache outside it"
+                          % source, dest)
         for path, flag, what in ((source, "r", "SOURCE"), (dest, "r", "DEST")):
-            if path == dest and not os.path.lexists(dest):
-                continue                       # made by the merge
+            if path == dest and (not os.path.lexists(dest) or _empty_dir(dest)):
+                continue           # made by the merge (mkdir out.files: a store made there)
             try:
                 with contextlib.closing(_open_store(path, flag, kind if path == dest
                                                     else None)) as store:
@@ -10102,18 +10199,25 @@ def _check_merge(pairs, force):
             except PersistError as exc:
                 why = exc.reason           # as the store said it (NOT_A_CACHE, SHELVE...)
                 problem = _problem(path, exc)
-                if problem == "not a cache" and os.path.isdir(path):
-                    # a directory named NAME.files with no store in it (one a merge of a
-                    # directory of caches made, holding them): "not a cache (not a cache)"
-                    raise PersistError(errno.EINVAL, "%s is a directory but no store of files "
-                                       "(it has no 'store' file): give a cache in it ('persist "
-                                       "ls %s' lists them), or another name" % (
-                                           what, _shell_word(path)), path,
-                                       reason=why) from None
+                if problem == "not a cache":     # (as 'ls' lists it) a directory, not a store
+                    problem = "a directory without the marker file 'store' of a store of files"
                 raise PersistError(errno.EINVAL, "%s is not a cache (%s); 'persist ls DIR' "
-                                   "lists the caches of a directory" % (
-                                       what, problem), path, reason=why) from None
+                                   "lists the caches of a directory" % (what, problem), path,
+                                   reason=why) from None
     for dest, found in functions.items():
+        if None in found and len(found) > 1:
+            # a shelf's keys are its users' words, a function's the digests of calls: mixed,
+            # the shelf would hold keys that are no words (its iteration fails), and the
+            # function entries that no call finds. Not even --force. (A function's store
+            # of files that lost its info file reads as a shelf too: a call records it.)
+            named = ["%s in %s" % ("%s()" % name if name else "a shelf (persist.open; or a "
+                                   "cache that records no function)", path)
+                     for name, path in found.items()]
+            raise PersistError(errno.EINVAL, "a shelf and a function's cache merged into "
+                               "one: %s. A shelf merges only with shelves, a function's cache "
+                               "with its function's (a function's cache that lost its record "
+                               "of it: call the function once there)" % "; ".join(named), dest,
+                               reason=PersistError.NAME_CLASH)
         if len(found) > 1 and not force:
             named = ["%s in %s" % ("%s()" % name if name else "a shelf (persist.open)",
                                    path) for name, path in found.items()]
@@ -10123,6 +10227,22 @@ def _check_merge(pairs, force):
                                "keys), --force merges them, keeping DEST's record of its "
                                "function" % "; ".join(named), dest,
                                reason=PersistError.NAME_CLASH)
+
+
+def _empty_dir(path):
+    # type: (str) -> bool
+    """Whether path is a directory (not a link) with nothing in it."""
+    try:
+        return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)
+    except OSError:
+        return False
+
+
+def _within(inner, outer):
+    # type: (str, str) -> bool
+    """Whether the path inner is outer, or under it, once links and '..' are resolved."""
+    inner, outer = os.path.realpath(inner), os.path.realpath(outer)
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
 def _same_cache(one, other):
@@ -10141,6 +10261,7 @@ def _merge_cache(source, dest, kind, dry_run, pending):
     would have copied into dest (so that several SOURCEs count as they would merge).
     Returns what it copied and skipped, as words."""
     results, failures = [0, 0], [0, 0]      # copied, skipped
+    lost = 0        # SOURCE's entries it cannot copy: a value file missing, a row not persist's
     with contextlib.closing(_open_store(source, "r")) as src:
         info = src.info()
         store = None        # type: Optional[_AnyStore]
@@ -10148,7 +10269,7 @@ def _merge_cache(source, dest, kind, dry_run, pending):
             if not os.path.lexists(dest):
                 _make_cache_dir(os.path.dirname(os.path.abspath(dest)))
             store = _open_store(dest, "c", kind)
-        elif os.path.lexists(dest):
+        elif os.path.lexists(dest) and not _empty_dir(dest):
             store = _open_store(dest, "r", kind)
         try:
             mine = store.info() if store is not None else {}
@@ -10157,6 +10278,9 @@ def _merge_cache(source, dest, kind, dry_run, pending):
             if not mine and info and store is not None and not dry_run:
                 store.set_info(info)               # DEST's own, where it has one
             for key, data, meta in src.raw_entries():
+                if data is None:
+                    lost += 1
+                    continue
                 if store is not None and not dry_run:     # it checks DEST's, as it writes
                     results[store.put_raw(key, data, meta) is False] += 1
                     continue
@@ -10182,6 +10306,11 @@ def _merge_cache(source, dest, kind, dry_run, pending):
                 others = pending["failures"].setdefault(key, [])
                 if store is not None:
                     others = others + [other for _, other in store.failure_spans(key)]
+                if kind != "files" and others:
+                    # SQLite keeps one record a key, which each merged span widens: it covers
+                    # what lies between the first and last of them all
+                    others = [{"first": min(other["first"] for other in others),
+                               "last": max(other["last"] for other in others)}]
                 if stored is not None and stored >= span["started"] or \
                         any(_covers(other, span) for other in others):
                     failures[1] += 1
@@ -10193,8 +10322,10 @@ def _merge_cache(source, dest, kind, dry_run, pending):
                 store.close()
     done = "to copy" if dry_run else "copied"
     left = "to skip" if dry_run else "skipped"
-    return ("%d result%s %s, %d %s (not newer than DEST's)" % (
-        results[0], "" if results[0] == 1 else "s", done, results[1], left),
+    return ("%d result%s %s, %d %s (not newer than DEST's)%s" % (
+        results[0], "" if results[0] == 1 else "s", done, results[1], left,
+        ", %d unreadable in SOURCE (a value file missing, or a row persist did not "
+        "write): not copied" % lost if lost else ""),
         "%d failure record%s %s, %d %s%s" % (
             failures[0], "" if failures[0] == 1 else "s", done, failures[1], left,
             " (dry run: nothing written)" if dry_run else ""))

@@ -4448,7 +4448,7 @@ class TestMapShards(MemoTest):
                     self.assertIn("%d of %d items (this shard's, of 10) failed" % (
                         len(failed), len(share)), message)
                     self.assertIn("every other item of the shard was tried", message)
-            self.assertRegex(logs.output[-1], r"^INFO:persist:parse, shard=\(%d, 3\): %d items "
+            self.assertRegex(logs.output[-1], r"^INFO:persist:parse, shard=\(%d, 3\): %d items? "
                                               r"\(this shard's, of 10\): 0 reused, %d computed, "
                                               r"%d failed" % (index, len(share),
                                                               len(share) - len(failed),
@@ -4506,6 +4506,14 @@ class TestMapShards(MemoTest):
         self.assertRegex(logs.output[-1], r"^INFO:persist:g: 11 items: 8 reused, 0 computed, "
                                           r"3 failed \(ValueError x3\)")
 
+    def test_a_share_of_one_item_says_one_item(self):
+        # the summary said "1 items (this shard's, of 5)"
+        shares = self.shares(echo, ["a", "b", "c", "d", "e"], 5)
+        index = [len(share) for share in shares].index(1)
+        with self.assertLogs("persist", "INFO") as logs:
+            persist.map(echo, ["a", "b", "c", "d", "e"], shard=(index, 5), progress=False)
+        self.assertRegex(logs.output[-1], r": 1 item \(this shard's, of 5\): ")
+
     def test_keep_going_false_stops_at_the_shares_first_failure(self):
         items = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12"]
         bad = []
@@ -4558,6 +4566,26 @@ class TestMapShards(MemoTest):
                     persist.map(f, items(), shard=shard)
         self.assertEqual((taken, f.calls), ([], []))
         self.assertEqual(persist.map(f, ["1"], shard=[0, 1], progress=False), [1])
+
+    def test_any_integer_type_is_an_index(self):
+        # for i in np.arange(count): numpy's integers are no int, but integers all the same
+        # (__index__, as range() and a list's [] take them); one that is out of range, still
+        # refused as an int would be
+        class Integer:          # as numpy.int64 is: not an int subclass
+            def __init__(self, value):
+                self.value = value
+
+            def __index__(self):
+                return self.value
+
+            def __repr__(self):
+                return "Integer(%d)" % self.value
+
+        shares = [persist.map(echo, SHARD_ITEMS, shard=(Integer(index), Integer(3)),
+                              progress=False) for index in range(3)]
+        self.assertEqual(shares, self.shares(echo, SHARD_ITEMS, 3))
+        with self.assertRaisesRegex(ValueError, r"its index is 3, outside 0 to 2"):
+            persist.map(echo, SHARD_ITEMS, shard=(Integer(3), 3))
 
     def test_an_item_that_cannot_be_keyed_is_refused_before_anything_runs(self):
         ran = []
@@ -13582,6 +13610,26 @@ class TestMergeCommand(TempDirTest):
             self.assertEqual([line.split(": ", 1)[1].split(";")[0] for line in again],
                              ["0 results to copy, 2 to skip (not newer than DEST's)"] * 2)
 
+    @slow
+    def test_dry_run_counts_failures_as_sqlite_merges_them(self):
+        # SQLite keeps one failure record a key, widened by each merge: a record of DEST's
+        # (the earliest failure), then one of the first SOURCE's (the latest), cover the
+        # second SOURCE's (in between). The dry run weighed each record apart: "1 to copy",
+        # where the merge skips it
+        dest = self.path / "d" / "job.db"
+        self.fill(dest.parent, "sqlite", [-1])
+        self.fill(self.path / "m2", "sqlite", [-1])
+        self.fill(self.path / "m1", "files", [-1])
+        sources = [self.path / "m1" / "job.files", self.path / "m2" / "job.db"]
+        dry = self.merged("--dry-run", *sources + [dest])
+        real = self.merged(*sources + [dest])
+        self.assertEqual([line.split("; ")[1] for line in real],
+                         ["1 failure record copied, 0 skipped",
+                          "0 failure records copied, 1 skipped"])
+        self.assertEqual([line.split("; ")[1] for line in dry],
+                         ["1 failure record to copy, 0 to skip (dry run: nothing written)",
+                          "0 failure records to copy, 1 to skip (dry run: nothing written)"])
+
     def assertRefused(self, done, *words):
         self.assertEqual(done.returncode, 1, done.stdout)
         self.assertEqual(done.stdout, "")
@@ -13601,7 +13649,8 @@ class TestMergeCommand(TempDirTest):
         other(1)
         (self.path / "notes.txt").write_text("my notes")
         (self.path / "plain").mkdir()
-        (self.path / "plain.files").mkdir()
+        (self.path / "mine.files").mkdir()
+        (self.path / "mine.files" / "notes.txt").write_text("mine")
         before = sorted(os.listdir(self.dir))
         for args, words in (
                 ([source, self.path / "m1" / ".." / "m1" / "job.files"],
@@ -13610,20 +13659,22 @@ class TestMergeCommand(TempDirTest):
                  ["notes.txt: SOURCE is not a cache (not SQLite)"]),
                 ([source, self.path / "notes.txt"],
                  ["notes.txt: DEST is not a cache (not SQLite)"]),
-                # a directory named as a store of files, with none in it, said "DEST is not
-                # a cache (not a cache)": now what it is, and what to give instead
-                ([source, self.path / "plain.files"],
-                 ["plain.files: DEST is a directory but no store of files", "persist ls "]),
                 ([source, self.path / "other" / "other.db"],
                  ["caches of different functions merged into one", "job() in",
                   "other() in", "--force"]),
                 ([self.path / "m1", self.path / "notes.txt"],
                  ["DEST must be a directory"]),
                 ([self.path / "plain", "dest.db"], ["a directory with no caches under it"]),
+                ([source, self.path / "mine.files"],
+                 ["mine.files: DEST is not a cache (a directory without the marker file "
+                  "'store' of a store of files)"]),
                 ([source, "dest"], ["dest: No such cache", "ends in .db (SQLite) or .files"]),
                 (["nothing-here", "dest.db"], ["No such cache"])):
             with self.subTest(args=args):
                 self.assertRefused(self.cli(*args), *words)
+        # a $PERSIST_STORE of no store, where it chooses DEST's kind: one line, no traceback
+        self.assertRefused(self.cli(self.path / "m1", "dest", PERSIST_STORE="sqlit"),
+                           "dest: $PERSIST_STORE='sqlit' is not a store persist has")
         self.assertEqual(sorted(os.listdir(self.dir)), before)
         self.assertEqual((self.path / "notes.txt").read_text(), "my notes")
         with persist.open(self.path / "other" / "other.db", "r") as shelf:
@@ -13632,6 +13683,221 @@ class TestMergeCommand(TempDirTest):
         # is newer than job(1))
         lines = self.merged("--force", source, self.path / "other" / "other.db")
         self.assertIn(": 1 result copied, 1 skipped", lines[0])
+
+    @slow
+    def test_dest_inside_a_source_refused(self):
+        # a careless DEST: in the SOURCE directory of caches (each would merge into one
+        # beside it, of the other kind, and again deeper at each rerun), or inside a store
+        # of files, among its records (where no one lists it); through a link or '..' too
+        self.fill(self.path / "m1", "files", [0, 1])
+        self.fill(self.path / "m2", "sqlite", [0])
+        source = self.path / "m1" / "job.files"
+        os.symlink(str(self.path / "m1"), str(self.path / "link"))
+        before = sorted(str(path) for path in self.path.rglob("*"))
+        for args in ([self.path / "m1", self.path / "m1"],
+                     [self.path / "m1", str(self.path / "m1") + os.sep],
+                     [self.path / "m1", self.path / "m1" / "sub"],
+                     [self.path / "m1", self.path / "link" / "sub"],
+                     [source, source / "results" / "job.files"],
+                     [source, self.path / "link" / "job.files" / "more" / "job.db"],
+                     [self.path / "m2" / "job.db", self.path / "m2" / "job.db.values" / "x.db"]):
+            with self.subTest(args=args):
+                self.assertRefused(self.cli(*args), "DEST is inside the SOURCE",
+                                   "outside it")
+        self.assertEqual(sorted(str(path) for path in self.path.rglob("*")), before)
+        # beside it, or above it: merged
+        lines = self.merged(self.path / "m1", self.path)
+        self.assertIn(lines[0].split(": ")[0], ["%s -> %s" % (source, self.path / name)
+                                                for name in ("job.files", "job.db")])
+
+    @slow
+    def test_a_shelf_and_a_function_never_merge_even_forced(self):
+        # --force is for a renamed function; a shelf's keys are words, a function's are
+        # digests: a shelf holding a function's entries cannot even be iterated
+        self.fill(self.path / "m1", "files", [0, 1])
+        with persist.open(self.path / "shelf.db") as shelf:
+            shelf["alpha"] = 1
+        for args in ([self.path / "m1" / "job.files", self.path / "shelf.db"],
+                     [self.path / "shelf.db", self.path / "m1" / "job.files"]):
+            for force in ([], ["--force"]):
+                with self.subTest(args=args, force=force):
+                    self.assertRefused(self.cli(*force + args), "a shelf and a function's "
+                                       "cache merged into one", "job() in", "a shelf")
+        with persist.open(self.path / "shelf.db", "r") as shelf:
+            self.assertEqual(dict(shelf), {"alpha": 1})
+        self.assertHits(self.path / "m1", "files", {0: ("here", 0), 1: ("here", 1)})
+
+    def test_a_missing_value_file_in_source_is_lost_and_the_rest_copied(self):
+        # a SQLite SOURCE one of whose value files was removed by hand: that result is gone
+        # (memoize would compute it again); the merge copies the others, and says so
+        @persist.memoize(cache_dir=self.path / "m1", name="job", store="sqlite")
+        def job(x):
+            return x, "p" * 300000         # large: a value file of its own
+        for x in range(3):
+            job(x)
+        source = self.path / "m1" / "job.db"
+        on_disk, named = value_files(source)
+        self.assertEqual(len(named), 3)
+        os.remove(str(self.path / "m1" / "job.db.values" / sorted(named)[0]))
+        dest = self.path / "local" / "job.db"
+        for args, copied in ((["--dry-run"], "2 results to copy, 0 to skip"),
+                             ([], "2 results copied, 0 skipped")):
+            lines = self.merged(*args + [source, dest])
+            self.assertIn(": %s (not newer than DEST's), 1 unreadable in SOURCE (a value "
+                          "file missing, or a row persist did not write): not copied; "
+                          % copied, lines[0])
+        runs = []
+
+        @persist.memoize(cache_dir=dest.parent, name="job", store="sqlite")
+        def again(x):
+            runs.append(x)
+            return x, "p" * 300000
+        self.assertEqual([again(x) for x in range(3)], [(x, "p" * 300000) for x in range(3)])
+        self.assertEqual(len(runs), 1)
+
+    def test_ls_of_the_cache_made_lists_it(self):
+        # 'persist ls DEST' after a merge: a store of files is a directory, and ls listed the
+        # caches under it (none), not it, as it lists a .db file given to it
+        self.fill(self.path / "m1", "sqlite", [0, 1, -1])
+        dest = self.path / "local" / "job.files"
+        self.merged(self.path / "m1" / "job.db", dest)
+        done = run_command(CLI + ["ls", str(dest)], cwd=self.dir)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        rows = [line.split() for line in done.stdout.splitlines()[1:]]
+        self.assertEqual([(row[0], row[1], row[4], row[-1]) for row in rows],
+                         [("job", "2", "1", "job.files")])        # CACHE ENTRIES FAILED WHERE
+
+    @slow
+    def test_a_full_disk_names_dest_and_a_rerun_finishes(self):
+        # ENOSPC from a write of DEST's: the error said "[Errno 28] No space left on device"
+        # alone, naming no cache
+        @persist.memoize(cache_dir=self.path / "m1", name="job", store="sqlite")
+        def job(x):
+            return x, "p" * 300000
+        for x in range(6):
+            job(x)
+        source = self.path / "m1" / "job.db"
+        # (into a store of files: each record is written with os.write; SQLite writes its
+        # value files through a file object)
+        dest = self.path / "d1" / "job.files"
+        done = run_command(["-c", textwrap.dedent("""
+            import errno, os, sys, runpy
+            from unittest import mock
+            real, written = os.write, []
+            def write(fd, data):
+                written.append(len(data))
+                if sum(written) > 1000000:       # past three results: the disk is full
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return real(fd, data)
+            sys.argv = ["persist", "merge", %r, %r]
+            with mock.patch.object(os, "write", write):
+                runpy.run_module("persist", run_name="__main__", alter_sys=True)
+        """ % (str(source), str(dest)))], cwd=self.dir)
+        self.assertRefused(done, "%s: No space left on device, merging %s into it; "
+                           "what was copied stays: the same merge again finishes it"
+                           % (dest, source))
+        lines = self.merged(source, dest)
+        copied = int(lines[0].split(": ")[1].split()[0])
+        self.assertTrue(0 < copied < 6, lines)
+        self.assertIn("%d results copied, %d skipped" % (copied, 6 - copied), lines[0])
+        self.assertNoTemp()
+
+    @slow
+    def test_a_failure_file_made_by_hand_is_no_record(self):
+        # fields of a failure file that failures() adds up and merge copies into SQLite's
+        # columns, made by another program (or by hand): each crashed merge, failures() and
+        # 'persist failures' with a traceback (int('many'), bytes.fromhex('zz'), an int too
+        # large for SQLite, a list bound as a column); now such a file is no record, as one
+        # with a torn frame is
+        job = self.fill(self.path / "m1", "files", [0, -1])
+        source = self.path / "m1" / "job.files"
+        [path] = [str(p) for p in (source / "failures").rglob("*.*")]
+        with open(path, "rb") as file:
+            record = file.read()
+        # (a record's frame is of one length, whatever its payload: see persist._framed)
+        good = json.loads(record[len(persist._framed(b"")):].decode("utf-8"))
+        for number, change in enumerate(({"count": "many"}, {"count": 10 ** 22}, {"count": -5},
+                       {"count": True}, {"first": "yesterday"}, {"call": {"pickle": "zz"}},
+                       {"call": {"hex": "00"}}, {"args": [1]}, {"seconds": "long"},
+                       {"version": 5}, {"owner": 7})):
+            with self.subTest(change=change):
+                payload = json.dumps(dict(good, **change)).encode("utf-8")
+                with open(path, "wb") as file:
+                    file.write(persist._framed(payload))
+                self.assertEqual(job.failures(), [])
+                dest = self.path / "dest" / ("%d.db" % number)
+                lines = self.merged(source, dest)
+                self.assertTrue(lines[0].endswith("; 0 failure records copied, 0 skipped"),
+                                lines)
+                done = run_command(CLI + ["failures", str(source)], cwd=self.dir)
+                self.assertEqual((done.returncode, done.stderr), (0, ""))
+        # the file as record_failure() wrote it: a record again
+        with open(path, "wb") as file:
+            file.write(record)
+        self.assertEqual([f.args for f in job.failures()], ["(-1)"])
+
+    @slow
+    def test_sqlite_rows_of_other_types_are_not_copied(self):
+        # SQLite keeps what any program writes in a column, of any type: a stored time 'x',
+        # args as a blob, a failure count 'many' made merge die with a traceback (or, into
+        # a store of files, write records that no one reads: counted copied, and lost); a
+        # row naming a value file outside the cache stopped the merge, which is how the
+        # rest of a damaged cache is saved
+        self.fill(self.path / "m1", "sqlite", [0, 1, 2, 3, -1, -2])
+        source = self.path / "m1" / "job.db"
+        conn = sqlite3.connect(str(source))
+        try:
+            with conn:
+                rows = sorted(conn.execute("SELECT key, args FROM Dict"), key=lambda r: r[1])
+                conn.execute("UPDATE Dict SET stored = 'x' WHERE key = ?", (rows[0][0],))
+                conn.execute("UPDATE Dict SET args = x'ff00' WHERE key = ?", (rows[1][0],))
+                # a value file outside the cache: never read, and the others still copied
+                conn.execute("UPDATE Dict SET file = '../../notes' WHERE key = ?",
+                             (rows[3][0],))
+                failed = sorted(conn.execute("SELECT key, args FROM Failures"),
+                                key=lambda r: r[1])
+                conn.execute("UPDATE Failures SET count = 'many' WHERE key = ?",
+                             (failed[0][0],))
+        finally:
+            conn.close()
+        for dest in (self.path / "d" / "job.db", self.path / "d" / "job.files"):
+            with self.subTest(dest=dest):
+                lines = self.merged(source, dest)
+                self.assertEqual(lines[0].split(": ", 1)[1], "1 result copied, 0 skipped (not "
+                                 "newer than DEST's), 3 unreadable in SOURCE (a value file "
+                                 "missing, or a row persist did not write): not copied; 1 "
+                                 "failure record copied, 0 skipped")
+                self.assertEqual(ls_entries(str(dest.parent), dest.name), 1)
+        self.assertHits(self.path / "d", "sqlite", {2: ("here", 2)})
+
+    @slow
+    def test_a_link_to_a_directory_of_caches_is_followed(self):
+        # ~/caches -> /scratch/me/caches: DEST a link to a directory was refused as "not a
+        # cache (symlink)", a SOURCE one as "a directory, not a cache"
+        self.fill(self.path / "m1", "sqlite", [0, 1])
+        (self.path / "scratch").mkdir()
+        os.symlink(str(self.path / "scratch"), str(self.path / "home"))
+        os.symlink(str(self.path / "m1"), str(self.path / "theirs"))
+        lines = self.merged(self.path / "m1" / "job.db", self.path / "home")
+        self.assertEqual(lines[0].split(": ")[0], "%s -> %s" % (
+            self.path / "m1" / "job.db", self.path / "home" / "job.db"))
+        self.assertEqual(os.listdir(str(self.path / "scratch")), ["job.db"])
+        lines = self.merged(self.path / "theirs", self.path / "d")
+        self.assertIn(": 2 results copied, 0 skipped", lines[0])
+        self.assertHits(self.path / "d", "sqlite", {0: ("here", 0), 1: ("here", 1)})
+
+    def test_into_an_empty_directory_named_files(self):
+        # mkdir out.files, then merge into it (as persist.open makes a shelf there): refused
+        # as "DEST is not a cache (not a cache)"
+        self.fill(self.path / "m1", "sqlite", [0, 1, -1])
+        dest = self.path / "out" / "job.files"
+        dest.mkdir(parents=True)
+        lines = self.merged("--dry-run", self.path / "m1" / "job.db", dest)
+        self.assertIn(": 2 results to copy, 0 to skip", lines[0])
+        self.assertEqual(os.listdir(str(dest)), [])
+        lines = self.merged(self.path / "m1" / "job.db", dest)
+        self.assertIn(": 2 results copied, 0 skipped", lines[0])
+        self.assertHits(dest.parent, "files", {0: ("here", 0), 1: ("here", 1)})
 
     def test_whole_cache_directories_by_name(self):
         # another machine's .persist (stores of files) into this one's: cache by cache
@@ -13670,6 +13936,34 @@ class TestMergeCommand(TempDirTest):
                                        ("sqlite", "job.db", "open", 300000)):
             with self.subTest(kind=kind):
                 self.killed_midway(kind, self.path / kind / "dest" / dest, call, size)
+
+    @slow
+    def test_ctrl_c_says_what_stays_and_a_rerun_finishes(self):
+        # Ctrl-C in a long merge printed a traceback, saying nothing of what DEST holds
+        self.fill(self.path / "m1", "sqlite", range(30))
+        source, dest = self.path / "m1" / "job.db", self.path / "d" / "job.files"
+        done = run_command(["-c", textwrap.dedent("""
+            import os, signal, sys, runpy
+            from unittest import mock
+            calls, real = [], os.link
+            def link(*args, **kwargs):
+                calls.append(args)
+                if len(calls) == 10:             # the user presses Ctrl-C
+                    os.kill(os.getpid(), signal.SIGINT)
+                return real(*args, **kwargs)
+            sys.argv = ["persist", "merge", %r, %r]
+            with mock.patch.object(os, "link", link):
+                runpy.run_module("persist", run_name="__main__", alter_sys=True)
+        """ % (str(source), str(dest)))], cwd=self.dir)
+        self.assertEqual((done.returncode, done.stdout), (130, ""))
+        self.assertEqual(done.stderr, "persist: interrupted, merging %s into %s: what was "
+                         "copied stays; the same merge again finishes it\n" % (source, dest))
+        lines = self.merged(source, dest)
+        copied = int(lines[0].split(": ")[1].split()[0])
+        self.assertTrue(0 < copied < 30, lines)
+        self.assertIn(": %d results copied, %d skipped" % (copied, 30 - copied), lines[0])
+        self.assertHits(dest.parent, "files", {x: ("here", x) for x in range(30)})
+        self.assertNoTemp()
 
     def killed_midway(self, kind, dest, call, size):
         @persist.memoize(cache_dir=self.path / kind / "m1", name="job")
