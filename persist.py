@@ -6539,10 +6539,12 @@ class _Store:
         # type: () -> Dict[str, str]
         return dict(self.conn.run(_fetch, _INFO))
 
-    def entries(self):
-        # type: () -> List[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]
-        """(key, args, stored, size, seconds, version) of every entry, oldest first."""
-        rows = self.conn.run(_fetch, _ENTRIES)
+    def entries(self, limit=None):
+        # type: (Optional[int]) -> List[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]
+        """(key, args, stored, size, seconds, version) of every entry, oldest first; of the
+        limit oldest, if given (SQLite keeps those alone as it reads: 'persist show' of a
+        million entries held them all, 500 MB, to print 50)."""
+        rows = self.conn.run(_fetch, _ENTRIES + " LIMIT ?", (-1 if limit is None else limit,))
         return [(key, args, stored, _size(self.values.path(file)) if file else size, seconds,
                  version) for key, args, stored, size, file, seconds, version in rows]
 
@@ -8427,14 +8429,17 @@ class _FileStore:
             self.set_info({"source": source})
         return recorded
 
-    def entries(self):
-        # type: () -> List[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]
-        """(key, args, stored, size, seconds, version) of every entry, oldest first."""
-        rows = [(_key_of_record(path, header), header.get("args"), header["stored"],
+    def entries(self, limit=None):
+        # type: (Optional[int]) -> List[Tuple[bytes, Optional[str], float, int, Optional[float], Optional[str]]]
+        """(key, args, stored, size, seconds, version) of every entry, oldest first; of the
+        limit oldest, if given (only those are held: each record is read, and let go)."""
+        rows = ((_key_of_record(path, header), header.get("args"), header["stored"],
                  len(data), header.get("seconds"), header.get("version"))
-                for path, header, data in self._entries()]
-        rows.sort(key=lambda row: row[2])
-        return rows
+                for path, header, data in self._entries())
+        if limit is None:
+            return sorted(rows, key=_stored_of)
+        import heapq
+        return heapq.nsmallest(limit, rows, key=_stored_of)
 
     def summary(self):
         # type: () -> Tuple[int, Optional[float], Optional[float], int, int]
@@ -9267,6 +9272,12 @@ def _record_name(part, bucket, name):
         (part == "results" or name.count(".") >= 2)
 
 
+def _stored_of(row):
+    # type: (Tuple[Any, ...]) -> float
+    """An entries() row's stored time, to sort by."""
+    return row[2]  # type: ignore[no-any-return]
+
+
 def _key_of_record(path, header):
     # type: (str, Dict[str, Any]) -> bytes
     """The key of the result file at path: a shelf's, kept in its header, else memoize's,
@@ -9942,10 +9953,11 @@ def _cli_show(options):
     if limit is None:                     # a terminal shows a screenful; a pipe gets all
         limit = 50 if sys.stdout.isatty() else 0
     with contextlib.closing(_open_cache(options.cache, "r", options.dir)) as store:
-        entries = store.entries()
+        entries = store.entries(limit or None)
+        total = len(store) if limit and len(entries) == limit else len(entries)
     now = time.time()
     print("%6s %10s  %s" % ("AGE", "SIZE", "ARGUMENTS (or KEY)"))
-    for key, args, stored, size, seconds, version in entries[:limit or None]:
+    for key, args, stored, size, seconds, version in entries:
         if args is None:              # a shelf's key, else memoize's digest
             try:
                 args = key.decode("utf-8")
@@ -9954,9 +9966,8 @@ def _cli_show(options):
         else:                         # stored by an older persist, with addresses in it
             args = _without_addresses(args)
         print("%6s %10s  %s" % (_age(now - stored), _bytes(size), _one_line(args)))
-    if limit and len(entries) > limit:
-        print("... %d more, of %d entries (--limit 0 shows all)" % (len(entries) - limit,
-                                                                     len(entries)))
+    if limit and total > limit:
+        print("... %d more, of %d entries (--limit 0 shows all)" % (total - limit, total))
 
 
 def _cli_clear(options):
