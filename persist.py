@@ -310,7 +310,8 @@ _INFO = "SELECT name, value FROM Info"
 _SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
 _ENTRIES = ("SELECT key, args, stored, length(value), file, seconds, version FROM Dict"
             " ORDER BY stored")
-_SUMMARY = "SELECT count(*), min(stored), max(stored) FROM Dict"
+_SUMMARY = ("SELECT count(*), min(stored), max(stored), total(seconds),"
+            " (SELECT count(*) FROM Failures) FROM Dict")
 _VERSIONS = "SELECT DISTINCT version FROM Dict WHERE version IS NOT ?"
 _STORED = "SELECT stored, version FROM Dict WHERE key = ?"
 _FAILED = "SELECT count, last, type, message FROM Failures WHERE key = ?"
@@ -6549,15 +6550,17 @@ class _Store:
                  version) for key, args, stored, size, file, seconds, version in rows]
 
     def summary(self):
-        # type: () -> Tuple[int, Optional[float], Optional[float], int, int]
-        """(entries, oldest, newest, stale entries, their bytes): stale entries are those of
-        another version than the latest to open the cache, or of other code (stale_codes())."""
-        (count, oldest, newest), = self.conn.run(_fetch, _SUMMARY)
+        # type: () -> Tuple[int, Optional[float], Optional[float], int, int, float, int]
+        """(entries, oldest, newest, stale entries, their bytes, seconds their calls took in
+        all, failure records), for 'persist ls': one scan of the table (it made two, with
+        tally()), and one more where something is stale. Stale entries are those of another
+        version than the latest to open the cache, or of other code (stale_codes())."""
+        (count, oldest, newest, seconds, failures), = self.conn.run(_fetch, _SUMMARY)
         version = self.info().get("version")
         codes = self.stale_codes()
         stale = self.prune(version=version, codes=codes, dry_run=True)[:2] \
             if version or codes else (0, 0)
-        return (count, oldest, newest) + stale
+        return (count, oldest, newest) + stale + (seconds, failures)
 
     def tally(self, owner=None):
         # type: (Optional[str]) -> Tuple[int, float, int]
@@ -8442,14 +8445,18 @@ class _FileStore:
         return heapq.nsmallest(limit, rows, key=_stored_of)
 
     def summary(self):
-        # type: () -> Tuple[int, Optional[float], Optional[float], int, int]
+        # type: () -> Tuple[int, Optional[float], Optional[float], int, int, float, int]
         """As _Store.summary()."""
-        stamps = [header["stored"] for _, header, _ in self._entries()]
+        stamps, seconds = [], 0.0
+        for _, header, _ in self._entries():
+            stamps.append(header["stored"])
+            seconds += header.get("seconds") or 0.0
         version = self.info().get("version")
         codes = self.stale_codes()
         stale = self.prune(version=version, codes=codes, dry_run=True)[:2] \
             if version or codes else (0, 0)
-        return (len(stamps), min(stamps, default=None), max(stamps, default=None)) + stale
+        return (len(stamps), min(stamps, default=None), max(stamps, default=None)) + stale + (
+            seconds, len(self.failures()))
 
     def tally(self, owner=None):
         # type: (Optional[str]) -> Tuple[int, float, int]
@@ -9922,8 +9929,8 @@ def _cli_ls(options):
         where = _one_line(os.path.relpath(path, directory))
         try:
             with contextlib.closing(_open_store(path, "r")) as store:
-                count, oldest, newest, stale, stale_size = store.summary()
-                _, took, failed = store.tally()     # TOOK: what computing them took
+                # TOOK: what computing them took
+                count, oldest, newest, stale, stale_size, took, failed = store.summary()
                 label = _one_line(store.info().get("function") or
                                   os.path.splitext(os.path.basename(path))[0])
                 notes = ["%d stale (%s)" % (stale, _bytes(stale_size))] if stale else []
