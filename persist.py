@@ -2678,18 +2678,16 @@ class _FunctionCache:
                                        time.monotonic() >= self.reopen):
                 _check_env_strict()              # before the call: nothing is lost
                 path = self.path          # (which settles kind)
-                mapping = self.asked if self.kind == "mapping" else None
-                if not create and not (os.path.exists(path) if mapping is None else
-                                       _MappingObjects(mapping, self.prefix, "r").exists(
-                                           _MappingObjects(mapping, self.prefix, "r").join(
-                                               "store"))):
+                objects = _MappingObjects(self.asked, self.prefix, "c") \
+                    if self.kind == "mapping" else None
+                if not create and not (os.path.exists(path) if objects is None else
+                                       objects.exists(objects.join("store"))):
                     return None
                 start = time.monotonic()
                 store = None              # type: Optional[_AnyStore]
                 try:
-                    if mapping is not None:
-                        store = _FileStore(self.path, "c", objects=_MappingObjects(
-                            mapping, self.prefix, "c"))
+                    if objects is not None:
+                        store = _FileStore(self.path, "c", objects=objects)
                     else:
                         _make_cache_dir(os.path.dirname(self.path))
                         store = _open_store(self.path, "c", self.kind or "sqlite")
@@ -8401,16 +8399,22 @@ class _FileStore:
 
     def info(self):
         # type: () -> Dict[str, str]
-        record = self.objects.read(self.objects.join("info"), _SMALL_RECORD)
-        if record is None:
-            return {}
-        try:
-            info = _json().loads(bytes(record).decode("utf-8"))
-        except ValueError:
-            return {}
-        if not isinstance(info, dict):      # whole, but not persist's: none
+        info = self._json_record(self.objects.join("info"))
+        if info is None:                     # (or whole, but not persist's: none)
             return {}
         return {str(name): str(value) for name, value in info.items()}
+
+    def _json_record(self, path):
+        # type: (str) -> Optional[Dict[str, Any]]
+        """The JSON object of the small record at path (the info, a failure), or None: gone,
+        torn, larger than any persist writes (a file planted there is not read into memory),
+        not JSON, or JSON but no object."""
+        record = self.objects.read(path, _SMALL_RECORD)
+        try:
+            found = None if record is None else _json().loads(bytes(record).decode("utf-8"))
+        except ValueError:
+            return None
+        return found if isinstance(found, dict) else None
 
     def set_info(self, info):
         # type: (Dict[str, str]) -> None
@@ -8578,13 +8582,21 @@ class _FileStore:
             return
         args, kind, message, text, seconds, version, call = failure
         now = time.time()
-        record = {"args": args, "type": kind, "message": message, "traceback": text,
-                  "seconds": seconds, "version": version, "owner": owner, "when": now,
-                  "started": started,
-                  "call": {"pickle": call.hex()} if isinstance(call, bytes) else call}
+        self._publish_failure(key, {
+            "args": args, "type": kind, "message": message, "traceback": text,
+            "seconds": seconds, "version": version, "owner": owner, "when": now,
+            "started": started, "call": call})
+
+    def _publish_failure(self, key, record):
+        # type: (bytes, Dict[str, Any]) -> None
+        """Publish the failure record of key, a file of its own named for its time (its
+        "when") and this process; a call's pickle (bytes) goes as hex."""
+        call = record["call"]
+        if isinstance(call, bytes):
+            record = dict(record, call={"pickle": call.hex()})
         name = key.hex()
         self.objects.publish(self.objects.join("failures", name[:2], "%s.%d.%s-%d-%s" % (
-            name, int(now * 1e6), _HOST, os.getpid(), os.urandom(4).hex())),
+            name, int(record["when"] * 1e6), _HOST, os.getpid(), os.urandom(4).hex())),
             [_json().dumps(record).encode("utf-8")])
 
     def _forget_failures(self, key):
@@ -8664,17 +8676,12 @@ class _FileStore:
         count = int(span["count"]) - sum(int(other["count"]) for other in others
                                          if not _apart(other, span))
         span = dict(span, count=max(0, count))
-        call = span.get("call")
         record = {name: span.get(name) for name in _SPAN_FIELDS if name not in
                   ("count", "first", "last")}
-        record.update(when=span["last"], started=span["started"],
-                      call={"pickle": call.hex()} if isinstance(call, bytes) else call)
+        record.update(when=span["last"], started=span["started"])
         if span["count"] != 1 or span["first"] != span["last"]:
             record.update(count=span["count"], first=span["first"])
-        name = key.hex()
-        self.objects.publish(self.objects.join("failures", name[:2], "%s.%d.%s-%d-%s" % (
-            name, int(span["last"] * 1e6), _HOST, os.getpid(), os.urandom(4).hex())),
-            [_json().dumps(record).encode("utf-8")])
+        self._publish_failure(key, record)
         return True
 
     # Writing
@@ -8763,15 +8770,11 @@ class _FileStore:
 
     def _failure_at(self, path):
         # type: (str) -> Optional[Dict[str, Any]]
-        """The failure record at path, or None: gone, torn, larger than any persist writes
-        (a file planted there is not read into memory), or whole but not of record_failure's
-        making (its fields are checked before anything sorts or shows them)."""
-        record = self.objects.read(path, _SMALL_RECORD)
-        try:
-            failure = None if record is None else _json().loads(bytes(record).decode("utf-8"))
-        except ValueError:
-            return None
-        if not isinstance(failure, dict) or not all(
+        """The failure record at path, or None: no record (_json_record), or whole but not
+        of record_failure's making (its fields are checked before anything sorts or shows
+        them)."""
+        failure = self._json_record(path)
+        if failure is None or not all(
                 _number(failure.get(field)) for field in ("when", "started")) or \
                 not all(isinstance(failure.get(field), str)
                         for field in ("type", "message", "traceback")):
