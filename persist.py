@@ -92,9 +92,7 @@ import hashlib
 import io
 import itertools
 import os
-import pickle
 import reprlib
-import shelve
 import sqlite3
 import stat
 import sys
@@ -207,6 +205,19 @@ if TYPE_CHECKING:
     import inspect
 else:
     inspect = None
+
+# The C pickler itself, where it is (CPython): pickle.py imports re, enum and struct for its
+# Python pickler, 5 ms of a one-call script's start, and the public names persist uses are
+# _pickle's own (pickle.dump is _pickle.dump). PyPy has no _pickle: pickle.py there. shelve,
+# which imports pickle.py, is imported by the first persist.open() (_shelf_type).
+if TYPE_CHECKING:
+    import pickle
+    import shelve
+else:
+    try:
+        import _pickle as pickle
+    except ImportError:
+        import pickle
 
 
 # == constants: limits, the file format and its SQL, messages =====================================
@@ -1089,16 +1100,16 @@ def _pickling_by_value():
     Ray); pickle and multiprocessing's pickler send them by name. A pickler is an object,
     not an argument of __reduce__: it is found as the self of a frame up the stack (the
     Python pickler's save(), cloudpickle's dump(); the C pickler has no frame of its own)."""
+    # the C pickler's class, and the Python one's where pickle.py is imported: it is only
+    # there to be used then (persist imports _pickle alone)
+    picklers = (pickle.Pickler, getattr(sys.modules.get("pickle"), "_Pickler", pickle.Pickler))
     frame: "Optional[types.FrameType]" = sys._getframe(2)
     while frame is not None:
         pickler = frame.f_locals.get("self")
-        if isinstance(pickler, _PICKLERS):
+        if isinstance(pickler, picklers):
             return getattr(type(pickler), "reducer_override", None) is not None
         frame = frame.f_back
     return False
-
-
-_PICKLERS = (pickle.Pickler, getattr(pickle, "_Pickler", pickle.Pickler))
 
 
 def _unattached_wrapper(kind, cache, attributes, origin=None):
@@ -5122,7 +5133,7 @@ def open(filename: "Union[_Path, MutableMapping[str, bytes]]", flag: "_Flag" = "
             raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
         objects = _MappingObjects(filename, "", flag)
         shelf = _FileStore(objects.path, flag, shelf=True, objects=objects)
-        return _Shelf(shelf, protocol)  # type: ignore[arg-type]  # (as below)
+        return _shelf_type()(shelf, protocol)  # type: ignore[arg-type]  # (as below)
     path = os.fsdecode(os.fspath(filename))
     if not path:                            # not the current directory: open("") fails so
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
@@ -5133,12 +5144,12 @@ def open(filename: "Union[_Path, MutableMapping[str, bytes]]", flag: "_Flag" = "
         # a shelf of files: where one is, or on a filesystem several machines share (there,
         # a directory without the marker may be one another machine is making: _FileStore
         # makes it whole, or refuses a directory of other files)
-        return _Shelf(_FileStore(path, flag, shelf=True), protocol)  # type: ignore[arg-type]
+        return _shelf_type()(_FileStore(path, flag, shelf=True), protocol)  # type: ignore[arg-type]
     _open_shelve_file(path, flag)
     store = _Store(path, flag)
     # a _Store is the mapping under the shelf, though not a MutableMapping: _Shelf
     # overrides each method that shelve.Shelf would call it through
-    return _Shelf(store, protocol)  # type: ignore[arg-type]
+    return _shelf_type()(store, protocol)  # type: ignore[arg-type]
 
 
 # == open: the shelf ------------------------------------------------------------------------------
@@ -5150,7 +5161,7 @@ if TYPE_CHECKING:     # generic to type checkers, not at run time before Python 
     _ItemsViewBase = collections.abc.ItemsView[str, Any]
     _ValuesViewBase = collections.abc.ValuesView[Any]
 else:
-    _ShelfBase = shelve.Shelf
+    _ShelfBase = object     # shelve.Shelf joins it at the first open(): see _shelf_type
     _ItemsViewBase = collections.abc.ItemsView
     _ValuesViewBase = collections.abc.ValuesView
 
@@ -5278,6 +5289,23 @@ class _Shelf(_ShelfBase):
         if not isinstance(store, (_Store, _FileStore)):
             raise ValueError("invalid operation on closed shelf")
         return store
+
+
+def _shelf_type():
+    # type: () -> type[_Shelf]
+    """The class of persist.open()'s shelves: _Shelf over shelve.Shelf, made at the first
+    open(), as shelve imports pickle.py (5 ms of a start that opens no shelf: see pickle
+    above). _Shelf's methods come first, as a subclass's would."""
+    global _SHELF_TYPE
+    if _SHELF_TYPE is None:
+        import shelve
+        # two threads may both make one: either is whole, and both are _Shelf and Shelf
+        _SHELF_TYPE = types.new_class("_Shelf", (_Shelf, shelve.Shelf), exec_body=lambda ns: (
+            ns.update(__module__=__name__, __qualname__="_Shelf", __doc__=_Shelf.__doc__)))
+    return _SHELF_TYPE
+
+
+_SHELF_TYPE = None  # type: Optional[type[_Shelf]]
 
 
 class _ItemsView(_ItemsViewBase):

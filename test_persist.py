@@ -3613,6 +3613,27 @@ class TestSmallerDefects(MemoTest):
         self.assertEqual(done.stdout.splitlines(), [
             "True", "True", "True True", "True True", "True True", "8 1", "10 3", "2 1"])
 
+    def test_a_python_pickler_with_reducer_override_sends_a_method_of_a_script_by_value(self):
+        # As cloudpickle is on PyPy: a subclass of pickle.py's Python pickler. persist itself
+        # imports only the C pickler (_pickle), and must still know this one when it runs.
+        out = run_python("""
+            import io, pickle, persist
+            class Model:
+                @persist.memoize(cache_dir=%r)
+                def predict(self, x):
+                    return x
+            class ByValue(pickle._Pickler):
+                def reducer_override(self, obj):
+                    return NotImplemented
+            for pickler in (ByValue, pickle._Pickler):
+                try:
+                    pickler(io.BytesIO()).dump(Model.predict)
+                    print("by name")
+                except pickle.PicklingError as exc:     # by value, its function with it
+                    print("by value" if "function Model.predict" in str(exc) else exc)
+        """ % self.dir)
+        self.assertEqual(out.splitlines(), ["by value", "by name"])
+
     def test_above_staticmethod_says_how_to_order(self):
         with self.assertRaisesRegex(TypeError, r"staticmethod.*helper.*@staticmethod above "
                                     r"@memoize"):
@@ -8711,7 +8732,7 @@ class TestUserWhoCannotWrite(TempDirTest):
         # as immutable. Then the owner writes.
         reader = start_python(self, """
             import os, sys, time, persist
-            import inspect, reprlib, tempfile, shutil
+            import inspect, reprlib, shelve, tempfile, shutil
             os.setgid(65534); os.setuid(65534)
             wrong = reads = errors = 0
             with persist.open(%r, "r") as db:
@@ -8771,7 +8792,7 @@ class TestUserWhoCannotWrite(TempDirTest):
         self.assertEqual(owner.stdout.readline(), "open\n")
         reader = start_python(self, """
             import os, sys, persist
-            import inspect, reprlib, tempfile, shutil
+            import inspect, reprlib, shelve, tempfile, shutil
             os.setgid(65534); os.setuid(65534)
             db = persist.open(%r, "r")
             print(db["k"], flush=True)      # through the owner's -shm
@@ -8809,7 +8830,7 @@ class TestUserWhoCannotWrite(TempDirTest):
         self.addCleanup(os.chmod, cache, 0o755)
         out = run_python("""
             import os, warnings, persist
-            import inspect, reprlib, tempfile, shutil    # before /root goes
+            import inspect, reprlib, shelve, tempfile, shutil    # before /root goes
             os.setgid(65534); os.setuid(65534)
             @persist.memoize(cache_dir=%r, name="job")
             def f(x):
@@ -8826,7 +8847,7 @@ class TestUserWhoCannotWrite(TempDirTest):
         os.chmod(self.dir, 0o755)
         out = run_python("""
             import os, persist
-            import inspect, reprlib, tempfile, shutil
+            import inspect, reprlib, shelve, tempfile, shutil
             os.setgid(65534); os.setuid(65534)
             try:
                 persist.open(%r)
@@ -14117,6 +14138,33 @@ class TestModule(unittest.TestCase):
         self.assertEqual(persist.__version__, "0.1.0")
         with open(persist.__file__, encoding="utf-8") as file:
             self.assertIn("MIT License", file.read(2000))
+
+
+class TestColdStart(TempDirTest):
+    """What a script that makes one memoized call imports: what it does not need stays out
+    (pickle.py, with re and enum, for its Python pickler; shelve until a shelf is opened)."""
+
+    def test_a_one_call_script_imports_no_python_pickler_nor_shelve(self):
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import sys, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def double(x):
+                return 2 * x
+            print(double(21), double(21))
+            lean = ("pickle", "shelve", "re", "enum")
+            print(" ".join(name for name in lean if name in sys.modules) or "-")
+            with persist.open(sys.argv[1] + "/shelf.db") as db:
+                import shelve
+                db["k"] = [1, 2]
+                print(isinstance(db, shelve.Shelf), type(db).__name__, db["k"])
+        """))
+        done = run_command([str(script), str(self.path / "cache")], cwd=self.dir,
+                           timeout=CHILD_TIMEOUT)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        # PyPy has no C pickler apart from pickle.py: it imports that (and re)
+        lean = "-" if importlib.util.find_spec("_pickle") else done.stdout.splitlines()[1]
+        self.assertEqual(done.stdout.splitlines(), ["42 42", lean, "True _Shelf [1, 2]"])
 
 
 @slow
