@@ -317,6 +317,9 @@ _NAMED = "SELECT file FROM Dict WHERE file IN (%s)"
 _FORGET_FAILURE = "DELETE FROM Failures WHERE key = ?"
 _FAILED_VERSIONS = "SELECT DISTINCT version FROM Failures WHERE version IS NOT ?"
 _STALE_FAILURES = "%s FROM Failures WHERE %s"      # SELECT count(*) or DELETE; conditions
+# what prune() removes, and its value files (on the partial index DictFile); conditions
+_PRUNE_SIZE = "SELECT count(*), total(length(value)) FROM Dict WHERE %s"
+_PRUNE_FILES = "SELECT file FROM Dict WHERE file IS NOT NULL AND (%s)"
 _INFO = "SELECT name, value FROM Info"
 _SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
 _ENTRIES = ("SELECT key, args, stored, length(value), file, seconds, version FROM Dict"
@@ -6994,17 +6997,17 @@ class _Store:
         if not where:
             raise ValueError("prune() needs before=, version= or codes=")
         where = " OR ".join(where)
-        rows = self.conn.run(_fetch, "SELECT length(value), file FROM Dict WHERE " + where,
-                             params)
-        size = sum(_size(self.values.path(file)) if file else length for length, file in rows)
         if dry_run:
+            count, size, names = self.conn.run(_prune_size, where, params)
             failed = 0 if failures is None else self.conn.run(
                 _fetch, _STALE_FAILURES % ("SELECT count(*)", failures[0]), failures[1])[0][0]
-            return len(rows), size, failed
-        names, failed = self.conn.transaction(_prune, where, params, self.values, failures)
+            return count, size + sum(_size(self.values.path(name)) for name in names), failed
+        count, size, names, failed = self.conn.transaction(_prune, where, params, self.values,
+                                                           failures)
+        size += sum(_size(self.values.path(name)) for name in names)   # before they go
         self.values.remove(names)
         self._give_back()
-        return len(rows), size, failed
+        return count, size, failed
 
     def _named(self, names):
         # type: (List[str]) -> Set[str]
@@ -7218,16 +7221,28 @@ def _clear_owned(conn, owner, values):
     return count, names
 
 
+def _prune_size(conn, where, params):
+    # type: (sqlite3.Connection, str, Sequence[object]) -> Tuple[int, int, List[str]]
+    """(entries, bytes of their pickles in rows, their value files) of the entries that
+    match where: added up by SQLite in one scan (fetched into Python, the rows of half a
+    million entries took 0.5-0.7 s, more than their DELETE); the value files, found on the
+    partial index DictFile, are the only rows fetched."""
+    (count, size), = _fetch(conn, _PRUNE_SIZE % where, params)
+    names = [name for name, in _fetch(conn, _PRUNE_FILES % where, params)]
+    return count, int(size), names
+
+
 def _prune(conn, where, params, values, failures=None):
-    # type: (sqlite3.Connection, str, Sequence[object], _Values, Optional[Tuple[str, Sequence[object]]]) -> Tuple[List[str], int]
-    names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
-                                            "AND (%s)" % where, params)]
+    # type: (sqlite3.Connection, str, Sequence[object], _Values, Optional[Tuple[str, Sequence[object]]]) -> Tuple[int, int, List[str], int]
+    """_Store.prune()'s transaction: (entries, bytes in rows, value files, failure records)
+    removed; what it counts is what it removes, as no other process writes meanwhile."""
+    count, size, names = _prune_size(conn, where, params)
     values.check(names)
     conn.execute("DELETE FROM Dict WHERE " + where, params)
     # a failure of another version is stale as its results are: that code is gone
     failed = 0 if failures is None else \
         conn.execute(_STALE_FAILURES % ("DELETE", failures[0]), failures[1]).rowcount
-    return names, failed
+    return count, size, names, failed
 
 
 # == the store: value files -----------------------------------------------------------------------
@@ -9669,7 +9684,6 @@ def _main(argv=None):
     # type: (Optional[Sequence[str]]) -> int
     """python persist.py COMMAND: look after caches and done_dir() stages."""
     import argparse
-    _load()
     parser = argparse.ArgumentParser(prog="persist", description="Look after persist's caches "
                                      "and done_dir() stages.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
