@@ -88,7 +88,6 @@ import contextlib
 import copyreg
 import errno
 import functools
-import hashlib
 import io
 import itertools
 import os
@@ -111,6 +110,7 @@ if TYPE_CHECKING:
     import argparse
     import concurrent.futures
     import datetime
+    import hashlib
     from concurrent.futures import Executor, ProcessPoolExecutor
     import pathlib
     # typing's own names only (ParamSpec, Concatenate and TypeAlias: a target of 3.10 or
@@ -561,6 +561,24 @@ def _link_no_clobber(src, dst):
 
 _rename_no_clobber = os.rename if os.name == "nt" else _link_no_clobber  # nt never replaces
 _RENAME_OPEN_FILES = os.name != "nt"     # Windows renames and removes no file that is open
+
+# SHA-256 of a short input (the key of a call of a few numbers and short strs) by CPython's own
+# C code, as fast there as OpenSSL's; hashlib imports OpenSSL's (_hashlib: 2.3 ms of a one-call
+# script's start) and blake2: _sha256() imports it for the first long input (a key past
+# _SHORT_HASH bytes, see _KeyWriter; a closure's salt, a code tag). PyPy's _sha256 is Python
+# code, and a CPython built without its own hashes has none: hashlib's there.
+if TYPE_CHECKING:
+    from hashlib import sha256 as _short_sha256
+else:
+    try:
+        from _sha2 import sha256 as _short_sha256       # 3.12 on
+    except ImportError:
+        try:
+            from _sha256 import sha256 as _short_sha256     # before
+        except ImportError:
+            from hashlib import sha256 as _short_sha256
+    if not isinstance(_short_sha256, types.BuiltinFunctionType):
+        from hashlib import sha256 as _short_sha256
 
 
 # == memoize ======================================================================================
@@ -1438,6 +1456,9 @@ def _depth_text(exc):
 _KEY_FORMAT = "persist key 1\n"
 _LONG = 1 << 16                 # a str longer than this is encoded to UTF-8 in slices
 _BLOCK = 1 << 22                # a non-contiguous array is copied and hashed a block at a time
+# bytes hashed by _short_sha256, CPython's own SHA-256, where it is as fast as OpenSSL's (3.8 to
+# 3.13: 0.4-0.9 us either way up to 64 bytes; past 128 OpenSSL's is faster, 6x at a megabyte)
+_SHORT_HASH = 64
 _RAW_KINDS = frozenset("biufcmMSUV")
 _SINGLETON_TYPES = ((type(None), "NoneType"), (type(NotImplemented), "NotImplementedType"),
                     (type(...), "ellipsis"))   # numpy dtype kinds whose bytes are their values
@@ -1470,10 +1491,11 @@ def _keyer(salt):
                 else:
                     break
             else:
-                hasher = hashlib.sha256(start)
-                hasher.update((text + ")").encode("utf-8", "surrogatepass"))
-                return hasher.digest()
-        writer = _KeyWriter(hashlib.sha256(start), set())
+                data = start + (text + ")").encode("utf-8", "surrogatepass")
+                if len(data) <= _SHORT_HASH:
+                    return _short_sha256(data).digest()
+                return _sha256(data).digest()
+        writer = _KeyWriter(start, set())
         _write(material, writer)
         return writer.digest()
 
@@ -1484,38 +1506,54 @@ class _KeyWriter:
     """A SHA-256 being fed the encoding of some values.
 
     Short tokens gather in a list of str and are hashed as UTF-8 in one call; buffers (bytes,
-    arrays) are hashed in place, after the text written before them.
+    arrays) are hashed in place, after the text written before them. The hash is made at the
+    first buffer, or at digest(): the key of a few values that are all text is hashed in one
+    call, by _short_sha256 when it is short.
     """
 
-    __slots__ = ("hasher", "text", "active")
+    __slots__ = ("head", "hasher", "text", "active")
 
-    def __init__(self, hasher, active):
-        # type: (hashlib._Hash, Set[int]) -> None
-        self.hasher = hasher
+    def __init__(self, head, active):
+        # type: (bytes, Set[int]) -> None
+        self.head = head              # what the hash starts with: a key's salt, or b''
+        self.hasher: "Optional[hashlib._Hash]" = None      # made by the first flush()
         self.text: "List[str]" = []
         self.active = active          # ids of the containers being written: a cycle shows
 
     def flush(self):
-        # type: () -> None
+        # type: () -> hashlib._Hash
+        """Hash the text written so far; return the hash, to feed a buffer to."""
+        hasher = self.hasher
+        if hasher is None:
+            hasher = self.hasher = _sha256(self.head)
         if self.text:
-            self.hasher.update("".join(self.text).encode("utf-8", "surrogatepass"))
+            hasher.update("".join(self.text).encode("utf-8", "surrogatepass"))
             self.text = []
+        return hasher
 
     def buffer(self, data):
         # type: (Buffer) -> None
-        self.flush()
-        self.hasher.update(data)
+        self.flush().update(data)
 
     def digest(self):
         # type: () -> bytes
-        self.flush()
-        return self.hasher.digest()
+        if self.hasher is None:         # text alone: in one call
+            data = self.head + "".join(self.text).encode("utf-8", "surrogatepass")
+            return (_short_sha256(data) if len(data) <= _SHORT_HASH else _sha256(data)).digest()
+        return self.flush().digest()
+
+
+def _sha256(data=b""):
+    # type: (Buffer) -> hashlib._Hash
+    """hashlib.sha256(data): hashlib is imported at the first (see _short_sha256)."""
+    import hashlib
+    return hashlib.sha256(data)
 
 
 def _digest(value):
     # type: (Any) -> bytes
     """The SHA-256 of value's canonical encoding: equal values, equal digests."""
-    w = _KeyWriter(hashlib.sha256(), set())
+    w = _KeyWriter(b"", set())
     _write(value, w)
     return w.digest()
 
@@ -1549,8 +1587,7 @@ def _write_str(value, w):
         w.text += ("s%x:" % len(value), value)    # length in code points: no escaping
         return
     w.text.append("s%x:" % len(value))
-    w.flush()
-    update = w.hasher.update
+    update = w.flush().update
     for start in range(0, len(value), _LONG):    # a slice's UTF-8 at a time: the same bytes
         update(value[start:start + _LONG].encode("utf-8", "surrogatepass"))
 
@@ -1616,7 +1653,7 @@ def _write_unordered(tag, items, w, *parts):
     for any order of the items."""
     digests: "List[bytes]" = []
     for item in items:
-        sub = _KeyWriter(hashlib.sha256(), w.active)
+        sub = _KeyWriter(b"", w.active)
         for part in parts:
             _write(part(item), sub)
         digests.append(sub.digest())
@@ -2188,11 +2225,11 @@ def _salt(func, version, key, ignore):
     live = tuple(carrier.live)
     if not carried:
         return version, live, None   # plain functions keep the keys they always had
-    digest = hashlib.sha256(carried.encode("utf-8", "surrogatepass")).hexdigest()
+    digest = _sha256(carried.encode("utf-8", "surrogatepass")).hexdigest()
     code = carried
     for value in carrier.digests:
         code = code.replace(value, "")
-    owner = "%s %s" % (hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
+    owner = "%s %s" % (_sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
                        [:_CODE_TAG], digest[:_CODE_TAG])
     return "%s %s" % (version, digest), live, owner
 
@@ -2304,7 +2341,7 @@ class _Carried:
         if not top and "<locals>" in func.__qualname__:
             # one of several a function may define under one name (if ... def helper):
             # its code tells them apart (a change of Python makes these keys new)
-            parts.append("code " + hashlib.sha256(_code_text(func.__code__)).hexdigest())
+            parts.append("code " + _sha256(_code_text(func.__code__)).hexdigest())
         for name, cell in zip(func.__code__.co_freevars, func.__closure__ or ()):
             try:
                 value = cell.cell_contents
@@ -2478,7 +2515,7 @@ def _code_tag(func):
     material = b"" if text is None else text.encode("utf-8", "surrogatepass")
     if text is None or text.count("lambda") > 1:   # two lambdas on one line: keep them apart
         material += _code_text(func.__code__)
-    return hashlib.sha256(material).hexdigest()[:8]
+    return _sha256(material).hexdigest()[:8]
 
 
 def _code_text(code):
@@ -2521,7 +2558,7 @@ def _file_name(identity):
     if len(safe.encode("utf-8")) > _NAME_LIMIT:
         safe = safe.encode("utf-8")[:_NAME_LIMIT].decode("utf-8", "ignore")
     if safe != identity or not safe.isascii() or safe != safe.lower():
-        safe += "-" + hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        safe += "-" + _sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return safe + ".db"
 
 
@@ -8388,7 +8425,7 @@ class _FileStore:
 
     def _result(self, key):
         # type: (bytes) -> str
-        name = hashlib.sha256(key).hexdigest() if self.shelf else key.hex()
+        name = _sha256(key).hexdigest() if self.shelf else key.hex()
         return self.objects.join("results", name[:2], name)
 
     def _results(self):
@@ -9431,7 +9468,7 @@ def _framed(payload):
 def _frame_head(chunks):
     # type: (List[Any]) -> bytes
     """What _framed() puts before the payload whose parts are chunks."""
-    digest, length = hashlib.sha256(), 0
+    digest, length = _sha256(), 0
     for chunk in chunks:
         digest.update(chunk)
         length += memoryview(chunk).nbytes
@@ -9447,7 +9484,7 @@ def _unframed(record):
         return None
     length = int.from_bytes(record[len(_RECORD_MAGIC):len(_RECORD_MAGIC) + 8], "big")
     payload = memoryview(record)[head:]
-    if len(payload) != length or hashlib.sha256(payload).digest() != record[head - 32:head]:
+    if len(payload) != length or _sha256(payload).digest() != record[head - 32:head]:
         return None
     return payload
 

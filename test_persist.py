@@ -8732,7 +8732,7 @@ class TestUserWhoCannotWrite(TempDirTest):
         # as immutable. Then the owner writes.
         reader = start_python(self, """
             import os, sys, time, persist
-            import inspect, reprlib, shelve, tempfile, shutil
+            import hashlib, inspect, reprlib, shelve, tempfile, shutil
             os.setgid(65534); os.setuid(65534)
             wrong = reads = errors = 0
             with persist.open(%r, "r") as db:
@@ -8792,7 +8792,7 @@ class TestUserWhoCannotWrite(TempDirTest):
         self.assertEqual(owner.stdout.readline(), "open\n")
         reader = start_python(self, """
             import os, sys, persist
-            import inspect, reprlib, shelve, tempfile, shutil
+            import hashlib, inspect, reprlib, shelve, tempfile, shutil
             os.setgid(65534); os.setuid(65534)
             db = persist.open(%r, "r")
             print(db["k"], flush=True)      # through the owner's -shm
@@ -8830,7 +8830,7 @@ class TestUserWhoCannotWrite(TempDirTest):
         self.addCleanup(os.chmod, cache, 0o755)
         out = run_python("""
             import os, warnings, persist
-            import inspect, reprlib, shelve, tempfile, shutil    # before /root goes
+            import hashlib, inspect, reprlib, shelve, tempfile, shutil    # before /root goes
             os.setgid(65534); os.setuid(65534)
             @persist.memoize(cache_dir=%r, name="job")
             def f(x):
@@ -8847,7 +8847,7 @@ class TestUserWhoCannotWrite(TempDirTest):
         os.chmod(self.dir, 0o755)
         out = run_python("""
             import os, persist
-            import inspect, reprlib, shelve, tempfile, shutil
+            import hashlib, inspect, reprlib, shelve, tempfile, shutil
             os.setgid(65534); os.setuid(65534)
             try:
                 persist.open(%r)
@@ -14159,18 +14159,21 @@ class TestModule(unittest.TestCase):
 
 class TestColdStart(TempDirTest):
     """What a script that makes one memoized call imports: what it does not need stays out
-    (pickle.py, with re and enum, for its Python pickler; shelve until a shelf is opened)."""
+    (pickle.py, with re and enum, for its Python pickler; shelve until a shelf is opened;
+    hashlib, with OpenSSL, until an input to hash is long)."""
 
-    def test_a_one_call_script_imports_no_python_pickler_nor_shelve(self):
+    def test_a_one_call_script_imports_no_python_pickler_shelve_nor_hashlib(self):
         script = self.path / "job.py"
         script.write_text(textwrap.dedent("""
-            import sys, persist
+            import sys
+            before = set(sys.modules)      # (3.11's site may import re and enum)
+            import persist
             @persist.memoize(cache_dir=sys.argv[1])
-            def double(x):
-                return 2 * x
-            print(double(21), double(21))
-            lean = ("pickle", "shelve", "re", "enum")
-            print(" ".join(name for name in lean if name in sys.modules) or "-")
+            def double(x, times=2, unit="m"):
+                return times * x
+            print(double(21), double(21), double("ab"))
+            lean = ("pickle", "shelve", "re", "enum", "hashlib")
+            print(" ".join(name for name in lean if name in set(sys.modules) - before) or "-")
             with persist.open(sys.argv[1] + "/shelf.db") as db:
                 import shelve
                 db["k"] = [1, 2]
@@ -14179,9 +14182,12 @@ class TestColdStart(TempDirTest):
         done = run_command([str(script), str(self.path / "cache")], cwd=self.dir,
                            timeout=CHILD_TIMEOUT)
         self.assertEqual(done.returncode, 0, done.stderr)
-        # PyPy has no C pickler apart from pickle.py: it imports that (and re)
-        lean = "-" if importlib.util.find_spec("_pickle") else done.stdout.splitlines()[1]
-        self.assertEqual(done.stdout.splitlines(), ["42 42", lean, "True _Shelf [1, 2]"])
+        # PyPy has neither a C pickler apart from pickle.py, nor a SHA-256 in C besides
+        # hashlib's: it imports those (and re)
+        lean = "-" if importlib.util.find_spec("_pickle") and (
+            importlib.util.find_spec("_sha2") or importlib.util.find_spec("_sha256")) \
+            else done.stdout.splitlines()[1]
+        self.assertEqual(done.stdout.splitlines(), ["42 42 abab", lean, "True _Shelf [1, 2]"])
 
     def test_the_command_line_imports_no_inspect(self):
         # memoize's decoration alone needs it (8 ms): 'persist prune' of a big cache is
