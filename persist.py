@@ -88,13 +88,10 @@ import contextlib
 import copyreg
 import errno
 import functools
-import hashlib
 import io
 import itertools
 import os
-import pickle
 import reprlib
-import shelve
 import sqlite3
 import stat
 import sys
@@ -113,6 +110,7 @@ if TYPE_CHECKING:
     import argparse
     import concurrent.futures
     import datetime
+    import hashlib
     from concurrent.futures import Executor, ProcessPoolExecutor
     import pathlib
     # typing's own names only (ParamSpec, Concatenate and TypeAlias: a target of 3.10 or
@@ -207,6 +205,19 @@ if TYPE_CHECKING:
     import inspect
 else:
     inspect = None
+
+# The C pickler itself, where it is (CPython): pickle.py imports re, enum and struct for its
+# Python pickler, 5 ms of a one-call script's start, and the public names persist uses are
+# _pickle's own (pickle.dump is _pickle.dump). PyPy has no _pickle: pickle.py there. shelve,
+# which imports pickle.py, is imported by the first persist.open() (_shelf_type).
+if TYPE_CHECKING:
+    import pickle
+    import shelve
+else:
+    try:
+        import _pickle as pickle
+    except ImportError:
+        import pickle
 
 
 # == constants: limits, the file format and its SQL, messages =====================================
@@ -306,6 +317,9 @@ _NAMED = "SELECT file FROM Dict WHERE file IN (%s)"
 _FORGET_FAILURE = "DELETE FROM Failures WHERE key = ?"
 _FAILED_VERSIONS = "SELECT DISTINCT version FROM Failures WHERE version IS NOT ?"
 _STALE_FAILURES = "%s FROM Failures WHERE %s"      # SELECT count(*) or DELETE; conditions
+# what prune() removes, and its value files (on the partial index DictFile); conditions
+_PRUNE_SIZE = "SELECT count(*), total(length(value)) FROM Dict WHERE %s"
+_PRUNE_FILES = "SELECT file FROM Dict WHERE file IS NOT NULL AND (%s)"
 _INFO = "SELECT name, value FROM Info"
 _SET_INFO = "REPLACE INTO Info (name, value) VALUES (?, ?)"
 _ENTRIES = ("SELECT key, args, stored, length(value), file, seconds, version FROM Dict"
@@ -547,6 +561,24 @@ def _link_no_clobber(src, dst):
 
 _rename_no_clobber = os.rename if os.name == "nt" else _link_no_clobber  # nt never replaces
 _RENAME_OPEN_FILES = os.name != "nt"     # Windows renames and removes no file that is open
+
+# SHA-256 of a short input (the key of a call of a few numbers and short strs) by CPython's own
+# C code, as fast there as OpenSSL's; hashlib imports OpenSSL's (_hashlib: 2.3 ms of a one-call
+# script's start) and blake2: _sha256() imports it for the first long input (a key past
+# _SHORT_HASH bytes, see _KeyWriter; a closure's salt, a code tag). PyPy's _sha256 is Python
+# code, and a CPython built without its own hashes has none: hashlib's there.
+if TYPE_CHECKING:
+    from hashlib import sha256 as _short_sha256
+else:
+    try:
+        from _sha2 import sha256 as _short_sha256       # 3.12 on
+    except ImportError:
+        try:
+            from _sha256 import sha256 as _short_sha256     # before
+        except ImportError:
+            from hashlib import sha256 as _short_sha256
+    if not isinstance(_short_sha256, types.BuiltinFunctionType):
+        from hashlib import sha256 as _short_sha256
 
 
 # == memoize ======================================================================================
@@ -1089,16 +1121,16 @@ def _pickling_by_value():
     Ray); pickle and multiprocessing's pickler send them by name. A pickler is an object,
     not an argument of __reduce__: it is found as the self of a frame up the stack (the
     Python pickler's save(), cloudpickle's dump(); the C pickler has no frame of its own)."""
+    # the C pickler's class, and the Python one's where pickle.py is imported: it is only
+    # there to be used then (persist imports _pickle alone)
+    picklers = (pickle.Pickler, getattr(sys.modules.get("pickle"), "_Pickler", pickle.Pickler))
     frame: "Optional[types.FrameType]" = sys._getframe(2)
     while frame is not None:
         pickler = frame.f_locals.get("self")
-        if isinstance(pickler, _PICKLERS):
+        if isinstance(pickler, picklers):
             return getattr(type(pickler), "reducer_override", None) is not None
         frame = frame.f_back
     return False
-
-
-_PICKLERS = (pickle.Pickler, getattr(pickle, "_Pickler", pickle.Pickler))
 
 
 def _unattached_wrapper(kind, cache, attributes, origin=None):
@@ -1424,6 +1456,9 @@ def _depth_text(exc):
 _KEY_FORMAT = "persist key 1\n"
 _LONG = 1 << 16                 # a str longer than this is encoded to UTF-8 in slices
 _BLOCK = 1 << 22                # a non-contiguous array is copied and hashed a block at a time
+# bytes hashed by _short_sha256, CPython's own SHA-256, where it is as fast as OpenSSL's (3.8 to
+# 3.13: 0.4-0.9 us either way up to 64 bytes; past 128 OpenSSL's is faster, 6x at a megabyte)
+_SHORT_HASH = 64
 _RAW_KINDS = frozenset("biufcmMSUV")
 _SINGLETON_TYPES = ((type(None), "NoneType"), (type(NotImplemented), "NotImplementedType"),
                     (type(...), "ellipsis"))   # numpy dtype kinds whose bytes are their values
@@ -1456,10 +1491,11 @@ def _keyer(salt):
                 else:
                     break
             else:
-                hasher = hashlib.sha256(start)
-                hasher.update((text + ")").encode("utf-8", "surrogatepass"))
-                return hasher.digest()
-        writer = _KeyWriter(hashlib.sha256(start), set())
+                data = start + (text + ")").encode("utf-8", "surrogatepass")
+                if len(data) <= _SHORT_HASH:
+                    return _short_sha256(data).digest()
+                return _sha256(data).digest()
+        writer = _KeyWriter(start, set())
         _write(material, writer)
         return writer.digest()
 
@@ -1470,38 +1506,54 @@ class _KeyWriter:
     """A SHA-256 being fed the encoding of some values.
 
     Short tokens gather in a list of str and are hashed as UTF-8 in one call; buffers (bytes,
-    arrays) are hashed in place, after the text written before them.
+    arrays) are hashed in place, after the text written before them. The hash is made at the
+    first buffer, or at digest(): the key of a few values that are all text is hashed in one
+    call, by _short_sha256 when it is short.
     """
 
-    __slots__ = ("hasher", "text", "active")
+    __slots__ = ("head", "hasher", "text", "active")
 
-    def __init__(self, hasher, active):
-        # type: (hashlib._Hash, Set[int]) -> None
-        self.hasher = hasher
+    def __init__(self, head, active):
+        # type: (bytes, Set[int]) -> None
+        self.head = head              # what the hash starts with: a key's salt, or b''
+        self.hasher: "Optional[hashlib._Hash]" = None      # made by the first flush()
         self.text: "List[str]" = []
         self.active = active          # ids of the containers being written: a cycle shows
 
     def flush(self):
-        # type: () -> None
+        # type: () -> hashlib._Hash
+        """Hash the text written so far; return the hash, to feed a buffer to."""
+        hasher = self.hasher
+        if hasher is None:
+            hasher = self.hasher = _sha256(self.head)
         if self.text:
-            self.hasher.update("".join(self.text).encode("utf-8", "surrogatepass"))
+            hasher.update("".join(self.text).encode("utf-8", "surrogatepass"))
             self.text = []
+        return hasher
 
     def buffer(self, data):
         # type: (Buffer) -> None
-        self.flush()
-        self.hasher.update(data)
+        self.flush().update(data)
 
     def digest(self):
         # type: () -> bytes
-        self.flush()
-        return self.hasher.digest()
+        if self.hasher is None:         # text alone: in one call
+            data = self.head + "".join(self.text).encode("utf-8", "surrogatepass")
+            return (_short_sha256(data) if len(data) <= _SHORT_HASH else _sha256(data)).digest()
+        return self.flush().digest()
+
+
+def _sha256(data=b""):
+    # type: (Buffer) -> hashlib._Hash
+    """hashlib.sha256(data): hashlib is imported at the first (see _short_sha256)."""
+    import hashlib
+    return hashlib.sha256(data)
 
 
 def _digest(value):
     # type: (Any) -> bytes
     """The SHA-256 of value's canonical encoding: equal values, equal digests."""
-    w = _KeyWriter(hashlib.sha256(), set())
+    w = _KeyWriter(b"", set())
     _write(value, w)
     return w.digest()
 
@@ -1535,8 +1587,7 @@ def _write_str(value, w):
         w.text += ("s%x:" % len(value), value)    # length in code points: no escaping
         return
     w.text.append("s%x:" % len(value))
-    w.flush()
-    update = w.hasher.update
+    update = w.flush().update
     for start in range(0, len(value), _LONG):    # a slice's UTF-8 at a time: the same bytes
         update(value[start:start + _LONG].encode("utf-8", "surrogatepass"))
 
@@ -1602,7 +1653,7 @@ def _write_unordered(tag, items, w, *parts):
     for any order of the items."""
     digests: "List[bytes]" = []
     for item in items:
-        sub = _KeyWriter(hashlib.sha256(), w.active)
+        sub = _KeyWriter(b"", w.active)
         for part in parts:
             _write(part(item), sub)
         digests.append(sub.digest())
@@ -2174,11 +2225,11 @@ def _salt(func, version, key, ignore):
     live = tuple(carrier.live)
     if not carried:
         return version, live, None   # plain functions keep the keys they always had
-    digest = hashlib.sha256(carried.encode("utf-8", "surrogatepass")).hexdigest()
+    digest = _sha256(carried.encode("utf-8", "surrogatepass")).hexdigest()
     code = carried
     for value in carrier.digests:
         code = code.replace(value, "")
-    owner = "%s %s" % (hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
+    owner = "%s %s" % (_sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
                        [:_CODE_TAG], digest[:_CODE_TAG])
     return "%s %s" % (version, digest), live, owner
 
@@ -2290,7 +2341,7 @@ class _Carried:
         if not top and "<locals>" in func.__qualname__:
             # one of several a function may define under one name (if ... def helper):
             # its code tells them apart (a change of Python makes these keys new)
-            parts.append("code " + hashlib.sha256(_code_text(func.__code__)).hexdigest())
+            parts.append("code " + _sha256(_code_text(func.__code__)).hexdigest())
         for name, cell in zip(func.__code__.co_freevars, func.__closure__ or ()):
             try:
                 value = cell.cell_contents
@@ -2464,7 +2515,7 @@ def _code_tag(func):
     material = b"" if text is None else text.encode("utf-8", "surrogatepass")
     if text is None or text.count("lambda") > 1:   # two lambdas on one line: keep them apart
         material += _code_text(func.__code__)
-    return hashlib.sha256(material).hexdigest()[:8]
+    return _sha256(material).hexdigest()[:8]
 
 
 def _code_text(code):
@@ -2507,7 +2558,7 @@ def _file_name(identity):
     if len(safe.encode("utf-8")) > _NAME_LIMIT:
         safe = safe.encode("utf-8")[:_NAME_LIMIT].decode("utf-8", "ignore")
     if safe != identity or not safe.isascii() or safe != safe.lower():
-        safe += "-" + hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        safe += "-" + _sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return safe + ".db"
 
 
@@ -5122,7 +5173,7 @@ def open(filename: "Union[_Path, MutableMapping[str, bytes]]", flag: "_Flag" = "
             raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
         objects = _MappingObjects(filename, "", flag)
         shelf = _FileStore(objects.path, flag, shelf=True, objects=objects)
-        return _Shelf(shelf, protocol)  # type: ignore[arg-type]  # (as below)
+        return _shelf_type()(shelf, protocol)  # type: ignore[arg-type]  # (as below)
     path = os.fsdecode(os.fspath(filename))
     if not path:                            # not the current directory: open("") fails so
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
@@ -5133,12 +5184,12 @@ def open(filename: "Union[_Path, MutableMapping[str, bytes]]", flag: "_Flag" = "
         # a shelf of files: where one is, or on a filesystem several machines share (there,
         # a directory without the marker may be one another machine is making: _FileStore
         # makes it whole, or refuses a directory of other files)
-        return _Shelf(_FileStore(path, flag, shelf=True), protocol)  # type: ignore[arg-type]
+        return _shelf_type()(_FileStore(path, flag, shelf=True), protocol)  # type: ignore[arg-type]
     _open_shelve_file(path, flag)
     store = _Store(path, flag)
     # a _Store is the mapping under the shelf, though not a MutableMapping: _Shelf
     # overrides each method that shelve.Shelf would call it through
-    return _Shelf(store, protocol)  # type: ignore[arg-type]
+    return _shelf_type()(store, protocol)  # type: ignore[arg-type]
 
 
 # == open: the shelf ------------------------------------------------------------------------------
@@ -5150,7 +5201,7 @@ if TYPE_CHECKING:     # generic to type checkers, not at run time before Python 
     _ItemsViewBase = collections.abc.ItemsView[str, Any]
     _ValuesViewBase = collections.abc.ValuesView[Any]
 else:
-    _ShelfBase = shelve.Shelf
+    _ShelfBase = object     # shelve.Shelf joins it at the first open(): see _shelf_type
     _ItemsViewBase = collections.abc.ItemsView
     _ValuesViewBase = collections.abc.ValuesView
 
@@ -5278,6 +5329,23 @@ class _Shelf(_ShelfBase):
         if not isinstance(store, (_Store, _FileStore)):
             raise ValueError("invalid operation on closed shelf")
         return store
+
+
+def _shelf_type():
+    # type: () -> type[_Shelf]
+    """The class of persist.open()'s shelves: _Shelf over shelve.Shelf, made at the first
+    open(), as shelve imports pickle.py (5 ms of a start that opens no shelf: see pickle
+    above). _Shelf's methods come first, as a subclass's would."""
+    global _SHELF_TYPE
+    if _SHELF_TYPE is None:
+        import shelve
+        # two threads may both make one: either is whole, and both are _Shelf and Shelf
+        _SHELF_TYPE = types.new_class("_Shelf", (_Shelf, shelve.Shelf), exec_body=lambda ns: (
+            ns.update(__module__=__name__, __qualname__="_Shelf", __doc__=_Shelf.__doc__)))
+    return _SHELF_TYPE
+
+
+_SHELF_TYPE = None  # type: Optional[type[_Shelf]]
 
 
 class _ItemsView(_ItemsViewBase):
@@ -6966,17 +7034,17 @@ class _Store:
         if not where:
             raise ValueError("prune() needs before=, version= or codes=")
         where = " OR ".join(where)
-        rows = self.conn.run(_fetch, "SELECT length(value), file FROM Dict WHERE " + where,
-                             params)
-        size = sum(_size(self.values.path(file)) if file else length for length, file in rows)
         if dry_run:
+            count, size, names = self.conn.run(_prune_size, where, params)
             failed = 0 if failures is None else self.conn.run(
                 _fetch, _STALE_FAILURES % ("SELECT count(*)", failures[0]), failures[1])[0][0]
-            return len(rows), size, failed
-        names, failed = self.conn.transaction(_prune, where, params, self.values, failures)
+            return count, size + sum(_size(self.values.path(name)) for name in names), failed
+        count, size, names, failed = self.conn.transaction(_prune, where, params, self.values,
+                                                           failures)
+        size += sum(_size(self.values.path(name)) for name in names)   # before they go
         self.values.remove(names)
         self._give_back()
-        return len(rows), size, failed
+        return count, size, failed
 
     def _named(self, names):
         # type: (List[str]) -> Set[str]
@@ -7190,16 +7258,28 @@ def _clear_owned(conn, owner, values):
     return count, names
 
 
+def _prune_size(conn, where, params):
+    # type: (sqlite3.Connection, str, Sequence[object]) -> Tuple[int, int, List[str]]
+    """(entries, bytes of their pickles in rows, their value files) of the entries that
+    match where: added up by SQLite in one scan (fetched into Python, the rows of half a
+    million entries took 0.5-0.7 s, more than their DELETE); the value files, found on the
+    partial index DictFile, are the only rows fetched."""
+    (count, size), = _fetch(conn, _PRUNE_SIZE % where, params)
+    names = [name for name, in _fetch(conn, _PRUNE_FILES % where, params)]
+    return count, int(size), names
+
+
 def _prune(conn, where, params, values, failures=None):
-    # type: (sqlite3.Connection, str, Sequence[object], _Values, Optional[Tuple[str, Sequence[object]]]) -> Tuple[List[str], int]
-    names = [name for name, in _fetch(conn, "SELECT file FROM Dict WHERE file IS NOT NULL "
-                                            "AND (%s)" % where, params)]
+    # type: (sqlite3.Connection, str, Sequence[object], _Values, Optional[Tuple[str, Sequence[object]]]) -> Tuple[int, int, List[str], int]
+    """_Store.prune()'s transaction: (entries, bytes in rows, value files, failure records)
+    removed; what it counts is what it removes, as no other process writes meanwhile."""
+    count, size, names = _prune_size(conn, where, params)
     values.check(names)
     conn.execute("DELETE FROM Dict WHERE " + where, params)
     # a failure of another version is stale as its results are: that code is gone
     failed = 0 if failures is None else \
         conn.execute(_STALE_FAILURES % ("DELETE", failures[0]), failures[1]).rowcount
-    return names, failed
+    return count, size, names, failed
 
 
 # == the store: value files -----------------------------------------------------------------------
@@ -8345,7 +8425,7 @@ class _FileStore:
 
     def _result(self, key):
         # type: (bytes) -> str
-        name = hashlib.sha256(key).hexdigest() if self.shelf else key.hex()
+        name = _sha256(key).hexdigest() if self.shelf else key.hex()
         return self.objects.join("results", name[:2], name)
 
     def _results(self):
@@ -9388,7 +9468,7 @@ def _framed(payload):
 def _frame_head(chunks):
     # type: (List[Any]) -> bytes
     """What _framed() puts before the payload whose parts are chunks."""
-    digest, length = hashlib.sha256(), 0
+    digest, length = _sha256(), 0
     for chunk in chunks:
         digest.update(chunk)
         length += memoryview(chunk).nbytes
@@ -9404,7 +9484,7 @@ def _unframed(record):
         return None
     length = int.from_bytes(record[len(_RECORD_MAGIC):len(_RECORD_MAGIC) + 8], "big")
     payload = memoryview(record)[head:]
-    if len(payload) != length or hashlib.sha256(payload).digest() != record[head - 32:head]:
+    if len(payload) != length or _sha256(payload).digest() != record[head - 32:head]:
         return None
     return payload
 
@@ -9641,7 +9721,6 @@ def _main(argv=None):
     # type: (Optional[Sequence[str]]) -> int
     """python persist.py COMMAND: look after caches and done_dir() stages."""
     import argparse
-    _load()
     parser = argparse.ArgumentParser(prog="persist", description="Look after persist's caches "
                                      "and done_dir() stages.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
