@@ -1969,8 +1969,12 @@ def _write_array(value, w, tag="A"):
         return
     if dtype.kind not in _RAW_KINDS:     # objects, or numpy 2's variable-width strings
         _enter(value, w)                 # an object array may hold itself
-        w.text.append(tag)
-        _write((dtype.kind, value.shape, value.ravel().tolist()), w)
+        w.text.append(tag + "(")         # as _write writes (kind, shape, ravel().tolist())
+        _write(dtype.kind, w)
+        _write(value.shape, w)
+        w.text.append("[")
+        _write_objects(value.ravel(), w)
+        w.text.append("])")
         w.active.discard(id(value))
         return
     little = dtype.newbyteorder("<")
@@ -1985,6 +1989,28 @@ def _write_array(value, w, tag="A"):
         w.buffer(value.reshape(-1).view("u1"))     # in place: no copy
     else:
         _write_blocks(value, w)
+
+
+def _write_objects(flat, w):
+    # type: (Any, _KeyWriter) -> None
+    """Write the items of flat, a 1-d numpy array of objects (a DataFrame's str column), as
+    _write_list writes flat.tolist(), without a list of them all: a run of _KEY_RUN items at
+    a time (see _write_long). The items after the first run of other values are written from
+    a list of them made before any is written, as from tolist() (their writers may run the
+    caller's code, which may change the array)."""
+    start = 0
+    if w.runs:
+        while start < len(flat):
+            encoded = _run_encoded(flat[start:start + _KEY_RUN].tolist())
+            if encoded is None:
+                break
+            w.buffer(encoded)
+            start += _KEY_RUN
+    tokens = w.text
+    for item in flat[start:].tolist():
+        _write(item, w)
+        if len(tokens) > _KEY_RUN:
+            w.flush()
 
 
 def _write_blocks(value, w):
