@@ -1492,7 +1492,7 @@ class _KeyWriter:
         # type: () -> None
         if self.text:
             self.hasher.update("".join(self.text).encode("utf-8", "surrogatepass"))
-            self.text.clear()         # the same list: _write_run holds it
+            self.text.clear()         # the same list: _write_long and _write_objects hold it
 
     def buffer(self, data):
         # type: (Buffer) -> None
@@ -1507,7 +1507,8 @@ class _KeyWriter:
 
 def _digest(value, runs=True):
     # type: (Any, bool) -> bytes
-    """The SHA-256 of value's canonical encoding: equal values, equal digests."""
+    """The SHA-256 of value's canonical encoding: equal values, equal digests (runs=False:
+    long lists and tuples item by item, the reference for the tests of _write_long)."""
     w = _KeyWriter(hashlib.sha256(), set(), runs)
     _write(value, w)
     return w.digest()
@@ -1648,7 +1649,7 @@ def _run_encoded(run):
     one type among int, float, str, bool and None (and a str no longer than _LONG); else None."""
     each = builtins.map                  # map() is persist.map here
     kinds = set(each(type, run))
-    # A set holds one of two types that are equal, which only a metaclass that says a class
+    # A set keeps one of two types that are equal, which only a metaclass that says a class
     # equals int (with int's hash) can make: _write's look-up in _WRITERS takes it for int too.
     if len(kinds) != 1:
         return None
