@@ -1620,7 +1620,8 @@ def _write_long(value, w):
     A run of other values, and all that follows it, is written one item at a time from a
     live iterator, as the loop does: their writers may run the caller's code (__reduce_ex__,
     properties), which may change the list. Until then no code of the caller's runs (type()
-    and the formatting of exact ints, floats and strs call none), so the list is as it was.
+    and the formatting of exact ints, floats and strs call none; only a metaclass's __hash__
+    could, as _write's look-up in _WRITERS calls it), so the list is as it was.
     Another thread that changes the list meanwhile gets what it gets from the loop too: the
     items as each is reached.
     """
