@@ -90,6 +90,7 @@ import errno
 import functools
 import io
 import itertools
+import operator
 import os
 import reprlib
 import sqlite3
@@ -1459,6 +1460,10 @@ _BLOCK = 1 << 22                # a non-contiguous array is copied and hashed a 
 # bytes hashed by _short_sha256, CPython's own SHA-256, where it is as fast as OpenSSL's (3.8 to
 # 3.13: 0.4-0.9 us either way up to 64 bytes; past 128 OpenSSL's is faster, 6x at a megabyte)
 _SHORT_HASH = 64
+_KEY_RUN = 1 << 13              # a list or tuple longer than this is keyed a run at a time
+_PREFIXES = tuple("s%x:" % n for n in range(256))     # the start of a short str's encoding
+_ONE_TOKEN: "Dict[type, Callable[[Any], str]]" = {      # the values whose encoding is one letter
+    bool: {True: "T", False: "F"}.__getitem__, type(None): {None: "N"}.__getitem__}
 _RAW_KINDS = frozenset("biufcmMSUV")
 _SINGLETON_TYPES = ((type(None), "NoneType"), (type(NotImplemented), "NotImplementedType"),
                     (type(...), "ellipsis"))   # numpy dtype kinds whose bytes are their values
@@ -1508,17 +1513,19 @@ class _KeyWriter:
     Short tokens gather in a list of str and are hashed as UTF-8 in one call; buffers (bytes,
     arrays) are hashed in place, after the text written before them. The hash is made at the
     first buffer, or at digest(): the key of a few values that are all text is hashed in one
-    call, by _short_sha256 when it is short.
+    call, by _short_sha256 when it is short. runs=False writes long lists and tuples item by
+    item (see _write_long): the reference its tests compare with.
     """
 
-    __slots__ = ("head", "hasher", "text", "active")
+    __slots__ = ("head", "hasher", "text", "active", "runs")
 
-    def __init__(self, head, active):
-        # type: (bytes, Set[int]) -> None
+    def __init__(self, head, active, runs=True):
+        # type: (bytes, Set[int], bool) -> None
         self.head = head              # what the hash starts with: a key's salt, or b''
         self.hasher: "Optional[hashlib._Hash]" = None      # made by the first flush()
         self.text: "List[str]" = []
         self.active = active          # ids of the containers being written: a cycle shows
+        self.runs = runs
 
     def flush(self):
         # type: () -> hashlib._Hash
@@ -1528,7 +1535,7 @@ class _KeyWriter:
             hasher = self.hasher = _sha256(self.head)
         if self.text:
             hasher.update("".join(self.text).encode("utf-8", "surrogatepass"))
-            self.text = []
+            self.text.clear()         # the same list: _write_long and _write_objects hold it
         return hasher
 
     def buffer(self, data):
@@ -1550,10 +1557,11 @@ def _sha256(data=b""):
     return hashlib.sha256(data)
 
 
-def _digest(value):
-    # type: (Any) -> bytes
-    """The SHA-256 of value's canonical encoding: equal values, equal digests."""
-    w = _KeyWriter(b"", set())
+def _digest(value, runs=True):
+    # type: (Any, bool) -> bytes
+    """The SHA-256 of value's canonical encoding: equal values, equal digests (runs=False:
+    long lists and tuples item by item, the reference for the tests of _write_long)."""
+    w = _KeyWriter(b"", set(), runs)
     _write(value, w)
     return w.digest()
 
@@ -1605,8 +1613,11 @@ def _write_float(value, w):
 def _write_tuple(value, w):
     # type: (Any, _KeyWriter) -> None
     w.text.append("(")     # no cycle check: a cycle always passes through a mutable container
-    for item in value:
-        _write(item, w)
+    if type(value) is tuple and len(value) > _KEY_RUN and w.runs:
+        _write_long(value, w)
+    else:
+        for item in value:
+            _write(item, w)
     w.text.append(")")
 
 
@@ -1641,10 +1652,80 @@ def _write_list(value, w):
     # type: (Any, _KeyWriter) -> None
     _enter(value, w)
     w.text.append("[")
-    for item in value:
-        _write(item, w)
+    if type(value) is list and len(value) > _KEY_RUN and w.runs:
+        _write_long(value, w)
+    else:
+        for item in value:
+            _write(item, w)
     w.text.append("]")
     w.active.discard(id(value))
+
+
+def _write_long(value, w):
+    # type: (Union[List[Any], Tuple[Any, ...]], _KeyWriter) -> None
+    """Write the items of value, a long list or tuple, as `for item in value: _write(item, w)`
+    does, byte for byte, in runs of _KEY_RUN items: a run of one type among int, float, str,
+    bool and None is encoded in one piece by C loops (a list of a million small ints keys in
+    a quarter of the time), and each run goes to the hash as it is made, not held to the end.
+
+    A run of other values, and all that follows it, is written one item at a time from a
+    live iterator, as the loop does: their writers may run the caller's code (__reduce_ex__,
+    properties), which may change the list. Until then no code of the caller's runs (type()
+    and the formatting of exact ints, floats and strs call none; only a metaclass's __hash__
+    could, as _write's look-up in _WRITERS calls it), so the list is as it was.
+    Another thread that changes the list meanwhile gets what it gets from the loop too: the
+    items as each is reached.
+    """
+    start = 0
+    while True:
+        run = value[start:start + _KEY_RUN]
+        if not run:
+            return
+        encoded = _run_encoded(run)
+        if encoded is None:
+            break
+        w.buffer(encoded)
+        start += len(run)
+    items = iter(value)
+    next(itertools.islice(items, start, start), None)      # past what is written
+    tokens = w.text
+    for item in items:
+        _write(item, w)
+        if len(tokens) > _KEY_RUN:
+            w.flush()
+
+
+def _run_encoded(run):
+    # type: (Sequence[Any]) -> Optional[bytes]
+    """The encoding of the items of run, as _write writes them, in UTF-8, if they are all of
+    one type among int, float, str, bool and None (and a str no longer than _LONG); else None."""
+    each = builtins.map                  # map() is persist.map here
+    kinds = set(each(type, run))
+    # A set keeps one of two types that are equal, which only a metaclass that says a class
+    # equals int (with int's hash) can make: _write's look-up in _WRITERS takes it for int too.
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    if kind is int:        # bytes' % is a quarter faster than str's, and needs no encoding
+        return (b"i%x;" * len(run)) % tuple(run)
+    if kind is float:      # float.hex() says "nan" for every NaN, as _float_text does
+        text = ("f%s;" * len(run)) % tuple(each(float.hex, run))
+    elif kind is str:
+        lengths = list(each(len, run))
+        longest = max(lengths)
+        if longest < len(_PREFIXES):
+            prefixes = each(_PREFIXES.__getitem__, lengths)
+        elif longest <= _LONG:
+            prefixes = each("s%x:".__mod__, lengths)
+        else:
+            return None                  # _write_str hashes it in slices
+        text = "".join(each(operator.add, prefixes, run))
+    else:
+        token = _ONE_TOKEN.get(kind)
+        if token is None:
+            return None
+        text = "".join(each(token, run))
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _write_unordered(tag, items, w, *parts):
@@ -1653,7 +1734,7 @@ def _write_unordered(tag, items, w, *parts):
     for any order of the items."""
     digests: "List[bytes]" = []
     for item in items:
-        sub = _KeyWriter(b"", w.active)
+        sub = _KeyWriter(b"", w.active, w.runs)
         for part in parts:
             _write(part(item), sub)
         digests.append(sub.digest())
@@ -1941,8 +2022,12 @@ def _write_array(value, w, tag="A"):
         return
     if dtype.kind not in _RAW_KINDS:     # objects, or numpy 2's variable-width strings
         _enter(value, w)                 # an object array may hold itself
-        w.text.append(tag)
-        _write((dtype.kind, value.shape, value.ravel().tolist()), w)
+        w.text.append(tag + "(")         # as _write writes (kind, shape, ravel().tolist())
+        _write(dtype.kind, w)
+        _write(value.shape, w)
+        w.text.append("[")
+        _write_objects(value.ravel(), w)
+        w.text.append("])")
         w.active.discard(id(value))
         return
     little = dtype.newbyteorder("<")
@@ -1957,6 +2042,28 @@ def _write_array(value, w, tag="A"):
         w.buffer(value.reshape(-1).view("u1"))     # in place: no copy
     else:
         _write_blocks(value, w)
+
+
+def _write_objects(flat, w):
+    # type: (Any, _KeyWriter) -> None
+    """Write the items of flat, a 1-d numpy array of objects (a DataFrame's str column), as
+    _write_list writes flat.tolist(), without a list of them all: a run of _KEY_RUN items at
+    a time (see _write_long). The items after the first run of other values are written from
+    a list of them made before any is written, as from tolist() (their writers may run the
+    caller's code, which may change the array)."""
+    start = 0
+    if w.runs:
+        while start < len(flat):
+            encoded = _run_encoded(flat[start:start + _KEY_RUN].tolist())
+            if encoded is None:
+                break
+            w.buffer(encoded)
+            start += _KEY_RUN
+    tokens = w.text
+    for item in flat[start:].tolist():
+        _write(item, w)
+        if len(tokens) > _KEY_RUN:
+            w.flush()
 
 
 def _write_blocks(value, w):

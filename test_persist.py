@@ -26,6 +26,7 @@ import enum
 import errno
 import faulthandler
 import functools
+import hashlib
 import importlib.util
 import inspect
 import io
@@ -42,6 +43,7 @@ import shlex
 import signal
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -857,6 +859,223 @@ class TestKeysOfEqualValues(MemoTest):
         ])
 
 
+class Count(enum.IntEnum):
+    ONE = 1
+
+
+class MyFloat(float):
+    pass
+
+
+class MyStr(str):
+    pass
+
+
+class LongList(list):
+    pass
+
+
+class ChangesTheList:
+    """Changes the list that holds it when its key is written, as code in a __reduce_ex__ or
+    a property may."""
+
+    def __init__(self, target, change):
+        self.target, self.change = target, change
+
+    def __reduce_ex__(self, protocol):
+        self.change(self.target)
+        return int, (0,)
+
+
+def long_values():
+    """Long lists and tuples (of several runs of persist._KEY_RUN items) of values that a key
+    of items one by one must tell apart: each label, a function that makes the value anew."""
+    run = persist._KEY_RUN
+    negative_nan = struct.unpack("<d", struct.pack("<Q", 0xFFF8000000000001))[0]
+    edges = [0, -1, 1, 10 ** 5000, -10 ** 5000]
+    for bits in (7, 8, 15, 16, 30, 31, 32, 60, 62, 63, 64, 65, 128):
+        edges += [2 ** bits - 1, 2 ** bits, 2 ** bits + 1, -2 ** bits, -2 ** bits - 1]
+    floats = [float("nan"), negative_nan, float("inf"), float("-inf"), 0.0, -0.0, 5e-324,
+              2.225073858507201e-308, 2.2250738585072014e-308, 1.7976931348623157e308, 1.5,
+              -1 / 3, 1e-310, 1e16, 2.0 ** -1074 * 3]
+    strs = ["", "\x00", "a\x00b", "\U0001F600", "\u00e9", "x" * 255, "x" * 256, "y" * 1000,
+            "plain", "s1:", "i1;"]
+
+    def filled(values, count=2 * run + 3):
+        items = (values * (count // len(values) + 1))[:count]
+        random.Random(count).shuffle(items)
+        return items
+
+    def replaced(items, position, value):
+        items = list(items)
+        items[position] = value
+        return items
+
+    ints = filled(edges)
+    short = list(range(2 * run + 3))
+    words = filled(strs)
+    # a few surrogates only: PyPy encodes a str that holds many in quadratic time
+    for position, surrogates in ((3, "\ud800"), (run + 9, "\udfff"), (2 * run, "\ud83d\ude00")):
+        words[position] = surrogates
+    makers = {
+        "ints": lambda: list(range(3 * run + 7)),
+        "ints at the edges of every width": lambda: list(ints),
+        "negative ints": lambda: [-n for n in range(2 * run)],
+        "one run and one item": lambda: list(range(run + 1)),
+        "exactly two runs": lambda: list(range(2 * run)),
+        "floats": lambda: filled(floats),
+        "strs": lambda: list(words),
+        "strs whose surrogate pair spans two runs":
+            lambda: replaced(replaced(words, run - 1, "\ud83d"), run, "\ude00"),
+        "a str of _LONG code points": lambda: replaced(words, run + 5, "z" * persist._LONG),
+        "a str longer than _LONG": lambda: replaced(words, run + 5, "w" * (persist._LONG + 1)),
+        "bools": lambda: filled([True, False]),
+        "Nones": lambda: [None] * (run + 1),
+        "bools and Nones": lambda: filled([True, False, None]),
+        "ints and floats": lambda: replaced(short, run + 2, 1.0),
+        "an int subclass": lambda: replaced(short, run + 2, MyInt(run + 2)),
+        "an IntEnum": lambda: replaced(short, 2 * run, Count.ONE),
+        "a float subclass": lambda: replaced(filled(floats), run, MyFloat(1.5)),
+        "a str subclass": lambda: replaced(words, 0, MyStr("plain")),
+        "nested": lambda: [list(range(run + 1)), [1.5] * (run + 1), (("a",) * (run + 1))],
+        "pairs": lambda: [(n, str(n)) for n in range(run + 1)],
+        "a list subclass": lambda: LongList(range(run + 1)),
+    }
+    for bool_at in (0, run - 1, run, run + 1, 2 * run + 2):
+        makers["a bool at %d" % bool_at] = lambda at=bool_at: replaced(short, at, True)
+    for label, maker in list(makers.items()):
+        if label != "a list subclass":
+            makers[label + ", a tuple"] = lambda maker=maker: tuple(maker())
+    return makers
+
+
+class TestKeysOfLongLists(MemoTest):
+    """Long lists and tuples are keyed a run of items at a time: the same bytes as item by
+    item (persist._digest(value, runs=False)), the reference."""
+
+    def assertSameAsItemByItem(self, make):
+        self.assertEqual(persist._digest(make()), persist._digest(make(), runs=False))
+
+    def test_runs_make_the_bytes_items_one_by_one_make(self):
+        for label, make in long_values().items():
+            if not label.endswith(", a tuple"):
+                with self.subTest(label):
+                    self.assertSameAsItemByItem(make)
+
+    @slow
+    def test_runs_of_tuples_make_the_bytes_items_one_by_one_make(self):
+        for label, make in long_values().items():
+            if label.endswith(", a tuple"):
+                with self.subTest(label):
+                    self.assertSameAsItemByItem(make)
+
+    @slow
+    def test_very_long_lists(self):
+        for make in (lambda: list(range(-10 ** 5, 10 ** 6)), lambda: [0.5] * 10 ** 6,
+                     lambda: tuple(str(n) for n in range(10 ** 6))):
+            self.assertSameAsItemByItem(make)
+
+    @slow
+    def test_each_value_has_a_key_of_its_own(self):
+        digests = {label: persist._digest(make()) for label, make in long_values().items()}
+        self.assertEqual(len(set(digests.values())), len(digests))
+
+    def test_list_changed_while_keyed(self):
+        # An item whose key runs code that changes the list: the items after it are keyed as
+        # the list is then, by both ways (the runs before it were keyed as they were).
+        run = persist._KEY_RUN
+        changes = {
+            "grows": lambda target: target.extend(range(run)),
+            "shrinks": lambda target: target.__delitem__(slice(-run, None)),
+            "cleared": lambda target: target.clear(),
+            "its first run replaced": lambda target: target.__setitem__(slice(0, run),
+                                                                        [None] * run),
+        }
+        for label, change in changes.items():
+            for position in (2, run + 3):
+                def make():
+                    items = list(range(3 * run))
+                    items[position] = ChangesTheList(items, change)
+                    return items
+                with self.subTest(label, position=position):
+                    self.assertSameAsItemByItem(make)
+                    unchanged = make()
+                    unchanged[position] = 0
+                    self.assertNotEqual(persist._digest(make()), persist._digest(unchanged))
+
+    @unittest.skipUnless(importlib.util.find_spec("numpy"), "numpy not installed")
+    def test_object_arrays_by_runs(self):
+        # A str column's array of objects was keyed through a list of all its items (tolist)
+        import numpy
+        run = persist._KEY_RUN
+        words = ["w%d\u00e9" % n for n in range(3 * run)]
+
+        def changing(position):
+            items = numpy.array(words, dtype=object)
+            items[position] = ChangesTheList(items, lambda target: target.fill("changed"))
+            return items
+
+        makers = {
+            "strs": lambda: numpy.array(words, dtype=object),
+            "strs and a None": lambda: numpy.array(words[:run + 5] + [None] + words, dtype=object),
+            "2-d, transposed": lambda: numpy.array(words, dtype=object).reshape(-1, 3).T,
+            "ints": lambda: numpy.array(list(range(3 * run)), dtype=object),
+            "nested lists": lambda: numpy.array([list(range(run + 1))] * 3 + [None], dtype=object),
+            "changed by an item, first run": lambda: changing(2),
+            "changed by an item, second run": lambda: changing(run + 3),
+        }
+        for label, make in makers.items():
+            with self.subTest(label):
+                # the reference: as an array of objects was keyed before issue 24
+                value = make()
+                w = persist._KeyWriter(b"", set(), runs=False)
+                w.text.append("A")
+                persist._write((value.dtype.kind, value.shape, value.ravel().tolist()), w)
+                self.assertEqual(persist._digest(make()), w.digest())
+
+    @slow
+    @unittest.skipUnless(importlib.util.find_spec("pandas"), "pandas not installed")
+    def test_frames_with_str_columns_by_runs(self):
+        import pandas
+        count = 3 * persist._KEY_RUN
+        words = ["item-%d" % n for n in range(count)]
+        frame = pandas.DataFrame({"n": range(count), "s": words,
+                                  "o": pandas.Series(words, dtype=object)})
+        holes = frame.copy()
+        holes.loc[count - 5, "s"] = None
+        for value in (frame, holes, frame["s"], holes["s"], frame.set_index("s")):
+            self.assertSameAsItemByItem(lambda: value)
+
+    @unittest.skipUnless(importlib.util.find_spec("_tracemalloc"), "needs tracemalloc")
+    def test_long_list_is_keyed_in_bounded_memory(self):
+        # Every token was held to the end: 70 MB for a million ints
+        import tracemalloc
+        f = self.memo(lambda data: 1)
+        f(b"")
+        count = 5 * persist._KEY_RUN
+        for label, items in (("ints", list(range(count))),
+                             ("ints and Nones", [n if n % 2 else None for n in range(count)]),
+                             ("strs", tuple(str(n) for n in range(count)))):
+            tracemalloc.start()
+            try:
+                self.assertFalse(f.cache_delete(items))      # derives the key, nothing else
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            self.assertLess(peak, 1 << 20, label)
+
+    def test_long_lists_are_entries_by_value(self):
+        f = self.memo(lambda data: len(data))
+        run = persist._KEY_RUN
+        values = list(range(2 * run))
+        self.assertEqual([f(values), f(list(values)), f(tuple(values))], [2 * run] * 3)
+        for position in (0, run, 2 * run - 1):
+            changed = list(values)
+            changed[position] = bool(values[position])
+            f(changed)
+        self.assertEqual(len(f.calls), 5)
+
+
 class RaisesRecursion:
     """An argument that cannot say what it is made of without recursing too deep."""
 
@@ -1052,6 +1271,13 @@ def key_corpus():
         "slice": slice(1, None, 2), "Ellipsis": Ellipsis,
         # keyed by the wrapper's type name, which issue 21 renamed (_Memoized to _Wrapper)
         "bound memoized method": Model(3).predict, "memoized classmethod": Model.create,
+        # long enough to be keyed a run of items at a time (issue 24), pinned by item-by-item
+        "list long ints": [(-7) ** (n % 40) + n for n in range(20000)],
+        "tuple long floats": tuple([n / 7 for n in range(-10000, 10000)] +
+                                   [float("nan"), -0.0, float("inf"), 5e-324] * 100),
+        "list long strs": ["w%d\u00e9" % n for n in range(20000)] + ["\U0001F600" * 300],
+        "list long bools and Nones": [True, False, None] * 7000,
+        "list long mixed": [n if n % 3 else str(n) for n in range(20000)],
     }
     if os.name == "posix":
         corpus["PosixPath"] = pathlib.PosixPath("data/in.csv")
@@ -1217,6 +1443,16 @@ PINNED_KEYS = {
         "f175691753699540da9cf43db89218182448007b536831fb43b2fecaeefa023c",
     "PosixPath":
         "7589578baceb10399227f6d85a1fe2d82eb1abbd74d7ec39e28ae874c6d50009",
+    "list long ints":
+        "9efce749e12c1ca4a4277f64fca77373330afe5d65581b18e95a044cb8ed9f55",
+    "tuple long floats":
+        "49408cc51b5ea7ce7e3835099718817493b2e749b489a8b53c0a2b3a0ffc75ef",
+    "list long strs":
+        "f6d3fb72341ba0eac02d63a49523339c7529842db119ccb3868ff935c4377fc8",
+    "list long bools and Nones":
+        "803b0f71d9cc32a809faaaec38acfda162471bc185fd9694f8d5578575dd0944",
+    "list long mixed":
+        "d949853f0a37d7f80a7533331d339fdacae502bea7dba3806b384607089c00b6",
     "numpy int64 matrix":
         "c57fd17b9f1ffedec5e9ef1eabad1a926b631a595be27e84181706f07bb516dd",
     "numpy float64":
