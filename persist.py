@@ -54,21 +54,20 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 #       (_Store.get -> _Connection.query [execute]; [loads]))
 #   a miss: _function_wrapper.memoized -> (_keyer.key [digest]; _FunctionCache.get ->
 #       _Store.get -> _Connection.query [execute]; double; _Miss.__exit__ -> _FunctionCache.put ->
-#       _Store.put -> _Connection.transaction -> _Connection.run -> _transaction -> ([execute];
-#       _replace -> _fetch [execute]))
+#       _Store.put -> _Connection.run -> _put_row [execute])
 #   a persist.map item: map -> _Run.execute -> _Run.serial -> _Wrapper._call ->
 #       (_Wrapper._key_of -> _Wrapper._keyed -> _FunctionCache.key -> _keyer.key [digest];
 #       _FunctionCache.get -> _Store.get -> _Connection.query [execute]; double; _Miss.__exit__ ->
-#       _FunctionCache.put -> _Store.put -> _Connection.transaction -> _Connection.run ->
-#       _transaction -> ([execute]; _replace -> _fetch [execute]))
+#       _FunctionCache.put -> _Store.put -> _Connection.run -> _put_row [execute])
 #   a persist.map item sent to workers: map -> _Run.execute -> _Run.parallel -> (_Run.send ->
 #       (_Schedule.next -> _Run.to_send -> (_Wrapper._key_of -> _Wrapper._keyed ->
 #       _FunctionCache.key -> _keyer.key [digest]; _FunctionCache.get -> _Store.get ->
 #       _Connection.query [execute]); _run -> double); _Run.receive -> _Run.take -> _Run.store ->
-#       _FunctionCache.put_many -> _FunctionCache.put -> _Store.put -> _Connection.transaction ->
-#       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute]))
-#   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.transaction ->
-#       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute])
+#       _FunctionCache.put_many -> _FunctionCache.put -> _Store.put -> _Connection.run ->
+#       _put_row [execute])
+#   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.run -> _put_row [execute]
+#       (a value in a value file, or a batch of persist.map's results: _Connection.transaction
+#       -> _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute]))
 #   an atomic write: atomic_write -> _atomic_open -> (_fsync [fsync]; [replace]; _fsync_dir ->
 #       _fsync [fsync])
 
@@ -302,6 +301,26 @@ _PUT = ("REPLACE INTO Dict (key, value, file, stored, seconds, version, args)"
 _PUT_OWNED = ("REPLACE INTO Dict (key, value, file, stored, seconds, version, args, owner)"
               " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _OWNED = "(owner IS NULL OR owner = ?)"   # a NULL: stored before owners were recorded
+# A result whose pickle fits in its row, stored in one statement (_Store.put, _put_row): the
+# row, and the end of the key's failure records, in the statement's own transaction, committed
+# as it returns. BEGIN IMMEDIATE; SELECT file; REPLACE; DELETE FROM Failures; COMMIT took a
+# third longer. Each connection makes the view and its trigger, of its own (TEMP: the file's
+# layout stays as it is; _Connection._open). A row that would be replaced while it names a
+# value file ends the statement with nothing written (_VALUE_FILE_ABORT): the transaction
+# (_replace) then stores it, and removes that file once no row names it.
+_VALUE_FILE_ABORT = "persist: the row replaced names a value file"
+_PUT_ROW_VIEWS = tuple(
+    ("CREATE TEMP VIEW {0} (key, value, stored, seconds, version, args{1}) AS SELECT NULL,"
+     " NULL, NULL, NULL, NULL, NULL{2}".format(view, columns, ", NULL" * bool(columns)),
+     "CREATE TEMP TRIGGER {0}Trigger INSTEAD OF INSERT ON {0} BEGIN"
+     " SELECT RAISE(ABORT, '{1}') FROM Dict WHERE key = NEW.key AND file IS NOT NULL;"
+     " REPLACE INTO Dict (key, value, stored, seconds, version, args{2}) VALUES (NEW.key,"
+     " NEW.value, NEW.stored, NEW.seconds, NEW.version, NEW.args{3});"
+     " DELETE FROM Failures WHERE key = NEW.key; END".format(
+         view, _VALUE_FILE_ABORT, columns, ", NEW.owner" * bool(columns)))
+    for view, columns in (("PutRow", ""), ("PutOwnedRow", ", owner")))
+_PUT_ROW = "INSERT INTO PutRow VALUES (?, ?, ?, ?, ?, ?)"
+_PUT_OWNED_ROW = "INSERT INTO PutOwnedRow VALUES (?, ?, ?, ?, ?, ?, ?)"  # (Dict with owner)
 _DELETE = "DELETE FROM Dict WHERE key = ?"
 _DELETE_ROW = "DELETE FROM Dict WHERE key = ? AND value = ? AND file IS ? AND stored = ?"
 _CONTAINS = "SELECT 1 FROM Dict WHERE key = ?"
@@ -6684,7 +6703,9 @@ class _Store:
                             args)
             if owner is not None and self.owned():
                 row += (owner,)
-            old = self.conn.transaction(_replace, row, self.values, forget)
+            old = None
+            if spill.name is not None or forget or not self.conn.run(_put_row, row):
+                old = self.conn.transaction(_replace, row, self.values, forget)
         except BaseException:
             # A signal (Ctrl-C) that arrives while COMMIT runs is raised just after it: the
             # row may name the file already. Remove it only if no row does; if even that
@@ -7077,6 +7098,20 @@ class _Spill:
         # type: () -> None
         if self.file is not None:
             self.file.close()
+
+
+def _put_row(conn, row):
+    # type: (sqlite3.Connection, _Args) -> bool
+    """_Store.put()'s one statement (see _PUT_ROW), for a row whose pickle is in it (row[2],
+    its file, is None); False, with nothing written, where it would replace a row that names
+    a value file."""
+    try:
+        conn.execute(_PUT_ROW if len(row) == 7 else _PUT_OWNED_ROW, row[:2] + row[3:])
+    except sqlite3.IntegrityError as exc:
+        if str(exc) != _VALUE_FILE_ABORT:
+            raise
+        return False
+    return True
 
 
 def _replace(conn, row, values, forget=()):
@@ -7549,6 +7584,7 @@ class _Connection:
             shutil.copyfile(self.path, target)
             shutil.copyfile(self.path + "-wal", target + "-wal")
             conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+            _make_put_views(conn)
             conn.execute("PRAGMA query_only=ON")
             self._check(conn)
         except BaseException:
@@ -7592,6 +7628,7 @@ class _Connection:
                 conn.execute(pragma).fetchall()
             (page,), = _fetch(conn, "PRAGMA page_size")     # 16 KB in caches made before
             _fetch(conn, "PRAGMA wal_autocheckpoint=%d" % (_CHECKPOINT_AFTER // page))
+            _make_put_views(conn)
             if mode == "query":           # only reads, yet closed as a writer: no -wal left
                 conn.execute("PRAGMA query_only=ON")
         except BaseException:
@@ -7689,6 +7726,15 @@ def _close(conn):
             conn.execute("ROLLBACK")
     with contextlib.suppress(sqlite3.Error):
         conn.close()
+
+
+def _make_put_views(conn):
+    # type: (sqlite3.Connection) -> None
+    """The views _Store.put() writes a row through (_PUT_ROW), of this connection alone. On
+    every connection, a reader's too: a write through it is refused as a REPLACE would be
+    ("attempt to write a readonly database"), not for a view that is not there."""
+    for statement in _PUT_ROW_VIEWS[0] + _PUT_ROW_VIEWS[1]:
+        conn.execute(statement)
 
 
 def _uri(path, mode):
