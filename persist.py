@@ -2761,17 +2761,21 @@ class _FunctionCache:
                     found = store.hit(key)
                     if found is not None:
                         data, took = found
-                        row = (b"", data, 0.0, took) if isinstance(data, str) else \
-                            (data, None, 0.0, took)
+                        if isinstance(data, str):     # the name of the value file
+                            row = (b"", data, 0.0, took)
+                        else:                         # the pickle, in the row: most hits
+                            value = pickle.loads(data)
+                            seconds = took or 0.0
                 else:
                     row = store.get(key)
-                if row is not None and row[1] is not None and isinstance(store, _Store):
-                    store.values.check([row[1]])   # corrupt: raise before computing, not after
-                if row is not None and (self.expire is None or
-                                        not _expired(row[2], self.expire)):
-                    # load(), without a call when the pickle is in the row
-                    value = pickle.loads(row[0]) if row[1] is None else store.load(row)
-                    seconds = row[3] or 0.0
+                if row is not None:
+                    if row[1] is not None and isinstance(store, _Store):
+                        store.values.check([row[1]])   # corrupt: raise before computing
+                    if self.expire is None or not _expired(row[2], self.expire):
+                        # load(), without a call when the pickle is in the row
+                        value = pickle.loads(row[0]) if row[1] is None else store.load(row)
+                        seconds = row[3] or 0.0
+                if value is not _MISSING:
                     self.hits += 1
                     self.saved += seconds
             except FileNotFoundError as exc:
