@@ -51,24 +51,23 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 # How a call goes, traced (tracemap.py): "a -> b" a calls b, "a -> (b; c)" a calls b then c,
 # "[x]" a C call (SQLite, hashlib, pickle, os), "double" the user's function:
 #   a hit: _function_wrapper.memoized -> (_keyer.key [digest]; _FunctionCache.get ->
-#       (_Store.get -> _Connection.query [execute]; [loads]))
+#       (_Store.hit -> _Connection.query [execute]; [loads]))
 #   a miss: _function_wrapper.memoized -> (_keyer.key [digest]; _FunctionCache.get ->
-#       _Store.get -> _Connection.query [execute]; double; _Miss.__exit__ -> _FunctionCache.put ->
-#       _Store.put -> _Connection.transaction -> _Connection.run -> _transaction -> ([execute];
-#       _replace -> _fetch [execute]))
+#       _Store.hit -> _Connection.query [execute]; double; _Miss.__exit__ -> _FunctionCache.put ->
+#       _Store.put -> _Connection.run -> _put_row [execute])
 #   a persist.map item: map -> _Run.execute -> _Run.serial -> _Wrapper._call ->
 #       (_Wrapper._key_of -> _Wrapper._keyed -> _FunctionCache.key -> _keyer.key [digest];
-#       _FunctionCache.get -> _Store.get -> _Connection.query [execute]; double; _Miss.__exit__ ->
-#       _FunctionCache.put -> _Store.put -> _Connection.transaction -> _Connection.run ->
-#       _transaction -> ([execute]; _replace -> _fetch [execute]))
+#       _FunctionCache.get -> _Store.hit -> _Connection.query [execute]; double; _Miss.__exit__ ->
+#       _FunctionCache.put -> _Store.put -> _Connection.run -> _put_row [execute])
 #   a persist.map item sent to workers: map -> _Run.execute -> _Run.parallel -> (_Run.send ->
 #       (_Schedule.next -> _Run.to_send -> (_Wrapper._key_of -> _Wrapper._keyed ->
-#       _FunctionCache.key -> _keyer.key [digest]; _FunctionCache.get -> _Store.get ->
+#       _FunctionCache.key -> _keyer.key [digest]; _FunctionCache.get -> _Store.hit ->
 #       _Connection.query [execute]); _run -> double); _Run.receive -> _Run.take -> _Run.store ->
-#       _FunctionCache.put_many -> _FunctionCache.put -> _Store.put -> _Connection.transaction ->
-#       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute]))
-#   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.transaction ->
-#       _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute])
+#       _FunctionCache.put_many -> _FunctionCache.put -> _Store.put -> _Connection.run ->
+#       _put_row [execute])
+#   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.run -> _put_row [execute]
+#       (a value in a value file, or a batch of persist.map's results: _Connection.transaction
+#       -> _Connection.run -> _transaction -> ([execute]; _replace -> _fetch [execute]))
 #   an atomic write: atomic_write -> _atomic_open -> (_fsync [fsync]; [replace]; _fsync_dir ->
 #       _fsync [fsync])
 
@@ -261,7 +260,9 @@ _REOPEN_AFTER = 5.0              # seconds before a memoized function tries its 
 _FILE_MODE = 0o664
 _DIR_MODE = 0o775
 _APPLICATION_ID = 0x70727374     # "prst" in the SQLite header: this file is a persist cache
-_PAGE_SIZE = 16384               # at a million entries, hits and misses ~10% faster than 4 KB
+# The page size of a new cache. A commit writes the pages it changed to the log: with 16 KB
+# pages (caches made before, which keep them) 16-20 KB a miss, and a miss took 1.4x as long.
+_PAGE_SIZE = 4096
 _FORMAT = 3                      # PRAGMA user_version: the layout made by _CREATE
 _CREATE = (
     "PRAGMA page_size=%d" % _PAGE_SIZE,
@@ -296,17 +297,45 @@ _PRAGMAS = (                     # after journal_mode=WAL (_to_wal)
     "PRAGMA checkpoint_fullfsync=ON",   # macOS: past the drive's cache
     "PRAGMA cache_size=-32768",  # up to 32 MB of pages, as used
     "PRAGMA journal_size_limit=%d" % (8 << 20),   # the log shrinks back after a checkpoint
-    # SQLite's own checkpoints never restart the log while other processes keep committing,
-    # and ours (see _Store._restart_log) must wait for them: they are a safety net only.
-    "PRAGMA wal_autocheckpoint=%d" % (4 * _LOG_LIMIT // _PAGE_SIZE),
 )
+# SQLite's own checkpoint (PASSIVE), which a commit runs once the log holds this many bytes
+# (in pages of the file's size: _Connection._open): alone, a writer then starts the log over
+# from its beginning, never past about this size, as a bare SQLite table does (its default is
+# 1000 pages). A restart of ours (a TRUNCATE checkpoint, 28 ms) every 800 commits, which the
+# log reached _LOG_LIMIT in, was a third of a miss's time. While other processes keep
+# committing, SQLite's checkpoints cannot start the log over (a reader always uses it), and
+# _Store._restart_log does, past _LOG_LIMIT.
+_CHECKPOINT_AFTER = 4 << 20
 _GET = "SELECT value, file, stored, seconds FROM Dict WHERE key = ?"
+# a hit's: the pickle, or (TEXT) the name of the value file that holds it, and the seconds the
+# call took; each column more cost a hit 0.2 us (4 of them, 7% of a hit)
+_HIT = "SELECT coalesce(file, value), seconds FROM Dict WHERE key = ?"
 _FILE = "SELECT file FROM Dict WHERE key = ?"
 _PUT = ("REPLACE INTO Dict (key, value, file, stored, seconds, version, args)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)")
 _PUT_OWNED = ("REPLACE INTO Dict (key, value, file, stored, seconds, version, args, owner)"
               " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _OWNED = "(owner IS NULL OR owner = ?)"   # a NULL: stored before owners were recorded
+# A result whose pickle fits in its row, stored in one statement (_Store.put, _put_row): the
+# row, and the end of the key's failure records, in the statement's own transaction, committed
+# as it returns. BEGIN IMMEDIATE; SELECT file; REPLACE; DELETE FROM Failures; COMMIT took a
+# third longer. Each connection makes the view and its trigger, of its own (TEMP: the file's
+# layout stays as it is; _Connection._open). A row that would be replaced while it names a
+# value file ends the statement with nothing written (_VALUE_FILE_ABORT): the transaction
+# (_replace) then stores it, and removes that file once no row names it.
+_VALUE_FILE_ABORT = "persist: the row replaced names a value file"
+_PUT_ROW_VIEWS = tuple(
+    ("CREATE TEMP VIEW {0} (key, value, stored, seconds, version, args{1}) AS SELECT NULL,"
+     " NULL, NULL, NULL, NULL, NULL{2}".format(view, columns, ", NULL" * bool(columns)),
+     "CREATE TEMP TRIGGER {0}Trigger INSTEAD OF INSERT ON {0} BEGIN"
+     " SELECT RAISE(ABORT, '{1}') FROM Dict WHERE key = NEW.key AND file IS NOT NULL;"
+     " REPLACE INTO Dict (key, value, stored, seconds, version, args{2}) VALUES (NEW.key,"
+     " NEW.value, NEW.stored, NEW.seconds, NEW.version, NEW.args{3});"
+     " DELETE FROM Failures WHERE key = NEW.key; END".format(
+         view, _VALUE_FILE_ABORT, columns, ", NEW.owner" * bool(columns)))
+    for view, columns in (("PutRow", ""), ("PutOwnedRow", ", owner")))
+_PUT_ROW = "INSERT INTO PutRow VALUES (?, ?, ?, ?, ?, ?)"
+_PUT_OWNED_ROW = "INSERT INTO PutOwnedRow VALUES (?, ?, ?, ?, ?, ?, ?)"  # (Dict with owner)
 _DELETE = "DELETE FROM Dict WHERE key = ?"
 _DELETE_ROW = "DELETE FROM Dict WHERE key = ? AND value = ? AND file IS ? AND stored = ?"
 _CONTAINS = "SELECT 1 FROM Dict WHERE key = ?"
@@ -2884,16 +2913,27 @@ class _FunctionCache:
         store = self.store if self.store is not None else self.open()
         value = _MISSING
         if store is not None:
-            row = None
+            row: "Optional[_Row]" = None
             try:
-                row = store.get(key)
-                if row is not None and row[1] is not None and isinstance(store, _Store):
-                    store.values.check([row[1]])   # corrupt: raise before computing, not after
-                if row is not None and (self.expire is None or
-                                        not _expired(row[2], self.expire)):
-                    # load(), without a call when the pickle is in the row
-                    value = pickle.loads(row[0]) if row[1] is None else store.load(row)
-                    seconds = row[3] or 0.0
+                if self.expire is None:       # two columns of the row, not four (see _HIT)
+                    found = store.hit(key)
+                    if found is not None:
+                        data, took = found
+                        if isinstance(data, str):     # the name of the value file
+                            row = (b"", data, 0.0, took)
+                        else:                         # the pickle, in the row: most hits
+                            value = pickle.loads(data)
+                            seconds = took or 0.0
+                else:
+                    row = store.get(key)
+                if row is not None:
+                    if row[1] is not None and isinstance(store, _Store):
+                        store.values.check([row[1]])   # corrupt: raise before computing
+                    if self.expire is None or not _expired(row[2], self.expire):
+                        # load(), without a call when the pickle is in the row
+                        value = pickle.loads(row[0]) if row[1] is None else store.load(row)
+                        seconds = row[3] or 0.0
+                if value is not _MISSING:
                     self.hits += 1
                     self.saved += seconds
             except FileNotFoundError as exc:
@@ -6684,6 +6724,13 @@ class _Store:
         rows = self.conn.query(_GET, (key,))
         return rows[0] if rows else None
 
+    def hit(self, key):
+        # type: (bytes) -> Optional[Tuple[Union[bytes, str], Optional[float]]]
+        """(pickle, or the name of the value file that holds it; seconds) for key, or None:
+        what memoize's hit needs of get()'s row, in two columns."""
+        rows = self.conn.query(_HIT, (key,))
+        return rows[0] if rows else None
+
     def load(self, row):
         # type: (_Row) -> Any
         """Unpickle the value of a row from get(); FileNotFoundError if a writer replaced it
@@ -6852,7 +6899,9 @@ class _Store:
                             args)
             if owner is not None and self.owned():
                 row += (owner,)
-            old = self.conn.transaction(_replace, row, self.values, forget)
+            old = None
+            if spill.name is not None or forget or not self.conn.run(_put_row, row):
+                old = self.conn.transaction(_replace, row, self.values, forget)
         except BaseException:
             # A signal (Ctrl-C) that arrives while COMMIT runs is raised just after it: the
             # row may name the file already. Remove it only if no row does; if even that
@@ -7247,6 +7296,20 @@ class _Spill:
             self.file.close()
 
 
+def _put_row(conn, row):
+    # type: (sqlite3.Connection, _Args) -> bool
+    """_Store.put()'s one statement (see _PUT_ROW), for a row whose pickle is in it (row[2],
+    its file, is None); False, with nothing written, where it would replace a row that names
+    a value file."""
+    try:
+        conn.execute(_PUT_ROW if len(row) == 7 else _PUT_OWNED_ROW, row[:2] + row[3:])
+    except sqlite3.IntegrityError as exc:
+        if str(exc) != _VALUE_FILE_ABORT:
+            raise
+        return False
+    return True
+
+
 def _replace(conn, row, values, forget=()):
     # type: (sqlite3.Connection, _Args, _Values, Sequence[bytes]) -> Optional[str]
     old = _fetch(conn, _FILE, (row[0],))
@@ -7607,10 +7670,12 @@ class _Connection:
         with self._lock:
             if self._depth:
                 return self._run_aside(_fetch, (sql, params))
-            if not _forking_elsewhere():
+            if not _FORKING_NOW or not _forking_elsewhere():     # (a call less, mostly)
                 self._depth = 1
                 try:
-                    conn = self._ready()
+                    conn = self._conn
+                    if conn is None or _GARBAGE or conn.in_transaction:   # (as _ready())
+                        conn = self._ready()
                     if self._frozen is not None:
                         return self._run_frozen(_fetch, (sql, params))
                     # fetchall(), never fetchone(): on PyPy an unfinished statement blocks
@@ -7729,6 +7794,7 @@ class _Connection:
             shutil.copyfile(self.path, target)
             shutil.copyfile(self.path + "-wal", target + "-wal")
             conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+            _make_put_views(conn)
             conn.execute("PRAGMA query_only=ON")
             self._check(conn)
         except BaseException:
@@ -7770,6 +7836,9 @@ class _Connection:
                 _to_wal(conn, timeout)
             for pragma in _PRAGMAS:
                 conn.execute(pragma).fetchall()
+            (page,), = _fetch(conn, "PRAGMA page_size")     # 16 KB in caches made before
+            _fetch(conn, "PRAGMA wal_autocheckpoint=%d" % (_CHECKPOINT_AFTER // page))
+            _make_put_views(conn)
             if mode == "query":           # only reads, yet closed as a writer: no -wal left
                 conn.execute("PRAGMA query_only=ON")
         except BaseException:
@@ -7867,6 +7936,15 @@ def _close(conn):
             conn.execute("ROLLBACK")
     with contextlib.suppress(sqlite3.Error):
         conn.close()
+
+
+def _make_put_views(conn):
+    # type: (sqlite3.Connection) -> None
+    """The views _Store.put() writes a row through (_PUT_ROW), of this connection alone. On
+    every connection, a reader's too: a write through it is refused as a REPLACE would be
+    ("attempt to write a readonly database"), not for a view that is not there."""
+    for statement in _PUT_ROW_VIEWS[0] + _PUT_ROW_VIEWS[1]:
+        conn.execute(statement)
 
 
 def _uri(path, mode):
@@ -8563,6 +8641,12 @@ class _FileStore:
             return None
         header, data = entry
         return data, None, header["stored"], header.get("seconds")
+
+    def hit(self, key):
+        # type: (bytes) -> Optional[Tuple[Union[bytes, str], Optional[float]]]
+        """(pickle, seconds) for key, or None (as _Store.hit())."""
+        row = self.get(key)
+        return None if row is None else (bytes(row[0]), row[3])
 
     def load(self, row):
         # type: (_Row) -> Any

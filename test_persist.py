@@ -6339,6 +6339,13 @@ class TestMapOneCache(TempDirTest):
                     stored.clear()
                 elif sql.startswith("REPLACE INTO Dict"):
                     stored.append(args[0][6])
+                elif sql.startswith("INSERT INTO Put"):     # one result, one statement
+                    if interrupt == 1 and commits.interrupted is None:
+                        commits.interrupted = [args[0][5]]
+                        raise KeyboardInterrupt
+                    done = super().execute(sql, *args)
+                    commits.append(1)
+                    return done
                 elif sql == "COMMIT":
                     commits.append(len(stored))
                     if interrupt is not None and len(stored) >= interrupt and \
@@ -8662,6 +8669,42 @@ class TestWriteAheadLog(MemoTest):
         self.assertEqual(busy, 0)
         self.assertEqual(f(299), 299)      # and the other process's results are hits
         self.assertEqual(len(f.calls), 1)
+
+    def test_one_writer_keeps_the_log_small(self):
+        # SQLite's own checkpoint starts the log over once it holds a few MB, as a bare table
+        # does; it grew to 16 MB, which persist's restart (a TRUNCATE, 28 ms) waited for
+        cache = self.path / "shelf"
+        largest = 0
+        with persist.open(cache) as shelf:
+            for i in range(3000):
+                shelf["k%d" % i] = b"x" * 2000
+                largest = max(largest, os.path.getsize(str(cache) + "-wal"))
+        self.assertLess(largest, 8 << 20)
+
+    def test_a_cache_with_16_kb_pages_keeps_them_and_works(self):
+        # caches made before 4 KB pages: served, stored to, never rewritten, and their log
+        # too stays small (SQLite's checkpoint counts pages, of either size)
+        cache = self.path / "shelf"
+        with persist.open(cache) as shelf:
+            shelf["old"] = 1
+        conn = sqlite3.connect(str(cache), isolation_level=None)
+        conn.execute("PRAGMA journal_mode=DELETE").fetchall()
+        conn.execute("PRAGMA page_size=16384")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA journal_mode=WAL").fetchall()
+        self.assertEqual(conn.execute("PRAGMA page_size").fetchall(), [(16384,)])
+        conn.close()
+        largest = 0
+        with persist.open(cache) as shelf:
+            self.assertEqual(shelf["old"], 1)
+            for i in range(1000):
+                shelf["k%d" % i] = b"x" * 6000
+                largest = max(largest, os.path.getsize(str(cache) + "-wal"))
+            self.assertEqual((len(shelf), shelf["k999"]), (1001, b"x" * 6000))
+        self.assertLess(largest, 8 << 20)
+        conn = sqlite3.connect(str(cache), isolation_level=None)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("PRAGMA page_size").fetchall(), [(16384,)])
 
     # Ctrl-C while a store restarts the log (waiting for an old reader) reaches the user,
     # and the shelf stays usable in that process.
@@ -11186,14 +11229,16 @@ class TestInterrupts(TempDirTest):
 
 
 class TestInterruptAroundATransaction(TempDirTest):
-    """Ctrl-C as a transaction begins and as its COMMIT returns."""
+    """Ctrl-C as a transaction begins and as its COMMIT returns, and as the one statement
+    that stores a small value (_PUT_ROW) returns."""
 
-    # Ctrl-C raised as BEGIN IMMEDIATE returns, while persist.open() stores a value; the
-    # shelf is then left alone, as at a prompt after Ctrl-C. Every other writer (another
-    # process, or this one through another shelf) can write at once: a write lock left held
-    # would make each of them wait out its busy timeout, ten minutes.
-    def test_no_write_lock_outlives_the_interrupt(self):
-        out = run_python("""
+    # Ctrl-C raised as the line marker of persist.py returns (BEGIN IMMEDIATE, or the
+    # statement that stores a small value), while persist.open() stores value; the shelf is
+    # then left alone, as at a prompt after Ctrl-C. Every other writer (another process, or
+    # this one through another shelf) can write at once: a write lock left held would make
+    # each of them wait out its busy timeout, ten minutes. Prints whether value was stored.
+    def interrupted_after(self, marker, value):
+        return run_python("""
             import linecache, os, sqlite3, sys, persist
             path = os.path.join(%r, "shelf")
             began = []
@@ -11202,8 +11247,8 @@ class TestInterruptAroundATransaction(TempDirTest):
                     return None
                 if event == "line" and began and not began[-1]:
                     began[-1] = True
-                    raise KeyboardInterrupt       # the first line after BEGIN returned
-                if event == "line" and "BEGIN IMMEDIATE" in linecache.getline(
+                    raise KeyboardInterrupt       # the first line after the marker's
+                if event == "line" and %r in linecache.getline(
                         frame.f_code.co_filename, frame.f_lineno):
                     began.append(False)
                 return tracer
@@ -11211,7 +11256,7 @@ class TestInterruptAroundATransaction(TempDirTest):
                 shelf["old"] = 1
                 sys.settrace(tracer)
                 try:
-                    shelf["new"] = 2
+                    shelf["new"] = %s
                 except KeyboardInterrupt:
                     pass
                 finally:
@@ -11220,13 +11265,22 @@ class TestInterruptAroundATransaction(TempDirTest):
                 try:
                     other.execute("BEGIN IMMEDIATE")
                     other.execute("ROLLBACK")
-                    print(began, "free")
+                    print(began, "free", "new" in shelf)
                 except sqlite3.OperationalError as exc:
                     print(began, exc)
                 finally:
                     other.close()
-        """ % self.dir)
-        self.assertEqual(out, "[True] free\n")
+        """ % (self.dir, marker, value))
+
+    def test_no_write_lock_outlives_the_interrupt(self):
+        # a large value goes to a value file, in a transaction: not stored
+        out = self.interrupted_after("BEGIN IMMEDIATE", "b'x' * (persist._INLINE_LIMIT + 1)")
+        self.assertEqual(out, "[True] free False\n")
+
+    def test_no_write_lock_outlives_an_interrupt_after_the_one_statement(self):
+        # a small value: stored, and committed, as the statement returned
+        out = self.interrupted_after("_PUT_ROW", "2")
+        self.assertEqual(out, "[True] free True\n")
 
     def test_a_transaction_left_open_is_rolled_back_at_the_next_use(self):
         # The step after BEGIN fails, and so does persist's rollback (an I/O error; a second
@@ -11248,10 +11302,15 @@ class TestInterruptAroundATransaction(TempDirTest):
                 shelf["old"] = 1
                 fail[:] = ["REPLACE INTO Dict", "ROLLBACK"]
                 with self.assertRaisesRegex(OSError, "disk I/O error"):
+                    shelf["new"] = b"x" * (persist._INLINE_LIMIT + 1)   # a transaction
+                self.assertEqual(fail, [])
+                fail[:] = ["INSERT INTO PutRow"]     # a small value: one statement
+                with self.assertRaisesRegex(OSError, "disk I/O error"):
                     shelf["new"] = 2
                 self.assertEqual(fail, [])
                 shelf["new"] = 3
                 self.assertEqual(sorted(shelf.items()), [("new", 3), ("old", 1)])
+        self.assertEqual(value_files(self.path / "shelf"), (set(), set()))
         other = sqlite3.connect(str(self.path / "shelf"), timeout=0, isolation_level=None)
         self.addCleanup(other.close)
         other.execute("BEGIN IMMEDIATE")            # no write lock left held
