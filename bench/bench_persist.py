@@ -20,6 +20,7 @@ import contextlib
 import cProfile
 import functools
 import hashlib
+import inspect
 import itertools
 import json
 import os
@@ -260,9 +261,8 @@ def fresh(count):
 BREAKDOWNS = []      # the text of each, printed after the table
 
 
-# TimedCursor and TimedConnection: their source runs here and in the processes of the
-# command line's breakdowns (TIMED_RUN), which import nothing of the bench's.
-TIMED = '''
+# TimedCursor and TimedConnection: the processes of the command line's breakdowns run their
+# source too (TIMED_RUN), and import nothing of the bench's.
 class TimedCursor(sqlite3.Cursor):
     """An sqlite3 cursor that adds up the time each statement takes, by its text: its
     execute(), and the fetching of its rows, which steps it further."""
@@ -323,8 +323,6 @@ class TimedConnection(sqlite3.Connection):
 
     def executescript(self, sql):
         return self.cursor().executescript(sql)
-'''
-exec(TIMED)
 
 
 @contextlib.contextmanager
@@ -615,6 +613,7 @@ CHANGES = ("prune", "clear")     # each run gets a fresh copy of the cache
 TIMED_RUN = """
 import collections, functools, json, runpy, sqlite3, sys, time
 %s
+%s
 sqlite3.connect = functools.partial(sqlite3.connect, factory=TimedConnection)
 out, how, what = sys.argv[1:4]
 sys.argv = [what if how == "-m" else "-c"] + sys.argv[4:]
@@ -628,7 +627,7 @@ except SystemExit:
 with open(out, "w") as file:
     json.dump([(sql, seconds, TimedCursor.runs[sql]) for sql, seconds
                in TimedCursor.spent.items()], file)
-""" % TIMED
+"""
 
 
 def build_cli_cache(directory, entries):
@@ -723,7 +722,8 @@ def bench_commands(root, entries, rounds):
         argv = command_for(command, who, path)
         script = os.path.join(root, "timed_run.py")
         with open(script, "w") as file:
-            file.write(TIMED_RUN)
+            file.write(TIMED_RUN % (inspect.getsource(TimedCursor),
+                                    inspect.getsource(TimedConnection)))
         how = argv[1:3]
         took = run_process([sys.executable, script, out] + how + argv[3:], env, root)
         with open(out) as file:
@@ -733,6 +733,9 @@ def bench_commands(root, entries, rounds):
         return statements, took
 
     return results, timed_run
+
+
+STARTUP = {}     # seconds of a process that imports what the command's does, and nothing else
 
 
 def breakdown_command(command, entries, results, timed_run):
@@ -761,13 +764,14 @@ def breakdown_command(command, entries, results, timed_run):
                                            "under 1 ms",) + tuple(
         runs[who][1] - sum(seconds for seconds, _ in spent[who].values()
                            if seconds >= 0.001) for who in runs)))
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
-    started = median_rounds({who: (lambda c=code: run_process([sys.executable, "-c", c], env,
-                                                               os.path.dirname(HERE)))
-                             for who, code in (("persist", "import persist, argparse"),
-                                               ("bare", "import sqlite3"))}, 3)
+    if not STARTUP:                  # the same for every command: measured once
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+        STARTUP.update(median_rounds({who: (lambda c=code: run_process(
+            [sys.executable, "-c", c], env, os.path.dirname(HERE)))
+            for who, code in (("persist", "import persist, argparse"),
+                              ("bare", "import sqlite3"))}, 3))
     lines.append("  %-68s %8.3f %8.3f" % (("  of which a process that only imports them",) +
-                                          tuple(started[who] for who in runs)))
+                                          tuple(STARTUP[who] for who in runs)))
     lines.append("  %-68s %8.3f %8.3f" % (("the whole process, timed apart",) +
                                           tuple(runs[who][1] for who in runs)))
     lines.append("  %-68s %8.3f %8.3f" % (("the whole process, median of the rounds",) +
@@ -1175,8 +1179,9 @@ def run(root):
             names += ["joblib", "shelve", "files"]
         step("hits and misses, %d entries" % entries)
         few = 300 if quick else 2000       # the slow peers' entries
-        hits, misses, funcs, _ = bench_hit_miss(root, entries, rounds, names,
-                                                800 if quick else 1600, few, quick)
+        hits, misses, funcs, _ = bench_hit_miss(
+            root, entries, 4 if quick and entries > sizes[0] else rounds, names,
+            800 if quick else 1600, few, quick)
         grown[entries] = funcs["persist"]
         label = "{:,}".format(entries)
         limits = FLOOR_TARGETS["small" if entries == sizes[0] else "large"]
@@ -1245,13 +1250,13 @@ def run(root):
     del arguments
 
     # Keys of large structured arguments against their floors (issue 24's targets).
-    arguments = {"a list of 1M small ints": (list(range(1000000)), list_floor, 3.0)}
+    rows = 200000 if quick else 1000000
+    scale = "%dk" % (rows // 1000) if quick else "1M"
+    arguments = {"a list of %s small ints" % scale: (list(range(rows)), list_floor, 3.0)}
     if pandas is not None:
-        rows = 200000 if quick else 1000000
         frame = pandas.DataFrame({"n": numpy.arange(rows), "x": numpy.linspace(0, 1, rows),
                                   "s": ["item-%d" % i for i in range(rows)]})
-        arguments["a %s-row DataFrame (int, float, str)" % (
-            "%dk" % (rows // 1000) if rows < 1000000 else "1M")] = (frame, frame_floor, 1.3)
+        arguments["a %s-row DataFrame (int, float, str)" % scale] = (frame, frame_floor, 1.3)
     for what, (argument, floor, limit) in arguments.items():
         step("key of " + what)
         times, peaks, persist_key = bench_key_floor(root, argument, floor,
