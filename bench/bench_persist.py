@@ -3,7 +3,7 @@
 The peers: diskcache, joblib.Memory and plain shelve.
 
     pip install -r bench/requirements.txt    # the peers; persist itself needs nothing
-    python bench/bench_persist.py            # the full run: about ten minutes
+    python bench/bench_persist.py            # the full run: 8 to 21 minutes here
     python bench/bench_persist.py --quick    # small sizes, under a minute: .ci/run runs this
 
 Every figure comes from one run: the contenders' rounds are interleaved and each cell is the
