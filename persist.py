@@ -1618,6 +1618,8 @@ def _write_tuple(value, w):
     else:
         for item in value:
             _write(item, w)
+        if len(w.text) > _KEY_RUN:      # rows of a table (see _write_list)
+            w.flush()
     w.text.append(")")
 
 
@@ -1657,6 +1659,10 @@ def _write_list(value, w):
     else:
         for item in value:
             _write(item, w)
+        # a short list of rows (1,000 lists of 1,000 ints) is hashed a row or two at a time,
+        # not held to the end as tokens (70 bytes each)
+        if len(w.text) > _KEY_RUN:
+            w.flush()
     w.text.append("]")
     w.active.discard(id(value))
 

@@ -1107,14 +1107,17 @@ class TestKeysOfLongLists(MemoTest):
 
     @unittest.skipUnless(importlib.util.find_spec("_tracemalloc"), "needs tracemalloc")
     def test_long_list_is_keyed_in_bounded_memory(self):
-        # Every token was held to the end: 70 MB for a million ints
+        # Every token was held to the end: 70 MB for a million ints (in one list, or in rows)
         import tracemalloc
         f = self.memo(lambda data: 1)
         f(b"")
         count = 5 * persist._KEY_RUN
         for label, items in (("ints", list(range(count))),
                              ("ints and Nones", [n if n % 2 else None for n in range(count)]),
-                             ("strs", tuple(str(n) for n in range(count)))):
+                             ("strs", tuple(str(n) for n in range(count))),
+                             ("rows", [list(range(n, n + 1000)) for n in range(0, count, 1000)]),
+                             ("rows of tuples", [tuple(range(n, n + 1000))
+                                                 for n in range(0, count, 1000)])):
             tracemalloc.start()
             try:
                 self.assertFalse(f.cache_delete(items))      # derives the key, nothing else
