@@ -1650,6 +1650,8 @@ def _write_tuple(value, w):
     else:
         for item in value:
             _write(item, w)
+        if len(w.text) > _KEY_RUN:      # rows of a table (see _write_list)
+            w.flush()
     w.text.append(")")
 
 
@@ -1689,6 +1691,10 @@ def _write_list(value, w):
     else:
         for item in value:
             _write(item, w)
+        # a short list of rows (1,000 lists of 1,000 ints) is hashed a row or two at a time,
+        # not held to the end as tokens (70 bytes each)
+        if len(w.text) > _KEY_RUN:
+            w.flush()
     w.text.append("]")
     w.active.discard(id(value))
 
@@ -1702,9 +1708,9 @@ def _write_long(value, w):
 
     A run of other values, and all that follows it, is written one item at a time from a
     live iterator, as the loop does: their writers may run the caller's code (__reduce_ex__,
-    properties), which may change the list. Until then no code of the caller's runs (type()
-    and the formatting of exact ints, floats and strs call none; only a metaclass's __hash__
-    could, as _write's look-up in _WRITERS calls it), so the list is as it was.
+    properties), which may change the list. Until then no code of the caller's runs (type(),
+    `is` and the formatting of exact ints, floats and strs call none, nor a metaclass's
+    __eq__ or __hash__: see _run_encoded), so the list is as it was.
     Another thread that changes the list meanwhile gets what it gets from the loop too: the
     items as each is reached.
     """
@@ -1732,12 +1738,13 @@ def _run_encoded(run):
     """The encoding of the items of run, as _write writes them, in UTF-8, if they are all of
     one type among int, float, str, bool and None (and a str no longer than _LONG); else None."""
     each = builtins.map                  # map() is persist.map here
-    kinds = set(each(type, run))
-    # A set keeps one of two types that are equal, which only a metaclass that says a class
-    # equals int (with int's hash) can make: _write's look-up in _WRITERS takes it for int too.
-    if len(kinds) != 1:
+    # Each item's type is run[0]'s by identity: not by a set of types, which keeps one of two
+    # types that a metaclass says are equal (with int's hash, float's or NoneType's) and takes
+    # the other's items for ints, floats or None, as _write never does (it writes a float
+    # subclass's by the subclass's own hex(), and no value but None as None).
+    kind = type(run[0])
+    if not all(each(operator.is_, each(type, run), itertools.repeat(kind))):
         return None
-    kind = kinds.pop()
     if kind is int:        # bytes' % is a quarter faster than str's, and needs no encoding
         return (b"i%x;" * len(run)) % tuple(run)
     if kind is float:      # float.hex() says "nan" for every NaN, as _float_text does

@@ -1003,6 +1003,65 @@ class TestKeysOfLongLists(MemoTest):
                     unchanged[position] = 0
                     self.assertNotEqual(persist._digest(make()), persist._digest(unchanged))
 
+    def test_classes_a_metaclass_says_are_int_float_str_or_none(self):
+        # A run's items were taken to be of one type by a set of their types, which keeps one
+        # of two types a metaclass says are equal: a float subclass's items then keyed by
+        # float.hex, not by its own hex() (a silent other key), a None-like one raised
+        # KeyError, a str-like one keyed where item by item refuses it, and an int-like
+        # one's __index__ changed an item of its own run after the run was copied.
+        run = persist._KEY_RUN
+
+        def claims(base):
+            return type("Claims" + base.__name__, (type,), {
+                "__eq__": lambda cls, other: other is base or cls is other,
+                "__hash__": lambda cls: hash(base)})
+
+        class Float(float, metaclass=claims(float)):
+            def hex(self):
+                return "its own"
+
+        class NoneLike(metaclass=claims(type(None))):
+            def __reduce_ex__(self, protocol):
+                return NoneLike, ()
+
+        class StrLike(metaclass=claims(str)):
+            def __len__(self):
+                return 3
+
+            def __radd__(self, other):
+                return other + "abc"
+
+        class IntLike(metaclass=claims(int)):
+            def __init__(self, target):
+                self.target = target
+
+            def __index__(self):
+                self.target[5] = -1
+                return 1
+
+        def outcome(value, runs):
+            try:
+                return persist._digest(value, runs)
+            except Exception as exc:
+                return type(exc)
+
+        makers = {
+            "float": lambda: [0.5] * 7 + [Float(2.0)] + [0.5] * (2 * run),
+            "None": lambda: [None] * 7 + [NoneLike()] + [None] * (2 * run),
+            "str": lambda: ["a"] * 7 + [StrLike()] + ["a"] * (2 * run),
+        }
+        for label, make in makers.items():
+            for kind in (list, tuple):
+                with self.subTest(label, kind=kind.__name__):
+                    self.assertEqual(outcome(kind(make()), True), outcome(kind(make()), False))
+
+        def int_like():
+            items = list(range(2 * run))
+            items[3] = IntLike(items)
+            return items
+        self.assertEqual(outcome(int_like(), True), outcome(int_like(), False))
+        self.assertNotEqual(outcome(int_like(), True), outcome(list(range(2 * run)), True))
+
     @unittest.skipUnless(importlib.util.find_spec("numpy"), "numpy not installed")
     def test_object_arrays_by_runs(self):
         # A str column's array of objects was keyed through a list of all its items (tolist)
@@ -1048,14 +1107,17 @@ class TestKeysOfLongLists(MemoTest):
 
     @unittest.skipUnless(importlib.util.find_spec("_tracemalloc"), "needs tracemalloc")
     def test_long_list_is_keyed_in_bounded_memory(self):
-        # Every token was held to the end: 70 MB for a million ints
+        # Every token was held to the end: 70 MB for a million ints (in one list, or in rows)
         import tracemalloc
         f = self.memo(lambda data: 1)
         f(b"")
         count = 5 * persist._KEY_RUN
         for label, items in (("ints", list(range(count))),
                              ("ints and Nones", [n if n % 2 else None for n in range(count)]),
-                             ("strs", tuple(str(n) for n in range(count)))):
+                             ("strs", tuple(str(n) for n in range(count))),
+                             ("rows", [list(range(n, n + 1000)) for n in range(0, count, 1000)]),
+                             ("rows of tuples", [tuple(range(n, n + 1000))
+                                                 for n in range(0, count, 1000)])):
             tracemalloc.start()
             try:
                 self.assertFalse(f.cache_delete(items))      # derives the key, nothing else
