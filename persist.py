@@ -1352,7 +1352,8 @@ def _load():
     """Import inspect, which memoize's decoration needs: it costs as much as all of persist."""
     global inspect
     if inspect is None:
-        import inspect
+        with _LAZY_IMPORT:
+            import inspect
 
 
 _CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08    # code flags: *args, **kwargs (as inspect's)
@@ -1546,8 +1547,35 @@ class _KeyWriter:
 def _sha256(data=b""):
     # type: (Buffer) -> hashlib._Hash
     """hashlib.sha256(data): hashlib is imported at the first (see _short_sha256)."""
-    import hashlib
-    return hashlib.sha256(data)
+    sha256 = _LONG_SHA256
+    if sha256 is None:
+        sha256 = _import_sha256()
+    return sha256(data)
+
+
+def _import_sha256():
+    # type: () -> Callable[[Buffer], hashlib._Hash]
+    """hashlib.sha256, imported under _LAZY_IMPORT (which fork() waits for)."""
+    global _LONG_SHA256
+    with _LAZY_IMPORT:
+        if _LONG_SHA256 is None:
+            import hashlib
+            sha256 = getattr(hashlib, "sha256", None)
+            if sha256 is None:      # a signal handler, as this thread imports it: the same
+                return _short_sha256   # digest, by CPython's own (hashlib was not imported)
+            _LONG_SHA256 = sha256
+        return _LONG_SHA256
+
+
+# What persist imports at its first need (hashlib, shelve, inspect) is imported under this
+# lock, and fork() takes it (registered here, before the store's hooks, so that it is taken
+# after them and given back first): a child forked while another thread was in the middle of
+# such an import would wait for ever for that thread's lock on the module, at its first use.
+_LAZY_IMPORT = _thread.RLock()
+_LONG_SHA256 = None  # type: Optional[Callable[[Buffer], hashlib._Hash]]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_LAZY_IMPORT.acquire, after_in_parent=_LAZY_IMPORT.release,
+                        after_in_child=_LAZY_IMPORT.release)
 
 
 def _digest(value):
@@ -5338,7 +5366,8 @@ def _shelf_type():
     above). _Shelf's methods come first, as a subclass's would."""
     global _SHELF_TYPE
     if _SHELF_TYPE is None:
-        import shelve
+        with _LAZY_IMPORT:
+            import shelve
         # two threads may both make one: either is whole, and both are _Shelf and Shelf
         _SHELF_TYPE = types.new_class("_Shelf", (_Shelf, shelve.Shelf), exec_body=lambda ns: (
             ns.update(__module__=__name__, __qualname__="_Shelf", __doc__=_Shelf.__doc__)))
