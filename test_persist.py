@@ -981,6 +981,49 @@ class TestKeysInAFreshProcess(TempDirTest):
         """ % self.dir)
         self.assertIn("argument 'lock' cannot be part of a cache key", out)
 
+    @slow
+    @unittest.skipUnless(hasattr(signal, "SIGUSR1"), "SIGUSR1")
+    def test_a_signal_handler_keys_a_call_while_its_thread_imports_hashlib(self):
+        # persist imports hashlib at a key's first long input: a signal handler that keys
+        # one while its thread is in the middle of that import found the module without
+        # sha256 yet, and both calls failed as unkeyable (AttributeError: partially
+        # initialized module 'hashlib'). The handler's key is hashed by CPython's own.
+        script = self.path / "job.py"     # a file: a function of python -c keys its code
+        script.write_text(textwrap.dedent("""
+            import importlib.abc, importlib.util, os, signal, sys, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def f(x):
+                return len(x)
+            if "hashlib" in sys.modules or importlib.util.find_spec("_hashlib") is None:
+                print("imported already")    # PyPy imports hashlib with persist
+                sys.exit(0)
+            got = []
+            signal.signal(signal.SIGUSR1, lambda *a: got.append(f("z" * 300)))
+            class Loader(importlib.abc.Loader):
+                def __init__(self, real):
+                    self.real = real
+                def create_module(self, spec):
+                    os.kill(os.getpid(), signal.SIGUSR1)   # handled before this returns
+                    return self.real.create_module(spec)
+                def exec_module(self, module):
+                    return self.real.exec_module(module)
+            class Finder(importlib.abc.MetaPathFinder):
+                def find_spec(self, name, path, target=None):
+                    if name != "_hashlib":        # OpenSSL's: hashlib imports it first
+                        return None
+                    for finder in sys.meta_path[1:]:
+                        spec = finder.find_spec(name, path, target)
+                        if spec is not None:
+                            spec.loader = Loader(spec.loader)
+                            return spec
+            sys.meta_path.insert(0, Finder())
+            print(f("y" * 200), got, f("z" * 300), f.cache_info().hits)
+        """))
+        done = run_command([str(script), self.dir], timeout=CHILD_TIMEOUT)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        if done.stdout != "imported already\n":
+            self.assertEqual(done.stdout, "200 [300] 300 1\n")
+
 
 class Colour(enum.Enum):
     RED = 1
