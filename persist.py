@@ -5196,12 +5196,13 @@ def open(filename: "Union[_Path, MutableMapping[str, bytes]]", flag: "_Flag" = "
     if writeback:
         raise ValueError("persist.open() offers no writeback: a changed value is stored when "
                          "you assign it back (db[key] = value); drop writeback=True")
+    shelf_type = _shelf_type()      # first: where it cannot be made, nothing is
     if isinstance(filename, collections.abc.MutableMapping):   # an object store's keys
         if flag not in _FLAGS:
             raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
         objects = _MappingObjects(filename, "", flag)
         shelf = _FileStore(objects.path, flag, shelf=True, objects=objects)
-        return _shelf_type()(shelf, protocol)  # type: ignore[arg-type]  # (as below)
+        return shelf_type(shelf, protocol)  # type: ignore[arg-type]  # (as below)
     path = os.fsdecode(os.fspath(filename))
     if not path:                            # not the current directory: open("") fails so
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
@@ -5212,12 +5213,12 @@ def open(filename: "Union[_Path, MutableMapping[str, bytes]]", flag: "_Flag" = "
         # a shelf of files: where one is, or on a filesystem several machines share (there,
         # a directory without the marker may be one another machine is making: _FileStore
         # makes it whole, or refuses a directory of other files)
-        return _shelf_type()(_FileStore(path, flag, shelf=True), protocol)  # type: ignore[arg-type]
+        return shelf_type(_FileStore(path, flag, shelf=True), protocol)  # type: ignore[arg-type]
     _open_shelve_file(path, flag)
     store = _Store(path, flag)
     # a _Store is the mapping under the shelf, though not a MutableMapping: _Shelf
     # overrides each method that shelve.Shelf would call it through
-    return _shelf_type()(store, protocol)  # type: ignore[arg-type]
+    return shelf_type(store, protocol)  # type: ignore[arg-type]
 
 
 # == open: the shelf ------------------------------------------------------------------------------
@@ -5368,6 +5369,11 @@ def _shelf_type():
     if _SHELF_TYPE is None:
         with _LAZY_IMPORT:
             import shelve
+        if not hasattr(shelve, "Shelf"):    # half made: this thread is importing it
+            raise RuntimeError("persist.open() was called by a signal handler while the code "
+                               "it interrupted was in the middle of importing shelve, which "
+                               "the first persist.open() imports; import shelve before you "
+                               "install the handler")
         # two threads may both make one: either is whole, and both are _Shelf and Shelf
         _SHELF_TYPE = types.new_class("_Shelf", (_Shelf, shelve.Shelf), exec_body=lambda ns: (
             ns.update(__module__=__name__, __qualname__="_Shelf", __doc__=_Shelf.__doc__)))

@@ -6805,6 +6805,55 @@ class TestOpenMisuse(TempDirTest):
         self.assertEqual(os.listdir(self.dir), ["d"])
         self.assertEqual(os.listdir(self.path / "d"), [])
 
+    @slow
+    @unittest.skipUnless(hasattr(signal, "SIGUSR1"), "SIGUSR1")
+    def test_a_signal_handler_opening_a_shelf_as_its_thread_imports_shelve_is_told_why(self):
+        # The first persist.open() imports shelve: a signal handler that opens a shelf while
+        # its thread is in the middle of that import (here, of pickle.py, which shelve
+        # imports first) cannot make one; it was told of a circular import, and is told
+        # what happened and what to do. Nothing is made.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import importlib.abc, os, signal, sys, persist
+            if "shelve" in sys.modules or "pickle" in sys.modules:
+                print("imported already")
+                sys.exit(0)
+            def handler(*args):
+                try:
+                    persist.open(os.path.join(sys.argv[1], "h.db"))
+                except RuntimeError as exc:
+                    print(exc)
+            signal.signal(signal.SIGUSR1, handler)
+            class Loader(importlib.abc.Loader):
+                def __init__(self, real):
+                    self.real = real
+                def create_module(self, spec):
+                    os.kill(os.getpid(), signal.SIGUSR1)   # handled before this returns
+                    return self.real.create_module(spec)
+                def exec_module(self, module):
+                    return self.real.exec_module(module)
+            class Finder(importlib.abc.MetaPathFinder):
+                def find_spec(self, name, path, target=None):
+                    if name != "pickle":
+                        return None
+                    for finder in sys.meta_path[1:]:
+                        spec = finder.find_spec(name, path, target)
+                        if spec is not None:
+                            spec.loader = Loader(spec.loader)
+                            return spec
+            sys.meta_path.insert(0, Finder())
+            with persist.open(os.path.join(sys.argv[1], "m.db")) as db:
+                db["k"] = 1
+                print(db["k"])
+        """))
+        done = run_command([str(script), self.dir], timeout=CHILD_TIMEOUT)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        if done.stdout != "imported already\n":
+            self.assertIn("persist.open() was called by a signal handler while the code it "
+                          "interrupted was in the middle of importing shelve", done.stdout)
+            self.assertTrue(done.stdout.endswith("\n1\n"), done.stdout)
+            self.assertEqual(sorted(os.listdir(self.dir)), ["job.py", "m.db"])
+
 
 @slow
 class TestOpenConcurrentProcesses(TempDirTest):
