@@ -1385,7 +1385,8 @@ def _load():
     """Import inspect, which memoize's decoration needs: it costs as much as all of persist."""
     global inspect
     if inspect is None:
-        import inspect
+        with _LAZY_IMPORT:
+            import inspect
 
 
 _CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08    # code flags: *args, **kwargs (as inspect's)
@@ -1585,8 +1586,35 @@ class _KeyWriter:
 def _sha256(data=b""):
     # type: (Buffer) -> hashlib._Hash
     """hashlib.sha256(data): hashlib is imported at the first (see _short_sha256)."""
-    import hashlib
-    return hashlib.sha256(data)
+    sha256 = _LONG_SHA256
+    if sha256 is None:
+        sha256 = _import_sha256()
+    return sha256(data)
+
+
+def _import_sha256():
+    # type: () -> Callable[[Buffer], hashlib._Hash]
+    """hashlib.sha256, imported under _LAZY_IMPORT (which fork() waits for)."""
+    global _LONG_SHA256
+    with _LAZY_IMPORT:
+        if _LONG_SHA256 is None:
+            import hashlib
+            sha256 = getattr(hashlib, "sha256", None)
+            if sha256 is None:      # a signal handler, as this thread imports it: the same
+                return _short_sha256   # digest, by CPython's own (hashlib was not imported)
+            _LONG_SHA256 = sha256
+        return _LONG_SHA256
+
+
+# What persist imports at its first need (hashlib, shelve, inspect) is imported under this
+# lock, and fork() takes it (registered here, before the store's hooks, so that it is taken
+# after them and given back first): a child forked while another thread was in the middle of
+# such an import would wait for ever for that thread's lock on the module, at its first use.
+_LAZY_IMPORT = _thread.RLock()
+_LONG_SHA256 = None  # type: Optional[Callable[[Buffer], hashlib._Hash]]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_LAZY_IMPORT.acquire, after_in_parent=_LAZY_IMPORT.release,
+                        after_in_child=_LAZY_IMPORT.release)
 
 
 def _digest(value, runs=True):
@@ -5325,12 +5353,13 @@ def open(filename: "Union[_Path, MutableMapping[str, bytes]]", flag: "_Flag" = "
     if writeback:
         raise ValueError("persist.open() offers no writeback: a changed value is stored when "
                          "you assign it back (db[key] = value); drop writeback=True")
+    shelf_type = _shelf_type()      # first: where it cannot be made, nothing is
     if isinstance(filename, collections.abc.MutableMapping):   # an object store's keys
         if flag not in _FLAGS:
             raise ValueError("flag must be 'r', 'w', 'c' or 'n', not %r" % (flag,))
         objects = _MappingObjects(filename, "", flag)
         shelf = _FileStore(objects.path, flag, shelf=True, objects=objects)
-        return _shelf_type()(shelf, protocol)  # type: ignore[arg-type]  # (as below)
+        return shelf_type(shelf, protocol)  # type: ignore[arg-type]  # (as below)
     path = os.fsdecode(os.fspath(filename))
     if not path:                            # not the current directory: open("") fails so
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
@@ -5341,12 +5370,12 @@ def open(filename: "Union[_Path, MutableMapping[str, bytes]]", flag: "_Flag" = "
         # a shelf of files: where one is, or on a filesystem several machines share (there,
         # a directory without the marker may be one another machine is making: _FileStore
         # makes it whole, or refuses a directory of other files)
-        return _shelf_type()(_FileStore(path, flag, shelf=True), protocol)  # type: ignore[arg-type]
+        return shelf_type(_FileStore(path, flag, shelf=True), protocol)  # type: ignore[arg-type]
     _open_shelve_file(path, flag)
     store = _Store(path, flag)
     # a _Store is the mapping under the shelf, though not a MutableMapping: _Shelf
     # overrides each method that shelve.Shelf would call it through
-    return _shelf_type()(store, protocol)  # type: ignore[arg-type]
+    return shelf_type(store, protocol)  # type: ignore[arg-type]
 
 
 # == open: the shelf ------------------------------------------------------------------------------
@@ -5495,7 +5524,13 @@ def _shelf_type():
     above). _Shelf's methods come first, as a subclass's would."""
     global _SHELF_TYPE
     if _SHELF_TYPE is None:
-        import shelve
+        with _LAZY_IMPORT:
+            import shelve
+        if not hasattr(shelve, "Shelf"):    # half made: this thread is importing it
+            raise RuntimeError("persist.open() was called by a signal handler while the code "
+                               "it interrupted was in the middle of importing shelve, which "
+                               "the first persist.open() imports; import shelve before you "
+                               "install the handler")
         # two threads may both make one: either is whole, and both are _Shelf and Shelf
         _SHELF_TYPE = types.new_class("_Shelf", (_Shelf, shelve.Shelf), exec_body=lambda ns: (
             ns.update(__module__=__name__, __qualname__="_Shelf", __doc__=_Shelf.__doc__)))

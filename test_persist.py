@@ -1262,6 +1262,49 @@ class TestKeysInAFreshProcess(TempDirTest):
         """ % self.dir)
         self.assertIn("argument 'lock' cannot be part of a cache key", out)
 
+    @slow
+    @unittest.skipUnless(hasattr(signal, "SIGUSR1"), "SIGUSR1")
+    def test_a_signal_handler_keys_a_call_while_its_thread_imports_hashlib(self):
+        # persist imports hashlib at a key's first long input: a signal handler that keys
+        # one while its thread is in the middle of that import found the module without
+        # sha256 yet, and both calls failed as unkeyable (AttributeError: partially
+        # initialized module 'hashlib'). The handler's key is hashed by CPython's own.
+        script = self.path / "job.py"     # a file: a function of python -c keys its code
+        script.write_text(textwrap.dedent("""
+            import importlib.abc, importlib.util, os, signal, sys, persist
+            @persist.memoize(cache_dir=sys.argv[1])
+            def f(x):
+                return len(x)
+            if "hashlib" in sys.modules or importlib.util.find_spec("_hashlib") is None:
+                print("imported already")    # PyPy imports hashlib with persist
+                sys.exit(0)
+            got = []
+            signal.signal(signal.SIGUSR1, lambda *a: got.append(f("z" * 300)))
+            class Loader(importlib.abc.Loader):
+                def __init__(self, real):
+                    self.real = real
+                def create_module(self, spec):
+                    os.kill(os.getpid(), signal.SIGUSR1)   # handled before this returns
+                    return self.real.create_module(spec)
+                def exec_module(self, module):
+                    return self.real.exec_module(module)
+            class Finder(importlib.abc.MetaPathFinder):
+                def find_spec(self, name, path, target=None):
+                    if name != "_hashlib":        # OpenSSL's: hashlib imports it first
+                        return None
+                    for finder in sys.meta_path[1:]:
+                        spec = finder.find_spec(name, path, target)
+                        if spec is not None:
+                            spec.loader = Loader(spec.loader)
+                            return spec
+            sys.meta_path.insert(0, Finder())
+            print(f("y" * 200), got, f("z" * 300), f.cache_info().hits)
+        """))
+        done = run_command([str(script), self.dir], timeout=CHILD_TIMEOUT)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        if done.stdout != "imported already\n":
+            self.assertEqual(done.stdout, "200 [300] 300 1\n")
+
 
 class Colour(enum.Enum):
     RED = 1
@@ -7067,6 +7110,55 @@ class TestOpenMisuse(TempDirTest):
         self.assertEqual(os.listdir(self.dir), ["d"])
         self.assertEqual(os.listdir(self.path / "d"), [])
 
+    @slow
+    @unittest.skipUnless(hasattr(signal, "SIGUSR1"), "SIGUSR1")
+    def test_a_signal_handler_opening_a_shelf_as_its_thread_imports_shelve_is_told_why(self):
+        # The first persist.open() imports shelve: a signal handler that opens a shelf while
+        # its thread is in the middle of that import (here, of pickle.py, which shelve
+        # imports first) cannot make one; it was told of a circular import, and is told
+        # what happened and what to do. Nothing is made.
+        script = self.path / "job.py"
+        script.write_text(textwrap.dedent("""
+            import importlib.abc, os, signal, sys, persist
+            if "shelve" in sys.modules or "pickle" in sys.modules:
+                print("imported already")
+                sys.exit(0)
+            def handler(*args):
+                try:
+                    persist.open(os.path.join(sys.argv[1], "h.db"))
+                except RuntimeError as exc:
+                    print(exc)
+            signal.signal(signal.SIGUSR1, handler)
+            class Loader(importlib.abc.Loader):
+                def __init__(self, real):
+                    self.real = real
+                def create_module(self, spec):
+                    os.kill(os.getpid(), signal.SIGUSR1)   # handled before this returns
+                    return self.real.create_module(spec)
+                def exec_module(self, module):
+                    return self.real.exec_module(module)
+            class Finder(importlib.abc.MetaPathFinder):
+                def find_spec(self, name, path, target=None):
+                    if name != "pickle":
+                        return None
+                    for finder in sys.meta_path[1:]:
+                        spec = finder.find_spec(name, path, target)
+                        if spec is not None:
+                            spec.loader = Loader(spec.loader)
+                            return spec
+            sys.meta_path.insert(0, Finder())
+            with persist.open(os.path.join(sys.argv[1], "m.db")) as db:
+                db["k"] = 1
+                print(db["k"])
+        """))
+        done = run_command([str(script), self.dir], timeout=CHILD_TIMEOUT)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        if done.stdout != "imported already\n":
+            self.assertIn("persist.open() was called by a signal handler while the code it "
+                          "interrupted was in the middle of importing shelve", done.stdout)
+            self.assertTrue(done.stdout.endswith("\n1\n"), done.stdout)
+            self.assertEqual(sorted(os.listdir(self.dir)), ["job.py", "m.db"])
+
 
 @slow
 class TestOpenConcurrentProcesses(TempDirTest):
@@ -10559,6 +10651,76 @@ class TestFork(TempDirTest):
         self.assertEqual(out, "True 20\n")
         on_disk, named = value_files(self.path / "shelf.db")
         self.assertEqual(on_disk, named)
+
+    @slow
+    def test_fork_while_another_thread_imports_what_persist_imports_late(self):
+        # persist imports hashlib at a key's first long input and shelve at the first open():
+        # a child forked while another thread was in the middle of such an import found the
+        # module half made and locked by a thread it does not have, and waited for ever at
+        # its own first long key or open(). fork() waits for that import to end. A module
+        # each import loads (OpenSSL's _hashlib, pickle.py) stays unloaded in that thread
+        # until fork() has begun: a hook registered after persist's runs before them.
+        script = self.path / "job.py"     # a file: a function of python -c keys its code
+        script.write_text(textwrap.dedent("""
+            import importlib.abc, os, signal, sys, threading, persist
+            d, blocked = sys.argv[1:]
+            @persist.memoize(cache_dir=d)
+            def f(x):
+                return len(x)
+            if "hashlib" in sys.modules or "shelve" in sys.modules:
+                print("imported already")    # PyPy imports hashlib with persist
+                sys.exit(0)
+            entered, release = threading.Event(), threading.Event()
+            class Loader(importlib.abc.Loader):
+                def __init__(self, real):
+                    self.real = real
+                def create_module(self, spec):
+                    if threading.current_thread() is not threading.main_thread():
+                        entered.set()
+                        release.wait()
+                    return self.real.create_module(spec)
+                def exec_module(self, module):
+                    return self.real.exec_module(module)
+            class Finder(importlib.abc.MetaPathFinder):
+                def find_spec(self, name, path, target=None):
+                    if name != blocked:
+                        return None
+                    for finder in sys.meta_path[1:]:
+                        spec = finder.find_spec(name, path, target)
+                        if spec is not None:
+                            spec.loader = Loader(spec.loader)
+                            return spec
+            sys.meta_path.insert(0, Finder())
+            def first():
+                try:
+                    if blocked == "pickle":
+                        with persist.open(os.path.join(d, "parent.db")) as shelf:
+                            shelf["k"] = 1
+                    else:
+                        f("y" * 200)
+                finally:
+                    entered.set()             # (had it not imported it: fails below)
+            thread = threading.Thread(target=first)
+            thread.start()
+            entered.wait()
+            os.register_at_fork(before=release.set)
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(20)              # a hang fails the test instead of blocking it
+                if blocked == "pickle":
+                    print(len(persist.open(os.path.join(d, "child.db"))), flush=True)
+                else:
+                    print(f("z" * 300), flush=True)
+                os._exit(0)
+            thread.join()
+            print(os.waitpid(pid, 0)[1])
+        """))
+        for blocked, result in (("_hashlib", "300"), ("pickle", "0")):
+            done = run_command([str(script), str(self.path), blocked], timeout=CHILD_TIMEOUT)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            if done.stdout == "imported already\n":
+                continue
+            self.assertEqual(done.stdout.split(), [result, "0"], blocked)
 
     def test_threads_of_a_forked_child_open_and_use_caches(self):
         # The fork's hooks hold the gate that no cache opens past while another thread forks,
