@@ -5002,6 +5002,29 @@ class TestMapInterrupted(TempDirTest):
             return x
         self.assertGreaterEqual(quick.cache_info().entries, 3)
 
+    def test_ctrl_c_as_a_batch_is_submitted_stores_its_result(self):
+        # A Ctrl-C inside the engine's submit(), once it had the batch but before it
+        # returned the batch's future, left persist.map without that future: the result,
+        # which a worker sent meanwhile (a loaded machine), was lost. Here the engine runs
+        # the second batch, and the Ctrl-C comes (as a signal would) as submit() returns.
+        import _thread
+
+        class InterruptedAsItSubmits(InlineEngine):
+            def submit(self, fn, *args):
+                future = super().submit(fn, *args)
+                if len(self.batches) == 2:
+                    _thread.interrupt_main()
+                return future
+
+        @persist.memoize(cache_dir=self.dir)
+        def work(x):
+            return x
+        engine = InterruptedAsItSubmits()
+        with self.assertRaises(KeyboardInterrupt):
+            persist.map(work, range(4), executor=engine, progress=False)
+        self.assertEqual(engine.batches[:2], [[0], [1]])
+        self.assertEqual([work.explain(x).reason for x in (0, 1)], ["hit", "hit"])
+
     @unittest.skipUnless(POSIX, "SIGINT to a child")
     def test_ctrl_c_while_a_worker_sends_a_result_stops(self):
         # A worker stopped halfway through sending a result (a large one, Ctrl-C meanwhile)
