@@ -4074,7 +4074,7 @@ class _Run:
                 outcomes, _ = future.result()
             except Exception:             # its batch failed as a whole: nothing came
                 continue
-            self.take(schedule.returned(future), outcomes)
+            self.take(schedule, future, outcomes)
 
     def to_send(self):
         # type: () -> Iterator[int]
@@ -4193,22 +4193,27 @@ class _Run:
                     else:
                         self.settle(batch[0], False, exc, 0.0)
                 continue
-            self.take(schedule.returned(future), outcomes)
+            self.take(schedule, future, outcomes)
             schedule.timed(len(outcomes), seconds)
         return lost, broken
 
-    def take(self, batch, outcomes):
-        # type: (List[int], List[_Outcome]) -> None
-        """Record the outcomes of a batch that came back. A memoized func's results are
-        stored first, all in one transaction (put_many): one commit an item would cost the
-        caller more than the workers take to compute quick ones. A Ctrl-C meanwhile stores
-        the results that came with it all the same, and is raised then (a second one stops
-        that): each arrived, and the rerun need not compute it again."""
+    def take(self, schedule, token, outcomes):
+        # type: (_Schedule, Any, List[_Outcome]) -> None
+        """Record the outcomes of the batch of token, which came back. A memoized func's
+        results are stored first, all in one transaction (put_many): one commit an item
+        would cost the caller more than the workers take to compute quick ones. A Ctrl-C
+        meanwhile stores the results that came with it all the same, and is raised then (a
+        second one stops that): each arrived, and the rerun need not compute it again."""
         settled: "List[Tuple[int, bool, Any, float]]" = []
+        # token stays in flight until returned() below, inside the try: a Ctrl-C before
+        # it leaves the batch to take_arrived(), one after it to the except
+        batch = schedule.in_flight[token]
         try:
+            schedule.returned(token)
             for position, index in enumerate(batch):
                 self.collect(index, outcomes, position, settled, True)
         except KeyboardInterrupt:
+            schedule.in_flight.pop(token, None)     # it came before returned() did
             taken = {entry[0] for entry in settled}
             for position, index in enumerate(batch):
                 if index not in taken and outcomes[position] is not None:

@@ -4965,8 +4965,9 @@ class TestMapInterrupted(TempDirTest):
         # the reader thread is held up at the third result, until the workers are gone.
         script = self.path / "job.py"
         script.write_text(textwrap.dedent("""
-            import os, signal, time
+            import os, signal
             import concurrent.futures.process as process
+            from multiprocessing.connection import wait
             import persist
 
             signal.signal(signal.SIGINT, signal.default_int_handler)   # (see above)
@@ -4977,10 +4978,8 @@ class TestMapInterrupted(TempDirTest):
                 seen.append(item)
                 if len(seen) == 3:
                     os.kill(os.getpid(), signal.SIGINT)
-                    deadline = time.monotonic() + 60
-                    while (time.monotonic() < deadline
-                           and all(p.is_alive() for p in list(self.processes.values()))):
-                        time.sleep(0.01)
+                    # until a worker has ended (a bound on a hang, not a time to meet)
+                    wait([p.sentinel for p in list(self.processes.values())], timeout=60)
                 return plain(self, item)
             reader.process_result_item = held_up
 
