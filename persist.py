@@ -62,7 +62,8 @@ Caches hold pickles, and loading a pickle runs code: only use caches from places
 #   a persist.map item sent to workers: map -> _Run.execute -> _Run.parallel -> (_Run.send ->
 #       (_Schedule.next -> _Run.to_send -> (_Wrapper._key_of -> _Wrapper._keyed ->
 #       _FunctionCache.key -> _keyer.key [digest]; _FunctionCache.get -> _Store.hit ->
-#       _Connection.query [execute]); _run -> double); _Run.receive -> _Run.take -> _Run.store ->
+#       _Connection.query [execute]); _CtrlCHeld.__enter__; _run -> double;
+#       _CtrlCHeld.__exit__); _Run.receive -> _Run.take -> _Run.store ->
 #       _FunctionCache.put_many -> _FunctionCache.put -> _Store.put -> _Connection.run ->
 #       _put_row [execute])
 #   a shelf write: _Shelf.__setitem__ -> _Store.put -> _Connection.run -> _put_row [execute]
@@ -4258,7 +4259,7 @@ class _Run:
                 outcomes, _ = future.result()
             except Exception:             # its batch failed as a whole: nothing came
                 continue
-            self.take(schedule.returned(future), outcomes)
+            self.take(schedule, future, outcomes)
 
     def to_send(self):
         # type: () -> Iterator[int]
@@ -4311,8 +4312,12 @@ class _Run:
             if batch is None:
                 return False
             try:
-                future = executor.submit(_run, self.func, [self.items[i] for i in batch],
-                                         portable, stop, memoized, next(_SENT))
+                # the engine has the batch before submit() returns: a Ctrl-C in between
+                # would leave its future, and the result it brings, unknown here
+                with _CtrlCHeld():
+                    future = executor.submit(_run, self.func, [self.items[i] for i in batch],
+                                             portable, stop, memoized, next(_SENT))
+                    schedule.sent(future, batch)
             except concurrent.futures.BrokenExecutor as exc:
                 if own is None:
                     raise self.pool_died(exc) from exc
@@ -4336,8 +4341,6 @@ class _Run:
                 schedule.unsent([index for index in batch if index not in stuck])
                 for index in stuck:
                     self.run_here(index, _why(exc))
-                continue
-            schedule.sent(future, batch)
 
     def receive(self, schedule, finished, portable, own):
         # type: (_Schedule, Iterable[Any], bool, Optional[_OwnPool]) -> Tuple[List[Any], Optional[BaseException]]
@@ -4375,22 +4378,27 @@ class _Run:
                     else:
                         self.settle(batch[0], False, exc, 0.0)
                 continue
-            self.take(schedule.returned(future), outcomes)
+            self.take(schedule, future, outcomes)
             schedule.timed(len(outcomes), seconds)
         return lost, broken
 
-    def take(self, batch, outcomes):
-        # type: (List[int], List[_Outcome]) -> None
-        """Record the outcomes of a batch that came back. A memoized func's results are
-        stored first, all in one transaction (put_many): one commit an item would cost the
-        caller more than the workers take to compute quick ones. A Ctrl-C meanwhile stores
-        the results that came with it all the same, and is raised then (a second one stops
-        that): each arrived, and the rerun need not compute it again."""
+    def take(self, schedule, token, outcomes):
+        # type: (_Schedule, Any, List[_Outcome]) -> None
+        """Record the outcomes of the batch of token, which came back. A memoized func's
+        results are stored first, all in one transaction (put_many): one commit an item
+        would cost the caller more than the workers take to compute quick ones. A Ctrl-C
+        meanwhile stores the results that came with it all the same, and is raised then (a
+        second one stops that): each arrived, and the rerun need not compute it again."""
         settled: "List[Tuple[int, bool, Any, float]]" = []
+        # token stays in flight until returned() below, inside the try: a Ctrl-C before
+        # it leaves the batch to take_arrived(), one after it to the except
+        batch = schedule.in_flight[token]
         try:
+            schedule.returned(token)
             for position, index in enumerate(batch):
                 self.collect(index, outcomes, position, settled, True)
         except KeyboardInterrupt:
+            schedule.in_flight.pop(token, None)     # it came before returned() did
             taken = {entry[0] for entry in settled}
             for position, index in enumerate(batch):
                 if index not in taken and outcomes[position] is not None:
@@ -4914,6 +4922,54 @@ def _finished(futures, timeout):
 
 _POLL_FIRST = 0.001    # seconds between looks at futures that concurrent.futures cannot wait
 _POLL_LAST = 0.05      # for (see _finished): from the first, doubling up to the last
+
+
+class _CtrlCHeld:
+    """A Ctrl-C that comes inside the with is raised as it ends, not where it came: around
+    an engine's submit() and the record of the future it returns (_Run.send). The engine
+    has the batch before submit() returns (a pool's worker may run it and send its result
+    at once): a Ctrl-C in between left a batch in flight that persist.map knew nothing of,
+    and its result, which had arrived, was lost (on a loaded machine, 1 run in 20 of
+    test_ctrl_c_stores_a_result_still_in_the_pool_pipe). A second Ctrl-C is raised at
+    once: a submit() that hangs (a cluster that does not answer) can still be stopped.
+
+    Held where Python runs a handler of its own for SIGINT (default_int_handler, or the
+    caller's, called as it ends), in the main thread, the only one a Ctrl-C interrupts; in
+    a process forked meanwhile (a pool's new worker), which inherits the handler, the
+    handler it replaced runs at once."""
+
+    def __init__(self):
+        # type: () -> None
+        self.replaced = None  # type: Any   # the handler that runs when this one is done
+        self.came = None      # type: Optional[Tuple[int, Any]]   # a Ctrl-C held: its arguments
+        self.pid = 0
+
+    def __enter__(self):
+        # type: () -> _CtrlCHeld
+        import signal
+        replaced = signal.getsignal(signal.SIGINT)
+        if callable(replaced):            # not SIG_DFL nor SIG_IGN: nothing is raised then
+            self.replaced, self.pid = replaced, os.getpid()   # set before hold() can run
+            try:
+                signal.signal(signal.SIGINT, self.hold)
+            except ValueError:            # not the main thread: no Ctrl-C is raised here
+                self.replaced = None
+        return self
+
+    def hold(self, signum, frame):
+        # type: (int, Any) -> None
+        if self.came is not None or os.getpid() != self.pid:
+            self.replaced(signum, frame)
+        self.came = (signum, frame)
+
+    def __exit__(self, *exc_info):
+        # type: (object) -> None
+        replaced = self.replaced
+        if replaced is not None:
+            import signal
+            signal.signal(signal.SIGINT, replaced)
+            if self.came is not None:
+                replaced(*self.came)
 
 
 def _lost_worker(exc):

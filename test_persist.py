@@ -5306,8 +5306,9 @@ class TestMapInterrupted(TempDirTest):
         # the reader thread is held up at the third result, until the workers are gone.
         script = self.path / "job.py"
         script.write_text(textwrap.dedent("""
-            import os, signal, time
+            import os, signal
             import concurrent.futures.process as process
+            from multiprocessing.connection import wait
             import persist
 
             signal.signal(signal.SIGINT, signal.default_int_handler)   # (see above)
@@ -5318,10 +5319,8 @@ class TestMapInterrupted(TempDirTest):
                 seen.append(item)
                 if len(seen) == 3:
                     os.kill(os.getpid(), signal.SIGINT)
-                    deadline = time.monotonic() + 60
-                    while (time.monotonic() < deadline
-                           and all(p.is_alive() for p in list(self.processes.values()))):
-                        time.sleep(0.01)
+                    # until a worker has ended (a bound on a hang, not a time to meet)
+                    wait([p.sentinel for p in list(self.processes.values())], timeout=60)
                 return plain(self, item)
             reader.process_result_item = held_up
 
@@ -5342,6 +5341,29 @@ class TestMapInterrupted(TempDirTest):
         def quick(x):
             return x
         self.assertGreaterEqual(quick.cache_info().entries, 3)
+
+    def test_ctrl_c_as_a_batch_is_submitted_stores_its_result(self):
+        # A Ctrl-C inside the engine's submit(), once it had the batch but before it
+        # returned the batch's future, left persist.map without that future: the result,
+        # which a worker sent meanwhile (a loaded machine), was lost. Here the engine runs
+        # the second batch, and the Ctrl-C comes (as a signal would) as submit() returns.
+        import _thread
+
+        class InterruptedAsItSubmits(InlineEngine):
+            def submit(self, fn, *args):
+                future = super().submit(fn, *args)
+                if len(self.batches) == 2:
+                    _thread.interrupt_main()
+                return future
+
+        @persist.memoize(cache_dir=self.dir)
+        def work(x):
+            return x
+        engine = InterruptedAsItSubmits()
+        with self.assertRaises(KeyboardInterrupt):
+            persist.map(work, range(4), executor=engine, progress=False)
+        self.assertEqual(engine.batches[:2], [[0], [1]])
+        self.assertEqual([work.explain(x).reason for x in (0, 1)], ["hit", "hit"])
 
     @unittest.skipUnless(POSIX, "SIGINT to a child")
     def test_ctrl_c_while_a_worker_sends_a_result_stops(self):
