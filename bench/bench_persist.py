@@ -684,6 +684,8 @@ def bench_commands(root, entries, rounds):
     medians over interleaved rounds, and what a timed run of each says (see TIMED_RUN)."""
     template, version = build_cli_cache(os.path.join(root, "cli"), entries)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+    # bytecode cached, as users have it: without, each process compiles persist.py (~0.1 s)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     copies = itertools.count()
 
     def command_for(command, who, path):
@@ -766,6 +768,7 @@ def breakdown_command(command, entries, results, timed_run):
                            if seconds >= 0.001) for who in runs)))
     if not STARTUP:                  # the same for every command: measured once
         env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+        env.pop("PYTHONDONTWRITEBYTECODE", None)        # as in bench_commands
         STARTUP.update(median_rounds({who: (lambda c=code: run_process(
             [sys.executable, "-c", c], env, os.path.dirname(HERE)))
             for who, code in (("persist", "import persist, argparse"),
