@@ -311,9 +311,12 @@ _PRAGMAS = (                     # after journal_mode=WAL (_to_wal)
 # _Store._restart_log does, past _LOG_LIMIT.
 _CHECKPOINT_AFTER = 4 << 20
 _GET = "SELECT value, file, stored, seconds FROM Dict WHERE key = ?"
-# a hit's: the pickle, or (TEXT) the name of the value file that holds it, and the seconds the
-# call took; each column more cost a hit 0.2 us (4 of them, 7% of a hit)
-_HIT = "SELECT coalesce(file, value), seconds FROM Dict WHERE key = ?"
+# a hit's: the pickle, where the row holds it, and the seconds the call took; each column more
+# cost a hit 0.2 us (4 of them, 7% of a hit). NULL where a value file holds it, and anything but
+# a BLOB where a program other than persist wrote the row: get()'s row is read then, and checked
+# (coalesce(file, value), told apart by type, took a TEXT value for a value file's name: another
+# key's result, returned for this call; a BLOB file for the pickle).
+_HIT = "SELECT CASE WHEN file IS NULL THEN value END, seconds FROM Dict WHERE key = ?"
 _FILE = "SELECT file FROM Dict WHERE key = ?"
 _PUT = ("REPLACE INTO Dict (key, value, file, stored, seconds, version, args)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)")
@@ -2958,11 +2961,11 @@ class _FunctionCache:
                     found = store.hit(key)
                     if found is not None:
                         data, took = found
-                        if isinstance(data, str):     # the name of the value file
-                            row = (b"", data, 0.0, took)
-                        else:                         # the pickle, in the row: most hits
+                        if isinstance(data, bytes):   # the pickle, in the row: most hits
                             value = pickle.loads(data)
                             seconds = took or 0.0
+                        else:                         # a value file's, or crafted (see _HIT)
+                            row = store.get(key)
                 else:
                     row = store.get(key)
                 if row is not None:
@@ -6826,9 +6829,9 @@ class _Store:
         return rows[0] if rows else None
 
     def hit(self, key):
-        # type: (bytes) -> Optional[Tuple[Union[bytes, str], Optional[float]]]
-        """(pickle, or the name of the value file that holds it; seconds) for key, or None:
-        what memoize's hit needs of get()'s row, in two columns."""
+        # type: (bytes) -> Optional[Tuple[Optional[bytes], Optional[float]]]
+        """(the pickle, or None where it is not in the row: see _HIT; seconds) for key, or
+        None: what memoize's hit needs of get()'s row, in two columns."""
         rows = self.conn.query(_HIT, (key,))
         return rows[0] if rows else None
 
@@ -8744,7 +8747,7 @@ class _FileStore:
         return data, None, header["stored"], header.get("seconds")
 
     def hit(self, key):
-        # type: (bytes) -> Optional[Tuple[Union[bytes, str], Optional[float]]]
+        # type: (bytes) -> Optional[Tuple[Optional[bytes], Optional[float]]]
         """(pickle, seconds) for key, or None (as _Store.hit())."""
         row = self.get(key)
         return None if row is None else (bytes(row[0]), row[3])

@@ -9590,6 +9590,43 @@ class TestValueFileNamedOutsideTheCache(TempDirTest):
         self.assertCorrupt(caught, path, "../../precious.txt")
         self.assertEqual(calls, [1])
 
+    def test_a_hit_takes_no_column_of_another_type_for_the_other(self):
+        # A hit read coalesce(file, value) and told the two apart by type: a TEXT value
+        # naming another entry's value file returned that entry's result for this call,
+        # and a BLOB file was loaded as the pickle; both are refused as get()'s row is.
+        calls = []
+
+        def make():
+            @persist.memoize(cache_dir=self.path / "m", name="f")
+            def f(x):
+                calls.append(x)
+                return TestValueFileNamedOutsideTheCache.BIG if x == 1 else x
+
+            return f
+
+        f = make()
+        for x in (1, 2, 3):
+            f(x)
+        path = self.path / "m" / "f.db"
+        planted = pickle.dumps("from the file column")
+        conn = sqlite3.connect(str(path), isolation_level=None)
+        try:
+            (name,), = conn.execute("SELECT file FROM Dict WHERE file IS NOT NULL")
+            keys = [key for key, in conn.execute("SELECT key FROM Dict ORDER BY args")]
+            conn.execute("UPDATE Dict SET value = ? WHERE key = ?", (name, keys[1]))
+            conn.execute("UPDATE Dict SET file = ? WHERE key = ?", (planted, keys[2]))
+        finally:
+            conn.close()
+        del calls[:]
+        f = make()
+        with self.assertWarnsRegex(persist.PersistWarning, r"f\(\) cannot be loaded"):
+            self.assertEqual(f(2), 2)             # computed again, not f(1)'s result
+        with self.assertRaises(persist.PersistError) as caught:
+            f(3)
+        self.assertCorrupt(caught, path, planted)
+        self.assertEqual(calls, [2])
+        self.assertEqual(f(1), self.BIG)
+
     @slow
     def test_the_command_line_neither_removes_nor_lists_through_it(self):
         for name in self.names():
