@@ -104,6 +104,34 @@ def child_env(**extra):
     return env
 
 
+# The start of a child script: hook_import(name, at_create) makes at_create() run in the middle
+# of the import of module name, as the module is made (the tests of what persist imports late,
+# and of a signal or a fork that comes meanwhile).
+HOOK_IMPORT = textwrap.dedent("""
+    import importlib.abc, sys
+    def hook_import(name, at_create):
+        class Loader(importlib.abc.Loader):
+            def __init__(self, real):
+                self.real = real
+            def create_module(self, spec):
+                at_create()
+                return self.real.create_module(spec)
+            def exec_module(self, module):
+                return self.real.exec_module(module)
+        class Finder(importlib.abc.MetaPathFinder):
+            def find_spec(self, fullname, path, target=None):
+                if fullname != name:
+                    return None
+                for finder in sys.meta_path[1:]:
+                    spec = finder.find_spec(fullname, path, target)
+                    if spec is not None:
+                        spec.loader = Loader(spec.loader)
+                        return spec
+                return None
+        sys.meta_path.insert(0, Finder())
+""")
+
+
 def run_python(code, cwd=None, check=True, timeout=CHILD_TIMEOUT, **env):
     """Run code in a fresh interpreter that can import persist; return its stdout."""
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd,
@@ -1270,7 +1298,7 @@ class TestKeysInAFreshProcess(TempDirTest):
         # sha256 yet, and both calls failed as unkeyable (AttributeError: partially
         # initialized module 'hashlib'). The handler's key is hashed by CPython's own.
         script = self.path / "job.py"     # a file: a function of python -c keys its code
-        script.write_text(textwrap.dedent("""
+        script.write_text(HOOK_IMPORT + textwrap.dedent("""
             import importlib.abc, importlib.util, os, signal, sys, persist
             @persist.memoize(cache_dir=sys.argv[1])
             def f(x):
@@ -1280,24 +1308,8 @@ class TestKeysInAFreshProcess(TempDirTest):
                 sys.exit(0)
             got = []
             signal.signal(signal.SIGUSR1, lambda *a: got.append(f("z" * 300)))
-            class Loader(importlib.abc.Loader):
-                def __init__(self, real):
-                    self.real = real
-                def create_module(self, spec):
-                    os.kill(os.getpid(), signal.SIGUSR1)   # handled before this returns
-                    return self.real.create_module(spec)
-                def exec_module(self, module):
-                    return self.real.exec_module(module)
-            class Finder(importlib.abc.MetaPathFinder):
-                def find_spec(self, name, path, target=None):
-                    if name != "_hashlib":        # OpenSSL's: hashlib imports it first
-                        return None
-                    for finder in sys.meta_path[1:]:
-                        spec = finder.find_spec(name, path, target)
-                        if spec is not None:
-                            spec.loader = Loader(spec.loader)
-                            return spec
-            sys.meta_path.insert(0, Finder())
+            hook_import("_hashlib",           # OpenSSL's: hashlib imports it first
+                        lambda: os.kill(os.getpid(), signal.SIGUSR1))   # handled at once
             print(f("y" * 200), got, f("z" * 300), f.cache_info().hits)
         """))
         done = run_command([str(script), self.dir], timeout=CHILD_TIMEOUT)
@@ -7140,7 +7152,7 @@ class TestOpenMisuse(TempDirTest):
         # imports first) cannot make one; it was told of a circular import, and is told
         # what happened and what to do. Nothing is made.
         script = self.path / "job.py"
-        script.write_text(textwrap.dedent("""
+        script.write_text(HOOK_IMPORT + textwrap.dedent("""
             import importlib.abc, os, signal, sys, persist
             if "shelve" in sys.modules or "pickle" in sys.modules:
                 print("imported already")
@@ -7151,24 +7163,7 @@ class TestOpenMisuse(TempDirTest):
                 except RuntimeError as exc:
                     print(exc)
             signal.signal(signal.SIGUSR1, handler)
-            class Loader(importlib.abc.Loader):
-                def __init__(self, real):
-                    self.real = real
-                def create_module(self, spec):
-                    os.kill(os.getpid(), signal.SIGUSR1)   # handled before this returns
-                    return self.real.create_module(spec)
-                def exec_module(self, module):
-                    return self.real.exec_module(module)
-            class Finder(importlib.abc.MetaPathFinder):
-                def find_spec(self, name, path, target=None):
-                    if name != "pickle":
-                        return None
-                    for finder in sys.meta_path[1:]:
-                        spec = finder.find_spec(name, path, target)
-                        if spec is not None:
-                            spec.loader = Loader(spec.loader)
-                            return spec
-            sys.meta_path.insert(0, Finder())
+            hook_import("pickle", lambda: os.kill(os.getpid(), signal.SIGUSR1))   # handled at once
             with persist.open(os.path.join(sys.argv[1], "m.db")) as db:
                 db["k"] = 1
                 print(db["k"])
@@ -10720,7 +10715,7 @@ class TestFork(TempDirTest):
         # each import loads (OpenSSL's _hashlib, pickle.py) stays unloaded in that thread
         # until fork() has begun: a hook registered after persist's runs before them.
         script = self.path / "job.py"     # a file: a function of python -c keys its code
-        script.write_text(textwrap.dedent("""
+        script.write_text(HOOK_IMPORT + textwrap.dedent("""
             import importlib.abc, os, signal, sys, threading, persist
             d, blocked = sys.argv[1:]
             @persist.memoize(cache_dir=d)
@@ -10730,26 +10725,11 @@ class TestFork(TempDirTest):
                 print("imported already")    # PyPy imports hashlib with persist
                 sys.exit(0)
             entered, release = threading.Event(), threading.Event()
-            class Loader(importlib.abc.Loader):
-                def __init__(self, real):
-                    self.real = real
-                def create_module(self, spec):
-                    if threading.current_thread() is not threading.main_thread():
-                        entered.set()
-                        release.wait()
-                    return self.real.create_module(spec)
-                def exec_module(self, module):
-                    return self.real.exec_module(module)
-            class Finder(importlib.abc.MetaPathFinder):
-                def find_spec(self, name, path, target=None):
-                    if name != blocked:
-                        return None
-                    for finder in sys.meta_path[1:]:
-                        spec = finder.find_spec(name, path, target)
-                        if spec is not None:
-                            spec.loader = Loader(spec.loader)
-                            return spec
-            sys.meta_path.insert(0, Finder())
+            def hold():
+                if threading.current_thread() is not threading.main_thread():
+                    entered.set()
+                    release.wait()
+            hook_import(blocked, hold)
             def first():
                 try:
                     if blocked == "pickle":
