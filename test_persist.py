@@ -10964,7 +10964,9 @@ class TestFork(TempDirTest):
                 holder.execute("BEGIN IMMEDIATE")      # the writer below waits for it
                 inside = threading.Event()
                 def watch(frame, event, arg):
-                    if event == "call" and frame.f_code.co_name == "_transaction":
+                    # the store's transaction, or the one statement of a small value
+                    if event == "call" and frame.f_code.co_name in ("_transaction",
+                                                                    "_put_row"):
                         inside.set()
                 def write():
                     sys.setprofile(watch)
@@ -10972,7 +10974,9 @@ class TestFork(TempDirTest):
                     sys.setprofile(None)
                 writer = threading.Thread(target=write)
                 writer.start()
-                inside.wait(60)            # the writer holds its cache: fork() waits
+                if not inside.wait(60):    # the writer holds its cache: fork() waits
+                    print("the writer never stored", flush=True)
+                    os._exit(1)
                 def press():
                     while not interrupted.wait(0.01):
                         os.kill(os.getpid(), signal.SIGINT)
@@ -11237,7 +11241,8 @@ class TestForkInASignalHandler(TempDirTest):
             signal.signal(signal.SIGUSR1, on_usr1)
             inside, waiting = threading.Event(), threading.Event()
             def watch_main(frame, event, arg):
-                if event == "call" and frame.f_code.co_name == "_transaction":
+                # the store's transaction, or the one statement of a small value
+                if event == "call" and frame.f_code.co_name in ("_transaction", "_put_row"):
                     inside.set()
             def watch_fork(frame, event, arg):
                 # The fork begins. (This once watched for a call of the connection's lock,
@@ -11246,7 +11251,9 @@ class TestForkInASignalHandler(TempDirTest):
                 if event == "c_call" and arg is os.fork:
                     waiting.set()
             def fork():
-                inside.wait(60)                 # the main thread is in its store
+                if not inside.wait(60):         # the main thread is in its store
+                    print("the main thread never stored", flush=True)
+                    os._exit(1)
                 sys.setprofile(watch_fork)
                 pid = os.fork()
                 if pid == 0:
