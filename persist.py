@@ -4215,15 +4215,27 @@ class _Run:
                         index, sent = killer
                         self.worker_died(index, sent, broken)
                 if self.stopped:
-                    for other in list(schedule.in_flight):  # what has not started never will
-                        cancel = getattr(other, "cancel", None)
-                        if cancel is not None and cancel() is True:
-                            self.unstarted(schedule.returned(other))
+                    if own is not None:
+                        # Our own pool: what has not started comes back unstarted, as its
+                        # workers share the Event a failure there set (set here too, for one
+                        # found here: a result strict could not store). Never cancel() its
+                        # futures: before 3.10, a ProcessPoolExecutor whose thread had not yet
+                        # dropped a cancelled one hung in shutdown() (CPython gh-94440).
+                        assert own.stop is not None
+                        own.stop.set()
+                    else:
+                        for other in list(schedule.in_flight):  # not started: never will
+                            cancel = getattr(other, "cancel", None)
+                            if cancel is not None and cancel() is True:
+                                self.unstarted(schedule.returned(other))
                 else:
                     idle = self.send(schedule, executor, portable, stop, own)
                 self.show_progress()
         except BaseException as exc:
-            for future in schedule.in_flight:
+            # Another's executor: what it has not started never will. Our own pool's
+            # workers stop below, which fails every future of it; one cancelled first made
+            # the pool's thread die of InvalidStateError (before 3.12), or hang (gh-94440).
+            for future in schedule.in_flight if pool is None else ():
                 with contextlib.suppress(Exception):
                     future.cancel()
             try:
