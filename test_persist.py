@@ -66,6 +66,12 @@ QUICK = os.environ.get("PERSIST_TEST_QUICK") == "1"
 MOUNTS = [path for path in os.environ.get("PERSIST_TEST_MOUNTS", "").split(os.pathsep) if path]
 S3 = os.environ.get("PERSIST_TEST_S3", "")
 CHILD_TIMEOUT = 300     # seconds: far past what any child needs on a loaded machine
+# A suite started in the background by a shell without job control (`cmd &` in a script,
+# nohup) has Ctrl-C ignored, and so would every child it starts: the tests of Ctrl-C then
+# failed (no KeyboardInterrupt). Python's own handler, as in a terminal; children exec'd from
+# here start with the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # seconds, for one test (TempDirTest's backstop): past two children's CHILD_TIMEOUT, and within
 # the 15 minutes a CI job or a `timeout 900` gives a run (at 1800 a hang in this process outlived
 # them: the run was killed from outside, with no traceback saying where it hung)
