@@ -148,17 +148,6 @@ def run_python(code, cwd=None, check=True, timeout=CHILD_TIMEOUT, **env):
     return done.stdout
 
 
-def traced_peak(func, *args, **kwargs):
-    """(func(*args, **kwargs), the peak of the memory tracemalloc traced while it ran)."""
-    import tracemalloc
-    tracemalloc.start()
-    try:
-        result = func(*args, **kwargs)
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def spawn(test, args, timeout=CHILD_TIMEOUT, **options):
     """subprocess.Popen(args, **options) that cannot hang the suite or outlive test: a watchdog
     kills the child once it has run timeout seconds, so a read, wait or communicate on it
@@ -561,11 +550,16 @@ class TestMemoizeKeys(MemoTest):
 
     @unittest.skipUnless(importlib.util.find_spec("_tracemalloc"), "needs tracemalloc")
     def test_large_argument_is_hashed_in_place(self):
+        import tracemalloc
         f = self.memo(lambda data: 1)
         data = os.urandom(32 << 20)
         f(b"")
-        deleted, peak = traced_peak(f.cache_delete, data)   # derives the key, nothing else
-        self.assertFalse(deleted)
+        tracemalloc.start()
+        try:
+            self.assertFalse(f.cache_delete(data))      # derives the key, nothing else
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
         self.assertLess(peak, 1 << 20)
 
     @unittest.skipUnless(importlib.util.find_spec("numpy"), "numpy not installed")
@@ -713,11 +707,17 @@ class TestMemoizeKeys(MemoTest):
 
     @unittest.skipUnless(importlib.util.find_spec("_tracemalloc"), "needs tracemalloc")
     def test_bounded_and_on_one_line(self):
+        import tracemalloc
         f = self.memo(lambda x: 1, name="short")
         f(0)
         arguments = [bytes(8 << 20), bytearray(4 << 20), 10 ** 5000, Multiline(), "s" * (4 << 20)]
         for argument in arguments:
-            _, peak = traced_peak(f, argument)
+            tracemalloc.start()
+            try:
+                f(argument)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
             self.assertLess(peak, 2 << 20, type(argument))
         large = [{i: i for i in range(20000)}, set(range(20000))]    # not sorted to be shown
         for argument in large:
@@ -864,13 +864,18 @@ class TestKeysOfEqualValues(MemoTest):
                          importlib.util.find_spec("_tracemalloc"), "needs numpy, tracemalloc")
     def test_large_array_is_hashed_without_a_copy(self):
         import numpy
+        import tracemalloc
         f = self.memo(lambda data: 1)
         f(b"")
         data = numpy.arange(4 << 20, dtype=numpy.float64).reshape(-1, 512)
         for array, limit in ((data, 1 << 20), (data[:, ::2], 9 << 20),
                              (numpy.asfortranarray(data), 9 << 20)):
-            deleted, peak = traced_peak(f.cache_delete, array)
-            self.assertFalse(deleted)
+            tracemalloc.start()
+            try:
+                self.assertFalse(f.cache_delete(array))
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
             self.assertLess(peak, limit)
 
     @unittest.skipUnless(importlib.util.find_spec("pandas"), "pandas not installed")
@@ -1137,6 +1142,7 @@ class TestKeysOfLongLists(MemoTest):
     @unittest.skipUnless(importlib.util.find_spec("_tracemalloc"), "needs tracemalloc")
     def test_long_list_is_keyed_in_bounded_memory(self):
         # Every token was held to the end: 70 MB for a million ints (in one list, or in rows)
+        import tracemalloc
         f = self.memo(lambda data: 1)
         f(b"")
         count = 5 * persist._KEY_RUN
@@ -1146,8 +1152,12 @@ class TestKeysOfLongLists(MemoTest):
                              ("rows", [list(range(n, n + 1000)) for n in range(0, count, 1000)]),
                              ("rows of tuples", [tuple(range(n, n + 1000))
                                                  for n in range(0, count, 1000)])):
-            deleted, peak = traced_peak(f.cache_delete, items)   # the key, nothing else
-            self.assertFalse(deleted, label)
+            tracemalloc.start()
+            try:
+                self.assertFalse(f.cache_delete(items))      # derives the key, nothing else
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
             self.assertLess(peak, 1 << 20, label)
 
     def test_long_lists_are_entries_by_value(self):
@@ -6424,9 +6434,14 @@ class TestMapOneCache(TempDirTest):
         # A result came in its message, was loaded from it as its own pickle, and loaded
         # from that, all at once: three times its size. Now the message is freed before
         # the pickle is loaded.
+        import tracemalloc
         size = 32 << 20
-        results, peak = traced_peak(persist.map, large_result, [size], workers=1,
-                                    progress=False)
+        tracemalloc.start()
+        try:
+            results = persist.map(large_result, [size], workers=1, progress=False)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
         self.assertEqual(len(results[0]), size)
         self.assertLess(peak, 2.5 * size)
 
