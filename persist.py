@@ -601,7 +601,7 @@ _RENAME_OPEN_FILES = os.name != "nt"     # Windows renames and removes no file t
 
 # SHA-256 of a short input (the key of a call of a few numbers and short strs) by CPython's own
 # C code, as fast there as OpenSSL's; hashlib imports OpenSSL's (_hashlib: 2.3 ms of a one-call
-# script's start) and blake2: _hashlib_sha256() imports it for the first long input (a key past
+# script's start) and blake2: _sha256() imports it for the first long input (a key past
 # _SHORT_HASH bytes, see _KeyWriter; a closure's salt, a code tag). PyPy's _sha256 is Python
 # code, and a CPython built without its own hashes has none: hashlib's there.
 if TYPE_CHECKING:
@@ -1533,7 +1533,10 @@ def _keyer(salt):
                 else:
                     break
             else:
-                return _sha256_digest(start + (text + ")").encode("utf-8", "surrogatepass"))
+                data = start + (text + ")").encode("utf-8", "surrogatepass")
+                if len(data) <= _SHORT_HASH:
+                    return _short_sha256(data).digest()
+                return _sha256(data).digest()
         writer = _KeyWriter(start, set())
         _write(material, writer)
         return writer.digest()
@@ -1566,7 +1569,7 @@ class _KeyWriter:
         """Hash the text written so far; return the hash, to feed a buffer to."""
         hasher = self.hasher
         if hasher is None:
-            hasher = self.hasher = _hashlib_sha256(self.head)
+            hasher = self.hasher = _sha256(self.head)
         if self.text:
             hasher.update("".join(self.text).encode("utf-8", "surrogatepass"))
             self.text.clear()         # the same list: _write_items holds it
@@ -1579,18 +1582,12 @@ class _KeyWriter:
     def digest(self):
         # type: () -> bytes
         if self.hasher is None:         # text alone: in one call
-            return _sha256_digest(self.head + "".join(self.text).encode("utf-8",
-                                                                        "surrogatepass"))
+            data = self.head + "".join(self.text).encode("utf-8", "surrogatepass")
+            return (_short_sha256(data) if len(data) <= _SHORT_HASH else _sha256(data)).digest()
         return self.flush().digest()
 
 
-def _sha256_digest(data):
-    # type: (bytes) -> bytes
-    """The SHA-256 of data, all there is to hash: by _short_sha256 where it is short."""
-    return (_short_sha256 if len(data) <= _SHORT_HASH else _hashlib_sha256)(data).digest()
-
-
-def _hashlib_sha256(data=b""):
+def _sha256(data=b""):
     # type: (Buffer) -> hashlib._Hash
     """hashlib.sha256(data): hashlib is imported at the first (see _short_sha256)."""
     sha256 = _LONG_SHA256
@@ -2409,11 +2406,11 @@ def _salt(func, version, key, ignore):
     live = tuple(carrier.live)
     if not carried:
         return version, live, None   # plain functions keep the keys they always had
-    digest = _hashlib_sha256(carried.encode("utf-8", "surrogatepass")).hexdigest()
+    digest = _sha256(carried.encode("utf-8", "surrogatepass")).hexdigest()
     code = carried
     for value in carrier.digests:
         code = code.replace(value, "")
-    owner = "%s %s" % (_hashlib_sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
+    owner = "%s %s" % (_sha256(code.encode("utf-8", "surrogatepass")).hexdigest()
                        [:_CODE_TAG], digest[:_CODE_TAG])
     return "%s %s" % (version, digest), live, owner
 
@@ -2525,7 +2522,7 @@ class _Carried:
         if not top and "<locals>" in func.__qualname__:
             # one of several a function may define under one name (if ... def helper):
             # its code tells them apart (a change of Python makes these keys new)
-            parts.append("code " + _hashlib_sha256(_code_text(func.__code__)).hexdigest())
+            parts.append("code " + _sha256(_code_text(func.__code__)).hexdigest())
         for name, cell in zip(func.__code__.co_freevars, func.__closure__ or ()):
             try:
                 value = cell.cell_contents
@@ -2699,7 +2696,7 @@ def _code_tag(func):
     material = b"" if text is None else text.encode("utf-8", "surrogatepass")
     if text is None or text.count("lambda") > 1:   # two lambdas on one line: keep them apart
         material += _code_text(func.__code__)
-    return _hashlib_sha256(material).hexdigest()[:8]
+    return _sha256(material).hexdigest()[:8]
 
 
 def _code_text(code):
@@ -2742,7 +2739,7 @@ def _file_name(identity):
     if len(safe.encode("utf-8")) > _NAME_LIMIT:
         safe = safe.encode("utf-8")[:_NAME_LIMIT].decode("utf-8", "ignore")
     if safe != identity or not safe.isascii() or safe != safe.lower():
-        safe += "-" + _hashlib_sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        safe += "-" + _sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return safe + ".db"
 
 
@@ -8732,7 +8729,7 @@ class _FileStore:
 
     def _result(self, key):
         # type: (bytes) -> str
-        name = _hashlib_sha256(key).hexdigest() if self.shelf else key.hex()
+        name = _sha256(key).hexdigest() if self.shelf else key.hex()
         return self.objects.join("results", name[:2], name)
 
     def _results(self):
@@ -9781,7 +9778,7 @@ def _framed(payload):
 def _frame_head(chunks):
     # type: (List[Any]) -> bytes
     """What _framed() puts before the payload whose parts are chunks."""
-    digest, length = _hashlib_sha256(), 0
+    digest, length = _sha256(), 0
     for chunk in chunks:
         digest.update(chunk)
         length += memoryview(chunk).nbytes
@@ -9797,7 +9794,7 @@ def _unframed(record):
         return None
     length = int.from_bytes(record[len(_RECORD_MAGIC):len(_RECORD_MAGIC) + 8], "big")
     payload = memoryview(record)[head:]
-    if len(payload) != length or _hashlib_sha256(payload).digest() != record[head - 32:head]:
+    if len(payload) != length or _sha256(payload).digest() != record[head - 32:head]:
         return None
     return payload
 
