@@ -1572,7 +1572,7 @@ class _KeyWriter:
             hasher = self.hasher = _sha256(self.head)
         if self.text:
             hasher.update("".join(self.text).encode("utf-8", "surrogatepass"))
-            self.text.clear()         # the same list: _write_items holds it
+            self.text.clear()         # the same list: _write_long and _write_objects hold it
         return hasher
 
     def buffer(self, data):
@@ -1758,14 +1758,7 @@ def _write_long(value, w):
         start += len(run)
     items = iter(value)
     next(itertools.islice(items, start, start), None)      # past what is written
-    _write_items(items, w)
-
-
-def _write_items(items, w):
-    # type: (Iterable[Any], _KeyWriter) -> None
-    """_write() each of items, the tokens hashed each time more than _KEY_RUN wait (the rest
-    of a long list or array, after its runs): memory stays bounded."""
-    tokens = w.text                   # flush() empties this list, never replaces it
+    tokens = w.text
     for item in items:
         _write(item, w)
         if len(tokens) > _KEY_RUN:
@@ -2137,7 +2130,11 @@ def _write_objects(flat, w):
                 break
             w.buffer(encoded)
             start += _KEY_RUN
-    _write_items(flat[start:].tolist(), w)
+    tokens = w.text
+    for item in flat[start:].tolist():
+        _write(item, w)
+        if len(tokens) > _KEY_RUN:
+            w.flush()
 
 
 def _write_blocks(value, w):
